@@ -1,0 +1,56 @@
+"""bdia: single-step ODE solvers for diffusion sampling and their exactly invertible BDIA form."""
+
+from .ode import ODE, DiffusionODE, Evaluation
+from .sampling import StatePair, invert, odeint, sample
+from .schedules import (
+    EDM,
+    Schedule,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+    karras_grid,
+    quadratic_t_grid,
+    uniform_logsnr_grid,
+    uniform_t_grid,
+)
+from .solvers import (
+    BidirectionalWrapper,
+    ButcherTableau,
+    ExplicitRungeKutta,
+    Solver,
+    available_solvers,
+    bdia,
+    get_solver,
+    register_solver,
+    register_tableau,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ODE",
+    "DiffusionODE",
+    "Evaluation",
+    "StatePair",
+    "sample",
+    "invert",
+    "odeint",
+    "Schedule",
+    "EDM",
+    "VPLinear",
+    "VPCosine",
+    "VPDiscrete",
+    "karras_grid",
+    "uniform_logsnr_grid",
+    "uniform_t_grid",
+    "quadratic_t_grid",
+    "Solver",
+    "ButcherTableau",
+    "ExplicitRungeKutta",
+    "BidirectionalWrapper",
+    "bdia",
+    "get_solver",
+    "register_solver",
+    "register_tableau",
+    "available_solvers",
+]

@@ -1,0 +1,250 @@
+"""Analytic test problems with exact or tightly computed reference solutions.
+
+Diffusion problems (data distributions with an exact denoiser):
+
+- ``Gaussian``: isotropic Gaussian data; the probability-flow ODE has a closed form.
+- ``GaussianMixture``: any dimension and number of isotropic components; the denoiser is
+  exact and reference solutions come from torchdiffeq (dopri5, float64, tolerance 1e-12).
+
+In the scaled space ``x_bar = x / alpha`` the probability-flow ODE does not depend on the
+schedule: ``dx_bar/dsigma_bar = eps(x_bar, sigma_bar)``. References are computed there and
+mapped back with ``x = alpha(t) x_bar``.
+
+Generic problems (``dx/dt = f(t, x)`` with a closed form):
+
+- ``LinearODE``: ``x' = A x``, solved with the matrix exponential (``oscillator`` builds a
+  damped rotation).
+- ``Logistic``: ``x' = r x (1 - x)``, elementwise.
+- ``TimeDependentRiccati``: ``x' = -2 t x^2``, elementwise and non-autonomous.
+
+All states have shape ``(batch, dim)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint as _dopri
+
+from ..ode import ODE, DiffusionODE
+from ..schedules import EDM, Schedule
+
+__all__ = [
+    "GaussianMixture",
+    "Gaussian",
+    "LinearODE",
+    "oscillator",
+    "Logistic",
+    "TimeDependentRiccati",
+]
+
+
+def _grid_floats(ts: Tensor | Sequence[float]) -> list[float]:
+    return [float(t) for t in (ts.tolist() if isinstance(ts, Tensor) else ts)]
+
+
+class GaussianMixture:
+    """Data distributed as ``sum_j w_j N(mean_j, std_j^2 I)`` in ``dim`` dimensions.
+
+    Args:
+        weights: shape ``(K,)``, positive (normalised here).
+        means: shape ``(K, dim)``.
+        stds: shape ``(K,)``, positive.
+    """
+
+    def __init__(
+        self, weights: Tensor | Sequence[float], means: Tensor | Sequence, stds: Tensor | Sequence[float]
+    ) -> None:
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        m = torch.as_tensor(means, dtype=torch.float64)
+        s = torch.as_tensor(stds, dtype=torch.float64)
+        if m.ndim != 2 or w.shape != (m.shape[0],) or s.shape != (m.shape[0],):
+            raise ValueError("need weights (K,), means (K, dim) and stds (K,)")
+        if not (bool((w > 0).all()) and bool((s > 0).all())):
+            raise ValueError("weights and stds must be positive")
+        self.weights = w / w.sum()
+        self.means = m
+        self.stds = s
+
+    @classmethod
+    def random(
+        cls, dim: int, components: int, *, std_range: tuple[float, float] = (0.2, 0.6),
+        spread: float = 1.0, seed: int = 0,
+    ) -> GaussianMixture:
+        """A random mixture: means ~ N(0, spread^2 I), stds uniform in ``std_range``."""
+        g = torch.Generator().manual_seed(seed)
+        means = spread * torch.randn(components, dim, generator=g, dtype=torch.float64)
+        lo, hi = std_range
+        stds = lo + (hi - lo) * torch.rand(components, generator=g, dtype=torch.float64)
+        weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
+        return cls(weights, means, stds)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return (
+            self.weights.to(x.device, x.dtype),
+            self.means.to(x.device, x.dtype),
+            self.stds.to(x.device, x.dtype),
+        )
+
+    def _responsibilities(self, x_bar: Tensor, var: Tensor, log_w: Tensor, means: Tensor) -> Tensor:
+        """Posterior component probabilities, shape ``(batch, K)``; ``var`` is ``(batch, K)``."""
+        sq = ((x_bar[:, None, :] - means[None]) ** 2).sum(-1)
+        logits = log_w[None] - 0.5 * sq / var - 0.5 * self.dim * torch.log(var)
+        return torch.softmax(logits, dim=-1)
+
+    def denoiser(self, x_bar: Tensor, sigma_bar: Tensor) -> Tensor:
+        """The exact ``E[x_0 | x_0 + sigma_bar eps = x_bar]``.
+
+        Args:
+            x_bar: shape ``(batch, dim)``.
+            sigma_bar: shape ``(batch,)``, >= 0.
+
+        Returns:
+            shape ``(batch, dim)``, ``x_bar``'s dtype.
+        """
+        w, means, stds = self._params(x_bar)
+        var = stds[None] ** 2 + sigma_bar.to(x_bar.dtype)[:, None] ** 2  # (batch, K)
+        r = self._responsibilities(x_bar, var, torch.log(w), means)
+        shrink = (stds[None] ** 2 / var)[..., None]  # (batch, K, 1)
+        per_component = means[None] + shrink * (x_bar[:, None, :] - means[None])
+        return (r[..., None] * per_component).sum(1)
+
+    def eps(self, x_bar: Tensor, sigma_bar: Tensor) -> Tensor:
+        """``dx_bar / dsigma_bar = sum_j r_j (x_bar - mean_j) sigma_bar / (std_j^2 + sigma_bar^2)``.
+
+        Equal to ``(x_bar - D) / sigma_bar`` and finite at sigma_bar = 0.
+        """
+        w, means, stds = self._params(x_bar)
+        sb = sigma_bar.to(x_bar.dtype)[:, None]
+        var = stds[None] ** 2 + sb**2
+        r = self._responsibilities(x_bar, var, torch.log(w), means)
+        return ((r * sb / var)[..., None] * (x_bar[:, None, :] - means[None])).sum(1)
+
+    def ode(self, schedule: Schedule | None = None, **kwargs: object) -> DiffusionODE:
+        """The probability-flow ODE of this data under ``schedule`` (default EDM)."""
+        return DiffusionODE(self.denoiser, schedule or EDM(), **kwargs)  # type: ignore[arg-type]
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of the data, float64, shape ``(n, dim)``."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[comp] + self.stds[comp, None] * noise
+
+    def solution(
+        self, x_start: Tensor, ts: Tensor | Sequence[float], schedule: Schedule | None = None,
+        *, rtol: float = 1e-12, atol: float = 1e-12,
+    ) -> Tensor:
+        """Reference trajectory from ``x_start`` at ``ts[0]`` through every time in ``ts``.
+
+        Integrates ``dx_bar/dsigma_bar = eps`` in float64 with dopri5 at the given tolerances.
+
+        Returns:
+            float64 tensor of shape ``(len(ts), batch, dim)``.
+        """
+        schedule = schedule or EDM()
+        times = _grid_floats(ts)
+        sigma_bars = torch.tensor([schedule.sigma_bar(t) for t in times], dtype=torch.float64)
+        alphas = torch.tensor([schedule.alpha(t) for t in times], dtype=torch.float64)
+        x_bar0 = x_start.to(torch.float64) / alphas[0]
+
+        def f(sb: Tensor, xb: Tensor) -> Tensor:
+            return self.eps(xb, sb.expand(xb.shape[0]))
+
+        x_bars = _dopri(f, x_bar0, sigma_bars, rtol=rtol, atol=atol, method="dopri5")
+        return alphas[:, None, None] * x_bars
+
+
+class Gaussian(GaussianMixture):
+    """Isotropic Gaussian data ``N(mean, std^2 I)``, with the closed-form flow.
+
+    Along the probability-flow ODE ``(x_bar - mean) / sqrt(std^2 + sigma_bar^2)`` is constant.
+    """
+
+    def __init__(self, mean: Tensor | Sequence[float], std: float) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1)
+        super().__init__([1.0], mean, [float(std)])
+
+    def solution(
+        self, x_start: Tensor, ts: Tensor | Sequence[float], schedule: Schedule | None = None,
+        **_: float,
+    ) -> Tensor:
+        """Exact trajectory, float64, shape ``(len(ts), batch, dim)``."""
+        schedule = schedule or EDM()
+        times = _grid_floats(ts)
+        mean, std = self.means[0], float(self.stds[0])
+        x_bar0 = x_start.to(torch.float64) / schedule.alpha(times[0])
+        scale0 = math.sqrt(std**2 + schedule.sigma_bar(times[0]) ** 2)
+        out = []
+        for t in times:
+            ratio = math.sqrt(std**2 + schedule.sigma_bar(t) ** 2) / scale0
+            out.append(schedule.alpha(t) * (mean + ratio * (x_bar0 - mean)))
+        return torch.stack(out)
+
+
+class LinearODE:
+    """``x' = A x`` for a constant ``(dim, dim)`` matrix A, states ``(batch, dim)``."""
+
+    def __init__(self, A: Tensor | Sequence) -> None:
+        A = torch.as_tensor(A, dtype=torch.float64)
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"A must be square, got shape {tuple(A.shape)}")
+        self.A = A
+
+    def f(self, t: Tensor, x: Tensor) -> Tensor:
+        return x @ self.A.to(x.device, x.dtype).T
+
+    def ode(self) -> ODE:
+        return ODE(self.f)
+
+    def solution(self, x_start: Tensor, ts: Tensor | Sequence[float]) -> Tensor:
+        """``x(t) = expm(A (t - t0)) x0`` at every time, float64, ``(len(ts), batch, dim)``."""
+        times = _grid_floats(ts)
+        x0 = x_start.to(torch.float64)
+        return torch.stack([x0 @ torch.linalg.matrix_exp(self.A * (t - times[0])).T for t in times])
+
+
+def oscillator(omega: float = 2.0, damping: float = 0.1) -> LinearODE:
+    """A damped harmonic oscillator ``q'' = -omega^2 q - 2 damping q'`` as a 2-D linear ODE."""
+    return LinearODE([[0.0, 1.0], [-(omega**2), -2.0 * damping]])
+
+
+class Logistic:
+    """``x' = r x (1 - x)``, elementwise; ``x(t) = 1 / (1 + (1/x0 - 1) e^(-r (t - t0)))``."""
+
+    def __init__(self, rate: float = 1.0) -> None:
+        self.rate = float(rate)
+
+    def f(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.rate * x * (1.0 - x)
+
+    def ode(self) -> ODE:
+        return ODE(self.f)
+
+    def solution(self, x_start: Tensor, ts: Tensor | Sequence[float]) -> Tensor:
+        times = _grid_floats(ts)
+        x0 = x_start.to(torch.float64)
+        return torch.stack(
+            [1.0 / (1.0 + (1.0 / x0 - 1.0) * math.exp(-self.rate * (t - times[0]))) for t in times]
+        )
+
+
+class TimeDependentRiccati:
+    """``x' = -2 t x^2``, elementwise; ``x(t) = 1 / (t^2 - t0^2 + 1/x0)`` (for x0 > 0)."""
+
+    def f(self, t: Tensor, x: Tensor) -> Tensor:
+        return -2.0 * t * x * x
+
+    def ode(self) -> ODE:
+        return ODE(self.f)
+
+    def solution(self, x_start: Tensor, ts: Tensor | Sequence[float]) -> Tensor:
+        times = _grid_floats(ts)
+        x0 = x_start.to(torch.float64)
+        return torch.stack([1.0 / (t * t - times[0] ** 2 + 1.0 / x0) for t in times])

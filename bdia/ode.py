@@ -1,0 +1,237 @@
+"""ODE objects: the one place where a model is called, and where calls are counted.
+
+``ODE(f)`` is a generic problem ``dx/dt = f(t, x)``. ``DiffusionODE`` is the
+probability-flow ODE of a diffusion model in the schedule's own time ``t`` and state ``x``::
+
+    dx/dt = (alpha'/alpha) x + (sigma' - alpha' sigma / alpha) eps_hat(x, t)
+
+with the model wrapped once into an EDM-form denoiser ``D(x_bar; sigma_bar)``,
+``x_bar = x / alpha``, ``sigma_bar = sigma / alpha``, ``eps_hat = (x_bar - D) / sigma_bar``.
+
+Every model call goes through ``evaluate(t, x)``, which adds one to ``nfe`` and returns an
+``Evaluation`` holding what any solver needs at ``(t, x)``, so that a step can reuse it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schedules import EDM, Schedule
+
+__all__ = ["Evaluation", "ODE", "DiffusionODE"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one model evaluation tells about the ODE at ``(t, x)``.
+
+    Attributes:
+        t: the time (float).
+        x: the state the model saw, shape ``(batch, ...)``, in the state dtype.
+        derivative: ``dx/dt`` at ``(t, x)``, same shape and dtype as ``x``.
+        denoised: ``D(x / alpha; sigma / alpha)``, the predicted clean data (diffusion only).
+        eps: the predicted noise ``(x / alpha - denoised) / sigma_bar`` (diffusion only).
+    """
+
+    t: float
+    x: Tensor
+    derivative: Tensor
+    denoised: Tensor | None = None
+    eps: Tensor | None = None
+
+
+def _infer_model_dtype(model: Callable[..., Any]) -> torch.dtype | None:
+    """The dtype of a module's first floating parameter, or None for a plain callable."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+class ODE:
+    """A generic problem ``dx/dt = f(t, x)``.
+
+    Args:
+        f: ``f(t, x) -> dx/dt`` with ``t`` a 0-dim tensor in ``x``'s dtype and device and
+            ``x`` of shape ``(batch, ...)``; returns a tensor of ``x``'s shape.
+        model_dtype: if given, ``x`` is cast to it before ``f`` and the result cast back to
+            the state dtype (the precision policy: a float64 state around a float32 ``f``).
+
+    Attributes:
+        nfe: evaluations of ``f`` so far; ``reset_nfe()`` sets it to 0.
+    """
+
+    #: Exponential integrators refuse problems where this is False.
+    is_diffusion = False
+
+    def __init__(
+        self, f: Callable[[Tensor, Tensor], Tensor], *, model_dtype: torch.dtype | None = None
+    ) -> None:
+        if not callable(f):
+            raise TypeError(f"f must be callable, got {type(f).__name__}")
+        self.f = f
+        self.model_dtype = model_dtype
+        self.nfe = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(f={self.f!r}, nfe={self.nfe})"
+
+    def reset_nfe(self) -> None:
+        """Set the evaluation counter to zero."""
+        self.nfe = 0
+
+    def is_terminal(self, t: float) -> bool:
+        """True where the model cannot be evaluated (a diffusion ODE at sigma = 0)."""
+        return False
+
+    def check_times(self, ts: list[float]) -> None:
+        """Raise ValueError if a time lies outside the problem's domain."""
+        for i, t in enumerate(ts):
+            if not math.isfinite(t):
+                raise ValueError(f"time ts[{i}] = {t!r} is not finite")
+
+    def _call(self, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Apply the precision policy around one model call."""
+        dtype = self.model_dtype
+        x_in = x if dtype is None or dtype == x.dtype else x.to(dtype)
+        out = fn(x_in, *args, **kwargs)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"the model returned {got}, expected a tensor of shape {tuple(x.shape)}")
+        return out.to(x.dtype)
+
+    def evaluate(self, t: float, x: Tensor) -> Evaluation:
+        """Evaluate ``f`` once at ``(t, x)`` (counts one NFE)."""
+        self.nfe += 1
+        t_tensor = torch.tensor(float(t), dtype=x.dtype, device=x.device)
+        derivative = self._call(lambda xi: self.f(t_tensor.to(xi.dtype), xi), x)
+        return Evaluation(t=float(t), x=x, derivative=derivative)
+
+
+Denoiser = Callable[..., Tensor]
+
+
+class DiffusionODE(ODE):
+    """The probability-flow ODE of a diffusion model under a noise schedule.
+
+    Args:
+        denoiser: ``denoiser(x_bar, sigma_bar, **cond) -> D`` in EDM form: ``x_bar`` of shape
+            ``(batch, ...)``, ``sigma_bar`` of shape ``(batch,)``; returns the denoised
+            ``x_bar`` (same shape). Use ``from_eps``, ``from_x0`` or ``from_v`` for networks
+            that predict something else in the schedule's own space.
+        schedule: the noise schedule; defaults to ``EDM()`` (alpha = 1, sigma = t).
+        model_dtype: dtype the network runs in (input cast down, output cast up to the
+            state dtype). Defaults to the dtype of the network's parameters when the
+            denoiser is an ``nn.Module``, else the state dtype.
+        cond: keyword arguments passed to every model call (class labels, say).
+    """
+
+    is_diffusion = True
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        schedule: Schedule | None = None,
+        *,
+        model_dtype: torch.dtype | None = None,
+        cond: Mapping[str, Any] | None = None,
+        prediction: str = "denoised",
+    ) -> None:
+        if prediction not in ("denoised", "eps", "x0", "v"):
+            raise ValueError(f"prediction must be 'denoised', 'eps', 'x0' or 'v', got {prediction!r}")
+        if not callable(denoiser):
+            raise TypeError(f"the model must be callable, got {type(denoiser).__name__}")
+        self.f = denoiser
+        self.schedule = schedule if schedule is not None else EDM()
+        self.model_dtype = model_dtype if model_dtype is not None else _infer_model_dtype(denoiser)
+        self.cond = dict(cond or {})
+        self.prediction = prediction
+        self.nfe = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionODE({self.f!r}, {self.schedule!r}, prediction={self.prediction!r}, "
+            f"nfe={self.nfe})"
+        )
+
+    @classmethod
+    def from_eps(cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any) -> DiffusionODE:
+        """Wrap a noise-prediction network ``model(x, t, **cond) -> eps``.
+
+        ``x`` is in the schedule's own space (shape ``(batch, ...)``), ``t`` a tensor of shape
+        ``(batch,)`` holding the schedule's continuous time.
+        """
+        return cls(model, schedule, prediction="eps", **kwargs)
+
+    @classmethod
+    def from_x0(cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any) -> DiffusionODE:
+        """Wrap a data-prediction network ``model(x, t, **cond) -> x0`` (same contract as ``from_eps``)."""
+        return cls(model, schedule, prediction="x0", **kwargs)
+
+    @classmethod
+    def from_v(cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any) -> DiffusionODE:
+        """Wrap a v-prediction network, ``v = alpha eps - sigma x0`` (same contract as ``from_eps``)."""
+        return cls(model, schedule, prediction="v", **kwargs)
+
+    def is_terminal(self, t: float) -> bool:
+        return self.schedule.sigma(t) == 0.0
+
+    def check_times(self, ts: list[float]) -> None:
+        self.schedule.check_times(ts)
+
+    def _noise_input(self, value: float, x: Tensor) -> Tensor:
+        """A ``(batch,)`` tensor of ``value`` for the network; half types get float32 noise levels."""
+        dtype = self.model_dtype or x.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+
+    def evaluate(self, t: float, x: Tensor) -> Evaluation:
+        """Evaluate the network once at ``(t, x)`` (counts one NFE).
+
+        Args:
+            t: a time with sigma(t) > 0.
+            x: state of shape ``(batch, ...)`` in the schedule's space.
+
+        Returns:
+            An Evaluation with ``derivative``, ``denoised`` (in x_bar space) and ``eps``,
+            all in ``x``'s dtype.
+        """
+        t = float(t)
+        sched = self.schedule
+        sigma = sched.sigma(t)
+        if sigma == 0.0:
+            raise ValueError(
+                f"the model cannot be evaluated at t = {t}, where sigma = 0; "
+                "a grid may end there, but no step may start from it"
+            )
+        alpha = sched.alpha(t)
+        sigma_bar = sigma / alpha
+        self.nfe += 1
+        if self.prediction == "denoised":
+            x_bar = x / alpha
+            denoised = self._call(self.f, x_bar, self._noise_input(sigma_bar, x), **self.cond)
+            eps = (x_bar - denoised) / sigma_bar
+        else:
+            out = self._call(self.f, x, self._noise_input(t, x), **self.cond)
+            if self.prediction == "eps":
+                eps = out
+                denoised = (x - sigma * eps) / alpha
+            elif self.prediction == "x0":
+                denoised = out
+                eps = (x - alpha * denoised) / sigma
+            else:  # v = alpha eps - sigma x0 and x = alpha x0 + sigma eps
+                norm = alpha * alpha + sigma * sigma
+                denoised = (alpha * x - sigma * out) / norm
+                eps = (sigma * x + alpha * out) / norm
+        alpha_dot, sigma_dot = sched.alpha_dot(t), sched.sigma_dot(t)
+        eps_coef = sigma_dot - alpha_dot * sigma / alpha
+        derivative = eps_coef * eps if alpha_dot == 0.0 else (alpha_dot / alpha) * x + eps_coef * eps
+        return Evaluation(t=t, x=x, derivative=derivative, denoised=denoised, eps=eps)

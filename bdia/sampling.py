@@ -1,0 +1,325 @@
+"""Drivers: ``sample``, ``invert`` and the torchdiffeq-shaped ``odeint``.
+
+One loop per driver, the same keyword arguments everywhere: ``progress`` (a tqdm bar; None
+shows it only on a terminal), ``callback`` (called after every step with a small dict) and
+``state_dtype`` (the precision policy: the state may be float64 while the network runs in the
+ODE's ``model_dtype``).
+
+The reversible state of a BDIA sampler is the pair of consecutive grid states; ``StatePair``
+holds it in grid order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ode import ODE, Evaluation
+from .solvers.base import Solver, get_solver
+from .solvers.bidirectional import BidirectionalWrapper
+
+__all__ = ["StatePair", "sample", "invert", "odeint", "Callback"]
+
+Callback = Callable[[dict[str, Any]], None]
+AnySolver = Solver | BidirectionalWrapper
+
+
+class StatePair(NamedTuple):
+    """Two consecutive states on a grid, in grid order.
+
+    ``invert`` returns ``StatePair(x at ts[0], x at ts[1])``; ``sample(..., return_pair=True)``
+    returns ``StatePair(x at ts[-2], x at ts[-1])``. Both tensors have shape ``(batch, ...)``.
+    """
+
+    earlier: Tensor
+    later: Tensor
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
+    """The grid as Python floats, checked to be finite, strictly monotone and in the domain."""
+    if isinstance(ts, Tensor):
+        if ts.ndim != 1:
+            raise ValueError(f"the time grid must be 1-D, got shape {tuple(ts.shape)}")
+        values = [float(v) for v in ts.detach().cpu().tolist()]
+    else:
+        values = [float(v) for v in ts]
+    if len(values) < 2:
+        raise ValueError(f"the time grid needs at least 2 points (one step), got {len(values)}")
+    if any(math.isnan(v) for v in values):
+        raise ValueError("the time grid contains NaN")
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    if not (all(d < 0 for d in diffs) or all(d > 0 for d in diffs)):
+        i = next(
+            i for i, d in enumerate(diffs) if d == 0 or (d > 0) != (diffs[0] > 0)
+        )
+        raise ValueError(
+            f"the time grid must be strictly monotonic; it turns or repeats at ts[{i}] = "
+            f"{values[i]}, ts[{i + 1}] = {values[i + 1]}"
+        )
+    ode.check_times(values)
+    return values
+
+
+def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
+    """The state in the dtype the policy asks for (a new tensor when it casts; never in place)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor or a StatePair, got {type(x).__name__}")
+    dtype = state_dtype or x.dtype
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"{what} must be a real floating tensor, got {dtype}")
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"a {dtype} state is refused: half precision cannot carry an ODE trajectory "
+            "(rounding of ~1e-3 per step, and BDIA's inversion would not be exact). Keep the "
+            "state in float32 or float64 with state_dtype=..., and run the network in half "
+            "precision through the ODE's model_dtype"
+        )
+    if x.ndim == 0:
+        raise ValueError(f"{what} needs a batch dimension, got a 0-dim tensor")
+    return x.to(dtype)
+
+
+def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> StatePair | Tensor:
+    if isinstance(value, tuple) and not isinstance(value, Tensor):
+        if len(value) != 2:
+            raise ValueError(f"{what} as a pair needs exactly 2 tensors, got {len(value)}")
+        a = _state(value[0], state_dtype, f"{what}[0]")
+        b = _state(value[1], state_dtype, f"{what}[1]")
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            raise ValueError(
+                f"the two states of {what} must match in shape, dtype and device; got "
+                f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}"
+            )
+        return StatePair(a, b)
+    return _state(value, state_dtype, what)
+
+
+def _check_solver(solver: AnySolver, ode: ODE) -> None:
+    if not isinstance(solver, (Solver, BidirectionalWrapper)):
+        raise TypeError(
+            f"solver must be a Solver or a BidirectionalWrapper, got {type(solver).__name__}; "
+            "build one with get_solver(name) or bdia(...)"
+        )
+    if solver.needs_diffusion and not ode.is_diffusion:
+        raise TypeError(
+            f"solver {solver.name!r} needs a DiffusionODE (a noise schedule), got "
+            f"{type(ode).__name__}; use 'euler', 'heun', 'midpoint' or 'rk4' for a plain ODE"
+        )
+
+
+def _check_finite(x: Tensor, k: int, t: float, t_next: float) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(
+            f"non-finite values at step {k} (t = {t:.6g} -> {t_next:.6g}): the model returned "
+            "NaN or Inf, or the step size is too large for the problem"
+        )
+
+
+def _bar(steps: range, progress: bool | None, desc: str) -> Any:
+    return tqdm(steps, desc=desc, disable=None if progress is None else not progress, leave=False)
+
+
+def _report(
+    callback: Callback | None, k: int, t: float, t_next: float, x: Tensor, x_next: Tensor,
+    first: Evaluation,
+) -> None:
+    if callback is not None:
+        callback(
+            {"i": k, "t": t, "t_next": t_next, "x": x, "x_next": x_next, "denoised": first.denoised}
+        )
+
+
+# --------------------------------------------------------------------- drivers
+
+
+def sample(
+    ode: ODE,
+    solver: AnySolver,
+    start: Tensor | StatePair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    trajectory: bool = False,
+    return_pair: bool = False,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+    state_dtype: torch.dtype | None = None,
+) -> Tensor | StatePair:
+    """Integrate from ``ts[0]`` to ``ts[-1]``.
+
+    Args:
+        ode: the problem (``ODE`` or ``DiffusionODE``).
+        solver: a registered solver or a ``BidirectionalWrapper``.
+        start: x at ``ts[0]`` of shape ``(batch, ...)``, or a ``StatePair`` (x at ``ts[0]``,
+            x at ``ts[1]``) such as ``invert`` returns. From a pair, BDIA reproduces the forward
+            trajectory exactly; a single-step solver continues from the pair's later state.
+        ts: strictly monotonic grid (1-D tensor or sequence), either direction.
+        trajectory: return every state on the grid, shape ``(len(ts), batch, ...)``.
+        return_pair: return ``StatePair(x at ts[-2], x at ts[-1])``, the exact input of ``invert``.
+        progress: tqdm bar; None shows it only on a terminal.
+        callback: called after every step with ``{"i", "t", "t_next", "x", "x_next", "denoised"}``.
+        state_dtype: dtype of the solver state (float32 or float64); defaults to ``start``'s.
+
+    Returns:
+        x at ``ts[-1]`` in the state dtype (or the trajectory, or the final pair).
+
+    Raises:
+        FloatingPointError: if a step produces NaN or Inf (the message names the step).
+    """
+    if trajectory and return_pair:
+        raise ValueError("choose trajectory=True or return_pair=True, not both")
+    _check_solver(solver, ode)
+    grid = _grid(ts, ode)
+    state = _pair(start, state_dtype, "start")
+    bidirectional = isinstance(solver, BidirectionalWrapper)
+    gammas = solver.gammas(ode, grid) if bidirectional else []
+
+    if isinstance(state, StatePair):
+        if len(grid) < 2:
+            raise ValueError("a pair start needs a grid of at least 2 points")
+        x_prev, x, first_step = state.earlier, state.later, 1
+        states = [x_prev, x]
+    else:
+        x_prev, x, first_step = None, state, 0
+        states = [x]
+
+    for k in _bar(range(first_step, len(grid) - 1), progress, f"sampling {solver.name}"):
+        t, t_next = grid[k], grid[k + 1]
+        first = ode.evaluate(t, x)
+        if bidirectional:
+            t_prev = grid[k - 1] if k > 0 else None
+            gamma = gammas[k - 1] if k > 0 else 0.0
+            x_next = solver.step(ode, t_prev, t, t_next, x_prev, x, gamma, first=first)
+        else:
+            x_next = solver.step(ode, t, t_next, x, first=first)
+        _check_finite(x_next, k, t, t_next)
+        _report(callback, k, t, t_next, x, x_next, first)
+        x_prev, x = x, x_next
+        if trajectory:
+            states.append(x)
+
+    if trajectory:
+        return torch.stack(states)
+    if return_pair:
+        if x_prev is None:
+            raise ValueError("return_pair needs at least one step")
+        return StatePair(x_prev, x)
+    return x
+
+
+def _warn_amplification(amplification: float, dtype: torch.dtype) -> None:
+    eps = torch.finfo(dtype).eps
+    # Past 1/sqrt(eps) the round trip keeps fewer than half of the state's digits.
+    if amplification > 1.0 / math.sqrt(eps):
+        warnings.warn(
+            f"BDIA inversion amplifies rounding by prod(1/gamma) = {amplification:.3g}, more "
+            f"than a {dtype} state carries (eps = {eps:.1e}); use a float64 state, fewer steps "
+            "or gamma closer to 1",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def invert(
+    ode: ODE,
+    solver: AnySolver,
+    end: Tensor | StatePair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+    state_dtype: torch.dtype | None = None,
+) -> StatePair:
+    """Run the sampler backward, from ``ts[-1]`` to ``ts[0]``.
+
+    ``ts`` is the sampling grid (noisiest first), as given to ``sample``. With a
+    ``BidirectionalWrapper`` and a pair ``end`` the result is exact up to rounding; with a
+    single state, the state at ``ts[-2]`` is first made by one base step backward in time
+    (approximate) and everything after that is exact. With a single-step solver this is the
+    usual approximate inversion: the solver run backward in time.
+
+    Args:
+        ode: the problem.
+        solver: a registered solver or a ``BidirectionalWrapper`` (every gamma_k > 0).
+        end: x at ``ts[-1]``, shape ``(batch, ...)``, or ``StatePair(x at ts[-2], x at ts[-1])``.
+        ts: the sampling grid, strictly monotonic.
+        progress, callback, state_dtype: as in ``sample``.
+
+    Returns:
+        ``StatePair(x at ts[0], x at ts[1])``, in the state dtype.
+
+    Warns:
+        RuntimeWarning: when BDIA's amplification prod(1/gamma_k) exceeds what the state
+            dtype can carry.
+    """
+    _check_solver(solver, ode)
+    grid = _grid(ts, ode)
+    state = _pair(end, state_dtype, "end")
+    n = len(grid) - 1  # index of the last grid point
+    bidirectional = isinstance(solver, BidirectionalWrapper)
+    base = solver.solver if bidirectional else solver
+    gammas: list[float] = []
+    if bidirectional:
+        gammas = solver.gammas(ode, grid)
+        if any(g == 0.0 for g in gammas):
+            raise ValueError(
+                "gamma = 0 is the base solver, which cannot be inverted exactly; "
+                "inversion needs every gamma in (0, 1]"
+            )
+        x_dtype = state.later.dtype if isinstance(state, StatePair) else state.dtype
+        _warn_amplification(solver.amplification(ode, grid), x_dtype)
+
+    if isinstance(state, StatePair):
+        x, x_next, k_start = state.earlier, state.later, n - 1
+    else:
+        if ode.is_terminal(grid[n]):
+            raise ValueError(
+                f"cannot start an inversion at ts[-1] = {grid[n]}, where sigma = 0 and the model "
+                "cannot be evaluated; pass the pair that sample(..., return_pair=True) gives, "
+                "or end the grid at sigma > 0"
+            )
+        x, x_next, k_start = state, None, n
+
+    for k in _bar(range(k_start, 0, -1), progress, f"inverting {solver.name}"):
+        t, t_prev = grid[k], grid[k - 1]
+        first = ode.evaluate(t, x)
+        if bidirectional and x_next is not None:
+            x_prev = solver.unstep(ode, t_prev, t, grid[k + 1], x, x_next, gammas[k - 1], first=first)
+        else:
+            x_prev = base.step(ode, t, t_prev, x, first=first)
+        _check_finite(x_prev, k, t, t_prev)
+        _report(callback, k, t, t_prev, x, x_prev, first)
+        x, x_next = x_prev, x
+    return StatePair(x, x_next)
+
+
+def odeint(
+    func: Callable[[Tensor, Tensor], Tensor] | ODE,
+    y0: Tensor,
+    t: Tensor | Sequence[float],
+    method: str = "bdia-heun",
+    options: dict[str, Any] | None = None,
+) -> Tensor:
+    """torchdiffeq-shaped front door: the solution at every time in ``t``.
+
+    Args:
+        func: ``func(t, y) -> dy/dt`` (``t`` a 0-dim tensor), or an ``ODE``/``DiffusionODE``.
+        y0: initial state at ``t[0]``, any shape with a leading dimension.
+        t: strictly monotonic 1-D grid; the solver steps exactly on it.
+        method: a registered solver name or ``"bdia-<name>"``.
+        options: solver options, e.g. ``{"gamma": 0.96}`` for a bdia method.
+
+    Returns:
+        Tensor of shape ``(len(t), *y0.shape)``, ``y0``'s dtype.
+    """
+    ode = func if isinstance(func, ODE) else ODE(func)
+    solver = get_solver(method, **dict(options or {}))
+    return sample(ode, solver, y0, t, trajectory=True, progress=False)

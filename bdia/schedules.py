@@ -1,0 +1,360 @@
+"""Noise schedules and time grids.
+
+A schedule gives ``alpha(t)`` and ``sigma(t)`` with ``x_t = alpha(t) x_0 + sigma(t) eps``
+in the schedule's own time ``t``. Everything here works on Python floats (float64):
+times are few and scalar, and keeping them off the tensors' device and dtype means a
+coefficient never loses precision to a float32 state.
+
+Derived quantities used throughout the library:
+
+- ``sigma_bar(t) = sigma(t) / alpha(t)``, the noise level in EDM's scaled space;
+- ``log_snr(t) = lambda(t) = log(alpha(t) / sigma(t)) = -log(sigma_bar(t))``.
+
+Time grids run from the noisy end to the clean end (``ts[0]`` noisiest) and are
+returned as 1-D float64 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Schedule",
+    "EDM",
+    "VPLinear",
+    "VPCosine",
+    "VPDiscrete",
+    "karras_grid",
+    "uniform_logsnr_grid",
+    "uniform_t_grid",
+    "quadratic_t_grid",
+]
+
+
+def _softplus(z: float) -> float:
+    """log(1 + e^z) without overflow."""
+    return z + math.log1p(math.exp(-z)) if z > 0 else math.log1p(math.exp(z))
+
+
+class Schedule(ABC):
+    """A noise schedule ``x_t = alpha(t) x_0 + sigma(t) eps`` on ``t_min <= t <= t_max``.
+
+    Subclasses give ``log_alpha``, ``sigma``, their time derivatives and the inverse
+    map ``t_from_log_snr``; the rest follows.
+    """
+
+    #: Smallest and largest admissible time.
+    t_min: float = 0.0
+    t_max: float = math.inf
+
+    @abstractmethod
+    def log_alpha(self, t: float) -> float:
+        """log alpha(t)."""
+
+    @abstractmethod
+    def sigma(self, t: float) -> float:
+        """sigma(t) >= 0."""
+
+    @abstractmethod
+    def alpha_dot(self, t: float) -> float:
+        """d alpha / dt."""
+
+    @abstractmethod
+    def sigma_dot(self, t: float) -> float:
+        """d sigma / dt."""
+
+    @abstractmethod
+    def t_from_log_snr(self, log_snr: float) -> float:
+        """The time at which ``log(alpha / sigma)`` equals ``log_snr`` (``inf`` gives the clean end)."""
+
+    def alpha(self, t: float) -> float:
+        """alpha(t) > 0."""
+        return math.exp(self.log_alpha(t))
+
+    def sigma_bar(self, t: float) -> float:
+        """sigma(t) / alpha(t), the noise level of the scaled state ``x / alpha``."""
+        return self.sigma(t) / self.alpha(t)
+
+    def log_snr(self, t: float) -> float:
+        """lambda(t) = log(alpha(t) / sigma(t)); ``inf`` where sigma(t) = 0."""
+        s = self.sigma(t)
+        return math.inf if s == 0.0 else self.log_alpha(t) - math.log(s)
+
+    def t_from_sigma_bar(self, sigma_bar: float) -> float:
+        """The time at which ``sigma / alpha`` equals ``sigma_bar`` (0 gives the clean end)."""
+        if sigma_bar < 0:
+            raise ValueError(f"sigma_bar must be >= 0, got {sigma_bar}")
+        return self.t_from_log_snr(math.inf if sigma_bar == 0 else -math.log(sigma_bar))
+
+    def check_times(self, ts: Sequence[float]) -> None:
+        """Raise ValueError naming the first time outside ``[t_min, t_max]``."""
+        for i, t in enumerate(ts):
+            if not (self.t_min <= t <= self.t_max) or math.isnan(t):
+                raise ValueError(
+                    f"time ts[{i}] = {t!r} lies outside {type(self).__name__}'s domain "
+                    f"[{self.t_min}, {self.t_max}]; build the grid inside it "
+                    "(the grid constructors in bdia.schedules take the schedule)"
+                )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EDM(Schedule):
+    """The EDM / k-diffusion convention: alpha = 1, sigma = t, for t >= 0."""
+
+    t_min = 0.0
+    t_max = math.inf
+
+    def log_alpha(self, t: float) -> float:
+        return 0.0
+
+    def sigma(self, t: float) -> float:
+        return float(t)
+
+    def alpha_dot(self, t: float) -> float:
+        return 0.0
+
+    def sigma_dot(self, t: float) -> float:
+        return 1.0
+
+    def t_from_log_snr(self, log_snr: float) -> float:
+        return math.exp(-log_snr)
+
+
+class _VariancePreserving(Schedule):
+    """alpha^2 + sigma^2 = 1; subclasses give log alpha, its derivative and inverse."""
+
+    @abstractmethod
+    def log_alpha_dot(self, t: float) -> float:
+        """d log alpha / dt."""
+
+    @abstractmethod
+    def t_from_log_alpha(self, log_alpha: float) -> float:
+        """Inverse of ``log_alpha``."""
+
+    def sigma(self, t: float) -> float:
+        return math.sqrt(max(-math.expm1(2.0 * self.log_alpha(t)), 0.0))
+
+    def alpha_dot(self, t: float) -> float:
+        return self.alpha(t) * self.log_alpha_dot(t)
+
+    def sigma_dot(self, t: float) -> float:
+        # sigma sigma' = -alpha alpha' since alpha^2 + sigma^2 = 1.
+        s = self.sigma(t)
+        return math.inf if s == 0 else -self.alpha(t) * self.alpha_dot(t) / s
+
+    def t_from_log_snr(self, log_snr: float) -> float:
+        # alpha^2 = 1 / (1 + e^(-2 lambda))
+        if log_snr == math.inf:
+            return self.t_from_log_alpha(0.0)
+        return self.t_from_log_alpha(-0.5 * _softplus(-2.0 * log_snr))
+
+
+class VPLinear(_VariancePreserving):
+    """Variance-preserving schedule with linear beta(t) = beta_min + t (beta_max - beta_min), t in [0, 1].
+
+    log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2 (Song et al. 2021).
+    """
+
+    t_min = 0.0
+    t_max = 1.0
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def log_alpha(self, t: float) -> float:
+        return -0.25 * (self.beta_max - self.beta_min) * t * t - 0.5 * self.beta_min * t
+
+    def log_alpha_dot(self, t: float) -> float:
+        return -0.5 * (self.beta_max - self.beta_min) * t - 0.5 * self.beta_min
+
+    def t_from_log_alpha(self, log_alpha: float) -> float:
+        # Solve (d/2) t^2 + beta_min t - L = 0 with L = -2 log alpha, in the stable form.
+        d, L = self.beta_max - self.beta_min, -2.0 * log_alpha
+        return 2.0 * L / (self.beta_min + math.sqrt(self.beta_min**2 + 2.0 * d * L))
+
+    def __repr__(self) -> str:
+        return f"VPLinear(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+
+class VPCosine(_VariancePreserving):
+    """Cosine schedule of Nichol & Dhariwal: alpha(t) = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)).
+
+    ``t_max`` defaults to 0.9946, where DPM-Solver stops, because alpha -> 0 as t -> 1.
+    """
+
+    t_min = 0.0
+
+    def __init__(self, s: float = 0.008, t_max: float = 0.9946) -> None:
+        if not 0 < t_max < 1:
+            raise ValueError(f"t_max must lie in (0, 1), got {t_max}")
+        self.s = float(s)
+        self.t_max = float(t_max)
+        self._log_alpha_0 = math.log(math.cos(0.5 * math.pi * self.s / (1.0 + self.s)))
+
+    def _angle(self, t: float) -> float:
+        return 0.5 * math.pi * (t + self.s) / (1.0 + self.s)
+
+    def log_alpha(self, t: float) -> float:
+        return math.log(math.cos(self._angle(t))) - self._log_alpha_0
+
+    def log_alpha_dot(self, t: float) -> float:
+        return -math.tan(self._angle(t)) * 0.5 * math.pi / (1.0 + self.s)
+
+    def t_from_log_alpha(self, log_alpha: float) -> float:
+        cos_angle = min(math.exp(log_alpha + self._log_alpha_0), 1.0)
+        return 2.0 * (1.0 + self.s) / math.pi * math.acos(cos_angle) - self.s
+
+    def __repr__(self) -> str:
+        return f"VPCosine(s={self.s}, t_max={self.t_max})"
+
+
+class VPDiscrete(_VariancePreserving):
+    """A trained model's discrete schedule: ``alphas_cumprod[n]`` holds at t = (n + 1) / N.
+
+    log alpha is interpolated linearly in t between the N knots (as DPM-Solver does),
+    so ``t`` lies in [1/N, 1] and d log alpha / dt is piecewise constant: exponential
+    integrators are unaffected, but a generic Runge-Kutta solver sees a kink at each knot.
+    """
+
+    def __init__(
+        self,
+        betas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        alphas_cumprod: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("give exactly one of betas or alphas_cumprod")
+        if betas is not None:
+            b = np.asarray(torch.as_tensor(betas, dtype=torch.float64).cpu(), dtype=np.float64)
+            if b.ndim != 1 or b.size < 2 or not np.all((b > 0) & (b < 1)):
+                raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1)")
+            log_ac = np.cumsum(np.log1p(-b))
+        else:
+            ac = np.asarray(
+                torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu(), dtype=np.float64
+            )
+            if ac.ndim != 1 or ac.size < 2 or not np.all((ac > 0) & (ac < 1)):
+                raise ValueError("alphas_cumprod must be a 1-D array of at least 2 values in (0, 1)")
+            log_ac = np.log(ac)
+        if not np.all(np.diff(log_ac) < 0):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        n = log_ac.size
+        self.knots_t = np.arange(1, n + 1, dtype=np.float64) / n
+        self.knots_log_alpha = 0.5 * log_ac
+        self.t_min = float(self.knots_t[0])
+        self.t_max = 1.0
+
+    def log_alpha(self, t: float) -> float:
+        return float(np.interp(t, self.knots_t, self.knots_log_alpha))
+
+    def log_alpha_dot(self, t: float) -> float:
+        i = int(np.clip(np.searchsorted(self.knots_t, t, side="right") - 1, 0, self.knots_t.size - 2))
+        dt = self.knots_t[i + 1] - self.knots_t[i]
+        return float((self.knots_log_alpha[i + 1] - self.knots_log_alpha[i]) / dt)
+
+    def t_from_log_alpha(self, log_alpha: float) -> float:
+        # np.interp needs increasing abscissae; log alpha decreases with t.
+        return float(np.interp(log_alpha, self.knots_log_alpha[::-1], self.knots_t[::-1]))
+
+    def __repr__(self) -> str:
+        return f"VPDiscrete(N={self.knots_t.size})"
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def _to_grid(ts: Sequence[float], schedule: Schedule | None) -> torch.Tensor:
+    if schedule is not None:
+        schedule.check_times(ts)
+    return torch.tensor(list(ts), dtype=torch.float64)
+
+
+def karras_grid(
+    steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    schedule: Schedule | None = None,
+    final_zero: bool = True,
+) -> torch.Tensor:
+    """EDM's grid, uniform in ``sigma_bar ** (1 / rho)``, mapped to the schedule's time.
+
+    ``steps`` is the number of intervals. With ``final_zero`` (EDM's and k-diffusion's
+    convention) the grid holds ``steps`` points from sigma_max to sigma_min and then 0;
+    without it, ``steps + 1`` points from sigma_max to sigma_min.
+
+    Returns:
+        float64 tensor of shape ``(steps + 1,)``, noisiest first.
+    """
+    _check_steps(steps)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    schedule = schedule or EDM()
+    n = steps if final_zero else steps + 1
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    denom = max(n - 1, 1)
+    sigmas = [(hi + i / denom * (lo - hi)) ** rho for i in range(n)]
+    if final_zero:
+        sigmas.append(0.0)
+    return _to_grid([schedule.t_from_sigma_bar(s) for s in sigmas], schedule)
+
+
+def uniform_logsnr_grid(
+    steps: int, t_start: float, t_end: float, schedule: Schedule
+) -> torch.Tensor:
+    """Times whose log-SNR ``lambda = log(alpha / sigma)`` is uniformly spaced (DPM-Solver's 'logSNR').
+
+    Returns:
+        float64 tensor of shape ``(steps + 1,)`` from ``t_start`` to ``t_end``.
+    """
+    _check_steps(steps)
+    schedule.check_times([t_start, t_end])
+    a, b = schedule.log_snr(t_start), schedule.log_snr(t_end)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError("uniform_logsnr_grid needs sigma > 0 at both ends")
+    ts = [schedule.t_from_log_snr(a + i / steps * (b - a)) for i in range(steps + 1)]
+    ts[0], ts[-1] = float(t_start), float(t_end)
+    return _to_grid(ts, schedule)
+
+
+def uniform_t_grid(
+    steps: int, t_start: float, t_end: float, schedule: Schedule | None = None
+) -> torch.Tensor:
+    """Times uniformly spaced from ``t_start`` to ``t_end``.
+
+    Returns:
+        float64 tensor of shape ``(steps + 1,)``.
+    """
+    _check_steps(steps)
+    return _to_grid([t_start + i / steps * (t_end - t_start) for i in range(steps + 1)], schedule)
+
+
+def quadratic_t_grid(
+    steps: int, t_start: float, t_end: float, schedule: Schedule | None = None
+) -> torch.Tensor:
+    """Times uniform in ``sqrt(t)`` (DDIM's 'quadratic' and DPM-Solver's 'time_quadratic').
+
+    Returns:
+        float64 tensor of shape ``(steps + 1,)``; both ends must be >= 0.
+    """
+    _check_steps(steps)
+    if t_start < 0 or t_end < 0:
+        raise ValueError("quadratic_t_grid needs t_start >= 0 and t_end >= 0")
+    a, b = math.sqrt(t_start), math.sqrt(t_end)
+    ts = [(a + i / steps * (b - a)) ** 2 for i in range(steps + 1)]
+    ts[0], ts[-1] = float(t_start), float(t_end)
+    return _to_grid(ts, schedule)

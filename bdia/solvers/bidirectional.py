@@ -1,0 +1,229 @@
+"""BDIA: the bi-directional integration approximation (Zhang, Lewis & Kleijn, ECCV 2024).
+
+Any single-step solver Phi becomes a time-reversible two-step scheme. With the grid
+``t_0, t_1, ...`` (``t_0`` noisiest), states ``x_{k-1}``, ``x_k`` and ONE evaluation
+``E = ode.evaluate(t_k, x_k)`` shared by both integrations::
+
+    x_{k+1} = gamma_k * (x_{k-1} - Phi(x_k; t_k -> t_{k-1})) + Phi(x_k; t_k -> t_{k+1})
+
+and, since the update is linear in ``x_{k-1}``, exactly::
+
+    x_{k-1} = (x_{k+1} - Phi(x_k; t_k -> t_{k+1})) / gamma_k + Phi(x_k; t_k -> t_{k-1})
+
+gamma = 0 is the base solver; gamma = 1 with Euler or DDIM is the leapfrog scheme. This is
+the official code's convention (early versions of the paper's README swapped gamma and
+1 - gamma). The first step has no ``x_{k-1}`` and is a plain base step.
+
+The named schedule ``"obelm"`` sets, with ``h_k = sigma_bar(t_k) - sigma_bar(t_{k+1})``,
+``gamma_k = (h_k / h_{k-1})^2 * alpha(t_{k+1}) / alpha(t_{k-1})``, which makes BDIA over
+DDIM coincide with O-BELM (Wang et al., NeurIPS 2024). On a plain ODE, sigma_bar is t and
+alpha is 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..ode import ODE, Evaluation
+from .base import Solver, get_solver
+
+__all__ = ["BidirectionalWrapper", "bdia", "GammaSpec"]
+
+GammaSpec = float | Sequence[float] | str
+NAMED_GAMMAS = ("obelm",)
+
+
+def _check_user_gamma(value: float, where: str) -> float:
+    try:
+        g = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"gamma{where} must be a number, got {value!r}") from None
+    if not 0.0 <= g <= 1.0:
+        raise ValueError(
+            f"gamma{where} = {g} lies outside [0, 1]; 0 is the base solver and 1 the "
+            "leapfrog scheme (only a named schedule such as 'obelm' may exceed 1)"
+        )
+    return g
+
+
+@dataclass(frozen=True)
+class BidirectionalWrapper:
+    """BDIA around a base solver; build it with ``bdia(solver, gamma)``.
+
+    Attributes:
+        solver: the base single-step solver Phi.
+        gamma: a number in [0, 1], a tuple of one value per two-step update (``len(ts) - 2``
+            values for a grid ``ts``), or a named schedule (``"obelm"``).
+    """
+
+    solver: Solver
+    gamma: float | tuple[float, ...] | str = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.solver, BidirectionalWrapper):
+            raise TypeError("bdia() wraps a single-step solver, not another BidirectionalWrapper")
+        if not isinstance(self.solver, Solver):
+            raise TypeError(f"bdia() needs a Solver, got {type(self.solver).__name__}")
+        g = self.gamma
+        if isinstance(g, str):
+            if g not in NAMED_GAMMAS:
+                raise ValueError(f"unknown gamma schedule {g!r}; named schedules: {NAMED_GAMMAS}")
+        elif isinstance(g, (int, float)) or getattr(g, "ndim", None) == 0:
+            object.__setattr__(self, "gamma", _check_user_gamma(g, ""))
+        else:
+            try:
+                items = list(g)
+            except TypeError:
+                raise TypeError(
+                    f"gamma must be a number, a sequence of numbers or a name, got {g!r}"
+                ) from None
+            values = tuple(_check_user_gamma(v, f"[{i}]") for i, v in enumerate(items))
+            if not values:
+                raise ValueError("a gamma sequence needs at least one value")
+            object.__setattr__(self, "gamma", values)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def name(self) -> str:
+        return f"bdia-{self.solver.name}"
+
+    @property
+    def needs_diffusion(self) -> bool:
+        return self.solver.needs_diffusion
+
+    @property
+    def stages(self) -> int:
+        """Model evaluations of the first (plain) step."""
+        return self.solver.stages
+
+    @property
+    def nfe_per_step(self) -> int:
+        """Model evaluations of each two-step update: 2 s - 1 for a base with s stages."""
+        return 2 * self.solver.stages - 1 if self.gamma != 0.0 else self.solver.stages
+
+    @property
+    def order(self) -> int:
+        """Global order on smooth grids.
+
+        The update's local error is ``C h^(p+1) (1 - gamma (-1)^(p+1))`` for a base of order
+        p, so gamma = 1 (and "obelm", its variable-step form) cancels it for odd p.
+        """
+        p = self.solver.order
+        symmetric = self.gamma == 1.0 or self.gamma == "obelm"
+        return p + 1 if symmetric and p % 2 == 1 else p
+
+    # ---------------------------------------------------------------- gammas
+    def gammas(self, ode: ODE, ts: Sequence[float]) -> list[float]:
+        """gamma_k for the two-step updates k = 1 .. len(ts) - 2 of grid ``ts``."""
+        ts = [float(t) for t in ts]
+        n = max(len(ts) - 2, 0)
+        g = self.gamma
+        if isinstance(g, float):
+            return [g] * n
+        if isinstance(g, tuple):
+            if len(g) != n:
+                raise ValueError(
+                    f"gamma has {len(g)} values but a grid of {len(ts)} points has {n} two-step "
+                    "updates (the first step is a plain base step); give one value per update"
+                )
+            return list(g)
+        if ode.is_diffusion:
+            sched = ode.schedule  # type: ignore[attr-defined]
+            sigma_bar, alpha = sched.sigma_bar, sched.alpha
+        else:
+            sigma_bar, alpha = float, lambda t: 1.0
+        out = []
+        for k in range(1, len(ts) - 1):
+            h_prev = sigma_bar(ts[k - 1]) - sigma_bar(ts[k])
+            h = sigma_bar(ts[k]) - sigma_bar(ts[k + 1])
+            out.append((h / h_prev) ** 2 * alpha(ts[k + 1]) / alpha(ts[k - 1]))
+        return out
+
+    def amplification(self, ode: ODE, ts: Sequence[float]) -> float:
+        """prod_k 1 / gamma_k over grid ``ts``: how much inversion magnifies the parasitic mode.
+
+        Rounding errors of the state grow by up to this factor on the way back; ``inf`` when a
+        gamma is 0 (not invertible).
+        """
+        out = 1.0
+        for g in self.gammas(ode, ts):
+            if g == 0.0:
+                return math.inf
+            out /= g
+        return out
+
+    # ----------------------------------------------------------------- steps
+    def step(
+        self,
+        ode: ODE,
+        t_prev: float | None,
+        t: float,
+        t_next: float,
+        x_prev: Tensor | None,
+        x: Tensor,
+        gamma: float,
+        first: Evaluation | None = None,
+    ) -> Tensor:
+        """One BDIA update ``(x_{k-1}, x_k) -> x_{k+1}``; a plain base step when ``x_prev`` is None.
+
+        Args:
+            ode: the problem.
+            t_prev, t, t_next: grid times t_{k-1}, t_k, t_{k+1}.
+            x_prev, x: states at t_{k-1} and t_k, shape ``(batch, ...)``.
+            gamma: gamma_k.
+            first: an evaluation at ``(t, x)`` to reuse.
+
+        Returns:
+            x_{k+1}, same shape and dtype as ``x``.
+        """
+        first = self.solver.first_evaluation(ode, t, x, first)
+        forward = self.solver.step(ode, t, t_next, x, first=first)
+        if x_prev is None or gamma == 0.0:
+            return forward
+        backward = self.solver.step(ode, t, t_prev, x, first=first)
+        return gamma * (x_prev - backward) + forward
+
+    def unstep(
+        self,
+        ode: ODE,
+        t_prev: float,
+        t: float,
+        t_next: float,
+        x: Tensor,
+        x_next: Tensor,
+        gamma: float,
+        first: Evaluation | None = None,
+    ) -> Tensor:
+        """The exact inverse of ``step``: ``(x_k, x_{k+1}) -> x_{k-1}``.
+
+        Raises:
+            ValueError: if gamma is 0 (the base solver cannot be inverted exactly).
+        """
+        if gamma == 0.0:
+            raise ValueError("gamma = 0 is the base solver, whose step cannot be inverted exactly")
+        first = self.solver.first_evaluation(ode, t, x, first)
+        forward = self.solver.step(ode, t, t_next, x, first=first)
+        backward = self.solver.step(ode, t, t_prev, x, first=first)
+        return (x_next - forward) / gamma + backward
+
+    def __repr__(self) -> str:
+        return f"bdia({self.solver!r}, gamma={self.gamma!r})"
+
+
+def bdia(solver: Solver | str, gamma: GammaSpec = 1.0) -> BidirectionalWrapper:
+    """Wrap ``solver`` (an instance or a registered name) as a time-reversible BDIA scheme.
+
+    Args:
+        solver: the base single-step solver.
+        gamma: a number in [0, 1], one value per two-step update, or ``"obelm"``.
+
+    Returns:
+        A BidirectionalWrapper, usable wherever ``sample``, ``invert`` or ``odeint`` take a solver.
+    """
+    if isinstance(solver, str):
+        solver = get_solver(solver)
+    return BidirectionalWrapper(solver, gamma)

@@ -1,0 +1,242 @@
+"""Exponential integrators for the diffusion ODE: DDIM and the singlestep DPM-Solver family.
+
+They integrate the linear part of the probability-flow ODE exactly and work in the
+half-log-SNR ``lambda = log(alpha / sigma)``. With ``h = lambda(t_next) - lambda(t)`` (negative
+when stepping towards the noise) and a stage at ``s_i = t(lambda(t) + r_i h)``:
+
+DDIM (first order, robust at sigma = 0)::
+
+    x_next = alpha_next D + sigma_next eps
+
+DPM-Solver (noise prediction, Lu et al. 2022)::
+
+    order 1:  x_next = (alpha_next/alpha) x - sigma_next (e^h - 1) eps
+    order 2:  u = (alpha_s/alpha) x - sigma_s (e^(r1 h) - 1) eps                     r1 = 1/2
+              x_next = (alpha_next/alpha) x - sigma_next (e^h - 1) eps
+                       - sigma_next / (2 r1) (e^h - 1) (eps(u, s) - eps)
+    order 3:  u1 = (alpha_s1/alpha) x - sigma_s1 (e^(r1 h) - 1) eps                 r1 = 1/3
+              u2 = (alpha_s2/alpha) x - sigma_s2 (e^(r2 h) - 1) eps                 r2 = 2/3
+                   - sigma_s2 (r2/r1) ((e^(r2 h) - 1)/(r2 h) - 1) (eps(u1, s1) - eps)
+              x_next = (alpha_next/alpha) x - sigma_next (e^h - 1) eps
+                       - sigma_next / r2 ((e^h - 1)/h - 1) (eps(u2, s2) - eps)
+
+DPM-Solver++ (data prediction, Lu et al. 2022b), singlestep::
+
+    order 1:  x_next = (sigma_next/sigma) x - alpha_next (e^-h - 1) D
+    2S:       u = (sigma_s/sigma) x - alpha_s (e^(-r1 h) - 1) D                      r1 = 1/2
+              x_next = (sigma_next/sigma) x - alpha_next (e^-h - 1)
+                       ((1 - 1/(2 r1)) D + 1/(2 r1) D(u, s))
+    3S:       u1 = (sigma_s1/sigma) x - alpha_s1 (e^(-r1 h) - 1) D                   r1 = 1/3
+              u2 = (sigma_s2/sigma) x - alpha_s2 (e^(-r2 h) - 1) D                   r2 = 2/3
+                   + alpha_s2 (r2/r1) ((e^(-r2 h) - 1)/(r2 h) + 1) (D(u1, s1) - D)
+              x_next = (sigma_next/sigma) x - alpha_next (e^-h - 1) D
+                       + alpha_next / r2 ((e^-h - 1)/h + 1) (D(u2, s2) - D)
+
+Here ``D`` is the data prediction (the denoiser output) and ``eps`` the noise prediction at
+``(t, x)``. A step that ends at sigma = 0 (h infinite) is taken as DDIM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..ode import ODE, Evaluation
+from .base import Solver, register_solver
+
+__all__ = [
+    "DDIM",
+    "DPMSolver1",
+    "DPMSolver2",
+    "DPMSolver3",
+    "DPMSolverPP1",
+    "DPMSolverPP2S",
+    "DPMSolverPP3S",
+]
+
+
+@dataclass(frozen=True)
+class _Coefficients:
+    """Schedule values at the two ends of a step, as float64 scalars."""
+
+    alpha: float
+    sigma: float
+    alpha_next: float
+    sigma_next: float
+    log_snr: float
+    h: float
+
+
+class _Exponential(Solver):
+    """Shared plumbing: schedule look-ups, the DDIM fallback at sigma = 0, stage evaluations."""
+
+    needs_diffusion = True
+
+    def step(
+        self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None
+    ) -> Tensor:
+        first = self.first_evaluation(ode, t, x, first)
+        sched = ode.schedule  # type: ignore[attr-defined]
+        t, t_next = float(t), float(t_next)
+        if ode.is_terminal(t_next):
+            return sched.alpha(t_next) * first.denoised + sched.sigma(t_next) * first.eps
+        lam, lam_next = sched.log_snr(t), sched.log_snr(t_next)
+        co = _Coefficients(
+            alpha=sched.alpha(t),
+            sigma=sched.sigma(t),
+            alpha_next=sched.alpha(t_next),
+            sigma_next=sched.sigma(t_next),
+            log_snr=lam,
+            h=lam_next - lam,
+        )
+        return self._update(ode, co, x, first)
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _stage(ode: ODE, co: _Coefficients, r: float) -> tuple[float, float, float]:
+        """Time, alpha and sigma of the stage at ``lambda + r h``."""
+        sched = ode.schedule  # type: ignore[attr-defined]
+        s = sched.t_from_log_snr(co.log_snr + r * co.h)
+        return s, sched.alpha(s), sched.sigma(s)
+
+
+@register_solver("ddim")
+@dataclass(frozen=True, repr=False)
+class DDIM(_Exponential):
+    """DDIM (Song et al. 2021), deterministic: ``x_next = alpha_next D + sigma_next eps``."""
+
+    name = "ddim"
+    order = 1
+    stages = 1
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        return co.alpha_next * first.denoised + co.sigma_next * first.eps
+
+
+@register_solver("dpm_solver_1")
+@dataclass(frozen=True, repr=False)
+class DPMSolver1(_Exponential):
+    """DPM-Solver-1 in noise-prediction form (equal to DDIM)."""
+
+    name = "dpm_solver_1"
+    order = 1
+    stages = 1
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        return (co.alpha_next / co.alpha) * x - (co.sigma_next * math.expm1(co.h)) * first.eps
+
+
+@register_solver("dpm_solver_2")
+@dataclass(frozen=True, repr=False)
+class DPMSolver2(_Exponential):
+    """Singlestep DPM-Solver-2, noise prediction, r1 = 1/2."""
+
+    name = "dpm_solver_2"
+    order = 2
+    stages = 2
+    r1: float = 0.5
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        r1, h, eps = self.r1, co.h, first.eps
+        s, alpha_s, sigma_s = self._stage(ode, co, r1)
+        u = (alpha_s / co.alpha) * x - (sigma_s * math.expm1(r1 * h)) * eps
+        eps_u = ode.evaluate(s, u).eps
+        phi = co.sigma_next * math.expm1(h)
+        return (co.alpha_next / co.alpha) * x - phi * eps - (phi / (2.0 * r1)) * (eps_u - eps)
+
+
+@register_solver("dpm_solver_3")
+@dataclass(frozen=True, repr=False)
+class DPMSolver3(_Exponential):
+    """Singlestep DPM-Solver-3, noise prediction, r1 = 1/3, r2 = 2/3."""
+
+    name = "dpm_solver_3"
+    order = 3
+    stages = 3
+    r1: float = 1.0 / 3.0
+    r2: float = 2.0 / 3.0
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        r1, r2, h, eps = self.r1, self.r2, co.h, first.eps
+        s1, alpha_s1, sigma_s1 = self._stage(ode, co, r1)
+        s2, alpha_s2, sigma_s2 = self._stage(ode, co, r2)
+        u1 = (alpha_s1 / co.alpha) * x - (sigma_s1 * math.expm1(r1 * h)) * eps
+        d1 = ode.evaluate(s1, u1).eps - eps
+        u2 = (
+            (alpha_s2 / co.alpha) * x
+            - (sigma_s2 * math.expm1(r2 * h)) * eps
+            - (sigma_s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)) * d1
+        )
+        d2 = ode.evaluate(s2, u2).eps - eps
+        return (
+            (co.alpha_next / co.alpha) * x
+            - (co.sigma_next * math.expm1(h)) * eps
+            - (co.sigma_next / r2 * (math.expm1(h) / h - 1.0)) * d2
+        )
+
+
+@register_solver("dpm_solver_pp_1")
+@dataclass(frozen=True, repr=False)
+class DPMSolverPP1(_Exponential):
+    """DPM-Solver++ of order 1 in data-prediction form (equal to DDIM)."""
+
+    name = "dpm_solver_pp_1"
+    order = 1
+    stages = 1
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-co.h)) * first.denoised
+
+
+@register_solver("dpm_solver_pp_2s")
+@dataclass(frozen=True, repr=False)
+class DPMSolverPP2S(_Exponential):
+    """Singlestep DPM-Solver++(2S), data prediction, r1 = 1/2."""
+
+    name = "dpm_solver_pp_2s"
+    order = 2
+    stages = 2
+    r1: float = 0.5
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        r1, h, d = self.r1, co.h, first.denoised
+        s, alpha_s, sigma_s = self._stage(ode, co, r1)
+        u = (sigma_s / co.sigma) * x - (alpha_s * math.expm1(-r1 * h)) * d
+        d_u = ode.evaluate(s, u).denoised
+        w = 1.0 / (2.0 * r1)
+        blended = (1.0 - w) * d + w * d_u
+        return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-h)) * blended
+
+
+@register_solver("dpm_solver_pp_3s")
+@dataclass(frozen=True, repr=False)
+class DPMSolverPP3S(_Exponential):
+    """Singlestep DPM-Solver++(3S), data prediction, r1 = 1/3, r2 = 2/3."""
+
+    name = "dpm_solver_pp_3s"
+    order = 3
+    stages = 3
+    r1: float = 1.0 / 3.0
+    r2: float = 2.0 / 3.0
+
+    def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
+        r1, r2, h, d = self.r1, self.r2, co.h, first.denoised
+        s1, alpha_s1, sigma_s1 = self._stage(ode, co, r1)
+        s2, alpha_s2, sigma_s2 = self._stage(ode, co, r2)
+        u1 = (sigma_s1 / co.sigma) * x - (alpha_s1 * math.expm1(-r1 * h)) * d
+        d1 = ode.evaluate(s1, u1).denoised - d
+        u2 = (
+            (sigma_s2 / co.sigma) * x
+            - (alpha_s2 * math.expm1(-r2 * h)) * d
+            + (alpha_s2 * r2 / r1 * (math.expm1(-r2 * h) / (r2 * h) + 1.0)) * d1
+        )
+        d2 = ode.evaluate(s2, u2).denoised - d
+        return (
+            (co.sigma_next / co.sigma) * x
+            - (co.alpha_next * math.expm1(-h)) * d
+            + (co.alpha_next / r2 * (math.expm1(-h) / h + 1.0)) * d2
+        )
