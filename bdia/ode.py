@@ -1,7 +1,7 @@
 """ODE objects: the one place where a model is called, and where calls are counted.
 
 ``ODE(f)`` is a generic problem ``dx/dt = f(t, x)``. ``DiffusionODE`` is the
-probability-flow ODE of a diffusion model in the schedule's own time ``t`` and state ``x``::
+probability-flow ODE of a diffusion model in the schedule's own time ``t`` and state ``x``:
 
     dx/dt = (alpha'/alpha) x + (sigma' - alpha' sigma / alpha) eps_hat(x, t)
 
@@ -104,7 +104,9 @@ class ODE:
         out = fn(x_in, *args, **kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the model returned {got}, expected a tensor of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"the model returned {got}, expected a tensor of shape {tuple(x.shape)}"
+            )
         return out.to(x.dtype)
 
     def evaluate(self, t: float, x: Tensor) -> Evaluation:
@@ -131,6 +133,9 @@ class DiffusionODE(ODE):
             state dtype). Defaults to the dtype of the network's parameters when the
             denoiser is an ``nn.Module``, else the state dtype.
         cond: keyword arguments passed to every model call (class labels, say).
+        prediction: what the model returns: ``"denoised"`` (EDM form, the default), or
+            ``"eps"``, ``"x0"``, ``"v"`` for a network called as ``model(x, t, **cond)`` in
+            the schedule's own space and time (see ``from_eps``).
     """
 
     is_diffusion = True
@@ -145,7 +150,9 @@ class DiffusionODE(ODE):
         prediction: str = "denoised",
     ) -> None:
         if prediction not in ("denoised", "eps", "x0", "v"):
-            raise ValueError(f"prediction must be 'denoised', 'eps', 'x0' or 'v', got {prediction!r}")
+            raise ValueError(
+                f"prediction must be 'denoised', 'eps', 'x0' or 'v', got {prediction!r}"
+            )
         if not callable(denoiser):
             raise TypeError(f"the model must be callable, got {type(denoiser).__name__}")
         self.f = denoiser
@@ -162,7 +169,9 @@ class DiffusionODE(ODE):
         )
 
     @classmethod
-    def from_eps(cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any) -> DiffusionODE:
+    def from_eps(
+        cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any
+    ) -> DiffusionODE:
         """Wrap a noise-prediction network ``model(x, t, **cond) -> eps``.
 
         ``x`` is in the schedule's own space (shape ``(batch, ...)``), ``t`` a tensor of shape
@@ -171,13 +180,17 @@ class DiffusionODE(ODE):
         return cls(model, schedule, prediction="eps", **kwargs)
 
     @classmethod
-    def from_x0(cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any) -> DiffusionODE:
-        """Wrap a data-prediction network ``model(x, t, **cond) -> x0`` (same contract as ``from_eps``)."""
+    def from_x0(
+        cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any
+    ) -> DiffusionODE:
+        """Wrap a data-prediction network ``model(x, t, **cond) -> x0`` (as ``from_eps``)."""
         return cls(model, schedule, prediction="x0", **kwargs)
 
     @classmethod
-    def from_v(cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any) -> DiffusionODE:
-        """Wrap a v-prediction network, ``v = alpha eps - sigma x0`` (same contract as ``from_eps``)."""
+    def from_v(
+        cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any
+    ) -> DiffusionODE:
+        """Wrap a v-prediction network, ``v = alpha eps - sigma x0`` (contract of ``from_eps``)."""
         return cls(model, schedule, prediction="v", **kwargs)
 
     def is_terminal(self, t: float) -> bool:
@@ -187,7 +200,7 @@ class DiffusionODE(ODE):
         self.schedule.check_times(ts)
 
     def _noise_input(self, value: float, x: Tensor) -> Tensor:
-        """A ``(batch,)`` tensor of ``value`` for the network; half types get float32 noise levels."""
+        """A ``(batch,)`` tensor of ``value`` for the network (float32 for half-precision ones)."""
         dtype = self.model_dtype or x.dtype
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
@@ -201,8 +214,8 @@ class DiffusionODE(ODE):
             x: state of shape ``(batch, ...)`` in the schedule's space.
 
         Returns:
-            An Evaluation with ``derivative``, ``denoised`` (in x_bar space) and ``eps``,
-            all in ``x``'s dtype.
+            An Evaluation with ``derivative``, ``denoised`` (in x_bar space) and ``eps``, all
+                in ``x``'s dtype.
         """
         t = float(t)
         sched = self.schedule
@@ -233,5 +246,7 @@ class DiffusionODE(ODE):
                 eps = (sigma * x + alpha * out) / norm
         alpha_dot, sigma_dot = sched.alpha_dot(t), sched.sigma_dot(t)
         eps_coef = sigma_dot - alpha_dot * sigma / alpha
-        derivative = eps_coef * eps if alpha_dot == 0.0 else (alpha_dot / alpha) * x + eps_coef * eps
+        derivative = (
+            eps_coef * eps if alpha_dot == 0.0 else (alpha_dot / alpha) * x + eps_coef * eps
+        )
         return Evaluation(t=t, x=x, derivative=derivative, denoised=denoised, eps=eps)

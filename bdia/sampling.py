@@ -58,9 +58,7 @@ def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
         raise ValueError("the time grid contains NaN")
     diffs = [b - a for a, b in zip(values, values[1:])]
     if not (all(d < 0 for d in diffs) or all(d > 0 for d in diffs)):
-        i = next(
-            i for i, d in enumerate(diffs) if d == 0 or (d > 0) != (diffs[0] > 0)
-        )
+        i = next(i for i, d in enumerate(diffs) if d == 0 or (d > 0) != (diffs[0] > 0))
         raise ValueError(
             f"the time grid must be strictly monotonic; it turns or repeats at ts[{i}] = "
             f"{values[i]}, ts[{i + 1}] = {values[i + 1]}"
@@ -129,7 +127,12 @@ def _bar(steps: range, progress: bool | None, desc: str) -> Any:
 
 
 def _report(
-    callback: Callback | None, k: int, t: float, t_next: float, x: Tensor, x_next: Tensor,
+    callback: Callback | None,
+    k: int,
+    t: float,
+    t_next: float,
+    x: Tensor,
+    x_next: Tensor,
     first: Evaluation,
 ) -> None:
     if callback is not None:
@@ -251,7 +254,9 @@ def invert(
         solver: a registered solver or a ``BidirectionalWrapper`` (every gamma_k > 0).
         end: x at ``ts[-1]``, shape ``(batch, ...)``, or ``StatePair(x at ts[-2], x at ts[-1])``.
         ts: the sampling grid, strictly monotonic.
-        progress, callback, state_dtype: as in ``sample``.
+        progress: tqdm bar, as in ``sample``.
+        callback: called after every step, as in ``sample`` (``x_next`` is the earlier state).
+        state_dtype: dtype of the solver state, as in ``sample``.
 
     Returns:
         ``StatePair(x at ts[0], x at ts[1])``, in the state dtype.
@@ -292,7 +297,9 @@ def invert(
         t, t_prev = grid[k], grid[k - 1]
         first = ode.evaluate(t, x)
         if bidirectional and x_next is not None:
-            x_prev = solver.unstep(ode, t_prev, t, grid[k + 1], x, x_next, gammas[k - 1], first=first)
+            x_prev = solver.unstep(
+                ode, t_prev, t, grid[k + 1], x, x_next, gammas[k - 1], first=first
+            )
         else:
             x_prev = base.step(ode, t, t_prev, x, first=first)
         _check_finite(x_prev, k, t, t_prev)

@@ -70,7 +70,7 @@ class Schedule(ABC):
 
     @abstractmethod
     def t_from_log_snr(self, log_snr: float) -> float:
-        """The time at which ``log(alpha / sigma)`` equals ``log_snr`` (``inf`` gives the clean end)."""
+        """The time where ``log(alpha / sigma)`` equals ``log_snr`` (``inf``: the clean end)."""
 
     def alpha(self, t: float) -> float:
         """alpha(t) > 0."""
@@ -94,7 +94,7 @@ class Schedule(ABC):
     def check_times(self, ts: Sequence[float]) -> None:
         """Raise ValueError naming the first time outside ``[t_min, t_max]``."""
         for i, t in enumerate(ts):
-            if not (self.t_min <= t <= self.t_max) or math.isnan(t):
+            if not (self.t_min <= t <= self.t_max) or not math.isfinite(t):
                 raise ValueError(
                     f"time ts[{i}] = {t!r} lies outside {type(self).__name__}'s domain "
                     f"[{self.t_min}, {self.t_max}]; build the grid inside it "
@@ -157,7 +157,7 @@ class _VariancePreserving(Schedule):
 
 
 class VPLinear(_VariancePreserving):
-    """Variance-preserving schedule with linear beta(t) = beta_min + t (beta_max - beta_min), t in [0, 1].
+    """Variance-preserving, linear beta(t) = beta_min + t (beta_max - beta_min), t in [0, 1].
 
     log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2 (Song et al. 2021).
     """
@@ -243,7 +243,9 @@ class VPDiscrete(_VariancePreserving):
                 torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu(), dtype=np.float64
             )
             if ac.ndim != 1 or ac.size < 2 or not np.all((ac > 0) & (ac < 1)):
-                raise ValueError("alphas_cumprod must be a 1-D array of at least 2 values in (0, 1)")
+                raise ValueError(
+                    "alphas_cumprod must be a 1-D array of at least 2 values in (0, 1)"
+                )
             log_ac = np.log(ac)
         if not np.all(np.diff(log_ac) < 0):
             raise ValueError("alphas_cumprod must be strictly decreasing")
@@ -257,7 +259,9 @@ class VPDiscrete(_VariancePreserving):
         return float(np.interp(t, self.knots_t, self.knots_log_alpha))
 
     def log_alpha_dot(self, t: float) -> float:
-        i = int(np.clip(np.searchsorted(self.knots_t, t, side="right") - 1, 0, self.knots_t.size - 2))
+        i = int(
+            np.clip(np.searchsorted(self.knots_t, t, side="right") - 1, 0, self.knots_t.size - 2)
+        )
         dt = self.knots_t[i + 1] - self.knots_t[i]
         return float((self.knots_log_alpha[i + 1] - self.knots_log_alpha[i]) / dt)
 
@@ -316,7 +320,7 @@ def karras_grid(
 def uniform_logsnr_grid(
     steps: int, t_start: float, t_end: float, schedule: Schedule
 ) -> torch.Tensor:
-    """Times whose log-SNR ``lambda = log(alpha / sigma)`` is uniformly spaced (DPM-Solver's 'logSNR').
+    """Times uniformly spaced in log-SNR ``lambda = log(alpha / sigma)`` (DPM-Solver's 'logSNR').
 
     Returns:
         float64 tensor of shape ``(steps + 1,)`` from ``t_start`` to ``t_end``.

@@ -56,7 +56,10 @@ class GaussianMixture:
     """
 
     def __init__(
-        self, weights: Tensor | Sequence[float], means: Tensor | Sequence, stds: Tensor | Sequence[float]
+        self,
+        weights: Tensor | Sequence[float],
+        means: Tensor | Sequence,
+        stds: Tensor | Sequence[float],
     ) -> None:
         w = torch.as_tensor(weights, dtype=torch.float64)
         m = torch.as_tensor(means, dtype=torch.float64)
@@ -71,8 +74,13 @@ class GaussianMixture:
 
     @classmethod
     def random(
-        cls, dim: int, components: int, *, std_range: tuple[float, float] = (0.2, 0.6),
-        spread: float = 1.0, seed: int = 0,
+        cls,
+        dim: int,
+        components: int,
+        *,
+        std_range: tuple[float, float] = (0.2, 0.6),
+        spread: float = 1.0,
+        seed: int = 0,
     ) -> GaussianMixture:
         """A random mixture: means ~ N(0, spread^2 I), stds uniform in ``std_range``."""
         g = torch.Generator().manual_seed(seed)
@@ -138,8 +146,13 @@ class GaussianMixture:
         return self.means[comp] + self.stds[comp, None] * noise
 
     def solution(
-        self, x_start: Tensor, ts: Tensor | Sequence[float], schedule: Schedule | None = None,
-        *, rtol: float = 1e-12, atol: float = 1e-12,
+        self,
+        x_start: Tensor,
+        ts: Tensor | Sequence[float],
+        schedule: Schedule | None = None,
+        *,
+        rtol: float = 1e-12,
+        atol: float = 1e-12,
     ) -> Tensor:
         """Reference trajectory from ``x_start`` at ``ts[0]`` through every time in ``ts``.
 
@@ -172,7 +185,10 @@ class Gaussian(GaussianMixture):
         super().__init__([1.0], mean, [float(std)])
 
     def solution(
-        self, x_start: Tensor, ts: Tensor | Sequence[float], schedule: Schedule | None = None,
+        self,
+        x_start: Tensor,
+        ts: Tensor | Sequence[float],
+        schedule: Schedule | None = None,
         **_: float,
     ) -> Tensor:
         """Exact trajectory, float64, shape ``(len(ts), batch, dim)``."""

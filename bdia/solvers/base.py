@@ -49,7 +49,9 @@ class Solver(ABC):
             The state at ``t_next``, same shape, dtype and device as ``x``.
         """
 
-    def first_evaluation(self, ode: ODE, t: float, x: Tensor, first: Evaluation | None) -> Evaluation:
+    def first_evaluation(
+        self, ode: ODE, t: float, x: Tensor, first: Evaluation | None
+    ) -> Evaluation:
         """``first`` if given (checked to be at ``t``), else a fresh evaluation at ``(t, x)``."""
         if self.needs_diffusion and not ode.is_diffusion:
             raise TypeError(
@@ -60,11 +62,15 @@ class Solver(ABC):
         if first is None:
             return ode.evaluate(t, x)
         if first.t != float(t):
-            raise ValueError(f"the evaluation passed as `first` is at t = {first.t}, not at t = {t}")
+            raise ValueError(
+                f"the evaluation passed as `first` is at t = {first.t}, not at t = {t}"
+            )
         return first
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, order={self.order}, stages={self.stages})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, order={self.order}, stages={self.stages})"
+        )
 
 
 SolverFactory = Callable[..., Solver]
@@ -113,7 +119,10 @@ def get_solver(name: str, **options: Any) -> Any:
         from .bidirectional import bdia
 
         gamma = options.pop("gamma", 1.0)
-        return bdia(get_solver(name[len("bdia-") :], **options), gamma=gamma)
+        base = name[len("bdia-") :]
+        if base not in _REGISTRY:
+            _lookup(name)  # raises, suggesting close 'bdia-' names
+        return bdia(get_solver(base, **options), gamma=gamma)
     return _lookup(name)(**options)
 
 

@@ -2,11 +2,11 @@
 
 Any single-step solver Phi becomes a time-reversible two-step scheme. With the grid
 ``t_0, t_1, ...`` (``t_0`` noisiest), states ``x_{k-1}``, ``x_k`` and ONE evaluation
-``E = ode.evaluate(t_k, x_k)`` shared by both integrations::
+``E = ode.evaluate(t_k, x_k)`` shared by both integrations:
 
     x_{k+1} = gamma_k * (x_{k-1} - Phi(x_k; t_k -> t_{k-1})) + Phi(x_k; t_k -> t_{k+1})
 
-and, since the update is linear in ``x_{k-1}``, exactly::
+and, since the update is linear in ``x_{k-1}``, exactly:
 
     x_{k-1} = (x_{k+1} - Phi(x_k; t_k -> t_{k+1})) / gamma_k + Phi(x_k; t_k -> t_{k-1})
 
@@ -172,8 +172,11 @@ class BidirectionalWrapper:
 
         Args:
             ode: the problem.
-            t_prev, t, t_next: grid times t_{k-1}, t_k, t_{k+1}.
-            x_prev, x: states at t_{k-1} and t_k, shape ``(batch, ...)``.
+            t_prev: grid time t_{k-1} (None on the first step).
+            t: grid time t_k.
+            t_next: grid time t_{k+1}.
+            x_prev: state at t_{k-1}, shape ``(batch, ...)``, or None on the first step.
+            x: state at t_k, same shape.
             gamma: gamma_k.
             first: an evaluation at ``(t, x)`` to reuse.
 

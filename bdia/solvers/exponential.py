@@ -4,11 +4,11 @@ They integrate the linear part of the probability-flow ODE exactly and work in t
 half-log-SNR ``lambda = log(alpha / sigma)``. With ``h = lambda(t_next) - lambda(t)`` (negative
 when stepping towards the noise) and a stage at ``s_i = t(lambda(t) + r_i h)``:
 
-DDIM (first order, robust at sigma = 0)::
+DDIM (first order, robust at sigma = 0):
 
     x_next = alpha_next D + sigma_next eps
 
-DPM-Solver (noise prediction, Lu et al. 2022)::
+DPM-Solver (noise prediction, Lu et al. 2022):
 
     order 1:  x_next = (alpha_next/alpha) x - sigma_next (e^h - 1) eps
     order 2:  u = (alpha_s/alpha) x - sigma_s (e^(r1 h) - 1) eps                     r1 = 1/2
@@ -20,7 +20,7 @@ DPM-Solver (noise prediction, Lu et al. 2022)::
               x_next = (alpha_next/alpha) x - sigma_next (e^h - 1) eps
                        - sigma_next / r2 ((e^h - 1)/h - 1) (eps(u2, s2) - eps)
 
-DPM-Solver++ (data prediction, Lu et al. 2022b), singlestep::
+DPM-Solver++ (data prediction, Lu et al. 2022b), singlestep:
 
     order 1:  x_next = (sigma_next/sigma) x - alpha_next (e^-h - 1) D
     2S:       u = (sigma_s/sigma) x - alpha_s (e^(-r1 h) - 1) D                      r1 = 1/2

@@ -1,12 +1,12 @@
 """Explicit Runge-Kutta solvers, one implementation driven by a Butcher tableau.
 
-For a tableau (c, a, b) and step size ``h = t_next - t``::
+For a tableau (c, a, b) and step size ``h = t_next - t``:
 
     k_i = f(t + c_i h, x + h sum_{j<i} a_ij k_j)        x_next = x + h sum_i b_i k_i
 
 A stage that would evaluate a diffusion model at sigma = 0 (``t_next`` at the end of a
 grid with a final zero) cannot be taken; the step then falls back to Euler, as EDM does.
-Registering a new method takes one tableau::
+Registering a new method takes one tableau:
 
     register_tableau("ralston", ButcherTableau(c=(0, 2/3), a=((), (2/3,)), b=(1/4, 3/4), order=2))
 """
@@ -55,7 +55,9 @@ class ButcherTableau:
             raise ValueError(f"c, a and b must all have {s} entries")
         for i, row in enumerate(self.a):
             if len(row) != i:
-                raise ValueError(f"row a[{i}] must have {i} entries (explicit method), got {len(row)}")
+                raise ValueError(
+                    f"row a[{i}] must have {i} entries (explicit method), got {len(row)}"
+                )
             if abs(sum(row) - self.c[i]) > 1e-12:
                 raise ValueError(f"row a[{i}] must sum to c[{i}] = {self.c[i]}")
         if abs(sum(self.b) - 1.0) > 1e-12:

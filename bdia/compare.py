@@ -1,0 +1,399 @@
+"""Solver comparison on the analytic toy problems (the engine behind ``bdia compare``).
+
+For every base solver and its BDIA variants, at equal budgets of model evaluations, this
+measures the error against the problem's reference solution, the order (slope of log error
+against log NFE), and the inversion round-trip error in float32 and float64 state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .models import toy
+from .ode import ODE
+from .sampling import StatePair, invert, sample
+from .schedules import EDM, Schedule, VPLinear, karras_grid, uniform_logsnr_grid, uniform_t_grid
+from .solvers import BidirectionalWrapper, Solver, bdia, get_solver
+
+__all__ = [
+    "Problem",
+    "PROBLEMS",
+    "Variant",
+    "Result",
+    "variants",
+    "steps_for_budget",
+    "run_comparison",
+    "markdown_report",
+    "plot_errors",
+    "write_atomic",
+]
+
+DEFAULT_GAMMAS: tuple[float | str, ...] = (1.0, 0.96, 0.5, "obelm")
+DEFAULT_BUDGETS: tuple[int, ...] = (10, 20, 50, 100)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A toy problem: an ODE, a grid family, a start state and a reference end state.
+
+    Attributes:
+        name: short name used on the command line.
+        description: one line for the report.
+        make_ode: builds the ODE, given the network dtype.
+        grid: ``grid(steps) -> ts`` (1-D float64 tensor).
+        start: ``start(batch, generator) -> x`` at ``grid(.)[0]``, float64.
+        reference: ``reference(x) -> x_end`` at ``grid(.)[-1]``, float64.
+        diffusion: whether the ODE is a DiffusionODE (exponential solvers need one).
+    """
+
+    name: str
+    description: str
+    make_ode: Callable[[torch.dtype | None], ODE]
+    grid: Callable[[int], Tensor]
+    start: Callable[[int, torch.Generator], Tensor]
+    reference: Callable[[Tensor], Tensor]
+    diffusion: bool
+
+
+def _mixture_problem(
+    name: str, schedule: Schedule, description: str, grid: Callable[[int], Tensor]
+) -> Problem:
+    mixture = toy.GaussianMixture.random(
+        dim=2, components=8, std_range=(0.1, 0.3), spread=1.5, seed=2024
+    )
+    t0, t1 = float(grid(1)[0]), float(grid(1)[-1])
+
+    def start(batch: int, gen: torch.Generator) -> Tensor:
+        scale = math.hypot(schedule.sigma(t0), schedule.alpha(t0))
+        return scale * torch.randn(batch, 2, generator=gen, dtype=torch.float64)
+
+    return Problem(
+        name=name,
+        description=description,
+        make_ode=lambda dtype: mixture.ode(schedule, model_dtype=dtype),
+        grid=grid,
+        start=start,
+        reference=lambda x: mixture.solution(x, [t0, t1], schedule)[-1],
+        diffusion=True,
+    )
+
+
+def _generic_problem(
+    name: str, system: Any, description: str, x0: Sequence[float], t_end: float
+) -> Problem:
+    x0_row = torch.tensor([list(x0)], dtype=torch.float64)
+
+    def start(batch: int, gen: torch.Generator) -> Tensor:
+        return x0_row * (1.0 + 0.1 * torch.rand(batch, 1, generator=gen, dtype=torch.float64))
+
+    return Problem(
+        name=name,
+        description=description,
+        make_ode=lambda dtype: ODE(system.f, model_dtype=dtype),
+        grid=lambda n: uniform_t_grid(n, 0.0, t_end),
+        start=start,
+        reference=lambda x: system.solution(x, [0.0, t_end])[-1],
+        diffusion=False,
+    )
+
+
+def _problems() -> dict[str, Problem]:
+    vp = VPLinear()
+    return {
+        p.name: p
+        for p in [
+            _mixture_problem(
+                "mixture",
+                EDM(),
+                "2-D mixture of 8 Gaussians (std 0.1-0.3), EDM schedule, Karras grid "
+                "sigma 80 -> 0.002 (rho 7)",
+                lambda n: karras_grid(n, final_zero=False),
+            ),
+            _mixture_problem(
+                "vp-mixture",
+                vp,
+                "the same mixture under the VP linear schedule, grid uniform in log-SNR, "
+                "t 1 -> 1e-3",
+                lambda n: uniform_logsnr_grid(n, 1.0, 1e-3, vp),
+            ),
+            _generic_problem(
+                "oscillator",
+                toy.oscillator(2.0, 0.1),
+                "damped oscillator q'' = -4 q - 0.2 q', t 0 -> 5",
+                [1.0, 0.0],
+                5.0,
+            ),
+            _generic_problem(
+                "riccati",
+                toy.TimeDependentRiccati(),
+                "x' = -2 t x^2, elementwise, t 0 -> 2",
+                [0.2, 0.4, 0.6],
+                2.0,
+            ),
+        ]
+    }
+
+
+PROBLEMS: dict[str, Problem] = _problems()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A solver as compared: a base alone, or bdia(base, gamma)."""
+
+    base: str
+    gamma: float | str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.base if self.gamma is None else f"bdia({self.base}, {self.gamma})"
+
+    def solver(self) -> Solver | BidirectionalWrapper:
+        base = get_solver(self.base)
+        return base if self.gamma is None else bdia(base, self.gamma)
+
+
+def variants(bases: Iterable[str], gammas: Iterable[float | str] = DEFAULT_GAMMAS) -> list[Variant]:
+    """Each base alone, then under bdia with each gamma."""
+    gammas = tuple(gammas)
+    return [v for b in bases for v in [Variant(b)] + [Variant(b, g) for g in gammas]]
+
+
+def steps_for_budget(solver: Solver | BidirectionalWrapper, budget: int) -> int:
+    """The most steps whose model evaluations fit in ``budget`` (0 if not even one)."""
+    s = solver.stages
+    if isinstance(solver, BidirectionalWrapper):
+        per = solver.nfe_per_step
+        return 0 if budget < s else 1 + (budget - s) // per
+    return budget // s
+
+
+@dataclass
+class Result:
+    """Measurements of one variant; dictionaries are keyed by budget."""
+
+    variant: Variant
+    order_nominal: int
+    nfe: dict[int, int] = field(default_factory=dict)
+    error: dict[int, float] = field(default_factory=dict)
+    roundtrip32: float = math.nan
+    roundtrip64: float = math.nan
+    amplification: float = math.nan
+
+    @property
+    def measured_order(self) -> float:
+        """Least-squares slope of -log(error) against log(NFE) over the budgets run."""
+        pts = [
+            (math.log(self.nfe[b]), math.log(e))
+            for b, e in self.error.items()
+            if e > 0 and math.isfinite(e)
+        ]
+        if len(pts) < 2:
+            return math.nan
+        mx = sum(p[0] for p in pts) / len(pts)
+        my = sum(p[1] for p in pts) / len(pts)
+        den = sum((p[0] - mx) ** 2 for p in pts)
+        return -sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else math.nan
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _roundtrip(
+    problem: Problem,
+    solver: Solver | BidirectionalWrapper,
+    x0: Tensor,
+    ts: Tensor,
+    dtype: torch.dtype,
+) -> float:
+    """Sample from x0, invert the result, and compare with x0 (relative error)."""
+    ode = problem.make_ode(torch.float32)
+    x = x0.to(dtype)
+    if isinstance(solver, BidirectionalWrapper):
+        pair = sample(ode, solver, x, ts, return_pair=True, progress=False)
+        back = invert(ode, solver, StatePair(*pair), ts, progress=False)
+    else:
+        end = sample(ode, solver, x, ts, progress=False)
+        back = invert(ode, solver, end, ts, progress=False)
+    return _relative(back.earlier, x0)
+
+
+def run_comparison(
+    problem: Problem,
+    bases: Sequence[str],
+    *,
+    gammas: Sequence[float | str] = DEFAULT_GAMMAS,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    batch: int = 256,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    on_variant: Callable[[Variant], None] | None = None,
+) -> list[Result]:
+    """Measure every variant on ``problem``.
+
+    Errors use a ``dtype`` state and network; the round trip runs at the largest budget
+    with a float32 network and a float32 or float64 state.
+
+    Returns:
+        One Result per variant, in ``variants(bases, gammas)`` order.
+    """
+    x0 = problem.start(batch, torch.Generator().manual_seed(seed))
+    reference = problem.reference(x0)
+    results = []
+    with torch.inference_mode():
+        for variant in variants(bases, gammas):
+            if on_variant is not None:
+                on_variant(variant)
+            solver = variant.solver()
+            if solver.needs_diffusion and not problem.diffusion:
+                continue
+            result = Result(variant, solver.order)
+            ode = problem.make_ode(dtype)
+            largest = None
+            for budget in budgets:
+                steps = steps_for_budget(solver, budget)
+                if steps < (2 if variant.gamma is not None else 1):
+                    continue
+                ts = problem.grid(steps)
+                ode.reset_nfe()
+                try:
+                    out = sample(ode, solver, x0.to(dtype), ts, progress=False)
+                    result.error[budget] = _relative(out, reference)
+                except FloatingPointError:
+                    result.error[budget] = math.inf
+                result.nfe[budget] = ode.nfe
+                largest = ts
+            if largest is not None:
+                if isinstance(solver, BidirectionalWrapper):
+                    result.amplification = solver.amplification(ode, largest.tolist())
+                for attr, state in (("roundtrip32", torch.float32), ("roundtrip64", torch.float64)):
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", RuntimeWarning)
+                            value = _roundtrip(problem, solver, x0, largest, state)
+                    except FloatingPointError:
+                        value = math.inf
+                    setattr(result, attr, value)
+            results.append(result)
+    return results
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2e}"
+
+
+def markdown_report(
+    problem: Problem,
+    results: Sequence[Result],
+    budgets: Sequence[int],
+    dtype: torch.dtype,
+    command: str,
+    plot: str | None = None,
+) -> str:
+    """The comparison as a markdown page: one row per variant."""
+    dtype_name = str(dtype).replace("torch.", "")
+    lines = [
+        "# Solver comparison on a toy problem",
+        "",
+        f"Problem `{problem.name}`: {problem.description}. Relative error "
+        f"‖x − x_ref‖ / ‖x_ref‖ of the final state against the reference solution, {dtype_name} "
+        "state and network, at equal budgets of model evaluations (NFE); each entry uses the "
+        "most steps that fit the budget, and the NFE column shows what the ODE counted. "
+        "Order: slope of −log(error) against log(NFE). Round trip: relative error of the "
+        "start state after sampling and inverting at the largest budget, with a float32 "
+        "network; for a plain solver the inversion is the solver run backward in time "
+        "(approximate), for bdia it is the exact inverse from the final pair. "
+        "Amplification: prod(1/gamma_k) over that grid.",
+        "",
+    ]
+    head = (
+        ["solver", "nominal order"]
+        + [f"error @{b}" for b in budgets]
+        + ["NFE used", "measured order", "round trip f32", "round trip f64", "amplification"]
+    )
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in results:
+        cells = [r.variant.label, str(r.order_nominal)]
+        cells += [_fmt(r.error.get(b, math.nan)) for b in budgets]
+        cells.append("/".join(str(r.nfe[b]) for b in budgets if b in r.nfe) or "—")
+        order = r.measured_order
+        cells.append("—" if math.isnan(order) else f"{order:.2f}")
+        cells += [_fmt(r.roundtrip32), _fmt(r.roundtrip64), _fmt(r.amplification)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if plot:
+        lines += ["", f"![Relative error against NFE, one panel per base solver]({plot})"]
+    lines += ["", f"Written by `{command}`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    payload = data if isinstance(data, bytes) else data.encode()
+    _replace_atomic(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def _replace_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_errors(problem: Problem, results: Sequence[Result], path: str | os.PathLike[str]) -> None:
+    """Error against NFE, log-log, one panel per base solver (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = list(dict.fromkeys(r.variant.base for r in results))
+    cols = min(3, len(bases))
+    rows = math.ceil(len(bases) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharex=True
+    )
+    for ax, base in zip(axes.flat, bases):
+        for r in (r for r in results if r.variant.base == base):
+            pts = sorted((r.nfe[b], e) for b, e in r.error.items() if math.isfinite(e) and e > 0)
+            if pts:
+                label = "plain" if r.variant.gamma is None else f"gamma={r.variant.gamma}"
+                style = "k-o" if r.variant.gamma is None else "-o"
+                ax.loglog(*zip(*pts), style, label=label, markersize=3)
+        ax.set_title(base)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(bases) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("NFE")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative error")
+    fig.suptitle(f"{problem.name}: error against NFE")
+    fig.tight_layout()
+    try:
+        _replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

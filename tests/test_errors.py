@@ -1,0 +1,603 @@
+"""Bad input: every refusal raises the right exception type with a useful message, and leaves
+the caller's tensors exactly as they were."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import bdia
+from bdia import (
+    EDM,
+    ODE,
+    ButcherTableau,
+    DiffusionODE,
+    StatePair,
+    VPLinear,
+    get_solver,
+    invert,
+    karras_grid,
+    register_solver,
+    register_tableau,
+    sample,
+)
+from bdia import bdia as make_bdia
+from bdia.models.toy import GaussianMixture
+
+BATCH, DIM = 4, 3
+
+
+@contextmanager
+def untouched(*tensors: torch.Tensor) -> Iterator[None]:
+    """Assert that the tensors hold exactly the same values (and dtype) after the block."""
+    clones = [t.clone() for t in tensors]
+    yield
+    for t, c in zip(tensors, clones, strict=True):
+        # exact (rtol = atol = 0), dtype and device included; NaN == NaN so that a grid holding
+        # NaN can be checked too
+        torch.testing.assert_close(t, c, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def mixture() -> GaussianMixture:
+    return GaussianMixture.random(DIM, 4, seed=1)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return 80.0 * torch.randn(BATCH, DIM, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture
+def ode(mixture: GaussianMixture) -> DiffusionODE:
+    return mixture.ode()
+
+
+def plain_ode() -> ODE:
+    return ODE(lambda t, y: -y)
+
+
+GRID = [80.0, 20.0, 5.0, 1.0, 0.3]  # EDM times, sigma > 0 everywhere: inversion may start at 0.3
+
+
+# ----------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize(
+    "name, close",
+    [("heunn", r"'heun'"), ("bdia-eulr", r"'(bdia-)?euler'"), ("rk5", r"'rk4'")],
+)
+def test_unknown_solver_lists_close_matches(name: str, close: str) -> None:
+    with pytest.raises(KeyError, match=rf"unknown solver .*did you mean .*{close}"):
+        get_solver(name)
+
+
+def test_unknown_solver_lists_registered_names() -> None:
+    with pytest.raises(KeyError, match="Registered: .*euler.*heun"):
+        get_solver("no_such_thing_at_all")
+
+
+def test_register_solver_duplicate_name() -> None:
+    before = get_solver("euler")
+    with pytest.raises(ValueError, match="'euler' is already registered"):
+        register_solver("euler")(lambda: before)
+    with pytest.raises(ValueError, match="'heun' is already registered"):
+        register_tableau("heun", ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1))
+    # the registry still holds the original solvers
+    assert get_solver("euler") == before
+    assert get_solver("heun").stages == 2
+
+
+def test_register_solver_reserved_prefix() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        register_solver("bdia-mine")
+
+
+def test_butcher_tableau_row_of_wrong_length() -> None:
+    with pytest.raises(ValueError, match=r"row a\[1\] must have 1 entries"):
+        ButcherTableau(c=(0.0, 0.5), a=((), (0.25, 0.25)), b=(0.5, 0.5), order=2)
+    with pytest.raises(ValueError, match=r"row a\[0\] must have 0 entries"):
+        ButcherTableau(c=(0.0, 0.5), a=((0.0,), (0.5,)), b=(0.5, 0.5), order=2)
+
+
+def test_butcher_tableau_weights_not_summing_to_one() -> None:
+    with pytest.raises(ValueError, match="b must sum to 1"):
+        ButcherTableau(c=(0.0, 0.5), a=((), (0.5,)), b=(0.5, 0.6), order=2)
+
+
+def test_butcher_tableau_entry_counts_disagree() -> None:
+    with pytest.raises(ValueError, match="must all have 2 entries"):
+        ButcherTableau(c=(0.0, 0.5), a=((), (0.5,)), b=(1.0,), order=1)
+
+
+# -------------------------------------------------------------------------- gamma
+
+
+@pytest.mark.parametrize("gamma", [1.5, -0.1, 1.0 + 1e-12, float("nan"), float("inf")])
+def test_gamma_number_outside_unit_interval(gamma: float) -> None:
+    with pytest.raises(ValueError, match=r"gamma = .* lies outside \[0, 1\]"):
+        make_bdia("euler", gamma=gamma)
+
+
+def test_gamma_zero_dim_tensor_outside_unit_interval() -> None:
+    g = torch.tensor(1.5)
+    with untouched(g), pytest.raises(ValueError, match="outside"):
+        make_bdia("euler", gamma=g)
+
+
+@pytest.mark.parametrize("bad", [1.2, -0.5, float("nan")])
+def test_gamma_sequence_value_outside_unit_interval(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"gamma\[1\] = .* lies outside \[0, 1\]"):
+        make_bdia("euler", gamma=[0.5, bad, 0.9])
+
+
+def test_gamma_sequence_empty() -> None:
+    with pytest.raises(ValueError, match="at least one value"):
+        make_bdia("euler", gamma=[])
+
+
+def test_get_solver_bdia_prefix_checks_gamma() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        get_solver("bdia-euler", gamma=2.0)
+
+
+def test_unknown_named_gamma_schedule() -> None:
+    with pytest.raises(ValueError, match="unknown gamma schedule 'obelmm'"):
+        make_bdia("euler", gamma="obelmm")
+
+
+@pytest.mark.parametrize("n_values", [2, 4])
+def test_gamma_sequence_of_wrong_length(ode: DiffusionODE, x: torch.Tensor, n_values: int) -> None:
+    # a grid of 5 points has 3 two-step updates (the first step is a plain base step)
+    solver = make_bdia("euler", gamma=[0.9] * n_values)
+    ts = torch.tensor(GRID, dtype=torch.float64)
+    with untouched(x, ts):
+        with pytest.raises(ValueError, match=rf"gamma has {n_values} values .* 3 two-step"):
+            sample(ode, solver, x, ts, progress=False)
+        with pytest.raises(ValueError, match=rf"gamma has {n_values} values"):
+            invert(ode, solver, x, ts, progress=False)
+    assert ode.nfe == 0  # refused before any model call
+
+
+@pytest.mark.parametrize("base", ["euler", "heun", "ddim", "dpm_solver_pp_2s"])
+def test_gamma_zero_sample_is_the_base_solver(
+    ode: DiffusionODE, x: torch.Tensor, base: str
+) -> None:
+    ts = karras_grid(6)
+    with untouched(x):
+        plain = sample(ode, get_solver(base), x, ts, progress=False)
+        wrapped = sample(ode, make_bdia(base, gamma=0.0), x, ts, progress=False)
+    # the same arithmetic in the same order: bit-identical, not merely close
+    assert torch.equal(wrapped, plain)
+
+
+def test_gamma_zero_sequence_sample_is_the_base_solver(ode: DiffusionODE, x: torch.Tensor) -> None:
+    ts = karras_grid(6)
+    plain = sample(ode, get_solver("euler"), x, ts, progress=False)
+    wrapped = sample(ode, make_bdia("euler", gamma=[0.0] * 5), x, ts, progress=False)
+    assert torch.equal(wrapped, plain)
+
+
+@pytest.mark.parametrize("gamma", [0.0, [0.5, 0.0, 0.5]])
+def test_gamma_zero_cannot_be_inverted(ode: DiffusionODE, x: torch.Tensor, gamma) -> None:
+    ts = torch.tensor(GRID, dtype=torch.float64)
+    with untouched(x, ts), pytest.raises(ValueError, match="gamma = 0"):
+        invert(ode, make_bdia("euler", gamma=gamma), x, ts, progress=False)
+    assert ode.nfe == 0
+
+
+def test_unstep_with_gamma_zero(ode: DiffusionODE, x: torch.Tensor) -> None:
+    solver = make_bdia("euler", gamma=0.5)
+    with untouched(x), pytest.raises(ValueError, match="gamma = 0"):
+        solver.unstep(ode, 20.0, 5.0, 1.0, x, x, 0.0)
+
+
+# -------------------------------------------------------------------------- grids
+
+TURN = r"strictly monotonic.*ts\[1\] = 20.0, ts\[2\] = "
+BAD_GRIDS = {
+    "non-monotonic": ([80.0, 20.0, 30.0, 1.0], TURN + "30.0"),
+    "repeated": ([80.0, 20.0, 20.0, 1.0], TURN + "20.0"),
+    "one point": ([80.0], r"at least 2 points .*got 1"),
+    "empty": ([], r"at least 2 points .*got 0"),
+    "2-D": (torch.tensor([[80.0, 20.0], [5.0, 1.0]]).double(), r"1-D, got shape \(2, 2\)"),
+    "NaN": ([80.0, float("nan"), 5.0, 1.0], "NaN"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_GRIDS))
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+@pytest.mark.parametrize("solver_name", ["euler", "bdia-euler"])
+def test_bad_grid(
+    ode: DiffusionODE, x: torch.Tensor, kind: str, driver: str, solver_name: str
+) -> None:
+    ts, pattern = BAD_GRIDS[kind]
+    ts_arg = ts if isinstance(ts, torch.Tensor) else torch.tensor(ts, dtype=torch.float64)
+    run = sample if driver == "sample" else invert
+    with untouched(x, ts_arg), pytest.raises(ValueError, match=pattern):
+        run(ode, get_solver(solver_name), x, ts_arg, progress=False)
+    # also as a Python list
+    if not isinstance(ts, torch.Tensor):
+        with pytest.raises(ValueError, match=pattern):
+            run(ode, get_solver(solver_name), x, list(ts), progress=False)
+    assert ode.nfe == 0
+
+
+def test_bad_grid_plain_ode(x: torch.Tensor) -> None:
+    with untouched(x):
+        with pytest.raises(ValueError, match="strictly monotonic"):
+            sample(plain_ode(), get_solver("rk4"), x, [0.0, 1.0, 1.0], progress=False)
+        with pytest.raises(ValueError, match=r"ts\[1\] = inf is not finite"):
+            sample(plain_ode(), get_solver("rk4"), x, [0.0, math.inf], progress=False)
+
+
+def test_infinite_time_on_edm_schedule_is_refused_before_any_model_call(x: torch.Tensor) -> None:
+    ode = GaussianMixture.random(DIM, 2, seed=0).ode(EDM())
+    with untouched(x):
+        with pytest.raises(ValueError, match=r"ts\[0\] = inf lies outside"):
+            sample(ode, get_solver("euler"), x, [math.inf, 1.0, 0.5], progress=False)
+    assert ode.nfe == 0
+
+
+@pytest.mark.parametrize(
+    "ts, name",
+    [([1.5, 0.5, 0.1], r"ts\[0\] = 1.5"), ([0.9, 0.5, -0.1], r"ts\[2\] = -0.1")],
+)
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_time_outside_vp_linear(
+    mixture: GaussianMixture, x: torch.Tensor, ts: list[float], name: str, driver: str
+) -> None:
+    ode = mixture.ode(VPLinear())
+    run = sample if driver == "sample" else invert
+    with untouched(x), pytest.raises(ValueError, match=rf"{name} lies outside VPLinear's domain"):
+        run(ode, make_bdia("euler", 0.9), x, ts, progress=False)
+    assert ode.nfe == 0
+
+
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_negative_time_edm(ode: DiffusionODE, x: torch.Tensor, driver: str) -> None:
+    run = sample if driver == "sample" else invert
+    with untouched(x), pytest.raises(ValueError, match=r"ts\[3\] = -0.5 lies outside EDM"):
+        run(ode, get_solver("heun"), x, [3.0, 2.0, 1.0, -0.5], progress=False)
+
+
+# -------------------------------------------------------------------------- pairs
+
+
+def test_pair_of_mismatched_shapes(ode: DiffusionODE, x: torch.Tensor) -> None:
+    other = x[:, :2].clone()
+    ts = torch.tensor(GRID, dtype=torch.float64)
+    solver = make_bdia("euler", 0.9)
+    with untouched(x, other):
+        with pytest.raises(ValueError, match=r"must match in shape.*\(4, 3\).*\(4, 2\)"):
+            sample(ode, solver, (x, other), ts, progress=False)
+        with pytest.raises(ValueError, match=r"must match in shape.*\(4, 3\).*\(4, 2\)"):
+            sample(ode, solver, StatePair(x, other), ts, progress=False)
+        with pytest.raises(ValueError, match=r"must match in shape.*\(4, 3\).*\(4, 2\)"):
+            invert(ode, solver, (x, other), ts, progress=False)
+    assert ode.nfe == 0
+
+
+def test_pair_of_mismatched_dtypes(ode: DiffusionODE, x: torch.Tensor) -> None:
+    other = x.to(torch.float32)
+    pattern = r"float64 cpu and \(4, 3\) torch.float32"
+    with untouched(x, other), pytest.raises(ValueError, match=pattern):
+        sample(ode, make_bdia("euler", 0.9), (x, other), GRID, progress=False)
+
+
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_pair_with_three_elements(ode: DiffusionODE, x: torch.Tensor, driver: str) -> None:
+    run = sample if driver == "sample" else invert
+    with untouched(x), pytest.raises(ValueError, match="exactly 2 tensors, got 3"):
+        run(ode, make_bdia("euler", 0.9), (x, x, x), GRID, progress=False)
+
+
+def test_non_tensor_start(ode: DiffusionODE) -> None:
+    with pytest.raises(TypeError, match="torch.Tensor or a StatePair"):
+        sample(ode, get_solver("euler"), [[1.0, 2.0, 3.0]], GRID, progress=False)
+
+
+def test_zero_dim_start(ode: DiffusionODE) -> None:
+    x0 = torch.tensor(1.0, dtype=torch.float64)
+    with untouched(x0), pytest.raises(ValueError, match="batch dimension"):
+        sample(ode, get_solver("euler"), x0, GRID, progress=False)
+
+
+def test_integer_start(ode: DiffusionODE) -> None:
+    x0 = torch.ones(BATCH, DIM, dtype=torch.int64)
+    with untouched(x0), pytest.raises(TypeError, match="real floating"):
+        sample(ode, get_solver("euler"), x0, GRID, progress=False)
+
+
+# ------------------------------------------------- exponential solvers on plain ODE
+
+EXPONENTIAL = ["ddim", "dpm_solver_2", "dpm_solver_pp_3s"]
+
+
+def _solver(name: str):
+    return make_bdia("ddim", 0.9) if name == "bdia(ddim)" else get_solver(name)
+
+
+@pytest.mark.parametrize("name", EXPONENTIAL + ["bdia(ddim)"])
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_exponential_solver_refuses_plain_ode_in_driver(
+    x: torch.Tensor, name: str, driver: str
+) -> None:
+    problem = plain_ode()
+    run = sample if driver == "sample" else invert
+    with untouched(x), pytest.raises(TypeError, match="needs a DiffusionODE"):
+        run(problem, _solver(name), x, [0.0, 0.5, 1.0], progress=False)
+    assert problem.nfe == 0
+
+
+@pytest.mark.parametrize("name", EXPONENTIAL)
+def test_exponential_solver_refuses_plain_ode_in_step(x: torch.Tensor, name: str) -> None:
+    problem = plain_ode()
+    with untouched(x):
+        with pytest.raises(TypeError, match="needs a DiffusionODE"):
+            get_solver(name).step(problem, 0.0, 0.5, x)
+        first = problem.evaluate(0.0, x)
+        with pytest.raises(TypeError, match="needs a DiffusionODE"):
+            get_solver(name).step(problem, 0.0, 0.5, x, first=first)
+
+
+def test_bdia_ddim_refuses_plain_ode_in_step(x: torch.Tensor) -> None:
+    problem = plain_ode()
+    solver = make_bdia("ddim", 0.9)
+    x_prev = x + 1.0
+    with untouched(x, x_prev):
+        with pytest.raises(TypeError, match="needs a DiffusionODE"):
+            solver.step(problem, None, 0.0, 0.5, None, x, 0.0)
+        with pytest.raises(TypeError, match="needs a DiffusionODE"):
+            solver.step(problem, 0.0, 0.5, 1.0, x_prev, x, 0.9)
+        with pytest.raises(TypeError, match="needs a DiffusionODE"):
+            solver.unstep(problem, 0.0, 0.5, 1.0, x, x_prev, 0.9)
+    assert problem.nfe == 0
+
+
+# ------------------------------------------------------------- non-finite values
+
+
+def _poisoned(mixture: GaussianMixture, bad: float, below: float | None, above: float | None):
+    """The exact denoiser, except one entry is ``bad`` where sigma_bar < below (or > above)."""
+
+    def denoiser(x_bar: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+        out = mixture.denoiser(x_bar, sigma_bar)
+        s = float(sigma_bar[0])
+        if (below is not None and s < below) or (above is not None and s > above):
+            out = out.clone()
+            out[1, 0] = bad  # one entry of one sample: the check must look at all of them
+        return out
+
+    return denoiser
+
+
+def _step_message(k: int, t: float) -> str:
+    return rf"non-finite values at step {k} \(t = {re.escape(f'{t:.6g}')} ->"
+
+
+SINGLE_STAGE = ["euler", "ddim", "bdia-euler", "bdia-ddim"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("solver_name", SINGLE_STAGE)
+@pytest.mark.parametrize("schedule", [EDM(), VPLinear()], ids=["edm", "vp"])
+def test_non_finite_model_in_sample_names_step(
+    mixture: GaussianMixture, x: torch.Tensor, bad: float, solver_name: str, schedule
+) -> None:
+    ts = karras_grid(10, final_zero=False, schedule=schedule)
+    grid = ts.tolist()
+    sigma_bars = [schedule.sigma_bar(t) for t in grid]
+    threshold = math.sqrt(sigma_bars[5] * sigma_bars[6])  # strictly between points 5 and 6
+    # a single-stage solver evaluates the model only at a step's start time, so the first
+    # failing step is the first one that starts below the threshold
+    k = next(i for i in range(len(grid) - 1) if sigma_bars[i] < threshold)
+    assert k == 6
+    ode = DiffusionODE(_poisoned(mixture, bad, below=threshold, above=None), schedule)
+    x0 = x * schedule.alpha(grid[0])
+    with untouched(x0, ts), pytest.raises(FloatingPointError, match=_step_message(k, grid[k])):
+        sample(ode, get_solver(solver_name), x0, ts, progress=False)
+
+
+@pytest.mark.parametrize("solver_name", ["heun", "bdia-heun", "rk4"])
+def test_non_finite_model_in_sample_multistage(
+    mixture: GaussianMixture, x: torch.Tensor, solver_name: str
+) -> None:
+    ts = karras_grid(10, final_zero=False)
+    grid = ts.tolist()
+    threshold = math.sqrt(grid[5] * grid[6])
+    # these solvers evaluate at the step's end (or inside it): the failing step is the first
+    # one whose end lies below the threshold
+    k = next(i for i in range(len(grid) - 1) if grid[i + 1] < threshold)
+    assert k == 5
+    ode = DiffusionODE(_poisoned(mixture, float("nan"), below=threshold, above=None))
+    with untouched(x, ts), pytest.raises(FloatingPointError, match=_step_message(k, grid[k])):
+        sample(ode, get_solver(solver_name), x, ts, progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("from_pair", [False, True])
+@pytest.mark.parametrize("solver_name", ["euler", "bdia-euler", "bdia-ddim"])
+def test_non_finite_model_in_invert_names_step(
+    mixture: GaussianMixture, x: torch.Tensor, bad: float, from_pair: bool, solver_name: str
+) -> None:
+    ts = karras_grid(10, final_zero=False)
+    grid = ts.tolist()
+    solver = (
+        get_solver(solver_name, gamma=0.9)
+        if solver_name.startswith("bdia")
+        else (get_solver(solver_name))
+    )
+    end = sample(mixture.ode(), solver, x, ts, return_pair=True, progress=False)
+    if not from_pair:
+        end = end.later
+    threshold = math.sqrt(grid[3] * grid[4])
+    # inversion walks from the clean end; its step k evaluates only at (t_k, x_k), so the first
+    # failing step is the largest k whose time lies above the threshold
+    first_k = len(grid) - 2 if from_pair else len(grid) - 1
+    k = next(i for i in range(first_k, 0, -1) if grid[i] > threshold)
+    assert k == 3
+    ode = DiffusionODE(_poisoned(mixture, bad, below=None, above=threshold))
+    tensors = end if isinstance(end, tuple) else (end,)
+    with untouched(*tensors), pytest.raises(FloatingPointError, match=_step_message(k, grid[k])):
+        invert(ode, solver, end, ts, progress=False)
+
+
+def test_non_finite_plain_ode_names_step(x: torch.Tensor) -> None:
+    # a blow-up that is not a diffusion model's: f divides by zero at t = 0.4 only
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -y / 0.0 if abs(float(t) - 0.4) < 1e-12 else -y
+
+    ts = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    with untouched(x), pytest.raises(FloatingPointError, match=_step_message(4, 0.4)):
+        sample(ODE(f), get_solver("euler"), x, ts, progress=False)
+
+
+# ---------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_half_state_refused(ode: DiffusionODE, x: torch.Tensor, dtype, driver: str) -> None:
+    half = x.to(dtype)
+    run = sample if driver == "sample" else invert
+    with untouched(half), pytest.raises(ValueError, match="state is refused.*state_dtype"):
+        run(ode, make_bdia("euler", 0.9), half, GRID, progress=False)
+    with untouched(half), pytest.raises(ValueError, match="state_dtype"):
+        run(ode, make_bdia("euler", 0.9), (half, half), GRID, progress=False)
+    assert ode.nfe == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_state_dtype_argument_refused(ode: DiffusionODE, x: torch.Tensor, dtype) -> None:
+    x32 = x.to(torch.float32)
+    with untouched(x32):
+        with pytest.raises(ValueError, match="state_dtype"):
+            sample(ode, get_solver("euler"), x32, GRID, progress=False, state_dtype=dtype)
+        with pytest.raises(ValueError, match="state_dtype"):
+            invert(ode, get_solver("euler"), x32, GRID, progress=False, state_dtype=dtype)
+
+
+def test_half_network_with_float32_state(mixture: GaussianMixture, x: torch.Tensor) -> None:
+    seen: list[torch.dtype] = []
+
+    def denoiser(x_bar: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+        seen.append(x_bar.dtype)
+        return mixture.denoiser(x_bar, sigma_bar)
+
+    ode = DiffusionODE(denoiser, model_dtype=torch.float16)
+    x32 = x.to(torch.float32)
+    ts = karras_grid(8)
+    with untouched(x32):
+        out = sample(ode, get_solver("heun"), x32, ts, progress=False)
+        out_bdia = sample(ode, make_bdia("heun", 0.9), x32, ts, progress=False)
+    assert out.dtype == torch.float32 and out_bdia.dtype == torch.float32
+    assert seen and set(seen) == {torch.float16}
+    assert bool(torch.isfinite(out).all())
+    # float16 has 11 bits of mantissa: the network's answer is good to ~1e-3 relative, so the
+    # result must agree with a float64 run to a few 1e-2 in absolute terms (|x| ~ 1 at the end)
+    ref = sample(mixture.ode(), get_solver("heun"), x, ts, progress=False)
+    assert float((out.double() - ref).abs().max()) < 5e-2
+
+
+def test_model_returns_wrong_shape(mixture: GaussianMixture, x: torch.Tensor) -> None:
+    ode = DiffusionODE(lambda xb, sb: mixture.denoiser(xb, sb)[:, :2])
+    with untouched(x), pytest.raises(ValueError, match=r"returned \(4, 2\), expected .*\(4, 3\)"):
+        sample(ode, get_solver("euler"), x, GRID, progress=False)
+    with untouched(x), pytest.raises(ValueError, match=r"returned \(4, 2\), expected .*\(4, 3\)"):
+        invert(ode, make_bdia("euler", 0.9), x, GRID, progress=False)
+
+
+def test_plain_ode_returns_wrong_shape(x: torch.Tensor) -> None:
+    problem = ODE(lambda t, y: y.sum(-1))
+    with untouched(x), pytest.raises(ValueError, match=r"returned \(4,\), expected .*\(4, 3\)"):
+        sample(problem, get_solver("rk4"), x, [0.0, 1.0], progress=False)
+
+
+def test_model_returns_non_tensor(x: torch.Tensor) -> None:
+    ode = DiffusionODE(lambda xb, sb: xb.numpy())
+    with untouched(x), pytest.raises(ValueError, match=r"returned ndarray"):
+        sample(ode, get_solver("euler"), x, GRID, progress=False)
+
+
+# ------------------------------------------------------------ inversion at sigma = 0
+
+
+def test_invert_single_state_at_sigma_zero(ode: DiffusionODE, x: torch.Tensor) -> None:
+    ts = karras_grid(8, final_zero=True)
+    assert float(ts[-1]) == 0.0
+    solver = make_bdia("euler", 0.9)
+    pair = sample(ode, solver, x, ts, return_pair=True, progress=False)
+    ode.reset_nfe()
+    with untouched(pair.later, ts), pytest.raises(ValueError, match="pass the pair"):
+        invert(ode, solver, pair.later, ts, progress=False)
+    assert ode.nfe == 0
+    with untouched(pair.earlier, pair.later):
+        back = invert(ode, solver, pair, ts, progress=False)
+    assert isinstance(back, StatePair)
+    # exact inversion up to rounding; the round trip amplifies rounding by prod(1/gamma) ~ 2
+    # and |x| ~ 80 at the noisy end, so 1e-10 absolute is ~1e4 ulps of headroom in float64
+    assert float((back.earlier - x).abs().max()) < 1e-10
+
+
+# ------------------------------------------------------------- amplification warning
+
+
+def test_invert_warns_when_amplification_exceeds_dtype(ode: DiffusionODE, x: torch.Tensor) -> None:
+    ts = karras_grid(40, final_zero=False)
+    solver = make_bdia("euler", gamma=0.5)
+    # 39 two-step updates: prod(1/gamma) = 2**39 ~ 5e11 >> 1/sqrt(eps_float32) ~ 2.9e3
+    assert solver.amplification(ode, ts.tolist()) == 2.0**39
+    x32 = x.to(torch.float32)
+    with untouched(x32), pytest.warns(RuntimeWarning, match=r"prod\(1/gamma\) = 5.5e\+11"):
+        invert(ode, solver, x32, ts, progress=False)
+
+
+@pytest.mark.parametrize("updates, warns", [(11, False), (12, True)])
+def test_invert_warning_threshold_float32(
+    ode: DiffusionODE, x: torch.Tensor, updates: int, warns: bool
+) -> None:
+    # 1/sqrt(eps_float32) = 2**11.5 ~ 2896: 2**11 = 2048 stays below, 2**12 = 4096 goes over
+    ts = karras_grid(updates + 1, final_zero=False)
+    solver = make_bdia("euler", gamma=0.5)
+    x32 = x.to(torch.float32)
+    if warns:
+        with pytest.warns(RuntimeWarning, match="amplifies rounding"):
+            invert(ode, solver, x32, ts, progress=False)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            invert(ode, solver, x32, ts, progress=False)
+
+
+def test_invert_does_not_warn_for_mild_amplification(ode: DiffusionODE, x: torch.Tensor) -> None:
+    ts = karras_grid(20, final_zero=False)
+    solver = make_bdia("euler", gamma=0.96)
+    # 0.96**-19 ~ 2.2, far below 1/sqrt(eps_float64) ~ 6.7e7
+    with untouched(x), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        invert(ode, solver, x, ts, progress=False)
+
+
+def test_invert_warns_for_state_dtype_not_input_dtype(ode: DiffusionODE, x: torch.Tensor) -> None:
+    # a float64 input kept as a float32 state is judged by float32's precision
+    ts = karras_grid(40, final_zero=False)
+    with untouched(x), pytest.warns(RuntimeWarning, match="float32"):
+        invert(ode, make_bdia("euler", 0.5), x, ts, progress=False, state_dtype=torch.float32)
+
+
+def test_solver_type_checked(ode: DiffusionODE, x: torch.Tensor) -> None:
+    with untouched(x), pytest.raises(TypeError, match="get_solver"):
+        sample(ode, "euler", x, GRID, progress=False)  # type: ignore[arg-type]
+
+
+def test_bdia_refuses_nesting() -> None:
+    with pytest.raises(TypeError, match="not another BidirectionalWrapper"):
+        bdia.BidirectionalWrapper(make_bdia("euler"))  # type: ignore[arg-type]
