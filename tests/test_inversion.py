@@ -128,32 +128,27 @@ def check_invert_then_sample(ode, ts, x, solver):
     assert rel(again.later, pair.later) < TOLERANCE
 
 
+ROUND_TRIPS = pytest.mark.parametrize(
+    "check",
+    [check_sample_then_invert, check_invert_then_sample],
+    ids=["sample-invert", "invert-sample"],
+)
+
+
+@ROUND_TRIPS
 @SETTINGS
 @given(problem=diffusion_problem(), base=st.sampled_from(ALL_BASES), gamma=gammas)
-def test_sample_then_invert_diffusion(problem, base, gamma):
+def test_round_trip_diffusion(check, problem, base, gamma):
     ode, ts, x = problem
-    check_sample_then_invert(ode, ts, x, bdia.bdia(base, gamma))
+    check(ode, ts, x, bdia.bdia(base, gamma))
 
 
-@SETTINGS
-@given(problem=diffusion_problem(), base=st.sampled_from(ALL_BASES), gamma=gammas)
-def test_invert_then_sample_diffusion(problem, base, gamma):
-    ode, ts, x = problem
-    check_invert_then_sample(ode, ts, x, bdia.bdia(base, gamma))
-
-
+@ROUND_TRIPS
 @SETTINGS
 @given(problem=linear_problem(), base=st.sampled_from(GENERIC), gamma=gammas)
-def test_sample_then_invert_linear(problem, base, gamma):
+def test_round_trip_linear(check, problem, base, gamma):
     ode, ts, x = problem
-    check_sample_then_invert(ode, ts, x, bdia.bdia(base, gamma))
-
-
-@SETTINGS
-@given(problem=linear_problem(), base=st.sampled_from(GENERIC), gamma=gammas)
-def test_invert_then_sample_linear(problem, base, gamma):
-    ode, ts, x = problem
-    check_invert_then_sample(ode, ts, x, bdia.bdia(base, gamma))
+    check(ode, ts, x, bdia.bdia(base, gamma))
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
