@@ -1,0 +1,209 @@
+"""Reading EDM's network pickles without running the code inside them.
+
+EDM saves networks with ``torch_utils.persistence``: every persistent object is pickled as a
+call of ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` whose ``meta`` carries
+the whole source of the defining module (``module_src``), the class name and the object's
+``__dict__``. Unpickling such a file the usual way executes that source.
+
+``read_records`` unpickles with a restricted unpickler instead. The persistent-object hook
+becomes a ``PersistentRecord`` of its metadata (class name, init args and kwargs, state);
+``module_src`` is kept as text and never executed. Only the torch, numpy and collections
+globals that such files need are resolved, each to a function that builds data and nothing
+else; any other global is refused with an error that names it.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PersistentRecord",
+    "ModuleRecord",
+    "UnsafeCheckpointError",
+    "read_records",
+    "state_dict_of",
+]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint names a global that loading it would have to import or run."""
+
+
+@dataclass
+class PersistentRecord:
+    """What ``_reconstruct_persistent_obj(meta)`` would have rebuilt, as plain data.
+
+    Attributes:
+        class_name: the class's name in the embedded source (e.g. ``"EDMPrecond"``).
+        module_src: the embedded source, as text; never executed.
+        init_args: positional constructor arguments recorded by the persistence wrapper.
+        init_kwargs: keyword constructor arguments.
+        state: the object's ``__dict__`` (``_parameters``, ``_buffers``, ``_modules``, ...).
+    """
+
+    class_name: str
+    module_src: str = field(repr=False)
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    state: dict[str, Any] = field(repr=False)
+
+
+class ModuleRecord(dict):
+    """Stand-in for a torch.nn container (ModuleDict, ModuleList, Sequential): its state."""
+
+    def __init__(self, class_name: str) -> None:
+        super().__init__()
+        self.class_name = class_name
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.update(state)
+
+
+def _reconstruct_persistent_obj(meta: dict[str, Any]) -> PersistentRecord:
+    if not isinstance(meta, dict) or meta.get("type") != "class":
+        raise UnsafeCheckpointError(f"unexpected persistent-object metadata {type(meta).__name__}")
+    state = dict(meta.get("state") or {})
+    return PersistentRecord(
+        class_name=str(meta.get("class_name")),
+        module_src=str(meta.get("module_src", "")),
+        init_args=tuple(state.get("_init_args", ())),
+        init_kwargs=dict(state.get("_init_kwargs", {})),
+        state=state,
+    )
+
+
+def _load_storage_from_bytes(data: bytes) -> Any:
+    """Nested ``torch.save`` bytes of one storage, read by torch's weights-only loader."""
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def _container(class_name: str) -> type:
+    return type(
+        class_name,
+        (ModuleRecord,),
+        {"__init__": lambda self: ModuleRecord.__init__(self, class_name)},
+    )
+
+
+class _EasyDict(dict):
+    """Stand-in for ``dnnlib.util.EasyDict``: a plain dict."""
+
+
+def _numpy_scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
+    """A numpy scalar from its dtype and raw bytes (object dtypes refused)."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or data is None:
+        raise UnsafeCheckpointError("refusing a numpy object scalar")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
+    ("torch", "Size"): torch.Size,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): np.dtype,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+}
+for _name in ("ModuleDict", "ModuleList", "Sequential"):
+    _SAFE_GLOBALS[("torch.nn.modules.container", _name)] = _container(_name)
+for _name in (
+    "FloatStorage",
+    "DoubleStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "LongStorage",
+    "IntStorage",
+    "ByteStorage",
+    "BoolStorage",
+):
+    _SAFE_GLOBALS[("torch", _name)] = getattr(torch, _name)
+for _name in ("float16", "float32", "float64", "bfloat16", "int64", "int32", "uint8", "bool"):
+    _SAFE_GLOBALS[("torch", _name)] = getattr(torch, _name)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, path: str) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"{self._path}: refusing global {module}.{name}; loading it would import or run "
+                "code from the file. Only EDM network pickles (torch, numpy and collections "
+                "data) can be read"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(
+            f"{self._path}: persistent id {pid!r}; this looks like a torch.save archive, not "
+            "an EDM pickle"
+        )
+
+
+def read_records(path: str | os.PathLike[str]) -> Any:
+    """Unpickle an EDM network pickle into plain data, running none of its code.
+
+    Args:
+        path: an ``edm-*.pkl`` file (a dict whose ``'ema'`` entry is the network).
+
+    Returns:
+        The unpickled object with every persistent object as a ``PersistentRecord``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the file names a global outside the allow-list.
+        ValueError: the file is truncated or not a pickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+        fh.seek(0)
+        if zipfile.is_zipfile(fh):
+            raise ValueError(f"{path} is a torch.save zip archive, not an EDM pickle")
+        fh.seek(0)
+        if not head.startswith(b"\x80"):
+            raise ValueError(f"{path} is not a pickle (it does not start with a protocol mark)")
+        try:
+            return _RestrictedUnpickler(fh, str(path)).load()
+        except UnsafeCheckpointError:
+            raise
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError) as err:
+            raise ValueError(f"{path} is truncated or not a valid pickle: {err}") from None
+
+
+def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> dict[str, Tensor]:
+    """Flatten a record's parameters and buffers into a ``state_dict`` with torch's key names.
+
+    Buffers that the module registered as non-persistent are included as found.
+    """
+    state = record.state if isinstance(record, PersistentRecord) else record
+    out: dict[str, Tensor] = {}
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if value is not None:
+                out[prefix + name] = value.detach() if isinstance(value, Tensor) else value
+    for name, child in (state.get("_modules") or {}).items():
+        if isinstance(child, (PersistentRecord, ModuleRecord)):
+            out.update(state_dict_of(child, f"{prefix}{name}."))
+    return out

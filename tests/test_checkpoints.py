@@ -1,0 +1,160 @@
+"""Reading EDM-format pickles without running the code they carry."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from bdia.models.checkpoints import (
+    PersistentRecord,
+    UnsafeCheckpointError,
+    read_records,
+    state_dict_of,
+)
+
+
+@pytest.fixture
+def persistence(tmp_path, monkeypatch):
+    """A stand-in ``torch_utils.persistence``: objects pickle as EDM's do.
+
+    Its ``_reconstruct_persistent_obj`` runs ``module_src`` as EDM's would, so a loader that
+    called it would create the marker file named in the source.
+    """
+    marker = tmp_path / "code-ran"
+    pkg = types.ModuleType("torch_utils")
+    mod = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # what a normal unpickle would call
+        exec(compile(meta["module_src"], "<module_src>", "exec"), {})
+        raise AssertionError("unreachable in these tests")
+
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    pkg.persistence = mod
+    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+
+    source = f"open({str(marker)!r}, 'w').write('ran')\nclass Net: pass\n"
+
+    class Persistent:
+        def __init__(self, class_name, module, init_kwargs):
+            self.meta = dict(
+                type="class",
+                version=6,
+                module_src=source,
+                class_name=class_name,
+                state=dict(module.__dict__, _init_args=(), _init_kwargs=init_kwargs),
+            )
+
+        def __reduce__(self):
+            return (_reconstruct_persistent_obj, (self.meta,))
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    return Persistent, marker
+
+
+def _network(Persistent):
+    """EDMPrecond(SongUNet)-shaped: persistent layers, a torch ModuleDict, a buffer."""
+    torch.manual_seed(0)
+    inner = torch.nn.Module()
+    inner.lin = torch.nn.Linear(3, 4)
+    inner.blocks = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 2)})
+    inner.register_buffer("freqs", torch.randn(5))
+    expected = inner.state_dict()
+    inner._modules["lin"] = Persistent("Linear", inner.lin, {"in_features": 3})
+    inner.blocks._modules["a"] = Persistent("Linear", inner.blocks.a, {"in_features": 4})
+    inner_p = Persistent("SongUNet", inner, {"model_channels": 128, "channel_mult": [2, 2, 2]})
+    outer = torch.nn.Module()
+    outer._modules["model"] = inner_p
+    outer_p = Persistent("EDMPrecond", outer, {"sigma_data": np.float64(0.5), "label_dim": 10})
+    return expected, outer_p
+
+
+def test_edm_format_pickle_loads_to_identical_tensors_without_running_code(tmp_path, persistence):
+    Persistent, marker = persistence
+    inner_state, net = _network(Persistent)
+    path = tmp_path / "net.pkl"
+    path.write_bytes(pickle.dumps({"ema": net, "augment_pipe": None}, protocol=4))
+    data = read_records(path)
+    assert not marker.exists()  # module_src was never executed
+    record = data["ema"]
+    assert isinstance(record, PersistentRecord) and record.class_name == "EDMPrecond"
+    assert record.init_kwargs == {"sigma_data": 0.5, "label_dim": 10}
+    assert "open(" in record.module_src  # kept as text
+    state = state_dict_of(record)
+    expected = {f"model.{k}": v for k, v in inner_state.items()}
+    assert sorted(state) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    assert state_dict_of(record)["model.lin.weight"].dtype == torch.float32
+    assert record.state["_modules"]["model"].init_kwargs["channel_mult"] == [2, 2, 2]
+
+
+class _Evil:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize(
+    "func,name",
+    [(os.system, "system"), (eval, "builtins.eval"), (__import__("subprocess").call, "subprocess")],
+)
+def test_pickle_naming_a_dangerous_global_is_refused(tmp_path, func, name):
+    marker = tmp_path / "pwned"
+    arg = f"touch {marker}" if func is not eval else f"open({str(marker)!r}, 'w')"
+    if func is not os.system and func is not eval:
+        arg = ["touch", str(marker)]
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": _Evil(func, arg)}, protocol=4))
+    with pytest.raises(UnsafeCheckpointError, match=name):
+        read_records(path)
+    assert not marker.exists()
+
+
+def test_module_source_that_would_create_a_file_is_not_run(tmp_path, persistence):
+    Persistent, marker = persistence
+    _, net = _network(Persistent)
+    path = tmp_path / "net.pkl"
+    path.write_bytes(pickle.dumps({"ema": net}))
+    read_records(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "not a pickle"),
+        (b"hello world", "not a pickle"),
+        (None, "truncated"),
+    ],
+)
+def test_truncated_or_non_pickle_files_are_refused(tmp_path, content, match):
+    path = tmp_path / "bad.pkl"
+    if content is None:
+        full = pickle.dumps({"ema": collections.OrderedDict(w=torch.ones(3))}, protocol=4)
+        content = full[: len(full) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        read_records(path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here.pkl"):
+        read_records(tmp_path / "nothing-here.pkl")
+
+
+def test_torch_save_archive_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match="zip archive"):
+        read_records(path)
