@@ -158,3 +158,79 @@ def test_torch_save_archive_is_refused(tmp_path):
     torch.save({"w": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="zip archive"):
         read_records(path)
+
+
+SMALL = dict(
+    img_resolution=16,
+    img_channels=3,
+    label_dim=10,
+    sigma_data=0.5,
+    model_type="SongUNet",
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+    embedding_type="fourier",
+    channel_mult_noise=2,
+    encoder_type="residual",
+    resample_filter=[1, 3, 3, 1],
+    augment_dim=9,
+)
+
+
+def _edm_format(Persistent, module, kwargs=None):
+    """Pickle-ready copy of ``module`` whose modules are persistent objects, as in EDM files."""
+    import copy
+
+    module = copy.deepcopy(module)
+
+    def convert(m):
+        for name, child in list(m._modules.items()):
+            if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.Sequential)):
+                convert(child)
+            elif child is not None:
+                m._modules[name] = Persistent(type(child).__name__, convert(child), {})
+        return m
+
+    return Persistent(type(module).__name__, convert(module), kwargs or {})
+
+
+def test_edm_pickle_of_our_network_loads_to_the_same_outputs(tmp_path, persistence):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import load_edm_pickle
+
+    Persistent, marker = persistence
+    torch.manual_seed(3)
+    net = EDMPrecond(**SMALL).eval()
+    for p in net.parameters():  # non-trivial weights everywhere, including zero-init layers
+        p.data.normal_(0, 0.05)
+    path = tmp_path / "edm-small.pkl"
+    path.write_bytes(pickle.dumps({"ema": _edm_format(Persistent, net, SMALL)}, protocol=4))
+    loaded = load_edm_pickle(path)
+    assert not marker.exists()
+    assert type(loaded) is EDMPrecond
+    ours, theirs = net.state_dict(), loaded.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x = torch.randn(2, 3, 16, 16)
+    sigma = torch.tensor([0.5, 3.0])
+    labels = torch.eye(10)[[1, 7]]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels), net(x, sigma, labels))
+
+
+def test_unknown_architecture_in_the_kwargs_is_refused(tmp_path, persistence):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import load_edm_pickle
+
+    Persistent, _ = persistence
+    net = EDMPrecond(**SMALL)
+    path = tmp_path / "dhariwal.pkl"
+    kwargs = dict(SMALL, model_type="DhariwalUNet")
+    path.write_bytes(pickle.dumps({"ema": _edm_format(Persistent, net, kwargs)}, protocol=4))
+    with pytest.raises(ValueError, match="unknown architecture model_type='DhariwalUNet'"):
+        load_edm_pickle(path)
+    other = Persistent("StyleGAN2Generator", torch.nn.Module(), {})
+    path.write_bytes(pickle.dumps({"ema": other}, protocol=4))
+    with pytest.raises(ValueError, match="unknown network class 'StyleGAN2Generator'"):
+        load_edm_pickle(path)

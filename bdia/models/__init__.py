@@ -1,5 +1,6 @@
-"""Models: analytic toy problems (``bdia.models.toy``) and, later, networks and loaders."""
+"""Models: analytic toy problems (``bdia.models.toy``) and EDM's networks (``networks``)."""
 
-from . import toy
+from . import networks, toy
+from .networks import EDMPrecond, SongUNet, VEPrecond, VPPrecond
 
-__all__ = ["toy"]
+__all__ = ["toy", "networks", "SongUNet", "EDMPrecond", "VPPrecond", "VEPrecond"]

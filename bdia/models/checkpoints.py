@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "load_edm_pickle",
+    "network_from_records",
     "PersistentRecord",
     "ModuleRecord",
     "UnsafeCheckpointError",
@@ -207,3 +209,62 @@ def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> 
         if isinstance(child, (PersistentRecord, ModuleRecord)):
             out.update(state_dict_of(child, f"{prefix}{name}."))
     return out
+
+
+_PRECONDITIONERS = ("EDMPrecond", "VPPrecond", "VEPrecond")
+_MODEL_TYPES = ("SongUNet",)
+
+
+def network_from_records(record: PersistentRecord) -> torch.nn.Module:
+    """Rebuild our network from a preconditioner's record: its kwargs, then its tensors.
+
+    Raises:
+        ValueError: for a class or ``model_type`` this library does not implement, or a
+            state that does not fit the rebuilt network (the message lists the mismatch).
+    """
+    from . import networks  # networks and checkpoints are siblings; keep import cheap
+
+    if not isinstance(record, PersistentRecord) or record.class_name not in _PRECONDITIONERS:
+        name = getattr(record, "class_name", type(record).__name__)
+        raise ValueError(
+            f"unknown network class {name!r}; supported: {', '.join(_PRECONDITIONERS)}"
+        )
+    kwargs = {
+        k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.init_kwargs.items()
+    }
+    model_type = kwargs.get("model_type", "SongUNet")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"unknown architecture model_type={model_type!r}; supported: {', '.join(_MODEL_TYPES)}"
+        )
+    try:
+        net = getattr(networks, record.class_name)(*record.init_args, **kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"cannot build {record.class_name} from the recorded kwargs: {err}"
+        ) from None
+    state = state_dict_of(record)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"the recorded tensors do not fit {record.class_name}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def load_edm_pickle(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load the ``'ema'`` network of an EDM pickle as our own module, running none of its code.
+
+    Returns:
+        An ``EDMPrecond``/``VPPrecond``/``VEPrecond`` in eval mode, float32, on the CPU.
+    """
+    data = read_records(path)
+    record = data.get("ema") if isinstance(data, dict) else data
+    if record is None:
+        raise ValueError(f"{path} holds no 'ema' network (keys: {sorted(data)})")
+    return network_from_records(record)

@@ -1,0 +1,715 @@
+"""EDM's CIFAR-10 network family: ``SongUNet`` (DDPM++ / NCSN++) and its preconditioners.
+
+Written from the published description of EDM (Karras et al. 2022) so that module names,
+parameter names and tensor shapes match the released ``EDMPrecond(SongUNet)`` state dicts
+(reference key lists in ``shared/reference``). Layout details that a checkpoint fixes are kept:
+Linear weights are ``(out, in)``; attention's ``qkv`` output channels are ordered
+(head, channel, q/k/v); the noise embedding is ``[cos, sin]`` with its halves swapped before the
+mapping layers; FIR resampling filters are buffers named ``resample_filter``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Linear",
+    "Conv2d",
+    "GroupNorm",
+    "UNetBlock",
+    "PositionalEmbedding",
+    "FourierEmbedding",
+    "SongUNet",
+    "EDMPrecond",
+    "VPPrecond",
+    "VEPrecond",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def _init_weight(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> Tensor:
+    """A freshly drawn weight tensor under one of EDM's initialisation modes."""
+    if mode == "xavier_uniform":
+        return math.sqrt(6.0 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2.0 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3.0 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1.0 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"unknown init_mode {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class Linear(nn.Module):
+    """Fully connected layer: ``x @ weight.T + bias`` with ``weight`` of shape ``(out, in)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        w = _init_weight((out_features, in_features), init_mode, in_features, out_features)
+        self.weight = nn.Parameter(w * init_weight)
+        if bias:
+            b = _init_weight((out_features,), init_mode, in_features, out_features)
+            self.bias = nn.Parameter(b * init_bias)
+        else:
+            self.bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class Conv2d(nn.Module):
+    """2-D convolution with optional 2x up- or downsampling by a separable FIR filter.
+
+    ``kernel=0`` gives a weightless layer that only resamples. With ``fused_resample`` the
+    convolution and the resampling share one padding (used by NCSN++'s residual encoder path).
+    The normalised filter is stored as the buffer ``resample_filter`` when resampling is on.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter: Sequence[float] = (1, 1),
+        fused_resample: bool = False,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ) -> None:
+        if up and down:
+            raise ValueError("a Conv2d resamples up or down, not both")
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fan_in = in_channels * kernel * kernel
+        fan_out = out_channels * kernel * kernel
+        if kernel:
+            shape = (out_channels, in_channels, kernel, kernel)
+            w = _init_weight(shape, init_mode, fan_in, fan_out)
+            self.weight = nn.Parameter(w * init_weight)
+        else:
+            self.weight = None
+        if kernel and bias:
+            b = _init_weight((out_channels,), init_mode, fan_in, fan_out)
+            self.bias = nn.Parameter(b * init_bias)
+        else:
+            self.bias = None
+        taps = torch.as_tensor(list(resample_filter), dtype=torch.float32)
+        fir = torch.outer(taps, taps)[None, None] / taps.sum() ** 2
+        self.register_buffer("resample_filter", fir if (up or down) else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        f = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        c_in, c_out = self.in_channels, self.out_channels
+
+        if self.fused_resample and self.up and w is not None:
+            up_filter = (4 * f).tile(c_in, 1, 1, 1)
+            pad = max(f_pad - w_pad, 0)
+            x = F.conv_transpose2d(x, up_filter, groups=c_in, stride=2, padding=pad)
+            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile(c_out, 1, 1, 1), groups=c_out, stride=2)
+        else:
+            if self.up:
+                x = F.conv_transpose2d(
+                    x, (4 * f).tile(c_in, 1, 1, 1), groups=c_in, stride=2, padding=f_pad
+                )
+            if self.down:
+                x = F.conv2d(x, f.tile(c_in, 1, 1, 1), groups=c_in, stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if b is not None:
+            x = x + b.reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation with ``min(num_groups, C // min_channels_per_group)`` groups."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_groups: int = 32,
+        min_channels_per_group: int = 4,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(
+            x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), eps=self.eps
+        )
+
+
+def _attention_weights(q: Tensor, k: Tensor) -> Tensor:
+    """Softmax over keys of ``q . k / sqrt(C)`` (computed in float32); q, k: ``(N, C, L)``."""
+    scores = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1]))
+    return scores.softmax(dim=2).to(q.dtype)
+
+
+class UNetBlock(nn.Module):
+    """Residual block with embedding injection, optional resampling and self-attention.
+
+    Submodules, in state-dict order: ``norm0``, ``conv0``, ``affine``, ``norm1``, ``conv1``,
+    ``skip`` (when the shape changes), and ``norm2``, ``qkv``, ``proj`` (when attending).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int | None = None,
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        skip_scale: float = 1.0,
+        eps: float = 1e-5,
+        resample_filter: Sequence[float] = (1, 1),
+        resample_proj: bool = False,
+        adaptive_scale: bool = True,
+        init: dict[str, Any] | None = None,
+        init_zero: dict[str, Any] | None = None,
+        init_attn: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        init = dict(init or {})
+        init_zero = dict(init_zero) if init_zero is not None else dict(init_weight=0.0)
+        init_attn = dict(init_attn) if init_attn is not None else init
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        if not attention:
+            self.num_heads = 0
+        elif num_heads is not None:
+            self.num_heads = num_heads
+        else:
+            self.num_heads = out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(
+            in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init
+        )
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if (resample_proj or out_channels != in_channels) else 0
+            self.skip = Conv2d(
+                in_channels,
+                out_channels,
+                kernel,
+                up=up,
+                down=down,
+                resample_filter=resample_filter,
+                **init,
+            )
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, **init_attn)
+            self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        residual = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            x = F.silu(shift + self.norm1(x) * (scale + 1))
+        else:
+            x = F.silu(self.norm1(x + params))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = x + (self.skip(residual) if self.skip is not None else residual)
+        x = x * self.skip_scale
+
+        if self.num_heads:
+            n, c, h, w = x.shape
+            heads = self.num_heads
+            # Channel layout of qkv's output: (head, channel, q/k/v).
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * heads, c // heads, 3, h * w).unbind(2)
+            weights = _attention_weights(q, k)
+            attended = torch.einsum("nqk,nck->ncq", weights, v)
+            x = self.proj(attended.reshape(n, c, h, w)) + x
+            x = x * self.skip_scale
+        return x
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding ``[cos(x f), sin(x f)]``, ``f = max_positions^(-i / (n/2 - e))``."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.num_channels // 2
+        steps = torch.arange(half, dtype=torch.float32, device=x.device)
+        steps = steps / (half - (1 if self.endpoint else 0))
+        freqs = (1.0 / self.max_positions) ** steps
+        angles = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features ``[cos(2 pi x f), sin(2 pi x f)]``, ``f ~ N(0, scale^2)``.
+
+    The frequencies are the buffer ``freqs`` (saved with the model).
+    """
+
+    def __init__(self, num_channels: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# SongUNet
+
+
+class SongUNet(nn.Module):
+    """The DDPM++ / NCSN++ U-Net of Song et al. 2021 as configured in EDM.
+
+    Called as ``model(x, noise_labels, class_labels, augment_labels=None)`` with ``x`` of shape
+    ``(N, in_channels, R, R)``, ``noise_labels`` of shape ``(N,)`` and ``class_labels`` one-hot
+    of shape ``(N, label_dim)`` (or None); returns ``(N, out_channels, R, R)``.
+
+    DDPM++: ``embedding_type="positional"``, ``channel_mult_noise=1``,
+    ``encoder_type="standard"``, ``resample_filter=[1, 1]``.
+    NCSN++: ``embedding_type="fourier"``, ``channel_mult_noise=2``,
+    ``encoder_type="residual"``, ``resample_filter=[1, 3, 3, 1]``.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        in_channels: int,
+        out_channels: int,
+        label_dim: int = 0,
+        augment_dim: int = 0,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 4,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.10,
+        label_dropout: float = 0.0,
+        embedding_type: str = "positional",
+        channel_mult_noise: int = 1,
+        encoder_type: str = "standard",
+        decoder_type: str = "standard",
+        resample_filter: Sequence[float] = (1, 1),
+    ) -> None:
+        if embedding_type not in ("fourier", "positional"):
+            raise ValueError(
+                f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}"
+            )
+        if encoder_type not in ("standard", "skip", "residual"):
+            raise ValueError(
+                f"encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}"
+            )
+        if decoder_type not in ("standard", "skip"):
+            raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode="xavier_uniform")
+        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
+        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
+        block_kwargs = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
+
+        # Mapping network.
+        if embedding_type == "positional":
+            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(noise_channels)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = (
+            Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        )
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+        # Encoder.
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            tag = f"{res}x{res}"
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f"{tag}_conv"] = Conv2d(cin, cout, 3, **init)
+            else:
+                self.enc[f"{tag}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                if encoder_type == "skip":
+                    self.enc[f"{tag}_aux_down"] = Conv2d(
+                        caux, caux, 0, down=True, resample_filter=resample_filter
+                    )
+                    self.enc[f"{tag}_aux_skip"] = Conv2d(caux, cout, 1, **init)
+                if encoder_type == "residual":
+                    self.enc[f"{tag}_aux_residual"] = Conv2d(
+                        caux,
+                        cout,
+                        3,
+                        down=True,
+                        resample_filter=resample_filter,
+                        fused_resample=True,
+                        **init,
+                    )
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                attn = res in attn_resolutions
+                self.enc[f"{tag}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+
+        # Decoder.
+        self.dec = nn.ModuleDict()
+        last = len(channel_mult) - 1
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            tag = f"{res}x{res}"
+            if level == last:
+                self.dec[f"{tag}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f"{tag}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                self.dec[f"{tag}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{tag}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            if decoder_type == "skip" or level == 0:
+                if decoder_type == "skip" and level < last:
+                    self.dec[f"{tag}_aux_up"] = Conv2d(
+                        out_channels, out_channels, 0, up=True, resample_filter=resample_filter
+                    )
+                self.dec[f"{tag}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+                self.dec[f"{tag}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
+
+    def _embed(
+        self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None
+    ) -> Tensor:
+        emb = self.map_noise(noise_labels)
+        # Swap the [cos, sin] halves to [sin, cos], as the released weights expect.
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
+        if self.map_label is not None:
+            if class_labels is None:
+                raise ValueError("this SongUNet is class-conditional: pass class_labels")
+            labels = class_labels.to(emb.dtype)
+            if self.training and self.label_dropout:
+                keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(emb.dtype))
+        emb = F.silu(self.map_layer0(emb))
+        return F.silu(self.map_layer1(emb))
+
+    def forward(
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
+        emb = self._embed(noise_labels, class_labels, augment_labels)
+
+        skips: list[Tensor] = []
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        out: Tensor | None = None
+        hidden: Tensor | None = None
+        for name, block in self.dec.items():
+            if "aux_up" in name:
+                out = block(out)
+            elif "aux_norm" in name:
+                hidden = block(x)
+            elif "aux_conv" in name:
+                hidden = block(F.silu(hidden))
+                out = hidden if out is None else hidden + out
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        assert out is not None
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Preconditioners
+
+_MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {"SongUNet": SongUNet}
+
+
+class _Precond(nn.Module):
+    """Shared plumbing: build ``self.model``, prepare labels, apply c_skip/c_out/c_in/c_noise."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        use_fp16: bool,
+        model_type: str | Callable[..., nn.Module],
+        model_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        if isinstance(model_type, str):
+            if model_type not in _MODEL_TYPES:
+                known = sorted(_MODEL_TYPES)
+                raise ValueError(f"unknown model_type {model_type!r}; known: {known}")
+            model_type = _MODEL_TYPES[model_type]
+        self.model = model_type(
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, c_in, c_noise)`` at ``sigma`` (elementwise)."""
+        raise NotImplementedError
+
+    def _labels(
+        self, class_labels: Tensor | None, batch: int, device: torch.device
+    ) -> Tensor | None:
+        if not self.label_dim:
+            return None
+        if class_labels is None:
+            return torch.zeros(batch, self.label_dim, device=device)
+        if class_labels.dtype in (torch.int32, torch.int64) and class_labels.ndim == 1:
+            class_labels = F.one_hot(class_labels, self.label_dim)
+        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        class_labels: Tensor | None = None,
+        force_fp32: bool = False,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)`` in float32.
+
+        ``sigma`` is a scalar or of shape ``(batch,)``; ``class_labels`` one-hot
+        ``(batch, label_dim)`` or integer ``(batch,)`` (None: all-zero labels).
+        """
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        labels = self._labels(class_labels, x.shape[0], x.device)
+        use_half = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        dtype = torch.float16 if use_half else torch.float32
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        f_x = self.model(
+            (c_in * x).to(dtype),
+            c_noise.flatten().expand(x.shape[0]),
+            class_labels=labels,
+            **model_kwargs,
+        )
+        if f_x.dtype != dtype:
+            raise TypeError(f"the inner model returned {f_x.dtype}, expected {dtype}")
+        return c_skip * x + c_out * f_x.to(torch.float32)
+
+    def round_sigma(self, sigma: Tensor | float) -> Tensor:
+        return torch.as_tensor(sigma)
+
+
+class EDMPrecond(_Precond):
+    """EDM preconditioning (``sigma_data`` 0.5 by default).
+
+    ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(sd^2+s^2)``,
+    ``c_noise = ln(s)/4``. ``model_type`` names the inner network (or is a callable taking
+    ``img_resolution, in_channels, out_channels, label_dim`` and ``model_kwargs``).
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        sigma_min: float = 0.0,
+        sigma_max: float = float("inf"),
+        sigma_data: float = 0.5,
+        model_type: str | Callable[..., nn.Module] = "SongUNet",
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs
+        )
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+class VPPrecond(_Precond):
+    """Variance-preserving preconditioning (DDPM++ as trained by Song et al.).
+
+    ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = (M-1) t(s)`` where
+    ``t(s)`` inverts ``s(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        beta_d: float = 19.9,
+        beta_min: float = 0.1,
+        M: int = 1000,
+        epsilon_t: float = 1e-5,
+        model_type: str | Callable[..., nn.Module] = "SongUNet",
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs
+        )
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.M = M
+        self.epsilon_t = epsilon_t
+        self.sigma_min = float(self.sigma(epsilon_t))
+        self.sigma_max = float(self.sigma(1))
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        """``t(sigma)``, computed in float64 with ``log1p`` (exact at small sigma)."""
+        sigma = torch.as_tensor(sigma)
+        s = sigma.double()
+        root = (self.beta_min**2 + 2 * self.beta_d * torch.log1p(s**2)).sqrt()
+        return ((root - self.beta_min) / self.beta_d).to(sigma.dtype)
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+
+class VEPrecond(_Precond):
+    """Variance-exploding preconditioning (NCSN++ as trained by Song et al.).
+
+    ``c_skip = 1``, ``c_out = s``, ``c_in = 1``, ``c_noise = ln(s/2)``.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool = False,
+        sigma_min: float = 0.02,
+        sigma_max: float = 100.0,
+        model_type: str | Callable[..., nn.Module] = "SongUNet",
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs
+        )
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c_skip = torch.ones_like(sigma)
+        c_out = sigma
+        c_in = torch.ones_like(sigma)
+        c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise

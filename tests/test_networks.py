@@ -1,0 +1,248 @@
+"""EDM's CIFAR-10 networks: state-dict layout, parameter counts, preconditioning, forward passes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bdia
+from bdia.models.networks import (
+    EDMPrecond,
+    FourierEmbedding,
+    PositionalEmbedding,
+    SongUNet,
+    VEPrecond,
+    VPPrecond,
+)
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+# The released CIFAR-10 configurations (shared/reference/README.md).
+COMMON = dict(
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    channel_mult_emb=4,
+    num_blocks=4,
+    attn_resolutions=[16],
+    dropout=0.13,
+    augment_dim=9,
+)
+CONFIGS = {
+    "ddpmpp": dict(
+        COMMON,
+        embedding_type="positional",
+        channel_mult_noise=1,
+        encoder_type="standard",
+        decoder_type="standard",
+        resample_filter=[1, 1],
+    ),
+    "ncsnpp": dict(
+        COMMON,
+        embedding_type="fourier",
+        channel_mult_noise=2,
+        encoder_type="residual",
+        decoder_type="standard",
+        resample_filter=[1, 3, 3, 1],
+    ),
+}
+
+
+def read_keys(kind: str) -> list[tuple[str, tuple[int, ...], str]]:
+    path = REFERENCE / f"edm_cifar10_{kind}_cond_keys.tsv"
+    # shared/ lies beside the checkout for every developer and CI run: a missing list fails.
+    assert path.exists(), f"reference key list not found: {path}"
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        key, shape, kind_ = line.split("\t")
+        dims = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+        rows.append((key, dims, kind_))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cond_nets() -> dict[str, EDMPrecond]:
+    torch.manual_seed(0)
+    return {kind: EDMPrecond(32, 3, label_dim=10, **cfg) for kind, cfg in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("kind", ["ddpmpp", "ncsnpp"])
+def test_state_dict_matches_reference(cond_nets, kind):
+    net = cond_nets[kind]
+    rows = read_keys(kind)
+    assert len(rows) == {"ddpmpp": 427, "ncsnpp": 434}[kind]
+    mine = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
+    assert mine == [(k, s) for k, s, _ in rows]
+    params = dict(net.named_parameters())
+    buffers = dict(net.named_buffers())
+    for key, _, kind_ in rows:
+        assert kind_ in ("p", "b")
+        assert key in (params if kind_ == "p" else buffers), key
+
+
+@pytest.mark.parametrize(
+    "kind, cond, uncond", [("ddpmpp", 55_735_299, 55_733_891), ("ncsnpp", 56_400_643, 56_397_827)]
+)
+def test_parameter_counts(cond_nets, kind, cond, uncond):
+    assert sum(p.numel() for p in cond_nets[kind].parameters()) == cond
+    net = EDMPrecond(32, 3, label_dim=0, **CONFIGS[kind])
+    assert net.model.map_label is None
+    assert sum(p.numel() for p in net.parameters()) == uncond
+
+
+def test_resample_filters(cond_nets):
+    f2 = cond_nets["ddpmpp"].model.enc["16x16_down"].conv0.resample_filter
+    torch.testing.assert_close(f2, torch.full((1, 1, 2, 2), 0.25))
+    f4 = cond_nets["ncsnpp"].model.enc["16x16_down"].conv0.resample_filter
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
+    torch.testing.assert_close(f4[0, 0], torch.outer(taps, taps))
+    assert cond_nets["ncsnpp"].model.map_noise.freqs.shape == (128,)
+
+
+@pytest.mark.parametrize("kind", ["ddpmpp", "ncsnpp"])
+def test_full_size_forward(cond_nets, kind):
+    net = cond_nets[kind].eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        d = net(
+            x, torch.tensor([1.0]), class_labels=torch.tensor([3]), augment_labels=torch.zeros(1, 9)
+        )
+    assert d.shape == x.shape and torch.isfinite(d).all()
+    # Fresh weights: the output layers start near zero, so D is close to c_skip x = x / 5.
+    torch.testing.assert_close(d, x / 5, rtol=0, atol=1e-2)
+
+
+class Stand_in(nn.Module):
+    """Inner model that records its inputs and returns a known tensor."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim, **kwargs):
+        super().__init__()
+        self.label_dim = label_dim
+        self.seen: dict[str, torch.Tensor | None] = {}
+        g = torch.Generator().manual_seed(1)
+        self.output = torch.randn(4, out_channels, img_resolution, img_resolution, generator=g)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        self.seen = dict(x=x, noise=noise_labels, labels=class_labels)
+        return self.output.clone()
+
+
+def reference_coefficients(name: str, s: torch.Tensor):
+    s = s.double()
+    if name == "edm":
+        sd = 0.5
+        root = (s**2 + sd**2).sqrt()
+        return sd**2 / (s**2 + sd**2), s * sd / root, 1 / root, s.log() / 4
+    if name == "vp":
+        beta_d, beta_min, m = 19.9, 0.1, 1000
+        t = ((beta_min**2 + 2 * beta_d * torch.log1p(s**2)).sqrt() - beta_min) / beta_d
+        # t inverts sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)
+        torch.testing.assert_close(((0.5 * beta_d * t**2 + beta_min * t).exp() - 1).sqrt(), s)
+        return torch.ones_like(s), -s, 1 / (s**2 + 1).sqrt(), (m - 1) * t
+    return torch.ones_like(s), s, torch.ones_like(s), (0.5 * s).log()
+
+
+@pytest.mark.parametrize("name, cls", [("edm", EDMPrecond), ("vp", VPPrecond), ("ve", VEPrecond)])
+def test_preconditioner_coefficients(name, cls):
+    net = cls(8, 3, label_dim=10, model_type=Stand_in)
+    sigma = torch.tensor([0.002, 0.3, 2.5, 80.0])
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 3, 9, 1])
+    d = net(x, sigma, class_labels=labels)
+    c_skip, c_out, c_in, c_noise = (c.float() for c in reference_coefficients(name, sigma))
+    b = (-1, 1, 1, 1)
+    expected = c_skip.view(b) * x + c_out.view(b) * net.model.output
+    assert d.shape == x.shape and d.dtype == torch.float32
+    torch.testing.assert_close(d, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.model.seen["x"], c_in.view(b) * x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net.model.seen["noise"], c_noise, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.model.seen["labels"], nn.functional.one_hot(labels, 10).float())
+
+
+def test_vp_sigma_range():
+    net = VPPrecond(8, 3, model_type=Stand_in)
+    assert net.sigma_max == pytest.approx(math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1))
+    assert net.sigma_min == pytest.approx(math.sqrt(math.exp(0.5 * 19.9e-10 + 1e-6) - 1), rel=1e-6)
+
+
+def test_positional_embedding_numbers():
+    emb = PositionalEmbedding(8, endpoint=True)(torch.tensor([2.0]))
+    freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])
+    expected = torch.cat([(2 * freqs).cos(), (2 * freqs).sin()])[None]
+    torch.testing.assert_close(emb, expected)
+    fourier = FourierEmbedding(8)
+    assert fourier.freqs.shape == (4,)
+    angles = 2 * math.pi * 0.5 * fourier.freqs
+    torch.testing.assert_close(
+        fourier(torch.tensor([0.5])), torch.cat([angles.cos(), angles.sin()])[None]
+    )
+
+
+SMALL = dict(
+    model_channels=16,
+    channel_mult=[1, 2],
+    channel_mult_emb=4,
+    num_blocks=1,
+    attn_resolutions=[8],
+    dropout=0.1,
+    augment_dim=9,
+)
+
+
+@pytest.mark.parametrize("embedding_type", ["positional", "fourier"])
+@pytest.mark.parametrize("encoder_type", ["standard", "residual", "skip"])
+def test_small_forward(embedding_type, encoder_type):
+    torch.manual_seed(3)
+    net = EDMPrecond(
+        16,
+        3,
+        label_dim=10,
+        embedding_type=embedding_type,
+        channel_mult_noise=2 if embedding_type == "fourier" else 1,
+        encoder_type=encoder_type,
+        resample_filter=[1, 3, 3, 1] if encoder_type == "residual" else [1, 1],
+        **SMALL,
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    sigma = torch.tensor([0.5, 10.0])
+    with torch.no_grad():
+        d = net(x, sigma, class_labels=torch.tensor([1, 7]))
+        d_onehot = net(x, sigma, class_labels=nn.functional.one_hot(torch.tensor([1, 7]), 10))
+        f = net.model(x, torch.tensor([0.1, -0.3]), class_labels=torch.eye(10)[:2])
+    assert d.shape == x.shape
+    assert torch.isfinite(d).all()
+    torch.testing.assert_close(d, d_onehot)
+    assert f.shape == x.shape and torch.isfinite(f).all() and f.abs().sum() > 0
+
+
+def test_embedding_swap_and_label_scale():
+    torch.manual_seed(4)
+    model = SongUNet(16, 3, 3, label_dim=10, **SMALL).eval()
+    noise = torch.tensor([0.25])
+    label = torch.eye(10)[[2]]
+    raw = model.map_noise(noise)
+    swapped = torch.cat([raw[:, 8:], raw[:, :8]], dim=1)
+    emb = swapped + model.map_label(label * math.sqrt(10))
+    emb = nn.functional.silu(model.map_layer1(nn.functional.silu(model.map_layer0(emb))))
+    torch.testing.assert_close(model._embed(noise, label, None), emb)
+
+
+def test_plugs_into_diffusion_ode():
+    torch.manual_seed(5)
+    net = EDMPrecond(16, 3, label_dim=10, **SMALL).eval()
+    labels = torch.tensor([4, 2])
+    ode = bdia.DiffusionODE(net, bdia.EDM(), cond={"class_labels": labels})
+    x = 80.0 * torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ts = [80.0, 40.0]
+    with torch.no_grad():
+        out = bdia.sample(ode, bdia.get_solver("euler"), x, ts, progress=False)
+        d = net(x, torch.full((2,), 80.0), class_labels=labels).double()
+    assert out.shape == x.shape and out.dtype == torch.float64
+    assert torch.isfinite(out).all()
+    expected = x + (40.0 - 80.0) * (x - d) / 80.0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
