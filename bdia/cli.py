@@ -166,5 +166,23 @@ def compare_command(
             log.warning("matplotlib is not installed: no plot (pip install 'bdia[plot]')")
 
 
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("target", type=click.Path(dir_okay=False))
+def convert(source: str, target: str) -> None:
+    """Convert an EDM network pickle to a bdia safetensors file (no code from SOURCE runs)."""
+    from .models.checkpoints import load_network, save_network
+
+    if not target.endswith(".safetensors"):
+        raise click.BadParameter("the target must end in .safetensors", param_hint="TARGET")
+    try:
+        net = load_network(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    save_network(net, target)
+    count = sum(p.numel() for p in net.parameters())
+    click.echo(f"wrote {target}: {net.config['class_name']}, {count:,} parameters")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

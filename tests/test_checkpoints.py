@@ -234,3 +234,53 @@ def test_unknown_architecture_in_the_kwargs_is_refused(tmp_path, persistence):
     path.write_bytes(pickle.dumps({"ema": other}, protocol=4))
     with pytest.raises(ValueError, match="unknown network class 'StyleGAN2Generator'"):
         load_edm_pickle(path)
+
+
+def test_safetensors_round_trip_and_convert_command(tmp_path, persistence):
+    from click.testing import CliRunner
+
+    from bdia.cli import main
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import build_network, load_network, save_network
+
+    Persistent, marker = persistence
+    torch.manual_seed(5)
+    net = build_network("EDMPrecond", SMALL).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    pkl = tmp_path / "edm-small.pkl"
+    pkl.write_bytes(pickle.dumps({"ema": _edm_format(Persistent, net, SMALL)}, protocol=4))
+    out = tmp_path / "small.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(pkl), str(out)])
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+    loaded = load_network(out)
+    assert type(loaded) is EDMPrecond and loaded.config == net.config
+    ours, theirs = net.state_dict(), loaded.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.1, 10.0])
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(x, sigma, torch.eye(10)[[0, 9]]), net(x, sigma, torch.eye(10)[[0, 9]])
+        )
+    # Writing again goes through a temporary file: no stray files are left beside the target.
+    save_network(loaded, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edm-small.pkl", "small.safetensors"]
+
+
+def test_convert_reports_bad_input(tmp_path):
+    from click.testing import CliRunner
+
+    from bdia.cli import main
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"not a pickle")
+    result = CliRunner().invoke(main, ["convert", str(bad), str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 1 and "not a pickle" in result.output
+    assert not (tmp_path / "x.safetensors").exists()
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        from bdia.models.checkpoints import load_network
+
+        load_network(corrupt)

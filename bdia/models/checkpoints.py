@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import pickle
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "build_network",
     "load_edm_pickle",
+    "load_network",
+    "save_network",
     "network_from_records",
     "PersistentRecord",
     "ModuleRecord",
@@ -215,6 +220,46 @@ _PRECONDITIONERS = ("EDMPrecond", "VPPrecond", "VEPrecond")
 _MODEL_TYPES = ("SongUNet",)
 
 
+def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """A freshly initialised preconditioned network from its class name and kwargs.
+
+    Raises:
+        ValueError: for a class or ``model_type`` this library does not implement, or kwargs
+            the constructor does not accept.
+    """
+    from . import networks
+
+    if class_name not in _PRECONDITIONERS:
+        raise ValueError(
+            f"unknown network class {class_name!r}; supported: {', '.join(_PRECONDITIONERS)}"
+        )
+    model_type = init_kwargs.get("model_type", "SongUNet")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"unknown architecture model_type={model_type!r}; supported: {', '.join(_MODEL_TYPES)}"
+        )
+    try:
+        net = getattr(networks, class_name)(**init_kwargs)
+    except TypeError as err:
+        raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
+    net.config = {"class_name": class_name, "init_kwargs": dict(init_kwargs)}
+    return net
+
+
+def load_state_strict(net: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """``load_state_dict`` after a check that names missing, unexpected and misshapen keys."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"the tensors of {source} do not fit {type(net).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    net.load_state_dict(state, strict=True)
+
+
 def network_from_records(record: PersistentRecord) -> torch.nn.Module:
     """Rebuild our network from a preconditioner's record: its kwargs, then its tensors.
 
@@ -222,38 +267,15 @@ def network_from_records(record: PersistentRecord) -> torch.nn.Module:
         ValueError: for a class or ``model_type`` this library does not implement, or a
             state that does not fit the rebuilt network (the message lists the mismatch).
     """
-    from . import networks  # networks and checkpoints are siblings; keep import cheap
-
-    if not isinstance(record, PersistentRecord) or record.class_name not in _PRECONDITIONERS:
-        name = getattr(record, "class_name", type(record).__name__)
-        raise ValueError(
-            f"unknown network class {name!r}; supported: {', '.join(_PRECONDITIONERS)}"
-        )
+    if not isinstance(record, PersistentRecord):
+        raise ValueError(f"unknown network class {type(record).__name__!r}")
+    if record.init_args:
+        raise ValueError(f"{record.class_name} was recorded with positional arguments")
     kwargs = {
         k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.init_kwargs.items()
     }
-    model_type = kwargs.get("model_type", "SongUNet")
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(
-            f"unknown architecture model_type={model_type!r}; supported: {', '.join(_MODEL_TYPES)}"
-        )
-    try:
-        net = getattr(networks, record.class_name)(*record.init_args, **kwargs)
-    except TypeError as err:
-        raise ValueError(
-            f"cannot build {record.class_name} from the recorded kwargs: {err}"
-        ) from None
-    state = state_dict_of(record)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"the recorded tensors do not fit {record.class_name}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-        )
-    net.load_state_dict(state, strict=True)
+    net = build_network(record.class_name, kwargs)
+    load_state_strict(net, state_dict_of(record), f"the {record.class_name} record")
     return net.eval().requires_grad_(False)
 
 
@@ -268,3 +290,63 @@ def load_edm_pickle(path: str | os.PathLike[str]) -> torch.nn.Module:
     if record is None:
         raise ValueError(f"{path} holds no 'ema' network (keys: {sorted(data)})")
     return network_from_records(record)
+
+
+FORMAT_TAG = "bdia-network-v1"
+
+
+def save_network(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``net`` as safetensors with its JSON config in the file's metadata, atomically.
+
+    The config (``{"class_name", "init_kwargs"}``) is the one ``build_network`` and the
+    loaders attach as ``net.config``.
+    """
+    from safetensors.torch import save_file
+
+    config = getattr(net, "config", None)
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ValueError(
+            "the network has no .config; build it with build_network() or a loader so that "
+            "its class and kwargs are known"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    metadata = {"format": FORMAT_TAG, "config": json.dumps(config)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load a network from an EDM pickle (``.pkl``) or our safetensors file.
+
+    Neither path runs code from the file. Returns the preconditioned network in eval mode,
+    float32, on the CPU, with ``.config`` set.
+    """
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return load_edm_pickle(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected an EDM .pkl or a bdia .safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no network file at {path}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
+    if metadata.get("format") != FORMAT_TAG or "config" not in metadata:
+        raise ValueError(f"{path} has no bdia network config in its metadata")
+    config = json.loads(metadata["config"])
+    net = build_network(config["class_name"], config["init_kwargs"])
+    load_state_strict(net, tensors, str(path))
+    return net.eval().requires_grad_(False)
