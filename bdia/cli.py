@@ -6,10 +6,13 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import click
 import torch
+from tqdm.auto import tqdm
 
 from . import compare as cmp
 from .solvers import available_solvers, bdia, get_solver
@@ -164,6 +167,207 @@ def compare_command(
             click.echo(f"wrote {plot}", err=True)
         except ImportError:
             log.warning("matplotlib is not installed: no plot (pip install 'bdia[plot]')")
+
+
+NETWORK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), joining the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@main.command(name="sample")
+@click.option(
+    "--network",
+    "network_spec",
+    required=True,
+    help="An EDM .pkl, a bdia .safetensors, or random:NAME "
+    "(ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond).",
+)
+@click.option("--solver", "solver_name", default="heun", show_default=True)
+@click.option("--gamma", default=None, help="Wrap the solver with bdia at this gamma (or 'obelm').")
+@click.option("--steps", default=18, show_default=True, type=click.IntRange(1))
+@click.option("--sigma-min", default=0.002, show_default=True, type=float)
+@click.option("--sigma-max", default=80.0, show_default=True, type=float)
+@click.option("--rho", default=7.0, show_default=True, type=float)
+@click.option("--seeds", default="0-63", show_default=True, help="e.g. 0-49999 or 1,5,7-9")
+@click.option("--class", "class_label", default=None, type=int, help="Fixed class label.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--outdir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--dtype",
+    "network_dtype",
+    type=click.Choice(sorted(NETWORK_DTYPES)),
+    default="fp32",
+    show_default=True,
+    help="Dtype the network runs in.",
+)
+@click.option(
+    "--state-dtype", type=click.Choice(sorted(DTYPES)), default="float64", show_default=True
+)
+@click.option("--device", default=None, help="Defaults to this rank's GPU, else the CPU.")
+def sample_command(
+    network_spec: str,
+    solver_name: str,
+    gamma: str | None,
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    seeds: str,
+    class_label: int | None,
+    batch: int,
+    outdir: str,
+    network_dtype: str,
+    state_dtype: str,
+    device: str | None,
+) -> None:
+    """Sample one PNG per seed with EDM's grid; reruns skip finished seeds."""
+    from . import generate
+    from .models.checkpoints import load_network
+    from .schedules import karras_grid
+
+    try:
+        seed_list = generate.parse_seeds(seeds)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--seeds") from None
+    try:
+        solver = get_solver(solver_name)
+        if gamma is not None:
+            solver = bdia(solver, _parse_gamma(gamma))
+    except (KeyError, TypeError, ValueError) as err:
+        raise click.BadParameter(str(err.args[0]), param_hint="--solver/--gamma") from None
+    try:
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-")
+        probe.close()
+    except OSError as err:
+        raise click.BadParameter(
+            f"cannot write to {outdir}: {err}", param_hint="--outdir"
+        ) from None
+    rank, world = _distributed()
+    if device is None:
+        device = (
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+    try:
+        if network_spec.startswith("random:"):
+            net = generate.random_network(network_spec[len("random:") :])
+        else:
+            net = load_network(network_spec)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    net = net.to(device=device, dtype=NETWORK_DTYPES[network_dtype])
+    ts = karras_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    todo = len(seed_list[rank::world])
+    with tqdm(total=todo, disable=rank != 0, desc="images", unit="img") as bar:
+        try:
+            generate.generate_images(
+                net,
+                solver,
+                ts,
+                seed_list,
+                outdir,
+                batch=batch,
+                class_label=class_label,
+                state_dtype=DTYPES[state_dtype],
+                device=device,
+                rank=rank,
+                world_size=world,
+                on_batch=bar.update,
+            )
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        click.echo(f"{len(seed_list)} images in {outdir}", err=True)
+
+
+def _gathered_statistics(detector_path: str, images: str, batch: int, device: str | None):
+    """Feature statistics of ``images``, split across torchrun ranks and summed."""
+    from .metrics import fid
+
+    rank, world = _distributed()
+    if device is None:
+        device = (
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+    detector = fid.load_detector(detector_path, device)
+    stats = fid.image_statistics(
+        detector, images, batch=batch, device=device, rank=rank, world_size=world
+    )
+    if world > 1:
+        import torch.distributed as dist
+
+        if stats.n == 0:
+            raise click.ClickException(f"rank {rank} got no images: use fewer processes")
+        parts = [
+            torch.tensor([float(stats.n)], dtype=torch.float64),
+            torch.from_numpy(stats.sum),
+            torch.from_numpy(stats.sum_outer),
+        ]
+        for part in parts:
+            moved = part.to(device)
+            dist.all_reduce(moved)
+            part.copy_(moved.cpu())
+        stats.n = int(parts[0].item())
+        stats.sum, stats.sum_outer = parts[1].numpy(), parts[2].numpy()
+        dist.destroy_process_group()
+    return stats, rank
+
+
+@main.command(name="fid")
+@click.option("--images", required=True, help="Folder of images, or an .npz of uint8 NHWC images.")
+@click.option(
+    "--ref", "ref_path", required=True, help="Reference statistics (.npz with mu, sigma)."
+)
+@click.option("--detector", required=True, help="NVIDIA's TorchScript inception-2015-12-05.pt.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", default=None)
+def fid_command(images: str, ref_path: str, detector: str, batch: int, device: str | None) -> None:
+    """Frechet Inception Distance of IMAGES against reference statistics, as EDM computes it."""
+    from .metrics import fid
+
+    try:
+        mu_ref, sigma_ref = fid.load_reference(ref_path)
+        stats, rank = _gathered_statistics(detector, images, batch, device)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if rank == 0:
+        value = fid.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
+        click.echo(f"{value:.6g}")
+        click.echo(f"FID over {stats.n} images", err=True)
+
+
+@main.command(name="fid-ref")
+@click.option("--images", required=True, help="Folder of images, or an .npz of uint8 NHWC images.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--detector", required=True, help="NVIDIA's TorchScript inception-2015-12-05.pt.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", default=None)
+def fid_ref_command(images: str, out: str, detector: str, batch: int, device: str | None) -> None:
+    """Write reference statistics (mu, sigma) of IMAGES to an npz in EDM's format."""
+    from .metrics import fid
+
+    try:
+        stats, rank = _gathered_statistics(detector, images, batch, device)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if rank == 0:
+        fid.save_reference(out, stats.mu, stats.sigma)
+        click.echo(f"wrote {out} from {stats.n} images", err=True)
 
 
 @main.command()

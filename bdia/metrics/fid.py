@@ -25,17 +25,13 @@ __all__ = [
     "load_detector",
     "extract_features",
     "DETECTOR_FILENAME",
-    "DETECTOR_URL",
 ]
 
+ArrayLike = torch.Tensor | np.ndarray
 DETECTOR_FILENAME = "inception-2015-12-05.pt"
-DETECTOR_URL = (
-    "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/"
-    "files/metrics/inception-2015-12-05.pkl"
-)
 
 
-def _as_float64_2d(x) -> np.ndarray:
+def _as_float64_2d(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
     x = np.asarray(x, dtype=np.float64)
@@ -61,7 +57,7 @@ class FeatureStatistics:
         elif dim != self.dim:
             raise ValueError(f"feature dimension {dim} does not match accumulated {self.dim}")
 
-    def add(self, features) -> FeatureStatistics:
+    def add(self, features: ArrayLike) -> FeatureStatistics:
         x = _as_float64_2d(features)
         self._init(x.shape[1])
         self.n += x.shape[0]
@@ -112,7 +108,9 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part (as EDM)."""
     mu1 = np.asarray(mu1, dtype=np.float64)
     mu2 = np.asarray(mu2, dtype=np.float64)
@@ -129,7 +127,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(np.real(fid))
 
 
-def load_reference(path) -> tuple[np.ndarray, np.ndarray]:
+def load_reference(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Load (mu, sigma) from an npz in EDM's format (e.g. cifar10-32x32.npz)."""
     path = Path(path)
     if not path.is_file():
@@ -149,15 +147,16 @@ def load_reference(path) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def save_reference(path, mu, sigma) -> None:
+def save_reference(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write (mu, sigma) to an npz atomically (temporary file + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, dtype=np.float64),
-                     sigma=np.asarray(sigma, dtype=np.float64))
+            np.savez(
+                f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64)
+            )
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -167,14 +166,16 @@ def save_reference(path, mu, sigma) -> None:
         raise
 
 
-def load_detector(path, device=None):
+def load_detector(
+    path: str | os.PathLike[str], device: torch.device | str | None = None
+) -> torch.jit.ScriptModule:
     """Load NVIDIA's TorchScript Inception detector (inception-2015-12-05.pt)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception detector not found: {path}. Download NVIDIA's TorchScript "
-            f"{DETECTOR_FILENAME} (the detector EDM uses for FID, {DETECTOR_URL}) and put "
-            "it at that path, or pass its location; nothing is downloaded at run time."
+            f"Inception detector not found: {path}. Get {DETECTOR_FILENAME}, NVIDIA's "
+            "TorchScript Inception-v3 that EDM's FID uses, put it at that path or pass its "
+            "location; nothing is downloaded at run time."
         )
     map_location = torch.device("cpu") if device is None else torch.device(device)
     net = torch.jit.load(str(path), map_location=map_location)
@@ -183,7 +184,7 @@ def load_detector(path, device=None):
 
 
 @torch.no_grad()
-def extract_features(detector, images) -> torch.Tensor:
+def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Features (N, 2048) in float64 of uint8 NCHW images (1 channel is repeated to 3)."""
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.asarray(images))
@@ -203,3 +204,68 @@ def extract_features(detector, images) -> torch.Tensor:
         pass
     feats = detector(images, return_features=True)
     return feats.to(torch.float64)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
+    """The images of ``source``: sorted image files of a folder (recursively), or the uint8
+    array (N, H, W, C) of an npz (its first array, as EDM's ``samples.npz`` files hold)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(
+            p
+            for p in source.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
+        return files
+    if source.suffix == ".npz" and source.is_file():
+        with np.load(source) as data:
+            array = data[data.files[0]]
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"{source}: expected uint8 images (N, H, W, 1 or 3), "
+                f"got {array.dtype} {array.shape}"
+            )
+        return array
+    raise FileNotFoundError(f"no image folder or .npz at {source}")
+
+
+def _load_batch(items: list[Path] | np.ndarray) -> torch.Tensor:
+    if isinstance(items, np.ndarray):
+        array = items
+    else:
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(p)) for p in items]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"images of different sizes in one folder: {sorted(shapes)}")
+        array = np.stack(arrays)
+        if array.ndim == 3:
+            array = array[..., None]
+    if array.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {array.shape[1:]}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+
+
+def image_statistics(
+    detector: torch.nn.Module,
+    source: str | os.PathLike[str],
+    *,
+    batch: int = 64,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> FeatureStatistics:
+    """Accumulate detector features of this rank's share (``[rank::world_size]``) of ``source``."""
+    items = list_images(source)
+    mine = items[rank::world_size]
+    stats = FeatureStatistics()
+    for start in range(0, len(mine), batch):
+        images = _load_batch(mine[start : start + batch]).to(device)
+        stats.add(extract_features(detector, images))
+    return stats

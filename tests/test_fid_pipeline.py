@@ -1,0 +1,137 @@
+"""``bdia sample`` then ``bdia fid-ref`` / ``bdia fid`` with a stand-in detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from test_fid import _fid_numpy, _StandInDetector
+
+from bdia.cli import main
+
+
+@pytest.fixture
+def detector(tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(_StandInDetector()), str(path))
+    return path
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_sample_then_fid_matches_direct_computation(tmp_path, detector):
+    out = tmp_path / "out"
+    invoke(
+        "sample",
+        "--network",
+        "random:tiny-cond",
+        "--steps",
+        "3",
+        "--seeds",
+        "0-7",
+        "--outdir",
+        str(out),
+    )
+    files = sorted(out.rglob("*.png"))
+    assert len(files) == 8
+    # Reference statistics from a different set: the same images flipped left-right.
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for f in files:
+        Image.fromarray(np.asarray(Image.open(f))[:, ::-1].copy()).save(flipped / f.name)
+    ref = tmp_path / "ref.npz"
+    invoke(
+        "fid-ref",
+        "--images",
+        str(flipped),
+        "--out",
+        str(ref),
+        "--detector",
+        str(detector),
+        "--batch",
+        "3",
+    )
+    result = invoke(
+        "fid", "--images", str(out), "--ref", str(ref), "--detector", str(detector), "--batch", "5"
+    )
+    value = float(result.stdout.strip().splitlines()[0])
+
+    def features(folder):
+        imgs = np.stack([np.asarray(Image.open(f)) for f in sorted(folder.rglob("*.png"))])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+        return _StandInDetector()(x, return_features=True).double().numpy()
+
+    a, b = features(out), features(flipped)
+    expected = _fid_numpy(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    # Same features up to float32 detector rounding (1e-7 relative); FID is a smooth function
+    # of them, so 1e-4 relative leaves room for that and for sqrtm's own rounding.
+    assert value == pytest.approx(expected, rel=1e-4)
+    assert value > 0
+    # (A set against its own statistics is tested in test_fid.py with full-rank features;
+    # 8 images give a rank-7 covariance in 2048 dimensions, where sqrtm is ill-conditioned.)
+
+
+def test_fid_missing_files_are_named(tmp_path, detector):
+    result = CliRunner().invoke(
+        main,
+        [
+            "fid",
+            "--images",
+            str(tmp_path),
+            "--ref",
+            str(tmp_path / "cifar10-32x32.npz"),
+            "--detector",
+            str(detector),
+        ],
+    )
+    assert result.exit_code == 1 and "cifar10-32x32.npz" in result.output
+    np.savez(tmp_path / "r.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    result = CliRunner().invoke(
+        main,
+        [
+            "fid",
+            "--images",
+            str(tmp_path / "none"),
+            "--ref",
+            str(tmp_path / "r.npz"),
+            "--detector",
+            str(tmp_path / "missing.pt"),
+        ],
+    )
+    assert result.exit_code == 1 and "missing.pt" in result.output
+
+
+def test_fid_of_an_npz_of_images_equals_the_folder(tmp_path, detector):
+    g = np.random.default_rng(0)
+    images = g.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:06d}.png")
+    np.savez(tmp_path / "imgs.npz", images)
+    invoke(
+        "fid-ref",
+        "--images",
+        str(folder),
+        "--out",
+        str(tmp_path / "a.npz"),
+        "--detector",
+        str(detector),
+    )
+    invoke(
+        "fid-ref",
+        "--images",
+        str(tmp_path / "imgs.npz"),
+        "--out",
+        str(tmp_path / "b.npz"),
+        "--detector",
+        str(detector),
+    )
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert np.array_equal(a["mu"], b["mu"]) and np.array_equal(a["sigma"], b["sigma"])
