@@ -123,14 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--network", help="EDM checkpoint (.pkl/.pt) or random:NAME")
     p.add_argument("--detector", help="inception-2015-12-05.pt")
     p.add_argument("--ref", help="reference statistics, e.g. cifar10-32x32.npz")
-    p.add_argument("--outdir", required=True, help="images go to OUTDIR/<row>/")
+    p.add_argument("--outdir", help="images go to OUTDIR/<row>/")
     p.add_argument("--seeds", default="0-49999")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--state-dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--table", default=None, help=f"markdown output (default {DEFAULT_TABLE})")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run; writes nothing to docs/")
+    p.add_argument(
+        "--write-standin-detector",
+        metavar="PATH",
+        default=None,
+        help="save a TorchScript stand-in with the Inception call contract and exit",
+    )
     args = p.parse_args(argv)
+    if args.write_standin_detector:
+        torch.jit.save(torch.jit.script(StandInDetector()), args.write_standin_detector)
+        print(f"wrote {args.write_standin_detector}")
+        return 0
+    if not args.outdir:
+        p.error("--outdir is required")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     state_dtype = getattr(torch, args.state_dtype)
