@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bdia import generate
+from bdia.compare import write_atomic
 from bdia.metrics import fid
 from bdia.ode import DiffusionODE
 from bdia.sampling import sample
@@ -98,18 +98,6 @@ def count_nfe(net: torch.nn.Module, solver, ts: torch.Tensor, device) -> int:
     with torch.no_grad():
         sample(ode, solver, x.to(device=device, dtype=torch.float64), ts, progress=False)
     return ode.nfe
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(results: list[tuple[str, int, float]], header: str) -> str:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from bdia import generate
+from bdia.compare import write_atomic
 from bdia.ode import DiffusionODE
 from bdia.sampling import invert, sample
 from bdia.schedules import EDM, karras_grid
@@ -95,18 +94,6 @@ def round_trip_error(net, ts, batch, device, state_dtype) -> float:
         back = invert(ode, solver, pair, ts, progress=False)
     err = (back.earlier.double() - x0.double()).norm() / x0.double().norm()
     return float(err)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bdia
+from bdia.compare import write_atomic
 
 BASE_SOLVERS = ("euler", "ddim", "dpm_solver_1", "dpm_solver_pp_1")
 GAMMA = 0.96
@@ -240,24 +241,6 @@ def render(rows: list[Row], facts: dict[str, str], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# -------------------------------------------------------------------------------- main
-
-
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -341,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/overhead.py", *given])
     text = render(rows, facts, command)
     print(text)
-    write_atomically(args.out, text)
+    write_atomic(args.out, text)
 
 
 if __name__ == "__main__":
