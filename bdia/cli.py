@@ -189,8 +189,8 @@ def _distributed() -> tuple[int, int]:
     "--network",
     "network_spec",
     required=True,
-    help="An EDM .pkl, a bdia .safetensors, or random:NAME "
-    "(ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond).",
+    help="digits (the shipped 8x8 digits model), an EDM .pkl, a bdia .safetensors, or "
+    "random:NAME (ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond).",
 )
 @click.option("--solver", "solver_name", default="heun", show_default=True)
 @click.option("--gamma", default=None, help="Wrap the solver with bdia at this gamma (or 'obelm').")
@@ -201,7 +201,17 @@ def _distributed() -> tuple[int, int]:
 @click.option("--seeds", default="0-63", show_default=True, help="e.g. 0-49999 or 1,5,7-9")
 @click.option("--class", "class_label", default=None, type=int, help="Fixed class label.")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--outdir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--outdir", default=None, type=click.Path(file_okay=False), help="One PNG per seed here."
+)
+@click.option(
+    "--grid",
+    "grid_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="One labelled PNG grid of all seeds (at most 1024); for a conditional network "
+    "without --class, column c holds class c.",
+)
 @click.option(
     "--dtype",
     "network_dtype",
@@ -225,12 +235,13 @@ def sample_command(
     seeds: str,
     class_label: int | None,
     batch: int,
-    outdir: str,
+    outdir: str | None,
+    grid_path: str | None,
     network_dtype: str,
     state_dtype: str,
     device: str | None,
 ) -> None:
-    """Sample one PNG per seed with EDM's grid; reruns skip finished seeds."""
+    """Sample one PNG per seed with EDM's grid (reruns skip finished seeds), or a grid PNG."""
     from . import generate
     from .models.checkpoints import load_network
     from .schedules import karras_grid
@@ -245,14 +256,26 @@ def sample_command(
             solver = bdia(solver, _parse_gamma(gamma))
     except (KeyError, TypeError, ValueError) as err:
         raise click.BadParameter(str(err.args[0]), param_hint="--solver/--gamma") from None
-    try:
-        Path(outdir).mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-")
-        probe.close()
-    except OSError as err:
+    if outdir is None and grid_path is None:
+        raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
+    if grid_path is not None and len(seed_list) > GRID_MAX_IMAGES:
         raise click.BadParameter(
-            f"cannot write to {outdir}: {err}", param_hint="--outdir"
-        ) from None
+            f"{len(seed_list)} seeds make an unreadable grid; give at most {GRID_MAX_IMAGES} "
+            "or use --outdir",
+            param_hint="--seeds",
+        )
+    for folder, hint in (
+        (outdir, "--outdir"),
+        (grid_path and str(Path(grid_path).parent), "--grid"),
+    ):
+        if folder is None:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-")
+            probe.close()
+        except OSError as err:
+            raise click.BadParameter(f"cannot write to {folder}: {err}", param_hint=hint) from None
     rank, world = _distributed()
     if device is None:
         device = (
@@ -267,6 +290,24 @@ def sample_command(
         raise click.ClickException(str(err)) from None
     net = net.to(device=device, dtype=NETWORK_DTYPES[network_dtype])
     ts = karras_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    if grid_path is not None and rank == 0:
+        try:
+            _write_sample_grid(
+                grid_path,
+                net,
+                solver,
+                ts,
+                seed_list,
+                class_label,
+                batch,
+                DTYPES[state_dtype],
+                device,
+            )
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"wrote {grid_path} ({len(seed_list)} images)", err=True)
+    if outdir is None:
+        return
     todo = len(seed_list[rank::world])
     with tqdm(total=todo, disable=rank != 0, desc="images", unit="img") as bar:
         try:
@@ -293,6 +334,136 @@ def sample_command(
         dist.destroy_process_group()
     if rank == 0:
         click.echo(f"{len(seed_list)} images in {outdir}", err=True)
+
+
+@main.command(name="invert")
+@click.option(
+    "--network",
+    "network_spec",
+    default="digits",
+    show_default=True,
+    type=click.Choice(["digits"]),
+    help="A shipped network whose held-out data are inverted.",
+)
+@click.option("--solver", "solver_name", default="euler", show_default=True)
+@click.option(
+    "--gamma", default="0.96", show_default=True, help="bdia's gamma (a number in (0, 1] or obelm)."
+)
+@click.option("--steps", default=35, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--sigma-min", default=0.002, show_default=True, type=click.FloatRange(min=0, min_open=True)
+)
+@click.option("--sigma-max", default=80.0, show_default=True, type=float)
+@click.option("--rho", default=7.0, show_default=True, type=float)
+@click.option(
+    "--count", default=None, type=click.IntRange(1), help="Invert the first N (default: all)."
+)
+@click.option(
+    "--state-dtype", type=click.Choice(sorted(DTYPES)), default="float64", show_default=True
+)
+def invert_command(
+    network_spec: str,
+    solver_name: str,
+    gamma: str,
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    count: int | None,
+    state_dtype: str,
+) -> None:
+    """Invert the held-out digits to noise and back; report the reconstruction error.
+
+    Each real image is taken as the state at sigma_min. bdia(SOLVER, GAMMA) inverts it exactly
+    up to rounding (after one approximate base step that makes the pair); the base solver run
+    backward in time is the usual approximate inversion, reported beside it.
+    """
+    from . import generate
+    from .models import digits
+    from .models.checkpoints import load_network
+    from .schedules import karras_grid
+
+    try:
+        base = get_solver(solver_name)
+        exact = bdia(base, _parse_gamma(gamma))
+    except (KeyError, TypeError, ValueError) as err:
+        raise click.BadParameter(str(err.args[0]), param_hint="--solver/--gamma") from None
+    if not sigma_min < sigma_max:
+        raise click.BadParameter(
+            f"sigma_min {sigma_min} must be below sigma_max {sigma_max}", param_hint="--sigma-min"
+        )
+    net = load_network(network_spec)
+    split = digits.load_digits_split()
+    images, labels = split.held_out_images, split.held_out_labels.tolist()
+    if count is not None:
+        images, labels = images[:count], labels[:count]
+    ts = karras_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=False)
+    dtype = DTYPES[state_dtype]
+    click.echo(
+        f"{len(labels)} held-out digits; {steps} steps from sigma {sigma_max:g} to "
+        f"{sigma_min:g}; {state_dtype} state, float32 network"
+    )
+    rows = [("inversion", "max abs error", "rms error")]
+    for solver, kind in ((exact, "exact"), (base, "approximate")):
+        _, back = generate.reconstruct(net, solver, ts, images, labels, state_dtype=dtype)
+        error = (back.double() - images.double()).flatten(1)
+        name = solver.name if kind == "exact" else f"{base.name} backward"
+        rows.append(
+            (
+                f"{name} ({kind})",
+                f"{float(error.abs().max()):.3e}",
+                f"{float(error.square().mean().sqrt()):.3e}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+GRID_MAX_IMAGES = 1024
+
+
+def _write_sample_grid(
+    path: str,
+    net: torch.nn.Module,
+    solver: object,
+    ts: torch.Tensor,
+    seeds: list[int],
+    class_label: int | None,
+    batch: int,
+    state_dtype: torch.dtype,
+    device: str,
+) -> None:
+    """Sample ``seeds`` and write them as one grid, its columns captioned with their class."""
+    import numpy as np
+
+    from . import generate
+
+    label_dim = getattr(net, "label_dim", 0)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    if label_dim and class_label is None:
+        # One class per column, so that every row shows each class once.
+        classes: list[int] | int | None = [i % label_dim for i in range(len(seeds))]
+        columns = label_dim
+    else:
+        classes, columns = class_label, min(len(seeds), 8)
+    images, labels = [], []
+    for start in range(0, len(seeds), batch):
+        group = seeds[start : start + batch]
+        fixed = classes[start : start + batch] if isinstance(classes, list) else classes
+        noise, drawn = generate.seed_inputs(group, shape, label_dim, fixed)
+        out = generate.sample_images(
+            net, solver, ts, noise, drawn, state_dtype=state_dtype, device=device
+        )
+        images.append(generate.to_uint8(out))
+        labels += drawn
+    captions = [str(c) for c in labels[:columns]] if label_dim else None
+    rows = -(-len(seeds) // columns)
+    row_captions = [str(seeds[r * columns]) for r in range(rows)]
+    canvas = generate.grid_image(
+        np.concatenate(images), columns, captions=captions, row_captions=row_captions
+    )
+    generate.write_grid(path, canvas)
 
 
 def _gathered_statistics(detector_path: str, images: str, batch: int, device: str | None):

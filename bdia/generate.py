@@ -14,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,19 @@ from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
 
-__all__ = ["parse_seeds", "image_path", "random_network", "RANDOM_NETWORKS", "generate_images"]
+__all__ = [
+    "parse_seeds",
+    "image_path",
+    "random_network",
+    "RANDOM_NETWORKS",
+    "seed_inputs",
+    "sample_images",
+    "to_uint8",
+    "generate_images",
+    "grid_image",
+    "write_grid",
+    "reconstruct",
+]
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -133,6 +146,159 @@ def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[i : i + size])
 
 
+def seed_inputs(
+    seeds: Sequence[int],
+    shape: tuple[int, ...],
+    label_dim: int,
+    class_label: int | Sequence[int] | None = None,
+) -> tuple[Tensor, list[int]]:
+    """Unit-variance noise (float64, ``(len(seeds), *shape)``) and the class of every seed.
+
+    Both come from ``torch.Generator().manual_seed(seed)`` (noise first, then the class), so an
+    image depends on its seed alone. ``class_label`` fixes the classes: one for all seeds, or
+    one per seed; None keeps the drawn ones (all 0 for an unconditional network).
+    """
+    if class_label is not None and not isinstance(class_label, int):
+        fixed = [int(c) for c in class_label]
+        if len(fixed) != len(seeds):
+            raise ValueError(f"{len(fixed)} class labels for {len(seeds)} seeds")
+    else:
+        fixed = None
+    noise, labels = [], []
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(*shape, generator=gen, dtype=torch.float64))
+        drawn = int(torch.randint(max(label_dim, 1), (1,), generator=gen))
+        if fixed is not None:
+            drawn = fixed[i]
+        elif class_label is not None:
+            drawn = int(class_label)
+        labels.append(drawn)
+    if label_dim and any(not 0 <= c < label_dim for c in labels):
+        raise ValueError(f"class labels must lie in 0..{label_dim - 1}, got {sorted(set(labels))}")
+    return torch.stack(noise), labels
+
+
+def _conditioning(net: torch.nn.Module, labels: Sequence[int], device: torch.device | str) -> dict:
+    label_dim = getattr(net, "label_dim", 0)
+    if not label_dim:
+        return {}
+    return {"class_labels": torch.eye(label_dim, device=device)[list(labels)]}
+
+
+def sample_images(
+    net: torch.nn.Module,
+    solver: object,
+    ts: Tensor | Sequence[float],
+    noise: Tensor,
+    labels: Sequence[int],
+    *,
+    state_dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Images from unit-variance ``noise`` scaled to ``sigma = ts[0]`` (EDM schedule).
+
+    Returns the final states ``(n, C, H, W)`` in ``state_dtype`` on ``device`` (data in
+    roughly [-1, 1], not clipped).
+    """
+    x = (float(ts[0]) * noise).to(device=device, dtype=state_dtype)
+    ode = DiffusionODE(net, EDM(), cond=_conditioning(net, labels, device))
+    with torch.no_grad():
+        return sample(ode, solver, x, ts, progress=False)
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images in [-1, 1], ``(n, C, H, W)``, as uint8 arrays ``(n, H, W)`` or ``(n, H, W, C)``."""
+    pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    pixels = pixels.cpu().numpy()
+    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+
+
+def grid_image(
+    images: np.ndarray,
+    columns: int,
+    *,
+    captions: Sequence[str] | None = None,
+    scale: int | None = None,
+    row_captions: Sequence[str] | None = None,
+) -> Any:
+    """Tile uint8 images ``(n, H, W[, C])`` into one PIL image, ``columns`` per row.
+
+    ``captions`` label the columns (a header row), ``row_captions`` the rows (a left margin).
+    Cells are enlarged by ``scale`` (nearest neighbour; default: to at least 32 pixels).
+    """
+    from PIL import Image, ImageDraw
+
+    n, h, w = images.shape[:3]
+    scale = scale or max(1, -(-32 // max(h, w)))
+    rows = -(-n // columns)
+    cell_h, cell_w, pad = h * scale, w * scale, 2
+    top = 14 if captions else 0
+    left = 8 + 7 * max((len(c) for c in row_captions), default=0) if row_captions else 0
+    mode = "L" if images.ndim == 3 else "RGB"
+    canvas = Image.new(
+        mode,
+        (left + columns * (cell_w + pad) + pad, top + rows * (cell_h + pad) + pad),
+        color=255 if mode == "L" else (255, 255, 255),
+    )
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if mode == "L" else (0, 0, 0)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        cell = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)
+        canvas.paste(cell, (left + pad + c * (cell_w + pad), top + pad + r * (cell_h + pad)))
+    for c, text in enumerate(captions or []):
+        draw.text(
+            (left + pad + c * (cell_w + pad) + cell_w // 2 - 3 * len(text), 1), text, fill=ink
+        )
+    for r, text in enumerate(row_captions or []):
+        draw.text((4, top + pad + r * (cell_h + pad) + cell_h // 2 - 5), text, fill=ink)
+    return canvas
+
+
+def write_grid(path: str | os.PathLike[str], canvas: Any) -> Path:
+    """Save a PIL image as PNG through a temporary file and a rename."""
+    path = Path(path)
+    _write_png(path, np.asarray(canvas))
+    return path
+
+
+def reconstruct(
+    net: torch.nn.Module,
+    solver: object,
+    ts: Tensor | Sequence[float],
+    images: Tensor,
+    labels: Sequence[int],
+    *,
+    state_dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    target_labels: Sequence[int] | None = None,
+    edit_solver: object | None = None,
+) -> tuple[Any, Tensor]:
+    """Invert ``images`` (taken as the state at ``ts[-1] > 0``) and sample them back.
+
+    The inversion runs under ``labels``. With ``target_labels`` (an edit) the regeneration runs
+    under those labels and with ``edit_solver`` (default ``solver``): a single-step solver
+    continues from the inverted pair's later state. Returns ``(StatePair at ts[0], ts[1];
+    images regenerated at ts[-1])`` in ``state_dtype``.
+
+    A BDIA pair holds the trajectory's parasitic mode, which only its own conditioning
+    cancels; regenerated under other labels it grows toward the data and leaves noise, so
+    edits are best regenerated with the base solver (``edit_solver=solver.solver``).
+    """
+    from .sampling import invert
+
+    x = images.to(device=device, dtype=state_dtype)
+    ode = DiffusionODE(net, EDM(), cond=_conditioning(net, labels, device))
+    with torch.no_grad():
+        pair = invert(ode, solver, x, ts, progress=False)
+        if target_labels is not None:
+            ode = DiffusionODE(net, EDM(), cond=_conditioning(net, target_labels, device))
+            solver = edit_solver if edit_solver is not None else solver
+        back = sample(ode, solver, pair, ts, progress=False)
+    return pair, back
+
+
 def generate_images(
     net: torch.nn.Module,
     solver: object,
@@ -181,26 +347,14 @@ def generate_images(
         if not path.exists():
             mine.append(seed)
     written = []
-    sigma_max = float(ts[0])
     for group in _batches(mine, batch):
-        noise, labels = [], []
-        for seed in group:
-            gen = torch.Generator().manual_seed(seed)
-            noise.append(torch.randn(channels, res, res, generator=gen, dtype=torch.float64))
-            drawn = int(torch.randint(max(label_dim, 1), (1,), generator=gen))
-            labels.append(class_label if class_label is not None else drawn)
-        x = (sigma_max * torch.stack(noise)).to(device=device, dtype=state_dtype)
-        cond = {}
-        if label_dim:
-            cond["class_labels"] = torch.eye(label_dim, device=device)[labels]
-        ode = DiffusionODE(net, EDM(), cond=cond)
-        with torch.no_grad():
-            images = sample(ode, solver, x, ts, progress=False)
-        pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        for seed, image in zip(group, pixels):
+        noise, labels = seed_inputs(group, (channels, res, res), label_dim, class_label)
+        images = sample_images(
+            net, solver, ts, noise, labels, state_dtype=state_dtype, device=device
+        )
+        for seed, image in zip(group, to_uint8(images)):
             path = image_path(outdir, seed)
-            _write_png(path, image[..., 0] if channels == 1 else image)
+            _write_png(path, image)
             written.append(path)
         if on_batch is not None:
             on_batch(len(group))

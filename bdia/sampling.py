@@ -35,10 +35,17 @@ class StatePair(NamedTuple):
 
     ``invert`` returns ``StatePair(x at ts[0], x at ts[1])``; ``sample(..., return_pair=True)``
     returns ``StatePair(x at ts[-2], x at ts[-1])``. Both tensors have shape ``(batch, ...)``.
+
+    ``earlier_low`` and ``later_low`` (same shape and dtype, or None for zero) are the parts of
+    the states below their dtype's precision that BDIA carries: the state is the unevaluated
+    sum ``earlier + earlier_low``. Keep them with the pair; a pair stripped of them still
+    inverts, but only to the state dtype's rounding magnified by the scheme's parasitic mode.
     """
 
     earlier: Tensor
     later: Tensor
+    earlier_low: Tensor | None = None
+    later_low: Tensor | None = None
 
 
 # ------------------------------------------------------------------ validation
@@ -86,9 +93,22 @@ def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
     return x.to(dtype)
 
 
+def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | None:
+    """The low word of ``original + low`` once its high word has been cast to ``high``."""
+    if low is None:
+        return None if high.dtype == original.dtype else None
+    if not isinstance(low, Tensor) or low.shape != original.shape:
+        raise ValueError(f"{what} must be a tensor of the state's shape {tuple(original.shape)}")
+    if high.dtype == original.dtype:
+        return low.to(device=high.device)
+    # Re-split the exact value into the new dtype's two words.
+    wide = torch.float64
+    return ((original.to(wide) - high.to(wide)) + low.to(wide)).to(high.dtype)
+
+
 def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> StatePair | Tensor:
     if isinstance(value, tuple) and not isinstance(value, Tensor):
-        if len(value) != 2:
+        if len(value) not in (2, 4):
             raise ValueError(f"{what} as a pair needs exactly 2 tensors, got {len(value)}")
         a = _state(value[0], state_dtype, f"{what}[0]")
         b = _state(value[1], state_dtype, f"{what}[1]")
@@ -97,7 +117,13 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> StatePair |
                 f"the two states of {what} must match in shape, dtype and device; got "
                 f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}"
             )
-        return StatePair(a, b)
+        lows = tuple(value[2:]) if len(value) == 4 else (None, None)
+        return StatePair(
+            a,
+            b,
+            _low_word(a, lows[0], value[0], f"{what}.earlier_low"),
+            _low_word(b, lows[1], value[1], f"{what}.later_low"),
+        )
     return _state(value, state_dtype, what)
 
 
@@ -185,10 +211,14 @@ def sample(
     bidirectional = isinstance(solver, BidirectionalWrapper)
     gammas = solver.gammas(ode, grid) if bidirectional else []
 
+    # BDIA carries each state as x + x_low (see solvers.bidirectional); None means zero.
+    x_prev_low: Tensor | None = None
+    x_low: Tensor | None = None
     if isinstance(state, StatePair):
         if len(grid) < 2:
             raise ValueError("a pair start needs a grid of at least 2 points")
         x_prev, x, first_step = state.earlier, state.later, 1
+        x_prev_low, x_low = state.earlier_low, state.later_low
         states = [x_prev, x]
     else:
         x_prev, x, first_step = None, state, 0
@@ -197,15 +227,19 @@ def sample(
     for k in _bar(range(first_step, len(grid) - 1), progress, f"sampling {solver.name}"):
         t, t_next = grid[k], grid[k + 1]
         first = ode.evaluate(t, x)
+        x_next_low = None
         if bidirectional:
             t_prev = grid[k - 1] if k > 0 else None
             gamma = gammas[k - 1] if k > 0 else 0.0
-            x_next = solver.step(ode, t_prev, t, t_next, x_prev, x, gamma, first=first)
+            x_next, x_next_low = solver.step_compensated(
+                ode, t_prev, t, t_next, x_prev, x_prev_low, x, gamma, first=first
+            )
         else:
             x_next = solver.step(ode, t, t_next, x, first=first)
         _check_finite(x_next, k, t, t_next)
         _report(callback, k, t, t_next, x, x_next, first)
         x_prev, x = x, x_next
+        x_prev_low, x_low = x_low, x_next_low
         if trajectory:
             states.append(x)
 
@@ -214,7 +248,7 @@ def sample(
     if return_pair:
         if x_prev is None:
             raise ValueError("return_pair needs at least one step")
-        return StatePair(x_prev, x)
+        return StatePair(x_prev, x, x_prev_low, x_low)
     return x
 
 
@@ -282,8 +316,11 @@ def invert(
         x_dtype = state.later.dtype if isinstance(state, StatePair) else state.dtype
         _warn_amplification(solver.amplification(ode, grid), x_dtype)
 
+    x_low: Tensor | None = None
+    x_next_low: Tensor | None = None
     if isinstance(state, StatePair):
         x, x_next, k_start = state.earlier, state.later, n - 1
+        x_low, x_next_low = state.earlier_low, state.later_low
     else:
         if ode.is_terminal(grid[n]):
             raise ValueError(
@@ -296,16 +333,18 @@ def invert(
     for k in _bar(range(k_start, 0, -1), progress, f"inverting {solver.name}"):
         t, t_prev = grid[k], grid[k - 1]
         first = ode.evaluate(t, x)
+        x_prev_low = None
         if bidirectional and x_next is not None:
-            x_prev = solver.unstep(
-                ode, t_prev, t, grid[k + 1], x, x_next, gammas[k - 1], first=first
+            x_prev, x_prev_low = solver.unstep_compensated(
+                ode, t_prev, t, grid[k + 1], x, x_next, x_next_low, gammas[k - 1], first=first
             )
         else:
             x_prev = base.step(ode, t, t_prev, x, first=first)
         _check_finite(x_prev, k, t, t_prev)
         _report(callback, k, t, t_prev, x, x_prev, first)
         x, x_next = x_prev, x
-    return StatePair(x, x_next)
+        x_low, x_next_low = x_prev_low, x_low
+    return StatePair(x, x_next, x_low, x_next_low)
 
 
 def odeint(

@@ -40,6 +40,9 @@ __all__ = [
     "UnsafeCheckpointError",
     "read_records",
     "state_dict_of",
+    "SHIPPED_NETWORKS",
+    "read_metadata",
+    "shipped_network_path",
 ]
 
 
@@ -218,6 +221,7 @@ def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> 
 
 _PRECONDITIONERS = ("EDMPrecond", "VPPrecond", "VEPrecond")
 _MODEL_TYPES = ("SongUNet",)
+_CLASSIFIERS = ("DigitClassifier",)
 
 
 def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -229,9 +233,19 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
     """
     from . import networks
 
+    if class_name in _CLASSIFIERS:
+        from . import digits
+
+        try:
+            net = getattr(digits, class_name)(**init_kwargs)
+        except TypeError as err:
+            raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
+        net.config = {"class_name": class_name, "init_kwargs": dict(init_kwargs)}
+        return net
     if class_name not in _PRECONDITIONERS:
         raise ValueError(
-            f"unknown network class {class_name!r}; supported: {', '.join(_PRECONDITIONERS)}"
+            f"unknown network class {class_name!r}; "
+            f"supported: {', '.join(_PRECONDITIONERS + _CLASSIFIERS)}"
         )
     model_type = init_kwargs.get("model_type", "SongUNet")
     if model_type not in _MODEL_TYPES:
@@ -295,11 +309,16 @@ def load_edm_pickle(path: str | os.PathLike[str]) -> torch.nn.Module:
 FORMAT_TAG = "bdia-network-v1"
 
 
-def save_network(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+def save_network(
+    net: torch.nn.Module,
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``net`` as safetensors with its JSON config in the file's metadata, atomically.
 
     The config (``{"class_name", "init_kwargs"}``) is the one ``build_network`` and the
-    loaders attach as ``net.config``.
+    loaders attach as ``net.config``; ``metadata`` adds string entries of the caller's
+    (``read_metadata`` gives them back).
     """
     from safetensors.torch import save_file
 
@@ -312,28 +331,61 @@ def save_network(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-    metadata = {"format": FORMAT_TAG, "config": json.dumps(config)}
+    metadata = {**(metadata or {}), "format": FORMAT_TAG, "config": json.dumps(config)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shipped file from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
-    """Load a network from an EDM pickle (``.pkl``) or our safetensors file.
+#: Networks shipped inside the package, loadable by name.
+SHIPPED_NETWORKS = {
+    "digits": "digits.safetensors",
+    "digits-classifier": "digits_classifier.safetensors",
+}
 
-    Neither path runs code from the file. Returns the preconditioned network in eval mode,
-    float32, on the CPU, with ``.config`` set.
+
+def shipped_network_path(name: str) -> Path:
+    """Where the shipped network ``name`` (a key of ``SHIPPED_NETWORKS``) lies."""
+    if name not in SHIPPED_NETWORKS:
+        raise ValueError(f"no shipped network {name!r}; choose from {sorted(SHIPPED_NETWORKS)}")
+    return Path(__file__).parent / "weights" / SHIPPED_NETWORKS[name]
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a bdia safetensors file (or shipped network name)."""
+    from safetensors import safe_open
+
+    if isinstance(path, str) and path in SHIPPED_NETWORKS:
+        path = shipped_network_path(path)
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load a shipped network by name, an EDM pickle (``.pkl``) or our safetensors file.
+
+    ``"digits"`` and ``"digits-classifier"`` are the networks shipped with the package (see
+    ``bdia.models.digits``). No path runs code from the file. Returns the network in eval
+    mode, float32, on the CPU, with ``.config`` set.
     """
+    if isinstance(path, str) and path in SHIPPED_NETWORKS:
+        path = shipped_network_path(path)
     path = Path(path)
     if path.suffix == ".pkl":
         return load_edm_pickle(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected an EDM .pkl or a bdia .safetensors file")
+        raise ValueError(
+            f"{path}: expected an EDM .pkl, a bdia .safetensors file or the name of a shipped "
+            f"network ({', '.join(sorted(SHIPPED_NETWORKS))})"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no network file at {path}")
     from safetensors import SafetensorError, safe_open

@@ -1,0 +1,237 @@
+"""The shipped 8x8 digits model and classifier: loading, sampling, training, inversion, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bdia
+from bdia import generate
+from bdia.cli import main
+from bdia.models import digits
+from bdia.models.checkpoints import (
+    load_network,
+    read_metadata,
+    save_network,
+    shipped_network_path,
+)
+
+
+@pytest.fixture(scope="module")
+def split() -> digits.DigitsSplit:
+    return digits.load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    return load_network("digits")
+
+
+@pytest.fixture(scope="module")
+def classifier() -> torch.nn.Module:
+    return load_network("digits-classifier")
+
+
+def test_split_is_fixed_stratified_and_disjoint(split):
+    assert split.train_images.shape == (1437, 1, 8, 8)
+    assert split.held_out_images.shape == (360, 1, 8, 8)
+    assert split.train_images.dtype == torch.float32
+    assert float(split.train_images.min()) == -1.0 and float(split.train_images.max()) == 1.0
+    # 20% of every class is held out (stratified), give or take one image per class.
+    counts = torch.bincount(split.held_out_labels, minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37
+    again = digits.load_digits_split()
+    assert torch.equal(again.held_out_images, split.held_out_images)
+    # No held-out image is (bit for bit) one of the training images it could leak from.
+    train = {bytes(x.numpy()) for x in split.train_images}
+    leaked = sum(bytes(x.numpy()) in train for x in split.held_out_images)
+    assert leaked == 0
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-classifier"])
+def test_shipped_weights_load_and_reproduce_the_recorded_outputs(name):
+    path = shipped_network_path(name)
+    # The package must stay small enough to install anywhere.
+    assert path.stat().st_size <= 5_000_000
+    loaded = load_network(name)
+    x, sigma, labels = digits.probe_inputs()
+    with torch.no_grad():
+        out = loaded(x, sigma, labels) if name == "digits" else loaded(x.clamp(-1, 1))
+    recorded = torch.tensor(json.loads(read_metadata(name)["probe"]))
+    # The same float32 weights and ops: only a different CPU kernel could change the last
+    # bits, so 1e-5 relative to the outputs' scale (about 1-10) is the tolerance.
+    torch.testing.assert_close(out.flatten(), recorded, rtol=1e-5, atol=1e-5)
+
+
+def test_saving_and_loading_a_digits_network_is_lossless(net, tmp_path):
+    path = tmp_path / "copy.safetensors"
+    save_network(net, path)
+    copy = load_network(path)
+    x, sigma, labels = digits.probe_inputs()
+    with torch.no_grad():
+        assert torch.equal(copy(x, sigma, labels), net(x, sigma, labels))
+
+
+def test_classifier_accuracy_on_held_out_digits(classifier, split):
+    predicted = digits.predict(classifier, split.held_out_images)
+    accuracy = float((predicted == split.held_out_labels).double().mean())
+    assert accuracy >= 0.98
+
+
+def test_sampling_is_deterministic_per_seed(net):
+    ts = bdia.karras_grid(6)
+    solver = bdia.get_solver("heun")
+
+    def images(seeds):
+        noise, labels = generate.seed_inputs(seeds, (1, 8, 8), 10)
+        return generate.sample_images(net, solver, ts, noise, labels)
+
+    first, again = images([3, 4, 5]), images([3, 4, 5])
+    assert torch.equal(first, again)
+    alone = images([5])
+    # Another batch size may change the CPU kernels' summation order, not the image.
+    torch.testing.assert_close(alone[0], first[2], rtol=0, atol=1e-5)
+    assert (first[0] - first[1]).abs().max() > 0.1
+
+
+def test_twenty_training_iterations_lower_the_loss(split):
+    def held_out_loss(model):
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            return float(
+                digits.edm_loss(model, split.held_out_images, split.held_out_labels, gen).mean()
+            )
+
+    before = held_out_loss(digits.build_denoiser(seed=0))
+    trained, losses = digits.train_denoiser(20, batch=64, seed=0, split=split)
+    after = held_out_loss(trained)
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    # The first steps from a fresh network take the loss from about 1.7 to about 1.2.
+    assert after < 0.9 * before
+
+
+def test_conditional_samples_are_classified_as_their_label(net, classifier):
+    seeds = list(range(200))
+    labels = [s % 10 for s in seeds]
+    noise, labels = generate.seed_inputs(seeds, (1, 8, 8), 10, labels)
+    solver = bdia.get_solver("heun")
+    ts = bdia.karras_grid(10)  # 10 heun steps, the last Euler: 19 NFE
+    ode = bdia.DiffusionODE(net, bdia.EDM(), cond={"class_labels": torch.eye(10)[labels]})
+    with torch.no_grad():
+        images = bdia.sample(ode, solver, 80.0 * noise, ts, progress=False)
+    assert ode.nfe == 19
+    accuracy = float(
+        (digits.predict(classifier, images.float()) == torch.tensor(labels)).double().mean()
+    )
+    assert accuracy >= 0.90
+
+
+@pytest.mark.parametrize("base", ["euler", "heun"])
+@pytest.mark.parametrize(
+    "state_dtype,tolerance",
+    # float32: 35 steps amplify rounding by (1/0.96)^34 ~ 4 at most, and the state's own
+    # rounding near sigma = 80 is ~1e-5, shrinking with the flow; 1e-4 leaves a margin of
+    # about ten. float64: the same with eps 2e-16.
+    [(torch.float32, 1e-4), (torch.float64, 1e-12)],
+)
+def test_bdia_round_trips_held_out_digits(net, split, base, state_dtype, tolerance):
+    images = split.held_out_images[:16]
+    labels = split.held_out_labels[:16].tolist()
+    solver = bdia.bdia(bdia.get_solver(base), 0.96)
+    ts = bdia.karras_grid(35, final_zero=False)
+    pair, back = generate.reconstruct(net, solver, ts, images, labels, state_dtype=state_dtype)
+    assert back.dtype == state_dtype
+    # The inverted state is noise at sigma 80, far from the data.
+    assert float(pair.earlier.std()) > 40
+    assert float((back.double() - images.double()).abs().max()) <= tolerance
+
+
+def test_approximate_inversion_is_far_less_accurate_than_bdia(net, split):
+    images = split.held_out_images[:16]
+    labels = split.held_out_labels[:16].tolist()
+    ts = bdia.karras_grid(35, final_zero=False)
+    _, back = generate.reconstruct(net, bdia.get_solver("euler"), ts, images, labels)
+    assert float((back.double() - images.double()).abs().max()) > 1e-3
+
+
+def test_edit_regenerates_under_another_label(net, classifier, split):
+    picks = [int((split.held_out_labels == c).nonzero()[0]) for c in range(10)]
+    images = split.held_out_images[picks]
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    ts = bdia.karras_grid(35, final_zero=False)
+    targets = [(c + 1) % 10 for c in range(10)]
+
+    def edit(edit_solver):
+        _, edited = generate.reconstruct(
+            net, solver, ts, images, list(range(10)), target_labels=targets, edit_solver=edit_solver
+        )
+        return (digits.predict(classifier, edited.float()) == torch.tensor(targets)).double().mean()
+
+    # From the exactly inverted pair, the base solver regenerates each digit as the new class.
+    assert float(edit(solver.solver)) >= 0.9
+    # BDIA itself under other labels keeps the pair's parasitic mode, which grows into noise.
+    assert float(edit(None)) <= 0.5
+
+
+def test_frechet_digit_distance_is_zero_for_identical_sets_and_grows_with_noise(classifier, split):
+    held = split.held_out_images
+    assert digits.frechet_digit_distance(classifier, held, held) == pytest.approx(0.0, abs=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    noisy = held + 0.5 * torch.randn(held.shape, generator=gen)
+    real = digits.frechet_digit_distance(classifier, split.train_images, held)
+    assert digits.frechet_digit_distance(classifier, noisy, held) > 2 * real
+    with pytest.raises(ValueError, match="at least 2"):
+        digits.frechet_digit_distance(classifier, held[:1], held)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_sample_writes_a_labelled_grid(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(
+        main,
+        ["sample", "--network", "digits", "--steps", "6", "--seeds", "0-19", "--grid", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    image = np.asarray(Image.open(out))
+    # Two rows of ten 32-pixel cells (8x8 enlarged four times) under a caption row.
+    assert image.shape[1] > 10 * 32 and image.shape[0] > 2 * 32
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_cli_sample_needs_an_output(tmp_path):
+    result = CliRunner().invoke(main, ["sample", "--network", "digits", "--steps", "2"])
+    assert result.exit_code == 2
+    assert "--outdir" in result.output and "--grid" in result.output
+    result = CliRunner().invoke(
+        main,
+        ["sample", "--network", "digits", "--seeds", "0-2000", "--grid", str(tmp_path / "g.png")],
+    )
+    assert result.exit_code == 2 and "at most 1024" in result.output
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_invert_reports_exact_and_approximate_errors():
+    result = CliRunner().invoke(main, ["invert", "--network", "digits", "--count", "8"])
+    assert result.exit_code == 0, result.output
+    errors = {}
+    for line in result.output.splitlines():
+        match = re.match(r"(.+?\((exact|approximate)\))\s+(\S+)\s+(\S+)$", line)
+        if match:
+            errors[match.group(2)] = float(match.group(3))
+    assert errors["exact"] <= 1e-12  # float64 state, bdia(euler, 0.96), 35 steps
+    assert errors["approximate"] > 1e-3
+
+
+def test_cli_invert_rejects_a_bad_gamma():
+    result = CliRunner().invoke(main, ["invert", "--gamma", "1.5", "--count", "2"])
+    assert result.exit_code == 2
+    assert "gamma" in result.output
