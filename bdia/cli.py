@@ -407,7 +407,7 @@ def invert_command(
     for solver, kind in ((exact, "exact"), (base, "approximate")):
         _, back = generate.reconstruct(net, solver, ts, images, labels, state_dtype=dtype)
         error = (back.double() - images.double()).flatten(1)
-        name = solver.name if kind == "exact" else f"{base.name} backward"
+        name = f"bdia({base.name}, {gamma})" if kind == "exact" else f"{base.name} backward"
         rows.append(
             (
                 f"{name} ({kind})",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._files import give_default_mode
 from .models import toy
 from .ode import ODE
 from .sampling import StatePair, invert, sample
@@ -356,6 +357,7 @@ def _replace_atomic(path: str | os.PathLike[str], write: Callable[[str], object]
     os.close(fd)
     try:
         write(tmp)
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._files import give_default_mode
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
@@ -135,6 +136,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG")
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

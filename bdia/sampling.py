@@ -96,7 +96,7 @@ def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
 def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | None:
     """The low word of ``original + low`` once its high word has been cast to ``high``."""
     if low is None:
-        return None if high.dtype == original.dtype else None
+        return None
     if not isinstance(low, Tensor) or low.shape != original.shape:
         raise ValueError(f"{what} must be a tensor of the state's shape {tuple(original.shape)}")
     if high.dtype == original.dtype:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._files import give_default_mode
+
 __all__ = [
     "build_network",
     "load_edm_pickle",
@@ -336,9 +338,7 @@ def save_network(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shipped file from others
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
