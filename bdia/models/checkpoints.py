@@ -233,17 +233,10 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
         ValueError: for a class or ``model_type`` this library does not implement, or kwargs
             the constructor does not accept.
     """
-    from . import networks
+    from . import digits, networks
 
     if class_name in _CLASSIFIERS:
-        from . import digits
-
-        try:
-            net = getattr(digits, class_name)(**init_kwargs)
-        except TypeError as err:
-            raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
-        net.config = {"class_name": class_name, "init_kwargs": dict(init_kwargs)}
-        return net
+        return _construct(digits, class_name, init_kwargs)
     if class_name not in _PRECONDITIONERS:
         raise ValueError(
             f"unknown network class {class_name!r}; "
@@ -254,8 +247,13 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
         raise ValueError(
             f"unknown architecture model_type={model_type!r}; supported: {', '.join(_MODEL_TYPES)}"
         )
+    return _construct(networks, class_name, init_kwargs)
+
+
+def _construct(module: Any, class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """``module.class_name(**init_kwargs)`` with its ``.config`` attached."""
     try:
-        net = getattr(networks, class_name)(**init_kwargs)
+        net = getattr(module, class_name)(**init_kwargs)
     except TypeError as err:
         raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
     net.config = {"class_name": class_name, "init_kwargs": dict(init_kwargs)}

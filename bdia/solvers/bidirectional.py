@@ -216,6 +216,23 @@ class BidirectionalWrapper:
         return out
 
     # ----------------------------------------------------------------- steps
+    def _integrations(
+        self,
+        ode: ODE,
+        t_prev: float | None,
+        t: float,
+        t_next: float,
+        x: Tensor,
+        first: Evaluation | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(Phi(x; t -> t_next), Phi(x; t -> t_prev))`` from one shared first evaluation;
+        the backward one is None when ``t_prev`` is."""
+        first = self.solver.first_evaluation(ode, t, x, first)
+        forward = self.solver.step(ode, t, t_next, x, first=first)
+        if t_prev is None:
+            return forward, None
+        return forward, self.solver.step(ode, t, t_prev, x, first=first)
+
     def step(
         self,
         ode: ODE,
@@ -242,11 +259,10 @@ class BidirectionalWrapper:
         Returns:
             x_{k+1}, same shape and dtype as ``x``.
         """
-        first = self.solver.first_evaluation(ode, t, x, first)
-        forward = self.solver.step(ode, t, t_next, x, first=first)
-        if x_prev is None or gamma == 0.0:
+        plain = x_prev is None or gamma == 0.0
+        forward, backward = self._integrations(ode, None if plain else t_prev, t, t_next, x, first)
+        if plain:
             return forward
-        backward = self.solver.step(ode, t, t_prev, x, first=first)
         return gamma * (x_prev - backward) + forward
 
     def unstep(
@@ -267,9 +283,7 @@ class BidirectionalWrapper:
         """
         if gamma == 0.0:
             raise ValueError("gamma = 0 is the base solver, whose step cannot be inverted exactly")
-        first = self.solver.first_evaluation(ode, t, x, first)
-        forward = self.solver.step(ode, t, t_next, x, first=first)
-        backward = self.solver.step(ode, t, t_prev, x, first=first)
+        forward, backward = self._integrations(ode, t_prev, t, t_next, x, first)
         return (x_next - forward) / gamma + backward
 
     def step_compensated(
@@ -291,11 +305,10 @@ class BidirectionalWrapper:
         ``x``). ``x_prev_low`` may be None (zero); the returned low word is None after a plain
         base step. Shapes and dtypes as in ``step`` (float32 or float64).
         """
-        first = self.solver.first_evaluation(ode, t, x, first)
-        forward = self.solver.step(ode, t, t_next, x, first=first)
-        if x_prev is None or gamma == 0.0:
+        plain = x_prev is None or gamma == 0.0
+        forward, backward = self._integrations(ode, None if plain else t_prev, t, t_next, x, first)
+        if plain:
             return forward, None
-        backward = self.solver.step(ode, t, t_prev, x, first=first)
         g = _as_state_scalar(gamma, x.dtype)
         diff, diff_err = _two_sum(x_prev, -backward)
         if x_prev_low is not None:
@@ -324,9 +337,7 @@ class BidirectionalWrapper:
         """
         if gamma == 0.0:
             raise ValueError("gamma = 0 is the base solver, whose step cannot be inverted exactly")
-        first = self.solver.first_evaluation(ode, t, x, first)
-        forward = self.solver.step(ode, t, t_next, x, first=first)
-        backward = self.solver.step(ode, t, t_prev, x, first=first)
+        forward, backward = self._integrations(ode, t_prev, t, t_next, x, first)
         g = _as_state_scalar(gamma, x.dtype)
         diff, diff_err = _two_sum(x_next, -forward)
         if x_next_low is not None:
