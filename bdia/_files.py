@@ -1,8 +1,18 @@
-"""File helpers shared by the writers of reports, images and network files."""
+"""File helpers shared by the writers of reports, images, statistics and network files.
+
+Every file the library writes goes through ``replace_atomic``: it is filled under a temporary
+name in its own folder and renamed into place, so a run stopped at any moment leaves either
+the old file or the new one, never a half-written one.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["give_default_mode", "replace_atomic", "write_atomic"]
 
 
 def give_default_mode(path: str | os.PathLike[str]) -> None:
@@ -14,3 +24,29 @@ def give_default_mode(path: str | os.PathLike[str]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def replace_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
+    """Let ``write(tmp)`` fill a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary file keeps ``path``'s suffix (some writers choose the format by it) and is
+    removed if ``write`` raises. Missing parent folders are created. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        give_default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through ``replace_atomic``."""
+    payload = data if isinstance(data, bytes) else data.encode()
+    return replace_atomic(path, lambda tmp: Path(tmp).write_bytes(payload))

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import compare as cmp
+from ._files import write_atomic
 from .solvers import available_solvers, bdia, get_solver
 
 log = logging.getLogger("bdia")
@@ -159,7 +160,7 @@ def compare_command(
     click.echo(report)
     click.echo(f"{len(results)} variants in {elapsed:.1f} s", err=True)
     if out:
-        cmp.write_atomic(out, report)
+        write_atomic(out, report)
         click.echo(f"wrote {out}", err=True)
     if plot:
         try:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._files import give_default_mode
+from ._files import replace_atomic
 from .models import toy
 from .ode import ODE
 from .sampling import StatePair, invert, sample
@@ -36,7 +34,6 @@ __all__ = [
     "run_comparison",
     "markdown_report",
     "plot_errors",
-    "write_atomic",
 ]
 
 DEFAULT_GAMMAS: tuple[float | str, ...] = (1.0, 0.96, 0.5, "obelm")
@@ -343,27 +340,6 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    payload = data if isinstance(data, bytes) else data.encode()
-    _replace_atomic(path, lambda tmp: Path(tmp).write_bytes(payload))
-
-
-def _replace_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
-    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        give_default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_errors(problem: Problem, results: Sequence[Result], path: str | os.PathLike[str]) -> None:
     """Error against NFE, log-log, one panel per base solver (needs matplotlib)."""
     import matplotlib
@@ -396,6 +372,6 @@ def plot_errors(problem: Problem, results: Sequence[Result], path: str | os.Path
     fig.suptitle(f"{problem.name}: error against NFE")
     fig.tight_layout()
     try:
-        _replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._files import give_default_mode
+from ._files import replace_atomic
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
@@ -131,16 +130,7 @@ def random_network(name: str, seed: int = 0) -> torch.nn.Module:
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        give_default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:

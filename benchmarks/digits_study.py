@@ -43,7 +43,7 @@ import torch
 
 import bdia
 from bdia import generate
-from bdia.compare import write_atomic
+from bdia._files import write_atomic
 from bdia.models import digits
 from bdia.models.checkpoints import load_network
 

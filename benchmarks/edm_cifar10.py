@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bdia import generate
-from bdia.compare import write_atomic
+from bdia._files import write_atomic
 from bdia.metrics import fid
 from bdia.ode import DiffusionODE
 from bdia.sampling import sample

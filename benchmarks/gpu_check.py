@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bdia import generate
-from bdia.compare import write_atomic
+from bdia._files import write_atomic
 from bdia.ode import DiffusionODE
 from bdia.sampling import invert, sample
 from bdia.schedules import EDM, karras_grid

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bdia
-from bdia.compare import write_atomic
+from bdia._files import write_atomic
 
 BASE_SOLVERS = ("euler", "ddim", "dpm_solver_1", "dpm_solver_pp_1")
 GAMMA = 0.96

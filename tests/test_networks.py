@@ -19,9 +19,11 @@ from bdia.models.networks import (
     VPPrecond,
 )
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# Key lists of EDM's class-conditional CIFAR-10 networks (key, shape, p or b), enumerated from
+# the published network structure; tests/data/README.md says where they come from.
+REFERENCE = Path(__file__).resolve().parent / "data"
 
-# The released CIFAR-10 configurations (shared/reference/README.md).
+# The released CIFAR-10 configurations (EDM, Karras et al. 2022).
 COMMON = dict(
     model_channels=128,
     channel_mult=[2, 2, 2],
@@ -53,7 +55,7 @@ CONFIGS = {
 
 def read_keys(kind: str) -> list[tuple[str, tuple[int, ...], str]]:
     path = REFERENCE / f"edm_cifar10_{kind}_cond_keys.tsv"
-    # shared/ lies beside the checkout for every developer and CI run: a missing list fails.
+    # The lists ship with the tests: a missing one fails rather than skips.
     assert path.exists(), f"reference key list not found: {path}"
     rows = []
     for line in path.read_text().splitlines():

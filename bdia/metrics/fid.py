@@ -10,12 +10,13 @@ unbiased covariance; reference statistics use EDM's npz format (arrays ``mu`` an
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from .._files import replace_atomic
 
 __all__ = [
     "FeatureStatistics",
@@ -148,22 +149,15 @@ def load_reference(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
 
 
 def save_reference(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write (mu, sigma) to an npz atomically (temporary file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64)
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write (mu, sigma) as float64 arrays to an npz in EDM's format, atomically."""
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)
+
+    replace_atomic(path, write)
 
 
 def load_detector(

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._files import give_default_mode
+from .._files import replace_atomic
 
 __all__ = [
     "build_network",
@@ -328,19 +327,9 @@ def save_network(
             "the network has no .config; build it with build_network() or a loader so that "
             "its class and kwargs are known"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     metadata = {**(metadata or {}), "format": FORMAT_TAG, "config": json.dumps(config)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        give_default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 #: Networks shipped inside the package, loadable by name.
