@@ -7,12 +7,13 @@ the old file or the new one, never a half-written one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["give_default_mode", "replace_atomic", "write_atomic"]
+__all__ = ["file_sha256", "give_default_mode", "replace_atomic", "write_atomic"]
 
 
 def give_default_mode(path: str | os.PathLike[str]) -> None:
@@ -50,3 +51,12 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` through ``replace_atomic``."""
     payload = data if isinstance(data, bytes) else data.encode()
     return replace_atomic(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

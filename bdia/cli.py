@@ -1,30 +1,416 @@
-"""The ``bdia`` command: list solvers and compare them on the built-in toy problems."""
+"""The ``bdia`` command line: solvers, compare, sample, invert, fid, fid-ref and convert.
+
+Every user mistake ends the command with one line on stderr that names the option at fault
+and says what to do, before any heavy work and before anything is written; ``bdia --debug``
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import sys
-import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 from tqdm.auto import tqdm
 
+from . import __version__
 from . import compare as cmp
 from ._files import write_atomic
+from .ode import DTYPE_NAMES
 from .solvers import available_solvers, bdia, get_solver
 
 log = logging.getLogger("bdia")
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# --------------------------------------------------------------------- errors in one line
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+    """Show a warning as one line on stderr (no source line, no file position)."""
+    click.echo(f"Warning: {_one_line(str(message))}", err=True)
+
+
+class _Command(click.Group):
+    """A click group whose failures print one line on stderr (the traceback with --debug)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or os.environ.get("BDIA_DEBUG") == "1"
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                result = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            code = 1
+        except click.ClickException as err:
+            if debug:
+                raise
+            click.echo(f"Error: {_one_line(err.format_message())}", err=True)
+            code = err.exit_code
+        except Exception as err:  # a failure the checks did not foresee: still one line
+            if debug:
+                raise
+            if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(err, MemoryError):
+                hint = "out of memory: use a smaller --batch"
+            else:
+                hint = "bdia --debug ... shows the traceback"
+            message = _one_line(str(err)) or type(err).__name__
+            click.echo(f"Error: {type(err).__name__}: {message} ({hint})", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# ------------------------------------------------------------------------ option types
+
+# One dtype vocabulary for every command: torch's names (as the Python API takes them), with
+# the usual short forms.
+DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+class DtypeType(click.ParamType):
+    """A torch dtype by name (``float32``) or short form (``fp32``), from an allowed set."""
+
+    name = "dtype"
+
+    def __init__(self, *allowed: str) -> None:
+        self.allowed = allowed
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join(self.allowed) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> torch.dtype:
+        if isinstance(value, torch.dtype):
+            return value
+        name = DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+        if name not in self.allowed:
+            short = ", ".join(a for a, n in DTYPE_ALIASES.items() if n in self.allowed)
+            self.fail(
+                f"{value!r} is not one of {', '.join(self.allowed)} (short forms: {short})",
+                param,
+                ctx,
+            )
+        return DTYPE_NAMES[name]
+
+
+NETWORK_DTYPE = DtypeType("float32", "bfloat16", "float16")
+STATE_DTYPE = DtypeType("float64", "float32")
+
+
+class DeviceType(click.ParamType):
+    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> str:
+        try:
+            device = torch.device(str(value))
+        except (RuntimeError, ValueError):
+            self.fail(f"{value!r} is not a device; use cpu, cuda or cuda:N", param, ctx)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+                self.fail(
+                    f"{value!r}: CUDA is not available here (torch {torch.__version__}, {build}); "
+                    "use --device cpu",
+                    param,
+                    ctx,
+                )
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                self.fail(f"{value!r}: this machine has {count} CUDA device(s)", param, ctx)
+        elif device.type == "mps":
+            if not torch.backends.mps.is_available():
+                self.fail(f"{value!r}: MPS is not available here; use --device cpu", param, ctx)
+        elif device.type != "cpu":
+            self.fail(f"{value!r}: use cpu, cuda, cuda:N or mps", param, ctx)
+        return str(device)
+
+
+def _first_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+class OutputPathType(click.ParamType):
+    """A file (or folder) the command will create; checked before any work, created by none.
+
+    The nearest existing ancestor must be a writable folder, so that a path under a regular
+    file or in a read-only folder fails at once instead of after the work.
+    """
+
+    name = "path"
+
+    def __init__(self, folder: bool = False, suffix: str | None = None) -> None:
+        self.folder = folder
+        self.suffix = suffix
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> Path:
+        path = Path(value)
+        if path.exists():
+            if self.folder and not path.is_dir():
+                self.fail(f"{str(path)!r} is a file, not a folder", param, ctx)
+            if not self.folder and path.is_dir():
+                self.fail(f"{str(path)!r} is a folder; give a file name", param, ctx)
+        if self.suffix and not self.folder and path.suffix != self.suffix:
+            self.fail(f"{str(path)!r} must end in {self.suffix}", param, ctx)
+        parent = path if self.folder and path.is_dir() else path.parent
+        existing = _first_existing(parent)
+        if not existing.is_dir():
+            self.fail(f"cannot create {str(path)!r}: {str(existing)!r} is a file", param, ctx)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            self.fail(f"cannot create {str(path)!r}: {str(existing)!r} is not writable", param, ctx)
+        return path
+
+
+class GammaType(click.ParamType):
+    """bdia's gamma: a number in [0, 1] (or (0, 1] for inversion) or a named schedule."""
+
+    name = "gamma"
+
+    def __init__(self, invertible: bool) -> None:
+        self.invertible = invertible
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> float | str:
+        from .solvers.bidirectional import NAMED_GAMMAS
+
+        if isinstance(value, float) or value in NAMED_GAMMAS:
+            return value
+        interval = "(0, 1]" if self.invertible else "[0, 1]"
+        try:
+            gamma = float(value)
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a number in {interval} or one of {', '.join(NAMED_GAMMAS)}",
+                param,
+                ctx,
+            )
+        low_ok = gamma > 0 if self.invertible else gamma >= 0
+        if not (low_ok and gamma <= 1):
+            why = " (0 is the base solver, which cannot be inverted exactly)" if gamma == 0 else ""
+            self.fail(f"{value} lies outside {interval}{why}", param, ctx)
+        return gamma
+
+
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def _finite_positive(ctx: Any, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
+
+
+# ------------------------------------------------------------------ shared options, helpers
+
+
+def _progress_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--no-progress",
+        is_flag=True,
+        help="No progress bar (without a terminal on stderr only a final line is shown).",
+    )(command)
+
+
+def _device_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--device",
+        type=DeviceType(),
+        default=None,
+        help="cpu, cuda, cuda:N or mps; defaults to this rank's GPU if there is one, else cpu.",
+    )(command)
+
+
+class _Progress:
+    """A tqdm bar on stderr when stderr is a terminal, else one line when the work is done."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True) -> None:
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.done = 0
+        self.start = time.perf_counter()
+        self.live = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not self.live)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        self.bar.close()
+        if self.enabled and not self.live and kind is None:
+            elapsed = time.perf_counter() - self.start
+            click.echo(
+                f"{self.desc}: {self.done}/{self.total} {self.unit} in {elapsed:.1f} s", err=True
+            )
+
+
+def _default_device(device: str | None) -> str:
+    if device is not None:
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), joining the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _solver(name: str, gamma: float | str | None) -> Any:
+    """The solver ``name``, wrapped by bdia when ``gamma`` is given; errors name --solver."""
+    if name.startswith("bdia-"):
+        raise click.BadParameter(
+            f"{name!r} names a bdia variant; give the base solver and the gamma: "
+            f"--solver {name[len('bdia-'):]} --gamma G",
+            param_hint="'--solver'",
+        )
+    try:
+        solver = get_solver(name)
+    except KeyError as err:
+        raise click.BadParameter(
+            f"{err.args[0]} (`bdia solvers` lists them)", param_hint="'--solver'"
+        ) from None
+    return solver if gamma is None else bdia(solver, gamma)
+
+
+def _karras(
+    steps: int, sigma_min: float, sigma_max: float, rho: float, final_zero: bool = True
+) -> torch.Tensor:
+    from .schedules import karras_grid
+
+    if not sigma_min < sigma_max:
+        raise click.BadParameter(
+            f"{sigma_min:g} must lie below --sigma-max {sigma_max:g}", param_hint="'--sigma-min'"
+        )
+    return karras_grid(
+        steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=final_zero
+    )
+
+
+def _grid_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """EDM's time grid: --sigma-min, --sigma-max and --rho, each finite and positive."""
+    for name, default, text in reversed(
+        [
+            ("--sigma-min", 0.002, "Lowest noise level of the grid (> 0)."),
+            ("--sigma-max", 80.0, "Highest noise level of the grid (> --sigma-min)."),
+            ("--rho", 7.0, "Grid exponent (> 0): steps are uniform in sigma ** (1 / rho)."),
+        ]
+    ):
+        command = click.option(
+            name,
+            default=default,
+            show_default=True,
+            type=POSITIVE,
+            callback=_finite_positive,
+            help=text,
+        )(command)
+    return command
+
+
+#: Most seeds one run takes; longer runs are split over several.
+MAX_SEEDS = 1_000_000
+GRID_MAX_IMAGES = 1024
+MAX_STEPS = 100_000
+
+
+def _load_denoiser(spec: str) -> torch.nn.Module:
+    """The preconditioned network named by ``--network``; errors name the option."""
+    from . import generate
+    from .models.checkpoints import load_network
+
+    try:
+        if spec.startswith("random:"):
+            net = generate.random_network(spec[len("random:") :])
+        else:
+            net = load_network(spec)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(_one_line(str(err)), param_hint="'--network'") from None
+    if not callable(getattr(net, "coefficients", None)):
+        raise click.BadParameter(
+            f"{spec!r} is a {type(net).__name__}, not a diffusion model (a preconditioned "
+            "denoiser); use e.g. digits, an EDM .pkl or a bdia .safetensors network",
+            param_hint="'--network'",
+        )
+    return net
+
+
+def _check_class(net: torch.nn.Module, class_label: int | None) -> None:
+    label_dim = getattr(net, "label_dim", 0)
+    if class_label is None:
+        return
+    if not label_dim:
+        raise click.BadParameter(
+            "the network is unconditional; leave --class out", param_hint="'--class'"
+        )
+    if not 0 <= class_label < label_dim:
+        raise click.BadParameter(
+            f"{class_label} is not a class of this network, which has {label_dim} "
+            f"(0..{label_dim - 1})",
+            param_hint="'--class'",
+        )
+
+
+def _set_network_dtype(net: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run the network's inner UNet in ``dtype`` (preconditioner and skip path stay float32)."""
+    if dtype == torch.float32:
+        return
+    if not hasattr(net, "compute_dtype"):
+        raise click.BadParameter(
+            f"{type(net).__name__} has no half-precision mode; use --dtype float32",
+            param_hint="'--dtype'",
+        )
+    net.compute_dtype = dtype
+
+
+@click.group(
+    cls=_Command,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", "-V", prog_name="bdia")
+@click.option(
+    "--debug", is_flag=True, help="Show the full traceback of an error instead of one line."
+)
+def main(debug: bool) -> None:
     """Single-step ODE solvers for diffusion sampling and their exactly invertible BDIA form."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -67,7 +453,7 @@ def _parse_gamma(text: str) -> float | str:
     "solver_list",
     default=",".join(available_solvers()),
     show_default="all registered",
-    help="Comma-separated base solvers.",
+    help="Comma-separated base solvers (`bdia solvers` lists them).",
 )
 @click.option(
     "--gammas",
@@ -80,109 +466,230 @@ def _parse_gamma(text: str) -> float | str:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(sorted(DTYPES)),
+    type=STATE_DTYPE,
     default="float64",
     show_default=True,
     help="State and network dtype for the error columns.",
 )
-@click.option("--batch", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--batch",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Start states integrated at once.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the start states.")
 @click.option(
     "--out",
-    default="docs/benchmarks/toy.md",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Markdown report to write.",
+    type=OutputPathType(suffix=".md"),
+    default=None,
+    help="Write the report to this .md file and its plot beside it (same name, .png); "
+    "without it the table goes to stdout only and nothing is written.",
 )
+@click.option("--no-plot", is_flag=True, help="With --out, write no plot.")
 @click.option(
-    "--plot",
-    default="docs/benchmarks/toy.png",
+    "--threads",
+    default=1,
     show_default=True,
-    type=click.Path(dir_okay=False),
-    help="PNG plot to write ('' for none).",
+    type=click.IntRange(1),
+    help="torch CPU threads; the toy tensors are too small to gain from more.",
 )
+@_progress_option
 def compare_command(
     problem: str,
     solver_list: str,
     gammas: str,
     budgets: str,
-    dtype: str,
+    dtype: torch.dtype,
     batch: int,
     seed: int,
-    out: str,
-    plot: str,
+    out: Path | None,
+    no_plot: bool,
+    threads: int,
+    no_progress: bool,
 ) -> None:
-    """Compare every solver and its bdia variants at equal NFE budgets on a toy problem."""
+    """Compare every solver and its bdia variants at equal NFE budgets on a toy problem.
+
+    Prints the markdown table on stdout; writes files only with --out.
+    """
     bases = _split(solver_list)
     for name in bases:
         try:
             get_solver(name)
         except KeyError as err:
-            raise click.BadParameter(str(err.args[0]), param_hint="--solvers") from None
+            raise click.BadParameter(str(err.args[0]), param_hint="'--solvers'") from None
     try:
         budget_values = [int(b) for b in _split(budgets)]
     except ValueError:
         raise click.BadParameter(
-            f"{budgets!r} is not a comma-separated list of integers", param_hint="--budgets"
+            f"{budgets!r} is not a comma-separated list of integers", param_hint="'--budgets'"
         ) from None
     if not budget_values or min(budget_values) < 1:
-        raise click.BadParameter("give at least one positive budget", param_hint="--budgets")
+        raise click.BadParameter("give at least one positive budget", param_hint="'--budgets'")
     gamma_values = [_parse_gamma(g) for g in _split(gammas)]
     for g in gamma_values:
         try:
             bdia("euler", g)
         except (TypeError, ValueError) as err:
-            raise click.BadParameter(str(err), param_hint="--gammas") from None
-
+            raise click.BadParameter(str(err), param_hint="'--gammas'") from None
     chosen = cmp.PROBLEMS[problem]
-    start = time.perf_counter()
-    with click.progressbar(
-        length=len(cmp.variants(bases, gamma_values)), label="comparing", file=sys.stderr
-    ) as bar:
-        results = cmp.run_comparison(
-            chosen,
-            bases,
-            gammas=gamma_values,
-            budgets=budget_values,
-            batch=batch,
-            dtype=DTYPES[dtype],
-            seed=seed,
-            on_variant=lambda v: bar.update(1),
-        )
-    elapsed = time.perf_counter() - start
-    command = "bdia " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    plot_link = (
-        os.path.relpath(plot, os.path.dirname(os.path.abspath(out))) if plot and out else None
-    )
+    try:
+        cmp.check_selection(chosen, bases, gamma_values, budget_values)
+    except cmp.EmptySelection as err:
+        hint = {"bases": "'--solvers'", "budgets": "'--budgets'"}[err.argument]
+        raise click.BadParameter(str(err), param_hint=hint) from None
+
+    # The report names the command that reproduces it: the options given, in declaration order.
+    ctx = click.get_current_context()
+    words = ["bdia", "compare"]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Option) and param.is_flag:
+            words += [param.opts[0]] if value else []
+        elif isinstance(value, torch.dtype):
+            words += [param.opts[0], dtype_name(value)]
+        else:
+            words += [param.opts[0], str(value)]
+    command = " ".join(shlex.quote(w) for w in words)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        total = len(cmp.variants(bases, gamma_values))
+        with _Progress(total, "compare", "variants", not no_progress) as bar:
+            results = cmp.run_comparison(
+                chosen,
+                bases,
+                gammas=gamma_values,
+                budgets=budget_values,
+                batch=batch,
+                dtype=dtype,
+                seed=seed,
+                on_variant=lambda v: bar.update(1),
+            )
+        plot = None if out is None or no_plot else out.with_suffix(".png")
+        if plot is not None:
+            try:
+                cmp.plot_errors(chosen, results, plot)
+                click.echo(f"wrote {plot}", err=True)
+            except ImportError:
+                log.warning("matplotlib is not installed: no plot (pip install 'bdia[plot]')")
+                plot = None
+    finally:
+        torch.set_num_threads(previous_threads)
+    # The plot lies beside the report, so the link is its bare name.
     report = cmp.markdown_report(
-        chosen, results, budget_values, DTYPES[dtype], command, plot=plot_link
+        chosen,
+        results,
+        budget_values,
+        dtype,
+        command,
+        plot=plot.name if plot is not None else None,
     )
-    click.echo(report)
-    click.echo(f"{len(results)} variants in {elapsed:.1f} s", err=True)
-    if out:
+    click.echo(report, nl=False)
+    if out is not None:
         write_atomic(out, report)
         click.echo(f"wrote {out}", err=True)
-    if plot:
-        try:
-            cmp.plot_errors(chosen, results, plot)
-            click.echo(f"wrote {plot}", err=True)
-        except ImportError:
-            log.warning("matplotlib is not installed: no plot (pip install 'bdia[plot]')")
 
 
-NETWORK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_SOLVER_HELP = "Base solver (`bdia solvers` lists them)."
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), joining the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
+def _run_settings(
+    network_spec: str,
+    solver_name: str,
+    gamma: float | str | None,
+    steps: int,
+    grid: tuple[float, float, float],
+    ts: torch.Tensor,
+    network_dtype: torch.dtype,
+    state_dtype: torch.dtype,
+    class_label: int | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings an image of ``bdia sample`` depends on, and what is recorded beside them."""
+    from ._files import file_sha256
+    from .models.checkpoints import SHIPPED_NETWORKS, shipped_network_path
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    info: dict[str, Any] = {"bdia": __version__}
+    if network_spec.startswith("random:"):
+        network = network_spec
+    else:
+        path = (
+            shipped_network_path(network_spec)
+            if network_spec in SHIPPED_NETWORKS
+            else Path(network_spec)
+        )
+        network = "sha256:" + file_sha256(path)
+        info["network path"] = network_spec if network_spec in SHIPPED_NETWORKS else str(
+            path.resolve()
+        )
+    sigma_min, sigma_max, rho = grid
+    info["grid"] = [float(t) for t in ts]
+    settings = {
+        "network": network,
+        "solver": solver_name,
+        "gamma": gamma,
+        "steps": steps,
+        "sigma-min": sigma_min,
+        "sigma-max": sigma_max,
+        "rho": rho,
+        "dtype": dtype_name(network_dtype),
+        "state-dtype": dtype_name(state_dtype),
+        "class": class_label,
+    }
+    return settings, info
+
+
+def _claim_outdir(
+    outdir: Path, settings: dict[str, Any], seeds: list[int], overwrite: bool
+) -> int:
+    """Check ``outdir``'s run record against ``settings``; returns how many stale images to drop.
+
+    A folder made with the same settings resumes. One made with other settings (or holding
+    images but no record) is refused, naming each setting that differs, unless ``overwrite``:
+    then the images of other seeds, made with the old settings, are removed so that every
+    image in the folder matches its record.
+    """
+    from . import generate
+
+    try:
+        recorded = generate.read_run_record(outdir) if outdir.is_dir() else None
+    except ValueError as err:
+        if not overwrite:
+            raise click.BadParameter(_one_line(str(err)), param_hint="'--outdir'") from None
+        recorded = {}
+    images = sorted(outdir.glob("[0-9]*/[0-9]*.png")) if outdir.is_dir() else []
+    if recorded is None and not images:
+        return 0
+    if recorded is None:
+        differences = [f"{len(images)} images but no run record ({generate.RUN_RECORD})"]
+    else:
+        differences = ["--" + d for d in generate.differing_settings(recorded, settings)]
+    if not differences:
+        return 0
+    if not overwrite:
+        # Exit status 1, not a usage error: the options are valid, the folder holds other work.
+        raise click.ClickException(
+            f"--outdir {str(outdir)!r} was made with other settings: {'; '.join(differences)}. "
+            "Use --overwrite to regenerate its images with these settings, or another --outdir"
+        )
+    wanted = {generate.image_path(outdir, seed) for seed in seeds}
+    return sum(1 for image in images if image not in wanted)
+
+
+def _drop_images_of_other_seeds(outdir: Path, seeds: list[int]) -> int:
+    from . import generate
+
+    wanted = {generate.image_path(outdir, seed) for seed in seeds}
+    removed = 0
+    for image in outdir.glob("[0-9]*/[0-9]*.png"):
+        if image not in wanted:
+            image.unlink()
+            removed += 1
+    return removed
 
 
 @main.command(name="sample")
@@ -190,45 +697,81 @@ def _distributed() -> tuple[int, int]:
     "--network",
     "network_spec",
     required=True,
+    metavar="NAME|FILE",
     help="digits (the shipped 8x8 digits model), an EDM .pkl, a bdia .safetensors, or "
     "random:NAME (ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond).",
 )
-@click.option("--solver", "solver_name", default="heun", show_default=True)
-@click.option("--gamma", default=None, help="Wrap the solver with bdia at this gamma (or 'obelm').")
-@click.option("--steps", default=18, show_default=True, type=click.IntRange(1))
-@click.option("--sigma-min", default=0.002, show_default=True, type=float)
-@click.option("--sigma-max", default=80.0, show_default=True, type=float)
-@click.option("--rho", default=7.0, show_default=True, type=float)
-@click.option("--seeds", default="0-63", show_default=True, help="e.g. 0-49999 or 1,5,7-9")
-@click.option("--class", "class_label", default=None, type=int, help="Fixed class label.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--solver", "solver_name", default="heun", show_default=True, help=_SOLVER_HELP)
 @click.option(
-    "--outdir", default=None, type=click.Path(file_okay=False), help="One PNG per seed here."
+    "--gamma",
+    type=GammaType(invertible=False),
+    default=None,
+    help="Wrap the solver with bdia at this gamma, a number in [0, 1] or obelm.",
+)
+@click.option(
+    "--steps",
+    default=18,
+    show_default=True,
+    type=click.IntRange(1, MAX_STEPS),
+    help="Steps of EDM's grid (the last one ends at sigma 0).",
+)
+@_grid_options
+@click.option(
+    "--seeds",
+    default="0-63",
+    show_default=True,
+    help=f"Seeds, one image each: e.g. 0-49999 or 1,5,7-9 (at most {MAX_SEEDS:,}).",
+)
+@click.option(
+    "--class",
+    "class_label",
+    default=None,
+    type=click.IntRange(min=0),
+    help="One class for every image (conditional networks; default: drawn from each seed).",
+)
+@click.option(
+    "--batch", default=64, show_default=True, type=click.IntRange(1), help="Images per model call."
+)
+@click.option(
+    "--outdir",
+    default=None,
+    type=OutputPathType(folder=True),
+    help="One PNG per seed here; a rerun with the same settings resumes.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Regenerate the images of --outdir even if it was made with other settings.",
 )
 @click.option(
     "--grid",
     "grid_path",
     default=None,
-    type=click.Path(dir_okay=False),
-    help="One labelled PNG grid of all seeds (at most 1024); for a conditional network "
-    "without --class, column c holds class c.",
+    type=OutputPathType(suffix=".png"),
+    help=f"One labelled PNG grid of all seeds (at most {GRID_MAX_IMAGES}); for a conditional "
+    "network without --class, column c holds class c.",
 )
 @click.option(
     "--dtype",
     "network_dtype",
-    type=click.Choice(sorted(NETWORK_DTYPES)),
-    default="fp32",
+    type=NETWORK_DTYPE,
+    default="float32",
     show_default=True,
-    help="Dtype the network runs in.",
+    help="Dtype of the network's UNet (its preconditioner and skip path stay float32).",
 )
 @click.option(
-    "--state-dtype", type=click.Choice(sorted(DTYPES)), default="float64", show_default=True
+    "--state-dtype",
+    type=STATE_DTYPE,
+    default="float64",
+    show_default=True,
+    help="Dtype of the sampler's state.",
 )
-@click.option("--device", default=None, help="Defaults to this rank's GPU, else the CPU.")
+@_device_option
+@_progress_option
 def sample_command(
     network_spec: str,
     solver_name: str,
-    gamma: str | None,
+    gamma: float | str | None,
     steps: int,
     sigma_min: float,
     sigma_max: float,
@@ -236,98 +779,81 @@ def sample_command(
     seeds: str,
     class_label: int | None,
     batch: int,
-    outdir: str | None,
-    grid_path: str | None,
-    network_dtype: str,
-    state_dtype: str,
+    outdir: Path | None,
+    overwrite: bool,
+    grid_path: Path | None,
+    network_dtype: torch.dtype,
+    state_dtype: torch.dtype,
     device: str | None,
+    no_progress: bool,
 ) -> None:
     """Sample one PNG per seed with EDM's grid (reruns skip finished seeds), or a grid PNG."""
     from . import generate
-    from .models.checkpoints import load_network
-    from .schedules import karras_grid
 
-    try:
-        seed_list = generate.parse_seeds(seeds)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--seeds") from None
-    try:
-        solver = get_solver(solver_name)
-        if gamma is not None:
-            solver = bdia(solver, _parse_gamma(gamma))
-    except (KeyError, TypeError, ValueError) as err:
-        raise click.BadParameter(str(err.args[0]), param_hint="--solver/--gamma") from None
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
-    if grid_path is not None and len(seed_list) > GRID_MAX_IMAGES:
-        raise click.BadParameter(
-            f"{len(seed_list)} seeds make an unreadable grid; give at most {GRID_MAX_IMAGES} "
-            "or use --outdir",
-            param_hint="--seeds",
-        )
-    for folder, hint in (
-        (outdir, "--outdir"),
-        (grid_path and str(Path(grid_path).parent), "--grid"),
-    ):
-        if folder is None:
-            continue
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-")
-            probe.close()
-        except OSError as err:
-            raise click.BadParameter(f"cannot write to {folder}: {err}", param_hint=hint) from None
-    rank, world = _distributed()
-    if device is None:
-        device = (
-            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        )
+    limit = GRID_MAX_IMAGES if grid_path is not None else MAX_SEEDS
     try:
-        if network_spec.startswith("random:"):
-            net = generate.random_network(network_spec[len("random:") :])
-        else:
-            net = load_network(network_spec)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    net = net.to(device=device, dtype=NETWORK_DTYPES[network_dtype])
-    ts = karras_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    if grid_path is not None and rank == 0:
-        try:
-            _write_sample_grid(
-                grid_path,
-                net,
-                solver,
-                ts,
-                seed_list,
-                class_label,
-                batch,
-                DTYPES[state_dtype],
-                device,
+        seed_list = generate.parse_seeds(seeds, limit=limit)
+    except ValueError as err:
+        if "more than" in str(err):
+            advice = (
+                f"a grid holds at most {GRID_MAX_IMAGES} images: use --outdir for more"
+                if grid_path is not None
+                else "one run takes at most that many: split the work over several runs"
             )
-        except ValueError as err:
-            raise click.ClickException(str(err)) from None
+            err = ValueError(f"{err}; {advice}")
+        raise click.BadParameter(str(err), param_hint="'--seeds'") from None
+    solver = _solver(solver_name, gamma)
+    ts = _karras(steps, sigma_min, sigma_max, rho)
+    net = _load_denoiser(network_spec)
+    _check_class(net, class_label)
+    _set_network_dtype(net, network_dtype)
+    rank, world = _distributed()
+    device = _default_device(device)
+    net = net.to(device=device)
+    show = not no_progress and rank == 0
+
+    if grid_path is not None and rank == 0:
+        with _Progress(len(seed_list), "grid", "img", show) as bar:
+            _write_sample_grid(
+                grid_path, net, solver, ts, seed_list, class_label, batch, state_dtype, device,
+                on_batch=bar.update,
+            )
         click.echo(f"wrote {grid_path} ({len(seed_list)} images)", err=True)
     if outdir is None:
         return
-    todo = len(seed_list[rank::world])
-    with tqdm(total=todo, disable=rank != 0, desc="images", unit="img") as bar:
-        try:
-            generate.generate_images(
-                net,
-                solver,
-                ts,
-                seed_list,
-                outdir,
-                batch=batch,
-                class_label=class_label,
-                state_dtype=DTYPES[state_dtype],
-                device=device,
-                rank=rank,
-                world_size=world,
-                on_batch=bar.update,
-            )
-        except ValueError as err:
-            raise click.ClickException(str(err)) from None
+
+    settings, info = _run_settings(
+        network_spec, solver_name, gamma, steps, (sigma_min, sigma_max, rho), ts, network_dtype,
+        state_dtype, class_label,
+    )
+    stale = _claim_outdir(outdir, settings, seed_list, overwrite)
+    if rank == 0:
+        if stale:
+            _drop_images_of_other_seeds(outdir, seed_list)
+            click.echo(f"removed {stale} images of other seeds made with other settings", err=True)
+        generate.write_run_record(outdir, settings, info)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    with _Progress(len(seed_list[rank::world]), "images", "img", show) as bar:
+        generate.generate_images(
+            net,
+            solver,
+            ts,
+            seed_list,
+            outdir,
+            batch=batch,
+            class_label=class_label,
+            state_dtype=state_dtype,
+            device=device,
+            rank=rank,
+            world_size=world,
+            on_batch=bar.update,
+            overwrite=overwrite,
+        )
     if world > 1:
         import torch.distributed as dist
 
@@ -346,32 +872,44 @@ def sample_command(
     type=click.Choice(["digits"]),
     help="A shipped network whose held-out data are inverted.",
 )
-@click.option("--solver", "solver_name", default="euler", show_default=True)
+@click.option("--solver", "solver_name", default="euler", show_default=True, help=_SOLVER_HELP)
 @click.option(
-    "--gamma", default="0.96", show_default=True, help="bdia's gamma (a number in (0, 1] or obelm)."
+    "--gamma",
+    default="0.96",
+    show_default=True,
+    type=GammaType(invertible=True),
+    help="bdia's gamma: a number in (0, 1] or obelm.",
 )
-@click.option("--steps", default=35, show_default=True, type=click.IntRange(2))
 @click.option(
-    "--sigma-min", default=0.002, show_default=True, type=click.FloatRange(min=0, min_open=True)
+    "--steps",
+    default=35,
+    show_default=True,
+    type=click.IntRange(2, MAX_STEPS),
+    help="Steps of EDM's grid, ending at --sigma-min.",
 )
-@click.option("--sigma-max", default=80.0, show_default=True, type=float)
-@click.option("--rho", default=7.0, show_default=True, type=float)
+@_grid_options
 @click.option(
     "--count", default=None, type=click.IntRange(1), help="Invert the first N (default: all)."
 )
 @click.option(
-    "--state-dtype", type=click.Choice(sorted(DTYPES)), default="float64", show_default=True
+    "--state-dtype",
+    type=STATE_DTYPE,
+    default="float64",
+    show_default=True,
+    help="Dtype of the sampler's state.",
 )
+@_progress_option
 def invert_command(
     network_spec: str,
     solver_name: str,
-    gamma: str,
+    gamma: float | str,
     steps: int,
     sigma_min: float,
     sigma_max: float,
     rho: float,
     count: int | None,
-    state_dtype: str,
+    state_dtype: torch.dtype,
+    no_progress: bool,
 ) -> None:
     """Invert the held-out digits to noise and back; report the reconstruction error.
 
@@ -381,51 +919,43 @@ def invert_command(
     """
     from . import generate
     from .models import digits
-    from .models.checkpoints import load_network
-    from .schedules import karras_grid
 
-    try:
-        base = get_solver(solver_name)
-        exact = bdia(base, _parse_gamma(gamma))
-    except (KeyError, TypeError, ValueError) as err:
-        raise click.BadParameter(str(err.args[0]), param_hint="--solver/--gamma") from None
-    if not sigma_min < sigma_max:
-        raise click.BadParameter(
-            f"sigma_min {sigma_min} must be below sigma_max {sigma_max}", param_hint="--sigma-min"
-        )
-    net = load_network(network_spec)
+    exact = _solver(solver_name, gamma)
+    base = exact.solver
+    ts = _karras(steps, sigma_min, sigma_max, rho, final_zero=False)
+    net = _load_denoiser(network_spec)
     split = digits.load_digits_split()
     images, labels = split.held_out_images, split.held_out_labels.tolist()
     if count is not None:
         images, labels = images[:count], labels[:count]
-    ts = karras_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=False)
-    dtype = DTYPES[state_dtype]
     click.echo(
         f"{len(labels)} held-out digits; {steps} steps from sigma {sigma_max:g} to "
-        f"{sigma_min:g}; {state_dtype} state, float32 network"
+        f"{sigma_min:g}; {dtype_name(state_dtype)} state, float32 network"
     )
     rows = [("inversion", "max abs error", "rms error")]
-    for solver, kind in ((exact, "exact"), (base, "approximate")):
-        _, back = generate.reconstruct(net, solver, ts, images, labels, state_dtype=dtype)
-        error = (back.double() - images.double()).flatten(1)
-        name = f"bdia({base.name}, {gamma})" if kind == "exact" else f"{base.name} backward"
-        rows.append(
-            (
-                f"{name} ({kind})",
-                f"{float(error.abs().max()):.3e}",
-                f"{float(error.square().mean().sqrt()):.3e}",
+    # Each solver inverts over every step and samples back from the pair's second state.
+    with _Progress(2 * (2 * steps - 1), "invert", "step", not no_progress) as bar:
+        for solver, kind in ((exact, "exact"), (base, "approximate")):
+            _, back = generate.reconstruct(
+                net, solver, ts, images, labels, state_dtype=state_dtype,
+                callback=lambda info: bar.update(),
             )
-        )
+            error = (back.double() - images.double()).flatten(1)
+            name = f"bdia({base.name}, {gamma})" if kind == "exact" else f"{base.name} backward"
+            rows.append(
+                (
+                    f"{name} ({kind})",
+                    f"{float(error.abs().max()):.3e}",
+                    f"{float(error.square().mean().sqrt()):.3e}",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-GRID_MAX_IMAGES = 1024
-
-
 def _write_sample_grid(
-    path: str,
+    path: Path,
     net: torch.nn.Module,
     solver: object,
     ts: torch.Tensor,
@@ -434,6 +964,7 @@ def _write_sample_grid(
     batch: int,
     state_dtype: torch.dtype,
     device: str,
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Sample ``seeds`` and write them as one grid, its columns captioned with their class."""
     import numpy as np
@@ -458,6 +989,8 @@ def _write_sample_grid(
         )
         images.append(generate.to_uint8(out))
         labels += drawn
+        if on_batch is not None:
+            on_batch(len(group))
     captions = [str(c) for c in labels[:columns]] if label_dim else None
     rows = -(-len(seeds) // columns)
     row_captions = [str(seeds[r * columns]) for r in range(rows)]
@@ -467,19 +1000,66 @@ def _write_sample_grid(
     generate.write_grid(path, canvas)
 
 
-def _gathered_statistics(detector_path: str, images: str, batch: int, device: str | None):
+def _fid_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--images, --detector, --batch, --device and --no-progress, shared by fid and fid-ref."""
+    options = [
+        click.option(
+            "--images",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Folder of images (searched recursively), or an .npz of uint8 NHWC images.",
+        ),
+        click.option(
+            "--detector",
+            required=True,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="NVIDIA's TorchScript Inception, inception-2015-12-05.pt (a local file).",
+        ),
+        click.option(
+            "--batch",
+            default=64,
+            show_default=True,
+            type=click.IntRange(1),
+            help="Images per detector call.",
+        ),
+        _device_option,
+        _progress_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _gathered_statistics(
+    detector_path: Path, images: Path, batch: int, device: str | None, show: bool
+) -> tuple[Any, int]:
     """Feature statistics of ``images``, split across torchrun ranks and summed."""
     from .metrics import fid
 
     rank, world = _distributed()
-    if device is None:
-        device = (
-            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        )
-    detector = fid.load_detector(detector_path, device)
-    stats = fid.image_statistics(
-        detector, images, batch=batch, device=device, rank=rank, world_size=world
-    )
+    device = _default_device(device)
+    try:
+        detector = fid.load_detector(detector_path, device)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(_one_line(str(err)), param_hint="'--detector'") from None
+    try:
+        items = fid.list_images(images)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(_one_line(str(err)), param_hint="'--images'") from None
+    mine = len(items[rank::world])
+    with _Progress(mine, "features", "img", show and rank == 0) as bar:
+        try:
+            stats = fid.image_statistics(
+                detector,
+                images,
+                batch=batch,
+                device=device,
+                rank=rank,
+                world_size=world,
+                on_batch=bar.update,
+            )
+        except ValueError as err:
+            raise click.BadParameter(_one_line(str(err)), param_hint="'--images'") from None
     if world > 1:
         import torch.distributed as dist
 
@@ -501,60 +1081,70 @@ def _gathered_statistics(detector_path: str, images: str, batch: int, device: st
 
 
 @main.command(name="fid")
-@click.option("--images", required=True, help="Folder of images, or an .npz of uint8 NHWC images.")
 @click.option(
-    "--ref", "ref_path", required=True, help="Reference statistics (.npz with mu, sigma)."
+    "--ref",
+    "ref_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Reference statistics: an .npz with arrays mu and sigma (EDM's, or `bdia fid-ref`).",
 )
-@click.option("--detector", required=True, help="NVIDIA's TorchScript inception-2015-12-05.pt.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--device", default=None)
-def fid_command(images: str, ref_path: str, detector: str, batch: int, device: str | None) -> None:
+@_fid_inputs
+def fid_command(
+    ref_path: Path,
+    images: Path,
+    detector: Path,
+    batch: int,
+    device: str | None,
+    no_progress: bool,
+) -> None:
     """Frechet Inception Distance of IMAGES against reference statistics, as EDM computes it."""
     from .metrics import fid
 
     try:
         mu_ref, sigma_ref = fid.load_reference(ref_path)
-        stats, rank = _gathered_statistics(detector, images, batch, device)
     except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        raise click.BadParameter(_one_line(str(err)), param_hint="'--ref'") from None
+    stats, rank = _gathered_statistics(detector, images, batch, device, not no_progress)
     if rank == 0:
-        value = fid.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
+        try:
+            value = fid.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
+        except ValueError as err:
+            raise click.BadParameter(_one_line(str(err)), param_hint="'--ref'") from None
         click.echo(f"{value:.6g}")
         click.echo(f"FID over {stats.n} images", err=True)
 
 
 @main.command(name="fid-ref")
-@click.option("--images", required=True, help="Folder of images, or an .npz of uint8 NHWC images.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
-@click.option("--detector", required=True, help="NVIDIA's TorchScript inception-2015-12-05.pt.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--device", default=None)
-def fid_ref_command(images: str, out: str, detector: str, batch: int, device: str | None) -> None:
+@click.option(
+    "--out",
+    required=True,
+    type=OutputPathType(suffix=".npz"),
+    help="The .npz of reference statistics (mu, sigma) to write.",
+)
+@_fid_inputs
+def fid_ref_command(
+    out: Path, images: Path, detector: Path, batch: int, device: str | None, no_progress: bool
+) -> None:
     """Write reference statistics (mu, sigma) of IMAGES to an npz in EDM's format."""
     from .metrics import fid
 
-    try:
-        stats, rank = _gathered_statistics(detector, images, batch, device)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    stats, rank = _gathered_statistics(detector, images, batch, device, not no_progress)
     if rank == 0:
         fid.save_reference(out, stats.mu, stats.sigma)
         click.echo(f"wrote {out} from {stats.n} images", err=True)
 
 
 @main.command()
-@click.argument("source", type=click.Path(dir_okay=False))
-@click.argument("target", type=click.Path(dir_okay=False))
-def convert(source: str, target: str) -> None:
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("target", type=OutputPathType(suffix=".safetensors"))
+def convert(source: Path, target: Path) -> None:
     """Convert an EDM network pickle to a bdia safetensors file (no code from SOURCE runs)."""
     from .models.checkpoints import load_network, save_network
 
-    if not target.endswith(".safetensors"):
-        raise click.BadParameter("the target must end in .safetensors", param_hint="TARGET")
     try:
         net = load_network(source)
     except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        raise click.BadParameter(_one_line(str(err)), param_hint="'SOURCE'") from None
     save_network(net, target)
     count = sum(p.numel() for p in net.parameters())
     click.echo(f"wrote {target}: {net.config['class_name']}, {count:,} parameters")

@@ -22,15 +22,17 @@ from .models import toy
 from .ode import ODE
 from .sampling import StatePair, invert, sample
 from .schedules import EDM, Schedule, VPLinear, karras_grid, uniform_logsnr_grid, uniform_t_grid
-from .solvers import BidirectionalWrapper, Solver, bdia, get_solver
+from .solvers import BidirectionalWrapper, Solver, available_solvers, bdia, get_solver
 
 __all__ = [
     "Problem",
     "PROBLEMS",
     "Variant",
     "Result",
+    "EmptySelection",
     "variants",
     "steps_for_budget",
+    "check_selection",
     "run_comparison",
     "markdown_report",
     "plot_errors",
@@ -176,6 +178,83 @@ def steps_for_budget(solver: Solver | BidirectionalWrapper, budget: int) -> int:
     return budget // s
 
 
+def _min_steps(solver: Solver | BidirectionalWrapper) -> int:
+    # bdia's first step is its base solver's; a run is bdia only from the second step on.
+    return 2 if isinstance(solver, BidirectionalWrapper) else 1
+
+
+def _min_budget(solver: Solver | BidirectionalWrapper) -> int:
+    """The smallest budget that ``run_comparison`` measures ``solver`` at."""
+    if isinstance(solver, BidirectionalWrapper):
+        return solver.stages + solver.nfe_per_step
+    return solver.stages
+
+
+def _plan(solver: Solver | BidirectionalWrapper, budgets: Iterable[int]) -> list[tuple[int, int]]:
+    """``(budget, steps)`` for every budget the solver is run at, in the given order."""
+    pairs = [(b, steps_for_budget(solver, b)) for b in budgets]
+    return [(b, n) for b, n in pairs if n >= _min_steps(solver)]
+
+
+class EmptySelection(ValueError):
+    """A selection with nothing to measure on its problem.
+
+    Attributes:
+        argument: what to change, ``"bases"`` (no base solver works on the problem) or
+            ``"budgets"`` (every budget is below what one run needs).
+    """
+
+    def __init__(self, message: str, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+def _join(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_selection(
+    problem: Problem,
+    bases: Sequence[str],
+    gammas: Sequence[float | str] = DEFAULT_GAMMAS,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+) -> None:
+    """Raise EmptySelection, saying why and what would work, if no variant can be measured.
+
+    A variant is measured when its solver accepts the problem's ODE and at least one budget
+    holds a run (one step, two under bdia).
+    """
+    chosen = variants(bases, gammas)
+    usable = [
+        n for n in available_solvers() if problem.diffusion or not get_solver(n).needs_diffusion
+    ]
+    if not chosen:
+        raise EmptySelection(
+            f"nothing to compare: no base solver given; solvers that work on problem "
+            f"{problem.name!r}: {', '.join(usable)}",
+            "bases",
+        )
+    runnable = [v for v in chosen if problem.diffusion or not v.solver().needs_diffusion]
+    if not runnable:
+        refused = list(dict.fromkeys(v.base for v in chosen))
+        verb = "needs" if len(refused) == 1 else "need"
+        raise EmptySelection(
+            f"nothing to compare: {_join(refused)} {verb} a diffusion ODE and problem "
+            f"{problem.name!r} is a plain ODE; solvers that work on it: {', '.join(usable)}",
+            "bases",
+        )
+    if not budgets:
+        raise EmptySelection("nothing to compare: no budget given", "budgets")
+    if not any(_plan(v.solver(), budgets) for v in runnable):
+        need, label = min((_min_budget(v.solver()), v.label) for v in runnable)
+        raise EmptySelection(
+            f"nothing to compare: the budgets {', '.join(map(str, budgets))} are below what "
+            f"one run needs (the cheapest, {label}, needs {need} NFE); give budgets of at "
+            f"least {need}",
+            "budgets",
+        )
+
+
 @dataclass
 class Result:
     """Measurements of one variant; dictionaries are keyed by budget."""
@@ -208,22 +287,38 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _forward(
+    ode: ODE, solver: Solver | BidirectionalWrapper, x: Tensor, ts: Tensor
+) -> Tensor | StatePair:
+    """Sample from ``x`` (shape ``(batch, dim)``) along the 1-D grid ``ts``.
+
+    Returns:
+        The end state (``x``'s shape and dtype), or under bdia the final ``StatePair``, which
+        is what its exact inversion starts from.
+    """
+    bidirectional = isinstance(solver, BidirectionalWrapper)
+    return sample(ode, solver, x, ts, return_pair=bidirectional, progress=False)
+
+
+def _end(forward: Tensor | StatePair) -> Tensor:
+    return forward.later if isinstance(forward, StatePair) else forward
+
+
 def _roundtrip(
-    problem: Problem,
+    ode: ODE,
     solver: Solver | BidirectionalWrapper,
     x0: Tensor,
+    forward: Tensor | StatePair,
     ts: Tensor,
-    dtype: torch.dtype,
 ) -> float:
-    """Sample from x0, invert the result, and compare with x0 (relative error)."""
-    ode = problem.make_ode(torch.float32)
-    x = x0.to(dtype)
-    if isinstance(solver, BidirectionalWrapper):
-        pair = sample(ode, solver, x, ts, return_pair=True, progress=False)
-        back = invert(ode, solver, StatePair(*pair), ts, progress=False)
-    else:
-        end = sample(ode, solver, x, ts, progress=False)
-        back = invert(ode, solver, end, ts, progress=False)
+    """Invert ``forward`` (what ``_forward`` gave from ``x0``) and compare with ``x0``.
+
+    Returns:
+        ``|back - x0| / |x0|`` over the whole ``(batch, dim)`` float64 start ``x0``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        back = invert(ode, solver, forward, ts, progress=False)
     return _relative(back.earlier, x0)
 
 
@@ -244,12 +339,22 @@ def run_comparison(
     with a float32 network and a float32 or float64 state.
 
     Returns:
-        One Result per variant, in ``variants(bases, gammas)`` order.
+        One Result per variant that accepts the problem's ODE, in ``variants(bases, gammas)``
+        order; a variant no budget holds a run of has no errors.
+
+    Raises:
+        EmptySelection: if no variant can be measured (see ``check_selection``).
     """
+    check_selection(problem, bases, gammas, budgets)
     x0 = problem.start(batch, torch.Generator().manual_seed(seed))
     reference = problem.reference(x0)
+    # One ODE per network dtype and one grid per step count, shared by every variant.
+    ode = problem.make_ode(dtype)
+    ode32 = problem.make_ode(torch.float32)
+    grids: dict[int, Tensor] = {}
     results = []
     with torch.inference_mode():
+        starts = {d: x0.to(d) for d in (dtype, torch.float32, torch.float64)}
         for variant in variants(bases, gammas):
             if on_variant is not None:
                 on_variant(variant)
@@ -257,29 +362,33 @@ def run_comparison(
             if solver.needs_diffusion and not problem.diffusion:
                 continue
             result = Result(variant, solver.order)
-            ode = problem.make_ode(dtype)
-            largest = None
-            for budget in budgets:
-                steps = steps_for_budget(solver, budget)
-                if steps < (2 if variant.gamma is not None else 1):
-                    continue
-                ts = problem.grid(steps)
+            plan = _plan(solver, budgets)
+            largest = max(plan, key=lambda p: p[1], default=None)
+            # A float32 error run is also the forward half of the float32 round trip.
+            reused: Tensor | StatePair | None = None
+            for budget, steps in plan:
+                if steps not in grids:
+                    grids[steps] = problem.grid(steps)
+                ts = grids[steps]
                 ode.reset_nfe()
                 try:
-                    out = sample(ode, solver, x0.to(dtype), ts, progress=False)
-                    result.error[budget] = _relative(out, reference)
+                    forward = _forward(ode, solver, starts[dtype], ts)
+                    result.error[budget] = _relative(_end(forward), reference)
+                    if dtype == torch.float32 and (budget, steps) == largest:
+                        reused = forward
                 except FloatingPointError:
                     result.error[budget] = math.inf
                 result.nfe[budget] = ode.nfe
-                largest = ts
             if largest is not None:
+                ts = grids[largest[1]]
                 if isinstance(solver, BidirectionalWrapper):
-                    result.amplification = solver.amplification(ode, largest.tolist())
+                    result.amplification = solver.amplification(ode, ts.tolist())
                 for attr, state in (("roundtrip32", torch.float32), ("roundtrip64", torch.float64)):
+                    forward = reused if state == torch.float32 else None
                     try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore", RuntimeWarning)
-                            value = _roundtrip(problem, solver, x0, largest, state)
+                        if forward is None:
+                            forward = _forward(ode32, solver, starts[state], ts)
+                        value = _roundtrip(ode32, solver, x0, forward, ts)
                     except FloatingPointError:
                         value = math.inf
                     setattr(result, attr, value)
@@ -365,8 +474,11 @@ def plot_errors(problem: Problem, results: Sequence[Result], path: str | os.Path
         ax.legend(fontsize=7)
     for ax in axes.flat[len(bases) :]:
         ax.axis("off")
-    for ax in axes[-1]:
+    # The lowest panel in use in each column carries the x axis, also above an empty cell.
+    for col in range(cols):
+        ax = axes.flat[max(range(col, len(bases), cols))]
         ax.set_xlabel("NFE")
+        ax.tick_params(axis="x", labelbottom=True)
     for ax in axes[:, 0]:
         ax.set_ylabel("relative error")
     fig.suptitle(f"{problem.name}: error against NFE")

@@ -9,6 +9,7 @@ ends with exactly the images of an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._files import replace_atomic
+from ._files import replace_atomic, write_atomic
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
@@ -36,18 +37,28 @@ __all__ = [
     "grid_image",
     "write_grid",
     "reconstruct",
+    "RUN_RECORD",
+    "read_run_record",
+    "differing_settings",
+    "write_run_record",
 ]
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
+#: Seeds must fit torch.Generator.manual_seed, which takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
 
-def parse_seeds(text: str) -> list[int]:
+
+def parse_seeds(text: str, limit: int | None = None) -> list[int]:
     """Parse ``"0-49999"``, ``"1,5,7-9"`` into a sorted list of distinct seeds.
 
+    The count is checked against ``limit`` before any list is built, so that a range such as
+    ``0-1000000000`` is refused at once instead of filling the memory.
+
     Raises:
-        ValueError: naming the part that does not parse.
+        ValueError: naming the part that does not parse, or the count when it exceeds ``limit``.
     """
-    seeds: set[int] = set()
+    ranges = []
     for part in text.split(","):
         match = _RANGE.match(part)
         if not match:
@@ -59,6 +70,21 @@ def parse_seeds(text: str) -> list[int]:
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"cannot parse seeds {text!r}: range {part.strip()!r} runs backward")
+        if hi > MAX_SEED:
+            raise ValueError(f"cannot use seed {hi}: seeds must lie in 0..{MAX_SEED}")
+        ranges.append((lo, hi))
+    # Count the union of the ranges (they may overlap) without enumerating it.
+    count, reach = 0, -1
+    for lo, hi in sorted(ranges):
+        if hi > reach:
+            count += hi - max(lo, reach + 1) + 1
+            reach = hi
+    if limit is not None and count > limit:
+        raise ValueError(
+            f"{text!r} names {count:,} seeds, more than {limit:,}"
+        )
+    seeds: set[int] = set()
+    for lo, hi in ranges:
         seeds.update(range(lo, hi + 1))
     return sorted(seeds)
 
@@ -266,13 +292,15 @@ def reconstruct(
     device: torch.device | str = "cpu",
     target_labels: Sequence[int] | None = None,
     edit_solver: object | None = None,
+    callback: Callable[[dict], None] | None = None,
 ) -> tuple[Any, Tensor]:
     """Invert ``images`` (taken as the state at ``ts[-1] > 0``) and sample them back.
 
     The inversion runs under ``labels``. With ``target_labels`` (an edit) the regeneration runs
     under those labels and with ``edit_solver`` (default ``solver``): a single-step solver
     continues from the inverted pair's later state. Returns ``(StatePair at ts[0], ts[1];
-    images regenerated at ts[-1])`` in ``state_dtype``.
+    images regenerated at ts[-1])`` in ``state_dtype``. ``callback`` is called after every
+    step of both passes, as in ``bdia.sample``.
 
     A BDIA pair holds the trajectory's parasitic mode, which only its own conditioning
     cancels; regenerated under other labels it grows toward the data and leaves noise, so
@@ -283,12 +311,60 @@ def reconstruct(
     x = images.to(device=device, dtype=state_dtype)
     ode = DiffusionODE(net, EDM(), cond=_conditioning(net, labels, device))
     with torch.no_grad():
-        pair = invert(ode, solver, x, ts, progress=False)
+        pair = invert(ode, solver, x, ts, progress=False, callback=callback)
         if target_labels is not None:
             ode = DiffusionODE(net, EDM(), cond=_conditioning(net, target_labels, device))
             solver = edit_solver if edit_solver is not None else solver
-        back = sample(ode, solver, pair, ts, progress=False)
+        back = sample(ode, solver, pair, ts, progress=False, callback=callback)
     return pair, back
+
+
+#: The file in an output folder that records the settings its images were made with.
+RUN_RECORD = "bdia-run.json"
+_RECORD_FORMAT = "bdia-run/1"
+
+
+def read_run_record(outdir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings recorded in ``outdir`` (None if it has no record).
+
+    Raises:
+        ValueError: if the record exists but cannot be read as one.
+    """
+    path = Path(outdir) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != _RECORD_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}")
+        return dict(record["settings"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"{path} is not a run record this version of bdia reads ({err}); move the folder "
+            "aside or pass --overwrite to start it afresh"
+        ) from None
+
+
+def differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One ``"name (X in the record, Y now)"`` for each setting whose value differs."""
+
+    def show(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [
+        f"{name} ({show(recorded.get(name))} in the record, {show(current.get(name))} now)"
+        for name in dict.fromkeys([*current, *recorded])
+        if recorded.get(name) != current.get(name)
+    ]
+
+
+def write_run_record(
+    outdir: str | os.PathLike[str], settings: dict[str, Any], info: dict[str, Any] | None = None
+) -> Path:
+    """Record ``settings`` (JSON values; compared by later runs) and ``info`` (not compared)."""
+    record = {"format": _RECORD_FORMAT, "settings": settings, "info": info or {}}
+    return write_atomic(Path(outdir) / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
 def generate_images(
@@ -305,6 +381,7 @@ def generate_images(
     rank: int = 0,
     world_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Sample one PNG per seed into ``outdir`` (this rank's share: ``seeds[rank::world_size]``).
 
@@ -318,6 +395,10 @@ def generate_images(
         batch: images per network call (does not change any image).
         class_label: a fixed class, or None for one drawn from each seed.
         state_dtype: dtype of the sampler state.
+        on_batch: called with the number of seeds finished: once at the start with those
+            already on disk (skipped), then after every batch, so that the counts of a
+            resumed run add up to its share of the seeds.
+        overwrite: regenerate the PNGs that already exist instead of skipping their seeds.
 
     Returns:
         Paths of the PNGs this call wrote.
@@ -330,14 +411,17 @@ def generate_images(
     if class_label is not None and not 0 <= class_label < max(label_dim, 1):
         raise ValueError(f"class {class_label} is outside 0..{label_dim - 1}")
     res, channels = net.img_resolution, net.img_channels
+    share = list(seeds)[rank::world_size]
     mine = []
-    for seed in list(seeds)[rank::world_size]:
+    for seed in share:
         path = image_path(outdir, seed)
         # A run killed while writing leaves this seed's temporary file; only this rank owns it.
         for stale in path.parent.glob(f".{path.stem}.*.png"):
             stale.unlink(missing_ok=True)
-        if not path.exists():
+        if overwrite or not path.exists():
             mine.append(seed)
+    if on_batch is not None and len(share) > len(mine):
+        on_batch(len(share) - len(mine))
     written = []
     for group in _batches(mine, batch):
         noise, labels = seed_inputs(group, (channels, res, res), label_dim, class_label)

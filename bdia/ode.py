@@ -46,6 +46,66 @@ class Evaluation:
     eps: Tensor | None = None
 
 
+#: dtype names accepted where a dtype is asked for (``state_dtype``, ``model_dtype``).
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _model_dtype(value: Any) -> torch.dtype | None:
+    """``model_dtype`` as a floating torch dtype (a dtype or its name), or None."""
+    if value is None:
+        return None
+    dtype = DTYPE_NAMES.get(value.removeprefix("torch.")) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(
+            f"model_dtype must be a floating torch dtype such as torch.float32 or "
+            f"torch.bfloat16 (or its name: {', '.join(repr(n) for n in DTYPE_NAMES)}), "
+            f"got {value!r}"
+        )
+    return dtype
+
+
+# What a schedule given by name most likely meant, for the refusal's hint.
+_SCHEDULE_HINTS = {
+    "edm": "bdia.EDM()",
+    "ve": "bdia.EDM()",
+    "vp": "bdia.VPLinear()",
+    "vplinear": "bdia.VPLinear()",
+    "linear": "bdia.VPLinear()",
+    "vpcosine": "bdia.VPCosine()",
+    "cosine": "bdia.VPCosine()",
+    "vpdiscrete": "bdia.VPDiscrete(betas=...)",
+    "discrete": "bdia.VPDiscrete(betas=...)",
+}
+
+
+def _check_schedule(schedule: Any) -> Schedule:
+    """``schedule`` if it is a Schedule instance; otherwise a TypeError that names the fix."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    known = "bdia.EDM(), bdia.VPLinear(), bdia.VPCosine() or bdia.VPDiscrete(betas=...)"
+    if isinstance(schedule, str):
+        key = "".join(c for c in schedule.lower() if c.isalnum())
+        hint = _SCHEDULE_HINTS.get(key)
+        fix = f"pass {hint}" if hint else f"pass one of {known}"
+        raise TypeError(
+            f"schedule must be a Schedule instance, not the string {schedule!r}; {fix} "
+            "(schedules are objects because they have parameters)"
+        )
+    if isinstance(schedule, type) and issubclass(schedule, Schedule):
+        raise TypeError(
+            f"schedule must be a Schedule instance, got the class {schedule.__name__}; "
+            f"call it: {schedule.__name__}()"
+        )
+    raise TypeError(
+        f"schedule must be a Schedule instance such as {known}, got {type(schedule).__name__}"
+    )
+
+
 def _infer_model_dtype(model: Callable[..., Any]) -> torch.dtype | None:
     """The dtype of a module's first floating parameter, or None for a plain callable."""
     if isinstance(model, torch.nn.Module):
@@ -61,8 +121,9 @@ class ODE:
     Args:
         f: ``f(t, x) -> dx/dt`` with ``t`` a 0-dim tensor in ``x``'s dtype and device and
             ``x`` of shape ``(batch, ...)``; returns a tensor of ``x``'s shape.
-        model_dtype: if given, ``x`` is cast to it before ``f`` and the result cast back to
-            the state dtype (the precision policy: a float64 state around a float32 ``f``).
+        model_dtype: if given (a floating torch dtype or its name), ``x`` is cast to it
+            before ``f`` and the result cast back to the state dtype (the precision policy: a
+            float64 state around a float32 ``f``).
 
     Attributes:
         nfe: evaluations of ``f`` so far; ``reset_nfe()`` sets it to 0.
@@ -77,7 +138,7 @@ class ODE:
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
         self.f = f
-        self.model_dtype = model_dtype
+        self.model_dtype = _model_dtype(model_dtype)
         self.nfe = 0
 
     def __repr__(self) -> str:
@@ -128,10 +189,14 @@ class DiffusionODE(ODE):
             ``(batch, ...)``, ``sigma_bar`` of shape ``(batch,)``; returns the denoised
             ``x_bar`` (same shape). Use ``from_eps``, ``from_x0`` or ``from_v`` for networks
             that predict something else in the schedule's own space.
-        schedule: the noise schedule; defaults to ``EDM()`` (alpha = 1, sigma = t).
+        schedule: the noise schedule, a ``Schedule`` instance such as ``EDM()``,
+            ``VPLinear()``, ``VPCosine()`` or ``VPDiscrete(betas=...)``; defaults to ``EDM()``
+            (alpha = 1, sigma = t). A name such as ``"edm"`` is refused with a TypeError
+            that names the class to use.
         model_dtype: dtype the network runs in (input cast down, output cast up to the
-            state dtype). Defaults to the dtype of the network's parameters when the
-            denoiser is an ``nn.Module``, else the state dtype.
+            state dtype), a torch dtype or its name (``"bfloat16"``). Defaults to the dtype
+            of the network's parameters when the denoiser is an ``nn.Module``, else the
+            state dtype.
         cond: keyword arguments passed to every model call (class labels, say).
         prediction: what the model returns: ``"denoised"`` (EDM form, the default), or
             ``"eps"``, ``"x0"``, ``"v"`` for a network called as ``model(x, t, **cond)`` in
@@ -156,7 +221,8 @@ class DiffusionODE(ODE):
         if not callable(denoiser):
             raise TypeError(f"the model must be callable, got {type(denoiser).__name__}")
         self.f = denoiser
-        self.schedule = schedule if schedule is not None else EDM()
+        self.schedule = _check_schedule(schedule) if schedule is not None else EDM()
+        model_dtype = _model_dtype(model_dtype)
         self.model_dtype = model_dtype if model_dtype is not None else _infer_model_dtype(denoiser)
         self.cond = dict(cond or {})
         self.prediction = prediction

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ode import ODE, Evaluation
+from .ode import DTYPE_NAMES, ODE, Evaluation
 from .solvers.base import Solver, get_solver
 from .solvers.bidirectional import BidirectionalWrapper
 
@@ -74,6 +74,54 @@ def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
     return values
 
 
+def _state_dtype(value: Any) -> torch.dtype | None:
+    """``state_dtype`` as a torch dtype: None, a torch dtype, or a name such as ``"float64"``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # Half-precision names resolve too, so that they meet the refusal in _state.
+        dtype = DTYPE_NAMES.get(value.removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(
+                f"state_dtype {value!r} is not a state dtype; use torch.float32 or "
+                "torch.float64, or the names 'float32' or 'float64'"
+            )
+        return dtype
+    if not isinstance(value, torch.dtype):
+        raise TypeError(
+            f"state_dtype must be torch.float32 or torch.float64 (or the name 'float32' or "
+            f"'float64'), got {type(value).__name__} {value!r}"
+        )
+    if not value.is_floating_point or value.is_complex:
+        raise TypeError(
+            f"state_dtype must be a real floating dtype (torch.float32 or torch.float64), "
+            f"got {value}"
+        )
+    return value
+
+
+def _count_non_finite(x: Tensor) -> int:
+    return int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+
+
+def _check_input_finite(x: Tensor, cast: Tensor, what: str) -> None:
+    """Refuse NaN/Inf in a state the caller gave (before any model call), or made by the cast."""
+    role = what.split("[")[0].split(".")[0]
+    label = f"the {role} state" + ("" if what == role else f" ({what})")
+    bad = _count_non_finite(x)
+    if bad:
+        raise ValueError(
+            f"{label} contains {bad} NaN/Inf values (of {x.numel()} entries): bad input, not a "
+            "model failure, and no model call was made; give a finite state"
+        )
+    bad = 0 if cast is x else _count_non_finite(cast)
+    if bad:
+        raise ValueError(
+            f"{label} has {bad} values beyond the range of {cast.dtype}, which the cast to "
+            "state_dtype turns into Inf; keep the state in a wider dtype"
+        )
+
+
 def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
     """The state in the dtype the policy asks for (a new tensor when it casts; never in place)."""
     if not isinstance(x, Tensor):
@@ -90,7 +138,9 @@ def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
         )
     if x.ndim == 0:
         raise ValueError(f"{what} needs a batch dimension, got a 0-dim tensor")
-    return x.to(dtype)
+    out = x.to(dtype)
+    _check_input_finite(x, out, what)
+    return out
 
 
 def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | None:
@@ -100,10 +150,13 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
     if not isinstance(low, Tensor) or low.shape != original.shape:
         raise ValueError(f"{what} must be a tensor of the state's shape {tuple(original.shape)}")
     if high.dtype == original.dtype:
-        return low.to(device=high.device)
-    # Re-split the exact value into the new dtype's two words.
-    wide = torch.float64
-    return ((original.to(wide) - high.to(wide)) + low.to(wide)).to(high.dtype)
+        out = low.to(device=high.device)
+    else:
+        # Re-split the exact value into the new dtype's two words.
+        wide = torch.float64
+        out = ((original.to(wide) - high.to(wide)) + low.to(wide)).to(high.dtype)
+    _check_input_finite(low, out, what)
+    return out
 
 
 def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> StatePair | Tensor:
@@ -180,7 +233,7 @@ def sample(
     return_pair: bool = False,
     progress: bool | None = None,
     callback: Callback | None = None,
-    state_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | str | None = None,
 ) -> Tensor | StatePair:
     """Integrate from ``ts[0]`` to ``ts[-1]``.
 
@@ -195,16 +248,19 @@ def sample(
         return_pair: return ``StatePair(x at ts[-2], x at ts[-1])``, the exact input of ``invert``.
         progress: tqdm bar; None shows it only on a terminal.
         callback: called after every step with ``{"i", "t", "t_next", "x", "x_next", "denoised"}``.
-        state_dtype: dtype of the solver state (float32 or float64); defaults to ``start``'s.
+        state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
+            the name ``"float32"`` or ``"float64"``; defaults to ``start``'s.
 
     Returns:
         x at ``ts[-1]`` in the state dtype (or the trajectory, or the final pair).
 
     Raises:
+        ValueError: if ``start`` holds NaN or Inf (bad input; no model call is made).
         FloatingPointError: if a step produces NaN or Inf (the message names the step).
     """
     if trajectory and return_pair:
         raise ValueError("choose trajectory=True or return_pair=True, not both")
+    state_dtype = _state_dtype(state_dtype)
     _check_solver(solver, ode)
     grid = _grid(ts, ode)
     state = _pair(start, state_dtype, "start")
@@ -273,7 +329,7 @@ def invert(
     *,
     progress: bool | None = None,
     callback: Callback | None = None,
-    state_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | str | None = None,
 ) -> StatePair:
     """Run the sampler backward, from ``ts[-1]`` to ``ts[0]``.
 
@@ -290,15 +346,20 @@ def invert(
         ts: the sampling grid, strictly monotonic.
         progress: tqdm bar, as in ``sample``.
         callback: called after every step, as in ``sample`` (``x_next`` is the earlier state).
-        state_dtype: dtype of the solver state, as in ``sample``.
+        state_dtype: dtype of the solver state, as in ``sample`` (a dtype or its name).
 
     Returns:
         ``StatePair(x at ts[0], x at ts[1])``, in the state dtype.
+
+    Raises:
+        ValueError: if ``end`` holds NaN or Inf (bad input; no model call is made).
+        FloatingPointError: if a step produces NaN or Inf (the message names the step).
 
     Warns:
         RuntimeWarning: when BDIA's amplification prod(1/gamma_k) exceeds what the state
             dtype can carry.
     """
+    state_dtype = _state_dtype(state_dtype)
     _check_solver(solver, ode)
     grid = _grid(ts, ode)
     state = _pair(end, state_dtype, "end")
@@ -351,16 +412,24 @@ def odeint(
     func: Callable[[Tensor, Tensor], Tensor] | ODE,
     y0: Tensor,
     t: Tensor | Sequence[float],
-    method: str = "bdia-heun",
+    method: str = "rk4",
     options: dict[str, Any] | None = None,
 ) -> Tensor:
     """torchdiffeq-shaped front door: the solution at every time in ``t``.
+
+    The default method is classical RK4, stable on dissipative problems at ordinary step
+    sizes. The BDIA methods stay available by name (``"bdia-heun"``, ``"bdia-euler"``, ...)
+    but are two-step schemes whose default ``gamma = 1`` is only weakly stable: the
+    parasitic mode, which flips sign every step, is not damped, and on a dissipative problem
+    it grows. On ``y' = -5 y``, ``y(0) = 1`` with 201 points on [0, 10], ``"bdia-heun"``
+    ends at about -7e17 where the solution is ``exp(-50) ~ 2e-22``; ``"rk4"`` gives 1.93e-22.
+    Use a bdia method where its exact inversion is the point.
 
     Args:
         func: ``func(t, y) -> dy/dt`` (``t`` a 0-dim tensor), or an ``ODE``/``DiffusionODE``.
         y0: initial state at ``t[0]``, any shape with a leading dimension.
         t: strictly monotonic 1-D grid; the solver steps exactly on it.
-        method: a registered solver name or ``"bdia-<name>"``.
+        method: a registered solver name or ``"bdia-<name>"``; defaults to ``"rk4"``.
         options: solver options, e.g. ``{"gamma": 0.96}`` for a bdia method.
 
     Returns:

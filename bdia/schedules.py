@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+# Relative slack of the noise-range checks: rounding of values derived from the domain's ends.
+_RANGE_SLACK = 1e-9
+
+
 def _softplus(z: float) -> float:
     """log(1 + e^z) without overflow."""
     return z + math.log1p(math.exp(-z)) if z > 0 else math.log1p(math.exp(z))
@@ -85,11 +89,46 @@ class Schedule(ABC):
         s = self.sigma(t)
         return math.inf if s == 0.0 else self.log_alpha(t) - math.log(s)
 
+    def sigma_bar_range(self) -> tuple[float, float]:
+        """``(sigma_bar(t_min), sigma_bar(t_max))``: the noise levels the domain covers."""
+        # + 0.0 turns the -0.0 that sqrt(-0.0) gives at a clean end into 0.0 for the messages.
+        return self.sigma_bar(self.t_min) + 0.0, self.sigma_bar(self.t_max) + 0.0
+
+    def check_log_snr(self, log_snr: float) -> None:
+        """Raise ValueError if no time in ``[t_min, t_max]`` has this log-SNR.
+
+        The message gives the value as ``sigma_bar = exp(-log_snr)`` and the schedule's
+        sigma_bar range. A relative slack of 1e-9 admits the rounding of a value computed
+        from the domain's own end points (a stage inside a step, a grid end).
+        """
+        if math.isnan(log_snr):
+            raise ValueError(f"log-SNR is NaN; {self!r} needs a value in its noise range")
+        sb_min, sb_max = self.sigma_bar_range()
+        try:
+            sigma_bar = math.exp(-log_snr)
+        except OverflowError:
+            sigma_bar = math.inf
+        if sb_min * (1.0 - _RANGE_SLACK) <= sigma_bar <= sb_max * (1.0 + _RANGE_SLACK):
+            return
+        raise ValueError(
+            f"sigma_bar = {sigma_bar:.6g} lies outside {self!r}'s noise range: sigma_bar "
+            f"from {sb_min:.6g} (at t_min = {self.t_min:g}) to {sb_max:.6g} (at t_max = "
+            f"{self.t_max:g}); the schedule has no time for it. Choose noise levels inside "
+            "that range" + (" (this schedule never reaches sigma = 0)" if sb_min > 0 else "")
+        )
+
     def t_from_sigma_bar(self, sigma_bar: float) -> float:
-        """The time at which ``sigma / alpha`` equals ``sigma_bar`` (0 gives the clean end)."""
-        if sigma_bar < 0:
+        """The time at which ``sigma / alpha`` equals ``sigma_bar`` (0 gives the clean end).
+
+        Raises:
+            ValueError: if ``sigma_bar`` is negative, NaN, or outside ``sigma_bar_range()``
+                (the message names both).
+        """
+        if not sigma_bar >= 0:
             raise ValueError(f"sigma_bar must be >= 0, got {sigma_bar}")
-        return self.t_from_log_snr(math.inf if sigma_bar == 0 else -math.log(sigma_bar))
+        log_snr = math.inf if sigma_bar == 0 else -math.log(sigma_bar)
+        self.check_log_snr(log_snr)
+        return self.t_from_log_snr(log_snr)
 
     def check_times(self, ts: Sequence[float]) -> None:
         """Raise ValueError naming the first time outside ``[t_min, t_max]``."""
@@ -150,10 +189,18 @@ class _VariancePreserving(Schedule):
         return math.inf if s == 0 else -self.alpha(t) * self.alpha_dot(t) / s
 
     def t_from_log_snr(self, log_snr: float) -> float:
+        """The time with this log-SNR; a ValueError (naming the sigma_bar range) outside it."""
+        # Refuse rather than extrapolate or clamp: VPDiscrete's interpolation would clamp to
+        # an end and VPCosine's inverse would run past t_max.
+        self.check_log_snr(log_snr)
         # alpha^2 = 1 / (1 + e^(-2 lambda))
         if log_snr == math.inf:
-            return self.t_from_log_alpha(0.0)
-        return self.t_from_log_alpha(-0.5 * _softplus(-2.0 * log_snr))
+            t = self.t_from_log_alpha(0.0)
+        else:
+            t = self.t_from_log_alpha(-0.5 * _softplus(-2.0 * log_snr))
+        # Within the check's slack the inverse may land a rounding step outside the domain;
+        # + 0.0 turns a -0.0 at the clean end into 0.0.
+        return min(max(t, self.t_min), self.t_max) + 0.0
 
 
 class VPLinear(_VariancePreserving):
@@ -303,11 +350,30 @@ def karras_grid(
 
     Returns:
         float64 tensor of shape ``(steps + 1,)``, noisiest first.
+
+    Raises:
+        ValueError: if sigma_min or sigma_max lies outside ``schedule.sigma_bar_range()``,
+            or ``final_zero`` asks for sigma = 0 from a schedule that never reaches it
+            (``VPDiscrete``); the message names the range.
     """
     _check_steps(steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     schedule = schedule or EDM()
+    lo, hi = schedule.sigma_bar_range()
+    for arg, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):
+        if not lo * (1.0 - _RANGE_SLACK) <= value <= hi * (1.0 + _RANGE_SLACK):
+            raise ValueError(
+                f"{arg} = {value:g} lies outside {schedule!r}'s noise range: sigma_bar from "
+                f"{lo:.6g} (at t_min = {schedule.t_min:g}) to {hi:.6g} (at t_max = "
+                f"{schedule.t_max:g}); give sigma_min and sigma_max inside it"
+            )
+    if final_zero and lo > 0:
+        raise ValueError(
+            f"final_zero=True ends the grid at sigma = 0, which {schedule!r} never reaches (its "
+            f"smallest sigma_bar is {lo:.6g}, at t_min = {schedule.t_min:g}); use "
+            "final_zero=False"
+        )
     n = steps if final_zero else steps + 1
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     denom = max(n - 1, 1)
@@ -328,8 +394,12 @@ def uniform_logsnr_grid(
     _check_steps(steps)
     schedule.check_times([t_start, t_end])
     a, b = schedule.log_snr(t_start), schedule.log_snr(t_end)
-    if not (math.isfinite(a) and math.isfinite(b)):
-        raise ValueError("uniform_logsnr_grid needs sigma > 0 at both ends")
+    for name, t, lam in (("t_start", t_start, a), ("t_end", t_end, b)):
+        if not math.isfinite(lam):
+            raise ValueError(
+                f"uniform_logsnr_grid needs sigma > 0 at both ends; {name} = {t} has sigma = 0 "
+                "(infinite log-SNR)"
+            )
     ts = [schedule.t_from_log_snr(a + i / steps * (b - a)) for i in range(steps + 1)]
     ts[0], ts[-1] = float(t_start), float(t_end)
     return _to_grid(ts, schedule)

@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--network", help="EDM checkpoint (.pkl/.pt) or random:NAME")
     p.add_argument("--detector", help="inception-2015-12-05.pt")
     p.add_argument("--ref", help="reference statistics, e.g. cifar10-32x32.npz")
-    p.add_argument("--outdir", help="images go to OUTDIR/<row>/")
+    p.add_argument(
+        "--outdir", help="images go to OUTDIR/<row>/ (--smoke: a temporary folder by default)"
+    )
     p.add_argument("--seeds", default="0-49999")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -129,12 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.jit.save(torch.jit.script(StandInDetector()), args.write_standin_detector)
         print(f"wrote {args.write_standin_detector}")
         return 0
-    if not args.outdir:
-        p.error("--outdir is required")
+    if not args.outdir and not args.smoke:
+        p.error("--outdir is required (images go to OUTDIR/<row>/)")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     state_dtype = getattr(torch, args.state_dtype)
-    outdir = Path(args.outdir)
     tmpdir = None
     if args.smoke:
         device = args.device or "cpu"
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = 8
         rows = smoke_rows()
         tmpdir = tempfile.TemporaryDirectory()
+        # Without --outdir the smoke images live and die with the temporary folder.
+        outdir = Path(args.outdir) if args.outdir else Path(tmpdir.name) / "images"
         det_path = Path(tmpdir.name) / "standin-detector.pt"
         torch.jit.save(torch.jit.script(StandInDetector()), str(det_path))
         detector = fid.load_detector(det_path, device)
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = generate.parse_seeds(args.seeds)
         batch = args.batch
         rows = full_rows()
+        outdir = Path(args.outdir)
         detector = fid.load_detector(args.detector, device)
         ref = fid.load_reference(args.ref)
         table_path = Path(args.table) if args.table else DEFAULT_TABLE

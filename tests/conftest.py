@@ -1,11 +1,22 @@
-"""Suite-wide settings."""
+"""Suite-wide settings.
+
+The default run leaves out tests marked ``slow`` (see ``pyproject.toml``); ``.ci/run`` runs
+them in a second pass with ``python -m pytest -q -m slow``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,3 +30,42 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a process a test starts: one thread for torch, OpenMP and BLAS.
+
+    torch takes its intra-op thread count from OMP_NUM_THREADS when it starts, so a child
+    started with this environment runs as the suite does (``torch.get_num_threads() == 1``).
+    No GPU is visible to it either: the suite's results must not depend on one.
+    """
+    one = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    return {**os.environ, **one, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_child(
+    args: Sequence[str], timeout: float, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGS`` with ``child_env()``, capturing its output as text."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
+
+
+@contextmanager
+def untouched(*tensors: torch.Tensor | None) -> Iterator[None]:
+    """Assert that the tensors hold exactly the same values (and dtype) after the block.
+
+    Exact (rtol = atol = 0), dtype and device included; NaN equals NaN so that a tensor
+    holding NaN can be checked too. None (a pair's missing low word) is skipped.
+    """
+    kept = tuple(t for t in tensors if t is not None)
+    clones = [t.clone() for t in kept]
+    yield
+    for t, c in zip(kept, clones, strict=True):
+        torch.testing.assert_close(t, c, rtol=0.0, atol=0.0, equal_nan=True)

@@ -276,7 +276,8 @@ def test_convert_reports_bad_input(tmp_path):
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a pickle")
     result = CliRunner().invoke(main, ["convert", str(bad), str(tmp_path / "x.safetensors")])
-    assert result.exit_code == 1 and "not a pickle" in result.output
+    # A file that is not a network is a bad value of SOURCE: click's usage-error status 2.
+    assert result.exit_code == 2 and "not a pickle" in result.stderr and "'SOURCE'" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 16)

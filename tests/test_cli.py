@@ -63,13 +63,12 @@ def test_compare_writes_report_and_plot(tmp_path):
         "32",
         "--out",
         str(out),
-        "--plot",
-        str(plot),
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     text = out.read_text()
-    assert text in result.output  # what was printed is what was written
+    assert result.stdout == text  # what was printed is what was written
+    assert "![Relative error against NFE, one panel per base solver](toy.png)" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.md", "toy.png"]  # no temp files
     rows = _rows(text)
@@ -110,11 +109,11 @@ def test_compare_on_a_generic_problem_skips_exponential_solvers(tmp_path):
             "4",
             "--out",
             str(out),
-            "--plot",
-            "",
+            "--no-plot",
         ],
     )
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["osc.md"]
     rows = _rows(out.read_text())
     assert set(rows) == {"rk4"}
     assert abs(float(rows["rk4"][6]) - 4.0) < 0.3  # smooth problem: the nominal order shows
@@ -131,7 +130,7 @@ def test_compare_on_a_generic_problem_skips_exponential_solvers(tmp_path):
 )
 def test_compare_rejects_bad_options(args, message, tmp_path):
     out = tmp_path / "never.md"
-    result = CliRunner().invoke(main, ["compare", *args, "--out", str(out), "--plot", ""])
+    result = CliRunner().invoke(main, ["compare", *args, "--out", str(out)])
     assert result.exit_code == 2
     assert re.search(message, result.output)
     assert not out.exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_child
 
 import bdia
 from bdia import generate
@@ -239,16 +240,8 @@ def test_cli_invert_rejects_a_bad_gamma():
 
 # ------------------------------------------------------------------------------ scripts
 
-REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
-
-
 def _run_script(*args: str) -> str:
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = run_child(args, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -266,6 +259,7 @@ def test_training_script_smoke_writes_loadable_networks(tmp_path):
         torch.testing.assert_close(net(x, sigma, labels).flatten(), recorded, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_study_script_smoke_writes_its_report(tmp_path):
     out_md = tmp_path / "digits.md"
     _run_script("benchmarks/digits_study.py", "--smoke", "--out", str(out_md))

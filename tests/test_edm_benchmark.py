@@ -2,13 +2,10 @@
 
 import hashlib
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, run_child
+
 DOCS = REPO / "docs" / "benchmarks"
 
 
@@ -23,10 +20,7 @@ def _snapshot():
 
 
 def _run(*args):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
-    )
+    proc = run_child(args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import untouched
 
 import bdia
 from bdia import (
@@ -31,18 +30,6 @@ from bdia import bdia as make_bdia
 from bdia.models.toy import GaussianMixture
 
 BATCH, DIM = 4, 3
-
-
-@contextmanager
-def untouched(*tensors: torch.Tensor) -> Iterator[None]:
-    """Assert that the tensors hold exactly the same values (and dtype) after the block."""
-    tensors = tuple(t for t in tensors if t is not None)  # a pair's low words may be None
-    clones = [t.clone() for t in tensors]
-    yield
-    for t, c in zip(tensors, clones, strict=True):
-        # exact (rtol = atol = 0), dtype and device included; NaN == NaN so that a grid holding
-        # NaN can be checked too
-        torch.testing.assert_close(t, c, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,20 @@
 """Tests for bdia.metrics.fid (FID as EDM computes it)."""
 
+import os
+import stat
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from bdia.metrics.fid import (
     FeatureStatistics,
+    FIDSampleSizeWarning,
+    _load_batch,
     extract_features,
     frechet_distance,
+    image_statistics,
     load_detector,
     load_reference,
     save_reference,
@@ -120,12 +127,16 @@ def test_reference_missing_key(tmp_path):
 
 
 class _StandInDetector(torch.nn.Module):
-    """Same call contract as NVIDIA's inception-2015-12-05.pt: uint8 NCHW -> (N, 2048)."""
+    """Same call contract as NVIDIA's inception-2015-12-05.pt: uint8 NCHW -> (N, features).
 
-    def __init__(self):
+    The real detector gives 2048 features; fewer keep the matrix square roots of the FID
+    cheap in tests that do not depend on the dimension.
+    """
+
+    def __init__(self, features: int = 2048):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 4 * 4, 2048, generator=g))
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, features, generator=g))
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         if x.dtype != torch.uint8:
@@ -164,9 +175,10 @@ def test_extract_features_with_standin_detector(detector_file):
     # Repeating the channel must be exactly what extract_features does: bitwise equal.
     torch.testing.assert_close(feats_gray, expected_gray, rtol=0, atol=0)
 
-    # Features feed the accumulator directly.
+    # Features feed the accumulator directly (5 vectors in 2048 dimensions: it warns).
     stats = FeatureStatistics().add(feats)
-    assert stats.n == 5 and stats.sigma.shape == (2048, 2048)
+    with pytest.warns(FIDSampleSizeWarning, match="from 5 images"):
+        assert stats.n == 5 and stats.sigma.shape == (2048, 2048)
 
 
 def test_extract_features_rejects_bad_shapes(detector_file):
@@ -183,3 +195,184 @@ def test_load_detector_missing_file(tmp_path):
         load_detector(path)
     msg = str(info.value)
     assert str(path) in msg and "put it" in msg
+
+
+# ------------------------------------------------------------ small samples, bad files
+
+
+def test_statistics_from_fewer_vectors_than_dimensions_warn():
+    x = _features(5, n=10, d=16)
+    stats = FeatureStatistics().add(x)
+    with pytest.warns(FIDSampleSizeWarning) as record:
+        mu, sigma = stats.compute()
+    assert len(record) == 1  # compute() warns once, not once more for sigma
+    msg = str(record[0].message)
+    assert "from 10 images" in msg and "dimension 16" in msg
+    assert "at least 16 images" in msg and "10k-50k" in msg
+    assert issubclass(FIDSampleSizeWarning, UserWarning)
+    with pytest.warns(FIDSampleSizeWarning, match="singular"):
+        _ = stats.sigma
+    # statistics from as many vectors as dimensions do not warn
+    enough = FeatureStatistics().add(_features(5, n=16, d=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough.compute()
+
+
+def test_two_images_against_their_own_statistics():
+    """The reported case, 2 images against their own statistics, in 64 dimensions (sqrtm of a
+    2048 x 2048 product takes half a minute on one core; the effect is the same).
+
+    The covariance has rank 1, sqrtm of the product is ill-conditioned and the result comes
+    out negative, about -1e-7 of tr(S1) + tr(S2), well past the 1e-8 at which
+    frechet_distance warns. It stays a real float (EDM's real part), and both the
+    sample-size warning and the negative-result warning fire."""
+    rng = np.random.default_rng(0)
+    stats = FeatureStatistics().add(rng.standard_normal((2, 64)))
+    with pytest.warns(FIDSampleSizeWarning, match="from 2 images .* dimension 64"):
+        mu, sigma = stats.compute()
+    with pytest.warns(FIDSampleSizeWarning, match="came out negative") as record:
+        value = frechet_distance(mu, sigma, mu, sigma)
+    assert isinstance(value, float) and value < 0
+    # scipy adds its own "Matrix is singular" warning; ours is among the records
+    ours = [str(r.message) for r in record if r.category is FIDSampleSizeWarning]
+    assert len(ours) == 1 and "10k-50k" in ours[0] and "fewer than 64 images" in ours[0]
+
+
+def test_well_conditioned_fid_does_not_warn():
+    x = _features(2)
+    mu, s = x.mean(0), np.cov(x, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # may round to a tiny negative value (about -1e-15 of the trace here): no warning
+        frechet_distance(mu, s, mu, s)
+
+
+def test_save_reference_gives_the_default_file_mode(tmp_path):
+    # umask 022 tells the default (0o644) apart from mkstemp's private 0o600
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "stats.npz"
+        save_reference(path, np.zeros(3), np.eye(3))
+        mode = stat.S_IMODE(path.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o666 & ~0o022 == 0o644
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [
+        ("text", r"not an npz file"),
+        ("npy", r"a single .npy array, not an npz"),
+        ("no mu", r"no array 'mu'; found \['sigma'\]"),
+        ("mu 2-D", r"mu has shape \(3, 1\) and sigma \(3, 3\)"),
+        ("sigma wrong size", r"mu has shape \(3,\) and sigma \(4, 4\)"),
+        ("strings", r"unreadable arrays"),
+        ("nan", r"mu or sigma holds NaN or Inf"),
+    ],
+)
+def test_load_reference_refuses_files_that_are_not_statistics(tmp_path, kind, problem):
+    path = tmp_path / "ref.npz"
+    if kind == "text":
+        path.write_text("mu sigma\n")
+    elif kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif kind == "no mu":
+        np.savez(path, sigma=np.eye(3))
+    elif kind == "mu 2-D":
+        np.savez(path, mu=np.zeros((3, 1)), sigma=np.eye(3))
+    elif kind == "sigma wrong size":
+        np.savez(path, mu=np.zeros(3), sigma=np.eye(4))
+    elif kind == "strings":
+        np.savez(path, mu=np.array(["a", "b"]), sigma=np.eye(2))
+    else:
+        np.savez(path, mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    with pytest.raises(ValueError, match=problem) as info:
+        load_reference(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: not FID reference statistics")
+    assert "expected an npz with arrays mu (D,) and sigma (D, D)" in msg
+
+
+@pytest.mark.parametrize("kind", ["text", "state dict"])
+def test_load_detector_refuses_a_file_that_is_not_torchscript(tmp_path, kind):
+    path = tmp_path / "inception-2015-12-05.pt"
+    if kind == "text":
+        path.write_text("not a network")
+    else:
+        torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError) as info:
+        load_detector(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: not a TorchScript module")
+    assert "NVIDIA's TorchScript inception-2015-12-05.pt" in msg
+    assert "\n" not in msg
+
+
+def _image_folder(tmp_path, n=3, size=(8, 8)):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(g.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+class _CountingDetector(_StandInDetector):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, return_features=False):
+        self.calls += 1
+        return super().forward(x, return_features)
+
+
+def test_unreadable_png_is_named_before_any_feature_is_computed(tmp_path):
+    folder = _image_folder(tmp_path, n=5)
+    bad = folder / "x.png"  # sorts after the good files: only an upfront check names it early
+    bad.write_text("this is text, not a PNG")
+    detector = _CountingDetector()
+    with pytest.raises(ValueError, match=r"x.png: not a readable image") as info:
+        image_statistics(detector, folder, batch=2)
+    assert str(bad) in str(info.value)
+    assert detector.calls == 0
+    with pytest.raises(ValueError, match=r"x.png: not a readable image"):
+        _load_batch([bad])
+
+
+def test_truncated_png_is_named(tmp_path):
+    folder = _image_folder(tmp_path, n=2, size=(32, 32))
+    data = (folder / "0.png").read_bytes()
+    (folder / "1.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"1.png: not a readable image"):
+        image_statistics(_CountingDetector(), folder)
+
+
+def test_images_of_another_size_or_mode_are_named_upfront(tmp_path):
+    from PIL import Image
+
+    folder = _image_folder(tmp_path, n=2)
+    Image.fromarray(np.zeros((9, 8, 3), dtype=np.uint8)).save(folder / "9.png")
+    detector = _CountingDetector()
+    with pytest.raises(ValueError, match=r"9.png: size 8x9 differs from .*0.png's 8x8"):
+        image_statistics(detector, folder)
+    (folder / "9.png").unlink()
+    Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8)).save(folder / "9.png")
+    with pytest.raises(ValueError, match=r"9.png: image mode 'RGBA'; expected 8-bit grayscale"):
+        image_statistics(detector, folder)
+    assert detector.calls == 0
+
+
+def test_readable_folder_still_gives_its_statistics(tmp_path):
+    folder = _image_folder(tmp_path, n=3)
+    batches = []
+    with pytest.warns(FIDSampleSizeWarning):  # 3 images, 2048 features
+        stats = image_statistics(_StandInDetector(), folder, batch=2, on_batch=batches.append)
+        assert stats.n == 3 and stats.sigma.shape == (2048, 2048)
+    assert batches == [2, 1]

@@ -14,8 +14,10 @@ from bdia.cli import main
 
 @pytest.fixture
 def detector(tmp_path):
+    # 64 features instead of 2048: the pipeline does not depend on the dimension, and the
+    # 2048x2048 matrix square roots would dominate the suite's time.
     path = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.save(torch.jit.script(_StandInDetector()), str(path))
+    torch.jit.save(torch.jit.script(_StandInDetector(features=64)), str(path))
     return path
 
 
@@ -65,7 +67,7 @@ def test_sample_then_fid_matches_direct_computation(tmp_path, detector):
     def features(folder):
         imgs = np.stack([np.asarray(Image.open(f)) for f in sorted(folder.rglob("*.png"))])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
-        return _StandInDetector()(x, return_features=True).double().numpy()
+        return _StandInDetector(features=64)(x, return_features=True).double().numpy()
 
     a, b = features(out), features(flipped)
     expected = _fid_numpy(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -74,7 +76,7 @@ def test_sample_then_fid_matches_direct_computation(tmp_path, detector):
     assert value == pytest.approx(expected, rel=1e-4)
     assert value > 0
     # (A set against its own statistics is tested in test_fid.py with full-rank features;
-    # 8 images give a rank-7 covariance in 2048 dimensions, where sqrtm is ill-conditioned.)
+    # 8 images give a rank-7 covariance in 64 dimensions, where sqrtm is ill-conditioned.)
 
 
 def test_fid_missing_files_are_named(tmp_path, detector):
@@ -90,7 +92,10 @@ def test_fid_missing_files_are_named(tmp_path, detector):
             str(detector),
         ],
     )
-    assert result.exit_code == 1 and "cifar10-32x32.npz" in result.output
+    # A missing file is a bad value of its option: status 2, the option and the file named.
+    line = result.stderr.strip()
+    assert result.exit_code == 2 and "'--ref'" in line and "cifar10-32x32.npz" in line
+    assert "bdia fid-ref" in line  # and how to make one
     np.savez(tmp_path / "r.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     result = CliRunner().invoke(
         main,
@@ -104,7 +109,9 @@ def test_fid_missing_files_are_named(tmp_path, detector):
             str(tmp_path / "missing.pt"),
         ],
     )
-    assert result.exit_code == 1 and "missing.pt" in result.output
+    line = result.stderr.strip()
+    assert result.exit_code == 2 and "'--detector'" in line and "missing.pt" in line
+    assert "inception-2015-12-05.pt" in line  # what the file should be
 
 
 def test_fid_of_an_npz_of_images_equals_the_folder(tmp_path, detector):

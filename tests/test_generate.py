@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import child_env, run_child
 
 from bdia.cli import main
 from bdia.generate import image_path, parse_seeds
@@ -20,11 +20,8 @@ ARGS = ["--network", "random:tiny-cond", "--steps", "3", "--solver", "euler"]
 
 
 def pngs(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    """Every image of ``folder`` by its relative path (the run record is not an image)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
 def run_cli(*args: str) -> None:
@@ -83,7 +80,9 @@ def test_killed_run_resumed_gives_identical_images(tmp_path):
         "--outdir",
         str(resumed),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env()
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(resumed.rglob("*.png"))) < 3:
         time.sleep(0.05)
@@ -99,7 +98,6 @@ def test_killed_run_resumed_gives_identical_images(tmp_path):
 def test_torchrun_two_processes_give_the_images_of_one(tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     run_cli("--seeds", "0-5", "--batch", "2", "--outdir", str(single))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         "torchrun",
         "--standalone",
@@ -115,7 +113,7 @@ def test_torchrun_two_processes_give_the_images_of_one(tmp_path):
         "--outdir",
         str(double),
     ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, env=child_env(), capture_output=True, timeout=300)
     assert pngs(double) == pngs(single)
 
 
@@ -125,10 +123,154 @@ def test_unwritable_outdir_and_bad_class_leave_no_image(tmp_path):
     result = CliRunner().invoke(
         main, ["sample", *ARGS, "--seeds", "0", "--outdir", str(blocker / "sub")]
     )
-    assert result.exit_code == 2 and "cannot write to" in result.output
+    assert result.exit_code == 2 and "is a file" in result.output
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main, ["sample", *ARGS, "--seeds", "0", "--class", "12", "--outdir", str(out)]
     )
-    assert result.exit_code == 1 and "class 12 is outside 0..9" in result.output
-    assert not list(out.rglob("*.png"))
+    assert result.exit_code == 2 and "12 is not a class" in result.output
+    assert not out.exists()
+
+
+def test_a_child_process_of_the_suite_runs_on_one_thread():
+    proc = run_child(["-c", "import torch; print(torch.get_num_threads())"], timeout=120)
+    assert proc.stdout.strip() == "1", proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ the run record of --outdir
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["sample", *ARGS, *args])
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_each_difference(tmp_path):
+    out = str(tmp_path / "res")
+    run_cli("--seeds", "0-3", "--outdir", out)
+    before = pngs(tmp_path / "res")
+    result = CliRunner().invoke(
+        main,
+        ["sample", "--network", "random:tiny-cond", "--solver", "euler", "--steps", "4"]
+        + ["--gamma", "0.5", "--seeds", "0-7", "--outdir", out],
+    )
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "--steps (3 in the record, 4 now)" in line
+    assert "--gamma (null in the record, 0.5 now)" in line
+    assert "--overwrite" in line
+    assert pngs(tmp_path / "res") == before  # nothing regenerated, nothing added
+
+
+def test_a_rerun_with_the_same_settings_resumes_and_counts_the_skipped_seeds(tmp_path):
+    out = str(tmp_path / "res")
+    run_cli("--seeds", "0-3", "--outdir", out)
+    first = pngs(tmp_path / "res")
+    result = invoke("--seeds", "0-7", "--outdir", out)
+    assert result.exit_code == 0, result.output
+    # Without a terminal the bar is one final line; the 4 skipped seeds count toward it.
+    assert "images: 8/8 img" in result.stderr
+    again = pngs(tmp_path / "res")
+    assert len(again) == 8 and {k: again[k] for k in first} == first
+
+
+def test_overwrite_regenerates_and_drops_images_made_with_other_settings(tmp_path):
+    out = tmp_path / "res"
+    run_cli("--seeds", "0-7", "--outdir", str(out))
+    old = pngs(out)
+    result = invoke("--steps", "4", "--seeds", "0-3", "--outdir", str(out), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "removed 4 images of other seeds" in result.stderr
+    new = pngs(out)
+    assert sorted(new) == sorted(image_path(out, s).relative_to(out).as_posix() for s in range(4))
+    assert all(new[k] != old[k] for k in new)  # 4 steps instead of 3: every image changed
+    # The folder now records the new settings: a rerun with them resumes, the old ones fail.
+    resumed = invoke("--steps", "4", "--seeds", "0-3", "--outdir", str(out))
+    assert resumed.exit_code == 0 and pngs(out) == new
+    assert invoke("--seeds", "0-3", "--outdir", str(out)).exit_code == 1
+
+
+def test_images_without_a_record_are_not_trusted(tmp_path):
+    out = tmp_path / "res"
+    run_cli("--seeds", "0-1", "--outdir", str(out))
+    (out / "bdia-run.json").unlink()
+    result = invoke("--seeds", "0-1", "--outdir", str(out))
+    assert result.exit_code == 1 and "2 images but no run record" in result.stderr
+
+
+def test_the_record_names_the_network_file_by_its_hash(tmp_path):
+    import json
+
+    from bdia._files import file_sha256
+    from bdia.models.checkpoints import shipped_network_path
+
+    out = tmp_path / "res"
+    result = CliRunner().invoke(
+        main,
+        ["sample", "--network", "digits", "--steps", "2", "--seeds", "0", "--outdir", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "bdia-run.json").read_text())
+    digest = file_sha256(shipped_network_path("digits"))
+    assert record["settings"]["network"] == f"sha256:{digest}"
+    assert record["settings"]["dtype"] == "float32"
+    assert record["settings"]["state-dtype"] == "float64"
+    assert len(record["info"]["grid"]) == 3  # 2 steps: sigma_max, sigma_min, 0
+
+
+# ----------------------------------------------------------------------- dtype and progress
+
+
+@pytest.mark.parametrize(
+    "name,dtype", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("float32", "float32")]
+)
+def test_dtype_sets_the_dtype_the_unet_convolutions_run_in(name, dtype, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+    grid = tmp_path / "g.png"
+    result = invoke("--seeds", "0", "--steps", "1", "--dtype", name, "--grid", str(grid))
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {getattr(torch, dtype)}
+
+
+def test_progress_is_a_bar_on_a_terminal_and_one_line_otherwise(monkeypatch):
+    import io
+
+    from bdia import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    with cli._Progress(4, "images", "img") as bar:
+        bar.update(1)
+        bar.update(3)
+    assert "100%" in screen.getvalue() and "4/4" in screen.getvalue()
+    assert "in " not in screen.getvalue().splitlines()[-1]  # no extra summary line
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    with cli._Progress(4, "images", "img") as bar:
+        bar.update(4)
+    assert pipe.getvalue().startswith("images: 4/4 img in ") and pipe.getvalue().count("\n") == 1
+
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    with cli._Progress(4, "images", "img", enabled=False) as bar:
+        bar.update(4)
+    assert quiet.getvalue() == ""
+
+
+def test_no_progress_silences_the_final_line(tmp_path):
+    result = invoke("--seeds", "0", "--outdir", str(tmp_path / "o"), "--no-progress")
+    assert result.exit_code == 0 and "images:" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -87,6 +88,78 @@ def test_karras_grid_in_vp_time_has_the_requested_noise_levels():
     sigma_bars = [sched.sigma_bar(float(t)) for t in ts]
     assert sigma_bars[0] == pytest.approx(50.0, rel=1e-10)
     assert sigma_bars[-1] == pytest.approx(0.01, rel=1e-10)
+
+
+def test_karras_grid_refuses_sigmas_outside_vp_discrete():
+    sched = bdia.VPDiscrete(betas=VP_BETAS)
+    lo, hi = sched.sigma_bar_range()
+    assert lo == pytest.approx(0.0100005, rel=1e-5) and hi == pytest.approx(157.407, rel=1e-5)
+    noise_range = r"noise range: sigma_bar from 0.0100005 \(at t_min = 0.001\) to 157.407"
+    # the defaults: sigma_min = 0.002 lies below the schedule's smallest noise level (this used
+    # to clamp to t_min and return a grid with repeated times)
+    with pytest.raises(
+        ValueError, match=r"sigma_min = 0.002 lies outside VPDiscrete\(N=1000\)'s " + noise_range
+    ):
+        bdia.karras_grid(10, schedule=sched, final_zero=False)
+    with pytest.raises(ValueError, match=r"sigma_max = 200 lies outside .*" + noise_range):
+        bdia.karras_grid(10, sigma_min=0.02, sigma_max=200.0, schedule=sched, final_zero=False)
+    with pytest.raises(ValueError, match=r"never reaches .*0.0100005.*use final_zero=False"):
+        bdia.karras_grid(10, sigma_min=0.02, schedule=sched)
+
+
+def test_karras_grid_refuses_sigma_max_beyond_vp_cosine_t_max():
+    with pytest.raises(
+        ValueError,
+        match=r"sigma_max = 200 lies outside VPCosine.*to 118.824 "
+        r"\(at t_max = 0.9946\)",
+    ):
+        bdia.karras_grid(10, sigma_max=200.0, schedule=bdia.VPCosine(), final_zero=False)
+
+
+def test_karras_grid_on_the_ends_of_a_schedule_range():
+    """sigma_min and sigma_max equal to the range's ends map to t_min and t_max: the inverse
+    map may round a last bit outside the domain, which must be absorbed, not refused."""
+    for sched in (bdia.VPDiscrete(betas=VP_BETAS), bdia.VPCosine()):
+        lo, hi = sched.sigma_bar_range()
+        lo = max(lo, 1e-3)
+        ts = bdia.karras_grid(6, sigma_min=lo, sigma_max=hi, schedule=sched, final_zero=False)
+        # 1e-9 relative: the range checks' slack; the round trip itself is good to ~1e-15
+        assert float(ts[0]) == pytest.approx(sched.t_max, rel=1e-9)
+        assert sched.sigma_bar(float(ts[-1])) == pytest.approx(lo, rel=1e-9)
+        assert all(a > b for a, b in zip(ts.tolist(), ts.tolist()[1:]))
+
+
+@pytest.mark.parametrize(
+    "sched, log_snr, shown",
+    [
+        (bdia.VPDiscrete(betas=VP_BETAS), 8.0, "0.000335463"),
+        (bdia.VPDiscrete(betas=VP_BETAS), -6.0, "403.429"),
+        (bdia.VPDiscrete(betas=VP_BETAS), math.inf, "0"),
+        (bdia.VPCosine(), -5.0, "148.413"),
+        (bdia.VPLinear(), -800.0, "inf"),
+    ],
+)
+def test_inverse_maps_refuse_values_outside_the_noise_range(sched, log_snr, shown):
+    pattern = rf"sigma_bar = {shown} lies outside {re.escape(repr(sched))}'s noise range"
+    with pytest.raises(ValueError, match=pattern):
+        sched.t_from_log_snr(log_snr)
+    if abs(log_snr) < 700 or log_snr == math.inf:  # exp(800) overflows a float
+        with pytest.raises(ValueError, match=pattern):
+            sched.t_from_sigma_bar(math.exp(-log_snr))
+
+
+def test_inverse_maps_refuse_nan():
+    with pytest.raises(ValueError, match="log-SNR is NaN"):
+        bdia.VPLinear().t_from_log_snr(float("nan"))
+    with pytest.raises(ValueError, match="sigma_bar must be >= 0, got nan"):
+        bdia.EDM().t_from_sigma_bar(float("nan"))
+
+
+def test_uniform_logsnr_grid_names_the_end_with_sigma_zero():
+    with pytest.raises(ValueError, match=r"sigma > 0 at both ends; t_end = 0.0 has sigma = 0"):
+        bdia.uniform_logsnr_grid(4, 0.9, 0.0, bdia.VPLinear())
+    with pytest.raises(ValueError, match=r"ts\[0\] = 1.5 lies outside VPCosine"):
+        bdia.uniform_logsnr_grid(4, 1.5, 0.1, bdia.VPCosine())
 
 
 def test_logsnr_and_quadratic_grids():
@@ -191,9 +264,42 @@ def test_odeint_on_a_plain_function_matches_the_closed_form():
     """bdia-heun on y' = -y over [0, 1] with 100 steps: error O(h^2) ~ 1e-5, bound 1e-4."""
     y0 = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
-    ys = bdia.odeint(lambda t, y: -y, y0, t, options={"gamma": 0.96})
+    ys = bdia.odeint(lambda t, y: -y, y0, t, method="bdia-heun", options={"gamma": 0.96})
     assert ys.shape == (101, 1, 2)
     assert torch.allclose(ys[-1], y0 * math.exp(-1.0), rtol=1e-4)
+
+
+def _decay(t, y):
+    return -5.0 * y
+
+
+def test_odeint_default_is_stable_on_a_dissipative_problem():
+    """The default method on y' = -5 y, y(0) = 1, 201 points on [0, 10] (h = 0.05).
+
+    The default is RK4: its amplification per step, 1 + z + z^2/2 + z^3/6 + z^4/24 at
+    z = -0.25, exceeds e^z by 1.0e-5 relative, which compounds to 2.0e-3 over 200 steps, so
+    the result is exp(-50) to 2e-3 relative; rel = 5e-3 leaves room for that and nothing
+    else. (BDIA-Heun with gamma = 1, the former default, ends at about -7e17.)
+    """
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    t = torch.linspace(0.0, 10.0, 201, dtype=torch.float64)
+    with_default = bdia.odeint(_decay, y0, t)
+    assert torch.equal(with_default, bdia.odeint(_decay, y0, t, method="rk4"))
+    assert float(with_default[-1, 0, 0]) == pytest.approx(math.exp(-50.0), rel=5e-3)
+
+
+def test_odeint_bdia_heun_with_gamma_one_is_still_available():
+    """method="bdia-heun" is BDIA over Heun with gamma = 1, and shows the weak stability that
+    its docstring states: the parasitic mode grows by about 1 + mu = 1.25 per step on this
+    problem, so |y(10)| exceeds 1 (it is about 7e17) where the solution is 2e-22."""
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    t = torch.linspace(0.0, 10.0, 201, dtype=torch.float64)
+    ys = bdia.odeint(_decay, y0, t, method="bdia-heun")
+    expected = bdia.sample(
+        bdia.ODE(_decay), bdia.bdia("heun", 1.0), y0, t, trajectory=True, progress=False
+    )
+    assert torch.equal(ys, expected)
+    assert abs(float(ys[-1, 0, 0])) > 1.0
 
 
 def test_progress_bar_can_be_forced_on(capsys):

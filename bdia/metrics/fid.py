@@ -5,11 +5,20 @@ The Inception detector is a file the user supplies (NVIDIA's TorchScript
 uint8 NCHW images, 2048 features). Statistics are accumulated in float64 with the
 unbiased covariance; reference statistics use EDM's npz format (arrays ``mu`` and
 ``sigma``). Nothing is downloaded at run time.
+
+A covariance from ``n`` feature vectors has rank at most ``n - 1``: with fewer images than
+the feature dimension (2048) it is singular and the Frechet distance is biased, possibly
+negative. ``FeatureStatistics.sigma`` then issues a ``FIDSampleSizeWarning``; a meaningful
+FID needs 10k-50k images (EDM uses 50k).
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +28,7 @@ import torch
 from .._files import replace_atomic
 
 __all__ = [
+    "FIDSampleSizeWarning",
     "FeatureStatistics",
     "frechet_distance",
     "load_reference",
@@ -30,6 +40,22 @@ __all__ = [
 
 ArrayLike = torch.Tensor | np.ndarray
 DETECTOR_FILENAME = "inception-2015-12-05.pt"
+
+
+class FIDSampleSizeWarning(UserWarning):
+    """Statistics from fewer feature vectors than dimensions: a singular covariance, so the
+    Frechet distance is biased (and may come out negative)."""
+
+
+def _warn_sample_size(n: int, dim: int, stacklevel: int) -> None:
+    warnings.warn(
+        f"FID statistics from {n} images (feature vectors) of dimension {dim}: with fewer "
+        f"than {dim} the covariance is singular (rank <= {max(n - 1, 0)}) and the Frechet "
+        f"distance is biased, even negative. Use at least {dim} images, and in practice "
+        "10k-50k (EDM uses 50k), for a meaningful FID",
+        FIDSampleSizeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _as_float64_2d(x: ArrayLike) -> np.ndarray:
@@ -92,13 +118,26 @@ class FeatureStatistics:
 
     @property
     def sigma(self) -> np.ndarray:
+        """Unbiased covariance ``(dim, dim)``, float64.
+
+        Warns:
+            FIDSampleSizeWarning: when ``n < dim`` (the covariance is then singular).
+        """
         if self.n < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, have {self.n}")
+        if self.n < self.dim:
+            _warn_sample_size(self.n, self.dim, stacklevel=2)
         mu = self.mu
         cov = (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
         return (cov + cov.T) / 2
 
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, sigma)``; warns as ``sigma`` does when ``n < dim``."""
+        if 2 <= self.n < self.dim:
+            _warn_sample_size(self.n, self.dim, stacklevel=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FIDSampleSizeWarning)
+                return self.mu, self.sigma
         return self.mu, self.sigma
 
 
@@ -112,7 +151,13 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part (as EDM)."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part (as EDM).
+
+    ``mu`` are ``(D,)`` and ``sigma`` ``(D, D)`` arrays; the result is a float. When a
+    covariance is singular (fewer feature vectors than D), sqrtm of the product is
+    ill-conditioned: its tiny imaginary part is dropped as EDM does, and a result below zero
+    (which a distance cannot be) issues a ``FIDSampleSizeWarning``.
+    """
     mu1 = np.asarray(mu1, dtype=np.float64)
     mu2 = np.asarray(mu2, dtype=np.float64)
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
@@ -124,12 +169,36 @@ def frechet_distance(
         )
     m = np.square(mu1 - mu2).sum()
     s = _sqrtm(np.dot(sigma1, sigma2))
-    fid = m + np.trace(sigma1 + sigma2 - s * 2)
-    return float(np.real(fid))
+    fid = float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+    # The trace cancels terms of size tr(S1) + tr(S2). Full-rank covariances (d <= 256)
+    # round to within 1e-11 of that scale; singular ones (2 to 10 vectors in 64 or 2048
+    # dimensions) came out 3e-8 to 2e-6 of it below zero.
+    scale = float(np.trace(sigma1) + np.trace(sigma2))
+    if fid < -1e-8 * scale:
+        warnings.warn(
+            f"the Frechet distance came out negative ({fid:.6g}), which a distance cannot be: "
+            f"the covariances are singular, as statistics from fewer than {sigma1.shape[0]} "
+            "images are; the value is not meaningful (use 10k-50k images)",
+            FIDSampleSizeWarning,
+            stacklevel=2,
+        )
+    return fid
+
+
+_REFERENCE_FORMAT = "an npz with arrays mu (D,) and sigma (D, D), as EDM's cifar10-32x32.npz"
 
 
 def load_reference(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Load (mu, sigma) from an npz in EDM's format (e.g. cifar10-32x32.npz)."""
+    """Load (mu, sigma) from an npz in EDM's format (e.g. cifar10-32x32.npz).
+
+    Returns:
+        ``mu`` of shape ``(D,)`` and ``sigma`` of shape ``(D, D)``, float64.
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        ValueError: if the file is not such an npz (one line naming the file and what was
+            expected).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -137,14 +206,32 @@ def load_reference(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
             "reference statistics (cifar10-32x32.npz) and put the file there, or make "
             "one from a dataset with `bdia fid-ref`."
         )
-    with np.load(path, allow_pickle=False) as data:
+
+    def refuse(problem: str) -> ValueError:
+        return ValueError(
+            f"{path}: not FID reference statistics ({problem}); expected {_REFERENCE_FORMAT}"
+        )
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        # numpy's reason (e.g. "contains pickled data" for a text file) would mislead.
+        raise refuse("not an npz file") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise refuse("a single .npy array, not an npz")
+    with data:
         for key in ("mu", "sigma"):
             if key not in data.files:
-                raise ValueError(
-                    f"{path}: FID reference npz has no array '{key}' (found {data.files})"
-                )
-        mu = np.asarray(data["mu"], dtype=np.float64)
-        sigma = np.asarray(data["sigma"], dtype=np.float64)
+                raise refuse(f"no array '{key}'; found {data.files}")
+        try:
+            mu = np.asarray(data["mu"], dtype=np.float64)
+            sigma = np.asarray(data["sigma"], dtype=np.float64)
+        except (ValueError, TypeError, OSError, zipfile.BadZipFile) as err:
+            raise refuse(f"unreadable arrays: {str(err).splitlines()[0]}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise refuse(f"mu has shape {mu.shape} and sigma {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise refuse("mu or sigma holds NaN or Inf")
     return mu, sigma
 
 
@@ -172,7 +259,21 @@ def load_detector(
             "location; nothing is downloaded at run time."
         )
     map_location = torch.device("cpu") if device is None else torch.device(device)
-    net = torch.jit.load(str(path), map_location=map_location)
+    try:
+        with warnings.catch_warnings():
+            # The detector EDM's FID is defined by is a TorchScript file; torch's deprecation
+            # of TorchScript says nothing the user of that file can act on.
+            warnings.filterwarnings("ignore", r".*torch\.jit\.load", DeprecationWarning)
+            net = torch.jit.load(str(path), map_location=map_location)
+    except (RuntimeError, ValueError, OSError) as err:
+        # torch's reason runs on with advice about corrupted checkpoints; keep its first
+        # sentence, which says what failed.
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+        raise ValueError(
+            f"{path}: not a TorchScript module ({reason}); expected NVIDIA's TorchScript "
+            f"{DETECTOR_FILENAME}, the Inception-v3 detector EDM's FID uses"
+        ) from None
     net.eval()
     return net
 
@@ -228,13 +329,58 @@ def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
     raise FileNotFoundError(f"no image folder or .npz at {source}")
 
 
+# What PIL raises for a file it cannot identify or decode (UnidentifiedImageError is an
+# OSError; a broken PNG chunk is a SyntaxError; truncated headers give struct.error).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_IMAGE_MODES = {"L": 1, "RGB": 3}
+
+
+def check_images(files: list[Path]) -> None:
+    """Check that every file is an 8-bit grayscale or RGB image of one size, before any
+    feature is computed. ``Image.verify`` reads each file without decoding its pixels.
+
+    Raises:
+        ValueError: naming the first file that is unreadable, of another mode or size.
+    """
+    from PIL import Image
+
+    first: tuple[Path, tuple[int, int]] | None = None
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                mode, size = im.mode, im.size
+                im.verify()
+        except _IMAGE_ERRORS as err:
+            raise ValueError(f"{p}: not a readable image ({err})") from None
+        if mode not in _IMAGE_MODES:
+            raise ValueError(
+                f"{p}: image mode {mode!r}; expected 8-bit grayscale ('L') or RGB images"
+            )
+        if first is None:
+            first = (p, size)
+        elif size != first[1]:
+            raise ValueError(
+                f"{p}: size {size[0]}x{size[1]} differs from {first[0]}'s "
+                f"{first[1][0]}x{first[1][1]}; all images must have one size"
+            )
+
+
+def _read_image(p: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im)
+    except _IMAGE_ERRORS as err:
+        raise ValueError(f"{p}: not a readable image ({err})") from None
+
+
 def _load_batch(items: list[Path] | np.ndarray) -> torch.Tensor:
+    """uint8 images ``(N, C, H, W)`` from image files or an ``(N, H, W, C)`` array."""
     if isinstance(items, np.ndarray):
         array = items
     else:
-        from PIL import Image
-
-        arrays = [np.asarray(Image.open(p)) for p in items]
+        arrays = [_read_image(p) for p in items]
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise ValueError(f"images of different sizes in one folder: {sorted(shapes)}")
@@ -254,12 +400,25 @@ def image_statistics(
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    on_batch: Callable[[int], object] | None = None,
 ) -> FeatureStatistics:
-    """Accumulate detector features of this rank's share (``[rank::world_size]``) of ``source``."""
+    """Accumulate detector features of this rank's share (``[rank::world_size]``) of ``source``.
+
+    Every image file of a folder is checked first (``check_images``), on every rank, so that
+    an unreadable file stops all ranks alike before the detector runs. ``on_batch`` (a
+    progress bar's ``update``, say) is called with the number of images after each batch.
+
+    Raises:
+        ValueError: naming an unreadable image, or one of another mode or size.
+    """
     items = list_images(source)
+    if not isinstance(items, np.ndarray):
+        check_images(items)
     mine = items[rank::world_size]
     stats = FeatureStatistics()
     for start in range(0, len(mine), batch):
         images = _load_batch(mine[start : start + batch]).to(device)
         stats.add(extract_features(detector, images))
+        if on_batch is not None:
+            on_batch(images.shape[0])
     return stats

@@ -8,6 +8,7 @@ method ``step`` advances a state from ``t`` to ``t_next`` on either side of ``t`
 from __future__ import annotations
 
 import difflib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -107,11 +108,62 @@ def _lookup(name: str) -> SolverFactory:
         ) from None
 
 
+def _options_of(factory: SolverFactory) -> dict[str, Any] | None:
+    """The keyword options ``factory`` takes, with their defaults (``inspect._empty`` for
+    none); None when it takes ``**kwargs`` or its signature cannot be read."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    out: dict[str, Any] = {}
+    for p in parameters:
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            out[p.name] = p.default
+    return out
+
+
+def _check_options(name: str, factory: SolverFactory, options: dict[str, Any]) -> None:
+    """Raise TypeError naming an option ``factory`` does not take, and the ones it does."""
+    accepted = _options_of(factory)
+    if accepted is None:
+        return
+    unknown = [k for k in options if k not in accepted]
+    if not unknown:
+        return
+    if unknown == ["gamma"]:
+        # gamma is BDIA's parameter; point to the two spellings that take it.
+        gamma = options["gamma"]
+        rest = [f"{k}={v!r}" for k, v in options.items() if k != "gamma"]
+        wrapped_args = ", ".join([f'"bdia-{name}"', f"gamma={gamma!r}", *rest])
+        base_args = ", ".join([f'"{name}"', *rest])
+        raise TypeError(
+            f"solver {name!r} takes no option 'gamma': gamma belongs to BDIA. Use "
+            f"get_solver({wrapped_args}) or bdia(get_solver({base_args}), {gamma!r})"
+        )
+    if accepted:
+        takes = "its options are " + ", ".join(
+            k if d is inspect.Parameter.empty else f"{k} (default {d!r})"
+            for k, d in accepted.items()
+        )
+    else:
+        takes = "it takes no options"
+    if "gamma" in unknown:
+        takes += f' (gamma belongs to BDIA: use "bdia-{name}")'
+    plural = "s" if len(unknown) > 1 else ""
+    raise TypeError(
+        f"solver {name!r} has no option{plural} {', '.join(repr(k) for k in unknown)}; {takes}"
+    )
+
+
 def get_solver(name: str, **options: Any) -> Any:
     """Build the solver registered as ``name``.
 
     ``"bdia-<base>"`` wraps the base solver with ``bdia``; the option ``gamma`` goes to the
-    wrapper and the rest to the base. An unknown name raises KeyError listing close matches.
+    wrapper and the rest to the base. An unknown name raises KeyError listing close matches;
+    an option the solver does not take raises TypeError naming the options it does take
+    (``gamma`` on a plain name points to ``"bdia-<name>"``).
     """
     if not isinstance(name, str):
         raise TypeError(f"a solver name must be a string, got {type(name).__name__}")
@@ -123,7 +175,9 @@ def get_solver(name: str, **options: Any) -> Any:
         if base not in _REGISTRY:
             _lookup(name)  # raises, suggesting close 'bdia-' names
         return bdia(get_solver(base, **options), gamma=gamma)
-    return _lookup(name)(**options)
+    factory = _lookup(name)
+    _check_options(name, factory, options)
+    return factory(**options)
 
 
 def available_solvers() -> list[str]:

@@ -356,6 +356,15 @@ class BidirectionalWrapper:
 def bdia(solver: Solver | str, gamma: GammaSpec = 1.0) -> BidirectionalWrapper:
     """Wrap ``solver`` (an instance or a registered name) as a time-reversible BDIA scheme.
 
+    ``gamma = 1`` (the default; with Euler or DDIM the leapfrog scheme) keeps inversion free
+    of amplification but is only weakly stable: the parasitic mode, which flips sign every
+    step, is not damped, and on a dissipative problem (``y' = -5 y``, or a diffusion ODE as
+    the noise level falls) it grows by about ``1 + mu`` per step where the exact flow
+    contracts by ``e^-mu``. A gamma below 1 damps it only where ``gamma (1 + mu) < 1``, that
+    is for steps small against the problem's rates: on ``y' = -5 y`` with ``h = 0.05``
+    (``mu = 0.25``) gamma = 0.96 still grows, and only a single-step solver or a small gamma
+    is stable. See the theory page, "Stability: the parasitic mode".
+
     Args:
         solver: the base single-step solver.
         gamma: a number in [0, 1], one value per two-step update, or ``"obelm"``.

@@ -34,6 +34,13 @@ DPM-Solver++ (data prediction, Lu et al. 2022b), singlestep:
 
 Here ``D`` is the data prediction (the denoiser output) and ``eps`` the noise prediction at
 ``(t, x)``. A step that ends at sigma = 0 (h infinite) is taken as DDIM.
+
+The stage fractions are free parameters, checked when the solver is built: ``r1`` (and
+``r2``) lie in (0, 1], with ``r1 < r2``. A fraction of 0 puts the stage on the step's start
+and divides by zero in the update; one above 1 puts it past the step's end, outside the
+interval the step's schedule values (and the grid's domain check) cover. The stated orders
+hold for the defaults: the order-3 updates use only the second stage, which is third order
+for ``r2 = 2/3`` and second order otherwise.
 """
 
 from __future__ import annotations
@@ -69,10 +76,40 @@ class _Coefficients:
     h: float
 
 
+def _stage_fraction(solver: str, field: str, value: object) -> float:
+    """``value`` as a float in (0, 1], or a TypeError/ValueError that says what it means."""
+    if isinstance(value, (str, bool)):
+        raise TypeError(f"{solver}: {field} must be a number in (0, 1], got {value!r}")
+    try:
+        r = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{solver}: {field} must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < r <= 1.0:
+        raise ValueError(
+            f"{solver}: {field} = {r} lies outside (0, 1]; {field} is the fraction of the step "
+            "(in log-SNR) at which an intermediate stage sits: 0 puts it on the step's start "
+            "(a division by zero), above 1 past the step's end"
+        )
+    return r
+
+
 class _Exponential(Solver):
     """Shared plumbing: schedule look-ups, the DDIM fallback at sigma = 0, stage evaluations."""
 
     needs_diffusion = True
+
+    def __post_init__(self) -> None:
+        # Runs for the dataclass subclasses; the stage fractions are their only fields.
+        values = {}
+        for f in ("r1", "r2"):
+            if hasattr(self, f):
+                values[f] = _stage_fraction(self.name, f, getattr(self, f))
+                object.__setattr__(self, f, values[f])
+        if len(values) == 2 and not values["r1"] < values["r2"]:
+            raise ValueError(
+                f"{self.name}: r1 = {values['r1']} must be smaller than r2 = {values['r2']}: "
+                "the first intermediate stage comes before the second (defaults 1/3, 2/3)"
+            )
 
     def step(
         self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None

@@ -13,6 +13,8 @@ Registering a new method takes one tableau:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -48,6 +50,7 @@ class ButcherTableau:
     order: int
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         s = len(self.c)
         if s == 0 or self.c[0] != 0:
             raise ValueError("an explicit tableau needs c[0] == 0")
@@ -62,8 +65,17 @@ class ButcherTableau:
                 raise ValueError(f"row a[{i}] must sum to c[{i}] = {self.c[i]}")
         if abs(sum(self.b) - 1.0) > 1e-12:
             raise ValueError("the weights b must sum to 1")
-        if self.order < 1:
-            raise ValueError("order must be >= 1")
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {self.order!r}")
+
+    def _check_numbers(self) -> None:
+        """Every coefficient a finite real number (a NaN would pass the sum checks below)."""
+        entries = [(f"c[{i}]", v) for i, v in enumerate(self.c)]
+        entries += [(f"b[{i}]", v) for i, v in enumerate(self.b)]
+        entries += [(f"a[{i}][{j}]", v) for i, row in enumerate(self.a) for j, v in enumerate(row)]
+        for where, v in entries:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"tableau entry {where} = {v!r} is not a finite number")
 
     @property
     def stages(self) -> int:
@@ -87,6 +99,12 @@ class ExplicitRungeKutta(Solver):
     name: str = "runge_kutta"
 
     needs_diffusion = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tableau, ButcherTableau):
+            raise TypeError(
+                f"ExplicitRungeKutta needs a ButcherTableau, got {type(self.tableau).__name__}"
+            )
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -114,6 +132,11 @@ class ExplicitRungeKutta(Solver):
 
 def register_tableau(name: str, tableau: ButcherTableau) -> None:
     """Register an explicit Runge-Kutta method as solver ``name``."""
+    if not isinstance(tableau, ButcherTableau):
+        raise TypeError(
+            f"register_tableau needs a ButcherTableau, got {type(tableau).__name__}; build one "
+            "with ButcherTableau(c=..., a=..., b=..., order=...)"
+        )
 
     def factory() -> ExplicitRungeKutta:
         return ExplicitRungeKutta(tableau, name)

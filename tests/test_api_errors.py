@@ -1,0 +1,337 @@
+"""Python API refusals that point to the fix: solver options, state and model dtypes given by
+name, schedules given by name, stage fractions, non-finite input states. Every refusal leaves
+the caller's tensors as they were and makes no model call."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from conftest import untouched
+
+import bdia
+from bdia import ODE, ButcherTableau, DiffusionODE, StatePair, get_solver, invert, sample
+from bdia import bdia as make_bdia
+from bdia.models.toy import GaussianMixture
+
+BATCH, DIM = 4, 3
+GRID = [80.0, 20.0, 5.0, 1.0, 0.3]  # EDM times with sigma > 0 everywhere
+
+
+@pytest.fixture(scope="module")
+def mixture() -> GaussianMixture:
+    return GaussianMixture.random(DIM, 4, seed=1)
+
+
+@pytest.fixture
+def ode(mixture: GaussianMixture) -> DiffusionODE:
+    return mixture.ode()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return 80.0 * torch.randn(BATCH, DIM, generator=g, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ solver options
+
+
+@pytest.mark.parametrize("name", ["heun", "euler", "ddim", "dpm_solver_2"])
+def test_gamma_on_a_plain_solver_points_to_bdia(name: str) -> None:
+    with pytest.raises(TypeError) as info:
+        get_solver(name, gamma=0.5)
+    msg = str(info.value)
+    assert f"solver '{name}' takes no option 'gamma'" in msg
+    assert f'get_solver("bdia-{name}", gamma=0.5)' in msg
+    assert f'bdia(get_solver("{name}"), 0.5)' in msg
+    # both suggested spellings build the same solver
+    assert get_solver(f"bdia-{name}", gamma=0.5) == make_bdia(get_solver(name), 0.5)
+
+
+def test_gamma_with_other_options_keeps_them_in_the_suggestion() -> None:
+    with pytest.raises(TypeError) as info:
+        get_solver("dpm_solver_2", gamma=0.9, r1=0.25)
+    msg = str(info.value)
+    assert 'get_solver("bdia-dpm_solver_2", gamma=0.9, r1=0.25)' in msg
+    assert 'bdia(get_solver("dpm_solver_2", r1=0.25), 0.9)' in msg
+
+
+@pytest.mark.parametrize(
+    "name, options, pattern",
+    [
+        (
+            "dpm_solver_2",
+            {"r3": 0.5},
+            r"'dpm_solver_2' has no option 'r3'; its options are r1 "
+            r"\(default 0.5\)",
+        ),
+        (
+            "dpm_solver_pp_3s",
+            {"order": 2},
+            r"has no option 'order'; its options are r1 "
+            r"\(default 0.333.*\), r2 \(default 0.666.*\)",
+        ),
+        ("rk4", {"r1": 0.5}, r"'rk4' has no option 'r1'; it takes no options"),
+        ("heun", {"r1": 0.5, "gamma": 1.0}, r"no options 'r1', 'gamma'.*use \"bdia-heun\""),
+        ("bdia-heun", {"gamma": 0.5, "r1": 0.5}, r"'heun' has no option 'r1'"),
+    ],
+)
+def test_unknown_option_names_the_options_the_solver_takes(
+    name: str, options: dict, pattern: str
+) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        get_solver(name, **options)
+
+
+def test_odeint_option_the_method_does_not_take() -> None:
+    y0 = torch.ones(1, 2, dtype=torch.float64)
+    with untouched(y0), pytest.raises(TypeError, match=r"'rk4' takes no option 'gamma'.*bdia-rk4"):
+        bdia.odeint(lambda t, y: -y, y0, [0.0, 0.5, 1.0], options={"gamma": 0.9})
+
+
+def test_user_factory_with_kwargs_receives_every_option() -> None:
+    seen: dict = {}
+
+    @bdia.register_solver("test_api_errors_kwargs")
+    def factory(**options):
+        seen.update(options)
+        return get_solver("euler")
+
+    get_solver("test_api_errors_kwargs", anything=3)
+    assert seen == {"anything": 3}
+
+
+# ------------------------------------------------------------------ stage fractions
+
+
+@pytest.mark.parametrize("name", ["dpm_solver_2", "dpm_solver_pp_2s"])
+@pytest.mark.parametrize("r1", [0, 0.0, -1, 1.5, float("nan"), float("inf")])
+def test_r1_outside_unit_interval_refused(name: str, r1: float) -> None:
+    pattern = rf"{name}: r1 = .* lies outside \(0, 1\]; r1 is the fraction of the step"
+    with pytest.raises(ValueError, match=pattern):
+        get_solver(name, r1=r1)
+    with pytest.raises(ValueError, match=pattern):
+        get_solver(f"bdia-{name}", r1=r1, gamma=0.9)
+
+
+@pytest.mark.parametrize("name", ["dpm_solver_3", "dpm_solver_pp_3s"])
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"r1": 0.0}, r"r1 = 0.0 lies outside \(0, 1\]"),
+        ({"r2": 0.0}, r"r2 = 0.0 lies outside \(0, 1\]"),
+        ({"r2": 1.2}, r"r2 = 1.2 lies outside \(0, 1\]"),
+        ({"r1": 0.7}, r"r1 = 0.7 must be smaller than r2 = 0.666"),
+        ({"r1": 0.5, "r2": 0.5}, r"r1 = 0.5 must be smaller than r2 = 0.5"),
+    ],
+)
+def test_third_order_stage_fractions_refused(name: str, options: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        get_solver(name, **options)
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, None])
+def test_stage_fraction_of_wrong_type(bad) -> None:
+    with pytest.raises(TypeError, match=r"dpm_solver_2: r1 must be a number in \(0, 1\]"):
+        get_solver("dpm_solver_2", r1=bad)
+
+
+def test_stage_fraction_at_the_step_end_is_accepted(ode: DiffusionODE, x: torch.Tensor) -> None:
+    # r1 = 1 puts the stage on t_next: a legitimate (trapezoidal-like) choice
+    solver = get_solver("dpm_solver_pp_2s", r1=1)
+    assert solver.r1 == 1.0 and isinstance(solver.r1, float)
+    out = sample(ode, solver, x, GRID, progress=False)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_tableau_with_nan_or_fractional_order_refused() -> None:
+    nan = float("nan")
+    # a NaN row passes the "row sums to c" test (a comparison with NaN is False)
+    with pytest.raises(ValueError, match=r"tableau entry c\[1\] = nan is not a finite number"):
+        ButcherTableau(c=(0.0, nan), a=((), (nan,)), b=(0.5, 0.5), order=2)
+    with pytest.raises(ValueError, match=r"a\[1\]\[0\] = inf"):
+        ButcherTableau(c=(0.0, 0.5), a=((), (math.inf,)), b=(0.5, 0.5), order=2)
+    with pytest.raises(ValueError, match="order must be an integer >= 1, got 1.5"):
+        ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1.5)
+
+
+def test_register_tableau_needs_a_tableau() -> None:
+    with pytest.raises(TypeError, match="register_tableau needs a ButcherTableau, got dict"):
+        bdia.register_tableau("test_api_errors_dict", {"c": (0.0,)})  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        get_solver("test_api_errors_dict")  # nothing was registered
+    with pytest.raises(TypeError, match="ExplicitRungeKutta needs a ButcherTableau"):
+        bdia.ExplicitRungeKutta("heun")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("float64", torch.float64), ("float32", torch.float32), ("torch.float64", torch.float64)],
+)
+@pytest.mark.parametrize("solver_name", ["heun", "bdia-euler"])
+def test_state_dtype_by_name_equals_the_dtype(
+    ode: DiffusionODE, x: torch.Tensor, name: str, dtype: torch.dtype, solver_name: str
+) -> None:
+    x32 = x.to(torch.float32)
+    solver = get_solver(solver_name)
+    with untouched(x32):
+        by_name = sample(ode, solver, x32, GRID, progress=False, state_dtype=name)
+        by_dtype = sample(ode, solver, x32, GRID, progress=False, state_dtype=dtype)
+        back_name = invert(ode, solver, x32, GRID, progress=False, state_dtype=name)
+        back_dtype = invert(ode, solver, x32, GRID, progress=False, state_dtype=dtype)
+    # the same dtype, so the same arithmetic: bit-identical
+    assert by_name.dtype == dtype and torch.equal(by_name, by_dtype)
+    assert back_name.earlier.dtype == dtype and torch.equal(back_name.earlier, back_dtype.earlier)
+
+
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+@pytest.mark.parametrize("name", ["double", "float", "f64", "Float64"])
+def test_state_dtype_unknown_name(ode: DiffusionODE, x: torch.Tensor, driver: str, name: str):
+    run = sample if driver == "sample" else invert
+    pattern = rf"state_dtype '{name}' is not a state dtype; use torch.float32 or torch.float64, "
+    pattern += r"or the names 'float32' or 'float64'"
+    with untouched(x), pytest.raises(ValueError, match=pattern):
+        run(ode, get_solver("euler"), x, GRID, progress=False, state_dtype=name)
+    assert ode.nfe == 0
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_state_dtype_half_name_meets_the_half_refusal(
+    ode: DiffusionODE, x: torch.Tensor, name: str
+) -> None:
+    with untouched(x), pytest.raises(ValueError, match=rf"torch.{name} state is refused"):
+        sample(ode, get_solver("euler"), x, GRID, progress=False, state_dtype=name)
+    assert ode.nfe == 0
+
+
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        (float, r"state_dtype must be torch.float32 or torch.float64 .*got type"),
+        (64, r"state_dtype must be torch.float32 or torch.float64 .*got int 64"),
+        (torch.int32, r"state_dtype must be a real floating dtype .*got torch.int32"),
+        (torch.complex128, r"real floating dtype .*got torch.complex128"),
+    ],
+)
+def test_state_dtype_of_wrong_type(ode: DiffusionODE, x: torch.Tensor, value, pattern: str):
+    with untouched(x), pytest.raises(TypeError, match=pattern):
+        sample(ode, get_solver("euler"), x, GRID, progress=False, state_dtype=value)
+    assert ode.nfe == 0
+
+
+def test_model_dtype_by_name(mixture: GaussianMixture) -> None:
+    assert DiffusionODE(mixture.denoiser, model_dtype="bfloat16").model_dtype == torch.bfloat16
+    assert ODE(lambda t, y: -y, model_dtype="float32").model_dtype == torch.float32
+    with pytest.raises(TypeError, match=r"model_dtype must be a floating torch dtype.*'int8'"):
+        ODE(lambda t, y: -y, model_dtype="int8")
+    with pytest.raises(TypeError, match=r"model_dtype must be a floating.*torch.int64"):
+        DiffusionODE(mixture.denoiser, model_dtype=torch.int64)
+
+
+# ------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize(
+    "name, fix",
+    [
+        ("edm", "bdia.EDM()"),
+        ("EDM", "bdia.EDM()"),
+        ("vp-linear", "bdia.VPLinear()"),
+        ("vp_cosine", "bdia.VPCosine()"),
+        ("vp-discrete", "bdia.VPDiscrete(betas=...)"),
+        ("karras", "one of bdia.EDM(), bdia.VPLinear(), bdia.VPCosine()"),
+    ],
+)
+def test_schedule_given_by_name_is_refused_at_construction(
+    mixture: GaussianMixture, name: str, fix: str
+) -> None:
+    pattern = rf"schedule must be a Schedule instance, not the string '{name}'; pass "
+    with pytest.raises(TypeError, match=pattern + re.escape(fix)):
+        DiffusionODE(mixture.denoiser, name)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=pattern):
+        DiffusionODE.from_eps(lambda x, t: x, name)  # type: ignore[arg-type]
+
+
+def test_schedule_class_instead_of_instance(mixture: GaussianMixture) -> None:
+    with pytest.raises(TypeError, match=r"got the class VPLinear; call it: VPLinear\(\)"):
+        DiffusionODE(mixture.denoiser, bdia.VPLinear)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Schedule instance such as bdia.EDM\(\).*got float"):
+        DiffusionODE(mixture.denoiser, 1.0)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- non-finite input
+
+
+def _nan_state(x: torch.Tensor) -> torch.Tensor:
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    bad[3, 0] = -float("inf")
+    return bad
+
+
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+@pytest.mark.parametrize("solver_name", ["euler", "heun", "bdia-euler", "bdia-ddim"])
+def test_non_finite_start_is_bad_input_not_a_model_failure(
+    ode: DiffusionODE, x: torch.Tensor, driver: str, solver_name: str
+) -> None:
+    run = sample if driver == "sample" else invert
+    role = "start" if driver == "sample" else "end"
+    bad = _nan_state(x)
+    pattern = rf"the {role} state contains 2 NaN/Inf values \(of 12 entries\): bad input"
+    with untouched(bad), pytest.raises(ValueError, match=pattern) as info:
+        run(ode, get_solver(solver_name), bad, GRID, progress=False)
+    assert "no model call was made" in str(info.value)
+    assert "model returned" not in str(info.value)
+    assert ode.nfe == 0
+
+
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+@pytest.mark.parametrize("position", [0, 1])
+def test_non_finite_pair_names_its_element(
+    ode: DiffusionODE, x: torch.Tensor, driver: str, position: int
+) -> None:
+    run = sample if driver == "sample" else invert
+    role = "start" if driver == "sample" else "end"
+    pair = [x + 1.0, x.clone()]
+    pair[position] = _nan_state(x)
+    pattern = rf"the {role} state \({role}\[{position}\]\) contains 2 NaN/Inf values"
+    with untouched(*pair), pytest.raises(ValueError, match=pattern):
+        run(ode, make_bdia("euler", 0.9), StatePair(*pair), GRID, progress=False)
+    assert ode.nfe == 0
+
+
+def test_non_finite_low_word_of_a_pair(ode: DiffusionODE, x: torch.Tensor) -> None:
+    low = torch.zeros_like(x)
+    low[0, 0] = float("nan")
+    pair = StatePair(x + 1.0, x.clone(), None, low)
+    with untouched(low), pytest.raises(ValueError, match=r"\(end.later_low\) contains 1 NaN"):
+        invert(ode, make_bdia("euler", 0.9), pair, GRID, progress=False)
+    assert ode.nfe == 0
+
+
+def test_start_overflowing_the_state_dtype(ode: DiffusionODE, x: torch.Tensor) -> None:
+    big = x.clone()
+    big[0] = 1e300  # finite in float64, Inf once cast to float32
+    pattern = r"the start state has 3 values beyond the range of torch.float32"
+    with untouched(big), pytest.raises(ValueError, match=pattern):
+        sample(ode, get_solver("euler"), big, GRID, progress=False, state_dtype=torch.float32)
+    assert ode.nfe == 0
+
+
+def test_non_finite_start_plain_ode_via_odeint() -> None:
+    y0 = torch.tensor([[1.0, float("nan")]], dtype=torch.float64)
+    calls = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(float(t))
+        return -y
+
+    with untouched(y0), pytest.raises(ValueError, match="start state contains 1 NaN/Inf"):
+        bdia.odeint(f, y0, [0.0, 0.5, 1.0])
+    assert calls == []

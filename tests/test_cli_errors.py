@@ -1,0 +1,232 @@
+"""Every user mistake at the command line: one line on stderr naming the option, nothing written.
+
+Each case checks the exit status, that stderr holds exactly one line which names the option at
+fault and says what is wrong, and that the run left no file or folder behind.
+"""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from bdia.cli import main
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def fails_in_one_line(args, folder, *words, status=None):
+    """Run ``bdia ARGS`` in ``folder``; assert one error line holding ``words``; return it."""
+    before = files_under(folder)
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0, result.output
+    if status is not None:
+        assert result.exit_code == status, result.output
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert files_under(folder) == before, "the failed run wrote something"
+    return lines[0]
+
+
+@pytest.fixture
+def detector(tmp_path):
+    """A TorchScript stand-in with the Inception detector's call contract."""
+    from test_fid import _StandInDetector
+
+    path = tmp_path / "inception.pt"
+    torch.jit.save(torch.jit.script(_StandInDetector()), str(path))
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def reference(tmp_path):
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=np.zeros(16), sigma=np.eye(16))
+    return path
+
+
+def test_invert_refuses_gamma_zero(tmp_path):
+    fails_in_one_line(["invert", "--gamma", "0"], tmp_path, "'--gamma'", "(0, 1]")
+
+
+def test_sample_refuses_a_network_that_is_not_a_denoiser(tmp_path):
+    out = tmp_path / "out"
+    args = ["sample", "--network", "digits-classifier", "--outdir", out]
+    fails_in_one_line(args, tmp_path, "'--network'", "not a diffusion model")
+
+
+@pytest.mark.parametrize("command", ["sample", "invert"])
+@pytest.mark.parametrize(
+    "option,value,words",
+    [
+        ("--sigma-min", "100", ["'--sigma-min'", "below --sigma-max"]),
+        ("--sigma-min", "-1", ["'--sigma-min'", "x>0"]),
+        ("--rho", "0", ["'--rho'", "x>0"]),
+        ("--sigma-max", "inf", ["'--sigma-max'", "not a finite number"]),
+    ],
+)
+def test_grid_options_are_checked(command, option, value, words, tmp_path):
+    args = [command, option, value]
+    if command == "sample":
+        args += ["--network", "digits", "--outdir", tmp_path / "out"]
+    fails_in_one_line(args, tmp_path, *words)
+
+
+def test_device_without_cuda_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "out", "--device", "cuda"]
+    fails_in_one_line(args, tmp_path, "'--device'", "CUDA is not available", "--device cpu")
+
+
+def test_unknown_device_is_refused(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "out", "--device", "foo"]
+    fails_in_one_line(args, tmp_path, "'--device'", "'foo' is not a device")
+
+
+def test_fid_refuses_a_detector_that_is_not_torchscript(tmp_path, images, reference):
+    fake = tmp_path / "inception.pt"
+    fake.write_text("not a TorchScript archive")
+    args = ["fid", "--images", images, "--ref", reference, "--detector", fake]
+    fails_in_one_line(args, tmp_path, "'--detector'", "TorchScript")
+
+
+@pytest.mark.parametrize("command", ["fid", "fid-ref"])
+def test_an_unreadable_png_is_named(command, tmp_path, images, reference, detector):
+    (images / "broken.png").write_text("not a PNG")
+    args = [command, "--images", images, "--detector", detector]
+    args += ["--ref", reference] if command == "fid" else ["--out", tmp_path / "r.npz"]
+    fails_in_one_line(args, tmp_path, "'--images'", "broken.png")
+
+
+def test_fid_refuses_a_reference_that_is_not_mu_and_sigma(tmp_path, images, detector):
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, mean=np.zeros(4))
+    args = ["fid", "--images", images, "--ref", wrong, "--detector", detector]
+    fails_in_one_line(args, tmp_path, "'--ref'", "wrong.npz", "mu")
+    text = tmp_path / "text.npz"
+    text.write_text("mu sigma")
+    args = ["fid", "--images", images, "--ref", text, "--detector", detector]
+    fails_in_one_line(args, tmp_path, "'--ref'", "text.npz")
+
+
+@pytest.mark.parametrize("command", ["fid-ref", "compare", "convert"])
+def test_an_output_under_a_regular_file_is_refused(command, tmp_path, images, detector):
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file")
+    target = blocker / "sub" / "x"
+    if command == "fid-ref":
+        args = [command, "--images", images, "--detector", detector, "--out", f"{target}.npz"]
+        option = "'--out'"
+    elif command == "compare":
+        args = [command, "--solvers", "euler", "--out", f"{target}.md"]
+        option = "'--out'"
+    else:
+        source = tmp_path / "net.pkl"
+        source.write_bytes(b"")
+        args = [command, source, f"{target}.safetensors"]
+        option = "'TARGET'"
+    fails_in_one_line(args, tmp_path, option, "is a file")
+
+
+@pytest.mark.parametrize("output", ["--outdir", "--grid"])
+def test_a_huge_seed_range_is_refused_before_it_is_built(output, tmp_path):
+    target = tmp_path / ("out" if output == "--outdir" else "grid.png")
+    args = ["sample", "--network", "digits", output, target, "--seeds", "0-1000000000"]
+    line = fails_in_one_line(args, tmp_path, "'--seeds'", "1,000,000,001 seeds")
+    assert ("--outdir" in line) == (output == "--grid")
+
+
+def test_a_class_the_network_lacks_is_refused_before_the_outdir_exists(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "out", "--class", "11"]
+    fails_in_one_line(args, tmp_path, "'--class'", "0..9")
+
+
+def test_a_class_for_an_unconditional_network_is_refused(tmp_path):
+    args = ["sample", "--network", "random:ddpmpp-uncond", "--grid", tmp_path / "g.png"]
+    fails_in_one_line([*args, "--class", "1"], tmp_path, "'--class'", "unconditional")
+
+
+def test_a_bdia_solver_name_points_to_gamma(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--solver", "bdia-heun"]
+    fails_in_one_line(args, tmp_path, "'--solver'", "--solver heun --gamma")
+
+
+def test_unknown_dtype_names_the_vocabulary(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--dtype", "half"]
+    fails_in_one_line(args, tmp_path, "'--dtype'", "float32, bfloat16, float16")
+
+
+def test_an_unforeseen_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    import bdia.cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nunexpected")
+
+    monkeypatch.setattr(bdia.cli, "_load_denoiser", broken)
+    args = ["sample", "--network", "digits", "--grid", tmp_path / "g.png"]
+    line = fails_in_one_line(args, tmp_path, "RuntimeError: something unexpected", "--debug")
+    assert line.count("\n") == 0
+    result = CliRunner().invoke(main, ["--debug", *[str(a) for a in args]])
+    assert isinstance(result.exception, RuntimeError)
+
+
+# ------------------------------------------------------------------------------ conventions
+
+
+def test_version():
+    import bdia
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"bdia, version {bdia.__version__}"
+
+
+def _options():
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                yield name, param
+
+
+def test_every_option_has_help():
+    missing = [f"{name} {param.opts[0]}" for name, param in _options() if not param.help]
+    assert not missing, missing
+
+
+def test_one_dtype_vocabulary_across_commands():
+    from bdia.cli import DtypeType
+
+    for name, param in _options():
+        if "dtype" in param.name:
+            assert isinstance(param.type, DtypeType), (name, param.opts)
+            assert set(param.type.allowed) <= {"float64", "float32", "bfloat16", "float16"}
+
+
+def test_solver_options_point_to_the_solver_list():
+    helps = [param.help for _, param in _options() if param.opts[0] in ("--solver", "--solvers")]
+    assert helps and all("bdia solvers" in h for h in helps)
+
+
+def test_path_options_are_typed_as_paths():
+    from bdia.cli import OutputPathType
+
+    for name, param in _options():
+        if param.opts[0] in ("--out", "--outdir", "--grid", "--images", "--ref", "--detector"):
+            assert isinstance(param.type, (click.Path, OutputPathType)), (name, param.opts)

@@ -1,0 +1,193 @@
+"""``bdia compare``: what it prints, what it writes (only with --out), and what it refuses."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bdia import compare as cmp
+from bdia.cli import main
+
+SMALL = ["--solvers", "euler,heun", "--gammas", "0.96", "--budgets", "10,20", "--batch", "16"]
+SMALL_COMMAND = "bdia compare --solvers euler,heun --gammas 0.96 --budgets 10,20 --batch 16"
+
+
+def _compare(*args: str) -> object:
+    return CliRunner().invoke(main, ["compare", *args])
+
+
+def _table_rows(markdown: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
+
+
+def test_default_prints_the_table_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _compare(*SMALL)
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+    assert _table_rows(result.stdout) == [
+        "solver",
+        "euler",
+        "bdia(euler, 0.96)",
+        "heun",
+        "bdia(heun, 0.96)",
+    ]
+    # stdout is the report alone, so `bdia compare > table.md` keeps clean markdown.
+    assert result.stdout.startswith("# Solver comparison on a toy problem\n")
+    assert result.stdout.endswith(f"Written by `{SMALL_COMMAND}`.\n")
+    assert "![" not in result.stdout
+    assert "4 variants in " in result.stderr
+
+
+def test_out_writes_the_report_and_its_plot_beside_it(tmp_path):
+    out = tmp_path / "reports" / "mixture.md"
+    result = _compare(*SMALL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mixture.md", "mixture.png"]
+    assert (out.parent / "mixture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = out.read_text()
+    assert "](mixture.png)" in text  # relative to the report, wherever it is read from
+    assert text == result.stdout
+    assert text.endswith(f"Written by `{SMALL_COMMAND} --out {out}`.\n")
+
+
+def test_no_plot_writes_no_png_and_links_none(tmp_path):
+    out = tmp_path / "toy.md"
+    result = _compare(*SMALL, "--out", str(out), "--no-plot")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["toy.md"]
+    assert "![" not in out.read_text()
+    assert out.read_text().endswith(f"Written by `{SMALL_COMMAND} --out {out} --no-plot`.\n")
+
+
+def test_without_matplotlib_the_report_links_no_plot(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    out = tmp_path / "toy.md"
+    result = _compare(*SMALL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["toy.md"]
+    assert "![" not in out.read_text()
+    assert "matplotlib is not installed" in caplog.text + result.output
+
+
+@pytest.mark.parametrize(
+    "args,option,words",
+    [
+        (
+            ["--solvers", "ddim", "--problem", "oscillator"],
+            "'--solvers'",
+            ["ddim needs a diffusion ODE", "euler, heun, midpoint, rk4"],
+        ),
+        (
+            ["--solvers", "ddim,dpm_solver_2", "--problem", "riccati"],
+            "'--solvers'",
+            ["ddim and dpm_solver_2 need", "euler, heun, midpoint, rk4"],
+        ),
+        (
+            ["--solvers", "rk4,heun", "--budgets", "1", "--problem", "oscillator"],
+            "'--budgets'",
+            ["the cheapest, heun, needs 2 NFE", "at least 2"],
+        ),
+    ],
+)
+def test_an_empty_selection_says_why_in_one_line(tmp_path, monkeypatch, args, option, words):
+    monkeypatch.chdir(tmp_path)
+    result = _compare(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()  # refused before any computing: no progress, no timing
+    assert line.startswith(f"Error: Invalid value for {option}: nothing to compare")
+    for word in words:
+        assert word in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["under a file", "a folder"])
+def test_an_unusable_out_is_refused_before_computing(tmp_path, kind, monkeypatch):
+    blocker = tmp_path / "notes"
+    if kind == "under a file":
+        blocker.write_text("a regular file")
+        out = blocker / "toy.md"
+    else:
+        blocker.mkdir()
+        out = blocker
+    monkeypatch.setattr(cmp, "run_comparison", pytest.fail)
+    result = _compare(*SMALL, "--out", str(out))
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: Invalid value for '--out'")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"]
+    assert blocker.is_dir() or blocker.read_text() == "a regular file"
+    if blocker.is_dir():
+        assert list(blocker.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,inside", [([], 1), (["--threads", "2"], 2)])
+def test_threads_apply_inside_the_command_and_are_restored(monkeypatch, args, inside):
+    seen = []
+    real = cmp.run_comparison
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(cmp, "run_comparison", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        result = _compare(*SMALL, *args)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert seen == [inside]
+    assert after == 3
+
+
+def test_threads_are_restored_when_the_comparison_fails(monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cmp, "run_comparison", fail)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        result = _compare(*SMALL, "--threads", "2")
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 1 and "boom" in result.output
+    assert after == 3
+
+
+def test_run_comparison_refuses_an_empty_selection():
+    with pytest.raises(cmp.EmptySelection, match="euler, heun, midpoint, rk4") as info:
+        cmp.run_comparison(cmp.PROBLEMS["oscillator"], ["ddim"], gammas=[], batch=2)
+    assert info.value.argument == "bases"
+    with pytest.raises(cmp.EmptySelection, match="at least 4") as info:
+        cmp.check_selection(cmp.PROBLEMS["mixture"], ["rk4"], [0.5], [3])
+    assert info.value.argument == "budgets"
+
+
+def test_a_variant_no_budget_holds_keeps_a_row_without_errors():
+    results = cmp.run_comparison(
+        cmp.PROBLEMS["mixture"], ["rk4"], gammas=[0.5], budgets=[8], batch=4
+    )
+    assert [r.variant.label for r in results] == ["rk4", "bdia(rk4, 0.5)"]
+    assert results[0].nfe == {8: 8} and results[1].nfe == {}
+
+
+def test_the_round_trip_does_not_depend_on_the_error_dtype():
+    # A float32 run reuses its own sample for the float32 round trip; it must equal the one
+    # a float64 run computes from scratch.
+    kwargs = dict(gammas=[0.96], budgets=[10, 20], batch=8)
+    problem = cmp.PROBLEMS["mixture"]
+    r32 = cmp.run_comparison(problem, ["euler", "heun"], dtype=torch.float32, **kwargs)
+    r64 = cmp.run_comparison(problem, ["euler", "heun"], dtype=torch.float64, **kwargs)
+    for a, b in zip(r32, r64):
+        assert a.variant == b.variant
+        assert (a.roundtrip32, a.roundtrip64) == (b.roundtrip32, b.roundtrip64)
+        assert a.error != b.error
