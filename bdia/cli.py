@@ -301,7 +301,7 @@ def _solver(name: str, gamma: float | str | None) -> Any:
     if name.startswith("bdia-"):
         raise click.BadParameter(
             f"{name!r} names a bdia variant; give the base solver and the gamma: "
-            f"--solver {name[len('bdia-'):]} --gamma G",
+            f"--solver {name[len('bdia-') :]} --gamma G",
             param_hint="'--solver'",
         )
     try:
@@ -594,7 +594,6 @@ def compare_command(
         click.echo(f"wrote {out}", err=True)
 
 
-
 _SOLVER_HELP = "Base solver (`bdia solvers` lists them)."
 
 
@@ -623,8 +622,8 @@ def _run_settings(
             else Path(network_spec)
         )
         network = "sha256:" + file_sha256(path)
-        info["network path"] = network_spec if network_spec in SHIPPED_NETWORKS else str(
-            path.resolve()
+        info["network path"] = (
+            network_spec if network_spec in SHIPPED_NETWORKS else str(path.resolve())
         )
     sigma_min, sigma_max, rho = grid
     info["grid"] = [float(t) for t in ts]
@@ -645,13 +644,13 @@ def _run_settings(
 
 def _claim_outdir(
     outdir: Path, settings: dict[str, Any], seeds: list[int], overwrite: bool
-) -> int:
-    """Check ``outdir``'s run record against ``settings``; returns how many stale images to drop.
+) -> list[Path]:
+    """Check ``outdir``'s run record against ``settings``; returns the images to remove.
 
     A folder made with the same settings resumes. One made with other settings (or holding
     images but no record) is refused, naming each setting that differs, unless ``overwrite``:
-    then the images of other seeds, made with the old settings, are removed so that every
-    image in the folder matches its record.
+    then the images of other seeds, made with the old settings, are to be removed so that
+    every image in the folder matches its record.
     """
     from . import generate
 
@@ -663,13 +662,13 @@ def _claim_outdir(
         recorded = {}
     images = sorted(outdir.glob("[0-9]*/[0-9]*.png")) if outdir.is_dir() else []
     if recorded is None and not images:
-        return 0
+        return []
     if recorded is None:
         differences = [f"{len(images)} images but no run record ({generate.RUN_RECORD})"]
     else:
         differences = ["--" + d for d in generate.differing_settings(recorded, settings)]
     if not differences:
-        return 0
+        return []
     if not overwrite:
         # Exit status 1, not a usage error: the options are valid, the folder holds other work.
         raise click.ClickException(
@@ -677,19 +676,7 @@ def _claim_outdir(
             "Use --overwrite to regenerate its images with these settings, or another --outdir"
         )
     wanted = {generate.image_path(outdir, seed) for seed in seeds}
-    return sum(1 for image in images if image not in wanted)
-
-
-def _drop_images_of_other_seeds(outdir: Path, seeds: list[int]) -> int:
-    from . import generate
-
-    wanted = {generate.image_path(outdir, seed) for seed in seeds}
-    removed = 0
-    for image in outdir.glob("[0-9]*/[0-9]*.png"):
-        if image not in wanted:
-            image.unlink()
-            removed += 1
-    return removed
+    return [image for image in images if image not in wanted]
 
 
 @main.command(name="sample")
@@ -814,25 +801,45 @@ def sample_command(
     net = net.to(device=device)
     show = not no_progress and rank == 0
 
+    if outdir is not None:
+        # Checked before any image, the grid's included: a refused run writes nothing.
+        settings, info = _run_settings(
+            network_spec,
+            solver_name,
+            gamma,
+            steps,
+            (sigma_min, sigma_max, rho),
+            ts,
+            network_dtype,
+            state_dtype,
+            class_label,
+        )
+        stale = _claim_outdir(outdir, settings, seed_list, overwrite)
     if grid_path is not None and rank == 0:
         with _Progress(len(seed_list), "grid", "img", show) as bar:
             _write_sample_grid(
-                grid_path, net, solver, ts, seed_list, class_label, batch, state_dtype, device,
+                grid_path,
+                net,
+                solver,
+                ts,
+                seed_list,
+                class_label,
+                batch,
+                state_dtype,
+                device,
                 on_batch=bar.update,
             )
         click.echo(f"wrote {grid_path} ({len(seed_list)} images)", err=True)
     if outdir is None:
         return
 
-    settings, info = _run_settings(
-        network_spec, solver_name, gamma, steps, (sigma_min, sigma_max, rho), ts, network_dtype,
-        state_dtype, class_label,
-    )
-    stale = _claim_outdir(outdir, settings, seed_list, overwrite)
     if rank == 0:
+        for image in stale:
+            image.unlink()
         if stale:
-            _drop_images_of_other_seeds(outdir, seed_list)
-            click.echo(f"removed {stale} images of other seeds made with other settings", err=True)
+            click.echo(
+                f"removed {len(stale)} images of other seeds made with other settings", err=True
+            )
         generate.write_run_record(outdir, settings, info)
     if world > 1:
         import torch.distributed as dist
@@ -937,7 +944,12 @@ def invert_command(
     with _Progress(2 * (2 * steps - 1), "invert", "step", not no_progress) as bar:
         for solver, kind in ((exact, "exact"), (base, "approximate")):
             _, back = generate.reconstruct(
-                net, solver, ts, images, labels, state_dtype=state_dtype,
+                net,
+                solver,
+                ts,
+                images,
+                labels,
+                state_dtype=state_dtype,
                 callback=lambda info: bar.update(),
             )
             error = (back.double() - images.double()).flatten(1)

@@ -246,6 +246,7 @@ def _run_script(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_training_script_smoke_writes_loadable_networks(tmp_path):
     out = _run_script("benchmarks/train_digits.py", "--smoke", "--out", str(tmp_path))
     before = float(re.search(r"loss before training: (\S+)", out).group(1))

@@ -48,6 +48,15 @@ def test_edm_cifar10_smoke(tmp_path):
     assert float(_cells(out, "heun-3")[2]) == 0.0  # the reference is this row's own images
 
 
+def test_edm_cifar10_smoke_as_documented_needs_no_outdir():
+    # docs/edm_cifar10.md gives the command without --outdir: its images go to a temporary
+    # folder that is removed afterwards, and docs/ is left alone.
+    before = _snapshot()
+    out = _run("benchmarks/edm_cifar10.py", "--smoke")
+    assert _snapshot() == before
+    assert float(_cells(out, "heun-3")[2]) == 0.0
+
+
 def test_gpu_check_smoke():
     before = _snapshot()
     out = _run("benchmarks/gpu_check.py", "--smoke")

@@ -274,3 +274,11 @@ def test_progress_is_a_bar_on_a_terminal_and_one_line_otherwise(monkeypatch):
 def test_no_progress_silences_the_final_line(tmp_path):
     result = invoke("--seeds", "0", "--outdir", str(tmp_path / "o"), "--no-progress")
     assert result.exit_code == 0 and "images:" not in result.stderr
+
+
+def test_a_refused_outdir_keeps_the_grid_of_the_same_run_from_being_written(tmp_path):
+    out = tmp_path / "res"
+    run_cli("--seeds", "0-1", "--outdir", str(out))
+    grid = tmp_path / "grid.png"
+    result = invoke("--steps", "4", "--seeds", "0-1", "--outdir", str(out), "--grid", str(grid))
+    assert result.exit_code == 1 and not grid.exists()
