@@ -71,7 +71,7 @@ class _Command(click.Group):
         except Exception as err:  # a failure the checks did not foresee: still one line
             if debug:
                 raise
-            if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(err, MemoryError):
+            if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
                 hint = "out of memory: use a smaller --batch"
             else:
                 hint = "bdia --debug ... shows the traceback"
