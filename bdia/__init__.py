@@ -1,7 +1,8 @@
 """bdia: single-step ODE solvers for diffusion sampling and their exactly invertible BDIA form."""
 
+from .editing import EDIT_RULES, Inversion, edit
 from .ode import ODE, DiffusionODE, Evaluation
-from .sampling import StatePair, invert, odeint, sample
+from .sampling import PairMismatchWarning, StatePair, invert, odeint, sample
 from .schedules import (
     EDM,
     Schedule,
@@ -32,8 +33,12 @@ __all__ = [
     "DiffusionODE",
     "Evaluation",
     "StatePair",
+    "PairMismatchWarning",
     "sample",
     "invert",
+    "Inversion",
+    "edit",
+    "EDIT_RULES",
     "odeint",
     "Schedule",
     "EDM",

@@ -14,11 +14,13 @@ Every model call goes through ``evaluate(t, x)``, which adds one to ``nfe`` and 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -148,6 +150,18 @@ class ODE:
         """Set the evaluation counter to zero."""
         self.nfe = 0
 
+    def fingerprint(self) -> str:
+        """A short hex digest of what defines the problem: the model (its class and a sample
+        of its parameters, or a function's name), and for a ``DiffusionODE`` the schedule, the
+        prediction type, the model dtype and the conditioning tensors.
+
+        Two ODEs with equal fingerprints compute the same vector field; pairs made by
+        ``sample``/``invert`` record it, so that continuing a BDIA pair under a different ODE
+        (another class label or prompt, say) is noticed. It is stable across processes, so it
+        can be stored with saved latents.
+        """
+        return _fingerprint(type(self).__qualname__, self.f, self.model_dtype)
+
     def is_terminal(self, t: float) -> bool:
         """True where the model cannot be evaluated (a diffusion ODE at sigma = 0)."""
         return False
@@ -176,6 +190,58 @@ class ODE:
         t_tensor = torch.tensor(float(t), dtype=x.dtype, device=x.device)
         derivative = self._call(lambda xi: self.f(t_tensor.to(xi.dtype), xi), x)
         return Evaluation(t=float(t), x=x, derivative=derivative)
+
+
+# How many leading and trailing entries of each parameter enter a model's fingerprint: enough
+# to tell trained networks apart, cheap for a network of billions of weights.
+_FINGERPRINT_ENTRIES = 16
+
+
+def _digest(h: Any, value: Any, depth: int = 0) -> None:
+    """Feed ``value`` into the hash ``h``: tensors and arrays by dtype, shape and content,
+    modules by class and a sample of every parameter, mappings by sorted keys."""
+    if depth > 8:
+        # Deeper structure (or a cycle) contributes only its type.
+        h.update(f"X{type(value).__qualname__}".encode())
+    elif isinstance(value, Tensor):
+        flat = value.detach().reshape(-1)
+        if isinstance(value, torch.nn.Parameter) and flat.numel() > 2 * _FINGERPRINT_ENTRIES:
+            flat = torch.cat([flat[:_FINGERPRINT_ENTRIES], flat[-_FINGERPRINT_ENTRIES:]])
+        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"A{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, torch.nn.Module):
+        h.update(f"M{type(value).__qualname__}".encode())
+        for name, p in value.named_parameters():
+            h.update(name.encode())
+            _digest(h, p, depth + 1)
+    elif isinstance(value, Mapping):
+        h.update(b"D")
+        for key in sorted(value, key=str):
+            h.update(str(key).encode())
+            _digest(h, value[key], depth + 1)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest(h, item, depth + 1)
+    elif value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        h.update(f"V{type(value).__name__}:{value!r}".encode())
+    elif hasattr(value, "__dict__") and not callable(value):
+        h.update(f"O{type(value).__qualname__}".encode())
+        _digest(h, vars(value), depth + 1)
+    else:
+        # A function or other callable: its qualified name is what identifies it.
+        name = getattr(value, "__qualname__", type(value).__qualname__)
+        h.update(f"C{getattr(value, '__module__', '')}.{name}".encode())
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        _digest(h, part)
+    return h.hexdigest()[:16]
 
 
 Denoiser = Callable[..., Tensor]
@@ -258,6 +324,16 @@ class DiffusionODE(ODE):
     ) -> DiffusionODE:
         """Wrap a v-prediction network, ``v = alpha eps - sigma x0`` (contract of ``from_eps``)."""
         return cls(model, schedule, prediction="v", **kwargs)
+
+    def fingerprint(self) -> str:
+        return _fingerprint(
+            type(self).__qualname__,
+            self.f,
+            self.schedule,
+            self.prediction,
+            self.model_dtype,
+            self.cond,
+        )
 
     def is_terminal(self, t: float) -> bool:
         return self.schedule.sigma(t) == 0.0

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,28 +25,66 @@ from .ode import DTYPE_NAMES, ODE, Evaluation
 from .solvers.base import Solver, get_solver
 from .solvers.bidirectional import BidirectionalWrapper
 
-__all__ = ["StatePair", "sample", "invert", "odeint", "Callback"]
+__all__ = ["StatePair", "PairMismatchWarning", "sample", "invert", "odeint", "Callback"]
 
 Callback = Callable[[dict[str, Any]], None]
 AnySolver = Solver | BidirectionalWrapper
 
 
-class StatePair(NamedTuple):
-    """Two consecutive states on a grid, in grid order.
+@dataclass(frozen=True)
+class StatePair:
+    """Two consecutive states on a grid, in grid order: the reversible state of BDIA.
 
     ``invert`` returns ``StatePair(x at ts[0], x at ts[1])``; ``sample(..., return_pair=True)``
     returns ``StatePair(x at ts[-2], x at ts[-1])``. Both tensors have shape ``(batch, ...)``.
 
-    ``earlier_low`` and ``later_low`` (same shape and dtype, or None for zero) are the parts of
-    the states below their dtype's precision that BDIA carries: the state is the unevaluated
-    sum ``earlier + earlier_low``. Keep them with the pair; a pair stripped of them still
-    inverts, but only to the state dtype's rounding magnified by the scheme's parasitic mode.
+    Attributes:
+        earlier: the state at the earlier grid point.
+        later: the state at the next grid point (same shape, dtype and device).
+        earlier_low, later_low: the parts of the states below their dtype's precision that
+            BDIA carries (same shape and dtype), or None for zero: the state is the
+            unevaluated sum ``earlier + earlier_low``. Keep them with the pair; a pair
+            stripped of them still inverts, but only to the state dtype's rounding magnified
+            by the scheme's parasitic mode.
+        fingerprint: ``ode.fingerprint()`` of the ODE that made the pair, or None. BDIA
+            continued from the pair under another ODE (another label or prompt) warns with
+            ``PairMismatchWarning``.
+
+    A pair is not a sequence: use the field names (``pair.earlier``), not unpacking.
     """
 
     earlier: Tensor
     later: Tensor
     earlier_low: Tensor | None = None
     later_low: Tensor | None = None
+    fingerprint: str | None = None
+
+    def __iter__(self) -> Any:
+        raise TypeError(
+            "a StatePair is not a sequence; use its fields: pair.earlier, pair.later "
+            "(and pair.earlier_low, pair.later_low)"
+        )
+
+
+class PairMismatchWarning(UserWarning):
+    """A BDIA pair is continued under a different ODE than the one that made it."""
+
+
+def _check_fingerprint(pair: StatePair, ode: ODE, what: str) -> None:
+    """Warn when ``pair`` was made by another ODE than ``ode`` (BDIA continues its history)."""
+    now = None if pair.fingerprint is None else ode.fingerprint()
+    if now == pair.fingerprint:
+        return
+    warnings.warn(
+        f"the {what} pair was made under a different ODE (another model, schedule or "
+        f"conditioning: fingerprint {pair.fingerprint}, now {now}). BDIA carries "
+        "the pair's parasitic mode, which only the ODE that made it cancels, so the result "
+        "will be noise rather than an edit. To regenerate under new conditioning use "
+        "bdia.edit or Inversion.regenerate (the base solver from the inverted noise); to "
+        "reproduce the original, use the ODE that made the pair",
+        PairMismatchWarning,
+        stacklevel=3,
+    )
 
 
 # ------------------------------------------------------------------ validation
@@ -160,22 +199,27 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
 
 
 def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> StatePair | Tensor:
-    if isinstance(value, tuple) and not isinstance(value, Tensor):
-        if len(value) not in (2, 4):
-            raise ValueError(f"{what} as a pair needs exactly 2 tensors, got {len(value)}")
-        a = _state(value[0], state_dtype, f"{what}[0]")
-        b = _state(value[1], state_dtype, f"{what}[1]")
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError(
+                f"{what} as a tuple needs exactly 2 tensors (earlier, later), got {len(value)}; "
+                "pass a StatePair to include low words"
+            )
+        value = StatePair(value[0], value[1])
+    if isinstance(value, StatePair):
+        a = _state(value.earlier, state_dtype, f"{what}[0]")
+        b = _state(value.later, state_dtype, f"{what}[1]")
         if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
             raise ValueError(
                 f"the two states of {what} must match in shape, dtype and device; got "
                 f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}"
             )
-        lows = tuple(value[2:]) if len(value) == 4 else (None, None)
         return StatePair(
             a,
             b,
-            _low_word(a, lows[0], value[0], f"{what}.earlier_low"),
-            _low_word(b, lows[1], value[1], f"{what}.later_low"),
+            _low_word(a, value.earlier_low, value.earlier, f"{what}.earlier_low"),
+            _low_word(b, value.later_low, value.later, f"{what}.later_low"),
+            value.fingerprint,
         )
     return _state(value, state_dtype, what)
 
@@ -271,8 +315,8 @@ def sample(
     x_prev_low: Tensor | None = None
     x_low: Tensor | None = None
     if isinstance(state, StatePair):
-        if len(grid) < 2:
-            raise ValueError("a pair start needs a grid of at least 2 points")
+        if bidirectional:
+            _check_fingerprint(state, ode, "start")
         x_prev, x, first_step = state.earlier, state.later, 1
         x_prev_low, x_low = state.earlier_low, state.later_low
         states = [x_prev, x]
@@ -304,7 +348,7 @@ def sample(
     if return_pair:
         if x_prev is None:
             raise ValueError("return_pair needs at least one step")
-        return StatePair(x_prev, x, x_prev_low, x_low)
+        return StatePair(x_prev, x, x_prev_low, x_low, ode.fingerprint())
     return x
 
 
@@ -380,6 +424,8 @@ def invert(
     x_low: Tensor | None = None
     x_next_low: Tensor | None = None
     if isinstance(state, StatePair):
+        if bidirectional:
+            _check_fingerprint(state, ode, "end")
         x, x_next, k_start = state.earlier, state.later, n - 1
         x_low, x_next_low = state.earlier_low, state.later_low
     else:
@@ -405,7 +451,7 @@ def invert(
         _report(callback, k, t, t_prev, x, x_prev, first)
         x, x_next = x_prev, x
         x_low, x_next_low = x_prev_low, x_low
-    return StatePair(x, x_next, x_low, x_next_low)
+    return StatePair(x, x_next, x_low, x_next_low, ode.fingerprint())
 
 
 def odeint(

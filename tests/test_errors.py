@@ -283,7 +283,10 @@ def test_pair_of_mismatched_dtypes(ode: DiffusionODE, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("driver", ["sample", "invert"])
 def test_pair_with_three_elements(ode: DiffusionODE, x: torch.Tensor, driver: str) -> None:
     run = sample if driver == "sample" else invert
-    with untouched(x), pytest.raises(ValueError, match="exactly 2 tensors, got 3"):
+    with (
+        untouched(x),
+        pytest.raises(ValueError, match=r"exactly 2 tensors \(earlier, later\), got 3"),
+    ):
         run(ode, make_bdia("euler", 0.9), (x, x, x), GRID, progress=False)
 
 
@@ -433,7 +436,7 @@ def test_non_finite_model_in_invert_names_step(
     k = next(i for i in range(first_k, 0, -1) if grid[i] > threshold)
     assert k == 3
     ode = DiffusionODE(_poisoned(mixture, bad, below=None, above=threshold))
-    tensors = end if isinstance(end, tuple) else (end,)
+    tensors = (end.earlier, end.later) if isinstance(end, StatePair) else (end,)
     with untouched(*tensors), pytest.raises(FloatingPointError, match=_step_message(k, grid[k])):
         invert(ode, solver, end, ts, progress=False)
 

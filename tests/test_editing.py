@@ -1,0 +1,159 @@
+"""Inversion and editing (bdia.Inversion, bdia.edit) and the pair's ODE fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from conftest import run_child, untouched
+
+import bdia
+from bdia.models import digits
+from bdia.models.checkpoints import load_network
+
+# 40 held-out digits over the documented 35 steps: enough to tell 0% from 95%, seconds on one
+# core. (The parasitic mode of a continued pair is large at every step count, 7 to 41 at 10-35
+# steps, but the classifier reads it as noise reliably only from about 25 steps on.)
+COUNT, STEPS = 40, 35
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    return load_network("digits")
+
+
+@pytest.fixture(scope="module")
+def classifier() -> torch.nn.Module:
+    return load_network("digits-classifier")
+
+
+@pytest.fixture(scope="module")
+def held_out() -> tuple[torch.Tensor, list[int]]:
+    split = digits.load_digits_split()
+    return split.held_out_images[:COUNT].double(), split.held_out_labels[:COUNT].tolist()
+
+
+def labelled(net: torch.nn.Module, labels: list[int]) -> bdia.DiffusionODE:
+    return bdia.DiffusionODE(net, bdia.EDM(), cond={"class_labels": torch.eye(10)[labels]})
+
+
+@pytest.fixture(scope="module")
+def inversion(net, held_out) -> bdia.Inversion:
+    images, labels = held_out
+    ts = bdia.karras_grid(STEPS, final_zero=False)
+    return bdia.Inversion.of(labelled(net, labels), bdia.bdia("euler", 0.96), images, ts)
+
+
+def test_inversion_reconstructs_exactly(inversion, held_out) -> None:
+    images, _ = held_out
+    # Two-word float64 states: the round trip keeps about 30 digits, so 1e-20 is far above
+    # rounding and far below the 1e-7 the textbook single-word update loses on this model.
+    assert float((inversion.reconstruct(progress=False) - images).abs().max()) < 1e-20
+    assert inversion.noise.shape == images.shape
+    assert float(inversion.noise.std()) > 40  # sigma_max = 80: the inverted state is noise
+
+
+def test_regenerating_under_a_new_label_edits(inversion, held_out, net, classifier) -> None:
+    _, labels = held_out
+    targets = [(c + 1) % 10 for c in labels]
+    target = labelled(net, targets)
+    expected = torch.tensor(targets)
+    for rule in bdia.EDIT_RULES:
+        edited = inversion.regenerate(target, rule=rule, progress=False)
+        hits = float((digits.predict(classifier, edited.float()) == expected).double().mean())
+        # 360 held-out digits give 98.9% (base) and 99.2% (restart): 90% leaves room for 40.
+        assert hits >= 0.9, (rule, hits)
+        assert float(edited.abs().max()) < 2.0  # images in about [-1, 1], not noise
+
+
+def test_continuing_the_pair_under_a_new_label_warns_and_gives_noise(
+    inversion, held_out, net, classifier
+) -> None:
+    _, labels = held_out
+    targets = [(c + 1) % 10 for c in labels]
+    with pytest.warns(bdia.PairMismatchWarning, match="different ODE"):
+        wrong = bdia.sample(
+            labelled(net, targets), inversion.solver, inversion.pair, inversion.ts, progress=False
+        )
+    hits = float(
+        (digits.predict(classifier, wrong.float()) == torch.tensor(targets)).double().mean()
+    )
+    # What the warning is about: the parasitic mode survives (measured 0% new label, range ~8).
+    assert hits <= 0.2
+    assert float(wrong.abs().max()) > 3.0
+
+
+def test_edit_with_return_pair_is_itself_exactly_invertible(inversion, held_out, net) -> None:
+    _, labels = held_out
+    target = labelled(net, [(c + 1) % 10 for c in labels])
+    pair = inversion.regenerate(target, rule="restart", return_pair=True, progress=False)
+    assert pair.fingerprint == target.fingerprint()
+    back = bdia.invert(target, inversion.solver, pair, inversion.ts, progress=False)
+    assert float((back.earlier - inversion.noise).abs().max()) < 1e-20
+
+
+def test_edit_in_one_call_equals_the_inversion_object(net, held_out) -> None:
+    images, labels = held_out
+    images, labels = images[:4], labels[:4]
+    ts = bdia.karras_grid(6, final_zero=False)
+    source, target = labelled(net, labels), labelled(net, [(c + 3) % 10 for c in labels])
+    solver = bdia.bdia("euler", 0.9)
+    with untouched(images):
+        edited = bdia.edit(source, target, solver, images, ts, progress=False)
+    again = bdia.Inversion.of(source, solver, images, ts).regenerate(target, progress=False)
+    assert torch.equal(edited, again)
+
+
+def test_inverting_data_at_sigma_zero_is_refused(net, held_out) -> None:
+    images, labels = held_out
+    with untouched(images), pytest.raises(ValueError, match="final_zero=False"):
+        bdia.Inversion.of(labelled(net, labels), bdia.bdia("euler"), images, bdia.karras_grid(5))
+
+
+def test_unknown_edit_rule(inversion, net, held_out) -> None:
+    with pytest.raises(ValueError, match="rule must be one of 'base', 'restart'"):
+        inversion.regenerate(labelled(net, held_out[1]), rule="continue")
+
+
+# ------------------------------------------------------------------ fingerprint
+
+
+def test_fingerprint_tells_conditioning_model_and_schedule_apart(net) -> None:
+    base = labelled(net, [1, 2])
+    assert base.fingerprint() == labelled(net, [1, 2]).fingerprint()
+    assert base.fingerprint() != labelled(net, [1, 3]).fingerprint()
+    other_net = load_network("digits")
+    with torch.no_grad():
+        next(other_net.parameters()).view(-1)[0] += 1.0
+    assert bdia.DiffusionODE(other_net, cond=base.cond).fingerprint() != base.fingerprint()
+    vp = bdia.DiffusionODE(net, bdia.VPLinear(), cond=base.cond)
+    assert vp.fingerprint() != base.fingerprint()
+
+
+def test_fingerprint_is_the_same_in_another_process(net) -> None:
+    code = (
+        "import torch, bdia; from bdia.models.checkpoints import load_network; "
+        "ode = bdia.DiffusionODE(load_network('digits'), bdia.EDM(), "
+        "cond={'class_labels': torch.eye(10)[[1, 2]]}); print(ode.fingerprint())"
+    )
+    child = run_child(["-c", code], timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == labelled(net, [1, 2]).fingerprint()
+
+
+def test_same_ode_and_unfingerprinted_pairs_do_not_warn(inversion) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bdia.sample(inversion.ode, inversion.solver, inversion.pair, inversion.ts, progress=False)
+        bare = dataclasses.replace(inversion.pair, fingerprint=None)
+        bdia.sample(inversion.ode, inversion.solver, bare, inversion.ts, progress=False)
+
+
+def test_pair_is_not_a_sequence(inversion) -> None:
+    with pytest.raises(TypeError, match="pair.earlier, pair.later"):
+        earlier, later = inversion.pair
+    assert dataclasses.is_dataclass(inversion.pair)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inversion.pair.earlier = inversion.pair.later  # type: ignore[misc]

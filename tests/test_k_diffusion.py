@@ -1,0 +1,335 @@
+"""bdia.k_diffusion: BDIA called the way k-diffusion calls its samplers.
+
+The reference is a hand-rolled k-diffusion loop (``sample_euler`` and ``sample_heun`` without
+churn), written here as k-diffusion writes it, so that ``gamma = 0`` (the base solver) can be
+compared with it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import bdia
+import bdia.k_diffusion as kd
+
+LABELS = torch.tensor([0, 2])
+
+
+class ConvDenoiser(nn.Module):
+    """A small random conv net in EDM's preconditioning: ``D(x, sigma, class_labels)``.
+
+    Its parameters require grad, as a real network's do.
+    """
+
+    def __init__(self, channels: int = 3, classes: int = 3, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, channels, 3, padding=1)
+        self.embed = nn.Embedding(classes, channels)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        var = s**2 + self.sigma_data**2
+        h = x / var.sqrt()
+        if class_labels is not None:
+            h = h + self.embed(class_labels)[:, :, None, None]
+        out = self.conv2(torch.tanh(self.conv1(h)))
+        return self.sigma_data**2 / var * x + s * self.sigma_data / var.sqrt() * out
+
+
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor, class_labels) -> torch.Tensor:
+    """The exact denoiser of N(mean[label], 0.3^2 I): a plain callable, as ComfyUI passes."""
+    mean = (class_labels.to(x.dtype) - 1.0).reshape(-1, *([1] * (x.ndim - 1)))
+    s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return mean + 0.09 / (0.09 + s**2) * (x - mean)
+
+
+def k_euler(model, x, sigmas, extra_args=None):
+    """k-diffusion's sample_euler with s_churn = 0, as k-diffusion writes it."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        x = x + d * dt
+    return x
+
+
+def k_heun(model, x, sigmas, extra_args=None):
+    """k-diffusion's sample_heun with s_churn = 0 (an Euler step onto sigma = 0)."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = (x_2 - denoised_2) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def without_low_words(pair):
+    """``pair`` with its low words dropped, whether StatePair is a NamedTuple or a dataclass."""
+    if dataclasses.is_dataclass(pair):
+        return dataclasses.replace(pair, earlier_low=None, later_low=None)
+    return pair._replace(earlier_low=None, later_low=None)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def start(dtype: torch.dtype = torch.float32, steps: int = 18):
+    """k-diffusion's usual start: Karras sigmas ending with 0, x = noise * sigmas[0]."""
+    sigmas = bdia.karras_grid(steps).to(dtype)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return noise * sigmas[0], sigmas
+
+
+# ------------------------------------------------------------ the base solver at gamma = 0
+
+
+def test_gamma_zero_is_k_diffusion_euler_bit_for_bit():
+    # Exact equality: both evaluate the same model on the same inputs and do the same float32
+    # operations, (x - D) / sigma and x + d * dt, with dt the once-rounded sigma difference.
+    net = ConvDenoiser()
+    x, sigmas = start()
+    args = {"class_labels": LABELS}
+    with torch.no_grad():
+        expected = k_euler(net, x, sigmas, args)
+    got = kd.sample_bdia(net, x, sigmas, args, disable=True, gamma=0.0)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_gamma_zero_heun_matches_k_diffusion_heun():
+    # bdia forms Heun's update as x + (h/2) k1 + (h/2) k2, k-diffusion as x + (k1 + k2)/2 h:
+    # the same method, so only float64 rounding (~1e-16 per step) separates them.
+    x, sigmas = start(torch.float64)
+    args = {"class_labels": LABELS}
+    expected = k_heun(gaussian_denoiser, x, sigmas, args)
+    got = kd.sample_bdia(gaussian_denoiser, x, sigmas, args, disable=True, gamma=0.0, base="heun")
+    assert rel(got, expected) < 1e-13
+
+
+def test_default_gamma_solves_the_ode_better_than_euler():
+    # On Gaussian data the probability-flow ODE has a closed form. BDIA at the default gamma
+    # is not the Euler result but a sample of the same ODE, closer to the exact one: measured
+    # 1.9e-2 against Euler's 4.8e-2 relative error at 18 steps, 3.2e-3 against 2.5e-2 at 35;
+    # the bounds leave a factor of about 1.3 to 4 of slack.
+    args = {"class_labels": LABELS}
+    for steps, bound in ((18, 0.025), (35, 0.005)):
+        x, sigmas = start(torch.float64, steps)
+        mean = (LABELS.double() - 1.0).reshape(-1, 1, 1, 1)
+        exact = mean + 0.3 / (0.09 + sigmas[0] ** 2).sqrt() * (x - mean)
+        euler = k_euler(gaussian_denoiser, x, sigmas, args)
+        got = kd.sample_bdia(gaussian_denoiser, x, sigmas, args, disable=True)
+        assert rel(got, exact) < bound < rel(euler, exact)
+
+
+# ------------------------------------------------------------------------ the round trip
+
+
+@pytest.mark.parametrize("base", ["euler", "heun", "dpm_solver_pp_2s"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_returns_the_starting_noise(dtype, base):
+    # Measured: the noise comes back bit for bit in both dtypes. The model sees bitwise the
+    # same states both ways, and the pair's low words let the inverse recover each state to
+    # ~eps^2, far below half an ulp, so the high word rounds to the start itself. The bounds
+    # leave room for one ulp (float32) and the 1e-12 library target (float64).
+    net = ConvDenoiser().to(dtype)
+    x, sigmas = start(dtype)
+    args = {"class_labels": LABELS}
+    pair = kd.sample_bdia(net, x, sigmas, args, disable=True, base=base, return_pair=True)
+    assert pair.later.dtype == dtype and pair.later_low is not None
+    back = kd.invert_bdia(net, pair, sigmas, args, disable=True, base=base)
+    assert back.earlier.dtype == dtype
+    if dtype == torch.float32:
+        ulps = (back.earlier - x).abs() / (torch.finfo(dtype).eps * x.abs())
+        assert float(ulps.max()) <= 1.0
+    else:
+        assert rel(back.earlier, x) < 1e-12
+    # From the inverted pair, sampling retraces the trajectory (measured: bit for bit).
+    again = kd.sample_bdia(net, back, sigmas, args, disable=True, base=base)
+    assert rel(again, pair.later) < (1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_float64_state_around_a_float32_model():
+    # state_dtype=float64 with a float32 network (the precision policy): the round trip is
+    # exact to float64 (measured 0); the returned tensor comes back in x's dtype.
+    net = ConvDenoiser()
+    x, sigmas = start()
+    args = {"class_labels": LABELS}
+    out = kd.sample_bdia(net, x, sigmas, args, disable=True, state_dtype=torch.float64)
+    assert out.dtype == torch.float32
+    pair = kd.sample_bdia(
+        net, x, sigmas, args, disable=True, state_dtype=torch.float64, return_pair=True
+    )
+    assert pair.later.dtype == torch.float64
+    assert torch.equal(pair.later.float(), out)
+    back = kd.invert_bdia(net, pair, sigmas, args, disable=True)
+    assert rel(back.earlier, x) < 1e-12
+
+
+def test_a_pair_without_its_low_words_inverts_less_exactly():
+    # Stripped of its low words the float32 pair still inverts, to single-word accuracy:
+    # measured 8e-7 relative (several ulps) against 0 with them; bounded by the library's
+    # single-word float32 target, 1e-4.
+    net = ConvDenoiser()
+    x, sigmas = start()
+    args = {"class_labels": LABELS}
+    pair = kd.sample_bdia(net, x, sigmas, args, disable=True, return_pair=True)
+    stripped = without_low_words(pair)
+    assert stripped.earlier_low is None and stripped.later_low is None
+    back = kd.invert_bdia(net, stripped, sigmas, args, disable=True)
+    assert 1e-9 < rel(back.earlier, x) < 1e-4
+
+
+# --------------------------------------------------------------- k-diffusion's conventions
+
+
+def test_extra_args_reach_the_model():
+    seen = []
+
+    def model(x, sigma, **kwargs):
+        seen.append(kwargs)
+        return gaussian_denoiser(x, sigma, **kwargs)
+
+    x, sigmas = start(torch.float64, steps=5)
+    a = kd.sample_bdia(model, x, sigmas, {"class_labels": LABELS}, disable=True)
+    b = kd.sample_bdia(model, x, sigmas, {"class_labels": LABELS.flip(0)}, disable=True)
+    assert len(seen) == 2 * 5 and all(set(k) == {"class_labels"} for k in seen)
+    assert rel(a, b) > 0.1
+    # Each sample ends near its class mean (label - 1), 0.3 the data's std.
+    assert abs(float(a[0].mean()) + 1.0) < 0.3 and abs(float(a[1].mean()) - 1.0) < 0.3
+
+
+def test_callback_gets_k_diffusion_keys():
+    net = ConvDenoiser()
+    x, sigmas = start(steps=6)
+    calls = []
+    kd.sample_bdia(net, x, sigmas, {"class_labels": LABELS}, callback=calls.append, disable=True)
+    assert [c["i"] for c in calls] == list(range(6))
+    for c in calls:
+        assert set(c) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+        assert c["x"].shape == x.shape and c["denoised"].shape == x.shape
+        assert c["x"].dtype == x.dtype and c["denoised"].dtype == x.dtype
+        assert c["sigma"].ndim == 0 and c["sigma"] == sigmas[c["i"]] == c["sigma_hat"]
+        assert c["x"].grad_fn is None and c["denoised"].grad_fn is None
+    assert torch.equal(calls[0]["x"], x)
+    # Inversion reports the grid index it evaluates, counting down.
+    pair = kd.sample_bdia(net, x, sigmas, {"class_labels": LABELS}, disable=True, return_pair=True)
+    back_calls = []
+    kd.invert_bdia(
+        net, pair, sigmas, {"class_labels": LABELS}, callback=back_calls.append, disable=True
+    )
+    assert [c["i"] for c in back_calls] == list(range(5, 0, -1))
+    assert all(c["sigma"] == sigmas[c["i"]] for c in back_calls)
+
+
+def test_disable_hides_the_progress_bar(capsys):
+    x, sigmas = start(torch.float64, steps=3)
+    args = {"class_labels": LABELS}
+    kd.sample_bdia(gaussian_denoiser, x, sigmas, args, disable=True)
+    assert capsys.readouterr().err == ""
+    kd.sample_bdia(gaussian_denoiser, x, sigmas, args, disable=False)
+    assert "sampling bdia-euler" in capsys.readouterr().err
+
+
+def test_no_grad_graph_even_with_parameters_requiring_grad():
+    net = ConvDenoiser()
+    assert all(p.requires_grad for p in net.parameters())
+    x, sigmas = start(steps=4)
+    x = x.requires_grad_()
+    out = kd.sample_bdia(net, x, sigmas, {"class_labels": LABELS}, disable=True)
+    assert not out.requires_grad and out.grad_fn is None
+    pair = kd.sample_bdia(
+        net, x.detach(), sigmas, {"class_labels": LABELS}, disable=True, return_pair=True
+    )
+    back = kd.invert_bdia(net, pair, sigmas, {"class_labels": LABELS}, disable=True)
+    assert not back.earlier.requires_grad and not back.later.requires_grad
+
+
+def test_sigmas_as_a_list_and_a_model_without_extra_args():
+    x, sigmas = start(torch.float64, steps=4)
+
+    def model(x, sigma):
+        return gaussian_denoiser(x, sigma, torch.ones(x.shape[0], dtype=torch.long))
+
+    a = kd.sample_bdia(model, x, sigmas, disable=True)
+    b = kd.sample_bdia(model, x, sigmas.tolist(), disable=True)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def one_line_error(exc_type, fn, *args, **kwargs) -> str:
+    with pytest.raises(exc_type) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "exc_type", "fragment"),
+    [
+        (torch.tensor([[10.0, 1.0, 0.0]]), ValueError, "1-D tensor"),
+        (torch.tensor([10.0, 1.0, 1.0, 0.0]), ValueError, "sigmas[1] = 1.0, sigmas[2] = 1.0"),
+        (torch.tensor([10.0, 1.0, 2.0, 0.0]), ValueError, "strictly decreasing"),
+        (torch.tensor([10.0]), ValueError, "at least 2"),
+        (torch.tensor([10.0, 1.0, -1.0]), ValueError, "sigmas[2] = -1.0"),
+        (torch.tensor([float("nan"), 0.0]), ValueError, "finite"),
+        ("karras", TypeError, "1-D tensor"),
+    ],
+)
+def test_bad_sigmas(sigmas, exc_type, fragment):
+    x = torch.zeros(1, 3)
+    message = one_line_error(exc_type, kd.sample_bdia, gaussian_denoiser, x, sigmas)
+    assert fragment in message
+
+
+def test_bad_base_extra_args_and_gamma():
+    x, sigmas = start(torch.float64, steps=3)
+    args = {"class_labels": LABELS}
+    call = kd.sample_bdia
+    message = one_line_error(KeyError, call, gaussian_denoiser, x, sigmas, args, base="eulr")
+    assert "'euler'" in message and "Registered" in message
+    message = one_line_error(ValueError, call, gaussian_denoiser, x, sigmas, args, base="bdia-heun")
+    assert "applies bdia itself" in message
+    message = one_line_error(TypeError, call, gaussian_denoiser, x, sigmas, [LABELS])
+    assert "extra_args must be a mapping" in message
+    message = one_line_error(TypeError, call, gaussian_denoiser, x, sigmas, {0: LABELS})
+    assert "keys must be strings" in message
+    one_line_error(ValueError, call, gaussian_denoiser, x, sigmas, args, gamma=1.5)
+    one_line_error(TypeError, call, gaussian_denoiser, x, sigmas, args, callback="print")
+
+
+def test_inversion_needs_the_pair_at_sigma_zero_and_gamma_above_zero():
+    x, sigmas = start(torch.float64, steps=3)
+    args = {"class_labels": LABELS}
+    pair = kd.sample_bdia(gaussian_denoiser, x, sigmas, args, disable=True, return_pair=True)
+    message = one_line_error(
+        ValueError, kd.invert_bdia, gaussian_denoiser, pair.later, sigmas, args, disable=True
+    )
+    assert "sigma = 0" in message and "pair" in message
+    message = one_line_error(
+        ValueError, kd.invert_bdia, gaussian_denoiser, pair, sigmas, args, gamma=0.0
+    )
+    assert "gamma = 0" in message
