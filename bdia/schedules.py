@@ -271,12 +271,18 @@ class VPDiscrete(_VariancePreserving):
     log alpha is interpolated linearly in t between the N knots (as DPM-Solver does),
     so ``t`` lies in [1/N, 1] and d log alpha / dt is piecewise constant: exponential
     integrators are unaffected, but a generic Runge-Kutta solver sees a kink at each knot.
+
+    With ``clean_end=True`` an extra knot at t = 0 holds alpha = 1 (sigma = 0), with log alpha
+    linear in t from there to the first knot at 1/N: ``t`` then lies in [0, 1] and a grid may
+    end at the clean data (``t_min = 0``, ``sigma_bar_range()`` starts at 0). This is the end
+    point of diffusers' ``set_alpha_to_one=True`` and ``final_sigmas_type="zero"``.
     """
 
     def __init__(
         self,
         betas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         alphas_cumprod: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        clean_end: bool = False,
     ) -> None:
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("give exactly one of betas or alphas_cumprod")
@@ -297,8 +303,13 @@ class VPDiscrete(_VariancePreserving):
         if not np.all(np.diff(log_ac) < 0):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         n = log_ac.size
+        self.clean_end = bool(clean_end)
         self.knots_t = np.arange(1, n + 1, dtype=np.float64) / n
         self.knots_log_alpha = 0.5 * log_ac
+        if self.clean_end:
+            # The knot (0, log alpha = 0) makes sigma exactly 0 at t = 0.
+            self.knots_t = np.concatenate([[0.0], self.knots_t])
+            self.knots_log_alpha = np.concatenate([[0.0], self.knots_log_alpha])
         self.t_min = float(self.knots_t[0])
         self.t_max = 1.0
 
@@ -317,6 +328,8 @@ class VPDiscrete(_VariancePreserving):
         return float(np.interp(log_alpha, self.knots_log_alpha[::-1], self.knots_t[::-1]))
 
     def __repr__(self) -> str:
+        if self.clean_end:
+            return f"VPDiscrete(N={self.knots_t.size - 1}, clean_end=True)"
         return f"VPDiscrete(N={self.knots_t.size})"
 
 
@@ -354,7 +367,7 @@ def karras_grid(
     Raises:
         ValueError: if sigma_min or sigma_max lies outside ``schedule.sigma_bar_range()``,
             or ``final_zero`` asks for sigma = 0 from a schedule that never reaches it
-            (``VPDiscrete``); the message names the range.
+            (``VPDiscrete`` without ``clean_end``); the message names the range.
     """
     _check_steps(steps)
     if not 0 < sigma_min < sigma_max:

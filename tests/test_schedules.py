@@ -306,3 +306,36 @@ def test_progress_bar_can_be_forced_on(capsys):
     ode = bdia.ODE(lambda t, y: -y)
     bdia.sample(ode, bdia.get_solver("euler"), torch.ones(1, 1), [0.0, 0.5, 1.0], progress=True)
     assert "sampling euler" in capsys.readouterr().err
+
+
+def test_vp_discrete_clean_end_adds_alpha_one_at_t_zero():
+    """clean_end=True: a knot at t = 0 with alpha = 1 (diffusers' set_alpha_to_one=True /
+    final_sigmas_type="zero"), log alpha linear in t up to the first knot at 1/N; nothing else
+    changes. Values are float64 closed forms, hence rel = 1e-12."""
+    alphas_cumprod = np.cumprod(1 - VP_BETAS)
+    plain = bdia.VPDiscrete(alphas_cumprod=alphas_cumprod)
+    clean = bdia.VPDiscrete(alphas_cumprod=alphas_cumprod, clean_end=True)
+    assert repr(clean) == "VPDiscrete(N=1000, clean_end=True)"
+    assert repr(plain) == "VPDiscrete(N=1000)"
+    assert (clean.t_min, plain.t_min) == (0.0, 1e-3)
+    assert clean.sigma(0.0) == 0.0 and clean.alpha(0.0) == 1.0
+    assert clean.sigma_bar_range() == (0.0, plain.sigma_bar_range()[1])
+    assert clean.t_from_sigma_bar(0.0) == 0.0
+    # Between 0 and 1/N: log alpha = (t N) log(alphas_cumprod[0]) / 2.
+    for frac in (0.25, 0.5, 0.9):
+        t = frac / 1000
+        expected = frac * 0.5 * math.log(alphas_cumprod[0])
+        assert clean.log_alpha(t) == pytest.approx(expected, rel=1e-12)
+        assert clean.t_from_log_snr(clean.log_snr(t)) == pytest.approx(t, rel=1e-10)
+    # From the first knot on, the two schedules are the same.
+    for t in (1e-3, 0.0015, 0.5, 1.0):
+        assert clean.log_alpha(t) == plain.log_alpha(t)
+        assert clean.log_alpha_dot(t) == plain.log_alpha_dot(t)
+    # karras_grid may now end at sigma = 0 (t = 0); without clean_end it may not.
+    ts = bdia.karras_grid(5, sigma_min=0.002, sigma_max=80.0, schedule=clean)
+    assert ts[-1] == 0.0 and 0.0 < ts[-2] < 1e-3
+    with pytest.raises(ValueError, match="final_zero=True"):
+        bdia.karras_grid(5, sigma_min=0.02, sigma_max=80.0, schedule=plain)
+    with pytest.raises(ValueError, match="domain"):
+        plain.check_times([0.0])
+    clean.check_times([0.0])

@@ -1,0 +1,35 @@
+"""Run diffusers UNets and schedulers' noise tables with bdia's solvers and BDIA.
+
+``from_diffusers(unet, scheduler, **cond)`` returns a ``bdia.DiffusionODE`` and
+``diffusers_grid(scheduler, num_inference_steps)`` the time grid of the timesteps diffusers
+would use; see ``docs/diffusers.md``. Needs diffusers: ``pip install 'bdia[diffusers]'``.
+"""
+
+try:
+    import diffusers as _diffusers  # noqa: F401  (only to fail early with the fix)
+except ImportError as err:
+    raise ImportError(
+        f"bdia.integrations.diffusers needs the diffusers library ({err}); install it with "
+        "pip install 'bdia[diffusers]'"
+    ) from err
+
+from .adapter import DiffusersModel, diffusers_grid, from_diffusers
+from .editing import EditResult, edit_image
+from .scheduler import (
+    BDIAInverseScheduler,
+    BDIARestartWarning,
+    BDIAScheduler,
+    BDIASchedulerOutput,
+)
+
+__all__ = [
+    "from_diffusers",
+    "diffusers_grid",
+    "DiffusersModel",
+    "edit_image",
+    "EditResult",
+    "BDIAScheduler",
+    "BDIAInverseScheduler",
+    "BDIASchedulerOutput",
+    "BDIARestartWarning",
+]

@@ -1,0 +1,747 @@
+"""A diffusers UNet and a diffusers scheduler's noise table as a ``bdia.DiffusionODE``.
+
+diffusers keeps the noise schedule in its scheduler (``alphas_cumprod``, one value per
+training timestep ``tau = 0 .. N-1``) and calls the network as ``unet(sample, tau, **kwargs)``.
+Schedulers keep their samples in one of two spaces, and so does the ODE built here:
+
+- ``"vp"`` (DDIM, DDPM, PNDM, DPM-Solver, DEIS, UniPC, ...): ``x = alpha x0 + sigma eps`` with
+  ``alpha^2 = alphas_cumprod``. The schedule is ``VPDiscrete(alphas_cumprod=...)``, whose time
+  ``t = (tau + 1) / N`` puts diffusers' timestep ``tau`` on the knot ``alphas_cumprod[tau]``,
+  and the network is called at ``tau = t N - 1`` (fractional between knots).
+- ``"edm"`` (Euler, Heun, LMS, KDPM2, ...): ``x / alpha = x0 + sigma_bar eps`` with
+  ``sigma_bar = sqrt((1 - alphas_cumprod) / alphas_cumprod)``. The schedule is ``EDM()``, whose
+  time is ``sigma_bar``; the network sees ``x / sqrt(sigma_bar^2 + 1)`` (diffusers'
+  ``scale_model_input``) at the timestep from which the scheduler made that noise level.
+
+``diffusers_grid`` gives the bdia time grid of the timesteps (or sigmas) diffusers would use.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...ode import DiffusionODE
+from ...schedules import EDM, Schedule, VPDiscrete
+
+__all__ = ["from_diffusers", "diffusers_grid", "DiffusersModel"]
+
+# Scheduler classes by the space their samples live in (matched along the class's MRO, so
+# subclasses count). Anything else needs space= (see _space).
+_VP_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDIMParallelScheduler",
+    "DDPMScheduler",
+    "DDPMParallelScheduler",
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "SASolverScheduler",
+    "BDIAScheduler",
+    "BDIAInverseScheduler",
+)
+_EDM_SCHEDULERS = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+)
+
+# diffusers' prediction_type -> bdia's DiffusionODE prediction (v = alpha eps - sigma x0 in both).
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_SPACINGS = ("linspace", "leading", "trailing")
+# Config flags under which a scheduler's sigmas are not the table's values at its timesteps.
+_SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# unet keyword arguments that the adapter itself sets.
+_RESERVED = ("sample", "timestep", "return_dict")
+
+# A timestep tau = t N - 1 within this of an integer is that integer (within 2 N eps when t
+# arrives in float32), so the network sees diffusers' integer timesteps exactly: a float64 t
+# puts tau ~1e-13 off, a float32 one up to N * 6e-8.
+_SNAP_TAU = 1e-6
+# Relative slack on noise levels: diffusers stores its sigmas in float32 (rounding 6e-8), and
+# a sigma that close to a table value is that value.
+_SIGMA_SLACK = 1e-6
+
+
+# ------------------------------------------------------------------ scheduler and config
+
+
+def _scheduler(scheduler: Any) -> Any:
+    """A scheduler instance: ``scheduler`` itself, or one built from a config mapping."""
+    if isinstance(scheduler, type):
+        raise TypeError(
+            f"scheduler must be a scheduler instance, got the class {scheduler.__name__}; build "
+            f"one, e.g. {scheduler.__name__}.from_pretrained(path, subfolder='scheduler')"
+        )
+    if isinstance(scheduler, Mapping):
+        name = scheduler.get("_class_name")
+        if not isinstance(name, str):
+            raise ValueError(
+                "a scheduler config needs its '_class_name' (the diffusers class to build), as "
+                "scheduler_config.json has; or pass the scheduler instance"
+            )
+        cls = getattr(diffusers, name, None)
+        if not isinstance(cls, type) or not hasattr(cls, "from_config"):
+            raise ValueError(f"_class_name = {name!r} is not a diffusers scheduler class")
+        return cls.from_config(dict(scheduler))
+    if not isinstance(getattr(scheduler, "config", None), Mapping):
+        raise TypeError(
+            f"scheduler must be a diffusers scheduler (or its config mapping), got "
+            f"{type(scheduler).__name__}"
+        )
+    return scheduler
+
+
+def _class_names(scheduler: Any) -> list[str]:
+    return [c.__name__ for c in type(scheduler).__mro__]
+
+
+def _space(scheduler: Any, space: str | None) -> str:
+    """``space`` if given (checked), else the space of the scheduler's class."""
+    if space is not None:
+        if space not in ("vp", "edm"):
+            raise ValueError(f"space must be 'vp' or 'edm', got {space!r}")
+        return space
+    for name in _class_names(scheduler):
+        if name in _VP_SCHEDULERS:
+            return "vp"
+        if name in _EDM_SCHEDULERS:
+            return "edm"
+    raise ValueError(
+        f"space: bdia does not know in which space {type(scheduler).__name__} keeps its samples; "
+        "pass space='vp' (samples are alpha x0 + sigma eps and start as unit noise, as in DDIM) "
+        "or space='edm' (samples are x / alpha and start at init_noise_sigma = sigma_max, as "
+        "in EulerDiscreteScheduler)"
+    )
+
+
+def _check_schedule_config(scheduler: Any, space: str) -> None:
+    """Refuse, in one line naming the field, a config whose grid bdia cannot reproduce."""
+    cfg = scheduler.config
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing not in _SPACINGS:
+        raise ValueError(
+            f"timestep_spacing = {spacing!r} in the scheduler config is unknown; use one of "
+            f"{', '.join(repr(s) for s in _SPACINGS)}"
+        )
+    interpolation = cfg.get("interpolation_type", "linear")
+    if interpolation != "linear":
+        raise ValueError(
+            f"interpolation_type = {interpolation!r} in the scheduler config is not supported: "
+            "its sigmas do not match the timesteps the unet sees, so the noise level is not a "
+            "function of the timestep; set interpolation_type='linear' (or use_karras_sigmas=True)"
+        )
+    timestep_type = cfg.get("timestep_type", "discrete")
+    if timestep_type not in ("discrete", "continuous"):
+        raise ValueError(
+            f"timestep_type = {timestep_type!r} in the scheduler config is unknown; use "
+            "'discrete' or 'continuous'"
+        )
+    if space == "vp" and _continuous(cfg):
+        raise ValueError(
+            "timestep_type = 'continuous' (with v_prediction) in the scheduler config calls the "
+            "unet at 0.25 log(sigma), which is EDM's convention; use space='edm'"
+        )
+    if cfg.get("use_flow_sigmas", False):
+        raise ValueError(
+            "use_flow_sigmas = True in the scheduler config is a flow-matching schedule, not a "
+            "noise table of alphas_cumprod; bdia's diffusers adapter does not support it"
+        )
+    final = cfg.get("final_sigmas_type", "zero")
+    if final not in ("zero", "sigma_min"):
+        raise ValueError(
+            f"final_sigmas_type = {final!r} in the scheduler config is unknown; use 'zero' or "
+            "'sigma_min'"
+        )
+
+
+def _check_model_config(scheduler: Any) -> str:
+    """The bdia prediction for the config's prediction_type; refuse non-ODE output processing."""
+    cfg = scheduler.config
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(
+            f"prediction_type = {prediction!r} in the scheduler config is not supported; bdia "
+            "maps 'epsilon', 'v_prediction' and 'sample'"
+        )
+    name = type(scheduler).__name__
+    for field in ("clip_sample", "thresholding"):
+        if cfg.get(field, False):
+            raise ValueError(
+                f"{field} = True in the scheduler config clips the predicted x0 while keeping "
+                f"eps, which is not an ODE; set it False: {name}.from_config(scheduler.config, "
+                f"{field}=False)"
+            )
+    return _PREDICTIONS[prediction]
+
+
+def _continuous(cfg: Mapping[str, Any]) -> bool:
+    # diffusers applies timestep_type='continuous' only together with v_prediction.
+    return (
+        cfg.get("timestep_type", "discrete") == "continuous"
+        and cfg.get("prediction_type") == "v_prediction"
+    )
+
+
+def _table(scheduler: Any) -> np.ndarray:
+    """The scheduler's ``alphas_cumprod`` as a checked float64 array of N values."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} has no alphas_cumprod noise table (a flow-matching or "
+            "EDM-preconditioned scheduler?); bdia's diffusers adapter needs one"
+        )
+    table = torch.as_tensor(ac).detach().to(device="cpu", dtype=torch.float64).numpy()
+    if table.ndim != 1 or table.size < 2:
+        raise ValueError(
+            f"the scheduler's alphas_cumprod must be 1-D with at least 2 values, got shape "
+            f"{tuple(table.shape)}"
+        )
+    if not np.all((table > 0) & (table < 1)):
+        hint = (
+            " (rescale_betas_zero_snr=True makes the last one 0: infinite noise)"
+            if table[-1] <= 0
+            else ""
+        )
+        raise ValueError(
+            f"the scheduler's alphas_cumprod must lie in (0, 1); it ranges over "
+            f"[{table.min():.6g}, {table.max():.6g}]{hint}"
+        )
+    if not np.all(np.diff(table) < 0):
+        raise ValueError("the scheduler's alphas_cumprod must be strictly decreasing")
+    n = scheduler.config.get("num_train_timesteps", table.size)
+    if n != table.size:
+        raise ValueError(
+            f"num_train_timesteps = {n} in the scheduler config, but alphas_cumprod has "
+            f"{table.size} values"
+        )
+    return table
+
+
+def _clean_end(scheduler: Any) -> bool:
+    """Whether the scheduler's last step ends at alpha = 1 (sigma = 0), as VP samples."""
+    cfg = scheduler.config
+    if "set_alpha_to_one" in cfg:  # DDIM, PNDM: final_alpha_cumprod is 1 or alphas_cumprod[0]
+        return bool(cfg["set_alpha_to_one"])
+    if "final_sigmas_type" in cfg:  # DPM-Solver, UniPC, Euler: 0 or the table's sigma_min
+        return cfg["final_sigmas_type"] == "zero"
+    # Otherwise the scheduler's own last noise level says it (DEIS ends at sigma_min); one
+    # without sigmas (DDPM) steps to alpha = 1 past timestep 0.
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(min(4, len(probe.alphas_cumprod)))
+    sigmas = getattr(probe, "sigmas", None)
+    return sigmas is None or float(torch.as_tensor(sigmas).reshape(-1)[-1]) == 0.0
+
+
+def _sigma_rule(cfg: Mapping[str, Any]) -> str:
+    """How the scheduler maps a noise level to the timestep the unet sees (EDM space)."""
+    if _continuous(cfg):
+        return "continuous"
+    if any(cfg.get(flag, False) for flag in _SIGMA_SPACINGS):
+        return "log"  # diffusers' _sigma_to_t: log sigma interpolated between integer timesteps
+    return "linear"  # sigmas = np.interp(timesteps, arange(N), sigma table)
+
+
+def _schedule(table: np.ndarray, space: str, clean_end: bool) -> Schedule:
+    if space == "vp":
+        return VPDiscrete(alphas_cumprod=table, clean_end=clean_end)
+    return EDM()
+
+
+# --------------------------------------------------------------------- conditioning
+
+
+def _batched(value: Any, batch: int, where: str) -> Any:
+    """``value`` with every tensor of batch 1 expanded to ``batch`` (through dicts and lists)."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0 or value.shape[0] == batch:
+            return value
+        if value.shape[0] == 1:
+            return value.expand(batch, *value.shape[1:])
+        raise ValueError(
+            f"{where} has batch {value.shape[0]} but the state has batch {batch}; give batch 1 "
+            f"(shared by every sample) or {batch}"
+        )
+    if isinstance(value, Mapping):
+        return {k: _batched(v, batch, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_batched(v, batch, f"{where}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _doubled(value: Any, batch: int, where: str) -> Any:
+    """A conditioning value shared by both halves of a guidance batch."""
+    if isinstance(value, Tensor) and value.ndim > 0:
+        b = _batched(value, batch, where)
+        return torch.cat([b, b])
+    if isinstance(value, Mapping):
+        return {k: _doubled(v, batch, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_doubled(v, batch, f"{where}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _paired(negative: Any, positive: Any, batch: int, where: str) -> Any:
+    """The unet argument of the batch [unconditional, conditional]."""
+    if isinstance(positive, Tensor) and isinstance(negative, Tensor) and positive.ndim > 0:
+        return torch.cat(
+            [_batched(negative, batch, f"negative_cond{where}"), _batched(positive, batch, where)]
+        )
+    if isinstance(positive, Mapping) and isinstance(negative, Mapping):
+        extra = [k for k in negative if k not in positive]
+        if extra:
+            raise ValueError(
+                f"negative_cond{where} has key {extra[0]!r}, which the conditional arguments "
+                "lack; give both branches the same keys"
+            )
+        return {
+            k: _paired(negative[k], v, batch, f"{where}[{k!r}]")
+            if k in negative
+            else _doubled(v, batch, f"{where}[{k!r}]")
+            for k, v in positive.items()
+        }
+    if (
+        isinstance(positive, (list, tuple))
+        and isinstance(negative, (list, tuple))
+        and len(positive) == len(negative)
+    ):
+        return type(positive)(
+            _paired(n, p, batch, f"{where}[{i}]")
+            for i, (n, p) in enumerate(zip(negative, positive))
+        )
+    same = negative is positive
+    if not same and not isinstance(positive, Tensor) and not isinstance(negative, Tensor):
+        try:
+            same = bool(negative == positive)
+        except Exception:  # an object without a usable == is not known to be equal
+            same = False
+    if isinstance(positive, Tensor) and isinstance(negative, Tensor):
+        same = positive.shape == negative.shape and bool(torch.equal(positive, negative))
+    if not same:
+        raise ValueError(
+            f"negative_cond{where} and the conditional argument differ but cannot be stacked "
+            "into one batch (not tensors with a batch dimension); give equal values"
+        )
+    return positive
+
+
+def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
+    """One-line errors for a classifier-free guidance setting that cannot run."""
+    if guidance_scale is not None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    if negative_cond is not None and not isinstance(negative_cond, Mapping):
+        raise TypeError(
+            "negative_cond must be a dict of the unconditional branch's unet arguments, e.g. "
+            f"{{'encoder_hidden_states': negative_embeds}}, got {type(negative_cond).__name__}"
+        )
+    if guidance_scale is not None and guidance_scale != 1 and negative_cond is None:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale} needs negative_cond, the unet arguments of the "
+            "unconditional branch, e.g. negative_cond={'encoder_hidden_states': negative_embeds}"
+        )
+    if negative_cond is not None and guidance_scale is None:
+        raise ValueError(
+            "negative_cond was given without guidance_scale; pass guidance_scale=g for the "
+            "guided output u + g (c - u)"
+        )
+
+
+def _check_cond(cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None) -> None:
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        for key in mapping:
+            if key in _RESERVED:
+                raise ValueError(
+                    f"{where or 'cond'} key {key!r} is set by the adapter on every unet call; "
+                    "remove it"
+                )
+    extra = [k for k in (negative_cond or {}) if k not in cond]
+    if extra:
+        raise ValueError(
+            f"negative_cond has key {extra[0]!r}, which the conditional arguments lack; give "
+            f"the conditional branch's value as {extra[0]}=... too"
+        )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class DiffusersModel(torch.nn.Module):
+    """A diffusers UNet called in bdia's convention for a ``DiffusionODE`` (see ``from_diffusers``).
+
+    Args:
+        unet: ``unet(sample, timestep, **kwargs)`` returning a tensor, a tuple whose first
+            entry is the prediction, or an object with ``.sample`` (diffusers' UNets).
+        alphas_cumprod: the noise table, N values (float64 is kept as is).
+        space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``) or ``"edm"`` (its time is
+            ``sigma_bar``).
+        sigma_rule: EDM space only, how a noise level maps to the timestep: ``"linear"``
+            (sigma interpolated linearly between integer timesteps, diffusers' default),
+            ``"log"`` (log sigma, diffusers' ``_sigma_to_t`` for Karras, exponential and beta
+            sigmas) or ``"continuous"`` (``0.25 log sigma``).
+        learned_variance: the unet returns ``2 C`` channels for ``C`` input channels, the
+            second half a variance; only the first half is used.
+        prediction: ``"eps"``, ``"x0"`` or ``"v"``, what the unet predicts (EDM space scales
+            ``v`` to the EDM state, see ``forward``).
+
+    ``forward(x, t, guidance_scale=None, negative_cond=None, **unet_kwargs)``: see there.
+    """
+
+    def __init__(
+        self,
+        unet: Any,
+        alphas_cumprod: Any,
+        *,
+        space: str,
+        sigma_rule: str = "linear",
+        learned_variance: bool = False,
+        prediction: str = "eps",
+    ) -> None:
+        super().__init__()
+        if space not in ("vp", "edm"):
+            raise ValueError(f"space must be 'vp' or 'edm', got {space!r}")
+        if sigma_rule not in ("linear", "log", "continuous"):
+            raise ValueError(
+                f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
+            )
+        self.unet = unet
+        self.space = space
+        self.sigma_rule = sigma_rule
+        self.learned_variance = bool(learned_variance)
+        self.prediction = prediction
+        table = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).numpy()
+        self.num_train_timesteps = int(table.size)
+        # Noise levels of the integer timesteps, increasing with tau.
+        self._sigmas = np.sqrt((1.0 - table) / table)
+        self._log_sigmas = np.log(self._sigmas)
+        config = getattr(unet, "config", None)
+        self.in_channels = config.get("in_channels") if isinstance(config, Mapping) else None
+
+    def __repr__(self) -> str:
+        # Compact: the unet's own repr runs to hundreds of lines, and DiffusionODE shows this.
+        rule = f", sigma_rule={self.sigma_rule!r}" if self.space == "edm" else ""
+        return (
+            f"DiffusersModel({type(self.unet).__name__}, space={self.space!r}, "
+            f"N={self.num_train_timesteps}, prediction={self.prediction!r}{rule})"
+        )
+
+    # ---------------------------------------------------------------- time -> timestep
+
+    def timestep(self, t: float, dtype: torch.dtype = torch.float64) -> float:
+        """The diffusers timestep ``tau`` the unet sees at the ODE time ``t``.
+
+        ``t`` arrived in ``dtype`` (float32 for a float32 or half unet), which sets how far from
+        a knot it may be and still count as that knot, so that the unet sees diffusers'
+        integer timesteps exactly.
+        """
+        n = self.num_train_timesteps
+        if self.space == "vp":
+            tau = t * n - 1.0
+            k = round(tau)
+            tol = max(_SNAP_TAU, 2.0 * n * torch.finfo(dtype).eps)
+            return float(k) if abs(tau - k) <= tol else tau
+        sigma = t
+        if self.sigma_rule == "continuous":
+            return 0.25 * math.log(sigma)
+        lo, hi = float(self._sigmas[0]), float(self._sigmas[-1])
+        if not lo * (1.0 - _SIGMA_SLACK) <= sigma <= hi * (1.0 + _SIGMA_SLACK):
+            raise ValueError(
+                f"sigma = {sigma:.6g} lies outside the unet's trained noise range [{lo:.6g}, "
+                f"{hi:.6g}] (the scheduler's alphas_cumprod), where it has no timestep; keep the "
+                "grid inside it (diffusers_grid does)"
+            )
+        sigma = min(max(sigma, lo), hi)
+        if self.sigma_rule == "log":
+            tau = float(np.interp(math.log(sigma), self._log_sigmas, np.arange(n)))
+        else:
+            tau = float(np.interp(sigma, self._sigmas, np.arange(n)))
+        k = int(round(tau))
+        # A noise level within float32 rounding of a timestep's is that timestep's: diffusers
+        # stores its sigmas in float32.
+        return float(k) if abs(sigma - self._sigmas[k]) <= _SIGMA_SLACK * self._sigmas[k] else tau
+
+    # ----------------------------------------------------------------------- the call
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        guidance_scale: float | None = None,
+        negative_cond: Mapping[str, Any] | None = None,
+        **unet_kwargs: Any,
+    ) -> Tensor:
+        """One unet call (one batch of twice the size under guidance).
+
+        Args:
+            x: state of shape ``(batch, C, ...)`` in the unet's dtype: ``alpha x0 + sigma eps``
+                in VP space, ``x0 + sigma_bar eps`` in EDM space (the unet then sees
+                ``x / sqrt(sigma_bar^2 + 1)``, as after diffusers' ``scale_model_input``).
+            t: shape ``(batch,)``, the ODE's time: ``(tau + 1) / N`` (VP) or ``sigma_bar`` (EDM).
+            guidance_scale: ``g`` of classifier-free guidance; the output is ``u + g (c - u)``
+                of the unconditional (``negative_cond``) and conditional (``unet_kwargs``)
+                predictions, from one call on the batch ``[unconditional, conditional]``.
+            negative_cond: the unconditional branch's unet keyword arguments.
+            unet_kwargs: keyword arguments of the unet; tensors of batch 1 are expanded to
+                ``batch``.
+
+        Returns:
+            The prediction, shape of ``x``, in the unet's dtype (float32 at least under
+            guidance): eps or x0 as the unet gives them; v as well in VP space, and in EDM space
+            ``sqrt(sigma_bar^2 + 1) v``, which is the v of the EDM state (bdia's convention,
+            ``v = alpha eps - sigma x0`` in the schedule's own space).
+        """
+        _check_guidance(guidance_scale, negative_cond)
+        batch = x.shape[0]
+        if self.in_channels is not None and (x.ndim < 2 or x.shape[1] != self.in_channels):
+            raise ValueError(
+                f"the state has shape {tuple(x.shape)}, but the unet takes in_channels = "
+                f"{self.in_channels} at dim 1; give a state of shape (batch, {self.in_channels}, "
+                "height, width)"
+            )
+        times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
+        tau_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
+        tau = tau.to(x.device)
+        view = (-1,) + (1,) * (x.ndim - 1)
+        if self.space == "edm":
+            scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
+            scale = scale.to(x.device).view(view)
+            x_in = (x / scale).to(x.dtype)
+        else:
+            x_in = x
+
+        guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
+        if guided:
+            kwargs = _paired(negative_cond, unet_kwargs, batch, "")
+            both = self._call_unet(torch.cat([x_in, x_in]), torch.cat([tau, tau]), kwargs)
+            # The raw outputs are combined (linear, so the same in eps, x0 or v), in float32 at
+            # least so that a half-precision unet's difference c - u is not rounded again.
+            wide = torch.promote_types(both.dtype, torch.float32)
+            uncond, cond = both[:batch].to(wide), both[batch:].to(wide)
+            out = uncond + guidance_scale * (cond - uncond)
+        else:
+            out = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+        if self.space == "edm" and self.prediction == "v":
+            # diffusers' v is the VP state's: v_vp = (eps - sigma_bar x0) / sqrt(sigma_bar^2 + 1).
+            wide = torch.promote_types(out.dtype, torch.float32)
+            out = out.to(wide) * scale.to(wide)
+        return out
+
+    def _call_unet(self, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
+        result = self.unet(x, tau, **kwargs)
+        if hasattr(result, "sample"):
+            result = result.sample
+        elif isinstance(result, (tuple, list)):
+            result = result[0]
+        if not isinstance(result, Tensor):
+            raise TypeError(
+                f"the unet returned {type(result).__name__}; it must return a tensor, a tuple "
+                "whose first entry is one, or an object with .sample"
+            )
+        channels = x.shape[1]
+        if self.learned_variance and result.ndim == x.ndim and result.shape[1] == 2 * channels:
+            result = result[:, :channels]  # the mean; the second half is the learned variance
+        if result.shape != x.shape:
+            raise ValueError(
+                f"the unet returned shape {tuple(result.shape)} for an input of shape "
+                f"{tuple(x.shape)}; it must predict one value per input entry (check its "
+                "out_channels)"
+            )
+        return result
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def from_diffusers(
+    unet: Any,
+    scheduler: Any,
+    *,
+    space: str | None = None,
+    model_dtype: torch.dtype | str | None = None,
+    **cond: Any,
+) -> DiffusionODE:
+    """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, or any module called as
+            ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
+            with ``.sample``. Put it in eval mode (``from_pretrained`` does).
+        scheduler: a diffusers scheduler instance, or its config mapping (the class named in
+            ``_class_name`` is built). Its ``alphas_cumprod`` (read as float64) is the noise
+            table; its ``prediction_type`` says what the unet predicts. It is not modified.
+        space: ``"vp"`` or ``"edm"``, the space of the ODE's state (see the module docstring);
+            by default the scheduler's (DDIM-like classes ``"vp"``, Euler-like ``"edm"``). An
+            unknown scheduler class needs it.
+        model_dtype: dtype the unet runs in (the state is cast to it and the output back);
+            defaults to the unet's parameter dtype, so a float16 unet runs under a float32 or
+            float64 state.
+        **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
+            ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... Tensors of
+            batch 1 are expanded to the state's batch. Two keys set classifier-free guidance:
+            ``guidance_scale=g`` and ``negative_cond={...}``, the unconditional branch's
+            arguments (``{"encoder_hidden_states": negative_embeds}``); each model evaluation is
+            then one unet call on the batch ``[unconditional, conditional]`` and returns
+            ``u + g (c - u)``.
+
+    Returns:
+        A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
+        (``clean_end`` when the scheduler ends at alpha = 1) or ``EDM()``, prediction ``"eps"``,
+        ``"v"`` or ``"x0"``, model a ``DiffusersModel``, and ``cond`` holding everything that
+        conditions the unet (``guidance_scale`` and ``negative_cond`` included). Sample it on
+        ``diffusers_grid(scheduler, steps)`` with any bdia solver, or invert it with BDIA.
+
+    Raises:
+        ValueError: one line naming the field, before any unet call, for a prediction_type
+            other than epsilon, v_prediction or sample; clip_sample or thresholding set; an
+            unknown timestep_spacing; interpolation_type 'log_linear'; flow sigmas; an
+            alphas_cumprod that is not a noise table; out_channels different from in_channels
+            (unless twice as many with the scheduler's variance_type 'learned' or
+            'learned_range'); guidance_scale without negative_cond; a scheduler of unknown
+            class without ``space=``.
+    """
+    if not callable(unet):
+        raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
+    sched = _scheduler(scheduler)
+    space = _space(sched, space)
+    _check_schedule_config(sched, space)
+    prediction = _check_model_config(sched)
+    table = _table(sched)
+
+    guidance_scale = cond.pop("guidance_scale", None)
+    negative_cond = cond.pop("negative_cond", None)
+    _check_guidance(guidance_scale, negative_cond)
+    _check_cond(cond, negative_cond)
+
+    learned_variance = False
+    unet_config = getattr(unet, "config", None)
+    if isinstance(unet_config, Mapping):
+        c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
+        if isinstance(c_in, int) and isinstance(c_out, int) and c_in != c_out:
+            variance_type = sched.config.get("variance_type")
+            if c_out == 2 * c_in and variance_type in ("learned", "learned_range"):
+                learned_variance = True
+            else:
+                raise ValueError(
+                    f"the unet's out_channels = {c_out} differs from its in_channels = {c_in}; "
+                    "bdia needs one prediction per input channel (a unet that also predicts its "
+                    "variance, out_channels = 2 * in_channels, is accepted with the scheduler's "
+                    "variance_type 'learned' or 'learned_range'; inpainting unets are not)"
+                )
+
+    if model_dtype is None and isinstance(unet, torch.nn.Module):
+        model_dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), None)
+    clean_end = _clean_end(sched) if space == "vp" else True
+    model = DiffusersModel(
+        unet,
+        table,
+        space=space,
+        sigma_rule=_sigma_rule(sched.config),
+        learned_variance=learned_variance,
+        prediction=prediction,
+    )
+    ode_cond = dict(cond)
+    if guidance_scale is not None:
+        ode_cond["guidance_scale"] = guidance_scale
+    if negative_cond is not None:
+        ode_cond["negative_cond"] = dict(negative_cond)
+    return DiffusionODE(
+        model,
+        _schedule(table, space, clean_end),
+        model_dtype=model_dtype,
+        cond=ode_cond,
+        prediction=prediction,
+    )
+
+
+def _distinct_decreasing(values: list[float]) -> list[float]:
+    return sorted(set(values), reverse=True)
+
+
+def _vp_time(schedule: Schedule, sigma_bar: float) -> float:
+    """The VPDiscrete time of a float32 noise level, clamped onto the table within its rounding."""
+    lo, hi = schedule.sigma_bar_range()
+    if hi < sigma_bar <= hi * (1.0 + _SIGMA_SLACK):
+        sigma_bar = hi
+    elif lo * (1.0 - _SIGMA_SLACK) <= sigma_bar < lo:
+        sigma_bar = lo
+    return schedule.t_from_sigma_bar(sigma_bar)
+
+
+def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | None = None) -> Tensor:
+    """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
+
+    ``set_timesteps`` runs on a deep copy of the scheduler (its own tables, float64 ones
+    included), so the scheduler itself is left as it was.
+
+    - VP space: ``t = (tau + 1) / N`` for each distinct timestep ``tau``, noisiest first, then
+      the end point: ``t = 0`` (alpha = 1) when the scheduler ends there (DDIM's
+      ``set_alpha_to_one=True``, ``final_sigmas_type="zero"``, DDPM), else ``t = 1 / N``
+      (``alphas_cumprod[0]``). With Karras, exponential or beta sigmas the points are the
+      times of the scheduler's ``sigmas`` instead.
+    - EDM space: the scheduler's distinct ``sigmas`` (Heun's repeated ones once), noisiest
+      first; for a scheduler without sigmas, the table's at its timesteps and the end point.
+
+    Each step goes to the next point where the model is evaluated. DDIM's own step goes from
+    ``tau`` to ``tau - N // n``, which is the next timestep for ``"leading"`` spacing and for
+    ``"trailing"`` when ``n`` divides ``N``, but not for ``"linspace"``; there bdia's grid is
+    a consistent discretisation and diffusers' is not, and the two differ.
+
+    Args:
+        scheduler: a diffusers scheduler instance or its config mapping.
+        num_inference_steps: as for diffusers' ``set_timesteps``.
+        space: ``"vp"`` or ``"edm"``; the same as given to ``from_diffusers``.
+
+    Returns:
+        float64 tensor of times (noisiest first) for the ODE that
+        ``from_diffusers(unet, scheduler, space=space)`` returns.
+    """
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    sched = _scheduler(scheduler)
+    space = _space(sched, space)
+    _check_schedule_config(sched, space)
+    table = _table(sched)
+    n = table.size
+    clean_end = _clean_end(sched) if space == "vp" else True
+    fresh = copy.deepcopy(sched)
+    fresh.set_timesteps(num_inference_steps)
+    # BDIAInverseScheduler iterates part of its grid backward; forward_timesteps make the grid.
+    timesteps = getattr(fresh, "forward_timesteps", fresh.timesteps)
+    taus = [float(v) for v in torch.as_tensor(timesteps).reshape(-1).tolist()]
+    sigmas = getattr(fresh, "sigmas", None)
+    sigmas = None if sigmas is None else [float(v) for v in torch.as_tensor(sigmas).reshape(-1)]
+
+    if space == "vp":
+        schedule = _schedule(table, space, clean_end)
+        end = 0.0 if clean_end else 1.0 / n
+        if sigmas is not None and any(sched.config.get(f, False) for f in _SIGMA_SPACINGS):
+            times = [end if s == 0.0 else _vp_time(schedule, s) for s in sigmas]
+        else:
+            times = [(tau + 1.0) / n for tau in taus] + [end]
+        times = _distinct_decreasing(times)
+    else:
+        if sigmas is None:
+            table_sigmas = np.sqrt((1.0 - table) / table)
+            sigmas = [float(np.interp(tau, np.arange(n), table_sigmas)) for tau in taus]
+            sigmas.append(0.0 if _clean_end(sched) else float(table_sigmas[0]))
+        times = _distinct_decreasing(sigmas)
+    return torch.tensor(times, dtype=torch.float64)

@@ -1,0 +1,469 @@
+"""Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion).
+
+``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
+diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
+with ``text_encoder`` for text prompts) and:
+
+1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
+   sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
+   config has one);
+2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
+   unconditional branch of classifier-free guidance);
+3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
+   and the grid with ``diffusers_grid``, taking the encoded latents as the state at the grid's
+   last point; where the scheduler's grid ends at sigma = 0 (DDIM's ``set_alpha_to_one=True``,
+   ``final_sigmas_type="zero"``, Euler), that point becomes the table's smallest noise level
+   instead, ``alphas_cumprod[0]`` (``t = 1/N`` in VP space, its ``sigma_bar`` in EDM space),
+   where the model can be evaluated;
+4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
+   them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
+   ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
+5. decodes both with the VAE.
+
+Two errors are reported apart: the UNet round trip in latent space (reconstructed latents
+against encoded latents: exact up to rounding) and the VAE's own error (decode(encode(image))
+against the image), so that any imperfection of the reconstructed image is seen to come from
+the VAE, not from the inversion.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...editing import EDIT_RULES, Inversion
+from ...ode import DiffusionODE
+from ...sampling import _state_dtype
+from ...solvers.base import Solver, get_solver
+from ...solvers.bidirectional import BidirectionalWrapper, bdia
+from .adapter import diffusers_grid, from_diffusers
+
+__all__ = ["edit_image", "EditResult"]
+
+_OUTPUT_TYPES = ("pil", "pt")
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What ``edit_image`` returns.
+
+    Attributes:
+        images: the edit, decoded: a list of PIL images (``output_type="pil"``) or a tensor of
+            shape ``(batch, 3, H, W)`` in [-1, 1] (``output_type="pt"``).
+        reconstruction: the reconstructed latents decoded, of the same kind.
+        inversion: the ``bdia.Inversion`` of the latents under the source ODE (its ``ode``,
+            ``solver``, grid ``ts`` and ``pair``; ``inversion.noise`` is the inverted noise).
+        target: the target ODE (the same unet under the target prompt), e.g. for
+            ``inversion.regenerate(target, rule="restart")``.
+        latents: the encoded latents, the state at ``inversion.ts[-1]``, shape
+            ``(batch, C, H / f, W / f)`` in the state dtype.
+        reconstructed_latents: ``inversion.reconstruct()``, same shape and dtype.
+        edited_latents: ``inversion.regenerate(target, rule=rule)``, same shape and dtype.
+        latent_error: the UNet round trip, ``max |reconstructed_latents - latents| /
+            max |latents|``: rounding only (below 1e-12 with a float64 state).
+        vae_error: the VAE's own error, the root mean square of ``decode(latents) - image``
+            over all pixels, in the [-1, 1] range of the pixels (the PSNR of [0, 1] images
+            is ``20 log10(2 / vae_error)`` dB).
+        reconstruction_error: the same for ``decode(reconstructed_latents) - image``; equal to
+            ``vae_error`` up to the latents' rounding, since the UNet round trip is exact.
+    """
+
+    images: Any
+    reconstruction: Any
+    inversion: Inversion
+    target: DiffusionODE
+    latents: Tensor
+    reconstructed_latents: Tensor
+    edited_latents: Tensor
+    latent_error: float
+    vae_error: float
+    reconstruction_error: float
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def _part(pipe: Any, name: str, why: str) -> Any:
+    part = getattr(pipe, name, None)
+    if part is None:
+        raise ValueError(
+            f"the pipeline has no {name} ({type(pipe).__name__}.{name} is missing or None); "
+            f"edit_image needs it {why}"
+        )
+    return part
+
+
+def _is_text(prompt: Any) -> bool:
+    return isinstance(prompt, str) or (
+        isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt)
+    )
+
+
+def _check_prompt(prompt: Any, name: str, batch: int, cross_dim: int | None) -> None:
+    """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, (list, tuple)):
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise TypeError(f"{name} must be a string, a non-empty list of strings or a tensor")
+        if len(prompt) not in (1, batch):
+            raise ValueError(
+                f"{name} has {len(prompt)} prompts for {batch} images; give 1 (shared) or {batch}"
+            )
+        return
+    if not isinstance(prompt, Tensor):
+        raise TypeError(
+            f"{name} must be a string, a list of strings or prompt embeddings (a tensor of shape "
+            f"(batch, tokens, dim)), got {type(prompt).__name__}"
+        )
+    if prompt.ndim != 3 or prompt.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} as embeddings must have shape (1 or {batch}, tokens, dim), got "
+            f"{tuple(prompt.shape)}"
+        )
+    if cross_dim is not None and prompt.shape[-1] != cross_dim:
+        raise ValueError(
+            f"{name} embeddings have dim {prompt.shape[-1]}, but the unet's "
+            f"cross_attention_dim is {cross_dim}"
+        )
+
+
+def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
+    """The image as a float tensor of shape (B, C, H, W) in [-1, 1], and its kind."""
+    from PIL import Image
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if images and all(isinstance(im, Image.Image) for im in images):
+        for i, im in enumerate(images):
+            if im.mode != "RGB":
+                where = "" if len(images) == 1 else f"[{i}]"
+                raise ValueError(
+                    f"image{where} has mode {im.mode!r}; edit_image takes RGB images: pass "
+                    "image.convert('RGB')"
+                )
+        sizes = {im.size for im in images}
+        if len(sizes) > 1:
+            raise ValueError(f"the images differ in size: {sorted(sizes)}; give one size")
+        array = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+        return torch.from_numpy(array).permute(0, 3, 1, 2) * 2.0 - 1.0, "pil"
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            "image must be a PIL image, a list of PIL images or a tensor of shape "
+            f"(batch, 3, H, W) in [-1, 1], got {type(image).__name__}"
+        )
+    if image.ndim != 4 or image.shape[1] != channels:
+        hint = " (add the batch dimension: image[None])" if image.ndim == 3 else ""
+        raise ValueError(
+            f"image as a tensor must have shape (batch, {channels}, H, W), got "
+            f"{tuple(image.shape)}{hint}"
+        )
+    if not image.is_floating_point():
+        raise TypeError(f"image as a tensor must be floating point in [-1, 1], got {image.dtype}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image contains NaN or Inf")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -1.0 or hi > 1.0:
+        raise ValueError(
+            f"image values lie in [{lo:.4g}, {hi:.4g}]; a tensor image must lie in [-1, 1] "
+            "(from [0, 1]: image * 2 - 1; from [0, 255]: image / 127.5 - 1)"
+        )
+    return image, "pt"
+
+
+def _vae_factor(pipe: Any, vae: Any) -> int:
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(factor, int) and factor > 0:
+        return factor
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _device(pipe: Any, unet: Any) -> torch.device:
+    try:
+        return torch.device(pipe._execution_device)
+    except Exception:  # not a DiffusionPipeline: the unet's device
+        return next(unet.parameters()).device
+
+
+def _solver(solver: Any, gamma: float | None) -> BidirectionalWrapper:
+    if isinstance(solver, BidirectionalWrapper):
+        if gamma is not None:
+            raise ValueError(
+                "gamma was given with a BDIA solver that has its own; pass the base solver "
+                "(e.g. 'ddim') with gamma, or the BDIA solver alone"
+            )
+        return solver
+    if isinstance(solver, str):
+        if solver.startswith("bdia-"):
+            raise ValueError(
+                f"solver = {solver!r}: give the base solver's name ({solver[5:]!r}); edit_image "
+                "wraps it with BDIA at gamma"
+            )
+        try:
+            solver = get_solver(solver)
+        except KeyError as err:  # get_solver's message, without KeyError's quotes
+            raise ValueError(f"solver: {err.args[0]}") from None
+    if not isinstance(solver, Solver):
+        raise TypeError(
+            f"solver must be a solver name, a Solver or a BDIA solver, got {type(solver).__name__}"
+        )
+    return bdia(solver, 0.96 if gamma is None else gamma)
+
+
+def _grid(scheduler: Any, steps: int, probe: DiffusionODE) -> Tensor:
+    """diffusers' grid, ending at the table's smallest noise level instead of sigma = 0."""
+    ts = diffusers_grid(scheduler, steps)
+    if not probe.is_terminal(float(ts[-1])):
+        return ts
+    table = torch.as_tensor(scheduler.alphas_cumprod).to("cpu", torch.float64)
+    a0 = float(table[0])
+    end = 1.0 / table.numel() if probe.f.space == "vp" else math.sqrt((1.0 - a0) / a0)
+    if float(ts[-2]) > end:
+        return torch.cat([ts[:-1], torch.tensor([end], dtype=torch.float64)])
+    if ts.numel() < 3:
+        raise ValueError(
+            f"num_inference_steps = {steps} leaves no step above the smallest noise level; "
+            "use more steps"
+        )
+    return ts[:-1]  # the last timestep is already the smallest noise level
+
+
+# ------------------------------------------------------------------- the parts
+
+
+def _encode(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The VAE's deterministic latents (the distribution's mean), scaled, in ``dtype``."""
+    out = vae.encode(pixels.to(vae.dtype))
+    dist = getattr(out, "latent_dist", None)
+    if dist is not None:
+        mean = dist.mean
+    elif getattr(out, "latents", None) is not None:
+        mean = out.latents
+    elif isinstance(out, (tuple, list)):
+        mean = out[0].mean
+    else:
+        raise TypeError(f"vae.encode returned {type(out).__name__}, with no latent distribution")
+    shift = getattr(vae.config, "shift_factor", None)
+    latents = mean.to(dtype)
+    if shift is not None:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
+
+
+def _decode(vae: Any, latents: Tensor) -> Tensor:
+    """The image of ``latents`` (as ``_encode`` makes them), clamped to [-1, 1], float32."""
+    z = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z + shift
+    out = vae.decode(z.to(vae.dtype))
+    image = out.sample if hasattr(out, "sample") else out[0]
+    return image.float().clamp(-1.0, 1.0)
+
+
+def _embed(pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    if isinstance(prompt, Tensor):
+        embeds = prompt.to(device)
+    else:
+        text = prompt if isinstance(prompt, str) else list(prompt)
+        embeds, _ = pipe.encode_prompt(text, device, 1, False)
+    return embeds if dtype is None else embeds.to(dtype)
+
+
+def _rms(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def _output(images: Tensor, output_type: str) -> Any:
+    if output_type == "pt":
+        return images
+    from diffusers.image_processor import VaeImageProcessor
+
+    array = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return VaeImageProcessor.numpy_to_pil(array)
+
+
+# -------------------------------------------------------------------- public API
+
+
+def edit_image(
+    pipe: Any,
+    image: Any,
+    source_prompt: str | Sequence[str] | Tensor,
+    target_prompt: str | Sequence[str] | Tensor,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | Sequence[str] | Tensor | None = "",
+    solver: str | Solver | BidirectionalWrapper = "ddim",
+    gamma: float | None = None,
+    rule: str = "base",
+    state_dtype: torch.dtype | str = torch.float64,
+    model_dtype: torch.dtype | str | None = None,
+    output_type: str | None = None,
+    progress: bool | None = None,
+) -> EditResult:
+    """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline``, or any object with its parts: ``vae`` (an
+            ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``), ``scheduler`` (one that
+            ``from_diffusers`` takes, e.g. DDIM or PNDM with ``clip_sample=False``), and, for
+            text prompts, ``tokenizer``, ``text_encoder`` and ``encode_prompt`` (as the
+            pipeline's). None of them is modified.
+        image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
+            ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
+            VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5).
+        source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
+            prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)``.
+        target_prompt: the edit, in the same forms.
+        num_inference_steps: steps of the scheduler's grid (``diffusers_grid``).
+        guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
+            conditional model alone. Every other value needs ``negative_prompt``.
+        negative_prompt: the unconditional branch: a string (``""`` is the usual unconditional
+            embedding), a list, or embeddings; None only with ``guidance_scale=1``.
+        solver: the base solver (a registered name or a ``Solver``), wrapped as
+            ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is.
+        gamma: BDIA's gamma, 0.96 unless given (not with a BDIA solver).
+        rule: how to regenerate under the target (``bdia.EDIT_RULES``): ``"base"`` (the base
+            solver from the inverted noise, the default) or ``"restart"``. See
+            ``bdia.editing`` for why an edit does not continue the BDIA pair.
+        state_dtype: dtype of the ODE state, float64 (default) or float32; the unet runs in
+            ``model_dtype`` whatever it is.
+        model_dtype: dtype the unet runs in; by default its parameters' (float16 weights run
+            in float16 under a float32 or float64 state).
+        output_type: ``"pil"`` (PIL images) or ``"pt"`` (tensors in [-1, 1]); by default the
+            kind of ``image``.
+        progress: tqdm bars for the three runs (None: only on a terminal).
+
+    Returns:
+        An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
+        ODE, the three latents, and the errors ``latent_error`` (the UNet round trip) and
+        ``vae_error`` (the VAE's own), with ``reconstruction_error`` beside them.
+
+    Raises:
+        ValueError or TypeError: one line, before any network runs, for a pipeline missing a
+            part; an image of the wrong kind, mode, channels or size (not a multiple of the
+            VAE's factor), or outside [-1, 1]; a VAE whose latent channels are not the unet's;
+            a unet that needs added conditioning (SDXL); guidance without a negative prompt;
+            text prompts without a tokenizer and text encoder; prompts or embeddings of the
+            wrong batch or dim; an unknown rule, solver or output type; and whatever
+            ``from_diffusers`` refuses in the scheduler's config.
+    """
+    # ---- checks, all before any network runs
+    vae = _part(pipe, "vae", "to encode and decode the image")
+    unet = _part(pipe, "unet", "to invert and regenerate the latents")
+    scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
+    for name in ("scaling_factor", "latent_channels"):
+        if getattr(vae.config, name, None) is None:
+            raise ValueError(f"the pipeline's vae has no config.{name}; it is not a latent VAE")
+    unet_config = getattr(unet, "config", None) or {}
+    if unet_config.get("addition_embed_type") is not None:
+        raise ValueError(
+            f"the unet has addition_embed_type = {unet_config['addition_embed_type']!r} (SDXL "
+            "and the like): it needs added_cond_kwargs, which edit_image does not make; use "
+            "from_diffusers with them and bdia.Inversion directly"
+        )
+    if unet_config.get("in_channels") != vae.config.latent_channels:
+        raise ValueError(
+            f"the unet takes in_channels = {unet_config.get('in_channels')} but the vae makes "
+            f"latent_channels = {vae.config.latent_channels}; edit_image needs a text-to-image "
+            "unet of the vae's latents (not an inpainting or depth unet)"
+        )
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    guided = guidance_scale != 1
+    if guided and negative_prompt is None:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale} needs the unconditional branch: give "
+            "negative_prompt (a string, '' for the usual one, or its embeddings), or "
+            "guidance_scale=1"
+        )
+    if rule not in EDIT_RULES:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
+    state_dtype = _state_dtype(state_dtype)
+    if state_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+    wrapped = _solver(solver, gamma)
+    if output_type is not None and output_type not in _OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+
+    pixels, kind = _image_tensor(image, vae.config.get("in_channels", 3))
+    batch, _, height, width = pixels.shape
+    factor = _vae_factor(pipe, vae)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"the image is {width} x {height} (W x H), not a multiple of the vae's "
+            f"downsampling factor {factor}; resize or crop it to, e.g., "
+            f"{width // factor * factor or factor} x {height // factor * factor or factor}"
+        )
+    prompts = {"source_prompt": source_prompt, "target_prompt": target_prompt}
+    if guided:
+        prompts["negative_prompt"] = negative_prompt
+    cross_dim = unet_config.get("cross_attention_dim")
+    cross_dim = cross_dim if isinstance(cross_dim, int) else None
+    for name, prompt in prompts.items():
+        _check_prompt(prompt, name, batch, cross_dim)
+    if any(_is_text(p) for p in prompts.values()):
+        for name in ("tokenizer", "text_encoder", "encode_prompt"):
+            _part(pipe, name, "to embed text prompts (or pass prompt embeddings instead)")
+
+    # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run).
+    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype)
+    ts = _grid(scheduler, num_inference_steps, probe)
+
+    # ---- the work
+    device = _device(pipe, unet)
+    embed_dtype = probe.model_dtype
+    with torch.no_grad():
+        source = _embed(pipe, source_prompt, device, embed_dtype)
+        target = _embed(pipe, target_prompt, device, embed_dtype)
+        guidance: dict[str, Any] = {}
+        if guided:
+            negative = _embed(pipe, negative_prompt, device, embed_dtype)
+            guidance = {
+                "guidance_scale": guidance_scale,
+                "negative_cond": {"encoder_hidden_states": negative},
+            }
+        source_ode = from_diffusers(
+            unet, scheduler, model_dtype=model_dtype, encoder_hidden_states=source, **guidance
+        )
+        target_ode = from_diffusers(
+            unet, scheduler, model_dtype=model_dtype, encoder_hidden_states=target, **guidance
+        )
+
+        pixels = pixels.to(device)
+        latents = _encode(vae, pixels, state_dtype)
+        inversion = Inversion.of(
+            source_ode, wrapped, latents, ts, state_dtype=state_dtype, progress=progress
+        )
+        reconstructed = inversion.reconstruct(progress=progress)
+        edited = inversion.regenerate(target_ode, rule=rule, progress=progress)
+
+        decoded = _decode(vae, latents)
+        reconstruction = _decode(vae, reconstructed)
+        images = _decode(vae, edited)
+
+    scale = float(latents.abs().max())
+    latent_error = float((reconstructed - latents).abs().max()) / (scale or 1.0)
+    out = output_type or kind
+    return EditResult(
+        images=_output(images, out),
+        reconstruction=_output(reconstruction, out),
+        inversion=inversion,
+        target=target_ode,
+        latents=latents,
+        reconstructed_latents=reconstructed,
+        edited_latents=edited,
+        latent_error=latent_error,
+        vae_error=_rms(decoded, pixels),
+        reconstruction_error=_rms(reconstruction, pixels),
+    )

@@ -1,0 +1,597 @@
+"""BDIA as diffusers schedulers: ``BDIAScheduler`` samples, ``BDIAInverseScheduler`` inverts.
+
+``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler::
+
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
+    image = pipe(...).images
+    pair = pipe.scheduler.final_pair        # the exact input of the inversion
+
+Each ``step`` is the library's own update: the model output the pipeline passes in is replayed
+through a ``DiffusionODE`` built by ``from_diffusers`` (the same eps / x0 / v conversion as
+``bdia.sample``), and ``BidirectionalWrapper.step_compensated`` takes the step on the grid of
+``diffusers_grid``. So a pipeline run gives the numbers of ``bdia.sample(from_diffusers(unet,
+scheduler), bdia.bdia("ddim", gamma), noise, diffusers_grid(scheduler, n))``, bit for bit.
+
+The scheduler keeps the two-step recursion's previous state and both low words between calls;
+the pipeline only ever sees the state's high word. ``BDIAInverseScheduler`` runs the recursion
+backward from ``final_pair`` with the same unet calls, and returns the starting noise to
+rounding (exactly, in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from torch import Tensor
+
+from ...ode import DiffusionODE, Evaluation
+from ...sampling import StatePair, _pair, _warn_amplification
+from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper, bdia
+from .adapter import (
+    _check_model_config,
+    _check_schedule_config,
+    _table,
+    diffusers_grid,
+    from_diffusers,
+)
+
+__all__ = [
+    "BDIAScheduler",
+    "BDIAInverseScheduler",
+    "BDIASchedulerOutput",
+    "BDIARestartWarning",
+]
+
+# The DDIMScheduler fields that make its noise table and its timesteps.
+_DDIM_FIELDS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "set_alpha_to_one",
+    "steps_offset",
+    "prediction_type",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
+)
+
+
+@dataclass
+class BDIASchedulerOutput(BaseOutput):
+    """What ``step`` returns.
+
+    Attributes:
+        prev_sample: the next state to feed the unet, in the dtype of the ``sample`` passed in
+            (the high word of the scheduler's state).
+        pred_original_sample: the model's x0 prediction at this step, same dtype.
+    """
+
+    prev_sample: Tensor
+    pred_original_sample: Tensor | None = None
+
+
+class BDIARestartWarning(UserWarning):
+    """``BDIAScheduler.step`` got a sample or timestep that does not continue its recursion."""
+
+
+def _check_gamma(gamma: Any) -> float | str:
+    if isinstance(gamma, str):
+        if gamma not in NAMED_GAMMAS:
+            raise ValueError(
+                f"gamma = {gamma!r} is not a named schedule; give a number in (0, 1] or one of "
+                f"{', '.join(repr(n) for n in NAMED_GAMMAS)}"
+            )
+        return gamma
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"gamma must be a number in (0, 1], got {gamma!r}")
+    g = float(gamma)
+    if not (math.isfinite(g) and 0.0 < g <= 1.0):
+        raise ValueError(
+            f"gamma = {gamma} lies outside (0, 1]: 0 is plain DDIM, whose steps cannot be "
+            "inverted, and above 1 the recursion grows; 0.96 is the usual value"
+        )
+    return g
+
+
+def _timestep_value(timestep: Any) -> float:
+    if isinstance(timestep, Tensor):
+        values = timestep.detach().reshape(-1).cpu().unique()
+        if values.numel() != 1:
+            raise ValueError(
+                f"timestep must be one value (shared by the batch), got {timestep.tolist()}"
+            )
+        return float(values[0])
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
+        raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+    return float(timestep)
+
+
+class _Replay:
+    """The "unet" of the scheduler's ODE: returns the output the pipeline passed to ``step``.
+
+    ``from_diffusers`` wraps it, so the output goes through the adapter and
+    ``DiffusionODE.evaluate`` exactly as a real unet's does in ``bdia.sample``.
+    """
+
+    def __init__(self) -> None:
+        self.output: Tensor | None = None
+        self.timestep: float | None = None
+
+    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+        out, self.output = self.output, None
+        if out is None:
+            raise RuntimeError("BDIA scheduler: the replayed model was called twice in one step")
+        if not bool((timestep == self.timestep).all()):
+            raise RuntimeError(
+                f"BDIA scheduler: the ODE asked for timestep {timestep.tolist()}, but the model "
+                f"output is for {self.timestep}"
+            )
+        return out
+
+
+class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
+    """Config, noise table, grid and the replayed evaluation, shared by both directions."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        clip_sample: bool = False,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+        variance_type: str = "fixed_small",
+        gamma: float | str = 0.96,
+    ) -> None:
+        self._gamma = _check_gamma(gamma)
+        # One-line refusals naming this class (clip_sample, thresholding, prediction_type,
+        # timestep_spacing), as from_diffusers gives them.
+        _check_model_config(self)
+        _check_schedule_config(self, "vp")
+        cfg = self.config
+        # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
+        fields = {k: cfg[k] for k in _DDIM_FIELDS}
+        self._ddim = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
+        _table(self._ddim)  # refuses a table that is not one (rescale_betas_zero_snr=True)
+        self.betas = self._ddim.betas
+        self.alphas = self._ddim.alphas
+        self.alphas_cumprod = self._ddim.alphas_cumprod
+        self.final_alpha_cumprod = self._ddim.final_alpha_cumprod
+        self.init_noise_sigma = 1.0
+        self._replay = _Replay()
+        self._ode: DiffusionODE = from_diffusers(self._replay, self._ddim)
+        self._solver: BidirectionalWrapper = bdia("ddim", self._gamma)
+        self.num_inference_steps: int | None = None
+        self.timesteps = self._ddim.timesteps.clone()
+        self.grid: list[float] | None = None
+        self._taus: list[int] = []
+        self._gammas: list[float] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the state of a run."""
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """The identity: VP states go to the unet as they are."""
+        return sample
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines."""
+        return self._ddim.add_noise(original_samples, noise, timesteps)
+
+    def _build(self, num_inference_steps: int, device: Any) -> None:
+        """DDIM's timesteps for ``num_inference_steps`` and the bdia grid through them."""
+        self._ddim.set_timesteps(num_inference_steps, device=device)
+        taus = [int(v) for v in self._ddim.timesteps.cpu().tolist()]
+        if len(set(taus)) != len(taus):
+            raise ValueError(
+                f"num_inference_steps = {num_inference_steps} repeats timesteps under "
+                f"timestep_spacing = {self.config.timestep_spacing!r}; use fewer steps"
+            )
+        grid = [float(t) for t in diffusers_grid(self._ddim, num_inference_steps).tolist()]
+        n = self.config.num_train_timesteps
+        # The grid's first points are the timesteps' times; one more is the end point unless
+        # the last timestep sits on it (leading spacing, no offset, set_alpha_to_one=False:
+        # DDIM's last step from timestep 0 to alphas_cumprod[0] changes nothing).
+        if grid[: len(taus)] != [(tau + 1.0) / n for tau in taus][: len(grid)] or len(grid) < 2:
+            raise ValueError(
+                f"num_inference_steps = {num_inference_steps} gives the grid {grid}, which "
+                "does not run through the timesteps: nothing to integrate"
+            )
+        self.num_inference_steps = num_inference_steps
+        self.grid = grid
+        self._taus = taus
+        self._gammas = self._solver.gammas(self._ode, grid)
+        self._reset()
+
+    def _index(self, timestep: Any) -> int:
+        if self.grid is None:
+            raise ValueError(
+                f"{type(self).__name__}.step was called before set_timesteps; call "
+                "set_timesteps(num_inference_steps) first"
+            )
+        value = _timestep_value(timestep)
+        if value.is_integer() and int(value) in self._taus:
+            return self._taus.index(int(value))
+        shown = self._taus if len(self._taus) <= 12 else self._taus[:6] + ["..."] + self._taus[-3:]
+        raise ValueError(
+            f"timestep {value:g} is not in this schedule's timesteps {shown}; step with the "
+            "timesteps that set_timesteps made"
+        )
+
+    def _evaluate(self, model_output: Tensor, k: int, x: Tensor) -> Evaluation:
+        """The model output at grid point ``k`` as the ODE's Evaluation at ``(grid[k], x)``."""
+        if not isinstance(model_output, Tensor):
+            raise TypeError(f"model_output must be a tensor, got {type(model_output).__name__}")
+        channels = x.shape[1] if x.ndim > 1 else None
+        if (
+            self.config.variance_type in ("learned", "learned_range")
+            and model_output.ndim == x.ndim
+            and model_output.shape[1] == 2 * channels
+        ):
+            model_output = model_output[:, :channels]  # the second half is the variance
+        if model_output.shape != x.shape:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but the sample has shape "
+                f"{tuple(x.shape)}; pass the unet's prediction for this sample"
+            )
+        self._replay.output = model_output
+        self._replay.timestep = float(self._taus[k])
+        try:
+            return self._ode.evaluate(self.grid[k], x)
+        finally:
+            self._replay.output = None
+
+    @staticmethod
+    def _state_dtype(sample: Tensor) -> torch.dtype:
+        # At least float32: a half-precision pipeline's latents are the state's high word cast
+        # down, as bdia.sample feeds a half unet through model_dtype.
+        return torch.promote_types(sample.dtype, torch.float32)
+
+    @staticmethod
+    def _output(
+        prev: Tensor, evaluation: Evaluation, dtype: torch.dtype, return_dict: bool
+    ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
+        # A copy: a pipeline that edits the returned latents in place must not edit the state.
+        prev_sample = prev.to(dtype, copy=True)
+        x0 = evaluation.denoised.to(dtype)
+        if not return_dict:
+            return prev_sample, x0
+        return BDIASchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    @staticmethod
+    def _check_step_args(eta: Any) -> None:
+        if eta is not None and eta != 0:
+            raise ValueError(
+                f"eta = {eta}: BDIA is deterministic (an ODE integrator) and adds no noise; "
+                "use eta=0"
+            )
+
+
+class BDIAScheduler(_BDIASchedulerBase):
+    """BDIA over DDIM as a diffusers scheduler, for pipelines that take a DDIM-type scheduler.
+
+    Build it from the pipeline's scheduler config: ``BDIAScheduler.from_config(
+    pipe.scheduler.config, gamma=0.96)``. The config takes DDIMScheduler's fields (from a
+    DDPMScheduler config too) and ``gamma``. The fields shared with DDIMScheduler
+    (``num_train_timesteps``, ``beta_*``, ``trained_betas``, ``set_alpha_to_one``,
+    ``steps_offset``, ``prediction_type``, ``timestep_spacing``, ``rescale_betas_zero_snr``)
+    mean what they mean there: an internal DDIMScheduler makes the noise table and the
+    timesteps. ``rescale_betas_zero_snr=True`` is refused (its last noise level is infinite).
+    ``dynamic_thresholding_ratio``, ``clip_sample_range`` and ``sample_max_value`` are kept in
+    the config and unused.
+
+    Args:
+        gamma: BDIA's gamma in (0, 1] (default 0.96) or the named schedule ``"obelm"``; 0 is
+            plain DDIM, which cannot be inverted. With gamma = 1 and DDIM the scheme is the
+            leapfrog.
+        clip_sample: must be False (clipping x0 while keeping eps is not an ODE); a config
+            with True is refused with a one-line ValueError.
+        thresholding: must be False, as ``clip_sample``.
+        variance_type: as DDPMScheduler's; with ``"learned"`` or ``"learned_range"`` a
+            model output of twice the sample's channels is cut to its first half.
+
+    Each step goes from a timestep to the next one in ``timesteps`` (the last to alpha = 1
+    with ``set_alpha_to_one``, else to ``alphas_cumprod[0]``): the grid of ``diffusers_grid``.
+    That is DDIM's own target for "leading" spacing, not for "linspace" (see the docs).
+
+    Attributes:
+        timesteps: DDIM's timesteps for the ``set_timesteps`` call, noisiest first.
+        grid: the bdia time grid (float64 values as Python floats), one point per timestep
+            and the end point.
+        final_pair: after the last step, ``StatePair(x at grid[-2], x at grid[-1])`` with the
+            low words, the exact input of ``BDIAInverseScheduler.begin`` and ``bdia.invert``;
+            None before. Its tensors are in the state dtype (float32 at least).
+        restarts: timesteps at which the recursion restarted (see ``step``) in this run.
+    """
+
+    def _reset(self) -> None:
+        self._k: int | None = None  # timestep index of the next expected step
+        self._x: Tensor | None = None
+        self._x_low: Tensor | None = None
+        self._x_prev: Tensor | None = None
+        self._x_prev_low: Tensor | None = None
+        self._warned = False
+        self.restarts: list[int] = []
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """DDIM's timesteps for ``num_inference_steps`` steps; starts a new run."""
+        self._build(num_inference_steps, device)
+        self.timesteps = self._ddim.timesteps
+
+    @property
+    def final_pair(self) -> StatePair | None:
+        if self.grid is None or self._x_prev is None or self._k is None:
+            return None
+        if min(self._k, len(self.grid) - 1) != len(self.grid) - 1:
+            return None
+        return StatePair(self._x_prev, self._x, self._x_prev_low, self._x_low, None)
+
+    def _restart(self, k: int, sample: Tensor) -> None:
+        why = None
+        if self._x is not None:
+            if k != self._k:
+                expected = self._taus[self._k] if self._k < len(self._taus) else "none (done)"
+                why = f"timestep {self._taus[k]} is not the next one ({expected})"
+            else:
+                why = (
+                    "the sample is not the state the last step returned (the pipeline changed "
+                    "the latents)"
+                )
+        if why is not None:
+            self.restarts.append(self._taus[k])
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"BDIAScheduler.step: {why}; the two-step recursion restarts there with a "
+                    "plain DDIM step, so the run cannot be inverted exactly past it (warned "
+                    "once per set_timesteps; restarts are listed in scheduler.restarts)",
+                    BDIARestartWarning,
+                    stacklevel=3,
+                )
+        self._x = sample.to(self._state_dtype(sample), copy=True)
+        self._x_low = self._x_prev = self._x_prev_low = None
+        self._k = k
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int | Tensor,
+        sample: Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool | None = False,
+        generator: torch.Generator | None = None,
+        variance_noise: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
+        """One BDIA step from ``timestep`` to the next grid point.
+
+        The first step of a run is a plain DDIM step; the others are BDIA's two-step update
+        from the previous state and this one, both kept (with their low words) by the
+        scheduler. If ``sample`` is not the ``prev_sample`` that the last step returned, or
+        ``timestep`` is not the next one, the recursion restarts at this step (a plain DDIM
+        step from ``sample``) with a ``BDIARestartWarning``; a run that starts at a later
+        timestep (img2img) simply starts there.
+
+        Args:
+            model_output: the unet's prediction at ``(sample, timestep)`` (after guidance).
+            timestep: an entry of ``timesteps``.
+            sample: the current state, as the last step returned it (any float dtype; the
+                scheduler's state is float32 at least).
+            eta: must be 0.
+            use_clipped_model_output: accepted for the pipelines that pass it; unused.
+            generator: accepted and unused (no noise).
+            variance_noise: accepted and unused (no noise).
+            return_dict: return a ``BDIASchedulerOutput``, else ``(prev_sample,
+                pred_original_sample)``.
+        """
+        self._check_step_args(eta)
+        k = self._index(timestep)
+        if not isinstance(sample, Tensor):
+            raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
+        continues = (
+            self._x is not None
+            and k == self._k
+            and sample.shape == self._x.shape
+            and sample.device == self._x.device
+            and bool(torch.equal(sample, self._x.to(sample.dtype)))
+        )
+        if not continues:
+            self._restart(k, sample)
+        x = self._x
+        evaluation = self._evaluate(model_output, k, x)
+        if k + 1 >= len(self.grid):
+            # The last timestep sits on the grid's end (DDIM's identity step): nothing moves.
+            self._k = k + 1
+            return self._output(x, evaluation, sample.dtype, return_dict)
+        t_prev = self.grid[k - 1] if k > 0 else None
+        gamma = self._gammas[k - 1] if k > 0 else 0.0
+        x_next, x_next_low = self._solver.step_compensated(
+            self._ode,
+            t_prev,
+            self.grid[k],
+            self.grid[k + 1],
+            self._x_prev,
+            self._x_prev_low,
+            x,
+            gamma,
+            first=evaluation,
+        )
+        self._x_prev, self._x_prev_low = x, self._x_low
+        self._x, self._x_low = x_next, x_next_low
+        self._k = k + 1
+        return self._output(x_next, evaluation, sample.dtype, return_dict)
+
+
+class BDIAInverseScheduler(_BDIASchedulerBase):
+    """The exact inverse of ``BDIAScheduler``: from its ``final_pair`` back to the noise.
+
+    Same config as ``BDIAScheduler`` (build it from that scheduler's config). Used like
+    diffusers' inverse schedulers::
+
+        inv = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+        inv.set_timesteps(num_inference_steps)          # as for the forward run
+        x = inv.begin(pipe.scheduler.final_pair)        # the first state to feed the unet
+        for t in inv.timesteps:
+            x = inv.step(unet(x, t).sample, t, x).prev_sample
+        noise = inv.pair.earlier                        # x at the grid's first point
+
+    Attributes:
+        timesteps: the forward timesteps at which the inversion evaluates the unet, from the
+            second-to-last grid point back to the second (the pair already holds the last two
+            states); one fewer than the forward run's unet calls.
+        forward_timesteps: the forward run's timesteps (what ``diffusers_grid`` reads).
+        grid: the forward run's bdia time grid.
+        pair: the current ``StatePair(x at grid[k], x at grid[k + 1])`` with low words; after
+            the loop, the pair at the first two grid points, whose ``.earlier`` is the noise.
+    """
+
+    def _reset(self) -> None:
+        self._k: int | None = None  # grid index of the current state
+        self._x: Tensor | None = None
+        self._x_low: Tensor | None = None
+        self._x_next: Tensor | None = None
+        self._x_next_low: Tensor | None = None
+        self._feed_dtype: torch.dtype | None = None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """The inversion's timesteps for a forward run of ``num_inference_steps``; call
+        ``begin(pair)`` next."""
+        self._build(num_inference_steps, device)
+        self.forward_timesteps = self._ddim.timesteps
+        last = len(self.grid) - 1
+        self.timesteps = self._ddim.timesteps[1:last].flip(0)
+
+    def begin(self, pair: StatePair, dtype: torch.dtype | None = None) -> Tensor:
+        """Start the inversion from the forward run's ``final_pair``.
+
+        Args:
+            pair: ``BDIAScheduler.final_pair`` (or ``bdia.sample(..., return_pair=True)`` on
+                the same grid): x at the last two grid points, low words included.
+            dtype: the dtype the unet gets its input in (the forward pipeline's latents
+                dtype, e.g. torch.float16); defaults to the pair's.
+
+        Returns:
+            The first state to feed the unet (x at the second-to-last grid point, a copy in
+            ``dtype``).
+        """
+        if self.grid is None:
+            raise ValueError(
+                "BDIAInverseScheduler.begin was called before set_timesteps; call "
+                "set_timesteps(num_inference_steps) with the forward run's step count first"
+            )
+        if not isinstance(pair, (StatePair, tuple)):
+            raise TypeError(
+                f"begin takes the forward scheduler's final_pair (a StatePair), got "
+                f"{type(pair).__name__}"
+            )
+        state = _pair(pair, None, "pair")
+        _warn_amplification(self._solver.amplification(self._ode, self.grid), state.later.dtype)
+        self._k = len(self.grid) - 2
+        self._x, self._x_low = state.earlier, state.earlier_low
+        self._x_next, self._x_next_low = state.later, state.later_low
+        self._feed_dtype = dtype or state.earlier.dtype
+        return self._x.to(self._feed_dtype, copy=True)
+
+    @property
+    def pair(self) -> StatePair | None:
+        """``StatePair(x at grid[k], x at grid[k + 1])`` of the current grid index, or None
+        before ``begin``."""
+        if self._x is None:
+            return None
+        return StatePair(self._x, self._x_next, self._x_low, self._x_next_low, None)
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int | Tensor,
+        sample: Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool | None = False,
+        generator: torch.Generator | None = None,
+        variance_noise: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
+        """One step back: ``(x_k, x_{k+1}) -> x_{k-1}``, the exact inverse of the forward
+        update at ``timestep``.
+
+        Args:
+            model_output: the unet's prediction at ``(sample, timestep)``.
+            timestep: the next entry of ``timesteps``.
+            sample: the state ``begin`` or the last step returned, unchanged.
+            eta: must be 0; the other arguments as in ``BDIAScheduler.step`` (unused).
+
+        Returns:
+            ``prev_sample``: x one grid point noisier, in ``sample``'s dtype (the next unet
+            input); ``pred_original_sample``: the x0 prediction at this step.
+        """
+        self._check_step_args(eta)
+        k = self._index(timestep)
+        if self._x is None:
+            raise ValueError(
+                "BDIAInverseScheduler.step was called before begin(pair); call "
+                "x = inv.begin(forward_scheduler.final_pair) after set_timesteps"
+            )
+        if self._k < 1:
+            raise ValueError(
+                "the inversion is done: inv.pair holds the first two grid points; call "
+                "set_timesteps and begin(pair) for another"
+            )
+        if k != self._k:
+            raise ValueError(
+                f"timestep {self._taus[k]} is not the inversion's next one "
+                f"({self._taus[self._k]}); step through inv.timesteps in order"
+            )
+        if not isinstance(sample, Tensor):
+            raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
+        if not (
+            sample.shape == self._x.shape
+            and sample.device == self._x.device
+            and bool(torch.equal(sample, self._x.to(sample.dtype)))
+        ):
+            raise ValueError(
+                "sample is not the state that begin(pair) or the last step returned; the "
+                "inversion continues its own two-word state, so feed prev_sample back unchanged"
+            )
+        evaluation = self._evaluate(model_output, k, self._x)
+        x_prev, x_prev_low = self._solver.unstep_compensated(
+            self._ode,
+            self.grid[k - 1],
+            self.grid[k],
+            self.grid[k + 1],
+            self._x,
+            self._x_next,
+            self._x_next_low,
+            self._gammas[k - 1],
+            first=evaluation,
+        )
+        self._x_next, self._x_next_low = self._x, self._x_low
+        self._x, self._x_low = x_prev, x_prev_low
+        self._k = k - 1
+        return self._output(x_prev, evaluation, sample.dtype, return_dict)

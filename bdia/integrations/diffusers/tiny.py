@@ -1,0 +1,148 @@
+"""Tiny randomly initialised diffusers models, built from config with nothing downloaded.
+
+Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
+a whole ``StableDiffusionPipeline`` with a CLIP tokenizer made from a vocabulary written
+locally), a few thousand weights each: for tests and for checking plumbing and exactness,
+which do not depend on the weights. A random UNet is no denoiser, so what they sample is not
+an image of anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+
+__all__ = ["tiny_unet", "tiny_tokenizer", "tiny_text_to_image_pipeline", "TINY_WORDS"]
+
+#: The words the tiny tokenizer knows whole (any other word is spelled letter by letter).
+TINY_WORDS = ("a", "photo", "painting", "of", "cat", "dog", "fox", "red", "blue")
+
+
+def tiny_unet(
+    *,
+    conditional: bool = False,
+    channels: int = 3,
+    cross_attention_dim: int = 16,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A ``UNet2DModel`` (or, with ``conditional``, a ``UNet2DConditionModel`` with
+    cross-attention of width ``cross_attention_dim``) on ``(batch, channels, 8, 8)`` inputs,
+    weights drawn with ``torch.manual_seed(seed)``, in eval mode and ``dtype``."""
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    if conditional:
+        config.update(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=2,
+        )
+        config.update(overrides)
+        net = diffusers.UNet2DConditionModel(**config)
+    else:
+        config.update(
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+        )
+        config.update(overrides)
+        net = diffusers.UNet2DModel(**config)
+    return net.to(dtype).eval()
+
+
+def tiny_tokenizer(folder: str | Path, words: Sequence[str] = TINY_WORDS) -> Any:
+    """A CLIP BPE tokenizer (16 tokens long) whose merges build each of ``words`` from its
+    letters; its vocab.json and merges.txt are written into ``folder``."""
+    import transformers
+
+    folder = Path(folder)
+    vocab: dict[str, int] = {}
+    merges = ["#version: 0.2"]
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    return transformers.CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+    )
+
+
+def tiny_text_to_image_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A float32 ``StableDiffusionPipeline`` of tiny random parts on 16 x 16 RGB images.
+
+    A one-layer ``CLIPTextModel`` (width 16) with ``tiny_tokenizer(folder)``, a conditional
+    ``tiny_unet`` on 4 x 8 x 8 latents and an ``AutoencoderKL`` with downsampling factor 2.
+    ``scheduler`` defaults to SD 1.5's DDIM settings (``set_alpha_to_one=False``,
+    ``steps_offset=1``, no clipping). The progress bar is off.
+    """
+    import transformers
+
+    tokenizer = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=end,
+            pad_token_id=end,
+        )
+    )
+    unet = tiny_unet(conditional=True, channels=4, cross_attention_dim=16)
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    if scheduler is None:
+        scheduler = diffusers.DDIMScheduler(
+            clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,462 @@
+"""bdia.integrations.diffusers: parity with diffusers' scheduler loops, guidance, errors.
+
+Every network here is a tiny randomly initialised diffusers UNet in float64, and every
+scheduler gets a float64 ``alphas_cumprod`` (and ``final_alpha_cumprod``), so that where the
+scheduler computes in float64 the comparison is at float64 rounding. Where it does not
+(Euler, Heun and DPM-Solver keep their sigmas in float32; Euler and DPM-Solver also cast the
+sample to float32 in ``step``), the tolerance is float32-level and each test says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import diffusers
+import pytest
+import torch
+from conftest import run_child
+
+import bdia
+from bdia.integrations.diffusers import (
+    DiffusersModel,
+    diffusers_grid,
+    from_diffusers,
+)
+from bdia.integrations.diffusers.parity import bdia_states, diffusers_states
+from bdia.integrations.diffusers.tiny import tiny_unet
+
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+N_STEPS = 10
+BATCH = 2
+
+
+def _unet(**overrides):
+    return tiny_unet(dtype=torch.float64, **overrides)
+
+
+class Counter:
+    """Counts the forward calls of a module through a pre-hook."""
+
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return _unet()
+
+
+@pytest.fixture(scope="module")
+def cond_unet():
+    return tiny_unet(conditional=True, cross_attention_dim=8, seed=1, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(
+        BATCH, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+
+
+def f64(scheduler):
+    """The scheduler with its noise tables in float64 (the adapter reads them as they are)."""
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    if hasattr(scheduler, "final_alpha_cumprod"):
+        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    return scheduler
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize(
+    "spacing", [("leading", 0), ("leading", 1), ("trailing", 0)], ids=["leading", "offset", "trail"]
+)
+def test_ddim_matches_diffusers_step_by_step(
+    unet, noise, spacing, set_alpha_to_one, prediction_type
+):
+    """bdia's 'ddim' on from_diffusers/diffusers_grid is DDIMScheduler (eta = 0) state by state
+    to 1e-12 relative (measured: at most 2.3e-15, float64 rounding of two formulas for the same
+    step). With leading spacing, no offset and set_alpha_to_one=False, diffusers' last step goes
+    from timestep 0 to alphas_cumprod[0], the same noise level: an identity step that bdia's
+    grid leaves out, so diffusers has one state more and its last two agree."""
+    timestep_spacing, steps_offset = spacing
+    scheduler = f64(
+        diffusers.DDIMScheduler(
+            clip_sample=False,
+            set_alpha_to_one=set_alpha_to_one,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            prediction_type=prediction_type,
+        )
+    )
+    ref = diffusers_states(unet, scheduler, noise, N_STEPS)
+    ours = bdia_states(unet, scheduler, "ddim", noise, N_STEPS)
+    identity_step = timestep_spacing == "leading" and not steps_offset and not set_alpha_to_one
+    assert len(ours) == len(ref) - identity_step
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-12, k
+    assert rel(ours[-1], ref[-1]) < 1e-12
+
+
+def test_ddim_in_edm_space_is_euler_to_float64_rounding(unet, noise):
+    """DDIM is Euler in (sigma_bar, x / alpha): the EDM-space ODE of the same scheduler, sampled
+    with 'euler' on its grid, gives the VP states divided by alpha to 1e-12 (measured ~1e-15).
+    This checks the EDM-space model input x / sqrt(sigma^2 + 1) and the timestep of a noise
+    level at float64 precision (the grid comes from the table, not from float32 sigmas)."""
+    scheduler = f64(diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))
+    vp = from_diffusers(unet, scheduler)
+    vp_ts = diffusers_grid(scheduler, N_STEPS)
+    edm = from_diffusers(unet, scheduler, space="edm")
+    edm_ts = diffusers_grid(scheduler, N_STEPS, space="edm")
+    expected = [vp.schedule.sigma_bar(float(t)) for t in vp_ts]
+    assert edm_ts.tolist() == pytest.approx(expected, rel=1e-14, abs=0)
+    with torch.no_grad():
+        a = bdia.sample(vp, bdia.get_solver("ddim"), noise, vp_ts, trajectory=True, progress=False)
+        start = noise / vp.schedule.alpha(float(vp_ts[0]))
+        b = bdia.sample(
+            edm, bdia.get_solver("euler"), start, edm_ts, trajectory=True, progress=False
+        )
+    for k, t in enumerate(vp_ts.tolist()):
+        assert rel(b[k] * vp.schedule.alpha(t), a[k]) < 1e-12, k
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"prediction_type": "epsilon"},
+        {"prediction_type": "v_prediction"},
+        {"prediction_type": "sample"},
+        {"use_karras_sigmas": True},
+        {"timestep_type": "continuous", "prediction_type": "v_prediction"},
+        {"final_sigmas_type": "sigma_min"},
+    ],
+    ids=["eps", "v", "x0", "karras", "continuous", "sigma_min"],
+)
+def test_euler_matches_euler_discrete_scheduler(unet, noise, config):
+    """'euler' in EDM space is EulerDiscreteScheduler to 1e-6 relative (measured: up to 2.7e-7).
+
+    Float32-level because diffusers keeps its sigmas in float32, computes the input scale
+    (sigma^2 + 1)^0.5 and the v conversion in float32, and casts the sample to float32 in every
+    step (rounding 6e-8 each, accumulated over 10 steps). The grid points themselves are
+    diffusers' float32 sigmas, exactly.
+    """
+    scheduler = f64(diffusers.EulerDiscreteScheduler(**config))
+    ref = diffusers_states(unet, scheduler, noise, N_STEPS)
+    ours = bdia_states(unet, scheduler, "euler", noise, N_STEPS)
+    # final_sigmas_type='sigma_min' repeats the last sigma (timestep 0's): diffusers' last step
+    # has length 0, and bdia's grid leaves it out.
+    assert len(ours) == len(ref) - ("final_sigmas_type" in config)
+    assert rel(ours[-1], ref[-1]) < 1e-6
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_heun_matches_heun_discrete_scheduler(unet, noise, prediction_type):
+    """'heun' in EDM space is HeunDiscreteScheduler to 1e-6 relative (measured: 4.9e-9 for
+    epsilon, 5.7e-7 for v_prediction). diffusers interleaves the corrector's timesteps
+    (every sigma after the first twice) and takes the last step to sigma = 0 as Euler, as bdia's
+    heun does; its states after each corrector are compared. The sample stays float64 there, but
+    the sigmas, the input scale and the v conversion are float32."""
+    scheduler = f64(diffusers.HeunDiscreteScheduler(prediction_type=prediction_type))
+    steps = 6
+    ref = diffusers_states(unet, scheduler, noise, steps)
+    ref = [ref[0], *ref[2::2], ref[-1]]  # skip the predictor states
+    ode = from_diffusers(unet, scheduler)
+    ts = diffusers_grid(scheduler, steps)
+    with torch.no_grad():
+        ours = bdia.sample(
+            ode, bdia.get_solver("heun"), noise * float(ts[0]), ts, trajectory=True, progress=False
+        )
+    assert len(ours) == len(ref) and ode.nfe == 2 * steps - 1
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_dpm_solver_pp_1_matches_dpm_solver_multistep(unet, noise, final_sigmas_type, spacing):
+    """'dpm_solver_pp_1' is DPMSolverMultistepScheduler(solver_order=1, 'dpmsolver++') to 1e-6
+    (measured: up to 2.2e-7) even with float64 tables: the scheduler keeps its sigmas in float32,
+    computes alpha_t, sigma_t and h from them in float32, and casts the sample to float32 in
+    every step. Any spacing works here: the scheduler steps to its next timestep."""
+    scheduler = f64(
+        diffusers.DPMSolverMultistepScheduler(
+            solver_order=1,
+            algorithm_type="dpmsolver++",
+            final_sigmas_type=final_sigmas_type,
+            timestep_spacing=spacing,
+        )
+    )
+    ref = diffusers_states(unet, scheduler, noise, N_STEPS)
+    ours = bdia_states(unet, scheduler, "dpm_solver_pp_1", noise, N_STEPS)
+    assert len(ours) == len(ref)
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-6, k
+
+
+# ------------------------------------------------------------------------- guidance
+
+
+def _embeds(batch, seed):
+    return torch.randn(
+        batch, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_guidance_is_u_plus_g_times_c_minus_u_in_one_call(cond_unet, noise):
+    """One evaluation = one unet call on [unconditional, conditional]; the output is
+    u + g (c - u) of the two separate calls to float64 rounding. Embeddings of batch 1 are
+    shared by the whole batch."""
+    scheduler = f64(diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))
+    positive, negative, g = _embeds(1, 4), _embeds(1, 5), 4.5
+    ode = from_diffusers(
+        cond_unet,
+        scheduler,
+        encoder_hidden_states=positive,
+        guidance_scale=g,
+        negative_cond={"encoder_hidden_states": negative},
+    )
+    assert set(ode.cond) == {"encoder_hidden_states", "guidance_scale", "negative_cond"}
+    calls = Counter(cond_unet)
+    t = float(diffusers_grid(scheduler, N_STEPS)[0])
+    with torch.no_grad():
+        e = ode.evaluate(t, noise)
+        assert calls.calls == 1
+        tau = torch.tensor(t * 1000 - 1)
+        assert tau == 999
+        u = cond_unet(noise, 999, encoder_hidden_states=negative.expand(BATCH, -1, -1)).sample
+        c = cond_unet(noise, 999, encoder_hidden_states=positive.expand(BATCH, -1, -1)).sample
+    assert rel(e.eps, u + g * (c - u)) < 1e-12
+
+
+def test_inversion_under_guidance_is_exact(cond_unet, noise):
+    """BDIA sampling and inversion under CFG: the guided model is a function of (x, t) only, so
+    invert returns the starting noise to float64 rounding (< 1e-12 relative)."""
+    scheduler = f64(diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))
+    ode = from_diffusers(
+        cond_unet,
+        scheduler,
+        encoder_hidden_states=_embeds(BATCH, 6),
+        guidance_scale=7.5,
+        negative_cond={"encoder_hidden_states": _embeds(1, 7)},
+    )
+    ts = diffusers_grid(scheduler, N_STEPS)
+    solver = bdia.bdia(bdia.get_solver("ddim"), 0.9)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, pair, ts, progress=False)
+    assert rel(back.earlier, noise) < 1e-12
+
+
+def test_guidance_scale_one_is_the_conditional_model(cond_unet, noise):
+    scheduler = f64(diffusers.DDIMScheduler(clip_sample=False))
+    positive = _embeds(1, 4)
+    guided = from_diffusers(
+        cond_unet,
+        scheduler,
+        encoder_hidden_states=positive,
+        guidance_scale=1.0,
+        negative_cond={"encoder_hidden_states": _embeds(1, 5)},
+    )
+    plain = from_diffusers(cond_unet, scheduler, encoder_hidden_states=positive)
+    with torch.no_grad():
+        assert torch.equal(guided.evaluate(0.5, noise).eps, plain.evaluate(0.5, noise).eps)
+
+
+def test_learned_variance_takes_the_first_half(noise):
+    """out_channels = 2 in_channels with variance_type 'learned_range': the prediction is the
+    first half of the channels, as diffusers' pipelines take it."""
+    unet6 = _unet(out_channels=6)
+    scheduler = f64(diffusers.DDPMScheduler(clip_sample=False, variance_type="learned_range"))
+    ode = from_diffusers(unet6, scheduler)
+    assert ode.schedule.t_min == 0.0  # DDPM steps to alpha = 1 past timestep 0
+    with torch.no_grad():
+        e = ode.evaluate(0.5, noise)
+        expected = unet6(noise, torch.tensor(499.0)).sample[:, :3]
+    assert torch.equal(e.eps, expected)
+
+
+def test_model_dtype_defaults_to_the_unets():
+    """A float32 unet under a float64 state: the ODE runs the unet in float32."""
+    unet32 = _unet().float()
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    ode = from_diffusers(unet32, scheduler)
+    assert ode.model_dtype == torch.float32
+    assert isinstance(ode.f, DiffusersModel)
+    with torch.no_grad():
+        e = ode.evaluate(0.5, torch.randn(BATCH, 3, 8, 8, dtype=torch.float64))
+    assert e.eps.dtype == torch.float64
+    assert from_diffusers(unet32, scheduler, model_dtype="float64").model_dtype == torch.float64
+
+
+def test_a_config_mapping_builds_its_class(unet):
+    scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
+    # As load_config or scheduler_config.json give it: the class name included.
+    config = {**scheduler.config, "_class_name": "DDIMScheduler"}
+    ode = from_diffusers(unet, config)
+    assert repr(ode.schedule) == "VPDiscrete(N=1000)"
+    assert torch.equal(diffusers_grid(config, 5), diffusers_grid(scheduler, 5))
+
+
+def test_the_scheduler_is_left_as_it_was(unet):
+    scheduler = diffusers.DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(7)
+    before = (scheduler.timesteps.clone(), scheduler.sigmas.clone(), scheduler.num_inference_steps)
+    from_diffusers(unet, scheduler)
+    ts = diffusers_grid(scheduler, 12)
+    assert len(ts) == 13
+    assert torch.equal(scheduler.timesteps, before[0]) and torch.equal(scheduler.sigmas, before[1])
+    assert scheduler.num_inference_steps == before[2] == 7
+    fresh = diffusers.DDIMScheduler()
+    diffusers_grid(fresh, 5)
+    assert fresh.num_inference_steps is None
+
+
+def test_grids_end_where_the_scheduler_ends():
+    ddim_one = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    ddim_min = diffusers.DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False)
+    assert diffusers_grid(ddim_one, 4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert diffusers_grid(ddim_min, 4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.001]
+    # linspace: the next evaluated timestep (diffusers' DDIM would step to tau - N // n).
+    linspace = diffusers.DDIMScheduler(timestep_spacing="linspace")
+    assert diffusers_grid(linspace, 4).tolist() == [1.0, 0.667, 0.334, 0.001, 0.0]
+    heun = diffusers.HeunDiscreteScheduler()
+    heun.set_timesteps(4)
+    assert diffusers_grid(heun, 4).tolist() == sorted(set(heun.sigmas.double().tolist()))[::-1]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _one_line_error(exc_info, field):
+    message = str(exc_info.value)
+    assert "\n" not in message and field in message, message
+
+
+@pytest.mark.parametrize(
+    "scheduler, field",
+    [
+        (
+            lambda: diffusers.DDIMScheduler(clip_sample=False, prediction_type="flow"),
+            "prediction_type",
+        ),
+        (lambda: diffusers.DDIMScheduler(), "clip_sample"),
+        (lambda: diffusers.DDIMScheduler(clip_sample=False, thresholding=True), "thresholding"),
+        (
+            lambda: diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="even"),
+            "timestep_spacing",
+        ),
+        (
+            lambda: diffusers.EulerDiscreteScheduler(interpolation_type="log_linear"),
+            "interpolation_type",
+        ),
+        (lambda: diffusers.LCMScheduler(), "space="),
+        (
+            lambda: diffusers.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True),
+            "alphas_cumprod",
+        ),
+    ],
+    ids=["prediction", "clip", "threshold", "spacing", "interpolation", "unknown", "zero_snr"],
+)
+def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler, field):
+    calls = Counter(unet)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet, scheduler())
+    _one_line_error(exc_info, field)
+    assert calls.calls == 0
+
+
+def test_clip_sample_error_says_how_to_turn_it_off(unet):
+    with pytest.raises(ValueError, match=r"DDIMScheduler.from_config\(scheduler.config, clip"):
+        from_diffusers(unet, diffusers.DDIMScheduler())
+
+
+def test_unknown_class_runs_with_space_given(unet, noise):
+    ode = from_diffusers(unet, diffusers.LCMScheduler(), space="vp")
+    assert ode.schedule.t_min == 0.0
+    with pytest.raises(ValueError, match="space must be"):
+        from_diffusers(unet, diffusers.LCMScheduler(), space="ve")
+
+
+def test_bad_unet_and_guidance_are_refused_before_any_unet_call(unet, noise):
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    unet6 = _unet(out_channels=6)
+    calls, calls6 = Counter(unet), Counter(unet6)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet6, scheduler)
+    _one_line_error(exc_info, "out_channels")
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet, scheduler, guidance_scale=5.0)
+    _one_line_error(exc_info, "negative_cond")
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet, scheduler, negative_cond={"class_labels": torch.zeros(1)})
+    _one_line_error(exc_info, "guidance_scale")
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet, scheduler, timestep=3)
+    _one_line_error(exc_info, "timestep")
+    # At call time: a state with the wrong number of channels, a conditioning batch that fits
+    # neither 1 nor the state's.
+    ode = from_diffusers(unet, scheduler)
+    ts = diffusers_grid(scheduler, 3)
+    with pytest.raises(ValueError) as exc_info:
+        bdia.sample(ode, bdia.get_solver("ddim"), noise[:, :2], ts, progress=False)
+    _one_line_error(exc_info, "in_channels")
+    ode = from_diffusers(unet, scheduler, class_labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError) as exc_info:
+        bdia.sample(ode, bdia.get_solver("ddim"), noise, ts, progress=False)
+    _one_line_error(exc_info, "class_labels")
+    assert calls.calls == calls6.calls == 0
+
+
+def test_a_model_output_of_the_wrong_shape_is_named(noise):
+    """A module with diffusers' call contract that returns the wrong shape."""
+
+    def half(sample, timestep, **kwargs):
+        return (sample[:, :1],)
+
+    ode = from_diffusers(half, diffusers.DDIMScheduler(clip_sample=False))
+    with pytest.raises(ValueError) as exc_info:
+        ode.evaluate(0.5, noise)
+    _one_line_error(exc_info, "out_channels")
+
+
+def test_edm_noise_levels_outside_the_table_are_refused(unet, noise):
+    ode = from_diffusers(unet, diffusers.EulerDiscreteScheduler())
+    with pytest.raises(ValueError) as exc_info:
+        ode.evaluate(500.0, noise)
+    _one_line_error(exc_info, "noise range")
+
+
+# ----------------------------------------------------------------------- packaging
+
+
+def test_missing_diffusers_names_the_extra(monkeypatch):
+    for name in ("bdia.integrations.diffusers", "bdia.integrations.diffusers.adapter"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'bdia\[diffusers\]'"):
+        importlib.import_module("bdia.integrations.diffusers")
+
+
+def test_core_package_does_not_import_integrations():
+    result = run_child(
+        ["-c", "import sys, bdia; print(sorted(m for m in sys.modules if 'diffusers' in m))"],
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

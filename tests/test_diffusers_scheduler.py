@@ -1,0 +1,437 @@
+"""BDIAScheduler / BDIAInverseScheduler: diffusers pipelines give bdia.sample's numbers.
+
+A tiny randomly initialised UNet2DModel in float32. The scheduler replays each model output
+through the ODE that from_diffusers builds and takes BidirectionalWrapper.step_compensated, so
+a pipeline run and bdia.sample make the same float operations on the same inputs: the tests
+ask for bitwise equality (measured difference 0), and the inverse returns the pipeline's
+starting noise exactly (measured 0; two-word states).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import diffusers
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+import bdia
+from bdia.integrations.diffusers import (
+    BDIAInverseScheduler,
+    BDIARestartWarning,
+    BDIAScheduler,
+    BDIASchedulerOutput,
+    diffusers_grid,
+    from_diffusers,
+)
+from bdia.integrations.diffusers.tiny import tiny_text_to_image_pipeline, tiny_unet
+
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+STEPS = 10
+BATCH = 2
+SHAPE = (BATCH, 3, 8, 8)
+GAMMA = 0.9
+
+
+def _unet(dtype=torch.float32):
+    return tiny_unet(dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return _unet()
+
+
+def _noise(seed, dtype=torch.float32):
+    """The noise the pipelines draw from ``torch.Generator().manual_seed(seed)``."""
+    return randn_tensor(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _postprocess(x):
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def _run_pipeline(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        batch_size=BATCH,
+        generator=torch.Generator().manual_seed(seed),
+        num_inference_steps=STEPS,
+        output_type="pt",
+    )
+    return out.images
+
+
+@torch.no_grad()
+def _invert_loop(unet, config, pair, dtype=None):
+    inv = BDIAInverseScheduler.from_config(config)
+    inv.set_timesteps(STEPS)
+    x = inv.begin(pair, dtype=dtype)
+    for t in inv.timesteps:
+        x = inv.step(unet(x, t).sample, t, x).prev_sample
+    return inv, x
+
+
+def _max_abs(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+# ------------------------------------------------------------------ pipeline parity
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False], ids=["alpha1", "alpha0"])
+@pytest.mark.parametrize(
+    "spacing",
+    [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)],
+    ids=["leading", "offset", "trailing", "linspace"],
+)
+def test_ddim_pipeline_is_bdia_sample_and_inverts_exactly(unet, spacing, set_alpha_to_one):
+    """DDIMPipeline with BDIAScheduler gives bdia.sample's images bit for bit (measured max
+    difference 0 in every case: the same float32 operations on the same unet outputs), and
+    final_pair is sample's return_pair, low words included. Inverting it with
+    BDIAInverseScheduler (unet calls in a loop) and with bdia.invert returns the pipeline's
+    noise exactly (measured 0), and the two inversions agree bit for bit."""
+    timestep_spacing, steps_offset = spacing
+    ddim = diffusers.DDIMScheduler(
+        clip_sample=False,
+        set_alpha_to_one=set_alpha_to_one,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+    )
+    pipe = diffusers.DDIMPipeline(unet, ddim)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    images = _run_pipeline(pipe)
+
+    noise = _noise(0)
+    ode = from_diffusers(unet, ddim)
+    ts = diffusers_grid(ddim, STEPS)
+    solver = bdia.bdia("ddim", GAMMA)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+    assert torch.equal(images, _postprocess(pair.later))
+
+    final = pipe.scheduler.final_pair
+    for field in ("earlier", "later", "earlier_low", "later_low"):
+        assert torch.equal(getattr(final, field), getattr(pair, field)), field
+    assert final.later.dtype == torch.float32
+
+    inv, x = _invert_loop(unet, pipe.scheduler.config, final)
+    assert len(inv.timesteps) == len(ts) - 2  # the pair holds the last two states
+    assert torch.equal(inv.pair.earlier, noise)
+    assert torch.equal(x, noise)
+    with torch.no_grad():
+        back = bdia.invert(ode, solver, final, ts, progress=False)
+    assert torch.equal(back.earlier, inv.pair.earlier)
+    assert torch.equal(back.later, inv.pair.later)
+
+
+def test_ddpm_pipeline_takes_the_scheduler(unet):
+    """DDPMPipeline (step(model_output, t, image, generator=...)) with a BDIAScheduler built
+    from a DDPMScheduler config is bdia.sample on that scheduler's table and grid: bit for
+    bit (measured 0). DDPM ends at alpha = 1, as BDIAScheduler's default set_alpha_to_one."""
+    ddpm = diffusers.DDPMScheduler(clip_sample=False)
+    pipe = diffusers.DDPMPipeline(unet, ddpm)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    images = _run_pipeline(pipe, seed=1)
+
+    noise = _noise(1)
+    with torch.no_grad():
+        pair = bdia.sample(
+            from_diffusers(unet, ddpm),
+            bdia.bdia("ddim", GAMMA),
+            noise,
+            diffusers_grid(ddpm, STEPS),
+            return_pair=True,
+            progress=False,
+        )
+    assert torch.equal(images, _postprocess(pair.later))
+    _, x = _invert_loop(unet, pipe.scheduler.config, pipe.scheduler.final_pair)
+    assert torch.equal(x, noise)
+
+
+def test_half_precision_unet_keeps_a_float32_state():
+    """With a bfloat16 unet the pipeline's latents are bfloat16 while the scheduler keeps a
+    float32 state (plus low words): the images are bdia.sample's with a float32 state and
+    model_dtype bfloat16, cast down (bit for bit), and the inverse, fed bfloat16 inputs by
+    begin(pair, dtype=torch.bfloat16), returns the bfloat16 noise exactly."""
+    unet = _unet(torch.bfloat16)
+    ddim = diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
+    pipe = diffusers.DDIMPipeline(unet, ddim)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    images = _run_pipeline(pipe, seed=2)
+    assert images.dtype == torch.bfloat16
+
+    noise = _noise(2, torch.bfloat16).float()
+    with torch.no_grad():
+        pair = bdia.sample(
+            from_diffusers(unet, ddim),
+            bdia.bdia("ddim", GAMMA),
+            noise,
+            diffusers_grid(ddim, STEPS),
+            return_pair=True,
+            progress=False,
+        )
+    assert torch.equal(images, _postprocess(pair.later.to(torch.bfloat16)))
+    final = pipe.scheduler.final_pair
+    assert final.later.dtype == torch.float32
+    assert torch.equal(final.later, pair.later)
+    inv, x = _invert_loop(unet, pipe.scheduler.config, final, dtype=torch.bfloat16)
+    assert x.dtype == torch.bfloat16
+    assert torch.equal(inv.pair.earlier, noise)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_other_predictions_match_bdia_sample(unet, prediction_type):
+    """v and x0 predictions go through the same conversion as in bdia.sample (measured 0)."""
+    ddim = diffusers.DDIMScheduler(clip_sample=False, prediction_type=prediction_type)
+    sched = BDIAScheduler.from_config(ddim.config, gamma=GAMMA)
+    sched.set_timesteps(STEPS)
+    x = noise = _noise(3)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+        ref = bdia.sample(
+            from_diffusers(unet, ddim),
+            bdia.bdia("ddim", GAMMA),
+            noise,
+            diffusers_grid(ddim, STEPS),
+            progress=False,
+        )
+    assert torch.equal(x, ref)
+
+
+def _tiny_stable_diffusion(tmp_path):
+    """A StableDiffusionPipeline of tiny random parts, with SD 1.5's scheduler config (a
+    PNDMScheduler: leading spacing, steps_offset 1, set_alpha_to_one False)."""
+    scheduler = diffusers.PNDMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    return tiny_text_to_image_pipeline(tmp_path, scheduler)
+
+
+def test_stable_diffusion_pipeline_with_guidance_inverts_exactly(tmp_path):
+    """The docs' recipe on a tiny StableDiffusionPipeline: guidance 7.5, the scheduler built
+    from SD 1.5's (PNDM) config. The latents the pipeline returns are final_pair.later, and
+    the inverse loop, calling the unet as the pipeline does (batch [uncond, cond], then
+    u + g (c - u)), returns the pipeline's starting noise exactly (measured 0)."""
+    pipe = _tiny_stable_diffusion(tmp_path)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    prompt, guidance = "a fox", 7.5
+    latents = pipe(
+        prompt,
+        height=16,
+        width=16,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    pair = pipe.scheduler.final_pair
+    assert torch.equal(latents, pair.later)
+    noise = randn_tensor(latents.shape, generator=torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+        embeds = torch.cat([uncond, cond])
+        inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+        inverse.set_timesteps(STEPS)
+        x = inverse.begin(pair, dtype=latents.dtype)
+        for t in inverse.timesteps:
+            out = pipe.unet(torch.cat([x] * 2), t, encoder_hidden_states=embeds).sample
+            u, c = out.chunk(2)
+            x = inverse.step(u + guidance * (c - u), t, x).prev_sample
+    assert torch.equal(inverse.pair.earlier, noise)
+
+
+# ------------------------------------------------------------------ restarts
+
+
+def test_changed_latents_restart_the_recursion_with_a_warning(unet):
+    """A loop that changes the latents between steps (in place, on the returned tensor)
+    restarts the recursion there with one BDIARestartWarning; the run then continues as
+    bdia.sample from the changed state on the rest of the grid (bit for bit)."""
+    sched = BDIAScheduler(gamma=GAMMA)
+    sched.set_timesteps(STEPS)
+    x = _noise(4)
+    changed, states = None, []
+    with torch.no_grad(), pytest.warns(BDIARestartWarning, match="changed the latents"):
+        for i, t in enumerate(sched.timesteps):
+            if i in (4, 7):
+                x.mul_(1.01)
+                changed = x.clone() if changed is None else changed
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+            states.append(x.clone())
+    assert sched.restarts == [int(sched.timesteps[4]), int(sched.timesteps[7])]
+    # From timestep 4 to the next restart: bdia.sample from the changed state on grid[4:8].
+    grid = diffusers_grid(sched, STEPS)
+    with torch.no_grad():
+        ref = bdia.sample(
+            from_diffusers(unet, sched),
+            bdia.bdia("ddim", GAMMA),
+            changed,
+            grid[4:8],
+            trajectory=True,
+            progress=False,
+        )
+    for k in range(3):
+        assert torch.equal(states[4 + k], ref[k + 1])
+
+
+def test_out_of_order_timestep_warns_and_a_late_start_does_not(unet):
+    """Skipping a timestep restarts with a warning naming it; a run that starts at a later
+    timestep (img2img) starts there silently."""
+    sched = BDIAScheduler(gamma=GAMMA)
+    sched.set_timesteps(STEPS)
+    ts = sched.timesteps
+    x = _noise(5)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BDIARestartWarning)
+            x = sched.step(unet(x, ts[3]).sample, ts[3], x).prev_sample
+        with pytest.warns(BDIARestartWarning, match=f"timestep {int(ts[5])} is not the next"):
+            sched.step(unet(x, ts[5]).sample, ts[5], x)
+    assert sched.restarts == [int(ts[5])]
+
+
+# ------------------------------------------------------------------ config and timesteps
+
+
+@pytest.mark.parametrize(
+    "spacing,offset",
+    [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)],
+)
+@pytest.mark.parametrize("steps", [7, 10, 50])
+def test_set_timesteps_are_ddims(spacing, offset, steps):
+    kwargs = dict(clip_sample=False, timestep_spacing=spacing, steps_offset=offset)
+    ddim = diffusers.DDIMScheduler(**kwargs)
+    ddim.set_timesteps(steps)
+    sched = BDIAScheduler.from_config(ddim.config)
+    sched.set_timesteps(steps)
+    assert torch.equal(sched.timesteps, ddim.timesteps)
+    assert sched.init_noise_sigma == 1.0 and sched.order == 1
+    x = torch.randn(1, 3, 4, 4)
+    assert sched.scale_model_input(x, sched.timesteps[0]) is x
+    assert sched.grid == diffusers_grid(ddim, steps).tolist()
+
+
+def test_config_round_trips_and_holds_gamma(tmp_path):
+    ddim = diffusers.DDIMScheduler(
+        clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    sched = BDIAScheduler.from_config(ddim.config, gamma=0.8)
+    assert sched.config.gamma == 0.8
+    assert BDIAScheduler().config.gamma == 0.96
+    assert torch.equal(sched.alphas_cumprod, ddim.alphas_cumprod)
+    sched.save_config(tmp_path)
+    again = BDIAScheduler.from_config(BDIAScheduler.load_config(tmp_path))
+
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    assert public(again.config) == public(sched.config)
+    assert again.config["_class_name"] == "BDIAScheduler"
+    inverse = BDIAInverseScheduler.from_config(again.config)
+    assert inverse.config.gamma == 0.8
+
+
+def test_adapter_knows_both_schedulers(unet):
+    """from_diffusers and diffusers_grid take the BDIA schedulers; the inverse's grid is the
+    forward run's (its own timesteps are part of it, backward)."""
+    sched = BDIAScheduler(set_alpha_to_one=False, timestep_spacing="trailing")
+    inverse = BDIAInverseScheduler.from_config(sched.config)
+    assert from_diffusers(unet, sched).schedule.clean_end is False
+    assert torch.equal(diffusers_grid(inverse, STEPS), diffusers_grid(sched, STEPS))
+    sched.set_timesteps(STEPS)
+    inverse.set_timesteps(STEPS)
+    assert inverse.timesteps.tolist() == sched.timesteps.tolist()[1:][::-1]
+
+
+def test_step_output_forms(unet):
+    """return_dict=False gives (prev_sample, pred_original_sample); with variance_type
+    'learned_range' a model output of twice the channels is cut to its first half; a step's
+    prev_sample is a copy, not the scheduler's state."""
+    sched = BDIAScheduler(variance_type="learned_range")
+    sched.set_timesteps(STEPS)
+    x = _noise(6)
+    t = sched.timesteps[0]
+    with torch.no_grad():
+        out = unet(x, t).sample
+    twin = copy.deepcopy(sched)
+    a = sched.step(out, t, x)
+    assert isinstance(a, BDIASchedulerOutput)
+    b = twin.step(torch.cat([out, torch.randn_like(out)], dim=1), t, x, return_dict=False)
+    assert isinstance(b, tuple) and torch.equal(a.prev_sample, b[0])
+    assert torch.equal(a.pred_original_sample, b[1])
+    assert a.prev_sample is not sched._x
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(clip_sample=True), "clip_sample = True .* not an ODE"),
+        (dict(thresholding=True), "thresholding = True"),
+        (dict(gamma=0), r"gamma = 0 lies outside \(0, 1\]"),
+        (dict(gamma=1.5), r"gamma = 1.5 lies outside \(0, 1\]"),
+        (dict(gamma=-0.1), "lies outside"),
+        (dict(gamma="fast"), "not a named schedule"),
+        (dict(rescale_betas_zero_snr=True), "alphas_cumprod"),
+        (dict(prediction_type="flow_prediction"), "prediction_type"),
+    ],
+)
+def test_bad_config_is_refused_in_one_line(kwargs, match):
+    for cls in (BDIAScheduler, BDIAInverseScheduler):
+        with pytest.raises(ValueError, match=match) as info:
+            cls.from_config(BDIAScheduler().config, **kwargs)
+        assert "\n" not in str(info.value)
+
+
+def test_bad_steps_are_refused_in_one_line(unet):
+    x = _noise(7)
+    sched = BDIAScheduler()
+    errors = []
+    with pytest.raises(ValueError, match="before set_timesteps") as info:
+        sched.step(x, 999, x)
+    errors.append(info)
+    sched.set_timesteps(STEPS)
+    t = sched.timesteps[0]
+    with pytest.raises(ValueError, match="eta = 0.5: BDIA is deterministic") as info:
+        sched.step(x, t, x, eta=0.5)
+    errors.append(info)
+    with pytest.raises(ValueError, match="timestep 998 is not in this schedule") as info:
+        sched.step(x, 998, x)
+    errors.append(info)
+    with pytest.raises(ValueError, match="model_output has shape") as info:
+        sched.step(x[:, :2], t, x)
+    errors.append(info)
+    sched.step(x, t, x, eta=0.0, use_clipped_model_output=None, generator=torch.Generator())
+
+    inverse = BDIAInverseScheduler()
+    with pytest.raises(ValueError, match="before set_timesteps") as info:
+        inverse.begin(None)
+    errors.append(info)
+    inverse.set_timesteps(STEPS)
+    t = inverse.timesteps[0]
+    with pytest.raises(ValueError, match="before begin") as info:
+        inverse.step(x, t, x)
+    errors.append(info)
+    start = inverse.begin(bdia.StatePair(x, x))
+    with pytest.raises(ValueError, match="not the inversion's next one") as info:
+        inverse.step(x, inverse.timesteps[1], start)
+    errors.append(info)
+    with pytest.raises(ValueError, match="feed prev_sample back unchanged") as info:
+        inverse.step(x, t, start + 1)
+    errors.append(info)
+    assert all("\n" not in str(e.value) for e in errors)
