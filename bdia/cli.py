@@ -597,6 +597,21 @@ def compare_command(
 _SOLVER_HELP = "Base solver (`bdia solvers` lists them)."
 
 
+def _network_identity(network_spec: str) -> tuple[str, str]:
+    """``(identity, where)`` of a loaded ``--network``: ``("sha256:...", "digits")`` for a
+    shipped network, ``("sha256:...", absolute path)`` for a file, the spec twice for
+    ``random:NAME``."""
+    from ._files import file_sha256
+    from .models.checkpoints import SHIPPED_NETWORKS, shipped_network_path
+
+    if network_spec.startswith("random:"):
+        return network_spec, network_spec
+    if network_spec in SHIPPED_NETWORKS:
+        return "sha256:" + file_sha256(shipped_network_path(network_spec)), network_spec
+    path = Path(network_spec)
+    return "sha256:" + file_sha256(path), str(path.resolve())
+
+
 def _run_settings(
     network_spec: str,
     solver_name: str,
@@ -609,22 +624,10 @@ def _run_settings(
     class_label: int | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The settings an image of ``bdia sample`` depends on, and what is recorded beside them."""
-    from ._files import file_sha256
-    from .models.checkpoints import SHIPPED_NETWORKS, shipped_network_path
-
     info: dict[str, Any] = {"bdia": __version__}
-    if network_spec.startswith("random:"):
-        network = network_spec
-    else:
-        path = (
-            shipped_network_path(network_spec)
-            if network_spec in SHIPPED_NETWORKS
-            else Path(network_spec)
-        )
-        network = "sha256:" + file_sha256(path)
-        info["network path"] = (
-            network_spec if network_spec in SHIPPED_NETWORKS else str(path.resolve())
-        )
+    network, network_path = _network_identity(network_spec)
+    if network_path != network:
+        info["network path"] = network_path
     sigma_min, sigma_max, rho = grid
     info["grid"] = [float(t) for t in ts]
     settings = {
@@ -683,10 +686,11 @@ def _claim_outdir(
 @click.option(
     "--network",
     "network_spec",
-    required=True,
+    default=None,
     metavar="NAME|FILE",
     help="digits (the shipped 8x8 digits model), an EDM .pkl, a bdia .safetensors, or "
-    "random:NAME (ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond).",
+    "random:NAME (ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond); "
+    "required unless --latents names the network.",
 )
 @click.option("--solver", "solver_name", default="heun", show_default=True, help=_SOLVER_HELP)
 @click.option(
@@ -714,7 +718,8 @@ def _claim_outdir(
     "class_label",
     default=None,
     type=click.IntRange(min=0),
-    help="One class for every image (conditional networks; default: drawn from each seed).",
+    help="One class for every image (conditional networks; default: drawn from each seed). "
+    "With --latents: the recorded class reconstructs, another one edits.",
 )
 @click.option(
     "--batch", default=64, show_default=True, type=click.IntRange(1), help="Images per model call."
@@ -723,12 +728,22 @@ def _claim_outdir(
     "--outdir",
     default=None,
     type=OutputPathType(folder=True),
-    help="One PNG per seed here; a rerun with the same settings resumes.",
+    help="One PNG per seed here; a rerun with the same settings resumes. With --latents: "
+    "NAME.png per latents file.",
 )
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Regenerate the images of --outdir even if it was made with other settings.",
+    help="Regenerate the images of --outdir even if it was made with other settings "
+    "(with --latents: replace the NAME.png files that exist).",
+)
+@click.option(
+    "--latents",
+    "latents_path",
+    default=None,
+    type=click.Path(exists=True, path_type=Path),
+    help="A latents file or folder of them (from bdia invert --images): regenerate each one "
+    "(grid, solver and gamma from the file) instead of sampling seeds.",
 )
 @click.option(
     "--grid",
@@ -769,14 +784,26 @@ def sample_command(
     outdir: Path | None,
     overwrite: bool,
     grid_path: Path | None,
+    latents_path: Path | None,
     network_dtype: torch.dtype,
     state_dtype: torch.dtype,
     device: str | None,
     no_progress: bool,
 ) -> None:
-    """Sample one PNG per seed with EDM's grid (reruns skip finished seeds), or a grid PNG."""
+    """Sample one PNG per seed with EDM's grid (reruns skip finished seeds), or a grid PNG.
+
+    With --latents, regenerate saved latents instead: under the class they were inverted
+    under, the exact reconstruction; under another --class, an edit from the inverted noise.
+    """
     from . import generate
 
+    if latents_path is not None:
+        _sample_latents(
+            latents_path, network_spec, class_label, outdir, overwrite, device, no_progress
+        )
+        return
+    if network_spec is None:
+        raise click.UsageError("Missing option '--network' (or give --latents)")
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
     limit = GRID_MAX_IMAGES if grid_path is not None else MAX_SEEDS
@@ -870,14 +897,135 @@ def sample_command(
         click.echo(f"{len(seed_list)} images in {outdir}", err=True)
 
 
+# ------------------------------------------------- invert: images to latents, latents back
+
+#: The summary ``bdia invert --images`` writes in its --outdir.
+INVERT_SUMMARY = "bdia-invert.json"
+_IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+def _images(n: int) -> str:
+    return f"{n} image{'' if n == 1 else 's'}"
+
+
+def _files_of(path: Path, suffix: str, option: str) -> list[Path]:
+    """``path`` itself, or the files of folder ``path`` ending in ``suffix`` (not hidden)."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and p.suffix.lower() == suffix and not p.name.startswith(".")
+    )
+    if not files:
+        raise click.BadParameter(f"{str(path)!r} holds no {suffix} files", param_hint=f"'{option}'")
+    stems = [p.stem.lower() for p in files]
+    twins = sorted({p.name for p in files if stems.count(p.stem.lower()) > 1})
+    if twins:
+        raise click.BadParameter(
+            f"{', '.join(twins)} in {str(path)!r} share a name (their outputs would collide); "
+            "rename one",
+            param_hint=f"'{option}'",
+        )
+    return files
+
+
+def _check_pngs(files: list[Path], net: torch.nn.Module, network_spec: str) -> None:
+    """Refuse, naming the file, any that is not a PNG of the network's size and channels."""
+    from PIL import Image
+
+    from .metrics.fid import _IMAGE_ERRORS
+
+    channels, res = net.img_channels, net.img_resolution
+    mode = _IMAGE_MODES.get(channels)
+    if mode is None:
+        raise click.BadParameter(
+            f"{network_spec!r} has {channels} channels; --images takes networks of 1 (L) or "
+            "3 (RGB)",
+            param_hint="'--network'",
+        )
+    needs = (
+        f"{network_spec!r} needs {res}x{res} {mode} PNGs ({channels} channel"
+        f"{'s' if channels > 1 else ''}); images are neither resized nor converted"
+    )
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                kind, got, size = im.format, im.mode, im.size
+                im.verify()
+        except _IMAGE_ERRORS as err:
+            raise click.BadParameter(
+                f"{str(p)!r} is not a readable PNG ({_one_line(str(err))})",
+                param_hint="'--images'",
+            ) from None
+        if kind != "PNG":
+            raise click.BadParameter(
+                f"{str(p)!r} is a {kind} image, not a PNG", param_hint="'--images'"
+            )
+        if got != mode or size != (res, res):
+            raise click.BadParameter(
+                f"{str(p)!r} is {size[0]}x{size[1]} {got}; {needs}", param_hint="'--images'"
+            )
+
+
+def _read_png(path: Path, device: str) -> torch.Tensor:
+    """A checked PNG as ``(1, C, H, W)`` float64 in [-1, 1]: pixel p becomes p / 127.5 - 1."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im)
+    x = torch.from_numpy(pixels.copy()).to(torch.float64)
+    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+    return (x / 127.5 - 1.0).to(device)
+
+
+def _refuse_existing(outdir: Path, targets: list[Path], overwrite: bool, what: str) -> None:
+    """Exit 1 when ``outdir`` already holds one of ``targets``, unless ``overwrite``."""
+    present = [t for t in targets if t.exists()]
+    if present and not overwrite:
+        more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+        raise click.ClickException(
+            f"--outdir {str(outdir)!r} already holds {present[0].name}{more} ({what}): "
+            "use --overwrite to replace them, or another --outdir"
+        )
+
+
 @main.command(name="invert")
 @click.option(
     "--network",
     "network_spec",
     default="digits",
     show_default=True,
-    type=click.Choice(["digits"]),
-    help="A shipped network whose held-out data are inverted.",
+    metavar="NAME|FILE",
+    help="digits, an EDM .pkl, a bdia .safetensors or random:NAME, as bdia sample takes it; "
+    "without --images only digits, whose held-out set is inverted.",
+)
+@click.option(
+    "--images",
+    default=None,
+    type=click.Path(exists=True, path_type=Path),
+    help="A PNG or a folder of PNGs to invert, at the network's resolution (L for 1 channel, "
+    "RGB for 3); needs --outdir.",
+)
+@click.option(
+    "--class",
+    "class_label",
+    default=None,
+    type=click.IntRange(min=0),
+    help="The class of every image of --images (required for a conditional network).",
+)
+@click.option(
+    "--outdir",
+    default=None,
+    type=OutputPathType(folder=True),
+    help=f"With --images: NAME.safetensors (latents) and NAME-reconstruction.png per image, "
+    f"and {INVERT_SUMMARY}.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the files of these images already in --outdir.",
 )
 @click.option("--solver", "solver_name", default="euler", show_default=True, help=_SOLVER_HELP)
 @click.option(
@@ -896,7 +1044,10 @@ def sample_command(
 )
 @_grid_options
 @click.option(
-    "--count", default=None, type=click.IntRange(1), help="Invert the first N (default: all)."
+    "--count",
+    default=None,
+    type=click.IntRange(1),
+    help="Invert the first N held-out digits (default: all; not with --images).",
 )
 @click.option(
     "--state-dtype",
@@ -905,9 +1056,14 @@ def sample_command(
     show_default=True,
     help="Dtype of the sampler's state.",
 )
+@_device_option
 @_progress_option
 def invert_command(
     network_spec: str,
+    images: Path | None,
+    class_label: int | None,
+    outdir: Path | None,
+    overwrite: bool,
     solver_name: str,
     gamma: float | str,
     steps: int,
@@ -916,28 +1072,103 @@ def invert_command(
     rho: float,
     count: int | None,
     state_dtype: torch.dtype,
+    device: str | None,
     no_progress: bool,
 ) -> None:
-    """Invert the held-out digits to noise and back; report the reconstruction error.
+    """Invert images to noise exactly with bdia, and check that they come back.
 
-    Each real image is taken as the state at sigma_min. bdia(SOLVER, GAMMA) inverts it exactly
-    up to rounding (after one approximate base step that makes the pair); the base solver run
-    backward in time is the usual approximate inversion, reported beside it.
+    Each image is taken as the state at sigma_min. bdia(SOLVER, GAMMA) inverts it exactly up
+    to rounding (after one approximate base step that makes the pair). With --images, each
+    PNG's latents go to --outdir (for `bdia sample --latents`) with its reconstruction.
+    Without, the shipped digits' held-out set is inverted and the error printed beside that
+    of the base solver run backward in time, the usual approximate inversion.
     """
+    exact = _solver(solver_name, gamma)
+    ts = _karras(steps, sigma_min, sigma_max, rho, final_zero=False)
+    if images is None:
+        for given, name in (
+            (class_label is not None, "--class"),
+            (outdir is not None, "--outdir"),
+            (overwrite, "--overwrite"),
+        ):
+            if given:
+                raise click.UsageError(f"{name} needs --images (the PNGs to invert)")
+        if network_spec != "digits":
+            raise click.UsageError(
+                f"give --images (PNGs to invert) with --network {network_spec}: only the "
+                "shipped digits network has a held-out set built in"
+            )
+        _invert_held_out(exact, ts, steps, gamma, count, state_dtype, device, no_progress)
+        return
+    if count is not None:
+        raise click.UsageError("--count applies to the held-out digits; --images inverts all")
+    if outdir is None:
+        raise click.UsageError(
+            "give --outdir: the latents and reconstructions of --images are written there"
+        )
+    net = _load_denoiser(network_spec)
+    _check_class(net, class_label)
+    label_dim = getattr(net, "label_dim", 0)
+    if label_dim and class_label is None:
+        raise click.UsageError(
+            f"Missing option '--class': {network_spec} is a conditional network "
+            f"({label_dim} classes); give the class of the images with --class N"
+        )
+    files = _files_of(images, ".png", "--images")
+    _check_pngs(files, net, network_spec)
+    if images.is_dir() and outdir.resolve() == images.resolve():
+        raise click.BadParameter(
+            "give another folder than --images: its outputs would be taken as images by the "
+            "next run",
+            param_hint="'--outdir'",
+        )
+    targets = []
+    for path in files:
+        targets += [outdir / f"{path.stem}.safetensors", outdir / f"{path.stem}-reconstruction.png"]
+    targets.append(outdir / INVERT_SUMMARY)
+    if outdir.is_dir():
+        _refuse_existing(outdir, targets, overwrite, "the outputs of these images")
+    _invert_images(
+        net,
+        network_spec,
+        files,
+        class_label,
+        outdir,
+        exact,
+        gamma,
+        ts,
+        (steps, sigma_min, sigma_max, rho),
+        state_dtype,
+        device,
+        no_progress,
+    )
+
+
+def _invert_held_out(
+    exact: Any,
+    ts: torch.Tensor,
+    steps: int,
+    gamma: float | str,
+    count: int | None,
+    state_dtype: torch.dtype,
+    device: str | None,
+    no_progress: bool,
+) -> None:
+    """The held-out digits to noise and back: a table of exact and approximate errors."""
     from . import generate
     from .models import digits
 
-    exact = _solver(solver_name, gamma)
     base = exact.solver
-    ts = _karras(steps, sigma_min, sigma_max, rho, final_zero=False)
-    net = _load_denoiser(network_spec)
+    net = _load_denoiser("digits")
+    device = _default_device(device)
+    net = net.to(device)
     split = digits.load_digits_split()
     images, labels = split.held_out_images, split.held_out_labels.tolist()
     if count is not None:
         images, labels = images[:count], labels[:count]
     click.echo(
-        f"{len(labels)} held-out digits; {steps} steps from sigma {sigma_max:g} to "
-        f"{sigma_min:g}; {dtype_name(state_dtype)} state, float32 network"
+        f"{len(labels)} held-out digits; {steps} steps from sigma {float(ts[0]):g} to "
+        f"{float(ts[-1]):g}; {dtype_name(state_dtype)} state, float32 network"
     )
     rows = [("inversion", "max abs error", "rms error")]
     # Each solver inverts over every step and samples back from the pair's second state.
@@ -950,9 +1181,10 @@ def invert_command(
                 images,
                 labels,
                 state_dtype=state_dtype,
+                device=device,
                 callback=lambda info: bar.update(),
             )
-            error = (back.double() - images.double()).flatten(1)
+            error = (back.double().cpu() - images.double()).flatten(1)
             name = f"bdia({base.name}, {gamma})" if kind == "exact" else f"{base.name} backward"
             rows.append(
                 (
@@ -964,6 +1196,269 @@ def invert_command(
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _invert_images(
+    net: torch.nn.Module,
+    network_spec: str,
+    files: list[Path],
+    class_label: int | None,
+    outdir: Path,
+    exact: Any,
+    gamma: float | str,
+    ts: torch.Tensor,
+    grid: tuple[int, float, float, float],
+    state_dtype: torch.dtype,
+    device: str | None,
+    no_progress: bool,
+) -> None:
+    """Invert each checked PNG on its own; write its latents, reconstruction and a summary."""
+    import json
+
+    from . import generate
+    from .editing import Inversion
+    from .latents import save_latents
+    from .ode import DiffusionODE
+    from .schedules import EDM
+
+    steps, sigma_min, sigma_max, rho = grid
+    network, network_path = _network_identity(network_spec)
+    device = _default_device(device)
+    net = net.to(device)
+    # One image per inversion: its file then holds the pair of a batch of one, whose ODE
+    # (conditioning included) is the one `bdia sample --latents` rebuilds and fingerprints.
+    labels = [class_label] if class_label is not None else []
+    ode = DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, device))
+    name = f"bdia({exact.solver.name}, {gamma})"
+    click.echo(
+        f"{_images(len(files))}"
+        f"{'' if class_label is None else f' of class {class_label}'}; {name}, {steps} steps "
+        f"from sigma {sigma_max:g} to {sigma_min:g}; {dtype_name(state_dtype)} state, "
+        "float32 network"
+    )
+    records, worst, squares, entries = [], 0.0, 0.0, 0
+    with _Progress(len(files) * (2 * steps - 1), "invert", "step", not no_progress) as bar:
+        for path in files:
+            x = _read_png(path, device)
+            inversion = Inversion.of(
+                ode,
+                exact,
+                x,
+                ts,
+                state_dtype=state_dtype,
+                progress=False,
+                callback=lambda info: bar.update(),
+            )
+            back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
+            error = back - x.to(state_dtype)  # in the state dtype
+            image_max = float(error.abs().max())
+            image_squares = float(error.double().square().sum())
+            worst, squares = max(worst, image_max), squares + image_squares
+            entries += error.numel()
+            latents = outdir / f"{path.stem}.safetensors"
+            reconstruction = outdir / f"{path.stem}-reconstruction.png"
+            save_latents(
+                latents,
+                inversion.pair,
+                ts,
+                solver=exact.solver.name,
+                gamma=gamma,
+                class_label=class_label,
+                network=network,
+                network_path=network_path,
+                source=path.name,
+            )
+            generate._write_png(reconstruction, generate.to_uint8(back)[0])
+            records.append(
+                {
+                    "source": path.name,
+                    "latents": latents.name,
+                    "reconstruction": reconstruction.name,
+                    "max abs error": image_max,
+                    "rms error": math.sqrt(image_squares / error.numel()),
+                }
+            )
+    rms = math.sqrt(squares / entries)
+    click.echo(
+        f"round trip (exact reconstruction, {dtype_name(state_dtype)} state): "
+        f"max abs error {worst:.3e}, rms error {rms:.3e}"
+    )
+    summary = {
+        "format": "bdia-invert/1",
+        "bdia": __version__,
+        "network": network,
+        "network path": network_path,
+        "solver": exact.solver.name,
+        "gamma": gamma,
+        "steps": steps,
+        "sigma-min": sigma_min,
+        "sigma-max": sigma_max,
+        "rho": rho,
+        "state-dtype": dtype_name(state_dtype),
+        "class": class_label,
+        "grid": [float(t) for t in ts],
+        "max abs error": worst,
+        "rms error": rms,
+        "images": records,
+    }
+    write_atomic(outdir / INVERT_SUMMARY, json.dumps(summary, indent=1) + "\n")
+    click.echo(
+        f"wrote the latents and reconstructions of {_images(len(files))} and {INVERT_SUMMARY} "
+        f"to {outdir}",
+        err=True,
+    )
+
+
+# Options of `bdia sample` that --latents takes from the files (or that do not apply).
+_NOT_WITH_LATENTS = {
+    "solver_name": "--solver",
+    "gamma": "--gamma",
+    "steps": "--steps",
+    "sigma_min": "--sigma-min",
+    "sigma_max": "--sigma-max",
+    "rho": "--rho",
+    "state_dtype": "--state-dtype",
+    "network_dtype": "--dtype",
+    "batch": "--batch",
+}
+
+
+def _sample_latents(
+    latents_path: Path,
+    network_spec: str | None,
+    class_label: int | None,
+    outdir: Path | None,
+    overwrite: bool,
+    device: str | None,
+    no_progress: bool,
+) -> None:
+    """``bdia sample --latents``: each file's reconstruction, or its edit to ``class_label``."""
+    import dataclasses
+
+    from . import generate
+    from .editing import Inversion
+    from .latents import load_latents
+    from .ode import DiffusionODE
+    from .schedules import EDM
+
+    ctx = click.get_current_context()
+    given = {
+        name: opt
+        for name, opt in {"seeds": "--seeds", "grid_path": "--grid", **_NOT_WITH_LATENTS}.items()
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+    }
+    for name in ("seeds", "grid_path"):
+        if name in given:
+            raise click.UsageError(
+                f"--latents and {given[name]} exclude each other: --latents regenerates saved "
+                "latents, one NAME.png per file in --outdir; leave "
+                f"{given[name]} out"
+            )
+    if given:
+        leave = ", ".join(given.values())
+        raise click.UsageError(
+            "--latents takes the grid, solver, gamma and state dtype from each file, and "
+            f"regenerates it on its own with the float32 network: leave {leave} out"
+        )
+    if outdir is None:
+        raise click.UsageError("give --outdir: one NAME.png per latents file goes there")
+
+    # Every file is read and checked before the network is moved or anything is written.
+    files = _files_of(latents_path, ".safetensors", "--latents")
+    checked = []
+    for path in files:
+        try:
+            pair, ts, meta = load_latents(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise click.BadParameter(_one_line(str(err)), param_hint="'--latents'") from None
+        try:
+            solver = bdia(get_solver(meta["solver"]), meta["gamma"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise click.BadParameter(
+                f"{str(path)!r} records solver {meta['solver']!r} with gamma "
+                f"{meta['gamma']!r}, which this bdia cannot run ({_one_line(str(err))})",
+                param_hint="'--latents'",
+            ) from None
+        checked.append((path, tuple(pair.earlier.shape), meta, solver))
+    if network_spec is None:
+        recorded = sorted({meta["network_path"] for _, _, meta, _ in checked})
+        if len(recorded) != 1 or not recorded[0]:
+            raise click.UsageError(
+                "give --network: the latents name "
+                + (f"several networks ({', '.join(recorded)})" if len(recorded) > 1 else "none")
+            )
+        try:
+            net = _load_denoiser(recorded[0])
+        except click.BadParameter as err:
+            raise click.BadParameter(
+                f"the latents were made with {recorded[0]!r}: {err.message}; give --network",
+                param_hint="'--network'",
+            ) from None
+        network_spec = recorded[0]
+    else:
+        net = _load_denoiser(network_spec)
+    _check_class(net, class_label)
+    label_dim = getattr(net, "label_dim", 0)
+    shape = (1, net.img_channels, net.img_resolution, net.img_resolution)
+
+    def ode_of(label: int | None, where: str) -> DiffusionODE:
+        labels = [] if label is None else [label]
+        return DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, where))
+
+    for path, got, meta, _ in checked:
+        recorded_class = meta["class"]
+        fits = (recorded_class is None) == (not label_dim) and (
+            recorded_class is None or 0 <= recorded_class < label_dim
+        )
+        now = ode_of(recorded_class, "cpu").fingerprint() if fits and got == shape else None
+        if now != meta["fingerprint"]:
+            if now is None:
+                why = (
+                    f"it holds {got} states of class {recorded_class}; {network_spec!r} takes "
+                    f"{shape} and {label_dim or 'no'} classes"
+                )
+            else:
+                why = f"ODE fingerprint {meta['fingerprint']} in the file, {now} with this network"
+            recorded = meta["network_path"] or "an unrecorded network"
+            raise click.BadParameter(
+                f"{str(path)!r} was made with another network, {recorded} "
+                f"({meta['network'][:19]}...), not {network_spec!r} ({why}); give the "
+                "--network it was inverted with",
+                param_hint="'--latents'",
+            )
+    targets = [outdir / f"{path.stem}.png" for path, *_ in checked]
+    if outdir.is_dir():
+        _refuse_existing(outdir, targets, overwrite, "images of these latents")
+
+    device = _default_device(device)
+    net = net.to(device)
+    edits = 0
+    with _Progress(len(checked), "images", "img", not no_progress) as bar:
+        for (path, _, meta, solver), target in zip(checked, targets):
+            pair, ts, _ = load_latents(path)
+            pair = dataclasses.replace(
+                pair,
+                **{
+                    field: getattr(pair, field).to(device)
+                    for field in ("earlier", "later", "earlier_low", "later_low")
+                    if getattr(pair, field) is not None
+                },
+            )
+            recorded_class = meta["class"]
+            inversion = Inversion(ode_of(recorded_class, device), solver, ts, pair)
+            if class_label is None or class_label == recorded_class:
+                image = inversion.reconstruct(progress=False)
+            else:
+                # An edit starts afresh from the inverted noise: continuing the pair under
+                # another label would carry its parasitic mode (see bdia.editing).
+                image = inversion.regenerate(ode_of(class_label, device), progress=False)
+                edits += 1
+            generate._write_png(target, generate.to_uint8(image)[0])
+            bar.update()
+    what = f"{len(checked) - edits} reconstructed"
+    if edits:
+        what += f", {edits} edited to class {class_label}"
+    click.echo(f"{_images(len(checked))} in {outdir} ({what})", err=True)
 
 
 def _write_sample_grid(

@@ -1,0 +1,161 @@
+"""Saved latents: a BDIA pair in a safetensors file, with what is needed to come back.
+
+One file holds one ``StatePair`` exactly, low words included, so that sampling from the
+loaded pair under the ODE that made it returns the data bit for bit as from the pair in
+memory. ``bdia invert --images`` writes one file per image; ``bdia sample --latents`` reads
+them back.
+
+The file's tensors:
+
+- ``earlier``, ``later``: the pair's states at ``ts[0]`` and ``ts[1]``, shape ``(batch, ...)``
+  (``(1, C, H, W)`` from the command line), the state dtype (float64 or float32);
+- ``earlier_low``, ``later_low``: the low words, same shape and dtype, only when not None;
+- ``ts``: the grid, float64 of shape ``(steps + 1,)``, noisiest first.
+
+Its string metadata (all values are strings): ``format`` (``"bdia-latents/1"``),
+``fingerprint`` (``ode.fingerprint()`` of the ODE that made the pair), ``solver`` (the base
+solver's name), ``gamma`` (a number such as ``"0.96"`` or a named schedule such as
+``"obelm"``), ``class`` (an integer, or ``"none"`` for an unconditional network), ``network``
+(as a run record names it: ``"sha256:..."`` or ``"random:NAME"``), ``network_path`` (the
+network as it was given: a shipped name or a file's absolute path) and ``source`` (the file
+name of the inverted image).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._files import replace_atomic
+from .sampling import StatePair
+
+__all__ = ["LATENTS_FORMAT", "save_latents", "load_latents"]
+
+#: The format tag in the metadata of every latents file.
+LATENTS_FORMAT = "bdia-latents/1"
+
+_TEXT_KEYS = ("solver", "network", "network_path", "source")
+_STATE_DTYPES = (torch.float64, torch.float32)
+
+
+def save_latents(
+    path: str | os.PathLike[str],
+    pair: StatePair,
+    ts: Tensor,
+    *,
+    solver: str,
+    gamma: float | str,
+    class_label: int | None,
+    network: str,
+    network_path: str = "",
+    source: str = "",
+) -> Path:
+    """Write ``pair`` and the grid ``ts`` to ``path`` (a ``.safetensors`` file), atomically.
+
+    Args:
+        pair: the pair at ``ts[0]``, ``ts[1]`` that ``invert`` or ``Inversion.of`` returns;
+            its ``fingerprint`` must be set.
+        ts: the grid the pair was made on (stored as float64, shape ``(steps + 1,)``).
+        solver: the base solver's name.
+        gamma: bdia's gamma (a number or a schedule name).
+        class_label: the class the data were inverted under, or None.
+        network: the network's identity (``"sha256:..."``).
+        network_path: where the network was loaded from.
+        source: the name of the inverted image.
+
+    Raises:
+        ValueError: if the pair has no fingerprint or its tensors do not match.
+    """
+    from safetensors.torch import save_file
+
+    if pair.fingerprint is None:
+        raise ValueError("the pair has no fingerprint; save the pair that invert returns")
+    tensors = {"earlier": pair.earlier, "later": pair.later}
+    if pair.earlier_low is not None:
+        tensors["earlier_low"] = pair.earlier_low
+    if pair.later_low is not None:
+        tensors["later_low"] = pair.later_low
+    for name, t in tensors.items():
+        if t.shape != pair.earlier.shape or t.dtype != pair.earlier.dtype:
+            raise ValueError(f"pair.{name} does not match pair.earlier in shape and dtype")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    tensors["ts"] = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().contiguous().clone()
+    metadata = {
+        "format": LATENTS_FORMAT,
+        "fingerprint": pair.fingerprint,
+        "solver": solver,
+        "gamma": str(gamma),
+        "class": "none" if class_label is None else str(int(class_label)),
+        "network": network,
+        "network_path": network_path,
+        "source": source,
+    }
+    return replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[str, Any]]:
+    """Read a latents file: ``(pair, ts, metadata)``, all on the CPU.
+
+    ``pair`` is the saved ``StatePair`` (its fingerprint from the metadata), ``ts`` the
+    float64 grid of shape ``(steps + 1,)``, ``metadata`` a dict with ``fingerprint``,
+    ``solver``, ``network``, ``network_path``, ``source`` (strings), ``gamma`` (a float, or
+    a schedule's name) and ``class`` (an int or None).
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        ValueError: in one line naming the file, if it is not a bdia latents file or its
+            contents do not fit together.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no latents file at {path}")
+    expected = f"expected a {LATENTS_FORMAT} file as bdia invert --images writes"
+
+    def refuse(problem: str) -> ValueError:
+        return ValueError(f"{path} is not bdia latents: {problem}; {expected}")
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            if meta.get("format") != LATENTS_FORMAT:
+                raise refuse(f"format tag {meta.get('format')!r}")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        raise refuse(f"not a safetensors file ({' '.join(str(err).split())})") from None
+    missing = [k for k in ("fingerprint", "gamma", "class", *_TEXT_KEYS) if k not in meta]
+    missing += [k for k in ("earlier", "later", "ts") if k not in tensors]
+    if missing:
+        raise refuse(f"it lacks {', '.join(missing)}")
+    earlier, ts = tensors["earlier"], tensors["ts"]
+    if earlier.dtype not in _STATE_DTYPES or earlier.ndim < 1:
+        raise refuse(f"the state is {earlier.dtype} of shape {tuple(earlier.shape)}")
+    for name in ("later", "earlier_low", "later_low"):
+        t = tensors.get(name)
+        if t is not None and (t.shape != earlier.shape or t.dtype != earlier.dtype):
+            raise refuse(f"{name} does not match earlier in shape and dtype")
+    if ts.dtype != torch.float64 or ts.ndim != 1 or len(ts) < 2:
+        raise refuse(f"the grid ts is {ts.dtype} of shape {tuple(ts.shape)}")
+    try:
+        gamma: float | str = float(meta["gamma"])
+    except ValueError:
+        gamma = meta["gamma"]
+    try:
+        label = None if meta["class"] == "none" else int(meta["class"])
+    except ValueError:
+        raise refuse(f"class {meta['class']!r}") from None
+    pair = StatePair(
+        earlier,
+        tensors["later"],
+        tensors.get("earlier_low"),
+        tensors.get("later_low"),
+        meta["fingerprint"],
+    )
+    info: dict[str, Any] = {k: meta[k] for k in ("fingerprint", *_TEXT_KEYS)}
+    info.update(gamma=gamma, **{"class": label})
+    return pair, ts, info
