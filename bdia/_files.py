@@ -12,8 +12,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["file_sha256", "give_default_mode", "replace_atomic", "write_atomic"]
+__all__ = ["file_sha256", "give_default_mode", "replace_atomic", "write_atomic", "write_png"]
 
 
 def give_default_mode(path: str | os.PathLike[str]) -> None:
@@ -60,3 +61,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_png(path: str | os.PathLike[str], image: Any) -> Path:
+    """Write ``image`` (a uint8 array of shape ``(H, W)`` or ``(H, W, 3)``) as a PNG file."""
+    from PIL import Image
+
+    return replace_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))

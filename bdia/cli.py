@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import compare as cmp
-from ._files import write_atomic
+from ._files import write_atomic, write_png
 from .ode import DTYPE_NAMES
 from .solvers import available_solvers, bdia, get_solver
 
@@ -1268,7 +1268,7 @@ def _invert_images(
                 network_path=network_path,
                 source=path.name,
             )
-            generate._write_png(reconstruction, generate.to_uint8(back)[0])
+            write_png(reconstruction, generate.to_uint8(back)[0])
             records.append(
                 {
                     "source": path.name,
@@ -1453,7 +1453,7 @@ def _sample_latents(
                 # another label would carry its parasitic mode (see bdia.editing).
                 image = inversion.regenerate(ode_of(class_label, device), progress=False)
                 edits += 1
-            generate._write_png(target, generate.to_uint8(image)[0])
+            write_png(target, generate.to_uint8(image)[0])
             bar.update()
     what = f"{len(checked) - edits} reconstructed"
     if edits:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._files import replace_atomic, write_atomic
+from ._files import write_atomic, write_png
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
@@ -153,12 +153,6 @@ def random_network(name: str, seed: int = 0) -> torch.nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    replace_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-
 def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(items), size):
         yield list(items[i : i + size])
@@ -277,7 +271,7 @@ def grid_image(
 def write_grid(path: str | os.PathLike[str], canvas: Any) -> Path:
     """Save a PIL image as PNG through a temporary file and a rename."""
     path = Path(path)
-    _write_png(path, np.asarray(canvas))
+    write_png(path, np.asarray(canvas))
     return path
 
 
@@ -430,7 +424,7 @@ def generate_images(
         )
         for seed, image in zip(group, to_uint8(images)):
             path = image_path(outdir, seed)
-            _write_png(path, image)
+            write_png(path, image)
             written.append(path)
         if on_batch is not None:
             on_batch(len(group))
