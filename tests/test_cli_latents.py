@@ -22,7 +22,8 @@ from bdia.latents import LATENTS_FORMAT, load_latents, save_latents
 from bdia.models import digits
 from bdia.models.checkpoints import load_network, save_network, shipped_network_path
 
-SOURCE_CLASS, EDIT_CLASS, COUNT = 3, 5, 10
+# Six digits over 20 steps: every check below holds as it does for more, at a third of the cost.
+SOURCE_CLASS, EDIT_CLASS, COUNT, STEPS = 3, 5, 6, 20
 NAMES = [f"digit{i}" for i in range(COUNT)]
 
 
@@ -39,7 +40,7 @@ def pixels(path):
 
 @pytest.fixture(scope="module")
 def pngs(tmp_path_factory):
-    """Ten held-out digits of one class as 8x8 grey PNGs."""
+    """COUNT held-out digits of one class as 8x8 grey PNGs."""
     split = digits.load_digits_split()
     picks = (split.held_out_labels == SOURCE_CLASS).nonzero()[:COUNT, 0]
     folder = tmp_path_factory.mktemp("pngs")
@@ -50,9 +51,11 @@ def pngs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inverted(pngs, tmp_path_factory):
-    """``bdia invert --images`` of the ten PNGs: (outdir, the run's result)."""
+    """``bdia invert --images`` of the PNGs: (outdir, the run's result)."""
     out = tmp_path_factory.mktemp("inverted") / "latents"
-    result = invoke("invert", "--images", pngs, "--class", SOURCE_CLASS, "--outdir", out)
+    result = invoke(
+        "invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS, "--outdir", out
+    )
     return out, result
 
 
@@ -62,7 +65,7 @@ def test_invert_writes_latents_reconstructions_and_a_summary(pngs, inverted):
     expected += [f"{n}.safetensors" for n in NAMES] + [f"{n}-reconstruction.png" for n in NAMES]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)  # no temporary files
     summary = json.loads((out / "bdia-invert.json").read_text())
-    # Exact inversion: float64 state, bdia(euler, 0.96), 35 steps.
+    # Exact inversion: float64 state, bdia(euler, 0.96), STEPS steps.
     assert summary["max abs error"] < 1e-12 and summary["rms error"] < 1e-12
     assert summary["class"] == SOURCE_CLASS and summary["network path"] == "digits"
     assert [r["source"] for r in summary["images"]] == [f"{n}.png" for n in NAMES]
@@ -77,7 +80,7 @@ def test_latents_hold_the_pair_of_the_in_process_inversion_bit_for_bit(pngs, inv
     net = load_network("digits")
     ode = bdia.DiffusionODE(net, bdia.EDM(), cond={"class_labels": torch.eye(10)[[SOURCE_CLASS]]})
     solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
-    grid = bdia.karras_grid(35, final_zero=False)
+    grid = bdia.karras_grid(STEPS, final_zero=False)
     for name in NAMES[:3]:
         data = torch.from_numpy(pixels(pngs / f"{name}.png")).double()[None, None] / 127.5 - 1
         expected = bdia.Inversion.of(ode, solver, data, grid, state_dtype=torch.float64).pair
@@ -98,7 +101,7 @@ def test_sample_from_latents_under_their_class_reproduces_the_images(pngs, inver
     out, _ = inverted
     back = tmp_path / "back"
     result = invoke("sample", "--latents", out, "--outdir", back)
-    assert "10 reconstructed" in result.stderr
+    assert f"{COUNT} reconstructed" in result.stderr
     assert sorted(p.name for p in back.iterdir()) == sorted(f"{n}.png" for n in NAMES)
     for name in NAMES:
         assert np.array_equal(pixels(back / f"{name}.png"), pixels(pngs / f"{name}.png"))
@@ -113,15 +116,15 @@ def test_sample_from_latents_under_another_class_edits(inverted, tmp_path):
     out, _ = inverted
     edits = tmp_path / "edits"
     result = invoke("sample", "--latents", out, "--class", EDIT_CLASS, "--outdir", edits)
-    assert f"10 edited to class {EDIT_CLASS}" in result.stderr
+    assert f"{COUNT} edited to class {EDIT_CLASS}" in result.stderr
     images = np.stack([pixels(edits / f"{n}.png") for n in NAMES])
     read = digits.predict(
         load_network("digits-classifier"), torch.from_numpy(images)[:, None] / 127.5 - 1
     )
-    # bdia.editing measured 99.2% of 360 held-out digits read as the new class with this rule
-    # (continuing the pair instead: 0%). 8 of 10 leaves room for two digits that platform
-    # rounding might tip, and still tells an edit from a failed one.
-    assert int((read == EDIT_CLASS).sum()) >= 8, read.tolist()
+    # benchmarks/editing.py measured 99.2% of 360 held-out digits read as the new class with
+    # this rule at 20 steps (continuing the pair instead: 75%, in values far outside [-1, 1]).
+    # All but one of COUNT leaves room for a digit that platform rounding might tip.
+    assert int((read == EDIT_CLASS).sum()) >= COUNT - 1, read.tolist()
 
 
 def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
