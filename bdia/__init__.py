@@ -2,7 +2,7 @@
 
 from .editing import EDIT_RULES, Inversion, edit
 from .ode import ODE, DiffusionODE, Evaluation
-from .sampling import PairMismatchWarning, StatePair, invert, odeint, sample
+from .sampling import PairMismatchWarning, ParasiticWarning, StatePair, invert, odeint, sample
 from .schedules import (
     EDM,
     Schedule,
@@ -18,7 +18,9 @@ from .solvers import (
     BidirectionalWrapper,
     ButcherTableau,
     ExplicitRungeKutta,
+    SingleStepSolver,
     Solver,
+    SolverState,
     available_solvers,
     bdia,
     get_solver,
@@ -34,6 +36,7 @@ __all__ = [
     "Evaluation",
     "StatePair",
     "PairMismatchWarning",
+    "ParasiticWarning",
     "sample",
     "invert",
     "Inversion",
@@ -50,6 +53,8 @@ __all__ = [
     "uniform_t_grid",
     "quadratic_t_grid",
     "Solver",
+    "SingleStepSolver",
+    "SolverState",
     "ButcherTableau",
     "ExplicitRungeKutta",
     "BidirectionalWrapper",

@@ -26,8 +26,9 @@ from torch import Tensor
 from .ode import DiffusionODE
 from .sampling import StatePair, invert, sample
 from .schedules import EDM
-from .solvers.base import Solver, get_solver
-from .solvers.bidirectional import GammaSpec, bdia
+from .solvers.base import Solver
+from .solvers.bidirectional import GammaSpec
+from .solvers.registry import bdia, get_solver
 
 __all__ = ["sample_bdia", "invert_bdia", "DEFAULT_GAMMA"]
 

@@ -204,22 +204,27 @@ def inversion_study(args, net, split, cache: Cache, log) -> list[dict]:
 
 @torch.no_grad()
 def single_word_round_trip(net, base, gamma, ts, images, labels, dtype):
-    """The textbook BDIA update and its inverse on plain states, without the low words."""
+    """The textbook BDIA update and its inverse on plain states, without the low words:
+    x_{k+1} = gamma (x_{k-1} - Phi(x_k; t_k -> t_{k-1})) + Phi(x_k; t_k -> t_{k+1})."""
     solver = bdia.bdia(bdia.get_solver(base), gamma)
+    phi = solver.solver.flow
     ode = bdia.DiffusionODE(net, bdia.EDM(), cond={"class_labels": torch.eye(10)[labels]})
     grid = [float(t) for t in ts]
     gammas = solver.gammas(ode, grid)
     n = len(grid) - 1
+
+    def both(k, x):
+        first = ode.evaluate(grid[k], x)
+        return phi(ode, grid[k], grid[k + 1], x, first), phi(ode, grid[k], grid[k - 1], x, first)
+
     x_next = images.to(dtype)
-    x = solver.solver.step(ode, grid[n], grid[n - 1], x_next)
+    x = phi(ode, grid[n], grid[n - 1], x_next)
     for k in range(n - 1, 0, -1):
-        x_prev = solver.unstep(ode, grid[k - 1], grid[k], grid[k + 1], x, x_next, gammas[k - 1])
-        x, x_next = x_prev, x
+        forward, backward = both(k, x)
+        x, x_next = (x_next - forward) / gammas[k - 1] + backward, x
     for k in range(1, n):
-        x, x_next = (
-            x_next,
-            solver.step(ode, grid[k - 1], grid[k], grid[k + 1], x, x_next, gammas[k - 1]),
-        )
+        forward, backward = both(k, x_next)
+        x, x_next = x_next, gammas[k - 1] * (x - backward) + forward
     return x_next
 
 

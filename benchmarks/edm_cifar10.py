@@ -36,26 +36,6 @@ NFES = (10, 20, 35, 50)
 SMOKE_DIMS = 4
 
 
-class StandInDetector(torch.nn.Module):
-    """Same call contract as NVIDIA's inception-2015-12-05.pt: uint8 NCHW -> (N, 2048)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 4 * 4, 2048, generator=g))
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise RuntimeError("expected uint8 input")
-        if x.shape[1] != 3:
-            raise RuntimeError("expected 3 channels")
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32), (4, 4))
-        feats = pooled.flatten(1) @ self.proj
-        if return_features:
-            return feats
-        return feats[:, :1008]
-
-
 def _solver(base: str, gamma: float | None):
     return get_solver(base) if gamma is None else bdia(base, gamma)
 
@@ -128,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.write_standin_detector:
-        torch.jit.save(torch.jit.script(StandInDetector()), args.write_standin_detector)
+        torch.jit.save(torch.jit.script(fid.StandInDetector()), args.write_standin_detector)
         print(f"wrote {args.write_standin_detector}")
         return 0
     if not args.outdir and not args.smoke:
@@ -147,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         # Without --outdir the smoke images live and die with the temporary folder.
         outdir = Path(args.outdir) if args.outdir else Path(tmpdir.name) / "images"
         det_path = Path(tmpdir.name) / "standin-detector.pt"
-        torch.jit.save(torch.jit.script(StandInDetector()), str(det_path))
+        torch.jit.save(torch.jit.script(fid.StandInDetector()), str(det_path))
         detector = fid.load_detector(det_path, device)
         ref = None  # from the first row's images
         table_path = Path(args.table) if args.table else None

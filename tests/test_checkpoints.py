@@ -285,3 +285,103 @@ def test_convert_reports_bad_input(tmp_path):
         from bdia.models.checkpoints import load_network
 
         load_network(corrupt)
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+def test_networks_record_their_own_constructor_arguments():
+    from bdia.models import EDMPrecond, VEPrecond
+    from bdia.models.digits import DigitClassifier
+
+    net = EDMPrecond(16, 3, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1)
+    # Positional arguments under their names, in call order, then the keywords as given.
+    assert net.config == {
+        "class_name": "EDMPrecond",
+        "init_kwargs": dict(
+            img_resolution=16,
+            img_channels=3,
+            label_dim=10,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+        ),
+    }
+    assert list(net.config["init_kwargs"])[:2] == ["img_resolution", "img_channels"]
+    assert DigitClassifier().config == {"class_name": "DigitClassifier", "init_kwargs": {}}
+    assert DigitClassifier(width=8).config["init_kwargs"] == {"width": 8}
+    # The record is a copy: changing the caller's list afterwards does not change it.
+    mult = [1, 2]
+    ve = VEPrecond(8, 1, model_channels=16, channel_mult=mult, num_blocks=1)
+    mult.append(4)
+    assert ve.config["init_kwargs"]["channel_mult"] == [1, 2]
+
+
+def test_only_registered_classes_are_built():
+    from bdia.models import registry
+    from bdia.models.checkpoints import build_network
+
+    assert {"EDMPrecond", "VPPrecond", "VEPrecond", "DigitClassifier"} <= set(
+        registry.registered_networks()
+    )
+    # Names of importable things are not looked up: no import, no attribute access.
+    for name in ("SongUNet", "os.system", "builtins.eval", "torch.nn.Linear", "_Precond"):
+        with pytest.raises(ValueError, match=f"unknown network class '{name}'; supported: "):
+            build_network(name, {})
+    with pytest.raises(ValueError, match="unknown network class"):
+        build_network(["EDMPrecond"], {})  # an unhashable name from a JSON file
+    # Recorded kwargs must be data: a callable (here a class a pickle may name) is refused.
+    kwargs = dict(img_resolution=8, img_channels=1, model_type=collections.OrderedDict)
+    with pytest.raises(ValueError, match="recorded argument is a type, not data"):
+        build_network("EDMPrecond", kwargs)
+    with pytest.raises(ValueError, match="cannot build DigitClassifier from the recorded kwargs"):
+        build_network("DigitClassifier", {"depth": 3})
+
+
+def test_a_registered_class_of_the_users_saves_and_loads(tmp_path, monkeypatch):
+    from bdia.models import register_network, registry
+    from bdia.models.checkpoints import load_network, save_network
+
+    monkeypatch.setattr(registry, "_NETWORKS", dict(registry._NETWORKS))
+
+    @register_network(name="TinyLinear")
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int, bias: bool = True) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(width, width, bias=bias)
+
+    class Unregistered(Tiny):
+        pass
+
+    net = Tiny(3, bias=False)
+    assert net.config == {"class_name": "TinyLinear", "init_kwargs": {"width": 3, "bias": False}}
+    save_network(net, tmp_path / "tiny.safetensors")
+    loaded = load_network(tmp_path / "tiny.safetensors")
+    assert type(loaded) is Tiny and loaded.config == net.config
+    assert torch.equal(loaded.lin.weight, net.lin.weight)
+    # A subclass that is not registered records nothing, so it cannot be saved as its base.
+    with pytest.raises(ValueError, match=r"\(Unregistered\) has no \.config"):
+        save_network(Unregistered(3), tmp_path / "sub.safetensors")
+    with pytest.raises(ValueError, match="'TinyLinear' is taken"):
+        register_network(name="TinyLinear")(Unregistered)
+    with pytest.raises(TypeError, match="takes \\*args"):
+
+        @register_network
+        class Varargs(torch.nn.Module):
+            def __init__(self, *sizes: int) -> None:
+                super().__init__()
+
+
+def test_a_network_with_a_model_class_cannot_be_saved(tmp_path):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import save_network
+
+    class Inner(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+
+    net = EDMPrecond(8, 1, model_type=Inner)
+    assert net.config["init_kwargs"]["model_type"] is Inner
+    with pytest.raises(ValueError, match="recorded kwargs of EDMPrecond are not JSON data"):
+        save_network(net, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -40,10 +40,10 @@ def fails_in_one_line(args, folder, *words, status=None):
 @pytest.fixture
 def detector(tmp_path):
     """A TorchScript stand-in with the Inception detector's call contract."""
-    from test_fid import _StandInDetector
+    from bdia.metrics.fid import StandInDetector
 
     path = tmp_path / "inception.pt"
-    torch.jit.save(torch.jit.script(_StandInDetector()), str(path))
+    torch.jit.save(torch.jit.script(StandInDetector()), str(path))
     return path
 
 

@@ -1,7 +1,7 @@
 """BDIAScheduler / BDIAInverseScheduler: diffusers pipelines give bdia.sample's numbers.
 
 A tiny randomly initialised UNet2DModel in float32. The scheduler replays each model output
-through the ODE that from_diffusers builds and takes BidirectionalWrapper.step_compensated, so
+through the ODE that from_diffusers builds and takes BidirectionalWrapper.step, so
 a pipeline run and bdia.sample make the same float operations on the same inputs: the tests
 ask for bitwise equality (measured difference 0), and the inverse returns the pipeline's
 starting noise exactly (measured 0; two-word states).
@@ -372,7 +372,7 @@ def test_step_output_forms(unet):
     b = twin.step(torch.cat([out, torch.randn_like(out)], dim=1), t, x, return_dict=False)
     assert isinstance(b, tuple) and torch.equal(a.prev_sample, b[0])
     assert torch.equal(a.pred_original_sample, b[1])
-    assert a.prev_sample is not sched._x
+    assert a.prev_sample is not sched._state.x
 
 
 # ------------------------------------------------------------------ refusals

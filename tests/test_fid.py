@@ -11,6 +11,7 @@ import torch
 from bdia.metrics.fid import (
     FeatureStatistics,
     FIDSampleSizeWarning,
+    StandInDetector,
     _load_batch,
     extract_features,
     frechet_distance,
@@ -126,34 +127,10 @@ def test_reference_missing_key(tmp_path):
     assert str(path) in str(info.value)
 
 
-class _StandInDetector(torch.nn.Module):
-    """Same call contract as NVIDIA's inception-2015-12-05.pt: uint8 NCHW -> (N, features).
-
-    The real detector gives 2048 features; fewer keep the matrix square roots of the FID
-    cheap in tests that do not depend on the dimension.
-    """
-
-    def __init__(self, features: int = 2048):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 4 * 4, features, generator=g))
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise RuntimeError("expected uint8 input")
-        if x.shape[1] != 3:
-            raise RuntimeError("expected 3 channels")
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32), (4, 4))
-        feats = pooled.flatten(1) @ self.proj
-        if return_features:
-            return feats
-        return feats[:, :1008]
-
-
 @pytest.fixture
 def detector_file(tmp_path):
     path = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.save(torch.jit.script(_StandInDetector()), str(path))
+    torch.jit.save(torch.jit.script(StandInDetector()), str(path))
     return path
 
 
@@ -165,7 +142,7 @@ def test_extract_features_with_standin_detector(detector_file):
     assert feats.shape == (5, 2048)
     assert feats.dtype == torch.float64
     # Same scripted computation on the same input: identical up to float32 reproducibility.
-    expected = _StandInDetector()(imgs, return_features=True).double()
+    expected = StandInDetector()(imgs, return_features=True).double()
     torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-3)
 
     gray = imgs[:, :1]
@@ -323,7 +300,7 @@ def _image_folder(tmp_path, n=3, size=(8, 8)):
     return folder
 
 
-class _CountingDetector(_StandInDetector):
+class _CountingDetector(StandInDetector):
     def __init__(self):
         super().__init__()
         self.calls = 0
@@ -373,6 +350,6 @@ def test_readable_folder_still_gives_its_statistics(tmp_path):
     folder = _image_folder(tmp_path, n=3)
     batches = []
     with pytest.warns(FIDSampleSizeWarning):  # 3 images, 2048 features
-        stats = image_statistics(_StandInDetector(), folder, batch=2, on_batch=batches.append)
+        stats = image_statistics(StandInDetector(), folder, batch=2, on_batch=batches.append)
         assert stats.n == 3 and stats.sigma.shape == (2048, 2048)
     assert batches == [2, 1]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from test_fid import _fid_numpy, _StandInDetector
+from test_fid import _fid_numpy
 
 from bdia.cli import main
+from bdia.metrics.fid import StandInDetector
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def detector(tmp_path):
     # 64 features instead of 2048: the pipeline does not depend on the dimension, and the
     # 2048x2048 matrix square roots would dominate the suite's time.
     path = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.save(torch.jit.script(_StandInDetector(features=64)), str(path))
+    torch.jit.save(torch.jit.script(StandInDetector(features=64)), str(path))
     return path
 
 
@@ -67,7 +68,7 @@ def test_sample_then_fid_matches_direct_computation(tmp_path, detector):
     def features(folder):
         imgs = np.stack([np.asarray(Image.open(f)) for f in sorted(folder.rglob("*.png"))])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
-        return _StandInDetector(features=64)(x, return_features=True).double().numpy()
+        return StandInDetector(features=64)(x, return_features=True).double().numpy()
 
     a, b = features(out), features(flipped)
     expected = _fid_numpy(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))

@@ -30,7 +30,7 @@ def test_first_order_solvers_agree_step_for_step_in_edm(t, t_next):
     ode = MIXTURE.ode(bdia.EDM())
     x = (t + 0.5) * X
     steps = {
-        n: bdia.get_solver(n).step(ode, t, t_next, x)
+        n: bdia.get_solver(n).flow(ode, t, t_next, x)
         for n in ["ddim", "euler", "dpm_solver_1", "dpm_solver_pp_1"]
     }
     for name, value in steps.items():

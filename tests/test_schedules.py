@@ -250,7 +250,10 @@ def test_trajectory_callback_and_odeint():
     traj = bdia.sample(ode, bdia.bdia("heun", 0.9), x, ts, trajectory=True, callback=calls.append)
     assert traj.shape == (7, 5, 2) and torch.equal(traj[0], x)
     assert [c["i"] for c in calls] == list(range(6))
-    assert set(calls[0]) == {"i", "t", "t_next", "x", "x_next", "denoised"}
+    assert set(calls[0]) == {"i", "t", "t_next", "x", "x_next", "denoised", "parasitic"}
+    # BDIA's first step is a plain base step; from the second on it reports its parasitic part.
+    assert calls[0]["parasitic"] is None
+    assert calls[1]["parasitic"].ndim == 0 and 0 <= float(calls[1]["parasitic"]) < 1
     for c, k in zip(calls, range(6)):
         assert c["t"] == float(ts[k]) and c["t_next"] == float(ts[k + 1])
         assert torch.equal(c["x_next"], traj[k + 1])

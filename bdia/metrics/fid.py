@@ -36,6 +36,7 @@ __all__ = [
     "load_detector",
     "extract_features",
     "DETECTOR_FILENAME",
+    "StandInDetector",
 ]
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -276,6 +277,39 @@ def load_detector(
         ) from None
     net.eval()
     return net
+
+
+class StandInDetector(torch.nn.Module):
+    """A stand-in for NVIDIA's Inception detector, for tests and smoke runs; not a metric.
+
+    It has the detector's call contract: ``detector(images, return_features=True)`` takes
+    uint8 NCHW images with 3 channels and returns float32 features ``(N, features)``
+    (without ``return_features``, the first 1008 columns, where the real detector gives
+    logits). The features are the images average-pooled to 4x4 and multiplied by a fixed
+    random matrix (seed 0), so the same input always gives the same features. It can be
+    scripted and saved (``torch.jit.save(torch.jit.script(StandInDetector()), path)``) for
+    ``load_detector``. FID values computed with it mean nothing.
+
+    Args:
+        features: feature dimension; 2048 as the real detector by default. Fewer keep the
+            matrix square roots of the FID cheap where the dimension does not matter.
+    """
+
+    def __init__(self, features: int = 2048) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, features, generator=g))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            raise RuntimeError("expected uint8 input")
+        if x.shape[1] != 3:
+            raise RuntimeError("expected 3 channels")
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32), (4, 4))
+        feats = pooled.flatten(1) @ self.proj
+        if return_features:
+            return feats
+        return feats[:, :1008]
 
 
 @torch.no_grad()

@@ -1,6 +1,18 @@
-"""Models: analytic toy problems (``bdia.models.toy``) and EDM's networks (``networks``)."""
+"""Models: analytic toy problems (``bdia.models.toy``) and EDM's networks (``networks``).
+
+Network classes that files may name are registered with ``registry.register_network``.
+"""
 
 from . import networks, toy
 from .networks import EDMPrecond, SongUNet, VEPrecond, VPPrecond
+from .registry import register_network
 
-__all__ = ["toy", "networks", "SongUNet", "EDMPrecond", "VPPrecond", "VEPrecond"]
+__all__ = [
+    "toy",
+    "networks",
+    "SongUNet",
+    "EDMPrecond",
+    "VPPrecond",
+    "VEPrecond",
+    "register_network",
+]

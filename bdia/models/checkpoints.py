@@ -30,6 +30,10 @@ from torch import Tensor
 
 from .._files import replace_atomic
 
+# Imported for their side effect: they register the built-in network classes.
+from . import digits, networks  # noqa: F401
+from .registry import network_class
+
 __all__ = [
     "build_network",
     "load_edm_pickle",
@@ -220,43 +224,48 @@ def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> 
     return out
 
 
-_PRECONDITIONERS = ("EDMPrecond", "VPPrecond", "VEPrecond")
-_MODEL_TYPES = ("SongUNet",)
-_CLASSIFIERS = ("DigitClassifier",)
+#: What recorded constructor arguments may hold: JSON's values (tuples and numpy scalars, as
+#: EDM's pickles have them, too).
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain_data(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars as Python numbers; a ValueError for anything but data."""
+    if isinstance(value, np.generic) and not isinstance(value, np.object_):
+        return value.item()
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain_data(v, where) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {_plain_data(k, where): _plain_data(v, where) for k, v in value.items()}
+    raise ValueError(
+        f"{where}: a recorded argument is a {type(value).__name__}, not data; only numbers, "
+        "strings, lists and dicts can be recorded"
+    )
 
 
 def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Module:
-    """A freshly initialised preconditioned network from its class name and kwargs.
+    """A freshly initialised network of a registered class from its recorded kwargs.
+
+    The class is looked up by name in ``bdia.models.registry`` (the classes of
+    ``bdia.models.networks`` and ``bdia.models.digits`` are registered); nothing is imported
+    by name. The kwargs must be plain data. The network records them as ``.config``.
 
     Raises:
-        ValueError: for a class or ``model_type`` this library does not implement, or kwargs
-            the constructor does not accept.
+        ValueError: for a class that is not registered, an architecture (``model_type``)
+            this library does not implement, kwargs that are not plain data, or kwargs the
+            constructor does not accept.
     """
-    from . import digits, networks
-
-    if class_name in _CLASSIFIERS:
-        return _construct(digits, class_name, init_kwargs)
-    if class_name not in _PRECONDITIONERS:
-        raise ValueError(
-            f"unknown network class {class_name!r}; "
-            f"supported: {', '.join(_PRECONDITIONERS + _CLASSIFIERS)}"
-        )
-    model_type = init_kwargs.get("model_type", "SongUNet")
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(
-            f"unknown architecture model_type={model_type!r}; supported: {', '.join(_MODEL_TYPES)}"
-        )
-    return _construct(networks, class_name, init_kwargs)
-
-
-def _construct(module: Any, class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Module:
-    """``module.class_name(**init_kwargs)`` with its ``.config`` attached."""
+    cls = network_class(class_name)
+    if not isinstance(init_kwargs, dict):
+        raise ValueError(f"{class_name}: recorded kwargs are a {type(init_kwargs).__name__}")
+    kwargs = _plain_data(init_kwargs, f"the recorded kwargs of {class_name}")
     try:
-        net = getattr(module, class_name)(**init_kwargs)
+        return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
-    net.config = {"class_name": class_name, "init_kwargs": dict(init_kwargs)}
-    return net
 
 
 def load_state_strict(net: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -284,10 +293,7 @@ def network_from_records(record: PersistentRecord) -> torch.nn.Module:
         raise ValueError(f"unknown network class {type(record).__name__!r}")
     if record.init_args:
         raise ValueError(f"{record.class_name} was recorded with positional arguments")
-    kwargs = {
-        k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.init_kwargs.items()
-    }
-    net = build_network(record.class_name, kwargs)
+    net = build_network(record.class_name, record.init_kwargs)
     load_state_strict(net, state_dict_of(record), f"the {record.class_name} record")
     return net.eval().requires_grad_(False)
 
@@ -315,20 +321,32 @@ def save_network(
 ) -> None:
     """Write ``net`` as safetensors with its JSON config in the file's metadata, atomically.
 
-    The config (``{"class_name", "init_kwargs"}``) is the one ``build_network`` and the
-    loaders attach as ``net.config``; ``metadata`` adds string entries of the caller's
-    (``read_metadata`` gives them back).
+    The config (``{"class_name", "init_kwargs"}``) is ``net.config``, which every instance of
+    a registered class (``bdia.models.registry.register_network``) records when it is built;
+    ``metadata`` adds string entries of the caller's (``read_metadata`` gives them back).
+
+    Raises:
+        ValueError: the network has no config (its class is not registered), or its recorded
+            arguments are not JSON data (e.g. a ``model_type`` given as a class).
     """
     from safetensors.torch import save_file
 
     config = getattr(net, "config", None)
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(
-            "the network has no .config; build it with build_network() or a loader so that "
-            "its class and kwargs are known"
+            f"the network ({type(net).__name__}) has no .config: only instances of a class "
+            "registered with bdia.models.registry.register_network record their class and "
+            "kwargs"
         )
+    try:
+        config_json = json.dumps(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"the recorded kwargs of {config['class_name']} are not JSON data ({err}); only a "
+            "network built from names and numbers can be saved"
+        ) from None
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-    metadata = {**(metadata or {}), "format": FORMAT_TAG, "config": json.dumps(config)}
+    metadata = {**(metadata or {}), "format": FORMAT_TAG, "config": config_json}
     replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .registry import register_network
+
 __all__ = [
     "Linear",
     "Conv2d",
@@ -575,8 +577,10 @@ class _Precond(nn.Module):
         self._compute_dtype: torch.dtype | None = None
         if isinstance(model_type, str):
             if model_type not in _MODEL_TYPES:
-                known = sorted(_MODEL_TYPES)
-                raise ValueError(f"unknown model_type {model_type!r}; known: {known}")
+                known = ", ".join(sorted(_MODEL_TYPES))
+                raise ValueError(
+                    f"unknown architecture model_type={model_type!r}; supported: {known}"
+                )
             model_type = _MODEL_TYPES[model_type]
         self.model = model_type(
             img_resolution=img_resolution,
@@ -668,6 +672,7 @@ class _Precond(nn.Module):
         return torch.as_tensor(sigma)
 
 
+@register_network
 class EDMPrecond(_Precond):
     """EDM preconditioning (``sigma_data`` 0.5 by default).
 
@@ -706,6 +711,7 @@ class EDMPrecond(_Precond):
         return c_skip, c_out, c_in, c_noise
 
 
+@register_network
 class VPPrecond(_Precond):
     """Variance-preserving preconditioning (DDPM++ as trained by Song et al.).
 
@@ -757,6 +763,7 @@ class VPPrecond(_Precond):
         return c_skip, c_out, c_in, c_noise
 
 
+@register_network
 class VEPrecond(_Precond):
     """Variance-exploding preconditioning (NCSN++ as trained by Song et al.).
 

@@ -1,7 +1,7 @@
-"""Solvers: the registry, the single-step families and the BDIA meta-solver."""
+"""Solvers: the protocol, the single-step families, BDIA, and the name-to-solver table."""
 
-from .base import Solver, available_solvers, get_solver, register_solver
-from .bidirectional import BidirectionalWrapper, bdia
+from .base import SingleStepSolver, Solver, SolverState
+from .bidirectional import BidirectionalWrapper
 from .exponential import (
     DDIM,
     DPMSolver1,
@@ -11,10 +11,13 @@ from .exponential import (
     DPMSolverPP2S,
     DPMSolverPP3S,
 )
-from .runge_kutta import ButcherTableau, ExplicitRungeKutta, register_tableau
+from .registry import available_solvers, bdia, get_solver, register_solver, register_tableau
+from .runge_kutta import ButcherTableau, ExplicitRungeKutta
 
 __all__ = [
     "Solver",
+    "SingleStepSolver",
+    "SolverState",
     "available_solvers",
     "get_solver",
     "register_solver",

@@ -1,39 +1,154 @@
-"""The solver interface and the registry.
+"""The solver protocol that every solver follows, and the single-step solvers' base class.
 
-A solver is a small immutable object that knows its ``name``, ``order``, ``stages`` (model
-evaluations per step when nothing is reused) and whether it ``needs_diffusion``; its one
-method ``step`` advances a state from ``t`` to ``t_next`` on either side of ``t``.
+One loop drives every solver (``bdia.sample`` forward, ``bdia.invert`` backward):
+
+    state = solver.init(ode, ts, start, at=0)        # at = len(ts) - 1 to run backward
+    state = solver.step(ode, ts, state)              # ts[k] -> ts[k + 1]
+    state = solver.unstep(ode, ts, state)            # ts[k] -> ts[k - 1]
+    pair = solver.pair(state, fingerprint)           # what return_pair gives, what invert takes
+
+A ``SolverState`` holds the grid index ``k``, the state ``x`` there, the evaluation the last
+move made, and ``memory``: whatever else the solver carries (a reversible solver's
+neighbouring state and low words). The driver never looks inside ``memory``, so a solver with
+state is driven exactly like one without (diffrax's ``solver_state``).
+
+``SingleStepSolver`` is the base of the single-step methods: they implement one map,
+``flow(ode, t, t_next, x, first)`` (the numerical flow Phi from ``t`` to ``t_next``, on either
+side of ``t``), and inherit the protocol: ``step`` and ``unstep`` are ``flow`` forward and
+backward in time, and ``unstep`` is the usual approximate inversion. Reversible solvers
+(``reversible = True``) implement ``unstep`` as the exact inverse of ``step``.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
+from ..pairs import StatePair
 
-__all__ = ["Solver", "register_solver", "get_solver", "available_solvers"]
+__all__ = ["Solver", "SingleStepSolver", "SolverState", "Neighbour", "ordered_pair"]
+
+
+@dataclass(frozen=True)
+class SolverState:
+    """What a solver carries from one grid point to the next.
+
+    Attributes:
+        k: the grid index of ``x``.
+        x: the state at ``ts[k]``, shape ``(batch, ...)``, in the state dtype.
+        evaluation: the first model evaluation of the move that reached ``k`` (made at the
+            grid point it came from), or None at the start; the driver's callback reads
+            ``denoised`` from it.
+        memory: the solver's own: None for a single-step solver's start, its neighbouring
+            grid state for a single-step solver after one move, and for a reversible solver
+            whatever its exact inverse needs (BDIA: the neighbouring state, both low words,
+            the gammas).
+        parasitic: for a reversible solver, the size of its non-physical component after the
+            move, relative to the state (a 0-dim float tensor, left on the device so that
+            reading it is the caller's choice); None for single-step solvers. For BDIA it is
+            ``rms(x_{k-1} - Phi(x_k; t_k -> t_{k-1})) / rms(x_k)``: the part of the two-step
+            state that no single-step trajectory explains (truncation error plus the
+            parasitic mode).
+    """
+
+    k: int
+    x: Tensor
+    evaluation: Evaluation | None = None
+    memory: Any = None
+    parasitic: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A grid state next to the current one: index ``k``, value ``x`` and its low word."""
+
+    k: int
+    x: Tensor
+    low: Tensor | None = None
+
+
+def ordered_pair(
+    k: int,
+    x: Tensor,
+    low: Tensor | None,
+    neighbour: Neighbour | None,
+    fingerprint: str | None,
+) -> StatePair:
+    """The ``StatePair`` of the state at ``k`` and its neighbour, in grid order."""
+    if neighbour is None:
+        raise ValueError("a pair needs at least one step")
+    if neighbour.k < k:
+        return StatePair(neighbour.x, x, neighbour.low, low, fingerprint)
+    return StatePair(x, neighbour.x, low, neighbour.low, fingerprint)
 
 
 class Solver(ABC):
-    """A single-step ODE solver.
+    """The protocol of every solver: ``init``, ``step``, ``unstep`` and ``pair``.
 
-    Subclasses set ``name``, ``order``, ``stages`` and ``needs_diffusion`` (class attributes
-    or properties) and implement ``step``. Instances hold no state between calls.
+    Subclasses set ``name``, ``order``, ``stages`` (model evaluations per step when nothing
+    is reused), ``needs_diffusion`` and ``reversible`` (``unstep`` is the exact inverse of
+    ``step``). Instances are immutable and hold no state between calls: the state lives in
+    the ``SolverState`` the methods pass along.
     """
 
     name: str
     order: int
     stages: int
     needs_diffusion: bool = False
+    reversible: bool = False
 
     @abstractmethod
-    def step(
+    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        """The state at grid index ``at`` (0 to sample, ``len(ts) - 1`` to invert).
+
+        ``start`` is a tensor ``(batch, ...)`` at ``ts[at]``, or the pair that ``pair``
+        returned (and ``invert`` returns): then the state is rebuilt from it, and ``k`` is
+        the pair's grid index nearest the direction of travel.
+        """
+
+    @abstractmethod
+    def step(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        """Advance ``state`` from ``ts[state.k]`` to ``ts[state.k + 1]``."""
+
+    @abstractmethod
+    def unstep(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        """Move ``state`` back from ``ts[state.k]`` to ``ts[state.k - 1]`` (exactly, up to
+        rounding, when ``reversible``)."""
+
+    @abstractmethod
+    def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair:
+        """The two grid states around ``state.k`` in grid order, as ``return_pair`` gives them
+        and ``init`` takes them back."""
+
+    def check(self, ode: ODE, ts: Sequence[float]) -> None:
+        """Raise before any model call if the solver cannot run on ``ode`` over ``ts``."""
+        if self.needs_diffusion and not ode.is_diffusion:
+            raise TypeError(
+                f"solver {self.name!r} needs a DiffusionODE (a noise schedule), got "
+                f"{type(ode).__name__}; use 'euler', 'heun', 'midpoint' or 'rk4' for a plain ODE"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, order={self.order}, stages={self.stages})"
+        )
+
+
+class SingleStepSolver(Solver):
+    """A single-step method: one map ``flow`` from ``t`` to ``t_next``; the protocol follows.
+
+    Subclasses implement ``flow``; ``step`` and ``unstep`` apply it forward and backward in
+    time (``unstep`` is then approximate). ``memory`` keeps the state the last move came from,
+    so that ``pair`` can return both.
+    """
+
+    @abstractmethod
+    def flow(
         self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None
     ) -> Tensor:
         """Advance ``x`` from time ``t`` to ``t_next`` (either side of ``t``).
@@ -68,118 +183,25 @@ class Solver(ABC):
             )
         return first
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, order={self.order}, stages={self.stages})"
-        )
+    # ------------------------------------------------------------------ protocol
+    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        if isinstance(start, StatePair):
+            # Continue from the pair's state nearest the direction of travel.
+            if at == 0:
+                return SolverState(1, start.later, memory=Neighbour(0, start.earlier))
+            return SolverState(at - 1, start.earlier, memory=Neighbour(at, start.later))
+        return SolverState(at, start)
 
+    def _move(self, ode: ODE, ts: Sequence[float], state: SolverState, k_next: int) -> SolverState:
+        first = ode.evaluate(ts[state.k], state.x)
+        x_next = self.flow(ode, ts[state.k], ts[k_next], state.x, first=first)
+        return SolverState(k_next, x_next, first, memory=Neighbour(state.k, state.x))
 
-SolverFactory = Callable[..., Solver]
-_REGISTRY: dict[str, SolverFactory] = {}
-F = TypeVar("F", bound=SolverFactory)
+    def step(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        return self._move(ode, ts, state, state.k + 1)
 
+    def unstep(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        return self._move(ode, ts, state, state.k - 1)
 
-def register_solver(name: str) -> Callable[[F], F]:
-    """Decorator that registers a solver class (or any factory returning a Solver) under ``name``.
-
-    ``get_solver(name, **options)`` then calls ``factory(**options)``.
-    """
-    if not name or name.startswith("bdia"):
-        raise ValueError(f"invalid solver name {name!r} (names starting with 'bdia' are reserved)")
-
-    def decorator(factory: F) -> F:
-        if name in _REGISTRY:
-            raise ValueError(f"a solver named {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def _lookup(name: str) -> SolverFactory:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY) + [f"bdia-{n}" for n in _REGISTRY])
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
-        raise KeyError(
-            f"unknown solver {name!r}{hint} Registered: {', '.join(sorted(_REGISTRY))} "
-            "(each also as 'bdia-<name>')"
-        ) from None
-
-
-def _options_of(factory: SolverFactory) -> dict[str, Any] | None:
-    """The keyword options ``factory`` takes, with their defaults (``inspect._empty`` for
-    none); None when it takes ``**kwargs`` or its signature cannot be read."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    out: dict[str, Any] = {}
-    for p in parameters:
-        if p.kind is p.VAR_KEYWORD:
-            return None
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            out[p.name] = p.default
-    return out
-
-
-def _check_options(name: str, factory: SolverFactory, options: dict[str, Any]) -> None:
-    """Raise TypeError naming an option ``factory`` does not take, and the ones it does."""
-    accepted = _options_of(factory)
-    if accepted is None:
-        return
-    unknown = [k for k in options if k not in accepted]
-    if not unknown:
-        return
-    if unknown == ["gamma"]:
-        # gamma is BDIA's parameter; point to the two spellings that take it.
-        gamma = options["gamma"]
-        rest = [f"{k}={v!r}" for k, v in options.items() if k != "gamma"]
-        wrapped_args = ", ".join([f'"bdia-{name}"', f"gamma={gamma!r}", *rest])
-        base_args = ", ".join([f'"{name}"', *rest])
-        raise TypeError(
-            f"solver {name!r} takes no option 'gamma': gamma belongs to BDIA. Use "
-            f"get_solver({wrapped_args}) or bdia(get_solver({base_args}), {gamma!r})"
-        )
-    if accepted:
-        takes = "its options are " + ", ".join(
-            k if d is inspect.Parameter.empty else f"{k} (default {d!r})"
-            for k, d in accepted.items()
-        )
-    else:
-        takes = "it takes no options"
-    if "gamma" in unknown:
-        takes += f' (gamma belongs to BDIA: use "bdia-{name}")'
-    plural = "s" if len(unknown) > 1 else ""
-    raise TypeError(
-        f"solver {name!r} has no option{plural} {', '.join(repr(k) for k in unknown)}; {takes}"
-    )
-
-
-def get_solver(name: str, **options: Any) -> Any:
-    """Build the solver registered as ``name``.
-
-    ``"bdia-<base>"`` wraps the base solver with ``bdia``; the option ``gamma`` goes to the
-    wrapper and the rest to the base. An unknown name raises KeyError listing close matches;
-    an option the solver does not take raises TypeError naming the options it does take
-    (``gamma`` on a plain name points to ``"bdia-<name>"``).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"a solver name must be a string, got {type(name).__name__}")
-    if name.startswith("bdia-"):
-        from .bidirectional import bdia
-
-        gamma = options.pop("gamma", 1.0)
-        base = name[len("bdia-") :]
-        if base not in _REGISTRY:
-            _lookup(name)  # raises, suggesting close 'bdia-' names
-        return bdia(get_solver(base, **options), gamma=gamma)
-    factory = _lookup(name)
-    _check_options(name, factory, options)
-    return factory(**options)
-
-
-def available_solvers() -> list[str]:
-    """Names of all registered solvers, sorted."""
-    return sorted(_REGISTRY)
+    def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair:
+        return ordered_pair(state.k, state.x, None, state.memory, fingerprint)

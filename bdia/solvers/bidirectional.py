@@ -15,9 +15,9 @@ gamma = 0 is the base solver; gamma = 1 with Euler or DDIM is the leapfrog schem
 Rounding: near the data end of a diffusion ODE the two-step recursion's parasitic mode grows
 by up to about 2 per step when it runs toward the data, so the rounding of a round trip data
 -> noise -> data is magnified about 1e7 over 35 Karras steps (1e-7 in a float64 state). The
-``*_compensated`` methods, which ``sample`` and ``invert`` use, therefore carry each state as
-an unevaluated sum ``x + x_low`` of two words of the state dtype and do the update's one
-multiplication and two additions with error-free transformations (TwoSum, TwoProd). The model
+solver's ``step`` and ``unstep`` therefore carry each state as an unevaluated sum
+``x + x_low`` of two words of the state dtype and do the update in double-word arithmetic
+(``bdia.twoword``). The model
 only ever sees ``x``, so forward and backward passes evaluate it on bitwise identical inputs
 and the round trip is exact to about twice the state's precision. This is
 the official code's convention (early versions of the paper's README swapped gamma and
@@ -34,63 +34,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import twoword
 from ..ode import ODE, Evaluation
-from .base import Solver, get_solver
+from ..pairs import StatePair
+from ..twoword import TwoWord
+from .base import Neighbour, SingleStepSolver, Solver, SolverState, ordered_pair
 
-__all__ = ["BidirectionalWrapper", "bdia", "GammaSpec"]
-
-# ------------------------------------------------------------- error-free transformations
-# Each returns (s, e) with s + e equal to the exact result and s the rounded one. They rely on
-# every torch op rounding once (no fused multiply-add), which holds for separate elementwise
-# kernels.
-
-_SPLITTER = 134217729.0  # 2^27 + 1: Veltkamp's split of a float64 into two 26-bit halves
-
-
-def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Knuth's TwoSum: ``a + b = s + e`` exactly, for any magnitudes."""
-    s = a + b
-    b_virtual = s - a
-    e = (a - (s - b_virtual)) + (b - b_virtual)
-    return s, e
-
-
-def _fast_two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Dekker's FastTwoSum, for ``|a| >= |b|`` elementwise (renormalises a double word)."""
-    s = a + b
-    return s, b - (s - a)
-
-
-def _split(a: Tensor | float) -> tuple[Tensor | float, Tensor | float]:
-    c = _SPLITTER * a
-    high = c - (c - a)
-    return high, a - high
-
-
-def _two_prod(a: Tensor, b: float) -> tuple[Tensor, Tensor]:
-    """``a * b = p + e`` exactly, for a tensor ``a`` and a scalar ``b`` of ``a``'s precision."""
-    if a.dtype == torch.float32:
-        # A product of two 24-bit significands fits a float64 exactly.
-        exact = a.double() * b
-        p = exact.float()
-        return p, (exact - p.double()).float()
-    if a.dtype != torch.float64:
-        raise TypeError(f"compensated BDIA needs a float32 or float64 state, got {a.dtype}")
-    p = a * b
-    a_high, a_low = _split(a)
-    b_high, b_low = _split(b)
-    e = ((a_high * b_high - p) + a_high * b_low + a_low * b_high) + a_low * b_low
-    return p, e
-
-
-def _as_state_scalar(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype``, as the float the update multiplies by in both directions."""
-    return float(torch.tensor(value, dtype=dtype))
-
+__all__ = ["BidirectionalWrapper", "GammaSpec"]
 
 GammaSpec = float | Sequence[float] | str
 NAMED_GAMMAS = ("obelm",)
@@ -110,8 +65,45 @@ def _check_user_gamma(value: float, where: str) -> float:
 
 
 @dataclass(frozen=True)
-class BidirectionalWrapper:
-    """BDIA around a base solver; build it with ``bdia(solver, gamma)``.
+class _Memory:
+    """What BDIA carries besides x: x's low word, the neighbouring grid state, the gammas."""
+
+    gammas: tuple[float, ...]
+    low: Tensor | None = None
+    neighbour: Neighbour | None = None
+
+
+def _relative_rms(part: Tensor, state: Tensor) -> Tensor:
+    """rms(part) / rms(state) as a 0-dim float32 tensor (0 for a zero state)."""
+    num = part.double().square().mean().sqrt()
+    den = state.double().square().mean().sqrt()
+    return torch.where(den > 0, num / den, torch.zeros_like(num)).float()
+
+
+def forward_update(
+    x_prev: Tensor, x_prev_low: Tensor | None, backward: Tensor, forward: Tensor, gamma: float
+) -> tuple[Tensor, Tensor | None]:
+    """``gamma (x_prev + x_prev_low - backward) + forward`` as two words (high, low)."""
+    out = twoword.scaled_difference_plus(TwoWord(x_prev, x_prev_low), backward, gamma, forward)
+    return out.high, out.low
+
+
+def inverse_update(
+    x_next: Tensor, x_next_low: Tensor | None, forward: Tensor, backward: Tensor, gamma: float
+) -> tuple[Tensor, Tensor | None]:
+    """``(x_next + x_next_low - forward) / gamma + backward`` as two words (high, low): the
+    inverse of ``forward_update`` to a few u^2 of the state."""
+    out = twoword.difference_over_plus(TwoWord(x_next, x_next_low), forward, gamma, backward)
+    return out.high, out.low
+
+
+@dataclass(frozen=True, repr=False)
+class BidirectionalWrapper(Solver):
+    """BDIA around a base single-step solver; build it with ``bdia(solver, gamma)``.
+
+    A reversible solver: ``unstep`` is the exact inverse of ``step`` (up to rounding of the
+    two-word states). Its ``SolverState.memory`` holds x's low word, the neighbouring grid
+    state with its low word, and the gammas of the grid.
 
     Attributes:
         solver: the base single-step solver Phi.
@@ -119,13 +111,18 @@ class BidirectionalWrapper:
             values for a grid ``ts``), or a named schedule (``"obelm"``).
     """
 
-    solver: Solver
+    solver: SingleStepSolver
     gamma: float | tuple[float, ...] | str = 1.0
 
+    reversible = True
+
     def __post_init__(self) -> None:
-        if isinstance(self.solver, BidirectionalWrapper):
-            raise TypeError("bdia() wraps a single-step solver, not another BidirectionalWrapper")
-        if not isinstance(self.solver, Solver):
+        if isinstance(self.solver, Solver) and not isinstance(self.solver, SingleStepSolver):
+            raise TypeError(
+                f"bdia() wraps a single-step solver, not {type(self.solver).__name__} "
+                f"{self.solver.name!r}"
+            )
+        if not isinstance(self.solver, SingleStepSolver):
             raise TypeError(f"bdia() needs a Solver, got {type(self.solver).__name__}")
         g = self.gamma
         if isinstance(g, str):
@@ -147,15 +144,15 @@ class BidirectionalWrapper:
 
     # ------------------------------------------------------------------ data
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]
         return f"bdia-{self.solver.name}"
 
     @property
-    def needs_diffusion(self) -> bool:
+    def needs_diffusion(self) -> bool:  # type: ignore[override]
         return self.solver.needs_diffusion
 
     @property
-    def stages(self) -> int:
+    def stages(self) -> int:  # type: ignore[override]
         """Model evaluations of the first (plain) step."""
         return self.solver.stages
 
@@ -165,7 +162,7 @@ class BidirectionalWrapper:
         return 2 * self.solver.stages - 1 if self.gamma != 0.0 else self.solver.stages
 
     @property
-    def order(self) -> int:
+    def order(self) -> int:  # type: ignore[override]
         """Global order on smooth grids.
 
         The update's local error is ``C h^(p+1) (1 - gamma (-1)^(p+1))`` for a base of order
@@ -203,11 +200,9 @@ class BidirectionalWrapper:
         return out
 
     def amplification(self, ode: ODE, ts: Sequence[float]) -> float:
-        """prod_k 1 / gamma_k over grid ``ts``: how much inversion magnifies the parasitic mode.
-
-        Rounding errors of the state grow by up to this factor on the way back; ``inf`` when a
-        gamma is 0 (not invertible).
-        """
+        """prod_k 1 / gamma_k over grid ``ts``: the factor by which inversion magnifies a
+        perturbation of the parasitic mode through the gammas alone (the problem's own
+        growth of that mode comes on top); ``inf`` when a gamma is 0 (not invertible)."""
         out = 1.0
         for g in self.gammas(ode, ts):
             if g == 0.0:
@@ -215,163 +210,65 @@ class BidirectionalWrapper:
             out /= g
         return out
 
-    # ----------------------------------------------------------------- steps
+    # -------------------------------------------------------------- protocol
+    def check(self, ode: ODE, ts: Sequence[float]) -> None:
+        super().check(ode, ts)
+        self.gammas(ode, ts)  # a gamma sequence of the wrong length fails here
+
+    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        gammas = tuple(self.gammas(ode, ts))
+        if at != 0 and any(g == 0.0 for g in gammas):
+            raise ValueError(
+                "gamma = 0 is the base solver, which cannot be inverted exactly; "
+                "inversion needs every gamma in (0, 1]"
+            )
+        if not isinstance(start, StatePair):
+            return SolverState(at, start, memory=_Memory(gammas))
+        if at == 0:
+            neighbour = Neighbour(0, start.earlier, start.earlier_low)
+            return SolverState(1, start.later, memory=_Memory(gammas, start.later_low, neighbour))
+        neighbour = Neighbour(at, start.later, start.later_low)
+        return SolverState(
+            at - 1, start.earlier, memory=_Memory(gammas, start.earlier_low, neighbour)
+        )
+
     def _integrations(
-        self,
-        ode: ODE,
-        t_prev: float | None,
-        t: float,
-        t_next: float,
-        x: Tensor,
-        first: Evaluation | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``(Phi(x; t -> t_next), Phi(x; t -> t_prev))`` from one shared first evaluation;
-        the backward one is None when ``t_prev`` is."""
-        first = self.solver.first_evaluation(ode, t, x, first)
-        forward = self.solver.step(ode, t, t_next, x, first=first)
-        if t_prev is None:
-            return forward, None
-        return forward, self.solver.step(ode, t, t_prev, x, first=first)
+        self, ode: ODE, ts: Sequence[float], k: int, x: Tensor, towards: tuple[int, ...]
+    ) -> tuple[Evaluation, list[Tensor]]:
+        """One evaluation at ``(ts[k], x)`` and the base flow from it to each ``ts[j]``."""
+        first = ode.evaluate(ts[k], x)
+        return first, [self.solver.flow(ode, ts[k], ts[j], x, first=first) for j in towards]
 
-    def step(
-        self,
-        ode: ODE,
-        t_prev: float | None,
-        t: float,
-        t_next: float,
-        x_prev: Tensor | None,
-        x: Tensor,
-        gamma: float,
-        first: Evaluation | None = None,
-    ) -> Tensor:
-        """One BDIA update ``(x_{k-1}, x_k) -> x_{k+1}``; a plain base step when ``x_prev`` is None.
+    def step(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        k, x, memory = state.k, state.x, state.memory
+        here = Neighbour(k, x, memory.low)
+        previous = memory.neighbour
+        gamma = memory.gammas[k - 1] if k > 0 else 0.0
+        if previous is None or previous.k != k - 1 or gamma == 0.0:
+            # The first step (or gamma = 0) is a plain base step.
+            first, (x_next,) = self._integrations(ode, ts, k, x, (k + 1,))
+            return SolverState(k + 1, x_next, first, _Memory(memory.gammas, None, here))
+        first, (forward, backward) = self._integrations(ode, ts, k, x, (k + 1, k - 1))
+        x_next, low = forward_update(previous.x, previous.low, backward, forward, gamma)
+        parasitic = _relative_rms(previous.x - backward, x)
+        return SolverState(k + 1, x_next, first, _Memory(memory.gammas, low, here), parasitic)
 
-        Args:
-            ode: the problem.
-            t_prev: grid time t_{k-1} (None on the first step).
-            t: grid time t_k.
-            t_next: grid time t_{k+1}.
-            x_prev: state at t_{k-1}, shape ``(batch, ...)``, or None on the first step.
-            x: state at t_k, same shape.
-            gamma: gamma_k.
-            first: an evaluation at ``(t, x)`` to reuse.
+    def unstep(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        k, x, memory = state.k, state.x, state.memory
+        here = Neighbour(k, x, memory.low)
+        following = memory.neighbour
+        if following is None or following.k != k + 1:
+            # From a single state: one base step back makes the pair (approximate).
+            first, (x_prev,) = self._integrations(ode, ts, k, x, (k - 1,))
+            return SolverState(k - 1, x_prev, first, _Memory(memory.gammas, None, here))
+        first, (forward, backward) = self._integrations(ode, ts, k, x, (k + 1, k - 1))
+        gamma = memory.gammas[k - 1]
+        x_prev, low = inverse_update(following.x, following.low, forward, backward, gamma)
+        parasitic = _relative_rms(x_prev - backward, x)
+        return SolverState(k - 1, x_prev, first, _Memory(memory.gammas, low, here), parasitic)
 
-        Returns:
-            x_{k+1}, same shape and dtype as ``x``.
-        """
-        plain = x_prev is None or gamma == 0.0
-        forward, backward = self._integrations(ode, None if plain else t_prev, t, t_next, x, first)
-        if plain:
-            return forward
-        return gamma * (x_prev - backward) + forward
-
-    def unstep(
-        self,
-        ode: ODE,
-        t_prev: float,
-        t: float,
-        t_next: float,
-        x: Tensor,
-        x_next: Tensor,
-        gamma: float,
-        first: Evaluation | None = None,
-    ) -> Tensor:
-        """The exact inverse of ``step``: ``(x_k, x_{k+1}) -> x_{k-1}``.
-
-        Raises:
-            ValueError: if gamma is 0 (the base solver cannot be inverted exactly).
-        """
-        if gamma == 0.0:
-            raise ValueError("gamma = 0 is the base solver, whose step cannot be inverted exactly")
-        forward, backward = self._integrations(ode, t_prev, t, t_next, x, first)
-        return (x_next - forward) / gamma + backward
-
-    def step_compensated(
-        self,
-        ode: ODE,
-        t_prev: float | None,
-        t: float,
-        t_next: float,
-        x_prev: Tensor | None,
-        x_prev_low: Tensor | None,
-        x: Tensor,
-        gamma: float,
-        first: Evaluation | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``step`` on double-word states: ``(x_{k-1} + low, x_k) -> (x_{k+1}, its low word)``.
-
-        The same update as ``step``, with ``gamma * (x_prev + x_prev_low - backward) +
-        forward`` formed without rounding error beyond the final word (the model sees only
-        ``x``). ``x_prev_low`` may be None (zero); the returned low word is None after a plain
-        base step. Shapes and dtypes as in ``step`` (float32 or float64).
-        """
-        plain = x_prev is None or gamma == 0.0
-        forward, backward = self._integrations(ode, None if plain else t_prev, t, t_next, x, first)
-        if plain:
-            return forward, None
-        g = _as_state_scalar(gamma, x.dtype)
-        diff, diff_err = _two_sum(x_prev, -backward)
-        if x_prev_low is not None:
-            diff_err = diff_err + x_prev_low
-        prod, prod_err = _two_prod(diff, g)
-        total, total_err = _two_sum(prod, forward)
-        return _fast_two_sum(total, total_err + prod_err + g * diff_err)
-
-    def unstep_compensated(
-        self,
-        ode: ODE,
-        t_prev: float,
-        t: float,
-        t_next: float,
-        x: Tensor,
-        x_next: Tensor,
-        x_next_low: Tensor | None,
-        gamma: float,
-        first: Evaluation | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The exact inverse of ``step_compensated``: ``(x_k, x_{k+1} + low) -> (x_{k-1}, low)``.
-
-        ``(x_next + x_next_low - forward) / gamma + backward`` with the division's remainder
-        recovered exactly, so that the returned pair is the preimage to about twice the state
-        dtype's precision.
-        """
-        if gamma == 0.0:
-            raise ValueError("gamma = 0 is the base solver, whose step cannot be inverted exactly")
-        forward, backward = self._integrations(ode, t_prev, t, t_next, x, first)
-        g = _as_state_scalar(gamma, x.dtype)
-        diff, diff_err = _two_sum(x_next, -forward)
-        if x_next_low is not None:
-            diff_err = diff_err + x_next_low
-        quotient = diff / g
-        prod, prod_err = _two_prod(quotient, g)
-        # diff - prod is exact (Sterbenz: prod lies within a few ulps of diff).
-        remainder = (diff - prod) - prod_err + diff_err
-        total, total_err = _two_sum(quotient, backward)
-        return _fast_two_sum(total, total_err + remainder / g)
+    def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair:
+        return ordered_pair(state.k, state.x, state.memory.low, state.memory.neighbour, fingerprint)
 
     def __repr__(self) -> str:
         return f"bdia({self.solver!r}, gamma={self.gamma!r})"
-
-
-def bdia(solver: Solver | str, gamma: GammaSpec = 1.0) -> BidirectionalWrapper:
-    """Wrap ``solver`` (an instance or a registered name) as a time-reversible BDIA scheme.
-
-    ``gamma = 1`` (the default; with Euler or DDIM the leapfrog scheme) keeps inversion free
-    of amplification but is only weakly stable: the parasitic mode, which flips sign every
-    step, is not damped, and on a dissipative problem (``y' = -5 y``, or a diffusion ODE as
-    the noise level falls) it grows by about ``1 + mu`` per step where the exact flow
-    contracts by ``e^-mu``. A gamma below 1 damps it only where ``gamma (1 + mu) < 1``, that
-    is for steps small against the problem's rates: on ``y' = -5 y`` with ``h = 0.05``
-    (``mu = 0.25``) gamma = 0.96 still grows, and only a single-step solver or a small gamma
-    is stable. See the theory page, "Stability: the parasitic mode".
-
-    Args:
-        solver: the base single-step solver.
-        gamma: a number in [0, 1], one value per two-step update, or ``"obelm"``.
-
-    Returns:
-        A BidirectionalWrapper, usable wherever ``sample``, ``invert`` or ``odeint`` take a solver.
-    """
-    if isinstance(solver, str):
-        solver = get_solver(solver)
-    return BidirectionalWrapper(solver, gamma)

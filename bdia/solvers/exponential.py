@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
-from .base import Solver, register_solver
+from .base import SingleStepSolver
 
 __all__ = [
     "DDIM",
@@ -93,7 +93,7 @@ def _stage_fraction(solver: str, field: str, value: object) -> float:
     return r
 
 
-class _Exponential(Solver):
+class _Exponential(SingleStepSolver):
     """Shared plumbing: schedule look-ups, the DDIM fallback at sigma = 0, stage evaluations."""
 
     needs_diffusion = True
@@ -111,7 +111,7 @@ class _Exponential(Solver):
                 "the first intermediate stage comes before the second (defaults 1/3, 2/3)"
             )
 
-    def step(
+    def flow(
         self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None
     ) -> Tensor:
         first = self.first_evaluation(ode, t, x, first)
@@ -141,7 +141,6 @@ class _Exponential(Solver):
         return s, sched.alpha(s), sched.sigma(s)
 
 
-@register_solver("ddim")
 @dataclass(frozen=True, repr=False)
 class DDIM(_Exponential):
     """DDIM (Song et al. 2021), deterministic: ``x_next = alpha_next D + sigma_next eps``."""
@@ -154,7 +153,6 @@ class DDIM(_Exponential):
         return co.alpha_next * first.denoised + co.sigma_next * first.eps
 
 
-@register_solver("dpm_solver_1")
 @dataclass(frozen=True, repr=False)
 class DPMSolver1(_Exponential):
     """DPM-Solver-1 in noise-prediction form (equal to DDIM)."""
@@ -167,7 +165,6 @@ class DPMSolver1(_Exponential):
         return (co.alpha_next / co.alpha) * x - (co.sigma_next * math.expm1(co.h)) * first.eps
 
 
-@register_solver("dpm_solver_2")
 @dataclass(frozen=True, repr=False)
 class DPMSolver2(_Exponential):
     """Singlestep DPM-Solver-2, noise prediction, r1 = 1/2."""
@@ -186,7 +183,6 @@ class DPMSolver2(_Exponential):
         return (co.alpha_next / co.alpha) * x - phi * eps - (phi / (2.0 * r1)) * (eps_u - eps)
 
 
-@register_solver("dpm_solver_3")
 @dataclass(frozen=True, repr=False)
 class DPMSolver3(_Exponential):
     """Singlestep DPM-Solver-3, noise prediction, r1 = 1/3, r2 = 2/3."""
@@ -216,7 +212,6 @@ class DPMSolver3(_Exponential):
         )
 
 
-@register_solver("dpm_solver_pp_1")
 @dataclass(frozen=True, repr=False)
 class DPMSolverPP1(_Exponential):
     """DPM-Solver++ of order 1 in data-prediction form (equal to DDIM)."""
@@ -229,7 +224,6 @@ class DPMSolverPP1(_Exponential):
         return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-co.h)) * first.denoised
 
 
-@register_solver("dpm_solver_pp_2s")
 @dataclass(frozen=True, repr=False)
 class DPMSolverPP2S(_Exponential):
     """Singlestep DPM-Solver++(2S), data prediction, r1 = 1/2."""
@@ -249,7 +243,6 @@ class DPMSolverPP2S(_Exponential):
         return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-h)) * blended
 
 
-@register_solver("dpm_solver_pp_3s")
 @dataclass(frozen=True, repr=False)
 class DPMSolverPP3S(_Exponential):
     """Singlestep DPM-Solver++(3S), data prediction, r1 = 1/3, r2 = 2/3."""

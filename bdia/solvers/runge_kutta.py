@@ -6,7 +6,7 @@ For a tableau (c, a, b) and step size ``h = t_next - t``:
 
 A stage that would evaluate a diffusion model at sigma = 0 (``t_next`` at the end of a
 grid with a final zero) cannot be taken; the step then falls back to Euler, as EDM does.
-Registering a new method takes one tableau:
+Registering a new method takes one tableau (``bdia.register_tableau``):
 
     register_tableau("ralston", ButcherTableau(c=(0, 2/3), a=((), (2/3,)), b=(1/4, 3/4), order=2))
 """
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
-from .base import Solver, register_solver
+from .base import SingleStepSolver
 
 __all__ = [
     "ButcherTableau",
     "ExplicitRungeKutta",
-    "register_tableau",
     "EULER",
     "HEUN",
     "MIDPOINT",
@@ -92,7 +91,7 @@ def _combine(x: Tensor, h: float, coefficients: tuple[float, ...], slopes: list[
 
 
 @dataclass(frozen=True, repr=False)
-class ExplicitRungeKutta(Solver):
+class ExplicitRungeKutta(SingleStepSolver):
     """An explicit Runge-Kutta solver given by ``tableau``; works on any ODE."""
 
     tableau: ButcherTableau
@@ -114,7 +113,7 @@ class ExplicitRungeKutta(Solver):
     def stages(self) -> int:  # type: ignore[override]
         return self.tableau.stages
 
-    def step(
+    def flow(
         self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None
     ) -> Tensor:
         tab = self.tableau
@@ -130,20 +129,6 @@ class ExplicitRungeKutta(Solver):
         return _combine(x, h, tab.b, slopes)
 
 
-def register_tableau(name: str, tableau: ButcherTableau) -> None:
-    """Register an explicit Runge-Kutta method as solver ``name``."""
-    if not isinstance(tableau, ButcherTableau):
-        raise TypeError(
-            f"register_tableau needs a ButcherTableau, got {type(tableau).__name__}; build one "
-            "with ButcherTableau(c=..., a=..., b=..., order=...)"
-        )
-
-    def factory() -> ExplicitRungeKutta:
-        return ExplicitRungeKutta(tableau, name)
-
-    register_solver(name)(factory)
-
-
 EULER = ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1)
 # EDM's deterministic sampler: Euler predictor, trapezoidal corrector.
 HEUN = ButcherTableau(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2)
@@ -154,8 +139,3 @@ RK4 = ButcherTableau(
     b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
     order=4,
 )
-
-register_tableau("euler", EULER)
-register_tableau("heun", HEUN)
-register_tableau("midpoint", MIDPOINT)
-register_tableau("rk4", RK4)

@@ -41,8 +41,9 @@ from torch import Tensor
 from ...editing import EDIT_RULES, Inversion
 from ...ode import DiffusionODE
 from ...sampling import _state_dtype
-from ...solvers.base import Solver, get_solver
-from ...solvers.bidirectional import BidirectionalWrapper, bdia
+from ...solvers.base import Solver
+from ...solvers.bidirectional import BidirectionalWrapper
+from ...solvers.registry import bdia, get_solver
 from .adapter import diffusers_grid, from_diffusers
 
 __all__ = ["edit_image", "EditResult"]

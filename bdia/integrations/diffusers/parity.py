@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...sampling import sample
 from ...schedules import EDM
-from ...solvers.base import get_solver
+from ...solvers.registry import get_solver
 from .adapter import diffusers_grid, from_diffusers
 
 __all__ = ["diffusers_states", "bdia_states", "relative_difference"]

@@ -8,14 +8,15 @@
 
 Each ``step`` is the library's own update: the model output the pipeline passes in is replayed
 through a ``DiffusionODE`` built by ``from_diffusers`` (the same eps / x0 / v conversion as
-``bdia.sample``), and ``BidirectionalWrapper.step_compensated`` takes the step on the grid of
-``diffusers_grid``. So a pipeline run gives the numbers of ``bdia.sample(from_diffusers(unet,
-scheduler), bdia.bdia("ddim", gamma), noise, diffusers_grid(scheduler, n))``, bit for bit.
+``bdia.sample``), and ``BidirectionalWrapper.step`` takes the step on the grid of
+``diffusers_grid`` (its one evaluation per step is the replayed output). So a pipeline run
+gives the numbers of ``bdia.sample(from_diffusers(unet, scheduler), bdia.bdia("ddim", gamma),
+noise, diffusers_grid(scheduler, n))``, bit for bit.
 
-The scheduler keeps the two-step recursion's previous state and both low words between calls;
-the pipeline only ever sees the state's high word. ``BDIAInverseScheduler`` runs the recursion
-backward from ``final_pair`` with the same unet calls, and returns the starting noise to
-rounding (exactly, in the tests).
+The scheduler keeps the solver's ``SolverState`` between calls (the two-step recursion's
+previous state and both low words live in it); the pipeline only ever sees the state's high
+word. ``BDIAInverseScheduler`` runs the recursion backward from ``final_pair`` with the same
+unet calls, and returns the starting noise to rounding (exactly, in the tests).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +36,11 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from ...ode import DiffusionODE, Evaluation
-from ...sampling import StatePair, _pair, _warn_amplification
-from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper, bdia
+from ...pairs import StatePair
+from ...sampling import _pair
+from ...solvers.base import SolverState
+from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper
+from ...solvers.registry import bdia
 from .adapter import (
     _check_model_config,
     _check_schedule_config,
@@ -188,7 +193,6 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self.timesteps = self._ddim.timesteps.clone()
         self.grid: list[float] | None = None
         self._taus: list[int] = []
-        self._gammas: list[float] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -227,7 +231,6 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.grid = grid
         self._taus = taus
-        self._gammas = self._solver.gammas(self._ode, grid)
         self._reset()
 
     def _index(self, timestep: Any) -> int:
@@ -245,8 +248,13 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             "timesteps that set_timesteps made"
         )
 
-    def _evaluate(self, model_output: Tensor, k: int, x: Tensor) -> Evaluation:
-        """The model output at grid point ``k`` as the ODE's Evaluation at ``(grid[k], x)``."""
+    def _replayed(self, model_output: Tensor, k: int, x: Tensor, move: Callable[[], Any]) -> Any:
+        """``move()`` with the model output armed as the one evaluation at ``(grid[k], x)``.
+
+        ``move`` is one solver move from grid point ``k`` (or the bare evaluation there); it
+        must evaluate the ODE exactly once, at ``(grid[k], x)``: a second call, or none, is
+        an error.
+        """
         if not isinstance(model_output, Tensor):
             raise TypeError(f"model_output must be a tensor, got {type(model_output).__name__}")
         channels = x.shape[1] if x.ndim > 1 else None
@@ -264,7 +272,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self._replay.output = model_output
         self._replay.timestep = float(self._taus[k])
         try:
-            return self._ode.evaluate(self.grid[k], x)
+            result = move()
+            if self._replay.output is not None:
+                raise RuntimeError("BDIA scheduler: the step made no model evaluation")
+            return result
         finally:
             self._replay.output = None
 
@@ -333,10 +344,7 @@ class BDIAScheduler(_BDIASchedulerBase):
 
     def _reset(self) -> None:
         self._k: int | None = None  # timestep index of the next expected step
-        self._x: Tensor | None = None
-        self._x_low: Tensor | None = None
-        self._x_prev: Tensor | None = None
-        self._x_prev_low: Tensor | None = None
+        self._state: SolverState | None = None  # the solver's state at grid index _k (or end)
         self._warned = False
         self.restarts: list[int] = []
 
@@ -347,15 +355,17 @@ class BDIAScheduler(_BDIASchedulerBase):
 
     @property
     def final_pair(self) -> StatePair | None:
-        if self.grid is None or self._x_prev is None or self._k is None:
+        state = self._state
+        if self.grid is None or state is None or state.k != len(self.grid) - 1:
             return None
-        if min(self._k, len(self.grid) - 1) != len(self.grid) - 1:
+        try:
+            return self._solver.pair(state)
+        except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
-        return StatePair(self._x_prev, self._x, self._x_prev_low, self._x_low, None)
 
     def _restart(self, k: int, sample: Tensor) -> None:
         why = None
-        if self._x is not None:
+        if self._state is not None:
             if k != self._k:
                 expected = self._taus[self._k] if self._k < len(self._taus) else "none (done)"
                 why = f"timestep {self._taus[k]} is not the next one ({expected})"
@@ -375,8 +385,9 @@ class BDIAScheduler(_BDIASchedulerBase):
                     BDIARestartWarning,
                     stacklevel=3,
                 )
-        self._x = sample.to(self._state_dtype(sample), copy=True)
-        self._x_low = self._x_prev = self._x_prev_low = None
+        x = sample.to(self._state_dtype(sample), copy=True)
+        # A plain state at k with no neighbour: the next step is a plain DDIM step.
+        self._state = self._solver.init(self._ode, self.grid, x, at=k)
         self._k = k
 
     def step(
@@ -415,38 +426,30 @@ class BDIAScheduler(_BDIASchedulerBase):
         k = self._index(timestep)
         if not isinstance(sample, Tensor):
             raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
+        current = self._state
         continues = (
-            self._x is not None
+            current is not None
             and k == self._k
-            and sample.shape == self._x.shape
-            and sample.device == self._x.device
-            and bool(torch.equal(sample, self._x.to(sample.dtype)))
+            and sample.shape == current.x.shape
+            and sample.device == current.x.device
+            and bool(torch.equal(sample, current.x.to(sample.dtype)))
         )
         if not continues:
             self._restart(k, sample)
-        x = self._x
-        evaluation = self._evaluate(model_output, k, x)
+        state = self._state
         if k + 1 >= len(self.grid):
             # The last timestep sits on the grid's end (DDIM's identity step): nothing moves.
+            evaluation = self._replayed(
+                model_output, k, state.x, lambda: self._ode.evaluate(self.grid[k], state.x)
+            )
             self._k = k + 1
-            return self._output(x, evaluation, sample.dtype, return_dict)
-        t_prev = self.grid[k - 1] if k > 0 else None
-        gamma = self._gammas[k - 1] if k > 0 else 0.0
-        x_next, x_next_low = self._solver.step_compensated(
-            self._ode,
-            t_prev,
-            self.grid[k],
-            self.grid[k + 1],
-            self._x_prev,
-            self._x_prev_low,
-            x,
-            gamma,
-            first=evaluation,
+            return self._output(state.x, evaluation, sample.dtype, return_dict)
+        new = self._replayed(
+            model_output, k, state.x, lambda: self._solver.step(self._ode, self.grid, state)
         )
-        self._x_prev, self._x_prev_low = x, self._x_low
-        self._x, self._x_low = x_next, x_next_low
-        self._k = k + 1
-        return self._output(x_next, evaluation, sample.dtype, return_dict)
+        self._state = new
+        self._k = new.k
+        return self._output(new.x, new.evaluation, sample.dtype, return_dict)
 
 
 class BDIAInverseScheduler(_BDIASchedulerBase):
@@ -473,11 +476,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
     """
 
     def _reset(self) -> None:
-        self._k: int | None = None  # grid index of the current state
-        self._x: Tensor | None = None
-        self._x_low: Tensor | None = None
-        self._x_next: Tensor | None = None
-        self._x_next_low: Tensor | None = None
+        self._state: SolverState | None = None  # at grid index k, its neighbour at k + 1
         self._feed_dtype: torch.dtype | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
@@ -511,21 +510,18 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 f"begin takes the forward scheduler's final_pair (a StatePair), got "
                 f"{type(pair).__name__}"
             )
-        state = _pair(pair, None, "pair")
-        _warn_amplification(self._solver.amplification(self._ode, self.grid), state.later.dtype)
-        self._k = len(self.grid) - 2
-        self._x, self._x_low = state.earlier, state.earlier_low
-        self._x_next, self._x_next_low = state.later, state.later_low
-        self._feed_dtype = dtype or state.earlier.dtype
-        return self._x.to(self._feed_dtype, copy=True)
+        checked = _pair(pair, None, "pair")
+        self._state = self._solver.init(self._ode, self.grid, checked, at=len(self.grid) - 1)
+        self._feed_dtype = dtype or checked.earlier.dtype
+        return self._state.x.to(self._feed_dtype, copy=True)
 
     @property
     def pair(self) -> StatePair | None:
         """``StatePair(x at grid[k], x at grid[k + 1])`` of the current grid index, or None
         before ``begin``."""
-        if self._x is None:
+        if self._state is None:
             return None
-        return StatePair(self._x, self._x_next, self._x_low, self._x_next_low, None)
+        return self._solver.pair(self._state)
 
     def step(
         self,
@@ -553,45 +549,35 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         """
         self._check_step_args(eta)
         k = self._index(timestep)
-        if self._x is None:
+        state = self._state
+        if state is None:
             raise ValueError(
                 "BDIAInverseScheduler.step was called before begin(pair); call "
                 "x = inv.begin(forward_scheduler.final_pair) after set_timesteps"
             )
-        if self._k < 1:
+        if state.k < 1:
             raise ValueError(
                 "the inversion is done: inv.pair holds the first two grid points; call "
                 "set_timesteps and begin(pair) for another"
             )
-        if k != self._k:
+        if k != state.k:
             raise ValueError(
                 f"timestep {self._taus[k]} is not the inversion's next one "
-                f"({self._taus[self._k]}); step through inv.timesteps in order"
+                f"({self._taus[state.k]}); step through inv.timesteps in order"
             )
         if not isinstance(sample, Tensor):
             raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
         if not (
-            sample.shape == self._x.shape
-            and sample.device == self._x.device
-            and bool(torch.equal(sample, self._x.to(sample.dtype)))
+            sample.shape == state.x.shape
+            and sample.device == state.x.device
+            and bool(torch.equal(sample, state.x.to(sample.dtype)))
         ):
             raise ValueError(
                 "sample is not the state that begin(pair) or the last step returned; the "
                 "inversion continues its own two-word state, so feed prev_sample back unchanged"
             )
-        evaluation = self._evaluate(model_output, k, self._x)
-        x_prev, x_prev_low = self._solver.unstep_compensated(
-            self._ode,
-            self.grid[k - 1],
-            self.grid[k],
-            self.grid[k + 1],
-            self._x,
-            self._x_next,
-            self._x_next_low,
-            self._gammas[k - 1],
-            first=evaluation,
+        new = self._replayed(
+            model_output, k, state.x, lambda: self._solver.unstep(self._ode, self.grid, state)
         )
-        self._x_next, self._x_next_low = self._x, self._x_low
-        self._x, self._x_low = x_prev, x_prev_low
-        self._k = k - 1
-        return self._output(x_prev, evaluation, sample.dtype, return_dict)
+        self._state = new
+        return self._output(new.x, new.evaluation, sample.dtype, return_dict)
