@@ -2,6 +2,7 @@
 
 from .editing import EDIT_RULES, Inversion, edit
 from .ode import ODE, DiffusionODE, Evaluation
+from .pairs import CoupledPair
 from .sampling import PairMismatchWarning, ParasiticWarning, StatePair, invert, odeint, sample
 from .schedules import (
     EDM,
@@ -17,15 +18,19 @@ from .schedules import (
 from .solvers import (
     BidirectionalWrapper,
     ButcherTableau,
+    EDICTWrapper,
     ExplicitRungeKutta,
+    ReversibleWrapper,
     SingleStepSolver,
     Solver,
     SolverState,
     available_solvers,
     bdia,
+    edict,
     get_solver,
     register_solver,
     register_tableau,
+    reversible,
 )
 
 __version__ = "0.1.0"
@@ -35,6 +40,7 @@ __all__ = [
     "DiffusionODE",
     "Evaluation",
     "StatePair",
+    "CoupledPair",
     "PairMismatchWarning",
     "ParasiticWarning",
     "sample",
@@ -59,6 +65,10 @@ __all__ = [
     "ExplicitRungeKutta",
     "BidirectionalWrapper",
     "bdia",
+    "EDICTWrapper",
+    "edict",
+    "ReversibleWrapper",
+    "reversible",
     "get_solver",
     "register_solver",
     "register_tableau",

@@ -1,4 +1,8 @@
-"""The reversible state a sampler hands back: ``StatePair``, and the check of its origin."""
+"""The reversible states a sampler hands back, and the check of their origin.
+
+``StatePair`` is BDIA's (two consecutive grid states); ``CoupledPair`` is that of the
+coupled-chain solvers ``edict`` and ``reversible`` (two chains at one grid point).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from torch import Tensor
 
 from .ode import ODE
 
-__all__ = ["StatePair", "PairMismatchWarning", "check_fingerprint"]
+__all__ = ["StatePair", "CoupledPair", "PairMismatchWarning", "check_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,48 @@ class StatePair:
         )
 
 
+@dataclass(frozen=True)
+class CoupledPair:
+    """Two coupled chains at one grid point: the reversible state of ``edict`` and
+    ``reversible`` (McCallum-Foster).
+
+    ``sample(..., return_pair=True)`` returns the chains at ``ts[-1]``; ``invert`` returns them
+    at ``ts[0]``, and each takes the other's result back as its start. Both tensors have shape
+    ``(batch, ...)``.
+
+    Attributes:
+        x: the chain the solver returns as its result: EDICT's ``x``, McCallum-Foster's ``y``.
+        y: the companion chain: EDICT's ``y``, McCallum-Foster's ``z`` (same shape, dtype and
+            device as ``x``).
+        x_low, y_low: the chains' low words (the state is the unevaluated sum ``x + x_low``),
+            or None for zero. Keep them with the pair; without them the inversion is exact only
+            to the state dtype's rounding, magnified along the run.
+        fingerprint: ``ode.fingerprint()`` of the ODE that made the pair, or None; a pair
+            continued under another ODE warns with ``PairMismatchWarning``.
+
+    A pair is not a sequence: use the field names (``pair.x``), not unpacking.
+    """
+
+    x: Tensor
+    y: Tensor
+    x_low: Tensor | None = None
+    y_low: Tensor | None = None
+    fingerprint: str | None = None
+
+    def __iter__(self) -> Any:
+        raise TypeError(
+            "a CoupledPair is not a sequence; use its fields: pair.x, pair.y "
+            "(and pair.x_low, pair.y_low)"
+        )
+
+
 class PairMismatchWarning(UserWarning):
-    """A BDIA pair is continued under a different ODE than the one that made it."""
+    """A reversible solver's pair is continued under a different ODE than the one that made it."""
 
 
-def check_fingerprint(pair: StatePair, ode: ODE, what: str) -> None:
-    """Warn when ``pair`` was made by another ODE than ``ode`` (BDIA continues its history)."""
+def check_fingerprint(pair: StatePair | CoupledPair, ode: ODE, what: str) -> None:
+    """Warn when ``pair`` (a ``StatePair`` or a ``CoupledPair``) was made by another ODE than
+    ``ode`` (a reversible solver continues its history)."""
     now = None if pair.fingerprint is None else ode.fingerprint()
     if now == pair.fingerprint:
         return

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ode import DTYPE_NAMES, ODE
-from .pairs import PairMismatchWarning, StatePair, check_fingerprint
+from .pairs import CoupledPair, PairMismatchWarning, StatePair, check_fingerprint
 from .solvers.base import Solver, SolverState
 from .solvers.registry import get_solver
 
@@ -61,7 +61,7 @@ class _ParasiticWatch:
 
     def update(self, state: SolverState) -> None:
         if state.parasitic is not None:
-            p = state.parasitic
+            p = state.parasitic.detach()
             self.worst = p if self.worst is None else torch.maximum(self.worst, p)
 
     def warn(self, solver: Solver, what: str) -> None:
@@ -70,11 +70,12 @@ class _ParasiticWatch:
         worst = float(self.worst)
         if worst >= PARASITIC_LIMIT or math.isnan(worst):
             warnings.warn(
-                f"{what} with {solver.name}: the parasitic component of the two-step state "
+                f"{what} with {solver.name}: the parasitic component of the reversible state "
                 f"reached {worst:.3g} times the state's size (rms), so the result is "
                 "dominated by it, not by the ODE's solution. The scheme is unstable here: use "
-                "more steps or a smaller gamma, and regenerate under new conditioning from the "
-                "inverted noise (bdia.Inversion.regenerate) rather than from a pair",
+                "more steps or another gamma (p, coupling), and regenerate under new "
+                "conditioning from the inverted noise (bdia.Inversion.regenerate) rather than "
+                "from a pair",
                 ParasiticWarning,
                 stacklevel=3,
             )
@@ -191,7 +192,25 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
     return out
 
 
-def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> StatePair | Tensor:
+def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
+    """A start or end as the drivers take it: a tensor, a ``StatePair`` or a ``CoupledPair``,
+    checked to be finite and cast to the state dtype (low words re-split on a cast)."""
+
+    if isinstance(value, CoupledPair):
+        x = _state(value.x, state_dtype, f"{what}.x")
+        y = _state(value.y, state_dtype, f"{what}.y")
+        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+            raise ValueError(
+                f"the two chains of {what} must match in shape, dtype and device; got "
+                f"{tuple(x.shape)} {x.dtype} {x.device} and {tuple(y.shape)} {y.dtype} {y.device}"
+            )
+        return CoupledPair(
+            x,
+            y,
+            _low_word(x, value.x_low, value.x, f"{what}.x_low"),
+            _low_word(y, value.y_low, value.y, f"{what}.y_low"),
+            value.fingerprint,
+        )
     if isinstance(value, tuple):
         if len(value) != 2:
             raise ValueError(
@@ -313,10 +332,32 @@ def sample(
     grid = _grid(ts, ode)
     _check_solver(solver, ode, grid)
     start = _pair(start, state_dtype, "start")
-    if isinstance(start, StatePair) and solver.reversible:
+    if isinstance(start, (StatePair, CoupledPair)) and solver.reversible:
         check_fingerprint(start, ode, "start")
     if adjoint == "reversible":
-        raise ValueError("adjoint='reversible' is not available yet; use 'autograd'")
+        if not solver.reversible:
+            raise ValueError(
+                "adjoint='reversible' needs a reversible solver (bdia(...), edict(...) or "
+                f"reversible(...)), got {solver.name!r}; use adjoint='autograd' to "
+                "differentiate through its loop"
+            )
+        if trajectory:
+            raise ValueError("adjoint='reversible' keeps only the final state: no trajectory")
+        from .adjoint import reversible_sample
+
+        watch = _ParasiticWatch()
+        out = reversible_sample(
+            ode,
+            solver,
+            start,
+            grid,
+            return_pair=return_pair,
+            progress=progress,
+            callback=callback,
+            on_state=watch.update,
+        )
+        watch.warn(solver, "sampling")
+        return out
 
     watch = _ParasiticWatch()
     with torch.enable_grad() if adjoint == "autograd" else torch.no_grad():
@@ -382,7 +423,7 @@ def invert(
     _check_solver(solver, ode, grid)
     end = _pair(end, state_dtype, "end")
     n = len(grid) - 1  # index of the last grid point
-    if isinstance(end, StatePair):
+    if isinstance(end, (StatePair, CoupledPair)):
         if solver.reversible:
             check_fingerprint(end, ode, "end")
     elif ode.is_terminal(grid[n]):

@@ -1,7 +1,9 @@
-"""Solvers: the protocol, the single-step families, BDIA, and the name-to-solver table."""
+"""Solvers: the protocol, the single-step families, BDIA, EDICT and McCallum-Foster, and the
+name-to-solver table."""
 
 from .base import SingleStepSolver, Solver, SolverState
 from .bidirectional import BidirectionalWrapper
+from .coupled import EDICTWrapper, ReversibleWrapper
 from .exponential import (
     DDIM,
     DPMSolver1,
@@ -11,7 +13,15 @@ from .exponential import (
     DPMSolverPP2S,
     DPMSolverPP3S,
 )
-from .registry import available_solvers, bdia, get_solver, register_solver, register_tableau
+from .registry import (
+    available_solvers,
+    bdia,
+    edict,
+    get_solver,
+    register_solver,
+    register_tableau,
+    reversible,
+)
 from .runge_kutta import ButcherTableau, ExplicitRungeKutta
 
 __all__ = [
@@ -23,6 +33,10 @@ __all__ = [
     "register_solver",
     "BidirectionalWrapper",
     "bdia",
+    "EDICTWrapper",
+    "edict",
+    "ReversibleWrapper",
+    "reversible",
     "ButcherTableau",
     "ExplicitRungeKutta",
     "register_tableau",

@@ -5,6 +5,7 @@ One loop drives every solver (``bdia.sample`` forward, ``bdia.invert`` backward)
     state = solver.init(ode, ts, start, at=0)        # at = len(ts) - 1 to run backward
     state = solver.step(ode, ts, state)              # ts[k] -> ts[k + 1]
     state = solver.unstep(ode, ts, state)            # ts[k] -> ts[k - 1]
+    state = solver.rewind(ode, ts, state)            # undo a step (adjoint='reversible')
     pair = solver.pair(state, fingerprint)           # what return_pair gives, what invert takes
 
 A ``SolverState`` holds the grid index ``k``, the state ``x`` there, the evaluation the last
@@ -124,6 +125,20 @@ class Solver(ABC):
     def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair:
         """The two grid states around ``state.k`` in grid order, as ``return_pair`` gives them
         and ``init`` takes them back."""
+
+    def rewind(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        """The state that ``step`` moved from: ``rewind(ode, ts, step(ode, ts, s))`` rebuilds
+        ``s`` (its ``k``, ``x`` and ``memory``; ``evaluation`` and ``parasitic`` are None).
+
+        ``unstep`` cannot serve here: it continues a state that travels backward (whose
+        ``memory`` holds the *following* grid state), while ``step`` leaves one that travels
+        forward. ``adjoint="reversible"`` rebuilds every earlier state with this method, so a
+        reversible solver implements it exactly (up to rounding); the default refuses.
+        """
+        raise NotImplementedError(
+            f"solver {self.name!r} cannot rewind a step, which adjoint='reversible' needs; "
+            "use adjoint='autograd'"
+        )
 
     def check(self, ode: ODE, ts: Sequence[float]) -> None:
         """Raise before any model call if the solver cannot run on ``ode`` over ``ts``."""

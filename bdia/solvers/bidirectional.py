@@ -222,8 +222,13 @@ class BidirectionalWrapper(Solver):
                 "gamma = 0 is the base solver, which cannot be inverted exactly; "
                 "inversion needs every gamma in (0, 1]"
             )
-        if not isinstance(start, StatePair):
+        if isinstance(start, Tensor):
             return SolverState(at, start, memory=_Memory(gammas))
+        if not isinstance(start, StatePair):
+            raise TypeError(
+                f"{self.name} continues from a tensor or the StatePair that bdia solvers return, "
+                f"got a {type(start).__name__} (made by another kind of reversible solver)"
+            )
         if at == 0:
             neighbour = Neighbour(0, start.earlier, start.earlier_low)
             return SolverState(1, start.later, memory=_Memory(gammas, start.later_low, neighbour))
@@ -266,6 +271,33 @@ class BidirectionalWrapper(Solver):
         x_prev, low = inverse_update(following.x, following.low, forward, backward, gamma)
         parasitic = _relative_rms(x_prev - backward, x)
         return SolverState(k - 1, x_prev, first, _Memory(memory.gammas, low, here), parasitic)
+
+    def rewind(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
+        """The state ``step`` moved from, rebuilt with ``unstep``: the two grid states are
+        turned to travel backward, ``unstep`` makes the one before them, and the result is
+        turned forward again. Rewinding the first step (k = 1, a plain base step from a
+        single state) needs no model call: its state is the neighbour held in memory."""
+        k, memory = state.k, state.memory
+        previous = memory.neighbour
+        if previous is None or previous.k != k - 1:
+            raise ValueError(f"the state at grid index {k} holds no earlier state to rewind to")
+        if k == 1:
+            return SolverState(0, previous.x, memory=_Memory(memory.gammas, previous.low))
+        if memory.gammas[k - 2] == 0.0:
+            raise ValueError(
+                f"gamma_{k - 1} = 0 makes step {k - 1} a plain base step, which cannot be "
+                "undone exactly; rewinding (adjoint='reversible') needs every gamma in (0, 1]"
+            )
+        turned = SolverState(
+            k - 1,
+            previous.x,
+            memory=_Memory(memory.gammas, previous.low, Neighbour(k, state.x, memory.low)),
+        )
+        before = self.unstep(ode, ts, turned)
+        neighbour = Neighbour(k - 2, before.x, before.memory.low)
+        return SolverState(
+            k - 1, previous.x, memory=_Memory(memory.gammas, previous.low, neighbour)
+        )
 
     def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair:
         return ordered_pair(state.k, state.x, state.memory.low, state.memory.neighbour, fingerprint)

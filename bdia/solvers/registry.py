@@ -2,7 +2,8 @@
 
 ``get_solver(name, **options)`` builds a registered single-step solver; ``"bdia-<name>"``
 wraps one in BDIA. ``register_solver`` and ``register_tableau`` add methods; ``bdia(solver,
-gamma)`` takes a solver or a registered name.
+gamma)``, ``edict(solver, p)`` and ``reversible(solver, coupling)`` take a solver or a
+registered name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 
 from .base import SingleStepSolver, Solver
 from .bidirectional import BidirectionalWrapper, GammaSpec
+from .coupled import EDICTWrapper, ReversibleWrapper
 from .exponential import (
     DDIM,
     DPMSolver1,
@@ -31,6 +33,8 @@ __all__ = [
     "get_solver",
     "available_solvers",
     "bdia",
+    "edict",
+    "reversible",
 ]
 
 SolverFactory = Callable[..., Solver]
@@ -182,6 +186,49 @@ def bdia(solver: SingleStepSolver | str, gamma: GammaSpec = 1.0) -> Bidirectiona
     if isinstance(solver, str):
         solver = get_solver(solver)
     return BidirectionalWrapper(solver, gamma)
+
+
+def edict(solver: SingleStepSolver | str, p: float = 0.93) -> EDICTWrapper:
+    """Wrap ``solver`` (an instance or a registered name) as EDICT's coupled, exactly
+    invertible scheme (Wallace, Gokul & Naik 2023).
+
+    Two chains ``x, y`` start at the same state and take turns stepping with the base
+    increment evaluated at the other; ``p`` mixes them after every step. See the theory page,
+    "Other reversible schemes: EDICT and McCallum-Foster".
+
+    Args:
+        solver: the base single-step solver, or its registered name.
+        p: the mixing weight, in (0, 1]; EDICT's default 0.93. The inverse divides by ``p``.
+
+    Returns:
+        An EDICTWrapper (name ``"edict-<base>"``), usable wherever ``sample`` or ``invert``
+        take a solver; ``return_pair`` gives a ``CoupledPair``. Each step costs two base steps.
+    """
+    if isinstance(solver, str):
+        solver = get_solver(solver)
+    return EDICTWrapper(solver, p)
+
+
+def reversible(solver: SingleStepSolver | str, coupling: float = 0.999) -> ReversibleWrapper:
+    """Wrap ``solver`` (an instance or a registered name) in McCallum and Foster's
+    algebraically reversible scheme (2024; diffrax's ``Reversible``).
+
+    Two chains ``y, z``: ``y`` steps forward from ``z`` and is coupled to its old value by
+    ``coupling``; ``z`` steps back from the new ``y``. It keeps the base's order. See the
+    theory page, "Other reversible schemes: EDICT and McCallum-Foster".
+
+    Args:
+        solver: the base single-step solver, or its registered name.
+        coupling: lambda, in (0, 1]; default 0.999. The inverse divides by it.
+
+    Returns:
+        A ReversibleWrapper (name ``"reversible-<base>"``), usable wherever ``sample`` or
+        ``invert`` take a solver, on grids without a point at sigma = 0; ``return_pair``
+        gives a ``CoupledPair``. Each step costs two base steps.
+    """
+    if isinstance(solver, str):
+        solver = get_solver(solver)
+    return ReversibleWrapper(solver, coupling)
 
 
 for _name, _tableau in (("euler", EULER), ("heun", HEUN), ("midpoint", MIDPOINT), ("rk4", RK4)):

@@ -1,0 +1,324 @@
+"""``sample(..., adjoint="reversible")``: the gradients of autograd in constant memory.
+
+The reference is ``adjoint="autograd"``, plain autograd through the unrolled loop. The
+reversible adjoint differentiates the same operations one step at a time, from states that
+``rewind`` rebuilds; with a float64 state those agree with the forward ones to about twice
+the state's precision, so the gradients must agree to 1e-8 relative (in practice they agree
+to the last bit or nearly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+
+import pytest
+import torch
+from conftest import REPO
+from torch import nn
+
+import bdia
+from bdia.adjoint import state_tensors, with_state_tensors
+from bdia.models import toy
+
+# sampling's parasitic watch calls float() on a 0-dim tensor that carries a graph under
+# adjoint="autograd" (the reference here), which torch warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+TOLERANCE = 1e-8
+STEPS = 10
+SOLVERS = {
+    "bdia-euler-0.9": lambda: bdia.bdia(bdia.get_solver("euler"), 0.9),
+    "bdia-heun-0.96": lambda: bdia.bdia(bdia.get_solver("heun"), 0.96),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
+    var = sigma**2 + sigma_data**2
+    return sigma_data**2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log() / 4
+
+
+class MLPDenoiser(nn.Module):
+    """EDM-form denoiser of a small MLP on ``(batch, dim)`` states, float64."""
+
+    def __init__(self, dim: int = 4, width: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.Tanh(), nn.Linear(width, dim))
+
+    def forward(self, x_bar: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma_bar.to(x_bar.dtype)[:, None])
+        return c_skip * x_bar + c_out * self.net(torch.cat([c_in * x_bar, c_noise], dim=1))
+
+
+class ConvDenoiser(nn.Module):
+    """EDM-form denoiser of two 3x3 convolutions on ``(batch, 1, 8, 8)`` images, with a
+    class embedding added to the hidden features."""
+
+    def __init__(self, classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, width, 3, padding=1)
+        self.embed = nn.Linear(classes, width)
+        self.conv2 = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, x_bar, sigma_bar, class_labels):
+        sigma = sigma_bar.to(x_bar.dtype)[:, None, None, None]
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma)
+        h = self.conv1(torch.cat([c_in * x_bar, c_noise.expand_as(x_bar)], dim=1))
+        h = torch.tanh(h + self.embed(class_labels.to(x_bar.dtype))[:, :, None, None])
+        return c_skip * x_bar + c_out * self.conv2(h)
+
+
+def run(ode, solver, start, ts, adjoint, **kwargs):
+    return bdia.sample(ode, solver, start, ts, adjoint=adjoint, progress=False, **kwargs)
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient is not proportional to the output (so nothing cancels)."""
+    w = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (w * out + 0.1 * out**2).sum()
+
+
+def gradients(make_problem, solver, adjoint: str):
+    """The output and the gradients of ``loss_of`` w.r.t. every tensor ``make_problem``
+    marks as a target, on a fresh copy of the problem (same seed)."""
+    ode, start, ts, targets = make_problem()
+    out = run(ode, solver, start, ts, adjoint)
+    grads = torch.autograd.grad(loss_of(out), targets)
+    return out.detach(), grads
+
+
+def toy_start():
+    mixture = toy.GaussianMixture.random(4, 3, seed=1)
+    ts = bdia.karras_grid(STEPS)
+    x = 80.0 * torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x.requires_grad_(True)
+    return mixture.ode(), x, ts, [x]
+
+
+def mlp_params():
+    torch.manual_seed(0)
+    net = MLPDenoiser().double()
+    ts = bdia.karras_grid(STEPS, sigma_max=20.0)
+    x = 20.0 * torch.randn(5, 4, dtype=torch.float64)
+    return bdia.DiffusionODE(net), x, ts, list(net.parameters())
+
+
+def conv_all():
+    torch.manual_seed(0)
+    net = ConvDenoiser().double()
+    ts = bdia.karras_grid(STEPS, sigma_max=20.0)
+    x = (20.0 * torch.randn(3, 1, 8, 8, dtype=torch.float64)).requires_grad_(True)
+    # A class embedding that is not a leaf: softmax of learnable logits.
+    logits = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    ode = bdia.DiffusionODE(net, cond={"class_labels": logits.softmax(-1)})
+    return ode, x, ts, [x, logits, *net.parameters()]
+
+
+PROBLEMS = {"toy-start": toy_start, "mlp-params": mlp_params, "conv-all": conv_all}
+
+
+@pytest.mark.parametrize("solver_name", SOLVERS)
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_gradients_equal_autograd_through_the_loop(problem, solver_name):
+    solver = SOLVERS[solver_name]()
+    out_ref, ref = gradients(PROBLEMS[problem], solver, "autograd")
+    out, got = gradients(PROBLEMS[problem], solver, "reversible")
+    assert torch.equal(out, out_ref)
+    errors = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+    assert max(errors) <= TOLERANCE, errors
+    assert all(float(r.norm()) > 0 for r in ref)
+
+
+@pytest.mark.parametrize("solver_name", SOLVERS)
+def test_forward_value_is_sample_bit_for_bit(solver_name):
+    solver = SOLVERS[solver_name]()
+    ode, x, ts, _ = conv_all()
+    plain = run(ode, solver, x, ts, None)
+    assert torch.equal(run(ode, solver, x, ts, "reversible").detach(), plain)
+    pair = run(ode, solver, x, ts, None, return_pair=True)
+    got = run(ode, solver, x, ts, "reversible", return_pair=True)
+    for name in ("earlier", "later", "earlier_low", "later_low"):
+        assert torch.equal(getattr(got, name).detach(), getattr(pair, name)), name
+    assert got.fingerprint == pair.fingerprint
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_the_forward_pass_saves_only_the_final_state():
+    """What the forward pass keeps for backward, counted by autograd's saved-tensor hooks:
+    the same whatever the number of steps (autograd through the loop keeps every step's
+    graph)."""
+    solver = SOLVERS["bdia-euler-0.9"]()
+    ode, x, _, _ = toy_start()
+
+    def saved_numel(steps: int, adjoint: str) -> int:
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(ode, solver, x, bdia.karras_grid(steps), adjoint)
+        return count[0]
+
+    # The four tensors of the final state, and the start once (sample's check of its input).
+    assert saved_numel(5, "reversible") == saved_numel(40, "reversible") == 5 * x.numel()
+    assert saved_numel(40, "autograd") > 5 * saved_numel(5, "autograd")
+
+
+def test_the_parasitic_watch_sees_the_reversible_forward_pass():
+    mixture = toy.GaussianMixture.random(2, 2, seed=4)
+    x = 5.0 * torch.randn(1, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ts = bdia.karras_grid(4, sigma_max=5.0)
+    with pytest.warns(bdia.ParasiticWarning, match="bdia-euler"):
+        run(mixture.ode(), SOLVERS["bdia-euler-0.9"](), x, ts, "reversible")
+
+
+def test_the_callback_sees_what_sample_shows():
+    solver = SOLVERS["bdia-euler-0.9"]()
+    ode, x, ts, _ = toy_start()
+    seen = {None: [], "reversible": []}
+    for adjoint, log in seen.items():
+        run(ode, solver, x, ts, adjoint, callback=lambda info, log=log: log.append(info))
+    assert len(seen[None]) == len(seen["reversible"]) == STEPS
+    for a, b in zip(seen[None], seen["reversible"]):
+        assert (a["i"], a["t"], a["t_next"]) == (b["i"], b["t"], b["t_next"])
+        assert torch.equal(a["x_next"], b["x_next"])
+
+
+def test_pair_start_and_pair_result_differentiate_every_word():
+    """From a StatePair (low words included) to the final pair: the gradients w.r.t. all four
+    start tensors through all four result tensors equal autograd's, and the earlier state's
+    low word, which enters only the update beside its high word, gets the same gradient."""
+    solver = SOLVERS["bdia-heun-0.96"]()
+    mixture = toy.GaussianMixture.random(3, 2, seed=2)
+    ode = mixture.ode()
+    ts = bdia.karras_grid(STEPS)
+    x = 80.0 * torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # The pair at ts[0], ts[1] that inverting a sample gives: both low words are set.
+    start_pair = bdia.invert(ode, solver, run(ode, solver, x, ts, None, return_pair=True), ts)
+    assert start_pair.earlier_low is not None and start_pair.later_low is not None
+
+    def grads(adjoint):
+        leaves = {
+            name: getattr(start_pair, name).clone().requires_grad_(True)
+            for name in ("earlier", "later", "earlier_low", "later_low")
+        }
+        start = bdia.StatePair(**leaves, fingerprint=start_pair.fingerprint)
+        out = run(ode, solver, start, ts, adjoint, return_pair=True)
+        loss = loss_of(out.earlier) + loss_of(out.later) + (out.earlier_low * 3.0).sum()
+        loss = loss + (out.later_low * -2.0).sum()
+        return out, torch.autograd.grad(loss, list(leaves.values()))
+
+    out_ref, ref = grads("autograd")
+    out, got = grads("reversible")
+    assert torch.equal(out.later.detach(), out_ref.later.detach())
+    errors = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+    assert max(errors) <= TOLERANCE, errors
+    d_earlier, _, d_earlier_low, _ = got
+    torch.testing.assert_close(d_earlier_low, d_earlier, rtol=1e-12, atol=0.0)
+
+
+def test_rewinding_every_step_rebuilds_the_start():
+    """rewind undoes step: from the final state back to k = 0, the start comes back (x to
+    the last bit here, the neighbour and low words to the two-word precision)."""
+    solver = SOLVERS["bdia-euler-0.9"]()
+    ode, x, ts, _ = toy_start()
+    x = x.detach()
+    grid = [float(t) for t in ts]
+    states = [solver.init(ode, grid, x, at=0)]
+    with torch.no_grad():
+        for _ in range(STEPS):
+            states.append(solver.step(ode, grid, states[-1]))
+        state = states[-1]
+        for k in range(STEPS, 0, -1):
+            state = solver.rewind(ode, grid, state)
+            assert state.k == k - 1
+            original = dict(state_tensors(states[k - 1]))
+            for path, tensor in state_tensors(state):
+                if path in original:
+                    assert rel(tensor, original[path]) <= 1e-14, (k, path)
+    assert torch.equal(state.x, x)
+    assert state.memory.neighbour is None
+
+
+def test_state_tensors_round_trip():
+    solver = SOLVERS["bdia-euler-0.9"]()
+    ode, x, ts, _ = toy_start()
+    grid = [float(t) for t in ts]
+    with torch.no_grad():
+        state = solver.step(ode, grid, solver.step(ode, grid, solver.init(ode, grid, x, at=0)))
+    found = state_tensors(state)
+    assert [p for p, _ in found] == [
+        ("x",),
+        ("memory", "low"),
+        ("memory", "neighbour", "x"),
+        ("memory", "neighbour", "low"),
+    ][: len(found)]
+    doubled = with_state_tensors(state, {p: 2 * t for p, t in found})
+    for (p, t), (q, u) in zip(found, state_tensors(doubled)):
+        assert p == q and torch.equal(u, 2 * t)
+    assert doubled.k == state.k and doubled.memory.gammas == state.memory.gammas
+
+
+def test_gradcheck_on_a_tiny_problem():
+    solver = SOLVERS["bdia-heun-0.96"]()
+    mixture = toy.GaussianMixture.random(2, 2, seed=4)
+    ode = mixture.ode()
+    ts = bdia.karras_grid(6, sigma_max=5.0)
+    x = 5.0 * torch.randn(1, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: run(ode, solver, z, ts, "reversible"), (x,))
+
+
+def test_a_non_reversible_solver_is_refused_in_one_line():
+    ode, x, ts, _ = toy_start()
+    with pytest.raises(ValueError, match="needs a reversible solver") as info:
+        run(ode, bdia.get_solver("heun"), x, ts, "reversible")
+    assert "\n" not in str(info.value)
+
+
+def test_gamma_zero_cannot_be_rewound():
+    ode, x, ts, _ = toy_start()
+    out = run(ode, bdia.bdia(bdia.get_solver("euler"), 0.0), x, ts, "reversible")
+    with pytest.raises(ValueError, match="cannot be undone exactly"):
+        out.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_tensors_the_adjoint_cannot_see_are_named():
+    """A module hidden in a plain function: its parameters get no gradient, and a warning
+    says so (gradients w.r.t. the start are still exact)."""
+    torch.manual_seed(0)
+    net = MLPDenoiser().double()
+    ode = bdia.DiffusionODE(lambda x, s: net(x, s))
+    ts = bdia.karras_grid(4, sigma_max=20.0)
+    x = (20.0 * torch.randn(2, 4, dtype=torch.float64)).requires_grad_(True)
+    out = run(ode, SOLVERS["bdia-euler-0.9"](), x, ts, "reversible")
+    with pytest.warns(RuntimeWarning, match="get no gradient"):
+        out.sum().backward()
+    assert all(p.grad is None for p in net.parameters())
+    assert x.grad is not None and math.isfinite(float(x.grad.norm()))
+
+
+def test_the_digits_example_raises_the_target_probability():
+    """docs/gradients.md's example, run as printed but with two samples and three steps of
+    Adam (its 35 sampling steps kept)."""
+    page = (REPO / "docs" / "gradients.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    line = "BATCH, ITERATIONS = 4, 10"
+    assert line in block
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = compile(block.replace(line, "BATCH, ITERATIONS = 2, 3"), "gradients.md", "exec")
+        exec(code, namespace)
+    before, after = namespace["before"], namespace["after"]
+    assert before.shape == after.shape == (2,)
+    assert bool((after > before).all()), (before, after)
+    assert "p(8) before" in printed.getvalue()

@@ -1,0 +1,343 @@
+"""EDICT and McCallum-Foster (bdia.edict, bdia.reversible): exact round trips, cost, the
+CoupledPair, convergence, parameter checks and the parasitic diagnostic.
+
+Round-trip bounds. Every line of both schemes is inverted in double-word arithmetic to a few
+u^2 of the chains (u = 2^-53 for float64, 2^-24 for float32 states), and the model sees only
+the high words. A float64 round trip must therefore be exact to far below 1e-12 (measured: 0
+on the toy mixture, at most 1e-16 on the digits, where a chain value that lies within u^2 of a
+rounding midpoint is split into neighbouring high words by the two passes: the values agree,
+their words differ by one ulp). In float32 the same midpoint effect changes a model input by
+one float32 ulp (6e-8 relative) somewhere along the run, and the rest of the inverse carries
+that change (EDICT's magnifies it by (1/p)^2 = 1.16 per step): measured at most 6e-10 on the
+toy mixture and 7e-8 on the digits for EDICT, 1e-12 for McCallum-Foster. The float32 bound
+FLOAT32_BOUND = 1e-6 is 16 float32 ulps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import untouched
+
+import bdia
+from bdia.models import digits, toy
+from bdia.models.checkpoints import load_network
+
+BASES = ("euler", "heun", "ddim")
+WRAPPERS = (bdia.edict, bdia.reversible)
+FLOAT64_BOUND = 1e-12
+FLOAT32_BOUND = 1e-6
+
+MIXTURE = toy.GaussianMixture.random(
+    dim=2, components=8, std_range=(0.1, 0.3), spread=1.5, seed=2024
+)
+
+
+def wide(x: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+    return x.double() if low is None else x.double() + low.double()
+
+
+def rel(x: torch.Tensor, low: torch.Tensor | None, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return float((wide(x, low) - ref).norm() / ref.norm())
+
+
+def noise(batch: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (80.0 * torch.randn(batch, 2, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+# Sampling the mixture from sigma 80 in a few Karras steps is outside both schemes' stable
+# range (see docs/benchmarks/reversible.md); the round trips are exact regardless, and the
+# warning is checked on its own at the end.
+pytestmark = pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+
+
+# ------------------------------------------------------------------ round trips (toy)
+@pytest.mark.parametrize(
+    "dtype, bound", [(torch.float64, FLOAT64_BOUND), (torch.float32, FLOAT32_BOUND)]
+)
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("wrap", WRAPPERS, ids=["edict", "reversible"])
+def test_round_trips_on_the_mixture_are_exact(wrap, base, dtype, bound):
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(12, final_zero=False)
+    solver = wrap(base)
+    x0 = noise(32, dtype)
+    # noise -> data -> noise, through the pair
+    pair = bdia.sample(ode, solver, x0, ts, return_pair=True, progress=False)
+    back = bdia.invert(ode, solver, pair, ts, progress=False)
+    assert isinstance(back, bdia.CoupledPair) and back.x.dtype == dtype
+    assert rel(back.x, back.x_low, x0) < bound and rel(back.y, back.y_low, x0) < bound
+    # data -> noise -> data, from a single state (both chains start at the data)
+    data = pair.x.clone()
+    inverted = bdia.invert(ode, solver, data, ts, progress=False)
+    again = bdia.sample(ode, solver, inverted, ts, return_pair=True, progress=False)
+    assert rel(again.x, again.x_low, data) < bound and rel(again.y, again.y_low, data) < bound
+
+
+# --------------------------------------------------------------- round trips (digits)
+@pytest.fixture(scope="module")
+def digit_problem():
+    net = load_network("digits")
+    split = digits.load_digits_split()
+    images, labels = split.held_out_images[:6].double(), split.held_out_labels[:6].tolist()
+    ode = bdia.DiffusionODE(net, bdia.EDM(), cond={"class_labels": torch.eye(10)[labels]})
+    return ode, images
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("wrap", WRAPPERS, ids=["edict", "reversible"])
+def test_digits_round_trip_is_exact_in_both_state_dtypes(digit_problem, wrap, base):
+    ode, images = digit_problem
+    ts = bdia.karras_grid(8, final_zero=False)
+    solver = wrap(base)
+    for dtype, bound in ((torch.float64, FLOAT64_BOUND), (torch.float32, FLOAT32_BOUND)):
+        x = images.to(dtype)
+        with untouched(x):
+            pair = bdia.invert(ode, solver, x, ts, progress=False)
+        assert pair.fingerprint == ode.fingerprint()
+        back = bdia.sample(ode, solver, pair, ts, return_pair=True, progress=False)
+        assert rel(back.x, back.x_low, x) < bound, (dtype, rel(back.x, back.x_low, x))
+        assert rel(back.y, back.y_low, x) < bound
+
+
+# ---------------------------------------------------------------------------- cost
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("wrap", WRAPPERS, ids=["edict", "reversible"])
+def test_nfe_is_two_base_steps_per_step(wrap, base):
+    ode = MIXTURE.ode(bdia.EDM())
+    solver = wrap(base)
+    stages = bdia.get_solver(base).stages
+    assert solver.stages == solver.nfe_per_step == 2 * stages
+    steps = 7
+    ts = bdia.karras_grid(steps, final_zero=False)
+    pair = bdia.sample(ode, solver, noise(4, torch.float64), ts, return_pair=True, progress=False)
+    assert ode.nfe == 2 * stages * steps
+    ode.reset_nfe()
+    bdia.invert(ode, solver, pair, ts, progress=False)
+    assert ode.nfe == 2 * stages * steps
+
+
+def test_attributes_follow_the_base():
+    e, r = bdia.edict("heun", 0.9), bdia.reversible(bdia.get_solver("ddim"), coupling=0.5)
+    assert (e.name, e.order, e.stages, e.needs_diffusion, e.reversible) == (
+        "edict-heun",
+        1,
+        4,
+        False,
+        True,
+    )
+    assert (r.name, r.order, r.stages, r.needs_diffusion, r.reversible) == (
+        "reversible-ddim",
+        1,
+        2,
+        True,
+        True,
+    )
+    assert bdia.reversible("heun").order == 2
+    assert isinstance(e, bdia.EDICTWrapper) and isinstance(r, bdia.ReversibleWrapper)
+    assert "p=0.9" in repr(e) and "coupling=0.5" in repr(r)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.p = 0.5  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------- the pair
+def test_the_coupled_pair_round_trips_and_continues():
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(9, final_zero=False)
+    solver = bdia.edict("euler")
+    x0 = noise(8, torch.float64)
+    full = bdia.sample(ode, solver, x0, ts, trajectory=True, progress=False)
+    assert full.shape == (len(ts), 8, 2) and torch.equal(full[0], x0)
+    pair = bdia.sample(ode, solver, x0, ts, return_pair=True, progress=False)
+    assert torch.equal(pair.x, full[-1])
+    assert pair.fingerprint == ode.fingerprint()
+    with pytest.raises(TypeError, match="not a sequence"):
+        _x, _y = pair
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pair.x = x0  # type: ignore[misc]
+    start = bdia.invert(ode, solver, pair, ts, progress=False)
+    # sample from the inverted pair reproduces the run bitwise in its high words
+    again = bdia.sample(ode, solver, start, ts, return_pair=True, progress=False)
+    assert torch.equal(again.x, pair.x) and torch.equal(again.y, pair.y)
+    # a float64 pair handed over as float32 keeps its value in two float32 words
+    narrow = bdia.sample(
+        ode, solver, start, ts, state_dtype="float32", return_pair=True, progress=False
+    )
+    assert narrow.x.dtype == narrow.x_low.dtype == torch.float32
+    assert rel(narrow.x, narrow.x_low, pair.x) < 1e-5
+
+
+def test_a_bad_pair_is_refused_before_any_model_call():
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(5, final_zero=False)
+    x = noise(3, torch.float64)
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        bdia.invert(ode, bdia.edict("euler"), bdia.CoupledPair(x, bad), ts)
+    with pytest.raises(ValueError, match="match in shape"):
+        bdia.sample(ode, bdia.edict("euler"), bdia.CoupledPair(x, x[:2]), ts)
+    with pytest.raises(TypeError, match="StatePair"):
+        bdia.sample(ode, bdia.reversible("euler"), bdia.StatePair(x, x), ts)
+    assert ode.nfe == 0
+
+
+def test_a_pair_continued_under_another_ode_warns():
+    ts = bdia.karras_grid(4, final_zero=False)
+    made = MIXTURE.ode(bdia.EDM())
+    pair = bdia.sample(
+        made, bdia.reversible("euler"), noise(2, torch.float64), ts, return_pair=True
+    )
+    other = MIXTURE.ode(bdia.EDM(), model_dtype=torch.float32)  # another fingerprint
+    with pytest.warns(bdia.PairMismatchWarning, match="different ODE"):
+        bdia.invert(other, bdia.reversible("euler"), pair, ts, progress=False)
+
+
+def test_edict_samples_to_sigma_zero_and_reversible_refuses_it():
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(6)  # ends at sigma = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bdia.ParasiticWarning)
+        out = bdia.sample(ode, bdia.edict("heun"), noise(4, torch.float64), ts, progress=False)
+    assert bool(torch.isfinite(out).all())
+    # heun's last step falls back to Euler at sigma = 0: 2 evaluations instead of 4
+    assert ode.nfe == 4 * 5 + 2
+    with pytest.raises(ValueError, match="final_zero=False"):
+        bdia.sample(ode, bdia.reversible("heun"), noise(4, torch.float64), ts)
+
+
+# ------------------------------------------------------------------- convergence
+# Order on the 3-D mixture under the VP linear schedule, grid uniform in log-SNR from t = 1 to
+# 0.01, slope of log(error) over 80, 160 and 320 steps. Measured: edict 0.98 (euler),
+# 0.96 (heun), 0.99 (ddim); reversible 1.12 (euler), 1.99 (heun), 1.11 (ddim). EDICT is first
+# order whatever the base: its chain y takes the increment over [t_k, t_{k+1}] from x_i, a
+# point already at t_{k+1}.
+@pytest.mark.parametrize(
+    "solver, order",
+    [
+        (bdia.edict("euler"), 1),
+        (bdia.edict("heun"), 1),
+        (bdia.edict("ddim"), 1),
+        (bdia.reversible("euler"), 1),
+        (bdia.reversible("heun"), 2),
+        (bdia.reversible("ddim"), 1),
+    ],
+    ids=lambda v: v.name if hasattr(v, "name") else str(v),
+)
+def test_convergence_order(solver, order):
+    from test_convergence import MIXTURE as MIX3
+    from test_convergence import reference, relative_error, slope
+
+    assert solver.order == order
+    schedule = bdia.VPLinear()
+    x0, ref = reference(schedule, 1.0, 0.01)
+    ode = MIX3.ode(schedule)
+    steps = [80, 160, 320]
+    errors = [
+        relative_error(
+            bdia.sample(
+                ode, solver, x0, bdia.uniform_logsnr_grid(n, 1.0, 0.01, schedule), progress=False
+            ),
+            ref,
+        )
+        for n in steps
+    ]
+    assert abs(slope(steps, errors) - order) < 0.25, errors
+
+
+def test_edict_over_ddim_is_the_papers_update_in_the_edm_schedule():
+    """EDICT writes DDIM as x_i = a x + b eps(y), a = alpha_{k+1} / alpha_k; with alpha = 1
+    this is the increment form x + D(y) exactly (to float64 rounding)."""
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = [float(t) for t in bdia.karras_grid(10, final_zero=False)]
+    x = y = noise(16, torch.float64)
+    p = 0.93
+    for t, t_next in zip(ts, ts[1:]):
+        x_i = x + (t_next - t) * ode.evaluate(t, y).eps
+        y_i = y + (t_next - t) * ode.evaluate(t, x_i).eps
+        x = p * x_i + (1 - p) * y_i
+        y = p * y_i + (1 - p) * x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bdia.ParasiticWarning)
+        pair = bdia.sample(
+            ode, bdia.edict("ddim", p), noise(16, torch.float64), ts, return_pair=True
+        )
+    assert rel(pair.x, None, x) < 1e-13 and rel(pair.y, None, y) < 1e-13
+
+
+# ---------------------------------------------------------------- parameters
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: bdia.edict("euler", 0.0), ValueError, r"p = 0.0 lies outside \(0, 1\]"),
+        (lambda: bdia.edict("euler", 1.5), ValueError, "outside"),
+        (lambda: bdia.edict("euler", math.nan), ValueError, "outside"),
+        (lambda: bdia.edict("euler", "0.9"), TypeError, "must be a number"),
+        (lambda: bdia.edict("euler", True), TypeError, "must be a number"),
+        (lambda: bdia.reversible("heun", 0.0), ValueError, "coupling = 0.0 .* not invertible"),
+        (lambda: bdia.reversible("heun", coupling=-1), ValueError, "outside"),
+        (lambda: bdia.reversible("heun", None), TypeError, "must be a number"),
+        (lambda: bdia.edict(bdia.bdia("euler")), TypeError, "single-step"),
+        (lambda: bdia.reversible(3), TypeError, "needs a Solver"),
+        (lambda: bdia.edict("eulr"), KeyError, "did you mean"),
+    ],
+)
+def test_bad_parameters_raise_one_line_errors(make, error, match):
+    with pytest.raises(error, match=match) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_an_exponential_base_refuses_a_plain_ode():
+    ode = bdia.ODE(lambda t, x: -x)
+    with pytest.raises(TypeError, match="DiffusionODE"):
+        bdia.sample(ode, bdia.edict("ddim"), torch.ones(2, 1), [0.0, 1.0])
+
+
+# ---------------------------------------------------------------------- parasitic
+@pytest.mark.parametrize("wrap", WRAPPERS, ids=["edict", "reversible"])
+def test_parasitic_is_reported_in_the_callback(wrap):
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(30, sigma_min=0.1, sigma_max=10.0, final_zero=False)
+    seen = []
+    pair = bdia.sample(
+        ode, wrap("heun"), noise(8, torch.float64) / 8, ts, return_pair=True, callback=seen.append
+    )
+    assert len(seen) == len(ts) - 1
+    values = [float(info["parasitic"]) for info in seen]
+    # 30 steps from sigma 10 to 0.1 stay stable: measured at most 0.38 (edict), 0.005 (reversible)
+    assert all(v >= 0 for v in values) and max(values) < 1.0
+    last = seen[-1]["parasitic"]
+    assert last.ndim == 0
+    expected = (pair.x - pair.y).square().mean().sqrt() / pair.x.square().mean().sqrt()
+    assert float(last) == pytest.approx(float(expected), rel=1e-5)
+    assert seen[-1]["denoised"] is not None
+
+
+def test_an_unstable_run_warns():
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(8, final_zero=False)
+    with pytest.warns(bdia.ParasiticWarning, match="edict-euler"):
+        bdia.sample(ode, bdia.edict("euler"), noise(16, torch.float64), ts, progress=False)
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS, ids=["edict", "reversible"])
+def test_rewind_rebuilds_the_state_a_step_moved_from(wrap):
+    """``rewind`` (what adjoint='reversible' rebuilds earlier states with) is ``unstep``:
+    the chains sit at one grid point and carry no direction."""
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = [float(t) for t in bdia.karras_grid(6, final_zero=False)]
+    solver = wrap("heun")
+    state = solver.init(ode, ts, noise(4, torch.float64), at=0)
+    for _ in range(3):
+        state = solver.step(ode, ts, state)
+    moved = solver.step(ode, ts, state)
+    back = solver.rewind(ode, ts, moved)
+    assert back.k == state.k and back.evaluation is None and back.parasitic is None
+    assert torch.equal(back.x, state.x) and torch.equal(back.memory.y, state.memory.y)
