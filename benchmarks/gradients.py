@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from overhead import cpu_name  # the benchmarks folder is the script's path
 from torch import Tensor, nn
 
 import bdia
@@ -188,20 +189,6 @@ def rel(a: Tensor, b: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------ report
-
-
-def cpu_name() -> str:
-    name = platform.processor()
-    if not name:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                name = next(
-                    (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                    "",
-                )
-        except OSError:
-            pass
-    return name or platform.machine() or "unknown CPU"
 
 
 def plot(results: dict, steps: Sequence[int], path: Path) -> None:
