@@ -59,7 +59,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from .ode import ODE
-from .solvers.base import Solver, SolverState
+from .solvers.base import Solver, SolverState, move_report
 
 __all__ = ["reversible_sample", "state_tensors", "with_state_tensors"]
 
@@ -234,21 +234,6 @@ class _Run:
         return self.solver.init(self.ode, self.ts, self.start(tensors), at=0)
 
 
-def _report(callback: Callback, state: SolverState, new: SolverState, ts: list[float]) -> None:
-    denoised = new.evaluation.denoised if new.evaluation is not None else None
-    callback(
-        {
-            "i": state.k,
-            "t": ts[state.k],
-            "t_next": ts[new.k],
-            "x": state.x,
-            "x_next": new.x,
-            "denoised": denoised,
-            "parasitic": new.parasitic,
-        }
-    )
-
-
 def _hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> int:
     """How many tensors requiring grad, other than ``known``, the graph of ``outputs``
     reaches (through the step's own operations; a known non-leaf stops the walk)."""
@@ -300,7 +285,7 @@ class _ReversibleSampling(torch.autograd.Function):
             new = solver.step(ode, ts, state)
             _check_finite(new.x, state.k, ts[state.k], ts[new.k])
             if run.callback is not None:
-                _report(run.callback, state, new, ts)
+                run.callback(move_report(state, new, ts))
             if run.on_state is not None:
                 run.on_state(new)
             state = new

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .ode import DTYPE_NAMES, ODE
 from .pairs import CoupledPair, PairMismatchWarning, StatePair, check_fingerprint
-from .solvers.base import Solver, SolverState
+from .solvers.base import Solver, SolverState, move_report
 from .solvers.registry import get_solver
 
 __all__ = [
@@ -261,18 +261,7 @@ def _report(
     callback: Callback | None, state: SolverState, new: SolverState, grid: list[float]
 ) -> None:
     if callback is not None:
-        denoised = new.evaluation.denoised if new.evaluation is not None else None
-        callback(
-            {
-                "i": state.k,
-                "t": grid[state.k],
-                "t_next": grid[new.k],
-                "x": state.x,
-                "x_next": new.x,
-                "denoised": denoised,
-                "parasitic": new.parasitic,
-            }
-        )
+        callback(move_report(state, new, grid))
 
 
 # --------------------------------------------------------------------- drivers

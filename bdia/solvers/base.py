@@ -32,7 +32,7 @@ from torch import Tensor
 from ..ode import ODE, Evaluation
 from ..pairs import StatePair
 
-__all__ = ["Solver", "SingleStepSolver", "SolverState", "Neighbour", "ordered_pair"]
+__all__ = ["Solver", "SingleStepSolver", "SolverState", "Neighbour", "ordered_pair", "move_report"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,21 @@ class SolverState:
     evaluation: Evaluation | None = None
     memory: Any = None
     parasitic: Tensor | None = None
+
+
+def move_report(state: SolverState, new: SolverState, ts: Sequence[float]) -> dict[str, Any]:
+    """What the drivers' callback receives after a move from ``state`` to ``new``: ``i`` (the
+    index moved from), ``t``, ``t_next``, ``x``, ``x_next``, ``denoised`` (of the move's first
+    evaluation, or None) and ``parasitic`` (a reversible solver's 0-dim tensor, or None)."""
+    return {
+        "i": state.k,
+        "t": ts[state.k],
+        "t_next": ts[new.k],
+        "x": state.x,
+        "x_next": new.x,
+        "denoised": new.evaluation.denoised if new.evaluation is not None else None,
+        "parasitic": new.parasitic,
+    }
 
 
 @dataclass(frozen=True)
