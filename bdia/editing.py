@@ -31,16 +31,16 @@ import torch
 from torch import Tensor
 
 from .ode import ODE
-from .sampling import Callback, StatePair, _grid, invert, sample
+from .pairs import CoupledPair, StatePair
+from .sampling import Callback, _grid, invert, sample
 from .solvers.base import Solver
-from .solvers.bidirectional import BidirectionalWrapper
 
 __all__ = ["Inversion", "edit", "EDIT_RULES"]
 
-#: How ``Inversion.regenerate`` samples under a new ODE, from the inverted noise ``pair.earlier``:
-#: ``"base"`` (the default) with the base solver of a BDIA solver, ``"restart"`` with the
-#: inversion's own solver (for BDIA a fresh trajectory, whose result can itself be inverted
-#: exactly).
+#: How ``Inversion.regenerate`` samples under a new ODE, from the inverted noise
+#: (``Inversion.noise``): ``"base"`` (the default) with the single-step solver a reversible
+#: solver wraps (``solver.base``), ``"restart"`` with the inversion's own solver (a fresh
+#: trajectory, whose result can itself be inverted exactly).
 EDIT_RULES = ("base", "restart")
 
 
@@ -50,23 +50,26 @@ class Inversion:
 
     Attributes:
         ode: the source ODE (its conditioning is the data's own).
-        solver: the solver that inverted the data.
+        solver: the solver that inverted the data: ``bdia``, ``edict`` or ``reversible``
+            around any single-step solver (or a plain solver, whose inversion is
+            approximate).
         ts: the grid, a float64 tensor of shape ``(steps + 1,)``, noisiest first; the data are
             the state at ``ts[-1]``.
-        pair: ``StatePair(x at ts[0], x at ts[1])`` in the state dtype, low words and the
-            source ODE's fingerprint included.
+        pair: what ``invert`` returned, in the state dtype, low words and the source ODE's
+            fingerprint included: ``StatePair(x at ts[0], x at ts[1])`` for BDIA, the
+            ``CoupledPair`` of both chains at ``ts[0]`` for ``edict`` and ``reversible``.
     """
 
     ode: ODE
-    solver: Solver | BidirectionalWrapper
+    solver: Solver
     ts: Tensor
-    pair: StatePair
+    pair: StatePair | CoupledPair
 
     @classmethod
     def of(
         cls,
         ode: ODE,
-        solver: Solver | BidirectionalWrapper,
+        solver: Solver,
         data: Tensor,
         ts: Tensor | Sequence[float],
         *,
@@ -77,8 +80,9 @@ class Inversion:
         """Invert ``data`` (shape ``(batch, ...)``, the state at ``ts[-1]``) under ``ode``.
 
         With a BDIA solver the first step backward, which makes the pair, is an approximate
-        base step and everything after it is exact, so ``reconstruct()`` returns ``data``
-        up to rounding. ``data`` is not modified.
+        base step and everything after it is exact; ``edict`` and ``reversible`` are exact
+        from the first step. Either way ``reconstruct()`` returns ``data`` up to rounding.
+        ``data`` is not modified.
 
         Raises:
             ValueError: if ``ts[-1]`` is a noise level of 0 (build the grid with
@@ -105,13 +109,17 @@ class Inversion:
 
     @property
     def noise(self) -> Tensor:
-        """The inverted noise, the state at ``ts[0]`` (shape ``(batch, ...)``)."""
+        """The inverted noise, the state at ``ts[0]`` (shape ``(batch, ...)``): the pair's
+        earlier state, or the result chain of a ``CoupledPair``."""
+        if isinstance(self.pair, CoupledPair):
+            return self.pair.x
         return self.pair.earlier
 
     def reconstruct(
         self, *, progress: bool | None = None, callback: Callback | None = None
     ) -> Tensor:
-        """The data back, sampled from the pair under the source ODE (exact for BDIA)."""
+        """The data back, sampled from the pair under the source ODE (exact up to rounding
+        for a reversible solver)."""
         with torch.no_grad():
             return sample(
                 self.ode, self.solver, self.pair, self.ts, progress=progress, callback=callback
@@ -130,13 +138,15 @@ class Inversion:
 
         Args:
             target: the ODE to sample under: the same model with other conditioning.
-            rule: ``"base"`` (default): the base solver of a BDIA solver (the solver itself
-                otherwise) from the noise at ``ts[0]``. ``"restart"``: the inversion's own
-                solver from the noise; for BDIA a fresh trajectory whose parasitic mode
-                starts at zero and whose result can be inverted exactly under ``target``
-                (with ``return_pair=True``), at the cost of overshoot on coarse grids.
-                Continuing the pair itself is what neither does (see the module docstring).
-            return_pair: return the final ``StatePair`` instead of the data.
+            rule: ``"base"`` (default): the single-step solver the inversion's solver wraps
+                (``solver.base``: the solver itself when it is plain) from the noise at
+                ``ts[0]``. ``"restart"``: the inversion's own solver from the noise; for BDIA
+                a fresh trajectory whose parasitic mode starts at zero, for ``edict`` and
+                ``reversible`` fresh chains both at the noise; its result can be inverted
+                exactly under ``target`` (with ``return_pair=True``), at the cost of
+                overshoot on coarse grids with BDIA. Continuing the pair itself is what
+                neither does (see the module docstring).
+            return_pair: return the final pair instead of the data.
 
         Returns:
             The regenerated data at ``ts[-1]`` (shape ``(batch, ...)``, the state dtype),
@@ -145,9 +155,7 @@ class Inversion:
         if rule not in EDIT_RULES:
             choices = ", ".join(map(repr, EDIT_RULES))
             raise ValueError(f"rule must be one of {choices}, got {rule!r}")
-        solver = self.solver
-        if rule == "base" and isinstance(solver, BidirectionalWrapper):
-            solver = solver.solver
+        solver = self.solver.base if rule == "base" else self.solver
         with torch.no_grad():
             return sample(
                 target,
@@ -163,7 +171,7 @@ class Inversion:
 def edit(
     source: ODE,
     target: ODE,
-    solver: Solver | BidirectionalWrapper,
+    solver: Solver,
     data: Tensor,
     ts: Tensor | Sequence[float],
     *,

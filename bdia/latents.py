@@ -68,10 +68,19 @@ def save_latents(
         source: the name of the inverted image.
 
     Raises:
+        TypeError: if ``pair`` is not a ``StatePair`` (latents files hold BDIA's pairs).
         ValueError: if the pair has no fingerprint or its tensors do not match.
     """
     from safetensors.torch import save_file
 
+    if not isinstance(pair, StatePair):
+        # The metadata (solver, gamma) and the command line's --latents rebuild a bdia
+        # solver; the chains of edict and reversible would need their own record.
+        raise TypeError(
+            f"latents files hold the StatePair of a bdia solver, got a {type(pair).__name__}; "
+            "invert with bdia(solver, gamma), or keep an edict/reversible CoupledPair with "
+            "safetensors.torch.save_file on its fields (x, y, x_low, y_low)"
+        )
     if pair.fingerprint is None:
         raise ValueError("the pair has no fingerprint; save the pair that invert returns")
     tensors = {"earlier": pair.earlier, "later": pair.later}

@@ -150,6 +150,17 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
             class_label=None,
             network="n",
         )
+    with pytest.raises(TypeError, match="StatePair of a bdia solver, got a CoupledPair"):
+        save_latents(
+            tmp_path / "z.safetensors",
+            bdia.CoupledPair(a, b, fingerprint="0123456789abcdef"),
+            ts,
+            solver="heun",
+            gamma=1.0,
+            class_label=None,
+            network="n",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
     (tmp_path / "text.safetensors").write_text("not safetensors")
     with pytest.raises(ValueError, match=r"text.safetensors is not bdia latents.*bdia-latents/1"):
         load_latents(tmp_path / "text.safetensors")

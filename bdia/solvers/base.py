@@ -141,6 +141,12 @@ class Solver(ABC):
         """The two grid states around ``state.k`` in grid order, as ``return_pair`` gives them
         and ``init`` takes them back."""
 
+    @property
+    def base(self) -> Solver:
+        """The single-step solver this one is built on: itself, or the solver a reversible
+        meta-solver wraps (``bdia``, ``edict`` and ``reversible`` override this)."""
+        return self
+
     def rewind(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
         """The state that ``step`` moved from: ``rewind(ode, ts, step(ode, ts, s))`` rebuilds
         ``s`` (its ``k``, ``x`` and ``memory``; ``evaluation`` and ``parasitic`` are None).

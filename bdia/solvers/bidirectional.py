@@ -116,6 +116,10 @@ class BidirectionalWrapper(Solver):
 
     reversible = True
 
+    @property
+    def base(self) -> SingleStepSolver:
+        return self.solver
+
     def __post_init__(self) -> None:
         if isinstance(self.solver, Solver) and not isinstance(self.solver, SingleStepSolver):
             raise TypeError(

@@ -116,6 +116,10 @@ class _Coupled(Solver):
 
     # ------------------------------------------------------------------ data
     @property
+    def base(self) -> SingleStepSolver:
+        return self.solver
+
+    @property
     def name(self) -> str:  # type: ignore[override]
         return f"{self._factory}-{self.solver.name}"
 
