@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, run_child
+from conftest import benchmark_module, run_child
 
 import bdia
 from bdia import generate
@@ -26,14 +24,8 @@ from bdia.models.checkpoints import (
 
 
 def _training_script():
-    """``benchmarks/train_digits.py`` as a module: the training loops live there, not in bdia."""
-    name = "train_digits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "train_digits.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """``benchmarks/train_digits.py``: the training loops live there, not in bdia."""
+    return benchmark_module("train_digits")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,18 @@
-"""Smoke runs of benchmarks/edm_cifar10.py and benchmarks/gpu_check.py as subprocesses."""
+"""Smoke runs of benchmarks/edm_cifar10.py and benchmarks/gpu_check.py as subprocesses, and
+gpu_check's reference sampler, FLOP count, timing and report functions in process."""
 
+import copy
 import hashlib
 import math
 import re
 
-from conftest import REPO, run_child
+import pytest
+import torch
+from conftest import REPO, benchmark_module, run_child
+from torch.utils.flop_counter import FlopCounterMode
+
+import bdia
+from bdia import generate
 
 DOCS = REPO / "docs" / "benchmarks"
 
@@ -57,20 +65,235 @@ def test_edm_cifar10_smoke_as_documented_needs_no_outdir():
     assert float(_cells(out, "heun-3")[2]) == 0.0
 
 
-def test_gpu_check_smoke():
-    before = _snapshot()
-    out = _run("benchmarks/gpu_check.py", "--smoke")
-    assert _snapshot() == before
-    for mode in ("fp32", "tf32", "bf16"):
-        for state in ("float32", "float64"):
-            line = [ln for ln in out.splitlines() if re.match(rf"\| {mode} \| {state} \|", ln)]
-            assert line, f"{mode}/{state} missing:\n{out}"
-            cells = [c.strip() for c in line[0].strip("|").split("|")]
-            assert float(cells[2]) > 0 and math.isfinite(float(cells[2]))
-            assert int(cells[3]) == 5
-    ratio = re.search(r"time ratio .*: ([0-9.]+)", out)
-    assert ratio and 0 < float(ratio.group(1)) < 100
-    err64 = float(_cells(out, "float64 state")[1])
-    err32 = float(_cells(out, "float32 state")[1])
-    assert 0 <= err64 < 1e-10
-    assert math.isfinite(err32) and err32 < 1e-3
+# ------------------------------------------------------------------------- gpu_check
+
+
+def _gpu_check():
+    return benchmark_module("gpu_check")
+
+
+def _table(text, first_column):
+    """The Markdown table whose header starts with ``| first_column |``, as dicts by header."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_column} |"))
+    split = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[start:]]
+    header, table = split[0], []
+    for cells in split[2:]:
+        if len(cells) != len(header):
+            break
+        table.append(dict(zip(header, cells, strict=True)))
+    return table
+
+
+def _gpu_md():
+    """docs/benchmarks/gpu.md's bytes, or None: the one file gpu_check writes by default.
+    (Only that file is compared: other benchmarks running meanwhile may write under docs/.)"""
+    path = DOCS / "gpu.md"
+    return path.read_bytes() if path.exists() else None
+
+
+def _targets(text):
+    return {row["target"].split(" ")[0]: row[""] for row in _table(text, "target")}
+
+
+def test_gpu_check_smoke(tmp_path):
+    before = _gpu_md()
+    report = tmp_path / "gpu.md"
+    out = _run("benchmarks/gpu_check.py", "--smoke", "--out", str(report))
+    assert _gpu_md() == before
+    assert report.read_text() == out  # the file written is the report printed
+
+    rows = {r["row"]: r for r in _table(out, "row")}
+    eager = ["fp32", "tf32", "bf16", "fp16"]
+    compiled = ["bf16 +compile", "fp16 +compile"]
+    extra = [n for n in rows if n.endswith(("reduce-overhead", "+channels_last"))]
+    assert list(rows) == eager + compiled + extra and len(extra) == 2
+    for name, row in rows.items():
+        assert row["NFE"] == "5", row  # heun on karras_grid(3), library and reference alike
+        for column in ("images/s", "reference images/s", "ratio", "ratio (median)"):
+            assert 0 < float(row[column]) < math.inf, (name, column, row)
+        # The same sampler on the same network: only rounding tells the two apart.
+        assert float(row["difference"]) < 1e-4, row
+        assert row["batch"] == ("2" if name in ("fp32", "tf32") else "4")
+        if name in eager:
+            assert row["compile s"] == "n/a" and row["recompiles"] == "n/a"
+        else:
+            assert float(row["compile s"]) >= 0
+            assert row["recompiles"].startswith("0 "), row  # nothing compiled after the first call
+        assert row["% of dense peak"] == "n/a" and row["peak GiB"] == "n/a"  # CPU
+
+    (overhead,) = _table(out, "row | batch | NFE heun")
+    assert (overhead["NFE heun"], overhead["NFE bdia"]) == ("5", "7")
+    assert 0 < float(overhead["per-NFE ratio"]) < math.inf
+    assert overhead["row"] in eager + compiled + extra and "fp32" not in overhead["row"]
+
+    trips = {t["state"]: t for t in _table(out, "state")}
+    assert trips["float64"]["relative error"] == "0.000e+00"
+    assert trips["float64"]["bit-exact"] == "yes"
+    assert float(trips["float32"]["relative error"]) < 1e-3
+
+    gflop = re.search(r"FLOPs: ([0-9.]+) GFLOP per image per evaluation", out)
+    assert gflop and 0 < float(gflop.group(1)) < 1  # tiny-cond: tens of MFLOP
+    targets = _targets(out)
+    assert targets["bf16"] == "not measured"  # no batch-512, 35-NFE row in a smoke run
+    assert targets["round"] == "met"
+    assert targets["compile"] == "met"  # aot_eager on a tiny network: seconds
+
+
+def test_gpu_check_smoke_skips_what_does_not_fit_and_still_reports():
+    before = _gpu_md()
+    out = _run("benchmarks/gpu_check.py", "--smoke", "--budget", "0")
+    assert _gpu_md() == before  # no --out in a smoke run: no file written
+    rows = _table(out, "row")
+    # With no compiled row measured, the extra rows take bf16.
+    assert [r["row"] for r in rows] == [
+        "fp32",
+        "tf32",
+        "bf16",
+        "fp16",
+        "bf16 +compile",
+        "fp16 +compile",
+        "bf16 +compile reduce-overhead",
+        "bf16 +compile +channels_last",
+    ]
+    assert all(r["note"].startswith("skipped:") for r in rows), rows
+    assert "Not measured: no half-precision row measured." in out
+    assert [t["note"].startswith("skipped:") for t in _table(out, "state")] == [True, True]
+    assert set(_targets(out).values()) == {"not measured"}
+
+
+def _gaussian_denoiser(sigma_data=0.5):
+    """The exact denoiser of data N(0, sigma_data^2), called as the samplers call a network."""
+
+    def denoise(x, sigma):
+        s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
+        return x * sigma_data**2 / (s**2 + sigma_data**2)
+
+    return denoise
+
+
+def test_reference_heun_is_the_library_heun():
+    gpu_check = _gpu_check()
+    denoise = _gaussian_denoiser()
+    ts = bdia.karras_grid(18)
+    x = 80 * torch.randn(
+        3, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+
+    def net(x, sigma):  # the reference passes sigma as float32, as the library does
+        assert sigma.shape == (x.shape[0],) and sigma.dtype == torch.float32
+        return denoise(x, sigma.double())
+
+    ref, nfe = gpu_check.edm_heun(net, x, ts.tolist(), {})
+    ode = bdia.DiffusionODE(denoise, bdia.EDM(), model_dtype=torch.float64)
+    lib, lib_nfe = gpu_check.library_sample(ode, bdia.get_solver("heun"), x, ts)
+    assert nfe == lib_nfe == 35
+    # float32 sigmas in the reference's network calls: agreement to their rounding.
+    torch.testing.assert_close(ref, lib, rtol=1e-6, atol=1e-6)
+    # The probability-flow ODE of Gaussian data scales x by sqrt(s^2 + sd^2): at sigma = 0,
+    # x sd / sqrt(80^2 + sd^2). Heun is second order: twice the steps, about a quarter of the
+    # error (measured 0.055 at 18 steps, 0.012 at 36); a first-order step would only halve it.
+    exact = x * 0.5 / math.sqrt(80**2 + 0.25)
+    errors = [
+        float((gpu_check.edm_heun(net, x, bdia.karras_grid(n).tolist(), {})[0] - exact).norm())
+        / float(exact.norm())
+        for n in (18, 36)
+    ]
+    assert errors[0] < 0.1 and errors[1] < errors[0] / 3.5
+
+
+def test_count_gflop_scales_to_one_image():
+    gpu_check = _gpu_check()
+    net = generate.random_network("tiny-cond")
+    per_image, how = gpu_check.count_gflop(net, 8)
+    assert "meta" in how
+    x, sigma, cond = gpu_check.network_inputs(net, 1, 1.0, torch.device("cpu"), torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        copy.deepcopy(net)(x, sigma, **cond)
+    assert per_image == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)
+    assert per_image > 0
+
+
+def test_interleave_takes_turns_in_alternating_order():
+    gpu_check = _gpu_check()
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or name) for name in "ab"}
+    times, last = gpu_check.interleave(fns, 3, torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert last == {"a": "a", "b": "b"}
+
+
+def _row(gpu_check, name, precision, lib, ref, batch=512, nfe=35, **kwargs):
+    config = gpu_check.Config(name, precision, batch, {} if "compile" in name else None)
+    return gpu_check.Row(config, lib=lib, ref=ref, nfe_lib=nfe, nfe_ref=nfe, **kwargs)
+
+
+def test_targets_follow_the_measured_numbers():
+    g = _gpu_check()
+    fast = _row(g, "bf16 +compile", "bf16", [1.9, 2.0], [1.88, 1.95], compile_s=41.0)
+    trips = [g.RoundTrip("float32", 64, 72, 1e-7, False), g.RoundTrip("float64", 64, 72, 0.0, True)]
+    overhead = g.Overhead(
+        "bf16 +compile", 512, heun=[2.0], bdia=[2.0 * 37 / 35], nfe_heun=35, nfe_bdia=37
+    )
+    verdicts = [met for _, _, met in g.targets([fast], overhead, trips)]
+    assert verdicts == [True, True, True, True, True]  # 269 images/s, 1.011, 1.000, 41 s, exact
+
+    slow = _row(g, "fp16 +compile", "fp16", [2.1], [2.0], compile_s=95.0)
+    small = _row(g, "bf16", "bf16", [0.1], [0.1], batch=64)  # fast, but not batch 512
+    overhead.bdia = [2.2 * 37 / 35]
+    trips[1].exact, trips[1].error = False, 1e-17
+    measured = g.targets([small, fast, slow], overhead, trips)
+    assert [met for _, _, met in measured] == [True, False, False, False, False]
+    assert "fp16 +compile" in measured[1][1] and "1.050" in measured[1][1]  # the worst row
+    assert "95.0" in measured[3][1]
+
+    skipped = g.Row(g.Config("bf16", "bf16", 512), note="skipped: budget")
+    assert [met for _, _, met in g.targets([skipped], None, [])] == [None] * 5
+
+
+@pytest.mark.parametrize(
+    ("card", "peak", "practical"),
+    [
+        ("NVIDIA H200", 989.0, 790.0),
+        ("NVIDIA H100 80GB HBM3", 989.0, None),
+        ("NVIDIA H100 PCIe", 756.0, None),
+        ("NVIDIA H200 NVL", 835.0, None),
+        ("NVIDIA GH200 480GB", 989.0, None),
+        ("NVIDIA A100-SXM4-80GB", 312.0, None),
+        ("Some other card", None, None),
+    ],
+)
+def test_peaks_by_card_name(card, peak, practical):
+    peaks, got = _gpu_check().peaks_for(card)
+    assert peaks.get("bf16") == peaks.get("fp16") == peak
+    assert got == practical
+
+
+def test_render_reports_tflops_and_shares_of_the_peaks():
+    g = _gpu_check()
+    rows = [
+        _row(g, "bf16 +compile", "bf16", [2.0, 2.2], [2.0, 2.1], compile_s=40.0, recompiles=0),
+        _row(g, "fp32", "fp32", [1.0], [1.0], batch=64, peak_bytes=3 * 2**30, difference=1e-7),
+        g.Row(g.Config("fp16 +compile", "fp16", 512, {}), note="skipped: planned 60 s"),
+    ]
+    rows[0].graphs, rows[0].difference = 1, 2e-3
+    text = g.render({"device": "x"}, rows, None, [], 42.0, "NVIDIA H200")
+    table = {r["row"]: r for r in _table(text, "row")}
+    bf16 = table["bf16 +compile"]
+    # 512 images in 2.0 s, 35 evaluations of 42 GFLOP each: 376.32 TFLOP/s, 38.05% of 989.
+    assert bf16["images/s"] == "256.00" and bf16["TFLOP/s"] == "376.3"
+    assert bf16["% of dense peak"] == "38.1" and bf16["% of 790"] == "47.6"
+    assert (bf16["ratio"], bf16["ratio (median)"]) == ("1.000", "1.024")
+    assert bf16["recompiles"] == "0 (first call: 1 graph)" and bf16["runs"] == "2"
+    fp32 = table["fp32"]
+    assert fp32["% of dense peak"] == f"{100 * 64 * 35 * 42 / 1e3 / 67:.1f}"
+    assert fp32["% of 790"] == "n/a"  # the practical figure is a half-precision one
+    assert fp32["peak GiB"] == "3.00" and fp32["compile s"] == "n/a"
+    assert table["fp16 +compile"]["note"] == "skipped: planned 60 s"
+    assert table["fp16 +compile"]["images/s"] == "-"
+    assert "Not measured: no half-precision row." in text
+
+    unknown = {r["row"]: r for r in _table(g.render({}, rows, None, [], 42.0, "Other"), "row")}
+    assert unknown["bf16 +compile"]["% of dense peak"] == "n/a"
+    assert unknown["bf16 +compile"]["% of practical"] == "n/a"

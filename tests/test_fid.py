@@ -353,3 +353,110 @@ def test_readable_folder_still_gives_its_statistics(tmp_path):
         stats = image_statistics(StandInDetector(), folder, batch=2, on_batch=batches.append)
         assert stats.n == 3 and stats.sigma.shape == (2048, 2048)
     assert batches == [2, 1]
+
+
+# ------------------------------------------------------------ decoding in worker processes
+
+
+def _serial_statistics(detector, folder, batch, rank=0, world_size=1):
+    """The accumulation as it was before the DataLoader: batches read in order in this
+    process, each added as it comes."""
+    from bdia.metrics.fid import list_images
+
+    mine = list_images(folder)[rank::world_size]
+    stats = FeatureStatistics()
+    for start in range(0, len(mine), batch):
+        stats.add(extract_features(detector, _load_batch(mine[start : start + batch])))
+    return stats
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_workers_give_the_statistics_of_the_serial_loop_bit_for_bit(tmp_path, workers, rank):
+    folder = _image_folder(tmp_path, n=7)
+    detector = StandInDetector(features=16)
+    expected = _serial_statistics(detector, folder, batch=2, rank=rank, world_size=2)
+    batches = []
+    got = image_statistics(
+        detector, folder, batch=2, rank=rank, world_size=2, workers=workers, on_batch=batches.append
+    )
+    # Same batches in the same order through the same float64 operations: exactly equal.
+    assert got.n == expected.n == (4 if rank == 0 else 3)
+    np.testing.assert_array_equal(got.sum, expected.sum)
+    np.testing.assert_array_equal(got.sum_outer, expected.sum_outer)
+    assert batches == ([2, 2] if rank == 0 else [2, 1])
+    assert got.seconds > 0 and got.images_per_second == got.n / got.seconds
+
+
+def test_images_are_decoded_in_worker_processes_on_one_thread(tmp_path, monkeypatch):
+    import bdia.metrics.fid as fid
+
+    folder = _image_folder(tmp_path, n=4)
+    parent = os.getpid()
+
+    def read_where(path):
+        # The pixel values say which process decoded the file and on how many threads.
+        return np.full((8, 8, 3), 10 * torch.get_num_threads() + (os.getpid() != parent), np.uint8)
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, return_features=False):
+            seen.append(x[:, 0, 0, 0].tolist())
+            return x.flatten(1).float()
+
+    monkeypatch.setattr(fid, "_read_image", read_where)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # workers must not take on the parent's count
+    try:
+        image_statistics(Recorder(), folder, batch=2, workers=2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [[11, 11], [11, 11]]  # another process, 1 thread
+
+
+def test_an_image_that_fails_to_decode_in_a_worker_is_named_in_one_line(tmp_path, monkeypatch):
+    import bdia.metrics.fid as fid
+
+    folder = _image_folder(tmp_path, n=4, size=(32, 32))
+    data = (folder / "3.png").read_bytes()
+    (folder / "3.png").write_bytes(data[: len(data) // 2])
+    # A file that changed after the upfront check: only the decoding can find it.
+    monkeypatch.setattr(fid, "check_images", lambda files: None)
+    with pytest.raises(ValueError) as info:
+        image_statistics(StandInDetector(features=16), folder, batch=2, workers=1)
+    msg = str(info.value)
+    assert msg.startswith(f"{folder / '3.png'}: not a readable image") and "\n" not in msg
+
+
+def test_default_workers(monkeypatch):
+    from bdia.metrics.fid import default_workers
+
+    assert default_workers("cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers("cuda") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(torch.device("cuda", 3)) == 1  # 2 cores each, one feeds its GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert default_workers("cuda:0") == 0
+
+
+def test_negative_workers_are_refused(tmp_path):
+    folder = _image_folder(tmp_path, n=2)
+    with pytest.raises(ValueError, match="workers must be 0 or more, got -1"):
+        image_statistics(StandInDetector(features=16), folder, workers=-1)
+
+
+def test_merge_adds_seconds_and_all_reduce_without_a_group_changes_nothing():
+    a, b = FeatureStatistics().add(np.eye(3)), FeatureStatistics().add(np.ones((2, 3)))
+    a.seconds, b.seconds = 1.5, 2.0
+    merged = a + b
+    assert merged.seconds == 3.5 and merged.n == 5
+    assert merged.images_per_second == 5 / 3.5
+    assert np.isnan(FeatureStatistics().images_per_second)
+    sums = merged.sum.copy(), merged.sum_outer.copy()
+    assert merged.all_reduce() is merged  # no process group: nothing to sum over
+    assert merged.n == 5 and merged.seconds == 3.5
+    np.testing.assert_array_equal(merged.sum, sums[0])
+    np.testing.assert_array_equal(merged.sum_outer, sums[1])

@@ -284,3 +284,38 @@ def test_a_refused_outdir_keeps_the_grid_of_the_same_run_from_being_written(tmp_
     grid = tmp_path / "grid.png"
     result = invoke("--steps", "4", "--seeds", "0-1", "--outdir", str(out), "--grid", str(grid))
     assert result.exit_code == 1 and not grid.exists()
+
+
+def test_compile_flag_compiles_the_network_and_is_recorded(tmp_path, monkeypatch):
+    """``--compile`` goes through ``compile_network``; the run record notes it, so a folder
+    is not resumed across the flag (compiled kernels may round differently)."""
+    import json
+
+    import torch._dynamo
+
+    from bdia.models import networks
+
+    compiled = []
+
+    def without_a_cpp_compiler(net, **kwargs):
+        # The inductor backend needs a C++ toolchain and a minute here; aot_eager runs the
+        # same capture with eager kernels, so the images must equal uncompiled ones exactly.
+        compiled.append(type(net).__name__)
+        return networks.compile_network.__wrapped_original__(net, backend="aot_eager")
+
+    without_a_cpp_compiler.__wrapped_original__ = networks.compile_network
+    monkeypatch.setattr(networks, "compile_network", without_a_cpp_compiler)
+    torch._dynamo.reset()
+    try:
+        plain, fast = tmp_path / "plain", tmp_path / "fast"
+        run_cli("--seeds", "0-2", "--batch", "3", "--outdir", str(plain))
+        run_cli("--seeds", "0-2", "--batch", "3", "--outdir", str(fast), "--compile")
+    finally:
+        torch._dynamo.reset()
+    assert compiled == ["EDMPrecond"]
+    assert pngs(fast) == pngs(plain)
+    record = json.loads((fast / "bdia-run.json").read_text())
+    assert record["settings"]["compile"] is True
+    assert "compile" not in json.loads((plain / "bdia-run.json").read_text())["settings"]
+    refused = invoke("--seeds", "0-2", "--batch", "3", "--outdir", str(fast))
+    assert refused.exit_code == 1 and "--compile" in refused.stderr

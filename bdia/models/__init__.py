@@ -4,7 +4,7 @@ Network classes that files may name are registered with ``registry.register_netw
 """
 
 from . import networks, toy
-from .networks import EDMPrecond, SongUNet, VEPrecond, VPPrecond
+from .networks import EDMPrecond, SongUNet, VEPrecond, VPPrecond, compile_network
 from .registry import register_network
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "EDMPrecond",
     "VPPrecond",
     "VEPrecond",
+    "compile_network",
     "register_network",
 ]
