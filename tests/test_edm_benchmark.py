@@ -18,12 +18,13 @@ DOCS = REPO / "docs" / "benchmarks"
 
 
 def _snapshot():
+    """The published pages' hashes; dot files (a running study's cache) are not pages."""
     if not DOCS.exists():
         return {}
     return {
         str(p.relative_to(DOCS)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(DOCS.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not p.name.startswith(".")
     }
 
 
