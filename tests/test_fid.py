@@ -74,10 +74,15 @@ def test_accumulation_in_batches_and_merge_equals_whole():
     half_b = FeatureStatistics().add(torch.from_numpy(x[250:]))
     merged = FeatureStatistics().merge(half_a).merge(half_b)
     summed = half_a + half_b
+    # Tensor batches are summed on their device and numpy ones on the host, in one object.
+    mixed = FeatureStatistics()
+    for i in range(0, len(x), 64):
+        chunk = x[i : i + 64]
+        mixed.add(chunk if i % 128 else torch.from_numpy(chunk))
     # Same float64 sums in a different order: differences are a few ulps of the O(1) sums
     # (~1e-14 absolute), so 1e-12 relative (plus 1e-12 absolute for near-zero off-diagonal
     # entries of sigma) is a strict check that nothing is lost or double counted.
-    for stats in (batched, merged, summed):
+    for stats in (batched, merged, summed, mixed):
         assert stats.n == 501
         np.testing.assert_allclose(stats.mu, whole.mu, rtol=1e-12, atol=0)
         np.testing.assert_allclose(stats.sigma, whole.sigma, rtol=1e-12, atol=1e-12)

@@ -75,10 +75,16 @@ def _as_float64_2d(x: ArrayLike) -> np.ndarray:
 class FeatureStatistics:
     """Running count, sum and sum of outer products of feature vectors (float64).
 
+    Feature batches given as torch tensors are summed on their own device (a GPU's float64
+    matrix product, without a copy to the host or a wait for the detector per batch); the
+    totals move to the host when ``sum`` or ``sum_outer`` is read. NumPy batches are summed
+    on the host.
+
     Attributes:
         n: number of feature vectors added.
-        sum: ``(dim,)`` float64, their sum (None until the first vectors fix ``dim``).
-        sum_outer: ``(dim, dim)`` float64, the sum of their outer products.
+        sum: ``(dim,)`` float64 NumPy array, their sum (None until the first vectors fix
+            ``dim``).
+        sum_outer: ``(dim, dim)`` float64 NumPy array, the sum of their outer products.
         seconds: wall-clock seconds ``image_statistics`` spent reading images and running
             the detector for them (0.0 for vectors added directly); ``merge`` adds them,
             ``all_reduce`` keeps the slowest rank's.
@@ -87,24 +93,72 @@ class FeatureStatistics:
     def __init__(self, dim: int | None = None):
         self.dim = dim
         self.n = 0
-        self.sum = None if dim is None else np.zeros(dim, dtype=np.float64)
-        self.sum_outer = None if dim is None else np.zeros((dim, dim), dtype=np.float64)
+        self._sum = None if dim is None else np.zeros(dim, dtype=np.float64)
+        self._sum_outer = None if dim is None else np.zeros((dim, dim), dtype=np.float64)
+        # (sum, sum_outer) of the torch batches not yet added to the host totals.
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seconds = 0.0
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            pending_sum, pending_outer = self._pending
+            self._pending = None
+            self._sum += pending_sum.cpu().numpy()
+            self._sum_outer += pending_outer.cpu().numpy()
+
+    @property
+    def sum(self) -> np.ndarray | None:
+        self._flush()
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: np.ndarray) -> None:
+        self._flush()
+        self._sum = value
+
+    @property
+    def sum_outer(self) -> np.ndarray | None:
+        self._flush()
+        return self._sum_outer
+
+    @sum_outer.setter
+    def sum_outer(self, value: np.ndarray) -> None:
+        self._flush()
+        self._sum_outer = value
 
     def _init(self, dim: int) -> None:
         if self.dim is None:
             self.dim = dim
-            self.sum = np.zeros(dim, dtype=np.float64)
-            self.sum_outer = np.zeros((dim, dim), dtype=np.float64)
+            self._sum = np.zeros(dim, dtype=np.float64)
+            self._sum_outer = np.zeros((dim, dim), dtype=np.float64)
         elif dim != self.dim:
             raise ValueError(f"feature dimension {dim} does not match accumulated {self.dim}")
 
     def add(self, features: ArrayLike) -> FeatureStatistics:
-        x = _as_float64_2d(features)
+        """Add a batch of feature vectors ``(N, dim)`` (a tensor on any device, or an array)."""
+        if not isinstance(features, torch.Tensor):
+            x = _as_float64_2d(features)
+            self._init(x.shape[1])
+            self.n += x.shape[0]
+            self._sum += x.sum(axis=0)
+            self._sum_outer += x.T @ x
+            return self
+        if features.ndim != 2:
+            raise ValueError(
+                f"expected a feature batch of shape (N, D), got shape {tuple(features.shape)}"
+            )
+        x = features.detach().to(torch.float64)
         self._init(x.shape[1])
+        if self._pending is not None and self._pending[0].device != x.device:
+            self._flush()
+        if self._pending is None:
+            self._pending = (
+                torch.zeros(self.dim, dtype=torch.float64, device=x.device),
+                torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device),
+            )
         self.n += x.shape[0]
-        self.sum += x.sum(axis=0)
-        self.sum_outer += x.T @ x
+        self._pending[0].add_(x.sum(dim=0))
+        self._pending[1].addmm_(x.T, x)
         return self
 
     update = add
@@ -592,5 +646,8 @@ def image_statistics(
         stats.add(extract_features(detector, images))
         if on_batch is not None:
             on_batch(images.shape[0])
+    # The sums stay on the detector's device while it runs; bringing them to the host
+    # also waits for its last batch, so the clock stops when the work is done.
+    stats._flush()
     stats.seconds = time.perf_counter() - start
     return stats
