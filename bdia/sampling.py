@@ -192,6 +192,15 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
     return out
 
 
+def _check_alike(a: Tensor, b: Tensor, what: str) -> None:
+    """Raise unless the two tensors of a pair share shape, dtype and device."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(
+            f"{what} must match in shape, dtype and device; got "
+            f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}"
+        )
+
+
 def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
     """A start or end as the drivers take it: a tensor, a ``StatePair`` or a ``CoupledPair``,
     checked to be finite and cast to the state dtype (low words re-split on a cast)."""
@@ -199,11 +208,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
     if isinstance(value, CoupledPair):
         x = _state(value.x, state_dtype, f"{what}.x")
         y = _state(value.y, state_dtype, f"{what}.y")
-        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
-            raise ValueError(
-                f"the two chains of {what} must match in shape, dtype and device; got "
-                f"{tuple(x.shape)} {x.dtype} {x.device} and {tuple(y.shape)} {y.dtype} {y.device}"
-            )
+        _check_alike(x, y, f"the two chains of {what}")
         return CoupledPair(
             x,
             y,
@@ -221,11 +226,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
     if isinstance(value, StatePair):
         a = _state(value.earlier, state_dtype, f"{what}[0]")
         b = _state(value.later, state_dtype, f"{what}[1]")
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-            raise ValueError(
-                f"the two states of {what} must match in shape, dtype and device; got "
-                f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}"
-            )
+        _check_alike(a, b, f"the two states of {what}")
         return StatePair(
             a,
             b,
