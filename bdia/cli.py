@@ -1556,9 +1556,9 @@ def _fid_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
             "--workers",
             default=None,
             type=click.IntRange(0),
-            help="Processes that read and decode images while the detector runs (0: none, "
-            "decode in this process). Default: 0 on the CPU; on a GPU min(4, cores per "
-            "process - 1).",
+            help="Processes that check the image files' headers first, then read and "
+            "decode images while the detector runs (0: none, all in this process). Default: "
+            "0 on the CPU; on a GPU min(4, cores per process - 1).",
         ),
         _device_option,
         _progress_option,

@@ -351,6 +351,35 @@ def test_images_of_another_size_or_mode_are_named_upfront(tmp_path):
     assert detector.calls == 0
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_checking_headers_in_several_processes_names_the_same_first_file(
+    tmp_path, monkeypatch, workers
+):
+    """Chunks of 4 files over 2 processes: the first bad file in sorted order is named, not
+    the first one a process happened to report, and a folder of good files passes."""
+    from PIL import Image
+
+    import bdia.metrics.fid as fid
+
+    monkeypatch.setattr(fid, "_HEADER_CHUNK", 4)
+    folder = _image_folder(tmp_path, n=10)  # 0.png .. 9.png, sorted 0, 1, ..., 9
+    detector = _CountingDetector()
+    assert image_statistics(detector, folder, batch=5, workers=workers).n == 10
+    # Bad files in the second and third chunks; the earlier one (in file order) is named.
+    Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8)).save(folder / "5.png")
+    (folder / "9.png").write_text("not a PNG")
+    detector.calls = 0
+    with pytest.raises(ValueError, match=r"5.png: image mode 'RGBA'"):
+        image_statistics(detector, folder, workers=workers)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "5.png")
+    with pytest.raises(ValueError, match=r"9.png: not a readable image"):
+        fid.check_images(sorted(folder.glob("*.png")), workers)
+    Image.fromarray(np.zeros((9, 8, 3), dtype=np.uint8)).save(folder / "6.png")
+    with pytest.raises(ValueError, match=r"6.png: size 8x9 differs from .*0.png's 8x8"):
+        image_statistics(detector, folder, workers=workers)
+    assert detector.calls == 0
+
+
 def test_readable_folder_still_gives_its_statistics(tmp_path):
     folder = _image_folder(tmp_path, n=3)
     batches = []
@@ -427,7 +456,7 @@ def test_an_image_that_fails_to_decode_in_a_worker_is_named_in_one_line(tmp_path
     data = (folder / "3.png").read_bytes()
     (folder / "3.png").write_bytes(data[: len(data) // 2])
     # A file that changed after the upfront check: only the decoding can find it.
-    monkeypatch.setattr(fid, "check_images", lambda files: None)
+    monkeypatch.setattr(fid, "check_images", lambda files, workers=0: None)
     with pytest.raises(ValueError) as info:
         image_statistics(StandInDetector(features=16), folder, batch=2, workers=1)
     msg = str(info.value)
