@@ -1,6 +1,6 @@
 """One-GPU check: the library's sampling speed against a plain EDM Heun loop, BDIA's overhead.
 
-    bash benchmarks/gpu_check.sh            # one H100/H200, about 4.5 minutes (--budget 270)
+    bash benchmarks/gpu_check.sh            # one H100/H200: this (--budget 270), then fid_speed.py
     python benchmarks/gpu_check.py --smoke  # CPU, tiny network, seconds; writes only to --out
 
 On CUDA it writes docs/benchmarks/gpu.md (or ``--out``), after every step, so that a run

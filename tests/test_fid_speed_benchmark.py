@@ -1,0 +1,108 @@
+"""benchmarks/fid_speed.py: a smoke run as a subprocess, and its detector wrapper in process.
+No rate is asserted: only the table's rows, that every rate was measured, and that the
+statistics agree bit for bit where the report says they are compared."""
+
+import argparse
+import math
+
+import pytest
+import torch
+from conftest import REPO, benchmark_module, run_child
+
+from bdia.metrics import fid
+
+
+def _fid_speed():
+    return benchmark_module("fid_speed")
+
+
+def _rows(text):
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| source |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    return [
+        dict(zip(header, [c.strip() for c in ln.strip("|").split("|")], strict=True))
+        for ln in lines[start + 1 :]
+    ]
+
+
+def test_smoke_run_measures_every_row_and_finds_the_same_statistics(tmp_path):
+    page = REPO / "docs" / "benchmarks" / "fid_speed.md"
+    before = page.read_bytes() if page.exists() else None
+    report = tmp_path / "fid_speed.md"
+    proc = run_child(["benchmarks/fid_speed.py", "--smoke", "--out", str(report)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report.read_text() == proc.stdout  # the file written is the report printed
+    assert (page.read_bytes() if page.exists() else None) == before
+
+    rows = _rows(proc.stdout)
+    sources = [(r["source"], r["image size"], r["workers"]) for r in rows]
+    assert sources == [
+        ("detector alone", "32x32", "-"),
+        ("PNG folder", "32x32", "0"),
+        ("PNG folder", "32x32", "1"),
+        (".npz", "32x32", "0"),
+        ("PNG folder", "64x64", "0"),
+        ("PNG folder", "64x64", "1"),
+        ("`bdia fid-ref`", "32x32", "0 (default)"),
+    ]
+    for r in rows:
+        assert r["note"] == "", r
+        rate = float(r["features images/s"].replace(",", ""))
+        assert 0 < rate < math.inf
+    # Rows after the first of an image size are compared with it: workers change nothing,
+    # and the .npz holds exactly the PNGs' pixels.
+    assert [r["same statistics"] for r in rows[1:6]] == ["-", "yes", "yes", "-", "yes"]
+    assert rows[-1]["batch"] == "64 (default)" and float(rows[-1]["whole call s"]) > 0
+
+
+def _small_features():
+    """A network of 2048 features that runs on a 299x299 batch in milliseconds."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 7, stride=8),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2048),
+    )
+
+
+def test_contract_detector_has_nvidias_call_contract():
+    fs = _fid_speed()
+    features = _small_features()
+    detector = fs.contract_detector(features, torch.device("cpu"))
+    assert isinstance(detector, torch.jit.ScriptModule)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = detector(images, return_features=True)
+        logits = detector(images)
+        resized = torch.nn.functional.interpolate(
+            images.float(), size=(299, 299), mode="bilinear", align_corners=False
+        )
+        expected = features((resized - 128) / 128)
+    assert feats.shape == (3, 2048) and feats.dtype == torch.float32
+    assert torch.equal(logits, feats[:, :1008])
+    # The traced network runs the eager one's kernels on the same input: equal to the bit.
+    assert torch.equal(feats, expected)
+    with pytest.raises(torch.jit.Error, match="expected uint8 images"):
+        detector(images.float(), return_features=True)
+    # It is what bdia fid measures with: features through the library's own path.
+    assert torch.equal(fid.extract_features(detector, images), feats.double())
+
+
+def test_without_torchvision_the_stand_in_detector_is_used_and_named(tmp_path, monkeypatch):
+    fs = _fid_speed()
+
+    def no_torchvision():
+        raise ImportError("No module named 'torchvision'")
+
+    monkeypatch.setattr(fs, "random_inception", no_torchvision)
+    args = argparse.Namespace(detector=None)
+    detector, path, what, gflop = fs.build_detector(args, torch.device("cpu"), tmp_path, False)
+    assert path == tmp_path / "detector.pt" and path.is_file()
+    assert what.startswith("StandInDetector (torchvision cannot be imported")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = fid.StandInDetector()(images, return_features=True)
+    assert torch.equal(detector(images, return_features=True), expected)
+    # A pooling to 4x4 and a (48, 2048) matrix product: 2 * 48 * 2048 FLOPs per image.
+    assert gflop == pytest.approx(2 * 48 * 2048 / 1e9)
