@@ -1,10 +1,13 @@
-"""Smoke runs of benchmarks/edm_cifar10.py and benchmarks/gpu_check.py as subprocesses, and
-gpu_check's reference sampler, FLOP count, timing and report functions in process."""
+"""Smoke runs of benchmarks/edm_cifar10.py and benchmarks/gpu_check.py as subprocesses,
+gpu_check's reference sampler, FLOP count, timing and report functions in process, and the
+gpu_check.sh wrapper with a stand-in interpreter."""
 
 import copy
 import hashlib
 import math
+import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -161,6 +164,46 @@ def test_gpu_check_smoke_skips_what_does_not_fit_and_still_reports():
     assert "Not measured: no half-precision row measured." in out
     assert [t["note"].startswith("skipped:") for t in _table(out, "state")] == [True, True]
     assert set(_targets(out).values()) == {"not measured"}
+
+
+@pytest.mark.parametrize(
+    ("fail", "status"),
+    [
+        ({}, 0),
+        ({"gpu_check": 3}, 3),
+        ({"fid_speed": 5}, 5),
+        ({"gpu_check": 3, "fid_speed": 5}, 3),
+    ],
+)
+def test_gpu_check_sh_runs_both_scripts_from_the_checkout_and_keeps_the_first_failure(
+    tmp_path, fail, status
+):
+    """The shell wrapper with a stand-in interpreter ($PYTHON) that logs each call and exits
+    as told: both scripts run whatever the first one returns, from the repository root, with
+    the checkout first on PYTHONPATH and the options given to gpu_check.py alone."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    codes = " ".join(f"{name}) exit {code};;" for name, code in fail.items())
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$PWD|${{PYTHONPATH%%:*}}|$*" >> {log}\n'
+        f'case "$(basename "$1" .py)" in {codes} *) exit 0;; esac\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--budget", "9"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == status, proc.stderr
+    assert log.read_text().splitlines() == [
+        f"{REPO}|{REPO}|benchmarks/gpu_check.py --budget 9",
+        f"{REPO}|{REPO}|benchmarks/fid_speed.py",
+    ]
 
 
 def _gaussian_denoiser(sigma_data=0.5):
