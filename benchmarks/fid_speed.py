@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "fid_speed.md"
 INCEPTION_SIZE = 299  # NVIDIA's detector resizes every image to 299x299 before Inception-v3
 LOGITS = 1008  # what the detector returns without return_features
+
+
+class Deadline(BaseException):
+    """Raised by the alarm past the budget; a BaseException, so that no ``except Exception``
+    (a row's own, or one inside torch) swallows it."""
 
 
 @dataclass(frozen=True)
@@ -371,6 +377,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU, a few tiny images")
     p.add_argument("--detector", default=None, help="a detector file (default: see above)")
     p.add_argument("--out", default=None, help=f"the report (on CUDA by default {DEFAULT_OUT})")
+    p.add_argument(
+        "--budget", type=float, default=180.0, help="seconds; past them the run stops, reporting"
+    )
     return p.parse_args(argv)
 
 
@@ -408,48 +417,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         report()
 
-    with tempfile.TemporaryDirectory(prefix="fid_speed.") as tmp:
-        work = Path(tmp)
-        small, large, npz = work / "small", work / "large", work / "small.npz"
-        processes = 1 if smoke else max(usable_cores() - 1, 1)
-        write_images(small, plan.small, 32, processes)
-        write_images(large, plan.large, plan.large_size, processes)
-        folder_as_npz(small, npz)
-        detector, detector_path, what, gflop = build_detector(args, device, work, smoke)
-        facts["detector"] = what + (f"; {gflop:.3g} GFLOP per image, counted" if gflop else "")
-        # The first calls pay for CUDA's and cuDNN's start; none of the rows should.
-        for batch in plan.batches:
-            fid.image_statistics(detector, npz, batch=batch, device=device)
+    def measure() -> None:
+        nonlocal gflop
+        with tempfile.TemporaryDirectory(prefix="fid_speed.") as tmp:
+            work = Path(tmp)
+            small, large, npz = work / "small", work / "large", work / "small.npz"
+            processes = 1 if smoke else max(usable_cores() - 1, 1)
+            write_images(small, plan.small, 32, processes)
+            write_images(large, plan.large, plan.large_size, processes)
+            folder_as_npz(small, npz)
+            detector, detector_path, what, gflop = build_detector(args, device, work, smoke)
+            facts["detector"] = what + (f"; {gflop:.3g} GFLOP per image, counted" if gflop else "")
+            # The first calls pay for CUDA's and cuDNN's start; none of the rows should.
+            for batch in plan.batches:
+                fid.image_statistics(detector, npz, batch=batch, device=device)
 
-        for batch in plan.batches:
+            for batch in plan.batches:
+                try:
+                    add(detector_alone(detector, device, batch, plan.small, 32))
+                except Exception as exc:  # one failed row must not lose the others
+                    add(Row("detector alone", 32, plan.small, batch, note=failure(exc)))
+            first: dict[tuple[int, int], fid.FeatureStatistics] = {}  # by (size, batch)
+            for label, source, size, batches, workers_list in (
+                ("PNG folder", small, 32, plan.batches, plan.workers),
+                (".npz", npz, 32, plan.batches, (0,)),  # decoded already: never any workers
+                ("PNG folder", large, plan.large_size, plan.batches[:1], plan.workers),
+            ):
+                for batch in batches:
+                    for workers in workers_list:
+                        try:
+                            row, stats = statistics_row(
+                                detector, source, label, size, batch, workers, device
+                            )
+                        except Exception as exc:
+                            add(Row(label, size, 0, batch, workers, note=failure(exc)))
+                            continue
+                        if (size, batch) in first:
+                            row.same = same_statistics(stats, first[size, batch])
+                        else:
+                            first[size, batch] = stats
+                        add(row)
             try:
-                add(detector_alone(detector, device, batch, plan.small, 32))
-            except Exception as exc:  # one failed row must not lose the others
-                add(Row("detector alone", 32, plan.small, batch, note=failure(exc)))
-        first: dict[tuple[int, int], fid.FeatureStatistics] = {}  # by (size, batch)
-        for label, source, size, batches, workers_list in (
-            ("PNG folder", small, 32, plan.batches, plan.workers),
-            (".npz", npz, 32, plan.batches, (0,)),  # decoded already: never any workers
-            ("PNG folder", large, plan.large_size, plan.batches[:1], plan.workers),
-        ):
-            for batch in batches:
-                for workers in workers_list:
-                    try:
-                        row, stats = statistics_row(
-                            detector, source, label, size, batch, workers, device
-                        )
-                    except Exception as exc:
-                        add(Row(label, size, 0, batch, workers, note=failure(exc)))
-                        continue
-                    if (size, batch) in first:
-                        row.same = same_statistics(stats, first[size, batch])
-                    else:
-                        first[size, batch] = stats
-                    add(row)
-        try:
-            add(cli_row(detector_path, small, 32, work / "ref.npz", device, smoke))
-        except Exception as exc:
-            add(Row(CLI_SOURCE, 32, plan.small, note=failure(exc)))
+                add(cli_row(detector_path, small, 32, work / "ref.npz", device, smoke))
+            except Exception as exc:
+                add(Row(CLI_SOURCE, 32, plan.small, note=failure(exc)))
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Deadline
+
+    # Past the budget the row in progress is interrupted and the page still written, so a
+    # hung DataLoader worker cannot hold the card until an outer limit kills everything.
+    alarm = hasattr(signal, "setitimer")
+    if alarm:
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, args.budget)
+    try:
+        measure()
+    except Deadline:
+        facts["stopped"] = f"at the budget ({args.budget:.0f} s); later rows were not run"
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
     text = report()
     print(text, end="")
     return 0

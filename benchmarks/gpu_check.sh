@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one-GPU check (one H100/H200, about 5.5 minutes): gpu_check.py (under 5 minutes with
 # its default --budget 270, compiling included) writes docs/benchmarks/gpu.md, then
-# fid_speed.py (about a minute) writes docs/benchmarks/fid_speed.md. Options go to
-# gpu_check.py. Without a GPU both run their CPU smoke modes and write no page.
+# fid_speed.py (about a minute, 180 s at most) writes docs/benchmarks/fid_speed.md.
+# Options go to gpu_check.py. Without a GPU both run their CPU smoke modes, writing no page.
 # It needs no installed bdia (the checkout goes first on PYTHONPATH) and runs $PYTHON, else
 # python3; one script's failure does not stop the other, and the status is the first failure's.
 set -uo pipefail

@@ -56,6 +56,17 @@ def test_smoke_run_measures_every_row_and_finds_the_same_statistics(tmp_path):
     assert rows[-1]["batch"] == "64 (default)" and float(rows[-1]["whole call s"]) > 0
 
 
+def test_past_the_budget_the_run_stops_and_still_writes_its_page(tmp_path):
+    report = tmp_path / "fid_speed.md"
+    # A millisecond: the alarm fires while the images are written, before any row.
+    args = ["benchmarks/fid_speed.py", "--smoke", "--budget", "0.001", "--out", str(report)]
+    proc = run_child(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert report.read_text() == proc.stdout
+    assert "| stopped | at the budget (0 s); later rows were not run |" in proc.stdout
+    assert _rows(proc.stdout) == []
+
+
 def _small_features():
     """A network of 2048 features that runs on a 299x299 batch in milliseconds."""
     torch.manual_seed(0)
