@@ -180,7 +180,8 @@ def random_inception() -> torch.nn.Module:
 
 def count_gflop(detector: torch.nn.Module, device: torch.device) -> float | None:
     """GFLOP per image of the detector on one 32x32 image (it resizes every input to 299x299),
-    counted by FlopCounterMode; None where the count fails (a TorchScript file, say)."""
+    counted by FlopCounterMode (it sees the ops of a TorchScript file too); None where the
+    count fails."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)
@@ -200,7 +201,8 @@ def build_detector(
     is, and its GFLOP per image."""
     if args.detector:
         path = Path(args.detector)
-        return fid.load_detector(path, device), path, f"{path.name} (given)", None
+        detector = fid.load_detector(path, device)
+        return detector, path, f"{path.name} (given)", count_gflop(detector, device)
     path = folder / "detector.pt"
     why = "--smoke"
     if not smoke:

@@ -117,3 +117,15 @@ def test_without_torchvision_the_stand_in_detector_is_used_and_named(tmp_path, m
     assert torch.equal(detector(images, return_features=True), expected)
     # A pooling to 4x4 and a (48, 2048) matrix product: 2 * 48 * 2048 FLOPs per image.
     assert gflop == pytest.approx(2 * 48 * 2048 / 1e9)
+
+
+def test_a_given_detector_file_is_loaded_as_bdia_fid_loads_it_and_its_flops_counted(tmp_path):
+    fs = _fid_speed()
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(fid.StandInDetector()), str(path))
+    args = argparse.Namespace(detector=str(path))
+    detector, used, what, gflop = fs.build_detector(args, torch.device("cpu"), tmp_path, True)
+    assert used == path and what == "inception-2015-12-05.pt (given)"
+    assert isinstance(detector, torch.jit.ScriptModule) and not detector.training
+    # FlopCounterMode sees the ops inside the TorchScript file: the same count as eager.
+    assert gflop == pytest.approx(2 * 48 * 2048 / 1e9)
