@@ -74,6 +74,7 @@ class Plan:
 
 
 def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity; all of them off Linux)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -241,6 +242,7 @@ class Row:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the card's queued work, so that a clock read after it counts that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -274,6 +276,9 @@ def statistics_row(
     workers: int,
     device: torch.device,
 ) -> tuple[Row, fid.FeatureStatistics]:
+    """One call of ``image_statistics`` on ``source`` (a folder of ``size``-pixel uint8 images
+    or an .npz of them): its row (the features' rate as the library measures it, the whole
+    call's seconds) and the float64 statistics, for comparison with other rows."""
     start = time.perf_counter()
     stats = fid.image_statistics(detector, source, batch=batch, device=device, workers=workers)
     call_s = time.perf_counter() - start
@@ -282,7 +287,10 @@ def statistics_row(
 
 
 def same_statistics(a: fid.FeatureStatistics, b: fid.FeatureStatistics) -> bool:
-    return bool(np.array_equal(a.sum, b.sum) and np.array_equal(a.sum_outer, b.sum_outer))
+    """Whether the image counts, the float64 sums (dim,) and the sums of outer products
+    (dim, dim) are equal, bit for bit."""
+    sums_equal = np.array_equal(a.sum, b.sum) and np.array_equal(a.sum_outer, b.sum_outer)
+    return bool(a.n == b.n and sums_equal)
 
 
 CLI_SOURCE = "`bdia fid-ref`"
