@@ -19,6 +19,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# torchrun as the module behind the command: the launcher of this interpreter's torch, where a
+# `torchrun` found on PATH may belong to another environment (one not activated, say).
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
 @pytest.fixture(autouse=True, scope="session")

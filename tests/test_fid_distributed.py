@@ -3,7 +3,6 @@ gloo group, and ``bdia fid-ref`` under torchrun against one process."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, child_env
+from conftest import REPO, TORCHRUN, child_env
 from PIL import Image
 
 from bdia.cli import main
@@ -101,7 +100,6 @@ def detector(tmp_path):
     return path
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is installed with torch")
 def test_torchrun_two_processes_give_the_statistics_of_one(tmp_path, detector):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -112,7 +110,7 @@ def test_torchrun_two_processes_give_the_statistics_of_one(tmp_path, detector):
     args = ["fid-ref", "--images", str(folder), "--detector", str(detector), "--batch", "2"]
     one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one.npz"), "--no-progress"])
     assert one.exit_code == 0, one.output
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "bdia.cli", *args]
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "bdia.cli", *args]
     cmd += ["--out", str(tmp_path / "two.npz"), "--workers", "1", "--no-progress"]
     two = subprocess.run(
         cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path

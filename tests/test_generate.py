@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import child_env, run_child
+from conftest import TORCHRUN, child_env, run_child
 
 from bdia.cli import main
 from bdia.generate import image_path, parse_seeds
@@ -96,12 +95,11 @@ def test_killed_run_resumed_gives_identical_images(tmp_path):
     assert pngs(resumed) == pngs(reference)  # also: no temporary file left behind
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is installed with torch")
 def test_torchrun_two_processes_give_the_images_of_one(tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     run_cli("--seeds", "0-5", "--batch", "2", "--outdir", str(single))
     cmd = [
-        "torchrun",
+        *TORCHRUN,
         "--standalone",
         "--nproc_per_node=2",
         "-m",
