@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,9 +20,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# torchrun as the module behind the command: the launcher of this interpreter's torch, where a
-# `torchrun` found on PATH may belong to another environment (one not activated, say).
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -70,6 +68,34 @@ def run_child(
         timeout=timeout,
         env=child_env(),
     )
+
+
+def run_torchrun(
+    args: Sequence[str], timeout: float, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """Run ``torchrun ARGS`` with ``child_env()``, capturing its output as text.
+
+    The launcher is this interpreter's ``torch.distributed.run``: a ``torchrun`` found on PATH
+    may belong to another environment (one not activated, say). It runs in a session of its
+    own, killed whole on timeout: killing the launcher alone would leave its workers running.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"torchrun ran past {timeout} s; killed\n{out}{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @contextmanager

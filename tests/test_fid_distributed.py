@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, TORCHRUN, child_env
+from conftest import REPO, child_env, run_torchrun
 from PIL import Image
 
 from bdia.cli import main
@@ -110,11 +110,9 @@ def test_torchrun_two_processes_give_the_statistics_of_one(tmp_path, detector):
     args = ["fid-ref", "--images", str(folder), "--detector", str(detector), "--batch", "2"]
     one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one.npz"), "--no-progress"])
     assert one.exit_code == 0, one.output
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "bdia.cli", *args]
-    cmd += ["--out", str(tmp_path / "two.npz"), "--workers", "1", "--no-progress"]
-    two = subprocess.run(
-        cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    launch = ["--standalone", "--nproc_per_node=2", "-m", "bdia.cli", *args]
+    launch += ["--out", str(tmp_path / "two.npz"), "--workers", "1", "--no-progress"]
+    two = run_torchrun(launch, timeout=300, cwd=tmp_path)
     assert two.returncode == 0, two.stdout + two.stderr
     # Rank 0 alone writes and reports: one line, with all 7 images and the rate.
     lines = [line for line in two.stderr.splitlines() if "two.npz" in line]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TORCHRUN, child_env, run_child
+from conftest import child_env, run_child, run_torchrun
 
 from bdia.cli import main
 from bdia.generate import image_path, parse_seeds
@@ -98,22 +98,10 @@ def test_killed_run_resumed_gives_identical_images(tmp_path):
 def test_torchrun_two_processes_give_the_images_of_one(tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     run_cli("--seeds", "0-5", "--batch", "2", "--outdir", str(single))
-    cmd = [
-        *TORCHRUN,
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "bdia.cli",
-        "sample",
-        *ARGS,
-        "--seeds",
-        "0-5",
-        "--batch",
-        "2",
-        "--outdir",
-        str(double),
-    ]
-    subprocess.run(cmd, check=True, env=child_env(), capture_output=True, timeout=300)
+    args = ["--standalone", "--nproc_per_node=2", "-m", "bdia.cli", "sample", *ARGS]
+    args += ["--seeds", "0-5", "--batch", "2", "--outdir", str(double)]
+    result = run_torchrun(args, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert pngs(double) == pngs(single)
 
 
