@@ -19,7 +19,8 @@ test run less than it did. ``AFTER`` asserts what a page's prose claims of its r
 The ``bdia`` command lines of the pages' shell blocks (``torchrun -m bdia.cli`` ones
 included) are parsed against the command-line interface: option names, values and required
 options. Those that need no file the reader must bring (README's) also run, with the slow
-tests.
+tests. The ``$ bdia ...`` transcripts of the text blocks run in order, one folder per page,
+and print the lines shown (durations and the torch build aside).
 """
 
 from __future__ import annotations
@@ -428,3 +429,67 @@ def test_readme_commands_run(tmp_path, monkeypatch):
     # "prints a markdown table and writes nothing": the grid is the only file written.
     assert re.search(r"^\| bdia\(heun, ", outputs["compare"], re.M)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.png"]
+
+
+def transcripts(page: str) -> list[tuple[list[str], list[str]]]:
+    """(arguments after ``$ bdia``, the lines printed after it) of a page's ```text blocks."""
+    found = []
+    for block in re.findall(r"```text\n(.*?)```", (REPO / page).read_text(), flags=re.S):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("$ bdia "):
+                printed = []
+                for after in lines[i + 1 :]:
+                    if after.startswith("$ "):
+                        break
+                    printed.append(after)
+                found.append((shlex.split(line[2:], comments=True)[1:], printed))
+    return found
+
+
+TRANSCRIPT_PAGES = [page for page in PAGES if transcripts(page)]
+
+
+# Files a page's transcripts take as the reader's own, made before its first command.
+def _rgb_photo(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 120, 40)).save(path)
+
+
+TRANSCRIPT_FILES = {"docs/cli.md": {"photo.png": _rgb_photo}}
+
+
+def _comparable(line: str) -> str:
+    """A printed line without what belongs to the machine: durations ("in 0.6 s") and the
+    torch build a message names ("(torch 2.13.0+cpu, a CPU-only build)")."""
+    line = re.sub(r" in [\d.]+ s\b", " in ... s", line)
+    return re.sub(r"\(torch [^)]*\)", "(torch ...)", line)
+
+
+def test_the_pages_have_transcripts_to_check():
+    assert "docs/cli.md" in TRANSCRIPT_PAGES
+    assert len(transcripts("docs/cli.md")) >= 10
+
+
+@pytest.mark.parametrize("page", TRANSCRIPT_PAGES)
+def test_documented_transcripts_print_what_the_page_shows(page, tmp_path, monkeypatch):
+    """The page's ``$ bdia ...`` sessions, run in order in one folder: each prints the lines
+    shown (stdout and stderr as a terminal shows them); one that prints an error exits
+    non-zero and leaves the folder as it was."""
+    if torch.cuda.is_available():
+        pytest.skip("the pages show a machine without CUDA")
+    monkeypatch.chdir(tmp_path)
+    for name, make in TRANSCRIPT_FILES.get(page, {}).items():
+        make(tmp_path / name)
+    for args, printed in transcripts(page):
+        before = sorted(tmp_path.rglob("*"))
+        result = CliRunner().invoke(main, args)
+        where = f"{page}: `bdia {' '.join(args)}`"
+        shown = [_comparable(line) for line in result.output.splitlines()]
+        assert shown == [_comparable(line) for line in printed], where
+        if printed[0].startswith("Error:"):
+            assert result.exit_code != 0, where
+            assert sorted(tmp_path.rglob("*")) == before, f"{where} left files behind"
+        else:
+            assert result.exit_code == 0, where
