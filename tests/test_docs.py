@@ -493,3 +493,14 @@ def test_documented_transcripts_print_what_the_page_shows(page, tmp_path, monkey
             assert sorted(tmp_path.rglob("*")) == before, f"{where} left files behind"
         else:
             assert result.exit_code == 0, where
+
+
+def test_every_dotted_bdia_name_the_pages_mention_exists():
+    """``bdia.x.y`` in any page (prose, tables, code) names something importable."""
+    files = (".py", ".md", ".json", ".safetensors", ".png", ".pt", ".npz")
+    missing = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for name in set(re.findall(r"\bbdia(?:\.[A-Za-z_]\w*)+", page.read_text())):
+            if not name.endswith(files) and pydoc.locate(name) is None:
+                missing.append(f"{page.relative_to(REPO)}: {name}")
+    assert not missing, "names that do not exist:\n" + "\n".join(sorted(missing))
