@@ -14,7 +14,8 @@ each keyed by the page and a piece of text that one of its blocks holds:
   512 x 512), replaced in the block's text before it runs; every replaced text must occur.
 
 An entry that matches no block fails, so a doc edit that moves a block cannot make this
-test run less than it did. ``AFTER`` asserts what a page's prose claims of its result.
+test run less than it did. ``AFTER`` checks, right after a block, what its comments and the
+page's prose claim of its result.
 
 The ``bdia`` command lines of the pages' shell blocks (``torchrun -m bdia.cli`` ones
 included) are parsed against the command-line interface: option names, values and required
@@ -189,27 +190,51 @@ LOCAL = {
 }
 
 
-def _after_diffusers(ns):
-    # Inverting the pipeline's run gives back its starting latents (float32, to rounding).
+# What a block's comments and prose claim of its result, checked right after it runs.
+def _pipeline_inverted(ns):
+    # "the pipeline's starting latents, in float32": finite float32 noise of the latents' shape.
     assert ns["noise"].dtype == torch.float32 and torch.isfinite(ns["noise"]).all()
-    assert ns["result"].latent_error < 1e-3
+    assert ns["noise"].shape == ns["pair"].later.shape
 
 
-def _after_gradients(ns):
+def _edit_round_trip(ns):
+    # The UNet round trip is rounding only (the page: exact; float32 state here).
+    assert ns["result"].latent_error < 1e-6
+
+
+def _steered_toward_eight(ns):
     # The prose: the optimised noise makes the classifier call the samples 8 more often.
     assert (ns["after"] > ns["before"]).all()
 
 
-def _after_k_diffusion(ns):
+def _k_diffusion_round_trip(ns):
     # "the x you started from" and "retraces the trajectory": exact up to float32 rounding.
     assert (ns["noise"] - ns["x"]).abs().max() <= 1e-5 * ns["x"].abs().max()
     assert (ns["again"] - ns["image"]).abs().max() <= 1e-5 * ns["x"].abs().max()
 
 
+def _bfloat16_inferred(ns):
+    # "model_dtype = bfloat16, inferred", with the state in float64.
+    assert ns["ode"].model_dtype == torch.bfloat16 and ns["back"].earlier.dtype == torch.float64
+
+
+def _float32_inferred(ns):
+    # "model_dtype = float32, inferred": the U-Net's compute dtype is not the model's dtype.
+    assert ns["ode"].model_dtype == torch.float32
+
+
+def _one_preview_per_step(ns):
+    assert len(ns["previews"]) == len(ns["ts"]) - 1
+
+
 AFTER = {
-    "docs/diffusers.md": _after_diffusers,
-    "docs/gradients.md": _after_gradients,
-    "docs/k_diffusion.md": _after_k_diffusion,
+    ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
+    ("docs/diffusers.md", "result = edit_image("): _edit_round_trip,
+    ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
+    ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
+    ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
+    ("docs/quickstart.md", "net.compute_dtype = torch.bfloat16"): _float32_inferred,
+    ("docs/quickstart.md", "previews = []"): _one_preview_per_step,
 }
 
 
@@ -268,6 +293,9 @@ def run_page(page: str) -> dict:
 
         namespace["__printed__"] = printed
         exec(compile(_with_checked_prints(block), where, "exec"), namespace)
+        check = _one_entry(AFTER, page, block)
+        if check is not None:
+            check(namespace)
     return namespace
 
 
@@ -287,13 +315,11 @@ def test_page_examples_run_and_print_what_their_comments_say(page, tmp_path, mon
     # A stand-in module (k_diffusion) must not outlive the page: setitem undoes itself.
     monkeypatch.setitem(sys.modules, "k_diffusion", sys.modules.get("k_diffusion"))
     with redirect_stdout(io.StringIO()):
-        namespace = run_page(page)
-    if page in AFTER:
-        AFTER[page](namespace)
+        run_page(page)
 
 
 def test_every_table_entry_matches_a_block():
-    for table in (SIGNATURES, STAND_INS, LOCAL):
+    for table in (SIGNATURES, STAND_INS, LOCAL, AFTER):
         for key in table:
             page, first = key
             found = sum(_matches(key, page, b) for b in python_blocks(page))
@@ -301,7 +327,6 @@ def test_every_table_entry_matches_a_block():
                 f"{found} python blocks of {page} hold {first!r}, not one: update the table "
                 "in tests/test_docs.py along with the page"
             )
-    assert set(AFTER) <= set(PAGES)
 
 
 def _documented_signatures(block: str) -> list[ast.FunctionDef]:
