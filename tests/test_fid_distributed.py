@@ -14,7 +14,7 @@ from conftest import REPO, child_env, run_torchrun
 from PIL import Image
 
 from bdia.cli import main
-from bdia.metrics.fid import FeatureStatistics, StandInDetector
+from bdia.metrics.fid import FeatureStatistics, StandInDetector, load_reference
 
 # Each rank accumulates its share, sums over the group three ways, and saves what it ends
 # with: (a) both ranks hold vectors, (b) rank 1 holds none, (c) the dimensions disagree.
@@ -73,7 +73,8 @@ def test_all_reduce_sums_two_gloo_processes(tmp_path):
     part0, part1 = FeatureStatistics().add(x[0::2]), FeatureStatistics().add(x[1::2])
     whole = FeatureStatistics().add(x)
     for rank in (0, 1):
-        got = np.load(tmp_path / f"rank{rank}.npz")
+        with np.load(tmp_path / f"rank{rank}.npz") as saved:
+            got = dict(saved)
         # Two ranks: each total is one float64 addition of the two parts, which is
         # commutative, so whichever rank gloo adds first the result is exactly the merge.
         assert list(got["n"]) == [7, 7]
@@ -119,7 +120,9 @@ def test_torchrun_two_processes_give_the_statistics_of_one(tmp_path, detector):
     assert len(lines) == 1 and "from 7 images; features at " in lines[0], two.stderr
     assert lines[0].endswith(" images/s")
     assert "from 7 images; features at " in one.stderr
-    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    a, b = (
+        dict(zip(("mu", "sigma"), load_reference(tmp_path / f))) for f in ("one.npz", "two.npz")
+    )
     # The same float64 sums in another order (rank by rank, then across ranks): rounding of
     # ~1e-16 relative, grown about tenfold where sigma subtracts n mu mu^T from the sum of
     # outer products (the features' mean is ~3 times their spread). 1e-12 relative (of the
