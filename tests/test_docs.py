@@ -114,7 +114,7 @@ unet = tiny_unet(conditional=True, channels=4, cross_attention_dim=16)
 scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 prompt_embeds, negative_embeds = torch.randn(2, 1, 16, 16)
 """,
-    ("docs/diffusers.md", "unet = UNet2DConditionModel.from_pretrained("): (_SD_FOLDER),
+    ("docs/diffusers.md", "unet = UNet2DConditionModel.from_pretrained("): _SD_FOLDER,
     ("docs/diffusers.md", "result = edit_image("): (
         _SD_FOLDER
         + """
