@@ -376,6 +376,16 @@ def test_signature_blocks_match_the_code(key):
         assert _parameters(header) == actual, f"{page} documents {path} otherwise"
 
 
+def test_a_signature_block_is_read_as_the_code_would_declare_it():
+    (header,) = _documented_signatures('f(a, b=None (0.96), *, c="x",\n  **d) -> X')
+    assert _parameters(header) == [
+        ("a", "POSITIONAL_OR_KEYWORD", None),
+        ("b", "POSITIONAL_OR_KEYWORD", "None(0.96)"),  # not None: an annotated default fails
+        ("c", "KEYWORD_ONLY", "'x'"),
+        ("d", "VAR_KEYWORD", None),
+    ]
+
+
 def test_a_false_claim_is_caught():
     with pytest.raises(AssertionError, match="the comment says '54'"):
         _check_claim("53", "54 = 2 + 17 * 3 (see Theory: cost)", "here")
