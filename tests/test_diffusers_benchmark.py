@@ -9,6 +9,7 @@ round trip is exact.
 
 import re
 
+import pytest
 from conftest import REPO, run_child
 
 
@@ -23,6 +24,7 @@ def _rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in body]
 
 
+@pytest.mark.slow
 def test_the_script_writes_the_published_page_and_its_claims_hold(tmp_path):
     out = tmp_path / "diffusers.md"
     proc = run_child(["benchmarks/diffusers_parity.py", "--out", str(out)], timeout=600)

@@ -21,7 +21,7 @@ The ``bdia`` command lines of the pages' shell blocks (``torchrun -m bdia.cli`` 
 included) are parsed against the command-line interface: option names, values and required
 options. Those that need no file the reader must bring (README's) also run, with the slow
 tests. The ``$ bdia ...`` transcripts of the text blocks run in order, one folder per page,
-and print the lines shown (durations and the torch build aside).
+and print the lines shown (durations and the torch build aside), also with the slow tests.
 """
 
 from __future__ import annotations
@@ -299,8 +299,9 @@ def run_page(page: str) -> dict:
     return namespace
 
 
-# The gradients page optimises through 35-step samplers (about 25 s): with the slow tests.
-_SLOW_PAGES = {"docs/gradients.md"}
+# With the slow tests: the gradients page optimises through 35-step samplers (about 25 s),
+# the diffusers page builds, saves and runs three tiny pipelines (about 8 s).
+_SLOW_PAGES = {"docs/gradients.md", "docs/diffusers.md"}
 
 
 # Random-weight stand-ins are no denoisers: BDIA's parasitic mode grows under them, and the
@@ -507,6 +508,7 @@ def test_the_pages_have_transcripts_to_check():
     assert len(transcripts("docs/cli.md")) >= 10
 
 
+@pytest.mark.slow  # it samples, inverts and regenerates the digits (about 6 s)
 @pytest.mark.parametrize("page", TRANSCRIPT_PAGES)
 def test_documented_transcripts_print_what_the_page_shows(page, tmp_path, monkeypatch):
     """The page's ``$ bdia ...`` sessions, run in order in one folder: each prints the lines

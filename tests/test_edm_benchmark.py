@@ -45,6 +45,7 @@ def _cells(stdout, row):
     raise AssertionError(f"row {row!r} missing from:\n{stdout}")
 
 
+@pytest.mark.slow
 def test_edm_cifar10_smoke(tmp_path):
     before = _snapshot()
     out = _run("benchmarks/edm_cifar10.py", "--smoke", "--outdir", str(tmp_path / "out"))
@@ -60,6 +61,7 @@ def test_edm_cifar10_smoke(tmp_path):
     assert float(_cells(out, "heun-3")[2]) == 0.0  # the reference is this row's own images
 
 
+@pytest.mark.slow
 def test_edm_cifar10_smoke_as_documented_needs_no_outdir():
     # docs/edm_cifar10.md gives the command without --outdir: its images go to a temporary
     # folder that is removed afterwards, and docs/ is left alone.
@@ -100,6 +102,7 @@ def _targets(text):
     return {row["target"].split(" ")[0]: row[""] for row in _table(text, "target")}
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     before = _gpu_md()
     report = tmp_path / "gpu.md"
@@ -144,6 +147,7 @@ def test_gpu_check_smoke(tmp_path):
     assert targets["compile"] == "met"  # aot_eager on a tiny network: seconds
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_skips_what_does_not_fit_and_still_reports():
     before = _gpu_md()
     out = _run("benchmarks/gpu_check.py", "--smoke", "--budget", "0")

@@ -49,6 +49,7 @@ np.savez(
 """
 
 
+@pytest.mark.slow
 def test_all_reduce_sums_two_gloo_processes(tmp_path):
     x = np.random.default_rng(0).standard_normal((7, 5)) + 3.0
     np.save(tmp_path / "x.npy", x)
@@ -101,6 +102,7 @@ def detector(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_statistics_of_one(tmp_path, detector):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -26,6 +26,7 @@ def _rows(text):
     ]
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_row_and_finds_the_same_statistics(tmp_path):
     page = REPO / "docs" / "benchmarks" / "fid_speed.md"
     before = page.read_bytes() if page.exists() else None
@@ -56,6 +57,7 @@ def test_smoke_run_measures_every_row_and_finds_the_same_statistics(tmp_path):
     assert rows[-1]["batch"] == "64 (default)" and float(rows[-1]["whole call s"]) > 0
 
 
+@pytest.mark.slow
 def test_past_the_budget_the_run_stops_and_still_writes_its_page(tmp_path):
     report = tmp_path / "fid_speed.md"
     # A millisecond: the alarm fires while the images are written, before any row.

@@ -95,6 +95,7 @@ def test_killed_run_resumed_gives_identical_images(tmp_path):
     assert pngs(resumed) == pngs(reference)  # also: no temporary file left behind
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_images_of_one(tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     run_cli("--seeds", "0-5", "--batch", "2", "--outdir", str(single))
@@ -272,6 +273,7 @@ def test_a_refused_outdir_keeps_the_grid_of_the_same_run_from_being_written(tmp_
     assert result.exit_code == 1 and not grid.exists()
 
 
+@pytest.mark.slow  # compiles (Dynamo and AOT autograd take seconds)
 def test_compile_flag_compiles_the_network_and_is_recorded(tmp_path, monkeypatch):
     """``--compile`` goes through ``compile_network``; the run record notes it, so a folder
     is not resumed across the flag (compiled kernels may round differently)."""

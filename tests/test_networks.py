@@ -440,6 +440,7 @@ def recording(backend: str | None):
     return record, records
 
 
+@pytest.mark.slow  # compiles (Dynamo and AOT autograd take seconds)
 def test_compile_network_matches_eager_and_keeps_the_network(fresh_dynamo, tmp_path):
     import json
 
@@ -470,6 +471,7 @@ def test_compile_network_matches_eager_and_keeps_the_network(fresh_dynamo, tmp_p
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+@pytest.mark.slow  # compiles (Dynamo and AOT autograd take seconds)
 def test_compiled_network_follows_compute_dtype(fresh_dynamo):
     from bdia.models import compile_network
 
@@ -490,6 +492,7 @@ def test_compiled_network_follows_compute_dtype(fresh_dynamo):
     assert got.dtype == torch.float32 and torch.equal(got, want) and not torch.equal(got, d32)
 
 
+@pytest.mark.slow  # compiles (Dynamo and AOT autograd take seconds)
 def test_compiled_network_samples_and_inverts_like_eager(fresh_dynamo):
     """BDIA's round trip through a compiled network: the same bits as eager, one graph, and
     nothing of the sampler (its two-word arithmetic above all) inside it."""

@@ -11,6 +11,7 @@ def _overhead():
     return benchmark_module("overhead")
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_one_row_per_base_solver(tmp_path):
     out = tmp_path / "overhead.md"
     args = ["--repeats", "2", "--steps", "4", "--batch", "2", "--size", "8", "--out", str(out)]
