@@ -26,10 +26,19 @@ DEFAULT_OUT = REPO / "docs" / "benchmarks" / "busy_machine.md"
 
 
 def timed(command: list[str], cwd: Path) -> float:
-    """Seconds of wall time of ``command``; raises if it fails."""
+    """Seconds of wall time of ``command``.
+
+    Raises:
+        SystemExit: the command failed; the message ends with the last lines it printed, so
+            that the reason shows (no page is written then).
+    """
     start = time.perf_counter()
-    subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - start
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise SystemExit(f"`{' '.join(command)}` failed (exit {proc.returncode}):\n{tail}")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown page to write")
     args = p.parse_args(argv)
 
-    loops = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
-    ]
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         time.sleep(1.0)  # let the loops take the cores before the first measurement
         compare = [
