@@ -295,7 +295,9 @@ class UNetBlock(nn.Module):
         # qkv's output channels are laid out (head, channel, q/k/v), as the released weights
         # expect; SDPA wants (N, heads, L, E).
         qkv = self.qkv(self.norm2(x)).reshape(n, heads, c // heads, 3, h * w)
-        q, k, v = qkv.transpose(-1, -3).unbind(-2)  # each (N, heads, L, E)
+        # One copy into (3, N, heads, L, E): every fused kernel needs E contiguous, and views
+        # of qkv would have stride 3 L there, leaving SDPA its slow unfused path.
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(E) by default
         return attended.transpose(-1, -2).reshape(n, c, h, w)
 
