@@ -292,6 +292,10 @@ def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            # NCCL and pinned-memory copies work on the current device, which is cuda:0 in
+            # every process unless each one selects its own.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         # Gloo beside NCCL: a run given --device cpu on a CUDA machine reduces CPU tensors,
         # which NCCL cannot.
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")

@@ -494,3 +494,15 @@ def test_merge_adds_seconds_and_all_reduce_without_a_group_changes_nothing():
     assert merged.n == 5 and merged.seconds == 3.5
     np.testing.assert_array_equal(merged.sum, sums[0])
     np.testing.assert_array_equal(merged.sum_outer, sums[1])
+
+
+def test_batches_reach_the_detector_in_contiguous_nchw(tmp_path):
+    """Images are stored (N, H, W, C); a permuted view would hand the detector channels-last
+    strides, and with them other convolution kernels than the contiguous NCHW it is traced
+    and timed with."""
+    array = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    batch = _load_batch(array)
+    assert batch.shape == (3, 3, 5, 7) and batch.is_contiguous()
+    assert torch.equal(batch, torch.from_numpy(array).permute(0, 3, 1, 2))
+    folder = _image_folder(tmp_path, n=2, size=(32, 32))
+    assert _load_batch(sorted(folder.iterdir())).is_contiguous()

@@ -136,3 +136,24 @@ def test_torchrun_two_processes_give_the_statistics_of_one(tmp_path, detector):
     scale = np.abs(a["sigma"]).max()
     np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-12, atol=1e-12 * scale)
     assert not np.array_equal(a["mu"], np.zeros(4))
+
+
+def test_each_torchrun_process_selects_its_own_gpu_before_joining(monkeypatch):
+    """Under torchrun on a CUDA machine every process must make cuda:LOCAL_RANK its current
+    device before NCCL starts: otherwise all of them work on cuda:0. Checked by its calls,
+    since no test may need a GPU."""
+    import torch.distributed as dist
+
+    from bdia import cli
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set", index)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert cli._distributed() == (1, 2)
+    assert calls == [("set", 1), ("init", "cpu:gloo,cuda:nccl")]

@@ -583,7 +583,9 @@ def _load_batch(items: list[Path] | np.ndarray) -> torch.Tensor:
             array = array[..., None]
     if array.shape[-1] not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got shape {array.shape[1:]}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    # Contiguous NCHW, the layout the detector is traced for: a permuted view would carry
+    # channels-last strides through the copy to the device and into its convolutions.
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
 
 def default_workers(device: torch.device | str) -> int:
