@@ -209,11 +209,13 @@ def build_detector(
     if not smoke:
         try:
             eager = random_inception()
-        except ImportError as exc:
-            why = f"torchvision cannot be imported ({exc})"
-        else:
             gflop = count_gflop(ContractDetector(eager).to(device), device)
             torch.jit.save(contract_detector(eager, device), str(path))
+        except ImportError as exc:
+            why = f"torchvision cannot be imported ({exc})"
+        except Exception as exc:  # a torchvision built for another torch, a failed trace
+            why = f"the random Inception-v3 could not be built ({type(exc).__name__}: {exc})"
+        else:
             what = (
                 "Inception-v3 of random weights (torchvision's inception_v3, traced) behind "
                 "NVIDIA's call contract, saved as TorchScript"
@@ -485,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure()
     except Deadline:
         facts["stopped"] = f"at the budget ({args.budget:.0f} s); later rows were not run"
+    except Exception as exc:  # outside any row (writing the images, the detector): still report
+        facts["stopped"] = failure(exc)
     finally:
         if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)

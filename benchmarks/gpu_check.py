@@ -371,6 +371,7 @@ class RoundTrip:
     nfe: int = 0
     error: float | None = None
     exact: bool | None = None  # the recovered noise equal to the start, bit for bit
+    low: float | None = None  # the largest low word the recovered state carries, relative
     note: str = ""
 
 
@@ -444,8 +445,20 @@ class Context:
         return self.overhead_s(self.repeats) + 2 * self.round_trip_s()
 
 
-def measure_row(ctx: Context, config: Config, repeats: int) -> Row:
-    """Time the library's heun and the reference loop on one network copy, alternately."""
+def affordable_repeats(ctx: Context, warm_s: float, repeats: int, reserve: float) -> int:
+    """How many of ``repeats`` timed rounds fit what is left, reserve aside, judged from the
+    warm-up round (``warm_s``: both samplers on the short grid, each run's first calls and
+    cuDNN's tuning included, so the estimate errs long); at least 1."""
+    round_s = warm_s * ctx.nfe / (2 * ctx.warm_steps - 1)
+    return max(1, min(repeats, int((ctx.left() - reserve) // round_s)))
+
+
+def measure_row(ctx: Context, config: Config, repeats: int, reserve: float = 0.0) -> Row:
+    """Time the library's heun and the reference loop on one network copy, alternately.
+
+    The rounds are planned again after the warm-up from its measured time, so that a row
+    slower than planned drops rounds, down to one, rather than the steps after it.
+    """
     row = Row(config)
     device = ctx.device
     set_precision(config.precision)
@@ -472,7 +485,12 @@ def measure_row(ctx: Context, config: Config, repeats: int) -> Row:
                 "ref": lambda: edm_heun(net, x, grid.tolist(), cond),
             }
 
-        interleave(samplers(warm_ts), 1, device)
+        warm, _ = interleave(samplers(warm_ts), 1, device)
+        planned = repeats
+        repeats = affordable_repeats(ctx, sum(t[0] for t in warm.values()), repeats, reserve)
+        if repeats < planned:
+            row.note = f"{repeats} run(s) only (budget, after the warm-up)"
+            log(f"{config.name}: {repeats} run(s) of each sampler after the warm-up")
         times, last = interleave(samplers(ts), repeats, device)
         row.lib, row.ref = times["lib"], times["ref"]
         (out_lib, row.nfe_lib), (out_ref, row.nfe_ref) = last["lib"], last["ref"]
@@ -515,7 +533,14 @@ def measure_overhead(ctx: Context, repeats: int) -> Overhead:
 
 
 def measure_round_trip(ctx: Context, state: torch.dtype) -> RoundTrip:
-    """bdia(heun, GAMMA) forward with return_pair, then invert, on an eager bf16 network."""
+    """bdia(heun, GAMMA) forward with return_pair, then invert, on an eager bf16 network.
+
+    Exact means the recovered noise's high word equals the start bit for bit, as
+    ``bdia.invert`` promises; its low word (the part below the state dtype's precision that
+    BDIA carries, zero at the start) is reported apart, relative to the largest start entry.
+    cuDNN is asked for deterministic algorithms here: the inversion re-evaluates the network
+    at the forward pass's inputs and is exact only if those give the same outputs.
+    """
     result = RoundTrip(str(state).removeprefix("torch."), ctx.trip_batch)
     set_precision("bf16")
     net = prepare_network(ctx.net0, Config("bf16", "bf16", ctx.trip_batch))
@@ -523,13 +548,19 @@ def measure_round_trip(ctx: Context, state: torch.dtype) -> RoundTrip:
     x0, _, cond = network_inputs(net, ctx.trip_batch, float(ts[0]), ctx.device, state)
     ode = make_ode(net, cond)
     solver = bdia("heun", GAMMA)
-    with torch.no_grad():
-        pair = sample(ode, solver, x0, ts, return_pair=True, progress=False)
-        back = invert(ode, solver, pair, ts, progress=False)
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        with torch.no_grad():
+            pair = sample(ode, solver, x0, ts, return_pair=True, progress=False)
+            back = invert(ode, solver, pair, ts, progress=False)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
     result.nfe = ode.nfe
     result.error = relative_difference(back.earlier, x0)
+    result.exact = bool(torch.equal(back.earlier, x0))
     low = back.earlier_low
-    result.exact = bool(torch.equal(back.earlier, x0)) and (low is None or not bool(low.any()))
+    result.low = 0.0 if low is None else float(low.abs().max() / x0.abs().max())
     return result
 
 
@@ -741,13 +772,20 @@ def render(
         "",
         f"## Round trip of bdia(heun, {GAMMA}), bf16 network",
         "",
-        "| state | batch | NFE | relative error | bit-exact | note |",
-        "|---|---:|---:|---:|---|---|",
+        "relative error: of the recovered noise's high word from the start; bit-exact: the "
+        "two equal, bit for bit; low word: the largest entry of the low word the recovered "
+        "state carries, relative to the largest start entry (cuDNN in deterministic mode).",
+        "",
+        "| state | batch | NFE | relative error | bit-exact | low word | note |",
+        "|---|---:|---:|---:|---|---:|---|",
     ]
     for t in trips:
         exact = "n/a" if t.exact is None else ("yes" if t.exact else "no")
         error = "-" if t.error is None else f"{t.error:.3e}"
-        lines.append(f"| {t.state} | {t.batch} | {t.nfe or '-'} | {error} | {exact} | {t.note} |")
+        low = "-" if t.low is None else f"{t.low:.2e}"
+        lines.append(
+            f"| {t.state} | {t.batch} | {t.nfe or '-'} | {error} | {exact} | {low} | {t.note} |"
+        )
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -836,16 +874,17 @@ class Check:
             return
         log(f"{config.name}: batch {config.batch}, {repeats} run(s) of each sampler")
         try:
-            row = measure_row(ctx, config, repeats)
+            row = measure_row(ctx, config, repeats, reserve)
         except (Exception, Deadline) as exc:
             row = Row(config, note=failure(exc))
             log(f"{config.name}: {row.note}")
         else:
-            if repeats < ctx.repeats:
+            if repeats < ctx.repeats and not row.note:
                 row.note = f"{repeats} run(s) only (budget)"
             ctx.rates[config.precision] = row.rate()
             if row.compile_s is not None:
-                ctx.compile_s = row.compile_s
+                # The longest so far: a later compile may reuse kernels an earlier one built.
+                ctx.compile_s = max(ctx.compile_s, row.compile_s)
             log(
                 f"{config.name}: {row.images_s():.1f} images/s, library/reference "
                 f"{row.ratio:.3f}, {row.nfe_lib} NFE"
@@ -969,6 +1008,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             check.round_trip(state)
     except Deadline:
         check.notes.append(f"stopped at the hard deadline (budget + {HARD_STOP_GRACE_S:.0f} s)")
+        log(check.notes[-1])
+    except Exception as exc:  # outside any step (building the network, say): still report
+        check.notes.append(f"stopped: {failure(exc)}")
         log(check.notes[-1])
     finally:
         if alarm:

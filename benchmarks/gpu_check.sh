@@ -2,14 +2,33 @@
 # The one-GPU check (one H100/H200, about 5.5 minutes): gpu_check.py (under 5 minutes with
 # its default --budget 270, compiling included) writes docs/benchmarks/gpu.md, then
 # fid_speed.py (about a minute, 180 s at most) writes docs/benchmarks/fid_speed.md.
-# Options go to gpu_check.py. Without a GPU both run their CPU smoke modes, writing no page.
+# `--outdir DIR` writes the two pages as DIR/gpu.md and DIR/fid_speed.md instead (each page
+# is rewritten after every step, so a run stopped early still leaves what it measured);
+# other options go to gpu_check.py. Without a GPU both run their CPU smoke modes, writing no
+# page unless --outdir is given.
 # It needs no installed bdia (the checkout goes first on PYTHONPATH) and runs $PYTHON, else
 # python3; one script's failure does not stop the other, and the status is the first failure's.
 set -uo pipefail
+outdir=""
+args=()
+while (($#)); do
+  case "$1" in
+    --outdir) outdir="${2:?--outdir needs a folder}"; shift 2 ;;
+    --outdir=*) outdir="${1#*=}"; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+gpu_out=()
+fid_out=()
+if [[ -n $outdir ]]; then
+  mkdir -p "$outdir" && outdir="$(cd "$outdir" && pwd)" || exit 2
+  gpu_out=(--out "$outdir/gpu.md")
+  fid_out=(--out "$outdir/fid_speed.md")
+fi
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 status=0
-"$python" benchmarks/gpu_check.py "$@" || status=$?
-"$python" benchmarks/fid_speed.py || { rc=$?; [[ $status -ne 0 ]] || status=$rc; }
+"$python" benchmarks/gpu_check.py ${args[@]+"${args[@]}"} ${gpu_out[@]+"${gpu_out[@]}"} || status=$?
+"$python" benchmarks/fid_speed.py ${fid_out[@]+"${fid_out[@]}"} || { rc=$?; [[ $status -ne 0 ]] || status=$rc; }
 exit "$status"

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import torch
 from conftest import REPO, benchmark_module, run_child
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bdia
@@ -137,6 +138,7 @@ def test_gpu_check_smoke(tmp_path):
     trips = {t["state"]: t for t in _table(out, "state")}
     assert trips["float64"]["relative error"] == "0.000e+00"
     assert trips["float64"]["bit-exact"] == "yes"
+    assert float(trips["float64"]["low word"]) >= 0
     assert float(trips["float32"]["relative error"]) < 1e-3
 
     gflop = re.search(r"FLOPs: ([0-9.]+) GFLOP per image per evaluation", out)
@@ -210,6 +212,54 @@ def test_gpu_check_sh_runs_both_scripts_from_the_checkout_and_keeps_the_first_fa
     ]
 
 
+def test_gpu_check_sh_outdir_sends_each_page_into_the_folder(tmp_path):
+    """--outdir (relative to where the wrapper is started) becomes each script's --out, the
+    folder made first; the other options still go to gpu_check.py alone."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--budget", "9", "--outdir", "pages"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pages = tmp_path / "pages"
+    assert pages.is_dir()
+    assert log.read_text().splitlines() == [
+        f"benchmarks/gpu_check.py --budget 9 --out {pages}/gpu.md",
+        f"benchmarks/fid_speed.py --out {pages}/fid_speed.md",
+    ]
+
+
+def test_a_failure_before_the_first_step_still_leaves_a_report(tmp_path, monkeypatch):
+    g = _gpu_check()
+
+    def broken(name, seed=0):
+        raise RuntimeError("no network today")
+
+    monkeypatch.setattr(g.generate, "random_network", broken)
+    report = tmp_path / "gpu.md"
+    assert g.main(["--smoke", "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "- stopped: failed: RuntimeError('no network today')" in text
+    assert set(_targets(text).values()) == {"not measured"}
+
+
+def test_rounds_after_the_warm_up_fit_what_is_left():
+    g = _gpu_check()
+    ctx = g.Context(torch.device("cpu"), steps=18, repeats=3, trip_batch=2, deadline=0.0)
+    # The warm-up ran 3 NFE of each sampler in 6 s: a round of both at 35 NFE takes 70 s.
+    ctx.deadline = g.elapsed() + 1000.0
+    assert g.affordable_repeats(ctx, 6.0, 3, reserve=0.0) == 3
+    assert g.affordable_repeats(ctx, 6.0, 3, reserve=800.0) == 2  # 200 s left: 2 rounds
+    assert g.affordable_repeats(ctx, 6.0, 3, reserve=990.0) == 1  # never fewer than one
+
+
 def _gaussian_denoiser(sigma_data=0.5):
     """The exact denoiser of data N(0, sigma_data^2), called as the samplers call a network."""
 
@@ -256,7 +306,9 @@ def test_count_gflop_scales_to_one_image():
     per_image, how = gpu_check.count_gflop(net, 8)
     assert "meta" in how
     x, sigma, cond = gpu_check.network_inputs(net, 1, 1.0, torch.device("cpu"), torch.float32)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # The unfused attention kernel: FlopCounterMode has formulas for CUDA's fused kernels and
+    # counts the unfused one's matrix products, but not the CPU's flash kernel.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         copy.deepcopy(net)(x, sigma, **cond)
     assert per_image == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)
     assert per_image > 0

@@ -121,6 +121,32 @@ def test_without_torchvision_the_stand_in_detector_is_used_and_named(tmp_path, m
     assert gflop == pytest.approx(2 * 48 * 2048 / 1e9)
 
 
+def test_a_broken_torchvision_falls_back_to_the_stand_in_and_says_why(tmp_path, monkeypatch):
+    fs = _fid_speed()
+
+    def broken():  # as a torchvision built for another torch fails on import
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(fs, "random_inception", broken)
+    args = argparse.Namespace(detector=None)
+    detector, path, what, _ = fs.build_detector(args, torch.device("cpu"), tmp_path, False)
+    assert what.startswith("StandInDetector (the random Inception-v3 could not be built")
+    assert "RuntimeError: operator torchvision::nms does not exist" in what
+    assert isinstance(detector, torch.jit.ScriptModule)
+
+
+def test_a_failure_outside_the_rows_still_writes_the_page(tmp_path, monkeypatch):
+    fs = _fid_speed()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs, "write_images", full_disk)
+    out = tmp_path / "fid_speed.md"
+    assert fs.main(["--smoke", "--out", str(out)]) == 0
+    assert "| stopped | failed: OSError(28, 'No space left on device') |" in out.read_text()
+
+
 def test_a_given_detector_file_is_loaded_as_bdia_fid_loads_it_and_its_flops_counted(tmp_path):
     fs = _fid_speed()
     path = tmp_path / "inception-2015-12-05.pt"
