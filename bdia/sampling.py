@@ -297,7 +297,8 @@ def sample(
         state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
             the name ``"float32"`` or ``"float64"``; defaults to ``start``'s.
         adjoint: how the result can be differentiated. None (the default): not at all; the
-            loop runs under ``torch.no_grad()``, as k-diffusion's samplers do.
+            loop runs under ``torch.no_grad()``, as k-diffusion's samplers do, and the result
+            does not require grad even when ``start`` does.
             ``"autograd"``: autograd through the unrolled loop (memory grows with the number
             of steps; the reference). ``"reversible"``: with a reversible solver, exact
             gradients with respect to ``start``, the conditioning tensors and the network's
@@ -361,13 +362,13 @@ def sample(
             state = new
             if trajectory:
                 states.append(state.x)
+        # Stacked inside the loop's grad mode: under no_grad the start, which may require
+        # grad, would otherwise give the result a graph that reaches nothing but ys[0].
+        out = torch.stack(states) if trajectory else state.x
     watch.warn(solver, "sampling")
-
-    if trajectory:
-        return torch.stack(states)
     if return_pair:
         return solver.pair(state, ode.fingerprint())
-    return state.x
+    return out
 
 
 def invert(
@@ -460,9 +461,16 @@ def odeint(
         method: a registered solver name or ``"bdia-<name>"``; defaults to ``"rk4"``.
         options: solver options, e.g. ``{"gamma": 0.96}`` for a bdia method.
 
+    Gradients flow as through torchdiffeq's ``odeint`` (not its ``odeint_adjoint``): where
+    grad mode is on, autograd records the steps, so the result backpropagates to ``y0`` and
+    to the tensors ``func`` uses (memory grows with the number of steps; for constant memory
+    use ``sample(..., adjoint="reversible")`` with a reversible solver). Under
+    ``torch.no_grad()`` nothing is recorded.
+
     Returns:
         Tensor of shape ``(len(t), *y0.shape)``, ``y0``'s dtype.
     """
     ode = func if isinstance(func, ODE) else ODE(func)
     solver = get_solver(method, **dict(options or {}))
-    return sample(ode, solver, y0, t, trajectory=True, progress=False)
+    adjoint = "autograd" if torch.is_grad_enabled() else None
+    return sample(ode, solver, y0, t, trajectory=True, progress=False, adjoint=adjoint)
