@@ -21,7 +21,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ode import DTYPE_NAMES, ODE
-from .pairs import CoupledPair, PairMismatchWarning, StatePair, check_fingerprint
+from .pairs import (
+    CoupledPair,
+    PairMismatchWarning,
+    StatePair,
+    check_fingerprint,
+    check_times,
+    stamped,
+)
 from .solvers.base import Solver, SolverState, move_report
 from .solvers.registry import get_solver
 
@@ -215,6 +222,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
             _low_word(x, value.x_low, value.x, f"{what}.x_low"),
             _low_word(y, value.y_low, value.y, f"{what}.y_low"),
             value.fingerprint,
+            value.time,
         )
     if isinstance(value, tuple):
         if len(value) != 2:
@@ -233,6 +241,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
             _low_word(a, value.earlier_low, value.earlier, f"{what}.earlier_low"),
             _low_word(b, value.later_low, value.later, f"{what}.later_low"),
             value.fingerprint,
+            value.times,
         )
     return _state(value, state_dtype, what)
 
@@ -323,8 +332,10 @@ def sample(
     grid = _grid(ts, ode)
     _check_solver(solver, ode, grid)
     start = _pair(start, state_dtype, "start")
-    if isinstance(start, (StatePair, CoupledPair)) and solver.reversible:
-        check_fingerprint(start, ode, "start")
+    if isinstance(start, (StatePair, CoupledPair)):
+        check_times(start, grid, 0, "start")
+        if solver.reversible:
+            check_fingerprint(start, ode, "start")
     if adjoint == "reversible":
         if not solver.reversible:
             raise ValueError(
@@ -348,7 +359,7 @@ def sample(
             on_state=watch.update,
         )
         watch.warn(solver, "sampling")
-        return out
+        return stamped(out, grid, len(grid) - 1) if return_pair else out
 
     watch = _ParasiticWatch()
     with torch.enable_grad() if adjoint == "autograd" else torch.no_grad():
@@ -367,7 +378,7 @@ def sample(
         out = torch.stack(states) if trajectory else state.x
     watch.warn(solver, "sampling")
     if return_pair:
-        return solver.pair(state, ode.fingerprint())
+        return stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1)
     return out
 
 
@@ -415,6 +426,7 @@ def invert(
     end = _pair(end, state_dtype, "end")
     n = len(grid) - 1  # index of the last grid point
     if isinstance(end, (StatePair, CoupledPair)):
+        check_times(end, grid, n, "end")
         if solver.reversible:
             check_fingerprint(end, ode, "end")
     elif ode.is_terminal(grid[n]):
@@ -434,7 +446,7 @@ def invert(
             watch.update(new)
             state = new
     watch.warn(solver, "inverting")
-    return solver.pair(state, ode.fingerprint())
+    return stamped(solver.pair(state, ode.fingerprint()), grid, 0)
 
 
 def odeint(

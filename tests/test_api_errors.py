@@ -335,3 +335,65 @@ def test_non_finite_start_plain_ode_via_odeint() -> None:
     with untouched(y0), pytest.raises(ValueError, match="start state contains 1 NaN/Inf"):
         bdia.odeint(f, y0, [0.0, 0.5, 1.0])
     assert calls == []
+
+
+# ------------------------------------------------------------------ a pair's grid
+
+# GRID's ends, other points in between.
+OTHER_GRID = [80.0, 30.0, 10.0, 3.0, 0.3]
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_returned_pairs_record_their_grid_times(ode: DiffusionODE, x: torch.Tensor) -> None:
+    bdia_pair = sample(ode, make_bdia("euler", 0.9), x, GRID, return_pair=True, progress=False)
+    assert bdia_pair.times == (GRID[-2], GRID[-1])
+    assert invert(ode, make_bdia("euler", 0.9), bdia_pair, GRID, progress=False).times == (
+        GRID[0],
+        GRID[1],
+    )
+    chains = sample(ode, bdia.edict("euler"), x, GRID, return_pair=True, progress=False)
+    assert chains.time == GRID[-1]
+    assert invert(ode, bdia.edict("euler"), chains, GRID, progress=False).time == GRID[0]
+
+
+@pytest.mark.parametrize("solver_name", ["bdia-euler", "euler"])
+@pytest.mark.parametrize(
+    "grid, shown",
+    [
+        (OTHER_GRID, r"ts\[-2:\] = \(3.0, 0.3\)"),
+        # GRID rounded to float32: its points are other times
+        (torch.tensor(GRID, dtype=torch.float32), r"ts\[-2:\] = \(1.0, 0.30000001192092896\)"),
+    ],
+)
+def test_a_pair_on_another_grid_is_refused(
+    ode: DiffusionODE, x: torch.Tensor, solver_name: str, grid, shown: str
+) -> None:
+    pair = sample(ode, get_solver(solver_name), x, GRID, return_pair=True, progress=False)
+    ode.reset_nfe()
+    pattern = r"the end pair was made at t = \(1.0, 0.3\), but this grid has " + shown
+    with untouched(pair.earlier, pair.later), pytest.raises(ValueError, match=pattern) as info:
+        invert(ode, get_solver(solver_name), pair, grid, progress=False)
+    assert "pass that grid" in str(info.value)
+    assert ode.nfe == 0
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_start_pair_or_chains_on_another_grid_are_refused(
+    ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    back = invert(ode, make_bdia("euler", 0.9), x, GRID, progress=False)
+    chains = sample(ode, bdia.edict("euler"), x, GRID, return_pair=True, progress=False)
+    ode.reset_nfe()
+    with pytest.raises(ValueError, match=r"start pair was made at t = \(80.0, 20.0\).*ts\[:2\]"):
+        sample(ode, make_bdia("euler", 0.9), back, OTHER_GRID, progress=False)
+    with pytest.raises(ValueError, match=r"end pair was made at t = 0.3, .* ts\[-1\] = 0.2"):
+        invert(ode, bdia.edict("euler"), chains, [*GRID[:-1], 0.2], progress=False)
+    assert ode.nfe == 0
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_pair_without_times_is_taken_as_it_is(ode: DiffusionODE, x: torch.Tensor) -> None:
+    """A pair built by hand (or loaded from a latents file) records no times."""
+    pair = sample(ode, make_bdia("euler", 0.9), x, GRID, return_pair=True, progress=False)
+    bare = StatePair(pair.earlier, pair.later, pair.earlier_low, pair.later_low)
+    invert(ode, make_bdia("euler", 0.9), bare, OTHER_GRID, progress=False)
