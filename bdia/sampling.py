@@ -345,6 +345,9 @@ def sample(
             )
         if trajectory:
             raise ValueError("adjoint='reversible' keeps only the final state: no trajectory")
+        # The backward pass undoes every step; refuse now what it could not, not after the
+        # whole forward pass.
+        solver.check_invertible(ode, grid)
         from .adjoint import reversible_sample
 
         watch = _ParasiticWatch()

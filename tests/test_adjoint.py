@@ -280,11 +280,14 @@ def test_a_non_reversible_solver_is_refused_in_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_gamma_zero_cannot_be_rewound():
+@pytest.mark.parametrize("gamma", [0.0, [0.9] * (STEPS - 2) + [0.0]])
+def test_gamma_zero_is_refused_before_the_forward_pass(gamma):
     ode, x, ts, _ = toy_start()
-    out = run(ode, bdia.bdia(bdia.get_solver("euler"), 0.0), x, ts, "reversible")
-    with pytest.raises(ValueError, match="cannot be undone exactly"):
-        out.sum().backward()
+    solver = bdia.bdia(bdia.get_solver("euler"), gamma)
+    with pytest.raises(ValueError, match="gamma = 0 .*cannot be undone exactly") as info:
+        run(ode, solver, x, ts, "reversible")
+    assert "adjoint='autograd'" in str(info.value)
+    assert ode.nfe == 0
 
 
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")

@@ -169,6 +169,12 @@ class Solver(ABC):
                 f"{type(ode).__name__}; use 'euler', 'heun', 'midpoint' or 'rk4' for a plain ODE"
             )
 
+    def check_invertible(self, ode: ODE, ts: Sequence[float]) -> None:
+        """Raise before any model call if the steps over ``ts`` cannot be undone exactly
+        (what ``invert`` and ``adjoint="reversible"`` need of a reversible solver); the
+        default accepts, and BDIA refuses a gamma of 0."""
+        return None
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, order={self.order}, stages={self.stages})"

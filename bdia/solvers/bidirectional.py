@@ -219,13 +219,18 @@ class BidirectionalWrapper(Solver):
         super().check(ode, ts)
         self.gammas(ode, ts)  # a gamma sequence of the wrong length fails here
 
-    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
-        gammas = tuple(self.gammas(ode, ts))
-        if at != 0 and any(g == 0.0 for g in gammas):
+    def check_invertible(self, ode: ODE, ts: Sequence[float]) -> None:
+        if any(g == 0.0 for g in self.gammas(ode, ts)):
             raise ValueError(
-                "gamma = 0 is the base solver, which cannot be inverted exactly; "
-                "inversion needs every gamma in (0, 1]"
+                "gamma = 0 is the base solver, whose steps cannot be undone exactly; "
+                "inversion and adjoint='reversible' need every gamma in (0, 1] "
+                "(adjoint='autograd' differentiates any gamma)"
             )
+
+    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        if at != 0:
+            self.check_invertible(ode, ts)
+        gammas = tuple(self.gammas(ode, ts))
         if isinstance(start, Tensor):
             return SolverState(at, start, memory=_Memory(gammas))
         if not isinstance(start, StatePair):
