@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
-from ..pairs import StatePair
+from ..pairs import CoupledPair, StatePair
 
 __all__ = ["Solver", "SingleStepSolver", "SolverState", "Neighbour", "ordered_pair", "move_report"]
 
@@ -227,6 +227,12 @@ class SingleStepSolver(Solver):
 
     # ------------------------------------------------------------------ protocol
     def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        if isinstance(start, CoupledPair):
+            raise TypeError(
+                f"{self.name} continues from a tensor or a StatePair, not from a CoupledPair "
+                "(the two chains of edict or reversible); pass the pair to the solver that "
+                "made it, or its result chain pair.x as a tensor"
+            )
         if isinstance(start, StatePair):
             # Continue from the pair's state nearest the direction of travel.
             if at == 0:
