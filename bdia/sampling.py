@@ -189,6 +189,12 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
         return None
     if not isinstance(low, Tensor) or low.shape != original.shape:
         raise ValueError(f"{what} must be a tensor of the state's shape {tuple(original.shape)}")
+    if low.dtype != original.dtype:
+        raise ValueError(
+            f"{what} is {low.dtype}, but its state is {original.dtype}; a low word holds the "
+            "part of the state below its dtype's precision, so give it the state's dtype "
+            "(the low words a driver returned, unchanged)"
+        )
     if high.dtype == original.dtype:
         out = low.to(device=high.device)
     else:

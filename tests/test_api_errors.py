@@ -315,6 +315,22 @@ def test_non_finite_low_word_of_a_pair(ode: DiffusionODE, x: torch.Tensor) -> No
     assert ode.nfe == 0
 
 
+@pytest.mark.parametrize("low_dtype", [torch.float32, torch.int64])
+@pytest.mark.parametrize("kind", ["StatePair", "CoupledPair"])
+def test_low_words_of_another_dtype(
+    ode: DiffusionODE, x: torch.Tensor, low_dtype, kind: str
+) -> None:
+    low = torch.zeros_like(x, dtype=low_dtype)
+    if kind == "StatePair":
+        pair, solver, field = StatePair(x + 1.0, x, low), make_bdia("euler", 0.9), "earlier_low"
+    else:
+        pair, solver, field = bdia.CoupledPair(x + 1.0, x, low), bdia.edict("euler"), "x_low"
+    pattern = rf"end.{field} is {low_dtype}, but its state is torch.float64; .*state's dtype"
+    with untouched(low), pytest.raises(ValueError, match=pattern):
+        invert(ode, solver, pair, GRID, progress=False)
+    assert ode.nfe == 0
+
+
 def test_start_overflowing_the_state_dtype(ode: DiffusionODE, x: torch.Tensor) -> None:
     big = x.clone()
     big[0] = 1e300  # finite in float64, Inf once cast to float32
