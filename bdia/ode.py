@@ -124,7 +124,8 @@ class ODE:
 
     Args:
         f: ``f(t, x) -> dx/dt`` with ``t`` a 0-dim tensor in ``x``'s dtype and device and
-            ``x`` of shape ``(batch, ...)``; returns a tensor of ``x``'s shape.
+            ``x`` of shape ``(batch, ...)``; returns a real floating tensor of ``x``'s
+            shape (any floating dtype; it is cast to the state's).
         model_dtype: if given (a floating torch dtype or its name), ``x`` is cast to it
             before ``f`` and the result cast back to the state dtype (the precision policy: a
             float64 state around a float32 ``f``).
@@ -186,6 +187,12 @@ class ODE:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"the model returned {got}, expected a tensor of shape {tuple(x.shape)}"
+            )
+        if not out.is_floating_point():
+            # Casting would drop an imaginary part, or hide an integer result, silently.
+            raise ValueError(
+                f"the model returned a {out.dtype} tensor; it must return a real floating "
+                f"tensor (the state is {x.dtype}, and the result is cast to it)"
             )
         return out.to(x.dtype)
 
@@ -318,8 +325,8 @@ class DiffusionODE(ODE):
     Args:
         denoiser: ``denoiser(x_bar, sigma_bar, **cond) -> D`` in EDM form: ``x_bar`` of shape
             ``(batch, ...)``, ``sigma_bar`` of shape ``(batch,)``; returns the denoised
-            ``x_bar`` (same shape). Use ``from_eps``, ``from_x0`` or ``from_v`` for networks
-            that predict something else in the schedule's own space.
+            ``x_bar`` (same shape, a real floating dtype). Use ``from_eps``, ``from_x0`` or
+            ``from_v`` for networks that predict something else in the schedule's own space.
         schedule: the noise schedule, a ``Schedule`` instance such as ``EDM()``,
             ``VPLinear()``, ``VPCosine()`` or ``VPDiscrete(betas=...)``; defaults to ``EDM()``
             (alpha = 1, sigma = t). A name such as ``"edm"`` is refused with a TypeError

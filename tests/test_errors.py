@@ -519,6 +519,14 @@ def test_model_returns_non_tensor(x: torch.Tensor) -> None:
         sample(ode, get_solver("euler"), x, GRID, progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.int64])
+def test_model_returns_no_real_floating_tensor(x: torch.Tensor, dtype: torch.dtype) -> None:
+    problem = ODE(lambda t, y: (-y).to(dtype))
+    pattern = rf"returned a {dtype} tensor; it must return a real floating tensor"
+    with untouched(x), pytest.raises(ValueError, match=pattern):
+        sample(problem, get_solver("euler"), x, [0.0, 1.0], progress=False)
+
+
 # ------------------------------------------------------------ inversion at sigma = 0
 
 
