@@ -110,6 +110,13 @@ def _check_schedule(schedule: Any) -> Schedule:
     )
 
 
+def _time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model gets its time or noise level in, given its input's: the same, but
+    float32 for a half-precision model, whose 8 bits of bfloat16 would round t = 1000.3 to
+    1000."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _infer_model_dtype(model: Callable[..., Any]) -> torch.dtype | None:
     """The dtype of a module's first floating parameter, or None for a plain callable."""
     if isinstance(model, torch.nn.Module):
@@ -123,9 +130,11 @@ class ODE:
     """A generic problem ``dx/dt = f(t, x)``.
 
     Args:
-        f: ``f(t, x) -> dx/dt`` with ``t`` a 0-dim tensor in ``x``'s dtype and device and
-            ``x`` of shape ``(batch, ...)``; returns a real floating tensor of ``x``'s
-            shape (any floating dtype; it is cast to the state's).
+        f: ``f(t, x) -> dx/dt`` with ``x`` of shape ``(batch, ...)`` and ``t`` a 0-dim
+            tensor on ``x``'s device, in ``x``'s dtype (float32 when ``model_dtype`` is
+            float16 or bfloat16, as a diffusion network gets its noise level); returns a
+            real floating tensor of ``x``'s shape (any floating dtype; it is cast to the
+            state's).
         model_dtype: if given (a floating torch dtype or its name), ``x`` is cast to it
             before ``f`` and the result cast back to the state dtype (the precision policy: a
             float64 state around a float32 ``f``).
@@ -199,9 +208,11 @@ class ODE:
     def evaluate(self, t: float, x: Tensor) -> Evaluation:
         """Evaluate ``f`` once at ``(t, x)`` (counts one NFE)."""
         self.nfe += 1
-        t_tensor = torch.tensor(float(t), dtype=x.dtype, device=x.device)
-        derivative = self._call(lambda xi: self.f(t_tensor.to(xi.dtype), xi), x)
-        return Evaluation(t=float(t), x=x, derivative=derivative)
+
+        def f(xi: Tensor) -> Tensor:
+            return self.f(torch.tensor(float(t), dtype=_time_dtype(xi.dtype), device=xi.device), xi)
+
+        return Evaluation(t=float(t), x=x, derivative=self._call(f, x))
 
 
 # How many leading and trailing entries of each parameter and buffer enter a model's
@@ -415,9 +426,7 @@ class DiffusionODE(ODE):
 
     def _noise_input(self, value: float, x: Tensor) -> Tensor:
         """A ``(batch,)`` tensor of ``value`` for the network (float32 for half-precision ones)."""
-        dtype = self.model_dtype or x.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
+        dtype = _time_dtype(self.model_dtype or x.dtype)
         return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
 
     def evaluate(self, t: float, x: Tensor) -> Evaluation:

@@ -477,6 +477,20 @@ def test_half_state_dtype_argument_refused(ode: DiffusionODE, x: torch.Tensor, d
             invert(ode, get_solver("euler"), x32, GRID, progress=False, state_dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_plain_ode_gets_its_time_in_float32(dtype: torch.dtype) -> None:
+    """As a DiffusionODE's network gets its noise level: bfloat16 would give 1000.0 for both."""
+    seen: list[tuple[torch.dtype, torch.dtype, float]] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append((t.dtype, y.dtype, float(t)))
+        return -y
+
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    sample(ODE(f, model_dtype=dtype), get_solver("euler"), y0, [1000.3, 1001.7], progress=False)
+    assert seen == [(torch.float32, dtype, float(torch.tensor(1000.3, dtype=torch.float32)))]
+
+
 def test_half_network_with_float32_state(mixture: GaussianMixture, x: torch.Tensor) -> None:
     seen: list[torch.dtype] = []
 
