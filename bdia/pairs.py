@@ -7,13 +7,13 @@ coupled-chain solvers ``edict`` and ``reversible`` (two chains at one grid point
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from ._warnings import warn_at_caller
 from .ode import ODE
 
 __all__ = [
@@ -149,7 +149,7 @@ def check_fingerprint(pair: StatePair | CoupledPair, ode: ODE, what: str) -> Non
     now = None if pair.fingerprint is None else ode.fingerprint()
     if now == pair.fingerprint:
         return
-    warnings.warn(
+    warn_at_caller(
         f"the {what} pair was made under a different ODE (another model, schedule or "
         f"conditioning: fingerprint {pair.fingerprint}, now {now}). BDIA carries "
         "the pair's parasitic mode, which only the ODE that made it cancels, so the result "
@@ -157,5 +157,4 @@ def check_fingerprint(pair: StatePair | CoupledPair, ode: ODE, what: str) -> Non
         "bdia.edit or Inversion.regenerate (the base solver from the inverted noise); to "
         "reproduce the original, use the ODE that made the pair",
         PairMismatchWarning,
-        stacklevel=4,
     )

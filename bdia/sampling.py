@@ -12,7 +12,6 @@ holds it in grid order.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._warnings import warn_at_caller
 from .ode import DTYPE_NAMES, ODE
 from .pairs import (
     CoupledPair,
@@ -71,20 +71,25 @@ class _ParasiticWatch:
             p = state.parasitic.detach()
             self.worst = p if self.worst is None else torch.maximum(self.worst, p)
 
-    def warn(self, solver: Solver, what: str) -> None:
+    def warn(self, solver: Solver, what: str, *, editing: bool) -> None:
+        """Warn if the worst ``parasitic`` reached the limit; ``editing``: the run inverted,
+        or continued a pair, so that how to edit is worth saying."""
         if self.worst is None:
             return
         worst = float(self.worst)
         if worst >= PARASITIC_LIMIT or math.isnan(worst):
-            warnings.warn(
+            edit = (
+                ", and regenerate under new conditioning from the inverted noise "
+                "(bdia.Inversion.regenerate) rather than from a pair"
+                if editing
+                else ""
+            )
+            warn_at_caller(
                 f"{what} with {solver.name}: the parasitic component of the reversible state "
                 f"reached {worst:.3g} times the state's size (rms), so the result is "
                 "dominated by it, not by the ODE's solution. The scheme is unstable here: use "
-                "more steps or another gamma (p, coupling), and regenerate under new "
-                "conditioning from the inverted noise (bdia.Inversion.regenerate) rather than "
-                "from a pair",
+                f"more steps or another gamma (p, coupling){edit}",
                 ParasiticWarning,
-                stacklevel=3,
             )
 
 
@@ -338,7 +343,8 @@ def sample(
     grid = _grid(ts, ode)
     _check_solver(solver, ode, grid)
     start = _pair(start, state_dtype, "start")
-    if isinstance(start, (StatePair, CoupledPair)):
+    from_pair = isinstance(start, (StatePair, CoupledPair))
+    if from_pair:
         check_times(start, grid, 0, "start")
         if solver.reversible:
             check_fingerprint(start, ode, "start")
@@ -367,7 +373,7 @@ def sample(
             callback=callback,
             on_state=watch.update,
         )
-        watch.warn(solver, "sampling")
+        watch.warn(solver, "sampling", editing=from_pair)
         return stamped(out, grid, len(grid) - 1) if return_pair else out
 
     watch = _ParasiticWatch()
@@ -385,7 +391,7 @@ def sample(
         # Stacked inside the loop's grad mode: under no_grad the start, which may require
         # grad, would otherwise give the result a graph that reaches nothing but ys[0].
         out = torch.stack(states) if trajectory else state.x
-    watch.warn(solver, "sampling")
+    watch.warn(solver, "sampling", editing=from_pair)
     if return_pair:
         return stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1)
     return out
@@ -454,7 +460,7 @@ def invert(
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
-    watch.warn(solver, "inverting")
+    watch.warn(solver, "inverting", editing=True)
     return stamped(solver.pair(state, ode.fingerprint()), grid, 0)
 
 
@@ -491,6 +497,14 @@ def odeint(
     Returns:
         Tensor of shape ``(len(t), *y0.shape)``, ``y0``'s dtype.
     """
+    if isinstance(y0, Tensor) and y0.dtype in (torch.float16, torch.bfloat16):
+        # sample's refusal would point to its state_dtype, which odeint does not have.
+        raise ValueError(
+            f"a {y0.dtype} y0 is refused: half precision cannot carry an ODE trajectory "
+            "(rounding of ~1e-3 per step). odeint integrates in y0's dtype: give y0 in "
+            "float32 or float64, and to run func in half precision pass "
+            f"bdia.ODE(func, model_dtype={y0.dtype}) as func"
+        )
     ode = func if isinstance(func, ODE) else ODE(func)
     solver = get_solver(method, **dict(options or {}))
     adjoint = "autograd" if torch.is_grad_enabled() else None

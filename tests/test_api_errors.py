@@ -413,3 +413,12 @@ def test_a_pair_without_times_is_taken_as_it_is(ode: DiffusionODE, x: torch.Tens
     pair = sample(ode, make_bdia("euler", 0.9), x, GRID, return_pair=True, progress=False)
     bare = StatePair(pair.earlier, pair.later, pair.earlier_low, pair.later_low)
     invert(ode, make_bdia("euler", 0.9), bare, OTHER_GRID, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_y0_in_odeint_points_to_what_odeint_takes(dtype: torch.dtype) -> None:
+    y0 = torch.ones(1, 2, dtype=dtype)
+    with untouched(y0), pytest.raises(ValueError, match=f"a {dtype} y0 is refused") as info:
+        bdia.odeint(lambda t, y: -y, y0, [0.0, 0.5, 1.0])
+    assert f"bdia.ODE(func, model_dtype={dtype})" in str(info.value)
+    assert "state_dtype" not in str(info.value)  # a parameter of sample, not of odeint

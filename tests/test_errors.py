@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -601,3 +602,76 @@ def test_a_healthy_round_trip_does_not_warn(mixture: GaussianMixture, x: torch.T
             ode, solver, pair, ts, progress=False, callback=lambda d: seen.append(d["parasitic"])
         )
     assert max(float(p) for p in seen if p is not None) < 0.1
+
+
+# ----------------------------------------------------------- where warnings point
+
+
+def recorded(run: Callable[[], object]) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return list(caught)
+
+
+def unstable() -> tuple[ODE, torch.Tensor, torch.Tensor]:
+    """bdia-heun with gamma 1 on y' = -5 y (see above): it warns of its parasitic part."""
+    ts = torch.linspace(0.0, 10.0, 201, dtype=torch.float64)
+    return ODE(lambda t, y: -5.0 * y), torch.ones(1, 1, dtype=torch.float64), ts
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")  # making the pairs
+def test_warnings_point_at_the_users_call(mixture: GaussianMixture, x: torch.Tensor) -> None:
+    """However many of the package's functions lie between, a warning names the line that
+    called sample, invert, odeint or Inversion.of: here, this file."""
+    ts = karras_grid(4, final_zero=False)
+    made, other = mixture.ode(), mixture.ode(model_dtype=torch.float32)  # two fingerprints
+    solver = make_bdia("euler", 0.9)
+    end = sample(made, solver, x, ts, return_pair=True, progress=False)
+    start = invert(made, solver, end, ts, progress=False)
+    chains = sample(made, bdia.edict("euler"), x, ts, return_pair=True, progress=False)
+    problem, y0, grid = unstable()
+    runs = {
+        "sample": (
+            lambda: sample(other, solver, start, ts, progress=False),
+            bdia.PairMismatchWarning,
+        ),
+        "invert": (
+            lambda: invert(other, solver, end, ts, progress=False),
+            bdia.PairMismatchWarning,
+        ),
+        "invert chains": (
+            lambda: invert(other, bdia.edict("euler"), chains, ts, progress=False),
+            bdia.PairMismatchWarning,
+        ),
+        "odeint": (
+            lambda: bdia.odeint(problem, y0, grid, method="bdia-heun"),
+            bdia.ParasiticWarning,
+        ),
+        "Inversion.of": (
+            lambda: bdia.Inversion.of(problem, make_bdia("heun", 1.0), y0, grid.flip(0)),
+            bdia.ParasiticWarning,
+        ),
+    }
+    ours = (bdia.ParasiticWarning, bdia.PairMismatchWarning)
+    for name, (run, category) in runs.items():
+        caught = [w for w in recorded(run) if issubclass(w.category, ours)]
+        assert [w.category for w in caught].count(category) == 1, (name, caught)
+        # the line of the call: the lambda's (the frame above it is this file too)
+        where = {(w.filename, w.lineno) for w in caught}
+        assert where == {(__file__, run.__code__.co_firstlineno)}, (name, caught)
+
+
+def test_only_an_inversion_or_a_pair_is_told_how_to_edit(mixture: GaussianMixture) -> None:
+    problem, y0, grid = unstable()
+    solver = make_bdia("heun", 1.0)
+    advice = "bdia.Inversion.regenerate"
+    for run in (
+        lambda: bdia.odeint(problem, y0, grid, method="bdia-heun"),
+        lambda: sample(problem, solver, y0, grid, progress=False),
+    ):
+        (caught,) = recorded(run)
+        assert "parasitic component" in str(caught.message)
+        assert advice not in str(caught.message)
+    (caught,) = recorded(lambda: invert(problem, solver, y0, grid.flip(0), progress=False))
+    assert advice in str(caught.message)
