@@ -8,6 +8,7 @@ import re
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from conftest import untouched
@@ -130,6 +131,38 @@ def test_gamma_sequence_value_outside_unit_interval(bad: float) -> None:
 def test_gamma_sequence_empty() -> None:
     with pytest.raises(ValueError, match="at least one value"):
         make_bdia("euler", gamma=[])
+
+
+@pytest.mark.parametrize(
+    "gamma, pattern",
+    [
+        ({0.9}, "got a set, which has no order"),
+        (frozenset({0.9, 0.5}), "got a frozenset, which has no order"),
+        ({0: 0.9}, "got a dict, which has no order"),
+        (True, "gamma must be a number in .* got the bool True"),
+        (np.bool_(False), "gamma must be a number in .* got the bool"),
+        ([0.9, True], r"gamma\[1\] must be a number in .* got the bool True"),
+    ],
+)
+def test_gamma_without_order_or_a_bool_is_refused(gamma, pattern: str) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        make_bdia("euler", gamma=gamma)
+
+
+@pytest.mark.parametrize("gamma, order", [([1.0] * 3, 2), (1.0, 2), ([1.0, 0.9, 1.0], 1)])
+def test_order_of_a_gamma_sequence_follows_its_values(gamma, order: int) -> None:
+    assert make_bdia("euler", gamma=gamma).order == order
+
+
+@pytest.mark.parametrize("gamma, per_step", [(0.0, 2), ([0.0] * 3, 2), ([0.0, 0.5, 0.0], 3)])
+def test_nfe_per_step_of_a_gamma_sequence_follows_its_values(
+    ode: DiffusionODE, x: torch.Tensor, gamma, per_step: int
+) -> None:
+    solver = make_bdia("heun", gamma=gamma)
+    assert solver.nfe_per_step == per_step
+    if per_step == 2:  # every update a plain heun step: what a run counts
+        sample(ode, solver, x, GRID, progress=False)
+        assert ode.nfe == per_step * (len(GRID) - 1)
 
 
 def test_get_solver_bdia_prefix_checks_gamma() -> None:
