@@ -12,9 +12,10 @@ holds it in grid order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -98,12 +99,23 @@ class _ParasiticWatch:
 
 def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
     """The grid as Python floats, checked to be finite, strictly monotone and in the domain."""
-    if isinstance(ts, Tensor):
+    kind = "the time grid ts must be a 1-D tensor, array or sequence of numbers"
+    if isinstance(ts, (Tensor, np.ndarray)):
         if ts.ndim != 1:
             raise ValueError(f"the time grid must be 1-D, got shape {tuple(ts.shape)}")
-        values = [float(v) for v in ts.detach().cpu().tolist()]
+        items = ts.detach().cpu().tolist() if isinstance(ts, Tensor) else ts.tolist()
+    elif isinstance(ts, (str, bytes)) or not isinstance(ts, Iterable):
+        raise TypeError(f"{kind}, got {type(ts).__name__} {ts!r:.60}")
     else:
-        values = [float(v) for v in ts]
+        items = list(ts)
+    values = []
+    for i, v in enumerate(items):
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            values.append(float(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"{kind}; ts[{i}] = {v!r:.60} is not a real number") from None
     if len(values) < 2:
         raise ValueError(f"the time grid needs at least 2 points (one step), got {len(values)}")
     if any(math.isnan(v) for v in values):

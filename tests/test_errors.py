@@ -253,6 +253,37 @@ def test_bad_grid(
     assert ode.nfe == 0
 
 
+def test_a_grid_array_shares_the_1d_check(ode: DiffusionODE, x: torch.Tensor) -> None:
+    ts = np.array([GRID])
+    with untouched(x), pytest.raises(ValueError, match=r"1-D, got shape \(1, 5\)"):
+        sample(ode, get_solver("euler"), x, ts, progress=False)
+    assert torch.equal(
+        sample(ode, get_solver("euler"), x, np.array(GRID), progress=False),
+        sample(ode, get_solver("euler"), x, GRID, progress=False),
+    )
+
+
+@pytest.mark.parametrize(
+    "ts, shown",
+    [
+        (None, "got NoneType None"),
+        ("abc", "got str 'abc'"),
+        (80.0, "got float 80.0"),
+        ([80.0, "x", 1.0], r"ts\[1\] = 'x' is not a real number"),
+        ([80.0, [20.0, 5.0], 1.0], r"ts\[1\] = \[20.0, 5.0\] is not a real number"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_a_grid_that_is_no_sequence_of_numbers(
+    ode: DiffusionODE, x: torch.Tensor, ts, shown: str, driver: str
+) -> None:
+    run = sample if driver == "sample" else invert
+    pattern = r"the time grid ts must be a 1-D tensor, array or sequence of numbers.*" + shown
+    with untouched(x), pytest.raises(TypeError, match=pattern):
+        run(ode, get_solver("euler"), x, ts, progress=False)
+    assert ode.nfe == 0
+
+
 def test_bad_grid_plain_ode(x: torch.Tensor) -> None:
     with untouched(x):
         with pytest.raises(ValueError, match="strictly monotonic"):
