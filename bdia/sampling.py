@@ -11,6 +11,7 @@ holds it in grid order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -269,6 +270,31 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
     return _state(value, state_dtype, what)
 
 
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of a state: itself, or a pair's tensor fields."""
+    if isinstance(value, Tensor):
+        return [value]
+    return [v for f in dataclasses.fields(value) if isinstance(v := getattr(value, f.name), Tensor)]
+
+
+def _unaliased(result: Any, given: Any) -> Any:
+    """``result`` (a tensor or a pair) with a copy of each tensor that is one of ``given``'s.
+
+    A run with no step to take, or one step from a single state, hands a start tensor back
+    (a pair's neighbour, the pair's own state); a result must not change with the caller's
+    data, nor the caller's data with the result. Call it in the run's grad mode: the copy is
+    differentiable where the run is, and carries no graph under no_grad."""
+    ids = {id(t) for t in _tensors(given)}
+    if isinstance(result, Tensor):
+        return result.clone() if id(result) in ids else result
+    copies = {
+        f.name: getattr(result, f.name).clone()
+        for f in dataclasses.fields(result)
+        if id(getattr(result, f.name)) in ids
+    }
+    return dataclasses.replace(result, **copies) if copies else result
+
+
 def _check_solver(solver: Solver, ode: ODE, grid: list[float]) -> None:
     if not isinstance(solver, Solver):
         raise TypeError(
@@ -386,7 +412,7 @@ def sample(
             on_state=watch.update,
         )
         watch.warn(solver, "sampling", editing=from_pair)
-        return stamped(out, grid, len(grid) - 1) if return_pair else out
+        return _unaliased(stamped(out, grid, len(grid) - 1) if return_pair else out, start)
 
     watch = _ParasiticWatch()
     with torch.enable_grad() if adjoint == "autograd" else torch.no_grad():
@@ -400,12 +426,16 @@ def sample(
             state = new
             if trajectory:
                 states.append(state.x)
-        # Stacked inside the loop's grad mode: under no_grad the start, which may require
-        # grad, would otherwise give the result a graph that reaches nothing but ys[0].
-        out = torch.stack(states) if trajectory else state.x
+        # Made inside the loop's grad mode: under no_grad the start, which may require grad,
+        # would otherwise give the result a graph that reaches nothing but the start.
+        if trajectory:
+            out = torch.stack(states)
+        elif return_pair:
+            out = stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1)
+        else:
+            out = state.x
+        out = _unaliased(out, start)
     watch.warn(solver, "sampling", editing=from_pair)
-    if return_pair:
-        return stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1)
     return out
 
 
@@ -472,8 +502,9 @@ def invert(
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
+        pair = _unaliased(stamped(solver.pair(state, ode.fingerprint()), grid, 0), end)
     watch.warn(solver, "inverting", editing=True)
-    return stamped(solver.pair(state, ode.fingerprint()), grid, 0)
+    return pair
 
 
 def odeint(

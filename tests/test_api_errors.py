@@ -422,3 +422,39 @@ def test_half_y0_in_odeint_points_to_what_odeint_takes(dtype: torch.dtype) -> No
         bdia.odeint(lambda t, y: -y, y0, [0.0, 0.5, 1.0])
     assert f"bdia.ODE(func, model_dtype={dtype})" in str(info.value)
     assert "state_dtype" not in str(info.value)  # a parameter of sample, not of odeint
+
+
+# ------------------------------------------------------- results are the caller's own
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_results_never_alias_the_callers_tensors(
+    mixture: GaussianMixture, ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    """On a grid of one step a pair holds a start tensor, and from a pair with no step to take
+    the result is one: each comes back as a copy."""
+    solver = make_bdia("euler", 0.9)
+    pair = sample(ode, solver, x, GRID[:2], return_pair=True, progress=False)
+    assert pair.earlier is not x and torch.equal(pair.earlier, x)
+    back = invert(ode, solver, x, GRID[-2:], progress=False)
+    assert back.later is not x and torch.equal(back.later, x)
+    start = StatePair(x + 1.0, x)
+    for name in ("euler", "bdia-euler"):
+        out = sample(ode, get_solver(name), start, GRID[:2], progress=False)
+        assert out is not x and torch.equal(out, x)
+    data = mixture.sample_data(BATCH, generator=torch.Generator().manual_seed(0)).double()
+    kept = data.clone()
+    inversion = bdia.Inversion.of(ode, solver, data, GRID[-2:])
+    data.zero_()
+    assert torch.equal(inversion.reconstruct(), kept)
+
+
+def test_a_result_without_a_step_has_no_graph(ode: DiffusionODE, x: torch.Tensor) -> None:
+    start = StatePair((x + 1.0).requires_grad_(), x.clone().requires_grad_())
+    for state_dtype in (None, torch.float32):  # the cast makes a tensor with a graph
+        out = sample(
+            ode, get_solver("euler"), start, GRID[:2], progress=False, state_dtype=state_dtype
+        )
+        assert not out.requires_grad
+    out = sample(ode, get_solver("euler"), start, GRID[:2], progress=False, adjoint="autograd")
+    assert out.requires_grad and out is not start.later
