@@ -285,6 +285,23 @@ def test_same_ode_and_unfingerprinted_pairs_do_not_warn(small) -> None:
         bdia.sample(small.ode, small.solver, bare, small.ts, progress=False)
 
 
+def test_edit_calls_back_from_both_runs() -> None:
+    mixture = GaussianMixture.random(2, 4, seed=0)
+    ts = bdia.karras_grid(4, final_zero=False)
+    data = mixture.sample_data(3, generator=torch.Generator().manual_seed(0)).double()
+    moves: list[tuple[int, int]] = []
+    bdia.edit(
+        mixture.ode(),
+        GaussianMixture.random(2, 4, seed=1).ode(),
+        bdia.bdia("euler", 0.9),
+        data,
+        ts,
+        progress=False,
+        callback=lambda d: moves.append((d["i"], ts.tolist().index(d["t_next"]))),
+    )
+    assert moves == [(4, 3), (3, 2), (2, 1), (1, 0), (0, 1), (1, 2), (2, 3), (3, 4)]
+
+
 def test_pair_is_not_a_sequence(small) -> None:
     with pytest.raises(TypeError, match="pair.earlier, pair.later"):
         earlier, later = small.pair
