@@ -178,14 +178,25 @@ def edit(
     rule: str = "base",
     state_dtype: torch.dtype | str | None = None,
     progress: bool | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Invert ``data`` under ``source`` and regenerate it under ``target``.
 
     ``Inversion.of(source, solver, data, ts).regenerate(target, rule=rule)`` in one call;
-    ``data`` (shape ``(batch, ...)``) is the state at ``ts[-1] > 0``.
+    ``data`` (shape ``(batch, ...)``) is the state at ``ts[-1] > 0``. ``progress`` and
+    ``callback`` (as in ``sample``) serve both runs: the inversion, from ``ts[-1]`` back to
+    ``ts[0]``, then the regeneration (the callback's ``i`` and ``t`` tell them apart).
 
     Returns:
         The edited data, same shape, in the state dtype.
     """
-    inversion = Inversion.of(source, solver, data, ts, state_dtype=state_dtype, progress=progress)
-    return inversion.regenerate(target, rule=rule, progress=progress)
+    inversion = Inversion.of(
+        source,
+        solver,
+        data,
+        ts,
+        state_dtype=state_dtype,
+        progress=progress,
+        callback=callback,
+    )
+    return inversion.regenerate(target, rule=rule, progress=progress, callback=callback)

@@ -12,7 +12,7 @@ The file's tensors:
 - ``earlier_low``, ``later_low``: the low words, same shape and dtype, only when not None;
 - ``ts``: the grid, float64 of shape ``(steps + 1,)``, noisiest first.
 
-Its string metadata (all values are strings): ``format`` (``"bdia-latents/1"``),
+Its string metadata (all values are strings): ``format`` (``"bdia-latents/2"``),
 ``fingerprint`` (``ode.fingerprint()`` of the ODE that made the pair), ``solver`` (the base
 solver's name), ``gamma`` (a number such as ``"0.96"`` or a named schedule such as
 ``"obelm"``), ``class`` (an integer, or ``"none"`` for an unconditional network), ``network``
@@ -35,8 +35,11 @@ from .sampling import StatePair
 
 __all__ = ["LATENTS_FORMAT", "save_latents", "load_latents"]
 
-#: The format tag in the metadata of every latents file.
-LATENTS_FORMAT = "bdia-latents/1"
+#: The format tag in the metadata of every latents file. Version 2 changed no field, only
+#: how ``ode.fingerprint()`` is computed (it now covers a network's buffers and the state a
+#: function or bound method carries), so a version-1 file's fingerprint cannot be checked.
+LATENTS_FORMAT = "bdia-latents/2"
+_OLD_FORMATS = ("bdia-latents/1",)
 
 _TEXT_KEYS = ("solver", "network", "network_path", "source")
 _STATE_DTYPES = (torch.float64, torch.float32)
@@ -116,8 +119,9 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[
 
     Raises:
         FileNotFoundError: if there is no file at ``path``.
-        ValueError: in one line naming the file, if it is not a bdia latents file or its
-            contents do not fit together.
+        ValueError: in one line naming the file, if it is not a bdia latents file, its
+            contents do not fit together, or it is a ``bdia-latents/1`` file (whose
+            fingerprint no longer checks: invert the images again).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -132,6 +136,12 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
+            if meta.get("format") in _OLD_FORMATS:
+                raise ValueError(
+                    f"{path} holds {meta['format']} latents, whose ODE fingerprint an earlier "
+                    "bdia computed without the network's buffers, so it cannot be checked "
+                    f"against a network now; invert the images again ({LATENTS_FORMAT})"
+                )
             if meta.get("format") != LATENTS_FORMAT:
                 raise refuse(f"format tag {meta.get('format')!r}")
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}

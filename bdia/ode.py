@@ -14,8 +14,10 @@ Every model call goes through ``evaluate(t, x)``, which adds one to ``nfe`` and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +110,13 @@ def _check_schedule(schedule: Any) -> Schedule:
     )
 
 
+def _time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model gets its time or noise level in, given its input's: the same, but
+    float32 for a half-precision model, whose 8 bits of bfloat16 would round t = 1000.3 to
+    1000."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _infer_model_dtype(model: Callable[..., Any]) -> torch.dtype | None:
     """The dtype of a module's first floating parameter, or None for a plain callable."""
     if isinstance(model, torch.nn.Module):
@@ -121,8 +130,11 @@ class ODE:
     """A generic problem ``dx/dt = f(t, x)``.
 
     Args:
-        f: ``f(t, x) -> dx/dt`` with ``t`` a 0-dim tensor in ``x``'s dtype and device and
-            ``x`` of shape ``(batch, ...)``; returns a tensor of ``x``'s shape.
+        f: ``f(t, x) -> dx/dt`` with ``x`` of shape ``(batch, ...)`` and ``t`` a 0-dim
+            tensor on ``x``'s device, in ``x``'s dtype (float32 when ``model_dtype`` is
+            float16 or bfloat16, as a diffusion network gets its noise level); returns a
+            real floating tensor of ``x``'s shape (any floating dtype; it is cast to the
+            state's).
         model_dtype: if given (a floating torch dtype or its name), ``x`` is cast to it
             before ``f`` and the result cast back to the state dtype (the precision policy: a
             float64 state around a float32 ``f``).
@@ -151,9 +163,12 @@ class ODE:
         self.nfe = 0
 
     def fingerprint(self) -> str:
-        """A short hex digest of what defines the problem: the model (its class and a sample
-        of its parameters, or a function's name), and for a ``DiffusionODE`` the schedule, the
-        prediction type, the model dtype and the conditioning tensors.
+        """A short hex digest of what defines the problem: the model (a module's class and a
+        sample of its parameters and buffers; a function's name, defaults, closure and the
+        tensors, modules and arrays among the globals it names; a bound method's object; a
+        partial's function and arguments; a callable object's attributes), and for a
+        ``DiffusionODE`` the schedule, the prediction type, the model dtype and the
+        conditioning tensors.
 
         Two ODEs with equal fingerprints compute the same vector field; pairs made by
         ``sample``/``invert`` record it, so that continuing a BDIA pair under a different ODE
@@ -182,59 +197,127 @@ class ODE:
             raise ValueError(
                 f"the model returned {got}, expected a tensor of shape {tuple(x.shape)}"
             )
+        if not out.is_floating_point():
+            # Casting would drop an imaginary part, or hide an integer result, silently.
+            raise ValueError(
+                f"the model returned a {out.dtype} tensor; it must return a real floating "
+                f"tensor (the state is {x.dtype}, and the result is cast to it)"
+            )
         return out.to(x.dtype)
 
     def evaluate(self, t: float, x: Tensor) -> Evaluation:
         """Evaluate ``f`` once at ``(t, x)`` (counts one NFE)."""
         self.nfe += 1
-        t_tensor = torch.tensor(float(t), dtype=x.dtype, device=x.device)
-        derivative = self._call(lambda xi: self.f(t_tensor.to(xi.dtype), xi), x)
-        return Evaluation(t=float(t), x=x, derivative=derivative)
+
+        def f(xi: Tensor) -> Tensor:
+            return self.f(torch.tensor(float(t), dtype=_time_dtype(xi.dtype), device=xi.device), xi)
+
+        return Evaluation(t=float(t), x=x, derivative=self._call(f, x))
 
 
-# How many leading and trailing entries of each parameter enter a model's fingerprint: enough
-# to tell trained networks apart, cheap for a network of billions of weights.
+# How many leading and trailing entries of each parameter and buffer enter a model's
+# fingerprint: enough to tell trained networks apart, cheap for a network of billions of weights.
 _FINGERPRINT_ENTRIES = 16
 
 
-def _digest(h: Any, value: Any, depth: int = 0) -> None:
+def _digest_tensor(h: Any, value: Tensor, sampled: bool) -> None:
+    flat = value.detach().reshape(-1)
+    if sampled and flat.numel() > 2 * _FINGERPRINT_ENTRIES:
+        flat = torch.cat([flat[:_FINGERPRINT_ENTRIES], flat[-_FINGERPRINT_ENTRIES:]])
+    h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+    h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _digest_function(h: Any, fn: types.FunctionType, depth: int, path: set[int]) -> None:
+    """A Python function: its name, and the values it computes with besides its arguments
+    (defaults, closure cells, and the tensors, modules and arrays among the globals it
+    names). A lambda wrapping a network differs from one wrapping another."""
+    h.update(f"C{fn.__module__}.{fn.__qualname__}".encode())
+    _digest(h, fn.__defaults__, depth + 1, path)
+    _digest(h, fn.__kwdefaults__, depth + 1, path)
+    for cell in fn.__closure__ or ():
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            h.update(b"E")
+            continue
+        _digest(h, contents, depth + 1, path)
+    for name in fn.__code__.co_names:
+        value = fn.__globals__.get(name)
+        # Only state a model may hold: a global naming a Python module, a class or a helper
+        # function would pull in whatever it reaches.
+        if isinstance(value, (Tensor, np.ndarray, torch.nn.Module)):
+            h.update(f"G{name}".encode())
+            _digest(h, value, depth + 1, path)
+
+
+def _digest(h: Any, value: Any, depth: int = 0, path: set[int] | None = None) -> None:
     """Feed ``value`` into the hash ``h``: tensors and arrays by dtype, shape and content,
-    modules by class and a sample of every parameter, mappings by sorted keys."""
-    if depth > 8:
-        # Deeper structure (or a cycle) contributes only its type.
+    modules by class and a sample of every parameter and buffer, mappings by sorted keys,
+    callables by name and the state they carry (a bound method's object, a partial's
+    arguments, a function's closure, a callable object's attributes), other objects by
+    class and attributes. Python modules and classes enter by name only. Nothing depends on
+    ``id()`` or addresses, so the digest is the same in every process."""
+    path = set() if path is None else path
+    if depth > 8 or id(value) in path:
+        # Deeper structure, or a cycle back to an enclosing value: only its type.
         h.update(f"X{type(value).__qualname__}".encode())
-    elif isinstance(value, Tensor):
-        flat = value.detach().reshape(-1)
-        if isinstance(value, torch.nn.Parameter) and flat.numel() > 2 * _FINGERPRINT_ENTRIES:
-            flat = torch.cat([flat[:_FINGERPRINT_ENTRIES], flat[-_FINGERPRINT_ENTRIES:]])
-        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, np.ndarray):
+        return
+    if value is None or isinstance(value, (bool, int, float, str, np.generic, torch.dtype)):
+        h.update(f"V{type(value).__name__}:{value!r}".encode())
+        return
+    if isinstance(value, Tensor):
+        _digest_tensor(h, value, sampled=isinstance(value, torch.nn.Parameter))
+        return
+    if isinstance(value, np.ndarray):
         h.update(f"A{value.dtype}{value.shape}".encode())
         h.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, torch.nn.Module):
-        h.update(f"M{type(value).__qualname__}".encode())
-        for name, p in value.named_parameters():
-            h.update(name.encode())
-            _digest(h, p, depth + 1)
-    elif isinstance(value, Mapping):
-        h.update(b"D")
-        for key in sorted(value, key=str):
-            h.update(str(key).encode())
-            _digest(h, value[key], depth + 1)
-    elif isinstance(value, (list, tuple)):
-        h.update(f"L{len(value)}".encode())
-        for item in value:
-            _digest(h, item, depth + 1)
-    elif value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
-        h.update(f"V{type(value).__name__}:{value!r}".encode())
-    elif hasattr(value, "__dict__") and not callable(value):
-        h.update(f"O{type(value).__qualname__}".encode())
-        _digest(h, vars(value), depth + 1)
-    else:
-        # A function or other callable: its qualified name is what identifies it.
-        name = getattr(value, "__qualname__", type(value).__qualname__)
-        h.update(f"C{getattr(value, '__module__', '')}.{name}".encode())
+        return
+    if isinstance(value, types.ModuleType):
+        h.update(f"P{value.__name__}".encode())
+        return
+    if isinstance(value, type):
+        h.update(f"K{value.__module__}.{value.__qualname__}".encode())
+        return
+    path.add(id(value))
+    try:
+        if isinstance(value, torch.nn.Module):
+            h.update(f"M{type(value).__qualname__}".encode())
+            for kind, named in (("p", value.named_parameters()), ("b", value.named_buffers())):
+                for name, tensor in named:
+                    h.update(f"{kind}{name}".encode())
+                    _digest_tensor(h, tensor, sampled=True)
+        elif isinstance(value, ODE):
+            # Its own digest, which leaves out what changes as it runs (the call counter).
+            h.update(f"E{value.fingerprint()}".encode())
+        elif isinstance(value, Mapping):
+            h.update(b"D")
+            for key in sorted(value, key=str):
+                h.update(str(key).encode())
+                _digest(h, value[key], depth + 1, path)
+        elif isinstance(value, (list, tuple)):
+            h.update(f"L{len(value)}".encode())
+            for item in value:
+                _digest(h, item, depth + 1, path)
+        elif isinstance(value, functools.partial):
+            h.update(b"F")
+            _digest(h, (value.func, value.args, value.keywords), depth + 1, path)
+        elif isinstance(value, (types.MethodType, types.BuiltinMethodType)):
+            # A bound method is its function and the object it is bound to (for a builtin
+            # function, its Python module, which enters by name).
+            h.update(f"B{getattr(value, '__qualname__', '')}".encode())
+            _digest(h, getattr(value, "__func__", None), depth + 1, path)
+            _digest(h, value.__self__, depth + 1, path)
+        elif isinstance(value, types.FunctionType):
+            _digest_function(h, value, depth, path)
+        elif hasattr(value, "__dict__"):
+            h.update(f"O{type(value).__module__}.{type(value).__qualname__}".encode())
+            _digest(h, vars(value), depth + 1, path)
+        else:
+            name = getattr(value, "__qualname__", type(value).__qualname__)
+            h.update(f"C{getattr(value, '__module__', '')}.{name}".encode())
+    finally:
+        path.discard(id(value))
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -253,8 +336,8 @@ class DiffusionODE(ODE):
     Args:
         denoiser: ``denoiser(x_bar, sigma_bar, **cond) -> D`` in EDM form: ``x_bar`` of shape
             ``(batch, ...)``, ``sigma_bar`` of shape ``(batch,)``; returns the denoised
-            ``x_bar`` (same shape). Use ``from_eps``, ``from_x0`` or ``from_v`` for networks
-            that predict something else in the schedule's own space.
+            ``x_bar`` (same shape, a real floating dtype). Use ``from_eps``, ``from_x0`` or
+            ``from_v`` for networks that predict something else in the schedule's own space.
         schedule: the noise schedule, a ``Schedule`` instance such as ``EDM()``,
             ``VPLinear()``, ``VPCosine()`` or ``VPDiscrete(betas=...)``; defaults to ``EDM()``
             (alpha = 1, sigma = t). A name such as ``"edm"`` is refused with a TypeError
@@ -343,9 +426,7 @@ class DiffusionODE(ODE):
 
     def _noise_input(self, value: float, x: Tensor) -> Tensor:
         """A ``(batch,)`` tensor of ``value`` for the network (float32 for half-precision ones)."""
-        dtype = self.model_dtype or x.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
+        dtype = _time_dtype(self.model_dtype or x.dtype)
         return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
 
     def evaluate(self, t: float, x: Tensor) -> Evaluation:

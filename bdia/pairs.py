@@ -6,15 +6,24 @@ coupled-chain solvers ``edict`` and ``reversible`` (two chains at one grid point
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from ._warnings import warn_at_caller
 from .ode import ODE
 
-__all__ = ["StatePair", "CoupledPair", "PairMismatchWarning", "check_fingerprint"]
+__all__ = [
+    "StatePair",
+    "CoupledPair",
+    "PairMismatchWarning",
+    "check_fingerprint",
+    "check_times",
+    "stamped",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,10 @@ class StatePair:
         fingerprint: ``ode.fingerprint()`` of the ODE that made the pair, or None. BDIA
             continued from the pair under another ODE (another label or prompt) warns with
             ``PairMismatchWarning``.
+        times: the grid times of ``earlier`` and ``later`` as Python floats (``(ts[0],
+            ts[1])`` from ``invert``, ``(ts[-2], ts[-1])`` from ``sample``), or None (a pair
+            built by hand or loaded from a latents file). ``sample`` and ``invert`` refuse a
+            pair whose times are not those of the grid end it is used at.
 
     A pair is not a sequence: use the field names (``pair.earlier``), not unpacking.
     """
@@ -44,6 +57,7 @@ class StatePair:
     earlier_low: Tensor | None = None
     later_low: Tensor | None = None
     fingerprint: str | None = None
+    times: tuple[float, float] | None = None
 
     def __iter__(self) -> Any:
         raise TypeError(
@@ -70,6 +84,9 @@ class CoupledPair:
             to the state dtype's rounding, magnified along the run.
         fingerprint: ``ode.fingerprint()`` of the ODE that made the pair, or None; a pair
             continued under another ODE warns with ``PairMismatchWarning``.
+        time: the grid time of the chains as a Python float (``ts[0]`` from ``invert``,
+            ``ts[-1]`` from ``sample``), or None (a pair built by hand). ``sample`` and
+            ``invert`` refuse a pair whose time is not that of the grid end it is used at.
 
     A pair is not a sequence: use the field names (``pair.x``), not unpacking.
     """
@@ -79,11 +96,46 @@ class CoupledPair:
     x_low: Tensor | None = None
     y_low: Tensor | None = None
     fingerprint: str | None = None
+    time: float | None = None
 
     def __iter__(self) -> Any:
         raise TypeError(
             "a CoupledPair is not a sequence; use its fields: pair.x, pair.y "
             "(and pair.x_low, pair.y_low)"
+        )
+
+
+def _grid_times(pair: StatePair | CoupledPair, ts: Sequence[float], at: int) -> Any:
+    """The times ``pair`` sits at on grid ``ts`` used from index ``at`` (0 or ``len(ts) - 1``),
+    and how to name them."""
+    if isinstance(pair, CoupledPair):
+        return ts[at], "ts[0]" if at == 0 else "ts[-1]"
+    k = 0 if at == 0 else at - 1
+    return (ts[k], ts[k + 1]), "ts[:2]" if at == 0 else "ts[-2:]"
+
+
+def stamped(pair: StatePair | CoupledPair, ts: Sequence[float], at: int) -> Any:
+    """``pair`` with the grid times it sits at recorded: ``at`` is 0 for the pair at the
+    start of grid ``ts`` (Python floats), ``len(ts) - 1`` for the one at its end."""
+    times, _ = _grid_times(pair, ts, at)
+    if isinstance(pair, CoupledPair):
+        return dataclasses.replace(pair, time=times)
+    return dataclasses.replace(pair, times=times)
+
+
+def check_times(pair: StatePair | CoupledPair, ts: Sequence[float], at: int, what: str) -> None:
+    """Raise ValueError unless the times ``pair`` recorded (if any) are those of grid ``ts``
+    at index ``at``, exactly: the states of a pair are states at those times, and on any
+    other grid every step from them is wrong without a sign."""
+    recorded = pair.time if isinstance(pair, CoupledPair) else pair.times
+    if recorded is None:
+        return
+    expected, where = _grid_times(pair, ts, at)
+    if recorded != expected:
+        raise ValueError(
+            f"the {what} pair was made at t = {recorded}, but this grid has {where} = "
+            f"{expected}; a pair holds the states at the times of the grid that made it, so "
+            "pass that grid (the same values, in float64)"
         )
 
 
@@ -97,7 +149,7 @@ def check_fingerprint(pair: StatePair | CoupledPair, ode: ODE, what: str) -> Non
     now = None if pair.fingerprint is None else ode.fingerprint()
     if now == pair.fingerprint:
         return
-    warnings.warn(
+    warn_at_caller(
         f"the {what} pair was made under a different ODE (another model, schedule or "
         f"conditioning: fingerprint {pair.fingerprint}, now {now}). BDIA carries "
         "the pair's parasitic mode, which only the ODE that made it cancels, so the result "
@@ -105,5 +157,4 @@ def check_fingerprint(pair: StatePair | CoupledPair, ode: ODE, what: str) -> Non
         "bdia.edit or Inversion.regenerate (the base solver from the inverted noise); to "
         "reproduce the original, use the ODE that made the pair",
         PairMismatchWarning,
-        stacklevel=4,
     )

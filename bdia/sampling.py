@@ -11,17 +11,26 @@ holds it in grid order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._warnings import warn_at_caller
 from .ode import DTYPE_NAMES, ODE
-from .pairs import CoupledPair, PairMismatchWarning, StatePair, check_fingerprint
+from .pairs import (
+    CoupledPair,
+    PairMismatchWarning,
+    StatePair,
+    check_fingerprint,
+    check_times,
+    stamped,
+)
 from .solvers.base import Solver, SolverState, move_report
 from .solvers.registry import get_solver
 
@@ -64,20 +73,25 @@ class _ParasiticWatch:
             p = state.parasitic.detach()
             self.worst = p if self.worst is None else torch.maximum(self.worst, p)
 
-    def warn(self, solver: Solver, what: str) -> None:
+    def warn(self, solver: Solver, what: str, *, editing: bool) -> None:
+        """Warn if the worst ``parasitic`` reached the limit; ``editing``: the run inverted,
+        or continued a pair, so that how to edit is worth saying."""
         if self.worst is None:
             return
         worst = float(self.worst)
         if worst >= PARASITIC_LIMIT or math.isnan(worst):
-            warnings.warn(
+            edit = (
+                ", and regenerate under new conditioning from the inverted noise "
+                "(bdia.Inversion.regenerate) rather than from a pair"
+                if editing
+                else ""
+            )
+            warn_at_caller(
                 f"{what} with {solver.name}: the parasitic component of the reversible state "
                 f"reached {worst:.3g} times the state's size (rms), so the result is "
                 "dominated by it, not by the ODE's solution. The scheme is unstable here: use "
-                "more steps or another gamma (p, coupling), and regenerate under new "
-                "conditioning from the inverted noise (bdia.Inversion.regenerate) rather than "
-                "from a pair",
+                f"more steps or another gamma (p, coupling){edit}",
                 ParasiticWarning,
-                stacklevel=3,
             )
 
 
@@ -86,12 +100,23 @@ class _ParasiticWatch:
 
 def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
     """The grid as Python floats, checked to be finite, strictly monotone and in the domain."""
-    if isinstance(ts, Tensor):
+    kind = "the time grid ts must be a 1-D tensor, array or sequence of numbers"
+    if isinstance(ts, (Tensor, np.ndarray)):
         if ts.ndim != 1:
             raise ValueError(f"the time grid must be 1-D, got shape {tuple(ts.shape)}")
-        values = [float(v) for v in ts.detach().cpu().tolist()]
+        items = ts.detach().cpu().tolist() if isinstance(ts, Tensor) else ts.tolist()
+    elif isinstance(ts, (str, bytes)) or not isinstance(ts, Iterable):
+        raise TypeError(f"{kind}, got {type(ts).__name__} {ts!r:.60}")
     else:
-        values = [float(v) for v in ts]
+        items = list(ts)
+    values = []
+    for i, v in enumerate(items):
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            values.append(float(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"{kind}; ts[{i}] = {v!r:.60} is not a real number") from None
     if len(values) < 2:
         raise ValueError(f"the time grid needs at least 2 points (one step), got {len(values)}")
     if any(math.isnan(v) for v in values):
@@ -182,6 +207,12 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
         return None
     if not isinstance(low, Tensor) or low.shape != original.shape:
         raise ValueError(f"{what} must be a tensor of the state's shape {tuple(original.shape)}")
+    if low.dtype != original.dtype:
+        raise ValueError(
+            f"{what} is {low.dtype}, but its state is {original.dtype}; a low word holds the "
+            "part of the state below its dtype's precision, so give it the state's dtype "
+            "(the low words a driver returned, unchanged)"
+        )
     if high.dtype == original.dtype:
         out = low.to(device=high.device)
     else:
@@ -215,6 +246,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
             _low_word(x, value.x_low, value.x, f"{what}.x_low"),
             _low_word(y, value.y_low, value.y, f"{what}.y_low"),
             value.fingerprint,
+            value.time,
         )
     if isinstance(value, tuple):
         if len(value) != 2:
@@ -233,8 +265,34 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
             _low_word(a, value.earlier_low, value.earlier, f"{what}.earlier_low"),
             _low_word(b, value.later_low, value.later, f"{what}.later_low"),
             value.fingerprint,
+            value.times,
         )
     return _state(value, state_dtype, what)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of a state: itself, or a pair's tensor fields."""
+    if isinstance(value, Tensor):
+        return [value]
+    return [v for f in dataclasses.fields(value) if isinstance(v := getattr(value, f.name), Tensor)]
+
+
+def _unaliased(result: Any, given: Any) -> Any:
+    """``result`` (a tensor or a pair) with a copy of each tensor that is one of ``given``'s.
+
+    A run with no step to take, or one step from a single state, hands a start tensor back
+    (a pair's neighbour, the pair's own state); a result must not change with the caller's
+    data, nor the caller's data with the result. Call it in the run's grad mode: the copy is
+    differentiable where the run is, and carries no graph under no_grad."""
+    ids = {id(t) for t in _tensors(given)}
+    if isinstance(result, Tensor):
+        return result.clone() if id(result) in ids else result
+    copies = {
+        f.name: getattr(result, f.name).clone()
+        for f in dataclasses.fields(result)
+        if id(getattr(result, f.name)) in ids
+    }
+    return dataclasses.replace(result, **copies) if copies else result
 
 
 def _check_solver(solver: Solver, ode: ODE, grid: list[float]) -> None:
@@ -297,7 +355,8 @@ def sample(
         state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
             the name ``"float32"`` or ``"float64"``; defaults to ``start``'s.
         adjoint: how the result can be differentiated. None (the default): not at all; the
-            loop runs under ``torch.no_grad()``, as k-diffusion's samplers do.
+            loop runs under ``torch.no_grad()``, as k-diffusion's samplers do, and the result
+            does not require grad even when ``start`` does.
             ``"autograd"``: autograd through the unrolled loop (memory grows with the number
             of steps; the reference). ``"reversible"``: with a reversible solver, exact
             gradients with respect to ``start``, the conditioning tensors and the network's
@@ -322,8 +381,11 @@ def sample(
     grid = _grid(ts, ode)
     _check_solver(solver, ode, grid)
     start = _pair(start, state_dtype, "start")
-    if isinstance(start, (StatePair, CoupledPair)) and solver.reversible:
-        check_fingerprint(start, ode, "start")
+    from_pair = isinstance(start, (StatePair, CoupledPair))
+    if from_pair:
+        check_times(start, grid, 0, "start")
+        if solver.reversible:
+            check_fingerprint(start, ode, "start")
     if adjoint == "reversible":
         if not solver.reversible:
             raise ValueError(
@@ -333,6 +395,9 @@ def sample(
             )
         if trajectory:
             raise ValueError("adjoint='reversible' keeps only the final state: no trajectory")
+        # The backward pass undoes every step; refuse now what it could not, not after the
+        # whole forward pass.
+        solver.check_invertible(ode, grid)
         from .adjoint import reversible_sample
 
         watch = _ParasiticWatch()
@@ -346,8 +411,8 @@ def sample(
             callback=callback,
             on_state=watch.update,
         )
-        watch.warn(solver, "sampling")
-        return out
+        watch.warn(solver, "sampling", editing=from_pair)
+        return _unaliased(stamped(out, grid, len(grid) - 1) if return_pair else out, start)
 
     watch = _ParasiticWatch()
     with torch.enable_grad() if adjoint == "autograd" else torch.no_grad():
@@ -361,13 +426,17 @@ def sample(
             state = new
             if trajectory:
                 states.append(state.x)
-    watch.warn(solver, "sampling")
-
-    if trajectory:
-        return torch.stack(states)
-    if return_pair:
-        return solver.pair(state, ode.fingerprint())
-    return state.x
+        # Made inside the loop's grad mode: under no_grad the start, which may require grad,
+        # would otherwise give the result a graph that reaches nothing but the start.
+        if trajectory:
+            out = torch.stack(states)
+        elif return_pair:
+            out = stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1)
+        else:
+            out = state.x
+        out = _unaliased(out, start)
+    watch.warn(solver, "sampling", editing=from_pair)
+    return out
 
 
 def invert(
@@ -414,6 +483,7 @@ def invert(
     end = _pair(end, state_dtype, "end")
     n = len(grid) - 1  # index of the last grid point
     if isinstance(end, (StatePair, CoupledPair)):
+        check_times(end, grid, n, "end")
         if solver.reversible:
             check_fingerprint(end, ode, "end")
     elif ode.is_terminal(grid[n]):
@@ -432,8 +502,9 @@ def invert(
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
-    watch.warn(solver, "inverting")
-    return solver.pair(state, ode.fingerprint())
+        pair = _unaliased(stamped(solver.pair(state, ode.fingerprint()), grid, 0), end)
+    watch.warn(solver, "inverting", editing=True)
+    return pair
 
 
 def odeint(
@@ -460,9 +531,24 @@ def odeint(
         method: a registered solver name or ``"bdia-<name>"``; defaults to ``"rk4"``.
         options: solver options, e.g. ``{"gamma": 0.96}`` for a bdia method.
 
+    Gradients flow as through torchdiffeq's ``odeint`` (not its ``odeint_adjoint``): where
+    grad mode is on, autograd records the steps, so the result backpropagates to ``y0`` and
+    to the tensors ``func`` uses (memory grows with the number of steps; for constant memory
+    use ``sample(..., adjoint="reversible")`` with a reversible solver). Under
+    ``torch.no_grad()`` nothing is recorded.
+
     Returns:
         Tensor of shape ``(len(t), *y0.shape)``, ``y0``'s dtype.
     """
+    if isinstance(y0, Tensor) and y0.dtype in (torch.float16, torch.bfloat16):
+        # sample's refusal would point to its state_dtype, which odeint does not have.
+        raise ValueError(
+            f"a {y0.dtype} y0 is refused: half precision cannot carry an ODE trajectory "
+            "(rounding of ~1e-3 per step). odeint integrates in y0's dtype: give y0 in "
+            "float32 or float64, and to run func in half precision pass "
+            f"bdia.ODE(func, model_dtype={y0.dtype}) as func"
+        )
     ode = func if isinstance(func, ODE) else ODE(func)
     solver = get_solver(method, **dict(options or {}))
-    return sample(ode, solver, y0, t, trajectory=True, progress=False)
+    adjoint = "autograd" if torch.is_grad_enabled() else None
+    return sample(ode, solver, y0, t, trajectory=True, progress=False, adjoint=adjoint)

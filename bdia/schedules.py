@@ -17,6 +17,7 @@ returned as 1-D float64 tensors.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -367,11 +368,17 @@ def karras_grid(
     Raises:
         ValueError: if sigma_min or sigma_max lies outside ``schedule.sigma_bar_range()``,
             or ``final_zero`` asks for sigma = 0 from a schedule that never reaches it
-            (``VPDiscrete`` without ``clean_end``); the message names the range.
+            (``VPDiscrete`` without ``clean_end``); the message names the range. Also if
+            rho is not a finite number > 0.
     """
     _check_steps(steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if not (isinstance(rho, numbers.Real) and 0 < rho < math.inf):
+        raise ValueError(
+            f"rho must be a finite number > 0 (the grid is uniform in sigma ** (1 / rho); "
+            f"EDM uses 7), got {rho!r}"
+        )
     schedule = schedule or EDM()
     lo, hi = schedule.sigma_bar_range()
     for arg, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):

@@ -280,11 +280,14 @@ def test_a_non_reversible_solver_is_refused_in_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_gamma_zero_cannot_be_rewound():
+@pytest.mark.parametrize("gamma", [0.0, [0.9] * (STEPS - 2) + [0.0]])
+def test_gamma_zero_is_refused_before_the_forward_pass(gamma):
     ode, x, ts, _ = toy_start()
-    out = run(ode, bdia.bdia(bdia.get_solver("euler"), 0.0), x, ts, "reversible")
-    with pytest.raises(ValueError, match="cannot be undone exactly"):
-        out.sum().backward()
+    solver = bdia.bdia(bdia.get_solver("euler"), gamma)
+    with pytest.raises(ValueError, match="gamma = 0 .*cannot be undone exactly") as info:
+        run(ode, solver, x, ts, "reversible")
+    assert "adjoint='autograd'" in str(info.value)
+    assert ode.nfe == 0
 
 
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
@@ -301,3 +304,39 @@ def test_tensors_the_adjoint_cannot_see_are_named():
         out.sum().backward()
     assert all(p.grad is None for p in net.parameters())
     assert x.grad is not None and math.isfinite(float(x.grad.norm()))
+
+
+# ---------------------------------------------------------------- without an adjoint
+
+
+@pytest.mark.parametrize("method", ["rk4", "bdia-euler"])
+def test_odeint_is_differentiable_like_torchdiffeq(method):
+    """On y' = A y every solver is a linear map y0 -> y0 P^T, so the gradient of
+    sum(ys[-1]) is ones @ P, with P^T read off odeint run on the identity rows. Both sides
+    are the same operations in float64, so they agree to rounding: 1e-12 relative."""
+    a = torch.tensor([[0.0, 1.0], [-4.0, -0.2]], dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    options = {"gamma": 0.9} if method.startswith("bdia") else None
+    y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ys = bdia.odeint(lambda _, y: y @ a.T, y0, t, method=method, options=options)
+    ys[-1].sum().backward()
+    with torch.no_grad():
+        p_t = bdia.odeint(
+            lambda _, y: y @ a.T,
+            torch.eye(2, dtype=torch.float64),
+            t,
+            method=method,
+            options=options,
+        )[-1]
+    expected = torch.ones(1, 2, dtype=torch.float64) @ p_t.T
+    assert not p_t.requires_grad
+    assert rel(y0.grad, expected) <= 1e-12 and float(expected.abs().min()) > 0
+
+
+def test_sample_without_adjoint_returns_no_graph():
+    """adjoint=None records nothing, so no result may claim a graph: a trajectory that held
+    the start would backpropagate zeros to it, silently."""
+    ode, x, ts, _ = toy_start()
+    solver = bdia.get_solver("euler")
+    assert not run(ode, solver, x, ts, None, trajectory=True).requires_grad
+    assert not run(ode, solver, x, ts, None).requires_grad

@@ -315,6 +315,22 @@ def test_non_finite_low_word_of_a_pair(ode: DiffusionODE, x: torch.Tensor) -> No
     assert ode.nfe == 0
 
 
+@pytest.mark.parametrize("low_dtype", [torch.float32, torch.int64])
+@pytest.mark.parametrize("kind", ["StatePair", "CoupledPair"])
+def test_low_words_of_another_dtype(
+    ode: DiffusionODE, x: torch.Tensor, low_dtype, kind: str
+) -> None:
+    low = torch.zeros_like(x, dtype=low_dtype)
+    if kind == "StatePair":
+        pair, solver, field = StatePair(x + 1.0, x, low), make_bdia("euler", 0.9), "earlier_low"
+    else:
+        pair, solver, field = bdia.CoupledPair(x + 1.0, x, low), bdia.edict("euler"), "x_low"
+    pattern = rf"end.{field} is {low_dtype}, but its state is torch.float64; .*state's dtype"
+    with untouched(low), pytest.raises(ValueError, match=pattern):
+        invert(ode, solver, pair, GRID, progress=False)
+    assert ode.nfe == 0
+
+
 def test_start_overflowing_the_state_dtype(ode: DiffusionODE, x: torch.Tensor) -> None:
     big = x.clone()
     big[0] = 1e300  # finite in float64, Inf once cast to float32
@@ -335,3 +351,110 @@ def test_non_finite_start_plain_ode_via_odeint() -> None:
     with untouched(y0), pytest.raises(ValueError, match="start state contains 1 NaN/Inf"):
         bdia.odeint(f, y0, [0.0, 0.5, 1.0])
     assert calls == []
+
+
+# ------------------------------------------------------------------ a pair's grid
+
+# GRID's ends, other points in between.
+OTHER_GRID = [80.0, 30.0, 10.0, 3.0, 0.3]
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_returned_pairs_record_their_grid_times(ode: DiffusionODE, x: torch.Tensor) -> None:
+    bdia_pair = sample(ode, make_bdia("euler", 0.9), x, GRID, return_pair=True, progress=False)
+    assert bdia_pair.times == (GRID[-2], GRID[-1])
+    assert invert(ode, make_bdia("euler", 0.9), bdia_pair, GRID, progress=False).times == (
+        GRID[0],
+        GRID[1],
+    )
+    chains = sample(ode, bdia.edict("euler"), x, GRID, return_pair=True, progress=False)
+    assert chains.time == GRID[-1]
+    assert invert(ode, bdia.edict("euler"), chains, GRID, progress=False).time == GRID[0]
+
+
+@pytest.mark.parametrize("solver_name", ["bdia-euler", "euler"])
+@pytest.mark.parametrize(
+    "grid, shown",
+    [
+        (OTHER_GRID, r"ts\[-2:\] = \(3.0, 0.3\)"),
+        # GRID rounded to float32: its points are other times
+        (torch.tensor(GRID, dtype=torch.float32), r"ts\[-2:\] = \(1.0, 0.30000001192092896\)"),
+    ],
+)
+def test_a_pair_on_another_grid_is_refused(
+    ode: DiffusionODE, x: torch.Tensor, solver_name: str, grid, shown: str
+) -> None:
+    pair = sample(ode, get_solver(solver_name), x, GRID, return_pair=True, progress=False)
+    ode.reset_nfe()
+    pattern = r"the end pair was made at t = \(1.0, 0.3\), but this grid has " + shown
+    with untouched(pair.earlier, pair.later), pytest.raises(ValueError, match=pattern) as info:
+        invert(ode, get_solver(solver_name), pair, grid, progress=False)
+    assert "pass that grid" in str(info.value)
+    assert ode.nfe == 0
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_start_pair_or_chains_on_another_grid_are_refused(
+    ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    back = invert(ode, make_bdia("euler", 0.9), x, GRID, progress=False)
+    chains = sample(ode, bdia.edict("euler"), x, GRID, return_pair=True, progress=False)
+    ode.reset_nfe()
+    with pytest.raises(ValueError, match=r"start pair was made at t = \(80.0, 20.0\).*ts\[:2\]"):
+        sample(ode, make_bdia("euler", 0.9), back, OTHER_GRID, progress=False)
+    with pytest.raises(ValueError, match=r"end pair was made at t = 0.3, .* ts\[-1\] = 0.2"):
+        invert(ode, bdia.edict("euler"), chains, [*GRID[:-1], 0.2], progress=False)
+    assert ode.nfe == 0
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_pair_without_times_is_taken_as_it_is(ode: DiffusionODE, x: torch.Tensor) -> None:
+    """A pair built by hand (or loaded from a latents file) records no times."""
+    pair = sample(ode, make_bdia("euler", 0.9), x, GRID, return_pair=True, progress=False)
+    bare = StatePair(pair.earlier, pair.later, pair.earlier_low, pair.later_low)
+    invert(ode, make_bdia("euler", 0.9), bare, OTHER_GRID, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_y0_in_odeint_points_to_what_odeint_takes(dtype: torch.dtype) -> None:
+    y0 = torch.ones(1, 2, dtype=dtype)
+    with untouched(y0), pytest.raises(ValueError, match=f"a {dtype} y0 is refused") as info:
+        bdia.odeint(lambda t, y: -y, y0, [0.0, 0.5, 1.0])
+    assert f"bdia.ODE(func, model_dtype={dtype})" in str(info.value)
+    assert "state_dtype" not in str(info.value)  # a parameter of sample, not of odeint
+
+
+# ------------------------------------------------------- results are the caller's own
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_results_never_alias_the_callers_tensors(
+    mixture: GaussianMixture, ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    """On a grid of one step a pair holds a start tensor, and from a pair with no step to take
+    the result is one: each comes back as a copy."""
+    solver = make_bdia("euler", 0.9)
+    pair = sample(ode, solver, x, GRID[:2], return_pair=True, progress=False)
+    assert pair.earlier is not x and torch.equal(pair.earlier, x)
+    back = invert(ode, solver, x, GRID[-2:], progress=False)
+    assert back.later is not x and torch.equal(back.later, x)
+    start = StatePair(x + 1.0, x)
+    for name in ("euler", "bdia-euler"):
+        out = sample(ode, get_solver(name), start, GRID[:2], progress=False)
+        assert out is not x and torch.equal(out, x)
+    data = mixture.sample_data(BATCH, generator=torch.Generator().manual_seed(0)).double()
+    kept = data.clone()
+    inversion = bdia.Inversion.of(ode, solver, data, GRID[-2:])
+    data.zero_()
+    assert torch.equal(inversion.reconstruct(), kept)
+
+
+def test_a_result_without_a_step_has_no_graph(ode: DiffusionODE, x: torch.Tensor) -> None:
+    start = StatePair((x + 1.0).requires_grad_(), x.clone().requires_grad_())
+    for state_dtype in (None, torch.float32):  # the cast makes a tensor with a graph
+        out = sample(
+            ode, get_solver("euler"), start, GRID[:2], progress=False, state_dtype=state_dtype
+        )
+        assert not out.requires_grad
+    out = sample(ode, get_solver("euler"), start, GRID[:2], progress=False, adjoint="autograd")
+    assert out.requires_grad and out is not start.later

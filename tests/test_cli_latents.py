@@ -13,6 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from test_cli_errors import fails_in_one_line
 
 import bdia
@@ -162,8 +164,17 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
     (tmp_path / "text.safetensors").write_text("not safetensors")
-    with pytest.raises(ValueError, match=r"text.safetensors is not bdia latents.*bdia-latents/1"):
+    with pytest.raises(
+        ValueError, match=rf"text.safetensors is not bdia latents.*{LATENTS_FORMAT}"
+    ):
         load_latents(tmp_path / "text.safetensors")
+    # A version-1 file: its fingerprint was computed by the former rule and cannot be checked.
+    with safe_open(str(path), framework="pt") as fh:
+        old = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = {**fh.metadata(), "format": "bdia-latents/1"}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"old.safetensors holds bdia-latents/1 .*invert the"):
+        load_latents(tmp_path / "old.safetensors")
     with pytest.raises(ValueError, match=f"format tag 'bdia-network-v1'.*{LATENTS_FORMAT}"):
         load_latents(shipped_network_path("digits"))
 

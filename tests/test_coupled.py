@@ -185,6 +185,10 @@ def test_a_bad_pair_is_refused_before_any_model_call():
         bdia.sample(ode, bdia.edict("euler"), bdia.CoupledPair(x, x[:2]), ts)
     with pytest.raises(TypeError, match="StatePair"):
         bdia.sample(ode, bdia.reversible("euler"), bdia.StatePair(x, x), ts)
+    # A plain solver knows one state or BDIA's pair, not two chains.
+    for run in (bdia.sample, bdia.invert):
+        with pytest.raises(TypeError, match="euler continues from a tensor or a StatePair"):
+            run(ode, bdia.get_solver("euler"), bdia.CoupledPair(x, x.clone()), ts)
     assert ode.nfe == 0
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from conftest import run_child, untouched
 import bdia
 from bdia.models import digits
 from bdia.models.checkpoints import load_network
+from bdia.models.toy import GaussianMixture
 
 # 40 held-out digits over the documented 35 steps: enough to tell 0% from 95%, seconds on one
 # core. (The parasitic mode of a continued pair is large at every step count, 7 to 41 at 10-35
@@ -164,15 +168,113 @@ def test_fingerprint_tells_conditioning_model_and_schedule_apart(net) -> None:
     assert vp.fingerprint() != base.fingerprint()
 
 
+MATRIX = torch.tensor([[0.0, 1.0], [-4.0, -0.2]])
+
+
+class Buffered(torch.nn.Module):
+    """A model whose only state is a buffer."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Scaled:
+    """A callable object: its attributes are its state."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = torch.tensor(scale, dtype=torch.float64)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def scaled_by_global(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return x * MATRIX[0, 1]
+
+
+def toy_fingerprints() -> list[str]:
+    """Fingerprints of models whose state is not in a module's parameters (the child process
+    of the next test computes them too, importing this file)."""
+    return [
+        GaussianMixture.random(2, 4, seed=0).ode().fingerprint(),
+        bdia.DiffusionODE(
+            functools.partial(GaussianMixture.random(2, 4, seed=1).denoiser)
+        ).fingerprint(),
+        bdia.ODE(lambda t, y: y @ MATRIX.T).fingerprint(),
+        bdia.DiffusionODE(Buffered(0.5)).fingerprint(),
+        bdia.DiffusionODE(Scaled(0.5)).fingerprint(),
+    ]
+
+
 def test_fingerprint_is_the_same_in_another_process(net) -> None:
     code = (
         "import torch, bdia; from bdia.models.checkpoints import load_network; "
+        "from test_editing import toy_fingerprints; "
         "ode = bdia.DiffusionODE(load_network('digits'), bdia.EDM(), "
-        "cond={'class_labels': torch.eye(10)[[1, 2]]}); print(ode.fingerprint())"
+        "cond={'class_labels': torch.eye(10)[[1, 2]]}); print(ode.fingerprint()); "
+        "print(*toy_fingerprints())"
     )
-    child = run_child(["-c", code], timeout=120)
+    child = run_child(["-c", code], timeout=120, cwd=Path(__file__).parent)
     assert child.returncode == 0, child.stderr
-    assert child.stdout.strip() == labelled(net, [1, 2]).fingerprint()
+    assert child.stdout.split() == [labelled(net, [1, 2]).fingerprint(), *toy_fingerprints()]
+
+
+def two_of_each() -> dict[str, tuple[object, object, object]]:
+    """Per kind of model: two of it that compute different fields, and a twin of the first."""
+    m0, m1 = (GaussianMixture.random(2, 4, seed=s) for s in (0, 1))
+    nets = [torch.nn.Linear(2, 2).double() for _ in range(2)]
+    torch.nn.init.zeros_(nets[1].bias)
+
+    def wrap(net):
+        return lambda x, s: net(x)
+
+    return {
+        "bound method": (m0.denoiser, m1.denoiser, GaussianMixture.random(2, 4, seed=0).denoiser),
+        "closure": (wrap(nets[0]), wrap(nets[1]), wrap(nets[0])),
+        "partial": tuple(functools.partial(m.denoiser) for m in (m0, m1, m0)),
+        "partial arguments": tuple(
+            functools.partial(lambda x, s, k: x * k, k=k) for k in (1.0, 2.0, 1.0)
+        ),
+        "buffers": (Buffered(0.1), Buffered(0.9), Buffered(0.1)),
+        "callable object": (Scaled(0.1), Scaled(0.9), Scaled(0.1)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(two_of_each()))
+def test_fingerprint_tells_models_apart_by_their_state(kind: str) -> None:
+    one, other, twin = two_of_each()[kind]
+    fingerprint = bdia.DiffusionODE(one).fingerprint()
+    assert bdia.DiffusionODE(other).fingerprint() != fingerprint
+    assert bdia.DiffusionODE(twin).fingerprint() == fingerprint
+
+
+def test_fingerprint_follows_the_tensors_a_function_names(monkeypatch) -> None:
+    before = bdia.DiffusionODE(scaled_by_global).fingerprint()
+    monkeypatch.setattr(sys.modules[__name__], "MATRIX", 2.0 * MATRIX)
+    assert bdia.DiffusionODE(scaled_by_global).fingerprint() != before
+
+
+def test_fingerprint_of_a_model_that_calls_an_ode_ignores_its_call_count() -> None:
+    inner = GaussianMixture.random(2, 4, seed=0).ode()
+    outer = bdia.ODE(lambda t, x: inner.evaluate(float(t), x).derivative)
+    before = outer.fingerprint()
+    inner.evaluate(1.0, torch.ones(1, 2, dtype=torch.float64))
+    assert outer.fingerprint() == before
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_pair_continued_under_another_mixture_warns() -> None:
+    """The toy's bound-method denoiser, which every docs example uses."""
+    ts = bdia.karras_grid(4, final_zero=False)
+    x = torch.ones(2, 2, dtype=torch.float64)
+    solver = bdia.bdia("euler", 0.9)
+    pair = bdia.sample(GaussianMixture.random(2, 4, seed=0).ode(), solver, x, ts, return_pair=True)
+    with pytest.warns(bdia.PairMismatchWarning, match="different ODE"):
+        bdia.invert(GaussianMixture.random(2, 4, seed=1).ode(), solver, pair, ts, progress=False)
 
 
 def test_same_ode_and_unfingerprinted_pairs_do_not_warn(small) -> None:
@@ -181,6 +283,23 @@ def test_same_ode_and_unfingerprinted_pairs_do_not_warn(small) -> None:
         bdia.sample(small.ode, small.solver, small.pair, small.ts, progress=False)
         bare = dataclasses.replace(small.pair, fingerprint=None)
         bdia.sample(small.ode, small.solver, bare, small.ts, progress=False)
+
+
+def test_edit_calls_back_from_both_runs() -> None:
+    mixture = GaussianMixture.random(2, 4, seed=0)
+    ts = bdia.karras_grid(4, final_zero=False)
+    data = mixture.sample_data(3, generator=torch.Generator().manual_seed(0)).double()
+    moves: list[tuple[int, int]] = []
+    bdia.edit(
+        mixture.ode(),
+        GaussianMixture.random(2, 4, seed=1).ode(),
+        bdia.bdia("euler", 0.9),
+        data,
+        ts,
+        progress=False,
+        callback=lambda d: moves.append((d["i"], ts.tolist().index(d["t_next"]))),
+    )
+    assert moves == [(4, 3), (3, 2), (2, 1), (1, 0), (0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def test_pair_is_not_a_sequence(small) -> None:

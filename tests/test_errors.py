@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from conftest import untouched
@@ -131,6 +133,38 @@ def test_gamma_sequence_empty() -> None:
         make_bdia("euler", gamma=[])
 
 
+@pytest.mark.parametrize(
+    "gamma, pattern",
+    [
+        ({0.9}, "got a set, which has no order"),
+        (frozenset({0.9, 0.5}), "got a frozenset, which has no order"),
+        ({0: 0.9}, "got a dict, which has no order"),
+        (True, "gamma must be a number in .* got the bool True"),
+        (np.bool_(False), "gamma must be a number in .* got the bool"),
+        ([0.9, True], r"gamma\[1\] must be a number in .* got the bool True"),
+    ],
+)
+def test_gamma_without_order_or_a_bool_is_refused(gamma, pattern: str) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        make_bdia("euler", gamma=gamma)
+
+
+@pytest.mark.parametrize("gamma, order", [([1.0] * 3, 2), (1.0, 2), ([1.0, 0.9, 1.0], 1)])
+def test_order_of_a_gamma_sequence_follows_its_values(gamma, order: int) -> None:
+    assert make_bdia("euler", gamma=gamma).order == order
+
+
+@pytest.mark.parametrize("gamma, per_step", [(0.0, 2), ([0.0] * 3, 2), ([0.0, 0.5, 0.0], 3)])
+def test_nfe_per_step_of_a_gamma_sequence_follows_its_values(
+    ode: DiffusionODE, x: torch.Tensor, gamma, per_step: int
+) -> None:
+    solver = make_bdia("heun", gamma=gamma)
+    assert solver.nfe_per_step == per_step
+    if per_step == 2:  # every update a plain heun step: what a run counts
+        sample(ode, solver, x, GRID, progress=False)
+        assert ode.nfe == per_step * (len(GRID) - 1)
+
+
 def test_get_solver_bdia_prefix_checks_gamma() -> None:
     with pytest.raises(ValueError, match="outside"):
         get_solver("bdia-euler", gamma=2.0)
@@ -216,6 +250,37 @@ def test_bad_grid(
     if not isinstance(ts, torch.Tensor):
         with pytest.raises(ValueError, match=pattern):
             run(ode, get_solver(solver_name), x, list(ts), progress=False)
+    assert ode.nfe == 0
+
+
+def test_a_grid_array_shares_the_1d_check(ode: DiffusionODE, x: torch.Tensor) -> None:
+    ts = np.array([GRID])
+    with untouched(x), pytest.raises(ValueError, match=r"1-D, got shape \(1, 5\)"):
+        sample(ode, get_solver("euler"), x, ts, progress=False)
+    assert torch.equal(
+        sample(ode, get_solver("euler"), x, np.array(GRID), progress=False),
+        sample(ode, get_solver("euler"), x, GRID, progress=False),
+    )
+
+
+@pytest.mark.parametrize(
+    "ts, shown",
+    [
+        (None, "got NoneType None"),
+        ("abc", "got str 'abc'"),
+        (80.0, "got float 80.0"),
+        ([80.0, "x", 1.0], r"ts\[1\] = 'x' is not a real number"),
+        ([80.0, [20.0, 5.0], 1.0], r"ts\[1\] = \[20.0, 5.0\] is not a real number"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["sample", "invert"])
+def test_a_grid_that_is_no_sequence_of_numbers(
+    ode: DiffusionODE, x: torch.Tensor, ts, shown: str, driver: str
+) -> None:
+    run = sample if driver == "sample" else invert
+    pattern = r"the time grid ts must be a 1-D tensor, array or sequence of numbers.*" + shown
+    with untouched(x), pytest.raises(TypeError, match=pattern):
+        run(ode, get_solver("euler"), x, ts, progress=False)
     assert ode.nfe == 0
 
 
@@ -477,6 +542,20 @@ def test_half_state_dtype_argument_refused(ode: DiffusionODE, x: torch.Tensor, d
             invert(ode, get_solver("euler"), x32, GRID, progress=False, state_dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_plain_ode_gets_its_time_in_float32(dtype: torch.dtype) -> None:
+    """As a DiffusionODE's network gets its noise level: bfloat16 would give 1000.0 for both."""
+    seen: list[tuple[torch.dtype, torch.dtype, float]] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append((t.dtype, y.dtype, float(t)))
+        return -y
+
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    sample(ODE(f, model_dtype=dtype), get_solver("euler"), y0, [1000.3, 1001.7], progress=False)
+    assert seen == [(torch.float32, dtype, float(torch.tensor(1000.3, dtype=torch.float32)))]
+
+
 def test_half_network_with_float32_state(mixture: GaussianMixture, x: torch.Tensor) -> None:
     seen: list[torch.dtype] = []
 
@@ -517,6 +596,14 @@ def test_model_returns_non_tensor(x: torch.Tensor) -> None:
     ode = DiffusionODE(lambda xb, sb: xb.numpy())
     with untouched(x), pytest.raises(ValueError, match=r"returned ndarray"):
         sample(ode, get_solver("euler"), x, GRID, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.int64])
+def test_model_returns_no_real_floating_tensor(x: torch.Tensor, dtype: torch.dtype) -> None:
+    problem = ODE(lambda t, y: (-y).to(dtype))
+    pattern = rf"returned a {dtype} tensor; it must return a real floating tensor"
+    with untouched(x), pytest.raises(ValueError, match=pattern):
+        sample(problem, get_solver("euler"), x, [0.0, 1.0], progress=False)
 
 
 # ------------------------------------------------------------ inversion at sigma = 0
@@ -579,3 +666,76 @@ def test_a_healthy_round_trip_does_not_warn(mixture: GaussianMixture, x: torch.T
             ode, solver, pair, ts, progress=False, callback=lambda d: seen.append(d["parasitic"])
         )
     assert max(float(p) for p in seen if p is not None) < 0.1
+
+
+# ----------------------------------------------------------- where warnings point
+
+
+def recorded(run: Callable[[], object]) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return list(caught)
+
+
+def unstable() -> tuple[ODE, torch.Tensor, torch.Tensor]:
+    """bdia-heun with gamma 1 on y' = -5 y (see above): it warns of its parasitic part."""
+    ts = torch.linspace(0.0, 10.0, 201, dtype=torch.float64)
+    return ODE(lambda t, y: -5.0 * y), torch.ones(1, 1, dtype=torch.float64), ts
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")  # making the pairs
+def test_warnings_point_at_the_users_call(mixture: GaussianMixture, x: torch.Tensor) -> None:
+    """However many of the package's functions lie between, a warning names the line that
+    called sample, invert, odeint or Inversion.of: here, this file."""
+    ts = karras_grid(4, final_zero=False)
+    made, other = mixture.ode(), mixture.ode(model_dtype=torch.float32)  # two fingerprints
+    solver = make_bdia("euler", 0.9)
+    end = sample(made, solver, x, ts, return_pair=True, progress=False)
+    start = invert(made, solver, end, ts, progress=False)
+    chains = sample(made, bdia.edict("euler"), x, ts, return_pair=True, progress=False)
+    problem, y0, grid = unstable()
+    runs = {
+        "sample": (
+            lambda: sample(other, solver, start, ts, progress=False),
+            bdia.PairMismatchWarning,
+        ),
+        "invert": (
+            lambda: invert(other, solver, end, ts, progress=False),
+            bdia.PairMismatchWarning,
+        ),
+        "invert chains": (
+            lambda: invert(other, bdia.edict("euler"), chains, ts, progress=False),
+            bdia.PairMismatchWarning,
+        ),
+        "odeint": (
+            lambda: bdia.odeint(problem, y0, grid, method="bdia-heun"),
+            bdia.ParasiticWarning,
+        ),
+        "Inversion.of": (
+            lambda: bdia.Inversion.of(problem, make_bdia("heun", 1.0), y0, grid.flip(0)),
+            bdia.ParasiticWarning,
+        ),
+    }
+    ours = (bdia.ParasiticWarning, bdia.PairMismatchWarning)
+    for name, (run, category) in runs.items():
+        caught = [w for w in recorded(run) if issubclass(w.category, ours)]
+        assert [w.category for w in caught].count(category) == 1, (name, caught)
+        # the line of the call: the lambda's (the frame above it is this file too)
+        where = {(w.filename, w.lineno) for w in caught}
+        assert where == {(__file__, run.__code__.co_firstlineno)}, (name, caught)
+
+
+def test_only_an_inversion_or_a_pair_is_told_how_to_edit(mixture: GaussianMixture) -> None:
+    problem, y0, grid = unstable()
+    solver = make_bdia("heun", 1.0)
+    advice = "bdia.Inversion.regenerate"
+    for run in (
+        lambda: bdia.odeint(problem, y0, grid, method="bdia-heun"),
+        lambda: sample(problem, solver, y0, grid, progress=False),
+    ):
+        (caught,) = recorded(run)
+        assert "parasitic component" in str(caught.message)
+        assert advice not in str(caught.message)
+    (caught,) = recorded(lambda: invert(problem, solver, y0, grid.flip(0), progress=False))
+    assert advice in str(caught.message)

@@ -82,6 +82,12 @@ def test_karras_grid_matches_edm_formula():
     assert len(no_zero) == 19 and float(no_zero[-1]) == pytest.approx(0.002, rel=1e-14)
 
 
+@pytest.mark.parametrize("rho", [0, -0.0, math.inf, math.nan, "7"])
+def test_karras_grid_refuses_a_rho_that_is_not_positive_and_finite(rho) -> None:
+    with pytest.raises(ValueError, match=r"rho must be a finite number > 0 .*EDM uses 7"):
+        bdia.karras_grid(10, rho=rho)
+
+
 def test_karras_grid_in_vp_time_has_the_requested_noise_levels():
     sched = bdia.VPLinear()
     ts = bdia.karras_grid(10, sigma_min=0.01, sigma_max=50.0, schedule=sched, final_zero=False)

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
-from ..pairs import StatePair
+from ..pairs import CoupledPair, StatePair
 
 __all__ = ["Solver", "SingleStepSolver", "SolverState", "Neighbour", "ordered_pair", "move_report"]
 
@@ -169,6 +169,12 @@ class Solver(ABC):
                 f"{type(ode).__name__}; use 'euler', 'heun', 'midpoint' or 'rk4' for a plain ODE"
             )
 
+    def check_invertible(self, ode: ODE, ts: Sequence[float]) -> None:
+        """Raise before any model call if the steps over ``ts`` cannot be undone exactly
+        (what ``invert`` and ``adjoint="reversible"`` need of a reversible solver); the
+        default accepts, and BDIA refuses a gamma of 0."""
+        return None
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, order={self.order}, stages={self.stages})"
@@ -221,6 +227,12 @@ class SingleStepSolver(Solver):
 
     # ------------------------------------------------------------------ protocol
     def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        if isinstance(start, CoupledPair):
+            raise TypeError(
+                f"{self.name} continues from a tensor or a StatePair, not from a CoupledPair "
+                "(the two chains of edict or reversible); pass the pair to the solver that "
+                "made it, or its result chain pair.x as a tensor"
+            )
         if isinstance(start, StatePair):
             # Continue from the pair's state nearest the direction of travel.
             if at == 0:

@@ -32,10 +32,11 @@ alpha is 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +53,9 @@ NAMED_GAMMAS = ("obelm",)
 
 
 def _check_user_gamma(value: float, where: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool:
+        # float(True) is 1.0: a flag passed by mistake would become the leapfrog scheme.
+        raise TypeError(f"gamma{where} must be a number in [0, 1], got the bool {value!r}")
     try:
         g = float(value)
     except (TypeError, ValueError):
@@ -134,6 +138,11 @@ class BidirectionalWrapper(Solver):
                 raise ValueError(f"unknown gamma schedule {g!r}; named schedules: {NAMED_GAMMAS}")
         elif isinstance(g, (int, float)) or getattr(g, "ndim", None) == 0:
             object.__setattr__(self, "gamma", _check_user_gamma(g, ""))
+        elif isinstance(g, (Set, Mapping)):
+            raise TypeError(
+                f"gamma must be a number, a sequence of numbers (one per two-step update, in "
+                f"grid order) or a name, got a {type(g).__name__}, which has no order"
+            )
         else:
             try:
                 items = list(g)
@@ -160,20 +169,30 @@ class BidirectionalWrapper(Solver):
         """Model evaluations of the first (plain) step."""
         return self.solver.stages
 
+    def _every_gamma_is(self, value: float) -> bool:
+        """True if gamma is ``value``, or a sequence of nothing else."""
+        g = self.gamma
+        return g == value or (isinstance(g, tuple) and all(v == value for v in g))
+
     @property
     def nfe_per_step(self) -> int:
-        """Model evaluations of each two-step update: 2 s - 1 for a base with s stages."""
-        return 2 * self.solver.stages - 1 if self.gamma != 0.0 else self.solver.stages
+        """Model evaluations of each two-step update: 2 s - 1 for a base with s stages, and s
+        when every gamma is 0 (each update is then a plain base step; in a sequence that
+        mixes zeros with other values, the updates with gamma_k = 0 cost s)."""
+        if self._every_gamma_is(0.0):
+            return self.solver.stages
+        return 2 * self.solver.stages - 1
 
     @property
     def order(self) -> int:  # type: ignore[override]
         """Global order on smooth grids.
 
         The update's local error is ``C h^(p+1) (1 - gamma (-1)^(p+1))`` for a base of order
-        p, so gamma = 1 (and "obelm", its variable-step form) cancels it for odd p.
+        p, so gamma = 1 (a number, or a sequence of ones), and "obelm", its variable-step
+        form, cancel it for odd p.
         """
         p = self.solver.order
-        symmetric = self.gamma == 1.0 or self.gamma == "obelm"
+        symmetric = self._every_gamma_is(1.0) or self.gamma == "obelm"
         return p + 1 if symmetric and p % 2 == 1 else p
 
     # ---------------------------------------------------------------- gammas
@@ -219,13 +238,18 @@ class BidirectionalWrapper(Solver):
         super().check(ode, ts)
         self.gammas(ode, ts)  # a gamma sequence of the wrong length fails here
 
-    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
-        gammas = tuple(self.gammas(ode, ts))
-        if at != 0 and any(g == 0.0 for g in gammas):
+    def check_invertible(self, ode: ODE, ts: Sequence[float]) -> None:
+        if any(g == 0.0 for g in self.gammas(ode, ts)):
             raise ValueError(
-                "gamma = 0 is the base solver, which cannot be inverted exactly; "
-                "inversion needs every gamma in (0, 1]"
+                "gamma = 0 is the base solver, whose steps cannot be undone exactly; "
+                "inversion and adjoint='reversible' need every gamma in (0, 1] "
+                "(adjoint='autograd' differentiates any gamma)"
             )
+
+    def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
+        if at != 0:
+            self.check_invertible(ode, ts)
+        gammas = tuple(self.gammas(ode, ts))
         if isinstance(start, Tensor):
             return SolverState(at, start, memory=_Memory(gammas))
         if not isinstance(start, StatePair):

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .. import twoword
 from ..ode import ODE, Evaluation
-from ..pairs import CoupledPair, StatePair, check_fingerprint
+from ..pairs import CoupledPair, StatePair
 from ..twoword import TwoWord
 from .base import SingleStepSolver, Solver, SolverState
 from .bidirectional import _relative_rms
@@ -146,7 +146,6 @@ class _Coupled(Solver):
                 "sample(..., return_pair=True) or invert gave"
             )
         if isinstance(start, CoupledPair):
-            check_fingerprint(start, ode, "start" if at == 0 else "end")
             return SolverState(at, start.x, memory=_Chains(start.x_low, start.y, start.y_low))
         # One state: both chains start at it (noise when sampling, data when inverting).
         return SolverState(at, start, memory=_Chains(None, start, None))
