@@ -684,6 +684,19 @@ def _vp_time(schedule: Schedule, sigma_bar: float) -> float:
     return schedule.t_from_sigma_bar(sigma_bar)
 
 
+def _check_timesteps_in_table(sched: Any, taus: list[float], n: int, steps: int) -> None:
+    """Refuse timesteps past the noise table, where the grid would be extrapolated."""
+    outside = [tau for tau in taus if not 0 <= tau <= n - 1]
+    if outside:
+        cfg = sched.config
+        raise ValueError(
+            f"num_inference_steps = {steps} gives timestep {outside[0]:g} (timestep_spacing = "
+            f"{cfg.get('timestep_spacing', 'leading')!r}, steps_offset = "
+            f"{cfg.get('steps_offset', 0)}), outside the noise table's timesteps 0 .. {n - 1}, "
+            "where the unet was never trained; use fewer steps or steps_offset=0"
+        )
+
+
 def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | None = None) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
@@ -729,11 +742,14 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
     taus = [float(v) for v in torch.as_tensor(timesteps).reshape(-1).tolist()]
     sigmas = getattr(fresh, "sigmas", None)
     sigmas = None if sigmas is None else [float(v) for v in torch.as_tensor(sigmas).reshape(-1)]
+    from_sigmas = sigmas is not None and any(sched.config.get(f, False) for f in _SIGMA_SPACINGS)
 
+    if (space == "vp" and not from_sigmas) or (space == "edm" and sigmas is None):
+        _check_timesteps_in_table(sched, taus, n, num_inference_steps)
     if space == "vp":
         schedule = _schedule(table, space, clean_end)
         end = 0.0 if clean_end else 1.0 / n
-        if sigmas is not None and any(sched.config.get(f, False) for f in _SIGMA_SPACINGS):
+        if from_sigmas:
             times = [end if s == 0.0 else _vp_time(schedule, s) for s in sigmas]
         else:
             times = [(tau + 1.0) / n for tau in taus] + [end]

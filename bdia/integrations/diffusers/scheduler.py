@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -108,6 +109,15 @@ def _check_gamma(gamma: Any) -> float | str:
     return g
 
 
+def _comparable(value: Any) -> Any:
+    """A config value in a form that ``==`` compares whole (trained_betas may be an array)."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return tuple(np.asarray(value, dtype=np.float64).reshape(-1).tolist())
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(v) for v in value)
+    return value
+
+
 def _timestep_value(timestep: Any) -> float:
     if isinstance(timestep, Tensor):
         values = timestep.detach().reshape(-1).cpu().unique()
@@ -119,6 +129,16 @@ def _timestep_value(timestep: Any) -> float:
     if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
         raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
     return float(timestep)
+
+
+def _table_attribute(name: str) -> property:
+    """DDIMScheduler's noise-table attribute ``name``, of the config as it is now."""
+
+    def get(self: _BDIASchedulerBase) -> Tensor:
+        self._sync()
+        return getattr(self._ddim, name)
+
+    return property(get, doc=f"DDIMScheduler's ``{name}`` for the current config.")
 
 
 class _Replay:
@@ -171,29 +191,50 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         variance_type: str = "fixed_small",
         gamma: float | str = 0.96,
     ) -> None:
-        self._gamma = _check_gamma(gamma)
-        # One-line refusals naming this class (clip_sample, thresholding, prediction_type,
-        # timestep_spacing), as from_diffusers gives them.
-        _check_model_config(self)
-        _check_schedule_config(self, "vp")
-        cfg = self.config
-        # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
-        fields = {k: cfg[k] for k in _DDIM_FIELDS}
-        self._ddim = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
-        _table(self._ddim)  # refuses a table that is not one (rescale_betas_zero_snr=True)
-        self.betas = self._ddim.betas
-        self.alphas = self._ddim.alphas
-        self.alphas_cumprod = self._ddim.alphas_cumprod
-        self.final_alpha_cumprod = self._ddim.final_alpha_cumprod
-        self.init_noise_sigma = 1.0
         self._replay = _Replay()
-        self._ode: DiffusionODE = from_diffusers(self._replay, self._ddim)
-        self._solver: BidirectionalWrapper = bdia("ddim", self._gamma)
+        self._configured: dict[str, Any] | None = None  # the config the internals were built for
+        self._sync()
+        self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = self._ddim.timesteps.clone()
         self.grid: list[float] | None = None
         self._taus: list[int] = []
+        self._built_for: dict[str, Any] | None = None  # the config set_timesteps used
         self._reset()
+
+    def _config_snapshot(self) -> dict[str, Any]:
+        return {k: _comparable(v) for k, v in self.config.items() if not k.startswith("_")}
+
+    def _sync(self) -> None:
+        """Build the internal DDIMScheduler, ODE and solver from ``self.config`` if it changed.
+
+        The config can change after ``__init__``: StableDiffusionPipeline rewrites
+        ``steps_offset`` (and ``clip_sample``) in place, and ``register_to_config`` replaces
+        fields. Internals built once at ``__init__`` would then step on other timesteps than
+        a scheduler built from the config, such as the inverse, and invert to the wrong noise.
+        """
+        snapshot = self._config_snapshot()
+        if snapshot == self._configured:
+            return
+        cfg = self.config
+        self._gamma = _check_gamma(cfg["gamma"])
+        # One-line refusals naming this class (clip_sample, thresholding, prediction_type,
+        # timestep_spacing), as from_diffusers gives them.
+        _check_model_config(self)
+        _check_schedule_config(self, "vp")
+        # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
+        fields = {k: cfg[k] for k in _DDIM_FIELDS}
+        ddim = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
+        _table(ddim)  # refuses a table that is not one (rescale_betas_zero_snr=True)
+        self._ddim = ddim
+        self._ode: DiffusionODE = from_diffusers(self._replay, ddim)
+        self._solver: BidirectionalWrapper = bdia("ddim", self._gamma)
+        self._configured = snapshot
+
+    betas = _table_attribute("betas")
+    alphas = _table_attribute("alphas")
+    alphas_cumprod = _table_attribute("alphas_cumprod")
+    final_alpha_cumprod = _table_attribute("final_alpha_cumprod")
 
     def _reset(self) -> None:
         """Forget the state of a run."""
@@ -207,10 +248,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines."""
+        self._sync()
         return self._ddim.add_noise(original_samples, noise, timesteps)
 
     def _build(self, num_inference_steps: int, device: Any) -> None:
         """DDIM's timesteps for ``num_inference_steps`` and the bdia grid through them."""
+        self._sync()
         self._ddim.set_timesteps(num_inference_steps, device=device)
         taus = [int(v) for v in self._ddim.timesteps.cpu().tolist()]
         if len(set(taus)) != len(taus):
@@ -231,6 +274,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.grid = grid
         self._taus = taus
+        self._built_for = self._configured
         self._reset()
 
     def _index(self, timestep: Any) -> int:
@@ -238,6 +282,13 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"{type(self).__name__}.step was called before set_timesteps; call "
                 "set_timesteps(num_inference_steps) first"
+            )
+        now, then = self._config_snapshot(), self._built_for
+        if now != then:
+            changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+            raise ValueError(
+                f"the scheduler's config changed after set_timesteps ({', '.join(changed)}); "
+                "call set_timesteps again so that the steps follow it"
             )
         value = _timestep_value(timestep)
         if value.is_integer() and int(value) in self._taus:
@@ -314,7 +365,9 @@ class BDIAScheduler(_BDIASchedulerBase):
     (``num_train_timesteps``, ``beta_*``, ``trained_betas``, ``set_alpha_to_one``,
     ``steps_offset``, ``prediction_type``, ``timestep_spacing``, ``rescale_betas_zero_snr``)
     mean what they mean there: an internal DDIMScheduler makes the noise table and the
-    timesteps. ``rescale_betas_zero_snr=True`` is refused (its last noise level is infinite).
+    timesteps, rebuilt from ``self.config`` when it changes (StableDiffusionPipeline rewrites
+    ``steps_offset``); a step after a change needs ``set_timesteps`` again.
+    ``rescale_betas_zero_snr=True`` is refused (its last noise level is infinite).
     ``dynamic_thresholding_ratio``, ``clip_sample_range`` and ``sample_max_value`` are kept in
     the config and unused.
 
