@@ -23,6 +23,7 @@ from bdia.integrations.diffusers import (
     BDIARestartWarning,
     BDIAScheduler,
     BDIASchedulerOutput,
+    BDIASchedulerPair,
     diffusers_grid,
     from_diffusers,
 )
@@ -362,13 +363,81 @@ def test_timesteps_outside_the_noise_table_are_refused():
         diffusers_grid(ddim, 1000)
 
 
+# ------------------------------------------------------------------ the start of a run
+
+
+def test_img2img_run_inverts_back_to_its_start(tmp_path):
+    """img2img with strength 0.5 runs the last 5 of 10 timesteps. final_pair records where
+    the run began, the inverse stops there, and inverse.pair.earlier is the noised image
+    latents the run started from, exactly (measured 0). Before, the loop ran on over the
+    timesteps the run never took, to an error of 10 at timestep 800."""
+    parts = _tiny_stable_diffusion(tmp_path).components
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    starts = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        if not starts:
+            starts.append(sample.clone())
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompt, guidance = "a fox", 7.5
+    latents = _latents(pipe, prompt, guidance, image=image, strength=0.5)
+    pair = pipe.scheduler.final_pair
+    assert pipe.scheduler.start_index == pair.start_index == STEPS // 2
+    assert torch.equal(pair.later, latents)
+    inverse = _invert_guided(pipe, prompt, guidance, latents.dtype)
+    assert inverse.start_index == STEPS // 2
+    assert len(inverse.timesteps) == STEPS // 2 - 1
+    assert torch.equal(inverse.pair.earlier, starts[0])
+    with pytest.raises(ValueError, match="the inversion is done"):
+        inverse.step(latents, inverse.timesteps[-1], inverse.pair.earlier)
+
+
+def test_begin_takes_the_start_of_a_run_on_the_grid_tail(unet):
+    """A bdia.sample pair made on grid[3:] carries no start: begin(pair, start_index=3)
+    inverts it back to its start (measured 0), as bdia.invert on grid[3:] does. A start_index
+    that contradicts the pair's, or lies outside the run, is refused in one line."""
+    sched = BDIAScheduler(gamma=GAMMA)
+    ode = from_diffusers(unet, sched)
+    grid = diffusers_grid(sched, STEPS)
+    solver = bdia.bdia("ddim", GAMMA)
+    start = _noise(9)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, start, grid[3:], return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, pair, grid[3:], progress=False)
+    inverse = BDIAInverseScheduler.from_config(sched.config)
+    inverse.set_timesteps(STEPS)
+    x = inverse.begin(pair, start_index=3)
+    assert len(inverse.timesteps) == STEPS - 4
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            x = inverse.step(unet(x, t).sample, t, x).prev_sample
+    assert torch.equal(inverse.pair.earlier, start)
+    assert torch.equal(back.earlier, start)
+
+    recorded = BDIASchedulerPair(pair.earlier, pair.later, start_index=3)
+    inverse.begin(recorded)
+    assert inverse.start_index == 3
+    with pytest.raises(ValueError, match="records that its run began at index 3") as mismatch:
+        inverse.begin(recorded, start_index=2)
+    with pytest.raises(ValueError, match=r"start_index = 10 is not a step") as outside:
+        inverse.begin(pair, start_index=10)
+    assert "\n" not in str(mismatch.value) + str(outside.value)
+
+
 # ------------------------------------------------------------------ restarts
 
 
 def test_changed_latents_restart_the_recursion_with_a_warning(unet):
     """A loop that changes the latents between steps (in place, on the returned tensor)
     restarts the recursion there with one BDIARestartWarning; the run then continues as
-    bdia.sample from the changed state on the rest of the grid (bit for bit)."""
+    bdia.sample from the changed state on the rest of the grid (bit for bit), and its
+    final_pair records the last restart as its start."""
     sched = BDIAScheduler(gamma=GAMMA)
     sched.set_timesteps(STEPS)
     x = _noise(4)
@@ -381,6 +450,8 @@ def test_changed_latents_restart_the_recursion_with_a_warning(unet):
             x = sched.step(unet(x, t).sample, t, x).prev_sample
             states.append(x.clone())
     assert sched.restarts == [int(sched.timesteps[4]), int(sched.timesteps[7])]
+    # The recursion began again at the last restart: an inversion stops there.
+    assert sched.start_index == sched.final_pair.start_index == 7
     # From timestep 4 to the next restart: bdia.sample from the changed state on grid[4:8].
     grid = diffusers_grid(sched, STEPS)
     with torch.no_grad():

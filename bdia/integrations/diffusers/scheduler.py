@@ -21,6 +21,7 @@ unet calls, and returns the starting noise to rounding (exactly, in the tests).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -54,6 +55,7 @@ __all__ = [
     "BDIAScheduler",
     "BDIAInverseScheduler",
     "BDIASchedulerOutput",
+    "BDIASchedulerPair",
     "BDIARestartWarning",
 ]
 
@@ -84,6 +86,21 @@ class BDIASchedulerOutput(BaseOutput):
 
     prev_sample: Tensor
     pred_original_sample: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BDIASchedulerPair(StatePair):
+    """``BDIAScheduler.final_pair``: a ``StatePair`` that also records where the run began.
+
+    Attributes:
+        start_index: the index in ``timesteps`` (and in ``grid``) of the run's first step, or
+            of its last restart: where its recursion began. A text-to-image run starts at 0;
+            img2img with ``strength < 1`` starts later. ``BDIAInverseScheduler.begin`` stops
+            the inversion there, so that ``inverse.pair.earlier`` is the state the run started
+            from (the noised image latents, for img2img).
+    """
+
+    start_index: int = 0
 
 
 class BDIARestartWarning(UserWarning):
@@ -389,15 +406,20 @@ class BDIAScheduler(_BDIASchedulerBase):
         timesteps: DDIM's timesteps for the ``set_timesteps`` call, noisiest first.
         grid: the bdia time grid (float64 values as Python floats), one point per timestep
             and the end point.
-        final_pair: after the last step, ``StatePair(x at grid[-2], x at grid[-1])`` with the
-            low words, the exact input of ``BDIAInverseScheduler.begin`` and ``bdia.invert``;
-            None before. Its tensors are in the state dtype (float32 at least).
+        final_pair: after the last step, a ``BDIASchedulerPair``: ``StatePair(x at grid[-2],
+            x at grid[-1])`` with the low words and the run's ``start_index``, the exact input
+            of ``BDIAInverseScheduler.begin`` (and of ``bdia.invert`` on
+            ``grid[start_index:]``); None before. Its tensors are in the state dtype (float32
+            at least).
+        start_index: the index in ``timesteps`` of the run's first step (or of its last
+            restart), where an inversion of the run must stop; None before the first step.
         restarts: timesteps at which the recursion restarted (see ``step``) in this run.
     """
 
     def _reset(self) -> None:
         self._k: int | None = None  # timestep index of the next expected step
         self._state: SolverState | None = None  # the solver's state at grid index _k (or end)
+        self.start_index: int | None = None
         self._warned = False
         self.restarts: list[int] = []
 
@@ -407,14 +429,16 @@ class BDIAScheduler(_BDIASchedulerBase):
         self.timesteps = self._ddim.timesteps
 
     @property
-    def final_pair(self) -> StatePair | None:
+    def final_pair(self) -> BDIASchedulerPair | None:
         state = self._state
         if self.grid is None or state is None or state.k != len(self.grid) - 1:
             return None
         try:
-            return self._solver.pair(state)
+            pair = self._solver.pair(state)
         except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
+        fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
+        return BDIASchedulerPair(**fields, start_index=self.start_index)
 
     def _restart(self, k: int, sample: Tensor) -> None:
         why = None
@@ -442,6 +466,7 @@ class BDIAScheduler(_BDIASchedulerBase):
         # A plain state at k with no neighbour: the next step is a plain DDIM step.
         self._state = self._solver.init(self._ode, self.grid, x, at=k)
         self._k = k
+        self.start_index = k
 
     def step(
         self,
@@ -520,17 +545,23 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
 
     Attributes:
         timesteps: the forward timesteps at which the inversion evaluates the unet, from the
-            second-to-last grid point back to the second (the pair already holds the last two
-            states); one fewer than the forward run's unet calls.
+            second-to-last grid point back to the one after the run's start (the pair already
+            holds the last two states); one fewer than the forward run's unet calls.
+            ``set_timesteps`` makes them for a run from the first timestep; ``begin`` cuts
+            them at the run's ``start_index``.
         forward_timesteps: the forward run's timesteps (what ``diffusers_grid`` reads).
         grid: the forward run's bdia time grid.
+        start_index: the index in ``forward_timesteps`` where the forward run began (set by
+            ``begin``); the inversion ends there.
         pair: the current ``StatePair(x at grid[k], x at grid[k + 1])`` with low words; after
-            the loop, the pair at the first two grid points, whose ``.earlier`` is the noise.
+            the loop, the pair at the run's start, whose ``.earlier`` is the state the run
+            started from (the noise).
     """
 
     def _reset(self) -> None:
         self._state: SolverState | None = None  # at grid index k, its neighbour at k + 1
         self._feed_dtype: torch.dtype | None = None
+        self.start_index: int | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The inversion's timesteps for a forward run of ``num_inference_steps``; call
@@ -540,14 +571,20 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         last = len(self.grid) - 1
         self.timesteps = self._ddim.timesteps[1:last].flip(0)
 
-    def begin(self, pair: StatePair, dtype: torch.dtype | None = None) -> Tensor:
-        """Start the inversion from the forward run's ``final_pair``.
+    def begin(
+        self, pair: StatePair, dtype: torch.dtype | None = None, start_index: int | None = None
+    ) -> Tensor:
+        """Start the inversion from the forward run's ``final_pair``; cut ``timesteps`` at
+        the run's start.
 
         Args:
             pair: ``BDIAScheduler.final_pair`` (or ``bdia.sample(..., return_pair=True)`` on
-                the same grid): x at the last two grid points, low words included.
+                the same grid or its tail): x at the last two grid points, low words included.
             dtype: the dtype the unet gets its input in (the forward pipeline's latents
                 dtype, e.g. torch.float16); defaults to the pair's.
+            start_index: the index in ``forward_timesteps`` where the forward run began. By
+                default the pair's ``start_index`` (``final_pair`` records it), else 0. The
+                inversion stops there: stepping on would invert steps the run never took.
 
         Returns:
             The first state to feed the unet (x at the second-to-last grid point, a copy in
@@ -563,10 +600,35 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 f"begin takes the forward scheduler's final_pair (a StatePair), got "
                 f"{type(pair).__name__}"
             )
+        start = self._start_index(pair, start_index)
         checked = _pair(pair, None, "pair")
-        self._state = self._solver.init(self._ode, self.grid, checked, at=len(self.grid) - 1)
+        last = len(self.grid) - 1
+        self._state = self._solver.init(self._ode, self.grid, checked, at=last)
         self._feed_dtype = dtype or checked.earlier.dtype
+        self.start_index = start
+        self.timesteps = self.forward_timesteps[start + 1 : last].flip(0)
         return self._state.x.to(self._feed_dtype, copy=True)
+
+    def _start_index(self, pair: StatePair, start_index: Any) -> int:
+        """The grid index where the forward run began: ``start_index``, the pair's, or 0."""
+        recorded = getattr(pair, "start_index", None)
+        if start_index is None:
+            start_index = 0 if recorded is None else recorded
+        elif recorded is not None and recorded != start_index:
+            raise ValueError(
+                f"start_index = {start_index}, but the pair records that its run began at "
+                f"index {recorded}; leave start_index out to invert back to the run's start"
+            )
+        if isinstance(start_index, bool) or not isinstance(start_index, numbers.Integral):
+            raise TypeError(f"start_index must be an int, got {start_index!r}")
+        last = len(self.grid) - 2  # the pair's earlier state: no step back from there
+        if not 0 <= start_index <= last:
+            raise ValueError(
+                f"start_index = {start_index} is not a step of this schedule's run (0 .. "
+                f"{last} for num_inference_steps = {self.num_inference_steps}); call "
+                "set_timesteps with the forward run's step count"
+            )
+        return int(start_index)
 
     @property
     def pair(self) -> StatePair | None:
@@ -608,10 +670,10 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 "BDIAInverseScheduler.step was called before begin(pair); call "
                 "x = inv.begin(forward_scheduler.final_pair) after set_timesteps"
             )
-        if state.k < 1:
+        if state.k <= self.start_index:
             raise ValueError(
-                "the inversion is done: inv.pair holds the first two grid points; call "
-                "set_timesteps and begin(pair) for another"
+                f"the inversion is done: inv.pair holds the states at the run's start (index "
+                f"{self.start_index}); call set_timesteps and begin(pair) for another"
             )
         if k != state.k:
             raise ValueError(
