@@ -304,6 +304,38 @@ def test_model_dtype_defaults_to_the_unets():
     assert from_diffusers(unet32, scheduler, model_dtype="float64").model_dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_conditioning_is_cast_to_the_unets_dtype(noise, dtype):
+    """Embeddings in another dtype than the unet's (float64 here; float32 ones with a float16
+    unet in practice), in both guidance branches: the floating conditioning is cast to the
+    unet's dtype, as diffusers' pipelines pass it, and the prediction is that of embeddings
+    cast by hand, bit for bit (the same unet inputs). Integer conditioning stays as it is.
+    Before, torch raised a dtype error inside attention."""
+    unet = tiny_unet(conditional=True, cross_attention_dim=8, seed=1, dtype=dtype)
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    g = torch.Generator().manual_seed(3)
+    embeds = torch.randn(1, 4, 8, generator=g, dtype=torch.float64)
+    negative = torch.randn(1, 4, 8, generator=g, dtype=torch.float64)
+
+    def guided(positive, negative, **extra):
+        return from_diffusers(
+            unet,
+            scheduler,
+            encoder_hidden_states=positive,
+            guidance_scale=7.5,
+            negative_cond={"encoder_hidden_states": negative},
+            **extra,
+        )
+
+    ode = guided(embeds, negative, class_labels=torch.tensor([1]))
+    assert ode.cond["encoder_hidden_states"].dtype == dtype
+    assert ode.cond["negative_cond"]["encoder_hidden_states"].dtype == dtype
+    assert ode.cond["class_labels"].dtype == torch.int64
+    ode, by_hand = guided(embeds, negative), guided(embeds.to(dtype), negative.to(dtype))
+    with torch.no_grad():
+        assert torch.equal(ode.evaluate(0.5, noise).eps, by_hand.evaluate(0.5, noise).eps)
+
+
 def test_a_config_mapping_builds_its_class(unet):
     scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
     # As load_config or scheduler_config.json give it: the class name included.

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...ode import DiffusionODE
+from ...ode import DTYPE_NAMES, DiffusionODE
 from ...schedules import EDM, Schedule, VPDiscrete
 
 __all__ = ["from_diffusers", "diffusers_grid", "DiffusersModel"]
@@ -339,6 +339,17 @@ def _paired(negative: Any, positive: Any, batch: int, where: str) -> Any:
     return positive
 
 
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor (through dicts and lists) cast to ``dtype``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
 def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
     """One-line errors for a classifier-free guidance setting that cannot run."""
     if guidance_scale is not None:
@@ -594,7 +605,8 @@ def from_diffusers(
             float64 state.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... Tensors of
-            batch 1 are expanded to the state's batch. Two keys set classifier-free guidance:
+            batch 1 are expanded to the state's batch; floating ones are cast to
+            ``model_dtype``. Two keys set classifier-free guidance:
             ``guidance_scale=g`` and ``negative_cond={...}``, the unconditional branch's
             arguments (``{"encoder_hidden_states": negative_embeds}``); each model evaluation is
             then one unet call on the batch ``[unconditional, conditional]`` and returns
@@ -647,6 +659,14 @@ def from_diffusers(
 
     if model_dtype is None and isinstance(unet, torch.nn.Module):
         model_dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), None)
+    if isinstance(model_dtype, str):  # a name such as "float16"; DiffusionODE checks it
+        model_dtype = DTYPE_NAMES.get(model_dtype.removeprefix("torch."), model_dtype)
+    if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
+        # The unet's attention multiplies the embeddings with its own weights, so they must
+        # be in its dtype, as diffusers' pipelines pass them (float16 prompt embeddings to a
+        # float16 unet); integer inputs (class labels) stay as they are.
+        cond = _cast_floating(cond, model_dtype)
+        negative_cond = _cast_floating(negative_cond, model_dtype)
     clean_end = _clean_end(sched) if space == "vp" else True
     model = DiffusersModel(
         unet,
