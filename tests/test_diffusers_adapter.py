@@ -400,10 +400,29 @@ def _one_line_error(exc_info, field):
         (lambda: diffusers.LCMScheduler(), "space="),
         (
             lambda: diffusers.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True),
-            "alphas_cumprod",
+            "rescale_betas_zero_snr=True",
         ),
+        # Euler puts 2^-24 where the zero-SNR table has 0: the table turns, not vanishes.
+        (
+            lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True),
+            "rescale_betas_zero_snr=True",
+        ),
+        # Not "pass space=": no space helps a scheduler without a noise table.
+        (lambda: diffusers.FlowMatchEulerDiscreteScheduler(), "flow-matching"),
+        (lambda: diffusers.EDMEulerScheduler(), "no alphas_cumprod noise table"),
     ],
-    ids=["prediction", "clip", "threshold", "spacing", "interpolation", "unknown", "zero_snr"],
+    ids=[
+        "prediction",
+        "clip",
+        "threshold",
+        "spacing",
+        "interpolation",
+        "unknown",
+        "zero_snr",
+        "zero_snr_euler",
+        "flow",
+        "edm",
+    ],
 )
 def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler, field):
     calls = Counter(unet)
@@ -411,6 +430,20 @@ def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler,
         from_diffusers(unet, scheduler())
     _one_line_error(exc_info, field)
     assert calls.calls == 0
+
+
+@pytest.mark.parametrize(
+    "scheduler, field",
+    [
+        (diffusers.FlowMatchEulerDiscreteScheduler, "flow-matching"),
+        (lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True), "zero_snr"),
+    ],
+    ids=["flow", "zero_snr_euler"],
+)
+def test_diffusers_grid_refusals_name_the_cause(scheduler, field):
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(scheduler(), N_STEPS)
+    _one_line_error(exc_info, field)
 
 
 def test_clip_sample_error_says_how_to_turn_it_off(unet):

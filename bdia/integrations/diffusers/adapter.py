@@ -121,6 +121,9 @@ def _space(scheduler: Any, space: str | None) -> str:
             return "vp"
         if name in _EDM_SCHEDULERS:
             return "edm"
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        # No space would help: without a noise table the adapter has no ODE to build.
+        raise _no_table(scheduler)
     raise ValueError(
         f"space: bdia does not know in which space {type(scheduler).__name__} keeps its samples; "
         "pass space='vp' (samples are alpha x0 + sigma eps and start as unit noise, as in DDIM) "
@@ -197,32 +200,45 @@ def _continuous(cfg: Mapping[str, Any]) -> bool:
     )
 
 
+def _no_table(scheduler: Any) -> ValueError:
+    return ValueError(
+        f"{type(scheduler).__name__} has no alphas_cumprod noise table: it is a flow-matching "
+        "or EDM-preconditioned scheduler, which bdia's diffusers adapter does not support; it "
+        "needs a diffusion model trained on a table of alphas_cumprod (DDIM, DDPM, PNDM, "
+        "Euler, DPM-Solver and the like)"
+    )
+
+
 def _table(scheduler: Any) -> np.ndarray:
     """The scheduler's ``alphas_cumprod`` as a checked float64 array of N values."""
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
-        raise ValueError(
-            f"{type(scheduler).__name__} has no alphas_cumprod noise table (a flow-matching or "
-            "EDM-preconditioned scheduler?); bdia's diffusers adapter needs one"
-        )
+        raise _no_table(scheduler)
     table = torch.as_tensor(ac).detach().to(device="cpu", dtype=torch.float64).numpy()
     if table.ndim != 1 or table.size < 2:
         raise ValueError(
             f"the scheduler's alphas_cumprod must be 1-D with at least 2 values, got shape "
             f"{tuple(table.shape)}"
         )
+    # rescale_betas_zero_snr=True makes the last value 0 (infinite noise); Euler-type
+    # schedulers put 2^-24 there instead, above its neighbour, so the table turns.
+    zero_snr = (
+        " (rescale_betas_zero_snr=True sets the last value to 0, infinite noise, or in "
+        "Euler-type schedulers to 2^-24, out of order; set it False)"
+        if scheduler.config.get("rescale_betas_zero_snr", False)
+        else ""
+    )
     if not np.all((table > 0) & (table < 1)):
-        hint = (
-            " (rescale_betas_zero_snr=True makes the last one 0: infinite noise)"
-            if table[-1] <= 0
-            else ""
-        )
         raise ValueError(
             f"the scheduler's alphas_cumprod must lie in (0, 1); it ranges over "
-            f"[{table.min():.6g}, {table.max():.6g}]{hint}"
+            f"[{table.min():.6g}, {table.max():.6g}]{zero_snr}"
         )
     if not np.all(np.diff(table) < 0):
-        raise ValueError("the scheduler's alphas_cumprod must be strictly decreasing")
+        k = int(np.argmax(np.diff(table) >= 0))
+        raise ValueError(
+            f"the scheduler's alphas_cumprod must be strictly decreasing; it rises at timestep "
+            f"{k + 1} ({table[k]:.6g} to {table[k + 1]:.6g}){zero_snr}"
+        )
     n = scheduler.config.get("num_train_timesteps", table.size)
     if n != table.size:
         raise ValueError(
