@@ -64,7 +64,12 @@ _EDM_SCHEDULERS = (
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _SPACINGS = ("linspace", "leading", "trailing")
 # Config flags under which a scheduler's sigmas are not the table's values at its timesteps.
-_SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_SIGMA_SPACINGS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+)
 # unet keyword arguments that the adapter itself sets.
 _RESERVED = ("sample", "timestep", "return_dict")
 
@@ -421,7 +426,7 @@ class DiffusersModel(torch.nn.Module):
         sigma_rule: EDM space only, how a noise level maps to the timestep: ``"linear"``
             (sigma interpolated linearly between integer timesteps, diffusers' default),
             ``"log"`` (log sigma, diffusers' ``_sigma_to_t`` for Karras, exponential and beta
-            sigmas) or ``"continuous"`` (``0.25 log sigma``).
+            sigmas and lu lambdas) or ``"continuous"`` (``0.25 log sigma``).
         learned_variance: the unet returns ``2 C`` channels for ``C`` input channels, the
             second half a variance; only the first half is used.
         prediction: ``"eps"``, ``"x0"`` or ``"v"``, what the unet predicts (EDM space scales
@@ -742,8 +747,8 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
     - VP space: ``t = (tau + 1) / N`` for each distinct timestep ``tau``, noisiest first, then
       the end point: ``t = 0`` (alpha = 1) when the scheduler ends there (DDIM's
       ``set_alpha_to_one=True``, ``final_sigmas_type="zero"``, DDPM), else ``t = 1 / N``
-      (``alphas_cumprod[0]``). With Karras, exponential or beta sigmas the points are the
-      times of the scheduler's ``sigmas`` instead.
+      (``alphas_cumprod[0]``). With Karras, exponential or beta sigmas or lu lambdas the
+      points are the times of the scheduler's ``sigmas`` instead.
     - EDM space: the scheduler's distinct ``sigmas`` (Heun's repeated ones once), noisiest
       first; for a scheduler without sigmas, the table's at its timesteps and the end point.
 
