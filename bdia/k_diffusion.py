@@ -123,6 +123,20 @@ def _callback(
     return report
 
 
+def _model_dtype(model: Any, model_dtype: torch.dtype | str | None) -> Any:
+    """The dtype the model gets ``x`` in: ``model_dtype``, else at least float32.
+
+    Not the parameters' dtype (``DiffusionODE``'s default): a k-diffusion wrapper around a
+    half-precision network takes float32 and casts for the network itself, and rounding
+    ``x`` to float16 before it would change its float32 arithmetic (the skip path
+    ``x + c_out eps``) and its result.
+    """
+    if model_dtype is not None or not isinstance(model, torch.nn.Module):
+        return model_dtype
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return None if dtype is None else torch.promote_types(dtype, torch.float32)
+
+
 def _progress(disable: Any) -> bool | None:
     """k-diffusion's ``disable`` as bdia's ``progress``: None shows a bar only on a terminal."""
     return None if disable is None else not disable
@@ -166,10 +180,13 @@ def sample_bdia(
             ``invert_bdia``, kept whole for an exact inversion.
         state_dtype: dtype of the solver state (``torch.float64`` for a float64 state);
             defaults to ``x``'s.
-        model_dtype: the dtype ``x`` is cast to before each model call. None: the dtype of
-            the model's parameters when it is an ``nn.Module``, else the state dtype (as
-            ``DiffusionODE``). A k-diffusion wrapper around a float16 network casts for it
-            itself and wants ``torch.float32``, as k-diffusion would pass.
+        model_dtype: the dtype ``x`` is cast to before each model call. None: float32, or
+            float64 when the model is an ``nn.Module`` with float64 parameters; a plain
+            function gets the state dtype. So a float32 ``x`` reaches the model unchanged, as
+            k-diffusion passes it, even when a wrapper (``CompVisDenoiser``, a CFG wrapper)
+            holds a float16 network and casts for it; a float64 state still reaches a float32
+            network in float32. A float16 network that does not cast its input itself needs
+            ``torch.float16``.
 
     Returns:
         x at ``sigmas[-1]`` in ``x``'s dtype, or the final pair in the state dtype.
@@ -178,7 +195,9 @@ def sample_bdia(
     # What the caller sees comes back in the caller's dtype, as from k-diffusion; only the
     # pair, the exact state, stays in the state dtype.
     dtype = x.later.dtype if isinstance(x, StatePair) else getattr(x, "dtype", None)
-    ode = DiffusionODE(model, EDM(), model_dtype=model_dtype, cond=_extra_args(extra_args))
+    ode = DiffusionODE(
+        model, EDM(), model_dtype=_model_dtype(model, model_dtype), cond=_extra_args(extra_args)
+    )
     solver = _solver(base, gamma)
     out = sample(
         ode,
@@ -231,7 +250,9 @@ def invert_bdia(
             in the state dtype.
     """
     grid, sigma_tensor = _sigmas(sigmas)
-    ode = DiffusionODE(model, EDM(), model_dtype=model_dtype, cond=_extra_args(extra_args))
+    ode = DiffusionODE(
+        model, EDM(), model_dtype=_model_dtype(model, model_dtype), cond=_extra_args(extra_args)
+    )
     solver = _solver(base, gamma)
     return invert(
         ode,

@@ -9,6 +9,7 @@ sample to float32 in ``step``), the tolerance is float32-level and each test say
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 
@@ -209,6 +210,24 @@ def test_dpm_solver_pp_1_matches_dpm_solver_multistep(unet, noise, final_sigmas_
         assert rel(ours[k], ref[k]) < 1e-6, k
 
 
+@pytest.mark.parametrize("spacing", ["use_karras_sigmas", "use_lu_lambdas"])
+def test_dpm_solver_grid_is_the_schedulers_sigmas(unet, spacing):
+    """With Karras sigmas or lu lambdas, DPMSolverMultistepScheduler steps through sigmas
+    that are not the table's at its (rounded) timesteps; the grid's noise levels are those
+    sigmas, to their float32 rounding (1e-6 relative; measured 1.9e-8). With lu lambdas the
+    grid used to come from the rounded timesteps: 3.6e-3 off at the second point."""
+    scheduler = f64(
+        diffusers.DPMSolverMultistepScheduler(
+            solver_order=1, algorithm_type="dpmsolver++", **{spacing: True}
+        )
+    )
+    ode = from_diffusers(unet, scheduler)
+    levels = [ode.schedule.sigma_bar(t) for t in diffusers_grid(scheduler, N_STEPS).tolist()]
+    reference = copy.deepcopy(scheduler)
+    reference.set_timesteps(N_STEPS)
+    assert levels == pytest.approx(reference.sigmas.double().tolist(), rel=1e-6, abs=0)
+
+
 # ------------------------------------------------------------------------- guidance
 
 
@@ -304,6 +323,38 @@ def test_model_dtype_defaults_to_the_unets():
     assert from_diffusers(unet32, scheduler, model_dtype="float64").model_dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_conditioning_is_cast_to_the_unets_dtype(noise, dtype):
+    """Embeddings in another dtype than the unet's (float64 here; float32 ones with a float16
+    unet in practice), in both guidance branches: the floating conditioning is cast to the
+    unet's dtype, as diffusers' pipelines pass it, and the prediction is that of embeddings
+    cast by hand, bit for bit (the same unet inputs). Integer conditioning stays as it is.
+    Before, torch raised a dtype error inside attention."""
+    unet = tiny_unet(conditional=True, cross_attention_dim=8, seed=1, dtype=dtype)
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    g = torch.Generator().manual_seed(3)
+    embeds = torch.randn(1, 4, 8, generator=g, dtype=torch.float64)
+    negative = torch.randn(1, 4, 8, generator=g, dtype=torch.float64)
+
+    def guided(positive, negative, **extra):
+        return from_diffusers(
+            unet,
+            scheduler,
+            encoder_hidden_states=positive,
+            guidance_scale=7.5,
+            negative_cond={"encoder_hidden_states": negative},
+            **extra,
+        )
+
+    ode = guided(embeds, negative, class_labels=torch.tensor([1]))
+    assert ode.cond["encoder_hidden_states"].dtype == dtype
+    assert ode.cond["negative_cond"]["encoder_hidden_states"].dtype == dtype
+    assert ode.cond["class_labels"].dtype == torch.int64
+    ode, by_hand = guided(embeds, negative), guided(embeds.to(dtype), negative.to(dtype))
+    with torch.no_grad():
+        assert torch.equal(ode.evaluate(0.5, noise).eps, by_hand.evaluate(0.5, noise).eps)
+
+
 def test_a_config_mapping_builds_its_class(unet):
     scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
     # As load_config or scheduler_config.json give it: the class name included.
@@ -368,10 +419,29 @@ def _one_line_error(exc_info, field):
         (lambda: diffusers.LCMScheduler(), "space="),
         (
             lambda: diffusers.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True),
-            "alphas_cumprod",
+            "rescale_betas_zero_snr=True",
         ),
+        # Euler puts 2^-24 where the zero-SNR table has 0: the table turns, not vanishes.
+        (
+            lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True),
+            "rescale_betas_zero_snr=True",
+        ),
+        # Not "pass space=": no space helps a scheduler without a noise table.
+        (lambda: diffusers.FlowMatchEulerDiscreteScheduler(), "flow-matching"),
+        (lambda: diffusers.EDMEulerScheduler(), "no alphas_cumprod noise table"),
     ],
-    ids=["prediction", "clip", "threshold", "spacing", "interpolation", "unknown", "zero_snr"],
+    ids=[
+        "prediction",
+        "clip",
+        "threshold",
+        "spacing",
+        "interpolation",
+        "unknown",
+        "zero_snr",
+        "zero_snr_euler",
+        "flow",
+        "edm",
+    ],
 )
 def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler, field):
     calls = Counter(unet)
@@ -379,6 +449,20 @@ def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler,
         from_diffusers(unet, scheduler())
     _one_line_error(exc_info, field)
     assert calls.calls == 0
+
+
+@pytest.mark.parametrize(
+    "scheduler, field",
+    [
+        (diffusers.FlowMatchEulerDiscreteScheduler, "flow-matching"),
+        (lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True), "zero_snr"),
+    ],
+    ids=["flow", "zero_snr_euler"],
+)
+def test_diffusers_grid_refusals_name_the_cause(scheduler, field):
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(scheduler(), N_STEPS)
+    _one_line_error(exc_info, field)
 
 
 def test_clip_sample_error_says_how_to_turn_it_off(unet):

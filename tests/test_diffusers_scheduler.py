@@ -23,6 +23,7 @@ from bdia.integrations.diffusers import (
     BDIARestartWarning,
     BDIAScheduler,
     BDIASchedulerOutput,
+    BDIASchedulerPair,
     diffusers_grid,
     from_diffusers,
 )
@@ -245,6 +246,35 @@ def _tiny_stable_diffusion(tmp_path):
     return tiny_text_to_image_pipeline(tmp_path, scheduler)
 
 
+@torch.no_grad()
+def _invert_guided(pipe, prompt, guidance, latents_dtype):
+    """The docs' inverse loop: the unet called as the pipeline calls it (batch [uncond,
+    cond], then u + g (c - u)), from the pipeline scheduler's final_pair."""
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    embeds = torch.cat([uncond, cond])
+    inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(STEPS)
+    x = inverse.begin(pipe.scheduler.final_pair, dtype=latents_dtype)
+    for t in inverse.timesteps:
+        out = pipe.unet(torch.cat([x] * 2), t, encoder_hidden_states=embeds).sample
+        u, c = out.chunk(2)
+        x = inverse.step(u + guidance * (c - u), t, x).prev_sample
+    return inverse
+
+
+def _latents(pipe, prompt, guidance, **inputs):
+    """The pipeline's latents after STEPS steps from seed 0 (inputs: the image's size, or
+    the image and strength of img2img)."""
+    return pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **inputs,
+    ).images
+
+
 def test_stable_diffusion_pipeline_with_guidance_inverts_exactly(tmp_path):
     """The docs' recipe on a tiny StableDiffusionPipeline: guidance 7.5, the scheduler built
     from SD 1.5's (PNDM) config. The latents the pipeline returns are final_pair.later, and
@@ -253,30 +283,151 @@ def test_stable_diffusion_pipeline_with_guidance_inverts_exactly(tmp_path):
     pipe = _tiny_stable_diffusion(tmp_path)
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
     prompt, guidance = "a fox", 7.5
-    latents = pipe(
-        prompt,
-        height=16,
-        width=16,
-        num_inference_steps=STEPS,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-    ).images
-    pair = pipe.scheduler.final_pair
-    assert torch.equal(latents, pair.later)
+    latents = _latents(pipe, prompt, guidance, height=16, width=16)
+    assert torch.equal(latents, pipe.scheduler.final_pair.later)
     noise = randn_tensor(latents.shape, generator=torch.Generator().manual_seed(0))
-
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
-        embeds = torch.cat([uncond, cond])
-        inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
-        inverse.set_timesteps(STEPS)
-        x = inverse.begin(pair, dtype=latents.dtype)
-        for t in inverse.timesteps:
-            out = pipe.unet(torch.cat([x] * 2), t, encoder_hidden_states=embeds).sample
-            u, c = out.chunk(2)
-            x = inverse.step(u + guidance * (c - u), t, x).prev_sample
+    inverse = _invert_guided(pipe, prompt, guidance, latents.dtype)
     assert torch.equal(inverse.pair.earlier, noise)
+
+
+def test_config_rewritten_by_the_pipeline_is_followed(tmp_path):
+    """StableDiffusionPipeline.__init__ rewrites steps_offset to 1 in the scheduler's config
+    (with a deprecation warning). The scheduler steps on the timesteps of that config, which
+    DDIMScheduler and the inverse built from it also use, so the docs' inverse loop returns
+    the noise exactly (measured 0). Before, it kept its offset-0 timesteps and the inverse
+    (offset 1) came back up to 19 off."""
+    parts = _tiny_stable_diffusion(tmp_path).components
+    sched = BDIAScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=False,
+        steps_offset=0,
+        gamma=GAMMA,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the pipeline's steps_offset notice
+        pipe = diffusers.StableDiffusionPipeline(**{**parts, "scheduler": sched})
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.steps_offset == 1
+    ddim = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    ddim.set_timesteps(STEPS)
+    pipe.scheduler.set_timesteps(STEPS)
+    assert pipe.scheduler.timesteps.tolist() == ddim.timesteps.tolist()
+
+    prompt, guidance = "a fox", 7.5
+    latents = _latents(pipe, prompt, guidance, height=16, width=16)
+    noise = randn_tensor(latents.shape, generator=torch.Generator().manual_seed(0))
+    inverse = _invert_guided(pipe, prompt, guidance, latents.dtype)
+    assert torch.equal(inverse.pair.earlier, noise)
+
+
+def test_register_to_config_is_followed_and_a_change_mid_run_refused(unet):
+    """A field set with register_to_config after __init__ reaches set_timesteps (the noise
+    table too), a refused value is refused there, and a change after set_timesteps stops the
+    next step with a one-line error naming the field."""
+    sched = BDIAScheduler()
+    sched.register_to_config(timestep_spacing="trailing", beta_schedule="scaled_linear")
+    sched.set_timesteps(5)
+    ddim = diffusers.DDIMScheduler(
+        clip_sample=False, timestep_spacing="trailing", beta_schedule="scaled_linear"
+    )
+    ddim.set_timesteps(5)
+    assert sched.timesteps.tolist() == ddim.timesteps.tolist()
+    assert torch.equal(sched.alphas_cumprod, ddim.alphas_cumprod)
+
+    x = _noise(8)
+    t = sched.timesteps[0]
+    sched.register_to_config(steps_offset=1)
+    with pytest.raises(ValueError, match=r"config changed after set_timesteps \(steps_offset\)"):
+        sched.step(x, t, x)
+    sched.register_to_config(clip_sample=True)
+    with pytest.raises(ValueError, match="clip_sample = True") as info:
+        sched.set_timesteps(5)
+    assert "\n" not in str(info.value)
+
+
+def test_timesteps_outside_the_noise_table_are_refused():
+    """Leading spacing with steps_offset 1 and 1000 steps gives timestep 1000, past the
+    table's 999: DDIM itself fails there with an IndexError, and the grid would be
+    extrapolated (t = 1.001). Refused in one line; 999 steps are fine."""
+    for make in (BDIAScheduler, BDIAInverseScheduler):
+        sched = make(steps_offset=1, set_alpha_to_one=False)
+        with pytest.raises(ValueError, match="timestep 1000 .* outside the noise table") as info:
+            sched.set_timesteps(1000)
+        assert "\n" not in str(info.value)
+        sched.set_timesteps(999)
+        assert int(sched.timesteps.max()) <= 999
+    ddim = diffusers.DDIMScheduler(clip_sample=False, steps_offset=1)
+    with pytest.raises(ValueError, match="timestep 1000 .* outside the noise table"):
+        diffusers_grid(ddim, 1000)
+
+
+# ------------------------------------------------------------------ the start of a run
+
+
+def test_img2img_run_inverts_back_to_its_start(tmp_path):
+    """img2img with strength 0.5 runs the last 5 of 10 timesteps. final_pair records where
+    the run began, the inverse stops there, and inverse.pair.earlier is the noised image
+    latents the run started from, exactly (measured 0). Before, the loop ran on over the
+    timesteps the run never took, to an error of 10 at timestep 800."""
+    parts = _tiny_stable_diffusion(tmp_path).components
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    starts = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        if not starts:
+            starts.append(sample.clone())
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompt, guidance = "a fox", 7.5
+    latents = _latents(pipe, prompt, guidance, image=image, strength=0.5)
+    pair = pipe.scheduler.final_pair
+    assert pipe.scheduler.start_index == pair.start_index == STEPS // 2
+    assert torch.equal(pair.later, latents)
+    inverse = _invert_guided(pipe, prompt, guidance, latents.dtype)
+    assert inverse.start_index == STEPS // 2
+    assert len(inverse.timesteps) == STEPS // 2 - 1
+    assert torch.equal(inverse.pair.earlier, starts[0])
+    with pytest.raises(ValueError, match="the inversion is done"):
+        inverse.step(latents, inverse.timesteps[-1], inverse.pair.earlier)
+
+
+def test_begin_takes_the_start_of_a_run_on_the_grid_tail(unet):
+    """A bdia.sample pair made on grid[3:] carries no start: begin(pair, start_index=3)
+    inverts it back to its start (measured 0), as bdia.invert on grid[3:] does. A start_index
+    that contradicts the pair's, or lies outside the run, is refused in one line."""
+    sched = BDIAScheduler(gamma=GAMMA)
+    ode = from_diffusers(unet, sched)
+    grid = diffusers_grid(sched, STEPS)
+    solver = bdia.bdia("ddim", GAMMA)
+    start = _noise(9)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, start, grid[3:], return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, pair, grid[3:], progress=False)
+    inverse = BDIAInverseScheduler.from_config(sched.config)
+    inverse.set_timesteps(STEPS)
+    x = inverse.begin(pair, start_index=3)
+    assert len(inverse.timesteps) == STEPS - 4
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            x = inverse.step(unet(x, t).sample, t, x).prev_sample
+    assert torch.equal(inverse.pair.earlier, start)
+    assert torch.equal(back.earlier, start)
+
+    recorded = BDIASchedulerPair(pair.earlier, pair.later, start_index=3)
+    inverse.begin(recorded)
+    assert inverse.start_index == 3
+    with pytest.raises(ValueError, match="records that its run began at index 3") as mismatch:
+        inverse.begin(recorded, start_index=2)
+    with pytest.raises(ValueError, match=r"start_index = 10 is not a step") as outside:
+        inverse.begin(pair, start_index=10)
+    assert "\n" not in str(mismatch.value) + str(outside.value)
 
 
 # ------------------------------------------------------------------ restarts
@@ -285,7 +436,8 @@ def test_stable_diffusion_pipeline_with_guidance_inverts_exactly(tmp_path):
 def test_changed_latents_restart_the_recursion_with_a_warning(unet):
     """A loop that changes the latents between steps (in place, on the returned tensor)
     restarts the recursion there with one BDIARestartWarning; the run then continues as
-    bdia.sample from the changed state on the rest of the grid (bit for bit)."""
+    bdia.sample from the changed state on the rest of the grid (bit for bit), and its
+    final_pair records the last restart as its start."""
     sched = BDIAScheduler(gamma=GAMMA)
     sched.set_timesteps(STEPS)
     x = _noise(4)
@@ -298,6 +450,8 @@ def test_changed_latents_restart_the_recursion_with_a_warning(unet):
             x = sched.step(unet(x, t).sample, t, x).prev_sample
             states.append(x.clone())
     assert sched.restarts == [int(sched.timesteps[4]), int(sched.timesteps[7])]
+    # The recursion began again at the last restart: an inversion stops there.
+    assert sched.start_index == sched.final_pair.start_index == 7
     # From timestep 4 to the next restart: bdia.sample from the changed state on grid[4:8].
     grid = diffusers_grid(sched, STEPS)
     with torch.no_grad():

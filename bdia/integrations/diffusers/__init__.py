@@ -20,6 +20,7 @@ from .scheduler import (
     BDIARestartWarning,
     BDIAScheduler,
     BDIASchedulerOutput,
+    BDIASchedulerPair,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "BDIAScheduler",
     "BDIAInverseScheduler",
     "BDIASchedulerOutput",
+    "BDIASchedulerPair",
     "BDIARestartWarning",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...ode import DiffusionODE
+from ...ode import DTYPE_NAMES, DiffusionODE
 from ...schedules import EDM, Schedule, VPDiscrete
 
 __all__ = ["from_diffusers", "diffusers_grid", "DiffusersModel"]
@@ -64,7 +64,12 @@ _EDM_SCHEDULERS = (
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _SPACINGS = ("linspace", "leading", "trailing")
 # Config flags under which a scheduler's sigmas are not the table's values at its timesteps.
-_SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_SIGMA_SPACINGS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+)
 # unet keyword arguments that the adapter itself sets.
 _RESERVED = ("sample", "timestep", "return_dict")
 
@@ -121,6 +126,9 @@ def _space(scheduler: Any, space: str | None) -> str:
             return "vp"
         if name in _EDM_SCHEDULERS:
             return "edm"
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        # No space would help: without a noise table the adapter has no ODE to build.
+        raise _no_table(scheduler)
     raise ValueError(
         f"space: bdia does not know in which space {type(scheduler).__name__} keeps its samples; "
         "pass space='vp' (samples are alpha x0 + sigma eps and start as unit noise, as in DDIM) "
@@ -197,32 +205,45 @@ def _continuous(cfg: Mapping[str, Any]) -> bool:
     )
 
 
+def _no_table(scheduler: Any) -> ValueError:
+    return ValueError(
+        f"{type(scheduler).__name__} has no alphas_cumprod noise table: it is a flow-matching "
+        "or EDM-preconditioned scheduler, which bdia's diffusers adapter does not support; it "
+        "needs a diffusion model trained on a table of alphas_cumprod (DDIM, DDPM, PNDM, "
+        "Euler, DPM-Solver and the like)"
+    )
+
+
 def _table(scheduler: Any) -> np.ndarray:
     """The scheduler's ``alphas_cumprod`` as a checked float64 array of N values."""
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
-        raise ValueError(
-            f"{type(scheduler).__name__} has no alphas_cumprod noise table (a flow-matching or "
-            "EDM-preconditioned scheduler?); bdia's diffusers adapter needs one"
-        )
+        raise _no_table(scheduler)
     table = torch.as_tensor(ac).detach().to(device="cpu", dtype=torch.float64).numpy()
     if table.ndim != 1 or table.size < 2:
         raise ValueError(
             f"the scheduler's alphas_cumprod must be 1-D with at least 2 values, got shape "
             f"{tuple(table.shape)}"
         )
+    # rescale_betas_zero_snr=True makes the last value 0 (infinite noise); Euler-type
+    # schedulers put 2^-24 there instead, above its neighbour, so the table turns.
+    zero_snr = (
+        " (rescale_betas_zero_snr=True sets the last value to 0, infinite noise, or in "
+        "Euler-type schedulers to 2^-24, out of order; set it False)"
+        if scheduler.config.get("rescale_betas_zero_snr", False)
+        else ""
+    )
     if not np.all((table > 0) & (table < 1)):
-        hint = (
-            " (rescale_betas_zero_snr=True makes the last one 0: infinite noise)"
-            if table[-1] <= 0
-            else ""
-        )
         raise ValueError(
             f"the scheduler's alphas_cumprod must lie in (0, 1); it ranges over "
-            f"[{table.min():.6g}, {table.max():.6g}]{hint}"
+            f"[{table.min():.6g}, {table.max():.6g}]{zero_snr}"
         )
     if not np.all(np.diff(table) < 0):
-        raise ValueError("the scheduler's alphas_cumprod must be strictly decreasing")
+        k = int(np.argmax(np.diff(table) >= 0))
+        raise ValueError(
+            f"the scheduler's alphas_cumprod must be strictly decreasing; it rises at timestep "
+            f"{k + 1} ({table[k]:.6g} to {table[k + 1]:.6g}){zero_snr}"
+        )
     n = scheduler.config.get("num_train_timesteps", table.size)
     if n != table.size:
         raise ValueError(
@@ -339,6 +360,17 @@ def _paired(negative: Any, positive: Any, batch: int, where: str) -> Any:
     return positive
 
 
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor (through dicts and lists) cast to ``dtype``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
 def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
     """One-line errors for a classifier-free guidance setting that cannot run."""
     if guidance_scale is not None:
@@ -394,7 +426,7 @@ class DiffusersModel(torch.nn.Module):
         sigma_rule: EDM space only, how a noise level maps to the timestep: ``"linear"``
             (sigma interpolated linearly between integer timesteps, diffusers' default),
             ``"log"`` (log sigma, diffusers' ``_sigma_to_t`` for Karras, exponential and beta
-            sigmas) or ``"continuous"`` (``0.25 log sigma``).
+            sigmas and lu lambdas) or ``"continuous"`` (``0.25 log sigma``).
         learned_variance: the unet returns ``2 C`` channels for ``C`` input channels, the
             second half a variance; only the first half is used.
         prediction: ``"eps"``, ``"x0"`` or ``"v"``, what the unet predicts (EDM space scales
@@ -594,7 +626,8 @@ def from_diffusers(
             float64 state.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... Tensors of
-            batch 1 are expanded to the state's batch. Two keys set classifier-free guidance:
+            batch 1 are expanded to the state's batch; floating ones are cast to
+            ``model_dtype``. Two keys set classifier-free guidance:
             ``guidance_scale=g`` and ``negative_cond={...}``, the unconditional branch's
             arguments (``{"encoder_hidden_states": negative_embeds}``); each model evaluation is
             then one unet call on the batch ``[unconditional, conditional]`` and returns
@@ -647,6 +680,14 @@ def from_diffusers(
 
     if model_dtype is None and isinstance(unet, torch.nn.Module):
         model_dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), None)
+    if isinstance(model_dtype, str):  # a name such as "float16"; DiffusionODE checks it
+        model_dtype = DTYPE_NAMES.get(model_dtype.removeprefix("torch."), model_dtype)
+    if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
+        # The unet's attention multiplies the embeddings with its own weights, so they must
+        # be in its dtype, as diffusers' pipelines pass them (float16 prompt embeddings to a
+        # float16 unet); integer inputs (class labels) stay as they are.
+        cond = _cast_floating(cond, model_dtype)
+        negative_cond = _cast_floating(negative_cond, model_dtype)
     clean_end = _clean_end(sched) if space == "vp" else True
     model = DiffusersModel(
         unet,
@@ -684,6 +725,19 @@ def _vp_time(schedule: Schedule, sigma_bar: float) -> float:
     return schedule.t_from_sigma_bar(sigma_bar)
 
 
+def _check_timesteps_in_table(sched: Any, taus: list[float], n: int, steps: int) -> None:
+    """Refuse timesteps past the noise table, where the grid would be extrapolated."""
+    outside = [tau for tau in taus if not 0 <= tau <= n - 1]
+    if outside:
+        cfg = sched.config
+        raise ValueError(
+            f"num_inference_steps = {steps} gives timestep {outside[0]:g} (timestep_spacing = "
+            f"{cfg.get('timestep_spacing', 'leading')!r}, steps_offset = "
+            f"{cfg.get('steps_offset', 0)}), outside the noise table's timesteps 0 .. {n - 1}, "
+            "where the unet was never trained; use fewer steps or steps_offset=0"
+        )
+
+
 def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | None = None) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
@@ -693,8 +747,8 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
     - VP space: ``t = (tau + 1) / N`` for each distinct timestep ``tau``, noisiest first, then
       the end point: ``t = 0`` (alpha = 1) when the scheduler ends there (DDIM's
       ``set_alpha_to_one=True``, ``final_sigmas_type="zero"``, DDPM), else ``t = 1 / N``
-      (``alphas_cumprod[0]``). With Karras, exponential or beta sigmas the points are the
-      times of the scheduler's ``sigmas`` instead.
+      (``alphas_cumprod[0]``). With Karras, exponential or beta sigmas or lu lambdas the
+      points are the times of the scheduler's ``sigmas`` instead.
     - EDM space: the scheduler's distinct ``sigmas`` (Heun's repeated ones once), noisiest
       first; for a scheduler without sigmas, the table's at its timesteps and the end point.
 
@@ -729,11 +783,14 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
     taus = [float(v) for v in torch.as_tensor(timesteps).reshape(-1).tolist()]
     sigmas = getattr(fresh, "sigmas", None)
     sigmas = None if sigmas is None else [float(v) for v in torch.as_tensor(sigmas).reshape(-1)]
+    from_sigmas = sigmas is not None and any(sched.config.get(f, False) for f in _SIGMA_SPACINGS)
 
+    if (space == "vp" and not from_sigmas) or (space == "edm" and sigmas is None):
+        _check_timesteps_in_table(sched, taus, n, num_inference_steps)
     if space == "vp":
         schedule = _schedule(table, space, clean_end)
         end = 0.0 if clean_end else 1.0 / n
-        if sigmas is not None and any(sched.config.get(f, False) for f in _SIGMA_SPACINGS):
+        if from_sigmas:
             times = [end if s == 0.0 else _vp_time(schedule, s) for s in sigmas]
         else:
             times = [(tau + 1.0) / n for tau in taus] + [end]

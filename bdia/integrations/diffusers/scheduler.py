@@ -21,6 +21,7 @@ unet calls, and returns the starting noise to rounding (exactly, in the tests).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -53,6 +55,7 @@ __all__ = [
     "BDIAScheduler",
     "BDIAInverseScheduler",
     "BDIASchedulerOutput",
+    "BDIASchedulerPair",
     "BDIARestartWarning",
 ]
 
@@ -85,6 +88,21 @@ class BDIASchedulerOutput(BaseOutput):
     pred_original_sample: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class BDIASchedulerPair(StatePair):
+    """``BDIAScheduler.final_pair``: a ``StatePair`` that also records where the run began.
+
+    Attributes:
+        start_index: the index in ``timesteps`` (and in ``grid``) of the run's first step, or
+            of its last restart: where its recursion began. A text-to-image run starts at 0;
+            img2img with ``strength < 1`` starts later. ``BDIAInverseScheduler.begin`` stops
+            the inversion there, so that ``inverse.pair.earlier`` is the state the run started
+            from (the noised image latents, for img2img).
+    """
+
+    start_index: int = 0
+
+
 class BDIARestartWarning(UserWarning):
     """``BDIAScheduler.step`` got a sample or timestep that does not continue its recursion."""
 
@@ -108,6 +126,15 @@ def _check_gamma(gamma: Any) -> float | str:
     return g
 
 
+def _comparable(value: Any) -> Any:
+    """A config value in a form that ``==`` compares whole (trained_betas may be an array)."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return tuple(np.asarray(value, dtype=np.float64).reshape(-1).tolist())
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(v) for v in value)
+    return value
+
+
 def _timestep_value(timestep: Any) -> float:
     if isinstance(timestep, Tensor):
         values = timestep.detach().reshape(-1).cpu().unique()
@@ -119,6 +146,16 @@ def _timestep_value(timestep: Any) -> float:
     if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
         raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
     return float(timestep)
+
+
+def _table_attribute(name: str) -> property:
+    """DDIMScheduler's noise-table attribute ``name``, of the config as it is now."""
+
+    def get(self: _BDIASchedulerBase) -> Tensor:
+        self._sync()
+        return getattr(self._ddim, name)
+
+    return property(get, doc=f"DDIMScheduler's ``{name}`` for the current config.")
 
 
 class _Replay:
@@ -171,29 +208,50 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         variance_type: str = "fixed_small",
         gamma: float | str = 0.96,
     ) -> None:
-        self._gamma = _check_gamma(gamma)
-        # One-line refusals naming this class (clip_sample, thresholding, prediction_type,
-        # timestep_spacing), as from_diffusers gives them.
-        _check_model_config(self)
-        _check_schedule_config(self, "vp")
-        cfg = self.config
-        # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
-        fields = {k: cfg[k] for k in _DDIM_FIELDS}
-        self._ddim = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
-        _table(self._ddim)  # refuses a table that is not one (rescale_betas_zero_snr=True)
-        self.betas = self._ddim.betas
-        self.alphas = self._ddim.alphas
-        self.alphas_cumprod = self._ddim.alphas_cumprod
-        self.final_alpha_cumprod = self._ddim.final_alpha_cumprod
-        self.init_noise_sigma = 1.0
         self._replay = _Replay()
-        self._ode: DiffusionODE = from_diffusers(self._replay, self._ddim)
-        self._solver: BidirectionalWrapper = bdia("ddim", self._gamma)
+        self._configured: dict[str, Any] | None = None  # the config the internals were built for
+        self._sync()
+        self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = self._ddim.timesteps.clone()
         self.grid: list[float] | None = None
         self._taus: list[int] = []
+        self._built_for: dict[str, Any] | None = None  # the config set_timesteps used
         self._reset()
+
+    def _config_snapshot(self) -> dict[str, Any]:
+        return {k: _comparable(v) for k, v in self.config.items() if not k.startswith("_")}
+
+    def _sync(self) -> None:
+        """Build the internal DDIMScheduler, ODE and solver from ``self.config`` if it changed.
+
+        The config can change after ``__init__``: StableDiffusionPipeline rewrites
+        ``steps_offset`` (and ``clip_sample``) in place, and ``register_to_config`` replaces
+        fields. Internals built once at ``__init__`` would then step on other timesteps than
+        a scheduler built from the config, such as the inverse, and invert to the wrong noise.
+        """
+        snapshot = self._config_snapshot()
+        if snapshot == self._configured:
+            return
+        cfg = self.config
+        self._gamma = _check_gamma(cfg["gamma"])
+        # One-line refusals naming this class (clip_sample, thresholding, prediction_type,
+        # timestep_spacing), as from_diffusers gives them.
+        _check_model_config(self)
+        _check_schedule_config(self, "vp")
+        # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
+        fields = {k: cfg[k] for k in _DDIM_FIELDS}
+        ddim = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
+        _table(ddim)  # refuses a table that is not one (rescale_betas_zero_snr=True)
+        self._ddim = ddim
+        self._ode: DiffusionODE = from_diffusers(self._replay, ddim)
+        self._solver: BidirectionalWrapper = bdia("ddim", self._gamma)
+        self._configured = snapshot
+
+    betas = _table_attribute("betas")
+    alphas = _table_attribute("alphas")
+    alphas_cumprod = _table_attribute("alphas_cumprod")
+    final_alpha_cumprod = _table_attribute("final_alpha_cumprod")
 
     def _reset(self) -> None:
         """Forget the state of a run."""
@@ -207,10 +265,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines."""
+        self._sync()
         return self._ddim.add_noise(original_samples, noise, timesteps)
 
     def _build(self, num_inference_steps: int, device: Any) -> None:
         """DDIM's timesteps for ``num_inference_steps`` and the bdia grid through them."""
+        self._sync()
         self._ddim.set_timesteps(num_inference_steps, device=device)
         taus = [int(v) for v in self._ddim.timesteps.cpu().tolist()]
         if len(set(taus)) != len(taus):
@@ -231,6 +291,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.grid = grid
         self._taus = taus
+        self._built_for = self._configured
         self._reset()
 
     def _index(self, timestep: Any) -> int:
@@ -238,6 +299,13 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"{type(self).__name__}.step was called before set_timesteps; call "
                 "set_timesteps(num_inference_steps) first"
+            )
+        now, then = self._config_snapshot(), self._built_for
+        if now != then:
+            changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+            raise ValueError(
+                f"the scheduler's config changed after set_timesteps ({', '.join(changed)}); "
+                "call set_timesteps again so that the steps follow it"
             )
         value = _timestep_value(timestep)
         if value.is_integer() and int(value) in self._taus:
@@ -314,7 +382,9 @@ class BDIAScheduler(_BDIASchedulerBase):
     (``num_train_timesteps``, ``beta_*``, ``trained_betas``, ``set_alpha_to_one``,
     ``steps_offset``, ``prediction_type``, ``timestep_spacing``, ``rescale_betas_zero_snr``)
     mean what they mean there: an internal DDIMScheduler makes the noise table and the
-    timesteps. ``rescale_betas_zero_snr=True`` is refused (its last noise level is infinite).
+    timesteps, rebuilt from ``self.config`` when it changes (StableDiffusionPipeline rewrites
+    ``steps_offset``); a step after a change needs ``set_timesteps`` again.
+    ``rescale_betas_zero_snr=True`` is refused (its last noise level is infinite).
     ``dynamic_thresholding_ratio``, ``clip_sample_range`` and ``sample_max_value`` are kept in
     the config and unused.
 
@@ -336,15 +406,20 @@ class BDIAScheduler(_BDIASchedulerBase):
         timesteps: DDIM's timesteps for the ``set_timesteps`` call, noisiest first.
         grid: the bdia time grid (float64 values as Python floats), one point per timestep
             and the end point.
-        final_pair: after the last step, ``StatePair(x at grid[-2], x at grid[-1])`` with the
-            low words, the exact input of ``BDIAInverseScheduler.begin`` and ``bdia.invert``;
-            None before. Its tensors are in the state dtype (float32 at least).
+        final_pair: after the last step, a ``BDIASchedulerPair``: ``StatePair(x at grid[-2],
+            x at grid[-1])`` with the low words and the run's ``start_index``, the exact input
+            of ``BDIAInverseScheduler.begin`` (and of ``bdia.invert`` on
+            ``grid[start_index:]``); None before. Its tensors are in the state dtype (float32
+            at least).
+        start_index: the index in ``timesteps`` of the run's first step (or of its last
+            restart), where an inversion of the run must stop; None before the first step.
         restarts: timesteps at which the recursion restarted (see ``step``) in this run.
     """
 
     def _reset(self) -> None:
         self._k: int | None = None  # timestep index of the next expected step
         self._state: SolverState | None = None  # the solver's state at grid index _k (or end)
+        self.start_index: int | None = None
         self._warned = False
         self.restarts: list[int] = []
 
@@ -354,14 +429,16 @@ class BDIAScheduler(_BDIASchedulerBase):
         self.timesteps = self._ddim.timesteps
 
     @property
-    def final_pair(self) -> StatePair | None:
+    def final_pair(self) -> BDIASchedulerPair | None:
         state = self._state
         if self.grid is None or state is None or state.k != len(self.grid) - 1:
             return None
         try:
-            return self._solver.pair(state)
+            pair = self._solver.pair(state)
         except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
+        fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
+        return BDIASchedulerPair(**fields, start_index=self.start_index)
 
     def _restart(self, k: int, sample: Tensor) -> None:
         why = None
@@ -389,6 +466,7 @@ class BDIAScheduler(_BDIASchedulerBase):
         # A plain state at k with no neighbour: the next step is a plain DDIM step.
         self._state = self._solver.init(self._ode, self.grid, x, at=k)
         self._k = k
+        self.start_index = k
 
     def step(
         self,
@@ -467,17 +545,23 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
 
     Attributes:
         timesteps: the forward timesteps at which the inversion evaluates the unet, from the
-            second-to-last grid point back to the second (the pair already holds the last two
-            states); one fewer than the forward run's unet calls.
+            second-to-last grid point back to the one after the run's start (the pair already
+            holds the last two states); one fewer than the forward run's unet calls.
+            ``set_timesteps`` makes them for a run from the first timestep; ``begin`` cuts
+            them at the run's ``start_index``.
         forward_timesteps: the forward run's timesteps (what ``diffusers_grid`` reads).
         grid: the forward run's bdia time grid.
+        start_index: the index in ``forward_timesteps`` where the forward run began (set by
+            ``begin``); the inversion ends there.
         pair: the current ``StatePair(x at grid[k], x at grid[k + 1])`` with low words; after
-            the loop, the pair at the first two grid points, whose ``.earlier`` is the noise.
+            the loop, the pair at the run's start, whose ``.earlier`` is the state the run
+            started from (the noise).
     """
 
     def _reset(self) -> None:
         self._state: SolverState | None = None  # at grid index k, its neighbour at k + 1
         self._feed_dtype: torch.dtype | None = None
+        self.start_index: int | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The inversion's timesteps for a forward run of ``num_inference_steps``; call
@@ -487,14 +571,20 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         last = len(self.grid) - 1
         self.timesteps = self._ddim.timesteps[1:last].flip(0)
 
-    def begin(self, pair: StatePair, dtype: torch.dtype | None = None) -> Tensor:
-        """Start the inversion from the forward run's ``final_pair``.
+    def begin(
+        self, pair: StatePair, dtype: torch.dtype | None = None, start_index: int | None = None
+    ) -> Tensor:
+        """Start the inversion from the forward run's ``final_pair``; cut ``timesteps`` at
+        the run's start.
 
         Args:
             pair: ``BDIAScheduler.final_pair`` (or ``bdia.sample(..., return_pair=True)`` on
-                the same grid): x at the last two grid points, low words included.
+                the same grid or its tail): x at the last two grid points, low words included.
             dtype: the dtype the unet gets its input in (the forward pipeline's latents
                 dtype, e.g. torch.float16); defaults to the pair's.
+            start_index: the index in ``forward_timesteps`` where the forward run began. By
+                default the pair's ``start_index`` (``final_pair`` records it), else 0. The
+                inversion stops there: stepping on would invert steps the run never took.
 
         Returns:
             The first state to feed the unet (x at the second-to-last grid point, a copy in
@@ -510,10 +600,35 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 f"begin takes the forward scheduler's final_pair (a StatePair), got "
                 f"{type(pair).__name__}"
             )
+        start = self._start_index(pair, start_index)
         checked = _pair(pair, None, "pair")
-        self._state = self._solver.init(self._ode, self.grid, checked, at=len(self.grid) - 1)
+        last = len(self.grid) - 1
+        self._state = self._solver.init(self._ode, self.grid, checked, at=last)
         self._feed_dtype = dtype or checked.earlier.dtype
+        self.start_index = start
+        self.timesteps = self.forward_timesteps[start + 1 : last].flip(0)
         return self._state.x.to(self._feed_dtype, copy=True)
+
+    def _start_index(self, pair: StatePair, start_index: Any) -> int:
+        """The grid index where the forward run began: ``start_index``, the pair's, or 0."""
+        recorded = getattr(pair, "start_index", None)
+        if start_index is None:
+            start_index = 0 if recorded is None else recorded
+        elif recorded is not None and recorded != start_index:
+            raise ValueError(
+                f"start_index = {start_index}, but the pair records that its run began at "
+                f"index {recorded}; leave start_index out to invert back to the run's start"
+            )
+        if isinstance(start_index, bool) or not isinstance(start_index, numbers.Integral):
+            raise TypeError(f"start_index must be an int, got {start_index!r}")
+        last = len(self.grid) - 2  # the pair's earlier state: no step back from there
+        if not 0 <= start_index <= last:
+            raise ValueError(
+                f"start_index = {start_index} is not a step of this schedule's run (0 .. "
+                f"{last} for num_inference_steps = {self.num_inference_steps}); call "
+                "set_timesteps with the forward run's step count"
+            )
+        return int(start_index)
 
     @property
     def pair(self) -> StatePair | None:
@@ -555,10 +670,10 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 "BDIAInverseScheduler.step was called before begin(pair); call "
                 "x = inv.begin(forward_scheduler.final_pair) after set_timesteps"
             )
-        if state.k < 1:
+        if state.k <= self.start_index:
             raise ValueError(
-                "the inversion is done: inv.pair holds the first two grid points; call "
-                "set_timesteps and begin(pair) for another"
+                f"the inversion is done: inv.pair holds the states at the run's start (index "
+                f"{self.start_index}); call set_timesteps and begin(pair) for another"
             )
         if k != state.k:
             raise ValueError(
