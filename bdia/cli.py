@@ -335,20 +335,37 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _solver(name: str, gamma: float | str | None) -> Any:
-    """The solver ``name``, wrapped by bdia when ``gamma`` is given; errors name --solver."""
-    if name.startswith("bdia-"):
+def _base_solver(name: str, option: str = "--solver") -> Any:
+    """The registered base solver ``name``; errors name ``option`` (--solver or --solvers).
+
+    bdia's variants are refused with a pointer to the base and the gamma option: the command
+    line wraps a base itself, so ``bdia-NAME`` is no solver name here.
+    """
+    gamma = "--gamma G" if option == "--solver" else "--gammas G"
+    names = available_solvers()
+    base = name.removeprefix("bdia-")
+    if base != name and base in names:
         raise click.BadParameter(
             f"{name!r} names a bdia variant; give the base solver and the gamma: "
-            f"--solver {name[len('bdia-') :]} --gamma G",
-            param_hint="'--solver'",
+            f"{option} {base} {gamma}",
+            param_hint=f"'{option}'",
         )
-    try:
-        solver = get_solver(name)
-    except KeyError as err:
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(base, names)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
         raise click.BadParameter(
-            f"{err.args[0]} (`bdia solvers` lists them)", param_hint="'--solver'"
-        ) from None
+            f"unknown solver {name!r}{hint} Registered: {', '.join(names)} "
+            "(`bdia solvers` lists them)",
+            param_hint=f"'{option}'",
+        )
+    return get_solver(name)
+
+
+def _solver(name: str, gamma: float | str | None) -> Any:
+    """The solver ``name``, wrapped by bdia when ``gamma`` is given; errors name --solver."""
+    solver = _base_solver(name)
     return solver if gamma is None else bdia(solver, gamma)
 
 
@@ -472,13 +489,6 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _parse_gamma(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 @main.command(name="compare")
 @click.option(
     "--problem",
@@ -498,7 +508,7 @@ def _parse_gamma(text: str) -> float | str:
     "--gammas",
     default="1.0,0.96,0.5,obelm",
     show_default=True,
-    help="Comma-separated bdia gammas (numbers or 'obelm'); empty for none.",
+    help="Comma-separated bdia gammas (numbers in (0, 1] or 'obelm'); empty for none.",
 )
 @click.option(
     "--budgets", default="10,20,50,100", show_default=True, help="Comma-separated NFE budgets."
@@ -547,10 +557,7 @@ def compare_command(
     """
     bases = _split(solver_list)
     for name in bases:
-        try:
-            get_solver(name)
-        except KeyError as err:
-            raise click.BadParameter(str(err.args[0]), param_hint="'--solvers'") from None
+        _base_solver(name, "--solvers")
     try:
         budget_values = [int(b) for b in _split(budgets)]
     except ValueError:
@@ -559,12 +566,11 @@ def compare_command(
         ) from None
     if not budget_values or min(budget_values) < 1:
         raise click.BadParameter("give at least one positive budget", param_hint="'--budgets'")
-    gamma_values = [_parse_gamma(g) for g in _split(gammas)]
-    for g in gamma_values:
-        try:
-            bdia("euler", g)
-        except (TypeError, ValueError) as err:
-            raise click.BadParameter(str(err), param_hint="'--gammas'") from None
+    # Each gamma as --gamma of `bdia invert` takes it: the round-trip columns invert them.
+    try:
+        gamma_values = [GammaType(invertible=True).convert(g, None, None) for g in _split(gammas)]
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="'--gammas'") from None
     chosen = cmp.PROBLEMS[problem]
     try:
         cmp.check_selection(chosen, bases, gamma_values, budget_values)

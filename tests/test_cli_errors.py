@@ -169,6 +169,12 @@ def test_a_bdia_solver_name_points_to_gamma(tmp_path):
     fails_in_one_line(args, tmp_path, "'--solver'", "--solver heun --gamma")
 
 
+def test_an_unknown_solver_lists_base_names_only(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--solver", "heunn"]
+    line = fails_in_one_line(args, tmp_path, "'--solver'", "did you mean 'heun'?", status=2)
+    assert "bdia-" not in line  # the command line takes no bdia-NAME solver
+
+
 def test_unknown_dtype_names_the_vocabulary(tmp_path):
     args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--dtype", "half"]
     fails_in_one_line(args, tmp_path, "'--dtype'", "float32, bfloat16, float16")
