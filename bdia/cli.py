@@ -192,6 +192,19 @@ class OutputPathType(click.ParamType):
         return path
 
 
+def _overwrite_option(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--overwrite", is_flag=True, help=text)
+
+
+def _refuse_existing_file(path: Path | None, option: str, overwrite: bool) -> None:
+    """Exit 1 when the output file ``path`` exists, unless ``overwrite``: no command replaces
+    a file it was not told to (the options are valid; the file holds other work)."""
+    if path is not None and path.exists() and not overwrite:
+        raise click.ClickException(
+            f"{option} {str(path)!r} exists: use --overwrite to replace it, or another {option}"
+        )
+
+
 class GammaType(click.ParamType):
     """bdia's gamma: a number in [0, 1] (or (0, 1] for inversion) or a named schedule."""
 
@@ -536,6 +549,7 @@ def _split(value: str) -> list[str]:
     "without it the table goes to stdout only and nothing is written.",
 )
 @click.option("--no-plot", is_flag=True, help="With --out, write no plot.")
+@_overwrite_option("Replace the report and plot of --out if they exist.")
 @_threads_option("1, the toy tensors are too small to gain from more")
 @_progress_option
 def compare_command(
@@ -548,6 +562,7 @@ def compare_command(
     seed: int,
     out: Path | None,
     no_plot: bool,
+    overwrite: bool,
     threads: int | None,
     no_progress: bool,
 ) -> None:
@@ -577,12 +592,27 @@ def compare_command(
     except cmp.EmptySelection as err:
         hint = {"bases": "'--solvers'", "budgets": "'--budgets'"}[err.argument]
         raise click.BadParameter(str(err), param_hint=hint) from None
+    plot = None if out is None or no_plot else out.with_suffix(".png")
+    if plot is not None and plot.is_dir():
+        raise click.BadParameter(
+            f"its plot would go to {str(plot)!r}, which is a folder; give another --out, or "
+            "--no-plot",
+            param_hint="'--out'",
+        )
+    _refuse_existing_file(out, "--out", overwrite)
+    if plot is not None and plot.exists() and not overwrite:
+        raise click.ClickException(
+            f"the plot of --out, {str(plot)!r}, exists: use --overwrite to replace it, "
+            "--no-plot, or another --out"
+        )
 
     # The report names the command that reproduces it: the options given, in declaration order.
     ctx = click.get_current_context()
     words = ["bdia", "compare"]
     for param in ctx.command.params:
         if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        if param.name == "overwrite":  # says nothing about the report
             continue
         value = ctx.params[param.name]
         if isinstance(param, click.Option) and param.is_flag:
@@ -606,7 +636,6 @@ def compare_command(
             seed=seed,
             on_variant=lambda v: bar.update(1),
         )
-    plot = None if out is None or no_plot else out.with_suffix(".png")
     if plot is not None:
         try:
             cmp.plot_errors(chosen, results, plot)
@@ -773,8 +802,9 @@ def _claim_outdir(
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Regenerate the images of --outdir even if it was made with other settings "
-    "(with --latents: replace the NAME.png files that exist).",
+    help="Replace the --grid file if it exists, and regenerate the images of --outdir even "
+    "if it was made with other settings (with --latents: replace the NAME.png files that "
+    "exist).",
 )
 @click.option(
     "--latents",
@@ -856,6 +886,7 @@ def sample_command(
         raise click.UsageError("Missing option '--network' (or give --latents)")
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
+    _refuse_existing_file(grid_path, "--grid", overwrite)
     limit = GRID_MAX_IMAGES if grid_path is not None else MAX_SEEDS
     try:
         seed_list = generate.parse_seeds(seeds, limit=limit)
@@ -1710,9 +1741,11 @@ def fid_command(
     type=OutputPathType(suffix=".npz"),
     help="The .npz of reference statistics (mu, sigma) to write.",
 )
+@_overwrite_option("Replace --out if it exists.")
 @_fid_inputs
 def fid_ref_command(
     out: Path,
+    overwrite: bool,
     images: Path,
     detector: Path,
     batch: int,
@@ -1724,6 +1757,7 @@ def fid_ref_command(
     """Write reference statistics (mu, sigma) of IMAGES to an npz in EDM's format."""
     from .metrics import fid
 
+    _refuse_existing_file(out, "--out", overwrite)
     stats, rank = _gathered_statistics(
         detector, images, batch, workers, device, threads, not no_progress
     )
@@ -1736,9 +1770,12 @@ def fid_ref_command(
 @main.command()
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("target", type=OutputPathType(suffix=".safetensors"))
-def convert(source: Path, target: Path) -> None:
+@_overwrite_option("Replace TARGET if it exists.")
+def convert(source: Path, target: Path, overwrite: bool) -> None:
     """Convert an EDM network pickle to a bdia safetensors file (no code from SOURCE runs)."""
     from .models.checkpoints import load_network, save_network
+
+    _refuse_existing_file(target, "TARGET", overwrite)
 
     try:
         net = load_network(source)

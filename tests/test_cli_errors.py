@@ -236,3 +236,63 @@ def test_path_options_are_typed_as_paths():
     for name, param in _options():
         if param.opts[0] in ("--out", "--outdir", "--grid", "--images", "--ref", "--detector"):
             assert isinstance(param.type, (click.Path, OutputPathType)), (name, param.opts)
+
+
+# ------------------------------------------------------------------------- existing outputs
+
+
+def _output_args(command, target, images, detector):
+    if command == "sample":
+        return ["sample", "--network", "digits", "--steps", "1", "--seeds", "0", "--grid", target]
+    if command == "fid-ref":
+        return ["fid-ref", "--images", images, "--detector", detector, "--out", target]
+    if command == "compare":
+        return ["compare", "--solvers", "euler", "--gammas", "", "--budgets", "2", "--out", target]
+    source = target.parent / "net.pkl"
+    source.write_bytes(b"")  # refused before it is read
+    return ["convert", source, target]
+
+
+@pytest.mark.parametrize(
+    "command,name,option",
+    [
+        ("sample", "g.png", "--grid"),
+        ("fid-ref", "r.npz", "--out"),
+        ("compare", "r.md", "--out"),
+        ("convert", "n.safetensors", "TARGET"),
+    ],
+)
+def test_an_existing_output_file_is_replaced_only_with_overwrite(
+    command, name, option, tmp_path, images, detector
+):
+    target = tmp_path / name
+    target.write_text("the user's file")
+    args = _output_args(command, target, images, detector)
+    line = fails_in_one_line(args, tmp_path, f"{option} '{target}' exists", "--overwrite", status=1)
+    assert target.read_text() == "the user's file", line
+    if command != "convert":
+        result = CliRunner().invoke(main, [*map(str, args), "--overwrite", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes() != b"the user's file"
+
+
+def test_compare_keeps_a_file_where_its_plot_would_go(tmp_path):
+    plot = tmp_path / "r.png"
+    plot.write_text("the user's picture")
+    args = ["compare", "--solvers", "euler", "--gammas", "", "--out", tmp_path / "r.md"]
+    fails_in_one_line(args, tmp_path, f"'{plot}', exists", "--no-plot", status=1)
+    assert plot.read_text() == "the user's picture"
+    plot.unlink()
+    plot.mkdir()
+    fails_in_one_line(args, tmp_path, "'--out'", "is a folder", "--no-plot", status=2)
+    result = CliRunner().invoke(main, [*map(str, args), "--budgets", "2", "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.md").is_file() and not any(plot.iterdir())
+
+
+def test_compare_records_no_overwrite_in_its_command(tmp_path):
+    out = tmp_path / "r.md"
+    args = ["compare", "--solvers", "euler", "--gammas", "", "--budgets", "2", "--no-plot"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "--overwrite" not in out.read_text() and "--no-plot" in out.read_text()
