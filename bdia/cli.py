@@ -1670,6 +1670,12 @@ def _gathered_statistics(
         items = fid.list_images(images)
     except (FileNotFoundError, ValueError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--images'") from None
+    if len(items) < 2:
+        raise click.BadParameter(
+            f"{str(images)!r} holds 1 image; FID statistics need at least 2 (a covariance), "
+            "and in practice 10k-50k",
+            param_hint="'--images'",
+        )
     mine = len(items[rank::world])
     with _Progress(mine, "features", "img", show and rank == 0) as bar:
         try:

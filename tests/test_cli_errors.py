@@ -296,3 +296,65 @@ def test_compare_records_no_overwrite_in_its_command(tmp_path):
     result = CliRunner().invoke(main, [*args, "--out", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "--overwrite" not in out.read_text() and "--no-plot" in out.read_text()
+
+
+# ---------------------------------------------------------------------- fid --images checks
+
+
+def _write_npz(path, kind):
+    if kind == "no arrays":
+        np.savez(path)
+    elif kind == "no images":
+        np.savez(path, x=np.zeros((0, 8, 8, 3), np.uint8))
+    elif kind == "one image":
+        np.savez(path, x=np.zeros((1, 8, 8, 3), np.uint8))
+    elif kind == "text":
+        path.write_text("not an npz")
+    elif kind == "truncated":
+        np.savez(path, x=np.zeros((3, 8, 8, 3), np.uint8))
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "damaged":
+        np.savez(path, x=np.zeros((3, 8, 8, 3), np.uint8))
+        data = bytearray(path.read_bytes())
+        data[100:140] = b"\xff" * 40  # inside the member's data: its CRC fails
+        path.write_bytes(bytes(data))
+    elif kind == "npy":
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros((3, 8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize("command", ["fid", "fid-ref"])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("no arrays", ["holds no arrays"]),
+        ("no images", ["holds no images"]),
+        ("one image", ["holds 1 image", "at least 2"]),
+        ("text", ["not an npz file"]),
+        ("truncated", ["not an npz file"]),
+        ("damaged", ["'x' is unreadable", "CRC"]),
+        ("npy", ["a single .npy array"]),
+    ],
+)
+def test_an_npz_of_images_is_checked_before_any_feature(
+    command, kind, words, tmp_path, reference, detector, monkeypatch
+):
+    from bdia.metrics import fid
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were extracted")
+
+    monkeypatch.setattr(fid, "extract_features", no_features)
+    npz = tmp_path / "images.npz"
+    _write_npz(npz, kind)
+    args = [command, "--images", npz, "--detector", detector]
+    args += ["--ref", reference] if command == "fid" else ["--out", tmp_path / "r.npz"]
+    line = fails_in_one_line(args, tmp_path, "Invalid value for '--images'", *words, status=2)
+    assert "allow_pickle" not in line
+
+
+def test_fid_of_a_folder_of_one_image_names_images(tmp_path, images, reference, detector):
+    for extra in sorted(images.iterdir())[1:]:
+        extra.unlink()
+    args = ["fid", "--images", images, "--ref", reference, "--detector", detector]
+    fails_in_one_line(args, tmp_path, "Invalid value for '--images'", "1 image", status=2)
