@@ -1421,6 +1421,24 @@ _NOT_WITH_LATENTS = {
 }
 
 
+def _latents_damage(pair: Any, ts: torch.Tensor) -> str | None:
+    """What makes a loaded latents file unusable although it reads, or None.
+
+    A file of ``bdia invert --images`` holds finite states and a grid of at least three
+    points (two steps), finite, non-negative and strictly decreasing.
+    """
+    states = [pair.earlier, pair.later, pair.earlier_low, pair.later_low]
+    if not all(bool(t.isfinite().all()) for t in states if t is not None):
+        return "its states hold NaN or Inf"
+    if not bool(ts.isfinite().all()):
+        return "its grid ts holds NaN or Inf"
+    if len(ts) < 3:
+        return f"its grid ts has {len(ts)} points; bdia needs at least 3 (two steps)"
+    if not bool((ts[1:] < ts[:-1]).all()) or float(ts[-1]) < 0:
+        return "its grid ts is not a noise grid (decreasing from the noisiest point to >= 0)"
+    return None
+
+
 def _sample_latents(
     latents_path: Path,
     network_spec: str | None,
@@ -1470,6 +1488,12 @@ def _sample_latents(
             pair, ts, meta = load_latents(path)
         except (FileNotFoundError, ValueError) as err:
             raise click.BadParameter(_one_line(str(err)), param_hint="'--latents'") from None
+        damage = _latents_damage(pair, ts)
+        if damage:
+            raise click.BadParameter(
+                f"{str(path)!r} is damaged: {damage}; invert the image again",
+                param_hint="'--latents'",
+            )
         try:
             solver = bdia(get_solver(meta["solver"]), meta["gamma"])
         except (KeyError, TypeError, ValueError) as err:
@@ -1518,6 +1542,14 @@ def _sample_latents(
                 )
             else:
                 why = f"ODE fingerprint {meta['fingerprint']} in the file, {now} with this network"
+            if meta["network"] == _network_identity(network_spec)[0]:
+                # The very network the file records: the file, not the network, is wrong.
+                raise click.BadParameter(
+                    f"{str(path)!r} records {network_spec!r}, the network given, but does "
+                    f"not fit it ({why}): the file is damaged or not from bdia invert; "
+                    "invert the image again",
+                    param_hint="'--latents'",
+                )
             recorded = meta["network_path"] or "an unrecorded network"
             raise click.BadParameter(
                 f"{str(path)!r} was made with another network, {recorded} "

@@ -251,3 +251,51 @@ def test_existing_outputs_are_kept_unless_overwrite(pngs, inverted, tmp_path):
     args = ["sample", "--latents", out / f"{NAMES[0]}.safetensors", "--outdir", back]
     fails_in_one_line(args, tmp_path, f"{NAMES[0]}.png", "--overwrite", status=1)
     invoke(*args, "--overwrite")
+
+
+def _tampered(source, target, **changes):
+    """``source`` re-saved to ``target`` with tensors or metadata replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    for key, value in changes.items():
+        (tensors if isinstance(value, torch.Tensor) else meta)[key] = value
+    save_file(tensors, str(target), metadata=meta)
+    return target
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("bytes overwritten at the end", ["is damaged", "grid ts holds NaN"]),
+        ("nan state", ["is damaged", "states hold NaN"]),
+        ("reversed grid", ["is damaged", "not a noise grid"]),
+        ("two-point grid", ["is damaged", "at least 3"]),
+        ("class 99", ["records 'digits', the network given, but does not fit", "class 99"]),
+    ],
+)
+def test_sample_latents_refuses_damaged_files_before_any_image(case, words, inverted, tmp_path):
+    out, _ = inverted
+    good = out / f"{NAMES[0]}.safetensors"
+    bad = tmp_path / "bad.safetensors"
+    pair, ts, _ = load_latents(good)
+    if case == "bytes overwritten at the end":
+        data = bytearray(good.read_bytes())
+        data[-24:] = b"\xff" * 24  # the last tensor's last three float64s become NaN
+        bad.write_bytes(bytes(data))
+    elif case == "nan state":
+        earlier = pair.earlier.clone()
+        earlier[0, 0, 0, 0] = float("nan")
+        _tampered(good, bad, earlier=earlier)
+    elif case == "reversed grid":
+        _tampered(good, bad, ts=ts.flip(0).contiguous())
+    elif case == "two-point grid":
+        _tampered(good, bad, ts=ts[:2].clone())
+    else:
+        _tampered(good, bad, **{"class": "99"})
+    args = ["sample", "--latents", bad, "--outdir", tmp_path / "back"]
+    line = fails_in_one_line(args, tmp_path, "Invalid value for '--latents'", *words, status=2)
+    assert "another network" not in line
