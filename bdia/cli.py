@@ -63,6 +63,10 @@ class _Command(click.Group):
         except click.exceptions.Abort:
             click.echo("Aborted.", err=True)
             code = 1
+        except click.exceptions.NoArgsIsHelpError as err:
+            # Bare `bdia`: the help, as click shows it (stderr, status 2), not one line.
+            err.show()
+            code = err.exit_code
         except click.ClickException as err:
             if debug:
                 raise

@@ -204,6 +204,15 @@ def test_version():
     assert result.exit_code == 0 and result.output.strip() == f"bdia, version {bdia.__version__}"
 
 
+def test_bare_bdia_shows_the_help_as_click_does():
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 2  # click's status for a group called without a command
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and "Commands:" in lines, result.stderr
+    assert not any(line.startswith("Error") for line in lines)
+    assert any(line.split()[:1] == ["sample"] for line in lines)  # one command a line
+
+
 def _options():
     for name, command in sorted(main.commands.items()):
         for param in command.params:
