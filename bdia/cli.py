@@ -395,9 +395,35 @@ def _karras(
         raise click.BadParameter(
             f"{sigma_min:g} must lie below --sigma-max {sigma_max:g}", param_hint="'--sigma-min'"
         )
-    return karras_grid(
-        steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=final_zero
-    )
+    # The float32 network's preconditioner squares sigma (EDM's c_in, c_skip, c_out).
+    limit = math.sqrt(torch.finfo(torch.float32).max)
+    if sigma_max >= limit:
+        raise click.BadParameter(
+            f"{sigma_max:g} is beyond the float32 network, whose preconditioner squares sigma "
+            f"(finite below {limit:.3g}); EDM uses 80",
+            param_hint="'--sigma-max'",
+        )
+    try:
+        ts = karras_grid(
+            steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=final_zero
+        )
+    except (OverflowError, ZeroDivisionError, ValueError):
+        ts = None
+    # The grid is built in float64; extreme values overflow, or round points together or to 0.
+    noisy = None if ts is None else (ts[:-1] if final_zero else ts)
+    if (
+        noisy is None
+        or not bool(ts.isfinite().all())
+        or not bool((ts[1:] < ts[:-1]).all())
+        or not bool((noisy > 0).all())
+    ):
+        raise click.BadParameter(
+            f"--sigma-min {sigma_min:g}, --sigma-max {sigma_max:g} and --rho {rho:g} give no "
+            f"grid of {steps} steps in float64 (finite, positive and strictly decreasing); "
+            "use values nearer the defaults 0.002, 80 and 7",
+            param_hint="'--sigma-min' / '--sigma-max' / '--rho'",
+        )
+    return ts
 
 
 def _grid_options(command: Callable[..., Any]) -> Callable[..., Any]:

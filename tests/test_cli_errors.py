@@ -81,12 +81,17 @@ def test_sample_refuses_a_network_that_is_not_a_denoiser(tmp_path):
         ("--sigma-min", "-1", ["'--sigma-min'", "x>0"]),
         ("--rho", "0", ["'--rho'", "x>0"]),
         ("--sigma-max", "inf", ["'--sigma-max'", "not a finite number"]),
+        ("--sigma-max", "1e38", ["'--sigma-max'", "float32 network"]),
+        ("--rho", "1e-9", ["'--sigma-min' / '--sigma-max' / '--rho'", "--rho 1e-09 give no grid"]),
+        ("--sigma-min", "1e-300", ["'--sigma-min' / '--sigma-max' / '--rho'", "no grid of"]),
     ],
 )
 def test_grid_options_are_checked(command, option, value, words, tmp_path):
     args = [command, option, value]
     if command == "sample":
         args += ["--network", "digits", "--outdir", tmp_path / "out"]
+    else:
+        args += ["--count", "1"]
     fails_in_one_line(args, tmp_path, *words)
 
 
