@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -60,9 +61,10 @@ class _Command(click.Group):
                 warnings.showwarning = _warning_line
                 result = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else 0
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as err:
             click.echo("Aborted.", err=True)
-            code = 1
+            # 128 + SIGINT for Ctrl-C, as shells report a process it ended.
+            code = 130 if isinstance(err.__cause__, KeyboardInterrupt) else 1
         except click.exceptions.NoArgsIsHelpError as err:
             # Bare `bdia`: the help, as click shows it (stderr, status 2), not one line.
             err.show()
@@ -1023,6 +1025,7 @@ def sample_command(
 
 #: The summary ``bdia invert --images`` writes in its --outdir.
 INVERT_SUMMARY = "bdia-invert.json"
+INVERT_FORMAT = "bdia-invert/1"
 _IMAGE_MODES = {1: "L", 3: "RGB"}
 
 
@@ -1249,23 +1252,31 @@ def invert_command(
             "next run",
             param_hint="'--outdir'",
         )
-    targets = []
-    for path in files:
-        targets += [outdir / f"{path.stem}.safetensors", outdir / f"{path.stem}-reconstruction.png"]
-    targets.append(outdir / INVERT_SUMMARY)
-    if outdir.is_dir():
-        _refuse_existing(outdir, targets, overwrite, "the outputs of these images")
+    network, network_path = _network_identity(network_spec)
+    settings = {
+        "network": network,
+        "solver": exact.solver.name,
+        "gamma": gamma,
+        "steps": steps,
+        "sigma-min": sigma_min,
+        "sigma-max": sigma_max,
+        "rho": rho,
+        "state-dtype": dtype_name(state_dtype),
+        "class": class_label,
+    }
+    entries, stale = _claim_invert_outdir(outdir, files, settings, overwrite)
+    for old in stale:
+        old.unlink(missing_ok=True)
     _invert_images(
         net,
-        network_spec,
         files,
         class_label,
         outdir,
         exact,
-        gamma,
         ts,
-        (steps, sigma_min, sigma_max, rho),
-        state_dtype,
+        settings,
+        network_path,
+        entries,
         device,
         no_progress,
     )
@@ -1325,31 +1336,101 @@ def _invert_held_out(
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _outputs_of(outdir: Path, source: str) -> tuple[Path, Path]:
+    """The latents and reconstruction that ``bdia invert --images`` writes for ``source``."""
+    stem = Path(source).stem  # a record's names never lead out of the folder
+    return outdir / f"{stem}.safetensors", outdir / f"{stem}-reconstruction.png"
+
+
+def _claim_invert_outdir(
+    outdir: Path, files: list[Path], settings: dict[str, Any], overwrite: bool
+) -> tuple[dict[str, dict[str, Any]], list[Path]]:
+    """Check --outdir's summary against ``settings``: ``(entries kept, files to remove)``.
+
+    The summary is written before the first image and lists each image once its files are
+    written, so an interrupted run resumes: an image listed with the same source file (by
+    hash) and both outputs present is skipped, and one not listed is made (again). A folder
+    made with other settings, or holding outputs of these images but no summary, is refused
+    unless ``overwrite``; with it, the images listed under other settings are removed.
+    """
+    from . import generate
+    from ._files import file_sha256
+
+    summary = outdir / INVERT_SUMMARY
+    if not summary.is_file():
+        targets = [t for p in files for t in _outputs_of(outdir, p.name)]
+        _refuse_existing(outdir, targets, overwrite, f"outputs not listed in {INVERT_SUMMARY}")
+        return {}, []
+    try:
+        recorded = json.loads(summary.read_text())
+        if recorded.get("format") != INVERT_FORMAT:
+            raise ValueError(f"format {recorded.get('format')!r}")
+        entries = {str(e["source"]): dict(e) for e in recorded["images"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not overwrite:
+            raise click.BadParameter(
+                f"{str(summary)!r} is not a summary this version of bdia reads ({err}); move "
+                "the folder aside or pass --overwrite",
+                param_hint="'--outdir'",
+            ) from None
+        return {}, []
+    differences = generate.differing_settings({k: recorded.get(k) for k in settings}, settings)
+    if differences:
+        if not overwrite:
+            raise click.ClickException(
+                f"--outdir {str(outdir)!r} was made with other settings: "
+                f"{'; '.join('--' + d for d in differences)}. Use --overwrite to replace its "
+                "files with these settings, or another --outdir"
+            )
+        return {}, [t for source in entries for t in _outputs_of(outdir, source)]
+    kept = {
+        source: e
+        for source, e in entries.items()
+        if all(t.exists() for t in _outputs_of(outdir, source))
+    }
+    sources = {p.name: p for p in files}
+    for source, e in list(kept.items()):
+        if source not in sources:
+            continue
+        if overwrite:
+            del kept[source]
+        elif e.get("source sha256") != file_sha256(sources[source]):
+            raise click.ClickException(
+                f"--outdir {str(outdir)!r} holds the outputs of another {source} (its "
+                "contents differ): use --overwrite to replace them, or another --outdir"
+            )
+    # Outputs of these images that the summary does not list are those of an image that
+    # was being written when a run with these settings stopped: they are made again.
+    return kept, []
+
+
 def _invert_images(
     net: torch.nn.Module,
-    network_spec: str,
     files: list[Path],
     class_label: int | None,
     outdir: Path,
     exact: Any,
-    gamma: float | str,
     ts: torch.Tensor,
-    grid: tuple[int, float, float, float],
-    state_dtype: torch.dtype,
+    settings: dict[str, Any],
+    network_path: str,
+    entries: dict[str, dict[str, Any]],
     device: str | None,
     no_progress: bool,
 ) -> None:
-    """Invert each checked PNG on its own; write its latents, reconstruction and a summary."""
-    import json
+    """Invert each checked PNG on its own; write its latents, reconstruction and the summary.
 
+    ``entries``: the summary's images kept from earlier runs with these settings; those of
+    ``files`` among them are skipped.
+    """
     from . import generate
+    from ._files import file_sha256
     from .editing import Inversion
     from .latents import save_latents
     from .ode import DiffusionODE
     from .schedules import EDM
 
-    steps, sigma_min, sigma_max, rho = grid
-    network, network_path = _network_identity(network_spec)
+    steps, gamma = settings["steps"], settings["gamma"]
+    state_dtype = DTYPE_NAMES[settings["state-dtype"]]
     device = _default_device(device)
     net = net.to(device)
     # One image per inversion: its file then holds the pair of a batch of one, whose ODE
@@ -1357,78 +1438,85 @@ def _invert_images(
     labels = [class_label] if class_label is not None else []
     ode = DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, device))
     name = f"bdia({exact.solver.name}, {gamma})"
+    skipped = [p for p in files if p.name in entries]
     click.echo(
         f"{_images(len(files))}"
         f"{'' if class_label is None else f' of class {class_label}'}; {name}, {steps} steps "
-        f"from sigma {sigma_max:g} to {sigma_min:g}; {dtype_name(state_dtype)} state, "
-        "float32 network"
-    )
-    records, worst, squares, entries = [], 0.0, 0.0, 0
-    with _Progress(len(files) * (2 * steps - 1), "invert", "step", not no_progress) as bar:
-        for path in files:
-            x = _read_png(path, device)
-            inversion = Inversion.of(
-                ode,
-                exact,
-                x,
-                ts,
-                state_dtype=state_dtype,
-                progress=False,
-                callback=lambda info: bar.update(),
-            )
-            back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
-            error = back - x.to(state_dtype)  # in the state dtype
-            image_max = float(error.abs().max())
-            image_squares = float(error.double().square().sum())
-            worst, squares = max(worst, image_max), squares + image_squares
-            entries += error.numel()
-            latents = outdir / f"{path.stem}.safetensors"
-            reconstruction = outdir / f"{path.stem}-reconstruction.png"
-            save_latents(
-                latents,
-                inversion.pair,
-                ts,
-                solver=exact.solver.name,
-                gamma=gamma,
-                class_label=class_label,
-                network=network,
-                network_path=network_path,
-                source=path.name,
-            )
-            write_png(reconstruction, generate.to_uint8(back)[0])
-            records.append(
-                {
-                    "source": path.name,
-                    "latents": latents.name,
-                    "reconstruction": reconstruction.name,
-                    "max abs error": image_max,
-                    "rms error": math.sqrt(image_squares / error.numel()),
-                }
-            )
-    rms = math.sqrt(squares / entries)
-    click.echo(
-        f"round trip (exact reconstruction, {dtype_name(state_dtype)} state): "
-        f"max abs error {worst:.3e}, rms error {rms:.3e}"
+        f"from sigma {settings['sigma-max']:g} to {settings['sigma-min']:g}; "
+        f"{settings['state-dtype']} state, float32 network"
+        + (f"; {len(skipped)} already in {outdir}, skipped" if skipped else "")
     )
     summary = {
-        "format": "bdia-invert/1",
+        "format": INVERT_FORMAT,
         "bdia": __version__,
-        "network": network,
+        **settings,
         "network path": network_path,
-        "solver": exact.solver.name,
-        "gamma": gamma,
-        "steps": steps,
-        "sigma-min": sigma_min,
-        "sigma-max": sigma_max,
-        "rho": rho,
-        "state-dtype": dtype_name(state_dtype),
-        "class": class_label,
         "grid": [float(t) for t in ts],
-        "max abs error": worst,
-        "rms error": rms,
-        "images": records,
     }
-    write_atomic(outdir / INVERT_SUMMARY, json.dumps(summary, indent=1) + "\n")
+
+    def write_summary(final: bool) -> None:
+        images = list(entries.values())
+        done = {}
+        if final:
+            done = {
+                "max abs error": max(e["max abs error"] for e in images),
+                "rms error": math.sqrt(sum(e["rms error"] ** 2 for e in images) / len(images)),
+            }
+        record = {**summary, **done, "images": images}
+        write_atomic(outdir / INVERT_SUMMARY, json.dumps(record, indent=1) + "\n")
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_summary(final=False)  # first: a rerun after an interruption resumes
+    per_image = 2 * steps - 1
+    with _Progress(len(files) * per_image, "invert", "step", not no_progress) as bar:
+        bar.update(len(skipped) * per_image)
+        try:
+            for path in files:
+                if path.name in entries:
+                    continue
+                x = _read_png(path, device)
+                inversion = Inversion.of(
+                    ode,
+                    exact,
+                    x,
+                    ts,
+                    state_dtype=state_dtype,
+                    progress=False,
+                    callback=lambda info: bar.update(),
+                )
+                back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
+                error = back - x.to(state_dtype)  # in the state dtype
+                latents, reconstruction = _outputs_of(outdir, path.name)
+                save_latents(
+                    latents,
+                    inversion.pair,
+                    ts,
+                    solver=exact.solver.name,
+                    gamma=gamma,
+                    class_label=class_label,
+                    network=settings["network"],
+                    network_path=network_path,
+                    source=path.name,
+                )
+                write_png(reconstruction, generate.to_uint8(back)[0])
+                entries[path.name] = {
+                    "source": path.name,
+                    "source sha256": file_sha256(path),
+                    "latents": latents.name,
+                    "reconstruction": reconstruction.name,
+                    "max abs error": float(error.abs().max()),
+                    "rms error": float(error.double().square().mean().sqrt()),
+                }
+        finally:
+            write_summary(final=False)
+    mine = [entries[p.name] for p in files]
+    worst = max(e["max abs error"] for e in mine)
+    rms = math.sqrt(sum(e["rms error"] ** 2 for e in mine) / len(mine))
+    click.echo(
+        f"round trip (exact reconstruction, {settings['state-dtype']} state): "
+        f"max abs error {worst:.3e}, rms error {rms:.3e}"
+    )
+    write_summary(final=True)
     click.echo(
         f"wrote the latents and reconstructions of {_images(len(files))} and {INVERT_SUMMARY} "
         f"to {outdir}",
