@@ -157,6 +157,9 @@ class DeviceType(click.ParamType):
                 self.fail(f"{value!r}: MPS is not available here; use --device cpu", param, ctx)
         elif device.type != "cpu":
             self.fail(f"{value!r}: use cpu, cuda, cuda:N or mps", param, ctx)
+        elif device.index not in (None, 0):
+            # torch takes cpu:N and runs on the one CPU device all the same.
+            self.fail(f"{value!r}: there is one CPU device; use cpu", param, ctx)
         return str(device)
 
 
@@ -457,14 +460,14 @@ MAX_STEPS = 100_000
 def _load_denoiser(spec: str) -> torch.nn.Module:
     """The preconditioned network named by ``--network``; errors name the option."""
     from . import generate
-    from .models.checkpoints import load_network
+    from .models.checkpoints import UnsafeCheckpointError, load_network
 
     try:
         if spec.startswith("random:"):
             net = generate.random_network(spec[len("random:") :])
         else:
             net = load_network(spec)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--network'") from None
     if not callable(getattr(net, "coefficients", None)):
         raise click.BadParameter(
@@ -763,7 +766,11 @@ def _claim_outdir(
         if not overwrite:
             raise click.BadParameter(_one_line(str(err)), param_hint="'--outdir'") from None
         recorded = {}
-    images = sorted(outdir.glob("[0-9]*/[0-9]*.png")) if outdir.is_dir() else []
+    # Only the names image_path gives: a user's 000000/1.png is no image of this run.
+    found = sorted(outdir.glob("[0-9]*/[0-9]*.png")) if outdir.is_dir() else []
+    images = [
+        p for p in found if p.stem.isdigit() and generate.image_path(outdir, int(p.stem)) == p
+    ]
     if recorded is None and not images:
         return []
     if recorded is None:
@@ -966,8 +973,14 @@ def sample_command(
             # Absent when off, so that the records of earlier runs still match.
             settings["compile"] = True
         stale = _claim_outdir(outdir, settings, seed_list, overwrite)
-    if grid_path is not None and rank == 0:
-        with _Progress(len(seed_list), "grid", "img", show) as bar:
+    # The grid shows the --outdir images themselves unless it gives column c class c, which
+    # the images, of classes drawn from their seeds, do not have.
+    grid_of_outdir = outdir is not None and (
+        class_label is not None or not getattr(net, "label_dim", 0)
+    )
+
+    def write_grid() -> None:
+        with _Progress(len(seed_list), "grid", "img", show and not grid_of_outdir) as bar:
             _write_sample_grid(
                 grid_path,
                 net,
@@ -979,8 +992,12 @@ def sample_command(
                 state_dtype,
                 device,
                 on_batch=bar.update,
+                outdir=outdir if grid_of_outdir else None,
             )
         click.echo(f"wrote {grid_path} ({len(seed_list)} images)", err=True)
+
+    if grid_path is not None and rank == 0 and not grid_of_outdir:
+        write_grid()
     if outdir is None:
         return
 
@@ -1018,7 +1035,9 @@ def sample_command(
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        click.echo(f"{len(seed_list)} images in {outdir}", err=True)
+        click.echo(f"{_images(len(seed_list))} in {outdir}", err=True)
+        if grid_path is not None and grid_of_outdir:
+            write_grid()
 
 
 # ------------------------------------------------- invert: images to latents, latents back
@@ -1722,9 +1741,15 @@ def _write_sample_grid(
     state_dtype: torch.dtype,
     device: str,
     on_batch: Callable[[int], None] | None = None,
+    outdir: Path | None = None,
 ) -> None:
-    """Sample ``seeds`` and write them as one grid, its columns captioned with their class."""
+    """Sample ``seeds`` and write them as one grid, its columns captioned with their class.
+
+    With ``outdir``, the seeds' PNGs there (sampled with these settings and ``class_label``,
+    or unconditionally) are tiled instead of sampling them again.
+    """
     import numpy as np
+    from PIL import Image
 
     from . import generate
 
@@ -1737,7 +1762,15 @@ def _write_sample_grid(
     else:
         classes, columns = class_label, min(len(seeds), 8)
     images, labels = [], []
-    for start in range(0, len(seeds), batch):
+    if outdir is not None:
+        for seed in seeds:
+            with Image.open(generate.image_path(outdir, seed)) as im:
+                images.append(np.asarray(im)[None])
+        labels = [class_label] * len(seeds) if label_dim else []
+        seeds_to_sample: list[int] = []
+    else:
+        seeds_to_sample = seeds
+    for start in range(0, len(seeds_to_sample), batch):
         group = seeds[start : start + batch]
         fixed = classes[start : start + batch] if isinstance(classes, list) else classes
         noise, drawn = generate.seed_inputs(group, shape, label_dim, fixed)
@@ -1929,13 +1962,12 @@ def fid_ref_command(
 @_overwrite_option("Replace TARGET if it exists.")
 def convert(source: Path, target: Path, overwrite: bool) -> None:
     """Convert an EDM network pickle to a bdia safetensors file (no code from SOURCE runs)."""
-    from .models.checkpoints import load_network, save_network
+    from .models.checkpoints import UnsafeCheckpointError, load_network, save_network
 
     _refuse_existing_file(target, "TARGET", overwrite)
-
     try:
         net = load_network(source)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'SOURCE'") from None
     save_network(net, target)
     count = sum(p.numel() for p in net.parameters())

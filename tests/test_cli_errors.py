@@ -372,3 +372,31 @@ def test_fid_of_a_folder_of_one_image_names_images(tmp_path, images, reference, 
         extra.unlink()
     args = ["fid", "--images", images, "--ref", reference, "--detector", detector]
     fails_in_one_line(args, tmp_path, "Invalid value for '--images'", "1 image", status=2)
+
+
+# ----------------------------------------------------------------------------- small ones
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("command", ["sample", "convert"])
+def test_an_unsafe_pickle_is_a_wrong_option(command, tmp_path):
+    import pickle
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"ema": _RunsCode()}, protocol=2))
+    if command == "sample":
+        args, option = ["sample", "--network", evil, "--grid", tmp_path / "g.png"], "'--network'"
+    else:
+        args, option = ["convert", evil, tmp_path / "n.safetensors"], "'SOURCE'"
+    fails_in_one_line(args, tmp_path, f"Invalid value for {option}", "refusing global", status=2)
+
+
+def test_a_cpu_index_is_refused(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--device", "cpu:3"]
+    fails_in_one_line(args, tmp_path, "'--device'", "one CPU device", status=2)
