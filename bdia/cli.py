@@ -658,9 +658,30 @@ def compare_command(
             words += [param.opts[0], str(value)]
     command = " ".join(shlex.quote(w) for w in words)
 
+    from .sampling import ParasiticWarning
+
     _set_threads(threads or 1)
     total = len(cmp.variants(bases, gamma_values))
-    with _Progress(total, "compare", "variants", not no_progress) as bar:
+    # bdia's instability warnings come once per run of a variant, with the library's advice;
+    # here they become one line naming the variants.
+    running: list[cmp.Variant] = []
+    unstable: dict[str, list[str]] = {}  # base -> its gammas that warned
+
+    def on_variant(variant: cmp.Variant) -> None:
+        running[:] = [variant]
+        bar.update(1)
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+        if not issubclass(category, ParasiticWarning) or not running:
+            _warning_line(message, category)
+            return
+        gammas = unstable.setdefault(running[0].base, [])
+        if str(running[0].gamma) not in gammas:
+            gammas.append(str(running[0].gamma))
+
+    with warnings.catch_warnings(), _Progress(total, "compare", "variants", not no_progress) as bar:
+        warnings.simplefilter("always", ParasiticWarning)
+        warnings.showwarning = show
         results = cmp.run_comparison(
             chosen,
             bases,
@@ -669,7 +690,19 @@ def compare_command(
             batch=batch,
             dtype=dtype,
             seed=seed,
-            on_variant=lambda v: bar.update(1),
+            on_variant=on_variant,
+        )
+    if unstable:
+        lists = {", ".join(g) for g in unstable.values()}
+        if len(lists) == 1:
+            where = f"{', '.join(unstable)} under gamma {lists.pop()}"
+        else:
+            where = "; ".join(f"{b} under gamma {', '.join(g)}" for b, g in unstable.items())
+        click.echo(
+            f"Warning: bdia's parasitic mode outgrew the state at some budgets for {where}: "
+            "there the errors measure that instability, not the ODE's solution (larger "
+            "budgets or another gamma damp it)",
+            err=True,
         )
     if plot is not None:
         try:

@@ -1,7 +1,8 @@
-"""``--threads``: how many torch threads the model-running commands use, and that they restore it.
+"""``--threads``: how many torch threads the model-running commands use, and that they restore it;
+and what ``bdia compare`` says while it runs.
 
-Each test starts from two threads (the suite runs on one), records the count while the model
-runs, and checks that the command leaves torch's setting as it found it.
+Each thread test starts from two threads (the suite runs on one), records the count while the
+model runs, and checks that the command leaves torch's setting as it found it.
 """
 
 from __future__ import annotations
@@ -89,3 +90,13 @@ def test_compare_runs_on_one_thread(two_threads, monkeypatch):
 
     args = ["compare", "--solvers", "euler", "--gammas", "", "--budgets", "2", "--batch", "2"]
     assert set(threads_while(monkeypatch, compare, "run_comparison", args)) == {1}
+
+
+def test_compare_shows_the_instability_of_bdia_once_in_its_own_words():
+    args = ["compare", "--solvers", "heun,midpoint", "--budgets", "10,20", "--gammas", "1.0,0.5"]
+    result = CliRunner().invoke(main, [*args, "--batch", "16", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if line.startswith("Warning")]
+    assert len(warned) == 1, result.stderr
+    assert "for heun, midpoint under gamma 1.0, 0.5" in warned[0]
+    assert "Inversion.regenerate" not in result.stderr
