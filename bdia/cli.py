@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -60,9 +61,14 @@ class _Command(click.Group):
                 warnings.showwarning = _warning_line
                 result = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else 0
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as err:
             click.echo("Aborted.", err=True)
-            code = 1
+            # 128 + SIGINT for Ctrl-C, as shells report a process it ended.
+            code = 130 if isinstance(err.__cause__, KeyboardInterrupt) else 1
+        except click.exceptions.NoArgsIsHelpError as err:
+            # Bare `bdia`: the help, as click shows it (stderr, status 2), not one line.
+            err.show()
+            code = err.exit_code
         except click.ClickException as err:
             if debug:
                 raise
@@ -151,6 +157,9 @@ class DeviceType(click.ParamType):
                 self.fail(f"{value!r}: MPS is not available here; use --device cpu", param, ctx)
         elif device.type != "cpu":
             self.fail(f"{value!r}: use cpu, cuda, cuda:N or mps", param, ctx)
+        elif device.index not in (None, 0):
+            # torch takes cpu:N and runs on the one CPU device all the same.
+            self.fail(f"{value!r}: there is one CPU device; use cpu", param, ctx)
         return str(device)
 
 
@@ -190,6 +199,19 @@ class OutputPathType(click.ParamType):
         if not os.access(existing, os.W_OK | os.X_OK):
             self.fail(f"cannot create {str(path)!r}: {str(existing)!r} is not writable", param, ctx)
         return path
+
+
+def _overwrite_option(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--overwrite", is_flag=True, help=text)
+
+
+def _refuse_existing_file(path: Path | None, option: str, overwrite: bool) -> None:
+    """Exit 1 when the output file ``path`` exists, unless ``overwrite``: no command replaces
+    a file it was not told to (the options are valid; the file holds other work)."""
+    if path is not None and path.exists() and not overwrite:
+        raise click.ClickException(
+            f"{option} {str(path)!r} exists: use --overwrite to replace it, or another {option}"
+        )
 
 
 class GammaType(click.ParamType):
@@ -250,6 +272,39 @@ def _device_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+#: Networks of at most this resolution run on one torch thread unless --threads asks for
+#: more: their tensors are too small to gain from more, and on a busy machine every extra
+#: thread waits for a core at each operation (the 8x8 digits inverted 30 times slower on 2).
+SMALL_RESOLUTION = 16
+
+
+def _threads_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        return click.option(
+            "--threads",
+            default=None,
+            type=click.IntRange(1),
+            help=f"torch CPU threads; default: {default}.",
+        )(command)
+
+    return decorate
+
+
+def _set_threads(threads: int | None, net: torch.nn.Module | None = None) -> None:
+    """Run the rest of the command on ``threads`` torch threads, restored when it ends.
+
+    Without ``threads``: one for a network of at most SMALL_RESOLUTION pixels a side,
+    else torch's own setting (one per core, or OMP_NUM_THREADS) is kept.
+    """
+    if threads is None:
+        if net is None or getattr(net, "img_resolution", SMALL_RESOLUTION + 1) > SMALL_RESOLUTION:
+            return
+        threads = 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    click.get_current_context().call_on_close(lambda: torch.set_num_threads(previous))
+
+
 class _Progress:
     """A tqdm bar on stderr when stderr is a terminal, else one line when the work is done."""
 
@@ -302,20 +357,37 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _solver(name: str, gamma: float | str | None) -> Any:
-    """The solver ``name``, wrapped by bdia when ``gamma`` is given; errors name --solver."""
-    if name.startswith("bdia-"):
+def _base_solver(name: str, option: str = "--solver") -> Any:
+    """The registered base solver ``name``; errors name ``option`` (--solver or --solvers).
+
+    bdia's variants are refused with a pointer to the base and the gamma option: the command
+    line wraps a base itself, so ``bdia-NAME`` is no solver name here.
+    """
+    gamma = "--gamma G" if option == "--solver" else "--gammas G"
+    names = available_solvers()
+    base = name.removeprefix("bdia-")
+    if base != name and base in names:
         raise click.BadParameter(
             f"{name!r} names a bdia variant; give the base solver and the gamma: "
-            f"--solver {name[len('bdia-') :]} --gamma G",
-            param_hint="'--solver'",
+            f"{option} {base} {gamma}",
+            param_hint=f"'{option}'",
         )
-    try:
-        solver = get_solver(name)
-    except KeyError as err:
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(base, names)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
         raise click.BadParameter(
-            f"{err.args[0]} (`bdia solvers` lists them)", param_hint="'--solver'"
-        ) from None
+            f"unknown solver {name!r}{hint} Registered: {', '.join(names)} "
+            "(`bdia solvers` lists them)",
+            param_hint=f"'{option}'",
+        )
+    return get_solver(name)
+
+
+def _solver(name: str, gamma: float | str | None) -> Any:
+    """The solver ``name``, wrapped by bdia when ``gamma`` is given; errors name --solver."""
+    solver = _base_solver(name)
     return solver if gamma is None else bdia(solver, gamma)
 
 
@@ -328,9 +400,35 @@ def _karras(
         raise click.BadParameter(
             f"{sigma_min:g} must lie below --sigma-max {sigma_max:g}", param_hint="'--sigma-min'"
         )
-    return karras_grid(
-        steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=final_zero
-    )
+    # The float32 network's preconditioner squares sigma (EDM's c_in, c_skip, c_out).
+    limit = math.sqrt(torch.finfo(torch.float32).max)
+    if sigma_max >= limit:
+        raise click.BadParameter(
+            f"{sigma_max:g} is beyond the float32 network, whose preconditioner squares sigma "
+            f"(finite below {limit:.3g}); EDM uses 80",
+            param_hint="'--sigma-max'",
+        )
+    try:
+        ts = karras_grid(
+            steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, final_zero=final_zero
+        )
+    except (OverflowError, ZeroDivisionError, ValueError):
+        ts = None
+    # The grid is built in float64; extreme values overflow, or round points together or to 0.
+    noisy = None if ts is None else (ts[:-1] if final_zero else ts)
+    if (
+        noisy is None
+        or not bool(ts.isfinite().all())
+        or not bool((ts[1:] < ts[:-1]).all())
+        or not bool((noisy > 0).all())
+    ):
+        raise click.BadParameter(
+            f"--sigma-min {sigma_min:g}, --sigma-max {sigma_max:g} and --rho {rho:g} give no "
+            f"grid of {steps} steps in float64 (finite, positive and strictly decreasing); "
+            "use values nearer the defaults 0.002, 80 and 7",
+            param_hint="'--sigma-min' / '--sigma-max' / '--rho'",
+        )
+    return ts
 
 
 def _grid_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -362,14 +460,14 @@ MAX_STEPS = 100_000
 def _load_denoiser(spec: str) -> torch.nn.Module:
     """The preconditioned network named by ``--network``; errors name the option."""
     from . import generate
-    from .models.checkpoints import load_network
+    from .models.checkpoints import UnsafeCheckpointError, load_network
 
     try:
         if spec.startswith("random:"):
             net = generate.random_network(spec[len("random:") :])
         else:
             net = load_network(spec)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--network'") from None
     if not callable(getattr(net, "coefficients", None)):
         raise click.BadParameter(
@@ -439,13 +537,6 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _parse_gamma(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 @main.command(name="compare")
 @click.option(
     "--problem",
@@ -465,7 +556,7 @@ def _parse_gamma(text: str) -> float | str:
     "--gammas",
     default="1.0,0.96,0.5,obelm",
     show_default=True,
-    help="Comma-separated bdia gammas (numbers or 'obelm'); empty for none.",
+    help="Comma-separated bdia gammas (numbers in (0, 1] or 'obelm'); empty for none.",
 )
 @click.option(
     "--budgets", default="10,20,50,100", show_default=True, help="Comma-separated NFE budgets."
@@ -493,13 +584,8 @@ def _parse_gamma(text: str) -> float | str:
     "without it the table goes to stdout only and nothing is written.",
 )
 @click.option("--no-plot", is_flag=True, help="With --out, write no plot.")
-@click.option(
-    "--threads",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1),
-    help="torch CPU threads; the toy tensors are too small to gain from more.",
-)
+@_overwrite_option("Replace the report and plot of --out if they exist.")
+@_threads_option("1, the toy tensors are too small to gain from more")
 @_progress_option
 def compare_command(
     problem: str,
@@ -511,7 +597,8 @@ def compare_command(
     seed: int,
     out: Path | None,
     no_plot: bool,
-    threads: int,
+    overwrite: bool,
+    threads: int | None,
     no_progress: bool,
 ) -> None:
     """Compare every solver and its bdia variants at equal NFE budgets on a toy problem.
@@ -520,10 +607,7 @@ def compare_command(
     """
     bases = _split(solver_list)
     for name in bases:
-        try:
-            get_solver(name)
-        except KeyError as err:
-            raise click.BadParameter(str(err.args[0]), param_hint="'--solvers'") from None
+        _base_solver(name, "--solvers")
     try:
         budget_values = [int(b) for b in _split(budgets)]
     except ValueError:
@@ -532,24 +616,38 @@ def compare_command(
         ) from None
     if not budget_values or min(budget_values) < 1:
         raise click.BadParameter("give at least one positive budget", param_hint="'--budgets'")
-    gamma_values = [_parse_gamma(g) for g in _split(gammas)]
-    for g in gamma_values:
-        try:
-            bdia("euler", g)
-        except (TypeError, ValueError) as err:
-            raise click.BadParameter(str(err), param_hint="'--gammas'") from None
+    # Each gamma as --gamma of `bdia invert` takes it: the round-trip columns invert them.
+    try:
+        gamma_values = [GammaType(invertible=True).convert(g, None, None) for g in _split(gammas)]
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="'--gammas'") from None
     chosen = cmp.PROBLEMS[problem]
     try:
         cmp.check_selection(chosen, bases, gamma_values, budget_values)
     except cmp.EmptySelection as err:
         hint = {"bases": "'--solvers'", "budgets": "'--budgets'"}[err.argument]
         raise click.BadParameter(str(err), param_hint=hint) from None
+    plot = None if out is None or no_plot else out.with_suffix(".png")
+    if plot is not None and plot.is_dir():
+        raise click.BadParameter(
+            f"its plot would go to {str(plot)!r}, which is a folder; give another --out, or "
+            "--no-plot",
+            param_hint="'--out'",
+        )
+    _refuse_existing_file(out, "--out", overwrite)
+    if plot is not None and plot.exists() and not overwrite:
+        raise click.ClickException(
+            f"the plot of --out, {str(plot)!r}, exists: use --overwrite to replace it, "
+            "--no-plot, or another --out"
+        )
 
     # The report names the command that reproduces it: the options given, in declaration order.
     ctx = click.get_current_context()
     words = ["bdia", "compare"]
     for param in ctx.command.params:
         if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        if param.name == "overwrite":  # says nothing about the report
             continue
         value = ctx.params[param.name]
         if isinstance(param, click.Option) and param.is_flag:
@@ -560,31 +658,59 @@ def compare_command(
             words += [param.opts[0], str(value)]
     command = " ".join(shlex.quote(w) for w in words)
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        total = len(cmp.variants(bases, gamma_values))
-        with _Progress(total, "compare", "variants", not no_progress) as bar:
-            results = cmp.run_comparison(
-                chosen,
-                bases,
-                gammas=gamma_values,
-                budgets=budget_values,
-                batch=batch,
-                dtype=dtype,
-                seed=seed,
-                on_variant=lambda v: bar.update(1),
-            )
-        plot = None if out is None or no_plot else out.with_suffix(".png")
-        if plot is not None:
-            try:
-                cmp.plot_errors(chosen, results, plot)
-                click.echo(f"wrote {plot}", err=True)
-            except ImportError:
-                log.warning("matplotlib is not installed: no plot (pip install 'bdia[plot]')")
-                plot = None
-    finally:
-        torch.set_num_threads(previous_threads)
+    from .sampling import ParasiticWarning
+
+    _set_threads(threads or 1)
+    total = len(cmp.variants(bases, gamma_values))
+    # bdia's instability warnings come once per run of a variant, with the library's advice;
+    # here they become one line naming the variants.
+    running: list[cmp.Variant] = []
+    unstable: dict[str, list[str]] = {}  # base -> its gammas that warned
+
+    def on_variant(variant: cmp.Variant) -> None:
+        running[:] = [variant]
+        bar.update(1)
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+        if not issubclass(category, ParasiticWarning) or not running:
+            _warning_line(message, category)
+            return
+        gammas = unstable.setdefault(running[0].base, [])
+        if str(running[0].gamma) not in gammas:
+            gammas.append(str(running[0].gamma))
+
+    with warnings.catch_warnings(), _Progress(total, "compare", "variants", not no_progress) as bar:
+        warnings.simplefilter("always", ParasiticWarning)
+        warnings.showwarning = show
+        results = cmp.run_comparison(
+            chosen,
+            bases,
+            gammas=gamma_values,
+            budgets=budget_values,
+            batch=batch,
+            dtype=dtype,
+            seed=seed,
+            on_variant=on_variant,
+        )
+    if unstable:
+        lists = {", ".join(g) for g in unstable.values()}
+        if len(lists) == 1:
+            where = f"{', '.join(unstable)} under gamma {lists.pop()}"
+        else:
+            where = "; ".join(f"{b} under gamma {', '.join(g)}" for b, g in unstable.items())
+        click.echo(
+            f"Warning: bdia's parasitic mode outgrew the state at some budgets for {where}: "
+            "there the errors measure that instability, not the ODE's solution (larger "
+            "budgets or another gamma damp it)",
+            err=True,
+        )
+    if plot is not None:
+        try:
+            cmp.plot_errors(chosen, results, plot)
+            click.echo(f"wrote {plot}", err=True)
+        except ImportError:
+            log.warning("matplotlib is not installed: no plot (pip install 'bdia[plot]')")
+            plot = None
     # The plot lies beside the report, so the link is its bare name.
     report = cmp.markdown_report(
         chosen,
@@ -601,6 +727,10 @@ def compare_command(
 
 
 _SOLVER_HELP = "Base solver (`bdia solvers` lists them)."
+_NETWORK_THREADS = (
+    f"1 for a network of at most {SMALL_RESOLUTION}x{SMALL_RESOLUTION} pixels (digits), else "
+    "torch's (one per core)"
+)
 
 
 def _network_identity(network_spec: str) -> tuple[str, str]:
@@ -669,7 +799,11 @@ def _claim_outdir(
         if not overwrite:
             raise click.BadParameter(_one_line(str(err)), param_hint="'--outdir'") from None
         recorded = {}
-    images = sorted(outdir.glob("[0-9]*/[0-9]*.png")) if outdir.is_dir() else []
+    # Only the names image_path gives: a user's 000000/1.png is no image of this run.
+    found = sorted(outdir.glob("[0-9]*/[0-9]*.png")) if outdir.is_dir() else []
+    images = [
+        p for p in found if p.stem.isdigit() and generate.image_path(outdir, int(p.stem)) == p
+    ]
     if recorded is None and not images:
         return []
     if recorded is None:
@@ -740,8 +874,9 @@ def _claim_outdir(
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Regenerate the images of --outdir even if it was made with other settings "
-    "(with --latents: replace the NAME.png files that exist).",
+    help="Replace the --grid file if it exists, and regenerate the images of --outdir even "
+    "if it was made with other settings (with --latents: replace the NAME.png files that "
+    "exist).",
 )
 @click.option(
     "--latents",
@@ -783,6 +918,7 @@ def _claim_outdir(
     "bits, so the run record notes it. Never the sampler's own arithmetic.",
 )
 @_device_option
+@_threads_option(_NETWORK_THREADS)
 @_progress_option
 def sample_command(
     network_spec: str,
@@ -803,6 +939,7 @@ def sample_command(
     state_dtype: torch.dtype,
     compile_net: bool,
     device: str | None,
+    threads: int | None,
     no_progress: bool,
 ) -> None:
     """Sample one PNG per seed with EDM's grid (reruns skip finished seeds), or a grid PNG.
@@ -814,13 +951,14 @@ def sample_command(
 
     if latents_path is not None:
         _sample_latents(
-            latents_path, network_spec, class_label, outdir, overwrite, device, no_progress
+            latents_path, network_spec, class_label, outdir, overwrite, device, threads, no_progress
         )
         return
     if network_spec is None:
         raise click.UsageError("Missing option '--network' (or give --latents)")
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
+    _refuse_existing_file(grid_path, "--grid", overwrite)
     limit = GRID_MAX_IMAGES if grid_path is not None else MAX_SEEDS
     try:
         seed_list = generate.parse_seeds(seeds, limit=limit)
@@ -838,6 +976,7 @@ def sample_command(
     net = _load_denoiser(network_spec)
     _check_class(net, class_label)
     _set_network_dtype(net, network_dtype)
+    _set_threads(threads, net)
     if compile_net:
         from .models.networks import compile_network
 
@@ -867,8 +1006,14 @@ def sample_command(
             # Absent when off, so that the records of earlier runs still match.
             settings["compile"] = True
         stale = _claim_outdir(outdir, settings, seed_list, overwrite)
-    if grid_path is not None and rank == 0:
-        with _Progress(len(seed_list), "grid", "img", show) as bar:
+    # The grid shows the --outdir images themselves unless it gives column c class c, which
+    # the images, of classes drawn from their seeds, do not have.
+    grid_of_outdir = outdir is not None and (
+        class_label is not None or not getattr(net, "label_dim", 0)
+    )
+
+    def write_grid() -> None:
+        with _Progress(len(seed_list), "grid", "img", show and not grid_of_outdir) as bar:
             _write_sample_grid(
                 grid_path,
                 net,
@@ -880,8 +1025,12 @@ def sample_command(
                 state_dtype,
                 device,
                 on_batch=bar.update,
+                outdir=outdir if grid_of_outdir else None,
             )
         click.echo(f"wrote {grid_path} ({len(seed_list)} images)", err=True)
+
+    if grid_path is not None and rank == 0 and not grid_of_outdir:
+        write_grid()
     if outdir is None:
         return
 
@@ -919,13 +1068,16 @@ def sample_command(
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        click.echo(f"{len(seed_list)} images in {outdir}", err=True)
+        click.echo(f"{_images(len(seed_list))} in {outdir}", err=True)
+        if grid_path is not None and grid_of_outdir:
+            write_grid()
 
 
 # ------------------------------------------------- invert: images to latents, latents back
 
 #: The summary ``bdia invert --images`` writes in its --outdir.
 INVERT_SUMMARY = "bdia-invert.json"
+INVERT_FORMAT = "bdia-invert/1"
 _IMAGE_MODES = {1: "L", 3: "RGB"}
 
 
@@ -1082,6 +1234,7 @@ def _refuse_existing(outdir: Path, targets: list[Path], overwrite: bool, what: s
     help="Dtype of the sampler's state.",
 )
 @_device_option
+@_threads_option(_NETWORK_THREADS)
 @_progress_option
 def invert_command(
     network_spec: str,
@@ -1098,6 +1251,7 @@ def invert_command(
     count: int | None,
     state_dtype: torch.dtype,
     device: str | None,
+    threads: int | None,
     no_progress: bool,
 ) -> None:
     """Invert images to noise exactly with bdia, and check that they come back.
@@ -1123,7 +1277,9 @@ def invert_command(
                 f"give --images (PNGs to invert) with --network {network_spec}: only the "
                 "shipped digits network has a held-out set built in"
             )
-        _invert_held_out(exact, ts, steps, gamma, count, state_dtype, device, no_progress)
+        net = _load_denoiser("digits")
+        _set_threads(threads, net)
+        _invert_held_out(net, exact, ts, steps, gamma, count, state_dtype, device, no_progress)
         return
     if count is not None:
         raise click.UsageError("--count applies to the held-out digits; --images inverts all")
@@ -1141,35 +1297,45 @@ def invert_command(
         )
     files = _files_of(images, ".png", "--images")
     _check_pngs(files, net, network_spec)
+    _set_threads(threads, net)
     if images.is_dir() and outdir.resolve() == images.resolve():
         raise click.BadParameter(
             "give another folder than --images: its outputs would be taken as images by the "
             "next run",
             param_hint="'--outdir'",
         )
-    targets = []
-    for path in files:
-        targets += [outdir / f"{path.stem}.safetensors", outdir / f"{path.stem}-reconstruction.png"]
-    targets.append(outdir / INVERT_SUMMARY)
-    if outdir.is_dir():
-        _refuse_existing(outdir, targets, overwrite, "the outputs of these images")
+    network, network_path = _network_identity(network_spec)
+    settings = {
+        "network": network,
+        "solver": exact.solver.name,
+        "gamma": gamma,
+        "steps": steps,
+        "sigma-min": sigma_min,
+        "sigma-max": sigma_max,
+        "rho": rho,
+        "state-dtype": dtype_name(state_dtype),
+        "class": class_label,
+    }
+    entries, stale = _claim_invert_outdir(outdir, files, settings, overwrite)
+    for old in stale:
+        old.unlink(missing_ok=True)
     _invert_images(
         net,
-        network_spec,
         files,
         class_label,
         outdir,
         exact,
-        gamma,
         ts,
-        (steps, sigma_min, sigma_max, rho),
-        state_dtype,
+        settings,
+        network_path,
+        entries,
         device,
         no_progress,
     )
 
 
 def _invert_held_out(
+    net: torch.nn.Module,
     exact: Any,
     ts: torch.Tensor,
     steps: int,
@@ -1184,7 +1350,6 @@ def _invert_held_out(
     from .models import digits
 
     base = exact.solver
-    net = _load_denoiser("digits")
     device = _default_device(device)
     net = net.to(device)
     split = digits.load_digits_split()
@@ -1223,31 +1388,101 @@ def _invert_held_out(
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _outputs_of(outdir: Path, source: str) -> tuple[Path, Path]:
+    """The latents and reconstruction that ``bdia invert --images`` writes for ``source``."""
+    stem = Path(source).stem  # a record's names never lead out of the folder
+    return outdir / f"{stem}.safetensors", outdir / f"{stem}-reconstruction.png"
+
+
+def _claim_invert_outdir(
+    outdir: Path, files: list[Path], settings: dict[str, Any], overwrite: bool
+) -> tuple[dict[str, dict[str, Any]], list[Path]]:
+    """Check --outdir's summary against ``settings``: ``(entries kept, files to remove)``.
+
+    The summary is written before the first image and lists each image once its files are
+    written, so an interrupted run resumes: an image listed with the same source file (by
+    hash) and both outputs present is skipped, and one not listed is made (again). A folder
+    made with other settings, or holding outputs of these images but no summary, is refused
+    unless ``overwrite``; with it, the images listed under other settings are removed.
+    """
+    from . import generate
+    from ._files import file_sha256
+
+    summary = outdir / INVERT_SUMMARY
+    if not summary.is_file():
+        targets = [t for p in files for t in _outputs_of(outdir, p.name)]
+        _refuse_existing(outdir, targets, overwrite, f"outputs not listed in {INVERT_SUMMARY}")
+        return {}, []
+    try:
+        recorded = json.loads(summary.read_text())
+        if recorded.get("format") != INVERT_FORMAT:
+            raise ValueError(f"format {recorded.get('format')!r}")
+        entries = {str(e["source"]): dict(e) for e in recorded["images"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not overwrite:
+            raise click.BadParameter(
+                f"{str(summary)!r} is not a summary this version of bdia reads ({err}); move "
+                "the folder aside or pass --overwrite",
+                param_hint="'--outdir'",
+            ) from None
+        return {}, []
+    differences = generate.differing_settings({k: recorded.get(k) for k in settings}, settings)
+    if differences:
+        if not overwrite:
+            raise click.ClickException(
+                f"--outdir {str(outdir)!r} was made with other settings: "
+                f"{'; '.join('--' + d for d in differences)}. Use --overwrite to replace its "
+                "files with these settings, or another --outdir"
+            )
+        return {}, [t for source in entries for t in _outputs_of(outdir, source)]
+    kept = {
+        source: e
+        for source, e in entries.items()
+        if all(t.exists() for t in _outputs_of(outdir, source))
+    }
+    sources = {p.name: p for p in files}
+    for source, e in list(kept.items()):
+        if source not in sources:
+            continue
+        if overwrite:
+            del kept[source]
+        elif e.get("source sha256") != file_sha256(sources[source]):
+            raise click.ClickException(
+                f"--outdir {str(outdir)!r} holds the outputs of another {source} (its "
+                "contents differ): use --overwrite to replace them, or another --outdir"
+            )
+    # Outputs of these images that the summary does not list are those of an image that
+    # was being written when a run with these settings stopped: they are made again.
+    return kept, []
+
+
 def _invert_images(
     net: torch.nn.Module,
-    network_spec: str,
     files: list[Path],
     class_label: int | None,
     outdir: Path,
     exact: Any,
-    gamma: float | str,
     ts: torch.Tensor,
-    grid: tuple[int, float, float, float],
-    state_dtype: torch.dtype,
+    settings: dict[str, Any],
+    network_path: str,
+    entries: dict[str, dict[str, Any]],
     device: str | None,
     no_progress: bool,
 ) -> None:
-    """Invert each checked PNG on its own; write its latents, reconstruction and a summary."""
-    import json
+    """Invert each checked PNG on its own; write its latents, reconstruction and the summary.
 
+    ``entries``: the summary's images kept from earlier runs with these settings; those of
+    ``files`` among them are skipped.
+    """
     from . import generate
+    from ._files import file_sha256
     from .editing import Inversion
     from .latents import save_latents
     from .ode import DiffusionODE
     from .schedules import EDM
 
-    steps, sigma_min, sigma_max, rho = grid
-    network, network_path = _network_identity(network_spec)
+    steps, gamma = settings["steps"], settings["gamma"]
+    state_dtype = DTYPE_NAMES[settings["state-dtype"]]
     device = _default_device(device)
     net = net.to(device)
     # One image per inversion: its file then holds the pair of a batch of one, whose ODE
@@ -1255,78 +1490,85 @@ def _invert_images(
     labels = [class_label] if class_label is not None else []
     ode = DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, device))
     name = f"bdia({exact.solver.name}, {gamma})"
+    skipped = [p for p in files if p.name in entries]
     click.echo(
         f"{_images(len(files))}"
         f"{'' if class_label is None else f' of class {class_label}'}; {name}, {steps} steps "
-        f"from sigma {sigma_max:g} to {sigma_min:g}; {dtype_name(state_dtype)} state, "
-        "float32 network"
-    )
-    records, worst, squares, entries = [], 0.0, 0.0, 0
-    with _Progress(len(files) * (2 * steps - 1), "invert", "step", not no_progress) as bar:
-        for path in files:
-            x = _read_png(path, device)
-            inversion = Inversion.of(
-                ode,
-                exact,
-                x,
-                ts,
-                state_dtype=state_dtype,
-                progress=False,
-                callback=lambda info: bar.update(),
-            )
-            back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
-            error = back - x.to(state_dtype)  # in the state dtype
-            image_max = float(error.abs().max())
-            image_squares = float(error.double().square().sum())
-            worst, squares = max(worst, image_max), squares + image_squares
-            entries += error.numel()
-            latents = outdir / f"{path.stem}.safetensors"
-            reconstruction = outdir / f"{path.stem}-reconstruction.png"
-            save_latents(
-                latents,
-                inversion.pair,
-                ts,
-                solver=exact.solver.name,
-                gamma=gamma,
-                class_label=class_label,
-                network=network,
-                network_path=network_path,
-                source=path.name,
-            )
-            write_png(reconstruction, generate.to_uint8(back)[0])
-            records.append(
-                {
-                    "source": path.name,
-                    "latents": latents.name,
-                    "reconstruction": reconstruction.name,
-                    "max abs error": image_max,
-                    "rms error": math.sqrt(image_squares / error.numel()),
-                }
-            )
-    rms = math.sqrt(squares / entries)
-    click.echo(
-        f"round trip (exact reconstruction, {dtype_name(state_dtype)} state): "
-        f"max abs error {worst:.3e}, rms error {rms:.3e}"
+        f"from sigma {settings['sigma-max']:g} to {settings['sigma-min']:g}; "
+        f"{settings['state-dtype']} state, float32 network"
+        + (f"; {len(skipped)} already in {outdir}, skipped" if skipped else "")
     )
     summary = {
-        "format": "bdia-invert/1",
+        "format": INVERT_FORMAT,
         "bdia": __version__,
-        "network": network,
+        **settings,
         "network path": network_path,
-        "solver": exact.solver.name,
-        "gamma": gamma,
-        "steps": steps,
-        "sigma-min": sigma_min,
-        "sigma-max": sigma_max,
-        "rho": rho,
-        "state-dtype": dtype_name(state_dtype),
-        "class": class_label,
         "grid": [float(t) for t in ts],
-        "max abs error": worst,
-        "rms error": rms,
-        "images": records,
     }
-    write_atomic(outdir / INVERT_SUMMARY, json.dumps(summary, indent=1) + "\n")
+
+    def write_summary(final: bool) -> None:
+        images = list(entries.values())
+        done = {}
+        if final:
+            done = {
+                "max abs error": max(e["max abs error"] for e in images),
+                "rms error": math.sqrt(sum(e["rms error"] ** 2 for e in images) / len(images)),
+            }
+        record = {**summary, **done, "images": images}
+        write_atomic(outdir / INVERT_SUMMARY, json.dumps(record, indent=1) + "\n")
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_summary(final=False)  # first: a rerun after an interruption resumes
+    per_image = 2 * steps - 1
+    with _Progress(len(files) * per_image, "invert", "step", not no_progress) as bar:
+        bar.update(len(skipped) * per_image)
+        try:
+            for path in files:
+                if path.name in entries:
+                    continue
+                x = _read_png(path, device)
+                inversion = Inversion.of(
+                    ode,
+                    exact,
+                    x,
+                    ts,
+                    state_dtype=state_dtype,
+                    progress=False,
+                    callback=lambda info: bar.update(),
+                )
+                back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
+                error = back - x.to(state_dtype)  # in the state dtype
+                latents, reconstruction = _outputs_of(outdir, path.name)
+                save_latents(
+                    latents,
+                    inversion.pair,
+                    ts,
+                    solver=exact.solver.name,
+                    gamma=gamma,
+                    class_label=class_label,
+                    network=settings["network"],
+                    network_path=network_path,
+                    source=path.name,
+                )
+                write_png(reconstruction, generate.to_uint8(back)[0])
+                entries[path.name] = {
+                    "source": path.name,
+                    "source sha256": file_sha256(path),
+                    "latents": latents.name,
+                    "reconstruction": reconstruction.name,
+                    "max abs error": float(error.abs().max()),
+                    "rms error": float(error.double().square().mean().sqrt()),
+                }
+        finally:
+            write_summary(final=False)
+    mine = [entries[p.name] for p in files]
+    worst = max(e["max abs error"] for e in mine)
+    rms = math.sqrt(sum(e["rms error"] ** 2 for e in mine) / len(mine))
+    click.echo(
+        f"round trip (exact reconstruction, {settings['state-dtype']} state): "
+        f"max abs error {worst:.3e}, rms error {rms:.3e}"
+    )
+    write_summary(final=True)
     click.echo(
         f"wrote the latents and reconstructions of {_images(len(files))} and {INVERT_SUMMARY} "
         f"to {outdir}",
@@ -1349,6 +1591,24 @@ _NOT_WITH_LATENTS = {
 }
 
 
+def _latents_damage(pair: Any, ts: torch.Tensor) -> str | None:
+    """What makes a loaded latents file unusable although it reads, or None.
+
+    A file of ``bdia invert --images`` holds finite states and a grid of at least three
+    points (two steps), finite, non-negative and strictly decreasing.
+    """
+    states = [pair.earlier, pair.later, pair.earlier_low, pair.later_low]
+    if not all(bool(t.isfinite().all()) for t in states if t is not None):
+        return "its states hold NaN or Inf"
+    if not bool(ts.isfinite().all()):
+        return "its grid ts holds NaN or Inf"
+    if len(ts) < 3:
+        return f"its grid ts has {len(ts)} points; bdia needs at least 3 (two steps)"
+    if not bool((ts[1:] < ts[:-1]).all()) or float(ts[-1]) < 0:
+        return "its grid ts is not a noise grid (decreasing from the noisiest point to >= 0)"
+    return None
+
+
 def _sample_latents(
     latents_path: Path,
     network_spec: str | None,
@@ -1356,6 +1616,7 @@ def _sample_latents(
     outdir: Path | None,
     overwrite: bool,
     device: str | None,
+    threads: int | None,
     no_progress: bool,
 ) -> None:
     """``bdia sample --latents``: each file's reconstruction, or its edit to ``class_label``."""
@@ -1397,6 +1658,12 @@ def _sample_latents(
             pair, ts, meta = load_latents(path)
         except (FileNotFoundError, ValueError) as err:
             raise click.BadParameter(_one_line(str(err)), param_hint="'--latents'") from None
+        damage = _latents_damage(pair, ts)
+        if damage:
+            raise click.BadParameter(
+                f"{str(path)!r} is damaged: {damage}; invert the image again",
+                param_hint="'--latents'",
+            )
         try:
             solver = bdia(get_solver(meta["solver"]), meta["gamma"])
         except (KeyError, TypeError, ValueError) as err:
@@ -1445,6 +1712,14 @@ def _sample_latents(
                 )
             else:
                 why = f"ODE fingerprint {meta['fingerprint']} in the file, {now} with this network"
+            if meta["network"] == _network_identity(network_spec)[0]:
+                # The very network the file records: the file, not the network, is wrong.
+                raise click.BadParameter(
+                    f"{str(path)!r} records {network_spec!r}, the network given, but does "
+                    f"not fit it ({why}): the file is damaged or not from bdia invert; "
+                    "invert the image again",
+                    param_hint="'--latents'",
+                )
             recorded = meta["network_path"] or "an unrecorded network"
             raise click.BadParameter(
                 f"{str(path)!r} was made with another network, {recorded} "
@@ -1456,6 +1731,7 @@ def _sample_latents(
     if outdir.is_dir():
         _refuse_existing(outdir, targets, overwrite, "images of these latents")
 
+    _set_threads(threads, net)
     device = _default_device(device)
     net = net.to(device)
     edits = 0
@@ -1498,9 +1774,15 @@ def _write_sample_grid(
     state_dtype: torch.dtype,
     device: str,
     on_batch: Callable[[int], None] | None = None,
+    outdir: Path | None = None,
 ) -> None:
-    """Sample ``seeds`` and write them as one grid, its columns captioned with their class."""
+    """Sample ``seeds`` and write them as one grid, its columns captioned with their class.
+
+    With ``outdir``, the seeds' PNGs there (sampled with these settings and ``class_label``,
+    or unconditionally) are tiled instead of sampling them again.
+    """
     import numpy as np
+    from PIL import Image
 
     from . import generate
 
@@ -1513,7 +1795,15 @@ def _write_sample_grid(
     else:
         classes, columns = class_label, min(len(seeds), 8)
     images, labels = [], []
-    for start in range(0, len(seeds), batch):
+    if outdir is not None:
+        for seed in seeds:
+            with Image.open(generate.image_path(outdir, seed)) as im:
+                images.append(np.asarray(im)[None])
+        labels = [class_label] * len(seeds) if label_dim else []
+        seeds_to_sample: list[int] = []
+    else:
+        seeds_to_sample = seeds
+    for start in range(0, len(seeds_to_sample), batch):
         group = seeds[start : start + batch]
         fixed = classes[start : start + batch] if isinstance(classes, list) else classes
         noise, drawn = generate.seed_inputs(group, shape, label_dim, fixed)
@@ -1565,6 +1855,7 @@ def _fid_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
             "0 on the CPU; on a GPU min(4, cores per process - 1).",
         ),
         _device_option,
+        _threads_option("torch's (one per core); decoding workers use one each"),
         _progress_option,
     ]
     for option in reversed(options):
@@ -1578,11 +1869,13 @@ def _gathered_statistics(
     batch: int,
     workers: int | None,
     device: str | None,
+    threads: int | None,
     show: bool,
 ) -> tuple[Any, int]:
     """Feature statistics of ``images``, split across torchrun ranks and summed."""
     from .metrics import fid
 
+    _set_threads(threads)
     rank, world = _distributed()
     device = _default_device(device)
     try:
@@ -1593,6 +1886,12 @@ def _gathered_statistics(
         items = fid.list_images(images)
     except (FileNotFoundError, ValueError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--images'") from None
+    if len(items) < 2:
+        raise click.BadParameter(
+            f"{str(images)!r} holds 1 image; FID statistics need at least 2 (a covariance), "
+            "and in practice 10k-50k",
+            param_hint="'--images'",
+        )
     mine = len(items[rank::world])
     with _Progress(mine, "features", "img", show and rank == 0) as bar:
         try:
@@ -1633,6 +1932,7 @@ def fid_command(
     batch: int,
     workers: int | None,
     device: str | None,
+    threads: int | None,
     no_progress: bool,
 ) -> None:
     """Frechet Inception Distance of IMAGES against reference statistics, as EDM computes it."""
@@ -1642,7 +1942,9 @@ def fid_command(
         mu_ref, sigma_ref = fid.load_reference(ref_path)
     except (FileNotFoundError, ValueError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--ref'") from None
-    stats, rank = _gathered_statistics(detector, images, batch, workers, device, not no_progress)
+    stats, rank = _gathered_statistics(
+        detector, images, batch, workers, device, threads, not no_progress
+    )
     if rank == 0:
         try:
             value = fid.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
@@ -1661,20 +1963,26 @@ def fid_command(
     type=OutputPathType(suffix=".npz"),
     help="The .npz of reference statistics (mu, sigma) to write.",
 )
+@_overwrite_option("Replace --out if it exists.")
 @_fid_inputs
 def fid_ref_command(
     out: Path,
+    overwrite: bool,
     images: Path,
     detector: Path,
     batch: int,
     workers: int | None,
     device: str | None,
+    threads: int | None,
     no_progress: bool,
 ) -> None:
     """Write reference statistics (mu, sigma) of IMAGES to an npz in EDM's format."""
     from .metrics import fid
 
-    stats, rank = _gathered_statistics(detector, images, batch, workers, device, not no_progress)
+    _refuse_existing_file(out, "--out", overwrite)
+    stats, rank = _gathered_statistics(
+        detector, images, batch, workers, device, threads, not no_progress
+    )
     if rank == 0:
         fid.save_reference(out, stats.mu, stats.sigma)
         rate = stats.images_per_second
@@ -1684,13 +1992,15 @@ def fid_ref_command(
 @main.command()
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("target", type=OutputPathType(suffix=".safetensors"))
-def convert(source: Path, target: Path) -> None:
+@_overwrite_option("Replace TARGET if it exists.")
+def convert(source: Path, target: Path, overwrite: bool) -> None:
     """Convert an EDM network pickle to a bdia safetensors file (no code from SOURCE runs)."""
-    from .models.checkpoints import load_network, save_network
+    from .models.checkpoints import UnsafeCheckpointError, load_network, save_network
 
+    _refuse_existing_file(target, "TARGET", overwrite)
     try:
         net = load_network(source)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'SOURCE'") from None
     save_network(net, target)
     count = sum(p.numel() for p in net.parameters())

@@ -124,7 +124,9 @@ def test_compare_on_a_generic_problem_skips_exponential_solvers(tmp_path):
     [
         (["--solvers", "heunn"], "did you mean 'heun'"),
         (["--budgets", "ten"], "comma-separated list of integers"),
-        (["--gammas", "1.5"], "outside \\[0, 1\\]"),
+        (["--gammas", "1.5"], "outside \\(0, 1\\]"),
+        (["--gammas", "0.5,0"], "Invalid value for '--gammas': 0 .*0 is the base solver"),
+        (["--solvers", "euler,bdia-heun"], "'bdia-heun' names a bdia variant.*--gammas"),
         (["--problem", "nope"], "Invalid value for '--problem'"),
     ],
 )
@@ -133,4 +135,5 @@ def test_compare_rejects_bad_options(args, message, tmp_path):
     result = CliRunner().invoke(main, ["compare", *args, "--out", str(out)])
     assert result.exit_code == 2
     assert re.search(message, result.output)
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # refused before any run
     assert not out.exists()

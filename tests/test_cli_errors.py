@@ -81,12 +81,17 @@ def test_sample_refuses_a_network_that_is_not_a_denoiser(tmp_path):
         ("--sigma-min", "-1", ["'--sigma-min'", "x>0"]),
         ("--rho", "0", ["'--rho'", "x>0"]),
         ("--sigma-max", "inf", ["'--sigma-max'", "not a finite number"]),
+        ("--sigma-max", "1e38", ["'--sigma-max'", "float32 network"]),
+        ("--rho", "1e-9", ["'--sigma-min' / '--sigma-max' / '--rho'", "--rho 1e-09 give no grid"]),
+        ("--sigma-min", "1e-300", ["'--sigma-min' / '--sigma-max' / '--rho'", "no grid of"]),
     ],
 )
 def test_grid_options_are_checked(command, option, value, words, tmp_path):
     args = [command, option, value]
     if command == "sample":
         args += ["--network", "digits", "--outdir", tmp_path / "out"]
+    else:
+        args += ["--count", "1"]
     fails_in_one_line(args, tmp_path, *words)
 
 
@@ -169,6 +174,12 @@ def test_a_bdia_solver_name_points_to_gamma(tmp_path):
     fails_in_one_line(args, tmp_path, "'--solver'", "--solver heun --gamma")
 
 
+def test_an_unknown_solver_lists_base_names_only(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--solver", "heunn"]
+    line = fails_in_one_line(args, tmp_path, "'--solver'", "did you mean 'heun'?", status=2)
+    assert "bdia-" not in line  # the command line takes no bdia-NAME solver
+
+
 def test_unknown_dtype_names_the_vocabulary(tmp_path):
     args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--dtype", "half"]
     fails_in_one_line(args, tmp_path, "'--dtype'", "float32, bfloat16, float16")
@@ -196,6 +207,15 @@ def test_version():
 
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"bdia, version {bdia.__version__}"
+
+
+def test_bare_bdia_shows_the_help_as_click_does():
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 2  # click's status for a group called without a command
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and "Commands:" in lines, result.stderr
+    assert not any(line.startswith("Error") for line in lines)
+    assert any(line.split()[:1] == ["sample"] for line in lines)  # one command a line
 
 
 def _options():
@@ -230,3 +250,153 @@ def test_path_options_are_typed_as_paths():
     for name, param in _options():
         if param.opts[0] in ("--out", "--outdir", "--grid", "--images", "--ref", "--detector"):
             assert isinstance(param.type, (click.Path, OutputPathType)), (name, param.opts)
+
+
+# ------------------------------------------------------------------------- existing outputs
+
+
+def _output_args(command, target, images, detector):
+    if command == "sample":
+        return ["sample", "--network", "digits", "--steps", "1", "--seeds", "0", "--grid", target]
+    if command == "fid-ref":
+        return ["fid-ref", "--images", images, "--detector", detector, "--out", target]
+    if command == "compare":
+        return ["compare", "--solvers", "euler", "--gammas", "", "--budgets", "2", "--out", target]
+    source = target.parent / "net.pkl"
+    source.write_bytes(b"")  # refused before it is read
+    return ["convert", source, target]
+
+
+@pytest.mark.parametrize(
+    "command,name,option",
+    [
+        ("sample", "g.png", "--grid"),
+        ("fid-ref", "r.npz", "--out"),
+        ("compare", "r.md", "--out"),
+        ("convert", "n.safetensors", "TARGET"),
+    ],
+)
+def test_an_existing_output_file_is_replaced_only_with_overwrite(
+    command, name, option, tmp_path, images, detector
+):
+    target = tmp_path / name
+    target.write_text("the user's file")
+    args = _output_args(command, target, images, detector)
+    line = fails_in_one_line(args, tmp_path, f"{option} '{target}' exists", "--overwrite", status=1)
+    assert target.read_text() == "the user's file", line
+    if command != "convert":
+        result = CliRunner().invoke(main, [*map(str, args), "--overwrite", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes() != b"the user's file"
+
+
+def test_compare_keeps_a_file_where_its_plot_would_go(tmp_path):
+    plot = tmp_path / "r.png"
+    plot.write_text("the user's picture")
+    args = ["compare", "--solvers", "euler", "--gammas", "", "--out", tmp_path / "r.md"]
+    fails_in_one_line(args, tmp_path, f"'{plot}', exists", "--no-plot", status=1)
+    assert plot.read_text() == "the user's picture"
+    plot.unlink()
+    plot.mkdir()
+    fails_in_one_line(args, tmp_path, "'--out'", "is a folder", "--no-plot", status=2)
+    result = CliRunner().invoke(main, [*map(str, args), "--budgets", "2", "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.md").is_file() and not any(plot.iterdir())
+
+
+def test_compare_records_no_overwrite_in_its_command(tmp_path):
+    out = tmp_path / "r.md"
+    args = ["compare", "--solvers", "euler", "--gammas", "", "--budgets", "2", "--no-plot"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "--overwrite" not in out.read_text() and "--no-plot" in out.read_text()
+
+
+# ---------------------------------------------------------------------- fid --images checks
+
+
+def _write_npz(path, kind):
+    if kind == "no arrays":
+        np.savez(path)
+    elif kind == "no images":
+        np.savez(path, x=np.zeros((0, 8, 8, 3), np.uint8))
+    elif kind == "one image":
+        np.savez(path, x=np.zeros((1, 8, 8, 3), np.uint8))
+    elif kind == "text":
+        path.write_text("not an npz")
+    elif kind == "truncated":
+        np.savez(path, x=np.zeros((3, 8, 8, 3), np.uint8))
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "damaged":
+        np.savez(path, x=np.zeros((3, 8, 8, 3), np.uint8))
+        data = bytearray(path.read_bytes())
+        data[100:140] = b"\xff" * 40  # inside the member's data: its CRC fails
+        path.write_bytes(bytes(data))
+    elif kind == "npy":
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros((3, 8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize("command", ["fid", "fid-ref"])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("no arrays", ["holds no arrays"]),
+        ("no images", ["holds no images"]),
+        ("one image", ["holds 1 image", "at least 2"]),
+        ("text", ["not an npz file"]),
+        ("truncated", ["not an npz file"]),
+        ("damaged", ["'x' is unreadable", "CRC"]),
+        ("npy", ["a single .npy array"]),
+    ],
+)
+def test_an_npz_of_images_is_checked_before_any_feature(
+    command, kind, words, tmp_path, reference, detector, monkeypatch
+):
+    from bdia.metrics import fid
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were extracted")
+
+    monkeypatch.setattr(fid, "extract_features", no_features)
+    npz = tmp_path / "images.npz"
+    _write_npz(npz, kind)
+    args = [command, "--images", npz, "--detector", detector]
+    args += ["--ref", reference] if command == "fid" else ["--out", tmp_path / "r.npz"]
+    line = fails_in_one_line(args, tmp_path, "Invalid value for '--images'", *words, status=2)
+    assert "allow_pickle" not in line
+
+
+def test_fid_of_a_folder_of_one_image_names_images(tmp_path, images, reference, detector):
+    for extra in sorted(images.iterdir())[1:]:
+        extra.unlink()
+    args = ["fid", "--images", images, "--ref", reference, "--detector", detector]
+    fails_in_one_line(args, tmp_path, "Invalid value for '--images'", "1 image", status=2)
+
+
+# ----------------------------------------------------------------------------- small ones
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("command", ["sample", "convert"])
+def test_an_unsafe_pickle_is_a_wrong_option(command, tmp_path):
+    import pickle
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"ema": _RunsCode()}, protocol=2))
+    if command == "sample":
+        args, option = ["sample", "--network", evil, "--grid", tmp_path / "g.png"], "'--network'"
+    else:
+        args, option = ["convert", evil, tmp_path / "n.safetensors"], "'SOURCE'"
+    fails_in_one_line(args, tmp_path, f"Invalid value for {option}", "refusing global", status=2)
+
+
+def test_a_cpu_index_is_refused(tmp_path):
+    args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--device", "cpu:3"]
+    fails_in_one_line(args, tmp_path, "'--device'", "one CPU device", status=2)

@@ -256,9 +256,146 @@ def test_existing_outputs_are_kept_unless_overwrite(pngs, inverted, tmp_path):
     line = fails_in_one_line(
         ["invert", "--images", one, "--class", 3, "--outdir", out], out, "--overwrite", status=1
     )
-    assert f"{NAMES[0]}.safetensors" in line
+    assert f"--steps ({STEPS} in the record, 35 now)" in line
     back = tmp_path / "back"
     invoke("sample", "--latents", out / f"{NAMES[0]}.safetensors", "--outdir", back)
     args = ["sample", "--latents", out / f"{NAMES[0]}.safetensors", "--outdir", back]
     fails_in_one_line(args, tmp_path, f"{NAMES[0]}.png", "--overwrite", status=1)
     invoke(*args, "--overwrite")
+
+
+def _tampered(source, target, **changes):
+    """``source`` re-saved to ``target`` with tensors or metadata replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    for key, value in changes.items():
+        (tensors if isinstance(value, torch.Tensor) else meta)[key] = value
+    save_file(tensors, str(target), metadata=meta)
+    return target
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("bytes overwritten at the end", ["is damaged", "grid ts holds NaN"]),
+        ("nan state", ["is damaged", "states hold NaN"]),
+        ("reversed grid", ["is damaged", "not a noise grid"]),
+        ("two-point grid", ["is damaged", "at least 3"]),
+        ("class 99", ["records 'digits', the network given, but does not fit", "class 99"]),
+    ],
+)
+def test_sample_latents_refuses_damaged_files_before_any_image(case, words, inverted, tmp_path):
+    out, _ = inverted
+    good = out / f"{NAMES[0]}.safetensors"
+    bad = tmp_path / "bad.safetensors"
+    pair, ts, _ = load_latents(good)
+    if case == "bytes overwritten at the end":
+        data = bytearray(good.read_bytes())
+        data[-24:] = b"\xff" * 24  # the last tensor's last three float64s become NaN
+        bad.write_bytes(bytes(data))
+    elif case == "nan state":
+        earlier = pair.earlier.clone()
+        earlier[0, 0, 0, 0] = float("nan")
+        _tampered(good, bad, earlier=earlier)
+    elif case == "reversed grid":
+        _tampered(good, bad, ts=ts.flip(0).contiguous())
+    elif case == "two-point grid":
+        _tampered(good, bad, ts=ts[:2].clone())
+    else:
+        _tampered(good, bad, **{"class": "99"})
+    args = ["sample", "--latents", bad, "--outdir", tmp_path / "back"]
+    line = fails_in_one_line(args, tmp_path, "Invalid value for '--latents'", *words, status=2)
+    assert "another network" not in line
+
+
+def _copy_pngs(pngs, folder, names):
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}.png").write_bytes((pngs / f"{name}.png").read_bytes())
+    return folder
+
+
+def _count_inversions(monkeypatch):
+    from bdia.editing import Inversion
+
+    calls = []
+    real = Inversion.of
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Inversion, "of", counted)
+    return calls
+
+
+def test_an_interrupted_invert_resumes_where_it_stopped(pngs, inverted, tmp_path, monkeypatch):
+    import bdia.cli
+
+    full, _ = inverted
+    images = _copy_pngs(pngs, tmp_path / "pngs", NAMES[:3])
+    out = tmp_path / "out"
+    args = ["invert", "--images", images, "--class", SOURCE_CLASS, "--steps", STEPS]
+    args += ["--outdir", out, "--no-progress"]
+    real_write_png = bdia.cli.write_png
+
+    def interrupted(path, image):
+        if len(list(out.glob("*.png"))) == 2:
+            raise KeyboardInterrupt  # Ctrl-C with the third image's latents written
+        real_write_png(path, image)
+
+    monkeypatch.setattr(bdia.cli, "write_png", interrupted)
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 130 and "Aborted." in result.stderr
+    listed = json.loads((out / "bdia-invert.json").read_text())
+    assert [e["source"] for e in listed["images"]] == [f"{n}.png" for n in NAMES[:2]]
+    assert "max abs error" not in listed  # not finished
+    assert (out / f"{NAMES[2]}.safetensors").exists()  # written, but not listed
+
+    monkeypatch.setattr(bdia.cli, "write_png", real_write_png)
+    calls = _count_inversions(monkeypatch)
+    result = invoke(*args)  # no --overwrite needed
+    assert len(calls) == 1 and "2 already in" in result.stdout
+    summary = json.loads((out / "bdia-invert.json").read_text())
+    assert [e["source"] for e in summary["images"]] == [f"{n}.png" for n in NAMES[:3]]
+    assert summary["max abs error"] < 1e-12
+    for name in NAMES[:3]:  # as from one uninterrupted run
+        recon = f"{name}-reconstruction.png"
+        assert (out / recon).read_bytes() == (full / recon).read_bytes()
+        (pair, ts, meta), (pair0, ts0, meta0) = (
+            load_latents(folder / f"{name}.safetensors") for folder in (out, full)
+        )
+        assert meta == meta0 and torch.equal(ts, ts0)
+        for field in ("earlier", "later", "earlier_low", "later_low"):
+            assert torch.equal(getattr(pair, field), getattr(pair0, field)), field
+    invoke(*args)  # finished: a rerun has nothing to do
+    assert len(calls) == 1
+
+
+def test_invert_refuses_another_image_of_the_same_name(pngs, tmp_path):
+    images = _copy_pngs(pngs, tmp_path / "pngs", NAMES[:1])
+    out = tmp_path / "out"
+    args = ["invert", "--images", images, "--class", SOURCE_CLASS, "--steps", 2, "--outdir", out]
+    invoke(*args)
+    (images / f"{NAMES[0]}.png").write_bytes((pngs / f"{NAMES[1]}.png").read_bytes())
+    fails_in_one_line(args, out, f"another {NAMES[0]}.png", "--overwrite", status=1)
+    invoke(*args, "--overwrite")
+    (out / "bdia-invert.json").unlink()  # outputs, but no summary that says how they were made
+    fails_in_one_line(args, out, "not listed in bdia-invert.json", "--overwrite", status=1)
+
+
+def test_invert_overwrite_under_other_settings_removes_the_images_it_listed(pngs, tmp_path):
+    out = tmp_path / "out"
+    args = ["invert", "--class", SOURCE_CLASS, "--outdir", out, "--steps"]
+    invoke(*args, 2, "--images", _copy_pngs(pngs, tmp_path / "a", NAMES[:2]))
+    (out / "notes.txt").write_text("the user's")
+    invoke(*args, 3, "--images", _copy_pngs(pngs, tmp_path / "b", NAMES[2:3]), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["bdia-invert.json", "notes.txt", f"{NAMES[2]}.safetensors"]
+        + [f"{NAMES[2]}-reconstruction.png"]
+    )
+    assert json.loads((out / "bdia-invert.json").read_text())["steps"] == 3

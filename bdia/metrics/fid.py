@@ -20,6 +20,7 @@ import struct
 import time
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -471,15 +472,42 @@ def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
         return files
     if source.suffix == ".npz" and source.is_file():
-        with np.load(source) as data:
-            array = data[data.files[0]]
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
-            raise ValueError(
-                f"{source}: expected uint8 images (N, H, W, 1 or 3), "
-                f"got {array.dtype} {array.shape}"
-            )
-        return array
+        return _npz_images(source)
     raise FileNotFoundError(f"no image folder or .npz at {source}")
+
+
+# What numpy raises for a file that is no npz, or whose member is damaged.
+_NPZ_ERRORS = (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _npz_images(source: Path) -> np.ndarray:
+    """The first array of npz ``source``, checked to hold uint8 images (N >= 1, H, W, 1|3)."""
+
+    def refuse(problem: str) -> ValueError:
+        return ValueError(
+            f"{source}: {problem}; expected an npz whose first array holds uint8 images "
+            "(N, H, W, 1 or 3), as EDM's samples.npz"
+        )
+
+    try:
+        data = np.load(source, allow_pickle=False)
+    except _NPZ_ERRORS:
+        # numpy's reason (e.g. "contains pickled data" for a text file) would mislead.
+        raise refuse("not an npz file") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise refuse("a single .npy array, not an npz")
+    with data:
+        if not data.files:
+            raise refuse("it holds no arrays")
+        try:
+            array = data[data.files[0]]
+        except _NPZ_ERRORS as err:
+            raise refuse(f"its array {data.files[0]!r} is unreadable ({err})") from None
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise refuse(f"its first array is {array.dtype} of shape {array.shape}")
+    if len(array) == 0:
+        raise refuse(f"its first array holds no images (shape {array.shape})")
+    return array
 
 
 # What PIL raises for a file it cannot identify or decode (UnidentifiedImageError is an

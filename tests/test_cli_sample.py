@@ -1,0 +1,65 @@
+"""``bdia sample --outdir`` beside ``--grid``, and what ``--overwrite`` may remove."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from bdia import generate
+from bdia.cli import main
+
+BASE = ["sample", "--network", "digits", "--steps", "2", "--no-progress"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [*BASE, *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def count_sampling(monkeypatch):
+    calls = []
+    real = generate.sample_images
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))  # the seeds' noise: one row per image
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample_images", counted)
+    return calls
+
+
+def test_a_grid_beside_the_outdir_tiles_its_images_instead_of_sampling_them_again(
+    tmp_path, monkeypatch
+):
+    alone = tmp_path / "alone.png"
+    invoke("--seeds", "0-3", "--class", "3", "--grid", alone)
+    calls = count_sampling(monkeypatch)
+    grid = tmp_path / "grid.png"
+    result = invoke("--seeds", "0-3", "--class", "3", "--grid", grid, "--outdir", tmp_path / "o")
+    assert calls == [4]  # once, for the outdir
+    assert grid.read_bytes() == alone.read_bytes()
+    assert result.stderr.index("4 images in") < result.stderr.index("wrote")
+
+
+def test_a_grid_of_one_class_per_column_is_sampled_on_its_own(tmp_path, monkeypatch):
+    calls = count_sampling(monkeypatch)
+    invoke("--seeds", "0-3", "--grid", tmp_path / "g.png", "--outdir", tmp_path / "o")
+    assert calls == [4, 4]  # the outdir's classes come from the seeds, the grid's from columns
+
+
+@pytest.mark.parametrize("seeds,line", [("0", "1 image in"), ("0-1", "2 images in")])
+def test_the_closing_line_counts_in_words(seeds, line, tmp_path):
+    assert line in invoke("--seeds", seeds, "--outdir", tmp_path / "o").stderr
+
+
+def test_overwrite_removes_only_images_named_as_bdia_names_them(tmp_path):
+    out = tmp_path / "o"
+    invoke("--seeds", "0-1", "--outdir", out)
+    mine = [out / "000000" / "1.png", out / "000000" / "0000001.png", out / "7" / "000007.png"]
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"the user's")
+    invoke("--seeds", "0", "--steps", "3", "--outdir", out, "--overwrite")
+    assert all(path.read_bytes() == b"the user's" for path in mine)
+    assert not (out / "000000" / "000001.png").exists()  # seed 1, made with 2 steps
