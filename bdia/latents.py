@@ -112,8 +112,9 @@ def save_latents(
 def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[str, Any]]:
     """Read a latents file: ``(pair, ts, metadata)``, all on the CPU.
 
-    ``pair`` is the saved ``StatePair`` (its fingerprint from the metadata), ``ts`` the
-    float64 grid of shape ``(steps + 1,)``, ``metadata`` a dict with ``fingerprint``,
+    ``pair`` is the saved ``StatePair`` (its fingerprint from the metadata, its ``times``
+    ``(ts[0], ts[1])``), ``ts`` the float64 grid of shape ``(steps + 1,)``, ``metadata`` a
+    dict with ``fingerprint``,
     ``solver``, ``network``, ``network_path``, ``source`` (strings), ``gamma`` (a float, or
     a schedule's name) and ``class`` (an int or None).
 
@@ -174,6 +175,9 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[
         tensors.get("earlier_low"),
         tensors.get("later_low"),
         meta["fingerprint"],
+        # The saved states sit at the grid's first two points, so a pair loaded and then
+        # continued on another grid is refused as one fresh from ``invert`` would be.
+        (float(ts[0]), float(ts[1])),
     )
     info: dict[str, Any] = {k: meta[k] for k in ("fingerprint", *_TEXT_KEYS)}
     info.update(gamma=gamma, **{"class": label})

@@ -94,6 +94,7 @@ def test_latents_hold_the_pair_of_the_in_process_inversion_bit_for_bit(pngs, inv
             assert torch.equal(a.view(torch.int64), b.view(torch.int64)), field
         assert pair.fingerprint == expected.fingerprint
         assert torch.equal(ts, grid)
+        assert pair.times == expected.times == (float(grid[0]), float(grid[1]))
         assert meta["class"] == SOURCE_CLASS and meta["source"] == f"{name}.png"
         assert (meta["solver"], meta["gamma"], meta["network_path"]) == ("euler", 0.96, "digits")
         assert meta["network"].startswith("sha256:")
@@ -140,6 +141,10 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
     assert torch.equal(loaded.earlier, a) and torch.equal(loaded.later, b)
     assert loaded.earlier_low is None and loaded.later_low is None
     assert loaded.fingerprint == pair.fingerprint and torch.equal(ts_back, ts)
+    assert loaded.times == (80.0, 1.0)  # the saved states sit at the grid's first two points
+    toy = bdia.ODE(lambda t, x: -x)
+    with pytest.raises(ValueError, match="grid"):  # continued on another grid: refused
+        bdia.sample(toy, bdia.bdia("euler", 0.96), loaded, [60.0, 1.0, 0.5], progress=False)
     assert meta["gamma"] == "obelm" and meta["class"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
     with pytest.raises(ValueError, match="no fingerprint"):
