@@ -6,21 +6,30 @@ import os
 import sys
 import warnings
 
+import torch.utils._contextlib
+
 __all__ = ["warn_at_caller"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The wrapper of torch.no_grad() and its kin used as decorators (``bdia.k_diffusion``'s
+# functions): a frame there is still the package's call, not the user's.
+_TORCH_DECORATORS = os.path.abspath(torch.utils._contextlib.__file__)
+
+
+def _inside(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE) or path == _TORCH_DECORATORS
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` pointing at the innermost frame outside the package: the user's
-    call of ``sample``, ``invert``, ``odeint`` or ``Inversion.of``, whichever of the
-    package's functions lie between (Python 3.12's ``skip_file_prefixes``; 3.10 lacks it).
+    call of ``sample``, ``invert``, ``odeint``, ``Inversion.of`` or ``bdia.k_diffusion``'s
+    functions, whichever of the package's functions (and torch's decorator wrappers) lie
+    between (Python 3.12's ``skip_file_prefixes``; 3.10 lacks it).
     A fixed ``stacklevel`` is right for one path only, and one frame too many points at the
     caller's caller, or at ``sys:1``."""
     level, frame = 2, sys._getframe(1)
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-        _PACKAGE
-    ):
+    while frame.f_back is not None and _inside(frame.f_code.co_filename):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)

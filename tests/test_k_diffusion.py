@@ -8,6 +8,8 @@ compared with it directly.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -370,3 +372,16 @@ def test_inversion_needs_the_pair_at_sigma_zero_and_gamma_above_zero():
         ValueError, kd.invert_bdia, gaussian_denoiser, pair, sigmas, args, gamma=0.0
     )
     assert "gamma = 0" in message
+
+
+def test_a_warning_names_the_users_line_through_the_no_grad_decorator():
+    """sample_bdia runs under torch.no_grad() as a decorator, whose wrapper lies in torch: the
+    instability warning must still name this file's line, not torch's."""
+    x, sigmas = start(torch.float64, steps=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        kd.sample_bdia(gaussian_denoiser, x, sigmas, {"class_labels": LABELS}, disable=True)
+    ours = [w for w in caught if issubclass(w.category, bdia.ParasiticWarning)]
+    assert ours, "the run no longer warns: pick a run that does"
+    assert {(w.filename, w.lineno) for w in ours} == {(__file__, line)}
