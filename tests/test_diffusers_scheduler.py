@@ -430,6 +430,36 @@ def test_begin_takes_the_start_of_a_run_on_the_grid_tail(unet):
     assert "\n" not in str(mismatch.value) + str(outside.value)
 
 
+def test_pairs_record_their_grid_times_and_begin_refuses_another_grid(unet):
+    """final_pair records (grid[-2], grid[-1]) and the inverse's pair the times it sits at,
+    so bdia.sample and bdia.invert accept them on the run's grid. A pair from a run of
+    another step count is refused by begin in one line: its states are not at this grid's
+    times, and inverting it anyway returns noise that is wrong without a sign. (Trailing
+    spacing: under leading spacing every step count ends on the same two times, which the
+    pair cannot tell apart.)"""
+    ddim = diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
+    pipe = diffusers.DDIMPipeline(unet, ddim)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    _run_pipeline(pipe)
+    final = pipe.scheduler.final_pair
+    grid = pipe.scheduler.grid
+    assert final.times == (grid[-2], grid[-1])
+
+    inv, _ = _invert_loop(unet, pipe.scheduler.config, final)
+    assert inv.pair.times == (grid[0], grid[1])
+    assert torch.equal(inv.pair.earlier, _noise(0))
+    ode = from_diffusers(unet, pipe.scheduler)
+    with torch.no_grad():  # the inverse's pair starts bdia.sample on the same grid
+        again = bdia.sample(ode, bdia.bdia("ddim", GAMMA), inv.pair, grid, progress=False)
+    assert torch.equal(again, final.later)
+
+    other = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+    other.set_timesteps(STEPS - 2)
+    with pytest.raises(ValueError, match="pair was made at t = ") as refused:
+        other.begin(final)
+    assert "\n" not in str(refused.value)
+
+
 # ------------------------------------------------------------------ restarts
 
 

@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from ...ode import DiffusionODE, Evaluation
-from ...pairs import StatePair
+from ...pairs import StatePair, check_times, stamped
 from ...sampling import _pair
 from ...solvers.base import SolverState
 from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper
@@ -407,10 +407,12 @@ class BDIAScheduler(_BDIASchedulerBase):
         grid: the bdia time grid (float64 values as Python floats), one point per timestep
             and the end point.
         final_pair: after the last step, a ``BDIASchedulerPair``: ``StatePair(x at grid[-2],
-            x at grid[-1])`` with the low words and the run's ``start_index``, the exact input
-            of ``BDIAInverseScheduler.begin`` (and of ``bdia.invert`` on
-            ``grid[start_index:]``); None before. Its tensors are in the state dtype (float32
-            at least).
+            x at grid[-1])`` with the low words, its ``times`` ``(grid[-2], grid[-1])`` and
+            the run's ``start_index``, the exact input of ``BDIAInverseScheduler.begin`` (and
+            of ``bdia.invert`` on ``grid[start_index:]``); None before. Its tensors are in the
+            state dtype (float32 at least). Its ``fingerprint`` is None: the scheduler sees
+            model outputs, never the unet or the prompt, so continuing the pair under another
+            prompt is not detected.
         start_index: the index in ``timesteps`` of the run's first step (or of its last
             restart), where an inversion of the run must stop; None before the first step.
         restarts: timesteps at which the recursion restarted (see ``step``) in this run.
@@ -434,7 +436,7 @@ class BDIAScheduler(_BDIASchedulerBase):
         if self.grid is None or state is None or state.k != len(self.grid) - 1:
             return None
         try:
-            pair = self._solver.pair(state)
+            pair = stamped(self._solver.pair(state), self.grid, len(self.grid) - 1)
         except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
         fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
@@ -553,9 +555,9 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         grid: the forward run's bdia time grid.
         start_index: the index in ``forward_timesteps`` where the forward run began (set by
             ``begin``); the inversion ends there.
-        pair: the current ``StatePair(x at grid[k], x at grid[k + 1])`` with low words; after
-            the loop, the pair at the run's start, whose ``.earlier`` is the state the run
-            started from (the noise).
+        pair: the current ``StatePair(x at grid[k], x at grid[k + 1])`` with low words and
+            those ``times``; after the loop, the pair at the run's start, whose ``.earlier``
+            is the state the run started from (the noise).
     """
 
     def _reset(self) -> None:
@@ -603,6 +605,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         start = self._start_index(pair, start_index)
         checked = _pair(pair, None, "pair")
         last = len(self.grid) - 1
+        check_times(checked, self.grid, last, "begin")
         self._state = self._solver.init(self._ode, self.grid, checked, at=last)
         self._feed_dtype = dtype or checked.earlier.dtype
         self.start_index = start
@@ -636,7 +639,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         before ``begin``."""
         if self._state is None:
             return None
-        return self._solver.pair(self._state)
+        return stamped(self._solver.pair(self._state), self.grid[self._state.k :], 0)
 
     def step(
         self,
