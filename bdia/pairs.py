@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._warnings import warn_at_caller
@@ -103,6 +104,12 @@ class CoupledPair:
             "a CoupledPair is not a sequence; use its fields: pair.x, pair.y "
             "(and pair.x_low, pair.y_low)"
         )
+
+
+# torch.load reads only allowlisted classes by default (weights_only=True), so a pair saved
+# with torch.save would not load back. Both classes hold tensors, floats and a string and run
+# no code when rebuilt, which is what the allowlist is for.
+torch.serialization.add_safe_globals([StatePair, CoupledPair])
 
 
 def _grid_times(pair: StatePair | CoupledPair, ts: Sequence[float], at: int) -> Any:

@@ -430,9 +430,10 @@ def test_begin_takes_the_start_of_a_run_on_the_grid_tail(unet):
     assert "\n" not in str(mismatch.value) + str(outside.value)
 
 
-def test_pairs_record_their_grid_times_and_begin_refuses_another_grid(unet):
+def test_pairs_record_their_grid_times_and_begin_refuses_another_grid(unet, tmp_path):
     """final_pair records (grid[-2], grid[-1]) and the inverse's pair the times it sits at,
-    so bdia.sample and bdia.invert accept them on the run's grid. A pair from a run of
+    so bdia.sample and bdia.invert accept them on the run's grid; torch.save and torch.load
+    (weights_only) keep every field. A pair from a run of
     another step count is refused by begin in one line: its states are not at this grid's
     times, and inverting it anyway returns noise that is wrong without a sign. (Trailing
     spacing: under leading spacing every step count ends on the same two times, which the
@@ -444,6 +445,10 @@ def test_pairs_record_their_grid_times_and_begin_refuses_another_grid(unet):
     final = pipe.scheduler.final_pair
     grid = pipe.scheduler.grid
     assert final.times == (grid[-2], grid[-1])
+    torch.save(final, tmp_path / "pair.pt")  # torch.load's default weights_only reads it back
+    loaded = torch.load(tmp_path / "pair.pt")
+    assert isinstance(loaded, BDIASchedulerPair) and loaded.start_index == final.start_index
+    assert loaded.times == final.times and torch.equal(loaded.later_low, final.later_low)
 
     inv, _ = _invert_loop(unet, pipe.scheduler.config, final)
     assert inv.pair.times == (grid[0], grid[1])

@@ -103,6 +103,9 @@ class BDIASchedulerPair(StatePair):
     start_index: int = 0
 
 
+torch.serialization.add_safe_globals([BDIASchedulerPair])  # see bdia.pairs: torch.load
+
+
 class BDIARestartWarning(UserWarning):
     """``BDIAScheduler.step`` got a sample or timestep that does not continue its recursion."""
 
