@@ -613,6 +613,15 @@ def test_bad_config_is_refused_in_one_line(kwargs, match):
         assert "\n" not in str(info.value)
 
 
+def test_clip_sample_written_out_is_refused_and_its_default_is_not():
+    """diffusers' from_config replaces the fields a config holds at their defaults by the new
+    class's defaults: DDIMScheduler's default clip_sample=True becomes BDIA's False, and only
+    a clip_sample=True that was set is refused (as docs/diffusers.md says)."""
+    assert BDIAScheduler.from_config(diffusers.DDIMScheduler().config).config.clip_sample is False
+    with pytest.raises(ValueError, match="clip_sample = True"):
+        BDIAScheduler.from_config(diffusers.DDIMScheduler(clip_sample=True).config)
+
+
 def test_bad_steps_are_refused_in_one_line(unet):
     x = _noise(7)
     sched = BDIAScheduler()
