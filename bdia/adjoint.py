@@ -43,12 +43,20 @@ closes over other tensors requiring grad (a module wrapped in a function, say) g
 no gradient; the backward pass warns when it finds such tensors in a step's graph. The
 network must be deterministic (``eval()`` mode: no dropout), since every step is computed
 twice and rebuilt once.
+
+Checks. A recomputed step must land on the state it led to in the forward pass (or that the
+rebuild gave), to ``sqrt(eps)`` of the state dtype (relative rms); otherwise the backward
+pass raises a ``RuntimeError``, since its gradients would be those of another trajectory (a
+random layer in ``train()`` mode, or rebuilt states drifted past repair). At the end, a
+rebuilt first state further than that from the real one makes it warn (``RuntimeWarning``):
+undoing the steps magnified the rounding that far, and the gradients may be off by as much.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -255,6 +263,95 @@ def _hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> int:
     return hidden
 
 
+def _relative_rms(difference: Tensor, reference: Tensor) -> float:
+    """rms(difference) / rms(reference): 0 where both are zero, inf where only the reference
+    is, nan where either holds a NaN."""
+    with torch.no_grad():
+        num = float(difference.double().square().mean().sqrt())
+        den = float(reference.double().square().mean().sqrt())
+    if math.isnan(num) or math.isnan(den):
+        return math.nan
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _rebuild_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative rms) a rebuilt state may lie from the forward pass's.
+
+    With a deterministic model, one rewind and the recomputed step give back the state to a
+    few units in the last place: the rebuilt states carry the forward pass's high words (bit
+    for bit, or one unit off where a value sits within u^2 of a rounding midpoint). Over
+    many rewinds that rounding is magnified, from u^2, by the inverse steps. ``sqrt(eps)``
+    of the state dtype (1.5e-8 in float64, 3.5e-4 in float32) lies far above the first and
+    far below what a random layer (a dropout of 0.2 moved a step by 7e-3) or a magnification
+    that has used up the two words' precision gives.
+    """
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def _check_reproduced(
+    recomputed: Tensor, original: Tensor, k: int, ts: list[float], *, first: bool
+) -> None:
+    """Raise unless step ``k``, recomputed from the rebuilt state before it, lands on the
+    state after it (``recomputed`` and ``original``: x at ``ts[k + 1]``, same shape and
+    dtype). ``first``: this is the backward pass's first step, whose state after it is the
+    forward pass's own, so that only the model can be at fault."""
+    tolerance = _rebuild_tolerance(original.dtype)
+    off = _relative_rms(recomputed.detach() - original, original)
+    if off <= tolerance:
+        return
+    model = (
+        "the model does not give the same output for the same input (dropout or another "
+        "random layer in train() mode?)"
+    )
+    drift = (
+        "the states rebuilt so far have drifted from the forward pass's (undoing a step "
+        "magnifies rounding by 1/gamma, 1/p^2 for edict, 1/coupling for reversible)"
+    )
+    cause, fix = model, "call model.eval() before sampling"
+    if not first:
+        cause += f", or {drift}"
+        fix += ", use a float64 state or a gamma (p, coupling) nearer 1"
+    raise RuntimeError(
+        f"adjoint='reversible': step {k} (t = {ts[k]:.6g} -> {ts[k + 1]:.6g}), recomputed in "
+        f"the backward pass, lands {off:.3g} (relative rms) away from the state it should "
+        f"reach, where rounding allows {tolerance:.2g}: {cause}, so the gradients would be "
+        f"wrong. To fix it, {fix}, or use adjoint='autograd'"
+    )
+
+
+def _check_rebuilt_start(rebuilt: SolverState, first: SolverState, solver: Solver) -> None:
+    """Warn when the backward pass's rebuilt first state is not the forward pass's.
+
+    The rebuilt states carry the rounding of every rewind, magnified by the inverse steps
+    (``prod 1 / gamma_k`` for BDIA, ``1 / p^2`` and ``1 / lambda`` per step for EDICT and
+    McCallum-Foster, times the problem's own growth); the first state has been through them
+    all, so its drift is the largest. Each step's gradient is taken at a rebuilt state: the
+    gradients then follow a trajectory other than the forward pass's, by up to that drift.
+    """
+    found = dict(state_tensors(first))
+    drifts = [
+        _relative_rms(tensor - found[path], found[path])
+        for path, tensor in state_tensors(rebuilt)
+        if path in found and path[-1] != "low"  # low words lie below the state's precision
+    ]
+    drift = math.nan if any(math.isnan(d) for d in drifts) else max(drifts, default=0.0)
+    tolerance = _rebuild_tolerance(first.x.dtype)
+    if not drift <= tolerance:
+        warnings.warn(
+            f"adjoint='reversible' with {solver.name}: the backward pass rebuilt the first "
+            f"state {drift:.3g} (relative rms) away from the forward pass's, where rounding "
+            f"allows {tolerance:.2g}; the gradients were taken along states that far off and "
+            "may be wrong accordingly (compare with adjoint='autograd'). Undoing a step "
+            "magnifies rounding by 1/gamma (1/p^2 for edict, 1/coupling for reversible): use "
+            "a float64 state (state_dtype='float64'), a gamma (p, coupling) nearer 1 or "
+            "fewer steps",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 def _grad(
     outputs: list[Tensor], cotangents: list[Tensor], inputs: list[Tensor]
 ) -> list[Tensor | None]:
@@ -313,12 +410,13 @@ class _ReversibleSampling(torch.autograd.Function):
         cotangent = {p: g for p, g in zip(run.paths, grads) if g is not None}
         checked = False
         steps = range(state.k, run.k_start, -1)
-        for _ in _bar(steps, run.progress, f"adjoint {solver.name}"):
+        for k in _bar(steps, run.progress, f"adjoint {solver.name}"):
             with torch.no_grad():
                 before = solver.rewind(ode, ts, state)
             leaves = {p: t.detach().requires_grad_() for p, t in state_tensors(before)}
             with torch.enable_grad():
                 after = solver.step(ode, ts, with_state_tensors(before, leaves))
+                _check_reproduced(after.x, state.x, k - 1, ts, first=k == steps[0])
                 outputs, cotangents = _pulled_back(after, cotangent)
                 inputs = [*leaves.values(), *targets]
                 if not checked and outputs:
@@ -339,6 +437,7 @@ class _ReversibleSampling(torch.autograd.Function):
                 if g is not None:
                     totals[i] = g if totals[i] is None else totals[i] + g
             state = before
+        _check_rebuilt_start(state, run.first, solver)
         # Onto the start: ``init`` is a relabelling of its tensors, differentiated as such
         # (its checks, which warned in the forward pass if at all, are not repeated).
         start = [t.detach().requires_grad_() for t in run.start_tensors]

@@ -183,7 +183,14 @@ def _check_input_finite(x: Tensor, cast: Tensor, what: str) -> None:
 def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
     """The state in the dtype the policy asks for (a new tensor when it casts; never in place)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor or a StatePair, got {type(x).__name__}")
+        # A pair's fields are tensors; the start or end itself may also be a pair.
+        kinds = (
+            "a torch.Tensor or a StatePair (bdia, single-step solvers) or a CoupledPair "
+            "(edict, reversible)"
+            if what.isidentifier()
+            else "a torch.Tensor"
+        )
+        raise TypeError(f"{what} must be {kinds}, got {type(x).__name__}")
     dtype = state_dtype or x.dtype
     if not dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{what} must be a real floating tensor, got {dtype}")
@@ -329,7 +336,7 @@ def _report(
 def sample(
     ode: ODE,
     solver: Solver,
-    start: Tensor | StatePair | tuple[Tensor, Tensor],
+    start: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
     ts: Tensor | Sequence[float],
     *,
     trajectory: bool = False,
@@ -338,18 +345,23 @@ def sample(
     callback: Callback | None = None,
     state_dtype: torch.dtype | str | None = None,
     adjoint: str | None = None,
-) -> Tensor | StatePair:
+) -> Tensor | StatePair | CoupledPair:
     """Integrate from ``ts[0]`` to ``ts[-1]``.
 
     Args:
         ode: the problem (``ODE`` or ``DiffusionODE``).
-        solver: a registered solver or a ``BidirectionalWrapper``.
-        start: x at ``ts[0]`` of shape ``(batch, ...)``, or a ``StatePair`` (x at ``ts[0]``,
-            x at ``ts[1]``) such as ``invert`` returns. From a pair, BDIA reproduces the forward
-            trajectory exactly; a single-step solver continues from the pair's later state.
+        solver: a registered solver, or a reversible one (``bdia(...)``, ``edict(...)``,
+            ``reversible(...)``).
+        start: x at ``ts[0]`` of shape ``(batch, ...)``, or the pair ``invert`` returns: a
+            ``StatePair`` (x at ``ts[0]``, x at ``ts[1]``) for BDIA and single-step solvers, a
+            ``CoupledPair`` (both chains at ``ts[0]``) for ``edict`` and ``reversible``. From a
+            pair, a reversible solver reproduces the forward trajectory exactly; a single-step
+            solver continues from the pair's later state.
         ts: strictly monotonic grid (1-D tensor or sequence), either direction.
         trajectory: return every state on the grid, shape ``(len(ts), batch, ...)``.
-        return_pair: return ``StatePair(x at ts[-2], x at ts[-1])``, the exact input of ``invert``.
+        return_pair: return the pair at the end of the grid, the exact input of ``invert``:
+            ``StatePair(x at ts[-2], x at ts[-1])``, or for ``edict`` and ``reversible`` the
+            ``CoupledPair`` of both chains at ``ts[-1]``.
         progress: tqdm bar; None shows it only on a terminal.
         callback: called after every step with ``{"i", "t", "t_next", "x", "x_next", "denoised"}``.
         state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
@@ -442,32 +454,37 @@ def sample(
 def invert(
     ode: ODE,
     solver: Solver,
-    end: Tensor | StatePair | tuple[Tensor, Tensor],
+    end: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
     ts: Tensor | Sequence[float],
     *,
     progress: bool | None = None,
     callback: Callback | None = None,
     state_dtype: torch.dtype | str | None = None,
-) -> StatePair:
+) -> StatePair | CoupledPair:
     """Run the sampler backward, from ``ts[-1]`` to ``ts[0]``.
 
     ``ts`` is the sampling grid (noisiest first), as given to ``sample``. With a
     ``BidirectionalWrapper`` and a pair ``end`` the result is exact up to rounding; with a
     single state, the state at ``ts[-2]`` is first made by one base step backward in time
-    (approximate) and everything after that is exact. With a single-step solver this is the
-    usual approximate inversion: the solver run backward in time.
+    (approximate) and everything after that is exact. ``edict`` and ``reversible`` start
+    both chains at a single state and are exact from there. With a single-step solver this
+    is the usual approximate inversion: the solver run backward in time.
 
     Args:
         ode: the problem.
-        solver: a registered solver or a ``BidirectionalWrapper`` (every gamma_k > 0).
-        end: x at ``ts[-1]``, shape ``(batch, ...)``, or ``StatePair(x at ts[-2], x at ts[-1])``.
+        solver: a registered solver, or a reversible one: ``bdia(...)`` (every gamma_k > 0),
+            ``edict(...)``, ``reversible(...)``.
+        end: x at ``ts[-1]``, shape ``(batch, ...)``, or the pair ``sample(...,
+            return_pair=True)`` gave: ``StatePair(x at ts[-2], x at ts[-1])``, or a
+            ``CoupledPair`` at ``ts[-1]`` for ``edict`` and ``reversible``.
         ts: the sampling grid, strictly monotonic.
         progress: tqdm bar, as in ``sample``.
         callback: called after every step, as in ``sample`` (``x_next`` is the earlier state).
         state_dtype: dtype of the solver state, as in ``sample`` (a dtype or its name).
 
     Returns:
-        ``StatePair(x at ts[0], x at ts[1])``, in the state dtype.
+        ``StatePair(x at ts[0], x at ts[1])``, or for ``edict`` and ``reversible`` the
+        ``CoupledPair`` of both chains at ``ts[0]``, in the state dtype.
 
     Raises:
         ValueError: if ``end`` holds NaN or Inf (bad input; no model call is made).

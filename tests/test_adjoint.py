@@ -131,6 +131,36 @@ def test_gradients_equal_autograd_through_the_loop(problem, solver_name):
     assert all(float(r.norm()) > 0 for r in ref)
 
 
+COUPLED = {
+    "edict-heun-0.8": lambda: bdia.edict("heun", 0.8),
+    "reversible-euler-0.999": lambda: bdia.reversible("euler", 0.999),
+    "reversible-heun-0.9": lambda: bdia.reversible("heun", 0.9),
+}
+
+
+def conv_all_above_zero():
+    """``conv_all`` on a grid that ends at sigma > 0, which ``reversible`` needs."""
+    ode, x, _, targets = conv_all()
+    return ode, x, bdia.karras_grid(STEPS, sigma_max=20.0, final_zero=False), targets
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+@pytest.mark.parametrize("solver_name", COUPLED)
+def test_coupled_solvers_gradients_equal_autograd_through_the_loop(solver_name):
+    """EDICT's and McCallum-Foster's two chains, differentiated with respect to the noise,
+    the class embedding and the weights: autograd's gradients (measured: 4e-16, and 1e-13
+    for the noise under reversible(euler, 0.999), whose gradient is the sum of the two
+    chains', each 1000 times larger). Over 10 steps the parasitic mode swamps two of these
+    samples, which changes nothing in what is compared."""
+    solver = COUPLED[solver_name]()
+    out_ref, ref = gradients(conv_all_above_zero, solver, "autograd")
+    out, got = gradients(conv_all_above_zero, solver, "reversible")
+    assert torch.equal(out, out_ref)
+    errors = [rel(g, r) for g, r in zip(got, ref, strict=True)]
+    assert max(errors) <= TOLERANCE, errors
+    assert all(float(r.norm()) > 0 for r in ref)
+
+
 @pytest.mark.parametrize("solver_name", SOLVERS)
 def test_forward_value_is_sample_bit_for_bit(solver_name):
     solver = SOLVERS[solver_name]()
@@ -304,6 +334,78 @@ def test_tensors_the_adjoint_cannot_see_are_named():
         out.sum().backward()
     assert all(p.grad is None for p in net.parameters())
     assert x.grad is not None and math.isfinite(float(x.grad.norm()))
+
+
+class DropoutDenoiser(MLPDenoiser):
+    """``MLPDenoiser`` with a dropout of 0.2 on its hidden features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.insert(2, nn.Dropout(0.2))
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_model_with_dropout_in_train_mode_is_refused_in_the_backward_pass():
+    """Dropout in train() mode draws new masks when the backward pass rebuilds and
+    recomputes the steps; the gradients used to come back 34% off autograd's without a sign
+    (bdia) and 6% off (edict). The first recomputed step now misses the final state by about
+    1e-2 where rounding allows 1.5e-8, and the backward pass stops there: 2 model calls after
+    the forward pass's 8. In eval() mode the same network gives autograd's gradients."""
+    torch.manual_seed(0)
+    net = DropoutDenoiser().double()
+    ode = bdia.DiffusionODE(net)
+    ts = bdia.karras_grid(8, sigma_max=20.0)
+    x = (20.0 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_(True)
+    solver = SOLVERS["bdia-euler-0.9"]()
+    out = run(ode, solver, x, ts, "reversible")
+    ode.reset_nfe()
+    with pytest.raises(RuntimeError, match=r"step 7 .*same output for the same input") as info:
+        loss_of(out).backward()
+    assert "model.eval()" in str(info.value) and "\n" not in str(info.value)
+    assert ode.nfe == 2 and x.grad is None
+
+    net.eval()
+    ref = torch.autograd.grad(loss_of(run(ode, solver, x, ts, "autograd")), [x])[0]
+    got = torch.autograd.grad(loss_of(run(ode, solver, x, ts, "reversible")), [x])[0]
+    assert rel(got, ref) <= TOLERANCE
+
+
+def drifting_gradients(solver, steps: int, dtype: torch.dtype):
+    """The start's gradient by both adjoints on the toy mixture (the reversible one's
+    backward pass in a pytest.warns block that the caller opens)."""
+    mixture = toy.GaussianMixture.random(2, 2, seed=4)
+    ts = bdia.karras_grid(steps)
+    found = []
+    for adjoint in ("autograd", "reversible"):
+        x = 80.0 * torch.randn(3, 2, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        x.requires_grad_(True)
+        out = run(mixture.ode(), solver, x, ts, adjoint)
+        found.append(torch.autograd.grad(loss_of(out), [x])[0])
+    return found
+
+
+def test_a_rebuild_that_drifted_from_the_forward_pass_warns():
+    """edict(heun, p=0.5) undoes each step with a gain of up to 1/p^2 = 4: over 60 steps the
+    backward pass rebuilds the start 2.3 (relative rms) away from it, in float64, and the
+    gradient comes out 1.5e-6 off autograd's, 150 times the agreement the other tests hold
+    (asserted with a margin: more than that agreement).
+    It used to pass in silence; now a RuntimeWarning gives the drift and what to change."""
+    with pytest.warns(RuntimeWarning, match=r"rebuilt the first state \S+ .*p\^2") as record:
+        ref, got = drifting_gradients(bdia.edict("heun", 0.5), 60, torch.float64)
+    assert rel(got, ref) > TOLERANCE
+    (message,) = [str(w.message) for w in record if "first state" in str(w.message)]
+    drift = float(message.split("first state ")[1].split(" ")[0])
+    assert drift > 1.0
+
+
+def test_a_rebuild_that_drifted_past_repair_is_refused():
+    """bdia(euler, 0.3) in float32 over 60 steps: prod 1/gamma is 7e30, far beyond what two
+    float32 words (48 bits) carry, and the gradient used to come back 1e-3 off autograd's.
+    Recomputing the first step from the rebuilt start misses the rebuilt state by 3.8 where
+    rounding allows 3.5e-4, and the error names the drift besides the model."""
+    with pytest.raises(RuntimeError, match=r"step \d+ .*drifted") as info:
+        drifting_gradients(bdia.bdia("euler", 0.3), 60, torch.float32)
+    assert "float64 state" in str(info.value)
 
 
 # ---------------------------------------------------------------- without an adjoint
