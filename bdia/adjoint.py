@@ -66,6 +66,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
+from ._warnings import warn_at_caller
 from .ode import ODE
 from .solvers.base import Solver, SolverState, move_report
 
@@ -339,7 +340,7 @@ def _check_rebuilt_start(rebuilt: SolverState, first: SolverState, solver: Solve
     drift = math.nan if any(math.isnan(d) for d in drifts) else max(drifts, default=0.0)
     tolerance = _rebuild_tolerance(first.x.dtype)
     if not drift <= tolerance:
-        warnings.warn(
+        warn_at_caller(
             f"adjoint='reversible' with {solver.name}: the backward pass rebuilt the first "
             f"state {drift:.3g} (relative rms) away from the forward pass's, where rounding "
             f"allows {tolerance:.2g}; the gradients were taken along states that far off and "
@@ -348,7 +349,7 @@ def _check_rebuilt_start(rebuilt: SolverState, first: SolverState, solver: Solve
             "a float64 state (state_dtype='float64'), a gamma (p, coupling) nearer 1 or "
             "fewer steps",
             RuntimeWarning,
-            stacklevel=2,
+            through_torch=True,
         )
 
 
@@ -423,13 +424,13 @@ class _ReversibleSampling(torch.autograd.Function):
                     checked = True
                     hidden = _hidden_leaves(outputs, inputs)
                     if hidden:
-                        warnings.warn(
+                        warn_at_caller(
                             f"adjoint='reversible': the model uses {hidden} tensor(s) that "
                             "require grad but are neither parameters of ode.f (an nn.Module) "
                             "nor tensors in ode.cond; they get no gradient. Pass the module "
                             "itself as the model, put the tensor in cond, or freeze it",
                             RuntimeWarning,
-                            stacklevel=2,
+                            through_torch=True,
                         )
                 found = _grad(outputs, cotangents, inputs)
             cotangent = {p: g for p, g in zip(leaves, found) if g is not None}
