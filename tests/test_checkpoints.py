@@ -148,6 +148,50 @@ def test_truncated_or_non_pickle_files_are_refused(tmp_path, content, match):
         read_records(path)
 
 
+class _StorageBytes:
+    """Pickles as the nested ``torch.save`` bytes of a storage, as a tensor in an EDM pickle."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+def _storage_bytes(storage):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(storage, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case,error",
+    [
+        ("storage of a wrong size", "RuntimeError"),
+        ("storage bytes of junk", "error"),
+        ("opcode that does not fit the stack", "AttributeError"),
+    ],
+)
+def test_corrupt_pickles_are_refused_with_a_value_error_naming_the_file(tmp_path, case, error):
+    """Damaged bytes (not only a cut-off end) are a bad file, reported as a truncated one."""
+    path = tmp_path / "damaged.pkl"
+    if case == "storage of a wrong size":
+        data = _storage_bytes(torch.arange(6.0).storage())
+        six, seven = (6).to_bytes(8, "little"), (7).to_bytes(8, "little")
+        assert data.count(six) == 1  # the storage's recorded element count
+        payload = pickle.dumps({"ema": _StorageBytes(data.replace(six, seven))}, protocol=4)
+    elif case == "storage bytes of junk":
+        payload = pickle.dumps({"ema": _StorageBytes(b"\x80\x02junk")}, protocol=4)
+    else:
+        payload = b"\x80\x04}K\x01a."  # APPEND to a dict
+    path.write_bytes(payload)
+    expected = rf"damaged.pkl is truncated or not a valid pickle \({error}"
+    with pytest.raises(ValueError, match=expected):
+        read_records(path)
+
+
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here.pkl"):
         read_records(tmp_path / "nothing-here.pkl")

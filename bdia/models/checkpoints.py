@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+# What damaged bytes raise inside the unpickler or torch's reader of the nested storages
+# (a wrong opcode for the stack's contents, a bad storage size or key, a bad struct field).
+# No code of the file runs, so each of these can only come from the file's bytes.
+_MALFORMED_PICKLE_ERRORS = (
+    EOFError,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    RuntimeError,
+    AssertionError,
+    OverflowError,
+    struct.error,
+)
+
+
 def read_records(path: str | os.PathLike[str]) -> Any:
     """Unpickle an EDM network pickle into plain data, running none of its code.
 
@@ -186,7 +205,7 @@ def read_records(path: str | os.PathLike[str]) -> Any:
     Raises:
         FileNotFoundError: the file does not exist.
         UnsafeCheckpointError: the file names a global outside the allow-list.
-        ValueError: the file is truncated or not a pickle.
+        ValueError: the file is truncated, corrupt or not a pickle.
     """
     path = Path(path)
     if not path.is_file():
@@ -203,8 +222,17 @@ def read_records(path: str | os.PathLike[str]) -> Any:
             return _RestrictedUnpickler(fh, str(path)).load()
         except UnsafeCheckpointError:
             raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError) as err:
-            raise ValueError(f"{path} is truncated or not a valid pickle: {err}") from None
+        except MemoryError:
+            raise ValueError(
+                f"{path} is corrupt or not a valid pickle: it declares more data than fits in "
+                "memory"
+            ) from None
+        except _MALFORMED_PICKLE_ERRORS as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"{path} is truncated or not a valid pickle ({type(err).__name__}"
+                f"{': ' + reason if reason else ''}); get the file again"
+            ) from None
 
 
 def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> dict[str, Tensor]:
