@@ -331,6 +331,29 @@ def test_convert_reports_bad_input(tmp_path):
         load_network(corrupt)
 
 
+_NOT_A_CONFIG = "its config is not an object with class_name and init_kwargs"
+
+
+@pytest.mark.parametrize(
+    "config,problem",
+    [
+        ("{not json", "its config is not JSON"),
+        ('{"init_kwargs": {}}', _NOT_A_CONFIG),
+        ('{"class_name": "EDMPrecond"}', _NOT_A_CONFIG),
+        ('["EDMPrecond"]', _NOT_A_CONFIG),
+    ],
+)
+def test_a_network_file_with_a_damaged_config_is_named(tmp_path, config, problem):
+    from safetensors.torch import save_file
+
+    from bdia.models.checkpoints import FORMAT_TAG, load_network
+
+    path = tmp_path / "damaged.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"format": FORMAT_TAG, "config": config})
+    with pytest.raises(ValueError, match=f"damaged.safetensors: {problem}"):
+        load_network(path)
+
+
 # ------------------------------------------------------------------------------ the registry
 
 

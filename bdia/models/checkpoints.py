@@ -402,6 +402,22 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         return dict(fh.metadata() or {})
 
 
+def _network_config(text: str, path: Path) -> dict[str, Any]:
+    """The ``{"class_name", "init_kwargs"}`` config of a network file's metadata, checked."""
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        problem = f"its config is not JSON ({err})"
+    else:
+        if isinstance(config, dict) and {"class_name", "init_kwargs"} <= set(config):
+            return config
+        problem = "its config is not an object with class_name and init_kwargs"
+    raise ValueError(
+        f"{path}: {problem}; the file's metadata is damaged, write it again with "
+        "bdia convert or save_network"
+    )
+
+
 def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
     """Load a shipped network by name, an EDM pickle (``.pkl``) or our safetensors file.
 
@@ -431,7 +447,7 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     if metadata.get("format") != FORMAT_TAG or "config" not in metadata:
         raise ValueError(f"{path} has no bdia network config in its metadata")
-    config = json.loads(metadata["config"])
+    config = _network_config(metadata["config"], path)
     net = build_network(config["class_name"], config["init_kwargs"])
     load_state_strict(net, tensors, str(path))
     return net.eval().requires_grad_(False)
