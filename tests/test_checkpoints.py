@@ -325,10 +325,13 @@ def test_convert_reports_bad_input(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
-        from bdia.models.checkpoints import load_network
+    from bdia.models.checkpoints import load_network, read_metadata
 
-        load_network(corrupt)
+    for read in (load_network, read_metadata):
+        with pytest.raises(ValueError, match="corrupt.safetensors is not a valid safetensors file"):
+            read(corrupt)
+    with pytest.raises(FileNotFoundError, match="no network file at .*absent.safetensors"):
+        read_metadata(tmp_path / "absent.safetensors")
 
 
 _NOT_A_CONFIG = "its config is not an object with class_name and init_kwargs"

@@ -393,13 +393,23 @@ def shipped_network_path(name: str) -> Path:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a bdia safetensors file (or shipped network name)."""
-    from safetensors import safe_open
+    """The string metadata of a bdia safetensors file (or shipped network name).
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: the file is not a safetensors file (the message names it).
+    """
+    from safetensors import SafetensorError, safe_open
 
     if isinstance(path, str) and path in SHIPPED_NETWORKS:
         path = shipped_network_path(path)
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no network file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
 
 
 def _network_config(text: str, path: Path) -> dict[str, Any]:
