@@ -204,6 +204,17 @@ def test_torch_save_archive_is_refused(tmp_path):
         read_records(path)
 
 
+def test_legacy_torch_save_file_is_refused_as_such(tmp_path):
+    from bdia.models.checkpoints import load_network
+
+    path = tmp_path / "model.pkl"
+    state = {"ema": torch.nn.Linear(2, 2).state_dict()}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    # Its first pickle is torch's magic number, which used to come back as the "network".
+    with pytest.raises(ValueError, match="model.pkl is a torch.save file .*legacy, non-zip"):
+        load_network(path)
+
+
 SMALL = dict(
     img_resolution=16,
     img_channels=3,

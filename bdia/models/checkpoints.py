@@ -219,7 +219,7 @@ def read_records(path: str | os.PathLike[str]) -> Any:
         if not head.startswith(b"\x80"):
             raise ValueError(f"{path} is not a pickle (it does not start with a protocol mark)")
         try:
-            return _RestrictedUnpickler(fh, str(path)).load()
+            data = _RestrictedUnpickler(fh, str(path)).load()
         except UnsafeCheckpointError:
             raise
         except MemoryError:
@@ -233,6 +233,14 @@ def read_records(path: str | os.PathLike[str]) -> Any:
                 f"{path} is truncated or not a valid pickle ({type(err).__name__}"
                 f"{': ' + reason if reason else ''}); get the file again"
             ) from None
+    # torch.save's legacy (non-zip) format is a run of pickles whose first is this number: the
+    # file is no EDM pickle, and the number would otherwise pass for the network.
+    if type(data) is int and data == torch.serialization.MAGIC_NUMBER:
+        raise ValueError(
+            f"{path} is a torch.save file (the legacy, non-zip format), not an EDM pickle; "
+            "only EDM network pickles and bdia .safetensors files can be loaded"
+        )
+    return data
 
 
 def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> dict[str, Tensor]:
