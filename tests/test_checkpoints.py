@@ -148,6 +148,50 @@ def test_truncated_or_non_pickle_files_are_refused(tmp_path, content, match):
         read_records(path)
 
 
+class _StorageBytes:
+    """Pickles as the nested ``torch.save`` bytes of a storage, as a tensor in an EDM pickle."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+def _storage_bytes(storage):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(storage, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case,error",
+    [
+        ("storage of a wrong size", "RuntimeError"),
+        ("storage bytes of junk", "error"),
+        ("opcode that does not fit the stack", "AttributeError"),
+    ],
+)
+def test_corrupt_pickles_are_refused_with_a_value_error_naming_the_file(tmp_path, case, error):
+    """Damaged bytes (not only a cut-off end) are a bad file, reported as a truncated one."""
+    path = tmp_path / "damaged.pkl"
+    if case == "storage of a wrong size":
+        data = _storage_bytes(torch.arange(6.0).storage())
+        six, seven = (6).to_bytes(8, "little"), (7).to_bytes(8, "little")
+        assert data.count(six) == 1  # the storage's recorded element count
+        payload = pickle.dumps({"ema": _StorageBytes(data.replace(six, seven))}, protocol=4)
+    elif case == "storage bytes of junk":
+        payload = pickle.dumps({"ema": _StorageBytes(b"\x80\x02junk")}, protocol=4)
+    else:
+        payload = b"\x80\x04}K\x01a."  # APPEND to a dict
+    path.write_bytes(payload)
+    expected = rf"damaged.pkl is truncated or not a valid pickle \({error}"
+    with pytest.raises(ValueError, match=expected):
+        read_records(path)
+
+
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here.pkl"):
         read_records(tmp_path / "nothing-here.pkl")
@@ -158,6 +202,17 @@ def test_torch_save_archive_is_refused(tmp_path):
     torch.save({"w": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="zip archive"):
         read_records(path)
+
+
+def test_legacy_torch_save_file_is_refused_as_such(tmp_path):
+    from bdia.models.checkpoints import load_network
+
+    path = tmp_path / "model.pkl"
+    state = {"ema": torch.nn.Linear(2, 2).state_dict()}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    # Its first pickle is torch's magic number, which used to come back as the "network".
+    with pytest.raises(ValueError, match="model.pkl is a torch.save file .*legacy, non-zip"):
+        load_network(path)
 
 
 SMALL = dict(
@@ -281,10 +336,36 @@ def test_convert_reports_bad_input(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
-        from bdia.models.checkpoints import load_network
+    from bdia.models.checkpoints import load_network, read_metadata
 
-        load_network(corrupt)
+    for read in (load_network, read_metadata):
+        with pytest.raises(ValueError, match="corrupt.safetensors is not a valid safetensors file"):
+            read(corrupt)
+    with pytest.raises(FileNotFoundError, match="no network file at .*absent.safetensors"):
+        read_metadata(tmp_path / "absent.safetensors")
+
+
+_NOT_A_CONFIG = "its config is not an object with class_name and init_kwargs"
+
+
+@pytest.mark.parametrize(
+    "config,problem",
+    [
+        ("{not json", "its config is not JSON"),
+        ('{"init_kwargs": {}}', _NOT_A_CONFIG),
+        ('{"class_name": "EDMPrecond"}', _NOT_A_CONFIG),
+        ('["EDMPrecond"]', _NOT_A_CONFIG),
+    ],
+)
+def test_a_network_file_with_a_damaged_config_is_named(tmp_path, config, problem):
+    from safetensors.torch import save_file
+
+    from bdia.models.checkpoints import FORMAT_TAG, load_network
+
+    path = tmp_path / "damaged.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"format": FORMAT_TAG, "config": config})
+    with pytest.raises(ValueError, match=f"damaged.safetensors: {problem}"):
+        load_network(path)
 
 
 # ------------------------------------------------------------------------------ the registry

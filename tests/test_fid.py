@@ -380,6 +380,35 @@ def test_checking_headers_in_several_processes_names_the_same_first_file(
     assert detector.calls == 0
 
 
+def test_a_folder_mixing_grayscale_and_rgb_gives_the_statistics_of_its_rgb_copy(tmp_path):
+    """The check accepts L and RGB files in one folder, so every batch size must read them:
+    a grayscale image counts as its channel repeated, as the detector sees a 1-channel batch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    mixed, rgb = tmp_path / "mixed", tmp_path / "rgb"
+    mixed.mkdir(), rgb.mkdir()
+    for i in range(6):
+        if i % 2:
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(mixed / f"{i}.png")
+        else:
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(mixed / f"{i}.png")  # mode L
+            pixels = np.repeat(pixels[..., None], 3, axis=2)
+        Image.fromarray(pixels).save(rgb / f"{i}.png")
+    detector = StandInDetector(features=16)
+    per_image = image_statistics(detector, mixed, batch=1)
+    whole = image_statistics(detector, mixed, batch=6)
+    expected = image_statistics(detector, rgb, batch=6)
+    assert whole.n == per_image.n == 6
+    # The same pixels reach the detector in the same batches: equal to the bit.
+    np.testing.assert_array_equal(whole.sum_outer, expected.sum_outer)
+    # One image per call changes only the float32 rounding of the detector's matrix product
+    # (about 1e-7 of each feature), which the outer products carry at about 1e-6.
+    np.testing.assert_allclose(per_image.sum_outer, whole.sum_outer, rtol=1e-5)
+
+
 def test_readable_folder_still_gives_its_statistics(tmp_path):
     folder = _image_folder(tmp_path, n=3)
     batches = []

@@ -603,9 +603,14 @@ def _load_batch(items: list[Path] | np.ndarray) -> torch.Tensor:
         array = items
     else:
         arrays = [_read_image(p) for p in items]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            raise ValueError(f"images of different sizes in one folder: {sorted(shapes)}")
+        sizes = {a.shape[:2] for a in arrays}
+        if len(sizes) != 1:
+            raise ValueError(f"images of different sizes in one folder: {sorted(sizes)}")
+        if any(a.ndim == 3 for a in arrays):
+            # A folder may mix grayscale and RGB files (check_images accepts both). The
+            # detector sees a grayscale image as its channel repeated three times, so
+            # repeating it here gives it the same features whichever batch it falls in.
+            arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
         array = np.stack(arrays)
         if array.ndim == 3:
             array = array[..., None]

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+# What damaged bytes raise inside the unpickler or torch's reader of the nested storages
+# (a wrong opcode for the stack's contents, a bad storage size or key, a bad struct field).
+# No code of the file runs, so each of these can only come from the file's bytes.
+_MALFORMED_PICKLE_ERRORS = (
+    EOFError,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    RuntimeError,
+    AssertionError,
+    OverflowError,
+    struct.error,
+)
+
+
 def read_records(path: str | os.PathLike[str]) -> Any:
     """Unpickle an EDM network pickle into plain data, running none of its code.
 
@@ -186,7 +205,7 @@ def read_records(path: str | os.PathLike[str]) -> Any:
     Raises:
         FileNotFoundError: the file does not exist.
         UnsafeCheckpointError: the file names a global outside the allow-list.
-        ValueError: the file is truncated or not a pickle.
+        ValueError: the file is truncated, corrupt or not a pickle.
     """
     path = Path(path)
     if not path.is_file():
@@ -200,11 +219,28 @@ def read_records(path: str | os.PathLike[str]) -> Any:
         if not head.startswith(b"\x80"):
             raise ValueError(f"{path} is not a pickle (it does not start with a protocol mark)")
         try:
-            return _RestrictedUnpickler(fh, str(path)).load()
+            data = _RestrictedUnpickler(fh, str(path)).load()
         except UnsafeCheckpointError:
             raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError) as err:
-            raise ValueError(f"{path} is truncated or not a valid pickle: {err}") from None
+        except MemoryError:
+            raise ValueError(
+                f"{path} is corrupt or not a valid pickle: it declares more data than fits in "
+                "memory"
+            ) from None
+        except _MALFORMED_PICKLE_ERRORS as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"{path} is truncated or not a valid pickle ({type(err).__name__}"
+                f"{': ' + reason if reason else ''}); get the file again"
+            ) from None
+    # torch.save's legacy (non-zip) format is a run of pickles whose first is this number: the
+    # file is no EDM pickle, and the number would otherwise pass for the network.
+    if type(data) is int and data == torch.serialization.MAGIC_NUMBER:
+        raise ValueError(
+            f"{path} is a torch.save file (the legacy, non-zip format), not an EDM pickle; "
+            "only EDM network pickles and bdia .safetensors files can be loaded"
+        )
+    return data
 
 
 def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> dict[str, Tensor]:
@@ -365,13 +401,39 @@ def shipped_network_path(name: str) -> Path:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a bdia safetensors file (or shipped network name)."""
-    from safetensors import safe_open
+    """The string metadata of a bdia safetensors file (or shipped network name).
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: the file is not a safetensors file (the message names it).
+    """
+    from safetensors import SafetensorError, safe_open
 
     if isinstance(path, str) and path in SHIPPED_NETWORKS:
         path = shipped_network_path(path)
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no network file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
+
+
+def _network_config(text: str, path: Path) -> dict[str, Any]:
+    """The ``{"class_name", "init_kwargs"}`` config of a network file's metadata, checked."""
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        problem = f"its config is not JSON ({err})"
+    else:
+        if isinstance(config, dict) and {"class_name", "init_kwargs"} <= set(config):
+            return config
+        problem = "its config is not an object with class_name and init_kwargs"
+    raise ValueError(
+        f"{path}: {problem}; the file's metadata is damaged, write it again with "
+        "bdia convert or save_network"
+    )
 
 
 def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
@@ -403,7 +465,7 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     if metadata.get("format") != FORMAT_TAG or "config" not in metadata:
         raise ValueError(f"{path} has no bdia network config in its metadata")
-    config = json.loads(metadata["config"])
+    config = _network_config(metadata["config"], path)
     net = build_network(config["class_name"], config["init_kwargs"])
     load_state_strict(net, tensors, str(path))
     return net.eval().requires_grad_(False)
