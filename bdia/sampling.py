@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ from .pairs import (
 )
 from .solvers.base import Solver, SolverState, move_report
 from .solvers.registry import get_solver
+
+if TYPE_CHECKING:
+    from .solvers.coupled import EDICTWrapper, ReversibleWrapper
+
+    CoupledSolver = EDICTWrapper | ReversibleWrapper
 
 __all__ = [
     "StatePair",
@@ -333,6 +338,66 @@ def _report(
 # --------------------------------------------------------------------- drivers
 
 
+# The result's type follows ``return_pair`` and the solver, for type checkers (the package
+# ships ``py.typed``): a plain call returns a tensor, a pair call the solver's kind of pair.
+@overload
+def sample(
+    ode: ODE,
+    solver: Solver,
+    start: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    trajectory: bool = ...,
+    return_pair: Literal[False] = ...,
+    progress: bool | None = ...,
+    callback: Callback | None = ...,
+    state_dtype: torch.dtype | str | None = ...,
+    adjoint: str | None = ...,
+) -> Tensor: ...
+@overload  # before the Solver one, which mypy would otherwise match first
+def sample(  # type: ignore[overload-overlap]
+    ode: ODE,
+    solver: CoupledSolver,
+    start: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    trajectory: Literal[False] = ...,
+    return_pair: Literal[True],
+    progress: bool | None = ...,
+    callback: Callback | None = ...,
+    state_dtype: torch.dtype | str | None = ...,
+    adjoint: str | None = ...,
+) -> CoupledPair: ...
+@overload
+def sample(
+    ode: ODE,
+    solver: Solver,
+    start: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    trajectory: Literal[False] = ...,
+    return_pair: Literal[True],
+    progress: bool | None = ...,
+    callback: Callback | None = ...,
+    state_dtype: torch.dtype | str | None = ...,
+    adjoint: str | None = ...,
+) -> StatePair: ...
+@overload
+def sample(
+    ode: ODE,
+    solver: Solver,
+    start: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    trajectory: bool = ...,
+    return_pair: bool = ...,
+    progress: bool | None = ...,
+    callback: Callback | None = ...,
+    state_dtype: torch.dtype | str | None = ...,
+    adjoint: str | None = ...,
+) -> Tensor | StatePair | CoupledPair: ...
+
+
 def sample(
     ode: ODE,
     solver: Solver,
@@ -449,6 +514,30 @@ def sample(
         out = _unaliased(out, start)
     watch.warn(solver, "sampling", editing=from_pair)
     return out
+
+
+@overload  # before the Solver one, which mypy would otherwise match first
+def invert(  # type: ignore[overload-overlap]
+    ode: ODE,
+    solver: CoupledSolver,
+    end: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    progress: bool | None = ...,
+    callback: Callback | None = ...,
+    state_dtype: torch.dtype | str | None = ...,
+) -> CoupledPair: ...
+@overload
+def invert(
+    ode: ODE,
+    solver: Solver,
+    end: Tensor | StatePair | CoupledPair | tuple[Tensor, Tensor],
+    ts: Tensor | Sequence[float],
+    *,
+    progress: bool | None = ...,
+    callback: Callback | None = ...,
+    state_dtype: torch.dtype | str | None = ...,
+) -> StatePair: ...
 
 
 def invert(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import zipfile
 
 import pytest
 from conftest import REPO, run_child
@@ -44,3 +46,33 @@ def test_a_requirement_without_a_lower_bound_is_refused(tmp_path):
     assert result.returncode == 1
     assert "'numpy'" in result.stderr and "NAME>=VERSION" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_wheel_holds_the_shipped_weights_the_type_marker_and_the_command(tmp_path):
+    """What a user installs from the wheel runs offline and is typed: the digits networks,
+    ``py.typed`` (PEP 561, so that type checkers read the annotations) and the ``bdia``
+    command. Built from a copy of the sources, so that no build folder lands in the repo."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "bdia", source / "bdia", ignore=shutil.ignore_patterns("__pycache__"))
+    built = run_child(
+        ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", "dist", "."],
+        timeout=300,
+        cwd=source,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (source / "dist").glob("bdia-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        entry_points = archive.read(info).decode()
+    assert "bdia/py.typed" in names
+    assert {
+        "bdia/models/weights/digits.safetensors",
+        "bdia/models/weights/digits_classifier.safetensors",
+    } <= names
+    assert re.search(r"^bdia = bdia\.cli:main$", entry_points, re.MULTILINE)
+    assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
