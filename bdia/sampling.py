@@ -363,7 +363,9 @@ def sample(
             ``StatePair(x at ts[-2], x at ts[-1])``, or for ``edict`` and ``reversible`` the
             ``CoupledPair`` of both chains at ``ts[-1]``.
         progress: tqdm bar; None shows it only on a terminal.
-        callback: called after every step with ``{"i", "t", "t_next", "x", "x_next", "denoised"}``.
+        callback: called after every step with ``{"i", "t", "t_next", "x", "x_next",
+            "denoised", "parasitic"}`` (``parasitic``: a reversible solver's 0-dim tensor,
+            None for a single-step solver and for BDIA's plain first step).
         state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
             the name ``"float32"`` or ``"float64"``; defaults to ``start``'s.
         adjoint: how the result can be differentiated. None (the default): not at all; the
@@ -491,8 +493,10 @@ def invert(
         FloatingPointError: if a step produces NaN or Inf (the message names the step).
 
     Warns:
-        RuntimeWarning: when BDIA's amplification prod(1/gamma_k) exceeds what the state
-            dtype can carry.
+        ParasiticWarning: when a reversible solver's parasitic component reaches the size of
+            the state (``PARASITIC_LIMIT``), so that it dominates the result.
+        PairMismatchWarning: when a reversible solver continues a pair made under another
+            ODE.
     """
     state_dtype = _state_dtype(state_dtype)
     grid = _grid(ts, ode)
