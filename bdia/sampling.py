@@ -48,10 +48,11 @@ Callback = Callable[[dict[str, Any]], None]
 
 #: ``SolverState.parasitic`` at or above this (the non-physical part of a reversible solver's
 #: state as large as the state itself) makes ``sample`` and ``invert`` warn. Measured on the
-#: digits model with bdia(euler, 0.96): at most 0.005 (35 steps) and 0.07 (10 steps) when
-#: inverting data or reconstructing it, 0.1 when sampling 35 steps from noise; 1.2 when
-#: sampling 10 steps from noise (whose results overshoot [-1, 1] to 3.6), about 2 for a pair
-#: continued under another label, 5 to 10 for bdia-heun on y' = -5 y.
+#: digits model with bdia(euler, 0.96): at most 0.0055 (35 steps) and 0.073 (10 steps) when
+#: inverting the held-out digits or reconstructing them, 0.1 when sampling 35 steps from
+#: noise; about 1.3 when sampling 10 steps from noise (whose results overshoot [-1, 1] to
+#: about 4), 2.0 to 2.6 for a pair continued under another label, 5 to 10 for bdia-heun on
+#: y' = -5 y.
 PARASITIC_LIMIT = 1.0
 
 #: The values of ``sample``'s ``adjoint``.
