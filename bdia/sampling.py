@@ -53,10 +53,11 @@ Callback = Callable[[dict[str, Any]], None]
 
 #: ``SolverState.parasitic`` at or above this (the non-physical part of a reversible solver's
 #: state as large as the state itself) makes ``sample`` and ``invert`` warn. Measured on the
-#: digits model with bdia(euler, 0.96): at most 0.005 (35 steps) and 0.07 (10 steps) when
-#: inverting data or reconstructing it, 0.1 when sampling 35 steps from noise; 1.2 when
-#: sampling 10 steps from noise (whose results overshoot [-1, 1] to 3.6), about 2 for a pair
-#: continued under another label, 5 to 10 for bdia-heun on y' = -5 y.
+#: digits model with bdia(euler, 0.96): at most 0.0055 (35 steps) and 0.073 (10 steps) when
+#: inverting the held-out digits or reconstructing them, 0.1 when sampling 35 steps from
+#: noise; about 1.3 when sampling 10 steps from noise (whose results overshoot [-1, 1] to
+#: about 4), 2.0 to 2.6 for a pair continued under another label, 5 to 10 for bdia-heun on
+#: y' = -5 y.
 PARASITIC_LIMIT = 1.0
 
 #: The values of ``sample``'s ``adjoint``.
@@ -428,7 +429,9 @@ def sample(
             ``StatePair(x at ts[-2], x at ts[-1])``, or for ``edict`` and ``reversible`` the
             ``CoupledPair`` of both chains at ``ts[-1]``.
         progress: tqdm bar; None shows it only on a terminal.
-        callback: called after every step with ``{"i", "t", "t_next", "x", "x_next", "denoised"}``.
+        callback: called after every step with ``{"i", "t", "t_next", "x", "x_next",
+            "denoised", "parasitic"}`` (``parasitic``: a reversible solver's 0-dim tensor,
+            None for a single-step solver and for BDIA's plain first step).
         state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
             the name ``"float32"`` or ``"float64"``; defaults to ``start``'s.
         adjoint: how the result can be differentiated. None (the default): not at all; the
@@ -580,8 +583,10 @@ def invert(
         FloatingPointError: if a step produces NaN or Inf (the message names the step).
 
     Warns:
-        RuntimeWarning: when BDIA's amplification prod(1/gamma_k) exceeds what the state
-            dtype can carry.
+        ParasiticWarning: when a reversible solver's parasitic component reaches the size of
+            the state (``PARASITIC_LIMIT``), so that it dominates the result.
+        PairMismatchWarning: when a reversible solver continues a pair made under another
+            ODE.
     """
     state_dtype = _state_dtype(state_dtype)
     grid = _grid(ts, ode)
