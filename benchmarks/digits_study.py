@@ -342,6 +342,10 @@ def _fmt(value: float, digits_: int = 3) -> str:
     return "—" if not math.isfinite(value) else f"{value:.{digits_}g}"
 
 
+def _threads(count: int) -> str:
+    return "1 thread" if count == 1 else f"{count} threads"
+
+
 def report(args, rows, inversion, baseline, edits, seconds, figures: dict[str, str]) -> str:
     budgets = args.budgets
     lines = [
@@ -350,7 +354,7 @@ def report(args, rows, inversion, baseline, edits, seconds, figures: dict[str, s
         f"Written by `python benchmarks/{Path(__file__).name}"
         + (" " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "")
         + f"` on {datetime.now(timezone.utc):%Y-%m-%d}, {platform.machine()} CPU, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {seconds / 60:.1f} min.",
+        f"torch {torch.__version__}, {_threads(torch.get_num_threads())}, {seconds / 60:.1f} min.",
         "",
         f'Model: the shipped `load_network("digits")`; {args.samples} class-conditional samples '
         f"({args.samples // 10} per class, the same noise for every solver), float64 state, "
@@ -436,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="default: beside --out")
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--inversion-count", type=int, default=None, help="default: all 360")
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread, as `bdia` uses for networks of at most 16x16 pixels: an 8x8 batch gains
+    # nothing from a second, and loses several times over on cores that other work shares.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="2 solvers, 100 samples, 16 digits")
     args = parser.parse_args(argv)
     args.solvers = bdia.available_solvers()
