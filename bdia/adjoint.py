@@ -44,6 +44,12 @@ no gradient; the backward pass warns when it finds such tensors in a step's grap
 network must be deterministic (``eval()`` mode: no dropout), since every step is computed
 twice and rebuilt once.
 
+Buffers. The backward pass calls the model twice more per evaluation (the rewind and the
+recomputation); a layer that updates a buffer on each call (batch norm's running statistics
+in ``train()`` mode) would count those calls too. When ``ode.f`` is an ``nn.Module`` its
+buffers are put back, at the end of the backward pass or when it stops, as the forward pass
+left them: what autograd through the loop leaves.
+
 Checks. A recomputed step must land on the state it led to in the forward pass (or that the
 rebuild gave), to ``sqrt(eps)`` of the state dtype (relative rms); otherwise the backward
 pass raises a ``RuntimeError``, since its gradients would be those of another trajectory (a
@@ -54,6 +60,7 @@ undoing the steps magnified the rounding that far, and the gradients may be off 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
@@ -229,18 +236,26 @@ class _Run:
             self.pair_fields = ()
             self.start_tensors = [start]
         self.targets = _targets(ode)
-        self.first: SolverState | None = None  # the state init makes from the start
-        self.k_start = 0
+        with torch.no_grad():
+            self.first = self.init(self.start_tensors)  # the state init makes from the start
+        self.k_start = self.first.k
         self.paths: list[Path] = []
-        self.template: SolverState | None = None
+        self.template: SolverState | None = None  # the final state's structure, once known
 
     def start(self, tensors: Sequence[Tensor]) -> Any:
         if self.pair is None:
             return tensors[0]
-        return dataclasses.replace(self.pair, **dict(zip(self.pair_fields, tensors)))
+        pair: Any = self.pair  # a dataclass instance (is_dataclass also admits classes)
+        return dataclasses.replace(pair, **dict(zip(self.pair_fields, tensors)))
 
     def init(self, tensors: Sequence[Tensor]) -> SolverState:
         return self.solver.init(self.ode, self.ts, self.start(tensors), at=0)
+
+    def final(self, tensors: Sequence[Tensor]) -> SolverState:
+        """The final state with ``tensors`` at its paths; the forward pass records its
+        structure."""
+        assert self.template is not None, "the forward pass runs first"
+        return with_state_tensors(self.template, dict(zip(self.paths, tensors)))
 
 
 def _hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> int:
@@ -248,7 +263,7 @@ def _hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> int:
     reaches (through the step's own operations; a known non-leaf stops the walk)."""
     known_ids = {id(t) for t in known}
     stops = {t.grad_fn for t in known if t.grad_fn is not None}
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    stack: list[Any] = [t.grad_fn for t in outputs if t.grad_fn is not None]
     seen: set[Any] = set()
     hidden = 0
     while stack:
@@ -262,6 +277,20 @@ def _hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> int:
             continue
         stack += [child for child, _ in node.next_functions]
     return hidden
+
+
+def _warn_hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> None:
+    """Warn when the graph of ``outputs`` reaches tensors requiring grad besides ``known``."""
+    hidden = _hidden_leaves(outputs, known)
+    if hidden:
+        warn_at_caller(
+            f"adjoint='reversible': the model uses {hidden} tensor(s) that require grad but "
+            "are neither parameters of ode.f (an nn.Module) nor tensors in ode.cond; they get "
+            "no gradient. Pass the module itself as the model, put the tensor in cond, or "
+            "freeze it",
+            RuntimeWarning,
+            through_torch=True,
+        )
 
 
 def _relative_rms(difference: Tensor, reference: Tensor) -> float:
@@ -353,6 +382,24 @@ def _check_rebuilt_start(rebuilt: SolverState, first: SolverState, solver: Solve
         )
 
 
+@contextlib.contextmanager
+def _kept_buffers(ode: ODE) -> Iterator[None]:
+    """Put the buffers of ``ode.f`` (when an ``nn.Module``) back as they were on entry.
+
+    Only buffers whose values changed are written: a copy bumps a tensor's version, and a
+    graph of the user's that saved an unchanged buffer must stay valid.
+    """
+    module = ode.f if isinstance(ode.f, torch.nn.Module) else None
+    kept = [] if module is None else [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
 def _grad(
     outputs: list[Tensor], cotangents: list[Tensor], inputs: list[Tensor]
 ) -> list[Tensor | None]:
@@ -407,37 +454,30 @@ class _ReversibleSampling(torch.autograd.Function):
         ode, solver, ts = run.ode, run.solver, run.ts
         targets = run.targets
         totals: list[Tensor | None] = [None] * len(targets)
-        state = with_state_tensors(run.template, dict(zip(run.paths, ctx.saved_tensors)))
+        state = run.final(ctx.saved_tensors)
         cotangent = {p: g for p, g in zip(run.paths, grads) if g is not None}
         checked = False
         steps = range(state.k, run.k_start, -1)
-        for k in _bar(steps, run.progress, f"adjoint {solver.name}"):
-            with torch.no_grad():
-                before = solver.rewind(ode, ts, state)
-            leaves = {p: t.detach().requires_grad_() for p, t in state_tensors(before)}
-            with torch.enable_grad():
-                after = solver.step(ode, ts, with_state_tensors(before, leaves))
-                _check_reproduced(after.x, state.x, k - 1, ts, first=k == steps[0])
-                outputs, cotangents = _pulled_back(after, cotangent)
-                inputs = [*leaves.values(), *targets]
-                if not checked and outputs:
-                    checked = True
-                    hidden = _hidden_leaves(outputs, inputs)
-                    if hidden:
-                        warn_at_caller(
-                            f"adjoint='reversible': the model uses {hidden} tensor(s) that "
-                            "require grad but are neither parameters of ode.f (an nn.Module) "
-                            "nor tensors in ode.cond; they get no gradient. Pass the module "
-                            "itself as the model, put the tensor in cond, or freeze it",
-                            RuntimeWarning,
-                            through_torch=True,
-                        )
-                found = _grad(outputs, cotangents, inputs)
-            cotangent = {p: g for p, g in zip(leaves, found) if g is not None}
-            for i, g in enumerate(found[len(leaves) :]):
-                if g is not None:
-                    totals[i] = g if totals[i] is None else totals[i] + g
-            state = before
+        with _kept_buffers(ode):
+            for k in _bar(steps, run.progress, f"adjoint {solver.name}"):
+                with torch.no_grad():
+                    before = solver.rewind(ode, ts, state)
+                leaves = {p: t.detach().requires_grad_() for p, t in state_tensors(before)}
+                with torch.enable_grad():
+                    after = solver.step(ode, ts, with_state_tensors(before, leaves))
+                    _check_reproduced(after.x, state.x, k - 1, ts, first=k == steps[0])
+                    outputs, cotangents = _pulled_back(after, cotangent)
+                    inputs = [*leaves.values(), *targets]
+                    if not checked and outputs:
+                        checked = True
+                        _warn_hidden_leaves(outputs, inputs)
+                    found = _grad(outputs, cotangents, inputs)
+                cotangent = {p: g for p, g in zip(leaves, found) if g is not None}
+                for i, g in enumerate(found[len(leaves) :]):
+                    total = totals[i]
+                    if g is not None:
+                        totals[i] = g if total is None else total + g
+                state = before
         _check_rebuilt_start(state, run.first, solver)
         # Onto the start: ``init`` is a relabelling of its tensors, differentiated as such
         # (its checks, which warned in the forward pass if at all, are not repeated).
@@ -495,17 +535,14 @@ def reversible_sample(
             f"adjoint='reversible' needs a solver that can rewind its steps; {solver.name!r} "
             "does not implement Solver.rewind. Use adjoint='autograd'"
         )
-    ts = [float(t) for t in ts]
-    run = _Run(ode, solver, start, ts, progress, callback, on_state)
-    with torch.no_grad():
-        run.first = run.init(run.start_tensors)
-    run.k_start = run.first.k
-    if run.k_start >= len(ts) - 1:
+    grid = [float(t) for t in ts]
+    run = _Run(ode, solver, start, grid, progress, callback, on_state)
+    if run.k_start >= len(grid) - 1:
         # No step to take (a pair on a two-point grid): the start is the result.
         state = run.first
     else:
         outputs = _ReversibleSampling.apply(run, *run.start_tensors, *run.targets)
-        state = with_state_tensors(run.template, dict(zip(run.paths, outputs)))
+        state = run.final(outputs)
     if return_pair:
         return solver.pair(state, ode.fingerprint())
     return state.x

@@ -373,6 +373,66 @@ def test_a_model_with_dropout_in_train_mode_is_refused_in_the_backward_pass():
     assert rel(got, ref) <= TOLERANCE
 
 
+class BatchNormDenoiser(MLPDenoiser):
+    """``MLPDenoiser`` with batch normalization of its hidden features: in ``train()`` mode it
+    normalizes by the batch's statistics (deterministic) and updates its running ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.insert(1, nn.BatchNorm1d(16, dtype=torch.float64))
+
+
+def batch_norm_gradients(adjoint: str, solver):
+    """The start's and the weights' gradients, the buffers after backward and the forward
+    pass's model calls, for a freshly built BatchNormDenoiser in train() mode."""
+    torch.manual_seed(0)
+    net = BatchNormDenoiser().double()
+    ode = bdia.DiffusionODE(net)
+    x = (20.0 * torch.randn(6, 4, dtype=torch.float64)).requires_grad_(True)
+    out = run(ode, solver, x, bdia.karras_grid(STEPS, sigma_max=20.0), adjoint)
+    calls = ode.nfe
+    grads = torch.autograd.grad(loss_of(out), [x, *net.parameters()])
+    return grads, {name: b.clone() for name, b in net.named_buffers()}, calls
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+@pytest.mark.parametrize("solver_name", ["bdia-heun-0.96", "edict-heun-0.8"])
+def test_running_statistics_are_those_of_the_forward_pass(solver_name):
+    """Batch norm in train() mode updates its running statistics on every call. The
+    backward pass calls the model twice more per evaluation (rewind and recomputation),
+    which used to update them three times as often as sampling does, momentum-weighted
+    toward the rebuilt states. Now the network's buffers are put back as the forward pass
+    left them: bit for bit those of autograd through the loop (the same calls on the same
+    inputs), and the gradients agree as in the tests above."""
+    solver = {**SOLVERS, **COUPLED}[solver_name]()
+    ref_grads, ref_buffers, calls = batch_norm_gradients("autograd", solver)
+    got_grads, got_buffers, _ = batch_norm_gradients("reversible", solver)
+    assert list(got_buffers) == list(ref_buffers)
+    for name, buffer in got_buffers.items():
+        assert torch.equal(buffer, ref_buffers[name]), name
+    assert int(got_buffers["net.1.num_batches_tracked"]) == calls
+    errors = [rel(g, r) for g, r in zip(got_grads, ref_grads, strict=True)]
+    assert max(errors) <= TOLERANCE, errors
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_buffers_are_put_back_when_the_backward_pass_stops():
+    """A backward pass refused midway (dropout in train() mode) leaves the network's
+    buffers as the forward pass left them too."""
+    torch.manual_seed(0)
+    net = DropoutDenoiser().double()
+    net.net.insert(1, nn.BatchNorm1d(16, dtype=torch.float64))
+    ode = bdia.DiffusionODE(net)
+    x = (20.0 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_(True)
+    ts = bdia.karras_grid(8, sigma_max=20.0)
+    out = run(ode, SOLVERS["bdia-euler-0.9"](), x, ts, "reversible")
+    after_forward = {name: b.clone() for name, b in net.named_buffers()}
+    with pytest.raises(RuntimeError, match="same output for the same input"):
+        loss_of(out).backward()
+    for name, buffer in net.named_buffers():
+        assert torch.equal(buffer, after_forward[name]), name
+
+
 def drifting_gradients(solver, steps: int, dtype: torch.dtype):
     """The start's gradient by both adjoints on the toy mixture (the reversible one's
     backward pass in a pytest.warns block that the caller opens)."""
