@@ -27,7 +27,7 @@ from . import __version__
 from . import compare as cmp
 from ._files import write_atomic, write_png
 from .ode import DTYPE_NAMES
-from .solvers import available_solvers, bdia, get_solver
+from .solvers import Solver, available_solvers, bdia, get_solver
 
 log = logging.getLogger("bdia")
 
@@ -415,12 +415,11 @@ def _karras(
     except (OverflowError, ZeroDivisionError, ValueError):
         ts = None
     # The grid is built in float64; extreme values overflow, or round points together or to 0.
-    noisy = None if ts is None else (ts[:-1] if final_zero else ts)
     if (
-        noisy is None
+        ts is None
         or not bool(ts.isfinite().all())
         or not bool((ts[1:] < ts[:-1]).all())
-        or not bool((noisy > 0).all())
+        or not bool(((ts[:-1] if final_zero else ts) > 0).all())
     ):
         raise click.BadParameter(
             f"--sigma-min {sigma_min:g}, --sigma-max {sigma_max:g} and --rho {rho:g} give no "
@@ -503,7 +502,9 @@ def _set_network_dtype(net: torch.nn.Module, dtype: torch.dtype) -> None:
             f"{type(net).__name__} has no half-precision mode; use --dtype float32",
             param_hint="'--dtype'",
         )
-    net.compute_dtype = dtype
+    # A property of the preconditioners; nn.Module's __setattr__ is typed for tensors and
+    # submodules alone.
+    net.compute_dtype = dtype  # type: ignore[assignment]
 
 
 @click.group(
@@ -1012,10 +1013,10 @@ def sample_command(
         class_label is not None or not getattr(net, "label_dim", 0)
     )
 
-    def write_grid() -> None:
+    def write_grid(path: Path) -> None:
         with _Progress(len(seed_list), "grid", "img", show and not grid_of_outdir) as bar:
             _write_sample_grid(
-                grid_path,
+                path,
                 net,
                 solver,
                 ts,
@@ -1027,10 +1028,10 @@ def sample_command(
                 on_batch=bar.update,
                 outdir=outdir if grid_of_outdir else None,
             )
-        click.echo(f"wrote {grid_path} ({len(seed_list)} images)", err=True)
+        click.echo(f"wrote {path} ({len(seed_list)} images)", err=True)
 
     if grid_path is not None and rank == 0 and not grid_of_outdir:
-        write_grid()
+        write_grid(grid_path)
     if outdir is None:
         return
 
@@ -1070,7 +1071,7 @@ def sample_command(
     if rank == 0:
         click.echo(f"{_images(len(seed_list))} in {outdir}", err=True)
         if grid_path is not None and grid_of_outdir:
-            write_grid()
+            write_grid(grid_path)
 
 
 # ------------------------------------------------- invert: images to latents, latents back
@@ -1111,9 +1112,10 @@ def _check_pngs(files: list[Path], net: torch.nn.Module, network_spec: str) -> N
     """Refuse, naming the file, any that is not a PNG of the network's size and channels."""
     from PIL import Image
 
+    from . import generate
     from .metrics.fid import _IMAGE_ERRORS
 
-    channels, res = net.img_channels, net.img_resolution
+    channels, res, _ = generate._image_shape(net)
     mode = _IMAGE_MODES.get(channels)
     if mode is None:
         raise click.BadParameter(
@@ -1479,6 +1481,7 @@ def _invert_images(
     from .editing import Inversion
     from .latents import save_latents
     from .ode import DiffusionODE
+    from .pairs import StatePair
     from .schedules import EDM
 
     steps, gamma = settings["steps"], settings["gamma"]
@@ -1539,6 +1542,7 @@ def _invert_images(
                 back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
                 error = back - x.to(state_dtype)  # in the state dtype
                 latents, reconstruction = _outputs_of(outdir, path.name)
+                assert isinstance(inversion.pair, StatePair)  # exact is a bdia solver
                 save_latents(
                     latents,
                     inversion.pair,
@@ -1720,9 +1724,9 @@ def _sample_latents(
                     "invert the image again",
                     param_hint="'--latents'",
                 )
-            recorded = meta["network_path"] or "an unrecorded network"
+            maker = meta["network_path"] or "an unrecorded network"
             raise click.BadParameter(
-                f"{str(path)!r} was made with another network, {recorded} "
+                f"{str(path)!r} was made with another network, {maker} "
                 f"({meta['network'][:19]}...), not {network_spec!r} ({why}); give the "
                 "--network it was inverted with",
                 param_hint="'--latents'",
@@ -1766,7 +1770,7 @@ def _sample_latents(
 def _write_sample_grid(
     path: Path,
     net: torch.nn.Module,
-    solver: object,
+    solver: Solver,
     ts: torch.Tensor,
     seeds: list[int],
     class_label: int | None,
@@ -1787,7 +1791,7 @@ def _write_sample_grid(
     from . import generate
 
     label_dim = getattr(net, "label_dim", 0)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    shape = generate._image_shape(net)
     if label_dim and class_label is None:
         # One class per column, so that every row shows each class once.
         classes: list[int] | int | None = [i % label_dim for i in range(len(seeds))]
@@ -1826,7 +1830,7 @@ def _write_sample_grid(
 def _fid_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
     """--images, --detector, --batch, --workers, --device and --no-progress, shared by fid and
     fid-ref."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--images",
             required=True,
@@ -2004,7 +2008,10 @@ def convert(source: Path, target: Path, overwrite: bool) -> None:
         raise click.BadParameter(_one_line(str(err)), param_hint="'SOURCE'") from None
     save_network(net, target)
     count = sum(p.numel() for p in net.parameters())
-    click.echo(f"wrote {target}: {net.config['class_name']}, {count:,} parameters")
+    # save_network has checked the recorded config dict, which nn.Module's typing takes for a
+    # tensor or submodule.
+    name = net.config["class_name"]  # type: ignore[index]
+    click.echo(f"wrote {target}: {name}, {count:,} parameters")
 
 
 if __name__ == "__main__":  # pragma: no cover

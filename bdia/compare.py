@@ -296,8 +296,9 @@ def _forward(
         The end state (``x``'s shape and dtype), or under bdia the final ``StatePair``, which
         is what its exact inversion starts from.
     """
-    bidirectional = isinstance(solver, BidirectionalWrapper)
-    return sample(ode, solver, x, ts, return_pair=bidirectional, progress=False)
+    if isinstance(solver, BidirectionalWrapper):
+        return sample(ode, solver, x, ts, return_pair=True, progress=False)
+    return sample(ode, solver, x, ts, progress=False)
 
 
 def _end(forward: Tensor | StatePair) -> Tensor:
@@ -366,6 +367,7 @@ def run_comparison(
             largest = max(plan, key=lambda p: p[1], default=None)
             # A float32 error run is also the forward half of the float32 round trip.
             reused: Tensor | StatePair | None = None
+            forward: Tensor | StatePair | None
             for budget, steps in plan:
                 if steps not in grids:
                     grids[steps] = problem.grid(steps)

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from ._files import write_atomic, write_png
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
+from .solvers.base import Solver
 
 __all__ = [
     "parse_seeds",
@@ -183,7 +184,7 @@ def seed_inputs(
         drawn = int(torch.randint(max(label_dim, 1), (1,), generator=gen))
         if fixed is not None:
             drawn = fixed[i]
-        elif class_label is not None:
+        elif isinstance(class_label, int):  # a sequence made fixed
             drawn = int(class_label)
         labels.append(drawn)
     if label_dim and any(not 0 <= c < label_dim for c in labels):
@@ -200,7 +201,7 @@ def _conditioning(net: torch.nn.Module, labels: Sequence[int], device: torch.dev
 
 def sample_images(
     net: torch.nn.Module,
-    solver: object,
+    solver: Solver,
     ts: Tensor | Sequence[float],
     noise: Tensor,
     labels: Sequence[int],
@@ -219,11 +220,19 @@ def sample_images(
         return sample(ode, solver, x, ts, progress=False)
 
 
+def _image_shape(net: torch.nn.Module) -> tuple[int, int, int]:
+    """``(channels, resolution, resolution)`` of the images of ``net`` (an EDM-style network,
+    which records ``img_channels`` and ``img_resolution``)."""
+    # Plain int attributes, which nn.Module's typing takes for tensors or submodules.
+    channels, res = cast(int, net.img_channels), cast(int, net.img_resolution)
+    return channels, res, res
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """Images in [-1, 1], ``(n, C, H, W)``, as uint8 arrays ``(n, H, W)`` or ``(n, H, W, C)``."""
     pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    pixels = pixels.cpu().numpy()
-    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    array = pixels.cpu().numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
 
 
 def grid_image(
@@ -257,7 +266,9 @@ def grid_image(
     ink = 0 if mode == "L" else (0, 0, 0)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        cell = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)
+        # Pillow sets Image.NEAREST at run time (Image.Resampling, which its stubs know, is
+        # missing from Pillow 9.0).
+        cell = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)  # type: ignore[attr-defined]
         canvas.paste(cell, (left + pad + c * (cell_w + pad), top + pad + r * (cell_h + pad)))
     for c, text in enumerate(captions or []):
         draw.text(
@@ -277,7 +288,7 @@ def write_grid(path: str | os.PathLike[str], canvas: Any) -> Path:
 
 def reconstruct(
     net: torch.nn.Module,
-    solver: object,
+    solver: Solver,
     ts: Tensor | Sequence[float],
     images: Tensor,
     labels: Sequence[int],
@@ -285,7 +296,7 @@ def reconstruct(
     state_dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     target_labels: Sequence[int] | None = None,
-    edit_solver: object | None = None,
+    edit_solver: Solver | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> tuple[Any, Tensor]:
     """Invert ``images`` (taken as the state at ``ts[-1] > 0``) and sample them back.
@@ -363,7 +374,7 @@ def write_run_record(
 
 def generate_images(
     net: torch.nn.Module,
-    solver: object,
+    solver: Solver,
     ts: Tensor,
     seeds: Sequence[int],
     outdir: str | os.PathLike[str],
@@ -404,7 +415,7 @@ def generate_images(
     label_dim = getattr(net, "label_dim", 0)
     if class_label is not None and not 0 <= class_label < max(label_dim, 1):
         raise ValueError(f"class {class_label} is outside 0..{label_dim - 1}")
-    res, channels = net.img_resolution, net.img_channels
+    shape = _image_shape(net)
     share = list(seeds)[rank::world_size]
     mine = []
     for seed in share:
@@ -418,7 +429,7 @@ def generate_images(
         on_batch(len(share) - len(mine))
     written = []
     for group in _batches(mine, batch):
-        noise, labels = seed_inputs(group, (channels, res, res), label_dim, class_label)
+        noise, labels = seed_inputs(group, shape, label_dim, class_label)
         images = sample_images(
             net, solver, ts, noise, labels, state_dtype=state_dtype, device=device
         )

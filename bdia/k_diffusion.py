@@ -27,7 +27,7 @@ from .ode import DiffusionODE
 from .sampling import StatePair, invert, sample
 from .schedules import EDM
 from .solvers.base import Solver
-from .solvers.bidirectional import GammaSpec
+from .solvers.bidirectional import BidirectionalWrapper, GammaSpec
 from .solvers.registry import bdia, get_solver
 
 __all__ = ["sample_bdia", "invert_bdia", "DEFAULT_GAMMA"]
@@ -89,7 +89,7 @@ def _extra_args(extra_args: Any) -> dict[str, Any]:
     return dict(extra_args)
 
 
-def _solver(base: Any, gamma: GammaSpec) -> Any:
+def _solver(base: Any, gamma: GammaSpec) -> BidirectionalWrapper:
     if isinstance(base, str) and base.startswith("bdia"):
         raise ValueError(
             f"base names the solver that BDIA wraps, such as 'euler' or 'heun', got {base!r}; "
@@ -209,7 +209,10 @@ def sample_bdia(
         callback=_callback(callback, sigma_tensor, dtype),
         state_dtype=state_dtype,
     )
-    return out if return_pair or dtype is None else out.to(dtype)
+    if isinstance(out, Tensor):
+        return out if dtype is None else out.to(dtype)
+    assert isinstance(out, StatePair)  # bdia's pair; only edict and reversible make others
+    return out
 
 
 @torch.no_grad()

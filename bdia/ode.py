@@ -147,7 +147,10 @@ class ODE:
     is_diffusion = False
 
     def __init__(
-        self, f: Callable[[Tensor, Tensor], Tensor], *, model_dtype: torch.dtype | None = None
+        self,
+        f: Callable[[Tensor, Tensor], Tensor],
+        *,
+        model_dtype: torch.dtype | str | None = None,
     ) -> None:
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
@@ -359,7 +362,7 @@ class DiffusionODE(ODE):
         denoiser: Denoiser,
         schedule: Schedule | None = None,
         *,
-        model_dtype: torch.dtype | None = None,
+        model_dtype: torch.dtype | str | None = None,
         cond: Mapping[str, Any] | None = None,
         prediction: str = "denoised",
     ) -> None:

@@ -462,7 +462,7 @@ def sample(
     _check_solver(solver, ode, grid)
     start = _pair(start, state_dtype, "start")
     from_pair = isinstance(start, (StatePair, CoupledPair))
-    if from_pair:
+    if isinstance(start, (StatePair, CoupledPair)):
         check_times(start, grid, 0, "start")
         if solver.reversible:
             check_fingerprint(start, ode, "start")

@@ -138,24 +138,25 @@ class FeatureStatistics:
     def add(self, features: ArrayLike) -> FeatureStatistics:
         """Add a batch of feature vectors ``(N, dim)`` (a tensor on any device, or an array)."""
         if not isinstance(features, torch.Tensor):
-            x = _as_float64_2d(features)
-            self._init(x.shape[1])
-            self.n += x.shape[0]
-            self._sum += x.sum(axis=0)
-            self._sum_outer += x.T @ x
+            a = _as_float64_2d(features)
+            self._init(a.shape[1])
+            self.n += a.shape[0]
+            self._sum += a.sum(axis=0)
+            self._sum_outer += a.T @ a
             return self
         if features.ndim != 2:
             raise ValueError(
                 f"expected a feature batch of shape (N, D), got shape {tuple(features.shape)}"
             )
         x = features.detach().to(torch.float64)
-        self._init(x.shape[1])
+        dim = x.shape[1]
+        self._init(dim)
         if self._pending is not None and self._pending[0].device != x.device:
             self._flush()
         if self._pending is None:
             self._pending = (
-                torch.zeros(self.dim, dtype=torch.float64, device=x.device),
-                torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device),
+                torch.zeros(dim, dtype=torch.float64, device=x.device),
+                torch.zeros(dim, dim, dtype=torch.float64, device=x.device),
             )
         self.n += x.shape[0]
         self._pending[0].add_(x.sum(dim=0))
@@ -213,7 +214,9 @@ class FeatureStatistics:
         self._init(int(largest))
         # float64 holds the count exactly up to 2**53 images.
         head = np.concatenate([[float(self.n)], self.sum])
-        for host in (head, self.sum_outer):
+        outer = self.sum_outer
+        assert outer is not None  # _init made it
+        for host in (head, outer):
             moved = torch.from_numpy(host).to(device)
             dist.all_reduce(moved, op=dist.ReduceOp.SUM)
             host[...] = moved.cpu().numpy()
@@ -235,7 +238,9 @@ class FeatureStatistics:
     def mu(self) -> np.ndarray:
         if self.n < 1:
             raise ValueError("no features accumulated")
-        return self.sum / self.n
+        total = self.sum
+        assert total is not None  # made with dim by the first vectors
+        return total / self.n
 
     @property
     def sigma(self) -> np.ndarray:
@@ -246,15 +251,17 @@ class FeatureStatistics:
         """
         if self.n < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, have {self.n}")
-        if self.n < self.dim:
-            _warn_sample_size(self.n, self.dim, stacklevel=2)
+        dim, outer = self.dim, self.sum_outer
+        assert dim is not None and outer is not None  # set by the first vectors
+        if self.n < dim:
+            _warn_sample_size(self.n, dim, stacklevel=2)
         mu = self.mu
-        cov = (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        cov = (outer - self.n * np.outer(mu, mu)) / (self.n - 1)
         return (cov + cov.T) / 2
 
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mu, sigma)``; warns as ``sigma`` does when ``n < dim``."""
-        if 2 <= self.n < self.dim:
+        if self.dim is not None and 2 <= self.n < self.dim:
             _warn_sample_size(self.n, self.dim, stacklevel=2)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FIDSampleSizeWarning)
@@ -418,6 +425,9 @@ class StandInDetector(torch.nn.Module):
     def __init__(self, features: int = 2048) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
+        # The buffer's type, for type checkers. Declared here: TorchScript reads class
+        # annotations, and cannot resolve this one.
+        self.proj: torch.Tensor
         self.register_buffer("proj", torch.randn(3 * 4 * 4, features, generator=g))
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:

@@ -169,7 +169,9 @@ def classifier_features(classifier: nn.Module, images: Tensor, batch: int = 1000
     Images are clipped to [-1, 1] first, as they would be when saved as pixels.
     """
     images = images.clamp(-1.0, 1.0)
-    out = [classifier.features(images[i : i + batch]) for i in range(0, images.shape[0], batch)]
+    # nn.Module types an attribute it does not declare as Tensor | Module; features is the
+    # classifier's method (DigitClassifier.features).
+    out = [classifier.features(images[i : i + batch]) for i in range(0, images.shape[0], batch)]  # type: ignore[operator]
     return torch.cat(out).double()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(w * init_weight)
         if bias:
             b = _init_weight((out_features,), init_mode, in_features, out_features)
-            self.bias = nn.Parameter(b * init_bias)
+            self.bias: nn.Parameter | None = nn.Parameter(b * init_bias)
         else:
             self.bias = None
 
@@ -120,16 +120,19 @@ class Conv2d(nn.Module):
         if kernel:
             shape = (out_channels, in_channels, kernel, kernel)
             w = _init_weight(shape, init_mode, fan_in, fan_out)
-            self.weight = nn.Parameter(w * init_weight)
+            self.weight: nn.Parameter | None = nn.Parameter(w * init_weight)
         else:
             self.weight = None
         if kernel and bias:
             b = _init_weight((out_channels,), init_mode, fan_in, fan_out)
-            self.bias = nn.Parameter(b * init_bias)
+            self.bias: nn.Parameter | None = nn.Parameter(b * init_bias)
         else:
             self.bias = None
         taps = torch.as_tensor(list(resample_filter), dtype=torch.float32)
         fir = torch.outer(taps, taps)[None, None] / taps.sum() ** 2
+        # The buffer's type, for type checkers. Declared here: TorchScript reads class
+        # annotations, and cannot resolve this one.
+        self.resample_filter: Tensor | None
         self.register_buffer("resample_filter", fir if (up or down) else None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,20 +143,26 @@ class Conv2d(nn.Module):
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         c_in, c_out = self.in_channels, self.out_channels
 
+        # __init__ keeps the filter whenever the layer resamples, so f is set below wherever
+        # self.up or self.down holds.
         if self.fused_resample and self.up and w is not None:
+            assert f is not None
             up_filter = (4 * f).tile(c_in, 1, 1, 1)
             pad = max(f_pad - w_pad, 0)
             x = F.conv_transpose2d(x, up_filter, groups=c_in, stride=2, padding=pad)
             x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
+            assert f is not None
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile(c_out, 1, 1, 1), groups=c_out, stride=2)
         else:
             if self.up:
+                assert f is not None
                 x = F.conv_transpose2d(
                     x, (4 * f).tile(c_in, 1, 1, 1), groups=c_in, stride=2, padding=f_pad
                 )
             if self.down:
+                assert f is not None
                 x = F.conv2d(x, f.tile(c_in, 1, 1, 1), groups=c_in, stride=2, padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
@@ -328,6 +337,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16.0) -> None:
         super().__init__()
+        self.freqs: Tensor  # the buffer's type (see Conv2d)
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -390,10 +400,10 @@ class SongUNet(nn.Module):
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode="xavier_uniform")
-        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(
+        init: dict[str, Any] = dict(init_mode="xavier_uniform")
+        init_zero: dict[str, Any] = dict(init_mode="xavier_uniform", init_weight=1e-5)
+        init_attn: dict[str, Any] = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
+        block_kwargs: dict[str, Any] = dict(
             emb_channels=emb_channels,
             num_heads=1,
             dropout=dropout,
@@ -408,6 +418,7 @@ class SongUNet(nn.Module):
         )
 
         # Mapping network.
+        self.map_noise: PositionalEmbedding | FourierEmbedding
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
@@ -451,7 +462,10 @@ class SongUNet(nn.Module):
                 cin, cout = cout, model_channels * mult
                 attn = res in attn_resolutions
                 self.enc[f"{tag}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        # The modules not tagged aux are Conv2d and UNetBlock, whose out_channels is an int.
+        skips = [
+            cast(int, block.out_channels) for name, block in self.enc.items() if "aux" not in name
+        ]
 
         # Decoder.
         self.dec = nn.ModuleDict()
@@ -525,6 +539,7 @@ class SongUNet(nn.Module):
             elif "aux_norm" in name:
                 hidden = block(x)
             elif "aux_conv" in name:
+                assert hidden is not None  # each level's aux_norm comes before its aux_conv
                 hidden = block(F.silu(hidden))
                 out = hidden if out is None else hidden + out
             else:

@@ -59,7 +59,7 @@ def _qualified(klass: type) -> str:
     return f"{klass.__module__}.{klass.__qualname__}"
 
 
-def _record_arguments(klass: type, key: str) -> None:
+def _record_arguments(klass: type[Any], key: str) -> None:
     """Wrap ``klass.__init__`` so that an instance of exactly ``klass`` records its arguments."""
     init = klass.__init__
     params = list(inspect.signature(init).parameters.values())[1:]  # without self

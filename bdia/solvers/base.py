@@ -137,9 +137,10 @@ class Solver(ABC):
         rounding, when ``reversible``)."""
 
     @abstractmethod
-    def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair:
-        """The two grid states around ``state.k`` in grid order, as ``return_pair`` gives them
-        and ``init`` takes them back."""
+    def pair(self, state: SolverState, fingerprint: str | None = None) -> StatePair | CoupledPair:
+        """The two grid states around ``state.k`` in grid order (for edict and reversible, the
+        two chains at ``state.k``), as ``return_pair`` gives them and ``init`` takes them
+        back."""
 
     @property
     def base(self) -> Solver:

@@ -53,7 +53,7 @@ GammaSpec = float | Sequence[float] | str
 NAMED_GAMMAS = ("obelm",)
 
 
-def _check_user_gamma(value: float, where: str) -> float:
+def _check_user_gamma(value: Any, where: str) -> float:
     if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool:
         # float(True) is 1.0: a flag passed by mistake would become the leapfrog scheme.
         raise TypeError(f"gamma{where} must be a number in [0, 1], got the bool {value!r}")

@@ -93,6 +93,18 @@ def _stage_fraction(solver: str, field: str, value: object) -> float:
     return r
 
 
+# A DiffusionODE, which first_evaluation insists on, fills in both predictions of every
+# evaluation; a plain ODE leaves them None.
+def _denoised(e: Evaluation) -> Tensor:
+    assert e.denoised is not None
+    return e.denoised
+
+
+def _eps(e: Evaluation) -> Tensor:
+    assert e.eps is not None
+    return e.eps
+
+
 class _Exponential(SingleStepSolver):
     """Shared plumbing: schedule look-ups, the DDIM fallback at sigma = 0, stage evaluations."""
 
@@ -118,7 +130,7 @@ class _Exponential(SingleStepSolver):
         sched = ode.schedule  # type: ignore[attr-defined]
         t, t_next = float(t), float(t_next)
         if ode.is_terminal(t_next):
-            return sched.alpha(t_next) * first.denoised + sched.sigma(t_next) * first.eps
+            return sched.alpha(t_next) * _denoised(first) + sched.sigma(t_next) * _eps(first)
         lam, lam_next = sched.log_snr(t), sched.log_snr(t_next)
         co = _Coefficients(
             alpha=sched.alpha(t),
@@ -150,7 +162,7 @@ class DDIM(_Exponential):
     stages = 1
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        return co.alpha_next * first.denoised + co.sigma_next * first.eps
+        return co.alpha_next * _denoised(first) + co.sigma_next * _eps(first)
 
 
 @dataclass(frozen=True, repr=False)
@@ -162,7 +174,7 @@ class DPMSolver1(_Exponential):
     stages = 1
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        return (co.alpha_next / co.alpha) * x - (co.sigma_next * math.expm1(co.h)) * first.eps
+        return (co.alpha_next / co.alpha) * x - (co.sigma_next * math.expm1(co.h)) * _eps(first)
 
 
 @dataclass(frozen=True, repr=False)
@@ -175,10 +187,10 @@ class DPMSolver2(_Exponential):
     r1: float = 0.5
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        r1, h, eps = self.r1, co.h, first.eps
+        r1, h, eps = self.r1, co.h, _eps(first)
         s, alpha_s, sigma_s = self._stage(ode, co, r1)
         u = (alpha_s / co.alpha) * x - (sigma_s * math.expm1(r1 * h)) * eps
-        eps_u = ode.evaluate(s, u).eps
+        eps_u = _eps(ode.evaluate(s, u))
         phi = co.sigma_next * math.expm1(h)
         return (co.alpha_next / co.alpha) * x - phi * eps - (phi / (2.0 * r1)) * (eps_u - eps)
 
@@ -194,17 +206,17 @@ class DPMSolver3(_Exponential):
     r2: float = 2.0 / 3.0
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        r1, r2, h, eps = self.r1, self.r2, co.h, first.eps
+        r1, r2, h, eps = self.r1, self.r2, co.h, _eps(first)
         s1, alpha_s1, sigma_s1 = self._stage(ode, co, r1)
         s2, alpha_s2, sigma_s2 = self._stage(ode, co, r2)
         u1 = (alpha_s1 / co.alpha) * x - (sigma_s1 * math.expm1(r1 * h)) * eps
-        d1 = ode.evaluate(s1, u1).eps - eps
+        d1 = _eps(ode.evaluate(s1, u1)) - eps
         u2 = (
             (alpha_s2 / co.alpha) * x
             - (sigma_s2 * math.expm1(r2 * h)) * eps
             - (sigma_s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)) * d1
         )
-        d2 = ode.evaluate(s2, u2).eps - eps
+        d2 = _eps(ode.evaluate(s2, u2)) - eps
         return (
             (co.alpha_next / co.alpha) * x
             - (co.sigma_next * math.expm1(h)) * eps
@@ -221,7 +233,8 @@ class DPMSolverPP1(_Exponential):
     stages = 1
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-co.h)) * first.denoised
+        d = _denoised(first)
+        return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-co.h)) * d
 
 
 @dataclass(frozen=True, repr=False)
@@ -234,10 +247,10 @@ class DPMSolverPP2S(_Exponential):
     r1: float = 0.5
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        r1, h, d = self.r1, co.h, first.denoised
+        r1, h, d = self.r1, co.h, _denoised(first)
         s, alpha_s, sigma_s = self._stage(ode, co, r1)
         u = (sigma_s / co.sigma) * x - (alpha_s * math.expm1(-r1 * h)) * d
-        d_u = ode.evaluate(s, u).denoised
+        d_u = _denoised(ode.evaluate(s, u))
         w = 1.0 / (2.0 * r1)
         blended = (1.0 - w) * d + w * d_u
         return (co.sigma_next / co.sigma) * x - (co.alpha_next * math.expm1(-h)) * blended
@@ -254,17 +267,17 @@ class DPMSolverPP3S(_Exponential):
     r2: float = 2.0 / 3.0
 
     def _update(self, ode: ODE, co: _Coefficients, x: Tensor, first: Evaluation) -> Tensor:
-        r1, r2, h, d = self.r1, self.r2, co.h, first.denoised
+        r1, r2, h, d = self.r1, self.r2, co.h, _denoised(first)
         s1, alpha_s1, sigma_s1 = self._stage(ode, co, r1)
         s2, alpha_s2, sigma_s2 = self._stage(ode, co, r2)
         u1 = (sigma_s1 / co.sigma) * x - (alpha_s1 * math.expm1(-r1 * h)) * d
-        d1 = ode.evaluate(s1, u1).denoised - d
+        d1 = _denoised(ode.evaluate(s1, u1)) - d
         u2 = (
             (sigma_s2 / co.sigma) * x
             - (alpha_s2 * math.expm1(-r2 * h)) * d
             + (alpha_s2 * r2 / r1 * (math.expm1(-r2 * h) / (r2 * h) + 1.0)) * d1
         )
-        d2 = ode.evaluate(s2, u2).denoised - d
+        d2 = _denoised(ode.evaluate(s2, u2)) - d
         return (
             (co.sigma_next / co.sigma) * x
             - (co.alpha_next * math.expm1(-h)) * d

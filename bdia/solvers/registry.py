@@ -164,7 +164,7 @@ def register_tableau(name: str, tableau: ButcherTableau) -> None:
     register_solver(name)(factory)
 
 
-def bdia(solver: SingleStepSolver | str, gamma: GammaSpec = 1.0) -> BidirectionalWrapper:
+def bdia(solver: Solver | str, gamma: GammaSpec = 1.0) -> BidirectionalWrapper:
     """Wrap ``solver`` (an instance or a registered name) as a time-reversible BDIA scheme.
 
     ``gamma = 1`` (the default; with Euler or DDIM the leapfrog scheme) keeps inversion free
@@ -183,9 +183,10 @@ def bdia(solver: SingleStepSolver | str, gamma: GammaSpec = 1.0) -> Bidirectiona
     Returns:
         A BidirectionalWrapper, usable wherever ``sample``, ``invert`` or ``odeint`` take a solver.
     """
-    if isinstance(solver, str):
-        solver = get_solver(solver)
-    return BidirectionalWrapper(solver, gamma)
+    base = get_solver(solver) if isinstance(solver, str) else solver
+    # The wrapper's __post_init__ refuses a solver that is not single-step (with a TypeError
+    # that names it) and turns a sequence of gammas into a tuple.
+    return BidirectionalWrapper(base, gamma)  # type: ignore[arg-type]
 
 
 def edict(solver: SingleStepSolver | str, p: float = 0.93) -> EDICTWrapper:
@@ -204,9 +205,8 @@ def edict(solver: SingleStepSolver | str, p: float = 0.93) -> EDICTWrapper:
         An EDICTWrapper (name ``"edict-<base>"``), usable wherever ``sample`` or ``invert``
         take a solver; ``return_pair`` gives a ``CoupledPair``. Each step costs two base steps.
     """
-    if isinstance(solver, str):
-        solver = get_solver(solver)
-    return EDICTWrapper(solver, p)
+    base = get_solver(solver) if isinstance(solver, str) else solver
+    return EDICTWrapper(base, p)
 
 
 def reversible(solver: SingleStepSolver | str, coupling: float = 0.999) -> ReversibleWrapper:
@@ -226,9 +226,8 @@ def reversible(solver: SingleStepSolver | str, coupling: float = 0.999) -> Rever
         ``invert`` take a solver, on grids without a point at sigma = 0; ``return_pair``
         gives a ``CoupledPair``. Each step costs two base steps.
     """
-    if isinstance(solver, str):
-        solver = get_solver(solver)
-    return ReversibleWrapper(solver, coupling)
+    base = get_solver(solver) if isinstance(solver, str) else solver
+    return ReversibleWrapper(base, coupling)
 
 
 for _name, _tableau in (("euler", EULER), ("heun", HEUN), ("midpoint", MIDPOINT), ("rk4", RK4)):

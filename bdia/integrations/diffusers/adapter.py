@@ -558,8 +558,7 @@ class DiffusersModel(torch.nn.Module):
         else:
             x_in = x
 
-        guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
-        if guided:
+        if guidance_scale is not None and guidance_scale != 1 and negative_cond is not None:
             kwargs = _paired(negative_cond, unet_kwargs, batch, "")
             both = self._call_unet(torch.cat([x_in, x_in]), torch.cat([tau, tau]), kwargs)
             # The raw outputs are combined (linear, so the same in eps, x0 or v), in float32 at
@@ -791,6 +790,7 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
         schedule = _schedule(table, space, clean_end)
         end = 0.0 if clean_end else 1.0 / n
         if from_sigmas:
+            assert sigmas is not None  # from_sigmas needs them
             times = [end if s == 0.0 else _vp_time(schedule, s) for s in sigmas]
         else:
             times = [(tau + 1.0) / n for tau in taus] + [end]

@@ -44,7 +44,7 @@ from ...sampling import _state_dtype
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from .adapter import diffusers_grid, from_diffusers
+from .adapter import DiffusersModel, diffusers_grid, from_diffusers
 
 __all__ = ["edit_image", "EditResult"]
 
@@ -224,6 +224,7 @@ def _grid(scheduler: Any, steps: int, probe: DiffusionODE) -> Tensor:
         return ts
     table = torch.as_tensor(scheduler.alphas_cumprod).to("cpu", torch.float64)
     a0 = float(table[0])
+    assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
     end = 1.0 / table.numel() if probe.f.space == "vp" else math.sqrt((1.0 - a0) / a0)
     if float(ts[-2]) > end:
         return torch.cat([ts[:-1], torch.tensor([end], dtype=torch.float64)])

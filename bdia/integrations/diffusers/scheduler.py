@@ -176,6 +176,7 @@ class _Replay:
         out, self.output = self.output, None
         if out is None:
             raise RuntimeError("BDIA scheduler: the replayed model was called twice in one step")
+        assert self.timestep is not None  # armed with the output
         if not bool((timestep == self.timestep).all()):
             raise RuntimeError(
                 f"BDIA scheduler: the ODE asked for timestep {timestep.tolist()}, but the model "
@@ -184,7 +185,9 @@ class _Replay:
         return out
 
 
-class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
+# diffusers declares config_name a str in SchedulerMixin and None in ConfigMixin; its own
+# schedulers combine the two the same way.
+class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     """Config, noise table, grid and the replayed evaluation, shared by both directions."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -260,7 +263,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         """Forget the state of a run."""
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self.config["num_train_timesteps"]
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The identity: VP states go to the unet as they are."""
@@ -279,10 +282,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         if len(set(taus)) != len(taus):
             raise ValueError(
                 f"num_inference_steps = {num_inference_steps} repeats timesteps under "
-                f"timestep_spacing = {self.config.timestep_spacing!r}; use fewer steps"
+                f"timestep_spacing = {self.config['timestep_spacing']!r}; use fewer steps"
             )
         grid = [float(t) for t in diffusers_grid(self._ddim, num_inference_steps).tolist()]
-        n = self.config.num_train_timesteps
+        n = self.config["num_train_timesteps"]
         # The grid's first points are the timesteps' times; one more is the end point unless
         # the last timestep sits on it (leading spacing, no offset, set_alpha_to_one=False:
         # DDIM's last step from timestep 0 to alphas_cumprod[0] changes nothing).
@@ -297,6 +300,11 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self._built_for = self._configured
         self._reset()
 
+    def _grid(self) -> list[float]:
+        """``grid``, where set_timesteps has made it (the caller has checked)."""
+        assert self.grid is not None
+        return self.grid
+
     def _index(self, timestep: Any) -> int:
         if self.grid is None:
             raise ValueError(
@@ -304,6 +312,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
                 "set_timesteps(num_inference_steps) first"
             )
         now, then = self._config_snapshot(), self._built_for
+        assert then is not None  # set_timesteps records it with the grid
         if now != then:
             changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
             raise ValueError(
@@ -313,7 +322,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         value = _timestep_value(timestep)
         if value.is_integer() and int(value) in self._taus:
             return self._taus.index(int(value))
-        shown = self._taus if len(self._taus) <= 12 else self._taus[:6] + ["..."] + self._taus[-3:]
+        shown = self._taus if len(self._taus) <= 12 else [*self._taus[:6], "...", *self._taus[-3:]]
         raise ValueError(
             f"timestep {value:g} is not in this schedule's timesteps {shown}; step with the "
             "timesteps that set_timesteps made"
@@ -330,7 +339,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             raise TypeError(f"model_output must be a tensor, got {type(model_output).__name__}")
         channels = x.shape[1] if x.ndim > 1 else None
         if (
-            self.config.variance_type in ("learned", "learned_range")
+            self.config["variance_type"] in ("learned", "learned_range")
+            and channels is not None
             and model_output.ndim == x.ndim
             and model_output.shape[1] == 2 * channels
         ):
@@ -362,6 +372,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
     ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
         # A copy: a pipeline that edits the returned latents in place must not edit the state.
         prev_sample = prev.to(dtype, copy=True)
+        assert evaluation.denoised is not None  # a DiffusionODE's evaluations have it
         x0 = evaluation.denoised.to(dtype)
         if not return_dict:
             return prev_sample, x0
@@ -443,11 +454,13 @@ class BDIAScheduler(_BDIASchedulerBase):
         except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
         fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
+        assert self.start_index is not None  # _restart set it with the state
         return BDIASchedulerPair(**fields, start_index=self.start_index)
 
     def _restart(self, k: int, sample: Tensor) -> None:
         why = None
         if self._state is not None:
+            assert self._k is not None  # set with the state
             if k != self._k:
                 expected = self._taus[self._k] if self._k < len(self._taus) else "none (done)"
                 why = f"timestep {self._taus[k]} is not the next one ({expected})"
@@ -469,7 +482,7 @@ class BDIAScheduler(_BDIASchedulerBase):
                 )
         x = sample.to(self._state_dtype(sample), copy=True)
         # A plain state at k with no neighbour: the next step is a plain DDIM step.
-        self._state = self._solver.init(self._ode, self.grid, x, at=k)
+        self._state = self._solver.init(self._ode, self._grid(), x, at=k)
         self._k = k
         self.start_index = k
 
@@ -519,16 +532,17 @@ class BDIAScheduler(_BDIASchedulerBase):
         )
         if not continues:
             self._restart(k, sample)
-        state = self._state
-        if k + 1 >= len(self.grid):
+        state, grid = self._state, self._grid()
+        assert state is not None  # continued, or set by _restart
+        if k + 1 >= len(grid):
             # The last timestep sits on the grid's end (DDIM's identity step): nothing moves.
             evaluation = self._replayed(
-                model_output, k, state.x, lambda: self._ode.evaluate(self.grid[k], state.x)
+                model_output, k, state.x, lambda: self._ode.evaluate(grid[k], state.x)
             )
             self._k = k + 1
             return self._output(state.x, evaluation, sample.dtype, return_dict)
         new = self._replayed(
-            model_output, k, state.x, lambda: self._solver.step(self._ode, self.grid, state)
+            model_output, k, state.x, lambda: self._solver.step(self._ode, grid, state)
         )
         self._state = new
         self._k = new.k
@@ -573,7 +587,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         ``begin(pair)`` next."""
         self._build(num_inference_steps, device)
         self.forward_timesteps = self._ddim.timesteps
-        last = len(self.grid) - 1
+        last = len(self._grid()) - 1
         self.timesteps = self._ddim.timesteps[1:last].flip(0)
 
     def begin(
@@ -627,14 +641,15 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
             )
         if isinstance(start_index, bool) or not isinstance(start_index, numbers.Integral):
             raise TypeError(f"start_index must be an int, got {start_index!r}")
-        last = len(self.grid) - 2  # the pair's earlier state: no step back from there
-        if not 0 <= start_index <= last:
+        index = int(start_index)
+        last = len(self._grid()) - 2  # the pair's earlier state: no step back from there
+        if not 0 <= index <= last:
             raise ValueError(
-                f"start_index = {start_index} is not a step of this schedule's run (0 .. "
+                f"start_index = {index} is not a step of this schedule's run (0 .. "
                 f"{last} for num_inference_steps = {self.num_inference_steps}); call "
                 "set_timesteps with the forward run's step count"
             )
-        return int(start_index)
+        return index
 
     @property
     def pair(self) -> StatePair | None:
@@ -642,7 +657,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         before ``begin``."""
         if self._state is None:
             return None
-        return stamped(self._solver.pair(self._state), self.grid[self._state.k :], 0)
+        return stamped(self._solver.pair(self._state), self._grid()[self._state.k :], 0)
 
     def step(
         self,
@@ -676,6 +691,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 "BDIAInverseScheduler.step was called before begin(pair); call "
                 "x = inv.begin(forward_scheduler.final_pair) after set_timesteps"
             )
+        assert self.start_index is not None  # begin set it with the state
         if state.k <= self.start_index:
             raise ValueError(
                 f"the inversion is done: inv.pair holds the states at the run's start (index "
@@ -698,7 +714,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 "inversion continues its own two-word state, so feed prev_sample back unchanged"
             )
         new = self._replayed(
-            model_output, k, state.x, lambda: self._solver.unstep(self._ode, self.grid, state)
+            model_output, k, state.x, lambda: self._solver.unstep(self._ode, self._grid(), state)
         )
         self._state = new
         return self._output(new.x, new.evaluation, sample.dtype, return_dict)
