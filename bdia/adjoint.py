@@ -65,7 +65,7 @@ import dataclasses
 import enum
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -169,7 +169,7 @@ def with_state_tensors(state: SolverState, new: dict[Path, Tensor]) -> SolverSta
 Callback = Callable[[dict[str, Any]], None]
 
 
-def _bar(steps: range, progress: bool | None, desc: str) -> Iterator[int]:
+def _bar(steps: range, progress: bool | None, desc: str) -> Iterable[int]:
     return tqdm(steps, desc=desc, disable=None if progress is None else not progress, leave=False)
 
 
