@@ -174,11 +174,12 @@ def test_half_precision_unet_keeps_a_float32_state():
     model_dtype bfloat16, cast down (bit for bit), and the inverse, fed bfloat16 inputs by
     begin(pair, dtype=torch.bfloat16), returns the bfloat16 noise to the two-word precision.
 
-    A float32 two-word round trip is exact to a few u^2 G of the state (docs/theory.md), not
-    bitwise: an error of that size is absorbed by rounding to float32 wherever the noise is
-    not near zero, but a noise value of 0 comes back as the error itself (measured 2.4e-14
-    for one element with torch 2.11; 0 with 2.13, where rounding happened to fall the other
-    way). Hence a bound everywhere and bitwise equality where a float32 ulp exceeds it."""
+    A float32 two-word round trip is exact to a few u^2 of the state times its low words' growth
+    while the passes agree on the high words (docs/theory.md), not bitwise: an error of that
+    size is absorbed by rounding to float32 wherever the noise is not near zero, but a noise
+    value of 0 comes back as the error itself (measured 2.4e-14 for one element with torch 2.11;
+    0 with 2.13, where rounding happened to fall the other way). Hence a bound everywhere and
+    bitwise equality where a float32 ulp exceeds it."""
     unet = _unet(torch.bfloat16)
     ddim = diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
     pipe = diffusers.DDIMPipeline(unet, ddim)
@@ -202,8 +203,8 @@ def test_half_precision_unet_keeps_a_float32_state():
     assert torch.equal(final.later, pair.later)
     inv, x = _invert_loop(unet, pipe.scheduler.config, final, dtype=torch.bfloat16)
     assert x.dtype == torch.bfloat16
-    # 1e-12 is about 280 u^2 (u = 2^-24) for a state of unit size: room for a growth G of
-    # about 100 over 10 steps. From |noise| >= 2^-12 on, half a float32 ulp (at least 2^-37,
+    # 1e-12 is about 280 u^2 (u = 2^-24) for a state of unit size: room for a low-word growth
+    # of about 100 over 10 steps. From |noise| >= 2^-12 on, half a float32 ulp (at least 2^-37,
     # 7e-12) is larger, so the recovered high word must be the noise there, bit for bit.
     recovered = inv.pair.earlier
     assert _max_abs(recovered, noise) <= 1e-12
