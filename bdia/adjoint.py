@@ -65,14 +65,14 @@ import dataclasses
 import enum
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from tqdm.auto import tqdm
 
+from ._steps import check_finite, progress_bar
 from ._warnings import warn_at_caller
 from .ode import ODE
 from .solvers.base import Solver, SolverState, move_report
@@ -167,19 +167,6 @@ def with_state_tensors(state: SolverState, new: dict[Path, Tensor]) -> SolverSta
 # ------------------------------------------------------------------------ the driver
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-def _bar(steps: range, progress: bool | None, desc: str) -> Iterable[int]:
-    return tqdm(steps, desc=desc, disable=None if progress is None else not progress, leave=False)
-
-
-def _check_finite(x: Tensor, k: int, t: float, t_next: float) -> None:
-    # The same refusal as bdia.sampling's (which this module cannot import).
-    if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(
-            f"non-finite values at step {k} (t = {t:.6g} -> {t_next:.6g}): the model returned "
-            "NaN or Inf, or the step size is too large for the problem"
-        )
 
 
 def _targets(ode: ODE) -> list[Tensor]:
@@ -426,9 +413,9 @@ class _ReversibleSampling(torch.autograd.Function):
     def forward(ctx: Any, run: _Run, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ode, solver, ts = run.ode, run.solver, run.ts
         state = run.first
-        for _ in _bar(range(state.k, len(ts) - 1), run.progress, f"sampling {solver.name}"):
+        for _ in progress_bar(range(state.k, len(ts) - 1), run.progress, f"sampling {solver.name}"):
             new = solver.step(ode, ts, state)
-            _check_finite(new.x, state.k, ts[state.k], ts[new.k])
+            check_finite(new.x, state.k, ts[state.k], ts[new.k])
             if run.callback is not None:
                 run.callback(move_report(state, new, ts))
             if run.on_state is not None:
@@ -459,7 +446,7 @@ class _ReversibleSampling(torch.autograd.Function):
         checked = False
         steps = range(state.k, run.k_start, -1)
         with _kept_buffers(ode):
-            for k in _bar(steps, run.progress, f"adjoint {solver.name}"):
+            for k in progress_bar(steps, run.progress, f"adjoint {solver.name}"):
                 with torch.no_grad():
                     before = solver.rewind(ode, ts, state)
                 leaves = {p: t.detach().requires_grad_() for p, t in state_tensors(before)}

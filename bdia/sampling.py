@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ._steps import check_finite, progress_bar
 from ._warnings import warn_at_caller
 from .ode import DTYPE_NAMES, ODE
 from .pairs import (
@@ -317,18 +317,6 @@ def _check_solver(solver: Solver, ode: ODE, grid: list[float]) -> None:
     solver.check(ode, grid)
 
 
-def _check_finite(x: Tensor, k: int, t: float, t_next: float) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(
-            f"non-finite values at step {k} (t = {t:.6g} -> {t_next:.6g}): the model returned "
-            "NaN or Inf, or the step size is too large for the problem"
-        )
-
-
-def _bar(steps: range, progress: bool | None, desc: str) -> Any:
-    return tqdm(steps, desc=desc, disable=None if progress is None else not progress, leave=False)
-
-
 def _report(
     callback: Callback | None, state: SolverState, new: SolverState, grid: list[float]
 ) -> None:
@@ -498,9 +486,9 @@ def sample(
     with torch.enable_grad() if adjoint == "autograd" else torch.no_grad():
         state = solver.init(ode, grid, start, at=0)
         states = [start.earlier, start.later] if isinstance(start, StatePair) else [state.x]
-        for _ in _bar(range(state.k, len(grid) - 1), progress, f"sampling {solver.name}"):
+        for _ in progress_bar(range(state.k, len(grid) - 1), progress, f"sampling {solver.name}"):
             new = solver.step(ode, grid, state)
-            _check_finite(new.x, state.k, grid[state.k], grid[new.k])
+            check_finite(new.x, state.k, grid[state.k], grid[new.k])
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
@@ -607,9 +595,9 @@ def invert(
     watch = _ParasiticWatch()
     with torch.no_grad():
         state = solver.init(ode, grid, end, at=n)
-        for _ in _bar(range(state.k, 0, -1), progress, f"inverting {solver.name}"):
+        for _ in progress_bar(range(state.k, 0, -1), progress, f"inverting {solver.name}"):
             new = solver.unstep(ode, grid, state)
-            _check_finite(new.x, state.k, grid[state.k], grid[new.k])
+            check_finite(new.x, state.k, grid[state.k], grid[new.k])
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
