@@ -10,6 +10,7 @@ ends with exactly the images of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -159,6 +160,15 @@ def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[i : i + size])
 
 
+def _single_label(class_label: Any) -> int | None:
+    """``class_label`` as an int if it is one integer (Python, numpy or a 0-d integer tensor:
+    whatever ``operator.index`` takes), else None."""
+    try:
+        return operator.index(class_label)
+    except TypeError:
+        return None
+
+
 def seed_inputs(
     seeds: Sequence[int],
     shape: tuple[int, ...],
@@ -169,14 +179,21 @@ def seed_inputs(
 
     Both come from ``torch.Generator().manual_seed(seed)`` (noise first, then the class), so an
     image depends on its seed alone. ``class_label`` fixes the classes: one for all seeds, or
-    one per seed; None keeps the drawn ones (all 0 for an unconditional network).
+    one per seed; None keeps the drawn ones (all 0 for an unconditional network). One class is
+    any integer (a numpy integer or a 0-d integer tensor too).
     """
-    if class_label is not None and not isinstance(class_label, int):
-        fixed = [int(c) for c in class_label]
+    single = _single_label(class_label)
+    fixed: list[int] | None = None
+    if class_label is not None and single is None:
+        try:
+            fixed = [operator.index(c) for c in cast(Sequence[int], class_label)]
+        except TypeError:
+            raise TypeError(
+                "class_label must be one integer class or a sequence of them, one per seed; "
+                f"got {class_label!r}"
+            ) from None
         if len(fixed) != len(seeds):
             raise ValueError(f"{len(fixed)} class labels for {len(seeds)} seeds")
-    else:
-        fixed = None
     noise, labels = [], []
     for i, seed in enumerate(seeds):
         gen = torch.Generator().manual_seed(seed)
@@ -184,8 +201,8 @@ def seed_inputs(
         drawn = int(torch.randint(max(label_dim, 1), (1,), generator=gen))
         if fixed is not None:
             drawn = fixed[i]
-        elif isinstance(class_label, int):  # a sequence made fixed
-            drawn = int(class_label)
+        elif single is not None:
+            drawn = single
         labels.append(drawn)
     if label_dim and any(not 0 <= c < label_dim for c in labels):
         raise ValueError(f"class labels must lie in 0..{label_dim - 1}, got {sorted(set(labels))}")

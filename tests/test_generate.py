@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import child_env, run_child, run_torchrun
 
 from bdia.cli import main
-from bdia.generate import image_path, parse_seeds
+from bdia.generate import image_path, parse_seeds, seed_inputs
 
 ARGS = ["--network", "random:tiny-cond", "--steps", "3", "--solver", "euler"]
 
@@ -45,6 +47,24 @@ def test_parse_seeds(text, seeds):
 def test_bad_seeds_are_refused_with_the_part_named(text):
     with pytest.raises(ValueError, match="cannot parse seeds"):
         parse_seeds(text)
+
+
+@pytest.mark.parametrize(
+    "label", [3, np.int64(3), torch.tensor(3)], ids=["int", "numpy", "tensor"]
+)
+def test_one_class_may_be_any_integer(label):
+    """A numpy integer or a 0-d tensor fixes the class of every seed like a Python int (it
+    used to be taken for a sequence and fail as 'not iterable'); the noise is the seed's."""
+    noise, labels = seed_inputs([0, 1, 2], (1, 2, 2), 10, label)
+    free, _ = seed_inputs([0, 1, 2], (1, 2, 2), 10)
+    assert labels == [3, 3, 3] and all(type(c) is int for c in labels)
+    assert torch.equal(noise, free)
+
+
+@pytest.mark.parametrize("labels", [3.0, [1, 2.5, 3], "3"])
+def test_a_class_that_is_no_integer_is_refused_by_name(labels):
+    with pytest.raises(TypeError, match=r"class_label must be one integer class or a sequence"):
+        seed_inputs([0, 1, 2], (1, 2, 2), 10, labels)
 
 
 def test_image_layout():
