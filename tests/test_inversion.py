@@ -36,11 +36,14 @@ ALL_BASES = bdia.available_solvers()
 TOLERANCE = 1e-10
 
 SETTINGS = settings(
-    max_examples=150,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# The default run draws a few dozen problems per property, the slow pass (in CI) hundreds:
+# these properties are the suite's longest tests, and the default run must stay short on 2
+# busy cores.
+DEFAULT_EXAMPLES, SLOW_EXAMPLES = 40, 500
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,22 +145,35 @@ ROUND_TRIPS = pytest.mark.parametrize(
     [check_sample_then_invert, check_invert_then_sample],
     ids=["sample-invert", "invert-sample"],
 )
+# The problems of each property and the base solvers BDIA wraps on them: every registered
+# solver on the diffusion problems, the generic ones on linear systems.
+PROBLEMS = {"diffusion": (diffusion_problem, ALL_BASES), "linear": (linear_problem, GENERIC)}
+
+
+def round_trip_property(kind: str, check, examples: int) -> None:
+    """``check`` on ``examples`` drawn problems of ``kind``, base solvers and gammas."""
+    problems, bases = PROBLEMS[kind]
+
+    @settings(SETTINGS, max_examples=examples)
+    @given(problem=problems(), base=st.sampled_from(bases), gamma=gammas)
+    def holds(problem, base, gamma):
+        ode, ts, x = problem
+        check(ode, ts, x, bdia.bdia(base, gamma))
+
+    holds()
 
 
 @ROUND_TRIPS
-@SETTINGS
-@given(problem=diffusion_problem(), base=st.sampled_from(ALL_BASES), gamma=gammas)
-def test_round_trip_diffusion(check, problem, base, gamma):
-    ode, ts, x = problem
-    check(ode, ts, x, bdia.bdia(base, gamma))
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_round_trip(kind, check):
+    round_trip_property(kind, check, DEFAULT_EXAMPLES)
 
 
+@pytest.mark.slow
 @ROUND_TRIPS
-@SETTINGS
-@given(problem=linear_problem(), base=st.sampled_from(GENERIC), gamma=gammas)
-def test_round_trip_linear(check, problem, base, gamma):
-    ode, ts, x = problem
-    check(ode, ts, x, bdia.bdia(base, gamma))
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_round_trip_over_many_problems(kind, check):
+    round_trip_property(kind, check, SLOW_EXAMPLES)
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
