@@ -537,6 +537,7 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
         importlib.import_module("bdia.integrations.diffusers")
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 def test_core_package_does_not_import_integrations():
     result = run_child(
         ["-c", "import sys, bdia; print(sorted(m for m in sys.modules if 'diffusers' in m))"],

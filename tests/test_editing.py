@@ -210,6 +210,7 @@ def toy_fingerprints() -> list[str]:
     ]
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 def test_fingerprint_is_the_same_in_another_process(net) -> None:
     code = (
         "import torch, bdia; from bdia.models.checkpoints import load_network; "

@@ -83,6 +83,7 @@ def test_images_do_not_depend_on_batch_size_or_resume(tmp_path):
     assert pngs(tmp_path / "c") == a
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 def test_killed_run_resumed_gives_identical_images(tmp_path):
     reference, resumed = tmp_path / "ref", tmp_path / "resumed"
     run_cli("--seeds", "0-11", "--batch", "1", "--outdir", str(reference))
@@ -141,6 +142,7 @@ def test_unwritable_outdir_and_bad_class_leave_no_image(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 def test_a_child_process_of_the_suite_runs_on_one_thread():
     proc = run_child(["-c", "import torch; print(torch.get_num_threads())"], timeout=120)
     assert proc.stdout.strip() == "1", proc.stdout + proc.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_child
 
 PACKAGE = REPO / "bdia"
@@ -140,6 +141,7 @@ def test_the_package_has_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 def test_import_bdia_leaves_optional_heavy_packages_alone():
     heavy = ("diffusers", "matplotlib", "transformers")
     code = f"import sys, bdia; print(sorted(m for m in {heavy!r} if m in sys.modules))"

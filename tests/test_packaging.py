@@ -48,6 +48,7 @@ def test_a_requirement_without_a_lower_bound_is_refused(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_wheel_holds_the_shipped_weights_the_type_marker_and_the_command(tmp_path):
     """What a user installs from the wheel runs offline and is typed: the digits networks,

@@ -776,6 +776,7 @@ def test_torch_compile_leaves_the_arithmetic_out_of_its_graphs(monkeypatch, cach
     assert graphs and calls == [operator.mul], calls
 
 
+@pytest.mark.slow  # another process: its start costs seconds on busy cores
 def test_importing_and_using_the_module_loads_neither_dynamo_nor_bdia():
     """The guard imports torch._dynamo only in a process that has it already (seconds
     saved at every start); the module needs torch alone."""
