@@ -139,7 +139,8 @@ def test_conditional_samples_are_classified_as_their_label(net, classifier):
     assert accuracy >= 0.90
 
 
-@pytest.mark.parametrize("base", ["euler", "heun"])
+# Heun's two evaluations per step double the time; it runs in the slow pass, euler in both.
+@pytest.mark.parametrize("base", ["euler", pytest.param("heun", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "state_dtype,tolerance",
     # Two-word states: measured 1.6e-13 (euler) and 2.4e-7 (heun: a float32 high word may round
