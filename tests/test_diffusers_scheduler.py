@@ -13,6 +13,7 @@ import copy
 import warnings
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -660,3 +661,61 @@ def test_bad_steps_are_refused_in_one_line(unet):
         inverse.step(x, t, start + 1)
     errors.append(info)
     assert all("\n" not in str(e.value) for e in errors)
+
+
+@pytest.mark.parametrize("steps", [np.int64(STEPS), torch.tensor(STEPS)], ids=["numpy", "torch"])
+def test_integer_step_counts_of_numpy_and_torch_are_taken(steps):
+    """A step count from numpy or torch (np.arange, a sweep) gives the timesteps of the same
+    Python int, as DDIMScheduler takes it; diffusers_grid takes it as well."""
+    expected = BDIAScheduler()
+    expected.set_timesteps(STEPS)
+    for cls in (BDIAScheduler, BDIAInverseScheduler):
+        sched = cls()
+        sched.set_timesteps(steps)
+        assert sched.num_inference_steps == STEPS and type(sched.num_inference_steps) is int
+        assert sched.grid == expected.grid
+    ddim = diffusers.DDIMScheduler()
+    assert torch.equal(diffusers_grid(ddim, steps), diffusers_grid(ddim, STEPS))
+
+
+@pytest.mark.parametrize(
+    "steps, error, match",
+    [
+        (0, ValueError, "num_inference_steps must be >= 1, got 0"),
+        (None, TypeError, "num_inference_steps must be an int, got None"),
+        (2.0, TypeError, "num_inference_steps must be an int, got 2.0"),
+        (True, TypeError, "num_inference_steps must be an int, got True"),
+    ],
+)
+def test_bad_step_counts_are_named_before_ddim_sees_them(steps, error, match):
+    # DDIMScheduler itself divides by the count (ZeroDivisionError) or compares it with
+    # num_train_timesteps (TypeError about NoneType) before any check of ours.
+    for cls in (BDIAScheduler, BDIAInverseScheduler):
+        with pytest.raises(error, match=match) as info:
+            cls().set_timesteps(steps)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        diffusers.EDMEulerScheduler(),
+    ],
+    ids=["flow_match", "edm"],
+)
+def test_a_config_without_a_noise_table_is_refused(source):
+    """SD3's or Flux's FlowMatchEulerDiscreteScheduler config (and EDM's) has no beta fields:
+    from_config would fill DDIM's default betas in and sample a flow model on a VP table. It
+    is refused, as from_diffusers refuses that scheduler, naming the class when the config
+    names it (one read from disk does; a scheduler's .config does not)."""
+    name = type(source).__name__
+    read = {**source.config, "_class_name": name}
+    for cls in (BDIAScheduler, BDIAInverseScheduler):
+        for config, named in ((source.config, "the scheduler config (no betas; "), (read, name)):
+            with pytest.raises(ValueError, match="has no alphas_cumprod noise table") as info:
+                cls.from_config(config)
+            assert str(info.value).startswith(named) and "\n" not in str(info.value)
+    # A config written for BDIA by hand, without betas, still takes the defaults.
+    hand = BDIAScheduler.from_config({"num_train_timesteps": 1000, "gamma": 0.9})
+    assert hand.config.gamma == 0.9 and hand.config.beta_schedule == "linear"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -206,8 +207,10 @@ def _continuous(cfg: Mapping[str, Any]) -> bool:
 
 
 def _no_table(scheduler: Any) -> ValueError:
+    """The refusal of ``scheduler`` (an instance, or its class name) for want of a table."""
+    name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
     return ValueError(
-        f"{type(scheduler).__name__} has no alphas_cumprod noise table: it is a flow-matching "
+        f"{name} has no alphas_cumprod noise table: it is a flow-matching "
         "or EDM-preconditioned scheduler, which bdia's diffusers adapter does not support; it "
         "needs a diffusion model trained on a table of alphas_cumprod (DDIM, DDPM, PNDM, "
         "Euler, DPM-Solver and the like)"
@@ -737,6 +740,25 @@ def _check_timesteps_in_table(sched: Any, taus: list[float], n: int, steps: int)
         )
 
 
+def _steps(num_inference_steps: Any) -> int:
+    """``num_inference_steps`` as a Python int >= 1.
+
+    Integers of numpy or torch (``np.arange``, a 0-dim tensor) are taken, as diffusers'
+    schedulers take them; a float, even a whole one, or a bool is refused.
+    """
+    value: int | None = None
+    if not isinstance(num_inference_steps, (bool, float)):
+        try:
+            value = operator.index(num_inference_steps)
+        except TypeError:
+            pass
+    if value is None:
+        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if value < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {value}")
+    return value
+
+
 def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | None = None) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
@@ -765,10 +787,7 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
         float64 tensor of times (noisiest first) for the ODE that
         ``from_diffusers(unet, scheduler, space=space)`` returns.
     """
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    num_inference_steps = _steps(num_inference_steps)
     sched = _scheduler(scheduler)
     space = _space(sched, space)
     _check_schedule_config(sched, space)

@@ -22,10 +22,11 @@ unet calls, and returns the starting noise to rounding (exactly, in the tests).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ from ...solvers.registry import bdia
 from .adapter import (
     _check_model_config,
     _check_schedule_config,
+    _no_table,
+    _steps,
     _table,
     diffusers_grid,
     from_diffusers,
@@ -58,6 +61,9 @@ __all__ = [
     "BDIASchedulerPair",
     "BDIARestartWarning",
 ]
+
+# The fields that make a noise table; every scheduler that has one holds them in its config.
+_BETA_FIELDS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 # The DDIMScheduler fields that make its noise table and its timesteps.
 _DDIM_FIELDS = (
@@ -151,6 +157,27 @@ def _timestep_value(timestep: Any) -> float:
     return float(timestep)
 
 
+def _check_source_config(config: Any, own: Any) -> None:
+    """Refuse the config of a diffusers scheduler that has no noise table of betas.
+
+    A flow-matching config (SD3's and Flux's ``FlowMatchEulerDiscreteScheduler``) or an EDM
+    one has none of the beta fields, so ``from_config`` would keep only
+    ``num_train_timesteps`` and fill in DDIM's default betas: the pipeline would then sample
+    its model on a VP table it was never trained on, without a word. Such a config is known
+    by fields of its own and no beta field (a scheduler's ``.config`` does not hold
+    ``_class_name``; one read from disk does). ``own`` are this class's config fields.
+    """
+    if not isinstance(config, Mapping) or any(k in config for k in _BETA_FIELDS):
+        return
+    foreign = sorted(k for k in config if not k.startswith("_") and k not in own)
+    if foreign:
+        name = config.get("_class_name")
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise _no_table(
+            name if isinstance(name, str) else f"the scheduler config (no betas; {shown})"
+        )
+
+
 def _table_attribute(name: str) -> property:
     """DDIMScheduler's noise-table attribute ``name``, of the config as it is now."""
 
@@ -192,6 +219,15 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+
+    @classmethod
+    def from_config(  # type: ignore[override]
+        cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """diffusers' ``from_config``, refusing the config of a class without a noise table
+        (flow matching, EDM), which would otherwise take DDIM's default betas."""
+        _check_source_config(config, inspect.signature(cls.__init__).parameters)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
     def __init__(
@@ -276,6 +312,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     def _build(self, num_inference_steps: int, device: Any) -> None:
         """DDIM's timesteps for ``num_inference_steps`` and the bdia grid through them."""
+        # Checked before DDIM sees it: DDIM divides by it (ZeroDivisionError for 0).
+        num_inference_steps = _steps(num_inference_steps)
         self._sync()
         self._ddim.set_timesteps(num_inference_steps, device=device)
         taus = [int(v) for v in self._ddim.timesteps.cpu().tolist()]
