@@ -137,6 +137,19 @@ def _model_dtype(model: Any, model_dtype: torch.dtype | str | None) -> Any:
     return None if dtype is None else torch.promote_types(dtype, torch.float32)
 
 
+def _state_dtype(x: Any, state_dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """``state_dtype``, else ``x``'s dtype promoted to at least float32.
+
+    k-diffusion samples a half-precision ``x`` in its own dtype; bdia refuses a half state
+    (its rounding would swamp the trajectory and the round trip), so a float16 or bfloat16
+    ``x`` gets a float32 state, as ``BDIAScheduler`` keeps one under a half pipeline. The
+    result still comes back in ``x``'s dtype.
+    """
+    if state_dtype is not None or not isinstance(x, Tensor) or not x.is_floating_point():
+        return state_dtype
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _progress(disable: Any) -> bool | None:
     """k-diffusion's ``disable`` as bdia's ``progress``: None shows a bar only on a terminal."""
     return None if disable is None else not disable
@@ -179,7 +192,8 @@ def sample_bdia(
             ``sigmas[-1]``, with their low words) instead of a tensor: the input of
             ``invert_bdia``, kept whole for an exact inversion.
         state_dtype: dtype of the solver state (``torch.float64`` for a float64 state);
-            defaults to ``x``'s.
+            defaults to ``x``'s, float32 for a float16 or bfloat16 ``x`` (a half state is
+            refused).
         model_dtype: the dtype ``x`` is cast to before each model call. None: float32, or
             float64 when the model is an ``nn.Module`` with float64 parameters; a plain
             function gets the state dtype. So a float32 ``x`` reaches the model unchanged, as
@@ -207,7 +221,7 @@ def sample_bdia(
         return_pair=return_pair,
         progress=_progress(disable),
         callback=_callback(callback, sigma_tensor, dtype),
-        state_dtype=state_dtype,
+        state_dtype=_state_dtype(x, state_dtype),
     )
     if isinstance(out, Tensor):
         return out if dtype is None else out.to(dtype)
@@ -264,5 +278,5 @@ def invert_bdia(
         grid,
         progress=_progress(disable),
         callback=_callback(callback, sigma_tensor, None),
-        state_dtype=state_dtype,
+        state_dtype=_state_dtype(pair_or_x, state_dtype),
     )

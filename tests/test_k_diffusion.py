@@ -188,6 +188,34 @@ def test_float64_state_around_a_float32_model():
     assert rel(back.earlier, x) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_x_runs_on_a_float32_state(dtype):
+    # k-diffusion samples a half x as it is. A half state cannot carry the trajectory (and
+    # is refused), so the state is float32, as in BDIAScheduler, and what comes back is in
+    # x's dtype: bitwise the run with state_dtype=float32 spelled out. The float32 pair
+    # inverts to x within an ulp of float32, as in test_round_trip_returns_the_starting_noise.
+    net = ConvDenoiser()
+    x, sigmas = start()
+    x = x.to(dtype)
+    args = {"class_labels": LABELS}
+    seen = []
+    out = kd.sample_bdia(net, x, sigmas, args, disable=True, callback=seen.append)
+    explicit = kd.sample_bdia(net, x, sigmas, args, disable=True, state_dtype=torch.float32)
+    assert out.dtype == dtype and torch.equal(out, explicit)
+    assert {info["x"].dtype for info in seen} == {info["denoised"].dtype for info in seen} == {
+        dtype
+    }
+    pair = kd.sample_bdia(net, x, sigmas, args, disable=True, return_pair=True)
+    assert pair.later.dtype == torch.float32
+    back = kd.invert_bdia(net, pair, sigmas, args, disable=True)
+    ulps = (back.earlier - x.float()).abs() / (torch.finfo(torch.float32).eps * x.float().abs())
+    assert back.earlier.dtype == torch.float32 and float(ulps.max()) <= 1.0
+    # A half x on a grid that ends above 0 starts an inversion too, in float32.
+    assert kd.invert_bdia(net, x, sigmas[:-1], args, disable=True).earlier.dtype == torch.float32
+    with pytest.raises(ValueError, match="state is refused"):
+        kd.sample_bdia(net, x, sigmas, args, disable=True, state_dtype=dtype)
+
+
 class HalfNetworkWrapper(nn.Module):
     """A k-diffusion-style wrapper around a float16 network: it takes and returns x's dtype,
     casts the network's input itself and keeps the skip path ``c_skip x + c_out F`` in x's
