@@ -264,6 +264,8 @@ def test_guidance_without_negative_embeddings_is_refused(fresh_pipe, image):
         ("rule", "rule"),
         ("solver", "did you mean 'ddim'"),
         ("clip_sample", "clip_sample"),
+        ("empty list", "no images"),
+        ("empty batch", "no images"),
     ],
 )
 def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
@@ -293,4 +295,8 @@ def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
         kwargs["solver"] = "ddmi"
     elif kind == "clip_sample":
         fresh_pipe.scheduler = diffusers.DDIMScheduler(clip_sample=True, steps_offset=1)
+    elif kind == "empty list":
+        image = []
+    elif kind == "empty batch":
+        image = image[:0]
     assert fragment in _refused(fresh_pipe, image, source, **kwargs)

@@ -141,7 +141,9 @@ def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
     from PIL import Image
 
     images = image if isinstance(image, (list, tuple)) else [image]
-    if images and all(isinstance(im, Image.Image) for im in images):
+    if not images or (isinstance(image, Tensor) and image.ndim > 0 and image.shape[0] == 0):
+        raise ValueError("image holds no images (an empty list or batch); give at least one")
+    if all(isinstance(im, Image.Image) for im in images):
         for i, im in enumerate(images):
             if im.mode != "RGB":
                 where = "" if len(images) == 1 else f"[{i}]"
