@@ -11,6 +11,7 @@ holds it in grid order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -430,7 +431,8 @@ def sample(
             gradients with respect to ``start``, the conditioning tensors and the network's
             parameters in memory independent of the number of steps: only the final state
             is kept, and the backward pass rebuilds each earlier state with the solver's
-            exact inverse and recomputes that one step's graph.
+            exact inverse and recomputes that one step's graph. Both record in the caller's
+            grad mode: under ``torch.no_grad()`` the result has no graph.
 
     Returns:
         x at ``ts[-1]`` in the state dtype (or the trajectory, or the final pair).
@@ -483,7 +485,9 @@ def sample(
         return _unaliased(stamped(out, grid, len(grid) - 1) if return_pair else out, start)
 
     watch = _ParasiticWatch()
-    with torch.enable_grad() if adjoint == "autograd" else torch.no_grad():
+    # "autograd" keeps the caller's grad mode: under torch.no_grad() it records nothing, as
+    # "reversible" (a torch.autograd.Function) and every torch operation do.
+    with contextlib.nullcontext() if adjoint == "autograd" else torch.no_grad():
         state = solver.init(ode, grid, start, at=0)
         states = [start.earlier, start.later] if isinstance(start, StatePair) else [state.x]
         for _ in progress_bar(range(state.k, len(grid) - 1), progress, f"sampling {solver.name}"):

@@ -507,3 +507,15 @@ def test_sample_without_adjoint_returns_no_graph():
     solver = bdia.get_solver("euler")
     assert not run(ode, solver, x, ts, None, trajectory=True).requires_grad
     assert not run(ode, solver, x, ts, None).requires_grad
+
+
+@pytest.mark.parametrize("adjoint", ["autograd", "reversible"])
+def test_no_grad_around_sample_records_nothing(adjoint):
+    """Both adjoints follow the caller's grad mode, as torch operations do: under
+    torch.no_grad() neither keeps a graph (autograd's would hold every step's tensors)."""
+    ode, x, ts, _ = toy_start()
+    solver = SOLVERS["bdia-euler-0.9"]()
+    with torch.no_grad():
+        assert not run(ode, solver, x, ts, adjoint).requires_grad
+        assert not run(ode, solver, x, ts, adjoint, return_pair=True).later.requires_grad
+    assert run(ode, solver, x, ts, adjoint).requires_grad
