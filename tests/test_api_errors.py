@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import untouched
@@ -156,6 +157,46 @@ def test_tableau_with_nan_or_fractional_order_refused() -> None:
         ButcherTableau(c=(0.0, 0.5), a=((), (math.inf,)), b=(0.5, 0.5), order=2)
     with pytest.raises(ValueError, match="order must be an integer >= 1, got 1.5"):
         ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1.5)
+
+
+def test_tableau_keeps_its_own_copy_of_the_coefficients() -> None:
+    """Lists and arrays are taken as tuples of floats when the tableau is built: changing the
+    caller's list afterwards changes nothing (a registered solver stays what was checked), and
+    the tableau, like every solver built on it, is hashable."""
+    c, a, b = [0, 2 / 3], [[], [2 / 3]], np.array([1 / 4, 3 / 4])
+    tableau = ButcherTableau(c=c, a=a, b=b, order=np.int64(2))  # type: ignore[arg-type]
+    c[1], a[1][0], b[0] = 5.0, 5.0, 5.0
+    assert tableau.c == (0.0, 2 / 3) and tableau.a == ((), (2 / 3,)) and tableau.b == (0.25, 0.75)
+    assert all(type(v) is float for v in (*tableau.c, *tableau.b, *tableau.a[1]))
+    assert tableau.order == 2 and type(tableau.order) is int
+    assert tableau == ButcherTableau(c=(0.0, 2 / 3), a=((), (2 / 3,)), b=(0.25, 0.75), order=2)
+    hash(make_bdia(bdia.ExplicitRungeKutta(tableau, "ralston_lists"), 0.9))
+
+
+@pytest.mark.parametrize("bad", [True, 2.0, "2"])
+def test_tableau_order_must_be_an_integer(bad) -> None:
+    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+        ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=bad)
+
+
+def test_tableau_rows_must_be_sequences() -> None:
+    with pytest.raises(TypeError, match=r"a\[1\] must be a sequence of numbers, got float"):
+        ButcherTableau(c=(0.0, 0.5), a=((), 0.5), b=(0.0, 1.0), order=2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [3, None, ""])
+def test_register_solver_needs_a_name(name) -> None:
+    with pytest.raises((TypeError, ValueError), match="a solver name must be a non-empty string"):
+        bdia.register_solver(name)
+
+
+def test_a_factory_that_returns_no_solver_is_named() -> None:
+    @bdia.register_solver("test_api_errors_not_a_solver")
+    def factory():
+        return 3
+
+    with pytest.raises(TypeError, match=r"'test_api_errors_not_a_solver' .* returned int"):
+        get_solver("test_api_errors_not_a_solver")
 
 
 def test_register_tableau_needs_a_tableau() -> None:

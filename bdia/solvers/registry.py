@@ -47,7 +47,9 @@ def register_solver(name: str) -> Callable[[F], F]:
 
     ``get_solver(name, **options)`` then calls ``factory(**options)``.
     """
-    if not name or name.startswith("bdia"):
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a solver name must be a non-empty string, got {name!r}")
+    if name.startswith("bdia"):
         raise ValueError(f"invalid solver name {name!r} (names starting with 'bdia' are reserved)")
 
     def decorator(factory: F) -> F:
@@ -138,7 +140,15 @@ def get_solver(name: str, **options: Any) -> Any:
         return bdia(get_solver(base, **options), gamma=gamma)
     factory = _lookup(name)
     _check_options(name, factory, options)
-    return factory(**options)
+    solver = factory(**options)
+    if not isinstance(solver, Solver):
+        # Caught here, not at the first step of a run that was handed a non-solver.
+        raise TypeError(
+            f"the factory registered as {name!r} ({getattr(factory, '__qualname__', factory)}) "
+            f"returned {type(solver).__name__}, not a Solver; register a Solver subclass or a "
+            "function that returns an instance of one"
+        )
+    return solver
 
 
 def available_solvers() -> list[str]:

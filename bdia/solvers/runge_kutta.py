@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -49,7 +50,12 @@ class ButcherTableau:
     order: int
 
     def __post_init__(self) -> None:
-        self._check_numbers()
+        # Own tuples of floats, whatever sequences were given: a list the caller changes later
+        # would change a checked (and registered) method, and could not be hashed.
+        object.__setattr__(self, "c", _numbers("c", self.c))
+        object.__setattr__(self, "b", _numbers("b", self.b))
+        rows = _sequence("a", self.a)
+        object.__setattr__(self, "a", tuple(_numbers(f"a[{i}]", r) for i, r in enumerate(rows)))
         s = len(self.c)
         if s == 0 or self.c[0] != 0:
             raise ValueError("an explicit tableau needs c[0] == 0")
@@ -64,21 +70,34 @@ class ButcherTableau:
                 raise ValueError(f"row a[{i}] must sum to c[{i}] = {self.c[i]}")
         if abs(sum(self.b) - 1.0) > 1e-12:
             raise ValueError("the weights b must sum to 1")
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
-            raise ValueError(f"order must be an integer >= 1, got {self.order!r}")
-
-    def _check_numbers(self) -> None:
-        """Every coefficient a finite real number (a NaN would pass the sum checks below)."""
-        entries = [(f"c[{i}]", v) for i, v in enumerate(self.c)]
-        entries += [(f"b[{i}]", v) for i, v in enumerate(self.b)]
-        entries += [(f"a[{i}][{j}]", v) for i, row in enumerate(self.a) for j, v in enumerate(row)]
-        for where, v in entries:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"tableau entry {where} = {v!r} is not a finite number")
+        order = self.order
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {order!r}")
+        object.__setattr__(self, "order", int(order))
 
     @property
     def stages(self) -> int:
         return len(self.c)
+
+
+def _sequence(name: str, values: object) -> list[object]:
+    """``values`` as a list, or a TypeError naming the field."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"tableau field {name} must be a sequence of numbers, got {type(values).__name__}"
+        )
+    return list(values)
+
+
+def _numbers(name: str, values: object) -> tuple[float, ...]:
+    """``values`` as a tuple of floats, each checked to be a finite real number (a NaN would
+    pass the sum checks of the tableau)."""
+    out = []
+    for j, v in enumerate(_sequence(name, values)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"tableau entry {name}[{j}] = {v!r} is not a finite number")
+        out.append(float(v))
+    return tuple(out)
 
 
 def _combine(x: Tensor, h: float, coefficients: tuple[float, ...], slopes: list[Tensor]) -> Tensor:
