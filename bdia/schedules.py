@@ -11,13 +11,16 @@ Derived quantities used throughout the library:
 - ``log_snr(t) = lambda(t) = log(alpha(t) / sigma(t)) = -log(sigma_bar(t))``.
 
 Time grids run from the noisy end to the clean end (``ts[0]`` noisiest) and are
-returned as 1-D float64 tensors.
+returned as 1-D float64 tensors. Their constructors take ``steps`` as any integer type and
+the ends (times, noise levels) as real numbers or 0-dim tensors, which must be finite (and,
+given as times, differ); anything else is refused before a grid is made.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -216,6 +219,8 @@ class VPLinear(_VariancePreserving):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
         if not 0 <= beta_min < beta_max:
             raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        if not math.isfinite(beta_max):
+            raise ValueError(f"beta_max = {beta_max} is not finite; give a finite beta_max")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 
@@ -245,6 +250,11 @@ class VPCosine(_VariancePreserving):
     def __init__(self, s: float = 0.008, t_max: float = 0.9946) -> None:
         if not 0 < t_max < 1:
             raise ValueError(f"t_max must lie in (0, 1), got {t_max}")
+        if not 0 <= s < math.inf:
+            raise ValueError(
+                f"s = {s} must be a finite number >= 0: the offset that keeps alpha's slope "
+                "finite at t = 0 (Nichol & Dhariwal use 0.008)"
+            )
         self.s = float(s)
         self.t_max = float(t_max)
         self._log_alpha_0 = math.log(math.cos(0.5 * math.pi * self.s / (1.0 + self.s)))
@@ -337,9 +347,37 @@ class VPDiscrete(_VariancePreserving):
 # --------------------------------------------------------------------------- grids
 
 
-def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or steps < 1:
+def _steps(steps: int) -> int:
+    """``steps`` as an int: any integer type (a numpy or 0-dim torch integer) but bool."""
+    try:
+        n = None if isinstance(steps, bool) else operator.index(steps)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return n
+
+
+def _real(name: str, value: object) -> float:
+    """``value`` as a finite Python float: a real number, or a 0-dim tensor or array holding
+    one (an end read off another grid). Computing with a float32 tensor instead would put its
+    rounding into every time of the grid."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r:.40}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} = {out} is not a finite number")
+    return out
+
+
+def _ends(t_start: object, t_end: object) -> tuple[float, float]:
+    """The ends of a grid given by its times, as finite floats that differ."""
+    a, b = _real("t_start", t_start), _real("t_end", t_end)
+    if a == b:
+        raise ValueError(f"t_start and t_end are both {a}; a grid needs two different ends")
+    return a, b
 
 
 def _to_grid(ts: Sequence[float], schedule: Schedule | None) -> torch.Tensor:
@@ -371,10 +409,15 @@ def karras_grid(
             (``VPDiscrete`` without ``clean_end``); the message names the range. Also if
             rho is not a finite number > 0.
     """
-    _check_steps(steps)
+    steps = _steps(steps)
+    sigma_min, sigma_max = _real("sigma_min", sigma_min), _real("sigma_max", sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if not (isinstance(rho, numbers.Real) and 0 < rho < math.inf):
+    try:
+        rho_value = _real("rho", rho)
+    except (TypeError, ValueError):
+        rho_value = math.nan
+    if not rho_value > 0:
         raise ValueError(
             f"rho must be a finite number > 0 (the grid is uniform in sigma ** (1 / rho); "
             f"EDM uses 7), got {rho!r}"
@@ -395,9 +438,9 @@ def karras_grid(
             "final_zero=False"
         )
     n = steps if final_zero else steps + 1
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    lo, hi = sigma_min ** (1.0 / rho_value), sigma_max ** (1.0 / rho_value)
     denom = max(n - 1, 1)
-    sigmas = [(hi + i / denom * (lo - hi)) ** rho for i in range(n)]
+    sigmas = [(hi + i / denom * (lo - hi)) ** rho_value for i in range(n)]
     if final_zero:
         sigmas.append(0.0)
     return _to_grid([schedule.t_from_sigma_bar(s) for s in sigmas], schedule)
@@ -411,7 +454,13 @@ def uniform_logsnr_grid(
     Returns:
         float64 tensor of shape ``(steps + 1,)`` from ``t_start`` to ``t_end``.
     """
-    _check_steps(steps)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            "uniform_logsnr_grid needs a Schedule instance (the log-SNR is a schedule's), such "
+            f"as bdia.VPLinear(), got {type(schedule).__name__}"
+        )
+    steps = _steps(steps)
+    t_start, t_end = _ends(t_start, t_end)
     schedule.check_times([t_start, t_end])
     a, b = schedule.log_snr(t_start), schedule.log_snr(t_end)
     for name, t, lam in (("t_start", t_start, a), ("t_end", t_end, b)):
@@ -433,7 +482,8 @@ def uniform_t_grid(
     Returns:
         float64 tensor of shape ``(steps + 1,)``.
     """
-    _check_steps(steps)
+    steps = _steps(steps)
+    t_start, t_end = _ends(t_start, t_end)
     return _to_grid([t_start + i / steps * (t_end - t_start) for i in range(steps + 1)], schedule)
 
 
@@ -445,7 +495,8 @@ def quadratic_t_grid(
     Returns:
         float64 tensor of shape ``(steps + 1,)``; both ends must be >= 0.
     """
-    _check_steps(steps)
+    steps = _steps(steps)
+    t_start, t_end = _ends(t_start, t_end)
     if t_start < 0 or t_end < 0:
         raise ValueError("quadratic_t_grid needs t_start >= 0 and t_end >= 0")
     a, b = math.sqrt(t_start), math.sqrt(t_end)

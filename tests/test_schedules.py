@@ -177,6 +177,92 @@ def test_logsnr_and_quadratic_grids():
     assert q.tolist() == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0], abs=1e-15)
 
 
+@pytest.mark.parametrize("steps", [np.int64(6), torch.tensor(6), 6])
+def test_grids_take_steps_of_any_integer_type(steps) -> None:
+    """A count computed with numpy or torch is a count; the grid is that of the int."""
+    vp = bdia.VPLinear()
+    for grid, reference in (
+        (bdia.karras_grid(steps), bdia.karras_grid(6)),
+        (bdia.uniform_t_grid(steps, 1.0, 0.1), bdia.uniform_t_grid(6, 1.0, 0.1)),
+        (bdia.quadratic_t_grid(steps, 1.0, 0.1), bdia.quadratic_t_grid(6, 1.0, 0.1)),
+        (
+            bdia.uniform_logsnr_grid(steps, 1.0, 1e-3, vp),
+            bdia.uniform_logsnr_grid(6, 1.0, 1e-3, vp),
+        ),
+    ):
+        assert torch.equal(grid, reference)
+
+
+@pytest.mark.parametrize("steps", [True, 0, -2, 6.0, "6", torch.tensor(6.0)])
+def test_grids_refuse_steps_that_are_not_a_positive_integer(steps) -> None:
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        bdia.karras_grid(steps)
+
+
+def test_grid_ends_given_as_tensors_are_their_values() -> None:
+    """Ends read off another grid (0-dim tensors, float32 or float64, or numpy scalars) give
+    the grid of their values as Python floats, bit for bit."""
+    vp = bdia.VPLinear()
+    t0, t1 = torch.tensor(1.0), torch.tensor(1e-3, dtype=torch.float64)
+    expected = bdia.uniform_logsnr_grid(5, 1.0, float(t1), vp)
+    assert torch.equal(bdia.uniform_logsnr_grid(5, t0, t1, vp), expected)
+    assert torch.equal(bdia.uniform_logsnr_grid(5, np.float64(1.0), t1, vp), expected)
+    karras = bdia.karras_grid(5, sigma_max=torch.tensor(80.0), rho=torch.tensor(7.0))
+    assert torch.equal(karras, bdia.karras_grid(5))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bdia.uniform_t_grid(4, 0.5, 0.5),
+        lambda: bdia.quadratic_t_grid(4, 0.5, 0.5),
+        lambda: bdia.uniform_logsnr_grid(4, 0.5, 0.5, bdia.VPLinear()),
+    ],
+)
+def test_grids_refuse_equal_ends(make) -> None:
+    with pytest.raises(ValueError, match="t_start and t_end are both 0.5; a grid needs two"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: bdia.uniform_t_grid(4, math.nan, 0.5), "t_start"),
+        (lambda: bdia.quadratic_t_grid(4, 1.0, math.inf), "t_end"),
+        (lambda: bdia.karras_grid(4, sigma_max=math.inf), "sigma_max"),
+        (lambda: bdia.karras_grid(4, sigma_min=math.nan), "sigma_min"),
+    ],
+)
+def test_grids_refuse_ends_that_are_not_finite(make, name) -> None:
+    with pytest.raises(ValueError, match=rf"{name} = (nan|inf) is not a finite number"):
+        make()
+
+
+@pytest.mark.parametrize("value", ["1.0", None, torch.ones(2)])
+def test_grid_ends_must_be_numbers(value) -> None:
+    with pytest.raises(TypeError, match="t_start must be a real number"):
+        bdia.uniform_t_grid(4, value, 0.1)
+
+
+def test_uniform_logsnr_grid_needs_a_schedule() -> None:
+    with pytest.raises(TypeError, match=r"needs a Schedule instance .*got NoneType"):
+        bdia.uniform_logsnr_grid(4, 1.0, 0.1, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda: bdia.VPCosine(s=-1.0), r"s = -1.0 must be a finite number >= 0"),
+        (lambda: bdia.VPCosine(s=math.nan), r"s = nan must be a finite number >= 0"),
+        (lambda: bdia.VPLinear(beta_max=math.inf), r"beta_max = inf .*finite"),
+        (lambda: bdia.VPLinear(beta_min=math.nan), r"need 0 <= beta_min < beta_max"),
+    ],
+)
+def test_schedules_refuse_parameters_without_a_schedule(make, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
 # ---------------------------------------------------------------- model adapters
 
 
