@@ -629,7 +629,8 @@ def odeint(
 
     Args:
         func: ``func(t, y) -> dy/dt`` (``t`` a 0-dim tensor), or an ``ODE``/``DiffusionODE``.
-        y0: initial state at ``t[0]``, any shape with a leading dimension.
+        y0: initial state at ``t[0]``, a real floating tensor (float32 or float64) of any
+            shape with a leading dimension; one tensor, not a tuple.
         t: strictly monotonic 1-D grid; the solver steps exactly on it.
         method: a registered solver name or ``"bdia-<name>"``; defaults to ``"rk4"``.
         options: solver options, e.g. ``{"gamma": 0.96}`` for a bdia method.
@@ -643,7 +644,14 @@ def odeint(
     Returns:
         Tensor of shape ``(len(t), *y0.shape)``, ``y0``'s dtype.
     """
-    if isinstance(y0, Tensor) and y0.dtype in (torch.float16, torch.bfloat16):
+    if not isinstance(y0, Tensor):
+        # sample would take a tuple of two tensors as a pair (the states at t[0] and t[1]).
+        raise TypeError(
+            f"y0 must be a torch.Tensor, got {type(y0).__name__}; odeint integrates one tensor "
+            "(for torchdiffeq's tuple of tensors, join the parts with torch.cat and split them "
+            "in func)"
+        )
+    if y0.dtype in (torch.float16, torch.bfloat16):
         # sample's refusal would point to its state_dtype, which odeint does not have.
         raise ValueError(
             f"a {y0.dtype} y0 is refused: half precision cannot carry an ODE trajectory "
@@ -651,6 +659,7 @@ def odeint(
             "float32 or float64, and to run func in half precision pass "
             f"bdia.ODE(func, model_dtype={y0.dtype}) as func"
         )
+    _state(y0, None, "y0")  # refusals that name odeint's argument, not sample's
     ode = func if isinstance(func, ODE) else ODE(func)
     solver = get_solver(method, **dict(options or {}))
     adjoint = "autograd" if torch.is_grad_enabled() else None

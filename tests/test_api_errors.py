@@ -389,9 +389,25 @@ def test_non_finite_start_plain_ode_via_odeint() -> None:
         calls.append(float(t))
         return -y
 
-    with untouched(y0), pytest.raises(ValueError, match="start state contains 1 NaN/Inf"):
+    with untouched(y0), pytest.raises(ValueError, match="the y0 state contains 1 NaN/Inf"):
         bdia.odeint(f, y0, [0.0, 0.5, 1.0])
     assert calls == []
+
+
+@pytest.mark.parametrize("func", [lambda t, s: (s[1], -s[0]), lambda t, s: -s])
+def test_odeint_refuses_a_tuple_state(func) -> None:
+    """torchdiffeq takes a tuple of tensors as one state; taken as a pair here it would start
+    a trajectory with its second tensor as the state at t[1], silently."""
+    y, v = torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"y0 must be a torch.Tensor, got tuple.*torch.cat"):
+        bdia.odeint(func, (y, v), [0.0, 0.5, 1.0])
+
+
+def test_odeint_names_y0_in_its_refusals() -> None:
+    with pytest.raises(ValueError, match="y0 needs a batch dimension, got a 0-dim tensor"):
+        bdia.odeint(lambda t, y: -y, torch.tensor(1.0, dtype=torch.float64), [0.0, 1.0])
+    with pytest.raises(TypeError, match="y0 must be a real floating tensor, got torch.int64"):
+        bdia.odeint(lambda t, y: -y, torch.ones(1, 2, dtype=torch.long), [0.0, 1.0])
 
 
 # ------------------------------------------------------------------ a pair's grid
