@@ -106,7 +106,15 @@ class _ParasiticWatch:
 
 
 def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
-    """The grid as Python floats, checked to be finite, strictly monotone and in the domain."""
+    """The grid as Python floats, checked to be finite, strictly monotone and in the domain
+    of ``ode`` (which is checked to be an ODE: the drivers' first check)."""
+    if not isinstance(ode, ODE):
+        fix = (
+            "wrap f(t, x) as bdia.ODE(f), or call bdia.odeint(f, y0, t)"
+            if callable(ode)
+            else "build one with bdia.ODE(f) or bdia.DiffusionODE(denoiser, schedule)"
+        )
+        raise TypeError(f"ode must be an ODE or DiffusionODE, got {type(ode).__name__}; {fix}")
     kind = "the time grid ts must be a 1-D tensor, array or sequence of numbers"
     if isinstance(ts, (Tensor, np.ndarray)):
         if ts.ndim != 1:

@@ -394,6 +394,20 @@ def test_non_finite_start_plain_ode_via_odeint() -> None:
     assert calls == []
 
 
+def test_a_function_given_as_the_ode_points_to_bdia_ode(x: torch.Tensor) -> None:
+    def f(t, y):
+        return -y
+
+    fix = r"ode must be an ODE or DiffusionODE, got function; wrap f\(t, x\) as bdia.ODE\(f\)"
+    with untouched(x):
+        with pytest.raises(TypeError, match=fix):
+            sample(f, get_solver("euler"), x, GRID)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=fix):
+            invert(f, make_bdia("euler", 0.9), x, GRID)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=fix):
+            bdia.Inversion.of(f, make_bdia("euler", 0.9), x, GRID)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("func", [lambda t, s: (s[1], -s[0]), lambda t, s: -s])
 def test_odeint_refuses_a_tuple_state(func) -> None:
     """torchdiffeq takes a tuple of tensors as one state; taken as a pair here it would start
