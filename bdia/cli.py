@@ -55,7 +55,10 @@ class _Command(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv or os.environ.get("BDIA_DEBUG") == "1"
+        # Only the group's own options, before the command: after it, --debug is a mistake
+        # (reported as one line) or the value of an option, and turns nothing on.
+        ahead = argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+        debug = "--debug" in ahead or os.environ.get("BDIA_DEBUG") == "1"
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _warning_line
@@ -72,7 +75,14 @@ class _Command(click.Group):
         except click.ClickException as err:
             if debug:
                 raise
-            click.echo(f"Error: {_one_line(err.format_message())}", err=True)
+            message = _one_line(err.format_message())
+            if isinstance(err, click.NoSuchOption) and err.option_name == "--debug":
+                command = err.ctx.info_name if err.ctx is not None else "COMMAND"
+                message = (
+                    f"{message.rstrip('.')}; --debug goes before the command: "
+                    f"bdia --debug {command} ..."
+                )
+            click.echo(f"Error: {message}", err=True)
             code = err.exit_code
         except Exception as err:  # a failure the checks did not foresee: still one line
             if debug:
@@ -184,6 +194,10 @@ class OutputPathType(click.ParamType):
         self.suffix = suffix
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> Path:
+        if not str(value).strip():
+            # Path("") is the current folder: an unset shell variable would write there.
+            kind = "folder" if self.folder else "file"
+            self.fail(f"the path is empty; give a {kind} name", param, ctx)
         path = Path(value)
         if path.exists():
             if self.folder and not path.is_dir():
@@ -283,7 +297,8 @@ def _threads_option(default: str) -> Callable[[Callable[..., Any]], Callable[...
         return click.option(
             "--threads",
             default=None,
-            type=click.IntRange(1),
+            # torch takes a C int.
+            type=click.IntRange(1, 2**31 - 1),
             help=f"torch CPU threads; default: {default}.",
         )(command)
 
@@ -560,7 +575,10 @@ def _split(value: str) -> list[str]:
     help="Comma-separated bdia gammas (numbers in (0, 1] or 'obelm'); empty for none.",
 )
 @click.option(
-    "--budgets", default="10,20,50,100", show_default=True, help="Comma-separated NFE budgets."
+    "--budgets",
+    default="10,20,50,100",
+    show_default=True,
+    help=f"Comma-separated NFE budgets (at most {MAX_STEPS:,} each).",
 )
 @click.option(
     "--dtype",
@@ -576,7 +594,14 @@ def _split(value: str) -> list[str]:
     type=click.IntRange(1),
     help="Start states integrated at once.",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the start states.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    # The seeds of `bdia sample`'s range, all of which torch's generators take.
+    type=click.IntRange(0, 2**63 - 1),
+    help="Seed of the start states.",
+)
 @click.option(
     "--out",
     type=OutputPathType(suffix=".md"),
@@ -617,6 +642,14 @@ def compare_command(
         ) from None
     if not budget_values or min(budget_values) < 1:
         raise click.BadParameter("give at least one positive budget", param_hint="'--budgets'")
+    if max(budget_values) > MAX_STEPS:
+        # A typo such as 10000000000 would run for days while its memory grows (3 GB in
+        # the first 20 s), not end with an error.
+        raise click.BadParameter(
+            f"{max(budget_values):,} NFE is beyond the {MAX_STEPS:,} a run takes (as "
+            "`bdia sample --steps`); give smaller budgets",
+            param_hint="'--budgets'",
+        )
     # Each gamma as --gamma of `bdia invert` takes it: the round-trip columns invert them.
     try:
         gamma_values = [GammaType(invertible=True).convert(g, None, None) for g in _split(gammas)]
@@ -959,7 +992,6 @@ def sample_command(
         raise click.UsageError("Missing option '--network' (or give --latents)")
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
-    _refuse_existing_file(grid_path, "--grid", overwrite)
     limit = GRID_MAX_IMAGES if grid_path is not None else MAX_SEEDS
     try:
         seed_list = generate.parse_seeds(seeds, limit=limit)
@@ -985,6 +1017,9 @@ def sample_command(
             compile_network(net)
         except TypeError as err:
             raise click.BadParameter(_one_line(str(err)), param_hint="'--compile'") from None
+    # After the options' checks: a wrong option is named (status 2) even where the grid
+    # exists, and the status 1 of an existing file is left to valid options.
+    _refuse_existing_file(grid_path, "--grid", overwrite)
     rank, world = _distributed()
     device = _default_device(device)
     net = net.to(device=device)
@@ -1028,7 +1063,7 @@ def sample_command(
                 on_batch=bar.update,
                 outdir=outdir if grid_of_outdir else None,
             )
-        click.echo(f"wrote {path} ({len(seed_list)} images)", err=True)
+        click.echo(f"wrote {path} ({_images(len(seed_list))})", err=True)
 
     if grid_path is not None and rank == 0 and not grid_of_outdir:
         write_grid(grid_path)
@@ -1875,8 +1910,14 @@ def _gathered_statistics(
     device: str | None,
     threads: int | None,
     show: bool,
+    reference: tuple[Path, int] | None = None,
 ) -> tuple[Any, int]:
-    """Feature statistics of ``images``, split across torchrun ranks and summed."""
+    """Feature statistics of ``images``, split across torchrun ranks and summed.
+
+    ``reference``: the path and dimension of the reference statistics the features will be
+    compared with; a detector whose features have another dimension is refused before any
+    image is read.
+    """
     from .metrics import fid
 
     _set_threads(threads)
@@ -1886,6 +1927,8 @@ def _gathered_statistics(
         detector = fid.load_detector(detector_path, device)
     except (FileNotFoundError, ValueError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--detector'") from None
+    if reference is not None:
+        _check_feature_dim(detector, device, detector_path, *reference)
     try:
         items = fid.list_images(images)
     except (FileNotFoundError, ValueError) as err:
@@ -1920,6 +1963,36 @@ def _gathered_statistics(
     return stats, rank
 
 
+def _check_feature_dim(
+    detector: torch.nn.Module, device: str, detector_path: Path, ref_path: Path, ref_dim: int
+) -> None:
+    """Refuse a reference whose dimension differs from the detector's features.
+
+    The detector sees one blank 299x299 image (its input size; fractions of a second),
+    which tells its feature dimension before the images' features are computed.
+    """
+    blank = torch.zeros(1, 3, 299, 299, dtype=torch.uint8, device=device)
+    try:
+        with torch.no_grad():
+            features = detector(blank, return_features=True)
+        dim = int(features.shape[-1]) if features.ndim == 2 else None
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        dim = None
+    if dim is None:
+        raise click.BadParameter(
+            f"{str(detector_path)!r} does not map a uint8 image batch to features as the "
+            "Inception detector does (detector(images, return_features=True) -> (N, D))",
+            param_hint="'--detector'",
+        )
+    if dim != ref_dim:
+        raise click.BadParameter(
+            f"{str(ref_path)!r} holds statistics of {ref_dim} features and --detector "
+            f"{str(detector_path)!r} gives {dim}: use reference statistics made with this "
+            "detector (EDM's, or `bdia fid-ref` with this --detector)",
+            param_hint="'--ref'",
+        )
+
+
 @main.command(name="fid")
 @click.option(
     "--ref",
@@ -1947,7 +2020,7 @@ def fid_command(
     except (FileNotFoundError, ValueError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'--ref'") from None
     stats, rank = _gathered_statistics(
-        detector, images, batch, workers, device, threads, not no_progress
+        detector, images, batch, workers, device, threads, not no_progress, (ref_path, mu_ref.size)
     )
     if rank == 0:
         try:

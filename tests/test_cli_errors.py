@@ -39,11 +39,12 @@ def fails_in_one_line(args, folder, *words, status=None):
 
 @pytest.fixture
 def detector(tmp_path):
-    """A TorchScript stand-in with the Inception detector's call contract."""
+    """A TorchScript stand-in with the Inception detector's call contract, giving the 16
+    features of ``reference``."""
     from bdia.metrics.fid import StandInDetector
 
     path = tmp_path / "inception.pt"
-    torch.jit.save(torch.jit.script(StandInDetector()), str(path))
+    torch.jit.save(torch.jit.script(StandInDetector(features=16)), str(path))
     return path
 
 
@@ -400,3 +401,97 @@ def test_an_unsafe_pickle_is_a_wrong_option(command, tmp_path):
 def test_a_cpu_index_is_refused(tmp_path):
     args = ["sample", "--network", "digits", "--outdir", tmp_path / "o", "--device", "cpu:3"]
     fails_in_one_line(args, tmp_path, "'--device'", "one CPU device", status=2)
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["sample", "--network", "digits", "--seeds", "0", "--outdir", ""], "'--outdir'"),
+        (["sample", "--network", "digits", "--seeds", "0", "--grid", ""], "'--grid'"),
+        (["invert", "--images", "x.png", "--class", "3", "--outdir", ""], "'--outdir'"),
+        (["compare", "--solvers", "euler", "--budgets", "2", "--out", ""], "'--out'"),
+        (["convert", "net.pkl", ""], "'TARGET'"),
+    ],
+)
+def test_an_empty_output_path_is_refused(args, option, tmp_path, monkeypatch):
+    """An empty path, as an unset shell variable gives, would name the current folder."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "net.pkl").write_bytes(b"")
+    fails_in_one_line(args, tmp_path, option, "empty", status=2)
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        # After the command, --debug is no option of it: one line that says where it goes.
+        (["sample", "--debug", "--network", "digits"], ["--debug", "bdia --debug sample"]),
+        # A value that reads --debug turns nothing on.
+        (["sample", "--network", "digits", "--grid", "g.png", "--seeds", "--debug"], ["'--seeds'"]),
+    ],
+)
+def test_debug_counts_only_before_the_command(args, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fails_in_one_line(args, tmp_path, *words, status=2)
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["compare", "--seed", str(2**64)], "'--seed'"),
+        (["compare", "--seed", "-1"], "'--seed'"),
+        (["compare", "--threads", str(2**31)], "'--threads'"),
+        (
+            ["sample", "--network", "digits", "--grid", "g.png", "--threads", str(2**31)],
+            "'--threads'",
+        ),
+    ],
+)
+def test_integers_beyond_what_torch_takes_are_refused(args, option, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fails_in_one_line(args, tmp_path, option, status=2)
+
+
+def test_compare_refuses_a_budget_beyond_the_step_limit(tmp_path):
+    from bdia.cli import MAX_STEPS
+
+    args = ["compare", "--solvers", "euler", "--budgets", f"10,{10**11}"]
+    fails_in_one_line(args, tmp_path, "'--budgets'", f"{MAX_STEPS:,}", status=2)
+
+
+def test_fid_refuses_a_reference_of_another_dimension_before_any_image(
+    tmp_path, images, detector, monkeypatch
+):
+    """The detector gives 16 features, the reference has 8: refused at once, not after the
+    features of every image."""
+    from bdia.metrics import fid
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("the images were read")
+
+    monkeypatch.setattr(fid, "image_statistics", no_statistics)
+    eight = tmp_path / "eight.npz"
+    np.savez(eight, mu=np.zeros(8), sigma=np.eye(8))
+    args = ["fid", "--images", images, "--ref", eight, "--detector", detector]
+    line = fails_in_one_line(args, tmp_path, "'--ref'", "eight.npz", "--detector", status=2)
+    assert "of 8 features" in line and "gives 16" in line
+
+
+def test_fid_refuses_a_detector_without_the_inception_contract(tmp_path, images, reference):
+    class NoFeatures(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    path = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(NoFeatures()), str(path))
+    args = ["fid", "--images", images, "--ref", reference, "--detector", path]
+    fails_in_one_line(args, tmp_path, "'--detector'", "other.pt", "return_features", status=2)
+
+
+def test_a_wrong_option_is_named_before_an_existing_grid(tmp_path):
+    """Exit status 2 names the option at fault; 1 (the file exists) is for valid options."""
+    grid = tmp_path / "g.png"
+    grid.write_text("the user's file")
+    args = ["sample", "--network", "digits", "--seeds", "0", "--grid", grid, "--class", "10"]
+    fails_in_one_line(args, tmp_path, "'--class'", status=2)
+    assert grid.read_text() == "the user's file"

@@ -63,3 +63,8 @@ def test_overwrite_removes_only_images_named_as_bdia_names_them(tmp_path):
     invoke("--seeds", "0", "--steps", "3", "--outdir", out, "--overwrite")
     assert all(path.read_bytes() == b"the user's" for path in mine)
     assert not (out / "000000" / "000001.png").exists()  # seed 1, made with 2 steps
+
+
+@pytest.mark.parametrize("seeds,line", [("0", "(1 image)"), ("0-1", "(2 images)")])
+def test_the_grid_line_counts_in_words(seeds, line, tmp_path):
+    assert line in invoke("--seeds", seeds, "--grid", tmp_path / "g.png").stderr
