@@ -166,6 +166,101 @@ def test_preconditioner_coefficients(name, cls):
     torch.testing.assert_close(net.model.seen["labels"], nn.functional.one_hot(labels, 10).float())
 
 
+def stand_in_call(cls=EDMPrecond, label_dim=10):
+    """A preconditioner around Stand_in (batch 4, 3 x 8 x 8) and inputs that it accepts."""
+    net = cls(8, 3, label_dim=label_dim, model_type=Stand_in)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    return net, x
+
+
+@pytest.mark.parametrize(
+    "labels, problem",
+    [
+        # 2 x 5 = 10 entries: a reshape to (-1, label_dim) made this one label for every image.
+        (torch.eye(5)[[0, 1, 2, 3]][:2], r"must have shape \(4, 10\).*got shape \(2, 5\)"),
+        (torch.eye(10)[[0, 1, 2]], r"must have shape \(4, 10\).*got shape \(3, 10\)"),
+        (torch.zeros(10), r"must have shape \(4, 10\).*got shape \(10,\)"),
+        (
+            torch.tensor([[1], [2], [3], [4]]),
+            r"must have shape \(4, 10\).*got shape \(4, 1\); class indices .* \(4,\)",
+        ),
+        (torch.tensor([0, 3, 10, 1]), r"class index 10 .*0\.\.9"),
+        (torch.tensor([0, -1, 2, 1]), r"class index -1 .*0\.\.9"),
+        (torch.tensor([1.0, 2.0, 3.0, 4.0]), r"must have shape \(4, 10\).*got shape \(4,\)"),
+        (torch.tensor([0, 3, 9]), r"class indices must have shape \(4,\).*got shape \(3,\)"),
+    ],
+)
+def test_class_labels_of_the_wrong_shape_or_range_are_refused(labels, problem):
+    net, x = stand_in_call()
+    with pytest.raises(ValueError, match=problem):
+        net(x, 1.0, class_labels=labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_integer_class_labels_of_any_integer_dtype_are_indices(dtype):
+    net, x = stand_in_call()
+    net(x, 1.0, class_labels=torch.tensor([0, 3, 9, 1], dtype=dtype))
+    expected = torch.eye(10)[[0, 3, 9, 1]]
+    assert torch.equal(net.model.seen["labels"], expected)
+    net(x, 1.0, class_labels=[0, 3, 9, 1])  # a list of indices, as a tensor of them
+    assert torch.equal(net.model.seen["labels"], expected)
+
+
+def test_one_label_for_the_whole_batch_is_broadcast():
+    # EDM adds the label embedding to the noise embedding, so one row serves every image.
+    net, x = stand_in_call()
+    net(x, 1.0, class_labels=torch.eye(10)[[3]])
+    assert torch.equal(net.model.seen["labels"], torch.eye(10)[[3]])
+    net(x, 1.0, class_labels=torch.tensor([3]))
+    assert torch.equal(net.model.seen["labels"], torch.eye(10)[[3]])
+
+
+def test_class_labels_for_an_unconditional_network_are_refused():
+    net, x = stand_in_call(label_dim=0)
+    with pytest.raises(ValueError, match="unconditional.*label_dim=0.*class_labels=None"):
+        net(x, 1.0, class_labels=torch.tensor([1, 2, 3, 4]))
+    net(x, 1.0)
+    assert net.model.seen["labels"] is None
+
+
+@pytest.mark.parametrize("cls", [EDMPrecond, VPPrecond, VEPrecond])
+@pytest.mark.parametrize(
+    "sigma", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 0.0, 2.0, 3.0])]
+)
+def test_sigma_must_be_positive_and_finite(cls, sigma):
+    # EDMPrecond and VEPrecond took ln(0) = -inf into the noise embedding and returned NaN;
+    # VPPrecond returned x. No sigma <= 0 has a noise level the network was trained on.
+    net, x = stand_in_call(cls)
+    with pytest.raises(ValueError, match="sigma must be positive and finite"):
+        net(x, sigma)
+
+
+@pytest.mark.parametrize(
+    "shape, problem",
+    [((4, 3, 8), r"x must have shape \(batch, 3, H, W\)"), ((4, 1, 8, 8), r"\(batch, 3, H, W\)")],
+)
+def test_x_of_the_wrong_shape_is_refused(shape, problem):
+    net, _ = stand_in_call()
+    with pytest.raises(ValueError, match=problem + r".*got \(" + str(shape[0])):
+        net(torch.zeros(shape), 1.0)
+
+
+@pytest.mark.parametrize("sigma", [torch.ones(3), torch.ones(4, 2)])
+def test_sigma_of_the_wrong_size_is_refused(sigma):
+    net, x = stand_in_call()
+    with pytest.raises(ValueError, match=r"sigma must be a scalar or hold one value per image"):
+        net(x, sigma)
+
+
+@pytest.mark.parametrize(
+    "sigma", [2.0, torch.tensor(2.0), torch.full((4,), 2.0), torch.full((4, 1, 1, 1), 2.0)]
+)
+def test_sigma_as_a_number_or_per_image_gives_the_same_output(sigma):
+    net, x = stand_in_call()
+    expected = net(x, torch.tensor([2.0, 2.0, 2.0, 2.0]))
+    assert torch.equal(net(x, sigma), expected)
+
+
 def test_vp_sigma_range():
     net = VPPrecond(8, 3, model_type=Stand_in)
     assert net.sigma_max == pytest.approx(math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1))

@@ -660,34 +660,86 @@ class _Precond(nn.Module):
         raise NotImplementedError
 
     def _labels(
-        self, class_labels: Tensor | None, batch: int, device: torch.device
+        self, class_labels: Tensor | Sequence[int] | None, batch: int, device: torch.device
     ) -> Tensor | None:
+        """Class labels as float32 one-hot rows ``(batch or 1, label_dim)``, checked."""
         if not self.label_dim:
+            if class_labels is not None:
+                raise ValueError(
+                    "this network is unconditional (label_dim=0): pass class_labels=None"
+                )
             return None
         if class_labels is None:
             return torch.zeros(batch, self.label_dim, device=device)
-        if class_labels.dtype in (torch.int32, torch.int64) and class_labels.ndim == 1:
-            class_labels = F.one_hot(class_labels, self.label_dim)
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        labels = torch.as_tensor(class_labels, device=device)
+        shape = tuple(labels.shape)
+        # One row may serve the whole batch: EDM adds the label embedding to the noise
+        # embedding, which broadcasts it.
+        rows = (batch, 1)
+        if labels.ndim == 1 and labels.dtype != torch.bool and not labels.is_floating_point():
+            if shape[0] not in rows:
+                raise ValueError(
+                    f"class indices must have shape ({batch},) (one per image), got shape {shape}"
+                )
+            outside = labels[(labels < 0) | (labels >= self.label_dim)]
+            if outside.numel():
+                raise ValueError(
+                    f"class index {int(outside[0])} is not a class of this network, which "
+                    f"has {self.label_dim} (0..{self.label_dim - 1})"
+                )
+            return F.one_hot(labels.long(), self.label_dim).to(torch.float32)
+        if labels.ndim != 2 or shape[0] not in rows or shape[1] != self.label_dim:
+            raise ValueError(
+                f"one-hot class_labels must have shape ({batch}, {self.label_dim}) (or "
+                f"(1, {self.label_dim}) for the whole batch), got shape {shape}; class "
+                f"indices are integers of shape ({batch},)"
+            )
+        return labels.to(torch.float32)
 
     def forward(
         self,
         x: Tensor,
         sigma: Tensor | float,
-        class_labels: Tensor | None = None,
+        class_labels: Tensor | Sequence[int] | None = None,
         force_fp32: bool = False,
         **model_kwargs: Any,
     ) -> Tensor:
         """``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, float32, of ``x``'s shape.
 
-        ``x`` of shape ``(batch, img_channels, R, R)``, any floating dtype (computed in
-        float32); ``sigma`` a scalar or of shape ``(batch,)``; ``class_labels`` one-hot
-        ``(batch, label_dim)`` or integer ``(batch,)`` (None: all-zero labels). The inner
-        network ``F`` runs in ``inner_dtype(x.device, force_fp32)``; everything else, the
-        output included, is float32.
+        ``x`` of shape ``(batch, img_channels, R, R)``, any dtype (computed in float32);
+        ``sigma`` > 0 and finite, a number or a tensor of one value or one per image
+        (``()``, ``(batch,)``, ``(batch, 1, 1, 1)``, any dtype); ``class_labels`` for a
+        conditional network (``label_dim`` > 0) are one-hot rows ``(batch, label_dim)``,
+        class indices ``(batch,)`` of any integer dtype, or one row ``(1, label_dim)`` or
+        index ``(1,)`` for the whole batch; None gives all-zero labels, as EDM does. An
+        unconditional network takes None only. The inner network ``F`` runs in
+        ``inner_dtype(x.device, force_fp32)``; everything else, the output included, is
+        float32. ``x`` is not modified.
+
+        Raises:
+            ValueError: ``x``, ``sigma`` or ``class_labels`` of the wrong shape, a sigma
+                that is not positive and finite (sigma = 0 has no noise level: ``c_noise``
+                is ``ln 0`` for EDM's and VE's), or a class index outside
+                ``0..label_dim-1``.
         """
+        if x.ndim != 4 or x.shape[1] != self.img_channels:
+            raise ValueError(
+                f"x must have shape (batch, {self.img_channels}, H, W), got {tuple(x.shape)}"
+            )
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.numel() not in (1, x.shape[0]):
+            raise ValueError(
+                f"sigma must be a scalar or hold one value per image ({x.shape[0]}), got "
+                f"shape {tuple(sigma.shape)}"
+            )
+        # One host sync per call on an accelerator; the network's evaluation dwarfs it.
+        if not bool(torch.isfinite(sigma).all() & (sigma > 0).all()):
+            raise ValueError(
+                f"sigma must be positive and finite, got {sigma.flatten().tolist()[:8]}; the "
+                "network has no noise level at sigma = 0 (a sampler's grid may end there, but "
+                "no step evaluates it)"
+            )
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         labels = self._labels(class_labels, x.shape[0], x.device)
         dtype = self.inner_dtype(x.device, force_fp32)
