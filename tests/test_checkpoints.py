@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import pickle
 import sys
@@ -466,3 +467,153 @@ def test_a_network_with_a_model_class_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="recorded kwargs of EDMPrecond are not JSON data"):
         save_network(net, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------------ malformed inputs
+
+
+def _registered_tiny(monkeypatch):
+    """A registered two-tensor network class (a float weight and an int64 counter)."""
+    from bdia.models import register_network, registry
+
+    monkeypatch.setattr(registry, "_NETWORKS", dict(registry._NETWORKS))
+
+    @register_network(name="TinyCounter")
+    class TinyCounter(torch.nn.Module):
+        def __init__(self, width: int = 2) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(width))
+            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    return TinyCounter
+
+
+@pytest.mark.parametrize(
+    "content", [None, [1, 2], {1: "a", "b": 2}, {"ema": 3}, collections.OrderedDict(ema=[1])]
+)
+def test_a_pickle_without_an_edm_network_is_refused_as_such(tmp_path, content):
+    from bdia.models.checkpoints import load_edm_pickle
+
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps(content, protocol=4))
+    # It used to end in a TypeError (sorting the keys, iterating None) or in "unknown network
+    # class 'int'", which named no file.
+    with pytest.raises(ValueError, match="other.pkl holds no EDM network"):
+        load_edm_pickle(path)
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [
+        (dict(_parameters=[1]), "_parameters is a list, not a dict"),
+        (dict(_modules=[1]), "_modules is a list, not a dict"),
+        (dict(_parameters={"weight": 3}), "'weight' is a int, not a tensor"),
+    ],
+)
+def test_a_record_with_malformed_state_is_refused(tmp_path, persistence, state, problem):
+    from bdia.models.checkpoints import load_edm_pickle
+
+    Persistent, _ = persistence
+    record = Persistent("EDMPrecond", torch.nn.Module(), SMALL)
+    record.meta["state"] = dict(state, _init_args=(), _init_kwargs=SMALL)
+    path = tmp_path / "odd.pkl"
+    path.write_bytes(pickle.dumps({"ema": record}, protocol=4))
+    with pytest.raises(ValueError, match=problem):
+        load_edm_pickle(path)
+
+
+def test_tensors_of_the_wrong_kind_of_dtype_are_refused(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from bdia.models.checkpoints import FORMAT_TAG, load_network
+
+    tiny = _registered_tiny(monkeypatch)
+    meta = {"format": FORMAT_TAG, "config": json.dumps(tiny().config)}
+    path = tmp_path / "tiny.safetensors"
+    # Float tensors of another width are rounded to the network's float32, as load_state_dict
+    # does; the value 1.5 is exact in every float dtype.
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        tensors = {"weight": torch.full((2,), 1.5, dtype=dtype), "count": torch.tensor(7)}
+        save_file(tensors, str(path), metadata=meta)
+        net = load_network(path)
+        assert net.weight.dtype == torch.float32 and torch.equal(net.weight, torch.full((2,), 1.5))
+    # An integer tensor where the network holds floats (or the reverse) is damage, not
+    # rounding: load_state_dict used to convert it silently.
+    for tensors in (
+        {"weight": torch.ones(2, dtype=torch.int32), "count": torch.tensor(7)},
+        {"weight": torch.ones(2), "count": torch.tensor(7.0)},
+    ):
+        save_file(tensors, str(path), metadata=meta)
+        wrong = r"wrong dtype \(1\): \['(weight|count) \(torch\.\w+, not torch\.\w+\)'\]"
+        with pytest.raises(ValueError, match=wrong):
+            load_network(path)
+
+
+def test_a_mismatch_counts_the_keys_it_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import FORMAT_TAG, load_network
+
+    net = EDMPrecond(**SMALL)
+    path = tmp_path / "partial.safetensors"
+    state = dict(list(net.state_dict().items())[:3])
+    meta = {"format": FORMAT_TAG, "config": json.dumps(net.config)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
+    missing = len(net.state_dict()) - 3
+    with pytest.raises(ValueError, match=rf"missing \({missing}\): \['model\."):
+        load_network(path)
+
+
+def test_directories_are_named_as_directories(tmp_path):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import load_network, read_metadata, read_records, save_network
+
+    for name in ("net.safetensors", "net.pkl"):
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(FileNotFoundError, match=f"{name} is a directory, not a network file"):
+            load_network(folder)
+    with pytest.raises(FileNotFoundError, match="net.pkl is a directory"):
+        read_records(tmp_path / "net.pkl")
+    with pytest.raises(FileNotFoundError, match="net.safetensors is a directory"):
+        read_metadata(tmp_path / "net.safetensors")
+    # It used to fail in the final rename, naming the temporary file.
+    with pytest.raises(IsADirectoryError, match="net.safetensors is a directory; give the path"):
+        save_network(EDMPrecond(**SMALL), tmp_path / "net.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pkl", "net.safetensors"]
+
+
+def test_save_network_refuses_metadata_that_is_not_text_and_writes_nothing(tmp_path):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import save_network
+
+    with pytest.raises(ValueError, match="metadata entry 'epoch' is a int; metadata are strings"):
+        save_network(EDMPrecond(**SMALL), tmp_path / "x.safetensors", metadata={"epoch": 3})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_network_interrupted_leaves_no_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import save_network
+
+    def fail_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        save_network(EDMPrecond(**SMALL), tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_constructor_that_refuses_the_recorded_kwargs_is_named():
+    from bdia.models.checkpoints import build_network
+
+    # A negative width fails inside the constructor with a bare "math domain error".
+    kwargs = dict(img_resolution=8, img_channels=1, model_channels=-1)
+    with pytest.raises(ValueError, match="cannot build EDMPrecond from the recorded kwargs: math"):
+        build_network("EDMPrecond", kwargs)

@@ -193,6 +193,14 @@ _MALFORMED_PICKLE_ERRORS = (
 )
 
 
+def _require_file(path: Path, what: str) -> None:
+    """FileNotFoundError unless ``path`` is a file; the message tells a folder from nothing."""
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a directory, not a {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+
+
 def read_records(path: str | os.PathLike[str]) -> Any:
     """Unpickle an EDM network pickle into plain data, running none of its code.
 
@@ -203,13 +211,12 @@ def read_records(path: str | os.PathLike[str]) -> Any:
         The unpickled object with every persistent object as a ``PersistentRecord``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: there is no file at ``path`` (or it is a directory).
         UnsafeCheckpointError: the file names a global outside the allow-list.
         ValueError: the file is truncated, corrupt or not a pickle.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    _require_file(path, "checkpoint")
     with path.open("rb") as fh:
         head = fh.read(4)
         fh.seek(0)
@@ -247,16 +254,31 @@ def state_dict_of(record: PersistentRecord | ModuleRecord, prefix: str = "") -> 
     """Flatten a record's parameters and buffers into a ``state_dict`` with torch's key names.
 
     Buffers that the module registered as non-persistent are included as found.
+
+    Raises:
+        ValueError: a record's ``_parameters``, ``_buffers`` or ``_modules`` is not a dict, or
+            a parameter or buffer is neither a tensor nor None.
     """
     state = record.state if isinstance(record, PersistentRecord) else record
     out: dict[str, Tensor] = {}
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is not None:
-                out[prefix + name] = value.detach() if isinstance(value, Tensor) else value
-    for name, child in (state.get("_modules") or {}).items():
-        if isinstance(child, (PersistentRecord, ModuleRecord)):
-            out.update(state_dict_of(child, f"{prefix}{name}."))
+    for group in ("_parameters", "_buffers", "_modules"):
+        entries = state.get(group) or {}
+        if not isinstance(entries, dict):
+            raise ValueError(
+                f"the record of {prefix.rstrip('.') or 'the network'}: {group} is a "
+                f"{type(entries).__name__}, not a dict; the file is damaged or no EDM network"
+            )
+        for name, value in entries.items():
+            if group == "_modules":
+                if isinstance(value, (PersistentRecord, ModuleRecord)):
+                    out.update(state_dict_of(value, f"{prefix}{name}."))
+            elif isinstance(value, Tensor):
+                out[prefix + name] = value.detach()
+            elif value is not None:
+                raise ValueError(
+                    f"the record's tensor {prefix + name!r} is a {type(value).__name__}, not a "
+                    "tensor; the file is damaged or no EDM network"
+                )
     return out
 
 
@@ -300,20 +322,37 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
     kwargs = _plain_data(init_kwargs, f"the recorded kwargs of {class_name}")
     try:
         return cls(**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
 
 
 def load_state_strict(net: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """``load_state_dict`` after a check that names missing, unexpected and misshapen keys."""
+    """``load_state_dict`` after a check that names missing, unexpected and misfitting keys.
+
+    A tensor fits when its shape is the network's and it is floating point where the network's
+    is (and not where it is not); floats of another width are rounded to the network's dtype,
+    as ``load_state_dict`` does. The message counts each kind of mismatch and names up to five.
+    """
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
+    shared = [k for k in own if k in state]
+    shape = [k for k in shared if tuple(own[k].shape) != tuple(state[k].shape)]
+    # An integer tensor in a float slot (or the reverse) is damage: a cast would hide it.
+    kind = [k for k in shared if own[k].is_floating_point() != state[k].is_floating_point()]
+    if missing or unexpected or shape or kind:
+        problems = [
+            f"{label} ({len(keys)}): {keys[:5]}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", shape),
+                ("wrong dtype", [f"{k} ({state[k].dtype}, not {own[k].dtype})" for k in kind]),
+            )
+            if keys
+        ]
         raise ValueError(
-            f"the tensors of {source} do not fit {type(net).__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            f"the tensors of {source} do not fit {type(net).__name__}: " + "; ".join(problems)
         )
     net.load_state_dict(state, strict=True)
 
@@ -339,11 +378,28 @@ def load_edm_pickle(path: str | os.PathLike[str]) -> torch.nn.Module:
 
     Returns:
         An ``EDMPrecond``/``VPPrecond``/``VEPrecond`` in eval mode, float32, on the CPU.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        UnsafeCheckpointError: the file names a global outside the allow-list.
+        ValueError: the file is not an EDM pickle, holds no network (a dict without an
+            ``'ema'`` network, or no persistent object), or a network this library cannot
+            rebuild.
     """
     data = read_records(path)
     record = data.get("ema") if isinstance(data, dict) else data
-    if record is None:
-        raise ValueError(f"{path} holds no 'ema' network (keys: {sorted(data)})")
+    if not isinstance(record, PersistentRecord):
+        if isinstance(data, dict):
+            keys = ", ".join(sorted(repr(k) for k in data)[:10])
+            found = f"a dict with keys {keys or 'none'}"
+            if "ema" in data:
+                found += f", whose 'ema' is a {type(record).__name__}"
+        else:
+            found = f"a {type(data).__name__}"
+        raise ValueError(
+            f"{path} holds no EDM network: EDM pickles are a dict whose 'ema' entry is the "
+            f"network, this file holds {found}"
+        )
     return network_from_records(record)
 
 
@@ -361,12 +417,28 @@ def save_network(
     a registered class (``bdia.models.registry.register_network``) records when it is built;
     ``metadata`` adds string entries of the caller's (``read_metadata`` gives them back).
 
+    Nothing is written when it fails: the file is filled under a temporary name beside
+    ``path`` and renamed into place.
+
     Raises:
-        ValueError: the network has no config (its class is not registered), or its recorded
-            arguments are not JSON data (e.g. a ``model_type`` given as a class).
+        ValueError: the network has no config (its class is not registered), its recorded
+            arguments are not JSON data (e.g. a ``model_type`` given as a class), or a
+            ``metadata`` entry is not a string.
+        IsADirectoryError: ``path`` is a directory.
     """
     from safetensors.torch import save_file
 
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the path of the file to write")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            bad = (
+                f"entry {key!r} is a {type(value).__name__}"
+                if isinstance(key, str)
+                else (f"key {key!r} is a {type(key).__name__}")
+            )
+            raise ValueError(f"metadata {bad}; metadata are strings (use json.dumps for data)")
     config = getattr(net, "config", None)
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(
@@ -404,15 +476,14 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata of a bdia safetensors file (or shipped network name).
 
     Raises:
-        FileNotFoundError: there is no file at ``path``.
+        FileNotFoundError: there is no file at ``path`` (or it is a directory).
         ValueError: the file is not a safetensors file (the message names it).
     """
     from safetensors import SafetensorError, safe_open
 
     if isinstance(path, str) and path in SHIPPED_NETWORKS:
         path = shipped_network_path(path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no network file at {path}")
+    _require_file(Path(path), "network file")
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -446,6 +517,8 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
     if isinstance(path, str) and path in SHIPPED_NETWORKS:
         path = shipped_network_path(path)
     path = Path(path)
+    if path.is_dir():
+        _require_file(path, "network file")
     if path.suffix == ".pkl":
         return load_edm_pickle(path)
     if path.suffix != ".safetensors":
@@ -453,8 +526,7 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
             f"{path}: expected an EDM .pkl, a bdia .safetensors file or the name of a shipped "
             f"network ({', '.join(sorted(SHIPPED_NETWORKS))})"
         )
-    if not path.is_file():
-        raise FileNotFoundError(f"no network file at {path}")
+    _require_file(path, "network file")
     from safetensors import SafetensorError, safe_open
 
     try:
