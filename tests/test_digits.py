@@ -202,6 +202,40 @@ def test_frechet_digit_distance_is_zero_for_identical_sets_and_grows_with_noise(
 # ------------------------------------------------------------------------------------ CLI
 
 
+def test_scoring_helpers_take_an_empty_set():
+    # torch.cat of no batches used to raise "expected a non-empty list of Tensors".
+    classifier = digits.DigitClassifier().eval()
+    empty = torch.zeros(0, 1, 8, 8)
+    predicted = digits.predict(classifier, empty)
+    assert predicted.shape == (0,) and predicted.dtype == torch.int64
+    features = digits.classifier_features(classifier, empty)
+    assert features.shape == (0, 64) and features.dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (2, 8, 8), (2, 3, 8, 8), (2, 1, 4, 4)])
+def test_scoring_helpers_refuse_images_of_another_shape(shape):
+    # to_pixels took row 0 of an (8, 8) image as eight one-pixel "images"; the classifier
+    # failed inside its linear layer.
+    classifier = digits.DigitClassifier().eval()
+    images = torch.zeros(shape)
+    for helper in (
+        digits.to_pixels,
+        lambda x: digits.predict(classifier, x),
+        lambda x: digits.classifier_features(classifier, x),
+    ):
+        with pytest.raises(ValueError, match=r"images must have shape \(n, 1, 8, 8\), got"):
+            helper(images)
+
+
+def test_frechet_digit_distance_refuses_images_that_are_not_finite(split):
+    # Clipping keeps NaN, and scipy's sqrtm then failed with "Internal error ... -102".
+    classifier = digits.DigitClassifier().eval()
+    bad = split.held_out_images[:20].clone()
+    bad[3, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="images_b holds 1 NaN values"):
+        digits.frechet_digit_distance(classifier, split.held_out_images[20:40], bad)
+
+
 def test_cli_sample_writes_a_labelled_grid(tmp_path):
     from PIL import Image
 

@@ -103,8 +103,18 @@ def load_digits_split() -> DigitsSplit:
     )
 
 
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"images must have shape (n, 1, 8, 8), got {tuple(images.shape)}")
+
+
 def to_pixels(images: Tensor) -> np.ndarray:
-    """Images in [-1, 1] of shape ``(n, 1, 8, 8)`` as uint8 grey levels ``(n, 8, 8)``."""
+    """Images in [-1, 1] of shape ``(n, 1, 8, 8)`` as uint8 grey levels ``(n, 8, 8)``.
+
+    Raises:
+        ValueError: ``images`` is not of shape ``(n, 1, 8, 8)``.
+    """
+    _check_images(images)
     grey = ((images.detach().double().cpu()[:, 0] + 1.0) * 127.5).round().clamp(0, 255)
     return grey.to(torch.uint8).numpy()
 
@@ -166,29 +176,53 @@ def probe_inputs() -> tuple[Tensor, Tensor, Tensor]:
 def classifier_features(classifier: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
     """FDD features of ``images`` ``(n, 1, 8, 8)`` in [-1, 1]: float64 ``(n, feature_dim)``.
 
-    Images are clipped to [-1, 1] first, as they would be when saved as pixels.
+    Images are clipped to [-1, 1] first, as they would be when saved as pixels. An empty set
+    (n = 0) gives ``(0, feature_dim)``.
+
+    Raises:
+        ValueError: ``images`` is not of shape ``(n, 1, 8, 8)``.
     """
+    _check_images(images)
     images = images.clamp(-1.0, 1.0)
+    # range(0, 0, batch) is empty, and torch.cat needs one piece: an empty set runs as one.
+    starts = range(0, max(images.shape[0], 1), batch)
     # nn.Module types an attribute it does not declare as Tensor | Module; features is the
     # classifier's method (DigitClassifier.features).
-    out = [classifier.features(images[i : i + batch]) for i in range(0, images.shape[0], batch)]  # type: ignore[operator]
+    out = [classifier.features(images[i : i + batch]) for i in starts]  # type: ignore[operator]
     return torch.cat(out).double()
 
 
 @torch.no_grad()
 def predict(classifier: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
-    """Predicted classes (int64 ``(n,)``) of images in [-1, 1] (clipped to it first)."""
+    """Predicted classes (int64 ``(n,)``) of images ``(n, 1, 8, 8)`` in [-1, 1] (clipped to it
+    first); ``(0,)`` for an empty set.
+
+    Raises:
+        ValueError: ``images`` is not of shape ``(n, 1, 8, 8)``.
+    """
+    _check_images(images)
     images = images.clamp(-1.0, 1.0)
-    out = [classifier(images[i : i + batch]).argmax(1) for i in range(0, images.shape[0], batch)]
+    starts = range(0, max(images.shape[0], 1), batch)  # an empty set runs as one (see above)
+    out = [classifier(images[i : i + batch]).argmax(1) for i in starts]
     return torch.cat(out)
 
 
 def frechet_digit_distance(classifier: nn.Module, images_a: Tensor, images_b: Tensor) -> float:
-    """FDD: the Frechet distance between classifier-feature Gaussians of two image sets."""
+    """FDD: the Frechet distance between classifier-feature Gaussians of two image sets.
+
+    Each set is ``(n, 1, 8, 8)`` with n >= 2, clipped to [-1, 1] (see ``classifier_features``).
+
+    Raises:
+        ValueError: a set has fewer than 2 images, another shape, or NaN values (which the
+            clipping keeps, and which no covariance survives).
+    """
     from ..metrics.fid import frechet_distance
 
     stats = []
-    for images in (images_a, images_b):
+    for name, images in (("images_a", images_a), ("images_b", images_b)):
+        nan = int(torch.isnan(images).sum())
+        if nan:
+            raise ValueError(f"{name} holds {nan} NaN values; the Frechet distance needs numbers")
         feats = classifier_features(classifier, images).numpy()
         if feats.shape[0] < 2:
             raise ValueError("the Frechet distance needs at least 2 images in each set")
