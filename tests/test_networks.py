@@ -261,6 +261,22 @@ def test_sigma_as_a_number_or_per_image_gives_the_same_output(sigma):
     assert torch.equal(net(x, sigma), expected)
 
 
+def test_a_network_on_the_meta_device_runs_without_reading_values():
+    # FLOP counting (benchmarks/gpu_check.py) runs the network on the meta device, where a
+    # check that reads sigma or the class indices back would fail.
+    net = tiny_net().to("meta")
+    x = torch.zeros(2, 3, 16, 16, device="meta")
+    for sigma, labels in [
+        (torch.ones(2, device="meta"), torch.eye(10, device="meta")[:2]),
+        (1.0, torch.tensor([1, 2], device="meta")),
+    ]:
+        with torch.no_grad():
+            d = net(x, sigma, class_labels=labels)
+        assert d.device.type == "meta" and d.shape == x.shape and d.dtype == torch.float32
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        net(x, 0.0, class_labels=torch.tensor([1, 2], device="meta"))  # a number is read
+
+
 def test_vp_sigma_range():
     net = VPPrecond(8, 3, model_type=Stand_in)
     assert net.sigma_max == pytest.approx(math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1))

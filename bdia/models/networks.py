@@ -671,7 +671,7 @@ class _Precond(nn.Module):
             return None
         if class_labels is None:
             return torch.zeros(batch, self.label_dim, device=device)
-        labels = torch.as_tensor(class_labels, device=device)
+        labels = torch.as_tensor(class_labels)
         shape = tuple(labels.shape)
         # One row may serve the whole batch: EDM adds the label embedding to the noise
         # embedding, which broadcasts it.
@@ -681,20 +681,21 @@ class _Precond(nn.Module):
                 raise ValueError(
                     f"class indices must have shape ({batch},) (one per image), got shape {shape}"
                 )
-            outside = labels[(labels < 0) | (labels >= self.label_dim)]
-            if outside.numel():
-                raise ValueError(
-                    f"class index {int(outside[0])} is not a class of this network, which "
-                    f"has {self.label_dim} (0..{self.label_dim - 1})"
-                )
-            return F.one_hot(labels.long(), self.label_dim).to(torch.float32)
+            if labels.device.type == "cpu":  # read on the host only, as sigma is (forward)
+                outside = labels[(labels < 0) | (labels >= self.label_dim)]
+                if outside.numel():
+                    raise ValueError(
+                        f"class index {int(outside[0])} is not a class of this network, which "
+                        f"has {self.label_dim} (0..{self.label_dim - 1})"
+                    )
+            return F.one_hot(labels.to(device, torch.long), self.label_dim).to(torch.float32)
         if labels.ndim != 2 or shape[0] not in rows or shape[1] != self.label_dim:
             raise ValueError(
                 f"one-hot class_labels must have shape ({batch}, {self.label_dim}) (or "
                 f"(1, {self.label_dim}) for the whole batch), got shape {shape}; class "
                 f"indices are integers of shape ({batch},)"
             )
-        return labels.to(torch.float32)
+        return labels.to(device, torch.float32)
 
     def forward(
         self,
@@ -720,27 +721,31 @@ class _Precond(nn.Module):
             ValueError: ``x``, ``sigma`` or ``class_labels`` of the wrong shape, a sigma
                 that is not positive and finite (sigma = 0 has no noise level: ``c_noise``
                 is ``ln 0`` for EDM's and VE's), or a class index outside
-                ``0..label_dim-1``.
+                ``0..label_dim-1``. The values of sigma and of class indices are checked
+                where they lie on the CPU (numbers included), not read back from an
+                accelerator.
         """
         if x.ndim != 4 or x.shape[1] != self.img_channels:
             raise ValueError(
                 f"x must have shape (batch, {self.img_channels}, H, W), got {tuple(x.shape)}"
             )
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = torch.as_tensor(sigma)
         if sigma.numel() not in (1, x.shape[0]):
             raise ValueError(
                 f"sigma must be a scalar or hold one value per image ({x.shape[0]}), got "
                 f"shape {tuple(sigma.shape)}"
             )
-        # One host sync per call on an accelerator; the network's evaluation dwarfs it.
-        if not bool(torch.isfinite(sigma).all() & (sigma > 0).all()):
+        # Values are read where they already lie on the host (a number, a CPU tensor). On an
+        # accelerator reading them back would stall it on every call and break graph capture;
+        # meta tensors have none. The samplers never evaluate sigma = 0 (DiffusionODE refuses).
+        if sigma.device.type == "cpu" and not bool(torch.isfinite(sigma).all() & (sigma > 0).all()):
             raise ValueError(
                 f"sigma must be positive and finite, got {sigma.flatten().tolist()[:8]}; the "
                 "network has no noise level at sigma = 0 (a sampler's grid may end there, but "
                 "no step evaluates it)"
             )
-        sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        sigma = sigma.to(x.device, torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
         labels = self._labels(class_labels, x.shape[0], x.device)
         dtype = self.inner_dtype(x.device, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
