@@ -16,9 +16,20 @@ import bdia
 from bdia import ODE, ButcherTableau, DiffusionODE, StatePair, get_solver, invert, sample
 from bdia import bdia as make_bdia
 from bdia.models.toy import GaussianMixture
+from bdia.solvers import registry as solver_registry
 
 BATCH, DIM = 4, 3
 GRID = [80.0, 20.0, 5.0, 1.0, 0.3]  # EDM times with sigma > 0 everywhere
+
+
+@pytest.fixture(autouse=True)
+def registry_as_it_was():
+    """Solvers a test registers leave with it: `bdia solvers` (tests/test_cli.py) lists every
+    registered name, and a factory registered to fail would fail there."""
+    before = dict(solver_registry._REGISTRY)
+    yield
+    solver_registry._REGISTRY.clear()
+    solver_registry._REGISTRY.update(before)
 
 
 @pytest.fixture(scope="module")
