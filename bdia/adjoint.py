@@ -356,14 +356,15 @@ def _check_rebuilt_start(rebuilt: SolverState, first: SolverState, solver: Solve
     drift = math.nan if any(math.isnan(d) for d in drifts) else max(drifts, default=0.0)
     tolerance = _rebuild_tolerance(first.x.dtype)
     if not drift <= tolerance:
+        mixing = solver.mixing_parameter
+        nearer_one = f", a {mixing} nearer 1" if mixing else ""
         warn_at_caller(
             f"adjoint='reversible' with {solver.name}: the backward pass rebuilt the first "
             f"state {drift:.3g} (relative rms) away from the forward pass's, where rounding "
             f"allows {tolerance:.2g}; the gradients were taken along states that far off and "
             "may be wrong accordingly (compare with adjoint='autograd'). Undoing a step "
             "magnifies rounding by 1/gamma (1/p^2 for edict, 1/coupling for reversible): use "
-            "a float64 state (state_dtype='float64'), a gamma (p, coupling) nearer 1 or "
-            "fewer steps",
+            f"a float64 state (state_dtype='float64'){nearer_one} or fewer steps",
             RuntimeWarning,
             through_torch=True,
         )

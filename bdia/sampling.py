@@ -97,7 +97,7 @@ class _ParasiticWatch:
                 f"{what} with {solver.name}: the parasitic component of the reversible state "
                 f"reached {worst:.3g} times the state's size (rms), so the result is "
                 "dominated by it, not by the ODE's solution. The scheme is unstable here: use "
-                f"more steps or another gamma (p, coupling){edit}",
+                f"more steps or another {solver.mixing_parameter or 'solver'}{edit}",
                 ParasiticWarning,
             )
 

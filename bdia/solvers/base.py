@@ -25,7 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -108,8 +108,10 @@ class Solver(ABC):
 
     Subclasses set ``name``, ``order``, ``stages`` (model evaluations per step when nothing
     is reused), ``needs_diffusion`` and ``reversible`` (``unstep`` is the exact inverse of
-    ``step``). Instances are immutable and hold no state between calls: the state lives in
-    the ``SolverState`` the methods pass along.
+    ``step``); a reversible solver that couples two states also names the parameter that
+    weighs them in ``mixing_parameter`` (``"gamma"``, ``"p"``, ``"coupling"``), which
+    warnings about its parasitic mode point to. Instances are immutable and hold no state
+    between calls: the state lives in the ``SolverState`` the methods pass along.
     """
 
     name: str
@@ -117,6 +119,7 @@ class Solver(ABC):
     stages: int
     needs_diffusion: bool = False
     reversible: bool = False
+    mixing_parameter: ClassVar[str | None] = None
 
     @abstractmethod
     def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -120,6 +120,7 @@ class BidirectionalWrapper(Solver):
     gamma: float | tuple[float, ...] | str = 1.0
 
     reversible = True
+    mixing_parameter: ClassVar[str] = "gamma"
 
     @property
     def base(self) -> SingleStepSolver:

@@ -100,7 +100,7 @@ class _Coupled(Solver):
     solver: SingleStepSolver
     reversible = True
     _factory: ClassVar[str]
-    _parameter: ClassVar[str]
+    mixing_parameter: ClassVar[str]
 
     def __post_init__(self) -> None:
         base = self.solver
@@ -111,8 +111,8 @@ class _Coupled(Solver):
             )
         if not isinstance(base, SingleStepSolver):
             raise TypeError(f"{self._factory}() needs a Solver, got {type(base).__name__}")
-        value = _fraction(getattr(self, self._parameter), self._parameter, self._factory)
-        object.__setattr__(self, self._parameter, value)
+        name = self.mixing_parameter
+        object.__setattr__(self, name, _fraction(getattr(self, name), name, self._factory))
 
     # ------------------------------------------------------------------ data
     @property
@@ -176,8 +176,8 @@ class _Coupled(Solver):
         return SolverState(k, a.high, evaluation, _Chains(a.low, b.high, b.low), parasitic)
 
     def __repr__(self) -> str:
-        value = getattr(self, self._parameter)
-        return f"{self._factory}({self.solver!r}, {self._parameter}={value!r})"
+        value = getattr(self, self.mixing_parameter)
+        return f"{self._factory}({self.solver!r}, {self.mixing_parameter}={value!r})"
 
 
 @dataclass(frozen=True, repr=False)
@@ -198,7 +198,7 @@ class EDICTWrapper(_Coupled):
     p: float = 0.93
 
     _factory: ClassVar[str] = "edict"
-    _parameter: ClassVar[str] = "p"
+    mixing_parameter: ClassVar[str] = "p"
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -252,7 +252,7 @@ class ReversibleWrapper(_Coupled):
     coupling: float = 0.999
 
     _factory: ClassVar[str] = "reversible"
-    _parameter: ClassVar[str] = "coupling"
+    mixing_parameter: ClassVar[str] = "coupling"
 
     @property
     def order(self) -> int:  # type: ignore[override]
