@@ -142,6 +142,7 @@ def test_gamma_sequence_empty() -> None:
         (True, "gamma must be a number in .* got the bool True"),
         (np.bool_(False), "gamma must be a number in .* got the bool"),
         ([0.9, True], r"gamma\[1\] must be a number in .* got the bool True"),
+        (["0.9", 0.8], r"gamma\[0\] must be a number, got the string '0.9'"),
     ],
 )
 def test_gamma_without_order_or_a_bool_is_refused(gamma, pattern: str) -> None:

@@ -57,6 +57,9 @@ def _check_user_gamma(value: Any, where: str) -> float:
     if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool:
         # float(True) is 1.0: a flag passed by mistake would become the leapfrog scheme.
         raise TypeError(f"gamma{where} must be a number in [0, 1], got the bool {value!r}")
+    if isinstance(value, (str, bytes)):
+        # float("0.9") would pass, while a lone string is read as a schedule's name.
+        raise TypeError(f"gamma{where} must be a number, got the string {value!r}")
     try:
         g = float(value)
     except (TypeError, ValueError):
