@@ -245,8 +245,26 @@ def _image_shape(net: torch.nn.Module) -> tuple[int, int, int]:
     return channels, res, res
 
 
+def _not_finite(images: Tensor) -> list[int]:
+    """The indices of the images of a batch ``(n, ...)`` that hold NaN or Inf."""
+    return torch.nonzero(~images.isfinite().flatten(1).all(1)).flatten().tolist()
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
-    """Images in [-1, 1], ``(n, C, H, W)``, as uint8 arrays ``(n, H, W)`` or ``(n, H, W, C)``."""
+    """Images in [-1, 1], ``(n, C, H, W)``, as uint8 arrays ``(n, H, W)`` or ``(n, H, W, C)``.
+
+    Rounded as EDM saves images: ``(x * 127.5 + 128)`` clamped to [0, 255] and truncated.
+
+    Raises:
+        ValueError: naming the images that hold NaN or Inf, which have no pixel value (a
+            NaN's cast to uint8 is undefined and differs between devices).
+    """
+    bad = _not_finite(images)
+    if bad:
+        raise ValueError(
+            f"cannot save images holding NaN or Inf as pixels: image "
+            f"{', '.join(map(str, bad))} of {images.shape[0]} holds NaN or Inf"
+        )
     pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     array = pixels.cpu().numpy()
     return array[..., 0] if array.shape[-1] == 1 else array
@@ -389,6 +407,18 @@ def write_run_record(
     return write_atomic(Path(outdir) / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
+def _check_share(batch: int, rank: int, world_size: int) -> None:
+    """Refuse a batch size or rank that would otherwise shard the seeds wrongly, silently."""
+    if batch < 1:
+        raise ValueError(f"batch must be 1 or more, got {batch}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be 1 or more, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank must lie in 0..{world_size - 1} (world_size {world_size}), got {rank}"
+        )
+
+
 def generate_images(
     net: torch.nn.Module,
     solver: Solver,
@@ -415,7 +445,8 @@ def generate_images(
         seeds: all seeds of the run.
         outdir: output folder; existing PNGs are kept and their seeds skipped.
         batch: images per network call (does not change any image).
-        class_label: a fixed class, or None for one drawn from each seed.
+        class_label: a fixed class, or None for one drawn from each seed (an unconditional
+            network takes None or 0).
         state_dtype: dtype of the sampler state.
         on_batch: called with the number of seeds finished: once at the start with those
             already on disk (skipped), then after every batch, so that the counts of a
@@ -424,14 +455,24 @@ def generate_images(
 
     Returns:
         Paths of the PNGs this call wrote.
+
+    Raises:
+        ValueError: before any image, for ``batch < 1``, a rank outside ``0..world_size - 1``
+            or a class the network does not have; naming the seeds, for images holding NaN
+            or Inf (their batch is not written).
     """
+    _check_share(batch, rank, world_size)
+    label_dim = getattr(net, "label_dim", 0)
+    if class_label is not None and not label_dim and class_label != 0:
+        raise ValueError(
+            f"an unconditional network takes no class; got class {class_label} (give none)"
+        )
+    if class_label is not None and label_dim and not 0 <= class_label < label_dim:
+        raise ValueError(f"class {class_label} is outside 0..{label_dim - 1}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if not os.access(outdir, os.W_OK):
         raise PermissionError(f"cannot write to {outdir}")
-    label_dim = getattr(net, "label_dim", 0)
-    if class_label is not None and not 0 <= class_label < max(label_dim, 1):
-        raise ValueError(f"class {class_label} is outside 0..{label_dim - 1}")
     shape = _image_shape(net)
     share = list(seeds)[rank::world_size]
     mine = []
@@ -450,6 +491,14 @@ def generate_images(
         images = sample_images(
             net, solver, ts, noise, labels, state_dtype=state_dtype, device=device
         )
+        bad = _not_finite(images)
+        if bad:
+            # Before any PNG of the batch, so that every PNG on disk is a finished image.
+            raise ValueError(
+                f"seed {', '.join(str(group[i]) for i in bad)} gave an image holding NaN or "
+                "Inf: the sampler diverged (try more steps, a float64 state or another "
+                "solver); the images of the batches before it are kept"
+            )
         for seed, image in zip(group, to_uint8(images)):
             path = image_path(outdir, seed)
             write_png(path, image)

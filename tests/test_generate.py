@@ -14,8 +14,10 @@ import torch
 from click.testing import CliRunner
 from conftest import child_env, run_child, run_torchrun
 
+from bdia import generate
 from bdia.cli import main
-from bdia.generate import image_path, parse_seeds, seed_inputs
+from bdia.generate import image_path, parse_seeds, seed_inputs, to_uint8
+from bdia.solvers import get_solver
 
 ARGS = ["--network", "random:tiny-cond", "--steps", "3", "--solver", "euler"]
 
@@ -329,3 +331,77 @@ def test_compile_flag_compiles_the_network_and_is_recorded(tmp_path, monkeypatch
     assert "compile" not in json.loads((plain / "bdia-run.json").read_text())["settings"]
     refused = invoke("--seeds", "0-2", "--batch", "3", "--outdir", str(fast))
     assert refused.exit_code == 1 and "--compile" in refused.stderr
+
+
+TINY_TS = torch.tensor([80.0, 10.0, 0.002], dtype=torch.float64)
+
+
+def _tiny_run(outdir: Path, seeds=(0, 1, 2), *, net=None, **kwargs):
+    net = generate.random_network("tiny-cond") if net is None else net
+    return generate.generate_images(net, get_solver("euler"), TINY_TS, seeds, outdir, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(batch=0), "batch must be 1 or more, got 0"),
+        # A negative batch used to return at once, having written nothing, as if done.
+        (dict(batch=-2), "batch must be 1 or more, got -2"),
+        # A rank outside the world used to take a share overlapping another rank's.
+        (dict(rank=2, world_size=2), r"rank must lie in 0\.\.1 \(world_size 2\), got 2"),
+        (dict(rank=-1, world_size=2), r"rank must lie in 0\.\.1 \(world_size 2\), got -1"),
+        (dict(world_size=0), "world_size must be 1 or more, got 0"),
+    ],
+)
+def test_generate_images_refuses_a_bad_batch_or_rank_before_any_image(tmp_path, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        _tiny_run(tmp_path / "out", **kwargs)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_class_for_an_unconditional_network_is_refused_as_such(tmp_path, monkeypatch):
+    net = generate.random_network("tiny-cond")
+    monkeypatch.setattr(net, "label_dim", 0)
+    # It used to say "class 3 is outside 0..-1".
+    with pytest.raises(ValueError, match="unconditional network takes no class; got class 3"):
+        _tiny_run(tmp_path, net=net, class_label=3)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_to_uint8_refuses_images_that_are_not_finite(value):
+    """EDM's rounding for finite pixels; a NaN used to become an arbitrary byte (0 on the CPU,
+    whatever the device's cast gives elsewhere) and infinities black or white, silently."""
+    images = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    images[2, 0, 1, 0] = value
+    before = images.clone()
+    with pytest.raises(ValueError, match=r"image 2 of 3 holds NaN or Inf"):
+        to_uint8(images)
+    torch.testing.assert_close(images, before, rtol=0, atol=0, equal_nan=True)  # untouched
+
+
+def test_seeds_whose_images_are_not_finite_are_named_and_their_batch_is_not_written(
+    tmp_path, monkeypatch
+):
+    real, calls = generate.sample_images, []
+
+    def diverging(*args, **kwargs):
+        images = real(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == 2:  # the second batch: seeds 2 and 3
+            images[1] = float("nan")
+        return images
+
+    monkeypatch.setattr(generate, "sample_images", diverging)
+    with pytest.raises(ValueError, match=r"seed 3 gave an image holding NaN or Inf"):
+        _tiny_run(tmp_path, [0, 1, 2, 3], batch=2)
+    # The first batch is kept (a rerun resumes after it); none of the failing batch is written.
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["000000.png", "000001.png"]
+
+
+def test_to_uint8_rounds_as_edm():
+    x = torch.tensor([-2.0, -1.0, -1 / 127.5, 0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    got = to_uint8(x.view(1, 1, 1, -1))
+    # EDM: (x * 127.5 + 128).clip(0, 255) cast to uint8 (truncation).
+    assert got.dtype == np.uint8 and got.shape == (1, 1, 7)
+    assert got.tolist() == [[[0, 0, 127, 128, 191, 255, 255]]]
