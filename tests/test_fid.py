@@ -535,3 +535,96 @@ def test_batches_reach_the_detector_in_contiguous_nchw(tmp_path):
     assert torch.equal(batch, torch.from_numpy(array).permute(0, 3, 1, 2))
     folder = _image_folder(tmp_path, n=2, size=(32, 32))
     assert _load_batch(sorted(folder.iterdir())).is_contiguous()
+
+
+def _png_folder(folder, n=5, size=8):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        # batch 0 used to fail as ZeroDivisionError, -1 as "__len__() should return >= 0".
+        (dict(batch=0), "batch must be 1 or more, got 0"),
+        (dict(batch=-1), "batch must be 1 or more, got -1"),
+        # A rank outside the world used to take a share overlapping another rank's.
+        (dict(rank=2, world_size=2), r"rank must lie in 0\.\.1 \(world_size 2\), got 2"),
+        (dict(rank=-1, world_size=2), r"rank must lie in 0\.\.1 \(world_size 2\), got -1"),
+        (dict(world_size=0), "world_size must be 1 or more, got 0"),
+    ],
+)
+def test_image_statistics_refuses_a_bad_batch_or_rank(tmp_path, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        image_statistics(StandInDetector(8), _png_folder(tmp_path / "imgs"), **kwargs)
+
+
+def test_an_npz_of_images_is_found_whatever_the_case_of_its_suffix(tmp_path):
+    """Folders match image suffixes in any case; an archive named .NPZ used to be 'no image
+    folder or .npz'."""
+    images = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "lower.npz", images)
+    np.savez(tmp_path / "upper.npz", images)
+    (tmp_path / "upper.npz").rename(tmp_path / "UPPER.NPZ")
+    det = StandInDetector(8)
+    lower = image_statistics(det, tmp_path / "lower.npz")
+    upper = image_statistics(det, tmp_path / "UPPER.NPZ")
+    assert upper.n == 3
+    np.testing.assert_array_equal(upper.sum_outer, lower.sum_outer)  # the same computation
+
+
+@pytest.mark.parametrize(
+    "shapes,words",
+    [
+        # mu of 3 with sigma of 4 x 4 used to give a number (0.0 for equal statistics).
+        (((3,), (4, 4)), r"first statistics .*mu has shape \(3,\) and sigma \(4, 4\)"),
+        (((4,), (4, 3)), r"first statistics .*mu has shape \(4,\) and sigma \(4, 3\)"),
+        (((2, 2), (4, 4)), r"first statistics .*mu has shape \(2, 2\) and sigma \(4, 4\)"),
+    ],
+)
+def test_frechet_distance_refuses_a_mu_that_does_not_fit_its_sigma(shapes, words):
+    mu, sigma = np.zeros(shapes[0]), np.ones(shapes[1])
+    with pytest.raises(ValueError, match=words):
+        frechet_distance(mu, sigma, mu, sigma)
+
+
+def test_frechet_distance_refuses_statistics_holding_nan():
+    mu, sigma = np.zeros(4), np.eye(4)
+    bad = sigma.copy()
+    bad[1, 2] = np.nan
+    # It used to return NaN, which reads as a result.
+    with pytest.raises(ValueError, match="the second statistics .*NaN or Inf"):
+        frechet_distance(mu, sigma, mu, bad)
+    assert np.isnan(bad).sum() == 1  # the caller's array is kept as it was
+
+
+@pytest.mark.parametrize(
+    "mu,sigma,words",
+    [
+        (np.zeros(3), np.eye(4), r"mu has shape \(3,\) and sigma \(4, 4\)"),
+        (np.full(3, np.nan), np.eye(3), "NaN or Inf"),
+    ],
+    ids=["shapes", "nan"],
+)
+def test_save_reference_refuses_what_load_reference_would_refuse(tmp_path, mu, sigma, words):
+    """It used to write the file, which only a later `bdia fid` run found unreadable."""
+    path = tmp_path / "ref.npz"
+    with pytest.raises(ValueError, match=words):
+        save_reference(path, mu, sigma)
+    assert not list(tmp_path.iterdir())
+
+
+def test_extract_features_moves_images_to_a_detector_that_holds_only_buffers():
+    """The stand-in has a buffer and no parameter: its device used to be missed, and images
+    on another device reached it unmoved (the meta device stands in for a GPU here)."""
+    det = StandInDetector(8).to("meta")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    feats = extract_features(det, images)
+    assert feats.device.type == "meta" and feats.shape == (2, 8)
+    assert feats.dtype == torch.float64 and images.device.type == "cpu"

@@ -14,6 +14,7 @@ FID needs 10k-50k images (EDM uses 50k).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -276,24 +277,46 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+def _statistics_problem(mu: np.ndarray, sigma: np.ndarray) -> str | None:
+    """Why float64 ``mu`` and ``sigma`` are not feature statistics ``(D,)``, ``(D, D)``, or
+    None."""
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        return f"mu has shape {mu.shape} and sigma {sigma.shape}"
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return "mu or sigma holds NaN or Inf"
+    return None
+
+
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part (as EDM).
 
-    ``mu`` are ``(D,)`` and ``sigma`` ``(D, D)`` arrays; the result is a float. When a
-    covariance is singular (fewer feature vectors than D), sqrtm of the product is
-    ill-conditioned: its tiny imaginary part is dropped as EDM does, and a result below zero
-    (which a distance cannot be) issues a ``FIDSampleSizeWarning``.
+    ``mu`` are ``(D,)`` and ``sigma`` ``(D, D)`` arrays (a scalar pair for ``D = 1``); the
+    result is a float. When a covariance is singular (fewer feature vectors than D), sqrtm of
+    the product is ill-conditioned: its tiny imaginary part is dropped as EDM does, and a
+    result below zero (which a distance cannot be) issues a ``FIDSampleSizeWarning``.
+
+    Raises:
+        ValueError: if a ``mu`` and its ``sigma`` do not have shapes ``(D,)`` and ``(D, D)``,
+            hold NaN or Inf, or the two pairs differ in ``D``.
     """
-    mu1 = np.asarray(mu1, dtype=np.float64)
-    mu2 = np.asarray(mu2, dtype=np.float64)
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    for which, mu, sigma in (("first", mu1, sigma1), ("second", mu2, sigma2)):
+        problem = _statistics_problem(mu, sigma)
+        if problem is not None:
+            # NaN would come out as the distance, where it reads as a result.
+            raise ValueError(
+                f"the {which} statistics are not feature statistics: {problem}; expected mu "
+                "(D,) and sigma (D, D), finite"
+            )
+    if mu1.shape != mu2.shape:
         raise ValueError(
-            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
-            f"sigma {sigma1.shape} vs {sigma2.shape}"
+            f"mismatched statistics: features of dimension {mu1.size} and {mu2.size} (are "
+            "both from the same detector?)"
         )
     m = np.square(mu1 - mu2).sum()
     s = _sqrtm(np.dot(sigma1, sigma2))
@@ -356,17 +379,27 @@ def load_reference(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
             sigma = np.asarray(data["sigma"], dtype=np.float64)
         except (ValueError, TypeError, OSError, zipfile.BadZipFile) as err:
             raise refuse(f"unreadable arrays: {str(err).splitlines()[0]}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise refuse(f"mu has shape {mu.shape} and sigma {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise refuse("mu or sigma holds NaN or Inf")
+    problem = _statistics_problem(mu, sigma)
+    if problem is not None:
+        raise refuse(problem)
     return mu, sigma
 
 
 def save_reference(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write (mu, sigma) as float64 arrays to an npz in EDM's format, atomically."""
+    """Write (mu, sigma) as float64 arrays to an npz in EDM's format, atomically.
+
+    Raises:
+        ValueError: before writing, for what ``load_reference`` would refuse: shapes other
+            than ``(D,)`` and ``(D, D)``, or NaN or Inf.
+    """
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
+    problem = _statistics_problem(mu, sigma)
+    if problem is not None:
+        raise ValueError(
+            f"cannot save FID reference statistics to {path}: {problem}; expected "
+            f"{_REFERENCE_FORMAT}, finite"
+        )
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -444,7 +477,9 @@ class StandInDetector(torch.nn.Module):
 
 @torch.no_grad()
 def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Features (N, 2048) in float64 of uint8 NCHW images (1 channel is repeated to 3)."""
+    """Features ``(N, D)`` in float64 (D = 2048 for NVIDIA's detector) of uint8 images
+    ``(N, 3, H, W)`` or ``(N, 1, H, W)`` (the one channel is repeated to 3), on the
+    detector's device."""
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.asarray(images))
     if images.dtype != torch.uint8:
@@ -456,8 +491,11 @@ def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.T
         )
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
+    # The detector's device: of its first parameter or, for one that holds only buffers (the
+    # stand-in), of its first buffer. A module that exposes neither keeps the images' device.
     try:
-        device = next(detector.parameters()).device
+        tensors = itertools.chain(detector.parameters(), detector.buffers())
+        device = next(tensors).device
         images = images.to(device)
     except (StopIteration, AttributeError, RuntimeError):
         pass
@@ -481,7 +519,7 @@ def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
         return files
-    if source.suffix == ".npz" and source.is_file():
+    if source.suffix.lower() == ".npz" and source.is_file():
         return _npz_images(source)
     raise FileNotFoundError(f"no image folder or .npz at {source}")
 
@@ -704,12 +742,22 @@ def image_statistics(
 
     Raises:
         ValueError: naming an unreadable image, or one of another mode or size; or for a
-            negative ``workers``.
+            negative ``workers``, a ``batch`` below 1 or a ``rank`` outside
+            ``0..world_size - 1``.
     """
     if workers is None:
         workers = default_workers(device)
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
+    if batch < 1:
+        raise ValueError(f"batch must be 1 or more, got {batch}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be 1 or more, got {world_size}")
+    if not 0 <= rank < world_size:
+        # Slicing [rank::world_size] would take another rank's images, or some twice.
+        raise ValueError(
+            f"rank must lie in 0..{world_size - 1} (world_size {world_size}), got {rank}"
+        )
     items = list_images(source)
     if isinstance(items, np.ndarray):
         workers = 0
