@@ -72,7 +72,10 @@ def save_latents(
 
     Raises:
         TypeError: if ``pair`` is not a ``StatePair`` (latents files hold BDIA's pairs).
-        ValueError: if the pair has no fingerprint or its tensors do not match.
+        ValueError: before writing, if the pair has no fingerprint, its tensors do not match
+            or are not float64 or float32, its ``times`` are set and are not ``(ts[0],
+            ts[1])``, or ``ts`` is not 1-D with at least 2 points: what ``load_latents``
+            would refuse or give back otherwise.
     """
     from safetensors.torch import save_file
 
@@ -94,8 +97,26 @@ def save_latents(
     for name, t in tensors.items():
         if t.shape != pair.earlier.shape or t.dtype != pair.earlier.dtype:
             raise ValueError(f"pair.{name} does not match pair.earlier in shape and dtype")
+    if pair.earlier.dtype not in _STATE_DTYPES:
+        raise ValueError(
+            f"latents files hold float64 or float32 states, got {pair.earlier.dtype}; "
+            "invert with state_dtype float64 or float32"
+        )
+    grid = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().contiguous().clone()
+    if grid.ndim != 1 or len(grid) < 2:
+        raise ValueError(
+            f"latents need a grid ts of at least 2 points, got shape {tuple(grid.shape)}"
+        )
+    # A loaded pair takes its times from the grid's first two points; a pair from elsewhere
+    # on the grid (sample's return_pair: its last two) would come back claiming those.
+    start = (float(grid[0]), float(grid[1]))
+    if pair.times is not None and tuple(pair.times) != start:
+        raise ValueError(
+            f"the pair's times {tuple(pair.times)} are not the grid's first two points "
+            f"{start}; save the pair that invert returns, with its grid"
+        )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    tensors["ts"] = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().contiguous().clone()
+    tensors["ts"] = grid
     metadata = {
         "format": LATENTS_FORMAT,
         "fingerprint": pair.fingerprint,

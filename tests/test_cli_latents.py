@@ -184,6 +184,38 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
         load_latents(shipped_network_path("digits"))
 
 
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        # Each of these used to be written, as a file that load_latents refuses (or, for the
+        # times, reads back as a pair at the grid's first two points where it is not).
+        ("float16", "float64 or float32 states, got torch.float16"),
+        ("bfloat16", "float64 or float32 states, got torch.bfloat16"),
+        ("times", r"the pair's times \(1\.0, 0\.002\) are not the grid's first two "
+         r"points \(80\.0, 1\.0\)"),
+        ("one point", r"grid ts of at least 2 points, got shape \(1,\)"),
+    ],
+)
+def test_save_latents_refuses_what_load_latents_would_not_give_back(tmp_path, case, words):
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    a = torch.zeros(1, 3, 2, 2, dtype=dtype)
+    # A pair that sample(..., return_pair=True) gives: at the grid's last two points.
+    times = (1.0, 0.002) if case == "times" else None
+    pair = bdia.StatePair(a, a + 1, fingerprint="0123456789abcdef", times=times)
+    with pytest.raises(ValueError, match=words):
+        save_latents(
+            tmp_path / "x.safetensors",
+            pair,
+            ts[:1] if case == "one point" else ts,
+            solver="euler",
+            gamma=0.96,
+            class_label=None,
+            network="n",
+        )
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------- bad inputs
 
 
