@@ -57,8 +57,8 @@ Callback = Callable[[dict[str, Any]], None]
 #: digits model with bdia(euler, 0.96): at most 0.0055 (35 steps) and 0.073 (10 steps) when
 #: inverting the held-out digits or reconstructing them, 0.1 when sampling 35 steps from
 #: noise; about 1.3 when sampling 10 steps from noise (whose results overshoot [-1, 1] to
-#: about 4), 2.0 to 2.6 for a pair continued under another label, 5 to 10 for bdia-heun on
-#: y' = -5 y.
+#: about 4), 2.0 to 2.6 for a pair continued under another label, 5.0 for bdia-heun (gamma 1)
+#: on y' = -5 y over 201 points on [0, 10].
 PARASITIC_LIMIT = 1.0
 
 #: The values of ``sample``'s ``adjoint``.
