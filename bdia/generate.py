@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._files import write_atomic, write_png
+from ._shards import check_share
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
@@ -407,18 +408,6 @@ def write_run_record(
     return write_atomic(Path(outdir) / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
-def _check_share(batch: int, rank: int, world_size: int) -> None:
-    """Refuse a batch size or rank that would otherwise shard the seeds wrongly, silently."""
-    if batch < 1:
-        raise ValueError(f"batch must be 1 or more, got {batch}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be 1 or more, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(
-            f"rank must lie in 0..{world_size - 1} (world_size {world_size}), got {rank}"
-        )
-
-
 def generate_images(
     net: torch.nn.Module,
     solver: Solver,
@@ -461,7 +450,7 @@ def generate_images(
             or a class the network does not have; naming the seeds, for images holding NaN
             or Inf (their batch is not written).
     """
-    _check_share(batch, rank, world_size)
+    check_share(batch, rank, world_size)
     label_dim = getattr(net, "label_dim", 0)
     if class_label is not None and not label_dim and class_label != 0:
         raise ValueError(

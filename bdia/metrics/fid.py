@@ -30,6 +30,7 @@ import scipy.linalg
 import torch
 
 from .._files import replace_atomic
+from .._shards import check_share
 
 __all__ = [
     "FIDSampleSizeWarning",
@@ -749,15 +750,7 @@ def image_statistics(
         workers = default_workers(device)
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
-    if batch < 1:
-        raise ValueError(f"batch must be 1 or more, got {batch}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be 1 or more, got {world_size}")
-    if not 0 <= rank < world_size:
-        # Slicing [rank::world_size] would take another rank's images, or some twice.
-        raise ValueError(
-            f"rank must lie in 0..{world_size - 1} (world_size {world_size}), got {rank}"
-        )
+    check_share(batch, rank, world_size)
     items = list_images(source)
     if isinstance(items, np.ndarray):
         workers = 0
