@@ -1960,6 +1960,14 @@ def _gathered_statistics(
         # A rank with no images (more ranks than images) joins with zeros.
         stats.all_reduce(device)
         dist.destroy_process_group()
+    # Images are uint8, so features holding NaN or Inf come from the detector; saying so
+    # here beats a refusal of the statistics that would name the reference or the output.
+    if not all(math.isfinite(v) for v in (float(stats.mu.sum()), float(stats.sigma.sum()))):
+        raise click.BadParameter(
+            f"{str(detector_path)!r} gave features holding NaN or Inf for the images of "
+            f"{str(images)!r}; use the Inception detector file (EDM's inception-2015-12-05)",
+            param_hint="'--detector'",
+        )
     return stats, rank
 
 

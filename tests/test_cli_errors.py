@@ -488,6 +488,25 @@ def test_fid_refuses_a_detector_without_the_inception_contract(tmp_path, images,
     fails_in_one_line(args, tmp_path, "'--detector'", "other.pt", "return_features", status=2)
 
 
+@pytest.mark.parametrize("command", ["fid", "fid-ref"])
+def test_features_holding_nan_are_blamed_on_the_detector(command, tmp_path, reference):
+    class NaNFeatures(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return torch.full((x.shape[0], 16), float("nan"))
+
+    path = tmp_path / "nan.pt"
+    torch.jit.save(torch.jit.script(NaNFeatures()), str(path))
+    # 17 images: enough for a 16-feature covariance, so that no sample-size warning shows.
+    images = tmp_path / "seventeen"
+    images.mkdir()
+    for i in range(17):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    target = ["--ref", reference] if command == "fid" else ["--out", tmp_path / "out.npz"]
+    args = [command, "--images", images, *target, "--detector", path, "--no-progress"]
+    line = fails_in_one_line(args, tmp_path, "'--detector'", "nan.pt", status=2)
+    assert "NaN or Inf" in line
+
+
 def test_a_wrong_option_is_named_before_an_existing_grid(tmp_path):
     """Exit status 2 names the option at fault; 1 (the file exists) is for valid options."""
     grid = tmp_path / "g.png"
