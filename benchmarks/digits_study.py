@@ -436,7 +436,13 @@ def report(args, rows, inversion, baseline, edits, seconds, figures: dict[str, s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DOCS / "digits.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the page, its figures beside it (default docs/benchmarks/digits.md; needed "
+        "with --smoke)",
+    )
     parser.add_argument("--cache", type=Path, default=None, help="default: beside --out")
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--inversion-count", type=int, default=None, help="default: all 360")
@@ -445,6 +451,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="2 solvers, 100 samples, 16 digits")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if args.smoke:
+            # A smoke run's numbers would otherwise replace the published page and figures.
+            parser.error("--smoke needs --out: the default is docs/benchmarks/digits.md")
+        args.out = DOCS / "digits.md"
     args.solvers = bdia.available_solvers()
     args.gammas, args.budgets = GAMMAS, BUDGETS
     args.single_word_bases = ["euler", "heun"]

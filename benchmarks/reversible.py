@@ -444,13 +444,23 @@ def notes() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DOCS / "reversible.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the page (default docs/benchmarks/reversible.md; needed with --smoke)",
+    )
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--count", type=int, default=50, help="held-out digits to invert")
     parser.add_argument("--batch", type=int, default=256, help="toy start states")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if args.smoke:
+            # A smoke run's numbers would otherwise replace the published page.
+            parser.error("--smoke needs --out: the default is docs/benchmarks/reversible.md")
+        args.out = DOCS / "reversible.md"
     args.problems = list(PROBLEMS)
     args.bases = ["euler", "heun", "ddim"]
     args.digit_bases = ["euler", "heun"]

@@ -214,13 +214,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=shipped_network_path("digits").parent,
-        help="folder for digits.safetensors and digits_classifier.safetensors",
+        default=None,
+        help="folder for digits.safetensors and digits_classifier.safetensors (default: the "
+        "package's, bdia/models/weights; needed with --smoke)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="20 iterations and 2 classifier epochs"
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        if args.smoke:
+            # 20 iterations' weights would otherwise replace the networks the package ships.
+            parser.error("--smoke needs --out: the default is the package's bdia/models/weights")
+        args.out = shipped_network_path("digits").parent
     if args.smoke:
         args.iterations, args.classifier_epochs = 20, 2
     torch.set_num_threads(args.threads)
