@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,13 +42,26 @@ def timed(command: list[str], cwd: Path) -> float:
     return seconds
 
 
+def count(least: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-number
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy-loop processes")
-    p.add_argument("--repeats", type=int, default=3, help="runs of `bdia compare`")
+    p.add_argument("--busy", type=count(0), default=os.cpu_count() or 2, help="busy-loop processes")
+    p.add_argument("--repeats", type=count(1), default=3, help="runs of `bdia compare`")
     p.add_argument("--skip-tests", action="store_true", help="do not time the test suite")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown page to write")
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/busy_machine.py", *given])
 
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *rows,
             "",
-            f"Written by `python benchmarks/busy_machine.py{' --skip-tests' * args.skip_tests}`.",
+            f"Written by `{command}`.",
             "",
         ]
     )

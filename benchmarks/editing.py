@@ -11,6 +11,8 @@ Writes docs/benchmarks/editing.md.
 from __future__ import annotations
 
 import argparse
+import platform
+import shlex
 import sys
 import time
 import warnings
@@ -31,28 +33,50 @@ def rules(inversion: bdia.Inversion, target: bdia.DiffusionODE) -> dict[str, tor
     """The regenerated images of every candidate rule (float64, ``(count, 1, 8, 8)``)."""
     solver, pair, ts = inversion.solver, inversion.pair, inversion.ts
     with warnings.catch_warnings(), torch.no_grad():
-        # Continuing the pair under another ODE warns; here it is measured on purpose.
+        # Continuing the pair under another ODE warns, and so does a parasitic mode (the pair's
+        # kept, or restart's on a coarse grid); both are measured here (the range column).
         warnings.simplefilter("ignore", bdia.PairMismatchWarning)
-        continued = bdia.sample(target, solver, pair, ts, progress=False)
-        base_from_pair = bdia.sample(target, solver.solver, pair, ts, progress=False)
-    return {
-        "BDIA continuing the pair": continued,
-        "base solver continuing from the pair's later state": base_from_pair,
-        '`"base"` (default): base solver from the inverted noise': inversion.regenerate(
-            target, rule="base", progress=False
-        ),
-        '`"restart"`: BDIA afresh from the inverted noise': inversion.regenerate(
-            target, rule="restart", progress=False
-        ),
-    }
+        warnings.simplefilter("ignore", bdia.ParasiticWarning)
+        return {
+            "BDIA continuing the pair": bdia.sample(target, solver, pair, ts, progress=False),
+            "base solver continuing from the pair's later state": bdia.sample(
+                target, solver.solver, pair, ts, progress=False
+            ),
+            '`"base"` (default): base solver from the inverted noise': inversion.regenerate(
+                target, rule="base", progress=False
+            ),
+            '`"restart"`: BDIA afresh from the inverted noise': inversion.regenerate(
+                target, rule="restart", progress=False
+            ),
+        }
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def step_counts(text: str) -> list[int]:
+    try:
+        return [positive_int(s) for s in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected step counts of at least 1, separated by commas; got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--count", type=int, default=None, help="first N held-out digits (all)")
-    p.add_argument("--steps", default="10,20,35", help="comma-separated step counts")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--count", type=positive_int, default=None, help="first N held-out digits (all)")
+    p.add_argument(
+        "--steps", type=step_counts, default="10,20,35", help="comma-separated step counts"
+    )
+    p.add_argument("--out", type=Path, default=OUT, help="the page (default %(default)s)")
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/editing.py", *given])
     torch.set_num_threads(1)
 
     net, classifier = load_network("digits"), load_network("digits-classifier")
@@ -68,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Editing the digits",
         "",
-        "Written by `python benchmarks/editing.py`. Each of the "
+        f"Written by `{command}`. Each of the "
         f"{len(labels)} held-out digits is inverted under its own label by "
         f"bdia(euler, {GAMMA}) on `karras_grid(steps, final_zero=False)` (float64 state), then "
         "regenerated under label + 1 (mod 10). *new* and *old*: the share the shipped "
@@ -77,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     started = time.perf_counter()
-    for steps in [int(s) for s in args.steps.split(",")]:
+    for steps in args.steps:
         ts = bdia.karras_grid(steps, final_zero=False)
         inversion = bdia.Inversion.of(source, solver, images, ts)
         round_trip = float((inversion.reconstruct(progress=False) - images).abs().max())
@@ -110,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         '`regenerate(..., rule="restart", return_pair=True)` can be inverted exactly under '
         "the new label.",
         "",
-        f"Run time: {time.perf_counter() - started:.0f} s on one thread.",
+        f"Run time: {time.perf_counter() - started:.0f} s on one thread of an "
+        f"{platform.machine()} CPU, torch {torch.__version__}.",
         "",
     ]
     write_atomic(args.out, "\n".join(lines).encode())

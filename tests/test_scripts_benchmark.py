@@ -20,3 +20,40 @@ def test_a_smoke_run_without_out_is_refused(script, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--smoke needs --out" in err and SMOKE_DEFAULTS[script] in err
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("editing", ["--count", "0"], "--count: must be at least 1, got 0"),
+        ("editing", ["--count", "-5"], "--count: must be at least 1, got -5"),
+        ("editing", ["--steps", "10,,35"], "--steps: expected step counts of at least 1"),
+        ("editing", ["--steps", "0"], "--steps: expected step counts of at least 1"),
+        ("busy_machine", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+        ("busy_machine", ["--busy", "-1"], "--busy: must be at least 0, got -1"),
+    ],
+)
+def test_arguments_out_of_range_are_refused(script, args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark_module(script).main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_editing_page_names_the_command_that_wrote_it_and_the_machine(tmp_path):
+    out = tmp_path / "editing.md"
+    args = ["--count", "2", "--steps", "2", "--out", str(out)]
+    assert benchmark_module("editing").main(args) == 0
+    text = out.read_text()
+    assert f"Written by `python benchmarks/editing.py {' '.join(args)}`." in text
+    assert "Run time:" in text and " CPU, torch " in text
+
+
+def test_the_busy_machine_page_names_the_command_that_wrote_it(tmp_path, monkeypatch):
+    bm = benchmark_module("busy_machine")
+    monkeypatch.setattr(bm, "timed", lambda command, cwd: 1.0)
+    monkeypatch.setattr(bm.time, "sleep", lambda seconds: None)
+    out = tmp_path / "busy.md"
+    args = ["--busy", "0", "--repeats", "2", "--skip-tests", "--out", str(out)]
+    assert bm.main(args) == 0
+    assert f"Written by `python benchmarks/busy_machine.py {' '.join(args)}`." in out.read_text()
