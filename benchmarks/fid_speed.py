@@ -384,13 +384,24 @@ def failure(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------ main
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    # 0 would not be a budget at all: setitimer(0) disarms the alarm.
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, a few tiny images")
     p.add_argument("--detector", default=None, help="a detector file (default: see above)")
     p.add_argument("--out", default=None, help=f"the report (on CUDA by default {DEFAULT_OUT})")
     p.add_argument(
-        "--budget", type=float, default=180.0, help="seconds; past them the run stops, reporting"
+        "--budget",
+        type=positive_seconds,
+        default=180.0,
+        help="seconds; past them the run stops, reporting",
     )
     return p.parse_args(argv)
 
@@ -409,12 +420,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "images": f"{plan.small:,} PNG files of 32x32 uniform noise, an .npz of the same, "
         f"{plan.large:,} PNG files of {plan.large_size}x{plan.large_size}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join(["python", "benchmarks/fid_speed.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "benchmarks/fid_speed.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     rows: list[Row] = []
     gflop: float | None = None
+    started = time.monotonic()
 
-    def report() -> str:
+    def report(final: bool = False) -> str:
+        # A page rewritten after each row must say so until the last: an outer time limit
+        # may end the run between two rows, and such a page would look finished.
+        facts["elapsed"] = f"{time.monotonic() - started:.0f} s" + (
+            "" if final else " (in progress: the page is rewritten after every row)"
+        )
         text = render(facts, rows, gflop)
         if out is not None:
             write_atomic(out, text)
@@ -492,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    text = report()
+    text = report(final=True)
     print(text, end="")
     return 0
 

@@ -4,6 +4,7 @@ statistics agree bit for bit where the report says they are compared."""
 
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -157,3 +158,40 @@ def test_a_given_detector_file_is_loaded_as_bdia_fid_loads_it_and_its_flops_coun
     assert isinstance(detector, torch.jit.ScriptModule) and not detector.training
     # FlopCounterMode sees the ops inside the TorchScript file: the same count as eager.
     assert gflop == pytest.approx(2 * 48 * 2048 / 1e9)
+
+
+def test_a_page_written_between_rows_says_the_run_is_in_progress(tmp_path, monkeypatch):
+    """An outer time limit may end the run between two rows: the page then on disk must not
+    read as a finished one. The last report drops the mark."""
+    fs = _fid_speed()
+    tiny = fs.Plan(small=4, large=2, large_size=8, batches=(4,), workers=(0,))
+    monkeypatch.setattr(fs, "plan_for", lambda device, smoke: tiny)
+    out = tmp_path / "fid_speed.md"
+    pages = []
+
+    def cli_row(detector_path, folder, size, ref, device, smoke):
+        pages.append(out.read_text())  # the page as it stands before the last row
+        return fs.Row(fs.CLI_SOURCE, size, 4, rate=1.0, call_s=1.0)
+
+    monkeypatch.setattr(fs, "cli_row", cli_row)
+    assert fs.main(["--smoke", "--out", str(out)]) == 0
+    (during,) = pages
+    assert re.search(r"\| elapsed \| \d+ s \(in progress: [^|]*\|", during)
+    assert re.search(r"\| elapsed \| \d+ s \|", out.read_text())
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "nan"])
+def test_a_budget_that_is_not_positive_is_refused(budget, capsys):
+    # --budget 0 once disarmed the alarm: a run with no budget at all.
+    with pytest.raises(SystemExit) as exc:
+        _fid_speed().main(["--smoke", "--budget", budget])
+    assert exc.value.code == 2
+    assert "--budget: must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_the_page_names_the_arguments_given_to_main_even_none(monkeypatch, capsys):
+    fs = _fid_speed()
+    monkeypatch.setattr(fs.sys, "argv", ["pytest", "-q"])  # not this run's arguments
+    monkeypatch.setattr(fs, "write_images", lambda *args: None)  # stops before any row
+    assert fs.main([]) == 0  # no GPU here: a smoke run, the page printed only
+    assert "Written by `python benchmarks/fid_speed.py`;" in capsys.readouterr().out
