@@ -792,15 +792,38 @@ def render(
 
 
 # ------------------------------------------------------------------------------ main
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    # A NaN budget would reach setitimer only after the card is set up, and fail there.
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny network (also without CUDA)")
-    p.add_argument("--batch", type=int, default=512, help="batch of the half-precision rows")
-    p.add_argument("--fp32-batch", type=int, default=64, help="batch of the fp32 and tf32 rows")
-    p.add_argument("--round-trip-batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=18, help="karras_grid steps (18: 35 NFE Heun)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs of each sampler per row")
-    p.add_argument("--budget", type=float, default=270.0, help="seconds, after the imports")
+    p.add_argument(
+        "--batch", type=positive_int, default=512, help="batch of the half-precision rows"
+    )
+    p.add_argument(
+        "--fp32-batch", type=positive_int, default=64, help="batch of the fp32 and tf32 rows"
+    )
+    p.add_argument("--round-trip-batch", type=positive_int, default=64)
+    p.add_argument(
+        "--steps", type=positive_int, default=18, help="karras_grid steps (18: 35 NFE Heun)"
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=2, help="timed runs of each sampler per row"
+    )
+    p.add_argument("--budget", type=seconds, default=270.0, help="seconds, after the imports")
     p.add_argument("--out", default=None, help=f"the report (on CUDA by default {DEFAULT_OUT})")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
     p.add_argument(
@@ -954,7 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:  # modes are inductor's own; other backends warn and ignore them
         compiled = cudagraphs = {"backend": backend}
 
-    ctx = Context(device, steps, max(1, args.repeats), trip_batch, args.budget)
+    ctx = Context(device, steps, args.repeats, trip_batch, args.budget)
     facts = {
         "device": card,
         "torch": torch.__version__,
@@ -968,7 +991,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget": f"{args.budget:.0f} s after the imports; a step that would not fit "
         "(planned from the rates measured so far) is skipped",
         "FLOPs": "not counted",
-        "command": shlex.join(["python", "benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     check = Check(ctx, facts, card, out)

@@ -250,6 +250,37 @@ def test_a_failure_before_the_first_step_still_leaves_a_report(tmp_path, monkeyp
     assert set(_targets(text).values()) == {"not measured"}
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["--batch", "-1"], "--batch: must be at least 1, got -1"),
+        (["--fp32-batch", "0"], "--fp32-batch: must be at least 1, got 0"),
+        (["--round-trip-batch", "0"], "--round-trip-batch: must be at least 1, got 0"),
+        (["--budget", "nan"], "--budget: must be a number of seconds, 0 or more, got nan"),
+        (["--budget", "-1"], "--budget: must be a number of seconds, 0 or more, got -1"),
+    ],
+)
+def test_arguments_out_of_range_are_refused_before_the_card_is_touched(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _gpu_check().main(["--smoke", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_report_names_the_arguments_given_to_main_even_none(monkeypatch, capsys):
+    g = _gpu_check()
+
+    def broken(name, seed=0):
+        raise RuntimeError("no network today")
+
+    monkeypatch.setattr(g.generate, "random_network", broken)
+    monkeypatch.setattr(g.sys, "argv", ["pytest", "-q"])  # not this run's arguments
+    assert g.main([]) == 0  # no GPU here: a smoke run, the report printed only
+    assert "- command: python benchmarks/gpu_check.py\n" in capsys.readouterr().out
+
+
 def test_rounds_after_the_warm_up_fit_what_is_left():
     g = _gpu_check()
     ctx = g.Context(torch.device("cpu"), steps=18, repeats=3, trip_batch=2, deadline=0.0)
