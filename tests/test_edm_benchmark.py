@@ -236,6 +236,50 @@ def test_gpu_check_sh_outdir_sends_each_page_into_the_folder(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    ("total", "fid_args"),
+    [
+        (None, ""),  # 450 s, nearly all of it left: fid_speed keeps its own 180 s
+        ("100", " --budget 100"),  # what is left of the limit, when less than 180 s
+        ("10", " --budget 60"),  # never less than 60 s
+        ("0100", " --budget 100"),  # decimal, whatever the leading zeros
+    ],
+)
+def test_gpu_check_sh_gives_fid_speed_what_is_left_of_the_shared_limit(tmp_path, total, fid_args):
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    env.pop("GPU_CHECK_TOTAL_S", None)
+    if total is not None:
+        env["GPU_CHECK_TOTAL_S"] = total
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines()[1] == "benchmarks/fid_speed.py" + fid_args
+
+
+def test_gpu_check_sh_refuses_a_limit_that_is_not_whole_seconds(tmp_path):
+    env = {**os.environ, "PYTHON": "false", "GPU_CHECK_TOTAL_S": "7.5m"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "GPU_CHECK_TOTAL_S must be whole seconds, got '7.5m'" in proc.stderr
+
+
 def test_a_failure_before_the_first_step_still_leaves_a_report(tmp_path, monkeypatch):
     g = _gpu_check()
 
