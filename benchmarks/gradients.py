@@ -267,12 +267,19 @@ def render(results: dict, agreement: dict, steps: Sequence[int], facts: dict, co
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes (default 3)")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=list(STEPS),
         help="step counts (default %(default)s)",
@@ -280,7 +287,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,6 +3,7 @@ is a published page or the package's networks) and arguments out of range; and t
 each page names being the one that ran."""
 
 import pytest
+import torch
 from conftest import benchmark_module
 
 SMOKE_DEFAULTS = {
@@ -31,6 +32,8 @@ def test_a_smoke_run_without_out_is_refused(script, capsys):
         ("editing", ["--steps", "0"], "--steps: expected step counts of at least 1"),
         ("busy_machine", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
         ("busy_machine", ["--busy", "-1"], "--busy: must be at least 0, got -1"),
+        ("gradients", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+        ("gradients", ["--steps", "5", "0"], "--steps: must be at least 1, got 0"),
     ],
 )
 def test_arguments_out_of_range_are_refused(script, args, message, capsys):
@@ -57,3 +60,11 @@ def test_the_busy_machine_page_names_the_command_that_wrote_it(tmp_path, monkeyp
     args = ["--busy", "0", "--repeats", "2", "--skip-tests", "--out", str(out)]
     assert bm.main(args) == 0
     assert f"Written by `python benchmarks/busy_machine.py {' '.join(args)}`." in out.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gradients_on_cuda_without_a_device_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark_module("gradients").main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
