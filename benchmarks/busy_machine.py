@@ -53,6 +53,20 @@ def count(least: int):
     return parse
 
 
+def _without_out(args: list[str]) -> list[str]:
+    """The arguments but ``--out PATH``: the page names what was measured, not where it went."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--busy", type=count(0), default=os.cpu_count() or 2, help="busy-loop processes")
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown page to write")
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "benchmarks/busy_machine.py", *given])
+    command = shlex.join(["python", "benchmarks/busy_machine.py", *_without_out(given)])
 
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
