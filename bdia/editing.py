@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ode import ODE
+from .ode import ODE, _fingerprint
 from .pairs import CoupledPair, StatePair
 from .sampling import Callback, _grid, invert, sample
 from .solvers.base import Solver
@@ -151,10 +151,16 @@ class Inversion:
         Returns:
             The regenerated data at ``ts[-1]`` (shape ``(batch, ...)``, the state dtype),
             or the final pair.
+
+        Raises:
+            ValueError: for an unknown ``rule``, or a ``target`` with another schedule than
+                the source ODE (the grid's times would be other noise levels), or as
+                ``bdia.sample``.
         """
         if rule not in EDIT_RULES:
             choices = ", ".join(map(repr, EDIT_RULES))
             raise ValueError(f"rule must be one of {choices}, got {rule!r}")
+        _check_target(self.ode, target)
         solver = self.solver.base if rule == "base" else self.solver
         with torch.no_grad():
             return sample(
@@ -166,6 +172,34 @@ class Inversion:
                 progress=progress,
                 callback=callback,
             )
+
+
+def _schedule(ode: ODE) -> tuple[str, str]:
+    """What the grid's times mean under ``ode``: its schedule's name and digest (a plain ODE
+    has none: its times are its own)."""
+    schedule = getattr(ode, "schedule", None)
+    if not ode.is_diffusion or schedule is None:
+        return "no schedule (a plain ODE)", ""
+    return repr(schedule), _fingerprint(schedule)
+
+
+def _check_target(source: ODE, target: Any) -> None:
+    """Raise ValueError unless ``target`` reads the grid's times as ``source`` does.
+
+    The inverted noise is the state at ``ts[0]`` under the source's schedule; under another
+    schedule the same times are other noise levels (and another scaling of the state), so
+    sampling from it would start from a state that is not noise at that level, and nothing
+    downstream would notice."""
+    if not isinstance(target, ODE):
+        return  # sample's own check names what an ODE is
+    (src_name, src), (tgt_name, tgt) = _schedule(source), _schedule(target)
+    if src != tgt:
+        raise ValueError(
+            f"the target ODE has {tgt_name}, the source {src_name}: the inverted noise is the "
+            "state at ts[0] under the source's schedule, which another schedule reads as "
+            "another noise level. Regenerate under the same schedule: the same model with "
+            "other conditioning (build the target as the source was, changing only cond)"
+        )
 
 
 def edit(
@@ -189,7 +223,15 @@ def edit(
 
     Returns:
         The edited data, same shape, in the state dtype.
+
+    Raises:
+        ValueError: if ``target`` has another schedule than ``source`` (checked before the
+            inversion runs), or as ``Inversion.of`` and ``Inversion.regenerate``.
     """
+    if rule not in EDIT_RULES:
+        choices = ", ".join(map(repr, EDIT_RULES))
+        raise ValueError(f"rule must be one of {choices}, got {rule!r}")
+    _check_target(source, target)
     inversion = Inversion.of(
         source,
         solver,

@@ -153,6 +153,41 @@ def test_unknown_edit_rule(inversion, net, held_out) -> None:
         inversion.regenerate(labelled(net, held_out[1]), rule="continue")
 
 
+def test_a_target_under_another_schedule_is_refused() -> None:
+    # The inverted noise is the state at ts[0] under the source's schedule; a target with
+    # another schedule reads the same times as other noise levels, and would sample from it
+    # without a sign of the mismatch.
+    mixture = GaussianMixture.random(2, 4, seed=0)
+    linear, cosine = bdia.VPLinear(), bdia.VPCosine()
+    ts = bdia.uniform_logsnr_grid(4, 0.9, 1e-3, linear)
+    data = mixture.sample_data(3, generator=torch.Generator().manual_seed(0)).double()
+    solver = bdia.bdia("euler", 0.9)
+    inversion = bdia.Inversion.of(mixture.ode(linear), solver, data, ts, progress=False)
+    plain = bdia.ODE(lambda t, x: -x)
+    for target in (mixture.ode(cosine), mixture.ode(bdia.VPLinear(beta_max=10.0)), plain):
+        for rule in bdia.EDIT_RULES:
+            with pytest.raises(ValueError, match="schedule"):
+                inversion.regenerate(target, rule=rule, progress=False)
+    calls: list[object] = []
+    with untouched(data), pytest.raises(ValueError, match="VPCosine"):
+        # Refused before the inversion runs: no callback, no model evaluation.
+        bdia.edit(mixture.ode(linear), mixture.ode(cosine), solver, data, ts, callback=calls.append)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        bdia.edit(
+            mixture.ode(linear),
+            mixture.ode(linear),
+            solver,
+            data,
+            ts,
+            rule="continue",
+            callback=calls.append,
+        )
+    assert calls == []
+    # The same schedule in another instance (another label, say) is the intended use.
+    same = inversion.regenerate(mixture.ode(bdia.VPLinear()), progress=False)
+    assert torch.equal(same, inversion.regenerate(inversion.ode, progress=False))
+
+
 # ------------------------------------------------------------------ fingerprint
 
 
