@@ -27,7 +27,30 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+def _same(a: Any, b: Any) -> bool:
+    """Field equality for the pairs: tensors by dtype, shape, device and every value (a
+    tensor's ``==`` is elementwise, and the tuple a dataclass compares would raise on it)."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    return bool(a == b)
+
+
+def _equal(a: Any, b: Any) -> Any:
+    if type(a) is not type(b):
+        return NotImplemented
+    return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+
+
+@dataclass(frozen=True, eq=False)
 class StatePair:
     """Two consecutive states on a grid, in grid order: the reversible state of BDIA.
 
@@ -50,7 +73,10 @@ class StatePair:
             built by hand or loaded from a latents file). ``sample`` and ``invert`` refuse a
             pair whose times are not those of the grid end it is used at.
 
-    A pair is not a sequence: use the field names (``pair.earlier``), not unpacking.
+    A pair is not a sequence: use the field names (``pair.earlier``), not unpacking. Two
+    pairs are equal when every field is: the tensors in dtype, shape, device and every value
+    (a low word of None is not a zero tensor), the fingerprint and the times. A pair holds
+    tensors, so it is not hashable.
     """
 
     earlier: Tensor
@@ -66,8 +92,11 @@ class StatePair:
             "(and pair.earlier_low, pair.later_low)"
         )
 
+    __eq__ = _equal
+    __hash__ = None  # type: ignore[assignment]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class CoupledPair:
     """Two coupled chains at one grid point: the reversible state of ``edict`` and
     ``reversible`` (McCallum-Foster).
@@ -89,7 +118,8 @@ class CoupledPair:
             ``ts[-1]`` from ``sample``), or None (a pair built by hand). ``sample`` and
             ``invert`` refuse a pair whose time is not that of the grid end it is used at.
 
-    A pair is not a sequence: use the field names (``pair.x``), not unpacking.
+    A pair is not a sequence: use the field names (``pair.x``), not unpacking. Equality is
+    by value, as for ``StatePair``; a pair is not hashable.
     """
 
     x: Tensor
@@ -104,6 +134,9 @@ class CoupledPair:
             "a CoupledPair is not a sequence; use its fields: pair.x, pair.y "
             "(and pair.x_low, pair.y_low)"
         )
+
+    __eq__ = _equal
+    __hash__ = None  # type: ignore[assignment]
 
 
 # torch.load reads only allowlisted classes by default (weights_only=True), so a pair saved

@@ -385,3 +385,46 @@ def test_rewind_rebuilds_the_state_a_step_moved_from(wrap):
     back = solver.rewind(ode, ts, moved)
     assert back.k == state.k and back.evaluation is None and back.parasitic is None
     assert torch.equal(back.x, state.x) and torch.equal(back.memory.y, state.memory.y)
+
+
+# ------------------------------------------------------------------ the pairs as values
+
+
+def _pairs_of(x: torch.Tensor) -> list[bdia.StatePair | bdia.CoupledPair]:
+    low = torch.full_like(x, 2.0**-60)
+    return [
+        bdia.StatePair(x, x + 1, low, None, "f" * 16, (1.0, 0.5)),
+        bdia.CoupledPair(x, x + 1, low, None, "f" * 16, 1.0),
+    ]
+
+
+def test_pairs_compare_by_value_and_are_not_hashed():
+    """``==`` between two pairs compared tuples of tensors, whose truth value is an error."""
+    import io
+    import pickle
+
+    x = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+    pairs = zip(_pairs_of(x), _pairs_of(x.clone()), _pairs_of(x.float()))
+    for k, (pair, same, single) in enumerate(pairs):
+        buffer = io.BytesIO()
+        torch.save(pair, buffer)
+        buffer.seek(0)
+        for copy in (same, pickle.loads(pickle.dumps(pair)), torch.load(buffer)):
+            assert copy == pair and not copy != pair
+        # Every field counts: each state, a low word (None is not a zero tensor), the dtype,
+        # the fingerprint and the time(s); and a pair equals no other kind of object.
+        names = [f.name for f in dataclasses.fields(pair)]
+        changed = [dataclasses.replace(pair, **{names[i]: x + 2.0**-40}) for i in (0, 1)]
+        changed += [
+            dataclasses.replace(pair, **{names[2]: None}),
+            dataclasses.replace(pair, **{names[2]: torch.zeros_like(x)}),
+            dataclasses.replace(pair, fingerprint=None),
+            dataclasses.replace(pair, **{names[5]: None}),
+            single,
+            _pairs_of(x)[1 - k],  # the other kind of pair
+        ]
+        for other in changed:
+            assert other != pair and not other == pair
+        assert pair != x
+        with pytest.raises(TypeError, match="unhashable"):
+            hash(pair)
