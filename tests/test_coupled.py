@@ -428,3 +428,37 @@ def test_pairs_compare_by_value_and_are_not_hashed():
         assert pair != x
         with pytest.raises(TypeError, match="unhashable"):
             hash(pair)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bdia.sampling._pair casts a float32 pair to a float64 state by keeping each "
+    "float32 low word beside its float32 high word, unnormalised: the model then sees the "
+    "high word, off the state by up to half a float32 ulp, where the round trip's inverse "
+    "sees the normalised float64 word. Re-splitting with TwoWord(high, low).to(float64) "
+    "makes the round trip exact",
+)
+@pytest.mark.parametrize(
+    "wrap", [None, bdia.edict, bdia.reversible], ids=["bdia", "edict", "reversible"]
+)
+def test_a_float32_pair_continued_in_a_float64_state_round_trips_exactly(wrap):
+    # A float32 inversion of data leaves low words of up to half a float32 ulp. Sampling from
+    # that pair in a float64 state and inverting the float64 result must give the pair's value
+    # back to float64's two-word rounding (FLOAT64_BOUND, see the module docstring); with the
+    # low word kept unfolded the model's inputs differ between the passes, by about 1e-6 here.
+    solver = bdia.bdia("euler", 0.96) if wrap is None else wrap(bdia.get_solver("euler"))
+    ode = MIXTURE.ode()
+    ts = bdia.karras_grid(8, final_zero=False)
+    data = MIXTURE.sample_data(16, generator=torch.Generator().manual_seed(1)).float()
+    pair = bdia.invert(ode, solver, data, ts, progress=False)
+    names = [f.name for f in dataclasses.fields(pair)]
+    assert float(getattr(pair, names[2]).abs().max()) > 1e-7  # the low words are not zero
+    with untouched(*[getattr(pair, n) for n in names[:4]]):
+        forward = bdia.sample(
+            ode, solver, pair, ts, state_dtype=torch.float64, return_pair=True, progress=False
+        )
+    back = bdia.invert(ode, solver, forward, ts, progress=False)
+    for high, low in ((names[0], names[2]), (names[1], names[3])):
+        want = wide(getattr(pair, high), getattr(pair, low))
+        got = wide(getattr(back, high), getattr(back, low))
+        assert float((got - want).abs().max() / want.abs().max()) < FLOAT64_BOUND
