@@ -34,6 +34,7 @@ from .pairs import (
 )
 from .solvers.base import Solver, SolverState, move_report
 from .solvers.registry import get_solver
+from .twoword import TwoWord
 
 if TYPE_CHECKING:
     from .solvers.coupled import EDICTWrapper, ReversibleWrapper
@@ -245,6 +246,22 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
     return out
 
 
+def _words(
+    high: Tensor, low: Any, original: Tensor, what: str
+) -> tuple[Tensor, Tensor | None]:
+    """The two words of ``original + low`` in the dtype of ``high`` (``original`` cast).
+
+    A cast re-splits the value, normalised: a float32 low word kept beside the float64 high
+    word would leave the word the model sees off the value by up to half a float32 ulp, while
+    every word a run makes is the value rounded, so a round trip would not be exact."""
+    checked = _low_word(high, low, original, what)
+    if checked is None or high.dtype == original.dtype:
+        return high, checked
+    words = TwoWord(original, low.to(original.device)).to(high.dtype)
+    _check_input_finite(low, words.low_or_zero(), what)
+    return words.high, words.low
+
+
 def _check_alike(a: Tensor, b: Tensor, what: str) -> None:
     """Raise unless the two tensors of a pair share shape, dtype and device."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
@@ -262,14 +279,9 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
         x = _state(value.x, state_dtype, f"{what}.x")
         y = _state(value.y, state_dtype, f"{what}.y")
         _check_alike(x, y, f"the two chains of {what}")
-        return CoupledPair(
-            x,
-            y,
-            _low_word(x, value.x_low, value.x, f"{what}.x_low"),
-            _low_word(y, value.y_low, value.y, f"{what}.y_low"),
-            value.fingerprint,
-            value.time,
-        )
+        x, x_low = _words(x, value.x_low, value.x, f"{what}.x_low")
+        y, y_low = _words(y, value.y_low, value.y, f"{what}.y_low")
+        return CoupledPair(x, y, x_low, y_low, value.fingerprint, value.time)
     if isinstance(value, tuple):
         if len(value) != 2:
             raise ValueError(
@@ -281,14 +293,9 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
         a = _state(value.earlier, state_dtype, f"{what}[0]")
         b = _state(value.later, state_dtype, f"{what}[1]")
         _check_alike(a, b, f"the two states of {what}")
-        return StatePair(
-            a,
-            b,
-            _low_word(a, value.earlier_low, value.earlier, f"{what}.earlier_low"),
-            _low_word(b, value.later_low, value.later, f"{what}.later_low"),
-            value.fingerprint,
-            value.times,
-        )
+        a, a_low = _words(a, value.earlier_low, value.earlier, f"{what}.earlier_low")
+        b, b_low = _words(b, value.later_low, value.later, f"{what}.later_low")
+        return StatePair(a, b, a_low, b_low, value.fingerprint, value.times)
     return _state(value, state_dtype, what)
 
 

@@ -430,14 +430,6 @@ def test_pairs_compare_by_value_and_are_not_hashed():
             hash(pair)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bdia.sampling._pair casts a float32 pair to a float64 state by keeping each "
-    "float32 low word beside its float32 high word, unnormalised: the model then sees the "
-    "high word, off the state by up to half a float32 ulp, where the round trip's inverse "
-    "sees the normalised float64 word. Re-splitting with TwoWord(high, low).to(float64) "
-    "makes the round trip exact",
-)
 @pytest.mark.parametrize(
     "wrap", [None, bdia.edict, bdia.reversible], ids=["bdia", "edict", "reversible"]
 )
