@@ -57,9 +57,11 @@ def test_the_busy_machine_page_names_the_command_that_wrote_it(tmp_path, monkeyp
     monkeypatch.setattr(bm, "timed", lambda command, cwd: 1.0)
     monkeypatch.setattr(bm.time, "sleep", lambda seconds: None)
     out = tmp_path / "busy.md"
-    args = ["--busy", "0", "--repeats", "2", "--skip-tests", "--out", str(out)]
-    assert bm.main(args) == 0
-    assert f"Written by `python benchmarks/busy_machine.py {' '.join(args)}`." in out.read_text()
+    for where in (["--out", str(out)], [f"--out={out}"]):
+        assert bm.main(["--busy", "0", *where, "--repeats", "2", "--skip-tests"]) == 0
+        # The options as given, but where the page went.
+        command = "python benchmarks/busy_machine.py --busy 0 --repeats 2 --skip-tests"
+        assert f"Written by `{command}`." in out.read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
