@@ -157,9 +157,7 @@ class Inversion:
                 the source ODE (the grid's times would be other noise levels), or as
                 ``bdia.sample``.
         """
-        if rule not in EDIT_RULES:
-            choices = ", ".join(map(repr, EDIT_RULES))
-            raise ValueError(f"rule must be one of {choices}, got {rule!r}")
+        _check_rule(rule)
         _check_target(self.ode, target)
         solver = self.solver.base if rule == "base" else self.solver
         with torch.no_grad():
@@ -172,6 +170,12 @@ class Inversion:
                 progress=progress,
                 callback=callback,
             )
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in EDIT_RULES:
+        choices = ", ".join(map(repr, EDIT_RULES))
+        raise ValueError(f"rule must be one of {choices}, got {rule!r}")
 
 
 def _schedule(ode: ODE) -> tuple[str, str]:
@@ -228,9 +232,7 @@ def edit(
         ValueError: if ``target`` has another schedule than ``source`` (checked before the
             inversion runs), or as ``Inversion.of`` and ``Inversion.regenerate``.
     """
-    if rule not in EDIT_RULES:
-        choices = ", ".join(map(repr, EDIT_RULES))
-        raise ValueError(f"rule must be one of {choices}, got {rule!r}")
+    _check_rule(rule)
     _check_target(source, target)
     inversion = Inversion.of(
         source,
