@@ -54,7 +54,7 @@ def save_latents(
     gamma: float | str,
     class_label: int | None,
     network: str,
-    network_path: str = "",
+    network_path: str | os.PathLike[str] = "",
     source: str = "",
 ) -> Path:
     """Write ``pair`` and the grid ``ts`` to ``path`` (a ``.safetensors`` file), atomically.
@@ -67,7 +67,7 @@ def save_latents(
         gamma: bdia's gamma (a number or a schedule name).
         class_label: the class the data were inverted under, or None.
         network: the network's identity (``"sha256:..."``).
-        network_path: where the network was loaded from.
+        network_path: where the network was loaded from (a path is stored as text).
         source: the name of the inverted image.
 
     Raises:
@@ -124,7 +124,7 @@ def save_latents(
         "gamma": str(gamma),
         "class": "none" if class_label is None else str(int(class_label)),
         "network": network,
-        "network_path": network_path,
+        "network_path": os.fspath(network_path),
         "source": source,
     }
     return replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

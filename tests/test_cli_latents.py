@@ -216,6 +216,24 @@ def test_save_latents_refuses_what_load_latents_would_not_give_back(tmp_path, ca
     assert not list(tmp_path.iterdir())
 
 
+def test_a_network_path_may_be_a_path(tmp_path):
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    a = torch.zeros(1, 3, 2, 2, dtype=torch.float32)
+    pair = bdia.StatePair(a, a + 1, fingerprint="0123456789abcdef")
+    where = tmp_path / "nets" / "net.safetensors"
+    path = save_latents(
+        tmp_path / "x.safetensors",
+        pair,
+        ts,
+        solver="euler",
+        gamma=0.96,
+        class_label=None,
+        network="n",
+        network_path=where,
+    )
+    assert load_latents(path)[2]["network_path"] == str(where)
+
+
 # ------------------------------------------------------------------------- bad inputs
 
 
