@@ -593,6 +593,20 @@ def test_save_network_refuses_metadata_that_is_not_text_and_writes_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_network_refuses_metadata_keys_of_its_own_and_writes_nothing(tmp_path):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import read_metadata, save_network
+
+    # These two keys carry the file's format tag and the network's config: a caller's entry
+    # under either name used to be replaced without a word, so it never came back.
+    for key in ("format", "config"):
+        with pytest.raises(ValueError, match=f"metadata key {key!r} is the file's own"):
+            save_network(EDMPrecond(**SMALL), tmp_path / "x.safetensors", metadata={key: "mine"})
+        assert list(tmp_path.iterdir()) == []
+    save_network(EDMPrecond(**SMALL), tmp_path / "x.safetensors", metadata={"note": "mine"})
+    assert read_metadata(tmp_path / "x.safetensors")["note"] == "mine"
+
+
 def test_save_network_interrupted_leaves_no_file(tmp_path, monkeypatch):
     import safetensors.torch
 

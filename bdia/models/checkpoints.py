@@ -404,6 +404,8 @@ def load_edm_pickle(path: str | os.PathLike[str]) -> torch.nn.Module:
 
 
 FORMAT_TAG = "bdia-network-v1"
+# Metadata keys save_network writes itself; a caller's entry under one would be lost.
+RESERVED_METADATA = {"format": "format tag", "config": "network's class and kwargs"}
 
 
 def save_network(
@@ -415,7 +417,8 @@ def save_network(
 
     The config (``{"class_name", "init_kwargs"}``) is ``net.config``, which every instance of
     a registered class (``bdia.models.registry.register_network``) records when it is built;
-    ``metadata`` adds string entries of the caller's (``read_metadata`` gives them back).
+    ``metadata`` adds string entries of the caller's (``read_metadata`` gives them back);
+    the keys ``"format"`` and ``"config"`` are the file's own.
 
     Nothing is written when it fails: the file is filled under a temporary name beside
     ``path`` and renamed into place.
@@ -423,7 +426,7 @@ def save_network(
     Raises:
         ValueError: the network has no config (its class is not registered), its recorded
             arguments are not JSON data (e.g. a ``model_type`` given as a class), or a
-            ``metadata`` entry is not a string.
+            ``metadata`` entry is not a string or has one of the file's own keys.
         IsADirectoryError: ``path`` is a directory.
     """
     from safetensors.torch import save_file
@@ -439,6 +442,11 @@ def save_network(
                 else (f"key {key!r} is a {type(key).__name__}")
             )
             raise ValueError(f"metadata {bad}; metadata are strings (use json.dumps for data)")
+        if key in RESERVED_METADATA:
+            raise ValueError(
+                f"metadata key {key!r} is the file's own (it holds the "
+                f"{RESERVED_METADATA[key]}); give your entry another name"
+            )
     config = getattr(net, "config", None)
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(
