@@ -83,9 +83,7 @@ def parse_seeds(text: str, limit: int | None = None) -> list[int]:
             count += hi - max(lo, reach + 1) + 1
             reach = hi
     if limit is not None and count > limit:
-        raise ValueError(
-            f"{text!r} names {count:,} seeds, more than {limit:,}"
-        )
+        raise ValueError(f"{text!r} names {count:,} seeds, more than {limit:,}")
     seeds: set[int] = set()
     for lo, hi in ranges:
         seeds.update(range(lo, hi + 1))

@@ -246,9 +246,7 @@ def _low_word(high: Tensor, low: Any, original: Tensor, what: str) -> Tensor | N
     return out
 
 
-def _words(
-    high: Tensor, low: Any, original: Tensor, what: str
-) -> tuple[Tensor, Tensor | None]:
+def _words(high: Tensor, low: Any, original: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
     """The two words of ``original + low`` in the dtype of ``high`` (``original`` cast).
 
     A cast re-splits the value, normalised: a float32 low word kept beside the float64 high

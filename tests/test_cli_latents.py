@@ -191,8 +191,11 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
         # times, reads back as a pair at the grid's first two points where it is not).
         ("float16", "float64 or float32 states, got torch.float16"),
         ("bfloat16", "float64 or float32 states, got torch.bfloat16"),
-        ("times", r"the pair's times \(1\.0, 0\.002\) are not the grid's first two "
-         r"points \(80\.0, 1\.0\)"),
+        (
+            "times",
+            r"the pair's times \(1\.0, 0\.002\) are not the grid's first two "
+            r"points \(80\.0, 1\.0\)",
+        ),
         ("one point", r"grid ts of at least 2 points, got shape \(1,\)"),
     ],
 )

@@ -51,9 +51,7 @@ def test_bad_seeds_are_refused_with_the_part_named(text):
         parse_seeds(text)
 
 
-@pytest.mark.parametrize(
-    "label", [3, np.int64(3), torch.tensor(3)], ids=["int", "numpy", "tensor"]
-)
+@pytest.mark.parametrize("label", [3, np.int64(3), torch.tensor(3)], ids=["int", "numpy", "tensor"])
 def test_one_class_may_be_any_integer(label):
     """A numpy integer or a 0-d tensor fixes the class of every seed like a Python int (it
     used to be taken for a sequence and fail as 'not iterable'); the noise is the seed's."""

@@ -202,9 +202,9 @@ def test_a_half_precision_x_runs_on_a_float32_state(dtype):
     out = kd.sample_bdia(net, x, sigmas, args, disable=True, callback=seen.append)
     explicit = kd.sample_bdia(net, x, sigmas, args, disable=True, state_dtype=torch.float32)
     assert out.dtype == dtype and torch.equal(out, explicit)
-    assert {info["x"].dtype for info in seen} == {info["denoised"].dtype for info in seen} == {
-        dtype
-    }
+    assert (
+        {info["x"].dtype for info in seen} == {info["denoised"].dtype for info in seen} == {dtype}
+    )
     pair = kd.sample_bdia(net, x, sigmas, args, disable=True, return_pair=True)
     assert pair.later.dtype == torch.float32
     back = kd.invert_bdia(net, pair, sigmas, args, disable=True)
