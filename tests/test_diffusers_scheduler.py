@@ -615,6 +615,28 @@ def test_bad_config_is_refused_in_one_line(kwargs, match):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        (dict(use_flow_sigmas=True, flow_shift=3.0), "use_flow_sigmas = True"),
+        (dict(interpolation_type="log_linear"), "interpolation_type = 'log_linear'"),
+        (dict(final_sigmas_type="denoised"), "final_sigmas_type = 'denoised'"),
+    ],
+    ids=["flow_sigmas", "log_linear", "final_sigmas"],
+)
+def test_a_schedule_field_of_another_scheduler_is_refused_by_from_config(source, match):
+    """Fields that are not BDIA's own (a DPM-Solver config's use_flow_sigmas, say) stay in the
+    config and change the grid; a config bdia cannot follow used to pass from_config and fail
+    only at set_timesteps, after the pipeline was built around it."""
+    config = {**diffusers.DDIMScheduler().config, **source}
+    for cls in (BDIAScheduler, BDIAInverseScheduler):
+        with pytest.raises(ValueError, match=match) as info:
+            cls.from_config(config)
+        assert "\n" not in str(info.value)
+        with pytest.raises(ValueError, match=match):
+            cls.from_config(config, return_unused_kwargs=True)
+
+
 def test_clip_sample_written_out_is_refused_and_its_default_is_not():
     """diffusers' from_config replaces the fields a config holds at their defaults by the new
     class's defaults: DDIMScheduler's default clip_sample=True becomes BDIA's False, and only

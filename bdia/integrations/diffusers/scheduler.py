@@ -225,9 +225,14 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> Any:
         """diffusers' ``from_config``, refusing the config of a class without a noise table
-        (flow matching, EDM), which would otherwise take DDIM's default betas."""
+        (flow matching, EDM), which would otherwise take DDIM's default betas, and a grid
+        field bdia cannot follow (``use_flow_sigmas``, say) at once, not at ``set_timesteps``."""
         _check_source_config(config, inspect.signature(cls.__init__).parameters)
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        built = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        # Fields that are not ours reach the config only after __init__, which checked it.
+        scheduler = built[0] if isinstance(built, tuple) else built
+        scheduler._sync()
+        return built
 
     @register_to_config
     def __init__(
