@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ode import ODE, _fingerprint
+from .ode import ODE
 from .pairs import CoupledPair, StatePair
 from .sampling import Callback, _grid, invert, sample
 from .solvers.base import Solver
@@ -181,10 +181,10 @@ def _check_rule(rule: str) -> None:
 def _schedule(ode: ODE) -> tuple[str, str]:
     """What the grid's times mean under ``ode``: its schedule's name and digest (a plain ODE
     has none: its times are its own)."""
-    schedule = getattr(ode, "schedule", None)
-    if not ode.is_diffusion or schedule is None:
+    digest = ode.time_fingerprint()
+    if not digest:
         return "no schedule (a plain ODE)", ""
-    return repr(schedule), _fingerprint(schedule)
+    return repr(getattr(ode, "schedule", None)), digest
 
 
 def _check_target(source: ODE, target: Any) -> None:

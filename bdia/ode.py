@@ -180,6 +180,13 @@ class ODE:
         """
         return _fingerprint(type(self).__qualname__, self.f, self.model_dtype)
 
+    def time_fingerprint(self) -> str:
+        """A short hex digest of what a time means to this ODE: ``""`` for a plain ODE,
+        whose times are its own; a ``DiffusionODE``'s schedule's digest, equal for two ODEs
+        whose times are the same noise levels with the same scaling of the state (a state
+        inverted under one can be sampled under the other)."""
+        return ""
+
     def is_terminal(self, t: float) -> bool:
         """True where the model cannot be evaluated (a diffusion ODE at sigma = 0)."""
         return False
@@ -420,6 +427,9 @@ class DiffusionODE(ODE):
             self.model_dtype,
             self.cond,
         )
+
+    def time_fingerprint(self) -> str:
+        return _fingerprint(self.schedule)
 
     def is_terminal(self, t: float) -> bool:
         return self.schedule.sigma(t) == 0.0

@@ -203,6 +203,21 @@ def test_fingerprint_tells_conditioning_model_and_schedule_apart(net) -> None:
     assert vp.fingerprint() != base.fingerprint()
 
 
+def test_time_fingerprint_follows_the_schedule_alone(net) -> None:
+    """What editing compares: two ODEs on one schedule share it whatever their models and
+    conditioning; another schedule, or other parameters of one, differ; a plain ODE has none."""
+    base = labelled(net, [1, 2])
+    mixture = GaussianMixture.random(2, 4, seed=0)
+    assert base.time_fingerprint() == labelled(net, [3, 4]).time_fingerprint()
+    assert base.time_fingerprint() == mixture.ode(bdia.EDM()).time_fingerprint()
+    assert base.time_fingerprint() != mixture.ode(bdia.VPLinear()).time_fingerprint()
+    assert (
+        mixture.ode(bdia.VPLinear()).time_fingerprint()
+        != mixture.ode(bdia.VPLinear(beta_max=10.0)).time_fingerprint()
+    )
+    assert bdia.ODE(lambda t, y: -y).time_fingerprint() == ""
+
+
 MATRIX = torch.tensor([[0.0, 1.0], [-4.0, -0.2]])
 
 
