@@ -4,7 +4,7 @@ Every held-out digit is inverted under its own label by bdia(euler, 0.96), then 
 under label + 1 (mod 10) by each candidate rule; the shipped classifier reads the result.
 Writes docs/benchmarks/editing.md.
 
-    python benchmarks/editing.py                 # 360 digits, 10/20/35 steps, about 3 min
+    python benchmarks/editing.py                 # 360 digits, 10/20/35 steps, under a minute
     python benchmarks/editing.py --count 40 --steps 35 --out /tmp/editing.md
 """
 
