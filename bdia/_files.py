@@ -31,17 +31,29 @@ def give_default_mode(path: str | os.PathLike[str]) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _flush_to_disk(path: str | os.PathLike[str], folder: bool = False) -> None:
-    """``fsync`` a file, or a folder (which makes a rename in it durable where the system
-    allows opening folders; elsewhere that part is skipped)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
-    except OSError:
-        if folder:
-            return
-        raise
+def _flush_to_disk(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a file: an error means its data may not be on the disk, and is raised."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_folder(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a folder, which makes a rename in it durable, where the system allows it.
+
+    Best effort: some systems cannot open a folder (Windows) or flush one (some network file
+    systems), and the file it holds is complete either way.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -72,7 +84,7 @@ def replace_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        _flush_to_disk(path.parent, folder=True)
+        _flush_folder(path.parent)
     return path
 
 

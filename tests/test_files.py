@@ -79,3 +79,38 @@ def test_a_new_file_gets_the_mode_of_a_plainly_created_one(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+
+
+def test_a_folder_that_cannot_be_flushed_is_no_error_but_a_file_that_cannot_be_is(
+    tmp_path, monkeypatch
+):
+    """A flush of the folder is best effort (some network file systems refuse it, and the
+    file is complete); a failed flush of the file means its data may be lost, and is raised
+    before the rename, leaving no file."""
+    real_fsync = os.fsync
+    folder_fds: set[int] = set()
+    real_open = os.open
+
+    def spy_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if os.path.isdir(path):
+            folder_fds.add(fd)
+        return fd
+
+    def refuse_folders(fd):
+        if fd in folder_fds:
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_files.os, "open", spy_open)
+    monkeypatch.setattr(_files.os, "fsync", refuse_folders)
+    _files.write_atomic(tmp_path / "a.md", "text")
+    assert (tmp_path / "a.md").read_text() == "text"
+
+    def refuse_all(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_files.os, "fsync", refuse_all)
+    with pytest.raises(OSError, match="Input/output error"):
+        _files.write_atomic(tmp_path / "b.md", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md"]
