@@ -233,6 +233,9 @@ class VPLinear(_VariancePreserving):
     def t_from_log_alpha(self, log_alpha: float) -> float:
         # Solve (d/2) t^2 + beta_min t - L = 0 with L = -2 log alpha, in the stable form.
         d, L = self.beta_max - self.beta_min, -2.0 * log_alpha
+        if L == 0.0:
+            # The clean end; with beta_min = 0 the stable form would read 0 / 0 there.
+            return 0.0
         return 2.0 * L / (self.beta_min + math.sqrt(self.beta_min**2 + 2.0 * d * L))
 
     def __repr__(self) -> str:

@@ -62,6 +62,17 @@ def test_vp_linear_matches_its_beta_integral():
     assert sched.log_alpha(t) == pytest.approx(-0.5 * integral, rel=1e-14)
 
 
+def test_vp_linear_with_beta_min_zero_maps_sigma_zero_to_t_zero():
+    """beta_min = 0 is accepted, and its clean end t = 0 is where sigma = 0: the inverse maps
+    and a grid ending at sigma = 0 reach it (exactly: t = 0 is the root of the quadratic)."""
+    sched = bdia.VPLinear(beta_min=0.0, beta_max=20.0)
+    assert sched.t_from_sigma_bar(0.0) == 0.0
+    assert sched.t_from_log_snr(math.inf) == 0.0
+    ts = bdia.karras_grid(5, sigma_min=0.01, sigma_max=10.0, schedule=sched)
+    assert ts[-1].item() == 0.0 and sched.sigma(ts[-1].item()) == 0.0
+    assert sched.sigma_bar(ts[0].item()) == pytest.approx(10.0, rel=1e-12)
+
+
 def test_vp_discrete_hits_its_knots():
     sched = bdia.VPDiscrete(betas=VP_BETAS)
     alphas_cumprod = np.cumprod(1 - VP_BETAS)
