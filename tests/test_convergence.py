@@ -90,6 +90,23 @@ def test_single_step_solver_order(name, order, steps, schedule_name, backward):
     assert abs(measured - order) < TOLERANCE, (measured, errors)
 
 
+STAGE_CASES = [
+    # (solver, stage fractions): the third-order updates are third order only for r2 = 2/3,
+    # whatever r1; another r2 leaves them second order, and order must say so.
+    ("dpm_solver_3", {"r1": 0.2}),
+    ("dpm_solver_3", {"r2": 0.5}),
+    ("dpm_solver_pp_3s", {"r1": 0.2}),
+    ("dpm_solver_pp_3s", {"r1": 0.25, "r2": 0.75}),
+]
+
+
+@pytest.mark.parametrize("name,fractions", STAGE_CASES, ids=[f"{n}-{f}" for n, f in STAGE_CASES])
+def test_stage_fractions_give_the_order_the_solver_reports(name, fractions):
+    solver = bdia.get_solver(name, **fractions)
+    measured, errors = diffusion_order(solver, bdia.EDM(), 10.0, 0.1, [48, 96, 192])
+    assert abs(measured - solver.order) < TOLERANCE, (solver.order, measured, errors)
+
+
 BDIA_CASES = [
     # gamma = 1 cancels the leading local error of an odd-order base: order p + 1.
     ("euler", 1.0, 2),

@@ -38,9 +38,9 @@ Here ``D`` is the data prediction (the denoiser output) and ``eps`` the noise pr
 The stage fractions are free parameters, checked when the solver is built: ``r1`` (and
 ``r2``) lie in (0, 1], with ``r1 < r2``. A fraction of 0 puts the stage on the step's start
 and divides by zero in the update; one above 1 puts it past the step's end, outside the
-interval the step's schedule values (and the grid's domain check) cover. The stated orders
-hold for the defaults: the order-3 updates use only the second stage, which is third order
-for ``r2 = 2/3`` and second order otherwise.
+interval the step's schedule values (and the grid's domain check) cover. The order-3
+updates use only the second stage, which makes them third order for ``r2 = 2/3`` (whatever
+``r1``) and second order otherwise; their ``order`` says which.
 """
 
 from __future__ import annotations
@@ -195,12 +195,24 @@ class DPMSolver2(_Exponential):
         return (co.alpha_next / co.alpha) * x - phi * eps - (phi / (2.0 * r1)) * (eps_u - eps)
 
 
+class _ThirdOrder(_Exponential):
+    """The two three-stage updates, whose final correction comes from the second stage alone."""
+
+    r2: float
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        """3 for ``r2 = 2/3`` (the default), 2 for any other ``r2``: the final update reads
+        the second derivative off the second stage, which matches the third-order term of the
+        exact update only there."""
+        return 3 if self.r2 == 2.0 / 3.0 else 2
+
+
 @dataclass(frozen=True, repr=False)
-class DPMSolver3(_Exponential):
+class DPMSolver3(_ThirdOrder):
     """Singlestep DPM-Solver-3, noise prediction, r1 = 1/3, r2 = 2/3."""
 
     name = "dpm_solver_3"
-    order = 3
     stages = 3
     r1: float = 1.0 / 3.0
     r2: float = 2.0 / 3.0
@@ -257,11 +269,10 @@ class DPMSolverPP2S(_Exponential):
 
 
 @dataclass(frozen=True, repr=False)
-class DPMSolverPP3S(_Exponential):
+class DPMSolverPP3S(_ThirdOrder):
     """Singlestep DPM-Solver++(3S), data prediction, r1 = 1/3, r2 = 2/3."""
 
     name = "dpm_solver_pp_3s"
-    order = 3
     stages = 3
     r1: float = 1.0 / 3.0
     r2: float = 2.0 / 3.0
