@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -35,6 +37,38 @@ def test_first_order_solvers_agree_step_for_step_in_edm(t, t_next):
     }
     for name, value in steps.items():
         assert rel(value, steps["euler"]) < 1e-13, name
+
+
+EXPONENTIAL = [
+    "ddim",
+    "dpm_solver_1",
+    "dpm_solver_2",
+    "dpm_solver_3",
+    "dpm_solver_pp_1",
+    "dpm_solver_pp_2s",
+    "dpm_solver_pp_3s",
+]
+
+
+@pytest.mark.parametrize("name", EXPONENTIAL)
+@pytest.mark.parametrize("toward", ["data", "noise"])
+def test_a_step_below_the_log_snr_rounding_is_the_ddim_step(name, toward):
+    """Two grid times one float64 spacing apart (a strictly monotone grid) can have the same
+    log-SNR, so h = 0: every exponential integrator then takes the step of zero length in
+    log-SNR, which the DDIM step is to rounding.
+
+    Tolerance 8 u max|x|: the step moves x by about one unit in the last place (|eps| ~ 1),
+    and the formulas differ in the rounding of a few operations on x.
+    """
+    ode = MIXTURE.ode(bdia.EDM())
+    t, t_next = 80.0, math.nextafter(80.0, 0.0)
+    if toward == "noise":
+        t, t_next = t_next, t
+    assert ode.schedule.log_snr(t) == ode.schedule.log_snr(t_next)
+    x = 80.0 * X
+    step = bdia.get_solver(name).flow(ode, t, t_next, x)
+    ddim = bdia.get_solver("ddim").flow(ode, t, t_next, x)
+    assert float((step - ddim).abs().max()) <= 8 * 2.0**-53 * float(x.abs().max())
 
 
 def test_first_order_exponential_solvers_agree_on_vp_schedule():

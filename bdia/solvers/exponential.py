@@ -93,6 +93,13 @@ def _stage_fraction(solver: str, field: str, value: object) -> float:
     return r
 
 
+def _phi(z: float) -> float:
+    """``(e^z - 1) / z``, and its limit 1 at ``z = 0``: two grid times one rounding apart can
+    share a log-SNR, and a step of ``h = 0`` is then a step of zero length, not a division by
+    zero."""
+    return math.expm1(z) / z if z != 0.0 else 1.0
+
+
 # A DiffusionODE, which first_evaluation insists on, fills in both predictions of every
 # evaluation; a plain ODE leaves them None.
 def _denoised(e: Evaluation) -> Tensor:
@@ -226,13 +233,13 @@ class DPMSolver3(_ThirdOrder):
         u2 = (
             (alpha_s2 / co.alpha) * x
             - (sigma_s2 * math.expm1(r2 * h)) * eps
-            - (sigma_s2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1.0)) * d1
+            - (sigma_s2 * r2 / r1 * (_phi(r2 * h) - 1.0)) * d1
         )
         d2 = _eps(ode.evaluate(s2, u2)) - eps
         return (
             (co.alpha_next / co.alpha) * x
             - (co.sigma_next * math.expm1(h)) * eps
-            - (co.sigma_next / r2 * (math.expm1(h) / h - 1.0)) * d2
+            - (co.sigma_next / r2 * (_phi(h) - 1.0)) * d2
         )
 
 
@@ -286,11 +293,11 @@ class DPMSolverPP3S(_ThirdOrder):
         u2 = (
             (sigma_s2 / co.sigma) * x
             - (alpha_s2 * math.expm1(-r2 * h)) * d
-            + (alpha_s2 * r2 / r1 * (math.expm1(-r2 * h) / (r2 * h) + 1.0)) * d1
+            + (alpha_s2 * r2 / r1 * (1.0 - _phi(-r2 * h))) * d1
         )
         d2 = _denoised(ode.evaluate(s2, u2)) - d
         return (
             (co.sigma_next / co.sigma) * x
             - (co.alpha_next * math.expm1(-h)) * d
-            + (co.alpha_next / r2 * (math.expm1(-h) / h + 1.0)) * d2
+            + (co.alpha_next / r2 * (1.0 - _phi(-h))) * d2
         )
