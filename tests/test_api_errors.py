@@ -151,6 +151,16 @@ def test_stage_fraction_of_wrong_type(bad) -> None:
         get_solver("dpm_solver_2", r1=bad)
 
 
+def test_stage_fractions_show_in_the_repr() -> None:
+    """Solvers that differ only in a stage fraction are unequal, and their reprs (and those of
+    the wrappers around them) say how."""
+    default, moved = get_solver("dpm_solver_3"), get_solver("dpm_solver_3", r1=0.25, r2=0.5)
+    assert default != moved
+    assert repr(moved) == "DPMSolver3(name='dpm_solver_3', order=2, stages=3, r1=0.25, r2=0.5)"
+    assert "r1=0.3" in repr(make_bdia(get_solver("dpm_solver_pp_2s", r1=0.3), 0.9))
+    assert repr(get_solver("ddim")) == "DDIM(name='ddim', order=1, stages=1)"
+
+
 def test_stage_fraction_at_the_step_end_is_accepted(ode: DiffusionODE, x: torch.Tensor) -> None:
     # r1 = 1 puts the stage on t_next: a legitimate (trapezoidal-like) choice
     solver = get_solver("dpm_solver_pp_2s", r1=1)

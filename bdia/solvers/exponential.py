@@ -130,6 +130,14 @@ class _Exponential(SingleStepSolver):
                 "the first intermediate stage comes before the second (defaults 1/3, 2/3)"
             )
 
+    def __repr__(self) -> str:
+        # The stage fractions are what sets two solvers of one class apart.
+        fractions = "".join(f", {f}={getattr(self, f)!r}" for f in ("r1", "r2") if hasattr(self, f))
+        return (
+            f"{type(self).__name__}(name={self.name!r}, order={self.order}, "
+            f"stages={self.stages}{fractions})"
+        )
+
     def flow(
         self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None
     ) -> Tensor:
