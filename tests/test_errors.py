@@ -7,6 +7,8 @@ import math
 import re
 import warnings
 from collections.abc import Callable
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -148,6 +150,13 @@ def test_gamma_sequence_empty() -> None:
 def test_gamma_without_order_or_a_bool_is_refused(gamma, pattern: str) -> None:
     with pytest.raises(TypeError, match=pattern):
         make_bdia("euler", gamma=gamma)
+
+
+@pytest.mark.parametrize("gamma", [Fraction(24, 25), Decimal("0.96"), np.float32(0.96)])
+def test_gamma_of_any_real_number_type_is_its_float(gamma) -> None:
+    """A fraction or decimal is a number, as edict's p and reversible's coupling take it."""
+    wrapper = make_bdia("euler", gamma=gamma)
+    assert isinstance(wrapper.gamma, float) and wrapper.gamma == float(gamma)
 
 
 @pytest.mark.parametrize("gamma, order", [([1.0] * 3, 2), (1.0, 2), ([1.0, 0.9, 1.0], 1)])

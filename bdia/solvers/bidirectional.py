@@ -33,6 +33,7 @@ alpha is 1.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -141,7 +142,8 @@ class BidirectionalWrapper(Solver):
         if isinstance(g, str):
             if g not in NAMED_GAMMAS:
                 raise ValueError(f"unknown gamma schedule {g!r}; named schedules: {NAMED_GAMMAS}")
-        elif isinstance(g, (int, float)) or getattr(g, "ndim", None) == 0:
+        # float is a Number too; naming it tells the type checker what the branches leave.
+        elif isinstance(g, (float, numbers.Number)) or getattr(g, "ndim", None) == 0:
             object.__setattr__(self, "gamma", _check_user_gamma(g, ""))
         elif isinstance(g, (Set, Mapping)):
             raise TypeError(
