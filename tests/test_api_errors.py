@@ -145,7 +145,7 @@ def test_third_order_stage_fractions_refused(name: str, options: dict, pattern: 
         get_solver(name, **options)
 
 
-@pytest.mark.parametrize("bad", ["0.5", True, None])
+@pytest.mark.parametrize("bad", ["0.5", True, np.True_, torch.tensor(True), None])
 def test_stage_fraction_of_wrong_type(bad) -> None:
     with pytest.raises(TypeError, match=r"dpm_solver_2: r1 must be a number in \(0, 1\]"):
         get_solver("dpm_solver_2", r1=bad)

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import untouched
@@ -324,6 +325,8 @@ def test_edict_over_ddim_is_the_papers_update_in_the_edm_schedule():
         (lambda: bdia.edict("euler", math.nan), ValueError, "outside"),
         (lambda: bdia.edict("euler", "0.9"), TypeError, "must be a number"),
         (lambda: bdia.edict("euler", True), TypeError, "must be a number"),
+        (lambda: bdia.edict("euler", np.True_), TypeError, "must be a number"),
+        (lambda: bdia.reversible("euler", torch.tensor(True)), TypeError, "must be a number"),
         (lambda: bdia.reversible("heun", 0.0), ValueError, "coupling = 0.0 .* not invertible"),
         (lambda: bdia.reversible("heun", coupling=-1), ValueError, "outside"),
         (lambda: bdia.reversible("heun", None), TypeError, "must be a number"),

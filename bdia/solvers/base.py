@@ -27,12 +27,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
 from ..pairs import CoupledPair, StatePair
 
-__all__ = ["Solver", "SingleStepSolver", "SolverState", "Neighbour", "ordered_pair", "move_report"]
+__all__ = [
+    "Solver",
+    "SingleStepSolver",
+    "SolverState",
+    "Neighbour",
+    "ordered_pair",
+    "move_report",
+    "is_flag",
+]
+
+
+def is_flag(value: object) -> bool:
+    """True for a bool of Python, numpy or torch: ``float`` makes one 0 or 1, so a flag passed
+    by mistake as a solver's parameter would pass for a number."""
+    return isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,7 +45,7 @@ from .. import twoword
 from ..ode import ODE, Evaluation
 from ..pairs import StatePair
 from ..twoword import TwoWord
-from .base import Neighbour, SingleStepSolver, Solver, SolverState, ordered_pair
+from .base import Neighbour, SingleStepSolver, Solver, SolverState, is_flag, ordered_pair
 
 __all__ = ["BidirectionalWrapper", "GammaSpec"]
 
@@ -55,7 +54,7 @@ NAMED_GAMMAS = ("obelm",)
 
 
 def _check_user_gamma(value: Any, where: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool:
+    if is_flag(value):
         # float(True) is 1.0: a flag passed by mistake would become the leapfrog scheme.
         raise TypeError(f"gamma{where} must be a number in [0, 1], got the bool {value!r}")
     if isinstance(value, (str, bytes)):

@@ -61,7 +61,7 @@ from .. import twoword
 from ..ode import ODE, Evaluation
 from ..pairs import CoupledPair, StatePair
 from ..twoword import TwoWord
-from .base import SingleStepSolver, Solver, SolverState
+from .base import SingleStepSolver, Solver, SolverState, is_flag
 from .bidirectional import _relative_rms
 
 __all__ = ["EDICTWrapper", "ReversibleWrapper"]
@@ -79,7 +79,7 @@ class _Chains:
 
 def _fraction(value: Any, name: str, factory: str) -> float:
     """``value`` as a float in (0, 1], or a one-line TypeError/ValueError."""
-    if isinstance(value, (bool, str)):
+    if is_flag(value) or isinstance(value, str):
         raise TypeError(f"{factory}(): {name} must be a number in (0, 1], got {value!r}")
     try:
         number = float(value)

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..ode import ODE, Evaluation
-from .base import SingleStepSolver
+from .base import SingleStepSolver, is_flag
 
 __all__ = [
     "DDIM",
@@ -78,7 +78,7 @@ class _Coefficients:
 
 def _stage_fraction(solver: str, field: str, value: object) -> float:
     """``value`` as a float in (0, 1], or a TypeError/ValueError that says what it means."""
-    if isinstance(value, (str, bool)):
+    if is_flag(value) or isinstance(value, str):
         raise TypeError(f"{solver}: {field} must be a number in (0, 1], got {value!r}")
     try:
         r = float(value)  # type: ignore[arg-type]
