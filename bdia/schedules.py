@@ -197,11 +197,12 @@ class _VariancePreserving(Schedule):
         # Refuse rather than extrapolate or clamp: VPDiscrete's interpolation would clamp to
         # an end and VPCosine's inverse would run past t_max.
         self.check_log_snr(log_snr)
-        # alpha^2 = 1 / (1 + e^(-2 lambda))
         if log_snr == math.inf:
-            t = self.t_from_log_alpha(0.0)
-        else:
-            t = self.t_from_log_alpha(-0.5 * _softplus(-2.0 * log_snr))
+            # The clean end, which the check admits only where sigma(t_min) = 0; an inverse
+            # would land within its rounding of t_min (VPCosine's acos near 1), not on it.
+            return self.t_min
+        # alpha^2 = 1 / (1 + e^(-2 lambda))
+        t = self.t_from_log_alpha(-0.5 * _softplus(-2.0 * log_snr))
         # Within the check's slack the inverse may land a rounding step outside the domain;
         # + 0.0 turns a -0.0 at the clean end into 0.0.
         return min(max(t, self.t_min), self.t_max) + 0.0

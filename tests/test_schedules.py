@@ -73,6 +73,19 @@ def test_vp_linear_with_beta_min_zero_maps_sigma_zero_to_t_zero():
     assert sched.sigma_bar(ts[0].item()) == pytest.approx(10.0, rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    "sched",
+    [bdia.VPCosine(s=0.001), bdia.VPCosine(s=0.025), bdia.VPCosine(s=0.0), bdia.VPLinear()],
+    ids=repr,
+)
+def test_a_grid_ending_at_sigma_zero_ends_exactly_at_the_clean_end(sched):
+    """sigma_bar = 0 maps to t_min itself, not to the rounding of an inverse cosine near 1
+    (VPCosine with s = 0.001 gave 7.2e-15)."""
+    assert sched.t_from_sigma_bar(0.0) == sched.t_min == 0.0
+    ts = bdia.karras_grid(5, sigma_min=0.01, sigma_max=10.0, schedule=sched)
+    assert ts[-1].item() == 0.0
+
+
 def test_vp_discrete_hits_its_knots():
     sched = bdia.VPDiscrete(betas=VP_BETAS)
     alphas_cumprod = np.cumprod(1 - VP_BETAS)
