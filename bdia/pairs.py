@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,6 +45,36 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _time(value: Any, what: str, fix: str) -> float:
+    """``value`` (a real number, a 0-dim tensor or an array's scalar) as a Python float."""
+    if not isinstance(value, (bool, str, bytes)) and getattr(value, "dtype", None) != torch.bool:
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{what} = {value!r:.60} is not a real number; {fix}")
+
+
+def _times(value: Any) -> tuple[float, float] | None:
+    """A ``StatePair``'s times as the tuple of two Python floats that ``check_times``
+    compares with the grid's (a list read back from JSON, a tensor or an array would never
+    equal it, or compare elementwise)."""
+    if value is None:
+        return None
+    fix = "give the two grid times (earlier, later) as numbers, or None"
+    if isinstance(value, (Tensor, np.ndarray)):
+        items = value.tolist() if value.ndim == 1 else None
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        items = list(value)
+    else:
+        items = None
+    if items is None or len(items) != 2:
+        raise TypeError(
+            f"times must be None or the two grid times (earlier, later), got {value!r:.80}"
+        )
+    return _time(items[0], "times[0]", fix), _time(items[1], "times[1]", fix)
+
+
 def _equal(a: Any, b: Any) -> Any:
     if type(a) is not type(b):
         return NotImplemented
@@ -70,8 +101,9 @@ class StatePair:
             ``PairMismatchWarning``.
         times: the grid times of ``earlier`` and ``later`` as Python floats (``(ts[0],
             ts[1])`` from ``invert``, ``(ts[-2], ts[-1])`` from ``sample``), or None (a pair
-            built by hand or loaded from a latents file). ``sample`` and ``invert`` refuse a
-            pair whose times are not those of the grid end it is used at.
+            built by hand or loaded from a latents file). Two numbers given another way (a
+            list, a tensor, an array) are stored as that tuple. ``sample`` and ``invert``
+            refuse a pair whose times are not those of the grid end it is used at.
 
     A pair is not a sequence: use the field names (``pair.earlier``), not unpacking. Two
     pairs are equal when every field is: the tensors in dtype, shape, device and every value
@@ -85,6 +117,9 @@ class StatePair:
     later_low: Tensor | None = None
     fingerprint: str | None = None
     times: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "times", _times(self.times))
 
     def __iter__(self) -> Any:
         raise TypeError(
@@ -115,7 +150,8 @@ class CoupledPair:
         fingerprint: ``ode.fingerprint()`` of the ODE that made the pair, or None; a pair
             continued under another ODE warns with ``PairMismatchWarning``.
         time: the grid time of the chains as a Python float (``ts[0]`` from ``invert``,
-            ``ts[-1]`` from ``sample``), or None (a pair built by hand). ``sample`` and
+            ``ts[-1]`` from ``sample``), or None (a pair built by hand; a number given as a
+            0-dim tensor or an array's scalar is stored as a float). ``sample`` and
             ``invert`` refuse a pair whose time is not that of the grid end it is used at.
 
     A pair is not a sequence: use the field names (``pair.x``), not unpacking. Equality is
@@ -128,6 +164,11 @@ class CoupledPair:
     y_low: Tensor | None = None
     fingerprint: str | None = None
     time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.time is not None:
+            fix = "give the grid time of the chains as a number, or None"
+            object.__setattr__(self, "time", _time(self.time, "time", fix))
 
     def __iter__(self) -> Any:
         raise TypeError(

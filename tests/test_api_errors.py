@@ -507,6 +507,69 @@ def test_a_pair_without_times_is_taken_as_it_is(ode: DiffusionODE, x: torch.Tens
     invert(ode, make_bdia("euler", 0.9), bare, OTHER_GRID, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+@pytest.mark.parametrize(
+    "as_given",
+    [
+        list,
+        lambda t: torch.tensor(t, dtype=torch.float64),
+        np.array,
+        lambda t: tuple(map(np.float64, t)),
+    ],
+    ids=["list", "tensor", "array", "numpy-floats"],
+)
+def test_a_pair_built_by_hand_records_its_times_as_floats(
+    ode: DiffusionODE, x: torch.Tensor, as_given
+) -> None:
+    """Times given as a list (read back from JSON, say), a tensor or an array are the same
+    times: a list or a tensor used to be refused on its own grid, with a message that showed
+    the two times equal, and an array raised numpy's "truth value of an array ... is
+    ambiguous"."""
+    solver = make_bdia("euler", 0.9)
+    pair = sample(ode, solver, x, GRID, return_pair=True, progress=False)
+    fields = (pair.earlier, pair.later, pair.earlier_low, pair.later_low, pair.fingerprint)
+    by_hand = StatePair(*fields, times=as_given(list(pair.times)))
+    assert by_hand.times == pair.times and type(by_hand.times) is tuple
+    assert all(type(t) is float for t in by_hand.times)
+    assert by_hand == pair
+    back = invert(ode, solver, by_hand, GRID, progress=False)
+    assert back == invert(ode, solver, pair, GRID, progress=False)
+    chains = sample(ode, bdia.edict("euler"), x, GRID, return_pair=True, progress=False)
+    again = bdia.CoupledPair(
+        chains.x,
+        chains.y,
+        chains.x_low,
+        chains.y_low,
+        chains.fingerprint,
+        as_given([chains.time])[0],
+    )
+    assert again == chains and type(again.time) is float
+
+
+@pytest.mark.parametrize(
+    "times, pattern",
+    [
+        ((80.0,), r"times must be None or the two grid times .*got \(80.0,\)"),
+        ([80.0, 20.0, 5.0], r"times must be None or the two grid times .*got \[80.0, 20.0, 5.0\]"),
+        (80.0, r"times must be None or the two grid times .*got 80.0"),
+        (("80", "20"), r"times\[0\] = '80' is not a real number"),
+        ((80.0, None), r"times\[1\] = None is not a real number"),
+    ],
+)
+def test_a_pair_refuses_times_that_are_not_two_numbers(x: torch.Tensor, times, pattern) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        StatePair(x, x, times=times)
+
+
+@pytest.mark.parametrize("time", ["80", [80.0], True])
+def test_chains_refuse_a_time_that_is_not_a_number(x: torch.Tensor, time) -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"time = .* is not a real number; give the grid time of the chains as a number",
+    ):
+        bdia.CoupledPair(x, x, time=time)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_y0_in_odeint_points_to_what_odeint_takes(dtype: torch.dtype) -> None:
     y0 = torch.ones(1, 2, dtype=dtype)
