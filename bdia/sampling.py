@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
@@ -123,6 +123,12 @@ def _grid(ts: Tensor | Sequence[float], ode: ODE) -> list[float]:
         items = ts.detach().cpu().tolist() if isinstance(ts, Tensor) else ts.tolist()
     elif isinstance(ts, (str, bytes)) or not isinstance(ts, Iterable):
         raise TypeError(f"{kind}, got {type(ts).__name__} {ts!r:.60}")
+    elif isinstance(ts, (Set, Mapping)):
+        # A set iterates in hash order: {1.0, 0.5} would run from 0.5 to 1.0.
+        raise TypeError(
+            f"{kind}, got a {type(ts).__name__}, which has no order; give the times in the "
+            "order to step through them, as a list or a tensor"
+        )
     else:
         items = list(ts)
     values = []

@@ -294,6 +294,21 @@ def test_a_grid_that_is_no_sequence_of_numbers(
     assert ode.nfe == 0
 
 
+@pytest.mark.parametrize("ts", [{1.0, 0.5}, frozenset({1.0, 0.5}), {1.0: 0, 0.5: 1}])
+def test_a_grid_without_order_is_refused(ts) -> None:
+    """A set iterates in hash order: {1.0, 0.5} used to run from 0.5 to 1.0, and odeint on
+    y' = -y with euler returned 0.5 where the grid [1.0, 0.5] gives 1.5. A mapping is refused
+    with it, as gamma refuses both."""
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    for run in (sample, invert):
+        ode = plain_ode()
+        with untouched(y0), pytest.raises(TypeError, match=r"has no order.*list or a tensor"):
+            run(ode, get_solver("euler"), y0, ts, progress=False)
+        assert ode.nfe == 0
+    with pytest.raises(TypeError, match="has no order"):
+        bdia.odeint(lambda t, y: -y, y0, ts, method="euler")
+
+
 def test_bad_grid_plain_ode(x: torch.Tensor) -> None:
     with untouched(x):
         with pytest.raises(ValueError, match="strictly monotonic"):
