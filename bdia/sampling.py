@@ -225,6 +225,12 @@ def _state(x: Any, state_dtype: torch.dtype | None, what: str) -> Tensor:
         )
     if x.ndim == 0:
         raise ValueError(f"{what} needs a batch dimension, got a 0-dim tensor")
+    if x.is_meta:
+        # The checks of finiteness and the steps read values, which a meta tensor lacks.
+        raise ValueError(
+            f"{what} is on the meta device, which holds no values (only shape and dtype); "
+            "give a state on a device with data, such as 'cpu' or 'cuda'"
+        )
     out = x.to(dtype)
     _check_input_finite(x, out, what)
     return out

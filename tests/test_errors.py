@@ -398,6 +398,20 @@ def test_integer_start(ode: DiffusionODE) -> None:
         sample(ode, get_solver("euler"), x0, GRID, progress=False)
 
 
+def test_a_start_on_the_meta_device_is_refused(ode: DiffusionODE) -> None:
+    """A meta tensor has a shape but no values: the finiteness check used to fail inside
+    torch with "Tensor.item() cannot be called on meta tensors", which named neither the
+    argument nor the device."""
+    x0 = torch.ones(BATCH, DIM, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match=r"start is on the meta device.*holds no values"):
+        sample(ode, get_solver("euler"), x0, GRID, progress=False)
+    with pytest.raises(ValueError, match=r"end\[0\] is on the meta device"):
+        invert(ode, make_bdia("euler", 0.9), StatePair(x0, x0), GRID, progress=False)
+    with pytest.raises(ValueError, match=r"y0 is on the meta device"):
+        bdia.odeint(lambda t, y: -y, x0, [0.0, 1.0])
+    assert ode.nfe == 0
+
+
 # ------------------------------------------------- exponential solvers on plain ODE
 
 EXPONENTIAL = ["ddim", "dpm_solver_2", "dpm_solver_pp_3s"]
