@@ -664,7 +664,8 @@ def odeint(
     grad mode is on, autograd records the steps, so the result backpropagates to ``y0`` and
     to the tensors ``func`` uses (memory grows with the number of steps; for constant memory
     use ``sample(..., adjoint="reversible")`` with a reversible solver). Under
-    ``torch.no_grad()`` nothing is recorded.
+    ``torch.no_grad()`` nothing is recorded. Unlike torchdiffeq, the times get no gradient:
+    a ``t`` that requires grad is refused where grad mode is on.
 
     Returns:
         Tensor of shape ``(len(t), *y0.shape)``, ``y0``'s dtype.
@@ -685,6 +686,14 @@ def odeint(
             f"bdia.ODE(func, model_dtype={y0.dtype}) as func"
         )
     _state(y0, None, "y0")  # refusals that name odeint's argument, not sample's
+    if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
+        # torchdiffeq differentiates with respect to t; the grid here is read as numbers, so
+        # t.grad would stay None and an optimizer of the times would skip it in silence.
+        raise ValueError(
+            "t requires grad, but odeint reads the grid as numbers and gives t no gradient "
+            "(torchdiffeq's odeint does); pass t.detach(). To learn an end time T, integrate "
+            "over s in [0, 1] the field T * func(s * T, y), with T a tensor that requires grad"
+        )
     ode = func if isinstance(func, ODE) else ODE(func)
     solver = get_solver(method, **dict(options or {}))
     adjoint = "autograd" if torch.is_grad_enabled() else None

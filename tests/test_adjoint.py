@@ -534,6 +534,21 @@ def test_odeint_is_differentiable_like_torchdiffeq(method):
     assert rel(y0.grad, expected) <= 1e-12 and float(expected.abs().min()) > 0
 
 
+def test_odeint_refuses_times_that_require_grad():
+    """torchdiffeq's odeint differentiates with respect to t too; this one reads the grid as
+    numbers. A t that required grad used to come back with t.grad None, so an optimizer of
+    learnable times skipped it in silence; now the call says so and how to get that
+    gradient (the end time as a scale of the vector field). Under no_grad nothing is
+    recorded, and the same t is taken."""
+    y0 = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"t requires grad.*t\.detach\(\)"):
+        bdia.odeint(lambda _, y: -y, y0, t)
+    with torch.no_grad():
+        ys = bdia.odeint(lambda _, y: -y, y0, t)
+    assert torch.equal(ys, bdia.odeint(lambda _, y: -y, y0.detach(), t.detach()))
+
+
 def test_sample_without_adjoint_returns_no_graph():
     """adjoint=None records nothing, so no result may claim a graph: a trajectory that held
     the start would backpropagate zeros to it, silently."""
