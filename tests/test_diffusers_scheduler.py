@@ -10,6 +10,7 @@ starting noise exactly (measured 0; two-word states).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import diffusers
@@ -451,6 +452,12 @@ def test_pairs_record_their_grid_times_and_begin_refuses_another_grid(unet, tmp_
     loaded = torch.load(tmp_path / "pair.pt")
     assert isinstance(loaded, BDIASchedulerPair) and loaded.start_index == final.start_index
     assert loaded.times == final.times and torch.equal(loaded.later_low, final.later_low)
+    # Compared by value like every pair (the dataclass's own __eq__ compared tuples of
+    # tensors and raised), start_index included; and, holding tensors, not hashable.
+    assert loaded == final and not loaded != final
+    assert dataclasses.replace(final, start_index=final.start_index + 1) != final
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(final)
 
     inv, _ = _invert_loop(unet, pipe.scheduler.config, final)
     assert inv.pair.times == (grid[0], grid[1])

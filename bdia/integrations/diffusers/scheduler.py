@@ -94,7 +94,9 @@ class BDIASchedulerOutput(BaseOutput):
     pred_original_sample: Tensor | None = None
 
 
-@dataclass(frozen=True)
+# eq=False keeps StatePair's comparison by value (a generated __eq__ would compare tuples of
+# tensors, which raises) and its refusal to hash.
+@dataclass(frozen=True, eq=False)
 class BDIASchedulerPair(StatePair):
     """``BDIAScheduler.final_pair``: a ``StatePair`` that also records where the run began.
 
