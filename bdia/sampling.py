@@ -444,8 +444,10 @@ def sample(
             ``CoupledPair`` of both chains at ``ts[-1]``.
         progress: tqdm bar; None shows it only on a terminal.
         callback: called after every step with ``{"i", "t", "t_next", "x", "x_next",
-            "denoised", "parasitic"}`` (``parasitic``: a reversible solver's 0-dim tensor,
-            None for a single-step solver and for BDIA's plain first step).
+            "denoised", "parasitic"}`` (``denoised``: of the step's first model evaluation,
+            at ``(t, x)`` except for ``edict`` and ``reversible``, which evaluate at their
+            companion chain; ``parasitic``: a reversible solver's 0-dim tensor, None for a
+            single-step solver and for BDIA's plain first step).
         state_dtype: dtype of the solver state: ``torch.float32`` or ``torch.float64``, or
             the name ``"float32"`` or ``"float64"``; defaults to ``start``'s.
         adjoint: how the result can be differentiated. None (the default): not at all; the
@@ -577,7 +579,9 @@ def invert(
     single state, the state at ``ts[-2]`` is first made by one base step backward in time
     (approximate) and everything after that is exact. ``edict`` and ``reversible`` start
     both chains at a single state and are exact from there. With a single-step solver this
-    is the usual approximate inversion: the solver run backward in time.
+    is the usual approximate inversion: the solver run backward in time. The loop runs under
+    ``torch.no_grad()``: the result does not require grad (for gradients through sampling,
+    see ``sample``'s ``adjoint``).
 
     Args:
         ode: the problem.

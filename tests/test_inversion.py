@@ -348,3 +348,16 @@ def test_a_pair_saved_with_torch_save_loads_with_weights_only_and_inverts(tmp_pa
     back = bdia.invert(ode, solver, loaded, ts)
     start = back.x if isinstance(back, bdia.CoupledPair) else back.earlier
     assert torch.equal(start, x)
+
+
+def test_invert_records_no_graph_even_with_grad_on():
+    """As its docstring says: invert runs under no_grad, so an end that requires grad gives
+    a pair that does not (gradients through the loop are sample's adjoint's)."""
+    mixture = toy.GaussianMixture.random(2, 4, seed=0)
+    end = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    ts = bdia.karras_grid(4, final_zero=False)
+    for solver in (bdia.get_solver("euler"), bdia.bdia("euler", 0.9), bdia.edict("euler")):
+        with torch.enable_grad():
+            out = bdia.invert(mixture.ode(), solver, end, ts)
+        tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+        assert tensors and not any(t.requires_grad for t in tensors)
