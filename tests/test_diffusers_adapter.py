@@ -465,6 +465,47 @@ def test_diffusers_grid_refusals_name_the_cause(scheduler, field):
     _one_line_error(exc_info, field)
 
 
+@pytest.mark.parametrize(
+    "scheduler, field",
+    [
+        (diffusers.EulerDiscreteScheduler, "sigma_min"),
+        (diffusers.EulerDiscreteScheduler, "sigma_max"),
+        (diffusers.UniPCMultistepScheduler, "sigma_min"),
+        (diffusers.UniPCMultistepScheduler, "sigma_max"),
+    ],
+    ids=["euler_min", "euler_max", "unipc_min", "unipc_max"],
+)
+def test_karras_sigmas_past_the_table_are_refused_by_the_grid(scheduler, field):
+    """Karras sigmas bounded by the config's sigma_min = 0.002 or sigma_max = 200 run past
+    the table's noise levels [0.0100, 157.4], where the unet has no timestep (diffusers
+    clamps it to 0 or N - 1). The grid used to keep them: in EDM space sampling failed at the
+    first such level, after the unet calls above it; in VP space the unet saw timestep -0.96."""
+    bound = {"sigma_min": 0.002, "sigma_max": 200.0}[field]
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(scheduler(use_karras_sigmas=True, **{field: bound}), N_STEPS)
+    _one_line_error(exc_info, field)
+
+
+def test_continuous_timesteps_take_karras_sigmas_past_the_table(unet, noise):
+    """With timestep_type='continuous' (and v_prediction) the unet's timestep is
+    0.25 log(sigma), defined at every noise level: sigmas past the table (CosXL-style
+    sigma_min = 0.002, sigma_max = 120) are its grid, and sampling runs through them."""
+    scheduler = diffusers.EulerDiscreteScheduler(
+        timestep_type="continuous",
+        prediction_type="v_prediction",
+        use_karras_sigmas=True,
+        sigma_min=0.002,
+        sigma_max=120.0,
+    )
+    ts = diffusers_grid(scheduler, 4)
+    assert float(ts[0]) == pytest.approx(120.0, rel=1e-6)
+    assert float(ts[-2]) == pytest.approx(0.002, rel=1e-6)
+    ode = from_diffusers(unet, scheduler)
+    with torch.no_grad():
+        out = bdia.sample(ode, bdia.get_solver("euler"), noise * float(ts[0]), ts, progress=False)
+    assert bool(torch.isfinite(out).all()) and ode.nfe == 4
+
+
 def test_clip_sample_error_says_how_to_turn_it_off(unet):
     with pytest.raises(ValueError, match=r"DDIMScheduler.from_config\(scheduler.config, clip"):
         from_diffusers(unet, diffusers.DDIMScheduler())

@@ -740,6 +740,32 @@ def _check_timesteps_in_table(sched: Any, taus: list[float], n: int, steps: int)
         )
 
 
+def _check_sigmas_in_table(sched: Any, sigmas: list[float], table: np.ndarray, steps: int) -> None:
+    """Refuse noise levels past the table's (the end point 0 aside): the unet has no timestep
+    there. diffusers clamps the timestep to 0 or N - 1; bdia's grid would instead reach a
+    timestep below 0 (VP space) or fail in the middle of a run (EDM space)."""
+    table_sigmas = np.sqrt((1.0 - table) / table)
+    lo, hi = float(table_sigmas[0]), float(table_sigmas[-1])
+    outside = [
+        s
+        for s in sigmas
+        if s != 0.0 and not lo * (1 - _SIGMA_SLACK) <= s <= hi * (1 + _SIGMA_SLACK)
+    ]
+    if outside:
+        field = "sigma_min" if outside[0] < lo else "sigma_max"
+        bound = sched.config.get(field)
+        cause, fix = (
+            (f" ({field} = {bound} in the scheduler config)", f"; set {field} inside it or None")
+            if bound is not None
+            else ("", "")
+        )
+        raise ValueError(
+            f"num_inference_steps = {steps} gives the noise level {outside[0]:.6g}{cause}, "
+            f"outside the noise table's range [{lo:.6g}, {hi:.6g}], where the unet has no "
+            f"timestep{fix}"
+        )
+
+
 def _steps(num_inference_steps: Any) -> int:
     """``num_inference_steps`` as a Python int >= 1.
 
@@ -786,6 +812,12 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
     Returns:
         float64 tensor of times (noisiest first) for the ODE that
         ``from_diffusers(unet, scheduler, space=space)`` returns.
+
+    Raises:
+        ValueError: for a timestep or a noise level outside the noise table (``steps_offset``
+            with many steps; Karras sigmas past the table by the config's ``sigma_min`` or
+            ``sigma_max``, unless ``timestep_type="continuous"``), where the unet has no
+            timestep.
     """
     num_inference_steps = _steps(num_inference_steps)
     sched = _scheduler(scheduler)
@@ -805,6 +837,9 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
 
     if (space == "vp" and not from_sigmas) or (space == "edm" and sigmas is None):
         _check_timesteps_in_table(sched, taus, n, num_inference_steps)
+    elif sigmas is not None and not _continuous(sched.config):
+        # A continuous timestep, 0.25 log(sigma), exists at every noise level.
+        _check_sigmas_in_table(sched, sigmas, table, num_inference_steps)
     if space == "vp":
         schedule = _schedule(table, space, clean_end)
         end = 0.0 if clean_end else 1.0 / n
