@@ -214,6 +214,28 @@ def test_a_grid_ending_at_sigma_zero_ends_at_the_smallest_noise_level(tmp_path, 
     assert out.latent_error < 1e-12
 
 
+def test_a_last_timestep_at_the_smallest_noise_level_ends_the_grid_there(tmp_path, image):
+    """Euler with linspace spacing ends at timestep 0 and then sigma = 0: the grid drops the 0
+    and ends at timestep 0's sigma. That sigma is float32 in diffusers (0.029167535 for SD's
+    table, 1.6e-9 above the float64 value), and the grid used to keep both, a last step 5.5e-8
+    long that cost one unet call in each of the three runs: 14 calls for 4 steps, not 11 (4 to
+    invert, 3 to reconstruct from the pair, 4 to regenerate)."""
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="linspace",
+    )
+    pipe = tiny_text_to_image_pipeline(tmp_path, scheduler)
+    grid = diffusers_grid(scheduler, 5)
+    assert float(grid[-1]) == 0.0
+    calls = Counter(pipe.unet)
+    out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5, guidance_scale=1)
+    assert torch.equal(out.inversion.ts, grid[:-1])
+    assert calls.calls == 4 + 3 + 4
+    assert out.latent_error < 1e-12
+
+
 # ------------------------------------------------------------------------ errors
 
 

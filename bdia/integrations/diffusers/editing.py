@@ -44,7 +44,7 @@ from ...sampling import _state_dtype
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from .adapter import DiffusersModel, diffusers_grid, from_diffusers
+from .adapter import _SIGMA_SLACK, DiffusersModel, diffusers_grid, from_diffusers
 
 __all__ = ["edit_image", "EditResult"]
 
@@ -228,7 +228,9 @@ def _grid(scheduler: Any, steps: int, probe: DiffusionODE) -> Tensor:
     a0 = float(table[0])
     assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
     end = 1.0 / table.numel() if probe.f.space == "vp" else math.sqrt((1.0 - a0) / a0)
-    if float(ts[-2]) > end:
+    # diffusers keeps its sigmas in float32: a last timestep 0 may sit a rounding above the
+    # float64 end, and is that point all the same.
+    if float(ts[-2]) > end * (1.0 + _SIGMA_SLACK):
         return torch.cat([ts[:-1], torch.tensor([end], dtype=torch.float64)])
     if ts.numel() < 3:
         raise ValueError(
