@@ -86,7 +86,8 @@ class Inversion:
 
         Raises:
             ValueError: if ``ts[-1]`` is a noise level of 0 (build the grid with
-                ``final_zero=False``), or as ``bdia.invert``.
+                ``final_zero=False``), if ``ts`` is not noisiest first (for an ODE with a
+                schedule), or as ``bdia.invert``.
         """
         grid = _grid(ts, ode)
         if ode.is_terminal(grid[-1]):
@@ -94,6 +95,15 @@ class Inversion:
                 f"the data are taken as the state at ts[-1] = {grid[-1]}, where sigma = 0 and "
                 "the model cannot be evaluated; end the grid at a small noise level instead, "
                 "e.g. bdia.karras_grid(steps, final_zero=False)"
+            )
+        schedule = getattr(ode, "schedule", None)
+        if schedule is not None and schedule.sigma_bar(grid[0]) < schedule.sigma_bar(grid[-1]):
+            # The grid of the inversion's direction, from the data up, would take the data
+            # at its noisiest point and "invert" them down to its least noisy.
+            raise ValueError(
+                f"ts runs from noise level {schedule.sigma_bar(grid[0]):.4g} up to "
+                f"{schedule.sigma_bar(grid[-1]):.4g}; it must run noisiest first, ending at the "
+                "data's noise level (the data are the state at ts[-1]): pass ts.flip(0)"
             )
         with torch.no_grad():
             pair = invert(

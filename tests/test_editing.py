@@ -148,6 +148,26 @@ def test_inverting_data_at_sigma_zero_is_refused(net, held_out) -> None:
         bdia.Inversion.of(labelled(net, labels), bdia.bdia("euler"), images, bdia.karras_grid(5))
 
 
+@pytest.mark.parametrize("schedule", [bdia.EDM(), bdia.VPLinear()], ids=["edm", "vp"])
+def test_a_grid_from_data_to_noise_is_refused(schedule) -> None:
+    # The data are the state at ts[-1] and the noise at ts[0]. A grid given from the data's
+    # noise level up (the direction of the inversion) used to run: it "inverted" the data
+    # taken at sigma_max down to sigma_min, reconstruct() gave them back exactly, and the
+    # "noise" was a denoised image (std 0.007 for EDM data of std 0.5).
+    mixture = GaussianMixture.random(2, 4, seed=0)
+    ode = mixture.ode(schedule)
+    ts = bdia.karras_grid(4, final_zero=False, schedule=schedule).flip(0)
+    data = mixture.sample_data(3, generator=torch.Generator().manual_seed(0)).double()
+    solver = bdia.bdia("euler", 0.9)
+    calls: list[object] = []
+    with untouched(data):
+        with pytest.raises(ValueError, match=r"noisiest first.*flip"):
+            bdia.Inversion.of(ode, solver, data, ts, callback=calls.append)
+        with pytest.raises(ValueError, match=r"noisiest first.*flip"):
+            bdia.edit(ode, ode, solver, data, ts, callback=calls.append)
+    assert calls == [] and ode.nfe == 0
+
+
 def test_unknown_edit_rule(inversion, net, held_out) -> None:
     with pytest.raises(ValueError, match="rule must be one of 'base', 'restart'"):
         inversion.regenerate(labelled(net, held_out[1]), rule="continue")
