@@ -144,8 +144,11 @@ def test_ddim_in_edm_space_is_euler_to_float64_rounding(unet, noise):
         {"use_karras_sigmas": True},
         {"timestep_type": "continuous", "prediction_type": "v_prediction"},
         {"final_sigmas_type": "sigma_min"},
+        # SD 2's and SDXL's Euler configs. diffusers starts at init_noise_sigma =
+        # sqrt(sigma_max^2 + 1) here; bdia_states started at sigma_max: 1.3e-4 apart.
+        {"timestep_spacing": "leading", "steps_offset": 1},
     ],
-    ids=["eps", "v", "x0", "karras", "continuous", "sigma_min"],
+    ids=["eps", "v", "x0", "karras", "continuous", "sigma_min", "leading"],
 )
 def test_euler_matches_euler_discrete_scheduler(unet, noise, config):
     """'euler' in EDM space is EulerDiscreteScheduler to 1e-6 relative (measured: up to 2.7e-7).

@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from ...sampling import sample
-from ...schedules import EDM
 from ...solvers.registry import get_solver
-from .adapter import diffusers_grid, from_diffusers
+from .adapter import _scheduler, diffusers_grid, from_diffusers
 
 __all__ = ["diffusers_states", "bdia_states", "relative_difference"]
 
@@ -68,15 +67,21 @@ def bdia_states(
 ) -> Tensor:
     """The bdia solver named ``solver`` on the same problem; every grid state, the start first.
 
-    The start is ``noise`` in VP space and ``noise * sigma_max`` in EDM space (as diffusers'
-    ``init_noise_sigma``). ``cond`` goes to ``from_diffusers`` (guidance included).
+    The start is diffusers' own, ``noise * init_noise_sigma`` after ``set_timesteps``: ``noise``
+    in VP space, ``noise * sigma_max`` in EDM space, and ``noise * sqrt(sigma_max^2 + 1)`` for
+    an EDM scheduler with ``"leading"`` spacing. ``cond`` goes to ``from_diffusers`` (guidance
+    included).
 
     Returns:
         Tensor of shape ``(len(grid), *noise.shape)`` in ``noise``'s dtype.
     """
     ode = from_diffusers(unet, scheduler, **cond)
     ts = diffusers_grid(scheduler, num_inference_steps)
-    start = noise * float(ts[0]) if isinstance(ode.schedule, EDM) else noise
+    # diffusers_states' start: under "leading" spacing an EDM scheduler's init_noise_sigma is
+    # sqrt(sigma_max^2 + 1), not the grid's first noise level.
+    fresh = copy.deepcopy(_scheduler(scheduler))
+    fresh.set_timesteps(num_inference_steps)
+    start = noise * fresh.init_noise_sigma
     return sample(ode, get_solver(solver), start, ts, trajectory=True, progress=False)
 
 
