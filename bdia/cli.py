@@ -815,15 +815,13 @@ def _run_settings(
     return settings, info
 
 
-def _claim_outdir(
-    outdir: Path, settings: dict[str, Any], seeds: list[int], overwrite: bool
-) -> list[Path]:
+def _claim_outdir(outdir: Path, settings: dict[str, Any], overwrite: bool) -> list[Path]:
     """Check ``outdir``'s run record against ``settings``; returns the images to remove.
 
     A folder made with the same settings resumes. One made with other settings (or holding
     images but no record) is refused, naming each setting that differs, unless ``overwrite``:
-    then the images of other seeds, made with the old settings, are to be removed so that
-    every image in the folder matches its record.
+    then all its images, made with the old settings, are to be removed before the new
+    record is written, so that every image in the folder matches its record.
     """
     from . import generate
 
@@ -852,8 +850,9 @@ def _claim_outdir(
             f"--outdir {str(outdir)!r} was made with other settings: {'; '.join(differences)}. "
             "Use --overwrite to regenerate its images with these settings, or another --outdir"
         )
-    wanted = {generate.image_path(outdir, seed) for seed in seeds}
-    return [image for image in images if image not in wanted]
+    # The requested seeds' images too: were they kept until regenerated, a run stopped
+    # midway would leave old images under the new record, and a rerun would resume past them.
+    return images
 
 
 @main.command(name="sample")
@@ -1041,7 +1040,7 @@ def sample_command(
         if compile_net:
             # Absent when off, so that the records of earlier runs still match.
             settings["compile"] = True
-        stale = _claim_outdir(outdir, settings, seed_list, overwrite)
+        stale = _claim_outdir(outdir, settings, overwrite)
     # The grid shows the --outdir images themselves unless it gives column c class c, which
     # the images, of classes drawn from their seeds, do not have.
     grid_of_outdir = outdir is not None and (
@@ -1074,9 +1073,7 @@ def sample_command(
         for image in stale:
             image.unlink()
         if stale:
-            click.echo(
-                f"removed {len(stale)} images of other seeds made with other settings", err=True
-            )
+            click.echo(f"removed {_images(len(stale))} made with other settings", err=True)
         generate.write_run_record(outdir, settings, info)
     if world > 1:
         import torch.distributed as dist

@@ -68,3 +68,28 @@ def test_overwrite_removes_only_images_named_as_bdia_names_them(tmp_path):
 @pytest.mark.parametrize("seeds,line", [("0", "(1 image)"), ("0-1", "(2 images)")])
 def test_the_grid_line_counts_in_words(seeds, line, tmp_path):
     assert line in invoke("--seeds", seeds, "--grid", tmp_path / "g.png").stderr
+
+
+def test_an_overwrite_stopped_midway_leaves_no_image_of_the_old_settings(tmp_path, monkeypatch):
+    """The new record is written before the first image; an image of the old settings left
+    beside it would pass for a new one, and a plain rerun would resume past it."""
+    out, fresh = tmp_path / "o", tmp_path / "fresh"
+    invoke("--seeds", "0-5", "--outdir", out)
+    real, written = generate.write_png, []
+
+    def stopping(path, image):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, image)
+
+    monkeypatch.setattr(generate, "write_png", stopping)
+    args = ["--seeds", "0-5", "--steps", "3", "--batch", "1"]
+    stopped = CliRunner().invoke(main, [*BASE, *args, "--outdir", str(out), "--overwrite"])
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.setattr(generate, "write_png", real)
+    invoke(*args, "--outdir", out)
+    invoke(*args, "--outdir", fresh)
+    images = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert len(images) == 6
+    assert [p for p in images if (out / p).read_bytes() != (fresh / p).read_bytes()] == []

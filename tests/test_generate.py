@@ -191,7 +191,7 @@ def test_overwrite_regenerates_and_drops_images_made_with_other_settings(tmp_pat
     old = pngs(out)
     result = invoke("--steps", "4", "--seeds", "0-3", "--outdir", str(out), "--overwrite")
     assert result.exit_code == 0, result.output
-    assert "removed 4 images of other seeds" in result.stderr
+    assert "removed 8 images made with other settings" in result.stderr
     new = pngs(out)
     assert sorted(new) == sorted(image_path(out, s).relative_to(out).as_posix() for s in range(4))
     assert all(new[k] != old[k] for k in new)  # 4 steps instead of 3: every image changed
