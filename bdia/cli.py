@@ -1959,7 +1959,11 @@ def _gathered_statistics(
         dist.destroy_process_group()
     # Images are uint8, so features holding NaN or Inf come from the detector; saying so
     # here beats a refusal of the statistics that would name the reference or the output.
-    if not all(math.isfinite(v) for v in (float(stats.mu.sum()), float(stats.sigma.sum()))):
+    with warnings.catch_warnings():
+        # Too few images are warned of where the caller takes sigma; here it would be twice.
+        warnings.simplefilter("ignore", fid.FIDSampleSizeWarning)
+        sums = (float(stats.mu.sum()), float(stats.sigma.sum()))
+    if not all(math.isfinite(v) for v in sums):
         raise click.BadParameter(
             f"{str(detector_path)!r} gave features holding NaN or Inf for the images of "
             f"{str(images)!r}; use the Inception detector file (EDM's inception-2015-12-05)",

@@ -179,3 +179,16 @@ def test_negative_workers_are_refused_in_one_line(tmp_path, detector):
     line = result.stderr.strip()
     assert result.exit_code == 2 and "\n" not in line
     assert "'--workers'" in line and "-1 is not in the range x>=0" in line
+
+
+@pytest.mark.parametrize("command", ["fid", "fid-ref"])
+def test_too_few_images_are_warned_of_once(command, tmp_path, detector):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):  # 3 images, 64 features: a singular covariance
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(64), sigma=np.eye(64))
+    target = ["--ref", str(ref)] if command == "fid" else ["--out", str(tmp_path / "new.npz")]
+    result = invoke(command, "--images", str(folder), "--detector", str(detector), *target)
+    assert result.stderr.count("Warning: FID statistics from 3 images") == 1, result.stderr
