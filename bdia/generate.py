@@ -9,6 +9,7 @@ ends with exactly the images of an uninterrupted one.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import operator
 import os
@@ -406,6 +407,28 @@ def write_run_record(
     return write_atomic(Path(outdir) / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
+def _remove_temporaries(outdir: Path, seeds: Sequence[int]) -> None:
+    """Remove the temporary PNGs (``.NAME.XXXX.png``) that a run killed while writing left
+    for ``seeds``; only the rank whose share they are owns them.
+
+    Each folder is listed once: a glob per seed listed a folder of 1000 images 1000 times,
+    33 s before a resumed run of 39,000 images could start.
+    """
+    stems: dict[Path, set[str]] = {}
+    for seed in seeds:
+        path = image_path(outdir, seed)
+        stems.setdefault(path.parent, set()).add(path.stem)
+    for folder, mine in stems.items():
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            hidden = [entry.name for entry in entries if entry.name.startswith(".")]
+        for name in hidden:
+            stem = name[1:].split(".", 1)[0]
+            if stem in mine and fnmatch.fnmatchcase(name, f".{stem}.*.png"):
+                (folder / name).unlink(missing_ok=True)
+
+
 def generate_images(
     net: torch.nn.Module,
     solver: Solver,
@@ -462,14 +485,8 @@ def generate_images(
         raise PermissionError(f"cannot write to {outdir}")
     shape = _image_shape(net)
     share = list(seeds)[rank::world_size]
-    mine = []
-    for seed in share:
-        path = image_path(outdir, seed)
-        # A run killed while writing leaves this seed's temporary file; only this rank owns it.
-        for stale in path.parent.glob(f".{path.stem}.*.png"):
-            stale.unlink(missing_ok=True)
-        if overwrite or not path.exists():
-            mine.append(seed)
+    _remove_temporaries(outdir, share)
+    mine = [seed for seed in share if overwrite or not image_path(outdir, seed).exists()]
     if on_batch is not None and len(share) > len(mine):
         on_batch(len(share) - len(mine))
     written = []
