@@ -10,7 +10,7 @@ round trip is exact.
 import re
 
 import pytest
-from conftest import REPO, run_child
+from conftest import REPO, benchmark_module, run_child
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -47,3 +47,21 @@ def test_the_script_writes_the_published_page_and_its_claims_hold(tmp_path):
 
     exact = re.findall(r"(?:relative error|at most|max abs error) ([0-9.e+-]+?)\.?(?:\s|;|$)", text)
     assert len(exact) == 3 and all(float(x) == 0.0 for x in exact)
+
+
+def test_the_pipeline_comparison_sees_states_the_clamp_to_images_would_hide(monkeypatch):
+    # The tiny random unet's samples lie far outside [-1, 1] (98% of them): a difference
+    # there vanishes once both are clamped to [0, 1] images.
+    pytest.importorskip("diffusers")
+    import bdia
+
+    parity = benchmark_module("diffusers_parity")
+    sample = bdia.sample
+
+    def off_by_half_outside_the_image_range(*args, **kwargs):
+        x = sample(*args, **kwargs)
+        return x + 0.5 * x.sign() * (x.abs() > 1)
+
+    assert parity.scheduler_round_trip()[0] == 0.0
+    monkeypatch.setattr(bdia, "sample", off_by_half_outside_the_image_range)
+    assert parity.scheduler_round_trip()[0] == pytest.approx(0.5, rel=1e-4)
