@@ -434,6 +434,13 @@ def report(args, rows, inversion, baseline, edits, seconds, figures: dict[str, s
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -444,8 +451,10 @@ def main(argv: list[str] | None = None) -> None:
         "with --smoke)",
     )
     parser.add_argument("--cache", type=Path, default=None, help="default: beside --out")
-    parser.add_argument("--samples", type=int, default=SAMPLES)
-    parser.add_argument("--inversion-count", type=int, default=None, help="default: all 360")
+    parser.add_argument("--samples", type=positive_int, default=SAMPLES)
+    parser.add_argument(
+        "--inversion-count", type=positive_int, default=None, help="default: all 360"
+    )
     # One thread, as `bdia` uses for networks of at most 16x16 pixels: an 8x8 batch gains
     # nothing from a second, and loses several times over on cores that other work shares.
     parser.add_argument("--threads", type=int, default=1)

@@ -450,9 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the page (default docs/benchmarks/reversible.md; needed with --smoke)",
     )
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--count", type=int, default=50, help="held-out digits to invert")
-    parser.add_argument("--batch", type=int, default=256, help="toy start states")
+    parser.add_argument("--samples", type=digits_study.positive_int, default=500)
+    parser.add_argument(
+        "--count", type=digits_study.positive_int, default=50, help="held-out digits to invert"
+    )
+    parser.add_argument(
+        "--batch", type=digits_study.positive_int, default=256, help="toy start states"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check")
     args = parser.parse_args(argv)

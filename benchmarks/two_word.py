@@ -726,6 +726,13 @@ def reading(rows: list[dict], digits_rows: list[dict], by_gamma: list[dict], gri
     return out
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -734,9 +741,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the page (default docs/benchmarks/two_word.md; needed with --smoke)",
     )
-    parser.add_argument("--points", type=int, default=2048, help="points of each mixture")
-    parser.add_argument("--digits", type=int, default=128, help="held-out digits")
-    parser.add_argument("--growth-count", type=int, default=32, help="points for the growth")
+    parser.add_argument("--points", type=positive_int, default=2048, help="points of each mixture")
+    parser.add_argument("--digits", type=positive_int, default=128, help="held-out digits")
+    parser.add_argument(
+        "--growth-count", type=positive_int, default=32, help="points for the growth"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check")
     args = parser.parse_args(argv)

@@ -34,9 +34,24 @@ def test_a_smoke_run_without_out_is_refused(script, capsys):
         ("busy_machine", ["--busy", "-1"], "--busy: must be at least 0, got -1"),
         ("gradients", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
         ("gradients", ["--steps", "5", "0"], "--steps: must be at least 1, got 0"),
+        # Counts that ran the study for minutes and then crashed or wrote nan.
+        ("reversible", ["--count", "0"], "--count: must be at least 1, got 0"),
+        ("reversible", ["--samples", "0"], "--samples: must be at least 1, got 0"),
+        ("reversible", ["--batch", "-1"], "--batch: must be at least 1, got -1"),
+        ("two_word", ["--growth-count", "0"], "--growth-count: must be at least 1, got 0"),
+        ("two_word", ["--points", "0"], "--points: must be at least 1, got 0"),
+        ("two_word", ["--digits", "-2"], "--digits: must be at least 1, got -2"),
+        ("digits_study", ["--samples", "0"], "--samples: must be at least 1, got 0"),
+        ("digits_study", ["--inversion-count", "0"], "--inversion-count: must be at least 1"),
     ],
 )
-def test_arguments_out_of_range_are_refused(script, args, message, capsys):
+def test_arguments_out_of_range_are_refused(script, args, message, capsys, monkeypatch):
+    def ran(threads):
+        raise AssertionError(f"{script} {args} went past its arguments")
+
+    # Every script sets its threads once its arguments are read: an argument let through
+    # fails here, before the study starts (and before a default page could be written).
+    monkeypatch.setattr(torch, "set_num_threads", ran)
     with pytest.raises(SystemExit) as exc:
         benchmark_module(script).main(args)
     assert exc.value.code == 2
