@@ -37,6 +37,11 @@ def _one_thread() -> Iterator[None]:
 
 def benchmark_module(name: str) -> Any:
     """``benchmarks/NAME.py`` imported as a module (benchmarks/ is not a package), once."""
+    # Run as `python benchmarks/NAME.py`, a script finds its neighbours on sys.path
+    # (gradients imports overhead); imported here it must too, whichever test runs first.
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
