@@ -213,7 +213,9 @@ def plot(results: dict, steps: Sequence[int], path: Path) -> None:
     plt.close(fig)
 
 
-def render(results: dict, agreement: dict, steps: Sequence[int], facts: dict, command: str):
+def render(
+    results: dict, agreement: dict, steps: Sequence[int], facts: dict, command: str, figure: str
+):
     rev = [results["reversible", n]["peak"] for n in steps]
     growth = rev[-1] / rev[0]
     ratios = {
@@ -259,7 +261,7 @@ def render(results: dict, agreement: dict, steps: Sequence[int], facts: dict, co
         f"| reversible time / autograd time <= {TIME_TARGET} (worst over the step counts) "
         f"| {worst_ratio:.2f} | {'yes' if worst_ratio <= TIME_TARGET else 'no'} |",
         "",
-        "![peak memory and time against the number of steps](gradients.png)",
+        f"![peak memory and time against the number of steps]({figure})",
         "",
     ]
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -338,9 +340,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     given = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "benchmarks/gradients.py", *given])
-    text = render(results, agreement, steps, facts, command)
+    # The page links its figure by name, so the link follows --out as the figure does.
+    figure = args.out.with_suffix(".png")
+    text = render(results, agreement, steps, facts, command, figure.name)
     print(text)
-    plot(results, steps, args.out.with_suffix(".png"))
+    plot(results, steps, figure)
     write_atomic(args.out, text)
 
 

@@ -85,3 +85,16 @@ def test_gradients_on_cuda_without_a_device_is_refused(capsys):
         benchmark_module("gradients").main(["--device", "cuda"])
     assert exc.value.code == 2
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_the_gradients_page_links_the_figure_written_beside_it(tmp_path, monkeypatch):
+    gr = benchmark_module("gradients")
+    monkeypatch.setattr(
+        gr, "timings", lambda n, repeats, device: ({m: [n / 10] for m in gr.METHODS}, 0.0)
+    )
+    monkeypatch.setattr(gr, "peak_memory", lambda method, n, device: 2**20 * n)
+    out = tmp_path / "memory.md"
+    gr.main(["--steps", "2", "4", "--repeats", "1", "--out", str(out)])
+    links = [ln for ln in out.read_text().splitlines() if ln.startswith("![")]
+    assert links == ["![peak memory and time against the number of steps](memory.png)"]
+    assert (tmp_path / "memory.png").is_file()
