@@ -991,6 +991,15 @@ def sample_command(
         raise click.UsageError("Missing option '--network' (or give --latents)")
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
+    if outdir is not None and grid_path is not None:
+        if grid_path.resolve().is_relative_to(outdir.resolve()):
+            # bdia fid reads every PNG under the folder as a sample, and a grid at a seed's
+            # own path would pass for that seed's image when a run resumes.
+            raise click.BadParameter(
+                f"{str(grid_path)!r} lies inside --outdir {str(outdir)!r}, whose PNGs are the "
+                "samples (bdia fid reads them all); put the grid beside the folder",
+                param_hint="'--grid'",
+            )
     limit = GRID_MAX_IMAGES if grid_path is not None else MAX_SEEDS
     try:
         seed_list = generate.parse_seeds(seeds, limit=limit)

@@ -93,3 +93,16 @@ def test_an_overwrite_stopped_midway_leaves_no_image_of_the_old_settings(tmp_pat
     images = sorted(p.relative_to(out) for p in out.rglob("*.png"))
     assert len(images) == 6
     assert [p for p in images if (out / p).read_bytes() != (fresh / p).read_bytes()] == []
+
+
+@pytest.mark.parametrize("inside", ["grid.png", "000000/000000.png"])
+def test_a_grid_inside_the_outdir_is_refused_before_any_work(inside, tmp_path):
+    """bdia fid reads every PNG under the folder as a sample, and 000000/000000.png is seed
+    0's own path, which a resumed run would then take for seed 0's image."""
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, [*BASE, "--seeds", "0-3", "--outdir", str(out), "--grid", str(out / inside)]
+    )
+    assert result.exit_code == 2
+    assert "--grid" in result.output and "inside --outdir" in result.output
+    assert not out.exists()
