@@ -525,6 +525,17 @@ def test_merge_adds_seconds_and_all_reduce_without_a_group_changes_nothing():
     np.testing.assert_array_equal(merged.sum_outer, sums[1])
 
 
+def test_a_refused_merge_leaves_the_statistics_as_they_were():
+    a, b = FeatureStatistics().add(np.eye(3)), FeatureStatistics().add(np.ones((2, 4)))
+    a.seconds, b.seconds = 1.5, 2.0
+    with pytest.raises(ValueError, match="dimension 4 does not match accumulated 3"):
+        a.merge(b)
+    # The rate read afterwards would otherwise count time spent on features never added.
+    assert a.n == 3 and a.seconds == 1.5
+    np.testing.assert_array_equal(a.sum, np.ones(3))
+    np.testing.assert_array_equal(a.sum_outer, np.eye(3))
+
+
 def test_batches_reach_the_detector_in_contiguous_nchw(tmp_path):
     """Images are stored (N, H, W, C); a permuted view would hand the detector channels-last
     strides, and with them other convolution kernels than the contiguous NCHW it is traced

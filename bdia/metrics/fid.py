@@ -170,11 +170,17 @@ class FeatureStatistics:
     def merge(self, other: FeatureStatistics) -> FeatureStatistics:
         """Add another accumulator's totals into this one (in place); returns self.
 
-        The seconds add too: merged parts are taken to have run one after the other."""
-        self.seconds += other.seconds
+        The seconds add too: merged parts are taken to have run one after the other.
+
+        Raises:
+            ValueError: the two hold features of different dimensions; this one is left
+                unchanged.
+        """
         if other.dim is None:
+            self.seconds += other.seconds
             return self
         self._init(other.dim)
+        self.seconds += other.seconds
         self.n += other.n
         self.sum += other.sum
         self.sum_outer += other.sum_outer
