@@ -593,6 +593,21 @@ def test_save_network_refuses_metadata_that_is_not_text_and_writes_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["net.pkl", "net.st", "net", "net.SAFETENSORS"])
+def test_save_network_refuses_a_name_load_network_would_not_read(tmp_path, name):
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import save_network
+
+    # load_network reads a file by its suffix: under any other name the file could not be
+    # loaded, and under .pkl it would replace an EDM pickle with what no longer is one.
+    path = tmp_path / name
+    path.write_bytes(b"the user's file")
+    with pytest.raises(ValueError, match=f"{name} does not end in .safetensors"):
+        save_network(EDMPrecond(**SMALL), path)
+    assert path.read_bytes() == b"the user's file"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_save_network_refuses_metadata_keys_of_its_own_and_writes_nothing(tmp_path):
     from bdia.models import EDMPrecond
     from bdia.models.checkpoints import read_metadata, save_network

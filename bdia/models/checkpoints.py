@@ -424,9 +424,10 @@ def save_network(
     ``path`` and renamed into place.
 
     Raises:
-        ValueError: the network has no config (its class is not registered), its recorded
-            arguments are not JSON data (e.g. a ``model_type`` given as a class), or a
-            ``metadata`` entry is not a string or has one of the file's own keys.
+        ValueError: ``path`` does not end in ``.safetensors`` (``load_network`` reads a
+            file by its suffix), the network has no config (its class is not registered),
+            its recorded arguments are not JSON data (e.g. a ``model_type`` given as a
+            class), or a ``metadata`` entry is not a string or has one of the file's own keys.
         IsADirectoryError: ``path`` is a directory.
     """
     from safetensors.torch import save_file
@@ -434,6 +435,13 @@ def save_network(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the path of the file to write")
+    # Under another name load_network could not read the file back, and under .pkl it would
+    # replace an EDM pickle with a file that is none.
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"{path} does not end in .safetensors, the suffix load_network reads a network "
+            "file by; name the file NAME.safetensors"
+        )
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             bad = (
