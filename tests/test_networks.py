@@ -283,6 +283,19 @@ def test_vp_sigma_range():
     assert net.sigma_min == pytest.approx(math.sqrt(math.exp(0.5 * 19.9e-10 + 1e-6) - 1), rel=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [80, torch.tensor([2, 80])])
+def test_vp_sigma_inv_of_integer_noise_levels(sigma):
+    net = VPPrecond(8, 3, model_type=Stand_in)
+    t = net.sigma_inv(sigma)
+    # t(80) = 0.9335 (an integer result would be 0). Rounding t to float32 (6e-8 relative)
+    # moves sigma(t) by at most 5e-7 relative at 80, where d ln(sigma) / d ln(t) is 8.7;
+    # 1e-5 allows that and nothing near a wrong t.
+    assert t.dtype == torch.float32
+    torch.testing.assert_close(
+        net.sigma(t), torch.as_tensor(sigma, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+
+
 def test_positional_embedding_numbers():
     emb = PositionalEmbedding(8, endpoint=True)(torch.tensor([2.0]))
     freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])
