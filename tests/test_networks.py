@@ -309,6 +309,17 @@ def test_positional_embedding_numbers():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_embeddings_of_integer_noise_labels_are_those_of_the_same_floats(dtype):
+    # DDPM-style integer timesteps. Frequencies cast to the labels' integer dtype would be
+    # truncated: the positional ones below 1 to 0, leaving cos 1 and sin 0 in those channels.
+    steps = torch.tensor([0, 7, 500, 999])
+    for embedding in (PositionalEmbedding(16, endpoint=True), FourierEmbedding(16)):
+        got = embedding(steps.to(dtype))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, embedding(steps.to(torch.float32)), rtol=0, atol=0)
+
+
 SMALL = dict(
     model_channels=16,
     channel_mult=[1, 2],

@@ -311,8 +311,18 @@ class UNetBlock(nn.Module):
         return attended.transpose(-1, -2).reshape(n, c, h, w)
 
 
+def _float_labels(x: Tensor) -> Tensor:
+    """Noise labels as floats: the embeddings cast their frequencies to the labels' dtype, which
+    for integer labels (timestep indices) would truncate them."""
+    return x if x.is_floating_point() else x.to(torch.float32)
+
+
 class PositionalEmbedding(nn.Module):
-    """Sinusoidal embedding ``[cos(x f), sin(x f)]``, ``f = max_positions^(-i / (n/2 - e))``."""
+    """Sinusoidal embedding ``[cos(x f), sin(x f)]``, ``f = max_positions^(-i / (n/2 - e))``.
+
+    ``x`` of shape ``(N,)``; returns ``(N, num_channels)`` in ``x``'s dtype, or float32 for
+    integer ``x`` (timestep indices).
+    """
 
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()
@@ -321,6 +331,7 @@ class PositionalEmbedding(nn.Module):
         self.endpoint = endpoint
 
     def forward(self, x: Tensor) -> Tensor:
+        x = _float_labels(x)
         half = self.num_channels // 2
         steps = torch.arange(half, dtype=torch.float32, device=x.device)
         steps = steps / (half - (1 if self.endpoint else 0))
@@ -332,7 +343,8 @@ class PositionalEmbedding(nn.Module):
 class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi x f), sin(2 pi x f)]``, ``f ~ N(0, scale^2)``.
 
-    The frequencies are the buffer ``freqs`` (saved with the model).
+    The frequencies are the buffer ``freqs`` (saved with the model). ``x`` of shape ``(N,)``;
+    returns ``(N, num_channels)`` in ``x``'s dtype, or float32 for integer ``x``.
     """
 
     def __init__(self, num_channels: int, scale: float = 16.0) -> None:
@@ -341,6 +353,7 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = _float_labels(x)
         angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -353,8 +366,9 @@ class SongUNet(nn.Module):
     """The DDPM++ / NCSN++ U-Net of Song et al. 2021 as configured in EDM.
 
     Called as ``model(x, noise_labels, class_labels, augment_labels=None)`` with ``x`` of shape
-    ``(N, in_channels, R, R)``, ``noise_labels`` of shape ``(N,)`` and ``class_labels`` one-hot
-    of shape ``(N, label_dim)`` (or None); returns ``(N, out_channels, R, R)``.
+    ``(N, in_channels, R, R)``, ``noise_labels`` of shape ``(N,)`` (floats, or integer timestep
+    indices, embedded as the same floats) and ``class_labels`` one-hot of shape
+    ``(N, label_dim)`` (or None); returns ``(N, out_channels, R, R)``.
 
     DDPM++: ``embedding_type="positional"``, ``channel_mult_noise=1``,
     ``encoder_type="standard"``, ``resample_filter=[1, 1]``.
