@@ -237,12 +237,26 @@ def test_sigma_must_be_positive_and_finite(cls, sigma):
 
 @pytest.mark.parametrize(
     "shape, problem",
-    [((4, 3, 8), r"x must have shape \(batch, 3, H, W\)"), ((4, 1, 8, 8), r"\(batch, 3, H, W\)")],
+    [
+        ((4, 3, 8), r"x must have shape \(batch, 3, 8, 8\)"),
+        ((4, 1, 8, 8), r"\(batch, 3, 8, 8\)"),
+        ((4, 3, 16, 16), r"\(batch, 3, 8, 8\)"),
+        ((4, 3, 8, 6), r"\(batch, 3, 8, 8\)"),
+    ],
 )
 def test_x_of_the_wrong_shape_is_refused(shape, problem):
     net, _ = stand_in_call()
     with pytest.raises(ValueError, match=problem + r".*got \(" + str(shape[0])):
         net(torch.zeros(shape), 1.0)
+
+
+@pytest.mark.parametrize("size", [15, 32])
+def test_images_of_another_size_than_the_networks_are_refused(size):
+    # A 16x16 network given 15x15 images failed inside torch.cat (a RuntimeError about
+    # tensor sizes); given 32x32 ones it ran, attending at 16x16 where it was built to at 8x8.
+    net = tiny_net()
+    with pytest.raises(ValueError, match=rf"\(batch, 3, 16, 16\) \(img_resolution 16\).*{size}\)"):
+        net(torch.zeros(1, 3, size, size), 1.0, class_labels=[3])
 
 
 @pytest.mark.parametrize("sigma", [torch.ones(3), torch.ones(4, 2)])

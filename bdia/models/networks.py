@@ -721,13 +721,13 @@ class _Precond(nn.Module):
     ) -> Tensor:
         """``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, float32, of ``x``'s shape.
 
-        ``x`` of shape ``(batch, img_channels, R, R)``, any dtype (computed in float32);
-        ``sigma`` > 0 and finite, a number or a tensor of one value or one per image
-        (``()``, ``(batch,)``, ``(batch, 1, 1, 1)``, any dtype); ``class_labels`` for a
-        conditional network (``label_dim`` > 0) are one-hot rows ``(batch, label_dim)``,
-        class indices ``(batch,)`` of any integer dtype, or one row ``(1, label_dim)`` or
-        index ``(1,)`` for the whole batch; None gives all-zero labels, as EDM does. An
-        unconditional network takes None only. The inner network ``F`` runs in
+        ``x`` of shape ``(batch, img_channels, R, R)`` with ``R = img_resolution``, any dtype
+        (computed in float32); ``sigma`` > 0 and finite, a number or a tensor of one value or
+        one per image (``()``, ``(batch,)``, ``(batch, 1, 1, 1)``, any dtype);
+        ``class_labels`` for a conditional network (``label_dim`` > 0) are one-hot rows
+        ``(batch, label_dim)``, class indices ``(batch,)`` of any integer dtype, or one row
+        ``(1, label_dim)`` or index ``(1,)`` for the whole batch; None gives all-zero labels,
+        as EDM does. An unconditional network takes None only. The inner network ``F`` runs in
         ``inner_dtype(x.device, force_fp32)``; everything else, the output included, is
         float32. ``x`` is not modified.
 
@@ -739,9 +739,13 @@ class _Precond(nn.Module):
                 where they lie on the CPU (numbers included), not read back from an
                 accelerator.
         """
-        if x.ndim != 4 or x.shape[1] != self.img_channels:
+        res = self.img_resolution
+        # The U-Net halves and doubles the size level by level and attends at the levels it was
+        # built for: another size either fails deep inside or runs as another network.
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.img_channels, res, res):
             raise ValueError(
-                f"x must have shape (batch, {self.img_channels}, H, W), got {tuple(x.shape)}"
+                f"x must have shape (batch, {self.img_channels}, {res}, {res}) (img_resolution "
+                f"{res}), got {tuple(x.shape)}; images are not resized"
             )
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma)
