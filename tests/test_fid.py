@@ -536,6 +536,25 @@ def test_a_refused_merge_leaves_the_statistics_as_they_were():
     np.testing.assert_array_equal(a.sum_outer, np.eye(3))
 
 
+def test_a_refused_all_reduce_leaves_the_statistics_as_they_were(monkeypatch):
+    import torch.distributed as dist
+
+    # Another rank of the group holds 4-dimensional features and ran 9 s: the one MAX
+    # reduction the call starts with tells both, and this rank refuses.
+    def all_reduce(tensor, op=None):
+        tensor.copy_(torch.maximum(tensor, torch.tensor([4.0, -4.0, 9.0], dtype=tensor.dtype)))
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    stats = FeatureStatistics().add(np.eye(3))
+    stats.seconds = 1.5
+    with pytest.raises(ValueError, match=r"different dimensions \(3 to 4\)"):
+        stats.all_reduce()
+    assert stats.n == 3 and stats.seconds == 1.5
+    np.testing.assert_array_equal(stats.sum_outer, np.eye(3))
+
+
 def test_batches_reach_the_detector_in_contiguous_nchw(tmp_path):
     """Images are stored (N, H, W, C); a permuted view would hand the detector channels-last
     strides, and with them other convolution kernels than the contiguous NCHW it is traced

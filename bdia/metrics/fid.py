@@ -197,7 +197,7 @@ class FeatureStatistics:
 
         Raises:
             ValueError: on every rank alike, when ranks accumulated different feature
-                dimensions (say, two different detectors).
+                dimensions (say, two different detectors); the statistics are left unchanged.
         """
         import torch.distributed as dist
 
@@ -211,14 +211,14 @@ class FeatureStatistics:
         info = torch.tensor([*dims, self.seconds], dtype=torch.float64, device=device)
         dist.all_reduce(info, op=dist.ReduceOp.MAX)
         largest, smallest, seconds = info[0].item(), -info[1].item(), info[2].item()
-        self.seconds = seconds
-        if largest == -math.inf:  # no rank has any features
-            return self
-        if largest != smallest:
+        if largest != smallest and largest != -math.inf:
             raise ValueError(
                 f"ranks accumulated features of different dimensions ({smallest:.0f} to "
                 f"{largest:.0f}); every rank must use the same detector"
             )
+        self.seconds = seconds
+        if largest == -math.inf:  # no rank has any features
+            return self
         self._init(int(largest))
         # float64 holds the count exactly up to 2**53 images.
         head = np.concatenate([[float(self.n)], self.sum])
