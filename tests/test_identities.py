@@ -236,6 +236,12 @@ def test_bdia_over_multi_stage_base_costs_2s_minus_1_per_update(base, stages):
     # The first step is a plain base step; each later update shares one evaluation.
     assert count(ode, wrapped, ts) == stages + (steps - 1) * (2 * stages - 1)
     assert count(ode, bdia.get_solver(base), ts) == steps * stages
+    # Inversion repeats each update's evaluations: from a single state it spends `stages` on
+    # its approximate first step, as sampling does on its plain one; from a pair it has none.
+    pair = bdia.sample(ode, wrapped, X, ts, return_pair=True)
+    assert count(ode, wrapped, ts, start=pair, invert=True) == (steps - 1) * (2 * stages - 1)
+    single = count(ode, wrapped, ts, start=pair.later, invert=True)
+    assert single == stages + (steps - 1) * (2 * stages - 1)
 
 
 def test_bdia_heun_costs_three_per_interior_step_and_drops_to_euler_at_sigma_zero():
