@@ -250,3 +250,14 @@ def test_bdia_heun_costs_three_per_interior_step_and_drops_to_euler_at_sigma_zer
     # step 0: heun (2); steps 1..16: 3 each; step 17 ends at sigma = 0: the forward heun
     # becomes Euler (shared evaluation only) and the backward heun adds one: 2.
     assert count(ode, bdia.bdia("heun", 0.96), ts) == 2 + 16 * 3 + 2
+
+
+@pytest.mark.parametrize("base", ["dpm_solver_2", "dpm_solver_pp_3s"])
+def test_bdia_over_an_exponential_integrator_takes_the_last_step_at_first_order(base):
+    # No stage lands on sigma = 0 (they sit inside the step in log-SNR), but a step that ends
+    # there is DDIM: the final update costs s, as for Heun.
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(18)  # final 0
+    s = bdia.get_solver(base).stages
+    assert count(ode, bdia.get_solver(base), ts) == 17 * s + 1
+    assert count(ode, bdia.bdia(base, 0.96), ts) == s + 16 * (2 * s - 1) + s
