@@ -91,8 +91,12 @@ def test_single_step_solver_order(name, order, steps, schedule_name, backward):
 
 
 STAGE_CASES = [
-    # (solver, stage fractions): the third-order updates are third order only for r2 = 2/3,
-    # whatever r1; another r2 leaves them second order, and order must say so.
+    # (solver, stage fractions): the second-order updates weigh the stage by 1 / (2 r1), which
+    # keeps them second order for any r1 (r1 = 1 puts the stage on the step's end); a weight
+    # that ignored r1 would leave them first order. The third-order updates are third order
+    # only for r2 = 2/3, whatever r1; another r2 leaves them second order, and order must say so.
+    ("dpm_solver_2", {"r1": 0.25}),
+    ("dpm_solver_pp_2s", {"r1": 1.0}),
     ("dpm_solver_3", {"r1": 0.2}),
     ("dpm_solver_3", {"r2": 0.5}),
     ("dpm_solver_pp_3s", {"r1": 0.2}),
