@@ -708,6 +708,42 @@ def test_a_healthy_round_trip_does_not_warn(mixture: GaussianMixture, x: torch.T
     assert max(float(p) for p in seen if p is not None) < 0.1
 
 
+@pytest.mark.parametrize("direction", ["sample", "invert"])
+def test_parasitic_is_what_no_base_step_explains(
+    mixture: GaussianMixture, x: torch.Tensor, direction: str
+) -> None:
+    """Each two-step move reports rms(x_j - Phi(x_k, t_k -> t_j)) / rms(x_k), x_j the grid
+    state beside x_k on the side the base step back from x_k reaches (toward the noise when
+    sampling, the state the move makes when inverting). The part is 1e-5 to 0.3 of the state
+    here, and the callback's states lack their low words (1e-16 of the state, at most 1e-11
+    of the part): the reported float32 value matches to its rounding, 6e-8 relative, so 1e-6
+    is tight, while a part taken against the wrong state is off by its own size."""
+    ts = karras_grid(12, final_zero=False)
+    ode = mixture.ode()
+    solver = make_bdia("euler", 0.96)
+    seen: list[dict] = []
+    pair = sample(ode, solver, x, ts, return_pair=True, progress=False, callback=seen.append)
+    if direction == "invert":
+        seen.clear()
+        invert(ode, solver, pair, ts, progress=False, callback=seen.append)
+    base = get_solver("euler")
+    checked = 0
+    for before, c in zip([None, *seen], seen):
+        if c["parasitic"] is None:  # the plain first step when sampling
+            continue
+        if direction == "sample":
+            beside = before["x"]
+            back = base.flow(ode, c["t"], before["t"], c["x"])
+        else:
+            beside = c["x_next"]
+            back = base.flow(ode, c["t"], c["t_next"], c["x"])
+        rms = (beside - back).square().mean().sqrt() / c["x"].square().mean().sqrt()
+        assert float(rms) > 1e-6  # a part there to measure
+        assert float(c["parasitic"]) == pytest.approx(float(rms), rel=1e-6), c["i"]
+        checked += 1
+    assert checked == len(ts) - 2
+
+
 # ----------------------------------------------------------- where warnings point
 
 
