@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -205,5 +206,9 @@ def test_the_float32_round_trip_measures_the_round_trip_not_the_start_s_rounding
     assert start_rounding > 1e-9
     (plain, exact) = cmp.run_comparison(problem, ["euler"], gammas=[0.96], budgets=[10], batch=8)
     assert exact.roundtrip32 < 1e-13 and exact.roundtrip64 < 1e-28
+    # The table's amplification is that prod 1/gamma_k over the 9 two-step updates; the 9
+    # divisions round to a few 1e-16, so 1e-12 is far below a missed or extra factor of 0.96.
+    assert exact.amplification == pytest.approx(0.96**-9, rel=1e-12)
+    assert math.isnan(plain.amplification)
     # The plain solver run backward is approximate in either state dtype, by far more.
     assert plain.roundtrip32 > 1e-3 and plain.roundtrip64 > 1e-3
