@@ -384,8 +384,12 @@ def test_bad_base_extra_args_and_gamma():
     assert "extra_args must be a mapping" in message
     message = one_line_error(TypeError, call, gaussian_denoiser, x, sigmas, {0: LABELS})
     assert "keys must be strings" in message
-    one_line_error(ValueError, call, gaussian_denoiser, x, sigmas, args, gamma=1.5)
-    one_line_error(TypeError, call, gaussian_denoiser, x, sigmas, args, callback="print")
+    message = one_line_error(ValueError, call, gaussian_denoiser, x, sigmas, args, gamma=1.5)
+    assert "gamma = 1.5 lies outside [0, 1]" in message
+    # Unchecked, the string would fail only when called after the first step, as "'str'
+    # object is not callable", which names neither the argument nor the fix.
+    message = one_line_error(TypeError, call, gaussian_denoiser, x, sigmas, args, callback="print")
+    assert "callback must be callable or None, got str" in message
 
 
 def test_inversion_needs_the_pair_at_sigma_zero_and_gamma_above_zero():
