@@ -583,7 +583,13 @@ def test_adapter_knows_both_schedulers(unet):
 def test_step_output_forms(unet):
     """return_dict=False gives (prev_sample, pred_original_sample); with variance_type
     'learned_range' a model output of twice the channels is cut to its first half; a step's
-    prev_sample is a copy, not the scheduler's state."""
+    prev_sample is a copy, not the scheduler's state; pred_original_sample is the x0 that
+    DDIMScheduler predicts from the same output.
+
+    Both form x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) in float32, this scheduler with
+    float64 schedule constants: a few float32 roundings (6e-8 each) of terms as large as x0
+    itself (measured 1.5e-7 of max |x0|, which is about 200 at the first timestep), so 1e-6
+    of max |x0| bounds it, while another prediction in its place (eps, say) is off by x0."""
     sched = BDIAScheduler(variance_type="learned_range")
     sched.set_timesteps(STEPS)
     x = _noise(6)
@@ -597,6 +603,11 @@ def test_step_output_forms(unet):
     assert isinstance(b, tuple) and torch.equal(a.prev_sample, b[0])
     assert torch.equal(a.pred_original_sample, b[1])
     assert a.prev_sample is not sched._state.x
+    ddim = diffusers.DDIMScheduler(clip_sample=False)
+    ddim.set_timesteps(STEPS)
+    x0 = ddim.step(out, t, x).pred_original_sample
+    assert a.pred_original_sample.dtype == x0.dtype == torch.float32
+    assert _max_abs(a.pred_original_sample, x0) <= 1e-6 * float(x0.abs().max())
 
 
 # ------------------------------------------------------------------ refusals
