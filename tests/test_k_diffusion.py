@@ -286,6 +286,13 @@ def test_extra_args_reach_the_model():
     assert abs(float(a[0].mean()) + 1.0) < 0.3 and abs(float(a[1].mean()) - 1.0) < 0.3
 
 
+def denoised_by_hand(net, c):
+    """The model's output at the callback's ``x`` and ``sigma``: bitwise ``denoised``, as the
+    float32 state is what the model was called with (EDM's alpha = 1)."""
+    with torch.no_grad():
+        return net(c["x"], c["sigma"].expand(c["x"].shape[0]), class_labels=LABELS)
+
+
 def test_callback_gets_k_diffusion_keys():
     net = ConvDenoiser()
     x, sigmas = start(steps=6)
@@ -298,6 +305,7 @@ def test_callback_gets_k_diffusion_keys():
         assert c["x"].dtype == x.dtype and c["denoised"].dtype == x.dtype
         assert c["sigma"].ndim == 0 and c["sigma"] == sigmas[c["i"]] == c["sigma_hat"]
         assert c["x"].grad_fn is None and c["denoised"].grad_fn is None
+        assert torch.equal(c["denoised"], denoised_by_hand(net, c))
     assert torch.equal(calls[0]["x"], x)
     # Inversion reports the grid index it evaluates, counting down.
     pair = kd.sample_bdia(net, x, sigmas, {"class_labels": LABELS}, disable=True, return_pair=True)
@@ -307,6 +315,7 @@ def test_callback_gets_k_diffusion_keys():
     )
     assert [c["i"] for c in back_calls] == list(range(5, 0, -1))
     assert all(c["sigma"] == sigmas[c["i"]] for c in back_calls)
+    assert all(torch.equal(c["denoised"], denoised_by_hand(net, c)) for c in back_calls)
 
 
 def test_disable_hides_the_progress_bar(capsys):
