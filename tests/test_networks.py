@@ -396,7 +396,11 @@ def test_plugs_into_diffusion_ode():
     assert out.shape == x.shape and out.dtype == torch.float64
     assert torch.isfinite(out).all()
     expected = x + (40.0 - 80.0) * (x - d) / 80.0
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    # The network sees the same float32 input either way, and the Euler step is the same
+    # float64 formula: measured 3e-14 apart (a few ulps of |x| ~ 100). Fresh weights leave D
+    # small (c_skip x, ~1e-2), so only a tight bound sees it: a noise level 1% off moves the
+    # result by 1e-4, the labels of the two images swapped by 2e-10.
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
