@@ -501,10 +501,16 @@ def test_a_start_pair_or_chains_on_another_grid_are_refused(
 
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 def test_a_pair_without_times_is_taken_as_it_is(ode: DiffusionODE, x: torch.Tensor) -> None:
-    """A pair built by hand (or loaded from a latents file) records no times."""
+    """A pair built by hand (or loaded from a latents file) records no times: it inverts on
+    any grid, exactly as the same states and low words recorded at that grid's end would."""
     pair = sample(ode, make_bdia("euler", 0.9), x, GRID, return_pair=True, progress=False)
     bare = StatePair(pair.earlier, pair.later, pair.earlier_low, pair.later_low)
-    invert(ode, make_bdia("euler", 0.9), bare, OTHER_GRID, progress=False)
+    back = invert(ode, make_bdia("euler", 0.9), bare, OTHER_GRID, progress=False)
+    words = (pair.earlier, pair.later, pair.earlier_low, pair.later_low)
+    placed = StatePair(*words, pair.fingerprint, (OTHER_GRID[-2], OTHER_GRID[-1]))
+    same = invert(ode, make_bdia("euler", 0.9), placed, OTHER_GRID, progress=False)
+    for name in ("earlier", "later", "earlier_low", "later_low"):
+        assert torch.equal(getattr(back, name), getattr(same, name)), name
 
 
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
