@@ -492,21 +492,33 @@ def test_karras_sigmas_past_the_table_are_refused_by_the_grid(scheduler, field):
 def test_continuous_timesteps_take_karras_sigmas_past_the_table(unet, noise):
     """With timestep_type='continuous' (and v_prediction) the unet's timestep is
     0.25 log(sigma), defined at every noise level: sigmas past the table (CosXL-style
-    sigma_min = 0.002, sigma_max = 120) are its grid, and sampling runs through them."""
-    scheduler = diffusers.EulerDiscreteScheduler(
-        timestep_type="continuous",
-        prediction_type="v_prediction",
-        use_karras_sigmas=True,
-        sigma_min=0.002,
-        sigma_max=120.0,
-    )
-    ts = diffusers_grid(scheduler, 4)
+    sigma_min = 0.002, sigma_max = 120) are its grid, and sampling runs through them as
+    EulerDiscreteScheduler does, to its float32 rounding (1e-6 relative, measured 4.8e-7; see
+    test_euler_matches_euler_discrete_scheduler)."""
+
+    def scheduler():
+        return f64(
+            diffusers.EulerDiscreteScheduler(
+                timestep_type="continuous",
+                prediction_type="v_prediction",
+                use_karras_sigmas=True,
+                sigma_min=0.002,
+                sigma_max=120.0,
+            )
+        )
+
+    ts = diffusers_grid(scheduler(), 4)
     assert float(ts[0]) == pytest.approx(120.0, rel=1e-6)
     assert float(ts[-2]) == pytest.approx(0.002, rel=1e-6)
-    ode = from_diffusers(unet, scheduler)
+    ode = from_diffusers(unet, scheduler())
     with torch.no_grad():
         out = bdia.sample(ode, bdia.get_solver("euler"), noise * float(ts[0]), ts, progress=False)
     assert bool(torch.isfinite(out).all()) and ode.nfe == 4
+    ref = diffusers_states(unet, scheduler(), noise, 4)
+    ours = bdia_states(unet, scheduler(), "euler", noise, 4)
+    assert len(ours) == len(ref) == 5
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-6, k
 
 
 def test_clip_sample_error_says_how_to_turn_it_off(unet):
