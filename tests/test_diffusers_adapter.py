@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import sys
 
 import diffusers
@@ -483,6 +484,9 @@ def test_karras_sigmas_past_the_table_are_refused_by_the_grid(scheduler, field):
     the table's noise levels [0.0100, 157.4], where the unet has no timestep (diffusers
     clamps it to 0 or N - 1). The grid used to keep them: in EDM space sampling failed at the
     first such level, after the unet calls above it; in VP space the unet saw timestep -0.96."""
+    if field not in inspect.signature(scheduler.__init__).parameters:
+        # Before diffusers took these fields (UniPC in 0.30), Karras sigmas span the table.
+        pytest.skip(f"{scheduler.__name__} of diffusers {diffusers.__version__} has no {field}")
     bound = {"sigma_min": 0.002, "sigma_max": 200.0}[field]
     with pytest.raises(ValueError) as exc_info:
         diffusers_grid(scheduler(use_karras_sigmas=True, **{field: bound}), N_STEPS)
