@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _args import positive_int  # the benchmarks folder is the script's path
 
 import bdia
 from bdia import generate
@@ -432,13 +433,6 @@ def report(args, rows, inversion, baseline, edits, seconds, figures: dict[str, s
         "",
     ]
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _args import positive_int  # the benchmarks folder is the script's path
 
 import bdia
 from bdia._files import write_atomic
@@ -49,13 +50,6 @@ def rules(inversion: bdia.Inversion, target: bdia.DiffusionODE) -> dict[str, tor
                 target, rule="restart", progress=False
             ),
         }
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def step_counts(text: str) -> list[int]:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _args import positive_int  # the benchmarks folder is the script's path
 from torch import Tensor
 
 from bdia import generate
@@ -792,13 +793,6 @@ def render(
 
 
 # ------------------------------------------------------------------------------ main
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def seconds(text: str) -> float:
     value = float(text)
     # A NaN budget would reach setitimer only after the card is set up, and fail there.

@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _args import positive_int  # the benchmarks folder is the script's path
 from overhead import cpu_name  # the benchmarks folder is the script's path
 from torch import Tensor, nn
 
@@ -267,13 +268,6 @@ def render(
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += [f"Written by `{command}` on {date}.", ""]
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _args import positive_int  # the benchmarks folder is the script's path
 from torch import Tensor, nn
 
 import bdia
@@ -321,13 +322,6 @@ def render(rows: list[Row], facts: dict[str, str], command: str) -> str:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += ["", f"Written by `{command}` on {date}.", ""]
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

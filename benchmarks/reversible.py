@@ -41,6 +41,7 @@ from bdia.models.checkpoints import load_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_study  # noqa: E402  (the digits study's seed and inversion grid, by import)
+from _args import positive_int
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 #: (scheme, parameter): the base alone, bdia's gamma, EDICT's p, McCallum-Foster's coupling.
@@ -450,13 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the page (default docs/benchmarks/reversible.md; needed with --smoke)",
     )
-    parser.add_argument("--samples", type=digits_study.positive_int, default=500)
-    parser.add_argument(
-        "--count", type=digits_study.positive_int, default=50, help="held-out digits to invert"
-    )
-    parser.add_argument(
-        "--batch", type=digits_study.positive_int, default=256, help="toy start states"
-    )
+    parser.add_argument("--samples", type=positive_int, default=500)
+    parser.add_argument("--count", type=positive_int, default=50, help="held-out digits to invert")
+    parser.add_argument("--batch", type=positive_int, default=256, help="toy start states")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check")
     args = parser.parse_args(argv)

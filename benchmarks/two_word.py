@@ -45,6 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _args import positive_int  # the benchmarks folder is the script's path
 from torch import Tensor
 
 import bdia
@@ -724,13 +725,6 @@ def reading(rows: list[dict], digits_rows: list[dict], by_gamma: list[dict], gri
         )
     )
     return out
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:
