@@ -372,6 +372,19 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _wait_for_ranks(world: int, leave: bool = False) -> None:
+    """Return once every rank of ``_distributed()``'s group has got here (at once when
+    ``world`` is 1); with ``leave``, then leave the group, whose work is done, so that rank 0
+    reports only what every rank has finished."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    if leave:
+        dist.destroy_process_group()
+
+
 def _base_solver(name: str, option: str = "--solver") -> Any:
     """The registered base solver ``name``; errors name ``option`` (--solver or --solvers).
 
@@ -925,7 +938,8 @@ def _claim_outdir(outdir: Path, settings: dict[str, Any], overwrite: bool) -> li
     default=None,
     type=OutputPathType(suffix=".png"),
     help=f"One labelled PNG grid of all seeds (at most {GRID_MAX_IMAGES}); for a conditional "
-    "network without --class, column c holds class c.",
+    "network without --class, column c holds class c. With --outdir, written after its images "
+    "(a stopped run resumes when run again).",
 )
 @click.option(
     "--dtype",
@@ -1073,9 +1087,9 @@ def sample_command(
             )
         click.echo(f"wrote {path} ({_images(len(seed_list))})", err=True)
 
-    if grid_path is not None and rank == 0 and not grid_of_outdir:
-        write_grid(grid_path)
     if outdir is None:
+        if grid_path is not None and rank == 0:
+            write_grid(grid_path)
         return
 
     if rank == 0:
@@ -1084,10 +1098,7 @@ def sample_command(
         if stale:
             click.echo(f"removed {_images(len(stale))} made with other settings", err=True)
         generate.write_run_record(outdir, settings, info)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    _wait_for_ranks(world)
     with _Progress(len(seed_list[rank::world]), "images", "img", show) as bar:
         generate.generate_images(
             net,
@@ -1104,14 +1115,12 @@ def sample_command(
             on_batch=bar.update,
             overwrite=overwrite,
         )
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    _wait_for_ranks(world, leave=True)
     if rank == 0:
         click.echo(f"{_images(len(seed_list))} in {outdir}", err=True)
-        if grid_path is not None and grid_of_outdir:
+        # Last, also where it is sampled on its own: a run stopped before leaves no grid,
+        # so the same command run again resumes the folder instead of being refused.
+        if grid_path is not None:
             write_grid(grid_path)
 
 

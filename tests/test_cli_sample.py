@@ -29,6 +29,20 @@ def count_sampling(monkeypatch):
     return calls
 
 
+def stop_writing_after(monkeypatch, count):
+    """Ctrl-C at the PNG write after the first ``count``; returns the real writer."""
+    real, written = generate.write_png, []
+
+    def stopping(path, image):
+        if len(written) == count:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, image)
+
+    monkeypatch.setattr(generate, "write_png", stopping)
+    return real
+
+
 def test_a_grid_beside_the_outdir_tiles_its_images_instead_of_sampling_them_again(
     tmp_path, monkeypatch
 ):
@@ -75,15 +89,7 @@ def test_an_overwrite_stopped_midway_leaves_no_image_of_the_old_settings(tmp_pat
     beside it would pass for a new one, and a plain rerun would resume past it."""
     out, fresh = tmp_path / "o", tmp_path / "fresh"
     invoke("--seeds", "0-5", "--outdir", out)
-    real, written = generate.write_png, []
-
-    def stopping(path, image):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path)
-        return real(path, image)
-
-    monkeypatch.setattr(generate, "write_png", stopping)
+    real = stop_writing_after(monkeypatch, 2)
     args = ["--seeds", "0-5", "--steps", "3", "--batch", "1"]
     stopped = CliRunner().invoke(main, [*BASE, *args, "--outdir", str(out), "--overwrite"])
     assert stopped.exit_code == 130, stopped.output
@@ -106,3 +112,33 @@ def test_a_grid_inside_the_outdir_is_refused_before_any_work(inside, tmp_path):
     assert result.exit_code == 2
     assert "--grid" in result.output and "inside --outdir" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("own_grid", [True, False], ids=["sampled-grid", "tiled-grid"])
+def test_an_interrupted_run_with_a_grid_resumes_when_run_again(own_grid, tmp_path, monkeypatch):
+    """The grid is written after every image of --outdir, so a run stopped midway leaves no
+    grid, and the same command run again (without --overwrite) finishes the folder and then
+    writes the grid. It used to write a grid sampled on its own first, and the rerun was
+    refused because that grid existed (--overwrite would regenerate every image)."""
+    # Without --class the digits' grid gives column c class c and is sampled on its own;
+    # with it the grid tiles the folder's images.
+    chosen = [] if own_grid else ["--class", "3"]
+    args = ["--seeds", "0-5", "--batch", "1", *chosen]
+    out, grid = tmp_path / "o", tmp_path / "grid.png"
+    fresh = tmp_path / "fresh"
+    invoke(*args, "--outdir", fresh, "--grid", tmp_path / "fresh.png")
+    real = stop_writing_after(monkeypatch, 2)
+    command = [*BASE, *args, "--outdir", str(out), "--grid", str(grid)]
+    stopped = CliRunner().invoke(main, command)
+    assert stopped.exit_code == 130, stopped.output
+    assert not grid.exists() and len(list(out.rglob("*.png"))) == 2
+    monkeypatch.setattr(generate, "write_png", real)
+    calls = count_sampling(monkeypatch)
+    resumed = invoke(*args, "--outdir", out, "--grid", grid)
+    # The four missing images, one per batch, then the grid's six if it is sampled.
+    assert calls == [1] * (4 + 6 * own_grid)
+    assert "6 images in" in resumed.stderr and f"wrote {grid}" in resumed.stderr
+    assert grid.read_bytes() == (tmp_path / "fresh.png").read_bytes()
+    images = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert len(images) == 6
+    assert all((out / p).read_bytes() == (fresh / p).read_bytes() for p in images)
