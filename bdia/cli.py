@@ -1369,8 +1369,12 @@ def invert_command(
         "class": class_label,
     }
     entries, stale = _claim_invert_outdir(outdir, files, settings, overwrite)
-    for old in stale:
-        old.unlink(missing_ok=True)
+    rank, world = _distributed()
+    # Every rank has read the folder before rank 0 changes it.
+    _wait_for_ranks(world)
+    if rank == 0:
+        for old in stale:
+            old.unlink(missing_ok=True)
     _invert_images(
         net,
         files,
@@ -1383,6 +1387,8 @@ def invert_command(
         entries,
         device,
         no_progress,
+        rank,
+        world,
     )
 
 
@@ -1520,14 +1526,18 @@ def _invert_images(
     entries: dict[str, dict[str, Any]],
     device: str | None,
     no_progress: bool,
+    rank: int,
+    world: int,
 ) -> None:
     """Invert each checked PNG on its own; write its latents, reconstruction and the summary.
 
     ``entries``: the summary's images kept from earlier runs with these settings; those of
-    ``files`` among them are skipped.
+    ``files`` among them are skipped. Under torchrun, rank ``rank`` of ``world`` inverts
+    ``files[rank::world]``; rank 0 writes the summary and reports.
     """
     from . import generate
     from ._files import file_sha256
+    from ._shards import share_of
     from .editing import Inversion
     from .latents import save_latents
     from .ode import DiffusionODE
@@ -1544,13 +1554,14 @@ def _invert_images(
     ode = DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, device))
     name = f"bdia({exact.solver.name}, {gamma})"
     skipped = [p for p in files if p.name in entries]
-    click.echo(
-        f"{_images(len(files))}"
-        f"{'' if class_label is None else f' of class {class_label}'}; {name}, {steps} steps "
-        f"from sigma {settings['sigma-max']:g} to {settings['sigma-min']:g}; "
-        f"{settings['state-dtype']} state, float32 network"
-        + (f"; {len(skipped)} already in {outdir}, skipped" if skipped else "")
-    )
+    if rank == 0:
+        click.echo(
+            f"{_images(len(files))}"
+            f"{'' if class_label is None else f' of class {class_label}'}; {name}, {steps} "
+            f"steps from sigma {settings['sigma-max']:g} to {settings['sigma-min']:g}; "
+            f"{settings['state-dtype']} state, float32 network"
+            + (f"; {len(skipped)} already in {outdir}, skipped" if skipped else "")
+        )
     summary = {
         "format": INVERT_FORMAT,
         "bdia": __version__,
@@ -1559,8 +1570,12 @@ def _invert_images(
         "grid": [float(t) for t in ts],
     }
 
+    made: dict[str, dict[str, Any]] = {}  # the images of this run, by source name
+
     def write_summary(final: bool) -> None:
-        images = list(entries.values())
+        # In the order of files whichever rank made them, so that the summary is the same
+        # for any number of ranks.
+        images = [*entries.values(), *(made[p.name] for p in files if p.name in made)]
         done = {}
         if final:
             done = {
@@ -1570,13 +1585,18 @@ def _invert_images(
         record = {**summary, **done, "images": images}
         write_atomic(outdir / INVERT_SUMMARY, json.dumps(record, indent=1) + "\n")
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    write_summary(final=False)  # first: a rerun after an interruption resumes
+    if rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_summary(final=False)  # first: a rerun after an interruption resumes
+    # No rank writes before rank 0 has removed the old files and written the summary.
+    _wait_for_ranks(world)
+    mine = share_of(files, rank, world)
     per_image = 2 * steps - 1
-    with _Progress(len(files) * per_image, "invert", "step", not no_progress) as bar:
-        bar.update(len(skipped) * per_image)
+    show = not no_progress and rank == 0
+    with _Progress(len(mine) * per_image, "invert", "step", show) as bar:
+        bar.update(sum(p.name in entries for p in mine) * per_image)
         try:
-            for path in files:
+            for path in mine:
                 if path.name in entries:
                     continue
                 x = _read_png(path, device)
@@ -1605,7 +1625,7 @@ def _invert_images(
                     source=path.name,
                 )
                 write_png(reconstruction, generate.to_uint8(back)[0])
-                entries[path.name] = {
+                made[path.name] = {
                     "source": path.name,
                     "source sha256": file_sha256(path),
                     "latents": latents.name,
@@ -1614,10 +1634,24 @@ def _invert_images(
                     "rms error": float(error.double().square().mean().sqrt()),
                 }
         finally:
-            write_summary(final=False)
-    mine = [entries[p.name] for p in files]
-    worst = max(e["max abs error"] for e in mine)
-    rms = math.sqrt(sum(e["rms error"] ** 2 for e in mine) / len(mine))
+            if rank == 0:
+                write_summary(final=False)
+    if world > 1:
+        import torch.distributed as dist
+
+        # The other ranks' images are listed once all are made: a run stopped before
+        # leaves them unlisted, and its rerun makes them again.
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, made)
+        for part in parts:
+            made.update(part)
+    _wait_for_ranks(world, leave=True)
+    if rank != 0:
+        return
+    listed = {**entries, **made}
+    done = [listed[p.name] for p in files]
+    worst = max(e["max abs error"] for e in done)
+    rms = math.sqrt(sum(e["rms error"] ** 2 for e in done) / len(done))
     click.echo(
         f"round trip (exact reconstruction, {settings['state-dtype']} state): "
         f"max abs error {worst:.3e}, rms error {rms:.3e}"
@@ -1677,6 +1711,7 @@ def _sample_latents(
     import dataclasses
 
     from . import generate
+    from ._shards import share_of
     from .editing import Inversion
     from .latents import load_latents
     from .ode import DiffusionODE
@@ -1784,13 +1819,17 @@ def _sample_latents(
     targets = [outdir / f"{path.stem}.png" for path, *_ in checked]
     if outdir.is_dir():
         _refuse_existing(outdir, targets, overwrite, "images of these latents")
+    edits = sum(class_label not in (None, meta["class"]) for _, _, meta, _ in checked)
 
     _set_threads(threads, net)
+    rank, world = _distributed()
+    # Every rank has looked for existing images before any rank writes one.
+    _wait_for_ranks(world)
     device = _default_device(device)
     net = net.to(device)
-    edits = 0
-    with _Progress(len(checked), "images", "img", not no_progress) as bar:
-        for (path, _, meta, solver), target in zip(checked, targets):
+    mine = share_of(list(zip(checked, targets)), rank, world)
+    with _Progress(len(mine), "images", "img", not no_progress and rank == 0) as bar:
+        for (path, _, meta, solver), target in mine:
             pair, ts, _ = load_latents(path)
             pair = dataclasses.replace(
                 pair,
@@ -1808,9 +1847,11 @@ def _sample_latents(
                 # An edit starts afresh from the inverted noise: continuing the pair under
                 # another label would carry its parasitic mode (see bdia.editing).
                 image = inversion.regenerate(ode_of(class_label, device), progress=False)
-                edits += 1
             write_png(target, generate.to_uint8(image)[0])
             bar.update()
+    _wait_for_ranks(world, leave=True)
+    if rank != 0:
+        return
     what = f"{len(checked) - edits} reconstructed"
     if edits:
         what += f", {edits} edited to class {class_label}"

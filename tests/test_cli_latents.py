@@ -7,11 +7,14 @@ tests write from held-out digits.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_torchrun
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -457,3 +460,127 @@ def test_invert_overwrite_under_other_settings_removes_the_images_it_listed(pngs
         + [f"{NAMES[2]}-reconstruction.png"]
     )
     assert json.loads((out / "bdia-invert.json").read_text())["steps"] == 3
+
+
+# torchrun's worker: `bdia ARGS`, logging the name of each file it renames into place to
+# LOG.RANK. bdia writes every output so (bdia._files.replace_atomic): the logs tell which
+# rank wrote which file, and how often.
+LOGGING_WORKER = """
+import os, sys
+
+log = open(sys.argv.pop(1) + "." + os.environ["RANK"], "w")
+rename = os.replace
+
+
+def logged(src, dst):
+    rename(src, dst)
+    print(os.path.basename(dst), file=log, flush=True)
+
+
+os.replace = logged
+from bdia.cli import main
+
+main()
+"""
+
+
+def torchrun_bdia(log, *args):
+    """``bdia ARGS`` in two torchrun processes: (the result, the names each rank wrote)."""
+    launch = ["--standalone", "--nproc_per_node=2", "--no-python", sys.executable, "-c"]
+    launch += [LOGGING_WORKER, str(log), *map(str, args), "--no-progress"]
+    result = run_torchrun(launch, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, [Path(f"{log}.{rank}").read_text().split() for rank in (0, 1)]
+
+
+def folder_bytes(folder):
+    """Each file of ``folder`` by name: its bytes; for a .safetensors file, its header as
+    parsed JSON and the bytes after it (safetensors writes the metadata's keys in an order
+    that changes from process to process)."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        if path.suffix == ".safetensors":
+            end = 8 + int.from_bytes(data[:8], "little")
+            files[path.name] = (json.loads(data[8:end]), data[end:])
+        else:
+            files[path.name] = data
+    return files
+
+
+def outputs_of(names):
+    return [f"{n}{end}" for n in names for end in (".safetensors", "-reconstruction.png")]
+
+
+def test_rank_one_of_two_writes_only_its_files_and_leaves_the_rest_to_rank_zero(
+    pngs, inverted, tmp_path, monkeypatch
+):
+    """The split without processes: rank 1 of 2 (the group's calls stood in for) inverts
+    and regenerates the files [1::2] and nothing else, writes no summary, and prints
+    nothing; rank 0's share and the summary are the torchrun test's (marked slow)."""
+    import torch.distributed as dist
+
+    import bdia.cli
+
+    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (1, 2))
+    monkeypatch.setattr(bdia.cli, "_wait_for_ranks", lambda world, leave=False: None)
+
+    def gathered(parts, mine):
+        parts[:] = [{}, mine]  # rank 0 made nothing
+
+    monkeypatch.setattr(dist, "all_gather_object", gathered)
+    out = tmp_path / "out"
+    result = invoke(
+        "invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS, "--outdir", out
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(outputs_of(NAMES[1::2]))
+    assert result.output == ""
+    back = tmp_path / "back"
+    result = invoke("sample", "--latents", inverted[0], "--outdir", back)
+    assert sorted(p.name for p in back.iterdir()) == [f"{n}.png" for n in NAMES[1::2]]
+    assert result.output == ""
+
+
+@pytest.mark.slow  # three torchrun launches of two processes, seconds each
+def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inverted, tmp_path):
+    """Under torchrun, invert --images and sample --latents give rank r the files
+    [r::world_size] (sorted by name), as sample's seeds: each file is written once, by one
+    rank, rank 0 writes the summary and reports, and the folder holds one process's files,
+    bit for bit. Every rank used to do all the work and write every file."""
+    one, _ = inverted
+    two = tmp_path / "two"
+    summary = "bdia-invert.json"
+    invert = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS]
+    invert += ["--outdir", two]
+    result, written = torchrun_bdia(tmp_path / "invert", *invert)
+    assert folder_bytes(two) == folder_bytes(one)
+    for rank in (0, 1):
+        assert [name for name in written[rank] if name != summary] == outputs_of(NAMES[rank::2])
+    assert summary in written[0] and summary not in written[1]
+    assert result.stdout.count(f"{COUNT} images of class") == 1
+    assert result.stdout.count("round trip") == 1
+    assert result.stderr.count(f"reconstructions of {COUNT} images") == 1
+
+    # Stopped as a run of one process stops: two images listed, the third one's files
+    # written but not listed, the rest missing. The rerun makes the four that are not
+    # listed, each on its own rank, and ends with the uninterrupted folder.
+    record = json.loads((two / summary).read_text())
+    del record["max abs error"], record["rms error"]
+    record["images"] = record["images"][:2]
+    (two / summary).write_text(json.dumps(record, indent=1) + "\n")
+    for name in outputs_of(NAMES[3:]):
+        (two / name).unlink()
+    result, written = torchrun_bdia(tmp_path / "resume", *invert)
+    assert folder_bytes(two) == folder_bytes(one)
+    assert [name for name in written[0] if name != summary] == outputs_of(NAMES[2::2])
+    assert [name for name in written[1] if name != summary] == outputs_of(NAMES[3::2])
+    assert summary not in written[1] and "2 already in" in result.stdout
+
+    back_one, back_two = tmp_path / "back1", tmp_path / "back2"
+    invoke("sample", "--latents", one, "--outdir", back_one)
+    result, written = torchrun_bdia(
+        tmp_path / "back", "sample", "--latents", two, "--outdir", back_two
+    )
+    assert folder_bytes(back_two) == folder_bytes(back_one)
+    assert written == [[f"{n}.png" for n in NAMES[rank::2]] for rank in (0, 1)]
+    assert result.stderr.count(f"{COUNT} images in {back_two} ({COUNT} reconstructed)") == 1
