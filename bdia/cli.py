@@ -1926,7 +1926,8 @@ def _fid_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
             "--images",
             required=True,
             type=click.Path(path_type=Path),
-            help="Folder of images (searched recursively), or an .npz of uint8 NHWC images.",
+            help="Folder of images (searched recursively, skipping hidden files and folders), "
+            "or an .npz of uint8 NHWC images.",
         ),
         click.option(
             "--detector",

@@ -609,6 +609,32 @@ def test_an_npz_of_images_is_found_whatever_the_case_of_its_suffix(tmp_path):
     np.testing.assert_array_equal(upper.sum_outer, lower.sum_outer)  # the same computation
 
 
+def test_files_under_hidden_folders_are_skipped_but_a_hidden_folder_given_is_read(tmp_path):
+    """Notebook checkpoints and version-control folders under the folder are no samples:
+    their copies of the images used to be counted (and weigh twice in the statistics)."""
+    from bdia.metrics.fid import list_images
+
+    (tmp_path / ".cache").mkdir()
+    folder = _png_folder(tmp_path / ".cache" / "imgs", n=3)  # the folder itself is hidden
+    (folder / "sub").mkdir()
+    (folder / "000000.png").rename(folder / "sub" / "000000.png")
+    for hidden in (".ipynb_checkpoints", ".git/objects", "sub/.trash"):
+        (folder / hidden).mkdir(parents=True)
+        (folder / hidden / "000001.png").write_bytes((folder / "000001.png").read_bytes())
+    (folder / ".000002.png").write_bytes((folder / "000002.png").read_bytes())
+    names = [p.relative_to(folder).as_posix() for p in list_images(folder)]
+    assert names == ["000001.png", "000002.png", "sub/000000.png"]
+    assert image_statistics(StandInDetector(8), folder).n == 3
+    # A folder that holds images only under hidden folders holds none.
+    only_hidden = tmp_path / "only_hidden"
+    (only_hidden / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "000001.png").rename(only_hidden / ".ipynb_checkpoints" / "000001.png")
+    with pytest.raises(
+        ValueError, match=r"no images .* under .*only_hidden \(hidden files and folders"
+    ):
+        list_images(only_hidden)
+
+
 @pytest.mark.parametrize(
     "shapes,words",
     [

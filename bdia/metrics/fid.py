@@ -515,16 +515,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
     """The images of ``source``: sorted image files of a folder (recursively), or the uint8
-    array (N, H, W, C) of an npz (its first array, as EDM's ``samples.npz`` files hold)."""
+    array (N, H, W, C) of an npz (its first array, as EDM's ``samples.npz`` files hold).
+
+    Hidden files and everything under a hidden folder (a name starting with ``.``, as
+    ``.ipynb_checkpoints`` or ``.git``) are skipped, below ``source`` only: a hidden
+    ``source`` itself (``~/.cache/imgs``) is read."""
     source = Path(source)
     if source.is_dir():
         files = sorted(
             p
             for p in source.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(source).parts)
         )
         if not files:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
+            raise ValueError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source} "
+                "(hidden files and folders, named .*, are skipped)"
+            )
         return files
     if source.suffix.lower() == ".npz" and source.is_file():
         return _npz_images(source)
