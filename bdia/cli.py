@@ -204,7 +204,8 @@ class OutputPathType(click.ParamType):
                 self.fail(f"{str(path)!r} is a file, not a folder", param, ctx)
             if not self.folder and path.is_dir():
                 self.fail(f"{str(path)!r} is a folder; give a file name", param, ctx)
-        if self.suffix and not self.folder and path.suffix != self.suffix:
+        # In any case, as the readers take it (NET.SAFETENSORS is a network file).
+        if self.suffix and not self.folder and path.suffix.lower() != self.suffix:
             self.fail(f"{str(path)!r} must end in {self.suffix}", param, ctx)
         parent = path if self.folder and path.is_dir() else path.parent
         existing = _first_existing(parent)

@@ -593,7 +593,7 @@ def test_save_network_refuses_metadata_that_is_not_text_and_writes_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["net.pkl", "net.st", "net", "net.SAFETENSORS"])
+@pytest.mark.parametrize("name", ["net.pkl", "net.st", "net", "net.PKL"])
 def test_save_network_refuses_a_name_load_network_would_not_read(tmp_path, name):
     from bdia.models import EDMPrecond
     from bdia.models.checkpoints import save_network
@@ -606,6 +606,52 @@ def test_save_network_refuses_a_name_load_network_would_not_read(tmp_path, name)
         save_network(EDMPrecond(**SMALL), path)
     assert path.read_bytes() == b"the user's file"
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_network_suffixes_are_read_in_any_case(tmp_path, persistence):
+    """NET.SAFETENSORS and net.PKL (as some systems and downloads name files) used to be
+    'expected an EDM .pkl, a bdia .safetensors file...', and save_network and bdia convert
+    refused the first."""
+    from click.testing import CliRunner
+
+    from bdia.cli import main
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import load_network, save_network
+
+    Persistent, marker = persistence
+    torch.manual_seed(6)
+    net = EDMPrecond(**SMALL).eval()
+    upper = tmp_path / "NET.SAFETENSORS"
+    save_network(net, upper)
+    pkl = tmp_path / "net.PKL"
+    pkl.write_bytes(pickle.dumps({"ema": _edm_format(Persistent, net, SMALL)}, protocol=4))
+    converted = tmp_path / "Net.SafeTensors"
+    result = CliRunner().invoke(main, ["convert", str(pkl), str(converted)])
+    assert result.exit_code == 0, result.output
+    for path in (upper, pkl, converted):
+        loaded = load_network(path)
+        assert type(loaded) is EDMPrecond and loaded.config == net.config
+        ours, theirs = net.state_dict(), loaded.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name,given", [("net.pt", "suffix '.pt' is no network format"), ("net", "no suffix")]
+)
+def test_an_unknown_suffix_is_named_with_the_accepted_ones(tmp_path, name, given):
+    from bdia.models.checkpoints import load_network
+
+    path = tmp_path / name
+    path.write_bytes(b"a network of another library")
+    with pytest.raises(ValueError) as info:
+        load_network(path)
+    msg = str(info.value)
+    assert msg.startswith(
+        f"{path}: {given}; a network file ends in .pkl (an EDM network pickle) or "
+        ".safetensors (a bdia network file), in any case"
+    )
+    assert msg.endswith("or give the name of a shipped network (digits, digits-classifier)")
 
 
 def test_save_network_refuses_metadata_keys_of_its_own_and_writes_nothing(tmp_path):

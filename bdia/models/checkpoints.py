@@ -424,10 +424,11 @@ def save_network(
     ``path`` and renamed into place.
 
     Raises:
-        ValueError: ``path`` does not end in ``.safetensors`` (``load_network`` reads a
-            file by its suffix), the network has no config (its class is not registered),
-            its recorded arguments are not JSON data (e.g. a ``model_type`` given as a
-            class), or a ``metadata`` entry is not a string or has one of the file's own keys.
+        ValueError: ``path`` does not end in ``.safetensors``, in any case
+            (``load_network`` reads a file by its suffix), the network has no config (its
+            class is not registered), its recorded arguments are not JSON data (e.g. a
+            ``model_type`` given as a class), or a ``metadata`` entry is not a string or has
+            one of the file's own keys.
         IsADirectoryError: ``path`` is a directory.
     """
     from safetensors.torch import save_file
@@ -437,10 +438,10 @@ def save_network(
         raise IsADirectoryError(f"{path} is a directory; give the path of the file to write")
     # Under another name load_network could not read the file back, and under .pkl it would
     # replace an EDM pickle with a file that is none.
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise ValueError(
-            f"{path} does not end in .safetensors, the suffix load_network reads a network "
-            "file by; name the file NAME.safetensors"
+            f"{path} does not end in .safetensors (in any case), the suffix load_network "
+            "reads a network file by; name the file NAME.safetensors"
         )
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -527,19 +528,29 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
     """Load a shipped network by name, an EDM pickle (``.pkl``) or our safetensors file.
 
     ``"digits"`` and ``"digits-classifier"`` are the networks shipped with the package (see
-    ``bdia.models.digits``). No path runs code from the file. Returns the network in eval
-    mode, float32, on the CPU, with ``.config`` set.
+    ``bdia.models.digits``). A file's format is read from its suffix, in any case
+    (``NET.SAFETENSORS`` is a safetensors file). No path runs code from the file. Returns the
+    network in eval mode, float32, on the CPU, with ``.config`` set.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path`` (or it is a directory).
+        ValueError: the suffix is neither ``.pkl`` nor ``.safetensors`` (the message lists
+            the accepted ones), or the file is no network this library can rebuild.
+        UnsafeCheckpointError: an EDM pickle names a global outside the allow-list.
     """
     if isinstance(path, str) and path in SHIPPED_NETWORKS:
         path = shipped_network_path(path)
     path = Path(path)
     if path.is_dir():
         _require_file(path, "network file")
-    if path.suffix == ".pkl":
+    suffix = path.suffix.lower()
+    if suffix == ".pkl":
         return load_edm_pickle(path)
-    if path.suffix != ".safetensors":
+    if suffix != ".safetensors":
+        given = f"suffix {path.suffix!r} is no network format" if path.suffix else "no suffix"
         raise ValueError(
-            f"{path}: expected an EDM .pkl, a bdia .safetensors file or the name of a shipped "
+            f"{path}: {given}; a network file ends in .pkl (an EDM network pickle) or "
+            ".safetensors (a bdia network file), in any case, or give the name of a shipped "
             f"network ({', '.join(sorted(SHIPPED_NETWORKS))})"
         )
     _require_file(path, "network file")
