@@ -1552,7 +1552,7 @@ def _invert_images(
     # One image per inversion: its file then holds the pair of a batch of one, whose ODE
     # (conditioning included) is the one `bdia sample --latents` rebuilds and fingerprints.
     labels = [class_label] if class_label is not None else []
-    ode = DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, device))
+    ode = DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, 1, device))
     name = f"bdia({exact.solver.name}, {gamma})"
     skipped = [p for p in files if p.name in entries]
     if rank == 0:
@@ -1786,7 +1786,7 @@ def _sample_latents(
 
     def ode_of(label: int | None, where: str) -> DiffusionODE:
         labels = [] if label is None else [label]
-        return DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, where))
+        return DiffusionODE(net, EDM(), cond=generate._conditioning(net, labels, 1, where))
 
     for path, got, meta, _ in checked:
         recorded_class = meta["class"]

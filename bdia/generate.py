@@ -209,11 +209,40 @@ def seed_inputs(
     return torch.stack(noise), labels
 
 
-def _conditioning(net: torch.nn.Module, labels: Sequence[int], device: torch.device | str) -> dict:
+def _conditioning(
+    net: torch.nn.Module,
+    labels: Sequence[int],
+    batch: int,
+    device: torch.device | str,
+    name: str = "labels",
+) -> dict:
+    """``net``'s ``class_labels`` for a batch of ``batch`` images: one-hot float32 rows
+    ``(batch or 1, label_dim)``, or no conditioning for an unconditional network.
+
+    Checked before any network call: a count that is neither ``batch`` nor 1 would otherwise
+    surface at the network's first call (for an edit's ``target_labels``, after the whole
+    inversion), and a negative class would pick a row from the end of the one-hot table.
+
+    Raises:
+        ValueError: naming ``name``, for a count other than ``batch`` or 1, or a class
+            outside ``0..label_dim - 1``.
+    """
     label_dim = getattr(net, "label_dim", 0)
     if not label_dim:
         return {}
-    return {"class_labels": torch.eye(label_dim, device=device)[list(labels)]}
+    labels = [operator.index(c) for c in labels]
+    if len(labels) not in (batch, 1):
+        raise ValueError(
+            f"{name} holds {len(labels)} class labels for a batch of {batch} images; give one "
+            f"per image ({batch}), or one for the whole batch"
+        )
+    outside = [c for c in labels if not 0 <= c < label_dim]
+    if outside:
+        raise ValueError(
+            f"{name}: {outside[0]} is not a class of this network, which has {label_dim} "
+            f"(0..{label_dim - 1})"
+        )
+    return {"class_labels": torch.eye(label_dim, device=device)[labels]}
 
 
 def sample_images(
@@ -228,11 +257,17 @@ def sample_images(
 ) -> Tensor:
     """Images from unit-variance ``noise`` scaled to ``sigma = ts[0]`` (EDM schedule).
 
-    Returns the final states ``(n, C, H, W)`` in ``state_dtype`` on ``device`` (data in
-    roughly [-1, 1], not clipped).
+    ``labels`` are the integer classes of the ``n`` images, one per image or one for all
+    (ignored by an unconditional network). Returns the final states ``(n, C, H, W)`` in
+    ``state_dtype`` on ``device`` (data in roughly [-1, 1], not clipped).
+
+    Raises:
+        ValueError: before any network call, for a number of labels other than ``n`` or 1,
+            or a class the network does not have.
     """
+    cond = _conditioning(net, labels, noise.shape[0], device)
     x = (float(ts[0]) * noise).to(device=device, dtype=state_dtype)
-    ode = DiffusionODE(net, EDM(), cond=_conditioning(net, labels, device))
+    ode = DiffusionODE(net, EDM(), cond=cond)
     with torch.no_grad():
         return sample(ode, solver, x, ts, progress=False)
 
@@ -340,7 +375,9 @@ def reconstruct(
     under those labels and with ``edit_solver`` (default ``solver``): a single-step solver
     continues from the inverted pair's later state. Returns ``(StatePair at ts[0], ts[1];
     images regenerated at ts[-1])`` in ``state_dtype``. ``callback`` is called after every
-    step of both passes, as in ``bdia.sample``.
+    step of both passes, as in ``bdia.sample``. ``labels`` and ``target_labels`` hold one
+    integer class per image or one for all; both are checked, as in ``sample_images``,
+    before the inversion starts.
 
     A BDIA pair holds the trajectory's parasitic mode, which only its own conditioning
     cancels; regenerated under other labels it grows toward the data and leaves noise, so
@@ -348,12 +385,17 @@ def reconstruct(
     """
     from .sampling import invert
 
+    batch = images.shape[0]
+    cond = _conditioning(net, labels, batch, device)
+    target = None
+    if target_labels is not None:
+        target = _conditioning(net, target_labels, batch, device, "target_labels")
     x = images.to(device=device, dtype=state_dtype)
-    ode = DiffusionODE(net, EDM(), cond=_conditioning(net, labels, device))
+    ode = DiffusionODE(net, EDM(), cond=cond)
     with torch.no_grad():
         pair = invert(ode, solver, x, ts, progress=False, callback=callback)
-        if target_labels is not None:
-            ode = DiffusionODE(net, EDM(), cond=_conditioning(net, target_labels, device))
+        if target is not None:
+            ode = DiffusionODE(net, EDM(), cond=target)
             solver = edit_solver if edit_solver is not None else solver
         back = sample(ode, solver, pair, ts, progress=False, callback=callback)
     return pair, back

@@ -356,7 +356,10 @@ class DiffusionODE(ODE):
             state dtype), a torch dtype or its name (``"bfloat16"``). Defaults to the dtype
             of the network's parameters when the denoiser is an ``nn.Module``, else the
             state dtype.
-        cond: keyword arguments passed to every model call (class labels, say).
+        cond: keyword arguments passed to every model call (class labels, say), as they
+            are: what they must look like is the model's contract, so the model checks them
+            (EDM's preconditioners and the diffusers adapter refuse a batch that is neither
+            the state's nor 1).
         prediction: what the model returns: ``"denoised"`` (EDM form, the default), or
             ``"eps"``, ``"x0"``, ``"v"`` for a network called as ``model(x, t, **cond)`` in
             the schedule's own space and time (see ``from_eps``).

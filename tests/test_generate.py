@@ -427,3 +427,54 @@ def test_to_uint8_rounds_as_edm():
     # EDM: (x * 127.5 + 128).clip(0, 255) cast to uint8 (truncation).
     assert got.dtype == np.uint8 and got.shape == (1, 1, 7)
     assert got.tolist() == [[[0, 0, 127, 128, 191, 255, 255]]]
+
+
+def _counting_network():
+    """random:tiny-cond (10 classes, 16x16 RGB) and a list that grows by one per call."""
+    net = generate.random_network("tiny-cond")
+    calls: list[None] = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(None))
+    return net, calls
+
+
+_PER_IMAGE = r"; give one per image \(4\), or one for the whole batch"
+
+
+@pytest.mark.parametrize(
+    "name,given,words",
+    [
+        # 3 labels for 4 images used to reach the network, and for target_labels only after
+        # the whole inversion under labels had run.
+        ("labels", [1, 2, 3], "labels holds 3 class labels for a batch of 4 images" + _PER_IMAGE),
+        ("target_labels", [1, 2, 3], "target_labels holds 3 class labels for a batch of 4"),
+        ("target_labels", [], "target_labels holds 0 class labels for a batch of 4"),
+        # -1 used to pick the last row of the one-hot table: class 9, without a word.
+        ("labels", [0, -1, 2, 3], r"labels: -1 is not a class of this network, which has 10 "),
+        ("target_labels", [0, 1, 10, 3], r"target_labels: 10 is not a class .* \(0\.\.9\)"),
+    ],
+)
+def test_labels_that_do_not_fit_the_batch_are_refused_before_any_network_call(name, given, words):
+    net, calls = _counting_network()
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    images = torch.zeros(4, 3, 16, 16)
+    kwargs = {"labels": [0, 1, 2, 3], name: given}
+    with pytest.raises(ValueError, match=words):
+        generate.reconstruct(net, get_solver("euler"), ts, images, **kwargs)
+    assert calls == []
+    with pytest.raises(ValueError, match=words.replace("target_labels", "labels")):
+        generate.sample_images(net, get_solver("euler"), ts, images, given)
+    assert calls == []
+
+
+def test_one_label_still_serves_the_whole_batch():
+    """The network takes one one-hot row for the whole batch; the check keeps that."""
+    net, calls = _counting_network()
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    one = generate.sample_images(net, get_solver("euler"), ts, noise, [7])
+    each = generate.sample_images(net, get_solver("euler"), ts, noise, [7] * 4)
+    assert len(calls) == 4  # two steps of each run
+    # The label embedding of one row and of four is the same float32 product per row, but a
+    # matrix product of another size may round differently: float32 rounding of the network's
+    # output (about 1e-7 relative), carried into a float64 state.
+    torch.testing.assert_close(one, each, rtol=1e-6, atol=1e-6)
