@@ -11,7 +11,8 @@ Derived quantities used throughout the library:
 - ``log_snr(t) = lambda(t) = log(alpha(t) / sigma(t)) = -log(sigma_bar(t))``.
 
 Time grids run from the noisy end to the clean end (``ts[0]`` noisiest) and are
-returned as 1-D float64 tensors. Their constructors take ``steps`` as any integer type and
+returned as 1-D float64 tensors. Their constructors take ``steps`` as any integer type
+(``check_steps``: a bool or a whole float is a TypeError, a count below 1 a ValueError) and
 the ends (times, noise levels) as real numbers or 0-dim tensors, which must be finite (and,
 given as times, differ); anything else is refused before a grid is made.
 """
@@ -23,6 +24,7 @@ import numbers
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -351,14 +353,37 @@ class VPDiscrete(_VariancePreserving):
 # --------------------------------------------------------------------------- grids
 
 
-def _steps(steps: int) -> int:
-    """``steps`` as an int: any integer type (a numpy or 0-dim torch integer) but bool."""
-    try:
-        n = None if isinstance(steps, bool) else operator.index(steps)
-    except TypeError:
-        n = None
-    if n is None or n < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+def check_steps(steps: Any, name: str = "steps") -> int:
+    """A step count as a Python int >= 1: the one check of the grids' ``steps`` and of the
+    diffusers adapter's ``num_inference_steps``.
+
+    An integer of Python, numpy or torch is a count (a 0-dim integer tensor or array too, as
+    a sweep or ``np.arange`` gives one). A bool is not, nor a float even when whole (18.0),
+    a string, or a tensor holding one integer in one or more dimensions.
+
+    Raises:
+        TypeError: ``steps`` is no integer (the message names ``name``, type and value).
+        ValueError: it is below 1.
+    """
+    n = None
+    # operator.index takes True as 1 (a 0-dim bool tensor too) and a torch tensor of one
+    # element whatever its shape; neither is a count.
+    if (
+        not isinstance(steps, bool)
+        and getattr(steps, "dtype", None) != torch.bool
+        and getattr(steps, "ndim", 0) == 0
+    ):
+        try:
+            n = operator.index(steps)
+        except TypeError:
+            pass
+    if n is None:
+        raise TypeError(
+            f"{name} must be an integer (an int, or an integer of numpy or torch), got "
+            f"{type(steps).__name__} {steps!r}"
+        )
+    if n < 1:
+        raise ValueError(f"{name} must be 1 or more, got {n}")
     return n
 
 
@@ -413,7 +438,7 @@ def karras_grid(
             (``VPDiscrete`` without ``clean_end``); the message names the range. Also if
             rho is not a finite number > 0.
     """
-    steps = _steps(steps)
+    steps = check_steps(steps)
     sigma_min, sigma_max = _real("sigma_min", sigma_min), _real("sigma_max", sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
@@ -463,7 +488,7 @@ def uniform_logsnr_grid(
             "uniform_logsnr_grid needs a Schedule instance (the log-SNR is a schedule's), such "
             f"as bdia.VPLinear(), got {type(schedule).__name__}"
         )
-    steps = _steps(steps)
+    steps = check_steps(steps)
     t_start, t_end = _ends(t_start, t_end)
     schedule.check_times([t_start, t_end])
     a, b = schedule.log_snr(t_start), schedule.log_snr(t_end)
@@ -486,7 +511,7 @@ def uniform_t_grid(
     Returns:
         float64 tensor of shape ``(steps + 1,)``.
     """
-    steps = _steps(steps)
+    steps = check_steps(steps)
     t_start, t_end = _ends(t_start, t_end)
     return _to_grid([t_start + i / steps * (t_end - t_start) for i in range(steps + 1)], schedule)
 
@@ -499,7 +524,7 @@ def quadratic_t_grid(
     Returns:
         float64 tensor of shape ``(steps + 1,)``; both ends must be >= 0.
     """
-    steps = _steps(steps)
+    steps = check_steps(steps)
     t_start, t_end = _ends(t_start, t_end)
     if t_start < 0 or t_end < 0:
         raise ValueError("quadratic_t_grid needs t_start >= 0 and t_end >= 0")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ...ode import DTYPE_NAMES, DiffusionODE
-from ...schedules import EDM, Schedule, VPDiscrete
+from ...schedules import EDM, Schedule, VPDiscrete, check_steps
 
 __all__ = ["from_diffusers", "diffusers_grid", "DiffusersModel"]
 
@@ -766,25 +765,6 @@ def _check_sigmas_in_table(sched: Any, sigmas: list[float], table: np.ndarray, s
         )
 
 
-def _steps(num_inference_steps: Any) -> int:
-    """``num_inference_steps`` as a Python int >= 1.
-
-    Integers of numpy or torch (``np.arange``, a 0-dim tensor) are taken, as diffusers'
-    schedulers take them; a float, even a whole one, or a bool is refused.
-    """
-    value: int | None = None
-    if not isinstance(num_inference_steps, (bool, float)):
-        try:
-            value = operator.index(num_inference_steps)
-        except TypeError:
-            pass
-    if value is None:
-        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-    if value < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {value}")
-    return value
-
-
 def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | None = None) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
@@ -819,7 +799,7 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
             ``sigma_max``, unless ``timestep_type="continuous"``), where the unet has no
             timestep.
     """
-    num_inference_steps = _steps(num_inference_steps)
+    num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
     sched = _scheduler(scheduler)
     space = _space(sched, space)
     _check_schedule_config(sched, space)

@@ -41,6 +41,7 @@ from torch import Tensor
 from ...ode import DiffusionODE, Evaluation
 from ...pairs import StatePair, check_times, stamped
 from ...sampling import _pair
+from ...schedules import check_steps
 from ...solvers.base import SolverState
 from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper
 from ...solvers.registry import bdia
@@ -48,7 +49,6 @@ from .adapter import (
     _check_model_config,
     _check_schedule_config,
     _no_table,
-    _steps,
     _table,
     diffusers_grid,
     from_diffusers,
@@ -320,7 +320,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def _build(self, num_inference_steps: int, device: Any) -> None:
         """DDIM's timesteps for ``num_inference_steps`` and the bdia grid through them."""
         # Checked before DDIM sees it: DDIM divides by it (ZeroDivisionError for 0).
-        num_inference_steps = _steps(num_inference_steps)
+        num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
         self._sync()
         self._ddim.set_timesteps(num_inference_steps, device=device)
         taus = [int(v) for v in self._ddim.timesteps.cpu().tolist()]
