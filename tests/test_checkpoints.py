@@ -369,6 +369,79 @@ def test_a_network_file_with_a_damaged_config_is_named(tmp_path, config, problem
         load_network(path)
 
 
+def _write_config(path, class_name, kwargs):
+    """A bdia network file holding the tensors of EDMPrecond(**SMALL) under another config."""
+    from safetensors.torch import save_file
+
+    from bdia.models import EDMPrecond
+    from bdia.models.checkpoints import FORMAT_TAG
+
+    tensors = {k: v.contiguous() for k, v in EDMPrecond(**SMALL).state_dict().items()}
+    config = json.dumps({"class_name": class_name, "init_kwargs": kwargs})
+    save_file(tensors, str(path), metadata={"format": FORMAT_TAG, "config": config})
+
+
+_NO_CHANNELS = {k: v for k, v in SMALL.items() if k != "img_channels"}
+
+
+@pytest.mark.parametrize(
+    "class_name,kwargs,words",
+    [
+        # A negative width was "math domain error", with no file named.
+        ("EDMPrecond", dict(SMALL, model_channels=-16), "model_channels must be an integer >= 1"),
+        # ZeroDivisionError, IndexError ("pop from empty list") and torch's RuntimeError
+        # ("negative dimension -3") escaped load_network as they were.
+        ("EDMPrecond", dict(SMALL, model_channels=0), "model_channels must be an integer >= 1"),
+        ("EDMPrecond", dict(SMALL, img_resolution=0), "img_resolution must be an integer >= 1"),
+        ("EDMPrecond", dict(SMALL, img_channels=-3), "img_channels must be an integer >= 1"),
+        ("VPPrecond", dict(SMALL, label_dim=-1), "label_dim must be an integer >= 0, got -1"),
+        ("EDMPrecond", dict(SMALL, num_blocks=1.5), "num_blocks must be an integer >= 0, got 1.5"),
+        ("EDMPrecond", dict(SMALL, channel_mult=[]), "channel_mult must be a non-empty list"),
+        ("EDMPrecond", dict(SMALL, channel_mult=[1, 0]), r"channel_mult must .*, got \[1, 0\]"),
+        # 15 was built as a network with layers named 15x15 and 7x7, refused for its tensors.
+        (
+            "EDMPrecond",
+            dict(SMALL, img_resolution=15),
+            r"img_resolution 15 is not divisible by 2 \(channel_mult's 2 levels halve it once\)",
+        ),
+        ("Nope", SMALL, "unknown network class 'Nope'; supported: "),
+        ("EDMPrecond", _NO_CHANNELS, "missing 1 required positional argument: 'img_channels'"),
+    ],
+)
+def test_a_config_that_cannot_build_a_network_is_named_with_the_file(
+    tmp_path, class_name, kwargs, words
+):
+    from bdia.models.checkpoints import load_network
+
+    path = tmp_path / "damaged.safetensors"
+    _write_config(path, class_name, kwargs)
+    with pytest.raises(ValueError, match=words) as info:
+        load_network(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert message.endswith(
+        "(the file's config cannot build a network: it is damaged, or the class has changed "
+        "since the file was written)"
+    )
+
+
+def test_an_error_no_check_foresaw_is_wrapped_from_the_original(tmp_path):
+    """Only the cheap mistakes are checked; anything else the constructor raises comes out
+    as a ValueError naming the file, with the original as its cause."""
+    from bdia.models.checkpoints import load_network
+
+    path = tmp_path / "damaged.safetensors"
+    # A resampling filter of two dimensions: torch's outer product refuses it (RuntimeError).
+    _write_config(path, "EDMPrecond", dict(SMALL, resample_filter=[[1, 3, 3, 1]]))
+    with pytest.raises(ValueError) as info:
+        load_network(path)
+    assert str(info.value).startswith(
+        f"{path}: cannot build EDMPrecond from the recorded kwargs: outer: Expected 1-D"
+    )
+    built = info.value.__cause__  # build_network's error, whose cause is torch's
+    assert isinstance(built, ValueError) and isinstance(built.__cause__, RuntimeError)
+
+
 # ------------------------------------------------------------------------------ the registry
 
 
@@ -688,7 +761,11 @@ def test_save_network_interrupted_leaves_no_file(tmp_path, monkeypatch):
 def test_a_constructor_that_refuses_the_recorded_kwargs_is_named():
     from bdia.models.checkpoints import build_network
 
-    # A negative width fails inside the constructor with a bare "math domain error".
+    # A negative width used to fail inside the constructor with a bare "math domain error".
     kwargs = dict(img_resolution=8, img_channels=1, model_channels=-1)
-    with pytest.raises(ValueError, match="cannot build EDMPrecond from the recorded kwargs: math"):
+    with pytest.raises(
+        ValueError,
+        match="cannot build EDMPrecond from the recorded kwargs: model_channels must be an "
+        "integer >= 1, got -1",
+    ):
         build_network("EDMPrecond", kwargs)

@@ -314,7 +314,8 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
     Raises:
         ValueError: for a class that is not registered, an architecture (``model_type``)
             this library does not implement, kwargs that are not plain data, or kwargs the
-            constructor does not accept.
+            constructor does not accept or cannot build a network of (a negative width, say;
+            whatever the constructor raises is the cause).
     """
     cls = network_class(class_name)
     if not isinstance(init_kwargs, dict):
@@ -322,8 +323,13 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
     kwargs = _plain_data(init_kwargs, f"the recorded kwargs of {class_name}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from None
+    except _BUILD_ERRORS as err:
+        raise ValueError(f"cannot build {class_name} from the recorded kwargs: {err}") from err
+
+
+# What a constructor raises for kwargs it cannot build a network of, beyond what it checks
+# itself: a size that divides by zero, an empty level list, torch's "negative dimension".
+_BUILD_ERRORS = (TypeError, ValueError, RuntimeError, ArithmeticError, LookupError)
 
 
 def load_state_strict(net: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -565,6 +571,12 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
     if metadata.get("format") != FORMAT_TAG or "config" not in metadata:
         raise ValueError(f"{path} has no bdia network config in its metadata")
     config = _network_config(metadata["config"], path)
-    net = build_network(config["class_name"], config["init_kwargs"])
+    try:
+        net = build_network(config["class_name"], config["init_kwargs"])
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: {err} (the file's config cannot build a network: it is damaged, or the "
+            "class has changed since the file was written)"
+        ) from err
     load_state_strict(net, tensors, str(path))
     return net.eval().requires_grad_(False)

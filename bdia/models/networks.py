@@ -11,6 +11,7 @@ mapping layers; FIR resampling filters are buffers named ``resample_filter``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -311,6 +312,13 @@ class UNetBlock(nn.Module):
         return attended.transpose(-1, -2).reshape(n, c, h, w)
 
 
+def _check_size(name: str, value: Any, least: int) -> None:
+    """Refuse a size or count that is no integer >= ``least``: a damaged config's -16 or 1.5
+    would fail deep in torch ("negative dimension") or build a network of other layers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def _float_labels(x: Tensor) -> Tensor:
     """Noise labels as floats: the embeddings cast their frequencies to the labels' dtype, which
     for integer labels (timestep indices) would truncate them."""
@@ -406,6 +414,35 @@ class SongUNet(nn.Module):
             )
         if decoder_type not in ("standard", "skip"):
             raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
+        for name, value, least in (
+            ("img_resolution", img_resolution, 1),
+            ("in_channels", in_channels, 1),
+            ("out_channels", out_channels, 1),
+            ("label_dim", label_dim, 0),
+            ("augment_dim", augment_dim, 0),
+            ("model_channels", model_channels, 1),
+            ("channel_mult_emb", channel_mult_emb, 1),
+            ("num_blocks", num_blocks, 0),
+            ("channel_mult_noise", channel_mult_noise, 1),
+        ):
+            _check_size(name, value, least)
+        mults = list(channel_mult) if isinstance(channel_mult, (list, tuple)) else []
+        if not mults or any(
+            isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1 for m in mults
+        ):
+            raise ValueError(
+                "channel_mult must be a non-empty list of integers >= 1 (one per level), got "
+                f"{channel_mult!r}"
+            )
+        # Each level after the first halves the resolution; the decoder doubles it back and
+        # joins the encoder's features, which only fit when no halving rounded.
+        halvings = len(mults) - 1
+        if img_resolution % (1 << halvings):
+            times = "once" if halvings == 1 else f"{halvings} times"
+            raise ValueError(
+                f"img_resolution {img_resolution} is not divisible by {1 << halvings} "
+                f"(channel_mult's {len(mults)} levels halve it {times})"
+            )
         super().__init__()
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -617,6 +654,10 @@ class _Precond(nn.Module):
     ) -> None:
         if not isinstance(use_fp16, bool):
             raise TypeError(f"use_fp16 must be True or False, got {use_fp16!r}")
+        # Checked here as well as by the inner network, which knows img_channels by another name.
+        _check_size("img_resolution", img_resolution, 1)
+        _check_size("img_channels", img_channels, 1)
+        _check_size("label_dim", label_dim, 0)
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
