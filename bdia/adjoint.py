@@ -74,7 +74,7 @@ from torch.autograd.function import once_differentiable
 
 from ._steps import check_finite, progress_bar
 from ._warnings import warn_at_caller
-from .ode import ODE
+from .ode import ODE, wide_dtype
 from .solvers.base import Solver, SolverState, move_report
 
 __all__ = ["reversible_sample", "state_tensors", "with_state_tensors"]
@@ -283,9 +283,10 @@ def _warn_hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> N
 def _relative_rms(difference: Tensor, reference: Tensor) -> float:
     """rms(difference) / rms(reference): 0 where both are zero, inf where only the reference
     is, nan where either holds a NaN."""
+    wide = wide_dtype(reference.device)
     with torch.no_grad():
-        num = float(difference.double().square().mean().sqrt())
-        den = float(reference.double().square().mean().sqrt())
+        num = float(difference.to(wide).square().mean().sqrt())
+        den = float(reference.to(wide).square().mean().sqrt())
     if math.isnan(num) or math.isnan(den):
         return math.nan
     if den == 0.0:

@@ -310,6 +310,93 @@ def test_vp_sigma_inv_of_integer_noise_levels(sigma):
     )
 
 
+# ------------------------------------------------------------- devices without float64
+
+
+@pytest.mark.parametrize(
+    "device, wide",
+    [
+        (torch.device("mps"), torch.float32),  # the object needs no MPS hardware
+        ("mps:0", torch.float32),
+        ("cpu", torch.float64),
+        (torch.device("cuda", 1), torch.float64),
+        ("meta", torch.float64),
+    ],
+)
+def test_wide_dtype_is_float32_only_on_a_device_without_float64(device, wide):
+    from bdia.ode import wide_dtype
+
+    assert wide_dtype(device) == wide
+
+
+def _dtypes_made(fn):
+    """``fn()`` and the dtypes of every tensor its torch operations produced."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    made = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.update(t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Record():
+        result = fn()
+    return result, made
+
+
+def _watch_and_noise_level():
+    """BDIA's parasitic-mode watch, the adjoint's check of its recomputation and
+    VPPrecond's t(sigma) on float32 CPU tensors: the computations, and the float64 formulas
+    as written before the device was asked."""
+    from bdia.adjoint import _relative_rms as adjoint_rms
+    from bdia.solvers.bidirectional import _relative_rms
+
+    g = torch.Generator().manual_seed(2)
+    state = torch.randn(2, 3, 8, 8, generator=g)
+    part = 1e-3 * torch.randn(2, 3, 8, 8, generator=g)
+    sigma = torch.tensor([0.002, 0.5, 80.0])
+    net = VPPrecond(8, 3, model_type=Stand_in)  # its sigma range is float64 on the host
+    num, den = part.double().square().mean().sqrt(), state.double().square().mean().sqrt()
+    root = (net.beta_min**2 + 2 * net.beta_d * torch.log1p(sigma.double() ** 2)).sqrt()
+    t = ((root - net.beta_min) / net.beta_d).float()
+    before = ((num / den).float(), float(num) / float(den), t)
+
+    def compute():
+        return _relative_rms(part, state), adjoint_rms(part, state), net.sigma_inv(sigma)
+
+    return compute, before
+
+
+def test_on_the_cpu_the_watch_and_the_noise_level_are_float64_computations_as_before():
+    compute, before = _watch_and_noise_level()
+    (rms, adjoint_rms, t), made = _dtypes_made(compute)
+    assert torch.float64 in made
+    assert torch.equal(rms, before[0]) and torch.equal(t, before[2])  # bit for bit
+    assert adjoint_rms == before[1]
+
+
+def test_on_a_device_without_float64_no_float64_tensor_is_made(monkeypatch):
+    """MPS has no float64: .double() there raises. With the CPU taken for such a device,
+    none of the computations makes a float64 tensor, and each stays within float32 rounding."""
+    import bdia.ode
+
+    compute, before = _watch_and_noise_level()
+    monkeypatch.setattr(bdia.ode, "_NO_FLOAT64", frozenset({"mps", "cpu"}), raising=False)
+    (rms, adjoint_rms, t), made = _dtypes_made(compute)
+    assert torch.float64 not in made and rms.dtype == t.dtype == torch.float32
+    # The norms are float32 sums of 384 squares: a few units of 2^-24 (6e-8); 1e-6 relative
+    # allows them and nothing near a wrong formula.
+    torch.testing.assert_close(rms, before[0], rtol=1e-6, atol=0)
+    assert adjoint_rms == pytest.approx(before[1], rel=1e-6)
+    # t = (root - beta_min) / beta_d cancels at small sigma: the float32 rounding of root
+    # (0.1008 at sigma 0.002) is magnified by root / (root - beta_min), 127 there, to about
+    # 1e-5 relative (measured 2.4e-6); 3e-5 allows that. EDM computes it so in float32 too.
+    torch.testing.assert_close(t, before[2], rtol=3e-5, atol=0)
+
+
 def test_positional_embedding_numbers():
     emb = PositionalEmbedding(8, endpoint=True)(torch.tensor([2.0]))
     freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ode import wide_dtype
 from .registry import register_network
 
 __all__ = [
@@ -899,14 +900,15 @@ class VPPrecond(_Precond):
         return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma: Tensor | float) -> Tensor:
-        """``t(sigma)``, computed in float64 with ``log1p`` (exact at small sigma).
+        """``t(sigma)``, computed in float64 with ``log1p`` (exact at small sigma); in float32
+        on a device without float64 (``mps``).
 
         Returns a tensor of ``sigma``'s shape, in its dtype when that is floating point and
         in float32 for integers (``sigma_inv(80)`` is 0.9335).
         """
         sigma = torch.as_tensor(sigma)
         dtype = sigma.dtype if sigma.is_floating_point() else torch.float32
-        s = sigma.double()
+        s = sigma.to(wide_dtype(sigma.device))
         root = (self.beta_min**2 + 2 * self.beta_d * torch.log1p(s**2)).sqrt()
         return ((root - self.beta_min) / self.beta_d).to(dtype)
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import twoword
-from ..ode import ODE, Evaluation
+from ..ode import ODE, Evaluation, wide_dtype
 from ..pairs import StatePair
 from ..twoword import TwoWord
 from .base import Neighbour, SingleStepSolver, Solver, SolverState, is_flag, ordered_pair
@@ -82,9 +82,11 @@ class _Memory:
 
 
 def _relative_rms(part: Tensor, state: Tensor) -> Tensor:
-    """rms(part) / rms(state) as a 0-dim float32 tensor (0 for a zero state)."""
-    num = part.double().square().mean().sqrt()
-    den = state.double().square().mean().sqrt()
+    """rms(part) / rms(state) as a 0-dim float32 tensor (0 for a zero state), computed in
+    float64 (float32 on a device without it)."""
+    wide = wide_dtype(state.device)
+    num = part.to(wide).square().mean().sqrt()
+    den = state.to(wide).square().mean().sqrt()
     return torch.where(den > 0, num / den, torch.zeros_like(num)).float()
 
 
