@@ -355,6 +355,23 @@ def _default_device(device: str | None) -> str:
     return "cpu"
 
 
+def _state_dtype(given: torch.dtype | None, device: str | None) -> torch.dtype:
+    """--state-dtype, else float64, or float32 on a device without float64 (mps)."""
+    from .ode import wide_dtype
+
+    where = _default_device(device)
+    widest = wide_dtype(where)
+    if given is None:
+        return widest
+    if given.itemsize > widest.itemsize:
+        raise click.BadParameter(
+            f"a {dtype_name(given)} state cannot live on {where}, which has no "
+            f"{dtype_name(given)}; use --state-dtype {dtype_name(widest)} (or --device cpu)",
+            param_hint="'--state-dtype'",
+        )
+    return given
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size), joining the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -953,9 +970,8 @@ def _claim_outdir(outdir: Path, settings: dict[str, Any], overwrite: bool) -> li
 @click.option(
     "--state-dtype",
     type=STATE_DTYPE,
-    default="float64",
-    show_default=True,
-    help="Dtype of the sampler's state.",
+    default=None,
+    help="Dtype of the sampler's state.  [default: float64; float32 on mps, which has no float64]",
 )
 @click.option(
     "--compile",
@@ -984,7 +1000,7 @@ def sample_command(
     grid_path: Path | None,
     latents_path: Path | None,
     network_dtype: torch.dtype,
-    state_dtype: torch.dtype,
+    state_dtype: torch.dtype | None,
     compile_net: bool,
     device: str | None,
     threads: int | None,
@@ -1004,6 +1020,7 @@ def sample_command(
         return
     if network_spec is None:
         raise click.UsageError("Missing option '--network' (or give --latents)")
+    state_dtype = _state_dtype(state_dtype, device)
     if outdir is None and grid_path is None:
         raise click.UsageError("give --outdir (one PNG per seed), --grid (one PNG), or both")
     if outdir is not None and grid_path is not None:
@@ -1282,9 +1299,8 @@ def _refuse_existing(outdir: Path, targets: list[Path], overwrite: bool, what: s
 @click.option(
     "--state-dtype",
     type=STATE_DTYPE,
-    default="float64",
-    show_default=True,
-    help="Dtype of the sampler's state.",
+    default=None,
+    help="Dtype of the sampler's state.  [default: float64; float32 on mps, which has no float64]",
 )
 @_device_option
 @_threads_option(_NETWORK_THREADS)
@@ -1302,7 +1318,7 @@ def invert_command(
     sigma_max: float,
     rho: float,
     count: int | None,
-    state_dtype: torch.dtype,
+    state_dtype: torch.dtype | None,
     device: str | None,
     threads: int | None,
     no_progress: bool,
@@ -1317,6 +1333,7 @@ def invert_command(
     """
     exact = _solver(solver_name, gamma)
     ts = _karras(steps, sigma_min, sigma_max, rho, final_zero=False)
+    state_dtype = _state_dtype(state_dtype, device)
     if images is None:
         for given, name in (
             (class_label is not None, "--class"),
@@ -1715,7 +1732,7 @@ def _sample_latents(
     from ._shards import share_of
     from .editing import Inversion
     from .latents import load_latents
-    from .ode import DiffusionODE
+    from .ode import DiffusionODE, wide_dtype
     from .schedules import EDM
 
     ctx = click.get_current_context()
@@ -1762,6 +1779,13 @@ def _sample_latents(
                 f"{meta['gamma']!r}, which this bdia cannot run ({_one_line(str(err))})",
                 param_hint="'--latents'",
             ) from None
+        if pair.earlier.dtype.itemsize > wide_dtype(_default_device(device)).itemsize:
+            where = _default_device(device)
+            raise click.BadParameter(
+                f"{str(path)!r} holds a {dtype_name(pair.earlier.dtype)} state, which {where} "
+                f"cannot hold; regenerate it on another device (--device cpu)",
+                param_hint="'--device'",
+            )
         checked.append((path, tuple(pair.earlier.shape), meta, solver))
     if network_spec is None:
         recorded = sorted({meta["network_path"] for _, _, meta, _ in checked})

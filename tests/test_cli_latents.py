@@ -584,3 +584,34 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     assert folder_bytes(back_two) == folder_bytes(back_one)
     assert written == [[f"{n}.png" for n in NAMES[rank::2]] for rank in (0, 1)]
     assert result.stderr.count(f"{COUNT} images in {back_two} ({COUNT} reconstructed)") == 1
+
+
+def test_a_state_on_mps_is_float32_and_float64_is_refused_there(
+    pngs, inverted, tmp_path, monkeypatch
+):
+    """MPS has no float64: the state dtype defaults to float32 there, and an explicit float64
+    state or float64 latents are refused before any work (not by torch at the first cast)."""
+    from bdia.cli import _state_dtype
+
+    assert _state_dtype(None, "cpu") is torch.float64
+    assert _state_dtype(None, "mps") is torch.float32
+    assert _state_dtype(torch.float32, "mps") is torch.float32
+    # The device check accepts mps where it is available; nothing below gets to use it.
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    out, _ = inverted
+    mps = ["--device", "mps", "--no-progress"]
+    grid = tmp_path / "grid.png"
+    args = ["sample", "--network", "digits", "--seeds", "0-3", "--grid", grid, *mps]
+    fails_in_one_line(
+        [*args, "--state-dtype", "float64"],
+        tmp_path,
+        "'--state-dtype'",
+        "use --state-dtype float32",
+        status=2,
+    )
+    args = ["invert", "--images", pngs, "--outdir", tmp_path / "o", *mps]
+    fails_in_one_line([*args, "--state-dtype", "fp64"], tmp_path, "no float64", status=2)
+    target = tmp_path / "regenerated"
+    args = ["sample", "--latents", out, "--outdir", target, *mps]
+    fails_in_one_line(args, tmp_path, "'--device'", "float64 state", "--device cpu", status=2)
+    assert not grid.exists() and not (tmp_path / "o").exists() and not target.exists()
