@@ -494,7 +494,7 @@ def sample(
             raise ValueError("adjoint='reversible' keeps only the final state: no trajectory")
         # The backward pass undoes every step; refuse now what it could not, not after the
         # whole forward pass.
-        solver.check_invertible(ode, grid)
+        solver.check_invertible(ode, grid, _tensors(start)[0].dtype)
         from .adjoint import reversible_sample
 
         watch = _ParasiticWatch()

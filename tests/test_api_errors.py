@@ -576,6 +576,38 @@ def test_chains_refuse_a_time_that_is_not_a_number(x: torch.Tensor, time) -> Non
         bdia.CoupledPair(x, x, time=time)
 
 
+# ------------------------------------------------------------------ a divisor that underflows
+
+
+@pytest.mark.parametrize(
+    "solver, shown",
+    [
+        (make_bdia("euler", 1e-50), "gamma = 1e-50 rounds to 0"),
+        (make_bdia("euler", [0.9, 1e-50, 0.9]), "gamma_2 = 1e-50 rounds to 0"),
+        (make_bdia("euler", 1e-40), "gamma = 1e-40 is subnormal"),
+        (bdia.edict("euler", 1e-50), "p = 1e-50 rounds to 0"),
+        (bdia.reversible("euler", 1e-50), "coupling = 1e-50 rounds to 0"),
+    ],
+    ids=["gamma", "gamma_k", "subnormal", "p", "coupling"],
+)
+def test_a_divisor_that_underflows_in_the_state_dtype_is_refused_before_any_model_call(
+    ode: DiffusionODE, x: torch.Tensor, solver, shown: str
+) -> None:
+    """Inversion divides by gamma, p or coupling as rounded to the state dtype. One that
+    underflows there passed the check of gamma = 0 and failed after the first model calls
+    (adjoint='reversible': after the whole forward pass, in backward) with a message that
+    named an internal 'scale', or 'p' for the coupling; or, subnormal, inverted inexactly."""
+    single = x.float()
+    ode.reset_nfe()
+    pattern = re.escape(shown) + r" in torch.float32, the state dtype, whose smallest normal"
+    with pytest.raises(ValueError, match=pattern):
+        invert(ode, solver, single, GRID, progress=False)
+    with pytest.raises(ValueError, match=pattern):
+        sample(ode, solver, single.requires_grad_(), GRID, adjoint="reversible")
+    assert ode.nfe == 0
+    solver.check_invertible(ode, GRID, torch.float64)  # a normal float64 number
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_y0_in_odeint_points_to_what_odeint_takes(dtype: torch.dtype) -> None:
     y0 = torch.ones(1, 2, dtype=dtype)

@@ -42,7 +42,28 @@ __all__ = [
     "ordered_pair",
     "move_report",
     "is_flag",
+    "check_divisor",
 ]
+
+
+def check_divisor(name: str, value: float, dtype: torch.dtype | None) -> None:
+    """Raise ValueError if ``value``, a parameter the inverse divides by (BDIA's gamma,
+    EDICT's p, McCallum-Foster's coupling), underflows in ``dtype``, the state dtype, where
+    the double-word arithmetic rounds it (``bdia.twoword.state_scalar``): below the smallest
+    normal number it is 0 or has lost its precision, and the inverse would divide by zero or
+    stop being exact. Nothing is checked when ``dtype`` is None."""
+    if dtype is None or value == 0.0:
+        return
+    tiny = torch.finfo(dtype).tiny
+    if abs(value) < tiny:
+        rounded = float(torch.tensor(value, dtype=dtype))
+        what = "rounds to 0" if rounded == 0.0 else "is subnormal"
+        raise ValueError(
+            f"{name} = {value!r} {what} in {dtype}, the state dtype, whose smallest normal "
+            f"number is {tiny:.3g}; the inverse divides by {name}, so the steps cannot be "
+            f"undone exactly. Use a larger {name} (inverting magnifies errors by 1/{name} "
+            "per step) or a float64 state"
+        )
 
 
 def is_flag(value: object) -> bool:
@@ -189,10 +210,13 @@ class Solver(ABC):
                 f"{type(ode).__name__}; use 'euler', 'heun', 'midpoint' or 'rk4' for a plain ODE"
             )
 
-    def check_invertible(self, ode: ODE, ts: Sequence[float]) -> None:
+    def check_invertible(
+        self, ode: ODE, ts: Sequence[float], dtype: torch.dtype | None = None
+    ) -> None:
         """Raise before any model call if the steps over ``ts`` cannot be undone exactly
         (what ``invert`` and ``adjoint="reversible"`` need of a reversible solver); the
-        default accepts, and BDIA refuses a gamma of 0."""
+        default accepts. BDIA refuses a gamma of 0, and the reversible solvers a divisor
+        (``mixing_parameter``) that underflows in ``dtype``, the state dtype, when given."""
         return None
 
     def __repr__(self) -> str:

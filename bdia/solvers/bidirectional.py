@@ -45,7 +45,15 @@ from .. import twoword
 from ..ode import ODE, Evaluation, wide_dtype
 from ..pairs import StatePair
 from ..twoword import TwoWord
-from .base import Neighbour, SingleStepSolver, Solver, SolverState, is_flag, ordered_pair
+from .base import (
+    Neighbour,
+    SingleStepSolver,
+    Solver,
+    SolverState,
+    check_divisor,
+    is_flag,
+    ordered_pair,
+)
 
 __all__ = ["BidirectionalWrapper", "GammaSpec"]
 
@@ -246,25 +254,35 @@ class BidirectionalWrapper(Solver):
         super().check(ode, ts)
         self.gammas(ode, ts)  # a gamma sequence of the wrong length fails here
 
-    def check_invertible(self, ode: ODE, ts: Sequence[float]) -> None:
-        if any(g == 0.0 for g in self.gammas(ode, ts)):
+    def check_invertible(
+        self, ode: ODE, ts: Sequence[float], dtype: torch.dtype | None = None
+    ) -> None:
+        gammas = self.gammas(ode, ts)
+        if any(g == 0.0 for g in gammas):
             raise ValueError(
                 "gamma = 0 is the base solver, whose steps cannot be undone exactly; "
                 "inversion and adjoint='reversible' need every gamma in (0, 1] "
                 "(adjoint='autograd' differentiates any gamma)"
             )
+        if isinstance(self.gamma, float):  # one value: name it as the user gave it
+            named = [("gamma", g) for g in gammas[:1]]
+        else:
+            named = [(f"gamma_{k}", g) for k, g in enumerate(gammas, start=1)]
+        for name, g in named:
+            check_divisor(name, g, dtype)
 
     def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
-        if at != 0:
-            self.check_invertible(ode, ts)
-        gammas = tuple(self.gammas(ode, ts))
-        if isinstance(start, Tensor):
-            return SolverState(at, start, memory=_Memory(gammas))
-        if not isinstance(start, StatePair):
+        if not isinstance(start, (Tensor, StatePair)):
             raise TypeError(
                 f"{self.name} continues from a tensor or the StatePair that bdia solvers return, "
                 f"got a {type(start).__name__} (made by another kind of reversible solver)"
             )
+        if at != 0:
+            dtype = start.dtype if isinstance(start, Tensor) else start.earlier.dtype
+            self.check_invertible(ode, ts, dtype)
+        gammas = tuple(self.gammas(ode, ts))
+        if isinstance(start, Tensor):
+            return SolverState(at, start, memory=_Memory(gammas))
         if at == 0:
             neighbour = Neighbour(0, start.earlier, start.earlier_low)
             return SolverState(1, start.later, memory=_Memory(gammas, start.later_low, neighbour))

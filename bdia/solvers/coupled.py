@@ -55,13 +55,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .. import twoword
 from ..ode import ODE, Evaluation
 from ..pairs import CoupledPair, StatePair
 from ..twoword import TwoWord
-from .base import SingleStepSolver, Solver, SolverState, is_flag
+from .base import SingleStepSolver, Solver, SolverState, check_divisor, is_flag
 from .bidirectional import _relative_rms
 
 __all__ = ["EDICTWrapper", "ReversibleWrapper"]
@@ -138,6 +139,12 @@ class _Coupled(Solver):
         return 2 * self.solver.stages
 
     # -------------------------------------------------------------- protocol
+    def check_invertible(
+        self, ode: ODE, ts: Sequence[float], dtype: torch.dtype | None = None
+    ) -> None:
+        name = self.mixing_parameter
+        check_divisor(name, getattr(self, name), dtype)
+
     def init(self, ode: ODE, ts: Sequence[float], start: Any, *, at: int) -> SolverState:
         if isinstance(start, StatePair):
             raise TypeError(
@@ -145,6 +152,9 @@ class _Coupled(Solver):
                 "not from a StatePair, which is BDIA's; pass a tensor or the CoupledPair that "
                 "sample(..., return_pair=True) or invert gave"
             )
+        if at != 0:
+            first = start.x if isinstance(start, CoupledPair) else start
+            self.check_invertible(ode, ts, getattr(first, "dtype", None))
         if isinstance(start, CoupledPair):
             return SolverState(at, start.x, memory=_Chains(start.x_low, start.y, start.y_low))
         # One state: both chains start at it (noise when sampling, data when inverting).
