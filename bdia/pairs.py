@@ -23,6 +23,7 @@ __all__ = [
     "CoupledPair",
     "PairMismatchWarning",
     "check_fingerprint",
+    "check_solver",
     "check_times",
     "stamped",
 ]
@@ -75,6 +76,18 @@ def _times(value: Any) -> tuple[float, float] | None:
     return _time(items[0], "times[0]", fix), _time(items[1], "times[1]", fix)
 
 
+def _solver(value: Any) -> str | None:
+    """A pair's ``solver``: None or a string (``Solver.identity``), which ``check_solver``
+    compares exactly."""
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(
+        f"solver must be None or the identity of the solver that made the pair (a string "
+        f"such as 'bdia(heun, gamma=0.96)': solver.identity), got {type(value).__name__} "
+        f"{value!r:.60}"
+    )
+
+
 def _equal(a: Any, b: Any) -> Any:
     if type(a) is not type(b):
         return NotImplemented
@@ -104,11 +117,18 @@ class StatePair:
             built by hand or loaded from a latents file). Two numbers given another way (a
             list, a tensor, an array) are stored as that tuple. ``sample`` and ``invert``
             refuse a pair whose times are not those of the grid end it is used at.
+        solver: ``solver.identity`` of the reversible solver that made the pair (``"bdia(heun,
+            gamma=0.96)"``), or None: a pair made by a single-step solver (two states of its
+            trajectory, which any solver may take up), built by hand, or saved before pairs
+            recorded it. A latents file records it as its solver and gamma. A reversible
+            solver other than this one is refused by ``sample`` and ``invert`` (a
+            ``ValueError``): the pair is the state of that solver's recursion, and any other
+            continues or undoes it to the wrong states without a sign.
 
     A pair is not a sequence: use the field names (``pair.earlier``), not unpacking. Two
     pairs are equal when every field is: the tensors in dtype, shape, device and every value
-    (a low word of None is not a zero tensor), the fingerprint and the times. A pair holds
-    tensors, so it is not hashable.
+    (a low word of None is not a zero tensor), the fingerprint, the times and the solver. A
+    pair holds tensors, so it is not hashable.
     """
 
     earlier: Tensor
@@ -117,9 +137,11 @@ class StatePair:
     later_low: Tensor | None = None
     fingerprint: str | None = None
     times: tuple[float, float] | None = None
+    solver: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "times", _times(self.times))
+        object.__setattr__(self, "solver", _solver(self.solver))
 
     def __iter__(self) -> Any:
         raise TypeError(
@@ -153,6 +175,11 @@ class CoupledPair:
             ``ts[-1]`` from ``sample``), or None (a pair built by hand; a number given as a
             0-dim tensor or an array's scalar is stored as a float). ``sample`` and
             ``invert`` refuse a pair whose time is not that of the grid end it is used at.
+        solver: ``solver.identity`` of the solver that made the pair (``"edict(ddim,
+            p=0.93)"``, ``"reversible(heun, coupling=0.999)"``), or None (a pair built by
+            hand, or saved before pairs recorded it). ``sample`` and ``invert`` refuse it to
+            another reversible solver (another ``p`` or ``coupling``, another base, the
+            other scheme), as for ``StatePair``.
 
     A pair is not a sequence: use the field names (``pair.x``), not unpacking. Equality is
     by value, as for ``StatePair``; a pair is not hashable.
@@ -164,11 +191,13 @@ class CoupledPair:
     y_low: Tensor | None = None
     fingerprint: str | None = None
     time: float | None = None
+    solver: str | None = None
 
     def __post_init__(self) -> None:
         if self.time is not None:
             fix = "give the grid time of the chains as a number, or None"
             object.__setattr__(self, "time", _time(self.time, "time", fix))
+        object.__setattr__(self, "solver", _solver(self.solver))
 
     def __iter__(self) -> Any:
         raise TypeError(
@@ -181,8 +210,9 @@ class CoupledPair:
 
 
 # torch.load reads only allowlisted classes by default (weights_only=True), so a pair saved
-# with torch.save would not load back. Both classes hold tensors, floats and a string and run
-# no code when rebuilt, which is what the allowlist is for.
+# with torch.save would not load back. Both classes hold tensors, floats and strings and run
+# no code when rebuilt, which is what the allowlist is for. A pair saved before a field was
+# added loads with that field's default (the class attribute): None.
 torch.serialization.add_safe_globals([StatePair, CoupledPair])
 
 
@@ -195,13 +225,16 @@ def _grid_times(pair: StatePair | CoupledPair, ts: Sequence[float], at: int) -> 
     return (ts[k], ts[k + 1]), "ts[:2]" if at == 0 else "ts[-2:]"
 
 
-def stamped(pair: StatePair | CoupledPair, ts: Sequence[float], at: int) -> Any:
-    """``pair`` with the grid times it sits at recorded: ``at`` is 0 for the pair at the
-    start of grid ``ts`` (Python floats), ``len(ts) - 1`` for the one at its end."""
+def stamped(pair: StatePair | CoupledPair, ts: Sequence[float], at: int, solver: Any) -> Any:
+    """``pair`` with the grid times it sits at and the solver that made it recorded: ``at``
+    is 0 for the pair at the start of grid ``ts`` (Python floats), ``len(ts) - 1`` for the
+    one at its end; ``solver`` (a ``Solver``: the solvers import this module) is recorded by
+    its identity if it is reversible."""
     times, _ = _grid_times(pair, ts, at)
+    made_by = solver.identity if solver.reversible else None
     if isinstance(pair, CoupledPair):
-        return dataclasses.replace(pair, time=times)
-    return dataclasses.replace(pair, times=times)
+        return dataclasses.replace(pair, time=times, solver=made_by)
+    return dataclasses.replace(pair, times=times, solver=made_by)
 
 
 def check_times(pair: StatePair | CoupledPair, ts: Sequence[float], at: int, what: str) -> None:
@@ -218,6 +251,35 @@ def check_times(pair: StatePair | CoupledPair, ts: Sequence[float], at: int, wha
             f"{expected}; a pair holds the states at the times of the grid that made it, so "
             "pass that grid (the same values, in float64)"
         )
+
+
+def check_solver(
+    pair: StatePair | CoupledPair, solver: Any, what: str, fix: str | None = None
+) -> None:
+    """Raise ValueError if ``pair`` was made by another reversible solver than ``solver``
+    (a ``Solver``, reversible itself): the pair is the state of the recursion of the solver that
+    made it, and another gamma, ``p``, coupling or base continues or undoes it to the wrong
+    states without a sign. ``fix`` replaces the advice at the end of the message.
+
+    A pair that records no solver (made by a single-step solver, by hand, or before pairs
+    recorded it) is taken as it is, and so is any pair given to a single-step solver, which
+    takes up one of its states."""
+    if pair.solver is None or not solver.reversible or pair.solver == solver.identity:
+        return
+    if fix is None:
+        if isinstance(pair, CoupledPair):
+            state = "pair.x"
+        else:
+            state = "pair.earlier" if what == "start" else "pair.later"
+        fix = (
+            f"pass {pair.solver}, or, to run {solver.identity} afresh from the pair's state "
+            f"at this end of the grid, pass {state} (a tensor) instead of the pair"
+        )
+    raise ValueError(
+        f"the {what} pair was made by {pair.solver}, not by {solver.identity}: a reversible "
+        "solver's pair is the state of its own recursion, which another solver (another "
+        f"gamma, p or coupling, or another base) takes to the wrong states; {fix}"
+    )
 
 
 class PairMismatchWarning(UserWarning):

@@ -29,6 +29,7 @@ from .pairs import (
     PairMismatchWarning,
     StatePair,
     check_fingerprint,
+    check_solver,
     check_times,
     stamped,
 )
@@ -291,7 +292,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
         _check_alike(x, y, f"the two chains of {what}")
         x, x_low = _words(x, value.x_low, value.x, f"{what}.x_low")
         y, y_low = _words(y, value.y_low, value.y, f"{what}.y_low")
-        return CoupledPair(x, y, x_low, y_low, value.fingerprint, value.time)
+        return CoupledPair(x, y, x_low, y_low, value.fingerprint, value.time, value.solver)
     if isinstance(value, tuple):
         if len(value) != 2:
             raise ValueError(
@@ -305,7 +306,7 @@ def _pair(value: Any, state_dtype: torch.dtype | None, what: str) -> Any:
         _check_alike(a, b, f"the two states of {what}")
         a, a_low = _words(a, value.earlier_low, value.earlier, f"{what}.earlier_low")
         b, b_low = _words(b, value.later_low, value.later, f"{what}.later_low")
-        return StatePair(a, b, a_low, b_low, value.fingerprint, value.times)
+        return StatePair(a, b, a_low, b_low, value.fingerprint, value.times, value.solver)
     return _state(value, state_dtype, what)
 
 
@@ -465,7 +466,9 @@ def sample(
         x at ``ts[-1]`` in the state dtype (or the trajectory, or the final pair).
 
     Raises:
-        ValueError: if ``start`` holds NaN or Inf (bad input; no model call is made).
+        ValueError: if ``start`` holds NaN or Inf (bad input; no model call is made), or is
+            a pair made at other grid times or, for a reversible ``solver``, by another
+            reversible solver (``StatePair.solver``; no model call either).
         FloatingPointError: if a step produces NaN or Inf (the message names the step).
     """
     if trajectory and return_pair:
@@ -481,6 +484,7 @@ def sample(
     from_pair = isinstance(start, (StatePair, CoupledPair))
     if isinstance(start, (StatePair, CoupledPair)):
         check_times(start, grid, 0, "start")
+        check_solver(start, solver, "start")
         if solver.reversible:
             check_fingerprint(start, ode, "start")
     if adjoint == "reversible":
@@ -509,7 +513,9 @@ def sample(
             on_state=watch.update,
         )
         watch.warn(solver, "sampling", editing=from_pair)
-        return _unaliased(stamped(out, grid, len(grid) - 1) if return_pair else out, start)
+        if return_pair:
+            out = stamped(out, grid, len(grid) - 1, solver)
+        return _unaliased(out, start)
 
     watch = _ParasiticWatch()
     # "autograd" keeps the caller's grad mode: under torch.no_grad() it records nothing, as
@@ -530,7 +536,7 @@ def sample(
         if trajectory:
             out = torch.stack(states)
         elif return_pair:
-            out = stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1)
+            out = stamped(solver.pair(state, ode.fingerprint()), grid, len(grid) - 1, solver)
         else:
             out = state.x
         out = _unaliased(out, start)
@@ -600,7 +606,11 @@ def invert(
         ``CoupledPair`` of both chains at ``ts[0]``, in the state dtype.
 
     Raises:
-        ValueError: if ``end`` holds NaN or Inf (bad input; no model call is made).
+        ValueError: if ``end`` holds NaN or Inf (bad input; no model call is made), is a
+            pair made at other grid times or, for a reversible ``solver``, by another
+            reversible solver (``StatePair.solver``), or if the steps cannot be undone (a
+            gamma of 0, or a gamma, ``p`` or coupling that underflows in the state dtype);
+            no model call is made.
         FloatingPointError: if a step produces NaN or Inf (the message names the step).
 
     Warns:
@@ -616,6 +626,7 @@ def invert(
     n = len(grid) - 1  # index of the last grid point
     if isinstance(end, (StatePair, CoupledPair)):
         check_times(end, grid, n, "end")
+        check_solver(end, solver, "end")
         if solver.reversible:
             check_fingerprint(end, ode, "end")
     elif ode.is_terminal(grid[n]):
@@ -634,7 +645,8 @@ def invert(
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
-        pair = _unaliased(stamped(solver.pair(state, ode.fingerprint()), grid, 0), end)
+        made = stamped(solver.pair(state, ode.fingerprint()), grid, 0, solver)
+        pair = _unaliased(made, end)
     watch.warn(solver, "inverting", editing=True)
     return pair
 

@@ -4,6 +4,7 @@ the caller's tensors as they were and makes no model call."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -534,7 +535,7 @@ def test_a_pair_built_by_hand_records_its_times_as_floats(
     solver = make_bdia("euler", 0.9)
     pair = sample(ode, solver, x, GRID, return_pair=True, progress=False)
     fields = (pair.earlier, pair.later, pair.earlier_low, pair.later_low, pair.fingerprint)
-    by_hand = StatePair(*fields, times=as_given(list(pair.times)))
+    by_hand = StatePair(*fields, times=as_given(list(pair.times)), solver=pair.solver)
     assert by_hand.times == pair.times and type(by_hand.times) is tuple
     assert all(type(t) is float for t in by_hand.times)
     assert by_hand == pair
@@ -548,6 +549,7 @@ def test_a_pair_built_by_hand_records_its_times_as_floats(
         chains.y_low,
         chains.fingerprint,
         as_given([chains.time])[0],
+        chains.solver,
     )
     assert again == chains and type(again.time) is float
 
@@ -574,6 +576,128 @@ def test_chains_refuse_a_time_that_is_not_a_number(x: torch.Tensor, time) -> Non
         match=r"time = .* is not a real number; give the grid time of the chains as a number",
     ):
         bdia.CoupledPair(x, x, time=time)
+
+
+# ------------------------------------------------------------------ a pair's solver
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_returned_pairs_record_the_reversible_solver_that_made_them(
+    ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    cases = [
+        (make_bdia("euler", 0.9), "bdia(euler, gamma=0.9)"),
+        (make_bdia("heun", [0.9, 0.8, 0.7]), "bdia(heun, gamma=(0.9, 0.8, 0.7))"),
+        (make_bdia("ddim", "obelm"), "bdia(ddim, gamma='obelm')"),
+        (
+            make_bdia(get_solver("dpm_solver_2", r1=0.25), 1),
+            "bdia(dpm_solver_2(r1=0.25), gamma=1.0)",
+        ),
+        (bdia.edict("euler"), "edict(euler, p=0.93)"),
+        (bdia.reversible("heun", 0.99), "reversible(heun, coupling=0.99)"),
+    ]
+    for solver, identity in cases:
+        assert solver.identity == identity
+        pair = sample(ode, solver, x, GRID, return_pair=True, progress=False)
+        assert pair.solver == identity
+        assert invert(ode, solver, pair, GRID, progress=False).solver == identity
+    start = x.clone().requires_grad_()
+    pair = sample(ode, cases[0][0], start, GRID, return_pair=True, adjoint="reversible")
+    assert pair.solver == cases[0][1]
+    # A single-step solver's pair is two states of its trajectory, which any solver may take
+    # up: it records no solver.
+    assert sample(ode, get_solver("euler"), x, GRID, return_pair=True).solver is None
+
+
+def test_a_solver_identity_names_every_parameter_that_changes_its_steps() -> None:
+    """Equal solvers have one identity (numbers as the floats the solvers keep); solvers
+    that step differently, including a tableau of a shipped method's name, have two."""
+    from fractions import Fraction
+
+    same = [make_bdia("heun", 0.96), make_bdia("heun", Fraction(24, 25))]
+    same += [make_bdia("heun", np.float64(0.96)), get_solver("bdia-heun", gamma=0.96)]
+    assert {s.identity for s in same} == {"bdia(heun, gamma=0.96)"}
+    assert make_bdia("euler", -0.0).identity == make_bdia("euler", 0.0).identity
+    assert get_solver("dpm_solver_3", r1=1 / 3).identity == "dpm_solver_3"
+    assert get_solver("dpm_solver_3", r2=0.6).identity == "dpm_solver_3(r2=0.6)"
+    ralston = ButcherTableau(c=(0, 2 / 3), a=((), (2 / 3,)), b=(1 / 4, 3 / 4), order=2)
+    named_heun = bdia.ExplicitRungeKutta(ralston, "heun")
+    assert named_heun.identity.startswith("heun(c=(0.0, 0.6666666666666666), a=")
+    assert bdia.ExplicitRungeKutta(bdia.solvers.runge_kutta.HEUN, "heun").identity == "heun"
+
+
+MAKERS_AND_OTHERS = [
+    (make_bdia("euler", 0.9), make_bdia("euler", 0.5)),
+    (make_bdia("euler", 0.9), make_bdia("heun", 0.9)),
+    (make_bdia("euler", 0.9), make_bdia("euler", [0.9, 0.9, 0.8])),
+    (bdia.edict("euler", 0.93), bdia.edict("euler", 0.9)),
+    (bdia.edict("euler"), bdia.edict("midpoint")),
+    (bdia.reversible("euler", 0.999), bdia.reversible("euler", 0.99)),
+    (bdia.edict("euler"), bdia.reversible("euler")),
+]
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+@pytest.mark.parametrize("maker, other", MAKERS_AND_OTHERS, ids=lambda s: s.identity)
+def test_a_pair_made_by_another_reversible_solver_is_refused(
+    ode: DiffusionODE, x: torch.Tensor, maker, other
+) -> None:
+    """Undone by another gamma, p, coupling, base or scheme, a pair goes to the wrong states
+    without a sign: stripped of its record, each end pair here inverts to a start off by
+    0.0094 (coupling 0.99 for 0.999) to 16 (reversible for edict) relative, where its maker
+    returns the start exactly. sample and invert refuse it, naming both solvers, before any
+    model call."""
+    end = sample(ode, maker, x, GRID, return_pair=True, progress=False)
+    start = invert(ode, maker, end, GRID, progress=False)
+    wrong = invert(ode, other, dataclasses.replace(end, solver=None), GRID, progress=False)
+    wrong_start = wrong.x if isinstance(wrong, bdia.CoupledPair) else wrong.earlier
+    assert float((wrong_start - x).norm() / x.norm()) > 1e-3  # measured 0.0094 and more
+    ode.reset_nfe()
+    for run, pair, what, state in (
+        (invert, end, "end", "later"),
+        (sample, start, "start", "earlier"),
+    ):
+        if isinstance(pair, bdia.CoupledPair):
+            state = "x"
+        with untouched(*[v for v in vars(pair).values() if isinstance(v, torch.Tensor)]):
+            with pytest.raises(ValueError) as info:
+                run(ode, other, pair, GRID, progress=False)
+        message = str(info.value)
+        assert f"the {what} pair was made by {maker.identity}, not by {other.identity}" in message
+        assert (
+            f"pass {maker.identity}, or" in message and f"pass pair.{state} (a tensor)" in message
+        )
+    assert ode.nfe == 0
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_pair_is_taken_by_an_equal_solver_and_by_single_step_solvers(
+    ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    from fractions import Fraction
+
+    maker = make_bdia("euler", 0.96)
+    end = sample(ode, maker, x, GRID, return_pair=True, progress=False)
+    # One solver, spelled another way: the same float operations, so the start exactly.
+    back = invert(ode, make_bdia("euler", Fraction(24, 25)), end, GRID, progress=False)
+    assert torch.equal(back.earlier, x)
+    # A single-step solver takes up one state of the pair (regenerating from the inverted
+    # noise is the edit), and a reversible one inverts a single-step solver's pair exactly.
+    sample(ode, get_solver("heun"), back, GRID, progress=False)
+    plain = sample(ode, get_solver("euler"), x, GRID, return_pair=True, progress=False)
+    again = sample(ode, maker, invert(ode, maker, plain, GRID), GRID, return_pair=True)
+    assert torch.equal(again.later, plain.later) and torch.equal(again.earlier, plain.earlier)
+    # A pair that records no solver (built by hand, or saved before pairs recorded it) is
+    # taken as it is, by any solver.
+    bare = dataclasses.replace(end, solver=None)
+    invert(ode, make_bdia("euler", 0.5), bare, GRID, progress=False)
+
+
+@pytest.mark.parametrize("kind", [StatePair, bdia.CoupledPair])
+@pytest.mark.parametrize("solver", [make_bdia("euler", 0.9), b"bdia(euler, gamma=0.9)", 0.9])
+def test_a_pair_refuses_a_solver_that_is_not_a_string(x: torch.Tensor, kind, solver) -> None:
+    with pytest.raises(TypeError, match=r"solver must be None or the identity of the solver"):
+        kind(x, x, solver=solver)
 
 
 # ------------------------------------------------------------------ a divisor that underflows

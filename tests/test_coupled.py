@@ -396,8 +396,8 @@ def test_rewind_rebuilds_the_state_a_step_moved_from(wrap):
 def _pairs_of(x: torch.Tensor) -> list[bdia.StatePair | bdia.CoupledPair]:
     low = torch.full_like(x, 2.0**-60)
     return [
-        bdia.StatePair(x, x + 1, low, None, "f" * 16, (1.0, 0.5)),
-        bdia.CoupledPair(x, x + 1, low, None, "f" * 16, 1.0),
+        bdia.StatePair(x, x + 1, low, None, "f" * 16, (1.0, 0.5), "bdia(euler, gamma=0.9)"),
+        bdia.CoupledPair(x, x + 1, low, None, "f" * 16, 1.0, "edict(euler, p=0.93)"),
     ]
 
 
@@ -415,7 +415,8 @@ def test_pairs_compare_by_value_and_are_not_hashed():
         for copy in (same, pickle.loads(pickle.dumps(pair)), torch.load(buffer)):
             assert copy == pair and not copy != pair
         # Every field counts: each state, a low word (None is not a zero tensor), the dtype,
-        # the fingerprint and the time(s); and a pair equals no other kind of object.
+        # the fingerprint, the time(s) and the solver; and a pair equals no other kind of
+        # object.
         names = [f.name for f in dataclasses.fields(pair)]
         changed = [dataclasses.replace(pair, **{names[i]: x + 2.0**-40}) for i in (0, 1)]
         changed += [
@@ -423,6 +424,8 @@ def test_pairs_compare_by_value_and_are_not_hashed():
             dataclasses.replace(pair, **{names[2]: torch.zeros_like(x)}),
             dataclasses.replace(pair, fingerprint=None),
             dataclasses.replace(pair, **{names[5]: None}),
+            dataclasses.replace(pair, solver=None),
+            dataclasses.replace(pair, solver=pair.solver.replace("euler", "heun")),
             single,
             _pairs_of(x)[1 - k],  # the other kind of pair
         ]

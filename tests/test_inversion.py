@@ -359,6 +359,26 @@ def test_a_pair_saved_with_torch_save_loads_with_weights_only_and_inverts(tmp_pa
     assert torch.equal(start, x)
 
 
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_pair_saved_before_pairs_recorded_their_solver_loads_and_is_taken(tmp_path):
+    """A pair pickled without the ``solver`` field (as saved before pairs recorded it) loads
+    with torch.load's defaults, with solver None, and inverts to the start exactly: it is
+    taken by any solver, as before."""
+    mixture = toy.GaussianMixture.random(2, 2, seed=3)
+    ode = mixture.ode(bdia.EDM())
+    ts = bdia.karras_grid(8, final_zero=False)
+    solver = bdia.bdia("euler", 0.9)
+    x = 80.0 * torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    pair = bdia.sample(ode, solver, x, ts, return_pair=True)
+    assert pair.solver == "bdia(euler, gamma=0.9)"
+    vars(pair).pop("solver")  # the instance as an older bdia made it
+    torch.save(pair, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt")  # weights_only=True, torch's default
+    assert loaded.solver is None and "solver" not in vars(loaded)
+    assert torch.equal(bdia.invert(ode, solver, loaded, ts).earlier, x)
+    bdia.invert(ode, bdia.bdia("euler", 0.5), loaded, ts)  # nothing recorded, nothing refused
+
+
 def test_invert_records_no_graph_even_with_grad_on():
     """As its docstring says: invert runs under no_grad, so an end that requires grad gives
     a pair that does not (gradients through the loop are sample's adjoint's)."""

@@ -409,8 +409,15 @@ def test_inversion_needs_the_pair_at_sigma_zero_and_gamma_above_zero():
         ValueError, kd.invert_bdia, gaussian_denoiser, pair.later, sigmas, args, disable=True
     )
     assert "sigma = 0" in message and "pair" in message
+    # The pair records the gamma that made it, which the refusal names first; a pair that
+    # records none meets gamma's own refusal.
     message = one_line_error(
         ValueError, kd.invert_bdia, gaussian_denoiser, pair, sigmas, args, gamma=0.0
+    )
+    assert "made by bdia(euler, gamma=0.96), not by bdia(euler, gamma=0.0)" in message
+    bare = dataclasses.replace(pair, solver=None)
+    message = one_line_error(
+        ValueError, kd.invert_bdia, gaussian_denoiser, bare, sigmas, args, gamma=0.0
     )
     assert "gamma = 0" in message
 

@@ -188,6 +188,18 @@ class Solver(ABC):
         meta-solver wraps (``bdia``, ``edict`` and ``reversible`` override this)."""
         return self
 
+    @property
+    def identity(self) -> str:
+        """The solver as a string that names it and every parameter its steps depend on:
+        ``"heun"``, ``"dpm_solver_2(r1=0.3)"``, ``"bdia(heun, gamma=0.96)"``,
+        ``"edict(ddim, p=0.93)"``. Equal solvers have equal identities (numbers are given as
+        the Python floats the solvers keep, so ``bdia("heun", 0.96)`` and ``bdia("heun",
+        Fraction(24, 25))`` are one solver), and solvers that step differently have
+        different ones. The pairs a reversible solver makes record it (``StatePair.solver``,
+        ``CoupledPair.solver``). The default is ``name``; a solver whose steps depend on
+        parameters of its own overrides it."""
+        return self.name
+
     def rewind(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:
         """The state that ``step`` moved from: ``rewind(ode, ts, step(ode, ts, s))`` rebuilds
         ``s`` (its ``k``, ``x`` and ``memory``; ``evaluation`` and ``parasitic`` are None).

@@ -77,7 +77,7 @@ def _check_user_gamma(value: Any, where: str) -> float:
             f"gamma{where} = {g} lies outside [0, 1]; 0 is the base solver and 1 the "
             "leapfrog scheme (only a named schedule such as 'obelm' may exceed 1)"
         )
-    return g
+    return g + 0.0  # -0.0 is 0.0: one solver, one identity
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,13 @@ class BidirectionalWrapper(Solver):
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"bdia-{self.solver.name}"
+
+    @property
+    def identity(self) -> str:
+        """``"bdia(<base identity>, gamma=<gamma>)"``, gamma as kept: a float, a tuple of
+        floats or a schedule's name (``bdia(heun, gamma=0.96)``, ``bdia(ddim,
+        gamma='obelm')``)."""
+        return f"bdia({self.solver.identity}, gamma={self.gamma!r})"
 
     @property
     def needs_diffusion(self) -> bool:  # type: ignore[override]

@@ -125,6 +125,13 @@ class _Coupled(Solver):
         return f"{self._factory}-{self.solver.name}"
 
     @property
+    def identity(self) -> str:
+        """``"edict(<base identity>, p=<p>)"`` or ``"reversible(<base identity>,
+        coupling=<coupling>)"``, the parameter as the float it is kept as."""
+        value = getattr(self, self.mixing_parameter)
+        return f"{self._factory}({self.solver.identity}, {self.mixing_parameter}={value!r})"
+
+    @property
     def needs_diffusion(self) -> bool:  # type: ignore[override]
         return self.solver.needs_diffusion
 

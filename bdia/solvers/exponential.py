@@ -138,6 +138,18 @@ class _Exponential(SingleStepSolver):
             f"stages={self.stages}{fractions})"
         )
 
+    @property
+    def identity(self) -> str:
+        """The name, with the stage fractions that differ from their defaults
+        (``"dpm_solver_2(r1=0.3)"``)."""
+        # A dataclass keeps a field's default as the class attribute.
+        changed = [
+            f"{f}={getattr(self, f)!r}"
+            for f in ("r1", "r2")
+            if hasattr(self, f) and getattr(self, f) != getattr(type(self), f)
+        ]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
     def flow(
         self, ode: ODE, t: float, t_next: float, x: Tensor, first: Evaluation | None = None
     ) -> Tensor:

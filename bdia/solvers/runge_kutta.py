@@ -129,6 +129,15 @@ class ExplicitRungeKutta(SingleStepSolver):
         return self.tableau.order
 
     @property
+    def identity(self) -> str:
+        """The name alone for the shipped methods under their own names (``"heun"``); with
+        the tableau for any other (a name says nothing of a tableau the user built)."""
+        if _SHIPPED.get(self.name) == self.tableau:
+            return self.name
+        tab = self.tableau
+        return f"{self.name}(c={tab.c!r}, a={tab.a!r}, b={tab.b!r}, order={tab.order})"
+
+    @property
     def stages(self) -> int:  # type: ignore[override]
         return self.tableau.stages
 
@@ -158,3 +167,4 @@ RK4 = ButcherTableau(
     b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
     order=4,
 )
+_SHIPPED = {"euler": EULER, "heun": HEUN, "midpoint": MIDPOINT, "rk4": RK4}

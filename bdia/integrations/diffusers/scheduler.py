@@ -495,7 +495,7 @@ class BDIAScheduler(_BDIASchedulerBase):
         if self.grid is None or state is None or state.k != len(self.grid) - 1:
             return None
         try:
-            pair = stamped(self._solver.pair(state), self.grid, len(self.grid) - 1)
+            pair = stamped(self._solver.pair(state), self.grid, len(self.grid) - 1, self._solver)
         except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
         fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
@@ -702,7 +702,8 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         before ``begin``."""
         if self._state is None:
             return None
-        return stamped(self._solver.pair(self._state), self._grid()[self._state.k :], 0)
+        grid = self._grid()[self._state.k :]
+        return stamped(self._solver.pair(self._state), grid, 0, self._solver)
 
     def step(
         self,
