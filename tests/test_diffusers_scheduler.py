@@ -474,6 +474,39 @@ def test_pairs_record_their_grid_times_and_begin_refuses_another_grid(unet, tmp_
     assert "\n" not in str(refused.value)
 
 
+def test_pairs_record_their_gamma_and_begin_refuses_an_inverse_of_another(unet):
+    """final_pair records the solver (gamma included) that made it, as bdia.sample's pair
+    does. An inverse scheduler built with another gamma (from the DDIM config the forward
+    one came from, whose gamma is the default 0.96) inverted it to noise that was wrong
+    without a sign; begin refuses it in one line that names both, and so do bdia.invert
+    and bdia.sample with the inverse's pair."""
+    ddim = diffusers.DDIMScheduler(clip_sample=False)
+    pipe = diffusers.DDIMPipeline(unet, ddim)
+    pipe.scheduler = BDIAScheduler.from_config(ddim.config, gamma=GAMMA)
+    _run_pipeline(pipe)
+    final = pipe.scheduler.final_pair
+    assert final.solver == bdia.bdia("ddim", GAMMA).identity == "bdia(ddim, gamma=0.9)"
+    for inverse in (
+        BDIAInverseScheduler.from_config(ddim.config),
+        BDIAInverseScheduler.from_config(pipe.scheduler.config, gamma=0.5),
+    ):
+        inverse.set_timesteps(STEPS)
+        other = bdia.bdia("ddim", inverse.config["gamma"]).identity
+        with pytest.raises(ValueError) as refused:
+            inverse.begin(final)
+        message = str(refused.value)
+        assert f"the begin pair was made by bdia(ddim, gamma=0.9), not by {other}" in message
+        assert "BDIAInverseScheduler.from_config(pipe.scheduler.config)" in message
+        assert "\n" not in message and inverse.pair is None
+    inv, x = _invert_loop(unet, pipe.scheduler.config, final)
+    assert inv.pair.solver == final.solver and torch.equal(x, _noise(0))
+    ode, grid = from_diffusers(unet, pipe.scheduler), pipe.scheduler.grid
+    with torch.no_grad(), pytest.raises(ValueError, match="made by bdia.ddim, gamma=0.9., not"):
+        bdia.invert(ode, bdia.bdia("ddim", 0.96), final, grid, progress=False)
+    with torch.no_grad(), pytest.raises(ValueError, match="made by bdia.ddim, gamma=0.9., not"):
+        bdia.sample(ode, bdia.bdia("ddim", 0.96), inv.pair, grid, progress=False)
+
+
 # ------------------------------------------------------------------ restarts
 
 

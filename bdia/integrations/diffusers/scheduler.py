@@ -39,7 +39,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from ...ode import DiffusionODE, Evaluation
-from ...pairs import StatePair, check_times, stamped
+from ...pairs import StatePair, check_solver, check_times, stamped
 from ...sampling import _pair
 from ...schedules import check_steps
 from ...solvers.base import SolverState
@@ -469,9 +469,10 @@ class BDIAScheduler(_BDIASchedulerBase):
             x at grid[-1])`` with the low words, its ``times`` ``(grid[-2], grid[-1])`` and
             the run's ``start_index``, the exact input of ``BDIAInverseScheduler.begin`` (and
             of ``bdia.invert`` on ``grid[start_index:]``); None before. Its tensors are in the
-            state dtype (float32 at least). Its ``fingerprint`` is None: the scheduler sees
-            model outputs, never the unet or the prompt, so continuing the pair under another
-            prompt is not detected.
+            state dtype (float32 at least). Its ``solver`` is ``"bdia(ddim, gamma=...)"`` with
+            this scheduler's gamma, which ``begin`` and ``bdia.invert`` check. Its
+            ``fingerprint`` is None: the scheduler sees model outputs, never the unet or the
+            prompt, so continuing the pair under another prompt is not detected.
         start_index: the index in ``timesteps`` of the run's first step (or of its last
             restart), where an inversion of the run must stop; None before the first step.
         restarts: timesteps at which the recursion restarted (see ``step``) in this run.
@@ -653,6 +654,11 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         Returns:
             The first state to feed the unet (x at the second-to-last grid point, a copy in
             ``dtype``).
+
+        Raises:
+            ValueError: if the pair records other grid times (a run of another step count)
+                or another solver than this scheduler's (a forward run with another gamma),
+                or if its gamma underflows in the pair's dtype.
         """
         if self.grid is None:
             raise ValueError(
@@ -668,6 +674,12 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         checked = _pair(pair, None, "pair")
         last = len(self.grid) - 1
         check_times(checked, self.grid, last, "begin")
+        # The inverse's gamma comes from its own config, which need not be the forward run's.
+        fix = (
+            "build the inverse from the forward scheduler's config, its gamma included: "
+            "BDIAInverseScheduler.from_config(pipe.scheduler.config)"
+        )
+        check_solver(checked, self._solver, "begin", fix)
         self._state = self._solver.init(self._ode, self.grid, checked, at=last)
         self._feed_dtype = dtype or checked.earlier.dtype
         self.start_index = start
