@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ._files import replace_atomic
 from .sampling import StatePair
+from .solvers.registry import bdia, get_solver
 
 __all__ = ["LATENTS_FORMAT", "save_latents", "load_latents"]
 
@@ -43,6 +44,23 @@ _OLD_FORMATS = ("bdia-latents/1",)
 
 _TEXT_KEYS = ("solver", "network", "network_path", "source")
 _STATE_DTYPES = (torch.float64, torch.float32)
+
+
+def _gamma(text: str) -> float | str:
+    """The ``gamma`` of a file's metadata: a number, or a schedule's name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _identity(solver: str, gamma: float | str) -> str | None:
+    """The identity of ``bdia(solver, gamma)``, the solver a file's metadata names (as
+    ``bdia sample --latents`` builds it), or None if this bdia cannot build it."""
+    try:
+        return bdia(get_solver(solver), gamma).identity
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def save_latents(
@@ -74,8 +92,9 @@ def save_latents(
         TypeError: if ``pair`` is not a ``StatePair`` (latents files hold BDIA's pairs).
         ValueError: before writing, if the pair has no fingerprint, its tensors do not match
             or are not float64 or float32, its ``times`` are set and are not ``(ts[0],
-            ts[1])``, or ``ts`` is not 1-D with at least 2 points: what ``load_latents``
-            would refuse or give back otherwise.
+            ts[1])``, its ``solver`` is set and is not ``bdia(solver, gamma)``, or ``ts`` is
+            not 1-D with at least 2 points: what ``load_latents`` would refuse or give back
+            otherwise.
     """
     from safetensors.torch import save_file
 
@@ -115,6 +134,16 @@ def save_latents(
             f"the pair's times {tuple(pair.times)} are not the grid's first two points "
             f"{start}; save the pair that invert returns, with its grid"
         )
+    # The file records the solver as its base's name and gamma, from which a loaded pair
+    # takes its ``solver`` back: a pair made by another solver would come back claiming
+    # this one, and be continued by it.
+    recorded = _identity(solver, _gamma(str(gamma)))  # as load_latents reads it back
+    if pair.solver is not None and pair.solver != recorded:
+        raise ValueError(
+            f"the pair was made by {pair.solver}, but solver={solver!r} and gamma={gamma!r} "
+            f"name {recorded or 'no solver this bdia can build'}; give the base solver's name "
+            "and the gamma the pair was made with"
+        )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     tensors["ts"] = grid
     metadata = {
@@ -134,8 +163,10 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[
     """Read a latents file: ``(pair, ts, metadata)``, all on the CPU.
 
     ``pair`` is the saved ``StatePair`` (its fingerprint from the metadata, its ``times``
-    ``(ts[0], ts[1])``), ``ts`` the float64 grid of shape ``(steps + 1,)``, ``metadata`` a
-    dict with ``fingerprint``,
+    ``(ts[0], ts[1])``, its ``solver`` the identity of ``bdia(solver, gamma)`` from the
+    metadata, or None when this bdia cannot build that solver: a base registered by another
+    program), ``ts`` the float64 grid of shape ``(steps + 1,)``, ``metadata`` a dict with
+    ``fingerprint``,
     ``solver``, ``network``, ``network_path``, ``source`` (strings), ``gamma`` (a float, or
     a schedule's name) and ``class`` (an int or None).
 
@@ -182,10 +213,7 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[
             raise refuse(f"{name} does not match earlier in shape and dtype")
     if ts.dtype != torch.float64 or ts.ndim != 1 or len(ts) < 2:
         raise refuse(f"the grid ts is {ts.dtype} of shape {tuple(ts.shape)}")
-    try:
-        gamma: float | str = float(meta["gamma"])
-    except ValueError:
-        gamma = meta["gamma"]
+    gamma = _gamma(meta["gamma"])
     try:
         label = None if meta["class"] == "none" else int(meta["class"])
     except ValueError:
@@ -199,6 +227,7 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[StatePair, Tensor, dict[
         # The saved states sit at the grid's first two points, so a pair loaded and then
         # continued on another grid is refused as one fresh from ``invert`` would be.
         (float(ts[0]), float(ts[1])),
+        _identity(meta["solver"], gamma),
     )
     info: dict[str, Any] = {k: meta[k] for k in ("fingerprint", *_TEXT_KEYS)}
     info.update(gamma=gamma, **{"class": label})

@@ -96,6 +96,9 @@ def test_latents_hold_the_pair_of_the_in_process_inversion_bit_for_bit(pngs, inv
             assert a.dtype == b.dtype == torch.float64 and a.shape == (1, 1, 8, 8)
             assert torch.equal(a.view(torch.int64), b.view(torch.int64)), field
         assert pair.fingerprint == expected.fingerprint
+        # The file records the solver as its base and gamma; the loaded pair carries it.
+        assert pair.solver == expected.solver == solver.identity == "bdia(euler, gamma=0.96)"
+        assert pair == expected
         assert torch.equal(ts, grid)
         assert pair.times == expected.times == (float(grid[0]), float(grid[1]))
         assert meta["class"] == SOURCE_CLASS and meta["source"] == f"{name}.png"
@@ -145,6 +148,7 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
     assert loaded.earlier_low is None and loaded.later_low is None
     assert loaded.fingerprint == pair.fingerprint and torch.equal(ts_back, ts)
     assert loaded.times == (80.0, 1.0)  # the saved states sit at the grid's first two points
+    assert loaded.solver == bdia.bdia("heun", "obelm").identity  # from the solver and gamma
     toy = bdia.ODE(lambda t, x: -x)
     with pytest.raises(ValueError, match="grid"):  # continued on another grid: refused
         bdia.sample(toy, bdia.bdia("euler", 0.96), loaded, [60.0, 1.0, 0.5], progress=False)
@@ -200,6 +204,20 @@ def test_latents_round_trip_without_low_words_and_refuse_other_files(tmp_path):
             r"points \(80\.0, 1\.0\)",
         ),
         ("one point", r"grid ts of at least 2 points, got shape \(1,\)"),
+        # The file records the solver as the base's name and gamma, which the loaded pair
+        # takes as its own: a pair made by another solver would come back claiming this one.
+        (
+            "gamma",
+            r"the pair was made by bdia\(euler, gamma=0.5\), but solver='euler' and "
+            r"gamma=0.96 name bdia\(euler, gamma=0.96\); give the base solver's name and the "
+            "gamma",
+        ),
+        ("base", r"made by bdia\(heun, gamma=0.96\), but .* name bdia\(euler, gamma=0.96\)"),
+        (
+            "unknown",
+            r"made by bdia\(nonesuch, gamma=0.96\), but solver='nonesuch' and gamma=0.96 "
+            "name no solver this bdia can build",
+        ),
     ],
 )
 def test_save_latents_refuses_what_load_latents_would_not_give_back(tmp_path, case, words):
@@ -208,13 +226,18 @@ def test_save_latents_refuses_what_load_latents_would_not_give_back(tmp_path, ca
     a = torch.zeros(1, 3, 2, 2, dtype=dtype)
     # A pair that sample(..., return_pair=True) gives: at the grid's last two points.
     times = (1.0, 0.002) if case == "times" else None
-    pair = bdia.StatePair(a, a + 1, fingerprint="0123456789abcdef", times=times)
+    made_by = {
+        "gamma": "bdia(euler, gamma=0.5)",
+        "base": "bdia(heun, gamma=0.96)",
+        "unknown": "bdia(nonesuch, gamma=0.96)",
+    }.get(case)
+    pair = bdia.StatePair(a, a + 1, fingerprint="0123456789abcdef", times=times, solver=made_by)
     with pytest.raises(ValueError, match=words):
         save_latents(
             tmp_path / "x.safetensors",
             pair,
             ts[:1] if case == "one point" else ts,
-            solver="euler",
+            solver="nonesuch" if case == "unknown" else "euler",
             gamma=0.96,
             class_label=None,
             network="n",
@@ -238,6 +261,26 @@ def test_a_network_path_may_be_a_path(tmp_path):
         network_path=where,
     )
     assert load_latents(path)[2]["network_path"] == str(where)
+
+
+def test_a_file_whose_solver_this_bdia_cannot_build_loads_with_no_solver(tmp_path):
+    """A file that names a base solver registered only by the program that wrote it (and a
+    pair that records no solver, as before) still loads: its pair records no solver, and
+    is taken as it is."""
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    a = torch.zeros(1, 3, 2, 2, dtype=torch.float32)
+    pair = bdia.StatePair(a, a + 1, fingerprint="0123456789abcdef")
+    path = save_latents(
+        tmp_path / "x.safetensors",
+        pair,
+        ts,
+        solver="ralston",
+        gamma=0.96,
+        class_label=None,
+        network="n",
+    )
+    loaded, _, meta = load_latents(path)
+    assert meta["solver"] == "ralston" and loaded.solver is None
 
 
 # ------------------------------------------------------------------------- bad inputs
