@@ -406,7 +406,11 @@ def load_edm_pickle(path: str | os.PathLike[str]) -> torch.nn.Module:
             f"{path} holds no EDM network: EDM pickles are a dict whose 'ema' entry is the "
             f"network, this file holds {found}"
         )
-    return network_from_records(record)
+    try:
+        return network_from_records(record)
+    except ValueError as err:
+        # The record's own errors name a class or a tensor, not the file a user passed.
+        raise ValueError(f"{path}: {err}") from err
 
 
 FORMAT_TAG = "bdia-network-v1"
