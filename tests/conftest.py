@@ -7,6 +7,7 @@ them in a second pass with ``python -m pytest -q -m slow``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -115,3 +116,64 @@ def untouched(*tensors: torch.Tensor | None) -> Iterator[None]:
     yield
     for t, c in zip(kept, clones, strict=True):
         torch.testing.assert_close(t, c, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+# torchrun's worker: `bdia ARGS`, logging to LOG.RANK the name of each file it renames into
+# place, and LEFT_THE_GROUP when it leaves the process group. bdia writes every output so
+# (bdia._files.replace_atomic): the logs tell which rank wrote which file, how often, and
+# whether every rank left the group.
+LEFT_THE_GROUP = "<left-the-group>"
+LOGGING_WORKER = f"""
+import os, sys
+
+import torch.distributed as dist
+
+log = open(sys.argv.pop(1) + "." + os.environ["RANK"], "w")
+rename, destroy = os.replace, dist.destroy_process_group
+
+
+def logged(src, dst):
+    rename(src, dst)
+    print(os.path.basename(dst), file=log, flush=True)
+
+
+def left(*args, **kwargs):
+    destroy(*args, **kwargs)
+    print("{LEFT_THE_GROUP}", file=log, flush=True)
+
+
+os.replace, dist.destroy_process_group = logged, left
+from bdia.cli import main
+
+main()
+"""
+
+
+def torchrun_bdia(
+    log: Path, *args: object, cwd: Path = REPO
+) -> tuple[subprocess.CompletedProcess[str], list[list[str]], list[bool]]:
+    """``bdia ARGS`` in two torchrun processes, which must succeed: (the result, the names
+    of the files each rank wrote, whether each rank left the process group)."""
+    launch = ["--standalone", "--nproc_per_node=2", "--no-python", sys.executable, "-c"]
+    launch += [LOGGING_WORKER, str(log), *map(str, args)]
+    result = run_torchrun(launch, timeout=300, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    logs = [Path(f"{log}.{rank}").read_text().split() for rank in (0, 1)]
+    written = [[name for name in names if name != LEFT_THE_GROUP] for names in logs]
+    return result, written, [LEFT_THE_GROUP in names for names in logs]
+
+
+def folder_bytes(folder: Path) -> dict[str, Any]:
+    """Each file under ``folder`` by its path there: its bytes; for a .safetensors file, its
+    header as parsed JSON and the bytes after it (safetensors writes the metadata's keys in
+    an order that changes from one writing to the next)."""
+    files: dict[str, Any] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".safetensors":
+            end = 8 + int.from_bytes(data[:8], "little")
+            files[name] = (json.loads(data[8:end]), data[end:])
+        else:
+            files[name] = data
+    return files

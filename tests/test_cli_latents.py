@@ -7,14 +7,12 @@ tests write from held-out digits.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import run_torchrun
+from conftest import folder_bytes, torchrun_bdia
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -505,52 +503,6 @@ def test_invert_overwrite_under_other_settings_removes_the_images_it_listed(pngs
     assert json.loads((out / "bdia-invert.json").read_text())["steps"] == 3
 
 
-# torchrun's worker: `bdia ARGS`, logging the name of each file it renames into place to
-# LOG.RANK. bdia writes every output so (bdia._files.replace_atomic): the logs tell which
-# rank wrote which file, and how often.
-LOGGING_WORKER = """
-import os, sys
-
-log = open(sys.argv.pop(1) + "." + os.environ["RANK"], "w")
-rename = os.replace
-
-
-def logged(src, dst):
-    rename(src, dst)
-    print(os.path.basename(dst), file=log, flush=True)
-
-
-os.replace = logged
-from bdia.cli import main
-
-main()
-"""
-
-
-def torchrun_bdia(log, *args):
-    """``bdia ARGS`` in two torchrun processes: (the result, the names each rank wrote)."""
-    launch = ["--standalone", "--nproc_per_node=2", "--no-python", sys.executable, "-c"]
-    launch += [LOGGING_WORKER, str(log), *map(str, args), "--no-progress"]
-    result = run_torchrun(launch, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result, [Path(f"{log}.{rank}").read_text().split() for rank in (0, 1)]
-
-
-def folder_bytes(folder):
-    """Each file of ``folder`` by name: its bytes; for a .safetensors file, its header as
-    parsed JSON and the bytes after it (safetensors writes the metadata's keys in an order
-    that changes from process to process)."""
-    files = {}
-    for path in sorted(folder.iterdir()):
-        data = path.read_bytes()
-        if path.suffix == ".safetensors":
-            end = 8 + int.from_bytes(data[:8], "little")
-            files[path.name] = (json.loads(data[8:end]), data[end:])
-        else:
-            files[path.name] = data
-    return files
-
-
 def outputs_of(names):
     return [f"{n}{end}" for n in names for end in (".safetensors", "-reconstruction.png")]
 
@@ -594,8 +546,9 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     two = tmp_path / "two"
     summary = "bdia-invert.json"
     invert = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS]
-    invert += ["--outdir", two]
-    result, written = torchrun_bdia(tmp_path / "invert", *invert)
+    invert += ["--outdir", two, "--no-progress"]
+    result, written, left = torchrun_bdia(tmp_path / "invert", *invert)
+    assert left == [True, True]
     assert folder_bytes(two) == folder_bytes(one)
     for rank in (0, 1):
         assert [name for name in written[rank] if name != summary] == outputs_of(NAMES[rank::2])
@@ -613,7 +566,8 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     (two / summary).write_text(json.dumps(record, indent=1) + "\n")
     for name in outputs_of(NAMES[3:]):
         (two / name).unlink()
-    result, written = torchrun_bdia(tmp_path / "resume", *invert)
+    result, written, left = torchrun_bdia(tmp_path / "resume", *invert)
+    assert left == [True, True]
     assert folder_bytes(two) == folder_bytes(one)
     assert [name for name in written[0] if name != summary] == outputs_of(NAMES[2::2])
     assert [name for name in written[1] if name != summary] == outputs_of(NAMES[3::2])
@@ -621,9 +575,10 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
 
     back_one, back_two = tmp_path / "back1", tmp_path / "back2"
     invoke("sample", "--latents", one, "--outdir", back_one)
-    result, written = torchrun_bdia(
-        tmp_path / "back", "sample", "--latents", two, "--outdir", back_two
+    result, written, left = torchrun_bdia(
+        tmp_path / "back", "sample", "--latents", two, "--outdir", back_two, "--no-progress"
     )
+    assert left == [True, True]
     assert folder_bytes(back_two) == folder_bytes(back_one)
     assert written == [[f"{n}.png" for n in NAMES[rank::2]] for rank in (0, 1)]
     assert result.stderr.count(f"{COUNT} images in {back_two} ({COUNT} reconstructed)") == 1
