@@ -1060,13 +1060,9 @@ def sample_command(
     # After the options' checks: a wrong option is named (status 2) even where the grid
     # exists, and the status 1 of an existing file is left to valid options.
     _refuse_existing_file(grid_path, "--grid", overwrite)
-    rank, world = _distributed()
-    device = _default_device(device)
-    net = net.to(device=device)
-    show = not no_progress and rank == 0
-
     if outdir is not None:
-        # Checked before any image, the grid's included: a refused run writes nothing.
+        # Checked before any image, the grid's included: a refused run writes nothing (and,
+        # under torchrun, joins no group).
         settings, info = _run_settings(
             network_spec,
             solver_name,
@@ -1082,6 +1078,10 @@ def sample_command(
             # Absent when off, so that the records of earlier runs still match.
             settings["compile"] = True
         stale = _claim_outdir(outdir, settings, overwrite)
+    rank, world = _distributed()
+    device = _default_device(device)
+    net = net.to(device=device)
+    show = not no_progress and rank == 0
     # The grid shows the --outdir images themselves unless it gives column c class c, which
     # the images, of classes drawn from their seeds, do not have.
     grid_of_outdir = outdir is not None and (
@@ -1106,10 +1106,15 @@ def sample_command(
         click.echo(f"wrote {path} ({_images(len(seed_list))})", err=True)
 
     if outdir is None:
+        # A grid is at most GRID_MAX_IMAGES images: rank 0 samples it alone, once every rank
+        # has left the group (a wait there while it samples could outlast the group's timeout).
+        _wait_for_ranks(world, leave=True)
         if grid_path is not None and rank == 0:
             write_grid(grid_path)
         return
 
+    # Every rank has checked the folder before rank 0 changes it.
+    _wait_for_ranks(world)
     if rank == 0:
         for image in stale:
             image.unlink()
