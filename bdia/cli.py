@@ -403,6 +403,19 @@ def _wait_for_ranks(world: int, leave: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def _rank_zero_alone() -> bool:
+    """Leave work that is not split across torchrun ranks to rank 0: every rank joins
+    ``_distributed()``'s group and leaves it at once. True on rank 0 (and in one process),
+    which then works alone; another rank has nothing left to do.
+
+    Leaving before the work, not after it, spares the other ranks a wait in the group that
+    could outlast its timeout.
+    """
+    rank, world = _distributed()
+    _wait_for_ranks(world, leave=True)
+    return rank == 0
+
+
 def _base_solver(name: str, option: str = "--solver") -> Any:
     """The registered base solver ``name``; errors name ``option`` (--solver or --solvers).
 
@@ -569,6 +582,8 @@ def main(debug: bool) -> None:
 @main.command()
 def solvers() -> None:
     """List every registered solver with its order and cost per step."""
+    if not _rank_zero_alone():
+        return
     rows = [("name", "order", "NFE/step", "NFE/step under bdia", "needs DiffusionODE")]
     for name in available_solvers():
         s = get_solver(name)
@@ -722,6 +737,8 @@ def compare_command(
         else:
             words += [param.opts[0], str(value)]
     command = " ".join(shlex.quote(w) for w in words)
+    if not _rank_zero_alone():
+        return
 
     from .sampling import ParasiticWarning
 
@@ -1354,6 +1371,10 @@ def invert_command(
             )
         net = _load_denoiser("digits")
         _set_threads(threads, net)
+        # Rank 0 alone: the table's figures, of one batch, may change in their last bits
+        # when the digits are split into smaller batches.
+        if not _rank_zero_alone():
+            return
         _invert_held_out(net, exact, ts, steps, gamma, count, state_dtype, device, no_progress)
         return
     if count is not None:
@@ -2178,6 +2199,8 @@ def convert(source: Path, target: Path, overwrite: bool) -> None:
         net = load_network(source)
     except (FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
         raise click.BadParameter(_one_line(str(err)), param_hint="'SOURCE'") from None
+    if not _rank_zero_alone():
+        return
     save_network(net, target)
     count = sum(p.numel() for p in net.parameters())
     # save_network has checked the recorded config dict, which nn.Module's typing takes for a

@@ -18,6 +18,7 @@ from conftest import folder_bytes, torchrun_bdia
 import bdia.cli
 from bdia import generate
 from bdia.cli import main
+from bdia.models.checkpoints import shipped_network_path
 
 SAMPLE = ["sample", "--network", "digits", "--steps", "2"]
 
@@ -91,6 +92,52 @@ def test_sample_outdir_is_checked_by_every_rank_before_rank_zero_changes_it(
     assert log == ["check", "wait", *removed, *record, "wait", "sample", "leave"]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_held_out_table_is_rank_zeros_alone(rank, monkeypatch):
+    """invert without --images: rank 0 inverts the digits and prints the table once every
+    rank has left the group; another rank leaves it and does nothing. Every rank used to
+    invert them all and print the table."""
+    args = ["invert", "--count", "2", "--steps", "2", "--no-progress"]
+    one = invoke(*args).output
+    log = as_rank(monkeypatch, rank)
+    logged(monkeypatch, log, generate, "reconstruct", "invert")
+    result = invoke(*args)
+    if rank == 0:
+        assert log == ["leave", "invert", "invert"] and result.output == one
+        assert "bdia(euler, 0.96) (exact)" in one
+    else:
+        assert log == ["leave"] and result.output == ""
+
+
+NOT_SPLIT = {
+    "solvers": ["solvers"],
+    "compare": ["compare", "--solvers", "euler", "--gammas", "1.0", "--budgets", "4"]
+    + ["--no-plot", "--no-progress", "--out", "r.md"],
+    "convert": ["convert", shipped_network_path("digits"), "n.safetensors"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(NOT_SPLIT))
+def test_commands_that_do_not_split_their_work_leave_it_to_rank_zero(
+    command, tmp_path, monkeypatch
+):
+    """solvers, compare and convert: rank 0 prints and writes what one process does; another
+    rank leaves the group and prints and writes nothing. Every rank used to do the work,
+    print it and write the same file (a rank that checked it after another had written it
+    was refused)."""
+    runs = {}
+    for run in ("one", 0, 1):
+        folder = tmp_path / str(run)
+        folder.mkdir()
+        with monkeypatch.context() as m:
+            m.chdir(folder)
+            log = as_rank(m, run) if run != "one" else []
+            runs[run] = (invoke(*NOT_SPLIT[command]).output, folder_bytes(folder), log)
+    assert runs[0] == (*runs["one"][:2], ["leave"])
+    assert runs[1] == ("", {}, ["leave"])
+    assert runs["one"][0] and (command == "solvers" or runs["one"][1])
+
+
 @pytest.mark.parametrize("command", ["sample"])
 def test_a_refused_run_joins_no_group(command, tmp_path, monkeypatch):
     """A run refused after its options are read (sample: a folder made with other
@@ -119,6 +166,9 @@ TWO_RANKS = {
         [*SAMPLE[:-2], "--steps", "3", "--seeds", "0-3", "--outdir", "out", "--overwrite"],
         [["bdia-run.json", "000000.png", "000002.png"], ["000001.png", "000003.png"]],
     ),
+    # Rank 0's alone; every rank used to do it all and print (compare: and write) it.
+    "invert": (["invert", "--count", "3", "--steps", "2"], [[], []]),
+    "compare": (NOT_SPLIT["compare"], [["r.md"], []]),
 }
 
 
