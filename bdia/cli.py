@@ -2029,7 +2029,6 @@ def _gathered_statistics(
     from .metrics import fid
 
     _set_threads(threads)
-    rank, world = _distributed()
     device = _default_device(device)
     try:
         detector = fid.load_detector(detector_path, device)
@@ -2047,6 +2046,8 @@ def _gathered_statistics(
             "and in practice 10k-50k",
             param_hint="'--images'",
         )
+    # After the checks: a refused run joins no group.
+    rank, world = _distributed()
     mine = len(items[rank::world])
     with _Progress(mine, "features", "img", show and rank == 0) as bar:
         try:

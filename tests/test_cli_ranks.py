@@ -138,11 +138,11 @@ def test_commands_that_do_not_split_their_work_leave_it_to_rank_zero(
     assert runs["one"][0] and (command == "solvers" or runs["one"][1])
 
 
-@pytest.mark.parametrize("command", ["sample"])
+@pytest.mark.parametrize("command", ["sample", "fid-ref"])
 def test_a_refused_run_joins_no_group(command, tmp_path, monkeypatch):
     """A run refused after its options are read (sample: a folder made with other
-    settings) exits before joining the group, so no rank is left in it. It used to join
-    first."""
+    settings; fid-ref: a detector that is not there) exits before joining the group, so no
+    rank is left in it. Both used to join first."""
     out = tmp_path / "out"
     invoke(*SAMPLE, "--seeds", "0", "--outdir", out, "--no-progress")
     joined = []
