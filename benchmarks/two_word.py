@@ -65,6 +65,10 @@ LOW_SIZES = (1e-28, 1e-27)
 LEVELS = (1, 5, 10, 15, 20, 25, 30, 34)
 #: Component standard deviations of the 4-D mixtures of 3 Gaussians (seed 3).
 MIXTURE_STDS = ((0.1, 0.3), (0.01, 0.02), (0.001, 0.002))
+#: One float32 ulp in float64 ulps (2^29: float32 keeps 23 bits after the point, float64 52),
+#: in the same binade: a change of a float64 value by this many of its ulps moves its float32
+#: rounding by exactly one ulp, the change a high-word flip makes in a float32 state.
+FLOAT32_ULP = round(torch.finfo(torch.float32).eps / torch.finfo(torch.float64).eps)
 #: A two-word value whose low word lies within this many ulps of half an ulp of its high
 #: word is counted as near a rounding midpoint.
 NEAR_TIE = 1e-5
@@ -78,7 +82,7 @@ class Problem:
 
     ``networks``: the network dtypes a float64 state is run with, the first also measuring
     the growth; ``model_ulps``: the two sizes of a change of what the model sees, in ulps of
-    the float64 state (2^20 is about 2e-10 relative, 2^28 about one float32 ulp).
+    the float64 state (2^20 is about 2e-10 relative, ``FLOAT32_ULP`` = 2^29 is one float32 ulp).
     """
 
     name: str
@@ -128,7 +132,9 @@ def digits_problem(count: int) -> Problem:
         split.held_out_images[:count].double(),
         80.0 * noise.double(),
         (torch.float32,),
-        (2**28, 2**32),
+        # The network rounds its input to float32: the smallest change it sees is one float32
+        # ulp, which is also what a flip is; the larger size is 16 of them, as for the mixtures.
+        (FLOAT32_ULP, 16 * FLOAT32_ULP),
     )
 
 
@@ -478,13 +484,7 @@ def report(
         "element (random signs), its low word taking the change back so that the two-word "
         "value stays: a high-word flip, as float32 round trips make them (below). The change "
         "travels through the model; this is the problem's growth `G` of the theory page. "
-        f"The mixtures: float64 network, 2^{problems[0].model_ulps[0].bit_length() - 1} ulps "
-        "(about 2e-10 "
-        "relative). The digits: the network rounds to float32 inside whatever the state's "
-        f"dtype, so the change is 2^{problems[-1].model_ulps[0].bit_length() - 1} float64 "
-        "ulps, "
-        "about one float32 ulp, the size of a flip and the smallest change it sees; at that "
-        "size its response is not linear.",
+        + model_sizes(problems, rows),
         "",
         "Max: the largest growth over the indices measured, and the sigma where that "
         "perturbation entered. Linear: the growth at that index with a larger perturbation "
@@ -613,6 +613,38 @@ def report(
     lines += ["", "## Reading the tables", ""] + reading(rows, digits_rows, by_gamma, grid)
     lines.append("")
     return "\n".join(lines)
+
+
+def model_sizes(problems: list[Problem], rows: list[dict]) -> str:
+    """The sizes of the model input's change (the mixtures', then the digits', the last
+    problem), relative as measured, and whether the digits respond to it linearly."""
+
+    def measured(names: set[str]) -> str:
+        sizes = [r["model"]["sizes"][0] for r in rows if r["problem"] in names]
+        return f"{min(sizes):.1e} to {max(sizes):.1e} relative"
+
+    *mixtures, last = problems
+    power = sorted({p.model_ulps[0].bit_length() - 1 for p in mixtures})
+    in_float32 = last.model_ulps[0] / FLOAT32_ULP
+    seen = (
+        "one float32 ulp, the size of a flip and the smallest change it sees"
+        if in_float32 == 1
+        else f"{in_float32:g} float32 ulps (a flip is one)"
+    )
+    linear = [r["model"]["linearity"] for r in rows if r["problem"] == last.name]
+    # The linear column prints two decimals: within 0.05 of 1 reads as linear there.
+    response = (
+        "linear"
+        if all(abs(x - 1) <= 0.05 for x in linear)
+        else f"not linear (linear {min(linear):.2f} to {max(linear):.2f})"
+    )
+    return (
+        f"The mixtures: float64 network, {' or '.join(f'2^{e}' for e in power)} ulps "
+        f"({measured({p.name for p in mixtures})}). The digits: the network rounds to "
+        "float32 inside whatever the state's dtype, so the change is "
+        f"2^{last.model_ulps[0].bit_length() - 1} float64 ulps, {seen} "
+        f"({measured({last.name})}); at that size its response is {response}."
+    )
 
 
 def reading(rows: list[dict], digits_rows: list[dict], by_gamma: list[dict], grid) -> list[str]:

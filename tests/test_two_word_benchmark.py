@@ -1,6 +1,8 @@
 """benchmarks/two_word.py: its perturbations do what the page says they do, and a smoke run
 writes the page's tables with exact float64 round trips."""
 
+import types
+
 import pytest
 import torch
 from conftest import benchmark_module, run_child
@@ -38,6 +40,47 @@ def test_a_model_input_change_moves_the_high_word_and_keeps_the_two_word_value(d
     bound = 9 * 2.0**-106 * getattr(pair, seen).abs()
     assert (value.abs() <= bound).all()
     assert 2 * 2.0**-53 <= size <= 4 * 2.0**-52
+
+
+def test_the_digits_model_input_change_moves_what_the_network_sees_by_one_float32_ulp():
+    # The network rounds a float64 state to float32: a flip of a float32 high word is one
+    # float32 ulp, and half of one (2^28 float64 ulps) would move only the elements it
+    # carried across a rounding midpoint, about half of them.
+    tw = _two_word()
+    problem = tw.digits_problem(1)
+    pair = _pair()
+    changed, _ = tw.perturbed(
+        pair, tw.DIRECTIONS[0], "model", problem.model_ulps[0], torch.Generator().manual_seed(1)
+    )
+    before, after = pair.later.float(), changed.later.float()
+    up = changed.later > pair.later
+    neighbour = torch.nextafter(before, torch.where(up, torch.inf, -torch.inf))
+    # Exact: the change is a multiple of the float32 spacing at each element (none of these
+    # values lies within a float32 ulp of a power of two, where the spacing changes).
+    assert torch.equal(after, neighbour)
+
+
+def test_the_model_input_prose_gives_the_sizes_and_the_response_the_run_measured():
+    tw = _two_word()
+
+    def problem(name, ulps):
+        return types.SimpleNamespace(name=name, model_ulps=(ulps, 16 * ulps))
+
+    def row(name, size, linearity):
+        return {"problem": name, "model": {"sizes": (size, 16 * size), "linearity": linearity}}
+
+    problems = [problem("mixture", 2**20), problem("digits", 2**29)]
+    rows = [row("mixture", 1.7e-10, 1.0), row("digits", 4.4e-8, 0.88), row("digits", 4.8e-8, 0.2)]
+    text = tw.model_sizes(problems, rows)
+    assert "2^20 ulps (1.7e-10 to 1.7e-10 relative)" in text
+    assert "2^29 float64 ulps, one float32 ulp" in text
+    assert "(4.4e-08 to 4.8e-08 relative)" in text
+    assert "its response is not linear (linear 0.20 to 0.88)." in text
+    rows = [row("mixture", 1.7e-10, 1.0), row("digits", 4.4e-8, 0.98)]
+    problems[-1] = problem("digits", 2**28)
+    text = tw.model_sizes(problems, rows)
+    assert "2^28 float64 ulps, 0.5 float32 ulps" in text
+    assert "its response is linear." in text
 
 
 def test_a_low_word_change_leaves_the_high_words_and_has_the_size_asked():
