@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _args import positive_int  # the benchmarks folder is the script's path
+from _args import out_or_default, positive_int  # the benchmarks folder is the script's path
 
 import bdia
 from bdia import generate
@@ -454,11 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="2 solvers, 100 samples, 16 digits")
     args = parser.parse_args(argv)
-    if args.out is None:
-        if args.smoke:
-            # A smoke run's numbers would otherwise replace the published page and figures.
-            parser.error("--smoke needs --out: the default is docs/benchmarks/digits.md")
-        args.out = DOCS / "digits.md"
+    args.out = out_or_default(parser, args, DOCS / "digits.md")
     args.solvers = bdia.available_solvers()
     args.gammas, args.budgets = GAMMAS, BUDGETS
     args.single_word_bases = ["euler", "heun"]

@@ -41,7 +41,7 @@ from bdia.models.checkpoints import load_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_study  # noqa: E402  (the digits study's seed and inversion grid, by import)
-from _args import positive_int
+from _args import out_or_default, positive_int
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 #: (scheme, parameter): the base alone, bdia's gamma, EDICT's p, McCallum-Foster's coupling.
@@ -457,11 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check")
     args = parser.parse_args(argv)
-    if args.out is None:
-        if args.smoke:
-            # A smoke run's numbers would otherwise replace the published page.
-            parser.error("--smoke needs --out: the default is docs/benchmarks/reversible.md")
-        args.out = DOCS / "reversible.md"
+    args.out = out_or_default(parser, args, DOCS / "reversible.md")
     args.problems = list(PROBLEMS)
     args.bases = ["euler", "heun", "ddim"]
     args.digit_bases = ["euler", "heun"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _args import out_or_default  # the benchmarks folder is the script's path
 from torch import Tensor, nn
 
 from bdia.models import digits
@@ -222,11 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         "--smoke", action="store_true", help="20 iterations and 2 classifier epochs"
     )
     args = parser.parse_args(argv)
-    if args.out is None:
-        if args.smoke:
-            # 20 iterations' weights would otherwise replace the networks the package ships.
-            parser.error("--smoke needs --out: the default is the package's bdia/models/weights")
-        args.out = shipped_network_path("digits").parent
+    args.out = out_or_default(
+        parser, args, shipped_network_path("digits").parent, "the package's bdia/models/weights"
+    )
     if args.smoke:
         args.iterations, args.classifier_epochs = 20, 2
     torch.set_num_threads(args.threads)

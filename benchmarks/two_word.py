@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from _args import positive_int  # the benchmarks folder is the script's path
+from _args import out_or_default, positive_int  # the benchmarks folder is the script's path
 from torch import Tensor
 
 import bdia
@@ -775,11 +775,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check")
     args = parser.parse_args(argv)
-    if args.out is None:
-        if args.smoke:
-            # A smoke run's numbers would otherwise replace the published page.
-            parser.error("--smoke needs --out: the default is docs/benchmarks/two_word.md")
-        args.out = DOCS / "two_word.md"
+    args.out = out_or_default(parser, args, DOCS / "two_word.md")
     args.bases, args.levels, stds = BASES, LEVELS, MIXTURE_STDS
     if args.smoke:
         args.bases, args.levels, stds = ("euler",), (1, 34), MIXTURE_STDS[1:2]

@@ -2,9 +2,12 @@
 is a published page or the package's networks) and arguments out of range; and the command
 each page names being the one that ran."""
 
+import argparse
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import benchmark_module
+from conftest import REPO, benchmark_module
 
 SMOKE_DEFAULTS = {
     "reversible": "docs/benchmarks/reversible.md",
@@ -21,6 +24,29 @@ def test_a_smoke_run_without_out_is_refused(script, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--smoke needs --out" in err and SMOKE_DEFAULTS[script] in err
+
+
+def test_out_or_default_refuses_a_smoke_run_without_out_naming_the_default(capsys):
+    args_module = benchmark_module("_args")
+    parser = argparse.ArgumentParser(prog="study")
+    default = REPO / "docs" / "benchmarks" / "study.md"
+
+    def out(smoke, given=None, name=None):
+        args = argparse.Namespace(out=given, smoke=smoke)
+        return args_module.out_or_default(parser, args, default, name)
+
+    assert out(False) == default
+    assert (
+        out(True, Path("/tmp/page.md")) == out(False, Path("/tmp/page.md")) == Path("/tmp/page.md")
+    )
+    with pytest.raises(SystemExit) as exc:
+        out(True)
+    assert exc.value.code == 2
+    # The default as a path from the repository root, wherever the suite runs from.
+    assert "--smoke needs --out: the default is docs/benchmarks/study.md" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        out(True, name="the package's networks")
+    assert "the default is the package's networks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
