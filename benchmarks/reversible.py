@@ -1,7 +1,7 @@
 """Three exactly invertible schemes side by side: BDIA, EDICT and McCallum-Foster.
 
 For each base solver (euler, heun, ddim) it runs the base alone, ``bdia(base, 0.96)``,
-``edict(base)`` (p = 0.93) and ``reversible(base)`` (coupling 0.999):
+``edict(base)`` (p = 0.93) and ``reversible(base)`` (coupling 0.999 and 0.5):
 
 - on the toy problems of ``bdia compare`` (``bdia.compare.PROBLEMS``, their reference
   solutions and start states): the error at equal budgets of model evaluations, the measured
@@ -9,10 +9,12 @@ For each base solver (euler, heun, ddim) it runs the base alone, ``bdia(base, 0.
   float32 and a float64 state with a float32 network;
 - on the shipped digits model: FDD and classifier accuracy of class-conditional samples at
   10, 20 and 35 NFE (``bdia.models.digits.frechet_digit_distance`` and ``predict``, as in
-  ``benchmarks/digits_study.py``), and the round trip of held-out digits data -> noise -> data
-  in both state dtypes.
+  ``benchmarks/digits_study.py``), the same for ``edict(euler)`` and euler at 100 and 250
+  steps, and the round trip of held-out digits data -> noise -> data in both state dtypes.
 
-Run from the repository root (about five minutes on one busy CPU core)::
+The notes under the tables quote only this run's rows.
+
+Run from the repository root (five to fifteen minutes on one busy CPU core)::
 
     python benchmarks/reversible.py                  # writes docs/benchmarks/reversible.md
     python benchmarks/reversible.py --smoke --out /tmp/reversible.md   # a quick check
@@ -54,6 +56,11 @@ SCHEMES = (
 )
 TOY_BUDGETS = (10, 20, 50, 100, 200)
 DIGIT_BUDGETS = (10, 20, 35)
+#: Step counts at which EDICT's first-order error on the digits is measured beside its base's.
+LONG_STEPS = (100, 250)
+#: The notes count a scheme's digit samples as close to its base's where their FDD is at most
+#: this many times the base's; the sentences that use it give the ratio.
+CLOSE = 1.5
 
 
 def make(scheme: str, parameter: float | None, base: str):
@@ -135,7 +142,9 @@ def toy_study(args, log) -> list[dict]:
                 row = {
                     "problem": name,
                     "label": label(scheme, parameter, base),
+                    "scheme": scheme,
                     "per_step": per_step(solver),
+                    "formal": solver.order,
                 }
                 row["errors"], row["nfe"], row["parasitic"] = {}, {}, {}
                 largest = None
@@ -178,44 +187,72 @@ def toy_study(args, log) -> list[dict]:
 
 
 # ------------------------------------------------------------------------ digits model
-def digits_sampling(args, net, classifier, split, log) -> list[dict]:
+def digits_noise(args) -> tuple[torch.Tensor, list[int]]:
+    """The sampling study's noise (float64, ``(samples, 1, 8, 8)``) and class labels."""
     gen = torch.Generator().manual_seed(digits_study.NOISE_SEED)
     noise = torch.randn(args.samples, 1, 8, 8, generator=gen, dtype=torch.float64)
-    labels = [i % 10 for i in range(args.samples)]
-    target = torch.tensor(labels)
+    return noise, [i % 10 for i in range(args.samples)]
+
+
+def sample_cell(net, classifier, split, solver, steps: int, noise, labels, log, what) -> dict:
+    """FDD, accuracy and largest pixel of the digits sampled with ``steps`` steps, logged
+    after ``what``."""
+    start = time.perf_counter()
+    ts = bdia.karras_grid(steps, final_zero=False)
+    counter = bdia.DiffusionODE(lambda x, sigma: torch.zeros_like(x), bdia.EDM())
+    bdia.sample(counter, solver, torch.ones(1, 1), ts, progress=False)
+    images = generate.sample_images(
+        net, solver, ts, noise, labels, state_dtype=torch.float64
+    ).float()
+    correct = digits.predict(classifier, images) == torch.tensor(labels)
+    cell = {
+        "steps": steps,
+        "nfe": counter.nfe,
+        "fdd": digits.frechet_digit_distance(classifier, images, split.held_out_images),
+        "accuracy": float(correct.double().mean()),
+        "overshoot": float(images.abs().max()),
+    }
+    log(
+        f"{what}: steps {steps:3d} NFE {cell['nfe']:3d} FDD {cell['fdd']:8.3f} "
+        f"acc {cell['accuracy']:.4f} ({time.perf_counter() - start:.1f} s)"
+    )
+    return cell
+
+
+def digits_sampling(args, net, classifier, split, log) -> list[dict]:
+    noise, labels = digits_noise(args)
     rows = []
     for base in args.digit_bases:
         for scheme, parameter in SCHEMES:
             solver = make(scheme, parameter, base)
-            row = {"label": label(scheme, parameter, base), "cells": {}}
+            row = {"label": label(scheme, parameter, base), "scheme": scheme, "cells": {}}
             for budget in args.digit_budgets:
                 steps = steps_for_budget(solver, budget)
                 if steps < min_steps(solver):
                     row["cells"][budget] = None
                     continue
-                ts = bdia.karras_grid(steps, final_zero=False)
-                counter = bdia.DiffusionODE(lambda x, sigma: torch.zeros_like(x), bdia.EDM())
-                bdia.sample(counter, solver, torch.ones(1, 1), ts, progress=False)
-                start = time.perf_counter()
-                images = generate.sample_images(
-                    net, solver, ts, noise, labels, state_dtype=torch.float64
-                ).float()
-                fdd = digits.frechet_digit_distance(classifier, images, split.held_out_images)
-                correct = digits.predict(classifier, images) == target
-                cell = {
-                    "steps": steps,
-                    "nfe": counter.nfe,
-                    "fdd": fdd,
-                    "accuracy": float(correct.double().mean()),
-                    "overshoot": float(images.abs().max()),
-                }
-                row["cells"][budget] = cell
-                log(
-                    f"{row['label']:>26} NFE {budget:3d}: steps {steps:3d} NFE {cell['nfe']:3d} "
-                    f"FDD {fdd:8.3f} acc {cell['accuracy']:.4f} "
-                    f"({time.perf_counter() - start:.1f} s)"
+                what = f"{row['label']:>26} NFE {budget:3d}"
+                row["cells"][budget] = sample_cell(
+                    net, classifier, split, solver, steps, noise, labels, log, what
                 )
             rows.append(row)
+    return rows
+
+
+def digits_long(args, net, classifier, split, log) -> list[dict]:
+    """edict(euler, p) and euler with ``args.long_steps`` steps, on the sampling study's noise:
+    whether EDICT's first-order error fades with many steps."""
+    noise, labels = digits_noise(args)
+    p = next(parameter for scheme, parameter in SCHEMES if scheme == "edict")
+    rows = []
+    for scheme, parameter in (("edict", p), ("base", None)):
+        solver = make(scheme, parameter, "euler")
+        row = {"label": label(scheme, parameter, "euler"), "cells": {}}
+        for steps in args.long_steps:
+            row["cells"][steps] = sample_cell(
+                net, classifier, split, solver, steps, noise, labels, log, f"{row['label']:>26}"
+            )
+        rows.append(row)
     return rows
 
 
@@ -229,7 +266,9 @@ def digits_round_trips(args, net, split, log) -> list[dict]:
         for scheme, parameter in SCHEMES:
             solver = make(scheme, parameter, base)
             row = {
-                "label": f"{base} backward" if scheme == "base" else label(scheme, parameter, base)
+                "label": f"{base} backward" if scheme == "base" else label(scheme, parameter, base),
+                "scheme": scheme,
+                "base": base,
             }
             for dtype in (torch.float32, torch.float64):
                 worst = Worst()
@@ -266,7 +305,15 @@ def _g(value: float) -> str:
     return "—" if not math.isfinite(value) else f"{value:.2f}"
 
 
-def report(args, toy, sampling, trips, baseline, seconds: float) -> str:
+def _cell(c: dict) -> str:
+    """A sampling cell: ``FDD / accuracy % (steps, NFE) max |x|``."""
+    return (
+        f"{c['fdd']:.3g} / {100 * c['accuracy']:.1f} ({c['steps']}, {c['nfe']}) "
+        f"{c['overshoot']:.1f}"
+    )
+
+
+def report(args, toy, sampling, long, trips, baseline, seconds: float) -> str:
     command = f"python benchmarks/{Path(__file__).name}" + (
         " " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     )
@@ -347,7 +394,8 @@ def report(args, toy, sampling, trips, baseline, seconds: float) -> str:
         "FDD: Frechet distance to the "
         f"{len(split_labels(baseline))} held-out digits in the shipped classifier's features; "
         "accuracy: the share the classifier assigns to the class sampled under (both as in "
-        "[the digits study](digits.md), whose 2000 samples give somewhat lower FDDs). "
+        f"[the digits study](digits.md), whose {digits_study.SAMPLES} samples give somewhat "
+        "lower FDDs). "
         f"Yardsticks: FDD(training, held-out) = **{baseline['fdd']:.3f}**, classifier "
         f"accuracy on the held-out digits = **{baseline['accuracy']:.4f}**.",
         "",
@@ -361,13 +409,23 @@ def report(args, toy, sampling, trips, baseline, seconds: float) -> str:
         cells = []
         for b in args.digit_budgets:
             c = r["cells"][b]
-            cells.append(
-                "—"
-                if c is None
-                else f"{c['fdd']:.3g} / {100 * c['accuracy']:.1f} ({c['steps']}, {c['nfe']}) "
-                f"{c['overshoot']:.1f}"
-            )
+            cells.append("—" if c is None else _cell(c))
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### Many steps",
+        "",
+        f"{long[0]['label']} and its base with "
+        + " and ".join(str(n) for n in args.long_steps)
+        + " steps, from the same noise on the same rho = 7 grid to sigma 0.002; cells as above.",
+        "",
+        "| solver | " + " | ".join(f"{n} steps" for n in args.long_steps) + " |",
+        "|---|" + "---|" * len(args.long_steps),
+    ]
+    for r in long:
+        lines.append(
+            f"| {r['label']} | " + " | ".join(_cell(r["cells"][n]) for n in args.long_steps) + " |"
+        )
     lines += [
         "",
         "### Round trips of held-out digits",
@@ -394,7 +452,7 @@ def report(args, toy, sampling, trips, baseline, seconds: float) -> str:
             + ("—" if "backward" in r["label"] else _g(f64["parasitic"]))
             + " |"
         )
-    lines += ["", *notes(), ""]
+    lines += ["", *notes(args, toy, sampling, long, trips), ""]
     return "\n".join(lines)
 
 
@@ -402,45 +460,257 @@ def split_labels(baseline: dict) -> list:
     return list(baseline["held_out"])
 
 
-def notes() -> list[str]:
-    return [
-        "## Reading the tables",
-        "",
+def _range(values: list[float], fmt: str = ".3g") -> str:
+    low, high = min(values), max(values)
+    return format(low, fmt) if low == high else f"{low:{fmt}} to {high:{fmt}}"
+
+
+def _spread(values: list[float]) -> str:
+    """The range of relative errors, and whether any run diverged (an infinite one)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "inf (all diverge)"
+    low, high = min(finite), max(finite)
+    text = _e(low) if low == high else f"{_e(low)} to {_e(high)}"
+    return text + (" (or diverge)" if len(finite) < len(values) else "")
+
+
+def _n(value: float) -> str:
+    """Three significant digits, without an exponent up to 999,999."""
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _names(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def notes(args, toy, sampling, long, trips) -> list[str]:
+    """The notes under the tables; every figure they quote is taken from this run's rows."""
+    # 2^-24: the float32 ulp of a pixel in [0.5, 1).
+    u32 = bdia.twoword.unit_roundoff(torch.float32)
+    p = next(parameter for scheme, parameter in SCHEMES if scheme == "edict")
+    couplings = [parameter for scheme, parameter in SCHEMES if scheme == "reversible"]
+    coupling, damped = couplings[0], min(couplings)
+    sampled = {r["label"]: r for r in sampling}
+    top = args.digit_budgets[-1]
+    out = ["## Reading the tables", ""]
+
+    # Float64 round trips an ulp of a pixel off (|x| <= 1: 1.1e-16 to 2.2e-16 near 1) rather
+    # than a few u^2: the passes' high words differed somewhere.
+    ulp_off = [
+        f"{r['label']} {_e(r['torch.float64']['max'])}"
+        for r in trips
+        if r["scheme"] != "base" and 1e-18 <= r["torch.float64"]["max"] < 1e-14
+    ]
+    text = (
         "- All three reversible schemes invert exactly up to the rounding of their two-word "
-        "states, times the growth of errors along the run. Where a float64 round trip is "
-        "about 1e-16 rather than 0, a chain value that lies within u^2 of a rounding midpoint "
-        "was split into neighbouring high words by the two passes, and the model saw inputs "
-        "one ulp apart; in float32 that one-ulp change (6e-8) is what the round trip carries.",
-        "- The order column is a slope, not a verdict: where the errors are still falling out "
-        "of an unstable regime (EDICT and McCallum-Foster on the EDM mixture) it is steeper "
-        "than any order, and where a few of the 256 mixture samples end in another mode it is "
-        "flatter. Measured in the asymptotic range (tests/test_coupled.py), EDICT is first "
-        "order for every base and McCallum-Foster has the base's order.",
+        "states, times the growth of errors along the run."
+    )
+    if ulp_off:
+        text += (
+            " Where a float64 round trip of the digits is about 1e-16 rather than 0 or about "
+            f"1e-30 ({', '.join(ulp_off)}), a chain value that lies within u^2 of a rounding "
+            "midpoint was split into neighbouring high words by the two passes, and the model "
+            f"saw inputs one ulp apart; in float32 that one-ulp change ({u32:.1e}) is what the "
+            "round trip carries."
+        )
+    out.append(text)
+
+    mixture = [r for r in toy if r["problem"] == "mixture"]
+    if mixture:
+        # A slope half an order or more off the scheme's order is what the note is about.
+        steep = [
+            f"{r['label']} {r['order']:.2f}"
+            for r in mixture
+            if r["scheme"] in ("edict", "reversible") and r["order"] >= r["formal"] + 0.5
+        ]
+        flat = [
+            f"{r['label']} {r['order']:.2f}" for r in mixture if r["order"] <= r["formal"] - 0.5
+        ]
+        text = "- The order column is a slope, not a verdict"
+        parts = []
+        if steep:
+            parts.append(
+                "where the errors are still falling out of an unstable regime it is steeper "
+                f"than the scheme's order (EDM mixture: {', '.join(steep)})"
+            )
+        if flat:
+            parts.append(
+                f"where a few of the {args.batch} mixture samples end in another mode it is "
+                f"flatter ({', '.join(flat)})"
+            )
+        out.append(
+            text
+            + (": " + ", and ".join(parts) if parts else "")
+            + ". Measured in the asymptotic range (tests/test_coupled.py), EDICT is first "
+            "order for every base and McCallum-Foster has the base's order."
+        )
+
+    out.append(stability(args, toy, sampled, trips, p, coupling, damped, top))
+
+    edict, base = long
+    steps = args.long_steps
+    most = edict["cells"][steps[-1]]["fdd"] / base["cells"][steps[-1]]["fdd"]
+    falls = all(
+        edict["cells"][a]["fdd"] > edict["cells"][b]["fdd"] for a, b in zip(steps, steps[1:])
+    )
+    verdict = (
+        "With many steps it converges"
+        if falls and most <= CLOSE
+        else f"With {steps[-1]} steps its FDD is still {most:.3g} times its base's"
+    )
+    out.append(
+        "- EDICT's own error is large at large steps: its chain y takes the increment over "
+        f"[t_k, t_{{k+1}}] from a point already at t_{{k+1}}. {verdict} (Many steps: "
+        + "; ".join(
+            f"{n} steps of {edict['label']} give FDD {edict['cells'][n]['fdd']:.3g} and "
+            f"{100 * edict['cells'][n]['accuracy']:.1f}% accuracy, {base['label']} "
+            f"{base['cells'][n]['fdd']:.3g} and {100 * base['cells'][n]['accuracy']:.1f}%"
+            for n in steps
+        )
+        + f", on the same {args.samples} samples)."
+    )
+    return out
+
+
+def stability(args, toy, sampled, trips, p, coupling, damped, top) -> str:
+    """The note on the coupled schemes' parasitic mode, from the digits' and toys' rows."""
+    bases = args.digit_bases
+    last = [c["steps"] for r in sampled.values() if (c := r["cells"][top]) is not None]
+    ratios = {}
+    for n in sorted(set(last)):
+        ts = [float(t) for t in bdia.karras_grid(n, final_zero=False)]
+        ratios[n] = ts[-1] / ts[-2]
+    few, many = min(ratios, key=ratios.get), max(ratios, key=ratios.get)
+    text = (
         "- Stability. On a linear mode that the exact flow multiplies by R per step, one step "
         "of EDICT has determinant p^2 and one of McCallum-Foster lambda, so their parasitic "
         "mode (the chains' difference) is multiplied by about p^2 / R and lambda / R when "
         "sampling, and by R / p^2 and R / lambda when inverting. Toward the data of a "
-        "diffusion ODE, R is about sigma_{k+1} / sigma_k off the data (0.3 to 0.6 on these "
-        "Karras grids): with p = 0.93 and lambda = 0.999 the mode grows while sampling and "
-        "swamps the digits' samples of EDICT and of reversible(euler, 0.999) at every budget "
-        "here (FDD about 30 to 40, a max |x| far beyond 1); reversible(heun, 0.999) recovers "
-        "to FDD 2.9 at 32 NFE (heun: 0.80). lambda = 0.5 damps it: reversible(euler, 0.5) "
-        "samples the digits at FDD "
-        "1.06 and 98.8% in 34 NFE (euler: 0.92 and 99.8%), though reversible(heun, 0.5) "
-        "still does not. Its price is the inversion, whose factor R / lambda is up to 2 per "
-        "step where the steps are small: the digits inverted with coupling 0.5 end with a "
-        "standard deviation of 9 (heun) and over 1000 (euler) times sigma_max instead of at "
-        "noise (the round trip is still exact), and the toy round trips fail in float32 and "
-        "lose digits in float64. EDICT's inversion likewise "
-        "grows errors by up to 1 / p^2 = 1.16 per step (the float32 round trips at the larger "
-        "toy budgets), and its inverted digits are not noise-like either (std 0.55 to 0.6 of "
-        "sigma_max). bdia(euler, 0.96) is the only variant here that samples the digits as "
-        "well as its base at 20 and 35 NFE and also inverts them to noise-like states.",
-        "- EDICT's own error is large at large steps: its chain y takes the increment over "
-        "[t_k, t_{k+1}] from a point already at t_{k+1}. With many steps it converges (on the "
-        "digits, 100 steps of edict(euler, 0.93) gave FDD 1.37 and 98% accuracy on 200 "
-        "samples, 250 steps 1.21 and 99.5%, against euler's 1.26 and 100%).",
+        "diffusion ODE, R is about sigma_{k+1} / sigma_k off the data (over the last step of "
+        f"the grids at NFE ≤ {top} here, {ratios[few]:.2g} with {few} steps to "
+        f"{ratios[many]:.2g} with {many}). "
+    )
+
+    def ratio_to_base(name: str, base: str) -> list[float]:
+        cells = sampled[name]["cells"]
+        return [
+            cells[b]["fdd"] / sampled[base]["cells"][b]["fdd"]
+            for b in args.digit_budgets
+            if cells[b] is not None and sampled[base]["cells"][b] is not None
+        ]
+
+    defaults = [(label("edict", p, b), b) for b in bases] + [
+        (label("reversible", coupling, b), b) for b in bases
     ]
+    # Swamped: an FDD at least ten times its base's at every budget run.
+    swamped = [(lb, b) for lb, b in defaults if min(ratio_to_base(lb, b), default=0) >= 10]
+    if swamped:
+        cells = [c for lb, _ in swamped for c in sampled[lb]["cells"].values() if c is not None]
+        text += (
+            f"With p = {p} and lambda = {coupling} the mode grows while sampling and swamps "
+            f"the digits' samples of {_names([lb for lb, _ in swamped])} at every budget here "
+            f"(FDD {_range([c['fdd'] for c in cells])}, at least ten times the base's, and a "
+            f"max |x| of {_range([c['overshoot'] for c in cells], '.1f')})"
+        )
+    rest = [(lb, b) for lb, b in defaults if (lb, b) not in swamped and sampled[lb]["cells"][top]]
+    if rest:
+        text += ("; " if swamped else "") + ", ".join(
+            f"{lb} reaches FDD {sampled[lb]['cells'][top]['fdd']:.3g} at "
+            f"{sampled[lb]['cells'][top]['nfe']} NFE ({b}: "
+            f"{sampled[b]['cells'][top]['fdd']:.3g})"
+            for lb, b in rest
+        )
+    text += ". "
+    weak = [
+        (label("reversible", damped, b), b)
+        for b in bases
+        if sampled[label("reversible", damped, b)]["cells"][top]
+    ]
+    ok = [
+        lb
+        for lb, b in weak
+        if sampled[lb]["cells"][top]["fdd"] <= CLOSE * sampled[b]["cells"][top]["fdd"]
+    ]
+    fails = [lb for lb, _ in weak if lb not in ok]
+    within = f"to sample the digits within {CLOSE:g} times the base's FDD"
+    if ok:
+        damps = f"lambda = {damped} damps it enough for {_names(ok)} {within}"
+        damps += f", though not for {_names(fails)}" if fails else ""
+    else:
+        damps = f"lambda = {damped} does not damp it enough for {_names(fails)} {within}"
+    text += (
+        f"{damps}: at NFE ≤ {top} "
+        + ", ".join(
+            f"{lb} samples the digits at FDD {sampled[lb]['cells'][top]['fdd']:.3g} and "
+            f"{100 * sampled[lb]['cells'][top]['accuracy']:.1f}% in "
+            f"{sampled[lb]['cells'][top]['nfe']} NFE ({b}: "
+            f"{sampled[b]['cells'][top]['fdd']:.3g} and "
+            f"{100 * sampled[b]['cells'][top]['accuracy']:.1f}%)"
+            for lb, b in weak
+        )
+        + ". "
+    )
+    inverted = {r["label"]: r for r in trips}
+    weak_trips = [inverted[lb] for lb, _ in weak]
+    weak_toys = [
+        r for r in toy if r["label"] in {label("reversible", damped, b) for b in args.bases}
+    ]
+    text += (
+        f"Its price is the inversion, whose factor R / lambda is up to {1 / damped:.3g} per "
+        "step where the steps are small: the digits inverted with coupling "
+        f"{damped} end with a standard deviation of "
+        + ", ".join(f"{_n(r['torch.float64']['noise'])} ({r['base']})" for r in weak_trips)
+        + " times sigma_max instead of about 1 (the round trip is still exact: largest error "
+        f"{_e(max(r['torch.float64']['max'] for r in weak_trips))} in float64)"
+    )
+    if weak_toys:
+        text += (
+            ", and the toy round trips with that coupling have relative errors of "
+            f"{_spread([r[str(torch.float32)] for r in weak_toys])} in float32 and "
+            f"{_spread([r[str(torch.float64)] for r in weak_toys])} in float64"
+        )
+    edict_toys = [r for r in toy if r["scheme"] == "edict"]
+    edict_trips = [r for r in trips if r["scheme"] == "edict"]
+    text += (
+        f". EDICT's inversion likewise grows errors by up to 1 / p^2 = {1 / p**2:.2f} per step"
+        + (
+            " (its float32 toy round trips: "
+            f"{_spread([r[str(torch.float32)] for r in edict_toys])})"
+            if edict_toys
+            else ""
+        )
+        + ", and its inverted digits are not noise-like either (std "
+        f"{_range([r['torch.float64']['noise'] for r in edict_trips], '.2f')} of sigma_max). "
+    )
+    # As well as its base (an FDD no higher) at the two largest budgets, and noise-like
+    # inverted states (noise std / sigma within 0.1 of 1).
+    both = args.digit_budgets[-2:]
+    good = [
+        r["label"]
+        for r in trips
+        if r["scheme"] != "base"
+        and abs(r["torch.float64"]["noise"] - 1) <= 0.1
+        and all(
+            (c := sampled[r["label"]]["cells"][b]) is not None
+            and c["fdd"] <= sampled[r["base"]]["cells"][b]["fdd"]
+            for b in both
+        )
+    ]
+    when = " and ".join(str(b) for b in both)
+    if good:
+        text += (
+            f"{_names(good)} {'is the only variant' if len(good) == 1 else 'are the variants'} "
+            f"here that sample{'s' if len(good) == 1 else ''} the digits at an FDD no higher "
+            f"than the base's at {when} NFE and also invert{'s' if len(good) == 1 else ''} them "
+            "to noise-like states (noise std / sigma within 0.1 of 1)."
+        )
+    else:
+        text += (
+            f"No variant here samples the digits at an FDD no higher than its base's at {when} "
+            "NFE and also inverts them to noise-like states (noise std / sigma within 0.1 of 1)."
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -461,10 +731,10 @@ def main(argv: list[str] | None = None) -> None:
     args.problems = list(PROBLEMS)
     args.bases = ["euler", "heun", "ddim"]
     args.digit_bases = ["euler", "heun"]
-    args.toy_budgets, args.digit_budgets = TOY_BUDGETS, DIGIT_BUDGETS
+    args.toy_budgets, args.digit_budgets, args.long_steps = TOY_BUDGETS, DIGIT_BUDGETS, LONG_STEPS
     if args.smoke:
         args.problems, args.bases, args.digit_bases = ["mixture"], ["euler"], ["euler"]
-        args.toy_budgets, args.digit_budgets = (10, 20), (10,)
+        args.toy_budgets, args.digit_budgets, args.long_steps = (10, 20), (10,), (4,)
         args.samples, args.count, args.batch = 50, 4, 16
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -491,8 +761,9 @@ def main(argv: list[str] | None = None) -> None:
             ),
         }
         sampling = digits_sampling(args, net, classifier, split, log)
+        long = digits_long(args, net, classifier, split, log)
         trips = digits_round_trips(args, net, split, log)
-    text = report(args, toy, sampling, trips, baseline, time.perf_counter() - start)
+    text = report(args, toy, sampling, long, trips, baseline, time.perf_counter() - start)
     print(text)
     write_atomic(args.out, text)
     log(f"wrote {args.out}")
