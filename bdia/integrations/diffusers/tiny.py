@@ -1,10 +1,10 @@
 """Tiny randomly initialised diffusers models, built from config with nothing downloaded.
 
 Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
-a whole ``StableDiffusionPipeline`` with a CLIP tokenizer made from a vocabulary written
-locally), a few thousand weights each: for tests and for checking plumbing and exactness,
-which do not depend on the weights. A random UNet is no denoiser, so what they sample is not
-an image of anything.
+a whole ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with a CLIP tokenizer made
+from a vocabulary written locally), a few thousand weights each: for tests and for checking
+plumbing and exactness, which do not depend on the weights. A random UNet is no denoiser, so
+what they sample is not an image of anything.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from typing import Any
 import diffusers
 import torch
 
-__all__ = ["tiny_unet", "tiny_tokenizer", "tiny_text_to_image_pipeline", "TINY_WORDS"]
+__all__ = [
+    "tiny_unet",
+    "tiny_tokenizer",
+    "tiny_text_to_image_pipeline",
+    "tiny_sdxl_pipeline",
+    "TINY_WORDS",
+]
 
 #: The words the tiny tokenizer knows whole (any other word is spelled letter by letter).
 TINY_WORDS = ("a", "photo", "painting", "of", "cat", "dog", "fox", "red", "blue")
@@ -91,33 +97,32 @@ def tiny_tokenizer(folder: str | Path, words: Sequence[str] = TINY_WORDS) -> Any
     )
 
 
-def tiny_text_to_image_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
-    """A float32 ``StableDiffusionPipeline`` of tiny random parts on 16 x 16 RGB images.
-
-    A one-layer ``CLIPTextModel`` (width 16) with ``tiny_tokenizer(folder)``, a conditional
-    ``tiny_unet`` on 4 x 8 x 8 latents and an ``AutoencoderKL`` with downsampling factor 2.
-    ``scheduler`` defaults to SD 1.5's DDIM settings (``set_alpha_to_one=False``,
-    ``steps_offset=1``, no clipping). The progress bar is off.
-    """
+def _tiny_text_encoder(tokenizer: Any, projection_dim: int | None = None, **config: Any) -> Any:
+    """A CLIP text encoder of width 16 on ``tokenizer``'s vocabulary, in eval mode: a
+    ``CLIPTextModel``, or with ``projection_dim`` a ``CLIPTextModelWithProjection``."""
     import transformers
 
-    tokenizer = tiny_tokenizer(folder)
-    torch.manual_seed(0)
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=end,
-            pad_token_id=end,
-        )
+    settings: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=end,
+        pad_token_id=end,
     )
-    unet = tiny_unet(conditional=True, channels=4, cross_attention_dim=16)
+    settings.update(config)
+    if projection_dim is None:
+        return transformers.CLIPTextModel(transformers.CLIPTextConfig(**settings)).eval()
+    settings["projection_dim"] = projection_dim
+    return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**settings)).eval()
+
+
+def _tiny_vae(dtype: torch.dtype = torch.float32) -> Any:
+    """An ``AutoencoderKL`` of 16 x 16 RGB images to 4 x 8 x 8 latents, seed 1, in eval mode."""
     torch.manual_seed(1)
     vae = diffusers.AutoencoderKL(
         in_channels=3,
@@ -130,19 +135,90 @@ def tiny_text_to_image_pipeline(folder: str | Path, scheduler: Any = None) -> An
         norm_num_groups=4,
         sample_size=16,
     )
+    return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
+
+
+def tiny_text_to_image_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A float32 ``StableDiffusionPipeline`` of tiny random parts on 16 x 16 RGB images.
+
+    A one-layer ``CLIPTextModel`` (width 16) with ``tiny_tokenizer(folder)``, a conditional
+    ``tiny_unet`` on 4 x 8 x 8 latents and an ``AutoencoderKL`` with downsampling factor 2.
+    ``scheduler`` defaults to SD 1.5's DDIM settings (``set_alpha_to_one=False``,
+    ``steps_offset=1``, no clipping). The progress bar is off.
+    """
+    tokenizer = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    text_encoder = _tiny_text_encoder(tokenizer)
+    unet = tiny_unet(conditional=True, channels=4, cross_attention_dim=16)
     if scheduler is None:
         scheduler = diffusers.DDIMScheduler(
             clip_sample=False, set_alpha_to_one=False, steps_offset=1
         )
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+        vae=_tiny_vae(),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(
+    folder: str | Path, scheduler: Any = None, *, vae_dtype: torch.dtype = torch.float32
+) -> Any:
+    """A ``StableDiffusionXLPipeline`` of tiny random parts on 16 x 16 RGB images.
+
+    Two two-layer CLIP text encoders sharing ``tiny_tokenizer(folder)``: a ``CLIPTextModel``
+    of width 16 and a ``CLIPTextModelWithProjection`` of width 8 whose projection (8) is the
+    pooled embedding; a conditional ``tiny_unet`` on 4 x 8 x 8 latents with SDXL's added
+    conditioning (``addition_embed_type="text_time"``, ``addition_time_embed_dim=4``,
+    cross-attention width 16 + 8 = 24, ``projection_class_embeddings_input_dim`` = 8 + 6 x 4);
+    the ``AutoencoderKL`` of ``tiny_text_to_image_pipeline`` in ``vae_dtype`` (its config has
+    diffusers' default ``force_upcast=True``, as SDXL's VAE). The rest is float32.
+    ``scheduler`` defaults to DDIM on SDXL's noise table (``scaled_linear`` betas from
+    0.00085 to 0.012, ``steps_offset=1``, ``set_alpha_to_one=False``, no clipping). The
+    pipeline's config has ``force_zeros_for_empty_prompt=True``, as SDXL base's; no
+    watermarker. The progress bar is off.
+    """
+    tokenizer = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    # Two layers: the pipeline takes the encoders' penultimate hidden states.
+    text_encoder = _tiny_text_encoder(tokenizer, num_hidden_layers=2)
+    text_encoder_2 = _tiny_text_encoder(
+        tokenizer, 8, hidden_size=8, intermediate_size=16, num_hidden_layers=2
+    )
+    unet = tiny_unet(
+        conditional=True,
+        channels=4,
+        cross_attention_dim=16 + 8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
+    )
+    if scheduler is None:
+        scheduler = diffusers.DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_tiny_vae(vae_dtype),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
