@@ -6,7 +6,9 @@ Everything is built from config with random weights and nothing downloaded
 and a ``CLIPTokenizer`` made from a locally written vocabulary, assembled as a
 ``StableDiffusionPipeline``; all in float32, as pipelines load. A random unet is no denoiser,
 so the edits are not images of anything; what is checked is the plumbing and the exactness,
-which do not depend on the weights.
+which do not depend on the weights. The SDXL tests use ``tiny_sdxl_pipeline``: the same VAE
+and tokenizer, two CLIP text encoders (the second with a projection) and a unet with SDXL's
+added conditioning (``addition_embed_type="text_time"``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from bdia.integrations.diffusers import (
     edit_image,
     from_diffusers,
 )
-from bdia.integrations.diffusers.tiny import tiny_text_to_image_pipeline
+from bdia.integrations.diffusers.tiny import tiny_sdxl_pipeline, tiny_text_to_image_pipeline
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -62,14 +64,19 @@ def image():
     return torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
 
 
-@pytest.fixture(scope="module")
-def result(pipe, image):
+def _edited(pipe, image):
+    """The edit of SOURCE to TARGET in STEPS steps under GUIDANCE, the image left as it was."""
     before = image.clone()
     out = edit_image(
         pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, guidance_scale=GUIDANCE
     )
     assert torch.equal(image, before), "edit_image modified the caller's image"
     return out
+
+
+@pytest.fixture(scope="module")
+def result(pipe, image):
+    return _edited(pipe, image)
 
 
 def rel(a, b):
@@ -241,10 +248,11 @@ def test_a_last_timestep_at_the_smallest_noise_level_ends_the_grid_there(tmp_pat
 
 def _refused(pipe, image, source=SOURCE, **kwargs):
     """The error edit_image raises, after checking no network ran."""
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
     counters = [
         Counter(pipe.unet),
         Counter(pipe.vae, "encode", "decode"),
-        Counter(pipe.text_encoder),
+        *(Counter(encoder) for encoder in encoders if encoder is not None),
     ]
     try:
         with pytest.raises((ValueError, TypeError)) as info:
@@ -252,7 +260,7 @@ def _refused(pipe, image, source=SOURCE, **kwargs):
     finally:
         for name in ("encode", "decode"):
             vars(pipe.vae).pop(name, None)
-    assert [c.calls for c in counters] == [0, 0, 0]
+    assert [c.calls for c in counters] == [0] * len(counters)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -322,3 +330,273 @@ def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
     elif kind == "empty batch":
         image = image[:0]
     assert fragment in _refused(fresh_pipe, image, source, **kwargs)
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+@pytest.fixture(scope="module")
+def xl_pipe(tmp_path_factory):
+    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("xl_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def xl_result(xl_pipe, image):
+    return _edited(xl_pipe, image)
+
+
+@pytest.fixture
+def fresh_xl_pipe(tmp_path):
+    return tiny_sdxl_pipeline(tmp_path)
+
+
+def _xl_embeds(pipe, prompt):
+    """(embeds, pooled) of ``prompt`` by the SDXL pipeline's encode_prompt."""
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, device="cpu", do_classifier_free_guidance=False
+        )
+    return embeds, pooled
+
+
+def _added(pooled, time_ids):
+    return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+# The image's size as SDXL's time ids: original (H, W), crop (0, 0), target (H, W).
+XL_TIME_IDS = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
+
+
+@pytest.mark.parametrize(
+    "state_dtype, bound",
+    # As for Stable Diffusion above: float64 carries ~2^-106 and gives exactly 0 here; a
+    # float32 state carries ~2^-48, magnified by prod(1/gamma) = 7.4 and guidance 7.5, and the
+    # unet's float32 inputs may round to neighbouring words in the two directions, so 1e-5
+    # (the top of the float32 range of the docs' round trips). The added conditioning is a
+    # constant of the ODE, the same on the way out and back, so it changes none of this.
+    [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+)
+def test_sdxl_unet_round_trip_under_guidance_is_exact(xl_pipe, image, state_dtype, bound):
+    """50 DDIM steps under CFG 7.5 on an SDXL pipeline: reconstruct() returns the latents."""
+    out = edit_image(xl_pipe, image, SOURCE, TARGET, state_dtype=state_dtype)
+    assert out.inversion.ts.numel() == 51
+    assert out.latents.dtype == out.reconstructed_latents.dtype == state_dtype
+    assert out.latent_error < bound
+    assert out.latent_error == pytest.approx(rel(out.reconstructed_latents, out.latents), rel=1e-6)
+    assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
+    assert torch.isfinite(out.edited_latents).all()
+
+
+def test_sdxl_conditioning_is_the_pipelines_encode_prompt_and_time_ids(xl_pipe, xl_result):
+    """The added_cond_kwargs: the pooled embeddings of encode_prompt and the image's size as
+    time ids; the default negative prompt "" is zeros (force_zeros_for_empty_prompt)."""
+    assert xl_pipe.config.force_zeros_for_empty_prompt
+    for prompt, cond in ((SOURCE, xl_result.inversion.ode.cond), (TARGET, xl_result.target.cond)):
+        embeds, pooled = _xl_embeds(xl_pipe, prompt)
+        assert torch.equal(cond["encoder_hidden_states"], embeds)
+        assert torch.equal(cond["added_cond_kwargs"]["text_embeds"], pooled)
+        assert torch.equal(cond["added_cond_kwargs"]["time_ids"], XL_TIME_IDS)
+        negative = cond["negative_cond"]
+        assert torch.equal(negative["encoder_hidden_states"], torch.zeros_like(embeds))
+        assert torch.equal(negative["added_cond_kwargs"]["text_embeds"], torch.zeros_like(pooled))
+        assert torch.equal(negative["added_cond_kwargs"]["time_ids"], XL_TIME_IDS)
+        assert cond["guidance_scale"] == GUIDANCE
+    assert not torch.equal(_xl_embeds(xl_pipe, SOURCE)[1], _xl_embeds(xl_pipe, TARGET)[1])
+
+
+def _unet_kwargs(unet):
+    """A list that receives the keyword arguments of each unet call, and the hook's handle."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k != "return_dict"})
+
+    return calls, unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("negative, zeros", [("", True), ("a photo of a fox", False), ("", False)])
+def test_sdxl_unet_sees_what_the_sdxl_pipeline_gives_it(xl_pipe, image, negative, zeros):
+    """One denoising step of StableDiffusionXLPipeline.__call__ and edit_image's first unet
+    call receive the same encoder_hidden_states, text_embeds and time_ids, bit for bit: the
+    batch [negative, positive]. The pipeline's default negative (None: zeros under
+    force_zeros_for_empty_prompt, else the embedding of "") is edit_image's ""; any other
+    negative prompt is embedded by both."""
+    calls, handle = _unet_kwargs(xl_pipe.unet)
+    xl_pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
+    try:
+        with torch.no_grad():
+            xl_pipe(
+                SOURCE,
+                negative_prompt=negative or None,
+                height=16,
+                width=16,
+                num_inference_steps=1,
+                guidance_scale=GUIDANCE,
+                output_type="latent",
+            )
+        edit_image(
+            xl_pipe,
+            image[:1],
+            SOURCE,
+            TARGET,
+            num_inference_steps=2,
+            guidance_scale=GUIDANCE,
+            negative_prompt=negative,
+        )
+    finally:
+        handle.remove()
+        xl_pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    theirs, ours = calls[0], calls[1]
+    assert theirs["encoder_hidden_states"].shape == (2, 16, 24)
+    assert torch.equal(ours["encoder_hidden_states"], theirs["encoder_hidden_states"])
+    for key in ("text_embeds", "time_ids"):
+        assert torch.equal(ours["added_cond_kwargs"][key], theirs["added_cond_kwargs"][key]), key
+    assert torch.equal(theirs["added_cond_kwargs"]["time_ids"], XL_TIME_IDS.expand(2, 6))
+    assert bool((ours["added_cond_kwargs"]["text_embeds"][0] == 0).all()) == zeros
+
+
+def test_sdxl_edit_is_a_hand_run_regenerate_under_the_target(xl_pipe, image, xl_result):
+    """Every stage by hand, with the unet's added_cond_kwargs given to from_diffusers."""
+    ts = diffusers_grid(xl_pipe.scheduler, STEPS)
+    assert torch.equal(xl_result.inversion.ts, ts)
+
+    def ode(prompt):
+        embeds, pooled = _xl_embeds(xl_pipe, prompt)
+        negative = {
+            "encoder_hidden_states": torch.zeros_like(embeds),
+            "added_cond_kwargs": _added(torch.zeros_like(pooled), XL_TIME_IDS),
+        }
+        return from_diffusers(
+            xl_pipe.unet,
+            xl_pipe.scheduler,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs=_added(pooled, XL_TIME_IDS),
+            guidance_scale=GUIDANCE,
+            negative_cond=negative,
+        )
+
+    with torch.no_grad():
+        latents = xl_pipe.vae.encode(image).latent_dist.mean.double()
+    latents = latents * xl_pipe.vae.config.scaling_factor
+    solver = bdia.bdia(bdia.get_solver("ddim"), 0.96)
+    inversion = bdia.Inversion.of(ode(SOURCE), solver, latents, ts, state_dtype=torch.float64)
+    assert torch.equal(inversion.noise, xl_result.inversion.noise)
+    assert torch.equal(inversion.regenerate(ode(TARGET), rule="base"), xl_result.edited_latents)
+    assert rel(xl_result.edited_latents, xl_result.reconstructed_latents) > 0.1
+
+
+@pytest.mark.parametrize("change", ["text_embeds", "time_ids"])
+def test_sdxl_added_conditioning_reaches_the_unet(xl_pipe, xl_result, change):
+    """The source ODE's eps changes when only its pooled embeddings, or only its time ids
+    (an original size of 32 x 32), change: the unet reads both."""
+    cond = xl_result.inversion.ode.cond
+    added = dict(cond["added_cond_kwargs"])
+    if change == "text_embeds":
+        added["text_embeds"] = _xl_embeds(xl_pipe, TARGET)[1]
+    else:
+        added["time_ids"] = torch.tensor([[32.0, 32.0, 0.0, 0.0, 16.0, 16.0]])
+    changed = from_diffusers(
+        xl_pipe.unet, xl_pipe.scheduler, **{**cond, "added_cond_kwargs": added}
+    )
+    x = xl_result.latents
+    with torch.no_grad():
+        same = xl_result.inversion.ode.evaluate(0.5, x).eps
+        again = from_diffusers(xl_pipe.unet, xl_pipe.scheduler, **cond).evaluate(0.5, x).eps
+        other = changed.evaluate(0.5, x).eps
+    assert torch.equal(same, again)
+    assert rel(other, same) > 1e-3
+
+
+@pytest.mark.parametrize("negative", ["zeros", ""])
+def test_sdxl_embeddings_as_prompts_give_the_same_edit(fresh_xl_pipe, image, xl_result, negative):
+    """(prompt_embeds, pooled_prompt_embeds) pairs in place of text, and for the negative
+    prompt zeros or the default "" (which is zeros): the same edit, bit for bit, with no
+    tokenizer or text encoder left in the pipeline (the fresh one has the same weights)."""
+    pipe = fresh_xl_pipe
+    embeds, pooled = _xl_embeds(pipe, SOURCE)
+    target = _xl_embeds(pipe, TARGET)
+    pipe.tokenizer = pipe.tokenizer_2 = pipe.text_encoder = pipe.text_encoder_2 = None
+    if negative == "zeros":
+        negative = (torch.zeros_like(embeds), torch.zeros_like(pooled))
+    out = edit_image(
+        pipe,
+        image,
+        (embeds, pooled),
+        target,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        negative_prompt=negative,
+    )
+    assert torch.equal(out.inversion.noise, xl_result.inversion.noise)
+    assert torch.equal(out.edited_latents, xl_result.edited_latents)
+
+
+def test_sdxl_source_and_target_prompts_give_different_edits(xl_pipe, image, xl_result):
+    """The target prompt steers the edit: "a painting of a fox" from the same inverted noise
+    is not "a painting of a dog" (1.0e-2 apart here, one word of a random text encoder),
+    and the edit is not the reconstruction under the source prompt."""
+    fox = edit_image(xl_pipe, image, SOURCE, "a painting of a fox", num_inference_steps=STEPS)
+    assert torch.equal(fox.inversion.noise, xl_result.inversion.noise)  # same source
+    assert rel(fox.edited_latents, xl_result.edited_latents) > 1e-3
+    assert rel(xl_result.edited_latents, xl_result.reconstructed_latents) > 0.1
+
+
+def test_sdxl_float16_vae_with_force_upcast_runs_in_float32(tmp_path, image):
+    """The float16 VAE, made to overflow float16 as SDXL's does (its first convolutions' weights
+    times 2^18, NaN in float16 and finite in float32), encodes and decodes in float32, as the
+    SDXL pipeline decodes; its weights are float16 again afterwards, bit for bit."""
+    pipe = tiny_sdxl_pipeline(tmp_path, vae_dtype=torch.float16)
+    vae = pipe.vae
+    assert vae.config.force_upcast
+    with torch.no_grad():
+        for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
+            conv.weight.mul_(2.0**18)
+        assert not torch.isfinite(vae.encode(image[:1].half()).latent_dist.mean).all()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    seen = []
+    vae.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    vae.decoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5)
+    assert seen == [torch.float32] * 4  # one encoding, three decodings
+    assert torch.isfinite(out.latents).all() and torch.isfinite(out.images).all()
+    assert out.latent_error < 1e-12
+    assert vae.dtype == torch.float16
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("one tensor", "pooled embeddings"),
+        ("pooled dim", "pooled embeddings, have dim 5"),
+        ("no text_encoder_2", "text_encoder_2"),
+        ("refiner", "aesthetic score"),
+        ("text_image", "addition_embed_type = 'text_image'"),
+    ],
+)
+def test_sdxl_inputs_that_cannot_run_are_refused_in_one_line(fresh_xl_pipe, image, kind, fragment):
+    from bdia.integrations.diffusers.tiny import tiny_unet
+
+    pipe, source = fresh_xl_pipe, SOURCE
+    if kind == "one tensor":
+        source = _xl_embeds(pipe, SOURCE)[0]
+    elif kind == "pooled dim":
+        embeds, pooled = _xl_embeds(pipe, SOURCE)
+        source = (embeds, pooled[:, :5])
+    elif kind == "no text_encoder_2":
+        pipe.text_encoder_2 = None
+    elif kind == "refiner":  # five time ids' width beside the pooled embeddings
+        pipe.unet = tiny_unet(
+            conditional=True,
+            channels=4,
+            cross_attention_dim=24,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=8 + 5 * 4,
+        )
+    else:
+        pipe.unet = tiny_unet(
+            conditional=True, channels=4, cross_attention_dim=24, addition_embed_type="text_image"
+        )
+    assert fragment in _refused(pipe, image, source)

@@ -1,14 +1,18 @@
-"""Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion).
+"""Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
-with ``text_encoder`` for text prompts) and:
+with ``text_encoder`` for text prompts) or ``StableDiffusionXLPipeline`` (the same, with
+``tokenizer_2`` and ``text_encoder_2``) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
    config has one);
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
-   unconditional branch of classifier-free guidance);
+   unconditional branch of classifier-free guidance); for SDXL (a unet with
+   ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
+   pooled embeddings of each prompt and the time ids of the image's size (original size,
+   crop (0, 0), target size, as the SDXL pipeline's defaults);
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    and the grid with ``diffusers_grid``, taking the encoded latents as the state at the grid's
    last point; where the scheduler's grid ends at sigma = 0 (DDIM's ``set_alpha_to_one=True``,
@@ -18,7 +22,8 @@ with ``text_encoder`` for text prompts) and:
 4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
    them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
    ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
-5. decodes both with the VAE.
+5. decodes both with the VAE (for SDXL in float32 when the VAE is float16 and its config
+   says ``force_upcast``, as the SDXL pipeline does).
 
 Two errors are reported apart: the UNet round trip in latent space (reconstructed latents
 against encoded latents: exact up to rounding) and the VAE's own error (decode(encode(image))
@@ -28,9 +33,10 @@ the VAE, not from the inversion.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +55,10 @@ from .adapter import _SIGMA_SLACK, DiffusersModel, diffusers_grid, from_diffuser
 __all__ = ["edit_image", "EditResult"]
 
 _OUTPUT_TYPES = ("pil", "pt")
+# SDXL's added conditioning; the time ids are the original size (H, W), the crop's top-left
+# corner (top, left) and the target size (H, W), each embedded in addition_time_embed_dim.
+_TEXT_TIME = "text_time"
+_TIME_IDS = 6
 
 
 @dataclass(frozen=True)
@@ -107,18 +117,59 @@ def _is_text(prompt: Any) -> bool:
     )
 
 
-def _check_prompt(prompt: Any, name: str, batch: int, cross_dim: int | None) -> None:
-    """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)."""
+def _is_pair(prompt: Any) -> bool:
+    """Whether ``prompt`` is SDXL's embeddings: (prompt_embeds, pooled_prompt_embeds)."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) == 2
+        and all(isinstance(p, Tensor) for p in prompt)
+    )
+
+
+def _check_prompt(
+    prompt: Any,
+    name: str,
+    batch: int,
+    cross_dim: int | None,
+    pooled_dim: int | None = None,
+    xl: bool = False,
+) -> None:
+    """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D);
+    for SDXL (``xl``) the pair of those and the pooled embeddings (1 or batch, pooled_dim)."""
     if isinstance(prompt, str):
         return
+    if xl and _is_pair(prompt):
+        embeds, pooled = prompt
+        _check_prompt(embeds, f"{name}[0]", batch, cross_dim)
+        if pooled.ndim != 2 or pooled.shape[0] not in (1, batch):
+            raise ValueError(
+                f"{name}[1], the pooled embeddings, must have shape (1 or {batch}, dim), got "
+                f"{tuple(pooled.shape)}"
+            )
+        if pooled_dim is not None and pooled.shape[1] != pooled_dim:
+            raise ValueError(
+                f"{name}[1], the pooled embeddings, have dim {pooled.shape[1]}, but the unet's "
+                f"added embedding takes {pooled_dim} (projection_class_embeddings_input_dim "
+                f"less {_TIME_IDS} x addition_time_embed_dim)"
+            )
+        return
+    tensor = "the pair (prompt_embeds, pooled_prompt_embeds)" if xl else "a tensor"
     if isinstance(prompt, (list, tuple)):
         if not prompt or not all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"{name} must be a string, a non-empty list of strings or a tensor")
+            raise TypeError(f"{name} must be a string, a non-empty list of strings or {tensor}")
         if len(prompt) not in (1, batch):
             raise ValueError(
                 f"{name} has {len(prompt)} prompts for {batch} images; give 1 (shared) or {batch}"
             )
         return
+    if xl:
+        what = type(prompt).__name__
+        if isinstance(prompt, Tensor):
+            what = "one tensor: an SDXL unet also needs the pooled embeddings"
+        raise TypeError(
+            f"{name} must be a string, a list of strings or {tensor} as the SDXL pipeline's "
+            f"encode_prompt returns them (its first and third outputs), got {what}"
+        )
     if not isinstance(prompt, Tensor):
         raise TypeError(
             f"{name} must be a string, a list of strings or prompt embeddings (a tensor of shape "
@@ -282,6 +333,64 @@ def _embed(pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | No
     return embeds if dtype is None else embeds.to(dtype)
 
 
+def _embed_xl(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """SDXL's prompt embeddings (B, L, D) and pooled embeddings (B, P), in ``dtype``."""
+    if _is_pair(prompt):
+        embeds, pooled = (p.to(device) for p in prompt)
+    else:
+        text = prompt if isinstance(prompt, str) else list(prompt)
+        # The same text goes to both encoders (the pipeline's default without prompt_2).
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    return (embeds, pooled) if dtype is None else (embeds.to(dtype), pooled.to(dtype))
+
+
+def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
+    """The unet arguments of one SDXL branch."""
+    return {
+        "encoder_hidden_states": embeds,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+    }
+
+
+def _empty(prompt: Any) -> bool:
+    """Whether ``prompt`` is the empty text: ``""`` or a list of them."""
+    return _is_text(prompt) and all(
+        p == "" for p in ([prompt] if isinstance(prompt, str) else prompt)
+    )
+
+
+def _pooled_dim(unet_config: Mapping[str, Any]) -> int | None:
+    """The pooled width the SDXL unet's added embedding takes beside its six time ids."""
+    total = unet_config.get("projection_class_embeddings_input_dim")
+    per_id = unet_config.get("addition_time_embed_dim")
+    if not isinstance(total, int) or not isinstance(per_id, int):
+        return None
+    return total - _TIME_IDS * per_id
+
+
+@contextlib.contextmanager
+def _float32_vae(vae: Any, upcast: bool) -> Iterator[None]:
+    """The VAE in float32 for the block, where ``upcast`` and its config says ``force_upcast``.
+
+    SDXL's VAE overflows in float16 (NaN images); the SDXL pipeline decodes in float32 for
+    that reason (its ``needs_upcasting``), and so do we, for the encoding too. The weights go
+    back to float16 afterwards, bit for bit (float16 to float32 and back is exact).
+    """
+    config = getattr(vae, "config", None) or {}
+    if not upcast or getattr(vae, "dtype", None) != torch.float16 or not config.get("force_upcast"):
+        yield
+        return
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(torch.float16)
+
+
 def _rms(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
@@ -301,12 +410,12 @@ def _output(images: Tensor, output_type: str) -> Any:
 def edit_image(
     pipe: Any,
     image: Any,
-    source_prompt: str | Sequence[str] | Tensor,
-    target_prompt: str | Sequence[str] | Tensor,
+    source_prompt: str | Sequence[str] | Tensor | tuple[Tensor, Tensor],
+    target_prompt: str | Sequence[str] | Tensor | tuple[Tensor, Tensor],
     *,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
-    negative_prompt: str | Sequence[str] | Tensor | None = "",
+    negative_prompt: str | Sequence[str] | Tensor | tuple[Tensor, Tensor] | None = "",
     solver: str | Solver | BidirectionalWrapper = "ddim",
     gamma: float | None = None,
     rule: str = "base",
@@ -318,22 +427,33 @@ def edit_image(
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
     Args:
-        pipe: a ``StableDiffusionPipeline``, or any object with its parts: ``vae`` (an
-            ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``), ``scheduler`` (one that
-            ``from_diffusers`` takes, e.g. DDIM or PNDM with ``clip_sample=False``), and, for
-            text prompts, ``tokenizer``, ``text_encoder`` and ``encode_prompt`` (as the
-            pipeline's). None of them is modified.
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, or any object
+            with its parts: ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``),
+            ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
+            ``clip_sample=False``), and, for text prompts, ``encode_prompt`` with ``tokenizer``
+            and ``text_encoder`` (for SDXL ``tokenizer_2`` and ``text_encoder_2``), as the
+            pipeline's. None of them is modified (an SDXL pipeline's float16 VAE whose config
+            says ``force_upcast`` runs in float32 and is float16 again, bit for bit, on
+            return, as the SDXL pipeline decodes).
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
-            VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5).
+            VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
+            1024 for SDXL).
         source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
-            prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)``.
+            prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)``; for SDXL
+            (a unet with ``addition_embed_type="text_time"``) the pair ``(prompt_embeds,
+            pooled_prompt_embeds)``, the second of shape ``(1 or batch, projection_dim)``
+            (``encode_prompt``'s first and third outputs). An SDXL unet gets
+            ``added_cond_kwargs`` of the pooled embeddings and the time ids ``(H, W, 0, 0, H,
+            W)`` (original size, crop, target size: the pipeline's defaults).
         target_prompt: the edit, in the same forms.
         num_inference_steps: steps of the scheduler's grid (``diffusers_grid``).
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
             conditional model alone. Every other value needs ``negative_prompt``.
         negative_prompt: the unconditional branch: a string (``""`` is the usual unconditional
-            embedding), a list, or embeddings; None only with ``guidance_scale=1``.
+            embedding), a list, or embeddings; None only with ``guidance_scale=1``. For an
+            SDXL pipeline whose config has ``force_zeros_for_empty_prompt`` (SDXL base's),
+            ``""`` is zero embeddings and pooled embeddings, as the pipeline's default.
         solver: the base solver (a registered name or a ``Solver``), wrapped as
             ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is.
         gamma: BDIA's gamma, 0.96 unless given (not with a BDIA solver).
@@ -357,10 +477,13 @@ def edit_image(
         ValueError or TypeError: one line, before any network runs, for a pipeline missing a
             part; an image of the wrong kind, mode, channels or size (not a multiple of the
             VAE's factor), or outside [-1, 1]; a VAE whose latent channels are not the unet's;
-            a unet that needs added conditioning (SDXL); guidance without a negative prompt;
-            text prompts without a tokenizer and text encoder; prompts or embeddings of the
-            wrong batch or dim; an unknown rule, solver or output type; and whatever
-            ``from_diffusers`` refuses in the scheduler's config.
+            a unet that needs added conditioning other than SDXL's (``addition_embed_type``
+            not ``"text_time"``), or an SDXL one whose added embedding does not take six time
+            ids beside the pooled embeddings (a refiner); guidance without a negative prompt;
+            text prompts without the tokenizers and text encoders; prompts or embeddings of
+            the wrong batch or dim, or SDXL embeddings without the pooled ones; an unknown
+            rule, solver or output type; and whatever ``from_diffusers`` refuses in the
+            scheduler's config.
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
@@ -370,12 +493,15 @@ def edit_image(
         if getattr(vae.config, name, None) is None:
             raise ValueError(f"the pipeline's vae has no config.{name}; it is not a latent VAE")
     unet_config = getattr(unet, "config", None) or {}
-    if unet_config.get("addition_embed_type") is not None:
+    addition = unet_config.get("addition_embed_type")
+    xl = addition == _TEXT_TIME
+    if addition is not None and not xl:
         raise ValueError(
-            f"the unet has addition_embed_type = {unet_config['addition_embed_type']!r} (SDXL "
-            "and the like): it needs added_cond_kwargs, which edit_image does not make; use "
-            "from_diffusers with them and bdia.Inversion directly"
+            f"the unet has addition_embed_type = {addition!r}: it needs added conditioning "
+            f"that edit_image does not make (it makes SDXL's, {_TEXT_TIME!r}, only); use "
+            "from_diffusers with the unet's arguments and bdia.Inversion directly"
         )
+    pooled_dim = _pooled_dim(unet_config) if xl else None
     if unet_config.get("in_channels") != vae.config.latent_channels:
         raise ValueError(
             f"the unet takes in_channels = {unet_config.get('in_channels')} but the vae makes "
@@ -412,15 +538,36 @@ def edit_image(
             f"{width // factor * factor or factor} x {height // factor * factor or factor}"
         )
     prompts = {"source_prompt": source_prompt, "target_prompt": target_prompt}
+    # SDXL's unconditional branch for the empty prompt is zeros, where the pipeline's config
+    # says so (force_zeros_for_empty_prompt, True for SDXL base), as in its default.
+    pipe_config = getattr(pipe, "config", None)
+    zero_negative = (
+        xl
+        and isinstance(pipe_config, Mapping)
+        and bool(pipe_config.get("force_zeros_for_empty_prompt", False))
+        and _empty(negative_prompt)
+    )
     if guided:
         prompts["negative_prompt"] = negative_prompt
     cross_dim = unet_config.get("cross_attention_dim")
     cross_dim = cross_dim if isinstance(cross_dim, int) else None
     for name, prompt in prompts.items():
-        _check_prompt(prompt, name, batch, cross_dim)
-    if any(_is_text(p) for p in prompts.values()):
-        for name in ("tokenizer", "text_encoder", "encode_prompt"):
+        _check_prompt(prompt, name, batch, cross_dim, pooled_dim, xl)
+    embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
+    if any(_is_text(p) for p in embedded):
+        parts = ("tokenizer_2", "text_encoder_2") if xl else ("tokenizer", "text_encoder")
+        for name in (*parts, "encode_prompt"):
             _part(pipe, name, "to embed text prompts (or pass prompt embeddings instead)")
+        projection = getattr(getattr(pipe, "text_encoder_2", None), "config", None)
+        projection = getattr(projection, "projection_dim", None)
+        if xl and pooled_dim is not None and projection not in (None, pooled_dim):
+            raise ValueError(
+                f"the unet's added embedding takes pooled embeddings of dim {pooled_dim} beside "
+                f"{_TIME_IDS} time ids (projection_class_embeddings_input_dim = "
+                f"{unet_config['projection_class_embeddings_input_dim']}), but text_encoder_2 "
+                f"pools to projection_dim = {projection}; edit_image makes SDXL base's time ids "
+                "(original size, crop, target size), not a refiner's aesthetic score"
+            )
 
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run).
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype)
@@ -430,33 +577,49 @@ def edit_image(
     device = _device(pipe, unet)
     embed_dtype = probe.model_dtype
     with torch.no_grad():
-        source = _embed(pipe, source_prompt, device, embed_dtype)
-        target = _embed(pipe, target_prompt, device, embed_dtype)
-        guidance: dict[str, Any] = {}
-        if guided:
-            negative = _embed(pipe, negative_prompt, device, embed_dtype)
-            guidance = {
-                "guidance_scale": guidance_scale,
-                "negative_cond": {"encoder_hidden_states": negative},
-            }
-        source_ode = from_diffusers(
-            unet, scheduler, model_dtype=model_dtype, encoder_hidden_states=source, **guidance
-        )
-        target_ode = from_diffusers(
-            unet, scheduler, model_dtype=model_dtype, encoder_hidden_states=target, **guidance
-        )
+        # SDXL's time ids are the pipeline's defaults: original size = target size = the
+        # image's, no crop; the negative branch has the same.
+        time_ids = torch.tensor(
+            [[height, width, 0, 0, height, width]], dtype=embed_dtype or torch.float32
+        ).to(device)
+
+        def branch(prompt: Any) -> dict[str, Any]:
+            """The unet arguments of one branch of guidance."""
+            if xl:
+                return _xl_cond(*_embed_xl(pipe, prompt, device, embed_dtype), time_ids)
+            return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
+
+        source_cond, target_cond = branch(source_prompt), branch(target_prompt)
+        negative_cond = branch(negative_prompt) if guided and not zero_negative else None
+
+        def guide(cond: dict[str, Any]) -> dict[str, Any]:
+            if not guided:
+                return cond
+            negative = negative_cond
+            if negative is None:  # SDXL's zeros, of the prompt's token count
+                embeds = cond["encoder_hidden_states"]
+                pooled = cond["added_cond_kwargs"]["text_embeds"]
+                negative = _xl_cond(
+                    torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]), time_ids
+                )
+            return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
+
+        source_ode = from_diffusers(unet, scheduler, model_dtype=model_dtype, **guide(source_cond))
+        target_ode = from_diffusers(unet, scheduler, model_dtype=model_dtype, **guide(target_cond))
 
         pixels = pixels.to(device)
-        latents = _encode(vae, pixels, state_dtype)
+        with _float32_vae(vae, xl):
+            latents = _encode(vae, pixels, state_dtype)
         inversion = Inversion.of(
             source_ode, wrapped, latents, ts, state_dtype=state_dtype, progress=progress
         )
         reconstructed = inversion.reconstruct(progress=progress)
         edited = inversion.regenerate(target_ode, rule=rule, progress=progress)
 
-        decoded = _decode(vae, latents)
-        reconstruction = _decode(vae, reconstructed)
-        images = _decode(vae, edited)
+        with _float32_vae(vae, xl):
+            decoded = _decode(vae, latents)
+            reconstruction = _decode(vae, reconstructed)
+            images = _decode(vae, edited)
 
     scale = float(latents.abs().max())
     latent_error = float((reconstructed - latents).abs().max()) / (scale or 1.0)
