@@ -80,6 +80,16 @@ if not pathlib.Path("sd").is_dir():
     tiny_text_to_image_pipeline("sd").save_pretrained("sd")
 """
 
+# The same for a tiny random SDXL pipeline ("sdxl"): two text encoders, a unet with SDXL's
+# added conditioning.
+_SDXL_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_sdxl_pipeline
+if not pathlib.Path("sdxl").is_dir():
+    pathlib.Path("sdxl").mkdir()
+    tiny_sdxl_pipeline("sdxl").save_pretrained("sdxl")
+"""
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -115,13 +125,14 @@ scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, s
 prompt_embeds, negative_embeds = torch.randn(2, 1, 16, 16)
 """,
     ("docs/diffusers.md", "unet = UNet2DConditionModel.from_pretrained("): _SD_FOLDER,
-    ("docs/diffusers.md", "result = edit_image("): (
+    ("docs/diffusers.md", "result.reconstruction[0].save("): (
         _SD_FOLDER
         + """
 from PIL import Image
 Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
 """
     ),
+    ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _SDXL_FOLDER,
     ("docs/diffusers.md", "bdia.sample(from_diffusers(unet, scheduler)"): """
 import diffusers
 from bdia.integrations.diffusers.tiny import tiny_unet
@@ -177,10 +188,15 @@ LOCAL = {
         ('device = "cuda"', 'device = "cpu"'),
         ("torch.randn(1, 4, 64, 64,", "torch.randn(1, 4, 8, 8,"),
     ],
-    ("docs/diffusers.md", "result = edit_image("): [
+    ("docs/diffusers.md", "result.reconstruction[0].save("): [
         ('"/path/to/stable-diffusion-v1-5"', '"sd"'),
         ('.to("cuda")', '.to("cpu")'),
         (".resize((512, 512))", ".resize((16, 16))"),
+    ],
+    ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): [
+        ('"/path/to/stable-diffusion-xl-base-1.0"', '"sdxl"'),
+        ('.to("cuda")', '.to("cpu")'),
+        (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): [
         (_SD_PATH, '"sd"'),
@@ -238,7 +254,8 @@ def _one_preview_per_step(ns):
 
 AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
-    ("docs/diffusers.md", "result = edit_image("): _edit_round_trip,
+    ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
+    ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
@@ -309,7 +326,7 @@ def run_page(page: str) -> None:
 
 
 # With the slow tests: the gradients page optimises through 35-step samplers (about 25 s),
-# the diffusers page builds, saves and runs three tiny pipelines (about 8 s).
+# the diffusers page builds, saves and runs four tiny pipelines (about 10 s).
 _SLOW_PAGES = {"docs/gradients.md", "docs/diffusers.md"}
 
 
