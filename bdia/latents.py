@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ._files import replace_atomic
 from .sampling import StatePair
+from .solvers.bidirectional import _check_user_gamma
 from .solvers.registry import bdia, get_solver
 
 __all__ = ["LATENTS_FORMAT", "save_latents", "load_latents"]
@@ -82,19 +83,22 @@ def save_latents(
             its ``fingerprint`` must be set.
         ts: the grid the pair was made on (stored as float64, shape ``(steps + 1,)``).
         solver: the base solver's name.
-        gamma: bdia's gamma (a number or a schedule name).
+        gamma: bdia's gamma: a number in [0, 1] (of Python, numpy or torch, or a
+            ``Fraction``; recorded as the Python float that ``bdia(solver, gamma)`` keeps)
+            or a schedule name.
         class_label: the class the data were inverted under, or None.
         network: the network's identity (``"sha256:..."``).
         network_path: where the network was loaded from (a path is stored as text).
         source: the name of the inverted image.
 
     Raises:
-        TypeError: if ``pair`` is not a ``StatePair`` (latents files hold BDIA's pairs).
+        TypeError: if ``pair`` is not a ``StatePair`` (latents files hold BDIA's pairs), or
+            ``gamma`` is neither a number nor a string (a bool, or one gamma per step).
         ValueError: before writing, if the pair has no fingerprint, its tensors do not match
             or are not float64 or float32, its ``times`` are set and are not ``(ts[0],
-            ts[1])``, its ``solver`` is set and is not ``bdia(solver, gamma)``, or ``ts`` is
-            not 1-D with at least 2 points: what ``load_latents`` would refuse or give back
-            otherwise.
+            ts[1])``, a numeric ``gamma`` lies outside [0, 1], the pair's ``solver`` is set
+            and is not ``bdia(solver, gamma)``, or ``ts`` is not 1-D with at least 2 points:
+            what ``load_latents`` would refuse or give back otherwise.
     """
     from safetensors.torch import save_file
 
@@ -134,6 +138,11 @@ def save_latents(
             f"the pair's times {tuple(pair.times)} are not the grid's first two points "
             f"{start}; save the pair that invert returns, with its grid"
         )
+    if not isinstance(gamma, str):
+        # The float the solver keeps, written so that it reads back as that float: str() of
+        # the number given could name another gamma (np.float32(0.96) as "0.96") or none
+        # (Fraction(24, 25) as "24/25").
+        gamma = _check_user_gamma(gamma, "")
     # The file records the solver as its base's name and gamma, from which a loaded pair
     # takes its ``solver`` back: a pair made by another solver would come back claiming
     # this one, and be continued by it.

@@ -7,6 +7,7 @@ tests write from held-out digits.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -240,6 +241,59 @@ def test_save_latents_refuses_what_load_latents_would_not_give_back(tmp_path, ca
             class_label=None,
             network="n",
         )
+    assert not list(tmp_path.iterdir())
+
+
+def _save_euler(folder, gamma, made_by=None):
+    """save_latents of a pair made by ``made_by`` (None: unrecorded) as bdia(euler, gamma)'s."""
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    a = torch.zeros(1, 3, 2, 2, dtype=torch.float32)
+    pair = bdia.StatePair(a, a + 1, fingerprint="0123456789abcdef", solver=made_by)
+    return save_latents(
+        folder / "x.safetensors",
+        pair,
+        ts,
+        solver="euler",
+        gamma=gamma,
+        class_label=None,
+        network="n",
+    )
+
+
+@pytest.mark.parametrize(
+    "gamma",
+    [np.float32(0.96), Fraction(24, 25), torch.tensor(0.96, dtype=torch.float64), 1],
+    ids=["numpy-float32", "Fraction", "tensor", "int"],
+)
+def test_save_latents_records_a_gamma_given_as_any_number_as_the_solver_keeps_it(tmp_path, gamma):
+    """bdia(solver, gamma) keeps gamma as a Python float; the file records that float, so
+    the loaded pair names the solver that made it. The gamma was written as str(gamma):
+    np.float32(0.96) as "0.96", another gamma than the 0.9599999785423279 that made the
+    pair, Fraction(24, 25) as "24/25" and a tensor as "tensor(0.9600, ...)", which name no
+    gamma; since pairs record their solver, save_latents refused each of them, telling the
+    caller to give the gamma they had given."""
+    maker = bdia.bdia("euler", gamma)
+    path = _save_euler(tmp_path, gamma, made_by=maker.identity)
+    loaded, _, meta = load_latents(path)
+    assert loaded.solver == maker.identity
+    assert meta["gamma"] == maker.gamma and type(meta["gamma"]) is float
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata()["gamma"] == repr(maker.gamma)  # "0.9599999785423279" for float32
+
+
+@pytest.mark.parametrize(
+    "gamma, error, words",
+    [
+        (True, TypeError, "gamma must be a number in .0, 1., got the bool True"),
+        ((0.9, 0.8), TypeError, r"gamma must be a number, got \(0.9, 0.8\)"),
+        (1.5, ValueError, r"gamma = 1.5 lies outside \[0, 1\]"),
+    ],
+)
+def test_save_latents_refuses_a_gamma_that_names_no_solver(tmp_path, gamma, error, words):
+    """A file records one gamma, which bdia(solver, gamma) must take: a flag, a sequence
+    (one gamma per step) or a number outside [0, 1] was written and named no solver."""
+    with pytest.raises(error, match=words):
+        _save_euler(tmp_path, gamma)
     assert not list(tmp_path.iterdir())
 
 
