@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .schedules import EDM, Schedule
+from .twoword import _has_float64
 
 __all__ = ["Evaluation", "ODE", "DiffusionODE"]
 
@@ -117,14 +118,10 @@ def _time_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-#: Device types without float64 kernels: Apple's MPS, where a float64 tensor cannot exist.
-_NO_FLOAT64 = frozenset({"mps"})
-
-
 def wide_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype of a norm or noise level computed wider than a float32 state: float64, or
     float32 on a device without float64 (``mps``), where ``.double()`` would raise."""
-    return torch.float32 if torch.device(device).type in _NO_FLOAT64 else torch.float64
+    return torch.float64 if _has_float64(torch.device(device)) else torch.float32
 
 
 def _infer_model_dtype(model: Callable[..., Any]) -> torch.dtype | None:

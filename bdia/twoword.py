@@ -66,6 +66,18 @@ __all__ = [
 
 _WORD_DTYPES = (torch.float32, torch.float64)
 _SPLITTER = 134217729.0  # 2^27 + 1: Veltkamp's split of a float64 into two 26-bit halves
+_SPLITTER32 = 4097.0  # 2^12 + 1: of a float32 into two 12-bit halves
+
+#: Device types without float64 kernels: Apple's MPS, where a float64 tensor cannot exist.
+#: Kept here, below everything that asks (``bdia.ode.wide_dtype`` too): this module needs
+#: torch alone.
+_NO_FLOAT64 = frozenset({"mps"})
+
+
+def _has_float64(device: torch.device) -> bool:
+    """Whether ``device`` can hold a float64 tensor (all but MPS)."""
+    return device.type not in _NO_FLOAT64
+
 
 # ---------------------------------------------------------------------- the compile guard
 _F = TypeVar("_F", bound=Callable)
@@ -234,12 +246,18 @@ def _fast_two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _split(a: Tensor) -> tuple[Tensor, Tensor]:
-    c = _SPLITTER * a
+    c = (_SPLITTER if a.dtype == torch.float64 else _SPLITTER32) * a
     high = c - (c - a)
     return high, a - high
 
 
-def _split_scalar(b: float) -> tuple[float, float]:
+def _split_scalar(b: float, dtype: torch.dtype) -> tuple[float, float]:
+    if dtype == torch.float32:
+        # In float32 arithmetic, as the tensor's split: on the host, which has float32.
+        word = torch.tensor(b, dtype=torch.float32)
+        c32 = _SPLITTER32 * word
+        high32 = c32 - (c32 - word)
+        return float(high32), float(word - high32)
     c = _SPLITTER * b
     high = c - (c - b)
     return high, b - high
@@ -247,14 +265,16 @@ def _split_scalar(b: float) -> tuple[float, float]:
 
 def _two_prod(a: Tensor, b: float) -> tuple[Tensor, Tensor]:
     """``b`` must already be a word of ``a``'s dtype (`state_scalar`)."""
-    if a.dtype == torch.float32:
+    if a.dtype == torch.float32 and _has_float64(a.device):
         exact = a.double() * b  # two 24-bit significands: the float64 product is exact
         p = exact.float()
         e = (exact - p.double()).float()
         return p, e
+    # Dekker's product of Veltkamp halves: float64 words, and float32 words on a device
+    # without float64 (mps), where the product above cannot be formed.
     p = a * b
     a_high, a_low = _split(a)
-    b_high, b_low = _split_scalar(b)
+    b_high, b_low = _split_scalar(b, a.dtype)
     e = ((a_high * b_high - p) + a_high * b_low + a_low * b_high) + a_low * b_low
     return p, e
 
@@ -368,10 +388,11 @@ def two_prod(a: Tensor, s: float) -> TwoWord:
 
     ``s`` is first rounded to ``a``'s dtype (`state_scalar`); the product is exact for that
     rounded value. float32: one product in float64 (two 24-bit significands fit its 53
-    bits), rounded back. float64: Dekker's product of Veltkamp halves (splitter 2^27 + 1).
-    Exact unless the product comes within a factor 2^24 (float32) or 2^53 (float64) of the
-    underflow threshold or something overflows (for float64, ``|a|`` and ``|s|`` must stay
-    below 2^995 for the split).
+    bits), rounded back; on a device without float64 (MPS) Dekker's product of Veltkamp
+    halves (splitter 2^12 + 1), which gives the same two words. float64: Dekker's product
+    (splitter 2^27 + 1). Exact unless the product comes within a factor 2^24 (float32) or
+    2^53 (float64) of the underflow threshold or something overflows (for the split,
+    ``|a|`` and ``|s|`` must stay below 2^995 in float64 and 2^115 in float32).
     """
     _check_dtype(a.dtype)
     return TwoWord(*_two_prod(a, state_scalar(s, a.dtype)))

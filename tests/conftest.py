@@ -118,6 +118,24 @@ def untouched(*tensors: torch.Tensor | None) -> Iterator[None]:
         torch.testing.assert_close(t, c, rtol=0.0, atol=0.0, equal_nan=True)
 
 
+def dtypes_made(fn: Any) -> tuple[Any, set[torch.dtype]]:
+    """``fn()`` and the dtypes of every tensor its torch operations produced."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    made: set[torch.dtype] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.update(t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Record():
+        result = fn()
+    return result, made
+
+
 # torchrun's worker: `bdia ARGS`, logging to LOG.RANK the name of each file it renames into
 # place, and LEFT_THE_GROUP when it leaves the process group. bdia writes every output so
 # (bdia._files.replace_atomic): the logs tell which rank wrote which file, how often, and

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dtypes_made
 from torch import nn
 
 import bdia
@@ -329,24 +330,6 @@ def test_wide_dtype_is_float32_only_on_a_device_without_float64(device, wide):
     assert wide_dtype(device) == wide
 
 
-def _dtypes_made(fn):
-    """``fn()`` and the dtypes of every tensor its torch operations produced."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    made = set()
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            made.update(t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-            return out
-
-    with Record():
-        result = fn()
-    return result, made
-
-
 def _watch_and_noise_level():
     """BDIA's parasitic-mode watch, the adjoint's check of its recomputation and
     VPPrecond's t(sigma) on float32 CPU tensors: the computations, and the float64 formulas
@@ -372,7 +355,7 @@ def _watch_and_noise_level():
 
 def test_on_the_cpu_the_watch_and_the_noise_level_are_float64_computations_as_before():
     compute, before = _watch_and_noise_level()
-    (rms, adjoint_rms, t), made = _dtypes_made(compute)
+    (rms, adjoint_rms, t), made = dtypes_made(compute)
     assert torch.float64 in made
     assert torch.equal(rms, before[0]) and torch.equal(t, before[2])  # bit for bit
     assert adjoint_rms == before[1]
@@ -381,11 +364,11 @@ def test_on_the_cpu_the_watch_and_the_noise_level_are_float64_computations_as_be
 def test_on_a_device_without_float64_no_float64_tensor_is_made(monkeypatch):
     """MPS has no float64: .double() there raises. With the CPU taken for such a device,
     none of the computations makes a float64 tensor, and each stays within float32 rounding."""
-    import bdia.ode
+    import bdia.twoword
 
     compute, before = _watch_and_noise_level()
-    monkeypatch.setattr(bdia.ode, "_NO_FLOAT64", frozenset({"mps", "cpu"}), raising=False)
-    (rms, adjoint_rms, t), made = _dtypes_made(compute)
+    monkeypatch.setattr(bdia.twoword, "_NO_FLOAT64", frozenset({"mps", "cpu"}))
+    (rms, adjoint_rms, t), made = dtypes_made(compute)
     assert torch.float64 not in made and rms.dtype == t.dtype == torch.float32
     # The norms are float32 sums of 384 squares: a few units of 2^-24 (6e-8); 1e-6 relative
     # allows them and nothing near a wrong formula.

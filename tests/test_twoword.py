@@ -9,6 +9,7 @@ built here, never with the module under test, so that a mutant cannot corrupt th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -18,10 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
+from unittest import mock
 
 import pytest
 import torch
-from conftest import REPO, run_child
+from conftest import REPO, dtypes_made, run_child
 
 import bdia.twoword as twoword
 
@@ -62,6 +64,14 @@ def ratio(err: Fraction, bound: Fraction) -> float:
     if err == 0:
         return 0.0
     return math.inf if bound == 0 else float(err / bound)
+
+
+@contextlib.contextmanager
+def without_float64(tw: types.ModuleType) -> Iterator[None]:
+    """The CPU taken for a device without float64 (MPS), where ``.double()`` raises, by
+    ``tw`` (the module or a mutant of it)."""
+    with mock.patch.object(tw, "_NO_FLOAT64", frozenset({"mps", "cpu"})):
+        yield
 
 
 # -------------------------------------------------------------------------------- inputs
@@ -527,6 +537,15 @@ def failures(tw) -> Iterator[str]:
             r = check(tw, dtype)
             if not r.ok:
                 yield f"{name} {dtype}: {r.worst:.3g} x its bound, normalised {r.normalised}"
+    # float32 words on a device without float64 take Dekker's product instead.
+    with without_float64(tw):
+        r = eft_check(tw, torch.float32, "two_prod")
+        if r.worst != 0 or not r.normalised:
+            yield f"two_prod float32 without float64: {r.worst:g} results inexact"
+        for name in ("mul", "div"):
+            r = OPS[name](tw, torch.float32)
+            if not r.ok:
+                yield f"{name} float32 without float64: {r.worst:.3g} x its bound"
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -551,6 +570,36 @@ def test_double_word_operations_stay_within_their_bounds(name, dtype):
 def test_updates_invert_to_twice_the_word_precision(name, dtype):
     r = ROUND_TRIPS[name](twoword, dtype)
     assert r.worst <= 1.0, f"{name} round trip: {r.worst:.3g} times its bound"
+
+
+# Every function that multiplies or divides float32 words by a scalar, on random words.
+FLOAT32_PRODUCTS: dict[str, Callable] = {
+    "two_prod": lambda x, y: twoword.two_prod(x.high, 0.96),
+    "mul": lambda x, y: twoword.mul(x.of(twoword), 1 / 3),
+    "div": lambda x, y: twoword.div(x.of(twoword), 0.93),
+    "scaled_difference_plus": lambda x, y: twoword.scaled_difference_plus(
+        x.of(twoword), y.high, 0.96, y.low
+    ),
+    "difference_over_plus": lambda x, y: twoword.difference_over_plus(
+        x.of(twoword), y.high, 0.96, y.low
+    ),
+    "mix": lambda x, y: twoword.mix(x.of(twoword), y.of(twoword), 0.93),
+    "unmix": lambda x, y: twoword.unmix(x.of(twoword), y.of(twoword), 0.93),
+}
+
+
+@pytest.mark.parametrize("name", FLOAT32_PRODUCTS)
+def test_float32_words_on_a_device_without_float64_give_the_same_bits(name):
+    """On MPS, which has no float64, the float32 product cannot be formed in float64, and
+    every reversible solver failed at its first two-word update there. Dekker's product of
+    12-bit halves is exact too, so the results are those of the float64 product bit for
+    bit, and no float64 tensor is made."""
+    x, y = words(200, torch.float32, 151), words(200, torch.float32, 153)
+    expected = FLOAT32_PRODUCTS[name](x, y)
+    with without_float64(twoword):
+        got, made = dtypes_made(lambda: FLOAT32_PRODUCTS[name](x, y))
+    assert torch.float64 not in made and got.dtype == torch.float32
+    assert torch.equal(got.high, expected.high) and torch.equal(got.low, expected.low)
 
 
 def test_chained_round_trip_error_is_u2_times_the_amplification_not_u():
@@ -603,6 +652,16 @@ MUTANTS = [
         "Veltkamp split of the scalar",
         "high = c - (c - b)",
         "high = b",
+    ),
+    (
+        "Veltkamp split of a float32 scalar",
+        "high32 = c32 - (c32 - word)",
+        "high32 = word",
+    ),
+    (
+        "float32 splitter",
+        "_SPLITTER32 = 4097.0",
+        "_SPLITTER32 = _SPLITTER",
     ),
     (
         "add: low word carried",
