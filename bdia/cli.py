@@ -1237,8 +1237,10 @@ def _check_pngs(files: list[Path], net: torch.nn.Module, network_spec: str) -> N
             )
 
 
-def _read_png(path: Path, device: str) -> torch.Tensor:
-    """A checked PNG as ``(1, C, H, W)`` float64 in [-1, 1]: pixel p becomes p / 127.5 - 1."""
+def _read_png(path: Path, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A checked PNG as ``(1, C, H, W)`` in [-1, 1] on ``device``: pixel p becomes
+    p / 127.5 - 1, computed in float64 on the host and rounded once to ``dtype`` (the state
+    dtype) there, since a device such as MPS holds no float64."""
     import numpy as np
     from PIL import Image
 
@@ -1246,7 +1248,7 @@ def _read_png(path: Path, device: str) -> torch.Tensor:
         pixels = np.asarray(im)
     x = torch.from_numpy(pixels.copy()).to(torch.float64)
     x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-    return (x / 127.5 - 1.0).to(device)
+    return (x / 127.5 - 1.0).to(dtype).to(device)
 
 
 def _refuse_existing(outdir: Path, targets: list[Path], overwrite: bool, what: str) -> None:
@@ -1476,7 +1478,7 @@ def _invert_held_out(
                 device=device,
                 callback=lambda info: bar.update(),
             )
-            error = (back.double().cpu() - images.double()).flatten(1)
+            error = (back.cpu().double() - images.double()).flatten(1)  # MPS has no float64
             name = f"bdia({base.name}, {gamma})" if kind == "exact" else f"{base.name} backward"
             rows.append(
                 (
@@ -1643,7 +1645,7 @@ def _invert_images(
             for path in mine:
                 if path.name in entries:
                     continue
-                x = _read_png(path, device)
+                x = _read_png(path, device, state_dtype)
                 inversion = Inversion.of(
                     ode,
                     exact,
@@ -1654,7 +1656,8 @@ def _invert_images(
                     callback=lambda info: bar.update(),
                 )
                 back = inversion.reconstruct(progress=False, callback=lambda info: bar.update())
-                error = back - x.to(state_dtype)  # in the state dtype
+                # In the state dtype; widened for the norm on the host (MPS has no float64).
+                error = (back - x).cpu()
                 latents, reconstruction = _outputs_of(outdir, path.name)
                 assert isinstance(inversion.pair, StatePair)  # exact is a bdia solver
                 save_latents(

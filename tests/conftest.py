@@ -136,6 +136,75 @@ def dtypes_made(fn: Any) -> tuple[Any, set[torch.dtype]]:
     return result, made
 
 
+class NoFloat64(AssertionError):
+    """A float64 tensor made on a pretend device that has none (see ``FakeMPS``)."""
+
+
+def _fake_mps_mode() -> Any:
+    """``FakeMPS``'s class, made at its first use: torch.overrides loads on demand."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves, tree_map
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    mps = torch.device("mps")
+
+    def is_mps(value: Any) -> bool:
+        return isinstance(value, (str, torch.device)) and torch.device(value).type == "mps"
+
+    class FakeMPS(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.on_device = WeakIdKeyDictionary()
+            self.placed = 0  # tensors made on the device, so that a test sees it was used
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func == torch.Tensor.device.__get__:
+                return mps if args[0] in self.on_device else func(*args)
+            moved = is_mps(kwargs.get("device"))
+            if moved:
+                kwargs["device"] = "cpu"
+            if func is torch.Tensor.to and any(is_mps(a) for a in args[1:]):
+                args, moved = tuple("cpu" if is_mps(a) else a for a in args), True
+            given = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            there = any(t in self.on_device for t in given)
+            if func is torch.Tensor.cpu:
+                return args[0].view_as(args[0]) if there else args[0]
+            if there and func is torch.Tensor.numpy:
+                raise NoFloat64("numpy() of a tensor on mps: move it to the CPU first")
+            out = func(*args, **kwargs)
+            if not (moved or there):
+                return out
+
+            def placed(t: Any) -> Any:
+                if not isinstance(t, torch.Tensor):
+                    return t
+                if t.dtype == torch.float64:
+                    raise NoFloat64(f"{getattr(func, '__name__', func)} made float64 on mps")
+                if moved and any(t is g for g in given):
+                    t = t.view_as(t)  # the caller's tensor stays where it is
+                self.on_device[t] = True
+                self.placed += 1
+                return t
+
+            return tree_map(placed, out)
+
+    return FakeMPS
+
+
+@contextmanager
+def fake_mps(monkeypatch: Any) -> Iterator[Any]:
+    """Apple's MPS, pretended on the CPU: a tensor sent to ``mps`` (by ``.to`` or a
+    ``device=`` argument) stays on the CPU but reads ``.device`` as mps, and so does what is
+    computed from it until ``.cpu()``. Making a float64 tensor there, or reading one into
+    numpy, raises ``NoFloat64``, where MPS, which has no float64, would fail. Float32 work
+    runs as on the CPU, so its results are the CPU's, bit for bit. Yields the mode, whose
+    ``placed`` counts the tensors made on the device."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with _fake_mps_mode()() as mode:
+        yield mode
+
+
 # torchrun's worker: `bdia ARGS`, logging to LOG.RANK the name of each file it renames into
 # place, and LEFT_THE_GROUP when it leaves the process group. bdia writes every output so
 # (bdia._files.replace_atomic): the logs tell which rank wrote which file, how often, and

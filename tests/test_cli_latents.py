@@ -6,6 +6,7 @@ tests write from held-out digits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from fractions import Fraction
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import folder_bytes, torchrun_bdia
+from conftest import fake_mps, folder_bytes, torchrun_bdia
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -636,6 +637,32 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     assert folder_bytes(back_two) == folder_bytes(back_one)
     assert written == [[f"{n}.png" for n in NAMES[rank::2]] for rank in (0, 1)]
     assert result.stderr.count(f"{COUNT} images in {back_two} ({COUNT} reconstructed)") == 1
+
+
+def test_on_a_device_without_float64_the_commands_give_the_cpus_float32_results(
+    pngs, tmp_path, monkeypatch
+):
+    """On MPS (pretended on the CPU, where a float64 tensor on the device is refused),
+    invert --images, sample --latents, the held-out table and sample with bdia give what
+    --device cpu gives with a float32 state, bit for bit. invert read each PNG onto the
+    device in float64 and formed its round-trip error there in float64, so it failed at its
+    first image, as the table did at its first error."""
+    args = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", 4, "--no-progress"]
+    table = ["invert", "--steps", 3, "--count", 4, "--no-progress"]
+    seeds = ["sample", "--network", "digits", "--seeds", "0-1", "--steps", 3, "--gamma", 0.96]
+    runs = {}
+    for device in ("cpu", "mps"):
+        out = tmp_path / device
+        given = ["--device", device, *(["--state-dtype", "float32"] if device == "cpu" else [])]
+        with fake_mps(monkeypatch) if device == "mps" else contextlib.nullcontext() as mode:
+            invoke(*args, "--outdir", out / "latents", *given)
+            back = ["sample", "--latents", out / "latents", "--outdir", out / "back"]
+            invoke(*back, "--device", device, "--no-progress")
+            invoke(*seeds, "--outdir", out / "seeds", *given, "--no-progress")
+            runs[device] = (folder_bytes(out), invoke(*table, *given).output)
+    assert mode.placed > 1000  # the network and the states were on the pretend device
+    assert runs["mps"] == runs["cpu"]
+    assert "float32 state" in runs["mps"][1]
 
 
 def test_a_state_on_mps_is_float32_and_float64_is_refused_there(
