@@ -626,6 +626,17 @@ def test_a_solver_identity_names_every_parameter_that_changes_its_steps() -> Non
     assert bdia.ExplicitRungeKutta(bdia.solvers.runge_kutta.HEUN, "heun").identity == "heun"
 
 
+def test_a_tableau_with_negative_zeros_is_one_solver_with_the_tableau_of_zeros() -> None:
+    """-0.0 steps as 0.0 does (a zero weight is skipped, a stage at c = -0.0 sits at t), and
+    the two tableaus compare equal; a tableau written with -0.0 (say, computed as -1 * 0.0)
+    had another identity, so bdia around it refused the pairs of the same method."""
+    zeros = ButcherTableau(c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0), order=2)
+    negative = ButcherTableau(c=(-0.0, 0.5), a=((), (0.5,)), b=(-0.0, 1.0), order=2)
+    one, other = (bdia.ExplicitRungeKutta(t, "mid") for t in (zeros, negative))
+    assert one == other and make_bdia(one, 0.9).identity == make_bdia(other, 0.9).identity
+    assert math.copysign(1.0, negative.c[0]) == math.copysign(1.0, negative.b[0]) == 1.0
+
+
 MAKERS_AND_OTHERS = [
     (make_bdia("euler", 0.9), make_bdia("euler", 0.5)),
     (make_bdia("euler", 0.9), make_bdia("heun", 0.9)),

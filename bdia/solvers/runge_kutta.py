@@ -91,12 +91,13 @@ def _sequence(name: str, values: object) -> list[object]:
 
 def _numbers(name: str, values: object) -> tuple[float, ...]:
     """``values`` as a tuple of floats, each checked to be a finite real number (a NaN would
-    pass the sum checks of the tableau)."""
+    pass the sum checks of the tableau), -0.0 kept as 0.0: it steps alike, and an equal
+    tableau names one solver (``ExplicitRungeKutta.identity``)."""
     out = []
     for j, v in enumerate(_sequence(name, values)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"tableau entry {name}[{j}] = {v!r} is not a finite number")
-        out.append(float(v))
+        out.append(float(v) + 0.0)
     return tuple(out)
 
 
