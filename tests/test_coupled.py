@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 
 import numpy as np
@@ -191,6 +192,27 @@ def test_a_bad_pair_is_refused_before_any_model_call():
         with pytest.raises(TypeError, match="euler continues from a tensor or a StatePair"):
             run(ode, bdia.get_solver("euler"), bdia.CoupledPair(x, x.clone()), ts)
     assert ode.nfe == 0
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_pair_of_the_other_kind_that_records_its_solver_is_refused_naming_it():
+    """A pair from sample or invert records its solver: a reversible solver of the other
+    kind refuses it with a ValueError that names that solver (the kind alone is a
+    TypeError, as above, for a pair that records none); a plain solver, which takes up a
+    state of any pair it knows, still refuses two chains with a TypeError."""
+    ode = MIXTURE.ode(bdia.EDM())
+    ts = bdia.karras_grid(5, final_zero=False)
+    x = noise(3, torch.float64)
+    chains = bdia.sample(ode, bdia.edict("euler"), x, ts, return_pair=True)
+    pair = bdia.sample(ode, bdia.bdia("euler", 0.9), x, ts, return_pair=True)
+    for given, solver, maker in (
+        (chains, bdia.bdia("euler", 0.9), "edict(euler, p=0.93)"),
+        (pair, bdia.reversible("euler"), "bdia(euler, gamma=0.9)"),
+    ):
+        with pytest.raises(ValueError, match=rf"the end pair was made by {re.escape(maker)}"):
+            bdia.invert(ode, solver, given, ts)
+    with pytest.raises(TypeError, match="euler continues from a tensor or a StatePair"):
+        bdia.invert(ode, bdia.get_solver("euler"), chains, ts)
 
 
 def test_a_start_of_the_wrong_kind_is_named_with_the_pair_that_fits():
