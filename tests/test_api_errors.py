@@ -626,6 +626,21 @@ def test_a_solver_identity_names_every_parameter_that_changes_its_steps() -> Non
     assert bdia.ExplicitRungeKutta(bdia.solvers.runge_kutta.HEUN, "heun").identity == "heun"
 
 
+def test_a_subclass_that_changes_a_default_fraction_names_it_in_its_identity() -> None:
+    """A subclass of a shipped exponential solver keeps its name; its identity named the
+    fractions that differ from the subclass's own defaults, so one with r1 = 0.3 by default
+    was "dpm_solver_2", the identity of DPMSolver2's r1 = 0.5, and each took the other's
+    pairs under bdia. Fractions are named against the defaults of the shipped class."""
+    from bdia.solvers.exponential import DPMSolver2
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class EarlierStage(DPMSolver2):
+        r1: float = 0.3
+
+    assert EarlierStage().identity == "dpm_solver_2(r1=0.3)" != DPMSolver2().identity
+    assert EarlierStage(r1=0.5).identity == DPMSolver2().identity == "dpm_solver_2"
+
+
 def test_a_tableau_with_negative_zeros_is_one_solver_with_the_tableau_of_zeros() -> None:
     """-0.0 steps as 0.0 does (a zero weight is skipped, a stage at c = -0.0 sits at t), and
     the two tableaus compare equal; a tableau written with -0.0 (say, computed as -1 * 0.0)

@@ -140,13 +140,16 @@ class _Exponential(SingleStepSolver):
 
     @property
     def identity(self) -> str:
-        """The name, with the stage fractions that differ from their defaults
-        (``"dpm_solver_2(r1=0.3)"``)."""
-        # A dataclass keeps a field's default as the class attribute.
+        """The name, with the stage fractions that differ from the defaults of the shipped
+        solver of that name (``"dpm_solver_2(r1=0.3)"``), also in a subclass that changes
+        a default."""
+        # The shipped class: the first of this module's in the MRO. A dataclass keeps a
+        # field's default as the class attribute.
+        shipped = next(c for c in type(self).__mro__ if c.__module__ == __name__)
         changed = [
             f"{f}={getattr(self, f)!r}"
             for f in ("r1", "r2")
-            if hasattr(self, f) and getattr(self, f) != getattr(type(self), f)
+            if hasattr(self, f) and getattr(self, f) != getattr(shipped, f, None)
         ]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 
