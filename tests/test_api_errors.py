@@ -758,6 +758,21 @@ def test_a_divisor_that_underflows_in_the_state_dtype_is_refused_before_any_mode
     solver.check_invertible(ode, GRID, torch.float64)  # a normal float64 number
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_smallest_normal_divisor_of_the_state_dtype_is_taken(
+    ode: DiffusionODE, dtype: torch.dtype
+) -> None:
+    """The refusal starts below the smallest normal number: that number itself is exact
+    in the state dtype, and the inverse divides by it exactly; the largest subnormal one is
+    refused."""
+    finfo = torch.finfo(dtype)
+    subnormal = finfo.tiny * (1.0 - finfo.eps)  # exact: a power of two less one step
+    for make in (make_bdia, bdia.edict):
+        make("euler", finfo.tiny).check_invertible(ode, GRID, dtype)
+        with pytest.raises(ValueError, match=f"= {subnormal!r} is subnormal in {dtype}"):
+            make("euler", subnormal).check_invertible(ode, GRID, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_y0_in_odeint_points_to_what_odeint_takes(dtype: torch.dtype) -> None:
     y0 = torch.ones(1, 2, dtype=dtype)
