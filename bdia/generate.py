@@ -27,7 +27,7 @@ from ._shards import check_share
 from .ode import DiffusionODE
 from .sampling import sample
 from .schedules import EDM
-from .solvers.base import Solver
+from .solvers.base import Solver, is_flag
 
 __all__ = [
     "parse_seeds",
@@ -209,6 +209,20 @@ def seed_inputs(
     return torch.stack(noise), labels
 
 
+def _class_of(label: Any, name: str) -> int:
+    """``label`` as a Python int, or a TypeError naming it: ``operator.index`` takes a bool
+    (as class 0 or 1) and refuses a float in words that name neither."""
+    if not is_flag(label):
+        try:
+            return operator.index(label)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{name} = {label!r:.60} is not an integer class (an int, or an integer of numpy or "
+        "torch); give the class numbers, not one-hot rows"
+    )
+
+
 def _conditioning(
     net: torch.nn.Module,
     labels: Sequence[int],
@@ -224,13 +238,15 @@ def _conditioning(
     inversion), and a negative class would pick a row from the end of the one-hot table.
 
     Raises:
+        TypeError: naming ``name`` and the label, for a label that is no integer (a bool,
+            a float, a one-hot row).
         ValueError: naming ``name``, for a count other than ``batch`` or 1, or a class
             outside ``0..label_dim - 1``.
     """
     label_dim = getattr(net, "label_dim", 0)
     if not label_dim:
         return {}
-    labels = [operator.index(c) for c in labels]
+    labels = [_class_of(c, f"{name}[{i}]") for i, c in enumerate(labels)]
     if len(labels) not in (batch, 1):
         raise ValueError(
             f"{name} holds {len(labels)} class labels for a batch of {batch} images; give one "

@@ -466,6 +466,28 @@ def test_labels_that_do_not_fit_the_batch_are_refused_before_any_network_call(na
     assert calls == []
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [1.0, True, np.bool_(True), "1", None, torch.eye(10)[1]],
+    ids=["float", "bool", "numpy-bool", "str", "None", "one-hot-row"],
+)
+def test_a_label_that_is_no_integer_class_is_named(bad):
+    """A label that is no integer was refused by operator.index in words that named neither
+    the labels nor the label ("'float' object cannot be interpreted as an integer"), and a
+    bool was taken as class 0 or 1."""
+    net, calls = _counting_network()
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    images = torch.zeros(4, 3, 16, 16)
+    words = r"\[1\] = .* is not an integer class \(an int, or an integer of numpy or torch\)"
+    with pytest.raises(TypeError, match="^target_labels" + words):
+        generate.reconstruct(
+            net, get_solver("euler"), ts, images, [0, 1, 2, 3], target_labels=[0, bad, 2, 3]
+        )
+    with pytest.raises(TypeError, match="^labels" + words):
+        generate.sample_images(net, get_solver("euler"), ts, images, [0, bad, 2, 3])
+    assert calls == []
+
+
 def test_one_label_still_serves_the_whole_batch():
     """The network takes one one-hot row for the whole batch; the check keeps that."""
     net, calls = _counting_network()
