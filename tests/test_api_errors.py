@@ -626,6 +626,21 @@ def test_a_solver_identity_names_every_parameter_that_changes_its_steps() -> Non
     assert bdia.ExplicitRungeKutta(bdia.solvers.runge_kutta.HEUN, "heun").identity == "heun"
 
 
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_one_gamma_for_every_step_is_the_solver_of_that_gamma(
+    ode: DiffusionODE, x: torch.Tensor
+) -> None:
+    """A sequence of one value steps as that value does on every grid it fits, so the two
+    are one solver: a pair sampled with bdia(euler, 0.9) was refused to bdia(euler, [0.9] *
+    3) on its own grid, and the other way round, although both undo it exactly."""
+    scalar, sequence = make_bdia("euler", 0.9), make_bdia("euler", [0.9] * (len(GRID) - 2))
+    assert sequence.identity == scalar.identity == "bdia(euler, gamma=0.9)"
+    assert make_bdia("euler", [0.9, 0.8, 0.9]).identity == "bdia(euler, gamma=(0.9, 0.8, 0.9))"
+    for maker, other in ((scalar, sequence), (sequence, scalar)):
+        end = sample(ode, maker, x, GRID, return_pair=True, progress=False)
+        assert torch.equal(invert(ode, other, end, GRID, progress=False).earlier, x)
+
+
 def test_a_subclass_that_changes_a_default_fraction_names_it_in_its_identity() -> None:
     """A subclass of a shipped exponential solver keeps its name; its identity named the
     fractions that differ from the subclass's own defaults, so one with r1 = 0.3 by default

@@ -180,8 +180,12 @@ class BidirectionalWrapper(Solver):
     def identity(self) -> str:
         """``"bdia(<base identity>, gamma=<gamma>)"``, gamma as kept: a float, a tuple of
         floats or a schedule's name (``bdia(heun, gamma=0.96)``, ``bdia(ddim,
-        gamma='obelm')``)."""
-        return f"bdia({self.solver.identity}, gamma={self.gamma!r})"
+        gamma='obelm')``). A tuple of one value repeated is named by that value: it steps
+        as that value does on every grid it fits."""
+        gamma = self.gamma
+        if isinstance(gamma, tuple) and len(set(gamma)) == 1:
+            gamma = gamma[0]
+        return f"bdia({self.solver.identity}, gamma={gamma!r})"
 
     @property
     def needs_diffusion(self) -> bool:  # type: ignore[override]
