@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .schedules import EDM, Schedule
-from .twoword import _has_float64
+from .twoword import has_float64
 
 __all__ = ["Evaluation", "ODE", "DiffusionODE"]
 
@@ -121,7 +121,7 @@ def _time_dtype(dtype: torch.dtype) -> torch.dtype:
 def wide_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype of a norm or noise level computed wider than a float32 state: float64, or
     float32 on a device without float64 (``mps``), where ``.double()`` would raise."""
-    return torch.float64 if _has_float64(torch.device(device)) else torch.float32
+    return torch.float64 if has_float64(device) else torch.float32
 
 
 def _infer_model_dtype(model: Callable[..., Any]) -> torch.dtype | None:

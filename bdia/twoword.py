@@ -62,6 +62,7 @@ __all__ = [
     "difference_over_plus",
     "mix",
     "unmix",
+    "has_float64",
 ]
 
 _WORD_DTYPES = (torch.float32, torch.float64)
@@ -74,9 +75,9 @@ _SPLITTER32 = 4097.0  # 2^12 + 1: of a float32 into two 12-bit halves
 _NO_FLOAT64 = frozenset({"mps"})
 
 
-def _has_float64(device: torch.device) -> bool:
+def has_float64(device: torch.device | str) -> bool:
     """Whether ``device`` can hold a float64 tensor (all but MPS)."""
-    return device.type not in _NO_FLOAT64
+    return torch.device(device).type not in _NO_FLOAT64
 
 
 # ---------------------------------------------------------------------- the compile guard
@@ -265,7 +266,7 @@ def _split_scalar(b: float, dtype: torch.dtype) -> tuple[float, float]:
 
 def _two_prod(a: Tensor, b: float) -> tuple[Tensor, Tensor]:
     """``b`` must already be a word of ``a``'s dtype (`state_scalar`)."""
-    if a.dtype == torch.float32 and _has_float64(a.device):
+    if a.dtype == torch.float32 and has_float64(a.device):
         exact = a.double() * b  # two 24-bit significands: the float64 product is exact
         p = exact.float()
         e = (exact - p.double()).float()

@@ -684,3 +684,26 @@ def test_extract_features_moves_images_to_a_detector_that_holds_only_buffers():
     feats = extract_features(det, images)
     assert feats.device.type == "meta" and feats.shape == (2, 8)
     assert feats.dtype == torch.float64 and images.device.type == "cpu"
+
+
+def test_on_a_device_without_float64_features_are_summed_on_the_host(tmp_path, monkeypatch):
+    """MPS has no float64 (pretended on the CPU, where a float64 tensor on the device is
+    refused): its feature batches are summed in float64 on the host. The float32 features
+    are the CPU's, and the sums run through the same float64 operations on the CPU, so the
+    statistics equal the CPU's to the bit."""
+    from conftest import fake_mps
+
+    folder = _image_folder(tmp_path, n=5)
+    detector = StandInDetector(features=16)
+    expected = image_statistics(detector, folder, batch=2, device="cpu")
+    features = torch.from_numpy(_features(0, n=5)).float()
+    with fake_mps(monkeypatch) as mode:
+        got = image_statistics(detector, folder, batch=2, device="mps")
+        assert mode.placed > 0  # the detector ran on the pretend device
+        # float32 features a caller computed on the device are summed on the host too.
+        direct = FeatureStatistics().add(features.to("mps"))
+    on_cpu = FeatureStatistics().add(features)
+    np.testing.assert_array_equal(direct.sum_outer, on_cpu.sum_outer)
+    assert got.n == expected.n == 5
+    np.testing.assert_array_equal(got.sum, expected.sum)
+    np.testing.assert_array_equal(got.sum_outer, expected.sum_outer)

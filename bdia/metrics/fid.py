@@ -31,6 +31,7 @@ import torch
 
 from .._files import replace_atomic
 from .._shards import check_share
+from ..twoword import has_float64
 
 __all__ = [
     "FIDSampleSizeWarning",
@@ -79,9 +80,9 @@ class FeatureStatistics:
     """Running count, sum and sum of outer products of feature vectors (float64).
 
     Feature batches given as torch tensors are summed on their own device (a GPU's float64
-    matrix product, without a copy to the host or a wait for the detector per batch); the
-    totals move to the host when ``sum`` or ``sum_outer`` is read. NumPy batches are summed
-    on the host.
+    matrix product, without a copy to the host or a wait for the detector per batch), or on
+    the host where the device has no float64 (MPS); the totals move to the host when
+    ``sum`` or ``sum_outer`` is read. NumPy batches are summed on the host.
 
     Attributes:
         n: number of feature vectors added.
@@ -150,7 +151,11 @@ class FeatureStatistics:
             raise ValueError(
                 f"expected a feature batch of shape (N, D), got shape {tuple(features.shape)}"
             )
-        x = features.detach().to(torch.float64)
+        x = features.detach()
+        if not has_float64(x.device):
+            # MPS has no float64: its features are summed on the host.
+            x = x.cpu()
+        x = x.to(torch.float64)
         dim = x.shape[1]
         self._init(dim)
         if self._pending is not None and self._pending[0].device != x.device:
@@ -486,7 +491,7 @@ class StandInDetector(torch.nn.Module):
 def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Features ``(N, D)`` in float64 (D = 2048 for NVIDIA's detector) of uint8 images
     ``(N, 3, H, W)`` or ``(N, 1, H, W)`` (the one channel is repeated to 3), on the
-    detector's device."""
+    detector's device, or on the host where that device has no float64 (MPS)."""
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.asarray(images))
     if images.dtype != torch.uint8:
@@ -507,6 +512,8 @@ def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.T
     except (StopIteration, AttributeError, RuntimeError):
         pass
     feats = detector(images, return_features=True)
+    if not has_float64(feats.device):
+        feats = feats.cpu()
     return feats.to(torch.float64)
 
 
