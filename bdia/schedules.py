@@ -366,10 +366,11 @@ def check_steps(steps: Any, name: str = "steps") -> int:
         ValueError: it is below 1.
     """
     n = None
-    # operator.index takes True as 1 (a 0-dim bool tensor too) and a torch tensor of one
-    # element whatever its shape; neither is a count.
+    # operator.index takes True as 1 (a 0-dim bool tensor too, and numpy's bool in older
+    # numpy, 1.23 among them) and a torch tensor of one element whatever its shape; neither
+    # is a count.
     if (
-        not isinstance(steps, bool)
+        not isinstance(steps, (bool, np.bool_))
         and getattr(steps, "dtype", None) != torch.bool
         and getattr(steps, "ndim", 0) == 0
     ):
