@@ -162,7 +162,9 @@ def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
 
 def _single_label(class_label: Any) -> int | None:
     """``class_label`` as an int if it is one integer (Python, numpy or a 0-d integer tensor:
-    whatever ``operator.index`` takes), else None."""
+    whatever ``operator.index`` takes but a bool), else None."""
+    if is_flag(class_label):
+        return None
     try:
         return operator.index(class_label)
     except TypeError:
@@ -186,7 +188,10 @@ def seed_inputs(
     fixed: list[int] | None = None
     if class_label is not None and single is None:
         try:
-            fixed = [operator.index(c) for c in cast(Sequence[int], class_label)]
+            items = list(cast(Sequence[int], class_label))
+            if any(is_flag(c) for c in items):
+                raise TypeError("a bool is no class")
+            fixed = [operator.index(c) for c in items]
         except TypeError:
             raise TypeError(
                 "class_label must be one integer class or a sequence of them, one per seed; "

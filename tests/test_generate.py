@@ -61,8 +61,11 @@ def test_one_class_may_be_any_integer(label):
     assert torch.equal(noise, free)
 
 
-@pytest.mark.parametrize("labels", [3.0, [1, 2.5, 3], "3"])
+@pytest.mark.parametrize(
+    "labels", [3.0, [1, 2.5, 3], "3", True, np.True_, [1, True, 3], torch.tensor(True)]
+)
 def test_a_class_that_is_no_integer_is_refused_by_name(labels):
+    """A bool is no class: operator.index takes True as class 1."""
     with pytest.raises(TypeError, match=r"class_label must be one integer class or a sequence"):
         seed_inputs([0, 1, 2], (1, 2, 2), 10, labels)
 
