@@ -600,3 +600,119 @@ def test_sdxl_inputs_that_cannot_run_are_refused_in_one_line(fresh_xl_pipe, imag
             conditional=True, channels=4, cross_attention_dim=24, addition_embed_type="text_image"
         )
     assert fragment in _refused(pipe, image, source)
+
+
+# ------------------------------------------------- VAE latent statistics (SDXL's)
+
+# Per-channel statistics, distinct in every channel so that a channel mixed up or a broadcast
+# over the wrong dimension shows, and none a power of two so that float32 rounds them.
+LATENTS_MEAN = (-0.3, 0.7, -1.1, 1.9)
+LATENTS_STD = (1.7, 0.6, 2.3, 0.9)
+
+
+def _stats_pipe(folder, **config):
+    """The tiny SDXL pipeline with ``config`` added to its VAE's (the same weights)."""
+    return tiny_sdxl_pipeline(folder, vae_config=config)
+
+
+def _diffusers_stat(values, like):
+    """A statistic as diffusers' SDXL pipelines build it: torch.tensor of the config's values
+    (float32), viewed per channel, cast to the latents' device and dtype."""
+    return torch.tensor(values).view(1, 4, 1, 1).to(like.device, like.dtype)
+
+
+def test_vae_latent_statistics_encode_and_decode_as_the_sdxl_pipelines(
+    tmp_path, image, xl_result, monkeypatch
+):
+    """A VAE whose config sets latents_mean and latents_std (Playground v2.5's does): with a
+    float32 state, edit_image's latents are bit for bit what StableDiffusionXLImg2ImgPipeline's
+    prepare_latents makes of the image (its sampling of the latent distribution replaced by
+    the mean, which edit_image takes), and its decoded edit is bit for bit the image that
+    StableDiffusionXLPipeline decodes from the edited latents."""
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
+
+    pipe = _stats_pipe(tmp_path, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+    out = edit_image(
+        pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, state_dtype=torch.float32
+    )
+    # Another latent space than the plain one (scaling_factor alone): the unet sees it.
+    assert rel(out.latents.double(), xl_result.latents) > 0.1
+
+    monkeypatch.setattr(
+        pipeline_stable_diffusion_xl_img2img,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": output.latent_dist.mean,
+    )
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components, add_watermarker=False)
+    with torch.no_grad():
+        theirs = img2img.prepare_latents(image, None, 2, 1, torch.float32, "cpu", add_noise=False)
+    assert torch.equal(out.latents, theirs)
+
+    # The pipeline decodes whatever latents its last step ends with: the edited latents here.
+    with torch.no_grad():
+        decoded = pipe(
+            SOURCE,
+            height=16,
+            width=16,
+            num_inference_steps=1,
+            guidance_scale=1,
+            output_type="pt",
+            callback_on_step_end=lambda p, i, t, kwargs: {"latents": out.edited_latents},
+        ).images
+    # Its images are (x / 2 + 0.5).clamp(0, 1), edit_image's x.clamp(-1, 1): exact maps.
+    assert torch.equal(decoded, out.images / 2 + 0.5)
+
+
+def test_vae_latent_statistics_round_trip_is_exact_in_latent_space(tmp_path, image, xl_result):
+    """With a float64 state: the latents are diffusers' encoding of the VAE's mean, (mean -
+    latents_mean) * scaling_factor / latents_std; the UNet round trip stays exact; the decoded
+    reconstruction is the VAE's decoding of diffusers' formula, latents * latents_std /
+    scaling_factor + latents_mean, bit for bit; and that formula undoes the encoding to
+    rounding, so the VAE's error is the plain pipeline's."""
+    pipe = _stats_pipe(tmp_path, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+    out = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=STEPS)
+    vae, sf = pipe.vae, pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        mean = vae.encode(image).latent_dist.mean.double()
+    shift, scale = _diffusers_stat(LATENTS_MEAN, mean), _diffusers_stat(LATENTS_STD, mean)
+    assert torch.equal(out.latents, (mean - shift) * sf / scale)
+    assert out.latent_error < 1e-12
+
+    def unscaled(latents):
+        return latents * scale / sf + shift
+
+    with torch.no_grad():
+        by_hand = vae.decode(unscaled(out.reconstructed_latents).float()).sample.clamp(-1, 1)
+    assert torch.equal(out.reconstruction, by_hand)
+    # Four float64 roundings of values up to max(|mean|, |latents_mean|) = 1.9 here: 1e-15
+    # relative to the mean's largest value is a few units in the last place.
+    assert rel(unscaled(out.latents), mean) < 1e-15
+    assert out.vae_error == pytest.approx(xl_result.vae_error, rel=1e-6)
+
+
+@pytest.mark.parametrize("only", ["latents_mean", "latents_std"])
+def test_one_vae_latent_statistic_alone_is_ignored_as_diffusers_does(
+    tmp_path, image, xl_result, only
+):
+    """diffusers' SDXL pipelines apply latents_mean and latents_std only together; a config
+    with one of them (the other None) encodes and decodes with scaling_factor alone: the same
+    edit, bit for bit, as the plain VAE's."""
+    stat = LATENTS_MEAN if only == "latents_mean" else LATENTS_STD
+    out = _edited(_stats_pipe(tmp_path, **{only: stat}), image)
+    assert torch.equal(out.latents, xl_result.latents)
+    assert torch.equal(out.edited_latents, xl_result.edited_latents)
+    assert torch.equal(out.images, xl_result.images)
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        (dict(latents_mean=LATENTS_MEAN[:3]), "is not 4 finite numbers"),
+        (dict(latents_std=(1.0, 0.0, 1.0, 1.0)), "has a zero"),
+        (dict(latents_std=(1.0, float("nan"), 1.0, 1.0)), "latents_std = (1.0, nan"),
+        (dict(shift_factor=0.1), "sets shift_factor as well"),
+    ],
+)
+def test_vae_latent_statistics_that_cannot_be_used_are_refused(tmp_path, image, config, fragment):
+    stats = {"latents_mean": LATENTS_MEAN, "latents_std": LATENTS_STD, **config}
+    assert fragment in _refused(_stats_pipe(tmp_path, **stats), image)

@@ -7,7 +7,9 @@ with ``text_encoder`` for text prompts) or ``StableDiffusionXLPipeline`` (the sa
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
-   config has one);
+   config has one); where the config sets both ``latents_mean`` and ``latents_std`` (per
+   channel, as some SDXL models' VAEs do) ``(mean - latents_mean) * scaling_factor /
+   latents_std``, as diffusers' SDXL pipelines encode;
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
@@ -22,8 +24,10 @@ with ``text_encoder`` for text prompts) or ``StableDiffusionXLPipeline`` (the sa
 4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
    them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
    ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
-5. decodes both with the VAE (for SDXL in float32 when the VAE is float16 and its config
-   says ``force_upcast``, as the SDXL pipeline does).
+5. decodes both with the VAE, undoing step 1's map (``latents * latents_std /
+   scaling_factor + latents_mean`` with the statistics, as the SDXL pipeline decodes); for
+   SDXL in float32 when the VAE is float16 and its config says ``force_upcast``, as the
+   SDXL pipeline does.
 
 Two errors are reported apart: the UNet round trip in latent space (reconstructed latents
 against encoded latents: exact up to rounding) and the VAE's own error (decode(encode(image))
@@ -294,6 +298,49 @@ def _grid(scheduler: Any, steps: int, probe: DiffusionODE) -> Tensor:
 # ------------------------------------------------------------------- the parts
 
 
+def _latent_stats(config: Any) -> tuple[Tensor, Tensor] | None:
+    """The VAE's ``latents_mean`` and ``latents_std``, each of shape ``(latent_channels,)``;
+    None unless the config sets both.
+
+    diffusers' SDXL pipelines use them only together, built as ``torch.tensor(values)``
+    (torch's default dtype, float32) and cast to the latents' dtype, as ``_per_channel`` does.
+    Values that cannot be used raise a one-line ValueError; ``edit_image`` asks before any
+    network runs.
+    """
+    values = [getattr(config, name, None) for name in ("latents_mean", "latents_std")]
+    if any(v is None for v in values):
+        return None
+    if getattr(config, "shift_factor", None) is not None:
+        raise ValueError(
+            "the vae's config sets shift_factor as well as latents_mean and latents_std; "
+            "diffusers' pipelines use one or the other, and edit_image does not guess which: "
+            "set the one the model was not trained with to None"
+        )
+    channels = config.latent_channels
+    stats = []
+    for name, value in zip(("latents_mean", "latents_std"), values):
+        try:
+            stat = torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            stat = None
+        if stat is None or stat.shape != (channels,) or not bool(torch.isfinite(stat).all()):
+            raise ValueError(
+                f"the vae's config.{name} = {value!r} is not {channels} finite numbers, one per "
+                f"latent channel (latent_channels = {channels})"
+            )
+        stats.append(stat)
+    if not bool((stats[1] != 0).all()):
+        raise ValueError(
+            f"the vae's config.latents_std = {values[1]!r} has a zero; the encoding divides by it"
+        )
+    return stats[0], stats[1]
+
+
+def _per_channel(stat: Tensor, like: Tensor) -> Tensor:
+    """``stat`` of shape (C,) as (1, C, 1, 1), on ``like``'s device and in its dtype."""
+    return stat.view(1, -1, 1, 1).to(like.device, like.dtype)
+
+
 def _encode(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
     """The VAE's deterministic latents (the distribution's mean), scaled, in ``dtype``."""
     out = vae.encode(pixels.to(vae.dtype))
@@ -306,8 +353,12 @@ def _encode(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
         mean = out[0].mean
     else:
         raise TypeError(f"vae.encode returned {type(out).__name__}, with no latent distribution")
-    shift = getattr(vae.config, "shift_factor", None)
     latents = mean.to(dtype)
+    stats = _latent_stats(vae.config)
+    if stats is not None:  # the inverse of _decode's, as the SDXL img2img pipeline encodes
+        latents_mean, latents_std = (_per_channel(stat, latents) for stat in stats)
+        return (latents - latents_mean) * vae.config.scaling_factor / latents_std
+    shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         latents = latents - shift
     return latents * vae.config.scaling_factor
@@ -315,10 +366,15 @@ def _encode(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _decode(vae: Any, latents: Tensor) -> Tensor:
     """The image of ``latents`` (as ``_encode`` makes them), clamped to [-1, 1], float32."""
-    z = latents / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        z = z + shift
+    stats = _latent_stats(vae.config)
+    if stats is not None:  # the SDXL pipeline's formula, in the state dtype
+        latents_mean, latents_std = (_per_channel(stat, latents) for stat in stats)
+        z = latents * latents_std / vae.config.scaling_factor + latents_mean
+    else:
+        z = latents / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            z = z + shift
     out = vae.decode(z.to(vae.dtype))
     image = out.sample if hasattr(out, "sample") else out[0]
     return image.float().clamp(-1.0, 1.0)
@@ -434,7 +490,11 @@ def edit_image(
             and ``text_encoder`` (for SDXL ``tokenizer_2`` and ``text_encoder_2``), as the
             pipeline's. None of them is modified (an SDXL pipeline's float16 VAE whose config
             says ``force_upcast`` runs in float32 and is float16 again, bit for bit, on
-            return, as the SDXL pipeline decodes).
+            return, as the SDXL pipeline decodes). A VAE whose config sets both
+            ``latents_mean`` and ``latents_std`` (one value per latent channel) encodes to
+            ``(mean - latents_mean) * scaling_factor / latents_std`` and decodes by the
+            inverse, in the state dtype with the statistics as float32 values, as diffusers'
+            SDXL pipelines; with only one of them set, neither is used, as there.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
@@ -475,8 +535,10 @@ def edit_image(
 
     Raises:
         ValueError or TypeError: one line, before any network runs, for a pipeline missing a
-            part; an image of the wrong kind, mode, channels or size (not a multiple of the
-            VAE's factor), or outside [-1, 1]; a VAE whose latent channels are not the unet's;
+            part; VAE statistics that are not one finite number per latent channel, a zero
+            ``latents_std``, or statistics beside a ``shift_factor``; an image of the wrong
+            kind, mode, channels or size (not a multiple of the VAE's factor), or outside
+            [-1, 1]; a VAE whose latent channels are not the unet's;
             a unet that needs added conditioning other than SDXL's (``addition_embed_type``
             not ``"text_time"``), or an SDXL one whose added embedding does not take six time
             ids beside the pooled embeddings (a refiner); guidance without a negative prompt;
@@ -492,6 +554,7 @@ def edit_image(
     for name in ("scaling_factor", "latent_channels"):
         if getattr(vae.config, name, None) is None:
             raise ValueError(f"the pipeline's vae has no config.{name}; it is not a latent VAE")
+    _latent_stats(vae.config)  # refuses bad statistics before any network runs
     unet_config = getattr(unet, "config", None) or {}
     addition = unet_config.get("addition_embed_type")
     xl = addition == _TEXT_TIME

@@ -10,7 +10,7 @@ what they sample is not an image of anything.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,10 @@ def _tiny_text_encoder(tokenizer: Any, projection_dim: int | None = None, **conf
     return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**settings)).eval()
 
 
-def _tiny_vae(dtype: torch.dtype = torch.float32) -> Any:
-    """An ``AutoencoderKL`` of 16 x 16 RGB images to 4 x 8 x 8 latents, seed 1, in eval mode."""
+def _tiny_vae(dtype: torch.dtype = torch.float32, **config: Any) -> Any:
+    """An ``AutoencoderKL`` of 16 x 16 RGB images to 4 x 8 x 8 latents, seed 1, in eval mode;
+    ``config`` adds to or overrides its config (the weights do not depend on settings such as
+    ``scaling_factor`` or ``latents_mean``)."""
     torch.manual_seed(1)
     vae = diffusers.AutoencoderKL(
         in_channels=3,
@@ -134,6 +136,7 @@ def _tiny_vae(dtype: torch.dtype = torch.float32) -> Any:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
+        **config,
     )
     return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
 
@@ -169,7 +172,11 @@ def tiny_text_to_image_pipeline(folder: str | Path, scheduler: Any = None) -> An
 
 
 def tiny_sdxl_pipeline(
-    folder: str | Path, scheduler: Any = None, *, vae_dtype: torch.dtype = torch.float32
+    folder: str | Path,
+    scheduler: Any = None,
+    *,
+    vae_dtype: torch.dtype = torch.float32,
+    vae_config: Mapping[str, Any] | None = None,
 ) -> Any:
     """A ``StableDiffusionXLPipeline`` of tiny random parts on 16 x 16 RGB images.
 
@@ -179,7 +186,9 @@ def tiny_sdxl_pipeline(
     conditioning (``addition_embed_type="text_time"``, ``addition_time_embed_dim=4``,
     cross-attention width 16 + 8 = 24, ``projection_class_embeddings_input_dim`` = 8 + 6 x 4);
     the ``AutoencoderKL`` of ``tiny_text_to_image_pipeline`` in ``vae_dtype`` (its config has
-    diffusers' default ``force_upcast=True``, as SDXL's VAE). The rest is float32.
+    diffusers' default ``force_upcast=True``, as SDXL's VAE; ``vae_config`` adds to its config,
+    e.g. ``latents_mean`` and ``latents_std`` as Playground v2.5's VAE sets them, with the same
+    weights). The rest is float32.
     ``scheduler`` defaults to DDIM on SDXL's noise table (``scaled_linear`` betas from
     0.00085 to 0.012, ``steps_offset=1``, ``set_alpha_to_one=False``, no clipping). The
     pipeline's config has ``force_zeros_for_empty_prompt=True``, as SDXL base's; no
@@ -210,7 +219,7 @@ def tiny_sdxl_pipeline(
             steps_offset=1,
         )
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=_tiny_vae(vae_dtype),
+        vae=_tiny_vae(vae_dtype, **(vae_config or {})),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
