@@ -414,45 +414,67 @@ def _unet_kwargs(unet):
     return calls, unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("negative, zeros", [("", True), ("a photo of a fox", False), ("", False)])
-def test_sdxl_unet_sees_what_the_sdxl_pipeline_gives_it(xl_pipe, image, negative, zeros):
+@pytest.mark.parametrize(
+    "prompt, negative, zeros, size, guidance",
+    [
+        (SOURCE, "", True, (16, 16), GUIDANCE),
+        (SOURCE, "a photo of a fox", False, (16, 16), GUIDANCE),
+        (SOURCE, "", False, (16, 16), GUIDANCE),
+        # A negative prompt is embedded under force_zeros_for_empty_prompt too; a non-square
+        # image's time ids are (H, W, 0, 0, H, W), height first, as diffusers' original_size.
+        (SOURCE, "a photo of a fox", True, (16, 24), GUIDANCE),
+        # One prompt and one negative prompt per image.
+        ([SOURCE, "a photo of a fox"], ["a red cat", "blue"], True, (24, 16), GUIDANCE),
+        # No guidance: the conditional branch alone.
+        ([SOURCE, "a photo of a fox"], None, True, (16, 16), 1),
+    ],
+)
+def test_sdxl_unet_sees_what_the_sdxl_pipeline_gives_it(
+    xl_pipe, image, prompt, negative, zeros, size, guidance
+):
     """One denoising step of StableDiffusionXLPipeline.__call__ and edit_image's first unet
     call receive the same encoder_hidden_states, text_embeds and time_ids, bit for bit: the
-    batch [negative, positive]. The pipeline's default negative (None: zeros under
-    force_zeros_for_empty_prompt, else the embedding of "") is edit_image's ""; any other
-    negative prompt is embedded by both."""
+    batch [negative, positive] under guidance, the positive alone without. The pipeline's
+    default negative (None: zeros under force_zeros_for_empty_prompt, else the embedding of
+    "") is edit_image's ""; any other negative prompt is embedded by both."""
+    height, width = size
+    batch = len(prompt) if isinstance(prompt, list) else 1
+    rows = 2 * batch if guidance != 1 else batch
+    pixels = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(5))
     calls, handle = _unet_kwargs(xl_pipe.unet)
     xl_pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
     try:
         with torch.no_grad():
             xl_pipe(
-                SOURCE,
+                prompt,
                 negative_prompt=negative or None,
-                height=16,
-                width=16,
+                height=height,
+                width=width,
                 num_inference_steps=1,
-                guidance_scale=GUIDANCE,
+                guidance_scale=guidance,
                 output_type="latent",
             )
         edit_image(
             xl_pipe,
-            image[:1],
-            SOURCE,
+            pixels * 2 - 1,
+            prompt,
             TARGET,
             num_inference_steps=2,
-            guidance_scale=GUIDANCE,
+            guidance_scale=guidance,
             negative_prompt=negative,
         )
     finally:
         handle.remove()
         xl_pipe.register_to_config(force_zeros_for_empty_prompt=True)
     theirs, ours = calls[0], calls[1]
-    assert theirs["encoder_hidden_states"].shape == (2, 16, 24)
+    assert theirs["encoder_hidden_states"].shape == (rows, 16, 24)
     assert torch.equal(ours["encoder_hidden_states"], theirs["encoder_hidden_states"])
     for key in ("text_embeds", "time_ids"):
         assert torch.equal(ours["added_cond_kwargs"][key], theirs["added_cond_kwargs"][key]), key
-    assert torch.equal(theirs["added_cond_kwargs"]["time_ids"], XL_TIME_IDS.expand(2, 6))
-    assert bool((ours["added_cond_kwargs"]["text_embeds"][0] == 0).all()) == zeros
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+    assert torch.equal(theirs["added_cond_kwargs"]["time_ids"], time_ids.expand(rows, 6))
+    zeroed = bool((ours["added_cond_kwargs"]["text_embeds"][:batch] == 0).all())
+    assert zeroed == (zeros and negative == "" and guidance != 1)
 
 
 def test_sdxl_edit_is_a_hand_run_regenerate_under_the_target(xl_pipe, image, xl_result):
@@ -531,6 +553,23 @@ def test_sdxl_embeddings_as_prompts_give_the_same_edit(fresh_xl_pipe, image, xl_
     assert torch.equal(out.edited_latents, xl_result.edited_latents)
 
 
+def test_sdxl_negative_embeddings_are_used_under_force_zeros(xl_pipe, image):
+    """force_zeros_for_empty_prompt stands for the empty negative prompt only: the negative
+    prompt given as its (prompt_embeds, pooled_prompt_embeds) pair is used, not zeros, and
+    gives the edit of the same negative prompt as text, bit for bit."""
+    assert xl_pipe.config.force_zeros_for_empty_prompt
+    fox = "a photo of a fox"
+    common = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    text = edit_image(xl_pipe, image[:1], SOURCE, TARGET, negative_prompt=fox, **common)
+    embedded = edit_image(
+        xl_pipe, image[:1], SOURCE, TARGET, negative_prompt=_xl_embeds(xl_pipe, fox), **common
+    )
+    negative = embedded.inversion.ode.cond["negative_cond"]
+    assert bool((negative["added_cond_kwargs"]["text_embeds"] != 0).any())
+    assert torch.equal(embedded.inversion.noise, text.inversion.noise)
+    assert torch.equal(embedded.edited_latents, text.edited_latents)
+
+
 def test_sdxl_source_and_target_prompts_give_different_edits(xl_pipe, image, xl_result):
     """The target prompt steers the edit: "a painting of a fox" from the same inverted noise
     is not "a painting of a dog" (1.0e-2 apart here, one word of a random text encoder),
@@ -539,6 +578,14 @@ def test_sdxl_source_and_target_prompts_give_different_edits(xl_pipe, image, xl_
     assert torch.equal(fox.inversion.noise, xl_result.inversion.noise)  # same source
     assert rel(fox.edited_latents, xl_result.edited_latents) > 1e-3
     assert rel(xl_result.edited_latents, xl_result.reconstructed_latents) > 0.1
+
+
+def _conv_in_dtypes(vae):
+    """A list that receives the input dtype of each call of the VAE's encoder and decoder."""
+    seen = []
+    for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
+        conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    return seen
 
 
 def test_sdxl_float16_vae_with_force_upcast_runs_in_float32(tmp_path, image):
@@ -553,9 +600,7 @@ def test_sdxl_float16_vae_with_force_upcast_runs_in_float32(tmp_path, image):
             conv.weight.mul_(2.0**18)
         assert not torch.isfinite(vae.encode(image[:1].half()).latent_dist.mean).all()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    seen = []
-    vae.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-    vae.decoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    seen = _conv_in_dtypes(vae)
     out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5)
     assert seen == [torch.float32] * 4  # one encoding, three decodings
     assert torch.isfinite(out.latents).all() and torch.isfinite(out.images).all()
@@ -565,11 +610,74 @@ def test_sdxl_float16_vae_with_force_upcast_runs_in_float32(tmp_path, image):
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
 
 
+@pytest.mark.parametrize("kind", ["sdxl without force_upcast", "stable diffusion"])
+def test_a_float16_vae_runs_in_float16_where_the_pipeline_runs_it_so(tmp_path, image, kind):
+    """The float32 upcast is the SDXL pipeline's and only where the VAE's config says
+    force_upcast: a float16 SDXL VAE with force_upcast=False (a float16-safe one), and a
+    float16 VAE in a Stable Diffusion pipeline (whose pipeline never upcasts), encode and
+    decode in float16."""
+    if kind == "stable diffusion":
+        pipe = tiny_text_to_image_pipeline(tmp_path)
+        pipe.vae.half()
+        assert pipe.vae.config.force_upcast
+    else:
+        pipe = tiny_sdxl_pipeline(
+            tmp_path, vae_dtype=torch.float16, vae_config=dict(force_upcast=False)
+        )
+    seen = _conv_in_dtypes(pipe.vae)
+    out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5)
+    assert seen == [torch.float16] * 4  # one encoding, three decodings
+    assert pipe.vae.dtype == torch.float16
+    assert torch.isfinite(out.images).all() and out.latent_error < 1e-12
+
+
+def test_sdxl_float16_vae_is_float16_again_after_an_error(tmp_path, image):
+    """A decoding that fails (an interrupt, say) leaves the upcast VAE float16 again, bit for
+    bit, as a successful one does."""
+    pipe = tiny_sdxl_pipeline(tmp_path, vae_dtype=torch.float16)
+    vae = pipe.vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    def fail(*args, **kwargs):
+        assert vae.dtype == torch.float32  # upcast at the time
+        raise KeyboardInterrupt
+
+    vae.decode = fail
+    with pytest.raises(KeyboardInterrupt):
+        edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5)
+    assert vae.dtype == torch.float16
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+
+
+def test_sdxl_float16_unet_under_a_float32_state(tmp_path, image):
+    """A float16 SDXL unet gets its embeddings, pooled embeddings and time ids in float16 (as
+    the float16 SDXL pipeline gives them) while the state stays float32; the round trip is
+    as exact as with a float32 unet (the tolerance of the float32 state above)."""
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    pipe.unet.half()
+    calls, handle = _unet_kwargs(pipe.unet)
+    try:
+        out = edit_image(
+            pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, state_dtype=torch.float32
+        )
+    finally:
+        handle.remove()
+    assert out.inversion.ode.model_dtype == torch.float16
+    assert out.latents.dtype == torch.float32
+    added = calls[0]["added_cond_kwargs"]
+    assert calls[0]["encoder_hidden_states"].dtype == torch.float16
+    assert added["text_embeds"].dtype == added["time_ids"].dtype == torch.float16
+    assert torch.equal(added["time_ids"][0], XL_TIME_IDS[0].half())
+    assert out.latent_error < 1e-5
+
+
 @pytest.mark.parametrize(
     "kind, fragment",
     [
         ("one tensor", "pooled embeddings"),
         ("pooled dim", "pooled embeddings, have dim 5"),
+        ("pooled batch", "must have shape (1 or 2, dim), got (3, 8)"),
         ("no text_encoder_2", "text_encoder_2"),
         ("refiner", "aesthetic score"),
         ("text_image", "addition_embed_type = 'text_image'"),
@@ -584,6 +692,9 @@ def test_sdxl_inputs_that_cannot_run_are_refused_in_one_line(fresh_xl_pipe, imag
     elif kind == "pooled dim":
         embeds, pooled = _xl_embeds(pipe, SOURCE)
         source = (embeds, pooled[:, :5])
+    elif kind == "pooled batch":
+        embeds, pooled = _xl_embeds(pipe, SOURCE)
+        source = (embeds, pooled.expand(3, -1))
     elif kind == "no text_encoder_2":
         pipe.text_encoder_2 = None
     elif kind == "refiner":  # five time ids' width beside the pooled embeddings
