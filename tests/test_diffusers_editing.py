@@ -291,6 +291,7 @@ def test_guidance_without_negative_embeddings_is_refused(fresh_pipe, image):
         ("no tokenizer", "tokenizer"),
         ("no vae", "vae"),
         ("prompts", "3 prompts for 2 images"),
+        ("embeddings dim", "dim 8, but the unet's cross_attention_dim is 16"),
         ("rule", "rule"),
         ("solver", "did you mean 'ddim'"),
         ("clip_sample", "clip_sample"),
@@ -319,6 +320,8 @@ def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
         return
     elif kind == "prompts":
         source = [SOURCE] * 3
+    elif kind == "embeddings dim":
+        source = _embeds(fresh_pipe, SOURCE)[0][..., :8]
     elif kind == "rule":
         kwargs["rule"] = "continue"
     elif kind == "solver":
@@ -330,6 +333,46 @@ def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
     elif kind == "empty batch":
         image = image[:0]
     assert fragment in _refused(fresh_pipe, image, source, **kwargs)
+
+
+@pytest.mark.parametrize("encoder_hid_dim", [None, 16])
+def test_a_unet_with_a_text_added_embedding_is_taken_as_stable_diffusions(
+    tmp_path, image, encoder_hid_dim
+):
+    """addition_embed_type="text": the unet pools encoder_hidden_states into its added
+    embedding itself and needs no added_cond_kwargs, so edit_image gives it what it gives a
+    Stable Diffusion unet. The round trip is exact, and prompt embeddings give the edit of the
+    text, bit for bit; their width is the text encoder's 16, which is encoder_hid_dim where
+    the unet projects them to its cross-attention width (8 here), and other widths are
+    refused naming that field."""
+    from bdia.integrations.diffusers.tiny import tiny_unet
+
+    pipe = tiny_text_to_image_pipeline(tmp_path)
+    width = {} if encoder_hid_dim is None else {"encoder_hid_dim": encoder_hid_dim}
+    pipe.unet = tiny_unet(
+        conditional=True,
+        channels=4,
+        cross_attention_dim=16 if encoder_hid_dim is None else 8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        **width,
+    )
+    common = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    text = edit_image(pipe, image, SOURCE, TARGET, **common)
+    assert text.latent_error < 1e-12
+    assert set(text.inversion.ode.cond) == {
+        "encoder_hidden_states",
+        "guidance_scale",
+        "negative_cond",
+    }
+    source, negative = _embeds(pipe, SOURCE)
+    target, _ = _embeds(pipe, TARGET)
+    embedded = edit_image(pipe, image, source, target, negative_prompt=negative, **common)
+    assert torch.equal(embedded.inversion.noise, text.inversion.noise)
+    assert torch.equal(embedded.edited_latents, text.edited_latents)
+    field = "cross_attention_dim" if encoder_hid_dim is None else "encoder_hid_dim"
+    message = _refused(pipe, image, source[..., :8], negative_prompt=negative)
+    assert f"dim 8, but the unet's {field} is 16" in message
 
 
 # --------------------------------------------------------------------------- SDXL

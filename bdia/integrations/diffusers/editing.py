@@ -14,7 +14,9 @@ with ``text_encoder`` for text prompts) or ``StableDiffusionXLPipeline`` (the sa
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
    pooled embeddings of each prompt and the time ids of the image's size (original size,
-   crop (0, 0), target size, as the SDXL pipeline's defaults);
+   crop (0, 0), target size, as the SDXL pipeline's defaults); a unet with
+   ``addition_embed_type="text"`` pools the prompt embeddings into its added embedding
+   itself and is given what Stable Diffusion's is;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    and the grid with ``diffusers_grid``, taking the encoded latents as the state at the grid's
    last point; where the scheduler's grid ends at sigma = 0 (DDIM's ``set_alpha_to_one=True``,
@@ -62,6 +64,7 @@ _OUTPUT_TYPES = ("pil", "pt")
 # SDXL's added conditioning; the time ids are the original size (H, W), the crop's top-left
 # corner (top, left) and the target size (H, W), each embedded in addition_time_embed_dim.
 _TEXT_TIME = "text_time"
+_TEXT = "text"
 _TIME_IDS = 6
 
 
@@ -137,14 +140,16 @@ def _check_prompt(
     cross_dim: int | None,
     pooled_dim: int | None = None,
     xl: bool = False,
+    cross_name: str = "cross_attention_dim",
 ) -> None:
-    """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D);
-    for SDXL (``xl``) the pair of those and the pooled embeddings (1 or batch, pooled_dim)."""
+    """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)
+    with D = ``cross_dim``, the unet's config field ``cross_name``; for SDXL (``xl``) the pair
+    of those and the pooled embeddings (1 or batch, pooled_dim)."""
     if isinstance(prompt, str):
         return
     if xl and _is_pair(prompt):
         embeds, pooled = prompt
-        _check_prompt(embeds, f"{name}[0]", batch, cross_dim)
+        _check_prompt(embeds, f"{name}[0]", batch, cross_dim, cross_name=cross_name)
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch):
             raise ValueError(
                 f"{name}[1], the pooled embeddings, must have shape (1 or {batch}, dim), got "
@@ -187,7 +192,7 @@ def _check_prompt(
     if cross_dim is not None and prompt.shape[-1] != cross_dim:
         raise ValueError(
             f"{name} embeddings have dim {prompt.shape[-1]}, but the unet's "
-            f"cross_attention_dim is {cross_dim}"
+            f"{cross_name} is {cross_dim}"
         )
 
 
@@ -500,7 +505,9 @@ def edit_image(
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
             1024 for SDXL).
         source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
-            prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)``; for SDXL
+            prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)`` (of
+            ``encoder_hid_dim`` for a unet that projects them, ``encoder_hid_dim_type=
+            "text_proj"``); for SDXL
             (a unet with ``addition_embed_type="text_time"``) the pair ``(prompt_embeds,
             pooled_prompt_embeds)``, the second of shape ``(1 or batch, projection_dim)``
             (``encode_prompt``'s first and third outputs). An SDXL unet gets
@@ -513,7 +520,9 @@ def edit_image(
         negative_prompt: the unconditional branch: a string (``""`` is the usual unconditional
             embedding), a list, or embeddings; None only with ``guidance_scale=1``. For an
             SDXL pipeline whose config has ``force_zeros_for_empty_prompt`` (SDXL base's),
-            ``""`` is zero embeddings and pooled embeddings, as the pipeline's default.
+            ``""`` (or a list of them) is zero embeddings and pooled embeddings, as the
+            pipeline's default; any other negative prompt, embeddings included, is used as
+            given.
         solver: the base solver (a registered name or a ``Solver``), wrapped as
             ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is.
         gamma: BDIA's gamma, 0.96 unless given (not with a BDIA solver).
@@ -538,14 +547,14 @@ def edit_image(
             part; VAE statistics that are not one finite number per latent channel, a zero
             ``latents_std``, or statistics beside a ``shift_factor``; an image of the wrong
             kind, mode, channels or size (not a multiple of the VAE's factor), or outside
-            [-1, 1]; a VAE whose latent channels are not the unet's;
-            a unet that needs added conditioning other than SDXL's (``addition_embed_type``
-            not ``"text_time"``), or an SDXL one whose added embedding does not take six time
-            ids beside the pooled embeddings (a refiner); guidance without a negative prompt;
-            text prompts without the tokenizers and text encoders; prompts or embeddings of
-            the wrong batch or dim, or SDXL embeddings without the pooled ones; an unknown
-            rule, solver or output type; and whatever ``from_diffusers`` refuses in the
-            scheduler's config.
+            [-1, 1]; a VAE whose latent channels are not the unet's; a unet that needs added
+            conditioning of images or hints (``addition_embed_type`` other than ``"text"``
+            and SDXL's ``"text_time"``), or an SDXL one whose added embedding does not take
+            six time ids beside the pooled embeddings (a refiner); guidance without a
+            negative prompt; text prompts without the tokenizers and text encoders; prompts or
+            embeddings of the wrong batch or dim, or SDXL embeddings without the pooled ones;
+            an unknown rule, solver or output type; and whatever ``from_diffusers`` refuses in
+            the scheduler's config.
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
@@ -558,10 +567,13 @@ def edit_image(
     unet_config = getattr(unet, "config", None) or {}
     addition = unet_config.get("addition_embed_type")
     xl = addition == _TEXT_TIME
-    if addition is not None and not xl:
+    # A 'text' added embedding is the unet's own pooling of encoder_hidden_states: it needs
+    # no added_cond_kwargs, and the unet takes it as Stable Diffusion's.
+    if addition not in (None, _TEXT, _TEXT_TIME):
         raise ValueError(
             f"the unet has addition_embed_type = {addition!r}: it needs added conditioning "
-            f"that edit_image does not make (it makes SDXL's, {_TEXT_TIME!r}, only); use "
+            f"(image embeddings or hints) that edit_image does not make (it takes {_TEXT!r}, "
+            f"from the prompt embeddings, and makes SDXL's, {_TEXT_TIME!r}); use "
             "from_diffusers with the unet's arguments and bdia.Inversion directly"
         )
     pooled_dim = _pooled_dim(unet_config) if xl else None
@@ -612,10 +624,15 @@ def edit_image(
     )
     if guided:
         prompts["negative_prompt"] = negative_prompt
-    cross_dim = unet_config.get("cross_attention_dim")
+    # A unet with encoder_hid_dim_type "text_proj" projects encoder_hid_dim-wide embeddings
+    # to its cross-attention width itself (and a 'text' added embedding reads them as given).
+    cross_name = "cross_attention_dim"
+    if unet_config.get("encoder_hid_dim_type") == "text_proj":
+        cross_name = "encoder_hid_dim"
+    cross_dim = unet_config.get(cross_name)
     cross_dim = cross_dim if isinstance(cross_dim, int) else None
     for name, prompt in prompts.items():
-        _check_prompt(prompt, name, batch, cross_dim, pooled_dim, xl)
+        _check_prompt(prompt, name, batch, cross_dim, pooled_dim, xl, cross_name)
     embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
     if any(_is_text(p) for p in embedded):
         parts = ("tokenizer_2", "text_encoder_2") if xl else ("tokenizer", "text_encoder")
