@@ -282,6 +282,19 @@ def test_guidance_without_negative_embeddings_is_refused(fresh_pipe, image):
     assert "negative_prompt" in message and "7.5" in message
 
 
+@pytest.mark.parametrize("projection", ["ip_image_proj", "image_proj", "text_image_proj"])
+def test_a_unet_that_needs_image_embeddings_is_refused_before_the_vae(
+    fresh_pipe, image, projection
+):
+    """Loading an IP-Adapter sets the unet's encoder_hid_dim_type to 'ip_image_proj'; the
+    unet then wants image_embeds, which edit_image does not make. diffusers' own error came
+    only after the VAE had encoded the image."""
+    fresh_pipe.unet.register_to_config(encoder_hid_dim_type=projection)
+    message = _refused(fresh_pipe, image)
+    assert f"encoder_hid_dim_type = {projection!r}" in message
+    assert "unload_ip_adapter" in message
+
+
 @pytest.mark.parametrize(
     "kind, fragment",
     [

@@ -576,6 +576,16 @@ def edit_image(
             f"from the prompt embeddings, and makes SDXL's, {_TEXT_TIME!r}); use "
             "from_diffusers with the unet's arguments and bdia.Inversion directly"
         )
+    projection = unet_config.get("encoder_hid_dim_type")
+    # An IP-Adapter (ip_image_proj) or an image projection takes image_embeds that
+    # edit_image does not make; diffusers' own error would come after the VAE has run.
+    if projection not in (None, "text_proj"):
+        raise ValueError(
+            f"the unet has encoder_hid_dim_type = {projection!r} (an IP-Adapter or an image "
+            "projection): it needs image embeddings that edit_image does not make; unload the "
+            "adapter (pipe.unload_ip_adapter()), or use from_diffusers with the unet's "
+            "arguments and bdia.Inversion directly"
+        )
     pooled_dim = _pooled_dim(unet_config) if xl else None
     if unet_config.get("in_channels") != vae.config.latent_channels:
         raise ValueError(
