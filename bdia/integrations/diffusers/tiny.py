@@ -98,8 +98,9 @@ def tiny_tokenizer(folder: str | Path, words: Sequence[str] = TINY_WORDS) -> Any
 
 
 def _tiny_text_encoder(tokenizer: Any, projection_dim: int | None = None, **config: Any) -> Any:
-    """A CLIP text encoder of width 16 on ``tokenizer``'s vocabulary, in eval mode: a
-    ``CLIPTextModel``, or with ``projection_dim`` a ``CLIPTextModelWithProjection``."""
+    """A CLIP text encoder on ``tokenizer``'s vocabulary, in eval mode: a ``CLIPTextModel``,
+    or with ``projection_dim`` a ``CLIPTextModelWithProjection``; of width 16 unless
+    ``config`` sets ``hidden_size``, as it may set any other field of ``CLIPTextConfig``."""
     import transformers
 
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
