@@ -428,6 +428,59 @@ def test_a_config_that_cannot_build_a_network_is_named_with_the_file(
     )
 
 
+@pytest.mark.parametrize("source", ["safetensors", "pickle"])
+def test_a_config_asking_for_another_network_is_refused_before_anything_is_allocated(
+    tmp_path, monkeypatch, persistence, source
+):
+    """A config whose network is far larger than the file's tensors (model_channels 4096
+    beside those of 16: about 2e10 weights, 80 GB in float32) is compared with them on the
+    meta device and refused, naming the mismatch, without a real build."""
+    import bdia.models.checkpoints as checkpoints
+    from bdia.models import EDMPrecond
+
+    huge = dict(SMALL, model_channels=4096)
+    if source == "safetensors":
+        path = tmp_path / "huge.safetensors"
+        _write_config(path, "EDMPrecond", huge)
+    else:
+        Persistent, _ = persistence
+        path = tmp_path / "huge.pkl"
+        record = _edm_format(Persistent, EDMPrecond(**SMALL), huge)
+        path.write_bytes(pickle.dumps({"ema": record}, protocol=4))
+    devices = []
+    build = checkpoints.build_network
+
+    def watched(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # the default device of this build
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "build_network", watched)
+    with pytest.raises(ValueError, match="do not fit EDMPrecond: wrong shape"):
+        checkpoints.load_network(path)
+    assert devices == ["meta"]
+    # A file whose tensors fit is built once on the meta device, then once for real.
+    devices.clear()
+    fitting = tmp_path / "fitting.safetensors"
+    _write_config(fitting, "EDMPrecond", SMALL)
+    assert type(checkpoints.load_network(fitting)) is EDMPrecond
+    assert devices == ["meta", "cpu"]
+
+
+@pytest.mark.parametrize("class_name", ["EDMPrecond", "VPPrecond", "VEPrecond"])
+def test_a_network_built_on_the_meta_device_is_the_real_one_without_memory(class_name):
+    """The check before a real build is only as good as the probe: the same tensors by name,
+    shape and dtype, and the same numbers computed at construction (VPPrecond's sigma range
+    is computed on the host even under the meta device)."""
+    from bdia.models.checkpoints import build_network, probe_network
+
+    kwargs = {k: v for k, v in SMALL.items() if class_name == "EDMPrecond" or k != "sigma_data"}
+    probe, real = probe_network(class_name, kwargs), build_network(class_name, kwargs)
+    assert {p.device.type for p in probe.state_dict().values()} == {"meta"}
+    shapes = {k: (v.shape, v.dtype) for k, v in real.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in probe.state_dict().items()} == shapes
+    assert (probe.sigma_min, probe.sigma_max) == (real.sigma_min, real.sigma_max)
+
+
 def test_an_error_no_check_foresaw_is_wrapped_from_the_original(tmp_path):
     """Only the cheap mistakes are checked; anything else the constructor raises comes out
     as a ValueError naming the file, with the original as its cause."""

@@ -37,6 +37,8 @@ from .registry import network_class
 
 __all__ = [
     "build_network",
+    "probe_network",
+    "check_fit",
     "load_edm_pickle",
     "load_network",
     "save_network",
@@ -332,8 +334,22 @@ def build_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Modu
 _BUILD_ERRORS = (TypeError, ValueError, RuntimeError, ArithmeticError, LookupError)
 
 
-def load_state_strict(net: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """``load_state_dict`` after a check that names missing, unexpected and misfitting keys.
+def probe_network(class_name: str, init_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """``build_network`` on the meta device: the network's tensors with their shapes and
+    dtypes but no memory, for ``check_fit`` to compare with a file's before the real build.
+    A damaged or hostile config (a width of millions beside small tensors) is thus refused
+    with the mismatch named before anything is allocated.
+
+    Raises:
+        ValueError: as ``build_network``.
+    """
+    with torch.device("meta"):
+        return build_network(class_name, init_kwargs)
+
+
+def check_fit(net: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Raise a ValueError naming the missing, unexpected and misfitting keys of ``state`` for
+    ``net`` (on any device, the meta device included), if any.
 
     A tensor fits when its shape is the network's and it is floating point where the network's
     is (and not where it is not); floats of another width are rounded to the network's dtype,
@@ -360,7 +376,6 @@ def load_state_strict(net: torch.nn.Module, state: dict[str, Tensor], source: st
         raise ValueError(
             f"the tensors of {source} do not fit {type(net).__name__}: " + "; ".join(problems)
         )
-    net.load_state_dict(state, strict=True)
 
 
 def network_from_records(record: PersistentRecord) -> torch.nn.Module:
@@ -374,8 +389,11 @@ def network_from_records(record: PersistentRecord) -> torch.nn.Module:
         raise ValueError(f"unknown network class {type(record).__name__!r}")
     if record.init_args:
         raise ValueError(f"{record.class_name} was recorded with positional arguments")
+    state = state_dict_of(record)
+    probe = probe_network(record.class_name, record.init_kwargs)
+    check_fit(probe, state, f"the {record.class_name} record")
     net = build_network(record.class_name, record.init_kwargs)
-    load_state_strict(net, state_dict_of(record), f"the {record.class_name} record")
+    net.load_state_dict(state, strict=True)
     return net.eval().requires_grad_(False)
 
 
@@ -576,11 +594,13 @@ def load_network(path: str | os.PathLike[str]) -> torch.nn.Module:
         raise ValueError(f"{path} has no bdia network config in its metadata")
     config = _network_config(metadata["config"], path)
     try:
-        net = build_network(config["class_name"], config["init_kwargs"])
+        probe = probe_network(config["class_name"], config["init_kwargs"])
     except ValueError as err:
         raise ValueError(
             f"{path}: {err} (the file's config cannot build a network: it is damaged, or the "
             "class has changed since the file was written)"
         ) from err
-    load_state_strict(net, tensors, str(path))
+    check_fit(probe, tensors, str(path))
+    net = build_network(config["class_name"], config["init_kwargs"])
+    net.load_state_dict(tensors, strict=True)
     return net.eval().requires_grad_(False)

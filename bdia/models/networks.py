@@ -892,8 +892,11 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        # On the host whatever the default device: a network is also built on the meta
+        # device, to check a file's config against its tensors before anything is allocated.
+        with torch.device("cpu"):
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
 
     def sigma(self, t: Tensor | float) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
