@@ -55,8 +55,10 @@ def check_divisor(name: str, value: float, dtype: torch.dtype | None) -> None:
     if dtype is None or value == 0.0:
         return
     tiny = torch.finfo(dtype).tiny
-    if abs(value) < tiny:
-        rounded = float(torch.tensor(value, dtype=dtype))
+    # The rounded value is what the inverse divides by: a value just below the smallest
+    # normal number may round up to it.
+    rounded = float(torch.tensor(value, dtype=dtype))
+    if abs(rounded) < tiny:
         what = "rounds to 0" if rounded == 0.0 else "is subnormal"
         raise ValueError(
             f"{name} = {value!r} {what} in {dtype}, the state dtype, whose smallest normal "
