@@ -24,7 +24,11 @@ from bdia.integrations.diffusers import (
     edit_image,
     from_diffusers,
 )
-from bdia.integrations.diffusers.tiny import tiny_sdxl_pipeline, tiny_text_to_image_pipeline
+from bdia.integrations.diffusers.tiny import (
+    SD_NOISE_TABLE,
+    tiny_sdxl_pipeline,
+    tiny_text_to_image_pipeline,
+)
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -227,12 +231,7 @@ def test_a_last_timestep_at_the_smallest_noise_level_ends_the_grid_there(tmp_pat
     table, 1.6e-9 above the float64 value), and the grid used to keep both, a last step 5.5e-8
     long that cost one unet call in each of the three runs: 14 calls for 4 steps, not 11 (4 to
     invert, 3 to reconstruct from the pair, 4 to regenerate)."""
-    scheduler = diffusers.EulerDiscreteScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        timestep_spacing="linspace",
-    )
+    scheduler = diffusers.EulerDiscreteScheduler(**SD_NOISE_TABLE, timestep_spacing="linspace")
     pipe = tiny_text_to_image_pipeline(tmp_path, scheduler)
     grid = diffusers_grid(scheduler, 5)
     assert float(grid[-1]) == 0.0

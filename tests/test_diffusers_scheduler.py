@@ -29,7 +29,7 @@ from bdia.integrations.diffusers import (
     diffusers_grid,
     from_diffusers,
 )
-from bdia.integrations.diffusers.tiny import tiny_text_to_image_pipeline, tiny_unet
+from bdia.integrations.diffusers.tiny import SD_NOISE_TABLE, tiny_text_to_image_pipeline, tiny_unet
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -239,9 +239,7 @@ def _tiny_stable_diffusion(tmp_path):
     """A StableDiffusionPipeline of tiny random parts, with SD 1.5's scheduler config (a
     PNDMScheduler: leading spacing, steps_offset 1, set_alpha_to_one False)."""
     scheduler = diffusers.PNDMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
+        **SD_NOISE_TABLE,
         set_alpha_to_one=False,
         skip_prk_steps=True,
         steps_offset=1,
@@ -301,9 +299,7 @@ def test_config_rewritten_by_the_pipeline_is_followed(tmp_path):
     (offset 1) came back up to 19 off."""
     parts = _tiny_stable_diffusion(tmp_path).components
     sched = BDIAScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
+        **SD_NOISE_TABLE,
         set_alpha_to_one=False,
         steps_offset=0,
         gamma=GAMMA,
@@ -582,9 +578,7 @@ def test_set_timesteps_are_ddims(spacing, offset, steps):
 
 
 def test_config_round_trips_and_holds_gamma(tmp_path):
-    ddim = diffusers.DDIMScheduler(
-        clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-    )
+    ddim = diffusers.DDIMScheduler(clip_sample=False, **SD_NOISE_TABLE)
     sched = BDIAScheduler.from_config(ddim.config, gamma=0.8)
     assert sched.config.gamma == 0.8
     assert BDIAScheduler().config.gamma == 0.96

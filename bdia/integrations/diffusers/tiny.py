@@ -18,12 +18,18 @@ import diffusers
 import torch
 
 __all__ = [
+    "SD_NOISE_TABLE",
     "tiny_unet",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
     "TINY_WORDS",
 ]
+
+#: Stable Diffusion's noise table (SD 1.x and SDXL alike), as scheduler keyword arguments.
+SD_NOISE_TABLE: dict[str, Any] = dict(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
 
 #: The words the tiny tokenizer knows whole (any other word is spelled letter by letter).
 TINY_WORDS = ("a", "photo", "painting", "of", "cat", "dog", "fox", "red", "blue")
@@ -212,9 +218,7 @@ def tiny_sdxl_pipeline(
     )
     if scheduler is None:
         scheduler = diffusers.DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
+            **SD_NOISE_TABLE,
             clip_sample=False,
             set_alpha_to_one=False,
             steps_offset=1,
