@@ -6,12 +6,14 @@ from .pairs import CoupledPair
 from .sampling import PairMismatchWarning, ParasiticWarning, StatePair, invert, odeint, sample
 from .schedules import (
     EDM,
+    RectifiedFlow,
     Schedule,
     VPCosine,
     VPDiscrete,
     VPLinear,
     karras_grid,
     quadratic_t_grid,
+    shifted_t_grid,
     uniform_logsnr_grid,
     uniform_t_grid,
 )
@@ -54,10 +56,12 @@ __all__ = [
     "VPLinear",
     "VPCosine",
     "VPDiscrete",
+    "RectifiedFlow",
     "karras_grid",
     "uniform_logsnr_grid",
     "uniform_t_grid",
     "quadratic_t_grid",
+    "shifted_t_grid",
     "Solver",
     "SingleStepSolver",
     "SolverState",

@@ -368,8 +368,9 @@ class DiffusionODE(ODE):
             (EDM's preconditioners and the diffusers adapter refuse a batch that is neither
             the state's nor 1).
         prediction: what the model returns: ``"denoised"`` (EDM form, the default), or
-            ``"eps"``, ``"x0"``, ``"v"`` for a network called as ``model(x, t, **cond)`` in
-            the schedule's own space and time (see ``from_eps``).
+            ``"eps"``, ``"x0"``, ``"v"``, ``"flow"`` for a network called as
+            ``model(x, t, **cond)`` in the schedule's own space and time (see ``from_eps``
+            and ``from_flow``).
     """
 
     is_diffusion = True
@@ -383,9 +384,9 @@ class DiffusionODE(ODE):
         cond: Mapping[str, Any] | None = None,
         prediction: str = "denoised",
     ) -> None:
-        if prediction not in ("denoised", "eps", "x0", "v"):
+        if prediction not in ("denoised", "eps", "x0", "v", "flow"):
             raise ValueError(
-                f"prediction must be 'denoised', 'eps', 'x0' or 'v', got {prediction!r}"
+                f"prediction must be 'denoised', 'eps', 'x0', 'v' or 'flow', got {prediction!r}"
             )
         if not callable(denoiser):
             raise TypeError(f"the model must be callable, got {type(denoiser).__name__}")
@@ -428,6 +429,16 @@ class DiffusionODE(ODE):
         """Wrap a v-prediction network, ``v = alpha eps - sigma x0`` (contract of ``from_eps``)."""
         return cls(model, schedule, prediction="v", **kwargs)
 
+    @classmethod
+    def from_flow(
+        cls, model: Callable[..., Tensor], schedule: Schedule, **kwargs: Any
+    ) -> DiffusionODE:
+        """Wrap a flow-matching network that predicts the path's velocity
+        ``u = alpha' x0 + sigma' eps`` (``eps - x0`` under ``RectifiedFlow``, as SD3 and Flux
+        do), called as ``from_eps`` describes. The ODE's derivative is ``u`` itself, so Euler
+        in ``t`` is the flow-matching Euler sampler."""
+        return cls(model, schedule, prediction="flow", **kwargs)
+
     def fingerprint(self) -> str:
         return _fingerprint(
             type(self).__qualname__,
@@ -456,7 +467,8 @@ class DiffusionODE(ODE):
         """Evaluate the network once at ``(t, x)`` (counts one NFE).
 
         Args:
-            t: a time with sigma(t) > 0.
+            t: a time with sigma(t) > 0; alpha(t) = 0 (pure noise) only for the ``"x0"``,
+                ``"v"`` and ``"flow"`` predictions.
             x: state of shape ``(batch, ...)`` in the schedule's space.
 
         Returns:
@@ -472,9 +484,19 @@ class DiffusionODE(ODE):
                 "a grid may end there, but no step may start from it"
             )
         alpha = sched.alpha(t)
-        sigma_bar = sigma / alpha
+        if alpha == 0.0 and self.prediction in ("denoised", "eps"):
+            # Both recover the data by dividing by alpha: D takes x / alpha, and
+            # x0 = (x - sigma eps) / alpha.
+            raise ValueError(
+                f"a {self.prediction!r}-prediction model cannot be evaluated at t = {t}, where "
+                "alpha = 0 (pure noise): the data estimate divides by alpha there. Start the "
+                "grid below that time, or wrap a network that predicts x0, v or the flow"
+            )
+        alpha_dot, sigma_dot = sched.alpha_dot(t), sched.sigma_dot(t)
         self.nfe += 1
+        derivative = None
         if self.prediction == "denoised":
+            sigma_bar = sigma / alpha
             x_bar = x / alpha
             denoised = self._call(self.f, x_bar, self._noise_input(sigma_bar, x), **self.cond)
             eps = (x_bar - denoised) / sigma_bar
@@ -486,13 +508,23 @@ class DiffusionODE(ODE):
             elif self.prediction == "x0":
                 denoised = out
                 eps = (x - alpha * denoised) / sigma
-            else:  # v = alpha eps - sigma x0 and x = alpha x0 + sigma eps
+            elif self.prediction == "v":  # v = alpha eps - sigma x0 and x = alpha x0 + sigma eps
                 norm = alpha * alpha + sigma * sigma
                 denoised = (alpha * x - sigma * out) / norm
                 eps = (sigma * x + alpha * out) / norm
-        alpha_dot, sigma_dot = sched.alpha_dot(t), sched.sigma_dot(t)
-        eps_coef = sigma_dot - alpha_dot * sigma / alpha
-        derivative = (
-            eps_coef * eps if alpha_dot == 0.0 else (alpha_dot / alpha) * x + eps_coef * eps
-        )
+            else:  # u = alpha' x0 + sigma' eps and x = alpha x0 + sigma eps
+                det = alpha * sigma_dot - sigma * alpha_dot
+                denoised = (sigma_dot * x - sigma * out) / det
+                eps = (alpha * out - alpha_dot * x) / det
+                derivative = out
+        if derivative is None:
+            if alpha == 0.0:
+                # (alpha'/alpha) x is infinite at pure noise; alpha' x0 + sigma' eps is the
+                # same derivative written without the division.
+                derivative = alpha_dot * denoised + sigma_dot * eps
+            else:
+                eps_coef = sigma_dot - alpha_dot * sigma / alpha
+                derivative = (
+                    eps_coef * eps if alpha_dot == 0.0 else (alpha_dot / alpha) * x + eps_coef * eps
+                )
         return Evaluation(t=t, x=x, derivative=derivative, denoised=denoised, eps=eps)

@@ -10,6 +10,9 @@ Derived quantities used throughout the library:
 - ``sigma_bar(t) = sigma(t) / alpha(t)``, the noise level in EDM's scaled space;
 - ``log_snr(t) = lambda(t) = log(alpha(t) / sigma(t)) = -log(sigma_bar(t))``.
 
+``alpha(t) > 0`` except at a pure-noise end (``RectifiedFlow`` at ``t = 1``), where
+``sigma_bar`` is ``inf`` and ``log_snr`` is ``-inf``.
+
 Time grids run from the noisy end to the clean end (``ts[0]`` noisiest) and are
 returned as 1-D float64 tensors. Their constructors take ``steps`` as any integer type
 (``check_steps``: a bool or a whole float is a TypeError, a count below 1 a ValueError) and
@@ -35,10 +38,12 @@ __all__ = [
     "VPLinear",
     "VPCosine",
     "VPDiscrete",
+    "RectifiedFlow",
     "karras_grid",
     "uniform_logsnr_grid",
     "uniform_t_grid",
     "quadratic_t_grid",
+    "shifted_t_grid",
 ]
 
 
@@ -83,12 +88,14 @@ class Schedule(ABC):
         """The time where ``log(alpha / sigma)`` equals ``log_snr`` (``inf``: the clean end)."""
 
     def alpha(self, t: float) -> float:
-        """alpha(t) > 0."""
+        """alpha(t) >= 0; 0 only at a pure-noise end (``RectifiedFlow`` at t = 1)."""
         return math.exp(self.log_alpha(t))
 
     def sigma_bar(self, t: float) -> float:
-        """sigma(t) / alpha(t), the noise level of the scaled state ``x / alpha``."""
-        return self.sigma(t) / self.alpha(t)
+        """sigma(t) / alpha(t), the noise level of the scaled state ``x / alpha``; ``inf``
+        where alpha = 0."""
+        alpha = self.alpha(t)
+        return math.inf if alpha == 0.0 else self.sigma(t) / alpha
 
     def log_snr(self, t: float) -> float:
         """lambda(t) = log(alpha(t) / sigma(t)); ``inf`` where sigma(t) = 0."""
@@ -350,6 +357,45 @@ class VPDiscrete(_VariancePreserving):
         return f"VPDiscrete(N={self.knots_t.size})"
 
 
+class RectifiedFlow(Schedule):
+    """Flow matching on the straight path: alpha(t) = 1 - t, sigma(t) = t, t in [0, 1].
+
+    The schedule of Stable Diffusion 3 and Flux (diffusers' ``FlowMatchEulerDiscreteScheduler``,
+    whose ``sigmas`` are these times). Its networks predict the path's velocity
+    ``u = eps - x0``; wrap them with ``DiffusionODE.from_flow``. At ``t = 1`` the state is pure
+    noise: alpha = 0, ``sigma_bar = inf``, ``log_snr = -inf``. A grid may start there; see
+    docs/solvers.md, "The pure-noise end".
+    """
+
+    t_min = 0.0
+    t_max = 1.0
+
+    def log_alpha(self, t: float) -> float:
+        # log1p(-1) is a domain error in Python, not -inf.
+        return -math.inf if t == 1.0 else math.log1p(-t)
+
+    def alpha(self, t: float) -> float:
+        # 1 - t exactly, rather than exp(log1p(-t)), which rounds it.
+        return 1.0 - float(t)
+
+    def sigma(self, t: float) -> float:
+        return float(t)
+
+    def alpha_dot(self, t: float) -> float:
+        return -1.0
+
+    def sigma_dot(self, t: float) -> float:
+        return 1.0
+
+    def t_from_log_snr(self, log_snr: float) -> float:
+        # (1 - t) / t = e^lambda, so t = 1 / (1 + e^lambda); exp overflows to the clean end.
+        if log_snr == math.inf:
+            return 0.0
+        if log_snr > 709.0:
+            return math.exp(-log_snr)
+        return 1.0 / (1.0 + math.exp(log_snr))
+
+
 # --------------------------------------------------------------------------- grids
 
 
@@ -402,6 +448,17 @@ def _real(name: str, value: object) -> float:
     return out
 
 
+def _positive(name: str, value: object, meaning: str) -> float:
+    """``value`` as a finite Python float > 0, or a ValueError that says what it means."""
+    try:
+        out = _real(name, value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not out > 0:
+        raise ValueError(f"{name} must be a finite number > 0 ({meaning}), got {value!r}")
+    return out
+
+
 def _ends(t_start: object, t_end: object) -> tuple[float, float]:
     """The ends of a grid given by its times, as finite floats that differ."""
     a, b = _real("t_start", t_start), _real("t_end", t_end)
@@ -443,15 +500,7 @@ def karras_grid(
     sigma_min, sigma_max = _real("sigma_min", sigma_min), _real("sigma_max", sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    try:
-        rho_value = _real("rho", rho)
-    except (TypeError, ValueError):
-        rho_value = math.nan
-    if not rho_value > 0:
-        raise ValueError(
-            f"rho must be a finite number > 0 (the grid is uniform in sigma ** (1 / rho); "
-            f"EDM uses 7), got {rho!r}"
-        )
+    rho_value = _positive("rho", rho, "the grid is uniform in sigma ** (1 / rho); EDM uses 7")
     schedule = schedule or EDM()
     lo, hi = schedule.sigma_bar_range()
     for arg, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):
@@ -532,4 +581,39 @@ def quadratic_t_grid(
     a, b = math.sqrt(t_start), math.sqrt(t_end)
     ts = [(a + i / steps * (b - a)) ** 2 for i in range(steps + 1)]
     ts[0], ts[-1] = float(t_start), float(t_end)
+    return _to_grid(ts, schedule)
+
+
+def shifted_t_grid(
+    steps: int,
+    t_start: float = 1.0,
+    t_end: float = 0.0,
+    shift: float = 3.0,
+    schedule: Schedule | None = None,
+) -> torch.Tensor:
+    """Flow matching's shifted grid: uniform in ``u``, with ``t = shift u / (1 + (shift - 1) u)``.
+
+    The timestep shift of Stable Diffusion 3 (``shift = 3``) for ``RectifiedFlow`` times in
+    [0, 1]: a shift above 1 spends more of the steps at high noise, and ``shift = 1`` is
+    ``uniform_t_grid``. The ends are ``t_start`` and ``t_end`` themselves: ``u`` runs
+    between their preimages ``u = t / (shift - (shift - 1) t)``. (diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` shifts its smallest time as well; its own grid comes
+    from ``bdia.integrations.diffusers.diffusers_grid``.)
+
+    Returns:
+        float64 tensor of shape ``(steps + 1,)`` from ``t_start`` to ``t_end``.
+
+    Raises:
+        ValueError: an end outside [0, 1], or ``shift`` not a finite number > 0.
+    """
+    steps = check_steps(steps)
+    t_start, t_end = _ends(t_start, t_end)
+    for name, t in (("t_start", t_start), ("t_end", t_end)):
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"shifted_t_grid needs times in [0, 1]; {name} = {t}")
+    factor = _positive("shift", shift, "SD3 uses 3; 1 is no shift")
+    a, b = (t / (factor - (factor - 1.0) * t) for t in (t_start, t_end))
+    us = [a + i / steps * (b - a) for i in range(steps + 1)]
+    ts = [factor * u / (1.0 + (factor - 1.0) * u) for u in us]
+    ts[0], ts[-1] = t_start, t_end
     return _to_grid(ts, schedule)

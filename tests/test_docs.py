@@ -106,6 +106,10 @@ def eps_net(x, t):
     return torch.zeros_like(x)
 x0_net = v_net = eps_net
 """,
+    ("docs/quickstart.md", "ode = bdia.DiffusionODE.from_flow(flow_net"): """
+from bdia.models import toy
+flow_net = toy.GaussianMixture.random(dim=2, components=4, seed=0).flow_velocity
+""",
     ("docs/quickstart.md", "lambda x, t, **cond: unet("): """
 def unet(x, t, **cond):
     return torch.zeros_like(x)

@@ -8,7 +8,9 @@ Diffusion problems (data distributions with an exact denoiser):
 
 In the scaled space ``x_bar = x / alpha`` the probability-flow ODE does not depend on the
 schedule: ``dx_bar/dsigma_bar = eps(x_bar, sigma_bar)``. References are computed there and
-mapped back with ``x = alpha(t) x_bar``.
+mapped back with ``x = alpha(t) x_bar``. Under ``RectifiedFlow`` the mixture also gives the
+exact flow-matching velocity (``flow_velocity``, ``flow_ode``), finite at the pure-noise end
+``t = 1`` where ``x_bar`` is not, and ``flow_solution`` integrates it in ``t``.
 
 Generic problems (``dx/dt = f(t, x)`` with a closed form):
 
@@ -30,7 +32,7 @@ from torch import Tensor
 from torchdiffeq import odeint as _dopri
 
 from ..ode import ODE, DiffusionODE
-from ..schedules import EDM, Schedule
+from ..schedules import EDM, RectifiedFlow, Schedule
 
 __all__ = [
     "GaussianMixture",
@@ -149,6 +151,57 @@ class GaussianMixture:
     def ode(self, schedule: Schedule | None = None, **kwargs: object) -> DiffusionODE:
         """The probability-flow ODE of this data under ``schedule`` (default EDM)."""
         return DiffusionODE(self.denoiser, schedule or EDM(), **kwargs)  # type: ignore[arg-type]
+
+    def flow_velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """The exact ``E[eps - x_0 | (1 - t) x_0 + t eps = x]`` of ``RectifiedFlow``.
+
+        Given component j, ``x`` has mean ``(1 - t) mean_j`` and variance
+        ``var_j = (1 - t)^2 std_j^2 + t^2``, and the velocity is
+        ``sum_j r_j ((t - (1 - t) std_j^2) / var_j (x - (1 - t) mean_j) - mean_j)``:
+        finite at ``t = 1``, where it is ``x`` minus the data mean.
+
+        Args:
+            x: shape ``(batch, dim)``.
+            t: shape ``(batch,)``, in [0, 1].
+
+        Returns:
+            shape ``(batch, dim)``, ``x``'s dtype.
+        """
+        w, means, stds = self._params(x)
+        t = t.to(x.dtype)[:, None]  # (batch, 1)
+        alpha = 1.0 - t
+        var = (alpha * stds[None]) ** 2 + t**2  # (batch, K)
+        diff = x[:, None, :] - alpha[..., None] * means[None]  # (batch, K, dim)
+        r = self._responsibilities(diff, var, torch.log(w))
+        gain = (t - alpha * stds[None] ** 2) / var  # (batch, K)
+        return ((r * gain)[:, None, :] @ diff).squeeze(1) - r @ means
+
+    def flow_ode(self, **kwargs: object) -> DiffusionODE:
+        """The flow-matching ODE ``dx/dt = flow_velocity(x, t)`` under ``RectifiedFlow``."""
+        return DiffusionODE.from_flow(self.flow_velocity, RectifiedFlow(), **kwargs)  # type: ignore[arg-type]
+
+    def flow_solution(
+        self,
+        x_start: Tensor,
+        ts: Tensor | Sequence[float],
+        *,
+        rtol: float = 1e-12,
+        atol: float = 1e-12,
+    ) -> Tensor:
+        """Reference trajectory of ``flow_ode`` from ``x_start`` at ``ts[0]`` (1 allowed).
+
+        Integrates ``dx/dt = flow_velocity`` in float64 with dopri5 at the given tolerances.
+
+        Returns:
+            float64 tensor of shape ``(len(ts), batch, dim)``.
+        """
+        times = torch.tensor(_grid_floats(ts), dtype=torch.float64)
+        x0 = x_start.to(torch.float64)
+
+        def f(t: Tensor, x: Tensor) -> Tensor:
+            return self.flow_velocity(x, t.expand(x.shape[0]))
+
+        return _dopri(f, x0, times, rtol=rtol, atol=atol, method="dopri5")
 
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws of the data, float64, shape ``(n, dim)``."""

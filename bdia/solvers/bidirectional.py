@@ -242,6 +242,14 @@ class BidirectionalWrapper(Solver):
             sigma_bar, alpha = sched.sigma_bar, sched.alpha
         else:
             sigma_bar, alpha = float, lambda t: 1.0
+        if ode.is_diffusion and len(ts) > 2 and alpha(ts[0]) == 0.0:
+            # sigma_bar is infinite there, and the O-BELM gamma of the first update tends to 0,
+            # the base solver, which no inversion can undo.
+            raise ValueError(
+                f"gamma='obelm' needs a finite noise level at every grid point, but ts[0] = "
+                f"{ts[0]} is pure noise (alpha = 0, sigma_bar = inf); start the grid below it "
+                "or give gamma as a number"
+            )
         out = []
         for k in range(1, len(ts) - 1):
             h_prev = sigma_bar(ts[k - 1]) - sigma_bar(ts[k])

@@ -159,7 +159,9 @@ class _Exponential(SingleStepSolver):
         first = self.first_evaluation(ode, t, x, first)
         sched = ode.schedule  # type: ignore[attr-defined]
         t, t_next = float(t), float(t_next)
-        if ode.is_terminal(t_next):
+        if ode.is_terminal(t_next) or sched.alpha(t) == 0.0 or sched.alpha(t_next) == 0.0:
+            # sigma = 0 or alpha = 0 at an end makes the log-SNR step h infinite: no stage
+            # lies inside it, and every first-order update tends to DDIM's.
             return sched.alpha(t_next) * _denoised(first) + sched.sigma(t_next) * _eps(first)
         lam, lam_next = sched.log_snr(t), sched.log_snr(t_next)
         co = _Coefficients(
