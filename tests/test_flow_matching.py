@@ -272,3 +272,26 @@ def test_shifted_grid_keeps_its_ends_and_shift_one_is_uniform():
 def test_shifted_grid_refuses_bad_ends_and_shifts(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bdia.shifted_t_grid(4, **kwargs)
+
+
+@pytest.mark.parametrize("data", [MIXTURE, toy.Gaussian([0.5, -0.5], 0.3)])
+def test_scaled_space_references_refuse_pure_noise(data):
+    with pytest.raises(ValueError, match=r"pure noise .* flow_solution"):
+        data.solution(_noise(4), [1.0, 0.5], RF)
+
+
+@pytest.mark.parametrize("base", ["euler", "heun", "ddim"])
+def test_reversible_adjoint_from_pure_noise_is_autograds_gradient(base):
+    """The reversible adjoint recomputes the states backward by the exact inverse, so its
+    gradient is autograd's to rounding (equal bit for bit in the runs seen; 1e-12 asserted
+    against gradients of size 4)."""
+    ode = MIXTURE.flow_ode()
+    ts = bdia.uniform_t_grid(12, 1.0, 0.05, RF)
+    solver = bdia.bdia(bdia.get_solver(base), 0.96)
+    grads = []
+    for adjoint in ("reversible", "autograd"):
+        x = _noise(8, seed=6).requires_grad_(True)
+        out = bdia.sample(ode, solver, x, ts, adjoint=adjoint)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        grads.append(grad)
+    assert _max_error(grads[0], grads[1]) < 1e-12

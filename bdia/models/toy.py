@@ -48,6 +48,17 @@ def _grid_floats(ts: Tensor | Sequence[float]) -> list[float]:
     return [float(t) for t in (ts.tolist() if isinstance(ts, Tensor) else ts)]
 
 
+def _scaled_start(times: list[float], schedule: Schedule) -> float:
+    """``alpha(ts[0])``, by which the scaled-space references divide the start state."""
+    alpha = schedule.alpha(times[0])
+    if alpha == 0.0:
+        raise ValueError(
+            f"ts[0] = {times[0]} is pure noise under {schedule!r} (alpha = 0), where x_bar = "
+            "x / alpha is infinite; the reference from there is flow_solution (RectifiedFlow)"
+        )
+    return alpha
+
+
 class GaussianMixture:
     """Data distributed as ``sum_j w_j N(mean_j, std_j^2 I)`` in ``dim`` dimensions.
 
@@ -227,9 +238,9 @@ class GaussianMixture:
         """
         schedule = schedule or EDM()
         times = _grid_floats(ts)
+        x_bar0 = x_start.to(torch.float64) / _scaled_start(times, schedule)
         sigma_bars = torch.tensor([schedule.sigma_bar(t) for t in times], dtype=torch.float64)
         alphas = torch.tensor([schedule.alpha(t) for t in times], dtype=torch.float64)
-        x_bar0 = x_start.to(torch.float64) / alphas[0]
 
         def f(sb: Tensor, xb: Tensor) -> Tensor:
             return self.eps(xb, sb.expand(xb.shape[0]))
@@ -259,7 +270,7 @@ class Gaussian(GaussianMixture):
         schedule = schedule or EDM()
         times = _grid_floats(ts)
         mean, std = self.means[0], float(self.stds[0])
-        x_bar0 = x_start.to(torch.float64) / schedule.alpha(times[0])
+        x_bar0 = x_start.to(torch.float64) / _scaled_start(times, schedule)
         scale0 = math.sqrt(std**2 + schedule.sigma_bar(times[0]) ** 2)
         out = []
         for t in times:
