@@ -1169,6 +1169,19 @@ def sample_command(
 #: The summary ``bdia invert --images`` writes in its --outdir.
 INVERT_SUMMARY = "bdia-invert.json"
 INVERT_FORMAT = "bdia-invert/1"
+
+
+def _rank_listing(outdir: Path, rank: int) -> Path:
+    """Where rank ``rank`` (not 0) of a torchrun ``invert --images`` lists its images as it
+    makes them: hidden, so that no image reader takes it, and gone once the summary lists
+    them."""
+    return outdir / f".bdia-invert.rank{rank}.json"
+
+
+def _rank_listings(outdir: Path) -> list[Path]:
+    return sorted(outdir.glob(".bdia-invert.rank*.json"))
+
+
 _IMAGE_MODES = {1: "L", 3: "RGB"}
 
 
@@ -1498,14 +1511,32 @@ def _outputs_of(outdir: Path, source: str) -> tuple[Path, Path]:
     return outdir / f"{stem}.safetensors", outdir / f"{stem}-reconstruction.png"
 
 
+def _listed_by_ranks(outdir: Path, recorded: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The images that other ranks of a stopped torchrun run listed in their own files, where
+    those were made with the summary's settings (a damaged or foreign listing is passed
+    over: its images are then made again)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in _rank_listings(outdir):
+        try:
+            listing = json.loads(path.read_text())
+            if any(listing.get(k) != v for k, v in recorded.items() if k != "images"):
+                continue
+            entries.update({str(e["source"]): dict(e) for e in listing["images"]})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return entries
+
+
 def _claim_invert_outdir(
     outdir: Path, files: list[Path], settings: dict[str, Any], overwrite: bool
 ) -> tuple[dict[str, dict[str, Any]], list[Path]]:
     """Check --outdir's summary against ``settings``: ``(entries kept, files to remove)``.
 
     The summary is written before the first image and lists each image once its files are
-    written, so an interrupted run resumes: an image listed with the same source file (by
-    hash) and both outputs present is skipped, and one not listed is made (again). A folder
+    written (under torchrun, ranks but 0 list theirs in files of their own, which count as
+    the summary's), so an interrupted run resumes, also one killed: an image listed with the
+    same source file (by hash) and both outputs present is skipped, and one not listed is
+    made (again). A folder
     made with other settings, or holding outputs of these images but no summary, is refused
     unless ``overwrite``; with it, the images listed under other settings are removed.
     """
@@ -1522,6 +1553,7 @@ def _claim_invert_outdir(
         if recorded.get("format") != INVERT_FORMAT:
             raise ValueError(f"format {recorded.get('format')!r}")
         entries = {str(e["source"]): dict(e) for e in recorded["images"]}
+        entries.update(_listed_by_ranks(outdir, recorded))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         if not overwrite:
             raise click.BadParameter(
@@ -1621,7 +1653,10 @@ def _invert_images(
     def write_summary(final: bool) -> None:
         # In the order of files whichever rank made them, so that the summary is the same
         # for any number of ranks.
-        images = [*entries.values(), *(made[p.name] for p in files if p.name in made)]
+        listed = {**entries, **made}
+        named = {p.name for p in files}
+        images = [e for source, e in entries.items() if source not in named]
+        images += [listed[p.name] for p in files if p.name in listed]
         done = {}
         if final:
             done = {
@@ -1634,8 +1669,20 @@ def _invert_images(
     if rank == 0:
         outdir.mkdir(parents=True, exist_ok=True)
         write_summary(final=False)  # first: a rerun after an interruption resumes
+        # The summary now lists what the ranks' own listings held.
+        for listing in _rank_listings(outdir):
+            listing.unlink(missing_ok=True)
     # No rank writes before rank 0 has removed the old files and written the summary.
     _wait_for_ranks(world)
+
+    def list_made() -> None:
+        # After each image, so that a run killed midway keeps what it made.
+        if rank == 0:
+            write_summary(final=False)
+        else:
+            record = {**summary, "images": list(made.values())}
+            write_atomic(_rank_listing(outdir, rank), json.dumps(record, indent=1) + "\n")
+
     mine = share_of(files, rank, world)
     per_image = 2 * steps - 1
     show = not no_progress and rank == 0
@@ -1680,14 +1727,15 @@ def _invert_images(
                     "max abs error": float(error.abs().max()),
                     "rms error": float(error.double().square().mean().sqrt()),
                 }
+                list_made()
         finally:
             if rank == 0:
                 write_summary(final=False)
     if world > 1:
         import torch.distributed as dist
 
-        # The other ranks' images are listed once all are made: a run stopped before
-        # leaves them unlisted, and its rerun makes them again.
+        # The other ranks' images join the summary once all are made; until then their
+        # own listings hold them.
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, made)
         for part in parts:
@@ -1704,6 +1752,8 @@ def _invert_images(
         f"max abs error {worst:.3e}, rms error {rms:.3e}"
     )
     write_summary(final=True)
+    for listing in _rank_listings(outdir):
+        listing.unlink(missing_ok=True)
     click.echo(
         f"wrote the latents and reconstructions of {_images(len(files))} and {INVERT_SUMMARY} "
         f"to {outdir}",

@@ -490,6 +490,20 @@ def _count_inversions(monkeypatch):
     return calls
 
 
+def assert_outputs_as_uninterrupted(out, full, names):
+    """The outputs of ``names`` in ``out`` are those of the uninterrupted run in ``full``:
+    reconstructions bit for bit, latents with equal metadata and tensors."""
+    for name in names:
+        recon = f"{name}-reconstruction.png"
+        assert (out / recon).read_bytes() == (full / recon).read_bytes()
+        (pair, ts, meta), (pair0, ts0, meta0) = (
+            load_latents(folder / f"{name}.safetensors") for folder in (out, full)
+        )
+        assert meta == meta0 and torch.equal(ts, ts0)
+        for field in ("earlier", "later", "earlier_low", "later_low"):
+            assert torch.equal(getattr(pair, field), getattr(pair0, field)), field
+
+
 def test_an_interrupted_invert_resumes_where_it_stopped(pngs, inverted, tmp_path, monkeypatch):
     import bdia.cli
 
@@ -520,15 +534,7 @@ def test_an_interrupted_invert_resumes_where_it_stopped(pngs, inverted, tmp_path
     summary = json.loads((out / "bdia-invert.json").read_text())
     assert [e["source"] for e in summary["images"]] == [f"{n}.png" for n in NAMES[:3]]
     assert summary["max abs error"] < 1e-12
-    for name in NAMES[:3]:  # as from one uninterrupted run
-        recon = f"{name}-reconstruction.png"
-        assert (out / recon).read_bytes() == (full / recon).read_bytes()
-        (pair, ts, meta), (pair0, ts0, meta0) = (
-            load_latents(folder / f"{name}.safetensors") for folder in (out, full)
-        )
-        assert meta == meta0 and torch.equal(ts, ts0)
-        for field in ("earlier", "later", "earlier_low", "later_low"):
-            assert torch.equal(getattr(pair, field), getattr(pair0, field)), field
+    assert_outputs_as_uninterrupted(out, full, NAMES[:3])
     invoke(*args)  # finished: a rerun has nothing to do
     assert len(calls) == 1
 
@@ -566,8 +572,9 @@ def test_rank_one_of_two_writes_only_its_files_and_leaves_the_rest_to_rank_zero(
     pngs, inverted, tmp_path, monkeypatch
 ):
     """The split without processes: rank 1 of 2 (the group's calls stood in for) inverts
-    and regenerates the files [1::2] and nothing else, writes no summary, and prints
-    nothing; rank 0's share and the summary are the torchrun test's (marked slow)."""
+    and regenerates the files [1::2] and nothing else, writes no summary but its own
+    listing of them (which rank 0 removes once the summary lists them), and prints nothing;
+    rank 0's share and the summary are the torchrun test's (marked slow)."""
     import torch.distributed as dist
 
     import bdia.cli
@@ -583,12 +590,95 @@ def test_rank_one_of_two_writes_only_its_files_and_leaves_the_rest_to_rank_zero(
     result = invoke(
         "invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS, "--outdir", out
     )
-    assert sorted(p.name for p in out.iterdir()) == sorted(outputs_of(NAMES[1::2]))
+    listing = ".bdia-invert.rank1.json"
+    assert sorted(p.name for p in out.iterdir()) == sorted([listing, *outputs_of(NAMES[1::2])])
+    listed = json.loads((out / listing).read_text())["images"]
+    assert [e["source"] for e in listed] == [f"{n}.png" for n in NAMES[1::2]]
     assert result.output == ""
     back = tmp_path / "back"
     result = invoke("sample", "--latents", inverted[0], "--outdir", back)
     assert sorted(p.name for p in back.iterdir()) == [f"{n}.png" for n in NAMES[1::2]]
     assert result.output == ""
+
+
+def test_each_image_is_listed_as_soon_as_it_is_made(pngs, tmp_path, monkeypatch):
+    """The summary (rank 0) and a rank's own listing (other ranks) list every image before
+    the next one is inverted, so a run killed midway, where no clean-up runs, keeps them.
+    Before, the summary was written only when the run ended or raised: a killed run left
+    every image of the run unlisted, and its rerun made them all again."""
+    import bdia.cli
+    from bdia.editing import Inversion
+
+    real = Inversion.of
+    for rank in (0, 1):
+        out = tmp_path / f"rank{rank}"
+        listing = out / ("bdia-invert.json" if rank == 0 else ".bdia-invert.rank1.json")
+        seen = []
+
+        def recorded(*args, listing=listing, seen=seen, **kwargs):
+            listed = json.loads(listing.read_text())["images"] if listing.exists() else []
+            seen.append([e["source"] for e in listed])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(Inversion, "of", recorded)
+        monkeypatch.setattr(bdia.cli, "_distributed", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(bdia.cli, "_wait_for_ranks", lambda world, leave=False: None)
+
+        def stopped(parts, mine):
+            raise KeyboardInterrupt  # the other rank's images are not this test's
+
+        monkeypatch.setattr(bdia.cli.torch.distributed, "all_gather_object", stopped)
+        args = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", 2]
+        args += ["--outdir", out, "--no-progress"]
+        assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 130
+        mine = [f"{n}.png" for n in NAMES[rank::2]]
+        assert seen == [mine[:i] for i in range(len(mine))], rank
+
+
+def test_a_killed_torchrun_invert_resumes_from_every_ranks_listing(
+    pngs, inverted, tmp_path, monkeypatch
+):
+    """Rank 0 stopped after two of its three images and rank 1 before the gather (its
+    images made and listed in its own file, not in the summary): a rerun of one process
+    makes only the image nobody listed and ends with the uninterrupted folder, the rank's
+    listing merged into the summary and removed."""
+    import torch.distributed as dist
+
+    import bdia.cli
+
+    full, _ = inverted
+    out = tmp_path / "out"
+    args = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS]
+    args += ["--outdir", out, "--no-progress"]
+    monkeypatch.setattr(bdia.cli, "_wait_for_ranks", lambda world, leave=False: None)
+
+    def killed(parts, mine):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dist, "all_gather_object", killed)
+    real_write_png = bdia.cli.write_png
+
+    def stopped(path, image):
+        if len(list(out.glob("*-reconstruction.png"))) == 2:
+            raise KeyboardInterrupt  # rank 0's third image
+        real_write_png(path, image)
+
+    monkeypatch.setattr(bdia.cli, "write_png", stopped)
+    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (0, 2))
+    assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 130
+    monkeypatch.setattr(bdia.cli, "write_png", real_write_png)
+    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (1, 2))
+    assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 130
+    assert (out / ".bdia-invert.rank1.json").exists()
+
+    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (0, 1))
+    calls = _count_inversions(monkeypatch)
+    result = invoke(*args)
+    assert len(calls) == 1 and f"{COUNT - 1} already in" in result.stdout
+    assert not (out / ".bdia-invert.rank1.json").exists()
+    summary = json.loads((out / "bdia-invert.json").read_text())
+    assert [e["source"] for e in summary["images"]] == [f"{n}.png" for n in NAMES]
+    assert_outputs_as_uninterrupted(out, full, NAMES)
 
 
 @pytest.mark.slow  # three torchrun launches of two processes, seconds each
@@ -599,15 +689,18 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     bit for bit. Every rank used to do all the work and write every file."""
     one, _ = inverted
     two = tmp_path / "two"
-    summary = "bdia-invert.json"
+    summary, listing = "bdia-invert.json", ".bdia-invert.rank1.json"
     invert = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS]
     invert += ["--outdir", two, "--no-progress"]
     result, written, left = torchrun_bdia(tmp_path / "invert", *invert)
     assert left == [True, True]
     assert folder_bytes(two) == folder_bytes(one)
+    assert not (two / listing).exists()  # merged into the summary
     for rank in (0, 1):
-        assert [name for name in written[rank] if name != summary] == outputs_of(NAMES[rank::2])
+        made = [name for name in written[rank] if name not in (summary, listing)]
+        assert made == outputs_of(NAMES[rank::2])
     assert summary in written[0] and summary not in written[1]
+    assert listing in written[1] and listing not in written[0]
     assert result.stdout.count(f"{COUNT} images of class") == 1
     assert result.stdout.count("round trip") == 1
     assert result.stderr.count(f"reconstructions of {COUNT} images") == 1
@@ -625,7 +718,7 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     assert left == [True, True]
     assert folder_bytes(two) == folder_bytes(one)
     assert [name for name in written[0] if name != summary] == outputs_of(NAMES[2::2])
-    assert [name for name in written[1] if name != summary] == outputs_of(NAMES[3::2])
+    assert [name for name in written[1] if name != listing] == outputs_of(NAMES[3::2])
     assert summary not in written[1] and "2 already in" in result.stdout
 
     back_one, back_two = tmp_path / "back1", tmp_path / "back2"
