@@ -295,3 +295,14 @@ def test_reversible_adjoint_from_pure_noise_is_autograds_gradient(base):
         (grad,) = torch.autograd.grad(out.square().sum(), x)
         grads.append(grad)
     assert _max_error(grads[0], grads[1]) < 1e-12
+
+
+def test_fluxs_exponential_shift_is_the_shift_exp_mu():
+    """Flux shifts u to e^mu / (e^mu + 1/u - 1); the docstring's claim that this is SD3's map
+    with shift = e^mu, to rounding (1e-15 absolute)."""
+    mu = 1.15
+    ts = bdia.shifted_t_grid(10, 1.0, 0.05, shift=math.exp(mu))
+    a = 0.05 / (math.exp(mu) - (math.exp(mu) - 1.0) * 0.05)
+    u = torch.linspace(1.0, a, 11, dtype=torch.float64)
+    flux = math.exp(mu) / (math.exp(mu) + 1.0 / u - 1.0)
+    assert _max_error(ts, flux) < 1e-15
