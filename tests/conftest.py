@@ -118,6 +118,17 @@ def untouched(*tensors: torch.Tensor | None) -> Iterator[None]:
         torch.testing.assert_close(t, c, rtol=0.0, atol=0.0, equal_nan=True)
 
 
+class Counter:
+    """Counts the forward calls of a module (positional or keyword) through a pre-hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any) -> None:
+        self.calls += 1
+
+
 def dtypes_made(fn: Any) -> tuple[Any, set[torch.dtype]]:
     """``fn()`` and the dtypes of every tensor its torch operations produced."""
     from torch.utils._python_dispatch import TorchDispatchMode

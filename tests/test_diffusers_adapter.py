@@ -17,7 +17,7 @@ import sys
 import diffusers
 import pytest
 import torch
-from conftest import run_child
+from conftest import Counter, run_child
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -37,17 +37,6 @@ BATCH = 2
 
 def _unet(**overrides):
     return tiny_unet(dtype=torch.float64, **overrides)
-
-
-class Counter:
-    """Counts the forward calls of a module through a pre-hook."""
-
-    def __init__(self, module):
-        self.calls = 0
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.calls += 1
 
 
 @pytest.fixture(scope="module")
@@ -430,7 +419,8 @@ def _one_line_error(exc_info, field):
             lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True),
             "rescale_betas_zero_snr=True",
         ),
-        # Not "pass space=": no space helps a scheduler without a noise table.
+        # Not "pass space=": a UNet does not go with a flow-matching scheduler, and no
+        # space helps a scheduler without a noise table.
         (lambda: diffusers.FlowMatchEulerDiscreteScheduler(), "flow-matching"),
         (lambda: diffusers.EDMEulerScheduler(), "no alphas_cumprod noise table"),
     ],
@@ -458,10 +448,10 @@ def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler,
 @pytest.mark.parametrize(
     "scheduler, field",
     [
-        (diffusers.FlowMatchEulerDiscreteScheduler, "flow-matching"),
+        (diffusers.EDMEulerScheduler, "flow-matching or EDM-preconditioned"),
         (lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True), "zero_snr"),
     ],
-    ids=["flow", "zero_snr_euler"],
+    ids=["edm", "zero_snr_euler"],
 )
 def test_diffusers_grid_refusals_name_the_cause(scheduler, field):
     with pytest.raises(ValueError) as exc_info:

@@ -90,6 +90,16 @@ if not pathlib.Path("sdxl").is_dir():
     tiny_sdxl_pipeline("sdxl").save_pretrained("sdxl")
 """
 
+# The same for a tiny random SD3 pipeline ("sd3"): two CLIP text encoders, no T5, an
+# SD3Transformer2DModel and SD3's FlowMatchEulerDiscreteScheduler.
+_SD3_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_sd3_pipeline
+if not pathlib.Path("sd3").is_dir():
+    pathlib.Path("sd3").mkdir()
+    tiny_sd3_pipeline("sd3").save_pretrained("sd3")
+"""
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -137,6 +147,7 @@ Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
 """
     ),
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _SDXL_FOLDER,
+    ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): _SD3_FOLDER,
     ("docs/diffusers.md", "bdia.sample(from_diffusers(unet, scheduler)"): """
 import diffusers
 from bdia.integrations.diffusers.tiny import tiny_unet
@@ -202,6 +213,11 @@ LOCAL = {
         ('.to("cuda")', '.to("cpu")'),
         (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): [
+        ('"/models/stable-diffusion-3-medium-diffusers"', '"sd3"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("torch.randn(1, 16, 128, 128,", "torch.randn(1, 4, 8, 8,"),
+    ],
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): [
         (_SD_PATH, '"sd"'),
         ('"cuda"', '"cpu"'),
@@ -229,6 +245,14 @@ def _pipeline_inverted(ns):
 def _edit_round_trip(ns):
     # The UNet round trip is rounding only (the page: exact; float32 state here).
     assert ns["result"].latent_error < 1e-6
+
+
+def _sd3_inverted(ns):
+    # "29 sigmas, from 1.0 to 0.0" and "back.earlier is noise, to rounding": the float32
+    # state's two words invert the transformer's steps exactly (measured: 0).
+    ts, noise = ns["ts"], ns["noise"]
+    assert len(ts) == 29 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
 def _steered_toward_eight(ns):
@@ -260,6 +284,7 @@ AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
+    ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): _sd3_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,

@@ -1,8 +1,9 @@
-"""A diffusers UNet and a diffusers scheduler's noise table as a ``bdia.DiffusionODE``.
+"""A diffusers UNet and a diffusers scheduler's noise table, or Stable Diffusion 3's
+transformer and its flow-matching scheduler, as a ``bdia.DiffusionODE``.
 
 diffusers keeps the noise schedule in its scheduler (``alphas_cumprod``, one value per
 training timestep ``tau = 0 .. N-1``) and calls the network as ``unet(sample, tau, **kwargs)``.
-Schedulers keep their samples in one of two spaces, and so does the ODE built here:
+Schedulers keep their samples in one of three spaces, and so does the ODE built here:
 
 - ``"vp"`` (DDIM, DDPM, PNDM, DPM-Solver, DEIS, UniPC, ...): ``x = alpha x0 + sigma eps`` with
   ``alpha^2 = alphas_cumprod``. The schedule is ``VPDiscrete(alphas_cumprod=...)``, whose time
@@ -12,6 +13,10 @@ Schedulers keep their samples in one of two spaces, and so does the ODE built he
   ``sigma_bar = sqrt((1 - alphas_cumprod) / alphas_cumprod)``. The schedule is ``EDM()``, whose
   time is ``sigma_bar``; the network sees ``x / sqrt(sigma_bar^2 + 1)`` (diffusers'
   ``scale_model_input``) at the timestep from which the scheduler made that noise level.
+- ``"flow"`` (``FlowMatchEulerDiscreteScheduler``, with ``SD3Transformer2DModel``): no noise
+  table; ``x = (1 - sigma) x0 + sigma eps``, the schedule is ``RectifiedFlow()``, whose time is
+  diffusers' ``sigma``, and the transformer is called as ``StableDiffusion3Pipeline`` calls it,
+  at ``timestep = sigma N``, returning the velocity ``eps - x0`` (prediction ``"flow"``).
 
 ``diffusers_grid`` gives the bdia time grid of the timesteps (or sigmas) diffusers would use.
 """
@@ -30,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ...ode import DTYPE_NAMES, DiffusionODE
-from ...schedules import EDM, Schedule, VPDiscrete, check_steps
+from ...schedules import EDM, RectifiedFlow, Schedule, VPDiscrete, check_steps
 
 __all__ = ["from_diffusers", "diffusers_grid", "DiffusersModel"]
 
@@ -60,6 +65,14 @@ _EDM_SCHEDULERS = (
     "DPMSolverSDEScheduler",
 )
 
+# Flow-matching schedulers whose sigmas are the transformer's timesteps over N, and the
+# flow-matching transformers the adapter calls as their pipelines do.
+_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+_FLOW_MODELS = ("SD3Transformer2DModel",)
+# Flow-matching transformers of another call contract than SD3's.
+_OTHER_FLOW_MODELS = ("FluxTransformer2DModel",)
+_SPACES = ("vp", "edm", "flow")
+
 # diffusers' prediction_type -> bdia's DiffusionODE prediction (v = alpha eps - sigma x0 in both).
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _SPACINGS = ("linspace", "leading", "trailing")
@@ -70,8 +83,9 @@ _SIGMA_SPACINGS = (
     "use_beta_sigmas",
     "use_lu_lambdas",
 )
-# unet keyword arguments that the adapter itself sets.
+# unet (and flow transformer) keyword arguments that the adapter itself sets.
 _RESERVED = ("sample", "timestep", "return_dict")
+_FLOW_RESERVED = ("hidden_states", "timestep", "return_dict")
 
 # A timestep tau = t N - 1 within this of an integer is that integer (within 2 N eps when t
 # arrives in float32), so the network sees diffusers' integer timesteps exactly: a float64 t
@@ -115,12 +129,29 @@ def _class_names(scheduler: Any) -> list[str]:
     return [c.__name__ for c in type(scheduler).__mro__]
 
 
+def _is_flow(scheduler: Any) -> bool:
+    return any(name in _FLOW_SCHEDULERS for name in _class_names(scheduler))
+
+
 def _space(scheduler: Any, space: str | None) -> str:
     """``space`` if given (checked), else the space of the scheduler's class."""
+    flow = _is_flow(scheduler)
     if space is not None:
-        if space not in ("vp", "edm"):
-            raise ValueError(f"space must be 'vp' or 'edm', got {space!r}")
+        if space not in _SPACES:
+            raise ValueError(f"space must be 'vp', 'edm' or 'flow', got {space!r}")
+        if flow and space != "flow":
+            raise ValueError(
+                f"space = {space!r} does not fit {type(scheduler).__name__}, a flow-matching "
+                "scheduler without a noise table; leave space unset (or give 'flow')"
+            )
+        if space == "flow" and not flow:
+            raise ValueError(
+                f"space = 'flow' needs a flow-matching scheduler "
+                f"({', '.join(_FLOW_SCHEDULERS)}), got {type(scheduler).__name__}"
+            )
         return space
+    if flow:
+        return "flow"
     for name in _class_names(scheduler):
         if name in _VP_SCHEDULERS:
             return "vp"
@@ -177,6 +208,67 @@ def _check_schedule_config(scheduler: Any, space: str) -> None:
         )
 
 
+def _check_flow_config(scheduler: Any) -> None:
+    """Refuse, in one line naming the field, a flow-matching config that is not the ODE of
+    ``sigma`` with the transformer at ``timestep = sigma N``."""
+    cfg = scheduler.config
+    name = type(scheduler).__name__
+    if cfg.get("invert_sigmas", False):
+        raise ValueError(
+            "invert_sigmas = True in the scheduler config runs the sigmas from 0 up to 1 (Mochi's "
+            "convention), where the transformer's timestep is not sigma N; bdia maps only "
+            "invert_sigmas=False"
+        )
+    if cfg.get("stochastic_sampling", False):
+        raise ValueError(
+            "stochastic_sampling = True in the scheduler config draws new noise at every step, "
+            f"which is not an ODE; set it False: {name}.from_config(scheduler.config, "
+            "stochastic_sampling=False)"
+        )
+    n = cfg.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(
+            f"num_train_timesteps = {n!r} in the scheduler config must be an integer >= 1"
+        )
+
+
+def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
+    """Refuse a network that does not go with the scheduler: a UNet (or another diffusers
+    model than SD3's transformer) with a flow-matching scheduler, SD3's or Flux's
+    transformer with a noise table. A plain callable is taken as it is documented."""
+    names = _class_names(model)
+    name, scheduler_name = type(model).__name__, type(scheduler).__name__
+    flow_model = any(n in _FLOW_MODELS + _OTHER_FLOW_MODELS for n in names)
+    if space != "flow":
+        if flow_model:
+            raise ValueError(
+                f"{name} is a flow-matching model (it predicts the velocity eps - x0 at timestep "
+                f"sigma N), but {scheduler_name} is a noise-table scheduler; give it the "
+                "FlowMatchEulerDiscreteScheduler it was trained with (the pipeline's scheduler)"
+            )
+        return
+    if any(n in _FLOW_MODELS for n in names):
+        return
+    if any(n in _OTHER_FLOW_MODELS for n in names):
+        raise ValueError(
+            f"{name} is not supported: its pipeline packs the latents into tokens and passes "
+            "img_ids, txt_ids and a guidance embedding; bdia maps SD3Transformer2DModel "
+            "(Stable Diffusion 3 and 3.5)"
+        )
+    if any(n.startswith("UNet") for n in names):
+        raise ValueError(
+            f"a {name} with {scheduler_name}: a UNet is a diffusion model of a noise table, "
+            "not a flow-matching model; give it its own scheduler (DDIM, Euler, DPM-Solver, "
+            "...), or use the flow-matching scheduler with SD3Transformer2DModel"
+        )
+    if isinstance(model, diffusers.ModelMixin):
+        raise ValueError(
+            f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
+            "SD3Transformer2DModel (Stable Diffusion 3 and 3.5) with a flow-matching "
+            "scheduler, and does not know how this model is called"
+        )
+
+
 def _check_model_config(scheduler: Any) -> str:
     """The bdia prediction for the config's prediction_type; refuse non-ODE output processing."""
     cfg = scheduler.config
@@ -209,10 +301,11 @@ def _no_table(scheduler: Any) -> ValueError:
     """The refusal of ``scheduler`` (an instance, or its class name) for want of a table."""
     name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
     return ValueError(
-        f"{name} has no alphas_cumprod noise table: it is a flow-matching "
-        "or EDM-preconditioned scheduler, which bdia's diffusers adapter does not support; it "
-        "needs a diffusion model trained on a table of alphas_cumprod (DDIM, DDPM, PNDM, "
-        "Euler, DPM-Solver and the like)"
+        f"{name} has no alphas_cumprod noise table: it is a flow-matching or "
+        "EDM-preconditioned scheduler, and this needs a diffusion model trained on a table of "
+        "alphas_cumprod (DDIM, DDPM, PNDM, Euler, DPM-Solver and the like); of the "
+        "flow-matching schedulers, bdia's diffusers adapter maps FlowMatchEulerDiscreteScheduler "
+        "only (from_diffusers and diffusers_grid)"
     )
 
 
@@ -279,7 +372,9 @@ def _sigma_rule(cfg: Mapping[str, Any]) -> str:
     return "linear"  # sigmas = np.interp(timesteps, arange(N), sigma table)
 
 
-def _schedule(table: np.ndarray, space: str, clean_end: bool) -> Schedule:
+def _schedule(table: np.ndarray | None, space: str, clean_end: bool) -> Schedule:
+    if space == "flow":
+        return RectifiedFlow()
     if space == "vp":
         return VPDiscrete(alphas_cumprod=table, clean_end=clean_end)
     return EDM()
@@ -397,13 +492,24 @@ def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
         )
 
 
-def _check_cond(cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None) -> None:
+def _check_cond(
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    reserved: tuple[str, ...] = _RESERVED,
+) -> None:
     for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
         for key in mapping:
-            if key in _RESERVED:
+            if key in reserved:
                 raise ValueError(
                     f"{where or 'cond'} key {key!r} is set by the adapter on every unet call; "
                     "remove it"
+                )
+            if key == "skip_layers" and reserved == _FLOW_RESERVED:
+                raise ValueError(
+                    f"{where or 'cond'} key 'skip_layers' leaves out transformer blocks, the "
+                    "third model of skip-layer guidance (StableDiffusion3Pipeline's "
+                    "skip_guidance_layers), which bdia does not map: the pipeline adds it at "
+                    "some steps only; remove it"
                 )
     extra = [k for k in (negative_cond or {}) if k not in cond]
     if extra:
@@ -421,10 +527,14 @@ class DiffusersModel(torch.nn.Module):
 
     Args:
         unet: ``unet(sample, timestep, **kwargs)`` returning a tensor, a tuple whose first
-            entry is the prediction, or an object with ``.sample`` (diffusers' UNets).
-        alphas_cumprod: the noise table, N values (float64 is kept as is).
-        space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``) or ``"edm"`` (its time is
-            ``sigma_bar``).
+            entry is the prediction, or an object with ``.sample`` (diffusers' UNets); in
+            ``"flow"`` space ``unet(hidden_states=x, timestep=tau, return_dict=False,
+            **kwargs)`` (SD3's transformer).
+        alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
+            space, which has none.
+        space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
+            ``sigma_bar``) or ``"flow"`` (its time is the flow-matching ``sigma``, and
+            ``tau = sigma N``).
         sigma_rule: EDM space only, how a noise level maps to the timestep: ``"linear"``
             (sigma interpolated linearly between integer timesteps, diffusers' default),
             ``"log"`` (log sigma, diffusers' ``_sigma_to_t`` for Karras, exponential and beta
@@ -432,7 +542,8 @@ class DiffusersModel(torch.nn.Module):
         learned_variance: the unet returns ``2 C`` channels for ``C`` input channels, the
             second half a variance; only the first half is used.
         prediction: ``"eps"``, ``"x0"`` or ``"v"``, what the unet predicts (EDM space scales
-            ``v`` to the EDM state, see ``forward``).
+            ``v`` to the EDM state, see ``forward``); ``"flow"`` in ``"flow"`` space.
+        num_train_timesteps: ``N`` in ``"flow"`` space (the noise table's length otherwise).
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, **unet_kwargs)``: see there.
     """
@@ -446,10 +557,16 @@ class DiffusersModel(torch.nn.Module):
         sigma_rule: str = "linear",
         learned_variance: bool = False,
         prediction: str = "eps",
+        num_train_timesteps: int | None = None,
     ) -> None:
         super().__init__()
-        if space not in ("vp", "edm"):
-            raise ValueError(f"space must be 'vp' or 'edm', got {space!r}")
+        if space not in _SPACES:
+            raise ValueError(f"space must be 'vp', 'edm' or 'flow', got {space!r}")
+        if (space == "flow") != (alphas_cumprod is None):
+            raise ValueError(
+                "space 'flow' takes num_train_timesteps and no alphas_cumprod; 'vp' and 'edm' "
+                "take alphas_cumprod"
+            )
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -459,11 +576,19 @@ class DiffusersModel(torch.nn.Module):
         self.sigma_rule = sigma_rule
         self.learned_variance = bool(learned_variance)
         self.prediction = prediction
-        table = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).numpy()
-        self.num_train_timesteps = int(table.size)
-        # Noise levels of the integer timesteps, increasing with tau.
-        self._sigmas = np.sqrt((1.0 - table) / table)
-        self._log_sigmas = np.log(self._sigmas)
+        if space == "flow":
+            if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+                raise ValueError(
+                    f"space 'flow' needs num_train_timesteps, an integer >= 1, got "
+                    f"{num_train_timesteps!r}"
+                )
+            self.num_train_timesteps = num_train_timesteps
+        else:
+            table = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).numpy()
+            self.num_train_timesteps = int(table.size)
+            # Noise levels of the integer timesteps, increasing with tau.
+            self._sigmas = np.sqrt((1.0 - table) / table)
+            self._log_sigmas = np.log(self._sigmas)
         config = getattr(unet, "config", None)
         self.in_channels = config.get("in_channels") if isinstance(config, Mapping) else None
 
@@ -482,9 +607,13 @@ class DiffusersModel(torch.nn.Module):
 
         ``t`` arrived in ``dtype`` (float32 for a float32 or half unet), which sets how far from
         a knot it may be and still count as that knot, so that the unet sees diffusers'
-        integer timesteps exactly.
+        integer timesteps exactly. In ``"flow"`` space it is ``sigma N`` with ``sigma = t``:
+        for a float32 ``t`` the product is exact in float64, so rounding it to float32 gives
+        diffusers' float32 ``sigmas * num_train_timesteps``.
         """
         n = self.num_train_timesteps
+        if self.space == "flow":
+            return t * n
         if self.space == "vp":
             tau = t * n - 1.0
             k = round(tau)
@@ -525,8 +654,10 @@ class DiffusersModel(torch.nn.Module):
         Args:
             x: state of shape ``(batch, C, ...)`` in the unet's dtype: ``alpha x0 + sigma eps``
                 in VP space, ``x0 + sigma_bar eps`` in EDM space (the unet then sees
-                ``x / sqrt(sigma_bar^2 + 1)``, as after diffusers' ``scale_model_input``).
-            t: shape ``(batch,)``, the ODE's time: ``(tau + 1) / N`` (VP) or ``sigma_bar`` (EDM).
+                ``x / sqrt(sigma_bar^2 + 1)``, as after diffusers' ``scale_model_input``),
+                ``(1 - sigma) x0 + sigma eps`` in flow space.
+            t: shape ``(batch,)``, the ODE's time: ``(tau + 1) / N`` (VP), ``sigma_bar`` (EDM)
+                or ``sigma`` (flow).
             guidance_scale: ``g`` of classifier-free guidance; the output is ``u + g (c - u)``
                 of the unconditional (``negative_cond``) and conditional (``unet_kwargs``)
                 predictions, from one call on the batch ``[unconditional, conditional]``.
@@ -538,7 +669,8 @@ class DiffusersModel(torch.nn.Module):
             The prediction, shape of ``x``, in the unet's dtype (float32 at least under
             guidance): eps or x0 as the unet gives them; v as well in VP space, and in EDM space
             ``sqrt(sigma_bar^2 + 1) v``, which is the v of the EDM state (bdia's convention,
-            ``v = alpha eps - sigma x0`` in the schedule's own space).
+            ``v = alpha eps - sigma x0`` in the schedule's own space); the velocity
+            ``eps - x0`` in flow space.
         """
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
@@ -577,7 +709,12 @@ class DiffusersModel(torch.nn.Module):
         return out
 
     def _call_unet(self, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
-        result = self.unet(x, tau, **kwargs)
+        if self.space == "flow":
+            # By keyword, as StableDiffusion3Pipeline calls it: the transformer's second
+            # positional argument is encoder_hidden_states.
+            result = self.unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)
+        else:
+            result = self.unet(x, tau, **kwargs)
         if hasattr(result, "sample"):
             result = result.sample
         elif isinstance(result, (tuple, list)):
@@ -610,24 +747,31 @@ def from_diffusers(
     model_dtype: torch.dtype | str | None = None,
     **cond: Any,
 ) -> DiffusionODE:
-    """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table.
+    """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
+    or the flow-matching ODE of Stable Diffusion 3's transformer.
 
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, or any module called as
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
-            with ``.sample``. Put it in eval mode (``from_pretrained`` does).
+            with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``
+            (``pipe.transformer``), or any module called as ``unet(hidden_states=x,
+            timestep=tau, return_dict=False, **kwargs)`` that returns the velocity
+            ``eps - x0``. Put it in eval mode (``from_pretrained`` does).
         scheduler: a diffusers scheduler instance, or its config mapping (the class named in
             ``_class_name`` is built). Its ``alphas_cumprod`` (read as float64) is the noise
-            table; its ``prediction_type`` says what the unet predicts. It is not modified.
-        space: ``"vp"`` or ``"edm"``, the space of the ODE's state (see the module docstring);
-            by default the scheduler's (DDIM-like classes ``"vp"``, Euler-like ``"edm"``). An
-            unknown scheduler class needs it.
+            table; its ``prediction_type`` says what the unet predicts. A
+            ``FlowMatchEulerDiscreteScheduler`` has no table: its ``num_train_timesteps`` is
+            ``N`` of the transformer's timestep ``sigma N``. It is not modified.
+        space: ``"vp"``, ``"edm"`` or ``"flow"``, the space of the ODE's state (see the module
+            docstring); by default the scheduler's (DDIM-like classes ``"vp"``, Euler-like
+            ``"edm"``, flow-matching ``"flow"``). An unknown scheduler class needs it.
         model_dtype: dtype the unet runs in (the state is cast to it and the output back);
             defaults to the unet's parameter dtype, so a float16 unet runs under a float32 or
             float64 state.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
-            ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... Tensors of
-            batch 1 are expanded to the state's batch; floating ones are cast to
+            ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
+            ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
+            Tensors of batch 1 are expanded to the state's batch; floating ones are cast to
             ``model_dtype``. Two keys set classifier-free guidance:
             ``guidance_scale=g`` and ``negative_cond={...}``, the unconditional branch's
             arguments (``{"encoder_hidden_states": negative_embeds}``); each model evaluation is
@@ -636,10 +780,11 @@ def from_diffusers(
 
     Returns:
         A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
-        (``clean_end`` when the scheduler ends at alpha = 1) or ``EDM()``, prediction ``"eps"``,
-        ``"v"`` or ``"x0"``, model a ``DiffusersModel``, and ``cond`` holding everything that
-        conditions the unet (``guidance_scale`` and ``negative_cond`` included). Sample it on
-        ``diffusers_grid(scheduler, steps)`` with any bdia solver, or invert it with BDIA.
+        (``clean_end`` when the scheduler ends at alpha = 1), ``EDM()`` or ``RectifiedFlow()``,
+        prediction ``"eps"``, ``"v"``, ``"x0"`` or ``"flow"``, model a ``DiffusersModel``, and
+        ``cond`` holding everything that conditions the unet (``guidance_scale`` and
+        ``negative_cond`` included). Sample it on ``diffusers_grid(scheduler, steps)`` with
+        any bdia solver, or invert it with BDIA.
 
     Raises:
         ValueError: one line naming the field, before any unet call, for a prediction_type
@@ -648,20 +793,29 @@ def from_diffusers(
             alphas_cumprod that is not a noise table; out_channels different from in_channels
             (unless twice as many with the scheduler's variance_type 'learned' or
             'learned_range'); guidance_scale without negative_cond; a scheduler of unknown
-            class without ``space=``.
+            class without ``space=``. With a flow-matching scheduler: invert_sigmas or
+            stochastic_sampling set; a UNet, Flux's transformer or another diffusers model
+            than SD3's; a ``skip_layers`` key (skip-layer guidance). SD3's or Flux's
+            transformer with a noise-table scheduler.
     """
     if not callable(unet):
         raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
     sched = _scheduler(scheduler)
     space = _space(sched, space)
-    _check_schedule_config(sched, space)
-    prediction = _check_model_config(sched)
-    table = _table(sched)
+    _check_pairing(unet, sched, space)
+    table: np.ndarray | None = None
+    if space == "flow":
+        _check_flow_config(sched)
+        prediction = "flow"
+    else:
+        _check_schedule_config(sched, space)
+        prediction = _check_model_config(sched)
+        table = _table(sched)
 
     guidance_scale = cond.pop("guidance_scale", None)
     negative_cond = cond.pop("negative_cond", None)
     _check_guidance(guidance_scale, negative_cond)
-    _check_cond(cond, negative_cond)
+    _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
 
     learned_variance = False
     unet_config = getattr(unet, "config", None)
@@ -697,6 +851,9 @@ def from_diffusers(
         sigma_rule=_sigma_rule(sched.config),
         learned_variance=learned_variance,
         prediction=prediction,
+        num_train_timesteps=int(sched.config.get("num_train_timesteps", 1000))
+        if space == "flow"
+        else None,
     )
     ode_cond = dict(cond)
     if guidance_scale is not None:
@@ -765,7 +922,46 @@ def _check_sigmas_in_table(sched: Any, sigmas: list[float], table: np.ndarray, s
         )
 
 
-def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | None = None) -> Tensor:
+def _flow_grid(sched: Any, num_inference_steps: int, mu: Any) -> Tensor:
+    """diffusers' ``sigmas`` of a flow-matching scheduler after ``set_timesteps``, widened."""
+    _check_flow_config(sched)
+    name = type(sched).__name__
+    if sched.config.get("use_dynamic_shifting", False):
+        if mu is None:
+            raise ValueError(
+                "use_dynamic_shifting = True in the scheduler config shifts the sigmas by mu, "
+                "which depends on the image size; pass mu= as to set_timesteps "
+                "(StableDiffusion3Pipeline takes its mu, or computes one from the latents' "
+                "size with calculate_shift)"
+            )
+        if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu):
+            raise ValueError(f"mu must be a finite number, got {mu!r}")
+    elif mu is not None:
+        raise ValueError(
+            f"mu = {mu!r} shifts the sigmas only with use_dynamic_shifting = True, which the "
+            f"{name} config does not set (set_timesteps would ignore it); leave mu out"
+        )
+    fresh = copy.deepcopy(sched)
+    fresh.set_timesteps(num_inference_steps, mu=mu)
+    sigmas = [float(v) for v in torch.as_tensor(fresh.sigmas).detach().cpu().reshape(-1)]
+    ok = all(0.0 <= s <= 1.0 for s in sigmas) and all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    if not ok or sigmas[-1] != 0.0:
+        shown = ", ".join(f"{s:.6g}" for s in sigmas[:4]) + (", ..." if len(sigmas) > 4 else "")
+        fields = ", ".join(f"{k} = {sched.config.get(k)!r}" for k in ("shift", "shift_terminal"))
+        raise ValueError(
+            f"the {name} config ({fields}) gives sigmas {shown} for num_inference_steps = "
+            f"{num_inference_steps}, not decreasing from at most 1 to 0 as an ODE's times must"
+        )
+    return torch.tensor(sigmas, dtype=torch.float64)
+
+
+def diffusers_grid(
+    scheduler: Any,
+    num_inference_steps: int,
+    *,
+    space: str | None = None,
+    mu: float | None = None,
+) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
     ``set_timesteps`` runs on a deep copy of the scheduler (its own tables, float64 ones
@@ -778,6 +974,12 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
       points are the times of the scheduler's ``sigmas`` instead.
     - EDM space: the scheduler's distinct ``sigmas`` (Heun's repeated ones once), noisiest
       first; for a scheduler without sigmas, the table's at its timesteps and the end point.
+    - Flow space: the scheduler's ``sigmas``, the final 0 included, exactly (diffusers'
+      float32 values widened to float64): the times at which ``StableDiffusion3Pipeline``
+      calls the transformer (``timesteps = sigmas * N``) and between which
+      ``FlowMatchEulerDiscreteScheduler.step`` steps. Shifted, Karras, exponential or beta
+      sigmas, ``shift_terminal`` and dynamic shifting (with ``mu``) come as diffusers makes
+      them.
 
     Each step goes to the next point where the model is evaluated. DDIM's own step goes from
     ``tau`` to ``tau - N // n``, which is the next timestep for ``"leading"`` spacing and for
@@ -787,7 +989,9 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
     Args:
         scheduler: a diffusers scheduler instance or its config mapping.
         num_inference_steps: as for diffusers' ``set_timesteps``.
-        space: ``"vp"`` or ``"edm"``; the same as given to ``from_diffusers``.
+        space: ``"vp"``, ``"edm"`` or ``"flow"``; the same as given to ``from_diffusers``.
+        mu: the shift of a flow-matching scheduler with ``use_dynamic_shifting=True``, as
+            diffusers' ``set_timesteps(mu=...)`` takes it; refused otherwise.
 
     Returns:
         float64 tensor of times (noisiest first) for the ODE that
@@ -797,11 +1001,20 @@ def diffusers_grid(scheduler: Any, num_inference_steps: int, *, space: str | Non
         ValueError: for a timestep or a noise level outside the noise table (``steps_offset``
             with many steps; Karras sigmas past the table by the config's ``sigma_min`` or
             ``sigma_max``, unless ``timestep_type="continuous"``), where the unet has no
-            timestep.
+            timestep. In flow space: ``use_dynamic_shifting`` without ``mu`` (or ``mu``
+            without it), ``invert_sigmas``, ``stochastic_sampling``, and sigmas that do not
+            decrease from at most 1 to 0.
     """
     num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
     sched = _scheduler(scheduler)
     space = _space(sched, space)
+    if space == "flow":
+        return _flow_grid(sched, num_inference_steps, mu)
+    if mu is not None:
+        raise ValueError(
+            f"mu is the shift of a flow-matching scheduler's dynamic shifting; "
+            f"{type(sched).__name__} takes none; leave it out"
+        )
     _check_schedule_config(sched, space)
     table = _table(sched)
     n = table.size

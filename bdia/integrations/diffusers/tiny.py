@@ -1,10 +1,11 @@
 """Tiny randomly initialised diffusers models, built from config with nothing downloaded.
 
 Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
-a whole ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with a CLIP tokenizer made
-from a vocabulary written locally), a few thousand weights each: for tests and for checking
-plumbing and exactness, which do not depend on the weights. A random UNet is no denoiser, so
-what they sample is not an image of anything.
+Stable Diffusion 3's ``SD3Transformer2DModel``, a whole ``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline`` with a CLIP tokenizer made from a vocabulary written locally), a
+few thousand weights each: for tests and for checking plumbing and exactness, which do not
+depend on the weights. A random network is no denoiser, so what they sample is not an image
+of anything.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 __all__ = [
     "SD_NOISE_TABLE",
     "tiny_unet",
+    "tiny_sd3_transformer",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_sd3_pipeline",
     "TINY_WORDS",
 ]
 
@@ -73,6 +76,34 @@ def tiny_unet(
         config.update(overrides)
         net = diffusers.UNet2DModel(**config)
     return net.to(dtype).eval()
+
+
+def tiny_sd3_transformer(
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """An ``SD3Transformer2DModel`` with one joint block on ``(batch, 4, 8, 8)`` latents
+    (patches of 2 x 2), text tokens of width 16 (``encoder_hidden_states`` of shape
+    ``(batch, L, 16)``) and pooled embeddings of width 8 (``pooled_projections`` of shape
+    ``(batch, 8)``); weights drawn with ``torch.manual_seed(seed)``, in eval mode and
+    ``dtype``. ``overrides`` add to or replace fields of its config."""
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=8,
+        pooled_projection_dim=8,
+        pos_embed_max_size=8,
+    )
+    config.update(overrides)
+    net = diffusers.SD3Transformer2DModel(**config)
+    # diffusers warns of any cast with .to(dtype), needed or not.
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
 def tiny_tokenizer(folder: str | Path, words: Sequence[str] = TINY_WORDS) -> Any:
@@ -233,6 +264,41 @@ def tiny_sdxl_pipeline(
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A float32 ``StableDiffusion3Pipeline`` of tiny random parts on 16 x 16 RGB images.
+
+    Two two-layer ``CLIPTextModelWithProjection`` encoders of width 8 (projections of 4)
+    sharing ``tiny_tokenizer(folder)``, no T5 encoder (the pipeline then puts zeros in its
+    place, as SD3 does without T5): prompt embeddings of shape ``(batch, 32, 16)``, pooled ones
+    of shape ``(batch, 8)``. ``tiny_sd3_transformer()`` on 4 x 8 x 8 latents and the
+    ``AutoencoderKL`` of ``tiny_text_to_image_pipeline`` with SD3's ``scaling_factor`` and
+    ``shift_factor``. ``scheduler`` defaults to SD3's ``FlowMatchEulerDiscreteScheduler(shift=
+    3.0)``. The progress bar is off.
+    """
+    tokenizer = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    # Two layers: the pipeline takes the encoders' penultimate hidden states.
+    encoders = [
+        _tiny_text_encoder(tokenizer, 4, hidden_size=8, intermediate_size=16, num_hidden_layers=2)
+        for _ in range(2)
+    ]
+    if scheduler is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(),
+        scheduler=scheduler,
+        vae=_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,406 @@
+"""bdia.integrations.diffusers with Stable Diffusion 3: SD3Transformer2DModel and
+FlowMatchEulerDiscreteScheduler as a rectified-flow ODE.
+
+The transformer is a tiny random ``SD3Transformer2DModel`` (``tiny_sd3_transformer``).
+diffusers keeps its sigmas in float32 and its ``step`` casts the sample to float32, so parity
+with diffusers is checked in float32, where both sides do the same float operations and
+agree bit for bit; exactness of the inversion is checked in float64.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import Counter
+
+import bdia
+from bdia.integrations.diffusers import diffusers_grid, from_diffusers
+from bdia.integrations.diffusers.tiny import tiny_sd3_pipeline, tiny_sd3_transformer, tiny_unet
+
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+N_STEPS = 10
+BATCH = 2
+GUIDANCE = 5.0
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return tiny_sd3_transformer()
+
+
+@pytest.fixture(scope="module")
+def transformer64():
+    return tiny_sd3_transformer(dtype=torch.float64)
+
+
+def _embeds(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 5, 16, dtype=dtype, generator=g),
+        torch.randn(1, 8, dtype=dtype, generator=g),
+    )
+
+
+def _noise(dtype):
+    return torch.randn(BATCH, 4, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(3))
+
+
+def _cond(dtype, guidance):
+    """from_diffusers' conditioning: prompt embeddings of batch 1, and with ``guidance`` the
+    negative branch's."""
+    (embeds, pooled), (neg, neg_pooled) = _embeds(dtype, 1), _embeds(dtype, 2)
+    cond = dict(encoder_hidden_states=embeds, pooled_projections=pooled)
+    if guidance:
+        cond.update(
+            guidance_scale=GUIDANCE,
+            negative_cond=dict(encoder_hidden_states=neg, pooled_projections=neg_pooled),
+        )
+    return cond
+
+
+@torch.no_grad()
+def _diffusers_loop(transformer, scheduler, noise, steps, cond):
+    """StableDiffusion3Pipeline's denoising loop, written out; every state, the start first."""
+    batch = noise.shape[0]
+    embeds = cond["encoder_hidden_states"].expand(batch, -1, -1)
+    pooled = cond["pooled_projections"].expand(batch, -1)
+    guided = "negative_cond" in cond
+    if guided:
+        neg = cond["negative_cond"]
+        embeds = torch.cat([neg["encoder_hidden_states"].expand(batch, -1, -1), embeds])
+        pooled = torch.cat([neg["pooled_projections"].expand(batch, -1), pooled])
+    scheduler.set_timesteps(steps)
+    latents, states = noise, [noise]
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        out = transformer(
+            hidden_states=model_input,
+            timestep=t.expand(model_input.shape[0]),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+        if guided:
+            uncond, text = out.chunk(2)
+            out = uncond + GUIDANCE * (text - uncond)
+        latents = scheduler.step(out, t, latents, return_dict=False)[0]
+        states.append(latents)
+    return states
+
+
+def _float64_sigmas(shift, steps, n=1000):
+    """The sigmas of FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps) computed in
+    float64 throughout (diffusers rounds sigma_min and the result to float32)."""
+
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    sigmas = shifted(np.linspace(n * 1.0, n * shifted(1.0 / n), steps) / n)
+    return np.concatenate([sigmas, [0.0]])
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_is_flow_match_euler_step_by_step(transformer, shift, guidance):
+    """bdia's euler on from_diffusers/diffusers_grid is the SD3 pipeline's loop state by state,
+    bit for bit in float32: the grid holds diffusers' float32 sigmas, so the transformer sees
+    the same float32 timesteps sigma * 1000, the step sigma_next - sigma rounds to the same
+    float32 number, and guidance is u + g (c - u) in float32 on both sides."""
+    cond = _cond(torch.float32, guidance)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    ode = from_diffusers(transformer, scheduler, **cond)
+    assert isinstance(ode.schedule, bdia.RectifiedFlow) and ode.prediction == "flow"
+    ts = diffusers_grid(scheduler, N_STEPS)
+    noise = _noise(torch.float32)
+    calls = Counter(transformer)
+    with torch.no_grad():
+        ours = bdia.sample(
+            ode, bdia.get_solver("euler"), noise, ts, trajectory=True, progress=False
+        )
+    assert calls.calls == N_STEPS  # one call per step, guided or not
+    ref = _diffusers_loop(transformer, scheduler, noise, N_STEPS, cond)
+    assert len(ours) == len(ref) == N_STEPS + 1
+    for k in range(len(ref)):
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_float64_state_is_diffusers_to_its_float32_rounding(transformer64):
+    """With a float64 transformer and state, diffusers still casts the sample to float32 in
+    every step (and keeps float32 sigmas); bdia keeps float64. The two agree to 1e-6 relative
+    (measured 1.5e-7): a few float32 roundings (6e-8 each) of a state of size ~3."""
+    cond = _cond(torch.float64, True)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    noise = _noise(torch.float64)
+    with torch.no_grad():
+        ours = bdia.sample(
+            from_diffusers(transformer64, scheduler, **cond),
+            bdia.get_solver("euler"),
+            noise,
+            diffusers_grid(scheduler, N_STEPS),
+            trajectory=True,
+            progress=False,
+        )
+    ref = _diffusers_loop(transformer64, scheduler, noise, N_STEPS, cond)
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, ref))
+    assert worst < 1e-6
+
+
+def test_sd3_pipeline_gives_bdia_samples_latents(tmp_path):
+    """StableDiffusion3Pipeline itself (tiny parts, embeddings given, guidance 5) returns
+    the latents of bdia.sample with euler, bit for bit (see the step-by-step test)."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    cond = _cond(torch.float32, True)
+    noise = _noise(torch.float32)
+    latents = pipe(
+        prompt_embeds=cond["encoder_hidden_states"].expand(BATCH, -1, -1),
+        pooled_prompt_embeds=cond["pooled_projections"].expand(BATCH, -1),
+        negative_prompt_embeds=cond["negative_cond"]["encoder_hidden_states"].expand(BATCH, -1, -1),
+        negative_pooled_prompt_embeds=cond["negative_cond"]["pooled_projections"].expand(BATCH, -1),
+        latents=noise,
+        num_inference_steps=N_STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+    ).images
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    with torch.no_grad():
+        ours = bdia.sample(
+            ode,
+            bdia.get_solver("euler"),
+            noise,
+            diffusers_grid(pipe.scheduler, N_STEPS),
+            progress=False,
+        )
+    assert torch.equal(ours, latents)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_bdia_euler_inverts_to_float64_rounding(transformer64, shift):
+    """bdia(euler, 0.96) under guidance, sampled from the noise at t = 1 (alpha = 0) to 0 and
+    inverted, returns the noise to 1e-12 relative (measured: 0, exactly; the pair's low words
+    carry what the state's rounding drops)."""
+    ode = from_diffusers(
+        transformer64,
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=shift),
+        **_cond(torch.float64, True),
+    )
+    ts = diffusers_grid(diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), N_STEPS)
+    assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    noise = _noise(torch.float64)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, pair, ts)
+    err = float((back.earlier - noise).abs().max() / noise.abs().max())
+    assert err < 1e-12
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize(
+    "config, mu",
+    [
+        (dict(), None),
+        (dict(shift=3.0), None),
+        (dict(shift=3.0, use_karras_sigmas=True), None),
+        (dict(shift=3.0, use_exponential_sigmas=True), None),
+        (dict(shift=3.0, use_beta_sigmas=True), None),
+        (dict(shift=3.0, shift_terminal=0.1), None),
+        (dict(use_dynamic_shifting=True), 0.8),
+        (dict(use_dynamic_shifting=True, time_shift_type="linear"), 1.5),
+    ],
+    ids=["shift1", "shift3", "karras", "exponential", "beta", "terminal", "dynamic", "linear"],
+)
+@pytest.mark.parametrize("steps", [1, N_STEPS, 28])
+def test_grid_is_the_schedulers_sigmas(config, mu, steps):
+    """The grid is diffusers' float32 sigmas after set_timesteps(steps, mu=mu), widened to
+    float64 exactly, the final 0 included: the times the pipeline calls the transformer at
+    (timesteps = sigmas * 1000) and steps between."""
+    if config.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    if config.get("shift_terminal") and steps == 1:
+        pytest.skip("one step cannot end at shift_terminal: diffusers makes NaN (refused below)")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    ts = diffusers_grid(scheduler, steps, mu=mu)
+    scheduler.set_timesteps(steps, mu=mu)
+    assert ts.dtype == torch.float64
+    assert ts.tolist() == [float(s) for s in scheduler.sigmas]
+    assert len(ts) == steps + 1 and float(ts[-1]) == 0.0
+    assert torch.equal((ts[:-1].float() * 1000).float(), scheduler.timesteps)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [2, N_STEPS, 28, 50, 1000])
+def test_float64_sigmas_differ_from_diffusers_by_one_float32_rounding(shift, steps):
+    """The same sigmas computed in float64 throughout differ from diffusers' (so from the grid)
+    by 6e-8 relative at most (measured 5.8e-8, below 2^-24): diffusers rounds them to float32.
+    Rounded to float32 they are not always diffusers' either (with shift 3 and 50 steps one of
+    51 differs), since diffusers also rounds sigma_min to float32 before shifting it again;
+    the grid takes diffusers' values, which the pipeline's transformer and steps see."""
+    ts = diffusers_grid(diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), steps).numpy()
+    exact = _float64_sigmas(shift, steps)
+    assert ts[0] == exact[0] == 1.0 and ts[-1] == exact[-1] == 0.0
+    assert np.max(np.abs(ts[:-1] - exact[:-1]) / exact[:-1]) < 6e-8
+
+
+# -------------------------------------------------------------------------- refusals
+
+
+def _one_line_error(exc_info, field):
+    message = str(exc_info.value)
+    assert "\n" not in message and field in message, message
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        (dict(invert_sigmas=True), "invert_sigmas"),
+        (dict(stochastic_sampling=True), "stochastic_sampling"),
+    ],
+    ids=["invert", "stochastic"],
+)
+def test_configs_that_are_not_this_ode_are_refused(transformer, config, field):
+    calls = Counter(transformer)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    for make in (
+        lambda: from_diffusers(transformer, scheduler),
+        lambda: diffusers_grid(scheduler, N_STEPS),
+    ):
+        with pytest.raises(ValueError) as exc_info:
+            make()
+        _one_line_error(exc_info, field)
+    assert calls.calls == 0
+
+
+def test_a_grid_that_is_not_decreasing_is_refused():
+    """shift_terminal with one step divides 0 by 0 in diffusers (the sigma 1 is to be
+    stretched to end at 0.1); a negative shift turns the sigmas around."""
+    for config, steps in ((dict(shift_terminal=0.1), 1), (dict(shift=-0.5), N_STEPS)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            with pytest.raises(ValueError) as exc_info:
+                diffusers_grid(diffusers.FlowMatchEulerDiscreteScheduler(**config), steps)
+        _one_line_error(exc_info, "not decreasing")
+
+
+def test_dynamic_shifting_needs_mu():
+    """The ODE does not depend on the shift, the grid does: from_diffusers takes a config with
+    use_dynamic_shifting, diffusers_grid needs its mu (and refuses one that would be ignored)."""
+    dynamic = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(dynamic, N_STEPS)
+    _one_line_error(exc_info, "mu=")
+    for mu, error in ((float("nan"), "finite"), (True, "finite")):
+        with pytest.raises(ValueError) as exc_info:
+            diffusers_grid(dynamic, N_STEPS, mu=mu)
+        _one_line_error(exc_info, error)
+    for scheduler in (
+        diffusers.FlowMatchEulerDiscreteScheduler(),
+        diffusers.DDIMScheduler(clip_sample=False),
+    ):
+        with pytest.raises(ValueError) as exc_info:
+            diffusers_grid(scheduler, N_STEPS, mu=0.5)
+        _one_line_error(exc_info, "mu")
+
+
+def test_pairings_that_do_not_fit_are_refused(transformer):
+    """A UNet with a flow-matching scheduler, SD3's transformer with a noise table, Flux's
+    transformer (another call contract) and spaces that do not fit: one line each, before
+    any call."""
+    unet = tiny_unet(conditional=True, channels=4, cross_attention_dim=16)
+    flux = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=1,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(0, 2, 2),
+    )
+    counters = [Counter(m) for m in (transformer, unet, flux)]
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ddim = diffusers.DDIMScheduler(clip_sample=False)
+    cases = [
+        (lambda: from_diffusers(unet, flow), "flow-matching"),
+        (
+            lambda: from_diffusers(
+                unet, dict(flow.config, _class_name="FlowMatchEulerDiscreteScheduler")
+            ),
+            "UNet",
+        ),
+        (lambda: from_diffusers(transformer, ddim), "FlowMatchEulerDiscreteScheduler"),
+        (lambda: from_diffusers(transformer, diffusers.EulerDiscreteScheduler()), "noise-table"),
+        (lambda: from_diffusers(flux, flow), "FluxTransformer2DModel"),
+        (lambda: from_diffusers(flux, ddim), "flow-matching model"),
+        (lambda: from_diffusers(transformer, flow, space="vp"), "space"),
+        (lambda: from_diffusers(unet, ddim, space="flow"), "space = 'flow'"),
+        (lambda: diffusers_grid(ddim, N_STEPS, space="flow"), "space = 'flow'"),
+        (lambda: diffusers_grid(flow, N_STEPS, space="edm"), "space"),
+    ]
+    for make, field in cases:
+        with pytest.raises(ValueError) as exc_info:
+            make()
+        _one_line_error(exc_info, field)
+    assert [c.calls for c in counters] == [0, 0, 0]
+
+
+def test_skip_layers_and_reserved_keys_are_refused(transformer):
+    flow = diffusers.FlowMatchEulerDiscreteScheduler()
+    calls = Counter(transformer)
+    cond = _cond(torch.float32, True)
+    for extra, field in (
+        (dict(skip_layers=[0]), "skip-layer guidance"),
+        (dict(hidden_states=torch.zeros(1)), "hidden_states"),
+        (dict(timestep=1.0), "timestep"),
+    ):
+        with pytest.raises(ValueError) as exc_info:
+            from_diffusers(transformer, flow, **cond, **extra)
+        _one_line_error(exc_info, field)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(transformer, flow, guidance_scale=GUIDANCE)
+    _one_line_error(exc_info, "negative_cond")
+    assert calls.calls == 0
+
+
+def test_other_flow_matching_schedulers_are_refused(transformer):
+    """FlowMatchHeunDiscreteScheduler and the like have no noise table and are not mapped."""
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(transformer, diffusers.FlowMatchHeunDiscreteScheduler())
+    _one_line_error(exc_info, "FlowMatchEulerDiscreteScheduler")
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_a_bfloat16_transformer_runs_under_a_float32_state():
+    """The UNet path's dtype handling: model_dtype is the transformer's, the float32
+    embeddings are cast to it, the state stays float32; the result is the float32 run's to
+    bfloat16 accuracy (5e-2 relative; measured 7.5e-3 over 10 steps of this random network)."""
+    half = tiny_sd3_transformer(dtype=torch.bfloat16)
+    full = tiny_sd3_transformer()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    cond = _cond(torch.float32, True)
+    ode = from_diffusers(half, scheduler, **cond)
+    assert ode.model_dtype == torch.bfloat16
+    assert ode.cond["encoder_hidden_states"].dtype == torch.bfloat16
+    ts = diffusers_grid(scheduler, N_STEPS)
+    noise = _noise(torch.float32)
+    with torch.no_grad():
+        out = bdia.sample(ode, bdia.get_solver("euler"), noise, ts, progress=False)
+        ref = bdia.sample(
+            from_diffusers(full, scheduler, **cond),
+            bdia.get_solver("euler"),
+            noise,
+            ts,
+            progress=False,
+        )
+    assert out.dtype == torch.float32
+    assert float((out - ref).abs().max() / ref.abs().max()) < 5e-2
