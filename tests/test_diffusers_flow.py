@@ -14,9 +14,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import Counter
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 import bdia
-from bdia.integrations.diffusers import diffusers_grid, from_diffusers
+from bdia.integrations.diffusers import (
+    BDIAInverseScheduler,
+    BDIAScheduler,
+    diffusers_grid,
+    from_diffusers,
+)
 from bdia.integrations.diffusers.tiny import tiny_sd3_pipeline, tiny_sd3_transformer, tiny_unet
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
@@ -152,22 +158,28 @@ def test_float64_state_is_diffusers_to_its_float32_rounding(transformer64):
     assert worst < 1e-6
 
 
+def _pipeline_latents(pipe, cond, noise):
+    """The pipeline's latents from ``noise`` under ``cond``'s embeddings and guidance."""
+    negative = cond["negative_cond"]
+    return pipe(
+        prompt_embeds=cond["encoder_hidden_states"].expand(BATCH, -1, -1),
+        pooled_prompt_embeds=cond["pooled_projections"].expand(BATCH, -1),
+        negative_prompt_embeds=negative["encoder_hidden_states"].expand(BATCH, -1, -1),
+        negative_pooled_prompt_embeds=negative["pooled_projections"].expand(BATCH, -1),
+        latents=noise,
+        num_inference_steps=N_STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+    ).images
+
+
 def test_sd3_pipeline_gives_bdia_samples_latents(tmp_path):
     """StableDiffusion3Pipeline itself (tiny parts, embeddings given, guidance 5) returns
     the latents of bdia.sample with euler, bit for bit (see the step-by-step test)."""
     pipe = tiny_sd3_pipeline(tmp_path)
     cond = _cond(torch.float32, True)
     noise = _noise(torch.float32)
-    latents = pipe(
-        prompt_embeds=cond["encoder_hidden_states"].expand(BATCH, -1, -1),
-        pooled_prompt_embeds=cond["pooled_projections"].expand(BATCH, -1),
-        negative_prompt_embeds=cond["negative_cond"]["encoder_hidden_states"].expand(BATCH, -1, -1),
-        negative_pooled_prompt_embeds=cond["negative_cond"]["pooled_projections"].expand(BATCH, -1),
-        latents=noise,
-        num_inference_steps=N_STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="latent",
-    ).images
+    latents = _pipeline_latents(pipe, cond, noise)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     with torch.no_grad():
         ours = bdia.sample(
@@ -199,6 +211,131 @@ def test_bdia_euler_inverts_to_float64_rounding(transformer64, shift):
         back = bdia.invert(ode, solver, pair, ts)
     err = float((back.earlier - noise).abs().max() / noise.abs().max())
     assert err < 1e-12
+
+
+# ------------------------------------------------------------------ BDIA scheduler
+
+
+@pytest.mark.parametrize(
+    "config", [dict(shift=3.0), dict(use_dynamic_shifting=True)], ids=["sd3", "dynamic"]
+)
+def test_bdia_scheduler_in_sd3_pipeline_is_bdia_sample_and_inverts(tmp_path, config):
+    """StableDiffusion3Pipeline with BDIAScheduler.from_config(its config, gamma=0.9) gives
+    the latents and the final pair (low words included) of bdia.sample with bdia(euler, 0.9)
+    on from_diffusers/diffusers_grid of that scheduler, bit for bit; the inverse scheduler's
+    loop, with the pipeline's guided transformer calls, returns its starting noise bit for
+    bit, and so does bdia.invert from the pair. With use_dynamic_shifting the pipeline
+    computes mu from the latents' size (16 tokens) and the scheduler's config, which holds
+    the flow-matching scheduler's fields, defaults included (the pipeline's own default
+    max_shift is another), and passes it to set_timesteps; the grid takes the same mu."""
+    pipe = tiny_sd3_pipeline(
+        tmp_path, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    )
+    source = pipe.scheduler.config
+    pipe.scheduler = BDIAScheduler.from_config(source, gamma=0.9)
+    assert pipe.scheduler.config.flow_matching
+    cond, noise = _cond(torch.float32, True), _noise(torch.float32)
+    latents = _pipeline_latents(pipe, cond, noise)
+
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        mu = calculate_shift(
+            16,
+            source.base_image_seq_len,
+            source.max_image_seq_len,
+            source.base_shift,
+            source.max_shift,
+        )
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu)
+    assert pipe.scheduler.grid == ts.tolist()
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.9)
+    with torch.no_grad():
+        ref = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+    pair = pipe.scheduler.final_pair
+    assert pair.solver == "bdia(euler, gamma=0.9)" and pair.start_index == 0
+    assert torch.equal(latents, ref.later)
+    for name in ("earlier", "later", "earlier_low", "later_low"):
+        assert torch.equal(getattr(pair, name), getattr(ref, name)), name
+
+    inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(N_STEPS, mu=mu)
+    negative = cond["negative_cond"]
+    embeds = torch.cat(
+        [
+            negative["encoder_hidden_states"].expand(BATCH, -1, -1),
+            cond["encoder_hidden_states"].expand(BATCH, -1, -1),
+        ]
+    )
+    pooled = torch.cat(
+        [
+            negative["pooled_projections"].expand(BATCH, -1),
+            cond["pooled_projections"].expand(BATCH, -1),
+        ]
+    )
+    with torch.no_grad():
+        x = inverse.begin(pair)
+        for t in inverse.timesteps:
+            out = pipe.transformer(
+                hidden_states=torch.cat([x] * 2),
+                timestep=t.expand(2 * BATCH),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            u, c = out.chunk(2)
+            x = inverse.step(u + GUIDANCE * (c - u), t, x).prev_sample
+        back = bdia.invert(ode, solver, pair, ts)
+    assert len(inverse.timesteps) == N_STEPS - 1
+    assert torch.equal(inverse.pair.earlier, noise)
+    assert torch.equal(back.earlier, noise)
+
+
+def test_a_flow_matching_bdia_config_round_trips(tmp_path):
+    """save_config / from_config keep flow_matching and the flow-matching fields, without a
+    warning that they are ignored (diffusers warns of fields of classes it does not know
+    as compatible)."""
+    source = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_karras_sigmas=True)
+    forward = BDIAScheduler.from_config(source.config, gamma=0.8)
+    forward.save_config(tmp_path)
+    again = BDIAScheduler.from_config(BDIAScheduler.load_config(tmp_path))
+    for scheduler in (forward, again):
+        assert scheduler.config.flow_matching and scheduler.config.shift == 3.0
+        assert scheduler.config.use_karras_sigmas and scheduler.config.gamma == 0.8
+    assert diffusers_grid(again, N_STEPS).tolist() == diffusers_grid(source, N_STEPS).tolist()
+    again.set_timesteps(N_STEPS)
+    source.set_timesteps(N_STEPS)
+    assert torch.equal(again.timesteps, source.timesteps)
+    assert torch.equal(again.sigmas, source.sigmas)
+
+
+def test_flow_matching_bdia_scheduler_refusals():
+    """One line each: a flow config that is no ODE, gamma 'obelm' (its first gamma tends to
+    0 from pure noise), dynamic shifting without mu, mu for a noise table, add_noise
+    (image to image), and the noise table's attributes."""
+    with pytest.raises(ValueError) as exc_info:
+        BDIAScheduler.from_config(
+            diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config
+        )
+    _one_line_error(exc_info, "stochastic_sampling")
+    flow_config = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    with pytest.raises(ValueError) as exc_info:
+        BDIAScheduler.from_config(flow_config, gamma="obelm")
+    _one_line_error(exc_info, "obelm")
+    dynamic = BDIAScheduler.from_config(
+        diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    )
+    with pytest.raises(ValueError) as exc_info:
+        dynamic.set_timesteps(N_STEPS)
+    _one_line_error(exc_info, "mu=")
+    with pytest.raises(ValueError) as exc_info:
+        BDIAScheduler().set_timesteps(N_STEPS, mu=0.5)
+    _one_line_error(exc_info, "mu")
+    flow = BDIAScheduler.from_config(flow_config)
+    with pytest.raises(ValueError) as exc_info:
+        flow.add_noise(torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    _one_line_error(exc_info, "image-to-image")
+    assert not hasattr(flow, "alphas_cumprod") and not hasattr(BDIAScheduler(), "sigmas")
 
 
 # ----------------------------------------------------------------------------- grids

@@ -156,6 +156,31 @@ scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, s
 gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
 """,
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _SD_FOLDER,
+    # The SD3 scheduler blocks: a tiny SD3 pipeline, its prompt embeddings, the seed of the
+    # pipeline's noise (drawn from the global generator), and the guidance it applies.
+    ("docs/diffusers.md", 'pair.solver == "bdia(euler'): """
+import pathlib
+import torch
+from bdia.integrations.diffusers import BDIAInverseScheduler, BDIAScheduler
+from bdia.integrations.diffusers.tiny import tiny_sd3_pipeline
+pathlib.Path("sd3_parts").mkdir(exist_ok=True)
+pipe = tiny_sd3_pipeline("sd3_parts")
+prompt = "a photo of a cat"
+torch.manual_seed(0)
+""",
+    ("docs/diffusers.md", "bdia.sample(from_diffusers(pipe.transformer"): """
+import bdia
+from bdia.integrations.diffusers import diffusers_grid, from_diffusers
+with torch.no_grad():
+    pe, npe, pp, npp = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=True)
+cond = dict(encoder_hidden_states=pe, pooled_projections=pp, guidance_scale=7.0,
+            negative_cond=dict(encoder_hidden_states=npe, pooled_projections=npp))
+gamma, n, mu, noise = 0.96, 28, None, torch.randn(1, 4, 8, 8)
+""",
+    ("docs/diffusers.md", "# and mu=..., as the run had it"): """
+steps, guidance = 28, 7.0
+embeds, pooled = torch.cat([npe, pe]), torch.cat([npp, pp])
+""",
     ("docs/edm_cifar10.md", "net = load_network("): (
         _EDM_NET
         + """
@@ -255,6 +280,18 @@ def _sd3_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _sd3_solver_recorded(ns):
+    # "pair.solver == ...": the pair the pipeline's run left.
+    assert ns["pair"].solver == "bdia(euler, gamma=0.96)"
+
+
+def _sd3_scheduler_inverted(ns):
+    # "noise = inv.pair.earlier": the noise the pipeline drew after torch.manual_seed(0),
+    # bit for bit.
+    torch.manual_seed(0)
+    assert torch.equal(ns["noise"], torch.randn(1, 4, 8, 8))
+
+
 def _steered_toward_eight(ns):
     # The prose: the optimised noise makes the classifier call the samples 8 more often.
     assert (ns["after"] > ns["before"]).all()
@@ -285,6 +322,8 @@ AFTER = {
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): _sd3_inverted,
+    ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
+    ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,

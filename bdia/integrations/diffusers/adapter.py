@@ -130,7 +130,10 @@ def _class_names(scheduler: Any) -> list[str]:
 
 
 def _is_flow(scheduler: Any) -> bool:
-    return any(name in _FLOW_SCHEDULERS for name in _class_names(scheduler))
+    # A BDIA scheduler built from a flow-matching config says so in its own.
+    return any(name in _FLOW_SCHEDULERS for name in _class_names(scheduler)) or bool(
+        scheduler.config.get("flow_matching", False)
+    )
 
 
 def _space(scheduler: Any, space: str | None) -> str:

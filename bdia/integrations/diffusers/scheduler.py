@@ -1,6 +1,7 @@
 """BDIA as diffusers schedulers: ``BDIAScheduler`` samples, ``BDIAInverseScheduler`` inverts.
 
-``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler::
+``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler, or of
+Stable Diffusion 3's ``FlowMatchEulerDiscreteScheduler`` (BDIA over Euler then)::
 
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
     image = pipe(...).images
@@ -11,7 +12,8 @@ through a ``DiffusionODE`` built by ``from_diffusers`` (the same eps / x0 / v co
 ``bdia.sample``), and ``BidirectionalWrapper.step`` takes the step on the grid of
 ``diffusers_grid`` (its one evaluation per step is the replayed output). So a pipeline run
 gives the numbers of ``bdia.sample(from_diffusers(unet, scheduler), bdia.bdia("ddim", gamma),
-noise, diffusers_grid(scheduler, n))``, bit for bit.
+noise, diffusers_grid(scheduler, n))``, bit for bit (``bdia.bdia("euler", gamma)`` and the
+transformer for flow matching).
 
 The scheduler keeps the solver's ``SolverState`` between calls (the two-step recursion's
 previous state and both low words live in it); the pipeline only ever sees the state's high
@@ -26,13 +28,13 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -52,6 +54,12 @@ from .adapter import (
     _table,
     diffusers_grid,
     from_diffusers,
+)
+
+# The FlowMatchEulerDiscreteScheduler fields, which a flow-matching BDIA scheduler keeps in
+# its config (as fields of another class) and builds its sigmas from.
+_FLOW_FIELDS = tuple(
+    k for k in inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters if k != "self"
 )
 
 __all__ = [
@@ -159,6 +167,16 @@ def _timestep_value(timestep: Any) -> float:
     return float(timestep)
 
 
+def _flow_source(config: Any) -> bool:
+    """Whether ``config`` is a flow-matching scheduler's: ``shift`` and no beta field (SD3's
+    and Flux's ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``)."""
+    return (
+        isinstance(config, Mapping)
+        and "shift" in config
+        and not any(k in config for k in _BETA_FIELDS)
+    )
+
+
 def _check_source_config(config: Any, own: Any) -> None:
     """Refuse the config of a diffusers scheduler that has no noise table of betas.
 
@@ -185,7 +203,9 @@ def _table_attribute(name: str) -> property:
 
     def get(self: _BDIASchedulerBase) -> Tensor:
         self._sync()
-        return getattr(self._ddim, name)
+        if self._flow:
+            raise AttributeError(name)  # no noise table (ConfigMixin words the message)
+        return getattr(self._inner, name)
 
     return property(get, doc=f"DDIMScheduler's ``{name}`` for the current config.")
 
@@ -201,7 +221,16 @@ class _Replay:
         self.output: Tensor | None = None
         self.timestep: float | None = None
 
-    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor | None = None,
+        timestep: Tensor | None = None,
+        *,
+        hidden_states: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Tensor:
+        # Called as a unet (x, timestep) or, in flow space, as SD3's transformer (keywords).
+        assert timestep is not None
         out, self.output = self.output, None
         if out is None:
             raise RuntimeError("BDIA scheduler: the replayed model was called twice in one step")
@@ -219,7 +248,8 @@ class _Replay:
 class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     """Config, noise table, grid and the replayed evaluation, shared by both directions."""
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    # SD3's flow-matching scheduler too: its fields then stay in the config without a warning.
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
 
     @classmethod
@@ -227,9 +257,17 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> Any:
         """diffusers' ``from_config``, refusing the config of a class without a noise table
-        (flow matching, EDM), which would otherwise take DDIM's default betas, and a grid
-        field bdia cannot follow (``use_flow_sigmas``, say) at once, not at ``set_timesteps``."""
-        _check_source_config(config, inspect.signature(cls.__init__).parameters)
+        (EDM), which would otherwise take DDIM's default betas, and a grid field bdia cannot
+        follow (``use_flow_sigmas``, say) at once, not at ``set_timesteps``. A flow-matching
+        config (SD3's ``FlowMatchEulerDiscreteScheduler``) sets ``flow_matching=True``."""
+        if _flow_source(config) and kwargs.get("flow_matching", True):
+            # Every field, defaults included: StableDiffusion3Pipeline reads some from the
+            # scheduler's config (max_shift, for dynamic shifting) with defaults of its own.
+            full = FlowMatchEulerDiscreteScheduler.from_config(config).config
+            config = {k: v for k, v in full.items() if k != "_use_default_values"}
+            kwargs["flow_matching"] = True
+        else:
+            _check_source_config(config, inspect.signature(cls.__init__).parameters)
         built = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         # Fields that are not ours reach the config only after __init__, which checked it.
         scheduler = built[0] if isinstance(built, tuple) else built
@@ -256,15 +294,16 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         rescale_betas_zero_snr: bool = False,
         variance_type: str = "fixed_small",
         gamma: float | str = 0.96,
+        flow_matching: bool = False,
     ) -> None:
         self._replay = _Replay()
         self._configured: dict[str, Any] | None = None  # the config the internals were built for
         self._sync()
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.timesteps = self._ddim.timesteps.clone()
+        self.timesteps = self._inner.timesteps.clone()
         self.grid: list[float] | None = None
-        self._taus: list[int] = []
+        self._taus: list[float] = []
         self._built_for: dict[str, Any] | None = None  # the config set_timesteps used
         self._reset()
 
@@ -284,17 +323,32 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             return
         cfg = self.config
         self._gamma = _check_gamma(cfg["gamma"])
-        # One-line refusals naming this class (clip_sample, thresholding, prediction_type,
-        # timestep_spacing), as from_diffusers gives them.
-        _check_model_config(self)
-        _check_schedule_config(self, "vp")
-        # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
-        fields = {k: cfg[k] for k in _DDIM_FIELDS}
-        ddim = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
-        _table(ddim)  # refuses a table that is not one (rescale_betas_zero_snr=True)
-        self._ddim = ddim
-        self._ode: DiffusionODE = from_diffusers(self._replay, ddim)
-        self._solver: BidirectionalWrapper = bdia("ddim", self._gamma)
+        self._flow = bool(cfg.get("flow_matching", False))
+        if self._flow:
+            if self._gamma == "obelm":
+                raise ValueError(
+                    "gamma = 'obelm' takes its gammas from noise-level differences, and its "
+                    "first tends to 0 on a flow-matching grid, which starts at pure noise; "
+                    "give a number in (0, 1]"
+                )
+            # FlowMatchEulerDiscreteScheduler makes the sigmas and timesteps; from_diffusers
+            # refuses its fields that are no ODE (stochastic_sampling, invert_sigmas).
+            fields = {k: cfg[k] for k in _FLOW_FIELDS if k in cfg}
+            inner: Any = FlowMatchEulerDiscreteScheduler(**fields)
+            base = "euler"
+        else:
+            # One-line refusals naming this class (clip_sample, thresholding,
+            # prediction_type, timestep_spacing), as from_diffusers gives them.
+            _check_model_config(self)
+            _check_schedule_config(self, "vp")
+            # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
+            fields = {k: cfg[k] for k in _DDIM_FIELDS}
+            inner = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
+            _table(inner)  # refuses a table that is not one (rescale_betas_zero_snr=True)
+            base = "ddim"
+        self._ode: DiffusionODE = from_diffusers(self._replay, inner)
+        self._inner = inner
+        self._solver: BidirectionalWrapper = bdia(base, self._gamma)
         self._configured = snapshot
 
     betas = _table_attribute("betas")
@@ -308,6 +362,15 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def __len__(self) -> int:
         return self.config["num_train_timesteps"]
 
+    @property
+    def sigmas(self) -> Tensor:
+        """Flow matching only: FlowMatchEulerDiscreteScheduler's ``sigmas`` (the grid, in
+        float32) for the last ``set_timesteps``, as flow-matching pipelines read them."""
+        self._sync()
+        if not self._flow:
+            raise AttributeError("sigmas")  # DDIM keeps none (ConfigMixin words the message)
+        return self._inner.sigmas
+
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The identity: VP states go to the unet as they are."""
         return sample
@@ -315,21 +378,38 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines."""
         self._sync()
-        return self._ddim.add_noise(original_samples, noise, timesteps)
+        if self._flow:
+            raise ValueError(
+                "add_noise: a flow-matching BDIA scheduler samples from pure noise only "
+                "(text to image); image-to-image is not supported"
+            )
+        return self._inner.add_noise(original_samples, noise, timesteps)
 
-    def _build(self, num_inference_steps: int, device: Any) -> None:
-        """DDIM's timesteps for ``num_inference_steps`` and the bdia grid through them."""
+    def _build(self, num_inference_steps: int, device: Any, mu: float | None = None) -> None:
+        """The inner scheduler's timesteps for ``num_inference_steps`` and the bdia grid
+        through them."""
         # Checked before DDIM sees it: DDIM divides by it (ZeroDivisionError for 0).
         num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
         self._sync()
-        self._ddim.set_timesteps(num_inference_steps, device=device)
-        taus = [int(v) for v in self._ddim.timesteps.cpu().tolist()]
+        if self._flow:
+            # diffusers_grid first: it refuses a missing or needless mu in one line.
+            grid = [float(t) for t in diffusers_grid(self._inner, num_inference_steps, mu=mu)]
+            self._inner.set_timesteps(num_inference_steps, device=device, mu=mu)
+            self._set_grid(num_inference_steps, [float(v) for v in self._inner.timesteps], grid)
+            return
+        if mu is not None:
+            raise ValueError(
+                "mu is the shift of a flow-matching scheduler's dynamic shifting; this BDIA "
+                "scheduler has a noise table and takes none; leave it out"
+            )
+        self._inner.set_timesteps(num_inference_steps, device=device)
+        taus = [int(v) for v in self._inner.timesteps.cpu().tolist()]
         if len(set(taus)) != len(taus):
             raise ValueError(
                 f"num_inference_steps = {num_inference_steps} repeats timesteps under "
                 f"timestep_spacing = {self.config['timestep_spacing']!r}; use fewer steps"
             )
-        grid = [float(t) for t in diffusers_grid(self._ddim, num_inference_steps).tolist()]
+        grid = [float(t) for t in diffusers_grid(self._inner, num_inference_steps).tolist()]
         n = self.config["num_train_timesteps"]
         # The grid's first points are the timesteps' times; one more is the end point unless
         # the last timestep sits on it (leading spacing, no offset, set_alpha_to_one=False:
@@ -339,9 +419,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 f"num_inference_steps = {num_inference_steps} gives the grid {grid}, which "
                 "does not run through the timesteps: nothing to integrate"
             )
+        self._set_grid(num_inference_steps, taus, grid)
+
+    def _set_grid(self, num_inference_steps: int, taus: Sequence[float], grid: list[float]) -> None:
         self.num_inference_steps = num_inference_steps
         self.grid = grid
-        self._taus = taus
+        self._taus = list(taus)
         self._built_for = self._configured
         self._reset()
 
@@ -365,8 +448,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 "call set_timesteps again so that the steps follow it"
             )
         value = _timestep_value(timestep)
-        if value.is_integer() and int(value) in self._taus:
-            return self._taus.index(int(value))
+        if value in self._taus:
+            return self._taus.index(value)
         shown = self._taus if len(self._taus) <= 12 else [*self._taus[:6], "...", *self._taus[-3:]]
         raise ValueError(
             f"timestep {value:g} is not in this schedule's timesteps {shown}; step with the "
@@ -433,7 +516,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
 
 class BDIAScheduler(_BDIASchedulerBase):
-    """BDIA over DDIM as a diffusers scheduler, for pipelines that take a DDIM-type scheduler.
+    """BDIA over DDIM as a diffusers scheduler, for pipelines that take a DDIM-type scheduler;
+    BDIA over Euler for Stable Diffusion 3's ``StableDiffusion3Pipeline``.
 
     Build it from the pipeline's scheduler config: ``BDIAScheduler.from_config(
     pipe.scheduler.config, gamma=0.96)``. The config takes DDIMScheduler's fields (from a
@@ -456,6 +540,16 @@ class BDIAScheduler(_BDIASchedulerBase):
         thresholding: must be False, as ``clip_sample``.
         variance_type: as DDPMScheduler's; with ``"learned"`` or ``"learned_range"`` a
             model output of twice the sample's channels is cut to its first half.
+        flow_matching: the flow-matching mode, which ``from_config`` sets for the config of
+            a ``FlowMatchEulerDiscreteScheduler`` (``shift`` and no betas): the config then
+            also holds that scheduler's fields (all of them, defaults included, as the SD3
+            pipeline reads ``max_shift`` and the like from it), an internal
+            ``FlowMatchEulerDiscreteScheduler`` makes the sigmas and the (float) timesteps,
+            ``set_timesteps`` takes ``mu`` for ``use_dynamic_shifting``, and the base solver
+            is Euler on ``RectifiedFlow``: ``bdia.bdia("euler", gamma)`` on
+            ``from_diffusers(transformer, scheduler)`` and ``diffusers_grid(scheduler, n,
+            mu=mu)``. The DDIM fields are unused then; ``add_noise`` (image to image) and
+            ``gamma="obelm"`` are refused. ``sigmas`` is the inner scheduler's.
 
     Each step goes from a timestep to the next one in ``timesteps`` (the last to alpha = 1
     with ``set_alpha_to_one``, else to ``alphas_cumprod[0]``): the grid of ``diffusers_grid``.
@@ -483,12 +577,19 @@ class BDIAScheduler(_BDIASchedulerBase):
         self._state: SolverState | None = None  # the solver's state at grid index _k (or end)
         self.start_index: int | None = None
         self._warned = False
-        self.restarts: list[int] = []
+        self.restarts: list[float] = []  # ints of DDIM, floats of flow matching
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """DDIM's timesteps for ``num_inference_steps`` steps; starts a new run."""
-        self._build(num_inference_steps, device)
-        self.timesteps = self._ddim.timesteps
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+    ):
+        """DDIM's timesteps for ``num_inference_steps`` steps (FlowMatchEulerDiscreteScheduler's
+        under ``flow_matching``, shifted by ``mu`` with ``use_dynamic_shifting``, as
+        StableDiffusion3Pipeline passes it); starts a new run."""
+        self._build(num_inference_steps, device, mu)
+        self.timesteps = self._inner.timesteps
 
     @property
     def final_pair(self) -> BDIASchedulerPair | None:
@@ -521,13 +622,14 @@ class BDIAScheduler(_BDIASchedulerBase):
                 self._warned = True
                 warnings.warn(
                     f"BDIAScheduler.step: {why}; the two-step recursion restarts there with a "
-                    "plain DDIM step, so the run cannot be inverted exactly past it (warned "
+                    f"plain {'Euler' if self._flow else 'DDIM'} step, so the run cannot be "
+                    "inverted exactly past it (warned "
                     "once per set_timesteps; restarts are listed in scheduler.restarts)",
                     BDIARestartWarning,
                     stacklevel=3,
                 )
         x = sample.to(self._state_dtype(sample), copy=True)
-        # A plain state at k with no neighbour: the next step is a plain DDIM step.
+        # A plain state at k with no neighbour: the next step is a plain DDIM (Euler) step.
         self._state = self._solver.init(self._ode, self._grid(), x, at=k)
         self._k = k
         self.start_index = k
@@ -628,13 +730,18 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         self._feed_dtype: torch.dtype | None = None
         self.start_index: int | None = None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """The inversion's timesteps for a forward run of ``num_inference_steps``; call
-        ``begin(pair)`` next."""
-        self._build(num_inference_steps, device)
-        self.forward_timesteps = self._ddim.timesteps
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+    ):
+        """The inversion's timesteps for a forward run of ``num_inference_steps`` (and ``mu``,
+        as the forward run had it); call ``begin(pair)`` next."""
+        self._build(num_inference_steps, device, mu)
+        self.forward_timesteps = self._inner.timesteps
         last = len(self._grid()) - 1
-        self.timesteps = self._ddim.timesteps[1:last].flip(0)
+        self.timesteps = self._inner.timesteps[1:last].flip(0)
 
     def begin(
         self, pair: StatePair, dtype: torch.dtype | None = None, start_index: int | None = None
