@@ -21,7 +21,16 @@ from ._files import replace_atomic
 from .models import toy
 from .ode import ODE
 from .sampling import StatePair, invert, sample
-from .schedules import EDM, Schedule, VPLinear, karras_grid, uniform_logsnr_grid, uniform_t_grid
+from .schedules import (
+    EDM,
+    RectifiedFlow,
+    Schedule,
+    VPLinear,
+    karras_grid,
+    shifted_t_grid,
+    uniform_logsnr_grid,
+    uniform_t_grid,
+)
 from .solvers import BidirectionalWrapper, Solver, available_solvers, bdia, get_solver
 
 __all__ = [
@@ -66,8 +75,15 @@ class Problem:
 
 
 def _mixture_problem(
-    name: str, schedule: Schedule, description: str, grid: Callable[[int], Tensor]
+    name: str,
+    schedule: Schedule,
+    description: str,
+    grid: Callable[[int], Tensor],
+    flow: bool = False,
 ) -> Problem:
+    """The toy mixture's problem under ``schedule``; with ``flow``, its flow-matching form
+    (``schedule`` a RectifiedFlow): the exact velocity, whose reference integrates in ``t``
+    and may start at pure noise, where the denoiser's scaled space has no finite state."""
     mixture = toy.GaussianMixture.random(
         dim=2, components=8, std_range=(0.1, 0.3), spread=1.5, seed=2024
     )
@@ -77,13 +93,23 @@ def _mixture_problem(
         scale = math.hypot(schedule.sigma(t0), schedule.alpha(t0))
         return scale * torch.randn(batch, 2, generator=gen, dtype=torch.float64)
 
+    def make_ode(dtype: torch.dtype | None) -> ODE:
+        if flow:
+            return mixture.flow_ode(model_dtype=dtype)
+        return mixture.ode(schedule, model_dtype=dtype)
+
+    def reference(x: Tensor) -> Tensor:
+        if flow:
+            return mixture.flow_solution(x, [t0, t1])[-1]
+        return mixture.solution(x, [t0, t1], schedule)[-1]
+
     return Problem(
         name=name,
         description=description,
-        make_ode=lambda dtype: mixture.ode(schedule, model_dtype=dtype),
+        make_ode=make_ode,
         grid=grid,
         start=start,
-        reference=lambda x: mixture.solution(x, [t0, t1], schedule)[-1],
+        reference=reference,
         diffusion=True,
     )
 
@@ -108,7 +134,7 @@ def _generic_problem(
 
 
 def _problems() -> dict[str, Problem]:
-    vp = VPLinear()
+    vp, flow = VPLinear(), RectifiedFlow()
     return {
         p.name: p
         for p in [
@@ -125,6 +151,14 @@ def _problems() -> dict[str, Problem]:
                 "the same mixture under the VP linear schedule, grid uniform in log-SNR, "
                 "t 1 -> 1e-3",
                 lambda n: uniform_logsnr_grid(n, 1.0, 1e-3, vp),
+            ),
+            _mixture_problem(
+                "flow-mixture",
+                flow,
+                "the same mixture as a rectified flow with its exact velocity, SD3's shifted "
+                "grid (shift 3) from pure noise, t 1 -> 1e-3",
+                lambda n: shifted_t_grid(n, 1.0, 1e-3, shift=3.0, schedule=flow),
+                flow=True,
             ),
             _generic_problem(
                 "oscillator",
@@ -213,6 +247,32 @@ def _join(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _refusal(
+    problem: Problem, ode: ODE, solver: Solver | BidirectionalWrapper, budgets: Iterable[int]
+) -> str | None:
+    """Why ``solver`` refuses ``ode`` or a grid of ``problem`` it would run on, or None.
+
+    The reason is what ``solver.check`` raises (TypeError or ValueError, before any model
+    call) on the grid of each budget's run, or of its shortest run if no budget holds one.
+    """
+    steps = sorted({n for _, n in _plan(solver, budgets)}) or [_min_steps(solver)]
+    for n in steps:
+        ts = problem.grid(n).tolist()
+        try:
+            solver.check(ode, ts)
+        except (TypeError, ValueError) as err:
+            return str(err)
+    return None
+
+
+def _not_run(refused: Sequence[tuple[Variant, str]]) -> list[str]:
+    """``"label, label: reason"`` for each reason, the variants in the given order."""
+    by_reason: dict[str, list[str]] = {}
+    for variant, reason in refused:
+        by_reason.setdefault(reason, []).append(variant.label)
+    return [f"{', '.join(labels)}: {reason}" for reason, labels in by_reason.items()]
+
+
 def check_selection(
     problem: Problem,
     bases: Sequence[str],
@@ -221,8 +281,8 @@ def check_selection(
 ) -> None:
     """Raise EmptySelection, saying why and what would work, if no variant can be measured.
 
-    A variant is measured when its solver accepts the problem's ODE and at least one budget
-    holds a run (one step, two under bdia).
+    A variant is measured when its solver accepts the problem's ODE and grids
+    (``solver.check``) and at least one budget holds a run (one step, two under bdia).
     """
     chosen = variants(bases, gammas)
     usable = [
@@ -245,6 +305,17 @@ def check_selection(
         )
     if not budgets:
         raise EmptySelection("nothing to compare: no budget given", "budgets")
+    ode = problem.make_ode(None)
+    reasons = [(v, _refusal(problem, ode, v.solver(), budgets)) for v in runnable]
+    refusals = [(v, reason) for v, reason in reasons if reason is not None]
+    runnable = [v for v, reason in reasons if reason is None]
+    if not runnable:
+        accepted = [n for n in usable if _refusal(problem, ode, get_solver(n), budgets) is None]
+        raise EmptySelection(
+            f"nothing to compare: every variant refuses problem {problem.name!r} "
+            f"({'; '.join(_not_run(refusals))}); solvers that work on it: {', '.join(accepted)}",
+            "bases",
+        )
     if not any(_plan(v.solver(), budgets) for v in runnable):
         need, label = min((_min_budget(v.solver()), v.label) for v in runnable)
         raise EmptySelection(
@@ -257,7 +328,11 @@ def check_selection(
 
 @dataclass
 class Result:
-    """Measurements of one variant; dictionaries are keyed by budget."""
+    """Measurements of one variant; dictionaries are keyed by budget.
+
+    ``refused`` is the reason the variant's solver gave for refusing the problem's ODE or
+    grid (``solver.check``); such a variant was not run and has no measurements.
+    """
 
     variant: Variant
     order_nominal: int
@@ -266,6 +341,7 @@ class Result:
     roundtrip32: float = math.nan
     roundtrip64: float = math.nan
     amplification: float = math.nan
+    refused: str | None = None
 
     @property
     def measured_order(self) -> float:
@@ -352,8 +428,10 @@ def run_comparison(
     with a float32 network and a float32 or float64 state.
 
     Returns:
-        One Result per variant that accepts the problem's ODE, in ``variants(bases, gammas)``
-        order; a variant no budget holds a run of has no errors.
+        One Result per variant that accepts the kind of the problem's ODE (a plain ODE
+        leaves out the solvers that need a diffusion ODE), in ``variants(bases, gammas)``
+        order; a variant no budget holds a run of has no errors, and one whose solver
+        refuses the ODE or a grid has the reason in ``refused`` and nothing measured.
 
     Raises:
         EmptySelection: if no variant can be measured (see ``check_selection``).
@@ -375,6 +453,10 @@ def run_comparison(
             if solver.needs_diffusion and not problem.diffusion:
                 continue
             result = Result(variant, solver.order)
+            result.refused = _refusal(problem, ode, solver, budgets)
+            if result.refused is not None:
+                results.append(result)
+                continue
             plan = _plan(solver, budgets)
             largest = max(plan, key=lambda p: p[1], default=None)
             # A float32 error run is also the forward half of the float32 round trip.
@@ -426,7 +508,8 @@ def markdown_report(
     command: str,
     plot: str | None = None,
 ) -> str:
-    """The comparison as a markdown page: one row per variant."""
+    """The comparison as a markdown page: one row per variant run, then a line per reason
+    naming the variants whose solver refused the problem (``Result.refused``)."""
     dtype_name = str(dtype).replace("torch.", "")
     lines = [
         "# Solver comparison on a toy problem",
@@ -450,7 +533,7 @@ def markdown_report(
     )
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
-    for r in results:
+    for r in (r for r in results if r.refused is None):
         cells = [r.variant.label, str(r.order_nominal)]
         cells += [_fmt(r.error.get(b, math.nan)) for b in budgets]
         cells.append("/".join(str(r.nfe[b]) for b in budgets if b in r.nfe) or "—")
@@ -458,6 +541,8 @@ def markdown_report(
         cells.append("—" if math.isnan(order) else f"{order:.2f}")
         cells += [_fmt(r.roundtrip32), _fmt(r.roundtrip64), _fmt(r.amplification)]
         lines.append("| " + " | ".join(cells) + " |")
+    for line in _not_run([(r.variant, r.refused) for r in results if r.refused is not None]):
+        lines += ["", f"Not run: {line.rstrip('.')}."]
     if plot:
         lines += ["", f"![Relative error against NFE, one panel per base solver]({plot})"]
     lines += ["", f"Written by `{command}`."]
@@ -471,6 +556,7 @@ def plot_errors(problem: Problem, results: Sequence[Result], path: str | os.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if r.refused is None]
     bases = list(dict.fromkeys(r.variant.base for r in results))
     cols = min(3, len(bases))
     rows = math.ceil(len(bases) / cols)

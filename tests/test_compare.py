@@ -9,11 +9,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import bdia
 from bdia import compare as cmp
 from bdia.cli import main
+from bdia.solvers import ExplicitRungeKutta, get_solver, registry
 
 SMALL = ["--solvers", "euler,heun", "--gammas", "0.96", "--budgets", "10,20", "--batch", "16"]
 SMALL_COMMAND = "bdia compare --solvers euler,heun --gammas 0.96 --budgets 10,20 --batch 16"
+SHIPPED = bdia.available_solvers()
 
 
 def _compare(*args: str) -> object:
@@ -212,3 +215,101 @@ def test_the_float32_round_trip_measures_the_round_trip_not_the_start_s_rounding
     assert math.isnan(plain.amplification)
     # The plain solver run backward is approximate in either state dtype, by far more.
     assert plain.roundtrip32 > 1e-3 and plain.roundtrip64 > 1e-3
+
+
+# ------------------------------------------------------------------ flow matching from t = 1
+
+OBELM_REFUSAL = "gamma='obelm' needs a finite noise level at every grid point"
+RUN = ["euler", "bdia(euler, 0.96)", "heun", "bdia(heun, 0.96)"]
+
+
+def test_the_flow_problem_converges_from_pure_noise_and_bdia_inverts_it_exactly():
+    problem = cmp.PROBLEMS["flow-mixture"]
+    assert problem.grid(4)[0].item() == 1.0  # the grid starts at pure noise
+    heun, both = cmp.run_comparison(problem, ["heun"], gammas=[0.96], budgets=[10, 20, 50], batch=8)
+    # Heun keeps its order from t = 1 (the velocity is finite there): 7.3e-2, 5.6e-3, 1.1e-3.
+    errors = [heun.error[b] for b in (10, 20, 50)]
+    assert all(math.isfinite(e) for e in errors)
+    assert errors[0] > errors[1] > errors[2]
+    assert both.refused is None and both.nfe == {10: 8, 20: 20, 50: 50}
+    # The two-word inverse is exact to a few u^2 of the state times the amplification
+    # (0.96^-16 = 1.92 over the 16 updates of 50 NFE): u^2 = 1.2e-32 in float64, 3.6e-15 in
+    # float32; 8.3e-33 and 1.2e-15 seen. The bounds leave a factor of 40 and 15 for the
+    # constant, and lie far below a one-word float64 state's rounding (1e-16) and the plain
+    # solver run backward (6.3e-3).
+    assert both.amplification == pytest.approx(0.96**-16, rel=1e-12)
+    assert both.roundtrip64 < 1e-30 and both.roundtrip32 < 1e-13
+    assert heun.roundtrip64 > 1e-3
+
+
+def test_a_variant_whose_solver_refuses_the_grid_is_reported_not_run():
+    problem = cmp.PROBLEMS["flow-mixture"]
+    results = cmp.run_comparison(
+        problem, ["euler", "heun"], gammas=[0.96, "obelm"], budgets=[10], batch=4
+    )
+    labels = [r.variant.label for r in results]
+    assert labels == [
+        "euler",
+        "bdia(euler, 0.96)",
+        "bdia(euler, obelm)",
+        "heun",
+        "bdia(heun, 0.96)",
+        "bdia(heun, obelm)",
+    ]
+    refused = [r for r in results if r.refused is not None]
+    assert [r.variant.label for r in refused] == ["bdia(euler, obelm)", "bdia(heun, obelm)"]
+    for r in refused:
+        assert OBELM_REFUSAL in r.refused
+        assert r.nfe == {} and r.error == {}  # refused before any model call
+        assert math.isnan(r.roundtrip64) and math.isnan(r.amplification)
+    report = cmp.markdown_report(problem, results, [10], torch.float64, "cmd")
+    assert _table_rows(report) == ["solver", *RUN]
+    (line,) = [line for line in report.splitlines() if line.startswith("Not run")]
+    assert line.startswith(f"Not run: bdia(euler, obelm), bdia(heun, obelm): {OBELM_REFUSAL}")
+    assert line.endswith("give gamma as a number.")
+
+
+class _RefusesPureNoise(ExplicitRungeKutta):
+    """Euler that refuses a grid starting at pure noise, as a registered solver may."""
+
+    def check(self, ode, ts):
+        super().check(ode, ts)
+        if ode.schedule.alpha(ts[0]) == 0.0:
+            raise ValueError("this solver cannot start at pure noise")
+
+
+@pytest.fixture
+def refuses_pure_noise(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    bdia.register_solver("no_pure_noise")(lambda: _RefusesPureNoise(get_solver("euler").tableau))
+
+
+def test_a_selection_every_variant_of_which_is_refused_is_empty(refuses_pure_noise):
+    # Each base also runs alone, and no shipped base refuses the flow grid: a selection of
+    # refused variants alone needs a base that refuses it as well.
+    problem = cmp.PROBLEMS["flow-mixture"]
+    for call in (cmp.check_selection, cmp.run_comparison):
+        with pytest.raises(cmp.EmptySelection) as info:
+            call(problem, ["no_pure_noise"], gammas=["obelm"], budgets=[10])
+        assert info.value.argument == "bases"
+        message = str(info.value)
+        assert message.startswith(
+            "nothing to compare: every variant refuses problem 'flow-mixture'"
+        )
+        assert "no_pure_noise: this solver cannot start at pure noise" in message
+        assert f"bdia(no_pure_noise, obelm): {OBELM_REFUSAL}" in message
+        assert message.endswith("solvers that work on it: " + ", ".join(SHIPPED))
+    # One variant that runs is enough.
+    cmp.check_selection(problem, ["no_pure_noise", "euler"], gammas=["obelm"], budgets=[10])
+
+
+def test_the_command_compares_on_the_flow_problem_and_names_what_it_did_not_run():
+    # SMALL's solvers, budgets and batch, with obelm beside 0.96.
+    result = _compare("--problem", "flow-mixture", *SMALL[:2], "--gammas", "0.96,obelm", *SMALL[4:])
+    assert result.exit_code == 0, result.output
+    assert _table_rows(result.stdout) == ["solver", *RUN]
+    assert result.stdout.startswith(
+        "# Solver comparison on a toy problem\n\nProblem `flow-mixture`"
+    )
+    assert f"\nNot run: bdia(euler, obelm), bdia(heun, obelm): {OBELM_REFUSAL}" in result.stdout
+    assert "6 variants in " in result.stderr
