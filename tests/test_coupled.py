@@ -525,3 +525,29 @@ def test_the_callbacks_denoised_is_the_steps_first_evaluation(wrap, direction):
         assert max(off) == 0.0
     else:
         assert max(off) > 0.1
+
+
+def test_every_reversible_wrapper_refuses_what_its_base_refuses():
+    """A base solver's check (a grid it cannot step) holds for bdia, edict and reversible
+    built on it, before any model call. The wrappers checked only themselves, so a user's
+    base that refused a grid alone ran under any of them."""
+    euler = bdia.get_solver("euler")
+
+    @dataclasses.dataclass(frozen=True)
+    class ShortGridsOnly(type(euler)):
+        def check(self, ode, ts):
+            super().check(ode, ts)
+            if len(ts) > 5:
+                raise ValueError("short-grids-only: at most 4 steps")
+
+    base = ShortGridsOnly(**{f.name: getattr(euler, f.name) for f in dataclasses.fields(euler)})
+    mixture = toy.GaussianMixture.random(dim=2, components=2, seed=0)
+    ode = mixture.ode()
+    ts = bdia.karras_grid(8, final_zero=False)
+    for solver in (base, bdia.bdia(base, 0.96), bdia.edict(base), bdia.reversible(base)):
+        ode.reset_nfe()
+        with pytest.raises(ValueError, match="short-grids-only"):
+            bdia.sample(ode, solver, 80.0 * torch.randn(4, 2, dtype=torch.float64), ts)
+        assert ode.nfe == 0, solver
+    short = bdia.karras_grid(4, final_zero=False)
+    bdia.sample(ode, bdia.bdia(base, 0.96), 80.0 * torch.randn(4, 2, dtype=torch.float64), short)

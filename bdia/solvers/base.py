@@ -223,6 +223,10 @@ class Solver(ABC):
                 f"solver {self.name!r} needs a DiffusionODE (a noise schedule), got "
                 f"{type(ode).__name__}; use 'euler', 'heun', 'midpoint' or 'rk4' for a plain ODE"
             )
+        if self.base is not self:
+            # A meta-solver steps with its base over the same grid: what the base refuses,
+            # it refuses too.
+            self.base.check(ode, ts)
 
     def check_invertible(
         self, ode: ODE, ts: Sequence[float], dtype: torch.dtype | None = None
