@@ -296,8 +296,9 @@ def test_a_selection_every_variant_of_which_is_refused_is_empty(refuses_pure_noi
         assert message.startswith(
             "nothing to compare: every variant refuses problem 'flow-mixture'"
         )
-        assert "no_pure_noise: this solver cannot start at pure noise" in message
-        assert f"bdia(no_pure_noise, obelm): {OBELM_REFUSAL}" in message
+        # A meta-solver refuses what its base refuses, with the base's reason.
+        refusal = "no_pure_noise, bdia(no_pure_noise, obelm): this solver cannot start at pure"
+        assert refusal in message
         assert message.endswith("solvers that work on it: " + ", ".join(SHIPPED))
     # One variant that runs is enough.
     cmp.check_selection(problem, ["no_pure_noise", "euler"], gammas=["obelm"], budgets=[10])
