@@ -596,8 +596,8 @@ def shifted_t_grid(
     The timestep shift of Stable Diffusion 3 (``shift = 3``) for ``RectifiedFlow`` times in
     [0, 1]: a shift above 1 spends more of the steps at high noise, and ``shift = 1`` is
     ``uniform_t_grid``. Flux's resolution-dependent shift ``e^mu / (e^mu + 1 / u - 1)`` is
-    this map with ``shift = exp(mu)``. The ends are ``t_start`` and ``t_end`` themselves: ``u`` runs
-    between their preimages ``u = t / (shift - (shift - 1) t)``. (diffusers'
+    this map with ``shift = exp(mu)``. The ends are ``t_start`` and ``t_end`` themselves:
+    ``u`` runs between their preimages ``u = t / (shift - (shift - 1) t)``. (diffusers'
     ``FlowMatchEulerDiscreteScheduler`` shifts its smallest time as well; its own grid comes
     from ``bdia.integrations.diffusers.diffusers_grid``.)
 
