@@ -479,6 +479,10 @@ def run_comparison(
                 ts = grids[largest[1]]
                 if isinstance(solver, BidirectionalWrapper):
                     result.amplification = solver.amplification(ode, ts.tolist())
+                if math.isinf(result.amplification):
+                    # A gamma of 0 is the base solver, which has no exact inverse to measure.
+                    results.append(result)
+                    continue
                 for attr, state in (("roundtrip32", torch.float32), ("roundtrip64", torch.float64)):
                     forward = reused if state == torch.float32 else None
                     try:

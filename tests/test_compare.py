@@ -314,3 +314,15 @@ def test_the_command_compares_on_the_flow_problem_and_names_what_it_did_not_run(
     )
     assert f"\nNot run: bdia(euler, obelm), bdia(heun, obelm): {OBELM_REFUSAL}" in result.stdout
     assert "6 variants in " in result.stderr
+
+
+def test_gamma_zero_is_compared_without_a_round_trip():
+    """bdia(base, 0) is the base solver: its errors are measured, its amplification is inf and
+    its round trip, which no inverse exists for, is left unmeasured. The comparison raised
+    the inversion's refusal from its round trip instead."""
+    plain, zero = cmp.run_comparison(
+        cmp.PROBLEMS["mixture"], ["euler"], gammas=[0.0], budgets=[10], batch=4
+    )
+    assert zero.error == plain.error
+    assert math.isinf(zero.amplification)
+    assert math.isnan(zero.roundtrip32) and math.isnan(zero.roundtrip64)
