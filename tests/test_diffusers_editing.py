@@ -8,7 +8,10 @@ and a ``CLIPTokenizer`` made from a locally written vocabulary, assembled as a
 so the edits are not images of anything; what is checked is the plumbing and the exactness,
 which do not depend on the weights. The SDXL tests use ``tiny_sdxl_pipeline``: the same VAE
 and tokenizer, two CLIP text encoders (the second with a projection) and a unet with SDXL's
-added conditioning (``addition_embed_type="text_time"``).
+added conditioning (``addition_embed_type="text_time"``). The SD3 tests use
+``tiny_sd3_pipeline``: the same VAE with SD3's ``scaling_factor`` and ``shift_factor``, two
+CLIP text encoders with projections and no T5, an ``SD3Transformer2DModel`` and
+``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from bdia.integrations.diffusers import (
 )
 from bdia.integrations.diffusers.tiny import (
     SD_NOISE_TABLE,
+    tiny_sd3_pipeline,
     tiny_sdxl_pipeline,
     tiny_text_to_image_pipeline,
 )
@@ -249,7 +253,7 @@ def _refused(pipe, image, source=SOURCE, **kwargs):
     """The error edit_image raises, after checking no network ran."""
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
     counters = [
-        Counter(pipe.unet),
+        Counter(getattr(pipe, "unet", None) or pipe.transformer),
         Counter(pipe.vae, "encode", "decode"),
         *(Counter(encoder) for encoder in encoders if encoder is not None),
     ]
@@ -882,3 +886,318 @@ def test_one_vae_latent_statistic_alone_is_ignored_as_diffusers_does(
 def test_vae_latent_statistics_that_cannot_be_used_are_refused(tmp_path, image, config, fragment):
     stats = {"latents_mean": LATENTS_MEAN, "latents_std": LATENTS_STD, **config}
     assert fragment in _refused(_stats_pipe(tmp_path, **stats), image)
+
+
+# ---------------------------------------------------------------------------- SD3
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tmp_path_factory):
+    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def sd3_result(sd3_pipe, image):
+    return _edited(sd3_pipe, image)
+
+
+@pytest.fixture
+def fresh_sd3_pipe(tmp_path):
+    return tiny_sd3_pipeline(tmp_path)
+
+
+def _sd3_embeds(pipe, prompt):
+    """(embeds, pooled) of ``prompt`` by the SD3 pipeline's encode_prompt."""
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, device="cpu", do_classifier_free_guidance=False
+        )
+    return embeds, pooled
+
+
+@pytest.mark.parametrize("steps", [STEPS, 28])
+@pytest.mark.parametrize(
+    "state_dtype, bound",
+    # As for Stable Diffusion above: float64 carries ~2^-106 and gives exactly 0 here; a
+    # float32 state carries ~2^-48, magnified by prod(1/gamma) and guidance 7.5, and the
+    # transformer's float32 inputs may round to neighbouring words in the two directions, so
+    # 1e-5 (the top of the float32 range of the docs' round trips). Measured: 0 in both.
+    [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+)
+def test_sd3_transformer_round_trip_under_guidance_is_exact(
+    sd3_pipe, image, steps, state_dtype, bound
+):
+    """BDIA over Euler under CFG 7.5 on an SD3 pipeline: the grid is the pipeline's `steps`
+    sigmas, from 1 (pure noise) down, without the final 0, where the transformer cannot be
+    evaluated; reconstruct() returns the latents."""
+    out = edit_image(
+        sd3_pipe,
+        image,
+        SOURCE,
+        TARGET,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        state_dtype=state_dtype,
+    )
+    assert torch.equal(out.inversion.ts, diffusers_grid(sd3_pipe.scheduler, steps)[:-1])
+    assert float(out.inversion.ts[0]) == 1.0 and float(out.inversion.ts[-1]) > 0.0
+    assert out.inversion.solver.identity == "bdia(euler, gamma=0.96)"
+    assert isinstance(out.inversion.ode.schedule, bdia.RectifiedFlow)
+    assert out.latents.dtype == out.reconstructed_latents.dtype == state_dtype
+    assert out.latent_error < bound
+    assert out.latent_error == pytest.approx(rel(out.reconstructed_latents, out.latents), rel=1e-6)
+    assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
+    assert torch.isfinite(out.edited_latents).all()
+
+
+def test_sd3_edit_is_a_hand_run_regenerate_under_the_target(sd3_pipe, image, sd3_result):
+    """Every stage by hand: the VAE's mean less shift_factor, times scaling_factor; the
+    pipeline's encode_prompt (the negative prompt "" embedded, as the pipeline does);
+    from_diffusers with encoder_hidden_states and pooled_projections; diffusers' sigmas
+    without the final 0; Inversion.of with bdia(euler, 0.96); regenerate(target)."""
+    negative, negative_pooled = _sd3_embeds(sd3_pipe, "")
+
+    def ode(prompt):
+        embeds, pooled = _sd3_embeds(sd3_pipe, prompt)
+        return from_diffusers(
+            sd3_pipe.transformer,
+            sd3_pipe.scheduler,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            guidance_scale=GUIDANCE,
+            negative_cond={
+                "encoder_hidden_states": negative,
+                "pooled_projections": negative_pooled,
+            },
+        )
+
+    config = sd3_pipe.vae.config
+    assert config.shift_factor != 0
+    with torch.no_grad():
+        mean = sd3_pipe.vae.encode(image).latent_dist.mean.double()
+    latents = (mean - config.shift_factor) * config.scaling_factor
+    assert torch.equal(sd3_result.latents, latents)
+    ts = diffusers_grid(sd3_pipe.scheduler, STEPS)[:-1]
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    inversion = bdia.Inversion.of(ode(SOURCE), solver, latents, ts, state_dtype=torch.float64)
+    assert torch.equal(inversion.noise, sd3_result.inversion.noise)
+    assert torch.equal(inversion.regenerate(ode(TARGET), rule="base"), sd3_result.edited_latents)
+    assert rel(sd3_result.edited_latents, sd3_result.reconstructed_latents) > 0.1
+
+
+@pytest.mark.parametrize(
+    "prompt, negative, size, guidance, config",
+    [
+        (SOURCE, "", (16, 16), GUIDANCE, dict(shift=3.0)),
+        (SOURCE, "a photo of a fox", (16, 24), GUIDANCE, dict(shift=3.0)),
+        # One prompt and one negative prompt per image.
+        ([SOURCE, "a photo of a fox"], ["a red cat", "blue"], (24, 16), GUIDANCE, dict(shift=3.0)),
+        # No guidance: the conditional branch alone.
+        ([SOURCE, "a photo of a fox"], None, (16, 16), 1, dict(shift=3.0)),
+        # Dynamic shifting: the pipeline's mu of 16 and of 24 patches.
+        (SOURCE, "", (16, 16), GUIDANCE, dict(use_dynamic_shifting=True)),
+        (SOURCE, "", (24, 16), GUIDANCE, dict(use_dynamic_shifting=True)),
+    ],
+)
+def test_sd3_transformer_sees_what_the_sd3_pipeline_gives_it(
+    tmp_path, prompt, negative, size, guidance, config
+):
+    """StableDiffusion3Pipeline.__call__ and edit_image (float32 state) give the transformer
+    the same encoder_hidden_states and pooled_projections, bit for bit: the batch [negative,
+    positive] under guidance, the positive alone without; the pipeline's default negative
+    prompt (None, embedded as "") is edit_image's "". And at the same timesteps: edit_image's
+    grid is the sigmas the pipeline ran on (with dynamic shifting, after the mu it computes
+    from the image's size) without the final 0, and its three runs call the transformer at
+    exactly the pipeline's float32 timesteps."""
+    pipe = tiny_sd3_pipeline(
+        tmp_path, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    )
+    height, width = size
+    batch = len(prompt) if isinstance(prompt, list) else 1
+    rows = 2 * batch if guidance != 1 else batch
+    pixels = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(5))
+    calls, handle = _unet_kwargs(pipe.transformer)
+    try:
+        with torch.no_grad():
+            pipe(
+                prompt,
+                negative_prompt=negative or None,
+                height=height,
+                width=width,
+                num_inference_steps=STEPS,
+                guidance_scale=guidance,
+                output_type="latent",
+            )
+        theirs, sigmas = list(calls), pipe.scheduler.sigmas.tolist()
+        calls.clear()
+        out = edit_image(
+            pipe,
+            pixels * 2 - 1,
+            prompt,
+            TARGET,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance,
+            negative_prompt=negative,
+            state_dtype=torch.float32,
+        )
+    finally:
+        handle.remove()
+    ours = calls
+    # 16 CLIP tokens, then the 256 of T5's place, zeros without T5 (as the pipeline's).
+    assert theirs[0]["encoder_hidden_states"].shape == (rows, 16 + 256, 16)
+    for key in ("encoder_hidden_states", "pooled_projections"):
+        assert torch.equal(ours[0][key], theirs[0][key]), key
+    assert theirs[0]["joint_attention_kwargs"] is None and "joint_attention_kwargs" not in ours[0]
+    assert out.inversion.ts.tolist() == sigmas[:-1] and sigmas[-1] == 0.0
+    # STEPS - 1 steps to invert, one fewer to reconstruct from the pair, STEPS - 1 to edit.
+    assert len(theirs) == STEPS and len(ours) == 3 * (STEPS - 1) - 1
+
+    def timesteps(records):
+        return {float(t) for record in records for t in record["timestep"]}
+
+    assert all(record["timestep"].dtype == torch.float32 for record in ours)
+    assert timesteps(ours) == timesteps(theirs) and len(timesteps(theirs)) == STEPS
+
+
+def test_sd3_vae_encodes_and_decodes_as_the_sd3_pipelines(sd3_pipe, image, sd3_result, monkeypatch):
+    """With a float32 state, edit_image's latents are bit for bit what
+    StableDiffusion3Img2ImgPipeline's prepare_latents makes of the image, (mean - shift_factor)
+    * scaling_factor (its sample of the latent distribution replaced by the mean, which
+    edit_image takes, and its noising by none), and its decoded edit is bit for bit the image
+    StableDiffusion3Pipeline decodes from the edited latents, latents / scaling_factor +
+    shift_factor. With a float64 state the reconstruction is the VAE's decoding of that map
+    in float64, bit for bit."""
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img
+
+    out = edit_image(
+        sd3_pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, state_dtype=torch.float32
+    )
+    monkeypatch.setattr(
+        pipeline_stable_diffusion_3_img2img,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": output.latent_dist.mean,
+    )
+    img2img = diffusers.StableDiffusion3Img2ImgPipeline(**sd3_pipe.components)
+    monkeypatch.setattr(img2img.scheduler, "scale_noise", lambda sample, timestep, noise: sample)
+    with torch.no_grad():
+        theirs = img2img.prepare_latents(image, None, 2, 1, torch.float32, "cpu")
+    assert torch.equal(out.latents, theirs)
+
+    # The pipeline decodes whatever latents its last step ends with: the edited latents here.
+    with torch.no_grad():
+        decoded = sd3_pipe(
+            SOURCE,
+            height=16,
+            width=16,
+            num_inference_steps=1,
+            guidance_scale=1,
+            output_type="pt",
+            callback_on_step_end=lambda p, i, t, kwargs: {"latents": out.edited_latents},
+        ).images
+    # Its images are (x / 2 + 0.5).clamp(0, 1), edit_image's x.clamp(-1, 1): exact maps.
+    assert torch.equal(decoded, out.images / 2 + 0.5)
+
+    config = sd3_pipe.vae.config
+    z = sd3_result.reconstructed_latents / config.scaling_factor + config.shift_factor
+    with torch.no_grad():
+        by_hand = sd3_pipe.vae.decode(z.float()).sample.clamp(-1, 1)
+    assert torch.equal(sd3_result.reconstruction, by_hand)
+
+
+def test_sd3_embeddings_as_prompts_give_the_same_edit(fresh_sd3_pipe, image, sd3_result):
+    """(prompt_embeds, pooled_prompt_embeds) pairs in place of text, the negative prompt's
+    included, give the same edit, bit for bit, with no tokenizer or text encoder left in the
+    pipeline (the fresh one has the same weights)."""
+    pipe = fresh_sd3_pipe
+    source, target, negative = (_sd3_embeds(pipe, p) for p in (SOURCE, TARGET, ""))
+    pipe.tokenizer = pipe.tokenizer_2 = pipe.text_encoder = pipe.text_encoder_2 = None
+    out = edit_image(
+        pipe,
+        image,
+        source,
+        target,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        negative_prompt=negative,
+    )
+    assert torch.equal(out.inversion.noise, sd3_result.inversion.noise)
+    assert torch.equal(out.edited_latents, sd3_result.edited_latents)
+
+
+def test_sd3_pipeline_with_a_bdia_scheduler_gives_the_same_edit(fresh_sd3_pipe, image, sd3_result):
+    """A pipeline whose scheduler is the flow-matching BDIAScheduler (as one that samples
+    with BDIA has) edits as with the FlowMatchEulerDiscreteScheduler it was made from."""
+    from bdia.integrations.diffusers import BDIAScheduler
+
+    fresh_sd3_pipe.scheduler = BDIAScheduler.from_config(fresh_sd3_pipe.scheduler.config)
+    out = _edited(fresh_sd3_pipe, image)
+    assert torch.equal(out.inversion.ts, sd3_result.inversion.ts)
+    assert torch.equal(out.edited_latents, sd3_result.edited_latents)
+
+
+def test_sd3_dynamic_shifting_takes_a_given_mu(tmp_path, image):
+    """mu= overrides the pipeline's mu of the image's size, as the pipeline's own mu= does."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    pipe = tiny_sd3_pipeline(tmp_path, scheduler=scheduler)
+    out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=STEPS, mu=1.5)
+    assert torch.equal(out.inversion.ts, diffusers_grid(scheduler, STEPS, mu=1.5)[:-1])
+    assert out.latent_error < 1e-12
+
+
+class FluxTransformer2DModel(torch.nn.Module):
+    """Stands in for diffusers' class of that name (tests/test_diffusers_flow.py builds a
+    real one): edit_image tells transformers apart by class, before calling any."""
+
+    config = {"in_channels": 4}
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("ddim", "DDIMScheduler is a noise-table scheduler"),
+        ("stochastic", "stochastic_sampling"),
+        ("flux", "a FluxTransformer2DModel"),
+        ("patch", "not a multiple of 4, the vae's downsampling factor 2 times the transformer's"),
+        ("too large", "pos_embed_max_size = 8"),
+        ("one step", "num_inference_steps = 1 leaves no step"),
+        ("mu", "mu = 0.5 shifts the sigmas only with use_dynamic_shifting"),
+        ("one tensor", "an SD3 transformer also needs the pooled embeddings"),
+        ("pooled dim", "have dim 5, but the transformer's pooled_projection_dim is 8"),
+        ("embeddings dim", "dim 8, but the transformer's joint_attention_dim is 16"),
+        ("no text_encoder_2", "text_encoder_2"),
+    ],
+)
+def test_sd3_inputs_that_cannot_run_are_refused_in_one_line(fresh_sd3_pipe, image, kind, fragment):
+    pipe, source, kwargs = fresh_sd3_pipe, SOURCE, {}
+    if kind == "ddim":
+        pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    elif kind == "stochastic":
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    elif kind == "flux":
+        pipe.transformer = FluxTransformer2DModel()
+    elif kind == "patch":
+        image = image[:, :, :14, :]
+    elif kind == "too large":  # 36 / 2 / 2 = 9 patches a side, more than the 8 it embeds
+        image = torch.zeros(1, 3, 36, 36)
+    elif kind == "one step":
+        kwargs["num_inference_steps"] = 1
+    elif kind == "mu":
+        kwargs["mu"] = 0.5
+    elif kind == "one tensor":
+        source = _sd3_embeds(pipe, SOURCE)[0]
+    elif kind == "pooled dim":
+        embeds, pooled = _sd3_embeds(pipe, SOURCE)
+        source = (embeds, pooled[:, :5])
+    elif kind == "embeddings dim":
+        embeds, pooled = _sd3_embeds(pipe, SOURCE)
+        source = (embeds[..., :8], pooled)
+    else:
+        pipe.text_encoder_2 = None
+    assert fragment in _refused(pipe, image, source, **kwargs)
+
+
+def test_a_pipeline_without_a_unet_or_transformer_is_refused(fresh_sd3_pipe, image):
+    fresh_sd3_pipe.transformer = None
+    with pytest.raises(ValueError, match="neither a unet nor a transformer") as info:
+        edit_image(fresh_sd3_pipe, image, SOURCE, TARGET)
+    assert "\n" not in str(info.value)

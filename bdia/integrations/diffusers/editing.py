@@ -1,9 +1,12 @@
-"""Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL).
+"""Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL,
+Stable Diffusion 3).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
-with ``text_encoder`` for text prompts) or ``StableDiffusionXLPipeline`` (the same, with
-``tokenizer_2`` and ``text_encoder_2``) and:
+with ``text_encoder`` for text prompts), ``StableDiffusionXLPipeline`` (the same, with
+``tokenizer_2`` and ``text_encoder_2``) or ``StableDiffusion3Pipeline`` (``transformer`` in
+place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers and text
+encoders, and T5 where it has one) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -16,25 +19,30 @@ with ``text_encoder`` for text prompts) or ``StableDiffusionXLPipeline`` (the sa
    pooled embeddings of each prompt and the time ids of the image's size (original size,
    crop (0, 0), target size, as the SDXL pipeline's defaults); a unet with
    ``addition_embed_type="text"`` pools the prompt embeddings into its added embedding
-   itself and is given what Stable Diffusion's is;
+   itself and is given what Stable Diffusion's is; SD3's transformer gets
+   ``encoder_hidden_states`` and ``pooled_projections``, as its pipeline passes them;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
-   and the grid with ``diffusers_grid``, taking the encoded latents as the state at the grid's
-   last point; where the scheduler's grid ends at sigma = 0 (DDIM's ``set_alpha_to_one=True``,
-   ``final_sigmas_type="zero"``, Euler), that point becomes the table's smallest noise level
-   instead, ``alphas_cumprod[0]`` (``t = 1/N`` in VP space, its ``sigma_bar`` in EDM space),
-   where the model can be evaluated;
+   (for SD3 the rectified flow of its sigmas) and the grid with ``diffusers_grid``, taking
+   the encoded latents as the state at the grid's last point; where the scheduler's grid
+   ends at sigma = 0 (DDIM's ``set_alpha_to_one=True``, ``final_sigmas_type="zero"``,
+   Euler), that point becomes the table's smallest noise level instead, ``alphas_cumprod[0]``
+   (``t = 1/N`` in VP space, its ``sigma_bar`` in EDM space), where the model can be
+   evaluated; a flow-matching grid, which always ends at 0 and has no table, drops the 0 and
+   ends at its last sigma, the last at which the SD3 pipeline calls the transformer (with
+   dynamic shifting, after the pipeline's ``mu`` for the image's size);
 4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
    them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
    ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
 5. decodes both with the VAE, undoing step 1's map (``latents * latents_std /
-   scaling_factor + latents_mean`` with the statistics, as the SDXL pipeline decodes); for
-   SDXL in float32 when the VAE is float16 and its config says ``force_upcast``, as the
+   scaling_factor + latents_mean`` with the statistics, as the SDXL pipeline decodes;
+   ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 pipeline decodes);
+   for SDXL in float32 when the VAE is float16 and its config says ``force_upcast``, as the
    SDXL pipeline does.
 
-Two errors are reported apart: the UNet round trip in latent space (reconstructed latents
-against encoded latents: exact up to rounding) and the VAE's own error (decode(encode(image))
-against the image), so that any imperfection of the reconstructed image is seen to come from
-the VAE, not from the inversion.
+Two errors are reported apart: the network's (UNet's or transformer's) round trip in latent
+space (reconstructed latents against encoded latents: exact up to rounding) and the VAE's
+own error (decode(encode(image)) against the image), so that any imperfection of the
+reconstructed image is seen to come from the VAE, not from the inversion.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +74,17 @@ _OUTPUT_TYPES = ("pil", "pt")
 _TEXT_TIME = "text_time"
 _TEXT = "text"
 _TIME_IDS = 6
+# The transformers whose pipelines edit_image knows how to embed prompts for and call.
+_TRANSFORMERS = ("SD3Transformer2DModel",)
+# StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
+# pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
+# scheduler's 1.15).
+_SHIFT_FIELDS = (
+    ("base_image_seq_len", 256),
+    ("max_image_seq_len", 4096),
+    ("base_shift", 0.5),
+    ("max_shift", 1.16),
+)
 
 
 @dataclass(frozen=True)
@@ -78,19 +97,20 @@ class EditResult:
         reconstruction: the reconstructed latents decoded, of the same kind.
         inversion: the ``bdia.Inversion`` of the latents under the source ODE (its ``ode``,
             ``solver``, grid ``ts`` and ``pair``; ``inversion.noise`` is the inverted noise).
-        target: the target ODE (the same unet under the target prompt), e.g. for
+        target: the target ODE (the same unet or transformer under the target prompt), e.g. for
             ``inversion.regenerate(target, rule="restart")``.
         latents: the encoded latents, the state at ``inversion.ts[-1]``, shape
             ``(batch, C, H / f, W / f)`` in the state dtype.
         reconstructed_latents: ``inversion.reconstruct()``, same shape and dtype.
         edited_latents: ``inversion.regenerate(target, rule=rule)``, same shape and dtype.
-        latent_error: the UNet round trip, ``max |reconstructed_latents - latents| /
-            max |latents|``: rounding only (below 1e-12 with a float64 state).
+        latent_error: the UNet's (SD3: the transformer's) round trip, ``max
+            |reconstructed_latents - latents| / max |latents|``: rounding only (below 1e-12
+            with a float64 state).
         vae_error: the VAE's own error, the root mean square of ``decode(latents) - image``
             over all pixels, in the [-1, 1] range of the pixels (the PSNR of [0, 1] images
             is ``20 log10(2 / vae_error)`` dB).
         reconstruction_error: the same for ``decode(reconstructed_latents) - image``; equal to
-            ``vae_error`` up to the latents' rounding, since the UNet round trip is exact.
+            ``vae_error`` up to the latents' rounding, since the latent round trip is exact.
     """
 
     images: Any
@@ -125,7 +145,7 @@ def _is_text(prompt: Any) -> bool:
 
 
 def _is_pair(prompt: Any) -> bool:
-    """Whether ``prompt`` is SDXL's embeddings: (prompt_embeds, pooled_prompt_embeds)."""
+    """Whether ``prompt`` is SDXL's or SD3's embeddings: (prompt_embeds, pooled_prompt_embeds)."""
     return (
         isinstance(prompt, (list, tuple))
         and len(prompt) == 2
@@ -133,36 +153,48 @@ def _is_pair(prompt: Any) -> bool:
     )
 
 
-def _check_prompt(
-    prompt: Any,
-    name: str,
-    batch: int,
-    cross_dim: int | None,
-    pooled_dim: int | None = None,
-    xl: bool = False,
-    cross_name: str = "cross_attention_dim",
-) -> None:
+@dataclass(frozen=True)
+class _Takes:
+    """What the pipeline's network takes for a prompt, for ``_check_prompt``'s checks and words.
+
+    Attributes:
+        model: ``"unet"`` or ``"transformer"``.
+        pipeline: ``"SDXL"`` or ``"SD3"``, whose prompt embeddings come as the pair
+            ``(prompt_embeds, pooled_prompt_embeds)``; None for Stable Diffusion's one tensor.
+        cross_name: the model's config field of the embeddings' width, ``cross_dim`` its value.
+        pooled_dim: the pooled embeddings' width; ``pooled_says`` says so after "the model's".
+    """
+
+    model: str
+    pipeline: str | None
+    cross_name: str
+    cross_dim: int | None
+    pooled_dim: int | None = None
+    pooled_says: str = ""
+
+
+def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
     """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)
-    with D = ``cross_dim``, the unet's config field ``cross_name``; for SDXL (``xl``) the pair
-    of those and the pooled embeddings (1 or batch, pooled_dim)."""
+    with D = ``takes.cross_dim``; for SDXL and SD3 the pair of those and the pooled embeddings
+    (1 or batch, ``takes.pooled_dim``)."""
     if isinstance(prompt, str):
         return
-    if xl and _is_pair(prompt):
+    paired = takes.pipeline is not None
+    if paired and _is_pair(prompt):
         embeds, pooled = prompt
-        _check_prompt(embeds, f"{name}[0]", batch, cross_dim, cross_name=cross_name)
+        _check_prompt(embeds, f"{name}[0]", batch, replace(takes, pipeline=None))
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch):
             raise ValueError(
                 f"{name}[1], the pooled embeddings, must have shape (1 or {batch}, dim), got "
                 f"{tuple(pooled.shape)}"
             )
-        if pooled_dim is not None and pooled.shape[1] != pooled_dim:
+        if takes.pooled_dim is not None and pooled.shape[1] != takes.pooled_dim:
             raise ValueError(
-                f"{name}[1], the pooled embeddings, have dim {pooled.shape[1]}, but the unet's "
-                f"added embedding takes {pooled_dim} (projection_class_embeddings_input_dim "
-                f"less {_TIME_IDS} x addition_time_embed_dim)"
+                f"{name}[1], the pooled embeddings, have dim {pooled.shape[1]}, but the "
+                f"{takes.model}'s {takes.pooled_says}"
             )
         return
-    tensor = "the pair (prompt_embeds, pooled_prompt_embeds)" if xl else "a tensor"
+    tensor = "the pair (prompt_embeds, pooled_prompt_embeds)" if paired else "a tensor"
     if isinstance(prompt, (list, tuple)):
         if not prompt or not all(isinstance(p, str) for p in prompt):
             raise TypeError(f"{name} must be a string, a non-empty list of strings or {tensor}")
@@ -171,13 +203,13 @@ def _check_prompt(
                 f"{name} has {len(prompt)} prompts for {batch} images; give 1 (shared) or {batch}"
             )
         return
-    if xl:
+    if paired:
         what = type(prompt).__name__
         if isinstance(prompt, Tensor):
-            what = "one tensor: an SDXL unet also needs the pooled embeddings"
+            what = f"one tensor: an {takes.pipeline} {takes.model} also needs the pooled embeddings"
         raise TypeError(
-            f"{name} must be a string, a list of strings or {tensor} as the SDXL pipeline's "
-            f"encode_prompt returns them (its first and third outputs), got {what}"
+            f"{name} must be a string, a list of strings or {tensor} as the {takes.pipeline} "
+            f"pipeline's encode_prompt returns them (its first and third outputs), got {what}"
         )
     if not isinstance(prompt, Tensor):
         raise TypeError(
@@ -189,10 +221,10 @@ def _check_prompt(
             f"{name} as embeddings must have shape (1 or {batch}, tokens, dim), got "
             f"{tuple(prompt.shape)}"
         )
-    if cross_dim is not None and prompt.shape[-1] != cross_dim:
+    if takes.cross_dim is not None and prompt.shape[-1] != takes.cross_dim:
         raise ValueError(
-            f"{name} embeddings have dim {prompt.shape[-1]}, but the unet's "
-            f"{cross_name} is {cross_dim}"
+            f"{name} embeddings have dim {prompt.shape[-1]}, but the {takes.model}'s "
+            f"{takes.cross_name} is {takes.cross_dim}"
         )
 
 
@@ -240,6 +272,27 @@ def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
     return image, "pt"
 
 
+def _network(pipe: Any) -> tuple[Any, bool]:
+    """The pipeline's unet, or its SD3 transformer (then True)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return unet, False
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError(
+            f"the pipeline has neither a unet nor a transformer ({type(pipe).__name__}.unet and "
+            ".transformer are missing or None); edit_image needs one to invert and regenerate "
+            "the latents"
+        )
+    if not any(c.__name__ in _TRANSFORMERS for c in type(transformer).__mro__):
+        raise ValueError(
+            f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
+            "edit_image takes Stable Diffusion 3's SD3Transformer2DModel "
+            "(StableDiffusion3Pipeline), and besides them the unets of Stable Diffusion and SDXL"
+        )
+    return transformer, True
+
+
 def _vae_factor(pipe: Any, vae: Any) -> int:
     factor = getattr(pipe, "vae_scale_factor", None)
     if isinstance(factor, int) and factor > 0:
@@ -279,25 +332,40 @@ def _solver(solver: Any, gamma: float | None) -> BidirectionalWrapper:
     return bdia(solver, 0.96 if gamma is None else gamma)
 
 
-def _grid(scheduler: Any, steps: int, probe: DiffusionODE) -> Tensor:
-    """diffusers' grid, ending at the table's smallest noise level instead of sigma = 0."""
-    ts = diffusers_grid(scheduler, steps)
+def _grid(scheduler: Any, steps: int, probe: DiffusionODE, mu: float | None) -> Tensor:
+    """diffusers' grid, ending at the table's smallest noise level instead of sigma = 0; a
+    flow-matching one (no table) at its last sigma above 0."""
+    ts = diffusers_grid(scheduler, steps, mu=mu)
     if not probe.is_terminal(float(ts[-1])):
         return ts
-    table = torch.as_tensor(scheduler.alphas_cumprod).to("cpu", torch.float64)
-    a0 = float(table[0])
     assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
-    end = 1.0 / table.numel() if probe.f.space == "vp" else math.sqrt((1.0 - a0) / a0)
-    # diffusers keeps its sigmas in float32: a last timestep 0 may sit a rounding above the
-    # float64 end, and is that point all the same.
-    if float(ts[-2]) > end * (1.0 + _SIGMA_SLACK):
-        return torch.cat([ts[:-1], torch.tensor([end], dtype=torch.float64)])
+    if probe.f.space != "flow":
+        table = torch.as_tensor(scheduler.alphas_cumprod).to("cpu", torch.float64)
+        a0 = float(table[0])
+        end = 1.0 / table.numel() if probe.f.space == "vp" else math.sqrt((1.0 - a0) / a0)
+        # diffusers keeps its sigmas in float32: a last timestep 0 may sit a rounding above
+        # the float64 end, and is that point all the same.
+        if float(ts[-2]) > end * (1.0 + _SIGMA_SLACK):
+            return torch.cat([ts[:-1], torch.tensor([end], dtype=torch.float64)])
     if ts.numel() < 3:
         raise ValueError(
-            f"num_inference_steps = {steps} leaves no step above the smallest noise level; "
-            "use more steps"
+            f"num_inference_steps = {steps} leaves no step above the grid's smallest noise "
+            "level, where the data are taken; use more steps"
         )
-    return ts[:-1]  # the last timestep is already the smallest noise level
+    # The last timestep is already the smallest noise level (in flow matching, the last at
+    # which the pipeline calls the transformer).
+    return ts[:-1]
+
+
+def _sd3_mu(config: Mapping[str, Any], latent_size: tuple[int, int], patch: int) -> float:
+    """The mu of dynamic shifting that ``StableDiffusion3Pipeline`` computes for latents of
+    ``latent_size`` (H, W) in ``patch`` x ``patch`` patches: linear in their number, from
+    ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``, in the
+    pipeline's order of operations (so that the sigmas come out as its own)."""
+    base_len, max_len, base_shift, max_shift = (config.get(k, v) for k, v in _SHIFT_FIELDS)
+    tokens = (latent_size[0] // patch) * (latent_size[1] // patch)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return tokens * slope + (base_shift - slope * base_len)
 
 
 # ------------------------------------------------------------------- the parts
@@ -394,17 +462,23 @@ def _embed(pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | No
     return embeds if dtype is None else embeds.to(dtype)
 
 
-def _embed_xl(
-    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+def _embed_pair(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None, sd3: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """SDXL's prompt embeddings (B, L, D) and pooled embeddings (B, P), in ``dtype``."""
+    """SDXL's or SD3's prompt embeddings (B, L, D) and pooled embeddings (B, P), in ``dtype``."""
     if _is_pair(prompt):
         embeds, pooled = (p.to(device) for p in prompt)
     else:
         text = prompt if isinstance(prompt, str) else list(prompt)
-        # The same text goes to both encoders (the pipeline's default without prompt_2).
+        # The same text goes to every encoder (the pipeline's default without prompt_2 and,
+        # for SD3, prompt_3; SD3's pipeline puts zeros in T5's place without text_encoder_3).
+        others = {"prompt_2": None, "prompt_3": None} if sd3 else {}
         embeds, _, pooled, _ = pipe.encode_prompt(
-            text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            text,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            **others,
         )
     return (embeds, pooled) if dtype is None else (embeds.to(dtype), pooled.to(dtype))
 
@@ -477,33 +551,42 @@ def edit_image(
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     negative_prompt: str | Sequence[str] | Tensor | tuple[Tensor, Tensor] | None = "",
-    solver: str | Solver | BidirectionalWrapper = "ddim",
+    solver: str | Solver | BidirectionalWrapper | None = None,
     gamma: float | None = None,
     rule: str = "base",
     state_dtype: torch.dtype | str = torch.float64,
     model_dtype: torch.dtype | str | None = None,
     output_type: str | None = None,
     progress: bool | None = None,
+    mu: float | None = None,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, or any object
-            with its parts: ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``),
-            ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
-            ``clip_sample=False``), and, for text prompts, ``encode_prompt`` with ``tokenizer``
-            and ``text_encoder`` (for SDXL ``tokenizer_2`` and ``text_encoder_2``), as the
-            pipeline's. None of them is modified (an SDXL pipeline's float16 VAE whose config
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+            ``StableDiffusion3Pipeline``, or any object with its parts: ``vae`` (an
+            ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3,
+            ``transformer`` (``SD3Transformer2DModel``), ``scheduler`` (one that
+            ``from_diffusers`` takes, e.g. DDIM or PNDM with ``clip_sample=False``; for SD3
+            ``FlowMatchEulerDiscreteScheduler`` or a ``BDIAScheduler`` made from one), and,
+            for text prompts, ``encode_prompt`` with ``tokenizer`` and ``text_encoder`` (for
+            SDXL ``tokenizer_2`` and ``text_encoder_2``, for SD3 both pairs, and T5's
+            ``text_encoder_3`` where the pipeline has one: without it the pipeline's
+            ``encode_prompt`` puts zeros in its place), as the pipeline's. None of them is
+            modified (an SDXL pipeline's float16 VAE whose config
             says ``force_upcast`` runs in float32 and is float16 again, bit for bit, on
             return, as the SDXL pipeline decodes). A VAE whose config sets both
             ``latents_mean`` and ``latents_std`` (one value per latent channel) encodes to
             ``(mean - latents_mean) * scaling_factor / latents_std`` and decodes by the
             inverse, in the state dtype with the statistics as float32 values, as diffusers'
-            SDXL pipelines; with only one of them set, neither is used, as there.
+            SDXL pipelines; with only one of them set, neither is used, as there. SD3's VAE
+            encodes to ``(mean - shift_factor) * scaling_factor`` and decodes by the inverse,
+            as the SD3 pipelines, without an upcast (they have none).
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
-            1024 for SDXL).
+            1024 for SDXL), for SD3 of that times the transformer's ``patch_size`` (16), and
+            at most ``pos_embed_max_size`` patches a side (3072 pixels for SD3 medium).
         source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
             prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)`` (of
             ``encoder_hid_dim`` for a unet that projects them, ``encoder_hid_dim_type=
@@ -512,9 +595,13 @@ def edit_image(
             pooled_prompt_embeds)``, the second of shape ``(1 or batch, projection_dim)``
             (``encode_prompt``'s first and third outputs). An SDXL unet gets
             ``added_cond_kwargs`` of the pooled embeddings and the time ids ``(H, W, 0, 0, H,
-            W)`` (original size, crop, target size: the pipeline's defaults).
+            W)`` (original size, crop, target size: the pipeline's defaults). For SD3 the
+            pair of shapes ``(1 or batch, tokens, joint_attention_dim)`` and ``(1 or batch,
+            pooled_projection_dim)``, ``encode_prompt``'s first and third outputs.
         target_prompt: the edit, in the same forms.
-        num_inference_steps: steps of the scheduler's grid (``diffusers_grid``).
+        num_inference_steps: steps of the scheduler's grid (``diffusers_grid``). For SD3
+            the grid is the pipeline's ``num_inference_steps`` sigmas without the final 0:
+            ``num_inference_steps - 1`` steps, so it must be at least 2.
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
             conditional model alone. Every other value needs ``negative_prompt``.
         negative_prompt: the unconditional branch: a string (``""`` is the usual unconditional
@@ -522,9 +609,11 @@ def edit_image(
             SDXL pipeline whose config has ``force_zeros_for_empty_prompt`` (SDXL base's),
             ``""`` (or a list of them) is zero embeddings and pooled embeddings, as the
             pipeline's default; any other negative prompt, embeddings included, is used as
-            given.
+            given. SD3's pipeline embeds ``""`` as its default, and so does ``edit_image``.
         solver: the base solver (a registered name or a ``Solver``), wrapped as
-            ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is.
+            ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is. By default
+            ``"ddim"``, and for SD3 ``"euler"``: the same step in rectified flow, in the
+            flow-matching scheduler's own arithmetic.
         gamma: BDIA's gamma, 0.96 unless given (not with a BDIA solver).
         rule: how to regenerate under the target (``bdia.EDIT_RULES``): ``"base"`` (the base
             solver from the inverted noise, the default) or ``"restart"``. See
@@ -536,29 +625,39 @@ def edit_image(
         output_type: ``"pil"`` (PIL images) or ``"pt"`` (tensors in [-1, 1]); by default the
             kind of ``image``.
         progress: tqdm bars for the three runs (None: only on a terminal).
+        mu: the shift of an SD3 scheduler with ``use_dynamic_shifting=True``, as the
+            pipeline's ``mu``; by default the pipeline's own for the image's size (computed
+            from the number of latent patches and the scheduler config's ``base_shift``,
+            ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len``). Refused with any
+            other scheduler, which would ignore it.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
-        ODE, the three latents, and the errors ``latent_error`` (the UNet round trip) and
+        ODE, the three latents, and the errors ``latent_error`` (the latent round trip) and
         ``vae_error`` (the VAE's own), with ``reconstruction_error`` beside them.
 
     Raises:
         ValueError or TypeError: one line, before any network runs, for a pipeline missing a
             part; VAE statistics that are not one finite number per latent channel, a zero
             ``latents_std``, or statistics beside a ``shift_factor``; an image of the wrong
-            kind, mode, channels or size (not a multiple of the VAE's factor), or outside
-            [-1, 1]; a VAE whose latent channels are not the unet's; a unet that needs added
+            kind, mode, channels or size (not a multiple of the VAE's factor, for SD3 times
+            the patch size, or more patches than the transformer embeds), or outside [-1, 1];
+            a pipeline with neither a unet nor an SD3 transformer (Flux's, say); a VAE whose
+            latent channels are not the network's; a unet that needs added
             conditioning of images or hints (``addition_embed_type`` other than ``"text"``
             and SDXL's ``"text_time"``), or an SDXL one whose added embedding does not take
             six time ids beside the pooled embeddings (a refiner); guidance without a
             negative prompt; text prompts without the tokenizers and text encoders; prompts or
-            embeddings of the wrong batch or dim, or SDXL embeddings without the pooled ones;
-            an unknown rule, solver or output type; and whatever ``from_diffusers`` refuses in
-            the scheduler's config.
+            embeddings of the wrong batch or dim, or SDXL or SD3 embeddings without the
+            pooled ones; an unknown rule, solver or output type; an SD3 grid of one step;
+            ``mu`` where the scheduler has no dynamic shifting; and whatever
+            ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler (for SD3 a
+            noise-table scheduler, ``stochastic_sampling``, ``invert_sigmas``).
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
-    unet = _part(pipe, "unet", "to invert and regenerate the latents")
+    unet, sd3 = _network(pipe)
+    model = "transformer" if sd3 else "unet"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
     for name in ("scaling_factor", "latent_channels"):
         if getattr(vae.config, name, None) is None:
@@ -568,7 +667,8 @@ def edit_image(
     addition = unet_config.get("addition_embed_type")
     xl = addition == _TEXT_TIME
     # A 'text' added embedding is the unet's own pooling of encoder_hidden_states: it needs
-    # no added_cond_kwargs, and the unet takes it as Stable Diffusion's.
+    # no added_cond_kwargs, and the unet takes it as Stable Diffusion's. (SD3's transformer
+    # has neither field.)
     if addition not in (None, _TEXT, _TEXT_TIME):
         raise ValueError(
             f"the unet has addition_embed_type = {addition!r}: it needs added conditioning "
@@ -586,12 +686,11 @@ def edit_image(
             "adapter (pipe.unload_ip_adapter()), or use from_diffusers with the unet's "
             "arguments and bdia.Inversion directly"
         )
-    pooled_dim = _pooled_dim(unet_config) if xl else None
     if unet_config.get("in_channels") != vae.config.latent_channels:
         raise ValueError(
-            f"the unet takes in_channels = {unet_config.get('in_channels')} but the vae makes "
+            f"the {model} takes in_channels = {unet_config.get('in_channels')} but the vae makes "
             f"latent_channels = {vae.config.latent_channels}; edit_image needs a text-to-image "
-            "unet of the vae's latents (not an inpainting or depth unet)"
+            f"{model} of the vae's latents (not an inpainting or depth {model})"
         )
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
         raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
@@ -609,18 +708,32 @@ def edit_image(
     state_dtype = _state_dtype(state_dtype)
     if state_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
-    wrapped = _solver(solver, gamma)
+    # Euler in flow matching: the same step as DDIM there, in the scheduler's own arithmetic.
+    wrapped = _solver(("euler" if sd3 else "ddim") if solver is None else solver, gamma)
     if output_type is not None and output_type not in _OUTPUT_TYPES:
         raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
 
     pixels, kind = _image_tensor(image, vae.config.get("in_channels", 3))
     batch, _, height, width = pixels.shape
-    factor = _vae_factor(pipe, vae)
+    vae_factor = _vae_factor(pipe, vae)
+    factor, what = vae_factor, f"the vae's downsampling factor {vae_factor}"
+    patch = unet_config.get("patch_size") if sd3 else None
+    if isinstance(patch, int):  # SD3 takes its latents in patch x patch patches
+        factor *= patch
+        what = f"{factor}, {what} times the transformer's patch_size {patch}"
     if height % factor or width % factor:
         raise ValueError(
-            f"the image is {width} x {height} (W x H), not a multiple of the vae's "
-            f"downsampling factor {factor}; resize or crop it to, e.g., "
-            f"{width // factor * factor or factor} x {height // factor * factor or factor}"
+            f"the image is {width} x {height} (W x H), not a multiple of {what}; resize or crop "
+            f"it to, e.g., {width // factor * factor or factor} x "
+            f"{height // factor * factor or factor}"
+        )
+    patches = unet_config.get("pos_embed_max_size") if sd3 else None
+    if isinstance(patches, int) and max(height, width) > patches * factor:
+        # The transformer would refuse it only after the VAE has run.
+        raise ValueError(
+            f"the image is {width} x {height} (W x H), more than the {patches} patches a side "
+            f"that the transformer embeds (pos_embed_max_size = {patches}); resize it to at "
+            f"most {patches * factor} a side"
         )
     prompts = {"source_prompt": source_prompt, "target_prompt": target_prompt}
     # SDXL's unconditional branch for the empty prompt is zeros, where the pipeline's config
@@ -639,13 +752,37 @@ def edit_image(
     cross_name = "cross_attention_dim"
     if unet_config.get("encoder_hid_dim_type") == "text_proj":
         cross_name = "encoder_hid_dim"
+    if sd3:
+        cross_name = "joint_attention_dim"
     cross_dim = unet_config.get(cross_name)
-    cross_dim = cross_dim if isinstance(cross_dim, int) else None
+    takes = _Takes(model, None, cross_name, cross_dim if isinstance(cross_dim, int) else None)
+    pooled_dim = _pooled_dim(unet_config) if xl else None
+    if xl:
+        takes = replace(
+            takes,
+            pipeline="SDXL",
+            pooled_dim=pooled_dim,
+            pooled_says=f"added embedding takes {pooled_dim} (projection_class_embeddings_"
+            f"input_dim less {_TIME_IDS} x addition_time_embed_dim)",
+        )
+    elif sd3:
+        pooled = unet_config.get("pooled_projection_dim")
+        pooled = pooled if isinstance(pooled, int) else None
+        takes = replace(
+            takes,
+            pipeline="SD3",
+            pooled_dim=pooled,
+            pooled_says=f"pooled_projection_dim is {pooled}",
+        )
     for name, prompt in prompts.items():
-        _check_prompt(prompt, name, batch, cross_dim, pooled_dim, xl, cross_name)
+        _check_prompt(prompt, name, batch, takes)
     embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
     if any(_is_text(p) for p in embedded):
-        parts = ("tokenizer_2", "text_encoder_2") if xl else ("tokenizer", "text_encoder")
+        parts: tuple[str, ...] = ("tokenizer", "text_encoder")
+        if xl:
+            parts = ("tokenizer_2", "text_encoder_2")
+        elif sd3:  # both CLIP encoders; T5 (text_encoder_3) only where the pipeline has it
+            parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
         for name in (*parts, "encode_prompt"):
             _part(pipe, name, "to embed text prompts (or pass prompt embeddings instead)")
         projection = getattr(getattr(pipe, "text_encoder_2", None), "config", None)
@@ -661,7 +798,9 @@ def edit_image(
 
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run).
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype)
-    ts = _grid(scheduler, num_inference_steps, probe)
+    if sd3 and mu is None and scheduler.config.get("use_dynamic_shifting", False):
+        mu = _sd3_mu(scheduler.config, (height // vae_factor, width // vae_factor), patch or 1)
+    ts = _grid(scheduler, num_inference_steps, probe, mu)
 
     # ---- the work
     device = _device(pipe, unet)
@@ -674,9 +813,12 @@ def edit_image(
         ).to(device)
 
         def branch(prompt: Any) -> dict[str, Any]:
-            """The unet arguments of one branch of guidance."""
+            """The unet (transformer) arguments of one branch of guidance."""
             if xl:
-                return _xl_cond(*_embed_xl(pipe, prompt, device, embed_dtype), time_ids)
+                return _xl_cond(*_embed_pair(pipe, prompt, device, embed_dtype), time_ids)
+            if sd3:
+                embeds, pooled = _embed_pair(pipe, prompt, device, embed_dtype, sd3=True)
+                return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
             return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
         source_cond, target_cond = branch(source_prompt), branch(target_prompt)
