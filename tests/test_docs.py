@@ -147,7 +147,22 @@ Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
 """
     ),
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _SDXL_FOLDER,
-    ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): _SD3_FOLDER,
+    ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _SD3_FOLDER,
+    ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): (
+        _SD3_FOLDER
+        + """
+from PIL import Image
+Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
+"""
+    ),
+    # The BDIA scheduler's first block assigns it to the reader's pipeline (a DDIM-type
+    # scheduler's): a tiny Stable Diffusion one, in float32 as the CPU runs it.
+    ("docs/diffusers.md", 'images = pipe("a photo of a dog", num_inference_steps=50)'): """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_text_to_image_pipeline
+pathlib.Path("sd_parts").mkdir(exist_ok=True)
+pipe = tiny_text_to_image_pipeline("sd_parts")
+""",
     ("docs/diffusers.md", "bdia.sample(from_diffusers(unet, scheduler)"): """
 import diffusers
 from bdia.integrations.diffusers.tiny import tiny_unet
@@ -238,10 +253,15 @@ LOCAL = {
         ('.to("cuda")', '.to("cpu")'),
         (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
-    ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): [
+    ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): [
         ('"/models/stable-diffusion-3-medium-diffusers"', '"sd3"'),
         ('device = "cuda"', 'device = "cpu"'),
         ("torch.randn(1, 16, 128, 128,", "torch.randn(1, 4, 8, 8,"),
+    ],
+    ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): [
+        ('"/path/to/stable-diffusion-3-medium-diffusers"', '"sd3"'),
+        ('.to("cuda")', '.to("cpu")'),
+        (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): [
         (_SD_PATH, '"sd"'),
@@ -321,7 +341,8 @@ AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
-    ("docs/diffusers.md", "StableDiffusion3Pipeline.from_pretrained("): _sd3_inverted,
+    ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
+    ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): _edit_round_trip,
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
