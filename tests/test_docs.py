@@ -100,6 +100,16 @@ if not pathlib.Path("sd3").is_dir():
     tiny_sd3_pipeline("sd3").save_pretrained("sd3")
 """
 
+# The same for a tiny random Flux pipeline ("flux"): CLIP and T5 text encoders, a
+# FluxTransformer2DModel with a guidance embedding and Flux.1-dev's scheduler.
+_FLUX_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_flux_pipeline
+if not pathlib.Path("flux").is_dir():
+    pathlib.Path("flux").mkdir()
+    tiny_flux_pipeline("flux").save_pretrained("flux")
+"""
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -163,6 +173,7 @@ from bdia.integrations.diffusers.tiny import tiny_text_to_image_pipeline
 pathlib.Path("sd_parts").mkdir(exist_ok=True)
 pipe = tiny_text_to_image_pipeline("sd_parts")
 """,
+    ("docs/diffusers.md", "FluxPipeline.from_pretrained("): _FLUX_FOLDER,
     ("docs/diffusers.md", "bdia.sample(from_diffusers(unet, scheduler)"): """
 import diffusers
 from bdia.integrations.diffusers.tiny import tiny_unet
@@ -263,6 +274,11 @@ LOCAL = {
         ('.to("cuda")', '.to("cpu")'),
         (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", "FluxPipeline.from_pretrained("): [
+        ('"/models/FLUX.1-dev"', '"flux"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("height = width = 1024", "height = width = 16"),
+    ],
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): [
         (_SD_PATH, '"sd"'),
         ('"cuda"', '"cpu"'),
@@ -312,6 +328,16 @@ def _sd3_scheduler_inverted(ns):
     assert torch.equal(ns["noise"], torch.randn(1, 4, 8, 8))
 
 
+def _flux_inverted(ns):
+    # "(1, 4096, 64)" packed latents (here (1, 16, 16): 16 x 16 images, 4 channels in 2 x 2
+    # patches) and "back.earlier is noise, to rounding": the float32 state's two words invert
+    # the bfloat16 transformer's steps exactly (measured: 0).
+    ts, noise = ns["ts"], ns["noise"]
+    assert noise.shape == (1, 16, 16) and len(ts) == 29 and float(ts[0]) == 1.0
+    assert float(ts[-1]) == 0.0 and ns["ode"].model_dtype == torch.bfloat16
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _steered_toward_eight(ns):
     # The prose: the optimised noise makes the classifier call the samples 8 more often.
     assert (ns["after"] > ns["before"]).all()
@@ -345,6 +371,7 @@ AFTER = {
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): _edit_round_trip,
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
+    ("docs/diffusers.md", "FluxPipeline.from_pretrained("): _flux_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
@@ -415,7 +442,7 @@ def run_page(page: str) -> None:
 
 
 # With the slow tests: the gradients page optimises through 35-step samplers (about 25 s),
-# the diffusers page builds, saves and runs four tiny pipelines (about 10 s).
+# the diffusers page builds, saves and runs five tiny pipelines (about 15 s).
 _SLOW_PAGES = {"docs/gradients.md", "docs/diffusers.md"}
 
 

@@ -1,4 +1,4 @@
-"""A diffusers UNet and a diffusers scheduler's noise table, or Stable Diffusion 3's
+"""A diffusers UNet and a diffusers scheduler's noise table, or Stable Diffusion 3's or Flux's
 transformer and its flow-matching scheduler, as a ``bdia.DiffusionODE``.
 
 diffusers keeps the noise schedule in its scheduler (``alphas_cumprod``, one value per
@@ -17,6 +17,9 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   table; ``x = (1 - sigma) x0 + sigma eps``, the schedule is ``RectifiedFlow()``, whose time is
   diffusers' ``sigma``, and the transformer is called as ``StableDiffusion3Pipeline`` calls it,
   at ``timestep = sigma N``, returning the velocity ``eps - x0`` (prediction ``"flow"``).
+  ``FluxTransformer2DModel`` is called as ``FluxPipeline`` calls it: on the packed latents
+  ``(batch, tokens, in_channels)`` at ``timestep = sigma N / 1000``, with ``txt_ids`` and
+  ``img_ids`` and, for Flux.1-dev, the embedded ``guidance``.
 
 ``diffusers_grid`` gives the bdia time grid of the timesteps (or sigmas) diffusers would use.
 """
@@ -66,11 +69,17 @@ _EDM_SCHEDULERS = (
 )
 
 # Flow-matching schedulers whose sigmas are the transformer's timesteps over N, and the
-# flow-matching transformers the adapter calls as their pipelines do.
+# flow-matching transformers the adapter calls as their pipelines do: SD3's as
+# StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does.
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
-_FLOW_MODELS = ("SD3Transformer2DModel",)
-# Flow-matching transformers of another call contract than SD3's.
-_OTHER_FLOW_MODELS = ("FluxTransformer2DModel",)
+_SD3_MODELS = ("SD3Transformer2DModel",)
+_FLUX_MODELS = ("FluxTransformer2DModel",)
+_FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS
+# FluxPipeline passes the transformer its timestep divided by this constant (which the
+# transformer multiplies back), whatever the scheduler's num_train_timesteps.
+_FLUX_TIMESTEP_DIVISOR = 1000
+# Flux's position ids: one row per token, shared by the batch (2-D), passed as they are.
+_FLUX_IDS = ("txt_ids", "img_ids")
 _SPACES = ("vp", "edm", "flow")
 
 # diffusers' prediction_type -> bdia's DiffusionODE prediction (v = alpha eps - sigma x0 in both).
@@ -237,11 +246,11 @@ def _check_flow_config(scheduler: Any) -> None:
 
 def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
     """Refuse a network that does not go with the scheduler: a UNet (or another diffusers
-    model than SD3's transformer) with a flow-matching scheduler, SD3's or Flux's
+    model than SD3's or Flux's transformer) with a flow-matching scheduler, SD3's or Flux's
     transformer with a noise table. A plain callable is taken as it is documented."""
     names = _class_names(model)
     name, scheduler_name = type(model).__name__, type(scheduler).__name__
-    flow_model = any(n in _FLOW_MODELS + _OTHER_FLOW_MODELS for n in names)
+    flow_model = any(n in _FLOW_MODELS for n in names)
     if space != "flow":
         if flow_model:
             raise ValueError(
@@ -250,26 +259,25 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
                 "FlowMatchEulerDiscreteScheduler it was trained with (the pipeline's scheduler)"
             )
         return
-    if any(n in _FLOW_MODELS for n in names):
+    if flow_model:
         return
-    if any(n in _OTHER_FLOW_MODELS for n in names):
-        raise ValueError(
-            f"{name} is not supported: its pipeline packs the latents into tokens and passes "
-            "img_ids, txt_ids and a guidance embedding; bdia maps SD3Transformer2DModel "
-            "(Stable Diffusion 3 and 3.5)"
-        )
     if any(n.startswith("UNet") for n in names):
         raise ValueError(
             f"a {name} with {scheduler_name}: a UNet is a diffusion model of a noise table, "
             "not a flow-matching model; give it its own scheduler (DDIM, Euler, DPM-Solver, "
-            "...), or use the flow-matching scheduler with SD3Transformer2DModel"
+            "...), or use the flow-matching scheduler with SD3Transformer2DModel or "
+            "FluxTransformer2DModel"
         )
     if isinstance(model, diffusers.ModelMixin):
         raise ValueError(
             f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
-            "SD3Transformer2DModel (Stable Diffusion 3 and 3.5) with a flow-matching "
-            "scheduler, and does not know how this model is called"
+            "SD3Transformer2DModel (Stable Diffusion 3 and 3.5) and FluxTransformer2DModel "
+            "(Flux.1) with a flow-matching scheduler, and does not know how this model is called"
         )
+
+
+def _is_flux(model: Any) -> bool:
+    return any(n in _FLUX_MODELS for n in _class_names(model))
 
 
 def _check_model_config(scheduler: Any) -> str:
@@ -471,6 +479,13 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _cast_cond(
+    cond: Mapping[str, Any], dtype: torch.dtype, keep: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``cond`` with its floating tensors cast to ``dtype``, but the keys in ``keep``."""
+    return {k: v if k in keep else _cast_floating(v, dtype) for k, v in cond.items()}
+
+
 def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
     """One-line errors for a classifier-free guidance setting that cannot run."""
     if guidance_scale is not None:
@@ -522,6 +537,109 @@ def _check_cond(
         )
 
 
+def _ids_message(key: str, value: Any, axes: int) -> str | None:
+    """Why ``value`` is not a Flux position-id tensor of ``axes`` columns, or None."""
+    if not isinstance(value, Tensor):
+        return f"{key} must be a tensor of shape (tokens, {axes}), got {type(value).__name__}"
+    if value.ndim == 2 and value.shape[1] == axes:
+        return None
+    batched = f" (a batched one: pass {key}[0])" if value.ndim == 3 else ""
+    return (
+        f"{key} must have shape (tokens, {axes}), one row per token shared by the batch, as "
+        f"FluxPipeline passes it; got {tuple(value.shape)}{batched}"
+    )
+
+
+def _guidance_tensor(value: Any, where: str) -> Tensor:
+    """Flux-dev's embedded guidance scale: a number becomes ``torch.full([1], g)`` in float32,
+    as FluxPipeline makes it; a tensor must hold one value per sample (or one for all)."""
+    if isinstance(value, Tensor):
+        if value.ndim != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{where} must be a number or a floating tensor of shape (batch,) or (1,), got "
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a number (the embedded guidance scale), got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    return torch.full([1], float(value), dtype=torch.float32)
+
+
+def _flux_kwargs(kwargs: Mapping[str, Any], batch: int, where: str) -> dict[str, Any]:
+    """One Flux call's keyword arguments: tensors of batch 1 expanded to ``batch``, but the
+    position ids ``txt_ids`` and ``img_ids`` (one row per token) passed as they are."""
+    rest = {k: v for k, v in kwargs.items() if k not in _FLUX_IDS}
+    ids = {k: v for k, v in kwargs.items() if k in _FLUX_IDS}
+    return {**_batched(rest, batch, where), **ids}
+
+
+def _check_flux_cond(
+    transformer: Any, cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Refuse, in one line and before any call, Flux conditioning the transformer cannot take
+    as FluxPipeline gives it. Returns copies of ``cond`` and ``negative_cond`` in which a
+    ``guidance`` number is a tensor. The negative branch may have ``txt_ids`` of its own
+    (negative embeddings of another length): it is a call of its own, as in FluxPipeline."""
+    config = transformer.config
+    name = type(transformer).__name__
+    axes = len(config.get("axes_dims_rope", (16, 56, 56)))
+    for key in ("encoder_hidden_states", "pooled_projections", "txt_ids"):
+        if key not in cond:
+            raise ValueError(
+                f"{name} needs cond key {key!r}: FluxPipeline.encode_prompt returns "
+                "(prompt_embeds, pooled_prompt_embeds, text_ids); pass them as "
+                "encoder_hidden_states, pooled_projections and txt_ids"
+            )
+    if "img_ids" not in cond:
+        raise ValueError(
+            f"{name} needs cond key 'img_ids', the (tokens, {axes}) positions of the packed "
+            "latents' tokens: FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, "
+            "dtype) for latents of h x w before packing"
+        )
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        for key in _FLUX_IDS:
+            if key in mapping:
+                problem = _ids_message(f"{where}[{key!r}]" if where else key, mapping[key], axes)
+                if problem is not None:
+                    raise ValueError(problem)
+        # The negative branch is its own call: its txt_ids, else the conditional ones.
+        txt_ids = mapping.get("txt_ids", cond["txt_ids"])
+        embeds = mapping.get("encoder_hidden_states")
+        if isinstance(embeds, Tensor) and (embeds.ndim != 3 or embeds.shape[1] != len(txt_ids)):
+            label = f"{where}['encoder_hidden_states']" if where else "encoder_hidden_states"
+            raise ValueError(
+                f"{label} has shape {tuple(embeds.shape)}, but its txt_ids has "
+                f"{len(txt_ids)} rows: give embeddings of shape (batch or 1, tokens, D) with "
+                "one txt_ids row per token"
+            )
+    embedded = bool(config.get("guidance_embeds", False))
+    positive = dict(cond)
+    negative = None if negative_cond is None else dict(negative_cond)
+    branches: list[tuple[str, dict[str, Any] | None]] = [
+        ("guidance", positive),
+        ("negative_cond['guidance']", negative),
+    ]
+    for where, branch in branches:
+        if branch is None or "guidance" not in branch:
+            continue
+        if not embedded:
+            raise ValueError(
+                f"{name} has guidance_embeds = False (a timestep-distilled model such as "
+                f"Flux.1-schnell) and embeds no guidance scale; leave {where} out (classifier-"
+                "free guidance is guidance_scale with negative_cond)"
+            )
+        branch["guidance"] = _guidance_tensor(branch["guidance"], where)
+    if embedded and "guidance" not in positive:
+        raise ValueError(
+            f"{name} has guidance_embeds = True (Flux.1-dev) and embeds the guidance scale: "
+            "give guidance=g, FluxPipeline's guidance_scale (3.5 by default), as a number or a "
+            "tensor of shape (batch,) or (1,)"
+        )
+    return positive, negative
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -532,7 +650,7 @@ class DiffusersModel(torch.nn.Module):
         unet: ``unet(sample, timestep, **kwargs)`` returning a tensor, a tuple whose first
             entry is the prediction, or an object with ``.sample`` (diffusers' UNets); in
             ``"flow"`` space ``unet(hidden_states=x, timestep=tau, return_dict=False,
-            **kwargs)`` (SD3's transformer).
+            **kwargs)`` (SD3's transformer; Flux's with ``flux``).
         alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
             space, which has none.
         space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
@@ -547,6 +665,11 @@ class DiffusersModel(torch.nn.Module):
         prediction: ``"eps"``, ``"x0"`` or ``"v"``, what the unet predicts (EDM space scales
             ``v`` to the EDM state, see ``forward``); ``"flow"`` in ``"flow"`` space.
         num_train_timesteps: ``N`` in ``"flow"`` space (the noise table's length otherwise).
+        flux: ``"flow"`` space only, call the transformer as ``FluxPipeline`` calls Flux's:
+            the state is the packed latents ``(batch, tokens, in_channels)``, the timestep is
+            ``tau / 1000`` in the dtype the transformer gets the state in (the pipeline's
+            ``t.to(latents.dtype) / 1000``), ``txt_ids`` and ``img_ids`` pass through
+            unbatched, and guidance makes two calls, the conditional one first.
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, **unet_kwargs)``: see there.
     """
@@ -561,6 +684,7 @@ class DiffusersModel(torch.nn.Module):
         learned_variance: bool = False,
         prediction: str = "eps",
         num_train_timesteps: int | None = None,
+        flux: bool = False,
     ) -> None:
         super().__init__()
         if space not in _SPACES:
@@ -570,6 +694,8 @@ class DiffusersModel(torch.nn.Module):
                 "space 'flow' takes num_train_timesteps and no alphas_cumprod; 'vp' and 'edm' "
                 "take alphas_cumprod"
             )
+        if flux and space != "flow":
+            raise ValueError(f"flux=True needs space 'flow', got {space!r}")
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -579,6 +705,7 @@ class DiffusersModel(torch.nn.Module):
         self.sigma_rule = sigma_rule
         self.learned_variance = bool(learned_variance)
         self.prediction = prediction
+        self.flux = bool(flux)
         if space == "flow":
             if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
                 raise ValueError(
@@ -658,15 +785,18 @@ class DiffusersModel(torch.nn.Module):
             x: state of shape ``(batch, C, ...)`` in the unet's dtype: ``alpha x0 + sigma eps``
                 in VP space, ``x0 + sigma_bar eps`` in EDM space (the unet then sees
                 ``x / sqrt(sigma_bar^2 + 1)``, as after diffusers' ``scale_model_input``),
-                ``(1 - sigma) x0 + sigma eps`` in flow space.
+                ``(1 - sigma) x0 + sigma eps`` in flow space (for Flux, packed latents of shape
+                ``(batch, tokens, in_channels)``).
             t: shape ``(batch,)``, the ODE's time: ``(tau + 1) / N`` (VP), ``sigma_bar`` (EDM)
                 or ``sigma`` (flow).
             guidance_scale: ``g`` of classifier-free guidance; the output is ``u + g (c - u)``
                 of the unconditional (``negative_cond``) and conditional (``unet_kwargs``)
-                predictions, from one call on the batch ``[unconditional, conditional]``.
+                predictions, from one call on the batch ``[unconditional, conditional]`` (for
+                Flux, two calls: the conditional one, then the unconditional one).
             negative_cond: the unconditional branch's unet keyword arguments.
             unet_kwargs: keyword arguments of the unet; tensors of batch 1 are expanded to
-                ``batch``.
+                ``batch`` (Flux's ``txt_ids`` and ``img_ids`` excepted: they are passed as
+                they are, to both branches of guidance).
 
         Returns:
             The prediction, shape of ``x``, in the unet's dtype (float32 at least under
@@ -677,7 +807,9 @@ class DiffusersModel(torch.nn.Module):
         """
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
-        if self.in_channels is not None and (x.ndim < 2 or x.shape[1] != self.in_channels):
+        if self.flux:
+            self._check_packed(x, unet_kwargs)
+        elif self.in_channels is not None and (x.ndim < 2 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"the state has shape {tuple(x.shape)}, but the unet takes in_channels = "
                 f"{self.in_channels} at dim 1; give a state of shape (batch, {self.in_channels}, "
@@ -686,6 +818,10 @@ class DiffusersModel(torch.nn.Module):
         times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
         tau_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
+        if self.flux:
+            # FluxPipeline's timestep / 1000 of the scheduler's float32 t = sigma N, cast to
+            # the latents' dtype first: t.expand(batch).to(latents.dtype) / 1000.
+            tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
         tau = tau.to(x.device)
         view = (-1,) + (1,) * (x.ndim - 1)
         if self.space == "edm":
@@ -696,13 +832,23 @@ class DiffusersModel(torch.nn.Module):
             x_in = x
 
         if guidance_scale is not None and guidance_scale != 1 and negative_cond is not None:
-            kwargs = _paired(negative_cond, unet_kwargs, batch, "")
-            both = self._call_unet(torch.cat([x_in, x_in]), torch.cat([tau, tau]), kwargs)
+            if self.flux:
+                # FluxPipeline's true classifier-free guidance: two calls, the conditional
+                # first, the negative one with its own arguments (txt_ids included).
+                negative = {**unet_kwargs, **negative_cond}
+                c = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""))
+                u = self._call_unet(x_in, tau, _flux_kwargs(negative, batch, "negative_cond"))
+            else:
+                kwargs = _paired(negative_cond, unet_kwargs, batch, "")
+                both = self._call_unet(torch.cat([x_in, x_in]), torch.cat([tau, tau]), kwargs)
+                u, c = both[:batch], both[batch:]
             # The raw outputs are combined (linear, so the same in eps, x0 or v), in float32 at
             # least so that a half-precision unet's difference c - u is not rounded again.
-            wide = torch.promote_types(both.dtype, torch.float32)
-            uncond, cond = both[:batch].to(wide), both[batch:].to(wide)
+            wide = torch.promote_types(c.dtype, torch.float32)
+            uncond, cond = u.to(wide), c.to(wide)
             out = uncond + guidance_scale * (cond - uncond)
+        elif self.flux:
+            out = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""))
         else:
             out = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
         if self.space == "edm" and self.prediction == "v":
@@ -711,10 +857,29 @@ class DiffusersModel(torch.nn.Module):
             out = out.to(wide) * scale.to(wide)
         return out
 
+    def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any]) -> None:
+        """Refuse a Flux state that is not packed latents matching ``img_ids``."""
+        c = self.in_channels
+        if x.ndim != 3 or (c is not None and x.shape[2] != c):
+            packed = f"(batch, tokens, {c})" if c is not None else "(batch, tokens, channels)"
+            raise ValueError(
+                f"the state has shape {tuple(x.shape)}, but Flux's transformer takes packed "
+                f"latents of shape {packed}, as FluxPipeline's loop carries them; pack "
+                "image-shaped latents (batch, channels, h, w) with "
+                "FluxPipeline._pack_latents(latents, batch, channels, h, w)"
+            )
+        ids = kwargs.get("img_ids")
+        if isinstance(ids, Tensor) and ids.shape[0] != x.shape[1]:
+            raise ValueError(
+                f"img_ids has {ids.shape[0]} rows but the state has {x.shape[1]} tokens; make "
+                "img_ids for the latents' size: FluxPipeline._prepare_latent_image_ids(1, h // 2, "
+                "w // 2, device, dtype)"
+            )
+
     def _call_unet(self, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
         if self.space == "flow":
-            # By keyword, as StableDiffusion3Pipeline calls it: the transformer's second
-            # positional argument is encoder_hidden_states.
+            # By keyword, as StableDiffusion3Pipeline and FluxPipeline call it: the
+            # transformer's second positional argument is encoder_hidden_states.
             result = self.unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)
         else:
             result = self.unet(x, tau, **kwargs)
@@ -751,15 +916,15 @@ def from_diffusers(
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
-    or the flow-matching ODE of Stable Diffusion 3's transformer.
+    or the flow-matching ODE of Stable Diffusion 3's or Flux's transformer.
 
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, or any module called as
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
-            with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``
-            (``pipe.transformer``), or any module called as ``unet(hidden_states=x,
-            timestep=tau, return_dict=False, **kwargs)`` that returns the velocity
-            ``eps - x0``. Put it in eval mode (``from_pretrained`` does).
+            with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel`` or
+            a ``FluxTransformer2DModel`` (``pipe.transformer``), or any module called as
+            ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` that returns
+            the velocity ``eps - x0``. Put it in eval mode (``from_pretrained`` does).
         scheduler: a diffusers scheduler instance, or its config mapping (the class named in
             ``_class_name`` is built). Its ``alphas_cumprod`` (read as float64) is the noise
             table; its ``prediction_type`` says what the unet predicts. A
@@ -779,7 +944,14 @@ def from_diffusers(
             ``guidance_scale=g`` and ``negative_cond={...}``, the unconditional branch's
             arguments (``{"encoder_hidden_states": negative_embeds}``); each model evaluation is
             then one unet call on the batch ``[unconditional, conditional]`` and returns
-            ``u + g (c - u)``.
+            ``u + g (c - u)``. Flux needs ``encoder_hidden_states`` ``(batch or 1, L, D)``,
+            ``pooled_projections`` ``(batch or 1, P)``, ``txt_ids`` ``(L, 3)`` and ``img_ids``
+            ``(tokens, 3)`` (2-D, passed as they are: neither expanded nor cast), and, where
+            the transformer has ``guidance_embeds`` (Flux.1-dev), ``guidance``: the embedded
+            guidance scale (FluxPipeline's ``guidance_scale``), a number or a tensor of
+            shape ``(batch or 1,)``. Its classifier-free guidance (FluxPipeline's
+            ``true_cfg_scale`` with a negative prompt) makes two calls, the conditional one
+            first, as the pipeline does; the negative branch may have its own ``txt_ids``.
 
     Returns:
         A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
@@ -797,9 +969,16 @@ def from_diffusers(
             (unless twice as many with the scheduler's variance_type 'learned' or
             'learned_range'); guidance_scale without negative_cond; a scheduler of unknown
             class without ``space=``. With a flow-matching scheduler: invert_sigmas or
-            stochastic_sampling set; a UNet, Flux's transformer or another diffusers model
-            than SD3's; a ``skip_layers`` key (skip-layer guidance). SD3's or Flux's
-            transformer with a noise-table scheduler.
+            stochastic_sampling set; a UNet or another diffusers model than SD3's or Flux's
+            transformer; a ``skip_layers`` key (skip-layer guidance). SD3's or Flux's
+            transformer with a noise-table scheduler. For Flux: a missing
+            ``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` or ``img_ids``;
+            ids that are not 2-D ``(tokens, 3)``; embeddings whose length is not their
+            ``txt_ids``' rows; ``guidance`` missing (with ``guidance_embeds``), given
+            (without it), not finite, or a tensor that is not 1-D and floating. At the first
+            evaluation, before the call: a state that is not packed latents
+            ``(batch, tokens, in_channels)`` or not of ``img_ids``' token count.
+        TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor.
     """
     if not callable(unet):
         raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
@@ -819,6 +998,9 @@ def from_diffusers(
     negative_cond = cond.pop("negative_cond", None)
     _check_guidance(guidance_scale, negative_cond)
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
+    flux = space == "flow" and _is_flux(unet)
+    if flux:
+        cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
 
     learned_variance = False
     unet_config = getattr(unet, "config", None)
@@ -843,9 +1025,12 @@ def from_diffusers(
     if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
         # The unet's attention multiplies the embeddings with its own weights, so they must
         # be in its dtype, as diffusers' pipelines pass them (float16 prompt embeddings to a
-        # float16 unet); integer inputs (class labels) stay as they are.
-        cond = _cast_floating(cond, model_dtype)
-        negative_cond = _cast_floating(negative_cond, model_dtype)
+        # float16 unet); integer inputs (class labels) stay as they are, and so do Flux's
+        # position ids, which the transformer reads as float32 itself.
+        keep = _FLUX_IDS if flux else ()
+        cond = _cast_cond(cond, model_dtype, keep)
+        if negative_cond is not None:
+            negative_cond = _cast_cond(negative_cond, model_dtype, keep)
     clean_end = _clean_end(sched) if space == "vp" else True
     model = DiffusersModel(
         unet,
@@ -857,6 +1042,7 @@ def from_diffusers(
         num_train_timesteps=int(sched.config.get("num_train_timesteps", 1000))
         if space == "flow"
         else None,
+        flux=flux,
     )
     ode_cond = dict(cond)
     if guidance_scale is not None:
@@ -925,7 +1111,27 @@ def _check_sigmas_in_table(sched: Any, sigmas: list[float], table: np.ndarray, s
         )
 
 
-def _flow_grid(sched: Any, num_inference_steps: int, mu: Any) -> Tensor:
+def _custom_sigmas(sigmas: Any, num_inference_steps: int | None) -> list[float]:
+    """``sigmas`` as passed to ``set_timesteps(sigmas=...)``, checked: finite numbers, one a
+    step."""
+    try:
+        values = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError(
+            "sigmas must be a non-empty sequence of finite numbers, one per step, as "
+            "FluxPipeline passes np.linspace(1.0, 1 / n, n) to set_timesteps"
+        )
+    if num_inference_steps is not None and values.size != num_inference_steps:
+        raise ValueError(
+            f"sigmas has {values.size} values but num_inference_steps = {num_inference_steps}; "
+            "give one sigma per step (or num_inference_steps=None)"
+        )
+    return [float(v) for v in values]
+
+
+def _flow_grid(sched: Any, num_inference_steps: int | None, mu: Any, sigmas: Any = None) -> Tensor:
     """diffusers' ``sigmas`` of a flow-matching scheduler after ``set_timesteps``, widened."""
     _check_flow_config(sched)
     name = type(sched).__name__
@@ -945,25 +1151,31 @@ def _flow_grid(sched: Any, num_inference_steps: int, mu: Any) -> Tensor:
             f"{name} config does not set (set_timesteps would ignore it); leave mu out"
         )
     fresh = copy.deepcopy(sched)
-    fresh.set_timesteps(num_inference_steps, mu=mu)
-    sigmas = [float(v) for v in torch.as_tensor(fresh.sigmas).detach().cpu().reshape(-1)]
-    ok = all(0.0 <= s <= 1.0 for s in sigmas) and all(a > b for a, b in zip(sigmas, sigmas[1:]))
-    if not ok or sigmas[-1] != 0.0:
-        shown = ", ".join(f"{s:.6g}" for s in sigmas[:4]) + (", ..." if len(sigmas) > 4 else "")
+    if sigmas is None:
+        fresh.set_timesteps(num_inference_steps, mu=mu)
+    else:
+        fresh.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
+    made = [float(v) for v in torch.as_tensor(fresh.sigmas).detach().cpu().reshape(-1)]
+    ok = all(0.0 <= s <= 1.0 for s in made) and all(a > b for a, b in zip(made, made[1:]))
+    if not ok or made[-1] != 0.0:
+        shown = ", ".join(f"{s:.6g}" for s in made[:4]) + (", ..." if len(made) > 4 else "")
         fields = ", ".join(f"{k} = {sched.config.get(k)!r}" for k in ("shift", "shift_terminal"))
+        given = "" if sigmas is None else " and the sigmas given"
         raise ValueError(
-            f"the {name} config ({fields}) gives sigmas {shown} for num_inference_steps = "
-            f"{num_inference_steps}, not decreasing from at most 1 to 0 as an ODE's times must"
+            f"the {name} config ({fields}){given} gives sigmas {shown} for "
+            f"num_inference_steps = {len(made) - 1}, not decreasing from at most 1 to 0 as an "
+            "ODE's times must"
         )
-    return torch.tensor(sigmas, dtype=torch.float64)
+    return torch.tensor(made, dtype=torch.float64)
 
 
 def diffusers_grid(
     scheduler: Any,
-    num_inference_steps: int,
+    num_inference_steps: int | None,
     *,
     space: str | None = None,
     mu: float | None = None,
+    sigmas: Any = None,
 ) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
@@ -982,7 +1194,9 @@ def diffusers_grid(
       calls the transformer (``timesteps = sigmas * N``) and between which
       ``FlowMatchEulerDiscreteScheduler.step`` steps. Shifted, Karras, exponential or beta
       sigmas, ``shift_terminal`` and dynamic shifting (with ``mu``) come as diffusers makes
-      them.
+      them. ``sigmas`` are the ones a pipeline passes to ``set_timesteps`` in place of the
+      scheduler's own spacing (``FluxPipeline``: ``np.linspace(1.0, 1 / n, n)``), to be
+      shifted as diffusers shifts them.
 
     Each step goes to the next point where the model is evaluated. DDIM's own step goes from
     ``tau`` to ``tau - N // n``, which is the next timestep for ``"leading"`` spacing and for
@@ -991,10 +1205,13 @@ def diffusers_grid(
 
     Args:
         scheduler: a diffusers scheduler instance or its config mapping.
-        num_inference_steps: as for diffusers' ``set_timesteps``.
+        num_inference_steps: as for diffusers' ``set_timesteps``; None with ``sigmas``
+            (their number then).
         space: ``"vp"``, ``"edm"`` or ``"flow"``; the same as given to ``from_diffusers``.
         mu: the shift of a flow-matching scheduler with ``use_dynamic_shifting=True``, as
             diffusers' ``set_timesteps(mu=...)`` takes it; refused otherwise.
+        sigmas: flow space only: the unshifted sigmas, one per step (a sequence or 1-D array
+            of floats), as diffusers' ``set_timesteps(sigmas=...)`` takes them.
 
     Returns:
         float64 tensor of times (noisiest first) for the ODE that
@@ -1006,13 +1223,23 @@ def diffusers_grid(
             ``sigma_max``, unless ``timestep_type="continuous"``), where the unet has no
             timestep. In flow space: ``use_dynamic_shifting`` without ``mu`` (or ``mu``
             without it), ``invert_sigmas``, ``stochastic_sampling``, and sigmas that do not
-            decrease from at most 1 to 0.
+            decrease from at most 1 to 0; ``sigmas`` that are not finite numbers or not one
+            per step. ``sigmas`` outside flow space.
     """
-    num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
+    if sigmas is None or num_inference_steps is not None:
+        num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
     sched = _scheduler(scheduler)
     space = _space(sched, space)
     if space == "flow":
-        return _flow_grid(sched, num_inference_steps, mu)
+        if sigmas is not None:
+            sigmas = _custom_sigmas(sigmas, num_inference_steps)
+        return _flow_grid(sched, num_inference_steps, mu, sigmas)
+    if sigmas is not None:
+        raise ValueError(
+            f"sigmas are the custom sigmas of a flow-matching scheduler; "
+            f"{type(sched).__name__} takes none here; leave them out"
+        )
+    assert num_inference_steps is not None  # checked above, sigmas being None
     if mu is not None:
         raise ValueError(
             f"mu is the shift of a flow-matching scheduler's dynamic shifting; "

@@ -1,8 +1,9 @@
 """Tiny randomly initialised diffusers models, built from config with nothing downloaded.
 
 Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
-Stable Diffusion 3's ``SD3Transformer2DModel``, a whole ``StableDiffusionPipeline`` or
-``StableDiffusionXLPipeline`` with a CLIP tokenizer made from a vocabulary written locally), a
+Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel``, a whole
+``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or
+``FluxPipeline`` with CLIP and T5 tokenizers made from a vocabulary written locally), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -20,18 +21,32 @@ import torch
 
 __all__ = [
     "SD_NOISE_TABLE",
+    "FLUX_DEV_SCHEDULER",
     "tiny_unet",
     "tiny_sd3_transformer",
+    "tiny_flux_transformer",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_flux_pipeline",
     "TINY_WORDS",
 ]
 
 #: Stable Diffusion's noise table (SD 1.x and SDXL alike), as scheduler keyword arguments.
 SD_NOISE_TABLE: dict[str, Any] = dict(
     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
+
+#: Flux.1-dev's FlowMatchEulerDiscreteScheduler config, as keyword arguments: shift 3 and
+#: resolution-dependent shifting from 0.5 (256 image tokens) to 1.15 (4096 tokens).
+FLUX_DEV_SCHEDULER: dict[str, Any] = dict(
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
 )
 
 #: The words the tiny tokenizer knows whole (any other word is spelled letter by letter).
@@ -103,6 +118,40 @@ def tiny_sd3_transformer(
     config.update(overrides)
     net = diffusers.SD3Transformer2DModel(**config)
     # diffusers warns of any cast with .to(dtype), needed or not.
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def tiny_flux_transformer(
+    *,
+    guidance_embeds: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A ``FluxTransformer2DModel`` with one double-stream and one single-stream block on
+    packed latents of shape ``(batch, tokens, 16)`` (4 latent channels in patches of 2 x 2, as
+    ``FluxPipeline._pack_latents`` makes them), text tokens of width 16
+    (``encoder_hidden_states`` of shape ``(batch, L, 16)``), pooled embeddings of width 8
+    (``pooled_projections`` of shape ``(batch, 8)``) and position ids ``txt_ids`` of shape
+    ``(L, 3)`` and ``img_ids`` of shape ``(tokens, 3)``. With ``guidance_embeds`` (Flux.1-dev)
+    it embeds a guidance scale, ``guidance`` of shape ``(batch,)``; without it, it is
+    timestep-distilled as Flux.1-schnell. Weights drawn with ``torch.manual_seed(seed)``, in
+    eval mode and ``dtype``; ``overrides`` add to or replace fields of its config."""
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    config.update(overrides)
+    net = diffusers.FluxTransformer2DModel(**config)
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
@@ -299,6 +348,65 @@ def tiny_sd3_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
         tokenizer_2=tokenizer,
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_t5_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
+    """A T5 (unigram) tokenizer that knows each of ``words`` whole and spells any other word
+    letter by letter; made in memory. Its ``model_max_length`` is T5's 512, as Flux's."""
+    import transformers
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + word, -1.0) for word in words]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_flux_pipeline(
+    folder: str | Path, scheduler: Any = None, *, guidance_embeds: bool = True
+) -> Any:
+    """A float32 ``FluxPipeline`` of tiny random parts on 16 x 16 RGB images.
+
+    A one-layer ``CLIPTextModel`` of width 8 on ``tiny_tokenizer(folder)`` (its pooled output
+    is the pooled embedding, of shape ``(batch, 8)``) and a one-layer ``T5EncoderModel`` of
+    width 16 on a T5 tokenizer of the same words (prompt embeddings of shape ``(batch, L, 16)``
+    for ``max_sequence_length=L``; pass ``max_sequence_length=16``, since the pipeline's
+    default 512 pads every prompt to 512 tokens). ``tiny_flux_transformer(guidance_embeds=
+    guidance_embeds)`` on the packed latents of shape ``(batch, 16, 16)`` (4 x 8 x 8 latents
+    in patches of 2 x 2), and the ``AutoencoderKL`` of ``tiny_text_to_image_pipeline`` with
+    Flux's ``scaling_factor`` and ``shift_factor``. ``scheduler`` defaults to Flux.1-dev's
+    ``FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)``. The progress bar is off.
+    """
+    import transformers
+
+    tokenizer = tiny_tokenizer(folder)
+    tokenizer_2 = _tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = _tiny_text_encoder(tokenizer, hidden_size=8, intermediate_size=16)
+    t5_config = transformers.T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+    )
+    text_encoder_2 = transformers.T5EncoderModel(t5_config).eval()
+    if scheduler is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    pipe = diffusers.FluxPipeline(
+        scheduler=scheduler,
+        vae=_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
