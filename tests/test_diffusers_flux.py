@@ -18,7 +18,12 @@ from conftest import Counter
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
 import bdia
-from bdia.integrations.diffusers import diffusers_grid, from_diffusers
+from bdia.integrations.diffusers import (
+    BDIAInverseScheduler,
+    BDIAScheduler,
+    diffusers_grid,
+    from_diffusers,
+)
 from bdia.integrations.diffusers.tiny import (
     FLUX_DEV_SCHEDULER,
     tiny_flux_pipeline,
@@ -428,3 +433,76 @@ def test_the_callers_conditioning_is_left_as_it_was(dev):
     assert cond["guidance"] == EMBEDDED and negative == before and negative["guidance"] == 2.0
     assert torch.equal(ode.cond["guidance"], torch.tensor([EMBEDDED]))
     assert torch.equal(ode.cond["negative_cond"]["guidance"], torch.tensor([2.0]))
+
+
+# ------------------------------------------------------------------ BDIA scheduler
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["dev", "schnell"])
+def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, embedded):
+    """FluxPipeline with BDIAScheduler.from_config(its config, gamma=0.9) gives the latents
+    and the final pair (low words included) of bdia.sample with bdia(euler, 0.9) on
+    from_diffusers / diffusers_grid(mu=, sigmas=), bit for bit. The pipeline passes its own
+    sigmas and mu to set_timesteps (mu even without dynamic shifting, schnell's config, where
+    the scheduler ignores it as FlowMatchEulerDiscreteScheduler does) and calls
+    set_begin_index. The inverse scheduler's loop, with the pipeline's transformer calls,
+    returns the starting noise bit for bit, and so does bdia.invert from the pair."""
+    scheduler = _dev_scheduler() if embedded else _schnell_scheduler()
+    pipe = tiny_flux_pipeline(tmp_path, scheduler=scheduler, guidance_embeds=embedded)
+    source = pipe.scheduler.config
+    pipe.scheduler = BDIAScheduler.from_config(source, gamma=0.9)
+    assert pipe.scheduler.config.flow_matching
+    noise = _noise(torch.float32)
+    latents = _pipeline_latents(pipe, noise, "a photo of a fox")
+    cond = dict(_encoded(pipe, "a photo of a fox"), img_ids=_img_ids())
+    if embedded:
+        cond["guidance"] = EMBEDDED
+    mu = _mu(scheduler)
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu, sigmas=_sigmas())
+    assert pipe.scheduler.grid == ts.tolist()
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.9)
+    with torch.no_grad():
+        ref = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+    pair = pipe.scheduler.final_pair
+    assert pair.solver == "bdia(euler, gamma=0.9)" and pair.start_index == 0
+    assert torch.equal(latents, ref.later)
+    for name in ("earlier", "later", "earlier_low", "later_low"):
+        assert torch.equal(getattr(pair, name), getattr(ref, name)), name
+
+    inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+    # FluxPipeline's mu, which schnell's scheduler ignores.
+    inverse.set_timesteps(sigmas=_sigmas(), mu=calculate_shift(TOKENS))
+    guidance = torch.full([BATCH], EMBEDDED) if embedded else None
+    embeds = cond["encoder_hidden_states"].expand(BATCH, -1, -1)
+    pooled = cond["pooled_projections"].expand(BATCH, -1)
+    with torch.no_grad():
+        x = inverse.begin(pair)
+        for t in inverse.timesteps:
+            out = pipe.transformer(
+                hidden_states=x,
+                timestep=t.expand(BATCH).to(x.dtype) / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=cond["txt_ids"],
+                img_ids=_img_ids(),
+                return_dict=False,
+            )[0]
+            x = inverse.step(out, t, x).prev_sample
+        back = bdia.invert(ode, solver, pair, ts)
+    assert len(inverse.timesteps) == N_STEPS - 1
+    assert torch.equal(inverse.pair.earlier, noise)
+    assert torch.equal(back.earlier, noise)
+
+
+def test_bdia_scheduler_sigmas_refusals():
+    """Sigmas for a noise-table BDIA scheduler, and sigmas of another count than the steps:
+    one line each."""
+    with pytest.raises(ValueError) as exc_info:
+        BDIAScheduler().set_timesteps(N_STEPS, sigmas=_sigmas())
+    _one_line_error(exc_info, "sigmas")
+    flow = BDIAScheduler.from_config(_dev_scheduler().config)
+    with pytest.raises(ValueError) as exc_info:
+        flow.set_timesteps(N_STEPS, sigmas=_sigmas(4), mu=0.5)
+    _one_line_error(exc_info, "num_inference_steps")

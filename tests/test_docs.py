@@ -207,6 +207,33 @@ gamma, n, mu, noise = 0.96, 28, None, torch.randn(1, 4, 8, 8)
 steps, guidance = 28, 7.0
 embeds, pooled = torch.cat([npe, pe]), torch.cat([npp, pp])
 """,
+    # The Flux scheduler blocks: a tiny Flux pipeline whose default image is 16 x 16 (16
+    # tokens), its prompt's encoding and ids, FluxPipeline's mu for 16 tokens, and the seed
+    # of the pipeline's noise (drawn from the global generator).
+    ("docs/diffusers.md", "diffusers_grid(pipe.scheduler, n, mu=mu, sigmas="): """
+import pathlib
+import numpy as np
+import torch
+import bdia
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from bdia.integrations.diffusers import diffusers_grid, from_diffusers
+from bdia.integrations.diffusers.tiny import tiny_flux_pipeline
+pathlib.Path("flux_parts").mkdir(exist_ok=True)
+pipe = tiny_flux_pipeline("flux_parts")
+pipe.default_sample_size = 8
+prompt = "a photo of a cat"
+with torch.no_grad():
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None)
+img_ids = pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
+cond = dict(encoder_hidden_states=embeds, pooled_projections=pooled, txt_ids=text_ids,
+            img_ids=img_ids, guidance=3.5)
+gamma, n, mu, noise = 0.96, 28, calculate_shift(16), torch.randn(1, 16, 16)
+""",
+    ("docs/diffusers.md", "# packed latents, as the pipeline's"): """
+from bdia.integrations.diffusers import BDIAInverseScheduler, BDIAScheduler
+steps = 28
+torch.manual_seed(0)
+""",
     ("docs/edm_cifar10.md", "net = load_network("): (
         _EDM_NET
         + """
@@ -338,6 +365,15 @@ def _flux_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _flux_scheduler_inverted(ns):
+    # "noise = inv.pair.earlier": the packed noise the pipeline drew after
+    # torch.manual_seed(0), bit for bit; and the pair the pipeline's run left.
+    pipe = ns["pipe"]
+    assert ns["pair"].solver == "bdia(euler, gamma=0.96)"
+    torch.manual_seed(0)
+    assert torch.equal(ns["noise"], pipe._pack_latents(torch.randn(1, 4, 8, 8), 1, 4, 8, 8))
+
+
 def _steered_toward_eight(ns):
     # The prose: the optimised noise makes the classifier call the samples 8 more often.
     assert (ns["after"] > ns["before"]).all()
@@ -372,6 +408,7 @@ AFTER = {
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
     ("docs/diffusers.md", "FluxPipeline.from_pretrained("): _flux_inverted,
+    ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,

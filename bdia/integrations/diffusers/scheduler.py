@@ -1,7 +1,8 @@
 """BDIA as diffusers schedulers: ``BDIAScheduler`` samples, ``BDIAInverseScheduler`` inverts.
 
 ``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler, or of
-Stable Diffusion 3's ``FlowMatchEulerDiscreteScheduler`` (BDIA over Euler then)::
+the ``FlowMatchEulerDiscreteScheduler`` of Stable Diffusion 3 or Flux (BDIA over Euler
+then)::
 
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
     image = pipe(...).images
@@ -359,6 +360,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def _reset(self) -> None:
         """Forget the state of a run."""
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Accepted for the pipelines that call it (FluxPipeline); unused: each step finds
+        its index from its timestep."""
+
     def __len__(self) -> int:
         return self.config["num_train_timesteps"]
 
@@ -385,18 +390,35 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             )
         return self._inner.add_noise(original_samples, noise, timesteps)
 
-    def _build(self, num_inference_steps: int, device: Any, mu: float | None = None) -> None:
-        """The inner scheduler's timesteps for ``num_inference_steps`` and the bdia grid
-        through them."""
-        # Checked before DDIM sees it: DDIM divides by it (ZeroDivisionError for 0).
-        num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
+    def _build(
+        self,
+        num_inference_steps: int | None,
+        device: Any,
+        mu: float | None = None,
+        sigmas: Any = None,
+    ) -> None:
+        """The inner scheduler's timesteps for ``num_inference_steps`` (or ``sigmas``) and the
+        bdia grid through them."""
         self._sync()
         if self._flow:
-            # diffusers_grid first: it refuses a missing or needless mu in one line.
-            grid = [float(t) for t in diffusers_grid(self._inner, num_inference_steps, mu=mu)]
-            self._inner.set_timesteps(num_inference_steps, device=device, mu=mu)
-            self._set_grid(num_inference_steps, [float(v) for v in self._inner.timesteps], grid)
+            if not self.config.get("use_dynamic_shifting", False):
+                # FluxPipeline passes its mu whatever the config; the flow-matching scheduler
+                # ignores it without dynamic shifting, and so does its stand-in.
+                mu = None
+            # diffusers_grid first: it refuses a missing mu, bad sigmas or steps in one line.
+            times = diffusers_grid(self._inner, num_inference_steps, mu=mu, sigmas=sigmas)
+            steps = len(times) - 1
+            self._inner.set_timesteps(steps, device=device, sigmas=sigmas, mu=mu)
+            taus = [float(v) for v in self._inner.timesteps]
+            self._set_grid(steps, taus, [float(t) for t in times])
             return
+        if sigmas is not None:
+            raise ValueError(
+                "sigmas are the custom sigmas of a flow-matching scheduler; this BDIA "
+                "scheduler has a noise table and takes none; leave them out"
+            )
+        # Checked before DDIM sees it: DDIM divides by it (ZeroDivisionError for 0).
+        num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
         if mu is not None:
             raise ValueError(
                 "mu is the shift of a flow-matching scheduler's dynamic shifting; this BDIA "
@@ -517,7 +539,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
 class BDIAScheduler(_BDIASchedulerBase):
     """BDIA over DDIM as a diffusers scheduler, for pipelines that take a DDIM-type scheduler;
-    BDIA over Euler for Stable Diffusion 3's ``StableDiffusion3Pipeline``.
+    BDIA over Euler for ``StableDiffusion3Pipeline`` and ``FluxPipeline``.
 
     Build it from the pipeline's scheduler config: ``BDIAScheduler.from_config(
     pipe.scheduler.config, gamma=0.96)``. The config takes DDIMScheduler's fields (from a
@@ -545,10 +567,12 @@ class BDIAScheduler(_BDIASchedulerBase):
             also holds that scheduler's fields (all of them, defaults included, as the SD3
             pipeline reads ``max_shift`` and the like from it), an internal
             ``FlowMatchEulerDiscreteScheduler`` makes the sigmas and the (float) timesteps,
-            ``set_timesteps`` takes ``mu`` for ``use_dynamic_shifting``, and the base solver
-            is Euler on ``RectifiedFlow``: ``bdia.bdia("euler", gamma)`` on
-            ``from_diffusers(transformer, scheduler)`` and ``diffusers_grid(scheduler, n,
-            mu=mu)``. The DDIM fields are unused then; ``add_noise`` (image to image) and
+            ``set_timesteps`` takes ``mu`` for ``use_dynamic_shifting`` (and ignores it
+            otherwise, as FluxPipeline passes one whatever the config) and the unshifted
+            ``sigmas`` FluxPipeline passes, and the base solver is Euler on
+            ``RectifiedFlow``: ``bdia.bdia("euler", gamma)`` on ``from_diffusers(transformer,
+            scheduler)`` and ``diffusers_grid(scheduler, n, mu=mu, sigmas=sigmas)``. The
+            DDIM fields are unused then; ``add_noise`` (image to image) and
             ``gamma="obelm"`` are refused. ``sigmas`` is the inner scheduler's.
 
     Each step goes from a timestep to the next one in ``timesteps`` (the last to alpha = 1
@@ -581,14 +605,20 @@ class BDIAScheduler(_BDIASchedulerBase):
 
     def set_timesteps(
         self,
-        num_inference_steps: int,
+        num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         mu: float | None = None,
+        sigmas: Any = None,
     ):
-        """DDIM's timesteps for ``num_inference_steps`` steps (FlowMatchEulerDiscreteScheduler's
-        under ``flow_matching``, shifted by ``mu`` with ``use_dynamic_shifting``, as
-        StableDiffusion3Pipeline passes it); starts a new run."""
-        self._build(num_inference_steps, device, mu)
+        """DDIM's timesteps for ``num_inference_steps`` steps; starts a new run.
+
+        Under ``flow_matching``, FlowMatchEulerDiscreteScheduler's, shifted by ``mu`` with
+        ``use_dynamic_shifting`` (as StableDiffusion3Pipeline and FluxPipeline pass it; without
+        dynamic shifting ``mu`` is ignored, as that scheduler ignores it), from the unshifted
+        ``sigmas`` if given (FluxPipeline's ``np.linspace(1.0, 1 / n, n)``, one per step;
+        ``num_inference_steps`` may then be None).
+        """
+        self._build(num_inference_steps, device, mu, sigmas)
         self.timesteps = self._inner.timesteps
 
     @property
@@ -732,13 +762,14 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
 
     def set_timesteps(
         self,
-        num_inference_steps: int,
+        num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         mu: float | None = None,
+        sigmas: Any = None,
     ):
-        """The inversion's timesteps for a forward run of ``num_inference_steps`` (and ``mu``,
-        as the forward run had it); call ``begin(pair)`` next."""
-        self._build(num_inference_steps, device, mu)
+        """The inversion's timesteps for a forward run of ``num_inference_steps`` (and ``mu``
+        and ``sigmas``, as the forward run had them); call ``begin(pair)`` next."""
+        self._build(num_inference_steps, device, mu, sigmas)
         self.forward_timesteps = self._inner.timesteps
         last = len(self._grid()) - 1
         self.timesteps = self._inner.timesteps[1:last].flip(0)
