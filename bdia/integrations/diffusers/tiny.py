@@ -323,7 +323,8 @@ def tiny_sd3_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
 
     Two two-layer ``CLIPTextModelWithProjection`` encoders of width 8 (projections of 4)
     sharing ``tiny_tokenizer(folder)``, no T5 encoder (the pipeline then puts zeros in its
-    place, as SD3 does without T5): prompt embeddings of shape ``(batch, 32, 16)``, pooled ones
+    place, as SD3 does without T5): prompt embeddings of shape ``(batch, 272, 16)`` (16 CLIP
+    tokens, then 256 zeros for T5 at the pipeline's default ``max_sequence_length``), pooled ones
     of shape ``(batch, 8)``. ``tiny_sd3_transformer()`` on 4 x 8 x 8 latents and the
     ``AutoencoderKL`` of ``tiny_text_to_image_pipeline`` with SD3's ``scaling_factor`` and
     ``shift_factor``. ``scheduler`` defaults to SD3's ``FlowMatchEulerDiscreteScheduler(shift=
