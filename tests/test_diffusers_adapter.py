@@ -595,3 +595,29 @@ def test_core_package_does_not_import_integrations():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_guidance_distilled_unet_needs_its_timestep_cond():
+    """A UNet with time_cond_proj_dim (LCM's) takes its guidance scale as timestep_cond and,
+    without it, runs as another network without a word: refused in one line before any
+    call. Given, it reaches the UNet: the ODE's model equals the UNet called with it."""
+    unet = tiny_unet(conditional=True, channels=4, cross_attention_dim=16, time_cond_proj_dim=8)
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    embeds = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(0))
+    calls = Counter(unet)
+    with pytest.raises(ValueError, match=r"time_cond_proj_dim = 8 .*timestep_cond") as info:
+        from_diffusers(unet, scheduler, encoder_hidden_states=embeds)
+    assert "\n" not in str(info.value) and calls.calls == 0
+    w = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    ode = from_diffusers(unet, scheduler, encoder_hidden_states=embeds, timestep_cond=w)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = diffusers_grid(scheduler, 10)[3].item()
+    with torch.no_grad():
+        got = ode.evaluate(t, x).eps
+        tau = round(t * 1000 - 1)
+        want = unet(
+            x, tau, encoder_hidden_states=embeds.expand(2, -1, -1), timestep_cond=w.expand(2, -1)
+        ).sample
+        without = unet(x, tau, encoder_hidden_states=embeds.expand(2, -1, -1)).sample
+    assert torch.equal(got, want)
+    assert not torch.equal(want, without)  # the embedding changes the prediction

@@ -510,6 +510,21 @@ def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
         )
 
 
+def _check_timestep_cond(unet_config: Mapping[str, Any], cond: Mapping[str, Any]) -> None:
+    """Refuse a UNet with ``time_cond_proj_dim`` (an LCM-distilled one) without its
+    ``timestep_cond``: diffusers' UNet then leaves the guidance embedding out of its time
+    embedding without a word, and predicts as a network it was not distilled into."""
+    dim = unet_config.get("time_cond_proj_dim")
+    if dim is not None and cond.get("timestep_cond") is None:
+        raise ValueError(
+            f"the unet has time_cond_proj_dim = {dim} (a guidance-distilled unet, such as "
+            "LCM's): it takes its guidance scale w as timestep_cond, and runs as another "
+            "network without it; pass timestep_cond=pipe.get_guidance_scale_embedding("
+            f"torch.tensor([w - 1.0]), embedding_dim={dim}), as LatentConsistencyModelPipeline "
+            "makes it"
+        )
+
+
 def _check_cond(
     cond: Mapping[str, Any],
     negative_cond: Mapping[str, Any] | None,
@@ -1005,6 +1020,7 @@ def from_diffusers(
     learned_variance = False
     unet_config = getattr(unet, "config", None)
     if isinstance(unet_config, Mapping):
+        _check_timestep_cond(unet_config, cond)
         c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
         if isinstance(c_in, int) and isinstance(c_out, int) and c_in != c_out:
             variance_type = sched.config.get("variance_type")
