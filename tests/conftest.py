@@ -275,3 +275,24 @@ def folder_bytes(folder: Path) -> dict[str, Any]:
         else:
             files[name] = data
     return files
+
+
+def assert_flow_run_is_bdia_sample(
+    pipe: Any, latents: torch.Tensor, ode: Any, noise: torch.Tensor, ts: torch.Tensor, gamma: float
+) -> Any:
+    """A flow-matching pipeline's run with its ``BDIAScheduler`` (``latents``, and the
+    scheduler's ``final_pair``) is ``bdia.sample`` with ``bdia(euler, gamma)`` on ``ode`` over
+    ``ts`` from ``noise``, bit for bit, low words included; the grid is the scheduler's.
+    Returns the scheduler's final pair."""
+    import bdia
+
+    assert pipe.scheduler.grid == ts.tolist()
+    solver = bdia.bdia(bdia.get_solver("euler"), gamma)
+    with torch.no_grad():
+        ref = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+    pair = pipe.scheduler.final_pair
+    assert pair.solver == f"bdia(euler, gamma={gamma})" and pair.start_index == 0
+    assert torch.equal(latents, ref.later)
+    for name in ("earlier", "later", "earlier_low", "later_low"):
+        assert torch.equal(getattr(pair, name), getattr(ref, name)), name
+    return pair

@@ -13,7 +13,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter
+from conftest import Counter, assert_flow_run_is_bdia_sample
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 import bdia
@@ -248,15 +248,7 @@ def test_bdia_scheduler_in_sd3_pipeline_is_bdia_sample_and_inverts(tmp_path, con
         )
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu)
-    assert pipe.scheduler.grid == ts.tolist()
-    solver = bdia.bdia(bdia.get_solver("euler"), 0.9)
-    with torch.no_grad():
-        ref = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
-    pair = pipe.scheduler.final_pair
-    assert pair.solver == "bdia(euler, gamma=0.9)" and pair.start_index == 0
-    assert torch.equal(latents, ref.later)
-    for name in ("earlier", "later", "earlier_low", "later_low"):
-        assert torch.equal(getattr(pair, name), getattr(ref, name)), name
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
 
     inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(N_STEPS, mu=mu)
@@ -285,7 +277,7 @@ def test_bdia_scheduler_in_sd3_pipeline_is_bdia_sample_and_inverts(tmp_path, con
             )[0]
             u, c = out.chunk(2)
             x = inverse.step(u + GUIDANCE * (c - u), t, x).prev_sample
-        back = bdia.invert(ode, solver, pair, ts)
+        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
     assert torch.equal(back.earlier, noise)

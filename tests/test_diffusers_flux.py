@@ -14,7 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter
+from conftest import Counter, assert_flow_run_is_bdia_sample
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
 import bdia
@@ -460,15 +460,7 @@ def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, em
     mu = _mu(scheduler)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu, sigmas=_sigmas())
-    assert pipe.scheduler.grid == ts.tolist()
-    solver = bdia.bdia(bdia.get_solver("euler"), 0.9)
-    with torch.no_grad():
-        ref = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
-    pair = pipe.scheduler.final_pair
-    assert pair.solver == "bdia(euler, gamma=0.9)" and pair.start_index == 0
-    assert torch.equal(latents, ref.later)
-    for name in ("earlier", "later", "earlier_low", "later_low"):
-        assert torch.equal(getattr(pair, name), getattr(ref, name)), name
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
 
     inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
     # FluxPipeline's mu, which schnell's scheduler ignores.
@@ -490,7 +482,7 @@ def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, em
                 return_dict=False,
             )[0]
             x = inverse.step(out, t, x).prev_sample
-        back = bdia.invert(ode, solver, pair, ts)
+        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
     assert torch.equal(back.earlier, noise)
