@@ -3,25 +3,29 @@ docs/benchmarks/diffusers.md publishes (the same rows) and the page's claims hol
 
 The bounds are the page's own: DDIM computes in the float64 table's dtype, so it agrees with
 diffusers to float64 rounding (1e-14 leaves room for a few ulps over 10 steps); the other
-schedulers keep their sigmas in float32, so they agree to float32 rounding (1e-6); every
-round trip is exact.
+UNet schedulers keep their sigmas in float32, so they agree to float32 rounding (1e-6). In
+flow matching, float32 parity is bit for bit (both sides make the same float operations);
+with a float64 state diffusers' step casts to float32, so 1e-6 again (a few float32
+roundings, 6e-8 each, of states of size ~3). Every round trip is exact.
 """
 
 import re
 
 import pytest
+import torch
 from conftest import REPO, benchmark_module, run_child
 
 
-def _rows(text: str) -> list[list[str]]:
-    """The cells of every table's body rows (the header, above a "|---" line, left out)."""
+def _tables(text: str) -> list[list[list[str]]]:
+    """The cells of each table's body rows (the header, above a "|---" line, left out)."""
+    tables: list[list[list[str]]] = []
     lines = text.splitlines()
-    body = [
-        line
-        for line, below in zip(lines, [*lines[1:], ""])
-        if line.startswith("|") and not line.startswith("|---") and not below.startswith("|---")
-    ]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in body]
+    for line, below in zip(lines, [*lines[1:], ""]):
+        if below.startswith("|---"):
+            tables.append([])
+        elif line.startswith("|") and not line.startswith("|---"):
+            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+    return tables
 
 
 @pytest.mark.slow
@@ -31,22 +35,44 @@ def test_the_script_writes_the_published_page_and_its_claims_hold(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out.read_text()
     published = (REPO / "docs" / "benchmarks" / "diffusers.md").read_text()
-    rows = _rows(text)
-    assert [r[:3] for r in rows] == [r[:3] for r in _rows(published)]
+    tables = _tables(text)
+    assert [[r[:3] for r in t] for t in tables] == [[r[:3] for r in t] for t in _tables(published)]
+    parity, editing, flow, inversion, scheduler, sd3_editing = tables
 
-    parity = [r for r in rows if r[0].startswith("`")]
     assert len(parity) == 10
     for solver, _, settings, difference in parity:
         bound = 1e-14 if solver == "`ddim`" else 1e-6
         assert float(difference) <= bound, f"{solver} {settings}: {difference}"
 
-    editing = [r for r in rows if r[0] in ("float64", "float32")]
-    assert [r[0] for r in editing] == ["float64", "float32"]
-    for _, unet_round_trip, vae, reconstruction in editing:
-        assert float(unet_round_trip) == 0.0 and vae == reconstruction
+    for table in (editing, sd3_editing):
+        assert [r[0] for r in table] == ["float64", "float32"]
+        for _, round_trip, vae, reconstruction in table:
+            assert float(round_trip) == 0.0 and vae == reconstruction
+
+    assert len(flow) == len(inversion) == len(scheduler) == 6
+    for model, settings, guidance, float32, float64 in flow:
+        assert float(float32) == 0.0, f"{model} {settings} {guidance}: {float32}"
+        assert 0.0 < float(float64) <= 1e-6, f"{model} {settings} {guidance}: {float64}"
+    assert all(float(r[3]) == 0.0 for r in inversion)
+    assert all(float(r[3]) == float(r[4]) == 0.0 for r in scheduler)
 
     exact = re.findall(r"(?:relative error|at most|max abs error) ([0-9.e+-]+?)\.?(?:\s|;|$)", text)
     assert len(exact) == 3 and all(float(x) == 0.0 for x in exact)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_the_flow_reference_is_the_pipelines_own_loop(tmp_path, case):
+    """The hand-run FlowMatchEulerDiscreteScheduler loop the page compares bdia with ends
+    where the pipeline itself (its own scheduler, prompts through its encoders) ends, bit for
+    bit: the page's float32 zeros are parity with the pipeline, not with a loop of its own."""
+    pytest.importorskip("diffusers")
+    parity = benchmark_module("diffusers_parity")
+    case = parity.FLOW_CASES[case]
+    pipe = case.pipeline(tmp_path)
+    noise = case.noise(torch.float32)
+    velocity = case.velocity(pipe.transformer, case.cond(torch.float32, pipe))
+    states = parity.flow_match_states(velocity, pipe.scheduler, noise, case.timesteps())
+    assert torch.equal(states[-1], case.run_pipeline(pipe, noise))
 
 
 def test_the_pipeline_comparison_sees_states_the_clamp_to_images_would_hide(monkeypatch):
