@@ -11,14 +11,19 @@ and tokenizer, two CLIP text encoders (the second with a projection) and a unet 
 added conditioning (``addition_embed_type="text_time"``). The SD3 tests use
 ``tiny_sd3_pipeline``: the same VAE with SD3's ``scaling_factor`` and ``shift_factor``, two
 CLIP text encoders with projections and no T5, an ``SD3Transformer2DModel`` and
-``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+``FlowMatchEulerDiscreteScheduler(shift=3.0)``. The Flux tests use ``tiny_flux_pipeline``:
+the same VAE with Flux's ``scaling_factor`` and ``shift_factor``, a CLIP and a T5 text
+encoder, a ``FluxTransformer2DModel`` with a guidance embedding (Flux.1-dev) or without
+(schnell) and Flux.1-dev's scheduler with dynamic shifting.
 """
 
 from __future__ import annotations
 
 import diffusers
+import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -29,6 +34,8 @@ from bdia.integrations.diffusers import (
 )
 from bdia.integrations.diffusers.tiny import (
     SD_NOISE_TABLE,
+    tiny_flux_pipeline,
+    tiny_flux_transformer,
     tiny_sd3_pipeline,
     tiny_sdxl_pipeline,
     tiny_text_to_image_pipeline,
@@ -1144,9 +1151,9 @@ def test_sd3_dynamic_shifting_takes_a_given_mu(tmp_path, image):
     assert out.latent_error < 1e-12
 
 
-class FluxTransformer2DModel(torch.nn.Module):
-    """Stands in for diffusers' class of that name (tests/test_diffusers_flow.py builds a
-    real one): edit_image tells transformers apart by class, before calling any."""
+class PixArtTransformer2DModel(torch.nn.Module):
+    """Stands in for diffusers' class of that name, a transformer edit_image does not know:
+    it tells transformers apart by class, before calling any."""
 
     config = {"in_channels": 4}
 
@@ -1156,7 +1163,7 @@ class FluxTransformer2DModel(torch.nn.Module):
     [
         ("ddim", "DDIMScheduler is a noise-table scheduler"),
         ("stochastic", "stochastic_sampling"),
-        ("flux", "a FluxTransformer2DModel"),
+        ("pixart", "a PixArtTransformer2DModel"),
         ("patch", "not a multiple of 4, the vae's downsampling factor 2 times the transformer's"),
         ("too large", "pos_embed_max_size = 8"),
         ("one step", "num_inference_steps = 1 leaves no step"),
@@ -1173,8 +1180,8 @@ def test_sd3_inputs_that_cannot_run_are_refused_in_one_line(fresh_sd3_pipe, imag
         pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False)
     elif kind == "stochastic":
         pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-    elif kind == "flux":
-        pipe.transformer = FluxTransformer2DModel()
+    elif kind == "pixart":
+        pipe.transformer = PixArtTransformer2DModel()
     elif kind == "patch":
         image = image[:, :, :14, :]
     elif kind == "too large":  # 36 / 2 / 2 = 9 patches a side, more than the 8 it embeds
@@ -1201,3 +1208,400 @@ def test_a_pipeline_without_a_unet_or_transformer_is_refused(fresh_sd3_pipe, ima
     with pytest.raises(ValueError, match="neither a unet nor a transformer") as info:
         edit_image(fresh_sd3_pipe, image, SOURCE, TARGET)
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- Flux
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tmp_path_factory):
+    return tiny_flux_pipeline(tmp_path_factory.mktemp("flux_tokenizer"))
+
+
+@pytest.fixture
+def fresh_flux_pipe(tmp_path):
+    return tiny_flux_pipeline(tmp_path)
+
+
+def _schnell_pipe(folder):
+    """A tiny Flux.1-schnell: no guidance embedding, shift 1 without dynamic shifting."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return tiny_flux_pipeline(folder, scheduler=scheduler, guidance_embeds=False)
+
+
+def _flux_embeds(pipe, prompt):
+    """(embeds, pooled) of ``prompt`` by FluxPipeline's encode_prompt (its text_ids aside)."""
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device="cpu")
+    return embeds, pooled
+
+
+def _flux_grid(scheduler, steps, tokens=16):
+    """FluxPipeline's grid: its sigmas, with its mu for ``tokens`` packed tokens where the
+    scheduler shifts dynamically."""
+    mu = None
+    if scheduler.config.use_dynamic_shifting:
+        mu = calculate_shift(tokens)
+    return diffusers_grid(scheduler, steps, mu=mu, sigmas=np.linspace(1.0, 1 / steps, steps))
+
+
+@pytest.mark.parametrize("steps", [STEPS, 28])
+@pytest.mark.parametrize("cfg", [None, 4.0], ids=["embedded", "true-cfg"])
+@pytest.mark.parametrize(
+    "state_dtype, bound",
+    # As for SD3 above: float64 carries ~2^-106 and gives exactly 0 here; a float32 state
+    # carries ~2^-48, magnified by prod(1/gamma) and true CFG, and the transformer's float32
+    # inputs may round to neighbouring words in the two directions, so 1e-5 (the top of the
+    # float32 range of the docs' round trips). Measured: 0 in all eight.
+    [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+)
+def test_flux_transformer_round_trip_is_exact(flux_pipe, image, steps, cfg, state_dtype, bound):
+    """BDIA over Euler on Flux.1-dev (guidance embedding 3.5, with and without true CFG 4):
+    the grid is FluxPipeline's `steps` sigmas, shifted by its mu for the 16 packed tokens,
+    without the final 0; the state is the packed latents; reconstruct() returns them."""
+    out = edit_image(
+        flux_pipe,
+        image,
+        SOURCE,
+        TARGET,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        state_dtype=state_dtype,
+    )
+    assert torch.equal(out.inversion.ts, _flux_grid(flux_pipe.scheduler, steps)[:-1])
+    assert float(out.inversion.ts[0]) == 1.0 and float(out.inversion.ts[-1]) > 0.0
+    assert out.inversion.solver.identity == "bdia(euler, gamma=0.96)"
+    assert isinstance(out.inversion.ode.schedule, bdia.RectifiedFlow)
+    cond = out.inversion.ode.cond
+    assert torch.equal(cond["guidance"], torch.tensor([3.5]))
+    assert ("negative_cond" in cond) == (cfg is not None)
+    assert out.latents.shape == (2, 16, 16)  # 4 x 8 x 8 latents in 2 x 2 patches
+    assert out.latents.dtype == out.reconstructed_latents.dtype == state_dtype
+    assert out.latent_error < bound
+    assert out.latent_error == pytest.approx(rel(out.reconstructed_latents, out.latents), rel=1e-6)
+    assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
+    assert torch.isfinite(out.edited_latents).all()
+
+
+def test_flux_schnell_round_trip_is_exact(tmp_path, image):
+    """Flux.1-schnell: no guidance embedding, no dynamic shifting (FluxPipeline's mu is
+    ignored there, and edit_image computes none); 4 steps give the sigmas 1, 0.75, 0.5, 0.25
+    and the latents are the state at 0.25."""
+    pipe = _schnell_pipe(tmp_path)
+    out = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=4)
+    assert out.inversion.ts.tolist() == [1.0, 0.75, 0.5, 0.25]
+    assert "guidance" not in out.inversion.ode.cond
+    assert out.latent_error < 1e-12
+
+
+def _records(module, run):
+    """The keyword arguments of each call of ``module`` while ``run()`` runs, and its result."""
+    calls, handle = _unet_kwargs(module)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return calls, result
+
+
+def _flux_pipeline_call(pipe, prompt, negative, cfg, guidance, size):
+    """FluxPipeline.__call__ on ``prompt`` (no image: the transformer calls are recorded)."""
+    options = {} if guidance is None else {"guidance_scale": guidance}
+    if cfg is not None:
+        options.update(negative_prompt=negative, true_cfg_scale=cfg)
+    with torch.no_grad():
+        pipe(
+            prompt,
+            height=size[0],
+            width=size[1],
+            num_inference_steps=STEPS,
+            output_type="latent",
+            **options,
+        )
+
+
+@pytest.mark.parametrize(
+    "schnell, prompt, negative, cfg, guidance, size",
+    [
+        (False, SOURCE, "", None, None, (16, 16)),
+        # Another embedded guidance, and a non-square image (its own mu and img_ids).
+        (False, SOURCE, "", None, 2.0, (16, 24)),
+        # True CFG: the conditional call, then the negative prompt's.
+        (False, SOURCE, "a blue painting", 4.0, None, (24, 16)),
+        # One prompt and one negative prompt per image.
+        (False, [SOURCE, "a photo of a fox"], ["a red cat", "blue"], 4.0, 5.0, (16, 16)),
+        # Schnell: no guidance embedding, no dynamic shifting.
+        (True, [SOURCE, "a photo of a fox"], "", None, None, (16, 16)),
+    ],
+)
+def test_flux_transformer_sees_what_the_flux_pipeline_gives_it(
+    tmp_path, schnell, prompt, negative, cfg, guidance, size
+):
+    """FluxPipeline.__call__ and edit_image (float32 state) give the transformer the same
+    encoder_hidden_states, pooled_projections, txt_ids, img_ids and guidance, bit for bit,
+    in each of its calls (under true CFG the conditional one, then the negative one): the
+    pipeline's guidance_scale is edit_image's guidance, its true_cfg_scale edit_image's
+    guidance_scale. And at the same timesteps: edit_image's grid is the sigmas the pipeline
+    ran on (after the mu it computes from the token count) without the final 0, and its three
+    runs call the transformer at exactly the pipeline's timesteps."""
+    pipe = _schnell_pipe(tmp_path) if schnell else tiny_flux_pipeline(tmp_path)
+    height, width = size
+    batch = len(prompt) if isinstance(prompt, list) else 1
+    pixels = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(5))
+    theirs, _ = _records(
+        pipe.transformer, lambda: _flux_pipeline_call(pipe, prompt, negative, cfg, guidance, size)
+    )
+    sigmas = pipe.scheduler.sigmas.tolist()
+    options = dict(guidance_scale=cfg, guidance=guidance, negative_prompt=negative)
+    ours, out = _records(
+        pipe.transformer,
+        lambda: edit_image(
+            pipe,
+            pixels * 2 - 1,
+            prompt,
+            TARGET,
+            num_inference_steps=STEPS,
+            state_dtype=torch.float32,
+            **options,
+        ),
+    )
+    branches = 1 if cfg is None else 2
+    # STEPS - 1 steps to invert, one fewer to reconstruct from the pair, STEPS - 1 to edit.
+    assert len(theirs) == branches * STEPS and len(ours) == branches * (3 * (STEPS - 1) - 1)
+    tokens = (height // 4) * (width // 4)
+    # The pipeline's T5 default of 512 tokens, and its packed latents.
+    assert theirs[0]["encoder_hidden_states"].shape == (batch, 512, 16)
+    assert theirs[0]["img_ids"].shape == (tokens, 3)
+    assert ours[0]["hidden_states"].shape == (batch, tokens, 16)
+    for k in range(branches):
+        for key in ("encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids"):
+            assert torch.equal(ours[k][key], theirs[k][key]), (k, key)
+        if schnell:
+            assert theirs[k]["guidance"] is None and "guidance" not in ours[k]
+        else:
+            expected = torch.full([batch], 3.5 if guidance is None else guidance)
+            assert torch.equal(theirs[k]["guidance"], expected)
+            assert torch.equal(ours[k]["guidance"], expected)
+    if cfg is not None:  # the two branches differ
+        assert not torch.equal(ours[1]["encoder_hidden_states"], ours[0]["encoder_hidden_states"])
+    # The pipeline passes an empty joint_attention_kwargs; edit_image none.
+    assert theirs[0]["joint_attention_kwargs"] == {} and "joint_attention_kwargs" not in ours[0]
+    assert out.inversion.ts.tolist() == sigmas[:-1] and sigmas[-1] == 0.0
+    assert all(record["timestep"].dtype == torch.float32 for record in ours)
+    timesteps = [{float(t) for record in run for t in record["timestep"]} for run in (ours, theirs)]
+    assert timesteps[0] == timesteps[1] and len(timesteps[1]) == STEPS
+
+
+def test_flux_vae_encodes_and_decodes_as_the_flux_pipelines(flux_pipe, image, monkeypatch):
+    """With a float32 state, edit_image's latents are bit for bit what FluxImg2ImgPipeline's
+    prepare_latents makes of the image: (mean - shift_factor) * scaling_factor packed by
+    _pack_latents (its sample of the latent distribution replaced by the mean, which
+    edit_image takes, and its noising by none). Its decoded edit is bit for bit the image
+    FluxPipeline decodes from the edited latents (_unpack_latents, then latents /
+    scaling_factor + shift_factor). With a float64 state the reconstruction is the VAE's
+    decoding of that map in float64, bit for bit."""
+    from diffusers.pipelines.flux import pipeline_flux_img2img
+
+    out = edit_image(
+        flux_pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, state_dtype=torch.float32
+    )
+    monkeypatch.setattr(
+        pipeline_flux_img2img,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": output.latent_dist.mean,
+    )
+    img2img = diffusers.FluxImg2ImgPipeline(**flux_pipe.components)
+    monkeypatch.setattr(img2img.scheduler, "scale_noise", lambda sample, timestep, noise: sample)
+    with torch.no_grad():
+        theirs, _ = img2img.prepare_latents(image, None, 2, 4, 16, 16, torch.float32, "cpu", None)
+    assert theirs.shape == (2, 16, 16)
+    assert torch.equal(out.latents, theirs)
+
+    # The pipeline decodes whatever latents its last step ends with: the edited latents here.
+    with torch.no_grad():
+        decoded = flux_pipe(
+            SOURCE,
+            height=16,
+            width=16,
+            num_inference_steps=1,
+            output_type="pt",
+            callback_on_step_end=lambda p, i, t, kwargs: {"latents": out.edited_latents},
+        ).images
+    # Its images are (x / 2 + 0.5).clamp(0, 1), edit_image's x.clamp(-1, 1): exact maps.
+    assert torch.equal(decoded, out.images / 2 + 0.5)
+
+    double = edit_image(flux_pipe, image, SOURCE, TARGET, num_inference_steps=STEPS)
+    config = flux_pipe.vae.config
+    z = flux_pipe._unpack_latents(double.reconstructed_latents, 16, 16, 2)
+    z = z / config.scaling_factor + config.shift_factor
+    with torch.no_grad():
+        by_hand = flux_pipe.vae.decode(z.float()).sample.clamp(-1, 1)
+    assert torch.equal(double.reconstruction, by_hand)
+
+
+def test_flux_edit_is_a_hand_run_regenerate_under_the_target(flux_pipe, image):
+    """Every stage by hand, under true CFG: the packed latents; the pipeline's encode_prompt
+    (the negative prompt "" embedded); from_diffusers with its text_ids, the pipeline's
+    img_ids and the guidance embedding 3.5; FluxPipeline's sigmas without the final 0;
+    Inversion.of with bdia(euler, 0.96); regenerate(target)."""
+    out = edit_image(flux_pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, guidance_scale=4)
+    img_ids = flux_pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+
+    def encoded(prompt):
+        with torch.no_grad():
+            embeds, pooled, text_ids = flux_pipe.encode_prompt(prompt, None, device="cpu")
+        return dict(encoder_hidden_states=embeds, pooled_projections=pooled, txt_ids=text_ids)
+
+    def ode(prompt):
+        return from_diffusers(
+            flux_pipe.transformer,
+            flux_pipe.scheduler,
+            **encoded(prompt),
+            img_ids=img_ids,
+            guidance=3.5,
+            guidance_scale=4,
+            negative_cond=encoded(""),
+        )
+
+    config = flux_pipe.vae.config
+    with torch.no_grad():
+        mean = flux_pipe.vae.encode(image).latent_dist.mean.double()
+    latents = flux_pipe._pack_latents(
+        (mean - config.shift_factor) * config.scaling_factor, 2, 4, 8, 8
+    )
+    assert torch.equal(out.latents, latents)
+    ts = _flux_grid(flux_pipe.scheduler, STEPS)[:-1]
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    inversion = bdia.Inversion.of(ode(SOURCE), solver, latents, ts, state_dtype=torch.float64)
+    assert torch.equal(inversion.noise, out.inversion.noise)
+    assert torch.equal(inversion.regenerate(ode(TARGET), rule="base"), out.edited_latents)
+    assert rel(out.edited_latents, out.reconstructed_latents) > 0.1
+
+
+def test_flux_embeddings_as_prompts_give_the_same_edit(fresh_flux_pipe, flux_pipe, image):
+    """(prompt_embeds, pooled_prompt_embeds) pairs in place of text, the negative prompt's
+    included, give the same edit, bit for bit, with no tokenizer or text encoder left in the
+    pipeline (the fresh one has the same weights): encode_prompt makes their text_ids."""
+    common = dict(num_inference_steps=STEPS, guidance_scale=4.0)
+    ref = edit_image(flux_pipe, image, SOURCE, TARGET, negative_prompt="a blue painting", **common)
+    pipe = fresh_flux_pipe
+    source, target, negative = (_flux_embeds(pipe, p) for p in (SOURCE, TARGET, "a blue painting"))
+    pipe.tokenizer = pipe.tokenizer_2 = pipe.text_encoder = pipe.text_encoder_2 = None
+    out = edit_image(pipe, image, source, target, negative_prompt=negative, **common)
+    assert torch.equal(out.inversion.noise, ref.inversion.noise)
+    assert torch.equal(out.edited_latents, ref.edited_latents)
+
+
+def test_flux_pipeline_with_a_bdia_scheduler_gives_the_same_edit(fresh_flux_pipe, flux_pipe, image):
+    """A FluxPipeline whose scheduler is the flow-matching BDIAScheduler made from its own
+    edits as with the FlowMatchEulerDiscreteScheduler."""
+    from bdia.integrations.diffusers import BDIAScheduler
+
+    ref = edit_image(flux_pipe, image, SOURCE, TARGET, num_inference_steps=STEPS)
+    pipe = fresh_flux_pipe
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config)
+    out = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=STEPS)
+    assert torch.equal(out.inversion.ts, ref.inversion.ts)
+    assert torch.equal(out.edited_latents, ref.edited_latents)
+
+
+def test_flux_dynamic_shifting_takes_a_given_mu(flux_pipe, image):
+    """mu= overrides FluxPipeline's mu of the token count."""
+    out = edit_image(flux_pipe, image[:1], SOURCE, TARGET, num_inference_steps=STEPS, mu=1.5)
+    sigmas = np.linspace(1.0, 1 / STEPS, STEPS)
+    expected = diffusers_grid(flux_pipe.scheduler, STEPS, mu=1.5, sigmas=sigmas)[:-1]
+    assert torch.equal(out.inversion.ts, expected)
+    assert not torch.equal(out.inversion.ts, _flux_grid(flux_pipe.scheduler, STEPS)[:-1])
+    assert out.latent_error < 1e-12
+
+
+@pytest.mark.parametrize("size", [(8, 8), (8, 12), (128, 128), (64, 96), (192, 192)])
+def test_flux_mu_is_the_pipelines_calculate_shift(size):
+    """The default mu is FluxPipeline's calculate_shift of the packed token count, bit for
+    bit, with the scheduler config's fields or, where it lacks them, the pipeline's defaults
+    (max_shift 1.15, where SD3's pipeline has 1.16)."""
+    from bdia.integrations.diffusers.editing import _FLUX_SHIFT_FIELDS, _pipeline_mu
+
+    tokens = (size[0] // 2) * (size[1] // 2)
+    config = dict(base_image_seq_len=128, max_image_seq_len=8192, base_shift=0.25, max_shift=2.0)
+    assert _pipeline_mu({}, size, 2, _FLUX_SHIFT_FIELDS) == calculate_shift(tokens)
+    assert _pipeline_mu(config, size, 2, _FLUX_SHIFT_FIELDS) == calculate_shift(
+        tokens, 128, 8192, 0.25, 2.0
+    )
+    assert _pipeline_mu({}, size, 2) != calculate_shift(tokens)  # SD3's defaults
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, FluxPipeline's"),
+        ("schnell guidance", "guidance_embeds = False (a timestep-distilled model such as"),
+        ("nan guidance", "guidance must be finite, got nan"),
+        ("text guidance", "guidance must be a number, got '3.5'"),
+        ("schnell mu", "mu = 0.5 shifts the sigmas only with use_dynamic_shifting"),
+        ("one step", "num_inference_steps = 1 leaves no step"),
+        ("zero steps", "num_inference_steps"),
+        ("fill", "latent_channels = 4 packed in 2 x 2 patches make 16"),
+        ("one tensor", "a Flux transformer also needs the pooled embeddings"),
+        ("pooled dim", "have dim 5, but the transformer's pooled_projection_dim is 8"),
+        ("embeddings dim", "dim 8, but the transformer's joint_attention_dim is 16"),
+        ("no text_encoder_2", "text_encoder_2"),
+        ("no encode_prompt", "encode_prompt"),
+        ("ddim", "DDIMScheduler is a noise-table scheduler"),
+        ("stochastic", "stochastic_sampling"),
+        ("no negative", "negative_prompt"),
+    ],
+)
+def test_flux_inputs_that_cannot_run_are_refused_in_one_line(
+    fresh_flux_pipe, image, kind, fragment
+):
+    pipe, source, kwargs = fresh_flux_pipe, SOURCE, {}
+    if kind == "size":  # FluxPipeline itself would resize it
+        image = image[:, :, :14, :]
+    elif kind == "schnell guidance":
+        pipe.transformer = tiny_flux_transformer(guidance_embeds=False)
+        kwargs["guidance"] = 3.5
+    elif kind == "nan guidance":
+        kwargs["guidance"] = float("nan")
+    elif kind == "text guidance":
+        kwargs["guidance"] = "3.5"
+    elif kind == "schnell mu":
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+        kwargs["mu"] = 0.5
+    elif kind == "one step":
+        kwargs["num_inference_steps"] = 1
+    elif kind == "zero steps":
+        kwargs["num_inference_steps"] = 0
+    elif kind == "fill":  # FluxFillPipeline's: the masked image's channels beside the latents
+        pipe.transformer = tiny_flux_transformer(in_channels=32, out_channels=16)
+    elif kind == "one tensor":
+        source = _flux_embeds(pipe, SOURCE)[0]
+    elif kind == "pooled dim":
+        embeds, pooled = _flux_embeds(pipe, SOURCE)
+        source = (embeds, pooled[:, :5])
+    elif kind == "embeddings dim":
+        embeds, pooled = _flux_embeds(pipe, SOURCE)
+        source = (embeds[..., :8], pooled)
+    elif kind == "no text_encoder_2":
+        pipe.text_encoder_2 = None
+    elif kind == "no encode_prompt":  # embeddings: encode_prompt makes their text_ids
+        source = _flux_embeds(pipe, SOURCE)
+        pipe.encode_prompt = None
+    elif kind == "ddim":
+        pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    elif kind == "stochastic":
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    else:
+        kwargs.update(guidance_scale=4.0, negative_prompt=None)
+    assert fragment in _refused(pipe, image, source, **kwargs)
+
+
+def test_guidance_and_flux_transformers_elsewhere_are_refused(fresh_sd3_pipe, fresh_pipe, image):
+    """The embedded guidance is refused for a network that embeds none (SD3's transformer, a
+    unet); a Flux transformer in a pipeline that cannot pack its latents (an SD3 pipeline) is
+    refused for the missing _pack_latents."""
+    for pipe in (fresh_sd3_pipe, fresh_pipe):
+        message = _refused(pipe, image, guidance=3.5)
+        assert "guidance is the guidance scale Flux.1-dev's transformer embeds" in message
+    fresh_sd3_pipe.transformer = tiny_flux_transformer()
+    assert "has no _pack_latents" in _refused(fresh_sd3_pipe, image)

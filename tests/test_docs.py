@@ -173,7 +173,14 @@ from bdia.integrations.diffusers.tiny import tiny_text_to_image_pipeline
 pathlib.Path("sd_parts").mkdir(exist_ok=True)
 pipe = tiny_text_to_image_pipeline("sd_parts")
 """,
-    ("docs/diffusers.md", "FluxPipeline.from_pretrained("): _FLUX_FOLDER,
+    ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _FLUX_FOLDER,
+    ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): (
+        _FLUX_FOLDER
+        + """
+from PIL import Image
+Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
+"""
+    ),
     ("docs/diffusers.md", "bdia.sample(from_diffusers(unet, scheduler)"): """
 import diffusers
 from bdia.integrations.diffusers.tiny import tiny_unet
@@ -301,10 +308,15 @@ LOCAL = {
         ('.to("cuda")', '.to("cpu")'),
         (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
-    ("docs/diffusers.md", "FluxPipeline.from_pretrained("): [
+    ("docs/diffusers.md", '"/models/FLUX.1-dev"'): [
         ('"/models/FLUX.1-dev"', '"flux"'),
         ('device = "cuda"', 'device = "cpu"'),
         ("height = width = 1024", "height = width = 16"),
+    ],
+    ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): [
+        ('"/path/to/FLUX.1-dev"', '"flux"'),
+        ('.to("cuda")', '.to("cpu")'),
+        (".resize((1024, 1024))", ".resize((16, 16))"),
     ],
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): [
         (_SD_PATH, '"sd"'),
@@ -407,7 +419,8 @@ AFTER = {
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): _edit_round_trip,
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
-    ("docs/diffusers.md", "FluxPipeline.from_pretrained("): _flux_inverted,
+    ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
+    ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): _edit_round_trip,
     ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,

@@ -1,18 +1,20 @@
 """Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL,
-Stable Diffusion 3).
+Stable Diffusion 3, Flux).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
 with ``text_encoder`` for text prompts), ``StableDiffusionXLPipeline`` (the same, with
 ``tokenizer_2`` and ``text_encoder_2``) or ``StableDiffusion3Pipeline`` (``transformer`` in
 place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers and text
-encoders, and T5 where it has one) and:
+encoders, and T5 where it has one) or ``FluxPipeline`` (a ``FluxTransformer2DModel``, the
+same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
    config has one); where the config sets both ``latents_mean`` and ``latents_std`` (per
    channel, as some SDXL models' VAEs do) ``(mean - latents_mean) * scaling_factor /
-   latents_std``, as diffusers' SDXL pipelines encode;
+   latents_std``, as diffusers' SDXL pipelines encode; for Flux packed into 2 x 2 patches,
+   one token each, by the pipeline's ``_pack_latents``: the state of FluxPipeline's loop;
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
@@ -20,7 +22,9 @@ encoders, and T5 where it has one) and:
    crop (0, 0), target size, as the SDXL pipeline's defaults); a unet with
    ``addition_embed_type="text"`` pools the prompt embeddings into its added embedding
    itself and is given what Stable Diffusion's is; SD3's transformer gets
-   ``encoder_hidden_states`` and ``pooled_projections``, as its pipeline passes them;
+   ``encoder_hidden_states`` and ``pooled_projections``, as its pipeline passes them, and
+   Flux's those, ``txt_ids``, the latents' ``img_ids`` (the pipeline's
+   ``_prepare_latent_image_ids``) and, for Flux.1-dev, the embedded ``guidance``;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    (for SD3 the rectified flow of its sigmas) and the grid with ``diffusers_grid``, taking
    the encoded latents as the state at the grid's last point; where the scheduler's grid
@@ -29,13 +33,15 @@ encoders, and T5 where it has one) and:
    (``t = 1/N`` in VP space, its ``sigma_bar`` in EDM space), where the model can be
    evaluated; a flow-matching grid, which always ends at 0 and has no table, drops the 0 and
    ends at its last sigma, the last at which the SD3 pipeline calls the transformer (with
-   dynamic shifting, after the pipeline's ``mu`` for the image's size);
+   dynamic shifting, after the pipeline's ``mu`` for the image's size); Flux's grid is made
+   from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way;
 4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
    them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
    ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
 5. decodes both with the VAE, undoing step 1's map (``latents * latents_std /
    scaling_factor + latents_mean`` with the statistics, as the SDXL pipeline decodes;
-   ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 pipeline decodes);
+   ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 and Flux pipelines
+   decode, Flux's after ``_unpack_latents``);
    for SDXL in float32 when the VAE is float16 and its config says ``force_upcast``, as the
    SDXL pipeline does.
 
@@ -61,6 +67,7 @@ from torch import Tensor
 from ...editing import EDIT_RULES, Inversion
 from ...ode import DiffusionODE
 from ...sampling import _state_dtype
+from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
@@ -75,7 +82,8 @@ _TEXT_TIME = "text_time"
 _TEXT = "text"
 _TIME_IDS = 6
 # The transformers whose pipelines edit_image knows how to embed prompts for and call.
-_TRANSFORMERS = ("SD3Transformer2DModel",)
+_SD3 = "SD3Transformer2DModel"
+_FLUX = "FluxTransformer2DModel"
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
 # scheduler's 1.15).
@@ -85,6 +93,14 @@ _SHIFT_FIELDS = (
     ("base_shift", 0.5),
     ("max_shift", 1.16),
 )
+# FluxPipeline's: its calculate_shift's defaults (max_shift 1.15).
+_FLUX_SHIFT_FIELDS = _SHIFT_FIELDS[:3] + (("max_shift", 1.15),)
+# FluxPipeline packs the latents in 2 x 2 patches, one token each.
+_FLUX_PACKING = 2
+# FluxPipeline's default guidance_scale: Flux.1-dev's embedded guidance.
+_FLUX_GUIDANCE = 3.5
+# The static methods of FluxPipeline that make its state and positions.
+_FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
 
 
 @dataclass(frozen=True)
@@ -100,10 +116,11 @@ class EditResult:
         target: the target ODE (the same unet or transformer under the target prompt), e.g. for
             ``inversion.regenerate(target, rule="restart")``.
         latents: the encoded latents, the state at ``inversion.ts[-1]``, shape
-            ``(batch, C, H / f, W / f)`` in the state dtype.
+            ``(batch, C, H / f, W / f)`` in the state dtype; for Flux packed as FluxPipeline's
+            loop carries them, ``(batch, H / 2f x W / 2f, 4 C)``.
         reconstructed_latents: ``inversion.reconstruct()``, same shape and dtype.
         edited_latents: ``inversion.regenerate(target, rule=rule)``, same shape and dtype.
-        latent_error: the UNet's (SD3: the transformer's) round trip, ``max
+        latent_error: the UNet's (SD3, Flux: the transformer's) round trip, ``max
             |reconstructed_latents - latents| / max |latents|``: rounding only (below 1e-12
             with a float64 state).
         vae_error: the VAE's own error, the root mean square of ``decode(latents) - image``
@@ -145,7 +162,8 @@ def _is_text(prompt: Any) -> bool:
 
 
 def _is_pair(prompt: Any) -> bool:
-    """Whether ``prompt`` is SDXL's or SD3's embeddings: (prompt_embeds, pooled_prompt_embeds)."""
+    """Whether ``prompt`` is SDXL's, SD3's or Flux's embeddings: (prompt_embeds,
+    pooled_prompt_embeds)."""
     return (
         isinstance(prompt, (list, tuple))
         and len(prompt) == 2
@@ -159,10 +177,12 @@ class _Takes:
 
     Attributes:
         model: ``"unet"`` or ``"transformer"``.
-        pipeline: ``"SDXL"`` or ``"SD3"``, whose prompt embeddings come as the pair
-            ``(prompt_embeds, pooled_prompt_embeds)``; None for Stable Diffusion's one tensor.
+        pipeline: ``"SDXL"``, ``"SD3"`` or ``"Flux"``, whose prompt embeddings come as the
+            pair ``(prompt_embeds, pooled_prompt_embeds)``; None for Stable Diffusion's one
+            tensor. ``article`` goes before its name.
         cross_name: the model's config field of the embeddings' width, ``cross_dim`` its value.
         pooled_dim: the pooled embeddings' width; ``pooled_says`` says so after "the model's".
+        outputs: which of ``encode_prompt``'s outputs the pair is.
     """
 
     model: str
@@ -171,12 +191,14 @@ class _Takes:
     cross_dim: int | None
     pooled_dim: int | None = None
     pooled_says: str = ""
+    outputs: str = "first and third"
+    article: str = "an"
 
 
 def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
     """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)
-    with D = ``takes.cross_dim``; for SDXL and SD3 the pair of those and the pooled embeddings
-    (1 or batch, ``takes.pooled_dim``)."""
+    with D = ``takes.cross_dim``; for SDXL, SD3 and Flux the pair of those and the pooled
+    embeddings (1 or batch, ``takes.pooled_dim``)."""
     if isinstance(prompt, str):
         return
     paired = takes.pipeline is not None
@@ -206,10 +228,13 @@ def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
     if paired:
         what = type(prompt).__name__
         if isinstance(prompt, Tensor):
-            what = f"one tensor: an {takes.pipeline} {takes.model} also needs the pooled embeddings"
+            what = (
+                f"one tensor: {takes.article} {takes.pipeline} {takes.model} also needs the "
+                "pooled embeddings"
+            )
         raise TypeError(
             f"{name} must be a string, a list of strings or {tensor} as the {takes.pipeline} "
-            f"pipeline's encode_prompt returns them (its first and third outputs), got {what}"
+            f"pipeline's encode_prompt returns them (its {takes.outputs} outputs), got {what}"
         )
     if not isinstance(prompt, Tensor):
         raise TypeError(
@@ -272,11 +297,12 @@ def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
     return image, "pt"
 
 
-def _network(pipe: Any) -> tuple[Any, bool]:
-    """The pipeline's unet, or its SD3 transformer (then True)."""
+def _network(pipe: Any) -> tuple[Any, str]:
+    """The pipeline's unet (then ``"unet"``), or its SD3 or Flux transformer (``"sd3"``,
+    ``"flux"``)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
-        return unet, False
+        return unet, "unet"
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise ValueError(
@@ -284,13 +310,16 @@ def _network(pipe: Any) -> tuple[Any, bool]:
             ".transformer are missing or None); edit_image needs one to invert and regenerate "
             "the latents"
         )
-    if not any(c.__name__ in _TRANSFORMERS for c in type(transformer).__mro__):
-        raise ValueError(
-            f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
-            "edit_image takes Stable Diffusion 3's SD3Transformer2DModel "
-            "(StableDiffusion3Pipeline), and besides them the unets of Stable Diffusion and SDXL"
-        )
-    return transformer, True
+    names = [c.__name__ for c in type(transformer).__mro__]
+    if _SD3 in names:
+        return transformer, "sd3"
+    if _FLUX in names:
+        return transformer, "flux"
+    raise ValueError(
+        f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
+        f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline) and Flux's "
+        f"{_FLUX} (FluxPipeline), and besides them the unets of Stable Diffusion and SDXL"
+    )
 
 
 def _vae_factor(pipe: Any, vae: Any) -> int:
@@ -332,10 +361,13 @@ def _solver(solver: Any, gamma: float | None) -> BidirectionalWrapper:
     return bdia(solver, 0.96 if gamma is None else gamma)
 
 
-def _grid(scheduler: Any, steps: int, probe: DiffusionODE, mu: float | None) -> Tensor:
+def _grid(
+    scheduler: Any, steps: int, probe: DiffusionODE, mu: float | None, sigmas: Any = None
+) -> Tensor:
     """diffusers' grid, ending at the table's smallest noise level instead of sigma = 0; a
-    flow-matching one (no table) at its last sigma above 0."""
-    ts = diffusers_grid(scheduler, steps, mu=mu)
+    flow-matching one (no table) at its last sigma above 0. ``sigmas``: a pipeline's own
+    (FluxPipeline's), as ``diffusers_grid`` takes them."""
+    ts = diffusers_grid(scheduler, steps, mu=mu, sigmas=sigmas)
     if not probe.is_terminal(float(ts[-1])):
         return ts
     assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
@@ -357,15 +389,29 @@ def _grid(scheduler: Any, steps: int, probe: DiffusionODE, mu: float | None) -> 
     return ts[:-1]
 
 
-def _sd3_mu(config: Mapping[str, Any], latent_size: tuple[int, int], patch: int) -> float:
-    """The mu of dynamic shifting that ``StableDiffusion3Pipeline`` computes for latents of
-    ``latent_size`` (H, W) in ``patch`` x ``patch`` patches: linear in their number, from
-    ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``, in the
-    pipeline's order of operations (so that the sigmas come out as its own)."""
-    base_len, max_len, base_shift, max_shift = (config.get(k, v) for k, v in _SHIFT_FIELDS)
+def _pipeline_mu(
+    config: Mapping[str, Any],
+    latent_size: tuple[int, int],
+    patch: int,
+    fields: tuple[tuple[str, float], ...] = _SHIFT_FIELDS,
+) -> float:
+    """The mu of dynamic shifting that ``StableDiffusion3Pipeline`` (``fields``: the config's
+    fields with its defaults) or ``FluxPipeline`` (``_FLUX_SHIFT_FIELDS``, ``patch`` 2, its
+    packing) computes for latents of ``latent_size`` (H, W) in ``patch`` x ``patch`` patches:
+    linear in their number, from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at
+    ``max_image_seq_len``, in the pipelines' order of operations (both
+    ``calculate_shift``'s, so that the sigmas come out as their own)."""
+    base_len, max_len, base_shift, max_shift = (config.get(k, v) for k, v in fields)
     tokens = (latent_size[0] // patch) * (latent_size[1] // patch)
     slope = (max_shift - base_shift) / (max_len - base_len)
     return tokens * slope + (base_shift - slope * base_len)
+
+
+def _check_number(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 # ------------------------------------------------------------------- the parts
@@ -483,6 +529,45 @@ def _embed_pair(
     return (embeds, pooled) if dtype is None else (embeds.to(dtype), pooled.to(dtype))
 
 
+def _embed_flux(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Tensor]:
+    """Flux's transformer arguments of a prompt: ``encoder_hidden_states`` (B, L, D) and
+    ``pooled_projections`` (B, P) in ``dtype``, and ``txt_ids`` (L, 3) as FluxPipeline's
+    ``encode_prompt`` makes them (in the text encoder's dtype), for text or for a pair of
+    embeddings alike, as the pipeline calls it."""
+    if _is_pair(prompt):
+        embeds, pooled = (p.to(device) for p in prompt)
+        out = pipe.encode_prompt(
+            None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device
+        )
+    else:
+        text = prompt if isinstance(prompt, str) else list(prompt)
+        # The same text to CLIP (pooled) and T5 (the embeddings), the pipeline's default
+        # without prompt_2, and its max_sequence_length.
+        out = pipe.encode_prompt(text, prompt_2=None, device=device, num_images_per_prompt=1)
+    embeds, pooled, text_ids = out
+    if dtype is not None:
+        embeds, pooled = embeds.to(dtype), pooled.to(dtype)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+
+def _flux_probe_cond(config: Mapping[str, Any], guidance: float | None) -> dict[str, Any]:
+    """What ``from_diffusers`` requires of Flux's conditioning, with no tokens: for the probe
+    that checks the scheduler and the transformer's dtype before any network runs (the
+    prompts are not embedded yet), and is never evaluated."""
+    axes = len(config.get("axes_dims_rope", (16, 56, 56)))
+    cond: dict[str, Any] = {
+        "encoder_hidden_states": torch.zeros(1, 0, 1),
+        "pooled_projections": torch.zeros(1, 1),
+        "txt_ids": torch.zeros(0, axes),
+        "img_ids": torch.zeros(0, axes),
+    }
+    if guidance is not None:
+        cond["guidance"] = guidance
+    return cond
+
+
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
     """The unet arguments of one SDXL branch."""
     return {
@@ -549,7 +634,8 @@ def edit_image(
     target_prompt: str | Sequence[str] | Tensor | tuple[Tensor, Tensor],
     *,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
+    guidance: float | None = None,
     negative_prompt: str | Sequence[str] | Tensor | tuple[Tensor, Tensor] | None = "",
     solver: str | Solver | BidirectionalWrapper | None = None,
     gamma: float | None = None,
@@ -563,30 +649,37 @@ def edit_image(
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
     Args:
-        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
-            ``StableDiffusion3Pipeline``, or any object with its parts: ``vae`` (an
-            ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3,
-            ``transformer`` (``SD3Transformer2DModel``), ``scheduler`` (one that
-            ``from_diffusers`` takes, e.g. DDIM or PNDM with ``clip_sample=False``; for SD3
-            ``FlowMatchEulerDiscreteScheduler`` or a ``BDIAScheduler`` made from one), and,
-            for text prompts, ``encode_prompt`` with ``tokenizer`` and ``text_encoder`` (for
-            SDXL ``tokenizer_2`` and ``text_encoder_2``, for SD3 both pairs, and T5's
-            ``text_encoder_3`` where the pipeline has one: without it the pipeline's
-            ``encode_prompt`` puts zeros in its place), as the pipeline's. None of them is
-            modified (an SDXL pipeline's float16 VAE whose config
-            says ``force_upcast`` runs in float32 and is float16 again, bit for bit, on
-            return, as the SDXL pipeline decodes). A VAE whose config sets both
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline`` or ``FluxPipeline``, or any object with its parts:
+            ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
+            and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
+            ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
+            ``clip_sample=False``; for SD3 and Flux ``FlowMatchEulerDiscreteScheduler`` or a
+            ``BDIAScheduler`` made from one), and, for text prompts, ``encode_prompt`` with
+            ``tokenizer`` and ``text_encoder`` (for SDXL ``tokenizer_2`` and
+            ``text_encoder_2``, for SD3 both pairs, and T5's ``text_encoder_3`` where the
+            pipeline has one: without it the pipeline's ``encode_prompt`` puts zeros in its
+            place; for Flux CLIP's and T5's pairs), as the pipeline's. Flux also needs
+            ``encode_prompt`` for embeddings (it makes their ``txt_ids``) and FluxPipeline's
+            ``_pack_latents``, ``_unpack_latents`` and ``_prepare_latent_image_ids``. None of
+            them is modified (an SDXL pipeline's float16 VAE whose config says
+            ``force_upcast`` runs in float32 and is float16 again, bit for bit, on return, as
+            the SDXL pipeline decodes). A VAE whose config sets both
             ``latents_mean`` and ``latents_std`` (one value per latent channel) encodes to
             ``(mean - latents_mean) * scaling_factor / latents_std`` and decodes by the
             inverse, in the state dtype with the statistics as float32 values, as diffusers'
             SDXL pipelines; with only one of them set, neither is used, as there. SD3's VAE
             encodes to ``(mean - shift_factor) * scaling_factor`` and decodes by the inverse,
-            as the SD3 pipelines, without an upcast (they have none).
+            as the SD3 pipelines, without an upcast (they have none); so does Flux's, whose
+            latents are then packed by ``_pack_latents`` (and unpacked by
+            ``_unpack_latents`` before decoding), as FluxImg2ImgPipeline encodes and
+            FluxPipeline decodes.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
             1024 for SDXL), for SD3 of that times the transformer's ``patch_size`` (16), and
-            at most ``pos_embed_max_size`` patches a side (3072 pixels for SD3 medium).
+            at most ``pos_embed_max_size`` patches a side (3072 pixels for SD3 medium); for
+            Flux of the VAE's factor times 2, the packing's patch (16).
         source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
             prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)`` (of
             ``encoder_hid_dim`` for a unet that projects them, ``encoder_hid_dim_type=
@@ -597,23 +690,36 @@ def edit_image(
             ``added_cond_kwargs`` of the pooled embeddings and the time ids ``(H, W, 0, 0, H,
             W)`` (original size, crop, target size: the pipeline's defaults). For SD3 the
             pair of shapes ``(1 or batch, tokens, joint_attention_dim)`` and ``(1 or batch,
-            pooled_projection_dim)``, ``encode_prompt``'s first and third outputs.
+            pooled_projection_dim)``, ``encode_prompt``'s first and third outputs; for Flux
+            the same shapes, ``encode_prompt``'s first and second outputs (its third, the
+            ``txt_ids``, is made again from the embeddings' length by ``encode_prompt``).
         target_prompt: the edit, in the same forms.
         num_inference_steps: steps of the scheduler's grid (``diffusers_grid``). For SD3
             the grid is the pipeline's ``num_inference_steps`` sigmas without the final 0:
-            ``num_inference_steps - 1`` steps, so it must be at least 2.
+            ``num_inference_steps - 1`` steps, so it must be at least 2. For Flux the sigmas
+            are FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler,
+            without the final 0 likewise.
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
-            conditional model alone. Every other value needs ``negative_prompt``.
+            conditional model alone. Every other value needs ``negative_prompt``. By default
+            7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
+            ``true_cfg_scale`` (1 by default), two transformer calls a step; Flux.1-dev is
+            guidance-distilled and embeds its guidance instead (``guidance``).
+        guidance: Flux.1-dev's embedded guidance scale, FluxPipeline's ``guidance_scale``
+            (3.5 by default), given to the transformer in both branches of guidance. Only for
+            a Flux transformer with ``guidance_embeds``: refused for one without (Flux.1-
+            schnell) and for any other network.
         negative_prompt: the unconditional branch: a string (``""`` is the usual unconditional
             embedding), a list, or embeddings; None only with ``guidance_scale=1``. For an
             SDXL pipeline whose config has ``force_zeros_for_empty_prompt`` (SDXL base's),
             ``""`` (or a list of them) is zero embeddings and pooled embeddings, as the
             pipeline's default; any other negative prompt, embeddings included, is used as
             given. SD3's pipeline embeds ``""`` as its default, and so does ``edit_image``.
+            FluxPipeline has no default negative prompt; with ``guidance_scale`` other than
+            1, ``edit_image`` embeds ``""`` unless given another.
         solver: the base solver (a registered name or a ``Solver``), wrapped as
             ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is. By default
-            ``"ddim"``, and for SD3 ``"euler"``: the same step in rectified flow, in the
-            flow-matching scheduler's own arithmetic.
+            ``"ddim"``, and for SD3 and Flux ``"euler"``: the same step in rectified flow, in
+            the flow-matching scheduler's own arithmetic.
         gamma: BDIA's gamma, 0.96 unless given (not with a BDIA solver).
         rule: how to regenerate under the target (``bdia.EDIT_RULES``): ``"base"`` (the base
             solver from the inverted noise, the default) or ``"restart"``. See
@@ -625,11 +731,12 @@ def edit_image(
         output_type: ``"pil"`` (PIL images) or ``"pt"`` (tensors in [-1, 1]); by default the
             kind of ``image``.
         progress: tqdm bars for the three runs (None: only on a terminal).
-        mu: the shift of an SD3 scheduler with ``use_dynamic_shifting=True``, as the
-            pipeline's ``mu``; by default the pipeline's own for the image's size (computed
-            from the number of latent patches and the scheduler config's ``base_shift``,
-            ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len``). Refused with any
-            other scheduler, which would ignore it.
+        mu: the shift of an SD3 or Flux scheduler with ``use_dynamic_shifting=True`` (Flux.1-
+            dev's), as the pipeline's ``mu``; by default the pipeline's own for the image's
+            size (computed from the number of latent patches, for Flux the packed tokens, and
+            the scheduler config's ``base_shift``, ``max_shift``, ``base_image_seq_len`` and
+            ``max_image_seq_len``, with the pipeline's defaults for missing ones). Refused
+            with any other scheduler, which would ignore it (Flux.1-schnell's).
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -641,23 +748,26 @@ def edit_image(
             part; VAE statistics that are not one finite number per latent channel, a zero
             ``latents_std``, or statistics beside a ``shift_factor``; an image of the wrong
             kind, mode, channels or size (not a multiple of the VAE's factor, for SD3 times
-            the patch size, or more patches than the transformer embeds), or outside [-1, 1];
-            a pipeline with neither a unet nor an SD3 transformer (Flux's, say); a VAE whose
-            latent channels are not the network's; a unet that needs added
+            the patch size, for Flux times 2, or more patches than the transformer embeds), or
+            outside [-1, 1]; a pipeline with neither a unet nor an SD3 or Flux transformer; a
+            VAE whose latent channels are not the network's (for Flux, four times them, the
+            packed channels: a Fill transformer takes more); ``guidance`` for a network
+            without a guidance embedding, or not a finite number; a unet that needs added
             conditioning of images or hints (``addition_embed_type`` other than ``"text"``
             and SDXL's ``"text_time"``), or an SDXL one whose added embedding does not take
             six time ids beside the pooled embeddings (a refiner); guidance without a
             negative prompt; text prompts without the tokenizers and text encoders; prompts or
-            embeddings of the wrong batch or dim, or SDXL or SD3 embeddings without the
-            pooled ones; an unknown rule, solver or output type; an SD3 grid of one step;
-            ``mu`` where the scheduler has no dynamic shifting; and whatever
-            ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler (for SD3 a
-            noise-table scheduler, ``stochastic_sampling``, ``invert_sigmas``).
+            embeddings of the wrong batch or dim, or SDXL, SD3 or Flux embeddings without the
+            pooled ones; an unknown rule, solver or output type; an SD3 or Flux grid of one
+            step; ``mu`` where the scheduler has no dynamic shifting; and whatever
+            ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler (for SD3 and Flux
+            a noise-table scheduler, ``stochastic_sampling``, ``invert_sigmas``).
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
-    unet, sd3 = _network(pipe)
-    model = "transformer" if sd3 else "unet"
+    unet, kind = _network(pipe)
+    sd3, flux = kind == "sd3", kind == "flux"
+    model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
     for name in ("scaling_factor", "latent_channels"):
         if getattr(vae.config, name, None) is None:
@@ -686,16 +796,45 @@ def edit_image(
             "adapter (pipe.unload_ip_adapter()), or use from_diffusers with the unet's "
             "arguments and bdia.Inversion directly"
         )
-    if unet_config.get("in_channels") != vae.config.latent_channels:
+    if flux:
+        for name in _FLUX_METHODS:
+            _part(pipe, name, "to pack the latents into the tokens a Flux transformer takes")
+        _part(pipe, "encode_prompt", "to make the prompts' text_ids, as FluxPipeline does")
+        # The packed latents: the VAE's channels in 2 x 2 patches.
+        packed = vae.config.latent_channels * _FLUX_PACKING**2
+        if unet_config.get("in_channels") != packed:
+            raise ValueError(
+                f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
+                f"vae's latent_channels = {vae.config.latent_channels} packed in 2 x 2 patches "
+                f"make {packed}; edit_image needs a text-to-image Flux transformer of the vae's "
+                "latents (not a Fill, Depth or Canny one, whose extra channels hold an image)"
+            )
+    elif unet_config.get("in_channels") != vae.config.latent_channels:
         raise ValueError(
             f"the {model} takes in_channels = {unet_config.get('in_channels')} but the vae makes "
             f"latent_channels = {vae.config.latent_channels}; edit_image needs a text-to-image "
             f"{model} of the vae's latents (not an inpainting or depth {model})"
         )
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-        raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
+    # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none.
+    if guidance_scale is None:
+        guidance_scale = 1.0 if flux else 7.5
+    _check_number(guidance_scale, "guidance_scale")
+    guidance_embeds = flux and bool(unet_config.get("guidance_embeds", False))
+    if guidance is not None and not guidance_embeds:
+        if flux:
+            raise ValueError(
+                "the transformer has guidance_embeds = False (a timestep-distilled model such "
+                "as Flux.1-schnell) and embeds no guidance scale; leave guidance out (true "
+                "classifier-free guidance is guidance_scale with negative_prompt)"
+            )
+        raise ValueError(
+            f"guidance is the guidance scale Flux.1-dev's transformer embeds; the {model} "
+            "embeds none: leave it out (classifier-free guidance is guidance_scale)"
+        )
+    if guidance_embeds:
+        guidance = _FLUX_GUIDANCE if guidance is None else guidance
+        _check_number(guidance, "guidance")
     guided = guidance_scale != 1
     if guided and negative_prompt is None:
         raise ValueError(
@@ -705,11 +844,12 @@ def edit_image(
         )
     if rule not in EDIT_RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
-    state_dtype = _state_dtype(state_dtype)
-    if state_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+    dtype = _state_dtype(state_dtype)
+    if dtype is None or dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {dtype}")
+    state_dtype = dtype
     # Euler in flow matching: the same step as DDIM there, in the scheduler's own arithmetic.
-    wrapped = _solver(("euler" if sd3 else "ddim") if solver is None else solver, gamma)
+    wrapped = _solver(("ddim" if kind == "unet" else "euler") if solver is None else solver, gamma)
     if output_type is not None and output_type not in _OUTPUT_TYPES:
         raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
 
@@ -721,6 +861,10 @@ def edit_image(
     if isinstance(patch, int):  # SD3 takes its latents in patch x patch patches
         factor *= patch
         what = f"{factor}, {what} times the transformer's patch_size {patch}"
+    if flux:  # FluxPipeline packs them in 2 x 2 patches (its transformer's patch_size is 1)
+        patch = _FLUX_PACKING
+        factor *= patch
+        what = f"{factor}, {what} times {patch}, FluxPipeline's packing of the latents"
     if height % factor or width % factor:
         raise ValueError(
             f"the image is {width} x {height} (W x H), not a multiple of {what}; resize or crop "
@@ -735,7 +879,7 @@ def edit_image(
             f"that the transformer embeds (pos_embed_max_size = {patches}); resize it to at "
             f"most {patches * factor} a side"
         )
-    prompts = {"source_prompt": source_prompt, "target_prompt": target_prompt}
+    prompts: dict[str, Any] = {"source_prompt": source_prompt, "target_prompt": target_prompt}
     # SDXL's unconditional branch for the empty prompt is zeros, where the pipeline's config
     # says so (force_zeros_for_empty_prompt, True for SDXL base), as in its default.
     pipe_config = getattr(pipe, "config", None)
@@ -752,7 +896,7 @@ def edit_image(
     cross_name = "cross_attention_dim"
     if unet_config.get("encoder_hid_dim_type") == "text_proj":
         cross_name = "encoder_hid_dim"
-    if sd3:
+    if sd3 or flux:
         cross_name = "joint_attention_dim"
     cross_dim = unet_config.get(cross_name)
     takes = _Takes(model, None, cross_name, cross_dim if isinstance(cross_dim, int) else None)
@@ -765,15 +909,17 @@ def edit_image(
             pooled_says=f"added embedding takes {pooled_dim} (projection_class_embeddings_"
             f"input_dim less {_TIME_IDS} x addition_time_embed_dim)",
         )
-    elif sd3:
+    elif sd3 or flux:
         pooled = unet_config.get("pooled_projection_dim")
         pooled = pooled if isinstance(pooled, int) else None
         takes = replace(
             takes,
-            pipeline="SD3",
+            pipeline="SD3" if sd3 else "Flux",
             pooled_dim=pooled,
             pooled_says=f"pooled_projection_dim is {pooled}",
         )
+        if flux:  # (prompt_embeds, pooled_prompt_embeds, text_ids)
+            takes = replace(takes, outputs="first and second", article="a")
     for name, prompt in prompts.items():
         _check_prompt(prompt, name, batch, takes)
     embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
@@ -781,7 +927,9 @@ def edit_image(
         parts: tuple[str, ...] = ("tokenizer", "text_encoder")
         if xl:
             parts = ("tokenizer_2", "text_encoder_2")
-        elif sd3:  # both CLIP encoders; T5 (text_encoder_3) only where the pipeline has it
+        elif sd3 or flux:
+            # SD3: both CLIP encoders, T5 (text_encoder_3) only where the pipeline has it;
+            # Flux: CLIP (the pooled embeddings) and T5 (the embeddings).
             parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
         for name in (*parts, "encode_prompt"):
             _part(pipe, name, "to embed text prompts (or pass prompt embeddings instead)")
@@ -797,10 +945,17 @@ def edit_image(
             )
 
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run).
-    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype)
-    if sd3 and mu is None and scheduler.config.get("use_dynamic_shifting", False):
-        mu = _sd3_mu(scheduler.config, (height // vae_factor, width // vae_factor), patch or 1)
-    ts = _grid(scheduler, num_inference_steps, probe, mu)
+    probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
+    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond)
+    latent_size = (height // vae_factor, width // vae_factor)
+    if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
+        fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
+        mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
+    sigmas = None
+    if flux:  # FluxPipeline's own sigmas, which the scheduler shifts
+        steps = check_steps(num_inference_steps, "num_inference_steps")
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    ts = _grid(scheduler, num_inference_steps, probe, mu, sigmas)
 
     # ---- the work
     device = _device(pipe, unet)
@@ -819,6 +974,8 @@ def edit_image(
             if sd3:
                 embeds, pooled = _embed_pair(pipe, prompt, device, embed_dtype, sd3=True)
                 return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+            if flux:
+                return _embed_flux(pipe, prompt, device, embed_dtype)
             return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
         source_cond, target_cond = branch(source_prompt), branch(target_prompt)
@@ -836,12 +993,32 @@ def edit_image(
                 )
             return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
 
-        source_ode = from_diffusers(unet, scheduler, model_dtype=model_dtype, **guide(source_cond))
-        target_ode = from_diffusers(unet, scheduler, model_dtype=model_dtype, **guide(target_cond))
+        # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
+        # the latents' positions, in the embeddings' dtype, and the embedded guidance.
+        shared: dict[str, Any] = {}
+        if flux:
+            ids_dtype = source_cond["encoder_hidden_states"].dtype
+            rows, cols = (n // _FLUX_PACKING for n in latent_size)
+            shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
+            if guidance_embeds:
+                shared["guidance"] = guidance
+
+        def ode(cond: dict[str, Any]) -> DiffusionODE:
+            return from_diffusers(unet, scheduler, model_dtype=model_dtype, **guide(cond), **shared)
+
+        source_ode, target_ode = ode(source_cond), ode(target_cond)
 
         pixels = pixels.to(device)
         with _float32_vae(vae, xl):
             latents = _encode(vae, pixels, state_dtype)
+        if flux:
+            latents = pipe._pack_latents(latents, *latents.shape)
+
+        def decode(latents: Tensor) -> Tensor:
+            if flux:
+                latents = pipe._unpack_latents(latents, height, width, vae_factor)
+            return _decode(vae, latents)
+
         inversion = Inversion.of(
             source_ode, wrapped, latents, ts, state_dtype=state_dtype, progress=progress
         )
@@ -849,9 +1026,9 @@ def edit_image(
         edited = inversion.regenerate(target_ode, rule=rule, progress=progress)
 
         with _float32_vae(vae, xl):
-            decoded = _decode(vae, latents)
-            reconstruction = _decode(vae, reconstructed)
-            images = _decode(vae, edited)
+            decoded = decode(latents)
+            reconstruction = decode(reconstructed)
+            images = decode(edited)
 
     scale = float(latents.abs().max())
     latent_error = float((reconstructed - latents).abs().max()) / (scale or 1.0)
