@@ -162,7 +162,7 @@ def _pipeline_latents(pipe, noise, prompt, **options):
 def _encoded(pipe, text):
     """The pipeline's encoding of ``text`` (T5 tokens cut at 16) as from_diffusers' keys."""
     with torch.no_grad():
-        embeds, pooled, text_ids = pipe.encode_prompt(text, max_sequence_length=16)
+        embeds, pooled, text_ids = pipe.encode_prompt(text, prompt_2=None, max_sequence_length=16)
     return dict(encoder_hidden_states=embeds, pooled_projections=pooled, txt_ids=text_ids)
 
 

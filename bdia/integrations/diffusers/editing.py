@@ -538,8 +538,9 @@ def _embed_flux(
     embeddings alike, as the pipeline calls it."""
     if _is_pair(prompt):
         embeds, pooled = (p.to(device) for p in prompt)
+        # prompt_2 by name: FluxPipeline's encode_prompt requires it before diffusers 0.35.
         out = pipe.encode_prompt(
-            None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device
+            None, prompt_2=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device
         )
     else:
         text = prompt if isinstance(prompt, str) else list(prompt)

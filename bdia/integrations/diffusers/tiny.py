@@ -355,14 +355,31 @@ def tiny_sd3_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
 
 
 def _tiny_t5_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
-    """A T5 (unigram) tokenizer that knows each of ``words`` whole and spells any other word
-    letter by letter; made in memory. Its ``model_max_length`` is T5's 512, as Flux's."""
+    """A T5-style (unigram) fast tokenizer that knows each of ``words`` whole and spells any
+    other word letter by letter, ending each text with ``</s>``; made in memory with the
+    ``tokenizers`` library, whose model every supported transformers release loads (its
+    ``T5Tokenizer`` takes a vocabulary list only from transformers 5). Its
+    ``model_max_length`` is T5's 512, as Flux's."""
     import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    vocab += [("\u2581" + word, -1.0) for word in words]
+    space = "\u2581"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (space, -3.0)]
+    vocab += [(space + word, -1.0) for word in words]
     vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    unigram = Tokenizer(models.Unigram(vocab, unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always")
+    unigram.decoder = decoders.Metaspace(replacement=space, prepend_scheme="always")
+    unigram.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=unigram,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
 
 
 def tiny_flux_pipeline(
