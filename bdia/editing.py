@@ -1,7 +1,8 @@
 """Inversion and editing: data to noise under one conditioning, back under another.
 
 ``Inversion.of(ode, solver, data, ts)`` runs ``invert`` on data taken as the state at
-``ts[-1]`` (a noise level above 0: the model cannot be evaluated at sigma = 0) and keeps what
+``ts[-1]`` (a noise level above 0: the model cannot be evaluated at sigma = 0, unless it
+predicts the flow, whose data may be taken at t = 0) and keeps what
 is needed to come back: the source ODE, the solver, the grid and the pair.
 ``reconstruct()`` returns the data (exactly, up to rounding, for a BDIA solver), and
 ``regenerate(target)`` samples under another ODE (another class label or prompt): an edit.
@@ -85,8 +86,9 @@ class Inversion:
         ``data`` is not modified.
 
         Raises:
-            ValueError: if ``ts[-1]`` is a noise level of 0 (build the grid with
-                ``final_zero=False``), if ``ts`` is not noisiest first (for an ODE with a
+            ValueError: if ``ts[-1]`` is a noise level of 0 where the model cannot be
+                evaluated (build the grid with ``final_zero=False``; a flow network can be
+                evaluated there), if ``ts`` is not noisiest first (for an ODE with a
                 schedule), or as ``bdia.invert``.
         """
         grid = _grid(ts, ode)

@@ -195,7 +195,8 @@ class ODE:
         return ""
 
     def is_terminal(self, t: float) -> bool:
-        """True where the model cannot be evaluated (a diffusion ODE at sigma = 0)."""
+        """True where the model cannot be evaluated (a diffusion ODE at sigma = 0, unless its
+        network predicts the flow)."""
         return False
 
     def check_times(self, ts: list[float]) -> None:
@@ -453,7 +454,13 @@ class DiffusionODE(ODE):
         return _fingerprint(self.schedule)
 
     def is_terminal(self, t: float) -> bool:
-        return self.schedule.sigma(t) == 0.0
+        # A denoiser, eps, x0 or v network's estimates divide by sigma at sigma = 0. A flow
+        # network's velocity is finite there, and x0 = x / alpha and eps follow from it by
+        # dividing by alpha sigma' (evaluate's det), which is not 0 at a clean end.
+        sched = self.schedule
+        if sched.sigma(t) != 0.0:
+            return False
+        return self.prediction != "flow" or sched.alpha(t) * sched.sigma_dot(t) == 0.0
 
     def check_times(self, ts: list[float]) -> None:
         self.schedule.check_times(ts)
@@ -467,8 +474,9 @@ class DiffusionODE(ODE):
         """Evaluate the network once at ``(t, x)`` (counts one NFE).
 
         Args:
-            t: a time with sigma(t) > 0; alpha(t) = 0 (pure noise) only for the ``"x0"``,
-                ``"v"`` and ``"flow"`` predictions.
+            t: a time with sigma(t) > 0, or sigma(t) = 0 (the clean end) for the ``"flow"``
+                prediction; alpha(t) = 0 (pure noise) only for the ``"x0"``, ``"v"`` and
+                ``"flow"`` predictions.
             x: state of shape ``(batch, ...)`` in the schedule's space.
 
         Returns:
@@ -478,10 +486,11 @@ class DiffusionODE(ODE):
         t = float(t)
         sched = self.schedule
         sigma = sched.sigma(t)
-        if sigma == 0.0:
+        if self.is_terminal(t):
             raise ValueError(
                 f"the model cannot be evaluated at t = {t}, where sigma = 0; "
-                "a grid may end there, but no step may start from it"
+                "a grid may end there, but no step may start from it (a flow network, "
+                "from_flow, can be evaluated there)"
             )
         alpha = sched.alpha(t)
         if alpha == 0.0 and self.prediction in ("denoised", "eps"):

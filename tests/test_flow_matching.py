@@ -99,6 +99,42 @@ def test_flow_prediction_gives_the_velocity_as_the_derivative_and_consistent_est
         assert _max_error(e.eps - e.denoised, u) < 1e-14
 
 
+def test_flow_network_is_evaluated_at_sigma_zero():
+    """At t = 0 the velocity is finite and alpha sigma' - sigma alpha' = 1, so the estimates are
+    x0 = x and eps = x + u exactly: no division rounds."""
+    ode = MIXTURE.flow_ode()
+    x = _noise(8, seed=7)
+    assert not ode.is_terminal(0.0)
+    e = ode.evaluate(0.0, x)
+    u = MIXTURE.flow_velocity(x, torch.zeros(8, dtype=torch.float64))
+    assert torch.isfinite(u).all()
+    assert torch.equal(e.derivative, u)
+    assert torch.equal(e.denoised, x)
+    assert torch.equal(e.eps, x + u)
+    assert ode.nfe == 1
+
+
+def _counted(pred: str) -> tuple[bdia.DiffusionODE, list[int]]:
+    """An ODE of a ``pred`` network that records its calls, and the record."""
+    calls: list[int] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x
+
+    return bdia.DiffusionODE(net, RF, prediction=pred), calls
+
+
+@pytest.mark.parametrize("pred", ["denoised", "eps", "x0", "v"])
+def test_other_networks_are_refused_at_sigma_zero_before_the_call(pred):
+    """Their estimates divide by sigma (or by sigma_bar) at t = 0."""
+    ode, calls = _counted(pred)
+    assert ode.is_terminal(0.0)
+    with pytest.raises(ValueError, match=r"cannot be evaluated at t = 0\.0, where sigma = 0"):
+        ode.evaluate(0.0, _noise(4))
+    assert calls == [] and ode.nfe == 0
+
+
 def _other_predictions(pred: str):
     """A network of the mixture that predicts ``pred`` from the exact velocity."""
 
@@ -125,13 +161,7 @@ def test_x0_and_v_networks_are_evaluated_at_pure_noise(pred):
 
 @pytest.mark.parametrize("pred", ["denoised", "eps"])
 def test_denoiser_and_eps_networks_are_refused_at_pure_noise_before_the_call(pred):
-    calls = []
-
-    def net(x, t):
-        calls.append(1)
-        return x
-
-    ode = bdia.DiffusionODE(net, RF, prediction=pred)
+    ode, calls = _counted(pred)
     with pytest.raises(ValueError, match=r"cannot be evaluated at t = 1\.0, where alpha = 0"):
         bdia.sample(ode, bdia.get_solver("euler"), _noise(4), bdia.uniform_t_grid(4, 1.0, 0.0, RF))
     assert calls == [] and ode.nfe == 0
@@ -139,8 +169,9 @@ def test_denoiser_and_eps_networks_are_refused_at_pure_noise_before_the_call(pre
 
 def test_denoiser_form_below_pure_noise_equals_the_flow_form():
     """One ODE written two ways (x_bar, sigma_bar and the denoiser; x, t and the velocity):
-    Heun on 10 steps agrees to rounding (2.4e-15 seen)."""
-    ts = bdia.uniform_t_grid(10, 0.99, 0.0, RF)
+    Heun on 10 steps agrees to rounding (2.4e-15 seen). The grid ends above t = 0, where the
+    denoiser's last step would fall back to Euler and the flow network's would not."""
+    ts = bdia.uniform_t_grid(10, 0.99, 0.01, RF)
     a = bdia.sample(MIXTURE.ode(RF), bdia.get_solver("heun"), _noise(), ts)
     b = bdia.sample(MIXTURE.flow_ode(), bdia.get_solver("heun"), _noise(), ts)
     assert _max_error(a, b) < 1e-13
@@ -162,7 +193,7 @@ def test_euler_in_flow_time_is_ddim():
 
 @pytest.mark.parametrize(("name", "order"), [("heun", 2), ("midpoint", 2), ("rk4", 4)])
 def test_runge_kutta_solvers_keep_their_order_from_pure_noise(name, order):
-    """From t = 1 to 0.05 (the end at t = 0 would drop the last step to first order), the
+    """From t = 1 to 0.05 (away from the end at t = 0, whose last step is measured below), the
     error shrinks by 2^order per halving of the step: measured slopes 1.9 (heun), 1.9
     (midpoint), 3.9 (rk4) between 40 and 80 steps; asserted above order - 0.25."""
     ode = MIXTURE.flow_ode()
@@ -177,21 +208,52 @@ def test_runge_kutta_solvers_keep_their_order_from_pure_noise(name, order):
     assert math.log2(errors[0] / errors[1]) > order - 0.25, errors
 
 
+def test_heuns_last_step_to_sigma_zero_is_second_order():
+    """A flow network is evaluated at t = 0, so heun's last step keeps its corrector: its local
+    error from the exact state at t = h falls by 2^3 per halving of h (measured slopes 2.96,
+    2.99, 2.99 from h = 0.04 to 0.005; the Euler step a denoiser's last step falls back to
+    gives 2.05, 2.03, 2.01). Asserted above 2.75."""
+    ode = MIXTURE.flow_ode()
+    x = _noise()
+    errors = []
+    for h in (0.02, 0.01, 0.005):
+        exact = MIXTURE.flow_solution(x, [1.0, h, 0.0])
+        errors.append(_max_error(bdia.get_solver("heun").flow(ode, h, 0.0, exact[1]), exact[2]))
+    assert all(math.log2(a / b) > 2.75 for a, b in zip(errors, errors[1:])), errors
+
+
+def test_heun_to_sigma_zero_costs_two_evaluations_per_step_for_a_flow_network():
+    """On n steps ending at t = 0, heun evaluates a flow network 2n times (the last corrector
+    at t = 0 included) and the same mixture written as a denoiser 2n - 1 times (its last step
+    is Euler's); the two results then differ by that last step."""
+    ts = bdia.uniform_t_grid(10, 0.99, 0.0, RF)
+    flow, denoiser = MIXTURE.flow_ode(), MIXTURE.ode(RF)
+    a = bdia.sample(flow, bdia.get_solver("heun"), _noise(), ts)
+    b = bdia.sample(denoiser, bdia.get_solver("heun"), _noise(), ts)
+    assert (flow.nfe, denoiser.nfe) == (20, 19)
+    assert _max_error(a, b) > 1e-6
+
+
 @pytest.mark.parametrize(
     "name", ["dpm_solver_1", "dpm_solver_3", "dpm_solver_pp_1", "dpm_solver_pp_3s"]
 )
-def test_exponential_solvers_step_from_pure_noise_as_ddim(name):
-    """The log-SNR step from alpha = 0 is infinite, so the step is DDIM's, whose first stage is
-    the only evaluation; forward from t = 1 and backward to it."""
+@pytest.mark.parametrize(("t", "t_next"), [(1.0, 0.9), (0.1, 0.0)], ids=["pure-noise", "clean"])
+def test_exponential_solvers_step_at_either_end_as_ddim(name, t, t_next):
+    """The log-SNR step from or to alpha = 0 (t = 1) or sigma = 0 (t = 0) is infinite, also
+    where the flow network can be evaluated (t = 0), so the step is DDIM's, whose first stage
+    is the only evaluation; forward from t and backward to it."""
     ode = MIXTURE.flow_ode()
     x = _noise()
     solver, ddim = bdia.get_solver(name), bdia.get_solver("ddim")
     ode.reset_nfe()
-    forward = solver.flow(ode, 1.0, 0.9, x)
+    forward = solver.flow(ode, t, t_next, x)
     assert ode.nfe == 1
-    assert torch.equal(forward, ddim.flow(ode, 1.0, 0.9, x))
-    backward = solver.flow(ode, 0.9, 1.0, forward)
-    assert torch.equal(backward, ddim.flow(ode, 0.9, 1.0, forward))
+    assert torch.equal(forward, ddim.flow(ode, t, t_next, x))
+    ode.reset_nfe()
+    backward = solver.flow(ode, t_next, t, forward)
+    assert ode.nfe == 1
+    assert torch.isfinite(backward).all()
+    assert torch.equal(backward, ddim.flow(ode, t_next, t, forward))
 
 
 @pytest.mark.parametrize("base", ["euler", "heun", "ddim", "dpm_solver_pp_2s", "rk4"])
@@ -232,6 +294,30 @@ def test_data_inverted_to_pure_noise_and_reconstructed():
     ts = bdia.uniform_t_grid(30, 1.0, 0.01, RF)
     data = MIXTURE.sample_data(16, torch.Generator().manual_seed(5))
     inversion = bdia.Inversion.of(ode, bdia.bdia(bdia.get_solver("euler"), 0.96), data, ts)
+    assert torch.isfinite(inversion.noise).all()
+    assert _max_error(inversion.reconstruct(), data) < 1e-13
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        bdia.bdia(bdia.get_solver("euler"), 0.96),
+        bdia.bdia(bdia.get_solver("heun"), 0.96),
+        bdia.bdia(bdia.get_solver("ddim"), 0.96),
+        bdia.edict(bdia.get_solver("euler")),
+        bdia.reversible(bdia.get_solver("heun")),
+    ],
+    ids=lambda s: s.name,
+)
+def test_data_at_sigma_zero_inverted_and_reconstructed(solver):
+    """A flow network is evaluated at t = 0, so the data can be the state there, as in
+    flow-inversion practice; BDIA's first backward step is a base step from t = 0, and the
+    coupled solvers accept the grid. The round trip is exact to rounding in float64 (1e-13
+    asserted on data of size 3)."""
+    ode = MIXTURE.flow_ode()
+    ts = bdia.uniform_t_grid(30, 1.0, 0.0, RF)
+    data = MIXTURE.sample_data(16, torch.Generator().manual_seed(5))
+    inversion = bdia.Inversion.of(ode, solver, data, ts)
     assert torch.isfinite(inversion.noise).all()
     assert _max_error(inversion.reconstruct(), data) < 1e-13
 

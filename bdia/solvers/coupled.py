@@ -258,7 +258,8 @@ class ReversibleWrapper(_Coupled):
     the two-word chains). ``SolverState.x`` is the chain ``y`` (the result);
     ``SolverState.memory`` holds its low word and the chain ``z``; ``parasitic`` is
     ``rms(y - z) / rms(y)`` after the move. Every step evaluates the model at both of its
-    grid points, so the grid must not contain a point where ``sigma = 0``.
+    grid points, so the grid must not contain a point where ``sigma = 0`` (unless the
+    network predicts the flow, which can be evaluated there).
 
     Attributes:
         solver: the base single-step solver Phi.
@@ -283,8 +284,8 @@ class ReversibleWrapper(_Coupled):
             if ode.is_terminal(float(t)):
                 raise ValueError(
                     f"{self.name} evaluates the model at every grid point, and ts[{i}] = {t} "
-                    "has sigma = 0; end the grid at sigma > 0 (karras_grid(..., "
-                    "final_zero=False))"
+                    "has sigma = 0, where the model cannot be evaluated; end the grid at "
+                    "sigma > 0 (karras_grid(..., final_zero=False))"
                 )
 
     def step(self, ode: ODE, ts: Sequence[float], state: SolverState) -> SolverState:

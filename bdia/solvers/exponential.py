@@ -33,7 +33,7 @@ DPM-Solver++ (data prediction, Lu et al. 2022b), singlestep:
                        + alpha_next / r2 ((e^-h - 1)/h + 1) (D(u2, s2) - D)
 
 Here ``D`` is the data prediction (the denoiser output) and ``eps`` the noise prediction at
-``(t, x)``. A step that ends at sigma = 0 (h infinite) is taken as DDIM.
+``(t, x)``. A step from or to sigma = 0 or alpha = 0 (h infinite) is taken as DDIM.
 
 The stage fractions are free parameters, checked when the solver is built: ``r1`` (and
 ``r2``) lie in (0, 1], with ``r1 < r2``. A fraction of 0 puts the stage on the step's start
@@ -159,9 +159,10 @@ class _Exponential(SingleStepSolver):
         first = self.first_evaluation(ode, t, x, first)
         sched = ode.schedule  # type: ignore[attr-defined]
         t, t_next = float(t), float(t_next)
-        if ode.is_terminal(t_next) or sched.alpha(t) == 0.0 or sched.alpha(t_next) == 0.0:
+        if 0.0 in (sched.sigma(t), sched.sigma(t_next), sched.alpha(t), sched.alpha(t_next)):
             # sigma = 0 or alpha = 0 at an end makes the log-SNR step h infinite: no stage
-            # lies inside it, and every first-order update tends to DDIM's.
+            # lies inside it, and every first-order update tends to DDIM's. The schedule, not
+            # is_terminal, says so: a flow network is evaluated at sigma = 0, but h is infinite.
             return sched.alpha(t_next) * _denoised(first) + sched.sigma(t_next) * _eps(first)
         lam, lam_next = sched.log_snr(t), sched.log_snr(t_next)
         co = _Coefficients(

@@ -6,6 +6,8 @@ For a tableau (c, a, b) and step size ``h = t_next - t``:
 
 A stage that would evaluate a diffusion model at sigma = 0 (``t_next`` at the end of a
 grid with a final zero) cannot be taken; the step then falls back to Euler, as EDM does.
+A flow network (``DiffusionODE.from_flow``) can be evaluated there, so its last step is
+taken in full.
 Registering a new method takes one tableau (``bdia.register_tableau``):
 
     register_tableau("ralston", ButcherTableau(c=(0, 2/3), a=((), (2/3,)), b=(1/4, 3/4), order=2))

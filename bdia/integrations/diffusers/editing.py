@@ -368,7 +368,7 @@ def _grid(
     flow-matching one (no table) at its last sigma above 0. ``sigmas``: a pipeline's own
     (FluxPipeline's), as ``diffusers_grid`` takes them."""
     ts = diffusers_grid(scheduler, steps, mu=mu, sigmas=sigmas)
-    if not probe.is_terminal(float(ts[-1])):
+    if probe.schedule.sigma(float(ts[-1])) != 0.0:
         return ts
     assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
     if probe.f.space != "flow":
