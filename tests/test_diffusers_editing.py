@@ -935,8 +935,8 @@ def test_sd3_transformer_round_trip_under_guidance_is_exact(
     sd3_pipe, image, steps, state_dtype, bound
 ):
     """BDIA over Euler under CFG 7.5 on an SD3 pipeline: the grid is the pipeline's `steps`
-    sigmas, from 1 (pure noise) down, without the final 0, where the transformer cannot be
-    evaluated; reconstruct() returns the latents."""
+    sigmas, from 1 (pure noise) down, and its final 0, where the flow transformer is
+    evaluated and the latents are taken; reconstruct() returns the latents."""
     out = edit_image(
         sd3_pipe,
         image,
@@ -946,8 +946,9 @@ def test_sd3_transformer_round_trip_under_guidance_is_exact(
         guidance_scale=GUIDANCE,
         state_dtype=state_dtype,
     )
-    assert torch.equal(out.inversion.ts, diffusers_grid(sd3_pipe.scheduler, steps)[:-1])
-    assert float(out.inversion.ts[0]) == 1.0 and float(out.inversion.ts[-1]) > 0.0
+    assert torch.equal(out.inversion.ts, diffusers_grid(sd3_pipe.scheduler, steps))
+    assert len(out.inversion.ts) == steps + 1
+    assert float(out.inversion.ts[0]) == 1.0 and float(out.inversion.ts[-1]) == 0.0
     assert out.inversion.solver.identity == "bdia(euler, gamma=0.96)"
     assert isinstance(out.inversion.ode.schedule, bdia.RectifiedFlow)
     assert out.latents.dtype == out.reconstructed_latents.dtype == state_dtype
@@ -961,7 +962,7 @@ def test_sd3_edit_is_a_hand_run_regenerate_under_the_target(sd3_pipe, image, sd3
     """Every stage by hand: the VAE's mean less shift_factor, times scaling_factor; the
     pipeline's encode_prompt (the negative prompt "" embedded, as the pipeline does);
     from_diffusers with encoder_hidden_states and pooled_projections; diffusers' sigmas
-    without the final 0; Inversion.of with bdia(euler, 0.96); regenerate(target)."""
+    and their final 0; Inversion.of with bdia(euler, 0.96); regenerate(target)."""
     negative, negative_pooled = _sd3_embeds(sd3_pipe, "")
 
     def ode(prompt):
@@ -984,7 +985,7 @@ def test_sd3_edit_is_a_hand_run_regenerate_under_the_target(sd3_pipe, image, sd3
         mean = sd3_pipe.vae.encode(image).latent_dist.mean.double()
     latents = (mean - config.shift_factor) * config.scaling_factor
     assert torch.equal(sd3_result.latents, latents)
-    ts = diffusers_grid(sd3_pipe.scheduler, STEPS)[:-1]
+    ts = diffusers_grid(sd3_pipe.scheduler, STEPS)
     solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
     inversion = bdia.Inversion.of(ode(SOURCE), solver, latents, ts, state_dtype=torch.float64)
     assert torch.equal(inversion.noise, sd3_result.inversion.noise)
@@ -1014,8 +1015,9 @@ def test_sd3_transformer_sees_what_the_sd3_pipeline_gives_it(
     positive] under guidance, the positive alone without; the pipeline's default negative
     prompt (None, embedded as "") is edit_image's "". And at the same timesteps: edit_image's
     grid is the sigmas the pipeline ran on (with dynamic shifting, after the mu it computes
-    from the image's size) without the final 0, and its three runs call the transformer at
-    exactly the pipeline's float32 timesteps."""
+    from the image's size) and their final 0, and its three runs call the transformer at
+    exactly the pipeline's float32 timesteps and, once, at timestep 0, where the inversion
+    starts from the latents (the pipeline never evaluates there)."""
     pipe = tiny_sd3_pipeline(
         tmp_path, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**config)
     )
@@ -1058,15 +1060,18 @@ def test_sd3_transformer_sees_what_the_sd3_pipeline_gives_it(
     for key in ("encoder_hidden_states", "pooled_projections"):
         assert torch.equal(ours[0][key], theirs[0][key]), key
     assert theirs[0]["joint_attention_kwargs"] is None and "joint_attention_kwargs" not in ours[0]
-    assert out.inversion.ts.tolist() == sigmas[:-1] and sigmas[-1] == 0.0
-    # STEPS - 1 steps to invert, one fewer to reconstruct from the pair, STEPS - 1 to edit.
-    assert len(theirs) == STEPS and len(ours) == 3 * (STEPS - 1) - 1
+    assert out.inversion.ts.tolist() == sigmas and sigmas[-1] == 0.0
+    # STEPS steps to invert (the first from t = 0), one fewer evaluation to reconstruct from
+    # the pair (none at t = 0), STEPS to edit.
+    assert len(theirs) == STEPS and len(ours) == 3 * STEPS - 1
 
     def timesteps(records):
         return {float(t) for record in records for t in record["timestep"]}
 
     assert all(record["timestep"].dtype == torch.float32 for record in ours)
-    assert timesteps(ours) == timesteps(theirs) and len(timesteps(theirs)) == STEPS
+    assert timesteps(ours) == timesteps(theirs) | {0.0} and len(timesteps(theirs)) == STEPS
+    assert 0.0 not in timesteps(theirs)
+    assert sum(0.0 in record["timestep"].tolist() for record in ours) == 1
 
 
 def test_sd3_vae_encodes_and_decodes_as_the_sd3_pipelines(sd3_pipe, image, sd3_result, monkeypatch):
@@ -1150,7 +1155,7 @@ def test_sd3_dynamic_shifting_takes_a_given_mu(tmp_path, image):
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     pipe = tiny_sd3_pipeline(tmp_path, scheduler=scheduler)
     out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=STEPS, mu=1.5)
-    assert torch.equal(out.inversion.ts, diffusers_grid(scheduler, STEPS, mu=1.5)[:-1])
+    assert torch.equal(out.inversion.ts, diffusers_grid(scheduler, STEPS, mu=1.5))
     assert out.latent_error < 1e-12
 
 
@@ -1169,7 +1174,6 @@ class PixArtTransformer2DModel(torch.nn.Module):
         ("pixart", "a PixArtTransformer2DModel"),
         ("patch", "not a multiple of 4, the vae's downsampling factor 2 times the transformer's"),
         ("too large", "pos_embed_max_size = 8"),
-        ("one step", "num_inference_steps = 1 leaves no step"),
         ("mu", "mu = 0.5 shifts the sigmas only with use_dynamic_shifting"),
         ("one tensor", "an SD3 transformer also needs the pooled embeddings"),
         ("pooled dim", "have dim 5, but the transformer's pooled_projection_dim is 8"),
@@ -1189,8 +1193,6 @@ def test_sd3_inputs_that_cannot_run_are_refused_in_one_line(fresh_sd3_pipe, imag
         image = image[:, :, :14, :]
     elif kind == "too large":  # 36 / 2 / 2 = 9 patches a side, more than the 8 it embeds
         image = torch.zeros(1, 3, 36, 36)
-    elif kind == "one step":
-        kwargs["num_inference_steps"] = 1
     elif kind == "mu":
         kwargs["mu"] = 0.5
     elif kind == "one tensor":
@@ -1261,7 +1263,7 @@ def _flux_grid(scheduler, steps, tokens=16):
 def test_flux_transformer_round_trip_is_exact(flux_pipe, image, steps, cfg, state_dtype, bound):
     """BDIA over Euler on Flux.1-dev (guidance embedding 3.5, with and without true CFG 4):
     the grid is FluxPipeline's `steps` sigmas, shifted by its mu for the 16 packed tokens,
-    without the final 0; the state is the packed latents; reconstruct() returns them."""
+    and the final 0; the state is the packed latents at t = 0; reconstruct() returns them."""
     out = edit_image(
         flux_pipe,
         image,
@@ -1271,8 +1273,9 @@ def test_flux_transformer_round_trip_is_exact(flux_pipe, image, steps, cfg, stat
         guidance_scale=cfg,
         state_dtype=state_dtype,
     )
-    assert torch.equal(out.inversion.ts, _flux_grid(flux_pipe.scheduler, steps)[:-1])
-    assert float(out.inversion.ts[0]) == 1.0 and float(out.inversion.ts[-1]) > 0.0
+    assert torch.equal(out.inversion.ts, _flux_grid(flux_pipe.scheduler, steps))
+    assert len(out.inversion.ts) == steps + 1
+    assert float(out.inversion.ts[0]) == 1.0 and float(out.inversion.ts[-1]) == 0.0
     assert out.inversion.solver.identity == "bdia(euler, gamma=0.96)"
     assert isinstance(out.inversion.ode.schedule, bdia.RectifiedFlow)
     cond = out.inversion.ode.cond
@@ -1289,11 +1292,29 @@ def test_flux_transformer_round_trip_is_exact(flux_pipe, image, steps, cfg, stat
 def test_flux_schnell_round_trip_is_exact(tmp_path, image):
     """Flux.1-schnell: no guidance embedding, no dynamic shifting (FluxPipeline's mu is
     ignored there, and edit_image computes none); 4 steps give the sigmas 1, 0.75, 0.5, 0.25
-    and the latents are the state at 0.25."""
+    and the final 0, and the latents are the state at 0."""
     pipe = _schnell_pipe(tmp_path)
     out = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=4)
-    assert out.inversion.ts.tolist() == [1.0, 0.75, 0.5, 0.25]
+    assert out.inversion.ts.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert "guidance" not in out.inversion.ode.cond
+    assert out.latent_error < 1e-12
+
+
+@pytest.mark.parametrize("flux", [False, True], ids=["sd3", "flux-schnell"])
+def test_one_step_edits_from_the_latents_at_zero(tmp_path, image, flux):
+    """One step is the grid [1, 0]: the latents at t = 0 are inverted in one base step (a
+    transformer call at timestep 0), reconstructed from the pair, which holds both states,
+    with no call, and edited in one step from the noise (a call at the pipeline's first
+    timestep); the round trip is exact to rounding in float64."""
+    pipe = _schnell_pipe(tmp_path) if flux else tiny_sd3_pipeline(tmp_path)
+    calls, out = _records(
+        pipe.transformer,
+        lambda: edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=1),
+    )
+    assert out.inversion.ts.tolist() == [1.0, 0.0]
+    steps = [set(record["timestep"].tolist()) for record in calls]
+    first = pipe.scheduler.timesteps[0].item() / (1000 if flux else 1)
+    assert steps == [{0.0}, {first}] and first > 0
     assert out.latent_error < 1e-12
 
 
@@ -1345,8 +1366,9 @@ def test_flux_transformer_sees_what_the_flux_pipeline_gives_it(
     in each of its calls (under true CFG the conditional one, then the negative one): the
     pipeline's guidance_scale is edit_image's guidance, its true_cfg_scale edit_image's
     guidance_scale. And at the same timesteps: edit_image's grid is the sigmas the pipeline
-    ran on (after the mu it computes from the token count) without the final 0, and its three
-    runs call the transformer at exactly the pipeline's timesteps."""
+    ran on (after the mu it computes from the token count) and their final 0, and its three
+    runs call the transformer at exactly the pipeline's timesteps and, once (in each branch),
+    at timestep 0, where the inversion starts from the latents."""
     pipe = _schnell_pipe(tmp_path) if schnell else tiny_flux_pipeline(tmp_path)
     height, width = size
     batch = len(prompt) if isinstance(prompt, list) else 1
@@ -1369,8 +1391,9 @@ def test_flux_transformer_sees_what_the_flux_pipeline_gives_it(
         ),
     )
     branches = 1 if cfg is None else 2
-    # STEPS - 1 steps to invert, one fewer to reconstruct from the pair, STEPS - 1 to edit.
-    assert len(theirs) == branches * STEPS and len(ours) == branches * (3 * (STEPS - 1) - 1)
+    # STEPS steps to invert (the first from t = 0), one fewer evaluation to reconstruct from
+    # the pair (none at t = 0), STEPS to edit.
+    assert len(theirs) == branches * STEPS and len(ours) == branches * (3 * STEPS - 1)
     tokens = (height // 4) * (width // 4)
     # The pipeline's T5 default of 512 tokens, and its packed latents.
     assert theirs[0]["encoder_hidden_states"].shape == (batch, 512, 16)
@@ -1389,10 +1412,12 @@ def test_flux_transformer_sees_what_the_flux_pipeline_gives_it(
         assert not torch.equal(ours[1]["encoder_hidden_states"], ours[0]["encoder_hidden_states"])
     # The pipeline passes an empty joint_attention_kwargs; edit_image none.
     assert theirs[0]["joint_attention_kwargs"] == {} and "joint_attention_kwargs" not in ours[0]
-    assert out.inversion.ts.tolist() == sigmas[:-1] and sigmas[-1] == 0.0
+    assert out.inversion.ts.tolist() == sigmas and sigmas[-1] == 0.0
     assert all(record["timestep"].dtype == torch.float32 for record in ours)
     timesteps = [{float(t) for record in run for t in record["timestep"]} for run in (ours, theirs)]
-    assert timesteps[0] == timesteps[1] and len(timesteps[1]) == STEPS
+    assert timesteps[0] == timesteps[1] | {0.0} and len(timesteps[1]) == STEPS
+    assert 0.0 not in timesteps[1]
+    assert sum(0.0 in record["timestep"].tolist() for record in ours) == branches
 
 
 def test_flux_vae_encodes_and_decodes_as_the_flux_pipelines(flux_pipe, image, monkeypatch):
@@ -1445,7 +1470,7 @@ def test_flux_vae_encodes_and_decodes_as_the_flux_pipelines(flux_pipe, image, mo
 def test_flux_edit_is_a_hand_run_regenerate_under_the_target(flux_pipe, image):
     """Every stage by hand, under true CFG: the packed latents; the pipeline's encode_prompt
     (the negative prompt "" embedded); from_diffusers with its text_ids, the pipeline's
-    img_ids and the guidance embedding 3.5; FluxPipeline's sigmas without the final 0;
+    img_ids and the guidance embedding 3.5; FluxPipeline's sigmas and the final 0;
     Inversion.of with bdia(euler, 0.96); regenerate(target)."""
     out = edit_image(flux_pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, guidance_scale=4)
     img_ids = flux_pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
@@ -1473,7 +1498,7 @@ def test_flux_edit_is_a_hand_run_regenerate_under_the_target(flux_pipe, image):
         (mean - config.shift_factor) * config.scaling_factor, 2, 4, 8, 8
     )
     assert torch.equal(out.latents, latents)
-    ts = _flux_grid(flux_pipe.scheduler, STEPS)[:-1]
+    ts = _flux_grid(flux_pipe.scheduler, STEPS)
     solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
     inversion = bdia.Inversion.of(ode(SOURCE), solver, latents, ts, state_dtype=torch.float64)
     assert torch.equal(inversion.noise, out.inversion.noise)
@@ -1512,9 +1537,9 @@ def test_flux_dynamic_shifting_takes_a_given_mu(flux_pipe, image):
     """mu= overrides FluxPipeline's mu of the token count."""
     out = edit_image(flux_pipe, image[:1], SOURCE, TARGET, num_inference_steps=STEPS, mu=1.5)
     sigmas = np.linspace(1.0, 1 / STEPS, STEPS)
-    expected = diffusers_grid(flux_pipe.scheduler, STEPS, mu=1.5, sigmas=sigmas)[:-1]
+    expected = diffusers_grid(flux_pipe.scheduler, STEPS, mu=1.5, sigmas=sigmas)
     assert torch.equal(out.inversion.ts, expected)
-    assert not torch.equal(out.inversion.ts, _flux_grid(flux_pipe.scheduler, STEPS)[:-1])
+    assert not torch.equal(out.inversion.ts, _flux_grid(flux_pipe.scheduler, STEPS))
     assert out.latent_error < 1e-12
 
 
@@ -1542,7 +1567,6 @@ def test_flux_mu_is_the_pipelines_calculate_shift(size):
         ("nan guidance", "guidance must be finite, got nan"),
         ("text guidance", "guidance must be a number, got '3.5'"),
         ("schnell mu", "mu = 0.5 shifts the sigmas only with use_dynamic_shifting"),
-        ("one step", "num_inference_steps = 1 leaves no step"),
         ("zero steps", "num_inference_steps"),
         ("fill", "latent_channels = 4 packed in 2 x 2 patches make 16"),
         ("one tensor", "a Flux transformer also needs the pooled embeddings"),
@@ -1571,8 +1595,6 @@ def test_flux_inputs_that_cannot_run_are_refused_in_one_line(
     elif kind == "schnell mu":
         pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
         kwargs["mu"] = 0.5
-    elif kind == "one step":
-        kwargs["num_inference_steps"] = 1
     elif kind == "zero steps":
         kwargs["num_inference_steps"] = 0
     elif kind == "fill":  # FluxFillPipeline's: the masked image's channels beside the latents

@@ -31,10 +31,11 @@ same scheduler, CLIP and T5, and the pipeline's static methods that pack the lat
    ends at sigma = 0 (DDIM's ``set_alpha_to_one=True``, ``final_sigmas_type="zero"``,
    Euler), that point becomes the table's smallest noise level instead, ``alphas_cumprod[0]``
    (``t = 1/N`` in VP space, its ``sigma_bar`` in EDM space), where the model can be
-   evaluated; a flow-matching grid, which always ends at 0 and has no table, drops the 0 and
-   ends at its last sigma, the last at which the SD3 pipeline calls the transformer (with
-   dynamic shifting, after the pipeline's ``mu`` for the image's size); Flux's grid is made
-   from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way;
+   evaluated; a flow-matching grid, which always ends at 0, keeps it: a flow transformer
+   can be evaluated at sigma = 0, so the latents are the state at t = 0 and the inversion's
+   first step evaluates the transformer at timestep 0, which the pipelines never do (with
+   dynamic shifting, the grid follows the pipeline's ``mu`` for the image's size); Flux's
+   grid is made from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way;
 4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
    them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
    ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
@@ -365,10 +366,11 @@ def _grid(
     scheduler: Any, steps: int, probe: DiffusionODE, mu: float | None, sigmas: Any = None
 ) -> Tensor:
     """diffusers' grid, ending at the table's smallest noise level instead of sigma = 0; a
-    flow-matching one (no table) at its last sigma above 0. ``sigmas``: a pipeline's own
+    flow-matching one (no table) as it is, at 0. ``sigmas``: a pipeline's own
     (FluxPipeline's), as ``diffusers_grid`` takes them."""
     ts = diffusers_grid(scheduler, steps, mu=mu, sigmas=sigmas)
-    if probe.schedule.sigma(float(ts[-1])) != 0.0:
+    if not probe.is_terminal(float(ts[-1])):
+        # A flow transformer is evaluated at sigma = 0: the grid keeps the pipeline's final 0.
         return ts
     assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
     if probe.f.space != "flow":
@@ -384,8 +386,7 @@ def _grid(
             f"num_inference_steps = {steps} leaves no step above the grid's smallest noise "
             "level, where the data are taken; use more steps"
         )
-    # The last timestep is already the smallest noise level (in flow matching, the last at
-    # which the pipeline calls the transformer).
+    # The last timestep is already the table's smallest noise level.
     return ts[:-1]
 
 
@@ -696,10 +697,10 @@ def edit_image(
             ``txt_ids``, is made again from the embeddings' length by ``encode_prompt``).
         target_prompt: the edit, in the same forms.
         num_inference_steps: steps of the scheduler's grid (``diffusers_grid``). For SD3
-            the grid is the pipeline's ``num_inference_steps`` sigmas without the final 0:
-            ``num_inference_steps - 1`` steps, so it must be at least 2. For Flux the sigmas
-            are FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler,
-            without the final 0 likewise.
+            the grid is the pipeline's ``num_inference_steps`` sigmas and its final 0, where
+            the latents are taken: ``num_inference_steps`` steps. For Flux the sigmas are
+            FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler, and the
+            final 0 likewise.
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
             conditional model alone. Every other value needs ``negative_prompt``. By default
             7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
