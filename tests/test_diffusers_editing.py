@@ -318,6 +318,9 @@ def test_a_unet_that_needs_image_embeddings_is_refused_before_the_vae(
         ("rule", "rule"),
         ("solver", "did you mean 'ddim'"),
         ("clip_sample", "clip_sample"),
+        # Euler's one timestep, 0 under "leading" spacing, is already the table's smallest
+        # noise level: the grid without its final 0 has no step.
+        ("one step", "num_inference_steps = 1 leaves no step"),
         ("empty list", "no images"),
         ("empty batch", "no images"),
     ],
@@ -351,6 +354,9 @@ def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
         kwargs["solver"] = "ddmi"
     elif kind == "clip_sample":
         fresh_pipe.scheduler = diffusers.DDIMScheduler(clip_sample=True, steps_offset=1)
+    elif kind == "one step":
+        fresh_pipe.scheduler = diffusers.EulerDiscreteScheduler(timestep_spacing="leading")
+        kwargs["num_inference_steps"] = 1
     elif kind == "empty list":
         image = []
     elif kind == "empty batch":
