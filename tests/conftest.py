@@ -296,3 +296,15 @@ def assert_flow_run_is_bdia_sample(
     for name in ("earlier", "later", "earlier_low", "later_low"):
         assert torch.equal(getattr(pair, name), getattr(ref, name)), name
     return pair
+
+
+def flow_round_trip_error(ode: Any, noise: torch.Tensor, ts: torch.Tensor) -> float:
+    """``max |back - noise| / max |noise|`` of ``noise`` sampled over ``ts`` with
+    ``bdia(euler, 0.96)`` and inverted from the final pair."""
+    import bdia
+
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, pair, ts)
+    return float((back.earlier - noise).abs().max() / noise.abs().max())
