@@ -682,6 +682,25 @@ def test_sdxl_float16_vae_with_force_upcast_runs_in_float32(tmp_path, image):
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
 
 
+def test_a_mixed_precision_vae_comes_back_with_each_dtype_it_had(tmp_path, image):
+    """A float16 VAE that keeps some layers in float32 (here its two quantisation convolutions,
+    as diffusers' ``_keep_in_fp32_modules`` keeps layers) runs
+    in float32 for the upcast and returns with every tensor in its own dtype, bit for bit,
+    rather than all float16 as the SDXL pipeline's ``vae.to(float16)`` would leave it."""
+    pipe = tiny_sdxl_pipeline(tmp_path, vae_dtype=torch.float16)
+    vae = pipe.vae
+    vae.quant_conv.float()
+    vae.post_quant_conv.float()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    assert {v.dtype for v in before.values()} == {torch.float16, torch.float32}
+    seen = _conv_in_dtypes(vae)
+    out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5)
+    assert seen == [torch.float32] * 4  # upcast: one encoding, three decodings
+    assert torch.isfinite(out.images).all()
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+
+
 @pytest.mark.parametrize("kind", ["sdxl without force_upcast", "stable diffusion"])
 def test_a_float16_vae_runs_in_float16_where_the_pipeline_runs_it_so(tmp_path, image, kind):
     """The float32 upcast is the SDXL pipeline's and only where the VAE's config says

@@ -599,18 +599,29 @@ def _float32_vae(vae: Any, upcast: bool) -> Iterator[None]:
     """The VAE in float32 for the block, where ``upcast`` and its config says ``force_upcast``.
 
     SDXL's VAE overflows in float16 (NaN images); the SDXL pipeline decodes in float32 for
-    that reason (its ``needs_upcasting``), and so do we, for the encoding too. The weights go
-    back to float16 afterwards, bit for bit (float16 to float32 and back is exact).
+    that reason (its ``needs_upcasting``), and so do we, for the encoding too. Each weight and
+    buffer goes back to the dtype it had, bit for bit (float16 or bfloat16 to float32 and back
+    is exact): a VAE that keeps some layers in float32 (diffusers' ``_keep_in_fp32_modules``, or
+    a user's own choice) comes back as it was, not all float16 as the pipeline leaves it.
     """
     config = getattr(vae, "config", None) or {}
     if not upcast or getattr(vae, "dtype", None) != torch.float16 or not config.get("force_upcast"):
         yield
         return
+    params = [(p, p.dtype) for p in vae.parameters()]
+    buffers = [
+        (module, name, buffer.dtype)
+        for module in vae.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+    ]
     vae.to(torch.float32)
     try:
         yield
     finally:
-        vae.to(torch.float16)
+        for param, dtype in params:
+            param.data = param.data.to(dtype)
+        for module, name, dtype in buffers:
+            setattr(module, name, getattr(module, name).to(dtype))
 
 
 def _rms(a: Tensor, b: Tensor) -> float:
@@ -665,9 +676,9 @@ def edit_image(
             ``encode_prompt`` for embeddings (it makes their ``txt_ids``) and FluxPipeline's
             ``_pack_latents``, ``_unpack_latents`` and ``_prepare_latent_image_ids``. None of
             them is modified (an SDXL pipeline's float16 VAE whose config says
-            ``force_upcast`` runs in float32 and is float16 again, bit for bit, on return, as
-            the SDXL pipeline decodes). A VAE whose config sets both
-            ``latents_mean`` and ``latents_std`` (one value per latent channel) encodes to
+            ``force_upcast`` runs in float32, as the SDXL pipeline decodes, and on return has
+            each weight and buffer in its own dtype again, bit for bit). A VAE whose config
+            sets both ``latents_mean`` and ``latents_std`` (one value per latent channel) encodes to
             ``(mean - latents_mean) * scaling_factor / latents_std`` and decodes by the
             inverse, in the state dtype with the statistics as float32 values, as diffusers'
             SDXL pipelines; with only one of them set, neither is used, as there. SD3's VAE
