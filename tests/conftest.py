@@ -278,20 +278,27 @@ def folder_bytes(folder: Path) -> dict[str, Any]:
 
 
 def assert_flow_run_is_bdia_sample(
-    pipe: Any, latents: torch.Tensor, ode: Any, noise: torch.Tensor, ts: torch.Tensor, gamma: float
+    pipe: Any,
+    latents: torch.Tensor,
+    ode: Any,
+    noise: torch.Tensor,
+    ts: torch.Tensor,
+    gamma: float,
+    start_index: int = 0,
 ) -> Any:
     """A flow-matching pipeline's run with its ``BDIAScheduler`` (``latents``, and the
     scheduler's ``final_pair``) is ``bdia.sample`` with ``bdia(euler, gamma)`` on ``ode`` over
-    ``ts`` from ``noise``, bit for bit, low words included; the grid is the scheduler's.
-    Returns the scheduler's final pair."""
+    ``ts[start_index:]`` from ``noise`` (the state at ``ts[start_index]``: the noised image
+    latents of an img2img run), bit for bit, low words included; the grid ``ts`` is the
+    scheduler's, and the pair records ``start_index``. Returns the scheduler's final pair."""
     import bdia
 
     assert pipe.scheduler.grid == ts.tolist()
     solver = bdia.bdia(bdia.get_solver("euler"), gamma)
     with torch.no_grad():
-        ref = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+        ref = bdia.sample(ode, solver, noise, ts[start_index:], return_pair=True, progress=False)
     pair = pipe.scheduler.final_pair
-    assert pair.solver == f"bdia(euler, gamma={gamma})" and pair.start_index == 0
+    assert pair.solver == f"bdia(euler, gamma={gamma})" and pair.start_index == start_index
     assert torch.equal(latents, ref.later)
     for name in ("earlier", "later", "earlier_low", "later_low"):
         assert torch.equal(getattr(pair, name), getattr(ref, name)), name
@@ -308,3 +315,71 @@ def flow_round_trip_error(ode: Any, noise: torch.Tensor, ts: torch.Tensor) -> fl
         pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
         back = bdia.invert(ode, solver, pair, ts)
     return float((back.earlier - noise).abs().max() / noise.abs().max())
+
+
+def record_step_samples(scheduler: Any) -> list[torch.Tensor]:
+    """Wraps ``scheduler.step`` on the instance to keep a copy of each ``sample`` it gets;
+    returns the list, which fills as a pipeline steps (its first entry is the state the run
+    started from: the noised image latents of img2img)."""
+    samples: list[torch.Tensor] = []
+    step = scheduler.step
+
+    def recording_step(model_output: Any, timestep: Any, sample: torch.Tensor, *a: Any, **k: Any):
+        samples.append(sample.clone())
+        return step(model_output, timestep, sample, *a, **k)
+
+    scheduler.step = recording_step
+    return samples
+
+
+def flow_img2img_runs(
+    pipeline_class: Any, parts: dict[str, Any], call: Any
+) -> tuple[Any, list[tuple[torch.Tensor, list[torch.Tensor]]]]:
+    """``pipeline_class`` (an img2img pipeline) on ``parts`` with their own scheduler, then
+    with ``BDIAScheduler.from_config`` of its config and gamma 0.9; ``call(pipe)`` runs one
+    and returns its latents. Returns the BDIA pipeline and ``[(latents, step samples)]`` of
+    the two runs (see ``record_step_samples``)."""
+    from bdia.integrations.diffusers import BDIAScheduler
+
+    own = parts["scheduler"]
+    runs = []
+    for scheduler in (own, BDIAScheduler.from_config(own.config, gamma=0.9)):
+        pipe = pipeline_class(**{**parts, "scheduler": scheduler})
+        pipe.set_progress_bar_config(disable=True)
+        samples = record_step_samples(pipe.scheduler)
+        runs.append((call(pipe), samples))
+    return pipe, runs
+
+
+def assert_flow_img2img_is_bdia_sample(
+    pipe: Any,
+    runs: Sequence[tuple[torch.Tensor, list[torch.Tensor]]],
+    ode: Any,
+    ts: torch.Tensor,
+    start_index: int,
+    invert: Any,
+) -> None:
+    """An img2img run of a flow-matching pipeline with ``BDIAScheduler(gamma=0.9)`` (``pipe``'s
+    scheduler), bit for bit. ``runs`` are ``(latents, record_step_samples list)`` of the
+    pipeline with its own FlowMatchEulerDiscreteScheduler, then with the BDIA scheduler.
+
+    Both runs start from the same noised latents (their first step's sample) at
+    ``ts[start_index]``; the BDIA run is ``bdia.sample``'s from them over
+    ``ts[start_index:]`` (``assert_flow_run_is_bdia_sample``); ``bdia(euler, 0)`` there gives
+    the own scheduler's latents; ``invert(pair)`` (the inverse scheduler's loop, which it
+    returns) and ``bdia.invert`` on ``ts[start_index:]`` return the noised latents."""
+    import bdia
+
+    (euler_latents, euler_samples), (latents, samples) = runs
+    start, k = samples[0], start_index
+    assert pipe.scheduler.start_index == k and len(samples) == len(ts) - 1 - k
+    assert torch.equal(start, euler_samples[0])
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, start, ts, 0.9, start_index=k)
+    with torch.no_grad():
+        euler = bdia.sample(ode, bdia.bdia("euler", 0.0), start, ts[k:], progress=False)
+        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts[k:])
+    assert torch.equal(euler, euler_latents)
+    inverse = invert(pair)
+    assert inverse.start_index == k and len(inverse.timesteps) == len(ts) - 2 - k
+    assert torch.equal(inverse.pair.earlier, start)
+    assert torch.equal(back.earlier, start)

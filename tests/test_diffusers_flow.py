@@ -13,7 +13,14 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error
+from conftest import (
+    Counter,
+    assert_flow_img2img_is_bdia_sample,
+    assert_flow_run_is_bdia_sample,
+    flow_img2img_runs,
+    flow_round_trip_error,
+    untouched,
+)
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 import bdia
@@ -23,7 +30,12 @@ from bdia.integrations.diffusers import (
     diffusers_grid,
     from_diffusers,
 )
-from bdia.integrations.diffusers.tiny import tiny_sd3_pipeline, tiny_sd3_transformer, tiny_unet
+from bdia.integrations.diffusers.tiny import (
+    FLUX_DEV_SCHEDULER,
+    tiny_sd3_pipeline,
+    tiny_sd3_transformer,
+    tiny_unet,
+)
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -158,18 +170,19 @@ def test_float64_state_is_diffusers_to_its_float32_rounding(transformer64):
     assert worst < 1e-6
 
 
-def _pipeline_latents(pipe, cond, noise):
-    """The pipeline's latents from ``noise`` under ``cond``'s embeddings and guidance."""
+def _pipeline_latents(pipe, cond, **inputs):
+    """The pipeline's latents under ``cond``'s embeddings and guidance; ``inputs`` are
+    ``latents=noise``, or img2img's ``image``, ``strength`` and ``generator``."""
     negative = cond["negative_cond"]
     return pipe(
         prompt_embeds=cond["encoder_hidden_states"].expand(BATCH, -1, -1),
         pooled_prompt_embeds=cond["pooled_projections"].expand(BATCH, -1),
         negative_prompt_embeds=negative["encoder_hidden_states"].expand(BATCH, -1, -1),
         negative_pooled_prompt_embeds=negative["pooled_projections"].expand(BATCH, -1),
-        latents=noise,
         num_inference_steps=N_STEPS,
         guidance_scale=GUIDANCE,
         output_type="latent",
+        **inputs,
     ).images
 
 
@@ -179,7 +192,7 @@ def test_sd3_pipeline_gives_bdia_samples_latents(tmp_path):
     pipe = tiny_sd3_pipeline(tmp_path)
     cond = _cond(torch.float32, True)
     noise = _noise(torch.float32)
-    latents = _pipeline_latents(pipe, cond, noise)
+    latents = _pipeline_latents(pipe, cond, latents=noise)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     with torch.no_grad():
         ours = bdia.sample(
@@ -210,40 +223,9 @@ def test_bdia_euler_inverts_to_float64_rounding(transformer64, shift):
 # ------------------------------------------------------------------ BDIA scheduler
 
 
-@pytest.mark.parametrize(
-    "config", [dict(shift=3.0), dict(use_dynamic_shifting=True)], ids=["sd3", "dynamic"]
-)
-def test_bdia_scheduler_in_sd3_pipeline_is_bdia_sample_and_inverts(tmp_path, config):
-    """StableDiffusion3Pipeline with BDIAScheduler.from_config(its config, gamma=0.9) gives
-    the latents and the final pair (low words included) of bdia.sample with bdia(euler, 0.9)
-    on from_diffusers/diffusers_grid of that scheduler, bit for bit; the inverse scheduler's
-    loop, with the pipeline's guided transformer calls, returns its starting noise bit for
-    bit, and so does bdia.invert from the pair. With use_dynamic_shifting the pipeline
-    computes mu from the latents' size (16 tokens) and the scheduler's config, which holds
-    the flow-matching scheduler's fields, defaults included (the pipeline's own default
-    max_shift is another), and passes it to set_timesteps; the grid takes the same mu."""
-    pipe = tiny_sd3_pipeline(
-        tmp_path, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**config)
-    )
-    source = pipe.scheduler.config
-    pipe.scheduler = BDIAScheduler.from_config(source, gamma=0.9)
-    assert pipe.scheduler.config.flow_matching
-    cond, noise = _cond(torch.float32, True), _noise(torch.float32)
-    latents = _pipeline_latents(pipe, cond, noise)
-
-    mu = None
-    if config.get("use_dynamic_shifting"):
-        mu = calculate_shift(
-            16,
-            source.base_image_seq_len,
-            source.max_image_seq_len,
-            source.base_shift,
-            source.max_shift,
-        )
-    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
-    ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-
+def _invert_guided(pipe, pair, cond, mu=None):
+    """BDIAInverseScheduler's loop from ``pair``, calling the transformer as the SD3 pipelines
+    do (batch [negative, positive], then u + g (c - u)); returns the inverse scheduler."""
     inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(N_STEPS, mu=mu)
     negative = cond["negative_cond"]
@@ -271,10 +253,160 @@ def test_bdia_scheduler_in_sd3_pipeline_is_bdia_sample_and_inverts(tmp_path, con
             )[0]
             u, c = out.chunk(2)
             x = inverse.step(u + GUIDANCE * (c - u), t, x).prev_sample
+    return inverse
+
+
+@pytest.mark.parametrize(
+    "config", [dict(shift=3.0), dict(use_dynamic_shifting=True)], ids=["sd3", "dynamic"]
+)
+def test_bdia_scheduler_in_sd3_pipeline_is_bdia_sample_and_inverts(tmp_path, config):
+    """StableDiffusion3Pipeline with BDIAScheduler.from_config(its config, gamma=0.9) gives
+    the latents and the final pair (low words included) of bdia.sample with bdia(euler, 0.9)
+    on from_diffusers/diffusers_grid of that scheduler, bit for bit; the inverse scheduler's
+    loop, with the pipeline's guided transformer calls, returns its starting noise bit for
+    bit, and so does bdia.invert from the pair. With use_dynamic_shifting the pipeline
+    computes mu from the latents' size (16 tokens) and the scheduler's config, which holds
+    the flow-matching scheduler's fields, defaults included (the pipeline's own default
+    max_shift is another), and passes it to set_timesteps; the grid takes the same mu."""
+    pipe = tiny_sd3_pipeline(
+        tmp_path, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    )
+    source = pipe.scheduler.config
+    pipe.scheduler = BDIAScheduler.from_config(source, gamma=0.9)
+    assert pipe.scheduler.config.flow_matching
+    cond, noise = _cond(torch.float32, True), _noise(torch.float32)
+    latents = _pipeline_latents(pipe, cond, latents=noise)
+
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        mu = calculate_shift(
+            16,
+            source.base_image_seq_len,
+            source.max_image_seq_len,
+            source.base_shift,
+            source.max_shift,
+        )
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu)
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
+    inverse = _invert_guided(pipe, pair, cond, mu=mu)
+    with torch.no_grad():
         back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
     assert torch.equal(back.earlier, noise)
+
+
+def test_bdia_scheduler_in_sd3_img2img_pipeline_is_bdia_sample_and_inverts(tmp_path):
+    """StableDiffusion3Img2ImgPipeline with strength 0.6 runs the last 6 of 10 timesteps from
+    the image latents noised by scale_noise to timesteps[4]. With BDIAScheduler (gamma 0.9)
+    the noised latents are those of the pipeline with its own FlowMatchEulerDiscreteScheduler,
+    bit for bit (the same generator draws and scale_noise's float operations); the latents
+    and final pair (low words included, start_index 4) are bdia.sample's with bdia(euler,
+    0.9) from them over the grid's tail grid[4:], bit for bit; bdia(euler, 0) there gives the
+    own scheduler's latents bit for bit (the BDIA scheduler itself refuses gamma 0, whose
+    steps cannot be inverted); and the inverse scheduler's loop stops at index 4
+    with the noised latents, bit for bit, as does bdia.invert on grid[4:]. Before,
+    BDIAScheduler had no scale_noise and the pipeline stopped with an AttributeError."""
+    cond = _cond(torch.float32, True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    pipe, runs = flow_img2img_runs(
+        diffusers.StableDiffusion3Img2ImgPipeline,
+        tiny_sd3_pipeline(tmp_path).components,
+        lambda pipe: _pipeline_latents(
+            pipe, cond, image=image, strength=0.6, generator=torch.Generator().manual_seed(0)
+        ),
+    )
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ts = diffusers_grid(pipe.scheduler, N_STEPS)
+    assert_flow_img2img_is_bdia_sample(
+        pipe, runs, ode, ts, 4, lambda pair: _invert_guided(pipe, pair, cond)
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(shift=3.0), dict(shift=1.0, use_karras_sigmas=True), dict(FLUX_DEV_SCHEDULER)],
+    ids=["sd3", "karras", "flux"],
+)
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.float32),
+    ],
+    ids=["f32", "f16", "bf16", "f64", "f32-noise16", "f16-noise32"],
+)
+def test_scale_noise_is_flow_match_eulers(config, dtypes):
+    """scale_noise is FlowMatchEulerDiscreteScheduler.scale_noise bit for bit, dtype
+    included, at every timestep of the run, as the img2img pipelines call it (after
+    set_begin_index, a timestep tensor repeated over the batch) and without a begin index
+    (each timestep's own sigma): sigma cast to the sample's dtype, then sigma * noise +
+    (1 - sigma) * sample, promoted with the noise's dtype; the caller's tensors are left as
+    they were."""
+    sample_dtype, noise_dtype = dtypes
+    g = torch.Generator().manual_seed(5)
+    sample = torch.randn(BATCH, 4, 8, 8, generator=g).to(sample_dtype)
+    noise = torch.randn(BATCH, 4, 8, 8, generator=g).to(noise_dtype)
+    source = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    ours = BDIAScheduler.from_config(source.config)
+    steps = dict(mu=0.7, sigmas=np.linspace(1.0, 1 / N_STEPS, N_STEPS))
+    if not config.get("use_dynamic_shifting"):
+        steps = dict(num_inference_steps=N_STEPS)
+    for begin in (None, *range(N_STEPS)):
+        for scheduler in (source, ours):
+            scheduler.set_timesteps(**steps)
+            if begin is not None:
+                scheduler.set_begin_index(begin)
+        assert torch.equal(ours.timesteps, source.timesteps)
+        indices = range(N_STEPS) if begin is None else [begin]
+        for i in indices:
+            timestep = source.timesteps[i : i + 1].repeat(BATCH)
+            with untouched(sample, noise, timestep):
+                got = ours.scale_noise(sample, timestep, noise)
+            want = source.scale_noise(sample, timestep, noise)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got, want), (begin, i)
+
+
+def test_scale_noise_refusals():
+    """One line each: scale_noise with a noise table (add_noise is its forward process),
+    before set_timesteps, at a timestep not in timesteps, at another timestep than
+    timesteps[begin_index] before the first step (FlowMatchEulerDiscreteScheduler would
+    take begin_index's sigma whatever the timestep), arguments of the wrong type, and noise
+    of another shape than the sample's (which that scheduler would broadcast). After
+    a step (inpainting noises to later timesteps) the begin index no longer holds."""
+    x = torch.zeros(BATCH, 4, 8, 8)
+    with pytest.raises(ValueError) as exc_info:
+        BDIAScheduler().scale_noise(x, torch.tensor([500.0]), x)
+    _one_line_error(exc_info, "add_noise(")
+    flow = BDIAScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    with pytest.raises(ValueError) as exc_info:
+        flow.scale_noise(x, torch.tensor([1000.0]), x)
+    _one_line_error(exc_info, "scale_noise was called before set_timesteps")
+    flow.set_timesteps(N_STEPS)
+    with pytest.raises(ValueError) as exc_info:
+        flow.scale_noise(x, torch.tensor([123.0]), x)
+    _one_line_error(exc_info, "not in this schedule's timesteps")
+    flow.set_begin_index(4)
+    with pytest.raises(ValueError) as exc_info:
+        flow.scale_noise(x, flow.timesteps[3:4], x)
+    _one_line_error(exc_info, "set_begin_index set the run's start at index 4")
+    with pytest.raises(TypeError) as exc_info:
+        flow.scale_noise(x, flow.timesteps[4:5], None)
+    _one_line_error(exc_info, "noise must be a tensor")
+    with pytest.raises(ValueError) as exc_info:
+        flow.scale_noise(x, flow.timesteps[4:5], x[:1])
+    _one_line_error(exc_info, "noise has shape (1, 4, 8, 8) but the sample has shape")
+    with pytest.raises(TypeError) as exc_info:
+        flow.set_begin_index(4.0)
+    _one_line_error(exc_info, "begin_index must be an int")
+    flow.step(x, flow.timesteps[4], x)
+    assert torch.equal(flow.scale_noise(x, flow.timesteps[5:6], x + 1), flow.sigmas[5].expand_as(x))
 
 
 def test_a_flow_matching_bdia_config_round_trips(tmp_path):
@@ -320,7 +452,7 @@ def test_flow_matching_bdia_scheduler_refusals():
     flow = BDIAScheduler.from_config(flow_config)
     with pytest.raises(ValueError) as exc_info:
         flow.add_noise(torch.zeros(1), torch.zeros(1), torch.zeros(1))
-    _one_line_error(exc_info, "image-to-image")
+    _one_line_error(exc_info, "scale_noise")
     assert not hasattr(flow, "alphas_cumprod") and not hasattr(BDIAScheduler(), "sigmas")
 
 

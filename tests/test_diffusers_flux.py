@@ -14,7 +14,13 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error
+from conftest import (
+    Counter,
+    assert_flow_img2img_is_bdia_sample,
+    assert_flow_run_is_bdia_sample,
+    flow_img2img_runs,
+    flow_round_trip_error,
+)
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
 import bdia
@@ -144,7 +150,8 @@ def _flux_loop(transformer, scheduler, noise, cond, steps=N_STEPS):
 
 def _pipeline_latents(pipe, noise, prompt, **options):
     """FluxPipeline's latents from ``noise`` (BATCH images of one prompt, 16 x 16, T5 tokens
-    cut at 16), guidance embedding 3.5."""
+    cut at 16), guidance embedding 3.5; for img2img, ``noise`` None and ``options`` the
+    image, strength and generator."""
     return pipe(
         prompt=prompt,
         guidance_scale=EMBEDDED,
@@ -432,6 +439,33 @@ def test_the_callers_conditioning_is_left_as_it_was(dev):
 # ------------------------------------------------------------------ BDIA scheduler
 
 
+def _invert(pipe, pair, cond):
+    """BDIAInverseScheduler's loop from ``pair``, calling the transformer as the Flux
+    pipelines do (with ``cond``'s guidance embedding, if it has one); returns the inverse
+    scheduler."""
+    inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+    # FluxPipeline's mu, which schnell's scheduler ignores.
+    inverse.set_timesteps(sigmas=_sigmas(), mu=calculate_shift(TOKENS))
+    guidance = torch.full([BATCH], cond["guidance"]) if "guidance" in cond else None
+    embeds = cond["encoder_hidden_states"].expand(BATCH, -1, -1)
+    pooled = cond["pooled_projections"].expand(BATCH, -1)
+    with torch.no_grad():
+        x = inverse.begin(pair)
+        for t in inverse.timesteps:
+            out = pipe.transformer(
+                hidden_states=x,
+                timestep=t.expand(BATCH).to(x.dtype) / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=cond["txt_ids"],
+                img_ids=_img_ids(),
+                return_dict=False,
+            )[0]
+            x = inverse.step(out, t, x).prev_sample
+    return inverse
+
+
 @pytest.mark.parametrize("embedded", [True, False], ids=["dev", "schnell"])
 def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, embedded):
     """FluxPipeline with BDIAScheduler.from_config(its config, gamma=0.9) gives the latents
@@ -455,31 +489,45 @@ def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, em
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=mu, sigmas=_sigmas())
     pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-
-    inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
-    # FluxPipeline's mu, which schnell's scheduler ignores.
-    inverse.set_timesteps(sigmas=_sigmas(), mu=calculate_shift(TOKENS))
-    guidance = torch.full([BATCH], EMBEDDED) if embedded else None
-    embeds = cond["encoder_hidden_states"].expand(BATCH, -1, -1)
-    pooled = cond["pooled_projections"].expand(BATCH, -1)
+    inverse = _invert(pipe, pair, cond)
     with torch.no_grad():
-        x = inverse.begin(pair)
-        for t in inverse.timesteps:
-            out = pipe.transformer(
-                hidden_states=x,
-                timestep=t.expand(BATCH).to(x.dtype) / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=embeds,
-                txt_ids=cond["txt_ids"],
-                img_ids=_img_ids(),
-                return_dict=False,
-            )[0]
-            x = inverse.step(out, t, x).prev_sample
         back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
     assert torch.equal(back.earlier, noise)
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["dev", "schnell"])
+def test_bdia_scheduler_in_flux_img2img_pipeline_is_bdia_sample_and_inverts(tmp_path, embedded):
+    """FluxImg2ImgPipeline with strength 0.6 runs the last 6 of 10 timesteps from the image
+    latents noised by scale_noise to timesteps[4], then packed. With BDIAScheduler (gamma
+    0.9) the noised latents are those of the pipeline with its own
+    FlowMatchEulerDiscreteScheduler, bit for bit; the latents and final pair (low words
+    included, start_index 4) are bdia.sample's with bdia(euler, 0.9) from them over
+    grid[4:], bit for bit; bdia(euler, 0) there gives the own scheduler's latents bit for
+    bit; and the inverse scheduler's loop stops at index 4 with the noised latents, bit for
+    bit, as does bdia.invert on grid[4:]. Before, BDIAScheduler had no scale_noise and the
+    pipeline stopped with an AttributeError."""
+    scheduler = _dev_scheduler() if embedded else _schnell_scheduler()
+    parts = tiny_flux_pipeline(tmp_path, scheduler=scheduler, guidance_embeds=embedded).components
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def img2img(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return _pipeline_latents(
+            pipe, None, "a photo of a fox", image=image, strength=0.6, generator=generator
+        )
+
+    pipe, runs = flow_img2img_runs(diffusers.FluxImg2ImgPipeline, parts, img2img)
+    assert runs[1][1][0].shape == (BATCH, TOKENS, 16)  # the packed latents, as FluxPipeline's
+    cond = dict(_encoded(pipe, "a photo of a fox"), img_ids=_img_ids())
+    if embedded:
+        cond["guidance"] = EMBEDDED
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=_mu(scheduler), sigmas=_sigmas())
+    assert_flow_img2img_is_bdia_sample(
+        pipe, runs, ode, ts, 4, lambda pair: _invert(pipe, pair, cond)
+    )
 
 
 def test_bdia_scheduler_sigmas_refusals():

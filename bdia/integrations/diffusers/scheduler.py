@@ -252,6 +252,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     # SD3's flow-matching scheduler too: its fields then stay in the config without a warning.
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
+    _state: SolverState | None  # the solver's state of a run, None before it (see _reset)
 
     @classmethod
     def from_config(  # type: ignore[override]
@@ -306,6 +307,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.grid: list[float] | None = None
         self._taus: list[float] = []
         self._built_for: dict[str, Any] | None = None  # the config set_timesteps used
+        self._begin_index: int | None = None  # set_begin_index's, until set_timesteps
         self._reset()
 
     def _config_snapshot(self) -> dict[str, Any]:
@@ -361,8 +363,13 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """Forget the state of a run."""
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Accepted for the pipelines that call it (FluxPipeline); unused: each step finds
-        its index from its timestep."""
+        """The index in ``timesteps`` of the run's first step, as the pipelines that call it
+        set it (FluxPipeline with 0; StableDiffusion3Img2ImgPipeline and
+        FluxImg2ImgPipeline with ``t_start``, before ``scale_noise``). Each step finds its
+        index from its timestep; ``scale_noise`` checks its timestep against this one."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral):
+            raise TypeError(f"begin_index must be an int, got {begin_index!r}")
+        self._begin_index = int(begin_index)
 
     def __len__(self) -> int:
         return self.config["num_train_timesteps"]
@@ -381,14 +388,69 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return sample
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines."""
+        """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines;
+        under ``flow_matching``, ``scale_noise`` instead."""
         self._sync()
         if self._flow:
             raise ValueError(
-                "add_noise: a flow-matching BDIA scheduler samples from pure noise only "
-                "(text to image); image-to-image is not supported"
+                "add_noise is DDIM's forward process; a flow-matching BDIA scheduler noises "
+                "with scale_noise(sample, timestep, noise), as StableDiffusion3Img2ImgPipeline "
+                "and FluxImg2ImgPipeline call it"
             )
         return self._inner.add_noise(original_samples, noise, timesteps)
+
+    def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor) -> Tensor:
+        """Flow matching only: ``sigma * noise + (1 - sigma) * sample`` at the sigma of
+        ``timestep``, FlowMatchEulerDiscreteScheduler's forward process, which
+        StableDiffusion3Img2ImgPipeline and FluxImg2ImgPipeline call to noise the image
+        latents to their first timestep.
+
+        The same float operations as that scheduler's: ``sigmas`` cast to ``sample``'s dtype
+        and device, then the sum, so the result is its own bit for bit (in ``sample``'s
+        dtype, or the promotion of ``sample``'s and ``noise``'s).
+
+        Args:
+            sample: the clean latents, any shape (the pipelines pass ``(batch, channels, h,
+                w)``; FluxImg2ImgPipeline packs the result afterwards).
+            timestep: an entry of ``timesteps``, a number or a tensor of one value (the
+                pipelines repeat it over the batch).
+            noise: a tensor of ``sample``'s shape.
+
+        Raises:
+            ValueError: without ``flow_matching`` (use ``add_noise``), for a noise of
+                another shape than the sample's, before
+                ``set_timesteps``, for a timestep that is not in ``timesteps``, or for one
+                that is not ``timesteps[begin_index]`` after ``set_begin_index`` and before
+                the first step (FlowMatchEulerDiscreteScheduler would take the sigma at
+                ``begin_index`` whatever the timestep).
+        """
+        self._sync()
+        if not self._flow:
+            raise ValueError(
+                "scale_noise is the flow-matching forward process; this BDIA scheduler has a "
+                "noise table: noise with add_noise(original_samples, noise, timesteps)"
+            )
+        for name, value in (("sample", sample), ("noise", noise)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"scale_noise: {name} must be a tensor, got {type(value).__name__}")
+        if noise.shape != sample.shape:
+            raise ValueError(
+                f"scale_noise: noise has shape {tuple(noise.shape)} but the sample has shape "
+                f"{tuple(sample.shape)}; draw the noise in the sample's shape"
+            )
+        k = self._index(timestep, "scale_noise")
+        begin = self._begin_index
+        if begin is not None and self._state is None and k != begin:
+            raise ValueError(
+                f"scale_noise: timestep {self._taus[k]} is timesteps[{k}], but set_begin_index "
+                f"set the run's start at index {begin}; pass timesteps[{begin}], where the "
+                "pipeline's first step is"
+            )
+        sigma = self._inner.sigmas.to(device=sample.device, dtype=sample.dtype)[k]
+        # Of sample's rank, as that scheduler's: a 0-d sigma would promote like a Python
+        # number, and float32 latents with float16 noise would come out float16.
+        sigma = sigma.reshape((1,) * sample.ndim)
+        return sigma * noise + (1.0 - sigma) * sample
 
     def _build(
         self,
@@ -448,6 +510,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.grid = grid
         self._taus = list(taus)
         self._built_for = self._configured
+        self._begin_index = None  # FlowMatchEulerDiscreteScheduler forgets it here too
         self._reset()
 
     def _grid(self) -> list[float]:
@@ -455,10 +518,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         assert self.grid is not None
         return self.grid
 
-    def _index(self, timestep: Any) -> int:
+    def _index(self, timestep: Any, caller: str = "step") -> int:
         if self.grid is None:
             raise ValueError(
-                f"{type(self).__name__}.step was called before set_timesteps; call "
+                f"{type(self).__name__}.{caller} was called before set_timesteps; call "
                 "set_timesteps(num_inference_steps) first"
             )
         now, then = self._config_snapshot(), self._built_for
@@ -572,8 +635,11 @@ class BDIAScheduler(_BDIASchedulerBase):
             ``sigmas`` FluxPipeline passes, and the base solver is Euler on
             ``RectifiedFlow``: ``bdia.bdia("euler", gamma)`` on ``from_diffusers(transformer,
             scheduler)`` and ``diffusers_grid(scheduler, n, mu=mu, sigmas=sigmas)``. The
-            DDIM fields are unused then; ``add_noise`` (image to image) and
-            ``gamma="obelm"`` are refused. ``sigmas`` is the inner scheduler's.
+            DDIM fields are unused then; ``gamma="obelm"`` is refused. ``sigmas`` is the
+            inner scheduler's. Image to image (StableDiffusion3Img2ImgPipeline,
+            FluxImg2ImgPipeline) noises with ``scale_noise``, that scheduler's forward
+            process (``add_noise``, DDIM's, is refused), and runs BDIA over the grid's tail
+            from ``timesteps[begin_index]``, as in DDIM mode.
 
     Each step goes from a timestep to the next one in ``timesteps`` (the last to alpha = 1
     with ``set_alpha_to_one``, else to ``alphas_cumprod[0]``): the grid of ``diffusers_grid``.
