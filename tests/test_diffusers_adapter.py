@@ -26,7 +26,11 @@ from bdia.integrations.diffusers import (
     from_diffusers,
 )
 from bdia.integrations.diffusers.parity import bdia_states, diffusers_states
-from bdia.integrations.diffusers.tiny import tiny_unet
+from bdia.integrations.diffusers.tiny import (
+    tiny_playground_pipeline,
+    tiny_sd3_transformer,
+    tiny_unet,
+)
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -219,6 +223,255 @@ def test_dpm_solver_grid_is_the_schedulers_sigmas(unet, spacing):
     reference = copy.deepcopy(scheduler)
     reference.set_timesteps(N_STEPS)
     assert levels == pytest.approx(reference.sigmas.double().tolist(), rel=1e-6, abs=0)
+
+
+# ------------------------------------------------------- EDM-preconditioned schedulers
+
+# Their defaults are Playground v2.5's settings: Karras sigmas from 80 to 0.002, sigma_data
+# 0.5, epsilon (and for DPM-Solver++ order 2 and a final sigma of 0).
+EDM_CLASSES = (diffusers.EDMEulerScheduler, diffusers.EDMDPMSolverMultistepScheduler)
+
+
+@pytest.fixture(scope="module")
+def unet32():
+    return tiny_unet()
+
+
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_is_edm_euler_scheduler_bit_for_bit(
+    unet32, noise, prediction_type, sigma_schedule, final_sigmas_type
+):
+    """'euler' on from_diffusers/diffusers_grid of EDMEulerScheduler is its loop bit for bit
+    in float32, every state. The adapter forms c_in x, the timestep 0.25 log sigma and the
+    denoiser c_skip x + c_out F with the scheduler's own float32 operations on its float32
+    sigmas, and Euler's x + (sigma_next - sigma) (x - D) / sigma is the scheduler's step.
+    With final_sigmas_type='sigma_min' diffusers' last step repeats sigma_min, a step of
+    length 0 that leaves the state as it is, and bdia's grid leaves it out."""
+    scheduler = diffusers.EDMEulerScheduler(
+        prediction_type=prediction_type,
+        sigma_schedule=sigma_schedule,
+        final_sigmas_type=final_sigmas_type,
+    )
+    x = noise.float()
+    ref = diffusers_states(unet32, scheduler, x, N_STEPS)
+    ours = bdia_states(unet32, scheduler, "euler", x, N_STEPS)
+    assert len(ours) == len(ref) - (final_sigmas_type == "sigma_min")
+    for k in range(len(ours)):
+        assert torch.equal(ours[k], ref[k]), k
+    assert torch.equal(ours[-1], ref[-1])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, prediction_type):
+    """StableDiffusionXLPipeline with EDMEulerScheduler (a Playground v2.5-style pipeline)
+    under classifier-free guidance 5: its latents (output_type='latent') are bdia's 'euler'
+    on from_diffusers(pipe.unet, pipe.scheduler, SDXL's conditioning) and diffusers_grid,
+    bit for bit, from the pipeline's own start, noise * init_noise_sigma."""
+    pipe = tiny_playground_pipeline(
+        tmp_path, diffusers.EDMEulerScheduler(prediction_type=prediction_type)
+    )
+    prompt, g = "a photo of a cat", 5.0
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = Counter(pipe.unet)
+    with torch.no_grad():
+        theirs = pipe(
+            prompt,
+            height=16,
+            width=16,
+            num_inference_steps=N_STEPS,
+            guidance_scale=g,
+            latents=noise,
+            output_type="latent",
+        ).images
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, device="cpu", do_classifier_free_guidance=True
+        )
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
+    ode = from_diffusers(
+        pipe.unet,
+        pipe.scheduler,
+        encoder_hidden_states=embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        guidance_scale=g,
+        negative_cond={
+            "encoder_hidden_states": negative,
+            "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": time_ids},
+        },
+    )
+    ts = diffusers_grid(pipe.scheduler, N_STEPS)
+    start = noise * pipe.scheduler.init_noise_sigma
+    with torch.no_grad():
+        ours = bdia.sample(ode, bdia.get_solver("euler"), start, ts, progress=False)
+    assert torch.equal(ours, theirs)
+    assert calls.calls == 2 * N_STEPS and float(ts[-1]) == 0.0
+
+
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpm_solver_pp_1_matches_edm_dpm_solver_multistep(
+    unet32, noise, prediction_type, final_sigmas_type
+):
+    """'dpm_solver_pp_1' is EDMDPMSolverMultistepScheduler(solver_order=1) to 1e-6 relative
+    (measured: up to 4.9e-7) in float32: diffusers forms sigma_t / sigma_s and exp(-h) - 1
+    from float32 logs of its float32 sigmas, bdia in float64 from the same sigmas, and the
+    two roundings of each step's coefficients accumulate. With final_sigmas_type='sigma_min'
+    diffusers' last step goes from its Karras sigma_min to config.sigma_min, 2.3e-7 relative
+    above it (the float32 rounding of its formula), which bdia's grid leaves out: its last
+    state is compared with diffusers' last."""
+    scheduler = diffusers.EDMDPMSolverMultistepScheduler(
+        solver_order=1, prediction_type=prediction_type, final_sigmas_type=final_sigmas_type
+    )
+    x = noise.float()
+    ref = diffusers_states(unet32, scheduler, x, N_STEPS)
+    ours = bdia_states(unet32, scheduler, "dpm_solver_pp_1", x, N_STEPS)
+    assert len(ours) == len(ref) - (final_sigmas_type == "sigma_min")
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-6, k
+    assert rel(ours[-1], ref[-1]) < 1e-6
+
+
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+@pytest.mark.parametrize("cls", EDM_CLASSES, ids=["euler", "dpm"])
+def test_edm_grid_is_the_schedulers_sigmas(cls, sigma_schedule, final_sigmas_type):
+    """The grid is the scheduler's float32 sigmas after set_timesteps, widened to float64
+    unchanged (its first noise level 80, or 79.99998 for DPM-Solver's float32 Karras ramp),
+    and its final 0. A final repeat of sigma_min (final_sigmas_type='sigma_min': exact for
+    Euler, the same level to 2.3e-7 for DPM-Solver) is left out. A config read from disk,
+    with _class_name, gives the same grid."""
+    scheduler = cls(sigma_schedule=sigma_schedule, final_sigmas_type=final_sigmas_type)
+    reference = copy.deepcopy(scheduler)
+    reference.set_timesteps(N_STEPS)
+    sigmas = reference.sigmas.double()
+    ts = diffusers_grid(scheduler, N_STEPS)
+    if final_sigmas_type == "zero":
+        assert torch.equal(ts, sigmas) and float(ts[-1]) == 0.0
+    else:
+        assert torch.equal(ts, sigmas[:-1])
+        assert float(ts[-1]) == pytest.approx(float(sigmas[-1]), rel=1e-6)
+    assert ts.numel() == N_STEPS + (final_sigmas_type == "zero")
+    read = {**scheduler.config, "_class_name": cls.__name__}
+    assert torch.equal(diffusers_grid(read, N_STEPS), ts)
+
+
+def _edm_guided(unet, prediction_type):
+    scheduler = diffusers.EDMEulerScheduler(prediction_type=prediction_type)
+    ode = from_diffusers(
+        unet,
+        scheduler,
+        encoder_hidden_states=_embeds(1, 4),
+        guidance_scale=5.0,
+        negative_cond={"encoder_hidden_states": _embeds(1, 5)},
+    )
+    return ode, diffusers_grid(scheduler, N_STEPS)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_bdia_euler_round_trip_under_edm_preconditioning_is_exact(
+    cond_unet, noise, prediction_type
+):
+    """bdia(euler, 0.96) samples the EDM-preconditioned ODE (float64 unet and state,
+    guidance 5, Playground v2.5's Karras grid from 80 to 0, 10 steps) and invert returns the
+    start: asserted to 1e-12 relative (float64 rounding), measured 0."""
+    ode, ts = _edm_guided(cond_unet, prediction_type)
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    start = noise * float(ts[0])
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, start, ts, return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, pair, ts, progress=False)
+    assert rel(back.earlier, start) < 1e-12
+    assert bool(torch.isfinite(pair.later).all())
+
+
+def test_a_half_unet_gets_c_in_x_in_half_and_the_skip_path_stays_float32(noise):
+    """A float16 unet under a float32 state: the ODE's model_dtype is float32, the unet gets
+    c_in x in float16 at the float32 timestep 0.25 log sigma, and the denoiser c_skip x +
+    c_out F is formed in float32 from the float32 state, bit for bit the formula by hand.
+    Near the clean end c_skip is 1 and D is almost x: rounding x to float16 first, as the
+    unet's model_dtype would, changes D by 3.1e-4 of max |D| here."""
+    unet = tiny_unet().half()
+    ode = from_diffusers(unet, diffusers.EDMEulerScheduler())
+    assert ode.model_dtype == torch.float32 and ode.f.unet_dtype == torch.float16
+    x = noise.float()
+    sigma = torch.tensor(0.01, dtype=torch.float32)
+    calls = []
+    unet.register_forward_pre_hook(lambda m, args: calls.append(args))
+    with torch.no_grad():
+        got = ode.evaluate(float(sigma), x).denoised
+        c_in = 1 / ((sigma**2 + 0.25) ** 0.5)
+        tau = (0.25 * torch.log(sigma)).expand(BATCH)
+        out = unet((x * c_in).half(), tau).sample.float()
+        c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25) ** 0.5
+        want = c_skip * x + c_out * out
+    sample, timestep = calls[0]
+    assert sample.dtype == torch.float16 and timestep.dtype == torch.float32
+    assert torch.equal(timestep, tau)
+    assert torch.equal(got, want)
+    rounded = c_skip * x.half().float() + c_out * out
+    assert rel(rounded, want) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "scheduler, field",
+    [
+        # diffusers' EDM precondition_outputs raises for any other (at the first step).
+        (
+            lambda: diffusers.EDMDPMSolverMultistepScheduler(prediction_type="sample"),
+            "prediction_type",
+        ),
+        (lambda: diffusers.EDMDPMSolverMultistepScheduler(thresholding=True), "thresholding"),
+        (
+            lambda: diffusers.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+            "algorithm_type",
+        ),
+        (lambda: diffusers.EDMEulerScheduler(sigma_data=0.0), "sigma_data"),
+    ],
+    ids=["sample", "thresholding", "sde", "sigma_data"],
+)
+def test_edm_configs_bdia_cannot_map_are_refused_before_any_unet_call(unet, scheduler, field):
+    calls = Counter(unet)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet, scheduler())
+    _one_line_error(exc_info, field)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(unet, diffusers.EDMEulerScheduler(), space="vp")
+    _one_line_error(exc_info, "EDM-preconditioned")
+    assert calls.calls == 0
+
+
+def test_a_flow_transformer_with_an_edm_scheduler_is_refused_before_any_call():
+    """SD3's transformer predicts a velocity at timestep sigma N; an EDM scheduler would
+    call it on c_in x at 0.25 log sigma and read its output as an EDM network's."""
+    transformer = tiny_sd3_transformer()
+    calls = Counter(transformer)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(transformer, diffusers.EDMEulerScheduler())
+    _one_line_error(exc_info, "EDMEulerScheduler is an EDM-preconditioned scheduler")
+    assert calls.calls == 0
+
+
+@pytest.mark.parametrize(
+    "scheduler, steps, field",
+    [
+        # EDMEulerScheduler's one step with a final sigma_min goes from 80 to 80.
+        (lambda: diffusers.EDMEulerScheduler(final_sigmas_type="sigma_min"), 1, "no step"),
+        (lambda: diffusers.EDMEulerScheduler(sigma_min=100.0), N_STEPS, "sigma_min < sigma_max"),
+        (
+            lambda: diffusers.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+            N_STEPS,
+            "algorithm_type",
+        ),
+    ],
+    ids=["one_step", "sigma_min", "sde"],
+)
+def test_edm_grid_refusals_name_the_cause(scheduler, steps, field):
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(scheduler(), steps)
+    _one_line_error(exc_info, field)
+    # One step to a final 0 is a grid.
+    assert diffusers_grid(diffusers.EDMEulerScheduler(), 1).tolist() == [80.0, 0.0]
 
 
 # ------------------------------------------------------------------------- guidance
@@ -422,7 +675,8 @@ def _one_line_error(exc_info, field):
         # Not "pass space=": a UNet does not go with a flow-matching scheduler, and no
         # space helps a scheduler without a noise table.
         (lambda: diffusers.FlowMatchEulerDiscreteScheduler(), "flow-matching"),
-        (lambda: diffusers.EDMEulerScheduler(), "no alphas_cumprod noise table"),
+        # Consistency models' sampler: EDM-preconditioned too, but not an ODE solver.
+        (lambda: diffusers.CMStochasticIterativeScheduler(), "no alphas_cumprod noise table"),
     ],
     ids=[
         "prediction",
@@ -434,7 +688,7 @@ def _one_line_error(exc_info, field):
         "zero_snr",
         "zero_snr_euler",
         "flow",
-        "edm",
+        "consistency",
     ],
 )
 def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler, field):
@@ -448,10 +702,10 @@ def test_bad_scheduler_configs_are_refused_before_any_unet_call(unet, scheduler,
 @pytest.mark.parametrize(
     "scheduler, field",
     [
-        (diffusers.EDMEulerScheduler, "flow-matching or EDM-preconditioned"),
+        (diffusers.CMStochasticIterativeScheduler, "flow-matching or EDM-preconditioned"),
         (lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True), "zero_snr"),
     ],
-    ids=["edm", "zero_snr_euler"],
+    ids=["consistency", "zero_snr_euler"],
 )
 def test_diffusers_grid_refusals_name_the_cause(scheduler, field):
     with pytest.raises(ValueError) as exc_info:

@@ -806,9 +806,11 @@ def test_grids_and_the_diffusers_adapter_refuse_a_bad_step_count_alike(steps, er
 
 def test_a_config_without_a_noise_table_is_refused():
     """EDM's config has no beta fields: from_config would fill DDIM's default betas in and
-    sample an EDM model on a VP table. It is refused, as from_diffusers refuses that
-    scheduler, naming the class when the config names it (one read from disk does; a
-    scheduler's .config does not). A flow-matching config is taken (tests/
+    sample an EDM model on a VP table. It is refused, naming the class when the config names
+    it (one read from disk does; a scheduler's .config does not), and the message says where
+    such a model runs: from_diffusers and diffusers_grid map the EDM-preconditioned
+    schedulers, which BDIAScheduler does not make (a pipeline would need c_in x and the
+    timestep 0.25 log sigma from it). A flow-matching config is taken (tests/
     test_diffusers_flow.py)."""
     source = diffusers.EDMEulerScheduler()
     name = type(source).__name__
@@ -818,6 +820,9 @@ def test_a_config_without_a_noise_table_is_refused():
             with pytest.raises(ValueError, match="has no alphas_cumprod noise table") as info:
                 cls.from_config(config)
             assert str(info.value).startswith(named) and "\n" not in str(info.value)
+            assert "EDMDPMSolverMultistepScheduler (from_diffusers and diffusers_grid)" in str(
+                info.value
+            )
     # A config written for BDIA by hand, without betas, still takes the defaults.
     hand = BDIAScheduler.from_config({"num_train_timesteps": 1000, "gamma": 0.9})
     assert hand.config.gamma == 0.9 and hand.config.beta_schedule == "linear"

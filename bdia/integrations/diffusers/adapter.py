@@ -21,6 +21,14 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   ``(batch, tokens, in_channels)`` at ``timestep = sigma N / 1000``, with ``txt_ids`` and
   ``img_ids`` and, for Flux.1-dev, the embedded ``guidance``.
 
+The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
+Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
+space, ``EDM()``, time ``sigma``), and the unet is the raw network ``F`` of Karras et al.'s
+denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)``, with ``c_noise = 0.25 log
+sigma`` its timestep and ``c_skip``, ``c_out``, ``c_in`` of the config's ``sigma_data``, as
+the schedulers' ``precondition_*`` methods write them (``c_out`` negated for
+``v_prediction``); the ODE's model is that denoiser (prediction ``"denoised"``).
+
 ``diffusers_grid`` gives the bdia time grid of the timesteps (or sigmas) diffusers would use.
 """
 
@@ -67,6 +75,19 @@ _EDM_SCHEDULERS = (
     "KDPM2AncestralDiscreteScheduler",
     "DPMSolverSDEScheduler",
 )
+
+# Schedulers without a noise table whose unet is the raw network F of an EDM denoiser
+# c_skip x + c_out F(c_in x, c_noise), called as StableDiffusionXLPipeline calls it with them.
+_EDM_PRECONDITIONED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+# diffusers' precondition_outputs of these takes two prediction types; c_out's sign tells them
+# apart.
+_EDM_PREDICTIONS = ("epsilon", "v_prediction")
+# EDMDPMSolverMultistepScheduler's final_sigmas_type="sigma_min" appends config.sigma_min after
+# its last sigma, which is sigma_min by its own float32 Karras or exponential formula: the
+# same noise level to 1.02e-6 relative (measured over sigma_min 1e-4 .. 0.5, sigma_max 14.6
+# .. 120 and 2 to 1000 steps), a last step of no length that the grid leaves out, as it does
+# EDMEulerScheduler's exact repeat.
+_REPEAT_SLACK = 1e-5
 
 # Flow-matching schedulers whose sigmas are the transformer's timesteps over N, and the
 # flow-matching transformers the adapter calls as their pipelines do: SD3's as
@@ -145,12 +166,22 @@ def _is_flow(scheduler: Any) -> bool:
     )
 
 
+def _is_preconditioned(scheduler: Any) -> bool:
+    return any(name in _EDM_PRECONDITIONED for name in _class_names(scheduler))
+
+
 def _space(scheduler: Any, space: str | None) -> str:
     """``space`` if given (checked), else the space of the scheduler's class."""
     flow = _is_flow(scheduler)
     if space is not None:
         if space not in _SPACES:
             raise ValueError(f"space must be 'vp', 'edm' or 'flow', got {space!r}")
+        if _is_preconditioned(scheduler) and space != "edm":
+            raise ValueError(
+                f"space = {space!r} does not fit {type(scheduler).__name__}, an "
+                "EDM-preconditioned scheduler whose samples are x0 + sigma eps; leave space "
+                "unset (or give 'edm')"
+            )
         if flow and space != "flow":
             raise ValueError(
                 f"space = {space!r} does not fit {type(scheduler).__name__}, a flow-matching "
@@ -164,6 +195,8 @@ def _space(scheduler: Any, space: str | None) -> str:
         return space
     if flow:
         return "flow"
+    if _is_preconditioned(scheduler):
+        return "edm"
     for name in _class_names(scheduler):
         if name in _VP_SCHEDULERS:
             return "vp"
@@ -247,15 +280,17 @@ def _check_flow_config(scheduler: Any) -> None:
 def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
     """Refuse a network that does not go with the scheduler: a UNet (or another diffusers
     model than SD3's or Flux's transformer) with a flow-matching scheduler, SD3's or Flux's
-    transformer with a noise table. A plain callable is taken as it is documented."""
+    transformer with a noise table or an EDM-preconditioned scheduler. A plain callable is
+    taken as it is documented."""
     names = _class_names(model)
     name, scheduler_name = type(model).__name__, type(scheduler).__name__
     flow_model = any(n in _FLOW_MODELS for n in names)
     if space != "flow":
         if flow_model:
+            kind = "an EDM-preconditioned" if _is_preconditioned(scheduler) else "a noise-table"
             raise ValueError(
                 f"{name} is a flow-matching model (it predicts the velocity eps - x0 at timestep "
-                f"sigma N), but {scheduler_name} is a noise-table scheduler; give it the "
+                f"sigma N), but {scheduler_name} is {kind} scheduler; give it the "
                 "FlowMatchEulerDiscreteScheduler it was trained with (the pipeline's scheduler)"
             )
         return
@@ -276,18 +311,44 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
         )
 
 
+def _check_edm_config(scheduler: Any) -> None:
+    """Refuse, in one line naming the field, an EDM-preconditioned config that is not the ODE
+    of the denoiser ``c_skip x + c_out F(c_in x, c_noise)``."""
+    cfg = scheduler.config
+    name = type(scheduler).__name__
+    if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+        raise ValueError(
+            f"algorithm_type = {cfg.get('algorithm_type')!r} in the scheduler config draws new "
+            f"noise at every step, which is not an ODE; set it 'dpmsolver++': "
+            f"{name}.from_config(scheduler.config, algorithm_type='dpmsolver++')"
+        )
+    sigma_data = cfg.get("sigma_data", 0.5)
+    if (
+        isinstance(sigma_data, bool)
+        or not isinstance(sigma_data, numbers.Real)
+        or not 0.0 < float(sigma_data) < math.inf
+    ):
+        raise ValueError(
+            f"sigma_data = {sigma_data!r} in the scheduler config must be a positive finite "
+            "number (the data's standard deviation, 0.5 for EDM and Playground v2.5)"
+        )
+
+
 def _is_flux(model: Any) -> bool:
     return any(n in _FLUX_MODELS for n in _class_names(model))
 
 
-def _check_model_config(scheduler: Any) -> str:
-    """The bdia prediction for the config's prediction_type; refuse non-ODE output processing."""
+def _check_model_config(scheduler: Any, allowed: tuple[str, ...] = tuple(_PREDICTIONS)) -> str:
+    """The bdia prediction for the config's prediction_type, one of ``allowed`` (the
+    EDM-preconditioned schedulers' precondition_outputs takes two); refuse non-ODE output
+    processing."""
     cfg = scheduler.config
     prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTIONS:
+    if prediction not in allowed:
+        names = ", ".join(repr(p) for p in allowed[:-1]) + f" and {allowed[-1]!r}"
         raise ValueError(
             f"prediction_type = {prediction!r} in the scheduler config is not supported; bdia "
-            "maps 'epsilon', 'v_prediction' and 'sample'"
+            f"maps {names}"
         )
     name = type(scheduler).__name__
     for field in ("clip_sample", "thresholding"):
@@ -314,9 +375,10 @@ def _no_table(scheduler: Any) -> ValueError:
     return ValueError(
         f"{name} has no alphas_cumprod noise table: it is a flow-matching or "
         "EDM-preconditioned scheduler, and this needs a diffusion model trained on a table of "
-        "alphas_cumprod (DDIM, DDPM, PNDM, Euler, DPM-Solver and the like); of the "
-        "flow-matching schedulers, bdia's diffusers adapter maps FlowMatchEulerDiscreteScheduler "
-        "only (from_diffusers and diffusers_grid)"
+        "alphas_cumprod (DDIM, DDPM, PNDM, Euler, DPM-Solver and the like); of the schedulers "
+        "without one, bdia's diffusers adapter maps FlowMatchEulerDiscreteScheduler "
+        "(from_diffusers, diffusers_grid and BDIAScheduler) and EDMEulerScheduler and "
+        "EDMDPMSolverMultistepScheduler (from_diffusers and diffusers_grid) only"
     )
 
 
@@ -667,7 +729,7 @@ class DiffusersModel(torch.nn.Module):
             ``"flow"`` space ``unet(hidden_states=x, timestep=tau, return_dict=False,
             **kwargs)`` (SD3's transformer; Flux's with ``flux``).
         alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
-            space, which has none.
+            space and with ``sigma_data``, which have none.
         space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
             ``sigma_bar``) or ``"flow"`` (its time is the flow-matching ``sigma``, and
             ``tau = sigma N``).
@@ -680,6 +742,15 @@ class DiffusersModel(torch.nn.Module):
         prediction: ``"eps"``, ``"x0"`` or ``"v"``, what the unet predicts (EDM space scales
             ``v`` to the EDM state, see ``forward``); ``"flow"`` in ``"flow"`` space.
         num_train_timesteps: ``N`` in ``"flow"`` space (the noise table's length otherwise).
+        sigma_data: ``"edm"`` space only, for an EDM-preconditioned scheduler's unet (no
+            table): the model is the denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x,
+            c_noise)`` of the unet ``F``, with ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out
+            = sigma sd / sqrt(sigma^2 + sd^2)`` (negated for ``prediction="v"``, diffusers'
+            ``v_prediction``), ``c_in = 1 / sqrt(sigma^2 + sd^2)`` and the timestep
+            ``c_noise = 0.25 log sigma``, where ``sd = sigma_data``.
+        unet_dtype: with ``sigma_data``, the dtype the unet gets ``c_in x`` in (its own); the
+            preconditioning runs in the state's dtype as it comes, float32 at least. None:
+            that dtype.
         flux: ``"flow"`` space only, call the transformer as ``FluxPipeline`` calls Flux's:
             the state is the packed latents ``(batch, tokens, in_channels)``, the timestep is
             ``tau / 1000`` in the dtype the transformer gets the state in (the pipeline's
@@ -699,15 +770,22 @@ class DiffusersModel(torch.nn.Module):
         learned_variance: bool = False,
         prediction: str = "eps",
         num_train_timesteps: int | None = None,
+        sigma_data: float | None = None,
+        unet_dtype: torch.dtype | None = None,
         flux: bool = False,
     ) -> None:
         super().__init__()
         if space not in _SPACES:
             raise ValueError(f"space must be 'vp', 'edm' or 'flow', got {space!r}")
-        if (space == "flow") != (alphas_cumprod is None):
+        if sigma_data is not None and (space != "edm" or prediction not in ("eps", "v")):
             raise ValueError(
-                "space 'flow' takes num_train_timesteps and no alphas_cumprod; 'vp' and 'edm' "
-                "take alphas_cumprod"
+                f"sigma_data (an EDM-preconditioned unet) needs space 'edm' and prediction "
+                f"'eps' or 'v', got {space!r} and {prediction!r}"
+            )
+        if (space == "flow" or sigma_data is not None) != (alphas_cumprod is None):
+            raise ValueError(
+                "space 'flow' (with num_train_timesteps) and sigma_data (an EDM-preconditioned "
+                "unet) take no alphas_cumprod; 'vp' and 'edm' otherwise take it"
             )
         if flux and space != "flow":
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
@@ -721,7 +799,11 @@ class DiffusersModel(torch.nn.Module):
         self.learned_variance = bool(learned_variance)
         self.prediction = prediction
         self.flux = bool(flux)
-        if space == "flow":
+        self.sigma_data = None if sigma_data is None else float(sigma_data)
+        self.unet_dtype = unet_dtype
+        if sigma_data is not None:
+            self.num_train_timesteps = 0  # no table: the timestep is 0.25 log sigma, no index
+        elif space == "flow":
             if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
                 raise ValueError(
                     f"space 'flow' needs num_train_timesteps, an integer >= 1, got "
@@ -739,6 +821,11 @@ class DiffusersModel(torch.nn.Module):
 
     def __repr__(self) -> str:
         # Compact: the unet's own repr runs to hundreds of lines, and DiffusionODE shows this.
+        if self.sigma_data is not None:
+            return (
+                f"DiffusersModel({type(self.unet).__name__}, space='edm', "
+                f"sigma_data={self.sigma_data!r}, prediction={self.prediction!r})"
+            )
         rule = f", sigma_rule={self.sigma_rule!r}" if self.space == "edm" else ""
         return (
             f"DiffusersModel({type(self.unet).__name__}, space={self.space!r}, "
@@ -754,8 +841,13 @@ class DiffusersModel(torch.nn.Module):
         a knot it may be and still count as that knot, so that the unet sees diffusers'
         integer timesteps exactly. In ``"flow"`` space it is ``sigma N`` with ``sigma = t``:
         for a float32 ``t`` the product is exact in float64, so rounding it to float32 gives
-        diffusers' float32 ``sigmas * num_train_timesteps``.
+        diffusers' float32 ``sigmas * num_train_timesteps``. With ``sigma_data`` it is
+        ``c_noise = 0.25 log t``, computed as diffusers' ``precondition_noise`` computes it
+        from its float32 sigmas: in ``dtype`` (float64 for float64, float32 otherwise).
         """
+        if self.sigma_data is not None:
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            return float(self._c_noise(torch.tensor(t, dtype=wide)))
         n = self.num_train_timesteps
         if self.space == "flow":
             return t * n
@@ -801,7 +893,9 @@ class DiffusersModel(torch.nn.Module):
                 in VP space, ``x0 + sigma_bar eps`` in EDM space (the unet then sees
                 ``x / sqrt(sigma_bar^2 + 1)``, as after diffusers' ``scale_model_input``),
                 ``(1 - sigma) x0 + sigma eps`` in flow space (for Flux, packed latents of shape
-                ``(batch, tokens, in_channels)``).
+                ``(batch, tokens, in_channels)``). With ``sigma_data``, ``x0 + sigma eps`` in
+                float32 at least; the unet sees ``c_in x`` in ``unet_dtype``, at timestep
+                ``c_noise``, as after an EDM scheduler's ``scale_model_input``.
             t: shape ``(batch,)``, the ODE's time: ``(tau + 1) / N`` (VP), ``sigma_bar`` (EDM)
                 or ``sigma`` (flow).
             guidance_scale: ``g`` of classifier-free guidance; the output is ``u + g (c - u)``
@@ -818,7 +912,8 @@ class DiffusersModel(torch.nn.Module):
             guidance): eps or x0 as the unet gives them; v as well in VP space, and in EDM space
             ``sqrt(sigma_bar^2 + 1) v``, which is the v of the EDM state (bdia's convention,
             ``v = alpha eps - sigma x0`` in the schedule's own space); the velocity
-            ``eps - x0`` in flow space.
+            ``eps - x0`` in flow space. With ``sigma_data``, the denoiser ``c_skip x + c_out
+            F`` of the unet's (guided) output ``F``, in ``x``'s dtype (float32 at least).
         """
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
@@ -830,21 +925,30 @@ class DiffusersModel(torch.nn.Module):
                 f"{self.in_channels} at dim 1; give a state of shape (batch, {self.in_channels}, "
                 "height, width)"
             )
-        times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
         tau_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
-        if self.flux:
-            # FluxPipeline's timestep / 1000 of the scheduler's float32 t = sigma N, cast to
-            # the latents' dtype first: t.expand(batch).to(latents.dtype) / 1000.
-            tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
-        tau = tau.to(x.device)
         view = (-1,) + (1,) * (x.ndim - 1)
-        if self.space == "edm":
-            scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
-            scale = scale.to(x.device).view(view)
-            x_in = (x / scale).to(x.dtype)
+        if self.sigma_data is not None:
+            # The schedulers' precondition_inputs and precondition_noise, on the float32 sigma
+            # (float64 with a float64 state), on the state's device as the pipeline's
+            # timesteps are.
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            sigma = t.detach().reshape(view).to(x.device, x.dtype)
+            x_in = (x * self._c_in(sigma)).to(self.unet_dtype or x.dtype)
+            tau = self._c_noise(t.detach().reshape(-1).to(x.device, tau_dtype))
         else:
-            x_in = x
+            times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
+            tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
+            if self.flux:
+                # FluxPipeline's timestep / 1000 of the scheduler's float32 t = sigma N, cast
+                # to the latents' dtype first: t.expand(batch).to(latents.dtype) / 1000.
+                tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
+            tau = tau.to(x.device)
+            if self.space == "edm":
+                scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
+                scale = scale.to(x.device).view(view)
+                x_in = (x / scale).to(x.dtype)
+            else:
+                x_in = x
 
         if guidance_scale is not None and guidance_scale != 1 and negative_cond is not None:
             if self.flux:
@@ -866,11 +970,36 @@ class DiffusersModel(torch.nn.Module):
             out = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""))
         else:
             out = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+        if self.sigma_data is not None:
+            return self._denoised(x, out, sigma)
         if self.space == "edm" and self.prediction == "v":
             # diffusers' v is the VP state's: v_vp = (eps - sigma_bar x0) / sqrt(sigma_bar^2 + 1).
             wide = torch.promote_types(out.dtype, torch.float32)
             out = out.to(wide) * scale.to(wide)
         return out
+
+    # The EDM preconditioning, written as diffusers' EDM schedulers write it (the same
+    # operations in the same order), so that float32 sigmas give their float32 results.
+
+    def _c_in(self, sigma: Tensor) -> Tensor:
+        sd = self.sigma_data
+        assert sd is not None
+        return 1 / ((sigma**2 + sd**2) ** 0.5)
+
+    @staticmethod
+    def _c_noise(sigma: Tensor) -> Tensor:
+        return 0.25 * torch.log(sigma)
+
+    def _denoised(self, x: Tensor, out: Tensor, sigma: Tensor) -> Tensor:
+        """``c_skip x + c_out F`` of the unet's (guided) output ``F``, in ``x``'s dtype."""
+        sd = self.sigma_data
+        assert sd is not None
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        if self.prediction == "eps":
+            c_out = sigma * sd / (sigma**2 + sd**2) ** 0.5
+        else:  # diffusers' v_prediction: the same network output, of the other sign
+            c_out = -sigma * sd / (sigma**2 + sd**2) ** 0.5
+        return c_skip * x + c_out * out.to(x.dtype)
 
     def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any]) -> None:
         """Refuse a Flux state that is not packed latents matching ``img_ids``."""
@@ -939,18 +1068,26 @@ def from_diffusers(
             with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel`` or
             a ``FluxTransformer2DModel`` (``pipe.transformer``), or any module called as
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` that returns
-            the velocity ``eps - x0``. Put it in eval mode (``from_pretrained`` does).
+            the velocity ``eps - x0``. With an EDM-preconditioned scheduler, the raw network
+            ``F`` of the denoiser, called as ``StableDiffusionXLPipeline`` calls it with that
+            scheduler: ``unet(c_in x, c_noise, **kwargs)``. Put it in eval mode
+            (``from_pretrained`` does).
         scheduler: a diffusers scheduler instance, or its config mapping (the class named in
             ``_class_name`` is built). Its ``alphas_cumprod`` (read as float64) is the noise
             table; its ``prediction_type`` says what the unet predicts. A
             ``FlowMatchEulerDiscreteScheduler`` has no table: its ``num_train_timesteps`` is
-            ``N`` of the transformer's timestep ``sigma N``. It is not modified.
+            ``N`` of the transformer's timestep ``sigma N``. Nor have ``EDMEulerScheduler`` and
+            ``EDMDPMSolverMultistepScheduler``: their ``sigma_data`` and ``prediction_type``
+            (``epsilon`` or ``v_prediction``) make the denoiser. It is not modified.
         space: ``"vp"``, ``"edm"`` or ``"flow"``, the space of the ODE's state (see the module
-            docstring); by default the scheduler's (DDIM-like classes ``"vp"``, Euler-like
-            ``"edm"``, flow-matching ``"flow"``). An unknown scheduler class needs it.
+            docstring); by default the scheduler's (DDIM-like classes ``"vp"``, Euler-like and
+            EDM-preconditioned ``"edm"``, flow-matching ``"flow"``). An unknown scheduler
+            class needs it.
         model_dtype: dtype the unet runs in (the state is cast to it and the output back);
             defaults to the unet's parameter dtype, so a float16 unet runs under a float32 or
-            float64 state.
+            float64 state. With an EDM-preconditioned scheduler the ODE's ``model_dtype`` is
+            this dtype promoted to float32 at least: the denoiser's preconditioning gets the
+            state in it, and the unet ``c_in x`` in this dtype.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -971,7 +1108,8 @@ def from_diffusers(
     Returns:
         A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
         (``clean_end`` when the scheduler ends at alpha = 1), ``EDM()`` or ``RectifiedFlow()``,
-        prediction ``"eps"``, ``"v"``, ``"x0"`` or ``"flow"``, model a ``DiffusersModel``, and
+        prediction ``"eps"``, ``"v"``, ``"x0"`` or ``"flow"`` (``"denoised"`` with an
+        EDM-preconditioned scheduler), model a ``DiffusersModel``, and
         ``cond`` holding everything that conditions the unet (``guidance_scale`` and
         ``negative_cond`` included). Sample it on ``diffusers_grid(scheduler, steps)`` with
         any bdia solver, or invert it with BDIA.
@@ -986,7 +1124,10 @@ def from_diffusers(
             class without ``space=``. With a flow-matching scheduler: invert_sigmas or
             stochastic_sampling set; a UNet or another diffusers model than SD3's or Flux's
             transformer; a ``skip_layers`` key (skip-layer guidance). SD3's or Flux's
-            transformer with a noise-table scheduler. For Flux: a missing
+            transformer with a noise-table scheduler. With an EDM-preconditioned scheduler:
+            a prediction_type other than epsilon and v_prediction, thresholding, an
+            algorithm_type other than 'dpmsolver++', a sigma_data that is not a positive finite
+            number, a space other than 'edm'. For Flux: a missing
             ``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` or ``img_ids``;
             ids that are not 2-D ``(tokens, 3)``; embeddings whose length is not their
             ``txt_ids``' rows; ``guidance`` missing (with ``guidance_embeds``), given
@@ -1001,9 +1142,13 @@ def from_diffusers(
     space = _space(sched, space)
     _check_pairing(unet, sched, space)
     table: np.ndarray | None = None
+    preconditioned = _is_preconditioned(sched)
     if space == "flow":
         _check_flow_config(sched)
         prediction = "flow"
+    elif preconditioned:
+        _check_edm_config(sched)
+        prediction = _check_model_config(sched, _EDM_PREDICTIONS)
     else:
         _check_schedule_config(sched, space)
         prediction = _check_model_config(sched)
@@ -1048,6 +1193,13 @@ def from_diffusers(
         if negative_cond is not None:
             negative_cond = _cast_cond(negative_cond, model_dtype, keep)
     clean_end = _clean_end(sched) if space == "vp" else True
+    ode_dtype, unet_dtype = model_dtype, None
+    if preconditioned and isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
+        # The denoiser's skip path c_skip x gets the state at float32 at least, as diffusers'
+        # step computes it (sample.to(float32)), and casts c_in x to the unet's dtype itself:
+        # rounding x to a half unet's dtype before it would put the float16 rounding of x
+        # into every denoised estimate.
+        ode_dtype, unet_dtype = torch.promote_types(model_dtype, torch.float32), model_dtype
     model = DiffusersModel(
         unet,
         table,
@@ -1058,6 +1210,8 @@ def from_diffusers(
         num_train_timesteps=int(sched.config.get("num_train_timesteps", 1000))
         if space == "flow"
         else None,
+        sigma_data=float(sched.config.get("sigma_data", 0.5)) if preconditioned else None,
+        unet_dtype=unet_dtype,
         flux=flux,
     )
     ode_cond = dict(cond)
@@ -1068,9 +1222,9 @@ def from_diffusers(
     return DiffusionODE(
         model,
         _schedule(table, space, clean_end),
-        model_dtype=model_dtype,
+        model_dtype=ode_dtype,
         cond=ode_cond,
-        prediction=prediction,
+        prediction="denoised" if preconditioned else prediction,
     )
 
 
@@ -1185,6 +1339,36 @@ def _flow_grid(sched: Any, num_inference_steps: int | None, mu: Any, sigmas: Any
     return torch.tensor(made, dtype=torch.float64)
 
 
+def _edm_grid(sched: Any, num_inference_steps: int) -> Tensor:
+    """diffusers' ``sigmas`` of an EDM-preconditioned scheduler after ``set_timesteps``,
+    widened, without a final repeat of the last one (``final_sigmas_type="sigma_min"``)."""
+    _check_edm_config(sched)
+    fresh = copy.deepcopy(sched)
+    fresh.set_timesteps(num_inference_steps)
+    made = [float(v) for v in torch.as_tensor(fresh.sigmas).detach().cpu().reshape(-1)]
+    if len(made) > 1 and made[-1] > 0 and abs(made[-1] - made[-2]) <= _REPEAT_SLACK * made[-2]:
+        made.pop()
+    ok = all(math.isfinite(s) and s >= 0.0 for s in made) and all(
+        a > b for a, b in zip(made, made[1:])
+    )
+    if len(made) < 2 or not ok:
+        name = type(sched).__name__
+        shown = ", ".join(f"{s:.6g}" for s in made[:4]) + (", ..." if len(made) > 4 else "")
+        keys = ("sigma_min", "sigma_max", "final_sigmas_type")
+        fields = ", ".join(f"{k} = {sched.config.get(k)!r}" for k in keys)
+        why = (
+            "one noise level and no step; use more steps or final_sigmas_type='zero'"
+            if ok
+            else "not decreasing from sigma_max as an ODE's times must; keep 0 < sigma_min < "
+            "sigma_max"
+        )
+        raise ValueError(
+            f"the {name} config ({fields}) gives sigmas {shown} for num_inference_steps = "
+            f"{num_inference_steps}: {why}"
+        )
+    return torch.tensor(made, dtype=torch.float64)
+
+
 def diffusers_grid(
     scheduler: Any,
     num_inference_steps: int | None,
@@ -1205,6 +1389,10 @@ def diffusers_grid(
       points are the times of the scheduler's ``sigmas`` instead.
     - EDM space: the scheduler's distinct ``sigmas`` (Heun's repeated ones once), noisiest
       first; for a scheduler without sigmas, the table's at its timesteps and the end point.
+    - EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``):
+      their ``sigmas`` (Karras or exponential from ``sigma_max`` to ``sigma_min``, then 0 or,
+      with ``final_sigmas_type="sigma_min"``, a repeat of ``sigma_min``, a step of no length
+      that the grid leaves out), exactly (diffusers' float32 values widened to float64).
     - Flow space: the scheduler's ``sigmas``, the final 0 included, exactly (diffusers'
       float32 values widened to float64): the times at which ``StableDiffusion3Pipeline``
       calls the transformer (``timesteps = sigmas * N``) and between which
@@ -1240,7 +1428,10 @@ def diffusers_grid(
             timestep. In flow space: ``use_dynamic_shifting`` without ``mu`` (or ``mu``
             without it), ``invert_sigmas``, ``stochastic_sampling``, and sigmas that do not
             decrease from at most 1 to 0; ``sigmas`` that are not finite numbers or not one
-            per step. ``sigmas`` outside flow space.
+            per step. ``sigmas`` outside flow space. For an EDM-preconditioned scheduler,
+            algorithm_type 'sde-dpmsolver++', a sigma_data that is not a positive finite
+            number, and sigmas that do not decrease (a sigma_min not below sigma_max) or leave
+            no step (EDMEulerScheduler's one step with final_sigmas_type 'sigma_min').
     """
     if sigmas is None or num_inference_steps is not None:
         num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
@@ -1261,6 +1452,8 @@ def diffusers_grid(
             f"mu is the shift of a flow-matching scheduler's dynamic shifting; "
             f"{type(sched).__name__} takes none; leave it out"
         )
+    if _is_preconditioned(sched):
+        return _edm_grid(sched, num_inference_steps)
     _check_schedule_config(sched, space)
     table = _table(sched)
     n = table.size

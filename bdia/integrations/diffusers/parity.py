@@ -69,8 +69,9 @@ def bdia_states(
 
     The start is diffusers' own, ``noise * init_noise_sigma`` after ``set_timesteps``: ``noise``
     in VP space, ``noise * sigma_max`` in EDM space, and ``noise * sqrt(sigma_max^2 + 1)`` for
-    an EDM scheduler with ``"leading"`` spacing. ``cond`` goes to ``from_diffusers`` (guidance
-    included).
+    an EDM scheduler with ``"leading"`` spacing and for the EDM-preconditioned ones
+    (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``). ``cond`` goes to
+    ``from_diffusers`` (guidance included).
 
     Returns:
         Tensor of shape ``(len(grid), *noise.shape)`` in ``noise``'s dtype.
@@ -78,7 +79,8 @@ def bdia_states(
     ode = from_diffusers(unet, scheduler, **cond)
     ts = diffusers_grid(scheduler, num_inference_steps)
     # diffusers_states' start: under "leading" spacing an EDM scheduler's init_noise_sigma is
-    # sqrt(sigma_max^2 + 1), not the grid's first noise level.
+    # sqrt(sigma_max^2 + 1), not the grid's first noise level, and so is an
+    # EDM-preconditioned scheduler's.
     fresh = copy.deepcopy(_scheduler(scheduler))
     fresh.set_timesteps(num_inference_steps)
     start = noise * fresh.init_noise_sigma

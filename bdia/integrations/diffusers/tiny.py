@@ -2,8 +2,9 @@
 
 Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
 Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel``, a whole
-``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or
-``FluxPipeline`` with CLIP and T5 tokenizers made from a vocabulary written locally), a
+``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's, or Playground v2.5's with
+an EDM-preconditioned scheduler), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP
+and T5 tokenizers made from a vocabulary written locally), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -28,6 +29,7 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_playground_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
     "TINY_WORDS",
@@ -316,6 +318,20 @@ def tiny_sdxl_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_playground_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """``tiny_sdxl_pipeline`` made as Playground v2.5 is: an EDM-preconditioned scheduler,
+    by default ``EDMDPMSolverMultistepScheduler()``, whose defaults are Playground v2.5's
+    config (Karras sigmas from 80 to 0.002, ``sigma_data`` 0.5, ``epsilon``, DPM-Solver++ of
+    order 2, a final sigma of 0), and a VAE whose config sets per-channel ``latents_mean``
+    and ``latents_std`` (stand-ins, not Playground's values; the same weights). The unet is
+    the SDXL one, which the scheduler then takes for the raw network of an EDM denoiser.
+    """
+    if scheduler is None:
+        scheduler = diffusers.EDMDPMSolverMultistepScheduler()
+    stats = dict(latents_mean=(-0.3, 0.7, -1.1, 1.9), latents_std=(1.7, 0.6, 2.3, 0.9))
+    return tiny_sdxl_pipeline(folder, scheduler, vae_config=stats)
 
 
 def tiny_sd3_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
