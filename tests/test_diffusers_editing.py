@@ -36,6 +36,7 @@ from bdia.integrations.diffusers.tiny import (
     SD_NOISE_TABLE,
     tiny_flux_pipeline,
     tiny_flux_transformer,
+    tiny_playground_pipeline,
     tiny_sd3_pipeline,
     tiny_sdxl_pipeline,
     tiny_text_to_image_pipeline,
@@ -741,11 +742,19 @@ def test_sdxl_float16_vae_is_float16_again_after_an_error(tmp_path, image):
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
 
 
-def test_sdxl_float16_unet_under_a_float32_state(tmp_path, image):
+@pytest.mark.parametrize(
+    "make, ode_dtype",
+    # A Playground-style pipeline (EDM-preconditioned scheduler): the ODE's model_dtype is
+    # float32, as the denoiser's skip path runs on the float32 state; the unet itself gets
+    # c_in x in float16 (ode.f.unet_dtype).
+    [(tiny_sdxl_pipeline, torch.float16), (tiny_playground_pipeline, torch.float32)],
+    ids=["sdxl", "playground"],
+)
+def test_sdxl_float16_unet_under_a_float32_state(tmp_path, image, make, ode_dtype):
     """A float16 SDXL unet gets its embeddings, pooled embeddings and time ids in float16 (as
     the float16 SDXL pipeline gives them) while the state stays float32; the round trip is
-    as exact as with a float32 unet (the tolerance of the float32 state above)."""
-    pipe = tiny_sdxl_pipeline(tmp_path)
+    as exact as with a float32 unet (the tolerance of the float32 state above; measured 0)."""
+    pipe = make(tmp_path)
     pipe.unet.half()
     calls, handle = _unet_kwargs(pipe.unet)
     try:
@@ -754,7 +763,9 @@ def test_sdxl_float16_unet_under_a_float32_state(tmp_path, image):
         )
     finally:
         handle.remove()
-    assert out.inversion.ode.model_dtype == torch.float16
+    assert out.inversion.ode.model_dtype == ode_dtype
+    # The EDM denoiser casts c_in x to the unet's dtype itself.
+    assert out.inversion.ode.f.unet_dtype == (torch.float16 if ode_dtype != torch.float16 else None)
     assert out.latents.dtype == torch.float32
     added = calls[0]["added_cond_kwargs"]
     assert calls[0]["encoder_hidden_states"].dtype == torch.float16
@@ -918,6 +929,58 @@ def test_one_vae_latent_statistic_alone_is_ignored_as_diffusers_does(
 def test_vae_latent_statistics_that_cannot_be_used_are_refused(tmp_path, image, config, fragment):
     stats = {"latents_mean": LATENTS_MEAN, "latents_std": LATENTS_STD, **config}
     assert fragment in _refused(_stats_pipe(tmp_path, **stats), image)
+
+
+# --------------------------------------------------------------- Playground v2.5 (EDM)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [diffusers.EDMDPMSolverMultistepScheduler, diffusers.EDMEulerScheduler],
+    ids=["dpm", "euler"],
+)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(
+    # As for SDXL above: float64 carries ~2^-106, float32 ~2^-48 magnified by the inversion;
+    # both measured 0 here.
+    "state_dtype, bound",
+    [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+)
+def test_playground_unet_round_trip_under_guidance_is_exact(
+    tmp_path, image, scheduler, prediction_type, state_dtype, bound
+):
+    """An SDXL pipeline with an EDM-preconditioned scheduler and VAE latent statistics, as
+    Playground v2.5 is made, under guidance 3: the ODEs are the EDM denoiser's, the grid is
+    the scheduler's sigmas down to sigma_min = 0.002, where the latents are taken (the
+    denoiser cannot be evaluated at the grid's final 0, and no table has a smaller level to
+    end at), so n steps of diffusers' grid are n - 1 here: 3 (n - 1) - 1 unet calls of two
+    branches. The UNet round trip is exact and the reconstruction has the VAE's error."""
+    pipe = tiny_playground_pipeline(tmp_path, scheduler(prediction_type=prediction_type))
+    calls = Counter(pipe.unet)
+    out = edit_image(
+        pipe,
+        image,
+        SOURCE,
+        TARGET,
+        num_inference_steps=STEPS,
+        guidance_scale=3.0,
+        state_dtype=state_dtype,
+    )
+    grid = diffusers_grid(pipe.scheduler, STEPS)
+    assert float(grid[-1]) == 0.0 and torch.equal(out.inversion.ts, grid[:-1])
+    assert float(out.inversion.ts[-1]) == pytest.approx(0.002, rel=1e-6)
+    assert calls.calls == 3 * (STEPS - 1) - 1
+    ode = out.inversion.ode
+    assert ode.prediction == "denoised" and ode.f.sigma_data == 0.5
+    assert out.latent_error < bound
+    assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
+    assert torch.isfinite(out.edited_latents).all()
+
+
+def test_playground_one_step_leaves_no_step_above_sigma_min(tmp_path, image):
+    """One step of an EDM scheduler is the grid [80, 0]; without its final 0 it has no step."""
+    pipe = tiny_playground_pipeline(tmp_path)
+    assert "leaves no step" in _refused(pipe, image, num_inference_steps=1)
 
 
 # ---------------------------------------------------------------------------- SD3

@@ -36,6 +36,9 @@ same scheduler, CLIP and T5, and the pipeline's static methods that pack the lat
    first step evaluates the transformer at timestep 0, which the pipelines never do (with
    dynamic shifting, the grid follows the pipeline's ``mu`` for the image's size); Flux's
    grid is made from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way;
+   an EDM-preconditioned scheduler's (Playground v2.5's ``EDMDPMSolverMultistepScheduler``
+   or ``EDMEulerScheduler``, no table either) ends at its last positive sigma,
+   ``sigma_min``, without the final step to 0, where its denoiser cannot be evaluated;
 4. inverts the latents under the source ODE with BDIA (``bdia.Inversion.of``), reconstructs
    them (exact up to rounding) and regenerates them under the target ODE by an edit rule of
    ``bdia.editing`` (by default ``"base"``: the base solver from the inverted noise);
@@ -366,14 +369,15 @@ def _grid(
     scheduler: Any, steps: int, probe: DiffusionODE, mu: float | None, sigmas: Any = None
 ) -> Tensor:
     """diffusers' grid, ending at the table's smallest noise level instead of sigma = 0; a
-    flow-matching one (no table) as it is, at 0. ``sigmas``: a pipeline's own
-    (FluxPipeline's), as ``diffusers_grid`` takes them."""
+    flow-matching one (no table) as it is, at 0; an EDM-preconditioned one (no table either)
+    at its last positive sigma, its sigma_min. ``sigmas``: a pipeline's own (FluxPipeline's),
+    as ``diffusers_grid`` takes them."""
     ts = diffusers_grid(scheduler, steps, mu=mu, sigmas=sigmas)
     if not probe.is_terminal(float(ts[-1])):
         # A flow transformer is evaluated at sigma = 0: the grid keeps the pipeline's final 0.
         return ts
     assert isinstance(probe.f, DiffusersModel)  # from_diffusers built the probe
-    if probe.f.space != "flow":
+    if probe.f.space != "flow" and probe.f.sigma_data is None:
         table = torch.as_tensor(scheduler.alphas_cumprod).to("cpu", torch.float64)
         a0 = float(table[0])
         end = 1.0 / table.numel() if probe.f.space == "vp" else math.sqrt((1.0 - a0) / a0)
@@ -667,8 +671,9 @@ def edit_image(
             ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
             and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
             ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
-            ``clip_sample=False``; for SD3 and Flux ``FlowMatchEulerDiscreteScheduler`` or a
-            ``BDIAScheduler`` made from one), and, for text prompts, ``encode_prompt`` with
+            ``clip_sample=False``, or for an SDXL-architecture unet such as Playground v2.5's
+            an EDM-preconditioned one; for SD3 and Flux ``FlowMatchEulerDiscreteScheduler``
+            or a ``BDIAScheduler`` made from one), and, for text prompts, ``encode_prompt`` with
             ``tokenizer`` and ``text_encoder`` (for SDXL ``tokenizer_2`` and
             ``text_encoder_2``, for SD3 both pairs, and T5's ``text_encoder_3`` where the
             pipeline has one: without it the pipeline's ``encode_prompt`` puts zeros in its
@@ -707,7 +712,9 @@ def edit_image(
             the same shapes, ``encode_prompt``'s first and second outputs (its third, the
             ``txt_ids``, is made again from the embeddings' length by ``encode_prompt``).
         target_prompt: the edit, in the same forms.
-        num_inference_steps: steps of the scheduler's grid (``diffusers_grid``). For SD3
+        num_inference_steps: steps of the scheduler's grid (``diffusers_grid``); with an
+            EDM-preconditioned scheduler one fewer where that grid ends at 0 (its default
+            ``final_sigmas_type="zero"``), the last step, to 0, left out. For SD3
             the grid is the pipeline's ``num_inference_steps`` sigmas and its final 0, where
             the latents are taken: ``num_inference_steps`` steps. For Flux the sigmas are
             FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler, and the
