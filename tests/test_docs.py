@@ -90,6 +90,16 @@ if not pathlib.Path("sdxl").is_dir():
     tiny_sdxl_pipeline("sdxl").save_pretrained("sdxl")
 """
 
+# The same for a tiny random Playground v2.5-style pipeline ("playground"): the SDXL one with
+# EDMDPMSolverMultistepScheduler and VAE latent statistics.
+_PLAYGROUND_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_playground_pipeline
+if not pathlib.Path("playground").is_dir():
+    pathlib.Path("playground").mkdir()
+    tiny_playground_pipeline("playground").save_pretrained("playground")
+"""
+
 # The same for a tiny random SD3 pipeline ("sd3"): two CLIP text encoders, no T5, an
 # SD3Transformer2DModel and SD3's FlowMatchEulerDiscreteScheduler.
 _SD3_FOLDER = """
@@ -158,6 +168,7 @@ Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
     ),
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _SDXL_FOLDER,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _SD3_FOLDER,
+    ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _PLAYGROUND_FOLDER,
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): (
         _SD3_FOLDER
         + """
@@ -303,6 +314,11 @@ LOCAL = {
         ('device = "cuda"', 'device = "cpu"'),
         ("torch.randn(1, 16, 128, 128,", "torch.randn(1, 4, 8, 8,"),
     ],
+    ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): [
+        ('"/models/playground-v2.5-1024px-aesthetic"', '"playground"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("torch.randn(1, 4, 128, 128,", "torch.randn(1, 4, 8, 8,"),
+    ],
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): [
         ('"/path/to/stable-diffusion-3-medium-diffusers"', '"sd3"'),
         ('.to("cuda")', '.to("cpu")'),
@@ -353,6 +369,16 @@ def _sd3_inverted(ns):
     ts, noise = ns["ts"], ns["noise"]
     assert len(ts) == 29 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
+def _playground_inverted(ns):
+    # "50 sigmas from 80 to 0.002, then 0" and "back.earlier is start, to rounding": the
+    # float32 state's two words invert the float16 unet's steps (measured: 0).
+    ts, start = ns["ts"], ns["start"]
+    assert len(ts) == 51 and float(ts[-1]) == 0.0
+    assert float(ts[0]) == pytest.approx(80.0, rel=1e-6)
+    assert float(ts[-2]) == pytest.approx(0.002, rel=1e-6)
+    assert float((ns["back"].earlier - start).abs().max()) <= 1e-6 * float(start.abs().max())
 
 
 def _sd3_solver_recorded(ns):
@@ -416,6 +442,7 @@ AFTER = {
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
+    ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _playground_inverted,
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): _edit_round_trip,
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
