@@ -3,13 +3,14 @@
 Builds small randomly initialised diffusers models from config (nothing is downloaded) and
 measures (1) the largest relative difference, over all states, between bdia's solvers on
 ``from_diffusers``/``diffusers_grid`` and diffusers' own scheduler loops, with float64 UNets
-and float64 noise tables; (2) exact inversion under classifier-free guidance; (3) the round
-trips of ``BDIAScheduler`` in a ``DDIMPipeline`` and of ``edit_image`` on a tiny
-text-to-image pipeline; then the same for flow matching, on tiny Stable Diffusion 3 and Flux
-transformers and pipelines: bdia's Euler against ``FlowMatchEulerDiscreteScheduler``'s loop
-as the pipelines run it, in float32 and float64, the round trip of bdia(euler, 0.96),
-``BDIAScheduler`` in ``StableDiffusion3Pipeline`` and ``FluxPipeline``, and ``edit_image`` on
-an SD3 pipeline. Writes docs/benchmarks/diffusers.md.
+and float64 noise tables (the EDM-preconditioned schedulers have none); (2) exact inversion
+under classifier-free guidance; (3) the round trips of ``BDIAScheduler`` in a
+``DDIMPipeline`` and of ``edit_image`` on a tiny text-to-image pipeline; then the same for
+flow matching, on tiny Stable Diffusion 3 and Flux transformers and pipelines: bdia's Euler
+against ``FlowMatchEulerDiscreteScheduler``'s loop as the pipelines run it, in float32 and
+float64, the round trip of bdia(euler, 0.96), ``BDIAScheduler`` in
+``StableDiffusion3Pipeline`` and ``FluxPipeline``, and ``edit_image`` on an SD3 pipeline.
+Writes docs/benchmarks/diffusers.md.
 
     python benchmarks/diffusers_parity.py            # under half a minute on one core
 """
@@ -60,6 +61,8 @@ PROMPT, NEGATIVE = "a photo of a fox", "a blue painting"  # the flow pipelines' 
 
 
 def float64_tables(scheduler):
+    if not hasattr(scheduler, "alphas_cumprod"):  # an EDM-preconditioned one has no table
+        return scheduler
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
     if hasattr(scheduler, "final_alpha_cumprod"):
         scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).double()
@@ -88,6 +91,12 @@ def parity_rows(unet, noise) -> list[tuple[str, str, str, float]]:
         ("euler", diffusers.EulerDiscreteScheduler(), "linspace, epsilon"),
         ("euler", diffusers.EulerDiscreteScheduler(use_karras_sigmas=True), "Karras sigmas"),
         ("dpm_solver_pp_1", _dpm(), "order 1, dpmsolver++, linspace"),
+        ("euler", diffusers.EDMEulerScheduler(), "EDM-preconditioned, Karras, epsilon"),
+        (
+            "dpm_solver_pp_1",
+            diffusers.EDMDPMSolverMultistepScheduler(solver_order=1),
+            "EDM-preconditioned, order 1, Karras, epsilon",
+        ),
     ]
     rows = []
     for (
@@ -575,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         "Largest `max|bdia - diffusers| / max|diffusers|` over all states of the loop; float64 "
         "UNet and float64 `alphas_cumprod`. diffusers keeps the sigmas of Euler, Heun and "
         "DPM-Solver in float32 (and casts the sample to float32 in Euler's and DPM-Solver's "
-        "`step`), so those agree to float32 rounding; DDIM computes in the table's dtype. "
+        "`step`), and computes the EDM schedulers' preconditioning from them in float32, so "
+        "those agree to float32 rounding; DDIM computes in the table's dtype. "
         "See [Solvers: conventions that differ from diffusers]"
         "(../solvers.md#conventions-that-differ-from-diffusers).",
         "",
