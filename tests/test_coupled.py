@@ -318,6 +318,84 @@ def test_convergence_order(solver, order):
     assert abs(slope(steps, errors) - order) < 0.25, errors
 
 
+_FLOW: dict = {}
+_FLOW_ENDS: dict = {}
+
+
+def flow_problem() -> tuple:
+    """The flow problem of ``bdia compare`` (SD3's shifted grid from pure noise, t = 1 with
+    alpha = 0, to 1e-3), its 256 start states and their reference end states, built once."""
+    from bdia.compare import PROBLEMS
+
+    if not _FLOW:
+        problem = PROBLEMS["flow-mixture"]
+        x0 = problem.start(256, torch.Generator().manual_seed(0))
+        _FLOW.update(
+            problem=problem,
+            x0=x0,
+            ref=problem.reference(x0),
+            ode=problem.make_ode(torch.float64),
+        )
+    return _FLOW["problem"], _FLOW["ode"], _FLOW["x0"], _FLOW["ref"]
+
+
+def flow_end(solver, steps: int) -> torch.Tensor:
+    """The end state of ``solver`` over ``steps`` steps of the flow problem (kept: the tests
+    below share some runs)."""
+    key = (solver.identity, steps)
+    if key not in _FLOW_ENDS:
+        problem, ode, x0, _ = flow_problem()
+        _FLOW_ENDS[key] = bdia.sample(ode, solver, x0, problem.grid(steps), progress=False)
+    return _FLOW_ENDS[key]
+
+
+def median_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The median over the states (rows) of ``|a - b|``: a few states that end in another
+    mode of the mixture than ``b`` (some lie near a boundary between modes) do not move it."""
+    return float((a - b).norm(dim=1).median())
+
+
+# EDICT from pure noise on the flow problem: first order for either base, the order measured
+# on the median state (the relative error of the whole batch is dominated, up to 200 steps,
+# by two states that end in another mode). Measured slopes over 320, 640 and 1280 steps: 0.99
+# (euler), 0.98 (heun); 1280 steps give 1.40e-3 and 6.0e-4 with p = 0.93 against 1.14e-3 and
+# 3.9e-4 with p = 1. Bounds: the slope within 0.15 of 1, and the error with the mixing less
+# than twice the error without it, where a floor left by the mixing (about 0.3 (1 - p) = 0.02,
+# the next test) would make it 15 to 50 times as large.
+@pytest.mark.parametrize("base", ["euler", "heun"])
+def test_edict_is_first_order_from_pure_noise_on_the_flow_problem(base):
+    *_, ref = flow_problem()
+    steps = [320, 640, 1280]
+    errors = [median_distance(flow_end(bdia.edict(base, 0.93), n), ref) for n in steps]
+    from test_convergence import slope
+
+    assert abs(slope(steps, errors) - 1.0) < 0.15, errors
+    unmixed = median_distance(flow_end(bdia.edict(base, 1.0), steps[-1]), ref)
+    assert errors[-1] < 2 * unmixed, (errors[-1], unmixed)
+
+
+# The mixing's own error, edict(euler, p) - edict(euler, 1) at the end: proportional to 1 - p
+# and nearly independent of the steps while n (1 - p) is small, first order once n (1 - p) is
+# large. Measured (median state, divided by 1 - p): p = 0.999: 0.33 at 20 steps, 0.27 at 160;
+# p = 0.99: 0.31 at 20 steps; p = 0.93: 0.049, 0.025, 0.012 at 320, 640, 1280 steps. Bounds:
+# the ratio of the p = 0.99 and p = 0.999 figures within 20% of 1 (it would be 10 for an
+# error of order (1 - p)^2 and 0.1 for one that did not depend on p), eight times the steps
+# shrinking the p = 0.999 figure by less than 1.5 (a first-order one would shrink 8 times),
+# and the p = 0.93 figure falling at a slope within 0.15 of 1 over 320 to 1280 steps.
+def test_edicts_mixing_error_is_of_order_one_minus_p_until_about_one_over_one_minus_p_steps():
+    def mixing(p: float, steps: int) -> float:
+        unmixed = flow_end(bdia.edict("euler", 1.0), steps)
+        return median_distance(flow_end(bdia.edict("euler", p), steps), unmixed) / (1 - p)
+
+    few = mixing(0.999, 20)
+    assert abs(mixing(0.99, 20) / few - 1) < 0.2
+    assert few / mixing(0.999, 160) < 1.5
+    from test_convergence import slope
+
+    steps = [320, 640, 1280]
+    assert abs(slope(steps, [mixing(0.93, n) for n in steps]) - 1.0) < 0.15
+
+
 def test_edict_over_ddim_is_the_papers_update_in_the_edm_schedule():
     """EDICT writes DDIM as x_i = a x + b eps(y), a = alpha_{k+1} / alpha_k; with alpha = 1
     this is the increment form x + D(y) exactly (to float64 rounding)."""
