@@ -27,6 +27,21 @@ def test_smoke_run_notes_quote_its_own_tables(tmp_path):
     def bullet(start: str) -> str:
         return next(b for b in bullets if b.startswith(start))
 
+    # The toy table's order and median order columns, and the order note quoting them.
+    # The header's cells after "solver", as _table gives a row's cells after its label.
+    header = text.split("### mixture", 1)[1].split("\n| solver |", 1)[1].split("\n", 1)[0]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[-5:] == [
+        "order",
+        "median order",
+        "parasitic",
+        "round trip float32",
+        "round trip float64",
+    ]
+    toy = _table(text, "### mixture")
+    edict_order = toy["edict(euler, 0.93)"][columns.index("order")]
+    assert f"edict(euler, 0.93) {edict_order}" in bullet("The order column")
+
     # Many steps: `FDD / accuracy % (steps, NFE) max |x|` for edict(euler, 0.93) and euler.
     many = _table(text, "### Many steps")
     assert set(many) == {"edict(euler, 0.93)", "euler"}
