@@ -292,12 +292,22 @@ def check_fingerprint(pair: StatePair | CoupledPair, ode: ODE, what: str) -> Non
     now = None if pair.fingerprint is None else ode.fingerprint()
     if now == pair.fingerprint:
         return
+    if isinstance(pair, CoupledPair):
+        # The companion chain holds the run's history under the ODE that made it; a new ODE
+        # steps it as if that history were its own, which is neither run.
+        why = (
+            "A coupled scheme's two chains carry the history of the run that made them, so "
+            "continuing them under another ODE is neither that run nor a fresh one"
+        )
+    else:
+        why = (
+            "BDIA carries the pair's parasitic mode, which only the ODE that made it cancels, "
+            "so the result will be noise rather than an edit"
+        )
     warn_at_caller(
         f"the {what} pair was made under a different ODE (another model, schedule or "
-        f"conditioning: fingerprint {pair.fingerprint}, now {now}). BDIA carries "
-        "the pair's parasitic mode, which only the ODE that made it cancels, so the result "
-        "will be noise rather than an edit. To regenerate under new conditioning use "
-        "bdia.edit or Inversion.regenerate (the base solver from the inverted noise); to "
-        "reproduce the original, use the ODE that made the pair",
+        f"conditioning: fingerprint {pair.fingerprint}, now {now}). {why}. To regenerate "
+        "under new conditioning use bdia.edit or Inversion.regenerate (the base solver from "
+        "the inverted noise); to reproduce the original, use the ODE that made the pair",
         PairMismatchWarning,
     )

@@ -236,8 +236,11 @@ def test_a_pair_continued_under_another_ode_warns():
         made, bdia.reversible("euler"), noise(2, torch.float64), ts, return_pair=True
     )
     other = MIXTURE.ode(bdia.EDM(), model_dtype=torch.float32)  # another fingerprint
-    with pytest.warns(bdia.PairMismatchWarning, match="different ODE"):
+    with pytest.warns(bdia.PairMismatchWarning, match="different ODE") as caught:
         bdia.invert(other, bdia.reversible("euler"), pair, ts, progress=False)
+    # The reason given is the coupled chains', not BDIA's parasitic mode.
+    message = str(caught[0].message)
+    assert "coupled scheme's two chains" in message and "parasitic" not in message
 
 
 def test_edict_samples_to_sigma_zero_and_reversible_refuses_it():
