@@ -216,6 +216,28 @@ class OutputPathType(click.ParamType):
         return path
 
 
+class InputPathType(click.Path):
+    """``click.Path``, refusing an empty value: ``Path("")`` is the current folder, which an
+    unset shell variable would hand a command as its input (fid read every image under it)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            kind = "file or folder" if self.dir_okay and self.file_okay else "file"
+            self.fail(f"the path is empty; give a {kind} name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _network_given(ctx: Any, param: click.Parameter, value: str | None) -> str | None:
+    """--network: an empty value names no network (load_network would read the folder ".")."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "the path is empty; give digits, random:NAME or a network file (.pkl, .safetensors)",
+            ctx,
+            param,
+        )
+    return value
+
+
 def _overwrite_option(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option("--overwrite", is_flag=True, help=text)
 
@@ -909,6 +931,7 @@ def _claim_outdir(outdir: Path, settings: dict[str, Any], overwrite: bool) -> li
     "network_spec",
     default=None,
     metavar="NAME|FILE",
+    callback=_network_given,
     help="digits (the shipped 8x8 digits model), an EDM .pkl, a bdia .safetensors, or "
     "random:NAME (ddpmpp-cond, ncsnpp-cond, ddpmpp-uncond, ncsnpp-uncond, tiny-cond); "
     "required unless --latents names the network.",
@@ -963,7 +986,7 @@ def _claim_outdir(outdir: Path, settings: dict[str, Any], overwrite: bool) -> li
     "--latents",
     "latents_path",
     default=None,
-    type=click.Path(exists=True, path_type=Path),
+    type=InputPathType(exists=True, path_type=Path),
     help="A latents file or folder of them (from bdia invert --images): regenerate each one "
     "(grid, solver and gamma from the file) instead of sampling seeds.",
 )
@@ -1282,13 +1305,14 @@ def _refuse_existing(outdir: Path, targets: list[Path], overwrite: bool, what: s
     default="digits",
     show_default=True,
     metavar="NAME|FILE",
+    callback=_network_given,
     help="digits, an EDM .pkl, a bdia .safetensors or random:NAME, as bdia sample takes it; "
     "without --images only digits, whose held-out set is inverted.",
 )
 @click.option(
     "--images",
     default=None,
-    type=click.Path(exists=True, path_type=Path),
+    type=InputPathType(exists=True, path_type=Path),
     help="A PNG or a folder of PNGs to invert, at the network's resolution (L for 1 channel, "
     "RGB for 3); needs --outdir.",
 )
@@ -2029,14 +2053,14 @@ def _fid_inputs(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--images",
             required=True,
-            type=click.Path(path_type=Path),
+            type=InputPathType(path_type=Path),
             help="Folder of images (searched recursively, skipping hidden files and folders), "
             "or an .npz of uint8 NHWC images.",
         ),
         click.option(
             "--detector",
             required=True,
-            type=click.Path(dir_okay=False, path_type=Path),
+            type=InputPathType(dir_okay=False, path_type=Path),
             help="NVIDIA's TorchScript Inception, inception-2015-12-05.pt (a local file).",
         ),
         click.option(
@@ -2172,7 +2196,7 @@ def _check_feature_dim(
     "--ref",
     "ref_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=InputPathType(dir_okay=False, path_type=Path),
     help="Reference statistics: an .npz with arrays mu and sigma (EDM's, or `bdia fid-ref`).",
 )
 @_fid_inputs
@@ -2241,7 +2265,7 @@ def fid_ref_command(
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("source", type=InputPathType(exists=True, dir_okay=False, path_type=Path))
 @click.argument("target", type=OutputPathType(suffix=".safetensors"))
 @_overwrite_option("Replace TARGET if it exists.")
 def convert(source: Path, target: Path, overwrite: bool) -> None:

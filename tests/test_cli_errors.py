@@ -411,14 +411,24 @@ def test_a_cpu_index_is_refused(tmp_path):
         (["invert", "--images", "x.png", "--class", "3", "--outdir", ""], "'--outdir'"),
         (["compare", "--solvers", "euler", "--budgets", "2", "--out", ""], "'--out'"),
         (["convert", "net.pkl", ""], "'TARGET'"),
+        # Inputs: fid read every image under the current folder, --network '' was a folder.
+        (["fid", "--images", "", "--ref", "ref.npz", "--detector", "inception.pt"], "'--images'"),
+        (["fid-ref", "--images", "", "--out", "r.npz", "--detector", "inception.pt"], "'--images'"),
+        (["fid", "--images", "images", "--ref", "", "--detector", "inception.pt"], "'--ref'"),
+        (["fid", "--images", "images", "--ref", "ref.npz", "--detector", ""], "'--detector'"),
+        (["invert", "--images", "", "--class", "3", "--outdir", "o"], "'--images'"),
+        (["sample", "--latents", "", "--outdir", "o"], "'--latents'"),
+        (["sample", "--network", "", "--seeds", "0", "--outdir", "o"], "'--network'"),
+        (["invert", "--network", "", "--images", "x.png", "--outdir", "o"], "'--network'"),
+        (["convert", "", "net.safetensors"], "'SOURCE'"),
     ],
 )
-def test_an_empty_output_path_is_refused(args, option, tmp_path, monkeypatch):
+def test_an_empty_path_is_refused(args, option, tmp_path, monkeypatch, images, detector, reference):
     """An empty path, as an unset shell variable gives, would name the current folder."""
     monkeypatch.chdir(tmp_path)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
     (tmp_path / "net.pkl").write_bytes(b"")
-    fails_in_one_line(args, tmp_path, option, "empty", status=2)
+    fails_in_one_line(args, tmp_path, option, "the path is empty", status=2)
 
 
 @pytest.mark.parametrize(
