@@ -322,10 +322,26 @@ def _threads_option(default: str) -> Callable[[Callable[..., Any]], Callable[...
             default=None,
             # torch takes a C int.
             type=click.IntRange(1, 2**31 - 1),
-            help=f"torch CPU threads; default: {default}.",
+            callback=_at_most_the_cpus,
+            help=f"torch CPU threads, at most the machine's CPUs; default: {default}.",
         )(command)
 
     return decorate
+
+
+def _at_most_the_cpus(ctx: Any, param: click.Parameter, value: int | None) -> int | None:
+    # torch starts every thread it is asked for: 100,000 crashed the process (a segmentation
+    # fault, after sample had written its run record), and threads beyond the CPUs only wait
+    # for each other.
+    cpus = os.cpu_count()
+    if value is not None and cpus is not None and value > cpus:
+        raise click.BadParameter(
+            f"{value} is more than the {cpus} CPUs of this machine, beyond which threads only "
+            f"wait for each other; give at most {cpus}",
+            ctx,
+            param,
+        )
+    return value
 
 
 def _set_threads(threads: int | None, net: torch.nn.Module | None = None) -> None:

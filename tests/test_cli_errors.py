@@ -462,6 +462,24 @@ def test_integers_beyond_what_torch_takes_are_refused(args, option, tmp_path, mo
     fails_in_one_line(args, tmp_path, option, status=2)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "--network", "digits", "--seeds", "0", "--outdir", "o"],
+        ["invert", "--count", "1"],
+        ["compare", "--solvers", "euler", "--budgets", "2"],
+        ["fid", "--images", "images", "--ref", "ref.npz", "--detector", "det.pt"],
+    ],
+)
+def test_more_threads_than_cpus_are_refused(command, tmp_path, monkeypatch):
+    """torch starts every thread asked for: 100,000 crashed the process (a segmentation
+    fault, after the run record was written); more than the CPUs only wait for each other."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    args = [*command, "--threads", "5"]
+    fails_in_one_line(args, tmp_path, "'--threads'", "4 CPUs", "at most 4", status=2)
+
+
 def test_compare_refuses_a_budget_beyond_the_step_limit(tmp_path):
     from bdia.cli import MAX_STEPS
 
