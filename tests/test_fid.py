@@ -635,6 +635,18 @@ def test_files_under_hidden_folders_are_skipped_but_a_hidden_folder_given_is_rea
         list_images(only_hidden)
 
 
+def test_a_file_that_is_no_npz_is_named_as_such(tmp_path):
+    """One PNG (or any file but an npz) exists: "no image folder or .npz at photo.png" read as
+    if nothing were there."""
+    from bdia.metrics.fid import list_images
+
+    photo = _png_folder(tmp_path / "imgs", n=1) / "000000.png"
+    with pytest.raises(ValueError, match=r"000000.png is a file, not a folder of images or an"):
+        list_images(photo)
+    with pytest.raises(FileNotFoundError, match="no image folder or .npz at"):
+        list_images(tmp_path / "absent")
+
+
 @pytest.mark.parametrize(
     "shapes,words",
     [

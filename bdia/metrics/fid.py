@@ -526,7 +526,13 @@ def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
 
     Hidden files and everything under a hidden folder (a name starting with ``.``, as
     ``.ipynb_checkpoints`` or ``.git``) are skipped, below ``source`` only: a hidden
-    ``source`` itself (``~/.cache/imgs``) is read."""
+    ``source`` itself (``~/.cache/imgs``) is read.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``source``.
+        ValueError: the folder holds no images, ``source`` is a file other than an npz (one
+            image, say), or the npz holds no uint8 images.
+    """
     source = Path(source)
     if source.is_dir():
         files = sorted(
@@ -543,6 +549,11 @@ def list_images(source: str | os.PathLike[str]) -> list[Path] | np.ndarray:
         return files
     if source.suffix.lower() == ".npz" and source.is_file():
         return _npz_images(source)
+    if source.exists():
+        raise ValueError(
+            f"{source} is a file, not a folder of images or an .npz of them; give the folder "
+            "that holds the images"
+        )
     raise FileNotFoundError(f"no image folder or .npz at {source}")
 
 
