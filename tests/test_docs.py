@@ -19,9 +19,10 @@ page's prose claim of its result.
 
 The ``bdia`` command lines of the pages' shell blocks (``torchrun -m bdia.cli`` ones
 included) are parsed against the command-line interface: option names, values and required
-options. Those that need no file the reader must bring (README's) also run, with the slow
-tests. The ``$ bdia ...`` transcripts of the text blocks run in order, one folder per page,
-and print the lines shown (durations and the torch build aside), also with the slow tests.
+options. Those that need no file the reader must bring (README's, and docs/edm_cifar10.md's
+pipeline without downloads, on a smaller network) also run, with the slow tests. The
+``$ bdia ...`` transcripts of the text blocks run in order, one folder per page, and print
+the lines shown (durations and the torch build aside), also with the slow tests.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import ast
 import builtins
 import inspect
 import io
+import math
 import pydoc
 import re
 import shlex
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -689,6 +692,34 @@ def test_readme_commands_run(tmp_path, monkeypatch):
     # "prints a markdown table and writes nothing": the grid is the only file written.
     assert re.search(r"^\| bdia\(heun, ", outputs["compare"], re.M)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.png"]
+
+
+@pytest.mark.slow
+def test_edm_pipeline_without_downloads_runs(tmp_path, monkeypatch):
+    """docs/edm_cifar10.md's block "without any downloaded file", as printed but for the
+    network: random:tiny-cond (16 x 16) for the full-size DDPM++, whose eight samples take
+    minutes on a CPU. About 25 s, most of it the 2048-feature FID's matrix square root."""
+    text = (REPO / "docs/edm_cifar10.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if "--write-standin-detector" in b]
+    assert "random:ddpmpp-cond" in block
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    for line in block.replace("random:ddpmpp-cond", "random:tiny-cond").splitlines():
+        words = shlex.split(line, comments=True)
+        if words[0] == "bdia":
+            result = CliRunner().invoke(main, words[1:])
+            assert result.exit_code == 0, f"`{line}`: {result.output}"
+            printed.append(result.stdout)
+        else:
+            assert words[:2] == ["python", "benchmarks/edm_cifar10.py"], line
+            command = [sys.executable, str(REPO / words[1]), *words[2:]]
+            subprocess.run(command, check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref.npz", "standin.pt"]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 8
+    # The images against their own statistics: 0 up to the square root of a singular
+    # covariance, which the page says can come out negative; a number, whatever it is.
+    assert math.isfinite(float(printed[-1]))
 
 
 def transcripts(page: str) -> list[tuple[list[str], list[str]]]:
