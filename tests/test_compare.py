@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import pytest
@@ -131,6 +132,7 @@ def test_an_unusable_out_is_refused_before_computing(tmp_path, kind, monkeypatch
 
 @pytest.mark.parametrize("args,inside", [([], 1), (["--threads", "2"], 2)])
 def test_threads_apply_inside_the_command_and_are_restored(monkeypatch, args, inside):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two threads even on a one-CPU runner
     seen = []
     real = cmp.run_comparison
 
@@ -156,6 +158,7 @@ def test_threads_are_restored_when_the_comparison_fails(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(cmp, "run_comparison", fail)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two threads even on a one-CPU runner
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
