@@ -286,11 +286,12 @@ def assert_flow_run_is_bdia_sample(
     gamma: float,
     start_index: int = 0,
 ) -> Any:
-    """A flow-matching pipeline's run with its ``BDIAScheduler`` (``latents``, and the
-    scheduler's ``final_pair``) is ``bdia.sample`` with ``bdia(euler, gamma)`` on ``ode`` over
-    ``ts[start_index:]`` from ``noise`` (the state at ``ts[start_index]``: the noised image
-    latents of an img2img run), bit for bit, low words included; the grid ``ts`` is the
-    scheduler's, and the pair records ``start_index``. Returns the scheduler's final pair."""
+    """A flow-matching (or EDM-preconditioned) pipeline's run with its ``BDIAScheduler``
+    (``latents``, and the scheduler's ``final_pair``) is ``bdia.sample`` with ``bdia(euler,
+    gamma)`` on ``ode`` over ``ts[start_index:]`` from ``noise`` (the state at
+    ``ts[start_index]``: the noised image latents of an img2img run, or the pipeline's first
+    latents), bit for bit, low words included; the grid ``ts`` is the scheduler's, and the
+    pair records ``start_index``. Returns the scheduler's final pair."""
     import bdia
 
     assert pipe.scheduler.grid == ts.tolist()
@@ -359,9 +360,10 @@ def assert_flow_img2img_is_bdia_sample(
     start_index: int,
     invert: Any,
 ) -> None:
-    """An img2img run of a flow-matching pipeline with ``BDIAScheduler(gamma=0.9)`` (``pipe``'s
-    scheduler), bit for bit. ``runs`` are ``(latents, record_step_samples list)`` of the
-    pipeline with its own FlowMatchEulerDiscreteScheduler, then with the BDIA scheduler.
+    """An img2img run of a flow-matching (or EDM-preconditioned) pipeline with
+    ``BDIAScheduler(gamma=0.9)`` (``pipe``'s scheduler), bit for bit. ``runs`` are ``(latents,
+    record_step_samples list)`` of the pipeline with its own FlowMatchEulerDiscreteScheduler
+    (EDMEulerScheduler), then with the BDIA scheduler.
 
     Both runs start from the same noised latents (their first step's sample) at
     ``ts[start_index]``; the BDIA run is ``bdia.sample``'s from them over

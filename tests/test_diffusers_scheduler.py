@@ -804,25 +804,51 @@ def test_grids_and_the_diffusers_adapter_refuse_a_bad_step_count_alike(steps, er
         assert str(info.value) == f"{name} {what}"
 
 
-def test_a_config_without_a_noise_table_is_refused():
-    """EDM's config has no beta fields: from_config would fill DDIM's default betas in and
-    sample an EDM model on a VP table. It is refused, naming the class when the config names
-    it (one read from disk does; a scheduler's .config does not), and the message says where
-    such a model runs: from_diffusers and diffusers_grid map the EDM-preconditioned
-    schedulers, which BDIAScheduler does not make (a pipeline would need c_in x and the
-    timestep 0.25 log sigma from it). A flow-matching config is taken (tests/
-    test_diffusers_flow.py)."""
-    source = diffusers.EDMEulerScheduler()
-    name = type(source).__name__
-    read = {**source.config, "_class_name": name}
+# Stable Audio's CosineDPMSolverMultistepScheduler needs torchsde to be built; its fields, as
+# its config holds them: all of them EDMDPMSolverMultistepScheduler's, but algorithm_type.
+_COSINE_DPM = dict(
+    sigma_min=0.3,
+    sigma_max=500.0,
+    sigma_data=1.0,
+    sigma_schedule="exponential",
+    num_train_timesteps=1000,
+    solver_order=2,
+    prediction_type="v_prediction",
+    rho=7.0,
+    solver_type="midpoint",
+    lower_order_final=True,
+    euler_at_final=False,
+    final_sigmas_type="zero",
+)
+
+
+@pytest.mark.parametrize(
+    "source, name",
+    [
+        (diffusers.CMStochasticIterativeScheduler().config, "CMStochasticIterativeScheduler"),
+        (_COSINE_DPM, "CosineDPMSolverMultistepScheduler"),
+    ],
+    ids=["consistency", "cosine"],
+)
+def test_a_config_without_a_noise_table_is_refused(source, name):
+    """A consistency model's config, or Stable Audio's, has no beta fields and is neither a
+    flow-matching nor an EDM-preconditioned one: from_config would fill DDIM's default betas
+    in and sample the model on a VP table. It is refused, naming the class when the config
+    names it (one read from disk does; a scheduler's .config does not), and the message says
+    which schedulers without a table bdia maps. Stable Audio's fields are all of them
+    EDMDPMSolverMultistepScheduler's, whose preconditioning its c_noise is not: without that
+    scheduler's algorithm_type (or its _class_name) the config is not taken for it. The
+    EDM-preconditioned configs themselves are taken (tests/test_diffusers_edm_scheduler.py),
+    and flow-matching ones (tests/test_diffusers_flow.py)."""
+    read = {**source, "_class_name": name}
     for cls in (BDIAScheduler, BDIAInverseScheduler):
-        for config, named in ((source.config, "the scheduler config (no betas; "), (read, name)):
+        for config, named in ((source, "the scheduler config (no betas; "), (read, name)):
             with pytest.raises(ValueError, match="has no alphas_cumprod noise table") as info:
                 cls.from_config(config)
-            assert str(info.value).startswith(named) and "\n" not in str(info.value)
-            assert "EDMDPMSolverMultistepScheduler (from_diffusers and diffusers_grid)" in str(
-                info.value
-            )
+            message = str(info.value)
+            assert message.startswith(named) and "\n" not in message
+            maps = "EDMDPMSolverMultistepScheduler only (from_diffusers, diffusers_grid and "
+            assert maps + "BDIAScheduler)" in message
     # A config written for BDIA by hand, without betas, still takes the defaults.
     hand = BDIAScheduler.from_config({"num_train_timesteps": 1000, "gamma": 0.9})
     assert hand.config.gamma == 0.9 and hand.config.beta_schedule == "linear"

@@ -167,7 +167,10 @@ def _is_flow(scheduler: Any) -> bool:
 
 
 def _is_preconditioned(scheduler: Any) -> bool:
-    return any(name in _EDM_PRECONDITIONED for name in _class_names(scheduler))
+    # A BDIA scheduler built from an EDM-preconditioned config names that class in its own.
+    return any(name in _EDM_PRECONDITIONED for name in _class_names(scheduler)) or (
+        scheduler.config.get("edm_scheduler") in _EDM_PRECONDITIONED
+    )
 
 
 def _space(scheduler: Any, space: str | None) -> str:
@@ -376,9 +379,9 @@ def _no_table(scheduler: Any) -> ValueError:
         f"{name} has no alphas_cumprod noise table: it is a flow-matching or "
         "EDM-preconditioned scheduler, and this needs a diffusion model trained on a table of "
         "alphas_cumprod (DDIM, DDPM, PNDM, Euler, DPM-Solver and the like); of the schedulers "
-        "without one, bdia's diffusers adapter maps FlowMatchEulerDiscreteScheduler "
-        "(from_diffusers, diffusers_grid and BDIAScheduler) and EDMEulerScheduler and "
-        "EDMDPMSolverMultistepScheduler (from_diffusers and diffusers_grid) only"
+        "without one, bdia's diffusers adapter maps FlowMatchEulerDiscreteScheduler, "
+        "EDMEulerScheduler and EDMDPMSolverMultistepScheduler only (from_diffusers, "
+        "diffusers_grid and BDIAScheduler)"
     )
 
 

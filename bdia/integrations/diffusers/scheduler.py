@@ -1,8 +1,9 @@
 """BDIA as diffusers schedulers: ``BDIAScheduler`` samples, ``BDIAInverseScheduler`` inverts.
 
-``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler, or of
-the ``FlowMatchEulerDiscreteScheduler`` of Stable Diffusion 3 or Flux (BDIA over Euler
-then)::
+``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler, of
+the ``FlowMatchEulerDiscreteScheduler`` of Stable Diffusion 3 or Flux, or of the
+EDM-preconditioned scheduler of Playground v2.5 (``EDMDPMSolverMultistepScheduler``,
+``EDMEulerScheduler``; BDIA over Euler in both)::
 
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
     image = pipe(...).images
@@ -14,7 +15,9 @@ through a ``DiffusionODE`` built by ``from_diffusers`` (the same eps / x0 / v co
 ``diffusers_grid`` (its one evaluation per step is the replayed output). So a pipeline run
 gives the numbers of ``bdia.sample(from_diffusers(unet, scheduler), bdia.bdia("ddim", gamma),
 noise, diffusers_grid(scheduler, n))``, bit for bit (``bdia.bdia("euler", gamma)`` and the
-transformer for flow matching).
+transformer for flow matching; ``bdia.bdia("euler", gamma)`` from ``noise *
+init_noise_sigma`` with an EDM-preconditioned scheduler, whose unet input ``c_in x`` and
+timesteps ``0.25 log sigma`` the scheduler makes as the adapter does).
 
 The scheduler keeps the solver's ``SolverState`` between calls (the two-step recursion's
 previous state and both low words live in it); the pipeline only ever sees the state's high
@@ -33,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
@@ -49,6 +53,10 @@ from ...solvers.base import SolverState
 from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper
 from ...solvers.registry import bdia
 from .adapter import (
+    _EDM_PRECONDITIONED,
+    _EDM_PREDICTIONS,
+    DiffusersModel,
+    _check_edm_config,
     _check_model_config,
     _check_schedule_config,
     _no_table,
@@ -57,11 +65,26 @@ from .adapter import (
     from_diffusers,
 )
 
+
+def _init_fields(cls: Any) -> tuple[str, ...]:
+    """The config fields of a diffusers scheduler class: its ``__init__``'s parameters."""
+    return tuple(k for k in inspect.signature(cls.__init__).parameters if k != "self")
+
+
 # The FlowMatchEulerDiscreteScheduler fields, which a flow-matching BDIA scheduler keeps in
 # its config (as fields of another class) and builds its sigmas from.
-_FLOW_FIELDS = tuple(
-    k for k in inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters if k != "self"
-)
+_FLOW_FIELDS = _init_fields(FlowMatchEulerDiscreteScheduler)
+
+# The fields of each EDM-preconditioned scheduler, which an EDM-mode BDIA scheduler keeps in
+# its config and builds that scheduler from (for its sigmas, timesteps and init_noise_sigma).
+_EDM_FIELDS = {name: _init_fields(getattr(diffusers, name)) for name in _EDM_PRECONDITIONED}
+
+# A timestep the ODE gives the replayed unet in EDM mode, c_noise = 0.25 log sigma, is the
+# scheduler's float32 one to this relative slack (times max(1, |c_noise|)): equal in float32,
+# and a float64 state's c_noise is within a float32 rounding and the float32 log's error of it
+# (5.7e-8 at most over Playground v2.5's 50 sigmas), while neighbouring grid points lie far
+# apart (0.0014 at the least, at 1000 Karras steps from 80 to 0.002).
+_C_NOISE_SLACK = 1e-6
 
 __all__ = [
     "BDIAScheduler",
@@ -178,15 +201,41 @@ def _flow_source(config: Any) -> bool:
     )
 
 
+def _edm_source(config: Any) -> str | None:
+    """The EDM-preconditioned scheduler whose config ``config`` is (``EDMEulerScheduler``,
+    ``EDMDPMSolverMultistepScheduler``: Playground v2.5's), or None.
+
+    No beta field, and the class it names (``_class_name``, in a config read from disk), else
+    fields all of that class with ``sigma_data`` among them (a scheduler's ``.config`` holds
+    every field). A DPM-Solver config must hold ``algorithm_type``: without it its fields are
+    also those of ``CosineDPMSolverMultistepScheduler`` (Stable Audio), whose preconditioning
+    is another.
+    """
+    if not isinstance(config, Mapping) or any(k in config for k in _BETA_FIELDS):
+        return None
+    name = config.get("_class_name")
+    if name is not None:
+        return name if name in _EDM_PRECONDITIONED else None
+    keys = {k for k in config if not k.startswith("_")}
+    if "sigma_data" not in keys:
+        return None
+    if keys <= set(_EDM_FIELDS["EDMEulerScheduler"]):
+        return "EDMEulerScheduler"
+    if keys <= set(_EDM_FIELDS["EDMDPMSolverMultistepScheduler"]) and "algorithm_type" in keys:
+        return "EDMDPMSolverMultistepScheduler"
+    return None
+
+
 def _check_source_config(config: Any, own: Any) -> None:
     """Refuse the config of a diffusers scheduler that has no noise table of betas.
 
-    A flow-matching config (SD3's and Flux's ``FlowMatchEulerDiscreteScheduler``) or an EDM
-    one has none of the beta fields, so ``from_config`` would keep only
-    ``num_train_timesteps`` and fill in DDIM's default betas: the pipeline would then sample
-    its model on a VP table it was never trained on, without a word. Such a config is known
-    by fields of its own and no beta field (a scheduler's ``.config`` does not hold
-    ``_class_name``; one read from disk does). ``own`` are this class's config fields.
+    A config without the beta fields that is neither a flow-matching nor an EDM-preconditioned
+    one (which set their modes): a consistency model's ``CMStochasticIterativeScheduler``'s,
+    say, or Stable Audio's ``CosineDPMSolverMultistepScheduler``'s, would keep only
+    ``num_train_timesteps`` in ``from_config`` and fill in DDIM's default betas: the pipeline
+    would then sample its model on a VP table it was never trained on, without a word. Such a
+    config is known by fields of its own and no beta field (a scheduler's ``.config`` does not
+    hold ``_class_name``; one read from disk does). ``own`` are this class's config fields.
     """
     if not isinstance(config, Mapping) or any(k in config for k in _BETA_FIELDS):
         return
@@ -204,7 +253,7 @@ def _table_attribute(name: str) -> property:
 
     def get(self: _BDIASchedulerBase) -> Tensor:
         self._sync()
-        if self._flow:
+        if self._flow or self._edm is not None:
             raise AttributeError(name)  # no noise table (ConfigMixin words the message)
         return getattr(self._inner, name)
 
@@ -221,6 +270,7 @@ class _Replay:
     def __init__(self) -> None:
         self.output: Tensor | None = None
         self.timestep: float | None = None
+        self.slack = 0.0  # how far the ODE's timestep may lie from it (see _C_NOISE_SLACK)
 
     def __call__(
         self,
@@ -236,7 +286,7 @@ class _Replay:
         if out is None:
             raise RuntimeError("BDIA scheduler: the replayed model was called twice in one step")
         assert self.timestep is not None  # armed with the output
-        if not bool((timestep == self.timestep).all()):
+        if not bool(((timestep - self.timestep).abs() <= self.slack).all()):
             raise RuntimeError(
                 f"BDIA scheduler: the ODE asked for timestep {timestep.tolist()}, but the model "
                 f"output is for {self.timestep}"
@@ -249,8 +299,13 @@ class _Replay:
 class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     """Config, noise table, grid and the replayed evaluation, shared by both directions."""
 
-    # SD3's flow-matching scheduler too: its fields then stay in the config without a warning.
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
+    # SD3's flow-matching scheduler and the EDM-preconditioned ones too: their fields then stay
+    # in the config without a warning.
+    _compatibles = [
+        *(e.name for e in KarrasDiffusionSchedulers),
+        "FlowMatchEulerDiscreteScheduler",
+        *_EDM_PRECONDITIONED,
+    ]
     order = 1
     _state: SolverState | None  # the solver's state of a run, None before it (see _reset)
 
@@ -259,17 +314,30 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> Any:
         """diffusers' ``from_config``, refusing the config of a class without a noise table
-        (EDM), which would otherwise take DDIM's default betas, and a grid field bdia cannot
-        follow (``use_flow_sigmas``, say) at once, not at ``set_timesteps``. A flow-matching
-        config (SD3's ``FlowMatchEulerDiscreteScheduler``) sets ``flow_matching=True``."""
+        (a consistency model's), which would otherwise take DDIM's default betas, and a grid
+        field bdia cannot follow (``use_flow_sigmas``, say) at once, not at ``set_timesteps``.
+        A flow-matching config (SD3's ``FlowMatchEulerDiscreteScheduler``) sets
+        ``flow_matching=True``; an EDM-preconditioned one (``EDMEulerScheduler``,
+        ``EDMDPMSolverMultistepScheduler``) sets ``edm_scheduler`` to its class's name, and
+        ``kwargs`` may then set that class's fields too (``algorithm_type="dpmsolver++"``)."""
+        own = inspect.signature(cls.__init__).parameters
+        edm = _edm_source(config)
         if _flow_source(config) and kwargs.get("flow_matching", True):
             # Every field, defaults included: StableDiffusion3Pipeline reads some from the
             # scheduler's config (max_shift, for dynamic shifting) with defaults of its own.
             full = FlowMatchEulerDiscreteScheduler.from_config(config).config
             config = {k: v for k, v in full.items() if k != "_use_default_values"}
             kwargs["flow_matching"] = True
+        elif edm is not None and kwargs.get("edm_scheduler", edm) is not None:
+            # Every field, defaults included (init_noise_sigma reads sigma_max), as the EDM
+            # scheduler has them, with the ones given here.
+            fields = {k: kwargs[k] for k in _EDM_FIELDS[edm] if k in kwargs}
+            kwargs = {k: v for k, v in kwargs.items() if k in own or k not in fields}
+            full = getattr(diffusers, edm).from_config(config, **fields).config
+            config = {k: v for k, v in full.items() if k != "_use_default_values"}
+            kwargs["edm_scheduler"] = edm
         else:
-            _check_source_config(config, inspect.signature(cls.__init__).parameters)
+            _check_source_config(config, own)
         built = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         # Fields that are not ours reach the config only after __init__, which checked it.
         scheduler = built[0] if isinstance(built, tuple) else built
@@ -297,11 +365,11 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         variance_type: str = "fixed_small",
         gamma: float | str = 0.96,
         flow_matching: bool = False,
+        edm_scheduler: str | None = None,
     ) -> None:
         self._replay = _Replay()
         self._configured: dict[str, Any] | None = None  # the config the internals were built for
         self._sync()
-        self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = self._inner.timesteps.clone()
         self.grid: list[float] | None = None
@@ -327,6 +395,14 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         cfg = self.config
         self._gamma = _check_gamma(cfg["gamma"])
         self._flow = bool(cfg.get("flow_matching", False))
+        self._edm: str | None = cfg.get("edm_scheduler")
+        if self._edm is not None and (self._flow or self._edm not in _EDM_PRECONDITIONED):
+            raise ValueError(
+                f"edm_scheduler = {self._edm!r} (with flow_matching = {self._flow}) is not an "
+                f"EDM-preconditioned scheduler bdia maps ({', '.join(_EDM_PRECONDITIONED)}, "
+                "without flow_matching); build the scheduler with from_config from that "
+                "scheduler's config, which sets it"
+            )
         if self._flow:
             if self._gamma == "obelm":
                 raise ValueError(
@@ -339,6 +415,15 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             fields = {k: cfg[k] for k in _FLOW_FIELDS if k in cfg}
             inner: Any = FlowMatchEulerDiscreteScheduler(**fields)
             base = "euler"
+        elif self._edm is not None:
+            # One-line refusals naming this class (prediction_type, thresholding,
+            # algorithm_type, sigma_data), as from_diffusers gives them for the EDM scheduler,
+            # which makes the sigmas, the timesteps c_noise and init_noise_sigma.
+            _check_model_config(self, _EDM_PREDICTIONS)
+            _check_edm_config(self)
+            source = getattr(diffusers, self._edm)
+            inner = source(**{k: cfg[k] for k in _EDM_FIELDS[self._edm] if k in cfg})
+            base = "euler"
         else:
             # One-line refusals naming this class (clip_sample, thresholding,
             # prediction_type, timestep_spacing), as from_diffusers gives them.
@@ -350,6 +435,9 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             _table(inner)  # refuses a table that is not one (rescale_betas_zero_snr=True)
             base = "ddim"
         self._ode: DiffusionODE = from_diffusers(self._replay, inner)
+        model = self._ode.f
+        assert isinstance(model, DiffusersModel)  # from_diffusers makes one
+        self._model = model  # its preconditioning makes scale_model_input's c_in x
         self._inner = inner
         self._solver: BidirectionalWrapper = bdia(base, self._gamma)
         self._configured = snapshot
@@ -366,7 +454,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """The index in ``timesteps`` of the run's first step, as the pipelines that call it
         set it (FluxPipeline with 0; StableDiffusion3Img2ImgPipeline and
         FluxImg2ImgPipeline with ``t_start``, before ``scale_noise``). Each step finds its
-        index from its timestep; ``scale_noise`` checks its timestep against this one."""
+        index from its timestep; ``scale_noise`` (``add_noise`` in EDM mode) checks its
+        timestep against this one."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral):
             raise TypeError(f"begin_index must be an int, got {begin_index!r}")
         self._begin_index = int(begin_index)
@@ -375,21 +464,99 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return self.config["num_train_timesteps"]
 
     @property
-    def sigmas(self) -> Tensor:
-        """Flow matching only: FlowMatchEulerDiscreteScheduler's ``sigmas`` (the grid, in
-        float32) for the last ``set_timesteps``, as flow-matching pipelines read them."""
+    def init_noise_sigma(self) -> float:
+        """The scale of the first state, ``noise * init_noise_sigma``, as pipelines make it:
+        1 (VP and flow-matching states start as unit noise); in EDM mode the EDM
+        scheduler's ``sqrt(sigma_max^2 + 1)`` (80.006 for Playground v2.5), which diffusers
+        takes at the grid's first sigma (80)."""
         self._sync()
-        if not self._flow:
+        return float(self._inner.init_noise_sigma) if self._edm is not None else 1.0
+
+    @property
+    def sigmas(self) -> Tensor:
+        """Flow matching and EDM mode only: the inner FlowMatchEulerDiscreteScheduler's or EDM
+        scheduler's ``sigmas`` (float32, the grid's points and, in EDM mode with
+        ``final_sigmas_type="sigma_min"``, a repeat of the last) for the last
+        ``set_timesteps``, as those pipelines read them."""
+        self._sync()
+        if not self._flow and self._edm is None:
             raise AttributeError("sigmas")  # DDIM keeps none (ConfigMixin words the message)
         return self._inner.sigmas
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
-        """The identity: VP states go to the unet as they are."""
-        return sample
+        """The unet's input: ``sample`` itself for VP and flow-matching states; in EDM mode
+        ``c_in x``, as the EDM schedulers' ``scale_model_input`` (and the adapter) make it.
+
+        In EDM mode ``c_in = 1 / sqrt(sigma^2 + sigma_data^2)`` at the sigma of ``timestep``
+        multiplies ``x`` in the state dtype (float32 at least) and the product is cast to
+        ``sample``'s dtype, as ``from_diffusers``' model does it. ``x`` is the scheduler's own
+        state where ``sample`` is that state's high word cast down (a half-precision
+        pipeline's latents, repeated for guidance's batch), else ``sample`` widened.
+
+        Args:
+            sample: the latents, shape ``(batch, C, H, W)`` (twice the batch under guidance),
+                any float dtype.
+            timestep: an entry of ``timesteps``; needed in EDM mode.
+
+        Returns:
+            A tensor of ``sample``'s shape and dtype.
+        """
+        self._sync()
+        if self._edm is None:
+            return sample
+        if not isinstance(sample, Tensor):
+            raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
+        if timestep is None:
+            raise ValueError(
+                "scale_model_input needs the timestep in EDM mode (c_in depends on sigma); "
+                "call scale_model_input(sample, t) with t from timesteps"
+            )
+        k = self._index(timestep, "scale_model_input")
+        x = self._wide_sample(sample, k)
+        sigma = torch.tensor(self._grid()[k], dtype=x.dtype, device=x.device)
+        return (x * self._model._c_in(sigma)).to(sample.dtype)
+
+    def _wide_sample(self, sample: Tensor, k: int) -> Tensor:
+        """``sample`` in the state dtype: the state at grid index ``k`` where ``sample`` is its
+        high word cast down, repeated along the batch (guidance), else ``sample`` widened.
+
+        A half-precision pipeline's latents are the state cast down; the ODE of ``bdia.sample``
+        gives its model the state itself, so the unet's input is formed from it here too.
+        """
+        wide = self._state_dtype(sample)
+        state = self._state
+        if sample.dtype == wide or state is None or state.k != k:
+            return sample.to(wide)
+        x = state.x
+        b, m = x.shape[0], sample.shape[0] // max(x.shape[0], 1)
+        if (
+            x.dtype != wide
+            or sample.shape[1:] != x.shape[1:]
+            or sample.device != x.device
+            or m * b != sample.shape[0]
+        ):
+            return sample.to(wide)
+        whole = x.repeat(m, *(1,) * (x.ndim - 1))
+        return whole if bool(torch.equal(sample, whole.to(sample.dtype))) else sample.to(wide)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines;
-        under ``flow_matching``, ``scale_noise`` instead."""
+        in EDM mode the EDM schedulers' ``x0 + sigma noise`` (see below); under
+        ``flow_matching``, ``scale_noise`` instead.
+
+        In EDM mode, with that scheduler's float operations (``sigmas`` cast to
+        ``original_samples``' dtype and device, given its rank, then the sum), so the result
+        is its own bit for bit. The sigma is the one of each timestep given (one for the
+        batch, or one a sample); after ``set_begin_index`` and before the first step it must
+        be ``timesteps[begin_index]``, which the EDM schedulers would take whatever the
+        timestep (``StableDiffusionXLImg2ImgPipeline`` passes that one).
+
+        Raises:
+            ValueError: under ``flow_matching``; in EDM mode, for a noise of another shape
+                than the samples', before ``set_timesteps``, for a timestep that is not in
+                ``timesteps`` or, after ``set_begin_index`` and before the first step, is not
+                ``timesteps[begin_index]``.
+        """
         self._sync()
         if self._flow:
             raise ValueError(
@@ -397,7 +564,18 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 "with scale_noise(sample, timestep, noise), as StableDiffusion3Img2ImgPipeline "
                 "and FluxImg2ImgPipeline call it"
             )
-        return self._inner.add_noise(original_samples, noise, timesteps)
+        if self._edm is None:
+            return self._inner.add_noise(original_samples, noise, timesteps)
+        self._check_noise_args("add_noise", original_samples, noise)
+        values = timesteps.reshape(-1) if isinstance(timesteps, Tensor) else [timesteps]
+        if len(values) == 0:
+            raise ValueError("add_noise: timesteps is empty; pass one per sample (or one)")
+        indices = [self._noise_index(t, "add_noise") for t in values]
+        sigmas = self._inner.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = sigmas[indices].flatten()
+        while sigma.ndim < original_samples.ndim:
+            sigma = sigma.unsqueeze(-1)
+        return original_samples + noise * sigma
 
     def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor) -> Tensor:
         """Flow matching only: ``sigma * noise + (1 - sigma) * sample`` at the sigma of
@@ -426,31 +604,43 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """
         self._sync()
         if not self._flow:
+            kind = "is EDM-preconditioned" if self._edm is not None else "has a noise table"
             raise ValueError(
-                "scale_noise is the flow-matching forward process; this BDIA scheduler has a "
-                "noise table: noise with add_noise(original_samples, noise, timesteps)"
+                f"scale_noise is the flow-matching forward process; this BDIA scheduler {kind}: "
+                "noise with add_noise(original_samples, noise, timesteps)"
             )
-        for name, value in (("sample", sample), ("noise", noise)):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"scale_noise: {name} must be a tensor, got {type(value).__name__}")
-        if noise.shape != sample.shape:
-            raise ValueError(
-                f"scale_noise: noise has shape {tuple(noise.shape)} but the sample has shape "
-                f"{tuple(sample.shape)}; draw the noise in the sample's shape"
-            )
-        k = self._index(timestep, "scale_noise")
-        begin = self._begin_index
-        if begin is not None and self._state is None and k != begin:
-            raise ValueError(
-                f"scale_noise: timestep {self._taus[k]} is timesteps[{k}], but set_begin_index "
-                f"set the run's start at index {begin}; pass timesteps[{begin}], where the "
-                "pipeline's first step is"
-            )
+        self._check_noise_args("scale_noise", sample, noise)
+        k = self._noise_index(timestep, "scale_noise")
         sigma = self._inner.sigmas.to(device=sample.device, dtype=sample.dtype)[k]
         # Of sample's rank, as that scheduler's: a 0-d sigma would promote like a Python
         # number, and float32 latents with float16 noise would come out float16.
         sigma = sigma.reshape((1,) * sample.ndim)
         return sigma * noise + (1.0 - sigma) * sample
+
+    @staticmethod
+    def _check_noise_args(caller: str, sample: Any, noise: Any) -> None:
+        for name, value in (("sample", sample), ("noise", noise)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{caller}: {name} must be a tensor, got {type(value).__name__}")
+        if noise.shape != sample.shape:
+            raise ValueError(
+                f"{caller}: noise has shape {tuple(noise.shape)} but the sample has shape "
+                f"{tuple(sample.shape)}; draw the noise in the sample's shape"
+            )
+
+    def _noise_index(self, timestep: Any, caller: str) -> int:
+        """The index of the timestep at which ``caller`` noises; before the first step, after
+        ``set_begin_index``, that index (diffusers' schedulers take its sigma whatever the
+        timestep)."""
+        k = self._index(timestep, caller)
+        begin = self._begin_index
+        if begin is not None and self._state is None and k != begin:
+            raise ValueError(
+                f"{caller}: timestep {self._taus[k]} is timesteps[{k}], but set_begin_index "
+                f"set the run's start at index {begin}; pass timesteps[{begin}], where the "
+                "pipeline's first step is"
+            )
+        return k
 
     def _build(
         self,
@@ -474,18 +664,29 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             taus = [float(v) for v in self._inner.timesteps]
             self._set_grid(steps, taus, [float(t) for t in times])
             return
+        kind = "is EDM-preconditioned" if self._edm is not None else "has a noise table"
         if sigmas is not None:
             raise ValueError(
-                "sigmas are the custom sigmas of a flow-matching scheduler; this BDIA "
-                "scheduler has a noise table and takes none; leave them out"
+                "sigmas: a flow-matching BDIA scheduler takes custom sigmas, but this one "
+                f"{kind} and takes none; leave them out"
             )
         # Checked before DDIM sees it: DDIM divides by it (ZeroDivisionError for 0).
         num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
         if mu is not None:
             raise ValueError(
                 "mu is the shift of a flow-matching scheduler's dynamic shifting; this BDIA "
-                "scheduler has a noise table and takes none; leave it out"
+                f"scheduler {kind} and takes none; leave it out"
             )
+        if self._edm is not None:
+            # diffusers_grid first: it refuses sigmas that leave no step in one line. The
+            # timesteps are the EDM scheduler's float32 c_noise = 0.25 log sigma; with a final
+            # repeat of sigma_min the grid has one point fewer than the sigmas, and the last
+            # timestep sits on its end (a step that moves nothing, as diffusers' nearly does).
+            grid = [float(t) for t in diffusers_grid(self._inner, num_inference_steps).tolist()]
+            self._inner.set_timesteps(num_inference_steps, device=device)
+            taus = [float(v) for v in self._inner.timesteps.cpu().tolist()]
+            self._set_grid(num_inference_steps, taus, grid)
+            return
         self._inner.set_timesteps(num_inference_steps, device=device)
         taus = [int(v) for v in self._inner.timesteps.cpu().tolist()]
         if len(set(taus)) != len(taus):
@@ -564,7 +765,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 f"{tuple(x.shape)}; pass the unet's prediction for this sample"
             )
         self._replay.output = model_output
-        self._replay.timestep = float(self._taus[k])
+        self._replay.timestep = tau = float(self._taus[k])
+        self._replay.slack = _C_NOISE_SLACK * max(1.0, abs(tau)) if self._edm is not None else 0.0
         try:
             result = move()
             if self._replay.output is not None:
@@ -602,7 +804,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
 class BDIAScheduler(_BDIASchedulerBase):
     """BDIA over DDIM as a diffusers scheduler, for pipelines that take a DDIM-type scheduler;
-    BDIA over Euler for ``StableDiffusion3Pipeline`` and ``FluxPipeline``.
+    BDIA over Euler for ``StableDiffusion3Pipeline`` and ``FluxPipeline``, and for a
+    ``StableDiffusionXLPipeline`` with an EDM-preconditioned scheduler (Playground v2.5).
 
     Build it from the pipeline's scheduler config: ``BDIAScheduler.from_config(
     pipe.scheduler.config, gamma=0.96)``. The config takes DDIMScheduler's fields (from a
@@ -640,23 +843,39 @@ class BDIAScheduler(_BDIASchedulerBase):
             FluxImg2ImgPipeline) noises with ``scale_noise``, that scheduler's forward
             process (``add_noise``, DDIM's, is refused), and runs BDIA over the grid's tail
             from ``timesteps[begin_index]``, as in DDIM mode.
+        edm_scheduler: the EDM mode, which ``from_config`` sets to the class's name for the
+            config of an ``EDMEulerScheduler`` or ``EDMDPMSolverMultistepScheduler``
+            (Playground v2.5's): the config then also holds that scheduler's fields (all of
+            them, defaults included), and an internal one of that class makes the sigmas, the
+            timesteps (its float32 ``c_noise = 0.25 log sigma``) and ``init_noise_sigma``
+            (its ``sqrt(sigma_max^2 + 1)``). The model output is the unet's raw output ``F``
+            of the denoiser ``c_skip x + c_out F(c_in x, c_noise)``; ``scale_model_input``
+            gives ``c_in x`` and ``step`` forms the denoiser, both with ``from_diffusers``'
+            model; the base solver is Euler on ``EDM()``: ``bdia.bdia("euler", gamma)`` on
+            ``from_diffusers(unet, scheduler)`` and ``diffusers_grid(scheduler, n)`` from
+            ``noise * init_noise_sigma``. The DDIM fields are unused then; ``sigmas`` is the
+            inner scheduler's, ``mu`` and custom ``sigmas`` are refused, and ``add_noise``
+            (image to image: StableDiffusionXLImg2ImgPipeline) is the EDM schedulers'
+            ``x0 + sigma noise``.
 
     Each step goes from a timestep to the next one in ``timesteps`` (the last to alpha = 1
     with ``set_alpha_to_one``, else to ``alphas_cumprod[0]``): the grid of ``diffusers_grid``.
     That is DDIM's own target for "leading" spacing, not for "linspace" (see the docs).
 
     Attributes:
-        timesteps: DDIM's timesteps for the ``set_timesteps`` call, noisiest first.
+        timesteps: DDIM's timesteps for the ``set_timesteps`` call, noisiest first (the inner
+            scheduler's in the flow-matching and EDM modes).
         grid: the bdia time grid (float64 values as Python floats), one point per timestep
             and the end point.
         final_pair: after the last step, a ``BDIASchedulerPair``: ``StatePair(x at grid[-2],
             x at grid[-1])`` with the low words, its ``times`` ``(grid[-2], grid[-1])`` and
             the run's ``start_index``, the exact input of ``BDIAInverseScheduler.begin`` (and
             of ``bdia.invert`` on ``grid[start_index:]``); None before. Its tensors are in the
-            state dtype (float32 at least). Its ``solver`` is ``"bdia(ddim, gamma=...)"`` with
-            this scheduler's gamma, which ``begin`` and ``bdia.invert`` check. Its
-            ``fingerprint`` is None: the scheduler sees model outputs, never the unet or the
-            prompt, so continuing the pair under another prompt is not detected.
+            state dtype (float32 at least). Its ``solver`` is ``"bdia(ddim, gamma=...)"``
+            (``bdia(euler, ...)`` over Euler) with this scheduler's gamma, which ``begin``
+            and ``bdia.invert`` check. Its ``fingerprint`` is None: the scheduler sees model
+            outputs, never the unet or the prompt, so continuing the pair under another
+            prompt is not detected.
         start_index: the index in ``timesteps`` of the run's first step (or of its last
             restart), where an inversion of the run must stop; None before the first step.
         restarts: timesteps at which the recursion restarted (see ``step``) in this run.
@@ -682,7 +901,8 @@ class BDIAScheduler(_BDIASchedulerBase):
         ``use_dynamic_shifting`` (as StableDiffusion3Pipeline and FluxPipeline pass it; without
         dynamic shifting ``mu`` is ignored, as that scheduler ignores it), from the unshifted
         ``sigmas`` if given (FluxPipeline's ``np.linspace(1.0, 1 / n, n)``, one per step;
-        ``num_inference_steps`` may then be None).
+        ``num_inference_steps`` may then be None). In EDM mode, the EDM scheduler's float32
+        ``c_noise = 0.25 log sigma`` of its sigmas (``mu`` and ``sigmas`` are refused).
         """
         self._build(num_inference_steps, device, mu, sigmas)
         self.timesteps = self._inner.timesteps
@@ -716,10 +936,10 @@ class BDIAScheduler(_BDIASchedulerBase):
             self.restarts.append(self._taus[k])
             if not self._warned:
                 self._warned = True
+                base = "DDIM" if self._solver.solver.name == "ddim" else "Euler"
                 warnings.warn(
                     f"BDIAScheduler.step: {why}; the two-step recursion restarts there with a "
-                    f"plain {'Euler' if self._flow else 'DDIM'} step, so the run cannot be "
-                    "inverted exactly past it (warned "
+                    f"plain {base} step, so the run cannot be inverted exactly past it (warned "
                     "once per set_timesteps; restarts are listed in scheduler.restarts)",
                     BDIARestartWarning,
                     stacklevel=3,
@@ -743,15 +963,17 @@ class BDIAScheduler(_BDIASchedulerBase):
     ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
         """One BDIA step from ``timestep`` to the next grid point.
 
-        The first step of a run is a plain DDIM step; the others are BDIA's two-step update
-        from the previous state and this one, both kept (with their low words) by the
+        The first step of a run is a plain DDIM (Euler) step; the others are BDIA's two-step
+        update from the previous state and this one, both kept (with their low words) by the
         scheduler. If ``sample`` is not the ``prev_sample`` that the last step returned, or
         ``timestep`` is not the next one, the recursion restarts at this step (a plain DDIM
         step from ``sample``) with a ``BDIARestartWarning``; a run that starts at a later
         timestep (img2img) simply starts there.
 
         Args:
-            model_output: the unet's prediction at ``(sample, timestep)`` (after guidance).
+            model_output: the unet's prediction at ``(sample, timestep)`` (after guidance); in
+                EDM mode its raw output ``F`` at ``scale_model_input(sample, timestep)``,
+                which the step makes the denoiser ``c_skip x + c_out F`` of the state ``x``.
             timestep: an entry of ``timesteps``.
             sample: the current state, as the last step returned it (any float dtype; the
                 scheduler's state is float32 at least).
@@ -805,6 +1027,9 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         for t in inv.timesteps:
             x = inv.step(unet(x, t).sample, t, x).prev_sample
         noise = inv.pair.earlier                        # x at the grid's first point
+
+    In EDM mode the unet gets ``inv.scale_model_input(x, t)`` (``c_in x``), as the pipeline
+    gave it ``scale_model_input`` of its scheduler.
 
     Attributes:
         timesteps: the forward timesteps at which the inversion evaluates the unet, from the
