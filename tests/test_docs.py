@@ -172,6 +172,7 @@ Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _SDXL_FOLDER,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _SD3_FOLDER,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _PLAYGROUND_FOLDER,
+    ("docs/diffusers.md", '"/path/to/playground-v2.5-1024px-aesthetic"'): _PLAYGROUND_FOLDER,
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): (
         _SD3_FOLDER
         + """
@@ -322,6 +323,12 @@ LOCAL = {
         ('device = "cuda"', 'device = "cpu"'),
         ("torch.randn(1, 4, 128, 128,", "torch.randn(1, 4, 8, 8,"),
     ],
+    ("docs/diffusers.md", '"/path/to/playground-v2.5-1024px-aesthetic"'): [
+        ('"/path/to/playground-v2.5-1024px-aesthetic"', '"playground"'),
+        ('"cuda"', '"cpu"'),
+        ("height=1024, width=1024", "height=16, width=16"),
+        ("[[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]", "[[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]"),
+    ],
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): [
         ('"/path/to/stable-diffusion-3-medium-diffusers"', '"sd3"'),
         ('.to("cuda")', '.to("cpu")'),
@@ -382,6 +389,19 @@ def _playground_inverted(ns):
     assert float(ts[0]) == pytest.approx(80.0, rel=1e-6)
     assert float(ts[-2]) == pytest.approx(0.002, rel=1e-6)
     assert float((ns["back"].earlier - start).abs().max()) <= 1e-6 * float(start.abs().max())
+
+
+def _playground_scheduler_inverted(ns):
+    # "the pipeline's first latents, noise * init_noise_sigma": the float16 draw of the page's
+    # generator times sqrt(80^2 + 1), in float16 as StableDiffusionXLPipeline makes them, bit
+    # for bit; and the pair the pipeline's run left.
+    assert ns["pair"].solver == "bdia(euler, gamma=0.96)"
+    drawn = torch.randn(
+        1, 4, 8, 8, generator=torch.Generator("cpu").manual_seed(0), dtype=torch.float16
+    )
+    sigma = ns["pipe"].scheduler.init_noise_sigma
+    assert sigma == (80.0**2 + 1) ** 0.5
+    assert torch.equal(ns["start"], (drawn * sigma).float())
 
 
 def _sd3_solver_recorded(ns):
@@ -446,6 +466,9 @@ AFTER = {
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _playground_inverted,
+    ("docs/diffusers.md", '"/path/to/playground-v2.5-1024px-aesthetic"'): (
+        _playground_scheduler_inverted
+    ),
     ("docs/diffusers.md", '"/path/to/stable-diffusion-3-medium-diffusers"'): _edit_round_trip,
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
