@@ -1,10 +1,11 @@
 """Tiny randomly initialised diffusers models, built from config with nothing downloaded.
 
 Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
-Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel``, a whole
-``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's, or Playground v2.5's with
-an EDM-preconditioned scheduler), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP
-and T5 tokenizers made from a vocabulary written locally), a
+Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel``, a
+``ControlNetModel``, a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's,
+or Playground v2.5's with an EDM-preconditioned scheduler), their ControlNet pipelines,
+``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
+vocabulary written locally), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -32,6 +33,8 @@ __all__ = [
     "tiny_playground_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
+    "tiny_controlnet",
+    "tiny_controlnet_pipeline",
     "TINY_WORDS",
 ]
 
@@ -442,5 +445,54 @@ def tiny_flux_pipeline(
         tokenizer_2=tokenizer_2,
         transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_controlnet(unet: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
+    """A ``ControlNetModel`` of ``unet`` (a conditional ``tiny_unet``), by
+    ``ControlNetModel.from_unet``: the unet's encoder weights, and a conditioning embedding of
+    two blocks, ``(4, 8)``, which takes RGB control images of twice the latents' size (16 x 16
+    for 8 x 8 latents, the images of the tiny pipelines). Its zero convolutions (the residuals'
+    projections and the embedding's last layer, zero as diffusers initialises them, when the
+    residuals would be 0) are drawn with ``torch.manual_seed(seed)``, so that the unet's
+    output depends on the control image. In eval mode and the unet's dtype."""
+    torch.manual_seed(seed)
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8))
+    zeroed = [*net.controlnet_down_blocks, net.controlnet_mid_block]
+    zeroed.append(net.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for module in zeroed:
+            for param in module.parameters():
+                param.normal_(0.0, 0.2)
+    return net.to(next(unet.parameters()).dtype).eval()
+
+
+def tiny_controlnet_pipeline(
+    folder: str | Path, scheduler: Any = None, *, xl: bool = False, controlnets: int = 1
+) -> Any:
+    """A ``StableDiffusionControlNetPipeline`` of ``tiny_text_to_image_pipeline``'s parts (with
+    ``xl``, a ``StableDiffusionXLControlNetPipeline`` of ``tiny_sdxl_pipeline``'s, whose
+    ``force_zeros_for_empty_prompt`` it keeps) and ``tiny_controlnet`` of its unet, seed 2;
+    with ``controlnets`` > 1 that many (seeds 2, 3, ...), which the pipeline wraps in a
+    ``MultiControlNetModel``. Control images are 16 x 16 RGB, as the pipelines' images.
+    ``scheduler`` defaults to theirs. Float32; the progress bar is off."""
+    if xl:
+        base = tiny_sdxl_pipeline(folder, scheduler)
+    else:
+        base = tiny_text_to_image_pipeline(folder, scheduler)
+    nets = [tiny_controlnet(base.unet, seed=2 + k) for k in range(controlnets)]
+    controlnet = nets[0] if controlnets == 1 else nets
+    if xl:
+        pipe = diffusers.StableDiffusionXLControlNetPipeline(
+            **base.components,
+            controlnet=controlnet,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipe = diffusers.StableDiffusionControlNetPipeline(
+            **base.components, controlnet=controlnet, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
