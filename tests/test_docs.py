@@ -123,6 +123,20 @@ if not pathlib.Path("flux").is_dir():
     tiny_flux_pipeline("flux").save_pretrained("flux")
 """
 
+# A ControlNet of the tiny Stable Diffusion pipeline's unet in diffusers' layout
+# ("controlnet"), beside that pipeline's folder, and a 16 x 16 edge map.
+_CONTROLNET_FOLDER = (
+    _SD_FOLDER
+    + """
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_controlnet
+if not pathlib.Path("controlnet").is_dir():
+    pathlib.Path("sd_parts").mkdir(exist_ok=True)
+    tiny_controlnet(tiny_text_to_image_pipeline("sd_parts").unet).save_pretrained("controlnet")
+Image.new("RGB", (16, 16), (255, 255, 255)).save("edges.png")
+"""
+)
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -204,6 +218,7 @@ scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, s
 gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
 """,
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _SD_FOLDER,
+    ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _CONTROLNET_FOLDER,
     # The SD3 scheduler blocks: a tiny SD3 pipeline, its prompt embeddings, the seed of the
     # pipeline's noise (drawn from the global generator), and the guidance it applies.
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): """
@@ -348,6 +363,13 @@ LOCAL = {
         (_SD_PATH, '"sd"'),
         ('"cuda"', '"cpu"'),
     ],
+    ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): [
+        ('"/models/sd-controlnet-canny"', '"controlnet"'),
+        (_SD_PATH, '"sd"'),
+        ('"cuda"', '"cpu"'),
+        ("height=512, width=512", "height=16, width=16"),
+        ("torch.randn(1, 4, 64, 64,", "torch.randn(1, 4, 8, 8,"),
+    ],
     ("docs/k_diffusion.md", "import k_diffusion as K"): [('device="cuda"', 'device="cpu"')],
 }
 
@@ -371,6 +393,14 @@ def _pipeline_inverted(ns):
 def _edit_round_trip(ns):
     # The UNet round trip is rounding only (the page: exact; float32 state here).
     assert ns["result"].latent_error < 1e-6
+
+
+def _controlnet_inverted(ns):
+    # "back.earlier is noise, to rounding", the controlnet on to 80 % of the 50 steps: from
+    # the grid's start down to the time of step 39 (measured: 0).
+    noise, ts = ns["noise"], ns["ts"]
+    assert ns["ode"].cond["control_range"] == [(float(ts[39]), float("inf"))]
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
 def _sd3_inverted(ns):
@@ -463,6 +493,7 @@ def _one_preview_per_step(ns):
 AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
+    ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _controlnet_inverted,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _playground_inverted,

@@ -29,6 +29,11 @@ sigma`` its timestep and ``c_skip``, ``c_out``, ``c_in`` of the config's ``sigma
 the schedulers' ``precondition_*`` methods write them (``c_out`` negated for
 ``v_prediction``); the ODE's model is that denoiser (prediction ``"denoised"``).
 
+With ``controlnet=`` (a ``ControlNetModel`` of Stable Diffusion's or SDXL's unet, or
+several), every model evaluation calls it before the unet on the unet's input and timestep,
+as ``StableDiffusionControlNetPipeline`` and ``StableDiffusionXLControlNetPipeline`` do, and
+the unet gets its residuals.
+
 ``diffusers_grid`` gives the bdia time grid of the timesteps (or sigmas) diffusers would use.
 """
 
@@ -37,7 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import diffusers
@@ -116,6 +121,18 @@ _SIGMA_SPACINGS = (
 # unet (and flow transformer) keyword arguments that the adapter itself sets.
 _RESERVED = ("sample", "timestep", "return_dict")
 _FLOW_RESERVED = ("hidden_states", "timestep", "return_dict")
+
+# The ControlNet the adapter calls as StableDiffusionControlNetPipeline and
+# StableDiffusionXLControlNetPipeline call it, and the wrapper those pipelines make of a list.
+_CONTROLNET = "ControlNetModel"
+_MULTI_CONTROLNET = "MultiControlNetModel"
+# Of SDXL's added conditioning, what the pipelines give the controlnet (an IP-Adapter's
+# image_embeds goes to the unet only).
+_CONTROLNET_ADDED = ("text_embeds", "time_ids")
+# The unet's arguments the adapter fills with the controlnet's residuals.
+_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
+# The ODE's cond keys of a controlnet, beside the unet's arguments (DiffusersModel.forward's).
+_CONTROL_KEYS = ("controlnet_cond", "conditioning_scale", "guess_mode", "control_range")
 
 # A timestep tau = t N - 1 within this of an integer is that integer (within 2 N eps when t
 # arrives in float32), so the network sees diffusers' integer timesteps exactly: a float64 t
@@ -599,8 +616,8 @@ def _check_cond(
         for key in mapping:
             if key in reserved:
                 raise ValueError(
-                    f"{where or 'cond'} key {key!r} is set by the adapter on every unet call; "
-                    "remove it"
+                    f"{where or 'cond'} key {key!r} is set by the adapter in the unet calls it "
+                    "makes; remove it"
                 )
             if key == "skip_layers" and reserved == _FLOW_RESERVED:
                 raise ValueError(
@@ -609,6 +626,18 @@ def _check_cond(
                     "skip_guidance_layers), which bdia does not map: the pipeline adds it at "
                     "some steps only; remove it"
                 )
+    if "control_range" in cond:
+        raise ValueError(
+            "cond key 'control_range' is set by the adapter from control_guidance_start and "
+            "control_guidance_end; pass those (with num_inference_steps) instead"
+        )
+    control = [k for k in (negative_cond or {}) if k in _CONTROL_KEYS]
+    if control:
+        raise ValueError(
+            f"negative_cond has key {control[0]!r}: the control image and its settings are "
+            "shared by both branches of guidance, as the ControlNet pipelines share them; "
+            "leave it out of negative_cond"
+        )
     extra = [k for k in (negative_cond or {}) if k not in cond]
     if extra:
         raise ValueError(
@@ -720,6 +749,285 @@ def _check_flux_cond(
     return positive, negative
 
 
+# ------------------------------------------------------------------------- controlnet
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    return float(value)
+
+
+def _per_net(value: Any, count: int, name: str) -> list[float]:
+    """One number per controlnet: a list of ``count``, or one number for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(
+                f"{name} has {len(value)} values for {count} controlnet(s); give one per "
+                "controlnet, or one number for all"
+            )
+        return [_number(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return [_number(value, name)] * count
+
+
+def _controlnets(controlnet: Any) -> tuple[Any, list[Any]]:
+    """The module to call and its nets: a ControlNetModel itself; a list or tuple of them
+    wrapped in a MultiControlNetModel, as the pipelines wrap one; a MultiControlNetModel as
+    it is."""
+    if isinstance(controlnet, (list, tuple)):
+        nets, where = list(controlnet), "controlnet[{}]"
+    elif _MULTI_CONTROLNET in _class_names(controlnet):
+        nets, where = list(controlnet.nets), "controlnet.nets[{}]"
+    else:
+        nets, where = [controlnet], "controlnet"
+    if not nets:
+        raise ValueError("controlnet holds no ControlNetModel; give one, or a list of them")
+    for i, net in enumerate(nets):
+        if _CONTROLNET not in _class_names(net):
+            raise ValueError(
+                f"{where.format(i)} is a {type(net).__name__}; bdia calls diffusers' "
+                f"{_CONTROLNET} (Stable Diffusion's and SDXL's, as StableDiffusionControlNet"
+                "Pipeline and StableDiffusionXLControlNetPipeline do), a list of them or a "
+                f"{_MULTI_CONTROLNET}; other controlnets (union, SD3, Flux, ControlNet-XS) "
+                "are called otherwise and are not mapped"
+            )
+    if isinstance(controlnet, (list, tuple)):
+        # Its module path since diffusers 0.31; the top-level name is not in every release.
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        return MultiControlNetModel(nets), nets
+    return controlnet, nets
+
+
+def _control_factor(net: Any) -> int:
+    """How many times the latents' size a control image is: the conditioning embedding
+    halves it in each block but the first (8 for Stable Diffusion's (16, 32, 96, 256))."""
+    blocks = net.config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+    return 2 ** (len(blocks) - 1)
+
+
+def _control_images(value: Any, nets: list[Any], multi: bool) -> list[Tensor]:
+    """The control images, one per net, checked for kind and channels (the batch and the size
+    are checked against the state at the first call)."""
+    if multi:
+        if not isinstance(value, (list, tuple)) or len(value) != len(nets):
+            got = f"{len(value)} of them" if isinstance(value, (list, tuple)) else type(value)
+            raise ValueError(
+                f"controlnet_cond must be a list of {len(nets)} control images, one per "
+                f"controlnet, got {got}"
+            )
+        images = list(value)
+    elif isinstance(value, (list, tuple)):
+        raise ValueError(
+            "controlnet_cond for one ControlNetModel is one tensor; a list is for a list of "
+            "controlnets (or a MultiControlNetModel)"
+        )
+    else:
+        images = [value]
+    for i, (image, net) in enumerate(zip(images, nets)):
+        where = f"controlnet_cond[{i}]" if multi else "controlnet_cond"
+        channels = net.config.get("conditioning_channels", 3)
+        if not isinstance(image, Tensor):
+            raise TypeError(
+                f"{where} must be a tensor, the control image as the pipeline prepares it "
+                "(pipe.control_image_processor.preprocess(image, height=H, width=W): shape "
+                f"(1, 3, H, W), values in [0, 1]), got {type(image).__name__}"
+            )
+        if not image.is_floating_point() or image.ndim != 4 or image.shape[1] != channels:
+            raise ValueError(
+                f"{where} must be a floating tensor of shape (batch or 1, {channels}, H, W) "
+                f"(the controlnet's conditioning_channels = {channels}), got a {image.dtype} "
+                f"tensor of shape {tuple(image.shape)}"
+            )
+    return images
+
+
+def _control_ranges(
+    sched: Any, space: str, steps: Any, starts: list[float], ends: list[float]
+) -> list[tuple[float, float]]:
+    """Each controlnet's ``control_guidance_start`` and ``control_guidance_end`` as the
+    closed interval of ODE times, ``(lo, hi)``, on which the ControlNet pipelines call it.
+
+    The pipelines keep controlnet k at entry i of the scheduler's n ``timesteps`` when ``i /
+    n >= start`` and ``(i + 1) / n <= end``: a run of entries. Each entry's unet call is at a
+    time of ``diffusers_grid`` (the j-th distinct noise level is the grid's j-th time; a
+    scheduler that calls the unet twice at one level, Heun, PNDM, has it twice), and the run's
+    first and last entries' times bound the interval; a run that reaches the first (last)
+    entry reaches past the grid's start (end). An empty run is the empty interval ``(inf,
+    -inf)``. Refused where the pipeline switches between two calls at one time."""
+    steps = check_steps(steps, "num_inference_steps")
+    ts = [float(v) for v in diffusers_grid(sched, steps, space=space)]
+    fresh = copy.deepcopy(sched)
+    fresh.set_timesteps(steps)
+    taus = [float(v) for v in torch.as_tensor(fresh.timesteps).reshape(-1)]
+    n = len(taus)
+    # The noise level of each call: the scheduler's sigmas where it has them (its timesteps
+    # may repeat where its sigmas do not), else its timesteps.
+    sigmas = getattr(fresh, "sigmas", None)
+    marks = taus
+    if sigmas is not None and torch.as_tensor(sigmas).numel() >= n:
+        marks = [float(v) for v in torch.as_tensor(sigmas).reshape(-1)[:n]]
+    index = [0]
+    for previous, mark in zip(marks, marks[1:]):
+        index.append(index[-1] + (mark != previous))
+    name = type(sched).__name__
+    # The last level is the grid's end where the pipeline's last step has no length (DDIM
+    # from timestep 0 to alphas_cumprod[0], a final repeat of sigma_min).
+    if index[-1] + 1 not in (len(ts) - 1, len(ts)):
+        raise ValueError(
+            f"control_guidance_start and control_guidance_end: {name} calls the unet at "
+            f"{index[-1] + 1} noise levels for num_inference_steps = {steps}, not at the "
+            f"{len(ts) - 1} times of its grid, so its step fractions have no times; leave "
+            "them at 0 and 1"
+        )
+    ranges = []
+    for start, end in zip(starts, ends):
+        keep = [not (i / n < start or (i + 1) / n > end) for i in range(n)]
+        split = [i for i in range(1, n) if index[i] == index[i - 1] and keep[i] != keep[i - 1]]
+        if split:
+            raise ValueError(
+                f"control_guidance_start = {start} and control_guidance_end = {end} switch "
+                f"the controlnet between {name}'s two unet calls at one time (timesteps "
+                f"{split[0] - 1} and {split[0]} of {n}), which no function of the time does; "
+                "move the bound by a step"
+            )
+        kept = [i for i in range(n) if keep[i]]
+        if not kept:
+            ranges.append((math.inf, -math.inf))
+            continue
+        hi = math.inf if kept[0] == 0 else ts[index[kept[0]]]
+        lo = -math.inf if kept[-1] == n - 1 else ts[index[kept[-1]]]
+        ranges.append((lo, hi))
+    return ranges
+
+
+def _check_control_pairing(net: Any, unet: Any, cond: Mapping[str, Any]) -> None:
+    """Refuse a controlnet made for another unet, and conditioning it cannot be called with."""
+    unet_config = getattr(unet, "config", None)
+    if isinstance(unet_config, Mapping):
+        for field in ("in_channels", "cross_attention_dim", "block_out_channels"):
+            mine, theirs = net.config.get(field), unet_config.get(field)
+            if isinstance(mine, (list, tuple)) and isinstance(theirs, (list, tuple)):
+                mine, theirs = tuple(mine), tuple(theirs)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(
+                    f"the controlnet has {field} = {mine!r} but the unet {theirs!r}: it was "
+                    "made for another unet (Stable Diffusion's and SDXL's controlnets do not "
+                    "mix); give the controlnet of this unet"
+                )
+    if "encoder_hidden_states" not in cond:
+        raise ValueError(
+            "the controlnet needs encoder_hidden_states (the prompt embeddings, which the "
+            "pipelines give it as they give the unet); pass encoder_hidden_states=..."
+        )
+    if net.config.get("addition_embed_type") == "text_time":
+        added = cond.get("added_cond_kwargs")
+        missing = [k for k in _CONTROLNET_ADDED if not isinstance(added, Mapping) or k not in added]
+        if missing:
+            raise ValueError(
+                f"the controlnet has addition_embed_type = 'text_time' (SDXL's) and needs "
+                f"added_cond_kwargs with {' and '.join(map(repr, missing))}, as "
+                "StableDiffusionXLControlNetPipeline gives it: added_cond_kwargs={'text_embeds': "
+                "pooled_embeds, 'time_ids': time_ids}"
+            )
+
+
+def _control(
+    controlnet: Any,
+    unet: Any,
+    sched: Any,
+    space: str,
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    model_dtype: Any,
+    settings: Mapping[str, Any],
+) -> tuple[Any, list[Any] | None, dict[str, Any]]:
+    """The controlnet module to call, its nets, and the ODE's cond entries of its settings
+    (``from_diffusers``' keyword arguments of the same names), all checked; ``(None, None,
+    {})`` without a controlnet."""
+    defaults = {
+        "controlnet_cond": None,
+        "conditioning_scale": 1.0,
+        "guess_mode": False,
+        "control_guidance_start": 0.0,
+        "control_guidance_end": 1.0,
+        "num_inference_steps": None,
+    }
+    if controlnet is None:
+        for name, default in defaults.items():
+            value = settings[name]
+            same = value is None if default is None else type(value) in (int, float, bool)
+            if not (same and value == default):
+                raise ValueError(
+                    f"{name} is a ControlNet setting, but no controlnet was given; pass "
+                    "controlnet=pipe.controlnet with it, or leave it out"
+                )
+        return None, None, {}
+    if space == "flow":
+        raise ValueError(
+            "controlnet: bdia maps the ControlNetModel of Stable Diffusion's and SDXL's unets; "
+            "SD3's and Flux's controlnets are other models, called otherwise"
+        )
+    module, nets = _controlnets(controlnet)
+    multi = _MULTI_CONTROLNET in _class_names(module)
+    for net in nets:
+        _check_control_pairing(net, unet, cond)
+    _check_cond(cond, negative_cond, _RESERVED + _RESIDUALS)
+    if settings["controlnet_cond"] is None:
+        raise ValueError(
+            "controlnet needs controlnet_cond, the control image as the pipeline prepares it: "
+            "pipe.control_image_processor.preprocess(image, height=H, width=W), of shape "
+            "(1 or batch, 3, H, W) with values in [0, 1]"
+        )
+    images = _control_images(settings["controlnet_cond"], nets, multi)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if isinstance(model_dtype, torch.dtype) and dtype is not None and dtype != model_dtype:
+        raise ValueError(
+            f"the controlnet's parameters are {dtype} but the unet runs in {model_dtype}; the "
+            "controlnet gets the unet's inputs, so load both in one dtype (controlnet.to(dtype))"
+        )
+    if dtype is not None:  # the pipelines' prepare_image casts it to the controlnet's dtype
+        images = [image.to(dtype) for image in images]
+    scales = _per_net(settings["conditioning_scale"], len(nets), "conditioning_scale")
+    guess_mode = settings["guess_mode"]
+    if not isinstance(guess_mode, bool):
+        raise TypeError(f"guess_mode must be True or False, got {guess_mode!r}")
+    # The pipelines' rule: a controlnet whose residuals are pooled runs in guess mode.
+    guess_mode = guess_mode or bool(nets[0].config.get("global_pool_conditions", False))
+    starts = _per_net(settings["control_guidance_start"], len(nets), "control_guidance_start")
+    ends = _per_net(settings["control_guidance_end"], len(nets), "control_guidance_end")
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        if not 0.0 <= start < end <= 1.0:
+            which = f" (controlnet {i})" if multi else ""
+            raise ValueError(
+                f"control_guidance_start = {start} and control_guidance_end = {end}{which} must "
+                "satisfy 0 <= start < end <= 1, as the pipelines require"
+            )
+    steps = settings["num_inference_steps"]
+    switched = any(s != 0.0 or e != 1.0 for s, e in zip(starts, ends))
+    if switched and steps is None:
+        raise ValueError(
+            "control_guidance_start and control_guidance_end switch the controlnet by the "
+            "fraction of steps done, so they need num_inference_steps= (the grid's, as for "
+            "diffusers_grid)"
+        )
+    if steps is not None and not switched:
+        raise ValueError(
+            "num_inference_steps is needed only with control_guidance_start or "
+            "control_guidance_end; leave it out"
+        )
+    entries: dict[str, Any] = {
+        "controlnet_cond": images if multi else images[0],
+        "conditioning_scale": scales if multi else scales[0],
+        "guess_mode": guess_mode,
+    }
+    if switched:
+        entries["control_range"] = _control_ranges(sched, space, steps, starts, ends)
+    return module, nets, entries
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -759,8 +1067,13 @@ class DiffusersModel(torch.nn.Module):
             ``tau / 1000`` in the dtype the transformer gets the state in (the pipeline's
             ``t.to(latents.dtype) / 1000``), ``txt_ids`` and ``img_ids`` pass through
             unbatched, and guidance makes two calls, the conditional one first.
+        controlnet: ``"vp"`` and ``"edm"`` space only, a diffusers ``ControlNetModel`` or
+            ``MultiControlNetModel`` called before the unet on the same inputs, whose
+            residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
+            ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``).
 
-    ``forward(x, t, guidance_scale=None, negative_cond=None, **unet_kwargs)``: see there.
+    ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
+    conditioning_scale=1.0, guess_mode=False, control_range=None, **unet_kwargs)``: see there.
     """
 
     def __init__(
@@ -776,6 +1089,7 @@ class DiffusersModel(torch.nn.Module):
         sigma_data: float | None = None,
         unet_dtype: torch.dtype | None = None,
         flux: bool = False,
+        controlnet: Any = None,
     ) -> None:
         super().__init__()
         if space not in _SPACES:
@@ -792,6 +1106,8 @@ class DiffusersModel(torch.nn.Module):
             )
         if flux and space != "flow":
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
+        if controlnet is not None and space == "flow":
+            raise ValueError("controlnet needs space 'vp' or 'edm' (a unet), got 'flow'")
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -821,18 +1137,27 @@ class DiffusersModel(torch.nn.Module):
             self._log_sigmas = np.log(self._sigmas)
         config = getattr(unet, "config", None)
         self.in_channels = config.get("in_channels") if isinstance(config, Mapping) else None
+        self.controlnet = None
+        self._nets: list[Any] = []
+        self._multi = False
+        if controlnet is not None:
+            self.controlnet, self._nets = _controlnets(controlnet)
+            self._multi = _MULTI_CONTROLNET in _class_names(self.controlnet)
 
     def __repr__(self) -> str:
         # Compact: the unet's own repr runs to hundreds of lines, and DiffusionODE shows this.
+        control = ""
+        if self.controlnet is not None:
+            control = f", controlnet={type(self.controlnet).__name__}"
         if self.sigma_data is not None:
             return (
                 f"DiffusersModel({type(self.unet).__name__}, space='edm', "
-                f"sigma_data={self.sigma_data!r}, prediction={self.prediction!r})"
+                f"sigma_data={self.sigma_data!r}, prediction={self.prediction!r}{control})"
             )
         rule = f", sigma_rule={self.sigma_rule!r}" if self.space == "edm" else ""
         return (
             f"DiffusersModel({type(self.unet).__name__}, space={self.space!r}, "
-            f"N={self.num_train_timesteps}, prediction={self.prediction!r}{rule})"
+            f"N={self.num_train_timesteps}, prediction={self.prediction!r}{rule}{control})"
         )
 
     # ---------------------------------------------------------------- time -> timestep
@@ -887,9 +1212,14 @@ class DiffusersModel(torch.nn.Module):
         t: Tensor,
         guidance_scale: float | None = None,
         negative_cond: Mapping[str, Any] | None = None,
+        controlnet_cond: Tensor | Sequence[Tensor] | None = None,
+        conditioning_scale: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
+        control_range: Sequence[tuple[float, float]] | None = None,
         **unet_kwargs: Any,
     ) -> Tensor:
-        """One unet call (one batch of twice the size under guidance).
+        """One unet call (one batch of twice the size under guidance), after one controlnet
+        call where the model has a controlnet.
 
         Args:
             x: state of shape ``(batch, C, ...)`` in the unet's dtype: ``alpha x0 + sigma eps``
@@ -906,6 +1236,29 @@ class DiffusersModel(torch.nn.Module):
                 predictions, from one call on the batch ``[unconditional, conditional]`` (for
                 Flux, two calls: the conditional one, then the unconditional one).
             negative_cond: the unconditional branch's unet keyword arguments.
+            controlnet_cond: with a controlnet, the control image, shape ``(batch or 1, C, f h,
+                f w)`` for a state of ``(batch, channels, h, w)`` (``C`` the controlnet's
+                ``conditioning_channels``, ``f`` the factor of its conditioning embedding, 8
+                for Stable Diffusion's), in its dtype; a list of them for a
+                ``MultiControlNetModel``. The controlnet is called as the ControlNet pipelines
+                call it: on the unet's input and timestep, with the unet's
+                ``encoder_hidden_states`` and SDXL's ``text_embeds`` and ``time_ids`` of
+                ``added_cond_kwargs``, under guidance on the batch ``[unconditional,
+                conditional]`` with the control image in both halves; and its down and mid
+                residuals go to the unet as ``down_block_additional_residuals`` and
+                ``mid_block_additional_residual``.
+            conditioning_scale: the controlnet's scale of its residuals (a list, one per net,
+                for a ``MultiControlNetModel``).
+            guess_mode: the pipelines' guess mode: the controlnet's residuals scaled from 0.1
+                at the first block to 1 at the mid block, and under guidance the controlnet
+                called on the conditional half alone, the unconditional half given no
+                residuals.
+            control_range: one closed interval ``(lo, hi)`` of ODE times per net, where it is
+                called (``from_diffusers`` makes them of ``control_guidance_start`` and
+                ``control_guidance_end``); elsewhere its scale is 0, and where every net's is,
+                the controlnet is not called and the unet gets no residuals (the same output:
+                residuals of 0 add nothing). The bounds are taken in ``t``'s dtype, in which
+                the grid's times arrive. None: always.
             unet_kwargs: keyword arguments of the unet; tensors of batch 1 are expanded to
                 ``batch`` (Flux's ``txt_ids`` and ``img_ids`` excepted: they are passed as
                 they are, to both branches of guidance).
@@ -928,6 +1281,9 @@ class DiffusersModel(torch.nn.Module):
                 f"{self.in_channels} at dim 1; give a state of shape (batch, {self.in_channels}, "
                 "height, width)"
             )
+        control = self._control_inputs(
+            x, t, controlnet_cond, conditioning_scale, control_range, batch
+        )
         tau_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         view = (-1,) + (1,) * (x.ndim - 1)
         if self.sigma_data is not None:
@@ -962,7 +1318,22 @@ class DiffusersModel(torch.nn.Module):
                 u = self._call_unet(x_in, tau, _flux_kwargs(negative, batch, "negative_cond"))
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
-                both = self._call_unet(torch.cat([x_in, x_in]), torch.cat([tau, tau]), kwargs)
+                x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
+                if control is not None and guess_mode:
+                    # The pipelines' guess mode: the controlnet on the conditional half, no
+                    # residual for the unconditional one.
+                    images, scales = control
+                    conditional = _batched(unet_kwargs, batch, "")
+                    kwargs.update(
+                        self._residuals(x_in, tau, conditional, images, scales, True, pad=True)
+                    )
+                elif control is not None:
+                    images, scales = control
+                    doubled = [torch.cat([image, image]) for image in images]
+                    kwargs.update(
+                        self._residuals(x_both, tau_both, kwargs, doubled, scales, guess_mode)
+                    )
+                both = self._call_unet(x_both, tau_both, kwargs)
                 u, c = both[:batch], both[batch:]
             # The raw outputs are combined (linear, so the same in eps, x0 or v), in float32 at
             # least so that a half-precision unet's difference c - u is not rounded again.
@@ -972,7 +1343,11 @@ class DiffusersModel(torch.nn.Module):
         elif self.flux:
             out = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""))
         else:
-            out = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+            kwargs = _batched(unet_kwargs, batch, "")
+            if control is not None:
+                images, scales = control
+                kwargs.update(self._residuals(x_in, tau, kwargs, images, scales, guess_mode))
+            out = self._call_unet(x_in, tau, kwargs)
         if self.sigma_data is not None:
             return self._denoised(x, out, sigma)
         if self.space == "edm" and self.prediction == "v":
@@ -980,6 +1355,99 @@ class DiffusersModel(torch.nn.Module):
             wide = torch.promote_types(out.dtype, torch.float32)
             out = out.to(wide) * scale.to(wide)
         return out
+
+    def _control_inputs(
+        self,
+        x: Tensor,
+        t: Tensor,
+        controlnet_cond: Any,
+        conditioning_scale: Any,
+        control_range: Sequence[tuple[float, float]] | None,
+        batch: int,
+    ) -> tuple[list[Tensor], list[float]] | None:
+        """The control images, one per net, of the state's batch, and each net's scale at
+        ``t``; None without a controlnet or where every scale is 0. Checks the images' batch
+        and size against the state before any call."""
+        if self.controlnet is None:
+            if controlnet_cond is not None:
+                raise ValueError(
+                    "controlnet_cond was given to a model without a controlnet; build it with "
+                    "from_diffusers(..., controlnet=pipe.controlnet, controlnet_cond=...)"
+                )
+            return None
+        if controlnet_cond is None:
+            raise ValueError(
+                "the model has a controlnet and needs controlnet_cond, the control image"
+            )
+        images = list(controlnet_cond) if self._multi else [controlnet_cond]
+        scales = list(conditioning_scale) if self._multi else [conditioning_scale]
+        batched = []
+        for i, (image, net) in enumerate(zip(images, self._nets)):
+            where = f"controlnet_cond[{i}]" if self._multi else "controlnet_cond"
+            f = _control_factor(net)
+            size = tuple(n * f for n in x.shape[2:])
+            if tuple(image.shape[2:]) != size:
+                latent = " x ".join(map(str, x.shape[2:]))
+                raise ValueError(
+                    f"{where} is {' x '.join(map(str, image.shape[2:]))} (H x W), but latents of "
+                    f"{latent} take a control image of {' x '.join(map(str, size))}, {f} times "
+                    "their size (the controlnet's conditioning embedding downsamples by "
+                    f"{f}); prepare it at the image's size: pipe.control_image_processor."
+                    "preprocess(image, height=H, width=W)"
+                )
+            batched.append(_batched(image, batch, where))
+        if control_range is not None:
+            values = t.detach().reshape(-1).cpu().tolist()
+            keeps = []
+            for lo, hi in control_range:
+                # The bounds in t's dtype: a grid time arrives rounded to it.
+                lo, hi = (float(torch.tensor(b, dtype=t.dtype)) for b in (lo, hi))
+                inside = {lo <= v <= hi for v in values}
+                if len(inside) > 1:
+                    raise ValueError(
+                        "the batch's times lie on both sides of a controlnet's "
+                        "control_guidance bound; evaluate the batch at one time"
+                    )
+                keeps.append(1.0 if inside.pop() else 0.0)
+            # As the pipelines scale it: conditioning_scale * keep.
+            scales = [s * k for s, k in zip(scales, keeps)]
+        if all(s == 0.0 for s in scales):
+            return None
+        return batched, scales
+
+    def _residuals(
+        self,
+        x: Tensor,
+        tau: Tensor,
+        kwargs: Mapping[str, Any],
+        images: list[Tensor],
+        scales: list[float],
+        guess_mode: bool,
+        pad: bool = False,
+    ) -> dict[str, Any]:
+        """The controlnet's residuals as the unet's arguments, of one call on ``x`` at
+        ``tau`` with the unet's arguments ``kwargs`` of that batch; with ``pad``, zeros for
+        an unconditional half before them (guess mode under guidance)."""
+        assert self.controlnet is not None
+        extra: dict[str, Any] = {"encoder_hidden_states": kwargs["encoder_hidden_states"]}
+        added = kwargs.get("added_cond_kwargs")
+        if isinstance(added, Mapping):
+            added = {k: v for k, v in added.items() if k in _CONTROLNET_ADDED}
+            if added:
+                extra["added_cond_kwargs"] = added
+        down, mid = self.controlnet(
+            x,
+            tau,
+            controlnet_cond=images if self._multi else images[0],
+            conditioning_scale=scales if self._multi else scales[0],
+            guess_mode=guess_mode,
+            return_dict=False,
+            **extra,
+        )
+        if pad:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return {_RESIDUALS[0]: down, _RESIDUALS[1]: mid}
 
     # The EDM preconditioning, written as diffusers' EDM schedulers write it (the same
     # operations in the same order), so that float32 sigmas give their float32 results.
@@ -1060,6 +1528,13 @@ def from_diffusers(
     *,
     space: str | None = None,
     model_dtype: torch.dtype | str | None = None,
+    controlnet: Any = None,
+    controlnet_cond: Tensor | Sequence[Tensor] | None = None,
+    conditioning_scale: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
+    num_inference_steps: int | None = None,
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
@@ -1091,6 +1566,44 @@ def from_diffusers(
             float64 state. With an EDM-preconditioned scheduler the ODE's ``model_dtype`` is
             this dtype promoted to float32 at least: the denoiser's preconditioning gets the
             state in it, and the unet ``c_in x`` in this dtype.
+        controlnet: a diffusers ``ControlNetModel`` of the unet (``pipe.controlnet`` of a
+            ``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline``),
+            a list of them or a ``MultiControlNetModel``; in eval mode and the unet's dtype.
+            Each model evaluation then calls it before the unet, as those pipelines do: on
+            the unet's input and timestep, with ``encoder_hidden_states`` and (SDXL)
+            ``added_cond_kwargs``' ``text_embeds`` and ``time_ids`` (not an IP-Adapter's
+            ``image_embeds``, ``timestep_cond`` nor ``cross_attention_kwargs``, which the
+            pipelines do not give it), under guidance on the batch ``[unconditional,
+            conditional]``; its residuals go to the unet as ``down_block_additional_residuals``
+            and ``mid_block_additional_residual``. Not with a flow-matching scheduler.
+        controlnet_cond: the control image, as the pipeline prepares it
+            (``pipe.control_image_processor.preprocess(image, height=H, width=W)``: values in
+            [0, 1]): a floating tensor of shape ``(batch or 1, conditioning_channels, H, W)``
+            for latents of ``H / f x W / f`` (``f`` the controlnet's, 8 for Stable
+            Diffusion's and SDXL's), cast to the controlnet's dtype; the same image in both
+            halves of guidance. A list of them, one per net, for several controlnets. Needed
+            with ``controlnet``.
+        conditioning_scale: the scale of the controlnet's residuals, the pipelines'
+            ``controlnet_conditioning_scale``: a number, or one per net.
+        guess_mode: the pipelines' guess mode: residuals scaled from 0.1 at the first block
+            to 1 at the mid block, and under guidance the controlnet called on the
+            conditional half alone, the unconditional half given none. Set as the pipelines
+            set it where the (first) controlnet's config has ``global_pool_conditions``.
+        control_guidance_start: the fraction of the pipeline's steps before which the
+            controlnet is off (a number, or one per net). The pipelines keep it at entry
+            ``i`` of the scheduler's ``n`` timesteps when ``i / n >= start`` and ``(i + 1) /
+            n <= end``; the ODE keeps it on the closed interval of times from the first kept
+            entry's to the last kept entry's on ``diffusers_grid(scheduler,
+            num_inference_steps)`` (past the grid's start or end where the first or last
+            entry is kept), so that a solver evaluating on that grid calls it exactly where
+            the pipeline does. Bounds that would switch it between a scheduler's two calls
+            at one time (Heun's) are refused. Elsewhere its scale is 0; where all
+            nets' are, neither it nor its residuals are used.
+        control_guidance_end: the fraction of steps after which the controlnet is off, as
+            above.
+        num_inference_steps: the grid's steps, as given to ``diffusers_grid``; needed with
+            (and only with) ``control_guidance_start`` or ``control_guidance_end`` other than
+            0 and 1.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -1114,7 +1627,9 @@ def from_diffusers(
         prediction ``"eps"``, ``"v"``, ``"x0"`` or ``"flow"`` (``"denoised"`` with an
         EDM-preconditioned scheduler), model a ``DiffusersModel``, and
         ``cond`` holding everything that conditions the unet (``guidance_scale`` and
-        ``negative_cond`` included). Sample it on ``diffusers_grid(scheduler, steps)`` with
+        ``negative_cond`` included; with a controlnet, ``controlnet_cond``,
+        ``conditioning_scale``, ``guess_mode`` and, where it is switched, the times of
+        ``control_range``). Sample it on ``diffusers_grid(scheduler, steps)`` with
         any bdia solver, or invert it with BDIA.
 
     Raises:
@@ -1136,8 +1651,23 @@ def from_diffusers(
             ``txt_ids``' rows; ``guidance`` missing (with ``guidance_embeds``), given
             (without it), not finite, or a tensor that is not 1-D and floating. At the first
             evaluation, before the call: a state that is not packed latents
-            ``(batch, tokens, in_channels)`` or not of ``img_ids``' token count.
-        TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor.
+            ``(batch, tokens, in_channels)`` or not of ``img_ids``' token count. With a
+            controlnet: one of another class than ``ControlNetModel`` (a list or
+            ``MultiControlNetModel`` of them), made for another unet (its ``in_channels``,
+            ``cross_attention_dim`` or ``block_out_channels``), of another dtype, or with a
+            flow-matching scheduler; no ``controlnet_cond``, no ``encoder_hidden_states``, or
+            for SDXL's no ``text_embeds`` and ``time_ids``; control images of the wrong
+            number, channels or dims; a scale or bound per net of the wrong count or not
+            finite; bounds outside ``0 <= start < end <= 1``, or other than 0 and 1 without
+            ``num_inference_steps`` (or switching between a scheduler's two unet calls at one
+            time, Heun's), ``num_inference_steps`` without them; a ``control_range``,
+            residual or control key in ``cond`` or ``negative_cond``; any of these settings
+            without ``controlnet``. At the first evaluation, before any call: a control image
+            whose batch is neither 1 nor the state's, or whose size is not the latents' times
+            the controlnet's factor.
+        TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
+            image that is not a tensor, a scale or bound that is not a number, a
+            ``guess_mode`` that is not a bool.
     """
     if not callable(unet):
         raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
@@ -1195,6 +1725,17 @@ def from_diffusers(
         cond = _cast_cond(cond, model_dtype, keep)
         if negative_cond is not None:
             negative_cond = _cast_cond(negative_cond, model_dtype, keep)
+    settings = dict(
+        controlnet_cond=controlnet_cond,
+        conditioning_scale=conditioning_scale,
+        guess_mode=guess_mode,
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
+        num_inference_steps=num_inference_steps,
+    )
+    control_module, _, control_cond = _control(
+        controlnet, unet, sched, space, cond, negative_cond, model_dtype, settings
+    )
     clean_end = _clean_end(sched) if space == "vp" else True
     ode_dtype, unet_dtype = model_dtype, None
     if preconditioned and isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
@@ -1216,8 +1757,9 @@ def from_diffusers(
         sigma_data=float(sched.config.get("sigma_data", 0.5)) if preconditioned else None,
         unet_dtype=unet_dtype,
         flux=flux,
+        controlnet=control_module,
     )
-    ode_cond = dict(cond)
+    ode_cond = {**cond, **control_cond}
     if guidance_scale is not None:
         ode_cond["guidance_scale"] = guidance_scale
     if negative_cond is not None:
