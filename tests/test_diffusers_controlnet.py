@@ -1,6 +1,6 @@
 """ControlNet in bdia.integrations.diffusers: from_diffusers(controlnet=...) against
 StableDiffusionControlNetPipeline and StableDiffusionXLControlNetPipeline, BDIAScheduler in
-them, and the refusals.
+them, edit_image on them, and the refusals.
 
 Tiny random pipelines (``tiny_controlnet_pipeline``: the tiny SD or SDXL parts with
 ``tiny_controlnet`` of their unet, whose zero convolutions are drawn at random so that the
@@ -24,6 +24,7 @@ import bdia
 from bdia.integrations.diffusers import (
     BDIAScheduler,
     diffusers_grid,
+    edit_image,
     from_diffusers,
 )
 from bdia.integrations.diffusers.tiny import (
@@ -512,3 +513,132 @@ def test_a_control_image_of_the_wrong_batch_or_size_is_refused_before_any_call(p
         _one_line_error(exc_info, field)
         assert torch.equal(image, kept)
     assert all(c.calls == 0 for c in calls)
+
+
+# --------------------------------------------------------------------------- editing
+
+
+# The random unet and controlnets under guidance 7.5 drive BDIA's parasitic mode past the
+# warning's threshold at 10 steps; the round trip is exact all the same, which is the point.
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+@pytest.mark.parametrize("controlnets", [1, 2], ids=["one", "multi"])
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_edit_image_inverts_exactly_under_the_control_image(tmp_path, xl, controlnets):
+    """edit_image on a ControlNet pipeline inverts and regenerates under the same control
+    image: latent_error 0 with a float64 state (guidance 7.5, the first controlnet switched
+    on at 10 % and off at 80 % of the steps), and the controlnet is what the edit follows:
+    another control image gives another edit."""
+    pipe = tiny_controlnet_pipeline(tmp_path, xl=xl, controlnets=controlnets)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    control = _control(controlnets)
+    settings = dict(
+        control_guidance_start=0.1 if controlnets == 1 else [0.1, 0.0],
+        control_guidance_end=0.8 if controlnets == 1 else [0.8, 1.0],
+    )
+
+    def edit(control):
+        return edit_image(
+            pipe,
+            image,
+            PROMPT,
+            "a photo of a dog",
+            num_inference_steps=STEPS,
+            control_image=control if controlnets > 1 else control[0],
+            **settings,
+        )
+
+    result = edit(control)
+    assert result.latent_error == 0.0
+    assert result.edited_latents.dtype == torch.float64
+    other = edit(_control(controlnets, seed=9))
+    assert other.latent_error == 0.0
+    assert _rel(other.edited_latents, result.edited_latents) > 1e-3
+
+
+def _controlnet_kwargs(controlnet):
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(kwargs)
+
+    return calls, controlnet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_edit_image_gives_the_controlnet_what_the_pipeline_gives_it(tmp_path, xl):
+    """The pipeline's first step and edit_image's first model call give the controlnet the
+    same control image (a PIL image, prepared by the pipeline's prepare_image, in both halves
+    of guidance), scale and prompt embeddings, bit for bit."""
+    from PIL import Image
+
+    pipe = tiny_controlnet_pipeline(tmp_path, xl=xl)
+    pixels = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 255).byte()
+    control = Image.fromarray(pixels[0].permute(1, 2, 0).numpy())
+    calls, handle = _controlnet_kwargs(pipe.controlnet)
+    try:
+        with torch.no_grad():
+            pipe(
+                PROMPT,
+                image=control,
+                height=16,
+                width=16,
+                num_inference_steps=1,
+                guidance_scale=GUIDANCE,
+                controlnet_conditioning_scale=0.6,
+                output_type="latent",
+            )
+        edit_image(
+            pipe,
+            torch.zeros(1, 3, 16, 16),
+            PROMPT,
+            "a photo of a dog",
+            num_inference_steps=2,
+            guidance_scale=GUIDANCE,
+            control_image=control,
+            controlnet_conditioning_scale=0.6,
+            state_dtype=torch.float32,
+        )
+    finally:
+        handle.remove()
+    theirs, ours = calls[0], calls[1]
+    assert theirs["controlnet_cond"].shape == (2, 3, 16, 16)
+    for key in ("controlnet_cond", "encoder_hidden_states"):
+        assert torch.equal(ours[key], theirs[key]), key
+    assert ours["conditioning_scale"] == theirs["conditioning_scale"] == 0.6
+    if xl:
+        for key in ("text_embeds", "time_ids"):
+            assert torch.equal(ours["added_cond_kwargs"][key], theirs["added_cond_kwargs"][key]), (
+                key
+            )
+
+
+def test_edit_image_refuses_control_settings_that_do_not_fit_before_any_network(tmp_path):
+    """A ControlNet pipeline without control_image, a control image or setting for a pipeline
+    without a controlnet, a list of another length than the controlnets, a control image
+    batch that is neither 1 nor the image's: one line each, before any network runs."""
+    pipe = tiny_controlnet_pipeline(tmp_path, controlnets=2)
+    plain = diffusers.StableDiffusionPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "controlnet"},
+        requires_safety_checker=False,
+    )
+    image = torch.zeros(2, 3, 16, 16)
+    control = _control(2)
+    networks = [pipe.unet, pipe.text_encoder, pipe.controlnet, *pipe.controlnet.nets]
+    calls = [Counter(n) for n in networks]
+    vae_calls = []
+    for name in ("encode", "decode"):
+        method = getattr(pipe.vae, name)
+        setattr(pipe.vae, name, lambda *a, _m=method, **k: vae_calls.append(1) or _m(*a, **k))
+    cases = [
+        (pipe, {}, "control_image"),
+        (pipe, {"control_image": control[0]}, "list of 2"),
+        (pipe, {"control_image": [torch.rand(3, 3, 16, 16)] * 2}, "holds 3 images"),
+        (pipe, {"control_image": control, "control_guidance_end": 1.5}, "0 <= start"),
+        (plain, {"control_image": control[0]}, "no controlnet"),
+        (plain, {"guess_mode": True}, "guess_mode"),
+    ]
+    for target, kwargs, field in cases:
+        with pytest.raises(ValueError) as exc_info:
+            edit_image(target, image, PROMPT, "a photo of a dog", num_inference_steps=2, **kwargs)
+        _one_line_error(exc_info, field)
+    assert all(c.calls == 0 for c in calls) and not vae_calls

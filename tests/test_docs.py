@@ -219,6 +219,16 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
 """,
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _SD_FOLDER,
     ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _CONTROLNET_FOLDER,
+    # edit_image's ControlNet example takes the reader's ControlNet pipeline: a tiny one.
+    ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): """
+import pathlib
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_controlnet_pipeline
+pathlib.Path("cn_parts").mkdir(exist_ok=True)
+pipe = tiny_controlnet_pipeline("cn_parts")
+Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
+Image.new("RGB", (16, 16), (255, 255, 255)).save("cat_edges.png")
+""",
     # The SD3 scheduler blocks: a tiny SD3 pipeline, its prompt embeddings, the seed of the
     # pipeline's noise (drawn from the global generator), and the guidance it applies.
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): """
@@ -370,6 +380,9 @@ LOCAL = {
         ("height=512, width=512", "height=16, width=16"),
         ("torch.randn(1, 4, 64, 64,", "torch.randn(1, 4, 8, 8,"),
     ],
+    ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): [
+        (".resize((512, 512))", ".resize((16, 16))"),
+    ],
     ("docs/k_diffusion.md", "import k_diffusion as K"): [('device="cuda"', 'device="cpu"')],
 }
 
@@ -494,6 +507,7 @@ AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _controlnet_inverted,
+    ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _playground_inverted,

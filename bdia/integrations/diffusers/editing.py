@@ -7,7 +7,9 @@ with ``text_encoder`` for text prompts), ``StableDiffusionXLPipeline`` (the same
 ``tokenizer_2`` and ``text_encoder_2``) or ``StableDiffusion3Pipeline`` (``transformer`` in
 place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers and text
 encoders, and T5 where it has one) or ``FluxPipeline`` (a ``FluxTransformer2DModel``, the
-same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents) and:
+same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents), or
+the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
+``prepare_image``, given ``control_image``: both ODEs call the controlnet on it) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -75,7 +77,16 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from .adapter import _SIGMA_SLACK, DiffusersModel, diffusers_grid, from_diffusers
+from .adapter import (
+    _MULTI_CONTROLNET,
+    _SIGMA_SLACK,
+    DiffusersModel,
+    _class_names,
+    _control_factor,
+    _controlnets,
+    diffusers_grid,
+    from_diffusers,
+)
 
 __all__ = ["edit_image", "EditResult"]
 
@@ -105,6 +116,13 @@ _FLUX_PACKING = 2
 _FLUX_GUIDANCE = 3.5
 # The static methods of FluxPipeline that make its state and positions.
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
+# The ControlNet pipelines' settings edit_image takes, by their names, and their defaults.
+_CONTROL_DEFAULTS = {
+    "controlnet_conditioning_scale": 1.0,
+    "guess_mode": False,
+    "control_guidance_start": 0.0,
+    "control_guidance_end": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -574,6 +592,113 @@ def _flux_probe_cond(config: Mapping[str, Any], guidance: float | None) -> dict[
     return cond
 
 
+def _control_kwargs(
+    pipe: Any,
+    model: str,
+    control_image: Any,
+    settings: Mapping[str, Any],
+    steps: Any,
+    shape: Sequence[int],
+    device: torch.device,
+) -> dict[str, Any]:
+    """``from_diffusers``' ControlNet arguments for the pipeline's controlnet: the control
+    image made as the pipeline makes it (its ``prepare_image``, at the image's size ``shape``
+    = (batch, C, H, W), one per image), its scale, guess mode and switch (``settings``, by
+    the pipelines' names); ``{}`` for a pipeline without a controlnet."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        if control_image is not None:
+            raise ValueError(
+                "control_image was given, but the pipeline has no controlnet; it guides a "
+                "ControlNet pipeline's (StableDiffusionControlNetPipeline's, "
+                "StableDiffusionXLControlNetPipeline's) controlnet"
+            )
+        for name, default in _CONTROL_DEFAULTS.items():
+            value = settings[name]
+            if not (type(value) in (int, float, bool) and value == default):
+                raise ValueError(
+                    f"{name} is a ControlNet setting, but the pipeline has no controlnet; "
+                    "leave it out"
+                )
+        return {}
+    if model != "unet":
+        raise ValueError(
+            f"the pipeline has a controlnet ({type(controlnet).__name__}) beside a transformer; "
+            "edit_image maps the ControlNet pipelines of Stable Diffusion and SDXL (a "
+            "ControlNetModel beside a unet), not SD3's or Flux's"
+        )
+    if control_image is None:
+        raise ValueError(
+            f"the pipeline has a controlnet ({type(controlnet).__name__}); give control_image, "
+            "the image that guides it (the pipeline's image=), as it guided the image's "
+            "making (a list, one per controlnet, for several)"
+        )
+    _part(pipe, "prepare_image", "to prepare the control image as the pipeline does")
+    module, nets = _controlnets(controlnet)
+    batch, _, height, width = shape
+    factor = _vae_factor(pipe, pipe.vae)
+    for net in nets:
+        if _control_factor(net) != factor:
+            raise ValueError(
+                f"the controlnet takes control images {_control_factor(net)} times the "
+                f"latents' size, but the vae's downsampling factor is {factor}: it was not "
+                "made for this pipeline"
+            )
+    multi = _MULTI_CONTROLNET in _class_names(module)
+    if multi and (not isinstance(control_image, (list, tuple)) or len(control_image) != len(nets)):
+        raise ValueError(
+            f"control_image must be a list of {len(nets)} images, one per controlnet of the "
+            "pipeline's MultiControlNetModel"
+        )
+    prepared = []
+    for i, image in enumerate(control_image if multi else [control_image]):
+        # The pipelines' own preparation (resized to the image's size, in [0, 1]), without
+        # the doubling for guidance, which from_diffusers makes.
+        made = pipe.prepare_image(
+            image=image,
+            width=width,
+            height=height,
+            batch_size=batch,
+            num_images_per_prompt=1,
+            device=device,
+            dtype=module.dtype,
+            do_classifier_free_guidance=False,
+            guess_mode=False,
+        )
+        if made.shape[0] != batch:
+            where = f"control_image[{i}]" if multi else "control_image"
+            raise ValueError(
+                f"{where} holds {made.shape[0]} images for {batch} images to edit; give 1 "
+                f"(shared) or {batch}"
+            )
+        prepared.append(made)
+    start, end = settings["control_guidance_start"], settings["control_guidance_end"]
+    starts = start if isinstance(start, (list, tuple)) else [start]
+    ends = end if isinstance(end, (list, tuple)) else [end]
+    # from_diffusers takes the steps with a switch only (and checks the bounds).
+    switched = any(v != 0 for v in starts) or any(v != 1 for v in ends)
+    return {
+        "controlnet": controlnet,
+        "controlnet_cond": prepared if multi else prepared[0],
+        "conditioning_scale": settings["controlnet_conditioning_scale"],
+        "guess_mode": settings["guess_mode"],
+        "control_guidance_start": start,
+        "control_guidance_end": end,
+        "num_inference_steps": steps if switched else None,
+    }
+
+
+def _control_probe_cond(xl: bool) -> dict[str, Any]:
+    """Stand-ins with no tokens for the prompt embeddings (and SDXL's added conditioning)
+    that ``from_diffusers`` asks of a controlnet's conditioning, for the probe that checks
+    its settings before any network runs; it is never evaluated."""
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.zeros(1, 0, 1)}
+    if xl:
+        added = {"text_embeds": torch.zeros(1, 1), "time_ids": torch.zeros(1, _TIME_IDS)}
+        cond["added_cond_kwargs"] = added
+    return cond
+
+
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
     """The unet arguments of one SDXL branch."""
     return {
@@ -662,12 +787,18 @@ def edit_image(
     output_type: str | None = None,
     progress: bool | None = None,
     mu: float | None = None,
+    control_image: Any = None,
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-            ``StableDiffusion3Pipeline`` or ``FluxPipeline``, or any object with its parts:
+            ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or Stable Diffusion's or SDXL's
+            ControlNet pipeline, with ``control_image``), or any object with its parts:
             ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
             and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
             ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
@@ -757,6 +888,23 @@ def edit_image(
             the scheduler config's ``base_shift``, ``max_shift``, ``base_image_seq_len`` and
             ``max_image_seq_len``, with the pipeline's defaults for missing ones). Refused
             with any other scheduler, which would ignore it (Flux.1-schnell's).
+        control_image: for a ``StableDiffusionControlNetPipeline`` or
+            ``StableDiffusionXLControlNetPipeline`` (a pipeline with a ``controlnet``), the
+            image that guides the controlnet, as the pipeline's ``image``: a PIL image, a
+            list of them or a tensor of shape ``(1 or batch, 3, H', W')`` in [0, 1], made by
+            the pipeline's ``prepare_image`` at the image's size (H x W), one per image to
+            edit; a list of them, one per controlnet, for a ``MultiControlNetModel``. Both
+            ODEs (the inversion's and the edit's) are conditioned on it, through
+            ``from_diffusers(controlnet=pipe.controlnet, controlnet_cond=...)``. Needed with
+            a controlnet, refused without.
+        controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
+            all), as the pipeline's.
+        guess_mode: the pipeline's guess mode.
+        control_guidance_start: the fraction of the steps before which the controlnet is off
+            (one per controlnet, or one for all), as the pipeline's; mapped by
+            ``from_diffusers`` onto the grid's times, so that the inversion and the edit call
+            it where the pipeline would.
+        control_guidance_end: the fraction of the steps after which it is off, likewise.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -781,7 +929,12 @@ def edit_image(
             pooled ones; an unknown rule, solver or output type; an SD3 or Flux grid of one
             step; ``mu`` where the scheduler has no dynamic shifting; and whatever
             ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler (for SD3 and Flux
-            a noise-table scheduler, ``stochastic_sampling``, ``invert_sigmas``).
+            a noise-table scheduler, ``stochastic_sampling``, ``invert_sigmas``). A pipeline
+            with a controlnet without ``control_image`` (or beside a transformer), a
+            ``control_image`` or ControlNet setting for a pipeline without one, control
+            images of another number than the controlnets or another batch than 1 and the
+            image's, a controlnet whose control images are not the VAE's factor times the
+            latents' size, and whatever ``from_diffusers`` refuses in the ControlNet settings.
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
@@ -964,9 +1117,22 @@ def edit_image(
                 "(original size, crop, target size), not a refiner's aesthetic score"
             )
 
-    # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run).
+    device = _device(pipe, unet)
+    control_settings = dict(
+        controlnet_conditioning_scale=controlnet_conditioning_scale,
+        guess_mode=guess_mode,
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
+    )
+    control = _control_kwargs(
+        pipe, model, control_image, control_settings, num_inference_steps, pixels.shape, device
+    )
+    # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
+    # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
-    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond)
+    if control:
+        probe_cond = _control_probe_cond(xl)
+    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     latent_size = (height // vae_factor, width // vae_factor)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
@@ -978,7 +1144,6 @@ def edit_image(
     ts = _grid(scheduler, num_inference_steps, probe, mu, sigmas)
 
     # ---- the work
-    device = _device(pipe, unet)
     embed_dtype = probe.model_dtype
     with torch.no_grad():
         # SDXL's time ids are the pipeline's defaults: original size = target size = the
@@ -1024,7 +1189,9 @@ def edit_image(
                 shared["guidance"] = guidance
 
         def ode(cond: dict[str, Any]) -> DiffusionODE:
-            return from_diffusers(unet, scheduler, model_dtype=model_dtype, **guide(cond), **shared)
+            return from_diffusers(
+                unet, scheduler, model_dtype=model_dtype, **guide(cond), **shared, **control
+            )
 
         source_ode, target_ode = ode(source_cond), ode(target_cond)
 
