@@ -163,8 +163,9 @@ def _check_gamma(gamma: Any) -> float | str:
     g = float(gamma)
     if not (math.isfinite(g) and 0.0 < g <= 1.0):
         raise ValueError(
-            f"gamma = {gamma} lies outside (0, 1]: 0 is plain DDIM, whose steps cannot be "
-            "inverted, and above 1 the recursion grows; 0.96 is the usual value"
+            f"gamma = {gamma} lies outside (0, 1]: 0 is the base step alone (DDIM, or Euler for "
+            "flow-matching and EDM configs), which cannot be inverted, and above 1 the "
+            "recursion grows; 0.96 is the usual value"
         )
     return g
 
