@@ -351,6 +351,47 @@ def _vae_factor(pipe: Any, vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """The image sizes a pipeline takes: height and width are multiples of ``factor`` (``what``
+    says it in words), and, where ``patches`` is set, at most ``patches * factor``.
+
+    Attributes:
+        vae_factor: the VAE's downsampling factor (8 for Stable Diffusion, SDXL, SD3, Flux).
+        patch: the side of the latents' patches, SD3's transformer ``patch_size`` or Flux's
+            packing (2); None for a unet.
+        factor: ``vae_factor`` times ``patch``.
+        what: the factor and where it comes from, to end "not a multiple of ...".
+        patches: SD3's ``pos_embed_max_size``, the most patches a side its transformer embeds.
+    """
+
+    vae_factor: int
+    patch: int | None
+    factor: int
+    what: str
+    patches: int | None = None
+
+
+def _image_sizes(pipe: Any, vae: Any, unet_config: Mapping[str, Any], kind: str) -> _Sizes:
+    """The sizes ``edit_image`` takes with ``pipe``, its ``vae`` and its network of ``kind``
+    (``_network``'s) and config ``unet_config``."""
+    vae_factor = _vae_factor(pipe, vae)
+    factor, what = vae_factor, f"the vae's downsampling factor {vae_factor}"
+    patch = unet_config.get("patch_size") if kind == "sd3" else None
+    if not isinstance(patch, int):
+        patch = None
+    else:  # SD3 takes its latents in patch x patch patches
+        factor *= patch
+        what = f"{factor}, {what} times the transformer's patch_size {patch}"
+    if kind == "flux":
+        # FluxPipeline packs them in 2 x 2 patches (its transformer's patch_size is 1).
+        patch = _FLUX_PACKING
+        factor *= patch
+        what = f"{factor}, {what} times {patch}, FluxPipeline's packing of the latents"
+    patches = unet_config.get("pos_embed_max_size") if kind == "sd3" else None
+    return _Sizes(vae_factor, patch, factor, what, patches if isinstance(patches, int) else None)
+
+
 def _device(pipe: Any, unet: Any) -> torch.device:
     try:
         return torch.device(pipe._execution_device)
@@ -1026,31 +1067,22 @@ def edit_image(
     if output_type is not None and output_type not in _OUTPUT_TYPES:
         raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
 
+    sizes = _image_sizes(pipe, vae, unet_config, kind)
+    vae_factor, patch, factor = sizes.vae_factor, sizes.patch, sizes.factor
     pixels, kind = _image_tensor(image, vae.config.get("in_channels", 3))
     batch, _, height, width = pixels.shape
-    vae_factor = _vae_factor(pipe, vae)
-    factor, what = vae_factor, f"the vae's downsampling factor {vae_factor}"
-    patch = unet_config.get("patch_size") if sd3 else None
-    if isinstance(patch, int):  # SD3 takes its latents in patch x patch patches
-        factor *= patch
-        what = f"{factor}, {what} times the transformer's patch_size {patch}"
-    if flux:  # FluxPipeline packs them in 2 x 2 patches (its transformer's patch_size is 1)
-        patch = _FLUX_PACKING
-        factor *= patch
-        what = f"{factor}, {what} times {patch}, FluxPipeline's packing of the latents"
     if height % factor or width % factor:
         raise ValueError(
-            f"the image is {width} x {height} (W x H), not a multiple of {what}; resize or crop "
-            f"it to, e.g., {width // factor * factor or factor} x "
+            f"the image is {width} x {height} (W x H), not a multiple of {sizes.what}; resize or "
+            f"crop it to, e.g., {width // factor * factor or factor} x "
             f"{height // factor * factor or factor}"
         )
-    patches = unet_config.get("pos_embed_max_size") if sd3 else None
-    if isinstance(patches, int) and max(height, width) > patches * factor:
+    if sizes.patches is not None and max(height, width) > sizes.patches * factor:
         # The transformer would refuse it only after the VAE has run.
         raise ValueError(
-            f"the image is {width} x {height} (W x H), more than the {patches} patches a side "
-            f"that the transformer embeds (pos_embed_max_size = {patches}); resize it to at "
-            f"most {patches * factor} a side"
+            f"the image is {width} x {height} (W x H), more than the {sizes.patches} patches a "
+            f"side that the transformer embeds (pos_embed_max_size = {sizes.patches}); resize "
+            f"it to at most {sizes.patches * factor} a side"
         )
     prompts: dict[str, Any] = {"source_prompt": source_prompt, "target_prompt": target_prompt}
     # SDXL's unconditional branch for the empty prompt is zeros, where the pipeline's config
