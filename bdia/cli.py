@@ -1,4 +1,4 @@
-"""The ``bdia`` command line: solvers, compare, sample, invert, fid, fid-ref and convert.
+"""The ``bdia`` command line: solvers, compare, sample, invert, fid, fid-ref, convert and edit.
 
 Every user mistake ends the command with one line on stderr that names the option at fault
 and says what to do, before any heavy work and before anything is written; ``bdia --debug``
@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -1224,8 +1225,13 @@ def _rank_listings(outdir: Path) -> list[Path]:
 _IMAGE_MODES = {1: "L", 3: "RGB"}
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _images(n: int) -> str:
-    return f"{n} image{'' if n == 1 else 's'}"
+    return _count(n, "image")
 
 
 def _files_of(path: Path, suffix: str, option: str) -> list[Path]:
@@ -2301,6 +2307,498 @@ def convert(source: Path, target: Path, overwrite: bool) -> None:
     # tensor or submodule.
     name = net.config["class_name"]  # type: ignore[index]
     click.echo(f"wrote {target}: {name}, {count:,} parameters")
+
+
+# ---------------------------------------------- edit: a photo through a diffusers pipeline
+
+#: Parts of a pipeline folder that edit_image never uses, left unloaded: Stable Diffusion's
+#: safety checker alone is a CLIP vision model of 1.2 GB.
+_UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+#: Image modes read as RGB: 8 bits a channel, grey, palette, CMYK or YCbCr (an alpha channel
+#: must be opaque). 16-bit and float images (I;16, I, F) would be clipped by the conversion.
+_PHOTO_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+#: The largest side --size takes: a typo such as 51200x51200 would fill the memory.
+MAX_SIDE = 16384
+#: edit_image's names in its messages, and the options that set them.
+_EDIT_OPTIONS = {
+    "num_inference_steps = ": "--steps ",
+    "num_inference_steps": "--steps",
+    "guidance_scale = ": "--guidance ",
+    "guidance_scale": "--guidance",
+    "negative_prompt": "--negative",
+    "state_dtype": "--state-dtype",
+}
+
+
+def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
+
+
+class SizeType(click.ParamType):
+    """An image size ``WxH`` (width first, as image sizes are written), each side in
+    1..MAX_SIDE."""
+
+    name = "WxH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: Any) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+            self.fail(f"{value!r} is not a size WxH, such as 512x512 or 1024x768", param, ctx)
+        width, height = (int(p) for p in parts)
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+            self.fail(f"{value!r}: each side must lie in 1..{MAX_SIDE}", param, ctx)
+        return width, height
+
+
+def _pipeline_folder(ctx: Any, param: click.Parameter, value: Path) -> Path:
+    """--pipeline: a folder that ``save_pretrained`` wrote (its model_index.json names the
+    pipeline's class); nothing is downloaded, so a hub name is no pipeline here."""
+    if not value.exists():
+        raise click.BadParameter(
+            f"{str(value)!r} does not exist: give the local folder of a diffusers pipeline "
+            "(bdia downloads nothing; hf download NAME --local-dir DIR fetches one)",
+            ctx,
+            param,
+        )
+    if not value.is_dir():
+        raise click.BadParameter(
+            f"{str(value)!r} is a file; give the folder of a diffusers pipeline, which holds "
+            "model_index.json",
+            ctx,
+            param,
+        )
+    index = value / "model_index.json"
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        why = "has no model_index.json" if not index.exists() else f"model_index.json: {err}"
+        raise click.BadParameter(
+            f"{str(value)!r} is not a diffusers pipeline folder ({_one_line(why)}); give the "
+            "folder that save_pretrained wrote, with model_index.json and one folder per part",
+            ctx,
+            param,
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+        raise click.BadParameter(
+            f"{str(index)!r} names no pipeline class (_class_name); it is not a diffusers "
+            "pipeline's model_index.json",
+            ctx,
+            param,
+        )
+    return value
+
+
+def _read_photo(path: Path, size: tuple[int, int] | None) -> Any:
+    """--image as an RGB PIL image, upright as its EXIF orientation says, resized to ``size``
+    (W, H) if given; a file that is no image, a transparent image or a 16-bit one is refused
+    naming --image."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from .metrics.fid import _IMAGE_ERRORS
+
+    def refuse(why: str) -> click.BadParameter:
+        return click.BadParameter(f"{str(path)!r} {why}", param_hint="'--image'")
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            picture = ImageOps.exif_transpose(im)
+    except (*_IMAGE_ERRORS, Image.DecompressionBombError) as err:
+        raise refuse(f"is not a readable image ({_one_line(str(err))})") from None
+    if picture.mode not in _PHOTO_MODES:
+        raise refuse(
+            f"has mode {picture.mode} (16-bit or float pixels), which RGB would clip; save it "
+            "with 8 bits a channel"
+        )
+    if "A" in picture.getbands() or "transparency" in picture.info:
+        if int(np.asarray(picture.convert("RGBA"))[..., 3].min()) < 255:
+            # The colour under a transparent pixel is whatever the file holds there.
+            raise refuse(
+                "has transparent pixels, whose colour means nothing; flatten it onto a "
+                "background first"
+            )
+    picture = picture.convert("RGB")
+    if size is not None and picture.size != size:
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    return picture
+
+
+def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
+    """``DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)``
+    without its log lines and bars; a folder it cannot load is refused naming --pipeline.
+
+    Parts recorded as absent in model_index.json (an SD3 pipeline saved without T5) are
+    passed as None, which diffusers requires of them, and so are those edit_image never
+    uses (_UNUSED_PARTS).
+    """
+    import diffusers
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    config = json.loads((folder / "model_index.json").read_text())
+    parts = {
+        name: None
+        for name, value in config.items()
+        if not name.startswith("_") and (value == [None, None] or name in _UNUSED_PARTS)
+    }
+    loggers = (diffusers_logging, transformers_logging)
+    before = [(log.get_verbosity(), log.is_progress_bar_enabled()) for log in loggers]
+    for log in loggers:
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # Newer diffusers call it dtype and warn of torch_dtype, the only name 0.34 to
+            # 0.36 know.
+            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated")
+            return diffusers.DiffusionPipeline.from_pretrained(
+                folder, local_files_only=True, torch_dtype=dtype, **parts
+            )
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:  # whatever the folder lacks or holds wrong, in diffusers' words
+        raise click.BadParameter(
+            f"{str(folder)!r} does not load as a diffusers pipeline ({type(err).__name__}: "
+            f"{_one_line(str(err))})",
+            param_hint="'--pipeline'",
+        ) from err
+    finally:
+        for log, (level, bars) in zip(loggers, before):
+            log.set_verbosity(level)
+            if bars:
+                log.enable_progress_bar()
+
+
+def _check_photo_size(
+    pipe: Any, picture: Any, image: Path, size: tuple[int, int] | None, name: str
+) -> None:
+    """Refuse an image (or --size) that ``pipe`` cannot take, before any network runs."""
+    from .integrations.diffusers.editing import _image_sizes, _network
+
+    try:
+        net, kind = _network(pipe)
+    except ValueError as err:
+        raise click.BadParameter(
+            f"a {name}: {_one_line(str(err))}", param_hint="'--pipeline'"
+        ) from None
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        raise click.BadParameter(
+            f"a {name} without a vae: edit_image edits the latents of a latent-diffusion "
+            "pipeline (Stable Diffusion, SDXL, SD3, Flux)",
+            param_hint="'--pipeline'",
+        )
+    sizes = _image_sizes(pipe, vae, getattr(net, "config", None) or {}, kind)
+    factor, (width, height) = sizes.factor, picture.size
+    largest = sizes.patches * factor if sizes.patches is not None else None
+    if not (width % factor or height % factor) and (
+        largest is None or max(picture.size) <= largest
+    ):
+        return
+    fit = [max(factor, min(side, largest or side) // factor * factor) for side in picture.size]
+    needs = f"a {name} takes sides that are multiples of {sizes.what}"
+    if largest is not None:
+        needs += f", at most {largest}"
+    if size is not None:
+        raise click.BadParameter(
+            f"{width}x{height}: {needs}; use e.g. --size {fit[0]}x{fit[1]}", param_hint="'--size'"
+        )
+    raise click.BadParameter(
+        f"{str(image)!r} is {width}x{height}; {needs}: pass --size {fit[0]}x{fit[1]} to resize "
+        "it, or crop it to that size",
+        param_hint="'--image'",
+    )
+
+
+@main.command(name="edit")
+@click.option(
+    "--pipeline",
+    required=True,
+    type=InputPathType(path_type=Path),
+    callback=_pipeline_folder,
+    help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
+    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3 or Flux. Nothing is "
+    "downloaded.",
+)
+@click.option(
+    "--image",
+    required=True,
+    type=InputPathType(exists=True, dir_okay=False, path_type=Path),
+    help="The photo to edit (PNG, JPEG, WebP, ...: any image PIL reads), read as RGB; its "
+    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3 and Flux) "
+    "unless --size resizes it.",
+)
+@click.option("--source", required=True, help="What the image shows ('' is the unconditional).")
+@click.option("--target", required=True, help="What the edited image should show.")
+@click.option(
+    "--out",
+    required=True,
+    type=OutputPathType(suffix=".png"),
+    help="The edited image, a PNG.",
+)
+@click.option(
+    "--reconstruction",
+    default=None,
+    type=OutputPathType(suffix=".png"),
+    help="Also write the reconstruction (the inverted latents decoded back: the VAE's round "
+    "trip, as the network's is exact), a PNG.",
+)
+@_overwrite_option("Replace --out and --reconstruction if they exist.")
+@click.option(
+    "--negative",
+    default="",
+    show_default=True,
+    help="Negative prompt: the unconditional branch of classifier-free guidance.",
+)
+@click.option(
+    "--steps",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, MAX_STEPS),
+    help="num_inference_steps of the pipeline's scheduler.",
+)
+@click.option(
+    "--guidance",
+    default=None,
+    type=float,
+    callback=_finite_if_given,
+    help="Classifier-free guidance scale (1: none).  [default: 7.5; 1 for Flux]",
+)
+@click.option(
+    "--embedded-guidance",
+    default=None,
+    type=float,
+    callback=_finite_if_given,
+    help="Flux.1-dev's embedded guidance scale (FluxPipeline's guidance_scale); only for a "
+    "transformer that embeds one.  [default: 3.5]",
+)
+@click.option(
+    "--solver",
+    "solver_name",
+    default=None,
+    help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3 and Flux]",
+)
+@click.option(
+    "--gamma",
+    default="0.96",
+    show_default=True,
+    type=GammaType(invertible=True),
+    help="bdia's gamma: a number in (0, 1] or obelm.",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["base", "restart"]),
+    default="base",
+    show_default=True,
+    help="How the edit regenerates from the inverted noise: the base solver, or bdia "
+    "started afresh (bdia.editing).",
+)
+@click.option(
+    "--size",
+    default=None,
+    type=SizeType(),
+    help="Resize the image to WxH first (Lanczos), e.g. 512x512; by default the image's own "
+    "size, which must fit the pipeline.",
+)
+@click.option(
+    "--dtype",
+    type=NETWORK_DTYPE,
+    default="float32",
+    show_default=True,
+    help="Dtype the pipeline is loaded in (torch_dtype); float16 or bfloat16 on a GPU.",
+)
+@click.option(
+    "--state-dtype",
+    type=STATE_DTYPE,
+    default=None,
+    help="Dtype of the sampler's state.  [default: float64; float32 on mps, which has no float64]",
+)
+@_device_option
+@_threads_option("torch's (one per core)")
+@_progress_option
+def edit_command(
+    pipeline: Path,
+    image: Path,
+    source: str,
+    target: str,
+    out: Path,
+    reconstruction: Path | None,
+    overwrite: bool,
+    negative: str,
+    steps: int,
+    guidance: float | None,
+    embedded_guidance: float | None,
+    solver_name: str | None,
+    gamma: float | str,
+    rule: str,
+    size: tuple[int, int] | None,
+    dtype: torch.dtype,
+    state_dtype: torch.dtype | None,
+    device: str | None,
+    threads: int | None,
+    no_progress: bool,
+) -> None:
+    """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
+    regenerate it under --target.
+
+    The pipeline (Stable Diffusion, SDXL, SD3, Flux) is loaded from a local folder;
+    bdia.integrations.diffusers.edit_image does the work. Prints the latent round trip's
+    error (rounding only) and the VAE's.
+    """
+    if not target.strip():
+        raise click.BadParameter(
+            "the prompt is empty: give what the edited image should show", param_hint="'--target'"
+        )
+    if solver_name is not None:
+        _base_solver(solver_name)
+    state_dtype = _state_dtype(state_dtype, device)
+    outputs = {"--out": out, "--reconstruction": reconstruction}
+    for option, path in outputs.items():
+        if path is not None and path.resolve() == image.resolve():
+            raise click.BadParameter(
+                f"{str(path)!r} is --image; give another file", param_hint=f"'{option}'"
+            )
+    if reconstruction is not None and reconstruction.resolve() == out.resolve():
+        raise click.BadParameter("it is --out; give another file", param_hint="'--reconstruction'")
+    picture = _read_photo(image, size)
+    for option, path in outputs.items():
+        # Before the pipeline loads, which can take minutes.
+        _refuse_existing_file(path, option, overwrite)
+    for module in ("diffusers", "transformers"):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise click.ClickException(
+                f"bdia edit needs the diffusers library and transformers ({err}); install "
+                "them with pip install 'bdia[diffusers]'"
+            ) from None
+    if not _rank_zero_alone():
+        return
+
+    _set_threads(threads)
+    device = _default_device(device)
+    pipe = _load_pipeline(pipeline, dtype)
+    name = type(pipe).__name__
+    _check_photo_size(pipe, picture, image, size, name)
+    network = getattr(getattr(pipe, "transformer", None), "config", None) or {}
+    if embedded_guidance is not None and not network.get("guidance_embeds", False):
+        raise click.BadParameter(
+            f"the {name}'s network embeds no guidance scale (only Flux.1-dev's transformer "
+            "does); leave it out (--guidance is classifier-free guidance)",
+            param_hint="'--embedded-guidance'",
+        )
+    result = _edit(
+        pipe.to(device),
+        picture,
+        source,
+        target,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        guidance=embedded_guidance,
+        negative_prompt=negative,
+        solver=solver_name,
+        gamma=gamma,
+        rule=rule,
+        state_dtype=state_dtype,
+        progress=not no_progress,
+    )
+    pixels = {"the edit": result.images, "the reconstruction": result.reconstruction}
+    for what, decoded in pixels.items():
+        if not bool(torch.isfinite(decoded).all()):
+            raise click.ClickException(
+                f"{what} decoded to NaN or Inf (a float16 VAE overflowing? try --dtype "
+                "bfloat16 or float32); nothing written"
+            )
+    import numpy as np
+
+    from .integrations.diffusers.editing import _output
+
+    edited = np.asarray(_output(result.images, "pil")[0])
+    click.echo(
+        f"{image.name} ({picture.size[0]}x{picture.size[1]}) with {name}: "
+        f"bdia({result.inversion.solver.solver.name}, {gamma}), "
+        f"{_count(len(result.inversion.ts) - 1, 'step')}, {dtype_name(state_dtype)} state"
+    )
+    click.echo(
+        f"round trip: latent error {result.latent_error:.3e} (the network's, exact up to "
+        f"rounding); vae error {result.vae_error:.3e}, reconstruction error "
+        f"{result.reconstruction_error:.3e} (rms, pixels in [-1, 1])"
+    )
+    write_png(out, edited)
+    wrote = f"wrote {out}"
+    if reconstruction is not None:
+        write_png(reconstruction, np.asarray(_output(result.reconstruction, "pil")[0]))
+        wrote += f" and {reconstruction} (the reconstruction)"
+    click.echo(wrote, err=True)
+
+
+def _edit(pipe: Any, picture: Any, source: str, target: str, **options: Any) -> Any:
+    """``edit_image(pipe, picture, source, target, **options)`` with decoded tensors in
+    [-1, 1]; a refusal by its checks (no network has run yet) is one line with the options'
+    names and exit status 2, running out of memory one line that says what to shrink, and
+    bdia's instability one warning line in the command's words."""
+    from .integrations.diffusers import edit_image
+    from .sampling import ParasiticWarning
+
+    ran: list[bool] = []
+
+    def note(module: torch.nn.Module, args: Any) -> None:
+        ran.append(True)
+        hook.remove()
+
+    unstable: list[str] = []
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+        if issubclass(category, ParasiticWarning):
+            unstable.append(str(message))
+        else:
+            _warning_line(message, category)
+
+    # edit_image checks everything before any network runs: a failure before the first
+    # forward call of any module is a refusal of what it was given.
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(note)
+    show_progress = options.pop("progress")
+    live = show_progress and sys.stderr.isatty()
+    try:
+        with (
+            warnings.catch_warnings(),
+            _Progress(1, "edit", "img", show_progress and not live) as bar,
+        ):
+            # The library's warning, once per run, advises Python calls that the command
+            # already makes.
+            warnings.simplefilter("always", ParasiticWarning)
+            warnings.showwarning = show
+            result = edit_image(
+                pipe, picture, source, target, output_type="pt", progress=live, **options
+            )
+            bar.update()
+    except (ValueError, TypeError) as err:
+        if ran:
+            raise
+        message = _one_line(str(err))
+        for api, option in _EDIT_OPTIONS.items():
+            message = message.replace(api, option)
+        raise click.UsageError(message) from err
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise click.ClickException(
+            f"out of memory editing a {picture.size[0]}x{picture.size[1]} image: use a smaller "
+            "--size, or --dtype float16 or bfloat16"
+        ) from None
+    finally:
+        hook.remove()
+    if unstable:
+        click.echo(
+            "Warning: bdia's parasitic mode outgrew the state: the inverted noise, from which "
+            "the edit is sampled, is dominated by it rather than by the image (the "
+            "reconstruction is exact all the same); use more --steps or another --gamma",
+            err=True,
+        )
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,434 @@
+"""``bdia edit``: a photo through a diffusers pipeline saved on disk, from the command line.
+
+The pipelines are the tiny random ones of ``bdia.integrations.diffusers.tiny`` (16 x 16 RGB
+images, a VAE of factor 2), written with ``save_pretrained`` and read back by the command
+offline. A random network is no denoiser, so the edits are not images of anything; what is
+checked is that the command writes what ``edit_image`` gives for the same photo and options,
+pixel for pixel, and that every mistake ends in one line with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from test_cli_errors import fails_in_one_line
+
+from bdia.cli import main
+from bdia.integrations.diffusers import edit_image
+from bdia.integrations.diffusers.tiny import (
+    tiny_flux_pipeline,
+    tiny_playground_pipeline,
+    tiny_sd3_pipeline,
+    tiny_text_to_image_pipeline,
+)
+
+pytestmark = [
+    # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about.
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    # The tiny random unet is no denoiser: at 4 steps bdia's parasitic mode outgrows it.
+    pytest.mark.filterwarnings("ignore::bdia.sampling.ParasiticWarning"),
+]
+
+SOURCE, TARGET = "a photo of a cat", "a painting of a dog"
+STEPS = 4
+BUILDERS = {
+    "sd": tiny_text_to_image_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+    "playground": tiny_playground_pipeline,
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Folder of each tiny pipeline as ``save_pretrained`` writes it (about 0.1 s each)."""
+    root = tmp_path_factory.mktemp("pipelines")
+    folders = {}
+    for name, build in BUILDERS.items():
+        words = root / f"{name}-words"
+        words.mkdir()
+        build(words).save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def photo(path, width=16, height=16, mode="RGB", seed=0):
+    """A random photo of ``width`` x ``height`` pixels in ``mode``, saved at ``path``."""
+    rng = np.random.default_rng(seed)
+    bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, bands), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0] if bands == 1 else pixels, mode).save(path)
+    return path
+
+
+def edit(folder, image, out, *more):
+    args = ["edit", "--pipeline", folder, "--image", image, "--source", SOURCE]
+    args += ["--target", TARGET, "--out", out, "--steps", STEPS, "--device", "cpu", *more]
+    return [str(a) for a in args]
+
+
+def run(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def loaded(folder):
+    """The pipeline saved in ``folder``; the tiny SD3 one was saved without T5, which diffusers
+    wants to be told again."""
+    absent = {}
+    if json.loads((folder / "model_index.json").read_text()).get("text_encoder_3") == [None] * 2:
+        absent = {"text_encoder_3": None, "tokenizer_3": None}
+    return diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent)
+
+
+def expected_edit(folder, image, **options):
+    """What edit_image gives for the photo at ``image``, read as the command reads it (or the
+    PIL image ``image`` itself), through the pipeline saved in ``folder``."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    return edit_image(loaded(folder), image, SOURCE, TARGET, num_inference_steps=STEPS, **options)
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+        return np.asarray(im)
+
+
+# ------------------------------------------------------------------------------ the edit
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3", "flux", "playground"])
+def test_the_written_pngs_are_edit_images_pil_output(name, pipelines, tmp_path):
+    """The edit and the reconstruction as edit_image gives them for the same photo (as PIL
+    images, rounded to uint8 as diffusers rounds), pixel for pixel; latent_error is printed."""
+    image = photo(tmp_path / "photo.png")
+    out, back = tmp_path / "edited.png", tmp_path / "recon.png"
+    result = run(edit(pipelines[name], image, out, "--reconstruction", back))
+    expected = expected_edit(pipelines[name], image)
+    assert np.array_equal(pixels(out), np.asarray(expected.images[0]))
+    assert np.array_equal(pixels(back), np.asarray(expected.reconstruction[0]))
+    # The tiny pipelines' round trip is bitwise (docs/diffusers.md), so the error printed is 0.
+    assert f"latent error {expected.latent_error:.3e}" in result.stdout
+    assert "latent error 0.000e+00" in result.stdout
+    assert f"vae error {expected.vae_error:.3e}" in result.stdout
+    assert f"wrote {out} and {back} (the reconstruction)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.png", "photo.png", "recon.png"]
+
+
+def test_the_options_reach_edit_image(pipelines, tmp_path):
+    """Guidance, negative prompt, solver, gamma, rule and a float32 state as edit_image takes
+    them; the edit differs from the default one, so the options are not ignored."""
+    image = photo(tmp_path / "photo.png")
+    more = ["--guidance", "3", "--negative", "a fox", "--solver", "euler", "--gamma", "0.5"]
+    more += ["--rule", "restart", "--state-dtype", "float32"]
+    result = run(edit(pipelines["sd"], image, tmp_path / "e.png", *more))
+    run(edit(pipelines["sd"], image, tmp_path / "default.png"))
+    expected = expected_edit(
+        pipelines["sd"],
+        image,
+        guidance_scale=3.0,
+        negative_prompt="a fox",
+        solver="euler",
+        gamma=0.5,
+        rule="restart",
+        state_dtype=torch.float32,
+    )
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
+    assert "bdia(euler, 0.5), 4 steps, float32 state" in result.stdout
+
+
+def test_flux_takes_the_embedded_guidance(pipelines, tmp_path):
+    image = photo(tmp_path / "photo.png")
+    run(edit(pipelines["flux"], image, tmp_path / "e.png", "--embedded-guidance", "2"))
+    expected = expected_edit(pipelines["flux"], image, guidance=2.0)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+
+
+def test_size_resizes_the_photo_first(pipelines, tmp_path):
+    """--size WxH: the photo resized with Lanczos, then edited; the PNG is of that size."""
+    image = photo(tmp_path / "photo.png", width=21, height=13)
+    run(edit(pipelines["sd"], image, tmp_path / "e.png", "--size", "12x8"))
+    with Image.open(image) as im:
+        resized = im.convert("RGB").resize((12, 8), Image.Resampling.LANCZOS)
+    expected = expected_edit(pipelines["sd"], resized)
+    assert pixels(tmp_path / "e.png").shape == (8, 12, 3)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grey_and_opaque_images_are_read_as_rgb(mode, pipelines, tmp_path):
+    image = photo(tmp_path / "photo.png", mode=mode)
+    if mode == "RGBA":  # opaque: the alpha channel says nothing
+        with Image.open(image) as im:
+            rgba = np.asarray(im).copy()
+        rgba[..., 3] = 255
+        Image.fromarray(rgba, "RGBA").save(image)
+    run(edit(pipelines["sd"], image, tmp_path / "e.png"))
+    expected = expected_edit(pipelines["sd"], image)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+
+
+def test_the_exif_orientation_is_applied(pipelines, tmp_path):
+    """A phone's photo stored sideways with an EXIF orientation is edited upright, as every
+    viewer shows it."""
+    stored = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 16, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    stored.save(tmp_path / "photo.png", exif=exif.tobytes())
+    run(edit(pipelines["sd"], tmp_path / "photo.png", tmp_path / "e.png"))
+    assert pixels(tmp_path / "e.png").shape == (16, 8, 3)  # upright: 8 wide, 16 high
+
+
+def test_bdias_instability_is_one_warning_in_the_commands_words(pipelines, tmp_path):
+    """The tiny random unet at 4 steps makes bdia's parasitic mode outgrow the state, while
+    inverting and while reconstructing: one line that names the options to change, not the
+    library's two, which advise Python calls."""
+    image = photo(tmp_path / "photo.png")
+    result = run(edit(pipelines["sd"], image, tmp_path / "e.png", "--no-progress"))
+    warned = [line for line in result.stderr.splitlines() if line.startswith("Warning")]
+    assert len(warned) == 1 and "parasitic" in warned[0], result.stderr
+    assert "--steps" in warned[0] and "--gamma" in warned[0]
+    assert "bdia.Inversion" not in result.stderr
+
+
+def test_overwrite_replaces_an_existing_output(pipelines, tmp_path):
+    image = photo(tmp_path / "photo.png")
+    out = tmp_path / "e.png"
+    out.write_text("the user's file")
+    run(edit(pipelines["sd"], image, out, "--overwrite"))
+    assert pixels(out).shape == (16, 16, 3)
+
+
+def test_progress_is_one_line_without_a_terminal(pipelines, tmp_path):
+    image = photo(tmp_path / "photo.png")
+    result = run(edit(pipelines["sd"], image, tmp_path / "e.png"))
+    assert any(line.startswith("edit: 1/1 img in ") for line in result.stderr.splitlines())
+    quiet = run(edit(pipelines["sd"], image, tmp_path / "q.png", "--no-progress"))
+    assert not any(line.startswith("edit:") for line in quiet.stderr.splitlines())
+
+
+def test_the_pipeline_is_loaded_offline_without_unused_parts(pipelines, tmp_path, monkeypatch):
+    """from_pretrained(local_files_only=True, torch_dtype=--dtype); the safety checker and
+    feature extractor of a Stable Diffusion folder are not loaded (edit_image never runs
+    them), and parts saved as absent (SD3 without T5) are passed as None."""
+    calls = []
+    original = diffusers.DiffusionPipeline.from_pretrained
+
+    def spy(folder, **kwargs):
+        calls.append(kwargs)
+        return original(folder, **kwargs)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", spy)
+    image = photo(tmp_path / "photo.png")
+    run(edit(pipelines["sd"], image, tmp_path / "a.png", "--dtype", "bfloat16"))
+    run(edit(pipelines["sd3"], image, tmp_path / "b.png"))
+    sd, sd3 = calls
+    assert sd["local_files_only"] and sd["torch_dtype"] == torch.bfloat16
+    assert sd["safety_checker"] is None and sd["feature_extractor"] is None
+    assert sd3["text_encoder_3"] is None and sd3["tokenizer_3"] is None
+    assert sd3["torch_dtype"] == torch.float32
+
+
+# ------------------------------------------------------------------------------ mistakes
+
+
+def test_a_missing_pipeline_folder_says_nothing_is_downloaded(tmp_path):
+    args = edit(tmp_path / "stable-diffusion-v1-5", photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(
+        args, tmp_path, "'--pipeline'", "does not exist", "downloads nothing", status=2
+    )
+
+
+def test_a_folder_that_is_no_pipeline_is_refused(tmp_path):
+    (tmp_path / "weights").mkdir()
+    args = edit(tmp_path / "weights", photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "'--pipeline'", "no model_index.json", status=2)
+
+
+def test_a_pipeline_folder_that_does_not_load_is_refused(pipelines, tmp_path):
+    folder = tmp_path / "sd"
+    shutil.copytree(pipelines["sd"], folder)
+    shutil.rmtree(folder / "unet")
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(
+        args, tmp_path, "'--pipeline'", "does not load as a diffusers pipeline", status=2
+    )
+
+
+def test_a_pipeline_without_a_latent_vae_is_refused(tmp_path):
+    from bdia.integrations.diffusers.tiny import tiny_unet
+
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler())
+    pipe.save_pretrained(tmp_path / "ddpm")
+    args = edit(tmp_path / "ddpm", photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "'--pipeline'", "DDPMPipeline without a vae", status=2)
+
+
+def test_edit_images_own_refusals_are_one_line_with_the_options_names(pipelines, tmp_path):
+    """What edit_image refuses before any network runs is a wrong option (status 2), in the
+    command's words: one step of Playground's EDM scheduler leaves none above sigma_min."""
+    args = edit(pipelines["playground"], photo(tmp_path / "p.png"), tmp_path / "e.png")
+    args[args.index("--steps") + 1] = "1"
+    line = fails_in_one_line(args, tmp_path, "--steps 1 leaves no step", status=2)
+    assert "num_inference_steps" not in line
+
+
+def test_a_pipeline_without_its_text_encoder_is_refused_by_edit_image(pipelines, tmp_path):
+    folder = tmp_path / "sd"
+    shutil.copytree(pipelines["sd"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "no text_encoder", status=2)
+
+
+def test_an_image_that_is_no_image_is_refused(pipelines, tmp_path):
+    (tmp_path / "photo.png").write_text("not an image")
+    args = edit(pipelines["sd"], tmp_path / "photo.png", tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "'--image'", "not a readable image", status=2)
+
+
+def test_a_transparent_image_is_refused(pipelines, tmp_path):
+    args = edit(pipelines["sd"], photo(tmp_path / "p.png", mode="RGBA"), tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "'--image'", "transparent pixels", "flatten", status=2)
+
+
+def test_a_16_bit_image_is_refused(pipelines, tmp_path):
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(tmp_path / "deep.png")
+    args = edit(pipelines["sd"], tmp_path / "deep.png", tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "'--image'", "16-bit or float", status=2)
+
+
+@pytest.mark.parametrize(
+    "name,width,height,words",
+    [
+        # The tiny VAE's factor is 2; SD3 and Flux take patches of 2 latents, 4 pixels.
+        (
+            "sd",
+            16,
+            15,
+            ["is 16x15", "multiples of the vae's downsampling factor 2", "--size 16x14"],
+        ),
+        ("flux", 18, 16, ["is 18x16", "multiples of 4", "packing", "--size 16x16"]),
+        # At most pos_embed_max_size (8) patches of 4 pixels a side for the tiny SD3.
+        ("sd3", 40, 16, ["is 40x16", "at most 32", "--size 32x16"]),
+    ],
+)
+def test_a_size_the_pipeline_cannot_take_points_to_size(
+    name, width, height, words, pipelines, tmp_path
+):
+    image = photo(tmp_path / "p.png", width=width, height=height)
+    args = edit(pipelines[name], image, tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "'--image'", *words, status=2)
+
+
+@pytest.mark.parametrize(
+    "size,words",
+    [
+        ("18x18", ["'--size'", "18x18", "multiples of 4", "--size 16x16"]),
+        ("16", ["'--size'", "not a size WxH"]),
+        ("0x16", ["'--size'", "1..16384"]),
+        ("20000x20000", ["'--size'", "1..16384"]),
+    ],
+)
+def test_a_wrong_size_is_refused(size, words, pipelines, tmp_path):
+    args = edit(pipelines["sd3"], photo(tmp_path / "p.png"), tmp_path / "e.png", "--size", size)
+    fails_in_one_line(args, tmp_path, *words, status=2)
+
+
+@pytest.mark.parametrize("option", ["--out", "--reconstruction"])
+def test_an_existing_output_is_kept(option, pipelines, tmp_path):
+    image = photo(tmp_path / "p.png")
+    existing = tmp_path / "mine.png"
+    existing.write_text("the user's file")
+    out = existing if option == "--out" else tmp_path / "e.png"
+    args = edit(pipelines["sd"], image, out, "--reconstruction", tmp_path / "r.png")
+    if option == "--reconstruction":
+        args[args.index("--reconstruction") + 1] = str(existing)
+    fails_in_one_line(args, tmp_path, f"{option} '{existing}' exists", "--overwrite", status=1)
+    assert existing.read_text() == "the user's file"
+
+
+@pytest.mark.parametrize(
+    "more,words",
+    [
+        (["--dtype", "half"], ["'--dtype'", "float32, bfloat16, float16"]),
+        (["--state-dtype", "float16"], ["'--state-dtype'", "float64, float32"]),
+        (["--target", " "], ["'--target'", "the prompt is empty"]),
+        (["--guidance", "inf"], ["'--guidance'", "not a finite number"]),
+        (["--solver", "bdia-ddim"], ["'--solver'", "--solver ddim --gamma G"]),
+        (["--gamma", "0"], ["'--gamma'", "(0, 1]"]),
+        (["--steps", "0"], ["'--steps'"]),
+        (["--rule", "continue"], ["'--rule'"]),
+        (["--device", "cpu:1"], ["'--device'", "one CPU device"]),
+        (["--out", "e.jpg"], ["'--out'", "must end in .png"]),
+        (["--out", "p.png"], ["'--out'", "is --image"]),
+        (["--reconstruction", "e.png"], ["'--reconstruction'", "it is --out"]),
+        (["--image", ""], ["'--image'", "the path is empty"]),
+        (["--pipeline", ""], ["'--pipeline'", "the path is empty"]),
+    ],
+)
+def test_a_wrong_option_is_one_line(more, words, pipelines, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    photo(tmp_path / "p.png")
+    args = edit(pipelines["sd"], "p.png", "e.png", *more)
+    fails_in_one_line(args, tmp_path, *words, status=2)
+
+
+def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(pipelines, tmp_path):
+    args = edit(pipelines["sd3"], photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(
+        args + ["--embedded-guidance", "3"],
+        tmp_path,
+        "'--embedded-guidance'",
+        "Flux.1-dev",
+        status=2,
+    )
+
+
+def test_without_diffusers_the_command_says_how_to_install_it(pipelines, tmp_path, monkeypatch):
+    """The options are right, the work cannot go on: status 1, with the extra to install."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    args = edit(pipelines["sd"], photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(args, tmp_path, "pip install 'bdia[diffusers]'", status=1)
+
+
+def test_an_image_decoded_to_nan_is_not_written(pipelines, tmp_path):
+    """A VAE whose decoder gives NaN (a float16 one overflowing, here weights set to NaN)
+    leaves no PNG of black pixels behind: status 1, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(pipelines["sd3"], folder)
+    (weights,) = (folder / "vae").glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["decoder.conv_out.bias"] = torch.full_like(tensors["decoder.conv_out.bias"], np.nan)
+    save_file(tensors, weights)
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png", "--no-progress")
+    fails_in_one_line(args, tmp_path, "NaN or Inf", "nothing written", status=1)
+
+
+def test_a_failure_after_a_network_ran_is_no_refusal(pipelines, tmp_path, monkeypatch):
+    """A ValueError once the networks run is a failure of the work (status 1, with its type
+    and the pointer to --debug), not a wrong option, and writes nothing."""
+    from bdia.integrations.diffusers import editing
+
+    def broken(vae, latents):
+        raise ValueError("the decoder broke")
+
+    monkeypatch.setattr(editing, "_decode", broken)
+    args = edit(pipelines["sd3"], photo(tmp_path / "p.png"), tmp_path / "e.png", "--no-progress")
+    fails_in_one_line(args, tmp_path, "ValueError: the decoder broke", "--debug", status=1)
