@@ -712,8 +712,10 @@ def shell_commands(page: str) -> list[list[str]]:
 
 COMMANDS = [(page, args) for page in PAGES for args in shell_commands(page)]
 # Input files named on a command line are made empty before it is parsed: parsing checks that
-# they exist, not what they hold.
+# they exist, not what they hold. So are the photo of `bdia edit --image` and its pipeline
+# folder, whose model_index.json parsing reads for the pipeline's class.
 _INPUT_SUFFIXES = (".pkl", ".npz", ".pt", ".safetensors")
+_PIPELINE_INDEX = '{"_class_name": "StableDiffusionPipeline"}'
 
 
 def test_the_pages_have_commands_to_check():
@@ -731,6 +733,12 @@ def test_documented_command_parses(page, args, tmp_path, monkeypatch):
         if word.endswith(_INPUT_SUFFIXES) and not Path(word).exists():
             Path(word).parent.mkdir(parents=True, exist_ok=True)
             Path(word).touch()
+    for option, value in zip(args, args[1:]):
+        if option == "--image" and not Path(value).exists():
+            Path(value).touch()
+        if option == "--pipeline" and not Path(value).exists():
+            Path(value).mkdir(parents=True)
+            (Path(value) / "model_index.json").write_text(_PIPELINE_INDEX)
     name, *rest = args
     with main.make_context("bdia", [name]) as group:
         command = main.get_command(group, name)
