@@ -89,7 +89,7 @@ class _Command(click.Group):
             if debug:
                 raise
             if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
-                hint = "out of memory: use a smaller --batch"
+                hint = self._memory_hint(argv[len(ahead) : len(ahead) + 1])
             else:
                 hint = "bdia --debug ... shows the traceback"
             message = _one_line(str(err)) or type(err).__name__
@@ -98,6 +98,17 @@ class _Command(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def _memory_hint(self, name: list[str]) -> str:
+        """What a command that ran out of memory can shrink: its ``--batch`` where it has one
+        (``invert`` has none), else the device to free or change."""
+        command = self.commands.get(name[0]) if name else None
+        options = {o for p in (command.params if command else []) for o in p.opts}
+        if "--batch" in options:
+            return "out of memory: use a smaller --batch"
+        if "--device" in options:
+            return "out of memory: free memory on the device, or choose another --device"
+        return "out of memory"
 
 
 # ------------------------------------------------------------------------ option types

@@ -542,3 +542,36 @@ def test_a_wrong_option_is_named_before_an_existing_grid(tmp_path):
     args = ["sample", "--network", "digits", "--seeds", "0", "--grid", grid, "--class", "10"]
     fails_in_one_line(args, tmp_path, "'--class'", status=2)
     assert grid.read_text() == "the user's file"
+
+
+@pytest.mark.parametrize(
+    "args,target,error,hint",
+    [
+        (
+            ["sample", "--network", "digits", "--steps", "2", "--seeds", "0-1", "--grid", "g.png"],
+            "sample_images",
+            MemoryError(),
+            "out of memory: use a smaller --batch",
+        ),
+        (
+            ["invert", "--count", "2", "--steps", "2"],
+            "reconstruct",
+            torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "out of memory: free memory on the device, or choose another --device",
+        ),
+    ],
+)
+def test_running_out_of_memory_names_what_the_command_can_shrink(
+    monkeypatch, tmp_path, args, target, error, hint
+):
+    """A command with --batch is told to shrink it; invert, which has none, is not sent to
+    look for an option it lacks."""
+    from bdia import generate
+
+    def out_of_memory(*a, **k):
+        raise error
+
+    monkeypatch.setattr(generate, target, out_of_memory)
+    monkeypatch.chdir(tmp_path)
+    line = fails_in_one_line([*args, "--no-progress"], tmp_path, status=1)
+    assert line.endswith(f"({hint})"), line
