@@ -13,8 +13,9 @@ except ImportError as err:
         "pip install 'bdia[diffusers]'"
     ) from err
 
-from .adapter import DiffusersModel, diffusers_grid, from_diffusers
+from .adapter import DiffusersModel, from_diffusers
 from .editing import EditResult, edit_image
+from .grid import diffusers_grid
 from .scheduler import (
     BDIAInverseScheduler,
     BDIARestartWarning,

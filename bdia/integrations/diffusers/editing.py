@@ -77,16 +77,10 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from .adapter import (
-    _MULTI_CONTROLNET,
-    _SIGMA_SLACK,
-    DiffusersModel,
-    _class_names,
-    _control_factor,
-    _controlnets,
-    diffusers_grid,
-    from_diffusers,
-)
+from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
+from ._schedulers import _SIGMA_SLACK, _class_names
+from .adapter import DiffusersModel, from_diffusers
+from .grid import diffusers_grid
 
 __all__ = ["edit_image", "EditResult"]
 

@@ -23,7 +23,9 @@ from torch import Tensor
 
 from ...sampling import sample
 from ...solvers.registry import get_solver
-from .adapter import _scheduler, diffusers_grid, from_diffusers
+from ._schedulers import _scheduler
+from .adapter import from_diffusers
+from .grid import diffusers_grid
 
 __all__ = ["diffusers_states", "bdia_states", "relative_difference"]
 

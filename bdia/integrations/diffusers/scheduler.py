@@ -52,18 +52,17 @@ from ...schedules import check_steps
 from ...solvers.base import SolverState
 from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper
 from ...solvers.registry import bdia
-from .adapter import (
+from ._schedulers import (
     _EDM_PRECONDITIONED,
     _EDM_PREDICTIONS,
-    DiffusersModel,
     _check_edm_config,
     _check_model_config,
     _check_schedule_config,
     _no_table,
     _table,
-    diffusers_grid,
-    from_diffusers,
 )
+from .adapter import DiffusersModel, from_diffusers
+from .grid import diffusers_grid
 
 
 def _init_fields(cls: Any) -> tuple[str, ...]:

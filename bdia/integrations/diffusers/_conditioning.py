@@ -1,0 +1,302 @@
+"""The conditioning of a diffusers network's calls: the unet's keyword arguments (``cond``) and
+classifier-free guidance (``guidance_scale`` with ``negative_cond``, the unconditional
+branch's arguments).
+
+The checks refuse, in one line and before any call, arguments the adapter sets itself,
+guidance that cannot run and an LCM-distilled unet without its ``timestep_cond``; Flux's
+have their own (its position ids ``txt_ids`` and ``img_ids``, 2-D and passed as they are,
+and its embedded ``guidance``). At each call, tensors of batch 1 are expanded to the
+state's batch, and under guidance stacked into the batch ``[unconditional, conditional]``;
+floating ones are cast to the unet's dtype once, when the ODE is built.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Flux's position ids: one row per token, shared by the batch (2-D), passed as they are.
+_FLUX_IDS = ("txt_ids", "img_ids")
+# unet (and flow transformer) keyword arguments that the adapter itself sets.
+_RESERVED = ("sample", "timestep", "return_dict")
+_FLOW_RESERVED = ("hidden_states", "timestep", "return_dict")
+# The ODE's cond keys of a controlnet, beside the unet's arguments (DiffusersModel.forward's).
+_CONTROL_KEYS = ("controlnet_cond", "conditioning_scale", "guess_mode", "control_range")
+
+
+def _batched(value: Any, batch: int, where: str) -> Any:
+    """``value`` with every tensor of batch 1 expanded to ``batch`` (through dicts and lists)."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0 or value.shape[0] == batch:
+            return value
+        if value.shape[0] == 1:
+            return value.expand(batch, *value.shape[1:])
+        raise ValueError(
+            f"{where} has batch {value.shape[0]} but the state has batch {batch}; give batch 1 "
+            f"(shared by every sample) or {batch}"
+        )
+    if isinstance(value, Mapping):
+        return {k: _batched(v, batch, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_batched(v, batch, f"{where}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _doubled(value: Any, batch: int, where: str) -> Any:
+    """A conditioning value shared by both halves of a guidance batch."""
+    if isinstance(value, Tensor) and value.ndim > 0:
+        b = _batched(value, batch, where)
+        return torch.cat([b, b])
+    if isinstance(value, Mapping):
+        return {k: _doubled(v, batch, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_doubled(v, batch, f"{where}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _paired(negative: Any, positive: Any, batch: int, where: str) -> Any:
+    """The unet argument of the batch [unconditional, conditional]."""
+    if isinstance(positive, Tensor) and isinstance(negative, Tensor) and positive.ndim > 0:
+        return torch.cat(
+            [_batched(negative, batch, f"negative_cond{where}"), _batched(positive, batch, where)]
+        )
+    if isinstance(positive, Mapping) and isinstance(negative, Mapping):
+        extra = [k for k in negative if k not in positive]
+        if extra:
+            raise ValueError(
+                f"negative_cond{where} has key {extra[0]!r}, which the conditional arguments "
+                "lack; give both branches the same keys"
+            )
+        return {
+            k: _paired(negative[k], v, batch, f"{where}[{k!r}]")
+            if k in negative
+            else _doubled(v, batch, f"{where}[{k!r}]")
+            for k, v in positive.items()
+        }
+    if (
+        isinstance(positive, (list, tuple))
+        and isinstance(negative, (list, tuple))
+        and len(positive) == len(negative)
+    ):
+        return type(positive)(
+            _paired(n, p, batch, f"{where}[{i}]")
+            for i, (n, p) in enumerate(zip(negative, positive))
+        )
+    same = negative is positive
+    if not same and not isinstance(positive, Tensor) and not isinstance(negative, Tensor):
+        try:
+            same = bool(negative == positive)
+        except Exception:  # an object without a usable == is not known to be equal
+            same = False
+    if isinstance(positive, Tensor) and isinstance(negative, Tensor):
+        same = positive.shape == negative.shape and bool(torch.equal(positive, negative))
+    if not same:
+        raise ValueError(
+            f"negative_cond{where} and the conditional argument differ but cannot be stacked "
+            "into one batch (not tensors with a batch dimension); give equal values"
+        )
+    return positive
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor (through dicts and lists) cast to ``dtype``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
+def _cast_cond(
+    cond: Mapping[str, Any], dtype: torch.dtype, keep: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``cond`` with its floating tensors cast to ``dtype``, but the keys in ``keep``."""
+    return {k: v if k in keep else _cast_floating(v, dtype) for k, v in cond.items()}
+
+
+def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
+    """One-line errors for a classifier-free guidance setting that cannot run."""
+    if guidance_scale is not None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    if negative_cond is not None and not isinstance(negative_cond, Mapping):
+        raise TypeError(
+            "negative_cond must be a dict of the unconditional branch's unet arguments, e.g. "
+            f"{{'encoder_hidden_states': negative_embeds}}, got {type(negative_cond).__name__}"
+        )
+    if guidance_scale is not None and guidance_scale != 1 and negative_cond is None:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale} needs negative_cond, the unet arguments of the "
+            "unconditional branch, e.g. negative_cond={'encoder_hidden_states': negative_embeds}"
+        )
+    if negative_cond is not None and guidance_scale is None:
+        raise ValueError(
+            "negative_cond was given without guidance_scale; pass guidance_scale=g for the "
+            "guided output u + g (c - u)"
+        )
+
+
+def _check_timestep_cond(unet_config: Mapping[str, Any], cond: Mapping[str, Any]) -> None:
+    """Refuse a UNet with ``time_cond_proj_dim`` (an LCM-distilled one) without its
+    ``timestep_cond``: diffusers' UNet then leaves the guidance embedding out of its time
+    embedding without a word, and predicts as a network it was not distilled into."""
+    dim = unet_config.get("time_cond_proj_dim")
+    if dim is not None and cond.get("timestep_cond") is None:
+        raise ValueError(
+            f"the unet has time_cond_proj_dim = {dim} (a guidance-distilled unet, such as "
+            "LCM's): it takes its guidance scale w as timestep_cond, and runs as another "
+            "network without it; pass timestep_cond=pipe.get_guidance_scale_embedding("
+            f"torch.tensor([w - 1.0]), embedding_dim={dim}), as LatentConsistencyModelPipeline "
+            "makes it"
+        )
+
+
+def _check_cond(
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    reserved: tuple[str, ...] = _RESERVED,
+) -> None:
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        for key in mapping:
+            if key in reserved:
+                raise ValueError(
+                    f"{where or 'cond'} key {key!r} is set by the adapter in the unet calls it "
+                    "makes; remove it"
+                )
+            if key == "skip_layers" and reserved == _FLOW_RESERVED:
+                raise ValueError(
+                    f"{where or 'cond'} key 'skip_layers' leaves out transformer blocks, the "
+                    "third model of skip-layer guidance (StableDiffusion3Pipeline's "
+                    "skip_guidance_layers), which bdia does not map: the pipeline adds it at "
+                    "some steps only; remove it"
+                )
+    if "control_range" in cond:
+        raise ValueError(
+            "cond key 'control_range' is set by the adapter from control_guidance_start and "
+            "control_guidance_end; pass those (with num_inference_steps) instead"
+        )
+    control = [k for k in (negative_cond or {}) if k in _CONTROL_KEYS]
+    if control:
+        raise ValueError(
+            f"negative_cond has key {control[0]!r}: the control image and its settings are "
+            "shared by both branches of guidance, as the ControlNet pipelines share them; "
+            "leave it out of negative_cond"
+        )
+    extra = [k for k in (negative_cond or {}) if k not in cond]
+    if extra:
+        raise ValueError(
+            f"negative_cond has key {extra[0]!r}, which the conditional arguments lack; give "
+            f"the conditional branch's value as {extra[0]}=... too"
+        )
+
+
+def _ids_message(key: str, value: Any, axes: int) -> str | None:
+    """Why ``value`` is not a Flux position-id tensor of ``axes`` columns, or None."""
+    if not isinstance(value, Tensor):
+        return f"{key} must be a tensor of shape (tokens, {axes}), got {type(value).__name__}"
+    if value.ndim == 2 and value.shape[1] == axes:
+        return None
+    batched = f" (a batched one: pass {key}[0])" if value.ndim == 3 else ""
+    return (
+        f"{key} must have shape (tokens, {axes}), one row per token shared by the batch, as "
+        f"FluxPipeline passes it; got {tuple(value.shape)}{batched}"
+    )
+
+
+def _guidance_tensor(value: Any, where: str) -> Tensor:
+    """Flux-dev's embedded guidance scale: a number becomes ``torch.full([1], g)`` in float32,
+    as FluxPipeline makes it; a tensor must hold one value per sample (or one for all)."""
+    if isinstance(value, Tensor):
+        if value.ndim != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{where} must be a number or a floating tensor of shape (batch,) or (1,), got "
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a number (the embedded guidance scale), got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    return torch.full([1], float(value), dtype=torch.float32)
+
+
+def _flux_kwargs(kwargs: Mapping[str, Any], batch: int, where: str) -> dict[str, Any]:
+    """One Flux call's keyword arguments: tensors of batch 1 expanded to ``batch``, but the
+    position ids ``txt_ids`` and ``img_ids`` (one row per token) passed as they are."""
+    rest = {k: v for k, v in kwargs.items() if k not in _FLUX_IDS}
+    ids = {k: v for k, v in kwargs.items() if k in _FLUX_IDS}
+    return {**_batched(rest, batch, where), **ids}
+
+
+def _check_flux_cond(
+    transformer: Any, cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Refuse, in one line and before any call, Flux conditioning the transformer cannot take
+    as FluxPipeline gives it. Returns copies of ``cond`` and ``negative_cond`` in which a
+    ``guidance`` number is a tensor. The negative branch may have ``txt_ids`` of its own
+    (negative embeddings of another length): it is a call of its own, as in FluxPipeline."""
+    config = transformer.config
+    name = type(transformer).__name__
+    axes = len(config.get("axes_dims_rope", (16, 56, 56)))
+    for key in ("encoder_hidden_states", "pooled_projections", "txt_ids"):
+        if key not in cond:
+            raise ValueError(
+                f"{name} needs cond key {key!r}: FluxPipeline.encode_prompt returns "
+                "(prompt_embeds, pooled_prompt_embeds, text_ids); pass them as "
+                "encoder_hidden_states, pooled_projections and txt_ids"
+            )
+    if "img_ids" not in cond:
+        raise ValueError(
+            f"{name} needs cond key 'img_ids', the (tokens, {axes}) positions of the packed "
+            "latents' tokens: FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, "
+            "dtype) for latents of h x w before packing"
+        )
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        for key in _FLUX_IDS:
+            if key in mapping:
+                problem = _ids_message(f"{where}[{key!r}]" if where else key, mapping[key], axes)
+                if problem is not None:
+                    raise ValueError(problem)
+        # The negative branch is its own call: its txt_ids, else the conditional ones.
+        txt_ids = mapping.get("txt_ids", cond["txt_ids"])
+        embeds = mapping.get("encoder_hidden_states")
+        if isinstance(embeds, Tensor) and (embeds.ndim != 3 or embeds.shape[1] != len(txt_ids)):
+            label = f"{where}['encoder_hidden_states']" if where else "encoder_hidden_states"
+            raise ValueError(
+                f"{label} has shape {tuple(embeds.shape)}, but its txt_ids has "
+                f"{len(txt_ids)} rows: give embeddings of shape (batch or 1, tokens, D) with "
+                "one txt_ids row per token"
+            )
+    embedded = bool(config.get("guidance_embeds", False))
+    positive = dict(cond)
+    negative = None if negative_cond is None else dict(negative_cond)
+    branches: list[tuple[str, dict[str, Any] | None]] = [
+        ("guidance", positive),
+        ("negative_cond['guidance']", negative),
+    ]
+    for where, branch in branches:
+        if branch is None or "guidance" not in branch:
+            continue
+        if not embedded:
+            raise ValueError(
+                f"{name} has guidance_embeds = False (a timestep-distilled model such as "
+                f"Flux.1-schnell) and embeds no guidance scale; leave {where} out (classifier-"
+                "free guidance is guidance_scale with negative_cond)"
+            )
+        branch["guidance"] = _guidance_tensor(branch["guidance"], where)
+    if embedded and "guidance" not in positive:
+        raise ValueError(
+            f"{name} has guidance_embeds = True (Flux.1-dev) and embeds the guidance scale: "
+            "give guidance=g, FluxPipeline's guidance_scale (3.5 by default), as a number or a "
+            "tensor of shape (batch,) or (1,)"
+        )
+    return positive, negative
