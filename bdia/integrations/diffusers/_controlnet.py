@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...schedules import check_steps
 from ._conditioning import _RESERVED, _check_cond
-from ._schedulers import _class_names
+from ._scheduler_config import _class_names
 from .grid import diffusers_grid
 
 # The ControlNet the adapter calls as StableDiffusionControlNetPipeline and

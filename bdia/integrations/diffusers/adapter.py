@@ -71,7 +71,7 @@ from ._controlnet import (
     _control_factor,
     _controlnets,
 )
-from ._schedulers import (
+from ._scheduler_config import (
     _EDM_PREDICTIONS,
     _SIGMA_SLACK,
     _SPACES,

@@ -78,7 +78,7 @@ from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
-from ._schedulers import _SIGMA_SLACK, _class_names
+from ._scheduler_config import _SIGMA_SLACK, _class_names
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
 

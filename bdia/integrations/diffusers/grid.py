@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...schedules import Schedule, check_steps
-from ._schedulers import (
+from ._scheduler_config import (
     _SIGMA_SLACK,
     _SIGMA_SPACINGS,
     _check_edm_config,

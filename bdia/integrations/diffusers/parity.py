@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...sampling import sample
 from ...solvers.registry import get_solver
-from ._schedulers import _scheduler
+from ._scheduler_config import _scheduler
 from .adapter import from_diffusers
 from .grid import diffusers_grid
 

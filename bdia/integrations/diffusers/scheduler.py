@@ -52,7 +52,7 @@ from ...schedules import check_steps
 from ...solvers.base import SolverState
 from ...solvers.bidirectional import NAMED_GAMMAS, BidirectionalWrapper
 from ...solvers.registry import bdia
-from ._schedulers import (
+from ._scheduler_config import (
     _EDM_PRECONDITIONED,
     _EDM_PREDICTIONS,
     _check_edm_config,
