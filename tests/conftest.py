@@ -306,6 +306,30 @@ def assert_flow_run_is_bdia_sample(
     return pair
 
 
+def assert_ddim_run_is_bdia_sample(
+    pipe: Any, latents: torch.Tensor, ode: Any, noise: torch.Tensor, gamma: float, steps: int
+) -> torch.Tensor:
+    """A pipeline's run from ``noise`` with its ``BDIAScheduler`` over DDIM (``latents``) is
+    ``bdia.sample`` with ``bdia(ddim, gamma)`` on ``ode`` and the scheduler's grid, bit for
+    bit, and the scheduler's ``final_pair`` inverts under ``ode`` to ``noise`` exactly.
+    Returns what a float64 state's round trip over that grid comes back to (``noise``, to
+    the caller's tolerance)."""
+    import bdia
+    from bdia.integrations.diffusers import diffusers_grid
+
+    solver = bdia.bdia("ddim", gamma)
+    with torch.no_grad():
+        ts = diffusers_grid(pipe.scheduler, steps)
+        pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
+        assert torch.equal(pair.later, latents)
+        back = bdia.invert(ode, solver, pipe.scheduler.final_pair, ts, progress=False)
+        assert torch.equal(back.earlier, noise)
+        wide = bdia.sample(ode, solver, noise.double(), ts, return_pair=True, progress=False)
+        back = bdia.invert(ode, solver, wide, ts, progress=False)
+    assert back.earlier.dtype == torch.float64
+    return back.earlier
+
+
 def flow_round_trip_error(ode: Any, noise: torch.Tensor, ts: torch.Tensor) -> float:
     """``max |back - noise| / max |noise|`` of ``noise`` sampled over ``ts`` with
     ``bdia(euler, 0.96)`` and inverted from the final pair."""

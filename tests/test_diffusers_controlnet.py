@@ -18,7 +18,7 @@ import copy
 import diffusers
 import pytest
 import torch
-from conftest import Counter
+from conftest import Counter, assert_ddim_run_is_bdia_sample
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -270,18 +270,10 @@ def test_bdia_scheduler_in_the_controlnet_pipeline_is_bdia_sample_and_inverts(tm
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.9)
     images, noise = _control(1), _noise()
     theirs = _run(pipe, images, noise, 0.7, False, 0.0, 0.7)
-    solver = bdia.bdia("ddim", 0.9)
     with torch.no_grad():
         ode = _ode(pipe, False, images, 0.7, False, 0.0, 0.7)
-        ts = diffusers_grid(pipe.scheduler, STEPS)
-        pair = bdia.sample(ode, solver, noise, ts, return_pair=True, progress=False)
-        assert torch.equal(pair.later, theirs)
-        back = bdia.invert(ode, solver, pipe.scheduler.final_pair, ts, progress=False)
-        assert torch.equal(back.earlier, noise)
-        wide = bdia.sample(ode, solver, noise.double(), ts, return_pair=True, progress=False)
-        back = bdia.invert(ode, solver, wide, ts, progress=False)
-    assert back.earlier.dtype == torch.float64
-    assert _rel(back.earlier, noise.double()) < 1e-12
+    back = assert_ddim_run_is_bdia_sample(pipe, theirs, ode, noise, 0.9, STEPS)
+    assert _rel(back, noise.double()) < 1e-12
 
 
 # ---------------------------------------------------------------- the switch by steps

@@ -5,9 +5,11 @@ branch's arguments).
 The checks refuse, in one line and before any call, arguments the adapter sets itself,
 guidance that cannot run and an LCM-distilled unet without its ``timestep_cond``; Flux's
 have their own (its position ids ``txt_ids`` and ``img_ids``, 2-D and passed as they are,
-and its embedded ``guidance``). At each call, tensors of batch 1 are expanded to the
-state's batch, and under guidance stacked into the batch ``[unconditional, conditional]``;
-floating ones are cast to the unet's dtype once, when the ODE is built.
+and its embedded ``guidance``), and so has an inpainting unet's (its ``mask`` and
+``masked_image_latents``, extra input channels beside the latents). At each call, tensors
+of batch 1 are expanded to the state's batch, and under guidance stacked into the batch
+``[unconditional, conditional]``; floating ones are cast to the unet's dtype once, when the
+ODE is built.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _RESERVED = ("sample", "timestep", "return_dict")
 _FLOW_RESERVED = ("hidden_states", "timestep", "return_dict")
 # The ODE's cond keys of a controlnet, beside the unet's arguments (DiffusersModel.forward's).
 _CONTROL_KEYS = ("controlnet_cond", "conditioning_scale", "guess_mode", "control_range")
+# The ODE's cond keys of an inpainting unet's extra input channels (DiffusersModel.forward's).
+_INPAINT_KEYS = ("mask", "masked_image_latents")
 
 
 def _batched(value: Any, batch: int, where: str) -> Any:
@@ -184,12 +188,16 @@ def _check_cond(
             "cond key 'control_range' is set by the adapter from control_guidance_start and "
             "control_guidance_end; pass those (with num_inference_steps) instead"
         )
-    control = [k for k in (negative_cond or {}) if k in _CONTROL_KEYS]
+    control = [k for k in (negative_cond or {}) if k in _CONTROL_KEYS + _INPAINT_KEYS]
     if control:
+        what = (
+            "the control image and its settings are"
+            if control[0] in _CONTROL_KEYS
+            else ("the inpainting mask and masked image are")
+        )
         raise ValueError(
-            f"negative_cond has key {control[0]!r}: the control image and its settings are "
-            "shared by both branches of guidance, as the ControlNet pipelines share them; "
-            "leave it out of negative_cond"
+            f"negative_cond has key {control[0]!r}: {what} shared by both branches of "
+            "guidance, as the pipelines share them; leave it out of negative_cond"
         )
     extra = [k for k in (negative_cond or {}) if k not in cond]
     if extra:
@@ -300,3 +308,83 @@ def _check_flux_cond(
             "tensor of shape (batch,) or (1,)"
         )
     return positive, negative
+
+
+def _inpaint_cond(
+    unet_config: Mapping[str, Any] | None,
+    mask: Any,
+    masked_image_latents: Any,
+) -> dict[str, Tensor]:
+    """The ODE's cond entries of an inpainting unet's extra input channels, checked against
+    the unet's config: ``{}`` without them, else ``mask`` and ``masked_image_latents`` (the
+    caller casts them to the unet's dtype, in which the pipelines make them).
+
+    An inpainting unet (Stable Diffusion's or SDXL's, ``in_channels = 9`` for
+    ``out_channels = 4``) takes ``torch.cat([latents, mask, masked_image_latents], dim=1)``;
+    refused in one line: one without the other, a unet of no extra channels given them, and
+    tensors that are not ``(batch or 1, C, h, w)`` with channels adding up to
+    ``in_channels``. The batch and the size are checked against the state at each call."""
+    c_in = c_out = None
+    if isinstance(unet_config, Mapping):
+        c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
+    extra = c_in - c_out if isinstance(c_in, int) and isinstance(c_out, int) else None
+    how = (
+        "as the inpainting pipelines' prepare_mask_latents makes them (with "
+        "do_classifier_free_guidance=False: the adapter doubles them under guidance)"
+    )
+    if mask is None and masked_image_latents is None:
+        if extra is not None and extra >= 2:  # a mask channel and at least one of latents
+            raise ValueError(
+                f"the unet takes in_channels = {c_in} for out_channels = {c_out}: an inpainting "
+                f"unet, whose {extra} extra input channels are the mask and the masked image's "
+                f"latents; pass mask= (batch or 1, 1, h, w) and masked_image_latents= (batch or "
+                f"1, {extra - 1}, h, w), {how}"
+            )
+        return {}
+    if mask is None or masked_image_latents is None:
+        given, missing = (
+            ("mask", "masked_image_latents")
+            if mask is not None
+            else ("masked_image_latents", "mask")
+        )
+        raise ValueError(
+            f"{given} was given without {missing}; an inpainting unet takes both, {how}"
+        )
+    if extra is not None and extra < 2:
+        raise ValueError(
+            f"mask and masked_image_latents are an inpainting unet's extra input channels, but "
+            f"this unet takes in_channels = {c_in} for out_channels = {c_out}, not the latents "
+            "and a mask and masked image beside them; give a 9-channel inpainting unet "
+            "(stable-diffusion-inpainting, SDXL inpainting), or leave them out: a 4-channel "
+            "unet has no mask input (StableDiffusionInpaintPipeline blends the image back into "
+            "its latents after each step instead, which is no ODE step)"
+        )
+    tensors = {"mask": mask, "masked_image_latents": masked_image_latents}
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{name} must be a tensor of shape (batch or 1, C, h, w) at the latents' size, "
+                f"{how}; got {type(value).__name__}"
+            )
+        if not value.is_floating_point() or value.ndim != 4:
+            raise ValueError(
+                f"{name} must be a floating tensor of shape (batch or 1, C, h, w) at the "
+                f"latents' size, got a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+    if mask.shape[1] != 1:
+        raise ValueError(
+            f"mask must have one channel, shape (batch or 1, 1, h, w), got {tuple(mask.shape)}"
+        )
+    if mask.shape[2:] != masked_image_latents.shape[2:]:
+        raise ValueError(
+            f"mask is {' x '.join(map(str, mask.shape[2:]))} (h x w) but masked_image_latents "
+            f"is {' x '.join(map(str, masked_image_latents.shape[2:]))}; give both at the "
+            f"latents' size, {how}"
+        )
+    if extra is not None and 1 + masked_image_latents.shape[1] != extra:
+        raise ValueError(
+            f"masked_image_latents has {masked_image_latents.shape[1]} channels, but the unet "
+            f"takes in_channels = {c_in} = {c_out} (latents) + 1 (mask) + {extra - 1} (masked "
+            "image latents); encode the masked image with the pipeline's vae"
+        )
+    return tensors

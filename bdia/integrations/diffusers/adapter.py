@@ -34,6 +34,12 @@ several), every model evaluation calls it before the unet on the unet's input an
 as ``StableDiffusionControlNetPipeline`` and ``StableDiffusionXLControlNetPipeline`` do, and
 the unet gets its residuals.
 
+With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
+SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
+masked_image_latents], dim=1)`` for its input ``x_in``, as ``StableDiffusionInpaintPipeline``
+and ``StableDiffusionXLInpaintPipeline`` make it: the mask and the masked image are fixed
+over the run, so the ODE is one in the latents alone.
+
 The ODE's time grid is ``diffusers_grid``'s, in ``bdia.integrations.diffusers.grid``
 (importable from here too). The scheduler's recognition and config checks, the
 conditioning's checks and the ControlNet's have modules of their own in this package.
@@ -61,6 +67,7 @@ from ._conditioning import (
     _check_guidance,
     _check_timestep_cond,
     _flux_kwargs,
+    _inpaint_cond,
     _paired,
 )
 from ._controlnet import (
@@ -148,7 +155,10 @@ class DiffusersModel(torch.nn.Module):
             ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``).
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
-    conditioning_scale=1.0, guess_mode=False, control_range=None, **unet_kwargs)``: see there.
+    conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
+    masked_image_latents=None, **unet_kwargs)``: see there. An inpainting unet (``in_channels``
+    of its config more than the state's channels) takes ``mask`` and
+    ``masked_image_latents`` there.
     """
 
     def __init__(
@@ -291,6 +301,8 @@ class DiffusersModel(torch.nn.Module):
         conditioning_scale: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
         control_range: Sequence[tuple[float, float]] | None = None,
+        mask: Tensor | None = None,
+        masked_image_latents: Tensor | None = None,
         **unet_kwargs: Any,
     ) -> Tensor:
         """One unet call (one batch of twice the size under guidance), after one controlnet
@@ -334,6 +346,16 @@ class DiffusersModel(torch.nn.Module):
                 the controlnet is not called and the unet gets no residuals (the same output:
                 residuals of 0 add nothing). The bounds are taken in ``t``'s dtype, in which
                 the grid's times arrive. None: always.
+            mask: an inpainting unet's mask, shape ``(batch or 1, 1, h, w)`` for a state of
+                ``(batch, C, h, w)``, in the unet's dtype (1 where the image is repainted), as
+                the inpainting pipelines' ``prepare_mask_latents`` makes it.
+            masked_image_latents: the latents of the image with the masked region blanked,
+                shape ``(batch or 1, C', h, w)`` with ``C + 1 + C'`` the unet's
+                ``in_channels``. The unet's input is then ``torch.cat([x_in, mask,
+                masked_image_latents], dim=1)`` (under guidance, both halves of the batch
+                have the same mask and masked image), as
+                ``StableDiffusionInpaintPipeline`` and ``StableDiffusionXLInpaintPipeline``
+                make it; the output has the state's channels.
             unet_kwargs: keyword arguments of the unet; tensors of batch 1 are expanded to
                 ``batch`` (Flux's ``txt_ids`` and ``img_ids`` excepted: they are passed as
                 they are, to both branches of guidance).
@@ -348,14 +370,17 @@ class DiffusersModel(torch.nn.Module):
         """
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
+        extra = self._inpaint_channels(x, mask, masked_image_latents, batch)
         if self.flux:
             self._check_packed(x, unet_kwargs)
-        elif self.in_channels is not None and (x.ndim < 2 or x.shape[1] != self.in_channels):
-            raise ValueError(
-                f"the state has shape {tuple(x.shape)}, but the unet takes in_channels = "
-                f"{self.in_channels} at dim 1; give a state of shape (batch, {self.in_channels}, "
-                "height, width)"
-            )
+        elif self.in_channels is not None and extra is None:
+            if x.ndim < 2 or x.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"the state has shape {tuple(x.shape)}, but the unet takes in_channels = "
+                    f"{self.in_channels} at dim 1; give a state of shape (batch, "
+                    f"{self.in_channels}, height, width) (an inpainting unet's latents take "
+                    "mask= and masked_image_latents= beside them)"
+                )
         control = self._control_inputs(
             x, t, controlnet_cond, conditioning_scale, control_range, batch
         )
@@ -394,6 +419,8 @@ class DiffusersModel(torch.nn.Module):
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
                 x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
+                # The pipelines double the mask and the masked image for guidance's batch.
+                extra_both = None if extra is None else torch.cat([extra, extra])
                 if control is not None and guess_mode:
                     # The pipelines' guess mode: the controlnet on the conditional half, no
                     # residual for the unconditional one.
@@ -408,7 +435,7 @@ class DiffusersModel(torch.nn.Module):
                     kwargs.update(
                         self._residuals(x_both, tau_both, kwargs, doubled, scales, guess_mode)
                     )
-                both = self._call_unet(x_both, tau_both, kwargs)
+                both = self._call_unet(x_both, tau_both, kwargs, extra_both)
                 u, c = both[:batch], both[batch:]
             # The raw outputs are combined (linear, so the same in eps, x0 or v), in float32 at
             # least so that a half-precision unet's difference c - u is not rounded again.
@@ -422,7 +449,7 @@ class DiffusersModel(torch.nn.Module):
             if control is not None:
                 images, scales = control
                 kwargs.update(self._residuals(x_in, tau, kwargs, images, scales, guess_mode))
-            out = self._call_unet(x_in, tau, kwargs)
+            out = self._call_unet(x_in, tau, kwargs, extra)
         if self.sigma_data is not None:
             return self._denoised(x, out, sigma)
         if self.space == "edm" and self.prediction == "v":
@@ -430,6 +457,46 @@ class DiffusersModel(torch.nn.Module):
             wide = torch.promote_types(out.dtype, torch.float32)
             out = out.to(wide) * scale.to(wide)
         return out
+
+    def _inpaint_channels(
+        self, x: Tensor, mask: Tensor | None, masked_image_latents: Tensor | None, batch: int
+    ) -> Tensor | None:
+        """``torch.cat([mask, masked_image_latents], dim=1)`` of the state's batch, the channels
+        an inpainting unet takes after the state's; None without them. Checks their size and
+        channels against the state and the unet before any call."""
+        if mask is None and masked_image_latents is None:
+            return None
+        if mask is None or masked_image_latents is None:
+            raise ValueError(
+                "an inpainting unet takes both mask and masked_image_latents; give both"
+            )
+        if self.space == "flow" or self.controlnet is not None:
+            raise ValueError(
+                "mask and masked_image_latents are an inpainting UNet's input channels, not "
+                "mapped for a flow-matching transformer or with a controlnet"
+            )
+        for name, value in (("mask", mask), ("masked_image_latents", masked_image_latents)):
+            if x.ndim != 4 or tuple(value.shape[2:]) != tuple(x.shape[2:]):
+                raise ValueError(
+                    f"{name} is {' x '.join(map(str, value.shape[2:]))} (h x w), but the "
+                    f"state has shape {tuple(x.shape)}: give it at the latents' size, as the "
+                    "inpainting pipelines' prepare_mask_latents makes it (the mask "
+                    "interpolated to H / f x W / f, f the vae's factor)"
+                )
+        channels = x.shape[1] + mask.shape[1] + masked_image_latents.shape[1]
+        if self.in_channels is not None and channels != self.in_channels:
+            raise ValueError(
+                f"the unet takes in_channels = {self.in_channels}, but the state's "
+                f"{x.shape[1]} channels, the mask's {mask.shape[1]} and masked_image_latents' "
+                f"{masked_image_latents.shape[1]} make {channels}"
+            )
+        return torch.cat(
+            [
+                _batched(mask, batch, "mask"),
+                _batched(masked_image_latents, batch, "masked_image_latents"),
+            ],
+            dim=1,
+        )
 
     def _control_inputs(
         self,
@@ -566,8 +633,16 @@ class DiffusersModel(torch.nn.Module):
                 "w // 2, device, dtype)"
             )
 
-    def _call_unet(self, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
-        if self.space == "flow":
+    def _call_unet(
+        self, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any], extra: Tensor | None = None
+    ) -> Tensor:
+        """The unet's prediction at ``x`` (with ``extra``, an inpainting unet's mask and
+        masked image, concatenated after ``x`` along the channels), of ``x``'s shape."""
+        if extra is not None:
+            # In x's dtype, as the pipelines' mask (of the prompt embeddings' dtype) meets
+            # latents of that dtype.
+            result = self.unet(torch.cat([x, extra.to(x.dtype)], dim=1), tau, **kwargs)
+        elif self.space == "flow":
             # By keyword, as StableDiffusion3Pipeline and FluxPipeline call it: the
             # transformer's second positional argument is encoder_hidden_states.
             result = self.unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)
@@ -610,6 +685,8 @@ def from_diffusers(
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
     num_inference_steps: int | None = None,
+    mask: Tensor | None = None,
+    masked_image_latents: Tensor | None = None,
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
@@ -679,6 +756,20 @@ def from_diffusers(
         num_inference_steps: the grid's steps, as given to ``diffusers_grid``; needed with
             (and only with) ``control_guidance_start`` or ``control_guidance_end`` other than
             0 and 1.
+        mask: for an inpainting unet (``in_channels`` more than ``out_channels``: 9 for 4,
+            ``stable-diffusion-inpainting``'s and SDXL inpainting's), the mask at the
+            latents' size, 1 where the image is repainted: a floating tensor of shape
+            ``(batch or 1, 1, h, w)`` for latents of ``(batch, C, h, w)``, as the pipeline's
+            ``prepare_mask_latents`` makes it (``pipe.mask_processor.preprocess(mask_image,
+            height=H, width=W)`` interpolated to ``H / f x W / f``), cast to ``model_dtype``.
+            Every unet call then takes ``torch.cat([x_in, mask, masked_image_latents],
+            dim=1)`` for its input ``x_in``, in both halves of guidance, as
+            ``StableDiffusionInpaintPipeline`` and ``StableDiffusionXLInpaintPipeline`` make
+            it; the ODE's state is the latents alone. Needed with (and only with) such a unet.
+        masked_image_latents: the latents of the image with the masked region blanked
+            (``image * (mask < 0.5)`` encoded by the pipeline's vae and scaled), shape
+            ``(batch or 1, in_channels - out_channels - 1, h, w)``, cast to ``model_dtype``.
+            Needed with ``mask``.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -704,7 +795,8 @@ def from_diffusers(
         ``cond`` holding everything that conditions the unet (``guidance_scale`` and
         ``negative_cond`` included; with a controlnet, ``controlnet_cond``,
         ``conditioning_scale``, ``guess_mode`` and, where it is switched, the times of
-        ``control_range``). Sample it on ``diffusers_grid(scheduler, steps)`` with
+        ``control_range``; with an inpainting unet, ``mask`` and
+        ``masked_image_latents``). Sample it on ``diffusers_grid(scheduler, steps)`` with
         any bdia solver, or invert it with BDIA.
 
     Raises:
@@ -739,10 +831,18 @@ def from_diffusers(
             residual or control key in ``cond`` or ``negative_cond``; any of these settings
             without ``controlnet``. At the first evaluation, before any call: a control image
             whose batch is neither 1 nor the state's, or whose size is not the latents' times
-            the controlnet's factor.
+            the controlnet's factor. For an inpainting unet: no ``mask`` or
+            ``masked_image_latents`` (or one without the other), or them for a unet that
+            takes no extra channels, with a flow-matching scheduler or with a controlnet;
+            tensors that are not 4-D and floating, a mask of more than one channel, a mask
+            and masked image of two sizes, channels that do not add up to ``in_channels``;
+            either key in ``negative_cond``. At the first evaluation, before any call: a mask
+            or masked image whose batch is neither 1 nor the state's, or whose size is not the
+            latents'.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale or bound that is not a number, a
-            ``guess_mode`` that is not a bool.
+            ``guess_mode`` that is not a bool; a ``mask`` or ``masked_image_latents`` that is
+            not a tensor.
     """
     if not callable(unet):
         raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
@@ -772,10 +872,19 @@ def from_diffusers(
 
     learned_variance = False
     unet_config = getattr(unet, "config", None)
+    inpaint: dict[str, Any] = {}
+    if space != "flow" and controlnet is None:
+        inpaint = _inpaint_cond(unet_config, mask, masked_image_latents)
+    elif mask is not None or masked_image_latents is not None:
+        raise ValueError(
+            "mask and masked_image_latents are an inpainting UNet's input channels (Stable "
+            "Diffusion's, SDXL's); they are not mapped for a flow-matching transformer, nor "
+            "with a controlnet (StableDiffusionControlNetInpaintPipeline)"
+        )
     if isinstance(unet_config, Mapping):
         _check_timestep_cond(unet_config, cond)
         c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
-        if isinstance(c_in, int) and isinstance(c_out, int) and c_in != c_out:
+        if isinstance(c_in, int) and isinstance(c_out, int) and c_in != c_out and not inpaint:
             variance_type = sched.config.get("variance_type")
             if c_out == 2 * c_in and variance_type in ("learned", "learned_range"):
                 learned_variance = True
@@ -784,7 +893,8 @@ def from_diffusers(
                     f"the unet's out_channels = {c_out} differs from its in_channels = {c_in}; "
                     "bdia needs one prediction per input channel (a unet that also predicts its "
                     "variance, out_channels = 2 * in_channels, is accepted with the scheduler's "
-                    "variance_type 'learned' or 'learned_range'; inpainting unets are not)"
+                    "variance_type 'learned' or 'learned_range'; an inpainting unet with mask= "
+                    "and masked_image_latents=)"
                 )
 
     if model_dtype is None and isinstance(unet, torch.nn.Module):
@@ -798,6 +908,7 @@ def from_diffusers(
         # position ids, which the transformer reads as float32 itself.
         keep = _FLUX_IDS if flux else ()
         cond = _cast_cond(cond, model_dtype, keep)
+        inpaint = _cast_cond(inpaint, model_dtype)
         if negative_cond is not None:
             negative_cond = _cast_cond(negative_cond, model_dtype, keep)
     settings = dict(
@@ -834,7 +945,7 @@ def from_diffusers(
         flux=flux,
         controlnet=control_module,
     )
-    ode_cond = {**cond, **control_cond}
+    ode_cond = {**cond, **control_cond, **inpaint}
     if guidance_scale is not None:
         ode_cond["guidance_scale"] = guidance_scale
     if negative_cond is not None:

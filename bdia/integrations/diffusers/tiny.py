@@ -5,7 +5,7 @@ Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel`
 ``ControlNetModel``, a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's,
 or Playground v2.5's with an EDM-preconditioned scheduler), their ControlNet pipelines,
 ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
-vocabulary written locally), a
+vocabulary written locally, and the inpainting pipelines of Stable Diffusion and SDXL), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -35,6 +35,7 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
+    "tiny_inpaint_pipeline",
     "TINY_WORDS",
 ]
 
@@ -494,5 +495,42 @@ def tiny_controlnet_pipeline(
         pipe = diffusers.StableDiffusionControlNetPipeline(
             **base.components, controlnet=controlnet, requires_safety_checker=False
         )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_inpaint_pipeline(
+    folder: str | Path, scheduler: Any = None, *, xl: bool = False, in_channels: int = 9
+) -> Any:
+    """A ``StableDiffusionInpaintPipeline`` of ``tiny_text_to_image_pipeline``'s parts (with
+    ``xl``, a ``StableDiffusionXLInpaintPipeline`` of ``tiny_sdxl_pipeline``'s, whose
+    ``force_zeros_for_empty_prompt`` it keeps, without an aesthetic score) on 16 x 16 RGB
+    images and 1-channel masks. Its unet is an inpainting one: the conditional ``tiny_unet``
+    of those pipelines with ``in_channels=9`` (4 latent channels, the mask's 1 and the masked
+    image's 4 latent channels; seed 0, so other weights than theirs), which the pipeline
+    calls on ``torch.cat([latents, mask, masked_image_latents], dim=1)``. With
+    ``in_channels=4`` it is the text-to-image pipeline's own unet, which the pipeline runs
+    on the latents alone and blends the image back into after each step. ``scheduler``
+    defaults to theirs. Float32; the progress bar is off."""
+    if xl:
+        base = tiny_sdxl_pipeline(folder, scheduler)
+    else:
+        base = tiny_text_to_image_pipeline(folder, scheduler)
+    parts = dict(base.components)
+    if in_channels != 4:
+        # The unet's own config with more input channels (SDXL's added conditioning kept).
+        fields = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+        torch.manual_seed(0)
+        parts["unet"] = diffusers.UNet2DConditionModel(**{**fields, "in_channels": in_channels})
+        parts["unet"].eval()
+    if xl:
+        pipe = diffusers.StableDiffusionXLInpaintPipeline(
+            **parts,
+            force_zeros_for_empty_prompt=True,
+            requires_aesthetics_score=False,
+            add_watermarker=False,
+        )
+    else:
+        pipe = diffusers.StableDiffusionInpaintPipeline(**parts, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,375 @@
+"""Inpainting in bdia.integrations.diffusers: from_diffusers(mask=..., masked_image_latents=...)
+against StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline with a 9-channel
+unet, BDIAScheduler in them (img2img's later start included), a 4-channel unet's blend, and the
+refusals.
+
+Tiny random pipelines (``tiny_inpaint_pipeline``: the tiny SD or SDXL parts with an inpainting
+unet of ``in_channels=9``). The mask and the masked image's latents enter every unet call as
+extra channels and are fixed over the run, so the run is an ODE in the latents: a pipeline's
+DDIM step and bdia's ``ddim`` are the same update written in two ways, so whole runs agree to
+rounding (float64 pipelines: below 1e-12 relative); the model itself is compared bit for bit
+in float32 at each of the pipeline's states, and so are whole runs where the step is the same
+arithmetic (``BDIAScheduler`` and ``bdia.sample``; ``EDMEulerScheduler`` and ``euler``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import diffusers
+import pytest
+import torch
+from conftest import Counter, assert_ddim_run_is_bdia_sample, record_step_samples, untouched
+from test_diffusers_controlnet import _branches, _unet_calls
+
+import bdia
+from bdia.integrations.diffusers import (
+    BDIAInverseScheduler,
+    BDIARestartWarning,
+    BDIAScheduler,
+    diffusers_grid,
+    from_diffusers,
+)
+from bdia.integrations.diffusers.tiny import (
+    tiny_controlnet,
+    tiny_inpaint_pipeline,
+    tiny_sd3_transformer,
+)
+
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+STEPS = 10
+PROMPT = "a photo of a cat"
+GUIDANCE = 7.5
+GAMMA = 0.9
+
+
+def _inputs(dtype=torch.float32, batch=1):
+    """The image (1, 3, 16, 16) in [0, 1], a mask (1, 1, 16, 16) of 1 in a rectangle, stand-in
+    latents of the masked image (1, 4, 8, 8), and the starting noise (batch, 4, 8, 8)."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 16, 16, generator=g, dtype=dtype)
+    mask_image = torch.zeros(1, 1, 16, 16, dtype=dtype)
+    mask_image[..., 4:12, 2:10] = 1.0
+    masked = torch.randn(1, 4, 8, 8, generator=g, dtype=dtype)
+    noise = torch.randn(batch, 4, 8, 8, generator=g, dtype=dtype)
+    return image, mask_image, masked, noise
+
+
+def _mask_latents(pipe, mask_image, masked):
+    """The mask at the latents' size and the masked image's latents, as the pipeline makes
+    them (once, not doubled: the adapter doubles them under guidance)."""
+    condition = pipe.mask_processor.preprocess(mask_image, height=16, width=16)
+    return pipe.prepare_mask_latents(condition, masked, 1, 16, 16, masked.dtype, "cpu", None, False)
+
+
+def _ode(pipe, xl, mask_image, masked):
+    mask, masked_latents = _mask_latents(pipe, mask_image, masked)
+    cond, negative = _branches(pipe, xl)
+    return from_diffusers(
+        pipe.unet,
+        pipe.scheduler,
+        mask=mask,
+        masked_image_latents=masked_latents,
+        guidance_scale=GUIDANCE,
+        negative_cond=negative,
+        **cond,
+    )
+
+
+def _run(pipe, image, mask_image, masked, noise=None, strength=1.0, seed=3, per_prompt=1):
+    """The pipeline's latents: from ``noise`` (times init_noise_sigma), or with ``strength``
+    < 1 from the image latents noised by ``add_noise`` (``noise`` None)."""
+    with torch.no_grad():
+        return pipe(
+            PROMPT,
+            image=image,
+            mask_image=mask_image,
+            masked_image_latents=masked,
+            height=16,
+            width=16,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            strength=strength,
+            latents=noise,
+            num_images_per_prompt=per_prompt,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _one_line_error(exc_info, field):
+    message = str(exc_info.value)
+    assert "\n" not in message and field in message, message
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_ddim_is_the_inpaint_pipeline_to_float64_rounding(tmp_path, xl):
+    """bdia's 'ddim' on from_diffusers(unet, scheduler, mask=..., masked_image_latents=...)
+    and diffusers_grid is the inpainting pipeline's DDIM run under classifier-free guidance
+    7.5, the whole pipeline in float64 (its scheduler's tables too): below 1e-12 relative
+    (measured: up to 8.3e-16, float64 rounding of two ways of writing DDIM's step; 4.5e-7 to
+    4.9e-7 in float32). A mask or masked image left out, undoubled or of another region would
+    be off by O(1)."""
+    pipe = tiny_inpaint_pipeline(tmp_path, xl=xl).to(torch.float64)
+    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
+    pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
+        pipe.scheduler.final_alpha_cumprod
+    ).double()
+    image, mask_image, masked, noise = _inputs(torch.float64)
+    theirs = _run(pipe, image, mask_image, masked, noise)
+    with torch.no_grad():
+        ode = _ode(pipe, xl, mask_image, masked)
+        ts = diffusers_grid(pipe.scheduler, STEPS)
+        ours = bdia.sample(ode, bdia.get_solver("ddim"), noise, ts, progress=False)
+    assert ours.dtype == torch.float64
+    assert _rel(ours, theirs) < 1e-12
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_the_model_is_the_pipelines_bit_for_bit_at_each_step(tmp_path, xl):
+    """In float32, two images a prompt (the pipeline repeats the batch-1 mask and masked image
+    to batch 2, the adapter expands them): at each of the pipeline's states, the latents in the
+    first 4 channels of its unet input, the ODE's model at the grid's time calls the unet on
+    the same 9-channel input, [unconditional, conditional] with the mask and masked image in
+    both halves, and gets the same output, bit for bit."""
+    pipe = tiny_inpaint_pipeline(tmp_path, xl=xl)
+    image, mask_image, masked, noise = _inputs(batch=2)
+    calls, handle = _unet_calls(pipe.unet)
+    try:
+        _run(pipe, image, mask_image, masked, noise, per_prompt=2)
+        theirs = list(calls)
+        calls.clear()
+        with torch.no_grad():
+            ode = _ode(pipe, xl, mask_image, masked)
+            n = pipe.scheduler.config.num_train_timesteps
+            for sample, tau, _, _ in theirs:
+                ode.evaluate((float(tau) + 1.0) / n, sample[:2, :4])
+    finally:
+        handle.remove()
+    assert len(calls) == len(theirs) == STEPS
+    for i, ((x, tau, _, out), (x2, tau2, _, out2)) in enumerate(zip(calls, theirs)):
+        assert x.shape == (4, 9, 8, 8), i
+        assert torch.equal(x, x2) and torch.equal(tau.float(), tau2.float().expand(4)), i
+        assert torch.equal(out, out2), i
+
+
+def test_euler_is_the_sdxl_inpaint_pipeline_with_edm_euler_bit_for_bit(tmp_path):
+    """StableDiffusionXLInpaintPipeline with EDMEulerScheduler under guidance 7.5: the unet
+    gets the preconditioned c_in x with the mask and masked image after it, and bdia's 'euler'
+    on from_diffusers and diffusers_grid gives the pipeline's latents bit for bit in float32."""
+    pipe = tiny_inpaint_pipeline(tmp_path, diffusers.EDMEulerScheduler(), xl=True)
+    image, mask_image, masked, noise = _inputs()
+    theirs = _run(pipe, image, mask_image, masked, noise)
+    with torch.no_grad():
+        ode = _ode(pipe, True, mask_image, masked)
+        ts = diffusers_grid(pipe.scheduler, STEPS)
+        start = noise * pipe.scheduler.init_noise_sigma
+        ours = bdia.sample(ode, bdia.get_solver("euler"), start, ts, progress=False)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_bdia_scheduler_in_the_inpaint_pipeline_is_bdia_sample_and_inverts(tmp_path, xl):
+    """BDIAScheduler in the inpainting pipeline with a 9-channel unet (guidance 7.5) gives
+    bdia.sample's latents over from_diffusers' ODE bit for bit (measured 0), without a
+    restart, and its final_pair inverts under that ODE to the pipeline's noise exactly
+    (measured 0). With a float64 state the round trip comes back to the noise exactly
+    (measured 0; asserted equal)."""
+    pipe = tiny_inpaint_pipeline(tmp_path, xl=xl)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    image, mask_image, masked, noise = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BDIARestartWarning)
+        theirs = _run(pipe, image, mask_image, masked, noise)
+    assert pipe.scheduler.restarts == [] and pipe.scheduler.start_index == 0
+    with torch.no_grad():
+        ode = _ode(pipe, xl, mask_image, masked)
+    back = assert_ddim_run_is_bdia_sample(pipe, theirs, ode, noise, GAMMA, STEPS)
+    assert torch.equal(back, noise.double())
+
+
+@torch.no_grad()
+def _invert_inpaint(pipe, pair, mask_image, masked):
+    """The docs' inverse loop for an inpainting unet: the unet called as the pipeline calls
+    it, on [unconditional, conditional] with the mask and masked image after the latents."""
+    mask, masked_latents = _mask_latents(pipe, mask_image, masked)
+    cond, negative = _branches(pipe, False)
+    embeds = torch.cat([negative["encoder_hidden_states"], cond["encoder_hidden_states"]])
+    extra = torch.cat([mask, masked_latents], dim=1).repeat(2, 1, 1, 1)
+    inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(STEPS)
+    x = inverse.begin(pair)
+    for t in inverse.timesteps:
+        sample = torch.cat([torch.cat([x] * 2), extra], dim=1)
+        u, c = pipe.unet(sample, t, encoder_hidden_states=embeds).sample.chunk(2)
+        x = inverse.step(u + GUIDANCE * (c - u), t, x).prev_sample
+    return inverse
+
+
+def test_strength_below_one_starts_later_and_inverts_to_its_start(tmp_path):
+    """With strength 0.5 the pipeline noises the image latents to the 6th of 10 timesteps
+    with the scheduler's add_noise and runs the last 5. BDIAScheduler starts there without a
+    restart and records it; the run is bdia.sample on the grid's tail ts[5:] from that state
+    (bit for bit), and the inverse loop stops at the start and returns it exactly (measured
+    0)."""
+    pipe = tiny_inpaint_pipeline(tmp_path)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    starts = record_step_samples(pipe.scheduler)
+    image, mask_image, masked, _ = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BDIARestartWarning)
+        theirs = _run(pipe, image, mask_image, masked, strength=0.5)
+    k = STEPS // 2
+    pair = pipe.scheduler.final_pair
+    assert pipe.scheduler.start_index == pair.start_index == k
+    assert torch.equal(pair.later, theirs)
+    with torch.no_grad():
+        ode = _ode(pipe, False, mask_image, masked)
+        ts = diffusers_grid(pipe.scheduler, STEPS)
+        ours = bdia.sample(ode, bdia.bdia("ddim", GAMMA), starts[0], ts[k:], progress=False)
+    assert torch.equal(ours, theirs)
+    inverse = _invert_inpaint(pipe, pair, mask_image, masked)
+    assert inverse.start_index == k and len(inverse.timesteps) == k - 1
+    assert torch.equal(inverse.pair.earlier, starts[0])
+
+
+# ------------------------------------------------------------------- the conditioning
+
+
+def test_the_mask_enters_the_fingerprint_and_is_cast_to_the_unets_dtype(tmp_path):
+    """Another mask or masked image is another vector field: the fingerprints differ, so a
+    BDIA pair is not continued under the other. A float64 mask is cast to the float32 unet's
+    dtype, as the pipeline makes it, and the caller's tensor is left as it was."""
+    pipe = tiny_inpaint_pipeline(tmp_path)
+    _, mask_image, masked, _ = _inputs()
+    cond, _ = _branches(pipe, False)
+    mask, latents = _mask_latents(pipe, mask_image, masked)
+
+    def ode(mask, latents):
+        return from_diffusers(
+            pipe.unet, pipe.scheduler, mask=mask, masked_image_latents=latents, **cond
+        )
+
+    a, b, c = ode(mask, latents), ode(1.0 - mask, latents), ode(mask, latents + 1.0)
+    assert len({a.fingerprint(), b.fingerprint(), c.fingerprint()}) == 3
+    assert ode(mask.clone(), latents.clone()).fingerprint() == a.fingerprint()
+    wide = mask.double()
+    with untouched(wide):
+        cast = ode(wide, latents)
+    assert cast.cond["mask"].dtype == torch.float32
+    assert cast.fingerprint() == a.fingerprint()
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    pipe = tiny_inpaint_pipeline(tmp_path_factory.mktemp("inpaint"))
+    cond, negative = _branches(pipe, False)
+    _, mask_image, masked, _ = _inputs()
+    mask, latents = _mask_latents(pipe, mask_image, masked)
+    return pipe, cond, negative, mask, latents
+
+
+def test_bad_inpainting_inputs_are_refused_before_any_call(parts, tmp_path):
+    """Each refusal is one line naming the cause, before any network runs, and leaves the
+    caller's tensors as they were: a 9-channel unet without the mask and masked image (or with
+    one of them), them for a 4-channel unet, tensors of the wrong kind, dims, channels or
+    sizes, either in negative_cond, and them beside a controlnet or a flow-matching
+    transformer."""
+    pipe, cond, negative, mask, latents = parts
+    plain = tiny_inpaint_pipeline(tmp_path, in_channels=4)
+    net = tiny_controlnet(plain.unet)
+    unets = [Counter(pipe.unet), Counter(plain.unet), Counter(net)]
+    both = dict(mask=mask, masked_image_latents=latents)
+    nine, four = (pipe.unet, pipe.scheduler), (plain.unet, plain.scheduler)
+    cases = [
+        (nine, {}, ValueError, "pass mask="),
+        (nine, dict(mask=mask), ValueError, "mask was given without masked_image_latents"),
+        (nine, dict(masked_image_latents=latents), ValueError, "without mask"),
+        (four, both, ValueError, "9-channel inpainting unet"),
+        (nine, dict(both, mask=mask[0]), ValueError, "(batch or 1, C, h, w)"),
+        (nine, dict(both, mask=mask.long()), ValueError, "floating"),
+        (nine, dict(both, mask=mask.numpy()), TypeError, "tensor"),
+        (nine, dict(both, mask=mask.repeat(1, 2, 1, 1)), ValueError, "one channel"),
+        (nine, dict(both, masked_image_latents=latents[:, :3]), ValueError, "in_channels = 9"),
+        (nine, dict(both, mask=mask[..., :4]), ValueError, "(h x w)"),
+        (
+            nine,
+            dict(both, guidance_scale=GUIDANCE, negative_cond={**negative, "mask": mask}),
+            ValueError,
+            "negative_cond",
+        ),
+        (
+            four,
+            dict(both, controlnet=net, controlnet_cond=torch.rand(1, 3, 16, 16)),
+            ValueError,
+            "controlnet",
+        ),
+    ]
+    with untouched(mask, latents):
+        for (unet, scheduler), kwargs, error, field in cases:
+            with pytest.raises(error) as exc_info:
+                from_diffusers(unet, scheduler, **cond, **kwargs)
+            _one_line_error(exc_info, field)
+        with pytest.raises(ValueError) as exc_info:
+            from_diffusers(
+                tiny_sd3_transformer(),
+                diffusers.FlowMatchEulerDiscreteScheduler(),
+                encoder_hidden_states=torch.zeros(1, 4, 16),
+                pooled_projections=torch.zeros(1, 8),
+                **both,
+            )
+        _one_line_error(exc_info, "flow-matching")
+    assert all(c.calls == 0 for c in unets)
+
+
+def test_a_mask_of_the_wrong_batch_or_size_is_refused_at_the_first_call(parts):
+    """At the first evaluation, before the unet is called: a mask (or masked image) whose batch
+    is neither 1 nor the state's, or whose size is not the latents'; a state whose channels
+    and the extra ones do not make the unet's in_channels."""
+    pipe, cond, _, mask, latents = parts
+    calls = Counter(pipe.unet)
+    t = float(diffusers_grid(pipe.scheduler, STEPS)[0])
+    x = torch.randn(2, 4, 8, 8)
+    big = torch.nn.functional.interpolate(torch.cat([mask, latents], dim=1), size=(16, 16))
+    cases = [
+        (dict(mask=mask.repeat(3, 1, 1, 1), masked_image_latents=latents), x, "batch 3"),
+        (dict(mask=big[:, :1], masked_image_latents=big[:, 1:]), x, "16 x 16 (h x w)"),
+        (dict(mask=mask, masked_image_latents=latents), x[:, :3], "make 8"),
+    ]
+    for kwargs, state, field in cases:
+        ode = from_diffusers(pipe.unet, pipe.scheduler, **cond, **kwargs)
+        with pytest.raises(ValueError) as exc_info:
+            ode.evaluate(t, state)
+        _one_line_error(exc_info, field)
+    assert calls.calls == 0
+
+
+def test_a_batch_1_mask_is_the_same_as_one_per_sample(parts):
+    """A mask and masked image of batch 1 serve every sample: the model's output equals the
+    one with them repeated to the state's batch, bit for bit, under guidance too."""
+    pipe, cond, negative, mask, latents = parts
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = float(diffusers_grid(pipe.scheduler, STEPS)[3])
+    guided = dict(guidance_scale=GUIDANCE, negative_cond=negative)
+    with torch.no_grad():
+        one = from_diffusers(
+            pipe.unet, pipe.scheduler, mask=mask, masked_image_latents=latents, **cond, **guided
+        )
+        each = from_diffusers(
+            pipe.unet,
+            pipe.scheduler,
+            mask=mask.repeat(3, 1, 1, 1),
+            masked_image_latents=latents.repeat(3, 1, 1, 1),
+            **cond,
+            **guided,
+        )
+        assert torch.equal(one.evaluate(t, x).derivative, each.evaluate(t, x).derivative)
