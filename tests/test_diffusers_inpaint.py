@@ -242,6 +242,28 @@ def test_strength_below_one_starts_later_and_inverts_to_its_start(tmp_path):
     assert torch.equal(inverse.pair.earlier, starts[0])
 
 
+def test_a_4_channel_unet_in_the_inpaint_pipeline_restarts_at_every_step(tmp_path):
+    """A 4-channel unet in StableDiffusionInpaintPipeline: the pipeline blends the noised
+    image back into the latents after every step, which is no ODE step. BDIAScheduler then
+    restarts its recursion at every step but the first, with one BDIARestartWarning that names
+    the 9-channel unet; each step is a plain DDIM step, so the run gives DDIMScheduler's
+    latents to float32 rounding (below 1e-5 relative; measured 5.3e-7), and final_pair holds
+    the last step alone (start_index 9), not the latents the pipeline blends once more."""
+    pipe = tiny_inpaint_pipeline(tmp_path, in_channels=4)
+    image, mask_image, _, noise = _inputs()
+    ddim = _run(pipe, image, mask_image, None, noise)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = _run(pipe, image, mask_image, None, noise)
+    restarts = [w for w in caught if issubclass(w.category, BDIARestartWarning)]
+    assert len(restarts) == 1 and "9-channel" in str(restarts[0].message)
+    assert pipe.scheduler.restarts == pipe.scheduler.timesteps[1:].tolist()
+    assert _rel(ours, ddim) < 1e-5
+    pair = pipe.scheduler.final_pair
+    assert pair.start_index == STEPS - 1 and not torch.equal(pair.later, ours)
+
+
 # ------------------------------------------------------------------- the conditioning
 
 

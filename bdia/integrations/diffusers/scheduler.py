@@ -930,7 +930,9 @@ class BDIAScheduler(_BDIASchedulerBase):
             else:
                 why = (
                     "the sample is not the state the last step returned (the pipeline changed "
-                    "the latents)"
+                    "the latents: a callback, or an inpainting pipeline that blends the image "
+                    "back into a 4-channel unet's latents after each step, which a 9-channel "
+                    "inpainting unet does not need)"
                 )
         if why is not None:
             self.restarts.append(self._taus[k])
@@ -968,7 +970,10 @@ class BDIAScheduler(_BDIASchedulerBase):
         scheduler. If ``sample`` is not the ``prev_sample`` that the last step returned, or
         ``timestep`` is not the next one, the recursion restarts at this step (a plain DDIM
         step from ``sample``) with a ``BDIARestartWarning``; a run that starts at a later
-        timestep (img2img) simply starts there.
+        timestep (img2img) simply starts there. An inpainting pipeline with a 4-channel unet
+        blends the image back into the latents after every step, so each of its steps is such
+        a restart: the run is DDIM's (Euler's), and only a 9-channel inpainting unet's run is
+        BDIA's and can be inverted.
 
         Args:
             model_output: the unet's prediction at ``(sample, timestep)`` (after guidance); in
