@@ -137,6 +137,21 @@ Image.new("RGB", (16, 16), (255, 255, 255)).save("edges.png")
 """
 )
 
+# A tiny random Stable Diffusion inpainting pipeline ("inpaint": a 9-channel unet), a
+# 16 x 16 photo and a mask white in its middle.
+_INPAINT_FOLDER = """
+import pathlib
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_inpaint_pipeline
+if not pathlib.Path("inpaint").is_dir():
+    pathlib.Path("inpaint").mkdir()
+    tiny_inpaint_pipeline("inpaint").save_pretrained("inpaint")
+Image.new("RGB", (16, 16), (200, 120, 40)).save("bench.png")
+mask = Image.new("L", (16, 16), 0)
+mask.paste(255, (4, 4, 12, 12))
+mask.save("bench_mask.png")
+"""
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -219,6 +234,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
 """,
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _SD_FOLDER,
     ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _CONTROLNET_FOLDER,
+    ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): _INPAINT_FOLDER,
     # edit_image's ControlNet example takes the reader's ControlNet pipeline: a tiny one.
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): """
 import pathlib
@@ -383,6 +399,12 @@ LOCAL = {
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): [
         (".resize((512, 512))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): [
+        ('"/models/stable-diffusion-inpainting"', '"inpaint"'),
+        ('"cuda"', '"cpu"'),
+        ("height = width = 512", "height = width = 16"),
+        ("torch.randn(1, 4, 64, 64,", "torch.randn(1, 4, 8, 8,"),
+    ],
     ("docs/k_diffusion.md", "import k_diffusion as K"): [('device="cuda"', 'device="cpu"')],
 }
 
@@ -414,6 +436,23 @@ def _controlnet_inverted(ns):
     noise, ts = ns["noise"], ns["ts"]
     assert ns["ode"].cond["control_range"] == [(float(ts[39]), float("inf"))]
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
+def _inpaint_inverted(ns):
+    # The mask at the latents' size in the unet's dtype, the masked image's latents beside
+    # it, and "back.earlier is noise, to rounding" (measured: 0).
+    cond, noise = ns["ode"].cond, ns["noise"]
+    assert cond["mask"].shape == (1, 1, 8, 8) and cond["mask"].dtype == torch.float16
+    assert cond["masked_image_latents"].shape == (1, 4, 8, 8)
+    assert 0 < float(cond["mask"].sum()) < 64
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
+def _inpaint_scheduler_inverted(ns):
+    # "the pipeline's first latents, noise.half()": the float32 state of the float16 latents
+    # comes back exactly (measured: 0), and its pair is the scheduler's run from the start.
+    assert ns["pair"].start_index == 0
+    assert torch.equal(ns["start"], ns["noise"].half().float())
 
 
 def _sd3_inverted(ns):
@@ -507,6 +546,8 @@ AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _controlnet_inverted,
+    ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): _inpaint_inverted,
+    ("docs/diffusers.md", "extra = torch.cat([mask, masked_latents]"): _inpaint_scheduler_inverted,
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): _edit_round_trip,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
