@@ -2435,7 +2435,8 @@ def _read_photo(path: Path, size: tuple[int, int] | None) -> Any:
             )
     picture = picture.convert("RGB")
     if size is not None and picture.size != size:
-        picture = picture.resize(size, Image.Resampling.LANCZOS)
+        # Image.LANCZOS, not Image.Resampling (missing from Pillow 9.0, the oldest supported).
+        picture = picture.resize(size, Image.LANCZOS)  # type: ignore[attr-defined]
     return picture
 
 

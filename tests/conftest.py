@@ -36,6 +36,33 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def float64_text_encoders(pipe: Any) -> Any:
+    """``pipe`` with its CLIP text encoders run under torch's default dtype float64, for a test
+    that runs a whole diffusers pipeline in float64; returns ``pipe``.
+
+    The project's oldest supported transformers (4.40) makes CLIP's causal mask as
+    ``torch.full(shape, finfo(dtype).min)`` in the default dtype, and float64's minimum
+    overflows float32 ("value cannot be converted to type float without overflow"), so there
+    a float64 pipeline cannot encode its prompt. Under float64 the mask is made in float64, as
+    newer transformers make it; only the encoders' calls see the changed default.
+    """
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            continue
+
+        def forward(*args: Any, _forward: Any = encoder.forward, **kwargs: Any) -> Any:
+            before = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                return _forward(*args, **kwargs)
+            finally:
+                torch.set_default_dtype(before)
+
+        encoder.forward = forward
+    return pipe
+
+
 def benchmark_module(name: str) -> Any:
     """``benchmarks/NAME.py`` imported as a module (benchmarks/ is not a package), once."""
     # Run as `python benchmarks/NAME.py`, a script finds its neighbours on sys.path

@@ -161,7 +161,7 @@ def test_size_resizes_the_photo_first(pipelines, tmp_path):
     image = photo(tmp_path / "photo.png", width=21, height=13)
     run(edit(pipelines["sd"], image, tmp_path / "e.png", "--size", "12x8"))
     with Image.open(image) as im:
-        resized = im.convert("RGB").resize((12, 8), Image.Resampling.LANCZOS)
+        resized = im.convert("RGB").resize((12, 8), Image.LANCZOS)
     expected = expected_edit(pipelines["sd"], resized)
     assert pixels(tmp_path / "e.png").shape == (8, 12, 3)
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))

@@ -18,7 +18,7 @@ import copy
 import diffusers
 import pytest
 import torch
-from conftest import Counter, assert_ddim_run_is_bdia_sample
+from conftest import Counter, assert_ddim_run_is_bdia_sample, float64_text_encoders
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -151,6 +151,7 @@ def test_ddim_is_the_controlnet_pipeline_to_float64_rounding(
     batch, with another image, scale or prompt, or switched at another step would be off by
     O(1)."""
     pipe = tiny_controlnet_pipeline(tmp_path, xl=xl, controlnets=controlnets).to(torch.float64)
+    float64_text_encoders(pipe)
     pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
     pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
         pipe.scheduler.final_alpha_cumprod

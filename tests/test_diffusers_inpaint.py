@@ -19,7 +19,13 @@ import warnings
 import diffusers
 import pytest
 import torch
-from conftest import Counter, assert_ddim_run_is_bdia_sample, record_step_samples, untouched
+from conftest import (
+    Counter,
+    assert_ddim_run_is_bdia_sample,
+    float64_text_encoders,
+    record_step_samples,
+    untouched,
+)
 from test_diffusers_controlnet import _branches, _unet_calls
 
 import bdia
@@ -120,6 +126,7 @@ def test_ddim_is_the_inpaint_pipeline_to_float64_rounding(tmp_path, xl):
     4.9e-7 in float32). A mask or masked image left out, undoubled or of another region would
     be off by O(1)."""
     pipe = tiny_inpaint_pipeline(tmp_path, xl=xl).to(torch.float64)
+    float64_text_encoders(pipe)
     pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
     pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
         pipe.scheduler.final_alpha_cumprod
