@@ -245,6 +245,15 @@ pipe = tiny_controlnet_pipeline("cn_parts")
 Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
 Image.new("RGB", (16, 16), (255, 255, 255)).save("cat_edges.png")
 """,
+    # edit_image's inpainting example takes the reader's inpainting pipeline: a tiny one.
+    ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): (
+        _INPAINT_FOLDER
+        + """
+from bdia.integrations.diffusers.tiny import tiny_inpaint_pipeline
+pathlib.Path("inpaint_parts").mkdir(exist_ok=True)
+pipe = tiny_inpaint_pipeline("inpaint_parts")
+"""
+    ),
     # The SD3 scheduler blocks: a tiny SD3 pipeline, its prompt embeddings, the seed of the
     # pipeline's noise (drawn from the global generator), and the guidance it applies.
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): """
@@ -399,6 +408,9 @@ LOCAL = {
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): [
         (".resize((512, 512))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): [
+        (".resize((512, 512))", ".resize((16, 16))"),
+    ],
     ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): [
         ('"/models/stable-diffusion-inpainting"', '"inpaint"'),
         ('"cuda"', '"cpu"'),
@@ -428,6 +440,14 @@ def _pipeline_inverted(ns):
 def _edit_round_trip(ns):
     # The UNet round trip is rounding only (the page: exact; float32 state here).
     assert ns["result"].latent_error < 1e-6
+
+
+def _inpaint_edited(ns):
+    # "0.0: the round trip under the mask is exact", with the mask in both ODEs.
+    result = ns["result"]
+    assert result.latent_error == 0.0
+    for ode in (result.inversion.ode, result.target):
+        assert ode.cond["mask"].shape == (1, 1, 8, 8) and 0 < float(ode.cond["mask"].sum()) < 64
 
 
 def _controlnet_inverted(ns):
@@ -549,6 +569,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): _inpaint_inverted,
     ("docs/diffusers.md", "extra = torch.cat([mask, masked_latents]"): _inpaint_scheduler_inverted,
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): _edit_round_trip,
+    ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): _inpaint_edited,
     ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _playground_inverted,

@@ -9,7 +9,10 @@ place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers a
 encoders, and T5 where it has one) or ``FluxPipeline`` (a ``FluxTransformer2DModel``, the
 same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents), or
 the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
-``prepare_image``, given ``control_image``: both ODEs call the controlnet on it) and:
+``prepare_image``, given ``control_image``: both ODEs call the controlnet on it), or the
+inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
+``mask_processor`` and ``prepare_mask_latents``, given ``mask_image``: both ODEs give the
+unet the mask and the masked image's latents as extra input channels) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -518,19 +521,22 @@ def _per_channel(stat: Tensor, like: Tensor) -> Tensor:
     return stat.view(1, -1, 1, 1).to(like.device, like.dtype)
 
 
-def _encode(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
-    """The VAE's deterministic latents (the distribution's mean), scaled, in ``dtype``."""
+def _mean(vae: Any, pixels: Tensor) -> Tensor:
+    """The mean of the VAE's latent distribution of ``pixels``, unscaled, in the VAE's dtype."""
     out = vae.encode(pixels.to(vae.dtype))
     dist = getattr(out, "latent_dist", None)
     if dist is not None:
-        mean = dist.mean
-    elif getattr(out, "latents", None) is not None:
-        mean = out.latents
-    elif isinstance(out, (tuple, list)):
-        mean = out[0].mean
-    else:
-        raise TypeError(f"vae.encode returned {type(out).__name__}, with no latent distribution")
-    latents = mean.to(dtype)
+        return dist.mean
+    if getattr(out, "latents", None) is not None:
+        return out.latents
+    if isinstance(out, (tuple, list)):
+        return out[0].mean
+    raise TypeError(f"vae.encode returned {type(out).__name__}, with no latent distribution")
+
+
+def _encode(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The VAE's deterministic latents (the distribution's mean), scaled, in ``dtype``."""
+    latents = _mean(vae, pixels).to(dtype)
     stats = _latent_stats(vae.config)
     if stats is not None:  # the inverse of _decode's, as the SDXL img2img pipeline encodes
         latents_mean, latents_std = (_per_channel(stat, latents) for stat in stats)
@@ -723,6 +729,108 @@ def _control_kwargs(
     }
 
 
+def _mask_condition(
+    pipe: Any, mask_image: Any, inpaint: bool, what: str, shape: Sequence[int]
+) -> Tensor | None:
+    """The mask as an inpainting pipeline preprocesses it (its ``mask_processor``: grayscale,
+    binarised at 0.5, in [0, 1]), of shape ``(1 or batch, 1, H, W)`` for images of ``shape``
+    = (batch, C, H, W); None for a pipeline whose network is not an inpainting unet
+    (``inpaint``; ``what`` names its input channels). One-line refusals for a mask that the
+    pipeline would resize or tile (another size, another batch than 1 and the image's) or
+    that is no mask (other channels, values outside [0, 1]), before any network runs."""
+    from PIL import Image
+
+    if not inpaint:
+        if mask_image is not None:
+            raise ValueError(
+                f"mask_image was given, but the pipeline's {what}; it conditions an inpainting "
+                "unet (StableDiffusionInpaintPipeline's or StableDiffusionXLInpaintPipeline's "
+                "with in_channels = 9: the latents, the mask and the masked image's latents)"
+            )
+        return None
+    if mask_image is None:
+        raise ValueError(
+            "the pipeline's unet is an inpainting one (in_channels = 9: the latents, the mask "
+            "and the masked image's latents); give mask_image, white (1) where the edit may "
+            "repaint, as the pipeline's mask_image"
+        )
+    for name in ("mask_processor", "prepare_mask_latents"):
+        _part(pipe, name, "to prepare the mask and the masked image as the pipeline does")
+    batch, _, height, width = shape
+    masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]
+    if masks and all(isinstance(m, Image.Image) for m in masks):
+        sizes = {m.size for m in masks}
+        if sizes != {(width, height)}:
+            raise ValueError(
+                f"mask_image is {' and '.join(f'{w} x {h}' for w, h in sorted(sizes))} (W x H), "
+                f"but the image is {width} x {height}; give masks of the image's size"
+            )
+        count = len(masks)
+    elif isinstance(mask_image, Tensor):
+        if (
+            mask_image.ndim != 4
+            or mask_image.shape[1] != 1
+            or tuple(mask_image.shape[2:]) != (height, width)
+        ):
+            raise ValueError(
+                f"mask_image as a tensor must have shape (1 or {batch}, 1, {height}, {width}), "
+                f"one channel at the image's size, got {tuple(mask_image.shape)}"
+            )
+        if not mask_image.is_floating_point() or not bool(torch.isfinite(mask_image).all()):
+            raise ValueError(
+                f"mask_image as a tensor must be finite floating point in [0, 1], got "
+                f"{mask_image.dtype}"
+            )
+        lo, hi = float(mask_image.min()), float(mask_image.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"mask_image values lie in [{lo:.4g}, {hi:.4g}]; a mask lies in [0, 1], 1 "
+                "where the edit may repaint"
+            )
+        count = mask_image.shape[0]
+    else:
+        raise TypeError(
+            "mask_image must be a PIL image, a list of PIL images or a tensor of shape "
+            f"(1 or batch, 1, H, W) in [0, 1], got {type(mask_image).__name__}"
+        )
+    if count not in (1, batch):
+        raise ValueError(
+            f"mask_image holds {count} masks for {batch} images to edit; give 1 (shared) or {batch}"
+        )
+    # A copy: the processor binarises a tensor in place where it passes it through.
+    given = mask_image.clone() if isinstance(mask_image, Tensor) else mask_image
+    condition: Tensor = pipe.mask_processor.preprocess(given, height=height, width=width)
+    return condition
+
+
+def _inpaint_kwargs(
+    pipe: Any,
+    vae: Any,
+    condition: Tensor,
+    pixels: Tensor,
+    dtype: torch.dtype,
+    upcast: bool,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """``from_diffusers``' ``mask`` and ``masked_image_latents`` for the mask ``condition``
+    (``_mask_condition``'s) and the image ``pixels`` (B, 3, H, W) in [-1, 1]: the image
+    blanked where the mask is 1, as the pipelines blank it, encoded to the *mean* of the
+    VAE's latent distribution times ``scaling_factor`` in ``dtype`` (the pipelines'
+    ``_encode_vae_image`` draws a sample there; SDXL's in float32 where its config says
+    ``force_upcast``, and neither applies ``latents_mean`` or ``latents_std``), then both
+    through the pipeline's own ``prepare_mask_latents``, which sizes the mask to the latents
+    (nearest) and repeats a batch of 1 to B, undoubled: ``from_diffusers`` doubles them
+    under guidance."""
+    batch, _, height, width = pixels.shape
+    masked = pixels.float() * (condition.to(pixels.device) < 0.5)
+    with _float32_vae(vae, upcast):
+        latents = _mean(vae, masked.to(device)).to(dtype) * vae.config.scaling_factor
+    mask, masked_latents = pipe.prepare_mask_latents(
+        condition, latents, batch, height, width, dtype, device, None, False
+    )
+    return {"mask": mask, "masked_image_latents": masked_latents}
+
+
 def _control_probe_cond(xl: bool) -> dict[str, Any]:
     """Stand-ins with no tokens for the prompt embeddings (and SDXL's added conditioning)
     that ``from_diffusers`` asks of a controlnet's conditioning, for the probe that checks
@@ -827,13 +935,15 @@ def edit_image(
     guess_mode: bool = False,
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
+    mask_image: Any = None,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
             ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or Stable Diffusion's or SDXL's
-            ControlNet pipeline, with ``control_image``), or any object with its parts:
+            ControlNet pipeline, with ``control_image``, or their inpainting pipeline with a
+            9-channel unet, with ``mask_image``), or any object with its parts:
             ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
             and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
             ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
@@ -940,6 +1050,23 @@ def edit_image(
             ``from_diffusers`` onto the grid's times, so that the inversion and the edit call
             it where the pipeline would.
         control_guidance_end: the fraction of the steps after which it is off, likewise.
+        mask_image: for a ``StableDiffusionInpaintPipeline`` or
+            ``StableDiffusionXLInpaintPipeline`` with an inpainting unet (``in_channels`` = 2
+            x the VAE's ``latent_channels`` + 1: 9), the region the edit may repaint, as the
+            pipeline's ``mask_image``: a PIL image (any mode; grayscale is taken) or a list of
+            them of the image's size, or a tensor of shape ``(1 or batch, 1, H, W)`` in [0, 1]
+            (not modified), white (1) where repainted. The pipeline's ``mask_processor``
+            binarises it at 0.5; the image blanked there is encoded to the *mean* of the
+            VAE's latent distribution times ``scaling_factor``, in the unet's dtype (the
+            pipelines draw a sample; neither applies ``latents_mean`` or ``latents_std`` to
+            the masked image, and SDXL's encodes it in float32 where the config says
+            ``force_upcast``), and both go through the pipeline's ``prepare_mask_latents``
+            (the mask sized to the latents, nearest). Both ODEs give the unet
+            ``torch.cat([latents, mask, masked_image_latents], dim=1)`` through
+            ``from_diffusers(mask=..., masked_image_latents=...)``. The state is the whole
+            image's latents, encoded as for any pipeline; nothing is blended back: outside the
+            mask the edit is what the inpainting model makes of it. Needed with an inpainting
+            unet, refused for any other network.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -970,6 +1097,11 @@ def edit_image(
             images of another number than the controlnets or another batch than 1 and the
             image's, a controlnet whose control images are not the VAE's factor times the
             latents' size, and whatever ``from_diffusers`` refuses in the ControlNet settings.
+            An inpainting unet without ``mask_image``, a ``mask_image`` for any other network
+            (a 4-channel unet in an inpainting pipeline included, whose pipeline blends the
+            image back in after every step), and a mask of another size than the image's, of
+            more than one channel, of another batch than 1 and the image's, not floating,
+            outside [0, 1] or not an image.
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
@@ -1004,6 +1136,9 @@ def edit_image(
             "adapter (pipe.unload_ip_adapter()), or use from_diffusers with the unet's "
             "arguments and bdia.Inversion directly"
         )
+    # An inpainting unet takes the mask and the masked image's latents beside the latents.
+    latent = vae.config.latent_channels
+    inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
     if flux:
         for name in _FLUX_METHODS:
             _part(pipe, name, "to pack the latents into the tokens a Flux transformer takes")
@@ -1017,11 +1152,12 @@ def edit_image(
                 f"make {packed}; edit_image needs a text-to-image Flux transformer of the vae's "
                 "latents (not a Fill, Depth or Canny one, whose extra channels hold an image)"
             )
-    elif unet_config.get("in_channels") != vae.config.latent_channels:
+    elif unet_config.get("in_channels") != vae.config.latent_channels and not inpaint:
         raise ValueError(
             f"the {model} takes in_channels = {unet_config.get('in_channels')} but the vae makes "
             f"latent_channels = {vae.config.latent_channels}; edit_image needs a text-to-image "
-            f"{model} of the vae's latents (not an inpainting or depth {model})"
+            f"{model} of the vae's latents, or an inpainting unet of 2 x {latent} + 1 (not a "
+            f"depth {model})"
         )
     # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
     # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none.
@@ -1153,13 +1289,20 @@ def edit_image(
     control = _control_kwargs(
         pipe, model, control_image, control_settings, num_inference_steps, pixels.shape, device
     )
+    channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
+    if model == "unet" and not inpaint:
+        channels += ", the vae's latents alone"
+    condition = _mask_condition(pipe, mask_image, inpaint, channels, pixels.shape)
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
     # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
     if control:
         probe_cond = _control_probe_cond(xl)
-    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     latent_size = (height // vae_factor, width // vae_factor)
+    if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
+        probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
+        probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
+    probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
         mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
@@ -1214,6 +1357,15 @@ def edit_image(
             if guidance_embeds:
                 shared["guidance"] = guidance
 
+        pixels = pixels.to(device)
+        if condition is not None:
+            # In the unet's dtype, as the pipelines make them (of the prompt embeddings').
+            shared.update(
+                _inpaint_kwargs(
+                    pipe, vae, condition, pixels, embed_dtype or torch.float32, xl, device
+                )
+            )
+
         def ode(cond: dict[str, Any]) -> DiffusionODE:
             return from_diffusers(
                 unet, scheduler, model_dtype=model_dtype, **guide(cond), **shared, **control
@@ -1221,7 +1373,6 @@ def edit_image(
 
         source_ode, target_ode = ode(source_cond), ode(target_cond)
 
-        pixels = pixels.to(device)
         with _float32_vae(vae, xl):
             latents = _encode(vae, pixels, state_dtype)
         if flux:
