@@ -186,11 +186,30 @@ def _control_ranges(
     return ranges
 
 
-def _check_control_pairing(net: Any, unet: Any, cond: Mapping[str, Any]) -> None:
-    """Refuse a controlnet made for another unet, and conditioning it cannot be called with."""
+def _check_control_pairing(
+    net: Any, unet: Any, cond: Mapping[str, Any], inpaint: bool = False
+) -> None:
+    """Refuse a controlnet made for another unet, and conditioning it cannot be called with.
+
+    With ``inpaint`` (an inpainting unet given its mask and masked image) the controlnet gets
+    the latents alone, as StableDiffusionControlNetInpaintPipeline calls it before it adds
+    the mask and masked image's channels for the unet: its ``in_channels`` must be the
+    unet's ``out_channels``, the latents' channels."""
     unet_config = getattr(unet, "config", None)
     if isinstance(unet_config, Mapping):
+        latents = unet_config.get("out_channels") if inpaint else None
+        mine = net.config.get("in_channels")
+        if latents is not None and mine is not None and mine != latents:
+            raise ValueError(
+                f"the controlnet has in_channels = {mine!r} but the "
+                f"inpainting unet's latents have {latents} channels (its in_channels = "
+                f"{unet_config.get('in_channels')} add the mask and masked image, which "
+                "StableDiffusionControlNetInpaintPipeline gives the unet alone); give a "
+                "controlnet of the latents, such as the base model's"
+            )
         for field in ("in_channels", "cross_attention_dim", "block_out_channels"):
+            if inpaint and field == "in_channels":
+                continue
             mine, theirs = net.config.get(field), unet_config.get(field)
             if isinstance(mine, (list, tuple)) and isinstance(theirs, (list, tuple)):
                 mine, theirs = tuple(mine), tuple(theirs)
@@ -226,10 +245,12 @@ def _control(
     negative_cond: Mapping[str, Any] | None,
     model_dtype: Any,
     settings: Mapping[str, Any],
+    inpaint: bool = False,
 ) -> tuple[Any, list[Any] | None, dict[str, Any]]:
     """The controlnet module to call, its nets, and the ODE's cond entries of its settings
     (``from_diffusers``' keyword arguments of the same names), all checked; ``(None, None,
-    {})`` without a controlnet."""
+    {})`` without a controlnet. ``inpaint``: the unet is an inpainting one, given its mask
+    and masked image (see ``_check_control_pairing``)."""
     defaults = {
         "controlnet_cond": None,
         "conditioning_scale": 1.0,
@@ -256,7 +277,7 @@ def _control(
     module, nets = _controlnets(controlnet)
     multi = _MULTI_CONTROLNET in _class_names(module)
     for net in nets:
-        _check_control_pairing(net, unet, cond)
+        _check_control_pairing(net, unet, cond, inpaint)
     _check_cond(cond, negative_cond, _RESERVED + _RESIDUALS)
     if settings["controlnet_cond"] is None:
         raise ValueError(

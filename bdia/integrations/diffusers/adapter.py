@@ -38,7 +38,8 @@ With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffu
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
 masked_image_latents], dim=1)`` for its input ``x_in``, as ``StableDiffusionInpaintPipeline``
 and ``StableDiffusionXLInpaintPipeline`` make it: the mask and the masked image are fixed
-over the run, so the ODE is one in the latents alone.
+over the run, so the ODE is one in the latents alone. With a controlnet too, the controlnet
+gets ``x_in`` alone, as ``StableDiffusionControlNetInpaintPipeline`` calls it.
 
 The ODE's time grid is ``diffusers_grid``'s, in ``bdia.integrations.diffusers.grid``
 (importable from here too). The scheduler's recognition and config checks, the
@@ -328,7 +329,8 @@ class DiffusersModel(torch.nn.Module):
                 ``conditioning_channels``, ``f`` the factor of its conditioning embedding, 8
                 for Stable Diffusion's), in its dtype; a list of them for a
                 ``MultiControlNetModel``. The controlnet is called as the ControlNet pipelines
-                call it: on the unet's input and timestep, with the unet's
+                call it: on the unet's input (the state's channels alone, before an inpainting
+                unet's ``mask`` and ``masked_image_latents``) and timestep, with the unet's
                 ``encoder_hidden_states`` and SDXL's ``text_embeds`` and ``time_ids`` of
                 ``added_cond_kwargs``, under guidance on the batch ``[unconditional,
                 conditional]`` with the control image in both halves; and its down and mid
@@ -470,10 +472,10 @@ class DiffusersModel(torch.nn.Module):
             raise ValueError(
                 "an inpainting unet takes both mask and masked_image_latents; give both"
             )
-        if self.space == "flow" or self.controlnet is not None:
+        if self.space == "flow":
             raise ValueError(
                 "mask and masked_image_latents are an inpainting UNet's input channels, not "
-                "mapped for a flow-matching transformer or with a controlnet"
+                "mapped for a flow-matching transformer"
             )
         for name, value in (("mask", mask), ("masked_image_latents", masked_image_latents)):
             if x.ndim != 4 or tuple(value.shape[2:]) != tuple(x.shape[2:]):
@@ -722,8 +724,10 @@ def from_diffusers(
             ``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline``),
             a list of them or a ``MultiControlNetModel``; in eval mode and the unet's dtype.
             Each model evaluation then calls it before the unet, as those pipelines do: on
-            the unet's input and timestep, with ``encoder_hidden_states`` and (SDXL)
-            ``added_cond_kwargs``' ``text_embeds`` and ``time_ids`` (not an IP-Adapter's
+            the unet's input (the latents alone beside an inpainting unet's ``mask``, as
+            ``StableDiffusionControlNetInpaintPipeline`` calls it) and timestep, with
+            ``encoder_hidden_states`` and (SDXL) ``added_cond_kwargs``' ``text_embeds`` and
+            ``time_ids`` (not an IP-Adapter's
             ``image_embeds``, ``timestep_cond`` nor ``cross_attention_kwargs``, which the
             pipelines do not give it), under guidance on the batch ``[unconditional,
             conditional]``; its residuals go to the unet as ``down_block_additional_residuals``
@@ -821,7 +825,9 @@ def from_diffusers(
             ``(batch, tokens, in_channels)`` or not of ``img_ids``' token count. With a
             controlnet: one of another class than ``ControlNetModel`` (a list or
             ``MultiControlNetModel`` of them), made for another unet (its ``in_channels``,
-            ``cross_attention_dim`` or ``block_out_channels``), of another dtype, or with a
+            ``cross_attention_dim`` or ``block_out_channels``; beside an inpainting unet's
+            mask, an ``in_channels`` other than the latents', the unet's ``out_channels``),
+            of another dtype, or with a
             flow-matching scheduler; no ``controlnet_cond``, no ``encoder_hidden_states``, or
             for SDXL's no ``text_embeds`` and ``time_ids``; control images of the wrong
             number, channels or dims; a scale or bound per net of the wrong count or not
@@ -833,7 +839,7 @@ def from_diffusers(
             whose batch is neither 1 nor the state's, or whose size is not the latents' times
             the controlnet's factor. For an inpainting unet: no ``mask`` or
             ``masked_image_latents`` (or one without the other), or them for a unet that
-            takes no extra channels, with a flow-matching scheduler or with a controlnet;
+            takes no extra channels or with a flow-matching scheduler;
             tensors that are not 4-D and floating, a mask of more than one channel, a mask
             and masked image of two sizes, channels that do not add up to ``in_channels``;
             either key in ``negative_cond``. At the first evaluation, before any call: a mask
@@ -873,13 +879,12 @@ def from_diffusers(
     learned_variance = False
     unet_config = getattr(unet, "config", None)
     inpaint: dict[str, Any] = {}
-    if space != "flow" and controlnet is None:
+    if space != "flow":
         inpaint = _inpaint_cond(unet_config, mask, masked_image_latents)
     elif mask is not None or masked_image_latents is not None:
         raise ValueError(
             "mask and masked_image_latents are an inpainting UNet's input channels (Stable "
-            "Diffusion's, SDXL's); they are not mapped for a flow-matching transformer, nor "
-            "with a controlnet (StableDiffusionControlNetInpaintPipeline)"
+            "Diffusion's, SDXL's); they are not mapped for a flow-matching transformer"
         )
     if isinstance(unet_config, Mapping):
         _check_timestep_cond(unet_config, cond)
@@ -920,7 +925,7 @@ def from_diffusers(
         num_inference_steps=num_inference_steps,
     )
     control_module, _, control_cond = _control(
-        controlnet, unet, sched, space, cond, negative_cond, model_dtype, settings
+        controlnet, unet, sched, space, cond, negative_cond, model_dtype, settings, bool(inpaint)
     )
     clean_end = _clean_end(sched) if space == "vp" else True
     ode_dtype, unet_dtype = model_dtype, None

@@ -5,7 +5,8 @@ Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel`
 ``ControlNetModel``, a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's,
 or Playground v2.5's with an EDM-preconditioned scheduler), their ControlNet pipelines,
 ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
-vocabulary written locally, and the inpainting pipelines of Stable Diffusion and SDXL), a
+vocabulary written locally, the inpainting pipelines of Stable Diffusion and SDXL, and
+Stable Diffusion's ControlNet inpainting pipeline), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -36,6 +37,7 @@ __all__ = [
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
     "tiny_inpaint_pipeline",
+    "tiny_controlnet_inpaint_pipeline",
     "TINY_WORDS",
 ]
 
@@ -499,6 +501,14 @@ def tiny_controlnet_pipeline(
     return pipe
 
 
+def _inpaint_unet(unet: Any, in_channels: int) -> torch.nn.Module:
+    """``unet``'s own config with ``in_channels`` (SDXL's added conditioning kept), weights
+    drawn with ``torch.manual_seed(0)``, in eval mode."""
+    fields = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(**{**fields, "in_channels": in_channels}).eval()
+
+
 def tiny_inpaint_pipeline(
     folder: str | Path, scheduler: Any = None, *, xl: bool = False, in_channels: int = 9
 ) -> Any:
@@ -518,11 +528,7 @@ def tiny_inpaint_pipeline(
         base = tiny_text_to_image_pipeline(folder, scheduler)
     parts = dict(base.components)
     if in_channels != 4:
-        # The unet's own config with more input channels (SDXL's added conditioning kept).
-        fields = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
-        torch.manual_seed(0)
-        parts["unet"] = diffusers.UNet2DConditionModel(**{**fields, "in_channels": in_channels})
-        parts["unet"].eval()
+        parts["unet"] = _inpaint_unet(base.unet, in_channels)
     if xl:
         pipe = diffusers.StableDiffusionXLInpaintPipeline(
             **parts,
@@ -532,5 +538,23 @@ def tiny_inpaint_pipeline(
         )
     else:
         pipe = diffusers.StableDiffusionInpaintPipeline(**parts, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_controlnet_inpaint_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A ``StableDiffusionControlNetInpaintPipeline`` of ``tiny_text_to_image_pipeline``'s
+    parts with ``tiny_inpaint_pipeline``'s 9-channel unet and ``tiny_controlnet`` of the
+    text-to-image unet (seed 2, ``in_channels = 4``: the pipeline calls it on the latents
+    alone, before it adds the mask and masked image's channels for the unet). 16 x 16 RGB
+    images and control images, 1-channel masks. ``scheduler`` defaults to theirs. Float32;
+    the progress bar is off."""
+    base = tiny_text_to_image_pipeline(folder, scheduler)
+    parts = dict(base.components)
+    controlnet = tiny_controlnet(base.unet)
+    parts["unet"] = _inpaint_unet(base.unet, 9)
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+        **parts, controlnet=controlnet, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
