@@ -114,9 +114,19 @@ def _cond(dtype, *, embedded=True, true_cfg=False):
     return cond
 
 
+def _hidden(latents, extra=None, image=None):
+    """The transformer's input as the Flux pipelines make it: the packed latents, with
+    FluxFillPipeline's ``extra`` channels (its masked image latents and mask, of the latents'
+    batch) after theirs along dim 2, and FluxKontextPipeline's reference ``image`` tokens (of
+    the latents' batch) after theirs along dim 1."""
+    hidden = latents if extra is None else torch.cat((latents, extra), dim=2)
+    return hidden if image is None else torch.cat([hidden, image], dim=1)
+
+
 @torch.no_grad()
-def _flux_loop(transformer, scheduler, noise, cond, steps=N_STEPS):
-    """FluxPipeline's denoising loop, written out; every state, the start first."""
+def _flux_loop(transformer, scheduler, noise, cond, steps=N_STEPS, extra=None, image=None):
+    """FluxPipeline's denoising loop, written out (FluxFillPipeline's with ``extra``,
+    FluxKontextPipeline's with ``image``: see ``_hidden``); every state, the start first."""
     batch = noise.shape[0]
     scheduler.set_timesteps(sigmas=_sigmas(steps), mu=_mu(scheduler))
     guidance = None
@@ -125,7 +135,7 @@ def _flux_loop(transformer, scheduler, noise, cond, steps=N_STEPS):
 
     def call(latents, timestep, prompt):
         return transformer(
-            hidden_states=latents,
+            hidden_states=_hidden(latents, extra, image),
             timestep=timestep / 1000,
             guidance=guidance,
             pooled_projections=prompt["pooled_projections"].expand(batch, -1),
@@ -134,7 +144,7 @@ def _flux_loop(transformer, scheduler, noise, cond, steps=N_STEPS):
             img_ids=cond["img_ids"],
             joint_attention_kwargs={},
             return_dict=False,
-        )[0]
+        )[0][:, : latents.size(1)]
 
     latents, states = noise, [noise]
     for t in scheduler.timesteps:
@@ -439,10 +449,10 @@ def test_the_callers_conditioning_is_left_as_it_was(dev):
 # ------------------------------------------------------------------ BDIA scheduler
 
 
-def _invert(pipe, pair, cond):
+def _invert(pipe, pair, cond, extra=None, image=None):
     """BDIAInverseScheduler's loop from ``pair``, calling the transformer as the Flux
-    pipelines do (with ``cond``'s guidance embedding, if it has one); returns the inverse
-    scheduler."""
+    pipelines do (with ``cond``'s guidance embedding, if it has one, and its img_ids; with
+    ``extra`` or ``image`` as ``_hidden`` puts them); returns the inverse scheduler."""
     inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
     # FluxPipeline's mu, which schnell's scheduler ignores.
     inverse.set_timesteps(sigmas=_sigmas(), mu=calculate_shift(TOKENS))
@@ -453,15 +463,15 @@ def _invert(pipe, pair, cond):
         x = inverse.begin(pair)
         for t in inverse.timesteps:
             out = pipe.transformer(
-                hidden_states=x,
+                hidden_states=_hidden(x, extra, image),
                 timestep=t.expand(BATCH).to(x.dtype) / 1000,
                 guidance=guidance,
                 pooled_projections=pooled,
                 encoder_hidden_states=embeds,
                 txt_ids=cond["txt_ids"],
-                img_ids=_img_ids(),
+                img_ids=cond["img_ids"],
                 return_dict=False,
-            )[0]
+            )[0][:, :TOKENS]
             x = inverse.step(out, t, x).prev_sample
     return inverse
 

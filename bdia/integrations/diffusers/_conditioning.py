@@ -5,8 +5,10 @@ branch's arguments).
 The checks refuse, in one line and before any call, arguments the adapter sets itself,
 guidance that cannot run and an LCM-distilled unet without its ``timestep_cond``; Flux's
 have their own (its position ids ``txt_ids`` and ``img_ids``, 2-D and passed as they are,
-and its embedded ``guidance``), and so has an inpainting unet's (its ``mask`` and
-``masked_image_latents``, extra input channels beside the latents). At each call, tensors
+and its embedded ``guidance``), and so have an inpainting unet's and a Flux Fill
+transformer's (their ``mask`` and ``masked_image_latents``, extra input channels beside the
+latents) and FluxKontextPipeline's reference image (its ``image_latents``, extra tokens
+after the latents'). At each call, tensors
 of batch 1 are expanded to the state's batch, and under guidance stacked into the batch
 ``[unconditional, conditional]``; floating ones are cast to the unet's dtype once, when the
 ODE is built.
@@ -31,6 +33,8 @@ _FLOW_RESERVED = ("hidden_states", "timestep", "return_dict")
 _CONTROL_KEYS = ("controlnet_cond", "conditioning_scale", "guess_mode", "control_range")
 # The ODE's cond keys of an inpainting unet's extra input channels (DiffusersModel.forward's).
 _INPAINT_KEYS = ("mask", "masked_image_latents")
+# The ODE's cond key of FluxKontextPipeline's reference image tokens (DiffusersModel.forward's).
+_KONTEXT_KEY = "image_latents"
 
 
 def _batched(value: Any, batch: int, where: str) -> Any:
@@ -188,13 +192,14 @@ def _check_cond(
             "cond key 'control_range' is set by the adapter from control_guidance_start and "
             "control_guidance_end; pass those (with num_inference_steps) instead"
         )
-    control = [k for k in (negative_cond or {}) if k in _CONTROL_KEYS + _INPAINT_KEYS]
+    shared = _CONTROL_KEYS + _INPAINT_KEYS + (_KONTEXT_KEY,)
+    control = [k for k in (negative_cond or {}) if k in shared]
     if control:
-        what = (
-            "the control image and its settings are"
-            if control[0] in _CONTROL_KEYS
-            else ("the inpainting mask and masked image are")
-        )
+        what = "the inpainting mask and masked image are"
+        if control[0] in _CONTROL_KEYS:
+            what = "the control image and its settings are"
+        elif control[0] == _KONTEXT_KEY:
+            what = "the reference image's latents are"
         raise ValueError(
             f"negative_cond has key {control[0]!r}: {what} shared by both branches of "
             "guidance, as the pipelines share them; leave it out of negative_cond"
@@ -310,6 +315,41 @@ def _check_flux_cond(
     return positive, negative
 
 
+def _both_given(mask: Any, masked_image_latents: Any, how: str) -> None:
+    """Refuse one of ``mask`` and ``masked_image_latents`` without the other."""
+    if mask is None or masked_image_latents is None:
+        given, missing = (
+            ("mask", "masked_image_latents")
+            if mask is not None
+            else ("masked_image_latents", "mask")
+        )
+        raise ValueError(f"{given} was given without {missing}; the network takes both, {how}")
+
+
+def _check_tensors(tensors: Mapping[str, Any], ndim: int, shape: str) -> None:
+    """Refuse conditioning that is not a floating tensor of ``ndim`` dims (``shape`` in words)."""
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a tensor of shape {shape}, got {type(value).__name__}")
+        if not value.is_floating_point() or value.ndim != ndim:
+            raise ValueError(
+                f"{name} must be a floating tensor of shape {shape}, got a {value.dtype} "
+                f"tensor of shape {tuple(value.shape)}"
+            )
+
+
+def _extra_channels(config: Mapping[str, Any] | None) -> tuple[Any, Any, int | None]:
+    """``(in_channels, out_channels, in_channels - out_channels)`` of a network's config
+    (None where unknown); a Flux transformer's ``out_channels`` None is its ``in_channels``."""
+    c_in = c_out = None
+    if isinstance(config, Mapping):
+        c_in, c_out = config.get("in_channels"), config.get("out_channels")
+        if c_out is None:
+            c_out = c_in
+    extra = c_in - c_out if isinstance(c_in, int) and isinstance(c_out, int) else None
+    return c_in, c_out, extra
+
+
 def _inpaint_cond(
     unet_config: Mapping[str, Any] | None,
     mask: Any,
@@ -324,10 +364,7 @@ def _inpaint_cond(
     refused in one line: one without the other, a unet of no extra channels given them, and
     tensors that are not ``(batch or 1, C, h, w)`` with channels adding up to
     ``in_channels``. The batch and the size are checked against the state at each call."""
-    c_in = c_out = None
-    if isinstance(unet_config, Mapping):
-        c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
-    extra = c_in - c_out if isinstance(c_in, int) and isinstance(c_out, int) else None
+    c_in, c_out, extra = _extra_channels(unet_config)
     how = (
         "as the inpainting pipelines' prepare_mask_latents makes them (with "
         "do_classifier_free_guidance=False: the adapter doubles them under guidance)"
@@ -341,15 +378,7 @@ def _inpaint_cond(
                 f"1, {extra - 1}, h, w), {how}"
             )
         return {}
-    if mask is None or masked_image_latents is None:
-        given, missing = (
-            ("mask", "masked_image_latents")
-            if mask is not None
-            else ("masked_image_latents", "mask")
-        )
-        raise ValueError(
-            f"{given} was given without {missing}; an inpainting unet takes both, {how}"
-        )
+    _both_given(mask, masked_image_latents, how)
     if extra is not None and extra < 2:
         raise ValueError(
             f"mask and masked_image_latents are an inpainting unet's extra input channels, but "
@@ -360,17 +389,7 @@ def _inpaint_cond(
             "its latents after each step instead, which is no ODE step)"
         )
     tensors = {"mask": mask, "masked_image_latents": masked_image_latents}
-    for name, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"{name} must be a tensor of shape (batch or 1, C, h, w) at the latents' size, "
-                f"{how}; got {type(value).__name__}"
-            )
-        if not value.is_floating_point() or value.ndim != 4:
-            raise ValueError(
-                f"{name} must be a floating tensor of shape (batch or 1, C, h, w) at the "
-                f"latents' size, got a {value.dtype} tensor of shape {tuple(value.shape)}"
-            )
+    _check_tensors(tensors, 4, f"(batch or 1, C, h, w) at the latents' size, {how}")
     if mask.shape[1] != 1:
         raise ValueError(
             f"mask must have one channel, shape (batch or 1, 1, h, w), got {tuple(mask.shape)}"
@@ -388,3 +407,81 @@ def _inpaint_cond(
             "image latents); encode the masked image with the pipeline's vae"
         )
     return tensors
+
+
+def _fill_cond(
+    config: Mapping[str, Any] | None, mask: Any, masked_image_latents: Any
+) -> dict[str, Tensor]:
+    """The ODE's cond entries of a Flux Fill transformer's extra input channels, checked
+    against its config: ``{}`` without them, else ``mask`` and ``masked_image_latents``.
+
+    FluxFillPipeline calls its transformer (FLUX.1-Fill-dev's: ``in_channels = 384`` for
+    ``out_channels = 64``) on ``torch.cat([latents, masked_image_latents, mask], dim=2)`` of
+    packed tokens: the latents' ``out_channels``, as many of the masked image's packed
+    latents, and the rest the packed mask (the VAE's factor squared, in 2 x 2 patches).
+    Refused in one line: one without the other, a transformer without room for both given
+    them (a text-to-image one, or a Depth or Canny one, whose extra channels are as many as
+    the latents'), one with extra channels given neither, and tensors that are not ``(batch
+    or 1, tokens, C)`` of one token count with those channels. The batch and the token count
+    are checked against the state at each call."""
+    c_in, c_out, extra = _extra_channels(config)
+    how = (
+        "as FluxFillPipeline.prepare_mask_latents returns them (mask, masked_image_latents), packed"
+    )
+    if mask is None and masked_image_latents is None:
+        if extra:
+            raise ValueError(
+                f"the transformer takes in_channels = {c_in} for out_channels = {c_out}: a Fill "
+                f"transformer (FluxFillPipeline's), whose {extra} extra input channels are the "
+                "masked image's packed latents and the packed mask; pass masked_image_latents= "
+                f"and mask=, {how} (a Depth or Canny transformer's control image latents are "
+                "not mapped)"
+            )
+        return {}
+    _both_given(mask, masked_image_latents, how)
+    if extra is not None and c_out is not None and extra <= c_out:
+        raise ValueError(
+            f"mask and masked_image_latents are a Fill transformer's extra input channels, but "
+            f"this transformer takes in_channels = {c_in} for out_channels = {c_out}, which "
+            "leaves no room for the masked image's latents and a mask beside the latents; give "
+            "FluxFillPipeline's transformer (FLUX.1-Fill-dev's), or leave them out"
+        )
+    tensors = {"mask": mask, "masked_image_latents": masked_image_latents}
+    _check_tensors(tensors, 3, f"(batch or 1, tokens, C), {how}")
+    if mask.shape[1] != masked_image_latents.shape[1]:
+        raise ValueError(
+            f"mask has {mask.shape[1]} tokens but masked_image_latents has "
+            f"{masked_image_latents.shape[1]}; give both at the latents' size, {how}"
+        )
+    if extra is not None and c_out is not None:
+        for name, value, want in (
+            ("masked_image_latents", masked_image_latents, c_out),
+            ("mask", mask, extra - c_out),
+        ):
+            if value.shape[2] != want:
+                raise ValueError(
+                    f"{name} has {value.shape[2]} channels, but the transformer takes "
+                    f"in_channels = {c_in} = {c_out} (latents) + {c_out} (masked image latents) "
+                    f"+ {extra - c_out} (mask), in that order; {how}"
+                )
+    return tensors
+
+
+def _kontext_cond(config: Mapping[str, Any] | None, image_latents: Any) -> dict[str, Tensor]:
+    """The ODE's cond entry of FluxKontextPipeline's reference image, checked against the
+    transformer's config: ``{}`` without it, else ``image_latents``, the image's packed
+    latents ``(batch or 1, image tokens, in_channels)``, which the pipeline puts after the
+    latents' tokens (``torch.cat([latents, image_latents], dim=1)``). The batch is checked
+    against the state at each call, and ``img_ids`` against both token counts."""
+    if image_latents is None:
+        return {}
+    how = "packed, as FluxKontextPipeline.prepare_latents returns them"
+    _check_tensors({_KONTEXT_KEY: image_latents}, 3, f"(batch or 1, tokens, C), {how}")
+    c_in = config.get("in_channels") if isinstance(config, Mapping) else None
+    if isinstance(c_in, int) and image_latents.shape[2] != c_in:
+        raise ValueError(
+            f"image_latents has {image_latents.shape[2]} channels, but the transformer takes "
+            f"tokens of in_channels = {c_in}, the latents' and the reference image's alike; "
+            f"give the image's latents {how}"
+        )
+    return {_KONTEXT_KEY: image_latents}

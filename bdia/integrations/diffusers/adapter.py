@@ -19,7 +19,10 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   at ``timestep = sigma N``, returning the velocity ``eps - x0`` (prediction ``"flow"``).
   ``FluxTransformer2DModel`` is called as ``FluxPipeline`` calls it: on the packed latents
   ``(batch, tokens, in_channels)`` at ``timestep = sigma N / 1000``, with ``txt_ids`` and
-  ``img_ids`` and, for Flux.1-dev, the embedded ``guidance``.
+  ``img_ids`` and, for Flux.1-dev, the embedded ``guidance``. A Fill transformer
+  (``FluxFillPipeline``'s) takes ``mask=`` and ``masked_image_latents=`` as extra channels of
+  those tokens, and ``FluxKontextPipeline``'s takes ``image_latents=``, a reference image's
+  tokens after the latents' (see below).
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -39,7 +42,16 @@ SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
 masked_image_latents], dim=1)`` for its input ``x_in``, as ``StableDiffusionInpaintPipeline``
 and ``StableDiffusionXLInpaintPipeline`` make it: the mask and the masked image are fixed
 over the run, so the ODE is one in the latents alone. With a controlnet too, the controlnet
-gets ``x_in`` alone, as ``StableDiffusionControlNetInpaintPipeline`` calls it.
+gets ``x_in`` alone, as ``StableDiffusionControlNetInpaintPipeline`` calls it. A Flux Fill
+transformer (``in_channels`` 384 for ``out_channels`` 64) takes them packed, after the
+latents' channels of each token and in the other order, ``torch.cat([x, masked_image_latents,
+mask], dim=2)``, as ``FluxFillPipeline`` makes it.
+
+With ``image_latents=`` (a reference image's packed latents, ``FluxKontextPipeline``'s),
+every Flux call takes ``torch.cat([x, image_latents], dim=1)``, the image's tokens after the
+latents' (``img_ids`` holds both tokens' positions, as the pipeline concatenates them), and
+the output's first ``tokens`` rows are the velocity, as that pipeline keeps them: the image is
+fixed over the run too.
 
 The ODE's time grid is ``diffusers_grid``'s, in ``bdia.integrations.diffusers.grid``
 (importable from here too). The scheduler's recognition and config checks, the
@@ -67,8 +79,10 @@ from ._conditioning import (
     _check_flux_cond,
     _check_guidance,
     _check_timestep_cond,
+    _fill_cond,
     _flux_kwargs,
     _inpaint_cond,
+    _kontext_cond,
     _paired,
 )
 from ._controlnet import (
@@ -157,9 +171,10 @@ class DiffusersModel(torch.nn.Module):
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
-    masked_image_latents=None, **unet_kwargs)``: see there. An inpainting unet (``in_channels``
-    of its config more than the state's channels) takes ``mask`` and
-    ``masked_image_latents`` there.
+    masked_image_latents=None, image_latents=None, **unet_kwargs)``: see there. An inpainting
+    unet or a Flux Fill transformer (``in_channels`` of its config more than the state's
+    channels) takes ``mask`` and ``masked_image_latents`` there; Flux Kontext's reference
+    image comes as ``image_latents``.
     """
 
     def __init__(
@@ -223,6 +238,10 @@ class DiffusersModel(torch.nn.Module):
             self._log_sigmas = np.log(self._sigmas)
         config = getattr(unet, "config", None)
         self.in_channels = config.get("in_channels") if isinstance(config, Mapping) else None
+        # A Flux state's channels: out_channels (None: in_channels), fewer than in_channels
+        # for a Fill transformer, whose other input channels hold the mask and masked image.
+        out = config.get("out_channels") if isinstance(config, Mapping) else None
+        self._packed_channels = out if isinstance(out, int) else self.in_channels
         self.controlnet = None
         self._nets: list[Any] = []
         self._multi = False
@@ -304,6 +323,7 @@ class DiffusersModel(torch.nn.Module):
         control_range: Sequence[tuple[float, float]] | None = None,
         mask: Tensor | None = None,
         masked_image_latents: Tensor | None = None,
+        image_latents: Tensor | None = None,
         **unet_kwargs: Any,
     ) -> Tensor:
         """One unet call (one batch of twice the size under guidance), after one controlnet
@@ -357,7 +377,15 @@ class DiffusersModel(torch.nn.Module):
                 masked_image_latents], dim=1)`` (under guidance, both halves of the batch
                 have the same mask and masked image), as
                 ``StableDiffusionInpaintPipeline`` and ``StableDiffusionXLInpaintPipeline``
-                make it; the output has the state's channels.
+                make it; the output has the state's channels. For a Flux Fill transformer
+                both are packed, ``(batch or 1, tokens, C')`` for a state of ``(batch, tokens,
+                C)``, and its input is ``torch.cat([x_in, masked_image_latents, mask],
+                dim=2)``, as ``FluxFillPipeline`` makes it (in both calls of true guidance).
+            image_latents: Flux only, a reference image's packed latents, shape ``(batch or
+                1, image tokens, C)`` for a state of ``(batch, tokens, C)``: each call takes
+                ``torch.cat([x_in, image_latents], dim=1)`` with ``img_ids`` of ``tokens +
+                image tokens`` rows, and its output's first ``tokens`` rows are the
+                prediction, as ``FluxKontextPipeline`` calls its transformer.
             unet_kwargs: keyword arguments of the unet; tensors of batch 1 are expanded to
                 ``batch`` (Flux's ``txt_ids`` and ``img_ids`` excepted: they are passed as
                 they are, to both branches of guidance).
@@ -372,10 +400,18 @@ class DiffusersModel(torch.nn.Module):
         """
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
-        extra = self._inpaint_channels(x, mask, masked_image_latents, batch)
+        image = None
+        if image_latents is not None:
+            if not self.flux:
+                raise ValueError(
+                    "image_latents are a reference image's tokens for a Flux transformer "
+                    "(FluxKontextPipeline's); this model's network is no Flux transformer"
+                )
+            image = _batched(image_latents, batch, "image_latents")
         if self.flux:
-            self._check_packed(x, unet_kwargs)
-        elif self.in_channels is not None and extra is None:
+            self._check_packed(x, unet_kwargs, image)
+        extra = self._inpaint_channels(x, mask, masked_image_latents, batch)
+        if not self.flux and self.in_channels is not None and extra is None:
             if x.ndim < 2 or x.shape[1] != self.in_channels:
                 raise ValueError(
                     f"the state has shape {tuple(x.shape)}, but the unet takes in_channels = "
@@ -416,8 +452,10 @@ class DiffusersModel(torch.nn.Module):
                 # FluxPipeline's true classifier-free guidance: two calls, the conditional
                 # first, the negative one with its own arguments (txt_ids included).
                 negative = {**unet_kwargs, **negative_cond}
-                c = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""))
-                u = self._call_unet(x_in, tau, _flux_kwargs(negative, batch, "negative_cond"))
+                c = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""), extra, image)
+                u = self._call_unet(
+                    x_in, tau, _flux_kwargs(negative, batch, "negative_cond"), extra, image
+                )
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
                 x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
@@ -445,7 +483,7 @@ class DiffusersModel(torch.nn.Module):
             uncond, cond = u.to(wide), c.to(wide)
             out = uncond + guidance_scale * (cond - uncond)
         elif self.flux:
-            out = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""))
+            out = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""), extra, image)
         else:
             kwargs = _batched(unet_kwargs, batch, "")
             if control is not None:
@@ -464,41 +502,49 @@ class DiffusersModel(torch.nn.Module):
         self, x: Tensor, mask: Tensor | None, masked_image_latents: Tensor | None, batch: int
     ) -> Tensor | None:
         """``torch.cat([mask, masked_image_latents], dim=1)`` of the state's batch, the channels
-        an inpainting unet takes after the state's; None without them. Checks their size and
-        channels against the state and the unet before any call."""
+        an inpainting unet takes after the state's (for a Flux Fill transformer
+        ``torch.cat([masked_image_latents, mask], dim=2)`` of packed tokens); None without
+        them. Checks their size and channels against the state and the unet before any
+        call."""
         if mask is None and masked_image_latents is None:
             return None
         if mask is None or masked_image_latents is None:
             raise ValueError(
-                "an inpainting unet takes both mask and masked_image_latents; give both"
+                "an inpainting unet or a Flux Fill transformer takes both mask and "
+                "masked_image_latents; give both"
             )
-        if self.space == "flow":
+        if self.space == "flow" and not self.flux:
             raise ValueError(
-                "mask and masked_image_latents are an inpainting UNet's input channels, not "
-                "mapped for a flow-matching transformer"
+                "mask and masked_image_latents are an inpainting UNet's or a Flux Fill "
+                "transformer's input channels, not mapped for SD3's transformer"
             )
-        for name, value in (("mask", mask), ("masked_image_latents", masked_image_latents)):
-            if x.ndim != 4 or tuple(value.shape[2:]) != tuple(x.shape[2:]):
+        parts = [("mask", mask), ("masked_image_latents", masked_image_latents)]
+        dim = 2 if self.flux else 1
+        for name, value in parts:
+            if self.flux and (value.ndim != 3 or value.shape[1] != x.shape[1]):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}, but the state has shape "
+                    f"{tuple(x.shape)}: give it packed with the latents' tokens, as "
+                    "FluxFillPipeline.prepare_mask_latents makes it for the latents' size"
+                )
+            if not self.flux and (x.ndim != 4 or tuple(value.shape[2:]) != tuple(x.shape[2:])):
                 raise ValueError(
                     f"{name} is {' x '.join(map(str, value.shape[2:]))} (h x w), but the "
                     f"state has shape {tuple(x.shape)}: give it at the latents' size, as the "
                     "inpainting pipelines' prepare_mask_latents makes it (the mask "
                     "interpolated to H / f x W / f, f the vae's factor)"
                 )
-        channels = x.shape[1] + mask.shape[1] + masked_image_latents.shape[1]
+        channels = x.shape[dim] + mask.shape[dim] + masked_image_latents.shape[dim]
         if self.in_channels is not None and channels != self.in_channels:
             raise ValueError(
-                f"the unet takes in_channels = {self.in_channels}, but the state's "
-                f"{x.shape[1]} channels, the mask's {mask.shape[1]} and masked_image_latents' "
-                f"{masked_image_latents.shape[1]} make {channels}"
+                f"the {'transformer' if self.flux else 'unet'} takes in_channels = "
+                f"{self.in_channels}, but the state's {x.shape[dim]} channels, the mask's "
+                f"{mask.shape[dim]} and masked_image_latents' {masked_image_latents.shape[dim]} "
+                f"make {channels}"
             )
-        return torch.cat(
-            [
-                _batched(mask, batch, "mask"),
-                _batched(masked_image_latents, batch, "masked_image_latents"),
-            ],
-            dim=1,
-        )
+        if self.flux:  # FluxFillPipeline's order: the masked image's latents, then the mask
+            parts.reverse()
+        return torch.cat([_batched(value, batch, name) for name, value in parts], dim=dim)
 
     def _control_inputs(
         self,
@@ -616,9 +662,10 @@ class DiffusersModel(torch.nn.Module):
             c_out = -sigma * sd / (sigma**2 + sd**2) ** 0.5
         return c_skip * x + c_out * out.to(x.dtype)
 
-    def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any]) -> None:
-        """Refuse a Flux state that is not packed latents matching ``img_ids``."""
-        c = self.in_channels
+    def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any], image: Tensor | None) -> None:
+        """Refuse a Flux state that is not packed latents matching ``img_ids`` (with a
+        reference image's tokens ``image``, the state's and the image's)."""
+        c = self._packed_channels
         if x.ndim != 3 or (c is not None and x.shape[2] != c):
             packed = f"(batch, tokens, {c})" if c is not None else "(batch, tokens, channels)"
             raise ValueError(
@@ -628,7 +675,14 @@ class DiffusersModel(torch.nn.Module):
                 "FluxPipeline._pack_latents(latents, batch, channels, h, w)"
             )
         ids = kwargs.get("img_ids")
-        if isinstance(ids, Tensor) and ids.shape[0] != x.shape[1]:
+        if image is not None:
+            if isinstance(ids, Tensor) and ids.shape[0] != x.shape[1] + image.shape[1]:
+                raise ValueError(
+                    f"img_ids has {ids.shape[0]} rows but the state has {x.shape[1]} tokens "
+                    f"and image_latents {image.shape[1]}; give the positions of both, "
+                    "torch.cat([latent_ids, image_ids]) as FluxKontextPipeline makes them"
+                )
+        elif isinstance(ids, Tensor) and ids.shape[0] != x.shape[1]:
             raise ValueError(
                 f"img_ids has {ids.shape[0]} rows but the state has {x.shape[1]} tokens; make "
                 "img_ids for the latents' size: FluxPipeline._prepare_latent_image_ids(1, h // 2, "
@@ -636,18 +690,28 @@ class DiffusersModel(torch.nn.Module):
             )
 
     def _call_unet(
-        self, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any], extra: Tensor | None = None
+        self,
+        x: Tensor,
+        tau: Tensor,
+        kwargs: Mapping[str, Any],
+        extra: Tensor | None = None,
+        image: Tensor | None = None,
     ) -> Tensor:
         """The unet's prediction at ``x`` (with ``extra``, an inpainting unet's mask and
-        masked image, concatenated after ``x`` along the channels), of ``x``'s shape."""
-        if extra is not None:
-            # In x's dtype, as the pipelines' mask (of the prompt embeddings' dtype) meets
-            # latents of that dtype.
-            result = self.unet(torch.cat([x, extra.to(x.dtype)], dim=1), tau, **kwargs)
-        elif self.space == "flow":
+        masked image, concatenated after ``x`` along the channels, dim 1, or a Flux Fill
+        transformer's, dim 2; with ``image``, a reference image's tokens after ``x``'s, the
+        output cut to ``x``'s), of ``x``'s shape."""
+        # In x's dtype, as the pipelines' mask, masked image and reference image (of the
+        # prompt embeddings' dtype) meet latents of that dtype.
+        if self.space == "flow":
+            hidden = x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=2)
+            if image is not None:
+                hidden = torch.cat([hidden, image.to(x.dtype)], dim=1)
             # By keyword, as StableDiffusion3Pipeline and FluxPipeline call it: the
             # transformer's second positional argument is encoder_hidden_states.
-            result = self.unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)
+            result = self.unet(hidden_states=hidden, timestep=tau, return_dict=False, **kwargs)
+        elif extra is not None:
+            result = self.unet(torch.cat([x, extra.to(x.dtype)], dim=1), tau, **kwargs)
         else:
             result = self.unet(x, tau, **kwargs)
         if hasattr(result, "sample"):
@@ -659,6 +723,8 @@ class DiffusersModel(torch.nn.Module):
                 f"the unet returned {type(result).__name__}; it must return a tensor, a tuple "
                 "whose first entry is one, or an object with .sample"
             )
+        if image is not None:  # FluxKontextPipeline keeps the latents' tokens
+            result = result[:, : x.shape[1]]
         channels = x.shape[1]
         if self.learned_variance and result.ndim == x.ndim and result.shape[1] == 2 * channels:
             result = result[:, :channels]  # the mean; the second half is the learned variance
@@ -689,6 +755,7 @@ def from_diffusers(
     num_inference_steps: int | None = None,
     mask: Tensor | None = None,
     masked_image_latents: Tensor | None = None,
+    image_latents: Tensor | None = None,
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
@@ -773,7 +840,24 @@ def from_diffusers(
         masked_image_latents: the latents of the image with the masked region blanked
             (``image * (mask < 0.5)`` encoded by the pipeline's vae and scaled), shape
             ``(batch or 1, in_channels - out_channels - 1, h, w)``, cast to ``model_dtype``.
-            Needed with ``mask``.
+            Needed with ``mask``. For a Flux Fill transformer (``FluxFillPipeline``'s,
+            ``in_channels`` more than ``out_channels``: 384 for 64) both are packed as
+            ``FluxFillPipeline.prepare_mask_latents`` returns them, ``mask, masked_image_latents
+            = pipe.prepare_mask_latents(mask_condition, masked_image, 1, channels, 1, H, W,
+            dtype, device, generator)``: ``masked_image_latents`` of shape ``(batch or 1,
+            tokens, out_channels)`` and ``mask`` of ``(batch or 1, tokens, in_channels - 2
+            out_channels)`` (the mask's pixels, ``f x f`` a latent pixel, in 2 x 2 patches:
+            256 channels for ``f = 8``), and every call takes ``torch.cat([x,
+            masked_image_latents, mask], dim=2)`` for the packed latents ``x``, as the
+            pipeline's ``torch.cat((latents, masked_image_latents), dim=2)`` of its own
+            ``masked_image_latents``, the two concatenated.
+        image_latents: for ``FluxKontextPipeline``'s transformer, the reference image's
+            packed latents, as its ``prepare_latents`` returns them: shape ``(batch or 1,
+            image tokens, in_channels)``, cast to ``model_dtype``. Every call then takes
+            ``torch.cat([x, image_latents], dim=1)`` and keeps its output's first ``tokens``
+            rows, as the pipeline does, and ``img_ids`` must hold ``tokens + image tokens``
+            rows: ``torch.cat([latent_ids, image_ids])``, the pipeline's concatenation of the
+            latents' positions and the image's (whose first column is 1).
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -799,9 +883,9 @@ def from_diffusers(
         ``cond`` holding everything that conditions the unet (``guidance_scale`` and
         ``negative_cond`` included; with a controlnet, ``controlnet_cond``,
         ``conditioning_scale``, ``guess_mode`` and, where it is switched, the times of
-        ``control_range``; with an inpainting unet, ``mask`` and
-        ``masked_image_latents``). Sample it on ``diffusers_grid(scheduler, steps)`` with
-        any bdia solver, or invert it with BDIA.
+        ``control_range``; with an inpainting unet or a Flux Fill transformer, ``mask`` and
+        ``masked_image_latents``; for Kontext, ``image_latents``). Sample it on
+        ``diffusers_grid(scheduler, steps)`` with any bdia solver, or invert it with BDIA.
 
     Raises:
         ValueError: one line naming the field, before any unet call, for a prediction_type
@@ -820,9 +904,20 @@ def from_diffusers(
             ``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` or ``img_ids``;
             ids that are not 2-D ``(tokens, 3)``; embeddings whose length is not their
             ``txt_ids``' rows; ``guidance`` missing (with ``guidance_embeds``), given
-            (without it), not finite, or a tensor that is not 1-D and floating. At the first
+            (without it), not finite, or a tensor that is not 1-D and floating. For a Fill
+            transformer (``in_channels`` more than ``out_channels``): no ``mask`` or
+            ``masked_image_latents`` (or one without the other), them for a transformer
+            without room for both beside the latents (``in_channels`` at most twice
+            ``out_channels``: a text-to-image, Depth or Canny one), tensors that are not 3-D
+            and floating, of two token counts, or of other channels than ``out_channels``
+            (the masked image) and ``in_channels - 2 out_channels`` (the mask). For Kontext:
+            ``image_latents`` that are not 3-D and floating or not of ``in_channels``, given
+            beside ``mask``, or for any network but Flux's transformer. At the first
             evaluation, before the call: a state that is not packed latents
-            ``(batch, tokens, in_channels)`` or not of ``img_ids``' token count. With a
+            ``(batch, tokens, out_channels)`` or not of ``img_ids``' token count (with
+            ``image_latents``, the state's and the image's together); a mask, masked image or
+            reference image whose batch is neither 1 nor the state's, or a mask or masked
+            image of another token count. With a
             controlnet: one of another class than ``ControlNetModel`` (a list or
             ``MultiControlNetModel`` of them), made for another unet (its ``in_channels``,
             ``cross_attention_dim`` or ``block_out_channels``; beside an inpainting unet's
@@ -847,8 +942,8 @@ def from_diffusers(
             latents'.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale or bound that is not a number, a
-            ``guess_mode`` that is not a bool; a ``mask`` or ``masked_image_latents`` that is
-            not a tensor.
+            ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents`` or
+            ``image_latents`` that is not a tensor.
     """
     if not callable(unet):
         raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
@@ -881,11 +976,27 @@ def from_diffusers(
     inpaint: dict[str, Any] = {}
     if space != "flow":
         inpaint = _inpaint_cond(unet_config, mask, masked_image_latents)
+    elif flux:
+        inpaint = _fill_cond(unet_config, mask, masked_image_latents)
     elif mask is not None or masked_image_latents is not None:
         raise ValueError(
             "mask and masked_image_latents are an inpainting UNet's input channels (Stable "
-            "Diffusion's, SDXL's); they are not mapped for a flow-matching transformer"
+            "Diffusion's, SDXL's) or a Flux Fill transformer's; they are not mapped for SD3's "
+            "flow-matching transformer"
         )
+    if image_latents is not None and not flux:
+        raise ValueError(
+            "image_latents are a reference image's tokens for Flux's transformer "
+            "(FluxKontextPipeline's); this network is no FluxTransformer2DModel under a "
+            "flow-matching scheduler"
+        )
+    if image_latents is not None and inpaint:
+        raise ValueError(
+            "image_latents (FluxKontextPipeline's reference image) were given beside mask and "
+            "masked_image_latents (FluxFillPipeline's); no Flux pipeline gives its transformer "
+            "both: give one"
+        )
+    kontext = _kontext_cond(unet_config, image_latents)
     if isinstance(unet_config, Mapping):
         _check_timestep_cond(unet_config, cond)
         c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
@@ -914,6 +1025,7 @@ def from_diffusers(
         keep = _FLUX_IDS if flux else ()
         cond = _cast_cond(cond, model_dtype, keep)
         inpaint = _cast_cond(inpaint, model_dtype)
+        kontext = _cast_cond(kontext, model_dtype)
         if negative_cond is not None:
             negative_cond = _cast_cond(negative_cond, model_dtype, keep)
     settings = dict(
@@ -950,7 +1062,7 @@ def from_diffusers(
         flux=flux,
         controlnet=control_module,
     )
-    ode_cond = {**cond, **control_cond, **inpaint}
+    ode_cond = {**cond, **control_cond, **inpaint, **kontext}
     if guidance_scale is not None:
         ode_cond["guidance_scale"] = guidance_scale
     if negative_cond is not None:

@@ -5,8 +5,9 @@ Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel`
 ``ControlNetModel``, a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's,
 or Playground v2.5's with an EDM-preconditioned scheduler), their ControlNet pipelines,
 ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
-vocabulary written locally, the inpainting pipelines of Stable Diffusion and SDXL, and
-Stable Diffusion's ControlNet inpainting pipeline), a
+vocabulary written locally, ``FluxFillPipeline`` and ``FluxKontextPipeline``, the inpainting
+pipelines of Stable Diffusion and SDXL, and Stable Diffusion's ControlNet inpainting
+pipeline), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -34,6 +35,8 @@ __all__ = [
     "tiny_playground_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
+    "tiny_flux_fill_pipeline",
+    "tiny_flux_kontext_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
     "tiny_inpaint_pipeline",
@@ -448,6 +451,48 @@ def tiny_flux_pipeline(
         tokenizer_2=tokenizer_2,
         transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_fill_pipeline(
+    folder: str | Path, scheduler: Any = None, *, guidance_embeds: bool = True
+) -> Any:
+    """A ``FluxFillPipeline`` of ``tiny_flux_pipeline``'s parts with a Fill transformer:
+    ``tiny_flux_transformer`` with ``in_channels=48`` and ``out_channels=16`` (seed 0), which
+    the pipeline calls on the packed latents (16 channels) followed along the channels by the
+    packed latents of the masked image (16) and the packed mask (16: the tiny VAE's
+    downsampling factor 2 makes a 2 x 2 block of mask pixels per latent pixel, 4 channels, in
+    patches of 2 x 2), as FLUX.1-Fill-dev's takes 64 + 64 + 256 = 384. 16 x 16 RGB images and
+    1-channel masks; ``scheduler`` defaults to Flux.1-dev's. Float32; the progress bar is
+    off."""
+    parts = dict(tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds).components)
+    for name in ("image_encoder", "feature_extractor"):  # an IP-Adapter's, which Fill lacks
+        parts.pop(name, None)
+    parts["transformer"] = tiny_flux_transformer(
+        guidance_embeds=guidance_embeds, in_channels=48, out_channels=16
+    )
+    pipe = diffusers.FluxFillPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_kontext_pipeline(
+    folder: str | Path, scheduler: Any = None, *, guidance_embeds: bool = True
+) -> Any:
+    """A ``FluxKontextPipeline`` of ``tiny_flux_pipeline``'s parts (its transformer too, as
+    FLUX.1-Kontext-dev's has FLUX.1-dev's config): the pipeline puts the packed latents of its
+    reference image after the packed latents' tokens, with their own ``img_ids``, and keeps
+    the transformer's output for the latents' tokens. 16 x 16 RGB images; ``scheduler``
+    defaults to Flux.1-dev's. Float32; the progress bar is off. Needs diffusers 0.35 or newer,
+    which has the pipeline."""
+    kontext = getattr(diffusers, "FluxKontextPipeline", None)
+    if kontext is None:
+        raise ImportError(
+            f"FluxKontextPipeline is in diffusers 0.35 and newer; this is {diffusers.__version__}"
+        )
+    parts = tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds).components
+    pipe = kontext(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
