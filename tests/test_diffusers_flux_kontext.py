@@ -1,5 +1,6 @@
 """bdia.integrations.diffusers with Flux Kontext: from_diffusers(image_latents=...) against
-FluxKontextPipeline's run, BDIAScheduler in that pipeline, and the refusals.
+FluxKontextPipeline's run, BDIAScheduler in that pipeline, the refusals, and edit_image on
+FluxKontextPipeline.
 
 FluxKontextPipeline (diffusers 0.35 and newer) calls Flux's transformer on the packed latents'
 tokens followed by its reference image's packed latents, with the positions of both in
@@ -42,7 +43,7 @@ from test_diffusers_flux import (
 )
 
 import bdia
-from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, from_diffusers
+from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, edit_image, from_diffusers
 from bdia.integrations.diffusers.tiny import (
     tiny_flux_kontext_pipeline,
     tiny_flux_transformer,
@@ -286,3 +287,33 @@ def test_kontext_states_that_are_not_the_pipelines_are_refused_before_the_call(d
             ode.evaluate(1.0, _noise(torch.float32))
         _one_line_error(exc_info, field)
     assert calls.calls == 0
+
+
+# ----------------------------------------------------------------------- edit_image
+
+
+@needs_kontext
+def test_edit_image_on_kontext_takes_the_image_as_its_reference(tmp_path):
+    """edit_image on FluxKontextPipeline conditions both ODEs on the edited image, as the
+    pipeline's image=: the image latents and img_ids are bit for bit those of the pipeline's
+    prepare_latents for that image (the VAE's mode, shifted, scaled and packed; the latents'
+    positions then the image's, whose first column is 1), and the round trip is exact
+    (latent_error 0 with a float64 state, measured 0). Without the reference (FluxPipeline of
+    the same parts) the edit differs."""
+    pipe = tiny_flux_kontext_pipeline(tmp_path)
+    image = torch.rand(2, 3, 16, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with untouched(image):
+        result = edit_image(pipe, image, "", PROMPT, num_inference_steps=N_STEPS, progress=False)
+    assert result.latent_error == 0.0
+    with torch.no_grad():
+        _, image_latents, latent_ids, image_ids = pipe.prepare_latents(
+            image, 2, 4, 16, 32, torch.float32, "cpu", None, torch.zeros(2, 32, 16)
+        )
+    assert image_ids[:, 0].eq(1).all() and image_latents.shape == (2, IMAGE_TOKENS, 16)
+    for ode in (result.inversion.ode, result.target):
+        assert torch.equal(ode.cond["image_latents"], image_latents)
+        assert torch.equal(ode.cond["img_ids"], torch.cat([latent_ids, image_ids]))
+    plain = diffusers.FluxPipeline(**pipe.components)
+    alone = edit_image(plain, image, "", PROMPT, num_inference_steps=N_STEPS, progress=False)
+    assert "image_latents" not in alone.target.cond
+    assert not torch.equal(alone.edited_latents, result.edited_latents)

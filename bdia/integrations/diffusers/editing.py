@@ -12,7 +12,10 @@ the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
 ``prepare_image``, given ``control_image``: both ODEs call the controlnet on it), or the
 inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
 ``mask_processor`` and ``prepare_mask_latents``, given ``mask_image``: both ODEs give the
-unet the mask and the masked image's latents as extra input channels) and:
+unet the mask and the masked image's latents as extra input channels), or
+``FluxFillPipeline`` (the same, packed, for its Fill transformer) or
+``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
+itself as the reference image it edits) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -113,6 +116,8 @@ _FLUX_PACKING = 2
 _FLUX_GUIDANCE = 3.5
 # The static methods of FluxPipeline that make its state and positions.
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
+# The pipeline that gives its Flux transformer a reference image's tokens.
+_KONTEXT = "FluxKontextPipeline"
 # The ControlNet pipelines' settings edit_image takes, by their names, and their defaults.
 _CONTROL_DEFAULTS = {
     "controlnet_conditioning_scale": 1.0,
@@ -633,6 +638,66 @@ def _flux_probe_cond(config: Mapping[str, Any], guidance: float | None) -> dict[
     return cond
 
 
+def _fill_channels(pipe: Any, vae: Any) -> int:
+    """A Flux Fill transformer's ``in_channels`` with ``vae``: the packed latents, the masked
+    image's packed latents, and the packed mask (a latent pixel's ``f x f`` mask pixels in
+    2 x 2 patches): 64 + 64 + 256 = 384 for FLUX.1-Fill-dev's VAE."""
+    packed = vae.config.latent_channels * _FLUX_PACKING**2
+    return 2 * packed + (_FLUX_PACKING * _vae_factor(pipe, vae)) ** 2
+
+
+def _flux_image_probe_cond(
+    config: Mapping[str, Any], latent_size: tuple[int, int], fill: bool
+) -> dict[str, Tensor]:
+    """Stand-ins of the packed latents' tokens for a Fill transformer's mask and masked image
+    latents (``fill``) or Kontext's reference image latents, for ``from_diffusers``' checks
+    in the probe, which is never evaluated."""
+    tokens = (latent_size[0] // _FLUX_PACKING) * (latent_size[1] // _FLUX_PACKING)
+    c_in, c_out = config["in_channels"], config.get("out_channels") or config["in_channels"]
+    if fill:
+        return {
+            "mask": torch.zeros(1, tokens, c_in - 2 * c_out),
+            "masked_image_latents": torch.zeros(1, tokens, c_out),
+        }
+    return {"image_latents": torch.zeros(1, tokens, c_in)}
+
+
+def _fill_kwargs(
+    pipe: Any, vae: Any, condition: Tensor, pixels: Tensor, dtype: torch.dtype, device: Any
+) -> dict[str, Tensor]:
+    """``from_diffusers``' ``mask`` and ``masked_image_latents`` for a Flux Fill transformer,
+    as ``_inpaint_kwargs`` makes them for an inpainting unet: the image blanked where the
+    mask is 1, ``pixels * (1 - condition)`` as FluxFillPipeline blanks it, encoded to the
+    *mean* of the VAE's latent distribution (the pipeline draws a sample), and both through
+    the pipeline's own ``prepare_mask_latents``, which shifts and scales those latents,
+    repeats a batch of 1, packs them, and packs the mask's pixels, in ``dtype``."""
+    batch, _, height, width = pixels.shape
+    masked = pixels.float() * (1 - condition.to(pixels.device))
+    # Latents of the VAE's channels: prepare_mask_latents takes them as encoded.
+    latents = _mean(vae, masked.to(device, dtype))
+    mask, masked_latents = pipe.prepare_mask_latents(
+        condition, latents, batch, vae.config.latent_channels, 1, height, width, dtype, device, None
+    )
+    return {"mask": mask, "masked_image_latents": masked_latents}
+
+
+def _kontext_kwargs(
+    pipe: Any, pixels: Tensor, img_ids: Tensor, dtype: torch.dtype, device: torch.device
+) -> dict[str, Tensor]:
+    """FluxKontextPipeline's reference image for the edited image ``pixels`` (B, 3, H, W) in
+    [-1, 1]: its packed latents (the mode of the VAE's distribution, its mean, shifted and
+    scaled) and the latents' ``img_ids`` followed by the image's, as the pipeline's
+    ``prepare_latents`` makes them in ``dtype``."""
+    batch, _, height, width = pixels.shape
+    channels = pipe.vae.config.latent_channels
+    # Latents given, so that prepare_latents draws no noise; only the image's are used.
+    placeholder = torch.zeros(batch, img_ids.shape[0], channels * _FLUX_PACKING**2)
+    _, image_latents, _, image_ids = pipe.prepare_latents(
+        pixels.to(dtype), batch, channels, height, width, dtype, device, None, placeholder
+    )
+    return {"image_latents": image_latents, "img_ids": torch.cat([img_ids, image_ids])}
+
+
 def _control_kwargs(
     pipe: Any,
     model: str,
@@ -967,7 +1032,12 @@ def edit_image(
             as the SD3 pipelines, without an upcast (they have none); so does Flux's, whose
             latents are then packed by ``_pack_latents`` (and unpacked by
             ``_unpack_latents`` before decoding), as FluxImg2ImgPipeline encodes and
-            FluxPipeline decodes.
+            FluxPipeline decodes. A ``FluxFillPipeline`` (a Fill transformer, whose
+            ``in_channels`` are twice the packed latents' and the packed mask's) takes
+            ``mask_image``; a ``FluxKontextPipeline`` (by its class) conditions both ODEs on
+            the image itself, as its ``image``: the image's packed latents and ids from its
+            ``prepare_latents`` (the mode of the VAE's distribution, its mean, as the
+            pipeline encodes it) as ``from_diffusers``' ``image_latents`` and ``img_ids``.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
@@ -1065,8 +1135,12 @@ def edit_image(
             ``torch.cat([latents, mask, masked_image_latents], dim=1)`` through
             ``from_diffusers(mask=..., masked_image_latents=...)``. The state is the whole
             image's latents, encoded as for any pipeline; nothing is blended back: outside the
-            mask the edit is what the inpainting model makes of it. Needed with an inpainting
-            unet, refused for any other network.
+            mask the edit is what the inpainting model makes of it. For a
+            ``FluxFillPipeline`` the same, packed: the image times ``1 - mask``, as that
+            pipeline blanks it, encoded to the VAE's mean, goes with the binarised mask
+            through its ``prepare_mask_latents`` (which shifts and scales the latents and
+            packs both, the mask's pixels ``f x f`` a latent pixel). Needed with an inpainting
+            unet or a Fill transformer, refused for any other network.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -1081,7 +1155,8 @@ def edit_image(
             the patch size, for Flux times 2, or more patches than the transformer embeds), or
             outside [-1, 1]; a pipeline with neither a unet nor an SD3 or Flux transformer; a
             VAE whose latent channels are not the network's (for Flux, four times them, the
-            packed channels: a Fill transformer takes more); ``guidance`` for a network
+            packed channels, or a Fill transformer's: Depth and Canny ones are refused);
+            ``guidance`` for a network
             without a guidance embedding, or not a finite number; a unet that needs added
             conditioning of images or hints (``addition_embed_type`` other than ``"text"``
             and SDXL's ``"text_time"``), or an SDXL one whose added embedding does not take
@@ -1097,8 +1172,9 @@ def edit_image(
             images of another number than the controlnets or another batch than 1 and the
             image's, a controlnet whose control images are not the VAE's factor times the
             latents' size, and whatever ``from_diffusers`` refuses in the ControlNet settings.
-            An inpainting unet without ``mask_image``, a ``mask_image`` for any other network
-            (a 4-channel unet in an inpainting pipeline included, whose pipeline blends the
+            An inpainting unet or a Flux Fill transformer without ``mask_image``, a
+            ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
+            included, whose pipeline blends the
             image back in after every step), and a mask of another size than the image's, of
             more than one channel, of another batch than 1 and the image's, not floating,
             outside [0, 1] or not an image.
@@ -1139,18 +1215,29 @@ def edit_image(
     # An inpainting unet takes the mask and the masked image's latents beside the latents.
     latent = vae.config.latent_channels
     inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
+    fill = kontext = False
     if flux:
         for name in _FLUX_METHODS:
             _part(pipe, name, "to pack the latents into the tokens a Flux transformer takes")
         _part(pipe, "encode_prompt", "to make the prompts' text_ids, as FluxPipeline does")
         # The packed latents: the VAE's channels in 2 x 2 patches.
         packed = vae.config.latent_channels * _FLUX_PACKING**2
-        if unet_config.get("in_channels") != packed:
+        # A Fill transformer takes the masked image's packed latents and the packed mask too.
+        fill_channels = _fill_channels(pipe, vae)
+        fill = (unet_config.get("in_channels"), unet_config.get("out_channels")) == (
+            fill_channels,
+            packed,
+        )
+        kontext = _KONTEXT in _class_names(pipe)
+        if kontext:
+            _part(pipe, "prepare_latents", "to encode the reference image as the pipeline does")
+        if unet_config.get("in_channels") != packed and not fill:
             raise ValueError(
                 f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
                 f"vae's latent_channels = {vae.config.latent_channels} packed in 2 x 2 patches "
                 f"make {packed}; edit_image needs a text-to-image Flux transformer of the vae's "
-                "latents (not a Fill, Depth or Canny one, whose extra channels hold an image)"
+                f"latents, or a Fill one of {fill_channels} (the masked image's and the mask's "
+                "besides), not a Depth or Canny one, whose extra channels hold a control image"
             )
     elif unet_config.get("in_channels") != vae.config.latent_channels and not inpaint:
         raise ValueError(
@@ -1292,7 +1379,15 @@ def edit_image(
     channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
     if model == "unet" and not inpaint:
         channels += ", the vae's latents alone"
-    condition = _mask_condition(pipe, mask_image, inpaint, channels, pixels.shape)
+    if flux and not fill:
+        channels += f", the packed latents alone (a Fill transformer takes {fill_channels})"
+    if fill and mask_image is None:
+        raise ValueError(
+            f"the pipeline's transformer is a Fill one (in_channels = {fill_channels}: the "
+            "packed latents, the masked image's and the mask); give mask_image, white (1) "
+            "where the edit may repaint, as FluxFillPipeline's mask_image"
+        )
+    condition = _mask_condition(pipe, mask_image, inpaint or fill, channels, pixels.shape)
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
     # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
@@ -1302,6 +1397,8 @@ def edit_image(
     if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
         probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
         probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
+    if fill or kontext:
+        probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, fill))
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
@@ -1358,13 +1455,18 @@ def edit_image(
                 shared["guidance"] = guidance
 
         pixels = pixels.to(device)
-        if condition is not None:
+        if condition is not None and fill:
+            dtype = embed_dtype or torch.float32
+            shared.update(_fill_kwargs(pipe, vae, condition, pixels, dtype, device))
+        elif condition is not None:
             # In the unet's dtype, as the pipelines make them (of the prompt embeddings').
             shared.update(
                 _inpaint_kwargs(
                     pipe, vae, condition, pixels, embed_dtype or torch.float32, xl, device
                 )
             )
+        if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
+            shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
 
         def ode(cond: dict[str, Any]) -> DiffusionODE:
             return from_diffusers(
