@@ -160,7 +160,8 @@ class DiffusersModel(torch.nn.Module):
             preconditioning runs in the state's dtype as it comes, float32 at least. None:
             that dtype.
         flux: ``"flow"`` space only, call the transformer as ``FluxPipeline`` calls Flux's:
-            the state is the packed latents ``(batch, tokens, in_channels)``, the timestep is
+            the state is the packed latents ``(batch, tokens, out_channels)`` (the config's
+            ``out_channels``, or ``in_channels`` where it is None), the timestep is
             ``tau / 1000`` in the dtype the transformer gets the state in (the pipeline's
             ``t.to(latents.dtype) / 1000``), ``txt_ids`` and ``img_ids`` pass through
             unbatched, and guidance makes two calls, the conditional one first.
@@ -334,7 +335,7 @@ class DiffusersModel(torch.nn.Module):
                 in VP space, ``x0 + sigma_bar eps`` in EDM space (the unet then sees
                 ``x / sqrt(sigma_bar^2 + 1)``, as after diffusers' ``scale_model_input``),
                 ``(1 - sigma) x0 + sigma eps`` in flow space (for Flux, packed latents of shape
-                ``(batch, tokens, in_channels)``). With ``sigma_data``, ``x0 + sigma eps`` in
+                ``(batch, tokens, out_channels)``). With ``sigma_data``, ``x0 + sigma eps`` in
                 float32 at least; the unet sees ``c_in x`` in ``unet_dtype``, at timestep
                 ``c_noise``, as after an EDM scheduler's ``scale_model_input``.
             t: shape ``(batch,)``, the ODE's time: ``(tau + 1) / N`` (VP), ``sigma_bar`` (EDM)
