@@ -12,8 +12,10 @@ the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
 ``prepare_image``, given ``control_image``: both ODEs call the controlnet on it), or the
 inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
 ``mask_processor`` and ``prepare_mask_latents``, given ``mask_image``: both ODEs give the
-unet the mask and the masked image's latents as extra input channels), or
-``FluxFillPipeline`` (the same, packed, for its Fill transformer) or
+unet the mask and the masked image's latents as extra input channels), or Stable
+Diffusion's ControlNet inpainting pipeline, both at once (its ``prepare_control_image``
+makes the control image; the controlnet gets the latents alone, the unet all 9 channels), or
+``FluxFillPipeline`` (the same as a 9-channel unet, packed, for its Fill transformer) or
 ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
 itself as the reference image it edits) and:
 
@@ -706,11 +708,14 @@ def _control_kwargs(
     steps: Any,
     shape: Sequence[int],
     device: torch.device,
+    inpaint: bool = False,
 ) -> dict[str, Any]:
     """``from_diffusers``' ControlNet arguments for the pipeline's controlnet: the control
     image made as the pipeline makes it (its ``prepare_image``, at the image's size ``shape``
-    = (batch, C, H, W), one per image), its scale, guess mode and switch (``settings``, by
-    the pipelines' names); ``{}`` for a pipeline without a controlnet."""
+    = (batch, C, H, W), one per image; with ``inpaint``, an inpainting unet's, the ControlNet
+    inpainting pipelines' ``prepare_control_image`` of the whole image, no crop), its scale,
+    guess mode and switch (``settings``, by the pipelines' names); ``{}`` for a pipeline
+    without a controlnet."""
     controlnet = getattr(pipe, "controlnet", None)
     if controlnet is None:
         if control_image is not None:
@@ -739,7 +744,12 @@ def _control_kwargs(
             "the image that guides it (the pipeline's image=), as it guided the image's "
             "making (a list, one per controlnet, for several)"
         )
-    _part(pipe, "prepare_image", "to prepare the control image as the pipeline does")
+    # The ControlNet inpainting pipelines name it prepare_control_image, and take the crop of
+    # their padding_mask_crop with it: none here, the image's whole frame (their default).
+    method, crop = "prepare_image", {}
+    if inpaint:
+        method, crop = "prepare_control_image", {"crops_coords": None, "resize_mode": "default"}
+    prepare = _part(pipe, method, "to prepare the control image as the pipeline does")
     module, nets = _controlnets(controlnet)
     batch, _, height, width = shape
     factor = _vae_factor(pipe, pipe.vae)
@@ -760,7 +770,7 @@ def _control_kwargs(
     for i, image in enumerate(control_image if multi else [control_image]):
         # The pipelines' own preparation (resized to the image's size, in [0, 1]), without
         # the doubling for guidance, which from_diffusers makes.
-        made = pipe.prepare_image(
+        made = prepare(
             image=image,
             width=width,
             height=height,
@@ -770,6 +780,7 @@ def _control_kwargs(
             dtype=module.dtype,
             do_classifier_free_guidance=False,
             guess_mode=False,
+            **crop,
         )
         if made.shape[0] != batch:
             where = f"control_image[{i}]" if multi else "control_image"
@@ -1008,7 +1019,8 @@ def edit_image(
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
             ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or Stable Diffusion's or SDXL's
             ControlNet pipeline, with ``control_image``, or their inpainting pipeline with a
-            9-channel unet, with ``mask_image``), or any object with its parts:
+            9-channel unet, with ``mask_image``, or Stable Diffusion's ControlNet inpainting
+            pipeline with a 9-channel unet, with both), or any object with its parts:
             ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
             and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
             ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
@@ -1108,7 +1120,9 @@ def edit_image(
             image that guides the controlnet, as the pipeline's ``image``: a PIL image, a
             list of them or a tensor of shape ``(1 or batch, 3, H', W')`` in [0, 1], made by
             the pipeline's ``prepare_image`` at the image's size (H x W), one per image to
-            edit; a list of them, one per controlnet, for a ``MultiControlNetModel``. Both
+            edit (by ``StableDiffusionControlNetInpaintPipeline``'s
+            ``prepare_control_image``, of the whole image: no ``padding_mask_crop``); a list
+            of them, one per controlnet, for a ``MultiControlNetModel``. Both
             ODEs (the inversion's and the edit's) are conditioned on it, through
             ``from_diffusers(controlnet=pipe.controlnet, controlnet_cond=...)``. Needed with
             a controlnet, refused without.
@@ -1120,12 +1134,13 @@ def edit_image(
             ``from_diffusers`` onto the grid's times, so that the inversion and the edit call
             it where the pipeline would.
         control_guidance_end: the fraction of the steps after which it is off, likewise.
-        mask_image: for a ``StableDiffusionInpaintPipeline`` or
-            ``StableDiffusionXLInpaintPipeline`` with an inpainting unet (``in_channels`` = 2
-            x the VAE's ``latent_channels`` + 1: 9), the region the edit may repaint, as the
-            pipeline's ``mask_image``: a PIL image (any mode; grayscale is taken) or a list of
-            them of the image's size, or a tensor of shape ``(1 or batch, 1, H, W)`` in [0, 1]
-            (not modified), white (1) where repainted. The pipeline's ``mask_processor``
+        mask_image: for a ``StableDiffusionInpaintPipeline``,
+            ``StableDiffusionXLInpaintPipeline`` or ``StableDiffusionControlNetInpaintPipeline``
+            with an inpainting unet (``in_channels`` = 2 x the VAE's ``latent_channels`` + 1:
+            9), the region the edit may repaint, as the pipeline's ``mask_image``: a PIL
+            image (any mode; grayscale is taken) or a list of them of the image's size, or a
+            tensor of shape ``(1 or batch, 1, H, W)`` in [0, 1] (not modified), white (1)
+            where repainted. The pipeline's ``mask_processor``
             binarises it at 0.5; the image blanked there is encoded to the *mean* of the
             VAE's latent distribution times ``scaling_factor``, in the unet's dtype (the
             pipelines draw a sample; neither applies ``latents_mean`` or ``latents_std`` to
@@ -1373,9 +1388,6 @@ def edit_image(
         control_guidance_start=control_guidance_start,
         control_guidance_end=control_guidance_end,
     )
-    control = _control_kwargs(
-        pipe, model, control_image, control_settings, num_inference_steps, pixels.shape, device
-    )
     channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
     if model == "unet" and not inpaint:
         channels += ", the vae's latents alone"
@@ -1388,6 +1400,16 @@ def edit_image(
             "where the edit may repaint, as FluxFillPipeline's mask_image"
         )
     condition = _mask_condition(pipe, mask_image, inpaint or fill, channels, pixels.shape)
+    control = _control_kwargs(
+        pipe,
+        model,
+        control_image,
+        control_settings,
+        num_inference_steps,
+        pixels.shape,
+        device,
+        inpaint,
+    )
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
     # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
