@@ -428,12 +428,38 @@ def test_a_batch_1_mask_is_the_same_as_one_per_sample(parts):
 # ------------------------------------------------------------ ControlNet with inpainting
 
 CONTROL_SCALE = 0.7
+# The ControlNet inpainting pipelines (tiny_controlnet_inpaint_pipeline): Stable Diffusion's,
+# SDXL's, and SDXL's with requires_aesthetics_score (five time ids, the aesthetic score's
+# differing between the branches of guidance).
+CONTROL_KINDS = ["sd", "sdxl", "sdxl-aesthetic"]
+# The aesthetic time ids of SDXL's ControlNet inpainting pipeline for 16 x 16 images: the
+# original size, the crop and its default aesthetic_score 6 (negative_aesthetic_score 2.5 in
+# the unconditional branch).
+AESTHETIC_IDS = torch.tensor([[16.0, 16.0, 0.0, 0.0, 6.0]])
+NEGATIVE_AESTHETIC_IDS = torch.tensor([[16.0, 16.0, 0.0, 0.0, 2.5]])
 
 
-def _control_inpaint_ode(pipe, mask_image, image, control, guess, seed=3):
-    """from_diffusers of StableDiffusionControlNetInpaintPipeline's unet and controlnet, the
-    mask and masked image made as the pipeline makes them (its image in float32, the masked
-    image encoded by its vae with the run's generator, which nothing draws from before)."""
+def _control_inpaint_pipeline(tmp_path, kind):
+    return tiny_controlnet_inpaint_pipeline(
+        tmp_path, xl=kind != "sd", aesthetic=kind == "sdxl-aesthetic"
+    )
+
+
+def _control_inpaint_branches(pipe, kind):
+    """The unet and controlnet arguments of the conditional and unconditional branches, as
+    the pipeline makes them; with the aesthetic score, time ids of their own in each."""
+    cond, negative = _branches(pipe, kind != "sd")
+    if kind == "sdxl-aesthetic":
+        for branch, ids in ((cond, AESTHETIC_IDS), (negative, NEGATIVE_AESTHETIC_IDS)):
+            added = branch["added_cond_kwargs"]
+            added["time_ids"] = ids.to(added["text_embeds"].dtype)
+    return cond, negative
+
+
+def _control_inpaint_ode(pipe, kind, mask_image, image, control, guess, seed=3):
+    """from_diffusers of a ControlNet inpainting pipeline's unet and controlnet, the mask and
+    masked image made as the pipeline makes them (its image in float32, the masked image
+    encoded by its vae with the run's generator, which nothing draws from before)."""
     condition = pipe.mask_processor.preprocess(mask_image, height=16, width=16)
     pixels = pipe.image_processor.preprocess(image, height=16, width=16).to(torch.float32)
     dtype = pipe.unet.dtype
@@ -448,7 +474,7 @@ def _control_inpaint_ode(pipe, mask_image, image, control, guess, seed=3):
         torch.Generator().manual_seed(seed),
         False,
     )
-    cond, negative = _branches(pipe, False)
+    cond, negative = _control_inpaint_branches(pipe, kind)
     return from_diffusers(
         pipe.unet,
         pipe.scheduler,
@@ -484,31 +510,39 @@ def _control_image():
     return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("guess", [False, True], ids=["plain", "guess"])
-def test_ddim_is_the_controlnet_inpaint_pipeline_to_float64_rounding(tmp_path, guess):
+@pytest.mark.parametrize("kind", CONTROL_KINDS)
+def test_ddim_is_the_controlnet_inpaint_pipeline_to_rounding(tmp_path, kind, guess, dtype):
     """bdia's 'ddim' on from_diffusers(unet, scheduler, controlnet=..., controlnet_cond=...,
-    mask=..., masked_image_latents=...) is StableDiffusionControlNetInpaintPipeline's DDIM run
-    with a 9-channel unet under guidance 7.5, the whole pipeline in float64: below 1e-12
-    relative (measured 5.5e-16 and 7.4e-16 in guess mode, float64 rounding of two ways of
-    writing DDIM's step; 2.6e-7 and 3.3e-7 in float32). The control image is float32 and the
-    masked image is encoded from float32 pixels in both, as the pipeline rounds them. A
-    controlnet given the 9-channel input would not run; one left out, or a mask left out,
-    would be off by O(1)."""
-    pipe = tiny_controlnet_inpaint_pipeline(tmp_path).to(torch.float64)
-    float64_text_encoders(pipe)
-    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
-    pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
-        pipe.scheduler.final_alpha_cumprod
-    ).double()
-    image, mask_image, _, noise = _inputs(torch.float64)
+    mask=..., masked_image_latents=...) is the ControlNet inpainting pipeline's DDIM run with
+    a 9-channel unet under guidance 7.5 (StableDiffusionControlNetInpaintPipeline's, and
+    StableDiffusionXLControlNetInpaintPipeline's with SDXL's six time ids or, with
+    requires_aesthetics_score, five ending in an aesthetic score of 6 and 2.5 in the
+    unconditional branch, which the controlnet gets too), the whole pipeline in float64:
+    below 1e-12 relative (measured 5.5e-16 to 1.3e-15, float64 rounding of two ways of
+    writing DDIM's step); in float32 below 1e-5, float32's rounding of the same over 10
+    steps (measured 2.6e-7 to 5.9e-7). The control image is float32 and the masked image is
+    encoded from float32 pixels in both, as the pipeline rounds them. A controlnet given the
+    9-channel input would not run; one left out, a mask left out, or the conditional time
+    ids in the unconditional branch would be off by O(1)."""
+    pipe = _control_inpaint_pipeline(tmp_path, kind)
+    if dtype == torch.float64:
+        pipe = pipe.to(torch.float64)
+        float64_text_encoders(pipe)
+        pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
+        pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
+            pipe.scheduler.final_alpha_cumprod
+        ).double()
+    image, mask_image, _, noise = _inputs(dtype)
     control = _control_image()
     theirs = _control_inpaint_run(pipe, image, mask_image, control, noise, guess)
     with torch.no_grad():
-        ode = _control_inpaint_ode(pipe, mask_image, image, control, guess)
+        ode = _control_inpaint_ode(pipe, kind, mask_image, image, control, guess)
         ts = diffusers_grid(pipe.scheduler, STEPS)
         ours = bdia.sample(ode, bdia.get_solver("ddim"), noise, ts, progress=False)
-    assert ours.dtype == torch.float64
-    assert _rel(ours, theirs) < 1e-12
+    assert ours.dtype == dtype
+    assert _rel(ours, theirs) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
 def _controlnet_calls(controlnet):
@@ -523,14 +557,23 @@ def _controlnet_calls(controlnet):
     return calls, controlnet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _assert_same_added(kwargs, theirs, where):
+    """SDXL's added conditioning (text_embeds and time_ids) of two calls, bit for bit."""
+    for key in ("text_embeds", "time_ids"):
+        ours_, theirs_ = kwargs["added_cond_kwargs"][key], theirs["added_cond_kwargs"][key]
+        assert torch.equal(ours_, theirs_), (where, key)
+
+
 @pytest.mark.parametrize("guess", [False, True], ids=["plain", "guess"])
-def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path, guess):
+@pytest.mark.parametrize("kind", CONTROL_KINDS)
+def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path, kind, guess):
     """In float32, at each of the pipeline's states: the ODE's model calls the controlnet on
     the pipeline's 4-channel input (the latents, before the mask and masked image are added;
     the conditional half alone in guess mode) with its timestep, control image and prompt
-    embeddings, and the unet on its 9-channel input with its residuals, all bit for bit, and
-    gets the pipeline's output bit for bit."""
-    pipe = tiny_controlnet_inpaint_pipeline(tmp_path)
+    embeddings (for SDXL its text_embeds and time_ids, the aesthetic ones included), and the
+    unet on its 9-channel input with its residuals and embeddings, all bit for bit, and gets
+    the pipeline's output bit for bit."""
+    pipe = _control_inpaint_pipeline(tmp_path, kind)
     image, mask_image, _, noise = _inputs()
     control = _control_image()
     unet_calls, unet_handle = _unet_calls(pipe.unet)
@@ -541,7 +584,7 @@ def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path
         unet_calls.clear()
         net_calls.clear()
         with torch.no_grad():
-            ode = _control_inpaint_ode(pipe, mask_image, image, control, guess)
+            ode = _control_inpaint_ode(pipe, kind, mask_image, image, control, guess)
             n = pipe.scheduler.config.num_train_timesteps
             for sample, tau, _, _ in theirs:
                 ode.evaluate((float(tau) + 1.0) / n, sample[:1, :4])
@@ -557,9 +600,12 @@ def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path
             assert torch.equal(kw[key], kw2[key]), (i, key)
         assert kw["conditioning_scale"] == kw2["conditioning_scale"] == CONTROL_SCALE, i
         assert kw["guess_mode"] == kw2["guess_mode"] == guess, i
+        if kind != "sd":
+            _assert_same_added(kw, kw2, i)
     for i, ((x, tau, kw, out), (x2, tau2, kw2, out2)) in enumerate(zip(unet_calls, theirs)):
         assert x.shape == (2, 9, 8, 8), i
         assert torch.equal(x, x2) and torch.equal(tau.float(), tau2.float().expand(2)), i
+        assert torch.equal(kw["encoder_hidden_states"], kw2["encoder_hidden_states"]), i
         assert torch.equal(
             kw["mid_block_additional_residual"], kw2["mid_block_additional_residual"]
         )
@@ -567,15 +613,20 @@ def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path
             kw["down_block_additional_residuals"], kw2["down_block_additional_residuals"]
         ):
             assert torch.equal(a, b), i
+        if kind != "sd":
+            _assert_same_added(kw, kw2, i)
         assert torch.equal(out, out2), i
 
 
-def test_bdia_scheduler_in_the_controlnet_inpaint_pipeline_is_bdia_sample_and_inverts(tmp_path):
-    """BDIAScheduler in StableDiffusionControlNetInpaintPipeline (9-channel unet, guidance 7.5)
-    gives bdia.sample's latents over from_diffusers' ODE bit for bit, without a restart, and
-    its final_pair inverts under that ODE to the pipeline's noise exactly; a float64 state's
+@pytest.mark.parametrize("kind", CONTROL_KINDS)
+def test_bdia_scheduler_in_the_controlnet_inpaint_pipeline_is_bdia_sample_and_inverts(
+    tmp_path, kind
+):
+    """BDIAScheduler in a ControlNet inpainting pipeline (9-channel unet, guidance 7.5) gives
+    bdia.sample's latents over from_diffusers' ODE bit for bit, without a restart, and its
+    final_pair inverts under that ODE to the pipeline's noise exactly; a float64 state's
     round trip comes back to the noise exactly (asserted equal)."""
-    pipe = tiny_controlnet_inpaint_pipeline(tmp_path)
+    pipe = _control_inpaint_pipeline(tmp_path, kind)
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
     image, mask_image, _, noise = _inputs()
     control = _control_image()
@@ -584,7 +635,7 @@ def test_bdia_scheduler_in_the_controlnet_inpaint_pipeline_is_bdia_sample_and_in
         theirs = _control_inpaint_run(pipe, image, mask_image, control, noise, False)
     assert pipe.scheduler.restarts == [] and pipe.scheduler.start_index == 0
     with torch.no_grad():
-        ode = _control_inpaint_ode(pipe, mask_image, image, control, False)
+        ode = _control_inpaint_ode(pipe, kind, mask_image, image, control, False)
     back = assert_ddim_run_is_bdia_sample(pipe, theirs, ode, noise, GAMMA, STEPS)
     assert torch.equal(back, noise.double())
 
@@ -737,7 +788,7 @@ def test_edit_image_refuses_masks_that_do_not_fit_before_any_network(tmp_path):
 
 # ------------------------------------------------------------ editing with a ControlNet
 
-CONTROL_PIPELINES = ["sd"]
+CONTROL_PIPELINES = ["sd", "sdxl"]
 
 
 def _control_edit(pipe, image, mask, control, **kwargs):
@@ -749,13 +800,14 @@ def _control_edit(pipe, image, mask, control, **kwargs):
 @pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", CONTROL_PIPELINES)
 def test_edit_image_inverts_exactly_under_the_mask_and_control_image(tmp_path, kind, state_dtype):
-    """edit_image on a ControlNet inpainting pipeline (guidance 7.5, 10 steps) inverts and
-    regenerates under the same mask, masked image and control image: latent_error 0 with a
-    float64 state and with a float32 one (measured 0: the round trip is exact in the state's
-    own arithmetic), the mask and masked image in both ODEs beside the controlnet, the
-    caller's tensors left as they were. The control image is what the controlnet follows:
-    another one gives another edit (relative difference above 1e-3; measured 0.66)."""
-    pipe = tiny_controlnet_inpaint_pipeline(tmp_path)
+    """edit_image on a ControlNet inpainting pipeline, Stable Diffusion's or SDXL's (guidance
+    7.5, 10 steps), inverts and regenerates under the same mask, masked image and control
+    image: latent_error 0 with a float64 state and with a float32 one (measured 0: the round
+    trip is exact in the state's own arithmetic), the mask and masked image in both ODEs
+    beside the controlnet, the caller's tensors left as they were. The control image is what
+    the controlnet follows: another one gives another edit (relative difference above 1e-3;
+    measured 0.48 for SD and 1.09 for SDXL)."""
+    pipe = _control_inpaint_pipeline(tmp_path, kind)
     image, mask = _edit_inputs()
     control = _control_image()
     with untouched(image, mask, control):
@@ -777,14 +829,15 @@ def test_edit_image_calls_the_controlnet_and_unet_as_the_pipeline(tmp_path, kind
     """In float32, for a PIL image, a grayscale PIL mask and a PIL control image: the
     pipeline's first step and edit_image's first model call give the controlnet the same
     control image (the pipeline's prepare_control_image, in both halves of guidance), scale
-    and prompt embeddings, and the unet the same mask and masked image's latents in its
-    channels 5 to 9 and the same embeddings, bit for bit; the controlnet gets the unet's
+    and prompt embeddings (for SDXL its text_embeds and time_ids), and the unet the same
+    mask and masked image's latents in its channels 5 to 9 and the same embeddings, bit for
+    bit; the controlnet gets the unet's
     first 4 channels, the latents, alone. The VAE's draw is replaced by its mean in the
     pipeline for the comparison (edit_image takes the mean)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from PIL import Image
 
-    pipe = tiny_controlnet_inpaint_pipeline(tmp_path)
+    pipe = _control_inpaint_pipeline(tmp_path, kind)
     g = torch.Generator().manual_seed(5)
     image, control = (
         Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()) for _ in range(2)
@@ -833,8 +886,30 @@ def test_edit_image_calls_the_controlnet_and_unet_as_the_pipeline(tmp_path, kind
     assert nkw["controlnet_cond"].shape == (2, 3, 16, 16)
     assert torch.equal(nkw["controlnet_cond"], nkw2["controlnet_cond"])
     assert nkw["conditioning_scale"] == nkw2["conditioning_scale"] == CONTROL_SCALE
-    for a, b in ((kw, kw2), (nkw, nkw2)):
-        assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"])
+    for where, (a, b) in {"unet": (kw, kw2), "controlnet": (nkw, nkw2)}.items():
+        assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"]), where
         if kind != "sd":
-            for key in ("text_embeds", "time_ids"):
-                assert torch.equal(a["added_cond_kwargs"][key], b["added_cond_kwargs"][key]), key
+            _assert_same_added(a, b, where)
+
+
+def test_edit_image_refuses_a_pipeline_that_requires_an_aesthetic_score(tmp_path):
+    """SDXL's img2img, inpainting and ControlNet inpainting pipelines give the unet a
+    refiner's time ids (original size, crop, aesthetic score) where their config sets
+    requires_aesthetics_score; edit_image makes SDXL base's, so it refuses such a pipeline in
+    one line naming the setting, before any network runs: the ControlNet inpainting one
+    whose unets take five time ids, and an inpainting one whose unet takes six (which the
+    pipeline itself would refuse at its call)."""
+    control_pipe = _control_inpaint_pipeline(tmp_path, "sdxl-aesthetic")
+    inpaint_pipe = tiny_inpaint_pipeline(tmp_path, xl=True)
+    inpaint_pipe.register_to_config(requires_aesthetics_score=True)
+    image, mask = _edit_inputs()
+    for pipe, extra in ((control_pipe, {"control_image": _control_image()}), (inpaint_pipe, {})):
+        networks = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder]
+        networks += [pipe.controlnet] if "control_image" in extra else []
+        calls = [Counter(n) for n in networks]
+        with pytest.raises(ValueError) as exc_info:
+            edit_image(
+                pipe, image, PROMPT, "a dog", num_inference_steps=2, mask_image=mask, **extra
+            )
+        _one_line_error(exc_info, "requires_aesthetics_score")
+        assert all(c.calls == 0 for c in calls)

@@ -192,9 +192,9 @@ def _check_control_pairing(
     """Refuse a controlnet made for another unet, and conditioning it cannot be called with.
 
     With ``inpaint`` (an inpainting unet given its mask and masked image) the controlnet gets
-    the latents alone, as StableDiffusionControlNetInpaintPipeline calls it before it adds
-    the mask and masked image's channels for the unet: its ``in_channels`` must be the
-    unet's ``out_channels``, the latents' channels."""
+    the latents alone, as the ControlNet inpainting pipelines of Stable Diffusion and SDXL
+    call it before they add the mask and masked image's channels for the unet: its
+    ``in_channels`` must be the unet's ``out_channels``, the latents' channels."""
     unet_config = getattr(unet, "config", None)
     if isinstance(unet_config, Mapping):
         latents = unet_config.get("out_channels") if inpaint else None

@@ -42,7 +42,8 @@ SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
 masked_image_latents], dim=1)`` for its input ``x_in``, as ``StableDiffusionInpaintPipeline``
 and ``StableDiffusionXLInpaintPipeline`` make it: the mask and the masked image are fixed
 over the run, so the ODE is one in the latents alone. With a controlnet too, the controlnet
-gets ``x_in`` alone, as ``StableDiffusionControlNetInpaintPipeline`` calls it. A Flux Fill
+gets ``x_in`` alone, as ``StableDiffusionControlNetInpaintPipeline`` and
+``StableDiffusionXLControlNetInpaintPipeline`` call it. A Flux Fill
 transformer (``in_channels`` 384 for ``out_channels`` 64) takes them packed, after the
 latents' channels of each token and in the other order, ``torch.cat([x, masked_image_latents,
 mask], dim=2)``, as ``FluxFillPipeline`` makes it.
@@ -793,7 +794,7 @@ def from_diffusers(
             a list of them or a ``MultiControlNetModel``; in eval mode and the unet's dtype.
             Each model evaluation then calls it before the unet, as those pipelines do: on
             the unet's input (the latents alone beside an inpainting unet's ``mask``, as
-            ``StableDiffusionControlNetInpaintPipeline`` calls it) and timestep, with
+            the ControlNet inpainting pipelines call it) and timestep, with
             ``encoder_hidden_states`` and (SDXL) ``added_cond_kwargs``' ``text_embeds`` and
             ``time_ids`` (not an IP-Adapter's
             ``image_embeds``, ``timestep_cond`` nor ``cross_attention_kwargs``, which the

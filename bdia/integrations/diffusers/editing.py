@@ -12,9 +12,10 @@ the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
 ``prepare_image``, given ``control_image``: both ODEs call the controlnet on it), or the
 inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
 ``mask_processor`` and ``prepare_mask_latents``, given ``mask_image``: both ODEs give the
-unet the mask and the masked image's latents as extra input channels), or Stable
-Diffusion's ControlNet inpainting pipeline, both at once (its ``prepare_control_image``
-makes the control image; the controlnet gets the latents alone, the unet all 9 channels), or
+unet the mask and the masked image's latents as extra input channels), or the
+ControlNet inpainting pipelines of Stable Diffusion and SDXL, both at once (their
+``prepare_control_image`` makes the control image; the controlnet gets the latents alone,
+the unet all 9 channels), or
 ``FluxFillPipeline`` (the same as a 9-channel unet, packed, for its Fill transformer) or
 ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
 itself as the reference image it edits) and:
@@ -120,6 +121,9 @@ _FLUX_GUIDANCE = 3.5
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
 # The pipeline that gives its Flux transformer a reference image's tokens.
 _KONTEXT = "FluxKontextPipeline"
+# The inpainting pipeline whose prepare_mask_latents encodes the masked image it is given,
+# even as latents, where the others take 4-channel latents as they are.
+_ENCODES_MASKED = "StableDiffusionXLControlNetInpaintPipeline"
 # The ControlNet pipelines' settings edit_image takes, by their names, and their defaults.
 _CONTROL_DEFAULTS = {
     "controlnet_conditioning_scale": 1.0,
@@ -896,11 +900,20 @@ def _inpaint_kwargs(
     ``force_upcast``, and neither applies ``latents_mean`` or ``latents_std``), then both
     through the pipeline's own ``prepare_mask_latents``, which sizes the mask to the latents
     (nearest) and repeats a batch of 1 to B, undoubled: ``from_diffusers`` doubles them
-    under guidance."""
+    under guidance. ``StableDiffusionXLControlNetInpaintPipeline``'s encodes the masked image
+    itself, whatever it is given: there it makes the mask alone, and the latents (of batch B
+    already) are cast to ``dtype`` as it casts its own."""
     batch, _, height, width = pixels.shape
     masked = pixels.float() * (condition.to(pixels.device) < 0.5)
     with _float32_vae(vae, upcast):
         latents = _mean(vae, masked.to(device)).to(dtype) * vae.config.scaling_factor
+    if _ENCODES_MASKED in _class_names(pipe):
+        # Its prepare_mask_latents encodes whatever it is given (a draw), so it makes the
+        # mask alone; the latents, of the batch already, go as it casts its own.
+        mask, _ = pipe.prepare_mask_latents(
+            condition, None, batch, height, width, dtype, device, None, False
+        )
+        return {"mask": mask, "masked_image_latents": latents.to(device, dtype)}
     mask, masked_latents = pipe.prepare_mask_latents(
         condition, latents, batch, height, width, dtype, device, None, False
     )
@@ -1019,8 +1032,8 @@ def edit_image(
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
             ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or Stable Diffusion's or SDXL's
             ControlNet pipeline, with ``control_image``, or their inpainting pipeline with a
-            9-channel unet, with ``mask_image``, or Stable Diffusion's ControlNet inpainting
-            pipeline with a 9-channel unet, with both), or any object with its parts:
+            9-channel unet, with ``mask_image``, or their ControlNet inpainting pipelines with
+            a 9-channel unet, with both), or any object with its parts:
             ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
             and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
             ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
@@ -1120,10 +1133,10 @@ def edit_image(
             image that guides the controlnet, as the pipeline's ``image``: a PIL image, a
             list of them or a tensor of shape ``(1 or batch, 3, H', W')`` in [0, 1], made by
             the pipeline's ``prepare_image`` at the image's size (H x W), one per image to
-            edit (by ``StableDiffusionControlNetInpaintPipeline``'s
-            ``prepare_control_image``, of the whole image: no ``padding_mask_crop``); a list
-            of them, one per controlnet, for a ``MultiControlNetModel``. Both
-            ODEs (the inversion's and the edit's) are conditioned on it, through
+            edit (by the ControlNet inpainting pipelines' ``prepare_control_image``, of the
+            whole image: no ``padding_mask_crop``); a list of them, one per controlnet, for a
+            ``MultiControlNetModel``. Both ODEs (the inversion's and the edit's) are
+            conditioned on it, through
             ``from_diffusers(controlnet=pipe.controlnet, controlnet_cond=...)``. Needed with
             a controlnet, refused without.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
@@ -1135,18 +1148,20 @@ def edit_image(
             it where the pipeline would.
         control_guidance_end: the fraction of the steps after which it is off, likewise.
         mask_image: for a ``StableDiffusionInpaintPipeline``,
-            ``StableDiffusionXLInpaintPipeline`` or ``StableDiffusionControlNetInpaintPipeline``
-            with an inpainting unet (``in_channels`` = 2 x the VAE's ``latent_channels`` + 1:
-            9), the region the edit may repaint, as the pipeline's ``mask_image``: a PIL
-            image (any mode; grayscale is taken) or a list of them of the image's size, or a
-            tensor of shape ``(1 or batch, 1, H, W)`` in [0, 1] (not modified), white (1)
-            where repainted. The pipeline's ``mask_processor``
-            binarises it at 0.5; the image blanked there is encoded to the *mean* of the
-            VAE's latent distribution times ``scaling_factor``, in the unet's dtype (the
-            pipelines draw a sample; neither applies ``latents_mean`` or ``latents_std`` to
-            the masked image, and SDXL's encodes it in float32 where the config says
-            ``force_upcast``), and both go through the pipeline's ``prepare_mask_latents``
-            (the mask sized to the latents, nearest). Both ODEs give the unet
+            ``StableDiffusionXLInpaintPipeline``, ``StableDiffusionControlNetInpaintPipeline``
+            or ``StableDiffusionXLControlNetInpaintPipeline`` with an inpainting unet
+            (``in_channels`` = 2 x the VAE's ``latent_channels`` + 1: 9), the region the edit
+            may repaint, as the pipeline's ``mask_image``: a PIL image (any mode; grayscale
+            is taken) or a list of them of the image's size, or a tensor of shape ``(1 or
+            batch, 1, H, W)`` in [0, 1] (not modified), white (1) where repainted. The
+            pipeline's ``mask_processor`` binarises it at 0.5; the image blanked there is
+            encoded to the *mean* of the VAE's latent distribution times ``scaling_factor``,
+            in the unet's dtype (the pipelines draw a sample; neither applies
+            ``latents_mean`` or ``latents_std`` to the masked image, and SDXL's encodes it in
+            float32 where the config says ``force_upcast``), and both go through the
+            pipeline's ``prepare_mask_latents`` (the mask sized to the latents, nearest; for
+            SDXL's ControlNet inpainting pipeline, which encodes whatever it is given, the
+            mask alone). Both ODEs give the unet
             ``torch.cat([latents, mask, masked_image_latents], dim=1)`` through
             ``from_diffusers(mask=..., masked_image_latents=...)``. The state is the whole
             image's latents, encoded as for any pipeline; nothing is blended back: outside the
@@ -1175,18 +1190,20 @@ def edit_image(
             without a guidance embedding, or not a finite number; a unet that needs added
             conditioning of images or hints (``addition_embed_type`` other than ``"text"``
             and SDXL's ``"text_time"``), or an SDXL one whose added embedding does not take
-            six time ids beside the pooled embeddings (a refiner); guidance without a
-            negative prompt; text prompts without the tokenizers and text encoders; prompts or
-            embeddings of the wrong batch or dim, or SDXL, SD3 or Flux embeddings without the
-            pooled ones; an unknown rule, solver or output type; an SD3 or Flux grid of one
-            step; ``mu`` where the scheduler has no dynamic shifting; and whatever
-            ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler (for SD3 and Flux
-            a noise-table scheduler, ``stochastic_sampling``, ``invert_sigmas``). A pipeline
-            with a controlnet without ``control_image`` (or beside a transformer), a
-            ``control_image`` or ControlNet setting for a pipeline without one, control
-            images of another number than the controlnets or another batch than 1 and the
-            image's, a controlnet whose control images are not the VAE's factor times the
-            latents' size, and whatever ``from_diffusers`` refuses in the ControlNet settings.
+            six time ids beside the pooled embeddings (a refiner), or an SDXL pipeline whose
+            config sets ``requires_aesthetics_score`` (a refiner's time ids); guidance
+            without a negative prompt; text prompts without the tokenizers and text
+            encoders; prompts or embeddings of the wrong batch or dim, or SDXL, SD3 or Flux
+            embeddings without the pooled ones; an unknown rule, solver or output type; an
+            SD3 or Flux grid of one step; ``mu`` where the scheduler has no dynamic shifting;
+            and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
+            (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
+            ``invert_sigmas``). A pipeline with a controlnet without ``control_image`` (or
+            beside a transformer), a ``control_image`` or ControlNet setting for a pipeline
+            without one, control images of another number than the controlnets or another
+            batch than 1 and the image's, a controlnet whose control images are not the
+            VAE's factor times the latents' size, and whatever ``from_diffusers`` refuses in
+            the ControlNet settings.
             An inpainting unet or a Flux Fill transformer without ``mask_image``, a
             ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
             included, whose pipeline blends the
@@ -1326,6 +1343,16 @@ def edit_image(
         and bool(pipe_config.get("force_zeros_for_empty_prompt", False))
         and _empty(negative_prompt)
     )
+    if xl and isinstance(pipe_config, Mapping) and pipe_config.get("requires_aesthetics_score"):
+        # The img2img, inpainting and ControlNet inpainting pipelines then give the unet (and
+        # its controlnet) a refiner's time ids, with an aesthetic score in each branch.
+        raise ValueError(
+            f"the pipeline's config sets requires_aesthetics_score: {type(pipe).__name__} "
+            "gives its unet a refiner's time ids (original size, crop, aesthetic score), but "
+            "edit_image makes SDXL base's (original size, crop, target size); use "
+            "from_diffusers with the pipeline's time ids in each branch and bdia.Inversion "
+            "directly"
+        )
     if guided:
         prompts["negative_prompt"] = negative_prompt
     # A unet with encoder_hid_dim_type "text_proj" projects encoder_hid_dim-wide embeddings

@@ -6,8 +6,7 @@ Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel`
 or Playground v2.5's with an EDM-preconditioned scheduler), their ControlNet pipelines,
 ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
 vocabulary written locally, ``FluxFillPipeline`` and ``FluxKontextPipeline``, the inpainting
-pipelines of Stable Diffusion and SDXL, and Stable Diffusion's ControlNet inpainting
-pipeline), a
+pipelines of Stable Diffusion and SDXL, and their ControlNet inpainting pipelines), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -546,12 +545,13 @@ def tiny_controlnet_pipeline(
     return pipe
 
 
-def _inpaint_unet(unet: Any, in_channels: int) -> torch.nn.Module:
-    """``unet``'s own config with ``in_channels`` (SDXL's added conditioning kept), weights
-    drawn with ``torch.manual_seed(0)``, in eval mode."""
+def _inpaint_unet(unet: Any, in_channels: int, **changes: Any) -> torch.nn.Module:
+    """``unet``'s own config with ``in_channels`` and ``changes`` (SDXL's added conditioning
+    kept), weights drawn with ``torch.manual_seed(0)``, in eval mode."""
     fields = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(**{**fields, "in_channels": in_channels}).eval()
+    config = {**fields, "in_channels": in_channels, **changes}
+    return diffusers.UNet2DConditionModel(**config).eval()
 
 
 def tiny_inpaint_pipeline(
@@ -587,19 +587,44 @@ def tiny_inpaint_pipeline(
     return pipe
 
 
-def tiny_controlnet_inpaint_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+def tiny_controlnet_inpaint_pipeline(
+    folder: str | Path, scheduler: Any = None, *, xl: bool = False, aesthetic: bool = False
+) -> Any:
     """A ``StableDiffusionControlNetInpaintPipeline`` of ``tiny_text_to_image_pipeline``'s
-    parts with ``tiny_inpaint_pipeline``'s 9-channel unet and ``tiny_controlnet`` of the
-    text-to-image unet (seed 2, ``in_channels = 4``: the pipeline calls it on the latents
-    alone, before it adds the mask and masked image's channels for the unet). 16 x 16 RGB
-    images and control images, 1-channel masks. ``scheduler`` defaults to theirs. Float32;
-    the progress bar is off."""
-    base = tiny_text_to_image_pipeline(folder, scheduler)
+    parts (with ``xl``, a ``StableDiffusionXLControlNetInpaintPipeline`` of
+    ``tiny_sdxl_pipeline``'s, whose ``force_zeros_for_empty_prompt`` it keeps) with
+    ``tiny_inpaint_pipeline``'s 9-channel unet and ``tiny_controlnet`` of the text-to-image
+    unet (seed 2, ``in_channels = 4``: the pipeline calls it on the latents alone, before it
+    adds the mask and masked image's channels for the unet). 16 x 16 RGB images and control
+    images, 1-channel masks. With ``aesthetic`` (SDXL only) the pipeline's config has
+    ``requires_aesthetics_score=True``, and both unets, of the same config otherwise (seed
+    0), take five time ids (original size, crop, aesthetic score: ``projection_class_
+    embeddings_input_dim`` = 8 + 5 x 4), as SDXL's refiner; without it the pipeline has
+    none, and six time ids as SDXL base. ``scheduler`` defaults to theirs. Float32; the
+    progress bar is off."""
+    if aesthetic and not xl:
+        raise ValueError("aesthetic is SDXL's requires_aesthetics_score; pass xl=True with it")
+    if xl:
+        base = tiny_sdxl_pipeline(folder, scheduler)
+    else:
+        base = tiny_text_to_image_pipeline(folder, scheduler)
     parts = dict(base.components)
-    controlnet = tiny_controlnet(base.unet)
-    parts["unet"] = _inpaint_unet(base.unet, 9)
-    pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
-        **parts, controlnet=controlnet, requires_safety_checker=False
-    )
+    unet = base.unet
+    if aesthetic:  # the text-to-image unet of five time ids, for the controlnet too
+        unet = _inpaint_unet(unet, 4, projection_class_embeddings_input_dim=8 + 5 * 4)
+    controlnet = tiny_controlnet(unet)
+    parts["unet"] = _inpaint_unet(unet, 9)
+    if xl:
+        pipe = diffusers.StableDiffusionXLControlNetInpaintPipeline(
+            **parts,
+            controlnet=controlnet,
+            requires_aesthetics_score=aesthetic,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+            **parts, controlnet=controlnet, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
