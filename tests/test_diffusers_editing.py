@@ -661,24 +661,33 @@ def _conv_in_dtypes(vae):
     return seen
 
 
-def test_sdxl_float16_vae_with_force_upcast_runs_in_float32(tmp_path, image):
-    """The float16 VAE, made to overflow float16 as SDXL's does (its first convolutions' weights
-    times 2^18, NaN in float16 and finite in float32), encodes and decodes in float32, as the
-    SDXL pipeline decodes; its weights are float16 again afterwards, bit for bit."""
-    pipe = tiny_sdxl_pipeline(tmp_path, vae_dtype=torch.float16)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_sdxl_half_vae_with_force_upcast_is_upcast_as_the_pipelines_upcast_it(
+    tmp_path, image, half
+):
+    """SDXL's pipelines upcast a VAE whose config says force_upcast to float32 to encode
+    (img2img's prepare_latents, inpainting's _encode_vae_image), whatever its dtype, and to
+    decode only where it is float16 (needs_upcasting). The float16 VAE, made to overflow
+    float16 as SDXL's does (its first convolutions' weights times 2^18, NaN in float16 and
+    finite in float32), encodes and decodes in float32; a bfloat16 one encodes in float32 and
+    decodes in bfloat16. Either has its weights in its own dtype again afterwards, bit for
+    bit."""
+    pipe = tiny_sdxl_pipeline(tmp_path, vae_dtype=half)
     vae = pipe.vae
     assert vae.config.force_upcast
-    with torch.no_grad():
-        for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
-            conv.weight.mul_(2.0**18)
-        assert not torch.isfinite(vae.encode(image[:1].half()).latent_dist.mean).all()
+    if half == torch.float16:
+        with torch.no_grad():
+            for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
+                conv.weight.mul_(2.0**18)
+            assert not torch.isfinite(vae.encode(image[:1].half()).latent_dist.mean).all()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     seen = _conv_in_dtypes(vae)
     out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=5)
-    assert seen == [torch.float32] * 4  # one encoding, three decodings
+    decoding = torch.float32 if half == torch.float16 else half
+    assert seen == [torch.float32] + [decoding] * 3  # one encoding, three decodings
     assert torch.isfinite(out.latents).all() and torch.isfinite(out.images).all()
     assert out.latent_error < 1e-12
-    assert vae.dtype == torch.float16
+    assert vae.dtype == half
     after = vae.state_dict()
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
 

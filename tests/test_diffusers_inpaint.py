@@ -27,6 +27,7 @@ from conftest import (
     untouched,
 )
 from test_diffusers_controlnet import _branches, _unet_calls
+from test_diffusers_editing import _conv_in_dtypes
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -744,6 +745,47 @@ def test_the_unet_sees_the_image_only_outside_the_mask_and_the_edit_is_no_blend(
     assert bool(outside.any()) and bool((~outside).any())
     moved = (result.edited_latents - result.latents)[outside].abs().max()
     assert float(moved) > 1e-3 * float(result.latents.abs().max())
+
+
+@pytest.mark.parametrize("unet_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_bfloat16_sdxl_vae_encodes_the_masked_image_as_the_pipeline(
+    tmp_path, unet_dtype, monkeypatch
+):
+    """A bfloat16 VAE whose config says force_upcast (diffusers' default, SDXL's VAE's) in
+    SDXL's inpainting pipeline, beside a float32 or a bfloat16 unet: the pipeline encodes
+    the masked image in float32 whatever the VAE's dtype (its _encode_vae_image), from the
+    masked image rounded to the unet's dtype, and so does edit_image, whose masked image's
+    latents are the pipeline's prepare_mask_latents' bit for bit (the VAE's mean patched in
+    for its draw). Both encodings, the masked image's and the image's, run in float32, the
+    three decodings in bfloat16 (the pipelines upcast a float16 VAE only to decode), and the
+    VAE is bfloat16 again afterwards, each tensor bit for bit (the pipeline would leave it in
+    the unet's dtype)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    pipe = tiny_inpaint_pipeline(tmp_path, xl=True)
+    vae = pipe.vae.to(torch.bfloat16)
+    pipe.unet.to(unet_dtype)
+    assert vae.config.force_upcast
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    seen = _conv_in_dtypes(vae)
+    image, mask = _edit_inputs()
+    result = edit_image(
+        pipe, image, PROMPT, "a photo of a dog", num_inference_steps=2, mask_image=mask
+    )
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 3
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    monkeypatch.setattr(
+        DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
+    )
+    condition = pipe.mask_processor.preprocess(mask, height=16, width=16)
+    with torch.no_grad():
+        theirs = pipe.prepare_mask_latents(
+            condition, image * (condition < 0.5), 2, 16, 16, unet_dtype, "cpu", None, False
+        )
+    cond = result.inversion.ode.cond
+    assert torch.equal(cond["mask"], theirs[0])
+    assert torch.equal(cond["masked_image_latents"], theirs[1])
 
 
 def test_edit_image_refuses_masks_that_do_not_fit_before_any_network(tmp_path):

@@ -24,8 +24,10 @@ itself as the reference image it edits) and:
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
    config has one); where the config sets both ``latents_mean`` and ``latents_std`` (per
    channel, as some SDXL models' VAEs do) ``(mean - latents_mean) * scaling_factor /
-   latents_std``, as diffusers' SDXL pipelines encode; for Flux packed into 2 x 2 patches,
-   one token each, by the pipeline's ``_pack_latents``: the state of FluxPipeline's loop;
+   latents_std``, as diffusers' SDXL pipelines encode; for SDXL in float32 when the VAE is
+   float16 or bfloat16 and its config says ``force_upcast``, as the SDXL img2img and
+   inpainting pipelines encode; for Flux packed into 2 x 2 patches, one token each, by the
+   pipeline's ``_pack_latents``: the state of FluxPipeline's loop;
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
@@ -57,8 +59,8 @@ itself as the reference image it edits) and:
    scaling_factor + latents_mean`` with the statistics, as the SDXL pipeline decodes;
    ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 and Flux pipelines
    decode, Flux's after ``_unpack_latents``);
-   for SDXL in float32 when the VAE is float16 and its config says ``force_upcast``, as the
-   SDXL pipeline does.
+   for SDXL in float32 when the VAE is float16 (not bfloat16) and its config says
+   ``force_upcast``, as the SDXL pipelines decode.
 
 Two errors are reported apart: the network's (UNet's or transformer's) round trip in latent
 space (reconstructed latents against encoded latents: exact up to rounding) and the VAE's
@@ -896,17 +898,19 @@ def _inpaint_kwargs(
     (``_mask_condition``'s) and the image ``pixels`` (B, 3, H, W) in [-1, 1]: the image
     blanked where the mask is 1, as the pipelines blank it, encoded to the *mean* of the
     VAE's latent distribution times ``scaling_factor`` in ``dtype`` (the pipelines'
-    ``_encode_vae_image`` draws a sample there; SDXL's in float32 where its config says
-    ``force_upcast``, and neither applies ``latents_mean`` or ``latents_std``), then both
+    ``_encode_vae_image`` draws a sample there, from the masked image in ``dtype``; SDXL's,
+    ``upcast``, in float32 where the VAE's config says ``force_upcast``, and neither applies
+    ``latents_mean`` or ``latents_std``), then both
     through the pipeline's own ``prepare_mask_latents``, which sizes the mask to the latents
     (nearest) and repeats a batch of 1 to B, undoubled: ``from_diffusers`` doubles them
     under guidance. ``StableDiffusionXLControlNetInpaintPipeline``'s encodes the masked image
     itself, whatever it is given: there it makes the mask alone, and the latents (of batch B
     already) are cast to ``dtype`` as it casts its own."""
     batch, _, height, width = pixels.shape
-    masked = pixels.float() * (condition.to(pixels.device) < 0.5)
-    with _float32_vae(vae, upcast):
-        latents = _mean(vae, masked.to(device)).to(dtype) * vae.config.scaling_factor
+    # Blanked in float32 and rounded to the unet's dtype, as the pipelines hand it to the VAE.
+    masked = (pixels.float() * (condition.to(pixels.device) < 0.5)).to(device, dtype)
+    with _float32_vae(vae, upcast, encoding=True):
+        latents = _mean(vae, masked).to(dtype) * vae.config.scaling_factor
     if _ENCODES_MASKED in _class_names(pipe):
         # Its prepare_mask_latents encodes whatever it is given (a draw), so it makes the
         # mask alone; the latents, of the batch already, go as it casts its own.
@@ -956,17 +960,22 @@ def _pooled_dim(unet_config: Mapping[str, Any]) -> int | None:
 
 
 @contextlib.contextmanager
-def _float32_vae(vae: Any, upcast: bool) -> Iterator[None]:
-    """The VAE in float32 for the block, where ``upcast`` and its config says ``force_upcast``.
+def _float32_vae(vae: Any, upcast: bool, encoding: bool = False) -> Iterator[None]:
+    """The VAE in float32 for the block, where ``upcast`` (an SDXL pipeline's) and its config
+    says ``force_upcast``: to encode (``encoding``) a float16 or bfloat16 VAE, as the SDXL
+    img2img and inpainting pipelines encode (their ``prepare_latents`` and
+    ``_encode_vae_image`` upcast whatever the VAE's dtype), and to decode a float16 one
+    only, as they decode (their ``needs_upcasting``). A float32 or float64 VAE runs as it is.
 
-    SDXL's VAE overflows in float16 (NaN images); the SDXL pipeline decodes in float32 for
-    that reason (its ``needs_upcasting``), and so do we, for the encoding too. Each weight and
-    buffer goes back to the dtype it had, bit for bit (float16 or bfloat16 to float32 and back
-    is exact): a VAE that keeps some layers in float32 (diffusers' ``_keep_in_fp32_modules``, or
-    a user's own choice) comes back as it was, not all float16 as the pipeline leaves it.
+    SDXL's VAE overflows in float16 (NaN images), which is why the pipelines upcast. Each
+    weight and buffer goes back to the dtype it had, bit for bit (float16 or bfloat16 to
+    float32 and back is exact): a VAE that keeps some layers in float32 (diffusers'
+    ``_keep_in_fp32_modules``, or a user's own choice) comes back as it was, not all in one
+    dtype as the pipelines leave it (they cast it to the unet's after encoding).
     """
     config = getattr(vae, "config", None) or {}
-    if not upcast or getattr(vae, "dtype", None) != torch.float16 or not config.get("force_upcast"):
+    halves = (torch.float16, torch.bfloat16) if encoding else (torch.float16,)
+    if not upcast or getattr(vae, "dtype", None) not in halves or not config.get("force_upcast"):
         yield
         return
     params = [(p, p.dtype) for p in vae.parameters()]
@@ -1046,9 +1055,10 @@ def edit_image(
             place; for Flux CLIP's and T5's pairs), as the pipeline's. Flux also needs
             ``encode_prompt`` for embeddings (it makes their ``txt_ids``) and FluxPipeline's
             ``_pack_latents``, ``_unpack_latents`` and ``_prepare_latent_image_ids``. None of
-            them is modified (an SDXL pipeline's float16 VAE whose config says
-            ``force_upcast`` runs in float32, as the SDXL pipeline decodes, and on return has
-            each weight and buffer in its own dtype again, bit for bit). A VAE whose config
+            them is modified (an SDXL pipeline's float16 or bfloat16 VAE whose config says
+            ``force_upcast`` encodes in float32, and a float16 one decodes in float32 too, as
+            the SDXL pipelines encode and decode, and on return has each weight and buffer in
+            its own dtype again, bit for bit). A VAE whose config
             sets both ``latents_mean`` and ``latents_std`` (one value per latent channel) encodes to
             ``(mean - latents_mean) * scaling_factor / latents_std`` and decodes by the
             inverse, in the state dtype with the statistics as float32 values, as diffusers'
@@ -1157,12 +1167,13 @@ def edit_image(
             pipeline's ``mask_processor`` binarises it at 0.5; the image blanked there is
             encoded to the *mean* of the VAE's latent distribution times ``scaling_factor``,
             in the unet's dtype (the pipelines draw a sample; neither applies
-            ``latents_mean`` or ``latents_std`` to the masked image, and SDXL's encodes it in
-            float32 where the config says ``force_upcast``), and both go through the
-            pipeline's ``prepare_mask_latents`` (the mask sized to the latents, nearest; for
-            SDXL's ControlNet inpainting pipeline, which encodes whatever it is given, the
-            mask alone). Both ODEs give the unet
-            ``torch.cat([latents, mask, masked_image_latents], dim=1)`` through
+            ``latents_mean`` or ``latents_std`` to the masked image, and SDXL's encodes it,
+            rounded to the unet's dtype, in float32 where the config says ``force_upcast``, a
+            float16 and a bfloat16 VAE alike), and both go through the pipeline's
+            ``prepare_mask_latents`` (the mask sized to the latents, nearest; for SDXL's
+            ControlNet inpainting pipeline, which encodes whatever it is given, the mask
+            alone). Both ODEs give the unet ``torch.cat([latents, mask,
+            masked_image_latents], dim=1)`` through
             ``from_diffusers(mask=..., masked_image_latents=...)``. The state is the whole
             image's latents, encoded as for any pipeline; nothing is blended back: outside the
             mask the edit is what the inpainting model makes of it. For a
@@ -1524,7 +1535,7 @@ def edit_image(
 
         source_ode, target_ode = ode(source_cond), ode(target_cond)
 
-        with _float32_vae(vae, xl):
+        with _float32_vae(vae, xl, encoding=True):
             latents = _encode(vae, pixels, state_dtype)
         if flux:
             latents = pipe._pack_latents(latents, *latents.shape)
