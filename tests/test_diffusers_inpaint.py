@@ -1,15 +1,17 @@
 """Inpainting in bdia.integrations.diffusers: from_diffusers(mask=..., masked_image_latents=...)
 against StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline with a 9-channel
 unet, BDIAScheduler in them (img2img's later start included), a 4-channel unet's blend, and the
-refusals, and edit_image on the inpainting pipelines.
+refusals, the same with a controlnet against the ControlNet inpainting pipelines of SD and
+SDXL, and edit_image on all of them.
 
 Tiny random pipelines (``tiny_inpaint_pipeline``: the tiny SD or SDXL parts with an inpainting
-unet of ``in_channels=9``). The mask and the masked image's latents enter every unet call as
-extra channels and are fixed over the run, so the run is an ODE in the latents: a pipeline's
-DDIM step and bdia's ``ddim`` are the same update written in two ways, so whole runs agree to
-rounding (float64 pipelines: below 1e-12 relative); the model itself is compared bit for bit
-in float32 at each of the pipeline's states, and so are whole runs where the step is the same
-arithmetic (``BDIAScheduler`` and ``bdia.sample``; ``EDMEulerScheduler`` and ``euler``).
+unet of ``in_channels=9``; ``tiny_controlnet_inpaint_pipeline``: those with a controlnet). The
+mask and the masked image's latents enter every unet call as extra channels and are fixed
+over the run, so the run is an ODE in the latents: a pipeline's DDIM step and bdia's ``ddim``
+are the same update written in two ways, so whole runs agree to rounding (float64
+pipelines: below 1e-12 relative); the model itself is compared bit for bit in float32 at
+each of the pipeline's states, and so are whole runs where the step is the same arithmetic
+(``BDIAScheduler`` and ``bdia.sample``; ``EDMEulerScheduler`` and ``euler``).
 """
 
 from __future__ import annotations
@@ -830,6 +832,7 @@ def test_edit_image_refuses_masks_that_do_not_fit_before_any_network(tmp_path):
 
 # ------------------------------------------------------------ editing with a ControlNet
 
+# edit_image takes these; it refuses the aesthetic score's time ids, which it does not make.
 CONTROL_PIPELINES = ["sd", "sdxl"]
 
 

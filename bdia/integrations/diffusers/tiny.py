@@ -597,11 +597,13 @@ def tiny_controlnet_inpaint_pipeline(
     unet (seed 2, ``in_channels = 4``: the pipeline calls it on the latents alone, before it
     adds the mask and masked image's channels for the unet). 16 x 16 RGB images and control
     images, 1-channel masks. With ``aesthetic`` (SDXL only) the pipeline's config has
-    ``requires_aesthetics_score=True``, and both unets, of the same config otherwise (seed
-    0), take five time ids (original size, crop, aesthetic score: ``projection_class_
-    embeddings_input_dim`` = 8 + 5 x 4), as SDXL's refiner; without it the pipeline has
-    none, and six time ids as SDXL base. ``scheduler`` defaults to theirs. Float32; the
-    progress bar is off."""
+    ``requires_aesthetics_score=True``, and the unet and the controlnet take five time ids
+    (original size, crop, aesthetic score), as SDXL's refiner does: the 9-channel unet and
+    the text-to-image one the controlnet is made from have the SDXL unet's config with
+    ``projection_class_embeddings_input_dim`` = 8 + 5 x 4, weights drawn with
+    ``torch.manual_seed(0)``; without it the pipeline has
+    ``requires_aesthetics_score=False``, and six time ids as SDXL base. ``scheduler``
+    defaults to theirs. Float32; the progress bar is off."""
     if aesthetic and not xl:
         raise ValueError("aesthetic is SDXL's requires_aesthetics_score; pass xl=True with it")
     if xl:
