@@ -2330,7 +2330,8 @@ _UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 _PHOTO_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 #: The largest side --size takes: a typo such as 51200x51200 would fill the memory.
 MAX_SIDE = 16384
-#: edit_image's names in its messages, and the options that set them.
+#: edit_image's names in its messages, and the options that set them (or the words of a
+#: command line), in the order tried at each place.
 _EDIT_OPTIONS = {
     "num_inference_steps = ": "--steps ",
     "num_inference_steps": "--steps",
@@ -2338,6 +2339,11 @@ _EDIT_OPTIONS = {
     "guidance_scale": "--guidance",
     "negative_prompt": "--negative",
     "state_dtype": "--state-dtype",
+    # A pipeline's own parameter keeps its name: "as the pipeline's mask_image".
+    "'s mask_image": "'s mask_image",
+    "mask_image": "--mask",
+    "control_image": "--control-image",
+    "(a list, one per controlnet, for several)": "(once per controlnet, for several)",
 }
 
 
@@ -2403,17 +2409,17 @@ def _pipeline_folder(ctx: Any, param: click.Parameter, value: Path) -> Path:
     return value
 
 
-def _read_photo(path: Path, size: tuple[int, int] | None) -> Any:
-    """--image as an RGB PIL image, upright as its EXIF orientation says, resized to ``size``
-    (W, H) if given; a file that is no image, a transparent image or a 16-bit one is refused
-    naming --image."""
+def _read_image(path: Path, option: str) -> Any:
+    """The image file ``path`` given as ``option`` (--image, --mask, --control-image) as an RGB
+    PIL image, upright as its EXIF orientation says; a file that is no image, a transparent
+    image or a 16-bit one is refused naming ``option``."""
     import numpy as np
     from PIL import Image, ImageOps
 
     from .metrics.fid import _IMAGE_ERRORS
 
     def refuse(why: str) -> click.BadParameter:
-        return click.BadParameter(f"{str(path)!r} {why}", param_hint="'--image'")
+        return click.BadParameter(f"{str(path)!r} {why}", param_hint=f"'{option}'")
 
     try:
         with Image.open(path) as im:
@@ -2433,11 +2439,32 @@ def _read_photo(path: Path, size: tuple[int, int] | None) -> Any:
                 "has transparent pixels, whose colour means nothing; flatten it onto a "
                 "background first"
             )
-    picture = picture.convert("RGB")
-    if size is not None and picture.size != size:
-        # Image.LANCZOS, not Image.Resampling (missing from Pillow 9.0, the oldest supported).
-        picture = picture.resize(size, Image.LANCZOS)  # type: ignore[attr-defined]
+    return picture.convert("RGB")
+
+
+def _read_beside(path: Path, option: str, what: str, photo: Any, image: Path) -> Any:
+    """--mask or a --control-image (``what`` names it), read as ``_read_image`` reads it and
+    refused unless it has the size of ``photo``, the image at ``image`` as read: it is drawn
+    on the photo, and --size resizes the two alike."""
+    picture = _read_image(path, option)
+    if picture.size != photo.size:
+        raise click.BadParameter(
+            f"{str(path)!r} is {picture.size[0]}x{picture.size[1]}, but --image "
+            f"{str(image)!r} is {photo.size[0]}x{photo.size[1]}; give {what} of the photo's "
+            "own size (--size resizes both alike)",
+            param_hint=f"'{option}'",
+        )
     return picture
+
+
+def _resized(picture: Any, size: tuple[int, int] | None) -> Any:
+    """``picture`` resized to ``size`` (W, H) with Lanczos filtering, if given."""
+    from PIL import Image
+
+    if size is None or picture.size == size:
+        return picture
+    # Image.LANCZOS, not Image.Resampling (missing from Pillow 9.0, the oldest supported).
+    return picture.resize(size, Image.LANCZOS)  # type: ignore[attr-defined]
 
 
 def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
@@ -2527,6 +2554,31 @@ def _check_photo_size(
     )
 
 
+def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
+    """--control-image as edit_image's ``control_image``: None, the one image of a
+    ControlNetModel, or a list of one per net of a MultiControlNetModel, in their order;
+    another count than the pipeline's nets is refused. For a pipeline without a controlnet,
+    the images as given, which edit_image refuses in its words."""
+    from .integrations.diffusers._controlnet import _MULTI_CONTROLNET
+    from .integrations.diffusers._scheduler_config import _class_names
+
+    if not images:
+        return None
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        return images[0] if len(images) == 1 else images
+    multi = _MULTI_CONTROLNET in _class_names(controlnet)
+    count = len(controlnet.nets) if multi else 1
+    if len(images) != count:
+        nets = f"{count} controlnets ({_MULTI_CONTROLNET})" if multi else "one controlnet"
+        times = f"{count} times, one per controlnet in their order" if multi else "once"
+        raise click.BadParameter(
+            f"given {_count(len(images), 'time')}, but the {name} has {nets}; give it {times}",
+            param_hint="'--control-image'",
+        )
+    return images if multi else images[0]
+
+
 @main.command(name="edit")
 @click.option(
     "--pipeline",
@@ -2534,8 +2586,9 @@ def _check_photo_size(
     type=InputPathType(path_type=Path),
     callback=_pipeline_folder,
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
-    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3 or Flux. Nothing is "
-    "downloaded.",
+    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3 or Flux; SD's and SDXL's "
+    "inpainting pipelines and Flux Fill with --mask, their ControlNet pipelines with "
+    "--control-image. Nothing is downloaded.",
 )
 @click.option(
     "--image",
@@ -2544,6 +2597,23 @@ def _check_photo_size(
     help="The photo to edit (PNG, JPEG, WebP, ...: any image PIL reads), read as RGB; its "
     "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3 and Flux) "
     "unless --size resizes it.",
+)
+@click.option(
+    "--mask",
+    default=None,
+    type=InputPathType(exists=True, dir_okay=False, path_type=Path),
+    help="For an inpainting pipeline (SD's or SDXL's with a 9-channel unet, FluxFillPipeline): "
+    "the region the edit may repaint, white there and black elsewhere, as diffusers' "
+    "mask_image (read as grey, binarised at 0.5); of the photo's size, resized with it by "
+    "--size.",
+)
+@click.option(
+    "--control-image",
+    multiple=True,
+    type=InputPathType(exists=True, dir_okay=False, path_type=Path),
+    help="For a ControlNet pipeline: the image that guides its controlnet (the pipeline's "
+    "image=, e.g. the photo's edges), read as RGB, of the photo's size, resized with it by "
+    "--size; once per controlnet, in their order, for several.",
 )
 @click.option("--source", required=True, help="What the image shows ('' is the unconditional).")
 @click.option("--target", required=True, help="What the edited image should show.")
@@ -2614,8 +2684,8 @@ def _check_photo_size(
     "--size",
     default=None,
     type=SizeType(),
-    help="Resize the image to WxH first (Lanczos), e.g. 512x512; by default the image's own "
-    "size, which must fit the pipeline.",
+    help="Resize the image (and --mask, --control-image) to WxH first (Lanczos), e.g. "
+    "512x512; by default the image's own size, which must fit the pipeline.",
 )
 @click.option(
     "--dtype",
@@ -2636,6 +2706,8 @@ def _check_photo_size(
 def edit_command(
     pipeline: Path,
     image: Path,
+    mask: Path | None,
+    control_image: tuple[Path, ...],
     source: str,
     target: str,
     out: Path,
@@ -2658,7 +2730,8 @@ def edit_command(
     """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
     regenerate it under --target.
 
-    The pipeline (Stable Diffusion, SDXL, SD3, Flux) is loaded from a local folder;
+    The pipeline (Stable Diffusion, SDXL, SD3, Flux; an inpainting one with --mask, a
+    ControlNet one with --control-image) is loaded from a local folder;
     bdia.integrations.diffusers.edit_image does the work. Prints the latent round trip's
     error (rounding only) and the VAE's.
     """
@@ -2670,14 +2743,30 @@ def edit_command(
         _base_solver(solver_name)
     state_dtype = _state_dtype(state_dtype, device)
     outputs = {"--out": out, "--reconstruction": reconstruction}
+    inputs = [
+        ("--image", image),
+        ("--mask", mask),
+        *(("--control-image", c) for c in control_image),
+    ]
     for option, path in outputs.items():
-        if path is not None and path.resolve() == image.resolve():
-            raise click.BadParameter(
-                f"{str(path)!r} is --image; give another file", param_hint=f"'{option}'"
-            )
+        for given, read in inputs:
+            if path is not None and read is not None and path.resolve() == read.resolve():
+                raise click.BadParameter(
+                    f"{str(path)!r} is {given}; give another file", param_hint=f"'{option}'"
+                )
     if reconstruction is not None and reconstruction.resolve() == out.resolve():
         raise click.BadParameter("it is --out; give another file", param_hint="'--reconstruction'")
-    picture = _read_photo(image, size)
+    photo = _read_image(image, "--image")
+    # The mask and the control images are drawn on the photo: its size, resized with it.
+    mask_image = None
+    if mask is not None:
+        grey = _read_beside(mask, "--mask", "a mask", photo, image).convert("L")
+        mask_image = _resized(grey, size)
+    controls = [
+        _resized(_read_beside(c, "--control-image", "a control image", photo, image), size)
+        for c in control_image
+    ]
+    picture = _resized(photo, size)
     for option, path in outputs.items():
         # Before the pipeline loads, which can take minutes.
         _refuse_existing_file(path, option, overwrite)
@@ -2704,11 +2793,14 @@ def edit_command(
             "does); leave it out (--guidance is classifier-free guidance)",
             param_hint="'--embedded-guidance'",
         )
+    controls_given = _control_images(pipe, controls, name)
     result = _edit(
         pipe.to(device),
         picture,
         source,
         target,
+        mask_image=mask_image,
+        control_image=controls_given,
         num_inference_steps=steps,
         guidance_scale=guidance,
         guidance=embedded_guidance,
@@ -2749,11 +2841,22 @@ def edit_command(
     click.echo(wrote, err=True)
 
 
+def _in_the_commands_words(message: str, name: str) -> str:
+    """edit_image's refusal ``message`` in one line, its arguments by the options that set
+    them (in one pass, so that no replacement is rewritten) and "the pipeline" by its class
+    ``name``: a mask refused names the pipeline that takes none."""
+    import re
+
+    words = re.compile("|".join(map(re.escape, _EDIT_OPTIONS)))
+    message = words.sub(lambda match: _EDIT_OPTIONS[match.group()], _one_line(message))
+    return re.sub(r"\bthe pipeline\b", f"the {name}", message)
+
+
 def _edit(pipe: Any, picture: Any, source: str, target: str, **options: Any) -> Any:
     """``edit_image(pipe, picture, source, target, **options)`` with decoded tensors in
     [-1, 1]; a refusal by its checks (no network has run yet) is one line with the options'
-    names and exit status 2, running out of memory one line that says what to shrink, and
-    bdia's instability one warning line in the command's words."""
+    names and the pipeline's class, and exit status 2, running out of memory one line that
+    says what to shrink, and bdia's instability one warning line in the command's words."""
     from .integrations.diffusers import edit_image
     from .sampling import ParasiticWarning
 
@@ -2792,10 +2895,7 @@ def _edit(pipe: Any, picture: Any, source: str, target: str, **options: Any) -> 
     except (ValueError, TypeError) as err:
         if ran:
             raise
-        message = _one_line(str(err))
-        for api, option in _EDIT_OPTIONS.items():
-            message = message.replace(api, option)
-        raise click.UsageError(message) from err
+        raise click.UsageError(_in_the_commands_words(str(err), type(pipe).__name__)) from err
     except (MemoryError, torch.cuda.OutOfMemoryError):
         raise click.ClickException(
             f"out of memory editing a {picture.size[0]}x{picture.size[1]} image: use a smaller "

@@ -24,7 +24,10 @@ from test_cli_errors import fails_in_one_line
 from bdia.cli import main
 from bdia.integrations.diffusers import edit_image
 from bdia.integrations.diffusers.tiny import (
+    tiny_controlnet_pipeline,
+    tiny_flux_fill_pipeline,
     tiny_flux_pipeline,
+    tiny_inpaint_pipeline,
     tiny_playground_pipeline,
     tiny_sd3_pipeline,
     tiny_text_to_image_pipeline,
@@ -44,6 +47,12 @@ BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "playground": tiny_playground_pipeline,
+    # A 9-channel inpainting unet, a Flux Fill transformer: they take --mask.
+    "inpaint": tiny_inpaint_pipeline,
+    "fill": tiny_flux_fill_pipeline,
+    # One ControlNetModel, and a MultiControlNetModel of two: they take --control-image.
+    "controlnet": tiny_controlnet_pipeline,
+    "controlnets": lambda folder: tiny_controlnet_pipeline(folder, controlnets=2),
 }
 
 
@@ -66,6 +75,15 @@ def photo(path, width=16, height=16, mode="RGB", seed=0):
     bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     pixels = rng.integers(0, 256, (height, width, bands), dtype=np.uint8)
     Image.fromarray(pixels[..., 0] if bands == 1 else pixels, mode).save(path)
+    return path
+
+
+def mask_file(path, width=16, height=16, top=4, left=2):
+    """A mask of ``width`` x ``height`` pixels, white (repaint) in an 8 x 8 square at (top,
+    left), black elsewhere, saved as a grey PNG at ``path``."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[top : top + 8, left : left + 8] = 255
+    Image.fromarray(mask, "L").save(path)
     return path
 
 
@@ -94,9 +112,13 @@ def expected_edit(folder, image, **options):
     """What edit_image gives for the photo at ``image``, read as the command reads it (or the
     PIL image ``image`` itself), through the pipeline saved in ``folder``."""
     if not isinstance(image, Image.Image):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
+        image = read(image, "RGB")
     return edit_image(loaded(folder), image, SOURCE, TARGET, num_inference_steps=STEPS, **options)
+
+
+def read(path, mode):
+    with Image.open(path) as im:
+        return im.convert(mode)
 
 
 def pixels(path):
@@ -239,6 +261,217 @@ def test_the_pipeline_is_loaded_offline_without_unused_parts(pipelines, tmp_path
     assert sd["safety_checker"] is None and sd["feature_extractor"] is None
     assert sd3["text_encoder_3"] is None and sd3["tokenizer_3"] is None
     assert sd3["torch_dtype"] == torch.float32
+
+
+# ------------------------------------------------------------------ masks and control images
+
+
+def conditioning(name, tmp_path, swapped=False):
+    """The command's --mask or --control-image options for the pipeline ``name`` and
+    edit_image's mask_image or control_image from the same files; ``swapped``: another mask
+    (moved), or the control images in the other order (two controlnets) or another one."""
+    if name in ("inpaint", "fill"):
+        mask = mask_file(tmp_path / "mask.png", left=6 if swapped else 2)
+        return ["--mask", mask], {"mask_image": read(mask, "L")}
+    controls = [photo(tmp_path / f"control{i}.png", seed=10 + i) for i in range(2)]
+    if swapped:
+        controls.reverse()
+    if name == "controlnet":
+        return ["--control-image", controls[0]], {"control_image": read(controls[0], "RGB")}
+    options = [a for c in controls for a in ("--control-image", c)]
+    return options, {"control_image": [read(c, "RGB") for c in controls]}
+
+
+@pytest.mark.parametrize("name", ["inpaint", "fill", "controlnet", "controlnets"])
+def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_path):
+    """--mask for an inpainting or Fill pipeline, --control-image once per controlnet (in
+    their order): the PNG is edit_image's for the same photo and files, pixel for pixel, and
+    the round trip under them is exact (the tiny pipelines' is bitwise). Another mask, or the
+    control images in the other order, edit otherwise: the files are not ignored."""
+    image = photo(tmp_path / "photo.png")
+    options, given = conditioning(name, tmp_path)
+    result = run(edit(pipelines[name], image, tmp_path / "e.png", *options))
+    expected = expected_edit(pipelines[name], image, **given)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    assert "latent error 0.000e+00" in result.stdout
+    (tmp_path / "other").mkdir()
+    _, other = conditioning(name, tmp_path / "other", swapped=True)
+    moved = expected_edit(pipelines[name], image, **other)
+    assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(moved.images[0]))
+
+
+@pytest.mark.parametrize("name", ["inpaint", "controlnet"])
+def test_size_resizes_the_mask_and_the_control_image_with_the_photo(name, pipelines, tmp_path):
+    """--size WxH resizes the photo and its mask or control image alike (Lanczos; the mask
+    read as grey): the PNG is edit_image's for the three resized so."""
+    image = photo(tmp_path / "photo.png", width=21, height=13)
+    if name == "inpaint":
+        mask = mask_file(tmp_path / "mask.png", width=21, height=13)
+        options, key, path, mode = ["--mask", mask], "mask_image", mask, "L"
+    else:
+        control = photo(tmp_path / "control.png", width=21, height=13, seed=10)
+        options, key, path, mode = ["--control-image", control], "control_image", control, "RGB"
+    run(edit(pipelines[name], image, tmp_path / "e.png", "--size", "12x8", *options))
+    resized = {
+        key: read(path, mode).resize((12, 8), Image.LANCZOS),
+        "image": read(image, "RGB").resize((12, 8), Image.LANCZOS),
+    }
+    expected = expected_edit(pipelines[name], **resized)
+    assert pixels(tmp_path / "e.png").shape == (8, 12, 3)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+
+
+@pytest.mark.parametrize(
+    "name,option,words",
+    [
+        # edit_image's own refusals, naming the pipeline that takes no mask or control image.
+        ("sd", "--mask", ["--mask was given", "StableDiffusionPipeline's unet", "in_channels = 4"]),
+        ("flux", "--mask", ["--mask was given", "FluxPipeline's transformer", "packed latents"]),
+        ("controlnet", "--mask", ["--mask was given", "StableDiffusionControlNetPipeline's"]),
+        (
+            "sd",
+            "--control-image",
+            ["--control-image was given", "StableDiffusionPipeline has no controlnet"],
+        ),
+        (
+            "inpaint",
+            "--control-image",
+            ["--control-image was given", "StableDiffusionInpaintPipeline has no controlnet"],
+        ),
+    ],
+)
+def test_a_mask_or_control_image_the_pipeline_takes_not_is_refused(
+    name, option, words, pipelines, tmp_path
+):
+    image = photo(tmp_path / "p.png")
+    given = mask_file(tmp_path / "m.png") if option == "--mask" else photo(tmp_path / "c.png")
+    more = [option, given]
+    if name == "controlnet":
+        more += ["--control-image", photo(tmp_path / "c.png")]
+    if name == "inpaint":
+        more += ["--mask", mask_file(tmp_path / "m.png")]
+    args = edit(pipelines[name], image, tmp_path / "e.png", *more)
+    fails_in_one_line(args, tmp_path, *words, status=2)
+
+
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        (
+            "inpaint",
+            [
+                "StableDiffusionInpaintPipeline's unet is an inpainting one",
+                "give --mask",
+                "StableDiffusionInpaintPipeline's mask_image",
+            ],
+        ),
+        (
+            "fill",
+            [
+                "FluxFillPipeline's transformer is a Fill one",
+                "give --mask",
+                "FluxFillPipeline's mask_image",
+            ],
+        ),
+        ("controlnet", ["has a controlnet (ControlNetModel)", "give --control-image"]),
+    ],
+)
+def test_a_pipeline_without_its_mask_or_control_image_is_refused(name, words, pipelines, tmp_path):
+    """edit_image's refusal in the command's words: no argument names but the pipeline's
+    own (as its mask_image), no Python list."""
+    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png")
+    line = fails_in_one_line(args, tmp_path, *words, status=2)
+    assert "give mask_image" not in line and "control_image" not in line
+    assert "a list" not in line
+
+
+@pytest.mark.parametrize(
+    "name,count,words",
+    [
+        ("controlnet", 2, ["given 2 times", "has one controlnet", "give it once"]),
+        ("controlnets", 1, ["given 1 time", "2 controlnets (MultiControlNetModel)", "2 times"]),
+        ("controlnets", 3, ["given 3 times", "2 controlnets", "one per controlnet"]),
+    ],
+)
+def test_control_images_not_one_per_controlnet_are_refused(name, count, words, pipelines, tmp_path):
+    more = [a for i in range(count) for a in ("--control-image", photo(tmp_path / f"c{i}.png"))]
+    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    fails_in_one_line(args, tmp_path, "'--control-image'", *words, status=2)
+
+
+def no_pipeline_loads(monkeypatch):
+    """A pipeline load fails the test: what is refused before it is refused in seconds."""
+
+    def load(*args, **kwargs):
+        pytest.fail("the pipeline was loaded before the files were checked")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", load)
+
+
+def flawed(kind, path):
+    """A file at ``path`` that is no image, a transparent one, a 16-bit one, or of 16 x 12
+    pixels beside the 16 x 16 photo."""
+    if kind == "text":
+        path.write_text("not an image")
+    elif kind == "transparent":
+        photo(path, mode="RGBA")
+    elif kind == "16-bit":
+        Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(path)
+    else:
+        mask_file(path, height=12)
+    return path
+
+
+@pytest.mark.parametrize("option", ["--mask", "--control-image"])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("text", ["not a readable image"]),
+        ("transparent", ["transparent pixels", "flatten"]),
+        ("16-bit", ["16-bit or float"]),
+        ("size", ["is 16x12, but --image", "is 16x16", "of the photo's own size"]),
+    ],
+)
+def test_a_mask_or_control_image_file_is_checked_before_the_pipeline_loads(
+    option, kind, words, pipelines, tmp_path, monkeypatch
+):
+    name = "inpaint" if option == "--mask" else "controlnet"
+    no_pipeline_loads(monkeypatch)
+    given = flawed(kind, tmp_path / "given.png")
+    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png", option, given)
+    fails_in_one_line(args, tmp_path, f"'{option}'", *words, status=2)
+
+
+def test_the_mask_must_have_the_photos_size_even_with_size(pipelines, tmp_path, monkeypatch):
+    """A mask of the --size size beside a photo of another size is refused: --size resizes
+    the photo and the mask alike, so the two must match before it."""
+    no_pipeline_loads(monkeypatch)
+    image = photo(tmp_path / "p.png", width=21, height=13)
+    more = ["--mask", mask_file(tmp_path / "m.png", width=12, height=8), "--size", "12x8"]
+    args = edit(pipelines["inpaint"], image, tmp_path / "e.png", *more)
+    fails_in_one_line(args, tmp_path, "'--mask'", "is 12x8, but --image", "is 21x13", status=2)
+
+
+@pytest.mark.parametrize(
+    "more,words",
+    [
+        (["--mask", "missing.png"], ["'--mask'", "does not exist"]),
+        (["--control-image", "missing.png"], ["'--control-image'", "does not exist"]),
+        (["--mask", ""], ["'--mask'", "the path is empty"]),
+        (["--mask", "m.png", "--out", "m.png"], ["'--out'", "is --mask"]),
+        (["--control-image", "m.png", "--out", "m.png"], ["'--out'", "is --control-image"]),
+    ],
+)
+def test_a_wrong_mask_or_control_image_option_is_one_line(
+    more, words, pipelines, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    no_pipeline_loads(monkeypatch)
+    photo(tmp_path / "p.png")
+    mask = mask_file(tmp_path / "m.png").read_bytes()
+    args = edit(pipelines["inpaint"], "p.png", "e.png", *more)
+    fails_in_one_line(args, tmp_path, *words, status=2)
+    assert (tmp_path / "m.png").read_bytes() == mask
 
 
 # ------------------------------------------------------------------------------ mistakes
