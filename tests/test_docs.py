@@ -856,8 +856,9 @@ def shell_commands(page: str) -> list[list[str]]:
 
 COMMANDS = [(page, args) for page in PAGES for args in shell_commands(page)]
 # Input files named on a command line are made empty before it is parsed: parsing checks that
-# they exist, not what they hold. So are the photo of `bdia edit --image` and its pipeline
-# folder, whose model_index.json parsing reads for the pipeline's class.
+# they exist, not what they hold. So are the photo of `bdia edit --image`, its mask and
+# control images, and its pipeline folder, whose model_index.json parsing reads for the
+# pipeline's class.
 _INPUT_SUFFIXES = (".pkl", ".npz", ".pt", ".safetensors")
 _PIPELINE_INDEX = '{"_class_name": "StableDiffusionPipeline"}'
 
@@ -878,7 +879,7 @@ def test_documented_command_parses(page, args, tmp_path, monkeypatch):
             Path(word).parent.mkdir(parents=True, exist_ok=True)
             Path(word).touch()
     for option, value in zip(args, args[1:]):
-        if option == "--image" and not Path(value).exists():
+        if option in ("--image", "--mask", "--control-image") and not Path(value).exists():
             Path(value).touch()
         if option == "--pipeline" and not Path(value).exists():
             Path(value).mkdir(parents=True)
