@@ -702,9 +702,11 @@ def _check_claim(text: str, claim: str, where: str) -> None:
     assert text == expected, f"{where}: printed {text!r}, the comment says {expected!r}"
 
 
-def run_page(page: str) -> None:
-    """Run the page's blocks as the module docstring says, checking claims as they come."""
+def run_page(page: str) -> list[str]:
+    """Run the page's blocks as the module docstring says, checking claims as they come;
+    returns the keys (their text) of the ``AFTER`` checks that ran."""
     namespace: dict = {}
+    checked: list[str] = []
     for i, block in enumerate(python_blocks(page)):
         where = f"{page}, python block {i + 1} ({block.splitlines()[0]!r})"
         if any(_matches(key, page, block) for key in SIGNATURES):
@@ -715,6 +717,9 @@ def run_page(page: str) -> None:
         stand_in = _one_entry(STAND_INS, page, block)
         if stand_in is not None:
             exec(compile(stand_in, f"<stand-ins for {where}>", "exec"), namespace)
+        # Keyed by the block as the page has it, before LOCAL replaces any of its text.
+        check = _one_entry(AFTER, page, block)
+        keys = [key[1] for key in AFTER if _matches(key, page, block)]
         for old, new in _one_entry(LOCAL, page, block) or []:
             assert old in block, f"{where}: LOCAL replaces {old!r}, which the block lacks"
             block = block.replace(old, new)
@@ -728,9 +733,10 @@ def run_page(page: str) -> None:
 
         namespace["__printed__"] = printed
         exec(compile(_with_checked_prints(block), where, "exec"), namespace)
-        check = _one_entry(AFTER, page, block)
         if check is not None:
             check(namespace)
+            checked.extend(keys)
+    return checked
 
 
 # With the slow tests: the gradients page optimises through 35-step samplers (about 25 s),
@@ -755,7 +761,9 @@ def test_page_examples_run_and_print_what_their_comments_say(page, tmp_path, mon
     # every registered solver would find it.
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     with redirect_stdout(io.StringIO()):
-        run_page(page)
+        checked = run_page(page)
+    # Every check of the page ran, where its block ran.
+    assert sorted(checked) == sorted(key[1] for key in AFTER if key[0] == page)
 
 
 def test_every_table_entry_matches_a_block():
