@@ -95,6 +95,18 @@ if not pathlib.Path("sdxl").is_dir():
     tiny_sdxl_pipeline("sdxl").save_pretrained("sdxl")
 """
 
+# Beside it, a tiny random SDXL refiner ("sdxl_refiner"): the second text encoder alone, a
+# unet of its own with the aesthetic score in its added conditioning.
+_SDXL_ENSEMBLE_FOLDERS = (
+    _SDXL_FOLDER
+    + """
+from bdia.integrations.diffusers.tiny import tiny_sdxl_refiner_pipeline
+if not pathlib.Path("sdxl_refiner").is_dir():
+    pathlib.Path("sdxl_refiner").mkdir()
+    tiny_sdxl_refiner_pipeline("sdxl_refiner").save_pretrained("sdxl_refiner")
+"""
+)
+
 # The same for a tiny random Playground v2.5-style pipeline ("playground"): the SDXL one with
 # EDMDPMSolverMultistepScheduler and VAE latent statistics.
 _PLAYGROUND_FOLDER = """
@@ -232,7 +244,8 @@ from PIL import Image
 Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
 """
     ),
-    ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _SDXL_FOLDER,
+    ("docs/diffusers.md", '"/path/to/stable-diffusion-xl-base-1.0"'): _SDXL_FOLDER,
+    ("docs/diffusers.md", '"/models/stable-diffusion-xl-refiner-1.0"'): _SDXL_ENSEMBLE_FOLDERS,
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _SD3_FOLDER,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _PLAYGROUND_FOLDER,
     ("docs/diffusers.md", '"/path/to/playground-v2.5-1024px-aesthetic"'): _PLAYGROUND_FOLDER,
@@ -394,10 +407,17 @@ LOCAL = {
         ('.to("cuda")', '.to("cpu")'),
         (".resize((512, 512))", ".resize((16, 16))"),
     ],
-    ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): [
+    ("docs/diffusers.md", '"/path/to/stable-diffusion-xl-base-1.0"'): [
         ('"/path/to/stable-diffusion-xl-base-1.0"', '"sdxl"'),
         ('.to("cuda")', '.to("cpu")'),
         (".resize((1024, 1024))", ".resize((16, 16))"),
+    ],
+    ("docs/diffusers.md", '"/models/stable-diffusion-xl-refiner-1.0"'): [
+        ('"/models/stable-diffusion-xl-base-1.0"', '"sdxl"'),
+        ('"/models/stable-diffusion-xl-refiner-1.0"', '"sdxl_refiner"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("1024.0", "16.0"),
+        ("torch.randn(1, 4, 128, 128,", "torch.randn(1, 4, 8, 8,"),
     ],
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): [
         ('"/models/stable-diffusion-3-medium-diffusers"', '"sd3"'),
@@ -527,6 +547,24 @@ def _sd3_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _ensemble_inverted(ns):
+    # "33 times: 32 steps", "9 times, from ts[-1]", and the two inversions "to rounding": the
+    # float32 state's two words invert the float16 unets' steps (measured: 0).
+    ts, ts2, noise, later = ns["ts"], ns["ts2"], ns["noise"], ns["base_pair"].later
+    assert len(ts) == 33 and len(ts2) == 9 and float(ts[-1]) == float(ts2[0])
+    assert float((ns["handed"] - later).abs().max()) <= 1e-6 * float(later.abs().max())
+    assert float((ns["back"] - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
+def _ensemble_scheduler_pairs(ns):
+    # "end_index: 32" and "start_index: 32": where the base stopped and the refiner began;
+    # the base's pair holds the latents it returned (their float32 state).
+    base_pair, refiner_pair = ns["base_pair"], ns["refiner_pair"]
+    assert base_pair.end_index == 32 and base_pair.start_index == 0
+    assert refiner_pair.start_index == 32 and refiner_pair.end_index == 40
+    assert torch.equal(base_pair.later.half(), ns["latents"])
+
+
 def _playground_inverted(ns):
     # "50 sigmas from 80 to 0.002, then 0" and "back.earlier is start, to rounding": the
     # float32 state's two words invert the float16 unet's steps (measured: 0).
@@ -636,7 +674,11 @@ AFTER = {
     ("docs/diffusers.md", "extra = torch.cat([mask, masked_latents]"): _inpaint_scheduler_inverted,
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): _edit_round_trip,
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): _inpaint_edited,
-    ("docs/diffusers.md", "StableDiffusionXLPipeline.from_pretrained("): _edit_round_trip,
+    ("docs/diffusers.md", '"/path/to/stable-diffusion-xl-base-1.0"'): _edit_round_trip,
+    ("docs/diffusers.md", '"/models/stable-diffusion-xl-refiner-1.0"'): _ensemble_inverted,
+    ("docs/diffusers.md", "denoising_end=cut, guidance_scale=guidance"): (
+        _ensemble_scheduler_pairs
+    ),
     ("docs/diffusers.md", '"/models/stable-diffusion-3-medium-diffusers"'): _sd3_inverted,
     ("docs/diffusers.md", '"/models/playground-v2.5-1024px-aesthetic"'): _playground_inverted,
     ("docs/diffusers.md", '"/path/to/playground-v2.5-1024px-aesthetic"'): (

@@ -187,6 +187,87 @@ def _edm_grid(sched: Any, num_inference_steps: int) -> Tensor:
     return torch.tensor(made, dtype=torch.float64)
 
 
+def _check_fraction(value: Any, name: str) -> float:
+    """``denoising_start`` or ``denoising_end``: a Python float in (0, 1), the only values the
+    SDXL pipelines act on (they ignore an int, a numpy float32 or a float outside)."""
+    if not isinstance(value, float):
+        raise TypeError(
+            f"{name} must be a float in (0, 1), as the SDXL pipelines take it (they ignore "
+            f"anything else), got {value!r}"
+        )
+    if not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{name} = {value!r} lies outside (0, 1), where the SDXL pipelines ignore it and "
+            "run every step; leave it out for that"
+        )
+    return value
+
+
+def _cutoff(sched: Any, fraction: float) -> int:
+    """The SDXL pipelines' ``discrete_timestep_cutoff`` of ``denoising_start`` or
+    ``denoising_end``: the timestep ``round(N - f N)``, in their float arithmetic."""
+    n = sched.config.num_train_timesteps
+    return int(round(n - (fraction * n)))
+
+
+def _ensemble_part(
+    sched: Any,
+    num_inference_steps: int,
+    times: list[float],
+    start: float | None,
+    end: float | None,
+) -> list[float]:
+    """The part of the grid ``times`` that an SDXL pipeline with ``denoising_start`` and/or
+    ``denoising_end`` runs: as ``StableDiffusionXLPipeline`` and
+    ``StableDiffusionXLImg2ImgPipeline`` cut the scheduler's ``timesteps``, the base keeping
+    those at or above ``round(N - end N)`` and the refiner the ones below ``round(N - start
+    N)``. Each kept timestep's step ends at the next one, so the base's part ends at the
+    first timestep it leaves out, which is where the refiner's begins."""
+    name = type(sched).__name__
+    fresh = copy.deepcopy(sched)
+    fresh.set_timesteps(num_inference_steps)
+    timesteps = torch.as_tensor(getattr(fresh, "forward_timesteps", fresh.timesteps)).cpu()
+    taus = [float(v) for v in timesteps.reshape(-1)]
+    if getattr(fresh, "order", 1) != 1 or any(a <= b for a, b in zip(taus, taus[1:])):
+        raise ValueError(
+            f"denoising_start and denoising_end cut the list of {name}'s timesteps, which has "
+            "two unet calls for some steps (a second-order scheduler, or PNDM's repeated "
+            "second timestep), and the SDXL pipelines' cut of it does not split the run in "
+            "two: Heun's base stops halfway through a step that its refiner takes again from "
+            "the start; use a scheduler with one unet call a step (DDIM, Euler, DPM-Solver, "
+            "UniPC, ...)"
+        )
+    count, last = len(taus), len(times) - 1
+    # Distinct timesteps make distinct grid points, one each, then the end point unless the
+    # last timestep sits on it.
+    assert last in (count - 1, count), (times, taus)
+    first = 0
+    if start is not None:
+        cutoff = _cutoff(sched, start)
+        first = count - int((timesteps < cutoff).sum())
+        if first >= last:
+            raise ValueError(
+                f"denoising_start = {start!r} leaves the refiner no step: the pipelines run the "
+                f"timesteps below {cutoff} = round(N - denoising_start N), and {name}'s "
+                f"{num_inference_steps} steps have {count - first} there "
+                f"({taus[-1]:g} is the last timestep); use a smaller denoising_start"
+            )
+    stop = last
+    if end is not None:
+        cutoff = _cutoff(sched, end)
+        kept = int((timesteps[first:] >= cutoff).sum())
+        if kept == 0:
+            raise ValueError(
+                f"denoising_end = {end!r} leaves no step: the pipelines run the timesteps at "
+                f"or above {cutoff} = round(N - denoising_end N), and {name}'s "
+                f"{num_inference_steps} steps begin at {taus[first]:g}; use a larger "
+                "denoising_end"
+            )
+        if first + kept < count:
+            stop = first + kept
+    return times[first : stop + 1]
+
+
 def diffusers_grid(
     scheduler: Any,
     num_inference_steps: int | None,
@@ -194,6 +275,8 @@ def diffusers_grid(
     space: str | None = None,
     mu: float | None = None,
     sigmas: Any = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ) -> Tensor:
     """The bdia time grid of the timesteps a diffusers scheduler uses for ``num_inference_steps``.
 
@@ -220,6 +303,15 @@ def diffusers_grid(
       scheduler's own spacing (``FluxPipeline``: ``np.linspace(1.0, 1 / n, n)``), to be
       shifted as diffusers shifts them.
 
+    - With ``denoising_end`` and/or ``denoising_start``: the part of that grid which
+      ``StableDiffusionXLPipeline(denoising_end=f)`` (the base of SDXL's ensemble of expert
+      denoisers) and ``StableDiffusionXLImg2ImgPipeline(denoising_start=f)`` (the refiner, on
+      the base's latents) run. They cut the scheduler's ``timesteps`` at ``c = round(N - f
+      N)``: the base keeps the timesteps at or above ``c`` and the refiner those below, so
+      the base's part ends at the first timestep it leaves out, where the refiner's part
+      begins (the same point for the same ``f``, scheduler config and step count). The SDXL
+      inpainting and ControlNet pipelines cut alike.
+
     Each step goes to the next point where the model is evaluated. DDIM's own step goes from
     ``tau`` to ``tau - N // n``, which is the next timestep for ``"leading"`` spacing and for
     ``"trailing"`` when ``n`` divides ``N``, but not for ``"linspace"``; there bdia's grid is
@@ -234,6 +326,13 @@ def diffusers_grid(
             diffusers' ``set_timesteps(mu=...)`` takes it; refused otherwise.
         sigmas: flow space only: the unshifted sigmas, one per step (a sequence or 1-D array
             of floats), as diffusers' ``set_timesteps(sigmas=...)`` takes them.
+        denoising_start: VP and EDM space only, the refiner's ``denoising_start`` (a float in
+            (0, 1)): the grid from the first timestep below ``round(N - denoising_start N)``
+            to the end.
+        denoising_end: VP and EDM space only, the base's ``denoising_end`` (a float in (0,
+            1)): the grid from the start (from ``denoising_start``'s point, with both) to the
+            first timestep below ``round(N - denoising_end N)``, or to the end where every
+            timestep is kept.
 
     Returns:
         float64 tensor of times (noisiest first) for the ODE that
@@ -250,21 +349,57 @@ def diffusers_grid(
             algorithm_type 'sde-dpmsolver++', a sigma_data that is not a positive finite
             number, and sigmas that do not decrease (a sigma_min not below sigma_max) or leave
             no step (EDMEulerScheduler's one step with final_sigmas_type 'sigma_min').
+            ``denoising_start`` or ``denoising_end`` outside (0, 1), in flow space, with a
+            scheduler that calls the unet more than once a step (Heun, KDPM2, PNDM: the
+            pipelines' cut splits a step), or leaving no step; ``denoising_start`` not below
+            ``denoising_end``.
+        TypeError: ``denoising_start`` or ``denoising_end`` not a Python float.
     """
     if sigmas is None or num_inference_steps is not None:
         num_inference_steps = check_steps(num_inference_steps, "num_inference_steps")
+    if denoising_start is not None:
+        denoising_start = _check_fraction(denoising_start, "denoising_start")
+    if denoising_end is not None:
+        denoising_end = _check_fraction(denoising_end, "denoising_end")
+    if denoising_start is not None and denoising_end is not None:
+        if denoising_start >= denoising_end:
+            raise ValueError(
+                f"denoising_start = {denoising_start!r} is not below denoising_end = "
+                f"{denoising_end!r}, which leaves no step (StableDiffusionXLImg2ImgPipeline "
+                "refuses them too)"
+            )
     sched = _scheduler(scheduler)
     space = _space(sched, space)
     if space == "flow":
+        if denoising_start is not None or denoising_end is not None:
+            raise ValueError(
+                "denoising_start and denoising_end are the SDXL pipelines' ensemble of expert "
+                f"denoisers, with a noise-table or EDM scheduler; {type(sched).__name__} is a "
+                "flow-matching scheduler, whose pipelines (SD3, Flux) take neither; leave "
+                "them out"
+            )
         if sigmas is not None:
             sigmas = _custom_sigmas(sigmas, num_inference_steps)
         return _flow_grid(sched, num_inference_steps, mu, sigmas)
+    grid = _table_grid(sched, space, num_inference_steps, mu, sigmas)
+    if denoising_start is None and denoising_end is None:
+        return grid
+    assert num_inference_steps is not None  # checked above, sigmas being None
+    times = [float(t) for t in grid.tolist()]
+    part = _ensemble_part(sched, num_inference_steps, times, denoising_start, denoising_end)
+    return torch.tensor(part, dtype=torch.float64)
+
+
+def _table_grid(
+    sched: Any, space: str, num_inference_steps: int | None, mu: Any, sigmas: Any
+) -> Tensor:
+    """``diffusers_grid`` in VP or EDM space: of a noise table, or EDM-preconditioned."""
     if sigmas is not None:
         raise ValueError(
             f"sigmas are the custom sigmas of a flow-matching scheduler; "
             f"{type(sched).__name__} takes none here; leave them out"
         )
-    assert num_inference_steps is not None  # checked above, sigmas being None
+    assert num_inference_steps is not None  # checked by diffusers_grid, sigmas being None
     if mu is not None:
         raise ValueError(
             f"mu is the shift of a flow-matching scheduler's dynamic shifting; "

@@ -129,7 +129,8 @@ class BDIASchedulerOutput(BaseOutput):
 # tensors, which raises) and its refusal to hash.
 @dataclass(frozen=True, eq=False)
 class BDIASchedulerPair(StatePair):
-    """``BDIAScheduler.final_pair``: a ``StatePair`` that also records where the run began.
+    """``BDIAScheduler.final_pair``: a ``StatePair`` that also records where the run began and
+    where it stopped.
 
     Attributes:
         start_index: the index in ``timesteps`` (and in ``grid``) of the run's first step, or
@@ -137,9 +138,14 @@ class BDIASchedulerPair(StatePair):
             img2img with ``strength < 1`` starts later. ``BDIAInverseScheduler.begin`` stops
             the inversion there, so that ``inverse.pair.earlier`` is the state the run started
             from (the noised image latents, for img2img).
+        end_index: the index in ``grid`` of ``later``, where the run stopped: the grid's end
+            (``len(grid) - 1``), or earlier for a run cut short (SDXL's base with
+            ``denoising_end``); None stands for the grid's end. ``BDIAInverseScheduler.begin``
+            inverts from there.
     """
 
     start_index: int = 0
+    end_index: int | None = None
 
 
 torch.serialization.add_safe_globals([BDIASchedulerPair])  # see bdia.pairs: torch.load
@@ -258,6 +264,22 @@ def _table_attribute(name: str) -> property:
         return getattr(self._inner, name)
 
     return property(get, doc=f"DDIMScheduler's ``{name}`` for the current config.")
+
+
+def _recorded_index(pair: Any, field: str, given: Any, default: int, what: str, fix: str) -> int:
+    """``given``, else the index the pair records as ``field``, else ``default``: refused
+    where ``given`` contradicts the pair's, or is not an int."""
+    recorded = getattr(pair, field, None)
+    if given is None:
+        given = default if recorded is None else recorded
+    elif recorded is not None and recorded != given:
+        raise ValueError(
+            f"{field} = {given}, but the pair records that its run {what} {recorded}; "
+            f"leave {field} out to {fix}"
+        )
+    if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+        raise TypeError(f"{field} must be an int, got {given!r}")
+    return int(given)
 
 
 class _Replay:
@@ -868,10 +890,15 @@ class BDIAScheduler(_BDIASchedulerBase):
         grid: the bdia time grid (float64 values as Python floats), one point per timestep
             and the end point.
         final_pair: after the last step, a ``BDIASchedulerPair``: ``StatePair(x at grid[-2],
-            x at grid[-1])`` with the low words, its ``times`` ``(grid[-2], grid[-1])`` and
-            the run's ``start_index``, the exact input of ``BDIAInverseScheduler.begin`` (and
-            of ``bdia.invert`` on ``grid[start_index:]``); None before. Its tensors are in the
-            state dtype (float32 at least). Its ``solver`` is ``"bdia(ddim, gamma=...)"``
+            x at grid[-1])`` with the low words, its ``times`` ``(grid[-2], grid[-1])``, the
+            run's ``start_index`` and its ``end_index`` (``len(grid) - 1``), the exact input of
+            ``BDIAInverseScheduler.begin`` (and of ``bdia.invert`` on
+            ``grid[start_index:]``); None before the first step. It is the pair of the last
+            two grid points the run has reached, so a run the pipeline stops early (SDXL's
+            base with ``denoising_end``, whose loop leaves out the timesteps below its cut)
+            has it at ``(grid[e - 1], grid[e])`` with ``end_index = e``, for ``bdia.invert``
+            on ``grid[start_index : e + 1]``. Its tensors are in the state dtype (float32 at
+            least). Its ``solver`` is ``"bdia(ddim, gamma=...)"``
             (``bdia(euler, ...)`` over Euler) with this scheduler's gamma, which ``begin``
             and ``bdia.invert`` check. Its ``fingerprint`` is None: the scheduler sees model
             outputs, never the unet or the prompt, so continuing the pair under another
@@ -910,15 +937,17 @@ class BDIAScheduler(_BDIASchedulerBase):
     @property
     def final_pair(self) -> BDIASchedulerPair | None:
         state = self._state
-        if self.grid is None or state is None or state.k != len(self.grid) - 1:
+        if self.grid is None or state is None:
             return None
+        # The grid up to where the run stopped: its end, or a pipeline's denoising_end.
+        reached = self.grid[: state.k + 1]
         try:
-            pair = stamped(self._solver.pair(state), self.grid, len(self.grid) - 1, self._solver)
+            pair = stamped(self._solver.pair(state), reached, state.k, self._solver)
         except ValueError:  # no step since the (re)start: no neighbour to pair with
             return None
         fields = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair)}
         assert self.start_index is not None  # _restart set it with the state
-        return BDIASchedulerPair(**fields, start_index=self.start_index)
+        return BDIASchedulerPair(**fields, start_index=self.start_index, end_index=state.k)
 
     def _restart(self, k: int, sample: Tensor) -> None:
         why = None
@@ -1040,8 +1069,8 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         timesteps: the forward timesteps at which the inversion evaluates the unet, from the
             second-to-last grid point back to the one after the run's start (the pair already
             holds the last two states); one fewer than the forward run's unet calls.
-            ``set_timesteps`` makes them for a run from the first timestep; ``begin`` cuts
-            them at the run's ``start_index``.
+            ``set_timesteps`` makes them for a run from the first timestep to the grid's end;
+            ``begin`` cuts them at the run's ``start_index`` and ``end_index``.
         forward_timesteps: the forward run's timesteps (what ``diffusers_grid`` reads).
         grid: the forward run's bdia time grid.
         start_index: the index in ``forward_timesteps`` where the forward run began (set by
@@ -1071,28 +1100,38 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         self.timesteps = self._inner.timesteps[1:last].flip(0)
 
     def begin(
-        self, pair: StatePair, dtype: torch.dtype | None = None, start_index: int | None = None
+        self,
+        pair: StatePair,
+        dtype: torch.dtype | None = None,
+        start_index: int | None = None,
+        end_index: int | None = None,
     ) -> Tensor:
         """Start the inversion from the forward run's ``final_pair``; cut ``timesteps`` at
-        the run's start.
+        the run's start and where it stopped.
 
         Args:
             pair: ``BDIAScheduler.final_pair`` (or ``bdia.sample(..., return_pair=True)`` on
-                the same grid or its tail): x at the last two grid points, low words included.
+                the same grid, its tail or its head): x at the two grid points where the run
+                stopped, low words included.
             dtype: the dtype the unet gets its input in (the forward pipeline's latents
                 dtype, e.g. torch.float16); defaults to the pair's.
             start_index: the index in ``forward_timesteps`` where the forward run began. By
                 default the pair's ``start_index`` (``final_pair`` records it), else 0. The
                 inversion stops there: stepping on would invert steps the run never took.
+            end_index: the index in ``grid`` of the pair's later state, where the forward run
+                stopped. By default the pair's ``end_index`` (``final_pair`` records it: less
+                than the grid's end for SDXL's base with ``denoising_end``), else the grid's
+                end.
 
         Returns:
-            The first state to feed the unet (x at the second-to-last grid point, a copy in
-            ``dtype``).
+            The first state to feed the unet (x at the grid point before ``end_index``, a
+            copy in ``dtype``).
 
         Raises:
             ValueError: if the pair records other grid times (a run of another step count)
                 or another solver than this scheduler's (a forward run with another gamma),
-                or if its gamma underflows in the pair's dtype.
+                if its gamma underflows in the pair's dtype, or for a ``start_index`` or
+                ``end_index`` that contradicts the pair's or leaves no step.
         """
         if self.grid is None:
             raise ValueError(
@@ -1104,10 +1143,10 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
                 f"begin takes the forward scheduler's final_pair (a StatePair), got "
                 f"{type(pair).__name__}"
             )
-        start = self._start_index(pair, start_index)
+        last = self._end_index(pair, end_index)
+        start = self._start_index(pair, start_index, last)
         checked = _pair(pair, None, "pair")
-        last = len(self.grid) - 1
-        check_times(checked, self.grid, last, "begin")
+        check_times(checked, self.grid[: last + 1], last, "begin")
         # The inverse's gamma comes from its own config, which need not be the forward run's.
         fix = (
             "build the inverse from the forward scheduler's config, its gamma included: "
@@ -1120,25 +1159,42 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         self.timesteps = self.forward_timesteps[start + 1 : last].flip(0)
         return self._state.x.to(self._feed_dtype, copy=True)
 
-    def _start_index(self, pair: StatePair, start_index: Any) -> int:
-        """The grid index where the forward run began: ``start_index``, the pair's, or 0."""
-        recorded = getattr(pair, "start_index", None)
-        if start_index is None:
-            start_index = 0 if recorded is None else recorded
-        elif recorded is not None and recorded != start_index:
-            raise ValueError(
-                f"start_index = {start_index}, but the pair records that its run began at "
-                f"index {recorded}; leave start_index out to invert back to the run's start"
-            )
-        if isinstance(start_index, bool) or not isinstance(start_index, numbers.Integral):
-            raise TypeError(f"start_index must be an int, got {start_index!r}")
-        index = int(start_index)
-        last = len(self._grid()) - 2  # the pair's earlier state: no step back from there
+    def _start_index(self, pair: StatePair, start_index: Any, end: int) -> int:
+        """The grid index where the forward run began: ``start_index``, the pair's, or 0;
+        before the run's ``end``."""
+        index = _recorded_index(
+            pair, "start_index", start_index, 0, "began at index", "invert back to the run's start"
+        )
+        last = end - 1  # the pair's earlier state: no step back from there
         if not 0 <= index <= last:
             raise ValueError(
                 f"start_index = {index} is not a step of this schedule's run (0 .. "
-                f"{last} for num_inference_steps = {self.num_inference_steps}); call "
-                "set_timesteps with the forward run's step count"
+                f"{last} for num_inference_steps = {self.num_inference_steps} and a run that "
+                f"stopped at grid index {end}); call set_timesteps with the forward run's step "
+                "count"
+            )
+        return index
+
+    def _end_index(self, pair: StatePair, end_index: Any) -> int:
+        """The grid index where the forward run stopped: ``end_index``, the pair's, or the
+        grid's end."""
+        last = len(self._grid()) - 1
+        index = _recorded_index(
+            pair, "end_index", end_index, last, "stopped at grid index", "invert from there"
+        )
+        recorded = getattr(pair, "end_index", None)
+        if index > last and index == recorded:
+            raise ValueError(
+                f"the pair was made at t = {pair.times} and its run stopped at grid index "
+                f"{index}, past this grid's end ({last} for num_inference_steps = "
+                f"{self.num_inference_steps}): a run of another step count; call set_timesteps "
+                "with the forward run's step count"
+            )
+        if not 1 <= index <= last:
+            raise ValueError(
+                f"end_index = {index} is not where a run of this schedule stops (1 .. {last} "
+                f"for num_inference_steps = {self.num_inference_steps}); call set_timesteps "
+                "with the forward run's step count"
             )
         return index
 

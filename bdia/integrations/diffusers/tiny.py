@@ -3,7 +3,8 @@
 Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DConditionModel``,
 Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel``, a
 ``ControlNetModel``, a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's,
-or Playground v2.5's with an EDM-preconditioned scheduler), their ControlNet pipelines,
+or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
+(``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines,
 ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
 vocabulary written locally, ``FluxFillPipeline`` and ``FluxKontextPipeline``, the inpainting
 pipelines of Stable Diffusion and SDXL, and their ControlNet inpainting pipelines), a
@@ -31,6 +32,7 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_sdxl_refiner_pipeline",
     "tiny_playground_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
@@ -268,6 +270,27 @@ def tiny_text_to_image_pipeline(folder: str | Path, scheduler: Any = None) -> An
     return pipe
 
 
+def _sdxl_text_encoders(tokenizer: Any) -> tuple[Any, Any]:
+    """SDXL's two CLIP text encoders on ``tokenizer``'s vocabulary, drawn after
+    ``torch.manual_seed(0)``: a ``CLIPTextModel`` of width 16 and a
+    ``CLIPTextModelWithProjection`` of width 8 whose projection (8) is the pooled embedding,
+    both of two layers (the pipelines take the penultimate hidden states)."""
+    torch.manual_seed(0)
+    text_encoder = _tiny_text_encoder(tokenizer, num_hidden_layers=2)
+    text_encoder_2 = _tiny_text_encoder(
+        tokenizer, 8, hidden_size=8, intermediate_size=16, num_hidden_layers=2
+    )
+    return text_encoder, text_encoder_2
+
+
+def _sdxl_scheduler() -> Any:
+    """DDIM on SDXL's noise table, as the SDXL config spaces it (``steps_offset=1``), with
+    ``set_alpha_to_one=False`` and no clipping."""
+    return diffusers.DDIMScheduler(
+        **SD_NOISE_TABLE, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+
+
 def tiny_sdxl_pipeline(
     folder: str | Path,
     scheduler: Any = None,
@@ -292,12 +315,7 @@ def tiny_sdxl_pipeline(
     watermarker. The progress bar is off.
     """
     tokenizer = tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    # Two layers: the pipeline takes the encoders' penultimate hidden states.
-    text_encoder = _tiny_text_encoder(tokenizer, num_hidden_layers=2)
-    text_encoder_2 = _tiny_text_encoder(
-        tokenizer, 8, hidden_size=8, intermediate_size=16, num_hidden_layers=2
-    )
+    text_encoder, text_encoder_2 = _sdxl_text_encoders(tokenizer)
     unet = tiny_unet(
         conditional=True,
         channels=4,
@@ -306,13 +324,6 @@ def tiny_sdxl_pipeline(
         addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=8 + 6 * 4,
     )
-    if scheduler is None:
-        scheduler = diffusers.DDIMScheduler(
-            **SD_NOISE_TABLE,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=_tiny_vae(vae_dtype, **(vae_config or {})),
         text_encoder=text_encoder,
@@ -320,8 +331,51 @@ def tiny_sdxl_pipeline(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_sdxl_scheduler() if scheduler is None else scheduler,
         force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_refiner_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A ``StableDiffusionXLImg2ImgPipeline`` made as SDXL's refiner is, of tiny random parts
+    on 16 x 16 RGB images (4 x 8 x 8 latents), the refiner of ``tiny_sdxl_pipeline``'s
+    ensemble of expert denoisers (``denoising_end`` there, ``denoising_start`` here).
+
+    No first text encoder: the second one of ``tiny_sdxl_pipeline`` (a two-layer
+    ``CLIPTextModelWithProjection`` of width 8 on ``tiny_tokenizer(folder)``, its projection
+    of 8 the pooled embedding) alone conditions a conditional ``tiny_unet`` (seed 3) with
+    cross-attention width 8 and SDXL's added conditioning with the aesthetic score
+    (``requires_aesthetics_score=True``: ``time_ids`` of 5 values, original size, crop and
+    score, so ``projection_class_embeddings_input_dim`` = 8 + 5 x 4); the VAE of
+    ``tiny_sdxl_pipeline``. The pipeline's config has ``force_zeros_for_empty_prompt=False``,
+    as SDXL refiner's. ``scheduler`` defaults to that of ``tiny_sdxl_pipeline``. Float32; the
+    progress bar is off.
+    """
+    tokenizer = tiny_tokenizer(folder)
+    # The base's encoders, the first dropped: SDXL's refiner shares the base's second one.
+    _, text_encoder_2 = _sdxl_text_encoders(tokenizer)
+    unet = tiny_unet(
+        conditional=True,
+        channels=4,
+        cross_attention_dim=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 5 * 4,
+        seed=3,
+    )
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=_tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_sdxl_scheduler() if scheduler is None else scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
