@@ -149,6 +149,85 @@ def test_euler_is_flow_match_euler_step_by_step(transformer, shift, guidance):
         assert torch.equal(ours[k], ref[k]), k
 
 
+def _heun_run(ode, noise, ts, trajectory=False):
+    """FlowMatchHeunDiscreteScheduler's run in bdia's solvers: heun up to the last positive
+    sigma, then one euler step to 0 (the scheduler's last step); with ``trajectory``, every
+    state on the grid."""
+    with torch.no_grad():
+        states = bdia.sample(
+            ode, bdia.get_solver("heun"), noise, ts[:-1], trajectory=True, progress=False
+        )
+        last = bdia.sample(ode, bdia.get_solver("euler"), states[-1], ts[-2:], progress=False)
+    return torch.cat([states, last[None]]) if trajectory else last
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_heun_is_flow_match_heun_to_float32_rounding(transformer, shift, guidance):
+    """diffusers_grid of FlowMatchHeunDiscreteScheduler is FlowMatchEulerDiscreteScheduler's
+    of the same shift, bit for bit: its distinct sigmas. bdia's heun on it up to the last
+    positive sigma, then euler to 0, is that scheduler's run in the SD3 pipeline's loop: the
+    same 2n - 1 transformer calls at the same float32 timesteps (none at sigma = 0), and
+    every state at a grid point to 1e-5 relative (measured 1.7e-6 for shift 1, 6.1e-7 for
+    shift 3). Not bit for bit: the scheduler forms each slope as (x - (x - v sigma)) / sigma,
+    not v, which divides a float32 rounding of x (|x| ~ 4) by sigma, down to the last positive
+    sigma, 0.001 for shift 1 (0.0089 for shift 3): up to 2.4e-4 in the last Heun step's
+    second slope, 1.3e-5 of x (3e-6 relative) over that step of 0.11. heun's own last step,
+    which calls the transformer at sigma = 0 too, ends 2.1e-6 (shift 1) to 8.9e-5 (shift 3)
+    away."""
+    cond = _cond(torch.float32, guidance)
+    scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=shift)
+    ts = diffusers_grid(scheduler, N_STEPS)
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    assert torch.equal(ts, diffusers_grid(euler, N_STEPS))
+    ode = from_diffusers(transformer, scheduler, **cond)
+    assert isinstance(ode.schedule, bdia.RectifiedFlow) and ode.prediction == "flow"
+    noise = _noise(torch.float32)
+    timesteps = []
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: timesteps.append(float(kwargs["timestep"][0])),
+        with_kwargs=True,
+    )
+    try:
+        ours = _heun_run(ode, noise, ts, trajectory=True)
+        called = list(timesteps)
+        timesteps.clear()
+        ref = _diffusers_loop(transformer, scheduler, noise, N_STEPS, cond)
+    finally:
+        hook.remove()
+    assert called == timesteps == scheduler.timesteps.tolist()
+    assert len(called) == 2 * N_STEPS - 1 and 0.0 not in called
+    # The loop's states after each Heun step (every second call), then after the Euler step.
+    at_grid = [ref[0], *ref[2 : 2 * N_STEPS - 1 : 2], ref[-1]]
+    assert len(ref) == 2 * N_STEPS and len(at_grid) == len(ours) == N_STEPS + 1
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, at_grid))
+    assert worst < 1e-5
+
+
+def test_sd3_pipeline_with_flow_match_heun_is_heun_then_euler(tmp_path):
+    """StableDiffusion3Pipeline itself with FlowMatchHeunDiscreteScheduler (shift 3, guidance
+    5) returns the latents of heun and a last euler step on diffusers_grid, to 1e-5 relative
+    (measured 5.8e-7; see the step-by-step test)."""
+    scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
+    pipe = tiny_sd3_pipeline(tmp_path, scheduler)
+    cond = _cond(torch.float32, True)
+    noise = _noise(torch.float32)
+    latents = _pipeline_latents(pipe, cond, latents=noise)
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ours = _heun_run(ode, noise, diffusers_grid(pipe.scheduler, N_STEPS))
+    assert float((ours - latents).abs().max() / latents.abs().max()) < 1e-5
+
+
+def test_bdia_scheduler_from_a_flow_match_heun_config_steps_on_its_grid():
+    """BDIAScheduler.from_config of FlowMatchHeunDiscreteScheduler's config (shift, no betas)
+    is BDIA over Euler on the flow-matching ODE, its grid the Heun scheduler's."""
+    heun = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
+    scheduler = BDIAScheduler.from_config(heun.config)
+    assert scheduler.config.flow_matching and scheduler.order == 1
+    scheduler.set_timesteps(N_STEPS)
+    assert scheduler.grid == diffusers_grid(heun, N_STEPS).tolist()
+
+
 def test_float64_state_is_diffusers_to_its_float32_rounding(transformer64):
     """With a float64 transformer and state, diffusers still casts the sample to float32 in
     every step (and keeps float32 sigmas); bdia keeps float64. The two agree to 1e-6 relative
@@ -626,10 +705,23 @@ def test_skip_layers_and_reserved_keys_are_refused(transformer):
 
 
 def test_other_flow_matching_schedulers_are_refused(transformer):
-    """FlowMatchHeunDiscreteScheduler and the like have no noise table and are not mapped."""
+    """FlowMatchLCMScheduler (a consistency model's: new noise at every step) and the like
+    have no noise table and are not mapped."""
     with pytest.raises(ValueError) as exc_info:
-        from_diffusers(transformer, diffusers.FlowMatchHeunDiscreteScheduler())
-    _one_line_error(exc_info, "FlowMatchEulerDiscreteScheduler")
+        from_diffusers(transformer, diffusers.FlowMatchLCMScheduler())
+    _one_line_error(exc_info, "FlowMatchHeunDiscreteScheduler")
+
+
+def test_flow_match_heun_takes_neither_sigmas_nor_mu():
+    """FlowMatchHeunDiscreteScheduler.set_timesteps takes a step count alone: custom sigmas
+    (FluxPipeline's) and mu (its config has no dynamic shifting) are refused in one line."""
+    scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(scheduler, N_STEPS, sigmas=np.linspace(1.0, 0.1, N_STEPS))
+    _one_line_error(exc_info, "takes no custom sigmas")
+    with pytest.raises(ValueError) as exc_info:
+        diffusers_grid(scheduler, N_STEPS, mu=0.5)
+    _one_line_error(exc_info, "use_dynamic_shifting")
 
 
 # ----------------------------------------------------------------------------- dtypes

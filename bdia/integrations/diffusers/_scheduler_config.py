@@ -5,7 +5,8 @@ Schedulers are told apart by class name along their MRO (so subclasses count; a
 ``BDIAScheduler`` built from a flow-matching or EDM-preconditioned config says so in its
 own): DDIM-like ones keep their samples in ``"vp"`` space, Euler-like ones in ``"edm"``,
 the EDM-preconditioned ones (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``) in
-``"edm"`` without a noise table, and ``FlowMatchEulerDiscreteScheduler`` in ``"flow"``. The
+``"edm"`` without a noise table, and ``FlowMatchEulerDiscreteScheduler`` and
+``FlowMatchHeunDiscreteScheduler`` in ``"flow"``. The
 ``_check_*`` functions refuse, in one line naming the field and before any network call, a
 config that is not an ODE bdia can map, and ``_check_pairing`` a network that does not go
 with its scheduler. ``from_diffusers``, ``diffusers_grid``, ``BDIAScheduler`` and
@@ -62,7 +63,7 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 # Flow-matching schedulers whose sigmas are the transformer's timesteps over N, and the
 # flow-matching transformers the adapter calls as their pipelines do: SD3's as
 # StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does.
-_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _SD3_MODELS = ("SD3Transformer2DModel",)
 _FLUX_MODELS = ("FluxTransformer2DModel",)
 _FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS
@@ -334,8 +335,8 @@ def _no_table(scheduler: Any) -> ValueError:
         "EDM-preconditioned scheduler, and this needs a diffusion model trained on a table of "
         "alphas_cumprod (DDIM, DDPM, PNDM, Euler, DPM-Solver and the like); of the schedulers "
         "without one, bdia's diffusers adapter maps FlowMatchEulerDiscreteScheduler, "
-        "EDMEulerScheduler and EDMDPMSolverMultistepScheduler only (from_diffusers, "
-        "diffusers_grid and BDIAScheduler)"
+        "FlowMatchHeunDiscreteScheduler, EDMEulerScheduler and EDMDPMSolverMultistepScheduler "
+        "only (from_diffusers, diffusers_grid and BDIAScheduler)"
     )
 
 

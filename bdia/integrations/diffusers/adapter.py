@@ -13,8 +13,9 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   ``sigma_bar = sqrt((1 - alphas_cumprod) / alphas_cumprod)``. The schedule is ``EDM()``, whose
   time is ``sigma_bar``; the network sees ``x / sqrt(sigma_bar^2 + 1)`` (diffusers'
   ``scale_model_input``) at the timestep from which the scheduler made that noise level.
-- ``"flow"`` (``FlowMatchEulerDiscreteScheduler``, with ``SD3Transformer2DModel``): no noise
-  table; ``x = (1 - sigma) x0 + sigma eps``, the schedule is ``RectifiedFlow()``, whose time is
+- ``"flow"`` (``FlowMatchEulerDiscreteScheduler`` or ``FlowMatchHeunDiscreteScheduler``, with
+  ``SD3Transformer2DModel``): no noise table; ``x = (1 - sigma) x0 + sigma eps``, the
+  schedule is ``RectifiedFlow()``, whose time is
   diffusers' ``sigma``, and the transformer is called as ``StableDiffusion3Pipeline`` calls it,
   at ``timestep = sigma N``, returning the velocity ``eps - x0`` (prediction ``"flow"``).
   ``FluxTransformer2DModel`` is called as ``FluxPipeline`` calls it: on the packed latents
@@ -776,8 +777,9 @@ def from_diffusers(
         scheduler: a diffusers scheduler instance, or its config mapping (the class named in
             ``_class_name`` is built). Its ``alphas_cumprod`` (read as float64) is the noise
             table; its ``prediction_type`` says what the unet predicts. A
-            ``FlowMatchEulerDiscreteScheduler`` has no table: its ``num_train_timesteps`` is
-            ``N`` of the transformer's timestep ``sigma N``. Nor have ``EDMEulerScheduler`` and
+            ``FlowMatchEulerDiscreteScheduler`` (or ``FlowMatchHeunDiscreteScheduler``) has
+            no table: its ``num_train_timesteps`` is ``N`` of the transformer's timestep
+            ``sigma N``. Nor have ``EDMEulerScheduler`` and
             ``EDMDPMSolverMultistepScheduler``: their ``sigma_data`` and ``prediction_type``
             (``epsilon`` or ``v_prediction``) make the denoiser. It is not modified.
         space: ``"vp"``, ``"edm"`` or ``"flow"``, the space of the ODE's state (see the module

@@ -12,6 +12,7 @@ makes them. ``diffusers_grid`` is importable from ``bdia.integrations.diffusers`
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 from typing import Any
@@ -139,11 +140,19 @@ def _flow_grid(sched: Any, num_inference_steps: int | None, mu: Any, sigmas: Any
             f"{name} config does not set (set_timesteps would ignore it); leave mu out"
         )
     fresh = copy.deepcopy(sched)
-    if sigmas is None:
-        fresh.set_timesteps(num_inference_steps, mu=mu)
-    else:
-        fresh.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
+    if sigmas is not None and "sigmas" not in inspect.signature(fresh.set_timesteps).parameters:
+        raise ValueError(
+            f"sigmas: {name}.set_timesteps takes no custom sigmas (only a step count); leave "
+            "them out"
+        )
+    # FlowMatchHeunDiscreteScheduler's set_timesteps takes neither mu nor sigmas.
+    passed = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
+    fresh.set_timesteps(num_inference_steps, **passed)
     made = [float(v) for v in torch.as_tensor(fresh.sigmas).detach().cpu().reshape(-1)]
+    if getattr(fresh, "order", 1) == 2:
+        # FlowMatchHeunDiscreteScheduler lists each sigma between the first and the final 0
+        # twice, the end of one Heun step and the start of the next: one grid point each.
+        made = made[:1] + made[1:-1:2] + made[-1:]
     ok = all(0.0 <= s <= 1.0 for s in made) and all(a > b for a, b in zip(made, made[1:]))
     if not ok or made[-1] != 0.0:
         shown = ", ".join(f"{s:.6g}" for s in made[:4]) + (", ..." if len(made) > 4 else "")
@@ -301,8 +310,10 @@ def diffusers_grid(
       sigmas, ``shift_terminal`` and dynamic shifting (with ``mu``) come as diffusers makes
       them. ``sigmas`` are the ones a pipeline passes to ``set_timesteps`` in place of the
       scheduler's own spacing (``FluxPipeline``: ``np.linspace(1.0, 1 / n, n)``), to be
-      shifted as diffusers shifts them.
-
+      shifted as diffusers shifts them. ``FlowMatchHeunDiscreteScheduler``'s distinct
+      ``sigmas`` (it lists each but the first and the final 0 twice), which are
+      ``FlowMatchEulerDiscreteScheduler``'s of the same ``shift``: its Heun steps go between
+      them and its last, an Euler step, to 0.
     - With ``denoising_end`` and/or ``denoising_start``: the part of that grid which
       ``StableDiffusionXLPipeline(denoising_end=f)`` (the base of SDXL's ensemble of expert
       denoisers) and ``StableDiffusionXLImg2ImgPipeline(denoising_start=f)`` (the refiner, on
@@ -345,10 +356,12 @@ def diffusers_grid(
             timestep. In flow space: ``use_dynamic_shifting`` without ``mu`` (or ``mu``
             without it), ``invert_sigmas``, ``stochastic_sampling``, and sigmas that do not
             decrease from at most 1 to 0; ``sigmas`` that are not finite numbers or not one
-            per step. ``sigmas`` outside flow space. For an EDM-preconditioned scheduler,
-            algorithm_type 'sde-dpmsolver++', a sigma_data that is not a positive finite
-            number, and sigmas that do not decrease (a sigma_min not below sigma_max) or leave
-            no step (EDMEulerScheduler's one step with final_sigmas_type 'sigma_min').
+            per step. ``sigmas`` outside flow space, or with a scheduler whose
+            ``set_timesteps`` takes none (``FlowMatchHeunDiscreteScheduler``). For an
+            EDM-preconditioned scheduler, algorithm_type 'sde-dpmsolver++', a sigma_data that
+            is not a positive finite number, and sigmas that do not decrease (a sigma_min not
+            below sigma_max) or leave no step (EDMEulerScheduler's one step with
+            final_sigmas_type 'sigma_min').
             ``denoising_start`` or ``denoising_end`` outside (0, 1), in flow space, with a
             scheduler that calls the unet more than once a step (Heun, KDPM2, PNDM: the
             pipelines' cut splits a step), or leaving no step; ``denoising_start`` not below
