@@ -7,7 +7,8 @@ guidance that cannot run and an LCM-distilled unet without its ``timestep_cond``
 have their own (its position ids ``txt_ids`` and ``img_ids``, 2-D and passed as they are,
 and its embedded ``guidance``), and so have an inpainting unet's and a Flux Fill
 transformer's (their ``mask`` and ``masked_image_latents``, extra input channels beside the
-latents) and FluxKontextPipeline's reference image (its ``image_latents``, extra tokens
+latents), a Flux Depth or Canny transformer's control image (its ``control_latents``, extra
+channels too) and FluxKontextPipeline's reference image (its ``image_latents``, extra tokens
 after the latents'). At each call, tensors
 of batch 1 are expanded to the state's batch, and under guidance stacked into the batch
 ``[unconditional, conditional]``; floating ones are cast to the unet's dtype once, when the
@@ -35,6 +36,12 @@ _CONTROL_KEYS = ("controlnet_cond", "conditioning_scale", "guess_mode", "control
 _INPAINT_KEYS = ("mask", "masked_image_latents")
 # The ODE's cond key of FluxKontextPipeline's reference image tokens (DiffusersModel.forward's).
 _KONTEXT_KEY = "image_latents"
+# The ODE's cond key of FluxControlPipeline's control image channels (DiffusersModel.forward's).
+_FLUX_CONTROL_KEY = "control_latents"
+_CONTROL_HOW = (
+    "packed as FluxControlPipeline makes them: the control image through its prepare_image, "
+    "encoded by the vae, shifted and scaled, then _pack_latents"
+)
 
 
 def _batched(value: Any, batch: int, where: str) -> Any:
@@ -192,7 +199,7 @@ def _check_cond(
             "cond key 'control_range' is set by the adapter from control_guidance_start and "
             "control_guidance_end; pass those (with num_inference_steps) instead"
         )
-    shared = _CONTROL_KEYS + _INPAINT_KEYS + (_KONTEXT_KEY,)
+    shared = _CONTROL_KEYS + _INPAINT_KEYS + (_KONTEXT_KEY, _FLUX_CONTROL_KEY)
     control = [k for k in (negative_cond or {}) if k in shared]
     if control:
         what = "the inpainting mask and masked image are"
@@ -200,6 +207,8 @@ def _check_cond(
             what = "the control image and its settings are"
         elif control[0] == _KONTEXT_KEY:
             what = "the reference image's latents are"
+        elif control[0] == _FLUX_CONTROL_KEY:
+            what = "the control image's latents are"
         raise ValueError(
             f"negative_cond has key {control[0]!r}: {what} shared by both branches of "
             "guidance, as the pipelines share them; leave it out of negative_cond"
@@ -421,21 +430,28 @@ def _fill_cond(
     latents, and the rest the packed mask (the VAE's factor squared, in 2 x 2 patches).
     Refused in one line: one without the other, a transformer without room for both given
     them (a text-to-image one, or a Depth or Canny one, whose extra channels are as many as
-    the latents'), one with extra channels given neither, and tensors that are not ``(batch
-    or 1, tokens, C)`` of one token count with those channels. The batch and the token count
-    are checked against the state at each call."""
+    the latents'), one with extra channels given neither (a Depth or Canny one is told of
+    ``control_latents``), and tensors that are not ``(batch or 1, tokens, C)`` of one token
+    count with those channels. The batch and the token count are checked against the state
+    at each call."""
     c_in, c_out, extra = _extra_channels(config)
     how = (
         "as FluxFillPipeline.prepare_mask_latents returns them (mask, masked_image_latents), packed"
     )
     if mask is None and masked_image_latents is None:
+        if extra and extra == c_out:
+            raise ValueError(
+                f"the transformer takes in_channels = {c_in} for out_channels = {c_out}: a Depth "
+                f"or Canny transformer (FluxControlPipeline's), whose {extra} extra input "
+                "channels are the control image's packed latents; pass control_latents= (batch "
+                f"or 1, tokens, {c_out}), {_CONTROL_HOW}"
+            )
         if extra:
             raise ValueError(
                 f"the transformer takes in_channels = {c_in} for out_channels = {c_out}: a Fill "
                 f"transformer (FluxFillPipeline's), whose {extra} extra input channels are the "
                 "masked image's packed latents and the packed mask; pass masked_image_latents= "
-                f"and mask=, {how} (a Depth or Canny transformer's control image latents are "
-                "not mapped)"
+                f"and mask=, {how}"
             )
         return {}
     _both_given(mask, masked_image_latents, how)
@@ -485,3 +501,47 @@ def _kontext_cond(config: Mapping[str, Any] | None, image_latents: Any) -> dict[
             f"give the image's latents {how}"
         )
     return {_KONTEXT_KEY: image_latents}
+
+
+def _flux_control_cond(
+    config: Mapping[str, Any] | None, control_latents: Any, **beside: Any
+) -> dict[str, Tensor]:
+    """The ODE's cond entry of a Flux Depth or Canny transformer's extra input channels,
+    checked against its config: ``control_latents``, the control image's packed latents.
+
+    FluxControlPipeline and FluxControlImg2ImgPipeline call their transformer
+    (FLUX.1-Depth-dev's and FLUX.1-Canny-dev's: ``in_channels = 128`` for ``out_channels =
+    64``) on ``torch.cat([latents, control_image], dim=2)`` of packed tokens: the control
+    image encoded by the VAE, shifted, scaled and packed as the latents are, as many channels
+    as theirs. Refused in one line: beside any of ``beside`` (the Fill transformer's mask
+    and masked image, Kontext's reference image: no pipeline gives both), for a transformer
+    whose extra channels are not as many as the latents' (a text-to-image or a Fill one),
+    and a tensor that is not ``(batch or 1, tokens, out_channels)``. The batch and the token
+    count are checked against the state at each call."""
+    given = [name for name, value in beside.items() if value is not None]
+    if given:
+        owner = "FluxKontextPipeline" if given[0] == _KONTEXT_KEY else "FluxFillPipeline"
+        raise ValueError(
+            f"control_latents (FluxControlPipeline's control image) were given beside "
+            f"{given[0]} ({owner}'s); no Flux pipeline gives its transformer both: give one"
+        )
+    c_in, c_out, extra = _extra_channels(config)
+    if extra is not None and extra != c_out:
+        has = "no extra input channels" if extra == 0 else f"{extra} extra input channels"
+        raise ValueError(
+            f"control_latents are a Depth or Canny transformer's extra input channels, as many "
+            f"as the latents', but this transformer takes in_channels = {c_in} for out_channels "
+            f"= {c_out}, {has}; give FluxControlPipeline's transformer (FLUX.1-Depth-dev's or "
+            "FLUX.1-Canny-dev's), or leave them out (a Fill transformer takes mask= and "
+            "masked_image_latents=)"
+        )
+    _check_tensors(
+        {_FLUX_CONTROL_KEY: control_latents}, 3, f"(batch or 1, tokens, C), {_CONTROL_HOW}"
+    )
+    if c_out is not None and control_latents.shape[2] != c_out:
+        raise ValueError(
+            f"control_latents has {control_latents.shape[2]} channels, but the transformer "
+            f"takes in_channels = {c_in} = {c_out} (latents) + {c_out} (control image latents); "
+            f"give the control image's latents {_CONTROL_HOW}"
+        )
+    return {_FLUX_CONTROL_KEY: control_latents}

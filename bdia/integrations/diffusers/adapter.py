@@ -22,8 +22,9 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   ``(batch, tokens, in_channels)`` at ``timestep = sigma N / 1000``, with ``txt_ids`` and
   ``img_ids`` and, for Flux.1-dev, the embedded ``guidance``. A Fill transformer
   (``FluxFillPipeline``'s) takes ``mask=`` and ``masked_image_latents=`` as extra channels of
-  those tokens, and ``FluxKontextPipeline``'s takes ``image_latents=``, a reference image's
-  tokens after the latents' (see below).
+  those tokens, a Depth or Canny one (``FluxControlPipeline``'s) ``control_latents=``, and
+  ``FluxKontextPipeline``'s takes ``image_latents=``, a reference image's tokens after the
+  latents' (see below).
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -47,7 +48,10 @@ gets ``x_in`` alone, as ``StableDiffusionControlNetInpaintPipeline`` and
 ``StableDiffusionXLControlNetInpaintPipeline`` call it. A Flux Fill
 transformer (``in_channels`` 384 for ``out_channels`` 64) takes them packed, after the
 latents' channels of each token and in the other order, ``torch.cat([x, masked_image_latents,
-mask], dim=2)``, as ``FluxFillPipeline`` makes it.
+mask], dim=2)``, as ``FluxFillPipeline`` makes it. A Depth or Canny transformer
+(``in_channels`` 128 for ``out_channels`` 64) takes ``control_latents=``, a control image's
+packed latents, after them the same way, ``torch.cat([x, control_latents], dim=2)``, as
+``FluxControlPipeline`` makes it: the control image is fixed over the run too.
 
 With ``image_latents=`` (a reference image's packed latents, ``FluxKontextPipeline``'s),
 every Flux call takes ``torch.cat([x, image_latents], dim=1)``, the image's tokens after the
@@ -82,6 +86,7 @@ from ._conditioning import (
     _check_guidance,
     _check_timestep_cond,
     _fill_cond,
+    _flux_control_cond,
     _flux_kwargs,
     _inpaint_cond,
     _kontext_cond,
@@ -174,10 +179,11 @@ class DiffusersModel(torch.nn.Module):
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
-    masked_image_latents=None, image_latents=None, **unet_kwargs)``: see there. An inpainting
-    unet or a Flux Fill transformer (``in_channels`` of its config more than the state's
-    channels) takes ``mask`` and ``masked_image_latents`` there; Flux Kontext's reference
-    image comes as ``image_latents``.
+    masked_image_latents=None, image_latents=None, control_latents=None, **unet_kwargs)``: see
+    there. An inpainting unet or a Flux Fill transformer (``in_channels`` of its config more
+    than the state's channels) takes ``mask`` and ``masked_image_latents`` there, a Flux
+    Depth or Canny transformer ``control_latents``; Flux Kontext's reference image comes as
+    ``image_latents``.
     """
 
     def __init__(
@@ -242,7 +248,8 @@ class DiffusersModel(torch.nn.Module):
         config = getattr(unet, "config", None)
         self.in_channels = config.get("in_channels") if isinstance(config, Mapping) else None
         # A Flux state's channels: out_channels (None: in_channels), fewer than in_channels
-        # for a Fill transformer, whose other input channels hold the mask and masked image.
+        # for a Fill transformer, whose other input channels hold the mask and masked image,
+        # and for a Depth or Canny one, whose other half holds the control image.
         out = config.get("out_channels") if isinstance(config, Mapping) else None
         self._packed_channels = out if isinstance(out, int) else self.in_channels
         self.controlnet = None
@@ -327,6 +334,7 @@ class DiffusersModel(torch.nn.Module):
         mask: Tensor | None = None,
         masked_image_latents: Tensor | None = None,
         image_latents: Tensor | None = None,
+        control_latents: Tensor | None = None,
         **unet_kwargs: Any,
     ) -> Tensor:
         """One unet call (one batch of twice the size under guidance), after one controlnet
@@ -389,6 +397,10 @@ class DiffusersModel(torch.nn.Module):
                 ``torch.cat([x_in, image_latents], dim=1)`` with ``img_ids`` of ``tokens +
                 image tokens`` rows, and its output's first ``tokens`` rows are the
                 prediction, as ``FluxKontextPipeline`` calls its transformer.
+            control_latents: Flux only, a Depth or Canny transformer's control image, packed
+                latents of shape ``(batch or 1, tokens, C)`` for a state of ``(batch, tokens,
+                C)``: each call takes ``torch.cat([x_in, control_latents], dim=2)``, as
+                ``FluxControlPipeline`` makes it (in both calls of true guidance).
             unet_kwargs: keyword arguments of the unet; tensors of batch 1 are expanded to
                 ``batch`` (Flux's ``txt_ids`` and ``img_ids`` excepted: they are passed as
                 they are, to both branches of guidance).
@@ -414,6 +426,8 @@ class DiffusersModel(torch.nn.Module):
         if self.flux:
             self._check_packed(x, unet_kwargs, image)
         extra = self._inpaint_channels(x, mask, masked_image_latents, batch)
+        if control_latents is not None:
+            extra = self._control_channels(x, control_latents, extra, batch)
         if not self.flux and self.in_channels is not None and extra is None:
             if x.ndim < 2 or x.shape[1] != self.in_channels:
                 raise ValueError(
@@ -548,6 +562,38 @@ class DiffusersModel(torch.nn.Module):
         if self.flux:  # FluxFillPipeline's order: the masked image's latents, then the mask
             parts.reverse()
         return torch.cat([_batched(value, batch, name) for name, value in parts], dim=dim)
+
+    def _control_channels(
+        self, x: Tensor, control_latents: Tensor, extra: Tensor | None, batch: int
+    ) -> Tensor:
+        """A Flux Depth or Canny transformer's control image latents of the state's batch,
+        the channels it takes after the packed state's (``extra``, a Fill mask's, must be
+        None). Checks them against the state and the transformer before any call."""
+        if not self.flux:
+            raise ValueError(
+                "control_latents are a Flux Depth or Canny transformer's input channels "
+                "(FluxControlPipeline's); this model's network is no Flux transformer"
+            )
+        if extra is not None:
+            raise ValueError(
+                "control_latents were given beside mask and masked_image_latents; a Flux "
+                "transformer takes a control image (FluxControlPipeline's) or a mask and masked "
+                "image (FluxFillPipeline's), not both"
+            )
+        if control_latents.ndim != 3 or control_latents.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"control_latents has shape {tuple(control_latents.shape)}, but the state has "
+                f"shape {tuple(x.shape)}: give it packed with the latents' tokens, as "
+                "FluxControlPipeline makes it for the latents' size"
+            )
+        channels = x.shape[2] + control_latents.shape[2]
+        if self.in_channels is not None and channels != self.in_channels:
+            raise ValueError(
+                f"the transformer takes in_channels = {self.in_channels}, but the state's "
+                f"{x.shape[2]} channels and control_latents' {control_latents.shape[2]} make "
+                f"{channels}"
+            )
+        return _batched(control_latents, batch, "control_latents")
 
     def _control_inputs(
         self,
@@ -702,10 +748,12 @@ class DiffusersModel(torch.nn.Module):
     ) -> Tensor:
         """The unet's prediction at ``x`` (with ``extra``, an inpainting unet's mask and
         masked image, concatenated after ``x`` along the channels, dim 1, or a Flux Fill
-        transformer's, dim 2; with ``image``, a reference image's tokens after ``x``'s, the
-        output cut to ``x``'s), of ``x``'s shape."""
+        transformer's, or a Depth or Canny one's control image latents, dim 2; with
+        ``image``, a reference image's tokens after ``x``'s, the output cut to ``x``'s), of
+        ``x``'s shape."""
         # In x's dtype, as the pipelines' mask, masked image and reference image (of the
-        # prompt embeddings' dtype) meet latents of that dtype.
+        # prompt embeddings' dtype) and control image (of the vae's, loaded alike) meet
+        # latents of that dtype.
         if self.space == "flow":
             hidden = x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=2)
             if image is not None:
@@ -759,6 +807,7 @@ def from_diffusers(
     mask: Tensor | None = None,
     masked_image_latents: Tensor | None = None,
     image_latents: Tensor | None = None,
+    control_latents: Tensor | None = None,
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
@@ -862,6 +911,16 @@ def from_diffusers(
             rows, as the pipeline does, and ``img_ids`` must hold ``tokens + image tokens``
             rows: ``torch.cat([latent_ids, image_ids])``, the pipeline's concatenation of the
             latents' positions and the image's (whose first column is 1).
+        control_latents: for a Flux Depth or Canny transformer (``FluxControlPipeline``'s and
+            ``FluxControlImg2ImgPipeline``'s, ``in_channels`` twice ``out_channels``: 128 for
+            64), the control image's packed latents, as the pipeline makes them: its
+            ``prepare_image(control_image, W, H, batch, 1, device, vae.dtype)`` encoded by the
+            vae (the pipeline draws a sample of the latent distribution with its generator),
+            shifted by ``shift_factor``, scaled by ``scaling_factor`` and packed by
+            ``_pack_latents``; shape ``(batch or 1, tokens, out_channels)``, cast to
+            ``model_dtype``. Every call then takes ``torch.cat([x, control_latents], dim=2)``
+            for the packed latents ``x``, as the pipeline does. Needed with (and only with)
+            such a transformer.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -888,7 +947,8 @@ def from_diffusers(
         ``negative_cond`` included; with a controlnet, ``controlnet_cond``,
         ``conditioning_scale``, ``guess_mode`` and, where it is switched, the times of
         ``control_range``; with an inpainting unet or a Flux Fill transformer, ``mask`` and
-        ``masked_image_latents``; for Kontext, ``image_latents``). Sample it on
+        ``masked_image_latents``; for a Flux Depth or Canny transformer, ``control_latents``;
+        for Kontext, ``image_latents``). Sample it on
         ``diffusers_grid(scheduler, steps)`` with any bdia solver, or invert it with BDIA.
 
     Raises:
@@ -916,12 +976,16 @@ def from_diffusers(
             and floating, of two token counts, or of other channels than ``out_channels``
             (the masked image) and ``in_channels - 2 out_channels`` (the mask). For Kontext:
             ``image_latents`` that are not 3-D and floating or not of ``in_channels``, given
-            beside ``mask``, or for any network but Flux's transformer. At the first
+            beside ``mask``, or for any network but Flux's transformer. For a Depth or Canny
+            transformer (``in_channels`` twice ``out_channels``): no ``control_latents``; them
+            for any network but Flux's transformer, for a transformer of other extra channels
+            (a text-to-image or Fill one), beside ``mask``, ``masked_image_latents`` or
+            ``image_latents``, or not a 3-D floating tensor of ``out_channels``. At the first
             evaluation, before the call: a state that is not packed latents
             ``(batch, tokens, out_channels)`` or not of ``img_ids``' token count (with
-            ``image_latents``, the state's and the image's together); a mask, masked image or
-            reference image whose batch is neither 1 nor the state's, or a mask or masked
-            image of another token count. With a
+            ``image_latents``, the state's and the image's together); a mask, masked image,
+            control image or reference image whose batch is neither 1 nor the state's, or a
+            mask, masked image or control image of another token count. With a
             controlnet: one of another class than ``ControlNetModel`` (a list or
             ``MultiControlNetModel`` of them), made for another unet (its ``in_channels``,
             ``cross_attention_dim`` or ``block_out_channels``; beside an inpainting unet's
@@ -946,8 +1010,8 @@ def from_diffusers(
             latents'.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale or bound that is not a number, a
-            ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents`` or
-            ``image_latents`` that is not a tensor.
+            ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents``,
+            ``image_latents`` or ``control_latents`` that is not a tensor.
     """
     if not callable(unet):
         raise TypeError(f"unet must be callable (a diffusers UNet), got {type(unet).__name__}")
@@ -978,8 +1042,22 @@ def from_diffusers(
     learned_variance = False
     unet_config = getattr(unet, "config", None)
     inpaint: dict[str, Any] = {}
+    if control_latents is not None and not flux:
+        raise ValueError(
+            "control_latents are a control image's channels for a Flux Depth or Canny "
+            "transformer (FluxControlPipeline's); this network is no FluxTransformer2DModel "
+            "under a flow-matching scheduler"
+        )
     if space != "flow":
         inpaint = _inpaint_cond(unet_config, mask, masked_image_latents)
+    elif control_latents is not None:
+        inpaint = _flux_control_cond(
+            unet_config,
+            control_latents,
+            mask=mask,
+            masked_image_latents=masked_image_latents,
+            image_latents=image_latents,
+        )
     elif flux:
         inpaint = _fill_cond(unet_config, mask, masked_image_latents)
     elif mask is not None or masked_image_latents is not None:

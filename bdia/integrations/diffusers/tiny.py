@@ -6,8 +6,9 @@ Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel`
 or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
 (``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines,
 ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
-vocabulary written locally, ``FluxFillPipeline`` and ``FluxKontextPipeline``, the inpainting
-pipelines of Stable Diffusion and SDXL, and their ControlNet inpainting pipelines), a
+vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
+``FluxKontextPipeline``, the inpainting pipelines of Stable Diffusion and SDXL, and their
+ControlNet inpainting pipelines), a
 few thousand weights each: for tests and for checking plumbing and exactness, which do not
 depend on the weights. A random network is no denoiser, so what they sample is not an image
 of anything.
@@ -37,6 +38,7 @@ __all__ = [
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
     "tiny_flux_fill_pipeline",
+    "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
@@ -519,13 +521,40 @@ def tiny_flux_fill_pipeline(
     patches of 2 x 2), as FLUX.1-Fill-dev's takes 64 + 64 + 256 = 384. 16 x 16 RGB images and
     1-channel masks; ``scheduler`` defaults to Flux.1-dev's. Float32; the progress bar is
     off."""
+    return _tiny_flux_with(
+        diffusers.FluxFillPipeline, folder, scheduler, guidance_embeds, in_channels=48
+    )
+
+
+def tiny_flux_control_pipeline(
+    folder: str | Path, scheduler: Any = None, *, guidance_embeds: bool = True
+) -> Any:
+    """A ``FluxControlPipeline`` of ``tiny_flux_pipeline``'s parts with a Depth- or
+    Canny-style transformer: ``tiny_flux_transformer`` with ``in_channels=32`` and
+    ``out_channels=16`` (seed 0), which the pipeline calls on the packed latents (16 channels)
+    followed along the channels by the packed latents of its control image (16), as
+    FLUX.1-Depth-dev's and FLUX.1-Canny-dev's take 64 + 64 = 128. 16 x 16 RGB images and
+    control images; ``scheduler`` defaults to Flux.1-dev's. Float32; the progress bar is
+    off. ``diffusers.FluxControlImg2ImgPipeline(**pipe.components)`` is its img2img
+    sibling."""
+    return _tiny_flux_with(
+        diffusers.FluxControlPipeline, folder, scheduler, guidance_embeds, in_channels=32
+    )
+
+
+def _tiny_flux_with(
+    pipeline: Any, folder: str | Path, scheduler: Any, guidance_embeds: bool, in_channels: int
+) -> Any:
+    """``pipeline`` (a Flux pipeline class without an IP-Adapter's parts) of
+    ``tiny_flux_pipeline``'s parts with ``tiny_flux_transformer`` of ``in_channels`` for the
+    packed latents' 16 (seed 0); the progress bar off."""
     parts = dict(tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds).components)
-    for name in ("image_encoder", "feature_extractor"):  # an IP-Adapter's, which Fill lacks
+    for name in ("image_encoder", "feature_extractor"):
         parts.pop(name, None)
     parts["transformer"] = tiny_flux_transformer(
-        guidance_embeds=guidance_embeds, in_channels=48, out_channels=16
+        guidance_embeds=guidance_embeds, in_channels=in_channels, out_channels=16
     )
-    pipe = diffusers.FluxFillPipeline(**parts)
+    pipe = pipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
