@@ -1694,8 +1694,8 @@ def test_flux_inputs_that_cannot_run_are_refused_in_one_line(
         kwargs["mu"] = 0.5
     elif kind == "zero steps":
         kwargs["num_inference_steps"] = 0
-    elif kind == "fill":  # FluxFillPipeline's: the masked image's channels beside the latents
-        pipe.transformer = tiny_flux_transformer(in_channels=32, out_channels=16)
+    elif kind == "fill":  # extra channels, neither a Fill mask's nor a Depth control image's
+        pipe.transformer = tiny_flux_transformer(in_channels=24, out_channels=16)
     elif kind == "one tensor":
         source = _flux_embeds(pipe, SOURCE)[0]
     elif kind == "pooled dim":

@@ -397,19 +397,20 @@ def test_edit_image_conditions_as_the_fill_pipeline_prepares_its_mask(tmp_path, 
 def test_edit_image_refuses_what_a_fill_pipeline_cannot_take_before_any_network(tmp_path):
     """One line each, before any network runs: a Fill pipeline without mask_image, a mask
     for FluxPipeline (its transformer takes the packed latents alone), and a Flux transformer
-    of other extra channels than Fill's (a Depth or Canny one: twice the packed latents)."""
+    of 8 extra channels: neither Fill's 32 nor a Depth or Canny one's 16 (the packed
+    latents')."""
     fill = tiny_flux_fill_pipeline(tmp_path)
     parts = dict(fill.components)
     plain = diffusers.FluxPipeline(**{**parts, "transformer": tiny_flux_transformer()})
-    depth = diffusers.FluxPipeline(
-        **{**parts, "transformer": tiny_flux_transformer(in_channels=32, out_channels=16)}
+    other = diffusers.FluxPipeline(
+        **{**parts, "transformer": tiny_flux_transformer(in_channels=24, out_channels=16)}
     )
     image, mask_image = _images()
-    calls = [Counter(p.transformer) for p in (fill, plain, depth)] + [Counter(fill.text_encoder)]
+    calls = [Counter(p.transformer) for p in (fill, plain, other)] + [Counter(fill.text_encoder)]
     for pipe, mask, field in (
         (fill, None, "give mask_image"),
         (plain, mask_image, "a Fill transformer takes 48"),
-        (depth, None, "or a Fill one of 48"),
+        (other, None, "a Fill one of 48"),
     ):
         with pytest.raises(ValueError) as exc_info:
             edit_image(pipe, image * 2 - 1, PROMPT, "a dog", num_inference_steps=2, mask_image=mask)

@@ -17,6 +17,8 @@ ControlNet inpainting pipelines of Stable Diffusion and SDXL, both at once (thei
 ``prepare_control_image`` makes the control image; the controlnet gets the latents alone,
 the unet all 9 channels), or
 ``FluxFillPipeline`` (the same as a 9-channel unet, packed, for its Fill transformer) or
+``FluxControlPipeline`` (with ``prepare_image``, given ``control_image``: both ODEs give its
+Depth or Canny transformer the control image's packed latents as extra input channels) or
 ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
 itself as the reference image it edits) and:
 
@@ -655,18 +657,21 @@ def _fill_channels(pipe: Any, vae: Any) -> int:
 
 
 def _flux_image_probe_cond(
-    config: Mapping[str, Any], latent_size: tuple[int, int], fill: bool
+    config: Mapping[str, Any], latent_size: tuple[int, int], kind: str
 ) -> dict[str, Tensor]:
     """Stand-ins of the packed latents' tokens for a Fill transformer's mask and masked image
-    latents (``fill``) or Kontext's reference image latents, for ``from_diffusers``' checks
-    in the probe, which is never evaluated."""
+    latents (``kind`` "fill"), a Depth or Canny one's control image latents ("control") or
+    Kontext's reference image latents ("kontext"), for ``from_diffusers``' checks in the
+    probe, which is never evaluated."""
     tokens = (latent_size[0] // _FLUX_PACKING) * (latent_size[1] // _FLUX_PACKING)
     c_in, c_out = config["in_channels"], config.get("out_channels") or config["in_channels"]
-    if fill:
+    if kind == "fill":
         return {
             "mask": torch.zeros(1, tokens, c_in - 2 * c_out),
             "masked_image_latents": torch.zeros(1, tokens, c_out),
         }
+    if kind == "control":
+        return {"control_latents": torch.zeros(1, tokens, c_out)}
     return {"image_latents": torch.zeros(1, tokens, c_in)}
 
 
@@ -687,6 +692,51 @@ def _fill_kwargs(
         condition, latents, batch, vae.config.latent_channels, 1, height, width, dtype, device, None
     )
     return {"mask": mask, "masked_image_latents": masked_latents}
+
+
+def _flux_control_image(
+    pipe: Any, control_image: Any, shape: Sequence[int], device: torch.device
+) -> Tensor:
+    """FluxControlPipeline's control image for the images ``shape`` = (batch, 3, H, W): its
+    ``prepare_image`` (a PIL image or list resized to H x W and mapped to [-1, 1] by its
+    ``image_processor``, a tensor taken as it is; one repeated to the batch), in the VAE's
+    dtype. Refuses, before any network runs, a tensor the VAE cannot take as the image's
+    and a batch that is neither 1 nor the image's."""
+    _part(pipe, "prepare_image", "to prepare the control image as FluxControlPipeline does")
+    batch, _, height, width = shape
+    if isinstance(control_image, Tensor) and not (
+        control_image.ndim == 4
+        and control_image.shape[1] == 3
+        and tuple(control_image.shape[2:]) == (height, width)
+        and control_image.is_floating_point()
+        and control_image.numel() > 0
+        and bool(torch.isfinite(control_image).all())
+        and float(control_image.abs().max()) <= 1.0
+    ):
+        raise ValueError(
+            f"control_image as a tensor goes to the vae as it is (FluxControlPipeline's "
+            f"prepare_image does not process tensors): give shape (1 or {batch}, 3, {height}, "
+            f"{width}), the image's size, floating and finite in [-1, 1] (from [0, 1]: "
+            f"image * 2 - 1), got a {control_image.dtype} tensor of shape "
+            f"{tuple(control_image.shape)}"
+        )
+    vae = pipe.vae
+    made = pipe.prepare_image(control_image, width, height, batch, 1, device, vae.dtype)
+    if made.shape[0] != batch:
+        raise ValueError(
+            f"control_image holds {made.shape[0]} images for {batch} images to edit; give 1 "
+            f"(shared) or {batch}"
+        )
+    return made
+
+
+def _flux_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
+    """``from_diffusers``' ``control_latents`` of the prepared control image ``control`` (B,
+    3, H, W), as FluxControlPipeline encodes it but with the *mean* of the VAE's latent
+    distribution where the pipeline draws a sample: shifted by ``shift_factor``, scaled by
+    ``scaling_factor`` and packed by its ``_pack_latents``, in the VAE's dtype."""
+    latents = (_mean(vae, control) - vae.config.shift_factor) * vae.config.scaling_factor
+    return pipe._pack_latents(latents, *latents.shape)
 
 
 def _kontext_kwargs(
@@ -1069,7 +1119,9 @@ def edit_image(
             ``_unpack_latents`` before decoding), as FluxImg2ImgPipeline encodes and
             FluxPipeline decodes. A ``FluxFillPipeline`` (a Fill transformer, whose
             ``in_channels`` are twice the packed latents' and the packed mask's) takes
-            ``mask_image``; a ``FluxKontextPipeline`` (by its class) conditions both ODEs on
+            ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
+            ``in_channels`` are twice the packed latents') takes ``control_image``; a
+            ``FluxKontextPipeline`` (by its class) conditions both ODEs on
             the image itself, as its ``image``: the image's packed latents and ids from its
             ``prepare_latents`` (the mode of the VAE's distribution, its mean, as the
             pipeline encodes it) as ``from_diffusers``' ``image_latents`` and ``img_ids``.
@@ -1148,7 +1200,16 @@ def edit_image(
             ``MultiControlNetModel``. Both ODEs (the inversion's and the edit's) are
             conditioned on it, through
             ``from_diffusers(controlnet=pipe.controlnet, controlnet_cond=...)``. Needed with
-            a controlnet, refused without.
+            a controlnet, refused without. For a ``FluxControlPipeline`` (or its img2img
+            sibling: a Depth or Canny transformer), the depth map or edge image that guides
+            the transformer, as the pipeline's ``control_image``: a PIL image or a list of
+            them, resized to the image's size and mapped to [-1, 1] by the pipeline's
+            ``prepare_image``, or a tensor of shape ``(1 or batch, 3, H, W)`` in [-1, 1],
+            which ``prepare_image`` passes on as it is; one per image to edit, or one for
+            all. It is encoded to the *mean* of the VAE's latent distribution (the pipeline
+            draws a sample with its generator; the mean makes the edit deterministic),
+            shifted, scaled and packed as the pipeline does, and both ODEs take it as
+            ``from_diffusers``' ``control_latents``. Needed with such a transformer.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
             all), as the pipeline's.
         guess_mode: the pipeline's guess mode.
@@ -1196,7 +1257,7 @@ def edit_image(
             the patch size, for Flux times 2, or more patches than the transformer embeds), or
             outside [-1, 1]; a pipeline with neither a unet nor an SD3 or Flux transformer; a
             VAE whose latent channels are not the network's (for Flux, four times them, the
-            packed channels, or a Fill transformer's: Depth and Canny ones are refused);
+            packed channels, a Fill transformer's or a Depth or Canny one's);
             ``guidance`` for a network
             without a guidance embedding, or not a finite number; a unet that needs added
             conditioning of images or hints (``addition_embed_type`` other than ``"text"``
@@ -1215,6 +1276,10 @@ def edit_image(
             batch than 1 and the image's, a controlnet whose control images are not the
             VAE's factor times the latents' size, and whatever ``from_diffusers`` refuses in
             the ControlNet settings.
+            A Flux Depth or Canny transformer without ``control_image``, in a pipeline
+            without ``prepare_image``, or with a tensor control image that is not of shape
+            ``(1 or batch, 3, H, W)``, floating and in [-1, 1], or control images of another
+            batch than 1 and the image's.
             An inpainting unet or a Flux Fill transformer without ``mask_image``, a
             ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
             included, whose pipeline blends the
@@ -1258,7 +1323,7 @@ def edit_image(
     # An inpainting unet takes the mask and the masked image's latents beside the latents.
     latent = vae.config.latent_channels
     inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
-    fill = kontext = False
+    fill = kontext = flux_control = False
     if flux:
         for name in _FLUX_METHODS:
             _part(pipe, name, "to pack the latents into the tokens a Flux transformer takes")
@@ -1271,16 +1336,21 @@ def edit_image(
             fill_channels,
             packed,
         )
+        # A Depth or Canny transformer takes a control image's packed latents too.
+        flux_control = (unet_config.get("in_channels"), unet_config.get("out_channels")) == (
+            2 * packed,
+            packed,
+        )
         kontext = _KONTEXT in _class_names(pipe)
         if kontext:
             _part(pipe, "prepare_latents", "to encode the reference image as the pipeline does")
-        if unet_config.get("in_channels") != packed and not fill:
+        if unet_config.get("in_channels") != packed and not (fill or flux_control):
             raise ValueError(
                 f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
                 f"vae's latent_channels = {vae.config.latent_channels} packed in 2 x 2 patches "
                 f"make {packed}; edit_image needs a text-to-image Flux transformer of the vae's "
-                f"latents, or a Fill one of {fill_channels} (the masked image's and the mask's "
-                "besides), not a Depth or Canny one, whose extra channels hold a control image"
+                f"latents, a Fill one of {fill_channels} (the masked image's and the mask's "
+                f"besides) or a Depth or Canny one of {2 * packed} (a control image's besides)"
             )
     elif unet_config.get("in_channels") != vae.config.latent_channels and not inpaint:
         raise ValueError(
@@ -1426,10 +1496,22 @@ def edit_image(
         control_guidance_start=control_guidance_start,
         control_guidance_end=control_guidance_end,
     )
+    control_pixels = None
+    if flux_control:
+        if control_image is None:
+            raise ValueError(
+                f"the pipeline's transformer is a Depth or Canny one (in_channels = "
+                f"{unet_config.get('in_channels')}: the packed latents and a control image's); "
+                "give control_image, the depth map or edge image that guides it, as "
+                "FluxControlPipeline's control_image"
+            )
+        control_pixels = _flux_control_image(pipe, control_image, pixels.shape, device)
     channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
     if model == "unet" and not inpaint:
         channels += ", the vae's latents alone"
-    if flux and not fill:
+    if flux_control:
+        channels += f", the packed latents and a control image's (a Fill one takes {fill_channels})"
+    elif flux and not fill:
         channels += f", the packed latents alone (a Fill transformer takes {fill_channels})"
     if fill and mask_image is None:
         raise ValueError(
@@ -1438,10 +1520,11 @@ def edit_image(
             "where the edit may repaint, as FluxFillPipeline's mask_image"
         )
     condition = _mask_condition(pipe, mask_image, inpaint or fill, channels, pixels.shape)
+    # A Flux Depth or Canny transformer's control image is no controlnet's.
     control = _control_kwargs(
         pipe,
         model,
-        control_image,
+        None if flux_control else control_image,
         control_settings,
         num_inference_steps,
         pixels.shape,
@@ -1457,8 +1540,9 @@ def edit_image(
     if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
         probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
         probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
-    if fill or kontext:
-        probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, fill))
+    if fill or kontext or flux_control:
+        layout = "fill" if fill else "control" if flux_control else "kontext"
+        probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
@@ -1525,6 +1609,8 @@ def edit_image(
                     pipe, vae, condition, pixels, embed_dtype or torch.float32, xl, device
                 )
             )
+        if control_pixels is not None:
+            shared["control_latents"] = _flux_control_latents(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
             shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
 
