@@ -186,6 +186,20 @@ if not pathlib.Path("flux_fill").is_dir():
     + _BENCH
 )
 
+# A tiny random Flux Canny-style pipeline ("flux_control": a transformer of 32 input
+# channels for 16) and a 16 x 16 edge map.
+_FLUX_CONTROL_FOLDER = """
+import pathlib
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_flux_control_pipeline
+if not pathlib.Path("flux_control").is_dir():
+    pathlib.Path("flux_control").mkdir()
+    tiny_flux_control_pipeline("flux_control").save_pretrained("flux_control")
+edges = Image.new("RGB", (16, 16), (0, 0, 0))
+edges.paste((255, 255, 255), (4, 4, 12, 6))
+edges.save("bench_edges.png")
+"""
+
 # A tiny random Flux Kontext pipeline ("flux_kontext": the tiny Flux parts) and a 16 x 16
 # photo.
 _FLUX_KONTEXT_FOLDER = """
@@ -296,6 +310,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _CONTROLNET_FOLDER,
     ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): _INPAINT_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): _FLUX_FILL_FOLDER,
+    ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _FLUX_CONTROL_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _FLUX_KONTEXT_FOLDER,
     # edit_image's ControlNet example takes the reader's ControlNet pipeline: a tiny one.
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): """
@@ -485,6 +500,9 @@ LOCAL = {
         ('device = "cuda"', 'device = "cpu"'),
         ("height = width = 1024", "height = width = 16"),
     ],
+    ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): [
+        ('"/models/FLUX.1-Canny-dev"', '"flux_control"'),
+    ],
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): [
         ('"/models/FLUX.1-Kontext-dev"', '"flux_kontext"'),
     ],
@@ -650,6 +668,16 @@ def _flux_fill_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _flux_control_inverted(ns):
+    # The control image's packed latents "(1, 4096, 64)" (here (1, 16, 16): 16 tokens of the
+    # 4 latent channels in 2 x 2 patches) in the transformer's dtype, and "back.earlier is
+    # noise, to rounding" (measured: 0).
+    cond, noise = ns["ode"].cond, ns["noise"]
+    assert cond["control_latents"].shape == noise.shape == (1, 16, 16)
+    assert cond["control_latents"].dtype == torch.bfloat16
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _flux_kontext_inverted(ns):
     # The reference image's packed latents "(1, 4096, 64)" (here (1, 16, 16)), img_ids
     # "(8192, 3)" (here 32 rows: the latents' 16, then the image's, whose first column is 1),
@@ -720,6 +748,7 @@ AFTER = {
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): _edit_round_trip,
     ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): _flux_fill_inverted,
+    ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _flux_control_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _flux_kontext_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
