@@ -396,7 +396,7 @@ def test_edit_image_refuses_what_a_control_pipeline_cannot_take_before_any_netwo
     a tensor control image not at the image's size or outside [-1, 1] (the pipeline's
     prepare_image passes tensors to the VAE as they are); a FluxPipeline holding a
     Depth/Canny transformer (it has no prepare_image); and a control image for a Fill
-    pipeline."""
+    pipeline given its mask (without one, the missing mask is reported first)."""
     control_pipe = tiny_flux_control_pipeline(tmp_path)
     plain = diffusers.FluxPipeline(**control_pipe.components)
     fill = tiny_flux_fill_pipeline(tmp_path)
@@ -413,7 +413,7 @@ def test_edit_image_refuses_what_a_control_pipeline_cannot_take_before_any_netwo
         (control_pipe, dict(control_image=control[..., :8]), "(1 or 2, 3, 16, 16)"),
         (control_pipe, dict(control_image=control + 2), "in [-1, 1]"),
         (plain, dict(control_image=control), "no prepare_image"),
-        (fill, dict(control_image=control), "control_image was given"),
+        (fill, dict(control_image=control, mask_image=mask_image), "control_image was given"),
     ):
         with pytest.raises(ValueError) as exc_info:
             edit_image(pipe, image, PROMPT, "a dog", num_inference_steps=2, **kwargs)
