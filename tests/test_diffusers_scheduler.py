@@ -663,7 +663,7 @@ def test_bad_config_is_refused_in_one_line(kwargs, match):
 @pytest.mark.parametrize(
     "source,match",
     [
-        (dict(use_flow_sigmas=True, flow_shift=3.0), "use_flow_sigmas = True"),
+        (dict(use_flow_sigmas=True, flow_shift=3.0), "use_flow_sigmas = True.*integer part"),
         (dict(interpolation_type="log_linear"), "interpolation_type = 'log_linear'"),
         (dict(final_sigmas_type="denoised"), "final_sigmas_type = 'denoised'"),
     ],

@@ -839,8 +839,8 @@ def run_page(page: str) -> list[str]:
     return checked
 
 
-# With the slow tests: the gradients page optimises through 35-step samplers (about 25 s),
-# the diffusers page builds, saves and runs five tiny pipelines (about 15 s).
+# With the slow tests: the gradients page optimises through 35-step samplers (about 16 s),
+# the diffusers page builds, saves and runs a tiny pipeline per family it shows (about 21 s).
 _SLOW_PAGES = {"docs/gradients.md", "docs/diffusers.md"}
 
 

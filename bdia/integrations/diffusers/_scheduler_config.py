@@ -200,8 +200,10 @@ def _check_schedule_config(scheduler: Any, space: str) -> None:
         )
     if cfg.get("use_flow_sigmas", False):
         raise ValueError(
-            "use_flow_sigmas = True in the scheduler config is a flow-matching schedule, not a "
-            "noise table of alphas_cumprod; bdia's diffusers adapter does not support it"
+            "use_flow_sigmas = True in the scheduler config is a flow-matching schedule that "
+            "calls the transformer at the integer part of sigma N, not at sigma N as the flow "
+            "ODE does, so no bdia run is the scheduler's; bdia's diffusers adapter does not "
+            "support it"
         )
     final = cfg.get("final_sigmas_type", "zero")
     if final not in ("zero", "sigma_min"):
