@@ -63,6 +63,18 @@ def float64_text_encoders(pipe: Any) -> Any:
     return pipe
 
 
+def float64_pipeline(pipe: Any) -> Any:
+    """``pipe`` in float64 as a whole: its networks, its CLIP text encoders' calls (see
+    ``float64_text_encoders``) and its DDIM-type scheduler's noise tables (diffusers keeps
+    them in float32, and its step reads them as they are); returns ``pipe``."""
+    pipe = pipe.to(torch.float64)
+    float64_text_encoders(pipe)
+    scheduler = pipe.scheduler
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    return pipe
+
+
 def benchmark_module(name: str) -> Any:
     """``benchmarks/NAME.py`` imported as a module (benchmarks/ is not a package), once."""
     # Run as `python benchmarks/NAME.py`, a script finds its neighbours on sys.path

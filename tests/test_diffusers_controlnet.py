@@ -18,7 +18,7 @@ import copy
 import diffusers
 import pytest
 import torch
-from conftest import Counter, assert_ddim_run_is_bdia_sample, float64_text_encoders
+from conftest import Counter, assert_ddim_run_is_bdia_sample, float64_pipeline
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -89,10 +89,12 @@ def _branches(pipe, xl, prompt=PROMPT):
     return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative}
 
 
-def _ode(pipe, xl, images, scale, guess, start, end, guidance=GUIDANCE):
-    """from_diffusers of the pipeline's unet and controlnet under the pipeline's settings."""
+def _ode(pipe, xl, images, scale, guess, start, end, guidance=GUIDANCE, strength=1.0):
+    """from_diffusers of the pipeline's unet and controlnet under the pipeline's settings
+    (``strength``: an img2img pipeline's, by which it counts the switch)."""
     cond, negative = _branches(pipe, xl)
     multi = len(images) > 1
+    switched = _switched(start, end)
     return from_diffusers(
         pipe.unet,
         pipe.scheduler,
@@ -102,7 +104,8 @@ def _ode(pipe, xl, images, scale, guess, start, end, guidance=GUIDANCE):
         guess_mode=guess,
         control_guidance_start=start,
         control_guidance_end=end,
-        num_inference_steps=STEPS if _switched(start, end) else None,
+        num_inference_steps=STEPS if switched else None,
+        strength=strength if switched else 1.0,
         guidance_scale=guidance,
         negative_cond=negative,
         **cond,
@@ -150,12 +153,7 @@ def test_ddim_is_the_controlnet_pipeline_to_float64_rounding(
     float64 rounding of two ways of writing DDIM's step). A controlnet called on another
     batch, with another image, scale or prompt, or switched at another step would be off by
     O(1)."""
-    pipe = tiny_controlnet_pipeline(tmp_path, xl=xl, controlnets=controlnets).to(torch.float64)
-    float64_text_encoders(pipe)
-    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
-    pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
-        pipe.scheduler.final_alpha_cumprod
-    ).double()
+    pipe = float64_pipeline(tiny_controlnet_pipeline(tmp_path, xl=xl, controlnets=controlnets))
     images, noise = _control(controlnets), _noise(torch.float64)
     theirs = _run(pipe, images, noise, scale, guess, start, end)
     with torch.no_grad():

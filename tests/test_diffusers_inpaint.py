@@ -24,7 +24,7 @@ import torch
 from conftest import (
     Counter,
     assert_ddim_run_is_bdia_sample,
-    float64_text_encoders,
+    float64_pipeline,
     record_step_samples,
     untouched,
 )
@@ -134,12 +134,7 @@ def test_ddim_is_the_inpaint_pipeline_to_float64_rounding(tmp_path, xl):
     (measured: up to 8.3e-16, float64 rounding of two ways of writing DDIM's step; 4.5e-7 to
     4.9e-7 in float32). A mask or masked image left out, undoubled or of another region would
     be off by O(1)."""
-    pipe = tiny_inpaint_pipeline(tmp_path, xl=xl).to(torch.float64)
-    float64_text_encoders(pipe)
-    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
-    pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
-        pipe.scheduler.final_alpha_cumprod
-    ).double()
+    pipe = float64_pipeline(tiny_inpaint_pipeline(tmp_path, xl=xl))
     image, mask_image, masked, noise = _inputs(torch.float64)
     theirs = _run(pipe, image, mask_image, masked, noise)
     with torch.no_grad():
@@ -531,12 +526,7 @@ def test_ddim_is_the_controlnet_inpaint_pipeline_to_rounding(tmp_path, kind, gue
     ids in the unconditional branch would be off by O(1)."""
     pipe = _control_inpaint_pipeline(tmp_path, kind)
     if dtype == torch.float64:
-        pipe = pipe.to(torch.float64)
-        float64_text_encoders(pipe)
-        pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()
-        pipe.scheduler.final_alpha_cumprod = torch.as_tensor(
-            pipe.scheduler.final_alpha_cumprod
-        ).double()
+        pipe = float64_pipeline(pipe)
     image, mask_image, _, noise = _inputs(dtype)
     control = _control_image()
     theirs = _control_inpaint_run(pipe, image, mask_image, control, noise, guess)

@@ -127,25 +127,46 @@ def _control_images(value: Any, nets: list[Any], multi: bool) -> list[Tensor]:
     return images
 
 
+def _first_entry(sched: Any, steps: int, strength: float) -> int:
+    """The entry of the scheduler's ``n`` timesteps at which a pipeline run at ``strength``
+    starts, as the img2img and inpainting pipelines' ``get_timesteps`` finds it: it runs the
+    last ``int(steps * strength)`` of the ``steps`` steps, from entry ``t_start * order``."""
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise ValueError(
+            f"strength = {strength} of num_inference_steps = {steps} leaves no step "
+            f"(int({steps} * {strength}) = 0), which the pipelines refuse too; raise either"
+        )
+    return (steps - kept) * int(getattr(sched, "order", 1))
+
+
 def _control_ranges(
-    sched: Any, space: str, steps: Any, starts: list[float], ends: list[float]
+    sched: Any,
+    space: str,
+    steps: Any,
+    starts: list[float],
+    ends: list[float],
+    strength: float = 1.0,
 ) -> list[tuple[float, float]]:
     """Each controlnet's ``control_guidance_start`` and ``control_guidance_end`` as the
     closed interval of ODE times, ``(lo, hi)``, on which the ControlNet pipelines call it.
 
     The pipelines keep controlnet k at entry i of the scheduler's n ``timesteps`` when ``i /
-    n >= start`` and ``(i + 1) / n <= end``: a run of entries. Each entry's unet call is at a
-    time of ``diffusers_grid`` (the j-th distinct noise level is the grid's j-th time; a
-    scheduler that calls the unet twice at one level, Heun, PNDM, has it twice), and the run's
-    first and last entries' times bound the interval; a run that reaches the first (last)
-    entry reaches past the grid's start (end). An empty run is the empty interval ``(inf,
-    -inf)``. Refused where the pipeline switches between two calls at one time."""
+    n >= start`` and ``(i + 1) / n <= end``: a run of entries. With ``strength`` < 1 (the
+    img2img and inpainting pipelines') they run the entries from ``_first_entry`` on, and
+    count i and n over those alone. Each entry's unet call is at a time of
+    ``diffusers_grid`` (the j-th distinct noise level is the grid's j-th time; a scheduler
+    that calls the unet twice at one level, Heun, PNDM, has it twice), and the run's first
+    and last entries' times bound the interval; a run that reaches the first entry run (the
+    last entry) reaches past the grid's start (end). An empty run is the empty interval
+    ``(inf, -inf)``. Refused where the pipeline switches between two calls at one time."""
     steps = check_steps(steps, "num_inference_steps")
     ts = [float(v) for v in diffusers_grid(sched, steps, space=space)]
     fresh = copy.deepcopy(sched)
     fresh.set_timesteps(steps)
     taus = [float(v) for v in torch.as_tensor(fresh.timesteps).reshape(-1)]
     n = len(taus)
+    first = _first_entry(fresh, steps, strength)
     # The noise level of each call: the scheduler's sigmas where it has them (its timesteps
     # may repeat where its sigmas do not), else its timesteps.
     sigmas = getattr(fresh, "sigmas", None)
@@ -166,9 +187,14 @@ def _control_ranges(
             "them at 0 and 1"
         )
     ranges = []
+    run = n - first
     for start, end in zip(starts, ends):
-        keep = [not (i / n < start or (i + 1) / n > end) for i in range(n)]
-        split = [i for i in range(1, n) if index[i] == index[i - 1] and keep[i] != keep[i - 1]]
+        # The pipelines' keep, of the entries they run (all of them at strength 1).
+        keep = [False] * first
+        keep += [not (i / run < start or (i + 1) / run > end) for i in range(run)]
+        split = [
+            i for i in range(first + 1, n) if index[i] == index[i - 1] and keep[i] != keep[i - 1]
+        ]
         if split:
             raise ValueError(
                 f"control_guidance_start = {start} and control_guidance_end = {end} switch "
@@ -180,7 +206,7 @@ def _control_ranges(
         if not kept:
             ranges.append((math.inf, -math.inf))
             continue
-        hi = math.inf if kept[0] == 0 else ts[index[kept[0]]]
+        hi = math.inf if kept[0] == first else ts[index[kept[0]]]
         lo = -math.inf if kept[-1] == n - 1 else ts[index[kept[-1]]]
         ranges.append((lo, hi))
     return ranges
@@ -258,6 +284,7 @@ def _control(
         "control_guidance_start": 0.0,
         "control_guidance_end": 1.0,
         "num_inference_steps": None,
+        "strength": 1.0,
     }
     if controlnet is None:
         for name, default in defaults.items():
@@ -322,11 +349,23 @@ def _control(
             "num_inference_steps is needed only with control_guidance_start or "
             "control_guidance_end; leave it out"
         )
+    strength = _number(settings["strength"], "strength")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(
+            f"strength = {strength} must satisfy 0 < strength <= 1, as the img2img and "
+            "inpainting pipelines' strength"
+        )
+    if strength != 1.0 and not switched:
+        raise ValueError(
+            "strength is needed only with control_guidance_start or control_guidance_end "
+            "(a pipeline's strength below 1 counts their fractions over the steps it runs); "
+            "leave it out"
+        )
     entries: dict[str, Any] = {
         "controlnet_cond": images if multi else images[0],
         "conditioning_scale": scales if multi else scales[0],
         "guess_mode": guess_mode,
     }
     if switched:
-        entries["control_range"] = _control_ranges(sched, space, steps, starts, ends)
+        entries["control_range"] = _control_ranges(sched, space, steps, starts, ends, strength)
     return module, nets, entries

@@ -804,6 +804,7 @@ def from_diffusers(
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
     num_inference_steps: int | None = None,
+    strength: float = 1.0,
     mask: Tensor | None = None,
     masked_image_latents: Tensor | None = None,
     image_latents: Tensor | None = None,
@@ -880,6 +881,13 @@ def from_diffusers(
         num_inference_steps: the grid's steps, as given to ``diffusers_grid``; needed with
             (and only with) ``control_guidance_start`` or ``control_guidance_end`` other than
             0 and 1.
+        strength: the img2img and inpainting pipelines' ``strength``, in (0, 1]: below 1
+            they run the last ``int(num_inference_steps * strength)`` steps, from the grid's
+            time ``ts[k]`` with ``k`` the steps they skip, and count
+            ``control_guidance_start`` and ``control_guidance_end`` over the steps they run;
+            given so, the ODE keeps the controlnet where such a run does (solve it on
+            ``ts[k:]``). Only with the bounds, as ``num_inference_steps``; 1 (all steps,
+            the text-to-image pipelines' count) by default.
         mask: for an inpainting unet (``in_channels`` more than ``out_channels``: 9 for 4,
             ``stable-diffusion-inpainting``'s and SDXL inpainting's), the mask at the
             latents' size, 1 where the image is repainted: a floating tensor of shape
@@ -996,7 +1004,8 @@ def from_diffusers(
             number, channels or dims; a scale or bound per net of the wrong count or not
             finite; bounds outside ``0 <= start < end <= 1``, or other than 0 and 1 without
             ``num_inference_steps`` (or switching between a scheduler's two unet calls at one
-            time, Heun's), ``num_inference_steps`` without them; a ``control_range``,
+            time, Heun's), ``num_inference_steps`` or a ``strength`` other than 1 without
+            them, a ``strength`` outside (0, 1] or of no step; a ``control_range``,
             residual or control key in ``cond`` or ``negative_cond``; any of these settings
             without ``controlnet``. At the first evaluation, before any call: a control image
             whose batch is neither 1 nor the state's, or whose size is not the latents' times
@@ -1009,7 +1018,7 @@ def from_diffusers(
             or masked image whose batch is neither 1 nor the state's, or whose size is not the
             latents'.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
-            image that is not a tensor, a scale or bound that is not a number, a
+            image that is not a tensor, a scale, bound or strength that is not a number, a
             ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents``,
             ``image_latents`` or ``control_latents`` that is not a tensor.
     """
@@ -1117,6 +1126,7 @@ def from_diffusers(
         control_guidance_start=control_guidance_start,
         control_guidance_end=control_guidance_end,
         num_inference_steps=num_inference_steps,
+        strength=strength,
     )
     control_module, _, control_cond = _control(
         controlnet, unet, sched, space, cond, negative_cond, model_dtype, settings, bool(inpaint)

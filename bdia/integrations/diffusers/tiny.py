@@ -4,14 +4,13 @@ Stand-ins with the call contract of real ones (a ``UNet2DModel``, a ``UNet2DCond
 Stable Diffusion 3's ``SD3Transformer2DModel``, Flux's ``FluxTransformer2DModel``, a
 ``ControlNetModel``, a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (SDXL's,
 or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
-(``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines,
-``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made from a
-vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
+(``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines (text-to-image and
+img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made
+from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
 ``FluxKontextPipeline``, the inpainting pipelines of Stable Diffusion and SDXL, and their
-ControlNet inpainting pipelines), a
-few thousand weights each: for tests and for checking plumbing and exactness, which do not
-depend on the weights. A random network is no denoiser, so what they sample is not an image
-of anything.
+ControlNet inpainting pipelines), a few thousand weights each: for tests and for checking
+plumbing and exactness, which do not depend on the weights. A random network is no
+denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
@@ -599,14 +598,23 @@ def tiny_controlnet(unet: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
 
 
 def tiny_controlnet_pipeline(
-    folder: str | Path, scheduler: Any = None, *, xl: bool = False, controlnets: int = 1
+    folder: str | Path,
+    scheduler: Any = None,
+    *,
+    xl: bool = False,
+    controlnets: int = 1,
+    img2img: bool = False,
 ) -> Any:
     """A ``StableDiffusionControlNetPipeline`` of ``tiny_text_to_image_pipeline``'s parts (with
     ``xl``, a ``StableDiffusionXLControlNetPipeline`` of ``tiny_sdxl_pipeline``'s, whose
     ``force_zeros_for_empty_prompt`` it keeps) and ``tiny_controlnet`` of its unet, seed 2;
     with ``controlnets`` > 1 that many (seeds 2, 3, ...), which the pipeline wraps in a
-    ``MultiControlNetModel``. Control images are 16 x 16 RGB, as the pipelines' images.
-    ``scheduler`` defaults to theirs. Float32; the progress bar is off."""
+    ``MultiControlNetModel``. With ``img2img``, the same parts in
+    ``StableDiffusionControlNetImg2ImgPipeline`` (with ``xl``,
+    ``StableDiffusionXLControlNetImg2ImgPipeline``, without an aesthetic score: six time ids,
+    as SDXL base), which starts from the image's latents noised at its ``strength``. Control
+    images are 16 x 16 RGB, as the pipelines' images. ``scheduler`` defaults to theirs.
+    Float32; the progress bar is off."""
     if xl:
         base = tiny_sdxl_pipeline(folder, scheduler)
     else:
@@ -614,16 +622,23 @@ def tiny_controlnet_pipeline(
     nets = [tiny_controlnet(base.unet, seed=2 + k) for k in range(controlnets)]
     controlnet = nets[0] if controlnets == 1 else nets
     if xl:
-        pipe = diffusers.StableDiffusionXLControlNetPipeline(
+        xl_class = diffusers.StableDiffusionXLControlNetPipeline
+        extra = {}
+        if img2img:
+            xl_class = diffusers.StableDiffusionXLControlNetImg2ImgPipeline
+            extra = {"requires_aesthetics_score": False}
+        pipe = xl_class(
             **base.components,
             controlnet=controlnet,
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
+            **extra,
         )
     else:
-        pipe = diffusers.StableDiffusionControlNetPipeline(
-            **base.components, controlnet=controlnet, requires_safety_checker=False
-        )
+        sd_class = diffusers.StableDiffusionControlNetPipeline
+        if img2img:
+            sd_class = diffusers.StableDiffusionControlNetImg2ImgPipeline
+        pipe = sd_class(**base.components, controlnet=controlnet, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
