@@ -621,7 +621,7 @@ def test_edit_image_refuses_control_settings_that_do_not_fit_before_any_network(
         method = getattr(pipe.vae, name)
         setattr(pipe.vae, name, lambda *a, _m=method, **k: vae_calls.append(1) or _m(*a, **k))
     cases = [
-        (pipe, {}, "control_image"),
+        (pipe, {}, "give control_image, the image that guides it (the pipeline's image=)"),
         (pipe, {"control_image": control[0]}, "list of 2"),
         (pipe, {"control_image": [torch.rand(3, 3, 16, 16)] * 2}, "holds 3 images"),
         (pipe, {"control_image": control, "control_guidance_end": 1.5}, "0 <= start"),

@@ -43,6 +43,7 @@ from bdia.integrations.diffusers import (
 from bdia.integrations.diffusers.tiny import (
     tiny_controlnet,
     tiny_controlnet_inpaint_pipeline,
+    tiny_controlnet_pipeline,
     tiny_inpaint_pipeline,
     tiny_sd3_transformer,
     tiny_text_to_image_pipeline,
@@ -888,6 +889,22 @@ def test_edit_image_calls_the_controlnet_and_unet_as_the_pipeline(tmp_path, kind
     monkeypatch.setattr(
         DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
     )
+    (x, kw, y, nkw), (x2, kw2, y2, nkw2) = first_calls_of_pipeline_and_edit(
+        pipe, image, settings, kind != "sd"
+    )
+    assert x.shape == x2.shape == (2, 9, 8, 8)
+    assert torch.equal(x[:, 4:], x2[:, 4:])
+    assert torch.equal(y, x[:, :4]) and torch.equal(y2, x2[:, :4])
+    assert not torch.equal(x[:, :4], x2[:, :4])  # the pipeline's noise, edit_image's image
+
+
+def first_calls_of_pipeline_and_edit(pipe, image, settings, xl):
+    """The pipeline's first step (at strength 1) and edit_image's first model call, float32,
+    on ``image`` (PIL) with ``settings`` (its control image a PIL image, its scale): asserts
+    that they give the controlnet the same control image (two halves of guidance), scale and
+    prompt embeddings, and the unet the same embeddings (with ``xl`` SDXL's text_embeds and
+    time_ids to both), bit for bit; returns ``(x, unet kwargs, controlnet input, controlnet
+    kwargs)`` of the pipeline's call and of edit_image's."""
     unet_calls, unet_handle = _unet_calls(pipe.unet)
     net_calls, net_handle = _controlnet_calls(pipe.controlnet)
     try:
@@ -914,17 +931,36 @@ def test_edit_image_calls_the_controlnet_and_unet_as_the_pipeline(tmp_path, kind
         net_handle.remove()
     (x, _, kw, _), (x2, _, kw2, _) = unet_calls[0], unet_calls[1]
     (y, _, nkw), (y2, _, nkw2) = net_calls[0], net_calls[1]
-    assert x.shape == x2.shape == (2, 9, 8, 8)
-    assert torch.equal(x[:, 4:], x2[:, 4:])
-    assert torch.equal(y, x[:, :4]) and torch.equal(y2, x2[:, :4])
-    assert not torch.equal(x[:, :4], x2[:, :4])  # the pipeline's noise, edit_image's image
+    scale = settings["controlnet_conditioning_scale"]
     assert nkw["controlnet_cond"].shape == (2, 3, 16, 16)
     assert torch.equal(nkw["controlnet_cond"], nkw2["controlnet_cond"])
-    assert nkw["conditioning_scale"] == nkw2["conditioning_scale"] == CONTROL_SCALE
+    assert nkw["conditioning_scale"] == nkw2["conditioning_scale"] == scale
     for where, (a, b) in {"unet": (kw, kw2), "controlnet": (nkw, nkw2)}.items():
         assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"]), where
-        if kind != "sd":
+        if xl:
             _assert_same_added(a, b, where)
+    return (x, kw, y, nkw), (x2, kw2, y2, nkw2)
+
+
+@pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
+def test_a_4_channel_unet_in_the_controlnet_inpaint_pipeline_edits_as_text_to_image(tmp_path):
+    """StableDiffusionControlNetInpaintPipeline with the text-to-image unet (4 channels), as
+    StableDiffusionInpaintPipeline with one, edits without a mask as its text-to-image sibling
+    does: the control image made by its prepare_control_image of the whole frame is
+    StableDiffusionControlNetPipeline's prepare_image's, and the edit of the same parts is
+    that pipeline's, bit for bit (latent_error 0)."""
+    base = tiny_controlnet_pipeline(tmp_path)
+    four = diffusers.StableDiffusionControlNetInpaintPipeline(
+        **base.components, requires_safety_checker=False
+    )
+    image, _ = _edit_inputs()
+    control = _control_image()
+    theirs, ours = (
+        edit_image(pipe, image, PROMPT, "a dog", num_inference_steps=4, control_image=control)
+        for pipe in (base, four)
+    )
+    assert ours.latent_error == 0.0
+    assert torch.equal(ours.edited_latents, theirs.edited_latents)
 
 
 def test_edit_image_refuses_a_pipeline_that_requires_an_aesthetic_score(tmp_path):

@@ -9,7 +9,9 @@ place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers a
 encoders, and T5 where it has one) or ``FluxPipeline`` (a ``FluxTransformer2DModel``, the
 same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents), or
 the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
-``prepare_image``, given ``control_image``: both ODEs call the controlnet on it), or the
+``prepare_image``, or for their img2img pipelines ``prepare_control_image``, given
+``control_image``: both ODEs call the controlnet on it; an img2img pipeline edits as its
+text-to-image sibling, the whole image inverted), or the
 inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
 ``mask_processor`` and ``prepare_mask_latents``, given ``mask_image``: both ODEs give the
 unet the mask and the masked image's latents as extra input channels), or the
@@ -73,6 +75,7 @@ reconstructed image is seen to come from the VAE, not from the inversion.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -768,10 +771,11 @@ def _control_kwargs(
 ) -> dict[str, Any]:
     """``from_diffusers``' ControlNet arguments for the pipeline's controlnet: the control
     image made as the pipeline makes it (its ``prepare_image``, at the image's size ``shape``
-    = (batch, C, H, W), one per image; with ``inpaint``, an inpainting unet's, the ControlNet
-    inpainting pipelines' ``prepare_control_image`` of the whole image, no crop), its scale,
-    guess mode and switch (``settings``, by the pipelines' names); ``{}`` for a pipeline
-    without a controlnet."""
+    = (batch, C, H, W), one per image; the img2img pipelines' ``prepare_control_image`` where
+    the pipeline has no ``prepare_image``; with ``inpaint``, an inpainting unet's, the
+    ControlNet inpainting pipelines' ``prepare_control_image`` of the whole image, no crop),
+    its scale, guess mode and switch (``settings``, by the pipelines' names); ``{}`` for a
+    pipeline without a controlnet."""
     controlnet = getattr(pipe, "controlnet", None)
     if controlnet is None:
         if control_image is not None:
@@ -794,18 +798,28 @@ def _control_kwargs(
             "edit_image maps the ControlNet pipelines of Stable Diffusion and SDXL (a "
             "ControlNetModel beside a unet), not SD3's or Flux's"
         )
+    # The text-to-image ControlNet pipelines prepare the control image with prepare_image;
+    # the img2img and inpainting ones, whose image= is the image to start from, take it as
+    # control_image= and prepare it with prepare_control_image.
+    method = "prepare_image"
+    if inpaint or (
+        getattr(pipe, method, None) is None
+        and getattr(pipe, "prepare_control_image", None) is not None
+    ):
+        method = "prepare_control_image"
     if control_image is None:
+        given = "image=" if method == "prepare_image" else "control_image="
         raise ValueError(
             f"the pipeline has a controlnet ({type(controlnet).__name__}); give control_image, "
-            "the image that guides it (the pipeline's image=), as it guided the image's "
+            f"the image that guides it (the pipeline's {given}), as it guided the image's "
             "making (a list, one per controlnet, for several)"
         )
-    # The ControlNet inpainting pipelines name it prepare_control_image, and take the crop of
-    # their padding_mask_crop with it: none here, the image's whole frame (their default).
-    method, crop = "prepare_image", {}
-    if inpaint:
-        method, crop = "prepare_control_image", {"crops_coords": None, "resize_mode": "default"}
     prepare = _part(pipe, method, "to prepare the control image as the pipeline does")
+    crop = {}
+    if "crops_coords" in inspect.signature(prepare).parameters:
+        # The inpainting pipelines' method takes the crop of their padding_mask_crop too:
+        # none here, the image's whole frame (their default).
+        crop = {"crops_coords": None, "resize_mode": "default"}
     module, nets = _controlnets(controlnet)
     batch, _, height, width = shape
     factor = _vae_factor(pipe, pipe.vae)
@@ -1090,9 +1104,10 @@ def edit_image(
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
             ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or Stable Diffusion's or SDXL's
-            ControlNet pipeline, with ``control_image``, or their inpainting pipeline with a
-            9-channel unet, with ``mask_image``, or their ControlNet inpainting pipelines with
-            a 9-channel unet, with both), or any object with its parts:
+            ControlNet pipeline or ControlNet img2img pipeline, with ``control_image``, or
+            their inpainting pipeline with a 9-channel unet, with ``mask_image``, or their
+            ControlNet inpainting pipelines with a 9-channel unet, with both), or any object
+            with its parts:
             ``vae`` (an ``AutoencoderKL``), ``unet`` (``UNet2DConditionModel``) or, for SD3
             and Flux, ``transformer`` (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
             ``scheduler`` (one that ``from_diffusers`` takes, e.g. DDIM or PNDM with
@@ -1192,12 +1207,15 @@ def edit_image(
             with any other scheduler, which would ignore it (Flux.1-schnell's).
         control_image: for a ``StableDiffusionControlNetPipeline`` or
             ``StableDiffusionXLControlNetPipeline`` (a pipeline with a ``controlnet``), the
-            image that guides the controlnet, as the pipeline's ``image``: a PIL image, a
-            list of them or a tensor of shape ``(1 or batch, 3, H', W')`` in [0, 1], made by
-            the pipeline's ``prepare_image`` at the image's size (H x W), one per image to
-            edit (by the ControlNet inpainting pipelines' ``prepare_control_image``, of the
-            whole image: no ``padding_mask_crop``); a list of them, one per controlnet, for a
-            ``MultiControlNetModel``. Both ODEs (the inversion's and the edit's) are
+            image that guides the controlnet, as the pipeline's ``image`` (the ControlNet
+            img2img and inpainting pipelines' ``control_image``): a PIL image, a list of
+            them or a tensor of shape ``(1 or batch, 3, H', W')`` in [0, 1], made by the
+            pipeline's ``prepare_image`` at the image's size (H x W), one per image to edit
+            (by the img2img pipelines' ``prepare_control_image``, and the ControlNet
+            inpainting pipelines', of the whole image: no ``padding_mask_crop``); a list of
+            them, one per controlnet, for a ``MultiControlNetModel``. An img2img pipeline's
+            ``strength`` plays no part: the whole image is inverted over the whole grid, as
+            for its text-to-image sibling. Both ODEs (the inversion's and the edit's) are
             conditioned on it, through
             ``from_diffusers(controlnet=pipe.controlnet, controlnet_cond=...)``. Needed with
             a controlnet, refused without. For a ``FluxControlPipeline`` (or its img2img
