@@ -783,9 +783,11 @@ def test_a_bfloat16_sdxl_vae_encodes_the_masked_image_as_the_pipeline(
 
 def test_edit_image_refuses_masks_that_do_not_fit_before_any_network(tmp_path):
     """One line each, before any network runs, the caller's mask left as it was: mask_image
-    for a text-to-image pipeline and for a 4-channel unet in the inpainting pipeline; an
-    inpainting pipeline without mask_image; a mask of another size, of three channels, of
-    another batch than 1 and the image's, integer or outside [0, 1], or not an image."""
+    for a text-to-image pipeline (naming what a mask conditions: an inpainting unet, in the
+    ControlNet inpainting pipelines too, or a Flux Fill transformer) and for a 4-channel unet
+    in the inpainting pipeline; an inpainting pipeline without mask_image; a mask of another
+    size, of three channels, of another batch than 1 and the image's, integer or outside
+    [0, 1], or not an image."""
     from PIL import Image
 
     pipe = tiny_inpaint_pipeline(tmp_path)
@@ -801,6 +803,7 @@ def test_edit_image_refuses_masks_that_do_not_fit_before_any_network(tmp_path):
             setattr(target.vae, name, lambda *a, _m=method, **k: vae_calls.append(1) or _m(*a, **k))
     cases = [
         (plain, mask, ValueError, "in_channels = 4, the vae's latents alone"),
+        (plain, mask, ValueError, "ControlNet inpainting pipelines') or a Flux Fill transformer"),
         (four, mask, ValueError, "in_channels = 4"),
         (pipe, None, ValueError, "give mask_image"),
         (pipe, mask[..., :8, :], ValueError, "(1 or 2, 1, 16, 16)"),

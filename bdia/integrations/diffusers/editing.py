@@ -890,8 +890,10 @@ def _mask_condition(
         if mask_image is not None:
             raise ValueError(
                 f"mask_image was given, but the pipeline's {what}; it conditions an inpainting "
-                "unet (StableDiffusionInpaintPipeline's or StableDiffusionXLInpaintPipeline's "
-                "with in_channels = 9: the latents, the mask and the masked image's latents)"
+                "unet (in_channels = 9: the latents, the mask and the masked image's latents; "
+                "StableDiffusionInpaintPipeline's, StableDiffusionXLInpaintPipeline's and "
+                "their ControlNet inpainting pipelines') or a Flux Fill transformer "
+                "(FluxFillPipeline's)"
             )
         return None
     if mask_image is None:
