@@ -2342,6 +2342,7 @@ _EDIT_OPTIONS = {
     # A pipeline's own parameter keeps its name: "as the pipeline's mask_image".
     "'s mask_image": "'s mask_image",
     "mask_image": "--mask",
+    "'s control_image=": "'s control_image=",
     "control_image": "--control-image",
     "(a list, one per controlnet, for several)": "(once per controlnet, for several)",
 }
@@ -2586,9 +2587,10 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     type=InputPathType(path_type=Path),
     callback=_pipeline_folder,
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
-    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3 or Flux; SD's and SDXL's "
-    "inpainting pipelines and Flux Fill with --mask, their ControlNet pipelines with "
-    "--control-image. Nothing is downloaded.",
+    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux or Flux Kontext; SD's "
+    "and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
+    "ControlNet img2img pipelines with --control-image, their ControlNet inpainting "
+    "pipelines with both. Nothing is downloaded.",
 )
 @click.option(
     "--image",
@@ -2612,8 +2614,9 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     multiple=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
     help="For a ControlNet pipeline: the image that guides its controlnet (the pipeline's "
-    "image=, e.g. the photo's edges), read as RGB, of the photo's size, resized with it by "
-    "--size; once per controlnet, in their order, for several.",
+    "image=, its img2img and inpainting pipelines' control_image=; e.g. the photo's edges), "
+    "read as RGB, of the photo's size, resized with it by --size; once per controlnet, in "
+    "their order, for several.",
 )
 @click.option("--source", required=True, help="What the image shows ('' is the unconditional).")
 @click.option("--target", required=True, help="What the edited image should show.")
@@ -2730,10 +2733,10 @@ def edit_command(
     """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
     regenerate it under --target.
 
-    The pipeline (Stable Diffusion, SDXL, SD3, Flux; an inpainting one with --mask, a
-    ControlNet one with --control-image) is loaded from a local folder;
-    bdia.integrations.diffusers.edit_image does the work. Prints the latent round trip's
-    error (rounding only) and the VAE's.
+    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext; an inpainting one with
+    --mask, a ControlNet one with --control-image, a ControlNet inpainting one with both) is
+    loaded from a local folder; bdia.integrations.diffusers.edit_image does the work. Prints
+    the latent round trip's error (rounding only) and the VAE's.
     """
     if not target.strip():
         raise click.BadParameter(

@@ -24,8 +24,10 @@ from test_cli_errors import fails_in_one_line
 from bdia.cli import main
 from bdia.integrations.diffusers import edit_image
 from bdia.integrations.diffusers.tiny import (
+    tiny_controlnet_inpaint_pipeline,
     tiny_controlnet_pipeline,
     tiny_flux_fill_pipeline,
+    tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
     tiny_inpaint_pipeline,
     tiny_playground_pipeline,
@@ -50,10 +52,20 @@ BUILDERS = {
     # A 9-channel inpainting unet, a Flux Fill transformer: they take --mask.
     "inpaint": tiny_inpaint_pipeline,
     "fill": tiny_flux_fill_pipeline,
-    # One ControlNetModel, and a MultiControlNetModel of two: they take --control-image.
+    # One ControlNetModel, and a MultiControlNetModel of two: they take --control-image, and
+    # so does the ControlNet img2img pipeline; the ControlNet inpainting one takes both.
     "controlnet": tiny_controlnet_pipeline,
     "controlnets": lambda folder: tiny_controlnet_pipeline(folder, controlnets=2),
+    "controlnet-img2img": lambda folder: tiny_controlnet_pipeline(folder, img2img=True),
+    "controlnet-inpaint": tiny_controlnet_inpaint_pipeline,
 }
+# FluxKontextPipeline, the image its own reference: in diffusers 0.35 and newer.
+KONTEXT = hasattr(diffusers, "FluxKontextPipeline")
+if KONTEXT:
+    BUILDERS["kontext"] = tiny_flux_kontext_pipeline
+NO_KONTEXT = pytest.mark.skipif(
+    not KONTEXT, reason="FluxKontextPipeline is in diffusers 0.35 and newer"
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +142,9 @@ def pixels(path):
 # ------------------------------------------------------------------------------ the edit
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3", "flux", "playground"])
+@pytest.mark.parametrize(
+    "name", ["sd", "sd3", "flux", "playground", pytest.param("kontext", marks=NO_KONTEXT)]
+)
 def test_the_written_pngs_are_edit_images_pil_output(name, pipelines, tmp_path):
     """The edit and the reconstruction as edit_image gives them for the same photo (as PIL
     images, rounded to uint8 as diffusers rounds), pixel for pixel; latent_error is printed."""
@@ -267,27 +281,35 @@ def test_the_pipeline_is_loaded_offline_without_unused_parts(pipelines, tmp_path
 
 
 def conditioning(name, tmp_path, swapped=False):
-    """The command's --mask or --control-image options for the pipeline ``name`` and
-    edit_image's mask_image or control_image from the same files; ``swapped``: another mask
+    """The command's --mask and --control-image options for the pipeline ``name`` and
+    edit_image's mask_image and control_image from the same files; ``swapped``: another mask
     (moved), or the control images in the other order (two controlnets) or another one."""
-    if name in ("inpaint", "fill"):
+    options, given = [], {}
+    if name in ("inpaint", "fill", "controlnet-inpaint"):
         mask = mask_file(tmp_path / "mask.png", left=6 if swapped else 2)
-        return ["--mask", mask], {"mask_image": read(mask, "L")}
+        options, given = ["--mask", mask], {"mask_image": read(mask, "L")}
+    if name in ("inpaint", "fill"):
+        return options, given
     controls = [photo(tmp_path / f"control{i}.png", seed=10 + i) for i in range(2)]
     if swapped:
         controls.reverse()
-    if name == "controlnet":
-        return ["--control-image", controls[0]], {"control_image": read(controls[0], "RGB")}
+    if name != "controlnets":
+        options += ["--control-image", controls[0]]
+        return options, {**given, "control_image": read(controls[0], "RGB")}
     options = [a for c in controls for a in ("--control-image", c)]
     return options, {"control_image": [read(c, "RGB") for c in controls]}
 
 
-@pytest.mark.parametrize("name", ["inpaint", "fill", "controlnet", "controlnets"])
+@pytest.mark.parametrize(
+    "name",
+    ["inpaint", "fill", "controlnet", "controlnets", "controlnet-img2img", "controlnet-inpaint"],
+)
 def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_path):
     """--mask for an inpainting or Fill pipeline, --control-image once per controlnet (in
-    their order): the PNG is edit_image's for the same photo and files, pixel for pixel, and
-    the round trip under them is exact (the tiny pipelines' is bitwise). Another mask, or the
-    control images in the other order, edit otherwise: the files are not ignored."""
+    their order), for a ControlNet img2img pipeline too, and both for a ControlNet inpainting
+    one: the PNG is edit_image's for the same photo and files, pixel for pixel, and the round
+    trip under them is exact (the tiny pipelines' is bitwise). Another mask, or the control
+    images in the other order, edit otherwise: the files are not ignored."""
     image = photo(tmp_path / "photo.png")
     options, given = conditioning(name, tmp_path)
     result = run(edit(pipelines[name], image, tmp_path / "e.png", *options))
@@ -355,10 +377,11 @@ def test_a_mask_or_control_image_the_pipeline_takes_not_is_refused(
 
 
 @pytest.mark.parametrize(
-    "name,words",
+    "name,given,words",
     [
         (
             "inpaint",
+            [],
             [
                 "StableDiffusionInpaintPipeline's unet is an inpainting one",
                 "give --mask",
@@ -367,22 +390,63 @@ def test_a_mask_or_control_image_the_pipeline_takes_not_is_refused(
         ),
         (
             "fill",
+            [],
             [
                 "FluxFillPipeline's transformer is a Fill one",
                 "give --mask",
                 "FluxFillPipeline's mask_image",
             ],
         ),
-        ("controlnet", ["has a controlnet (ControlNetModel)", "give --control-image"]),
+        (
+            "controlnet",
+            [],
+            [
+                "has a controlnet (ControlNetModel)",
+                "give --control-image",
+                "StableDiffusionControlNetPipeline's image=",
+            ],
+        ),
+        # The img2img and inpainting pipelines take the control image as control_image=.
+        (
+            "controlnet-img2img",
+            [],
+            [
+                "StableDiffusionControlNetImg2ImgPipeline has a controlnet",
+                "give --control-image",
+                "StableDiffusionControlNetImg2ImgPipeline's control_image=",
+            ],
+        ),
+        (
+            "controlnet-inpaint",
+            ["--mask"],
+            [
+                "StableDiffusionControlNetInpaintPipeline has a controlnet",
+                "give --control-image",
+                "StableDiffusionControlNetInpaintPipeline's control_image=",
+            ],
+        ),
+        (
+            "controlnet-inpaint",
+            ["--control-image"],
+            [
+                "StableDiffusionControlNetInpaintPipeline's unet is an inpainting one",
+                "give --mask",
+                "StableDiffusionControlNetInpaintPipeline's mask_image",
+            ],
+        ),
     ],
 )
-def test_a_pipeline_without_its_mask_or_control_image_is_refused(name, words, pipelines, tmp_path):
+def test_a_pipeline_without_its_mask_or_control_image_is_refused(
+    name, given, words, pipelines, tmp_path
+):
     """edit_image's refusal in the command's words: no argument names but the pipeline's
-    own (as its mask_image), no Python list."""
-    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png")
+    own (as its mask_image or control_image=), no Python list."""
+    more = {"--mask": mask_file(tmp_path / "m.png"), "--control-image": photo(tmp_path / "c.png")}
+    options = [a for option in given for a in (option, more[option])]
+    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png", *options)
     line = fails_in_one_line(args, tmp_path, *words, status=2)
-    assert "give mask_image" not in line and "control_image" not in line
-    assert "a list" not in line
+    assert "give mask_image" not in line and "give control_image" not in line
+    assert "--control-image=" not in line and "a list" not in line
 
 
 @pytest.mark.parametrize(
