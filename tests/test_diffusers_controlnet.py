@@ -468,7 +468,7 @@ def test_settings_the_adapter_cannot_map_are_refused(parts, tmp_path):
             controlnet=net,
             controlnet_cond=image,
         )
-    _one_line_error(exc_info, "SD3's and Flux's controlnets")
+    _one_line_error(exc_info, "SD3's transformer")
     xl = tiny_controlnet_pipeline(tmp_path, xl=True)
     with pytest.raises(ValueError) as exc_info:
         from_diffusers(

@@ -37,7 +37,9 @@ the schedulers' ``precondition_*`` methods write them (``c_out`` negated for
 With ``controlnet=`` (a ``ControlNetModel`` of Stable Diffusion's or SDXL's unet, or
 several), every model evaluation calls it before the unet on the unet's input and timestep,
 as ``StableDiffusionControlNetPipeline`` and ``StableDiffusionXLControlNetPipeline`` do, and
-the unet gets its residuals.
+the unet gets its residuals. A ``FluxControlNetModel`` is called so before Flux's
+transformer, as ``FluxControlNetPipeline`` calls it: on the packed latents, with the control
+image's packed latents and the transformer's timestep, prompt, guidance and ids.
 
 With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
@@ -99,6 +101,12 @@ from ._controlnet import (
     _control,
     _control_factor,
     _controlnets,
+)
+from ._flow_controlnet import (
+    _check_flow_control_image,
+    _check_flux_controlnet,
+    _flow_control,
+    _flow_residuals,
 )
 from ._scheduler_config import (
     _EDM_PREDICTIONS,
@@ -172,10 +180,11 @@ class DiffusersModel(torch.nn.Module):
             ``tau / 1000`` in the dtype the transformer gets the state in (the pipeline's
             ``t.to(latents.dtype) / 1000``), ``txt_ids`` and ``img_ids`` pass through
             unbatched, and guidance makes two calls, the conditional one first.
-        controlnet: ``"vp"`` and ``"edm"`` space only, a diffusers ``ControlNetModel`` or
+        controlnet: ``"vp"`` and ``"edm"`` space, a diffusers ``ControlNetModel`` or
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
-            ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``).
+            ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``); with
+            ``flux``, a ``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it.
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
@@ -216,8 +225,11 @@ class DiffusersModel(torch.nn.Module):
             )
         if flux and space != "flow":
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
-        if controlnet is not None and space == "flow":
-            raise ValueError("controlnet needs space 'vp' or 'edm' (a unet), got 'flow'")
+        if controlnet is not None and space == "flow" and not flux:
+            raise ValueError(
+                "controlnet needs space 'vp' or 'edm' (a unet), or a Flux transformer, got "
+                "'flow' without flux"
+            )
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -255,7 +267,10 @@ class DiffusersModel(torch.nn.Module):
         self.controlnet = None
         self._nets: list[Any] = []
         self._multi = False
-        if controlnet is not None:
+        if controlnet is not None and flux:
+            _check_flux_controlnet(controlnet, unet, None)
+            self.controlnet, self._nets = controlnet, [controlnet]
+        elif controlnet is not None:
             self.controlnet, self._nets = _controlnets(controlnet)
             self._multi = _MULTI_CONTROLNET in _class_names(self.controlnet)
 
@@ -366,7 +381,13 @@ class DiffusersModel(torch.nn.Module):
                 ``added_cond_kwargs``, under guidance on the batch ``[unconditional,
                 conditional]`` with the control image in both halves; and its down and mid
                 residuals go to the unet as ``down_block_additional_residuals`` and
-                ``mid_block_additional_residual``.
+                ``mid_block_additional_residual``. With ``flux``, the control image's packed
+                latents, shape ``(batch or 1, tokens, C)`` for a state of ``(batch, tokens,
+                C)``: the controlnet is called on the transformer's input, timestep and
+                conditional arguments (prompt, guidance, ids), once (true guidance's two
+                calls share its residuals, as ``FluxControlNetPipeline``'s do), and its
+                residuals go to the transformer as ``controlnet_block_samples`` and
+                ``controlnet_single_block_samples``.
             conditioning_scale: the controlnet's scale of its residuals (a list, one per net,
                 for a ``MultiControlNetModel``).
             guess_mode: the pipelines' guess mode: the controlnet's residuals scaled from 0.1
@@ -469,10 +490,13 @@ class DiffusersModel(torch.nn.Module):
                 # FluxPipeline's true classifier-free guidance: two calls, the conditional
                 # first, the negative one with its own arguments (txt_ids included).
                 negative = {**unet_kwargs, **negative_cond}
-                c = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""), extra, image)
-                u = self._call_unet(
-                    x_in, tau, _flux_kwargs(negative, batch, "negative_cond"), extra, image
-                )
+                positive = _flux_kwargs(unet_kwargs, batch, "")
+                # FluxControlNetPipeline's controlnet sees the prompt alone, and both calls
+                # take its residuals.
+                residuals = self._flux_residuals(x_in, tau, positive, control)
+                c = self._call_unet(x_in, tau, {**positive, **residuals}, extra, image)
+                negative = {**_flux_kwargs(negative, batch, "negative_cond"), **residuals}
+                u = self._call_unet(x_in, tau, negative, extra, image)
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
                 x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
@@ -500,7 +524,9 @@ class DiffusersModel(torch.nn.Module):
             uncond, cond = u.to(wide), c.to(wide)
             out = uncond + guidance_scale * (cond - uncond)
         elif self.flux:
-            out = self._call_unet(x_in, tau, _flux_kwargs(unet_kwargs, batch, ""), extra, image)
+            kwargs = _flux_kwargs(unet_kwargs, batch, "")
+            kwargs.update(self._flux_residuals(x_in, tau, kwargs, control))
+            out = self._call_unet(x_in, tau, kwargs, extra, image)
         else:
             kwargs = _batched(unet_kwargs, batch, "")
             if control is not None:
@@ -623,6 +649,10 @@ class DiffusersModel(torch.nn.Module):
         batched = []
         for i, (image, net) in enumerate(zip(images, self._nets)):
             where = f"controlnet_cond[{i}]" if self._multi else "controlnet_cond"
+            if self.flux:
+                _check_flow_control_image(x, image)
+                batched.append(_batched(image, batch, where))
+                continue
             f = _control_factor(net)
             size = tuple(n * f for n in x.shape[2:])
             if tuple(image.shape[2:]) != size:
@@ -654,6 +684,20 @@ class DiffusersModel(torch.nn.Module):
             return None
         return batched, scales
 
+    def _flux_residuals(
+        self,
+        x: Tensor,
+        tau: Tensor,
+        kwargs: Mapping[str, Any],
+        control: tuple[list[Tensor], list[float]] | None,
+    ) -> dict[str, Any]:
+        """The Flux controlnet's residuals as the transformer's arguments; none where the
+        model has no controlnet or it is off (``control`` None)."""
+        if control is None:
+            return {}
+        images, scales = control
+        return self._residuals(x, tau, kwargs, images, scales, False)
+
     def _residuals(
         self,
         x: Tensor,
@@ -668,6 +712,8 @@ class DiffusersModel(torch.nn.Module):
         ``tau`` with the unet's arguments ``kwargs`` of that batch; with ``pad``, zeros for
         an unconditional half before them (guess mode under guidance)."""
         assert self.controlnet is not None
+        if self.flux:
+            return _flow_residuals(self.controlnet, x, tau, kwargs, images[0], scales[0])
         extra: dict[str, Any] = {"encoder_hidden_states": kwargs["encoder_hidden_states"]}
         added = kwargs.get("added_cond_kwargs")
         if isinstance(added, Mapping):
@@ -852,20 +898,35 @@ def from_diffusers(
             ``image_embeds``, ``timestep_cond`` nor ``cross_attention_kwargs``, which the
             pipelines do not give it), under guidance on the batch ``[unconditional,
             conditional]``; its residuals go to the unet as ``down_block_additional_residuals``
-            and ``mid_block_additional_residual``. Not with a flow-matching scheduler.
+            and ``mid_block_additional_residual``. With Flux's transformer, a
+            ``FluxControlNetModel`` of it (``pipe.controlnet`` of a ``FluxControlNetPipeline``,
+            InstantX's kind: one, not a union controlnet, not XLabs', with the transformer's
+            ``guidance_embeds``), called as that pipeline calls it: on the packed latents,
+            with the transformer's timestep, ``encoder_hidden_states``,
+            ``pooled_projections``, ``guidance``, ``txt_ids`` and ``img_ids`` of the
+            conditional branch, once per evaluation (true guidance's negative call takes the
+            same residuals); its residuals go to the transformer as
+            ``controlnet_block_samples`` and ``controlnet_single_block_samples``. Not with
+            SD3's transformer.
         controlnet_cond: the control image, as the pipeline prepares it
             (``pipe.control_image_processor.preprocess(image, height=H, width=W)``: values in
             [0, 1]): a floating tensor of shape ``(batch or 1, conditioning_channels, H, W)``
             for latents of ``H / f x W / f`` (``f`` the controlnet's, 8 for Stable
             Diffusion's and SDXL's), cast to the controlnet's dtype; the same image in both
             halves of guidance. A list of them, one per net, for several controlnets. Needed
-            with ``controlnet``.
+            with ``controlnet``. For Flux's controlnet, the control image's packed latents
+            as ``FluxControlNetPipeline`` makes them: ``pipe.prepare_image(image, W, H, 1, 1,
+            device, vae.dtype)`` encoded by the vae (the pipeline draws a sample with its
+            generator), shifted by ``shift_factor``, scaled by ``scaling_factor`` and packed
+            by ``_pack_latents``: shape ``(batch or 1, tokens, in_channels)``, cast to
+            ``model_dtype``.
         conditioning_scale: the scale of the controlnet's residuals, the pipelines'
             ``controlnet_conditioning_scale``: a number, or one per net.
         guess_mode: the pipelines' guess mode: residuals scaled from 0.1 at the first block
             to 1 at the mid block, and under guidance the controlnet called on the
             conditional half alone, the unconditional half given none. Set as the pipelines
             set it where the (first) controlnet's config has ``global_pool_conditions``.
+            Not for Flux's controlnet (``FluxControlNetPipeline`` has no guess mode).
         control_guidance_start: the fraction of the pipeline's steps before which the
             controlnet is off (a number, or one per net). The pipelines keep it at entry
             ``i`` of the scheduler's ``n`` timesteps when ``i / n >= start`` and ``(i + 1) /
@@ -874,8 +935,11 @@ def from_diffusers(
             num_inference_steps)`` (past the grid's start or end where the first or last
             entry is kept), so that a solver evaluating on that grid calls it exactly where
             the pipeline does. Bounds that would switch it between a scheduler's two calls
-            at one time (Heun's) are refused. Elsewhere its scale is 0; where all
-            nets' are, neither it nor its residuals are used.
+            at one time (Heun's) are refused. For Flux's controlnet the grid is
+            ``FluxControlNetPipeline``'s: ``diffusers_grid(scheduler, n, mu=mu,
+            sigmas=np.linspace(1, 1 / n, n))``, ``mu`` the pipeline's ``calculate_shift`` of
+            ``img_ids``' rows where the scheduler shifts dynamically. Elsewhere its scale is
+            0; where all nets' are, neither it nor its residuals are used.
         control_guidance_end: the fraction of steps after which the controlnet is off, as
             above.
         num_inference_steps: the grid's steps, as given to ``diffusers_grid``; needed with
@@ -993,7 +1057,16 @@ def from_diffusers(
             ``(batch, tokens, out_channels)`` or not of ``img_ids``' token count (with
             ``image_latents``, the state's and the image's together); a mask, masked image,
             control image or reference image whose batch is neither 1 nor the state's, or a
-            mask, masked image or control image of another token count. With a
+            mask, masked image or control image of another token count. With Flux's
+            controlnet: one of another class than ``FluxControlNetModel`` (several, Stable
+            Diffusion's), a union one (``num_mode``), XLabs' (an ``input_hint_block``), one
+            made for another transformer (``in_channels``, ``joint_attention_dim``,
+            ``pooled_projection_dim``) or with other ``guidance_embeds``, of another dtype;
+            beside ``mask``, ``control_latents`` or ``image_latents``; a ``controlnet_cond``
+            missing, a list, or not a 3-D floating tensor of the controlnet's
+            ``in_channels``; ``guess_mode``; a scale or bounds as below; a residual key in
+            ``cond``; at the first evaluation, control latents of another token count or of
+            a batch neither 1 nor the state's. A controlnet with SD3's transformer. With a
             controlnet: one of another class than ``ControlNetModel`` (a list or
             ``MultiControlNetModel`` of them), made for another unet (its ``in_channels``,
             ``cross_attention_dim`` or ``block_out_channels``; beside an inpainting unet's
@@ -1128,9 +1201,30 @@ def from_diffusers(
         num_inference_steps=num_inference_steps,
         strength=strength,
     )
-    control_module, _, control_cond = _control(
-        controlnet, unet, sched, space, cond, negative_cond, model_dtype, settings, bool(inpaint)
-    )
+    if space == "flow" and controlnet is not None:
+        control_module, control_cond = _flow_control(
+            controlnet,
+            unet,
+            sched,
+            cond,
+            negative_cond,
+            model_dtype,
+            settings,
+            flux,
+            bool(inpaint or kontext),
+        )
+    else:
+        control_module, _, control_cond = _control(
+            controlnet,
+            unet,
+            sched,
+            space,
+            cond,
+            negative_cond,
+            model_dtype,
+            settings,
+            bool(inpaint),
+        )
     clean_end = _clean_end(sched) if space == "vp" else True
     ode_dtype, unet_dtype = model_dtype, None
     if preconditioned and isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:

@@ -7,14 +7,16 @@ or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
 (``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines (text-to-image and
 img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
-``FluxKontextPipeline``, the inpainting pipelines of Stable Diffusion and SDXL, and their
-ControlNet inpainting pipelines), a few thousand weights each: for tests and for checking
-plumbing and exactness, which do not depend on the weights. A random network is no
+``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
+``FluxControlNetPipeline``), the inpainting pipelines of Stable Diffusion and SDXL, and
+their ControlNet inpainting pipelines), a few thousand weights each: for tests and for
+checking plumbing and exactness, which do not depend on the weights. A random network is no
 denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +41,8 @@ __all__ = [
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
+    "tiny_flux_controlnet",
+    "tiny_flux_controlnet_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
     "tiny_inpaint_pipeline",
@@ -574,6 +578,43 @@ def tiny_flux_kontext_pipeline(
         )
     parts = tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds).components
     pipe = kontext(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
+    """A ``FluxControlNetModel`` of ``transformer`` (a ``tiny_flux_transformer``), InstantX's
+    kind: its config (one double-stream and one single-stream block), and it takes the
+    control image's packed latents, of the latents' shape ``(batch, tokens, 16)``. Its
+    weights are drawn with ``torch.manual_seed(seed)``, its zero layers (the residuals'
+    projections and the control latents' embedding, zero as diffusers initialises them, when
+    the residuals would be 0) included, so that the transformer's output depends on the
+    control image. In eval mode and the transformer's dtype."""
+    torch.manual_seed(seed)
+    config: Mapping[str, Any] = transformer.config  # type: ignore[assignment]
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    fields = inspect.signature(diffusers.FluxControlNetModel.__init__).parameters
+    net = diffusers.FluxControlNetModel(**{k: v for k, v in config.items() if k in fields})
+    zeroed = [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]
+    with torch.no_grad():
+        for module in zeroed:
+            for param in module.parameters():
+                param.normal_(0.0, 0.2)
+    dtype = next(transformer.parameters()).dtype
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def tiny_flux_controlnet_pipeline(
+    folder: str | Path, scheduler: Any = None, *, guidance_embeds: bool = True
+) -> Any:
+    """A ``FluxControlNetPipeline`` of ``tiny_flux_pipeline``'s parts and
+    ``tiny_flux_controlnet`` of its transformer (seed 2). 16 x 16 RGB images and control
+    images; ``scheduler`` defaults to Flux.1-dev's. Float32; the progress bar is off."""
+    parts = dict(tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds).components)
+    for name in ("image_encoder", "feature_extractor"):
+        parts.pop(name, None)
+    controlnet = tiny_flux_controlnet(parts["transformer"])
+    pipe = diffusers.FluxControlNetPipeline(**parts, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,0 +1,271 @@
+"""bdia.integrations.diffusers with Flux's ControlNet: from_diffusers(controlnet=,
+controlnet_cond=) against FluxControlNetPipeline's run, BDIAScheduler in that pipeline, and
+the refusals.
+
+The controlnet is a tiny random ``FluxControlNetModel`` of the tiny Flux transformer's config
+(``tiny_flux_controlnet``, InstantX's kind: it takes the control image's packed latents).
+The pipeline calls it before the transformer on the same latents, timestep, prompt, guidance
+embedding and ids, with the control latents, which are fixed over the run, so the run is an
+ODE in the latents. As for FluxPipeline, parity is checked in float32, where both sides make
+the same float operations on the same inputs and agree bit for bit; exactness of the
+inversion in float64.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from test_diffusers_flux import (
+    EMBEDDED,
+    N_STEPS,
+    TRUE_CFG,
+    _cond,
+    _dev_scheduler,
+    _encoded,
+    _mu,
+    _noise,
+    _one_line_error,
+    _pipeline_latents,
+    _sigmas,
+)
+from test_diffusers_flux_control import SEED, _control_image, _pipeline_control_latents, _stand_in
+
+import bdia
+from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, from_diffusers
+from bdia.integrations.diffusers.tiny import (
+    tiny_controlnet,
+    tiny_flux_controlnet,
+    tiny_flux_controlnet_pipeline,
+    tiny_flux_transformer,
+    tiny_sd3_transformer,
+    tiny_unet,
+)
+
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+PROMPT = "a photo of a fox"
+NEGATIVE = "a painting of a dog"
+
+
+def _pipeline_cond(pipe, true_cfg=False):
+    """from_diffusers' Flux conditioning of PROMPT (and NEGATIVE under true CFG) as the
+    pipeline encodes it."""
+    cond = dict(_encoded(pipe, PROMPT), img_ids=_cond(torch.float32)["img_ids"], guidance=EMBEDDED)
+    if true_cfg:
+        cond.update(guidance_scale=TRUE_CFG, negative_cond=_encoded(pipe, NEGATIVE))
+    return cond
+
+
+def _grid(scheduler):
+    return diffusers_grid(scheduler, N_STEPS, mu=_mu(scheduler), sigmas=_sigmas())
+
+
+_SETTINGS = {
+    "plain": ({}, False),
+    "true-cfg": ({}, True),
+    "scaled-and-switched": (
+        dict(conditioning_scale=0.6, control_guidance_start=0.2, control_guidance_end=0.7),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(_SETTINGS))
+def test_controlnet_pipeline_gives_bdia_samples_latents(tmp_path, kind):
+    """FluxControlNetPipeline itself (tiny parts, a prompt through its encoders, a PIL control
+    image it prepares and encodes itself, guidance embedding 3.5; true CFG with a negative
+    prompt; a scale of 0.6 and the controlnet on from 20% to 70% of the steps) returns the
+    latents of bdia.sample with euler on from_diffusers(controlnet=pipe.controlnet,
+    controlnet_cond=<the pipeline's control latents>) over the pipeline's grid, bit for bit.
+    The controlnet runs once per step where the pipeline keeps it (5 of 10 steps when
+    switched: the pipeline calls it at every step with a scale of 0 elsewhere, which adds
+    nothing), and another control image gives another run."""
+    settings, true_cfg = _SETTINGS[kind]
+    pipe = tiny_flux_controlnet_pipeline(tmp_path)
+    noise = _noise(torch.float32)
+    control_image = _control_image()
+    options = dict(
+        control_image=control_image,
+        generator=torch.Generator().manual_seed(SEED),
+        controlnet_conditioning_scale=settings.get("conditioning_scale", 1.0),
+        control_guidance_start=settings.get("control_guidance_start", 0.0),
+        control_guidance_end=settings.get("control_guidance_end", 1.0),
+    )
+    if true_cfg:
+        options.update(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG)
+    latents = _pipeline_latents(pipe, noise, PROMPT, **options)
+    control = _pipeline_control_latents(pipe, control_image)
+    if settings.get("control_guidance_start") is not None:
+        settings = dict(settings, num_inference_steps=N_STEPS)
+    ode = from_diffusers(
+        pipe.transformer,
+        pipe.scheduler,
+        controlnet=pipe.controlnet,
+        controlnet_cond=control,
+        **settings,
+        **_pipeline_cond(pipe, true_cfg),
+    )
+    calls = Counter(pipe.controlnet)
+    with torch.no_grad():
+        ours = bdia.sample(ode, bdia.get_solver("euler"), noise, _grid(pipe.scheduler))
+    assert torch.equal(ours, latents)
+    assert calls.calls == (5 if "control_guidance_start" in settings else N_STEPS)
+    other = dict(options, control_image=_control_image(seed=9))
+    other["generator"] = torch.Generator().manual_seed(SEED)
+    moved = _pipeline_latents(pipe, noise, PROMPT, **other)
+    assert float((moved - latents).abs().max() / latents.abs().max()) > 1e-3
+
+
+def test_bdia_euler_inverts_the_controlnet_ode_to_float64_rounding():
+    """bdia(euler, 0.96) on the ControlNet ODE (float64 transformer, controlnet and state,
+    Flux-dev's shifted grid, the controlnet on from 20% to 70% of the steps), from the noise
+    at t = 1 to 0 and back, returns the noise to 1e-12 relative (measured: 0; the pair's low
+    words carry what the state's rounding drops)."""
+    transformer = tiny_flux_transformer(dtype=torch.float64)
+    ode = from_diffusers(
+        transformer,
+        _dev_scheduler(),
+        controlnet=tiny_flux_controlnet(transformer),
+        controlnet_cond=_stand_in(torch.float64),
+        control_guidance_start=0.2,
+        control_guidance_end=0.7,
+        num_inference_steps=N_STEPS,
+        **_cond(torch.float64, true_cfg=True),
+    )
+    assert flow_round_trip_error(ode, _noise(torch.float64), _grid(_dev_scheduler())) < 1e-12
+
+
+def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts(tmp_path):
+    """FluxControlNetPipeline with BDIAScheduler.from_config(its config, gamma=0.9) and the
+    controlnet on from 20% to 70% of the steps gives the latents and the final pair (low
+    words included) of bdia.sample with bdia(euler, 0.9) on the ControlNet ODE, bit for bit;
+    bdia.invert from the pair returns the starting noise bit for bit."""
+    pipe = tiny_flux_controlnet_pipeline(tmp_path)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.9)
+    noise = _noise(torch.float32)
+    control_image = _control_image()
+    bounds = dict(control_guidance_start=0.2, control_guidance_end=0.7)
+    latents = _pipeline_latents(
+        pipe,
+        noise,
+        PROMPT,
+        control_image=control_image,
+        generator=torch.Generator().manual_seed(SEED),
+        **bounds,
+    )
+    ode = from_diffusers(
+        pipe.transformer,
+        pipe.scheduler,
+        controlnet=pipe.controlnet,
+        controlnet_cond=_pipeline_control_latents(pipe, control_image),
+        num_inference_steps=N_STEPS,
+        **bounds,
+        **_pipeline_cond(pipe),
+    )
+    ts = _grid(pipe.scheduler)
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
+    with torch.no_grad():
+        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
+    assert torch.equal(back.earlier, noise)
+
+
+# -------------------------------------------------------------------------- refusals
+
+
+def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
+    """One line each, before any call, the caller's tensors untouched: several controlnets,
+    a union controlnet (num_mode), an XLabs one (an input_hint_block), one of another
+    transformer or of another guidance embedding or dtype, Stable Diffusion's ControlNetModel,
+    a controlnet for SD3's transformer; beside a Depth/Canny transformer's control latents;
+    no control latents, a list, a non-tensor, latents not packed or of other channels; guess
+    mode; bounds out of order or without num_inference_steps; a residual key in cond."""
+    transformer = tiny_flux_transformer()
+    net = tiny_flux_controlnet(transformer)
+    control = _stand_in()
+    flow = _dev_scheduler()
+    base = dict(_cond(torch.float32), controlnet=net, controlnet_cond=control)
+    counters = [Counter(transformer), Counter(net)]
+    fields = {k: v for k, v in net.config.items() if not k.startswith("_")}
+    union = diffusers.FluxControlNetModel(**{**fields, "num_mode": 3})
+    xlabs = diffusers.FluxControlNetModel(**{**fields, "conditioning_embedding_channels": 16})
+    unet_net = tiny_controlnet(tiny_unet(conditional=True, channels=4, cross_attention_dim=16))
+    cases = [
+        (dict(controlnet=[net, net]), ValueError, "several controlnets"),
+        (dict(controlnet=union), ValueError, "num_mode = 3"),
+        (dict(controlnet=xlabs), ValueError, "input_hint_block"),
+        (
+            dict(controlnet=tiny_flux_controlnet(tiny_flux_transformer(joint_attention_dim=8))),
+            ValueError,
+            "joint_attention_dim",
+        ),
+        (
+            dict(controlnet=tiny_flux_controlnet(tiny_flux_transformer(guidance_embeds=False))),
+            ValueError,
+            "guidance_embeds = False",
+        ),
+        (
+            dict(controlnet=tiny_flux_controlnet(tiny_flux_transformer(dtype=torch.float64))),
+            ValueError,
+            "torch.float64",
+        ),
+        (dict(controlnet=unet_net), ValueError, "ControlNetModel"),
+        (dict(controlnet_cond=None), ValueError, "needs controlnet_cond"),
+        (dict(controlnet_cond=[control]), ValueError, "one tensor"),
+        (dict(controlnet_cond=control.numpy()), TypeError, "must be a tensor"),
+        (dict(controlnet_cond=control[None]), ValueError, "(batch or 1, tokens, 16)"),
+        (dict(controlnet_cond=control[..., :8]), ValueError, "(batch or 1, tokens, 16)"),
+        (dict(guess_mode=True), ValueError, "guess_mode"),
+        (
+            dict(control_guidance_start=0.8, control_guidance_end=0.2, num_inference_steps=4),
+            ValueError,
+            "0 <= start < end",
+        ),
+        (dict(control_guidance_start=0.2), ValueError, "need num_inference_steps"),
+        (dict(num_inference_steps=4), ValueError, "leave it out"),
+        (dict(controlnet_block_samples=[control]), ValueError, "controlnet_block_samples"),
+    ]
+    with untouched(control):
+        for kwargs, error, field in cases:
+            with pytest.raises(error) as exc_info:
+                from_diffusers(transformer, flow, **{**base, **kwargs})
+            _one_line_error(exc_info, field)
+        depth = tiny_flux_transformer(in_channels=32, out_channels=16)
+        with pytest.raises(ValueError) as exc_info:
+            from_diffusers(depth, flow, **base, control_latents=control)
+        _one_line_error(exc_info, "beside mask")
+        sd3 = dict(
+            encoder_hidden_states=torch.zeros(1, 4, 16), pooled_projections=torch.zeros(1, 8)
+        )
+        with pytest.raises(ValueError) as exc_info:
+            from_diffusers(
+                tiny_sd3_transformer(), flow, controlnet=net, controlnet_cond=control, **sd3
+            )
+        _one_line_error(exc_info, "SD3")
+    assert [c.calls for c in counters] == [0, 0]
+
+
+def test_control_latents_of_another_size_are_refused_before_the_call():
+    """At the first evaluation, before the controlnet or the transformer is called: control
+    latents of another token count than the state's, or of a batch neither 1 nor the
+    state's."""
+    transformer = tiny_flux_transformer()
+    net = tiny_flux_controlnet(transformer)
+    calls = [Counter(transformer), Counter(net)]
+    for given, field in (
+        (_stand_in()[:, :4], "packed with the latents' tokens"),
+        (_stand_in().repeat(3, 1, 1), "batch 3"),
+    ):
+        ode = from_diffusers(
+            transformer,
+            _dev_scheduler(),
+            controlnet=net,
+            controlnet_cond=given,
+            **_cond(torch.float32),
+        )
+        with pytest.raises(ValueError) as exc_info:
+            ode.evaluate(1.0, _noise(torch.float32))
+        _one_line_error(exc_info, field)
+    assert [c.calls for c in calls] == [0, 0]
