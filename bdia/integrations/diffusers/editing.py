@@ -21,8 +21,10 @@ the unet all 9 channels), or
 ``FluxFillPipeline`` (the same as a 9-channel unet, packed, for its Fill transformer) or
 ``FluxControlPipeline`` (with ``prepare_image``, given ``control_image``: both ODEs give its
 Depth or Canny transformer the control image's packed latents as extra input channels) or
-``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
-itself as the reference image it edits) and:
+``FluxControlNetPipeline`` (with ``controlnet`` and ``prepare_image``, given
+``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
+latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the
+transformer the image itself as the reference image it edits) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -94,6 +96,7 @@ from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
+from ._flow_controlnet import _FLUX_CONTROLNET
 from ._scheduler_config import _SIGMA_SLACK, _class_names
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
@@ -742,6 +745,36 @@ def _flux_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
     return pipe._pack_latents(latents, *latents.shape)
 
 
+def _flux_controlnet_kwargs(
+    pipe: Any,
+    control_image: Any,
+    settings: Mapping[str, Any],
+    steps: Any,
+    shape: Sequence[int],
+    device: torch.device,
+) -> dict[str, Any]:
+    """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's controlnet, but
+    with ``controlnet_cond`` the control image as its ``prepare_image`` makes it (B, 3, H,
+    W), which ``_flux_control_latents`` encodes once the VAE may run."""
+    if control_image is None:
+        raise ValueError(
+            f"the pipeline has a controlnet ({type(pipe.controlnet).__name__}); give "
+            "control_image, the image that guides it, as FluxControlNetPipeline's "
+            "control_image"
+        )
+    start, end = settings["control_guidance_start"], settings["control_guidance_end"]
+    return {
+        "controlnet": pipe.controlnet,
+        "controlnet_cond": _flux_control_image(pipe, control_image, shape, device),
+        "conditioning_scale": settings["controlnet_conditioning_scale"],
+        "guess_mode": settings["guess_mode"],
+        "control_guidance_start": start,
+        "control_guidance_end": end,
+        # from_diffusers takes the steps with a switch only (and checks the bounds).
+        "num_inference_steps": steps if (start, end) != (0, 1) else None,
+    }
+
+
 def _kontext_kwargs(
     pipe: Any, pixels: Tensor, img_ids: Tensor, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Tensor]:
@@ -792,11 +825,13 @@ def _control_kwargs(
                     "leave it out"
                 )
         return {}
+    if _FLUX_CONTROLNET in _class_names(controlnet):
+        return _flux_controlnet_kwargs(pipe, control_image, settings, steps, shape, device)
     if model != "unet":
         raise ValueError(
             f"the pipeline has a controlnet ({type(controlnet).__name__}) beside a transformer; "
             "edit_image maps the ControlNet pipelines of Stable Diffusion and SDXL (a "
-            "ControlNetModel beside a unet), not SD3's or Flux's"
+            "ControlNetModel beside a unet) and FluxControlNetPipeline's, not SD3's"
         )
     # The text-to-image ControlNet pipelines prepare the control image with prepare_image;
     # the img2img and inpainting ones, whose image= is the image to start from, take it as
@@ -1137,11 +1172,13 @@ def edit_image(
             FluxPipeline decodes. A ``FluxFillPipeline`` (a Fill transformer, whose
             ``in_channels`` are twice the packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
-            ``in_channels`` are twice the packed latents') takes ``control_image``; a
-            ``FluxKontextPipeline`` (by its class) conditions both ODEs on
-            the image itself, as its ``image``: the image's packed latents and ids from its
-            ``prepare_latents`` (the mode of the VAE's distribution, its mean, as the
-            pipeline encodes it) as ``from_diffusers``' ``image_latents`` and ``img_ids``.
+            ``in_channels`` are twice the packed latents') takes ``control_image``, and so
+            does a ``FluxControlNetPipeline`` (a ``FluxControlNetModel`` beside the
+            transformer, as ``controlnet``); a ``FluxKontextPipeline`` (by its class)
+            conditions both ODEs on the image itself, as its ``image``: the image's packed
+            latents and ids from its ``prepare_latents`` (the mode of the VAE's
+            distribution, its mean, as the pipeline encodes it) as ``from_diffusers``'
+            ``image_latents`` and ``img_ids``.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
@@ -1229,7 +1266,13 @@ def edit_image(
             all. It is encoded to the *mean* of the VAE's latent distribution (the pipeline
             draws a sample with its generator; the mean makes the edit deterministic),
             shifted, scaled and packed as the pipeline does, and both ODEs take it as
-            ``from_diffusers``' ``control_latents``. Needed with such a transformer.
+            ``from_diffusers``' ``control_latents``. Needed with such a transformer. For a
+            ``FluxControlNetPipeline``, the image that guides its controlnet, as the
+            pipeline's ``control_image``, prepared and encoded the same way (the mean where
+            the pipeline draws a sample), which both ODEs take as ``from_diffusers``'
+            ``controlnet_cond``, with ``controlnet_conditioning_scale`` and the
+            ``control_guidance_*`` bounds (switched on the pipeline's own grid); needed with
+            it.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
             all), as the pipeline's.
         guess_mode: the pipeline's guess mode.
@@ -1291,7 +1334,7 @@ def edit_image(
             and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
             (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
             ``invert_sigmas``). A pipeline with a controlnet without ``control_image`` (or
-            beside a transformer), a ``control_image`` or ControlNet setting for a pipeline
+            beside SD3's transformer), a ``control_image`` or ControlNet setting for a pipeline
             without one, control images of another number than the controlnets or another
             batch than 1 and the image's, a controlnet whose control images are not the
             VAE's factor times the latents' size, and whatever ``from_diffusers`` refuses in
@@ -1554,7 +1597,10 @@ def edit_image(
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
     # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
-    if control:
+    if control and flux:  # the control latents come once the VAE may run
+        control_pixels = control.pop("controlnet_cond")
+        probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"])
+    elif control:
         probe_cond = _control_probe_cond(xl)
     latent_size = (height // vae_factor, width // vae_factor)
     if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
@@ -1630,7 +1676,9 @@ def edit_image(
                 )
             )
         if control_pixels is not None:
-            shared["control_latents"] = _flux_control_latents(pipe, vae, control_pixels)
+            # A Depth or Canny transformer's channels, or FluxControlNetPipeline's controlnet's.
+            name = "controlnet_cond" if control else "control_latents"
+            shared[name] = _flux_control_latents(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
             shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
 
