@@ -1,13 +1,16 @@
-"""Flux's ControlNet (``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it) and its
-settings, checked as ``from_diffusers`` takes them, and its call.
+"""Flux's and SD3's ControlNets (``FluxControlNetModel`` as ``FluxControlNetPipeline`` calls
+it, ``SD3ControlNetModel`` as ``StableDiffusion3ControlNetPipeline`` does) and their settings,
+checked as ``from_diffusers`` takes them, and their calls.
 
-The controlnet takes the packed latents, the timestep, the prompt, the embedded guidance and
-the position ids the transformer takes, and the control image's packed latents; its
-residuals go to the transformer. Its settings are checked in one line before any call
-(``from_diffusers``' Raises lists them); ``control_guidance_start`` and
-``control_guidance_end`` become intervals of ODE times on the pipeline's grid, as for Stable
-Diffusion's ControlNet (``_controlnet``). What is not mapped (a union controlnet's modes,
-XLabs' controlnets of pixels, several controlnets) is refused.
+Flux's controlnet takes the packed latents, the timestep, the prompt, the embedded guidance
+and the position ids the transformer takes, and the control image's packed latents; SD3's
+takes the latents, the timestep, the prompt (or none) and the pooled prompt (or zeros), and
+the control image's latents. Their residuals go to the transformer. The settings are checked
+in one line before any call (``from_diffusers``' Raises lists them);
+``control_guidance_start`` and ``control_guidance_end`` become intervals of ODE times on the
+pipeline's grid, as for Stable Diffusion's ControlNet (``_controlnet``). What is not mapped (a
+union controlnet's modes, XLabs' controlnets of pixels, several controlnets, SD3.5's
+controlnets without their own ``pos_embed``) is refused.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from ._scheduler_config import _class_names
 from .grid import diffusers_grid
 
 _FLUX_CONTROLNET = "FluxControlNetModel"
+_SD3_CONTROLNET = "SD3ControlNetModel"
 # The transformer's arguments the adapter fills with the controlnet's residuals.
 _FLUX_RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")
+_SD3_RESIDUALS = ("block_controlnet_hidden_states",)
 # FluxControlNetPipeline's arguments of the controlnet that are the transformer's too.
 _FLUX_SHARED = (
     "encoder_hidden_states",
@@ -83,6 +88,38 @@ def _check_flux_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None
             "two would see different guidance; give a controlnet of the transformer's kind "
             "(Flux.1-dev's or schnell's)"
         )
+    _check_dtype(net, model_dtype)
+
+
+def _check_sd3_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
+    """Refuse a controlnet that StableDiffusion3ControlNetPipeline would not call as mapped
+    here."""
+    if _SD3_CONTROLNET not in _class_names(net):
+        kind = "several controlnets" if isinstance(net, (list, tuple)) else type(net).__name__
+        raise ValueError(
+            f"controlnet is {kind}; with SD3's transformer bdia calls one diffusers "
+            f"{_SD3_CONTROLNET} (pipe.controlnet of a StableDiffusion3ControlNetPipeline); "
+            "several controlnets (SD3MultiControlNetModel) and Stable Diffusion's "
+            "ControlNetModel are not mapped"
+        )
+    if getattr(net, "pos_embed", None) is None:
+        raise ValueError(
+            "the controlnet has no pos_embed (use_pos_embed = False, SD3.5's 8b controlnets): "
+            "StableDiffusion3ControlNetPipeline gives it the transformer's when it is made; "
+            "give pipe.controlnet of that pipeline"
+        )
+    theirs = transformer.config
+    for field in ("in_channels", "patch_size", "pooled_projection_dim"):
+        mine, other = net.config.get(field), theirs.get(field)
+        if mine is not None and other is not None and mine != other:
+            raise ValueError(
+                f"the controlnet has {field} = {mine!r} but the transformer {other!r}: it was "
+                "made for another transformer; give the controlnet of this one"
+            )
+    _check_dtype(net, model_dtype)
+
+
+def _check_dtype(net: Any, model_dtype: Any) -> None:
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
     if isinstance(model_dtype, torch.dtype) and dtype is not None and dtype != model_dtype:
         raise ValueError(
@@ -92,48 +129,67 @@ def _check_flux_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None
         )
 
 
-def _check_flux_control_latents(value: Any, net: Any) -> Tensor:
-    """The control image's packed latents, checked for kind, dims and channels."""
-    channels = net.config.get("in_channels")
-    how = (
-        "FluxControlNetPipeline's control image: pipe.prepare_image(image, W, H, 1, 1, device, "
-        "vae.dtype), encoded by the vae, shifted, scaled and packed with pipe._pack_latents"
-    )
+def _check_flow_controlnet(net: Any, transformer: Any, model_dtype: Any, flux: bool) -> None:
+    """Refuse a controlnet its transformer's ControlNet pipeline would not call as mapped."""
+    check = _check_flux_controlnet if flux else _check_sd3_controlnet
+    check(net, transformer, model_dtype)
+
+
+def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
+    """The control image's latents (for Flux, packed), checked for kind, dims and channels."""
+    config = net.config
+    if flux:
+        # Packed tokens carry their channels last, latents first after the batch.
+        channels, ndim, dim, shape = config.get("in_channels"), 3, 2, "tokens, {}"
+        how = (
+            "FluxControlNetPipeline's control image: pipe.prepare_image(image, W, H, 1, 1, "
+            "device, vae.dtype), encoded by the vae, shifted, scaled and packed with "
+            "pipe._pack_latents"
+        )
+    else:
+        channels = config.get("in_channels", 16) + config.get("extra_conditioning_channels", 0)
+        ndim, dim, shape = 4, 1, "{}, h, w"
+        how = (
+            "StableDiffusion3ControlNetPipeline's control image: pipe.prepare_image(image, W, "
+            "H, 1, 1, device, dtype) encoded by the vae, less its shift_factor (none where "
+            "the controlnet's force_zeros_for_pooled_projection is set), times its "
+            "scaling_factor"
+        )
     if value is None:
-        raise ValueError(f"controlnet needs controlnet_cond, the packed latents of {how}")
+        raise ValueError(f"controlnet needs controlnet_cond, the latents of {how}")
     if isinstance(value, (list, tuple)):
         raise ValueError(
-            "controlnet_cond for Flux's controlnet is one tensor; several controlnets are not "
-            "mapped"
+            "controlnet_cond for this controlnet is one tensor; several controlnets are not mapped"
         )
     if not isinstance(value, Tensor):
         raise TypeError(
-            f"controlnet_cond must be a tensor, the packed latents of {how}; got "
-            f"{type(value).__name__}"
+            f"controlnet_cond must be a tensor, the latents of {how}; got {type(value).__name__}"
         )
-    if not value.is_floating_point() or value.ndim != 3 or value.shape[2] != channels:
+    if not value.is_floating_point() or value.ndim != ndim or value.shape[dim] != channels:
         raise ValueError(
-            f"controlnet_cond must be a floating tensor of shape (batch or 1, tokens, "
-            f"{channels}) (the controlnet's in_channels), the packed latents of {how}; got a "
-            f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            f"controlnet_cond must be a floating tensor of shape (batch or 1, "
+            f"{shape.format(channels)}) (the controlnet's channels), the latents of {how}; "
+            f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
         )
     return value
 
 
 def _flow_control_ranges(
-    sched: Any, steps: Any, starts: list[float], ends: list[float], tokens: int
+    sched: Any, steps: Any, starts: list[float], ends: list[float], tokens: int | None
 ) -> list[tuple[float, float]]:
-    """Each bound pair as the closed interval of ODE times, ``(lo, hi)``, on which
-    FluxControlNetPipeline calls the controlnet: at entry ``i`` of the scheduler's ``n``
+    """Each bound pair as the closed interval of ODE times, ``(lo, hi)``, on which the
+    ControlNet pipeline calls the controlnet: at entry ``i`` of the scheduler's ``n``
     timesteps when ``i / n >= start`` and ``(i + 1) / n <= end``, entry ``i`` being the
-    pipeline's grid's ``i``-th time (its sigmas ``np.linspace(1, 1 / n, n)``, shifted by the
-    ``mu`` of ``tokens`` image tokens where the scheduler shifts dynamically); a run reaching
-    the first (last) entry reaches past the grid's start (end), an empty run is ``(inf,
-    -inf)``. Refused for a scheduler that calls the transformer more than once a step."""
+    pipeline's grid's ``i``-th time (FluxControlNetPipeline's, for ``tokens`` image tokens:
+    sigmas ``np.linspace(1, 1 / n, n)``, shifted by their ``mu`` where the scheduler shifts
+    dynamically; StableDiffusion3ControlNetPipeline's, ``tokens`` None: the scheduler's own
+    for ``n`` steps); a run reaching the first (last) entry reaches past the grid's start
+    (end), an empty run is ``(inf, -inf)``. Refused for a scheduler that calls the
+    transformer more than once a step."""
     steps = check_steps(steps, "num_inference_steps")
     config = sched.config
-    mu = None
-    if config.get("use_dynamic_shifting", False):
+    mu = sigmas = None
+    if tokens is not None and config.get("use_dynamic_shifting", False):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         mu = calculate_shift(
@@ -143,10 +199,14 @@ def _flow_control_ranges(
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-    sigmas = np.linspace(1.0, 1 / steps, steps)
+    if tokens is not None:
+        sigmas = np.linspace(1.0, 1 / steps, steps)
     ts = [float(v) for v in diffusers_grid(sched, steps, space="flow", mu=mu, sigmas=sigmas)]
     fresh = copy.deepcopy(sched)
-    fresh.set_timesteps(sigmas=sigmas, mu=mu)
+    if tokens is None:
+        fresh.set_timesteps(steps)
+    else:
+        fresh.set_timesteps(sigmas=sigmas, mu=mu)
     n = len(fresh.timesteps)
     if n != len(ts) - 1:
         raise ValueError(
@@ -182,26 +242,22 @@ def _flow_control(
     settings (``from_diffusers``' keyword arguments of the same names), all checked. ``extra``:
     the transformer was given a mask, control latents or a reference image, which no
     ControlNet pipeline gives it."""
-    if not flux:
-        raise ValueError(
-            "controlnet: with SD3's transformer bdia does not map a controlnet "
-            "(SD3ControlNetModel); Flux's FluxControlNetModel is mapped"
-        )
+    pipeline = "FluxControlNetPipeline" if flux else "StableDiffusion3ControlNetPipeline"
     if extra:
         raise ValueError(
             "controlnet was given beside mask, masked_image_latents, control_latents or "
-            "image_latents; FluxControlNetPipeline calls a text-to-image transformer on the "
-            "latents alone: give one or the other"
+            f"image_latents; {pipeline} calls a text-to-image transformer on the latents "
+            "alone: give one or the other"
         )
-    _check_flux_controlnet(controlnet, transformer, model_dtype)
-    _check_cond(cond, negative_cond, _FLOW_RESERVED + _FLUX_RESIDUALS)
-    image = _check_flux_control_latents(settings["controlnet_cond"], controlnet)
+    _check_flow_controlnet(controlnet, transformer, model_dtype, flux)
+    _check_cond(cond, negative_cond, _FLOW_RESERVED + (_FLUX_RESIDUALS if flux else _SD3_RESIDUALS))
+    image = _check_control_latents(settings["controlnet_cond"], controlnet, flux)
     if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
         image = image.to(model_dtype)
     if settings["guess_mode"] is not False:
         raise ValueError(
-            "guess_mode is Stable Diffusion's ControlNet pipelines'; FluxControlNetPipeline has "
-            "none: leave it out"
+            f"guess_mode is Stable Diffusion's ControlNet pipelines'; {pipeline} has none: "
+            "leave it out"
         )
     (scale,) = _per_net(settings["conditioning_scale"], 1, "conditioning_scale")
     (start,) = _per_net(settings["control_guidance_start"], 1, "control_guidance_start")
@@ -225,27 +281,56 @@ def _flow_control(
         )
     entries: dict[str, Any] = {"controlnet_cond": image, "conditioning_scale": scale}
     if switched:
-        tokens = int(cond["img_ids"].shape[0])
+        tokens = int(cond["img_ids"].shape[0]) if flux else None
         entries["control_range"] = _flow_control_ranges(sched, steps, [start], [end], tokens)
     return controlnet, entries
 
 
-def _check_flow_control_image(x: Tensor, image: Tensor) -> None:
-    """Refuse control latents of another token count than the packed state's."""
-    if image.ndim != 3 or x.ndim != 3 or image.shape[1] != x.shape[1]:
+def _check_flow_control_image(x: Tensor, image: Tensor, flux: bool) -> None:
+    """Refuse control latents of another token count than the packed state's (Flux), or of
+    another size than the latents' (SD3)."""
+    if flux and (image.ndim != 3 or x.ndim != 3 or image.shape[1] != x.shape[1]):
         raise ValueError(
             f"controlnet_cond has shape {tuple(image.shape)}, but the state has shape "
             f"{tuple(x.shape)}: give the control image's latents packed with the latents' "
             "tokens, as FluxControlNetPipeline makes them at the image's size"
+        )
+    if not flux and tuple(image.shape[2:]) != tuple(x.shape[2:]):
+        raise ValueError(
+            f"controlnet_cond has shape {tuple(image.shape)}, but the state has shape "
+            f"{tuple(x.shape)}: give the control image's latents at the latents' size, as "
+            "StableDiffusion3ControlNetPipeline encodes the image at the image's size"
         )
 
 
 def _flow_residuals(
     controlnet: Any, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any], image: Tensor, scale: float
 ) -> dict[str, Any]:
-    """The Flux controlnet's residuals as the transformer's arguments, of one call on the
-    packed latents ``x`` at the transformer's timestep ``tau`` with the transformer's
-    arguments ``kwargs`` (of ``x``'s batch), as FluxControlNetPipeline calls it."""
+    """The controlnet's residuals as the transformer's arguments, of one call on the (for
+    Flux, packed) latents ``x`` at the transformer's timestep ``tau`` with the transformer's
+    arguments ``kwargs`` (of ``x``'s batch), as FluxControlNetPipeline or
+    StableDiffusion3ControlNetPipeline calls it."""
+    if _SD3_CONTROLNET in _class_names(controlnet):
+        config = controlnet.config
+        pooled = kwargs["pooled_projections"]
+        # InstantX's SD3 controlnets were trained with zeros for the pooled prompt, and
+        # SD3.5's without the prompt: the pipeline gives them so.
+        if config.get("force_zeros_for_pooled_projection", True):
+            pooled = torch.zeros_like(pooled)
+        embeds = kwargs["encoder_hidden_states"]
+        if config.get("joint_attention_dim") is None:
+            embeds = None
+        (blocks,) = controlnet(
+            hidden_states=x,
+            timestep=tau,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            joint_attention_kwargs=kwargs.get("joint_attention_kwargs"),
+            controlnet_cond=image,
+            conditioning_scale=scale,
+            return_dict=False,
+        )
+        return {_SD3_RESIDUALS[0]: blocks}
     shared = {k: kwargs[k] for k in _FLUX_SHARED if k in kwargs}
     blocks, singles = controlnet(
         hidden_states=x,

@@ -39,7 +39,10 @@ several), every model evaluation calls it before the unet on the unet's input an
 as ``StableDiffusionControlNetPipeline`` and ``StableDiffusionXLControlNetPipeline`` do, and
 the unet gets its residuals. A ``FluxControlNetModel`` is called so before Flux's
 transformer, as ``FluxControlNetPipeline`` calls it: on the packed latents, with the control
-image's packed latents and the transformer's timestep, prompt, guidance and ids.
+image's packed latents and the transformer's timestep, prompt, guidance and ids; an
+``SD3ControlNetModel`` before SD3's, as ``StableDiffusion3ControlNetPipeline`` calls it: on
+the latents, with the control image's latents, the timestep and the prompt, under guidance
+on the batch ``[unconditional, conditional]``.
 
 With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
@@ -104,7 +107,7 @@ from ._controlnet import (
 )
 from ._flow_controlnet import (
     _check_flow_control_image,
-    _check_flux_controlnet,
+    _check_flow_controlnet,
     _flow_control,
     _flow_residuals,
 )
@@ -184,7 +187,9 @@ class DiffusersModel(torch.nn.Module):
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
             ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``); with
-            ``flux``, a ``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it.
+            ``flux``, a ``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it, and
+            in ``"flow"`` space without it an ``SD3ControlNetModel``, as
+            ``StableDiffusion3ControlNetPipeline`` calls it.
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
@@ -225,11 +230,6 @@ class DiffusersModel(torch.nn.Module):
             )
         if flux and space != "flow":
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
-        if controlnet is not None and space == "flow" and not flux:
-            raise ValueError(
-                "controlnet needs space 'vp' or 'edm' (a unet), or a Flux transformer, got "
-                "'flow' without flux"
-            )
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -267,8 +267,8 @@ class DiffusersModel(torch.nn.Module):
         self.controlnet = None
         self._nets: list[Any] = []
         self._multi = False
-        if controlnet is not None and flux:
-            _check_flux_controlnet(controlnet, unet, None)
+        if controlnet is not None and space == "flow":
+            _check_flow_controlnet(controlnet, unet, None, flux)
             self.controlnet, self._nets = controlnet, [controlnet]
         elif controlnet is not None:
             self.controlnet, self._nets = _controlnets(controlnet)
@@ -387,7 +387,14 @@ class DiffusersModel(torch.nn.Module):
                 conditional arguments (prompt, guidance, ids), once (true guidance's two
                 calls share its residuals, as ``FluxControlNetPipeline``'s do), and its
                 residuals go to the transformer as ``controlnet_block_samples`` and
-                ``controlnet_single_block_samples``.
+                ``controlnet_single_block_samples``. For SD3's controlnet, the control image's
+                latents, shape ``(batch or 1, C, h, w)`` for a state of ``(batch, 4 or 16, h,
+                w)``: called on the transformer's input and timestep with its
+                ``encoder_hidden_states`` (none where the controlnet has no
+                ``joint_attention_dim``) and ``pooled_projections`` (zeros where it has
+                ``force_zeros_for_pooled_projection``), under guidance on the batch
+                ``[unconditional, conditional]`` with the control latents in both halves;
+                its residuals go to the transformer as ``block_controlnet_hidden_states``.
             conditioning_scale: the controlnet's scale of its residuals (a list, one per net,
                 for a ``MultiControlNetModel``).
             guess_mode: the pipelines' guess mode: the controlnet's residuals scaled from 0.1
@@ -649,8 +656,8 @@ class DiffusersModel(torch.nn.Module):
         batched = []
         for i, (image, net) in enumerate(zip(images, self._nets)):
             where = f"controlnet_cond[{i}]" if self._multi else "controlnet_cond"
-            if self.flux:
-                _check_flow_control_image(x, image)
+            if self.space == "flow":
+                _check_flow_control_image(x, image, self.flux)
                 batched.append(_batched(image, batch, where))
                 continue
             f = _control_factor(net)
@@ -712,7 +719,7 @@ class DiffusersModel(torch.nn.Module):
         ``tau`` with the unet's arguments ``kwargs`` of that batch; with ``pad``, zeros for
         an unconditional half before them (guess mode under guidance)."""
         assert self.controlnet is not None
-        if self.flux:
+        if self.space == "flow":
             return _flow_residuals(self.controlnet, x, tau, kwargs, images[0], scales[0])
         extra: dict[str, Any] = {"encoder_hidden_states": kwargs["encoder_hidden_states"]}
         added = kwargs.get("added_cond_kwargs")
@@ -906,8 +913,16 @@ def from_diffusers(
             ``pooled_projections``, ``guidance``, ``txt_ids`` and ``img_ids`` of the
             conditional branch, once per evaluation (true guidance's negative call takes the
             same residuals); its residuals go to the transformer as
-            ``controlnet_block_samples`` and ``controlnet_single_block_samples``. Not with
-            SD3's transformer.
+            ``controlnet_block_samples`` and ``controlnet_single_block_samples``. With SD3's
+            transformer, an ``SD3ControlNetModel`` of it (``pipe.controlnet`` of a
+            ``StableDiffusion3ControlNetPipeline``, which gives an SD3.5 controlnet without
+            its own ``pos_embed`` the transformer's; one, not several), called as that
+            pipeline calls it: on the latents and the transformer's timestep, with
+            ``encoder_hidden_states`` (none for a controlnet without
+            ``joint_attention_dim``) and ``pooled_projections`` (zeros for one with
+            ``force_zeros_for_pooled_projection``, InstantX's), under guidance on the batch
+            ``[unconditional, conditional]``; its residuals go to the transformer as
+            ``block_controlnet_hidden_states``.
         controlnet_cond: the control image, as the pipeline prepares it
             (``pipe.control_image_processor.preprocess(image, height=H, width=W)``: values in
             [0, 1]): a floating tensor of shape ``(batch or 1, conditioning_channels, H, W)``
@@ -919,14 +934,21 @@ def from_diffusers(
             device, vae.dtype)`` encoded by the vae (the pipeline draws a sample with its
             generator), shifted by ``shift_factor``, scaled by ``scaling_factor`` and packed
             by ``_pack_latents``: shape ``(batch or 1, tokens, in_channels)``, cast to
-            ``model_dtype``.
+            ``model_dtype``. For SD3's, the control image's latents as
+            ``StableDiffusion3ControlNetPipeline`` makes them: ``pipe.prepare_image(image, W,
+            H, 1, 1, device, dtype)`` encoded by the vae (the pipeline draws a sample from
+            torch's global generator, one per half of guidance's batch), less the vae's
+            ``shift_factor`` (none where the controlnet has
+            ``force_zeros_for_pooled_projection``), times its ``scaling_factor``: shape
+            ``(batch or 1, in_channels + extra_conditioning_channels, h, w)``, cast to
+            ``model_dtype``, the same in both halves of guidance.
         conditioning_scale: the scale of the controlnet's residuals, the pipelines'
             ``controlnet_conditioning_scale``: a number, or one per net.
         guess_mode: the pipelines' guess mode: residuals scaled from 0.1 at the first block
             to 1 at the mid block, and under guidance the controlnet called on the
             conditional half alone, the unconditional half given none. Set as the pipelines
             set it where the (first) controlnet's config has ``global_pool_conditions``.
-            Not for Flux's controlnet (``FluxControlNetPipeline`` has no guess mode).
+            Not for Flux's or SD3's controlnet (their pipelines have no guess mode).
         control_guidance_start: the fraction of the pipeline's steps before which the
             controlnet is off (a number, or one per net). The pipelines keep it at entry
             ``i`` of the scheduler's ``n`` timesteps when ``i / n >= start`` and ``(i + 1) /
@@ -938,7 +960,8 @@ def from_diffusers(
             at one time (Heun's) are refused. For Flux's controlnet the grid is
             ``FluxControlNetPipeline``'s: ``diffusers_grid(scheduler, n, mu=mu,
             sigmas=np.linspace(1, 1 / n, n))``, ``mu`` the pipeline's ``calculate_shift`` of
-            ``img_ids``' rows where the scheduler shifts dynamically. Elsewhere its scale is
+            ``img_ids``' rows where the scheduler shifts dynamically; for SD3's,
+            ``diffusers_grid(scheduler, n)``. Elsewhere its scale is
             0; where all nets' are, neither it nor its residuals are used.
         control_guidance_end: the fraction of steps after which the controlnet is off, as
             above.
@@ -1066,9 +1089,15 @@ def from_diffusers(
             missing, a list, or not a 3-D floating tensor of the controlnet's
             ``in_channels``; ``guess_mode``; a scale or bounds as below; a residual key in
             ``cond``; at the first evaluation, control latents of another token count or of
-            a batch neither 1 nor the state's. A controlnet with SD3's transformer. With a
-            controlnet: one of another class than ``ControlNetModel`` (a list or
-            ``MultiControlNetModel`` of them), made for another unet (its ``in_channels``,
+            a batch neither 1 nor the state's. With SD3's controlnet: one of another class
+            than ``SD3ControlNetModel`` (several, Stable Diffusion's, Flux's), one without a
+            ``pos_embed``, made for another transformer (``in_channels``, ``patch_size``,
+            ``pooled_projection_dim``), of another dtype; a ``controlnet_cond`` missing, a
+            list, or not a 4-D floating tensor of ``in_channels +
+            extra_conditioning_channels``; the other refusals as for Flux's; at the first
+            evaluation, control latents of another size or batch. With a controlnet: one of
+            another class than ``ControlNetModel`` (a list or ``MultiControlNetModel`` of
+            them), made for another unet (its ``in_channels``,
             ``cross_attention_dim`` or ``block_out_channels``; beside an inpainting unet's
             mask, an ``in_channels`` other than the latents', the unet's ``out_channels``),
             of another dtype, or with a

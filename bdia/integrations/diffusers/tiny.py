@@ -7,8 +7,9 @@ or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
 (``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines (text-to-image and
 img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
-``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
-``FluxControlNetPipeline``), the inpainting pipelines of Stable Diffusion and SDXL, and
+``FluxKontextPipeline``, the ControlNet pipelines of Flux
+(``FluxControlNetModel``, ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
+``StableDiffusion3ControlNetPipeline``), the inpainting pipelines of Stable Diffusion and SDXL, and
 their ControlNet inpainting pipelines), a few thousand weights each: for tests and for
 checking plumbing and exactness, which do not depend on the weights. A random network is no
 denoiser, so what they sample is not an image of anything.
@@ -43,6 +44,8 @@ __all__ = [
     "tiny_flux_kontext_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
+    "tiny_sd3_controlnet",
+    "tiny_sd3_controlnet_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
     "tiny_inpaint_pipeline",
@@ -590,18 +593,57 @@ def tiny_flux_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torc
     projections and the control latents' embedding, zero as diffusers initialises them, when
     the residuals would be 0) included, so that the transformer's output depends on the
     control image. In eval mode and the transformer's dtype."""
+    net = _controlnet_of(diffusers.FluxControlNetModel, transformer, seed)
+    zeroed = [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]
+    return _drawn(net, zeroed, transformer)
+
+
+def _controlnet_of(cls: Any, transformer: torch.nn.Module, seed: int) -> Any:
+    """A controlnet of class ``cls`` with the fields of ``transformer``'s config that it
+    takes, its weights drawn with ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     config: Mapping[str, Any] = transformer.config  # type: ignore[assignment]
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    fields = inspect.signature(diffusers.FluxControlNetModel.__init__).parameters
-    net = diffusers.FluxControlNetModel(**{k: v for k, v in config.items() if k in fields})
-    zeroed = [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]
+    fields = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in config.items() if k in fields and not k.startswith("_")})
+
+
+def _drawn(net: Any, zeroed: Sequence[Any], transformer: torch.nn.Module) -> Any:
+    """``net`` with the parameters of its ``zeroed`` modules drawn from N(0, 0.2^2) (after
+    its own weights, from the same seed), in eval mode and ``transformer``'s dtype."""
     with torch.no_grad():
         for module in zeroed:
             for param in module.parameters():
                 param.normal_(0.0, 0.2)
     dtype = next(transformer.parameters()).dtype
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def tiny_sd3_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
+    """An ``SD3ControlNetModel`` of ``transformer`` (a ``tiny_sd3_transformer``), with its
+    config (one joint block; InstantX's kind, ``force_zeros_for_pooled_projection``: zeros
+    for the pooled prompt): it takes the control image's latents, of the latents' shape
+    ``(batch, 4, 8, 8)``. Its weights are drawn with ``torch.manual_seed(seed)``, its zero
+    layers (the residuals' projections and the control latents' embedding) included, so that
+    the transformer's output depends on the control image. In eval mode and the
+    transformer's dtype."""
+    net = _controlnet_of(diffusers.SD3ControlNetModel, transformer, seed)
+    return _drawn(net, [*net.controlnet_blocks, net.pos_embed_input], transformer)
+
+
+def tiny_sd3_controlnet_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A ``StableDiffusion3ControlNetPipeline`` of ``tiny_sd3_pipeline``'s parts, but a
+    transformer of two joint blocks (``tiny_sd3_transformer(num_layers=2)``: the last block
+    takes no residual, its context being pre-only), and ``tiny_sd3_controlnet`` of that
+    transformer (seed 2). 16 x 16 RGB images and control images; ``scheduler`` defaults to
+    SD3's. Float32; the progress bar is off."""
+    parts = dict(tiny_sd3_pipeline(folder, scheduler).components)
+    for name in ("image_encoder", "feature_extractor"):
+        parts.pop(name, None)
+    parts["transformer"] = tiny_sd3_transformer(num_layers=2)
+    controlnet = tiny_sd3_controlnet(parts["transformer"])
+    pipe = diffusers.StableDiffusion3ControlNetPipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_flux_controlnet_pipeline(
