@@ -22,7 +22,8 @@ import torch
 from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
 from test_diffusers_flow import BATCH, N_STEPS, _cond, _noise, _one_line_error
 from test_diffusers_flow import _pipeline_latents as _sd3_latents
-from test_diffusers_flux_control import _control_image
+from test_diffusers_flux_control import PROMPT, _control_image, _edit
+from test_diffusers_flux_controlnet import edit_is_exact_under_the_control_image
 
 import bdia
 from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, from_diffusers
@@ -240,3 +241,47 @@ def test_control_latents_of_another_size_are_refused_before_the_call():
             ode.evaluate(1.0, _noise(torch.float32))
         _one_line_error(exc_info, field)
     assert [c.calls for c in calls] == [0, 0]
+
+
+# ----------------------------------------------------------------------- edit_image
+
+
+def test_edit_image_inverts_exactly_under_the_control_image(tmp_path):
+    """edit_image on StableDiffusion3ControlNetPipeline (guidance 7.5) inverts and
+    regenerates two images under one control image exactly (see
+    test_diffusers_flux_controlnet's edit_is_exact_under_the_control_image: latent_error
+    measured 0 in float64, float32 and switched); another control image gives another edit
+    (relative difference above 1e-3; measured 0.053)."""
+    pipe = tiny_sd3_controlnet_pipeline(tmp_path)
+    assert edit_is_exact_under_the_control_image(pipe, (2, 4, 8, 8)) > 1e-3
+
+
+def test_edit_image_conditions_as_the_controlnet_pipeline_prepares_its_image(tmp_path, mean_draws):
+    """For a PIL control image, the control latents of edit_image's ODEs are bit for bit
+    those StableDiffusion3ControlNetPipeline gives its controlnet (its prepare_image, the
+    VAE's encoding, no shift for InstantX's kind, the scale), with the VAE's mean where the
+    pipeline draws a sample (patched in for the comparison: edit_image takes the mean, so that
+    its edit is deterministic). The pipeline runs without guidance here, so that it encodes
+    one image as edit_image does: under guidance it encodes the image twice in one batch,
+    where the VAE's convolutions may round otherwise."""
+    from PIL import Image
+
+    pipe = tiny_sd3_controlnet_pipeline(tmp_path)
+    pixels = (torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(5)) * 255).byte()
+    image, control_image = Image.fromarray(pixels.numpy()), _control_image()
+    result = _edit(pipe, image, control_image)
+    seen = []
+    pipe.controlnet.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["controlnet_cond"]), with_kwargs=True
+    )
+    pipe(
+        prompt=PROMPT,
+        control_image=control_image,
+        num_inference_steps=1,
+        height=16,
+        width=16,
+        guidance_scale=1.0,
+        output_type="latent",
+    )
+    for ode in (result.inversion.ode, result.target):
+        assert torch.equal(ode.cond["controlnet_cond"], seen[0])

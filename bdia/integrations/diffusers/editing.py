@@ -23,7 +23,8 @@ the unet all 9 channels), or
 Depth or Canny transformer the control image's packed latents as extra input channels) or
 ``FluxControlNetPipeline`` (with ``controlnet`` and ``prepare_image``, given
 ``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
-latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the
+latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
+control image's latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the
 transformer the image itself as the reference image it edits) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
@@ -96,7 +97,7 @@ from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
-from ._flow_controlnet import _FLUX_CONTROLNET
+from ._flow_controlnet import _FLUX_CONTROLNET, _SD3_CONTROLNET
 from ._scheduler_config import _SIGMA_SLACK, _class_names
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
@@ -745,7 +746,20 @@ def _flux_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
     return pipe._pack_latents(latents, *latents.shape)
 
 
-def _flux_controlnet_kwargs(
+def _sd3_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
+    """``from_diffusers``' ``controlnet_cond`` of the prepared control image ``control`` (B,
+    3, H, W) for StableDiffusion3ControlNetPipeline's controlnet, as the pipeline encodes it
+    but with the *mean* of the VAE's latent distribution where the pipeline draws a sample:
+    less ``shift_factor`` (none where the controlnet's ``force_zeros_for_pooled_projection``
+    is set, InstantX's, as the pipeline does), times ``scaling_factor``, in the VAE's
+    dtype."""
+    shift = vae.config.shift_factor
+    if pipe.controlnet.config.get("force_zeros_for_pooled_projection", True):
+        shift = 0
+    return (_mean(vae, control) - shift) * vae.config.scaling_factor
+
+
+def _flow_controlnet_kwargs(
     pipe: Any,
     control_image: Any,
     settings: Mapping[str, Any],
@@ -753,14 +767,14 @@ def _flux_controlnet_kwargs(
     shape: Sequence[int],
     device: torch.device,
 ) -> dict[str, Any]:
-    """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's controlnet, but
-    with ``controlnet_cond`` the control image as its ``prepare_image`` makes it (B, 3, H,
-    W), which ``_flux_control_latents`` encodes once the VAE may run."""
+    """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's or
+    StableDiffusion3ControlNetPipeline's controlnet, but with ``controlnet_cond`` the control
+    image as its ``prepare_image`` makes it (B, 3, H, W), which ``_flux_control_latents`` or
+    ``_sd3_control_latents`` encodes once the VAE may run."""
     if control_image is None:
         raise ValueError(
             f"the pipeline has a controlnet ({type(pipe.controlnet).__name__}); give "
-            "control_image, the image that guides it, as FluxControlNetPipeline's "
-            "control_image"
+            "control_image, the image that guides it, as the pipeline's control_image"
         )
     start, end = settings["control_guidance_start"], settings["control_guidance_end"]
     return {
@@ -825,13 +839,14 @@ def _control_kwargs(
                     "leave it out"
                 )
         return {}
-    if _FLUX_CONTROLNET in _class_names(controlnet):
-        return _flux_controlnet_kwargs(pipe, control_image, settings, steps, shape, device)
+    if {_FLUX_CONTROLNET, _SD3_CONTROLNET} & set(_class_names(controlnet)):
+        return _flow_controlnet_kwargs(pipe, control_image, settings, steps, shape, device)
     if model != "unet":
         raise ValueError(
             f"the pipeline has a controlnet ({type(controlnet).__name__}) beside a transformer; "
             "edit_image maps the ControlNet pipelines of Stable Diffusion and SDXL (a "
-            "ControlNetModel beside a unet) and FluxControlNetPipeline's, not SD3's"
+            "ControlNetModel beside a unet), FluxControlNetPipeline's and "
+            "StableDiffusion3ControlNetPipeline's, not this one"
         )
     # The text-to-image ControlNet pipelines prepare the control image with prepare_image;
     # the img2img and inpainting ones, whose image= is the image to start from, take it as
@@ -1174,7 +1189,8 @@ def edit_image(
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
             ``in_channels`` are twice the packed latents') takes ``control_image``, and so
             does a ``FluxControlNetPipeline`` (a ``FluxControlNetModel`` beside the
-            transformer, as ``controlnet``); a ``FluxKontextPipeline`` (by its class)
+            transformer, as ``controlnet``) and a ``StableDiffusion3ControlNetPipeline`` (an
+            ``SD3ControlNetModel``); a ``FluxKontextPipeline`` (by its class)
             conditions both ODEs on the image itself, as its ``image``: the image's packed
             latents and ids from its ``prepare_latents`` (the mode of the VAE's
             distribution, its mean, as the pipeline encodes it) as ``from_diffusers``'
@@ -1272,7 +1288,11 @@ def edit_image(
             the pipeline draws a sample), which both ODEs take as ``from_diffusers``'
             ``controlnet_cond``, with ``controlnet_conditioning_scale`` and the
             ``control_guidance_*`` bounds (switched on the pipeline's own grid); needed with
-            it.
+            it. For a ``StableDiffusion3ControlNetPipeline`` the same, the latents less the
+            VAE's ``shift_factor`` only where the controlnet's
+            ``force_zeros_for_pooled_projection`` is unset, as the pipeline encodes them
+            (which draws a sample from torch's global generator, one per half of
+            guidance's batch).
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
             all), as the pipeline's.
         guess_mode: the pipeline's guess mode.
@@ -1334,12 +1354,14 @@ def edit_image(
             and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
             (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
             ``invert_sigmas``). A pipeline with a controlnet without ``control_image`` (or
-            beside SD3's transformer), a ``control_image`` or ControlNet setting for a pipeline
-            without one, control images of another number than the controlnets or another
-            batch than 1 and the image's, a controlnet whose control images are not the
-            VAE's factor times the latents' size, and whatever ``from_diffusers`` refuses in
-            the ControlNet settings.
-            A Flux Depth or Canny transformer without ``control_image``, in a pipeline
+            of another class than its network's ControlNet pipeline calls), a
+            ``control_image`` or ControlNet setting for a pipeline without one, control
+            images of another number than the controlnets or another batch than 1 and the
+            image's, a controlnet whose control images are not the VAE's factor times the
+            latents' size, and whatever ``from_diffusers`` refuses in the ControlNet
+            settings. A Flux Depth or Canny transformer (or the controlnet of
+            ``FluxControlNetPipeline`` or ``StableDiffusion3ControlNetPipeline``) without
+            ``control_image``, in a pipeline
             without ``prepare_image``, or with a tensor control image that is not of shape
             ``(1 or batch, 3, H, W)``, floating and in [-1, 1], or control images of another
             batch than 1 and the image's.
@@ -1597,9 +1619,13 @@ def edit_image(
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
     # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
-    if control and flux:  # the control latents come once the VAE may run
+    if control and (flux or sd3):  # the control latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
+        net = control["controlnet"].config
         probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"])
+        if sd3:  # latents of the controlnet's channels
+            channels = net.get("in_channels", 16) + net.get("extra_conditioning_channels", 0)
+            probe_cond["controlnet_cond"] = torch.zeros(1, channels, 1, 1)
     elif control:
         probe_cond = _control_probe_cond(xl)
     latent_size = (height // vae_factor, width // vae_factor)
@@ -1678,7 +1704,8 @@ def edit_image(
         if control_pixels is not None:
             # A Depth or Canny transformer's channels, or FluxControlNetPipeline's controlnet's.
             name = "controlnet_cond" if control else "control_latents"
-            shared[name] = _flux_control_latents(pipe, vae, control_pixels)
+            encode = _sd3_control_latents if sd3 else _flux_control_latents
+            shared[name] = encode(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
             shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
 
