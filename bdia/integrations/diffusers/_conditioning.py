@@ -38,6 +38,12 @@ _INPAINT_KEYS = ("mask", "masked_image_latents")
 _KONTEXT_KEY = "image_latents"
 # The ODE's cond key of FluxControlPipeline's control image channels (DiffusersModel.forward's).
 _FLUX_CONTROL_KEY = "control_latents"
+# An IP-Adapter's image projection (the unet's encoder_hid_dim_type once one is loaded), and
+# the other projections and added embeddings of a unet that read added_cond_kwargs'
+# image_embeds (Kandinsky's, diffusers' UNet2DConditionModel).
+_IP_PROJECTION = "ip_image_proj"
+_IMAGE_PROJECTIONS = (_IP_PROJECTION, "image_proj", "text_image_proj")
+_IMAGE_ADDITIONS = ("image", "text_image", "image_hint")
 _CONTROL_HOW = (
     "packed as FluxControlPipeline makes them: the control image through its prepare_image, "
     "encoded by the vae, shifted and scaled, then _pack_latents"
@@ -545,3 +551,111 @@ def _flux_control_cond(
             f"give the control image's latents {_CONTROL_HOW}"
         )
     return {_FLUX_CONTROL_KEY: control_latents}
+
+
+def _hid_dim_type(config: Any) -> Any:
+    """A unet config's ``encoder_hid_dim_type`` as the unet reads it: the attribute, which
+    ``load_ip_adapter`` sets on the frozen config without changing its mapping (where the
+    field stays None), else the mapping's entry."""
+    value = getattr(config, "encoder_hid_dim_type", None)
+    if value is None and isinstance(config, Mapping):
+        value = config.get("encoder_hid_dim_type")
+    return value
+
+
+def _ip_adapters(unet: Any) -> int | None:
+    """How many IP-Adapters the unet has loaded (``pipe.load_ip_adapter`` sets its
+    ``encoder_hid_dim_type`` to ``"ip_image_proj"`` and its ``encoder_hid_proj`` to a
+    ``MultiIPAdapterImageProjection`` of one projection each); None for a unet without one."""
+    if _hid_dim_type(getattr(unet, "config", None)) != _IP_PROJECTION:
+        return None
+    layers = getattr(getattr(unet, "encoder_hid_proj", None), "image_projection_layers", None)
+    return len(layers) if layers is not None else 0
+
+
+def _image_embeds(branch: Mapping[str, Any] | None) -> Any:
+    """``branch['added_cond_kwargs']['image_embeds']``, or None where either key is missing."""
+    added = (branch or {}).get("added_cond_kwargs")
+    return added.get("image_embeds") if isinstance(added, Mapping) else None
+
+
+def _check_ip_adapter(
+    unet: Any,
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    guidance_scale: float | None,
+) -> None:
+    """Refuse, in one line and before any call, an IP-Adapter's image prompt that the unet
+    would not take as the pipelines give it.
+
+    A unet with IP-Adapters loaded takes ``added_cond_kwargs={"image_embeds": [...]}``, a
+    list of one floating tensor per adapter, ``(batch or 1, images, D)`` (a plain
+    IP-Adapter's CLIP image embeddings) or ``(batch or 1, images, tokens, D)`` (an IP-Adapter
+    Plus's hidden states), as ``prepare_ip_adapter_image_embeds`` makes them. Under guidance
+    the pipelines give the unconditional branch its own (zeros, or the image encoder's
+    hidden states of a black image): without image embeddings in ``negative_cond`` the
+    adapter would double the conditional ones into both halves, another vector field than
+    the pipeline's, so that is refused. Image embeddings for a unet that reads none (no
+    IP-Adapter and no image projection or image embedding of its own) are refused too:
+    diffusers would ignore them without a word."""
+    config = getattr(unet, "config", None)
+    if not isinstance(config, Mapping):
+        return
+    adapters = _ip_adapters(unet)
+    embeds = _image_embeds(cond)
+    how = (
+        "one tensor per adapter as the pipeline's prepare_ip_adapter_image_embeds(image, "
+        "None, device, 1, do_classifier_free_guidance) makes them"
+    )
+    if adapters is None:
+        projection = _hid_dim_type(config)
+        reads = projection in _IMAGE_PROJECTIONS or config.get("addition_embed_type") in (
+            _IMAGE_ADDITIONS
+        )
+        if not reads and (embeds is not None or _image_embeds(negative_cond) is not None):
+            raise ValueError(
+                "added_cond_kwargs has image_embeds, an IP-Adapter's image prompt, but the unet "
+                f"has no IP-Adapter loaded (its encoder_hid_dim_type is {projection!r}) and "
+                "would ignore them; load one "
+                "with pipe.load_ip_adapter(...), or leave image_embeds out"
+            )
+        return
+    if embeds is None:
+        raise ValueError(
+            f"the unet has {adapters} IP-Adapter(s) loaded (encoder_hid_dim_type = "
+            f"{_IP_PROJECTION!r}) and takes an image prompt: pass added_cond_kwargs="
+            f"{{'image_embeds': [...]}}, {how}, or unload it (pipe.unload_ip_adapter())"
+        )
+    for where, value in (("", embeds), ("negative_cond", _image_embeds(negative_cond))):
+        if value is None:
+            continue
+        label = f"{where}['added_cond_kwargs']['image_embeds']" if where else "image_embeds"
+        if not isinstance(value, list) or len(value) != adapters:
+            got = (
+                f"a list of {len(value)}"
+                if isinstance(value, list)
+                else f"a {type(value).__name__}"
+            )
+            raise ValueError(f"{label} must be a list of {adapters} tensor(s), {how}; got {got}")
+        for i, tensor in enumerate(value):
+            if not (
+                isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim in (3, 4)
+            ):
+                what = (
+                    f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+                    if isinstance(tensor, Tensor)
+                    else f"a {type(tensor).__name__}"
+                )
+                raise ValueError(
+                    f"{label}[{i}] must be a floating tensor of shape (batch or 1, images, D) "
+                    f"or (batch or 1, images, tokens, D), {how}; got {what}"
+                )
+    guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
+    if guided and _image_embeds(negative_cond) is None:
+        raise ValueError(
+            "under guidance the unconditional branch needs image embeddings of its own, as the "
+            "pipelines give it: put negative_cond['added_cond_kwargs']['image_embeds'] = the "
+            "first halves of prepare_ip_adapter_image_embeds(..., do_classifier_free_guidance="
+            "True) (e.chunk(2)[0] of each; zeros for a plain IP-Adapter), or the conditional "
+            "list itself to give both branches the image prompt"
+        )

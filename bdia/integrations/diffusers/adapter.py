@@ -89,6 +89,7 @@ from ._conditioning import (
     _check_cond,
     _check_flux_cond,
     _check_guidance,
+    _check_ip_adapter,
     _check_timestep_cond,
     _fill_cond,
     _flux_control_cond,
@@ -1032,6 +1033,17 @@ def from_diffusers(
             shape ``(batch or 1,)``. Its classifier-free guidance (FluxPipeline's
             ``true_cfg_scale`` with a negative prompt) makes two calls, the conditional one
             first, as the pipeline does; the negative branch may have its own ``txt_ids``.
+            A unet with IP-Adapters loaded (``pipe.load_ip_adapter``: its
+            ``encoder_hid_dim_type`` is ``"ip_image_proj"``) needs the image prompt as
+            ``added_cond_kwargs={"image_embeds": [...]}``, a list of one floating tensor per
+            adapter, ``(batch or 1, images, D)`` (``(batch or 1, images, tokens, D)`` for an
+            IP-Adapter Plus), as the pipeline's ``prepare_ip_adapter_image_embeds(image,
+            None, device, 1, do_classifier_free_guidance)`` makes them; under guidance each
+            of those is ``torch.cat([negative, positive])``, and the negative halves go to
+            ``negative_cond``'s ``added_cond_kwargs`` (zeros for a plain IP-Adapter), as the
+            pipelines give the unconditional branch its own. The embeddings are fixed over
+            the run, so the ODE is one in the latents alone; the adapters' scale is the
+            attention processors' (``pipe.set_ip_adapter_scale``), which every call uses.
 
     Returns:
         A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
@@ -1119,6 +1131,12 @@ def from_diffusers(
             either key in ``negative_cond``. At the first evaluation, before any call: a mask
             or masked image whose batch is neither 1 nor the state's, or whose size is not the
             latents'.
+            With a unet with IP-Adapters loaded: no ``image_embeds`` in ``added_cond_kwargs``,
+            a value that is not a list of one 3-D or 4-D floating tensor per adapter (in
+            either branch), or, under guidance, none in ``negative_cond`` (give the
+            conditional list there too for the image prompt in both branches);
+            ``image_embeds`` for a unet that reads none (no IP-Adapter, image projection or
+            image embedding), which diffusers would ignore.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale, bound or strength that is not a number, a
             ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents``,
@@ -1146,6 +1164,8 @@ def from_diffusers(
     negative_cond = cond.pop("negative_cond", None)
     _check_guidance(guidance_scale, negative_cond)
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
+    if space != "flow":
+        _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
     flux = space == "flow" and _is_flux(unet)
     if flux:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)

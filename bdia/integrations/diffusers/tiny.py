@@ -7,11 +7,12 @@ or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
 (``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines (text-to-image and
 img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
-``FluxKontextPipeline``, the ControlNet pipelines of Flux
-(``FluxControlNetModel``, ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
-``StableDiffusion3ControlNetPipeline``), the inpainting pipelines of Stable Diffusion and SDXL, and
-their ControlNet inpainting pipelines), a few thousand weights each: for tests and for
-checking plumbing and exactness, which do not depend on the weights. A random network is no
+``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
+``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
+``StableDiffusion3ControlNetPipeline``), the inpainting pipelines of Stable Diffusion and
+SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's or SDXL's pipeline
+with an IP-Adapter loaded), a few thousand weights each: for tests and for checking
+plumbing and exactness, which do not depend on the weights. A random network is no
 denoiser, so what they sample is not an image of anything.
 """
 
@@ -50,6 +51,7 @@ __all__ = [
     "tiny_controlnet_pipeline",
     "tiny_inpaint_pipeline",
     "tiny_controlnet_inpaint_pipeline",
+    "tiny_ip_adapter_pipeline",
     "TINY_WORDS",
 ]
 
@@ -809,5 +811,104 @@ def tiny_controlnet_inpaint_pipeline(
         pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
             **parts, controlnet=controlnet, requires_safety_checker=False
         )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_image_encoder(seed: int) -> tuple[Any, Any]:
+    """An IP-Adapter's image encoder and its processor: a one-layer
+    ``CLIPVisionModelWithProjection`` of width 8 on 16 x 16 RGB images (patches of 8) whose
+    projection (8) is the image embedding, weights drawn with ``torch.manual_seed(seed)``, in
+    eval mode; and a ``CLIPImageProcessor`` that resizes and crops images to 16 x 16."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+        projection_dim=8,
+    )
+    encoder = transformers.CLIPVisionModelWithProjection(config).eval()
+    return encoder, transformers.CLIPImageProcessor(size=16, crop_size=16)
+
+
+def _ip_adapter_state_dict(unet: Any, image_embed_dim: int, seed: int) -> dict[str, Any]:
+    """A plain IP-Adapter's weights for ``unet``, in the layout of the released checkpoints
+    that ``load_ip_adapter`` takes as a dict: ``image_proj`` (a linear map of the image
+    embedding, of width ``image_embed_dim``, to 4 tokens of the unet's
+    ``cross_attention_dim``, and their layer norm) and ``ip_adapter`` (the image tokens' key
+    and value maps ``to_k_ip`` and ``to_v_ip`` of each cross-attention layer, numbered 1, 3,
+    5, ... in the order of ``unet.attn_processors``, of that layer's block width), drawn with
+    a generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    cross = unet.config.cross_attention_dim
+    tokens = 4  # diffusers' ImageProjection of a plain IP-Adapter
+    image_proj = {
+        "proj.weight": draw(tokens * cross, image_embed_dim),
+        "proj.bias": draw(tokens * cross, scale=0.1),
+        "norm.weight": 1.0 + draw(cross, scale=0.1),
+        "norm.bias": draw(cross, scale=0.1),
+    }
+    widths = list(unet.config.block_out_channels)
+    ip_adapter: dict[str, torch.Tensor] = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):  # self-attention: no image tokens
+            continue
+        block = name.split(".")[0]
+        if block == "mid_block":
+            width = widths[-1]
+        elif block == "up_blocks":
+            width = widths[::-1][int(name.split(".")[1])]
+        else:
+            width = widths[int(name.split(".")[1])]
+        key = len(ip_adapter) + 1  # 1, 3, 5, ...: two entries a layer so far
+        ip_adapter[f"{key}.to_k_ip.weight"] = draw(width, cross)
+        ip_adapter[f"{key}.to_v_ip.weight"] = draw(width, cross)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def tiny_ip_adapter_pipeline(
+    folder: str | Path, scheduler: Any = None, *, xl: bool = False, adapters: int = 1
+) -> Any:
+    """``tiny_text_to_image_pipeline``'s ``StableDiffusionPipeline`` (with ``xl``,
+    ``tiny_sdxl_pipeline``'s ``StableDiffusionXLPipeline``, whose
+    ``force_zeros_for_empty_prompt`` it keeps) with an IP-Adapter of random weights loaded,
+    nothing downloaded: ``_tiny_image_encoder``'s ``CLIPVisionModelWithProjection`` (seed
+    4, image embeddings of width 8 from 16 x 16 RGB images) and ``CLIPImageProcessor`` as
+    its ``image_encoder`` and ``feature_extractor``, and ``pipe.load_ip_adapter`` of a
+    plain IP-Adapter's state dict (seed 5; with ``adapters`` > 1 that many, seeds 5, 6,
+    ...), which sets the unet's ``encoder_hid_dim_type`` to ``"ip_image_proj"``, its
+    ``encoder_hid_proj`` to the image projections (4 image tokens each) and its
+    cross-attention processors to IP-Adapter ones (scale 1). The pipeline takes
+    ``ip_adapter_image`` (one image, or a list of one per adapter) or
+    ``ip_adapter_image_embeds`` (a list of one ``(2, 1, 8)`` tensor per adapter under
+    guidance, negative first, ``(1, 1, 8)`` without). ``scheduler`` defaults to theirs.
+    Float32; the progress bar is off."""
+    if xl:
+        base = tiny_sdxl_pipeline(folder, scheduler)
+    else:
+        base = tiny_text_to_image_pipeline(folder, scheduler)
+    encoder, processor = _tiny_image_encoder(seed=4)
+    parts = {**base.components, "image_encoder": encoder, "feature_extractor": processor}
+    if xl:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            **parts, force_zeros_for_empty_prompt=True, add_watermarker=False
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    width = encoder.config.projection_dim
+    weights = [_ip_adapter_state_dict(pipe.unet, width, seed=5 + k) for k in range(adapters)]
+    # A dict is loaded as it is (subfolder and weight_name name no file then).
+    pipe.load_ip_adapter(
+        weights, subfolder=[""] * adapters, weight_name=[""] * adapters, low_cpu_mem_usage=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
