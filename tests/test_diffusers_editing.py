@@ -298,8 +298,9 @@ def test_a_unet_that_needs_image_embeddings_is_refused_before_the_vae(
     fresh_pipe, image, projection
 ):
     """Loading an IP-Adapter sets the unet's encoder_hid_dim_type to 'ip_image_proj'; the
-    unet then wants image_embeds, which edit_image does not make. diffusers' own error came
-    only after the VAE had encoded the image."""
+    unet then wants image_embeds: of an image prompt, which an edit without one lacks (see
+    test_diffusers_ip_adapter for one given), or of another projection, which edit_image does
+    not make. diffusers' own error came only after the VAE had encoded the image."""
     fresh_pipe.unet.register_to_config(encoder_hid_dim_type=projection)
     message = _refused(fresh_pipe, image)
     assert f"encoder_hid_dim_type = {projection!r}" in message

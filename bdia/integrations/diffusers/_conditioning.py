@@ -579,6 +579,25 @@ def _image_embeds(branch: Mapping[str, Any] | None) -> Any:
     return added.get("image_embeds") if isinstance(added, Mapping) else None
 
 
+def _check_image_embeds(value: Any, label: str, adapters: int, how: str) -> None:
+    """Refuse, in one line, image embeddings ``value`` (named ``label``) that are not a list
+    of ``adapters`` floating tensors of shape ``(batch, images, D)`` or ``(batch, images,
+    tokens, D)``; ``how`` says how to make them."""
+    if not isinstance(value, list) or len(value) != adapters:
+        got = f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+        raise ValueError(f"{label} must be a list of {adapters} tensor(s), {how}; got {got}")
+    for i, tensor in enumerate(value):
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim in (3, 4):
+            continue
+        what = f"a {type(tensor).__name__}"
+        if isinstance(tensor, Tensor):
+            what = f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+        raise ValueError(
+            f"{label}[{i}] must be a floating tensor of shape (batch or 1, images, D) or "
+            f"(batch or 1, images, tokens, D), {how}; got {what}"
+        )
+
+
 def _check_ip_adapter(
     unet: Any,
     cond: Mapping[str, Any],
@@ -593,7 +612,7 @@ def _check_ip_adapter(
     IP-Adapter's CLIP image embeddings) or ``(batch or 1, images, tokens, D)`` (an IP-Adapter
     Plus's hidden states), as ``prepare_ip_adapter_image_embeds`` makes them. Under guidance
     the pipelines give the unconditional branch its own (zeros, or the image encoder's
-    hidden states of a black image): without image embeddings in ``negative_cond`` the
+    hidden states of an all-zero input): without image embeddings in ``negative_cond`` the
     adapter would double the conditional ones into both halves, another vector field than
     the pipeline's, so that is refused. Image embeddings for a unet that reads none (no
     IP-Adapter and no image projection or image embedding of its own) are refused too:
@@ -627,29 +646,9 @@ def _check_ip_adapter(
             f"{{'image_embeds': [...]}}, {how}, or unload it (pipe.unload_ip_adapter())"
         )
     for where, value in (("", embeds), ("negative_cond", _image_embeds(negative_cond))):
-        if value is None:
-            continue
-        label = f"{where}['added_cond_kwargs']['image_embeds']" if where else "image_embeds"
-        if not isinstance(value, list) or len(value) != adapters:
-            got = (
-                f"a list of {len(value)}"
-                if isinstance(value, list)
-                else f"a {type(value).__name__}"
-            )
-            raise ValueError(f"{label} must be a list of {adapters} tensor(s), {how}; got {got}")
-        for i, tensor in enumerate(value):
-            if not (
-                isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim in (3, 4)
-            ):
-                what = (
-                    f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
-                    if isinstance(tensor, Tensor)
-                    else f"a {type(tensor).__name__}"
-                )
-                raise ValueError(
-                    f"{label}[{i}] must be a floating tensor of shape (batch or 1, images, D) "
-                    f"or (batch or 1, images, tokens, D), {how}; got {what}"
-                )
+        if value is not None:
+            label = f"{where}['added_cond_kwargs']['image_embeds']" if where else "image_embeds"
+            _check_image_embeds(value, label, adapters, how)
     guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
     if guided and _image_embeds(negative_cond) is None:
         raise ValueError(

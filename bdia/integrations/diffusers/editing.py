@@ -24,8 +24,11 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 ``FluxControlNetPipeline`` (with ``controlnet`` and ``prepare_image``, given
 ``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
-control image's latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the
-transformer the image itself as the reference image it edits) and:
+control image's latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs
+give the transformer the image itself as the reference image it edits), and any of Stable
+Diffusion's and SDXL's with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
+``ip_adapter_image`` or ``ip_adapter_image_embeds``: both ODEs give the unet the pipeline's
+image embeddings) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -96,6 +99,7 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
+from ._conditioning import _IP_PROJECTION, _check_image_embeds, _hid_dim_type, _ip_adapters
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
 from ._flow_controlnet import _FLUX_CONTROLNET, _SD3_CONTROLNET
 from ._scheduler_config import _SIGMA_SLACK, _class_names
@@ -1051,6 +1055,69 @@ def _control_probe_cond(xl: bool) -> dict[str, Any]:
     return cond
 
 
+def _check_image_prompt(
+    pipe: Any, projection: Any, adapters: int | None, image: Any, embeds: Any
+) -> None:
+    """Refuse, in one line and before any network runs, an image prompt that does not fit
+    the pipeline: a unet with IP-Adapters loaded (``adapters`` of them) without one, one
+    for a network without an IP-Adapter, both ``image`` and ``embeds``, images or embeddings
+    of another count than the adapters, embeddings that are not 3-D or 4-D floating tensors,
+    and a unet with an image projection (``projection``) that is not an IP-Adapter's."""
+    given = image is not None or embeds is not None
+    if projection == _IP_PROJECTION and adapters is not None and not given:
+        raise ValueError(
+            f"the unet has encoder_hid_dim_type = {projection!r}: an IP-Adapter is loaded, "
+            "which takes an image prompt; give ip_adapter_image (or ip_adapter_image_embeds), "
+            "as the pipeline's, or unload the adapter (pipe.unload_ip_adapter())"
+        )
+    if projection not in (None, "text_proj", _IP_PROJECTION):
+        raise ValueError(
+            f"the unet has encoder_hid_dim_type = {projection!r} (an image projection, not an "
+            "IP-Adapter's): it needs image embeddings that edit_image does not make; unload "
+            "an adapter that set it (pipe.unload_ip_adapter()), or use from_diffusers with the "
+            "unet's arguments and bdia.Inversion directly"
+        )
+    if not given:
+        return
+    if adapters is None:
+        name = "ip_adapter_image" if image is not None else "ip_adapter_image_embeds"
+        raise ValueError(
+            f"{name} was given, but the pipeline's network has no IP-Adapter loaded; load one "
+            "with pipe.load_ip_adapter(...) (edit_image maps the IP-Adapters of Stable "
+            "Diffusion's and SDXL's unets), or leave it out"
+        )
+    if image is not None and embeds is not None:
+        raise ValueError(
+            "ip_adapter_image and ip_adapter_image_embeds were both given; give one, as the "
+            "pipeline takes one"
+        )
+    _part(pipe, "prepare_ip_adapter_image_embeds", "to embed the image prompt as it does")
+    if image is not None:
+        for name in ("image_encoder", "feature_extractor"):
+            _part(pipe, name, "to embed ip_adapter_image (or pass ip_adapter_image_embeds)")
+        count = len(image) if isinstance(image, list) else 1
+        if count != adapters:
+            raise ValueError(
+                f"ip_adapter_image holds {count} image prompts for the unet's {adapters} "
+                "IP-Adapters; give one per adapter (a list of them; several images for one "
+                "adapter as a list inside it), as the pipeline's ip_adapter_image"
+            )
+        return
+    _check_image_embeds(
+        embeds, "ip_adapter_image_embeds", adapters, "one per IP-Adapter, as the pipeline's"
+    )
+
+
+def _with_image_prompt(cond: dict[str, Any], images: list[Tensor] | None) -> dict[str, Any]:
+    """One branch's unet arguments with ``images``, an IP-Adapter's image embeddings (one
+    tensor per adapter), as its ``added_cond_kwargs``' ``image_embeds``; ``cond`` itself
+    where ``images`` is None."""
+    if images is None:
+        return cond
+    added = {**cond.get("added_cond_kwargs", {}), "image_embeds": images}
+    return {**cond, "added_cond_kwargs": added}
+
+
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
     """The unet arguments of one SDXL branch."""
     return {
@@ -1150,6 +1217,8 @@ def edit_image(
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
     mask_image: Any = None,
+    ip_adapter_image: Any = None,
+    ip_adapter_image_embeds: Sequence[Tensor] | None = None,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
@@ -1326,6 +1395,26 @@ def edit_image(
             through its ``prepare_mask_latents`` (which shifts and scales the latents and
             packs both, the mask's pixels ``f x f`` a latent pixel). Needed with an inpainting
             unet or a Fill transformer, refused for any other network.
+        ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
+            (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's), the image prompt, as
+            the pipeline's ``ip_adapter_image``: an image (a PIL image or what its
+            ``feature_extractor`` takes) for one adapter, or a list of one per adapter (a
+            list inside it for several images to one adapter). The pipeline's own
+            ``prepare_ip_adapter_image_embeds`` embeds it with its ``image_encoder`` once,
+            shared by the images to edit; under guidance the unconditional branch gets its
+            negative embeddings (zeros for a plain IP-Adapter, the encoder's hidden states
+            of an all-zero input for an IP-Adapter Plus), as in the pipeline. Both ODEs (the
+            inversion's and the edit's) are conditioned on it, through ``from_diffusers``'
+            ``added_cond_kwargs={"image_embeds": [...]}``; the adapters' scale is the
+            pipeline's (``pipe.set_ip_adapter_scale``). Needed (or
+            ``ip_adapter_image_embeds``) with an IP-Adapter, refused without one.
+        ip_adapter_image_embeds: the image prompt already embedded, as the pipeline's
+            ``ip_adapter_image_embeds``: a list of one tensor per adapter, of shape
+            ``(1 or batch, images, D)`` (``(1 or batch, images, tokens, D)`` for an
+            IP-Adapter Plus); with ``guidance_scale`` other than 1 each is
+            ``torch.cat([negative, positive])`` along dim 0, as
+            ``prepare_ip_adapter_image_embeds(..., do_classifier_free_guidance=True)``
+            returns them. Not modified. Not with ``ip_adapter_image``.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -1371,6 +1460,14 @@ def edit_image(
             image back in after every step), and a mask of another size than the image's, of
             more than one channel, of another batch than 1 and the image's, not floating,
             outside [0, 1] or not an image.
+            A unet with IP-Adapters loaded without ``ip_adapter_image`` or
+            ``ip_adapter_image_embeds``, either for a network without one (SD3's and Flux's
+            transformers included), both at once, images or embeddings of another count than
+            the adapters, embeddings that are not 3-D or 4-D floating tensors,
+            ``ip_adapter_image`` without the pipeline's ``image_encoder`` and
+            ``feature_extractor``, and a unet with another image projection
+            (``encoder_hid_dim_type`` other than ``"text_proj"`` and an IP-Adapter's
+            ``"ip_image_proj"``).
     """
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
@@ -1395,16 +1492,13 @@ def edit_image(
             f"from the prompt embeddings, and makes SDXL's, {_TEXT_TIME!r}); use "
             "from_diffusers with the unet's arguments and bdia.Inversion directly"
         )
-    projection = unet_config.get("encoder_hid_dim_type")
-    # An IP-Adapter (ip_image_proj) or an image projection takes image_embeds that
-    # edit_image does not make; diffusers' own error would come after the VAE has run.
-    if projection not in (None, "text_proj"):
-        raise ValueError(
-            f"the unet has encoder_hid_dim_type = {projection!r} (an IP-Adapter or an image "
-            "projection): it needs image embeddings that edit_image does not make; unload the "
-            "adapter (pipe.unload_ip_adapter()), or use from_diffusers with the unet's "
-            "arguments and bdia.Inversion directly"
-        )
+    # An IP-Adapter's image prompt goes to both ODEs; another image projection takes
+    # image_embeds that edit_image does not make, and diffusers' own error would come after
+    # the VAE has run.
+    adapters = _ip_adapters(unet) if kind == "unet" else None
+    _check_image_prompt(
+        pipe, _hid_dim_type(unet_config), adapters, ip_adapter_image, ip_adapter_image_embeds
+    )
     # An inpainting unet takes the mask and the masked image's latents beside the latents.
     latent = vae.config.latent_channels
     inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
@@ -1635,6 +1729,10 @@ def edit_image(
     if fill or kontext or flux_control:
         layout = "fill" if fill else "control" if flux_control else "kontext"
         probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
+    if adapters is not None:  # stand-ins of the image prompt, one per adapter
+        added = {**probe_cond.get("added_cond_kwargs", {})}
+        added["image_embeds"] = [torch.zeros(1, 1, 1)] * adapters
+        probe_cond["added_cond_kwargs"] = added
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
@@ -1667,8 +1765,18 @@ def edit_image(
 
         source_cond, target_cond = branch(source_prompt), branch(target_prompt)
         negative_cond = branch(negative_prompt) if guided and not zero_negative else None
+        image_prompt: tuple[Any, Any] = (None, None)
+        if adapters is not None:
+            # The pipeline's own embeddings of the image prompt, once (the batch expands
+            # them); under guidance each is [negative, positive], as the pipeline stacks them.
+            made = pipe.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
+            )
+            halves = [e.chunk(2) for e in made] if guided else [(None, e) for e in made]
+            image_prompt = ([p for _, p in halves], [n for n, _ in halves])
 
         def guide(cond: dict[str, Any]) -> dict[str, Any]:
+            cond = _with_image_prompt(cond, image_prompt[0])
             if not guided:
                 return cond
             negative = negative_cond
@@ -1678,6 +1786,7 @@ def edit_image(
                 negative = _xl_cond(
                     torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]), time_ids
                 )
+            negative = _with_image_prompt(negative, image_prompt[1])
             return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
 
         # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
