@@ -173,6 +173,17 @@ if not pathlib.Path("inpaint").is_dir():
     + _BENCH
 )
 
+# The reader's pipeline with an IP-Adapter loaded: a tiny random Stable Diffusion one
+# (tiny_ip_adapter_pipeline), and a 16 x 16 image prompt.
+_IP_ADAPTER_PIPELINE = """
+import pathlib
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_ip_adapter_pipeline
+pathlib.Path("ip_parts").mkdir(exist_ok=True)
+pipe = tiny_ip_adapter_pipeline("ip_parts")
+Image.new("RGB", (16, 16), (40, 120, 200)).save("style.png")
+"""
+
 # A tiny random Flux Fill pipeline ("flux_fill": a Fill transformer of 48 input channels for
 # 16), with _BENCH's photo and mask.
 _FLUX_FILL_FOLDER = (
@@ -322,6 +333,12 @@ pipe = tiny_controlnet_pipeline("cn_parts")
 Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
 Image.new("RGB", (16, 16), (255, 255, 255)).save("cat_edges.png")
 """,
+    # The IP-Adapter examples take the reader's pipeline with an adapter loaded: a tiny
+    # one, and a 16 x 16 image prompt (and, to edit, a photo).
+    ("docs/diffusers.md", '"/models/IP-Adapter"'): _IP_ADAPTER_PIPELINE,
+    ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): (
+        _IP_ADAPTER_PIPELINE + 'Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")\n'
+    ),
     # edit_image's inpainting example takes the reader's inpainting pipeline: a tiny one.
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): (
         _INPAINT_FOLDER
@@ -495,6 +512,12 @@ LOCAL = {
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): [
         (".resize((512, 512))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", '"/models/IP-Adapter"'): [
+        ("torch.randn(1, 4, 64, 64,", "torch.randn(1, 4, 8, 8,"),
+    ],
+    ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): [
+        (".resize((512, 512))", ".resize((16, 16))"),
+    ],
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): [
         ('"/models/FLUX.1-Fill-dev"', '"flux_fill"'),
         ('device = "cuda"', 'device = "cpu"'),
@@ -551,6 +574,24 @@ def _controlnet_inverted(ns):
     noise, ts = ns["noise"], ns["ts"]
     assert ns["ode"].cond["control_range"] == [(float(ts[39]), float("inf"))]
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
+def _ip_adapter_inverted(ns):
+    # Each branch its own image embeddings (the negative ones zeros), and "back.earlier is
+    # noise, to rounding" (float64 state).
+    cond, noise = ns["ode"].cond, ns["noise"]
+    (images,) = cond["added_cond_kwargs"]["image_embeds"]
+    (negative,) = cond["negative_cond"]["added_cond_kwargs"]["image_embeds"]
+    assert images.abs().max() > 0 and not negative.any()
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-12 * float(noise.abs().max())
+
+
+def _ip_adapter_edited(ns):
+    # "0.0: the round trip under the image prompt is exact", the prompt in both ODEs.
+    result = ns["result"]
+    assert result.latent_error == 0.0
+    for ode in (result.inversion.ode, result.target):
+        assert ode.cond["added_cond_kwargs"]["image_embeds"][0].abs().max() > 0
 
 
 def _inpaint_inverted(ns):
@@ -730,6 +771,8 @@ AFTER = {
     ("docs/diffusers.md", "extra = torch.cat([mask, masked_latents]"): _inpaint_scheduler_inverted,
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): _edit_round_trip,
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): _inpaint_edited,
+    ("docs/diffusers.md", '"/models/IP-Adapter"'): _ip_adapter_inverted,
+    ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): _ip_adapter_edited,
     ("docs/diffusers.md", '"/path/to/stable-diffusion-xl-base-1.0"'): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-xl-refiner-1.0"'): _ensemble_inverted,
     ("docs/diffusers.md", "denoising_end=cut, guidance_scale=guidance"): (
