@@ -52,6 +52,7 @@ __all__ = [
     "tiny_inpaint_pipeline",
     "tiny_controlnet_inpaint_pipeline",
     "tiny_ip_adapter_pipeline",
+    "add_tiny_ip_adapter",
     "TINY_WORDS",
 ]
 
@@ -875,40 +876,42 @@ def _ip_adapter_state_dict(unet: Any, image_embed_dim: int, seed: int) -> dict[s
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def tiny_ip_adapter_pipeline(
-    folder: str | Path, scheduler: Any = None, *, xl: bool = False, adapters: int = 1
-) -> Any:
-    """``tiny_text_to_image_pipeline``'s ``StableDiffusionPipeline`` (with ``xl``,
-    ``tiny_sdxl_pipeline``'s ``StableDiffusionXLPipeline``, whose
-    ``force_zeros_for_empty_prompt`` it keeps) with an IP-Adapter of random weights loaded,
-    nothing downloaded: ``_tiny_image_encoder``'s ``CLIPVisionModelWithProjection`` (seed
-    4, image embeddings of width 8 from 16 x 16 RGB images) and ``CLIPImageProcessor`` as
-    its ``image_encoder`` and ``feature_extractor``, and ``pipe.load_ip_adapter`` of a
-    plain IP-Adapter's state dict (seed 5; with ``adapters`` > 1 that many, seeds 5, 6,
-    ...), which sets the unet's ``encoder_hid_dim_type`` to ``"ip_image_proj"``, its
+def add_tiny_ip_adapter(pipe: Any, *, adapters: int = 1) -> Any:
+    """Load an IP-Adapter of random weights into ``pipe`` (a tiny Stable Diffusion or SDXL
+    pipeline of this module: text-to-image, ControlNet, ...), nothing downloaded; returns
+    ``pipe``.
+
+    ``_tiny_image_encoder``'s ``CLIPVisionModelWithProjection`` (seed 4, image embeddings of
+    width 8 from 16 x 16 RGB images) and ``CLIPImageProcessor`` become its
+    ``image_encoder`` and ``feature_extractor``, and ``pipe.load_ip_adapter`` loads a plain
+    IP-Adapter's state dict (seed 5; with ``adapters`` > 1 that many, seeds 5, 6, ...),
+    which sets the unet's ``encoder_hid_dim_type`` to ``"ip_image_proj"``, its
     ``encoder_hid_proj`` to the image projections (4 image tokens each) and its
-    cross-attention processors to IP-Adapter ones (scale 1). The pipeline takes
+    cross-attention processors to IP-Adapter ones (scale 1). The pipeline then takes
     ``ip_adapter_image`` (one image, or a list of one per adapter) or
     ``ip_adapter_image_embeds`` (a list of one ``(2, 1, 8)`` tensor per adapter under
-    guidance, negative first, ``(1, 1, 8)`` without). ``scheduler`` defaults to theirs.
-    Float32; the progress bar is off."""
-    if xl:
-        base = tiny_sdxl_pipeline(folder, scheduler)
-    else:
-        base = tiny_text_to_image_pipeline(folder, scheduler)
+    guidance, negative first, ``(1, 1, 8)`` without)."""
     encoder, processor = _tiny_image_encoder(seed=4)
-    parts = {**base.components, "image_encoder": encoder, "feature_extractor": processor}
-    if xl:
-        pipe = diffusers.StableDiffusionXLPipeline(
-            **parts, force_zeros_for_empty_prompt=True, add_watermarker=False
-        )
-    else:
-        pipe = diffusers.StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
     width = encoder.config.projection_dim
     weights = [_ip_adapter_state_dict(pipe.unet, width, seed=5 + k) for k in range(adapters)]
     # A dict is loaded as it is (subfolder and weight_name name no file then).
     pipe.load_ip_adapter(
         weights, subfolder=[""] * adapters, weight_name=[""] * adapters, low_cpu_mem_usage=False
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_ip_adapter_pipeline(
+    folder: str | Path, scheduler: Any = None, *, xl: bool = False, adapters: int = 1
+) -> Any:
+    """``tiny_text_to_image_pipeline``'s ``StableDiffusionPipeline`` (with ``xl``,
+    ``tiny_sdxl_pipeline``'s ``StableDiffusionXLPipeline``, whose
+    ``force_zeros_for_empty_prompt`` it keeps) with ``add_tiny_ip_adapter``'s image encoder
+    and IP-Adapter (``adapters`` of them) loaded. 16 x 16 RGB images and image prompts;
+    ``scheduler`` defaults to theirs. Float32; the progress bar is off."""
+    if xl:
+        pipe = tiny_sdxl_pipeline(folder, scheduler)
+    else:
+        pipe = tiny_text_to_image_pipeline(folder, scheduler)
+    return add_tiny_ip_adapter(pipe, adapters=adapters)
