@@ -502,6 +502,12 @@ def test_edit_image_refuses_an_image_prompt_that_does_not_fit_before_any_network
         ({"ip_adapter_image_embeds": embeds[:1]}, "a list of 2 tensor(s), one per IP-Adapter"),
         ({"ip_adapter_image_embeds": embeds[0]}, "got a Tensor"),
         ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(2, 8)]}, "[1] must be"),
+        # Halves of batch 1 or 2 (the images') under guidance, 1 or 2 rows without: 3 fit neither.
+        ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(3, 1, 8)]}, "[1] has batch 3"),
+        (
+            {"ip_adapter_image_embeds": [embeds[0], torch.zeros(3, 1, 8)], "guidance_scale": 1},
+            "without the negative half",
+        ),
     ]
     for kwargs, fragment in cases:
         assert fragment in _refused(pipe, **kwargs), kwargs

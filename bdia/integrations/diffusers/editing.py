@@ -1108,6 +1108,28 @@ def _check_image_prompt(
     )
 
 
+def _check_embeds_batch(embeds: Sequence[Tensor], guided: bool, batch: int) -> None:
+    """Refuse, before any network runs, ``ip_adapter_image_embeds`` whose batch does not
+    fit ``batch`` images: under guidance (``guided``) each holds the negative and the
+    positive halves, so twice 1 or twice ``batch``; without, 1 or ``batch``."""
+    for i, tensor in enumerate(embeds):
+        rows = tensor.shape[0]
+        if rows in ((2, 2 * batch) if guided else (1, batch)):
+            continue
+        if guided:
+            raise ValueError(
+                f"ip_adapter_image_embeds[{i}] has batch {rows}; under guidance it is "
+                "torch.cat([negative, positive]), each of batch 1 or "
+                f"{batch} (the images'), as prepare_ip_adapter_image_embeds(..., "
+                "do_classifier_free_guidance=True) makes them: batch 2 or "
+                f"{2 * batch}"
+            )
+        raise ValueError(
+            f"ip_adapter_image_embeds[{i}] has batch {rows}; give 1 (shared) or {batch} (the "
+            "images'), without the negative half: guidance_scale is 1"
+        )
+
+
 def _with_image_prompt(cond: dict[str, Any], images: list[Tensor] | None) -> dict[str, Any]:
     """One branch's unet arguments with ``images``, an IP-Adapter's image embeddings (one
     tensor per adapter), as its ``added_cond_kwargs``' ``image_embeds``; ``cond`` itself
@@ -1463,7 +1485,8 @@ def edit_image(
             A unet with IP-Adapters loaded without ``ip_adapter_image`` or
             ``ip_adapter_image_embeds``, either for a network without one (SD3's and Flux's
             transformers included), both at once, images or embeddings of another count than
-            the adapters, embeddings that are not 3-D or 4-D floating tensors,
+            the adapters, embeddings that are not 3-D or 4-D floating tensors or whose
+            batch is not 1 or the image's (under guidance twice that: both halves),
             ``ip_adapter_image`` without the pipeline's ``image_encoder`` and
             ``feature_extractor``, and a unet with another image projection
             (``encoder_hid_dim_type`` other than ``"text_proj"`` and an IP-Adapter's
@@ -1646,6 +1669,8 @@ def edit_image(
             takes = replace(takes, outputs="first and second", article="a")
     for name, prompt in prompts.items():
         _check_prompt(prompt, name, batch, takes)
+    if adapters is not None and ip_adapter_image_embeds is not None:
+        _check_embeds_batch(ip_adapter_image_embeds, guided, batch)
     embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
     if any(_is_text(p) for p in embedded):
         parts: tuple[str, ...] = ("tokenizer", "text_encoder")
