@@ -837,14 +837,18 @@ def _tiny_image_encoder(seed: int) -> tuple[Any, Any]:
     return encoder, transformers.CLIPImageProcessor(size=16, crop_size=16)
 
 
-def _ip_adapter_state_dict(unet: Any, image_embed_dim: int, seed: int) -> dict[str, Any]:
+def _ip_adapter_state_dict(
+    unet: Any, image_embed_dim: int, seed: int, plus: bool = False
+) -> dict[str, Any]:
     """A plain IP-Adapter's weights for ``unet``, in the layout of the released checkpoints
     that ``load_ip_adapter`` takes as a dict: ``image_proj`` (a linear map of the image
     embedding, of width ``image_embed_dim``, to 4 tokens of the unet's
     ``cross_attention_dim``, and their layer norm) and ``ip_adapter`` (the image tokens' key
     and value maps ``to_k_ip`` and ``to_v_ip`` of each cross-attention layer, numbered 1, 3,
     5, ... in the order of ``unet.attn_processors``, of that layer's block width), drawn with
-    a generator seeded ``seed``."""
+    a generator seeded ``seed``. With ``plus``, an IP-Adapter Plus's: ``image_proj`` is a
+    resampler of the image encoder's hidden states (of width ``image_embed_dim``) to 4
+    tokens, ``_plus_image_proj``'s."""
     g = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int, scale: float = 0.3) -> torch.Tensor:
@@ -858,6 +862,8 @@ def _ip_adapter_state_dict(unet: Any, image_embed_dim: int, seed: int) -> dict[s
         "norm.weight": 1.0 + draw(cross, scale=0.1),
         "norm.bias": draw(cross, scale=0.1),
     }
+    if plus:
+        image_proj = _plus_image_proj(draw, image_embed_dim, cross, tokens)
     widths = list(unet.config.block_out_channels)
     ip_adapter: dict[str, torch.Tensor] = {}
     for name in unet.attn_processors:
@@ -876,7 +882,36 @@ def _ip_adapter_state_dict(unet: Any, image_embed_dim: int, seed: int) -> dict[s
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def add_tiny_ip_adapter(pipe: Any, *, adapters: int = 1) -> Any:
+def _plus_image_proj(draw: Any, width: int, cross: int, tokens: int) -> dict[str, Any]:
+    """An IP-Adapter Plus's ``image_proj`` in the released checkpoints' layout, drawn by
+    ``draw(*shape, scale=...)``: a resampler (diffusers' ``IPAdapterPlusImageProjection``,
+    whose loader reads its sizes from these shapes: 4 blocks, heads of 64) of 16 channels
+    with ``tokens`` learned queries and one head, from hidden states of ``width`` to tokens
+    of ``cross``."""
+    hidden, inner = 16, 64  # the loader takes heads = to_q rows // 64
+    proj: dict[str, Any] = {
+        "latents": draw(1, tokens, hidden, scale=0.25),
+        "proj_in.weight": draw(hidden, width),
+        "proj_in.bias": draw(hidden, scale=0.1),
+        "proj_out.weight": draw(cross, hidden),
+        "proj_out.bias": draw(cross, scale=0.1),
+        "norm_out.weight": 1.0 + draw(cross, scale=0.1),
+        "norm_out.bias": draw(cross, scale=0.1),
+    }
+    for i in range(4):
+        block = f"layers.{i}"
+        for norm in (f"{block}.0.norm1", f"{block}.0.norm2", f"{block}.1.0"):
+            proj[f"{norm}.weight"] = 1.0 + draw(hidden, scale=0.1)
+            proj[f"{norm}.bias"] = draw(hidden, scale=0.1)
+        proj[f"{block}.0.to_q.weight"] = draw(inner, hidden)
+        proj[f"{block}.0.to_kv.weight"] = draw(2 * inner, hidden)
+        proj[f"{block}.0.to_out.weight"] = draw(hidden, inner, scale=0.1)
+        proj[f"{block}.1.1.weight"] = draw(4 * hidden, hidden)
+        proj[f"{block}.1.3.weight"] = draw(hidden, 4 * hidden, scale=0.1)
+    return proj
+
+
+def add_tiny_ip_adapter(pipe: Any, *, adapters: int = 1, plus: bool = False) -> Any:
     """Load an IP-Adapter of random weights into ``pipe`` (a tiny Stable Diffusion or SDXL
     pipeline of this module: text-to-image, ControlNet, ...), nothing downloaded; returns
     ``pipe``.
@@ -890,11 +925,17 @@ def add_tiny_ip_adapter(pipe: Any, *, adapters: int = 1) -> Any:
     cross-attention processors to IP-Adapter ones (scale 1). The pipeline then takes
     ``ip_adapter_image`` (one image, or a list of one per adapter) or
     ``ip_adapter_image_embeds`` (a list of one ``(2, 1, 8)`` tensor per adapter under
-    guidance, negative first, ``(1, 1, 8)`` without)."""
+    guidance, negative first, ``(1, 1, 8)`` without). With ``plus``, IP-Adapter Plus ones:
+    their projection resamples the image encoder's penultimate hidden states, so the
+    embeddings are ``(2, 1, 5, 8)`` (5 tokens: 4 patches and the class token), the
+    negative half the hidden states of an all-zero input."""
     encoder, processor = _tiny_image_encoder(seed=4)
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
-    width = encoder.config.projection_dim
-    weights = [_ip_adapter_state_dict(pipe.unet, width, seed=5 + k) for k in range(adapters)]
+    # A plain IP-Adapter projects the image embedding; a Plus one the hidden states.
+    width = encoder.config.hidden_size if plus else encoder.config.projection_dim
+    weights = [
+        _ip_adapter_state_dict(pipe.unet, width, seed=5 + k, plus=plus) for k in range(adapters)
+    ]
     # A dict is loaded as it is (subfolder and weight_name name no file then).
     pipe.load_ip_adapter(
         weights, subfolder=[""] * adapters, weight_name=[""] * adapters, low_cpu_mem_usage=False
@@ -903,15 +944,21 @@ def add_tiny_ip_adapter(pipe: Any, *, adapters: int = 1) -> Any:
 
 
 def tiny_ip_adapter_pipeline(
-    folder: str | Path, scheduler: Any = None, *, xl: bool = False, adapters: int = 1
+    folder: str | Path,
+    scheduler: Any = None,
+    *,
+    xl: bool = False,
+    adapters: int = 1,
+    plus: bool = False,
 ) -> Any:
     """``tiny_text_to_image_pipeline``'s ``StableDiffusionPipeline`` (with ``xl``,
     ``tiny_sdxl_pipeline``'s ``StableDiffusionXLPipeline``, whose
     ``force_zeros_for_empty_prompt`` it keeps) with ``add_tiny_ip_adapter``'s image encoder
-    and IP-Adapter (``adapters`` of them) loaded. 16 x 16 RGB images and image prompts;
-    ``scheduler`` defaults to theirs. Float32; the progress bar is off."""
+    and IP-Adapter (``adapters`` of them, IP-Adapter Plus ones with ``plus``) loaded. 16 x 16
+    RGB images and image prompts; ``scheduler`` defaults to theirs. Float32; the progress
+    bar is off."""
     if xl:
         pipe = tiny_sdxl_pipeline(folder, scheduler)
     else:
         pipe = tiny_text_to_image_pipeline(folder, scheduler)
-    return add_tiny_ip_adapter(pipe, adapters=adapters)
+    return add_tiny_ip_adapter(pipe, adapters=adapters, plus=plus)
