@@ -174,11 +174,19 @@ class ODE:
 
     def fingerprint(self) -> str:
         """A short hex digest of what defines the problem: the model (a module's class and a
-        sample of its parameters and buffers; a function's name, defaults, closure and the
+        sample of its parameters and buffers, and what its submodules report by a
+        ``fingerprint_state()`` method; a function's name, defaults, closure and the
         tensors, modules and arrays among the globals it names; a bound method's object; a
         partial's function and arguments; a callable object's attributes), and for a
         ``DiffusionODE`` the schedule, the prediction type, the model dtype and the
         conditioning tensors.
+
+        A module's other attributes are not read: they mix settings that change its output
+        with ones that do not (gradient checkpointing, caches, counters), which would make
+        one model look like two. A module whose output depends on such a setting reports it
+        from ``fingerprint_state(self)`` (plain values and tensors; an empty one adds
+        nothing): ``from_diffusers``' model reports the unet's IP-Adapter scale, LoRA
+        adapters' weights and state, and FreeU's factors.
 
         Two ODEs with equal fingerprints compute the same vector field; pairs made by
         ``sample``/``invert`` record it, so that continuing a BDIA pair under a different ODE
@@ -269,6 +277,24 @@ def _digest_function(h: Any, fn: types.FunctionType, depth: int, path: set[int])
             _digest(h, value, depth + 1, path)
 
 
+def _digest_module_state(h: Any, module: torch.nn.Module, depth: int, path: set[int]) -> None:
+    """What the submodules of ``module`` that define ``fingerprint_state()`` report: state
+    that changes what a module computes without being a parameter or buffer (an adapter's
+    scale, say). Only the module can tell such state from attributes that leave its output
+    alone (gradient checkpointing, caches, counters), so plain attributes are not read. A
+    module that reports nothing adds nothing, so its digest is as it was before the hook."""
+    for name, sub in module.named_modules():
+        # On the class: an nn.Module's own lookup of a missing attribute raises, which costs
+        # milliseconds over a unet's hundreds of submodules.
+        report = getattr(type(sub), "fingerprint_state", None)
+        if not callable(report):
+            continue
+        state = report(sub)
+        if state:
+            h.update(f"S{name}".encode())
+            _digest(h, state, depth + 1, path)
+
+
 def _digest(h: Any, value: Any, depth: int = 0, path: set[int] | None = None) -> None:
     """Feed ``value`` into the hash ``h``: tensors and arrays by dtype, shape and content,
     modules by class and a sample of every parameter and buffer, mappings by sorted keys,
@@ -305,6 +331,7 @@ def _digest(h: Any, value: Any, depth: int = 0, path: set[int] | None = None) ->
                 for name, tensor in named:
                     h.update(f"{kind}{name}".encode())
                     _digest_tensor(h, tensor, sampled=True)
+            _digest_module_state(h, value, depth, path)
         elif isinstance(value, ODE):
             # Its own digest, which leaves out what changes as it runs (the call counter).
             h.update(f"E{value.fingerprint()}".encode())

@@ -262,6 +262,22 @@ class Scaled:
         return x * self.scale
 
 
+class Reporting(torch.nn.Module):
+    """A module whose gain is a plain attribute, which it reports by fingerprint_state (as
+    an adapter's scale); its gradient_checkpointing flag it does not."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+        self.gradient_checkpointing = False
+
+    def fingerprint_state(self) -> dict[str, float]:
+        return {"gain": self.gain}
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
 def scaled_by_global(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x * MATRIX[0, 1]
 
@@ -277,6 +293,7 @@ def toy_fingerprints() -> list[str]:
         bdia.ODE(lambda t, y: y @ MATRIX.T).fingerprint(),
         bdia.DiffusionODE(Buffered(0.5)).fingerprint(),
         bdia.DiffusionODE(Scaled(0.5)).fingerprint(),
+        bdia.DiffusionODE(torch.nn.Sequential(Reporting(0.5))).fingerprint(),
     ]
 
 
@@ -312,6 +329,7 @@ def two_of_each() -> dict[str, tuple[object, object, object]]:
         ),
         "buffers": (Buffered(0.1), Buffered(0.9), Buffered(0.1)),
         "callable object": (Scaled(0.1), Scaled(0.9), Scaled(0.1)),
+        "reported state": tuple(torch.nn.Sequential(Reporting(g)) for g in (0.1, 0.9, 0.1)),
     }
 
 
@@ -321,6 +339,19 @@ def test_fingerprint_tells_models_apart_by_their_state(kind: str) -> None:
     fingerprint = bdia.DiffusionODE(one).fingerprint()
     assert bdia.DiffusionODE(other).fingerprint() != fingerprint
     assert bdia.DiffusionODE(twin).fingerprint() == fingerprint
+
+
+def test_fingerprint_reads_what_a_module_reports_and_no_other_attribute() -> None:
+    """Plain attributes a module does not report (a gradient checkpointing flag) stay out,
+    and a module that reports nothing has the fingerprint it had before the hook existed."""
+    net = Reporting(0.5)
+    before = bdia.DiffusionODE(net).fingerprint()
+    net.gradient_checkpointing = True
+    assert bdia.DiffusionODE(net).fingerprint() == before
+    # Named as its base, so that only the empty report could tell the two apart.
+    silent = type("Buffered", (Buffered,), {"fingerprint_state": lambda self: {}})
+    plain = bdia.DiffusionODE(Buffered(0.5)).fingerprint()
+    assert bdia.DiffusionODE(silent(0.5)).fingerprint() == plain
 
 
 def test_fingerprint_follows_the_tensors_a_function_names(monkeypatch) -> None:
