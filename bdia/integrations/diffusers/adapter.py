@@ -142,6 +142,48 @@ _FLUX_TIMESTEP_DIVISOR = 1000
 # arrives in float32), so the network sees diffusers' integer timesteps exactly: a float64 t
 # puts tau ~1e-13 off, a float32 one up to N * 6e-8.
 _SNAP_TAU = 1e-6
+# FreeU's factors, set on each up block of a unet by enable_freeu (None: off).
+_FREEU = ("s1", "s2", "b1", "b2")
+# Significant digits of a LoRA layer's scaling in the fingerprint: a unet called with
+# cross_attention_kwargs={"scale": w} multiplies it by w and divides it back afterwards, which
+# may leave it an ulp off, and a fingerprint taken after a run must not see that.
+_SCALING_DIGITS = 12
+
+
+def _settings_state(net: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The settings in ``net``'s submodules that change what it computes without being a
+    parameter or buffer, as ``(submodule name, {setting: value})`` for each submodule that
+    has one: an attention processor's ``scale`` (an IP-Adapter's, which
+    ``set_ip_adapter_scale`` sets), a peft tuner layer's (a LoRA's) scaling per adapter,
+    active adapters, whether adapters are disabled and which are merged (``set_adapters``,
+    ``disable_lora``, ``fuse_lora``), and FreeU's factors (``enable_freeu``). Other plain
+    attributes are left out: gradient checkpointing, chunking, attention slicing and the
+    like leave the output alone, and would make two runs of one model look like two models.
+    Empty for a net without any of them."""
+    state: list[tuple[str, dict[str, Any]]] = []
+    if not isinstance(net, torch.nn.Module):
+        return state
+    for name, module in net.named_modules():
+        attributes = vars(module)
+        found: dict[str, Any] = {}
+        # Attention's processor: a submodule (an IP-Adapter's) or a plain attribute.
+        processor = attributes.get("processor", module._modules.get("processor"))
+        if processor is not None and hasattr(processor, "scale"):
+            found["processor_scale"] = processor.scale
+        if isinstance(attributes.get("scaling"), Mapping) and "merged_adapters" in attributes:
+            found["scaling"] = {
+                str(k): float(f"{v:.{_SCALING_DIGITS}g}") if isinstance(v, float) else v
+                for k, v in module.scaling.items()
+            }
+            found["active_adapters"] = list(getattr(module, "active_adapters", []))
+            found["disable_adapters"] = bool(getattr(module, "disable_adapters", False))
+            found["merged_adapters"] = list(module.merged_adapters)
+        for key in _FREEU:
+            if attributes.get(key) is not None:
+                found[key] = attributes[key]
+        if found:
+            state.append((name, found))
+    return state
 
 
 # ----------------------------------------------------------------------------- model
@@ -290,6 +332,17 @@ class DiffusersModel(torch.nn.Module):
             f"DiffusersModel({type(self.unet).__name__}, space={self.space!r}, "
             f"N={self.num_train_timesteps}, prediction={self.prediction!r}{rule}{control})"
         )
+
+    def fingerprint_state(self) -> list[tuple[str, dict[str, Any]]]:
+        """The unet's and the controlnet's settings that change the vector field without
+        being parameters or buffers (IP-Adapter scale, LoRA adapters' weights and state,
+        FreeU), which ``ODE.fingerprint`` digests beside the weights: a pair sampled at one
+        IP-Adapter scale and continued or inverted at another is noticed. Empty without any
+        of them. Read when the fingerprint is taken, so it follows the pipeline's later
+        ``set_ip_adapter_scale`` or ``set_adapters``."""
+        return _settings_state(self.unet) + [
+            (f"controlnet.{name}", found) for name, found in _settings_state(self.controlnet)
+        ]
 
     # ---------------------------------------------------------------- time -> timestep
 
