@@ -1,12 +1,12 @@
 """The fingerprint of from_diffusers' ODEs sees the unet's settings that change the vector
 field without changing a parameter or buffer: an IP-Adapter's scale (``set_ip_adapter_scale``),
-FreeU's factors (``enable_freeu``) and, where peft is installed, LoRA adapters' weights and
+FreeU's factors (``enable_freeu``) and LoRA adapters' weights and
 state (``set_adapters``, ``disable_lora``, ``fuse_lora``). A BDIA pair sampled under one
 setting and inverted under another then warns, since its inversion is exact only under the
 field that made it.
 
-Tiny random pipelines (``tiny_ip_adapter_pipeline``, ``tiny_text_to_image_pipeline``). peft
-is not among the test dependencies: its tests are skipped without it.
+Tiny random pipelines (``tiny_ip_adapter_pipeline``, ``tiny_text_to_image_pipeline``), the
+LoRA adapters by peft (in the test extra).
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def _lora_pipeline(folder):
     """The tiny SD pipeline with two LoRA adapters of random weights ("a", "b": peft's
     ``init_lora_weights=False``, so that each changes the field) on the attention
     projections, both active at weight 1."""
-    peft = pytest.importorskip("peft")
+    import peft  # the test extra's: diffusers' LoRA backend
+
     pipe = tiny_text_to_image_pipeline(folder)
     for seed, name in enumerate("ab"):
         torch.manual_seed(seed)
