@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 from conftest import run_child
@@ -21,7 +22,12 @@ from test_diffusers_ip_adapter import GAMMA, STEPS, _embeds, _noise, _ode
 
 import bdia
 from bdia.integrations.diffusers import diffusers_grid, from_diffusers
-from bdia.integrations.diffusers.tiny import tiny_ip_adapter_pipeline, tiny_text_to_image_pipeline
+from bdia.integrations.diffusers.tiny import (
+    tiny_ip_adapter_pipeline,
+    tiny_sd3_pipeline,
+    tiny_text_to_image_pipeline,
+    tiny_unet,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -191,3 +197,36 @@ def test_a_lora_scale_in_the_call_keeps_the_fingerprint_over_a_run(tmp_path):
     drifted = {m.scaling["b"] for m in pipe.unet.modules() if hasattr(m, "merged_adapters")}
     assert drifted == {0.1 * 0.7 / 0.7} != {0.1}
     assert ode.fingerprint() == before
+
+
+def test_the_adapters_own_settings_enter_the_fingerprint(tmp_path):
+    """Settings the adapter takes from the scheduler, not from the unet or the schedule: how
+    a noise level maps to the unet's timestep (Karras sigmas interpolate log sigma between
+    integer timesteps, the default sigmas sigma itself), an EDM-preconditioned unet's
+    prediction and sigma_data, and a flow transformer's N in ``tau = sigma N``. Each is
+    another vector field on the same weights and the same ``EDM()`` or ``RectifiedFlow()``
+    schedule, so each must give another fingerprint; equal settings give equal ones."""
+    unet = tiny_unet()
+
+    def fingerprint(scheduler):
+        return from_diffusers(unet, scheduler).fingerprint()
+
+    plain = fingerprint(diffusers.EulerDiscreteScheduler())
+    assert fingerprint(diffusers.EulerDiscreteScheduler()) == plain
+    assert fingerprint(diffusers.EulerDiscreteScheduler(use_karras_sigmas=True)) != plain
+
+    preconditioned = [
+        fingerprint(diffusers.EDMEulerScheduler(prediction_type=p, sigma_data=d))
+        for p, d in (("epsilon", 0.5), ("v_prediction", 0.5), ("epsilon", 1.0))
+    ]
+    assert len(set(preconditioned)) == 3
+    assert fingerprint(diffusers.EDMEulerScheduler()) == preconditioned[0]
+
+    transformer = tiny_sd3_pipeline(tmp_path).transformer
+    flows = [
+        from_diffusers(
+            transformer, diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=n)
+        ).fingerprint()
+        for n in (1000, 500, 1000)
+    ]
+    assert flows[0] != flows[1] and flows[0] == flows[2]

@@ -148,6 +148,8 @@ _FREEU = ("s1", "s2", "b1", "b2")
 # cross_attention_kwargs={"scale": w} multiplies it by w and divides it back afterwards, which
 # may leave it an ulp off, and a fingerprint taken after a run must not see that.
 _SCALING_DIGITS = 12
+# diffusers' num_train_timesteps of every flow-matching scheduler's config by default.
+_FLOW_TIMESTEPS = 1000
 
 
 def _settings_state(net: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -339,10 +341,25 @@ class DiffusersModel(torch.nn.Module):
         FreeU), which ``ODE.fingerprint`` digests beside the weights: a pair sampled at one
         IP-Adapter scale and continued or inverted at another is noticed. Empty without any
         of them. Read when the fingerprint is taken, so it follows the pipeline's later
-        ``set_ip_adapter_scale`` or ``set_adapters``."""
-        return _settings_state(self.unet) + [
-            (f"controlnet.{name}", found) for name, found in _settings_state(self.controlnet)
-        ]
+        ``set_ip_adapter_scale`` or ``set_adapters``. Also the adapter's own settings that
+        neither the weights nor the ODE's schedule show, where they are not the defaults: a
+        ``sigma_rule`` other than ``"linear"`` (Karras sigmas on the same table), an
+        EDM-preconditioned unet's ``prediction`` and ``sigma_data``, and a flow
+        transformer's ``num_train_timesteps`` other than 1000."""
+        own: dict[str, Any] = {}
+        if self.sigma_rule != "linear":
+            own["sigma_rule"] = self.sigma_rule
+        if self.sigma_data is not None:
+            own.update(prediction=self.prediction, sigma_data=self.sigma_data)
+        if self.space == "flow" and self.num_train_timesteps != _FLOW_TIMESTEPS:
+            own["num_train_timesteps"] = self.num_train_timesteps
+        # The defaults report nothing, so that ODEs which always differed keep their
+        # fingerprints (those stored with saved latents among them).
+        return (
+            ([("", own)] if own else [])
+            + _settings_state(self.unet)
+            + [(f"controlnet.{name}", found) for name, found in _settings_state(self.controlnet)]
+        )
 
     # ---------------------------------------------------------------- time -> timestep
 
