@@ -276,7 +276,9 @@ def _control(
     """The controlnet module to call, its nets, and the ODE's cond entries of its settings
     (``from_diffusers``' keyword arguments of the same names), all checked; ``(None, None,
     {})`` without a controlnet. ``inpaint``: the unet is an inpainting one, given its mask
-    and masked image (see ``_check_control_pairing``)."""
+    and masked image (see ``_check_control_pairing``). ``from_diffusers`` gives a flow
+    transformer's controlnet (Flux's, SD3's) to ``_flow_controlnet._flow_control`` instead, so
+    a controlnet here is of a unet."""
     defaults = {
         "controlnet_cond": None,
         "conditioning_scale": 1.0,
@@ -296,11 +298,6 @@ def _control(
                     "controlnet=pipe.controlnet with it, or leave it out"
                 )
         return None, None, {}
-    if space == "flow":
-        raise ValueError(
-            "controlnet: bdia maps the ControlNetModel of Stable Diffusion's and SDXL's unets; "
-            "SD3's and Flux's controlnets are other models, called otherwise"
-        )
     module, nets = _controlnets(controlnet)
     multi = _MULTI_CONTROLNET in _class_names(module)
     for net in nets:
