@@ -348,7 +348,10 @@ def test_edit_image_conditions_as_the_controlnet_pipeline_prepares_its_image(tmp
 
 def test_edit_image_refuses_a_controlnet_pipeline_without_its_control_image(tmp_path):
     """One line, before any network runs: FluxControlNetPipeline without control_image, and
-    with guess_mode (which the pipeline has not)."""
+    with guess_mode (which the pipeline has not); a tensor control image not at the image's
+    size, and the pipeline without its prepare_image, each named as the pipeline it is and
+    as the pipeline whose preparation is followed (FluxControlNetPipeline's, not the Depth
+    and Canny pipeline's)."""
     pipe = tiny_flux_controlnet_pipeline(tmp_path)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     control = torch.zeros(1, 3, 16, 16)
@@ -356,8 +359,15 @@ def test_edit_image_refuses_a_controlnet_pipeline_without_its_control_image(tmp_
     for kwargs, field in (
         ({}, "give control_image"),
         (dict(control_image=control, guess_mode=True), "guess_mode"),
+        (dict(control_image=control[..., :8]), "(FluxControlNetPipeline's prepare_image"),
     ):
         with pytest.raises(ValueError) as exc_info:
             edit_image(pipe, image, PROMPT, "a dog", num_inference_steps=2, **kwargs)
         _one_line_error(exc_info, field)
+        assert "FluxControlPipeline" not in str(exc_info.value)
+    pipe.prepare_image = None
+    with pytest.raises(ValueError) as exc_info:
+        edit_image(pipe, image, PROMPT, "a dog", num_inference_steps=2, control_image=control)
+    _one_line_error(exc_info, "as FluxControlNetPipeline does")
+    assert "FluxControlPipeline" not in str(exc_info.value)
     assert all(c.calls == 0 for c in calls)

@@ -706,14 +706,16 @@ def _fill_kwargs(
 
 
 def _flux_control_image(
-    pipe: Any, control_image: Any, shape: Sequence[int], device: torch.device
+    pipe: Any, control_image: Any, shape: Sequence[int], device: torch.device, maker: str
 ) -> Tensor:
-    """FluxControlPipeline's control image for the images ``shape`` = (batch, 3, H, W): its
-    ``prepare_image`` (a PIL image or list resized to H x W and mapped to [-1, 1] by its
-    ``image_processor``, a tensor taken as it is; one repeated to the batch), in the VAE's
-    dtype. Refuses, before any network runs, a tensor the VAE cannot take as the image's
-    and a batch that is neither 1 nor the image's."""
-    _part(pipe, "prepare_image", "to prepare the control image as FluxControlPipeline does")
+    """The control image for the images ``shape`` = (batch, 3, H, W) as the pipeline's
+    ``prepare_image`` makes it (a PIL image or list resized to H x W and mapped to [-1, 1] by
+    its ``image_processor``, a tensor taken as it is; one repeated to the batch), in the
+    VAE's dtype: ``maker``, the pipeline whose preparation this is (FluxControlPipeline,
+    FluxControlNetPipeline, StableDiffusion3ControlNetPipeline), names it where the pipeline
+    has no ``prepare_image``. Refuses, before any network runs, a tensor the VAE cannot take
+    as the image's and a batch that is neither 1 nor the image's."""
+    _part(pipe, "prepare_image", f"to prepare the control image as {maker} does")
     batch, _, height, width = shape
     if isinstance(control_image, Tensor) and not (
         control_image.ndim == 4
@@ -725,7 +727,7 @@ def _flux_control_image(
         and float(control_image.abs().max()) <= 1.0
     ):
         raise ValueError(
-            f"control_image as a tensor goes to the vae as it is (FluxControlPipeline's "
+            f"control_image as a tensor goes to the vae as it is ({type(pipe).__name__}'s "
             f"prepare_image does not process tensors): give shape (1 or {batch}, 3, {height}, "
             f"{width}), the image's size, floating and finite in [-1, 1] (from [0, 1]: "
             f"image * 2 - 1), got a {control_image.dtype} tensor of shape "
@@ -781,9 +783,11 @@ def _flow_controlnet_kwargs(
             "control_image, the image that guides it, as the pipeline's control_image"
         )
     start, end = settings["control_guidance_start"], settings["control_guidance_end"]
+    flux = _FLUX_CONTROLNET in _class_names(pipe.controlnet)
+    maker = "FluxControlNetPipeline" if flux else "StableDiffusion3ControlNetPipeline"
     return {
         "controlnet": pipe.controlnet,
-        "controlnet_cond": _flux_control_image(pipe, control_image, shape, device),
+        "controlnet_cond": _flux_control_image(pipe, control_image, shape, device, maker),
         "conditioning_scale": settings["controlnet_conditioning_scale"],
         "guess_mode": settings["guess_mode"],
         "control_guidance_start": start,
@@ -1709,7 +1713,9 @@ def edit_image(
                 "give control_image, the depth map or edge image that guides it, as "
                 "FluxControlPipeline's control_image"
             )
-        control_pixels = _flux_control_image(pipe, control_image, pixels.shape, device)
+        control_pixels = _flux_control_image(
+            pipe, control_image, pixels.shape, device, "FluxControlPipeline"
+        )
     channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
     if model == "unet" and not inpaint:
         channels += ", the vae's latents alone"
