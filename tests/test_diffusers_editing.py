@@ -478,6 +478,11 @@ def test_sdxl_conditioning_is_the_pipelines_encode_prompt_and_time_ids(xl_pipe, 
     assert not torch.equal(_xl_embeds(xl_pipe, SOURCE)[1], _xl_embeds(xl_pipe, TARGET)[1])
 
 
+def _timesteps(records):
+    """The distinct timesteps of the unet (transformer) calls ``_unet_kwargs`` recorded."""
+    return {float(t) for record in records for t in record["timestep"]}
+
+
 def _unet_kwargs(unet):
     """A list that receives the keyword arguments of each unet call, and the hook's handle."""
     calls = []
@@ -1163,12 +1168,9 @@ def test_sd3_transformer_sees_what_the_sd3_pipeline_gives_it(
     # the pair (none at t = 0), STEPS to edit.
     assert len(theirs) == STEPS and len(ours) == 3 * STEPS - 1
 
-    def timesteps(records):
-        return {float(t) for record in records for t in record["timestep"]}
-
     assert all(record["timestep"].dtype == torch.float32 for record in ours)
-    assert timesteps(ours) == timesteps(theirs) | {0.0} and len(timesteps(theirs)) == STEPS
-    assert 0.0 not in timesteps(theirs)
+    assert _timesteps(ours) == _timesteps(theirs) | {0.0} and len(_timesteps(theirs)) == STEPS
+    assert 0.0 not in _timesteps(theirs)
     assert sum(0.0 in record["timestep"].tolist() for record in ours) == 1
 
 
@@ -1255,6 +1257,49 @@ def test_sd3_dynamic_shifting_takes_a_given_mu(tmp_path, image):
     out = edit_image(pipe, image[:1], SOURCE, TARGET, num_inference_steps=STEPS, mu=1.5)
     assert torch.equal(out.inversion.ts, diffusers_grid(scheduler, STEPS, mu=1.5))
     assert out.latent_error < 1e-12
+
+
+def test_sd3_flow_match_heun_scheduler_edits_over_its_distinct_sigmas(tmp_path, image):
+    """An SD3 pipeline with FlowMatchHeunDiscreteScheduler(shift=3): edit_image runs BDIA over
+    Euler, one transformer call a step, on diffusers_grid, the scheduler's STEPS distinct
+    sigmas and the final 0 (not heun, which with its last euler step follows the scheduler's
+    own sampling run; an edit's base solver is Euler whatever the scheduler, as DDIM is for
+    Stable Diffusion). The inversion is exact: latent_error 0 with a float64 state (measured
+    0). The pipeline calls the transformer 2 STEPS - 1 times (twice at each sigma but the
+    first, the second its predictor's), and edit_image's three runs at exactly its float32
+    timesteps and, once, at timestep 0, where the inversion starts. solver="heun" is BDIA
+    over heun on the same grid, exact too (measured 0)."""
+    scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
+    pipe = tiny_sd3_pipeline(tmp_path, scheduler=scheduler)
+    calls, handle = _unet_kwargs(pipe.transformer)
+    try:
+        with torch.no_grad():
+            pipe(
+                SOURCE,
+                height=16,
+                width=16,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                output_type="latent",
+            )
+        theirs = list(calls)
+        calls.clear()
+        out = edit_image(
+            pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, guidance_scale=GUIDANCE
+        )
+    finally:
+        handle.remove()
+    assert out.latent_error == 0.0
+    assert out.inversion.solver.identity == "bdia(euler, gamma=0.96)"
+    assert torch.equal(out.inversion.ts, diffusers_grid(scheduler, STEPS))
+    assert len(out.inversion.ts) == STEPS + 1 and float(out.inversion.ts[-1]) == 0.0
+    assert len(theirs) == 2 * STEPS - 1 and len(calls) == 3 * STEPS - 1
+
+    assert len(_timesteps(theirs)) == STEPS and 0.0 not in _timesteps(theirs)
+    assert _timesteps(calls) == _timesteps(theirs) | {0.0}
+    heun = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=STEPS, solver="heun")
+    assert heun.inversion.solver.identity == "bdia(heun, gamma=0.96)"
+    assert heun.latent_error == 0.0
 
 
 class PixArtTransformer2DModel(torch.nn.Module):

@@ -1337,7 +1337,8 @@ def edit_image(
         solver: the base solver (a registered name or a ``Solver``), wrapped as
             ``bdia.bdia(solver, gamma)``; or a BDIA solver, used as it is. By default
             ``"ddim"``, and for SD3 and Flux ``"euler"``: the same step in rectified flow, in
-            the flow-matching scheduler's own arithmetic.
+            the flow-matching scheduler's own arithmetic (with
+            ``FlowMatchHeunDiscreteScheduler`` too, on its distinct sigmas).
         gamma: BDIA's gamma, 0.96 unless given (not with a BDIA solver).
         rule: how to regenerate under the target (``bdia.EDIT_RULES``): ``"base"`` (the base
             solver from the inverted noise, the default) or ``"restart"``. See
