@@ -16,7 +16,13 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from conftest import (
+    Counter,
+    assert_flow_run_is_bdia_sample,
+    flow_img2img_runs,
+    flow_round_trip_error,
+    untouched,
+)
 from test_diffusers_flux import (
     EMBEDDED,
     N_STEPS,
@@ -179,6 +185,66 @@ def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts(tmp_pa
     assert torch.equal(back.earlier, noise)
 
 
+@pytest.mark.parametrize("strength, k, kept", [(0.6, 4, 2), (0.65, 3, 2)])
+def test_img2img_controlnet_pipeline_is_the_odes_run_on_the_grids_tail(tmp_path, strength, k, kept):
+    """FluxControlNetImg2ImgPipeline on the tiny ControlNet pipeline's parts, a scale of 0.6
+    and the controlnet on from 20% to 70%. At strength 0.6 it runs the last 6 of 10
+    timesteps from the image latents noised to grid[4] and counts the bounds over those 6
+    (steps 2 and 3 of them kept; over all 10, entries 4 to 6 would be). At 0.65 it runs
+    ceil(6.5) = 7 from grid[3] (the Stable Diffusion pipelines run int(6.5) = 6) and keeps
+    steps 2 and 3 of those 7. With its own scheduler its latents are euler's on
+    from_diffusers(..., strength=strength) over grid[k:] from the noised latents (its first
+    step's sample), bit for bit, with the controlnet called at the kept steps alone; with
+    BDIAScheduler (gamma 0.9) they and the final pair are bdia.sample's with bdia(euler,
+    0.9), bit for bit, and bdia.invert from the pair returns the noised latents bit for
+    bit."""
+    parts = dict(tiny_flux_controlnet_pipeline(tmp_path).components)
+    for name in ("image_encoder", "feature_extractor"):  # the img2img pipeline has neither
+        parts.pop(name)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    control_image = _control_image()
+    bounds = dict(control_guidance_start=0.2, control_guidance_end=0.7)
+
+    def img2img(pipe):
+        return _pipeline_latents(
+            pipe,
+            None,
+            PROMPT,
+            image=image,
+            strength=strength,
+            control_image=control_image,
+            controlnet_conditioning_scale=0.6,
+            generator=torch.Generator().manual_seed(SEED),
+            **bounds,
+        )
+
+    pipe, runs = flow_img2img_runs(diffusers.FluxControlNetImg2ImgPipeline, parts, img2img)
+    (euler_latents, euler_samples), (latents, samples) = runs
+    start = samples[0]
+    assert torch.equal(start, euler_samples[0]) and len(samples) == N_STEPS - k
+    ode = from_diffusers(
+        pipe.transformer,
+        pipe.scheduler,
+        controlnet=pipe.controlnet,
+        controlnet_cond=_pipeline_control_latents(pipe, control_image),
+        conditioning_scale=0.6,
+        num_inference_steps=N_STEPS,
+        strength=strength,
+        **bounds,
+        **_pipeline_cond(pipe),
+    )
+    ts = _grid(pipe.scheduler)
+    calls = Counter(pipe.controlnet)
+    with torch.no_grad():
+        euler = bdia.sample(ode, bdia.get_solver("euler"), start, ts[k:], progress=False)
+    assert torch.equal(euler, euler_latents)
+    assert calls.calls == kept
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, start, ts, 0.9, start_index=k)
+    with torch.no_grad():
+        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts[k:])
+    assert torch.equal(back.earlier, start)
+
+
 # -------------------------------------------------------------------------- refusals
 
 
@@ -188,7 +254,8 @@ def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
     transformer or of another guidance embedding or dtype, Stable Diffusion's ControlNetModel,
     a controlnet for SD3's transformer; beside a Depth/Canny transformer's control latents;
     no control latents, a list, a non-tensor, latents not packed or of other channels; guess
-    mode; bounds out of order or without num_inference_steps; a residual key in cond."""
+    mode; bounds out of order or without num_inference_steps; a strength without bounds or
+    outside (0, 1]; a residual key in cond."""
     transformer = tiny_flux_transformer()
     net = tiny_flux_controlnet(transformer)
     control = _stand_in()
@@ -232,6 +299,13 @@ def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
         ),
         (dict(control_guidance_start=0.2), ValueError, "need num_inference_steps"),
         (dict(num_inference_steps=4), ValueError, "leave it out"),
+        (dict(strength=0.5), ValueError, "strength is needed only with"),
+        (
+            dict(strength=1.5, control_guidance_start=0.2, num_inference_steps=4),
+            ValueError,
+            "0 < strength <= 1",
+        ),
+        (dict(strength="0.5"), TypeError, "strength must be a number"),
         (dict(controlnet_block_samples=[control]), ValueError, "controlnet_block_samples"),
     ]
     with untouched(control):

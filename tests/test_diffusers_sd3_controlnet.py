@@ -181,8 +181,8 @@ def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
     """One line each, before any call, the caller's tensors untouched: several controlnets,
     Stable Diffusion's ControlNetModel or Flux's controlnet, one without its pos_embed
     (SD3.5's, outside its pipeline), one of another transformer or dtype; no control latents,
-    a list, a non-tensor, latents not 4-D or of other channels; guess mode; a residual key in
-    cond."""
+    a list, a non-tensor, latents not 4-D or of other channels; guess mode; a strength (no
+    SD3 ControlNet pipeline has one); a residual key in cond."""
     transformer = tiny_sd3_transformer()
     net = tiny_sd3_controlnet(transformer)
     control = _stand_in()
@@ -213,6 +213,11 @@ def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
         (dict(controlnet_cond=control[0]), ValueError, "(batch or 1, 4, h, w)"),
         (dict(controlnet_cond=control[:, :2]), ValueError, "(batch or 1, 4, h, w)"),
         (dict(guess_mode=True), ValueError, "guess_mode"),
+        (
+            dict(strength=0.5, control_guidance_start=0.2, num_inference_steps=4),
+            ValueError,
+            "no SD3 ControlNet pipeline takes a strength",
+        ),
         (dict(block_controlnet_hidden_states=[control]), ValueError, "block_controlnet"),
     ]
     with untouched(control):

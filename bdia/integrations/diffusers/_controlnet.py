@@ -55,6 +55,24 @@ def _per_net(value: Any, count: int, name: str) -> list[float]:
     return [_number(value, name)] * count
 
 
+def _strength(value: Any, switched: bool) -> float:
+    """The img2img and inpainting pipelines' ``strength``, in (0, 1], checked: only with the
+    controlnet switched (``switched``), whose fractions it makes count over the steps run."""
+    strength = _number(value, "strength")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(
+            f"strength = {strength} must satisfy 0 < strength <= 1, as the img2img and "
+            "inpainting pipelines' strength"
+        )
+    if strength != 1.0 and not switched:
+        raise ValueError(
+            "strength is needed only with control_guidance_start or control_guidance_end "
+            "(a pipeline's strength below 1 counts their fractions over the steps it runs); "
+            "leave it out"
+        )
+    return strength
+
+
 def _controlnets(controlnet: Any) -> tuple[Any, list[Any]]:
     """The module to call and its nets: a ControlNetModel itself; a list or tuple of them
     wrapped in a MultiControlNetModel, as the pipelines wrap one; a MultiControlNetModel as
@@ -346,18 +364,7 @@ def _control(
             "num_inference_steps is needed only with control_guidance_start or "
             "control_guidance_end; leave it out"
         )
-    strength = _number(settings["strength"], "strength")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(
-            f"strength = {strength} must satisfy 0 < strength <= 1, as the img2img and "
-            "inpainting pipelines' strength"
-        )
-    if strength != 1.0 and not switched:
-        raise ValueError(
-            "strength is needed only with control_guidance_start or control_guidance_end "
-            "(a pipeline's strength below 1 counts their fractions over the steps it runs); "
-            "leave it out"
-        )
+    strength = _strength(settings["strength"], switched)
     entries: dict[str, Any] = {
         "controlnet_cond": images if multi else images[0],
         "conditioning_scale": scales if multi else scales[0],

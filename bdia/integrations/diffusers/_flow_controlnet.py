@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...schedules import check_steps
 from ._conditioning import _FLOW_RESERVED, _check_cond
-from ._controlnet import _per_net
+from ._controlnet import _per_net, _strength
 from ._scheduler_config import _class_names
 from .grid import diffusers_grid
 
@@ -175,7 +175,12 @@ def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
 
 
 def _flow_control_ranges(
-    sched: Any, steps: Any, starts: list[float], ends: list[float], tokens: int | None
+    sched: Any,
+    steps: Any,
+    starts: list[float],
+    ends: list[float],
+    tokens: int | None,
+    strength: float = 1.0,
 ) -> list[tuple[float, float]]:
     """Each bound pair as the closed interval of ODE times, ``(lo, hi)``, on which the
     ControlNet pipeline calls the controlnet: at entry ``i`` of the scheduler's ``n``
@@ -183,9 +188,11 @@ def _flow_control_ranges(
     pipeline's grid's ``i``-th time (FluxControlNetPipeline's, for ``tokens`` image tokens:
     sigmas ``np.linspace(1, 1 / n, n)``, shifted by their ``mu`` where the scheduler shifts
     dynamically; StableDiffusion3ControlNetPipeline's, ``tokens`` None: the scheduler's own
-    for ``n`` steps); a run reaching the first (last) entry reaches past the grid's start
-    (end), an empty run is ``(inf, -inf)``. Refused for a scheduler that calls the
-    transformer more than once a step."""
+    for ``n`` steps); a run reaching the first entry run (the last entry) reaches past the
+    grid's start (end), an empty run is ``(inf, -inf)``. With ``strength`` < 1
+    (FluxControlNetImg2ImgPipeline's) the pipeline runs the entries from ``int(n - n *
+    strength)`` on, and counts ``i`` and ``n`` over those alone. Refused for a scheduler
+    that calls the transformer more than once a step."""
     steps = check_steps(steps, "num_inference_steps")
     config = sched.config
     mu = sigmas = None
@@ -215,13 +222,17 @@ def _flow_control_ranges(
             f"the {len(ts) - 1} times of its grid, so its step fractions have no times; leave "
             "them at 0 and 1"
         )
+    # The Flux img2img pipelines' get_timesteps, in their arithmetic: they run ceil(n * s)
+    # steps where the Stable Diffusion pipelines' _first_entry runs int(n * s).
+    first = int(max(steps - min(steps * strength, steps), 0))
+    run = n - first
     ranges = []
     for start, end in zip(starts, ends):
-        kept = [i for i in range(n) if not (i / n < start or (i + 1) / n > end)]
+        kept = [first + i for i in range(run) if not (i / run < start or (i + 1) / run > end)]
         if not kept:
             ranges.append((math.inf, -math.inf))
             continue
-        hi = math.inf if kept[0] == 0 else ts[kept[0]]
+        hi = math.inf if kept[0] == first else ts[kept[0]]
         lo = -math.inf if kept[-1] == n - 1 else ts[kept[-1]]
         ranges.append((lo, hi))
     return ranges
@@ -279,10 +290,18 @@ def _flow_control(
             "num_inference_steps is needed only with control_guidance_start or "
             "control_guidance_end; leave it out"
         )
+    strength = _strength(settings["strength"], switched)
+    if strength != 1.0 and not flux:
+        raise ValueError(
+            f"strength = {strength}: {pipeline} runs every step (no SD3 ControlNet pipeline "
+            "takes a strength); leave it out"
+        )
     entries: dict[str, Any] = {"controlnet_cond": image, "conditioning_scale": scale}
     if switched:
         tokens = int(cond["img_ids"].shape[0]) if flux else None
-        entries["control_range"] = _flow_control_ranges(sched, steps, [start], [end], tokens)
+        entries["control_range"] = _flow_control_ranges(
+            sched, steps, [start], [end], tokens, strength
+        )
     return controlnet, entries
 
 

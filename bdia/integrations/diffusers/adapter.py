@@ -1040,12 +1040,14 @@ def from_diffusers(
             (and only with) ``control_guidance_start`` or ``control_guidance_end`` other than
             0 and 1.
         strength: the img2img and inpainting pipelines' ``strength``, in (0, 1]: below 1
-            they run the last ``int(num_inference_steps * strength)`` steps, from the grid's
-            time ``ts[k]`` with ``k`` the steps they skip, and count
-            ``control_guidance_start`` and ``control_guidance_end`` over the steps they run;
-            given so, the ODE keeps the controlnet where such a run does (solve it on
+            they run the last ``int(num_inference_steps * strength)`` steps
+            (``FluxControlNetImg2ImgPipeline`` the last ``ceil(num_inference_steps *
+            strength)``), from the grid's time ``ts[k]`` with ``k`` the steps they skip, and
+            count ``control_guidance_start`` and ``control_guidance_end`` over the steps they
+            run; given so, the ODE keeps the controlnet where such a run does (solve it on
             ``ts[k:]``). Only with the bounds, as ``num_inference_steps``; 1 (all steps,
-            the text-to-image pipelines' count) by default.
+            the text-to-image pipelines' count) by default. Not for SD3's controlnet (no
+            SD3 ControlNet pipeline takes a strength).
         mask: for an inpainting unet (``in_channels`` more than ``out_channels``: 9 for 4,
             ``stable-diffusion-inpainting``'s and SDXL inpainting's), the mask at the
             latents' size, 1 where the image is repainted: a floating tensor of shape
@@ -1169,14 +1171,15 @@ def from_diffusers(
             ``pooled_projection_dim``) or with other ``guidance_embeds``, of another dtype;
             beside ``mask``, ``control_latents`` or ``image_latents``; a ``controlnet_cond``
             missing, a list, or not a 3-D floating tensor of the controlnet's
-            ``in_channels``; ``guess_mode``; a scale or bounds as below; a residual key in
-            ``cond``; at the first evaluation, control latents of another token count or of
-            a batch neither 1 nor the state's. With SD3's controlnet: one of another class
-            than ``SD3ControlNetModel`` (several, Stable Diffusion's, Flux's), one without a
-            ``pos_embed``, made for another transformer (``in_channels``, ``patch_size``,
-            ``pooled_projection_dim``), of another dtype; a ``controlnet_cond`` missing, a
-            list, or not a 4-D floating tensor of ``in_channels +
-            extra_conditioning_channels``; the other refusals as for Flux's; at the first
+            ``in_channels``; ``guess_mode``; a scale, bounds or ``strength`` as below; a
+            residual key in ``cond``; at the first evaluation, control latents of another
+            token count or of a batch neither 1 nor the state's. With SD3's controlnet: one
+            of another class than ``SD3ControlNetModel`` (several, Stable Diffusion's,
+            Flux's), one without a ``pos_embed``, made for another transformer
+            (``in_channels``, ``patch_size``, ``pooled_projection_dim``), of another dtype; a
+            ``controlnet_cond`` missing, a list, or not a 4-D floating tensor of
+            ``in_channels + extra_conditioning_channels``; a ``strength`` other than 1; the
+            other refusals as for Flux's; at the first
             evaluation, control latents of another size or batch. With a controlnet: one of
             another class than ``ControlNetModel`` (a list or ``MultiControlNetModel`` of
             them), made for another unet (its ``in_channels``,
