@@ -2,7 +2,7 @@
 against StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline with a 9-channel
 unet, BDIAScheduler in them (img2img's later start included), a 4-channel unet's blend, and the
 refusals, the same with a controlnet against the ControlNet inpainting pipelines of SD and
-SDXL, and edit_image on all of them.
+SDXL (at strength < 1 with a switched controlnet too), and edit_image on all of them.
 
 Tiny random pipelines (``tiny_inpaint_pipeline``: the tiny SD or SDXL parts with an inpainting
 unet of ``in_channels=9``; ``tiny_controlnet_inpaint_pipeline``: those with a controlnet). The
@@ -455,24 +455,29 @@ def _control_inpaint_branches(pipe, kind):
     return cond, negative
 
 
-def _control_inpaint_ode(pipe, kind, mask_image, image, control, guess, seed=3):
+def _control_inpaint_ode(
+    pipe, kind, mask_image, image, control, guess, seed=3, made=None, **settings
+):
     """from_diffusers of a ControlNet inpainting pipeline's unet and controlnet, the mask and
     masked image made as the pipeline makes them (its image in float32, the masked image
-    encoded by its vae with the run's generator, which nothing draws from before)."""
-    condition = pipe.mask_processor.preprocess(mask_image, height=16, width=16)
-    pixels = pipe.image_processor.preprocess(image, height=16, width=16).to(torch.float32)
+    encoded by its vae with the run's generator, which nothing draws from before), or
+    ``made``, the pipeline's own; ``settings``: more ControlNet settings."""
     dtype = pipe.unet.dtype
-    mask, masked_latents = pipe.prepare_mask_latents(
-        condition,
-        pixels * (condition < 0.5),
-        1,
-        16,
-        16,
-        dtype,
-        "cpu",
-        torch.Generator().manual_seed(seed),
-        False,
-    )
+    if made is None:
+        condition = pipe.mask_processor.preprocess(mask_image, height=16, width=16)
+        pixels = pipe.image_processor.preprocess(image, height=16, width=16).to(torch.float32)
+        made = pipe.prepare_mask_latents(
+            condition,
+            pixels * (condition < 0.5),
+            1,
+            16,
+            16,
+            dtype,
+            "cpu",
+            torch.Generator().manual_seed(seed),
+            False,
+        )
+    mask, masked_latents = made
     cond, negative = _control_inpaint_branches(pipe, kind)
     return from_diffusers(
         pipe.unet,
@@ -485,6 +490,7 @@ def _control_inpaint_ode(pipe, kind, mask_image, image, control, guess, seed=3):
         masked_image_latents=masked_latents,
         guidance_scale=GUIDANCE,
         negative_cond=negative,
+        **settings,
         **cond,
     )
 
@@ -537,6 +543,62 @@ def test_ddim_is_the_controlnet_inpaint_pipeline_to_rounding(tmp_path, kind, gue
         ours = bdia.sample(ode, bdia.get_solver("ddim"), noise, ts, progress=False)
     assert ours.dtype == dtype
     assert _rel(ours, theirs) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_ddim_is_the_controlnet_inpaint_pipeline_at_strength_to_float64_rounding(tmp_path):
+    """StableDiffusionControlNetInpaintPipeline (9-channel unet, guidance 7.5) at strength 0.5
+    runs the last 5 of 10 DDIM steps from the image's latents noised at the 6th timestep,
+    and counts the controlnet's switch, on at 20 % and off at 70 %, over those 5 (steps 1
+    and 2 of them, the grid's 7th and 8th; over all 10, the 6th and 7th). bdia's 'ddim' on
+    from_diffusers(..., strength=0.5, control_guidance_start=0.2, control_guidance_end=0.7,
+    num_inference_steps=10) with the mask and masked image the pipeline made, from its first
+    step's sample over ts[5:], is its run, the whole pipeline in float64: below 1e-12
+    relative (measured 6.8e-16, float64 rounding of two ways of writing DDIM's step), with
+    the controlnet called at 2 steps. Without strength= the switch, counted over all 10,
+    is off by 8.1e-2."""
+    pipe = float64_pipeline(_control_inpaint_pipeline(tmp_path, "sd"))
+    image, mask_image, _, _ = _inputs(torch.float64)
+    control = _control_image()
+    made = []
+    prepare = pipe.prepare_mask_latents
+
+    def keep(*args, **kwargs):  # the pipeline's mask and masked image, doubled for guidance
+        made.append(prepare(*args, **kwargs))
+        return made[-1]
+
+    pipe.prepare_mask_latents = keep
+    starts = record_step_samples(pipe.scheduler)
+    switch = dict(control_guidance_start=0.2, control_guidance_end=0.7)
+    theirs = _run(
+        pipe,
+        image,
+        mask_image,
+        None,
+        strength=0.5,
+        control_image=control,
+        controlnet_conditioning_scale=CONTROL_SCALE,
+        **switch,
+    )
+    assert len(starts) == 5 and len(made) == 1
+    with torch.no_grad():
+        ode = _control_inpaint_ode(
+            pipe,
+            "sd",
+            mask_image,
+            image,
+            control,
+            False,
+            made=[t.chunk(2)[0] for t in made[0]],
+            num_inference_steps=STEPS,
+            strength=0.5,
+            **switch,
+        )
+        ts = diffusers_grid(pipe.scheduler, STEPS)
+        calls = Counter(pipe.controlnet)
+        ours = bdia.sample(ode, bdia.get_solver("ddim"), starts[0], ts[5:], progress=False)
+    assert calls.calls == 2
+    assert ours.dtype == torch.float64
+    assert _rel(ours, theirs) < 1e-12
 
 
 def _controlnet_calls(controlnet):
