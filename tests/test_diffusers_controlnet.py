@@ -31,6 +31,7 @@ from bdia.integrations.diffusers.tiny import (
     SD_NOISE_TABLE,
     tiny_controlnet,
     tiny_controlnet_pipeline,
+    tiny_sd3_controlnet,
     tiny_sd3_transformer,
     tiny_unet,
 )
@@ -469,6 +470,17 @@ def test_settings_the_adapter_cannot_map_are_refused(parts, tmp_path):
             controlnet_cond=image,
         )
     _one_line_error(exc_info, "SD3's transformer")
+    # SD3's and Flux's controlnets are mapped, but with their own transformers: beside a
+    # unet the refusal says where they go.
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(
+            pipe.unet,
+            pipe.scheduler,
+            controlnet=tiny_sd3_controlnet(tiny_sd3_transformer()),
+            controlnet_cond=image,
+            **embeds,
+        )
+    _one_line_error(exc_info, "go with their own transformers (pass pipe.transformer")
     xl = tiny_controlnet_pipeline(tmp_path, xl=True)
     with pytest.raises(ValueError) as exc_info:
         from_diffusers(

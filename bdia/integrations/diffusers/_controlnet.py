@@ -91,8 +91,9 @@ def _controlnets(controlnet: Any) -> tuple[Any, list[Any]]:
                 f"{where.format(i)} is a {type(net).__name__}; bdia calls diffusers' "
                 f"{_CONTROLNET} (Stable Diffusion's and SDXL's, as StableDiffusionControlNet"
                 "Pipeline and StableDiffusionXLControlNetPipeline do), a list of them or a "
-                f"{_MULTI_CONTROLNET}; other controlnets (union, SD3, Flux, ControlNet-XS) "
-                "are called otherwise and are not mapped"
+                f"{_MULTI_CONTROLNET} beside a unet; SD3's and Flux's controlnets go with their "
+                "own transformers (pass pipe.transformer with a flow-matching scheduler), and "
+                "union controlnets and ControlNet-XS are called otherwise and are not mapped"
             )
     if isinstance(controlnet, (list, tuple)):
         # Its module path since diffusers 0.31; the top-level name is not in every release.
