@@ -2589,8 +2589,9 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
     "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux or Flux Kontext; SD's "
     "and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
-    "ControlNet img2img pipelines with --control-image, their ControlNet inpainting "
-    "pipelines with both. Nothing is downloaded.",
+    "ControlNet img2img pipelines, Flux Depth and Canny and Flux's and SD3's ControlNet "
+    "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines with "
+    "both. Nothing is downloaded.",
 )
 @click.option(
     "--image",
@@ -2613,8 +2614,9 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     "--control-image",
     multiple=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
-    help="For a ControlNet pipeline: the image that guides its controlnet (the pipeline's "
-    "image=, its img2img and inpainting pipelines' control_image=; e.g. the photo's edges), "
+    help="For a ControlNet pipeline, or Flux Depth or Canny: the image that guides its "
+    "controlnet or transformer (the pipeline's image= or control_image=; e.g. the photo's "
+    "edges or depth map), "
     "read as RGB, of the photo's size, resized with it by --size; once per controlnet, in "
     "their order, for several.",
 )

@@ -26,11 +26,14 @@ from bdia.integrations.diffusers import edit_image
 from bdia.integrations.diffusers.tiny import (
     tiny_controlnet_inpaint_pipeline,
     tiny_controlnet_pipeline,
+    tiny_flux_control_pipeline,
+    tiny_flux_controlnet_pipeline,
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
     tiny_inpaint_pipeline,
     tiny_playground_pipeline,
+    tiny_sd3_controlnet_pipeline,
     tiny_sd3_pipeline,
     tiny_text_to_image_pipeline,
 )
@@ -58,6 +61,10 @@ BUILDERS = {
     "controlnets": lambda folder: tiny_controlnet_pipeline(folder, controlnets=2),
     "controlnet-img2img": lambda folder: tiny_controlnet_pipeline(folder, img2img=True),
     "controlnet-inpaint": tiny_controlnet_inpaint_pipeline,
+    # Flux's Depth/Canny transformer, Flux's and SD3's ControlNets: --control-image too.
+    "flux-control": tiny_flux_control_pipeline,
+    "flux-controlnet": tiny_flux_controlnet_pipeline,
+    "sd3-controlnet": tiny_sd3_controlnet_pipeline,
 }
 # FluxKontextPipeline, the image its own reference: in diffusers 0.35 and newer.
 KONTEXT = hasattr(diffusers, "FluxKontextPipeline")
@@ -302,13 +309,24 @@ def conditioning(name, tmp_path, swapped=False):
 
 @pytest.mark.parametrize(
     "name",
-    ["inpaint", "fill", "controlnet", "controlnets", "controlnet-img2img", "controlnet-inpaint"],
+    [
+        "inpaint",
+        "fill",
+        "controlnet",
+        "controlnets",
+        "controlnet-img2img",
+        "controlnet-inpaint",
+        "flux-control",
+        "flux-controlnet",
+        "sd3-controlnet",
+    ],
 )
 def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_path):
     """--mask for an inpainting or Fill pipeline, --control-image once per controlnet (in
-    their order), for a ControlNet img2img pipeline too, and both for a ControlNet inpainting
-    one: the PNG is edit_image's for the same photo and files, pixel for pixel, and the round
-    trip under them is exact (the tiny pipelines' is bitwise). Another mask, or the control
+    their order), for a ControlNet img2img pipeline, Flux's Depth/Canny transformer and
+    Flux's and SD3's ControlNets too, and both for a ControlNet inpainting one: the PNG is
+    edit_image's for the same photo and files, pixel for pixel, and the round trip under
+    them is exact (the tiny pipelines' is bitwise). Another mask, or the control
     images in the other order, edit otherwise: the files are not ignored."""
     image = photo(tmp_path / "photo.png")
     options, given = conditioning(name, tmp_path)
