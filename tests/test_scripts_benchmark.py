@@ -14,6 +14,7 @@ SMOKE_DEFAULTS = {
     "two_word": "docs/benchmarks/two_word.md",
     "digits_study": "docs/benchmarks/digits.md",
     "train_digits": "bdia/models/weights",
+    "fingerprint": "docs/benchmarks/fingerprint.md",
 }
 
 
