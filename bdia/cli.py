@@ -2605,10 +2605,12 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     "--mask",
     default=None,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
-    help="For an inpainting pipeline (SD's or SDXL's with a 9-channel unet, FluxFillPipeline): "
-    "the region the edit may repaint, white there and black elsewhere, as diffusers' "
-    "mask_image (read as grey, binarised at 0.5); of the photo's size, resized with it by "
-    "--size.",
+    help="For StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, "
+    "StableDiffusionControlNetInpaintPipeline and StableDiffusionXLControlNetInpaintPipeline "
+    "with an inpainting unet (in_channels 9: the latents, the mask and the masked image's "
+    "latents; a 4-channel unet in them is refused), and FluxFillPipeline: the region the "
+    "edit may repaint, white there and black elsewhere, as diffusers' mask_image (read as "
+    "grey, binarised at 0.5); of the photo's size, resized with it by --size.",
 )
 @click.option(
     "--control-image",

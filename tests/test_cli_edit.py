@@ -340,6 +340,22 @@ def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_p
     assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(moved.images[0]))
 
 
+def test_the_mask_help_names_the_pipelines_that_take_one():
+    """--mask's help names the pipelines edit_image takes a mask for, as its docstring does:
+    the four inpainting pipelines of SD and SDXL with a 9-channel unet, and Flux Fill."""
+    text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
+    mask = text[text.index("--mask FILE") : text.index("--control-image FILE")]
+    for name in (
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+        "FluxFillPipeline",
+    ):
+        assert name in mask, name
+    assert "in_channels 9" in mask and "a 4-channel unet in them is refused" in mask
+
+
 @pytest.mark.parametrize("name", ["inpaint", "controlnet"])
 def test_size_resizes_the_mask_and_the_control_image_with_the_photo(name, pipelines, tmp_path):
     """--size WxH resizes the photo and its mask or control image alike (Lanczos; the mask
