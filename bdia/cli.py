@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -16,7 +17,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -2468,24 +2469,13 @@ def _resized(picture: Any, size: tuple[int, int] | None) -> Any:
     return picture.resize(size, Image.LANCZOS)  # type: ignore[attr-defined]
 
 
-def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
-    """``DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)``
-    without its log lines and bars; a folder it cannot load is refused naming --pipeline.
-
-    Parts recorded as absent in model_index.json (an SD3 pipeline saved without T5) are
-    passed as None, which diffusers requires of them, and so are those edit_image never
-    uses (_UNUSED_PARTS).
-    """
-    import diffusers
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """diffusers' and transformers' log lines and loading bars off while loading, and as
+    they were after."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    config = json.loads((folder / "model_index.json").read_text())
-    parts = {
-        name: None
-        for name, value in config.items()
-        if not name.startswith("_") and (value == [None, None] or name in _UNUSED_PARTS)
-    }
     loggers = (diffusers_logging, transformers_logging)
     before = [(log.get_verbosity(), log.is_progress_bar_enabled()) for log in loggers]
     for log in loggers:
@@ -2493,9 +2483,37 @@ def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
         log.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            # Newer diffusers call it dtype and warn of torch_dtype, the only name 0.34 to
-            # 0.36 know.
+            # Newer diffusers and transformers call it dtype and warn of torch_dtype, the only
+            # name diffusers 0.34 to 0.36 and transformers before 4.56 know.
             warnings.filterwarnings("ignore", "`torch_dtype` is deprecated")
+            yield
+    finally:
+        for log, (level, bars) in zip(loggers, before):
+            log.set_verbosity(level)
+            if bars:
+                log.enable_progress_bar()
+
+
+def _load_pipeline(folder: Path, dtype: torch.dtype, keep: tuple[str, ...] = ()) -> Any:
+    """``DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)``
+    without its log lines and bars; a folder it cannot load is refused naming --pipeline.
+
+    Parts recorded as absent in model_index.json (an SD3 pipeline saved without T5) are
+    passed as None, which diffusers requires of them, and so are those edit_image never
+    uses (_UNUSED_PARTS) but the ones named in ``keep`` (an IP-Adapter's image encoder and
+    feature extractor).
+    """
+    import diffusers
+
+    config = json.loads((folder / "model_index.json").read_text())
+    unused = set(_UNUSED_PARTS) - set(keep)
+    parts = {
+        name: None
+        for name, value in config.items()
+        if not name.startswith("_") and (value == [None, None] or name in unused)
+    }
+    try:
+        with _quietly():
             return diffusers.DiffusionPipeline.from_pretrained(
                 folder, local_files_only=True, torch_dtype=dtype, **parts
             )
@@ -2507,11 +2525,6 @@ def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
             f"{_one_line(str(err))})",
             param_hint="'--pipeline'",
         ) from err
-    finally:
-        for log, (level, bars) in zip(loggers, before):
-            log.set_verbosity(level)
-            if bars:
-                log.enable_progress_bar()
 
 
 def _check_photo_size(
@@ -2580,6 +2593,238 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     return images if multi else images[0]
 
 
+#: The IP-Adapter weight files that load_ip_adapter reads (its weight_name): safetensors, keys
+#: image_proj.NAME and ip_adapter.NAME, or a torch file of the two dicts.
+_IP_ADAPTER_SUFFIXES = (".safetensors", ".bin")
+
+
+def _ip_adapter_scale(ctx: Any, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(
+            f"{value} is not a finite number >= 0 (the image prompt's weight: 0 turns it off, "
+            "1 is the adapter's own)",
+            ctx,
+            param,
+        )
+    return value
+
+
+def _ip_adapter_shapes(path: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The shapes of the IP-Adapter weights in ``path`` (--ip-adapter) by part
+    (``image_proj``, ``ip_adapter``) and name, read without their values: a safetensors
+    file's header, or a torch file memory-mapped where it is a zip (torch.save's format
+    since 1.6). A suffix load_ip_adapter does not read, a file that does not read and one
+    without both parts are refused naming --ip-adapter."""
+    import zipfile
+
+    def refuse(why: str) -> click.BadParameter:
+        return click.BadParameter(f"{str(path)!r} {why}", param_hint="'--ip-adapter'")
+
+    if path.suffix not in _IP_ADAPTER_SUFFIXES:
+        raise refuse(
+            "is not an IP-Adapter's weight file: give its .safetensors or .bin file (as "
+            "load_ip_adapter's weight_name, e.g. ip-adapter_sd15.safetensors)"
+        )
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {"image_proj": {}, "ip_adapter": {}}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    part, _, name = key.partition(".")
+                    if part in shapes:
+                        shapes[part][name] = tuple(f.get_slice(key).get_shape())
+        else:
+            mmap = zipfile.is_zipfile(path)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            for part in shapes:
+                tensors = state.get(part, {}) if isinstance(state, dict) else {}
+                if isinstance(tensors, dict):
+                    shapes[part] = {
+                        str(k): tuple(v.shape) for k, v in tensors.items() if torch.is_tensor(v)
+                    }
+    except MemoryError:
+        raise
+    except Exception as err:  # whatever the file holds wrong, in the reader's words
+        raise refuse(f"does not read ({type(err).__name__}: {_one_line(str(err))})") from None
+    if not (shapes["image_proj"] and shapes["ip_adapter"]):
+        raise refuse(
+            "holds no IP-Adapter weights: load_ip_adapter needs image_proj and ip_adapter "
+            "tensors (an IP-Adapter's own file, not a LoRA's or a model's)"
+        )
+    return shapes
+
+
+def _image_encoder(
+    pipeline: Path, adapter: Path, given: Path | None
+) -> tuple[Path | None, dict[str, Any]]:
+    """Where an IP-Adapter's image encoder comes from, and its config: --image-encoder
+    (``given``), else the pipeline folder's own image_encoder (None: loaded with the
+    pipeline), else the folder image_encoder beside the adapter's file, where load_ip_adapter
+    looks for it (h94/IP-Adapter's layout: models/image_encoder beside models/*.bin). A
+    folder that is not a CLIPVisionModelWithProjection's, or none at all, is refused naming
+    --image-encoder."""
+    index = json.loads((pipeline / "model_index.json").read_text())
+    own = given is None and index.get("image_encoder") not in (None, [None, None])
+    folder = pipeline / "image_encoder" if own else given or adapter.parent / "image_encoder"
+    hint = "'--image-encoder'"
+    if given is None and not folder.is_dir():
+        raise click.BadParameter(
+            f"the IP-Adapter needs an image encoder: {str(pipeline)!r} has none, nor is "
+            f"there an image_encoder folder beside {str(adapter)!r}; give the folder of its "
+            "CLIPVisionModelWithProjection (save_pretrained's, with config.json)",
+            param_hint=hint,
+        )
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        if own:  # diffusers loads the pipeline's own by model_index.json, and says why not
+            return None, {}
+        raise click.BadParameter(
+            f"{str(folder)!r} has no readable config.json ({_one_line(str(err))}); give the "
+            "folder of a CLIPVisionModelWithProjection, as save_pretrained writes it",
+            param_hint=hint,
+        ) from None
+    if not isinstance(config, dict):
+        config = {}
+    kind = config.get("model_type")
+    if kind != "clip_vision_model" and not own:
+        what = kind or config.get("_class_name") or "no model_type"
+        raise click.BadParameter(
+            f"{str(folder)!r} holds {what!r} (its config.json), not a CLIP vision model "
+            "(model_type 'clip_vision_model'): give an IP-Adapter's image encoder, a "
+            "CLIPVisionModelWithProjection",
+            param_hint=hint,
+        )
+    return (None if own else folder), config
+
+
+def _check_ip_adapter_fits(
+    shapes: dict[str, dict[str, tuple[int, ...]]],
+    adapter: Path,
+    pipeline: Path,
+    encoder: dict[str, Any],
+) -> None:
+    """Refuse, before the pipeline loads, an IP-Adapter whose key and value maps take
+    another ``cross_attention_dim`` than the pipeline's unet (an SD 1.5 adapter on SDXL) or
+    whose image projection takes embeddings of another width than the image encoder
+    (``encoder``, its config) gives: a plain adapter's ``proj`` the encoder's
+    ``projection_dim``, a Plus adapter's resampler (``proj_in``) its ``hidden_size``."""
+    try:
+        unet = json.loads((pipeline / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        unet = {}  # diffusers says why when it loads the pipeline
+    cross = unet.get("cross_attention_dim") if isinstance(unet, dict) else None
+    keys = [s for name, s in shapes["ip_adapter"].items() if name.endswith("to_k_ip.weight")]
+    if isinstance(cross, int) and keys and len(keys[0]) == 2 and keys[0][1] != cross:
+        raise click.BadParameter(
+            f"{str(adapter)!r} is an IP-Adapter for a unet of cross_attention_dim "
+            f"{keys[0][1]}, but the unet of {str(pipeline)!r} has {cross}; give the adapter "
+            "made for the pipeline's model (SD 1.5's and SDXL's differ)",
+            param_hint="'--ip-adapter'",
+        )
+    proj = shapes["image_proj"]
+    for name, field in (("proj.weight", "projection_dim"), ("proj_in.weight", "hidden_size")):
+        width, given = (proj.get(name) or (0, None))[-1], encoder.get(field)
+        if name in proj and isinstance(given, int) and width != given:
+            raise click.BadParameter(
+                f"{str(adapter)!r} takes image embeddings of width {width} (the image "
+                f"encoder's {field}), but its image encoder gives {given}; give the encoder "
+                "the adapter was trained with",
+                param_hint="'--image-encoder'",
+            )
+
+
+def _load_ip_adapter(
+    pipe: Any, name: str, adapter: Path, encoder: Path | None, scale: float, dtype: torch.dtype
+) -> None:
+    """``pipe.load_ip_adapter(adapter's folder, subfolder="", weight_name=its name)`` after
+    registering the CLIPVisionModelWithProjection in ``encoder`` (None: the pipeline's own)
+    in ``dtype`` as its image_encoder, and ``pipe.set_ip_adapter_scale(scale)``; nothing
+    is downloaded. A pipeline without IP-Adapter support, and an adapter or encoder that does
+    not load, are refused naming their option."""
+    if not hasattr(pipe, "load_ip_adapter"):
+        raise click.BadParameter(
+            f"the {name} takes no IP-Adapter (it has no load_ip_adapter); give a Stable "
+            "Diffusion or SDXL pipeline",
+            param_hint="'--ip-adapter'",
+        )
+    import transformers
+
+    option, path = "'--image-encoder'", encoder
+    try:
+        with _quietly():
+            if encoder is not None:
+                image_encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(
+                    encoder, local_files_only=True, torch_dtype=dtype
+                )
+                pipe.register_modules(image_encoder=image_encoder)
+            option, path = "'--ip-adapter'", adapter
+            # image_encoder_folder=None: the encoder is registered already, and diffusers
+            # would otherwise look for one beside the adapter.
+            pipe.load_ip_adapter(
+                str(adapter.parent),
+                subfolder="",
+                weight_name=adapter.name,
+                image_encoder_folder=None,
+                local_files_only=True,
+            )
+            pipe.set_ip_adapter_scale(scale)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:  # a file that does not fit the pipeline, in diffusers' words
+        raise click.BadParameter(
+            f"{str(path)!r} does not load into the {name} ({type(err).__name__}: "
+            f"{_one_line(str(err))})",
+            param_hint=option,
+        ) from err
+
+
+def _ip_adapter_options(
+    pipeline: Path,
+    adapter: Path | None,
+    encoder: Path | None,
+    prompt: Path | None,
+    scale: float | None,
+) -> tuple[Any, Path | None]:
+    """The image prompt (--ip-adapter-image, read as RGB; None without --ip-adapter) and the
+    image encoder's folder to load (None: the pipeline's own), all checked before the
+    pipeline loads: the options go together, the pipeline must have a unet (edit_image maps
+    Stable Diffusion's and SDXL's IP-Adapters, not SD3's or Flux's), and the adapter's file
+    must fit the unet and the encoder."""
+    if adapter is None:
+        for option, value in (
+            ("--ip-adapter-image", prompt),
+            ("--image-encoder", encoder),
+            ("--ip-adapter-scale", scale),
+        ):
+            if value is not None:
+                raise click.BadParameter(
+                    "it belongs to an IP-Adapter: give --ip-adapter too (the adapter's weight "
+                    "file), or leave it out",
+                    param_hint=f"'{option}'",
+                )
+        return None, None
+    if prompt is None:
+        raise click.BadParameter(
+            "an IP-Adapter conditions the edit on an image prompt: give --ip-adapter-image "
+            "FILE too, or leave --ip-adapter out",
+            param_hint="'--ip-adapter'",
+        )
+    index = json.loads((pipeline / "model_index.json").read_text())
+    if index.get("unet") in (None, [None, None]):
+        raise click.BadParameter(
+            f"a {index['_class_name']} has no unet: bdia edit takes the IP-Adapters of Stable "
+            "Diffusion's and SDXL's unets, not those of SD3's or Flux's transformers",
+            param_hint="'--ip-adapter'",
+        )
+    shapes = _ip_adapter_shapes(adapter)
+    folder, config = _image_encoder(pipeline, adapter, encoder)
+    _check_ip_adapter_fits(shapes, adapter, pipeline, config)
+    return _read_image(prompt, "--ip-adapter-image"), folder
+
+
 @main.command(name="edit")
 @click.option(
     "--pipeline",
@@ -2621,6 +2866,37 @@ def _control_images(pipe: Any, images: list[Any], name: str) -> Any:
     "edges or depth map), "
     "read as RGB, of the photo's size, resized with it by --size; once per controlnet, in "
     "their order, for several.",
+)
+@click.option(
+    "--ip-adapter",
+    default=None,
+    type=InputPathType(exists=True, dir_okay=False, path_type=Path),
+    help="An IP-Adapter's weight file (.safetensors or .bin, e.g. h94/IP-Adapter's "
+    "models/ip-adapter_sd15.safetensors), loaded by the pipeline's load_ip_adapter; for a "
+    "Stable Diffusion or SDXL pipeline (a unet: not SD3 or Flux), with --ip-adapter-image.",
+)
+@click.option(
+    "--ip-adapter-image",
+    default=None,
+    type=InputPathType(exists=True, dir_okay=False, path_type=Path),
+    help="The image prompt, the pipeline's ip_adapter_image: any image, read as RGB; the "
+    "image encoder's processor resizes and crops it (--size does not).",
+)
+@click.option(
+    "--image-encoder",
+    default=None,
+    type=InputPathType(exists=True, file_okay=False, path_type=Path),
+    help="The IP-Adapter's image encoder: the folder of a CLIPVisionModelWithProjection "
+    "(save_pretrained's).  [default: the pipeline's image_encoder, else the folder "
+    "image_encoder beside --ip-adapter, as load_ip_adapter looks for it]",
+)
+@click.option(
+    "--ip-adapter-scale",
+    default=None,
+    type=float,
+    callback=_ip_adapter_scale,
+    help="The IP-Adapter's scale (set_ip_adapter_scale): the image prompt's weight, 0 to "
+    "turn it off.  [default: 1.0]",
 )
 @click.option("--source", required=True, help="What the image shows ('' is the unconditional).")
 @click.option("--target", required=True, help="What the edited image should show.")
@@ -2715,6 +2991,10 @@ def edit_command(
     image: Path,
     mask: Path | None,
     control_image: tuple[Path, ...],
+    ip_adapter: Path | None,
+    ip_adapter_image: Path | None,
+    image_encoder: Path | None,
+    ip_adapter_scale: float | None,
     source: str,
     target: str,
     out: Path,
@@ -2738,7 +3018,8 @@ def edit_command(
     regenerate it under --target.
 
     The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext; an inpainting one with
-    --mask, a ControlNet one with --control-image, a ControlNet inpainting one with both) is
+    --mask, a ControlNet one with --control-image, a ControlNet inpainting one with both; SD
+    and SDXL ones with an IP-Adapter's image prompt, --ip-adapter and --ip-adapter-image) is
     loaded from a local folder; bdia.integrations.diffusers.edit_image does the work. Prints
     the latent round trip's error (rounding only) and the VAE's.
     """
@@ -2754,6 +3035,7 @@ def edit_command(
         ("--image", image),
         ("--mask", mask),
         *(("--control-image", c) for c in control_image),
+        ("--ip-adapter-image", ip_adapter_image),
     ]
     for option, path in outputs.items():
         for given, read in inputs:
@@ -2774,6 +3056,9 @@ def edit_command(
         for c in control_image
     ]
     picture = _resized(photo, size)
+    image_prompt, encoder = _ip_adapter_options(
+        pipeline, ip_adapter, image_encoder, ip_adapter_image, ip_adapter_scale
+    )
     for option, path in outputs.items():
         # Before the pipeline loads, which can take minutes.
         _refuse_existing_file(path, option, overwrite)
@@ -2790,9 +3075,15 @@ def edit_command(
 
     _set_threads(threads)
     device = _default_device(device)
-    pipe = _load_pipeline(pipeline, dtype)
+    # An IP-Adapter's image encoder and processor: the folder's own, as diffusers loads them,
+    # but an --image-encoder given.
+    keep = ("feature_extractor",) + (("image_encoder",) if encoder is None else ())
+    pipe = _load_pipeline(pipeline, dtype, keep if ip_adapter is not None else ())
     name = type(pipe).__name__
     _check_photo_size(pipe, picture, image, size, name)
+    scale = 1.0 if ip_adapter_scale is None else ip_adapter_scale
+    if ip_adapter is not None:
+        _load_ip_adapter(pipe, name, ip_adapter, encoder, scale, dtype)
     network = getattr(getattr(pipe, "transformer", None), "config", None) or {}
     if embedded_guidance is not None and not network.get("guidance_embeds", False):
         raise click.BadParameter(
@@ -2808,6 +3099,7 @@ def edit_command(
         target,
         mask_image=mask_image,
         control_image=controls_given,
+        ip_adapter_image=image_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance,
         guidance=embedded_guidance,
@@ -2834,6 +3126,7 @@ def edit_command(
         f"{image.name} ({picture.size[0]}x{picture.size[1]}) with {name}: "
         f"bdia({result.inversion.solver.solver.name}, {gamma}), "
         f"{_count(len(result.inversion.ts) - 1, 'step')}, {dtype_name(state_dtype)} state"
+        + (f", IP-Adapter {ip_adapter.name} at scale {scale:g}" if ip_adapter else "")
     )
     click.echo(
         f"round trip: latent error {result.latent_error:.3e} (the network's, exact up to "

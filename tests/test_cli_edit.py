@@ -35,6 +35,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_playground_pipeline,
     tiny_sd3_controlnet_pipeline,
     tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
     tiny_text_to_image_pipeline,
 )
 
@@ -49,6 +50,7 @@ SOURCE, TARGET = "a photo of a cat", "a painting of a dog"
 STEPS = 4
 BUILDERS = {
     "sd": tiny_text_to_image_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "playground": tiny_playground_pipeline,
@@ -570,6 +572,254 @@ def test_a_wrong_mask_or_control_image_option_is_one_line(
     args = edit(pipelines["inpaint"], "p.png", "e.png", *more)
     fails_in_one_line(args, tmp_path, *words, status=2)
     assert (tmp_path / "m.png").read_bytes() == mask
+
+
+# ------------------------------------------------------------------ IP-Adapter image prompts
+
+
+def save_ip_adapter(pipe_folder, folder, *, plus=False, seed=5, suffix=".safetensors", keep=None):
+    """A random IP-Adapter (Plus with ``plus``) for the unet saved in ``pipe_folder``, in
+    h94/IP-Adapter's layout: ``folder/ip-adapter.safetensors`` (keys image_proj.NAME and
+    ip_adapter.NAME; with ``suffix=".bin"`` torch.save's dict of the two dicts) beside
+    ``folder/image_encoder``, the tiny CLIPVisionModelWithProjection (image embeddings and
+    hidden states of width 8) saved with save_pretrained. ``keep``: how many of the key and
+    value maps to write (all by default). Returns the weight file."""
+    from safetensors.torch import save_file
+
+    from bdia.integrations.diffusers.tiny import _ip_adapter_state_dict, _tiny_image_encoder
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(pipe_folder / "unet")
+    encoder, _ = _tiny_image_encoder(seed=4)
+    state = _ip_adapter_state_dict(unet, 8, seed=seed, plus=plus)
+    state["ip_adapter"] = dict(list(state["ip_adapter"].items())[:keep])
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(folder / "image_encoder")
+    path = folder / f"ip-adapter{suffix}"
+    if suffix == ".bin":
+        torch.save(state, path)
+    else:
+        flat = {f"{part}.{k}": v.contiguous() for part in state for k, v in state[part].items()}
+        save_file(flat, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(pipelines, tmp_path_factory):
+    """IP-Adapter files of ``save_ip_adapter``: a plain one for the tiny SD and SDXL unets
+    (.safetensors, and SD's as .bin too) and an IP-Adapter Plus for SD's."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "sd": save_ip_adapter(pipelines["sd"], root / "sd"),
+        "sdxl": save_ip_adapter(pipelines["sdxl"], root / "sdxl"),
+        "sd-bin": save_ip_adapter(pipelines["sd"], root / "sd-bin", suffix=".bin"),
+        "sd-plus": save_ip_adapter(pipelines["sd"], root / "sd-plus", plus=True),
+    }
+
+
+def with_ip_adapter(folder, adapter, scale=None):
+    """The pipeline saved in ``folder`` with the adapter file ``adapter`` loaded as a
+    diffusers user loads it: ``load_ip_adapter(its folder, subfolder="", weight_name=its
+    name)``, which finds the image encoder in the image_encoder folder beside it."""
+    pipe = loaded(folder)
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
+    if scale is not None:
+        pipe.set_ip_adapter_scale(scale)
+    return pipe
+
+
+def ip_edit(pipe, image, prompt):
+    """edit_image's edit of the photo at ``image`` through ``pipe`` with the image prompt at
+    ``prompt``, both read as the command reads them."""
+    return edit_image(
+        pipe,
+        read(image, "RGB"),
+        SOURCE,
+        TARGET,
+        num_inference_steps=STEPS,
+        ip_adapter_image=read(prompt, "RGB"),
+    ).images[0]
+
+
+@pytest.mark.parametrize(
+    "name,kind", [("sd", "sd"), ("sdxl", "sdxl"), ("sd", "sd-bin"), ("sd", "sd-plus")]
+)
+def test_the_image_prompt_reaches_edit_image(name, kind, pipelines, adapters, tmp_path):
+    """--ip-adapter FILE (its image encoder beside it) with --ip-adapter-image: the PNG is
+    edit_image's through the pipeline with the same adapter loaded by load_ip_adapter and
+    the same image prompt, pixel for pixel, for SD and SDXL, a .bin file and an IP-Adapter
+    Plus; the round trip under it is exact (the tiny pipelines' is bitwise). Another image
+    prompt edits otherwise: it is not ignored."""
+    image = photo(tmp_path / "photo.png")
+    prompt, other = photo(tmp_path / "prompt.png", seed=20), photo(tmp_path / "o.png", seed=21)
+    more = ["--ip-adapter", adapters[kind], "--ip-adapter-image", prompt]
+    result = run(edit(pipelines[name], image, tmp_path / "e.png", *more))
+    pipe = with_ip_adapter(pipelines[name], adapters[kind])
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+    assert "latent error 0.000e+00" in result.stdout
+    assert f"IP-Adapter {adapters[kind].name} at scale 1" in result.stdout
+    assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, other)))
+    plain = expected_edit(pipelines[name], image).images[0]
+    assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(plain))
+
+
+def test_the_ip_adapter_scale_is_applied(pipelines, adapters, tmp_path):
+    """--ip-adapter-scale 0.5 is set_ip_adapter_scale(0.5): edit_image's edit at that
+    scale, pixel for pixel, and another than at the default 1; 0 turns the image prompt
+    off."""
+    image, prompt = photo(tmp_path / "photo.png"), photo(tmp_path / "prompt.png", seed=20)
+    more = ["--ip-adapter", adapters["sd"], "--ip-adapter-image", prompt]
+    result = run(
+        edit(pipelines["sd"], image, tmp_path / "e.png", *more, "--ip-adapter-scale", "0.5")
+    )
+    run(edit(pipelines["sd"], image, tmp_path / "one.png", *more))
+    pipe = with_ip_adapter(pipelines["sd"], adapters["sd"], scale=0.5)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "one.png"))
+    assert "IP-Adapter ip-adapter.safetensors at scale 0.5" in result.stdout
+    # At 0 the adapters' attention adds zeros: the edit without an adapter, pixel for pixel.
+    run(edit(pipelines["sd"], image, tmp_path / "off.png", *more, "--ip-adapter-scale", "0"))
+    plain = expected_edit(pipelines["sd"], image).images[0]
+    assert np.array_equal(pixels(tmp_path / "off.png"), np.asarray(plain))
+
+
+def test_the_image_encoder_can_be_given_elsewhere(pipelines, adapters, tmp_path):
+    """--image-encoder FOLDER: the adapter file alone in its folder, the encoder elsewhere;
+    the PNG is the same as with the encoder beside the adapter."""
+    image, prompt = photo(tmp_path / "photo.png"), photo(tmp_path / "prompt.png", seed=20)
+    (tmp_path / "weights").mkdir()
+    alone = shutil.copy(adapters["sd"], tmp_path / "weights" / "sd15-adapter.safetensors")
+    encoder = shutil.copytree(adapters["sd"].parent / "image_encoder", tmp_path / "clip")
+    more = ["--ip-adapter", alone, "--image-encoder", encoder, "--ip-adapter-image", prompt]
+    run(edit(pipelines["sd"], image, tmp_path / "e.png", *more))
+    pipe = with_ip_adapter(pipelines["sd"], adapters["sd"])
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+
+
+def test_the_pipelines_own_image_encoder_is_used(pipelines, adapters, tmp_path):
+    """A pipeline folder with an image_encoder of its own: the adapter file alone loads with
+    it, as diffusers loads it, and the PNG is the same as with the encoder beside the
+    adapter."""
+    folder = shutil.copytree(pipelines["sd"], tmp_path / "sd")
+    shutil.copytree(adapters["sd"].parent / "image_encoder", folder / "image_encoder")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "weights").mkdir()
+    alone = shutil.copy(adapters["sd"], tmp_path / "weights" / "ip-adapter.safetensors")
+    image, prompt = photo(tmp_path / "photo.png"), photo(tmp_path / "prompt.png", seed=20)
+    run(
+        edit(folder, image, tmp_path / "e.png", "--ip-adapter", alone, "--ip-adapter-image", prompt)
+    )
+    pipe = with_ip_adapter(pipelines["sd"], adapters["sd"])
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+
+
+def misfit_ip_adapter(kind, pipelines, adapters, tmp_path):
+    """(--pipeline, the options) of an IP-Adapter mistake ``kind``."""
+    prompt = photo(tmp_path / "prompt.png", seed=20)
+    sd, adapter = pipelines["sd"], adapters["sd"]
+    given = ["--ip-adapter", adapter, "--ip-adapter-image", prompt]
+    if kind == "no adapter":
+        return sd, ["--ip-adapter-image", prompt]
+    if kind == "encoder without adapter":
+        return sd, ["--image-encoder", adapter.parent / "image_encoder"]
+    if kind == "scale without adapter":
+        return sd, ["--ip-adapter-scale", "0.5"]
+    if kind == "no image prompt":
+        return sd, ["--ip-adapter", adapter]
+    if kind in ("sd3", "flux"):
+        return pipelines[kind], given
+    if kind == "suffix":
+        return sd, ["--ip-adapter", shutil.copy(adapter, tmp_path / "ip.pt"), *given[2:]]
+    if kind == "garbage":
+        (tmp_path / "ip.safetensors").write_text("not weights")
+        return sd, ["--ip-adapter", tmp_path / "ip.safetensors", *given[2:]]
+    if kind == "not an adapter":
+        (weights,) = (sd / "vae").glob("*.safetensors")
+        return sd, ["--ip-adapter", weights, *given[2:]]
+    if kind == "no encoder":
+        (tmp_path / "w").mkdir()
+        return sd, ["--ip-adapter", shutil.copy(adapter, tmp_path / "w"), *given[2:]]
+    if kind == "encoder not clip":
+        return sd, [*given, "--image-encoder", sd / "vae"]
+    if kind == "encoder width":
+        import transformers
+
+        from bdia.integrations.diffusers.tiny import _tiny_image_encoder
+
+        config = _tiny_image_encoder(seed=4)[0].config
+        config.projection_dim = 6  # embeddings of width 6 where the adapter takes 8
+        transformers.CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+        return sd, [*given, "--image-encoder", tmp_path / "clip"]
+    if kind == "other unet":
+        return pipelines["sdxl"], given
+    assert kind == "prompt no image"
+    (tmp_path / "prompt.png").write_text("not an image")
+    return sd, given
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("no adapter", ["'--ip-adapter-image'", "give --ip-adapter too"]),
+        ("encoder without adapter", ["'--image-encoder'", "give --ip-adapter too"]),
+        ("scale without adapter", ["'--ip-adapter-scale'", "give --ip-adapter too"]),
+        ("no image prompt", ["'--ip-adapter'", "give --ip-adapter-image"]),
+        ("sd3", ["'--ip-adapter'", "StableDiffusion3Pipeline has no unet", "not those of SD3"]),
+        ("flux", ["'--ip-adapter'", "FluxPipeline has no unet"]),
+        ("suffix", ["'--ip-adapter'", "ip.pt' is not an IP-Adapter's weight file", ".bin"]),
+        ("garbage", ["'--ip-adapter'", "does not read"]),
+        ("not an adapter", ["'--ip-adapter'", "holds no IP-Adapter weights"]),
+        ("no encoder", ["'--image-encoder'", "needs an image encoder", "image_encoder folder"]),
+        ("encoder not clip", ["'--image-encoder'", "'AutoencoderKL'", "not a CLIP vision model"]),
+        ("encoder width", ["'--image-encoder'", "width 8 (the image encoder's projection_dim)"]),
+        ("other unet", ["'--ip-adapter'", "cross_attention_dim 16", "sdxl' has 24"]),
+        ("prompt no image", ["'--ip-adapter-image'", "not a readable image"]),
+    ],
+)
+def test_an_ip_adapter_mistake_is_refused_before_the_pipeline_loads(
+    kind, words, pipelines, adapters, tmp_path, monkeypatch
+):
+    """Each in one line with exit status 2 and nothing written, the files checked (and the
+    adapter's shapes against the unet's and the encoder's configs) before the pipeline
+    loads, which can take minutes."""
+    folder, more = misfit_ip_adapter(kind, pipelines, adapters, tmp_path)
+    no_pipeline_loads(monkeypatch)
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    fails_in_one_line(args, tmp_path, *words, status=2)
+
+
+@pytest.mark.parametrize("scale", ["-1", "inf", "nan"])
+def test_an_ip_adapter_scale_that_is_no_weight_is_refused(scale, pipelines, adapters, tmp_path):
+    prompt = photo(tmp_path / "prompt.png", seed=20)
+    more = ["--ip-adapter", adapters["sd"], "--ip-adapter-image", prompt]
+    args = edit(pipelines["sd"], photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    fails_in_one_line(
+        args + ["--ip-adapter-scale", scale], tmp_path, "'--ip-adapter-scale'", ">= 0", status=2
+    )
+
+
+def test_an_ip_adapter_that_does_not_load_into_the_unet_is_refused(pipelines, tmp_path):
+    """An adapter whose key and value maps miss some of the unet's cross-attention layers
+    passes the checks before the pipeline loads; load_ip_adapter's failure is one line
+    naming --ip-adapter and the pipeline, exit status 2."""
+    adapter = save_ip_adapter(pipelines["sd"], tmp_path / "short", keep=2)
+    more = ["--ip-adapter", adapter, "--ip-adapter-image", photo(tmp_path / "prompt.png")]
+    args = edit(pipelines["sd"], photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    fails_in_one_line(
+        args, tmp_path, "'--ip-adapter'", "does not load into the StableDiffusionPipeline", status=2
+    )
+
+
+def test_the_image_prompt_is_never_the_output(pipelines, adapters, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    no_pipeline_loads(monkeypatch)
+    photo(tmp_path / "p.png")
+    prompt = photo(tmp_path / "prompt.png", seed=20).read_bytes()
+    more = ["--ip-adapter", adapters["sd"], "--ip-adapter-image", "prompt.png"]
+    args = edit(pipelines["sd"], "p.png", "prompt.png", *more)
+    fails_in_one_line(args, tmp_path, "'--out'", "is --ip-adapter-image", status=2)
+    assert (tmp_path / "prompt.png").read_bytes() == prompt
 
 
 # ------------------------------------------------------------------------------ mistakes

@@ -1030,7 +1030,10 @@ def test_documented_command_parses(page, args, tmp_path, monkeypatch):
             Path(word).parent.mkdir(parents=True, exist_ok=True)
             Path(word).touch()
     for option, value in zip(args, args[1:]):
-        if option in ("--image", "--mask", "--control-image") and not Path(value).exists():
+        if (
+            option in ("--image", "--mask", "--control-image", "--ip-adapter-image")
+            and not Path(value).exists()
+        ):
             Path(value).touch()
         if option == "--pipeline" and not Path(value).exists():
             Path(value).mkdir(parents=True)
