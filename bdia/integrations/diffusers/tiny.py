@@ -10,8 +10,8 @@ from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline``
 ``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
 ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
 ``StableDiffusion3ControlNetPipeline``), the inpainting pipelines of Stable Diffusion and
-SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's or SDXL's pipeline
-with an IP-Adapter loaded), a few thousand weights each: for tests and for checking
+SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's, SDXL's or Flux's
+pipeline with an IP-Adapter loaded), a few thousand weights each: for tests and for checking
 plumbing and exactness, which do not depend on the weights. A random network is no
 denoiser, so what they sample is not an image of anything.
 """
@@ -53,6 +53,8 @@ __all__ = [
     "tiny_controlnet_inpaint_pipeline",
     "tiny_ip_adapter_pipeline",
     "add_tiny_ip_adapter",
+    "tiny_flux_ip_adapter_pipeline",
+    "add_tiny_flux_ip_adapter",
     "TINY_WORDS",
 ]
 
@@ -929,17 +931,31 @@ def add_tiny_ip_adapter(pipe: Any, *, adapters: int = 1, plus: bool = False) -> 
     their projection resamples the image encoder's penultimate hidden states, so the
     embeddings are ``(2, 1, 5, 8)`` (5 tokens: 4 patches and the class token), the
     negative half the hidden states of an all-zero input."""
+    # A plain IP-Adapter projects the image embedding; a Plus one the hidden states.
+    return _load_tiny_ip_adapters(
+        pipe,
+        lambda config: [
+            _ip_adapter_state_dict(
+                pipe.unet,
+                config.hidden_size if plus else config.projection_dim,
+                seed=5 + k,
+                plus=plus,
+            )
+            for k in range(adapters)
+        ],
+    )
+
+
+def _load_tiny_ip_adapters(pipe: Any, weights_of: Any) -> Any:
+    """``pipe`` with ``_tiny_image_encoder``'s encoder (seed 4) and processor registered as
+    its ``image_encoder`` and ``feature_extractor``, and the IP-Adapters of the state dicts
+    ``weights_of(the encoder's config)`` loaded by its ``load_ip_adapter``."""
     encoder, processor = _tiny_image_encoder(seed=4)
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
-    # A plain IP-Adapter projects the image embedding; a Plus one the hidden states.
-    width = encoder.config.hidden_size if plus else encoder.config.projection_dim
-    weights = [
-        _ip_adapter_state_dict(pipe.unet, width, seed=5 + k, plus=plus) for k in range(adapters)
-    ]
+    weights = weights_of(encoder.config)
+    n = len(weights)
     # A dict is loaded as it is (subfolder and weight_name name no file then).
-    pipe.load_ip_adapter(
-        weights, subfolder=[""] * adapters, weight_name=[""] * adapters, low_cpu_mem_usage=False
-    )
+    pipe.load_ip_adapter(weights, subfolder=[""] * n, weight_name=[""] * n, low_cpu_mem_usage=False)
     return pipe
 
 
@@ -962,3 +978,76 @@ def tiny_ip_adapter_pipeline(
     else:
         pipe = tiny_text_to_image_pipeline(folder, scheduler)
     return add_tiny_ip_adapter(pipe, adapters=adapters, plus=plus)
+
+
+def _flux_ip_adapter_state_dict(
+    transformer: Any, image_embed_dim: int, seed: int
+) -> dict[str, Any]:
+    """A Flux IP-Adapter's weights for ``transformer``, in the layout that
+    ``FluxIPAdapterMixin.load_ip_adapter`` takes as a dict (XLabs' checkpoints after its
+    renaming): ``image_proj`` (a linear map of the image embedding, of width
+    ``image_embed_dim``, to 4 tokens of the transformer's ``joint_attention_dim``, and their
+    layer norm) and ``ip_adapter`` (the image tokens' key and value maps ``to_k_ip`` and
+    ``to_v_ip``, with biases, of each double-stream block, numbered 0, 1, ... in block order,
+    from ``joint_attention_dim`` to the blocks' width, heads times head dim), drawn with a
+    generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    config = transformer.config
+    cross = config.joint_attention_dim
+    width = config.num_attention_heads * config.attention_head_dim
+    tokens = 4  # the loader's ImageProjection of a plain IP-Adapter
+    image_proj = {
+        "proj.weight": draw(tokens * cross, image_embed_dim),
+        "proj.bias": draw(tokens * cross, scale=0.1),
+        "norm.weight": 1.0 + draw(cross, scale=0.1),
+        "norm.bias": draw(cross, scale=0.1),
+    }
+    ip_adapter: dict[str, torch.Tensor] = {}
+    for block in range(config.num_layers):
+        for name in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{block}.{name}.weight"] = draw(width, cross)
+            ip_adapter[f"{block}.{name}.bias"] = draw(width, scale=0.1)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def add_tiny_flux_ip_adapter(pipe: Any, *, adapters: int = 1) -> Any:
+    """Load a Flux IP-Adapter of random weights into ``pipe`` (a tiny Flux pipeline of this
+    module with the ``FluxIPAdapterMixin``: ``FluxPipeline``, ``FluxControlNetPipeline``,
+    ...), nothing downloaded; returns ``pipe``.
+
+    ``_tiny_image_encoder``'s ``CLIPVisionModelWithProjection`` (seed 4, image embeddings of
+    width 8 from 16 x 16 RGB images) and ``CLIPImageProcessor`` become its
+    ``image_encoder`` and ``feature_extractor``, and ``pipe.load_ip_adapter`` loads
+    ``_flux_ip_adapter_state_dict``'s weights (seed 7; with ``adapters`` > 1 that many,
+    seeds 7, 8, ...), which sets the transformer's ``encoder_hid_dim_type`` to
+    ``"ip_image_proj"``, its ``encoder_hid_proj`` to the image projections (4 image tokens
+    each) and its double-stream blocks' attention processors to IP-Adapter ones (scale 1).
+    The pipeline then takes ``ip_adapter_image`` (one image, or a list of one per adapter)
+    or ``ip_adapter_image_embeds`` (a list of one ``(1, 1, 8)`` tensor per adapter), and for
+    true CFG their ``negative_`` counterparts (by default the embeddings of an all-zero
+    image)."""
+    return _load_tiny_ip_adapters(
+        pipe,
+        lambda config: [
+            _flux_ip_adapter_state_dict(pipe.transformer, config.projection_dim, seed=7 + k)
+            for k in range(adapters)
+        ],
+    )
+
+
+def tiny_flux_ip_adapter_pipeline(
+    folder: str | Path,
+    scheduler: Any = None,
+    *,
+    guidance_embeds: bool = True,
+    adapters: int = 1,
+) -> Any:
+    """``tiny_flux_pipeline``'s ``FluxPipeline`` with ``add_tiny_flux_ip_adapter``'s image
+    encoder and IP-Adapter (``adapters`` of them) loaded. 16 x 16 RGB images and image
+    prompts; ``scheduler`` defaults to Flux.1-dev's. Float32; the progress bar is off."""
+    pipe = tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds)
+    return add_tiny_flux_ip_adapter(pipe, adapters=adapters)
