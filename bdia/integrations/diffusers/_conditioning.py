@@ -573,28 +573,39 @@ def _ip_adapters(unet: Any) -> int | None:
     return len(layers) if layers is not None else 0
 
 
-def _image_embeds(branch: Mapping[str, Any] | None) -> Any:
-    """``branch['added_cond_kwargs']['image_embeds']``, or None where either key is missing."""
-    added = (branch or {}).get("added_cond_kwargs")
-    return added.get("image_embeds") if isinstance(added, Mapping) else None
+# Where a branch's image prompt sits: a unet's added_cond_kwargs' image_embeds (Stable
+# Diffusion's, SDXL's), a Flux transformer's joint_attention_kwargs' ip_adapter_image_embeds.
+_UNET_IMAGES = ("added_cond_kwargs", "image_embeds")
+_FLUX_IMAGES = ("joint_attention_kwargs", "ip_adapter_image_embeds")
 
 
-def _check_image_embeds(value: Any, label: str, adapters: int, how: str) -> None:
+def _image_embeds(branch: Mapping[str, Any] | None, where: tuple[str, str] = _UNET_IMAGES) -> Any:
+    """``branch[where[0]][where[1]]`` (by default ``branch['added_cond_kwargs']
+    ['image_embeds']``), or None where either key is missing."""
+    outer = (branch or {}).get(where[0])
+    return outer.get(where[1]) if isinstance(outer, Mapping) else None
+
+
+def _check_image_embeds(
+    value: Any, label: str, adapters: int, how: str, ndims: tuple[int, ...] = (3, 4)
+) -> None:
     """Refuse, in one line, image embeddings ``value`` (named ``label``) that are not a list
-    of ``adapters`` floating tensors of shape ``(batch, images, D)`` or ``(batch, images,
-    tokens, D)``; ``how`` says how to make them."""
+    of ``adapters`` floating tensors of shape ``(batch, images, D)`` or, where ``ndims``
+    allows 4 dims, ``(batch, images, tokens, D)``; ``how`` says how to make them."""
     if not isinstance(value, list) or len(value) != adapters:
         got = f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
         raise ValueError(f"{label} must be a list of {adapters} tensor(s), {how}; got {got}")
     for i, tensor in enumerate(value):
-        if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim in (3, 4):
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim in ndims:
             continue
         what = f"a {type(tensor).__name__}"
         if isinstance(tensor, Tensor):
             what = f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+        shapes = "(batch or 1, images, D)"
+        if 4 in ndims:
+            shapes += " or (batch or 1, images, tokens, D)"
         raise ValueError(
-            f"{label}[{i}] must be a floating tensor of shape (batch or 1, images, D) or "
-            f"(batch or 1, images, tokens, D), {how}; got {what}"
+            f"{label}[{i}] must be a floating tensor of shape {shapes}, {how}; got {what}"
         )
 
 
@@ -657,4 +668,60 @@ def _check_ip_adapter(
             "first halves of prepare_ip_adapter_image_embeds(..., do_classifier_free_guidance="
             "True) (e.chunk(2)[0] of each; zeros for a plain IP-Adapter), or the conditional "
             "list itself to give both branches the image prompt"
+        )
+
+
+def _check_flux_ip_adapter(
+    transformer: Any,
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    guidance_scale: float | None,
+) -> None:
+    """Refuse, in one line and before any call, a Flux IP-Adapter's image prompt that the
+    transformer would not take as FluxPipeline gives it.
+
+    A transformer with IP-Adapters loaded (``FluxIPAdapterMixin.load_ip_adapter``) takes
+    ``joint_attention_kwargs={"ip_adapter_image_embeds": [...]}``, a list of one floating
+    tensor ``(batch or 1, images, D)`` per adapter, as ``prepare_ip_adapter_image_embeds``
+    makes them; without them its attention processors fail mid-call. Under true CFG the
+    pipeline gives the negative call embeddings of its own (``negative_ip_adapter_image``,
+    by default an all-zero image's): without them in ``negative_cond`` the adapter would give
+    that call the conditional ones, another vector field than the pipeline's, so that is
+    refused. Embeddings for a transformer without an IP-Adapter (which has no projection for
+    them) are refused too."""
+    adapters = _ip_adapters(transformer)
+    embeds = _image_embeds(cond, _FLUX_IMAGES)
+    negative = _image_embeds(negative_cond, _FLUX_IMAGES)
+    how = (
+        "one per adapter as FluxPipeline.prepare_ip_adapter_image_embeds(image, None, device, 1) "
+        "makes them"
+    )
+    if adapters is None:
+        if embeds is not None or negative is not None:
+            raise ValueError(
+                "joint_attention_kwargs has ip_adapter_image_embeds, a Flux IP-Adapter's image "
+                "prompt, but the transformer has no IP-Adapter loaded (no image projection "
+                "for them); load one with pipe.load_ip_adapter(...), or leave them out"
+            )
+        return
+    if embeds is None:
+        raise ValueError(
+            f"the transformer has {adapters} IP-Adapter(s) loaded (encoder_hid_dim_type = "
+            f"{_IP_PROJECTION!r}) and takes an image prompt: pass joint_attention_kwargs="
+            f"{{'ip_adapter_image_embeds': [...]}}, {how}, or unload it "
+            "(pipe.unload_ip_adapter())"
+        )
+    for where, value in (("", embeds), ("negative_cond", negative)):
+        if value is not None:
+            label = "['joint_attention_kwargs']['ip_adapter_image_embeds']"
+            label = f"{where}{label}" if where else "ip_adapter_image_embeds"
+            _check_image_embeds(value, label, adapters, how, ndims=(3,))
+    guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
+    if guided and negative is None:
+        raise ValueError(
+            "under true CFG the negative call needs image embeddings of its own, as FluxPipeline "
+            "gives it: put negative_cond['joint_attention_kwargs']['ip_adapter_image_embeds'] = "
+            "prepare_ip_adapter_image_embeds(negative_ip_adapter_image, None, device, 1) (the "
+            "pipeline's default: an all-zero image, np.zeros((width, height, 3), np.uint8), one "
+            "per adapter), or the conditional list itself to give both calls the image prompt"
         )

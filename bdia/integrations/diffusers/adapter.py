@@ -88,6 +88,7 @@ from ._conditioning import (
     _cast_cond,
     _check_cond,
     _check_flux_cond,
+    _check_flux_ip_adapter,
     _check_guidance,
     _check_ip_adapter,
     _check_timestep_cond,
@@ -1116,6 +1117,13 @@ def from_diffusers(
             pipelines give the unconditional branch its own. The embeddings are fixed over
             the run, so the ODE is one in the latents alone; the adapters' scale is the
             attention processors' (``pipe.set_ip_adapter_scale``), which every call uses.
+            A Flux transformer with IP-Adapters loaded (``FluxPipeline.load_ip_adapter``,
+            XLabs' format) needs them as ``joint_attention_kwargs={"ip_adapter_image_embeds":
+            [...]}``, one floating tensor ``(batch or 1, images, D)`` per adapter, as
+            ``FluxPipeline.prepare_ip_adapter_image_embeds(image, None, device, 1)`` makes
+            them; under true CFG ``negative_cond``'s ``joint_attention_kwargs`` holds the
+            negative call's own (the pipeline's ``negative_ip_adapter_image``, by default an
+            all-zero image's embeddings), as the pipeline gives them.
 
     Returns:
         A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
@@ -1209,7 +1217,11 @@ def from_diffusers(
             either branch), or, under guidance, none in ``negative_cond`` (give the
             conditional list there too for the image prompt in both branches);
             ``image_embeds`` for a unet that reads none (no IP-Adapter, image projection or
-            image embedding), which diffusers would ignore.
+            image embedding), which diffusers would ignore. For a Flux transformer with
+            IP-Adapters loaded: no ``ip_adapter_image_embeds`` in ``joint_attention_kwargs``,
+            a value that is not a list of one 3-D floating tensor per adapter (in either
+            branch), or, under true CFG, none in ``negative_cond``; them for a Flux
+            transformer without an IP-Adapter.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale, bound or strength that is not a number, a
             ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents``,
@@ -1242,6 +1254,7 @@ def from_diffusers(
     flux = space == "flow" and _is_flux(unet)
     if flux:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
+        _check_flux_ip_adapter(unet, cond, negative_cond, guidance_scale)
 
     learned_variance = False
     unet_config = getattr(unet, "config", None)

@@ -1,0 +1,302 @@
+"""Flux's IP-Adapter (image prompts, XLabs' format) in bdia.integrations.diffusers:
+from_diffusers with the transformer's ``joint_attention_kwargs={"ip_adapter_image_embeds":
+[...]}`` against FluxPipeline with an IP-Adapter loaded, BDIAScheduler in it, and the refusals.
+
+Tiny random pipelines (``tiny_flux_ip_adapter_pipeline``: the tiny Flux parts with a tiny
+CLIP image encoder and an IP-Adapter of random weights loaded by ``load_ip_adapter`` from a
+state dict). The image embeddings are fixed over the run (true CFG's negative call has its
+own, by default an all-zero image's), so the run is an ODE; as for Flux without the adapter,
+parity is bit for bit in float32 and the round trip exact in float64.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from test_diffusers_flux import (
+    BATCH,
+    EMBEDDED,
+    N_STEPS,
+    TRUE_CFG,
+    _encoded,
+    _img_ids,
+    _mu,
+    _noise,
+    _pipeline_latents,
+    _sigmas,
+)
+from test_diffusers_ip_adapter import _image_prompt, _one_line_error, _rel
+
+import bdia
+from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, from_diffusers
+from bdia.integrations.diffusers.tiny import tiny_flux_ip_adapter_pipeline, tiny_flux_pipeline
+
+pytestmark = [
+    # diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about.
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.skipif(
+        not hasattr(diffusers.loaders, "FluxIPAdapterMixin"),
+        reason="this diffusers has no FluxIPAdapterMixin (Flux's IP-Adapter came in 0.33)",
+    ),
+]
+
+PROMPT, NEGATIVE = "a photo of a cat", "a blue painting"
+EULER = bdia.get_solver("euler")
+
+
+def _embeds(adapters, dtype=torch.float32, seed=3):
+    """One image prompt per adapter as FluxPipeline's ip_adapter_image_embeds: (1, 1, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 1, 8, generator=g, dtype=dtype) for _ in range(adapters)]
+
+
+def _with_images(branch, images):
+    """A branch's transformer arguments with ``images`` as its ip_adapter_image_embeds."""
+    return {**branch, "joint_attention_kwargs": {"ip_adapter_image_embeds": images}}
+
+
+def _cond(pipe, embeds, negative=None):
+    """from_diffusers' conditioning of the pipeline's prompt and image prompt ``embeds``;
+    with ``negative`` (the negative call's image embeddings), true CFG with NEGATIVE."""
+    cond = dict(_with_images(_encoded(pipe, PROMPT), embeds), img_ids=_img_ids())
+    cond["guidance"] = EMBEDDED
+    if negative is not None:
+        cond["guidance_scale"] = TRUE_CFG
+        cond["negative_cond"] = _with_images(_encoded(pipe, NEGATIVE), negative)
+    return cond
+
+
+def _run(pipe, embeds, negative=None, noise=None, **options):
+    """FluxPipeline's latents with ``embeds`` as its ip_adapter_image_embeds and, with
+    ``negative``, true CFG with NEGATIVE and those as negative_ip_adapter_image_embeds."""
+    if negative is not None:
+        options.update(
+            negative_prompt=NEGATIVE,
+            true_cfg_scale=TRUE_CFG,
+            negative_ip_adapter_image_embeds=negative,
+        )
+    with torch.no_grad():
+        return _pipeline_latents(
+            pipe,
+            _noise(torch.float32) if noise is None else noise,
+            PROMPT,
+            ip_adapter_image_embeds=embeds,
+            **options,
+        )
+
+
+def _grid(pipe):
+    return diffusers_grid(pipe.scheduler, N_STEPS, mu=_mu(pipe.scheduler), sigmas=_sigmas())
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("adapters", [1, 2], ids=["one", "two"])
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
+def test_flux_ip_adapter_pipeline_gives_bdia_samples_latents(tmp_path, true_cfg, adapters):
+    """FluxPipeline with an IP-Adapter (guidance embedding 3.5; with true CFG 4 and a
+    negative prompt, negative image embeddings of their own, not zeros) returns the latents
+    of bdia.sample with euler on from_diffusers' ODE with the image embeddings in
+    joint_attention_kwargs, bit for bit: batch-1 embeddings expanded to the 2 images, the
+    negative call given its own. Image embeddings left out of a call, or given to the other,
+    would be another run (checked: the conditional ones in both calls are off by more than
+    1e-2 relative; measured 0.72)."""
+    pipe = tiny_flux_ip_adapter_pipeline(tmp_path, adapters=adapters)
+    embeds = _embeds(adapters)
+    negative = _embeds(adapters, seed=4) if true_cfg else None
+    theirs = _run(pipe, embeds, negative)
+    cond = _cond(pipe, embeds, negative)
+    with torch.no_grad():
+        ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+        ours = bdia.sample(ode, EULER, _noise(torch.float32), _grid(pipe), progress=False)
+    assert torch.equal(ours, theirs)
+    # The transformer pops the embeddings from the dict it is given: the ODE's stay.
+    assert ode.cond["joint_attention_kwargs"]["ip_adapter_image_embeds"][0].shape == (1, 1, 8)
+    if true_cfg:
+        both = dict(cond, negative_cond=_with_images(cond["negative_cond"], embeds))
+        with torch.no_grad():
+            ode = from_diffusers(pipe.transformer, pipe.scheduler, **both)
+            other = bdia.sample(ode, EULER, _noise(torch.float32), _grid(pipe), progress=False)
+        assert _rel(other, theirs) > 1e-2
+
+
+def test_the_ip_adapter_pipeline_with_an_image_gives_bdia_samples_latents(tmp_path):
+    """With ip_adapter_image (a PIL image through the pipeline's feature_extractor and
+    image_encoder) and true CFG, the pipeline embeds an all-zero image for the negative call;
+    from prepare_ip_adapter_image_embeds of the image and of that all-zero image, bdia.sample
+    gives the pipeline's latents bit for bit."""
+    pipe = tiny_flux_ip_adapter_pipeline(tmp_path)
+    image = _image_prompt(0)
+    theirs = _run(pipe, None, negative=None, ip_adapter_image=image)
+    options = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, ip_adapter_image=image)
+    with torch.no_grad():
+        guided = _pipeline_latents(pipe, _noise(torch.float32), PROMPT, **options)
+        embeds = pipe.prepare_ip_adapter_image_embeds(image, None, "cpu", 1)
+        zeros = [np.zeros((16, 16, 3), dtype=np.uint8)]
+        negative = pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
+    for negative_embeds, latents in ((None, theirs), (negative, guided)):
+        ode = from_diffusers(
+            pipe.transformer, pipe.scheduler, **_cond(pipe, embeds, negative_embeds)
+        )
+        with torch.no_grad():
+            ours = bdia.sample(ode, EULER, _noise(torch.float32), _grid(pipe), progress=False)
+        assert torch.equal(ours, latents)
+    assert negative[0].abs().max() > 0.1  # an all-zero image's embedding is not zeros
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
+def test_bdia_euler_inverts_exactly_under_the_image_prompt(tmp_path, true_cfg):
+    """bdia(euler, 0.96) on the float64 pipeline's transformer with its IP-Adapter, from the
+    noise at t = 1 to 0 and back, returns the noise to 1e-12 relative (measured: 0,
+    exactly)."""
+    pipe = tiny_flux_ip_adapter_pipeline(tmp_path).to(torch.float64)
+    embeds = _embeds(1, torch.float64)
+    negative = _embeds(1, torch.float64, seed=4) if true_cfg else None
+    cond = _cond(pipe, embeds, negative)
+    cond["img_ids"] = _img_ids(torch.float64)
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    assert ode.model_dtype == torch.float64
+    assert flow_round_trip_error(ode, _noise(torch.float64), _grid(pipe)) < 1e-12
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
+def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(tmp_path, true_cfg):
+    """FluxPipeline with an IP-Adapter and BDIAScheduler (gamma 0.9) gives the latents and
+    final pair (low words included) of bdia.sample with bdia(euler, 0.9) on from_diffusers'
+    ODE, bit for bit, and bdia.invert from that pair returns the pipeline's noise bit for
+    bit."""
+    pipe = tiny_flux_ip_adapter_pipeline(tmp_path)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.9)
+    embeds = _embeds(1)
+    negative = _embeds(1, seed=4) if true_cfg else None
+    noise = _noise(torch.float32)
+    latents = _run(pipe, embeds, negative, noise=noise)
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **_cond(pipe, embeds, negative))
+    ts = _grid(pipe)
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
+    with torch.no_grad():
+        back = bdia.invert(ode, bdia.bdia(EULER, 0.9), pair, ts)
+    assert torch.equal(back.earlier, noise)
+
+
+def test_the_adapters_scale_is_the_pipelines_and_enters_the_fingerprint(tmp_path):
+    """set_ip_adapter_scale sets the attention processors' scale, which the ODE's calls use
+    as the pipeline's do: at scale 0.5 the run is the pipeline's at 0.5 bit for bit, and
+    another run than at scale 1 (relative difference above 1e-2; measured 0.30). The scale
+    enters the fingerprint, read when it is taken: another at 0.5, the first again back at
+    1."""
+    pipe = tiny_flux_ip_adapter_pipeline(tmp_path)
+    embeds = _embeds(1)
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **_cond(pipe, embeds))
+    at_one = ode.fingerprint()
+    with torch.no_grad():
+        full = bdia.sample(ode, EULER, _noise(torch.float32), _grid(pipe), progress=False)
+        pipe.set_ip_adapter_scale(0.5)
+        half = bdia.sample(ode, EULER, _noise(torch.float32), _grid(pipe), progress=False)
+    assert ode.fingerprint() != at_one
+    assert torch.equal(half, _run(pipe, embeds))
+    assert _rel(half, full) > 1e-2
+    pipe.set_ip_adapter_scale(1.0)
+    assert ode.fingerprint() == at_one
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """A pipeline with two IP-Adapters, and its conditioning without an image prompt."""
+    pipe = tiny_flux_ip_adapter_pipeline(tmp_path_factory.mktemp("flux_ip"), adapters=2)
+    cond = dict(_encoded(pipe, PROMPT), img_ids=_img_ids(), guidance=EMBEDDED)
+    return pipe, cond, _encoded(pipe, NEGATIVE)
+
+
+def test_ip_adapter_conditioning_that_does_not_fit_is_refused_when_the_ode_is_built(two):
+    """Image embeddings missing, not a list, of another count than the adapters, not 3-D
+    floating tensors (an IP-Adapter Plus's 4-D ones: Flux's loader makes no resampler),
+    missing from the negative call under true CFG (negative_cond without
+    joint_attention_kwargs, or with them but no embeddings): one line each, naming what to
+    give, before any call."""
+    pipe, cond, negative = two
+    good = [torch.zeros(1, 1, 8)] * 2
+    calls = Counter(pipe.transformer)
+    cases = [
+        (None, None, "prepare_ip_adapter_image_embeds"),
+        (good[0], None, "a list of 2"),
+        (good[:1], None, "got a list of 1"),
+        ([good[0], torch.zeros(1, 8)], None, "ip_adapter_image_embeds[1]"),
+        ([good[0], torch.zeros(1, 1, 5, 8)], None, "(batch or 1, images, D)"),
+        ([good[0], torch.zeros(1, 1, 8, dtype=torch.long)], None, "int64"),
+        (good, {}, "negative_cond['joint_attention_kwargs']['ip_adapter_image_embeds']"),
+        (good, {"scale": 1.0}, "negative call needs image embeddings"),
+        (good, {"ip_adapter_image_embeds": good[:1]}, "negative_cond['joint_attention_kwargs']"),
+    ]
+    for images, negative_kwargs, field in cases:
+        branch = dict(cond) if images is None else _with_images(cond, images)
+        guided = {}
+        if negative_kwargs is not None:
+            negative_branch = dict(negative)
+            if negative_kwargs:
+                negative_branch["joint_attention_kwargs"] = negative_kwargs
+            guided = {"guidance_scale": TRUE_CFG, "negative_cond": negative_branch}
+        with pytest.raises(ValueError) as exc_info:
+            from_diffusers(pipe.transformer, pipe.scheduler, **branch, **guided)
+        _one_line_error(exc_info, field)
+    assert calls.calls == 0
+
+
+def test_image_embeds_for_a_transformer_without_an_ip_adapter_are_refused(tmp_path):
+    """A Flux transformer without an IP-Adapter has no projection for image embeddings:
+    refused when the ODE is built, naming load_ip_adapter (diffusers would fail mid-call)."""
+    pipe = tiny_flux_pipeline(tmp_path)
+    cond = dict(_encoded(pipe, PROMPT), img_ids=_img_ids(), guidance=EMBEDDED)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(pipe.transformer, pipe.scheduler, **_with_images(cond, _embeds(1)))
+    _one_line_error(exc_info, "load_ip_adapter")
+
+
+def test_one_image_prompt_for_both_calls_is_taken_and_the_callers_dicts_are_kept(two):
+    """The negative call may be given the conditional image embeddings themselves (the image
+    prompt in both calls, true CFG on the text alone): taken, and the model is then the
+    transformer's two calls combined, bit for bit. The caller's dicts and tensors are left
+    as they were (the transformer pops the embeddings from the dict it gets)."""
+    pipe, cond, negative = two
+    images = _embeds(2)
+    cond = _with_images(cond, images)
+    negative = _with_images(negative, images)
+    x = _noise(torch.float32)
+    with untouched(*images):
+        ode = from_diffusers(
+            pipe.transformer,
+            pipe.scheduler,
+            guidance_scale=TRUE_CFG,
+            negative_cond=negative,
+            **cond,
+        )
+        with torch.no_grad():
+            ours = ode.f(x, torch.full((BATCH,), 0.5), **ode.cond)
+    assert cond["joint_attention_kwargs"]["ip_adapter_image_embeds"] is images
+    assert negative["joint_attention_kwargs"]["ip_adapter_image_embeds"] is images
+
+    def call(branch):
+        return pipe.transformer(
+            hidden_states=x,
+            timestep=torch.full((BATCH,), 0.5),
+            guidance=torch.full((BATCH,), EMBEDDED),
+            pooled_projections=branch["pooled_projections"].expand(BATCH, -1),
+            encoder_hidden_states=branch["encoder_hidden_states"].expand(BATCH, -1, -1),
+            txt_ids=branch["txt_ids"],
+            img_ids=cond["img_ids"],
+            joint_attention_kwargs={
+                "ip_adapter_image_embeds": [im.expand(BATCH, -1, -1) for im in images]
+            },
+            return_dict=False,
+        )[0]
+
+    with torch.no_grad():
+        c, u = call(cond), call(negative)
+    assert torch.equal(ours, u + TRUE_CFG * (c - u))
