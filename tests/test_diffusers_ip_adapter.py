@@ -498,10 +498,10 @@ def test_edit_image_takes_a_controlnet_pipeline_with_an_ip_adapter(tmp_path):
 
 
 def _refused(pipe, **kwargs):
-    """The one-line error edit_image raises, after checking that no network ran."""
-    networks = [pipe.unet, pipe.vae, pipe.text_encoder]
-    networks += [getattr(pipe, "image_encoder", None) or pipe.text_encoder]
-    counters = [Counter(n) for n in networks]
+    """The one-line error edit_image raises, after checking that no network ran (its unet or
+    transformer, VAE, text encoders and image encoder)."""
+    names = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder")
+    counters = [Counter(getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]
     with pytest.raises(ValueError) as info:
         edit_image(pipe, _edit_image(), PROMPT, "a photo of a dog", **kwargs)
     assert [c.calls for c in counters] == [0] * len(counters)

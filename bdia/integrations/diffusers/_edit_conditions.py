@@ -10,10 +10,11 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._conditioning import _IP_PROJECTION, _check_image_embeds
+from ._conditioning import _FLUX_IMAGES, _IP_PROJECTION, _UNET_IMAGES, _check_image_embeds
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
 from ._flow_controlnet import _FLUX_CONTROLNET, _SD3_CONTROLNET
 from ._pipeline_parts import _FLUX_PACKING, _float32_vae, _mean, _part, _vae_factor
@@ -450,17 +451,25 @@ def _control_probe_cond(xl: bool) -> dict[str, Any]:
 
 
 def _check_image_prompt(
-    pipe: Any, projection: Any, adapters: int | None, image: Any, embeds: Any
+    pipe: Any,
+    projection: Any,
+    adapters: int | None,
+    image: Any,
+    embeds: Any,
+    model: str = "unet",
+    ndims: tuple[int, ...] = (3, 4),
 ) -> None:
     """Refuse, in one line and before any network runs, an image prompt that does not fit
-    the pipeline: a unet with IP-Adapters loaded (``adapters`` of them) without one, one
-    for a network without an IP-Adapter, both ``image`` and ``embeds``, images or embeddings
-    of another count than the adapters, embeddings that are not 3-D or 4-D floating tensors,
-    and a unet with an image projection (``projection``) that is not an IP-Adapter's."""
+    the pipeline: a ``model`` (its unet, or Flux's transformer) with IP-Adapters loaded
+    (``adapters`` of them) without one, one for a network without an IP-Adapter, both
+    ``image`` and ``embeds``, images or embeddings of another count than the adapters,
+    embeddings that are not floating tensors of ``ndims`` dims (3 or 4 for a unet's, 3 for
+    Flux's), and a unet with an image projection (``projection``) that is not an
+    IP-Adapter's."""
     given = image is not None or embeds is not None
     if projection == _IP_PROJECTION and adapters is not None and not given:
         raise ValueError(
-            f"the unet has encoder_hid_dim_type = {projection!r}: an IP-Adapter is loaded, "
+            f"the {model} has encoder_hid_dim_type = {projection!r}: an IP-Adapter is loaded, "
             "which takes an image prompt; give ip_adapter_image (or ip_adapter_image_embeds), "
             "as the pipeline's, or unload the adapter (pipe.unload_ip_adapter())"
         )
@@ -478,7 +487,7 @@ def _check_image_prompt(
         raise ValueError(
             f"{name} was given, but the pipeline's network has no IP-Adapter loaded; load one "
             "with pipe.load_ip_adapter(...) (edit_image maps the IP-Adapters of Stable "
-            "Diffusion's and SDXL's unets), or leave it out"
+            "Diffusion's and SDXL's unets and Flux's transformer), or leave it out"
         )
     if image is not None and embeds is not None:
         raise ValueError(
@@ -492,13 +501,13 @@ def _check_image_prompt(
         count = len(image) if isinstance(image, list) else 1
         if count != adapters:
             raise ValueError(
-                f"ip_adapter_image holds {count} image prompts for the unet's {adapters} "
+                f"ip_adapter_image holds {count} image prompts for the {model}'s {adapters} "
                 "IP-Adapters; give one per adapter (a list of them; several images for one "
                 "adapter as a list inside it), as the pipeline's ip_adapter_image"
             )
         return
     _check_image_embeds(
-        embeds, "ip_adapter_image_embeds", adapters, "one per IP-Adapter, as the pipeline's"
+        embeds, "ip_adapter_image_embeds", adapters, "one per IP-Adapter, as the pipeline's", ndims
     )
 
 
@@ -524,11 +533,38 @@ def _check_embeds_batch(embeds: Sequence[Tensor], guided: bool, batch: int) -> N
         )
 
 
-def _with_image_prompt(cond: dict[str, Any], images: list[Tensor] | None) -> dict[str, Any]:
-    """One branch's unet arguments with ``images``, an IP-Adapter's image embeddings (one
-    tensor per adapter), as its ``added_cond_kwargs``' ``image_embeds``; ``cond`` itself
-    where ``images`` is None."""
+def _flux_image_prompt(
+    pipe: Any,
+    image: Any,
+    embeds: Sequence[Tensor] | None,
+    guided: bool,
+    size: tuple[int, int],
+    device: torch.device,
+) -> list[Tensor]:
+    """A Flux pipeline's image embeddings of the image prompt, one tensor per adapter, each
+    ``torch.cat([negative, positive])`` when ``guided`` (true CFG), as edit_image takes them
+    for every pipeline. From ``image``, FluxPipeline's ``prepare_ip_adapter_image_embeds``
+    makes the positive ones and, under true CFG, the negative ones of its default
+    ``negative_ip_adapter_image``, an all-zero image of ``size`` (width, height) laid out as
+    it makes it; ``embeds`` (stacked so already) are taken as they are, on ``device``."""
+    if embeds is not None:
+        return [e.to(device) for e in embeds]
+    positive = pipe.prepare_ip_adapter_image_embeds(image, None, device, 1)
+    if not guided:
+        return positive
+    blank = [np.zeros((*size, 3), dtype=np.uint8)] * len(positive)
+    negative = pipe.prepare_ip_adapter_image_embeds(blank, None, device, 1)
+    return [torch.cat([n, p]) for n, p in zip(negative, positive)]
+
+
+def _with_image_prompt(
+    cond: dict[str, Any], images: list[Tensor] | None, flux: bool = False
+) -> dict[str, Any]:
+    """One branch's network arguments with ``images``, an IP-Adapter's image embeddings (one
+    tensor per adapter), as its ``added_cond_kwargs``' ``image_embeds`` (for Flux's
+    transformer, its ``joint_attention_kwargs``' ``ip_adapter_image_embeds``); ``cond``
+    itself where ``images`` is None."""
     if images is None:
         return cond
-    added = {**cond.get("added_cond_kwargs", {}), "image_embeds": images}
-    return {**cond, "added_cond_kwargs": added}
+    outer, inner = _FLUX_IMAGES if flux else _UNET_IMAGES
+    return {**cond, outer: {**cond.get(outer, {}), inner: images}}

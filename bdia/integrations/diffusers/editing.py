@@ -26,9 +26,9 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
 control image's latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs
 give the transformer the image itself as the reference image it edits), and any of Stable
-Diffusion's and SDXL's with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
-``ip_adapter_image`` or ``ip_adapter_image_embeds``: both ODEs give the unet the pipeline's
-image embeddings) and:
+Diffusion's and SDXL's, and ``FluxPipeline``, with an IP-Adapter loaded
+(``pipe.load_ip_adapter``, given ``ip_adapter_image`` or ``ip_adapter_image_embeds``: both
+ODEs give the unet or the transformer the pipeline's image embeddings) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -109,6 +109,7 @@ from ._edit_conditions import (
     _flux_control_image,
     _flux_control_latents,
     _flux_image_probe_cond,
+    _flux_image_prompt,
     _flux_probe_cond,
     _inpaint_kwargs,
     _kontext_kwargs,
@@ -795,7 +796,8 @@ def edit_image(
             packs both, the mask's pixels ``f x f`` a latent pixel). Needed with an inpainting
             unet or a Fill transformer, refused for any other network.
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
-            (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's), the image prompt, as
+            (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's; or Flux's transformer,
+            ``FluxPipeline.load_ip_adapter``), the image prompt, as
             the pipeline's ``ip_adapter_image``: an image (a PIL image or what its
             ``feature_extractor`` takes) for one adapter, or a list of one per adapter (a
             list inside it for several images to one adapter). The pipeline's own
@@ -805,15 +807,23 @@ def edit_image(
             of an all-zero input for an IP-Adapter Plus), as in the pipeline. Both ODEs (the
             inversion's and the edit's) are conditioned on it, through ``from_diffusers``'
             ``added_cond_kwargs={"image_embeds": [...]}``; the adapters' scale is the
-            pipeline's (``pipe.set_ip_adapter_scale``). Needed (or
-            ``ip_adapter_image_embeds``) with an IP-Adapter, refused without one.
+            pipeline's (``pipe.set_ip_adapter_scale``). For Flux the pipeline's own
+            ``prepare_ip_adapter_image_embeds`` makes them too, given to the transformer as
+            ``joint_attention_kwargs={"ip_adapter_image_embeds": [...]}``, and under true
+            CFG (``guidance_scale`` other than 1) the negative call gets the embeddings of
+            FluxPipeline's default ``negative_ip_adapter_image``, an all-zero image of the
+            image's size. Needed (or ``ip_adapter_image_embeds``) with an IP-Adapter,
+            refused without one.
         ip_adapter_image_embeds: the image prompt already embedded, as the pipeline's
             ``ip_adapter_image_embeds``: a list of one tensor per adapter, of shape
             ``(1 or batch, images, D)`` (``(1 or batch, images, tokens, D)`` for an
             IP-Adapter Plus); with ``guidance_scale`` other than 1 each is
             ``torch.cat([negative, positive])`` along dim 0, as
             ``prepare_ip_adapter_image_embeds(..., do_classifier_free_guidance=True)``
-            returns them. Not modified. Not with ``ip_adapter_image``.
+            returns them. For Flux ``(1 or batch, images, D)`` (no IP-Adapter Plus), and
+            under true CFG likewise ``torch.cat([negative, positive])``, the negative half
+            what FluxPipeline takes as ``negative_ip_adapter_image_embeds``. Not modified.
+            Not with ``ip_adapter_image``.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -859,12 +869,12 @@ def edit_image(
             image back in after every step), and a mask of another size than the image's, of
             more than one channel, of another batch than 1 and the image's, not floating,
             outside [0, 1] or not an image.
-            A unet with IP-Adapters loaded without ``ip_adapter_image`` or
-            ``ip_adapter_image_embeds``, either for a network without one (SD3's and Flux's
-            transformers included), both at once, images or embeddings of another count than
-            the adapters, embeddings that are not 3-D or 4-D floating tensors or whose
-            batch is not 1 or the image's (under guidance twice that: both halves),
-            ``ip_adapter_image`` without the pipeline's ``image_encoder`` and
+            A unet or Flux transformer with IP-Adapters loaded without ``ip_adapter_image``
+            or ``ip_adapter_image_embeds``, either for a network without one (SD3's
+            transformer included), both at once, images or embeddings of another count than
+            the adapters, embeddings that are not 3-D or 4-D (for Flux, 3-D) floating
+            tensors or whose batch is not 1 or the image's (under guidance twice that: both
+            halves), ``ip_adapter_image`` without the pipeline's ``image_encoder`` and
             ``feature_extractor``, and a unet with another image projection
             (``encoder_hid_dim_type`` other than ``"text_proj"`` and an IP-Adapter's
             ``"ip_image_proj"``).
@@ -895,9 +905,15 @@ def edit_image(
     # An IP-Adapter's image prompt goes to both ODEs; another image projection takes
     # image_embeds that edit_image does not make, and diffusers' own error would come after
     # the VAE has run.
-    adapters = _ip_adapters(unet) if kind == "unet" else None
+    adapters = _ip_adapters(unet) if kind in ("unet", "flux") else None
     _check_image_prompt(
-        pipe, _hid_dim_type(unet_config), adapters, ip_adapter_image, ip_adapter_image_embeds
+        pipe,
+        _hid_dim_type(unet_config),
+        adapters,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+        model,
+        (3,) if flux else (3, 4),  # Flux's loader makes no IP-Adapter Plus resampler
     )
     # An inpainting unet takes the mask and the masked image's latents beside the latents.
     latent = vae.config.latent_channels
@@ -1134,9 +1150,7 @@ def edit_image(
         layout = "fill" if fill else "control" if flux_control else "kontext"
         probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
     if adapters is not None:  # stand-ins of the image prompt, one per adapter
-        added = {**probe_cond.get("added_cond_kwargs", {})}
-        added["image_embeds"] = [torch.zeros(1, 1, 1)] * adapters
-        probe_cond["added_cond_kwargs"] = added
+        probe_cond = _with_image_prompt(probe_cond, [torch.zeros(1, 1, 1)] * adapters, flux)
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
@@ -1173,14 +1187,19 @@ def edit_image(
         if adapters is not None:
             # The pipeline's own embeddings of the image prompt, once (the batch expands
             # them); under guidance each is [negative, positive], as the pipeline stacks them.
-            made = pipe.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
-            )
+            if flux:
+                made = _flux_image_prompt(
+                    pipe, ip_adapter_image, ip_adapter_image_embeds, guided, (width, height), device
+                )
+            else:
+                made = pipe.prepare_ip_adapter_image_embeds(
+                    ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
+                )
             halves = [e.chunk(2) for e in made] if guided else [(None, e) for e in made]
             image_prompt = ([p for _, p in halves], [n for n, _ in halves])
 
         def guide(cond: dict[str, Any]) -> dict[str, Any]:
-            cond = _with_image_prompt(cond, image_prompt[0])
+            cond = _with_image_prompt(cond, image_prompt[0], flux)
             if not guided:
                 return cond
             negative = negative_cond
@@ -1190,7 +1209,7 @@ def edit_image(
                 negative = _xl_cond(
                     torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]), time_ids
                 )
-            negative = _with_image_prompt(negative, image_prompt[1])
+            negative = _with_image_prompt(negative, image_prompt[1], flux)
             return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
 
         # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
