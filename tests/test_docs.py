@@ -184,6 +184,17 @@ pipe = tiny_ip_adapter_pipeline("ip_parts")
 Image.new("RGB", (16, 16), (40, 120, 200)).save("style.png")
 """
 
+# The reader's Flux pipeline with an IP-Adapter loaded: a tiny random one
+# (tiny_flux_ip_adapter_pipeline), and a 16 x 16 image prompt.
+_FLUX_IP_ADAPTER_PIPELINE = """
+import pathlib
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_flux_ip_adapter_pipeline
+pathlib.Path("flux_ip_parts").mkdir(exist_ok=True)
+pipe = tiny_flux_ip_adapter_pipeline("flux_ip_parts")
+Image.new("RGB", (16, 16), (40, 120, 200)).save("style.png")
+"""
+
 # A tiny random Flux Fill pipeline ("flux_fill": a Fill transformer of 48 input channels for
 # 16), with _BENCH's photo and mask.
 _FLUX_FILL_FOLDER = (
@@ -339,6 +350,7 @@ Image.new("RGB", (16, 16), (255, 255, 255)).save("cat_edges.png")
     ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): (
         _IP_ADAPTER_PIPELINE + 'Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")\n'
     ),
+    ("docs/diffusers.md", '"/models/flux-ip-adapter"'): _FLUX_IP_ADAPTER_PIPELINE,
     # edit_image's inpainting example takes the reader's inpainting pipeline: a tiny one.
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): (
         _INPAINT_FOLDER
@@ -518,6 +530,9 @@ LOCAL = {
     ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): [
         (".resize((512, 512))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", '"/models/flux-ip-adapter"'): [
+        ("height = width = 1024", "height = width = 16"),
+    ],
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): [
         ('"/models/FLUX.1-Fill-dev"', '"flux_fill"'),
         ('device = "cuda"', 'device = "cpu"'),
@@ -583,6 +598,17 @@ def _ip_adapter_inverted(ns):
     (images,) = cond["added_cond_kwargs"]["image_embeds"]
     (negative,) = cond["negative_cond"]["added_cond_kwargs"]["image_embeds"]
     assert images.abs().max() > 0 and not negative.any()
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-12 * float(noise.abs().max())
+
+
+def _flux_ip_adapter_inverted(ns):
+    # The image prompt in the conditional call, the all-zero image's embeddings (not zeros)
+    # in the negative one, and "back.earlier is noise, to rounding" (float64 state).
+    cond, noise = ns["ode"].cond, ns["noise"]
+    (images,) = cond["joint_attention_kwargs"]["ip_adapter_image_embeds"]
+    (negative,) = cond["negative_cond"]["joint_attention_kwargs"]["ip_adapter_image_embeds"]
+    assert images.shape == negative.shape == (1, 1, 8) and negative.abs().max() > 0.1
+    assert not torch.equal(images, negative)
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-12 * float(noise.abs().max())
 
 
@@ -773,6 +799,7 @@ AFTER = {
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): _inpaint_edited,
     ("docs/diffusers.md", '"/models/IP-Adapter"'): _ip_adapter_inverted,
     ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): _ip_adapter_edited,
+    ("docs/diffusers.md", '"/models/flux-ip-adapter"'): _flux_ip_adapter_inverted,
     ("docs/diffusers.md", '"/path/to/stable-diffusion-xl-base-1.0"'): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-xl-refiner-1.0"'): _ensemble_inverted,
     ("docs/diffusers.md", "denoising_end=cut, guidance_scale=guidance"): (
