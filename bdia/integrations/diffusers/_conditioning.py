@@ -574,9 +574,10 @@ def _ip_adapters(unet: Any) -> int | None:
 
 
 # Where a branch's image prompt sits: a unet's added_cond_kwargs' image_embeds (Stable
-# Diffusion's, SDXL's), a Flux transformer's joint_attention_kwargs' ip_adapter_image_embeds.
+# Diffusion's, SDXL's), a Flux or SD3 transformer's joint_attention_kwargs'
+# ip_adapter_image_embeds.
 _UNET_IMAGES = ("added_cond_kwargs", "image_embeds")
-_FLUX_IMAGES = ("joint_attention_kwargs", "ip_adapter_image_embeds")
+_JOINT_IMAGES = ("joint_attention_kwargs", "ip_adapter_image_embeds")
 
 
 def _image_embeds(branch: Mapping[str, Any] | None, where: tuple[str, str] = _UNET_IMAGES) -> Any:
@@ -690,8 +691,8 @@ def _check_flux_ip_adapter(
     refused. Embeddings for a transformer without an IP-Adapter (which has no projection for
     them) are refused too."""
     adapters = _ip_adapters(transformer)
-    embeds = _image_embeds(cond, _FLUX_IMAGES)
-    negative = _image_embeds(negative_cond, _FLUX_IMAGES)
+    embeds = _image_embeds(cond, _JOINT_IMAGES)
+    negative = _image_embeds(negative_cond, _JOINT_IMAGES)
     how = (
         "one per adapter as FluxPipeline.prepare_ip_adapter_image_embeds(image, None, device, 1) "
         "makes them"
@@ -724,4 +725,61 @@ def _check_flux_ip_adapter(
             "prepare_ip_adapter_image_embeds(negative_ip_adapter_image, None, device, 1) (the "
             "pipeline's default: an all-zero image, np.zeros((width, height, 3), np.uint8), one "
             "per adapter), or the conditional list itself to give both calls the image prompt"
+        )
+
+
+def _check_sd3_ip_adapter(
+    transformer: Any,
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    guidance_scale: float | None,
+) -> None:
+    """Refuse, in one line and before any call, an SD3 IP-Adapter's image prompt that the
+    transformer would not take as StableDiffusion3Pipeline gives it.
+
+    A transformer with an IP-Adapter loaded (``SD3IPAdapterMixin.load_ip_adapter``: its
+    ``image_proj``) takes ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``, one
+    floating tensor ``(batch or 1, tokens, D)`` (the image encoder's penultimate hidden
+    states), which it projects at each call's timestep. Without it its attention processors
+    attend to the text alone, as the pipeline runs without an image prompt, so that is
+    taken. Under guidance the pipeline gives the unconditional half its own (zeros for an
+    image): without them in ``negative_cond`` the adapter would double the conditional ones
+    into both halves, so that is refused; so are embeddings for a transformer without an
+    IP-Adapter (which has no ``image_proj`` for them)."""
+    embeds = _image_embeds(cond, _JOINT_IMAGES)
+    negative = _image_embeds(negative_cond, _JOINT_IMAGES)
+    how = (
+        "the conditional half of StableDiffusion3Pipeline.prepare_ip_adapter_image_embeds(image, "
+        "None, device, 1, do_classifier_free_guidance)"
+    )
+    if getattr(transformer, "image_proj", None) is None:
+        if embeds is not None or negative is not None:
+            raise ValueError(
+                "joint_attention_kwargs has ip_adapter_image_embeds, an SD3 IP-Adapter's image "
+                "prompt, but the transformer has no IP-Adapter loaded (no image_proj for them); "
+                "load one with pipe.load_ip_adapter(...), or leave them out"
+            )
+        return
+    for where, value in (("", embeds), ("negative_cond", negative)):
+        if value is None:
+            continue
+        if isinstance(value, Tensor) and value.is_floating_point() and value.ndim == 3:
+            continue
+        label = "['joint_attention_kwargs']['ip_adapter_image_embeds']"
+        label = f"{where}{label}" if where else "ip_adapter_image_embeds"
+        what = f"a {type(value).__name__}"
+        if isinstance(value, Tensor):
+            what = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        raise ValueError(
+            f"{label} must be one floating tensor of shape (batch or 1, tokens, D), {how}; got "
+            f"{what}"
+        )
+    guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
+    if guided and embeds is not None and negative is None:
+        raise ValueError(
+            "under guidance the unconditional branch needs image embeddings of its own, as "
+            "StableDiffusion3Pipeline gives it: put negative_cond['joint_attention_kwargs']"
+            "['ip_adapter_image_embeds'] = the first half of prepare_ip_adapter_image_embeds("
+            "..., do_classifier_free_guidance=True) (e.chunk(2)[0]; zeros for an image), or the "
+            "conditional tensor itself to give both halves the image prompt"
         )

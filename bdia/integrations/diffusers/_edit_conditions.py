@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._conditioning import _FLUX_IMAGES, _IP_PROJECTION, _UNET_IMAGES, _check_image_embeds
+from ._conditioning import _IP_PROJECTION, _JOINT_IMAGES, _UNET_IMAGES, _check_image_embeds
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
 from ._flow_controlnet import _FLUX_CONTROLNET, _SD3_CONTROLNET
 from ._pipeline_parts import _FLUX_PACKING, _float32_vae, _mean, _part, _vae_factor
@@ -566,5 +566,5 @@ def _with_image_prompt(
     itself where ``images`` is None."""
     if images is None:
         return cond
-    outer, inner = _FLUX_IMAGES if flux else _UNET_IMAGES
+    outer, inner = _JOINT_IMAGES if flux else _UNET_IMAGES
     return {**cond, outer: {**cond.get(outer, {}), inner: images}}

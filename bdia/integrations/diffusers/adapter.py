@@ -91,6 +91,7 @@ from ._conditioning import (
     _check_flux_ip_adapter,
     _check_guidance,
     _check_ip_adapter,
+    _check_sd3_ip_adapter,
     _check_timestep_cond,
     _fill_cond,
     _flux_control_cond,
@@ -1123,7 +1124,14 @@ def from_diffusers(
             ``FluxPipeline.prepare_ip_adapter_image_embeds(image, None, device, 1)`` makes
             them; under true CFG ``negative_cond``'s ``joint_attention_kwargs`` holds the
             negative call's own (the pipeline's ``negative_ip_adapter_image``, by default an
-            all-zero image's embeddings), as the pipeline gives them.
+            all-zero image's embeddings), as the pipeline gives them. SD3's transformer
+            with an IP-Adapter loaded (``StableDiffusion3Pipeline.load_ip_adapter``: its
+            ``image_proj``) takes ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``,
+            one floating tensor ``(batch or 1, tokens, D)``, the conditional half of the
+            pipeline's ``prepare_ip_adapter_image_embeds(image, None, device, 1,
+            do_classifier_free_guidance)``, and under guidance the negative half in
+            ``negative_cond``'s (zeros for an image); without one it runs as the pipeline
+            does without an image prompt.
 
     Returns:
         A ``bdia.DiffusionODE``: schedule ``VPDiscrete(alphas_cumprod=..., clean_end=...)``
@@ -1221,6 +1229,9 @@ def from_diffusers(
             IP-Adapters loaded: no ``ip_adapter_image_embeds`` in ``joint_attention_kwargs``,
             a value that is not a list of one 3-D floating tensor per adapter (in either
             branch), or, under true CFG, none in ``negative_cond``; them for a Flux
+            transformer without an IP-Adapter. For SD3's transformer: an
+            ``ip_adapter_image_embeds`` that is not one 3-D floating tensor (in either
+            branch), or, under guidance, given without one in ``negative_cond``; one for a
             transformer without an IP-Adapter.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale, bound or strength that is not a number, a
@@ -1249,9 +1260,11 @@ def from_diffusers(
     negative_cond = cond.pop("negative_cond", None)
     _check_guidance(guidance_scale, negative_cond)
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
+    flux = space == "flow" and _is_flux(unet)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    flux = space == "flow" and _is_flux(unet)
+    elif not flux:
+        _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
     if flux:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
         _check_flux_ip_adapter(unet, cond, negative_cond, guidance_scale)

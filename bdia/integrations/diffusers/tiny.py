@@ -10,8 +10,8 @@ from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline``
 ``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
 ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
 ``StableDiffusion3ControlNetPipeline``), the inpainting pipelines of Stable Diffusion and
-SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's, SDXL's or Flux's
-pipeline with an IP-Adapter loaded), a few thousand weights each: for tests and for checking
+SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's, SDXL's, Flux's or
+SD3's pipeline with an IP-Adapter loaded), a few thousand weights each: for tests and for checking
 plumbing and exactness, which do not depend on the weights. A random network is no
 denoiser, so what they sample is not an image of anything.
 """
@@ -55,6 +55,7 @@ __all__ = [
     "add_tiny_ip_adapter",
     "tiny_flux_ip_adapter_pipeline",
     "add_tiny_flux_ip_adapter",
+    "add_tiny_sd3_ip_adapter",
     "TINY_WORDS",
 ]
 
@@ -1051,3 +1052,75 @@ def tiny_flux_ip_adapter_pipeline(
     prompts; ``scheduler`` defaults to Flux.1-dev's. Float32; the progress bar is off."""
     pipe = tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds)
     return add_tiny_flux_ip_adapter(pipe, adapters=adapters)
+
+
+def _sd3_ip_adapter_state_dict(transformer: Any, image_embed_dim: int, seed: int) -> dict[str, Any]:
+    """An SD3 IP-Adapter's weights for ``transformer`` (InstantX's SD3.5 one in diffusers'
+    names, which ``SD3IPAdapterMixin.load_ip_adapter`` takes as a dict as they are):
+    ``image_proj``, an ``IPAdapterTimeImageProjection`` (the loader's fixed depth 4 and heads
+    of 64; a width of 16, 4 learned queries, timesteps embedded in 8 channels) from image
+    hidden states of width ``image_embed_dim`` to the transformer's width, and
+    ``ip_adapter``, the ``SD3IPAdapterJointAttnProcessor2_0`` of each attention layer,
+    numbered 0, 1, ... in the order of ``transformer.attn_processors``. Each module is made
+    by diffusers with weights drawn after ``torch.manual_seed(seed)``, their state dicts
+    taken as they are (a random norm or bias of 0 or 1 would hide nothing here: the run is
+    compared with the pipeline's, not with a model)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    hidden, time_dim = 16, 8
+    torch.manual_seed(seed)
+    projection = IPAdapterTimeImageProjection(
+        embed_dim=image_embed_dim,
+        output_dim=width,
+        hidden_dim=hidden,
+        heads=1,
+        num_queries=4,
+        timestep_in_dim=time_dim,
+    )
+    ip_adapter: dict[str, torch.Tensor] = {}
+    for index in range(len(transformer.attn_processors)):
+        processor = SD3IPAdapterJointAttnProcessor2_0(
+            hidden_size=width,
+            ip_hidden_states_dim=width,
+            head_dim=config.attention_head_dim,
+            timesteps_emb_dim=hidden,
+        )
+        for name, value in processor.state_dict().items():
+            ip_adapter[f"{index}.{name}"] = value
+    return {"image_proj": projection.state_dict(), "ip_adapter": ip_adapter}
+
+
+def add_tiny_sd3_ip_adapter(pipe: Any) -> Any:
+    """Load an SD3 IP-Adapter of random weights into ``pipe`` (``tiny_sd3_pipeline``'s
+    ``StableDiffusion3Pipeline``), nothing downloaded; returns ``pipe``.
+
+    A two-layer ``SiglipVisionModel`` of width 8 on 16 x 16 RGB images (patches of 8: 4
+    tokens; weights drawn with ``torch.manual_seed(4)``), whose penultimate hidden states,
+    ``(1, 4, 8)`` an image, the pipeline's ``encode_image`` takes, and a
+    ``SiglipImageProcessor`` that resizes images to 16 x 16 become its ``image_encoder``
+    and ``feature_extractor``; ``pipe.load_ip_adapter`` loads
+    ``_sd3_ip_adapter_state_dict``'s weights (seed 7), which sets the transformer's
+    ``image_proj`` and its attention processors to IP-Adapter ones (scale 0.5, the
+    loader's). The pipeline then takes ``ip_adapter_image`` or ``ip_adapter_image_embeds``
+    (one tensor, ``(2, 4, 8)`` under guidance, the negative half first: zeros from an
+    image)."""
+    import transformers
+
+    torch.manual_seed(4)
+    config = transformers.SiglipVisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+    encoder = transformers.SiglipVisionModel(config).eval()
+    processor = transformers.SiglipImageProcessor(size={"height": 16, "width": 16})
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    weights = _sd3_ip_adapter_state_dict(pipe.transformer, config.hidden_size, seed=7)
+    pipe.load_ip_adapter(weights, low_cpu_mem_usage=False)
+    return pipe
