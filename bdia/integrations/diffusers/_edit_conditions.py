@@ -511,6 +511,35 @@ def _check_image_prompt(
     )
 
 
+def _check_sd3_image_prompt(pipe: Any, image: Any, embeds: Any) -> None:
+    """Refuse, in one line and before any network runs, an image prompt that SD3's
+    transformer with an IP-Adapter loaded would not take as StableDiffusion3Pipeline gives
+    it: both ``image`` and ``embeds``, ``image`` without the pipeline's ``image_encoder``
+    and ``feature_extractor``, and ``embeds`` that are not one 3-D floating tensor. Neither
+    is taken: the pipeline then runs without an image prompt."""
+    if image is not None and embeds is not None:
+        raise ValueError(
+            "ip_adapter_image and ip_adapter_image_embeds were both given; give one, as the "
+            "pipeline takes one"
+        )
+    if image is None and embeds is None:
+        return
+    _part(pipe, "prepare_ip_adapter_image_embeds", "to embed the image prompt as it does")
+    if image is not None:
+        for name in ("image_encoder", "feature_extractor"):
+            _part(pipe, name, "to embed ip_adapter_image (or pass ip_adapter_image_embeds)")
+        return
+    if not (isinstance(embeds, Tensor) and embeds.is_floating_point() and embeds.ndim == 3):
+        what = f"a {type(embeds).__name__}"
+        if isinstance(embeds, Tensor):
+            what = f"a {embeds.dtype} tensor of shape {tuple(embeds.shape)}"
+        raise ValueError(
+            "ip_adapter_image_embeds must be one floating tensor of shape (batch or 1, tokens, "
+            "D) for SD3's IP-Adapter, torch.cat([negative, positive]) under guidance, as "
+            f"StableDiffusion3Pipeline.prepare_ip_adapter_image_embeds makes it; got {what}"
+        )
+
+
 def _check_embeds_batch(embeds: Sequence[Tensor], guided: bool, batch: int) -> None:
     """Refuse, before any network runs, ``ip_adapter_image_embeds`` whose batch does not
     fit ``batch`` images: under guidance (``guided``) each holds the negative and the
@@ -557,14 +586,12 @@ def _flux_image_prompt(
     return [torch.cat([n, p]) for n, p in zip(negative, positive)]
 
 
-def _with_image_prompt(
-    cond: dict[str, Any], images: list[Tensor] | None, flux: bool = False
-) -> dict[str, Any]:
+def _with_image_prompt(cond: dict[str, Any], images: Any, joint: bool = False) -> dict[str, Any]:
     """One branch's network arguments with ``images``, an IP-Adapter's image embeddings (one
-    tensor per adapter), as its ``added_cond_kwargs``' ``image_embeds`` (for Flux's
-    transformer, its ``joint_attention_kwargs``' ``ip_adapter_image_embeds``); ``cond``
-    itself where ``images`` is None."""
+    tensor per adapter; SD3's one tensor), as its ``added_cond_kwargs``' ``image_embeds``
+    (with ``joint``, for Flux's or SD3's transformer, its ``joint_attention_kwargs``'
+    ``ip_adapter_image_embeds``); ``cond`` itself where ``images`` is None."""
     if images is None:
         return cond
-    outer, inner = _JOINT_IMAGES if flux else _UNET_IMAGES
+    outer, inner = _JOINT_IMAGES if joint else _UNET_IMAGES
     return {**cond, outer: {**cond.get(outer, {}), inner: images}}

@@ -26,9 +26,10 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
 control image's latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs
 give the transformer the image itself as the reference image it edits), and any of Stable
-Diffusion's and SDXL's, and ``FluxPipeline``, with an IP-Adapter loaded
-(``pipe.load_ip_adapter``, given ``ip_adapter_image`` or ``ip_adapter_image_embeds``: both
-ODEs give the unet or the transformer the pipeline's image embeddings) and:
+Diffusion's and SDXL's, ``FluxPipeline`` and ``StableDiffusion3Pipeline``, with an
+IP-Adapter loaded (``pipe.load_ip_adapter``, given ``ip_adapter_image`` or
+``ip_adapter_image_embeds``: both ODEs give the unet or the transformer the pipeline's image
+embeddings) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -102,6 +103,7 @@ from ._edit_conditions import (
     _TIME_IDS,
     _check_embeds_batch,
     _check_image_prompt,
+    _check_sd3_image_prompt,
     _control_kwargs,
     _control_probe_cond,
     _fill_channels,
@@ -812,8 +814,12 @@ def edit_image(
             ``joint_attention_kwargs={"ip_adapter_image_embeds": [...]}``, and under true
             CFG (``guidance_scale`` other than 1) the negative call gets the embeddings of
             FluxPipeline's default ``negative_ip_adapter_image``, an all-zero image of the
-            image's size. Needed (or ``ip_adapter_image_embeds``) with an IP-Adapter,
-            refused without one.
+            image's size. For SD3 (``StableDiffusion3Pipeline.load_ip_adapter``, one
+            adapter) its ``prepare_ip_adapter_image_embeds`` makes one tensor, the negative
+            half zeros, given as ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``;
+            without an image prompt SD3's runs as its pipeline does without one. Needed (or
+            ``ip_adapter_image_embeds``) with a unet's or Flux's IP-Adapter, refused
+            without one.
         ip_adapter_image_embeds: the image prompt already embedded, as the pipeline's
             ``ip_adapter_image_embeds``: a list of one tensor per adapter, of shape
             ``(1 or batch, images, D)`` (``(1 or batch, images, tokens, D)`` for an
@@ -822,8 +828,10 @@ def edit_image(
             ``prepare_ip_adapter_image_embeds(..., do_classifier_free_guidance=True)``
             returns them. For Flux ``(1 or batch, images, D)`` (no IP-Adapter Plus), and
             under true CFG likewise ``torch.cat([negative, positive])``, the negative half
-            what FluxPipeline takes as ``negative_ip_adapter_image_embeds``. Not modified.
-            Not with ``ip_adapter_image``.
+            what FluxPipeline takes as ``negative_ip_adapter_image_embeds``. For SD3 one
+            tensor ``(1 or batch, tokens, D)``, likewise stacked under guidance, as its
+            pipeline's ``prepare_ip_adapter_image_embeds`` returns it. Not modified. Not
+            with ``ip_adapter_image``.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -870,9 +878,9 @@ def edit_image(
             more than one channel, of another batch than 1 and the image's, not floating,
             outside [0, 1] or not an image.
             A unet or Flux transformer with IP-Adapters loaded without ``ip_adapter_image``
-            or ``ip_adapter_image_embeds``, either for a network without one (SD3's
-            transformer included), both at once, images or embeddings of another count than
-            the adapters, embeddings that are not 3-D or 4-D (for Flux, 3-D) floating
+            or ``ip_adapter_image_embeds``, either for a network without one, both at once,
+            images or embeddings of another count than the adapters, embeddings that are
+            not 3-D or 4-D (for Flux, 3-D; for SD3, one 3-D tensor, not a list) floating
             tensors or whose batch is not 1 or the image's (under guidance twice that: both
             halves), ``ip_adapter_image`` without the pipeline's ``image_encoder`` and
             ``feature_extractor``, and a unet with another image projection
@@ -906,15 +914,22 @@ def edit_image(
     # image_embeds that edit_image does not make, and diffusers' own error would come after
     # the VAE has run.
     adapters = _ip_adapters(unet) if kind in ("unet", "flux") else None
-    _check_image_prompt(
-        pipe,
-        _hid_dim_type(unet_config),
-        adapters,
-        ip_adapter_image,
-        ip_adapter_image_embeds,
-        model,
-        (3,) if flux else (3, 4),  # Flux's loader makes no IP-Adapter Plus resampler
-    )
+    # SD3's one adapter takes one tensor, not a list; without an image prompt its
+    # processors attend to the text alone, as the pipeline runs then.
+    sd3_image = sd3 and getattr(unet, "image_proj", None) is not None
+    if sd3_image:
+        _check_sd3_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds)
+    else:
+        _check_image_prompt(
+            pipe,
+            _hid_dim_type(unet_config),
+            adapters,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            model,
+            (3,) if flux else (3, 4),  # Flux's loader makes no IP-Adapter Plus resampler
+        )
+    image_given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
     # An inpainting unet takes the mask and the masked image's latents beside the latents.
     latent = vae.config.latent_channels
     inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
@@ -1064,6 +1079,8 @@ def edit_image(
         _check_prompt(prompt, name, batch, takes)
     if adapters is not None and ip_adapter_image_embeds is not None:
         _check_embeds_batch(ip_adapter_image_embeds, guided, batch)
+    elif sd3_image and isinstance(ip_adapter_image_embeds, Tensor):  # SD3's one tensor
+        _check_embeds_batch([ip_adapter_image_embeds], guided, batch)
     embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
     if any(_is_text(p) for p in embedded):
         parts: tuple[str, ...] = ("tokenizer", "text_encoder")
@@ -1151,6 +1168,8 @@ def edit_image(
         probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
     if adapters is not None:  # stand-ins of the image prompt, one per adapter
         probe_cond = _with_image_prompt(probe_cond, [torch.zeros(1, 1, 1)] * adapters, flux)
+    elif sd3_image and image_given:
+        probe_cond = _with_image_prompt(probe_cond, torch.zeros(1, 1, 1), True)
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
     if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
         fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
@@ -1197,9 +1216,16 @@ def edit_image(
                 )
             halves = [e.chunk(2) for e in made] if guided else [(None, e) for e in made]
             image_prompt = ([p for _, p in halves], [n for n, _ in halves])
+        elif sd3_image and image_given:
+            # StableDiffusion3Pipeline's one tensor, [negative, positive] under guidance.
+            one = pipe.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
+            )
+            image_prompt = tuple(reversed(one.chunk(2))) if guided else (one, None)
+        joint = flux or sd3
 
         def guide(cond: dict[str, Any]) -> dict[str, Any]:
-            cond = _with_image_prompt(cond, image_prompt[0], flux)
+            cond = _with_image_prompt(cond, image_prompt[0], joint)
             if not guided:
                 return cond
             negative = negative_cond
@@ -1209,7 +1235,7 @@ def edit_image(
                 negative = _xl_cond(
                     torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]), time_ids
                 )
-            negative = _with_image_prompt(negative, image_prompt[1], flux)
+            negative = _with_image_prompt(negative, image_prompt[1], joint)
             return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
 
         # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
