@@ -195,6 +195,23 @@ pipe = tiny_flux_ip_adapter_pipeline("flux_ip_parts")
 Image.new("RGB", (16, 16), (40, 120, 200)).save("style.png")
 """
 
+# The reader's SD3 pipeline with an IP-Adapter loaded (a tiny random one), a 16 x 16 image
+# prompt, and the prompt embeddings the block takes.
+_SD3_IP_ADAPTER_PIPELINE = """
+import pathlib
+import torch
+from PIL import Image
+from bdia.integrations.diffusers import from_diffusers
+from bdia.integrations.diffusers.tiny import add_tiny_sd3_ip_adapter, tiny_sd3_pipeline
+pathlib.Path("sd3_ip_parts").mkdir(exist_ok=True)
+pipe = add_tiny_sd3_ip_adapter(tiny_sd3_pipeline("sd3_ip_parts"))
+style, device = Image.new("RGB", (16, 16), (40, 120, 200)), "cpu"
+with torch.no_grad():
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        "a fox", None, None, device=device, negative_prompt="blurry"
+    )
+"""
+
 # A tiny random Flux Fill pipeline ("flux_fill": a Fill transformer of 48 input channels for
 # 16), with _BENCH's photo and mask.
 _FLUX_FILL_FOLDER = (
@@ -351,6 +368,7 @@ Image.new("RGB", (16, 16), (255, 255, 255)).save("cat_edges.png")
         _IP_ADAPTER_PIPELINE + 'Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")\n'
     ),
     ("docs/diffusers.md", '"/models/flux-ip-adapter"'): _FLUX_IP_ADAPTER_PIPELINE,
+    ("docs/diffusers.md", "negative_half, positive_half = e.chunk(2)"): _SD3_IP_ADAPTER_PIPELINE,
     # edit_image's inpainting example takes the reader's inpainting pipeline: a tiny one.
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): (
         _INPAINT_FOLDER
@@ -612,6 +630,15 @@ def _flux_ip_adapter_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-12 * float(noise.abs().max())
 
 
+def _sd3_ip_adapter_made(ns):
+    # Each half of the pipeline's one tensor in its branch: the image's, and zeros.
+    cond = ns["ode"].cond
+    images = cond["joint_attention_kwargs"]["ip_adapter_image_embeds"]
+    negative = cond["negative_cond"]["joint_attention_kwargs"]["ip_adapter_image_embeds"]
+    assert images.shape == negative.shape == (1, 4, 8)
+    assert images.abs().max() > 0 and not negative.any()
+
+
 def _ip_adapter_edited(ns):
     # "0.0: the round trip under the image prompt is exact", the prompt in both ODEs.
     result = ns["result"]
@@ -800,6 +827,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/IP-Adapter"'): _ip_adapter_inverted,
     ("docs/diffusers.md", 'ip_adapter_image=Image.open("style.png")'): _ip_adapter_edited,
     ("docs/diffusers.md", '"/models/flux-ip-adapter"'): _flux_ip_adapter_inverted,
+    ("docs/diffusers.md", "negative_half, positive_half = e.chunk(2)"): _sd3_ip_adapter_made,
     ("docs/diffusers.md", '"/path/to/stable-diffusion-xl-base-1.0"'): _edit_round_trip,
     ("docs/diffusers.md", '"/models/stable-diffusion-xl-refiner-1.0"'): _ensemble_inverted,
     ("docs/diffusers.md", "denoising_end=cut, guidance_scale=guidance"): (
