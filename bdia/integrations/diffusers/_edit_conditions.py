@@ -6,6 +6,7 @@ prompt; and the stand-ins of each that ``from_diffusers`` checks before any netw
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,28 @@ _TIME_IDS = 6
 # The inpainting pipeline whose prepare_mask_latents encodes the masked image it is given,
 # even as latents, where the others take 4-channel latents as they are.
 _ENCODES_MASKED = "StableDiffusionXLControlNetInpaintPipeline"
+# The inpainting pipelines that, for a network that takes no mask (a 4-channel unet, SD3's
+# and Flux's text-to-image, Depth or Canny transformers), blend the noised image back into
+# the latents outside the mask after every step: no ODE, so no exact inversion of the run.
+_BLENDING = frozenset(
+    {
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+        "StableDiffusionXLControlNetUnionInpaintPipeline",
+        "StableDiffusionPAGInpaintPipeline",
+        "StableDiffusionXLPAGInpaintPipeline",
+        "StableDiffusionControlNetPAGInpaintPipeline",
+        "StableDiffusion3InpaintPipeline",
+        "FluxInpaintPipeline",
+        "FluxControlInpaintPipeline",
+        "FluxControlNetInpaintPipeline",
+        "FluxKontextInpaintPipeline",
+    }
+)
+# The Kontext pipeline whose prepare_latents noises the image for its blend.
+_KONTEXT_INPAINT = "FluxKontextInpaintPipeline"
 # The ControlNet pipelines' settings edit_image takes, by their names, and their defaults.
 _CONTROL_DEFAULTS = {
     "controlnet_conditioning_scale": 1.0,
@@ -194,12 +217,19 @@ def _kontext_kwargs(
     """FluxKontextPipeline's reference image for the edited image ``pixels`` (B, 3, H, W) in
     [-1, 1]: its packed latents (the mode of the VAE's distribution, its mean, shifted and
     scaled) and the latents' ``img_ids`` followed by the image's, as the pipeline's
-    ``prepare_latents`` makes them in ``dtype``."""
+    ``prepare_latents`` makes them in ``dtype`` (``FluxKontextInpaintPipeline``'s, which
+    noises the image for its blend, by FluxKontextPipeline's: the same encoding, packing and
+    ids of the reference image its transformer takes without ``image_reference``)."""
     batch, _, height, width = pixels.shape
     channels = pipe.vae.config.latent_channels
+    prepare = pipe.prepare_latents
+    if _KONTEXT_INPAINT in _class_names(pipe):
+        import diffusers
+
+        prepare = functools.partial(diffusers.FluxKontextPipeline.prepare_latents, pipe)
     # Latents given, so that prepare_latents draws no noise; only the image's are used.
     placeholder = torch.zeros(batch, img_ids.shape[0], channels * _FLUX_PACKING**2)
-    _, image_latents, _, image_ids = pipe.prepare_latents(
+    _, image_latents, _, image_ids = prepare(
         pixels.to(dtype), batch, channels, height, width, dtype, device, None, placeholder
     )
     return {"image_latents": image_latents, "img_ids": torch.cat([img_ids, image_ids])}
@@ -332,10 +362,24 @@ def _mask_condition(
     = (batch, C, H, W); None for a pipeline whose network is not an inpainting unet
     (``inpaint``; ``what`` names its input channels). One-line refusals for a mask that the
     pipeline would resize or tile (another size, another batch than 1 and the image's) or
-    that is no mask (other channels, values outside [0, 1]), before any network runs."""
+    that is no mask (other channels, values outside [0, 1]), and for any mask to a pipeline
+    that blends the image back in (``_BLENDING``) about a network that takes none, before any
+    network runs."""
     from PIL import Image
 
     if not inpaint:
+        blends = [name for name in _class_names(pipe) if name in _BLENDING]
+        if mask_image is not None and blends:
+            raise ValueError(
+                f"mask_image was given, but the pipeline is a {blends[0]} whose {what}, no "
+                "mask: it blends the noised image back into the latents outside the mask at "
+                "every step, which is not an ODE, so its run has no exact inversion and "
+                "edit_image takes no mask for it; use an inpainting model, whose network takes "
+                "the mask: a 9-channel inpainting unet (StableDiffusionInpaintPipeline, "
+                "StableDiffusionXLInpaintPipeline and their ControlNet inpainting pipelines) or "
+                "a Flux Fill transformer (FluxFillPipeline); or leave mask_image out to edit the "
+                "whole image with this pipeline's model"
+            )
         if mask_image is not None:
             raise ValueError(
                 f"mask_image was given, but the pipeline's {what}; it conditions an inpainting "

@@ -24,12 +24,17 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 ``FluxControlNetPipeline`` (with ``controlnet`` and ``prepare_image``, given
 ``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
-control image's latents) or ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs
-give the transformer the image itself as the reference image it edits), and any of Stable
-Diffusion's and SDXL's, ``FluxPipeline`` and ``StableDiffusion3Pipeline``, with an
-IP-Adapter loaded (``pipe.load_ip_adapter``, given ``ip_adapter_image`` or
-``ip_adapter_image_embeds``: both ODEs give the unet or the transformer the pipeline's image
-embeddings) and:
+control image's latents; ``FluxControlNetImg2ImgPipeline`` as its text-to-image sibling) or
+``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
+itself as the reference image it edits), or, without a mask, the inpainting pipelines that
+blend the re-noised image into the latents after each step
+(``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``, ``FluxControlInpaintPipeline``,
+``FluxControlNetInpaintPipeline``, ``FluxKontextInpaintPipeline``, and Stable Diffusion's
+and SDXL's over a 4-channel unet), as the plain pipeline of their parts (a mask is refused:
+the blend is no ODE step), and any of Stable Diffusion's and SDXL's, ``FluxPipeline`` and
+``StableDiffusion3Pipeline``, with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
+``ip_adapter_image`` or ``ip_adapter_image_embeds``: both ODEs give the unet or the
+transformer the pipeline's image embeddings) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -157,8 +162,9 @@ _FLUX_SHIFT_FIELDS = _SHIFT_FIELDS[:3] + (("max_shift", 1.15),)
 _FLUX_GUIDANCE = 3.5
 # The static methods of FluxPipeline that make its state and positions.
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
-# The pipeline that gives its Flux transformer a reference image's tokens.
-_KONTEXT = "FluxKontextPipeline"
+# The pipelines that give their Flux transformer a reference image's tokens (the inpainting
+# one the image itself, where it has no image_reference, as the other's image=).
+_KONTEXT = ("FluxKontextPipeline", "FluxKontextInpaintPipeline")
 
 
 @dataclass(frozen=True)
@@ -660,11 +666,20 @@ def edit_image(
             ``in_channels`` are twice the packed latents') takes ``control_image``, and so
             does a ``FluxControlNetPipeline`` (a ``FluxControlNetModel`` beside the
             transformer, as ``controlnet``) and a ``StableDiffusion3ControlNetPipeline`` (an
-            ``SD3ControlNetModel``); a ``FluxKontextPipeline`` (by its class)
+            ``SD3ControlNetModel``; its img2img sibling as it, its ``strength`` playing no
+            part); a ``FluxKontextPipeline`` (by its class)
             conditions both ODEs on the image itself, as its ``image``: the image's packed
             latents and ids from its ``prepare_latents`` (the mode of the VAE's
             distribution, its mean, as the pipeline encodes it) as ``from_diffusers``'
-            ``image_latents`` and ``img_ids``.
+            ``image_latents`` and ``img_ids``. The inpainting pipelines whose network takes
+            no mask (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
+            ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
+            ``FluxKontextInpaintPipeline``, and Stable Diffusion's and SDXL's inpainting and
+            ControlNet inpainting pipelines over a 4-channel unet) blend the re-noised image
+            into the latents after each step, which is no ODE step: without ``mask_image``
+            they edit as the plain pipeline of their parts (``FluxKontextInpaintPipeline``
+            as ``FluxKontextPipeline``, the image its own reference, as it takes it without
+            ``image_reference``), and a mask is refused.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
@@ -796,7 +811,8 @@ def edit_image(
             pipeline blanks it, encoded to the VAE's mean, goes with the binarised mask
             through its ``prepare_mask_latents`` (which shifts and scales the latents and
             packs both, the mask's pixels ``f x f`` a latent pixel). Needed with an inpainting
-            unet or a Fill transformer, refused for any other network.
+            unet or a Fill transformer, refused for any other network: for an inpainting
+            pipeline that blends (its network takes no mask), in a line that says so.
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
             (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's; or Flux's transformer,
             ``FluxPipeline.load_ip_adapter``), the image prompt, as
@@ -873,8 +889,9 @@ def edit_image(
             batch than 1 and the image's.
             An inpainting unet or a Flux Fill transformer without ``mask_image``, a
             ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
-            included, whose pipeline blends the
-            image back in after every step), and a mask of another size than the image's, of
+            included, and SD3's and Flux's inpainting pipelines, which blend the image back
+            in after every step: the line names the pipeline and the inpainting models to
+            use instead), and a mask of another size than the image's, of
             more than one channel, of another batch than 1 and the image's, not floating,
             outside [0, 1] or not an image.
             A unet or Flux transformer with IP-Adapters loaded without ``ip_adapter_image``
@@ -951,7 +968,7 @@ def edit_image(
             2 * packed,
             packed,
         )
-        kontext = _KONTEXT in _class_names(pipe)
+        kontext = bool(set(_KONTEXT) & set(_class_names(pipe)))
         if kontext:
             _part(pipe, "prepare_latents", "to encode the reference image as the pipeline does")
         if unet_config.get("in_channels") != packed and not (fill or flux_control):
@@ -1123,7 +1140,7 @@ def edit_image(
             pipe, control_image, pixels.shape, device, "FluxControlPipeline"
         )
     channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
-    if model == "unet" and not inpaint:
+    if not (flux or inpaint):
         channels += ", the vae's latents alone"
     if flux_control:
         channels += f", the packed latents and a control image's (a Fill one takes {fill_channels})"

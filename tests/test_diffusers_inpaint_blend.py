@@ -1,0 +1,135 @@
+"""The inpainting pipelines that blend: StableDiffusion3InpaintPipeline, FluxInpaintPipeline,
+FluxControlInpaintPipeline, FluxControlNetInpaintPipeline, FluxKontextInpaintPipeline, and
+Stable Diffusion's and SDXL's inpainting pipelines over a 4-channel unet. Their network takes
+no mask; the pipeline re-noises the image's known region into the latents after every step,
+which is not an ODE, so their masked run has no exact inversion.
+
+edit_image refuses a mask for them in one line that says so, names the pipeline and what to
+use instead; without a mask it edits through their parts as through the plain pipeline of
+the same parts, bit for bit. Tiny random
+pipelines, each built from the tiny plain pipeline's parts (those its __init__ takes).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import diffusers
+import pytest
+import torch
+from conftest import Counter, untouched
+
+from bdia.integrations.diffusers import edit_image
+from bdia.integrations.diffusers.tiny import (
+    tiny_controlnet_pipeline,
+    tiny_flux_control_pipeline,
+    tiny_flux_controlnet_pipeline,
+    tiny_flux_kontext_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_text_to_image_pipeline,
+)
+
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about; not ours.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning"),
+]
+
+STEPS = 4
+PROMPT = "a photo of a cat"
+TARGET = "a painting of a cat"
+
+# The blending pipeline, the plain pipeline of the same model, and the control image it
+# needs (a tensor in [-1, 1] for Flux's, in [0, 1] for Stable Diffusion's ControlNet).
+BLENDING = {
+    "sd": ("StableDiffusionInpaintPipeline", tiny_text_to_image_pipeline, None),
+    "sdxl": ("StableDiffusionXLInpaintPipeline", tiny_sdxl_pipeline, None),
+    "sd-controlnet": ("StableDiffusionControlNetInpaintPipeline", tiny_controlnet_pipeline, "sd"),
+    "sdxl-controlnet": (
+        "StableDiffusionXLControlNetInpaintPipeline",
+        functools.partial(tiny_controlnet_pipeline, xl=True),
+        "sd",
+    ),
+    "sd3": ("StableDiffusion3InpaintPipeline", tiny_sd3_pipeline, None),
+    "flux": ("FluxInpaintPipeline", tiny_flux_pipeline, None),
+    "flux-control": ("FluxControlInpaintPipeline", tiny_flux_control_pipeline, "flux"),
+    "flux-controlnet": ("FluxControlNetInpaintPipeline", tiny_flux_controlnet_pipeline, "flux"),
+    "flux-kontext": ("FluxKontextInpaintPipeline", tiny_flux_kontext_pipeline, None),
+}
+
+
+def _pipelines(tmp_path, kind):
+    """The plain pipeline of ``kind`` and the blending one of its parts."""
+    name, make, _ = BLENDING[kind]
+    if not hasattr(diffusers, name):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
+    plain = make(tmp_path)
+    cls = getattr(diffusers, name)
+    fields = inspect.signature(cls.__init__).parameters
+    blending = cls(**{k: v for k, v in plain.components.items() if k in fields})
+    blending.set_progress_bar_config(disable=True)
+    return plain, blending
+
+
+def _inputs(kind):
+    """Two images (2, 3, 16, 16) in [-1, 1], a mask (1, 1, 16, 16) of 1 in a rectangle, and
+    edit_image's control arguments for ``kind``."""
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 2:10] = 1.0
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    kwargs = {}
+    if BLENDING[kind][2] is not None:
+        kwargs["control_image"] = control * 2 - 1 if BLENDING[kind][2] == "flux" else control
+    return image, mask, kwargs
+
+
+def _edit(pipe, image, **kwargs):
+    return edit_image(pipe, image, PROMPT, TARGET, num_inference_steps=STEPS, **kwargs)
+
+
+@pytest.mark.parametrize("kind", list(BLENDING))
+def test_a_mask_for_a_blending_pipeline_is_refused_in_one_line_naming_it(tmp_path, kind):
+    """A mask for a pipeline that blends (its network takes none) is refused in one line,
+    before any network runs, the caller's mask left as it was: the line names the pipeline's
+    class and its network's in_channels, says that it blends the image back into the
+    latents at every step, which is not an ODE and has no exact inversion, and names what to
+    use instead (a 9-channel inpainting unet, FluxFillPipeline) or to leave the mask out.
+    FluxControlInpaintPipeline's mask is refused beside its control image, not ignored."""
+    _, pipe = _pipelines(tmp_path, kind)
+    image, mask, kwargs = _inputs(kind)
+    network = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    calls = [Counter(network), Counter(pipe.vae)]
+    with untouched(mask), pytest.raises(ValueError) as exc_info:
+        _edit(pipe, image, mask_image=mask, **kwargs)
+    message = str(exc_info.value)
+    assert "\n" not in message
+    for field in (
+        f"is a {type(pipe).__name__} whose",
+        f"in_channels = {network.config.in_channels}",
+        "blends the noised image back into the latents",
+        "not an ODE",
+        "no exact inversion",
+        "9-channel inpainting unet",
+        "FluxFillPipeline",
+        "leave mask_image out",
+    ):
+        assert field in message, message
+    assert all(c.calls == 0 for c in calls)
+
+
+@pytest.mark.parametrize("kind", list(BLENDING))
+def test_without_a_mask_the_edit_is_the_plain_pipelines_bit_for_bit(tmp_path, kind):
+    """Without a mask, edit_image through a blending pipeline's parts is the edit of the same
+    model: the plain pipeline's edit of the same parts (FluxKontextInpaintPipeline's:
+    FluxKontextPipeline's, the image as its own reference, as the inpainting pipeline takes it
+    without image_reference), bit for bit, its round trip exact (latent_error 0 in float64)."""
+    plain, pipe = _pipelines(tmp_path, kind)
+    image, _, kwargs = _inputs(kind)
+    ours, theirs = (_edit(p, image, **kwargs) for p in (pipe, plain))
+    assert ours.latent_error == 0.0
+    assert torch.equal(ours.latents, theirs.latents)
+    assert torch.equal(ours.edited_latents, theirs.edited_latents)
