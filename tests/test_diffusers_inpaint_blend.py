@@ -6,7 +6,8 @@ which is not an ODE, so their masked run has no exact inversion.
 
 edit_image refuses a mask for them in one line that says so, names the pipeline and what to
 use instead; without a mask it edits through their parts as through the plain pipeline of
-the same parts, bit for bit. Tiny random
+the same parts, bit for bit. BDIAScheduler dropped into one restarts at every blended step,
+with one BDIARestartWarning that names the blend and the inpainting models. Tiny random
 pipelines, each built from the tiny plain pipeline's parts (those its __init__ takes).
 """
 
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import diffusers
 import pytest
 import torch
 from conftest import Counter, untouched
 
-from bdia.integrations.diffusers import edit_image
+from bdia.integrations.diffusers import BDIARestartWarning, BDIAScheduler, edit_image
 from bdia.integrations.diffusers.tiny import (
     tiny_controlnet_pipeline,
     tiny_flux_control_pipeline,
@@ -133,3 +135,44 @@ def test_without_a_mask_the_edit_is_the_plain_pipelines_bit_for_bit(tmp_path, ki
     assert ours.latent_error == 0.0
     assert torch.equal(ours.latents, theirs.latents)
     assert torch.equal(ours.edited_latents, theirs.edited_latents)
+
+
+def test_bdia_scheduler_in_flux_inpaint_pipeline_restarts_at_every_blended_step(tmp_path):
+    """BDIAScheduler dropped into FluxInpaintPipeline: the pipeline blends the re-noised image
+    into the latents after every step but the last, so the scheduler restarts its recursion
+    at every step but the first (3 of 4), with one BDIARestartWarning that names the blend,
+    FluxInpaintPipeline and the inpainting models to use (a 9-channel inpainting unet,
+    FluxFillPipeline): the run is plain Euler's, in the flow-matching scheduler's own
+    arithmetic, so its latents are the pipeline's own scheduler's bit for bit, and it cannot
+    be inverted."""
+    _, pipe = _pipelines(tmp_path, "flux")
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    _, mask, _ = _inputs("flux")
+
+    def run():
+        with torch.no_grad():
+            return pipe(
+                prompt=PROMPT,
+                image=image,
+                mask_image=mask,
+                height=16,
+                width=16,
+                num_inference_steps=STEPS,
+                strength=1.0,
+                max_sequence_length=16,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
+
+    euler = run()
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = run()
+    restarts = [w for w in caught if issubclass(w.category, BDIARestartWarning)]
+    assert len(restarts) == 1
+    message = str(restarts[0].message)
+    for field in ("blends the image back", "FluxInpaintPipeline", "9-channel", "FluxFillPipeline"):
+        assert field in message, message
+    assert pipe.scheduler.restarts == pipe.scheduler.timesteps[1:].tolist()
+    assert torch.equal(ours, euler)

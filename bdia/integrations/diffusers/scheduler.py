@@ -960,8 +960,11 @@ class BDIAScheduler(_BDIASchedulerBase):
                 why = (
                     "the sample is not the state the last step returned (the pipeline changed "
                     "the latents: a callback, or an inpainting pipeline that blends the image "
-                    "back into a 4-channel unet's latents after each step, which a 9-channel "
-                    "inpainting unet does not need)"
+                    "back into the latents after each step, as StableDiffusionInpaintPipeline "
+                    "does over a 4-channel unet, and StableDiffusion3InpaintPipeline, "
+                    "FluxInpaintPipeline and Flux's other inpainting pipelines do; an "
+                    "inpainting model's pipeline, a 9-channel inpainting unet's or "
+                    "FluxFillPipeline's, does not)"
                 )
         if why is not None:
             self.restarts.append(self._taus[k])
@@ -1000,9 +1003,12 @@ class BDIAScheduler(_BDIASchedulerBase):
         ``timestep`` is not the next one, the recursion restarts at this step (a plain DDIM
         step from ``sample``) with a ``BDIARestartWarning``; a run that starts at a later
         timestep (img2img) simply starts there. An inpainting pipeline with a 4-channel unet
-        blends the image back into the latents after every step, so each of its steps is such
-        a restart: the run is DDIM's (Euler's), and only a 9-channel inpainting unet's run is
-        BDIA's and can be inverted.
+        (and ``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
+        ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
+        ``FluxKontextInpaintPipeline``) blends the image back into the latents after every
+        step, so each of its steps but the first is such a restart: the run is DDIM's
+        (Euler's), and only an inpainting model's run (a 9-channel inpainting unet's,
+        ``FluxFillPipeline``'s) is BDIA's and can be inverted.
 
         Args:
             model_output: the unet's prediction at ``(sample, timestep)`` (after guidance); in
