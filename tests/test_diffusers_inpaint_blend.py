@@ -137,6 +137,31 @@ def test_without_a_mask_the_edit_is_the_plain_pipelines_bit_for_bit(tmp_path, ki
     assert torch.equal(ours.edited_latents, theirs.edited_latents)
 
 
+def test_an_inpainting_sd3_transformer_is_refused_as_one(tmp_path):
+    """StableDiffusion3InpaintPipeline's other mode, a transformer of 2 x c + 1 channels (the
+    latents, the masked image's and the mask), is not mapped: refused before any network
+    runs, with or without a mask, in one line that says it is an inpainting transformer
+    (before: "not a depth transformer", which it is not)."""
+    plain, _ = _pipelines(tmp_path, "sd3")
+    config = dict(plain.transformer.config)
+    channels = config["in_channels"]
+    config.update(in_channels=2 * channels + 1, out_channels=channels)
+    transformer = type(plain.transformer).from_config(config)
+    pipe = diffusers.StableDiffusion3InpaintPipeline(
+        **{**plain.components, "transformer": transformer}
+    )
+    image, mask, _ = _inputs("sd3")
+    calls = [Counter(transformer), Counter(pipe.vae)]
+    for kwargs in ({}, {"mask_image": mask}):
+        with pytest.raises(ValueError) as exc_info:
+            _edit(pipe, image, **kwargs)
+        message = str(exc_info.value)
+        assert "\n" not in message
+        assert f"in_channels = {2 * channels + 1}" in message, message
+        assert "not an inpainting one" in message and "depth" not in message, message
+    assert all(c.calls == 0 for c in calls)
+
+
 def test_bdia_scheduler_in_flux_inpaint_pipeline_restarts_at_every_blended_step(tmp_path):
     """BDIAScheduler dropped into FluxInpaintPipeline: the pipeline blends the re-noised image
     into the latents after every step but the last, so the scheduler restarts its recursion

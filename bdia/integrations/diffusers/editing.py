@@ -980,11 +980,17 @@ def edit_image(
                 f"besides) or a Depth or Canny one of {2 * packed} (a control image's besides)"
             )
     elif unet_config.get("in_channels") != vae.config.latent_channels and not inpaint:
+        # SD3's inpainting transformer (2 x 16 + 1 channels, StableDiffusion3InpaintPipeline's
+        # other mode, which does not blend) is not mapped.
+        besides = (
+            f"or an inpainting unet of 2 x {latent} + 1 (not a depth unet)"
+            if model == "unet"
+            else "not an inpainting one (the mask's and the masked image's channels besides)"
+        )
         raise ValueError(
             f"the {model} takes in_channels = {unet_config.get('in_channels')} but the vae makes "
             f"latent_channels = {vae.config.latent_channels}; edit_image needs a text-to-image "
-            f"{model} of the vae's latents, or an inpainting unet of 2 x {latent} + 1 (not a "
-            f"depth {model})"
+            f"{model} of the vae's latents, {besides}"
         )
     # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
     # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none.
