@@ -1093,23 +1093,14 @@ def _sd3_ip_adapter_state_dict(transformer: Any, image_embed_dim: int, seed: int
     return {"image_proj": projection.state_dict(), "ip_adapter": ip_adapter}
 
 
-def add_tiny_sd3_ip_adapter(pipe: Any) -> Any:
-    """Load an SD3 IP-Adapter of random weights into ``pipe`` (``tiny_sd3_pipeline``'s
-    ``StableDiffusion3Pipeline``), nothing downloaded; returns ``pipe``.
-
-    A two-layer ``SiglipVisionModel`` of width 8 on 16 x 16 RGB images (patches of 8: 4
-    tokens; weights drawn with ``torch.manual_seed(4)``), whose penultimate hidden states,
-    ``(1, 4, 8)`` an image, the pipeline's ``encode_image`` takes, and a
-    ``SiglipImageProcessor`` that resizes images to 16 x 16 become its ``image_encoder``
-    and ``feature_extractor``; ``pipe.load_ip_adapter`` loads
-    ``_sd3_ip_adapter_state_dict``'s weights (seed 7), which sets the transformer's
-    ``image_proj`` and its attention processors to IP-Adapter ones (scale 0.5, the
-    loader's). The pipeline then takes ``ip_adapter_image`` or ``ip_adapter_image_embeds``
-    (one tensor, ``(2, 4, 8)`` under guidance, the negative half first: zeros from an
-    image)."""
+def _tiny_siglip_encoder(seed: int) -> tuple[Any, Any]:
+    """SD3's IP-Adapter's image encoder and its processor: a two-layer ``SiglipVisionModel``
+    of width 8 on 16 x 16 RGB images (patches of 8: 4 tokens), weights drawn with
+    ``torch.manual_seed(seed)``, in eval mode; and a ``SiglipImageProcessor`` that resizes
+    images to 16 x 16."""
     import transformers
 
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     config = transformers.SiglipVisionConfig(
         hidden_size=8,
         intermediate_size=16,
@@ -1119,8 +1110,23 @@ def add_tiny_sd3_ip_adapter(pipe: Any) -> Any:
         patch_size=8,
     )
     encoder = transformers.SiglipVisionModel(config).eval()
-    processor = transformers.SiglipImageProcessor(size={"height": 16, "width": 16})
+    return encoder, transformers.SiglipImageProcessor(size={"height": 16, "width": 16})
+
+
+def add_tiny_sd3_ip_adapter(pipe: Any) -> Any:
+    """Load an SD3 IP-Adapter of random weights into ``pipe`` (``tiny_sd3_pipeline``'s
+    ``StableDiffusion3Pipeline``), nothing downloaded; returns ``pipe``.
+
+    ``_tiny_siglip_encoder``'s ``SiglipVisionModel`` (seed 4), whose penultimate hidden
+    states, ``(1, 4, 8)`` an image, the pipeline's ``encode_image`` takes, and
+    ``SiglipImageProcessor`` become its ``image_encoder`` and ``feature_extractor``;
+    ``pipe.load_ip_adapter`` loads ``_sd3_ip_adapter_state_dict``'s weights (seed 7), which
+    sets the transformer's ``image_proj`` and its attention processors to IP-Adapter ones
+    (scale 0.5, the loader's). The pipeline then takes ``ip_adapter_image`` or
+    ``ip_adapter_image_embeds`` (one tensor, ``(2, 4, 8)`` under guidance, the negative half
+    first: zeros from an image)."""
+    encoder, processor = _tiny_siglip_encoder(seed=4)
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
-    weights = _sd3_ip_adapter_state_dict(pipe.transformer, config.hidden_size, seed=7)
+    weights = _sd3_ip_adapter_state_dict(pipe.transformer, encoder.config.hidden_size, seed=7)
     pipe.load_ip_adapter(weights, low_cpu_mem_usage=False)
     return pipe
