@@ -577,6 +577,19 @@ def test_a_wrong_mask_or_control_image_option_is_one_line(
 # ------------------------------------------------------------------ IP-Adapter image prompts
 
 
+def write_ip_adapter(state, path):
+    """``state`` (the dicts image_proj and ip_adapter) written at ``path``: torch.save's dict
+    of the two dicts for a .bin, else safetensors with keys image_proj.NAME and
+    ip_adapter.NAME. Returns ``path``."""
+    from safetensors.torch import save_file
+
+    if path.suffix == ".bin":
+        torch.save(state, path)
+    else:
+        save_file({f"{p}.{k}": v.contiguous() for p in state for k, v in state[p].items()}, path)
+    return path
+
+
 def save_ip_adapter(pipe_folder, folder, *, plus=False, seed=5, suffix=".safetensors", keep=None):
     """A random IP-Adapter (Plus with ``plus``) for the unet saved in ``pipe_folder``, in
     h94/IP-Adapter's layout: ``folder/ip-adapter.safetensors`` (keys image_proj.NAME and
@@ -584,7 +597,6 @@ def save_ip_adapter(pipe_folder, folder, *, plus=False, seed=5, suffix=".safeten
     ``folder/image_encoder``, the tiny CLIPVisionModelWithProjection (image embeddings and
     hidden states of width 8) saved with save_pretrained. ``keep``: how many of the key and
     value maps to write (all by default). Returns the weight file."""
-    from safetensors.torch import save_file
 
     from bdia.integrations.diffusers.tiny import _ip_adapter_state_dict, _tiny_image_encoder
 
@@ -594,13 +606,7 @@ def save_ip_adapter(pipe_folder, folder, *, plus=False, seed=5, suffix=".safeten
     state["ip_adapter"] = dict(list(state["ip_adapter"].items())[:keep])
     folder.mkdir(parents=True, exist_ok=True)
     encoder.save_pretrained(folder / "image_encoder")
-    path = folder / f"ip-adapter{suffix}"
-    if suffix == ".bin":
-        torch.save(state, path)
-    else:
-        flat = {f"{part}.{k}": v.contiguous() for part in state for k, v in state[part].items()}
-        save_file(flat, path)
-    return path
+    return write_ip_adapter(state, folder / f"ip-adapter{suffix}")
 
 
 @pytest.fixture(scope="module")
@@ -727,8 +733,6 @@ def misfit_ip_adapter(kind, pipelines, adapters, tmp_path):
         return sd, ["--ip-adapter-scale", "0.5"]
     if kind == "no image prompt":
         return sd, ["--ip-adapter", adapter]
-    if kind in ("sd3", "flux"):
-        return pipelines[kind], given
     if kind == "suffix":
         return sd, ["--ip-adapter", shutil.copy(adapter, tmp_path / "ip.pt"), *given[2:]]
     if kind == "garbage":
@@ -765,8 +769,6 @@ def misfit_ip_adapter(kind, pipelines, adapters, tmp_path):
         ("encoder without adapter", ["'--image-encoder'", "give --ip-adapter too"]),
         ("scale without adapter", ["'--ip-adapter-scale'", "give --ip-adapter too"]),
         ("no image prompt", ["'--ip-adapter'", "give --ip-adapter-image"]),
-        ("sd3", ["'--ip-adapter'", "StableDiffusion3Pipeline has no unet", "not those of SD3"]),
-        ("flux", ["'--ip-adapter'", "FluxPipeline has no unet"]),
         ("suffix", ["'--ip-adapter'", "ip.pt' is not an IP-Adapter's weight file", ".bin"]),
         ("garbage", ["'--ip-adapter'", "does not read"]),
         ("not an adapter", ["'--ip-adapter'", "holds no IP-Adapter weights"]),
@@ -820,6 +822,231 @@ def test_the_image_prompt_is_never_the_output(pipelines, adapters, tmp_path, mon
     args = edit(pipelines["sd"], "p.png", "prompt.png", *more)
     fails_in_one_line(args, tmp_path, "'--out'", "is --ip-adapter-image", status=2)
     assert (tmp_path / "prompt.png").read_bytes() == prompt
+
+
+# ----------------------------------------------- Flux's and SD3's IP-Adapters (a transformer)
+
+
+def save_flux_ip_adapter(pipe_folder, folder, *, xlabs=True, suffix=".safetensors", **config):
+    """A random Flux IP-Adapter for the transformer saved in ``pipe_folder`` (with
+    ``config``, for one of that config instead), ``folder/ip_adapter.safetensors`` in XLabs'
+    layout (keys ip_adapter_proj_model.NAME and double_blocks.N.processor.
+    ip_adapter_double_stream_k_proj.NAME, ..._v_proj.NAME), with ``xlabs=False`` in diffusers'
+    (image_proj.NAME, ip_adapter.N.to_k_ip.NAME; with ``suffix=".bin"`` torch.save's dict of
+    the two dicts), beside ``folder/image_encoder``, the tiny CLIPVisionModelWithProjection
+    (image embeddings of width 8) saved with save_pretrained. Returns the weight file."""
+    from safetensors.torch import save_file
+
+    from bdia.integrations.diffusers.tiny import (
+        _flux_ip_adapter_state_dict,
+        _tiny_image_encoder,
+        tiny_flux_transformer,
+    )
+
+    transformer = diffusers.FluxTransformer2DModel.from_pretrained(pipe_folder / "transformer")
+    if config:
+        transformer = tiny_flux_transformer(**config)
+    state = _flux_ip_adapter_state_dict(transformer, 8, seed=7)
+    folder.mkdir(parents=True, exist_ok=True)
+    _tiny_image_encoder(seed=4)[0].save_pretrained(folder / "image_encoder")
+    path = folder / f"ip_adapter{suffix}"
+    if not xlabs or suffix == ".bin":  # XLabs' files are safetensors
+        return write_ip_adapter(state, path)
+    flat = {f"ip_adapter_proj_model.{k}": v for k, v in state["image_proj"].items()}
+    for key, value in state["ip_adapter"].items():
+        block, name, kind = key.split(".")  # 0, to_k_ip, weight
+        xlabs_name = f"processor.ip_adapter_double_stream_{name[3]}_proj.{kind}"
+        flat[f"double_blocks.{block}.{xlabs_name}"] = value
+    save_file(flat, path)
+    return path
+
+
+def save_sd3_ip_adapter(pipe_folder, folder, *, suffix=".safetensors", **config):
+    """A random SD3 IP-Adapter for the transformer saved in ``pipe_folder`` (with
+    ``config``, for one of that config instead), ``folder/ip-adapter.safetensors`` (keys
+    image_proj.NAME and ip_adapter.NAME; with ``suffix=".bin"`` torch.save's dict of the two
+    dicts, as InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin), beside
+    ``folder/image_encoder``, the tiny SiglipVisionModel (hidden states of width 8) and its
+    SiglipImageProcessor saved with save_pretrained. Returns the weight file."""
+
+    from bdia.integrations.diffusers.tiny import (
+        _sd3_ip_adapter_state_dict,
+        _tiny_siglip_encoder,
+        tiny_sd3_transformer,
+    )
+
+    transformer = diffusers.SD3Transformer2DModel.from_pretrained(pipe_folder / "transformer")
+    if config:
+        transformer = tiny_sd3_transformer(**config)
+    state = _sd3_ip_adapter_state_dict(transformer, 8, seed=7)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in _tiny_siglip_encoder(seed=4):
+        part.save_pretrained(folder / "image_encoder")
+    return write_ip_adapter(state, folder / f"ip-adapter{suffix}")
+
+
+@pytest.fixture(scope="module")
+def transformer_adapters(pipelines, tmp_path_factory):
+    """IP-Adapter files for the tiny Flux transformer (XLabs' safetensors, diffusers'
+    safetensors and .bin) and the tiny SD3 one (safetensors, .bin), their encoders beside."""
+    root = tmp_path_factory.mktemp("transformer-adapters")
+    flux, sd3 = pipelines["flux"], pipelines["sd3"]
+    return {
+        "flux": save_flux_ip_adapter(flux, root / "flux"),
+        "flux-diffusers": save_flux_ip_adapter(flux, root / "flux-diffusers", xlabs=False),
+        "flux-bin": save_flux_ip_adapter(flux, root / "flux-bin", suffix=".bin"),
+        "sd3": save_sd3_ip_adapter(sd3, root / "sd3"),
+        "sd3-bin": save_sd3_ip_adapter(sd3, root / "sd3-bin", suffix=".bin"),
+    }
+
+
+def with_transformer_ip_adapter(folder, adapter, scale=1.0):
+    """The Flux or SD3 pipeline saved in ``folder`` with the adapter file ``adapter`` loaded
+    as a diffusers user loads it from local files, its image encoder the folder beside it:
+    Flux's ``load_ip_adapter(its folder, weight_name=its name,
+    image_encoder_pretrained_model_name_or_path=the encoder's folder,
+    image_encoder_dtype=float32)``, SD3's ``load_ip_adapter(its folder, weight_name=its name,
+    image_encoder_folder=the encoder's folder)``; then ``set_ip_adapter_scale(scale)`` (SD3's
+    loader leaves 0.5, the command sets 1 by default)."""
+    pipe, encoder = loaded(folder), str(adapter.parent / "image_encoder")
+    if isinstance(pipe, diffusers.FluxPipeline):
+        pipe.load_ip_adapter(
+            str(adapter.parent),
+            weight_name=adapter.name,
+            image_encoder_pretrained_model_name_or_path=encoder,
+            image_encoder_dtype=torch.float32,
+        )
+    else:
+        pipe.load_ip_adapter(
+            str(adapter.parent), weight_name=adapter.name, image_encoder_folder=encoder
+        )
+    pipe.set_ip_adapter_scale(scale)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("flux", "flux"),
+        ("flux", "flux-diffusers"),
+        ("flux", "flux-bin"),
+        ("sd3", "sd3"),
+        ("sd3", "sd3-bin"),
+    ],
+)
+def test_flux_and_sd3_image_prompts_reach_edit_image(
+    name, kind, pipelines, transformer_adapters, tmp_path
+):
+    """--ip-adapter FILE for a Flux or SD3 pipeline (its image encoder beside it): the PNG is
+    edit_image's through the pipeline with the same adapter loaded as a diffusers user loads
+    it and the same image prompt, pixel for pixel, for XLabs' and diffusers' Flux files and
+    SD3's; another image prompt edits otherwise, and so does none."""
+    adapter = transformer_adapters[kind]
+    image = photo(tmp_path / "photo.png")
+    prompt, other = photo(tmp_path / "prompt.png", seed=20), photo(tmp_path / "o.png", seed=21)
+    more = ["--ip-adapter", adapter, "--ip-adapter-image", prompt]
+    result = run(edit(pipelines[name], image, tmp_path / "e.png", *more))
+    pipe = with_transformer_ip_adapter(pipelines[name], adapter)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+    assert f"IP-Adapter {adapter.name} at scale 1" in result.stdout
+    assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, other)))
+    plain = expected_edit(pipelines[name], image).images[0]
+    assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(plain))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_a_transformers_ip_adapter_scale_is_applied(
+    name, pipelines, transformer_adapters, tmp_path
+):
+    """--ip-adapter-scale 0.5 on Flux or SD3 is set_ip_adapter_scale(0.5): edit_image's
+    edit at that scale, pixel for pixel, and another than at the default 1."""
+    adapter = transformer_adapters[name]
+    image, prompt = photo(tmp_path / "photo.png"), photo(tmp_path / "prompt.png", seed=20)
+    more = ["--ip-adapter", adapter, "--ip-adapter-image", prompt]
+    run(edit(pipelines[name], image, tmp_path / "e.png", *more, "--ip-adapter-scale", "0.5"))
+    run(edit(pipelines[name], image, tmp_path / "one.png", *more))
+    pipe = with_transformer_ip_adapter(pipelines[name], adapter, scale=0.5)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "one.png"))
+
+
+def misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapters, tmp_path):
+    """(--pipeline, the options) of a Flux or SD3 IP-Adapter mistake ``kind``."""
+    import transformers
+
+    from bdia.integrations.diffusers.tiny import _tiny_image_encoder, _tiny_siglip_encoder
+
+    prompt = photo(tmp_path / "prompt.png", seed=20)
+    flux, sd3 = transformer_adapters["flux"], transformer_adapters["sd3"]
+    pipeline, adapter = kind.split(" ")[0], {"sd": adapters["sd"], "flux": flux, "sd3": sd3}
+    given = ["--ip-adapter-image", prompt]
+    if kind.startswith(("sd adapter", "flux adapter", "sd3 adapter")):  # "A adapter on B"
+        return pipelines[kind.split(" ")[-1]], ["--ip-adapter", adapter[pipeline], *given]
+    given = ["--ip-adapter", adapter[pipeline], *given]
+    if kind == "flux encoder siglip":
+        return pipelines["flux"], [*given, "--image-encoder", sd3.parent / "image_encoder"]
+    if kind == "sd3 encoder clip":
+        return pipelines["sd3"], [*given, "--image-encoder", flux.parent / "image_encoder"]
+    if kind == "sd3 encoder without processor":
+        _tiny_siglip_encoder(seed=4)[0].save_pretrained(tmp_path / "siglip")
+        return pipelines["sd3"], [*given, "--image-encoder", tmp_path / "siglip"]
+    if kind == "flux encoder width":
+        config = _tiny_image_encoder(seed=4)[0].config
+        config.projection_dim = 6  # embeddings of width 6 where the adapter takes 8
+        transformers.CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+        return pipelines["flux"], [*given, "--image-encoder", tmp_path / "clip"]
+    if kind == "sd3 encoder width":
+        encoder, processor = _tiny_siglip_encoder(seed=4)
+        encoder.config.hidden_size = 6  # hidden states of width 6 where the adapter takes 8
+        transformers.SiglipVisionModel(encoder.config).save_pretrained(tmp_path / "siglip")
+        processor.save_pretrained(tmp_path / "siglip")
+        return pipelines["sd3"], [*given, "--image-encoder", tmp_path / "siglip"]
+    if kind == "flux other width":  # three heads of 8 where the pipeline's has two
+        wide = save_flux_ip_adapter(pipelines["flux"], tmp_path / "w", num_attention_heads=3)
+        return pipelines["flux"], ["--ip-adapter", wide, *given[2:]]
+    if kind == "flux bin order":
+        state = torch.load(transformer_adapters["flux-bin"], weights_only=True)
+        torch.save(
+            {"ip_adapter": state["ip_adapter"], "image_proj": state["image_proj"]},
+            tmp_path / "ip.bin",
+        )
+        return pipelines["flux"], ["--ip-adapter", tmp_path / "ip.bin", *given[2:]]
+    assert kind == "sd3 other layers"
+    deeper = save_sd3_ip_adapter(pipelines["sd3"], tmp_path / "d", num_layers=2)
+    return pipelines["sd3"], ["--ip-adapter", deeper, *given[2:]]
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("sd adapter on flux", ["'--ip-adapter'", "lacks ip_adapter.0.to_k_ip.weight", "1 double"]),
+        ("sd3 adapter on flux", ["'--ip-adapter'", "no image_proj.proj.weight", "no Flux IP"]),
+        ("sd adapter on sd3", ["'--ip-adapter'", "lacks image_proj.proj_in.weight", "no SD3"]),
+        ("flux adapter on sd3", ["'--ip-adapter'", "holds no IP-Adapter weights"]),
+        ("flux adapter on sd", ["'--ip-adapter'", "holds no IP-Adapter weights"]),
+        ("flux adapter on fill", ["'--ip-adapter'", "FluxFillPipeline takes no IP-Adapter"]),
+        ("flux encoder siglip", ["'--image-encoder'", "'siglip_vision_model'", "not a CLIP"]),
+        ("sd3 encoder clip", ["'--image-encoder'", "not a SigLIP vision model"]),
+        ("sd3 encoder without processor", ["'--image-encoder'", "no preprocessor_config.json"]),
+        ("flux encoder width", ["'--image-encoder'", "width 8 (the image encoder's projection_"]),
+        ("sd3 encoder width", ["'--image-encoder'", "width 8 (the image encoder's hidden_size)"]),
+        ("flux other width", ["'--ip-adapter'", "width 16 to 24", "takes 16"]),
+        ("flux bin order", ["'--ip-adapter'", "exactly the dicts image_proj and ip_adapter"]),
+        ("sd3 other layers", ["'--ip-adapter'", "processors of 2 attention layers", "has 1"]),
+    ],
+)
+def test_a_transformers_ip_adapter_mistake_is_refused_before_the_pipeline_loads(
+    kind, words, pipelines, adapters, transformer_adapters, tmp_path, monkeypatch
+):
+    """Each in one line with exit status 2 and nothing written, before the pipeline loads:
+    an adapter of another family (its file's keys), a pipeline that loads none, an encoder of
+    the wrong kind, without SD3's processor or of another width, an adapter for a transformer
+    of another width or depth, a Flux .bin that Flux's loader does not read."""
+    args = misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapters, tmp_path)
+    folder, more = args
+    no_pipeline_loads(monkeypatch)
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    fails_in_one_line(args, tmp_path, *words, status=2)
 
 
 # ------------------------------------------------------------------------------ mistakes
