@@ -1063,8 +1063,8 @@ def shell_commands(page: str) -> list[list[str]]:
 COMMANDS = [(page, args) for page in PAGES for args in shell_commands(page)]
 # Input files named on a command line are made empty before it is parsed: parsing checks that
 # they exist, not what they hold. So are the photo of `bdia edit --image`, its mask and
-# control images, and its pipeline folder, whose model_index.json parsing reads for the
-# pipeline's class.
+# control images, its pipeline folder, whose model_index.json parsing reads for the
+# pipeline's class, and its IP-Adapter's image encoder folder.
 _INPUT_SUFFIXES = (".pkl", ".npz", ".pt", ".safetensors")
 _PIPELINE_INDEX = '{"_class_name": "StableDiffusionPipeline"}'
 
@@ -1090,6 +1090,8 @@ def test_documented_command_parses(page, args, tmp_path, monkeypatch):
             and not Path(value).exists()
         ):
             Path(value).touch()
+        if option == "--image-encoder" and not Path(value).exists():
+            Path(value).mkdir(parents=True)
         if option == "--pipeline" and not Path(value).exists():
             Path(value).mkdir(parents=True)
             (Path(value) / "model_index.json").write_text(_PIPELINE_INDEX)
