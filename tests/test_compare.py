@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -218,6 +219,107 @@ def test_the_float32_round_trip_measures_the_round_trip_not_the_start_s_rounding
     assert math.isnan(plain.amplification)
     # The plain solver run backward is approximate in either state dtype, by far more.
     assert plain.roundtrip32 > 1e-3 and plain.roundtrip64 > 1e-3
+
+
+# ------------------------------------------------------------------ per-state errors
+
+
+def test_per_state_error_is_the_median_and_largest_of_each_state_s_own():
+    reference = torch.tensor([[3.0, 4.0], [3.0, 4.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    offset = torch.tensor([[0.3, 0.4], [0.0, 0.0], [0.0, 0.5], [0.2, 0.0]], dtype=torch.float64)
+    original = reference.clone()
+    # Each state's own error: |(0.3, 0.4)| / 5 = 0.1, 0, 0.5 / 1 = 0.5, 0.2 / 1 = 0.2. Four
+    # states: the median is the mean of the middle two, (0.1 + 0.2) / 2 = 0.15 (torch's
+    # median would give the lower one, 0.1). 1e-12 is far above the few roundings of the
+    # norms (1e-16) and far below the gap to 0.1.
+    median, largest = cmp.per_state_error((reference + offset).float(), reference)
+    # The float32 end state rounds 3.3 and 4.4 by about 1e-7 of their size.
+    assert median == pytest.approx(0.15, rel=1e-6)
+    assert largest == pytest.approx(0.5, rel=1e-6)
+    median, largest = cmp.per_state_error(reference + offset, reference)
+    assert median == pytest.approx(0.15, rel=1e-12) and largest == pytest.approx(0.5, rel=1e-12)
+    # An odd batch has one middle state; states of any shape count their every element.
+    images = reference[:3].reshape(3, 1, 2, 1)
+    median, _ = cmp.per_state_error((reference + offset)[:3].reshape(3, 1, 2, 1), images)
+    assert median == pytest.approx(0.1, rel=1e-12)
+    assert torch.equal(reference, original)  # the caller's tensors are left as they were
+
+
+@pytest.mark.parametrize(
+    "x,reference",
+    [(torch.zeros(3, 2), torch.zeros(2, 3)), (torch.zeros(0, 2), torch.zeros(0, 2))],
+)
+def test_per_state_error_refuses_mismatched_or_empty_batches(x, reference):
+    with pytest.raises(ValueError, match="one shape \\(batch, ...\\) with at least one state"):
+        cmp.per_state_error(x, reference)
+
+
+def test_one_stray_state_moves_the_batch_error_and_not_the_median():
+    """A start state whose end lies far from its reference, as one ending in another mode of
+    a mixture does: here the reference of one state of 15 is replaced by its mirror image,
+    so that state's error is about 2 while the other 14 are untouched."""
+    problem = cmp.PROBLEMS["oscillator"]
+
+    def stray(x):
+        ref = problem.reference(x)
+        ref[7] = -ref[7]
+        return ref
+
+    straying = dataclasses.replace(problem, reference=stray)
+    kwargs = dict(gammas=[], budgets=[128, 256, 512], batch=15)
+    (clean,) = cmp.run_comparison(problem, ["rk4"], **kwargs)
+    (strayed,) = cmp.run_comparison(straying, ["rk4"], **kwargs)
+    for b in kwargs["budgets"]:
+        # One state of 15 with error 2 gives a batch error of about 2 / sqrt(15) = 0.5, some
+        # 500 to 1e5 times rk4's error on the oscillator (1.0e-3 to 4e-6 at these budgets).
+        assert strayed.error[b] > 0.4 and strayed.error[b] > 100 * clean.error[b]
+        assert strayed.worst_error[b] == pytest.approx(2.0, rel=1e-2)
+        # The oscillator is linear and its starts are multiples of one state, so every
+        # clean state has the same relative error: the median, whichever state it falls
+        # on, stays that error but for rounding (1e-12 is 1e4 roundings of the norms).
+        assert strayed.median_error[b] == pytest.approx(clean.median_error[b], rel=1e-12)
+    # rk4 is fourth order here (the clean slope is 4.1); the stray flattens the batch's slope
+    # to about 0 (-0.004), not the median's.
+    assert clean.measured_order == pytest.approx(4.0, abs=0.3)
+    assert abs(strayed.measured_order) < 0.1
+    assert strayed.median_order == pytest.approx(clean.measured_order, rel=1e-9)
+
+
+def test_the_command_prints_the_median_and_worst_state_columns():
+    result = _compare(*SMALL)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    head = next(line for line in lines if line.startswith("| solver"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    # The columns of before keep their places; the per-state ones follow them.
+    assert columns[:9] == [
+        "solver",
+        "nominal order",
+        "error @10",
+        "error @20",
+        "NFE used",
+        "measured order",
+        "round trip f32",
+        "round trip f64",
+        "amplification",
+    ]
+    assert columns[9:] == [
+        "median error @10",
+        "median error @20",
+        "median order",
+        "worst state @20",
+    ]
+    (euler,) = [line for line in lines if line.startswith("| euler |")]
+    cells = dict(zip(columns, (c.strip() for c in euler.strip("|").split("|"))))
+    # The whole batch's error is a root mean square of the states' own errors (weighted by
+    # the squared size of their references), so never above the worst; on this mixture its
+    # few strays put it above the median.
+    assert 0 < float(cells["median error @20"]) < float(cells["worst state @20"])
+    assert float(cells["median error @20"]) < float(cells["error @20"])
+    assert float(cells["error @20"]) < float(cells["worst state @20"])
+    assert float(cells["median error @10"]) > float(cells["median error @20"])
+    assert 0.5 < float(cells["median order"]) < 2
+    assert "Median error: the median over the start states" in result.stdout
 
 
 # ------------------------------------------------------------------ flow matching from t = 1
