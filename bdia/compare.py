@@ -43,6 +43,7 @@ __all__ = [
     "variants",
     "steps_for_budget",
     "per_state_error",
+    "order_slope",
     "check_selection",
     "run_comparison",
     "markdown_report",
@@ -328,9 +329,13 @@ def check_selection(
         )
 
 
-def _slope(nfe: dict[int, int], errors: dict[int, float]) -> float:
-    """Least-squares slope of -log(error) against log(NFE) over the finite, positive errors."""
-    pts = [(math.log(nfe[b]), math.log(e)) for b, e in errors.items() if e > 0 and math.isfinite(e)]
+def order_slope(points: Iterable[tuple[int, float]]) -> float:
+    """Least-squares slope of -log(error) against log(NFE) over ``(nfe, error)`` points.
+
+    Points with an error that is not finite and positive are left out; NaN if fewer than two
+    remain or they share one NFE.
+    """
+    pts = [(math.log(n), math.log(e)) for n, e in points if e > 0 and math.isfinite(e)]
     if len(pts) < 2:
         return math.nan
     mx = sum(p[0] for p in pts) / len(pts)
@@ -366,12 +371,12 @@ class Result:
     @property
     def measured_order(self) -> float:
         """Least-squares slope of -log(error) against log(NFE) over the budgets run."""
-        return _slope(self.nfe, self.error)
+        return order_slope((self.nfe[b], e) for b, e in self.error.items())
 
     @property
     def median_order(self) -> float:
         """The same slope for ``median_error``, which the few stray states do not flatten."""
-        return _slope(self.nfe, self.median_error)
+        return order_slope((self.nfe[b], e) for b, e in self.median_error.items())
 
 
 def _relative(a: Tensor, b: Tensor) -> float:

@@ -37,7 +37,7 @@ import torch
 import bdia
 from bdia import generate
 from bdia._files import write_atomic
-from bdia.compare import PROBLEMS, steps_for_budget
+from bdia.compare import PROBLEMS, order_slope, per_state_error, steps_for_budget
 from bdia.models import digits
 from bdia.models.checkpoints import load_network
 
@@ -102,17 +102,6 @@ def wide(pair) -> torch.Tensor:
     return high.double() + (0.0 if low is None else low.double())
 
 
-def slope(points: list[tuple[int, float]]) -> float:
-    """Least-squares slope of -log(error) against log(NFE) over the points given."""
-    pts = [(math.log(n), math.log(e)) for n, e in points if 0 < e < math.inf]
-    if len(pts) < 2:
-        return math.nan
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    den = sum((p[0] - mx) ** 2 for p in pts)
-    return -sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else math.nan
-
-
 class Worst:
     """The largest ``parasitic`` a callback saw."""
 
@@ -161,9 +150,8 @@ def toy_study(args, log) -> list[dict]:
                     try:
                         end = bdia.sample(ode, solver, x0, ts, progress=False, callback=worst)
                         row["errors"][budget] = relative(end, reference)
-                        each = (end - reference).norm(dim=1) / reference.norm(dim=1)
-                        row["median"][budget] = float(each.median())
-                        row["worst"][budget] = float(each.max())
+                        each = per_state_error(end, reference)
+                        row["median"][budget], row["worst"][budget] = each
                     except FloatingPointError:
                         row["errors"][budget] = math.inf
                         row["median"][budget] = row["worst"][budget] = math.inf
@@ -171,8 +159,10 @@ def toy_study(args, log) -> list[dict]:
                     row["parasitic"][budget] = worst.value
                     largest = ts
                 fitted = list(row["errors"])[-3:]
-                row["order"] = slope([(row["nfe"][b], row["errors"][b]) for b in fitted])
-                row["median_order"] = slope([(row["nfe"][b], row["median"][b]) for b in fitted])
+                row["order"] = order_slope([(row["nfe"][b], row["errors"][b]) for b in fitted])
+                row["median_order"] = order_slope(
+                    [(row["nfe"][b], row["median"][b]) for b in fitted]
+                )
                 for dtype in (torch.float32, torch.float64):
                     row[str(dtype)] = math.nan
                     if largest is None or scheme == "base":

@@ -254,6 +254,17 @@ def test_per_state_error_refuses_mismatched_or_empty_batches(x, reference):
         cmp.per_state_error(x, reference)
 
 
+def test_order_slope_fits_the_finite_positive_errors():
+    # 1e-1 at 10 NFE and 1e-3 at 100: two decades of error over one of NFE, order 2 (the
+    # logarithms round by a few 1e-16, so 1e-12 is a generous tolerance).
+    assert cmp.order_slope([(10, 1e-1), (100, 1e-3)]) == pytest.approx(2.0, rel=1e-12)
+    # An infinite (diverged) or zero error is left out, not fitted.
+    points = [(5, math.inf), (10, 1e-1), (50, 0.0), (100, 1e-3)]
+    assert cmp.order_slope(points) == pytest.approx(2.0, rel=1e-12)
+    assert math.isnan(cmp.order_slope([(10, 1e-1), (20, math.nan)]))
+    assert math.isnan(cmp.order_slope([(10, 1e-1), (10, 1e-2)]))  # one NFE: no slope
+
+
 def test_one_stray_state_moves_the_batch_error_and_not_the_median():
     """A start state whose end lies far from its reference, as one ending in another mode of
     a mixture does: here the reference of one state of 15 is replaced by its mirror image,
