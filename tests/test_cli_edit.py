@@ -633,9 +633,9 @@ def with_ip_adapter(folder, adapter, scale=None):
     return pipe
 
 
-def ip_edit(pipe, image, prompt):
+def ip_edit(pipe, image, prompt, **options):
     """edit_image's edit of the photo at ``image`` through ``pipe`` with the image prompt at
-    ``prompt``, both read as the command reads them."""
+    ``prompt``, both read as the command reads them, and edit_image's ``options``."""
     return edit_image(
         pipe,
         read(image, "RGB"),
@@ -643,6 +643,7 @@ def ip_edit(pipe, image, prompt):
         TARGET,
         num_inference_steps=STEPS,
         ip_adapter_image=read(prompt, "RGB"),
+        **options,
     ).images[0]
 
 
@@ -888,10 +889,12 @@ def save_sd3_ip_adapter(pipe_folder, folder, *, suffix=".safetensors", **config)
 @pytest.fixture(scope="module")
 def transformer_adapters(pipelines, tmp_path_factory):
     """IP-Adapter files for the tiny Flux transformer (XLabs' safetensors, diffusers'
-    safetensors and .bin) and the tiny SD3 one (safetensors, .bin), their encoders beside."""
+    safetensors and .bin), the tiny SD3 one (safetensors, .bin) and the SD3 ControlNet
+    pipeline's (two joint blocks), their encoders beside."""
     root = tmp_path_factory.mktemp("transformer-adapters")
     flux, sd3 = pipelines["flux"], pipelines["sd3"]
     return {
+        "sd3-controlnet": save_sd3_ip_adapter(pipelines["sd3-controlnet"], root / "sd3-cn"),
         "flux": save_flux_ip_adapter(flux, root / "flux"),
         "flux-diffusers": save_flux_ip_adapter(flux, root / "flux-diffusers", xlabs=False),
         "flux-bin": save_flux_ip_adapter(flux, root / "flux-bin", suffix=".bin"),
@@ -909,7 +912,7 @@ def with_transformer_ip_adapter(folder, adapter, scale=1.0):
     image_encoder_folder=the encoder's folder)``; then ``set_ip_adapter_scale(scale)`` (SD3's
     loader leaves 0.5, the command sets 1 by default)."""
     pipe, encoder = loaded(folder), str(adapter.parent / "image_encoder")
-    if isinstance(pipe, diffusers.FluxPipeline):
+    if isinstance(pipe.transformer, diffusers.FluxTransformer2DModel):
         pipe.load_ip_adapter(
             str(adapter.parent),
             weight_name=adapter.name,
@@ -932,6 +935,9 @@ def with_transformer_ip_adapter(folder, adapter, scale=1.0):
         ("flux", "flux-bin"),
         ("sd3", "sd3"),
         ("sd3", "sd3-bin"),
+        pytest.param("kontext", "flux", marks=NO_KONTEXT),
+        ("flux-controlnet", "flux"),
+        ("sd3-controlnet", "sd3-controlnet"),
     ],
 )
 def test_flux_and_sd3_image_prompts_reach_edit_image(
@@ -940,17 +946,20 @@ def test_flux_and_sd3_image_prompts_reach_edit_image(
     """--ip-adapter FILE for a Flux or SD3 pipeline (its image encoder beside it): the PNG is
     edit_image's through the pipeline with the same adapter loaded as a diffusers user loads
     it and the same image prompt, pixel for pixel, for XLabs' and diffusers' Flux files and
-    SD3's; another image prompt edits otherwise, and so does none."""
+    SD3's, and for FluxKontextPipeline and Flux's and SD3's ControlNet pipelines (with
+    --control-image); another image prompt edits otherwise, and so does none."""
     adapter = transformer_adapters[kind]
     image = photo(tmp_path / "photo.png")
     prompt, other = photo(tmp_path / "prompt.png", seed=20), photo(tmp_path / "o.png", seed=21)
-    more = ["--ip-adapter", adapter, "--ip-adapter-image", prompt]
+    options, given = conditioning(name, tmp_path) if "controlnet" in name else ([], {})
+    more = ["--ip-adapter", adapter, "--ip-adapter-image", prompt, *options]
     result = run(edit(pipelines[name], image, tmp_path / "e.png", *more))
     pipe = with_transformer_ip_adapter(pipelines[name], adapter)
-    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, prompt)))
+    ours = pixels(tmp_path / "e.png")
+    assert np.array_equal(ours, np.asarray(ip_edit(pipe, image, prompt, **given)))
     assert f"IP-Adapter {adapter.name} at scale 1" in result.stdout
-    assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(ip_edit(pipe, image, other)))
-    plain = expected_edit(pipelines[name], image).images[0]
+    assert not np.array_equal(ours, np.asarray(ip_edit(pipe, image, other, **given)))
+    plain = expected_edit(pipelines[name], image, **given).images[0]
     assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(plain))
 
 
