@@ -31,10 +31,12 @@ blend the re-noised image into the latents after each step
 (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``, ``FluxControlInpaintPipeline``,
 ``FluxControlNetInpaintPipeline``, ``FluxKontextInpaintPipeline``, and Stable Diffusion's
 and SDXL's over a 4-channel unet), as the plain pipeline of their parts (a mask is refused:
-the blend is no ODE step), and any of Stable Diffusion's and SDXL's, ``FluxPipeline`` and
-``StableDiffusion3Pipeline``, with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
-``ip_adapter_image`` or ``ip_adapter_image_embeds``: both ODEs give the unet or the
-transformer the pipeline's image embeddings) and:
+the blend is no ODE step), and any of these that has ``load_ip_adapter`` (Stable
+Diffusion's and SDXL's; ``FluxPipeline``, ``FluxKontextPipeline``, ``FluxControlNetPipeline``,
+``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``, ``FluxKontextInpaintPipeline``; SD3's
+text-to-image, img2img, inpainting and ControlNet ones) with an IP-Adapter loaded
+(``pipe.load_ip_adapter``, given ``ip_adapter_image`` or ``ip_adapter_image_embeds``: both
+ODEs give the unet or the transformer the pipeline's image embeddings) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -815,7 +817,8 @@ def edit_image(
             pipeline that blends (its network takes no mask), in a line that says so.
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
             (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's; or Flux's transformer,
-            ``FluxPipeline.load_ip_adapter``), the image prompt, as
+            the ``load_ip_adapter`` of FluxPipeline, FluxKontextPipeline,
+            FluxControlNetPipeline, ...), the image prompt, as
             the pipeline's ``ip_adapter_image``: an image (a PIL image or what its
             ``feature_extractor`` takes) for one adapter, or a list of one per adapter (a
             list inside it for several images to one adapter). The pipeline's own
@@ -830,9 +833,10 @@ def edit_image(
             ``joint_attention_kwargs={"ip_adapter_image_embeds": [...]}``, and under true
             CFG (``guidance_scale`` other than 1) the negative call gets the embeddings of
             FluxPipeline's default ``negative_ip_adapter_image``, an all-zero image of the
-            image's size. For SD3 (``StableDiffusion3Pipeline.load_ip_adapter``, one
-            adapter) its ``prepare_ip_adapter_image_embeds`` makes one tensor, the negative
-            half zeros, given as ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``;
+            image's size. For SD3 (the ``load_ip_adapter`` of StableDiffusion3Pipeline,
+            StableDiffusion3ControlNetPipeline, ..., one adapter) its
+            ``prepare_ip_adapter_image_embeds`` makes one tensor, the negative half zeros,
+            given as ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``;
             without an image prompt SD3's runs as its pipeline does without one. Needed (or
             ``ip_adapter_image_embeds``) with a unet's or Flux's IP-Adapter, refused
             without one.
