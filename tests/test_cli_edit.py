@@ -979,6 +979,67 @@ def test_a_transformers_ip_adapter_scale_is_applied(
     assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "one.png"))
 
 
+def save_whole_encoder(family, folder):
+    """The tiny image encoder of ``family`` ("sd", "flux": the CLIPVisionModelWithProjection;
+    "sd3": the SiglipVisionModel and its SiglipImageProcessor; seed 4) as a whole model's
+    folder, as openai/clip-vit-large-patch14 and google/siglip-so400m-patch14-384 are: a
+    CLIPModel or SiglipModel with a one-layer text model of width 8 beside the vision model,
+    whose weights (the projection too, for CLIP) are the vision-only encoder's. Returns the
+    folder."""
+    import transformers
+
+    from bdia.integrations.diffusers.tiny import _tiny_image_encoder, _tiny_siglip_encoder
+
+    siglip = family == "sd3"
+    vision, processor = (_tiny_siglip_encoder if siglip else _tiny_image_encoder)(seed=4)
+    text = dict(
+        vocab_size=64,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
+    if siglip:
+        config = transformers.SiglipConfig(text_config=text, vision_config=vision.config.to_dict())
+        whole = transformers.SiglipModel(config)
+    else:
+        config = transformers.CLIPConfig(
+            text_config=text, vision_config=vision.config.to_dict(), projection_dim=8
+        )
+        whole = transformers.CLIPModel(config)
+    # SigLIP's vision model is the whole one's vision_model (no projection); CLIP's has
+    # the whole one's vision_model and visual_projection under the same names.
+    target = whole.vision_model if siglip else whole
+    taken = target.load_state_dict(vision.state_dict(), strict=False)
+    assert not taken.unexpected_keys  # every vision weight has its place in the whole model
+    whole.save_pretrained(folder)
+    if siglip:
+        processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["sd", "flux", "sd3"])
+def test_a_whole_clip_or_siglip_model_is_taken_as_the_image_encoder(
+    name, pipelines, adapters, transformer_adapters, tmp_path
+):
+    """--image-encoder DIR of a whole CLIPModel (SD, Flux) or SiglipModel (SD3, with its
+    processor), as the released encoders are: read for its vision model, the PNG is the one
+    with the vision-only encoder of the same weights, pixel for pixel (the adapter file alone
+    in its folder, so that no other encoder is at hand)."""
+    given = adapters["sd"] if name == "sd" else transformer_adapters[name]
+    (tmp_path / "weights").mkdir()
+    adapter = shutil.copy(given, tmp_path / "weights" / given.name)
+    image, prompt = photo(tmp_path / "photo.png"), photo(tmp_path / "prompt.png", seed=20)
+    whole = save_whole_encoder(name, tmp_path / "whole")
+    more = ["--ip-adapter", adapter, "--ip-adapter-image", prompt, "--image-encoder"]
+    for out, encoder in (("whole.png", whole), ("vision.png", given.parent / "image_encoder")):
+        run(edit(pipelines[name], image, tmp_path / out, *more, encoder))
+    assert np.array_equal(pixels(tmp_path / "whole.png"), pixels(tmp_path / "vision.png"))
+    config = json.loads((whole / "config.json").read_text())
+    assert config["model_type"] == ("siglip" if name == "sd3" else "clip")
+
+
 def misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapters, tmp_path):
     """(--pipeline, the options) of a Flux or SD3 IP-Adapter mistake ``kind``."""
     import transformers
