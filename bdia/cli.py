@@ -2676,6 +2676,35 @@ def _xlabs_name(name: str) -> str:
     return name.replace("processor.", "")
 
 
+#: Each family's IP-Adapters in words: the article and family, whose pipelines load them,
+#: and a released one.
+_ADAPTER_FAMILIES = {
+    "unet": ("a Stable Diffusion or SDXL", "Stable Diffusion's and SDXL's", "h94/IP-Adapter's"),
+    "flux": ("a Flux", "Flux's", "XLabs-AI/flux-ip-adapter's"),
+    "sd3": ("an SD3", "SD3's", "InstantX/SD3.5-Large-IP-Adapter's"),
+}
+
+
+def _ip_adapter_kind(
+    shapes: dict[str, dict[str, tuple[int, ...]]], xlabs: bool
+) -> tuple[str, str] | None:
+    """Whose IP-Adapter the weights of ``shapes`` (by part and name, XLabs' renamed; ``xlabs``
+    where the file had XLabs' keys) are, by what tells the families apart, and that evidence
+    in words: ("flux", ...) for XLabs' keys or key and value maps with biases, ("sd3", ...) for
+    a time-conditioned image projection or the processors' ``norm_ip``, ("unet", ...) for
+    key and value maps without biases; None where nothing tells."""
+    proj, maps = shapes["image_proj"], shapes["ip_adapter"]
+    if xlabs:
+        return "flux", "XLabs' keys ip_adapter_proj_model.* and double_blocks.*"
+    if "time_embedding.linear_1.weight" in proj or any(".norm_ip." in n for n in maps):
+        return "sd3", "its image projection is conditioned on the timestep"
+    if any(n.endswith(".to_k_ip.bias") for n in maps):
+        return "flux", "its key and value maps have biases"
+    if any(n.endswith(".to_k_ip.weight") for n in maps):
+        return "unet", "its key and value maps have no biases"
+    return None
+
+
 def _ip_adapter_shapes(path: Path, family: str) -> dict[str, dict[str, tuple[int, ...]]]:
     """The shapes of the IP-Adapter weights in ``path`` (--ip-adapter) by part
     (``image_proj``, ``ip_adapter``) and name, read without their values as ``family``'s
@@ -2693,7 +2722,7 @@ def _ip_adapter_shapes(path: Path, family: str) -> dict[str, dict[str, tuple[int
             "is not an IP-Adapter's weight file: give its .safetensors or .bin file (as "
             "load_ip_adapter's weight_name, e.g. ip-adapter_sd15.safetensors)"
         )
-    flux = family == "flux"
+    flux, xlabs = family == "flux", False
     shapes: dict[str, dict[str, tuple[int, ...]]] = {"image_proj": {}, "ip_adapter": {}}
     try:
         if path.suffix == ".safetensors":
@@ -2702,9 +2731,12 @@ def _ip_adapter_shapes(path: Path, family: str) -> dict[str, dict[str, tuple[int
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     part, _, name = key.partition(".")
-                    part = _XLABS_PARTS.get(part, part) if flux else part
+                    # XLabs' names are read for every family, so that a Flux adapter given
+                    # to another pipeline is refused as one.
+                    xlabs = xlabs or part in _XLABS_PARTS
+                    part = _XLABS_PARTS.get(part, part)
                     if part in shapes:
-                        name = _xlabs_name(name) if flux and part == "ip_adapter" else name
+                        name = _xlabs_name(name) if part == "ip_adapter" else name
                         shapes[part][name] = tuple(f.get_slice(key).get_shape())
         else:
             mmap = zipfile.is_zipfile(path)
@@ -2724,6 +2756,16 @@ def _ip_adapter_shapes(path: Path, family: str) -> dict[str, dict[str, tuple[int
         raise
     except Exception as err:  # whatever the file holds wrong, in the reader's words
         raise refuse(f"does not read ({type(err).__name__}: {_one_line(str(err))})") from None
+    found = _ip_adapter_kind(shapes, xlabs)
+    if found is not None and found[0] != family:
+        kind, evidence = found
+        article, whose, example = _ADAPTER_FAMILIES[kind]
+        wanted = _ADAPTER_FAMILIES[family]
+        raise refuse(
+            f"is {article} IP-Adapter ({evidence}), which only {whose} pipelines load; give "
+            f"this pipeline {wanted[0]} IP-Adapter (e.g. {wanted[2]}), or this one to "
+            f"{article} pipeline"
+        )
     if not (shapes["image_proj"] and shapes["ip_adapter"]):
         raise refuse(
             "holds no IP-Adapter weights: load_ip_adapter needs image_proj and ip_adapter "

@@ -1049,8 +1049,9 @@ def misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapter
     prompt = photo(tmp_path / "prompt.png", seed=20)
     flux, sd3 = transformer_adapters["flux"], transformer_adapters["sd3"]
     pipeline, adapter = kind.split(" ")[0], {"sd": adapters["sd"], "flux": flux, "sd3": sd3}
+    adapter["flux-diffusers"] = transformer_adapters["flux-diffusers"]
     given = ["--ip-adapter-image", prompt]
-    if kind.startswith(("sd adapter", "flux adapter", "sd3 adapter")):  # "A adapter on B"
+    if " adapter on " in kind:  # "A adapter on B"
         return pipelines[kind.split(" ")[-1]], ["--ip-adapter", adapter[pipeline], *given]
     given = ["--ip-adapter", adapter[pipeline], *given]
     if kind == "flux encoder siglip":
@@ -1086,14 +1087,38 @@ def misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapter
     return pipelines["sd3"], ["--ip-adapter", deeper, *given[2:]]
 
 
+# An adapter of another family is refused as one, saying which pipelines load it.
+SD_ADAPTER = "is a Stable Diffusion or SDXL IP-Adapter"
+SD3_ADAPTER = "is an SD3 IP-Adapter"
+XLABS_ADAPTER = "is a Flux IP-Adapter (XLabs' keys ip_adapter_proj_model.* and double_blocks.*)"
+FLUX_WANTED = "give this pipeline a Flux IP-Adapter (e.g. XLabs-AI/flux-ip-adapter's)"
+
+
 @pytest.mark.parametrize(
     "kind,words",
     [
-        ("sd adapter on flux", ["'--ip-adapter'", "lacks ip_adapter.0.to_k_ip.weight", "1 double"]),
-        ("sd3 adapter on flux", ["'--ip-adapter'", "no image_proj.proj.weight", "no Flux IP"]),
-        ("sd adapter on sd3", ["'--ip-adapter'", "lacks image_proj.proj_in.weight", "no SD3"]),
-        ("flux adapter on sd3", ["'--ip-adapter'", "holds no IP-Adapter weights"]),
-        ("flux adapter on sd", ["'--ip-adapter'", "holds no IP-Adapter weights"]),
+        (
+            "sd adapter on flux",
+            ["'--ip-adapter'", f"{SD_ADAPTER} (its key and value maps have no", FLUX_WANTED],
+        ),
+        (
+            "sd3 adapter on flux",
+            ["'--ip-adapter'", f"{SD3_ADAPTER} (its image projection is", FLUX_WANTED],
+        ),
+        (
+            "sd adapter on sd3",
+            ["'--ip-adapter'", SD_ADAPTER, "give this pipeline an SD3 IP-Adapter"],
+        ),
+        ("flux adapter on sd3", ["'--ip-adapter'", XLABS_ADAPTER, "this pipeline an SD3 IP"]),
+        (
+            "flux adapter on sd",
+            ["'--ip-adapter'", XLABS_ADAPTER, "this pipeline a Stable Diffusion"],
+        ),
+        (
+            "flux-diffusers adapter on sd",
+            ["'--ip-adapter'", "a Flux IP-Adapter (its key and value maps have biases)"],
+        ),
+        ("sd3 adapter on sd", ["'--ip-adapter'", SD3_ADAPTER, "to an SD3 pipeline"]),
         ("flux adapter on fill", ["'--ip-adapter'", "FluxFillPipeline takes no IP-Adapter"]),
         ("flux encoder siglip", ["'--image-encoder'", "'siglip_vision_model'", "not a CLIP"]),
         ("sd3 encoder clip", ["'--image-encoder'", "not a SigLIP vision model"]),
@@ -1109,7 +1134,9 @@ def test_a_transformers_ip_adapter_mistake_is_refused_before_the_pipeline_loads(
     kind, words, pipelines, adapters, transformer_adapters, tmp_path, monkeypatch
 ):
     """Each in one line with exit status 2 and nothing written, before the pipeline loads:
-    an adapter of another family (its file's keys), a pipeline that loads none, an encoder of
+    an adapter of another family (its file's keys: XLabs', biased key and value maps for
+    Flux, unbiased ones for SD and SDXL, a time-conditioned projection for SD3), named as
+    that family's with what to give instead, a pipeline that loads none, an encoder of
     the wrong kind, without SD3's processor or of another width, an adapter for a transformer
     of another width or depth, a Flux .bin that Flux's loader does not read."""
     args = misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapters, tmp_path)
