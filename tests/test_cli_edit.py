@@ -828,30 +828,37 @@ def test_the_image_prompt_is_never_the_output(pipelines, adapters, tmp_path, mon
 # ----------------------------------------------- Flux's and SD3's IP-Adapters (a transformer)
 
 
-def save_flux_ip_adapter(pipe_folder, folder, *, xlabs=True, suffix=".safetensors", **config):
-    """A random Flux IP-Adapter for the transformer saved in ``pipe_folder`` (with
-    ``config``, for one of that config instead), ``folder/ip_adapter.safetensors`` in XLabs'
-    layout (keys ip_adapter_proj_model.NAME and double_blocks.N.processor.
-    ip_adapter_double_stream_k_proj.NAME, ..._v_proj.NAME), with ``xlabs=False`` in diffusers'
-    (image_proj.NAME, ip_adapter.N.to_k_ip.NAME; with ``suffix=".bin"`` torch.save's dict of
-    the two dicts), beside ``folder/image_encoder``, the tiny CLIPVisionModelWithProjection
-    (image embeddings of width 8) saved with save_pretrained. Returns the weight file."""
+def save_transformer_ip_adapter(
+    family, pipe_folder, folder, *, xlabs=True, suffix=".safetensors", **config
+):
+    """A random IP-Adapter of ``family`` ("flux" or "sd3") for the transformer saved in
+    ``pipe_folder`` (with ``config``, for one of that config instead), beside
+    ``folder/image_encoder``, the family's tiny encoder saved with save_pretrained. Flux's:
+    ``folder/ip_adapter.safetensors`` in XLabs' layout (keys ip_adapter_proj_model.NAME and
+    double_blocks.N.processor.ip_adapter_double_stream_k_proj.NAME, ..._v_proj.NAME), with
+    ``xlabs=False`` in diffusers' (image_proj.NAME, ip_adapter.N.to_k_ip.NAME), and the
+    CLIPVisionModelWithProjection (image embeddings of width 8). SD3's:
+    ``folder/ip-adapter.safetensors`` (keys image_proj.NAME and ip_adapter.NAME), and the
+    SiglipVisionModel (hidden states of width 8) with its SiglipImageProcessor. With
+    ``suffix=".bin"`` either is torch.save's dict of the two dicts (as
+    InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin). Returns the weight file."""
     from safetensors.torch import save_file
 
-    from bdia.integrations.diffusers.tiny import (
-        _flux_ip_adapter_state_dict,
-        _tiny_image_encoder,
-        tiny_flux_transformer,
-    )
+    from bdia.integrations.diffusers import tiny
 
-    transformer = diffusers.FluxTransformer2DModel.from_pretrained(pipe_folder / "transformer")
+    flux = family == "flux"
+    model = diffusers.FluxTransformer2DModel if flux else diffusers.SD3Transformer2DModel
+    transformer = model.from_pretrained(pipe_folder / "transformer")
     if config:
-        transformer = tiny_flux_transformer(**config)
-    state = _flux_ip_adapter_state_dict(transformer, 8, seed=7)
+        transformer = (tiny.tiny_flux_transformer if flux else tiny.tiny_sd3_transformer)(**config)
+    weights = tiny._flux_ip_adapter_state_dict if flux else tiny._sd3_ip_adapter_state_dict
+    state = weights(transformer, 8, seed=7)
     folder.mkdir(parents=True, exist_ok=True)
-    _tiny_image_encoder(seed=4)[0].save_pretrained(folder / "image_encoder")
-    path = folder / f"ip_adapter{suffix}"
-    if not xlabs or suffix == ".bin":  # XLabs' files are safetensors
+    encoder = tiny._tiny_image_encoder(seed=4)[:1] if flux else tiny._tiny_siglip_encoder(seed=4)
+    for part in encoder:
+        part.save_pretrained(folder / "image_encoder")
+    path = folder / f"{'ip_adapter' if flux else 'ip-adapter'}{suffix}"
+    if not (flux and xlabs) or suffix == ".bin":  # XLabs' files are safetensors
         return write_ip_adapter(state, path)
     flat = {f"ip_adapter_proj_model.{k}": v for k, v in state["image_proj"].items()}
     for key, value in state["ip_adapter"].items():
@@ -862,30 +869,6 @@ def save_flux_ip_adapter(pipe_folder, folder, *, xlabs=True, suffix=".safetensor
     return path
 
 
-def save_sd3_ip_adapter(pipe_folder, folder, *, suffix=".safetensors", **config):
-    """A random SD3 IP-Adapter for the transformer saved in ``pipe_folder`` (with
-    ``config``, for one of that config instead), ``folder/ip-adapter.safetensors`` (keys
-    image_proj.NAME and ip_adapter.NAME; with ``suffix=".bin"`` torch.save's dict of the two
-    dicts, as InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin), beside
-    ``folder/image_encoder``, the tiny SiglipVisionModel (hidden states of width 8) and its
-    SiglipImageProcessor saved with save_pretrained. Returns the weight file."""
-
-    from bdia.integrations.diffusers.tiny import (
-        _sd3_ip_adapter_state_dict,
-        _tiny_siglip_encoder,
-        tiny_sd3_transformer,
-    )
-
-    transformer = diffusers.SD3Transformer2DModel.from_pretrained(pipe_folder / "transformer")
-    if config:
-        transformer = tiny_sd3_transformer(**config)
-    state = _sd3_ip_adapter_state_dict(transformer, 8, seed=7)
-    folder.mkdir(parents=True, exist_ok=True)
-    for part in _tiny_siglip_encoder(seed=4):
-        part.save_pretrained(folder / "image_encoder")
-    return write_ip_adapter(state, folder / f"ip-adapter{suffix}")
-
-
 @pytest.fixture(scope="module")
 def transformer_adapters(pipelines, tmp_path_factory):
     """IP-Adapter files for the tiny Flux transformer (XLabs' safetensors, diffusers'
@@ -894,12 +877,16 @@ def transformer_adapters(pipelines, tmp_path_factory):
     root = tmp_path_factory.mktemp("transformer-adapters")
     flux, sd3 = pipelines["flux"], pipelines["sd3"]
     return {
-        "sd3-controlnet": save_sd3_ip_adapter(pipelines["sd3-controlnet"], root / "sd3-cn"),
-        "flux": save_flux_ip_adapter(flux, root / "flux"),
-        "flux-diffusers": save_flux_ip_adapter(flux, root / "flux-diffusers", xlabs=False),
-        "flux-bin": save_flux_ip_adapter(flux, root / "flux-bin", suffix=".bin"),
-        "sd3": save_sd3_ip_adapter(sd3, root / "sd3"),
-        "sd3-bin": save_sd3_ip_adapter(sd3, root / "sd3-bin", suffix=".bin"),
+        "sd3-controlnet": save_transformer_ip_adapter(
+            "sd3", pipelines["sd3-controlnet"], root / "sd3-cn"
+        ),
+        "flux": save_transformer_ip_adapter("flux", flux, root / "flux"),
+        "flux-diffusers": save_transformer_ip_adapter(
+            "flux", flux, root / "flux-diffusers", xlabs=False
+        ),
+        "flux-bin": save_transformer_ip_adapter("flux", flux, root / "flux-bin", suffix=".bin"),
+        "sd3": save_transformer_ip_adapter("sd3", sd3, root / "sd3"),
+        "sd3-bin": save_transformer_ip_adapter("sd3", sd3, root / "sd3-bin", suffix=".bin"),
     }
 
 
@@ -1073,7 +1060,9 @@ def misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapter
         processor.save_pretrained(tmp_path / "siglip")
         return pipelines["sd3"], [*given, "--image-encoder", tmp_path / "siglip"]
     if kind == "flux other width":  # three heads of 8 where the pipeline's has two
-        wide = save_flux_ip_adapter(pipelines["flux"], tmp_path / "w", num_attention_heads=3)
+        wide = save_transformer_ip_adapter(
+            "flux", pipelines["flux"], tmp_path / "w", num_attention_heads=3
+        )
         return pipelines["flux"], ["--ip-adapter", wide, *given[2:]]
     if kind == "flux bin order":
         state = torch.load(transformer_adapters["flux-bin"], weights_only=True)
@@ -1083,7 +1072,7 @@ def misfit_transformer_ip_adapter(kind, pipelines, adapters, transformer_adapter
         )
         return pipelines["flux"], ["--ip-adapter", tmp_path / "ip.bin", *given[2:]]
     assert kind == "sd3 other layers"
-    deeper = save_sd3_ip_adapter(pipelines["sd3"], tmp_path / "d", num_layers=2)
+    deeper = save_transformer_ip_adapter("sd3", pipelines["sd3"], tmp_path / "d", num_layers=2)
     return pipelines["sd3"], ["--ip-adapter", deeper, *given[2:]]
 
 
