@@ -158,11 +158,20 @@ def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts(tmp_pa
     control_image = _control_image()
     bounds = dict(control_guidance_start=0.2, control_guidance_end=0.7)
     latents = _pipeline_latents(pipe, cond, noise, control_image, **bounds)
+    control = _control_latents(pipe, control_image)
+    assert_scheduler_run_is_bdia_sample_and_inverts(pipe, latents, noise, cond, control, bounds)
+
+
+def assert_scheduler_run_is_bdia_sample_and_inverts(pipe, latents, noise, cond, control, bounds):
+    """``latents``, ``pipe``'s run from ``noise`` with BDIAScheduler (gamma 0.9) under
+    ``cond`` and the controlnet ``bounds``, and its final pair are bdia.sample's on
+    from_diffusers(controlnet=pipe.controlnet, controlnet_cond=control), bit for bit;
+    bdia.invert from the pair returns ``noise`` bit for bit."""
     ode = from_diffusers(
         pipe.transformer,
         pipe.scheduler,
         controlnet=pipe.controlnet,
-        controlnet_cond=_control_latents(pipe, control_image),
+        controlnet_cond=control,
         num_inference_steps=N_STEPS,
         **bounds,
         **cond,

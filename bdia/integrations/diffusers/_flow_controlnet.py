@@ -1,11 +1,13 @@
 """Flux's and SD3's ControlNets (``FluxControlNetModel`` as ``FluxControlNetPipeline`` calls
-it, ``SD3ControlNetModel`` as ``StableDiffusion3ControlNetPipeline`` does) and their settings,
-checked as ``from_diffusers`` takes them, and their calls.
+it, ``SD3ControlNetModel`` as ``StableDiffusion3ControlNetPipeline`` does, or with the mask's
+channel, Alimama's inpainting kind, as ``StableDiffusion3ControlNetInpaintingPipeline`` does)
+and their settings, checked as ``from_diffusers`` takes them, and their calls.
 
 Flux's controlnet takes the packed latents, the timestep, the prompt, the embedded guidance
 and the position ids the transformer takes, and the control image's packed latents; SD3's
 takes the latents, the timestep, the prompt (or none) and the pooled prompt (or zeros), and
-the control image's latents. Their residuals go to the transformer. The settings are checked
+the control image's latents (the inpainting kind: the masked image's latents and the mask,
+in one tensor). Their residuals go to the transformer. The settings are checked
 in one line before any call (``from_diffusers``' Raises lists them);
 ``control_guidance_start`` and ``control_guidance_end`` become intervals of ODE times on the
 pipeline's grid, as for Stable Diffusion's ControlNet (``_controlnet``). What is not mapped (a
@@ -32,6 +34,10 @@ from .grid import diffusers_grid
 
 _FLUX_CONTROLNET = "FluxControlNetModel"
 _SD3_CONTROLNET = "SD3ControlNetModel"
+_SD3_PIPELINE = "StableDiffusion3ControlNetPipeline"
+# Its controlnet takes the masked image's latents and then the mask, one channel more: the
+# only SD3 pipeline that gives a controlnet extra_conditioning_channels.
+_SD3_INPAINT_PIPELINE = "StableDiffusion3ControlNetInpaintingPipeline"
 # The transformer's arguments the adapter fills with the controlnet's residuals.
 _FLUX_RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")
 _SD3_RESIDUALS = ("block_controlnet_hidden_states",)
@@ -108,6 +114,20 @@ def _check_sd3_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
             "StableDiffusion3ControlNetPipeline gives it the transformer's when it is made; "
             "give pipe.controlnet of that pipeline"
         )
+    extra = net.config.get("extra_conditioning_channels") or 0
+    if extra not in (0, 1):
+        raise ValueError(
+            f"the controlnet has extra_conditioning_channels = {extra!r}: "
+            f"{_SD3_PIPELINE} gives an SD3 controlnet the control image's latents alone (0 "
+            f"extra channels) and {_SD3_INPAINT_PIPELINE} the masked image's latents and the "
+            "mask (1); no pipeline calls this one, which is not mapped"
+        )
+    if extra and net.config.get("joint_attention_dim") is None:
+        raise ValueError(
+            "the controlnet takes the mask's channel (extra_conditioning_channels = 1) but has "
+            f"no joint_attention_dim: {_SD3_INPAINT_PIPELINE} gives it the prompt, which such "
+            "a controlnet refuses; give one with a context embedder (Alimama's)"
+        )
     theirs = transformer.config
     for field in ("in_channels", "patch_size", "pooled_projection_dim"):
         mine, other = net.config.get(field), theirs.get(field)
@@ -117,6 +137,17 @@ def _check_sd3_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
                 "made for another transformer; give the controlnet of this one"
             )
     _check_dtype(net, model_dtype)
+
+
+def _sd3_inpainting(net: Any) -> bool:
+    """Whether ``net`` is an SD3 controlnet of the inpainting kind, which takes the mask's
+    channel after the masked image's latents (``extra_conditioning_channels`` 1, Alimama's):
+    StableDiffusion3ControlNetInpaintingPipeline's, whose control input no other pipeline
+    makes."""
+    config = getattr(net, "config", None)
+    if _SD3_CONTROLNET not in _class_names(net) or not isinstance(config, Mapping):
+        return False
+    return bool(config.get("extra_conditioning_channels"))
 
 
 def _check_dtype(net: Any, model_dtype: Any) -> None:
@@ -146,14 +177,22 @@ def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
             "device, vae.dtype), encoded by the vae, shifted, scaled and packed with "
             "pipe._pack_latents"
         )
+    elif _sd3_inpainting(net):
+        channels = config.get("in_channels", 16) + 1
+        ndim, dim, shape = 4, 1, "{}, h, w"
+        how = (
+            f"{_SD3_INPAINT_PIPELINE}'s control image and mask: its prepare_image_with_mask"
+            "(image, mask, W, H, 1, 1, device, dtype), the image set to -1 where the mask is "
+            "above 0.5, encoded by the vae, less its shift_factor, times its scaling_factor, "
+            "then 1 - the mask at the latents' size as the last channel"
+        )
     else:
         channels = config.get("in_channels", 16) + config.get("extra_conditioning_channels", 0)
         ndim, dim, shape = 4, 1, "{}, h, w"
         how = (
-            "StableDiffusion3ControlNetPipeline's control image: pipe.prepare_image(image, W, "
-            "H, 1, 1, device, dtype) encoded by the vae, less its shift_factor (none where "
-            "the controlnet's force_zeros_for_pooled_projection is set), times its "
-            "scaling_factor"
+            f"{_SD3_PIPELINE}'s control image: pipe.prepare_image(image, W, H, 1, 1, device, "
+            "dtype) encoded by the vae, less its shift_factor (none where the controlnet's "
+            "force_zeros_for_pooled_projection is set), times its scaling_factor"
         )
     if value is None:
         raise ValueError(f"controlnet needs controlnet_cond, the latents of {how}")
@@ -171,6 +210,14 @@ def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
             f"{shape.format(channels)}) (the controlnet's channels), the latents of {how}; "
             f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
         )
+    if not flux and _sd3_inpainting(net):
+        kept = value[:, -1]
+        if kept.numel() and not bool(((kept >= 0) & (kept <= 1)).all()):
+            raise ValueError(
+                "controlnet_cond's last channel is the inpainting controlnet's mask channel, "
+                "1 - mask in [0, 1] (1 where the image is kept), but its values lie in "
+                f"[{float(kept.min()):.4g}, {float(kept.max()):.4g}]: give the latents of {how}"
+            )
     return value
 
 
@@ -253,7 +300,9 @@ def _flow_control(
     settings (``from_diffusers``' keyword arguments of the same names), all checked. ``extra``:
     the transformer was given a mask, control latents or a reference image, which no
     ControlNet pipeline gives it."""
-    pipeline = "FluxControlNetPipeline" if flux else "StableDiffusion3ControlNetPipeline"
+    pipeline = "FluxControlNetPipeline" if flux else _SD3_PIPELINE
+    if not flux and _sd3_inpainting(controlnet):
+        pipeline = _SD3_INPAINT_PIPELINE
     if extra:
         raise ValueError(
             "controlnet was given beside mask, masked_image_latents, control_latents or "
@@ -318,7 +367,7 @@ def _check_flow_control_image(x: Tensor, image: Tensor, flux: bool) -> None:
         raise ValueError(
             f"controlnet_cond has shape {tuple(image.shape)}, but the state has shape "
             f"{tuple(x.shape)}: give the control image's latents at the latents' size, as "
-            "StableDiffusion3ControlNetPipeline encodes the image at the image's size"
+            "the SD3 ControlNet pipelines encode the image at the image's size"
         )
 
 
@@ -327,17 +376,20 @@ def _flow_residuals(
 ) -> dict[str, Any]:
     """The controlnet's residuals as the transformer's arguments, of one call on the (for
     Flux, packed) latents ``x`` at the transformer's timestep ``tau`` with the transformer's
-    arguments ``kwargs`` (of ``x``'s batch), as FluxControlNetPipeline or
-    StableDiffusion3ControlNetPipeline calls it."""
+    arguments ``kwargs`` (of ``x``'s batch), as FluxControlNetPipeline,
+    StableDiffusion3ControlNetPipeline or (a controlnet with the mask's channel)
+    StableDiffusion3ControlNetInpaintingPipeline calls it."""
     if _SD3_CONTROLNET in _class_names(controlnet):
         config = controlnet.config
         pooled = kwargs["pooled_projections"]
-        # InstantX's SD3 controlnets were trained with zeros for the pooled prompt, and
-        # SD3.5's without the prompt: the pipeline gives them so.
-        if config.get("force_zeros_for_pooled_projection", True):
-            pooled = torch.zeros_like(pooled)
         embeds = kwargs["encoder_hidden_states"]
-        if config.get("joint_attention_dim") is None:
+        # InstantX's SD3 controlnets were trained with zeros for the pooled prompt, and
+        # SD3.5's without the prompt: the pipeline gives them so. The inpainting pipeline
+        # gives its controlnet zeros and the prompt whatever its config says.
+        inpainting = _sd3_inpainting(controlnet)
+        if inpainting or config.get("force_zeros_for_pooled_projection", True):
+            pooled = torch.zeros_like(pooled)
+        if not inpainting and config.get("joint_attention_dim") is None:
             embeds = None
         (blocks,) = controlnet(
             hidden_states=x,

@@ -42,7 +42,11 @@ transformer, as ``FluxControlNetPipeline`` calls it: on the packed latents, with
 image's packed latents and the transformer's timestep, prompt, guidance and ids; an
 ``SD3ControlNetModel`` before SD3's, as ``StableDiffusion3ControlNetPipeline`` calls it: on
 the latents, with the control image's latents, the timestep and the prompt, under guidance
-on the batch ``[unconditional, conditional]``.
+on the batch ``[unconditional, conditional]``; one with the mask's channel
+(``extra_conditioning_channels = 1``, Alimama's inpainting kind) as
+``StableDiffusion3ControlNetInpaintingPipeline`` calls it, with the masked image's latents
+and the mask in one control input, fixed over the run: that pipeline does not blend, so its
+run is an ODE in the latents too.
 
 With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
@@ -995,7 +999,11 @@ def from_diffusers(
             ``joint_attention_dim``) and ``pooled_projections`` (zeros for one with
             ``force_zeros_for_pooled_projection``, InstantX's), under guidance on the batch
             ``[unconditional, conditional]``; its residuals go to the transformer as
-            ``block_controlnet_hidden_states``.
+            ``block_controlnet_hidden_states``. One with ``extra_conditioning_channels = 1``
+            (Alimama's inpainting kind, ``pipe.controlnet`` of a
+            ``StableDiffusion3ControlNetInpaintingPipeline``) is called as that pipeline calls
+            it: the same, with the prompt embeddings and zeros for the pooled ones whatever
+            its config says.
         controlnet_cond: the control image, as the pipeline prepares it
             (``pipe.control_image_processor.preprocess(image, height=H, width=W)``: values in
             [0, 1]): a floating tensor of shape ``(batch or 1, conditioning_channels, H, W)``
@@ -1013,8 +1021,14 @@ def from_diffusers(
             torch's global generator, one per half of guidance's batch), less the vae's
             ``shift_factor`` (none where the controlnet has
             ``force_zeros_for_pooled_projection``), times its ``scaling_factor``: shape
-            ``(batch or 1, in_channels + extra_conditioning_channels, h, w)``, cast to
-            ``model_dtype``, the same in both halves of guidance.
+            ``(batch or 1, in_channels, h, w)``, cast to ``model_dtype``, the same in both
+            halves of guidance. For SD3's inpainting controlnet, the control input as
+            ``StableDiffusion3ControlNetInpaintingPipeline``'s ``prepare_image_with_mask(image,
+            mask, W, H, 1, 1, device, dtype)`` makes it: the image set to -1 where the
+            binarised mask is above 0.5, encoded by the vae (a draw from torch's global
+            generator, once for the batch), less ``shift_factor`` (always), times
+            ``scaling_factor``, then ``1 - mask`` at the latents' size (nearest) as the last
+            channel, in [0, 1]: shape ``(batch or 1, in_channels + 1, h, w)``.
         conditioning_scale: the scale of the controlnet's residuals, the pipelines'
             ``controlnet_conditioning_scale``: a number, or one per net.
         guess_mode: the pipelines' guess mode: residuals scaled from 0.1 at the first block
@@ -1192,9 +1206,13 @@ def from_diffusers(
             token count or of a batch neither 1 nor the state's. With SD3's controlnet: one
             of another class than ``SD3ControlNetModel`` (several, Stable Diffusion's,
             Flux's), one without a ``pos_embed``, made for another transformer
-            (``in_channels``, ``patch_size``, ``pooled_projection_dim``), of another dtype; a
-            ``controlnet_cond`` missing, a list, or not a 4-D floating tensor of
-            ``in_channels + extra_conditioning_channels``; a ``strength`` other than 1; the
+            (``in_channels``, ``patch_size``, ``pooled_projection_dim``), of another dtype, of
+            ``extra_conditioning_channels`` other than 0 and 1, or of 1 without
+            ``joint_attention_dim``; a ``controlnet_cond`` missing, a list, or not a 4-D
+            floating tensor of ``in_channels + extra_conditioning_channels``, or (the
+            inpainting kind) whose last channel, the mask's, is not in [0, 1]; ``mask`` or
+            ``masked_image_latents`` (the mask goes in ``controlnet_cond``); a ``strength``
+            other than 1; the
             other refusals as for Flux's; at the first
             evaluation, control latents of another size or batch. With a controlnet: one of
             another class than ``ControlNetModel`` (a list or ``MultiControlNetModel`` of
@@ -1294,7 +1312,8 @@ def from_diffusers(
         raise ValueError(
             "mask and masked_image_latents are an inpainting UNet's input channels (Stable "
             "Diffusion's, SDXL's) or a Flux Fill transformer's; they are not mapped for SD3's "
-            "flow-matching transformer"
+            "flow-matching transformer (SD3's inpainting controlnet, StableDiffusion3Control"
+            "NetInpaintingPipeline's, takes the mask as controlnet_cond's last channel)"
         )
     if image_latents is not None and not flux:
         raise ValueError(

@@ -9,11 +9,12 @@ img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 toke
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
 ``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
 ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
-``StableDiffusion3ControlNetPipeline``), the inpainting pipelines of Stable Diffusion and
-SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's, SDXL's, Flux's or
-SD3's pipeline with an IP-Adapter loaded), a few thousand weights each: for tests and for checking
-plumbing and exactness, which do not depend on the weights. A random network is no
-denoiser, so what they sample is not an image of anything.
+``StableDiffusion3ControlNetPipeline``, and with a mask channel
+``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
+Diffusion and SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's,
+SDXL's, Flux's or SD3's pipeline with an IP-Adapter loaded), a few thousand weights each:
+for tests and for checking plumbing and exactness, which do not depend on the weights. A
+random network is no denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
     "tiny_sd3_controlnet_pipeline",
+    "tiny_sd3_controlnet_inpaint_pipeline",
     "tiny_controlnet",
     "tiny_controlnet_pipeline",
     "tiny_inpaint_pipeline",
@@ -604,13 +606,14 @@ def tiny_flux_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torc
     return _drawn(net, zeroed, transformer)
 
 
-def _controlnet_of(cls: Any, transformer: torch.nn.Module, seed: int) -> Any:
+def _controlnet_of(cls: Any, transformer: torch.nn.Module, seed: int, **changes: Any) -> Any:
     """A controlnet of class ``cls`` with the fields of ``transformer``'s config that it
-    takes, its weights drawn with ``torch.manual_seed(seed)``."""
+    takes (``changes`` over them), its weights drawn with ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     config: Mapping[str, Any] = transformer.config  # type: ignore[assignment]
     fields = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in config.items() if k in fields and not k.startswith("_")})
+    taken = {k: v for k, v in config.items() if k in fields and not k.startswith("_")}
+    return cls(**{**taken, **changes})
 
 
 def _drawn(net: Any, zeroed: Sequence[Any], transformer: torch.nn.Module) -> Any:
@@ -624,15 +627,20 @@ def _drawn(net: Any, zeroed: Sequence[Any], transformer: torch.nn.Module) -> Any
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
-def tiny_sd3_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
+def tiny_sd3_controlnet(
+    transformer: torch.nn.Module, *, seed: int = 2, mask_channel: bool = False
+) -> torch.nn.Module:
     """An ``SD3ControlNetModel`` of ``transformer`` (a ``tiny_sd3_transformer``), with its
     config (one joint block; InstantX's kind, ``force_zeros_for_pooled_projection``: zeros
     for the pooled prompt): it takes the control image's latents, of the latents' shape
-    ``(batch, 4, 8, 8)``. Its weights are drawn with ``torch.manual_seed(seed)``, its zero
-    layers (the residuals' projections and the control latents' embedding) included, so that
-    the transformer's output depends on the control image. In eval mode and the
-    transformer's dtype."""
-    net = _controlnet_of(diffusers.SD3ControlNetModel, transformer, seed)
+    ``(batch, 4, 8, 8)``; with ``mask_channel``, Alimama's inpainting kind
+    (``extra_conditioning_channels=1``), the masked image's latents and the mask, ``(batch,
+    5, 8, 8)``. Its weights are drawn with ``torch.manual_seed(seed)``, its zero layers (the
+    residuals' projections and the control latents' embedding) included, so that the
+    transformer's output depends on the control image. In eval mode and the transformer's
+    dtype."""
+    extra = {"extra_conditioning_channels": 1} if mask_channel else {}
+    net = _controlnet_of(diffusers.SD3ControlNetModel, transformer, seed, **extra)
     return _drawn(net, [*net.controlnet_blocks, net.pos_embed_input], transformer)
 
 
@@ -648,6 +656,18 @@ def tiny_sd3_controlnet_pipeline(folder: str | Path, scheduler: Any = None) -> A
     parts["transformer"] = tiny_sd3_transformer(num_layers=2)
     controlnet = tiny_sd3_controlnet(parts["transformer"])
     pipe = diffusers.StableDiffusion3ControlNetPipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_controlnet_inpaint_pipeline(folder: str | Path, scheduler: Any = None) -> Any:
+    """A ``StableDiffusion3ControlNetInpaintingPipeline`` of ``tiny_sd3_controlnet_pipeline``'s
+    parts, but ``tiny_sd3_controlnet(..., mask_channel=True)`` of its transformer (seed 2),
+    which takes the masked image's latents and the mask (Alimama's kind). 16 x 16 RGB images
+    and masks; ``scheduler`` defaults to SD3's. Float32; the progress bar is off."""
+    parts = dict(tiny_sd3_controlnet_pipeline(folder, scheduler).components)
+    parts["controlnet"] = tiny_sd3_controlnet(parts["transformer"], mask_channel=True)
+    pipe = diffusers.StableDiffusion3ControlNetInpaintingPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
