@@ -865,7 +865,7 @@ def test_edit_image_refuses_masks_that_do_not_fit_before_any_network(tmp_path):
             setattr(target.vae, name, lambda *a, _m=method, **k: vae_calls.append(1) or _m(*a, **k))
     cases = [
         (plain, mask, ValueError, "in_channels = 4, the vae's latents alone"),
-        (plain, mask, ValueError, "ControlNet inpainting pipelines') or a Flux Fill transformer"),
+        (plain, mask, ValueError, "ControlNet inpainting pipelines'), a Flux Fill transformer"),
         (four, mask, ValueError, "in_channels = 4"),
         (pipe, None, ValueError, "give mask_image"),
         (pipe, mask[..., :8, :], ValueError, "(1 or 2, 1, 16, 16)"),

@@ -284,18 +284,25 @@ def test_edit_image_conditions_as_the_controlnet_pipeline_prepares_its_image(tmp
     pixels = (torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(5)) * 255).byte()
     image, control_image = Image.fromarray(pixels.numpy()), _control_image()
     result = _edit(pipe, image, control_image)
+    assert_edit_conditions_as_the_pipeline(pipe, result, control_image=control_image)
+
+
+def assert_edit_conditions_as_the_pipeline(pipe, result, **inputs):
+    """Both ODEs of edit_image's ``result`` hold, bit for bit, the controlnet_cond that
+    ``pipe`` gives its controlnet in a one-step run on ``inputs`` (its control image, and
+    mask), 16 x 16, without guidance."""
     seen = []
     pipe.controlnet.register_forward_pre_hook(
         lambda m, a, k: seen.append(k["controlnet_cond"]), with_kwargs=True
     )
     pipe(
         prompt=PROMPT,
-        control_image=control_image,
         num_inference_steps=1,
         height=16,
         width=16,
         guidance_scale=1.0,
         output_type="latent",
+        **inputs,
     )
     for ode in (result.inversion.ode, result.target):
         assert torch.equal(ode.cond["controlnet_cond"], seen[0])

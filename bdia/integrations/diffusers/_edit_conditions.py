@@ -1,8 +1,9 @@
 """The conditions ``edit_image`` prepares as each pipeline prepares them, for both of its
 ODEs: control images and their latents (Stable Diffusion's, SDXL's, SD3's and Flux's
 ControlNets, Flux's Depth and Canny transformers), inpainting masks and masked-image
-latents (9-channel unets, Flux Fill), Kontext's reference image, and an IP-Adapter's image
-prompt; and the stand-ins of each that ``from_diffusers`` checks before any network runs."""
+latents (9-channel unets, Flux Fill, SD3's inpainting controlnet), Kontext's reference
+image, and an IP-Adapter's image prompt; and the stand-ins of each that ``from_diffusers``
+checks before any network runs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from torch import Tensor
 
 from ._conditioning import _IP_PROJECTION, _JOINT_IMAGES, _UNET_IMAGES, _check_image_embeds
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
-from ._flow_controlnet import _FLUX_CONTROLNET, _SD3_CONTROLNET
+from ._flow_controlnet import (
+    _FLUX_CONTROLNET,
+    _SD3_CONTROLNET,
+    _SD3_INPAINT_PIPELINE,
+    _SD3_PIPELINE,
+    _sd3_inpainting,
+)
 from ._pipeline_parts import _FLUX_PACKING, _float32_vae, _mean, _part, _vae_factor
 from ._scheduler_config import _class_names
 
@@ -127,9 +134,20 @@ def _flux_control_image(
     its ``image_processor``, a tensor taken as it is; one repeated to the batch), in the
     VAE's dtype: ``maker``, the pipeline whose preparation this is (FluxControlPipeline,
     FluxControlNetPipeline, StableDiffusion3ControlNetPipeline), names it where the pipeline
-    has no ``prepare_image``. Refuses, before any network runs, a tensor the VAE cannot take
-    as the image's and a batch that is neither 1 nor the image's."""
-    _part(pipe, "prepare_image", f"to prepare the control image as {maker} does")
+    has no ``prepare_image``. StableDiffusion3ControlNetInpaintingPipeline has none: its
+    ``prepare_image_with_mask`` prepares the image in StableDiffusion3ControlNetPipeline's
+    ``prepare_image``'s steps, which make it here. Refuses, before any network runs, a
+    tensor the VAE cannot take as the image's and a batch that is neither 1 nor the
+    image's."""
+    if maker == _SD3_INPAINT_PIPELINE:
+        _part(pipe, "prepare_image_with_mask", f"to prepare the control image as {maker} does")
+        _part(pipe, "image_processor", f"to prepare the control image as {maker} does")
+        import diffusers
+
+        sibling = diffusers.StableDiffusion3ControlNetPipeline
+        prepare = functools.partial(sibling.prepare_image, pipe)
+    else:
+        prepare = _part(pipe, "prepare_image", f"to prepare the control image as {maker} does")
     batch, _, height, width = shape
     if isinstance(control_image, Tensor) and not (
         control_image.ndim == 4
@@ -148,7 +166,7 @@ def _flux_control_image(
             f"{tuple(control_image.shape)}"
         )
     vae = pipe.vae
-    made = pipe.prepare_image(control_image, width, height, batch, 1, device, vae.dtype)
+    made = prepare(control_image, width, height, batch, 1, device, vae.dtype)
     if made.shape[0] != batch:
         raise ValueError(
             f"control_image holds {made.shape[0]} images for {batch} images to edit; give 1 "
@@ -166,14 +184,27 @@ def _flux_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
     return pipe._pack_latents(latents, *latents.shape)
 
 
-def _sd3_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
+def _sd3_control_latents(
+    pipe: Any, vae: Any, control: Tensor, condition: Tensor | None = None
+) -> Tensor:
     """``from_diffusers``' ``controlnet_cond`` of the prepared control image ``control`` (B,
     3, H, W) for StableDiffusion3ControlNetPipeline's controlnet, as the pipeline encodes it
     but with the *mean* of the VAE's latent distribution where the pipeline draws a sample:
     less ``shift_factor`` (none where the controlnet's ``force_zeros_for_pooled_projection``
     is set, InstantX's, as the pipeline does), times ``scaling_factor``, in the VAE's
-    dtype."""
+    dtype. For an inpainting controlnet, StableDiffusion3ControlNetInpaintingPipeline's, with
+    the mask ``condition`` (1 or B, 1, H, W) in [0, 1], as its ``prepare_image_with_mask``
+    makes them (the mean where it draws): the image set to -1 where the mask is above 0.5,
+    encoded, less ``shift_factor`` (always), times ``scaling_factor``, then ``1 - mask``
+    sized to the latents (nearest) as the last channel: (B, latent_channels + 1, h, w)."""
     shift = vae.config.shift_factor
+    if condition is not None and _sd3_inpainting(pipe.controlnet):
+        mask = condition.to(control.device, control.dtype).expand(control.shape[0], -1, -1, -1)
+        latents = (_mean(vae, control.masked_fill(mask > 0.5, -1.0)) - shift) * (
+            vae.config.scaling_factor
+        )
+        kept = 1 - torch.nn.functional.interpolate(mask, size=tuple(latents.shape[2:]))
+        return torch.cat([latents, kept.to(latents.dtype)], dim=1)
     if pipe.controlnet.config.get("force_zeros_for_pooled_projection", True):
         shift = 0
     return (_mean(vae, control) - shift) * vae.config.scaling_factor
@@ -187,18 +218,28 @@ def _flow_controlnet_kwargs(
     shape: Sequence[int],
     device: torch.device,
 ) -> dict[str, Any]:
-    """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's or
-    StableDiffusion3ControlNetPipeline's controlnet, but with ``controlnet_cond`` the control
-    image as its ``prepare_image`` makes it (B, 3, H, W), which ``_flux_control_latents`` or
-    ``_sd3_control_latents`` encodes once the VAE may run."""
+    """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's,
+    StableDiffusion3ControlNetPipeline's or StableDiffusion3ControlNetInpaintingPipeline's
+    controlnet, but with ``controlnet_cond`` the control image as its ``prepare_image`` makes
+    it (B, 3, H, W), which ``_flux_control_latents`` or ``_sd3_control_latents`` (with the
+    mask, for the inpainting controlnet) encodes once the VAE may run."""
+    inpainting = _sd3_inpainting(pipe.controlnet)
     if control_image is None:
+        what = "the image that guides it, as the pipeline's control_image"
+        if inpainting:
+            what = (
+                "the image kept outside mask_image, which guides it with the mask (as a rule "
+                "the image itself)"
+            )
         raise ValueError(
             f"the pipeline has a controlnet ({type(pipe.controlnet).__name__}); give "
-            "control_image, the image that guides it, as the pipeline's control_image"
+            f"control_image, {what}"
         )
     start, end = settings["control_guidance_start"], settings["control_guidance_end"]
     flux = _FLUX_CONTROLNET in _class_names(pipe.controlnet)
-    maker = "FluxControlNetPipeline" if flux else "StableDiffusion3ControlNetPipeline"
+    maker = "FluxControlNetPipeline" if flux else _SD3_PIPELINE
+    if inpainting:
+        maker = _SD3_INPAINT_PIPELINE
     return {
         "controlnet": pipe.controlnet,
         "controlnet_cond": _flux_control_image(pipe, control_image, shape, device, maker),
@@ -355,12 +396,20 @@ def _control_kwargs(
 
 
 def _mask_condition(
-    pipe: Any, mask_image: Any, inpaint: bool, what: str, shape: Sequence[int]
+    pipe: Any,
+    mask_image: Any,
+    inpaint: bool,
+    what: str,
+    shape: Sequence[int],
+    controlnet: bool = False,
 ) -> Tensor | None:
     """The mask as an inpainting pipeline preprocesses it (its ``mask_processor``: grayscale,
     binarised at 0.5, in [0, 1]), of shape ``(1 or batch, 1, H, W)`` for images of ``shape``
     = (batch, C, H, W); None for a pipeline whose network is not an inpainting unet
-    (``inpaint``; ``what`` names its input channels). One-line refusals for a mask that the
+    (``inpaint``; ``what`` names its input channels). With ``controlnet``, for SD3's
+    inpainting controlnet, a tensor is taken as it is (a copy), as
+    StableDiffusion3ControlNetInpaintingPipeline's ``prepare_image_with_mask`` takes it, and
+    the pipeline needs no ``prepare_mask_latents``. One-line refusals for a mask that the
     pipeline would resize or tile (another size, another batch than 1 and the image's) or
     that is no mask (other channels, values outside [0, 1]), and for any mask to a pipeline
     that blends the image back in (``_BLENDING``) about a network that takes none, before any
@@ -385,8 +434,9 @@ def _mask_condition(
                 f"mask_image was given, but the pipeline's {what}; it conditions an inpainting "
                 "unet (in_channels = 9: the latents, the mask and the masked image's latents; "
                 "StableDiffusionInpaintPipeline's, StableDiffusionXLInpaintPipeline's and "
-                "their ControlNet inpainting pipelines') or a Flux Fill transformer "
-                "(FluxFillPipeline's)"
+                "their ControlNet inpainting pipelines'), a Flux Fill transformer "
+                "(FluxFillPipeline's) or SD3's inpainting controlnet (extra_conditioning_"
+                f"channels = 1, {_SD3_INPAINT_PIPELINE}'s)"
             )
         return None
     if mask_image is None:
@@ -395,7 +445,8 @@ def _mask_condition(
             "and the masked image's latents); give mask_image, white (1) where the edit may "
             "repaint, as the pipeline's mask_image"
         )
-    for name in ("mask_processor", "prepare_mask_latents"):
+    parts = ("mask_processor",) if controlnet else ("mask_processor", "prepare_mask_latents")
+    for name in parts:
         _part(pipe, name, "to prepare the mask and the masked image as the pipeline does")
     batch, _, height, width = shape
     masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]
@@ -440,6 +491,8 @@ def _mask_condition(
         )
     # A copy: the processor binarises a tensor in place where it passes it through.
     given = mask_image.clone() if isinstance(mask_image, Tensor) else mask_image
+    if controlnet and isinstance(given, Tensor):
+        return given
     condition: Tensor = pipe.mask_processor.preprocess(given, height=height, width=width)
     return condition
 

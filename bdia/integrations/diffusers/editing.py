@@ -126,6 +126,7 @@ from ._edit_conditions import (
     _sd3_control_latents,
     _with_image_prompt,
 )
+from ._flow_controlnet import _sd3_inpainting
 from ._pipeline_parts import (
     _FLUX_PACKING,
     _decode,
@@ -669,7 +670,9 @@ def edit_image(
             does a ``FluxControlNetPipeline`` (a ``FluxControlNetModel`` beside the
             transformer, as ``controlnet``) and a ``StableDiffusion3ControlNetPipeline`` (an
             ``SD3ControlNetModel``; its img2img sibling as it, its ``strength`` playing no
-            part); a ``FluxKontextPipeline`` (by its class)
+            part); a ``StableDiffusion3ControlNetInpaintingPipeline`` (an
+            ``SD3ControlNetModel`` with the mask's channel, Alimama's) takes both
+            ``control_image`` and ``mask_image``; a ``FluxKontextPipeline`` (by its class)
             conditions both ODEs on the image itself, as its ``image``: the image's packed
             latents and ids from its ``prepare_latents`` (the mode of the VAE's
             distribution, its mean, as the pipeline encodes it) as ``from_diffusers``'
@@ -780,7 +783,12 @@ def edit_image(
             VAE's ``shift_factor`` only where the controlnet's
             ``force_zeros_for_pooled_projection`` is unset, as the pipeline encodes them
             (which draws a sample from torch's global generator, one per half of
-            guidance's batch).
+            guidance's batch). For a ``StableDiffusion3ControlNetInpaintingPipeline``, the
+            image kept outside ``mask_image`` (as a rule the image itself), as the pipeline's
+            ``control_image``, prepared the same way, set to -1 under the mask and encoded as
+            its ``prepare_image_with_mask`` does (the mean where it draws a sample, less
+            ``shift_factor`` always), with ``1 - mask`` at the latents' size as the last
+            channel of ``controlnet_cond``; needed with it.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
             all), as the pipeline's.
         guess_mode: the pipeline's guess mode.
@@ -812,9 +820,14 @@ def edit_image(
             ``FluxFillPipeline`` the same, packed: the image times ``1 - mask``, as that
             pipeline blanks it, encoded to the VAE's mean, goes with the binarised mask
             through its ``prepare_mask_latents`` (which shifts and scales the latents and
-            packs both, the mask's pixels ``f x f`` a latent pixel). Needed with an inpainting
-            unet or a Fill transformer, refused for any other network: for an inpainting
-            pipeline that blends (its network takes no mask), in a line that says so.
+            packs both, the mask's pixels ``f x f`` a latent pixel). For a
+            ``StableDiffusion3ControlNetInpaintingPipeline``, the pipeline's ``control_mask``:
+            binarised by its ``mask_processor`` (a tensor taken as it is, as the pipeline
+            takes it), it goes into the controlnet's control input with ``control_image``
+            (see there), not into the transformer's. Needed with an inpainting unet, a Fill
+            transformer or SD3's inpainting controlnet, refused for any other network: for an
+            inpainting pipeline that blends (its network takes no mask), in a line that says
+            so.
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
             (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's; or Flux's transformer,
             the ``load_ip_adapter`` of FluxPipeline, FluxKontextPipeline,
@@ -891,7 +904,8 @@ def edit_image(
             without ``prepare_image``, or with a tensor control image that is not of shape
             ``(1 or batch, 3, H, W)``, floating and in [-1, 1], or control images of another
             batch than 1 and the image's.
-            An inpainting unet or a Flux Fill transformer without ``mask_image``, a
+            An inpainting unet, a Flux Fill transformer or SD3's inpainting controlnet
+            without ``mask_image`` (the last without ``control_image`` too), a
             ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
             included, and SD3's and Flux's inpainting pipelines, which blend the image back
             in after every step: the line names the pipeline and the inpainting models to
@@ -1162,7 +1176,18 @@ def edit_image(
             "packed latents, the masked image's and the mask); give mask_image, white (1) "
             "where the edit may repaint, as FluxFillPipeline's mask_image"
         )
-    condition = _mask_condition(pipe, mask_image, inpaint or fill, channels, pixels.shape)
+    # SD3's inpainting controlnet takes the mask and the masked image in its control latents.
+    mask_control = sd3 and _sd3_inpainting(getattr(pipe, "controlnet", None))
+    if mask_control and mask_image is None:
+        raise ValueError(
+            "the pipeline's controlnet takes a mask (extra_conditioning_channels = 1, "
+            "Alimama's inpainting kind); give mask_image, white (1) where the edit may "
+            "repaint (the pipeline's control_mask), and control_image, the image kept outside "
+            "it (as a rule the image itself)"
+        )
+    condition = _mask_condition(
+        pipe, mask_image, inpaint or fill or mask_control, channels, pixels.shape, mask_control
+    )
     # A Flux Depth or Canny transformer's control image is no controlnet's.
     control = _control_kwargs(
         pipe,
@@ -1279,7 +1304,7 @@ def edit_image(
         if condition is not None and fill:
             dtype = embed_dtype or torch.float32
             shared.update(_fill_kwargs(pipe, vae, condition, pixels, dtype, device))
-        elif condition is not None:
+        elif condition is not None and not mask_control:
             # In the unet's dtype, as the pipelines make them (of the prompt embeddings').
             shared.update(
                 _inpaint_kwargs(
@@ -1289,8 +1314,10 @@ def edit_image(
         if control_pixels is not None:
             # A Depth or Canny transformer's channels, or FluxControlNetPipeline's controlnet's.
             name = "controlnet_cond" if control else "control_latents"
-            encode = _sd3_control_latents if sd3 else _flux_control_latents
-            shared[name] = encode(pipe, vae, control_pixels)
+            if sd3:
+                shared[name] = _sd3_control_latents(pipe, vae, control_pixels, condition)
+            else:
+                shared[name] = _flux_control_latents(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
             shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
 
