@@ -399,6 +399,16 @@ cond = dict(encoder_hidden_states=pe, pooled_projections=pp, guidance_scale=7.0,
             negative_cond=dict(encoder_hidden_states=npe, pooled_projections=npp))
 gamma, n, mu, noise = 0.96, 28, None, torch.randn(1, 4, 8, 8)
 """,
+    # The SD3 ControlNet inpainting block: the tiny pipeline, a 16 x 16 image and mask.
+    ("docs/diffusers.md", "pipe.prepare_image_with_mask("): """
+import pathlib
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_sd3_controlnet_inpaint_pipeline
+pathlib.Path("sd3_inpaint_parts").mkdir(exist_ok=True)
+pipe = tiny_sd3_controlnet_inpaint_pipeline("sd3_inpaint_parts")
+image, mask = Image.new("RGB", (16, 16), (200, 120, 40)), Image.new("L", (16, 16), 255)
+width = height = 16
+""",
     ("docs/diffusers.md", "# and mu=..., as the run had it"): """
 steps, guidance = 28, 7.0
 embeds, pooled = torch.cat([npe, pe]), torch.cat([npp, pp])
@@ -542,6 +552,7 @@ LOCAL = {
     ("docs/diffusers.md", 'mask_image=Image.open("bench_mask.png")'): [
         (".resize((512, 512))", ".resize((16, 16))"),
     ],
+    ("docs/diffusers.md", "pipe.prepare_image_with_mask("): [('"cuda"', '"cpu"')],
     ("docs/diffusers.md", '"/models/IP-Adapter"'): [
         ("torch.randn(1, 4, 64, 64,", "torch.randn(1, 4, 8, 8,"),
     ],
