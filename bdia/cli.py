@@ -3115,8 +3115,8 @@ def _ip_adapter_options(
     "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux or Flux Kontext; SD's "
     "and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
     "ControlNet img2img pipelines, Flux Depth and Canny and Flux's and SD3's ControlNet "
-    "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines with "
-    "both. Nothing is downloaded.",
+    "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines and "
+    "SD3's (its controlnet takes the mask) with both. Nothing is downloaded.",
 )
 @click.option(
     "--image",
@@ -3133,9 +3133,11 @@ def _ip_adapter_options(
     help="For StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, "
     "StableDiffusionControlNetInpaintPipeline and StableDiffusionXLControlNetInpaintPipeline "
     "with an inpainting unet (in_channels 9: the latents, the mask and the masked image's "
-    "latents; a 4-channel unet in them is refused), and FluxFillPipeline: the region the "
-    "edit may repaint, white there and black elsewhere, as diffusers' mask_image (read as "
-    "grey, binarised at 0.5); of the photo's size, resized with it by --size.",
+    "latents; a 4-channel unet in them is refused), FluxFillPipeline, and "
+    "StableDiffusion3ControlNetInpaintingPipeline (its control_mask, with --control-image): "
+    "the region the edit may repaint, white there and black elsewhere, as diffusers' "
+    "mask_image (read as grey, binarised at 0.5); of the photo's size, resized with it by "
+    "--size.",
 )
 @click.option(
     "--control-image",
@@ -3143,7 +3145,8 @@ def _ip_adapter_options(
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
     help="For a ControlNet pipeline, or Flux Depth or Canny: the image that guides its "
     "controlnet or transformer (the pipeline's image= or control_image=; e.g. the photo's "
-    "edges or depth map), "
+    "edges or depth map; for SD3's ControlNet inpainting pipeline the image kept outside "
+    "--mask, as a rule the photo itself), "
     "read as RGB, of the photo's size, resized with it by --size; once per controlnet, in "
     "their order, for several.",
 )

@@ -33,6 +33,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_flux_pipeline,
     tiny_inpaint_pipeline,
     tiny_playground_pipeline,
+    tiny_sd3_controlnet_inpaint_pipeline,
     tiny_sd3_controlnet_pipeline,
     tiny_sd3_pipeline,
     tiny_sdxl_pipeline,
@@ -67,6 +68,8 @@ BUILDERS = {
     "flux-control": tiny_flux_control_pipeline,
     "flux-controlnet": tiny_flux_controlnet_pipeline,
     "sd3-controlnet": tiny_sd3_controlnet_pipeline,
+    # SD3's ControlNet inpainting pipeline: its controlnet takes the mask, so both.
+    "sd3-controlnet-inpaint": tiny_sd3_controlnet_inpaint_pipeline,
 }
 # FluxKontextPipeline, the image its own reference: in diffusers 0.35 and newer.
 KONTEXT = hasattr(diffusers, "FluxKontextPipeline")
@@ -294,7 +297,7 @@ def conditioning(name, tmp_path, swapped=False):
     edit_image's mask_image and control_image from the same files; ``swapped``: another mask
     (moved), or the control images in the other order (two controlnets) or another one."""
     options, given = [], {}
-    if name in ("inpaint", "fill", "controlnet-inpaint"):
+    if name in ("inpaint", "fill", "controlnet-inpaint", "sd3-controlnet-inpaint"):
         mask = mask_file(tmp_path / "mask.png", left=6 if swapped else 2)
         options, given = ["--mask", mask], {"mask_image": read(mask, "L")}
     if name in ("inpaint", "fill"):
@@ -321,6 +324,7 @@ def conditioning(name, tmp_path, swapped=False):
         "flux-control",
         "flux-controlnet",
         "sd3-controlnet",
+        "sd3-controlnet-inpaint",
     ],
 )
 def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_path):
@@ -344,7 +348,8 @@ def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_p
 
 def test_the_mask_help_names_the_pipelines_that_take_one():
     """--mask's help names the pipelines edit_image takes a mask for, as its docstring does:
-    the four inpainting pipelines of SD and SDXL with a 9-channel unet, and Flux Fill."""
+    the four inpainting pipelines of SD and SDXL with a 9-channel unet, Flux Fill, and SD3's
+    ControlNet inpainting pipeline."""
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
     mask = text[text.index("--mask FILE") : text.index("--control-image FILE")]
     for name in (
@@ -353,6 +358,7 @@ def test_the_mask_help_names_the_pipelines_that_take_one():
         "StableDiffusionControlNetInpaintPipeline",
         "StableDiffusionXLControlNetInpaintPipeline",
         "FluxFillPipeline",
+        "StableDiffusion3ControlNetInpaintingPipeline",
     ):
         assert name in mask, name
     assert "in_channels 9" in mask and "a 4-channel unet in them is refused" in mask
@@ -468,6 +474,21 @@ def test_a_mask_or_control_image_the_pipeline_takes_not_is_refused(
                 "StableDiffusionControlNetInpaintPipeline's unet is an inpainting one",
                 "give --mask",
                 "StableDiffusionControlNetInpaintPipeline's mask_image",
+            ],
+        ),
+        # SD3's: its controlnet takes the mask, and the control image is the image kept.
+        (
+            "sd3-controlnet-inpaint",
+            ["--mask"],
+            ["StableDiffusion3ControlNetInpaintingPipeline has a controlnet", "--control-image"],
+        ),
+        (
+            "sd3-controlnet-inpaint",
+            ["--control-image"],
+            [
+                "StableDiffusion3ControlNetInpaintingPipeline's controlnet takes a mask",
+                "give --mask",
+                "StableDiffusion3ControlNetInpaintingPipeline's control_mask",
             ],
         ),
     ],
