@@ -1016,11 +1016,17 @@ def save_whole_encoder(family, folder):
             text_config=text, vision_config=vision.config.to_dict(), projection_dim=8
         )
         whole = transformers.CLIPModel(config)
-    # SigLIP's vision model is the whole one's vision_model (no projection); CLIP's has
-    # the whole one's vision_model and visual_projection under the same names.
-    target = whole.vision_model if siglip else whole
-    taken = target.load_state_dict(vision.state_dict(), strict=False)
-    assert not taken.unexpected_keys  # every vision weight has its place in the whole model
+    # The whole model names the vision weights as the vision-only one does (CLIP's vision_model
+    # and visual_projection; SigLIP's vision_model before transformers 5), or one level down
+    # (transformers 5's SiglipModel holds a whole SiglipVisionModel as its vision_model).
+    own = whole.state_dict()
+    placed = {}
+    for key, value in vision.state_dict().items():
+        names = [name for name in (key, f"vision_model.{key}") if name in own]
+        assert len(names) == 1, key  # every vision weight has one place in the whole model
+        placed[names[0]] = value
+    taken = whole.load_state_dict(placed, strict=False)
+    assert not taken.unexpected_keys
     whole.save_pretrained(folder)
     if siglip:
         processor.save_pretrained(folder)
