@@ -5,7 +5,8 @@ branch's arguments).
 The checks refuse, in one line and before any call, arguments the adapter sets itself,
 guidance that cannot run and an LCM-distilled unet without its ``timestep_cond``; Flux's
 have their own (its position ids ``txt_ids`` and ``img_ids``, 2-D and passed as they are,
-and its embedded ``guidance``), and so have an inpainting unet's and a Flux Fill
+and its embedded ``guidance``), Chroma's (Flux's ids, its ``attention_mask``, and no pooled
+or guidance embedding), and so have an inpainting unet's and a Flux Fill
 transformer's (their ``mask`` and ``masked_image_latents``, extra input channels beside the
 latents), a Flux Depth or Canny transformer's control image (its ``control_latents``, extra
 channels too) and FluxKontextPipeline's reference image (its ``image_latents``, extra tokens
@@ -265,6 +266,29 @@ def _flux_kwargs(kwargs: Mapping[str, Any], batch: int, where: str) -> dict[str,
     return {**_batched(rest, batch, where), **ids}
 
 
+def _check_flux_tokens(
+    cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None, axes: int
+) -> None:
+    """Refuse position ids that are not ``(tokens, axes)`` and prompt embeddings of another
+    length than their ``txt_ids``, in either branch (the negative one is a call of its own:
+    its ``txt_ids``, else the conditional ones)."""
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        for key in _FLUX_IDS:
+            if key in mapping:
+                problem = _ids_message(f"{where}[{key!r}]" if where else key, mapping[key], axes)
+                if problem is not None:
+                    raise ValueError(problem)
+        txt_ids = mapping.get("txt_ids", cond["txt_ids"])
+        embeds = mapping.get("encoder_hidden_states")
+        if isinstance(embeds, Tensor) and (embeds.ndim != 3 or embeds.shape[1] != len(txt_ids)):
+            label = f"{where}['encoder_hidden_states']" if where else "encoder_hidden_states"
+            raise ValueError(
+                f"{label} has shape {tuple(embeds.shape)}, but its txt_ids has "
+                f"{len(txt_ids)} rows: give embeddings of shape (batch or 1, tokens, D) with "
+                "one txt_ids row per token"
+            )
+
+
 def _check_flux_cond(
     transformer: Any, cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -288,22 +312,7 @@ def _check_flux_cond(
             "latents' tokens: FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, "
             "dtype) for latents of h x w before packing"
         )
-    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
-        for key in _FLUX_IDS:
-            if key in mapping:
-                problem = _ids_message(f"{where}[{key!r}]" if where else key, mapping[key], axes)
-                if problem is not None:
-                    raise ValueError(problem)
-        # The negative branch is its own call: its txt_ids, else the conditional ones.
-        txt_ids = mapping.get("txt_ids", cond["txt_ids"])
-        embeds = mapping.get("encoder_hidden_states")
-        if isinstance(embeds, Tensor) and (embeds.ndim != 3 or embeds.shape[1] != len(txt_ids)):
-            label = f"{where}['encoder_hidden_states']" if where else "encoder_hidden_states"
-            raise ValueError(
-                f"{label} has shape {tuple(embeds.shape)}, but its txt_ids has "
-                f"{len(txt_ids)} rows: give embeddings of shape (batch or 1, tokens, D) with "
-                "one txt_ids row per token"
-            )
+    _check_flux_tokens(cond, negative_cond, axes)
     embedded = bool(config.get("guidance_embeds", False))
     positive = dict(cond)
     negative = None if negative_cond is None else dict(negative_cond)
@@ -328,6 +337,93 @@ def _check_flux_cond(
             "tensor of shape (batch,) or (1,)"
         )
     return positive, negative
+
+
+# Flux's transformer arguments that Chroma's transformer has no input for, and why.
+_CHROMA_LACKS = {
+    "pooled_projections": "Chroma encodes the prompt with T5 alone, and has no pooled embeddings",
+    "guidance": "it embeds no guidance scale; ChromaPipeline's guidance_scale is true CFG, "
+    "guidance_scale= with negative_cond=",
+}
+_CHROMA_MASK_HOW = (
+    "pipe._prepare_attention_mask(1, tokens, dtype, prompt_attention_mask), the prompt's mask "
+    "from encode_prompt followed by ones for the image tokens"
+)
+
+
+def _check_chroma_cond(
+    transformer: Any, cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None
+) -> None:
+    """Refuse, in one line and before any call, Chroma conditioning the transformer cannot take
+    as ChromaPipeline gives it.
+
+    ChromaPipeline calls its transformer as FluxPipeline calls Flux's, on the packed latents
+    with ``txt_ids`` ``(L, 3)`` and ``img_ids`` ``(tokens, 3)``, but with the T5 embeddings
+    ``encoder_hidden_states`` ``(batch or 1, L, D)`` alone (no ``pooled_projections``, no
+    ``guidance``) and an ``attention_mask`` ``(batch or 1, L + tokens)``: the prompt's mask
+    (``encode_prompt``'s, which keeps the first padding token) followed by ones for the image
+    tokens (``_prepare_attention_mask``). Its ``guidance_scale`` is true CFG, a second call
+    with the negative prompt's embeddings and their own mask: negative embeddings without a
+    mask of their own are refused (the conditional mask would let the negative call attend to
+    the padding after the positive prompt's length, another vector field than the
+    pipeline's). IP-Adapters are not mapped for Chroma's pipelines and are refused."""
+    name = type(transformer).__name__
+    axes = len(transformer.config.get("axes_dims_rope", (16, 56, 56)))
+    branches = (("", cond), ("negative_cond", negative_cond or {}))
+    for where, branch in branches:
+        for key, why in _CHROMA_LACKS.items():
+            if key in branch:
+                label = f"{where}[{key!r}]" if where else key
+                raise ValueError(f"{name} takes no {key} ({why}); leave {label} out")
+    for key in ("encoder_hidden_states", "txt_ids", "attention_mask"):
+        if key not in cond:
+            raise ValueError(
+                f"{name} needs cond key {key!r}: ChromaPipeline.encode_prompt returns "
+                "(prompt_embeds, text_ids, prompt_attention_mask, ...); pass them as "
+                f"encoder_hidden_states, txt_ids and attention_mask = {_CHROMA_MASK_HOW}"
+            )
+    if "img_ids" not in cond:
+        raise ValueError(
+            f"{name} needs cond key 'img_ids', the (tokens, {axes}) positions of the packed "
+            "latents' tokens: ChromaPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "
+            "device, dtype) for latents of h x w before packing"
+        )
+    _check_flux_tokens(cond, negative_cond, axes)
+    negative = negative_cond or {}
+    if "encoder_hidden_states" in negative and "attention_mask" not in negative:
+        raise ValueError(
+            "negative_cond has encoder_hidden_states but no attention_mask: ChromaPipeline's "
+            "negative call masks the negative prompt by its own length; give "
+            "negative_cond['attention_mask'] = pipe._prepare_attention_mask(1, tokens, dtype, "
+            "negative_prompt_attention_mask), encode_prompt's negative mask followed by ones"
+        )
+    for where, branch in branches:
+        mask = branch.get("attention_mask")
+        if mask is None:
+            continue
+        text = len(branch.get("txt_ids", cond["txt_ids"]))
+        tokens = len(branch.get("img_ids", cond["img_ids"]))
+        if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] == text + tokens:
+            continue
+        label = f"{where}['attention_mask']" if where else "attention_mask"
+        got = f"a {type(mask).__name__}"
+        hint = ""
+        if isinstance(mask, Tensor):
+            got = f"shape {tuple(mask.shape)}"
+            if mask.ndim == 2 and mask.shape[1] == text:
+                hint = f" (the prompt's mask alone: make it {_CHROMA_MASK_HOW})"
+        raise ValueError(
+            f"{label} must have shape (batch or 1, {text + tokens}), one entry per text token "
+            f"({text}) then per image token ({tokens}), as ChromaPipeline passes it; got "
+            f"{got}{hint}"
+        )
+    images = [_image_embeds(branch, _JOINT_IMAGES) for _, branch in branches]
+    if _ip_adapters(transformer) is not None or any(e is not None for e in images):
+        raise ValueError(
+            f"{name} with an IP-Adapter (loaded, or ip_adapter_image_embeds given): "
+            "ChromaPipeline's IP-Adapters are not mapped; unload it (pipe.unload_ip_adapter()) "
+            "and leave ip_adapter_image_embeds out"
+        )
 
 
 def _both_given(mask: Any, masked_image_latents: Any, how: str) -> None:

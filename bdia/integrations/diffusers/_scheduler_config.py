@@ -62,10 +62,13 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 
 # Flow-matching schedulers whose sigmas are the transformer's timesteps over N, and the
 # flow-matching transformers the adapter calls as their pipelines do: SD3's as
-# StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does.
+# StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does, and Chroma's, Flux's
+# transformer without pooled embeddings or guidance embedding, as ChromaPipeline does (on
+# Flux's packed latents, ids and timestep, with an attention mask).
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _SD3_MODELS = ("SD3Transformer2DModel",)
-_FLUX_MODELS = ("FluxTransformer2DModel",)
+_CHROMA_MODELS = ("ChromaTransformer2DModel",)
+_FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS
 _FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS
 _SPACES = ("vp", "edm", "flow")
 # Relative slack on noise levels: diffusers stores its sigmas in float32 (rounding 6e-8), and
@@ -266,8 +269,9 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
     if isinstance(model, diffusers.ModelMixin):
         raise ValueError(
             f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
-            "SD3Transformer2DModel (Stable Diffusion 3 and 3.5) and FluxTransformer2DModel "
-            "(Flux.1) with a flow-matching scheduler, and does not know how this model is called"
+            "SD3Transformer2DModel (Stable Diffusion 3 and 3.5), FluxTransformer2DModel "
+            "(Flux.1) and ChromaTransformer2DModel with a flow-matching scheduler, and does not "
+            "know how this model is called"
         )
 
 
@@ -295,7 +299,12 @@ def _check_edm_config(scheduler: Any) -> None:
 
 
 def _is_flux(model: Any) -> bool:
+    """Whether ``model`` is called as FluxPipeline calls its transformer (Chroma's too)."""
     return any(n in _FLUX_MODELS for n in _class_names(model))
+
+
+def _is_chroma(model: Any) -> bool:
+    return any(n in _CHROMA_MODELS for n in _class_names(model))
 
 
 def _check_model_config(scheduler: Any, allowed: tuple[str, ...] = tuple(_PREDICTIONS)) -> str:

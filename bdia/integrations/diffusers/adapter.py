@@ -24,7 +24,9 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   (``FluxFillPipeline``'s) takes ``mask=`` and ``masked_image_latents=`` as extra channels of
   those tokens, a Depth or Canny one (``FluxControlPipeline``'s) ``control_latents=``, and
   ``FluxKontextPipeline``'s takes ``image_latents=``, a reference image's tokens after the
-  latents' (see below).
+  latents' (see below). ``ChromaTransformer2DModel`` is called as ``ChromaPipeline`` calls
+  it, as Flux's but with T5's ``encoder_hidden_states`` alone (no pooled embeddings, no
+  guidance embedding) and an ``attention_mask`` over the text and image tokens.
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -90,6 +92,7 @@ from ._conditioning import (
     _RESERVED,
     _batched,
     _cast_cond,
+    _check_chroma_cond,
     _check_cond,
     _check_flux_cond,
     _check_flux_ip_adapter,
@@ -129,6 +132,7 @@ from ._scheduler_config import (
     _check_schedule_config,
     _class_names,
     _clean_end,
+    _is_chroma,
     _is_flux,
     _is_preconditioned,
     _schedule,
@@ -947,8 +951,9 @@ def from_diffusers(
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, or any module called as
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
-            with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel`` or
-            a ``FluxTransformer2DModel`` (``pipe.transformer``), or any module called as
+            with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``, a
+            ``FluxTransformer2DModel`` or a ``ChromaTransformer2DModel``
+            (``pipe.transformer``), or any module called as
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` that returns
             the velocity ``eps - x0``. With an EDM-preconditioned scheduler, the raw network
             ``F`` of the denoiser, called as ``StableDiffusionXLPipeline`` calls it with that
@@ -1121,6 +1126,14 @@ def from_diffusers(
             shape ``(batch or 1,)``. Its classifier-free guidance (FluxPipeline's
             ``true_cfg_scale`` with a negative prompt) makes two calls, the conditional one
             first, as the pipeline does; the negative branch may have its own ``txt_ids``.
+            Chroma needs Flux's ``encoder_hidden_states`` (T5's), ``txt_ids`` and ``img_ids``,
+            no ``pooled_projections`` or ``guidance``, and ``attention_mask`` ``(batch or 1,
+            L + tokens)``, as ChromaPipeline passes it: ``pipe._prepare_attention_mask(1,
+            tokens, dtype, mask)`` of ``encode_prompt``'s mask (the prompt's tokens and its
+            first padding token, then ones for the image tokens). Its ``guidance_scale``
+            (true CFG, 5 by default) is ``guidance_scale`` here, two calls as Flux's, with
+            the negative prompt's embeddings, ``txt_ids`` and its own ``attention_mask`` in
+            ``negative_cond``.
             A unet with IP-Adapters loaded (``pipe.load_ip_adapter``: its
             ``encoder_hid_dim_type`` is ``"ip_image_proj"``) needs the image prompt as
             ``added_cond_kwargs={"image_embeds": [...]}``, a list of one floating tensor per
@@ -1177,7 +1190,13 @@ def from_diffusers(
             ``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` or ``img_ids``;
             ids that are not 2-D ``(tokens, 3)``; embeddings whose length is not their
             ``txt_ids``' rows; ``guidance`` missing (with ``guidance_embeds``), given
-            (without it), not finite, or a tensor that is not 1-D and floating. For a Fill
+            (without it), not finite, or a tensor that is not 1-D and floating. For Chroma:
+            ``pooled_projections`` or ``guidance`` (in either branch); a missing
+            ``encoder_hidden_states``, ``txt_ids``, ``img_ids`` or ``attention_mask``; ids and
+            embeddings as for Flux; a mask that is not ``(batch or 1, L + tokens)`` (the
+            prompt's mask alone, not extended over the image tokens, named as such);
+            negative embeddings without their own mask; an IP-Adapter, a ``controlnet``,
+            ``mask``, ``masked_image_latents``, ``image_latents`` or ``control_latents``. For a Fill
             transformer (``in_channels`` more than ``out_channels``): no ``mask`` or
             ``masked_image_latents`` (or one without the other), them for a transformer
             without room for both beside the latents (``in_channels`` at most twice
@@ -1277,13 +1296,31 @@ def from_diffusers(
     guidance_scale = cond.pop("guidance_scale", None)
     negative_cond = cond.pop("negative_cond", None)
     _check_guidance(guidance_scale, negative_cond)
-    _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
     flux = space == "flow" and _is_flux(unet)
+    chroma = flux and _is_chroma(unet)
+    if chroma:
+        extras = dict(
+            controlnet=controlnet,
+            mask=mask,
+            masked_image_latents=masked_image_latents,
+            image_latents=image_latents,
+            control_latents=control_latents,
+        )
+        given = [k for k, v in extras.items() if v is not None]
+        if given:
+            raise ValueError(
+                f"{given[0]} was given for a ChromaTransformer2DModel, which ChromaPipeline and "
+                "ChromaImg2ImgPipeline call on the latents alone (no controlnet, Fill, Depth, "
+                "Canny or Kontext inputs); leave it out"
+            )
+        _check_chroma_cond(unet, cond, negative_cond)
+    # Chroma's first: Flux's keys in negative_cond alone are Chroma's to refuse.
+    _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
     elif not flux:
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    if flux:
+    if flux and not chroma:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
         _check_flux_ip_adapter(unet, cond, negative_cond, guidance_scale)
 

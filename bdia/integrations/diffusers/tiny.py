@@ -7,14 +7,14 @@ or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
 (``StableDiffusionXLImg2ImgPipeline``), their ControlNet pipelines (text-to-image and
 img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
-``FluxKontextPipeline``, the ControlNet pipelines of Flux (``FluxControlNetModel``,
-``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
-``StableDiffusion3ControlNetPipeline``, and with a mask channel
-``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
-Diffusion and SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's,
-SDXL's, Flux's or SD3's pipeline with an IP-Adapter loaded), a few thousand weights each:
-for tests and for checking plumbing and exactness, which do not depend on the weights. A
-random network is no denoiser, so what they sample is not an image of anything.
+``FluxKontextPipeline``, Chroma's ``ChromaTransformer2DModel`` and ``ChromaPipeline`` (T5
+alone), the ControlNet pipelines of Flux (``FluxControlNetModel``, ``FluxControlNetPipeline``)
+and SD3 (``SD3ControlNetModel``, ``StableDiffusion3ControlNetPipeline``, and with a mask
+channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
+Diffusion and SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's, SDXL's,
+Flux's or SD3's pipeline with an IP-Adapter loaded), a few thousand weights each: for tests
+and for checking plumbing and exactness, which do not depend on the weights. A random
+network is no denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "tiny_unet",
     "tiny_sd3_transformer",
     "tiny_flux_transformer",
+    "tiny_chroma_transformer",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
@@ -41,6 +42,7 @@ __all__ = [
     "tiny_playground_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
+    "tiny_chroma_pipeline",
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
@@ -149,6 +151,20 @@ def tiny_sd3_transformer(
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
+# The blocks of the tiny Flux and Chroma transformers: one double-stream and one
+# single-stream block of width 16 on packed latents of 16 channels and text tokens of width 16.
+_TINY_FLUX_BLOCKS: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(2, 2, 4),
+)
+
+
 def tiny_flux_transformer(
     *,
     guidance_embeds: bool = True,
@@ -167,19 +183,38 @@ def tiny_flux_transformer(
     eval mode and ``dtype``; ``overrides`` add to or replace fields of its config."""
     torch.manual_seed(seed)
     config: dict[str, Any] = dict(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
+        _TINY_FLUX_BLOCKS, pooled_projection_dim=8, guidance_embeds=guidance_embeds
     )
     config.update(overrides)
     net = diffusers.FluxTransformer2DModel(**config)
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def tiny_chroma_transformer(
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A ``ChromaTransformer2DModel`` (diffusers 0.35 and later) with one double-stream and one
+    single-stream block on packed latents of shape ``(batch, tokens, 16)``, as
+    ``tiny_flux_transformer``'s, text tokens of width 16 (``encoder_hidden_states`` of shape
+    ``(batch, L, 16)``, T5's alone: no pooled embeddings, no guidance embedding), position ids
+    ``txt_ids`` of shape ``(L, 3)`` and ``img_ids`` of shape ``(tokens, 3)``, an
+    ``attention_mask`` of shape ``(batch, L + tokens)``, and a one-layer modulation
+    approximator of width 16. Weights drawn with ``torch.manual_seed(seed)``, in eval mode
+    and ``dtype``; ``overrides`` add to or replace fields of its config."""
+    if not hasattr(diffusers, "ChromaTransformer2DModel"):
+        raise ImportError(
+            f"ChromaTransformer2DModel needs diffusers 0.35 or later; this is "
+            f"{diffusers.__version__}"
+        )
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        _TINY_FLUX_BLOCKS,
+        approximator_num_channels=16,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    )
+    config.update(overrides)
+    net = diffusers.ChromaTransformer2DModel(**config)
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
@@ -476,6 +511,25 @@ def _tiny_t5_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
     )
 
 
+def _tiny_t5_encoder(tokenizer: Any) -> Any:
+    """A one-layer ``T5EncoderModel`` of width 16 on ``tokenizer``, drawn from torch's global
+    generator (seed it first); in eval mode."""
+    import transformers
+
+    t5_config = transformers.T5Config(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return transformers.T5EncoderModel(t5_config).eval()
+
+
 def tiny_flux_pipeline(
     folder: str | Path, scheduler: Any = None, *, guidance_embeds: bool = True
 ) -> Any:
@@ -491,24 +545,11 @@ def tiny_flux_pipeline(
     Flux's ``scaling_factor`` and ``shift_factor``. ``scheduler`` defaults to Flux.1-dev's
     ``FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)``. The progress bar is off.
     """
-    import transformers
-
     tokenizer = tiny_tokenizer(folder)
     tokenizer_2 = _tiny_t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = _tiny_text_encoder(tokenizer, hidden_size=8, intermediate_size=16)
-    t5_config = transformers.T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-    )
-    text_encoder_2 = transformers.T5EncoderModel(t5_config).eval()
+    text_encoder_2 = _tiny_t5_encoder(tokenizer_2)
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     pipe = diffusers.FluxPipeline(
@@ -519,6 +560,32 @@ def tiny_flux_pipeline(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_chroma_pipeline(scheduler: Any = None) -> Any:
+    """A float32 ``ChromaPipeline`` (diffusers 0.35 and later) of tiny random parts on 16 x 16
+    RGB images: ``tiny_flux_pipeline``'s T5 encoder and tokenizer (prompt embeddings of shape
+    ``(batch, L, 16)`` for ``max_sequence_length=L``; pass ``max_sequence_length=16``),
+    ``tiny_chroma_transformer()`` on the packed latents of shape ``(batch, 16, 16)``, and
+    ``tiny_flux_pipeline``'s VAE. ``scheduler`` defaults to Flux.1-dev's
+    ``FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)`` (ChromaPipeline passes it
+    FluxPipeline's sigmas and mu). Made in memory (Chroma has no CLIP tokenizer to write);
+    the progress bar is off."""
+    transformer = tiny_chroma_transformer()
+    tokenizer = _tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = _tiny_t5_encoder(tokenizer)
+    if scheduler is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    pipe = diffusers.ChromaPipeline(
+        scheduler=scheduler,
+        vae=_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
