@@ -137,6 +137,14 @@ if not pathlib.Path("flux").is_dir():
     tiny_flux_pipeline("flux").save_pretrained("flux")
 """
 
+# The tiny Chroma pipeline in diffusers' layout ("chroma"): diffusers 0.35 and newer.
+_CHROMA_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_chroma_pipeline
+if not pathlib.Path("chroma").is_dir():
+    tiny_chroma_pipeline().save_pretrained("chroma")
+"""
+
 # A ControlNet of the tiny Stable Diffusion pipeline's unet in diffusers' layout
 # ("controlnet"), beside that pipeline's folder, and a 16 x 16 edge map.
 _CONTROLNET_FOLDER = (
@@ -331,6 +339,7 @@ pathlib.Path("sd_parts").mkdir(exist_ok=True)
 pipe = tiny_text_to_image_pipeline("sd_parts")
 """,
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _FLUX_FOLDER,
+    ("docs/diffusers.md", '"/models/Chroma1-HD"'): _CHROMA_FOLDER,
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): (
         _FLUX_FOLDER
         + """
@@ -527,6 +536,11 @@ LOCAL = {
     ],
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): [
         ('"/models/FLUX.1-dev"', '"flux"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("height = width = 1024", "height = width = 16"),
+    ],
+    ("docs/diffusers.md", '"/models/Chroma1-HD"'): [
+        ('"/models/Chroma1-HD"', '"chroma"'),
         ('device = "cuda"', 'device = "cpu"'),
         ("height = width = 1024", "height = width = 16"),
     ],
@@ -761,6 +775,17 @@ def _flux_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _chroma_inverted(ns):
+    # Chroma's packed latents (here (1, 16, 16)) under true CFG 5 with the negative prompt's
+    # own mask, "(batch or 1, L + tokens)", and "back.earlier is noise, to rounding": the
+    # float32 state's two words invert the bfloat16 transformer's steps exactly (measured: 0).
+    cond, noise = ns["ode"].cond, ns["noise"]
+    assert noise.shape == (1, 16, 16) and ns["ode"].model_dtype == torch.bfloat16
+    assert cond["guidance_scale"] == 5.0 and cond["attention_mask"].shape == (1, 512 + 16)
+    assert cond["negative_cond"]["attention_mask"].shape == (1, 512 + 16)
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _flux_fill_inverted(ns):
     # The packed mask and masked image latents in the transformer's dtype, "(1, 4096, 256)
     # and (1, 4096, 64)" (here (1, 16, 16) each: 16 tokens of the 4 x 4 mask pixels a latent
@@ -854,6 +879,7 @@ AFTER = {
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
+    ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): _edit_round_trip,
     ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): _flux_fill_inverted,
@@ -870,7 +896,10 @@ AFTER = {
 # Blocks that need a newer release of a package than the oldest the project supports, by the
 # package's name and that release: skipped where an older one is installed. Such a block
 # defines nothing that a later block of its page uses.
-NEWER = {("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35))}
+NEWER = {
+    ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35)),
+    ("docs/diffusers.md", '"/models/Chroma1-HD"'): ("diffusers", (0, 35)),
+}
 
 
 def _older(package: str, release: tuple[int, ...]) -> bool:
