@@ -32,6 +32,7 @@ from bdia.integrations.diffusers import (
     BDIAInverseScheduler,
     BDIAScheduler,
     diffusers_grid,
+    edit_image,
     from_diffusers,
 )
 from bdia.integrations.diffusers.tiny import (
@@ -422,3 +423,112 @@ def test_bdia_scheduler_in_chroma_img2img_pipeline_is_bdia_sample_and_inverts():
     assert_flow_img2img_is_bdia_sample(
         pipe, runs, ode, ts, 4, lambda pair: _invert(pipe, pair, cond)
     )
+
+
+# ------------------------------------------------------------------------ edit_image
+
+
+SOURCE, TARGET = "a photo of a cat", "a painting of a dog"
+
+
+def _image(batch):
+    return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+@pytest.mark.parametrize("cfg", [None, 1.0], ids=["true-cfg-5", "no-cfg"])
+def test_edit_image_round_trip_is_exact(cfg):
+    """edit_image on ChromaPipeline (bdia(euler, 0.96), float64 state): the grid is the
+    pipeline's 10 sigmas, shifted by its mu for the 16 packed tokens, and the final 0; by
+    default the pipeline's true CFG 5 with the negative prompt ""; reconstruct() returns
+    the packed latents to 1e-12 relative (measured: 0, exactly)."""
+    pipe = tiny_chroma_pipeline()
+    out = edit_image(
+        pipe, _image(2), SOURCE, TARGET, num_inference_steps=N_STEPS, guidance_scale=cfg
+    )
+    ts = diffusers_grid(pipe.scheduler, N_STEPS, mu=_mu(pipe.scheduler), sigmas=_sigmas())
+    assert torch.equal(out.inversion.ts, ts)
+    cond = out.inversion.ode.cond
+    assert cond.get("guidance_scale") == (TRUE_CFG if cfg is None else None)
+    assert ("negative_cond" in cond) == (cfg is None)
+    assert cond["attention_mask"].shape == (1, 512 + TOKENS)  # T5's 512 tokens, then 16
+    assert out.latents.shape == (2, TOKENS, 16) and out.latents.dtype == torch.float64
+    assert out.latent_error < 1e-12
+    assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
+    assert torch.isfinite(out.edited_latents).all()
+
+
+def _calls(module, run):
+    """The keyword arguments of each call of ``module`` while ``run()`` runs."""
+    seen = []
+    handle = module.register_forward_pre_hook(
+        lambda m, a, k: seen.append(dict(k)), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("cfg", [None, 1.0], ids=["true-cfg-5", "no-cfg"])
+def test_edit_image_gives_the_transformer_what_chroma_pipeline_gives_it(cfg):
+    """ChromaPipeline.__call__ and edit_image (float32 state, the same prompt and guidance)
+    give the transformer the same encoder_hidden_states, txt_ids, img_ids and
+    attention_mask, bit for bit, in each branch (by default the conditional call, then the
+    negative prompt ""'s), at the pipeline's timesteps and, once a branch, at timestep 0,
+    where the inversion starts from the latents."""
+    pipe = tiny_chroma_pipeline()
+    options = {} if cfg is None else {"guidance_scale": cfg}
+    theirs = _calls(
+        pipe.transformer,
+        lambda: pipe(
+            SOURCE,
+            height=16,
+            width=16,
+            num_inference_steps=N_STEPS,
+            output_type="latent",
+            **options,
+        ),
+    )
+    ours = _calls(
+        pipe.transformer,
+        lambda: edit_image(
+            pipe,
+            _image(1),
+            SOURCE,
+            TARGET,
+            num_inference_steps=N_STEPS,
+            state_dtype=torch.float32,
+            **options,
+        ),
+    )
+    branches = 2 if cfg is None else 1
+    assert len(theirs) == branches * N_STEPS and len(ours) == branches * (3 * N_STEPS - 1)
+    for k in range(branches):
+        for key in ("encoder_hidden_states", "txt_ids", "img_ids", "attention_mask"):
+            assert torch.equal(ours[k][key], theirs[k][key]), (k, key)
+    if branches == 2:  # the negative prompt's own embeddings and mask
+        assert not torch.equal(ours[1]["attention_mask"], ours[0]["attention_mask"])
+    timesteps = [{float(t) for r in run for t in r["timestep"]} for run in (ours, theirs)]
+    assert timesteps[0] == timesteps[1] | {0.0} and len(timesteps[1]) == N_STEPS
+
+
+def test_edit_image_refuses_what_chroma_does_not_take():
+    """One line each, before any network runs: Flux's embedded guidance, prompt embeddings
+    (their mask is made with them from the text), and an image prompt."""
+    pipe = tiny_chroma_pipeline()
+    calls = Counter(pipe.transformer)
+    embeds = torch.zeros(1, 8, 16)
+    for options, error, field in (
+        (dict(guidance=3.5), ValueError, "embeds no guidance"),
+        (dict(source_prompt=embeds), TypeError, "source_prompt must be text"),
+        (dict(negative_prompt=embeds), TypeError, "negative_prompt must be text"),
+        (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 8)]), ValueError, "IP-Adapters"),
+    ):
+        args = dict(source_prompt=SOURCE, target_prompt=TARGET, num_inference_steps=2)
+        args.update(options)
+        with pytest.raises(error) as exc_info:
+            edit_image(pipe, _image(1), **args)
+        _one_line_error(exc_info, field)
+    assert calls.calls == 0

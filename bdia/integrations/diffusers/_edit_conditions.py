@@ -80,6 +80,15 @@ def _flux_probe_cond(config: Mapping[str, Any], guidance: float | None) -> dict[
     return cond
 
 
+def _chroma_probe_cond(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``_flux_probe_cond``'s for Chroma's transformer: its attention mask in place of the
+    pooled embeddings, with no tokens either."""
+    cond = _flux_probe_cond(config, None)
+    del cond["pooled_projections"]
+    cond["attention_mask"] = torch.zeros(1, 0)
+    return cond
+
+
 def _fill_channels(pipe: Any, vae: Any) -> int:
     """A Flux Fill transformer's ``in_channels`` with ``vae``: the packed latents, the masked
     image's packed latents, and the packed mask (a latent pixel's ``f x f`` mask pixels in

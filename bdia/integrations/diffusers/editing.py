@@ -1,5 +1,5 @@
 """Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL,
-Stable Diffusion 3, Flux).
+Stable Diffusion 3, Flux, Chroma).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
@@ -7,11 +7,12 @@ with ``text_encoder`` for text prompts), ``StableDiffusionXLPipeline`` (the same
 ``tokenizer_2`` and ``text_encoder_2``) or ``StableDiffusion3Pipeline`` (``transformer`` in
 place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers and text
 encoders, and T5 where it has one) or ``FluxPipeline`` (a ``FluxTransformer2DModel``, the
-same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents), or
-the ControlNet pipelines of Stable Diffusion and SDXL (with ``controlnet`` and
-``prepare_image``, or for their img2img pipelines ``prepare_control_image``, given
-``control_image``: both ODEs call the controlnet on it; an img2img pipeline edits as its
-text-to-image sibling, the whole image inverted), or the
+same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents) or
+``ChromaPipeline`` (a ``ChromaTransformer2DModel``, Flux's parts but T5 alone, and its
+``_prepare_attention_mask``), or the ControlNet pipelines of Stable Diffusion and SDXL (with
+``controlnet`` and ``prepare_image``, or for their img2img pipelines
+``prepare_control_image``, given ``control_image``: both ODEs call the controlnet on it; an
+img2img pipeline edits as its text-to-image sibling, the whole image inverted), or the
 inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
 ``mask_processor`` and ``prepare_mask_latents``, given ``mask_image``: both ODEs give the
 unet the mask and the masked image's latents as extra input channels), or the
@@ -55,7 +56,9 @@ ODEs give the unet or the transformer the pipeline's image embeddings) and:
    itself and is given what Stable Diffusion's is; SD3's transformer gets
    ``encoder_hidden_states`` and ``pooled_projections``, as its pipeline passes them, and
    Flux's those, ``txt_ids``, the latents' ``img_ids`` (the pipeline's
-   ``_prepare_latent_image_ids``) and, for Flux.1-dev, the embedded ``guidance``;
+   ``_prepare_latent_image_ids``) and, for Flux.1-dev, the embedded ``guidance``; Chroma's
+   the T5 embeddings, ``txt_ids``, ``img_ids`` and the ``attention_mask`` of each prompt
+   over its tokens and the image's, as ChromaPipeline makes them from text;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    (for SD3 the rectified flow of its sigmas) and the grid with ``diffusers_grid``, taking
    the encoded latents as the state at the grid's last point; where the scheduler's grid
@@ -111,6 +114,7 @@ from ._edit_conditions import (
     _check_embeds_batch,
     _check_image_prompt,
     _check_sd3_image_prompt,
+    _chroma_probe_cond,
     _control_kwargs,
     _control_probe_cond,
     _fill_channels,
@@ -136,7 +140,7 @@ from ._pipeline_parts import (
     _part,
     _vae_factor,
 )
-from ._scheduler_config import _SIGMA_SLACK, _class_names
+from ._scheduler_config import _SIGMA_SLACK, _class_names, _is_chroma
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
 
@@ -150,6 +154,7 @@ _TEXT = "text"
 # The transformers whose pipelines edit_image knows how to embed prompts for and call.
 _SD3 = "SD3Transformer2DModel"
 _FLUX = "FluxTransformer2DModel"
+_CHROMA = "ChromaTransformer2DModel"
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
 # scheduler's 1.15).
@@ -163,6 +168,8 @@ _SHIFT_FIELDS = (
 _FLUX_SHIFT_FIELDS = _SHIFT_FIELDS[:3] + (("max_shift", 1.15),)
 # FluxPipeline's default guidance_scale: Flux.1-dev's embedded guidance.
 _FLUX_GUIDANCE = 3.5
+# ChromaPipeline's default guidance_scale: true CFG, with the negative prompt "".
+_CHROMA_GUIDANCE = 5.0
 # The static methods of FluxPipeline that make its state and positions.
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
 # The pipelines that give their Flux transformer a reference image's tokens (the inpainting
@@ -356,7 +363,7 @@ def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
 
 def _network(pipe: Any) -> tuple[Any, str]:
     """The pipeline's unet (then ``"unet"``), or its SD3 or Flux transformer (``"sd3"``,
-    ``"flux"``)."""
+    ``"flux"``; Chroma's, called as Flux's on the same packed latents, is ``"flux"`` too)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return unet, "unet"
@@ -370,12 +377,13 @@ def _network(pipe: Any) -> tuple[Any, str]:
     names = [c.__name__ for c in type(transformer).__mro__]
     if _SD3 in names:
         return transformer, "sd3"
-    if _FLUX in names:
+    if _FLUX in names or _CHROMA in names:
         return transformer, "flux"
     raise ValueError(
         f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
-        f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline) and Flux's "
-        f"{_FLUX} (FluxPipeline), and besides them the unets of Stable Diffusion and SDXL"
+        f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
+        f"{_FLUX} (FluxPipeline) and Chroma's {_CHROMA} (ChromaPipeline), and besides them "
+        "the unets of Stable Diffusion and SDXL"
     )
 
 
@@ -563,6 +571,24 @@ def _embed_flux(
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
 
 
+def _embed_chroma(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None, tokens: int
+) -> dict[str, Tensor]:
+    """Chroma's transformer arguments of a text prompt, as ChromaPipeline makes them:
+    ``encoder_hidden_states`` (B, L, D) in ``dtype``, ``txt_ids`` (L, 3), and
+    ``attention_mask`` (B, L + ``tokens``): ``encode_prompt``'s mask (the prompt's tokens and
+    its first padding token) followed by ones for the ``tokens`` image tokens, by the
+    pipeline's ``_prepare_attention_mask`` in the embeddings' dtype as encoded."""
+    text = prompt if isinstance(prompt, str) else list(prompt)
+    embeds, text_ids, mask, *_ = pipe.encode_prompt(
+        text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    mask = pipe._prepare_attention_mask(mask.shape[0], tokens, embeds.dtype, mask)
+    if dtype is not None:
+        embeds = embeds.to(dtype)
+    return {"encoder_hidden_states": embeds, "txt_ids": text_ids, "attention_mask": mask}
+
+
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
     """The unet arguments of one SDXL branch."""
     return {
@@ -634,7 +660,8 @@ def edit_image(
 
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-            ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or Stable Diffusion's or SDXL's
+            ``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``ChromaPipeline`` (or Stable
+            Diffusion's or SDXL's
             ControlNet pipeline or ControlNet img2img pipeline, with ``control_image``, or
             their inpainting pipeline with a 9-channel unet, with ``mask_image``, or their
             ControlNet inpainting pipelines with a 9-channel unet, with both), or any object
@@ -663,7 +690,11 @@ def edit_image(
             as the SD3 pipelines, without an upcast (they have none); so does Flux's, whose
             latents are then packed by ``_pack_latents`` (and unpacked by
             ``_unpack_latents`` before decoding), as FluxImg2ImgPipeline encodes and
-            FluxPipeline decodes. A ``FluxFillPipeline`` (a Fill transformer, whose
+            FluxPipeline decodes. A ``ChromaPipeline`` (a ``ChromaTransformer2DModel``, T5's
+            ``tokenizer`` and ``text_encoder`` alone, and its ``_prepare_attention_mask``)
+            edits as a ``FluxPipeline``, its prompts as text only, each with the attention
+            mask the pipeline makes of it over the text and image tokens; its IP-Adapters
+            are not mapped. A ``FluxFillPipeline`` (a Fill transformer, whose
             ``in_channels`` are twice the packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
             ``in_channels`` are twice the packed latents') takes ``control_image``, and so
@@ -716,7 +747,9 @@ def edit_image(
             conditional model alone. Every other value needs ``negative_prompt``. By default
             7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
             ``true_cfg_scale`` (1 by default), two transformer calls a step; Flux.1-dev is
-            guidance-distilled and embeds its guidance instead (``guidance``).
+            guidance-distilled and embeds its guidance instead (``guidance``). For Chroma 5,
+            ChromaPipeline's ``guidance_scale`` (true CFG, with the negative prompt ``""`` by
+            default).
         guidance: Flux.1-dev's embedded guidance scale, FluxPipeline's ``guidance_scale``
             (3.5 by default), given to the transformer in both branches of guidance. Only for
             a Flux transformer with ``guidance_embeds``: refused for one without (Flux.1-
@@ -926,6 +959,7 @@ def edit_image(
     vae = _part(pipe, "vae", "to encode and decode the image")
     unet, kind = _network(pipe)
     sd3, flux = kind == "sd3", kind == "flux"
+    chroma = flux and _is_chroma(unet)
     model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
     for name in ("scaling_factor", "latent_channels"):
@@ -948,7 +982,13 @@ def edit_image(
     # An IP-Adapter's image prompt goes to both ODEs; another image projection takes
     # image_embeds that edit_image does not make, and diffusers' own error would come after
     # the VAE has run.
-    adapters = _ip_adapters(unet) if kind in ("unet", "flux") else None
+    # (Chroma's are not mapped: from_diffusers refuses them, below, before any network runs.)
+    adapters = _ip_adapters(unet) if kind in ("unet", "flux") and not chroma else None
+    if chroma and (ip_adapter_image is not None or ip_adapter_image_embeds is not None):
+        raise ValueError(
+            "an image prompt was given for ChromaPipeline, whose IP-Adapters edit_image does "
+            "not map; leave ip_adapter_image and ip_adapter_image_embeds out"
+        )
     # SD3's one adapter takes one tensor, not a list; without an image prompt its
     # processors attend to the text alone, as the pipeline runs then.
     sd3_image = sd3 and getattr(unet, "image_proj", None) is not None
@@ -973,6 +1013,12 @@ def edit_image(
         for name in _FLUX_METHODS:
             _part(pipe, name, "to pack the latents into the tokens a Flux transformer takes")
         _part(pipe, "encode_prompt", "to make the prompts' text_ids, as FluxPipeline does")
+        if chroma:
+            _part(
+                pipe,
+                "_prepare_attention_mask",
+                "to extend the prompts' masks, as ChromaPipeline does",
+            )
         # The packed latents: the VAE's channels in 2 x 2 patches.
         packed = vae.config.latent_channels * _FLUX_PACKING**2
         # A Fill transformer takes the masked image's packed latents and the packed mask too.
@@ -1013,10 +1059,16 @@ def edit_image(
     # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
     # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none.
     if guidance_scale is None:
-        guidance_scale = 1.0 if flux else 7.5
+        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux else 7.5
     _check_number(guidance_scale, "guidance_scale")
     guidance_embeds = flux and bool(unet_config.get("guidance_embeds", False))
     if guidance is not None and not guidance_embeds:
+        if chroma:
+            raise ValueError(
+                "Chroma's transformer embeds no guidance scale; ChromaPipeline's guidance_scale "
+                f"is true CFG, edit_image's guidance_scale ({_CHROMA_GUIDANCE:g} by default, with "
+                "negative_prompt): leave guidance out"
+            )
         if flux:
             raise ValueError(
                 "the transformer has guidance_embeds = False (a timestep-distilled model such "
@@ -1117,6 +1169,13 @@ def edit_image(
         if flux:  # (prompt_embeds, pooled_prompt_embeds, text_ids)
             takes = replace(takes, outputs="first and second", article="a")
     for name, prompt in prompts.items():
+        if chroma and not _is_text(prompt):
+            raise TypeError(
+                f"{name} must be text for ChromaPipeline (a string or a list of strings): its "
+                "embeddings go with the attention mask its encode_prompt makes beside them, "
+                "which edit_image makes from the text; got "
+                f"{type(prompt).__name__}"
+            )
         _check_prompt(prompt, name, batch, takes)
     if adapters is not None and ip_adapter_image_embeds is not None:
         _check_embeds_batch(ip_adapter_image_embeds, guided, batch)
@@ -1127,6 +1186,8 @@ def edit_image(
         parts: tuple[str, ...] = ("tokenizer", "text_encoder")
         if xl:
             parts = ("tokenizer_2", "text_encoder_2")
+        elif chroma:  # T5 alone
+            parts = ("tokenizer", "text_encoder")
         elif sd3 or flux:
             # SD3: both CLIP encoders, T5 (text_encoder_3) only where the pipeline has it;
             # Flux: CLIP (the pooled embeddings) and T5 (the embeddings).
@@ -1202,6 +1263,8 @@ def edit_image(
     # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
     # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
+    if chroma:
+        probe_cond = _chroma_probe_cond(unet_config)
     if control and (flux or sd3):  # the control latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
         net = control["controlnet"].config
@@ -1248,6 +1311,9 @@ def edit_image(
             if sd3:
                 embeds, pooled = _embed_pair(pipe, prompt, device, embed_dtype, sd3=True)
                 return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+            if chroma:
+                tokens = (latent_size[0] // _FLUX_PACKING) * (latent_size[1] // _FLUX_PACKING)
+                return _embed_chroma(pipe, prompt, device, embed_dtype, tokens)
             if flux:
                 return _embed_flux(pipe, prompt, device, embed_dtype)
             return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
