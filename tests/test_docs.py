@@ -259,6 +259,16 @@ if not pathlib.Path("flux_kontext").is_dir():
 Image.new("RGB", (16, 16), (200, 120, 40)).save("cat.png")
 """
 
+# A tiny random Qwen-Image pipeline in diffusers' layout ("qwen_image"): no text encoder or
+# tokenizer (the page's block loads it without them, and gives random prompt embeddings in
+# place of encode_prompt's), a QwenImageTransformer2DModel and Qwen-Image's scheduler.
+_QWEN_IMAGE_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_qwen_image_pipeline
+if not pathlib.Path("qwen_image").is_dir():
+    tiny_qwen_image_pipeline().save_pretrained("qwen_image")
+"""
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -360,6 +370,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): _FLUX_FILL_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _FLUX_CONTROL_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _FLUX_KONTEXT_FOLDER,
+    ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
     # edit_image's ControlNet example takes the reader's ControlNet pipeline: a tiny one.
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): """
 import pathlib
@@ -584,6 +595,23 @@ LOCAL = {
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): [
         ('"/models/FLUX.1-Canny-dev"', '"flux_control"'),
     ],
+    ("docs/diffusers.md", '"/models/Qwen-Image"'): [
+        ('"/models/Qwen-Image"', '"qwen_image"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("height = width = 1024", "height = width = 16"),
+        (
+            "torch_dtype=torch.bfloat16)",
+            "text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16)",
+        ),
+        (
+            'pipe.encode_prompt("a watercolour fox in the snow", device=device)',
+            "torch.randn(1, 5, 16, dtype=torch.bfloat16), None",
+        ),
+        (
+            'pipe.encode_prompt(" ", device=device)',
+            "torch.randn(1, 3, 16, dtype=torch.bfloat16), None",
+        ),
+    ],
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): [
         ('"/models/FLUX.1-Kontext-dev"', '"flux_kontext"'),
     ],
@@ -786,6 +814,17 @@ def _chroma_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _qwen_image_inverted(ns):
+    # "(1, 4096, 64)" packed latents (here (1, 16, 16): 16 x 16 images, 4 channels in 2 x 2
+    # patches), true CFG in the bfloat16 transformer, and "back.earlier is noise, to
+    # rounding": the float32 state's two words invert the steps exactly (measured: 0).
+    ts, noise, ode = ns["ts"], ns["noise"], ns["ode"]
+    assert noise.shape == (1, 16, 16) and len(ts) == 51 and float(ts[0]) == 1.0
+    assert float(ts[-1]) == 0.0 and ode.model_dtype == torch.bfloat16
+    assert ode.cond["guidance_scale"] == 4.0 and ns["image"].shape == (1, 3, 16, 16)
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _flux_fill_inverted(ns):
     # The packed mask and masked image latents in the transformer's dtype, "(1, 4096, 256)
     # and (1, 4096, 64)" (here (1, 16, 16) each: 16 tokens of the 4 x 4 mask pixels a latent
@@ -885,6 +924,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): _flux_fill_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _flux_control_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _flux_kontext_inverted,
+    ("docs/diffusers.md", '"/models/Qwen-Image"'): _qwen_image_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
@@ -899,6 +939,7 @@ AFTER = {
 NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): ("diffusers", (0, 35)),
+    ("docs/diffusers.md", '"/models/Qwen-Image"'): ("diffusers", (0, 35)),
 }
 
 

@@ -10,14 +10,16 @@ or guidance embedding), and so have an inpainting unet's and a Flux Fill
 transformer's (their ``mask`` and ``masked_image_latents``, extra input channels beside the
 latents), a Flux Depth or Canny transformer's control image (its ``control_latents``, extra
 channels too) and FluxKontextPipeline's reference image (its ``image_latents``, extra tokens
-after the latents'). At each call, tensors
-of batch 1 are expanded to the state's batch, and under guidance stacked into the batch
-``[unconditional, conditional]``; floating ones are cast to the unet's dtype once, when the
-ODE is built.
+after the latents'), and so has Qwen-Image's transformer (its embeddings, their padding
+mask and its ``img_shapes``, checked against the arguments of the installed diffusers'
+transformer). At each call, tensors of batch 1 are expanded to the state's batch, and under
+guidance stacked into the batch ``[unconditional, conditional]``; floating ones are cast to
+the unet's dtype once, when the ODE is built.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -424,6 +426,146 @@ def _check_chroma_cond(
             "ChromaPipeline's IP-Adapters are not mapped; unload it (pipe.unload_ip_adapter()) "
             "and leave ip_adapter_image_embeds out"
         )
+
+
+# Qwen-Image's text arguments beside its embeddings: the padding mask and, in diffusers
+# versions whose transformer takes them (0.35, 0.36), the text lengths. Each call of true CFG
+# takes its own prompt's, so the negative call never inherits the conditional ones.
+_QWEN_TEXT = ("encoder_hidden_states_mask", "txt_seq_lens")
+_QWEN_IMAGE_HOW = (
+    "[[(1, H // 16, W // 16)]] for an H x W image, as QwenImagePipeline makes it (latents of "
+    "H // 8 x W // 8 in patches of 2 x 2: vae_scale_factor 8)"
+)
+
+
+def _qwen_image_tokens(img_shapes: Any) -> int:
+    """The image tokens ``img_shapes`` describes: ``sum(f h w)`` over its first sample's
+    ``(frame, height, width)`` entries, the only sample diffusers' rotary embedding reads."""
+    return sum(f * h * w for f, h, w in img_shapes[0])
+
+
+def _check_img_shapes(value: Any) -> None:
+    """Refuse ``img_shapes`` that are not a list, one entry per sample, of lists of
+    ``(frame, height, width)`` integer triples, as QwenImagePipeline passes them."""
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    if ok:
+        first = value[0]
+        ok = isinstance(first, (list, tuple)) and len(first) > 0
+        ok = ok and all(
+            isinstance(shape, (list, tuple))
+            and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+            for shape in first
+        )
+    if not ok:
+        raise ValueError(
+            f"img_shapes must be a list of lists of (frame, height, width) positive integers "
+            f"in patches, {_QWEN_IMAGE_HOW}; got {value!r}"
+        )
+
+
+def _check_qwen_image_cond(
+    transformer: Any,
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    guided: bool,
+) -> None:
+    """Refuse, in one line and before any call, conditioning that Qwen-Image's transformer
+    cannot take as QwenImagePipeline gives it: its keyword arguments (``forward``'s
+    parameters, so that a key another diffusers version's transformer takes is named),
+    ``encoder_hidden_states`` and its ``encoder_hidden_states_mask``, ``img_shapes``, the
+    text lengths where this diffusers' transformer takes them, and no embedded ``guidance``
+    (QwenImagePipeline passes None to a transformer without ``guidance_embeds``). Under true
+    CFG (``guided``) the negative call needs its own embeddings, and its own mask where the
+    conditional call has one."""
+    config = transformer.config
+    name = type(transformer).__name__
+    if config.get("guidance_embeds", False):
+        raise ValueError(
+            f"{name} has guidance_embeds = True, a guidance-distilled model, which bdia does "
+            "not map (no released Qwen-Image embeds a guidance scale); give a transformer "
+            "with guidance_embeds = False"
+        )
+    params = inspect.signature(transformer.forward).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    lengths = "txt_seq_lens" in params
+    for where, mapping in (("cond", cond), ("negative_cond", negative_cond or {})):
+        for key in mapping:
+            if key == "guidance":
+                raise ValueError(
+                    f"{where} key 'guidance' is an embedded guidance scale, which {name} with "
+                    "guidance_embeds = False does not take (QwenImagePipeline passes None); "
+                    "leave it out (true CFG is guidance_scale with negative_cond)"
+                )
+            if key == "controlnet_block_samples":
+                raise ValueError(
+                    f"{where} key 'controlnet_block_samples' is a Qwen-Image ControlNet's "
+                    "residuals, which bdia does not map; leave it out"
+                )
+            if not open_ended and key not in params:
+                raise ValueError(
+                    f"{where} key {key!r} is not an argument of this diffusers' {name}.forward "
+                    f"({', '.join(k for k in params if k not in _FLOW_RESERVED)}); leave it out "
+                    "(QwenImagePipeline passes encoder_hidden_states, "
+                    "encoder_hidden_states_mask and img_shapes)"
+                )
+    width = config.get("joint_attention_dim")
+    branches = [("", cond)] + ([("negative_cond", negative_cond)] if negative_cond else [])
+    for where, branch in branches:
+        label = f"{where}['encoder_hidden_states']" if where else "encoder_hidden_states"
+        embeds = branch.get("encoder_hidden_states")
+        if embeds is None:
+            raise ValueError(
+                f"{name} needs {label}: QwenImagePipeline.encode_prompt returns (prompt_embeds, "
+                "prompt_embeds_mask); pass them as encoder_hidden_states and "
+                f"encoder_hidden_states_mask{' in negative_cond' if where else ''}"
+            )
+        ok = isinstance(embeds, Tensor) and embeds.is_floating_point() and embeds.ndim == 3
+        if not ok or (isinstance(width, int) and embeds.shape[2] != width):
+            what = type(embeds).__name__
+            if isinstance(embeds, Tensor):
+                what = f"a {embeds.dtype} tensor of shape {tuple(embeds.shape)}"
+            raise ValueError(
+                f"{label} must be a floating tensor of shape (batch or 1, L, {width}) (the "
+                f"transformer's joint_attention_dim), got {what}"
+            )
+        mask = branch.get("encoder_hidden_states_mask")
+        if mask is not None and (
+            not isinstance(mask, Tensor)
+            or mask.ndim != 2
+            or mask.shape[1] != embeds.shape[1]
+            or mask.shape[0] not in (1, embeds.shape[0])
+        ):
+            what = type(mask).__name__
+            if isinstance(mask, Tensor):
+                what = f"a tensor of shape {tuple(mask.shape)}"
+            mask_label = (
+                f"{where}['encoder_hidden_states_mask']" if where else "encoder_hidden_states_mask"
+            )
+            raise ValueError(
+                f"{mask_label} must be None or a tensor of shape (batch or 1, "
+                f"{embeds.shape[1]}), one entry per token of {label} (1 valid, 0 padding), as "
+                f"encode_prompt returns it; got {what}"
+            )
+        if lengths and branch.get("txt_seq_lens") is None:
+            raise ValueError(
+                f"this diffusers' {name} takes txt_seq_lens: pass "
+                f"{where + '[' if where else ''}txt_seq_lens{']' if where else ''} = "
+                "the prompt's mask.sum(dim=1).tolist(), as its QwenImagePipeline does"
+            )
+    if "img_shapes" not in cond:
+        raise ValueError(f"{name} needs cond key 'img_shapes', {_QWEN_IMAGE_HOW}")
+    _check_img_shapes(cond["img_shapes"])
+    if negative_cond is not None and "img_shapes" in negative_cond:
+        _check_img_shapes(negative_cond["img_shapes"])
+    if guided and negative_cond is not None:
+        for key in _QWEN_TEXT:
+            if cond.get(key) is not None and key not in negative_cond:
+                raise ValueError(
+                    f"cond has {key} but negative_cond has none: the negative call takes its "
+                    "own prompt's (from QwenImagePipeline's negative_prompt_embeds_mask, None "
+                    f"where encode_prompt returned None); give negative_cond['{key}']"
+                )
 
 
 def _both_given(mask: Any, masked_image_latents: Any, how: str) -> None:

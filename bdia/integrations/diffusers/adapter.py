@@ -27,6 +27,12 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   latents' (see below). ``ChromaTransformer2DModel`` is called as ``ChromaPipeline`` calls
   it, as Flux's but with T5's ``encoder_hidden_states`` alone (no pooled embeddings, no
   guidance embedding) and an ``attention_mask`` over the text and image tokens.
+  ``QwenImageTransformer2DModel`` is called as ``QwenImagePipeline``
+  calls it: on the packed latents ``(batch, tokens, in_channels)`` (its ``out_channels``
+  count the latents before packing) at ``timestep = sigma N / 1000``, with
+  ``encoder_hidden_states``, ``encoder_hidden_states_mask`` and ``img_shapes``; its true
+  CFG makes two calls, the conditional one first, and rescales the guided velocity of each
+  token to the norm of the conditional one, as the pipeline does.
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -98,6 +104,7 @@ from ._conditioning import (
     _check_flux_ip_adapter,
     _check_guidance,
     _check_ip_adapter,
+    _check_qwen_image_cond,
     _check_sd3_ip_adapter,
     _check_timestep_cond,
     _fill_cond,
@@ -106,6 +113,7 @@ from ._conditioning import (
     _inpaint_cond,
     _kontext_cond,
     _paired,
+    _qwen_image_tokens,
 )
 from ._controlnet import (
     _CONTROLNET_ADDED,
@@ -135,6 +143,7 @@ from ._scheduler_config import (
     _is_chroma,
     _is_flux,
     _is_preconditioned,
+    _is_qwen_image,
     _schedule,
     _scheduler,
     _sigma_rule,
@@ -238,6 +247,11 @@ class DiffusersModel(torch.nn.Module):
             ``tau / 1000`` in the dtype the transformer gets the state in (the pipeline's
             ``t.to(latents.dtype) / 1000``), ``txt_ids`` and ``img_ids`` pass through
             unbatched, and guidance makes two calls, the conditional one first.
+        qwen_image: ``"flow"`` space only, call the transformer as ``QwenImagePipeline``
+            calls Qwen-Image's: the state is the packed latents ``(batch, tokens,
+            in_channels)``, the timestep as with ``flux``, and guidance makes two calls, the
+            conditional one first, whose guided output ``g = u + s (c - u)`` is rescaled to
+            ``g |c| / |g|``, norms over each token's channels (the last dim).
         controlnet: ``"vp"`` and ``"edm"`` space, a diffusers ``ControlNetModel`` or
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
@@ -268,6 +282,7 @@ class DiffusersModel(torch.nn.Module):
         sigma_data: float | None = None,
         unet_dtype: torch.dtype | None = None,
         flux: bool = False,
+        qwen_image: bool = False,
         controlnet: Any = None,
     ) -> None:
         super().__init__()
@@ -285,6 +300,10 @@ class DiffusersModel(torch.nn.Module):
             )
         if flux and space != "flow":
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
+        if qwen_image and (space != "flow" or flux or controlnet is not None):
+            raise ValueError(
+                f"qwen_image=True needs space 'flow', no flux and no controlnet, got {space!r}"
+            )
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -295,6 +314,7 @@ class DiffusersModel(torch.nn.Module):
         self.learned_variance = bool(learned_variance)
         self.prediction = prediction
         self.flux = bool(flux)
+        self.qwen_image = bool(qwen_image)
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -319,6 +339,10 @@ class DiffusersModel(torch.nn.Module):
         # and for a Depth or Canny one, whose other half holds the control image.
         out = config.get("out_channels") if isinstance(config, Mapping) else None
         self._packed_channels = out if isinstance(out, int) else self.in_channels
+        if self.qwen_image:
+            # Qwen-Image's out_channels are the latents' channels before packing, a quarter of
+            # the packed tokens' in_channels, which its proj_out returns.
+            self._packed_channels = self.in_channels
         self.controlnet = None
         self._nets: list[Any] = []
         self._multi = False
@@ -534,10 +558,13 @@ class DiffusersModel(torch.nn.Module):
             image = _batched(image_latents, batch, "image_latents")
         if self.flux:
             self._check_packed(x, unet_kwargs, image)
+        elif self.qwen_image:
+            self._check_qwen_image_state(x, unet_kwargs)
         extra = self._inpaint_channels(x, mask, masked_image_latents, batch)
         if control_latents is not None:
             extra = self._control_channels(x, control_latents, extra, batch)
-        if not self.flux and self.in_channels is not None and extra is None:
+        packed = self.flux or self.qwen_image
+        if not packed and self.in_channels is not None and extra is None:
             if x.ndim < 2 or x.shape[1] != self.in_channels:
                 raise ValueError(
                     f"the state has shape {tuple(x.shape)}, but the unet takes in_channels = "
@@ -561,9 +588,10 @@ class DiffusersModel(torch.nn.Module):
         else:
             times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
             tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
-            if self.flux:
-                # FluxPipeline's timestep / 1000 of the scheduler's float32 t = sigma N, cast
-                # to the latents' dtype first: t.expand(batch).to(latents.dtype) / 1000.
+            if packed:
+                # FluxPipeline's and QwenImagePipeline's timestep / 1000 of the scheduler's
+                # float32 t = sigma N, cast to the latents' dtype first:
+                # t.expand(batch).to(latents.dtype) / 1000.
                 tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
             tau = tau.to(x.device)
             if self.space == "edm":
@@ -585,6 +613,12 @@ class DiffusersModel(torch.nn.Module):
                 c = self._call_unet(x_in, tau, {**positive, **residuals}, extra, image)
                 negative = {**_flux_kwargs(negative, batch, "negative_cond"), **residuals}
                 u = self._call_unet(x_in, tau, negative, extra, image)
+            elif self.qwen_image:
+                # QwenImagePipeline's true CFG: two calls, the conditional first, the negative
+                # one with its own prompt and mask (the image shapes shared).
+                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+                negative = _batched({**unet_kwargs, **negative_cond}, batch, "negative_cond")
+                u = self._call_unet(x_in, tau, negative)
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
                 x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
@@ -611,6 +645,11 @@ class DiffusersModel(torch.nn.Module):
             wide = torch.promote_types(c.dtype, torch.float32)
             uncond, cond = u.to(wide), c.to(wide)
             out = uncond + guidance_scale * (cond - uncond)
+            if self.qwen_image:
+                # QwenImagePipeline rescales the guided velocity of each token to the norm of
+                # the conditional one (over its channels), in this order of operations.
+                cond_norm = torch.norm(cond, dim=-1, keepdim=True)
+                out = out * (cond_norm / torch.norm(out, dim=-1, keepdim=True))
         elif self.flux:
             kwargs = _flux_kwargs(unet_kwargs, batch, "")
             kwargs.update(self._flux_residuals(x_in, tau, kwargs, control))
@@ -845,18 +884,24 @@ class DiffusersModel(torch.nn.Module):
             c_out = -sigma * sd / (sigma**2 + sd**2) ** 0.5
         return c_skip * x + c_out * out.to(x.dtype)
 
-    def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any], image: Tensor | None) -> None:
-        """Refuse a Flux state that is not packed latents matching ``img_ids`` (with a
-        reference image's tokens ``image``, the state's and the image's)."""
+    def _check_packed_shape(self, x: Tensor, family: str, pipeline: str, image: str) -> None:
+        """Refuse a state that is not packed latents ``(batch, tokens, C)``, as ``pipeline``'s
+        loop carries them for ``family``'s transformer (``image``: the shape of the latents
+        before packing)."""
         c = self._packed_channels
         if x.ndim != 3 or (c is not None and x.shape[2] != c):
             packed = f"(batch, tokens, {c})" if c is not None else "(batch, tokens, channels)"
             raise ValueError(
-                f"the state has shape {tuple(x.shape)}, but Flux's transformer takes packed "
-                f"latents of shape {packed}, as FluxPipeline's loop carries them; pack "
-                "image-shaped latents (batch, channels, h, w) with "
-                "FluxPipeline._pack_latents(latents, batch, channels, h, w)"
+                f"the state has shape {tuple(x.shape)}, but {family}'s transformer takes packed "
+                f"latents of shape {packed}, as {pipeline}'s loop carries them; pack "
+                f"image-shaped latents {image} with {pipeline}._pack_latents(latents, batch, "
+                "channels, h, w)"
             )
+
+    def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any], image: Tensor | None) -> None:
+        """Refuse a Flux state that is not packed latents matching ``img_ids`` (with a
+        reference image's tokens ``image``, the state's and the image's)."""
+        self._check_packed_shape(x, "Flux", "FluxPipeline", "(batch, channels, h, w)")
         ids = kwargs.get("img_ids")
         if image is not None:
             if isinstance(ids, Tensor) and ids.shape[0] != x.shape[1] + image.shape[1]:
@@ -870,6 +915,17 @@ class DiffusersModel(torch.nn.Module):
                 f"img_ids has {ids.shape[0]} rows but the state has {x.shape[1]} tokens; make "
                 "img_ids for the latents' size: FluxPipeline._prepare_latent_image_ids(1, h // 2, "
                 "w // 2, device, dtype)"
+            )
+
+    def _check_qwen_image_state(self, x: Tensor, kwargs: Mapping[str, Any]) -> None:
+        """Refuse a Qwen-Image state that is not packed latents matching ``img_shapes``."""
+        self._check_packed_shape(x, "Qwen-Image", "QwenImagePipeline", "(batch, 1, channels, h, w)")
+        shapes = kwargs.get("img_shapes")
+        if shapes is not None and _qwen_image_tokens(shapes) != x.shape[1]:
+            raise ValueError(
+                f"img_shapes {shapes!r} make {_qwen_image_tokens(shapes)} tokens but the state "
+                f"has {x.shape[1]}; give [[(1, h // 2, w // 2)]] for latents of h x w before "
+                "packing, as QwenImagePipeline makes it"
             )
 
     def _call_unet(
@@ -925,6 +981,17 @@ class DiffusersModel(torch.nn.Module):
 # ------------------------------------------------------------------------ public API
 
 
+def _check_qwen_image_parts(**given: Any) -> None:
+    """Refuse, in one line, the inputs of other pipelines than QwenImagePipeline (Flux's
+    extra channels and tokens, a controlnet) for Qwen-Image's transformer."""
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(
+                f"{name} is not mapped for QwenImageTransformer2DModel: bdia calls it as "
+                "QwenImagePipeline (text to image) does; leave it out"
+            )
+
+
 def from_diffusers(
     unet: Any,
     scheduler: Any,
@@ -946,13 +1013,14 @@ def from_diffusers(
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
-    or the flow-matching ODE of Stable Diffusion 3's or Flux's transformer.
+    or the flow-matching ODE of Stable Diffusion 3's, Flux's or Qwen-Image's transformer.
 
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, or any module called as
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
             with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``, a
-            ``FluxTransformer2DModel`` or a ``ChromaTransformer2DModel``
+            ``FluxTransformer2DModel``, a ``ChromaTransformer2DModel`` or a
+            ``QwenImageTransformer2DModel``
             (``pipe.transformer``), or any module called as
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` that returns
             the velocity ``eps - x0``. With an EDM-preconditioned scheduler, the raw network
@@ -1134,6 +1202,17 @@ def from_diffusers(
             (true CFG, 5 by default) is ``guidance_scale`` here, two calls as Flux's, with
             the negative prompt's embeddings, ``txt_ids`` and its own ``attention_mask`` in
             ``negative_cond``.
+            Qwen-Image needs ``encoder_hidden_states`` ``(batch or 1, L, D)`` and its
+            ``encoder_hidden_states_mask`` ``(batch or 1, L)`` (1 valid, 0 padding; None or
+            left out where ``encode_prompt`` returns None, all tokens valid), as
+            ``QwenImagePipeline.encode_prompt`` returns them, and ``img_shapes``, the packed
+            latents' ``[[(1, H // 16, W // 16)]]`` for an ``H x W`` image (passed as given;
+            diffusers reads the first sample's); no ``guidance``. Its true CFG (the
+            pipeline's ``true_cfg_scale`` above 1 with a negative prompt) makes two calls,
+            the conditional one first, the negative one with ``negative_cond``'s embeddings
+            and mask (the mask given there whenever the conditional branch has one), and
+            rescales the guided velocity ``g`` of each token to ``g |c| / |g|``, the
+            conditional velocity's norm over the token's channels, as the pipeline does.
             A unet with IP-Adapters loaded (``pipe.load_ip_adapter``: its
             ``encoder_hid_dim_type`` is ``"ip_image_proj"``) needs the image prompt as
             ``added_cond_kwargs={"image_embeds": [...]}``, a list of one floating tensor per
@@ -1181,10 +1260,21 @@ def from_diffusers(
             (unless twice as many with the scheduler's variance_type 'learned' or
             'learned_range'); guidance_scale without negative_cond; a scheduler of unknown
             class without ``space=``. With a flow-matching scheduler: invert_sigmas or
-            stochastic_sampling set; a UNet or another diffusers model than SD3's or Flux's
-            transformer; a ``skip_layers`` key (skip-layer guidance). SD3's or Flux's
-            transformer with a noise-table scheduler. With an EDM-preconditioned scheduler:
-            a prediction_type other than epsilon and v_prediction, thresholding, an
+            stochastic_sampling set; a UNet or another diffusers model than SD3's, Flux's or
+            Qwen-Image's transformer; a ``skip_layers`` key (skip-layer guidance). For
+            Qwen-Image: a missing ``encoder_hidden_states`` or ``img_shapes`` (under
+            guidance, embeddings missing in ``negative_cond``, or its own mask where the
+            conditional branch has one), embeddings that are not ``(batch or 1, L,
+            joint_attention_dim)``, a mask that is not ``(batch or 1, L)``, ``img_shapes``
+            that are not a list of lists of ``(frame, height, width)``, a key the installed
+            diffusers' transformer does not take (``txt_seq_lens`` in recent ones; missing
+            where it takes it, as the first releases' does), ``guidance`` or
+            ``controlnet_block_samples``, a transformer with ``guidance_embeds``, and
+            ``controlnet``, ``mask``, ``masked_image_latents``, ``image_latents`` or
+            ``control_latents``; at the first evaluation, a state that is not packed latents
+            ``(batch, tokens, in_channels)`` of ``img_shapes``' token count. SD3's, Flux's or
+            Qwen-Image's transformer with a noise-table scheduler. With an EDM-preconditioned
+            scheduler: a prediction_type other than epsilon and v_prediction, thresholding, an
             algorithm_type other than 'dpmsolver++', a sigma_data that is not a positive finite
             number, a space other than 'edm'. For Flux: a missing
             ``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` or ``img_ids``;
@@ -1298,6 +1388,7 @@ def from_diffusers(
     _check_guidance(guidance_scale, negative_cond)
     flux = space == "flow" and _is_flux(unet)
     chroma = flux and _is_chroma(unet)
+    qwen_image = space == "flow" and _is_qwen_image(unet)
     if chroma:
         extras = dict(
             controlnet=controlnet,
@@ -1316,9 +1407,19 @@ def from_diffusers(
         _check_chroma_cond(unet, cond, negative_cond)
     # Chroma's first: Flux's keys in negative_cond alone are Chroma's to refuse.
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
+    if qwen_image:
+        _check_qwen_image_parts(
+            controlnet=controlnet,
+            mask=mask,
+            masked_image_latents=masked_image_latents,
+            image_latents=image_latents,
+            control_latents=control_latents,
+        )
+        guided = guidance_scale is not None and guidance_scale != 1
+        _check_qwen_image_cond(unet, cond, negative_cond, guided)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    elif not flux:
+    elif not flux and not qwen_image:
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
     if flux and not chroma:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
@@ -1368,7 +1469,15 @@ def from_diffusers(
     if isinstance(unet_config, Mapping):
         _check_timestep_cond(unet_config, cond)
         c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
-        if isinstance(c_in, int) and isinstance(c_out, int) and c_in != c_out and not inpaint:
+        # Qwen-Image's out_channels count the latents before packing (a quarter of
+        # in_channels); its output has the packed tokens' in_channels.
+        if (
+            isinstance(c_in, int)
+            and isinstance(c_out, int)
+            and c_in != c_out
+            and not inpaint
+            and not qwen_image
+        ):
             variance_type = sched.config.get("variance_type")
             if c_out == 2 * c_in and variance_type in ("learned", "learned_range"):
                 learned_variance = True
@@ -1450,6 +1559,7 @@ def from_diffusers(
         sigma_data=float(sched.config.get("sigma_data", 0.5)) if preconditioned else None,
         unet_dtype=unet_dtype,
         flux=flux,
+        qwen_image=qwen_image,
         controlnet=control_module,
     )
     ode_cond = {**cond, **control_cond, **inpaint, **kontext}

@@ -1,7 +1,7 @@
 """BDIA as diffusers schedulers: ``BDIAScheduler`` samples, ``BDIAInverseScheduler`` inverts.
 
 ``BDIAScheduler`` drops into a diffusers pipeline in place of its DDIM-type scheduler, of
-the ``FlowMatchEulerDiscreteScheduler`` of Stable Diffusion 3 or Flux, or of the
+the ``FlowMatchEulerDiscreteScheduler`` of Stable Diffusion 3, Flux or Qwen-Image, or of the
 EDM-preconditioned scheduler of Playground v2.5 (``EDMDPMSolverMultistepScheduler``,
 ``EDMEulerScheduler``; BDIA over Euler in both)::
 
@@ -826,8 +826,9 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
 class BDIAScheduler(_BDIASchedulerBase):
     """BDIA over DDIM as a diffusers scheduler, for pipelines that take a DDIM-type scheduler;
-    BDIA over Euler for ``StableDiffusion3Pipeline`` and ``FluxPipeline``, and for a
-    ``StableDiffusionXLPipeline`` with an EDM-preconditioned scheduler (Playground v2.5).
+    BDIA over Euler for ``StableDiffusion3Pipeline``, ``FluxPipeline`` and
+    ``QwenImagePipeline``, and for a ``StableDiffusionXLPipeline`` with an EDM-preconditioned
+    scheduler (Playground v2.5).
 
     Build it from the pipeline's scheduler config: ``BDIAScheduler.from_config(
     pipe.scheduler.config, gamma=0.96)``. The config takes DDIMScheduler's fields (from a

@@ -11,10 +11,12 @@ from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline``
 alone), the ControlNet pipelines of Flux (``FluxControlNetModel``, ``FluxControlNetPipeline``)
 and SD3 (``SD3ControlNetModel``, ``StableDiffusion3ControlNetPipeline``, and with a mask
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
-Diffusion and SDXL and their ControlNet inpainting pipelines, and Stable Diffusion's, SDXL's,
-Flux's or SD3's pipeline with an IP-Adapter loaded), a few thousand weights each: for tests
-and for checking plumbing and exactness, which do not depend on the weights. A random
-network is no denoiser, so what they sample is not an image of anything.
+Diffusion and SDXL and their ControlNet inpainting pipelines, Stable Diffusion's, SDXL's,
+Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
+``QwenImageTransformer2DModel`` and ``QwenImagePipeline``, without its text encoder), a few
+thousand weights each: for tests and for checking plumbing and exactness, which do not depend
+on the weights. A random network is no denoiser, so what they sample is not an image of
+anything.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import torch
 __all__ = [
     "SD_NOISE_TABLE",
     "FLUX_DEV_SCHEDULER",
+    "QWEN_IMAGE_SCHEDULER",
     "tiny_unet",
     "tiny_sd3_transformer",
     "tiny_flux_transformer",
     "tiny_chroma_transformer",
+    "tiny_qwen_image_transformer",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
@@ -46,6 +50,7 @@ __all__ = [
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
+    "tiny_qwen_image_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
@@ -77,6 +82,20 @@ FLUX_DEV_SCHEDULER: dict[str, Any] = dict(
     max_shift=1.15,
     base_image_seq_len=256,
     max_image_seq_len=4096,
+)
+
+#: Qwen-Image's FlowMatchEulerDiscreteScheduler config, as keyword arguments: exponential
+#: resolution-dependent shifting from 0.5 (256 image tokens) to 0.9 (8192 tokens), the sigmas
+#: stretched to end at 0.02 before the final 0.
+QWEN_IMAGE_SCHEDULER: dict[str, Any] = dict(
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
 )
 
 #: The words the tiny tokenizer knows whole (any other word is spelled letter by letter).
@@ -215,6 +234,41 @@ def tiny_chroma_transformer(
     )
     config.update(overrides)
     net = diffusers.ChromaTransformer2DModel(**config)
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def _qwen_image_class(name: str) -> Any:
+    """diffusers' ``name`` (a Qwen-Image class), or ImportError before diffusers 0.35."""
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ImportError(f"{name} is in diffusers 0.35 and newer; this is {diffusers.__version__}")
+    return cls
+
+
+def tiny_qwen_image_transformer(
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A ``QwenImageTransformer2DModel`` with one block on packed latents of shape ``(batch,
+    tokens, 16)`` (4 latent channels in patches of 2 x 2, as ``QwenImagePipeline._pack_latents``
+    makes them: ``in_channels=16``, ``out_channels=4``) and text tokens of width 16
+    (``encoder_hidden_states`` of shape ``(batch, L, 16)`` with ``encoder_hidden_states_mask``
+    of ``(batch, L)``). Weights drawn with ``torch.manual_seed(seed)``, in eval mode and
+    ``dtype``; ``overrides`` add to or replace fields of its config. Needs diffusers 0.35 or
+    newer."""
+    cls = _qwen_image_class("QwenImageTransformer2DModel")
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    config.update(overrides)
+    net = cls(**config)
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
@@ -656,6 +710,40 @@ def tiny_flux_kontext_pipeline(
         )
     parts = tiny_flux_pipeline(folder, scheduler, guidance_embeds=guidance_embeds).components
     pipe = kontext(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen_image_pipeline(scheduler: Any = None) -> Any:
+    """A float32 ``QwenImagePipeline`` of tiny random parts on 16 x 16 RGB images, without a
+    text encoder or tokenizer: give it ``prompt_embeds`` and ``prompt_embeds_mask`` (and
+    ``negative_prompt_embeds`` with their mask for true CFG), of width 16.
+    ``tiny_qwen_image_transformer()`` on the packed latents of shape ``(batch, 16, 16)`` (4 x 8
+    x 8 latents in patches of 2 x 2) and an ``AutoencoderKLQwenImage`` of 4 latent channels
+    that halves the image's size (``vae_scale_factor`` 2, seed 1). ``scheduler`` defaults to
+    Qwen-Image's ``FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)``. The progress
+    bar is off. Needs diffusers 0.35 or newer, which has the pipeline."""
+    pipeline = _qwen_image_class("QwenImagePipeline")
+    vae_class = _qwen_image_class("AutoencoderKLQwenImage")
+    torch.manual_seed(1)
+    vae = vae_class(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    if scheduler is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    pipe = pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_qwen_image_transformer(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
