@@ -7,7 +7,9 @@ The transformer is a tiny random ``QwenImageTransformer2DModel``
 encoder: it takes prompt embeddings and their padding masks directly. As for Flux, parity with
 the pipeline is checked in float32, where both sides make the same float operations on the
 same inputs and agree bit for bit; exactness of the inversion is checked in float64.
-QwenImagePipeline is in diffusers 0.35 and newer; with older ones the module is skipped.
+QwenImageImg2ImgPipeline runs the same transformer ODE on the grid's tail, from the image's
+latents noised to its first timestep. QwenImagePipeline is in diffusers 0.35 and newer; with
+older ones the module is skipped, and the img2img test where QwenImageImg2ImgPipeline is not.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error
+from conftest import (
+    Counter,
+    assert_flow_img2img_is_bdia_sample,
+    assert_flow_run_is_bdia_sample,
+    flow_img2img_runs,
+    flow_round_trip_error,
+)
 
 if not hasattr(diffusers, "QwenImagePipeline"):
     pytest.skip("QwenImagePipeline is in diffusers 0.35 and newer", allow_module_level=True)
@@ -102,13 +110,13 @@ def _cond(dtype, *, true_cfg=False):
     return cond
 
 
-def _pipeline_latents(pipe, noise, cond):
+def _pipeline_latents(pipe, noise, cond, **options):
     """QwenImagePipeline's latents from ``noise`` for ``cond``'s prompts (true CFG where it
-    has a negative branch), 16 x 16 images."""
-    options = {}
+    has a negative branch), 16 x 16 images; ``options`` are further arguments of the call
+    (img2img's ``image``, ``strength`` and ``generator``)."""
     if "negative_cond" in cond:
         negative = cond["negative_cond"]
-        options = dict(
+        options.update(
             negative_prompt_embeds=negative["encoder_hidden_states"],
             negative_prompt_embeds_mask=negative["encoder_hidden_states_mask"],
         )
@@ -256,6 +264,77 @@ def test_bdia_scheduler_in_qwen_image_pipeline_is_bdia_sample_and_inverts():
     inverse = _invert(pipe, pair, cond)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
+
+
+needs_img2img = pytest.mark.skipif(
+    not hasattr(diffusers, "QwenImageImg2ImgPipeline"),
+    reason="this diffusers has no QwenImageImg2ImgPipeline (0.35 and newer have it)",
+)
+
+
+def _img2img_parts():
+    """tiny_qwen_image_pipeline's parts, its VAE given latents_mean and latents_std other
+    than 0 and 1 (same weights), so that the pipeline's normalisation of the image latents
+    shows in its start."""
+    parts = tiny_qwen_image_pipeline().components
+    vae = parts["vae"]
+    stats = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.5, 0.8])
+    parts["vae"] = type(vae).from_config({**vae.config, **stats}).eval()
+    parts["vae"].load_state_dict(vae.state_dict())
+    return parts
+
+
+@torch.no_grad()
+def _img2img_start(pipe, image, k):
+    """QwenImageImg2ImgPipeline's start, made by hand: the image's VAE latents (drawn with
+    the generator of seed 0, then the noise from it), normalised to (z - latents_mean) /
+    latents_std, repeated to the batch, noised to the grid's sigma at index ``k`` and packed
+    (BATCH, TOKENS, 16)."""
+    g = torch.Generator().manual_seed(0)
+    x = pipe.image_processor.preprocess(image, height=16, width=16).to(torch.float32)
+    z = pipe.vae.encode(x.unsqueeze(2)).latent_dist.sample(g)
+    vae = pipe.vae.config
+    z = (z - torch.tensor(vae.latents_mean).view(1, 4, 1, 1, 1)) * (
+        1.0 / torch.tensor(vae.latents_std).view(1, 4, 1, 1, 1)
+    )
+    z = torch.cat([z] * BATCH).transpose(1, 2)
+    noise = torch.randn(BATCH, 1, 4, 8, 8, generator=g)
+    sigma = pipe.scheduler.sigmas[k]
+    return diffusers.QwenImagePipeline._pack_latents(
+        sigma * noise + (1.0 - sigma) * z, BATCH, 4, 8, 8
+    )
+
+
+@needs_img2img
+def test_bdia_scheduler_in_qwen_image_img2img_pipeline_is_bdia_sample_and_inverts():
+    """QwenImageImg2ImgPipeline (true CFG 4) with strength 0.6 runs the last 5 of 8
+    timesteps (set_begin_index(3)) from the image's VAE latents, normalised with the VAE's
+    latents_mean and latents_std, noised by scale_noise to timesteps[3] and packed, calling
+    the transformer as QwenImagePipeline does (img_shapes included). With BDIAScheduler
+    (gamma 0.9) the noised latents are those of the pipeline with its own scheduler, bit for
+    bit, and those made by hand; the latents and final pair (low words included, start_index
+    3) are bdia.sample's with bdia(euler, 0.9) from them over grid[3:] of from_diffusers /
+    diffusers_grid(mu=, sigmas=), bit for bit; bdia(euler, 0) there gives the own
+    scheduler's latents bit for bit; the inverse scheduler's loop and bdia.invert on grid[3:]
+    return the noised latents bit for bit; and the pipeline given them as ``latents`` (with
+    the same strength) runs from them to the same latents, bit for bit."""
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    cond = _cond(torch.float32, true_cfg=True)
+
+    def img2img(pipe, latents=None):
+        generator = torch.Generator().manual_seed(0)
+        return _pipeline_latents(
+            pipe, latents, cond, image=image, strength=0.6, generator=generator
+        )
+
+    pipe, runs = flow_img2img_runs(diffusers.QwenImageImg2ImgPipeline, _img2img_parts(), img2img)
+    start = runs[1][1][0]
+    assert start.shape == (BATCH, TOKENS, 16)  # the packed latents, as QwenImagePipeline's
+    assert torch.equal(start, _img2img_start(pipe, image, 3))
+    ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+    ts = _grid(pipe.scheduler)
+    assert_flow_img2img_is_bdia_sample(pipe, runs, ode, ts, 3, lambda p: _invert(pipe, p, cond))
+    assert torch.equal(img2img(pipe, start.clone()), runs[1][0])
 
 
 # -------------------------------------------------------------------------- refusals
