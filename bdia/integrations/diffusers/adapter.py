@@ -27,12 +27,13 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   latents' (see below). ``ChromaTransformer2DModel`` is called as ``ChromaPipeline`` calls
   it, as Flux's but with T5's ``encoder_hidden_states`` alone (no pooled embeddings, no
   guidance embedding) and an ``attention_mask`` over the text and image tokens.
-  ``QwenImageTransformer2DModel`` is called as ``QwenImagePipeline``
-  calls it: on the packed latents ``(batch, tokens, in_channels)`` (its ``out_channels``
-  count the latents before packing) at ``timestep = sigma N / 1000``, with
-  ``encoder_hidden_states``, ``encoder_hidden_states_mask`` and ``img_shapes``; its true
-  CFG makes two calls, the conditional one first, and rescales the guided velocity of each
-  token to the norm of the conditional one, as the pipeline does.
+  ``QwenImageTransformer2DModel`` is called as ``QwenImagePipeline`` (and
+  ``QwenImageImg2ImgPipeline``, in the same way) calls it: on the packed latents ``(batch,
+  tokens, in_channels)`` (its ``out_channels`` count the latents before packing) at
+  ``timestep = sigma N / 1000``, with ``encoder_hidden_states``,
+  ``encoder_hidden_states_mask`` and ``img_shapes``; its true CFG makes two calls, the
+  conditional one first, and rescales the guided velocity of each token to the norm of the
+  conditional one, as the pipeline does.
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -982,13 +983,14 @@ class DiffusersModel(torch.nn.Module):
 
 
 def _check_qwen_image_parts(**given: Any) -> None:
-    """Refuse, in one line, the inputs of other pipelines than QwenImagePipeline (Flux's
-    extra channels and tokens, a controlnet) for Qwen-Image's transformer."""
+    """Refuse, in one line, the inputs of other pipelines than QwenImagePipeline and
+    QwenImageImg2ImgPipeline (Flux's extra channels and tokens, a controlnet) for Qwen-Image's
+    transformer."""
     for name, value in given.items():
         if value is not None:
             raise ValueError(
                 f"{name} is not mapped for QwenImageTransformer2DModel: bdia calls it as "
-                "QwenImagePipeline (text to image) does; leave it out"
+                "QwenImagePipeline and QwenImageImg2ImgPipeline do; leave it out"
             )
 
 

@@ -474,10 +474,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """The index in ``timesteps`` of the run's first step, as the pipelines that call it
-        set it (FluxPipeline with 0; StableDiffusion3Img2ImgPipeline and
-        FluxImg2ImgPipeline with ``t_start``, before ``scale_noise``). Each step finds its
-        index from its timestep; ``scale_noise`` (``add_noise`` in EDM mode) checks its
-        timestep against this one."""
+        set it (FluxPipeline with 0; StableDiffusion3Img2ImgPipeline, FluxImg2ImgPipeline
+        and QwenImageImg2ImgPipeline with ``t_start``, before ``scale_noise``). Each step
+        finds its index from its timestep; ``scale_noise`` (``add_noise`` in EDM mode) checks
+        its timestep against this one."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral):
             raise TypeError(f"begin_index must be an int, got {begin_index!r}")
         self._begin_index = int(begin_index)
@@ -602,8 +602,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor) -> Tensor:
         """Flow matching only: ``sigma * noise + (1 - sigma) * sample`` at the sigma of
         ``timestep``, FlowMatchEulerDiscreteScheduler's forward process, which
-        StableDiffusion3Img2ImgPipeline and FluxImg2ImgPipeline call to noise the image
-        latents to their first timestep.
+        StableDiffusion3Img2ImgPipeline, FluxImg2ImgPipeline and QwenImageImg2ImgPipeline
+        call to noise the image latents to their first timestep.
 
         The same float operations as that scheduler's: ``sigmas`` cast to ``sample``'s dtype
         and device, then the sum, so the result is its own bit for bit (in ``sample``'s
@@ -611,7 +611,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
         Args:
             sample: the clean latents, any shape (the pipelines pass ``(batch, channels, h,
-                w)``; FluxImg2ImgPipeline packs the result afterwards).
+                w)``, QwenImageImg2ImgPipeline ``(batch, 1, channels, h, w)``; both Flux's
+                and Qwen-Image's pack the result afterwards).
             timestep: an entry of ``timesteps``, a number or a tensor of one value (the
                 pipelines repeat it over the batch).
             noise: a tensor of ``sample``'s shape.
@@ -863,9 +864,9 @@ class BDIAScheduler(_BDIASchedulerBase):
             scheduler)`` and ``diffusers_grid(scheduler, n, mu=mu, sigmas=sigmas)``. The
             DDIM fields are unused then; ``gamma="obelm"`` is refused. ``sigmas`` is the
             inner scheduler's. Image to image (StableDiffusion3Img2ImgPipeline,
-            FluxImg2ImgPipeline) noises with ``scale_noise``, that scheduler's forward
-            process (``add_noise``, DDIM's, is refused), and runs BDIA over the grid's tail
-            from ``timesteps[begin_index]``, as in DDIM mode.
+            FluxImg2ImgPipeline, QwenImageImg2ImgPipeline) noises with ``scale_noise``,
+            that scheduler's forward process (``add_noise``, DDIM's, is refused), and runs
+            BDIA over the grid's tail from ``timesteps[begin_index]``, as in DDIM mode.
         edm_scheduler: the EDM mode, which ``from_config`` sets to the class's name for the
             config of an ``EDMEulerScheduler`` or ``EDMDPMSolverMultistepScheduler``
             (Playground v2.5's): the config then also holds that scheduler's fields (all of
