@@ -269,6 +269,33 @@ if not pathlib.Path("qwen_image").is_dir():
     tiny_qwen_image_pipeline().save_pretrained("qwen_image")
 """
 
+# The Qwen-Image img2img block continues the Qwen-Image example, whose names later blocks
+# of the page rebind: that example's pipe, sizes, steps, prompt embeddings and mu, made
+# again as its block (with its LOCAL replacements) makes them, and a 16 x 16 fox.png.
+_QWEN_IMAGE_EXAMPLE = (
+    _QWEN_IMAGE_FOLDER
+    + """
+import numpy as np
+import torch
+from PIL import Image
+from diffusers import QwenImagePipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+pipe = QwenImagePipeline.from_pretrained(
+    "qwen_image", text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16
+)
+pipe.set_progress_bar_config(disable=True)
+height = width = 16
+steps = 50
+embeds, mask = torch.randn(1, 5, 16, dtype=torch.bfloat16), None
+negative, negative_mask = torch.randn(1, 3, 16, dtype=torch.bfloat16), None
+cfg = pipe.scheduler.config
+mu = calculate_shift(16, cfg.base_image_seq_len, cfg.max_image_seq_len,
+                     cfg.base_shift, cfg.max_shift)
+h = w = 8
+Image.new("RGB", (16, 16), (200, 120, 40)).save("fox.png")
+"""
+)
+
 STAND_INS = {
     ("docs/quickstart.md", "source = bdia.DiffusionODE(net"): (
         _EDM_NET
@@ -371,6 +398,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _FLUX_CONTROL_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _FLUX_KONTEXT_FOLDER,
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
+    ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
     # edit_image's ControlNet example takes the reader's ControlNet pipeline: a tiny one.
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): """
 import pathlib
@@ -825,6 +853,27 @@ def _qwen_image_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _qwen_image_img2img_inverted(ns):
+    # "start_index 20 for 50 steps", and start is the pipeline's noised image latents: the
+    # pipeline given them as latents (the same image, strength and steps) returns the run's
+    # latents, bit for bit.
+    pair, start, img2img = ns["pair"], ns["start"], ns["img2img"]
+    assert pair.start_index == 20 and start.shape == (1, 16, 16)
+    again = img2img(
+        image=ns["Image"].open("fox.png"),
+        prompt_embeds=ns["embeds"],
+        negative_prompt_embeds=ns["negative"],
+        true_cfg_scale=4.0,
+        strength=0.6,
+        height=16,
+        width=16,
+        num_inference_steps=50,
+        latents=start,
+        output_type="latent",
+    ).images
+    assert torch.equal(again, ns["latents"])
+
+
 def _flux_fill_inverted(ns):
     # The packed mask and masked image latents in the transformer's dtype, "(1, 4096, 256)
     # and (1, 4096, 64)" (here (1, 16, 16) each: 16 tokens of the 4 x 4 mask pixels a latent
@@ -925,6 +974,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _flux_control_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _flux_kontext_inverted,
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _qwen_image_inverted,
+    ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _qwen_image_img2img_inverted,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
@@ -940,6 +990,7 @@ NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): ("diffusers", (0, 35)),
+    ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): ("diffusers", (0, 35)),
 }
 
 
