@@ -285,8 +285,8 @@ def test_edit_image_on_the_img2img_and_inpainting_pipelines_is_the_plain_pipelin
     0, float64 state) and the edit is the plain pipeline's bit for bit, its strength playing
     no part (the whole image is inverted over the whole grid)."""
     cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(diffusers, "FluxKontextPipeline"):
-        pytest.skip(f"this diffusers has no {name} or no FluxKontextPipeline")
+    if cls is None:  # FluxKontextInpaintPipeline is newer than FluxKontextPipeline
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
     make, sd3 = _PLAIN[name]
     base = make(tmp_path)
     base = add_tiny_sd3_ip_adapter(base) if sd3 else add_tiny_flux_ip_adapter(base)
