@@ -2486,6 +2486,9 @@ def _quietly() -> Iterator[None]:
             # Newer diffusers and transformers call it dtype and warn of torch_dtype, the only
             # name diffusers 0.34 to 0.36 and transformers before 4.56 know.
             warnings.filterwarnings("ignore", "`torch_dtype` is deprecated")
+            # diffusers' own ChromaTransformer2DModel and FluxControlNetModel build FluxPosEmbed
+            # from the module that deprecates it: nothing the user can change.
+            warnings.filterwarnings("ignore", "`FluxPosEmbed` is deprecated", FutureWarning)
             yield
     finally:
         for log, (level, bars) in zip(loggers, before):
@@ -2543,7 +2546,7 @@ def _check_photo_size(
     if vae is None:
         raise click.BadParameter(
             f"a {name} without a vae: edit_image edits the latents of a latent-diffusion "
-            "pipeline (Stable Diffusion, SDXL, SD3, Flux)",
+            "pipeline (Stable Diffusion, SDXL, SD3, Flux, Chroma)",
             param_hint="'--pipeline'",
         )
     sizes = _image_sizes(pipe, vae, getattr(net, "config", None) or {}, kind)
@@ -3112,8 +3115,8 @@ def _ip_adapter_options(
     type=InputPathType(path_type=Path),
     callback=_pipeline_folder,
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
-    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux or Flux Kontext; SD's "
-    "and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
+    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext or Chroma; "
+    "SD's and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
     "ControlNet img2img pipelines, Flux Depth and Canny and Flux's and SD3's ControlNet "
     "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines and "
     "SD3's (its controlnet takes the mask) with both. Nothing is downloaded.",
@@ -3123,7 +3126,7 @@ def _ip_adapter_options(
     required=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
     help="The photo to edit (PNG, JPEG, WebP, ...: any image PIL reads), read as RGB; its "
-    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3 and Flux) "
+    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3, Flux and Chroma) "
     "unless --size resizes it.",
 )
 @click.option(
@@ -3219,7 +3222,8 @@ def _ip_adapter_options(
     default=None,
     type=float,
     callback=_finite_if_given,
-    help="Classifier-free guidance scale (1: none).  [default: 7.5; 1 for Flux]",
+    help="Classifier-free guidance scale (1: none; true CFG for Chroma).  [default: 7.5; 1 "
+    "for Flux, 5 for Chroma]",
 )
 @click.option(
     "--embedded-guidance",
@@ -3233,7 +3237,8 @@ def _ip_adapter_options(
     "--solver",
     "solver_name",
     default=None,
-    help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3 and Flux]",
+    help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3, Flux and "
+    "Chroma]",
 )
 @click.option(
     "--gamma",
@@ -3304,8 +3309,8 @@ def edit_command(
     """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
     regenerate it under --target.
 
-    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext; an inpainting one with
-    --mask, a ControlNet one with --control-image, a ControlNet inpainting one with both; SD,
+    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma; an inpainting one
+    with --mask, a ControlNet one with --control-image, a ControlNet inpainting one with both; SD,
     SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter and
     --ip-adapter-image) is
     loaded from a local folder; bdia.integrations.diffusers.edit_image does the work. Prints

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 
 import diffusers
 import numpy as np
@@ -24,6 +25,7 @@ from test_cli_errors import fails_in_one_line
 from bdia.cli import main
 from bdia.integrations.diffusers import edit_image
 from bdia.integrations.diffusers.tiny import (
+    tiny_chroma_pipeline,
     tiny_controlnet_inpaint_pipeline,
     tiny_controlnet_pipeline,
     tiny_flux_control_pipeline,
@@ -78,6 +80,21 @@ if KONTEXT:
 NO_KONTEXT = pytest.mark.skipif(
     not KONTEXT, reason="FluxKontextPipeline is in diffusers 0.35 and newer"
 )
+# ChromaPipeline, T5 alone and true CFG: in diffusers 0.35 and newer too (made in memory,
+# without a CLIP tokenizer to write).
+CHROMA = hasattr(diffusers, "ChromaPipeline")
+if CHROMA:
+    BUILDERS["chroma"] = lambda folder: tiny_chroma_pipeline()
+NO_CHROMA = pytest.mark.skipif(not CHROMA, reason="ChromaPipeline is in diffusers 0.35 and newer")
+
+
+def quietly_built(build, *args):
+    """``build(*args)`` without the FutureWarning of diffusers' Chroma transformer and
+    Flux ControlNet, which build its own deprecated FluxPosEmbed (the command hides it
+    too)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`FluxPosEmbed` is deprecated", FutureWarning)
+        return build(*args)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +105,7 @@ def pipelines(tmp_path_factory):
     for name, build in BUILDERS.items():
         words = root / f"{name}-words"
         words.mkdir()
-        build(words).save_pretrained(root / name)
+        quietly_built(build, words).save_pretrained(root / name)
         folders[name] = root / name
     return folders
 
@@ -129,7 +146,8 @@ def loaded(folder):
     absent = {}
     if json.loads((folder / "model_index.json").read_text()).get("text_encoder_3") == [None] * 2:
         absent = {"text_encoder_3": None, "tokenizer_3": None}
-    return diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent)
+    load = diffusers.DiffusionPipeline.from_pretrained
+    return quietly_built(lambda: load(folder, local_files_only=True, **absent))
 
 
 def expected_edit(folder, image, **options):
@@ -155,7 +173,15 @@ def pixels(path):
 
 
 @pytest.mark.parametrize(
-    "name", ["sd", "sd3", "flux", "playground", pytest.param("kontext", marks=NO_KONTEXT)]
+    "name",
+    [
+        "sd",
+        "sd3",
+        "flux",
+        "playground",
+        pytest.param("kontext", marks=NO_KONTEXT),
+        pytest.param("chroma", marks=NO_CHROMA),
+    ],
 )
 def test_the_written_pngs_are_edit_images_pil_output(name, pipelines, tmp_path):
     """The edit and the reconstruction as edit_image gives them for the same photo (as PIL
@@ -202,6 +228,35 @@ def test_flux_takes_the_embedded_guidance(pipelines, tmp_path):
     run(edit(pipelines["flux"], image, tmp_path / "e.png", "--embedded-guidance", "2"))
     expected = expected_edit(pipelines["flux"], image, guidance=2.0)
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+
+
+@NO_CHROMA
+def test_chroma_takes_the_guidance_as_true_cfg(pipelines, tmp_path):
+    """ChromaPipeline's guidance_scale is true CFG (a second transformer call with the
+    negative prompt), not an embedded scale: by default 5 with the negative prompt "", as
+    the pipeline's own default; --guidance and --negative reach edit_image and change the
+    edit. No line of diffusers' about its own deprecated FluxPosEmbed, which its Chroma
+    transformer builds on loading: nothing the user can change."""
+    image = photo(tmp_path / "photo.png")
+    result = run(edit(pipelines["chroma"], image, tmp_path / "default.png"))
+    assert "FluxPosEmbed" not in result.stderr
+    default = expected_edit(pipelines["chroma"], image, guidance_scale=5.0, negative_prompt="")
+    assert np.array_equal(pixels(tmp_path / "default.png"), np.asarray(default.images[0]))
+    more = ["--guidance", "2", "--negative", "a fox"]
+    result = run(edit(pipelines["chroma"], image, tmp_path / "e.png", *more))
+    assert "latent error 0.000e+00" in result.stdout
+    expected = expected_edit(
+        pipelines["chroma"], image, guidance_scale=2.0, negative_prompt="a fox"
+    )
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
+
+
+def test_the_help_names_chroma_and_its_defaults():
+    text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
+    assert "Flux, Flux Kontext or Chroma" in text  # --pipeline
+    assert "1 for Flux, 5 for Chroma" in text  # --guidance
+    assert "euler for SD3, Flux and Chroma" in text  # --solver
 
 
 def test_size_resizes_the_photo_first(pipelines, tmp_path):
@@ -392,6 +447,18 @@ def test_size_resizes_the_mask_and_the_control_image_with_the_photo(name, pipeli
         ("sd", "--mask", ["--mask was given", "StableDiffusionPipeline's unet", "in_channels = 4"]),
         ("flux", "--mask", ["--mask was given", "FluxPipeline's transformer", "packed latents"]),
         ("controlnet", "--mask", ["--mask was given", "StableDiffusionControlNetPipeline's"]),
+        pytest.param(
+            "chroma",
+            "--mask",
+            ["--mask was given", "ChromaPipeline's transformer", "packed latents"],
+            marks=NO_CHROMA,
+        ),
+        pytest.param(
+            "chroma",
+            "--control-image",
+            ["--control-image was given", "ChromaPipeline has no controlnet"],
+            marks=NO_CHROMA,
+        ),
         (
             "sd",
             "--control-image",
@@ -1136,6 +1203,13 @@ FLUX_WANTED = "give this pipeline a Flux IP-Adapter (e.g. XLabs-AI/flux-ip-adapt
         ),
         ("sd3 adapter on sd", ["'--ip-adapter'", SD3_ADAPTER, "to an SD3 pipeline"]),
         ("flux adapter on fill", ["'--ip-adapter'", "FluxFillPipeline takes no IP-Adapter"]),
+        # ChromaPipeline has Flux's load_ip_adapter, but its transformer's adapters are not
+        # mapped by edit_image.
+        pytest.param(
+            "flux adapter on chroma",
+            ["'--ip-adapter'", "ChromaPipeline has a ChromaTransformer2DModel", "does not map"],
+            marks=NO_CHROMA,
+        ),
         ("flux encoder siglip", ["'--image-encoder'", "'siglip_vision_model'", "not a CLIP"]),
         ("sd3 encoder clip", ["'--image-encoder'", "not a SigLIP vision model"]),
         ("sd3 encoder without processor", ["'--image-encoder'", "no preprocessor_config.json"]),
@@ -1309,8 +1383,11 @@ def test_a_wrong_option_is_one_line(more, words, pipelines, tmp_path, monkeypatc
     fails_in_one_line(args, tmp_path, *words, status=2)
 
 
-def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(pipelines, tmp_path):
-    args = edit(pipelines["sd3"], photo(tmp_path / "p.png"), tmp_path / "e.png")
+@pytest.mark.parametrize("name", ["sd3", pytest.param("chroma", marks=NO_CHROMA)])
+def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(name, pipelines, tmp_path):
+    """SD3's and Chroma's transformers embed no guidance scale (Chroma's guidance is true
+    CFG, --guidance)."""
+    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png")
     fails_in_one_line(
         args + ["--embedded-guidance", "3"],
         tmp_path,
