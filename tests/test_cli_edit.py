@@ -1013,6 +1013,7 @@ def with_transformer_ip_adapter(folder, adapter, scale=1.0):
         pytest.param("kontext", "flux", marks=NO_KONTEXT),
         ("flux-controlnet", "flux"),
         ("sd3-controlnet", "sd3-controlnet"),
+        ("sd3-controlnet-inpaint", "sd3-controlnet"),
     ],
 )
 def test_flux_and_sd3_image_prompts_reach_edit_image(
@@ -1022,7 +1023,8 @@ def test_flux_and_sd3_image_prompts_reach_edit_image(
     edit_image's through the pipeline with the same adapter loaded as a diffusers user loads
     it and the same image prompt, pixel for pixel, for XLabs' and diffusers' Flux files and
     SD3's, and for FluxKontextPipeline and Flux's and SD3's ControlNet pipelines (with
-    --control-image); another image prompt edits otherwise, and so does none."""
+    --control-image; SD3's ControlNet inpainting one with --mask too); another image
+    prompt edits otherwise, and so does none."""
     adapter = transformer_adapters[kind]
     image = photo(tmp_path / "photo.png")
     prompt, other = photo(tmp_path / "prompt.png", seed=20), photo(tmp_path / "o.png", seed=21)
