@@ -2659,8 +2659,7 @@ def _ip_adapter_family(index: dict[str, Any]) -> str:
         raise refuse("takes no IP-Adapter (it has no load_ip_adapter)")
     if index.get("unet") not in (None, [None, None]):
         return "unet"
-    network = index.get("transformer")
-    kind = network[1] if isinstance(network, list) and len(network) == 2 else None
+    kind = _transformer_class(index)
     if kind not in _IP_ADAPTER_TRANSFORMERS:
         raise refuse(
             f"has {'a ' + str(kind) if kind else 'no unet or transformer'}, whose IP-Adapter "
@@ -2668,6 +2667,12 @@ def _ip_adapter_family(index: dict[str, Any]) -> str:
             "transformers)"
         )
     return _IP_ADAPTER_TRANSFORMERS[kind]
+
+
+def _transformer_class(index: dict[str, Any]) -> str | None:
+    """The class model_index.json ``index`` gives the pipeline's transformer, None without."""
+    network = index.get("transformer")
+    return network[1] if isinstance(network, list) and len(network) == 2 else None
 
 
 def _xlabs_name(name: str) -> str:
@@ -3352,6 +3357,10 @@ def edit_command(
     image_prompt, encoder, family = _ip_adapter_options(
         pipeline, ip_adapter, image_encoder, ip_adapter_image, ip_adapter_scale
     )
+    index = json.loads((pipeline / "model_index.json").read_text())
+    if embedded_guidance is not None and _never_embeds_guidance(index):
+        # Known from model_index.json; a Flux transformer's guidance_embeds once it loads.
+        raise _no_embedded_guidance(index["_class_name"])
     for option, path in outputs.items():
         # Before the pipeline loads, which can take minutes.
         _refuse_existing_file(path, option, overwrite)
@@ -3379,11 +3388,7 @@ def edit_command(
         _load_ip_adapter(pipe, name, family, ip_adapter, encoder, scale, dtype)
     network = getattr(getattr(pipe, "transformer", None), "config", None) or {}
     if embedded_guidance is not None and not network.get("guidance_embeds", False):
-        raise click.BadParameter(
-            f"the {name}'s network embeds no guidance scale (only Flux.1-dev's transformer "
-            "does); leave it out (--guidance is classifier-free guidance)",
-            param_hint="'--embedded-guidance'",
-        )
+        raise _no_embedded_guidance(name)
     controls_given = _control_images(pipe, controls, name)
     result = _edit(
         pipe.to(device),
@@ -3432,6 +3437,27 @@ def edit_command(
         write_png(reconstruction, np.asarray(_output(result.reconstruction, "pil")[0]))
         wrote += f" and {reconstruction} (the reconstruction)"
     click.echo(wrote, err=True)
+
+
+#: The transformers that embed no guidance scale, whatever their config: SD3's, and Chroma's,
+#: whose guidance is true CFG.
+_NO_GUIDANCE_EMBEDDING = ("SD3Transformer2DModel", "ChromaTransformer2DModel")
+
+
+def _never_embeds_guidance(index: dict[str, Any]) -> bool:
+    """Whether the network of the pipeline of ``index`` (its model_index.json) cannot embed a
+    guidance scale: a unet, or a transformer of _NO_GUIDANCE_EMBEDDING."""
+    unet = index.get("unet") not in (None, [None, None])
+    return unet or _transformer_class(index) in _NO_GUIDANCE_EMBEDDING
+
+
+def _no_embedded_guidance(name: str) -> click.BadParameter:
+    """--embedded-guidance refused for the pipeline of class ``name``."""
+    return click.BadParameter(
+        f"the {name}'s network embeds no guidance scale (only Flux.1-dev's transformer "
+        "does); leave it out (--guidance is classifier-free guidance)",
+        param_hint="'--embedded-guidance'",
+    )
 
 
 def _in_the_commands_words(message: str, name: str) -> str:

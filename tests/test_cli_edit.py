@@ -1385,18 +1385,43 @@ def test_a_wrong_option_is_one_line(more, words, pipelines, tmp_path, monkeypatc
     fails_in_one_line(args, tmp_path, *words, status=2)
 
 
-@pytest.mark.parametrize("name", ["sd3", pytest.param("chroma", marks=NO_CHROMA)])
-def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(name, pipelines, tmp_path):
-    """SD3's and Chroma's transformers embed no guidance scale (Chroma's guidance is true
-    CFG, --guidance)."""
+@pytest.mark.parametrize("name", ["sd", "sd3", pytest.param("chroma", marks=NO_CHROMA)])
+def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(
+    name, pipelines, tmp_path, monkeypatch
+):
+    """A unet, SD3's and Chroma's transformers embed no guidance scale (Chroma's guidance is
+    true CFG, --guidance): model_index.json says so, and the refusal comes before the
+    pipeline loads."""
+    no_pipeline_loads(monkeypatch)
     args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png")
     fails_in_one_line(
         args + ["--embedded-guidance", "3"],
         tmp_path,
         "'--embedded-guidance'",
+        f"the {loaded_class(pipelines[name])}'s network",
         "Flux.1-dev",
         status=2,
     )
+
+
+def test_the_embedded_guidance_of_a_flux_transformer_without_it_is_refused(tmp_path):
+    """A Flux transformer with guidance_embeds False (Flux.1-schnell's) is known once it
+    loads: refused then, in one line, before any network runs."""
+    folder = tmp_path / "schnell"
+    (tmp_path / "words").mkdir()
+    tiny_flux_pipeline(tmp_path / "words", guidance_embeds=False).save_pretrained(folder)
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png")
+    fails_in_one_line(
+        args + ["--embedded-guidance", "3"],
+        tmp_path,
+        "'--embedded-guidance'",
+        "the FluxPipeline's network embeds no guidance scale",
+        status=2,
+    )
+
+
+def loaded_class(folder):
+    return json.loads((folder / "model_index.json").read_text())["_class_name"]
 
 
 def test_without_diffusers_the_command_says_how_to_install_it(pipelines, tmp_path, monkeypatch):
