@@ -532,3 +532,23 @@ def test_edit_image_refuses_what_chroma_does_not_take():
             edit_image(pipe, _image(1), **args)
         _one_line_error(exc_info, field)
     assert calls.calls == 0
+
+
+def test_edit_image_refuses_a_mask_without_pointing_to_a_fill_transformer():
+    """A mask is refused in one line before any network runs, saying that the transformer
+    takes the packed latents alone; unlike Flux's refusal it does not call a Fill transformer
+    the one that takes a mask, since Chroma has none."""
+    pipe = tiny_chroma_pipeline()
+    calls = Counter(pipe.transformer)
+    with pytest.raises(ValueError) as exc_info:
+        edit_image(
+            pipe,
+            _image(1),
+            SOURCE,
+            TARGET,
+            num_inference_steps=2,
+            mask_image=torch.ones(1, 1, 16, 16),
+        )
+    _one_line_error(exc_info, "the packed latents alone")
+    assert "a Fill transformer takes" not in str(exc_info.value)
+    assert calls.calls == 0

@@ -1229,6 +1229,8 @@ def edit_image(
         channels += ", the vae's latents alone"
     if flux_control:
         channels += f", the packed latents and a control image's (a Fill one takes {fill_channels})"
+    elif chroma:  # Chroma has no Fill transformer to point to
+        channels += ", the packed latents alone"
     elif flux and not fill:
         channels += f", the packed latents alone (a Fill transformer takes {fill_channels})"
     if fill and mask_image is None:
