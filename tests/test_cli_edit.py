@@ -80,12 +80,13 @@ if KONTEXT:
 NO_KONTEXT = pytest.mark.skipif(
     not KONTEXT, reason="FluxKontextPipeline is in diffusers 0.35 and newer"
 )
-# ChromaPipeline, T5 alone and true CFG: in diffusers 0.35 and newer too (made in memory,
-# without a CLIP tokenizer to write).
+# ChromaPipeline, T5 alone and true CFG (made in memory, without a CLIP tokenizer to write).
 CHROMA = hasattr(diffusers, "ChromaPipeline")
 if CHROMA:
     BUILDERS["chroma"] = lambda folder: tiny_chroma_pipeline()
-NO_CHROMA = pytest.mark.skipif(not CHROMA, reason="ChromaPipeline is in diffusers 0.35 and newer")
+NO_CHROMA = pytest.mark.skipif(
+    not CHROMA, reason=f"diffusers {diffusers.__version__} has no ChromaPipeline"
+)
 
 
 def quietly_built(build, *args):

@@ -9,7 +9,7 @@ call with the negative prompt's embeddings and mask). The transformer is a tiny 
 (``tiny_chroma_pipeline``) has a tiny T5 encoder with a tokenizer made in memory. As for Flux,
 parity with diffusers is checked in float32, where both sides make the same float
 operations on the same inputs and agree bit for bit; exactness of the inversion is checked
-in float64. ChromaPipeline came with diffusers 0.35: on 0.34 the module is skipped.
+in float64.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated:FutureWarning"),
     pytest.mark.skipif(
         not hasattr(diffusers, "ChromaPipeline"),
-        reason="ChromaPipeline and ChromaTransformer2DModel came with diffusers 0.35",
+        reason=f"diffusers {diffusers.__version__} has no ChromaPipeline",
     ),
 ]
 

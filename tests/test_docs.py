@@ -137,7 +137,7 @@ if not pathlib.Path("flux").is_dir():
     tiny_flux_pipeline("flux").save_pretrained("flux")
 """
 
-# The tiny Chroma pipeline in diffusers' layout ("chroma"): diffusers 0.35 and newer.
+# The tiny Chroma pipeline in diffusers' layout ("chroma").
 _CHROMA_FOLDER = """
 import pathlib
 from bdia.integrations.diffusers.tiny import tiny_chroma_pipeline
@@ -988,7 +988,6 @@ AFTER = {
 # defines nothing that a later block of its page uses.
 NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35)),
-    ("docs/diffusers.md", '"/models/Chroma1-HD"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): ("diffusers", (0, 35)),
 }

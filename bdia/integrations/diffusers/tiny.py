@@ -212,7 +212,7 @@ def tiny_flux_transformer(
 def tiny_chroma_transformer(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
 ) -> torch.nn.Module:
-    """A ``ChromaTransformer2DModel`` (diffusers 0.35 and later) with one double-stream and one
+    """A ``ChromaTransformer2DModel`` with one double-stream and one
     single-stream block on packed latents of shape ``(batch, tokens, 16)``, as
     ``tiny_flux_transformer``'s, text tokens of width 16 (``encoder_hidden_states`` of shape
     ``(batch, L, 16)``, T5's alone: no pooled embeddings, no guidance embedding), position ids
@@ -222,8 +222,8 @@ def tiny_chroma_transformer(
     and ``dtype``; ``overrides`` add to or replace fields of its config."""
     if not hasattr(diffusers, "ChromaTransformer2DModel"):
         raise ImportError(
-            f"ChromaTransformer2DModel needs diffusers 0.35 or later; this is "
-            f"{diffusers.__version__}"
+            f"diffusers {diffusers.__version__} has no ChromaTransformer2DModel (0.34 and "
+            "later have it)"
         )
     torch.manual_seed(seed)
     config: dict[str, Any] = dict(
@@ -620,7 +620,7 @@ def tiny_flux_pipeline(
 
 
 def tiny_chroma_pipeline(scheduler: Any = None) -> Any:
-    """A float32 ``ChromaPipeline`` (diffusers 0.35 and later) of tiny random parts on 16 x 16
+    """A float32 ``ChromaPipeline`` of tiny random parts on 16 x 16
     RGB images: ``tiny_flux_pipeline``'s T5 encoder and tokenizer (prompt embeddings of shape
     ``(batch, L, 16)`` for ``max_sequence_length=L``; pass ``max_sequence_length=16``),
     ``tiny_chroma_transformer()`` on the packed latents of shape ``(batch, 16, 16)``, and
