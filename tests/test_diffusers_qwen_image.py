@@ -8,8 +8,11 @@ encoder: it takes prompt embeddings and their padding masks directly. As for Flu
 the pipeline is checked in float32, where both sides make the same float operations on the
 same inputs and agree bit for bit; exactness of the inversion is checked in float64.
 QwenImageImg2ImgPipeline runs the same transformer ODE on the grid's tail, from the image's
-latents noised to its first timestep. QwenImagePipeline is in diffusers 0.35 and newer; with
-older ones the module is skipped, and the img2img test where QwenImageImg2ImgPipeline is not.
+latents noised to its first timestep. edit_image takes the pipeline's prompt embeddings with
+their masks (text through its encode_prompt, here a stand-in) and its video VAE's one-frame
+latents, normalised and packed as QwenImageImg2ImgPipeline makes them. QwenImagePipeline is
+in diffusers 0.35 and newer; with older ones the module is skipped, and the img2img test
+where QwenImageImg2ImgPipeline is not.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from conftest import (
     flow_img2img_runs,
     flow_round_trip_error,
 )
+from test_diffusers_editing import _records
 
 if not hasattr(diffusers, "QwenImagePipeline"):
     pytest.skip("QwenImagePipeline is in diffusers 0.35 and newer", allow_module_level=True)
@@ -388,12 +392,6 @@ def test_conditioning_the_transformer_cannot_take_is_refused(transformer):
     with pytest.raises(ValueError) as exc_info:
         from_diffusers(distilled, flow, **base)
     _one_line_error(exc_info, "guidance_embeds = True")
-    # edit_image maps Stable Diffusion's, SDXL's, SD3's and Flux's pipelines, not this one.
-    pipe = tiny_qwen_image_pipeline()
-    pipe.transformer = transformer
-    with pytest.raises(ValueError) as exc_info:
-        edit_image(pipe, torch.zeros(1, 3, 16, 16), "a fox", "a cat", num_inference_steps=4)
-    _one_line_error(exc_info, "QwenImageTransformer2DModel")
     assert calls.calls == 0
 
 
@@ -439,3 +437,357 @@ def test_a_transformer_that_takes_txt_seq_lens_needs_them_in_each_branch():
     with torch.no_grad():
         ode.evaluate(1.0, _noise(torch.float32))
     assert net.lengths == [[5, 3], [7, 5]]
+
+
+# ------------------------------------------------------------------------ edit_image
+
+
+def _image(batch=BATCH):
+    return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def _target():
+    """The target prompt: 6 tokens, none of them padding (encode_prompt drops its mask)."""
+    embeds, mask = _prompt(torch.float32, 3, 6)
+    return embeds, torch.ones_like(mask)
+
+
+def _edit(pipe, true_cfg, dtype=torch.float64, image=None, **options):
+    """edit_image on ``pipe`` from source prompts of 5 tokens to targets of 6, with true CFG 4
+    and negative prompts of 7 tokens where ``true_cfg``."""
+    if true_cfg:
+        options.update(guidance_scale=TRUE_CFG, negative_prompt=_prompt(torch.float32, 2, 7))
+    return edit_image(
+        pipe,
+        _image() if image is None else image,
+        _prompt(torch.float32, 1, 5),
+        _target(),
+        num_inference_steps=N_STEPS,
+        state_dtype=dtype,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+@pytest.mark.parametrize(
+    "state_dtype, bound",
+    # As for Flux: float64 carries ~2^-106; a float32 state ~2^-48, magnified by prod(1 /
+    # gamma) and true CFG, so 1e-5 there. Measured: 0 in all four.
+    [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+)
+def test_edit_image_round_trip_is_exact(true_cfg, state_dtype, bound):
+    """edit_image on QwenImagePipeline (prompt embeddings and their masks, bdia(euler,
+    0.96)): the grid is the pipeline's 8 sigmas, shifted by its mu for the 16 packed tokens,
+    and the final 0; no true CFG by default (the pipeline's true_cfg_scale acts only with a
+    negative prompt), true CFG 4 with negative embeddings; reconstruct() returns the packed
+    latents to ``bound`` relative, and the decoded reconstruction's error is the VAE's
+    own."""
+    pipe = tiny_qwen_image_pipeline()
+    out = _edit(pipe, true_cfg, state_dtype)
+    assert torch.equal(out.inversion.ts, _grid(pipe.scheduler))
+    assert out.inversion.solver.identity == "bdia(euler, gamma=0.96)"
+    cond = out.inversion.ode.cond
+    assert cond.get("guidance_scale") == (TRUE_CFG if true_cfg else None)
+    assert ("negative_cond" in cond) == true_cfg
+    assert cond["img_shapes"] == IMG_SHAPES * BATCH
+    assert out.latents.shape == (BATCH, TOKENS, 16) and out.latents.dtype == state_dtype
+    assert out.latent_error < bound
+    assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
+    assert torch.isfinite(out.edited_latents).all()
+    assert out.images.shape == (BATCH, 3, 16, 16)
+
+
+def _by_hand(pipe, image, dtype):
+    """QwenImageImg2ImgPipeline's image latents made by hand in ``dtype``: the mean of the
+    VAE's distribution of the one-frame video, (z - latents_mean) * (1 / latents_std), packed
+    (BATCH, TOKENS, 16)."""
+    vae = pipe.vae.config
+    with torch.no_grad():
+        z = pipe.vae.encode(image.unsqueeze(2)).latent_dist.mean.to(dtype)
+    mean = torch.tensor(vae.latents_mean).view(1, 4, 1, 1, 1).to(dtype)
+    scale = 1.0 / torch.tensor(vae.latents_std).view(1, 4, 1, 1, 1).to(dtype)
+    return diffusers.QwenImagePipeline._pack_latents((z - mean) * scale, BATCH, 4, 8, 8)
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+def test_edit_is_a_hand_run_regenerate_under_the_target(true_cfg):
+    """Every stage by hand (float64, a VAE with latents_mean and latents_std other than 0
+    and 1): the packed, normalised latents; from_diffusers with the embeddings, their masks
+    as encode_prompt returns them (None for the target's, all ones) and the image shapes;
+    QwenImagePipeline's sigmas and mu; Inversion.of with bdia(euler, 0.96): its noise and the
+    end state of its pair, bit for bit, and regenerate(target)."""
+    pipe = diffusers.QwenImagePipeline(**_img2img_parts())
+    out = _edit(pipe, true_cfg)
+    latents = _by_hand(pipe, _image(), torch.float64)
+    assert torch.equal(out.latents, latents)
+
+    def ode(embeds, mask):
+        cond = dict(
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=None if mask.all() else mask,
+            img_shapes=IMG_SHAPES * BATCH,
+        )
+        if true_cfg:
+            negative, negative_mask = _prompt(torch.float32, 2, 7)
+            cond.update(
+                guidance_scale=TRUE_CFG,
+                negative_cond=dict(
+                    encoder_hidden_states=negative, encoder_hidden_states_mask=negative_mask
+                ),
+            )
+        return from_diffusers(pipe.transformer, pipe.scheduler, **cond)
+
+    solver = bdia.bdia(bdia.get_solver("euler"), 0.96)
+    with torch.no_grad():
+        inversion = bdia.Inversion.of(
+            ode(*_prompt(torch.float32, 1, 5)),
+            solver,
+            latents,
+            _grid(pipe.scheduler),
+            state_dtype=torch.float64,
+        )
+        edited = inversion.regenerate(ode(*_target()), rule="base")
+    assert torch.equal(inversion.noise, out.inversion.noise)
+    assert torch.equal(inversion.pair.earlier, out.inversion.pair.earlier)
+    assert torch.equal(inversion.pair.later, out.inversion.pair.later)
+    assert torch.equal(edited, out.edited_latents)
+    assert float((out.edited_latents - out.reconstructed_latents).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(true_cfg):
+    """With a float32 state, edit_image's edited latents are bit for bit what
+    QwenImagePipeline returns from the inverted noise under the target prompt (its
+    true_cfg_scale 4 with the negative embeddings where guided), the edit's base solver
+    being the pipeline's Euler step on its own sigmas."""
+    pipe = tiny_qwen_image_pipeline()
+    out = _edit(pipe, true_cfg, torch.float32)
+    target, target_mask = _target()
+    options = {}
+    if true_cfg:
+        negative, negative_mask = _prompt(torch.float32, 2, 7)
+        options = dict(negative_prompt_embeds=negative, negative_prompt_embeds_mask=negative_mask)
+    theirs = pipe(
+        prompt_embeds=target,
+        prompt_embeds_mask=target_mask,
+        true_cfg_scale=TRUE_CFG if true_cfg else 1.0,
+        latents=out.inversion.noise.clone(),
+        num_inference_steps=N_STEPS,
+        height=16,
+        width=16,
+        output_type="latent",
+        **options,
+    ).images
+    assert torch.equal(out.edited_latents, theirs)
+
+
+@needs_img2img
+def test_edit_image_encodes_and_decodes_as_the_qwen_image_pipelines(monkeypatch):
+    """With a float32 state (a VAE with latents_mean and latents_std other than 0 and 1),
+    edit_image's latents are bit for bit what QwenImageImg2ImgPipeline's prepare_latents
+    makes of the image (its sample of the latent distribution replaced by the mean, which
+    edit_image takes, and its noising by none), and its decoded edit is bit for bit the image
+    QwenImagePipeline decodes from the edited latents (_unpack_latents, latents / (1 /
+    latents_std) + latents_mean, the frame's image). With a float64 state the reconstruction
+    is the VAE's decoding of that map in float64."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_img2img
+
+    parts = _img2img_parts()
+    pipe = diffusers.QwenImagePipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    image = _image()
+    out = _edit(pipe, False, torch.float32, image=image)
+    monkeypatch.setattr(
+        pipeline_qwenimage_img2img,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": output.latent_dist.mean,
+    )
+    img2img = diffusers.QwenImageImg2ImgPipeline(**parts)
+    monkeypatch.setattr(img2img.scheduler, "scale_noise", lambda sample, timestep, noise: sample)
+    with torch.no_grad():
+        theirs = img2img.prepare_latents(image, None, BATCH, 4, 16, 16, torch.float32, "cpu", None)
+    assert theirs.shape == (BATCH, TOKENS, 16)
+    assert torch.equal(out.latents, theirs)
+
+    embeds, mask = _prompt(torch.float32, 1, 5)
+    with torch.no_grad():
+        decoded = pipe(
+            prompt_embeds=embeds,
+            prompt_embeds_mask=mask,
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            output_type="pt",
+            callback_on_step_end=lambda p, i, t, kwargs: {"latents": out.edited_latents},
+        ).images
+    # Its images are (x / 2 + 0.5).clamp(0, 1), edit_image's x.clamp(-1, 1): exact maps.
+    assert torch.equal(decoded, out.images / 2 + 0.5)
+
+    double = _edit(pipe, False, image=image)
+    config = pipe.vae.config
+    z = pipe._unpack_latents(double.reconstructed_latents, 16, 16, 2)
+    scale = 1.0 / torch.tensor(config.latents_std).view(1, 4, 1, 1, 1).double()
+    z = z / scale + torch.tensor(config.latents_mean).view(1, 4, 1, 1, 1).double()
+    with torch.no_grad():
+        by_hand = pipe.vae.decode(z.float()).sample[:, :, 0].clamp(-1, 1)
+    assert torch.equal(double.reconstruction, by_hand)
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+def test_edit_image_gives_the_transformer_what_qwen_image_pipeline_gives_it(true_cfg):
+    """QwenImagePipeline.__call__ and edit_image (float32 state, the same embeddings) give
+    the transformer the same encoder_hidden_states, encoder_hidden_states_mask and
+    img_shapes in each branch (the conditional call, then the negative one), bit for bit,
+    at the pipeline's timesteps and, once a branch, at timestep 0, where the inversion
+    starts from the latents."""
+    pipe = tiny_qwen_image_pipeline()
+    cond = _cond(torch.float32, true_cfg=true_cfg)
+    theirs, _ = _records(
+        pipe.transformer, lambda: _pipeline_latents(pipe, _noise(torch.float32), cond)
+    )
+    ours, _ = _records(pipe.transformer, lambda: _edit(pipe, true_cfg, torch.float32))
+    branches = 2 if true_cfg else 1
+    assert len(theirs) == branches * N_STEPS and len(ours) == branches * (3 * N_STEPS - 1)
+    for k in range(branches):
+        for key in ("encoder_hidden_states", "encoder_hidden_states_mask"):
+            assert torch.equal(ours[k][key], theirs[k][key]), (k, key)
+        assert ours[k]["img_shapes"] == theirs[k]["img_shapes"] == IMG_SHAPES * BATCH
+    timesteps = [{float(t) for r in run for t in r["timestep"]} for run in (ours, theirs)]
+    assert timesteps[0] == timesteps[1] | {0.0} and len(timesteps[1]) == N_STEPS
+
+
+def test_the_img2img_pipeline_edits_as_the_text_to_image_one():
+    """QwenImageImg2ImgPipeline edits as QwenImagePipeline of the same parts, bit for bit
+    (its strength plays no part)."""
+    if not hasattr(diffusers, "QwenImageImg2ImgPipeline"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageImg2ImgPipeline")
+    parts = tiny_qwen_image_pipeline().components
+    ref = _edit(diffusers.QwenImagePipeline(**parts), True)
+    out = _edit(diffusers.QwenImageImg2ImgPipeline(**parts), True)
+    assert torch.equal(out.inversion.noise, ref.inversion.noise)
+    assert torch.equal(out.edited_latents, ref.edited_latents)
+
+
+def test_text_prompts_go_through_the_pipelines_encode_prompt(monkeypatch):
+    """With a tokenizer and a text encoder, text prompts go through the pipeline's
+    encode_prompt (one call a prompt, num_images_per_prompt 1), whose (prompt_embeds,
+    prompt_embeds_mask) the edit takes as it takes them given: the same edit, bit for bit."""
+    pipe = tiny_qwen_image_pipeline()
+    ref = _edit(pipe, True)
+    pairs = {"a cat": _prompt(torch.float32, 1, 5), "a dog": _target()}
+    pairs[" "] = _prompt(torch.float32, 2, 7)
+    encode = pipe.encode_prompt
+    seen = []
+
+    def encode_prompt(prompt, device=None, num_images_per_prompt=1, **kwargs):
+        seen.append((prompt, num_images_per_prompt, sorted(kwargs)))
+        embeds, mask = pairs[prompt]
+        return encode(None, device, num_images_per_prompt, embeds, mask)
+
+    # Stand-ins, never called: edit_image asks encode_prompt, which holds them.
+    pipe.tokenizer, pipe.text_encoder = object(), torch.nn.Identity()
+    monkeypatch.setattr(pipe, "encode_prompt", encode_prompt)
+    out = edit_image(
+        pipe,
+        _image(),
+        "a cat",
+        "a dog",
+        num_inference_steps=N_STEPS,
+        guidance_scale=TRUE_CFG,
+        negative_prompt=" ",
+    )
+    assert seen == [("a cat", 1, []), ("a dog", 1, []), (" ", 1, [])]
+    assert torch.equal(out.inversion.noise, ref.inversion.noise)
+    assert torch.equal(out.edited_latents, ref.edited_latents)
+
+
+def test_a_transformer_that_takes_txt_seq_lens_gets_each_prompts_own():
+    """Where the transformer takes txt_seq_lens (diffusers 0.35's), edit_image passes each
+    branch's mask.sum(dim=1).tolist(), as that QwenImagePipeline does (every token where
+    encode_prompt drops an all-ones mask)."""
+
+    class WithLengths(diffusers.QwenImageTransformer2DModel):
+        def forward(self, hidden_states, txt_seq_lens=None, **kwargs):
+            self.lengths.append(txt_seq_lens)
+            return super().forward(hidden_states, **kwargs)
+
+    pipe = tiny_qwen_image_pipeline()
+    net = WithLengths(**dict(pipe.transformer.config)).eval()
+    net.load_state_dict(pipe.transformer.state_dict())
+    net.lengths = []
+    pipe.transformer = net
+    _edit(pipe, True)
+    # Per step the conditional call, then the negative one; the target's mask is all ones.
+    assert net.lengths[:2] == [[5, 3], [7, 5]] and net.lengths[-2:] == [[6, 6], [7, 5]]
+
+
+def _refused(pipe, source=None, **options):
+    """edit_image's one-line error, after checking that neither the transformer nor the
+    VAE ran."""
+    counters = [Counter(pipe.transformer), Counter(pipe.vae.encoder), Counter(pipe.vae.decoder)]
+    args = dict(num_inference_steps=2)
+    args.update(options)
+    source = _prompt(torch.float32, 1, 5) if source is None else source
+    image = args.pop("image", _image())
+    with pytest.raises((ValueError, TypeError)) as exc_info:
+        edit_image(pipe, image, source, _target(), **args)
+    assert [c.calls for c in counters] == [0, 0, 0]
+    message = str(exc_info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("text", "no tokenizer (QwenImagePipeline.tokenizer is missing or None)"),
+        ("text", "to embed the text of source_prompt (or pass the pair (prompt_embeds,"),
+        ("negative text", "to embed the text of negative_prompt"),
+        ("one tensor", "a Qwen-Image transformer also needs the embeddings' mask"),
+        ("mask shape", "the prompt_embeds_mask, must have shape (2, 5)"),
+        ("embeddings dim", "dim 8, but the transformer's joint_attention_dim is 16"),
+        ("guidance", "guidance is the guidance scale Flux.1-dev's transformer embeds"),
+        ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, QwenImagePipe"),
+        ("edit pipeline", "the pipeline is a QwenImageEditPipeline, which gives the transformer"),
+        ("mask", "mask_image was given, but the pipeline's transformer takes in_channels = 16"),
+        ("image prompt", "ip_adapter_image_embeds was given, but the pipeline's network has no"),
+        ("no stats", "lacks latents_mean or latents_std"),
+        ("channels", "the transformer takes in_channels = 32 but the vae's z_dim = 4"),
+    ],
+)
+def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
+    """One line each, before the transformer or the VAE runs: a text prompt (the negative
+    prompt's included) without a text encoder, one tensor without its mask, a mask that is
+    not the embeddings', embeddings of another width, an embedded guidance, a size the
+    packing cannot take, a Qwen-Image pipeline that conditions on more (Edit), a mask (the
+    text-to-image transformer takes none), an image prompt, a VAE
+    without its statistics and a transformer of other channels."""
+    pipe, source, options = tiny_qwen_image_pipeline(), None, {}
+    if kind == "text":
+        source = "a photo of a cat"
+    elif kind == "negative text":
+        options = dict(guidance_scale=TRUE_CFG)  # the default negative prompt "" is text
+    elif kind == "one tensor":
+        source = _prompt(torch.float32, 1, 5)[0]
+    elif kind == "mask shape":
+        embeds, mask = _prompt(torch.float32, 1, 5)
+        source = (embeds, mask[:, :4])
+    elif kind == "embeddings dim":
+        embeds, mask = _prompt(torch.float32, 1, 5)
+        source = (embeds[..., :8], mask)
+    elif kind == "guidance":
+        options = dict(guidance=3.5)
+    elif kind == "size":
+        options = dict(image=_image()[..., :14])
+    elif kind == "edit pipeline":  # by its name: its transformer is the same class
+        pipe = type("QwenImageEditPipeline", (diffusers.QwenImagePipeline,), {})(**pipe.components)
+    elif kind == "mask":
+        options = dict(mask_image=torch.ones(1, 1, 16, 16))
+    elif kind == "image prompt":
+        options = dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 8)])
+    elif kind == "no stats":
+        vae = pipe.vae
+        vae.register_to_config(latents_std=None)
+    else:
+        pipe.transformer = tiny_qwen_image_transformer(in_channels=32)
+    assert fragment in _refused(pipe, source, **options)

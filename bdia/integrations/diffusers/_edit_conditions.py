@@ -89,6 +89,22 @@ def _chroma_probe_cond(config: Mapping[str, Any]) -> dict[str, Any]:
     return cond
 
 
+def _qwen_probe_cond(
+    config: Mapping[str, Any], img_shapes: list[Any], lengths: bool
+) -> dict[str, Any]:
+    """``_flux_probe_cond``'s for Qwen-Image's transformer: its embeddings with no tokens, no
+    mask, the image's ``img_shapes`` and, where the transformer takes them (``lengths``), no
+    text lengths."""
+    cond: dict[str, Any] = {
+        "encoder_hidden_states": torch.zeros(1, 0, config.get("joint_attention_dim", 1)),
+        "encoder_hidden_states_mask": None,
+        "img_shapes": img_shapes,
+    }
+    if lengths:
+        cond["txt_seq_lens"] = [0]
+    return cond
+
+
 def _fill_channels(pipe: Any, vae: Any) -> int:
     """A Flux Fill transformer's ``in_channels`` with ``vae``: the packed latents, the masked
     image's packed latents, and the packed mask (a latent pixel's ``f x f`` mask pixels in

@@ -1,7 +1,8 @@
 """The parts of a diffusers pipeline that ``edit_image`` and its conditions share: a part
 looked up with a clear error, the VAE's factor, and encoding to and decoding from the VAE's
-latents (the mean of the latent distribution, shifted and scaled as the pipelines do), with
-the float32 upcast the SDXL pipelines apply to a half-precision VAE."""
+latents (the mean of the latent distribution, shifted and scaled as the pipelines do; for
+Qwen-Image's video VAE one frame, normalised as its pipelines do), with the float32 upcast
+the SDXL pipelines apply to a half-precision VAE."""
 
 from __future__ import annotations
 
@@ -30,7 +31,18 @@ def _vae_factor(pipe: Any, vae: Any) -> int:
     factor = getattr(pipe, "vae_scale_factor", None)
     if isinstance(factor, int) and factor > 0:
         return factor
+    # Qwen-Image's video VAE halves the image once per temporal_downsample entry.
+    downsample = vae.config.get("temperal_downsample")
+    if downsample is not None:
+        return 2 ** len(downsample)
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _latent_channels(config: Any) -> Any:
+    """The VAE's latent channels: ``latent_channels``, or ``z_dim`` for Qwen-Image's (None
+    where the config has neither)."""
+    channels = getattr(config, "latent_channels", None)
+    return getattr(config, "z_dim", None) if channels is None else channels
 
 
 def _latent_stats(config: Any) -> tuple[Tensor, Tensor] | None:
@@ -51,7 +63,7 @@ def _latent_stats(config: Any) -> tuple[Tensor, Tensor] | None:
             "diffusers' pipelines use one or the other, and edit_image does not guess which: "
             "set the one the model was not trained with to None"
         )
-    channels = config.latent_channels
+    channels = _latent_channels(config)
     stats = []
     for name, value in zip(("latents_mean", "latents_std"), values):
         try:
@@ -61,7 +73,7 @@ def _latent_stats(config: Any) -> tuple[Tensor, Tensor] | None:
         if stat is None or stat.shape != (channels,) or not bool(torch.isfinite(stat).all()):
             raise ValueError(
                 f"the vae's config.{name} = {value!r} is not {channels} finite numbers, one per "
-                f"latent channel (latent_channels = {channels})"
+                f"latent channel ({channels} latent channels)"
             )
         stats.append(stat)
     if not bool((stats[1] != 0).all()):
@@ -72,8 +84,9 @@ def _latent_stats(config: Any) -> tuple[Tensor, Tensor] | None:
 
 
 def _per_channel(stat: Tensor, like: Tensor) -> Tensor:
-    """``stat`` of shape (C,) as (1, C, 1, 1), on ``like``'s device and in its dtype."""
-    return stat.view(1, -1, 1, 1).to(like.device, like.dtype)
+    """``stat`` of shape (C,) as (1, C, 1, 1) (for 5-D ``like``, (1, C, 1, 1, 1)), on
+    ``like``'s device and in its dtype."""
+    return stat.view(1, -1, *[1] * (like.ndim - 2)).to(like.device, like.dtype)
 
 
 def _mean(vae: Any, pixels: Tensor) -> Tensor:
@@ -116,6 +129,39 @@ def _decode(vae: Any, latents: Tensor) -> Tensor:
     out = vae.decode(z.to(vae.dtype))
     image = out.sample if hasattr(out, "sample") else out[0]
     return image.float().clamp(-1.0, 1.0)
+
+
+def _encode_frame(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Qwen-Image's latents of ``pixels`` (B, 3, H, W): the mean of its video VAE's latent
+    distribution of the one-frame video (B, 3, 1, H, W), of shape (B, C, 1, H / f, W / f) in
+    ``dtype``, normalised as QwenImageImg2ImgPipeline's ``_encode_vae_image`` does, ``(z -
+    latents_mean) * (1 / latents_std)``, the reciprocal taken in ``dtype``."""
+    latents = _mean(vae, pixels.unsqueeze(2)).to(dtype)
+    mean, std = _frame_stats(vae.config)
+    return (latents - _per_channel(mean, latents)) * (1.0 / _per_channel(std, latents))
+
+
+def _decode_frame(vae: Any, latents: Tensor) -> Tensor:
+    """The image (B, 3, H, W) of Qwen-Image's latents (B, C, 1, h, w), as ``_encode_frame``
+    makes them: ``latents / (1 / latents_std) + latents_mean``, as QwenImagePipeline
+    decodes, in the latents' dtype; its one frame, clamped to [-1, 1], float32."""
+    mean, std = _frame_stats(vae.config)
+    z = latents / (1.0 / _per_channel(std, latents)) + _per_channel(mean, latents)
+    out = vae.decode(z.to(vae.dtype))
+    image = out.sample if hasattr(out, "sample") else out[0]
+    return image[:, :, 0].float().clamp(-1.0, 1.0)
+
+
+def _frame_stats(config: Any) -> tuple[Tensor, Tensor]:
+    """``_latent_stats`` of Qwen-Image's VAE, whose pipelines always normalise by them: a
+    one-line ValueError where the config lacks one."""
+    stats = _latent_stats(config)
+    if stats is None:
+        raise ValueError(
+            "the vae's config lacks latents_mean or latents_std, by which Qwen-Image's "
+            "pipelines normalise its latents (one per latent channel, z_dim)"
+        )
+    return stats
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL,
-Stable Diffusion 3, Flux, Chroma).
+Stable Diffusion 3, Flux, Chroma, Qwen-Image).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
@@ -9,8 +9,10 @@ place of ``unet``, a ``FlowMatchEulerDiscreteScheduler``, both CLIP tokenizers a
 encoders, and T5 where it has one) or ``FluxPipeline`` (a ``FluxTransformer2DModel``, the
 same scheduler, CLIP and T5, and the pipeline's static methods that pack the latents) or
 ``ChromaPipeline`` (a ``ChromaTransformer2DModel``, Flux's parts but T5 alone, and its
-``_prepare_attention_mask``), or the ControlNet pipelines of Stable Diffusion and SDXL (with
-``controlnet`` and ``prepare_image``, or for their img2img pipelines
+``_prepare_attention_mask``) or ``QwenImagePipeline`` and ``QwenImageImg2ImgPipeline`` (a
+``QwenImageTransformer2DModel``, the video VAE ``AutoencoderKLQwenImage``, ``encode_prompt``
+and the static methods that pack the latents), or the ControlNet pipelines of Stable
+Diffusion and SDXL (with ``controlnet`` and ``prepare_image``, or for their img2img pipelines
 ``prepare_control_image``, given ``control_image``: both ODEs call the controlnet on it; an
 img2img pipeline edits as its text-to-image sibling, the whole image inverted), or the
 inpainting pipelines of Stable Diffusion and SDXL with a 9-channel unet (with
@@ -31,13 +33,14 @@ itself as the reference image it edits), or, without a mask, the inpainting pipe
 blend the re-noised image into the latents after each step
 (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``, ``FluxControlInpaintPipeline``,
 ``FluxControlNetInpaintPipeline``, ``FluxKontextInpaintPipeline``, and Stable Diffusion's
-and SDXL's over a 4-channel unet), as the plain pipeline of their parts (a mask is refused:
-the blend is no ODE step), and any of these that has ``load_ip_adapter`` (Stable
-Diffusion's and SDXL's; ``FluxPipeline``, ``FluxKontextPipeline``, ``FluxControlNetPipeline``,
-``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``, ``FluxKontextInpaintPipeline``; SD3's
-text-to-image, img2img, inpainting and ControlNet ones) with an IP-Adapter loaded
-(``pipe.load_ip_adapter``, given ``ip_adapter_image`` or ``ip_adapter_image_embeds``: both
-ODEs give the unet or the transformer the pipeline's image embeddings) and:
+and SDXL's over a 4-channel unet), as
+the plain pipeline of their parts (a mask is refused: the blend is no ODE step), and any of
+these that has ``load_ip_adapter`` (Stable Diffusion's and SDXL's; ``FluxPipeline``,
+``FluxKontextPipeline``, ``FluxControlNetPipeline``, ``FluxImg2ImgPipeline``,
+``FluxInpaintPipeline``, ``FluxKontextInpaintPipeline``; SD3's text-to-image, img2img,
+inpainting and ControlNet ones) with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
+``ip_adapter_image`` or ``ip_adapter_image_embeds``: both ODEs give the unet or the
+transformer the pipeline's image embeddings) and:
 
 1. encodes the image with the VAE: the mean of the latent distribution (deterministic, not a
    sample) times ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` where the
@@ -46,7 +49,9 @@ ODEs give the unet or the transformer the pipeline's image embeddings) and:
    latents_std``, as diffusers' SDXL pipelines encode; for SDXL in float32 when the VAE is
    float16 or bfloat16 and its config says ``force_upcast``, as the SDXL img2img and
    inpainting pipelines encode; for Flux packed into 2 x 2 patches, one token each, by the
-   pipeline's ``_pack_latents``: the state of FluxPipeline's loop;
+   pipeline's ``_pack_latents``: the state of FluxPipeline's loop; for Qwen-Image the image
+   as a one-frame video, its latents ``(mean - latents_mean) * (1 / latents_std)`` (no
+   scaling factor), packed the same way, as QwenImageImg2ImgPipeline encodes;
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
@@ -58,7 +63,9 @@ ODEs give the unet or the transformer the pipeline's image embeddings) and:
    Flux's those, ``txt_ids``, the latents' ``img_ids`` (the pipeline's
    ``_prepare_latent_image_ids``) and, for Flux.1-dev, the embedded ``guidance``; Chroma's
    the T5 embeddings, ``txt_ids``, ``img_ids`` and the ``attention_mask`` of each prompt
-   over its tokens and the image's, as ChromaPipeline makes them from text;
+   over its tokens and the image's, as ChromaPipeline makes them from text; Qwen-Image's the
+   embeddings, their padding mask (``encode_prompt``'s, for text and embeddings alike) and
+   the pipeline's ``img_shapes``;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    (for SD3 the rectified flow of its sigmas) and the grid with ``diffusers_grid``, taking
    the encoded latents as the state at the grid's last point; where the scheduler's grid
@@ -79,7 +86,9 @@ ODEs give the unet or the transformer the pipeline's image embeddings) and:
 5. decodes both with the VAE, undoing step 1's map (``latents * latents_std /
    scaling_factor + latents_mean`` with the statistics, as the SDXL pipeline decodes;
    ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 and Flux pipelines
-   decode, Flux's after ``_unpack_latents``);
+   decode, Flux's after ``_unpack_latents``; Qwen-Image's after it by ``latents / (1 /
+   latents_std) + latents_mean``, the decoded video's one frame, as QwenImagePipeline
+   decodes);
    for SDXL in float32 when the VAE is float16 (not bfloat16) and its config says
    ``force_upcast``, as the SDXL pipelines decode.
 
@@ -91,6 +100,7 @@ reconstructed image is seen to come from the VAE, not from the inversion.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -127,6 +137,7 @@ from ._edit_conditions import (
     _inpaint_kwargs,
     _kontext_kwargs,
     _mask_condition,
+    _qwen_probe_cond,
     _sd3_control_latents,
     _with_image_prompt,
 )
@@ -134,8 +145,12 @@ from ._flow_controlnet import _sd3_inpainting
 from ._pipeline_parts import (
     _FLUX_PACKING,
     _decode,
+    _decode_frame,
     _encode,
+    _encode_frame,
     _float32_vae,
+    _frame_stats,
+    _latent_channels,
     _latent_stats,
     _part,
     _vae_factor,
@@ -155,6 +170,11 @@ _TEXT = "text"
 _SD3 = "SD3Transformer2DModel"
 _FLUX = "FluxTransformer2DModel"
 _CHROMA = "ChromaTransformer2DModel"
+_QWEN = "QwenImageTransformer2DModel"
+_QWEN_MASK = "prompt_embeds_mask"
+# The Qwen-Image pipelines edit_image maps: text-to-image and img2img; the others (Edit,
+# Edit Plus, ControlNet, Layered) give the transformer more than the latents and the prompt.
+_QWEN_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
 # scheduler's 1.15).
@@ -227,7 +247,7 @@ def _is_text(prompt: Any) -> bool:
 
 def _is_pair(prompt: Any) -> bool:
     """Whether ``prompt`` is SDXL's, SD3's or Flux's embeddings: (prompt_embeds,
-    pooled_prompt_embeds)."""
+    pooled_prompt_embeds); or Qwen-Image's, (prompt_embeds, prompt_embeds_mask)."""
     return (
         isinstance(prompt, (list, tuple))
         and len(prompt) == 2
@@ -242,8 +262,10 @@ class _Takes:
     Attributes:
         model: ``"unet"`` or ``"transformer"``.
         pipeline: ``"SDXL"``, ``"SD3"`` or ``"Flux"``, whose prompt embeddings come as the
-            pair ``(prompt_embeds, pooled_prompt_embeds)``; None for Stable Diffusion's one
-            tensor. ``article`` goes before its name.
+            pair ``(prompt_embeds, pooled_prompt_embeds)``, or ``"Qwen-Image"``, as
+            ``(prompt_embeds, prompt_embeds_mask)`` (``second`` names the pair's second,
+            ``second_says`` says what it is); None for Stable Diffusion's one tensor.
+            ``article`` goes before its name.
         cross_name: the model's config field of the embeddings' width, ``cross_dim`` its value.
         pooled_dim: the pooled embeddings' width; ``pooled_says`` says so after "the model's".
         outputs: which of ``encode_prompt``'s outputs the pair is.
@@ -257,18 +279,30 @@ class _Takes:
     pooled_says: str = ""
     outputs: str = "first and third"
     article: str = "an"
+    second: str = "pooled_prompt_embeds"
+    second_says: str = "the pooled embeddings"
 
 
 def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
     """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)
     with D = ``takes.cross_dim``; for SDXL, SD3 and Flux the pair of those and the pooled
-    embeddings (1 or batch, ``takes.pooled_dim``)."""
+    embeddings (1 or batch, ``takes.pooled_dim``); for Qwen-Image the pair of those and their
+    mask, of shape (the embeddings' batch, L)."""
     if isinstance(prompt, str):
         return
     paired = takes.pipeline is not None
     if paired and _is_pair(prompt):
         embeds, pooled = prompt
         _check_prompt(embeds, f"{name}[0]", batch, replace(takes, pipeline=None))
+        if takes.second == _QWEN_MASK:
+            # encode_prompt views the mask as the embeddings' (batch, L).
+            if pooled.shape != embeds.shape[:2]:
+                raise ValueError(
+                    f"{name}[1], the {_QWEN_MASK}, must have shape {tuple(embeds.shape[:2])}, "
+                    f"one entry per token of {name}[0] (1 valid, 0 padding), as "
+                    f"QwenImagePipeline's encode_prompt returns it; got {tuple(pooled.shape)}"
+                )
+            return
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch):
             raise ValueError(
                 f"{name}[1], the pooled embeddings, must have shape (1 or {batch}, dim), got "
@@ -280,7 +314,7 @@ def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
                 f"{takes.model}'s {takes.pooled_says}"
             )
         return
-    tensor = "the pair (prompt_embeds, pooled_prompt_embeds)" if paired else "a tensor"
+    tensor = f"the pair (prompt_embeds, {takes.second})" if paired else "a tensor"
     if isinstance(prompt, (list, tuple)):
         if not prompt or not all(isinstance(p, str) for p in prompt):
             raise TypeError(f"{name} must be a string, a non-empty list of strings or {tensor}")
@@ -293,8 +327,8 @@ def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
         what = type(prompt).__name__
         if isinstance(prompt, Tensor):
             what = (
-                f"one tensor: {takes.article} {takes.pipeline} {takes.model} also needs the "
-                "pooled embeddings"
+                f"one tensor: {takes.article} {takes.pipeline} {takes.model} also needs "
+                f"{takes.second_says}"
             )
         raise TypeError(
             f"{name} must be a string, a list of strings or {tensor} as the {takes.pipeline} "
@@ -362,8 +396,9 @@ def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
 
 
 def _network(pipe: Any) -> tuple[Any, str]:
-    """The pipeline's unet (then ``"unet"``), or its SD3 or Flux transformer (``"sd3"``,
-    ``"flux"``; Chroma's, called as Flux's on the same packed latents, is ``"flux"`` too)."""
+    """The pipeline's unet (then ``"unet"``), or its SD3, Flux or Qwen-Image transformer
+    (``"sd3"``, ``"flux"``, ``"qwen"``; Chroma's, called as Flux's on the same packed latents,
+    is ``"flux"`` too)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return unet, "unet"
@@ -379,11 +414,13 @@ def _network(pipe: Any) -> tuple[Any, str]:
         return transformer, "sd3"
     if _FLUX in names or _CHROMA in names:
         return transformer, "flux"
+    if _QWEN in names:
+        return transformer, "qwen"
     raise ValueError(
         f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
         f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
-        f"{_FLUX} (FluxPipeline) and Chroma's {_CHROMA} (ChromaPipeline), and besides them "
-        "the unets of Stable Diffusion and SDXL"
+        f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline) and Qwen-Image's "
+        f"{_QWEN} (QwenImagePipeline), and besides them the unets of Stable Diffusion and SDXL"
     )
 
 
@@ -393,9 +430,10 @@ class _Sizes:
     says it in words), and, where ``patches`` is set, at most ``patches * factor``.
 
     Attributes:
-        vae_factor: the VAE's downsampling factor (8 for Stable Diffusion, SDXL, SD3, Flux).
+        vae_factor: the VAE's downsampling factor (8 for Stable Diffusion, SDXL, SD3, Flux,
+            Qwen-Image).
         patch: the side of the latents' patches, SD3's transformer ``patch_size`` or Flux's
-            packing (2); None for a unet.
+            and Qwen-Image's packing (2); None for a unet.
         factor: ``vae_factor`` times ``patch``.
         what: the factor and where it comes from, to end "not a multiple of ...".
         patches: SD3's ``pos_embed_max_size``, the most patches a side its transformer embeds.
@@ -419,11 +457,13 @@ def _image_sizes(pipe: Any, vae: Any, unet_config: Mapping[str, Any], kind: str)
     else:  # SD3 takes its latents in patch x patch patches
         factor *= patch
         what = f"{factor}, {what} times the transformer's patch_size {patch}"
-    if kind == "flux":
-        # FluxPipeline packs them in 2 x 2 patches (its transformer's patch_size is 1).
+    if kind in ("flux", "qwen"):
+        # FluxPipeline and QwenImagePipeline pack them in 2 x 2 patches (Flux's transformer's
+        # patch_size is 1; Qwen-Image's patch_size 2 is that packing).
         patch = _FLUX_PACKING
         factor *= patch
-        what = f"{factor}, {what} times {patch}, FluxPipeline's packing of the latents"
+        owner = "FluxPipeline" if kind == "flux" else "QwenImagePipeline"
+        what = f"{factor}, {what} times {patch}, {owner}'s packing of the latents"
     patches = unet_config.get("pos_embed_max_size") if kind == "sd3" else None
     return _Sizes(vae_factor, patch, factor, what, patches if isinstance(patches, int) else None)
 
@@ -589,6 +629,34 @@ def _embed_chroma(
     return {"encoder_hidden_states": embeds, "txt_ids": text_ids, "attention_mask": mask}
 
 
+def _embed_qwen(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None, lengths: bool
+) -> dict[str, Any]:
+    """Qwen-Image's transformer arguments of a prompt, text or the pair ``(prompt_embeds,
+    prompt_embeds_mask)`` alike, as QwenImagePipeline makes them with its ``encode_prompt``:
+    ``encoder_hidden_states`` (B, L, D) in ``dtype`` and ``encoder_hidden_states_mask`` (B,
+    L) as returned (None where every token is valid: ``encode_prompt`` drops an all-ones
+    mask), under the key even then, so that the negative call never inherits the
+    conditional one's. With ``lengths`` (diffusers 0.35's and 0.36's transformer) also
+    ``txt_seq_lens``, the mask's row sums as their pipeline passes them (every token where
+    the mask is None)."""
+    if _is_pair(prompt):
+        embeds, mask = (p.to(device) for p in prompt)
+        out = pipe.encode_prompt(None, device=device, prompt_embeds=embeds, prompt_embeds_mask=mask)
+    else:
+        text = prompt if isinstance(prompt, str) else list(prompt)
+        out = pipe.encode_prompt(text, device=device, num_images_per_prompt=1)
+    embeds, mask = out
+    cond = {
+        "encoder_hidden_states": embeds if dtype is None else embeds.to(dtype),
+        "encoder_hidden_states_mask": mask,
+    }
+    if lengths:
+        rows, tokens = embeds.shape[:2]
+        cond["txt_seq_lens"] = [tokens] * rows if mask is None else mask.sum(dim=1).tolist()
+    return cond
+
+
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
     """The unet arguments of one SDXL branch."""
     return {
@@ -694,7 +762,16 @@ def edit_image(
             ``tokenizer`` and ``text_encoder`` alone, and its ``_prepare_attention_mask``)
             edits as a ``FluxPipeline``, its prompts as text only, each with the attention
             mask the pipeline makes of it over the text and image tokens; its IP-Adapters
-            are not mapped. A ``FluxFillPipeline`` (a Fill transformer, whose
+            are not mapped. A ``QwenImagePipeline`` or ``QwenImageImg2ImgPipeline`` (a
+            ``QwenImageTransformer2DModel``, an ``AutoencoderKLQwenImage``, ``encode_prompt``
+            for text and embeddings alike, its Qwen2.5-VL ``tokenizer`` and ``text_encoder``
+            for text, and ``_pack_latents`` and ``_unpack_latents``) encodes the image as a
+            one-frame video to the mean of the VAE's distribution, ``(mean - latents_mean) *
+            (1 / latents_std)`` in the state dtype, packed, as QwenImageImg2ImgPipeline
+            encodes, and decodes by the inverse after ``_unpack_latents``, as
+            QwenImagePipeline decodes; the img2img pipeline's ``strength`` plays no part.
+            Qwen-Image's Edit, Edit Plus, Layered and ControlNet pipelines are refused by
+            their class. A ``FluxFillPipeline`` (a Fill transformer, whose
             ``in_channels`` are twice the packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
             ``in_channels`` are twice the packed latents') takes ``control_image``, and so
@@ -721,7 +798,7 @@ def edit_image(
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
             1024 for SDXL), for SD3 of that times the transformer's ``patch_size`` (16), and
             at most ``pos_embed_max_size`` patches a side (3072 pixels for SD3 medium); for
-            Flux of the VAE's factor times 2, the packing's patch (16).
+            Flux and Qwen-Image of the VAE's factor times 2, the packing's patch (16).
         source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
             prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)`` (of
             ``encoder_hid_dim`` for a unet that projects them, ``encoder_hid_dim_type=
@@ -734,7 +811,12 @@ def edit_image(
             pair of shapes ``(1 or batch, tokens, joint_attention_dim)`` and ``(1 or batch,
             pooled_projection_dim)``, ``encode_prompt``'s first and third outputs; for Flux
             the same shapes, ``encode_prompt``'s first and second outputs (its third, the
-            ``txt_ids``, is made again from the embeddings' length by ``encode_prompt``).
+            ``txt_ids``, is made again from the embeddings' length by ``encode_prompt``); for
+            Qwen-Image the pair ``(prompt_embeds, prompt_embeds_mask)`` of shapes ``(1 or
+            batch, tokens, joint_attention_dim)`` and ``(the same batch, tokens)``, as its
+            ``encode_prompt`` returns them (an integer mask, 1 for a token, 0 for padding),
+            which goes through ``encode_prompt`` as in the pipeline (an all-ones mask becomes
+            None); text needs the pipeline's text encoder.
         target_prompt: the edit, in the same forms.
         num_inference_steps: steps of the scheduler's grid (``diffusers_grid``); with an
             EDM-preconditioned scheduler one fewer where that grid ends at 0 (its default
@@ -749,7 +831,9 @@ def edit_image(
             ``true_cfg_scale`` (1 by default), two transformer calls a step; Flux.1-dev is
             guidance-distilled and embeds its guidance instead (``guidance``). For Chroma 5,
             ChromaPipeline's ``guidance_scale`` (true CFG, with the negative prompt ``""`` by
-            default).
+            default). For Qwen-Image 1: QwenImagePipeline's ``true_cfg_scale`` (4) acts only
+            with a negative prompt, None by default; another value is its true CFG, the
+            guided velocity of each token rescaled to the conditional one's norm.
         guidance: Flux.1-dev's embedded guidance scale, FluxPipeline's ``guidance_scale``
             (3.5 by default), given to the transformer in both branches of guidance. Only for
             a Flux transformer with ``guidance_embeds``: refused for one without (Flux.1-
@@ -921,7 +1005,11 @@ def edit_image(
             config sets ``requires_aesthetics_score`` (a refiner's time ids); guidance
             without a negative prompt; text prompts without the tokenizers and text
             encoders; prompts or embeddings of the wrong batch or dim, or SDXL, SD3 or Flux
-            embeddings without the pooled ones; an unknown rule, solver or output type; an
+            embeddings without the pooled ones, or Qwen-Image's without their mask or with
+            a mask that is not of their (batch, tokens); for Qwen-Image a VAE config
+            without ``z_dim``, ``latents_mean`` or ``latents_std``, a transformer whose
+            ``in_channels`` are not 4 ``z_dim``, and a Qwen-Image pipeline other than the
+            text-to-image and img2img ones; an unknown rule, solver or output type; an
             SD3 or Flux grid of one step; ``mu`` where the scheduler has no dynamic shifting;
             and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
             (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
@@ -958,14 +1046,26 @@ def edit_image(
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
     unet, kind = _network(pipe)
-    sd3, flux = kind == "sd3", kind == "flux"
+    sd3, flux, qwen = kind == "sd3", kind == "flux", kind == "qwen"
     chroma = flux and _is_chroma(unet)
     model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
-    for name in ("scaling_factor", "latent_channels"):
+    if qwen:
+        # The most derived of the pipeline's Qwen-Image classes says what it does.
+        others = [n for n in _class_names(pipe) if n.startswith("QwenImage")]
+        if others and others[0] not in _QWEN_PIPELINES:
+            raise ValueError(
+                f"the pipeline is a {others[0]}, which gives the transformer more than the "
+                "latents and the prompt; of Qwen-Image's pipelines edit_image maps "
+                f"{' and '.join(_QWEN_PIPELINES)}"
+            )
+    # Qwen-Image's video VAE has no scaling_factor: its latents_mean and latents_std
+    # normalise the latents, one per channel of z_dim.
+    for name in ("z_dim",) if qwen else ("scaling_factor", "latent_channels"):
         if getattr(vae.config, name, None) is None:
             raise ValueError(f"the pipeline's vae has no config.{name}; it is not a latent VAE")
-    _latent_stats(vae.config)  # refuses bad statistics before any network runs
+    # Refuses bad statistics (Qwen-Image's missing ones too) before any network runs.
+    (_frame_stats if qwen else _latent_stats)(vae.config)
     unet_config = getattr(unet, "config", None) or {}
     addition = unet_config.get("addition_embed_type")
     xl = addition == _TEXT_TIME
@@ -1006,7 +1106,7 @@ def edit_image(
         )
     image_given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
     # An inpainting unet takes the mask and the masked image's latents beside the latents.
-    latent = vae.config.latent_channels
+    latent = _latent_channels(vae.config)
     inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
     fill = kontext = flux_control = False
     if flux:
@@ -1043,6 +1143,17 @@ def edit_image(
                 f"latents, a Fill one of {fill_channels} (the masked image's and the mask's "
                 f"besides) or a Depth or Canny one of {2 * packed} (a control image's besides)"
             )
+    elif qwen:
+        _part(pipe, "encode_prompt", "to take the prompts as QwenImagePipeline does")
+        for name in _FLUX_METHODS[:2]:
+            _part(pipe, name, "to pack the latents into the tokens Qwen-Image's transformer takes")
+        if unet_config.get("in_channels") != latent * _FLUX_PACKING**2:
+            raise ValueError(
+                f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
+                f"vae's z_dim = {latent} latent channels packed in 2 x 2 patches make "
+                f"{latent * _FLUX_PACKING**2}; edit_image needs a text-to-image Qwen-Image "
+                "transformer of the vae's latents"
+            )
     elif unet_config.get("in_channels") != vae.config.latent_channels and not inpaint:
         # SD3's inpainting transformer (2 x 16 + 1 channels, StableDiffusion3InpaintPipeline's
         # other mode, which does not blend) is not mapped.
@@ -1057,9 +1168,11 @@ def edit_image(
             f"{model} of the vae's latents, {besides}"
         )
     # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
-    # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none.
+    # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none. So does
+    # QwenImagePipeline: its true_cfg_scale (4) acts only with a negative prompt, None by
+    # default.
     if guidance_scale is None:
-        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux else 7.5
+        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux or qwen else 7.5
     _check_number(guidance_scale, "guidance_scale")
     guidance_embeds = flux and bool(unet_config.get("guidance_embeds", False))
     if guidance is not None and not guidance_embeds:
@@ -1144,7 +1257,7 @@ def edit_image(
     cross_name = "cross_attention_dim"
     if unet_config.get("encoder_hid_dim_type") == "text_proj":
         cross_name = "encoder_hid_dim"
-    if sd3 or flux:
+    if sd3 or flux or qwen:
         cross_name = "joint_attention_dim"
     cross_dim = unet_config.get(cross_name)
     takes = _Takes(model, None, cross_name, cross_dim if isinstance(cross_dim, int) else None)
@@ -1168,6 +1281,15 @@ def edit_image(
         )
         if flux:  # (prompt_embeds, pooled_prompt_embeds, text_ids)
             takes = replace(takes, outputs="first and second", article="a")
+    elif qwen:  # encode_prompt returns (prompt_embeds, prompt_embeds_mask)
+        takes = replace(
+            takes,
+            pipeline="Qwen-Image",
+            outputs="two",
+            article="a",
+            second=_QWEN_MASK,
+            second_says="the embeddings' mask (torch.ones where no token is padding)",
+        )
     for name, prompt in prompts.items():
         if chroma and not _is_text(prompt):
             raise TypeError(
@@ -1192,8 +1314,15 @@ def edit_image(
             # SD3: both CLIP encoders, T5 (text_encoder_3) only where the pipeline has it;
             # Flux: CLIP (the pooled embeddings) and T5 (the embeddings).
             parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+        why = "to embed text prompts (or pass prompt embeddings instead)"
+        if qwen:  # the tiny and the saved pipelines may come without Qwen2.5-VL
+            text = ", ".join(k for k, p in prompts.items() if _is_text(p))
+            why = (
+                f"to embed the text of {text} (or pass the pair (prompt_embeds, "
+                f"{_QWEN_MASK}) instead)"
+            )
         for name in (*parts, "encode_prompt"):
-            _part(pipe, name, "to embed text prompts (or pass prompt embeddings instead)")
+            _part(pipe, name, why)
         projection = getattr(getattr(pipe, "text_encoder_2", None), "config", None)
         projection = getattr(projection, "projection_dim", None)
         if xl and pooled_dim is not None and projection not in (None, pooled_dim):
@@ -1267,6 +1396,14 @@ def edit_image(
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
     if chroma:
         probe_cond = _chroma_probe_cond(unet_config)
+    latent_size = (height // vae_factor, width // vae_factor)
+    # QwenImagePipeline's img_shapes: one frame of the packed rows and columns, per image.
+    rows, cols = (n // _FLUX_PACKING for n in latent_size)
+    img_shapes = [[(1, rows, cols)]] * batch
+    # diffusers 0.35's and 0.36's Qwen-Image transformer takes the text lengths too.
+    lengths = qwen and "txt_seq_lens" in inspect.signature(unet.forward).parameters
+    if qwen:
+        probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
     if control and (flux or sd3):  # the control latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
         net = control["controlnet"].config
@@ -1276,7 +1413,6 @@ def edit_image(
             probe_cond["controlnet_cond"] = torch.zeros(1, channels, 1, 1)
     elif control:
         probe_cond = _control_probe_cond(xl)
-    latent_size = (height // vae_factor, width // vae_factor)
     if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
         probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
         probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
@@ -1288,11 +1424,12 @@ def edit_image(
     elif sd3_image and image_given:
         probe_cond = _with_image_prompt(probe_cond, torch.zeros(1, 1, 1), True)
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
-    if (sd3 or flux) and mu is None and scheduler.config.get("use_dynamic_shifting", False):
-        fields = _FLUX_SHIFT_FIELDS if flux else _SHIFT_FIELDS
+    if (sd3 or flux or qwen) and mu is None and scheduler.config.get("use_dynamic_shifting"):
+        # QwenImagePipeline's calculate_shift and defaults are FluxPipeline's.
+        fields = _SHIFT_FIELDS if sd3 else _FLUX_SHIFT_FIELDS
         mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
     sigmas = None
-    if flux:  # FluxPipeline's own sigmas, which the scheduler shifts
+    if flux or qwen:  # FluxPipeline's (QwenImagePipeline's) own sigmas, which it shifts
         steps = check_steps(num_inference_steps, "num_inference_steps")
         sigmas = np.linspace(1.0, 1 / steps, steps)
     ts = _grid(scheduler, num_inference_steps, probe, mu, sigmas)
@@ -1318,6 +1455,8 @@ def edit_image(
                 return _embed_chroma(pipe, prompt, device, embed_dtype, tokens)
             if flux:
                 return _embed_flux(pipe, prompt, device, embed_dtype)
+            if qwen:
+                return _embed_qwen(pipe, prompt, device, embed_dtype, lengths)
             return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
         source_cond, target_cond = branch(source_prompt), branch(target_prompt)
@@ -1360,10 +1499,9 @@ def edit_image(
 
         # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
         # the latents' positions, in the embeddings' dtype, and the embedded guidance.
-        shared: dict[str, Any] = {}
+        shared: dict[str, Any] = {"img_shapes": img_shapes} if qwen else {}
         if flux:
             ids_dtype = source_cond["encoder_hidden_states"].dtype
-            rows, cols = (n // _FLUX_PACKING for n in latent_size)
             shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
             if guidance_embeds:
                 shared["guidance"] = guidance
@@ -1396,15 +1534,19 @@ def edit_image(
 
         source_ode, target_ode = ode(source_cond), ode(target_cond)
 
-        with _float32_vae(vae, xl, encoding=True):
-            latents = _encode(vae, pixels, state_dtype)
+        if qwen:  # the one frame's latents, (B, C, 1, h, w), packed as (B, C, h, w)
+            latents = _encode_frame(vae, pixels, state_dtype)
+            latents = pipe._pack_latents(latents, batch, latent, *latent_size)
+        else:
+            with _float32_vae(vae, xl, encoding=True):
+                latents = _encode(vae, pixels, state_dtype)
         if flux:
             latents = pipe._pack_latents(latents, *latents.shape)
 
         def decode(latents: Tensor) -> Tensor:
-            if flux:
+            if flux or qwen:
                 latents = pipe._unpack_latents(latents, height, width, vae_factor)
-            return _decode(vae, latents)
+            return _decode_frame(vae, latents) if qwen else _decode(vae, latents)
 
         inversion = Inversion.of(
             source_ode, wrapped, latents, ts, state_dtype=state_dtype, progress=progress
