@@ -656,14 +656,15 @@ def test_edit_image_gives_the_transformer_what_qwen_image_pipeline_gives_it(true
     assert timesteps[0] == timesteps[1] | {0.0} and len(timesteps[1]) == N_STEPS
 
 
-def test_the_img2img_pipeline_edits_as_the_text_to_image_one():
-    """QwenImageImg2ImgPipeline edits as QwenImagePipeline of the same parts, bit for bit
-    (its strength plays no part)."""
-    if not hasattr(diffusers, "QwenImageImg2ImgPipeline"):
-        pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageImg2ImgPipeline")
+@pytest.mark.parametrize("name", ["QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"])
+def test_the_img2img_and_inpainting_pipelines_edit_as_the_text_to_image_one(name):
+    """QwenImageImg2ImgPipeline (its strength plays no part) and, without a mask,
+    QwenImageInpaintPipeline edit as QwenImagePipeline of the same parts, bit for bit."""
+    if not hasattr(diffusers, name):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
     parts = tiny_qwen_image_pipeline().components
     ref = _edit(diffusers.QwenImagePipeline(**parts), True)
-    out = _edit(diffusers.QwenImageImg2ImgPipeline(**parts), True)
+    out = _edit(getattr(diffusers, name)(**parts), True)
     assert torch.equal(out.inversion.noise, ref.inversion.noise)
     assert torch.equal(out.edited_latents, ref.edited_latents)
 
@@ -749,6 +750,7 @@ def _refused(pipe, source=None, **options):
         ("guidance", "guidance is the guidance scale Flux.1-dev's transformer embeds"),
         ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, QwenImagePipe"),
         ("edit pipeline", "the pipeline is a QwenImageEditPipeline, which gives the transformer"),
+        ("inpaint mask", "QwenImageInpaintPipeline whose transformer takes in_channels = 16,"),
         ("mask", "mask_image was given, but the pipeline's transformer takes in_channels = 16"),
         ("image prompt", "ip_adapter_image_embeds was given, but the pipeline's network has no"),
         ("no stats", "lacks latents_mean or latents_std"),
@@ -760,7 +762,7 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
     prompt's included) without a text encoder, one tensor without its mask, a mask that is
     not the embeddings', embeddings of another width, an embedded guidance, a size the
     packing cannot take, a Qwen-Image pipeline that conditions on more (Edit), a mask (the
-    text-to-image transformer takes none), an image prompt, a VAE
+    inpainting pipeline blends; the text-to-image one takes none), an image prompt, a VAE
     without its statistics and a transformer of other channels."""
     pipe, source, options = tiny_qwen_image_pipeline(), None, {}
     if kind == "text":
@@ -781,6 +783,11 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
         options = dict(image=_image()[..., :14])
     elif kind == "edit pipeline":  # by its name: its transformer is the same class
         pipe = type("QwenImageEditPipeline", (diffusers.QwenImagePipeline,), {})(**pipe.components)
+    elif kind == "inpaint mask":
+        if not hasattr(diffusers, "QwenImageInpaintPipeline"):
+            pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageInpaintPipeline")
+        pipe = diffusers.QwenImageInpaintPipeline(**pipe.components)
+        options = dict(mask_image=torch.ones(1, 1, 16, 16))
     elif kind == "mask":
         options = dict(mask_image=torch.ones(1, 1, 16, 16))
     elif kind == "image prompt":

@@ -33,9 +33,10 @@ _TIME_IDS = 6
 # The inpainting pipeline whose prepare_mask_latents encodes the masked image it is given,
 # even as latents, where the others take 4-channel latents as they are.
 _ENCODES_MASKED = "StableDiffusionXLControlNetInpaintPipeline"
-# The inpainting pipelines that, for a network that takes no mask (a 4-channel unet, SD3's
-# and Flux's text-to-image, Depth or Canny transformers), blend the noised image back into
-# the latents outside the mask after every step: no ODE, so no exact inversion of the run.
+# The inpainting pipelines that, for a network that takes no mask (a 4-channel unet, SD3's,
+# Flux's and Qwen-Image's text-to-image transformers, Flux's Depth or Canny ones), blend the
+# noised image back into the latents outside the mask after every step: no ODE, so no exact
+# inversion of the run.
 _BLENDING = frozenset(
     {
         "StableDiffusionInpaintPipeline",
@@ -47,6 +48,7 @@ _BLENDING = frozenset(
         "StableDiffusionXLPAGInpaintPipeline",
         "StableDiffusionControlNetPAGInpaintPipeline",
         "StableDiffusion3InpaintPipeline",
+        "QwenImageInpaintPipeline",
         "FluxInpaintPipeline",
         "FluxControlInpaintPipeline",
         "FluxControlNetInpaintPipeline",

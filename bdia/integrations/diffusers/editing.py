@@ -32,8 +32,8 @@ control image's latents; ``FluxControlNetImg2ImgPipeline`` as its text-to-image 
 itself as the reference image it edits), or, without a mask, the inpainting pipelines that
 blend the re-noised image into the latents after each step
 (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``, ``FluxControlInpaintPipeline``,
-``FluxControlNetInpaintPipeline``, ``FluxKontextInpaintPipeline``, and Stable Diffusion's
-and SDXL's over a 4-channel unet), as
+``FluxControlNetInpaintPipeline``, ``FluxKontextInpaintPipeline``,
+``QwenImageInpaintPipeline``, and Stable Diffusion's and SDXL's over a 4-channel unet), as
 the plain pipeline of their parts (a mask is refused: the blend is no ODE step), and any of
 these that has ``load_ip_adapter`` (Stable Diffusion's and SDXL's; ``FluxPipeline``,
 ``FluxKontextPipeline``, ``FluxControlNetPipeline``, ``FluxImg2ImgPipeline``,
@@ -172,9 +172,10 @@ _FLUX = "FluxTransformer2DModel"
 _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
-# The Qwen-Image pipelines edit_image maps: text-to-image and img2img; the others (Edit,
-# Edit Plus, ControlNet, Layered) give the transformer more than the latents and the prompt.
-_QWEN_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+# The Qwen-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
+# inpainting one (it blends); the others (Edit, Edit Plus, ControlNet, Layered) give the
+# transformer more than the latents and the prompt.
+_QWEN_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
 # scheduler's 1.15).
@@ -787,8 +788,9 @@ def edit_image(
             ``image_latents`` and ``img_ids``. The inpainting pipelines whose network takes
             no mask (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
             ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
-            ``FluxKontextInpaintPipeline``, and Stable Diffusion's and SDXL's inpainting and
-            ControlNet inpainting pipelines over a 4-channel unet) blend the re-noised image
+            ``FluxKontextInpaintPipeline``, ``QwenImageInpaintPipeline``, and Stable
+            Diffusion's and SDXL's inpainting and ControlNet inpainting pipelines over a
+            4-channel unet) blend the re-noised image
             into the latents after each step, which is no ODE step: without ``mask_image``
             they edit as the plain pipeline of their parts (``FluxKontextInpaintPipeline``
             as ``FluxKontextPipeline``, the image its own reference, as it takes it without
@@ -1009,7 +1011,7 @@ def edit_image(
             a mask that is not of their (batch, tokens); for Qwen-Image a VAE config
             without ``z_dim``, ``latents_mean`` or ``latents_std``, a transformer whose
             ``in_channels`` are not 4 ``z_dim``, and a Qwen-Image pipeline other than the
-            text-to-image and img2img ones; an unknown rule, solver or output type; an
+            text-to-image, img2img and inpainting ones; an unknown rule, solver or output type; an
             SD3 or Flux grid of one step; ``mu`` where the scheduler has no dynamic shifting;
             and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
             (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
@@ -1057,7 +1059,7 @@ def edit_image(
             raise ValueError(
                 f"the pipeline is a {others[0]}, which gives the transformer more than the "
                 "latents and the prompt; of Qwen-Image's pipelines edit_image maps "
-                f"{' and '.join(_QWEN_PIPELINES)}"
+                f"{', '.join(_QWEN_PIPELINES)} (the last without a mask)"
             )
     # Qwen-Image's video VAE has no scaling_factor: its latents_mean and latents_std
     # normalise the latents, one per channel of z_dim.
