@@ -399,6 +399,14 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _FLUX_KONTEXT_FOLDER,
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
+    # edit_image's Qwen-Image example: the tiny folder and a cat.png.
+    ("docs/diffusers.md", '"/path/to/Qwen-Image"'): (
+        _QWEN_IMAGE_FOLDER
+        + """
+from PIL import Image
+Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
+"""
+    ),
     # edit_image's ControlNet example takes the reader's ControlNet pipeline: a tiny one.
     ("docs/diffusers.md", 'control_image=Image.open("cat_edges.png")'): """
 import pathlib
@@ -622,6 +630,19 @@ LOCAL = {
     ],
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): [
         ('"/models/FLUX.1-Canny-dev"', '"flux_control"'),
+    ],
+    # The tiny folder has no text encoder: the prompts as (prompt_embeds, prompt_embeds_mask).
+    ("docs/diffusers.md", '"/path/to/Qwen-Image"'): [
+        ('"/path/to/Qwen-Image"', '"qwen_image"'),
+        ('.to("cuda")', '.to("cpu")'),
+        (".resize((1024, 1024))", ".resize((16, 16))"),
+        (
+            "torch_dtype=torch.bfloat16,",
+            "text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16,",
+        ),
+        ('"a photo of a cat",', "(torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.long)),"),
+        ('"a photo of a dog",', "(torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)),"),
+        ('negative_prompt=" ",', "negative_prompt=(torch.randn(1, 3, 16), torch.ones(1, 3)),"),
     ],
     ("docs/diffusers.md", '"/models/Qwen-Image"'): [
         ('"/models/Qwen-Image"', '"qwen_image"'),
@@ -975,6 +996,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _flux_kontext_inverted,
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _qwen_image_inverted,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _qwen_image_img2img_inverted,
+    ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _edit_round_trip,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
@@ -990,6 +1012,7 @@ NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): ("diffusers", (0, 35)),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): ("diffusers", (0, 35)),
+    ("docs/diffusers.md", '"/path/to/Qwen-Image"'): ("diffusers", (0, 35)),
 }
 
 
