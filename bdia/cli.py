@@ -2604,8 +2604,13 @@ _IP_ADAPTER_SUFFIXES = (".safetensors", ".bin")
 #: reads them beside image_proj and ip_adapter.
 _XLABS_PARTS = {"ip_adapter_proj_model": "image_proj", "double_blocks": "ip_adapter"}
 #: The networks whose IP-Adapters bdia edit loads, by the class model_index.json gives the
-#: pipeline's transformer; a unet's (Stable Diffusion, SDXL) is "unet".
-_IP_ADAPTER_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+#: pipeline's transformer; a unet's (Stable Diffusion, SDXL) is "unet". Chroma's transformer
+#: loads Flux's (ChromaPipeline has FluxIPAdapterMixin's load_ip_adapter).
+_IP_ADAPTER_TRANSFORMERS = {
+    "FluxTransformer2DModel": "flux",
+    "ChromaTransformer2DModel": "flux",
+    "SD3Transformer2DModel": "sd3",
+}
 #: Each family's image encoder, its transformers class and model_type (a whole CLIP or SigLIP
 #: model's folder is read for its vision model, as from_pretrained reads it), and the image
 #: processor SD3's load_ip_adapter reads from the encoder's folder (the others make one).
@@ -2638,14 +2643,15 @@ def _ip_adapter_scale(ctx: Any, param: click.Parameter, value: float | None) -> 
 
 def _ip_adapter_family(index: dict[str, Any]) -> str:
     """Whose IP-Adapter the pipeline of ``index`` (its model_index.json) takes: "unet" (Stable
-    Diffusion, SDXL), "flux" or "sd3", by its network; a pipeline class of diffusers without
-    load_ip_adapter, and another network, are refused naming --ip-adapter."""
+    Diffusion, SDXL), "flux" (Flux's and Chroma's) or "sd3", by its network; a pipeline class
+    of diffusers without load_ip_adapter, and another network, are refused naming
+    --ip-adapter."""
     name = index["_class_name"]
 
     def refuse(why: str) -> click.BadParameter:
         return click.BadParameter(
-            f"a {name} {why}: give a Stable Diffusion, SDXL, SD3 or Flux pipeline that loads "
-            "one (e.g. StableDiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline)",
+            f"a {name} {why}: give a Stable Diffusion, SDXL, SD3, Flux or Chroma pipeline that "
+            "loads one (e.g. StableDiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline)",
             param_hint="'--ip-adapter'",
         )
 
@@ -2663,8 +2669,8 @@ def _ip_adapter_family(index: dict[str, Any]) -> str:
     if kind not in _IP_ADAPTER_TRANSFORMERS:
         raise refuse(
             f"has {'a ' + str(kind) if kind else 'no unet or transformer'}, whose IP-Adapter "
-            "bdia edit does not map (it takes those of SD's and SDXL's unets, Flux's and SD3's "
-            "transformers)"
+            "bdia edit does not map (it takes those of SD's and SDXL's unets, Flux's, Chroma's "
+            "and SD3's transformers)"
         )
     return _IP_ADAPTER_TRANSFORMERS[kind]
 
@@ -3165,8 +3171,8 @@ def _ip_adapter_options(
     help="An IP-Adapter's weight file (.safetensors or .bin: h94/IP-Adapter's "
     "models/ip-adapter_sd15.safetensors, XLabs-AI/flux-ip-adapter's ip_adapter.safetensors, "
     "InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin, ...), loaded by the pipeline's "
-    "load_ip_adapter; for a Stable Diffusion, SDXL, Flux or SD3 pipeline that has one, with "
-    "--ip-adapter-image.",
+    "load_ip_adapter; for a Stable Diffusion, SDXL, Flux, Chroma (Flux's adapters) or SD3 "
+    "pipeline that has one, with --ip-adapter-image.",
 )
 @click.option(
     "--ip-adapter-image",

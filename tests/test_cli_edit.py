@@ -980,24 +980,24 @@ def transformer_adapters(pipelines, tmp_path_factory):
 
 
 def with_transformer_ip_adapter(folder, adapter, scale=1.0):
-    """The Flux or SD3 pipeline saved in ``folder`` with the adapter file ``adapter`` loaded
-    as a diffusers user loads it from local files, its image encoder the folder beside it:
-    Flux's ``load_ip_adapter(its folder, weight_name=its name,
+    """The Flux (or Chroma) or SD3 pipeline saved in ``folder`` with the adapter file
+    ``adapter`` loaded as a diffusers user loads it from local files, its image encoder the
+    folder beside it: Flux's (Chroma's) ``load_ip_adapter(its folder, weight_name=its name,
     image_encoder_pretrained_model_name_or_path=the encoder's folder,
     image_encoder_dtype=float32)``, SD3's ``load_ip_adapter(its folder, weight_name=its name,
     image_encoder_folder=the encoder's folder)``; then ``set_ip_adapter_scale(scale)`` (SD3's
     loader leaves 0.5, the command sets 1 by default)."""
     pipe, encoder = loaded(folder), str(adapter.parent / "image_encoder")
-    if isinstance(pipe.transformer, diffusers.FluxTransformer2DModel):
+    if isinstance(pipe.transformer, diffusers.SD3Transformer2DModel):
+        pipe.load_ip_adapter(
+            str(adapter.parent), weight_name=adapter.name, image_encoder_folder=encoder
+        )
+    else:
         pipe.load_ip_adapter(
             str(adapter.parent),
             weight_name=adapter.name,
             image_encoder_pretrained_model_name_or_path=encoder,
             image_encoder_dtype=torch.float32,
-        )
-    else:
-        pipe.load_ip_adapter(
-            str(adapter.parent), weight_name=adapter.name, image_encoder_folder=encoder
         )
     pipe.set_ip_adapter_scale(scale)
     return pipe
@@ -1012,6 +1012,8 @@ def with_transformer_ip_adapter(folder, adapter, scale=1.0):
         ("sd3", "sd3"),
         ("sd3", "sd3-bin"),
         pytest.param("kontext", "flux", marks=NO_KONTEXT),
+        # Chroma's transformer loads Flux's adapters (the tiny one has Flux's block sizes).
+        pytest.param("chroma", "flux", marks=NO_CHROMA),
         ("flux-controlnet", "flux"),
         ("sd3-controlnet", "sd3-controlnet"),
         ("sd3-controlnet-inpaint", "sd3-controlnet"),
@@ -1023,7 +1025,8 @@ def test_flux_and_sd3_image_prompts_reach_edit_image(
     """--ip-adapter FILE for a Flux or SD3 pipeline (its image encoder beside it): the PNG is
     edit_image's through the pipeline with the same adapter loaded as a diffusers user loads
     it and the same image prompt, pixel for pixel, for XLabs' and diffusers' Flux files and
-    SD3's, and for FluxKontextPipeline and Flux's and SD3's ControlNet pipelines (with
+    SD3's, and for FluxKontextPipeline, ChromaPipeline (a Flux file; under its default true
+    CFG 5) and Flux's and SD3's ControlNet pipelines (with
     --control-image; SD3's ControlNet inpainting one with --mask too); another image
     prompt edits otherwise, and so does none."""
     adapter = transformer_adapters[kind]
@@ -1206,11 +1209,10 @@ FLUX_WANTED = "give this pipeline a Flux IP-Adapter (e.g. XLabs-AI/flux-ip-adapt
         ),
         ("sd3 adapter on sd", ["'--ip-adapter'", SD3_ADAPTER, "to an SD3 pipeline"]),
         ("flux adapter on fill", ["'--ip-adapter'", "FluxFillPipeline takes no IP-Adapter"]),
-        # ChromaPipeline has Flux's load_ip_adapter, but its transformer's adapters are not
-        # mapped by edit_image.
+        # ChromaPipeline loads Flux's adapters, and is told so for another family's.
         pytest.param(
-            "flux adapter on chroma",
-            ["'--ip-adapter'", "ChromaPipeline has a ChromaTransformer2DModel", "does not map"],
+            "sd adapter on chroma",
+            ["'--ip-adapter'", f"{SD_ADAPTER} (its key and value maps have no", FLUX_WANTED],
             marks=NO_CHROMA,
         ),
         ("flux encoder siglip", ["'--image-encoder'", "'siglip_vision_model'", "not a CLIP"]),

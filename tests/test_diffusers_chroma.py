@@ -279,7 +279,9 @@ def test_conditioning_the_transformer_cannot_take_is_refused(chroma):
     """One line each, before any call: Flux's pooled embeddings or guidance embedding, a
     missing key of the pipeline's call, batched ids, a mask over the prompt alone (not
     extended over the image tokens) or of another length, negative embeddings without their
-    own mask, an image prompt, and Flux's extra inputs (controlnet, Fill, Kontext, Depth)."""
+    own mask, an image prompt for a transformer without an IP-Adapter loaded (one with an
+    adapter takes it: tests/test_diffusers_chroma_ip_adapter.py), and Flux's extra inputs
+    (controlnet, Fill, Kontext, Depth)."""
     flow = _scheduler()
     calls = Counter(chroma)
     base = _cond(torch.float32)
@@ -315,7 +317,7 @@ def test_conditioning_the_transformer_cannot_take_is_refused(chroma):
         ),
         (
             dict(base, joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1, 1, 8)]}),
-            "IP-Adapter",
+            "no IP-Adapter loaded",
         ),
         (dict(base, controlnet=tiny_flux_transformer()), "controlnet"),
         (dict(base, mask=packed, masked_image_latents=packed), "mask"),
@@ -349,12 +351,16 @@ def test_states_that_are_not_the_pipelines_are_refused_before_the_call(chroma):
 
 def _invert(pipe, pair, cond):
     """BDIAInverseScheduler's loop from ``pair``, calling the transformer as ChromaPipeline
-    does (``cond``'s embeddings, ids and mask; no guidance); returns the inverse scheduler."""
+    does (``cond``'s embeddings, ids and mask, and its IP-Adapter's image embeddings where it
+    has them, expanded to the batch; no guidance); returns the inverse scheduler."""
     inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(sigmas=_sigmas(), mu=_mu(pipe.scheduler))
+    images = cond.get("joint_attention_kwargs", {}).get("ip_adapter_image_embeds", [])
     with torch.no_grad():
         x = inverse.begin(pair)
         for t in inverse.timesteps:
+            # A dict of its own each call: the transformer pops the embeddings from it.
+            joint = {"ip_adapter_image_embeds": [e.expand(BATCH, -1, -1) for e in images]}
             out = pipe.transformer(
                 hidden_states=x,
                 timestep=t.expand(BATCH).to(x.dtype) / 1000,
@@ -362,6 +368,7 @@ def _invert(pipe, pair, cond):
                 txt_ids=cond["txt_ids"],
                 img_ids=cond["img_ids"],
                 attention_mask=cond["attention_mask"].expand(BATCH, -1),
+                joint_attention_kwargs=joint if images else None,
                 return_dict=False,
             )[0]
             x = inverse.step(out, t, x).prev_sample
@@ -516,7 +523,8 @@ def test_edit_image_gives_the_transformer_what_chroma_pipeline_gives_it(cfg):
 
 def test_edit_image_refuses_what_chroma_does_not_take():
     """One line each, before any network runs: Flux's embedded guidance, prompt embeddings
-    (their mask is made with them from the text), and an image prompt."""
+    (their mask is made with them from the text), and an image prompt without an IP-Adapter
+    loaded."""
     pipe = tiny_chroma_pipeline()
     calls = Counter(pipe.transformer)
     embeds = torch.zeros(1, 8, 16)
@@ -524,7 +532,7 @@ def test_edit_image_refuses_what_chroma_does_not_take():
         (dict(guidance=3.5), ValueError, "embeds no guidance"),
         (dict(source_prompt=embeds), TypeError, "source_prompt must be text"),
         (dict(negative_prompt=embeds), TypeError, "negative_prompt must be text"),
-        (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 8)]), ValueError, "IP-Adapters"),
+        (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 8)]), ValueError, "no IP-Adapter loaded"),
     ):
         args = dict(source_prompt=SOURCE, target_prompt=TARGET, num_inference_steps=2)
         args.update(options)

@@ -230,24 +230,24 @@ def two(tmp_path_factory):
     return pipe, cond, _encoded(pipe, NEGATIVE)
 
 
-def test_ip_adapter_conditioning_that_does_not_fit_is_refused_when_the_ode_is_built(two):
-    """Image embeddings missing, not a list, of another count than the adapters, not 3-D
-    floating tensors (an IP-Adapter Plus's 4-D ones: Flux's loader makes no resampler),
-    missing from the negative call under true CFG (negative_cond without
-    joint_attention_kwargs, or with them but no embeddings): one line each, naming what to
-    give, before any call."""
-    pipe, cond, negative = two
+def assert_ip_conditioning_refused(pipe, cond, negative, pipeline):
+    """Image embeddings missing, not a list, of another count than the adapters (``pipe``'s
+    two), not 3-D floating tensors (an IP-Adapter Plus's 4-D ones: Flux's loader makes no
+    resampler), missing from the negative call under true CFG (``negative`` without
+    joint_attention_kwargs, or with them but no embeddings) are refused by from_diffusers
+    in one line each, naming what to give and ``pipeline``'s method, before any call;
+    ``cond`` is the conditional call's arguments without an image prompt."""
     good = [torch.zeros(1, 1, 8)] * 2
     calls = Counter(pipe.transformer)
     cases = [
-        (None, None, "prepare_ip_adapter_image_embeds"),
+        (None, None, f"{pipeline}.prepare_ip_adapter_image_embeds"),
         (good[0], None, "a list of 2"),
         (good[:1], None, "got a list of 1"),
         ([good[0], torch.zeros(1, 8)], None, "ip_adapter_image_embeds[1]"),
         ([good[0], torch.zeros(1, 1, 5, 8)], None, "(batch or 1, images, D)"),
         ([good[0], torch.zeros(1, 1, 8, dtype=torch.long)], None, "int64"),
         (good, {}, "negative_cond['joint_attention_kwargs']['ip_adapter_image_embeds']"),
-        (good, {"scale": 1.0}, "negative call needs image embeddings"),
+        (good, {"scale": 1.0}, f"negative call needs image embeddings of its own, as {pipeline}"),
         (good, {"ip_adapter_image_embeds": good[:1]}, "negative_cond['joint_attention_kwargs']"),
     ]
     for images, negative_kwargs, field in cases:
@@ -264,6 +264,11 @@ def test_ip_adapter_conditioning_that_does_not_fit_is_refused_when_the_ode_is_bu
     assert calls.calls == 0
 
 
+def test_ip_adapter_conditioning_that_does_not_fit_is_refused_when_the_ode_is_built(two):
+    """assert_ip_conditioning_refused's refusals, for FluxPipeline."""
+    assert_ip_conditioning_refused(*two, "FluxPipeline")
+
+
 def test_image_embeds_for_a_transformer_without_an_ip_adapter_are_refused(tmp_path):
     """A Flux transformer without an IP-Adapter has no projection for image embeddings:
     refused when the ODE is built, naming load_ip_adapter (diffusers would fail mid-call)."""
@@ -274,12 +279,13 @@ def test_image_embeds_for_a_transformer_without_an_ip_adapter_are_refused(tmp_pa
     _one_line_error(exc_info, "load_ip_adapter")
 
 
-def test_one_image_prompt_for_both_calls_is_taken_and_the_callers_dicts_are_kept(two):
-    """The negative call may be given the conditional image embeddings themselves (the image
-    prompt in both calls, true CFG on the text alone): taken, and the model is then the
-    transformer's two calls combined, bit for bit. The caller's dicts and tensors are left
-    as they were (the transformer pops the embeddings from the dict it gets)."""
-    pipe, cond, negative = two
+def assert_one_image_prompt_for_both_calls(pipe, cond, negative, branch_kwargs):
+    """from_diffusers under true CFG with the conditional image embeddings given to both
+    calls (``cond`` and ``negative`` without an image prompt, for ``pipe``'s two adapters)
+    is the transformer's two calls combined, bit for bit, each given the image prompt
+    expanded to the batch and ``branch_kwargs(branch)``, its own prompt's arguments; the
+    caller's dicts and tensors are left as they were (the transformer pops the embeddings
+    from the dict it gets)."""
     images = _embeds(2)
     cond = _with_images(cond, images)
     negative = _with_images(negative, images)
@@ -301,20 +307,34 @@ def test_one_image_prompt_for_both_calls_is_taken_and_the_callers_dicts_are_kept
         return pipe.transformer(
             hidden_states=x,
             timestep=torch.full((BATCH,), 0.5),
-            guidance=torch.full((BATCH,), EMBEDDED),
-            pooled_projections=branch["pooled_projections"].expand(BATCH, -1),
-            encoder_hidden_states=branch["encoder_hidden_states"].expand(BATCH, -1, -1),
-            txt_ids=branch["txt_ids"],
             img_ids=cond["img_ids"],
             joint_attention_kwargs={
                 "ip_adapter_image_embeds": [im.expand(BATCH, -1, -1) for im in images]
             },
             return_dict=False,
+            **branch_kwargs(branch),
         )[0]
 
     with torch.no_grad():
         c, u = call(cond), call(negative)
     assert torch.equal(ours, u + TRUE_CFG * (c - u))
+
+
+def test_one_image_prompt_for_both_calls_is_taken_and_the_callers_dicts_are_kept(two):
+    """The negative call may be given the conditional image embeddings themselves (the image
+    prompt in both calls, true CFG on the text alone): taken, and the model is then the
+    transformer's two calls combined, bit for bit, the caller's dicts and tensors left as
+    they were (assert_one_image_prompt_for_both_calls)."""
+
+    def branch_kwargs(branch):
+        return dict(
+            guidance=torch.full((BATCH,), EMBEDDED),
+            pooled_projections=branch["pooled_projections"].expand(BATCH, -1),
+            encoder_hidden_states=branch["encoder_hidden_states"].expand(BATCH, -1, -1),
+            txt_ids=branch["txt_ids"],
+        )
+
+    assert_one_image_prompt_for_both_calls(*two, branch_kwargs)
 
 
 # --------------------------------------------------------------------------- editing

@@ -1,8 +1,9 @@
-"""The inpainting pipelines that blend: StableDiffusion3InpaintPipeline, FluxInpaintPipeline,
-FluxControlInpaintPipeline, FluxControlNetInpaintPipeline, FluxKontextInpaintPipeline, and
-Stable Diffusion's and SDXL's inpainting pipelines over a 4-channel unet. Their network takes
-no mask; the pipeline re-noises the image's known region into the latents after every step,
-which is not an ODE, so their masked run has no exact inversion.
+"""The inpainting pipelines that blend: StableDiffusion3InpaintPipeline,
+FluxInpaintPipeline, FluxControlInpaintPipeline, FluxControlNetInpaintPipeline,
+FluxKontextInpaintPipeline, ChromaInpaintPipeline, and Stable Diffusion's and SDXL's
+inpainting pipelines over a 4-channel unet. Their network takes no mask; the pipeline
+re-noises the image's known region into the latents after every step, which is not an ODE,
+so their masked run has no exact inversion.
 
 edit_image refuses a mask for them in one line that says so, names the pipeline and what to
 use instead; without a mask it edits through their parts as through the plain pipeline of
@@ -24,6 +25,7 @@ from conftest import Counter, untouched
 
 from bdia.integrations.diffusers import BDIARestartWarning, BDIAScheduler, edit_image
 from bdia.integrations.diffusers.tiny import (
+    tiny_chroma_pipeline,
     tiny_controlnet_pipeline,
     tiny_flux_control_pipeline,
     tiny_flux_controlnet_pipeline,
@@ -38,6 +40,8 @@ from bdia.integrations.diffusers.tiny import (
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning"),
+    # diffusers' Chroma transformer and Flux ControlNet build the deprecated FluxPosEmbed.
+    pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated:FutureWarning"),
 ]
 
 STEPS = 4
@@ -60,6 +64,7 @@ BLENDING = {
     "flux-control": ("FluxControlInpaintPipeline", tiny_flux_control_pipeline, "flux"),
     "flux-controlnet": ("FluxControlNetInpaintPipeline", tiny_flux_controlnet_pipeline, "flux"),
     "flux-kontext": ("FluxKontextInpaintPipeline", tiny_flux_kontext_pipeline, None),
+    "chroma": ("ChromaInpaintPipeline", lambda folder: tiny_chroma_pipeline(), None),
 }
 
 
@@ -162,17 +167,22 @@ def test_an_inpainting_sd3_transformer_is_refused_as_one(tmp_path):
     assert all(c.calls == 0 for c in calls)
 
 
-def test_bdia_scheduler_in_flux_inpaint_pipeline_restarts_at_every_blended_step(tmp_path):
-    """BDIAScheduler dropped into FluxInpaintPipeline: the pipeline blends the re-noised image
-    into the latents after every step but the last, so the scheduler restarts its recursion
-    at every step but the first (3 of 4), with one BDIARestartWarning that names the blend,
-    FluxInpaintPipeline and the inpainting models to use (a 9-channel inpainting unet,
-    FluxFillPipeline): the run is plain Euler's, in the flow-matching scheduler's own
-    arithmetic, so its latents are the pipeline's own scheduler's bit for bit, and it cannot
-    be inverted."""
-    _, pipe = _pipelines(tmp_path, "flux")
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_bdia_scheduler_in_flux_inpaint_pipeline_restarts_at_every_blended_step(tmp_path, kind):
+    """BDIAScheduler dropped into FluxInpaintPipeline (ChromaInpaintPipeline, under its true
+    CFG 5): the pipeline blends the re-noised image into the latents after every step but
+    the last, so the scheduler restarts its recursion at every step but the first (3 of 4),
+    with one BDIARestartWarning that names the blend, the pipeline and the inpainting models
+    to use (a 9-channel inpainting unet, FluxFillPipeline): the run is plain Euler's, in the
+    flow-matching scheduler's own arithmetic, so its latents are the pipeline's own
+    scheduler's bit for bit, and it cannot be inverted."""
+    _, pipe = _pipelines(tmp_path, kind)
+    if kind == "chroma":
+        # ChromaInpaintPipeline (diffusers 0.42) reads its transformer's guidance_embeds, a
+        # field ChromaTransformer2DModel's config lacks: given, as False, so that it runs.
+        pipe.transformer.register_to_config(guidance_embeds=False)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
-    _, mask, _ = _inputs("flux")
+    _, mask, _ = _inputs(kind)
 
     def run():
         with torch.no_grad():
@@ -197,7 +207,8 @@ def test_bdia_scheduler_in_flux_inpaint_pipeline_restarts_at_every_blended_step(
     restarts = [w for w in caught if issubclass(w.category, BDIARestartWarning)]
     assert len(restarts) == 1
     message = str(restarts[0].message)
-    for field in ("blends the image back", "FluxInpaintPipeline", "9-channel", "FluxFillPipeline"):
+    name = BLENDING[kind][0]
+    for field in ("blends the image back", name, "9-channel", "FluxFillPipeline"):
         assert field in message, message
     assert pipe.scheduler.restarts == pipe.scheduler.timesteps[1:].tolist()
     assert torch.equal(ours, euler)

@@ -368,7 +368,9 @@ def _check_chroma_cond(
     with the negative prompt's embeddings and their own mask: negative embeddings without a
     mask of their own are refused (the conditional mask would let the negative call attend to
     the padding after the positive prompt's length, another vector field than the
-    pipeline's). IP-Adapters are not mapped for Chroma's pipelines and are refused."""
+    pipeline's). An IP-Adapter's image prompt is ``_check_flux_ip_adapter``'s to check, as
+    for Flux: ChromaPipeline loads Flux's (``FluxIPAdapterMixin``) and passes its embeddings
+    as FluxPipeline does."""
     name = type(transformer).__name__
     axes = len(transformer.config.get("axes_dims_rope", (16, 56, 56)))
     branches = (("", cond), ("negative_cond", negative_cond or {}))
@@ -418,13 +420,6 @@ def _check_chroma_cond(
             f"{label} must have shape (batch or 1, {text + tokens}), one entry per text token "
             f"({text}) then per image token ({tokens}), as ChromaPipeline passes it; got "
             f"{got}{hint}"
-        )
-    images = [_image_embeds(branch, _JOINT_IMAGES) for _, branch in branches]
-    if _ip_adapters(transformer) is not None or any(e is not None for e in images):
-        raise ValueError(
-            f"{name} with an IP-Adapter (loaded, or ip_adapter_image_embeds given): "
-            "ChromaPipeline's IP-Adapters are not mapped; unload it (pipe.unload_ip_adapter()) "
-            "and leave ip_adapter_image_embeds out"
         )
 
 
@@ -915,9 +910,11 @@ def _check_flux_ip_adapter(
     cond: Mapping[str, Any],
     negative_cond: Mapping[str, Any] | None,
     guidance_scale: float | None,
+    pipeline: str = "FluxPipeline",
 ) -> None:
     """Refuse, in one line and before any call, a Flux IP-Adapter's image prompt that the
-    transformer would not take as FluxPipeline gives it.
+    transformer would not take as FluxPipeline (``pipeline``: ChromaPipeline, which loads
+    the same adapters and passes their embeddings alike) gives it.
 
     A transformer with IP-Adapters loaded (``FluxIPAdapterMixin.load_ip_adapter``) takes
     ``joint_attention_kwargs={"ip_adapter_image_embeds": [...]}``, a list of one floating
@@ -932,7 +929,7 @@ def _check_flux_ip_adapter(
     embeds = _image_embeds(cond, _JOINT_IMAGES)
     negative = _image_embeds(negative_cond, _JOINT_IMAGES)
     how = (
-        "one per adapter as FluxPipeline.prepare_ip_adapter_image_embeds(image, None, device, 1) "
+        f"one per adapter as {pipeline}.prepare_ip_adapter_image_embeds(image, None, device, 1) "
         "makes them"
     )
     if adapters is None:
@@ -958,7 +955,7 @@ def _check_flux_ip_adapter(
     guided = guidance_scale is not None and guidance_scale != 1 and negative_cond is not None
     if guided and negative is None:
         raise ValueError(
-            "under true CFG the negative call needs image embeddings of its own, as FluxPipeline "
+            f"under true CFG the negative call needs image embeddings of its own, as {pipeline} "
             "gives it: put negative_cond['joint_attention_kwargs']['ip_adapter_image_embeds'] = "
             "prepare_ip_adapter_image_embeds(negative_ip_adapter_image, None, device, 1) (the "
             "pipeline's default: an all-zero image, np.zeros((width, height, 3), np.uint8), one "

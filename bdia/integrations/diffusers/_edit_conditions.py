@@ -34,9 +34,9 @@ _TIME_IDS = 6
 # even as latents, where the others take 4-channel latents as they are.
 _ENCODES_MASKED = "StableDiffusionXLControlNetInpaintPipeline"
 # The inpainting pipelines that, for a network that takes no mask (a 4-channel unet, SD3's,
-# Flux's and Qwen-Image's text-to-image transformers, Flux's Depth or Canny ones), blend the
-# noised image back into the latents outside the mask after every step: no ODE, so no exact
-# inversion of the run.
+# Flux's, Chroma's and Qwen-Image's text-to-image transformers, Flux's Depth or Canny ones),
+# blend the noised image back into the latents outside the mask after every step: no ODE, so
+# no exact inversion of the run.
 _BLENDING = frozenset(
     {
         "StableDiffusionInpaintPipeline",
@@ -53,6 +53,7 @@ _BLENDING = frozenset(
         "FluxControlInpaintPipeline",
         "FluxControlNetInpaintPipeline",
         "FluxKontextInpaintPipeline",
+        "ChromaInpaintPipeline",
     }
 )
 # The Kontext pipeline whose prepare_latents noises the image for its blend.
@@ -611,7 +612,7 @@ def _check_image_prompt(
         raise ValueError(
             f"{name} was given, but the pipeline's network has no IP-Adapter loaded; load one "
             "with pipe.load_ip_adapter(...) (edit_image maps the IP-Adapters of Stable "
-            "Diffusion's and SDXL's unets and Flux's transformer), or leave it out"
+            "Diffusion's and SDXL's unets and Flux's and Chroma's transformers), or leave it out"
         )
     if image is not None and embeds is not None:
         raise ValueError(

@@ -1203,7 +1203,8 @@ def from_diffusers(
             first padding token, then ones for the image tokens). Its ``guidance_scale``
             (true CFG, 5 by default) is ``guidance_scale`` here, two calls as Flux's, with
             the negative prompt's embeddings, ``txt_ids`` and its own ``attention_mask`` in
-            ``negative_cond``.
+            ``negative_cond``; its IP-Adapters (Flux's, which ChromaPipeline loads) take
+            their image embeddings as Flux's do, below.
             Qwen-Image needs ``encoder_hidden_states`` ``(batch or 1, L, D)`` and its
             ``encoder_hidden_states_mask`` ``(batch or 1, L)`` (1 valid, 0 padding; None or
             left out where ``encode_prompt`` returns None, all tokens valid), as
@@ -1232,7 +1233,9 @@ def from_diffusers(
             ``FluxPipeline.prepare_ip_adapter_image_embeds(image, None, device, 1)`` makes
             them; under true CFG ``negative_cond``'s ``joint_attention_kwargs`` holds the
             negative call's own (the pipeline's ``negative_ip_adapter_image``, by default an
-            all-zero image's embeddings), as the pipeline gives them. SD3's transformer
+            all-zero image's embeddings), as the pipeline gives them. A Chroma transformer
+            with Flux's IP-Adapters loaded (``ChromaPipeline.load_ip_adapter``) takes them
+            alike, as ChromaPipeline and ChromaImg2ImgPipeline pass them. SD3's transformer
             with an IP-Adapter loaded (``StableDiffusion3Pipeline.load_ip_adapter``: its
             ``image_proj``) takes ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``,
             one floating tensor ``(batch or 1, tokens, D)``, the conditional half of the
@@ -1287,7 +1290,7 @@ def from_diffusers(
             ``encoder_hidden_states``, ``txt_ids``, ``img_ids`` or ``attention_mask``; ids and
             embeddings as for Flux; a mask that is not ``(batch or 1, L + tokens)`` (the
             prompt's mask alone, not extended over the image tokens, named as such);
-            negative embeddings without their own mask; an IP-Adapter, a ``controlnet``,
+            negative embeddings without their own mask; a ``controlnet``,
             ``mask``, ``masked_image_latents``, ``image_latents`` or ``control_latents``. For a Fill
             transformer (``in_channels`` more than ``out_channels``): no ``mask`` or
             ``masked_image_latents`` (or one without the other), them for a transformer
@@ -1358,10 +1361,10 @@ def from_diffusers(
             IP-Adapters loaded: no ``ip_adapter_image_embeds`` in ``joint_attention_kwargs``,
             a value that is not a list of one 3-D floating tensor per adapter (in either
             branch), or, under true CFG, none in ``negative_cond``; them for a Flux
-            transformer without an IP-Adapter. For SD3's transformer: an
-            ``ip_adapter_image_embeds`` that is not one 3-D floating tensor (in either
-            branch), or, under guidance, given without one in ``negative_cond``; one for a
-            transformer without an IP-Adapter.
+            transformer without an IP-Adapter; so for a Chroma transformer. For SD3's
+            transformer: an ``ip_adapter_image_embeds`` that is not one 3-D floating tensor (in
+            either branch), or, under guidance, given without one in ``negative_cond``; one
+            for a transformer without an IP-Adapter.
         TypeError: for Flux, a ``guidance`` that is neither a number nor a tensor; a control
             image that is not a tensor, a scale, bound or strength that is not a number, a
             ``guess_mode`` that is not a bool; a ``mask``, ``masked_image_latents``,
@@ -1425,7 +1428,9 @@ def from_diffusers(
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
     if flux and not chroma:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
-        _check_flux_ip_adapter(unet, cond, negative_cond, guidance_scale)
+    if flux:
+        pipeline = "ChromaPipeline" if chroma else "FluxPipeline"
+        _check_flux_ip_adapter(unet, cond, negative_cond, guidance_scale, pipeline)
 
     learned_variance = False
     unet_config = getattr(unet, "config", None)

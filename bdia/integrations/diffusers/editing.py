@@ -31,14 +31,16 @@ control image's latents; ``FluxControlNetImg2ImgPipeline`` as its text-to-image 
 ``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
 itself as the reference image it edits), or, without a mask, the inpainting pipelines that
 blend the re-noised image into the latents after each step
-(``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``, ``FluxControlInpaintPipeline``,
-``FluxControlNetInpaintPipeline``, ``FluxKontextInpaintPipeline``,
-``QwenImageInpaintPipeline``, and Stable Diffusion's and SDXL's over a 4-channel unet), as
-the plain pipeline of their parts (a mask is refused: the blend is no ODE step), and any of
-these that has ``load_ip_adapter`` (Stable Diffusion's and SDXL's; ``FluxPipeline``,
-``FluxKontextPipeline``, ``FluxControlNetPipeline``, ``FluxImg2ImgPipeline``,
-``FluxInpaintPipeline``, ``FluxKontextInpaintPipeline``; SD3's text-to-image, img2img,
-inpainting and ControlNet ones) with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
+(``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
+``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
+``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``, ``QwenImageInpaintPipeline``, and
+Stable Diffusion's and SDXL's over a 4-channel unet), as the plain pipeline of their parts (a
+mask is refused: the blend is no ODE step), and any of these that has ``load_ip_adapter``
+(Stable Diffusion's and SDXL's; ``FluxPipeline``, ``FluxKontextPipeline``,
+``FluxControlNetPipeline``, ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``,
+``FluxKontextInpaintPipeline``; Chroma's ``ChromaPipeline``, ``ChromaImg2ImgPipeline`` and
+``ChromaInpaintPipeline``, which load Flux's; SD3's text-to-image, img2img, inpainting and
+ControlNet ones) with an IP-Adapter loaded (``pipe.load_ip_adapter``, given
 ``ip_adapter_image`` or ``ip_adapter_image_embeds``: both ODEs give the unet or the
 transformer the pipeline's image embeddings) and:
 
@@ -191,6 +193,10 @@ _FLUX_SHIFT_FIELDS = _SHIFT_FIELDS[:3] + (("max_shift", 1.15),)
 _FLUX_GUIDANCE = 3.5
 # ChromaPipeline's default guidance_scale: true CFG, with the negative prompt "".
 _CHROMA_GUIDANCE = 5.0
+# ChromaPipeline's (and ChromaImg2ImgPipeline's) T5 tokens, max_sequence_length: given to
+# encode_prompt, whose default in ChromaInpaintPipeline is 256, so that the edit through
+# that pipeline's parts is the plain pipeline's.
+_CHROMA_TOKENS = 512
 # The static methods of FluxPipeline that make its state and positions.
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
 # The pipelines that give their Flux transformer a reference image's tokens (the inpainting
@@ -619,10 +625,15 @@ def _embed_chroma(
     ``encoder_hidden_states`` (B, L, D) in ``dtype``, ``txt_ids`` (L, 3), and
     ``attention_mask`` (B, L + ``tokens``): ``encode_prompt``'s mask (the prompt's tokens and
     its first padding token) followed by ones for the ``tokens`` image tokens, by the
-    pipeline's ``_prepare_attention_mask`` in the embeddings' dtype as encoded."""
+    pipeline's ``_prepare_attention_mask`` in the embeddings' dtype as encoded; ``L`` is
+    ChromaPipeline's 512 T5 tokens, for every Chroma pipeline's parts."""
     text = prompt if isinstance(prompt, str) else list(prompt)
     embeds, text_ids, mask, *_ = pipe.encode_prompt(
-        text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        text,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
+        max_sequence_length=_CHROMA_TOKENS,
     )
     mask = pipe._prepare_attention_mask(mask.shape[0], tokens, embeds.dtype, mask)
     if dtype is not None:
@@ -788,13 +799,15 @@ def edit_image(
             ``image_latents`` and ``img_ids``. The inpainting pipelines whose network takes
             no mask (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
             ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
-            ``FluxKontextInpaintPipeline``, ``QwenImageInpaintPipeline``, and Stable
-            Diffusion's and SDXL's inpainting and ControlNet inpainting pipelines over a
-            4-channel unet) blend the re-noised image
+            ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``,
+            ``QwenImageInpaintPipeline``, and Stable Diffusion's and SDXL's inpainting and
+            ControlNet inpainting pipelines over a 4-channel unet) blend the re-noised image
             into the latents after each step, which is no ODE step: without ``mask_image``
-            they edit as the plain pipeline of their parts (``FluxKontextInpaintPipeline``
-            as ``FluxKontextPipeline``, the image its own reference, as it takes it without
-            ``image_reference``), and a mask is refused.
+            they edit as the plain pipeline of their parts (``FluxKontextInpaintPipeline`` as
+            ``FluxKontextPipeline``, the image its own reference, as it takes it without
+            ``image_reference``; ``ChromaInpaintPipeline`` as ``ChromaPipeline``, its prompts
+            in 512 T5 tokens where its own ``encode_prompt`` defaults to 256), and a mask is
+            refused.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
             ``(batch, 3, H, W)`` in [-1, 1] (not modified). H and W must be multiples of the
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
@@ -950,7 +963,8 @@ def edit_image(
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
             (``pipe.load_ip_adapter``, Stable Diffusion's or SDXL's; or Flux's transformer,
             the ``load_ip_adapter`` of FluxPipeline, FluxKontextPipeline,
-            FluxControlNetPipeline, ...), the image prompt, as
+            FluxControlNetPipeline, ...; or Chroma's, ChromaPipeline's, which loads Flux's
+            adapters), the image prompt, as
             the pipeline's ``ip_adapter_image``: an image (a PIL image or what its
             ``feature_extractor`` takes) for one adapter, or a list of one per adapter (a
             list inside it for several images to one adapter). The pipeline's own
@@ -965,22 +979,24 @@ def edit_image(
             ``joint_attention_kwargs={"ip_adapter_image_embeds": [...]}``, and under true
             CFG (``guidance_scale`` other than 1) the negative call gets the embeddings of
             FluxPipeline's default ``negative_ip_adapter_image``, an all-zero image of the
-            image's size. For SD3 (the ``load_ip_adapter`` of StableDiffusion3Pipeline,
+            image's size; so for Chroma, as ChromaPipeline does (its true CFG on by
+            default). For SD3 (the ``load_ip_adapter`` of StableDiffusion3Pipeline,
             StableDiffusion3ControlNetPipeline, ..., one adapter) its
             ``prepare_ip_adapter_image_embeds`` makes one tensor, the negative half zeros,
             given as ``joint_attention_kwargs={"ip_adapter_image_embeds": e}``;
             without an image prompt SD3's runs as its pipeline does without one. Needed (or
-            ``ip_adapter_image_embeds``) with a unet's or Flux's IP-Adapter, refused
-            without one.
+            ``ip_adapter_image_embeds``) with a unet's, Flux's or Chroma's IP-Adapter,
+            refused without one.
         ip_adapter_image_embeds: the image prompt already embedded, as the pipeline's
             ``ip_adapter_image_embeds``: a list of one tensor per adapter, of shape
             ``(1 or batch, images, D)`` (``(1 or batch, images, tokens, D)`` for an
             IP-Adapter Plus); with ``guidance_scale`` other than 1 each is
             ``torch.cat([negative, positive])`` along dim 0, as
             ``prepare_ip_adapter_image_embeds(..., do_classifier_free_guidance=True)``
-            returns them. For Flux ``(1 or batch, images, D)`` (no IP-Adapter Plus), and
-            under true CFG likewise ``torch.cat([negative, positive])``, the negative half
-            what FluxPipeline takes as ``negative_ip_adapter_image_embeds``. For SD3 one
+            returns them. For Flux and Chroma ``(1 or batch, images, D)`` (no IP-Adapter
+            Plus), and under true CFG likewise ``torch.cat([negative, positive])``, the
+            negative half what FluxPipeline (ChromaPipeline) takes as
+            ``negative_ip_adapter_image_embeds``. For SD3 one
             tensor ``(1 or batch, tokens, D)``, likewise stacked under guidance, as its
             pipeline's ``prepare_ip_adapter_image_embeds`` returns it. Not modified. Not
             with ``ip_adapter_image``.
@@ -1030,13 +1046,14 @@ def edit_image(
             An inpainting unet, a Flux Fill transformer or SD3's inpainting controlnet
             without ``mask_image`` (the last without ``control_image`` too), a
             ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
-            included, and SD3's and Flux's inpainting pipelines, which blend the image back
-            in after every step: the line names the pipeline and the inpainting models to
-            use instead), and a mask of another size than the image's, of
-            more than one channel, of another batch than 1 and the image's, not floating,
+            included, and SD3's, Flux's and Chroma's inpainting pipelines, which blend the
+            image back in after every step: the line names the pipeline and the inpainting
+            models to use instead), and a mask of another size than the image's, of more
+            than one channel, of another batch than 1 and the image's, not floating,
             outside [0, 1] or not an image.
-            A unet or Flux transformer with IP-Adapters loaded without ``ip_adapter_image``
-            or ``ip_adapter_image_embeds``, either for a network without one, both at once,
+            A unet or Flux (Chroma) transformer with IP-Adapters loaded without
+            ``ip_adapter_image`` or ``ip_adapter_image_embeds``, either for a network without
+            one, both at once,
             images or embeddings of another count than the adapters, embeddings that are
             not 3-D or 4-D (for Flux, 3-D; for SD3, one 3-D tensor, not a list) floating
             tensors or whose batch is not 1 or the image's (under guidance twice that: both
@@ -1084,13 +1101,7 @@ def edit_image(
     # An IP-Adapter's image prompt goes to both ODEs; another image projection takes
     # image_embeds that edit_image does not make, and diffusers' own error would come after
     # the VAE has run.
-    # (Chroma's are not mapped: from_diffusers refuses them, below, before any network runs.)
-    adapters = _ip_adapters(unet) if kind in ("unet", "flux") and not chroma else None
-    if chroma and (ip_adapter_image is not None or ip_adapter_image_embeds is not None):
-        raise ValueError(
-            "an image prompt was given for ChromaPipeline, whose IP-Adapters edit_image does "
-            "not map; leave ip_adapter_image and ip_adapter_image_embeds out"
-        )
+    adapters = _ip_adapters(unet) if kind in ("unet", "flux") else None
     # SD3's one adapter takes one tensor, not a list; without an image prompt its
     # processors attend to the text alone, as the pipeline runs then.
     sd3_image = sd3 and getattr(unet, "image_proj", None) is not None

@@ -964,7 +964,8 @@ class BDIAScheduler(_BDIASchedulerBase):
                     "the latents: a callback, or an inpainting pipeline that blends the image "
                     "back into the latents after each step, as StableDiffusionInpaintPipeline "
                     "does over a 4-channel unet, and StableDiffusion3InpaintPipeline, "
-                    "FluxInpaintPipeline and Flux's other inpainting pipelines do; an "
+                    "FluxInpaintPipeline, Flux's other inpainting pipelines and "
+                    "ChromaInpaintPipeline do; an "
                     "inpainting model's pipeline, a 9-channel inpainting unet's or "
                     "FluxFillPipeline's, does not)"
                 )
@@ -1007,10 +1008,10 @@ class BDIAScheduler(_BDIASchedulerBase):
         timestep (img2img) simply starts there. An inpainting pipeline with a 4-channel unet
         (and ``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
         ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
-        ``FluxKontextInpaintPipeline``) blends the image back into the latents after every
-        step, so each of its steps but the first is such a restart: the run is DDIM's
-        (Euler's), and only an inpainting model's run (a 9-channel inpainting unet's,
-        ``FluxFillPipeline``'s) is BDIA's and can be inverted.
+        ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``) blends the image back
+        into the latents after every step, so each of its steps but the first is such a
+        restart: the run is DDIM's (Euler's), and only an inpainting model's run (a
+        9-channel inpainting unet's, ``FluxFillPipeline``'s) is BDIA's and can be inverted.
 
         Args:
             model_output: the unet's prediction at ``(sample, timestep)`` (after guidance); in

@@ -1193,7 +1193,8 @@ def _flux_ip_adapter_state_dict(
 def add_tiny_flux_ip_adapter(pipe: Any, *, adapters: int = 1) -> Any:
     """Load a Flux IP-Adapter of random weights into ``pipe`` (a tiny Flux pipeline of this
     module with the ``FluxIPAdapterMixin``: ``FluxPipeline``, ``FluxControlNetPipeline``,
-    ...), nothing downloaded; returns ``pipe``.
+    ..., or ``tiny_chroma_pipeline``'s ``ChromaPipeline``, which loads Flux's adapters),
+    nothing downloaded; returns ``pipe``.
 
     ``_tiny_image_encoder``'s ``CLIPVisionModelWithProjection`` (seed 4, image embeddings of
     width 8 from 16 x 16 RGB images) and ``CLIPImageProcessor`` become its
