@@ -774,7 +774,7 @@ def edit_image(
             ``tokenizer`` and ``text_encoder`` alone, and its ``_prepare_attention_mask``)
             edits as a ``FluxPipeline``, its prompts as text only, each with the attention
             mask the pipeline makes of it over the text and image tokens; its IP-Adapters
-            are not mapped. A ``QwenImagePipeline`` or ``QwenImageImg2ImgPipeline`` (a
+            are Flux's. A ``QwenImagePipeline`` or ``QwenImageImg2ImgPipeline`` (a
             ``QwenImageTransformer2DModel``, an ``AutoencoderKLQwenImage``, ``encode_prompt``
             for text and embeddings alike, its Qwen2.5-VL ``tokenizer`` and ``text_encoder``
             for text, and ``_pack_latents`` and ``_unpack_latents``) encodes the image as a
