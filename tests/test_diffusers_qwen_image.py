@@ -218,22 +218,25 @@ def test_bdia_euler_inverts_to_float64_rounding(true_cfg):
 
 
 @torch.no_grad()
-def _invert(pipe, pair, cond):
+def _invert(pipe, pair, cond, image=None, img_shapes=IMG_SHAPES * BATCH):
     """BDIAInverseScheduler's loop from ``pair``, calling the transformer as QwenImagePipeline
-    does under true CFG (two calls, combined and rescaled); returns the inverse scheduler."""
+    does under true CFG (two calls, combined and rescaled; with a reference image's packed
+    latents ``image``, as QwenImageEditPipeline does: its tokens after the latents', the
+    output cut to the latents'); returns the inverse scheduler."""
     inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(sigmas=np.linspace(1.0, 1 / N_STEPS, N_STEPS), mu=_mu())
 
     def call(x, t, branch):
-        return pipe.transformer(
-            hidden_states=x,
+        out = pipe.transformer(
+            hidden_states=x if image is None else torch.cat([x, image], dim=1),
             timestep=t.expand(BATCH).to(x.dtype) / 1000,
             encoder_hidden_states=branch["encoder_hidden_states"],
             encoder_hidden_states_mask=branch["encoder_hidden_states_mask"],
-            img_shapes=IMG_SHAPES * BATCH,
+            img_shapes=img_shapes,
             attention_kwargs={},
             return_dict=False,
         )[0]
+        return out[:, : x.shape[1]]
 
     x = inverse.begin(pair)
     for t in inverse.timesteps:
@@ -354,8 +357,9 @@ def test_conditioning_the_transformer_cannot_take_is_refused(transformer):
     img_shapes, embeddings of another width, a mask of another length, a key this diffusers'
     transformer does not take (txt_seq_lens, which 0.35's took), an embedded guidance, a
     ControlNet's residuals, under true CFG a negative branch without embeddings or without
-    its own mask, the inputs of other pipelines (controlnet, mask, image_latents), and a
-    guidance-distilled transformer."""
+    its own mask, the inputs of other pipelines (controlnet, mask, control_latents), and a
+    guidance-distilled transformer. (QwenImageEditPipeline's image_latents are mapped; see
+    test_diffusers_qwen_image_edit.)"""
     flow = _scheduler()
     calls = Counter(transformer)
     base = _cond(torch.float32)
@@ -382,7 +386,7 @@ def test_conditioning_the_transformer_cannot_take_is_refused(transformer):
         ),
         (dict(base, controlnet=torch.nn.Linear(1, 1)), "controlnet"),
         (dict(base, mask=torch.ones(1, TOKENS, 4)), "mask"),
-        (dict(base, image_latents=torch.ones(1, TOKENS, 16)), "image_latents"),
+        (dict(base, control_latents=torch.ones(1, TOKENS, 16)), "control_latents"),
     ]
     for cond, field in cases:
         with pytest.raises(ValueError) as exc_info:

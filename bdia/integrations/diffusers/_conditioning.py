@@ -464,6 +464,7 @@ def _check_qwen_image_cond(
     cond: Mapping[str, Any],
     negative_cond: Mapping[str, Any] | None,
     guided: bool,
+    image_latents: Any = None,
 ) -> None:
     """Refuse, in one line and before any call, conditioning that Qwen-Image's transformer
     cannot take as QwenImagePipeline gives it: its keyword arguments (``forward``'s
@@ -472,7 +473,9 @@ def _check_qwen_image_cond(
     text lengths where this diffusers' transformer takes them, and no embedded ``guidance``
     (QwenImagePipeline passes None to a transformer without ``guidance_embeds``). Under true
     CFG (``guided``) the negative call needs its own embeddings, and its own mask where the
-    conditional call has one."""
+    conditional call has one. With ``image_latents`` (QwenImageEditPipeline's reference
+    image, a tensor), each sample's ``img_shapes`` must hold the latents' shape and, after
+    it, shapes of as many tokens as the image has, as that pipeline makes them."""
     config = transformer.config
     name = type(transformer).__name__
     if config.get("guidance_embeds", False):
@@ -553,6 +556,16 @@ def _check_qwen_image_cond(
     _check_img_shapes(cond["img_shapes"])
     if negative_cond is not None and "img_shapes" in negative_cond:
         _check_img_shapes(negative_cond["img_shapes"])
+    if isinstance(image_latents, Tensor) and image_latents.ndim == 3:
+        shapes = cond["img_shapes"][0]
+        after = sum(f * h * w for f, h, w in shapes[1:])
+        if after != image_latents.shape[1]:
+            raise ValueError(
+                f"img_shapes {cond['img_shapes']!r} hold {after} tokens after the latents' "
+                f"shape but image_latents has {image_latents.shape[1]}; give [[(1, h // 2, w "
+                "// 2), (1, h' // 2, w' // 2)]] * batch for latents of h x w and a reference "
+                "image of h' x w' latents, as QwenImageEditPipeline makes it"
+            )
     if guided and negative_cond is not None:
         for key in _QWEN_TEXT:
             if cond.get(key) is not None and key not in negative_cond:
@@ -723,14 +736,15 @@ def _fill_cond(
 
 
 def _kontext_cond(config: Mapping[str, Any] | None, image_latents: Any) -> dict[str, Tensor]:
-    """The ODE's cond entry of FluxKontextPipeline's reference image, checked against the
-    transformer's config: ``{}`` without it, else ``image_latents``, the image's packed
-    latents ``(batch or 1, image tokens, in_channels)``, which the pipeline puts after the
-    latents' tokens (``torch.cat([latents, image_latents], dim=1)``). The batch is checked
-    against the state at each call, and ``img_ids`` against both token counts."""
+    """The ODE's cond entry of FluxKontextPipeline's (QwenImageEditPipeline's) reference
+    image, checked against the transformer's config: ``{}`` without it, else
+    ``image_latents``, the image's packed latents ``(batch or 1, image tokens,
+    in_channels)``, which the pipeline puts after the latents' tokens
+    (``torch.cat([latents, image_latents], dim=1)``). The batch is checked against the state
+    at each call, and ``img_ids`` (``img_shapes``) against both token counts."""
     if image_latents is None:
         return {}
-    how = "packed, as FluxKontextPipeline.prepare_latents returns them"
+    how = "packed, as FluxKontextPipeline's (QwenImageEditPipeline's) prepare_latents makes them"
     _check_tensors({_KONTEXT_KEY: image_latents}, 3, f"(batch or 1, tokens, C), {how}")
     c_in = config.get("in_channels") if isinstance(config, Mapping) else None
     if isinstance(c_in, int) and image_latents.shape[2] != c_in:

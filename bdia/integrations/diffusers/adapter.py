@@ -33,7 +33,8 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   ``timestep = sigma N / 1000``, with ``encoder_hidden_states``,
   ``encoder_hidden_states_mask`` and ``img_shapes``; its true CFG makes two calls, the
   conditional one first, and rescales the guided velocity of each token to the norm of the
-  conditional one, as the pipeline does.
+  conditional one, as the pipeline does. ``QwenImageEditPipeline`` calls it so with
+  ``image_latents=``, as Flux Kontext's (below).
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -75,7 +76,9 @@ With ``image_latents=`` (a reference image's packed latents, ``FluxKontextPipeli
 every Flux call takes ``torch.cat([x, image_latents], dim=1)``, the image's tokens after the
 latents' (``img_ids`` holds both tokens' positions, as the pipeline concatenates them), and
 the output's first ``tokens`` rows are the velocity, as that pipeline keeps them: the image is
-fixed over the run too.
+fixed over the run too. ``QwenImageEditPipeline`` calls Qwen-Image's transformer the same way,
+the shapes of both in each sample's ``img_shapes`` entry, ``[(1, h // 2, w // 2), (1, h' //
+2, w' // 2)]``, in both calls of its true CFG.
 
 The ODE's time grid is ``diffusers_grid``'s, in ``bdia.integrations.diffusers.grid``
 (importable from here too). The scheduler's recognition and config checks, the
@@ -252,7 +255,8 @@ class DiffusersModel(torch.nn.Module):
             calls Qwen-Image's: the state is the packed latents ``(batch, tokens,
             in_channels)``, the timestep as with ``flux``, and guidance makes two calls, the
             conditional one first, whose guided output ``g = u + s (c - u)`` is rescaled to
-            ``g |c| / |g|``, norms over each token's channels (the last dim).
+            ``g |c| / |g|``, norms over each token's channels (the last dim); a reference
+            image's ``image_latents`` as ``QwenImageEditPipeline`` gives them.
         controlnet: ``"vp"`` and ``"edm"`` space, a diffusers ``ControlNetModel`` or
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
@@ -266,8 +270,8 @@ class DiffusersModel(torch.nn.Module):
     masked_image_latents=None, image_latents=None, control_latents=None, **unet_kwargs)``: see
     there. An inpainting unet or a Flux Fill transformer (``in_channels`` of its config more
     than the state's channels) takes ``mask`` and ``masked_image_latents`` there, a Flux
-    Depth or Canny transformer ``control_latents``; Flux Kontext's reference image comes as
-    ``image_latents``.
+    Depth or Canny transformer ``control_latents``; Flux Kontext's and Qwen-Image-Edit's
+    reference image comes as ``image_latents``.
     """
 
     def __init__(
@@ -526,11 +530,13 @@ class DiffusersModel(torch.nn.Module):
                 both are packed, ``(batch or 1, tokens, C')`` for a state of ``(batch, tokens,
                 C)``, and its input is ``torch.cat([x_in, masked_image_latents, mask],
                 dim=2)``, as ``FluxFillPipeline`` makes it (in both calls of true guidance).
-            image_latents: Flux only, a reference image's packed latents, shape ``(batch or
-                1, image tokens, C)`` for a state of ``(batch, tokens, C)``: each call takes
-                ``torch.cat([x_in, image_latents], dim=1)`` with ``img_ids`` of ``tokens +
-                image tokens`` rows, and its output's first ``tokens`` rows are the
-                prediction, as ``FluxKontextPipeline`` calls its transformer.
+            image_latents: Flux and Qwen-Image only, a reference image's packed latents,
+                shape ``(batch or 1, image tokens, C)`` for a state of ``(batch, tokens,
+                C)``: each call takes ``torch.cat([x_in, image_latents], dim=1)`` with
+                ``img_ids`` of ``tokens + image tokens`` rows (Qwen-Image's ``img_shapes``
+                of as many tokens), and its output's first ``tokens`` rows are the
+                prediction, as ``FluxKontextPipeline`` (``QwenImageEditPipeline``) calls its
+                transformer.
             control_latents: Flux only, a Depth or Canny transformer's control image, packed
                 latents of shape ``(batch or 1, tokens, C)`` for a state of ``(batch, tokens,
                 C)``: each call takes ``torch.cat([x_in, control_latents], dim=2)``, as
@@ -551,16 +557,17 @@ class DiffusersModel(torch.nn.Module):
         batch = x.shape[0]
         image = None
         if image_latents is not None:
-            if not self.flux:
+            if not (self.flux or self.qwen_image):
                 raise ValueError(
-                    "image_latents are a reference image's tokens for a Flux transformer "
-                    "(FluxKontextPipeline's); this model's network is no Flux transformer"
+                    "image_latents are a reference image's tokens for a Flux or Qwen-Image "
+                    "transformer (FluxKontextPipeline's, QwenImageEditPipeline's); this "
+                    "model's network is no Flux transformer and no Qwen-Image one"
                 )
             image = _batched(image_latents, batch, "image_latents")
         if self.flux:
             self._check_packed(x, unet_kwargs, image)
         elif self.qwen_image:
-            self._check_qwen_image_state(x, unet_kwargs)
+            self._check_qwen_image_state(x, unet_kwargs, image)
         extra = self._inpaint_channels(x, mask, masked_image_latents, batch)
         if control_latents is not None:
             extra = self._control_channels(x, control_latents, extra, batch)
@@ -617,9 +624,9 @@ class DiffusersModel(torch.nn.Module):
             elif self.qwen_image:
                 # QwenImagePipeline's true CFG: two calls, the conditional first, the negative
                 # one with its own prompt and mask (the image shapes shared).
-                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""), image=image)
                 negative = _batched({**unet_kwargs, **negative_cond}, batch, "negative_cond")
-                u = self._call_unet(x_in, tau, negative)
+                u = self._call_unet(x_in, tau, negative, image=image)
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
                 x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
@@ -660,7 +667,7 @@ class DiffusersModel(torch.nn.Module):
             if control is not None:
                 images, scales = control
                 kwargs.update(self._residuals(x_in, tau, kwargs, images, scales, guess_mode))
-            out = self._call_unet(x_in, tau, kwargs, extra)
+            out = self._call_unet(x_in, tau, kwargs, extra, image)
         if self.sigma_data is not None:
             return self._denoised(x, out, sigma)
         if self.space == "edm" and self.prediction == "v":
@@ -918,15 +925,21 @@ class DiffusersModel(torch.nn.Module):
                 "w // 2, device, dtype)"
             )
 
-    def _check_qwen_image_state(self, x: Tensor, kwargs: Mapping[str, Any]) -> None:
-        """Refuse a Qwen-Image state that is not packed latents matching ``img_shapes``."""
+    def _check_qwen_image_state(
+        self, x: Tensor, kwargs: Mapping[str, Any], image: Tensor | None
+    ) -> None:
+        """Refuse a Qwen-Image state that is not packed latents matching ``img_shapes``
+        (with a reference image's tokens ``image``, the state's and the image's)."""
         self._check_packed_shape(x, "Qwen-Image", "QwenImagePipeline", "(batch, 1, channels, h, w)")
         shapes = kwargs.get("img_shapes")
-        if shapes is not None and _qwen_image_tokens(shapes) != x.shape[1]:
+        tokens = x.shape[1] + (0 if image is None else image.shape[1])
+        if shapes is not None and _qwen_image_tokens(shapes) != tokens:
+            held = f"{x.shape[1]}" + ("" if image is None else f", image_latents {image.shape[1]}")
             raise ValueError(
                 f"img_shapes {shapes!r} make {_qwen_image_tokens(shapes)} tokens but the state "
-                f"has {x.shape[1]}; give [[(1, h // 2, w // 2)]] for latents of h x w before "
-                "packing, as QwenImagePipeline makes it"
+                f"has {held}; give [[(1, h // 2, w // 2)]] for latents of h x w before "
+                "packing, as QwenImagePipeline makes it (QwenImageEditPipeline's holds the "
+                "reference image's (1, h' // 2, w' // 2) after it)"
             )
 
     def _call_unet(
@@ -983,14 +996,15 @@ class DiffusersModel(torch.nn.Module):
 
 
 def _check_qwen_image_parts(**given: Any) -> None:
-    """Refuse, in one line, the inputs of other pipelines than QwenImagePipeline and
-    QwenImageImg2ImgPipeline (Flux's extra channels and tokens, a controlnet) for Qwen-Image's
-    transformer."""
+    """Refuse, in one line, the inputs of other pipelines than QwenImagePipeline,
+    QwenImageImg2ImgPipeline and QwenImageEditPipeline (Flux's extra channels, a controlnet)
+    for Qwen-Image's transformer."""
     for name, value in given.items():
         if value is not None:
             raise ValueError(
                 f"{name} is not mapped for QwenImageTransformer2DModel: bdia calls it as "
-                "QwenImagePipeline and QwenImageImg2ImgPipeline do; leave it out"
+                "QwenImagePipeline, QwenImageImg2ImgPipeline and QwenImageEditPipeline do; "
+                "leave it out"
             )
 
 
@@ -1169,7 +1183,13 @@ def from_diffusers(
             ``torch.cat([x, image_latents], dim=1)`` and keeps its output's first ``tokens``
             rows, as the pipeline does, and ``img_ids`` must hold ``tokens + image tokens``
             rows: ``torch.cat([latent_ids, image_ids])``, the pipeline's concatenation of the
-            latents' positions and the image's (whose first column is 1).
+            latents' positions and the image's (whose first column is 1). For
+            ``QwenImageEditPipeline``'s (Qwen-Image's) transformer the same, its
+            ``prepare_latents``' second output (the image's latents normalised ``(z -
+            latents_mean) / latents_std`` and packed), with each sample's ``img_shapes``
+            entry holding the latents' shape and the image's: ``[[(1, h // 2, w // 2), (1,
+            h' // 2, w' // 2)]] * batch`` for latents of ``h x w`` and the image's of ``h' x
+            w'``, as that pipeline passes them.
         control_latents: for a Flux Depth or Canny transformer (``FluxControlPipeline``'s and
             ``FluxControlImg2ImgPipeline``'s, ``in_channels`` twice ``out_channels``: 128 for
             64), the control image's packed latents, as the pipeline makes them: its
@@ -1216,6 +1236,8 @@ def from_diffusers(
             and mask (the mask given there whenever the conditional branch has one), and
             rescales the guided velocity ``g`` of each token to ``g |c| / |g|``, the
             conditional velocity's norm over the token's channels, as the pipeline does.
+            ``QwenImageEditPipeline`` calls it so too, with its reference image's
+            ``image_latents`` (see there).
             A unet with IP-Adapters loaded (``pipe.load_ip_adapter``: its
             ``encoder_hid_dim_type`` is ``"ip_image_proj"``) needs the image prompt as
             ``added_cond_kwargs={"image_embeds": [...]}``, a list of one floating tensor per
@@ -1254,7 +1276,7 @@ def from_diffusers(
         ``conditioning_scale``, ``guess_mode`` and, where it is switched, the times of
         ``control_range``; with an inpainting unet or a Flux Fill transformer, ``mask`` and
         ``masked_image_latents``; for a Flux Depth or Canny transformer, ``control_latents``;
-        for Kontext, ``image_latents``). Sample it on
+        for Kontext and Qwen-Image-Edit, ``image_latents``). Sample it on
         ``diffusers_grid(scheduler, steps)`` with any bdia solver, or invert it with BDIA.
 
     Raises:
@@ -1275,9 +1297,12 @@ def from_diffusers(
             diffusers' transformer does not take (``txt_seq_lens`` in recent ones; missing
             where it takes it, as the first releases' does), ``guidance`` or
             ``controlnet_block_samples``, a transformer with ``guidance_embeds``, and
-            ``controlnet``, ``mask``, ``masked_image_latents``, ``image_latents`` or
-            ``control_latents``; at the first evaluation, a state that is not packed latents
-            ``(batch, tokens, in_channels)`` of ``img_shapes``' token count. SD3's, Flux's or
+            ``controlnet``, ``mask``, ``masked_image_latents`` or ``control_latents``;
+            ``image_latents`` (checked as Kontext's) whose tokens are not those of the
+            ``img_shapes`` entries after the first; at the first evaluation, a state that is
+            not packed latents ``(batch, tokens, in_channels)`` of ``img_shapes``' token
+            count (with ``image_latents``, the state's and the image's together), and a
+            reference image whose batch is neither 1 nor the state's. SD3's, Flux's or
             Qwen-Image's transformer with a noise-table scheduler. With an EDM-preconditioned
             scheduler: a prediction_type other than epsilon and v_prediction, thresholding, an
             algorithm_type other than 'dpmsolver++', a sigma_data that is not a positive finite
@@ -1299,8 +1324,9 @@ def from_diffusers(
             and floating, of two token counts, or of other channels than ``out_channels``
             (the masked image) and ``in_channels - 2 out_channels`` (the mask). For Kontext:
             ``image_latents`` that are not 3-D and floating or not of ``in_channels``, given
-            beside ``mask``, or for any network but Flux's transformer. For a Depth or Canny
-            transformer (``in_channels`` twice ``out_channels``): no ``control_latents``; them
+            beside ``mask``, or for any network but Flux's or Qwen-Image's transformer.
+            For a Depth or Canny transformer (``in_channels`` twice ``out_channels``): no
+            ``control_latents``; them
             for any network but Flux's transformer, for a transformer of other extra channels
             (a text-to-image or Fill one), beside ``mask``, ``masked_image_latents`` or
             ``image_latents``, or not a 3-D floating tensor of ``out_channels``. At the first
@@ -1417,11 +1443,10 @@ def from_diffusers(
             controlnet=controlnet,
             mask=mask,
             masked_image_latents=masked_image_latents,
-            image_latents=image_latents,
             control_latents=control_latents,
         )
         guided = guidance_scale is not None and guidance_scale != 1
-        _check_qwen_image_cond(unet, cond, negative_cond, guided)
+        _check_qwen_image_cond(unet, cond, negative_cond, guided, image_latents)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
     elif not flux and not qwen_image:
@@ -1460,11 +1485,12 @@ def from_diffusers(
             "flow-matching transformer (SD3's inpainting controlnet, StableDiffusion3Control"
             "NetInpaintingPipeline's, takes the mask as controlnet_cond's last channel)"
         )
-    if image_latents is not None and not flux:
+    if image_latents is not None and not (flux or qwen_image):
         raise ValueError(
-            "image_latents are a reference image's tokens for Flux's transformer "
-            "(FluxKontextPipeline's); this network is no FluxTransformer2DModel under a "
-            "flow-matching scheduler"
+            "image_latents are a reference image's tokens for Flux's or Qwen-Image's "
+            "transformer (FluxKontextPipeline's, QwenImageEditPipeline's); this network is no "
+            "FluxTransformer2DModel or QwenImageTransformer2DModel under a flow-matching "
+            "scheduler"
         )
     if image_latents is not None and inpaint:
         raise ValueError(

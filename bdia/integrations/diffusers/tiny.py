@@ -13,10 +13,10 @@ and SD3 (``SD3ControlNetModel``, ``StableDiffusion3ControlNetPipeline``, and wit
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
 Diffusion and SDXL and their ControlNet inpainting pipelines, Stable Diffusion's, SDXL's,
 Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
-``QwenImageTransformer2DModel`` and ``QwenImagePipeline``, without its text encoder), a few
-thousand weights each: for tests and for checking plumbing and exactness, which do not depend
-on the weights. A random network is no denoiser, so what they sample is not an image of
-anything.
+``QwenImageTransformer2DModel``, ``QwenImagePipeline`` and ``QwenImageEditPipeline``, without
+their text encoder), a few thousand weights each: for tests and for checking plumbing and
+exactness, which do not depend on the weights. A random network is no denoiser, so what they
+sample is not an image of anything.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
     "tiny_qwen_image_pipeline",
+    "tiny_qwen_image_edit_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
@@ -744,6 +745,21 @@ def tiny_qwen_image_pipeline(scheduler: Any = None) -> Any:
         tokenizer=None,
         transformer=tiny_qwen_image_transformer(),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen_image_edit_pipeline(scheduler: Any = None) -> Any:
+    """A ``QwenImageEditPipeline`` of ``tiny_qwen_image_pipeline``'s parts (Qwen-Image-Edit's
+    transformer has Qwen-Image's config), without the Qwen2.5-VL text encoder, tokenizer and
+    processor that embed its prompts with the image: give it ``prompt_embeds`` and
+    ``prompt_embeds_mask``. The pipeline puts the packed latents of its reference image
+    after the packed latents' tokens, with both shapes in ``img_shapes``, and keeps the
+    transformer's output for the latents' tokens. Float32; the progress bar is off. Needs
+    diffusers 0.35 or newer, which has the pipeline."""
+    pipeline = _qwen_image_class("QwenImageEditPipeline")
+    parts = tiny_qwen_image_pipeline(scheduler).components
+    pipe = pipeline(**parts, processor=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
