@@ -753,7 +753,7 @@ def _refused(pipe, source=None, **options):
         ("embeddings dim", "dim 8, but the transformer's joint_attention_dim is 16"),
         ("guidance", "guidance is the guidance scale Flux.1-dev's transformer embeds"),
         ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, QwenImagePipe"),
-        ("edit pipeline", "the pipeline is a QwenImageEditPipeline, which gives the transformer"),
+        ("edit plus", "the pipeline is a QwenImageEditPlusPipeline, which gives the transforme"),
         ("inpaint mask", "QwenImageInpaintPipeline whose transformer takes in_channels = 16,"),
         ("mask", "mask_image was given, but the pipeline's transformer takes in_channels = 16"),
         ("image prompt", "ip_adapter_image_embeds was given, but the pipeline's network has no"),
@@ -765,7 +765,7 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
     """One line each, before the transformer or the VAE runs: a text prompt (the negative
     prompt's included) without a text encoder, one tensor without its mask, a mask that is
     not the embeddings', embeddings of another width, an embedded guidance, a size the
-    packing cannot take, a Qwen-Image pipeline that conditions on more (Edit), a mask (the
+    packing cannot take, a Qwen-Image pipeline that conditions on more (Edit Plus), a mask (the
     inpainting pipeline blends; the text-to-image one takes none), an image prompt, a VAE
     without its statistics and a transformer of other channels."""
     pipe, source, options = tiny_qwen_image_pipeline(), None, {}
@@ -785,8 +785,9 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
         options = dict(guidance=3.5)
     elif kind == "size":
         options = dict(image=_image()[..., :14])
-    elif kind == "edit pipeline":  # by its name: its transformer is the same class
-        pipe = type("QwenImageEditPipeline", (diffusers.QwenImagePipeline,), {})(**pipe.components)
+    elif kind == "edit plus":  # by its name: its transformer is the same class
+        name = "QwenImageEditPlusPipeline"
+        pipe = type(name, (diffusers.QwenImagePipeline,), {})(**pipe.components)
     elif kind == "inpaint mask":
         if not hasattr(diffusers, "QwenImageInpaintPipeline"):
             pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageInpaintPipeline")

@@ -1,5 +1,6 @@
 """bdia.integrations.diffusers with Qwen-Image-Edit: from_diffusers(image_latents=...) against
-QwenImageEditPipeline's run, BDIAScheduler in that pipeline, and the refusals.
+QwenImageEditPipeline's run, BDIAScheduler in that pipeline, the refusals, and edit_image on
+QwenImageEditPipeline.
 
 QwenImageEditPipeline (diffusers 0.35 and newer) calls Qwen-Image's transformer on the packed
 latents' tokens followed by its reference image's packed latents, with the shapes of both in
@@ -31,18 +32,23 @@ from test_diffusers_qwen_image import (  # noqa: E402
     IMG_SHAPES,
     N_STEPS,
     TOKENS,
+    TRUE_CFG,
     _cond,
     _grid,
+    _img2img_parts,
     _invert,
     _noise,
     _one_line_error,
     _pipeline_latents,
+    _prompt,
     _scheduler,
+    _target,
 )
 
 import bdia  # noqa: E402
 from bdia.integrations.diffusers import (  # noqa: E402
     BDIAScheduler,
+    edit_image,
     from_diffusers,
 )
 from bdia.integrations.diffusers.tiny import (  # noqa: E402
@@ -81,8 +87,9 @@ def own_size(monkeypatch):
 
 def _reference(pipe, image, dtype=torch.float32):
     """The reference image's packed latents (BATCH, IMAGE_TOKENS, 16), as
-    QwenImageEditPipeline makes them for ``image`` kept at its size: resized and
-    preprocessed, a one-frame video, encoded and packed by its prepare_latents."""
+    QwenImageEditPipeline makes them for ``image`` (one PIL image, or a list of them) kept
+    at its size: resized and preprocessed, a one-frame video, encoded and packed by its
+    prepare_latents."""
     pixels = pipe.image_processor.resize(image, 16, 32)
     pixels = pipe.image_processor.preprocess(pixels, 16, 32).unsqueeze(2)
     with torch.no_grad():
@@ -237,3 +244,109 @@ def test_edit_states_that_are_not_the_pipelines_are_refused_before_the_call():
             ode.evaluate(1.0, x)
         _one_line_error(exc_info, field)
     assert calls.calls == 0
+
+
+# ----------------------------------------------------------------------- edit_image
+
+
+def _pixels(pipe, image):
+    """The pixels (BATCH, 3, 16, 32) in [-1, 1] QwenImageEditPipeline makes of BATCH copies
+    of ``image``, the list it is given: the VAE's float32 encoding of a batch of 2 may
+    differ in the last bit from that of one image, so each side encodes BATCH of them."""
+    return pipe.image_processor.preprocess([image] * BATCH, 16, 32)
+
+
+def _edit(pipe, image, true_cfg, dtype=torch.float64):
+    """edit_image on ``pipe`` of ``image`` (the pixels the pipeline makes of BATCH copies)
+    from source prompts of 5 tokens to targets of 6, with true CFG 4 and negative prompts of
+    7 tokens where ``true_cfg``."""
+    options = {}
+    if true_cfg:
+        options = dict(guidance_scale=TRUE_CFG, negative_prompt=_prompt(torch.float32, 2, 7))
+    pixels = _pixels(pipe, image)
+    return edit_image(
+        pipe,
+        pixels,
+        _prompt(torch.float32, 1, 5),
+        _target(),
+        num_inference_steps=N_STEPS,
+        state_dtype=dtype,
+        progress=False,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+def test_edit_image_on_the_edit_pipeline_takes_the_image_as_its_reference(own_size, true_cfg):
+    """edit_image on QwenImageEditPipeline (a VAE with latents_mean and latents_std other
+    than 0 and 1, prompt embeddings, with or without true CFG 4) conditions both ODEs on the
+    edited image, as the pipeline's image=: the image latents are bit for bit those of the
+    pipeline's prepare_latents ((mode - latents_mean) / latents_std, packed; not
+    QwenImagePipeline's reciprocal), img_shapes hold the latents' shape and the image's, and
+    with a float32 state the latents edit_image inverts are the reference's, bit for bit.
+    The round trip is exact (latent_error 0 with a float64 state, measured 0). Without the
+    reference (QwenImagePipeline of the same parts) the edit differs."""
+    pipe = diffusers.QwenImageEditPipeline(**_img2img_parts(), processor=None)
+    pipe.set_progress_bar_config(disable=True)
+    result = _edit(pipe, own_size, true_cfg)
+    assert result.latent_error == 0.0
+    reference = _reference(pipe, [own_size] * BATCH)
+    assert reference.shape == (BATCH, IMAGE_TOKENS, 16)
+    for ode in (result.inversion.ode, result.target):
+        assert torch.equal(ode.cond["image_latents"], reference)
+        assert ode.cond["img_shapes"] == [[(1, 4, 8), (1, 4, 8)]] * BATCH
+    single = _edit(pipe, own_size, true_cfg, torch.float32)
+    assert torch.equal(single.latents, reference)
+    config = pipe.vae.config
+    with torch.no_grad():
+        z = pipe.vae.encode(_pixels(pipe, own_size).unsqueeze(2)).latent_dist.mean
+    z = z - torch.tensor(config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(config.latents_std).view(1, 4, 1, 1, 1)
+    pack = diffusers.QwenImagePipeline._pack_latents
+    assert torch.equal(reference, pack(z / std, BATCH, 4, 8, 16))
+    assert not torch.equal(reference, pack(z * (1.0 / std), BATCH, 4, 8, 16))
+    plain = diffusers.QwenImagePipeline(**_img2img_parts())
+    alone = _edit(plain, own_size, true_cfg)
+    assert "image_latents" not in alone.target.cond
+    assert float((alone.edited_latents - result.edited_latents).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+def test_the_edit_is_the_edit_pipelines_run_from_the_inverted_noise(own_size, true_cfg):
+    """With a float32 state, edit_image's edited latents are bit for bit what
+    QwenImageEditPipeline returns from the inverted noise with the image as its reference
+    under the target prompt (its true_cfg_scale 4 with the negative embeddings where
+    guided), the edit's base solver being the pipeline's Euler step on its own sigmas."""
+    pipe = tiny_qwen_image_edit_pipeline()
+    out = _edit(pipe, own_size, true_cfg, torch.float32)
+    target, target_mask = _target()
+    options = {}
+    if true_cfg:
+        negative, negative_mask = _prompt(torch.float32, 2, 7)
+        options = dict(negative_prompt_embeds=negative, negative_prompt_embeds_mask=negative_mask)
+    theirs = pipe(
+        image=[own_size] * BATCH,
+        prompt_embeds=target,
+        prompt_embeds_mask=target_mask,
+        true_cfg_scale=TRUE_CFG if true_cfg else 1.0,
+        latents=out.inversion.noise.clone(),
+        num_inference_steps=N_STEPS,
+        height=16,
+        width=32,
+        output_type="latent",
+        **options,
+    ).images
+    assert torch.equal(out.edited_latents, theirs)
+
+
+def test_edit_image_refuses_text_prompts_for_the_edit_pipeline(own_size):
+    """QwenImageEditPipeline embeds text with the image through Qwen2.5-VL: a text prompt is
+    refused in one line, before the transformer or the VAE runs, even with a tokenizer and a
+    text encoder (stand-ins here)."""
+    pipe = tiny_qwen_image_edit_pipeline()
+    pipe.tokenizer, pipe.text_encoder = object(), torch.nn.Identity()
+    counters = [Counter(pipe.transformer), Counter(pipe.vae.encoder), Counter(pipe.vae.decoder)]
+    with pytest.raises(ValueError) as exc_info:
+        edit_image(pipe, _pixels(pipe, own_size), "a cat", _target(), num_inference_steps=2)
+    _one_line_error(exc_info, "QwenImageEditPipeline embeds text with the image")
+    assert [c.calls for c in counters] == [0, 0, 0]

@@ -304,6 +304,24 @@ def _kontext_kwargs(
     return {"image_latents": image_latents, "img_ids": torch.cat([img_ids, image_ids])}
 
 
+def _qwen_edit_reference(
+    pipe: Any, pixels: Tensor, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """QwenImageEditPipeline's reference image for the edited image ``pixels`` (B, 3, H, W)
+    in [-1, 1]: its packed latents (B, tokens, 4 z_dim), as the pipeline's
+    ``prepare_latents`` makes them in ``dtype`` of the one-frame video (the mode of the VAE's
+    distribution, its mean, normalised ``(z - latents_mean) / latents_std``, packed)."""
+    batch, _, height, width = pixels.shape
+    channels = pipe.vae.config.z_dim
+    frames = pixels.unsqueeze(2).to(dtype)
+    # Latents given, so that prepare_latents draws no noise; only the image's are used.
+    placeholder = torch.zeros(batch, 1, channels * _FLUX_PACKING**2)
+    _, image_latents = pipe.prepare_latents(
+        frames, batch, channels, height, width, dtype, device, None, placeholder
+    )
+    return image_latents
+
+
 def _control_kwargs(
     pipe: Any,
     model: str,

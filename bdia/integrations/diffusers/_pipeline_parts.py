@@ -131,14 +131,19 @@ def _decode(vae: Any, latents: Tensor) -> Tensor:
     return image.float().clamp(-1.0, 1.0)
 
 
-def _encode_frame(vae: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+def _encode_frame(vae: Any, pixels: Tensor, dtype: torch.dtype, divide: bool = False) -> Tensor:
     """Qwen-Image's latents of ``pixels`` (B, 3, H, W): the mean of its video VAE's latent
     distribution of the one-frame video (B, 3, 1, H, W), of shape (B, C, 1, H / f, W / f) in
     ``dtype``, normalised as QwenImageImg2ImgPipeline's ``_encode_vae_image`` does, ``(z -
-    latents_mean) * (1 / latents_std)``, the reciprocal taken in ``dtype``."""
+    latents_mean) * (1 / latents_std)``, the reciprocal taken in ``dtype``; with ``divide``
+    as QwenImageEditPipeline's does, ``(z - latents_mean) / latents_std`` (the two differ in
+    the last bit where the reciprocal is inexact)."""
     latents = _mean(vae, pixels.unsqueeze(2)).to(dtype)
     mean, std = _frame_stats(vae.config)
-    return (latents - _per_channel(mean, latents)) * (1.0 / _per_channel(std, latents))
+    centred = latents - _per_channel(mean, latents)
+    if divide:
+        return centred / _per_channel(std, latents)
+    return centred * (1.0 / _per_channel(std, latents))
 
 
 def _decode_frame(vae: Any, latents: Tensor) -> Tensor:

@@ -28,9 +28,9 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 ``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
 control image's latents; ``FluxControlNetImg2ImgPipeline`` as its text-to-image sibling) or
-``FluxKontextPipeline`` (with ``prepare_latents``: both ODEs give the transformer the image
-itself as the reference image it edits), or, without a mask, the inpainting pipelines that
-blend the re-noised image into the latents after each step
+``FluxKontextPipeline`` or ``QwenImageEditPipeline`` (with ``prepare_latents``: both ODEs
+give the transformer the image itself as the reference image it edits), or, without a mask,
+the inpainting pipelines that blend the re-noised image into the latents after each step
 (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
 ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
 ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``, ``QwenImageInpaintPipeline``, and
@@ -53,7 +53,9 @@ transformer the pipeline's image embeddings) and:
    inpainting pipelines encode; for Flux packed into 2 x 2 patches, one token each, by the
    pipeline's ``_pack_latents``: the state of FluxPipeline's loop; for Qwen-Image the image
    as a one-frame video, its latents ``(mean - latents_mean) * (1 / latents_std)`` (no
-   scaling factor), packed the same way, as QwenImageImg2ImgPipeline encodes;
+   scaling factor), packed the same way, as QwenImageImg2ImgPipeline encodes (for
+   QwenImageEditPipeline ``(mean - latents_mean) / latents_std``, as it encodes its
+   reference image);
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
@@ -139,6 +141,7 @@ from ._edit_conditions import (
     _inpaint_kwargs,
     _kontext_kwargs,
     _mask_condition,
+    _qwen_edit_reference,
     _qwen_probe_cond,
     _sd3_control_latents,
     _with_image_prompt,
@@ -174,10 +177,17 @@ _FLUX = "FluxTransformer2DModel"
 _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
-# The Qwen-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
-# inpainting one (it blends); the others (Edit, Edit Plus, ControlNet, Layered) give the
-# transformer more than the latents and the prompt.
-_QWEN_PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+# The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
+# inpainting one (it blends), and the Edit one, the image its own reference; the others (Edit
+# Plus, Edit Inpaint, ControlNet, Layered) give the transformer more than the latents, the
+# prompt and one reference image.
+_QWEN_EDIT = "QwenImageEditPipeline"
+_QWEN_PIPELINES = (
+    "QwenImagePipeline",
+    "QwenImageImg2ImgPipeline",
+    "QwenImageInpaintPipeline",
+    _QWEN_EDIT,
+)
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
 # scheduler's 1.15).
@@ -781,9 +791,17 @@ def edit_image(
             one-frame video to the mean of the VAE's distribution, ``(mean - latents_mean) *
             (1 / latents_std)`` in the state dtype, packed, as QwenImageImg2ImgPipeline
             encodes, and decodes by the inverse after ``_unpack_latents``, as
-            QwenImagePipeline decodes; the img2img pipeline's ``strength`` plays no part.
-            Qwen-Image's Edit, Edit Plus, Layered and ControlNet pipelines are refused by
-            their class. A ``FluxFillPipeline`` (a Fill transformer, whose
+            QwenImagePipeline decodes; the img2img pipeline's ``strength`` plays no part. A
+            ``QwenImageEditPipeline`` (by its class, with ``prepare_latents``) conditions
+            both ODEs on the image itself, as its ``image`` kept at the image's size: the
+            packed latents of its ``prepare_latents`` (the mode of the VAE's distribution,
+            its mean, ``(mean - latents_mean) / latents_std``, as that pipeline divides) as
+            ``from_diffusers``' ``image_latents``, with ``img_shapes`` holding the latents'
+            shape and the image's; it encodes the edited latents by the same division, so
+            that they are the reference's, and takes prompt embeddings only (its
+            ``encode_prompt`` embeds text with the image through Qwen2.5-VL). Qwen-Image's
+            Edit Plus, Edit Inpaint, Layered and ControlNet pipelines are refused by their
+            class. A ``FluxFillPipeline`` (a Fill transformer, whose
             ``in_channels`` are twice the packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
             ``in_channels`` are twice the packed latents') takes ``control_image``, and so
@@ -1026,8 +1044,9 @@ def edit_image(
             embeddings without the pooled ones, or Qwen-Image's without their mask or with
             a mask that is not of their (batch, tokens); for Qwen-Image a VAE config
             without ``z_dim``, ``latents_mean`` or ``latents_std``, a transformer whose
-            ``in_channels`` are not 4 ``z_dim``, and a Qwen-Image pipeline other than the
-            text-to-image, img2img and inpainting ones; an unknown rule, solver or output type; an
+            ``in_channels`` are not 4 ``z_dim``, a Qwen-Image pipeline other than the
+            text-to-image, img2img, inpainting and Edit ones, and text prompts for the Edit
+            one; an unknown rule, solver or output type; an
             SD3 or Flux grid of one step; ``mu`` where the scheduler has no dynamic shifting;
             and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
             (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
@@ -1069,15 +1088,18 @@ def edit_image(
     chroma = flux and _is_chroma(unet)
     model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
+    qwen_edit = False
     if qwen:
         # The most derived of the pipeline's Qwen-Image classes says what it does.
         others = [n for n in _class_names(pipe) if n.startswith("QwenImage")]
         if others and others[0] not in _QWEN_PIPELINES:
             raise ValueError(
                 f"the pipeline is a {others[0]}, which gives the transformer more than the "
-                "latents and the prompt; of Qwen-Image's pipelines edit_image maps "
-                f"{', '.join(_QWEN_PIPELINES)} (the last without a mask)"
+                "latents, the prompt and one reference image; of Qwen-Image's pipelines "
+                f"edit_image maps {', '.join(_QWEN_PIPELINES)} (the inpainting one without "
+                "a mask)"
             )
+        qwen_edit = bool(others) and others[0] == _QWEN_EDIT
     # Qwen-Image's video VAE has no scaling_factor: its latents_mean and latents_std
     # normalise the latents, one per channel of z_dim.
     for name in ("z_dim",) if qwen else ("scaling_factor", "latent_channels"):
@@ -1160,6 +1182,8 @@ def edit_image(
         _part(pipe, "encode_prompt", "to take the prompts as QwenImagePipeline does")
         for name in _FLUX_METHODS[:2]:
             _part(pipe, name, "to pack the latents into the tokens Qwen-Image's transformer takes")
+        if qwen_edit:
+            _part(pipe, "prepare_latents", "to encode the reference image as the pipeline does")
         if unet_config.get("in_channels") != latent * _FLUX_PACKING**2:
             raise ValueError(
                 f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
@@ -1330,6 +1354,13 @@ def edit_image(
         why = "to embed text prompts (or pass prompt embeddings instead)"
         if qwen:  # the tiny and the saved pipelines may come without Qwen2.5-VL
             text = ", ".join(k for k, p in prompts.items() if _is_text(p))
+            if qwen_edit:
+                raise ValueError(
+                    f"the text of {text} was given, but QwenImageEditPipeline embeds text "
+                    "with the image through Qwen2.5-VL (its encode_prompt(prompt, image)), "
+                    "which edit_image does not map; pass the pair (prompt_embeds, "
+                    f"{_QWEN_MASK}) that encode_prompt returns for the image instead"
+                )
             why = (
                 f"to embed the text of {text} (or pass the pair (prompt_embeds, "
                 f"{_QWEN_MASK}) instead)"
@@ -1413,6 +1444,8 @@ def edit_image(
     # QwenImagePipeline's img_shapes: one frame of the packed rows and columns, per image.
     rows, cols = (n // _FLUX_PACKING for n in latent_size)
     img_shapes = [[(1, rows, cols)]] * batch
+    if qwen_edit:  # QwenImageEditPipeline's: the latents' shape, then the reference image's
+        img_shapes = [[(1, rows, cols), (1, rows, cols)]] * batch
     # diffusers 0.35's and 0.36's Qwen-Image transformer takes the text lengths too.
     lengths = qwen and "txt_seq_lens" in inspect.signature(unet.forward).parameters
     if qwen:
@@ -1429,7 +1462,7 @@ def edit_image(
     if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
         probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
         probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
-    if fill or kontext or flux_control:
+    if fill or kontext or flux_control or qwen_edit:
         layout = "fill" if fill else "control" if flux_control else "kontext"
         probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
     if adapters is not None:  # stand-ins of the image prompt, one per adapter
@@ -1539,6 +1572,9 @@ def edit_image(
                 shared[name] = _flux_control_latents(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
             shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
+        if qwen_edit:  # so is it for QwenImageEditPipeline(image=...), as its prompts' dtype
+            embeds_dtype = source_cond["encoder_hidden_states"].dtype
+            shared["image_latents"] = _qwen_edit_reference(pipe, pixels, embeds_dtype, device)
 
         def ode(cond: dict[str, Any]) -> DiffusionODE:
             return from_diffusers(
@@ -1548,7 +1584,8 @@ def edit_image(
         source_ode, target_ode = ode(source_cond), ode(target_cond)
 
         if qwen:  # the one frame's latents, (B, C, 1, h, w), packed as (B, C, h, w)
-            latents = _encode_frame(vae, pixels, state_dtype)
+            # QwenImageEditPipeline's own normalisation, its reference image's.
+            latents = _encode_frame(vae, pixels, state_dtype, divide=qwen_edit)
             latents = pipe._pack_latents(latents, batch, latent, *latent_size)
         else:
             with _float32_vae(vae, xl, encoding=True):
