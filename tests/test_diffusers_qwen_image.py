@@ -17,6 +17,8 @@ where QwenImageImg2ImgPipeline is not.
 
 from __future__ import annotations
 
+import sys
+
 import diffusers
 import numpy as np
 import pytest
@@ -57,6 +59,10 @@ BATCH = 2
 TOKENS = 16  # 4 x 8 x 8 latents in patches of 2 x 2: 16 tokens of 16 channels
 TRUE_CFG = 4.0  # the pipeline's true_cfg_scale
 IMG_SHAPES = [[(1, 4, 4)]]  # QwenImagePipeline's for a 16 x 16 image (vae_scale_factor 2)
+# diffusers 0.35's and 0.36's transformer needs the text lengths, which their pipeline passes;
+# 0.37 and 0.38 count them from the mask (the argument deprecated, not passed), 0.39 on take none.
+_DIFFUSERS = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
+LENGTHS = _DIFFUSERS < (0, 37)
 
 
 def _scheduler():
@@ -96,19 +102,30 @@ def _prompt(dtype, seed, tokens):
     return torch.randn(BATCH, tokens, 16, generator=g).to(dtype), mask
 
 
+def _lengths(mask):
+    """The text lengths QwenImagePipeline passes with ``mask``'s prompts (LENGTHS), or none."""
+    return dict(txt_seq_lens=mask.sum(dim=1).tolist()) if LENGTHS else {}
+
+
 def _cond(dtype, *, true_cfg=False):
     """from_diffusers' conditioning: prompts of 5 tokens, the image shapes, and with
-    ``true_cfg`` negative prompts of 7 tokens (their own mask)."""
+    ``true_cfg`` negative prompts of 7 tokens (their own mask); each branch with its text
+    lengths where this diffusers' transformer needs them."""
     embeds, mask = _prompt(dtype, 1, 5)
     cond = dict(
-        encoder_hidden_states=embeds, encoder_hidden_states_mask=mask, img_shapes=IMG_SHAPES
+        encoder_hidden_states=embeds,
+        encoder_hidden_states_mask=mask,
+        img_shapes=IMG_SHAPES,
+        **_lengths(mask),
     )
     if true_cfg:
         negative, negative_mask = _prompt(dtype, 2, 7)
         cond.update(
             guidance_scale=TRUE_CFG,
             negative_cond=dict(
-                encoder_hidden_states=negative, encoder_hidden_states_mask=negative_mask
+                encoder_hidden_states=negative,
+                encoder_hidden_states_mask=negative_mask,
+                **_lengths(negative_mask),
             ),
         )
     return cond
@@ -199,6 +216,7 @@ def test_the_transformer_sees_the_pipelines_arguments(dtype):
             embeds = kwargs["encoder_hidden_states"]
             assert torch.equal(embeds, branch["encoder_hidden_states"].to(dtype))
             assert kwargs["encoder_hidden_states_mask"] is branch["encoder_hidden_states_mask"]
+            assert kwargs.get("txt_seq_lens") == branch.get("txt_seq_lens")
             assert kwargs["img_shapes"] == IMG_SHAPES
 
 
@@ -235,6 +253,7 @@ def _invert(pipe, pair, cond, image=None, img_shapes=IMG_SHAPES * BATCH):
             img_shapes=img_shapes,
             attention_kwargs={},
             return_dict=False,
+            **_lengths(branch["encoder_hidden_states_mask"]),
         )[0]
         return out[:, : x.shape[1]]
 
@@ -355,7 +374,7 @@ def transformer():
 def test_conditioning_the_transformer_cannot_take_is_refused(transformer):
     """One line each, before any call: missing embeddings or img_shapes, malformed
     img_shapes, embeddings of another width, a mask of another length, a key this diffusers'
-    transformer does not take (txt_seq_lens, which 0.35's took), an embedded guidance, a
+    transformer does not take (txt_seq_lens, from 0.39 on), an embedded guidance, a
     ControlNet's residuals, under true CFG a negative branch without embeddings or without
     its own mask, the inputs of other pipelines (controlnet, mask, control_latents), and a
     guidance-distilled transformer. (QwenImageEditPipeline's image_latents are mapped; see
@@ -376,7 +395,7 @@ def test_conditioning_the_transformer_cannot_take_is_refused(transformer):
         (dict(base, img_shapes=[[(1, 4)]]), "img_shapes"),
         (dict(base, encoder_hidden_states=torch.zeros(BATCH, 5, 8)), "joint_attention_dim"),
         (dict(base, encoder_hidden_states_mask=torch.ones(BATCH, 4)), "encoder_hidden_states_mask"),
-        (dict(base, txt_seq_lens=[5, 3]), "'txt_seq_lens'"),
+        *([(dict(base, txt_seq_lens=[5, 3]), "'txt_seq_lens'")] if _DIFFUSERS >= (0, 39) else []),
         (dict(base, guidance=torch.ones(1)), "'guidance'"),
         (dict(base, controlnet_block_samples=[]), "controlnet_block_samples"),
         (dict(guided, negative_cond=without("encoder_hidden_states", negative)), "negative_cond"),
@@ -416,20 +435,39 @@ def test_states_that_are_not_the_pipelines_are_refused_before_the_call(transform
     assert calls.calls == 0
 
 
-def test_a_transformer_that_takes_txt_seq_lens_needs_them_in_each_branch():
-    """diffusers 0.35's transformer took txt_seq_lens (QwenImagePipeline passed
-    prompt_embeds_mask.sum(dim=1).tolist()); where forward takes them, a branch without them
-    is refused in one line, and each call of true CFG gets its own branch's."""
+class _WithLengths(diffusers.QwenImageTransformer2DModel):
+    """0.35's and 0.36's transformer on any diffusers: its forward takes txt_seq_lens (kept in
+    ``lengths``; handed on to diffusers' forward where that needs them), in a module, this
+    test's, that has no compute_text_seq_len_from_mask."""
 
-    class WithLengths(diffusers.QwenImageTransformer2DModel):
-        def forward(self, hidden_states, txt_seq_lens=None, **kwargs):
-            self.lengths.append(txt_seq_lens)
-            return super().forward(hidden_states, **kwargs)
+    def forward(self, hidden_states, txt_seq_lens=None, **kwargs):
+        self.lengths.append(txt_seq_lens)
+        return super().forward(
+            hidden_states, **kwargs, **(dict(txt_seq_lens=txt_seq_lens) if LENGTHS else {})
+        )
 
+
+def _with_lengths():
     torch.manual_seed(0)
-    net = WithLengths(**dict(tiny_qwen_image_transformer().config)).eval()
+    net = _WithLengths(**dict(tiny_qwen_image_transformer().config)).eval()
     net.lengths = []
-    cond = _cond(torch.float32, true_cfg=True)
+    return net
+
+
+def _without_lengths(cond):
+    """``cond`` and its negative branch without txt_seq_lens."""
+    cond = {k: v for k, v in cond.items() if k != "txt_seq_lens"}
+    negative = {k: v for k, v in cond["negative_cond"].items() if k != "txt_seq_lens"}
+    return dict(cond, negative_cond=negative)
+
+
+def test_a_transformer_that_needs_txt_seq_lens_needs_them_in_each_branch():
+    """diffusers 0.35's and 0.36's transformer needs txt_seq_lens (QwenImagePipeline passes
+    prompt_embeds_mask.sum(dim=1).tolist()); where forward takes them and its module cannot
+    count them from the mask, a branch without them is refused in one line, and each call of
+    true CFG gets its own branch's."""
+    net = _with_lengths()
+    cond = _without_lengths(_cond(torch.float32, true_cfg=True))
     with pytest.raises(ValueError) as exc_info:
         from_diffusers(net, _scheduler(), **cond)
     _one_line_error(exc_info, "txt_seq_lens")
@@ -803,3 +841,22 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
     else:
         pipe.transformer = tiny_qwen_image_transformer(in_channels=32)
     assert fragment in _refused(pipe, source, **options)
+
+
+def test_a_transformer_that_counts_the_text_from_the_mask_is_not_asked_for_lengths(
+    monkeypatch,
+):
+    """diffusers 0.37's and 0.38's transformer takes txt_seq_lens as a deprecated argument and
+    counts the text tokens from the mask (compute_text_seq_len_from_mask in its module); their
+    QwenImagePipeline passes none, and neither does from_diffusers unless they are given. Here
+    this test's module stands in for theirs (where diffusers' own forward needs the lengths,
+    0.35 and 0.36, the stand-in is only built, not called)."""
+    net = _with_lengths()
+    monkeypatch.setattr(
+        sys.modules[__name__], "compute_text_seq_len_from_mask", lambda *a: None, raising=False
+    )
+    ode = from_diffusers(net, _scheduler(), **_without_lengths(_cond(torch.float32, true_cfg=True)))
+    if not LENGTHS:
+        with torch.no_grad():
+            ode.evaluate(1.0, _noise(torch.float32))
+        assert net.lengths == [None, None]

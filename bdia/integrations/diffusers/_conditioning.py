@@ -424,9 +424,24 @@ def _check_chroma_cond(
 
 
 # Qwen-Image's text arguments beside its embeddings: the padding mask and, in diffusers
-# versions whose transformer takes them (0.35, 0.36), the text lengths. Each call of true CFG
-# takes its own prompt's, so the negative call never inherits the conditional ones.
+# versions whose transformer takes them (0.35 to 0.38), the text lengths. Each call of true
+# CFG takes its own prompt's, so the negative call never inherits the conditional ones.
 _QWEN_TEXT = ("encoder_hidden_states_mask", "txt_seq_lens")
+
+
+def _qwen_needs_lengths(transformer: Any, params: Mapping[str, Any]) -> bool:
+    """Whether Qwen-Image's ``transformer`` cannot run without ``txt_seq_lens``: its
+    ``forward`` (``params``) takes them and the module that defines it cannot count the text
+    tokens from the mask. diffusers 0.35 and 0.36 need them (the pipeline passes
+    ``prompt_embeds_mask.sum(dim=1).tolist()``); 0.37 and 0.38 count them with
+    ``compute_text_seq_len_from_mask`` and take ``txt_seq_lens`` only as a deprecated
+    argument, which their pipeline does not pass; 0.39 on take none."""
+    if "txt_seq_lens" not in params:
+        return False
+    module = inspect.getmodule(type(transformer).forward)
+    return not hasattr(module, "compute_text_seq_len_from_mask")
+
+
 _QWEN_IMAGE_HOW = (
     "[[(1, H // 16, W // 16)]] for an H x W image, as QwenImagePipeline makes it (latents of "
     "H // 8 x W // 8 in patches of 2 x 2: vae_scale_factor 8)"
@@ -470,7 +485,7 @@ def _check_qwen_image_cond(
     cannot take as QwenImagePipeline gives it: its keyword arguments (``forward``'s
     parameters, so that a key another diffusers version's transformer takes is named),
     ``encoder_hidden_states`` and its ``encoder_hidden_states_mask``, ``img_shapes``, the
-    text lengths where this diffusers' transformer takes them, and no embedded ``guidance``
+    text lengths where this diffusers' transformer needs them, and no embedded ``guidance``
     (QwenImagePipeline passes None to a transformer without ``guidance_embeds``). Under true
     CFG (``guided``) the negative call needs its own embeddings, and its own mask where the
     conditional call has one. With ``image_latents`` (QwenImageEditPipeline's reference
@@ -486,7 +501,7 @@ def _check_qwen_image_cond(
         )
     params = inspect.signature(transformer.forward).parameters
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    lengths = "txt_seq_lens" in params
+    lengths = _qwen_needs_lengths(transformer, params)
     for where, mapping in (("cond", cond), ("negative_cond", negative_cond or {})):
         for key in mapping:
             if key == "guidance":
@@ -547,7 +562,7 @@ def _check_qwen_image_cond(
             )
         if lengths and branch.get("txt_seq_lens") is None:
             raise ValueError(
-                f"this diffusers' {name} takes txt_seq_lens: pass "
+                f"this diffusers' {name} needs txt_seq_lens: pass "
                 f"{where + '[' if where else ''}txt_seq_lens{']' if where else ''} = "
                 "the prompt's mask.sum(dim=1).tolist(), as its QwenImagePipeline does"
             )

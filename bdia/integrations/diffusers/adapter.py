@@ -1294,8 +1294,8 @@ def from_diffusers(
             conditional branch has one), embeddings that are not ``(batch or 1, L,
             joint_attention_dim)``, a mask that is not ``(batch or 1, L)``, ``img_shapes``
             that are not a list of lists of ``(frame, height, width)``, a key the installed
-            diffusers' transformer does not take (``txt_seq_lens`` in recent ones; missing
-            where it takes it, as the first releases' does), ``guidance`` or
+            diffusers' transformer does not take (``txt_seq_lens`` from 0.39 on; missing
+            where it needs it, as 0.35's and 0.36's does), ``guidance`` or
             ``controlnet_block_samples``, a transformer with ``guidance_embeds``, and
             ``controlnet``, ``mask``, ``masked_image_latents`` or ``control_latents``;
             ``image_latents`` (checked as Kontext's) whose tokens are not those of the
