@@ -1005,20 +1005,26 @@ AFTER = {
 }
 
 
-# Blocks that need a newer release of a package than the oldest the project supports, by the
-# package's name and that release: skipped where an older one is installed. Such a block
-# defines nothing that a later block of its page uses.
+# Blocks that need a newer release of a package than the oldest the project supports, by
+# each package's name and that release: skipped where an older one is installed. Such a
+# block defines nothing that a later block of its page uses. Qwen-Image's pipelines import
+# transformers' Qwen2.5-VL text encoder, which transformers 4.49 and newer have.
+_QWEN_IMAGE_NEEDS = (("diffusers", (0, 35)), ("transformers", (4, 49)))
 NEWER = {
-    ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): ("diffusers", (0, 35)),
-    ("docs/diffusers.md", '"/models/Qwen-Image"'): ("diffusers", (0, 35)),
-    ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): ("diffusers", (0, 35)),
-    ("docs/diffusers.md", '"/path/to/Qwen-Image"'): ("diffusers", (0, 35)),
+    ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): (("diffusers", (0, 35)),),
+    ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
+    ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,
+    ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
 }
 
 
-def _older(package: str, release: tuple[int, ...]) -> bool:
-    version = importlib.import_module(package).__version__
-    return tuple(int(part) for part in version.split(".")[: len(release)]) < release
+def _older(needs: tuple[tuple[str, tuple[int, ...]], ...]) -> bool:
+    """Whether any package of ``needs``, pairs of a name and a release, is older here."""
+    for package, release in needs:
+        version = importlib.import_module(package).__version__
+        if tuple(int(part) for part in version.split(".")[: len(release)]) < release:
+            return True
+    return False
 
 
 def python_blocks(page: str) -> list[str]:
@@ -1064,7 +1070,7 @@ def run_page(page: str) -> list[str]:
         if any(_matches(key, page, block) for key in SIGNATURES):
             continue
         newer = _one_entry(NEWER, page, block)
-        if newer is not None and _older(*newer):
+        if newer is not None and _older(newer):
             continue
         stand_in = _one_entry(STAND_INS, page, block)
         if stand_in is not None:
