@@ -769,6 +769,32 @@ def test_a_transformer_that_takes_txt_seq_lens_gets_each_prompts_own():
     assert net.lengths[:2] == [[5, 3], [7, 5]] and net.lengths[-2:] == [[6, 6], [7, 5]]
 
 
+def test_edit_image_gives_no_lengths_to_a_transformer_that_counts_them_from_the_mask(
+    monkeypatch,
+):
+    """diffusers 0.37's and 0.38's transformer takes txt_seq_lens only as a deprecated
+    argument, counting the text from the mask (compute_text_seq_len_from_mask in its module),
+    and their QwenImagePipeline passes none: neither does edit_image. This test's module
+    stands in for theirs."""
+
+    class WithLengths(diffusers.QwenImageTransformer2DModel):
+        def forward(self, hidden_states, txt_seq_lens=None, **kwargs):
+            self.lengths.append(txt_seq_lens)
+            return super().forward(hidden_states, **kwargs)
+
+    monkeypatch.setattr(
+        sys.modules[__name__], "compute_text_seq_len_from_mask", lambda *a: None, raising=False
+    )
+    pipe = tiny_qwen_image_pipeline()
+    net = WithLengths(**dict(pipe.transformer.config)).eval()
+    net.load_state_dict(pipe.transformer.state_dict())
+    net.lengths = []
+    pipe.transformer = net
+    out = _edit(pipe, True)
+    assert net.lengths and all(lengths is None for lengths in net.lengths)
+    assert out.latent_error < 1e-12
+
+
 def _refused(pipe, source=None, **options):
     """edit_image's one-line error, after checking that neither the transformer nor the
     VAE ran."""

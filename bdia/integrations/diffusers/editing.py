@@ -122,7 +122,7 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from ._conditioning import _hid_dim_type, _ip_adapters
+from ._conditioning import _hid_dim_type, _ip_adapters, _qwen_needs_lengths
 from ._edit_conditions import (
     _TIME_IDS,
     _check_embeds_batch,
@@ -1446,8 +1446,9 @@ def edit_image(
     img_shapes = [[(1, rows, cols)]] * batch
     if qwen_edit:  # QwenImageEditPipeline's: the latents' shape, then the reference image's
         img_shapes = [[(1, rows, cols), (1, rows, cols)]] * batch
-    # diffusers 0.35's and 0.36's Qwen-Image transformer takes the text lengths too.
-    lengths = qwen and "txt_seq_lens" in inspect.signature(unet.forward).parameters
+    # diffusers 0.35's and 0.36's Qwen-Image transformer needs the text lengths too (0.37's
+    # and 0.38's take them deprecated, counting the text from the mask).
+    lengths = qwen and _qwen_needs_lengths(unet, inspect.signature(unet.forward).parameters)
     if qwen:
         probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
     if control and (flux or sd3):  # the control latents come once the VAE may run
