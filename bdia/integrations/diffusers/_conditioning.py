@@ -454,6 +454,15 @@ def _qwen_image_tokens(img_shapes: Any) -> int:
     return sum(f * h * w for f, h, w in img_shapes[0])
 
 
+def _is_shape(shape: Any) -> bool:
+    """Whether ``shape`` is one ``(frame, height, width)`` triple of positive integers."""
+    return (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    )
+
+
 def _check_img_shapes(value: Any) -> None:
     """Refuse ``img_shapes`` that are not a list, one entry per sample, of lists of
     ``(frame, height, width)`` integer triples, as QwenImagePipeline passes them."""
@@ -461,17 +470,38 @@ def _check_img_shapes(value: Any) -> None:
     if ok:
         first = value[0]
         ok = isinstance(first, (list, tuple)) and len(first) > 0
-        ok = ok and all(
-            isinstance(shape, (list, tuple))
-            and len(shape) == 3
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
-            for shape in first
-        )
+        ok = ok and all(_is_shape(shape) for shape in first)
     if not ok:
         raise ValueError(
             f"img_shapes must be a list of lists of (frame, height, width) positive integers "
             f"in patches, {_QWEN_IMAGE_HOW}; got {value!r}"
         )
+
+
+def _zero_cond_split(sample: Any) -> tuple[int, int]:
+    """The tokens of one sample's ``img_shapes`` entry that a transformer with
+    ``zero_cond_t`` modulates at the call's timestep (its first shape, the latents') and at
+    timestep 0 (the others, the reference images')."""
+    counts = [f * h * w for f, h, w in sample]
+    return counts[0], sum(counts[1:])
+
+
+def _check_zero_cond_shapes(img_shapes: Any, label: str) -> None:
+    """Refuse, for a transformer with ``zero_cond_t``, ``img_shapes`` whose samples split
+    their tokens otherwise than the first: that transformer reads every sample's entry (the
+    rotary embedding the first alone), as QwenImageEditPlusPipeline repeats one per
+    sample."""
+    first = _zero_cond_split(img_shapes[0])
+    for k, sample in enumerate(img_shapes[1:], 1):
+        ok = isinstance(sample, (list, tuple)) and len(sample) > 0
+        if not (ok and all(_is_shape(s) for s in sample)) or _zero_cond_split(sample) != first:
+            raise ValueError(
+                f"{label}[{k}] is {sample!r}, whose tokens are not split as {label}[0]'s "
+                f"({first[0]} latents', then {first[1]} of the reference images); a "
+                "transformer with zero_cond_t reads every sample's entry to find the "
+                "images' tokens: give each sample the first's entry, as "
+                "QwenImageEditPlusPipeline repeats it"
+            )
 
 
 def _check_qwen_image_cond(
@@ -489,8 +519,10 @@ def _check_qwen_image_cond(
     (QwenImagePipeline passes None to a transformer without ``guidance_embeds``). Under true
     CFG (``guided``) the negative call needs its own embeddings, and its own mask where the
     conditional call has one. With ``image_latents`` (QwenImageEditPipeline's reference
-    image, a tensor), each sample's ``img_shapes`` must hold the latents' shape and, after
-    it, shapes of as many tokens as the image has, as that pipeline makes them."""
+    image, a tensor; QwenImageEditPlusPipeline's images' concatenated), each sample's
+    ``img_shapes`` must hold the latents' shape and, after it, shapes of as many tokens as
+    the images have, as those pipelines make them. For a transformer with ``zero_cond_t``
+    every sample's entry must split its tokens as the first's."""
     config = transformer.config
     name = type(transformer).__name__
     if config.get("guidance_embeds", False):
@@ -571,6 +603,10 @@ def _check_qwen_image_cond(
     _check_img_shapes(cond["img_shapes"])
     if negative_cond is not None and "img_shapes" in negative_cond:
         _check_img_shapes(negative_cond["img_shapes"])
+    if config.get("zero_cond_t", False):
+        _check_zero_cond_shapes(cond["img_shapes"], "img_shapes")
+        if negative_cond is not None and "img_shapes" in negative_cond:
+            _check_zero_cond_shapes(negative_cond["img_shapes"], "negative_cond['img_shapes']")
     if isinstance(image_latents, Tensor) and image_latents.ndim == 3:
         shapes = cond["img_shapes"][0]
         after = sum(f * h * w for f, h, w in shapes[1:])
@@ -579,7 +615,8 @@ def _check_qwen_image_cond(
                 f"img_shapes {cond['img_shapes']!r} hold {after} tokens after the latents' "
                 f"shape but image_latents has {image_latents.shape[1]}; give [[(1, h // 2, w "
                 "// 2), (1, h' // 2, w' // 2)]] * batch for latents of h x w and a reference "
-                "image of h' x w' latents, as QwenImageEditPipeline makes it"
+                "image of h' x w' latents, as QwenImageEditPipeline makes it "
+                "(QwenImageEditPlusPipeline's one such shape per image, in their order)"
             )
     if guided and negative_cond is not None:
         for key in _QWEN_TEXT:

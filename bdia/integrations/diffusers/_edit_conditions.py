@@ -305,16 +305,26 @@ def _kontext_kwargs(
 
 
 def _qwen_edit_reference(
-    pipe: Any, pixels: Tensor, dtype: torch.dtype, device: torch.device
+    pipe: Any,
+    pixels: Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    references: Sequence[Tensor] = (),
 ) -> Tensor:
     """QwenImageEditPipeline's reference image for the edited image ``pixels`` (B, 3, H, W)
     in [-1, 1]: its packed latents (B, tokens, 4 z_dim), as the pipeline's
     ``prepare_latents`` makes them in ``dtype`` of the one-frame video (the mode of the VAE's
-    distribution, its mean, normalised ``(z - latents_mean) / latents_std``, packed)."""
+    distribution, its mean, normalised ``(z - latents_mean) / latents_std``, packed). With
+    ``references`` (each (1 or B, 3, H', W') in [-1, 1]), QwenImageEditPlusPipeline's: the
+    edited image's latents followed along the tokens by each reference's, made alike (a
+    reference of batch 1 repeated to B), as that pipeline's ``prepare_latents`` makes them
+    for its list of images."""
     batch, _, height, width = pixels.shape
     channels = pipe.vae.config.z_dim
-    frames = pixels.unsqueeze(2).to(dtype)
-    # Latents given, so that prepare_latents draws no noise; only the image's are used.
+    frames: Any = pixels.unsqueeze(2).to(dtype)
+    if references:
+        frames = [frames, *(r.unsqueeze(2).to(device, dtype) for r in references)]
+    # Latents given, so that prepare_latents draws no noise; only the images' are used.
     placeholder = torch.zeros(batch, 1, channels * _FLUX_PACKING**2)
     _, image_latents = pipe.prepare_latents(
         frames, batch, channels, height, width, dtype, device, None, placeholder

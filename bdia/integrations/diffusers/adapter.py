@@ -34,7 +34,8 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   ``encoder_hidden_states_mask`` and ``img_shapes``; its true CFG makes two calls, the
   conditional one first, and rescales the guided velocity of each token to the norm of the
   conditional one, as the pipeline does. ``QwenImageEditPipeline`` calls it so with
-  ``image_latents=``, as Flux Kontext's (below).
+  ``image_latents=``, as Flux Kontext's (below), and ``QwenImageEditPlusPipeline`` with
+  several reference images' latents concatenated there.
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -78,7 +79,11 @@ latents' (``img_ids`` holds both tokens' positions, as the pipeline concatenates
 the output's first ``tokens`` rows are the velocity, as that pipeline keeps them: the image is
 fixed over the run too. ``QwenImageEditPipeline`` calls Qwen-Image's transformer the same way,
 the shapes of both in each sample's ``img_shapes`` entry, ``[(1, h // 2, w // 2), (1, h' //
-2, w' // 2)]``, in both calls of its true CFG.
+2, w' // 2)]``, in both calls of its true CFG; ``QwenImageEditPlusPipeline`` with its images'
+latents concatenated along the tokens in their order, one shape per image after the
+latents'. A transformer with ``zero_cond_t`` (Qwen-Image-Edit-2511's) modulates the tokens
+after the first ``img_shapes`` entry as at timestep 0, which it reads from ``img_shapes``
+alone: the call is passed through as the pipeline makes it.
 
 The ODE's time grid is ``diffusers_grid``'s, in ``bdia.integrations.diffusers.grid``
 (importable from here too). The scheduler's recognition and config checks, the
@@ -255,8 +260,9 @@ class DiffusersModel(torch.nn.Module):
             calls Qwen-Image's: the state is the packed latents ``(batch, tokens,
             in_channels)``, the timestep as with ``flux``, and guidance makes two calls, the
             conditional one first, whose guided output ``g = u + s (c - u)`` is rescaled to
-            ``g |c| / |g|``, norms over each token's channels (the last dim); a reference
-            image's ``image_latents`` as ``QwenImageEditPipeline`` gives them.
+            ``g |c| / |g|``, norms over each token's channels (the last dim); reference
+            images' ``image_latents`` as ``QwenImageEditPipeline`` and
+            ``QwenImageEditPlusPipeline`` give them.
         controlnet: ``"vp"`` and ``"edm"`` space, a diffusers ``ControlNetModel`` or
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
@@ -535,8 +541,8 @@ class DiffusersModel(torch.nn.Module):
                 C)``: each call takes ``torch.cat([x_in, image_latents], dim=1)`` with
                 ``img_ids`` of ``tokens + image tokens`` rows (Qwen-Image's ``img_shapes``
                 of as many tokens), and its output's first ``tokens`` rows are the
-                prediction, as ``FluxKontextPipeline`` (``QwenImageEditPipeline``) calls its
-                transformer.
+                prediction, as ``FluxKontextPipeline`` (``QwenImageEditPipeline``,
+                ``QwenImageEditPlusPipeline``) calls its transformer.
             control_latents: Flux only, a Depth or Canny transformer's control image, packed
                 latents of shape ``(batch or 1, tokens, C)`` for a state of ``(batch, tokens,
                 C)``: each call takes ``torch.cat([x_in, control_latents], dim=2)``, as
@@ -941,6 +947,15 @@ class DiffusersModel(torch.nn.Module):
                 "packing, as QwenImagePipeline makes it (QwenImageEditPipeline's holds the "
                 "reference image's (1, h' // 2, w' // 2) after it)"
             )
+        config = getattr(self.unet, "config", None)
+        zero_cond = isinstance(config, Mapping) and bool(config.get("zero_cond_t", False))
+        if zero_cond and shapes is not None and len(shapes) not in (1, x.shape[0]):
+            # Its timestep-0 modulation takes one row per img_shapes entry.
+            raise ValueError(
+                f"img_shapes has {len(shapes)} entries but the state's batch is {x.shape[0]}; "
+                "a transformer with zero_cond_t reads one entry per sample (or one for all): "
+                "give [entry] * batch, as QwenImageEditPlusPipeline makes it"
+            )
 
     def _call_unet(
         self,
@@ -1189,7 +1204,13 @@ def from_diffusers(
             latents_mean) / latents_std`` and packed), with each sample's ``img_shapes``
             entry holding the latents' shape and the image's: ``[[(1, h // 2, w // 2), (1,
             h' // 2, w' // 2)]] * batch`` for latents of ``h x w`` and the image's of ``h' x
-            w'``, as that pipeline passes them.
+            w'``, as that pipeline passes them. For ``QwenImageEditPlusPipeline``'s
+            (Qwen-Image-Edit-2509's and 2511's) the second output of its ``prepare_latents``
+            for its list of images: each image's latents so made, concatenated along the
+            tokens in the list's order, with one shape per image after the latents' in each
+            ``img_shapes`` entry, ``[[(1, h // 2, w // 2), (1, h1 // 2, w1 // 2), (1, h2 //
+            2, w2 // 2), ...]] * batch``. A transformer with ``zero_cond_t`` (2511's) reads
+            every sample's entry, which must then split the tokens as the first's.
         control_latents: for a Flux Depth or Canny transformer (``FluxControlPipeline``'s and
             ``FluxControlImg2ImgPipeline``'s, ``in_channels`` twice ``out_channels``: 128 for
             64), the control image's packed latents, as the pipeline makes them: its
@@ -1236,8 +1257,8 @@ def from_diffusers(
             and mask (the mask given there whenever the conditional branch has one), and
             rescales the guided velocity ``g`` of each token to ``g |c| / |g|``, the
             conditional velocity's norm over the token's channels, as the pipeline does.
-            ``QwenImageEditPipeline`` calls it so too, with its reference image's
-            ``image_latents`` (see there).
+            ``QwenImageEditPipeline`` and ``QwenImageEditPlusPipeline`` call it so too,
+            with their reference images' ``image_latents`` (see there).
             A unet with IP-Adapters loaded (``pipe.load_ip_adapter``: its
             ``encoder_hid_dim_type`` is ``"ip_image_proj"``) needs the image prompt as
             ``added_cond_kwargs={"image_embeds": [...]}``, a list of one floating tensor per
@@ -1299,10 +1320,13 @@ def from_diffusers(
             ``controlnet_block_samples``, a transformer with ``guidance_embeds``, and
             ``controlnet``, ``mask``, ``masked_image_latents`` or ``control_latents``;
             ``image_latents`` (checked as Kontext's) whose tokens are not those of the
-            ``img_shapes`` entries after the first; at the first evaluation, a state that is
-            not packed latents ``(batch, tokens, in_channels)`` of ``img_shapes``' token
-            count (with ``image_latents``, the state's and the image's together), and a
-            reference image whose batch is neither 1 nor the state's. SD3's, Flux's or
+            ``img_shapes`` entries after the first; for a transformer with ``zero_cond_t``,
+            ``img_shapes`` whose samples split their tokens otherwise than the first (in
+            either branch); at the first evaluation, a state that is not packed latents
+            ``(batch, tokens, in_channels)`` of ``img_shapes``' token count (with
+            ``image_latents``, the state's and the images' together), a reference image
+            whose batch is neither 1 nor the state's, and, with ``zero_cond_t``,
+            ``img_shapes`` of neither 1 nor the state's batch entries. SD3's, Flux's or
             Qwen-Image's transformer with a noise-table scheduler. With an EDM-preconditioned
             scheduler: a prediction_type other than epsilon and v_prediction, thresholding, an
             algorithm_type other than 'dpmsolver++', a sigma_data that is not a positive finite

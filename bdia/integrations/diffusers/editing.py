@@ -178,15 +178,17 @@ _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
 # The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
-# inpainting one (it blends), and the Edit one, the image its own reference; the others (Edit
-# Plus, Edit Inpaint, ControlNet, Layered) give the transformer more than the latents, the
-# prompt and one reference image.
+# inpainting one (it blends), and the Edit and Edit Plus ones, the image their own (first)
+# reference; the others (Edit Inpaint, ControlNet, Layered) give the transformer more than
+# the latents, the prompt and reference images.
 _QWEN_EDIT = "QwenImageEditPipeline"
+_QWEN_EDIT_PLUS = "QwenImageEditPlusPipeline"
 _QWEN_PIPELINES = (
     "QwenImagePipeline",
     "QwenImageImg2ImgPipeline",
     "QwenImageInpaintPipeline",
     _QWEN_EDIT,
+    _QWEN_EDIT_PLUS,
 )
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
@@ -410,6 +412,37 @@ def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
             "(from [0, 1]: image * 2 - 1; from [0, 255]: image / 127.5 - 1)"
         )
     return image, "pt"
+
+
+def _reference_pixels(
+    reference_image: Any, channels: int, sizes: _Sizes, batch: int
+) -> list[Tensor]:
+    """QwenImageEditPlusPipeline's further reference images, as ``edit_image`` takes them:
+    each a float tensor of shape (1 or ``batch``, C, H', W') in [-1, 1] (``_image_tensor``'s
+    of one PIL image or tensor), H' and W' multiples of the packing's factor; [] for None."""
+    if reference_image is None:
+        return []
+    items = reference_image if isinstance(reference_image, (list, tuple)) else [reference_image]
+    references = []
+    for i, item in enumerate(items):
+        try:
+            pixels, _ = _image_tensor(item, channels)
+        except (TypeError, ValueError) as error:  # named as the argument, in one line
+            raise type(error)(f"reference_image[{i}]: {error}") from None
+        count, _, height, width = pixels.shape
+        if count not in (1, batch):
+            raise ValueError(
+                f"reference_image[{i}] holds {count} images; give one (shared by the batch) "
+                f"or one per edited image ({batch})"
+            )
+        if height % sizes.factor or width % sizes.factor:
+            raise ValueError(
+                f"reference_image[{i}] is {width} x {height} (W x H), not a multiple of "
+                f"{sizes.what}; resize it (QwenImageEditPlusPipeline resizes its references "
+                "to about 1024 x 1024 pixels, multiples of 32)"
+            )
+        references.append(pixels)
+    return references
 
 
 def _network(pipe: Any) -> tuple[Any, str]:
@@ -745,6 +778,7 @@ def edit_image(
     mask_image: Any = None,
     ip_adapter_image: Any = None,
     ip_adapter_image_embeds: Sequence[Tensor] | None = None,
+    reference_image: Any = None,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
@@ -799,8 +833,13 @@ def edit_image(
             ``from_diffusers``' ``image_latents``, with ``img_shapes`` holding the latents'
             shape and the image's; it encodes the edited latents by the same division, so
             that they are the reference's, and takes prompt embeddings only (its
-            ``encode_prompt`` embeds text with the image through Qwen2.5-VL). Qwen-Image's
-            Edit Plus, Edit Inpaint, Layered and ControlNet pipelines are refused by their
+            ``encode_prompt`` embeds text with the image through Qwen2.5-VL). A
+            ``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509's or 2511's, by its class)
+            edits so too, the image its first reference, kept at its size, followed by
+            ``reference_image``'s, as its ``image`` list: their latents made alike by its
+            ``prepare_latents`` and concatenated along the tokens, one ``img_shapes`` entry
+            per image (a transformer with ``zero_cond_t``, 2511's, is called as given).
+            Qwen-Image's Edit Inpaint, Layered and ControlNet pipelines are refused by their
             class. A ``FluxFillPipeline`` (a Fill transformer, whose
             ``in_channels`` are twice the packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
@@ -1018,6 +1057,14 @@ def edit_image(
             tensor ``(1 or batch, tokens, D)``, likewise stacked under guidance, as its
             pipeline's ``prepare_ip_adapter_image_embeds`` returns it. Not modified. Not
             with ``ip_adapter_image``.
+        reference_image: for a ``QwenImageEditPlusPipeline`` only, the reference images
+            after the edited image (its first), as the pipeline's ``image`` list after its
+            first entry: a PIL image in RGB mode or a tensor of shape ``(1 or batch, 3, H',
+            W')`` in [-1, 1] (not modified), or a list of them, each of its own size, a
+            multiple of the VAE's factor times 2. Each is encoded at its size, where the
+            pipeline resizes its images to about 1024 x 1024 pixels (multiples of 32): give
+            them at the size it computes (``calculate_dimensions(1024 * 1024, W' / H')``) to
+            edit as the pipeline runs. Both ODEs take them; refused for any other pipeline.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -1045,12 +1092,15 @@ def edit_image(
             a mask that is not of their (batch, tokens); for Qwen-Image a VAE config
             without ``z_dim``, ``latents_mean`` or ``latents_std``, a transformer whose
             ``in_channels`` are not 4 ``z_dim``, a Qwen-Image pipeline other than the
-            text-to-image, img2img, inpainting and Edit ones, and text prompts for the Edit
-            one; an unknown rule, solver or output type; an
-            SD3 or Flux grid of one step; ``mu`` where the scheduler has no dynamic shifting;
-            and whatever ``from_diffusers`` and ``diffusers_grid`` refuse in the scheduler
-            (for SD3 and Flux a noise-table scheduler, ``stochastic_sampling``,
-            ``invert_sigmas``). A pipeline with a controlnet without ``control_image`` (or
+            text-to-image, img2img, inpainting, Edit and Edit Plus ones, and text prompts
+            for the last two; ``reference_image`` for any other pipeline than Edit Plus, or
+            one that is not an image (as ``image``), holds another batch than 1 and the
+            image's, or whose size is not a multiple of the VAE's factor times 2; an unknown
+            rule, solver or output type; an SD3 or Flux grid of one step; ``mu`` where the
+            scheduler has no dynamic shifting; and whatever ``from_diffusers`` and
+            ``diffusers_grid`` refuse in the scheduler (for SD3 and Flux a noise-table
+            scheduler, ``stochastic_sampling``, ``invert_sigmas``). A pipeline with a
+            controlnet without ``control_image`` (or
             of another class than its network's ControlNet pipeline calls), a
             ``control_image`` or ControlNet setting for a pipeline without one, control
             images of another number than the controlnets or another batch than 1 and the
@@ -1088,18 +1138,25 @@ def edit_image(
     chroma = flux and _is_chroma(unet)
     model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
-    qwen_edit = False
+    qwen_edit = qwen_plus = False
     if qwen:
         # The most derived of the pipeline's Qwen-Image classes says what it does.
         others = [n for n in _class_names(pipe) if n.startswith("QwenImage")]
         if others and others[0] not in _QWEN_PIPELINES:
             raise ValueError(
                 f"the pipeline is a {others[0]}, which gives the transformer more than the "
-                "latents, the prompt and one reference image; of Qwen-Image's pipelines "
+                "latents, the prompt and reference images; of Qwen-Image's pipelines "
                 f"edit_image maps {', '.join(_QWEN_PIPELINES)} (the inpainting one without "
                 "a mask)"
             )
-        qwen_edit = bool(others) and others[0] == _QWEN_EDIT
+        qwen_edit = bool(others) and others[0] in (_QWEN_EDIT, _QWEN_EDIT_PLUS)
+        qwen_plus = bool(others) and others[0] == _QWEN_EDIT_PLUS
+    if reference_image is not None and not qwen_plus:
+        raise ValueError(
+            f"reference_image was given, but the pipeline is a {type(pipe).__name__}; only "
+            f"{_QWEN_EDIT_PLUS} takes reference images beside the edited image (its image "
+            "list after the first); leave it out"
+        )
     # Qwen-Image's video VAE has no scaling_factor: its latents_mean and latents_std
     # normalise the latents, one per channel of z_dim.
     for name in ("z_dim",) if qwen else ("scaling_factor", "latent_channels"):
@@ -1183,7 +1240,7 @@ def edit_image(
         for name in _FLUX_METHODS[:2]:
             _part(pipe, name, "to pack the latents into the tokens Qwen-Image's transformer takes")
         if qwen_edit:
-            _part(pipe, "prepare_latents", "to encode the reference image as the pipeline does")
+            _part(pipe, "prepare_latents", "to encode the reference images as the pipeline does")
         if unet_config.get("in_channels") != latent * _FLUX_PACKING**2:
             raise ValueError(
                 f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
@@ -1267,6 +1324,8 @@ def edit_image(
             f"side that the transformer embeds (pos_embed_max_size = {sizes.patches}); resize "
             f"it to at most {sizes.patches * factor} a side"
         )
+    # QwenImageEditPlusPipeline's further references, after the edited image.
+    references = _reference_pixels(reference_image, vae.config.get("in_channels", 3), sizes, batch)
     prompts: dict[str, Any] = {"source_prompt": source_prompt, "target_prompt": target_prompt}
     # SDXL's unconditional branch for the empty prompt is zeros, where the pipeline's config
     # says so (force_zeros_for_empty_prompt, True for SDXL base), as in its default.
@@ -1356,10 +1415,10 @@ def edit_image(
             text = ", ".join(k for k, p in prompts.items() if _is_text(p))
             if qwen_edit:
                 raise ValueError(
-                    f"the text of {text} was given, but QwenImageEditPipeline embeds text "
-                    "with the image through Qwen2.5-VL (its encode_prompt(prompt, image)), "
-                    "which edit_image does not map; pass the pair (prompt_embeds, "
-                    f"{_QWEN_MASK}) that encode_prompt returns for the image instead"
+                    f"the text of {text} was given, but {others[0]} embeds text with the "
+                    "image through Qwen2.5-VL (its encode_prompt(prompt, image)), which "
+                    f"edit_image does not map; pass the pair (prompt_embeds, {_QWEN_MASK}) "
+                    "that encode_prompt returns for the image instead"
                 )
             why = (
                 f"to embed the text of {text} (or pass the pair (prompt_embeds, "
@@ -1445,7 +1504,11 @@ def edit_image(
     rows, cols = (n // _FLUX_PACKING for n in latent_size)
     img_shapes = [[(1, rows, cols)]] * batch
     if qwen_edit:  # QwenImageEditPipeline's: the latents' shape, then the reference image's
-        img_shapes = [[(1, rows, cols), (1, rows, cols)]] * batch
+        # (QwenImageEditPlusPipeline's: then each further reference's, in order).
+        packed = vae_factor * _FLUX_PACKING
+        shapes = [(1, rows, cols)] * 2
+        shapes += [(1, r.shape[2] // packed, r.shape[3] // packed) for r in references]
+        img_shapes = [shapes] * batch
     # diffusers 0.35's and 0.36's Qwen-Image transformer needs the text lengths too (0.37's
     # and 0.38's take them deprecated, counting the text from the mask).
     lengths = qwen and _qwen_needs_lengths(unet, inspect.signature(unet.forward).parameters)
@@ -1466,6 +1529,9 @@ def edit_image(
     if fill or kontext or flux_control or qwen_edit:
         layout = "fill" if fill else "control" if flux_control else "kontext"
         probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
+    if references:  # the stand-in holds every reference's tokens
+        tokens = sum(f * h * w for f, h, w in img_shapes[0][1:])
+        probe_cond["image_latents"] = torch.zeros(1, tokens, unet_config["in_channels"])
     if adapters is not None:  # stand-ins of the image prompt, one per adapter
         probe_cond = _with_image_prompt(probe_cond, [torch.zeros(1, 1, 1)] * adapters, flux)
     elif sd3_image and image_given:
@@ -1575,7 +1641,9 @@ def edit_image(
             shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
         if qwen_edit:  # so is it for QwenImageEditPipeline(image=...), as its prompts' dtype
             embeds_dtype = source_cond["encoder_hidden_states"].dtype
-            shared["image_latents"] = _qwen_edit_reference(pipe, pixels, embeds_dtype, device)
+            shared["image_latents"] = _qwen_edit_reference(
+                pipe, pixels, embeds_dtype, device, references
+            )
 
         def ode(cond: dict[str, Any]) -> DiffusionODE:
             return from_diffusers(

@@ -52,6 +52,7 @@ __all__ = [
     "tiny_flux_kontext_pipeline",
     "tiny_qwen_image_pipeline",
     "tiny_qwen_image_edit_pipeline",
+    "tiny_qwen_image_edit_plus_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
@@ -238,11 +239,13 @@ def tiny_chroma_transformer(
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
-def _qwen_image_class(name: str) -> Any:
-    """diffusers' ``name`` (a Qwen-Image class), or ImportError before diffusers 0.35."""
+def _qwen_image_class(name: str, since: str = "0.35") -> Any:
+    """diffusers' ``name`` (a Qwen-Image class), or ImportError before diffusers ``since``."""
     cls = getattr(diffusers, name, None)
     if cls is None:
-        raise ImportError(f"{name} is in diffusers 0.35 and newer; this is {diffusers.__version__}")
+        raise ImportError(
+            f"{name} is in diffusers {since} and newer; this is {diffusers.__version__}"
+        )
     return cls
 
 
@@ -760,6 +763,25 @@ def tiny_qwen_image_edit_pipeline(scheduler: Any = None) -> Any:
     pipeline = _qwen_image_class("QwenImageEditPipeline")
     parts = tiny_qwen_image_pipeline(scheduler).components
     pipe = pipeline(**parts, processor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen_image_edit_plus_pipeline(scheduler: Any = None, *, zero_cond_t: bool = False) -> Any:
+    """A ``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509's) of
+    ``tiny_qwen_image_edit_pipeline``'s parts, without the Qwen2.5-VL text encoder, tokenizer
+    and processor: give it ``prompt_embeds`` and ``prompt_embeds_mask``. The pipeline puts
+    the packed latents of each of its reference images, in order, after the packed latents'
+    tokens, with one ``img_shapes`` entry per image after the latents'. With ``zero_cond_t``
+    the transformer is Qwen-Image-Edit-2511's kind (``zero_cond_t=True`` in its config, the
+    same weights): it modulates the reference images' tokens with the embedding of timestep
+    0. Float32; the progress bar is off. Needs diffusers 0.36 or newer, which has the
+    pipeline (0.37 for ``zero_cond_t``)."""
+    pipeline = _qwen_image_class("QwenImageEditPlusPipeline", "0.36")
+    parts = tiny_qwen_image_edit_pipeline(scheduler).components
+    if zero_cond_t:
+        parts["transformer"] = tiny_qwen_image_transformer(zero_cond_t=True)
+    pipe = pipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
