@@ -20,12 +20,21 @@ from ._conditioning import _IP_PROJECTION, _JOINT_IMAGES, _UNET_IMAGES, _check_i
 from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
 from ._flow_controlnet import (
     _FLUX_CONTROLNET,
+    _QWEN_CONTROLNET,
+    _QWEN_PIPELINE,
     _SD3_CONTROLNET,
     _SD3_INPAINT_PIPELINE,
     _SD3_PIPELINE,
     _sd3_inpainting,
 )
-from ._pipeline_parts import _FLUX_PACKING, _float32_vae, _mean, _part, _vae_factor
+from ._pipeline_parts import (
+    _FLUX_PACKING,
+    _encode_frame,
+    _float32_vae,
+    _mean,
+    _part,
+    _vae_factor,
+)
 from ._scheduler_config import _class_names
 
 # SDXL's time ids: the original size (H, W), the crop's top-left corner and the target size.
@@ -212,6 +221,19 @@ def _flux_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
     return pipe._pack_latents(latents, *latents.shape)
 
 
+def _qwen_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
+    """``from_diffusers``' ``controlnet_cond`` of the prepared control image ``control`` (B,
+    3, H, W) for QwenImageControlNetPipeline's controlnet, as the pipeline encodes it but
+    with the *mean* of the VAE's latent distribution where the pipeline draws a sample: one
+    frame, ``(z - latents_mean) * (1 / latents_std)`` in float32 at least (the pipeline's
+    statistics are float32 tensors), packed by its ``_pack_latents`` (B, tokens, 4 z_dim)."""
+    latents = _encode_frame(vae, control, torch.promote_types(vae.dtype, torch.float32))
+    batch, channels, _, height, width = latents.shape
+    # One frame: (B, C, 1, h, w) holds its values in the order of the pipeline's permuted
+    # (B, 1, C, h, w), which _pack_latents reads through a view.
+    return pipe._pack_latents(latents, batch, channels, height, width)
+
+
 def _sd3_control_latents(
     pipe: Any, vae: Any, control: Tensor, condition: Tensor | None = None
 ) -> Tensor:
@@ -247,10 +269,11 @@ def _flow_controlnet_kwargs(
     device: torch.device,
 ) -> dict[str, Any]:
     """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's,
-    StableDiffusion3ControlNetPipeline's or StableDiffusion3ControlNetInpaintingPipeline's
-    controlnet, but with ``controlnet_cond`` the control image as its ``prepare_image`` makes
-    it (B, 3, H, W), which ``_flux_control_latents`` or ``_sd3_control_latents`` (with the
-    mask, for the inpainting controlnet) encodes once the VAE may run."""
+    StableDiffusion3ControlNetPipeline's, StableDiffusion3ControlNetInpaintingPipeline's or
+    QwenImageControlNetPipeline's controlnet, but with ``controlnet_cond`` the control image
+    as its ``prepare_image`` makes it (B, 3, H, W), which ``_flux_control_latents``,
+    ``_sd3_control_latents`` (with the mask, for the inpainting controlnet) or
+    ``_qwen_control_latents`` encodes once the VAE may run."""
     inpainting = _sd3_inpainting(pipe.controlnet)
     if control_image is None:
         what = "the image that guides it, as the pipeline's control_image"
@@ -264,8 +287,10 @@ def _flow_controlnet_kwargs(
             f"control_image, {what}"
         )
     start, end = settings["control_guidance_start"], settings["control_guidance_end"]
-    flux = _FLUX_CONTROLNET in _class_names(pipe.controlnet)
-    maker = "FluxControlNetPipeline" if flux else _SD3_PIPELINE
+    names = _class_names(pipe.controlnet)
+    maker = "FluxControlNetPipeline" if _FLUX_CONTROLNET in names else _SD3_PIPELINE
+    if _QWEN_CONTROLNET in names:
+        maker = _QWEN_PIPELINE
     if inpainting:
         maker = _SD3_INPAINT_PIPELINE
     return {
@@ -365,14 +390,15 @@ def _control_kwargs(
                     "leave it out"
                 )
         return {}
-    if {_FLUX_CONTROLNET, _SD3_CONTROLNET} & set(_class_names(controlnet)):
+    if {_FLUX_CONTROLNET, _SD3_CONTROLNET, _QWEN_CONTROLNET} & set(_class_names(controlnet)):
         return _flow_controlnet_kwargs(pipe, control_image, settings, steps, shape, device)
     if model != "unet":
         raise ValueError(
             f"the pipeline has a controlnet ({type(controlnet).__name__}) beside a transformer; "
             "edit_image maps the ControlNet pipelines of Stable Diffusion and SDXL (a "
-            "ControlNetModel beside a unet), FluxControlNetPipeline's and "
-            "StableDiffusion3ControlNetPipeline's, not this one"
+            "ControlNetModel beside a unet), FluxControlNetPipeline's, "
+            "StableDiffusion3ControlNetPipeline's and QwenImageControlNetPipeline's (one "
+            "QwenImageControlNetModel), not this one"
         )
     # The text-to-image ControlNet pipelines prepare the control image with prepare_image;
     # the img2img and inpainting ones, whose image= is the image to start from, take it as

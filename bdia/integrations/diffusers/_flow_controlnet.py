@@ -1,23 +1,31 @@
-"""Flux's and SD3's ControlNets (``FluxControlNetModel`` as ``FluxControlNetPipeline`` calls
-it, ``SD3ControlNetModel`` as ``StableDiffusion3ControlNetPipeline`` does, or with the mask's
-channel, Alimama's inpainting kind, as ``StableDiffusion3ControlNetInpaintingPipeline`` does)
-and their settings, checked as ``from_diffusers`` takes them, and their calls.
+"""Flux's, SD3's and Qwen-Image's ControlNets (``FluxControlNetModel`` as
+``FluxControlNetPipeline`` calls it, ``SD3ControlNetModel`` as
+``StableDiffusion3ControlNetPipeline`` does, or with the mask's channel, Alimama's inpainting
+kind, as ``StableDiffusion3ControlNetInpaintingPipeline`` does, ``QwenImageControlNetModel``
+or ``QwenImageMultiControlNetModel`` as ``QwenImageControlNetPipeline`` does) and their
+settings, checked as ``from_diffusers`` takes them, and their calls.
 
 Flux's controlnet takes the packed latents, the timestep, the prompt, the embedded guidance
 and the position ids the transformer takes, and the control image's packed latents; SD3's
 takes the latents, the timestep, the prompt (or none) and the pooled prompt (or zeros), and
 the control image's latents (the inpainting kind: the masked image's latents and the mask,
-in one tensor). Their residuals go to the transformer. The settings are checked
-in one line before any call (``from_diffusers``' Raises lists them);
-``control_guidance_start`` and ``control_guidance_end`` become intervals of ODE times on the
-pipeline's grid, as for Stable Diffusion's ControlNet (``_controlnet``). What is not mapped (a
-union controlnet's modes, XLabs' controlnets of pixels, several controlnets, SD3.5's
-controlnets without their own ``pos_embed``) is refused.
+in one tensor); Qwen-Image's takes the packed latents, the timestep, the prompt with its
+mask and the image shapes the transformer takes, and the control image's packed latents
+(its union wrapper one such tensor per control image, summing the residuals). Their
+residuals go to the transformer. The settings are checked in one line before any call
+(``from_diffusers``' Raises lists them); ``control_guidance_start`` and
+``control_guidance_end`` become intervals of ODE times on the pipeline's grid, as for Stable
+Diffusion's ControlNet (``_controlnet``). What is not mapped (a union controlnet's modes,
+XLabs' controlnets of pixels, several controlnets, SD3.5's controlnets without their own
+``pos_embed``, Qwen-Image's inpainting controlnet) is refused.
+
+``kind`` names the transformer's family throughout: ``"flux"``, ``"sd3"`` or ``"qwen"``.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,13 +35,17 @@ import torch
 from torch import Tensor
 
 from ...schedules import check_steps
-from ._conditioning import _FLOW_RESERVED, _check_cond
+from ._conditioning import _FLOW_RESERVED, _check_cond, _qwen_image_tokens
 from ._controlnet import _per_net, _strength
 from ._scheduler_config import _class_names
 from .grid import diffusers_grid
 
 _FLUX_CONTROLNET = "FluxControlNetModel"
 _SD3_CONTROLNET = "SD3ControlNetModel"
+_QWEN_CONTROLNET = "QwenImageControlNetModel"
+# Qwen-Image's union wrapper: one controlnet called once per control image.
+_QWEN_MULTI = "QwenImageMultiControlNetModel"
+_QWEN_PIPELINE = "QwenImageControlNetPipeline"
 _SD3_PIPELINE = "StableDiffusion3ControlNetPipeline"
 # Its controlnet takes the masked image's latents and then the mask, one channel more: the
 # only SD3 pipeline that gives a controlnet extra_conditioning_channels.
@@ -41,6 +53,7 @@ _SD3_INPAINT_PIPELINE = "StableDiffusion3ControlNetInpaintingPipeline"
 # The transformer's arguments the adapter fills with the controlnet's residuals.
 _FLUX_RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")
 _SD3_RESIDUALS = ("block_controlnet_hidden_states",)
+_QWEN_RESIDUALS = ("controlnet_block_samples",)
 # FluxControlNetPipeline's arguments of the controlnet that are the transformer's too.
 _FLUX_SHARED = (
     "encoder_hidden_states",
@@ -50,6 +63,9 @@ _FLUX_SHARED = (
     "img_ids",
     "joint_attention_kwargs",
 )
+# QwenImageControlNetPipeline's arguments of the controlnet that are the transformer's too
+# (diffusers 0.36's took the text lengths as well); it gives it no attention kwargs.
+_QWEN_SHARED = ("encoder_hidden_states", "encoder_hidden_states_mask", "img_shapes", "txt_seq_lens")
 
 
 def _check_flux_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
@@ -139,6 +155,64 @@ def _check_sd3_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
     _check_dtype(net, model_dtype)
 
 
+def _qwen_nets(net: Any) -> list[Any]:
+    """The QwenImageControlNetModel ``net`` is or wraps (a QwenImageMultiControlNetModel's
+    nets); empty for another class."""
+    names = _class_names(net)
+    if _QWEN_MULTI in names:
+        return list(getattr(net, "nets", []))
+    return [net] if _QWEN_CONTROLNET in names else []
+
+
+def _qwen_multi(net: Any) -> bool:
+    """Whether ``net`` is Qwen-Image's union wrapper, which takes one control image per
+    scale."""
+    return _QWEN_MULTI in _class_names(net)
+
+
+def _check_qwen_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
+    """Refuse a controlnet that QwenImageControlNetPipeline would not call as mapped here."""
+    nets = _qwen_nets(net)
+    if _qwen_multi(net) and len(nets) != 1:
+        raise ValueError(
+            f"the {_QWEN_MULTI} holds {len(nets)} controlnets; diffusers calls it with one "
+            "(a union controlnet, once per control image) and refuses more: give it one"
+        )
+    if not nets or _QWEN_CONTROLNET not in _class_names(nets[0]):
+        kind = "several controlnets" if isinstance(net, (list, tuple)) else type(net).__name__
+        raise ValueError(
+            f"controlnet is {kind}; with Qwen-Image's transformer bdia calls a diffusers "
+            f"{_QWEN_CONTROLNET} or a {_QWEN_MULTI} of one (pipe.controlnet of a "
+            f"{_QWEN_PIPELINE}); Flux's, SD3's and Stable Diffusion's are not mapped"
+        )
+    config, theirs = nets[0].config, transformer.config
+    extra = config.get("extra_condition_channels") or 0
+    if extra:
+        raise ValueError(
+            f"the controlnet has extra_condition_channels = {extra} (the inpainting kind, "
+            "QwenImageControlNetInpaintPipeline's, which takes the masked image's latents and "
+            f"the mask): not mapped; give a controlnet of the control image alone "
+            f"({_QWEN_PIPELINE}'s)"
+        )
+    for field in ("in_channels", "joint_attention_dim"):
+        mine, other = config.get(field), theirs.get(field)
+        if mine is not None and other is not None and mine != other:
+            raise ValueError(
+                f"the controlnet has {field} = {mine!r} but the transformer {other!r}: it was "
+                "made for another transformer; give the controlnet of this one"
+            )
+    widths = [
+        c.get("num_attention_heads", 0) * c.get("attention_head_dim", 0) for c in (config, theirs)
+    ]
+    if widths[0] != widths[1]:
+        raise ValueError(
+            f"the controlnet's residuals are {widths[0]} wide (num_attention_heads x "
+            f"attention_head_dim) but the transformer's blocks {widths[1]}: it was made for "
+            "another transformer; give the controlnet of this one"
+        )
+    _check_dtype(net, model_dtype)
+
+
 def _sd3_inpainting(net: Any) -> bool:
     """Whether ``net`` is an SD3 controlnet of the inpainting kind, which takes the mask's
     channel after the masked image's latents (``extra_conditioning_channels`` 1, Alimama's):
@@ -160,16 +234,19 @@ def _check_dtype(net: Any, model_dtype: Any) -> None:
         )
 
 
-def _check_flow_controlnet(net: Any, transformer: Any, model_dtype: Any, flux: bool) -> None:
+def _check_flow_controlnet(net: Any, transformer: Any, model_dtype: Any, kind: str) -> None:
     """Refuse a controlnet its transformer's ControlNet pipeline would not call as mapped."""
-    check = _check_flux_controlnet if flux else _check_sd3_controlnet
-    check(net, transformer, model_dtype)
+    checks = {"flux": _check_flux_controlnet, "qwen": _check_qwen_controlnet}
+    checks.get(kind, _check_sd3_controlnet)(net, transformer, model_dtype)
 
 
-def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
-    """The control image's latents (for Flux, packed), checked for kind, dims and channels."""
-    config = net.config
-    if flux:
+def _check_control_latents(value: Any, net: Any, kind: str) -> Tensor | list[Tensor]:
+    """The control image's latents (for Flux and Qwen-Image, packed), checked for kind, dims
+    and channels; for Qwen-Image's union wrapper a list of them, one per control image."""
+    # Qwen-Image's union wrapper has no config: its one controlnet's says.
+    config = (_qwen_nets(net) if kind == "qwen" else [net])[0].config
+    packed = kind in ("flux", "qwen")
+    if packed:
         # Packed tokens carry their channels last, latents first after the batch.
         channels, ndim, dim, shape = config.get("in_channels"), 3, 2, "tokens, {}"
         how = (
@@ -177,6 +254,13 @@ def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
             "device, vae.dtype), encoded by the vae, shifted, scaled and packed with "
             "pipe._pack_latents"
         )
+        if kind == "qwen":
+            how = (
+                f"{_QWEN_PIPELINE}'s control image: pipe.prepare_image(image, W, H, 1, 1, "
+                "device, vae.dtype) as one frame (unsqueeze(2)), encoded by the vae, (z - "
+                "latents_mean) * (1 / latents_std), moved to (B, 1, C, h, w) and packed with "
+                "pipe._pack_latents"
+            )
     elif _sd3_inpainting(net):
         channels = config.get("in_channels", 16) + 1
         ndim, dim, shape = 4, 1, "{}, h, w"
@@ -196,21 +280,30 @@ def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
         )
     if value is None:
         raise ValueError(f"controlnet needs controlnet_cond, the latents of {how}")
-    if isinstance(value, (list, tuple)):
+    multi = kind == "qwen" and _qwen_multi(net)
+    if multi and not (isinstance(value, (list, tuple)) and value):
+        raise ValueError(
+            f"controlnet_cond for a {_QWEN_MULTI} is a list of tensors, one per control image "
+            f"(the pipeline's list of control images), each the latents of {how}; got "
+            f"{type(value).__name__}"
+        )
+    if not multi and isinstance(value, (list, tuple)):
         raise ValueError(
             "controlnet_cond for this controlnet is one tensor; several controlnets are not mapped"
         )
-    if not isinstance(value, Tensor):
-        raise TypeError(
-            f"controlnet_cond must be a tensor, the latents of {how}; got {type(value).__name__}"
-        )
-    if not value.is_floating_point() or value.ndim != ndim or value.shape[dim] != channels:
-        raise ValueError(
-            f"controlnet_cond must be a floating tensor of shape (batch or 1, "
-            f"{shape.format(channels)}) (the controlnet's channels), the latents of {how}; "
-            f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
-        )
-    if not flux and _sd3_inpainting(net):
+    for i, image in enumerate(value if multi else [value]):
+        where = f"controlnet_cond[{i}]" if multi else "controlnet_cond"
+        if not isinstance(image, Tensor):
+            raise TypeError(
+                f"{where} must be a tensor, the latents of {how}; got {type(image).__name__}"
+            )
+        if not image.is_floating_point() or image.ndim != ndim or image.shape[dim] != channels:
+            raise ValueError(
+                f"{where} must be a floating tensor of shape (batch or 1, "
+                f"{shape.format(channels)}) (the controlnet's channels), the latents of {how}; "
+                f"got a {image.dtype} tensor of shape {tuple(image.shape)}"
+            )
+    if not packed and _sd3_inpainting(net):
         kept = value[:, -1]
         if kept.numel() and not bool(((kept >= 0) & (kept <= 1)).all()):
             raise ValueError(
@@ -218,7 +311,7 @@ def _check_control_latents(value: Any, net: Any, flux: bool) -> Tensor:
                 "1 - mask in [0, 1] (1 where the image is kept), but its values lie in "
                 f"[{float(kept.min()):.4g}, {float(kept.max()):.4g}]: give the latents of {how}"
             )
-    return value
+    return list(value) if multi else value
 
 
 def _flow_control_ranges(
@@ -232,7 +325,8 @@ def _flow_control_ranges(
     """Each bound pair as the closed interval of ODE times, ``(lo, hi)``, on which the
     ControlNet pipeline calls the controlnet: at entry ``i`` of the scheduler's ``n``
     timesteps when ``i / n >= start`` and ``(i + 1) / n <= end``, entry ``i`` being the
-    pipeline's grid's ``i``-th time (FluxControlNetPipeline's, for ``tokens`` image tokens:
+    pipeline's grid's ``i``-th time (FluxControlNetPipeline's, and QwenImageControlNetPipeline's
+    in the same arithmetic, for ``tokens`` image tokens:
     sigmas ``np.linspace(1, 1 / n, n)``, shifted by their ``mu`` where the scheduler shifts
     dynamically; StableDiffusion3ControlNetPipeline's, ``tokens`` None: the scheduler's own
     for ``n`` steps); a run reaching the first entry run (the last entry) reaches past the
@@ -293,15 +387,16 @@ def _flow_control(
     negative_cond: Mapping[str, Any] | None,
     model_dtype: Any,
     settings: Mapping[str, Any],
-    flux: bool,
+    kind: str,
     extra: bool,
 ) -> tuple[Any, dict[str, Any]]:
     """The controlnet of a flow-matching transformer and the ODE's cond entries of its
     settings (``from_diffusers``' keyword arguments of the same names), all checked. ``extra``:
     the transformer was given a mask, control latents or a reference image, which no
-    ControlNet pipeline gives it."""
-    pipeline = "FluxControlNetPipeline" if flux else _SD3_PIPELINE
-    if not flux and _sd3_inpainting(controlnet):
+    ControlNet pipeline gives it. For Qwen-Image's union wrapper the control latents, scales
+    and bounds are lists, one per control image, as the pipeline takes them."""
+    pipeline = {"flux": "FluxControlNetPipeline", "qwen": _QWEN_PIPELINE}.get(kind, _SD3_PIPELINE)
+    if kind == "sd3" and _sd3_inpainting(controlnet):
         pipeline = _SD3_INPAINT_PIPELINE
     if extra:
         raise ValueError(
@@ -309,26 +404,31 @@ def _flow_control(
             f"image_latents; {pipeline} calls a text-to-image transformer on the latents "
             "alone: give one or the other"
         )
-    _check_flow_controlnet(controlnet, transformer, model_dtype, flux)
-    _check_cond(cond, negative_cond, _FLOW_RESERVED + (_FLUX_RESIDUALS if flux else _SD3_RESIDUALS))
-    image = _check_control_latents(settings["controlnet_cond"], controlnet, flux)
+    _check_flow_controlnet(controlnet, transformer, model_dtype, kind)
+    residuals = {"flux": _FLUX_RESIDUALS, "qwen": _QWEN_RESIDUALS}.get(kind, _SD3_RESIDUALS)
+    _check_cond(cond, negative_cond, _FLOW_RESERVED + residuals)
+    image = _check_control_latents(settings["controlnet_cond"], controlnet, kind)
     if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
-        image = image.to(model_dtype)
+        image = (
+            [v.to(model_dtype) for v in image] if isinstance(image, list) else image.to(model_dtype)
+        )
     if settings["guess_mode"] is not False:
         raise ValueError(
             f"guess_mode is Stable Diffusion's ControlNet pipelines'; {pipeline} has none: "
             "leave it out"
         )
-    (scale,) = _per_net(settings["conditioning_scale"], 1, "conditioning_scale")
-    (start,) = _per_net(settings["control_guidance_start"], 1, "control_guidance_start")
-    (end,) = _per_net(settings["control_guidance_end"], 1, "control_guidance_end")
-    if not 0.0 <= start < end <= 1.0:
-        raise ValueError(
-            f"control_guidance_start = {start} and control_guidance_end = {end} must satisfy "
-            "0 <= start < end <= 1, as the pipeline requires"
-        )
+    count = len(image) if isinstance(image, list) else 1
+    scales = _per_net(settings["conditioning_scale"], count, "conditioning_scale")
+    starts = _per_net(settings["control_guidance_start"], count, "control_guidance_start")
+    ends = _per_net(settings["control_guidance_end"], count, "control_guidance_end")
+    for start, end in zip(starts, ends):
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(
+                f"control_guidance_start = {start} and control_guidance_end = {end} must "
+                "satisfy 0 <= start < end <= 1, as the pipeline requires"
+            )
     steps = settings["num_inference_steps"]
-    switched = (start, end) != (0.0, 1.0)
+    switched = any((start, end) != (0.0, 1.0) for start, end in zip(starts, ends))
     if switched and steps is None:
         raise ValueError(
             "control_guidance_start and control_guidance_end switch the controlnet by the "
@@ -340,45 +440,76 @@ def _flow_control(
             "control_guidance_end; leave it out"
         )
     strength = _strength(settings["strength"], switched)
-    if strength != 1.0 and not flux:
+    if strength != 1.0 and kind != "flux":
+        family = "Qwen-Image" if kind == "qwen" else "SD3"
         raise ValueError(
-            f"strength = {strength}: {pipeline} runs every step (no SD3 ControlNet pipeline "
-            "takes a strength); leave it out"
+            f"strength = {strength}: {pipeline} runs every step (no {family} ControlNet "
+            "pipeline takes a strength); leave it out"
         )
-    entries: dict[str, Any] = {"controlnet_cond": image, "conditioning_scale": scale}
+    multi = isinstance(image, list)
+    entries: dict[str, Any] = {
+        "controlnet_cond": image,
+        "conditioning_scale": scales if multi else scales[0],
+    }
     if switched:
-        tokens = int(cond["img_ids"].shape[0]) if flux else None
+        tokens = None
+        if kind == "flux":
+            tokens = int(cond["img_ids"].shape[0])
+        elif kind == "qwen":
+            tokens = _qwen_image_tokens(cond["img_shapes"])
         entries["control_range"] = _flow_control_ranges(
-            sched, steps, [start], [end], tokens, strength
+            sched, steps, starts, ends, tokens, strength
         )
     return controlnet, entries
 
 
-def _check_flow_control_image(x: Tensor, image: Tensor, flux: bool) -> None:
-    """Refuse control latents of another token count than the packed state's (Flux), or of
-    another size than the latents' (SD3)."""
-    if flux and (image.ndim != 3 or x.ndim != 3 or image.shape[1] != x.shape[1]):
+def _check_flow_control_image(x: Tensor, image: Tensor, kind: str, where: str) -> None:
+    """Refuse control latents of another token count than the packed state's (Flux,
+    Qwen-Image), or of another size than the latents' (SD3)."""
+    if kind != "sd3" and (image.ndim != 3 or x.ndim != 3 or image.shape[1] != x.shape[1]):
+        pipeline = _QWEN_PIPELINE if kind == "qwen" else "FluxControlNetPipeline"
         raise ValueError(
-            f"controlnet_cond has shape {tuple(image.shape)}, but the state has shape "
+            f"{where} has shape {tuple(image.shape)}, but the state has shape "
             f"{tuple(x.shape)}: give the control image's latents packed with the latents' "
-            "tokens, as FluxControlNetPipeline makes them at the image's size"
+            f"tokens, as {pipeline} makes them at the image's size"
         )
-    if not flux and tuple(image.shape[2:]) != tuple(x.shape[2:]):
+    if kind == "sd3" and tuple(image.shape[2:]) != tuple(x.shape[2:]):
         raise ValueError(
-            f"controlnet_cond has shape {tuple(image.shape)}, but the state has shape "
+            f"{where} has shape {tuple(image.shape)}, but the state has shape "
             f"{tuple(x.shape)}: give the control image's latents at the latents' size, as "
             "the SD3 ControlNet pipelines encode the image at the image's size"
         )
 
 
 def _flow_residuals(
-    controlnet: Any, x: Tensor, tau: Tensor, kwargs: Mapping[str, Any], image: Tensor, scale: float
+    controlnet: Any,
+    x: Tensor,
+    tau: Tensor,
+    kwargs: Mapping[str, Any],
+    image: Tensor | list[Tensor],
+    scale: float | list[float],
 ) -> dict[str, Any]:
     """The controlnet's residuals as the transformer's arguments, of one call on the (for
-    Flux, packed) latents ``x`` at the transformer's timestep ``tau`` with the transformer's
-    arguments ``kwargs`` (of ``x``'s batch), as FluxControlNetPipeline,
-    StableDiffusion3ControlNetPipeline or (a controlnet with the mask's channel)
-    StableDiffusion3ControlNetInpaintingPipeline calls it."""
+    Flux and Qwen-Image, packed) latents ``x`` at the transformer's timestep ``tau`` with the
+    transformer's arguments ``kwargs`` (of ``x``'s batch), as FluxControlNetPipeline,
+    StableDiffusion3ControlNetPipeline, (a controlnet with the mask's channel)
+    StableDiffusion3ControlNetInpaintingPipeline or QwenImageControlNetPipeline calls it
+    (its union wrapper with the lists ``image`` and ``scale``, one entry per control
+    image)."""
+    if _qwen_nets(controlnet):
+        taken = inspect.signature(controlnet.forward).parameters
+        shared = {k: kwargs[k] for k in _QWEN_SHARED if k in kwargs and k in taken}
+        # Qwen-Image's controlnets return the list of residuals itself where return_dict is
+        # False.
+        samples = controlnet(
+            hidden_states=x,
+            controlnet_cond=image,
+            conditioning_scale=scale,
+            timestep=tau,
+            return_dict=False,
+            **shared,
+        )
+        return {_QWEN_RESIDUALS[0]: samples}
     if _SD3_CONTROLNET in _class_names(controlnet):
         config = controlnet.config
         pooled = kwargs["pooled_projections"]

@@ -57,7 +57,11 @@ on the batch ``[unconditional, conditional]``; one with the mask's channel
 (``extra_conditioning_channels = 1``, Alimama's inpainting kind) as
 ``StableDiffusion3ControlNetInpaintingPipeline`` calls it, with the masked image's latents
 and the mask in one control input, fixed over the run: that pipeline does not blend, so its
-run is an ODE in the latents too.
+run is an ODE in the latents too. A ``QwenImageControlNetModel`` (or the union wrapper
+``QwenImageMultiControlNetModel`` of one, called once per control image) before Qwen-Image's,
+as ``QwenImageControlNetPipeline`` calls it: on the packed latents, with the control image's
+packed latents, the timestep, the prompt and its mask and the image shapes, once per
+evaluation, true CFG's negative call taking the conditional call's residuals.
 
 With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
@@ -137,6 +141,7 @@ from ._flow_controlnet import (
     _check_flow_controlnet,
     _flow_control,
     _flow_residuals,
+    _qwen_multi,
 )
 from ._scheduler_config import (
     _EDM_PREDICTIONS,
@@ -267,9 +272,11 @@ class DiffusersModel(torch.nn.Module):
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
             ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``); with
-            ``flux``, a ``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it, and
-            in ``"flow"`` space without it an ``SD3ControlNetModel``, as
-            ``StableDiffusion3ControlNetPipeline`` calls it.
+            ``flux``, a ``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it, with
+            ``qwen_image`` a ``QwenImageControlNetModel`` or ``QwenImageMultiControlNetModel``
+            of one, as ``QwenImageControlNetPipeline`` calls it, and in ``"flow"`` space
+            without either an ``SD3ControlNetModel``, as ``StableDiffusion3ControlNetPipeline``
+            calls it.
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
@@ -311,10 +318,8 @@ class DiffusersModel(torch.nn.Module):
             )
         if flux and space != "flow":
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
-        if qwen_image and (space != "flow" or flux or controlnet is not None):
-            raise ValueError(
-                f"qwen_image=True needs space 'flow', no flux and no controlnet, got {space!r}"
-            )
+        if qwen_image and (space != "flow" or flux):
+            raise ValueError(f"qwen_image=True needs space 'flow' and no flux, got {space!r}")
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -357,9 +362,13 @@ class DiffusersModel(torch.nn.Module):
         self.controlnet = None
         self._nets: list[Any] = []
         self._multi = False
+        # The flow transformer's family, as its ControlNet pipeline calls it.
+        self._kind = "flux" if flux else "qwen" if qwen_image else "sd3"
         if controlnet is not None and space == "flow":
-            _check_flow_controlnet(controlnet, unet, None, flux)
+            _check_flow_controlnet(controlnet, unet, None, self._kind)
             self.controlnet, self._nets = controlnet, [controlnet]
+            # Qwen-Image's union wrapper takes one control image (and scale) per entry.
+            self._multi = _qwen_multi(controlnet)
         elif controlnet is not None:
             self.controlnet, self._nets = _controlnets(controlnet)
             self._multi = _MULTI_CONTROLNET in _class_names(self.controlnet)
@@ -511,8 +520,12 @@ class DiffusersModel(torch.nn.Module):
                 ``force_zeros_for_pooled_projection``), under guidance on the batch
                 ``[unconditional, conditional]`` with the control latents in both halves;
                 its residuals go to the transformer as ``block_controlnet_hidden_states``.
+                With ``qwen_image``, as with ``flux`` (prompt, its mask and ``img_shapes``;
+                a list of control latents, one per control image, for the union wrapper),
+                the residuals going to the transformer as ``controlnet_block_samples``.
             conditioning_scale: the controlnet's scale of its residuals (a list, one per net,
-                for a ``MultiControlNetModel``).
+                for a ``MultiControlNetModel``; one per control image for Qwen-Image's union
+                wrapper).
             guess_mode: the pipelines' guess mode: the controlnet's residuals scaled from 0.1
                 at the first block to 1 at the mid block, and under guidance the controlnet
                 called on the conditional half alone, the unconditional half given no
@@ -630,9 +643,13 @@ class DiffusersModel(torch.nn.Module):
             elif self.qwen_image:
                 # QwenImagePipeline's true CFG: two calls, the conditional first, the negative
                 # one with its own prompt and mask (the image shapes shared).
-                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""), image=image)
+                # QwenImageControlNetPipeline's controlnet sees the prompt alone, and both
+                # calls take its residuals.
+                positive = _batched(unet_kwargs, batch, "")
+                residuals = self._flux_residuals(x_in, tau, positive, control)
+                c = self._call_unet(x_in, tau, {**positive, **residuals}, image=image)
                 negative = _batched({**unet_kwargs, **negative_cond}, batch, "negative_cond")
-                u = self._call_unet(x_in, tau, negative, image=image)
+                u = self._call_unet(x_in, tau, {**negative, **residuals}, image=image)
             else:
                 kwargs = _paired(negative_cond, unet_kwargs, batch, "")
                 x_both, tau_both = torch.cat([x_in, x_in]), torch.cat([tau, tau])
@@ -788,13 +805,13 @@ class DiffusersModel(torch.nn.Module):
         images = list(controlnet_cond) if self._multi else [controlnet_cond]
         scales = list(conditioning_scale) if self._multi else [conditioning_scale]
         batched = []
-        for i, (image, net) in enumerate(zip(images, self._nets)):
+        for i, image in enumerate(images):
             where = f"controlnet_cond[{i}]" if self._multi else "controlnet_cond"
             if self.space == "flow":
-                _check_flow_control_image(x, image, self.flux)
+                _check_flow_control_image(x, image, self._kind, where)
                 batched.append(_batched(image, batch, where))
                 continue
-            f = _control_factor(net)
+            f = _control_factor(self._nets[i])
             size = tuple(n * f for n in x.shape[2:])
             if tuple(image.shape[2:]) != size:
                 latent = " x ".join(map(str, x.shape[2:]))
@@ -832,8 +849,8 @@ class DiffusersModel(torch.nn.Module):
         kwargs: Mapping[str, Any],
         control: tuple[list[Tensor], list[float]] | None,
     ) -> dict[str, Any]:
-        """The Flux controlnet's residuals as the transformer's arguments; none where the
-        model has no controlnet or it is off (``control`` None)."""
+        """The controlnet's residuals as a packed transformer's (Flux's, Qwen-Image's)
+        arguments; none where the model has no controlnet or it is off (``control`` None)."""
         if control is None:
             return {}
         images, scales = control
@@ -854,6 +871,8 @@ class DiffusersModel(torch.nn.Module):
         an unconditional half before them (guess mode under guidance)."""
         assert self.controlnet is not None
         if self.space == "flow":
+            if self._multi:
+                return _flow_residuals(self.controlnet, x, tau, kwargs, images, scales)
             return _flow_residuals(self.controlnet, x, tau, kwargs, images[0], scales[0])
         extra: dict[str, Any] = {"encoder_hidden_states": kwargs["encoder_hidden_states"]}
         added = kwargs.get("added_cond_kwargs")
@@ -1012,14 +1031,14 @@ class DiffusersModel(torch.nn.Module):
 
 def _check_qwen_image_parts(**given: Any) -> None:
     """Refuse, in one line, the inputs of other pipelines than QwenImagePipeline,
-    QwenImageImg2ImgPipeline and QwenImageEditPipeline (Flux's extra channels, a controlnet)
-    for Qwen-Image's transformer."""
+    QwenImageImg2ImgPipeline, QwenImageEditPipeline and QwenImageControlNetPipeline (Flux's
+    extra channels) for Qwen-Image's transformer."""
     for name, value in given.items():
         if value is not None:
             raise ValueError(
                 f"{name} is not mapped for QwenImageTransformer2DModel: bdia calls it as "
-                "QwenImagePipeline, QwenImageImg2ImgPipeline and QwenImageEditPipeline do; "
-                "leave it out"
+                "QwenImagePipeline, QwenImageImg2ImgPipeline, QwenImageEditPipeline and "
+                "QwenImageControlNetPipeline do; leave it out"
             )
 
 
@@ -1107,7 +1126,19 @@ def from_diffusers(
             (Alimama's inpainting kind, ``pipe.controlnet`` of a
             ``StableDiffusion3ControlNetInpaintingPipeline``) is called as that pipeline calls
             it: the same, with the prompt embeddings and zeros for the pooled ones whatever
-            its config says.
+            its config says. With Qwen-Image's transformer, a ``QwenImageControlNetModel``
+            of it (``pipe.controlnet`` of a ``QwenImageControlNetPipeline``; not the
+            inpainting kind, ``extra_condition_channels`` above 0), or a
+            ``QwenImageMultiControlNetModel`` of one (the union wrapper, which calls it once
+            per control image and sums the residuals), called as that pipeline calls it: on
+            the packed latents, with the transformer's timestep, ``encoder_hidden_states``,
+            ``encoder_hidden_states_mask`` and ``img_shapes`` of the conditional branch
+            (and its ``txt_seq_lens`` where the controlnet takes them, diffusers 0.36's),
+            once per evaluation (true CFG's negative call takes the same residuals); its
+            residuals go to the transformer as ``controlnet_block_samples``. The pipeline
+            passes ``img_shapes`` as ``[(1, h // 2, w // 2)] * batch``, which the rotary
+            embedding reads as QwenImagePipeline's ``[[(1, h // 2, w // 2)]] * batch``:
+            give the latter, as for QwenImagePipeline.
         controlnet_cond: the control image, as the pipeline prepares it
             (``pipe.control_image_processor.preprocess(image, height=H, width=W)``: values in
             [0, 1]): a floating tensor of shape ``(batch or 1, conditioning_channels, H, W)``
@@ -1132,14 +1163,23 @@ def from_diffusers(
             binarised mask is above 0.5, encoded by the vae (a draw from torch's global
             generator, once for the batch), less ``shift_factor`` (always), times
             ``scaling_factor``, then ``1 - mask`` at the latents' size (nearest) as the last
-            channel, in [0, 1]: shape ``(batch or 1, in_channels + 1, h, w)``.
+            channel, in [0, 1]: shape ``(batch or 1, in_channels + 1, h, w)``. For
+            Qwen-Image's controlnet, the control image's packed latents as
+            ``QwenImageControlNetPipeline`` makes them: ``pipe.prepare_image(image, W, H, 1,
+            1, device, vae.dtype)`` as one frame (``unsqueeze(2)``) encoded by the vae (the
+            pipeline draws a sample with its generator), ``(z - latents_mean) * (1 /
+            latents_std)``, moved to ``(batch, 1, C, h, w)`` and packed by
+            ``_pack_latents``: shape ``(batch or 1, tokens, in_channels)``, cast to
+            ``model_dtype``; for its union wrapper a list of them, one per control image.
         conditioning_scale: the scale of the controlnet's residuals, the pipelines'
-            ``controlnet_conditioning_scale``: a number, or one per net.
+            ``controlnet_conditioning_scale``: a number, or one per net (for Qwen-Image's
+            union wrapper, one per control image).
         guess_mode: the pipelines' guess mode: residuals scaled from 0.1 at the first block
             to 1 at the mid block, and under guidance the controlnet called on the
             conditional half alone, the unconditional half given none. Set as the pipelines
             set it where the (first) controlnet's config has ``global_pool_conditions``.
-            Not for Flux's or SD3's controlnet (their pipelines have no guess mode).
+            Not for Flux's, SD3's or Qwen-Image's controlnet (their pipelines have no guess
+            mode).
         control_guidance_start: the fraction of the pipeline's steps before which the
             controlnet is off (a number, or one per net). The pipelines keep it at entry
             ``i`` of the scheduler's ``n`` timesteps when ``i / n >= start`` and ``(i + 1) /
@@ -1151,7 +1191,8 @@ def from_diffusers(
             at one time (Heun's) are refused. For Flux's controlnet the grid is
             ``FluxControlNetPipeline``'s: ``diffusers_grid(scheduler, n, mu=mu,
             sigmas=np.linspace(1, 1 / n, n))``, ``mu`` the pipeline's ``calculate_shift`` of
-            ``img_ids``' rows where the scheduler shifts dynamically; for SD3's,
+            ``img_ids``' rows where the scheduler shifts dynamically, and so for Qwen-Image's
+            (``QwenImageControlNetPipeline``'s, ``mu`` of ``img_shapes``' tokens); for SD3's,
             ``diffusers_grid(scheduler, n)``. Elsewhere its scale is
             0; where all nets' are, neither it nor its residuals are used.
         control_guidance_end: the fraction of steps after which the controlnet is off, as
@@ -1166,8 +1207,8 @@ def from_diffusers(
             count ``control_guidance_start`` and ``control_guidance_end`` over the steps they
             run; given so, the ODE keeps the controlnet where such a run does (solve it on
             ``ts[k:]``). Only with the bounds, as ``num_inference_steps``; 1 (all steps,
-            the text-to-image pipelines' count) by default. Not for SD3's controlnet (no
-            SD3 ControlNet pipeline takes a strength).
+            the text-to-image pipelines' count) by default. Not for SD3's or Qwen-Image's
+            controlnet (no SD3 or Qwen-Image ControlNet pipeline takes a strength).
         mask: for an inpainting unet (``in_channels`` more than ``out_channels``: 9 for 4,
             ``stable-diffusion-inpainting``'s and SDXL inpainting's), the mask at the
             latents' size, 1 where the image is repainted: a floating tensor of shape
@@ -1318,7 +1359,8 @@ def from_diffusers(
             diffusers' transformer does not take (``txt_seq_lens`` from 0.39 on; missing
             where it needs it, as 0.35's and 0.36's does), ``guidance`` or
             ``controlnet_block_samples``, a transformer with ``guidance_embeds``, and
-            ``controlnet``, ``mask``, ``masked_image_latents`` or ``control_latents``;
+            ``mask``, ``masked_image_latents`` or ``control_latents`` (a ``controlnet`` as
+            below);
             ``image_latents`` (checked as Kontext's) whose tokens are not those of the
             ``img_shapes`` entries after the first; for a transformer with ``zero_cond_t``,
             ``img_shapes`` whose samples split their tokens otherwise than the first (in
@@ -1367,7 +1409,15 @@ def from_diffusers(
             missing, a list, or not a 3-D floating tensor of the controlnet's
             ``in_channels``; ``guess_mode``; a scale, bounds or ``strength`` as below; a
             residual key in ``cond``; at the first evaluation, control latents of another
-            token count or of a batch neither 1 nor the state's. With SD3's controlnet: one
+            token count or of a batch neither 1 nor the state's. With Qwen-Image's
+            controlnet: one of another class than ``QwenImageControlNetModel`` or a
+            ``QwenImageMultiControlNetModel`` of one (Flux's, SD3's, several), of the
+            inpainting kind (``extra_condition_channels``), made for another transformer
+            (``in_channels``, ``joint_attention_dim``, the residuals' width), of another
+            dtype; ``controlnet_cond`` missing, a list for one controlnet (not a list for
+            the wrapper), or not 3-D floating tensors of ``in_channels``; scales or bounds
+            of another count than the control images; ``strength`` other than 1; the other
+            refusals as for Flux's. With SD3's controlnet: one
             of another class than ``SD3ControlNetModel`` (several, Stable Diffusion's,
             Flux's), one without a ``pos_embed``, made for another transformer
             (``in_channels``, ``patch_size``, ``pooled_projection_dim``), of another dtype, of
@@ -1464,7 +1514,6 @@ def from_diffusers(
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
     if qwen_image:
         _check_qwen_image_parts(
-            controlnet=controlnet,
             mask=mask,
             masked_image_latents=masked_image_latents,
             control_latents=control_latents,
@@ -1580,7 +1629,7 @@ def from_diffusers(
             negative_cond,
             model_dtype,
             settings,
-            flux,
+            "flux" if flux else "qwen" if qwen_image else "sd3",
             bool(inpaint or kontext),
         )
     else:

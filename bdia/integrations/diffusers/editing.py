@@ -27,7 +27,9 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 ``FluxControlNetPipeline`` (with ``controlnet`` and ``prepare_image``, given
 ``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
-control image's latents; ``FluxControlNetImg2ImgPipeline`` as its text-to-image sibling) or
+control image's latents; ``QwenImageControlNetPipeline`` its ``QwenImageControlNetModel``
+on the control image's packed latents; ``FluxControlNetImg2ImgPipeline`` as its
+text-to-image sibling) or
 ``FluxKontextPipeline`` or ``QwenImageEditPipeline`` (with ``prepare_latents``: both ODEs
 give the transformer the image itself as the reference image it edits), or, without a mask,
 the inpainting pipelines that blend the re-noised image into the latents after each step
@@ -141,6 +143,7 @@ from ._edit_conditions import (
     _inpaint_kwargs,
     _kontext_kwargs,
     _mask_condition,
+    _qwen_control_latents,
     _qwen_edit_reference,
     _qwen_probe_cond,
     _sd3_control_latents,
@@ -178,9 +181,10 @@ _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
 # The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
-# inpainting one (it blends), and the Edit and Edit Plus ones, the image their own (first)
-# reference; the others (Edit Inpaint, ControlNet, Layered) give the transformer more than
-# the latents, the prompt and reference images.
+# inpainting one (it blends), the Edit and Edit Plus ones, the image their own (first)
+# reference, and the ControlNet one, its controlnet on a control image; the others (Edit
+# Inpaint, ControlNet Inpaint, Layered) give the transformer more than the latents, the
+# prompt, reference images and one controlnet's residuals.
 _QWEN_EDIT = "QwenImageEditPipeline"
 _QWEN_EDIT_PLUS = "QwenImageEditPlusPipeline"
 _QWEN_PIPELINES = (
@@ -189,6 +193,7 @@ _QWEN_PIPELINES = (
     "QwenImageInpaintPipeline",
     _QWEN_EDIT,
     _QWEN_EDIT_PLUS,
+    "QwenImageControlNetPipeline",
 )
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
@@ -839,9 +844,11 @@ def edit_image(
             ``reference_image``'s, as its ``image`` list: their latents made alike by its
             ``prepare_latents`` and concatenated along the tokens, one ``img_shapes`` entry
             per image (a transformer with ``zero_cond_t``, 2511's, is called as given).
-            Qwen-Image's Edit Inpaint, Layered and ControlNet pipelines are refused by their
-            class. A ``FluxFillPipeline`` (a Fill transformer, whose
-            ``in_channels`` are twice the packed latents' and the packed mask's) takes
+            A ``QwenImageControlNetPipeline`` (one ``QwenImageControlNetModel``, not the
+            union wrapper) takes ``control_image``. Qwen-Image's Edit Inpaint, Layered and
+            ControlNet inpainting pipelines are refused by their class. A
+            ``FluxFillPipeline`` (a Fill transformer, whose ``in_channels`` are twice the
+            packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
             ``in_channels`` are twice the packed latents') takes ``control_image``, and so
             does a ``FluxControlNetPipeline`` (a ``FluxControlNetModel`` beside the
@@ -977,7 +984,10 @@ def edit_image(
             ``control_image``, prepared the same way, set to -1 under the mask and encoded as
             its ``prepare_image_with_mask`` does (the mean where it draws a sample, less
             ``shift_factor`` always), with ``1 - mask`` at the latents' size as the last
-            channel of ``controlnet_cond``; needed with it.
+            channel of ``controlnet_cond``; needed with it. For a
+            ``QwenImageControlNetPipeline`` as for Flux's, the image encoded as one frame
+            and normalised ``(mean - latents_mean) * (1 / latents_std)`` (in float32 at
+            least) before packing, as the pipeline does with its draw.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
             all), as the pipeline's.
         guess_mode: the pipeline's guess mode.
@@ -1145,7 +1155,8 @@ def edit_image(
         if others and others[0] not in _QWEN_PIPELINES:
             raise ValueError(
                 f"the pipeline is a {others[0]}, which gives the transformer more than the "
-                "latents, the prompt and reference images; of Qwen-Image's pipelines "
+                "latents, the prompt, reference images and one controlnet's residuals; of "
+                "Qwen-Image's pipelines "
                 f"edit_image maps {', '.join(_QWEN_PIPELINES)} (the inpainting one without "
                 "a mask)"
             )
@@ -1514,7 +1525,7 @@ def edit_image(
     lengths = qwen and _qwen_needs_lengths(unet, inspect.signature(unet.forward).parameters)
     if qwen:
         probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
-    if control and (flux or sd3):  # the control latents come once the VAE may run
+    if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
         net = control["controlnet"].config
         probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"])
@@ -1635,6 +1646,8 @@ def edit_image(
             name = "controlnet_cond" if control else "control_latents"
             if sd3:
                 shared[name] = _sd3_control_latents(pipe, vae, control_pixels, condition)
+            elif qwen:
+                shared[name] = _qwen_control_latents(pipe, vae, control_pixels)
             else:
                 shared[name] = _flux_control_latents(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits

@@ -13,8 +13,9 @@ and SD3 (``SD3ControlNetModel``, ``StableDiffusion3ControlNetPipeline``, and wit
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
 Diffusion and SDXL and their ControlNet inpainting pipelines, Stable Diffusion's, SDXL's,
 Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
-``QwenImageTransformer2DModel``, ``QwenImagePipeline`` and ``QwenImageEditPipeline``, without
-their text encoder), a few thousand weights each: for tests and for checking plumbing and
+``QwenImageTransformer2DModel``, ``QwenImagePipeline``, ``QwenImageEditPipeline`` and
+``QwenImageControlNetPipeline`` with a ``QwenImageControlNetModel``, without their text
+encoder), a few thousand weights each: for tests and for checking plumbing and
 exactness, which do not depend on the weights. A random network is no denoiser, so what they
 sample is not an image of anything.
 """
@@ -53,6 +54,8 @@ __all__ = [
     "tiny_qwen_image_pipeline",
     "tiny_qwen_image_edit_pipeline",
     "tiny_qwen_image_edit_plus_pipeline",
+    "tiny_qwen_image_controlnet",
+    "tiny_qwen_image_controlnet_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
@@ -782,6 +785,36 @@ def tiny_qwen_image_edit_plus_pipeline(scheduler: Any = None, *, zero_cond_t: bo
     if zero_cond_t:
         parts["transformer"] = tiny_qwen_image_transformer(zero_cond_t=True)
     pipe = pipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen_image_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
+    """A ``QwenImageControlNetModel`` of ``transformer`` (a ``tiny_qwen_image_transformer``),
+    with its config (one block): it takes the control image's packed latents, of the
+    latents' shape ``(batch, tokens, 16)``. Its weights are drawn with
+    ``torch.manual_seed(seed)``, its zero layers (the residuals' projections and the control
+    latents' embedding, zero as diffusers initialises them, when the residuals would be 0)
+    included, so that the transformer's output depends on the control image. In eval mode
+    and the transformer's dtype. Needs diffusers 0.36 or newer."""
+    net = _controlnet_of(_qwen_image_class("QwenImageControlNetModel"), transformer, seed)
+    return _drawn(net, [*net.controlnet_blocks, net.controlnet_x_embedder], transformer)
+
+
+def tiny_qwen_image_controlnet_pipeline(scheduler: Any = None, *, multi: bool = False) -> Any:
+    """A ``QwenImageControlNetPipeline`` of ``tiny_qwen_image_pipeline``'s parts and
+    ``tiny_qwen_image_controlnet`` of its transformer (seed 2); with ``multi``, that
+    controlnet in a ``QwenImageMultiControlNetModel`` (the union wrapper, which calls it
+    once per control image). Without a text encoder: give it ``prompt_embeds`` and
+    ``prompt_embeds_mask``. 16 x 16 RGB images and control images; ``scheduler`` defaults to
+    Qwen-Image's. Float32; the progress bar is off. Needs diffusers 0.36 or newer, which has
+    the pipeline."""
+    pipeline = _qwen_image_class("QwenImageControlNetPipeline", "0.36")
+    parts = dict(tiny_qwen_image_pipeline(scheduler).components)
+    controlnet = tiny_qwen_image_controlnet(parts["transformer"])
+    if multi:
+        controlnet = _qwen_image_class("QwenImageMultiControlNetModel", "0.36")([controlnet])
+    pipe = pipeline(**parts, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
