@@ -2546,7 +2546,7 @@ def _check_photo_size(
     if vae is None:
         raise click.BadParameter(
             f"a {name} without a vae: edit_image edits the latents of a latent-diffusion "
-            "pipeline (Stable Diffusion, SDXL, SD3, Flux, Chroma)",
+            "pipeline (Stable Diffusion, SDXL, SD3, Flux, Chroma, Qwen-Image)",
             param_hint="'--pipeline'",
         )
     sizes = _image_sizes(pipe, vae, getattr(net, "config", None) or {}, kind)
@@ -3126,7 +3126,8 @@ def _ip_adapter_options(
     type=InputPathType(path_type=Path),
     callback=_pipeline_folder,
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
-    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext or Chroma; "
+    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext, Chroma or "
+    "Qwen-Image (QwenImagePipeline and its img2img one); "
     "SD's and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
     "ControlNet img2img pipelines, Flux Depth and Canny and Flux's and SD3's ControlNet "
     "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines and "
@@ -3137,7 +3138,8 @@ def _ip_adapter_options(
     required=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
     help="The photo to edit (PNG, JPEG, WebP, ...: any image PIL reads), read as RGB; its "
-    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3, Flux and Chroma) "
+    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3, Flux, Chroma and "
+    "Qwen-Image) "
     "unless --size resizes it.",
 )
 @click.option(
@@ -3233,8 +3235,8 @@ def _ip_adapter_options(
     default=None,
     type=float,
     callback=_finite_if_given,
-    help="Classifier-free guidance scale (1: none; true CFG for Chroma).  [default: 7.5; 1 "
-    "for Flux, 5 for Chroma]",
+    help="Classifier-free guidance scale (1: none; true CFG for Chroma and Qwen-Image).  "
+    "[default: 7.5; 1 for Flux and Qwen-Image, 5 for Chroma]",
 )
 @click.option(
     "--embedded-guidance",
@@ -3248,8 +3250,8 @@ def _ip_adapter_options(
     "--solver",
     "solver_name",
     default=None,
-    help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3, Flux and "
-    "Chroma]",
+    help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3, Flux, "
+    "Chroma and Qwen-Image]",
 )
 @click.option(
     "--gamma",
@@ -3320,12 +3322,12 @@ def edit_command(
     """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
     regenerate it under --target.
 
-    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma; an inpainting one
-    with --mask, a ControlNet one with --control-image, a ControlNet inpainting one with both; SD,
-    SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter and
-    --ip-adapter-image) is
-    loaded from a local folder; bdia.integrations.diffusers.edit_image does the work. Prints
-    the latent round trip's error (rounding only) and the VAE's.
+    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma, Qwen-Image; an
+    inpainting one with --mask, a ControlNet one with --control-image, a ControlNet inpainting
+    one with both; SD, SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter
+    and --ip-adapter-image) is loaded from a local folder;
+    bdia.integrations.diffusers.edit_image does the work. Prints the latent round trip's error
+    (rounding only) and the VAE's.
     """
     if not target.strip():
         raise click.BadParameter(
@@ -3367,6 +3369,7 @@ def edit_command(
     if embedded_guidance is not None and _never_embeds_guidance(index):
         # Known from model_index.json; a Flux transformer's guidance_embeds once it loads.
         raise _no_embedded_guidance(index["_class_name"])
+    _check_qwen_image(index, mask, control_image)
     for option, path in outputs.items():
         # Before the pipeline loads, which can take minutes.
         _refuse_existing_file(path, option, overwrite)
@@ -3445,9 +3448,14 @@ def edit_command(
     click.echo(wrote, err=True)
 
 
-#: The transformers that embed no guidance scale, whatever their config: SD3's, and Chroma's,
-#: whose guidance is true CFG.
-_NO_GUIDANCE_EMBEDDING = ("SD3Transformer2DModel", "ChromaTransformer2DModel")
+#: The transformers that embed no guidance scale, whatever their config: SD3's, Chroma's,
+#: whose guidance is true CFG, and Qwen-Image's, whose guidance-distilled kind (config
+#: guidance_embeds) edit_image refuses.
+_NO_GUIDANCE_EMBEDDING = (
+    "SD3Transformer2DModel",
+    "ChromaTransformer2DModel",
+    "QwenImageTransformer2DModel",
+)
 
 
 def _never_embeds_guidance(index: dict[str, Any]) -> bool:
@@ -3455,6 +3463,38 @@ def _never_embeds_guidance(index: dict[str, Any]) -> bool:
     guidance scale: a unet, or a transformer of _NO_GUIDANCE_EMBEDDING."""
     unet = index.get("unet") not in (None, [None, None])
     return unet or _transformer_class(index) in _NO_GUIDANCE_EMBEDDING
+
+
+def _check_qwen_image(index: dict[str, Any], mask: Path | None, controls: tuple[Path, ...]) -> None:
+    """Refuse, from model_index.json ``index`` and before the pipeline loads (Qwen-Image's
+    20B transformer takes minutes), what a Qwen-Image pipeline without a controlnet cannot
+    take: --mask and --control-image (its transformer takes the packed latents alone), and
+    QwenImageEditPipeline, which embeds text with the image."""
+    if _transformer_class(index) != "QwenImageTransformer2DModel":
+        return
+    name = index["_class_name"]
+    if name == "QwenImageEditPipeline":
+        raise click.BadParameter(
+            f"a {name} embeds the prompt with the image through Qwen2.5-VL (its "
+            "encode_prompt(prompt, image)), which edit_image does not map from text; it edits "
+            "with that pipeline's prompt embeddings, from Python (docs/diffusers.md)",
+            param_hint="'--pipeline'",
+        )
+    if index.get("controlnet") not in (None, [None, None]):
+        return
+    if mask is not None:
+        raise click.BadParameter(
+            f"a {name} takes no mask: Qwen-Image's transformer takes the packed latents alone "
+            "(QwenImageInpaintPipeline blends the image back after each step, which is no ODE "
+            "step, and is edited without one); leave it out",
+            param_hint="'--mask'",
+        )
+    if controls:
+        raise click.BadParameter(
+            f"a {name} has no controlnet: Qwen-Image's transformer takes the packed latents "
+            "alone; leave it out",
+            param_hint="'--control-image'",
+        )
 
 
 def _no_embedded_guidance(name: str) -> click.BadParameter:

@@ -18,6 +18,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from click.testing import CliRunner
 from PIL import Image
 from test_cli_errors import fails_in_one_line
@@ -35,6 +36,8 @@ from bdia.integrations.diffusers.tiny import (
     tiny_flux_pipeline,
     tiny_inpaint_pipeline,
     tiny_playground_pipeline,
+    tiny_qwen_image_edit_pipeline,
+    tiny_qwen_image_pipeline,
     tiny_sd3_controlnet_inpaint_pipeline,
     tiny_sd3_controlnet_pipeline,
     tiny_sd3_pipeline,
@@ -86,6 +89,18 @@ if CHROMA:
     BUILDERS["chroma"] = lambda folder: tiny_chroma_pipeline()
 NO_CHROMA = pytest.mark.skipif(
     not CHROMA, reason=f"diffusers {diffusers.__version__} has no ChromaPipeline"
+)
+# QwenImagePipeline with a tiny Qwen2.5-VL text encoder and Qwen2 tokenizer: diffusers 0.35
+# and transformers 4.49 and newer.
+QWEN = hasattr(diffusers, "QwenImagePipeline") and hasattr(
+    transformers, "Qwen2_5_VLForConditionalGeneration"
+)
+if QWEN:
+    BUILDERS["qwen"] = lambda folder: tiny_qwen_image_pipeline(text_encoder=True)
+NO_QWEN = pytest.mark.skipif(
+    not QWEN,
+    reason=f"QwenImagePipeline with Qwen2.5-VL needs diffusers 0.35 and transformers 4.49 "
+    f"(these are {diffusers.__version__} and {transformers.__version__})",
 )
 
 
@@ -182,6 +197,7 @@ def pixels(path):
         "playground",
         pytest.param("kontext", marks=NO_KONTEXT),
         pytest.param("chroma", marks=NO_CHROMA),
+        pytest.param("qwen", marks=NO_QWEN),
     ],
 )
 def test_the_written_pngs_are_edit_images_pil_output(name, pipelines, tmp_path):
@@ -253,11 +269,32 @@ def test_chroma_takes_the_guidance_as_true_cfg(pipelines, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
 
 
-def test_the_help_names_chroma_and_its_defaults():
+@NO_QWEN
+def test_qwen_image_takes_the_guidance_as_true_cfg(pipelines, tmp_path):
+    """QwenImagePipeline runs without guidance by default (its true_cfg_scale acts only with
+    a negative prompt), and so does the command, whose --negative '' is then unused;
+    --guidance is its true_cfg_scale with --negative, both prompts through its Qwen2.5-VL
+    text encoder; the round trip is exact either way."""
+    image = photo(tmp_path / "photo.png")
+    run(edit(pipelines["qwen"], image, tmp_path / "default.png"))
+    default = expected_edit(pipelines["qwen"], image)
+    assert np.array_equal(pixels(tmp_path / "default.png"), np.asarray(default.images[0]))
+    assert "negative_cond" not in default.inversion.ode.cond
+    more = ["--guidance", "4", "--negative", "a fox"]
+    result = run(edit(pipelines["qwen"], image, tmp_path / "e.png", *more))
+    assert "latent error 0.000e+00" in result.stdout
+    expected = expected_edit(pipelines["qwen"], image, guidance_scale=4.0, negative_prompt="a fox")
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
+
+
+def test_the_help_names_chroma_qwen_image_and_their_defaults():
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
-    assert "Flux, Flux Kontext or Chroma" in text  # --pipeline
-    assert "1 for Flux, 5 for Chroma" in text  # --guidance
-    assert "euler for SD3, Flux and Chroma" in text  # --solver
+    assert "Flux, Flux Kontext, Chroma or Qwen-Image" in text  # --pipeline
+    assert "16 for SD3, Flux, Chroma and Qwen-Image" in text  # --image
+    assert "true CFG for Chroma and Qwen-Image" in text  # --guidance
+    assert "1 for Flux and Qwen-Image, 5 for Chroma" in text  # --guidance
+    assert "euler for SD3, Flux, Chroma and Qwen-Image" in text  # --solver
 
 
 def test_size_resizes_the_photo_first(pipelines, tmp_path):
@@ -1405,6 +1442,39 @@ def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(
         "Flux.1-dev",
         status=2,
     )
+
+
+@NO_QWEN
+@pytest.mark.parametrize(
+    "more,words",
+    [
+        (["--embedded-guidance", "3"], ["'--embedded-guidance'", "QwenImagePipeline's network"]),
+        (["--mask", "m.png"], ["'--mask'", "a QwenImagePipeline takes no mask", "packed latents"]),
+        (["--control-image", "c.png"], ["'--control-image'", "has no controlnet"]),
+        (
+            ["--ip-adapter", "c.png", "--ip-adapter-image", "c.png"],
+            ["'--ip-adapter'", "a QwenImagePipeline takes no IP-Adapter"],
+        ),
+        ([], ["'--pipeline'", "a QwenImageEditPipeline embeds the prompt with the image"]),
+    ],
+)
+def test_what_qwen_image_takes_not_is_refused_before_the_pipeline_loads(
+    more, words, pipelines, tmp_path, monkeypatch
+):
+    """Known from model_index.json, each in one line before the pipeline (Qwen-Image's 20B
+    transformer) loads: an embedded guidance scale, a mask and a control image (its
+    transformer takes the packed latents alone), an IP-Adapter, and QwenImageEditPipeline,
+    whose prompts are embedded with the image, which bdia edit's text cannot give."""
+    folder = pipelines["qwen"]
+    if not more:
+        folder = tmp_path / "qwen-edit"
+        tiny_qwen_image_edit_pipeline().save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    no_pipeline_loads(monkeypatch)
+    mask_file(tmp_path / "m.png")
+    photo(tmp_path / "c.png")
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    fails_in_one_line(args, tmp_path, *words, status=2)
 
 
 def test_the_embedded_guidance_of_a_flux_transformer_without_it_is_refused(tmp_path):

@@ -9,10 +9,11 @@ the pipeline is checked in float32, where both sides make the same float operati
 same inputs and agree bit for bit; exactness of the inversion is checked in float64.
 QwenImageImg2ImgPipeline runs the same transformer ODE on the grid's tail, from the image's
 latents noised to its first timestep. edit_image takes the pipeline's prompt embeddings with
-their masks (text through its encode_prompt, here a stand-in) and its video VAE's one-frame
-latents, normalised and packed as QwenImageImg2ImgPipeline makes them. QwenImagePipeline and
-QwenImageImg2ImgPipeline are in diffusers 0.35 and newer, and import with transformers 4.49
-and newer (Qwen2.5-VL, their text encoder); elsewhere the module is skipped.
+their masks (text through its encode_prompt: test_diffusers_qwen_image_text) and its video
+VAE's one-frame latents, normalised and packed as QwenImageImg2ImgPipeline makes them.
+QwenImagePipeline and QwenImageImg2ImgPipeline are in diffusers 0.35 and newer, and import
+with transformers 4.49 and newer (Qwen2.5-VL, their text encoder); elsewhere the module is
+skipped.
 """
 
 from __future__ import annotations
@@ -718,8 +719,10 @@ def test_the_img2img_and_inpainting_pipelines_edit_as_the_text_to_image_one(name
 
 def test_text_prompts_go_through_the_pipelines_encode_prompt(monkeypatch):
     """With a tokenizer and a text encoder, text prompts go through the pipeline's
-    encode_prompt (one call a prompt, num_images_per_prompt 1), whose (prompt_embeds,
-    prompt_embeds_mask) the edit takes as it takes them given: the same edit, bit for bit."""
+    encode_prompt (one call a prompt, num_images_per_prompt 1, the pipeline's
+    max_sequence_length 512), whose (prompt_embeds, prompt_embeds_mask) the edit takes as it
+    takes them given: the same edit, bit for bit. (test_diffusers_qwen_image_text runs the
+    real encode_prompt on a tiny Qwen2.5-VL.)"""
     pipe = tiny_qwen_image_pipeline()
     ref = _edit(pipe, True)
     pairs = {"a cat": _prompt(torch.float32, 1, 5), "a dog": _target()}
@@ -728,7 +731,7 @@ def test_text_prompts_go_through_the_pipelines_encode_prompt(monkeypatch):
     seen = []
 
     def encode_prompt(prompt, device=None, num_images_per_prompt=1, **kwargs):
-        seen.append((prompt, num_images_per_prompt, sorted(kwargs)))
+        seen.append((prompt, num_images_per_prompt, kwargs))
         embeds, mask = pairs[prompt]
         return encode(None, device, num_images_per_prompt, embeds, mask)
 
@@ -744,7 +747,8 @@ def test_text_prompts_go_through_the_pipelines_encode_prompt(monkeypatch):
         guidance_scale=TRUE_CFG,
         negative_prompt=" ",
     )
-    assert seen == [("a cat", 1, []), ("a dog", 1, []), (" ", 1, [])]
+    tokens = {"max_sequence_length": 512}
+    assert seen == [("a cat", 1, tokens), ("a dog", 1, tokens), (" ", 1, tokens)]
     assert torch.equal(out.inversion.noise, ref.inversion.noise)
     assert torch.equal(out.edited_latents, ref.edited_latents)
 

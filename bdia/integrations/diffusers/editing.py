@@ -214,6 +214,9 @@ _CHROMA_GUIDANCE = 5.0
 # encode_prompt, whose default in ChromaInpaintPipeline is 256, so that the edit through
 # that pipeline's parts is the plain pipeline's.
 _CHROMA_TOKENS = 512
+# QwenImagePipeline's max_sequence_length (and its img2img, inpainting and Edit siblings'):
+# the prompt's tokens kept, given to encode_prompt, whose own default keeps 1024.
+_QWEN_TOKENS = 512
 # The static methods of FluxPipeline that make its state and positions.
 _FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
 # The pipelines that give their Flux transformer a reference image's tokens (the inpainting
@@ -699,13 +702,23 @@ def _embed_qwen(
     mask), under the key even then, so that the negative call never inherits the
     conditional one's. With ``lengths`` (diffusers 0.35's and 0.36's transformer) also
     ``txt_seq_lens``, the mask's row sums as their pipeline passes them (every token where
-    the mask is None)."""
+    the mask is None). A prompt keeps its first 512 tokens, as the pipeline's
+    ``max_sequence_length``."""
+    tokens = _QWEN_TOKENS
     if _is_pair(prompt):
         embeds, mask = (p.to(device) for p in prompt)
-        out = pipe.encode_prompt(None, device=device, prompt_embeds=embeds, prompt_embeds_mask=mask)
+        out = pipe.encode_prompt(
+            None,
+            device=device,
+            prompt_embeds=embeds,
+            prompt_embeds_mask=mask,
+            max_sequence_length=tokens,
+        )
     else:
         text = prompt if isinstance(prompt, str) else list(prompt)
-        out = pipe.encode_prompt(text, device=device, num_images_per_prompt=1)
+        out = pipe.encode_prompt(
+            text, device=device, num_images_per_prompt=1, max_sequence_length=tokens
+        )
     embeds, mask = out
     cond = {
         "encoder_hidden_states": embeds if dtype is None else embeds.to(dtype),
@@ -895,7 +908,8 @@ def edit_image(
             batch, tokens, joint_attention_dim)`` and ``(the same batch, tokens)``, as its
             ``encode_prompt`` returns them (an integer mask, 1 for a token, 0 for padding),
             which goes through ``encode_prompt`` as in the pipeline (an all-ones mask becomes
-            None); text needs the pipeline's text encoder.
+            None; a prompt keeps its first 512 tokens, the pipeline's
+            ``max_sequence_length``); text needs the pipeline's text encoder.
         target_prompt: the edit, in the same forms.
         num_inference_steps: steps of the scheduler's grid (``diffusers_grid``); with an
             EDM-preconditioned scheduler one fewer where that grid ends at 0 (its default

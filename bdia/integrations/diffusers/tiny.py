@@ -13,10 +13,11 @@ and SD3 (``SD3ControlNetModel``, ``StableDiffusion3ControlNetPipeline``, and wit
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
 Diffusion and SDXL and their ControlNet inpainting pipelines, Stable Diffusion's, SDXL's,
 Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
-``QwenImageTransformer2DModel``, ``QwenImagePipeline``, ``QwenImageEditPipeline`` and
-``QwenImageControlNetPipeline`` with a ``QwenImageControlNetModel``, without their text
-encoder), a few thousand weights each: for tests and for checking plumbing and
-exactness, which do not depend on the weights. A random network is no denoiser, so what they
+``QwenImageTransformer2DModel``, ``QwenImagePipeline`` (with or without a Qwen2.5-VL text
+encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
+``QwenImageEditPlusPipeline`` and ``QwenImageControlNetPipeline`` with a
+``QwenImageControlNetModel``, without their text encoder), a few thousand weights each: for
+tests and for checking plumbing and exactness, which do not depend on the weights. A random network is no denoiser, so what they
 sample is not an image of anything.
 """
 
@@ -40,6 +41,7 @@ __all__ = [
     "tiny_flux_transformer",
     "tiny_chroma_transformer",
     "tiny_qwen_image_transformer",
+    "tiny_qwen_text_encoder",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
@@ -721,10 +723,154 @@ def tiny_flux_kontext_pipeline(
     return pipe
 
 
-def tiny_qwen_image_pipeline(scheduler: Any = None) -> Any:
+#: Qwen2.5-VL's special tokens that Qwen-Image's prompt templates use, the chat turns' and
+#: (Qwen-Image-Edit's) the image's place, and the video's place that its config names;
+#: <|endoftext|> is the tokenizer's own pad token.
+_QWEN_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_end|>",
+)
+
+
+def _qwen_templates() -> list[str]:
+    """The prompt templates of diffusers' Qwen-Image pipelines (QwenImagePipeline's and,
+    where diffusers has it, QwenImageEditPipeline's), read from bare instances."""
+    templates = []
+    for name in ("QwenImagePipeline", "QwenImageEditPipeline"):
+        cls = getattr(diffusers, name, None)
+        if cls is not None:
+            bare = cls(
+                **{
+                    part: None
+                    for part in inspect.signature(cls.__init__).parameters
+                    if part != "self"
+                }
+            )
+            templates.append(bare.prompt_template_encode.format(""))
+    return templates
+
+
+def _tiny_qwen_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
+    """A fast Qwen2 byte-level BPE tokenizer (``Qwen2TokenizerFast``; transformers 5's
+    ``Qwen2Tokenizer``) whose vocabulary is the 256 byte symbols, every piece of Qwen-Image's
+    prompt templates (as Qwen2's pre-tokenizer splits them) and each of ``words`` (alone or
+    after a space) whole, and ``_QWEN_SPECIAL_TOKENS``: a template's text before the prompt is
+    one token a piece, as many as with Qwen2.5-VL's own tokenizer (QwenImagePipeline's 34,
+    QwenImageEditPipeline's 64 up to the image), and any other text is spelled in the pieces'
+    prefixes and bytes. Its vocab.json and merges.txt are written to a temporary folder,
+    which it reads whole."""
+    import re
+    import tempfile
+
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    # transformers 5's Qwen2Tokenizer is the fast one, which 4.x calls Qwen2TokenizerFast.
+    cls = getattr(transformers, "Qwen2TokenizerFast", transformers.Qwen2Tokenizer)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: k for k, symbol in enumerate(alphabet)}
+    merges: list[str] = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = (Path(folder) / "vocab.json", Path(folder) / "merges.txt")
+
+        def tokenizer() -> Any:
+            paths[0].write_text(json.dumps(vocab))
+            paths[1].write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+            return cls(*map(str, paths))
+
+        # The pieces as Qwen2's pre-tokenizer splits the text (byte-level symbols, a space
+        # joined to the word after it), the special tokens taken out first.
+        split = tokenizer().backend_tokenizer.pre_tokenizer.pre_tokenize_str
+        special = "|".join(map(re.escape, _QWEN_SPECIAL_TOKENS))
+        texts = [*_qwen_templates(), " ".join(words), " " + " ".join(words)]
+        pieces = [p for text in texts for part in re.split(special, text) for p, _ in split(part)]
+        for piece in pieces:
+            # Merged left to right: the piece's prefixes are the tokens on the way.
+            for end in range(2, len(piece) + 1):
+                if piece[:end] not in vocab:
+                    vocab[piece[:end]] = len(vocab)
+                    merges.append(f"{piece[: end - 1]} {piece[end - 1]}")
+        made = tokenizer()
+        for piece in pieces:
+            # An earlier merge inside a piece ("user" inside " user") can leave it in parts:
+            # each is joined by one more merge, ranked after those that made the parts.
+            while len(parts := [t.value for t in made.backend_tokenizer.model.tokenize(piece)]) > 1:
+                vocab.setdefault(parts[0] + parts[1], len(vocab))
+                merges.append(f"{parts[0]} {parts[1]}")
+                made = tokenizer()
+    made.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS)})
+    return made
+
+
+def tiny_qwen_text_encoder(*, seed: int = 0) -> tuple[Any, Any]:
+    """Qwen-Image's text encoder and tokenizer in miniature, nothing downloaded: a
+    ``(tokenizer, text_encoder)`` pair for ``QwenImagePipeline``'s ``encode_prompt``.
+
+    The tokenizer is a fast Qwen2 byte-level BPE one of a few hundred
+    tokens that knows the words of Qwen-Image's prompt templates and ``TINY_WORDS`` whole,
+    with the special tokens the templates use (``<|im_start|>``, ``<|im_end|>``, and
+    Qwen-Image-Edit's ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>``): the
+    template's text before the prompt is as many tokens as with Qwen2.5-VL's tokenizer, 34
+    for QwenImagePipeline, which it drops (``prompt_template_encode_start_idx``). The text
+    encoder is a ``Qwen2_5_VLForConditionalGeneration`` of one decoder layer of width 16 (2
+    query heads, 1 key-value head: grouped as Qwen2.5-VL's) and a one-block vision tower,
+    weights drawn with ``torch.manual_seed(seed)``, float32, in eval mode: its last hidden
+    states are the prompt embeddings, ``(batch, tokens, 16)``, of the width of
+    ``tiny_qwen_image_transformer``'s ``joint_attention_dim``. Needs transformers 4.49 or
+    newer, which have Qwen2.5-VL."""
+    import transformers
+
+    if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        raise ImportError(
+            f"Qwen2_5_VLForConditionalGeneration is in transformers 4.49 and newer; this is "
+            f"{transformers.__version__}"
+        )
+    tokenizer = _tiny_qwen_tokenizer()
+    token = tokenizer.convert_tokens_to_ids
+    # Flat, as a released config.json: transformers 5 reads the text model's fields from it.
+    flat: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        # A head's 4 rotary frequencies split between time, rows and columns, as
+        # Qwen2.5-VL's 16, 24, 24 split its 64.
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        bos_token_id=token("<|endoftext|>"),
+        eos_token_id=token("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=16,
+            num_heads=2,
+            out_hidden_size=16,
+            fullatt_block_indexes=[0],
+        ),
+    )
+    config = transformers.Qwen2_5_VLConfig(**flat)
+    torch.manual_seed(seed)
+    return tokenizer, transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_pipeline(scheduler: Any = None, *, text_encoder: bool = False) -> Any:
     """A float32 ``QwenImagePipeline`` of tiny random parts on 16 x 16 RGB images, without a
     text encoder or tokenizer: give it ``prompt_embeds`` and ``prompt_embeds_mask`` (and
-    ``negative_prompt_embeds`` with their mask for true CFG), of width 16.
+    ``negative_prompt_embeds`` with their mask for true CFG), of width 16. With
+    ``text_encoder``, ``tiny_qwen_text_encoder()``'s tokenizer and Qwen2.5-VL text encoder
+    (seed 0), which its ``encode_prompt`` embeds text prompts with (needs transformers 4.49
+    or newer).
     ``tiny_qwen_image_transformer()`` on the packed latents of shape ``(batch, 16, 16)`` (4 x 8
     x 8 latents in patches of 2 x 2) and an ``AutoencoderKLQwenImage`` of 4 latent channels
     that halves the image's size (``vae_scale_factor`` 2, seed 1). ``scheduler`` defaults to
@@ -744,11 +890,12 @@ def tiny_qwen_image_pipeline(scheduler: Any = None) -> Any:
     ).eval()
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    tokenizer, encoder = tiny_qwen_text_encoder() if text_encoder else (None, None)
     pipe = pipeline(
         scheduler=scheduler,
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
         transformer=tiny_qwen_image_transformer(),
     )
     pipe.set_progress_bar_config(disable=True)
