@@ -37,6 +37,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_inpaint_pipeline,
     tiny_playground_pipeline,
     tiny_qwen_image_edit_pipeline,
+    tiny_qwen_image_edit_plus_pipeline,
     tiny_qwen_image_pipeline,
     tiny_sd3_controlnet_inpaint_pipeline,
     tiny_sd3_controlnet_pipeline,
@@ -1456,6 +1457,7 @@ def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(
             ["'--ip-adapter'", "a QwenImagePipeline takes no IP-Adapter"],
         ),
         ([], ["'--pipeline'", "a QwenImageEditPipeline embeds the prompt with the image"]),
+        (None, ["'--pipeline'", "a QwenImageEditPlusPipeline embeds the prompt with the image"]),
     ],
 )
 def test_what_qwen_image_takes_not_is_refused_before_the_pipeline_loads(
@@ -1463,10 +1465,16 @@ def test_what_qwen_image_takes_not_is_refused_before_the_pipeline_loads(
 ):
     """Known from model_index.json, each in one line before the pipeline (Qwen-Image's 20B
     transformer) loads: an embedded guidance scale, a mask and a control image (its
-    transformer takes the packed latents alone), an IP-Adapter, and QwenImageEditPipeline,
-    whose prompts are embedded with the image, which bdia edit's text cannot give."""
+    transformer takes the packed latents alone), an IP-Adapter, and QwenImageEditPipeline
+    and QwenImageEditPlusPipeline (``more`` None), whose prompts are embedded with the image,
+    which bdia edit's text cannot give."""
     folder = pipelines["qwen"]
-    if not more:
+    if more is None:
+        if not hasattr(diffusers, "QwenImageEditPlusPipeline"):
+            pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageEditPlusPipeline")
+        folder, more = tmp_path / "qwen-edit-plus", []
+        tiny_qwen_image_edit_plus_pipeline().save_pretrained(folder)
+    elif not more:
         folder = tmp_path / "qwen-edit"
         tiny_qwen_image_edit_pipeline().save_pretrained(folder)
     monkeypatch.chdir(tmp_path)

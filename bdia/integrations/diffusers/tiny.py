@@ -17,8 +17,8 @@ Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
 encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
 ``QwenImageEditPlusPipeline`` and ``QwenImageControlNetPipeline`` with a
 ``QwenImageControlNetModel``, without their text encoder), a few thousand weights each: for
-tests and for checking plumbing and exactness, which do not depend on the weights. A random network is no denoiser, so what they
-sample is not an image of anything.
+tests and for checking plumbing and exactness, which do not depend on the weights. A random
+network is no denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
