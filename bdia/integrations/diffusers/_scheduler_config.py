@@ -64,14 +64,15 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 # flow-matching transformers the adapter calls as their pipelines do: SD3's as
 # StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does, Chroma's, Flux's
 # transformer without pooled embeddings or guidance embedding, as ChromaPipeline does (on
-# Flux's packed latents, ids and timestep, with an attention mask), and Qwen-Image's as
-# QwenImagePipeline does.
+# Flux's packed latents, ids and timestep, with an attention mask), Qwen-Image's as
+# QwenImagePipeline does, and Z-Image's as ZImagePipeline does.
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _SD3_MODELS = ("SD3Transformer2DModel",)
 _CHROMA_MODELS = ("ChromaTransformer2DModel",)
 _FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS
 _QWEN_IMAGE_MODELS = ("QwenImageTransformer2DModel",)
-_FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS
+_Z_IMAGE_MODELS = ("ZImageTransformer2DModel",)
+_FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS
 _SPACES = ("vp", "edm", "flow")
 # Relative slack on noise levels: diffusers stores its sigmas in float32 (rounding 6e-8), and
 # a sigma that close to a table value is that value.
@@ -244,9 +245,9 @@ def _check_flow_config(scheduler: Any) -> None:
 
 def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
     """Refuse a network that does not go with the scheduler: a UNet (or another diffusers
-    model than SD3's, Flux's or Qwen-Image's transformer) with a flow-matching scheduler, one
-    of those transformers with a noise table or an EDM-preconditioned scheduler. A plain callable is
-    taken as it is documented."""
+    model than SD3's, Flux's, Qwen-Image's or Z-Image's transformer) with a flow-matching
+    scheduler, one of those transformers with a noise table or an EDM-preconditioned
+    scheduler. A plain callable is taken as it is documented."""
     names = _class_names(model)
     name, scheduler_name = type(model).__name__, type(scheduler).__name__
     flow_model = any(n in _FLOW_MODELS for n in names)
@@ -266,14 +267,15 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
             f"a {name} with {scheduler_name}: a UNet is a diffusion model of a noise table, "
             "not a flow-matching model; give it its own scheduler (DDIM, Euler, DPM-Solver, "
             "...), or use the flow-matching scheduler with SD3Transformer2DModel, "
-            "FluxTransformer2DModel or QwenImageTransformer2DModel"
+            "FluxTransformer2DModel, QwenImageTransformer2DModel or ZImageTransformer2DModel"
         )
     if isinstance(model, diffusers.ModelMixin):
         raise ValueError(
             f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
             "SD3Transformer2DModel (Stable Diffusion 3 and 3.5), FluxTransformer2DModel "
-            "(Flux.1), ChromaTransformer2DModel and QwenImageTransformer2DModel (Qwen-Image) "
-            "with a flow-matching scheduler, and does not know how this model is called"
+            "(Flux.1), ChromaTransformer2DModel, QwenImageTransformer2DModel (Qwen-Image) and "
+            "ZImageTransformer2DModel (Z-Image) with a flow-matching scheduler, and does not "
+            "know how this model is called"
         )
 
 
@@ -311,6 +313,10 @@ def _is_chroma(model: Any) -> bool:
 
 def _is_qwen_image(model: Any) -> bool:
     return any(n in _QWEN_IMAGE_MODELS for n in _class_names(model))
+
+
+def _is_z_image(model: Any) -> bool:
+    return any(n in _Z_IMAGE_MODELS for n in _class_names(model))
 
 
 def _check_model_config(scheduler: Any, allowed: tuple[str, ...] = tuple(_PREDICTIONS)) -> str:

@@ -35,7 +35,12 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   conditional one first, and rescales the guided velocity of each token to the norm of the
   conditional one, as the pipeline does. ``QwenImageEditPipeline`` calls it so with
   ``image_latents=``, as Flux Kontext's (below), and ``QwenImageEditPlusPipeline`` with
-  several reference images' latents concatenated there.
+  several reference images' latents concatenated there. ``ZImageTransformer2DModel`` is
+  called as ``ZImagePipeline`` (and ``ZImageImg2ImgPipeline``) calls it: on a list of
+  per-sample latents ``(C, 1, h, w)`` of the image-shaped state, at ``timestep = (1000 -
+  sigma N) / 1000``, with ``cap_feats``, a list of per-sample prompt embeddings of their own
+  lengths; it predicts ``x0 - eps``, which is negated, and its CFG is the pipeline's (see
+  ``bdia.integrations.diffusers._z_image``).
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
@@ -158,12 +163,14 @@ from ._scheduler_config import (
     _is_flux,
     _is_preconditioned,
     _is_qwen_image,
+    _is_z_image,
     _schedule,
     _scheduler,
     _sigma_rule,
     _space,
     _table,
 )
+from ._z_image import _Z_IMAGE_OPTIONS, _check_z_image_cond, z_image_velocity
 from .grid import diffusers_grid
 
 __all__ = ["from_diffusers", "diffusers_grid", "DiffusersModel"]
@@ -268,6 +275,13 @@ class DiffusersModel(torch.nn.Module):
             ``g |c| / |g|``, norms over each token's channels (the last dim); reference
             images' ``image_latents`` as ``QwenImageEditPipeline`` and
             ``QwenImageEditPlusPipeline`` give them.
+        z_image: ``"flow"`` space only, call the transformer as ``ZImagePipeline`` calls
+            Z-Image's: the state is the image-shaped latents ``(batch, C, h, w)``, passed as a
+            list of ``(C, 1, h, w)``, the timestep ``(1000 - tau) / 1000`` (float32, float64
+            for a float64 state), the prompts ``cap_feats`` a list of per-sample embeddings,
+            and CFG (``guidance_scale > 0``) one call on the batch twice over, the prompts
+            then the negative ones, guided as ``c + g (c - u)`` with the pipeline's
+            ``cfg_normalization`` and ``cfg_truncation``; the output is negated.
         controlnet: ``"vp"`` and ``"edm"`` space, a diffusers ``ControlNetModel`` or
             ``MultiControlNetModel`` called before the unet on the same inputs, whose
             residuals the unet gets, as ``StableDiffusionControlNetPipeline`` and
@@ -301,6 +315,7 @@ class DiffusersModel(torch.nn.Module):
         unet_dtype: torch.dtype | None = None,
         flux: bool = False,
         qwen_image: bool = False,
+        z_image: bool = False,
         controlnet: Any = None,
     ) -> None:
         super().__init__()
@@ -320,6 +335,11 @@ class DiffusersModel(torch.nn.Module):
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
         if qwen_image and (space != "flow" or flux):
             raise ValueError(f"qwen_image=True needs space 'flow' and no flux, got {space!r}")
+        if z_image and (space != "flow" or flux or qwen_image or controlnet is not None):
+            raise ValueError(
+                f"z_image=True needs space 'flow' without flux, qwen_image or controlnet, "
+                f"got space {space!r}"
+            )
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
                 f"sigma_rule must be 'linear', 'log' or 'continuous', got {sigma_rule!r}"
@@ -331,6 +351,7 @@ class DiffusersModel(torch.nn.Module):
         self.prediction = prediction
         self.flux = bool(flux)
         self.qwen_image = bool(qwen_image)
+        self.z_image = bool(z_image)
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -572,6 +593,8 @@ class DiffusersModel(torch.nn.Module):
             ``eps - x0`` in flow space. With ``sigma_data``, the denoiser ``c_skip x + c_out
             F`` of the unet's (guided) output ``F``, in ``x``'s dtype (float32 at least).
         """
+        if self.z_image:
+            return z_image_velocity(self, x, t, guidance_scale, negative_cond, unet_kwargs)
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
         image = None
@@ -1490,18 +1513,37 @@ def from_diffusers(
 
     guidance_scale = cond.pop("guidance_scale", None)
     negative_cond = cond.pop("negative_cond", None)
-    _check_guidance(guidance_scale, negative_cond)
+    # The inputs of other pipelines than those of the transformers that take none.
+    extras = dict(
+        controlnet=controlnet,
+        mask=mask,
+        masked_image_latents=masked_image_latents,
+        image_latents=image_latents,
+        control_latents=control_latents,
+    )
+    z_image = space == "flow" and _is_z_image(unet)
+    z_options = {k: cond.pop(k) for k in _Z_IMAGE_OPTIONS if k in cond}
+    if z_image:
+        _check_z_image_cond(
+            unet,
+            cond,
+            negative_cond,
+            guidance_scale,
+            z_options.get("cfg_normalization", False),
+            z_options.get("cfg_truncation", 1.0),
+            extras,
+        )
+    else:
+        if z_options:
+            raise ValueError(
+                f"{next(iter(z_options))} is ZImagePipeline's CFG option, for Z-Image's "
+                "transformer; this network is none: leave it out"
+            )
+        _check_guidance(guidance_scale, negative_cond)
     flux = space == "flow" and _is_flux(unet)
     chroma = flux and _is_chroma(unet)
     qwen_image = space == "flow" and _is_qwen_image(unet)
     if chroma:
-        extras = dict(
-            controlnet=controlnet,
-            mask=mask,
-            masked_image_latents=masked_image_latents,
-            image_latents=image_latents,
-            control_latents=control_latents,
-        )
         given = [k for k, v in extras.items() if v is not None]
         if given:
             raise ValueError(
@@ -1522,7 +1564,7 @@ def from_diffusers(
         _check_qwen_image_cond(unet, cond, negative_cond, guided, image_latents)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    elif not flux and not qwen_image:
+    elif not flux and not qwen_image and not z_image:
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
     if flux and not chroma:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
@@ -1666,9 +1708,10 @@ def from_diffusers(
         unet_dtype=unet_dtype,
         flux=flux,
         qwen_image=qwen_image,
+        z_image=z_image,
         controlnet=control_module,
     )
-    ode_cond = {**cond, **control_cond, **inpaint, **kontext}
+    ode_cond = {**cond, **control_cond, **inpaint, **kontext, **z_options}
     if guidance_scale is not None:
         ode_cond["guidance_scale"] = guidance_scale
     if negative_cond is not None:

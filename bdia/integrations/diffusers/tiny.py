@@ -16,9 +16,11 @@ Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
 ``QwenImageTransformer2DModel``, ``QwenImagePipeline`` (with or without a Qwen2.5-VL text
 encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
 ``QwenImageEditPlusPipeline`` and ``QwenImageControlNetPipeline`` with a
-``QwenImageControlNetModel``, without their text encoder), a few thousand weights each: for
-tests and for checking plumbing and exactness, which do not depend on the weights. A random
-network is no denoiser, so what they sample is not an image of anything.
+``QwenImageControlNetModel``, without their text encoder), and Z-Image's
+``ZImageTransformer2DModel`` and ``ZImagePipeline`` (without its Qwen3 text encoder), a few
+thousand weights each: for tests and for checking plumbing and exactness, which do not
+depend on the weights. A random network is no denoiser, so what they sample is not an image
+of anything.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "SD_NOISE_TABLE",
     "FLUX_DEV_SCHEDULER",
     "QWEN_IMAGE_SCHEDULER",
+    "Z_IMAGE_SCHEDULER",
     "tiny_unet",
     "tiny_sd3_transformer",
     "tiny_flux_transformer",
@@ -58,6 +61,8 @@ __all__ = [
     "tiny_qwen_image_edit_plus_pipeline",
     "tiny_qwen_image_controlnet",
     "tiny_qwen_image_controlnet_pipeline",
+    "tiny_z_image_transformer",
+    "tiny_z_image_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
@@ -104,6 +109,10 @@ QWEN_IMAGE_SCHEDULER: dict[str, Any] = dict(
     shift_terminal=0.02,
     time_shift_type="exponential",
 )
+
+#: Z-Image-Turbo's FlowMatchEulerDiscreteScheduler config, as keyword arguments: shift 3, no
+#: resolution-dependent shifting (ZImagePipeline passes a mu that this config ignores).
+Z_IMAGE_SCHEDULER: dict[str, Any] = dict(shift=3.0, use_dynamic_shifting=False)
 
 #: The words the tiny tokenizer knows whole (any other word is spelled letter by letter).
 TINY_WORDS = ("a", "photo", "painting", "of", "cat", "dog", "fox", "red", "blue")
@@ -245,7 +254,8 @@ def tiny_chroma_transformer(
 
 
 def _qwen_image_class(name: str, since: str = "0.35") -> Any:
-    """diffusers' ``name`` (a Qwen-Image class), or ImportError before diffusers ``since``."""
+    """diffusers' ``name`` (a Qwen-Image or Z-Image class), or ImportError before diffusers
+    ``since``."""
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise ImportError(
@@ -962,6 +972,57 @@ def tiny_qwen_image_controlnet_pipeline(scheduler: Any = None, *, multi: bool = 
     if multi:
         controlnet = _qwen_image_class("QwenImageMultiControlNetModel", "0.36")([controlnet])
     pipe = pipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_z_image_transformer(
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A ``ZImageTransformer2DModel`` with one refiner block of each kind and one main block
+    of width 32 (2 heads of 16) on latents of 4 channels in patches of 2 x 2, called on a
+    list of per-sample latents of shape ``(4, 1, h, w)`` and a list of per-sample prompt
+    embeddings of shape ``(L_i, 16)`` (``cap_feats``), as ``ZImagePipeline`` calls it.
+    Weights drawn with ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides``
+    add to or replace fields of its config. Needs diffusers 0.36 or newer."""
+    cls = _qwen_image_class("ZImageTransformer2DModel", "0.36")
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[64, 32, 32],
+    )
+    config.update(overrides)
+    net = cls(**config)
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def tiny_z_image_pipeline(scheduler: Any = None, *, cls: Any = None) -> Any:
+    """A float32 ``ZImagePipeline`` of tiny random parts on 16 x 16 RGB images, without its
+    Qwen3 text encoder or tokenizer: give it ``prompt_embeds`` (a list of per-sample
+    embeddings of shape ``(L_i, 16)``, and ``negative_prompt_embeds`` alike for CFG).
+    ``tiny_z_image_transformer()`` on latents of shape ``(batch, 4, 8, 8)`` and the
+    ``AutoencoderKL`` of ``tiny_flux_pipeline`` (Flux's ``scaling_factor`` and
+    ``shift_factor``, which Z-Image's VAE has). ``scheduler`` defaults to
+    ``FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER)``; ``cls`` (a pipeline class of
+    the same parts: ``ZImageImg2ImgPipeline``, ``ZImageInpaintPipeline``) defaults to
+    ``ZImagePipeline``. The progress bar is off. Needs diffusers 0.36 or newer."""
+    pipeline = cls if cls is not None else _qwen_image_class("ZImagePipeline", "0.36")
+    if scheduler is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER)
+    pipe = pipeline(
+        scheduler=scheduler,
+        vae=_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_z_image_transformer(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
