@@ -269,6 +269,14 @@ if not pathlib.Path("qwen_image").is_dir():
     tiny_qwen_image_pipeline().save_pretrained("qwen_image")
 """
 
+# A tiny random Z-Image pipeline in diffusers' layout ("z_image"): no text encoder.
+_Z_IMAGE_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_z_image_pipeline
+if not pathlib.Path("z_image").is_dir():
+    tiny_z_image_pipeline().save_pretrained("z_image")
+"""
+
 # The Qwen-Image img2img block continues the Qwen-Image example, whose names later blocks
 # of the page rebind: that example's pipe, sizes, steps, prompt embeddings and mu, made
 # again as its block (with its LOCAL replacements) makes them, and a 16 x 16 fox.png.
@@ -398,6 +406,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/FLUX.1-Canny-dev"'): _FLUX_CONTROL_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _FLUX_KONTEXT_FOLDER,
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
+    ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _Z_IMAGE_FOLDER,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
     # edit_image's Qwen-Image example: the tiny folder and a cat.png.
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): (
@@ -644,6 +653,19 @@ LOCAL = {
         ('"a photo of a dog",', "(torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)),"),
         ('negative_prompt=" ",', "negative_prompt=(torch.randn(1, 3, 16), torch.ones(1, 3)),"),
     ],
+    # The tiny folder has no text encoder: a prompt's embeddings drawn; 16 x 16 images.
+    ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): [
+        ('"/models/Z-Image-Turbo",', '"z_image", text_encoder=None, tokenizer=None,'),
+        ('.to("cuda")', '.to("cpu")'),
+        ('device="cuda"', 'device="cpu"'),
+        ('torch.Generator("cuda")', "torch.Generator()"),
+        (
+            'embeds, _ = pipe.encode_prompt("a watercolour fox in the snow", device="cpu",',
+            "embeds, _ = [torch.randn(5, 16, dtype=torch.bfloat16)], (",
+        ),
+        ("do_classifier_free_guidance=False)", ")"),
+        ("torch.randn(1, 16, 128, 128,", "torch.randn(1, 4, 8, 8,"),
+    ],
     ("docs/diffusers.md", '"/models/Qwen-Image"'): [
         ('"/models/Qwen-Image"', '"qwen_image"'),
         ('device = "cuda"', 'device = "cpu"'),
@@ -863,6 +885,17 @@ def _chroma_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _z_image_inverted(ns):
+    # Turbo's 8 steps without CFG in the bfloat16 transformer on image-shaped latents, and
+    # "back.earlier is noise, to rounding": the float32 state's two words invert the steps
+    # exactly (measured: 0).
+    ts, noise, ode = ns["ts"], ns["noise"], ns["ode"]
+    assert noise.shape == (1, 4, 8, 8) and len(ts) == 9 and float(ts[0]) == 1.0
+    assert float(ts[-1]) == 0.0 and ode.model_dtype == torch.bfloat16
+    assert ns["image"].shape == (1, 3, 16, 16)
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _qwen_image_inverted(ns):
     # "(1, 4096, 64)" packed latents (here (1, 16, 16): 16 x 16 images, 4 channels in 2 x 2
     # patches), true CFG in the bfloat16 transformer, and "back.earlier is noise, to
@@ -988,6 +1021,7 @@ AFTER = {
     ("docs/diffusers.md", 'pair.solver == "bdia(euler'): _sd3_solver_recorded,
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
+    ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _z_image_inverted,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): _edit_round_trip,
     ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,
@@ -1013,6 +1047,7 @@ _QWEN_IMAGE_NEEDS = (("diffusers", (0, 35)), ("transformers", (4, 49)))
 NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): (("diffusers", (0, 35)),),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
+    ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
 }
