@@ -145,6 +145,14 @@ if not pathlib.Path("chroma").is_dir():
     tiny_chroma_pipeline().save_pretrained("chroma")
 """
 
+# The tiny Flux.2 pipeline in diffusers' layout ("flux2"), without its text encoder.
+_FLUX2_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_flux2_pipeline
+if not pathlib.Path("flux2").is_dir():
+    tiny_flux2_pipeline().save_pretrained("flux2")
+"""
+
 # A ControlNet of the tiny Stable Diffusion pipeline's unet in diffusers' layout
 # ("controlnet"), beside that pipeline's folder, and a 16 x 16 edge map.
 _CONTROLNET_FOLDER = (
@@ -385,6 +393,7 @@ pipe = tiny_text_to_image_pipeline("sd_parts")
 """,
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _FLUX_FOLDER,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _CHROMA_FOLDER,
+    ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _FLUX2_FOLDER,
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): (
         _FLUX_FOLDER
         + """
@@ -594,6 +603,17 @@ LOCAL = {
         ('"/models/FLUX.1-dev"', '"flux"'),
         ('device = "cuda"', 'device = "cpu"'),
         ("height = width = 1024", "height = width = 16"),
+    ],
+    ("docs/diffusers.md", '"/models/FLUX.2-dev"'): [
+        ('"/models/FLUX.2-dev"', '"flux2"'),
+        ("from_pretrained(path, ", "from_pretrained(path, text_encoder=None, tokenizer=None, "),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("height = width = 1024", "height = width = 16"),
+        # The tiny pipeline has no text encoder: embeddings of the transformer's width.
+        (
+            'pipe.encode_prompt("a watercolour fox in the snow", device=device)',
+            "pipe.encode_prompt(None, device=device, prompt_embeds=torch.randn(1, 5, 16))",
+        ),
     ],
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): [
         ('"/models/Chroma1-HD"', '"chroma"'),
@@ -896,6 +916,16 @@ def _z_image_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _flux2_inverted(ns):
+    # Flux.2's packed latents "(1, 4096, 128)" (here (1, 16, 16)) under FLUX.2-dev's embedded
+    # guidance 4 in the bfloat16 transformer, and "back.earlier is noise, to rounding": the
+    # float32 state's two words invert the steps to rounding.
+    cond, noise = ns["ode"].cond, ns["noise"]
+    assert noise.shape == (1, 16, 16) and ns["ode"].model_dtype == torch.bfloat16
+    assert float(cond["guidance"]) == 4.0 and cond["img_ids"].shape == (1, 16, 4)
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _qwen_image_inverted(ns):
     # "(1, 4096, 64)" packed latents (here (1, 16, 16): 16 x 16 images, 4 channels in 2 x 2
     # patches), true CFG in the bfloat16 transformer, and "back.earlier is noise, to
@@ -1023,6 +1053,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _z_image_inverted,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
+    ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _flux2_inverted,
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): _edit_round_trip,
     ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-Fill-dev"'): _flux_fill_inverted,
@@ -1046,6 +1077,7 @@ AFTER = {
 _QWEN_IMAGE_NEEDS = (("diffusers", (0, 35)), ("transformers", (4, 49)))
 NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): (("diffusers", (0, 35)),),
+    ("docs/diffusers.md", '"/models/FLUX.2-dev"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,

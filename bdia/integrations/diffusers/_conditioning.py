@@ -230,16 +230,25 @@ def _check_cond(
         )
 
 
-def _ids_message(key: str, value: Any, axes: int) -> str | None:
-    """Why ``value`` is not a Flux position-id tensor of ``axes`` columns, or None."""
+def _ids_message(key: str, value: Any, axes: int, batched: bool = False) -> str | None:
+    """Why ``value`` is not a Flux position-id tensor of ``axes`` columns, or None; with
+    ``batched`` (Flux.2's), one of shape ``(batch, tokens, axes)`` is taken too."""
+    shape = f"(tokens, {axes}) or (batch, tokens, {axes})" if batched else f"(tokens, {axes})"
     if not isinstance(value, Tensor):
-        return f"{key} must be a tensor of shape (tokens, {axes}), got {type(value).__name__}"
+        return f"{key} must be a tensor of shape {shape}, got {type(value).__name__}"
     if value.ndim == 2 and value.shape[1] == axes:
         return None
-    batched = f" (a batched one: pass {key}[0])" if value.ndim == 3 else ""
+    if batched and value.ndim == 3 and value.shape[2] == axes:
+        return None
+    if batched:
+        return (
+            f"{key} must have shape {shape}, one row per token, as Flux2Pipeline passes it; "
+            f"got {tuple(value.shape)}"
+        )
+    hint = f" (a batched one: pass {key}[0])" if value.ndim == 3 else ""
     return (
         f"{key} must have shape (tokens, {axes}), one row per token shared by the batch, as "
-        f"FluxPipeline passes it; got {tuple(value.shape)}{batched}"
+        f"FluxPipeline passes it; got {tuple(value.shape)}{hint}"
     )
 
 
@@ -269,24 +278,29 @@ def _flux_kwargs(kwargs: Mapping[str, Any], batch: int, where: str) -> dict[str,
 
 
 def _check_flux_tokens(
-    cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None, axes: int
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    axes: int,
+    batched: bool = False,
 ) -> None:
-    """Refuse position ids that are not ``(tokens, axes)`` and prompt embeddings of another
-    length than their ``txt_ids``, in either branch (the negative one is a call of its own:
-    its ``txt_ids``, else the conditional ones)."""
+    """Refuse position ids that are not ``(tokens, axes)`` (with ``batched``, Flux.2's, or
+    ``(batch, tokens, axes)``) and prompt embeddings of another length than their
+    ``txt_ids``, in either branch (the negative one is a call of its own: its ``txt_ids``,
+    else the conditional ones)."""
     for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
         for key in _FLUX_IDS:
             if key in mapping:
-                problem = _ids_message(f"{where}[{key!r}]" if where else key, mapping[key], axes)
+                label = f"{where}[{key!r}]" if where else key
+                problem = _ids_message(label, mapping[key], axes, batched)
                 if problem is not None:
                     raise ValueError(problem)
-        txt_ids = mapping.get("txt_ids", cond["txt_ids"])
+        rows = mapping.get("txt_ids", cond["txt_ids"]).shape[-2]
         embeds = mapping.get("encoder_hidden_states")
-        if isinstance(embeds, Tensor) and (embeds.ndim != 3 or embeds.shape[1] != len(txt_ids)):
+        if isinstance(embeds, Tensor) and (embeds.ndim != 3 or embeds.shape[1] != rows):
             label = f"{where}['encoder_hidden_states']" if where else "encoder_hidden_states"
             raise ValueError(
                 f"{label} has shape {tuple(embeds.shape)}, but its txt_ids has "
-                f"{len(txt_ids)} rows: give embeddings of shape (batch or 1, tokens, D) with "
+                f"{rows} rows: give embeddings of shape (batch or 1, tokens, D) with "
                 "one txt_ids row per token"
             )
 
@@ -315,7 +329,30 @@ def _check_flux_cond(
             "dtype) for latents of h x w before packing"
         )
     _check_flux_tokens(cond, negative_cond, axes)
-    embedded = bool(config.get("guidance_embeds", False))
+    return _embedded_guidance(
+        transformer,
+        cond,
+        negative_cond,
+        "a timestep-distilled model such as Flux.1-schnell",
+        "Flux.1-dev",
+        "FluxPipeline's guidance_scale (3.5 by default)",
+    )
+
+
+def _embedded_guidance(
+    transformer: Any,
+    cond: Mapping[str, Any],
+    negative_cond: Mapping[str, Any] | None,
+    without: str,
+    embedding: str,
+    scale: str,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Copies of ``cond`` and ``negative_cond`` in which a ``guidance`` number is a tensor;
+    refuses, in one line, guidance for a transformer that embeds none (``without`` names
+    such a model) and its absence for one that does (``embedding`` names it, ``scale`` the
+    pipeline's value)."""
+    name = type(transformer).__name__
+    embedded = bool(transformer.config.get("guidance_embeds", False))
     positive = dict(cond)
     negative = None if negative_cond is None else dict(negative_cond)
     branches: list[tuple[str, dict[str, Any] | None]] = [
@@ -327,18 +364,60 @@ def _check_flux_cond(
             continue
         if not embedded:
             raise ValueError(
-                f"{name} has guidance_embeds = False (a timestep-distilled model such as "
-                f"Flux.1-schnell) and embeds no guidance scale; leave {where} out (classifier-"
-                "free guidance is guidance_scale with negative_cond)"
+                f"{name} has guidance_embeds = False ({without}) and embeds no guidance "
+                f"scale; leave {where} out (classifier-free guidance is guidance_scale with "
+                "negative_cond)"
             )
         branch["guidance"] = _guidance_tensor(branch["guidance"], where)
     if embedded and "guidance" not in positive:
         raise ValueError(
-            f"{name} has guidance_embeds = True (Flux.1-dev) and embeds the guidance scale: "
-            "give guidance=g, FluxPipeline's guidance_scale (3.5 by default), as a number or a "
-            "tensor of shape (batch,) or (1,)"
+            f"{name} has guidance_embeds = True ({embedding}) and embeds the guidance scale: "
+            f"give guidance=g, {scale}, as a number or a tensor of shape (batch,) or (1,)"
         )
     return positive, negative
+
+
+def _check_flux2_cond(
+    transformer: Any, cond: Mapping[str, Any], negative_cond: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Refuse, in one line and before any call, Flux.2 conditioning the transformer cannot
+    take as Flux2Pipeline and Flux2KleinPipeline give it: the prompt embeddings and their
+    ``txt_ids``, the latents' ``img_ids`` (4 axes, 2-D or batched, as the pipelines pass
+    them: the transformer reads the first sample's rows), no pooled embeddings (Flux.2 has
+    none), and the embedded ``guidance`` for a transformer with ``guidance_embeds``
+    (FLUX.2-dev's), none without (FLUX.2-klein's: its pipeline passes ``guidance=None`` and
+    guides by true CFG). Returns copies as ``_check_flux_cond`` does."""
+    config = transformer.config
+    name = type(transformer).__name__
+    axes = len(config.get("axes_dims_rope", (32, 32, 32, 32)))
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        if "pooled_projections" in mapping:
+            raise ValueError(
+                f"{where or 'cond'} has 'pooled_projections', which {name} has no input for: "
+                "Flux.2 embeds the prompt with one text encoder and no pooled embeddings; "
+                "leave it out"
+            )
+    for key in ("encoder_hidden_states", "txt_ids"):
+        if key not in cond:
+            raise ValueError(
+                f"{name} needs cond key {key!r}: Flux2Pipeline.encode_prompt returns "
+                "(prompt_embeds, text_ids); pass them as encoder_hidden_states and txt_ids"
+            )
+    if "img_ids" not in cond:
+        raise ValueError(
+            f"{name} needs cond key 'img_ids', the (tokens, {axes}) positions of the packed "
+            "latents' tokens: Flux2Pipeline._prepare_latent_ids(latents) for latents of shape "
+            "(batch, channels, h, w) before packing"
+        )
+    _check_flux_tokens(cond, negative_cond, axes, batched=True)
+    return _embedded_guidance(
+        transformer,
+        cond,
+        negative_cond,
+        "FLUX.2-klein's, which Flux2KleinPipeline calls with guidance=None",
+        "FLUX.2-dev's",
+        "Flux2Pipeline's guidance_scale (4 by default)",
+    )
 
 
 # Flux's transformer arguments that Chroma's transformer has no input for, and why.

@@ -65,11 +65,14 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 # StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does, Chroma's, Flux's
 # transformer without pooled embeddings or guidance embedding, as ChromaPipeline does (on
 # Flux's packed latents, ids and timestep, with an attention mask), Qwen-Image's as
-# QwenImagePipeline does, and Z-Image's as ZImagePipeline does.
+# QwenImagePipeline does, Z-Image's as ZImagePipeline does, and Flux.2's as Flux2Pipeline
+# and Flux2KleinPipeline do (Flux's call on packed latents, with 4-axis ids and no pooled
+# embeddings).
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _SD3_MODELS = ("SD3Transformer2DModel",)
 _CHROMA_MODELS = ("ChromaTransformer2DModel",)
-_FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS
+_FLUX2_MODELS = ("Flux2Transformer2DModel",)
+_FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS + _FLUX2_MODELS
 _QWEN_IMAGE_MODELS = ("QwenImageTransformer2DModel",)
 _Z_IMAGE_MODELS = ("ZImageTransformer2DModel",)
 _FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS
@@ -267,15 +270,16 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
             f"a {name} with {scheduler_name}: a UNet is a diffusion model of a noise table, "
             "not a flow-matching model; give it its own scheduler (DDIM, Euler, DPM-Solver, "
             "...), or use the flow-matching scheduler with SD3Transformer2DModel, "
-            "FluxTransformer2DModel, QwenImageTransformer2DModel or ZImageTransformer2DModel"
+            "FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel or "
+            "ZImageTransformer2DModel"
         )
     if isinstance(model, diffusers.ModelMixin):
         raise ValueError(
             f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
             "SD3Transformer2DModel (Stable Diffusion 3 and 3.5), FluxTransformer2DModel "
-            "(Flux.1), ChromaTransformer2DModel, QwenImageTransformer2DModel (Qwen-Image) and "
-            "ZImageTransformer2DModel (Z-Image) with a flow-matching scheduler, and does not "
-            "know how this model is called"
+            "(Flux.1), ChromaTransformer2DModel, Flux2Transformer2DModel (Flux.2), "
+            "QwenImageTransformer2DModel (Qwen-Image) and ZImageTransformer2DModel (Z-Image) "
+            "with a flow-matching scheduler, and does not know how this model is called"
         )
 
 
@@ -309,6 +313,10 @@ def _is_flux(model: Any) -> bool:
 
 def _is_chroma(model: Any) -> bool:
     return any(n in _CHROMA_MODELS for n in _class_names(model))
+
+
+def _is_flux2(model: Any) -> bool:
+    return any(n in _FLUX2_MODELS for n in _class_names(model))
 
 
 def _is_qwen_image(model: Any) -> bool:

@@ -27,6 +27,10 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   latents' (see below). ``ChromaTransformer2DModel`` is called as ``ChromaPipeline`` calls
   it, as Flux's but with T5's ``encoder_hidden_states`` alone (no pooled embeddings, no
   guidance embedding) and an ``attention_mask`` over the text and image tokens.
+  ``Flux2Transformer2DModel`` is called as ``Flux2Pipeline`` and ``Flux2KleinPipeline`` call
+  it, as Flux's with ``txt_ids`` and ``img_ids`` of 4 axes, no pooled embeddings, FLUX.2-dev's
+  embedded ``guidance`` (Klein's true CFG as Flux's), and their reference images' tokens as
+  ``image_latents=``, as Kontext's.
   ``QwenImageTransformer2DModel`` is called as ``QwenImagePipeline`` (and
   ``QwenImageImg2ImgPipeline``, in the same way) calls it: on the packed latents ``(batch,
   tokens, in_channels)`` (its ``out_channels`` count the latents before packing) at
@@ -118,6 +122,7 @@ from ._conditioning import (
     _cast_cond,
     _check_chroma_cond,
     _check_cond,
+    _check_flux2_cond,
     _check_flux_cond,
     _check_flux_ip_adapter,
     _check_guidance,
@@ -161,6 +166,7 @@ from ._scheduler_config import (
     _clean_end,
     _is_chroma,
     _is_flux,
+    _is_flux2,
     _is_preconditioned,
     _is_qwen_image,
     _is_z_image,
@@ -350,6 +356,8 @@ class DiffusersModel(torch.nn.Module):
         self.learned_variance = bool(learned_variance)
         self.prediction = prediction
         self.flux = bool(flux)
+        # Flux.2's transformer is called as Flux's, with ids of 4 axes, batched or not.
+        self._flux2 = self.flux and _is_flux2(unet)
         self.qwen_image = bool(qwen_image)
         self.z_image = bool(z_image)
         self.sigma_data = None if sigma_data is None else float(sigma_data)
@@ -940,37 +948,51 @@ class DiffusersModel(torch.nn.Module):
             c_out = -sigma * sd / (sigma**2 + sd**2) ** 0.5
         return c_skip * x + c_out * out.to(x.dtype)
 
-    def _check_packed_shape(self, x: Tensor, family: str, pipeline: str, image: str) -> None:
+    def _check_packed_shape(
+        self,
+        x: Tensor,
+        family: str,
+        pipeline: str,
+        image: str,
+        arguments: str = "latents, batch, channels, h, w",
+    ) -> None:
         """Refuse a state that is not packed latents ``(batch, tokens, C)``, as ``pipeline``'s
         loop carries them for ``family``'s transformer (``image``: the shape of the latents
-        before packing)."""
+        before packing, which ``pipeline._pack_latents(arguments)`` packs)."""
         c = self._packed_channels
         if x.ndim != 3 or (c is not None and x.shape[2] != c):
             packed = f"(batch, tokens, {c})" if c is not None else "(batch, tokens, channels)"
             raise ValueError(
                 f"the state has shape {tuple(x.shape)}, but {family}'s transformer takes packed "
                 f"latents of shape {packed}, as {pipeline}'s loop carries them; pack "
-                f"image-shaped latents {image} with {pipeline}._pack_latents(latents, batch, "
-                "channels, h, w)"
+                f"image-shaped latents {image} with {pipeline}._pack_latents({arguments})"
             )
 
     def _check_packed(self, x: Tensor, kwargs: Mapping[str, Any], image: Tensor | None) -> None:
         """Refuse a Flux state that is not packed latents matching ``img_ids`` (with a
         reference image's tokens ``image``, the state's and the image's)."""
-        self._check_packed_shape(x, "Flux", "FluxPipeline", "(batch, channels, h, w)")
+        if self._flux2:
+            family, pipeline, both = "Flux.2", "Flux2Pipeline", ", dim=1) as Flux2Pipeline"
+            latent_ids = "Flux2Pipeline._prepare_latent_ids(latents) of latents (batch, C, h, w)"
+        else:
+            family, pipeline, both = "Flux", "FluxPipeline", ") as FluxKontextPipeline"
+            latent_ids = "FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)"
+        arguments = "latents" if self._flux2 else "latents, batch, channels, h, w"
+        self._check_packed_shape(x, family, pipeline, "(batch, channels, h, w)", arguments)
         ids = kwargs.get("img_ids")
+        # Flux.2's ids may be batched, (batch, tokens, 4): their rows are the next to last dim.
+        rows = ids.shape[-2] if isinstance(ids, Tensor) and ids.ndim >= 2 else None
         if image is not None:
-            if isinstance(ids, Tensor) and ids.shape[0] != x.shape[1] + image.shape[1]:
+            if rows is not None and rows != x.shape[1] + image.shape[1]:
                 raise ValueError(
-                    f"img_ids has {ids.shape[0]} rows but the state has {x.shape[1]} tokens "
+                    f"img_ids has {rows} rows but the state has {x.shape[1]} tokens "
                     f"and image_latents {image.shape[1]}; give the positions of both, "
-                    "torch.cat([latent_ids, image_ids]) as FluxKontextPipeline makes them"
+                    f"torch.cat([latent_ids, image_ids]{both} makes them"
                 )
-        elif isinstance(ids, Tensor) and ids.shape[0] != x.shape[1]:
+        elif rows is not None and rows != x.shape[1]:
             raise ValueError(
-                f"img_ids has {ids.shape[0]} rows but the state has {x.shape[1]} tokens; make "
-                "img_ids for the latents' size: FluxPipeline._prepare_latent_image_ids(1, h // 2, "
-                "w // 2, device, dtype)"
+                f"img_ids has {rows} rows but the state has {x.shape[1]} tokens; make "
+                f"img_ids for the latents' size: {latent_ids}"
             )
 
     def _check_qwen_image_state(
@@ -1274,7 +1296,13 @@ def from_diffusers(
             tokens in the list's order, with one shape per image after the latents' in each
             ``img_shapes`` entry, ``[[(1, h // 2, w // 2), (1, h1 // 2, w1 // 2), (1, h2 //
             2, w2 // 2), ...]] * batch``. A transformer with ``zero_cond_t`` (2511's) reads
-            every sample's entry, which must then split the tokens as the first's.
+            every sample's entry, which must then split the tokens as the first's. For
+            ``Flux2Pipeline``'s and ``Flux2KleinPipeline``'s (Flux.2's) transformer the first
+            output of their ``prepare_image_latents`` for their reference images (each
+            image's latents, the VAE's mode patchified and normalised by its batch-norm
+            statistics, packed and concatenated along the tokens), with ``img_ids`` holding
+            the latents' ids and the images' after them, ``torch.cat([latent_ids,
+            image_latent_ids], dim=1)`` as those pipelines pass them.
         control_latents: for a Flux Depth or Canny transformer (``FluxControlPipeline``'s and
             ``FluxControlImg2ImgPipeline``'s, ``in_channels`` twice ``out_channels``: 128 for
             64), the control image's packed latents, as the pipeline makes them: its
@@ -1310,6 +1338,18 @@ def from_diffusers(
             the negative prompt's embeddings, ``txt_ids`` and its own ``attention_mask`` in
             ``negative_cond``; its IP-Adapters (Flux's, which ChromaPipeline loads) take
             their image embeddings as Flux's do, below.
+            Flux.2 (``Flux2Transformer2DModel``) needs Flux's ``encoder_hidden_states``,
+            ``txt_ids`` and ``img_ids``, the ids of 4 axes, ``(L, 4)`` and ``(tokens, 4)`` or
+            batched as ``Flux2Pipeline.encode_prompt`` and ``_prepare_latent_ids`` make them
+            (passed as they are; the transformer reads the first sample's), no
+            ``pooled_projections``; with ``guidance_embeds`` (FLUX.2-dev) ``guidance``,
+            ``Flux2Pipeline``'s ``guidance_scale`` (4 by default), as for Flux.1-dev; without
+            it (FLUX.2-klein) none, and ``Flux2KleinPipeline``'s true CFG (its
+            ``guidance_scale`` above 1, with ``negative_prompt_embeds``) is ``guidance_scale``
+            with ``negative_cond``, two calls as Flux's. Its sigmas are shifted by the
+            pipelines' own ``compute_empirical_mu(tokens, n)``, which ``diffusers_grid`` takes
+            as ``mu``. A controlnet, a Fill mask or a Depth or Canny control image is refused:
+            no Flux.2 pipeline gives them.
             Qwen-Image needs ``encoder_hidden_states`` ``(batch or 1, L, D)`` and its
             ``encoder_hidden_states_mask`` ``(batch or 1, L)`` (1 valid, 0 padding; None or
             left out where ``encode_prompt`` returns None, all tokens valid), as
@@ -1542,15 +1582,25 @@ def from_diffusers(
         _check_guidance(guidance_scale, negative_cond)
     flux = space == "flow" and _is_flux(unet)
     chroma = flux and _is_chroma(unet)
+    flux2 = flux and _is_flux2(unet)
     qwen_image = space == "flow" and _is_qwen_image(unet)
-    if chroma:
+    if chroma or flux2:
+        # Chroma's and Flux.2's pipelines give the transformer none of Flux.1's extra inputs
+        # (Flux.2's take reference images, as Kontext's).
+        if flux2:
+            extras = dict(extras, image_latents=None)
         given = [k for k, v in extras.items() if v is not None]
         if given:
-            raise ValueError(
-                f"{given[0]} was given for a ChromaTransformer2DModel, which ChromaPipeline and "
-                "ChromaImg2ImgPipeline call on the latents alone (no controlnet, Fill, Depth, "
-                "Canny or Kontext inputs); leave it out"
+            how = (
+                "Flux2Transformer2DModel, which Flux2Pipeline and Flux2KleinPipeline call on "
+                "the latents and their reference images' tokens alone (no controlnet, Fill, "
+                "Depth or Canny inputs)"
+                if flux2
+                else "ChromaTransformer2DModel, which ChromaPipeline and ChromaImg2ImgPipeline "
+                "call on the latents alone (no controlnet, Fill, Depth, Canny or Kontext inputs)"
             )
+            raise ValueError(f"{given[0]} was given for a {how}; leave it out")
+    if chroma:
         _check_chroma_cond(unet, cond, negative_cond)
     # Chroma's first: Flux's keys in negative_cond alone are Chroma's to refuse.
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
@@ -1566,10 +1616,12 @@ def from_diffusers(
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
     elif not flux and not qwen_image and not z_image:
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    if flux and not chroma:
+    if flux2:
+        cond, negative_cond = _check_flux2_cond(unet, cond, negative_cond)
+    elif flux and not chroma:
         cond, negative_cond = _check_flux_cond(unet, cond, negative_cond)
     if flux:
-        pipeline = "ChromaPipeline" if chroma else "FluxPipeline"
+        pipeline = "ChromaPipeline" if chroma else "Flux2Pipeline" if flux2 else "FluxPipeline"
         _check_flux_ip_adapter(unet, cond, negative_cond, guidance_scale, pipeline)
 
     learned_variance = False

@@ -16,11 +16,12 @@ Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
 ``QwenImageTransformer2DModel``, ``QwenImagePipeline`` (with or without a Qwen2.5-VL text
 encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
 ``QwenImageEditPlusPipeline`` and ``QwenImageControlNetPipeline`` with a
-``QwenImageControlNetModel``, without their text encoder), and Z-Image's
-``ZImageTransformer2DModel`` and ``ZImagePipeline`` (without its Qwen3 text encoder), a few
-thousand weights each: for tests and for checking plumbing and exactness, which do not
-depend on the weights. A random network is no denoiser, so what they sample is not an image
-of anything.
+``QwenImageControlNetModel``, without their text encoder), Z-Image's
+``ZImageTransformer2DModel`` and ``ZImagePipeline`` (without its Qwen3 text encoder), and
+Flux.2's ``Flux2Transformer2DModel``, ``Flux2Pipeline`` and ``Flux2KleinPipeline`` (with an
+``AutoencoderKLFlux2``, without their text encoders), a few thousand weights each: for
+tests and for checking plumbing and exactness, which do not depend on the weights. A random
+network is no denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ __all__ = [
     "tiny_flux_transformer",
     "tiny_chroma_transformer",
     "tiny_qwen_image_transformer",
+    "tiny_flux2_transformer",
+    "tiny_flux2_pipeline",
+    "tiny_flux2_klein_pipeline",
     "tiny_qwen_text_encoder",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
@@ -256,12 +260,7 @@ def tiny_chroma_transformer(
 def _qwen_image_class(name: str, since: str = "0.35") -> Any:
     """diffusers' ``name`` (a Qwen-Image or Z-Image class), or ImportError before diffusers
     ``since``."""
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ImportError(
-            f"{name} is in diffusers {since} and newer; this is {diffusers.__version__}"
-        )
-    return cls
+    return _flux2_class(name, since)
 
 
 def tiny_qwen_image_transformer(
@@ -289,6 +288,106 @@ def tiny_qwen_image_transformer(
     config.update(overrides)
     net = cls(**config)
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def _flux2_class(name: str, since: str = "0.36") -> Any:
+    """diffusers' ``name`` (a Flux.2 class, or another class of a recent release), or
+    ImportError before diffusers ``since``."""
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ImportError(
+            f"{name} is in diffusers {since} and newer; this is {diffusers.__version__}"
+        )
+    return cls
+
+
+def tiny_flux2_transformer(
+    *,
+    guidance_embeds: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A ``Flux2Transformer2DModel`` with one double-stream and one single-stream block of
+    width 16 on packed latents of shape ``(batch, tokens, 16)`` (4 latent channels in patches
+    of 2 x 2, as ``Flux2Pipeline._patchify_latents`` and ``_pack_latents`` make them), text
+    tokens of width 16 (``encoder_hidden_states`` of shape ``(batch, L, 16)``), no pooled
+    embeddings, and position ids of 4 axes, ``txt_ids`` ``(L, 4)`` and ``img_ids`` ``(tokens,
+    4)`` (or batched, ``(batch, L, 4)``, as the pipeline passes them). With
+    ``guidance_embeds`` (FLUX.2-dev) it embeds a guidance scale, ``guidance`` of shape
+    ``(batch,)``; without it, it is FLUX.2-klein's kind. Weights drawn with
+    ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides`` add to or replace
+    fields of its config. Needs diffusers 0.36 or newer."""
+    cls = _flux2_class("Flux2Transformer2DModel")
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        timestep_guidance_channels=16,
+        mlp_ratio=2.0,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance_embeds,
+    )
+    config.update(overrides)
+    net = cls(**config)
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
+def _tiny_flux2_vae() -> Any:
+    """An ``AutoencoderKLFlux2`` of RGB images to 4-channel latents of half their size (seed
+    1), whose batch-norm statistics over the 16 patchified channels are drawn too (seed 6:
+    means in [-0.5, 0.5), variances in [0.5, 1.5)), so that the pipelines' normalisation of
+    the latents is not the identity."""
+    torch.manual_seed(1)
+    vae = _flux2_class("AutoencoderKLFlux2")(**_TINY_VAE_BLOCKS)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.rand(16, generator=g) - 0.5)
+        vae.bn.running_var.copy_(torch.rand(16, generator=g) + 0.5)
+    return vae.eval()
+
+
+def tiny_flux2_pipeline(scheduler: Any = None, *, guidance_embeds: bool = True) -> Any:
+    """A float32 ``Flux2Pipeline`` of tiny random parts on RGB images, without its Mistral
+    text encoder and processor: give it ``prompt_embeds`` of width 16. ``tiny_flux2_transformer(
+    guidance_embeds=guidance_embeds)`` on the packed latents of shape ``(batch, 16, 16)`` for
+    16 x 16 images (4 x 8 x 8 latents in patches of 2 x 2), and an ``AutoencoderKLFlux2`` of
+    4 latent channels that halves the image's size, with drawn batch-norm statistics.
+    Reference images (``image=``) are PIL images of 64 pixels a side at least, as the
+    pipeline checks them: 256 tokens for 64 x 64. ``scheduler`` defaults to
+    ``FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)`` (the pipeline passes it its own
+    mu, ``compute_empirical_mu``, whatever the config's shifts). The progress bar is off.
+    Needs diffusers 0.36 or newer, which has the pipeline."""
+    pipeline = _flux2_class("Flux2Pipeline")
+    if scheduler is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    pipe = pipeline(
+        scheduler=scheduler,
+        vae=_tiny_flux2_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_flux2_transformer(guidance_embeds=guidance_embeds),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux2_klein_pipeline(scheduler: Any = None, *, is_distilled: bool = False) -> Any:
+    """A ``Flux2KleinPipeline`` of ``tiny_flux2_pipeline``'s parts with a transformer without
+    guidance embedding (FLUX.2-klein's kind), without its Qwen3 text encoder and tokenizer:
+    give it ``prompt_embeds`` (and ``negative_prompt_embeds`` for its true CFG, which it runs
+    for ``guidance_scale > 1`` unless ``is_distilled``). Float32; the progress bar is off.
+    Needs diffusers 0.37 or newer, which has the pipeline."""
+    pipeline = _flux2_class("Flux2KleinPipeline", "0.37")
+    parts = tiny_flux2_pipeline(scheduler, guidance_embeds=False).components
+    pipe = pipeline(**parts, is_distilled=is_distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_tokenizer(folder: str | Path, words: Sequence[str] = TINY_WORDS) -> Any:
@@ -344,23 +443,27 @@ def _tiny_text_encoder(tokenizer: Any, projection_dim: int | None = None, **conf
     return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**settings)).eval()
 
 
+# The blocks of the tiny VAEs (AutoencoderKL's, AutoencoderKLFlux2's): RGB images to 4-channel
+# latents of half their size.
+_TINY_VAE_BLOCKS: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=16,
+)
+
+
 def _tiny_vae(dtype: torch.dtype = torch.float32, **config: Any) -> Any:
     """An ``AutoencoderKL`` of 16 x 16 RGB images to 4 x 8 x 8 latents, seed 1, in eval mode;
     ``config`` adds to or overrides its config (the weights do not depend on settings such as
     ``scaling_factor`` or ``latents_mean``)."""
     torch.manual_seed(1)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        **config,
-    )
+    vae = diffusers.AutoencoderKL(**_TINY_VAE_BLOCKS, **config)
     return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
 
 
