@@ -3469,11 +3469,13 @@ def _check_qwen_image(index: dict[str, Any], mask: Path | None, controls: tuple[
     """Refuse, from model_index.json ``index`` and before the pipeline loads (Qwen-Image's
     20B transformer takes minutes), what a Qwen-Image pipeline without a controlnet cannot
     take: --mask and --control-image (its transformer takes the packed latents alone), and
-    QwenImageEditPipeline and QwenImageEditPlusPipeline, which embed text with the image."""
+    QwenImageEditPipeline, QwenImageEditPlusPipeline and QwenImageEditInpaintPipeline, which
+    embed text with the image."""
     if _transformer_class(index) != "QwenImageTransformer2DModel":
         return
     name = index["_class_name"]
-    if name in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"):
+    edits = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
+    if name in edits:
         raise click.BadParameter(
             f"a {name} embeds the prompt with the image through Qwen2.5-VL (its "
             "encode_prompt(prompt, image)), which edit_image does not map from text; it edits "

@@ -36,6 +36,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_flux_pipeline,
     tiny_inpaint_pipeline,
     tiny_playground_pipeline,
+    tiny_qwen_image_controlnet_pipeline,
     tiny_qwen_image_edit_pipeline,
     tiny_qwen_image_edit_plus_pipeline,
     tiny_qwen_image_pipeline,
@@ -98,6 +99,15 @@ QWEN = hasattr(diffusers, "QwenImagePipeline") and hasattr(
 )
 if QWEN:
     BUILDERS["qwen"] = lambda folder: tiny_qwen_image_pipeline(text_encoder=True)
+# QwenImageControlNetPipeline of those parts: diffusers 0.36 and newer.
+QWEN_CONTROLNET = QWEN and hasattr(diffusers, "QwenImageControlNetPipeline")
+if QWEN_CONTROLNET:
+    BUILDERS["qwen-controlnet"] = lambda folder: tiny_qwen_image_controlnet_pipeline(
+        text_encoder=True
+    )
+NO_QWEN_CONTROLNET = pytest.mark.skipif(
+    not QWEN_CONTROLNET, reason="QwenImageControlNetPipeline is in diffusers 0.36 and newer"
+)
 NO_QWEN = pytest.mark.skipif(
     not QWEN,
     reason=f"QwenImagePipeline with Qwen2.5-VL needs diffusers 0.35 and transformers 4.49 "
@@ -419,6 +429,7 @@ def conditioning(name, tmp_path, swapped=False):
         "flux-controlnet",
         "sd3-controlnet",
         "sd3-controlnet-inpaint",
+        pytest.param("qwen-controlnet", marks=NO_QWEN_CONTROLNET),
     ],
 )
 def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_path):
@@ -596,6 +607,12 @@ def test_a_mask_or_control_image_the_pipeline_takes_not_is_refused(
                 "give --mask",
                 "StableDiffusion3ControlNetInpaintingPipeline's control_mask",
             ],
+        ),
+        pytest.param(
+            "qwen-controlnet",
+            [],
+            ["QwenImageControlNetPipeline has a controlnet", "give --control-image"],
+            marks=NO_QWEN_CONTROLNET,
         ),
     ],
 )
@@ -1458,6 +1475,10 @@ def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(
         ),
         ([], ["'--pipeline'", "a QwenImageEditPipeline embeds the prompt with the image"]),
         (None, ["'--pipeline'", "a QwenImageEditPlusPipeline embeds the prompt with the image"]),
+        (
+            ["edit-inpaint"],
+            ["'--pipeline'", "a QwenImageEditInpaintPipeline embeds the prompt with the image"],
+        ),
     ],
 )
 def test_what_qwen_image_takes_not_is_refused_before_the_pipeline_loads(
@@ -1466,10 +1487,16 @@ def test_what_qwen_image_takes_not_is_refused_before_the_pipeline_loads(
     """Known from model_index.json, each in one line before the pipeline (Qwen-Image's 20B
     transformer) loads: an embedded guidance scale, a mask and a control image (its
     transformer takes the packed latents alone), an IP-Adapter, and QwenImageEditPipeline
-    and QwenImageEditPlusPipeline (``more`` None), whose prompts are embedded with the image,
-    which bdia edit's text cannot give."""
+    and QwenImageEditPlusPipeline (``more`` None) and QwenImageEditInpaintPipeline, whose
+    prompts are embedded with the image, which bdia edit's text cannot give."""
     folder = pipelines["qwen"]
-    if more is None:
+    if more == ["edit-inpaint"]:
+        if not hasattr(diffusers, "QwenImageEditInpaintPipeline"):
+            pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageEditInpaintPipeline")
+        folder, more = tmp_path / "qwen-edit-inpaint", []
+        parts = tiny_qwen_image_edit_pipeline().components
+        diffusers.QwenImageEditInpaintPipeline(**parts).save_pretrained(folder)
+    elif more is None:
         if not hasattr(diffusers, "QwenImageEditPlusPipeline"):
             pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageEditPlusPipeline")
         folder, more = tmp_path / "qwen-edit-plus", []

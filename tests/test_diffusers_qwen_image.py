@@ -826,7 +826,7 @@ def _refused(pipe, source=None, **options):
         ("embeddings dim", "dim 8, but the transformer's joint_attention_dim is 16"),
         ("guidance", "guidance is the guidance scale Flux.1-dev's transformer embeds"),
         ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, QwenImagePipe"),
-        ("edit inpaint", "the pipeline is a QwenImageEditInpaintPipeline, which gives the trans"),
+        ("layered", "the pipeline is a QwenImageLayeredPipeline, which gives the transformer"),
         ("inpaint mask", "QwenImageInpaintPipeline whose transformer takes in_channels = 16,"),
         ("mask", "mask_image was given, but the pipeline's transformer takes in_channels = 16"),
         ("image prompt", "ip_adapter_image_embeds was given, but the pipeline's network has no"),
@@ -838,7 +838,7 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
     """One line each, before the transformer or the VAE runs: a text prompt (the negative
     prompt's included) without a text encoder, one tensor without its mask, a mask that is
     not the embeddings', embeddings of another width, an embedded guidance, a size the
-    packing cannot take, a Qwen-Image pipeline that conditions on more (Edit Inpaint), a mask
+    packing cannot take, a Qwen-Image pipeline that conditions on more (Layered), a mask
     (the inpainting pipeline blends; the text-to-image one takes none), an image prompt, a
     VAE without its statistics and a transformer of other channels."""
     pipe, source, options = tiny_qwen_image_pipeline(), None, {}
@@ -858,8 +858,8 @@ def test_edit_image_refuses_what_qwen_image_does_not_take(kind, fragment):
         options = dict(guidance=3.5)
     elif kind == "size":
         options = dict(image=_image()[..., :14])
-    elif kind == "edit inpaint":  # by its name: its transformer is the same class
-        name = "QwenImageEditInpaintPipeline"
+    elif kind == "layered":  # by its name: its transformer is the same class
+        name = "QwenImageLayeredPipeline"
         pipe = type(name, (diffusers.QwenImagePipeline,), {})(**pipe.components)
     elif kind == "inpaint mask":
         if not hasattr(diffusers, "QwenImageInpaintPipeline"):

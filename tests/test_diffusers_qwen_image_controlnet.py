@@ -310,11 +310,10 @@ def test_the_union_wrapper_is_its_controlnet_once_per_control_image():
 
 def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
     """One line each, before any call, the caller's tensors untouched: Flux's controlnet, a
-    union wrapper of two controlnets (diffusers calls one), the inpainting kind
-    (extra_condition_channels, QwenImageControlNetInpaintPipeline's: not mapped), one of
-    another transformer (joint_attention_dim, residual width) or dtype; no control latents,
-    a list for one controlnet, a tensor for the union wrapper, a non-tensor, latents not
-    packed or of other channels; scales or bounds of another count than the control images;
+    union wrapper of two controlnets (diffusers calls one), one of another transformer
+    (joint_attention_dim, residual width) or dtype; no control latents, a list for one
+    controlnet, a tensor for the union wrapper, a non-tensor, latents not packed or of
+    other channels; scales or bounds of another count than the control images;
     guess mode; a strength (no Qwen-Image ControlNet pipeline takes one); a reference
     image (QwenImageEditPipeline's) beside the controlnet; a residual key in cond."""
     transformer = tiny_qwen_image_transformer()
@@ -324,15 +323,12 @@ def test_controlnets_and_settings_not_mapped_are_refused_before_any_call():
     flow = _scheduler()
     base = dict(_cond(torch.float32), controlnet=net, controlnet_cond=control)
     counters = [Counter(transformer), Counter(net)]
-    fields = {k: v for k, v in net.config.items() if not k.startswith("_")}
-    inpainting = diffusers.QwenImageControlNetModel(**{**fields, "extra_condition_channels": 4})
     cases = [
         (dict(controlnet=tiny_flux_controlnet(tiny_flux_transformer())), "FluxControlNetModel"),
         (
             dict(controlnet=diffusers.QwenImageMultiControlNetModel([net, net])),
             "holds 2 controlnets",
         ),
-        (dict(controlnet=inpainting), "extra_condition_channels = 4"),
         (
             dict(
                 controlnet=tiny_qwen_image_controlnet(
@@ -444,6 +440,21 @@ def test_edit_image_inverts_exactly_under_the_control_image():
     assert float(moved / result.edited_latents.abs().max()) > 1e-3
 
 
+def _target_cond():
+    """The pipeline's conditioning of the edit's target: the target prompt under true CFG 4
+    with the negative embeddings of 7 tokens, as from_diffusers' cond."""
+    target, target_mask = _target()
+    negative, negative_mask = _prompt(torch.float32, 2, 7)
+    return dict(
+        encoder_hidden_states=target,
+        encoder_hidden_states_mask=target_mask,
+        guidance_scale=TRUE_CFG,
+        negative_cond=dict(
+            encoder_hidden_states=negative, encoder_hidden_states_mask=negative_mask
+        ),
+    )
+
+
 @pytest.mark.parametrize("switched", [False, True], ids=["on", "switched"])
 def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(switched, monkeypatch):
     """With a float32 state, edit_image's edited latents are bit for bit what
@@ -462,16 +473,7 @@ def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(switched, monkeyp
     monkeypatch.setattr(
         DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
     )
-    target, target_mask = _target()
-    negative, negative_mask = _prompt(torch.float32, 2, 7)
-    cond = dict(
-        encoder_hidden_states=target,
-        encoder_hidden_states_mask=target_mask,
-        guidance_scale=TRUE_CFG,
-        negative_cond=dict(
-            encoder_hidden_states=negative, encoder_hidden_states_mask=negative_mask
-        ),
-    )
+    cond = _target_cond()
     theirs, seen = _run(pipe, out.inversion.noise.clone(), cond, control, **settings)
     for ode in (out.inversion.ode, out.target):
         assert torch.equal(ode.cond["controlnet_cond"], seen)
@@ -482,9 +484,7 @@ def test_edit_image_refuses_what_it_does_not_map_on_the_controlnet_pipelines():
     """One line, before the transformer, the controlnet or the VAE runs:
     QwenImageControlNetPipeline without control_image, with guess_mode (which the pipeline
     has not) or a tensor control image not at the image's size (named as that pipeline's
-    prepare_image); the union wrapper (edit_image maps one controlnet); and the ControlNet
-    inpainting pipeline, which does not blend (its controlnet takes the masked image's
-    latents and the mask, not mapped), by its class."""
+    prepare_image); the union wrapper (edit_image maps one controlnet)."""
     pipe = tiny_qwen_image_controlnet_pipeline()
     counters = [Counter(m) for m in (pipe.transformer, pipe.controlnet, pipe.vae)]
     control = torch.zeros(1, 3, 16, 16)
@@ -498,9 +498,6 @@ def test_edit_image_refuses_what_it_does_not_map_on_the_controlnet_pipelines():
             "QwenImageMultiControlNetModel",
         ),
     ]
-    if hasattr(diffusers, "QwenImageControlNetInpaintPipeline"):
-        inpaint = diffusers.QwenImageControlNetInpaintPipeline(**pipe.components)
-        cases.append((inpaint, dict(control_image=control), "QwenImageControlNetInpaintPipe"))
     for given, options, field in cases:
         with pytest.raises(ValueError) as exc_info:
             _qwen_edit(given, True, **options)

@@ -350,3 +350,91 @@ def test_edit_image_refuses_text_prompts_for_the_edit_pipeline(own_size):
         edit_image(pipe, _pixels(pipe, own_size), "a cat", _target(), num_inference_steps=2)
     _one_line_error(exc_info, "QwenImageEditPipeline embeds text with the image")
     assert [c.calls for c in counters] == [0, 0, 0]
+
+
+# --------------------------------------------------------- Edit's inpainting pipeline
+
+
+def _edit_inpaint(parts):
+    """QwenImageEditInpaintPipeline of the Edit pipeline's ``parts`` (diffusers 0.36 and
+    newer; skipped before)."""
+    if not hasattr(diffusers, "QwenImageEditInpaintPipeline"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no QwenImageEditInpaintPipeline")
+    pipe = diffusers.QwenImageEditInpaintPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_mask_for_the_edit_inpainting_pipeline_is_refused_in_one_line(own_size):
+    """QwenImageEditInpaintPipeline's transformer takes no mask: the pipeline blends the
+    re-noised image into the latents outside the mask after every step, which is not an
+    ODE. A mask is refused in one line that names the pipeline and says so, before the
+    transformer or the VAE runs, the caller's mask untouched (before: edit_image refused the
+    pipeline by its class, mask or not)."""
+    pipe = _edit_inpaint(tiny_qwen_image_edit_pipeline().components)
+    mask = torch.ones(1, 1, 16, 32)
+    counters = [Counter(pipe.transformer), Counter(pipe.vae.encoder), Counter(pipe.vae.decoder)]
+    with pytest.raises(ValueError) as exc_info:
+        edit_image(
+            pipe,
+            _pixels(pipe, own_size),
+            _prompt(torch.float32, 1, 5),
+            _target(),
+            num_inference_steps=2,
+            mask_image=mask,
+        )
+    message = str(exc_info.value)
+    for field in ("is a QwenImageEditInpaintPipeline whose", "blends", "no exact inversion"):
+        _one_line_error(exc_info, field)
+    assert "leave mask_image out" in message
+    assert torch.equal(mask, torch.ones(1, 1, 16, 32))
+    assert [c.calls for c in counters] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
+def test_without_a_mask_the_edit_inpainting_pipeline_edits_as_the_edit_pipeline(own_size, true_cfg):
+    """Without a mask, edit_image on QwenImageEditInpaintPipeline is the edit of
+    QwenImageEditPipeline of the same parts, bit for bit (the image its own reference), its
+    round trip exact (latent_error 0 in float64)."""
+    parts = tiny_qwen_image_edit_pipeline().components
+    ours = _edit(_edit_inpaint(parts), own_size, true_cfg)
+    theirs = _edit(diffusers.QwenImageEditPipeline(**parts), own_size, true_cfg)
+    assert ours.latent_error == 0.0
+    assert torch.equal(ours.target.cond["image_latents"], theirs.target.cond["image_latents"])
+    assert torch.equal(ours.edited_latents, theirs.edited_latents)
+
+
+def test_the_edit_inpainting_pipelines_reference_is_its_own_encoding(own_size, monkeypatch):
+    """The reference latents edit_image gives QwenImageEditInpaintPipeline's transformer are
+    the ones its own prepare_latents makes (the VAE's mean patched in where it draws a
+    sample: (z - latents_mean) * (1 / latents_std), QwenImageImg2ImgPipeline's
+    normalisation), bit for bit, with a VAE whose latents_std have inexact reciprocals; they
+    differ from QwenImageEditPipeline's (z - latents_mean) / latents_std in the last bits.
+    With a float32 state, the latents edit_image inverts are the reference's, bit for bit,
+    as the pipeline's start is the same encoding."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint
+
+    pipe = _edit_inpaint(dict(_img2img_parts(), processor=None))
+    result = _edit(pipe, own_size, False, torch.float32)
+    monkeypatch.setattr(
+        pipeline_qwenimage_edit_inpaint,
+        "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": output.latent_dist.mean,
+    )
+    with torch.no_grad():
+        _, _, theirs = pipe.prepare_latents(
+            _pixels(pipe, own_size),
+            torch.tensor([1000.0] * BATCH),
+            BATCH,
+            4,
+            16,
+            32,
+            torch.float32,
+            "cpu",
+            torch.Generator().manual_seed(0),
+        )
+    assert theirs.shape == (BATCH, IMAGE_TOKENS, 16)
+    assert torch.equal(result.target.cond["image_latents"], theirs)
+    assert torch.equal(result.latents, theirs)
+    edit = diffusers.QwenImageEditPipeline(**dict(_img2img_parts(), processor=None))
+    assert not torch.equal(theirs, _reference(edit, [own_size] * BATCH))

@@ -1,7 +1,8 @@
 """The conditions ``edit_image`` prepares as each pipeline prepares them, for both of its
 ODEs: control images and their latents (Stable Diffusion's, SDXL's, SD3's and Flux's
 ControlNets, Flux's Depth and Canny transformers), inpainting masks and masked-image
-latents (9-channel unets, Flux Fill, SD3's inpainting controlnet), Kontext's reference
+latents (9-channel unets, Flux Fill, SD3's and Qwen-Image's inpainting controlnets),
+Kontext's reference
 image, and an IP-Adapter's image prompt; and the stand-ins of each that ``from_diffusers``
 checks before any network runs."""
 
@@ -21,10 +22,12 @@ from ._controlnet import _MULTI_CONTROLNET, _control_factor, _controlnets
 from ._flow_controlnet import (
     _FLUX_CONTROLNET,
     _QWEN_CONTROLNET,
+    _QWEN_INPAINT_PIPELINE,
     _QWEN_PIPELINE,
     _SD3_CONTROLNET,
     _SD3_INPAINT_PIPELINE,
     _SD3_PIPELINE,
+    _qwen_inpainting,
     _sd3_inpainting,
 )
 from ._pipeline_parts import (
@@ -58,6 +61,7 @@ _BLENDING = frozenset(
         "StableDiffusionControlNetPAGInpaintPipeline",
         "StableDiffusion3InpaintPipeline",
         "QwenImageInpaintPipeline",
+        "QwenImageEditInpaintPipeline",
         "FluxInpaintPipeline",
         "FluxControlInpaintPipeline",
         "FluxControlNetInpaintPipeline",
@@ -67,6 +71,9 @@ _BLENDING = frozenset(
 )
 # The Kontext pipeline whose prepare_latents noises the image for its blend.
 _KONTEXT_INPAINT = "FluxKontextInpaintPipeline"
+# Qwen-Image-Edit's inpainting pipeline, which blends; its prepare_latents noises the image
+# for the blend and encodes its reference as QwenImageImg2ImgPipeline encodes its image.
+_QWEN_EDIT_INPAINT = "QwenImageEditInpaintPipeline"
 # The ControlNet pipelines' settings edit_image takes, by their names, and their defaults.
 _CONTROL_DEFAULTS = {
     "controlnet_conditioning_scale": 1.0,
@@ -221,13 +228,29 @@ def _flux_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
     return pipe._pack_latents(latents, *latents.shape)
 
 
-def _qwen_control_latents(pipe: Any, vae: Any, control: Tensor) -> Tensor:
+def _qwen_control_latents(
+    pipe: Any, vae: Any, control: Tensor, condition: Tensor | None = None
+) -> Tensor:
     """``from_diffusers``' ``controlnet_cond`` of the prepared control image ``control`` (B,
     3, H, W) for QwenImageControlNetPipeline's controlnet, as the pipeline encodes it but
     with the *mean* of the VAE's latent distribution where the pipeline draws a sample: one
     frame, ``(z - latents_mean) * (1 / latents_std)`` in float32 at least (the pipeline's
-    statistics are float32 tensors), packed by its ``_pack_latents`` (B, tokens, 4 z_dim)."""
+    statistics are float32 tensors), packed by its ``_pack_latents`` (B, tokens, 4 z_dim).
+    For an inpainting controlnet, QwenImageControlNetInpaintPipeline's, with the mask
+    ``condition`` (1 or B, 1, H, W) in [0, 1], as its ``prepare_image_with_mask`` makes them
+    (the mean where it draws): the image set to -1 where the mask is above 0.5, encoded so
+    and cast to the VAE's dtype, then ``1 - mask`` sized to the latents (nearest) as the last
+    channel, packed: (B, tokens, 4 (z_dim + 1))."""
+    mask = None
+    if condition is not None and _qwen_inpainting(pipe.controlnet):
+        mask = condition.to(control.device, control.dtype).expand(control.shape[0], -1, -1, -1)
+        control = control.masked_fill(mask > 0.5, -1.0)
     latents = _encode_frame(vae, control, torch.promote_types(vae.dtype, torch.float32))
+    if mask is not None:
+        latents = latents.to(vae.dtype)
+        # The pipeline sizes the mask as one frame too, (B, 1, 1, H, W) to the latents'.
+        kept = 1 - torch.nn.functional.interpolate(mask.unsqueeze(2), size=latents.shape[-3:])
+        latents = torch.cat([latents, kept.to(latents.dtype)], dim=1)
     batch, channels, _, height, width = latents.shape
     # One frame: (B, C, 1, h, w) holds its values in the order of the pipeline's permuted
     # (B, 1, C, h, w), which _pack_latents reads through a view.
@@ -274,7 +297,7 @@ def _flow_controlnet_kwargs(
     as its ``prepare_image`` makes it (B, 3, H, W), which ``_flux_control_latents``,
     ``_sd3_control_latents`` (with the mask, for the inpainting controlnet) or
     ``_qwen_control_latents`` encodes once the VAE may run."""
-    inpainting = _sd3_inpainting(pipe.controlnet)
+    inpainting = _sd3_inpainting(pipe.controlnet) or _qwen_inpainting(pipe.controlnet)
     if control_image is None:
         what = "the image that guides it, as the pipeline's control_image"
         if inpainting:
@@ -292,7 +315,7 @@ def _flow_controlnet_kwargs(
     if _QWEN_CONTROLNET in names:
         maker = _QWEN_PIPELINE
     if inpainting:
-        maker = _SD3_INPAINT_PIPELINE
+        maker = _QWEN_INPAINT_PIPELINE if _QWEN_CONTROLNET in names else _SD3_INPAINT_PIPELINE
     return {
         "controlnet": pipe.controlnet,
         "controlnet_cond": _flux_control_image(pipe, control_image, shape, device, maker),
@@ -343,9 +366,14 @@ def _qwen_edit_reference(
     ``references`` (each (1 or B, 3, H', W') in [-1, 1]), QwenImageEditPlusPipeline's: the
     edited image's latents followed along the tokens by each reference's, made alike (a
     reference of batch 1 repeated to B), as that pipeline's ``prepare_latents`` makes them
-    for its list of images."""
+    for its list of images. QwenImageEditInpaintPipeline's, as its ``prepare_latents``
+    makes them (of another signature: it noises the image too): the VAE's mean where it
+    draws a sample, normalised ``(z - latents_mean) * (1 / latents_std)``, packed."""
     batch, _, height, width = pixels.shape
     channels = pipe.vae.config.z_dim
+    if _QWEN_EDIT_INPAINT in _class_names(pipe):
+        latents = _encode_frame(pipe.vae, pixels.to(device), dtype)
+        return pipe._pack_latents(latents, batch, channels, *latents.shape[-2:])
     frames: Any = pixels.unsqueeze(2).to(dtype)
     if references:
         frames = [frames, *(r.unsqueeze(2).to(device, dtype) for r in references)]
@@ -488,9 +516,10 @@ def _mask_condition(
     """The mask as an inpainting pipeline preprocesses it (its ``mask_processor``: grayscale,
     binarised at 0.5, in [0, 1]), of shape ``(1 or batch, 1, H, W)`` for images of ``shape``
     = (batch, C, H, W); None for a pipeline whose network is not an inpainting unet
-    (``inpaint``; ``what`` names its input channels). With ``controlnet``, for SD3's
-    inpainting controlnet, a tensor is taken as it is (a copy), as
-    StableDiffusion3ControlNetInpaintingPipeline's ``prepare_image_with_mask`` takes it, and
+    (``inpaint``; ``what`` names its input channels). With ``controlnet``, for SD3's or
+    Qwen-Image's inpainting controlnet, a tensor is taken as it is (a copy), as
+    StableDiffusion3ControlNetInpaintingPipeline's and QwenImageControlNetInpaintPipeline's
+    ``prepare_image_with_mask`` take it, and
     the pipeline needs no ``prepare_mask_latents``. One-line refusals for a mask that the
     pipeline would resize or tile (another size, another batch than 1 and the image's) or
     that is no mask (other channels, values outside [0, 1]), and for any mask to a pipeline
@@ -517,8 +546,9 @@ def _mask_condition(
                 "unet (in_channels = 9: the latents, the mask and the masked image's latents; "
                 "StableDiffusionInpaintPipeline's, StableDiffusionXLInpaintPipeline's and "
                 "their ControlNet inpainting pipelines'), a Flux Fill transformer "
-                "(FluxFillPipeline's) or SD3's inpainting controlnet (extra_conditioning_"
-                f"channels = 1, {_SD3_INPAINT_PIPELINE}'s)"
+                "(FluxFillPipeline's), SD3's inpainting controlnet (extra_conditioning_"
+                f"channels = 1, {_SD3_INPAINT_PIPELINE}'s) or Qwen-Image's (extra_condition_"
+                f"channels = 4, {_QWEN_INPAINT_PIPELINE}'s)"
             )
         return None
     if mask_image is None:

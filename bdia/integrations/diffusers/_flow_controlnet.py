@@ -2,8 +2,9 @@
 ``FluxControlNetPipeline`` calls it, ``SD3ControlNetModel`` as
 ``StableDiffusion3ControlNetPipeline`` does, or with the mask's channel, Alimama's inpainting
 kind, as ``StableDiffusion3ControlNetInpaintingPipeline`` does, ``QwenImageControlNetModel``
-or ``QwenImageMultiControlNetModel`` as ``QwenImageControlNetPipeline`` does) and their
-settings, checked as ``from_diffusers`` takes them, and their calls.
+or ``QwenImageMultiControlNetModel`` as ``QwenImageControlNetPipeline`` does, or with the
+mask's channels as ``QwenImageControlNetInpaintPipeline`` does) and their settings, checked
+as ``from_diffusers`` takes them, and their calls.
 
 Flux's controlnet takes the packed latents, the timestep, the prompt, the embedded guidance
 and the position ids the transformer takes, and the control image's packed latents; SD3's
@@ -11,13 +12,14 @@ takes the latents, the timestep, the prompt (or none) and the pooled prompt (or 
 the control image's latents (the inpainting kind: the masked image's latents and the mask,
 in one tensor); Qwen-Image's takes the packed latents, the timestep, the prompt with its
 mask and the image shapes the transformer takes, and the control image's packed latents
-(its union wrapper one such tensor per control image, summing the residuals). Their
+(its union wrapper one such tensor per control image, summing the residuals; the inpainting
+kind the masked image's packed latents and the packed mask, in one tensor). Their
 residuals go to the transformer. The settings are checked in one line before any call
 (``from_diffusers``' Raises lists them); ``control_guidance_start`` and
 ``control_guidance_end`` become intervals of ODE times on the pipeline's grid, as for Stable
 Diffusion's ControlNet (``_controlnet``). What is not mapped (a union controlnet's modes,
 XLabs' controlnets of pixels, several controlnets, SD3.5's controlnets without their own
-``pos_embed``, Qwen-Image's inpainting controlnet) is refused.
+``pos_embed``, Qwen-Image's union wrapper of an inpainting controlnet) is refused.
 
 ``kind`` names the transformer's family throughout: ``"flux"``, ``"sd3"`` or ``"qwen"``.
 """
@@ -46,6 +48,10 @@ _QWEN_CONTROLNET = "QwenImageControlNetModel"
 # Qwen-Image's union wrapper: one controlnet called once per control image.
 _QWEN_MULTI = "QwenImageMultiControlNetModel"
 _QWEN_PIPELINE = "QwenImageControlNetPipeline"
+# Its controlnet takes the masked image's packed latents and then the packed mask: the one
+# mask channel in 2 x 2 patches, 4 channels more (extra_condition_channels).
+_QWEN_INPAINT_PIPELINE = "QwenImageControlNetInpaintPipeline"
+_QWEN_MASK_CHANNELS = 4
 _SD3_PIPELINE = "StableDiffusion3ControlNetPipeline"
 # Its controlnet takes the masked image's latents and then the mask, one channel more: the
 # only SD3 pipeline that gives a controlnet extra_conditioning_channels.
@@ -187,12 +193,19 @@ def _check_qwen_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None
         )
     config, theirs = nets[0].config, transformer.config
     extra = config.get("extra_condition_channels") or 0
-    if extra:
+    if extra not in (0, _QWEN_MASK_CHANNELS):
         raise ValueError(
-            f"the controlnet has extra_condition_channels = {extra} (the inpainting kind, "
-            "QwenImageControlNetInpaintPipeline's, which takes the masked image's latents and "
-            f"the mask): not mapped; give a controlnet of the control image alone "
-            f"({_QWEN_PIPELINE}'s)"
+            f"the controlnet has extra_condition_channels = {extra!r}: {_QWEN_PIPELINE} gives "
+            "a Qwen-Image controlnet the control image's packed latents alone (0 extra "
+            f"channels) and {_QWEN_INPAINT_PIPELINE} the masked image's and the mask packed "
+            f"in 2 x 2 patches ({_QWEN_MASK_CHANNELS}); no pipeline calls this one, which is "
+            "not mapped"
+        )
+    if extra and _qwen_multi(net):
+        raise ValueError(
+            f"the {_QWEN_MULTI} holds an inpainting controlnet (extra_condition_channels = "
+            f"{extra}); {_QWEN_INPAINT_PIPELINE} calls a {_QWEN_CONTROLNET} itself, not "
+            "wrapped: give pipe.controlnet of that pipeline"
         )
     for field in ("in_channels", "joint_attention_dim"):
         mine, other = config.get(field), theirs.get(field)
@@ -222,6 +235,15 @@ def _sd3_inpainting(net: Any) -> bool:
     if _SD3_CONTROLNET not in _class_names(net) or not isinstance(config, Mapping):
         return False
     return bool(config.get("extra_conditioning_channels"))
+
+
+def _qwen_inpainting(net: Any) -> bool:
+    """Whether ``net`` is a Qwen-Image controlnet of the inpainting kind, which takes the
+    packed mask after the masked image's packed latents (``extra_condition_channels``):
+    QwenImageControlNetInpaintPipeline's, whose control input no other pipeline makes."""
+    nets = _qwen_nets(net)
+    config = getattr(nets[0], "config", None) if nets else None
+    return isinstance(config, Mapping) and bool(config.get("extra_condition_channels"))
 
 
 def _check_dtype(net: Any, model_dtype: Any) -> None:
@@ -254,7 +276,16 @@ def _check_control_latents(value: Any, net: Any, kind: str) -> Tensor | list[Ten
             "device, vae.dtype), encoded by the vae, shifted, scaled and packed with "
             "pipe._pack_latents"
         )
-        if kind == "qwen":
+        if kind == "qwen" and _qwen_inpainting(net):
+            channels += config.get("extra_condition_channels")
+            how = (
+                f"{_QWEN_INPAINT_PIPELINE}'s control image and mask: its prepare_image_with_"
+                "mask(image, mask, W, H, 1, 1, device, vae.dtype), the image set to -1 where "
+                "the mask is above 0.5, encoded by the vae as one frame, (z - latents_mean) * "
+                "(1 / latents_std), then 1 - the mask at the latents' size as the last channel, "
+                "packed with pipe._pack_latents"
+            )
+        elif kind == "qwen":
             how = (
                 f"{_QWEN_PIPELINE}'s control image: pipe.prepare_image(image, W, H, 1, 1, "
                 "device, vae.dtype) as one frame (unsqueeze(2)), encoded by the vae, (z - "
@@ -303,12 +334,15 @@ def _check_control_latents(value: Any, net: Any, kind: str) -> Tensor | list[Ten
                 f"{shape.format(channels)}) (the controlnet's channels), the latents of {how}; "
                 f"got a {image.dtype} tensor of shape {tuple(image.shape)}"
             )
-    if not packed and _sd3_inpainting(net):
-        kept = value[:, -1]
+    inpainting = _qwen_inpainting(net) if kind == "qwen" else _sd3_inpainting(net)
+    if inpainting:
+        # Packing puts a channel's 2 x 2 patch in 4 consecutive channels: the mask's last.
+        kept = value[..., -_QWEN_MASK_CHANNELS:] if packed else value[:, -1]
+        where = f"last {_QWEN_MASK_CHANNELS} channels are" if packed else "last channel is"
         if kept.numel() and not bool(((kept >= 0) & (kept <= 1)).all()):
             raise ValueError(
-                "controlnet_cond's last channel is the inpainting controlnet's mask channel, "
-                "1 - mask in [0, 1] (1 where the image is kept), but its values lie in "
+                f"controlnet_cond's {where} the inpainting controlnet's mask channel, 1 - mask "
+                "in [0, 1] (1 where the image is kept), but its values lie in "
                 f"[{float(kept.min()):.4g}, {float(kept.max()):.4g}]: give the latents of {how}"
             )
     return list(value) if multi else value
@@ -398,6 +432,8 @@ def _flow_control(
     pipeline = {"flux": "FluxControlNetPipeline", "qwen": _QWEN_PIPELINE}.get(kind, _SD3_PIPELINE)
     if kind == "sd3" and _sd3_inpainting(controlnet):
         pipeline = _SD3_INPAINT_PIPELINE
+    if kind == "qwen" and _qwen_inpainting(controlnet):
+        pipeline = _QWEN_INPAINT_PIPELINE
     if extra:
         raise ValueError(
             "controlnet was given beside mask, masked_image_latents, control_latents or "
@@ -495,7 +531,8 @@ def _flow_residuals(
     StableDiffusion3ControlNetPipeline, (a controlnet with the mask's channel)
     StableDiffusion3ControlNetInpaintingPipeline or QwenImageControlNetPipeline calls it
     (its union wrapper with the lists ``image`` and ``scale``, one entry per control
-    image)."""
+    image) or, an inpainting controlnet, QwenImageControlNetInpaintPipeline, in the same
+    call."""
     if _qwen_nets(controlnet):
         taken = inspect.signature(controlnet.forward).parameters
         shared = {k: kwargs[k] for k in _QWEN_SHARED if k in kwargs and k in taken}

@@ -70,7 +70,10 @@ run is an ODE in the latents too. A ``QwenImageControlNetModel`` (or the union w
 ``QwenImageMultiControlNetModel`` of one, called once per control image) before Qwen-Image's,
 as ``QwenImageControlNetPipeline`` calls it: on the packed latents, with the control image's
 packed latents, the timestep, the prompt and its mask and the image shapes, once per
-evaluation, true CFG's negative call taking the conditional call's residuals.
+evaluation, true CFG's negative call taking the conditional call's residuals; one with the
+packed mask's channels (``extra_condition_channels = 4``, the inpainting kind) as
+``QwenImageControlNetInpaintPipeline`` calls it, in the same way, with the masked image's
+packed latents and the packed mask in one control input: that pipeline does not blend either.
 
 With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
@@ -1215,7 +1218,14 @@ def from_diffusers(
             pipeline draws a sample with its generator), ``(z - latents_mean) * (1 /
             latents_std)``, moved to ``(batch, 1, C, h, w)`` and packed by
             ``_pack_latents``: shape ``(batch or 1, tokens, in_channels)``, cast to
-            ``model_dtype``; for its union wrapper a list of them, one per control image.
+            ``model_dtype``; for its union wrapper a list of them, one per control image. For
+            its inpainting controlnet, the control input as
+            ``QwenImageControlNetInpaintPipeline``'s ``prepare_image_with_mask(image, mask, W,
+            H, 1, 1, device, vae.dtype)`` makes it: the image set to -1 where the binarised
+            mask is above 0.5, encoded as one frame (a draw from torch's global generator),
+            normalised as above, then ``1 - mask`` at the latents' size (nearest) as the last
+            channel, packed: shape ``(batch or 1, tokens, in_channels + 4)``, its last 4
+            channels in [0, 1].
         conditioning_scale: the scale of the controlnet's residuals, the pipelines'
             ``controlnet_conditioning_scale``: a number, or one per net (for Qwen-Image's
             union wrapper, one per control image).
@@ -1474,11 +1484,13 @@ def from_diffusers(
             residual key in ``cond``; at the first evaluation, control latents of another
             token count or of a batch neither 1 nor the state's. With Qwen-Image's
             controlnet: one of another class than ``QwenImageControlNetModel`` or a
-            ``QwenImageMultiControlNetModel`` of one (Flux's, SD3's, several), of the
-            inpainting kind (``extra_condition_channels``), made for another transformer
+            ``QwenImageMultiControlNetModel`` of one (Flux's, SD3's, several), of
+            ``extra_condition_channels`` other than 0 and 4, the wrapper of one of 4, made
+            for another transformer
             (``in_channels``, ``joint_attention_dim``, the residuals' width), of another
             dtype; ``controlnet_cond`` missing, a list for one controlnet (not a list for
-            the wrapper), or not 3-D floating tensors of ``in_channels``; scales or bounds
+            the wrapper), or not 3-D floating tensors of ``in_channels`` (and the extra
+            channels), an inpainting one's last 4 channels outside [0, 1]; scales or bounds
             of another count than the control images; ``strength`` other than 1; the other
             refusals as for Flux's. With SD3's controlnet: one
             of another class than ``SD3ControlNetModel`` (several, Stable Diffusion's,

@@ -28,15 +28,17 @@ Depth or Canny transformer the control image's packed latents as extra input cha
 ``control_image``: both ODEs call its ``FluxControlNetModel`` on the control image's packed
 latents; ``StableDiffusion3ControlNetPipeline`` likewise, its ``SD3ControlNetModel`` on the
 control image's latents; ``QwenImageControlNetPipeline`` its ``QwenImageControlNetModel``
-on the control image's packed latents; ``FluxControlNetImg2ImgPipeline`` as its
-text-to-image sibling) or
+on the control image's packed latents, ``QwenImageControlNetInpaintPipeline`` its
+inpainting one on the masked image's and the mask's, given ``mask_image`` too;
+``FluxControlNetImg2ImgPipeline`` as its text-to-image sibling) or
 ``FluxKontextPipeline`` or ``QwenImageEditPipeline`` (with ``prepare_latents``: both ODEs
 give the transformer the image itself as the reference image it edits), or, without a mask,
 the inpainting pipelines that blend the re-noised image into the latents after each step
 (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
 ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
-``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``, ``QwenImageInpaintPipeline``, and
-Stable Diffusion's and SDXL's over a 4-channel unet), as the plain pipeline of their parts (a
+``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``, ``QwenImageInpaintPipeline``,
+``QwenImageEditInpaintPipeline``, and Stable Diffusion's and SDXL's over a 4-channel unet),
+as the plain pipeline of their parts (a
 mask is refused: the blend is no ODE step), and any of these that has ``load_ip_adapter``
 (Stable Diffusion's and SDXL's; ``FluxPipeline``, ``FluxKontextPipeline``,
 ``FluxControlNetPipeline``, ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``,
@@ -126,6 +128,7 @@ from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
 from ._conditioning import _hid_dim_type, _ip_adapters, _qwen_needs_lengths
 from ._edit_conditions import (
+    _QWEN_EDIT_INPAINT,
     _TIME_IDS,
     _check_embeds_batch,
     _check_image_prompt,
@@ -149,7 +152,7 @@ from ._edit_conditions import (
     _sd3_control_latents,
     _with_image_prompt,
 )
-from ._flow_controlnet import _sd3_inpainting
+from ._flow_controlnet import _qwen_inpainting, _sd3_inpainting
 from ._pipeline_parts import (
     _FLUX_PACKING,
     _decode,
@@ -181,10 +184,11 @@ _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
 # The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
-# inpainting one (it blends), the Edit and Edit Plus ones, the image their own (first)
-# reference, and the ControlNet one, its controlnet on a control image; the others (Edit
-# Inpaint, ControlNet Inpaint, Layered) give the transformer more than the latents, the
-# prompt, reference images and one controlnet's residuals.
+# inpainting and Edit inpainting ones (they blend), the Edit and Edit Plus ones (and Edit
+# inpainting), the image their own (first) reference, and the ControlNet and ControlNet
+# inpainting ones, the controlnet on a control image (and a mask); the Layered one gives
+# the transformer more than the latents, the prompt, reference images and one
+# controlnet's residuals.
 _QWEN_EDIT = "QwenImageEditPipeline"
 _QWEN_EDIT_PLUS = "QwenImageEditPlusPipeline"
 _QWEN_PIPELINES = (
@@ -193,7 +197,9 @@ _QWEN_PIPELINES = (
     "QwenImageInpaintPipeline",
     _QWEN_EDIT,
     _QWEN_EDIT_PLUS,
+    _QWEN_EDIT_INPAINT,
     "QwenImageControlNetPipeline",
+    "QwenImageControlNetInpaintPipeline",
 )
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
@@ -858,8 +864,10 @@ def edit_image(
             ``prepare_latents`` and concatenated along the tokens, one ``img_shapes`` entry
             per image (a transformer with ``zero_cond_t``, 2511's, is called as given).
             A ``QwenImageControlNetPipeline`` (one ``QwenImageControlNetModel``, not the
-            union wrapper) takes ``control_image``. Qwen-Image's Edit Inpaint, Layered and
-            ControlNet inpainting pipelines are refused by their class. A
+            union wrapper) takes ``control_image``, a ``QwenImageControlNetInpaintPipeline``
+            (its controlnet of the inpainting kind, ``extra_condition_channels`` 4) both
+            ``control_image`` and ``mask_image``. Qwen-Image's Edit Inpaint and Layered
+            pipelines are refused by their class. A
             ``FluxFillPipeline`` (a Fill transformer, whose ``in_channels`` are twice the
             packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
@@ -877,12 +885,16 @@ def edit_image(
             no mask (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
             ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
             ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``,
-            ``QwenImageInpaintPipeline``, and Stable Diffusion's and SDXL's inpainting and
-            ControlNet inpainting pipelines over a 4-channel unet) blend the re-noised image
+            ``QwenImageInpaintPipeline``, ``QwenImageEditInpaintPipeline``, and Stable
+            Diffusion's and SDXL's inpainting and ControlNet inpainting pipelines over a
+            4-channel unet) blend the re-noised image
             into the latents after each step, which is no ODE step: without ``mask_image``
             they edit as the plain pipeline of their parts (``FluxKontextInpaintPipeline`` as
             ``FluxKontextPipeline``, the image its own reference, as it takes it without
-            ``image_reference``; ``ChromaInpaintPipeline`` as ``ChromaPipeline``, its prompts
+            ``image_reference``; ``QwenImageEditInpaintPipeline`` as
+            ``QwenImageEditPipeline``, the image its own reference, encoded as its own
+            ``prepare_latents`` encodes it, ``(mean - latents_mean) * (1 / latents_std)``,
+            and the state alike; ``ChromaInpaintPipeline`` as ``ChromaPipeline``, its prompts
             in 512 T5 tokens where its own ``encode_prompt`` defaults to 256), and a mask is
             refused.
         image: a PIL image in RGB mode or a list of them (one size), or a tensor of shape
@@ -1001,7 +1013,11 @@ def edit_image(
             channel of ``controlnet_cond``; needed with it. For a
             ``QwenImageControlNetPipeline`` as for Flux's, the image encoded as one frame
             and normalised ``(mean - latents_mean) * (1 / latents_std)`` (in float32 at
-            least) before packing, as the pipeline does with its draw.
+            least) before packing, as the pipeline does with its draw; for a
+            ``QwenImageControlNetInpaintPipeline``, the image kept outside ``mask_image``,
+            so, set to -1 under the mask first and the latents cast to the VAE's dtype, with
+            ``1 - mask`` at the latents' size as the last channel before packing, as its
+            ``prepare_image_with_mask`` does; needed with it.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
             all), as the pipeline's.
         guess_mode: the pipeline's guess mode.
@@ -1034,11 +1050,13 @@ def edit_image(
             pipeline blanks it, encoded to the VAE's mean, goes with the binarised mask
             through its ``prepare_mask_latents`` (which shifts and scales the latents and
             packs both, the mask's pixels ``f x f`` a latent pixel). For a
-            ``StableDiffusion3ControlNetInpaintingPipeline``, the pipeline's ``control_mask``:
+            ``StableDiffusion3ControlNetInpaintingPipeline`` or a
+            ``QwenImageControlNetInpaintPipeline``, the pipeline's ``control_mask``:
             binarised by its ``mask_processor`` (a tensor taken as it is, as the pipeline
             takes it), it goes into the controlnet's control input with ``control_image``
             (see there), not into the transformer's. Needed with an inpainting unet, a Fill
-            transformer or SD3's inpainting controlnet, refused for any other network: for an
+            transformer or SD3's or Qwen-Image's inpainting controlnet, refused for any
+            other network: for an
             inpainting pipeline that blends (its network takes no mask), in a line that says
             so.
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded
@@ -1136,8 +1154,8 @@ def edit_image(
             without ``prepare_image``, or with a tensor control image that is not of shape
             ``(1 or batch, 3, H, W)``, floating and in [-1, 1], or control images of another
             batch than 1 and the image's.
-            An inpainting unet, a Flux Fill transformer or SD3's inpainting controlnet
-            without ``mask_image`` (the last without ``control_image`` too), a
+            An inpainting unet, a Flux Fill transformer or SD3's or Qwen-Image's inpainting
+            controlnet without ``mask_image`` (the last two without ``control_image`` too), a
             ``mask_image`` for any other network (a 4-channel unet in an inpainting pipeline
             included, and SD3's, Flux's and Chroma's inpainting pipelines, which blend the
             image back in after every step: the line names the pipeline and the inpainting
@@ -1171,10 +1189,10 @@ def edit_image(
                 f"the pipeline is a {others[0]}, which gives the transformer more than the "
                 "latents, the prompt, reference images and one controlnet's residuals; of "
                 "Qwen-Image's pipelines "
-                f"edit_image maps {', '.join(_QWEN_PIPELINES)} (the inpainting one without "
-                "a mask)"
+                f"edit_image maps {', '.join(_QWEN_PIPELINES)} (the inpainting ones "
+                "without a mask)"
             )
-        qwen_edit = bool(others) and others[0] in (_QWEN_EDIT, _QWEN_EDIT_PLUS)
+        qwen_edit = bool(others) and others[0] in (_QWEN_EDIT, _QWEN_EDIT_PLUS, _QWEN_EDIT_INPAINT)
         qwen_plus = bool(others) and others[0] == _QWEN_EDIT_PLUS
     if reference_image is not None and not qwen_plus:
         raise ValueError(
@@ -1496,12 +1514,15 @@ def edit_image(
             "packed latents, the masked image's and the mask); give mask_image, white (1) "
             "where the edit may repaint, as FluxFillPipeline's mask_image"
         )
-    # SD3's inpainting controlnet takes the mask and the masked image in its control latents.
-    mask_control = sd3 and _sd3_inpainting(getattr(pipe, "controlnet", None))
+    # SD3's and Qwen-Image's inpainting controlnets take the mask and the masked image in
+    # their control latents.
+    net = getattr(pipe, "controlnet", None)
+    mask_control = (sd3 and _sd3_inpainting(net)) or (qwen and _qwen_inpainting(net))
     if mask_control and mask_image is None:
+        field = "extra_condition_channels = 4" if qwen else "extra_conditioning_channels = 1"
         raise ValueError(
-            "the pipeline's controlnet takes a mask (extra_conditioning_channels = 1, "
-            "Alimama's inpainting kind); give mask_image, white (1) where the edit may "
+            f"the pipeline's controlnet takes a mask ({field}, the inpainting kind); give "
+            "mask_image, white (1) where the edit may "
             "repaint (the pipeline's control_mask), and control_image, the image kept outside "
             "it (as a rule the image itself)"
         )
@@ -1541,10 +1562,12 @@ def edit_image(
         probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
     if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
-        net = control["controlnet"].config
-        probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"])
+        config = control["controlnet"].config
+        # Qwen-Image's inpainting controlnet takes the packed mask too.
+        extra = config.get("extra_condition_channels", 0) if qwen else 0
+        probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"] + extra)
         if sd3:  # latents of the controlnet's channels
-            channels = net.get("in_channels", 16) + net.get("extra_conditioning_channels", 0)
+            channels = config.get("in_channels", 16) + config.get("extra_conditioning_channels", 0)
             probe_cond["controlnet_cond"] = torch.zeros(1, channels, 1, 1)
     elif control:
         probe_cond = _control_probe_cond(xl)
@@ -1661,7 +1684,7 @@ def edit_image(
             if sd3:
                 shared[name] = _sd3_control_latents(pipe, vae, control_pixels, condition)
             elif qwen:
-                shared[name] = _qwen_control_latents(pipe, vae, control_pixels)
+                shared[name] = _qwen_control_latents(pipe, vae, control_pixels, condition)
             else:
                 shared[name] = _flux_control_latents(pipe, vae, control_pixels)
         if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
@@ -1680,8 +1703,10 @@ def edit_image(
         source_ode, target_ode = ode(source_cond), ode(target_cond)
 
         if qwen:  # the one frame's latents, (B, C, 1, h, w), packed as (B, C, h, w)
-            # QwenImageEditPipeline's own normalisation, its reference image's.
-            latents = _encode_frame(vae, pixels, state_dtype, divide=qwen_edit)
+            # QwenImageEditPipeline's own normalisation, its reference image's (the Edit
+            # inpainting pipeline's reference has QwenImageImg2ImgPipeline's, as its start).
+            divide = qwen_edit and others[0] != _QWEN_EDIT_INPAINT
+            latents = _encode_frame(vae, pixels, state_dtype, divide=divide)
             latents = pipe._pack_latents(latents, batch, latent, *latent_size)
         else:
             with _float32_vae(vae, xl, encoding=True):

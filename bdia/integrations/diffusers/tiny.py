@@ -67,6 +67,7 @@ __all__ = [
     "tiny_qwen_image_controlnet_pipeline",
     "tiny_z_image_transformer",
     "tiny_z_image_pipeline",
+    "tiny_qwen_image_controlnet_inpaint_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
     "tiny_sd3_controlnet",
@@ -1049,28 +1050,37 @@ def tiny_qwen_image_edit_plus_pipeline(scheduler: Any = None, *, zero_cond_t: bo
     return pipe
 
 
-def tiny_qwen_image_controlnet(transformer: torch.nn.Module, *, seed: int = 2) -> torch.nn.Module:
+def tiny_qwen_image_controlnet(
+    transformer: torch.nn.Module, *, seed: int = 2, mask_channel: bool = False
+) -> torch.nn.Module:
     """A ``QwenImageControlNetModel`` of ``transformer`` (a ``tiny_qwen_image_transformer``),
     with its config (one block): it takes the control image's packed latents, of the
-    latents' shape ``(batch, tokens, 16)``. Its weights are drawn with
-    ``torch.manual_seed(seed)``, its zero layers (the residuals' projections and the control
-    latents' embedding, zero as diffusers initialises them, when the residuals would be 0)
-    included, so that the transformer's output depends on the control image. In eval mode
-    and the transformer's dtype. Needs diffusers 0.36 or newer."""
-    net = _controlnet_of(_qwen_image_class("QwenImageControlNetModel"), transformer, seed)
+    latents' shape ``(batch, tokens, 16)``; with ``mask_channel``, the inpainting kind
+    (``extra_condition_channels=4``, InstantX's Qwen-Image-ControlNet-Inpainting's), the
+    masked image's packed latents and the packed mask, ``(batch, tokens, 20)``. Its weights
+    are drawn with ``torch.manual_seed(seed)``, its zero layers (the residuals' projections
+    and the control latents' embedding, zero as diffusers initialises them, when the
+    residuals would be 0) included, so that the transformer's output depends on the control
+    image. In eval mode and the transformer's dtype. Needs diffusers 0.36 or newer."""
+    extra = {"extra_condition_channels": 4} if mask_channel else {}
+    net = _controlnet_of(_qwen_image_class("QwenImageControlNetModel"), transformer, seed, **extra)
     return _drawn(net, [*net.controlnet_blocks, net.controlnet_x_embedder], transformer)
 
 
-def tiny_qwen_image_controlnet_pipeline(scheduler: Any = None, *, multi: bool = False) -> Any:
+def tiny_qwen_image_controlnet_pipeline(
+    scheduler: Any = None, *, multi: bool = False, text_encoder: bool = False
+) -> Any:
     """A ``QwenImageControlNetPipeline`` of ``tiny_qwen_image_pipeline``'s parts and
     ``tiny_qwen_image_controlnet`` of its transformer (seed 2); with ``multi``, that
     controlnet in a ``QwenImageMultiControlNetModel`` (the union wrapper, which calls it
     once per control image). Without a text encoder: give it ``prompt_embeds`` and
-    ``prompt_embeds_mask``. 16 x 16 RGB images and control images; ``scheduler`` defaults to
+    ``prompt_embeds_mask``; with ``text_encoder``, ``tiny_qwen_image_pipeline``'s tokenizer
+    and Qwen2.5-VL text encoder, which embed text prompts. 16 x 16 RGB images and control
+    images; ``scheduler`` defaults to
     Qwen-Image's. Float32; the progress bar is off. Needs diffusers 0.36 or newer, which has
     the pipeline."""
     pipeline = _qwen_image_class("QwenImageControlNetPipeline", "0.36")
-    parts = dict(tiny_qwen_image_pipeline(scheduler).components)
+    parts = dict(tiny_qwen_image_pipeline(scheduler, text_encoder=text_encoder).components)
     controlnet = tiny_qwen_image_controlnet(parts["transformer"])
     if multi:
         controlnet = _qwen_image_class("QwenImageMultiControlNetModel", "0.36")([controlnet])
@@ -1126,6 +1136,21 @@ def tiny_z_image_pipeline(scheduler: Any = None, *, cls: Any = None) -> Any:
         tokenizer=None,
         transformer=tiny_z_image_transformer(),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen_image_controlnet_inpaint_pipeline(scheduler: Any = None) -> Any:
+    """A ``QwenImageControlNetInpaintPipeline`` of ``tiny_qwen_image_pipeline``'s parts and
+    ``tiny_qwen_image_controlnet(..., mask_channel=True)`` of its transformer (seed 2), which
+    takes the masked image's packed latents and the packed mask. Without a text encoder: give
+    it ``prompt_embeds`` and ``prompt_embeds_mask``. 16 x 16 RGB images and masks;
+    ``scheduler`` defaults to Qwen-Image's. Float32; the progress bar is off. Needs diffusers
+    0.36 or newer, which has the pipeline."""
+    pipeline = _qwen_image_class("QwenImageControlNetInpaintPipeline", "0.36")
+    parts = dict(tiny_qwen_image_pipeline(scheduler).components)
+    controlnet = tiny_qwen_image_controlnet(parts["transformer"], mask_channel=True)
+    pipe = pipeline(**parts, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
