@@ -3149,8 +3149,9 @@ def _ip_adapter_options(
     help="For StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, "
     "StableDiffusionControlNetInpaintPipeline and StableDiffusionXLControlNetInpaintPipeline "
     "with an inpainting unet (in_channels 9: the latents, the mask and the masked image's "
-    "latents; a 4-channel unet in them is refused), FluxFillPipeline, and "
-    "StableDiffusion3ControlNetInpaintingPipeline (its control_mask, with --control-image): "
+    "latents; a 4-channel unet in them is refused), FluxFillPipeline, "
+    "StableDiffusion3ControlNetInpaintingPipeline (its control_mask, with --control-image) "
+    "and QwenImageControlNetInpaintPipeline (its mask_image, with --control-image): "
     "the region the edit may repaint, white there and black elsewhere, as diffusers' "
     "mask_image (read as grey, binarised at 0.5); of the photo's size, resized with it by "
     "--size.",

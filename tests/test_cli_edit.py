@@ -454,7 +454,7 @@ def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_p
 def test_the_mask_help_names_the_pipelines_that_take_one():
     """--mask's help names the pipelines edit_image takes a mask for, as its docstring does:
     the four inpainting pipelines of SD and SDXL with a 9-channel unet, Flux Fill, and SD3's
-    ControlNet inpainting pipeline."""
+    and Qwen-Image's ControlNet inpainting pipelines."""
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
     mask = text[text.index("--mask FILE") : text.index("--control-image FILE")]
     for name in (
@@ -464,6 +464,7 @@ def test_the_mask_help_names_the_pipelines_that_take_one():
         "StableDiffusionXLControlNetInpaintPipeline",
         "FluxFillPipeline",
         "StableDiffusion3ControlNetInpaintingPipeline",
+        "QwenImageControlNetInpaintPipeline",
     ):
         assert name in mask, name
     assert "in_channels 9" in mask and "a 4-channel unet in them is refused" in mask
