@@ -515,7 +515,7 @@ def test_changed_latents_restart_the_recursion_with_a_warning(unet):
     sched.set_timesteps(STEPS)
     x = _noise(4)
     changed, states = None, []
-    with torch.no_grad(), pytest.warns(BDIARestartWarning, match="changed the latents"):
+    with torch.no_grad(), pytest.warns(BDIARestartWarning, match="changed the latents") as seen:
         for i, t in enumerate(sched.timesteps):
             if i in (4, 7):
                 x.mul_(1.01)
@@ -523,6 +523,19 @@ def test_changed_latents_restart_the_recursion_with_a_warning(unet):
             x = sched.step(unet(x, t).sample, t, x).prev_sample
             states.append(x.clone())
     assert sched.restarts == [int(sched.timesteps[4]), int(sched.timesteps[7])]
+    # The warning names the inpainting pipelines that blend, of every family mapped.
+    warned = [w for w in seen if issubclass(w.category, BDIARestartWarning)]
+    message = " ".join(str(warned[0].message).split())
+    for name in (
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusion3InpaintPipeline",
+        "FluxInpaintPipeline",
+        "ChromaInpaintPipeline",
+        "QwenImageInpaintPipeline",
+        "QwenImageEditInpaintPipeline",
+        "ZImageInpaintPipeline",
+    ):
+        assert name in message, name
     # The recursion began again at the last restart: an inversion stops there.
     assert sched.start_index == sched.final_pair.start_index == 7
     # From timestep 4 to the next restart: bdia.sample from the changed state on grid[4:8].

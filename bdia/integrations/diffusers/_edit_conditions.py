@@ -46,9 +46,9 @@ _TIME_IDS = 6
 # even as latents, where the others take 4-channel latents as they are.
 _ENCODES_MASKED = "StableDiffusionXLControlNetInpaintPipeline"
 # The inpainting pipelines that, for a network that takes no mask (a 4-channel unet, SD3's,
-# Flux's, Chroma's and Qwen-Image's text-to-image transformers, Flux's Depth or Canny ones),
-# blend the noised image back into the latents outside the mask after every step: no ODE, so
-# no exact inversion of the run.
+# Flux's, Chroma's, Qwen-Image's and Z-Image's text-to-image transformers, Flux's Depth or
+# Canny ones), blend the noised image back into the latents outside the mask after every
+# step: no ODE, so no exact inversion of the run.
 _BLENDING = frozenset(
     {
         "StableDiffusionInpaintPipeline",
@@ -67,6 +67,7 @@ _BLENDING = frozenset(
         "FluxControlNetInpaintPipeline",
         "FluxKontextInpaintPipeline",
         "ChromaInpaintPipeline",
+        "ZImageInpaintPipeline",
     }
 )
 # The Kontext pipeline whose prepare_latents noises the image for its blend.

@@ -1,5 +1,5 @@
 """Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL,
-Stable Diffusion 3, Flux, Chroma, Qwen-Image).
+Stable Diffusion 3, Flux, Chroma, Qwen-Image, Z-Image).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
@@ -11,7 +11,10 @@ same scheduler, CLIP and T5, and the pipeline's static methods that pack the lat
 ``ChromaPipeline`` (a ``ChromaTransformer2DModel``, Flux's parts but T5 alone, and its
 ``_prepare_attention_mask``) or ``QwenImagePipeline`` and ``QwenImageImg2ImgPipeline`` (a
 ``QwenImageTransformer2DModel``, the video VAE ``AutoencoderKLQwenImage``, ``encode_prompt``
-and the static methods that pack the latents), or the ControlNet pipelines of Stable
+and the static methods that pack the latents) or ``ZImagePipeline`` and
+``ZImageImg2ImgPipeline`` (a ``ZImageTransformer2DModel`` on image-shaped latents, an
+``AutoencoderKL`` with a ``shift_factor``, and ``encode_prompt`` for text), or the ControlNet
+pipelines of Stable
 Diffusion and SDXL (with ``controlnet`` and ``prepare_image``, or for their img2img pipelines
 ``prepare_control_image``, given ``control_image``: both ODEs call the controlnet on it; an
 img2img pipeline edits as its text-to-image sibling, the whole image inverted), or the
@@ -37,8 +40,8 @@ the inpainting pipelines that blend the re-noised image into the latents after e
 (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
 ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
 ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``, ``QwenImageInpaintPipeline``,
-``QwenImageEditInpaintPipeline``, and Stable Diffusion's and SDXL's over a 4-channel unet),
-as the plain pipeline of their parts (a
+``QwenImageEditInpaintPipeline``, ``ZImageInpaintPipeline``, and Stable Diffusion's and
+SDXL's over a 4-channel unet), as the plain pipeline of their parts (a
 mask is refused: the blend is no ODE step), and any of these that has ``load_ip_adapter``
 (Stable Diffusion's and SDXL's; ``FluxPipeline``, ``FluxKontextPipeline``,
 ``FluxControlNetPipeline``, ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``,
@@ -59,7 +62,8 @@ transformer the pipeline's image embeddings) and:
    as a one-frame video, its latents ``(mean - latents_mean) * (1 / latents_std)`` (no
    scaling factor), packed the same way, as QwenImageImg2ImgPipeline encodes (for
    QwenImageEditPipeline ``(mean - latents_mean) / latents_std``, as it encodes its
-   reference image);
+   reference image); for Z-Image ``(mean - shift_factor) * scaling_factor`` in the VAE's
+   dtype, then in the state dtype, as ZImageImg2ImgPipeline encodes (image-shaped, unpacked);
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
    ``addition_embed_type="text_time"``) it also makes the unet's ``added_cond_kwargs``: the
@@ -73,7 +77,9 @@ transformer the pipeline's image embeddings) and:
    the T5 embeddings, ``txt_ids``, ``img_ids`` and the ``attention_mask`` of each prompt
    over its tokens and the image's, as ChromaPipeline makes them from text; Qwen-Image's the
    embeddings, their padding mask (``encode_prompt``'s, for text and embeddings alike) and
-   the pipeline's ``img_shapes``;
+   the pipeline's ``img_shapes``; Z-Image's ``cap_feats``, a list of one embedding per
+   prompt of its own length, as ``encode_prompt`` returns them, and its CFG (``c + g (c -
+   u)`` for ``guidance_scale > 0``) with ``cfg_normalization`` and ``cfg_truncation``;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    (for SD3 the rectified flow of its sigmas) and the grid with ``diffusers_grid``, taking
    the encoded latents as the state at the grid's last point; where the scheduler's grid
@@ -84,7 +90,8 @@ transformer the pipeline's image embeddings) and:
    can be evaluated at sigma = 0, so the latents are the state at t = 0 and the inversion's
    first step evaluates the transformer at timestep 0, which the pipelines never do (with
    dynamic shifting, the grid follows the pipeline's ``mu`` for the image's size); Flux's
-   grid is made from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way;
+   grid is made from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way,
+   Z-Image's from ZImagePipeline's ``torch.linspace(1, 1/n, n)`` likewise;
    an EDM-preconditioned scheduler's (Playground v2.5's ``EDMDPMSolverMultistepScheduler``
    or ``EDMEulerScheduler``, no table either) ends at its last positive sigma,
    ``sigma_min``, without the final step to 0, where its denoiser cannot be evaluated;
@@ -96,7 +103,7 @@ transformer the pipeline's image embeddings) and:
    ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 and Flux pipelines
    decode, Flux's after ``_unpack_latents``; Qwen-Image's after it by ``latents / (1 /
    latents_std) + latents_mean``, the decoded video's one frame, as QwenImagePipeline
-   decodes);
+   decodes; Z-Image's cast to the VAE's dtype first, as ZImagePipeline decodes);
    for SDXL in float32 when the VAE is float16 (not bfloat16) and its config says
    ``force_upcast``, as the SDXL pipelines decode.
 
@@ -167,6 +174,7 @@ from ._pipeline_parts import (
     _vae_factor,
 )
 from ._scheduler_config import _SIGMA_SLACK, _class_names, _is_chroma
+from ._z_image import _Z_IMAGE_HOW, _check_cap_feats
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
 
@@ -183,6 +191,16 @@ _FLUX = "FluxTransformer2DModel"
 _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
+_Z_IMAGE = "ZImageTransformer2DModel"
+# The Z-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
+# inpainting one (it blends); the ControlNet pipelines give the transformer a controlnet's
+# residuals and the Omni one condition images and SigLIP features.
+_Z_IMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
+# ZImagePipeline's default guidance_scale: its CFG c + g (c - u), on for g > 0, with the
+# negative prompt "" (Z-Image-Turbo runs with 0, no CFG).
+_Z_IMAGE_GUIDANCE = 5.0
+# ZImagePipeline's max_sequence_length, given to encode_prompt.
+_Z_IMAGE_TOKENS = 512
 # The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
 # inpainting and Edit inpainting ones (they blend), the Edit and Edit Plus ones (and Edit
 # inpainting), the image their own (first) reference, and the ControlNet and ControlNet
@@ -460,9 +478,9 @@ def _reference_pixels(
 
 
 def _network(pipe: Any) -> tuple[Any, str]:
-    """The pipeline's unet (then ``"unet"``), or its SD3, Flux or Qwen-Image transformer
-    (``"sd3"``, ``"flux"``, ``"qwen"``; Chroma's, called as Flux's on the same packed latents,
-    is ``"flux"`` too)."""
+    """The pipeline's unet (then ``"unet"``), or its SD3, Flux, Qwen-Image or Z-Image
+    transformer (``"sd3"``, ``"flux"``, ``"qwen"``, ``"zimage"``; Chroma's, called as Flux's on
+    the same packed latents, is ``"flux"`` too)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return unet, "unet"
@@ -480,11 +498,14 @@ def _network(pipe: Any) -> tuple[Any, str]:
         return transformer, "flux"
     if _QWEN in names:
         return transformer, "qwen"
+    if _Z_IMAGE in names:
+        return transformer, "zimage"
     raise ValueError(
         f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
         f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
-        f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline) and Qwen-Image's "
-        f"{_QWEN} (QwenImagePipeline), and besides them the unets of Stable Diffusion and SDXL"
+        f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline), Qwen-Image's "
+        f"{_QWEN} (QwenImagePipeline) and Z-Image's {_Z_IMAGE} (ZImagePipeline), and besides "
+        "them the unets of Stable Diffusion and SDXL"
     )
 
 
@@ -495,9 +516,9 @@ class _Sizes:
 
     Attributes:
         vae_factor: the VAE's downsampling factor (8 for Stable Diffusion, SDXL, SD3, Flux,
-            Qwen-Image).
-        patch: the side of the latents' patches, SD3's transformer ``patch_size`` or Flux's
-            and Qwen-Image's packing (2); None for a unet.
+            Qwen-Image, Z-Image).
+        patch: the side of the latents' patches, SD3's transformer ``patch_size``, Flux's
+            and Qwen-Image's packing or Z-Image's patches (2); None for a unet.
         factor: ``vae_factor`` times ``patch``.
         what: the factor and where it comes from, to end "not a multiple of ...".
         patches: SD3's ``pos_embed_max_size``, the most patches a side its transformer embeds.
@@ -528,6 +549,12 @@ def _image_sizes(pipe: Any, vae: Any, unet_config: Mapping[str, Any], kind: str)
         factor *= patch
         owner = "FluxPipeline" if kind == "flux" else "QwenImagePipeline"
         what = f"{factor}, {what} times {patch}, {owner}'s packing of the latents"
+    elif kind == "zimage":
+        # ZImagePipeline keeps its latents image-shaped but takes sizes of vae_scale_factor
+        # times 2, its transformer's 2 x 2 patches.
+        patch = _FLUX_PACKING
+        factor *= patch
+        what = f"{factor}, {what} times {patch}, as ZImagePipeline takes them"
     patches = unet_config.get("pos_embed_max_size") if kind == "sd3" else None
     return _Sizes(vae_factor, patch, factor, what, patches if isinstance(patches, int) else None)
 
@@ -736,6 +763,46 @@ def _embed_qwen(
     return cond
 
 
+def _check_z_image_prompt(prompt: Any, name: str, batch: int, width: Any) -> None:
+    """A Z-Image prompt is a string, a list of 1 or ``batch`` strings, or a list of 1 or
+    ``batch`` embeddings ``(L_i, width)``, as ``ZImagePipeline.encode_prompt`` returns its
+    ``prompt_embeds``."""
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise TypeError(
+            f"{name} must be a string, a non-empty list of strings or {_Z_IMAGE_HOW}, got "
+            f"{type(prompt).__name__}"
+        )
+    if not _is_text(prompt):
+        _check_cap_feats(prompt, width, name)
+    if len(prompt) not in (1, batch):
+        raise ValueError(
+            f"{name} has {len(prompt)} prompts for {batch} images; give 1 (shared) or {batch}"
+        )
+
+
+def _embed_z_image(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """Z-Image's transformer argument of a prompt, ``cap_feats``: a list of one ``(L_i, D)``
+    embedding per prompt, in ``dtype``; text through the pipeline's ``encode_prompt`` (its
+    valid tokens of ``max_sequence_length`` 512, the pipeline's), embeddings as given, as
+    ``encode_prompt`` passes them on."""
+    if _is_text(prompt):
+        # A copy: encode_prompt writes the chat template over the list's strings.
+        text = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds, _ = pipe.encode_prompt(
+            text,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=_Z_IMAGE_TOKENS,
+        )
+    else:
+        embeds = list(prompt)
+    return {"cap_feats": [e.to(device) if dtype is None else e.to(device, dtype) for e in embeds]}
+
+
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
     """The unet arguments of one SDXL branch."""
     return {
@@ -803,6 +870,8 @@ def edit_image(
     ip_adapter_image: Any = None,
     ip_adapter_image_embeds: Sequence[Tensor] | None = None,
     reference_image: Any = None,
+    cfg_normalization: float | None = None,
+    cfg_truncation: float | None = None,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
@@ -867,7 +936,16 @@ def edit_image(
             union wrapper) takes ``control_image``, a ``QwenImageControlNetInpaintPipeline``
             (its controlnet of the inpainting kind, ``extra_condition_channels`` 4) both
             ``control_image`` and ``mask_image``. Qwen-Image's Edit Inpaint and Layered
-            pipelines are refused by their class. A
+            pipelines are refused by their class. A ``ZImagePipeline``
+            or ``ZImageImg2ImgPipeline`` (a ``ZImageTransformer2DModel``, an
+            ``AutoencoderKL`` with ``shift_factor``, and, for text, ``encode_prompt`` with
+            its Qwen3 ``tokenizer`` and ``text_encoder``) encodes the image to the mean of
+            the VAE's distribution, ``(mean - shift_factor) * scaling_factor`` in the VAE's
+            dtype, as ZImageImg2ImgPipeline encodes (where it draws a sample), and decodes
+            the latents cast to the VAE's dtype by the inverse, as ZImagePipeline decodes;
+            the latents stay image-shaped, ``(batch, C, H / f, W / f)``, and the
+            img2img pipeline's ``strength`` plays no part. Its ControlNet and Omni pipelines
+            are refused by their class. A
             ``FluxFillPipeline`` (a Fill transformer, whose ``in_channels`` are twice the
             packed latents' and the packed mask's) takes
             ``mask_image``; a ``FluxControlPipeline`` (a Depth or Canny transformer, whose
@@ -885,9 +963,9 @@ def edit_image(
             no mask (``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
             ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
             ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``,
-            ``QwenImageInpaintPipeline``, ``QwenImageEditInpaintPipeline``, and Stable
-            Diffusion's and SDXL's inpainting and ControlNet inpainting pipelines over a
-            4-channel unet) blend the re-noised image
+            ``QwenImageInpaintPipeline``, ``QwenImageEditInpaintPipeline``,
+            ``ZImageInpaintPipeline``, and Stable Diffusion's and SDXL's inpainting and
+            ControlNet inpainting pipelines over a 4-channel unet) blend the re-noised image
             into the latents after each step, which is no ODE step: without ``mask_image``
             they edit as the plain pipeline of their parts (``FluxKontextInpaintPipeline`` as
             ``FluxKontextPipeline``, the image its own reference, as it takes it without
@@ -902,7 +980,8 @@ def edit_image(
             VAE's downsampling factor (8 for Stable Diffusion; 512 x 512 for SD 1.5, 1024 x
             1024 for SDXL), for SD3 of that times the transformer's ``patch_size`` (16), and
             at most ``pos_embed_max_size`` patches a side (3072 pixels for SD3 medium); for
-            Flux and Qwen-Image of the VAE's factor times 2, the packing's patch (16).
+            Flux and Qwen-Image of the VAE's factor times 2, the packing's patch (16), and
+            for Z-Image likewise, its transformer's 2 x 2 patches (16).
         source_prompt: what the image shows: a string, a list of 1 or ``batch`` strings, or
             prompt embeddings of shape ``(1 or batch, tokens, cross_attention_dim)`` (of
             ``encoder_hid_dim`` for a unet that projects them, ``encoder_hid_dim_type=
@@ -921,7 +1000,11 @@ def edit_image(
             ``encode_prompt`` returns them (an integer mask, 1 for a token, 0 for padding),
             which goes through ``encode_prompt`` as in the pipeline (an all-ones mask becomes
             None; a prompt keeps its first 512 tokens, the pipeline's
-            ``max_sequence_length``); text needs the pipeline's text encoder.
+            ``max_sequence_length``); text needs the pipeline's text encoder. For Z-Image a
+            list of 1 or ``batch`` embeddings of shapes ``(L_i, cap_feat_dim)``, each of its
+            own length, as its ``encode_prompt`` returns ``prompt_embeds`` (each prompt's
+            valid tokens, no mask), or text, which goes through ``encode_prompt`` (no CFG,
+            ``max_sequence_length`` 512, the pipeline's) and needs its text encoder.
         target_prompt: the edit, in the same forms.
         num_inference_steps: steps of the scheduler's grid (``diffusers_grid``); with an
             EDM-preconditioned scheduler one fewer where that grid ends at 0 (its default
@@ -929,7 +1012,8 @@ def edit_image(
             the grid is the pipeline's ``num_inference_steps`` sigmas and its final 0, where
             the latents are taken: ``num_inference_steps`` steps. For Flux the sigmas are
             FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler, and the
-            final 0 likewise.
+            final 0 likewise; for Z-Image ZImagePipeline's, ``torch.linspace(1, 1 / n,
+            n).tolist()`` (float32 values) shifted by the scheduler, and the final 0.
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
             conditional model alone. Every other value needs ``negative_prompt``. By default
             7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
@@ -938,7 +1022,10 @@ def edit_image(
             ChromaPipeline's ``guidance_scale`` (true CFG, with the negative prompt ``""`` by
             default). For Qwen-Image 1: QwenImagePipeline's ``true_cfg_scale`` (4) acts only
             with a negative prompt, None by default; another value is its true CFG, the
-            guided velocity of each token rescaled to the conditional one's norm.
+            guided velocity of each token rescaled to the conditional one's norm. For
+            Z-Image 5, ZImagePipeline's ``guidance_scale``, whose CFG is ``c + g (c - u)``,
+            on for ``g > 0`` with the negative prompt ``""`` by default; 0 is no CFG
+            (Z-Image-Turbo's), and a negative value is refused.
         guidance: Flux.1-dev's embedded guidance scale, FluxPipeline's ``guidance_scale``
             (3.5 by default), given to the transformer in both branches of guidance. Only for
             a Flux transformer with ``guidance_embeds``: refused for one without (Flux.1-
@@ -1107,6 +1194,14 @@ def edit_image(
             pipeline resizes its images to about 1024 x 1024 pixels (multiples of 32): give
             them at the size it computes (``calculate_dimensions(1024 * 1024, W' / H')``) to
             edit as the pipeline runs. Both ODEs take them; refused for any other pipeline.
+        cfg_normalization: for Z-Image only, ZImagePipeline's ``cfg_normalization``: where
+            above 0 (``True`` is 1), each sample's guided prediction is scaled down to that
+            many times its conditional prediction's norm where it exceeds it. None (the
+            default) is the pipeline's ``False``: no cap.
+        cfg_truncation: for Z-Image only, ZImagePipeline's ``cfg_truncation``: CFG is off at
+            the times whose ``(1000 - t) / 1000`` is above it. None (the default) is the
+            pipeline's 1: never. Both go to ``from_diffusers`` for both ODEs; refused for
+            any other pipeline.
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -1135,7 +1230,11 @@ def edit_image(
             without ``z_dim``, ``latents_mean`` or ``latents_std``, a transformer whose
             ``in_channels`` are not 4 ``z_dim``, a Qwen-Image pipeline other than the
             text-to-image, img2img, inpainting, Edit and Edit Plus ones, and text prompts
-            for the last two; ``reference_image`` for any other pipeline than Edit Plus, or
+            for the last two; for Z-Image prompts that are not a string, a list of strings
+            or a list of 2-D embeddings of ``cap_feat_dim``, of 1 or ``batch`` entries, a
+            negative ``guidance_scale``, ``cfg_normalization`` or ``cfg_truncation`` that
+            are not numbers (or given for any other pipeline), and its ControlNet and Omni
+            pipelines; ``reference_image`` for any other pipeline than Edit Plus, or
             one that is not an image (as ``image``), holds another batch than 1 and the
             image's, or whose size is not a multiple of the VAE's factor times 2; an unknown
             rule, solver or output type; an SD3 or Flux grid of one step; ``mu`` where the
@@ -1176,7 +1275,7 @@ def edit_image(
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
     unet, kind = _network(pipe)
-    sd3, flux, qwen = kind == "sd3", kind == "flux", kind == "qwen"
+    sd3, flux, qwen, zimage = kind == "sd3", kind == "flux", kind == "qwen", kind == "zimage"
     chroma = flux and _is_chroma(unet)
     model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
@@ -1194,6 +1293,29 @@ def edit_image(
             )
         qwen_edit = bool(others) and others[0] in (_QWEN_EDIT, _QWEN_EDIT_PLUS, _QWEN_EDIT_INPAINT)
         qwen_plus = bool(others) and others[0] == _QWEN_EDIT_PLUS
+    if zimage:  # by the most derived of its Z-Image classes, as Qwen-Image's
+        others = [n for n in _class_names(pipe) if n.startswith("ZImage")]
+        if others and others[0] not in _Z_IMAGE_PIPELINES:
+            raise ValueError(
+                f"the pipeline is a {others[0]}, which gives the transformer more than the "
+                "latents and the prompts (a controlnet's residuals, or condition images and "
+                f"SigLIP features); of Z-Image's pipelines edit_image maps "
+                f"{', '.join(_Z_IMAGE_PIPELINES)} (the inpainting one without a mask)"
+            )
+    # ZImagePipeline's CFG options, passed through to from_diffusers.
+    z_options = {
+        name: value
+        for name, value in (
+            ("cfg_normalization", cfg_normalization),
+            ("cfg_truncation", cfg_truncation),
+        )
+        if value is not None
+    }
+    if z_options and not zimage:
+        raise ValueError(
+            f"{next(iter(z_options))} is ZImagePipeline's CFG option, but the pipeline's "
+            f"{'unet' if kind == 'unet' else 'transformer'} is no Z-Image one; leave it out"
+        )
     if reference_image is not None and not qwen_plus:
         raise ValueError(
             f"reference_image was given, but the pipeline is a {type(pipe).__name__}; only "
@@ -1310,7 +1432,14 @@ def edit_image(
     # default.
     if guidance_scale is None:
         guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux or qwen else 7.5
+        if zimage:
+            guidance_scale = _Z_IMAGE_GUIDANCE
     _check_number(guidance_scale, "guidance_scale")
+    if zimage and guidance_scale < 0:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale}: ZImagePipeline's CFG, c + g (c - u), runs for "
+            "a scale above 0 and not at 0 (Z-Image-Turbo's); give 0 for no CFG"
+        )
     guidance_embeds = flux and bool(unet_config.get("guidance_embeds", False))
     if guidance is not None and not guidance_embeds:
         if chroma:
@@ -1332,12 +1461,14 @@ def edit_image(
     if guidance_embeds:
         guidance = _FLUX_GUIDANCE if guidance is None else guidance
         _check_number(guidance, "guidance")
-    guided = guidance_scale != 1
+    # ZImagePipeline's CFG is off at 0, the others' at 1.
+    unguided = 0 if zimage else 1
+    guided = guidance_scale != unguided
     if guided and negative_prompt is None:
         raise ValueError(
             f"guidance_scale = {guidance_scale} needs the unconditional branch: give "
             "negative_prompt (a string, '' for the usual one, or its embeddings), or "
-            "guidance_scale=1"
+            f"guidance_scale={unguided}"
         )
     if rule not in EDIT_RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
@@ -1430,6 +1561,9 @@ def edit_image(
             second_says="the embeddings' mask (torch.ones where no token is padding)",
         )
     for name, prompt in prompts.items():
+        if zimage:
+            _check_z_image_prompt(prompt, name, batch, unet_config.get("cap_feat_dim"))
+            continue
         if chroma and not _is_text(prompt):
             raise TypeError(
                 f"{name} must be text for ChromaPipeline (a string or a list of strings): its "
@@ -1454,6 +1588,9 @@ def edit_image(
             # Flux: CLIP (the pooled embeddings) and T5 (the embeddings).
             parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
         why = "to embed text prompts (or pass prompt embeddings instead)"
+        if zimage:  # the tiny and the saved pipelines may come without Qwen3
+            text = ", ".join(k for k, p in prompts.items() if _is_text(p))
+            why = f"to embed the text of {text} (or pass {_Z_IMAGE_HOW} instead)"
         if qwen:  # the tiny and the saved pipelines may come without Qwen2.5-VL
             text = ", ".join(k for k, p in prompts.items() if _is_text(p))
             if qwen_edit:
@@ -1560,6 +1697,10 @@ def edit_image(
     lengths = qwen and _qwen_needs_lengths(unet, inspect.signature(unet.forward).parameters)
     if qwen:
         probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
+    if zimage:  # a stand-in prompt of one token; the CFG options checked as given
+        dim = unet_config.get("cap_feat_dim")
+        probe_cond = {"cap_feats": [torch.zeros(1, dim if isinstance(dim, int) else 1)]}
+        probe_cond.update(z_options)
     if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
         config = control["controlnet"].config
@@ -1585,14 +1726,22 @@ def edit_image(
     elif sd3_image and image_given:
         probe_cond = _with_image_prompt(probe_cond, torch.zeros(1, 1, 1), True)
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
-    if (sd3 or flux or qwen) and mu is None and scheduler.config.get("use_dynamic_shifting"):
-        # QwenImagePipeline's calculate_shift and defaults are FluxPipeline's.
+    if (
+        (sd3 or flux or qwen or zimage)
+        and mu is None
+        and scheduler.config.get("use_dynamic_shifting")
+    ):
+        # QwenImagePipeline's and ZImagePipeline's calculate_shift and defaults are
+        # FluxPipeline's.
         fields = _SHIFT_FIELDS if sd3 else _FLUX_SHIFT_FIELDS
         mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
-    sigmas = None
+    sigmas: Any = None
     if flux or qwen:  # FluxPipeline's (QwenImagePipeline's) own sigmas, which it shifts
         steps = check_steps(num_inference_steps, "num_inference_steps")
         sigmas = np.linspace(1.0, 1 / steps, steps)
+    if zimage:  # ZImagePipeline's: torch's float32 linspace, as a list
+        steps = check_steps(num_inference_steps, "num_inference_steps")
+        sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
     ts = _grid(scheduler, num_inference_steps, probe, mu, sigmas)
 
     # ---- the work
@@ -1618,6 +1767,8 @@ def edit_image(
                 return _embed_flux(pipe, prompt, device, embed_dtype)
             if qwen:
                 return _embed_qwen(pipe, prompt, device, embed_dtype, lengths)
+            if zimage:
+                return _embed_z_image(pipe, prompt, device, embed_dtype)
             return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
         source_cond, target_cond = branch(source_prompt), branch(target_prompt)
@@ -1661,6 +1812,8 @@ def edit_image(
         # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
         # the latents' positions, in the embeddings' dtype, and the embedded guidance.
         shared: dict[str, Any] = {"img_shapes": img_shapes} if qwen else {}
+        if zimage:
+            shared.update(z_options)
         if flux:
             ids_dtype = source_cond["encoder_hidden_states"].dtype
             shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
@@ -1708,6 +1861,8 @@ def edit_image(
             divide = qwen_edit and others[0] != _QWEN_EDIT_INPAINT
             latents = _encode_frame(vae, pixels, state_dtype, divide=divide)
             latents = pipe._pack_latents(latents, batch, latent, *latent_size)
+        elif zimage:  # ZImageImg2ImgPipeline's shift and scale, in the VAE's dtype
+            latents = _encode(vae, pixels, vae.dtype).to(state_dtype)
         else:
             with _float32_vae(vae, xl, encoding=True):
                 latents = _encode(vae, pixels, state_dtype)
@@ -1717,6 +1872,8 @@ def edit_image(
         def decode(latents: Tensor) -> Tensor:
             if flux or qwen:
                 latents = pipe._unpack_latents(latents, height, width, vae_factor)
+            if zimage:  # ZImagePipeline unscales and shifts in the VAE's dtype
+                latents = latents.to(vae.dtype)
             return _decode_frame(vae, latents) if qwen else _decode(vae, latents)
 
         inversion = Inversion.of(

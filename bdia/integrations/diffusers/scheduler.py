@@ -964,10 +964,11 @@ class BDIAScheduler(_BDIASchedulerBase):
                     "the latents: a callback, or an inpainting pipeline that blends the image "
                     "back into the latents after each step, as StableDiffusionInpaintPipeline "
                     "does over a 4-channel unet, and StableDiffusion3InpaintPipeline, "
-                    "FluxInpaintPipeline, Flux's other inpainting pipelines and "
-                    "ChromaInpaintPipeline do; an "
-                    "inpainting model's pipeline, a 9-channel inpainting unet's or "
-                    "FluxFillPipeline's, does not)"
+                    "FluxInpaintPipeline, Flux's other inpainting pipelines, "
+                    "ChromaInpaintPipeline, QwenImageInpaintPipeline, "
+                    "QwenImageEditInpaintPipeline and ZImageInpaintPipeline do; an inpainting "
+                    "model's pipeline, a 9-channel inpainting unet's or FluxFillPipeline's, "
+                    "does not)"
                 )
         if why is not None:
             self.restarts.append(self._taus[k])
@@ -1008,10 +1009,12 @@ class BDIAScheduler(_BDIASchedulerBase):
         timestep (img2img) simply starts there. An inpainting pipeline with a 4-channel unet
         (and ``StableDiffusion3InpaintPipeline``, ``FluxInpaintPipeline``,
         ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
-        ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``) blends the image back
-        into the latents after every step, so each of its steps but the first is such a
-        restart: the run is DDIM's (Euler's), and only an inpainting model's run (a
-        9-channel inpainting unet's, ``FluxFillPipeline``'s) is BDIA's and can be inverted.
+        ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``,
+        ``QwenImageInpaintPipeline``, ``QwenImageEditInpaintPipeline``,
+        ``ZImageInpaintPipeline``) blends the image back into the latents after every
+        step, so each of its steps but the first is such a restart: the run is DDIM's
+        (Euler's), and only an inpainting model's run (a 9-channel inpainting unet's,
+        ``FluxFillPipeline``'s) is BDIA's and can be inverted.
 
         Args:
             model_output: the unet's prediction at ``(sample, timestep)`` (after guidance); in
