@@ -417,6 +417,14 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _Z_IMAGE_FOLDER,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
+    # edit_image's Z-Image example: the tiny folder and a cat.png.
+    ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): (
+        _Z_IMAGE_FOLDER
+        + """
+from PIL import Image
+Image.new("RGB", (32, 32), (200, 120, 40)).save("cat.png")
+"""
+    ),
     # edit_image's Qwen-Image example: the tiny folder and a cat.png.
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): (
         _QWEN_IMAGE_FOLDER
@@ -672,6 +680,18 @@ LOCAL = {
         ('"a photo of a cat",', "(torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.long)),"),
         ('"a photo of a dog",', "(torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long)),"),
         ('negative_prompt=" ",', "negative_prompt=(torch.randn(1, 3, 16), torch.ones(1, 3)),"),
+    ],
+    # The tiny folder has no text encoder: the prompts as lists of per-sample embeddings.
+    ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): [
+        ('"/path/to/Z-Image-Turbo"', '"z_image"'),
+        ('.to("cuda")', '.to("cpu")'),
+        (".resize((1024, 1024))", ".resize((16, 16))"),
+        (
+            "torch_dtype=torch.bfloat16,",
+            "text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16,",
+        ),
+        ('"a photo of a cat",', "[torch.randn(5, 16)],"),
+        ('"a photo of a dog",', "[torch.randn(6, 16)],"),
     ],
     # The tiny folder has no text encoder: a prompt's embeddings drawn; 16 x 16 images.
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): [
@@ -1062,6 +1082,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _qwen_image_inverted,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _qwen_image_img2img_inverted,
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _edit_round_trip,
+    ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): _edit_round_trip,
     ("docs/gradients.md", "optimizer = torch.optim.Adam"): _steered_toward_eight,
     ("docs/k_diffusion.md", "again = bk.sample_bdia("): _k_diffusion_round_trip,
     ("docs/quickstart.md", "net = net.to(torch.bfloat16)"): _bfloat16_inferred,
@@ -1082,6 +1103,7 @@ NEWER = {
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
+    ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
 }
 
 
