@@ -1,5 +1,5 @@
 """Exact-inversion image editing with a latent text-to-image pipeline (Stable Diffusion, SDXL,
-Stable Diffusion 3, Flux, Chroma, Qwen-Image, Z-Image).
+Stable Diffusion 3, Flux, Chroma, Flux.2, Qwen-Image, Z-Image).
 
 ``edit_image(pipe, image, source_prompt, target_prompt)`` takes a pipeline with the parts of
 diffusers' ``StableDiffusionPipeline`` (``vae``, ``unet``, ``scheduler``, and ``tokenizer``
@@ -11,10 +11,12 @@ same scheduler, CLIP and T5, and the pipeline's static methods that pack the lat
 ``ChromaPipeline`` (a ``ChromaTransformer2DModel``, Flux's parts but T5 alone, and its
 ``_prepare_attention_mask``) or ``QwenImagePipeline`` and ``QwenImageImg2ImgPipeline`` (a
 ``QwenImageTransformer2DModel``, the video VAE ``AutoencoderKLQwenImage``, ``encode_prompt``
-and the static methods that pack the latents) or ``ZImagePipeline`` and
-``ZImageImg2ImgPipeline`` (a ``ZImageTransformer2DModel`` on image-shaped latents, an
-``AutoencoderKL`` with a ``shift_factor``, and ``encode_prompt`` for text), or the ControlNet
-pipelines of Stable
+and the static methods that pack the latents) or ``Flux2Pipeline`` and
+``Flux2KleinPipeline`` (a ``Flux2Transformer2DModel``, an ``AutoencoderKLFlux2`` with its
+batch norm, ``encode_prompt`` and the static methods that patchify and pack the latents and
+make their ids) or ``ZImagePipeline`` and ``ZImageImg2ImgPipeline`` (a
+``ZImageTransformer2DModel`` on image-shaped latents, an ``AutoencoderKL`` with a
+``shift_factor``, and ``encode_prompt`` for text), or the ControlNet pipelines of Stable
 Diffusion and SDXL (with ``controlnet`` and ``prepare_image``, or for their img2img pipelines
 ``prepare_control_image``, given ``control_image``: both ODEs call the controlnet on it; an
 img2img pipeline edits as its text-to-image sibling, the whole image inverted), or the
@@ -62,7 +64,9 @@ transformer the pipeline's image embeddings) and:
    as a one-frame video, its latents ``(mean - latents_mean) * (1 / latents_std)`` (no
    scaling factor), packed the same way, as QwenImageImg2ImgPipeline encodes (for
    QwenImageEditPipeline ``(mean - latents_mean) / latents_std``, as it encodes its
-   reference image); for Z-Image ``(mean - shift_factor) * scaling_factor`` in the VAE's
+   reference image); for Flux.2 as its pipelines encode their reference images: patchified
+   into 2 x 2 patches, ``(z - running_mean) / sqrt(running_var + eps)`` by the VAE's batch
+   norm, packed; for Z-Image ``(mean - shift_factor) * scaling_factor`` in the VAE's
    dtype, then in the state dtype, as ZImageImg2ImgPipeline encodes (image-shaped, unpacked);
 2. embeds the prompts with the pipeline's own ``encode_prompt`` (the negative prompt is the
    unconditional branch of classifier-free guidance); for SDXL (a unet with
@@ -77,9 +81,11 @@ transformer the pipeline's image embeddings) and:
    the T5 embeddings, ``txt_ids``, ``img_ids`` and the ``attention_mask`` of each prompt
    over its tokens and the image's, as ChromaPipeline makes them from text; Qwen-Image's the
    embeddings, their padding mask (``encode_prompt``'s, for text and embeddings alike) and
-   the pipeline's ``img_shapes``; Z-Image's ``cap_feats``, a list of one embedding per
-   prompt of its own length, as ``encode_prompt`` returns them, and its CFG (``c + g (c -
-   u)`` for ``guidance_scale > 0``) with ``cfg_normalization`` and ``cfg_truncation``;
+   the pipeline's ``img_shapes``; Flux.2's the embeddings and batched ``txt_ids`` of its
+   ``encode_prompt``, the latents' ``img_ids`` (its ``_prepare_latent_ids``) and, for
+   FLUX.2-dev, the embedded ``guidance``; Z-Image's ``cap_feats``, a list of one embedding
+   per prompt of its own length, as ``encode_prompt`` returns them, and its CFG (``c + g (c
+   - u)`` for ``guidance_scale > 0``) with ``cfg_normalization`` and ``cfg_truncation``;
 3. builds the source and target ODEs with ``from_diffusers`` on the scheduler's noise table
    (for SD3 the rectified flow of its sigmas) and the grid with ``diffusers_grid``, taking
    the encoded latents as the state at the grid's last point; where the scheduler's grid
@@ -103,7 +109,9 @@ transformer the pipeline's image embeddings) and:
    ``latents / scaling_factor + shift_factor`` with a shift, as the SD3 and Flux pipelines
    decode, Flux's after ``_unpack_latents``; Qwen-Image's after it by ``latents / (1 /
    latents_std) + latents_mean``, the decoded video's one frame, as QwenImagePipeline
-   decodes; Z-Image's cast to the VAE's dtype first, as ZImagePipeline decodes);
+   decodes; Flux.2's by ``_unpack_latents_with_ids``, the batch norm's inverse and
+   ``_unpatchify_latents``, as its pipelines decode; Z-Image's cast to the VAE's dtype
+   first, as ZImagePipeline decodes);
    for SDXL in float32 when the VAE is float16 (not bfloat16) and its config says
    ``force_upcast``, as the SDXL pipelines decode.
 
@@ -160,6 +168,14 @@ from ._edit_conditions import (
     _with_image_prompt,
 )
 from ._flow_controlnet import _qwen_inpainting, _sd3_inpainting
+from ._flux2_edit import (
+    _check_flux2_parts,
+    _embed_flux2,
+    _flux2_decode,
+    _flux2_encode,
+    _flux2_mu,
+    _flux2_probe_cond,
+)
 from ._pipeline_parts import (
     _FLUX_PACKING,
     _decode,
@@ -190,6 +206,7 @@ _SD3 = "SD3Transformer2DModel"
 _FLUX = "FluxTransformer2DModel"
 _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
+_FLUX2 = "Flux2Transformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
 _Z_IMAGE = "ZImageTransformer2DModel"
 # The Z-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
@@ -232,6 +249,9 @@ _SHIFT_FIELDS = (
 _FLUX_SHIFT_FIELDS = _SHIFT_FIELDS[:3] + (("max_shift", 1.15),)
 # FluxPipeline's default guidance_scale: Flux.1-dev's embedded guidance.
 _FLUX_GUIDANCE = 3.5
+# Flux2Pipeline's default guidance_scale, FLUX.2-dev's embedded guidance, and
+# Flux2KleinPipeline's, its true CFG (off where its config says is_distilled).
+_FLUX2_GUIDANCE = 4.0
 # ChromaPipeline's default guidance_scale: true CFG, with the negative prompt "".
 _CHROMA_GUIDANCE = 5.0
 # ChromaPipeline's (and ChromaImg2ImgPipeline's) T5 tokens, max_sequence_length: given to
@@ -478,9 +498,9 @@ def _reference_pixels(
 
 
 def _network(pipe: Any) -> tuple[Any, str]:
-    """The pipeline's unet (then ``"unet"``), or its SD3, Flux, Qwen-Image or Z-Image
-    transformer (``"sd3"``, ``"flux"``, ``"qwen"``, ``"zimage"``; Chroma's, called as Flux's on
-    the same packed latents, is ``"flux"`` too)."""
+    """The pipeline's unet (then ``"unet"``), or its SD3, Flux, Flux.2, Qwen-Image or Z-Image
+    transformer (``"sd3"``, ``"flux"``, ``"flux2"``, ``"qwen"``, ``"zimage"``; Chroma's,
+    called as Flux's on the same packed latents, is ``"flux"`` too)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return unet, "unet"
@@ -500,12 +520,15 @@ def _network(pipe: Any) -> tuple[Any, str]:
         return transformer, "qwen"
     if _Z_IMAGE in names:
         return transformer, "zimage"
+    if _FLUX2 in names:
+        return transformer, "flux2"
     raise ValueError(
         f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
         f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
         f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline), Qwen-Image's "
-        f"{_QWEN} (QwenImagePipeline) and Z-Image's {_Z_IMAGE} (ZImagePipeline), and besides "
-        "them the unets of Stable Diffusion and SDXL"
+        f"{_QWEN} (QwenImagePipeline), Flux.2's {_FLUX2} (Flux2Pipeline, "
+        f"Flux2KleinPipeline) and Z-Image's {_Z_IMAGE} (ZImagePipeline), and besides them "
+        "the unets of Stable Diffusion and SDXL"
     )
 
 
@@ -542,12 +565,13 @@ def _image_sizes(pipe: Any, vae: Any, unet_config: Mapping[str, Any], kind: str)
     else:  # SD3 takes its latents in patch x patch patches
         factor *= patch
         what = f"{factor}, {what} times the transformer's patch_size {patch}"
-    if kind in ("flux", "qwen"):
+    if kind in ("flux", "qwen", "flux2"):
         # FluxPipeline and QwenImagePipeline pack them in 2 x 2 patches (Flux's transformer's
-        # patch_size is 1; Qwen-Image's patch_size 2 is that packing).
+        # patch_size is 1; Qwen-Image's patch_size 2 is that packing), and Flux.2's pipelines
+        # patchify them so before packing.
         patch = _FLUX_PACKING
         factor *= patch
-        owner = "FluxPipeline" if kind == "flux" else "QwenImagePipeline"
+        owner = {"flux": "FluxPipeline", "qwen": "QwenImagePipeline"}.get(kind, "Flux2Pipeline")
         what = f"{factor}, {what} times {patch}, {owner}'s packing of the latents"
     elif kind == "zimage":
         # ZImagePipeline keeps its latents image-shaped but takes sizes of vae_scale_factor
@@ -932,6 +956,16 @@ def edit_image(
             ``reference_image``'s, as its ``image`` list: their latents made alike by its
             ``prepare_latents`` and concatenated along the tokens, one ``img_shapes`` entry
             per image (a transformer with ``zero_cond_t``, 2511's, is called as given).
+            A ``Flux2Pipeline`` or ``Flux2KleinPipeline`` (a ``Flux2Transformer2DModel``, an
+            ``AutoencoderKLFlux2`` with its batch norm ``bn``, ``encode_prompt`` for text
+            and embeddings alike, its text encoder and tokenizer for text, and
+            ``_patchify_latents``, ``_unpatchify_latents``, ``_pack_latents``,
+            ``_unpack_latents_with_ids`` and ``_prepare_latent_ids``) encodes the image as
+            they encode a reference image, the VAE's mode patchified, ``(z - running_mean)
+            / sqrt(running_var + batch_norm_eps)`` in the state dtype and packed, and
+            decodes by the inverse as they decode; the grid's shift is their
+            ``compute_empirical_mu(tokens, n)``. The image is not its own reference (their
+            ``image=`` is an optional list; ``reference_image`` is refused).
             A ``QwenImageControlNetPipeline`` (one ``QwenImageControlNetModel``, not the
             union wrapper) takes ``control_image``, a ``QwenImageControlNetInpaintPipeline``
             (its controlnet of the inpainting kind, ``extra_condition_channels`` 4) both
@@ -995,6 +1029,8 @@ def edit_image(
             pooled_projection_dim)``, ``encode_prompt``'s first and third outputs; for Flux
             the same shapes, ``encode_prompt``'s first and second outputs (its third, the
             ``txt_ids``, is made again from the embeddings' length by ``encode_prompt``); for
+            Flux.2 one tensor ``(1 or batch, tokens, joint_attention_dim)`` (no pooled
+            embeddings), through its ``encode_prompt``, which makes its ``txt_ids``; for
             Qwen-Image the pair ``(prompt_embeds, prompt_embeds_mask)`` of shapes ``(1 or
             batch, tokens, joint_attention_dim)`` and ``(the same batch, tokens)``, as its
             ``encode_prompt`` returns them (an integer mask, 1 for a token, 0 for padding),
@@ -1012,24 +1048,29 @@ def edit_image(
             the grid is the pipeline's ``num_inference_steps`` sigmas and its final 0, where
             the latents are taken: ``num_inference_steps`` steps. For Flux the sigmas are
             FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler, and the
-            final 0 likewise; for Z-Image ZImagePipeline's, ``torch.linspace(1, 1 / n,
-            n).tolist()`` (float32 values) shifted by the scheduler, and the final 0.
+            final 0 likewise (for Flux.2 so too, shifted by its pipelines' ``mu``); for
+            Z-Image ZImagePipeline's, ``torch.linspace(1, 1 / n, n).tolist()`` (float32
+            values) shifted by the scheduler, and the final 0.
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
             conditional model alone. Every other value needs ``negative_prompt``. By default
             7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
             ``true_cfg_scale`` (1 by default), two transformer calls a step; Flux.1-dev is
             guidance-distilled and embeds its guidance instead (``guidance``). For Chroma 5,
             ChromaPipeline's ``guidance_scale`` (true CFG, with the negative prompt ``""`` by
-            default). For Qwen-Image 1: QwenImagePipeline's ``true_cfg_scale`` (4) acts only
+            default). For Flux.2 1 with FLUX.2-dev (its guidance embedded, ``guidance``), and
+            for Flux2KleinPipeline its ``guidance_scale``, true CFG, 4 (1 where its config
+            says ``is_distilled``), with ``negative_prompt``. For Qwen-Image 1:
+            QwenImagePipeline's ``true_cfg_scale`` (4) acts only
             with a negative prompt, None by default; another value is its true CFG, the
             guided velocity of each token rescaled to the conditional one's norm. For
             Z-Image 5, ZImagePipeline's ``guidance_scale``, whose CFG is ``c + g (c - u)``,
             on for ``g > 0`` with the negative prompt ``""`` by default; 0 is no CFG
             (Z-Image-Turbo's), and a negative value is refused.
         guidance: Flux.1-dev's embedded guidance scale, FluxPipeline's ``guidance_scale``
-            (3.5 by default), given to the transformer in both branches of guidance. Only for
-            a Flux transformer with ``guidance_embeds``: refused for one without (Flux.1-
-            schnell) and for any other network.
+            (3.5 by default), given to the transformer in both branches of guidance; FLUX.2-
+            dev's, Flux2Pipeline's ``guidance_scale`` (4 by default). Only for a Flux or
+            Flux.2 transformer with ``guidance_embeds``: refused for one without (Flux.1-
+            schnell, FLUX.2-klein) and for any other network.
         negative_prompt: the unconditional branch: a string (``""`` is the usual unconditional
             embedding), a list, or embeddings; None only with ``guidance_scale=1``. For an
             SDXL pipeline whose config has ``force_zeros_for_empty_prompt`` (SDXL base's),
@@ -1059,7 +1100,8 @@ def edit_image(
             size (computed from the number of latent patches, for Flux the packed tokens, and
             the scheduler config's ``base_shift``, ``max_shift``, ``base_image_seq_len`` and
             ``max_image_seq_len``, with the pipeline's defaults for missing ones). Refused
-            with any other scheduler, which would ignore it (Flux.1-schnell's).
+            with any other scheduler, which would ignore it (Flux.1-schnell's). For Flux.2
+            by default its pipelines' ``compute_empirical_mu(tokens, num_inference_steps)``.
         control_image: for a ``StableDiffusionControlNetPipeline`` or
             ``StableDiffusionXLControlNetPipeline`` (a pipeline with a ``controlnet``), the
             image that guides the controlnet, as the pipeline's ``image`` (the ControlNet
@@ -1276,6 +1318,7 @@ def edit_image(
     vae = _part(pipe, "vae", "to encode and decode the image")
     unet, kind = _network(pipe)
     sd3, flux, qwen, zimage = kind == "sd3", kind == "flux", kind == "qwen", kind == "zimage"
+    flux2 = kind == "flux2"
     chroma = flux and _is_chroma(unet)
     model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
@@ -1323,8 +1366,10 @@ def edit_image(
             "list after the first); leave it out"
         )
     # Qwen-Image's video VAE has no scaling_factor: its latents_mean and latents_std
-    # normalise the latents, one per channel of z_dim.
-    for name in ("z_dim",) if qwen else ("scaling_factor", "latent_channels"):
+    # normalise the latents, one per channel of z_dim. Flux.2's has none either: its
+    # batch-norm statistics normalise them.
+    scaled = ("scaling_factor", "latent_channels")
+    for name in ("z_dim",) if qwen else scaled[1:] if flux2 else scaled:
         if getattr(vae.config, name, None) is None:
             raise ValueError(f"the pipeline's vae has no config.{name}; it is not a latent VAE")
     # Refuses bad statistics (Qwen-Image's missing ones too) before any network runs.
@@ -1400,6 +1445,15 @@ def edit_image(
                 f"latents, a Fill one of {fill_channels} (the masked image's and the mask's "
                 f"besides) or a Depth or Canny one of {2 * packed} (a control image's besides)"
             )
+    elif flux2:
+        _check_flux2_parts(pipe, vae)
+        if unet_config.get("in_channels") != latent * _FLUX_PACKING**2:
+            raise ValueError(
+                f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
+                f"vae's latent_channels = {latent} patchified in 2 x 2 patches make "
+                f"{latent * _FLUX_PACKING**2}; edit_image needs a Flux.2 transformer of the "
+                "vae's latents"
+            )
     elif qwen:
         _part(pipe, "encode_prompt", "to take the prompts as QwenImagePipeline does")
         for name in _FLUX_METHODS[:2]:
@@ -1429,9 +1483,17 @@ def edit_image(
     # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
     # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none. So does
     # QwenImagePipeline: its true_cfg_scale (4) acts only with a negative prompt, None by
-    # default.
+    # default. FLUX.2-dev embeds its guidance too; Flux2KleinPipeline's guidance_scale is
+    # true CFG (4), unless its config says is_distilled.
+    guidance_embeds = (flux or flux2) and bool(unet_config.get("guidance_embeds", False))
+    klein = flux2 and not guidance_embeds
     if guidance_scale is None:
-        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux or qwen else 7.5
+        distilled = isinstance(getattr(pipe, "config", None), Mapping) and bool(
+            pipe.config.get("is_distilled", False)
+        )
+        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux or qwen or flux2 else 7.5
+        if klein and not distilled:
+            guidance_scale = _FLUX2_GUIDANCE
         if zimage:
             guidance_scale = _Z_IMAGE_GUIDANCE
     _check_number(guidance_scale, "guidance_scale")
@@ -1440,8 +1502,14 @@ def edit_image(
             f"guidance_scale = {guidance_scale}: ZImagePipeline's CFG, c + g (c - u), runs for "
             "a scale above 0 and not at 0 (Z-Image-Turbo's); give 0 for no CFG"
         )
-    guidance_embeds = flux and bool(unet_config.get("guidance_embeds", False))
     if guidance is not None and not guidance_embeds:
+        if klein:
+            raise ValueError(
+                "the transformer has guidance_embeds = False (FLUX.2-klein's) and embeds no "
+                "guidance scale; leave guidance out (Flux2KleinPipeline's guidance_scale is "
+                f"true CFG, edit_image's guidance_scale, {_FLUX2_GUIDANCE:g} by default, with "
+                "negative_prompt)"
+            )
         if chroma:
             raise ValueError(
                 "Chroma's transformer embeds no guidance scale; ChromaPipeline's guidance_scale "
@@ -1459,7 +1527,7 @@ def edit_image(
             "embeds none: leave it out (classifier-free guidance is guidance_scale)"
         )
     if guidance_embeds:
-        guidance = _FLUX_GUIDANCE if guidance is None else guidance
+        guidance = (_FLUX2_GUIDANCE if flux2 else _FLUX_GUIDANCE) if guidance is None else guidance
         _check_number(guidance, "guidance")
     # ZImagePipeline's CFG is off at 0, the others' at 1.
     unguided = 0 if zimage else 1
@@ -1527,7 +1595,7 @@ def edit_image(
     cross_name = "cross_attention_dim"
     if unet_config.get("encoder_hid_dim_type") == "text_proj":
         cross_name = "encoder_hid_dim"
-    if sd3 or flux or qwen:
+    if sd3 or flux or qwen or flux2:
         cross_name = "joint_attention_dim"
     cross_dim = unet_config.get(cross_name)
     takes = _Takes(model, None, cross_name, cross_dim if isinstance(cross_dim, int) else None)
@@ -1571,6 +1639,13 @@ def edit_image(
                 "which edit_image makes from the text; got "
                 f"{type(prompt).__name__}"
             )
+        if flux2 and _is_pair(prompt):
+            raise TypeError(
+                f"{name} is a pair of tensors, as Flux.1's (prompt_embeds, "
+                "pooled_prompt_embeds); Flux.2 embeds the prompt with one text encoder and no "
+                "pooled embeddings: pass prompt_embeds alone, of shape (1 or batch, tokens, "
+                "joint_attention_dim), as Flux2Pipeline's encode_prompt returns it"
+            )
         _check_prompt(prompt, name, batch, takes)
     if adapters is not None and ip_adapter_image_embeds is not None:
         _check_embeds_batch(ip_adapter_image_embeds, guided, batch)
@@ -1591,6 +1666,9 @@ def edit_image(
         if zimage:  # the tiny and the saved pipelines may come without Qwen3
             text = ", ".join(k for k, p in prompts.items() if _is_text(p))
             why = f"to embed the text of {text} (or pass {_Z_IMAGE_HOW} instead)"
+        if flux2:  # the tiny and the saved pipelines may come without Mistral or Qwen3
+            text = ", ".join(k for k, p in prompts.items() if _is_text(p))
+            why = f"to embed the text of {text} (or pass prompt embeddings instead)"
         if qwen:  # the tiny and the saved pipelines may come without Qwen2.5-VL
             text = ", ".join(k for k, p in prompts.items() if _is_text(p))
             if qwen_edit:
@@ -1637,7 +1715,9 @@ def edit_image(
             pipe, control_image, pixels.shape, device, "FluxControlPipeline"
         )
     channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
-    if not (flux or inpaint):
+    if flux2:
+        channels += ", the packed latents alone"
+    elif not (flux or inpaint):
         channels += ", the vae's latents alone"
     if flux_control:
         channels += f", the packed latents and a control image's (a Fill one takes {fill_channels})"
@@ -1682,6 +1762,8 @@ def edit_image(
     probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
     if chroma:
         probe_cond = _chroma_probe_cond(unet_config)
+    if flux2:
+        probe_cond = _flux2_probe_cond(unet_config, guidance)
     latent_size = (height // vae_factor, width // vae_factor)
     # QwenImagePipeline's img_shapes: one frame of the packed rows and columns, per image.
     rows, cols = (n // _FLUX_PACKING for n in latent_size)
@@ -1735,8 +1817,10 @@ def edit_image(
         # FluxPipeline's.
         fields = _SHIFT_FIELDS if sd3 else _FLUX_SHIFT_FIELDS
         mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
+    if flux2 and mu is None and scheduler.config.get("use_dynamic_shifting"):
+        mu = _flux2_mu(rows * cols, check_steps(num_inference_steps, "num_inference_steps"))
     sigmas: Any = None
-    if flux or qwen:  # FluxPipeline's (QwenImagePipeline's) own sigmas, which it shifts
+    if flux or qwen or flux2:  # FluxPipeline's (QwenImagePipeline's) own sigmas, shifted
         steps = check_steps(num_inference_steps, "num_inference_steps")
         sigmas = np.linspace(1.0, 1 / steps, steps)
     if zimage:  # ZImagePipeline's: torch's float32 linspace, as a list
@@ -1769,6 +1853,8 @@ def edit_image(
                 return _embed_qwen(pipe, prompt, device, embed_dtype, lengths)
             if zimage:
                 return _embed_z_image(pipe, prompt, device, embed_dtype)
+            if flux2:
+                return _embed_flux2(pipe, prompt, device, embed_dtype)
             return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
         source_cond, target_cond = branch(source_prompt), branch(target_prompt)
@@ -1819,6 +1905,11 @@ def edit_image(
             shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
             if guidance_embeds:
                 shared["guidance"] = guidance
+        if flux2:  # Flux2Pipeline's ids (B, tokens, 4) of the patchified latents' shape
+            shared["img_ids"] = pipe._prepare_latent_ids(torch.zeros(batch, 1, rows, cols))
+            shared["img_ids"] = shared["img_ids"].to(device)
+            if guidance_embeds:
+                shared["guidance"] = guidance
 
         pixels = pixels.to(device)
         if condition is not None and fill:
@@ -1863,6 +1954,8 @@ def edit_image(
             latents = pipe._pack_latents(latents, batch, latent, *latent_size)
         elif zimage:  # ZImageImg2ImgPipeline's shift and scale, in the VAE's dtype
             latents = _encode(vae, pixels, vae.dtype).to(state_dtype)
+        elif flux2:  # as Flux.2's pipelines encode their reference images
+            latents = _flux2_encode(pipe, pixels, state_dtype)
         else:
             with _float32_vae(vae, xl, encoding=True):
                 latents = _encode(vae, pixels, state_dtype)
@@ -1870,6 +1963,8 @@ def edit_image(
             latents = pipe._pack_latents(latents, *latents.shape)
 
         def decode(latents: Tensor) -> Tensor:
+            if flux2:
+                return _flux2_decode(pipe, latents, shared["img_ids"])
             if flux or qwen:
                 latents = pipe._unpack_latents(latents, height, width, vae_factor)
             if zimage:  # ZImagePipeline unscales and shifts in the VAE's dtype

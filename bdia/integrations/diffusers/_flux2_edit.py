@@ -1,0 +1,114 @@
+"""What ``edit_image`` needs of Flux.2's pipelines (``Flux2Pipeline``, FLUX.2-dev's, and
+``Flux2KleinPipeline``): the image's latents made as they make their reference images'
+(the VAE's mode patchified into 2 x 2 patches, normalised by the VAE's batch-norm
+statistics, packed into tokens), decoded by the inverse as they decode, the prompts'
+transformer arguments through their own ``encode_prompt``, and the shift of their sigmas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._edit_conditions import _flux_probe_cond
+from ._pipeline_parts import _mean, _part
+
+# The pipelines' static methods that make the state, its positions and its image back.
+_FLUX2_METHODS = (
+    "_patchify_latents",
+    "_unpatchify_latents",
+    "_pack_latents",
+    "_unpack_latents_with_ids",
+    "_prepare_latent_ids",
+)
+
+
+def _check_flux2_parts(pipe: Any, vae: Any) -> None:
+    """Refuse, in one line, a Flux.2 pipeline without the methods that pack its latents and
+    make their ids, a VAE without the batch-norm statistics the pipelines normalise by
+    (``vae.bn`` and ``config.batch_norm_eps``), or without ``encode_prompt``, which makes
+    the prompts' ``txt_ids`` for text and embeddings alike."""
+    for name in _FLUX2_METHODS:
+        _part(pipe, name, "to pack the latents into the tokens Flux.2's transformer takes")
+    _part(pipe, "encode_prompt", "to make the prompts' txt_ids, as Flux2Pipeline does")
+    bn = getattr(vae, "bn", None)
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        raise ValueError(
+            f"the pipeline's vae ({type(vae).__name__}) has no bn.running_mean and "
+            "bn.running_var, the batch-norm statistics by which Flux.2's pipelines normalise "
+            "its latents; give it an AutoencoderKLFlux2"
+        )
+    if vae.config.get("batch_norm_eps") is None:
+        raise ValueError(
+            "the pipeline's vae has no config.batch_norm_eps, which Flux.2's pipelines add to "
+            "the batch-norm variance"
+        )
+
+
+def _bn_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The VAE's batch-norm mean and standard deviation of shape (1, C, 1, 1), on ``like``'s
+    device and in its dtype, as the pipelines make them: ``sqrt(running_var +
+    batch_norm_eps)`` in the statistics' own dtype, then cast."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean, std.to(like.device, like.dtype)
+
+
+def _flux2_encode(pipe: Any, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The packed latents ``(B, h/2 x w/2, 4 C)`` in ``dtype`` of ``pixels`` ``(B, 3, H, W)``
+    in [-1, 1], as the pipelines' ``_encode_vae_image`` and ``prepare_image_latents`` make a
+    reference image's: the mode of the VAE's distribution (its mean), patchified, ``(z -
+    running_mean) / sqrt(running_var + eps)``, packed; normalised in ``dtype`` (bit for bit
+    the pipelines' in float32, their VAE's dtype)."""
+    latents = pipe._patchify_latents(_mean(pipe.vae, pixels).to(dtype))
+    mean, std = _bn_stats(pipe.vae, latents)
+    return pipe._pack_latents((latents - mean) / std)
+
+
+def _flux2_decode(pipe: Any, latents: Tensor, ids: Tensor) -> Tensor:
+    """The image ``(B, 3, H, W)`` of packed latents (as ``_flux2_encode`` makes them) with
+    their ``ids`` ``(B, tokens, 4)``, as the pipelines decode: ``_unpack_latents_with_ids``,
+    ``z * std + mean`` in the latents' dtype, ``_unpatchify_latents``, the VAE's decoding (in
+    its dtype); clamped to [-1, 1], float32."""
+    z = pipe._unpack_latents_with_ids(latents, ids)
+    mean, std = _bn_stats(pipe.vae, z)
+    z = pipe._unpatchify_latents(z * std + mean)
+    out = pipe.vae.decode(z.to(pipe.vae.dtype))
+    image = out.sample if hasattr(out, "sample") else out[0]
+    return image.float().clamp(-1.0, 1.0)
+
+
+def _embed_flux2(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Tensor]:
+    """Flux.2's transformer arguments of a prompt, text or embeddings ``(B, L, D)`` alike,
+    through the pipeline's own ``encode_prompt`` (its text encoder's layers and 512 tokens by
+    default, as its call): ``encoder_hidden_states`` (B, L, D) in ``dtype`` and ``txt_ids``
+    (B, L, 4), batched as the pipelines pass them."""
+    if isinstance(prompt, Tensor):
+        out = pipe.encode_prompt(None, device=device, prompt_embeds=prompt.to(device))
+    else:
+        text = prompt if isinstance(prompt, str) else list(prompt)
+        out = pipe.encode_prompt(text, device=device, num_images_per_prompt=1)
+    embeds, text_ids = out
+    if dtype is not None:
+        embeds = embeds.to(dtype)
+    return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
+
+
+def _flux2_probe_cond(config: Any, guidance: float | None) -> dict[str, Any]:
+    """``_flux_probe_cond``'s for Flux.2's transformer (ids of its 4 axes): no pooled
+    embeddings, no tokens, for the probe that checks the scheduler and the transformer's
+    dtype before any network runs."""
+    cond = _flux_probe_cond(config, guidance)
+    del cond["pooled_projections"]
+    return cond
+
+
+def _flux2_mu(tokens: int, steps: int) -> float:
+    """The shift of Flux.2's pipelines for ``tokens`` packed latent tokens and ``steps``
+    steps: their own ``compute_empirical_mu``, whatever the scheduler config's shifts."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    return float(compute_empirical_mu(image_seq_len=tokens, num_steps=steps))
