@@ -326,3 +326,35 @@ def test_edit_image_refuses_what_flux2_does_not_take(kind, fragment):
     else:
         pipe.transformer = tiny_flux2_transformer(in_channels=32)
     assert fragment in _refused(pipe, source, **options)
+
+
+def test_klein_inpainting_edits_as_klein_without_a_mask_and_refuses_one():
+    """Flux2KleinInpaintPipeline blends the re-noised image into the latents after each step
+    (no ODE step): without a mask its edit is Flux2KleinPipeline's of the same parts, bit for
+    bit; a mask is refused in one line naming it, before any network runs."""
+    if not hasattr(diffusers, "Flux2KleinInpaintPipeline"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no Flux2KleinInpaintPipeline")
+    parts = tiny_flux2_klein_pipeline().components
+    ref = _edit(diffusers.Flux2KleinPipeline(**parts), True)
+    inpaint = diffusers.Flux2KleinInpaintPipeline(**parts)
+    out = _edit(inpaint, True)
+    assert torch.equal(out.inversion.noise, ref.inversion.noise)
+    assert torch.equal(out.edited_latents, ref.edited_latents)
+    message = _refused(
+        inpaint,
+        negative_prompt=_embeds(*NEGATIVE),
+        mask_image=torch.ones(1, 1, 16, 16),
+    )
+    assert "Flux2KleinInpaintPipeline" in message and "blends" in message
+
+
+def test_the_klein_kv_pipeline_is_refused_by_its_class():
+    """Flux2KleinKVPipeline runs the reference tokens through a key-value cache at timestep
+    0, attending to themselves: another vector field than Klein's, refused by its class in
+    one line before any network runs."""
+    if not hasattr(diffusers, "Flux2KleinKVPipeline"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no Flux2KleinKVPipeline")
+    kv = diffusers.Flux2KleinKVPipeline(**tiny_flux2_klein_pipeline().components)
+    message = _refused(kv, negative_prompt=_embeds(*NEGATIVE))
+    assert "the pipeline is a Flux2KleinKVPipeline" in message
+    assert "key-value cache" in message

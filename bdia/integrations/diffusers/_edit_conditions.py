@@ -68,6 +68,7 @@ _BLENDING = frozenset(
         "FluxKontextInpaintPipeline",
         "ChromaInpaintPipeline",
         "ZImageInpaintPipeline",
+        "Flux2KleinInpaintPipeline",
     }
 )
 # The Kontext pipeline whose prepare_latents noises the image for its blend.

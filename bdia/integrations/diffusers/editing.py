@@ -209,6 +209,10 @@ _QWEN = "QwenImageTransformer2DModel"
 _FLUX2 = "Flux2Transformer2DModel"
 _QWEN_MASK = "prompt_embeds_mask"
 _Z_IMAGE = "ZImageTransformer2DModel"
+# The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's and, without a mask, Klein's
+# inpainting one (it blends); Flux2KleinKVPipeline runs its reference tokens through a
+# key-value cache at timestep 0, another vector field.
+_FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
 # The Z-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
 # inpainting one (it blends); the ControlNet pipelines give the transformer a controlnet's
 # residuals and the Omni one condition images and SigLIP features.
@@ -1336,6 +1340,15 @@ def edit_image(
             )
         qwen_edit = bool(others) and others[0] in (_QWEN_EDIT, _QWEN_EDIT_PLUS, _QWEN_EDIT_INPAINT)
         qwen_plus = bool(others) and others[0] == _QWEN_EDIT_PLUS
+    if flux2:  # by the most derived of its Flux.2 classes, as Qwen-Image's
+        others = [n for n in _class_names(pipe) if n.startswith("Flux2")]
+        if others and others[0] not in _FLUX2_PIPELINES:
+            raise ValueError(
+                f"the pipeline is a {others[0]}, which gives the transformer more than the "
+                "latents and the prompt (reference tokens through a key-value cache); of "
+                f"Flux.2's pipelines edit_image maps {', '.join(_FLUX2_PIPELINES)} (the "
+                "inpainting one without a mask)"
+            )
     if zimage:  # by the most derived of its Z-Image classes, as Qwen-Image's
         others = [n for n in _class_names(pipe) if n.startswith("ZImage")]
         if others and others[0] not in _Z_IMAGE_PIPELINES:

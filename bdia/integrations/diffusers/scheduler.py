@@ -966,7 +966,8 @@ class BDIAScheduler(_BDIASchedulerBase):
                     "does over a 4-channel unet, and StableDiffusion3InpaintPipeline, "
                     "FluxInpaintPipeline, Flux's other inpainting pipelines, "
                     "ChromaInpaintPipeline, QwenImageInpaintPipeline, "
-                    "QwenImageEditInpaintPipeline and ZImageInpaintPipeline do; an inpainting "
+                    "QwenImageEditInpaintPipeline, ZImageInpaintPipeline and "
+                    "Flux2KleinInpaintPipeline do; an inpainting "
                     "model's pipeline, a 9-channel inpainting unet's or FluxFillPipeline's, "
                     "does not)"
                 )
@@ -1011,7 +1012,8 @@ class BDIAScheduler(_BDIASchedulerBase):
         ``FluxControlInpaintPipeline``, ``FluxControlNetInpaintPipeline``,
         ``FluxKontextInpaintPipeline``, ``ChromaInpaintPipeline``,
         ``QwenImageInpaintPipeline``, ``QwenImageEditInpaintPipeline``,
-        ``ZImageInpaintPipeline``) blends the image back into the latents after every
+        ``ZImageInpaintPipeline``, ``Flux2KleinInpaintPipeline``) blends the image back
+        into the latents after every
         step, so each of its steps but the first is such a restart: the run is DDIM's
         (Euler's), and only an inpainting model's run (a 9-channel inpainting unet's,
         ``FluxFillPipeline``'s) is BDIA's and can be inverted.
