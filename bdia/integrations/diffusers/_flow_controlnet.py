@@ -1,10 +1,11 @@
-"""Flux's, SD3's and Qwen-Image's ControlNets (``FluxControlNetModel`` as
+"""Flux's, SD3's, Qwen-Image's and Z-Image's ControlNets (``FluxControlNetModel`` as
 ``FluxControlNetPipeline`` calls it, ``SD3ControlNetModel`` as
 ``StableDiffusion3ControlNetPipeline`` does, or with the mask's channel, Alimama's inpainting
 kind, as ``StableDiffusion3ControlNetInpaintingPipeline`` does, ``QwenImageControlNetModel``
 or ``QwenImageMultiControlNetModel`` as ``QwenImageControlNetPipeline`` does, or with the
-mask's channels as ``QwenImageControlNetInpaintPipeline`` does) and their settings, checked
-as ``from_diffusers`` takes them, and their calls.
+mask's channels as ``QwenImageControlNetInpaintPipeline`` does, ``ZImageControlNetModel`` as
+``ZImageControlNetPipeline`` and ``ZImageControlNetInpaintPipeline`` do) and their settings,
+checked as ``from_diffusers`` takes them, and their calls.
 
 Flux's controlnet takes the packed latents, the timestep, the prompt, the embedded guidance
 and the position ids the transformer takes, and the control image's packed latents; SD3's
@@ -13,15 +14,20 @@ the control image's latents (the inpainting kind: the masked image's latents and
 in one tensor); Qwen-Image's takes the packed latents, the timestep, the prompt with its
 mask and the image shapes the transformer takes, and the control image's packed latents
 (its union wrapper one such tensor per control image, summing the residuals; the inpainting
-kind the masked image's packed latents and the packed mask, in one tensor). Their
-residuals go to the transformer. The settings are checked in one line before any call
+kind the masked image's packed latents and the packed mask, in one tensor); Z-Image's takes
+the transformer's list of per-sample latents, its timestep and its list of prompts (twice
+the batch under CFG), and the control image's latents as one frame (its inpainting kind the
+mask and the masked image's latents after them, in one tensor). Their residuals go to the
+transformer. The settings are checked in one line before any call
 (``from_diffusers``' Raises lists them); ``control_guidance_start`` and
 ``control_guidance_end`` become intervals of ODE times on the pipeline's grid, as for Stable
 Diffusion's ControlNet (``_controlnet``). What is not mapped (a union controlnet's modes,
 XLabs' controlnets of pixels, several controlnets, SD3.5's controlnets without their own
-``pos_embed``, Qwen-Image's union wrapper of an inpainting controlnet) is refused.
+``pos_embed``, Qwen-Image's union wrapper of an inpainting controlnet, a guidance window or
+a strength for Z-Image's, whose pipelines have neither) is refused.
 
-``kind`` names the transformer's family throughout: ``"flux"``, ``"sd3"`` or ``"qwen"``.
+``kind`` names the transformer's family throughout: ``"flux"``, ``"sd3"``, ``"qwen"`` or
+``"zimage"``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,24 @@ _QWEN_PIPELINE = "QwenImageControlNetPipeline"
 _QWEN_INPAINT_PIPELINE = "QwenImageControlNetInpaintPipeline"
 _QWEN_MASK_CHANNELS = 4
 _SD3_PIPELINE = "StableDiffusion3ControlNetPipeline"
+_Z_CONTROLNET = "ZImageControlNetModel"
+_Z_PIPELINE = "ZImageControlNetPipeline"
+# Its controlnet takes the control image's latents, the mask's channel and the masked image's
+# latents, control_in_dim = 2 C + 1 for latents of C channels (Z-Image-Turbo-Fun-Controlnet-
+# Union-2.x's), which ZImageControlNetPipeline fills with zeros after the control image's.
+_Z_INPAINT_PIPELINE = "ZImageControlNetInpaintPipeline"
+# The transformer's modules that ZImageControlNetModel.from_transformer gives the controlnet,
+# as both ControlNet pipelines do when they are made: it runs them itself.
+_Z_SHARED = (
+    "t_embedder",
+    "all_x_embedder",
+    "cap_embedder",
+    "rope_embedder",
+    "noise_refiner",
+    "context_refiner",
+    "x_pad_token",
+    "cap_pad_token",
+)
 # Its controlnet takes the masked image's latents and then the mask, one channel more: the
 # only SD3 pipeline that gives a controlnet extra_conditioning_channels.
 _SD3_INPAINT_PIPELINE = "StableDiffusion3ControlNetInpaintingPipeline"
@@ -60,6 +84,7 @@ _SD3_INPAINT_PIPELINE = "StableDiffusion3ControlNetInpaintingPipeline"
 _FLUX_RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")
 _SD3_RESIDUALS = ("block_controlnet_hidden_states",)
 _QWEN_RESIDUALS = ("controlnet_block_samples",)
+_Z_RESIDUALS = ("controlnet_block_samples",)
 # FluxControlNetPipeline's arguments of the controlnet that are the transformer's too.
 _FLUX_SHARED = (
     "encoder_hidden_states",
@@ -226,6 +251,55 @@ def _check_qwen_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None
     _check_dtype(net, model_dtype)
 
 
+def _check_z_image_controlnet(net: Any, transformer: Any, model_dtype: Any) -> None:
+    """Refuse a controlnet that ZImageControlNetPipeline would not call as mapped here."""
+    if _Z_CONTROLNET not in _class_names(net):
+        kind = "several controlnets" if isinstance(net, (list, tuple)) else type(net).__name__
+        raise ValueError(
+            f"controlnet is {kind}; with Z-Image's transformer bdia calls one diffusers "
+            f"{_Z_CONTROLNET} (pipe.controlnet of a {_Z_PIPELINE} or {_Z_INPAINT_PIPELINE}); "
+            "Flux's, SD3's, Qwen-Image's and Stable Diffusion's are not mapped"
+        )
+    for name in _Z_SHARED:
+        mine = getattr(net, name, None)
+        if mine is not getattr(transformer, name, None):
+            whose = "none of the transformer's" if mine is None else "another transformer's"
+            raise ValueError(
+                f"the controlnet's {name} is {whose}: {_Z_PIPELINE} gives it the "
+                "transformer's own shared modules when it is made; give pipe.controlnet, or "
+                f"{_Z_CONTROLNET}.from_transformer(controlnet, transformer)"
+            )
+    config, theirs = net.config, transformer.config
+    if config.get("dim") != theirs.get("dim"):
+        raise ValueError(
+            f"the controlnet's residuals are dim = {config.get('dim')!r} wide but the "
+            f"transformer's blocks {theirs.get('dim')!r}: it was made for another "
+            "transformer; give the controlnet of this one"
+        )
+    channels, latents = config.get("control_in_dim"), theirs.get("in_channels")
+    if isinstance(channels, int) and isinstance(latents, int) and channels < latents:
+        raise ValueError(
+            f"the controlnet has control_in_dim = {channels}, fewer than the latents' "
+            f"in_channels = {latents}: {_Z_PIPELINE} gives it the control image's latents "
+            "(zeros after them up to control_in_dim), so no pipeline makes its input"
+        )
+    # Its first parameters are the transformer's, which from_transformer gave it: its own
+    # blocks tell its dtype.
+    _check_dtype(net.control_layers, model_dtype)
+
+
+def _z_inpainting(net: Any, transformer: Any) -> bool:
+    """Whether ``net`` is a Z-Image controlnet that takes a mask: ``control_in_dim = 2 C +
+    1`` for the transformer's ``C`` latent channels, the control image's latents, the mask
+    and the masked image's latents, which ZImageControlNetInpaintPipeline gives it (and
+    ZImageControlNetPipeline zeros in place of the last two)."""
+    config = getattr(net, "config", None)
+    latents = getattr(transformer, "config", {}).get("in_channels")
+    if _Z_CONTROLNET not in _class_names(net) or not isinstance(latents, int):
+        return False
+    return isinstance(config, Mapping) and config.get("control_in_dim") == 2 * latents + 1
+
+
 def _sd3_inpainting(net: Any) -> bool:
     """Whether ``net`` is an SD3 controlnet of the inpainting kind, which takes the mask's
     channel after the masked image's latents (``extra_conditioning_channels`` 1, Alimama's):
@@ -258,17 +332,41 @@ def _check_dtype(net: Any, model_dtype: Any) -> None:
 
 def _check_flow_controlnet(net: Any, transformer: Any, model_dtype: Any, kind: str) -> None:
     """Refuse a controlnet its transformer's ControlNet pipeline would not call as mapped."""
-    checks = {"flux": _check_flux_controlnet, "qwen": _check_qwen_controlnet}
+    checks = {
+        "flux": _check_flux_controlnet,
+        "qwen": _check_qwen_controlnet,
+        "zimage": _check_z_image_controlnet,
+    }
     checks.get(kind, _check_sd3_controlnet)(net, transformer, model_dtype)
 
 
-def _check_control_latents(value: Any, net: Any, kind: str) -> Tensor | list[Tensor]:
-    """The control image's latents (for Flux and Qwen-Image, packed), checked for kind, dims
-    and channels; for Qwen-Image's union wrapper a list of them, one per control image."""
+def _check_control_latents(
+    value: Any, net: Any, kind: str, transformer: Any = None
+) -> Tensor | list[Tensor]:
+    """The control image's latents (for Flux and Qwen-Image, packed; for Z-Image, one frame),
+    checked for kind, dims and channels; for Qwen-Image's union wrapper a list of them, one
+    per control image. ``transformer``: Z-Image's, whose latent channels tell where a mask
+    channel lies."""
     # Qwen-Image's union wrapper has no config: its one controlnet's says.
     config = (_qwen_nets(net) if kind == "qwen" else [net])[0].config
     packed = kind in ("flux", "qwen")
-    if packed:
+    # Where the channel of an inpainting controlnet's mask lies in the control input.
+    mask_channel = None
+    if kind == "zimage":
+        channels, ndim, dim, shape = config.get("control_in_dim"), 5, 1, "{}, 1, h, w"
+        how = (
+            f"{_Z_PIPELINE}'s control image: pipe.prepare_image(image, W, H, 1, 1, device, "
+            "vae.dtype) encoded by the vae (its mode), (z - shift_factor) * scaling_factor, "
+            "as one frame (unsqueeze(2)), zeros after it up to the controlnet's control_in_dim"
+        )
+        if _z_inpainting(net, transformer):
+            mask_channel = transformer.config["in_channels"]
+            how += (
+                f"; or {_Z_INPAINT_PIPELINE}'s: those latents, then 1 - the binarised mask "
+                "sized to the latents (nearest), then the latents of the image set to 0 where "
+                "the mask is above 0.5, each as one frame, concatenated on dim 1"
+            )
+    elif packed:
         # Packed tokens carry their channels last, latents first after the batch.
         channels, ndim, dim, shape = config.get("in_channels"), 3, 2, "tokens, {}"
         how = (
@@ -328,14 +426,29 @@ def _check_control_latents(value: Any, net: Any, kind: str) -> Tensor | list[Ten
             raise TypeError(
                 f"{where} must be a tensor, the latents of {how}; got {type(image).__name__}"
             )
-        if not image.is_floating_point() or image.ndim != ndim or image.shape[dim] != channels:
+        frames = kind == "zimage" and image.ndim == ndim and image.shape[2] != 1
+        if (
+            not image.is_floating_point()
+            or image.ndim != ndim
+            or image.shape[dim] != channels
+            or frames
+        ):
             raise ValueError(
                 f"{where} must be a floating tensor of shape (batch or 1, "
                 f"{shape.format(channels)}) (the controlnet's channels), the latents of {how}; "
                 f"got a {image.dtype} tensor of shape {tuple(image.shape)}"
             )
+    if mask_channel is not None:
+        kept = value[:, mask_channel]
+        if kept.numel() and not bool(((kept >= 0) & (kept <= 1)).all()):
+            raise ValueError(
+                f"controlnet_cond's channel {mask_channel} is the controlnet's mask channel, 1 "
+                "- mask in [0, 1] (1 where the image is kept; 0 for ZImageControlNetPipeline's "
+                f"zeros), but its values lie in [{float(kept.min()):.4g}, "
+                f"{float(kept.max()):.4g}]: give the latents of {how}"
+            )
     inpainting = _qwen_inpainting(net) if kind == "qwen" else _sd3_inpainting(net)
-    if inpainting:
+    if kind != "zimage" and inpainting:
         # Packing puts a channel's 2 x 2 patch in 4 consecutive channels: the mask's last.
         kept = value[..., -_QWEN_MASK_CHANNELS:] if packed else value[:, -1]
         where = f"last {_QWEN_MASK_CHANNELS} channels are" if packed else "last channel is"
@@ -429,7 +542,11 @@ def _flow_control(
     the transformer was given a mask, control latents or a reference image, which no
     ControlNet pipeline gives it. For Qwen-Image's union wrapper the control latents, scales
     and bounds are lists, one per control image, as the pipeline takes them."""
-    pipeline = {"flux": "FluxControlNetPipeline", "qwen": _QWEN_PIPELINE}.get(kind, _SD3_PIPELINE)
+    pipeline = {
+        "flux": "FluxControlNetPipeline",
+        "qwen": _QWEN_PIPELINE,
+        "zimage": _Z_PIPELINE,
+    }.get(kind, _SD3_PIPELINE)
     if kind == "sd3" and _sd3_inpainting(controlnet):
         pipeline = _SD3_INPAINT_PIPELINE
     if kind == "qwen" and _qwen_inpainting(controlnet):
@@ -441,9 +558,11 @@ def _flow_control(
             "alone: give one or the other"
         )
     _check_flow_controlnet(controlnet, transformer, model_dtype, kind)
-    residuals = {"flux": _FLUX_RESIDUALS, "qwen": _QWEN_RESIDUALS}.get(kind, _SD3_RESIDUALS)
+    residuals = {"flux": _FLUX_RESIDUALS, "qwen": _QWEN_RESIDUALS, "zimage": _Z_RESIDUALS}.get(
+        kind, _SD3_RESIDUALS
+    )
     _check_cond(cond, negative_cond, _FLOW_RESERVED + residuals)
-    image = _check_control_latents(settings["controlnet_cond"], controlnet, kind)
+    image = _check_control_latents(settings["controlnet_cond"], controlnet, kind, transformer)
     if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
         image = (
             [v.to(model_dtype) for v in image] if isinstance(image, list) else image.to(model_dtype)
@@ -465,6 +584,8 @@ def _flow_control(
             )
     steps = settings["num_inference_steps"]
     switched = any((start, end) != (0.0, 1.0) for start, end in zip(starts, ends))
+    if kind == "zimage":
+        _check_z_image_settings(switched, steps, settings["strength"])
     if switched and steps is None:
         raise ValueError(
             "control_guidance_start and control_guidance_end switch the controlnet by the "
@@ -499,9 +620,40 @@ def _flow_control(
     return controlnet, entries
 
 
+def _check_z_image_settings(switched: bool, steps: Any, strength: Any) -> None:
+    """Refuse the settings of other ControlNet pipelines than Z-Image's, which switch the
+    controlnet by the steps' fractions or run part of the grid: Z-Image's call it at every
+    step of the whole grid."""
+    if switched:
+        raise ValueError(
+            f"control_guidance_start and control_guidance_end: {_Z_PIPELINE} and "
+            f"{_Z_INPAINT_PIPELINE} have none (they call the controlnet at every step); leave "
+            "them at 0 and 1"
+        )
+    if steps is not None:
+        raise ValueError(
+            "num_inference_steps is needed only with control_guidance_start or "
+            f"control_guidance_end, which {_Z_PIPELINE} has not; leave it out"
+        )
+    if strength != 1.0:
+        raise ValueError(
+            f"strength = {strength!r}: {_Z_PIPELINE} runs every step (no Z-Image ControlNet "
+            "pipeline takes a strength); leave it out"
+        )
+
+
 def _check_flow_control_image(x: Tensor, image: Tensor, kind: str, where: str) -> None:
     """Refuse control latents of another token count than the packed state's (Flux,
-    Qwen-Image), or of another size than the latents' (SD3)."""
+    Qwen-Image), or of another size than the latents' (SD3, Z-Image)."""
+    if kind == "zimage":
+        if x.ndim != 4 or tuple(image.shape[3:]) != tuple(x.shape[2:]):
+            raise ValueError(
+                f"{where} has shape {tuple(image.shape)}, but the state has shape "
+                f"{tuple(x.shape)}: give the control image's latents at the latents' size, "
+                f"(batch or 1, C, 1, h, w) for latents (batch, C', h, w), as {_Z_PIPELINE} "
+                "encodes the control image at the image's size"
+            )
+        return
     if kind != "sd3" and (image.ndim != 3 or x.ndim != 3 or image.shape[1] != x.shape[1]):
         pipeline = _QWEN_PIPELINE if kind == "qwen" else "FluxControlNetPipeline"
         raise ValueError(
@@ -519,7 +671,7 @@ def _check_flow_control_image(x: Tensor, image: Tensor, kind: str, where: str) -
 
 def _flow_residuals(
     controlnet: Any,
-    x: Tensor,
+    x: Tensor | list[Tensor],
     tau: Tensor,
     kwargs: Mapping[str, Any],
     image: Tensor | list[Tensor],
@@ -532,7 +684,14 @@ def _flow_residuals(
     StableDiffusion3ControlNetInpaintingPipeline or QwenImageControlNetPipeline calls it
     (its union wrapper with the lists ``image`` and ``scale``, one entry per control
     image) or, an inpainting controlnet, QwenImageControlNetInpaintPipeline, in the same
-    call."""
+    call. For Z-Image's, ``x`` is the transformer's list of per-sample latents ``(C, 1, h,
+    w)`` (twice the batch under CFG, as ``tau``, ``kwargs``' ``cap_feats`` and ``image``),
+    called as ZImageControlNetPipeline and ZImageControlNetInpaintPipeline call it."""
+    if _Z_CONTROLNET in _class_names(controlnet):
+        # The pipelines call it positionally, without the transformer's attention kwargs;
+        # it returns the residuals, keyed by the transformer's layer.
+        samples = controlnet(x, tau, kwargs["cap_feats"], image, conditioning_scale=scale)
+        return {_Z_RESIDUALS[0]: samples}
     if _qwen_nets(controlnet):
         taken = inspect.signature(controlnet.forward).parameters
         shared = {k: kwargs[k] for k in _QWEN_SHARED if k in kwargs and k in taken}

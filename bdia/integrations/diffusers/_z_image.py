@@ -12,7 +12,11 @@ the latents twice, the prompts' embeddings then the negative prompts', guided sa
 sample as ``c + g (c - u)`` in float32, its norm capped at ``cfg_normalization`` times the
 conditional one's where that is set, and off (the conditional call alone) at the steps whose
 ``(1000 - t) / 1000`` is above ``cfg_truncation``: a function of the state and the time, so
-the run is an ODE.
+the run is an ODE. ``ZImageControlNetPipeline`` and ``ZImageControlNetInpaintPipeline`` call
+their ``ZImageControlNetModel`` first, on the transformer's list of latents, timestep and
+prompts (twice the batch under CFG, the control input twice too) with the control image's
+latents fixed over the run, and pass its residuals to the transformer as
+``controlnet_block_samples``: an ODE in the latents too.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _Z_IMAGE_OPTIONS = ("cfg_normalization", "cfg_truncation")
 # the timestep and the prompts: its LoRA scale (diffusers 0.42 and newer pass None).
 _Z_IMAGE_KWARGS = ("joint_attention_kwargs",)
 _Z_IMAGE_PROMPTS = "cap_feats"
+# The transformer's argument that ZImageControlNetPipeline fills with its controlnet's output.
+_Z_IMAGE_RESIDUALS = "controlnet_block_samples"
 _Z_IMAGE_HOW = (
     "a list of one 2-D tensor (L_i, cap_feat_dim) per sample, as ZImagePipeline.encode_prompt "
     "returns its prompt_embeds (each prompt's tokens, its padding dropped)"
@@ -67,7 +73,8 @@ def _check_z_image_cond(
 ) -> None:
     """Refuse, in one line and before any call, conditioning that ZImagePipeline does not
     give Z-Image's transformer: other pipelines' inputs in ``parts`` (from_diffusers'
-    ``controlnet``, ``mask`` and the like, each None here), its prompts (``cap_feats``)
+    ``mask`` and the like, each None here; its ``controlnet`` is checked with the other flow
+    transformers' controlnets), its prompts (``cap_feats``)
     missing or not a list of 2-D embeddings of its ``cap_feat_dim``, other arguments than
     its LoRA scale's (``joint_attention_kwargs``), CFG (``guidance_scale > 0``) without the
     negative prompts' ``cap_feats`` (one per prompt) or with other keys there, and
@@ -76,8 +83,9 @@ def _check_z_image_cond(
     if given:
         raise ValueError(
             f"{given[0]} is not mapped for ZImageTransformer2DModel: bdia calls it as "
-            "ZImagePipeline and ZImageImg2ImgPipeline do (not as ZImageControlNetPipeline "
-            "or ZImageOmniPipeline); leave it out"
+            "ZImagePipeline, ZImageImg2ImgPipeline and the ControlNet pipelines do (not as "
+            "ZImageOmniPipeline or ZImageInpaintPipeline; ZImageControlNetInpaintPipeline's "
+            "mask goes in controlnet_cond); leave it out"
         )
     if guidance_scale is not None and (
         isinstance(guidance_scale, bool)
@@ -104,6 +112,12 @@ def _check_z_image_cond(
     config = getattr(transformer, "config", None)
     width = config.get("cap_feat_dim") if isinstance(config, Mapping) else None
     for key in cond:
+        if key == _Z_IMAGE_RESIDUALS:
+            raise ValueError(
+                f"cond key {key!r} is set by the adapter from the controlnet's residuals at "
+                "each evaluation; give controlnet=pipe.controlnet and controlnet_cond= (the "
+                "control image's latents) instead"
+            )
         if key not in (_Z_IMAGE_PROMPTS,) + _Z_IMAGE_KWARGS:
             raise ValueError(
                 f"cond key {key!r} is not mapped for ZImageTransformer2DModel: bdia calls it as "
@@ -168,12 +182,18 @@ def z_image_velocity(
     guidance_scale: float | None,
     negative_cond: Mapping[str, Any] | None,
     kwargs: dict[str, Any],
+    controlnet_cond: Any = None,
+    conditioning_scale: Any = 1.0,
+    control_range: Any = None,
 ) -> Tensor:
     """The velocity ``eps - x0`` at the latents ``x`` (batch, C, h, w) and the ODE's times
     ``t`` (batch,) of ``model``'s Z-Image transformer (a ``DiffusersModel``), as
     ``ZImagePipeline``'s loop makes its ``noise_pred``: float32 at least, of ``x``'s shape.
     ``kwargs`` holds ``cap_feats``, the transformer's other arguments and the pipeline's
-    ``cfg_normalization`` and ``cfg_truncation``."""
+    ``cfg_normalization`` and ``cfg_truncation``. With the model's controlnet, its control
+    latents ``controlnet_cond`` ``(batch or 1, control_in_dim, 1, h, w)`` and scale, as
+    ``ZImageControlNetPipeline``'s loop calls it (``control_range`` as ``DiffusersModel``
+    takes it)."""
     normalization = kwargs.pop("cfg_normalization", False)
     truncation = kwargs.pop("cfg_truncation", 1.0)
     batch = x.shape[0]
@@ -183,6 +203,7 @@ def z_image_velocity(
             f"the state has shape {tuple(x.shape)}, but Z-Image's transformer takes latents of "
             f"shape (batch, {channels}, h, w), as ZImagePipeline's loop carries them"
         )
+    control = model._control_inputs(x, t, controlnet_cond, conditioning_scale, control_range, batch)
     prompts = _per_sample(kwargs.pop(_Z_IMAGE_PROMPTS), batch, "cap_feats")
     tau = _z_image_timestep(model, x, t)
     guided = guidance_scale is not None and guidance_scale > 0
@@ -201,9 +222,17 @@ def z_image_velocity(
         latents, prompts, tau = x.repeat(2, 1, 1, 1), prompts + negative, tau.repeat(2)
     else:
         latents = x
-    out = model.unet(
-        list(latents.unsqueeze(2).unbind(dim=0)), tau, prompts, return_dict=False, **kwargs
-    )[0]
+    inputs = list(latents.unsqueeze(2).unbind(dim=0))
+    if control is not None:
+        # The ControlNet pipelines call the controlnet on the transformer's inputs, the
+        # control input repeated with the latents under CFG.
+        images, scales = control
+        image = torch.cat([images[0]] * (2 if guided else 1))
+        residuals = model._flux_residuals(
+            inputs, tau, {_Z_IMAGE_PROMPTS: prompts}, ([image], scales)
+        )
+        kwargs = {**kwargs, **residuals}
+    out = model.unet(inputs, tau, prompts, return_dict=False, **kwargs)[0]
     # The pipeline's .float(), which keeps a float64 transformer's float64.
     wide = torch.promote_types(out[0].dtype, torch.float32)
     if guided:

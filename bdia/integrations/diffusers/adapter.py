@@ -74,6 +74,12 @@ evaluation, true CFG's negative call taking the conditional call's residuals; on
 packed mask's channels (``extra_condition_channels = 4``, the inpainting kind) as
 ``QwenImageControlNetInpaintPipeline`` calls it, in the same way, with the masked image's
 packed latents and the packed mask in one control input: that pipeline does not blend either.
+A ``ZImageControlNetModel`` (given the transformer's shared modules, as the pipelines give
+them) before Z-Image's, as ``ZImageControlNetPipeline`` calls it: on the transformer's list
+of latents, its timestep and its prompts (twice the batch under CFG, the control input
+twice too), with the control image's latents as one frame; one of ``control_in_dim = 2 C +
+1`` as ``ZImageControlNetInpaintPipeline`` calls it too, with the mask's channel and the
+masked image's latents after the control image's: that pipeline does not blend either.
 
 With ``mask=`` and ``masked_image_latents=`` (an inpainting unet's, Stable Diffusion's or
 SDXL's with ``in_channels = 9``), every unet call takes ``torch.cat([x_in, mask,
@@ -297,9 +303,10 @@ class DiffusersModel(torch.nn.Module):
             ``StableDiffusionXLControlNetPipeline`` call them (see ``forward``); with
             ``flux``, a ``FluxControlNetModel``, as ``FluxControlNetPipeline`` calls it, with
             ``qwen_image`` a ``QwenImageControlNetModel`` or ``QwenImageMultiControlNetModel``
-            of one, as ``QwenImageControlNetPipeline`` calls it, and in ``"flow"`` space
-            without either an ``SD3ControlNetModel``, as ``StableDiffusion3ControlNetPipeline``
-            calls it.
+            of one, as ``QwenImageControlNetPipeline`` calls it, with ``z_image`` a
+            ``ZImageControlNetModel``, as ``ZImageControlNetPipeline`` calls it, and in
+            ``"flow"`` space without any of them an ``SD3ControlNetModel``, as
+            ``StableDiffusion3ControlNetPipeline`` calls it.
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
@@ -344,10 +351,9 @@ class DiffusersModel(torch.nn.Module):
             raise ValueError(f"flux=True needs space 'flow', got {space!r}")
         if qwen_image and (space != "flow" or flux):
             raise ValueError(f"qwen_image=True needs space 'flow' and no flux, got {space!r}")
-        if z_image and (space != "flow" or flux or qwen_image or controlnet is not None):
+        if z_image and (space != "flow" or flux or qwen_image):
             raise ValueError(
-                f"z_image=True needs space 'flow' without flux, qwen_image or controlnet, "
-                f"got space {space!r}"
+                f"z_image=True needs space 'flow' without flux or qwen_image, got space {space!r}"
             )
         if sigma_rule not in ("linear", "log", "continuous"):
             raise ValueError(
@@ -395,7 +401,7 @@ class DiffusersModel(torch.nn.Module):
         self._nets: list[Any] = []
         self._multi = False
         # The flow transformer's family, as its ControlNet pipeline calls it.
-        self._kind = "flux" if flux else "qwen" if qwen_image else "sd3"
+        self._kind = "flux" if flux else "qwen" if qwen_image else "zimage" if z_image else "sd3"
         if controlnet is not None and space == "flow":
             _check_flow_controlnet(controlnet, unet, None, self._kind)
             self.controlnet, self._nets = controlnet, [controlnet]
@@ -605,7 +611,17 @@ class DiffusersModel(torch.nn.Module):
             F`` of the unet's (guided) output ``F``, in ``x``'s dtype (float32 at least).
         """
         if self.z_image:
-            return z_image_velocity(self, x, t, guidance_scale, negative_cond, unet_kwargs)
+            return z_image_velocity(
+                self,
+                x,
+                t,
+                guidance_scale,
+                negative_cond,
+                unet_kwargs,
+                controlnet_cond,
+                conditioning_scale,
+                control_range,
+            )
         _check_guidance(guidance_scale, negative_cond)
         batch = x.shape[0]
         image = None
@@ -1186,7 +1202,16 @@ def from_diffusers(
             residuals go to the transformer as ``controlnet_block_samples``. The pipeline
             passes ``img_shapes`` as ``[(1, h // 2, w // 2)] * batch``, which the rotary
             embedding reads as QwenImagePipeline's ``[[(1, h // 2, w // 2)]] * batch``:
-            give the latter, as for QwenImagePipeline.
+            give the latter, as for QwenImagePipeline. With Z-Image's transformer, a
+            ``ZImageControlNetModel`` given that transformer's shared modules
+            (``pipe.controlnet`` of a ``ZImageControlNetPipeline`` or
+            ``ZImageControlNetInpaintPipeline``, or ``ZImageControlNetModel.from_transformer(
+            controlnet, transformer)``), called as those pipelines call it: on the
+            transformer's list of per-sample latents, its timestep and its list of
+            ``cap_feats``, twice the batch under CFG (the negative prompts' after the
+            prompts', the control input repeated), the conditional call alone where
+            ``cfg_truncation`` turns CFG off; its residuals go to the transformer as
+            ``controlnet_block_samples``.
         controlnet_cond: the control image, as the pipeline prepares it
             (``pipe.control_image_processor.preprocess(image, height=H, width=W)``: values in
             [0, 1]): a floating tensor of shape ``(batch or 1, conditioning_channels, H, W)``
@@ -1225,16 +1250,25 @@ def from_diffusers(
             mask is above 0.5, encoded as one frame (a draw from torch's global generator),
             normalised as above, then ``1 - mask`` at the latents' size (nearest) as the last
             channel, packed: shape ``(batch or 1, tokens, in_channels + 4)``, its last 4
-            channels in [0, 1].
+            channels in [0, 1]. For Z-Image's controlnet, the control input as
+            ``ZImageControlNetPipeline`` makes it: ``pipe.prepare_image(image, W, H, 1, 1,
+            device, vae.dtype)`` encoded by the vae (its mode), ``(z - shift_factor) *
+            scaling_factor``, as one frame (``unsqueeze(2)``), zeros after it up to the
+            controlnet's ``control_in_dim``: shape ``(batch or 1, control_in_dim, 1, h, w)``,
+            cast to ``model_dtype``; for ``ZImageControlNetInpaintPipeline`` (``control_in_dim
+            = 2 C + 1``) those latents, then ``1 - mask`` at the latents' size (nearest), then
+            the latents of the image set to 0 where the binarised mask is above 0.5, each as
+            one frame, concatenated on dim 1 (channel ``C`` in [0, 1]).
         conditioning_scale: the scale of the controlnet's residuals, the pipelines'
             ``controlnet_conditioning_scale``: a number, or one per net (for Qwen-Image's
-            union wrapper, one per control image).
+            union wrapper, one per control image). ZImageControlNetPipeline's default is
+            0.75, this one's 1: give it.
         guess_mode: the pipelines' guess mode: residuals scaled from 0.1 at the first block
             to 1 at the mid block, and under guidance the controlnet called on the
             conditional half alone, the unconditional half given none. Set as the pipelines
             set it where the (first) controlnet's config has ``global_pool_conditions``.
-            Not for Flux's, SD3's or Qwen-Image's controlnet (their pipelines have no guess
-            mode).
+            Not for Flux's, SD3's, Qwen-Image's or Z-Image's controlnet (their pipelines have
+            no guess mode).
         control_guidance_start: the fraction of the pipeline's steps before which the
             controlnet is off (a number, or one per net). The pipelines keep it at entry
             ``i`` of the scheduler's ``n`` timesteps when ``i / n >= start`` and ``(i + 1) /
@@ -1249,7 +1283,8 @@ def from_diffusers(
             ``img_ids``' rows where the scheduler shifts dynamically, and so for Qwen-Image's
             (``QwenImageControlNetPipeline``'s, ``mu`` of ``img_shapes``' tokens); for SD3's,
             ``diffusers_grid(scheduler, n)``. Elsewhere its scale is
-            0; where all nets' are, neither it nor its residuals are used.
+            0; where all nets' are, neither it nor its residuals are used. Not for Z-Image's
+            controlnet (its pipelines call it at every step).
         control_guidance_end: the fraction of steps after which the controlnet is off, as
             above.
         num_inference_steps: the grid's steps, as given to ``diffusers_grid``; needed with
@@ -1263,7 +1298,8 @@ def from_diffusers(
             run; given so, the ODE keeps the controlnet where such a run does (solve it on
             ``ts[k:]``). Only with the bounds, as ``num_inference_steps``; 1 (all steps,
             the text-to-image pipelines' count) by default. Not for SD3's or Qwen-Image's
-            controlnet (no SD3 or Qwen-Image ControlNet pipeline takes a strength).
+            controlnet (no SD3 or Qwen-Image ControlNet pipeline takes a strength), nor
+            for Z-Image's.
         mask: for an inpainting unet (``in_channels`` more than ``out_channels``: 9 for 4,
             ``stable-diffusion-inpainting``'s and SDXL inpainting's), the mask at the
             latents' size, 1 where the image is repainted: a floating tensor of shape
@@ -1492,7 +1528,17 @@ def from_diffusers(
             the wrapper), or not 3-D floating tensors of ``in_channels`` (and the extra
             channels), an inpainting one's last 4 channels outside [0, 1]; scales or bounds
             of another count than the control images; ``strength`` other than 1; the other
-            refusals as for Flux's. With SD3's controlnet: one
+            refusals as for Flux's. With Z-Image's controlnet: one of another class than
+            ``ZImageControlNetModel`` (several, Qwen-Image's), one without this
+            transformer's shared modules (none, or another transformer's), of another
+            ``dim`` than the transformer's, of a ``control_in_dim`` below its
+            ``in_channels``, of another dtype; a ``controlnet_cond`` missing, a list, or not
+            a 5-D floating tensor of one frame and ``control_in_dim`` channels, or (``2 C +
+            1`` channels) whose channel ``C``, the mask's, is not in [0, 1]; bounds other
+            than 0 and 1, ``num_inference_steps``, ``strength`` other than 1,
+            ``guess_mode``, ``controlnet_block_samples`` in ``cond``; at the first
+            evaluation, control latents of another size than the latents' or of a batch
+            neither 1 nor the state's. With SD3's controlnet: one
             of another class than ``SD3ControlNetModel`` (several, Stable Diffusion's,
             Flux's), one without a ``pos_embed``, made for another transformer
             (``in_channels``, ``patch_size``, ``pooled_projection_dim``), of another dtype, of
@@ -1583,7 +1629,9 @@ def from_diffusers(
             guidance_scale,
             z_options.get("cfg_normalization", False),
             z_options.get("cfg_truncation", 1.0),
-            extras,
+            # Its controlnet is the ControlNet pipelines', checked with the other flow
+            # transformers' below.
+            {k: v for k, v in extras.items() if k != "controlnet"},
         )
     else:
         if z_options:
@@ -1735,7 +1783,7 @@ def from_diffusers(
             negative_cond,
             model_dtype,
             settings,
-            "flux" if flux else "qwen" if qwen_image else "sd3",
+            "flux" if flux else "qwen" if qwen_image else "zimage" if z_image else "sd3",
             bool(inpaint or kontext),
         )
     else:

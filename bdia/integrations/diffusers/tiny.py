@@ -17,7 +17,9 @@ Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
 encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
 ``QwenImageEditPlusPipeline`` and ``QwenImageControlNetPipeline`` with a
 ``QwenImageControlNetModel``, without their text encoder), Z-Image's
-``ZImageTransformer2DModel`` and ``ZImagePipeline`` (without its Qwen3 text encoder), and
+``ZImageTransformer2DModel`` and ``ZImagePipeline`` (without its Qwen3 text encoder), with a
+``ZImageControlNetModel`` its ``ZImageControlNetPipeline`` and
+``ZImageControlNetInpaintPipeline``, and
 Flux.2's ``Flux2Transformer2DModel``, ``Flux2Pipeline`` and ``Flux2KleinPipeline`` (with an
 ``AutoencoderKLFlux2``, without their text encoders), a few thousand weights each: for
 tests and for checking plumbing and exactness, which do not depend on the weights. A random
@@ -67,6 +69,8 @@ __all__ = [
     "tiny_qwen_image_controlnet_pipeline",
     "tiny_z_image_transformer",
     "tiny_z_image_pipeline",
+    "tiny_z_image_controlnet",
+    "tiny_z_image_controlnet_pipeline",
     "tiny_qwen_image_controlnet_inpaint_pipeline",
     "tiny_flux_controlnet",
     "tiny_flux_controlnet_pipeline",
@@ -1136,6 +1140,54 @@ def tiny_z_image_pipeline(scheduler: Any = None, *, cls: Any = None) -> Any:
         tokenizer=None,
         transformer=tiny_z_image_transformer(),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_z_image_controlnet(
+    transformer: torch.nn.Module, *, seed: int = 2, inpaint: bool = False
+) -> torch.nn.Module:
+    """A ``ZImageControlNetModel`` of ``transformer`` (a ``tiny_z_image_transformer``) with
+    one control block, its residual added after the transformer's layer 0, and one refiner
+    block of its own, its weights drawn with ``torch.manual_seed(seed)``, the zero layers
+    (the blocks' ``before_proj`` and ``after_proj``, zero as diffusers initialises them, when
+    the residuals would be 0) included, so that the transformer's output depends on the
+    control image; then given the transformer's shared modules
+    (``ZImageControlNetModel.from_transformer``), as ``ZImageControlNetPipeline`` gives them.
+    It takes the control image's latents, ``control_in_dim = 4`` channels; with ``inpaint``
+    9 (Z-Image-Turbo-Fun-Controlnet-Union-2.x's kind: the control image's 4, the mask's 1 and
+    the masked image's 4), its refiner block added to the transformer's noise refiner
+    (``add_control_noise_refiner="control_noise_refiner"``, 2.0's). In eval mode and the
+    transformer's dtype. Needs diffusers 0.37 or newer, which has the controlnet."""
+    cls = _qwen_image_class("ZImageControlNetModel", "0.37")
+    extra: dict[str, Any] = dict(control_layers_places=[0], control_in_dim=4)
+    if inpaint:
+        extra.update(
+            control_in_dim=9,
+            control_refiner_layers_places=[0],
+            add_control_noise_refiner="control_noise_refiner",
+        )
+    net = _controlnet_of(cls, transformer, seed, **extra)
+    blocks = [*net.control_layers, *(net.control_noise_refiner if inpaint else [])]
+    zeroed = [getattr(b, name) for b in blocks for name in ("before_proj", "after_proj")]
+    net = _drawn(net, [m for m in zeroed if m is not None], transformer)
+    return cls.from_transformer(net, transformer)
+
+
+def tiny_z_image_controlnet_pipeline(scheduler: Any = None, *, inpaint: bool = False) -> Any:
+    """A ``ZImageControlNetPipeline`` of ``tiny_z_image_pipeline``'s parts and
+    ``tiny_z_image_controlnet`` of its transformer (seed 2); with ``inpaint``, a
+    ``ZImageControlNetInpaintPipeline`` with ``tiny_z_image_controlnet(..., inpaint=True)``,
+    which takes the control image's latents, the mask and the masked image's latents.
+    Without a text encoder: give it ``prompt_embeds`` (and ``negative_prompt_embeds`` for
+    CFG). 16 x 16 RGB images, control images and masks; ``scheduler`` defaults to Z-Image's.
+    Float32; the progress bar is off. Needs diffusers 0.37 or newer, which has the
+    pipelines."""
+    name = "ZImageControlNetInpaintPipeline" if inpaint else "ZImageControlNetPipeline"
+    pipeline = _qwen_image_class(name, "0.37")
+    parts = dict(tiny_z_image_pipeline(scheduler).components)
+    controlnet = tiny_z_image_controlnet(parts["transformer"], inpaint=inpaint)
+    pipe = pipeline(**parts, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
