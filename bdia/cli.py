@@ -2546,7 +2546,7 @@ def _check_photo_size(
     if vae is None:
         raise click.BadParameter(
             f"a {name} without a vae: edit_image edits the latents of a latent-diffusion "
-            "pipeline (Stable Diffusion, SDXL, SD3, Flux, Chroma, Qwen-Image)",
+            "pipeline (Stable Diffusion, SDXL, SD3, Flux, Chroma, Qwen-Image, Z-Image, Flux.2)",
             param_hint="'--pipeline'",
         )
     sizes = _image_sizes(pipe, vae, getattr(net, "config", None) or {}, kind)
@@ -3126,8 +3126,9 @@ def _ip_adapter_options(
     type=InputPathType(path_type=Path),
     callback=_pipeline_folder,
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
-    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext, Chroma or "
-    "Qwen-Image (QwenImagePipeline and its img2img one); "
+    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext, Chroma, "
+    "Qwen-Image (QwenImagePipeline and its img2img one), Z-Image (ZImagePipeline and its img2img "
+    "one) or FLUX.2-klein (Flux2KleinPipeline); "
     "SD's and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
     "ControlNet img2img pipelines, Flux Depth and Canny and Flux's and SD3's ControlNet "
     "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines and "
@@ -3138,8 +3139,8 @@ def _ip_adapter_options(
     required=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
     help="The photo to edit (PNG, JPEG, WebP, ...: any image PIL reads), read as RGB; its "
-    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3, Flux, Chroma and "
-    "Qwen-Image) "
+    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3, Flux, Chroma, "
+    "Qwen-Image, Z-Image and Flux.2) "
     "unless --size resizes it.",
 )
 @click.option(
@@ -3236,8 +3237,9 @@ def _ip_adapter_options(
     default=None,
     type=float,
     callback=_finite_if_given,
-    help="Classifier-free guidance scale (1: none; true CFG for Chroma and Qwen-Image).  "
-    "[default: 7.5; 1 for Flux and Qwen-Image, 5 for Chroma]",
+    help="Classifier-free guidance scale (1: none, but 0 for Z-Image; true CFG for Chroma, "
+    "Qwen-Image and FLUX.2-klein).  [default: 7.5; 1 for Flux and Qwen-Image, 5 for Chroma and "
+    "Z-Image, 4 for FLUX.2-klein]",
 )
 @click.option(
     "--embedded-guidance",
@@ -3252,7 +3254,7 @@ def _ip_adapter_options(
     "solver_name",
     default=None,
     help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3, Flux, "
-    "Chroma and Qwen-Image]",
+    "Chroma, Qwen-Image, Z-Image and Flux.2]",
 )
 @click.option(
     "--gamma",
@@ -3323,7 +3325,8 @@ def edit_command(
     """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
     regenerate it under --target.
 
-    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma, Qwen-Image; an
+    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma, Qwen-Image, Z-Image,
+    FLUX.2-klein; an
     inpainting one with --mask, a ControlNet one with --control-image, a ControlNet inpainting
     one with both; SD, SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter
     and --ip-adapter-image) is loaded from a local folder;
@@ -3367,10 +3370,12 @@ def edit_command(
         pipeline, ip_adapter, image_encoder, ip_adapter_image, ip_adapter_scale
     )
     index = json.loads((pipeline / "model_index.json").read_text())
-    if embedded_guidance is not None and _never_embeds_guidance(index):
-        # Known from model_index.json; a Flux transformer's guidance_embeds once it loads.
+    if embedded_guidance is not None and _never_embeds_guidance(index, pipeline):
+        # Known from model_index.json and the transformer's config.json; without the latter,
+        # from the transformer's config once it loads.
         raise _no_embedded_guidance(index["_class_name"])
-    _check_qwen_image(index, mask, control_image)
+    _check_qwen_image(index)
+    _check_latents_alone(index, mask, control_image)
     for option, path in outputs.items():
         # Before the pipeline loads, which can take minutes.
         _refuse_existing_file(path, option, overwrite)
@@ -3450,30 +3455,36 @@ def edit_command(
 
 
 #: The transformers that embed no guidance scale, whatever their config: SD3's, Chroma's,
-#: whose guidance is true CFG, and Qwen-Image's, whose guidance-distilled kind (config
-#: guidance_embeds) edit_image refuses.
+#: whose guidance is true CFG, Qwen-Image's, whose guidance-distilled kind (config
+#: guidance_embeds) edit_image refuses, and Z-Image's, which has no guidance embedding.
+#: Flux's and Flux.2's embed one as their config's guidance_embeds says (Flux.1-dev's and
+#: FLUX.2-dev's do, Flux.1-schnell's and FLUX.2-klein's, of the same classes, not).
 _NO_GUIDANCE_EMBEDDING = (
     "SD3Transformer2DModel",
     "ChromaTransformer2DModel",
     "QwenImageTransformer2DModel",
+    "ZImageTransformer2DModel",
 )
 
 
-def _never_embeds_guidance(index: dict[str, Any]) -> bool:
-    """Whether the network of the pipeline of ``index`` (its model_index.json) cannot embed a
-    guidance scale: a unet, or a transformer of _NO_GUIDANCE_EMBEDDING."""
+def _never_embeds_guidance(index: dict[str, Any], folder: Path) -> bool:
+    """Whether the network of the pipeline in ``folder`` (``index``, its model_index.json)
+    cannot embed a guidance scale: a unet, a transformer of _NO_GUIDANCE_EMBEDDING, or one
+    whose config.json says guidance_embeds false (an unreadable one is left to loading)."""
     unet = index.get("unet") not in (None, [None, None])
-    return unet or _transformer_class(index) in _NO_GUIDANCE_EMBEDDING
+    if unet or _transformer_class(index) in _NO_GUIDANCE_EMBEDDING:
+        return True
+    try:
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("guidance_embeds") is False
 
 
-def _check_qwen_image(index: dict[str, Any], mask: Path | None, controls: tuple[Path, ...]) -> None:
+def _check_qwen_image(index: dict[str, Any]) -> None:
     """Refuse, from model_index.json ``index`` and before the pipeline loads (Qwen-Image's
-    20B transformer takes minutes), what a Qwen-Image pipeline without a controlnet cannot
-    take: --mask and --control-image (its transformer takes the packed latents alone), and
-    QwenImageEditPipeline, QwenImageEditPlusPipeline and QwenImageEditInpaintPipeline, which
-    embed text with the image."""
-    if _transformer_class(index) != "QwenImageTransformer2DModel":
-        return
+    20B transformer takes minutes), QwenImageEditPipeline, QwenImageEditPlusPipeline and
+    QwenImageEditInpaintPipeline, which embed text with the image."""
     name = index["_class_name"]
     edits = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
     if name in edits:
@@ -3483,19 +3494,40 @@ def _check_qwen_image(index: dict[str, Any], mask: Path | None, controls: tuple[
             "with that pipeline's prompt embeddings, from Python (docs/diffusers.md)",
             param_hint="'--pipeline'",
         )
-    if index.get("controlnet") not in (None, [None, None]):
+
+
+#: The transformers that take their latents alone (no mask channels) and whose pipelines
+#: take no control image but through a controlnet: their family, what the transformer
+#: takes, and their inpainting pipeline, which blends the image back after each step.
+_LATENTS_ALONE = {
+    "QwenImageTransformer2DModel": ("Qwen-Image", "packed latents", "QwenImageInpaintPipeline"),
+    "ZImageTransformer2DModel": ("Z-Image", "latents", "ZImageInpaintPipeline"),
+    "Flux2Transformer2DModel": ("Flux.2", "packed latents", "Flux2KleinInpaintPipeline"),
+}
+
+
+def _check_latents_alone(
+    index: dict[str, Any], mask: Path | None, controls: tuple[Path, ...]
+) -> None:
+    """Refuse, from model_index.json ``index`` and before the pipeline loads (these
+    transformers have billions of weights: minutes), what a pipeline of _LATENTS_ALONE's
+    transformers without a controlnet cannot take: --mask and --control-image."""
+    known = _LATENTS_ALONE.get(_transformer_class(index) or "")
+    if known is None or index.get("controlnet") not in (None, [None, None]):
         return
+    family, latents, inpainting = known
+    name = index["_class_name"]
     if mask is not None:
         raise click.BadParameter(
-            f"a {name} takes no mask: Qwen-Image's transformer takes the packed latents alone "
-            "(QwenImageInpaintPipeline blends the image back after each step, which is no ODE "
-            "step, and is edited without one); leave it out",
+            f"a {name} takes no mask: {family}'s transformer takes the {latents} alone "
+            f"({inpainting} blends the image back after each step, which is no ODE step, and "
+            "is edited without one); leave it out",
             param_hint="'--mask'",
         )
     if controls:
         raise click.BadParameter(
-            f"a {name} has no controlnet: Qwen-Image's transformer takes the packed latents "
-            "alone; leave it out",
+            f"a {name} has no controlnet: {family}'s transformer takes the {latents} alone; "
+            "leave it out",
             param_hint="'--control-image'",
         )
 
@@ -3503,8 +3535,8 @@ def _check_qwen_image(index: dict[str, Any], mask: Path | None, controls: tuple[
 def _no_embedded_guidance(name: str) -> click.BadParameter:
     """--embedded-guidance refused for the pipeline of class ``name``."""
     return click.BadParameter(
-        f"the {name}'s network embeds no guidance scale (only Flux.1-dev's transformer "
-        "does); leave it out (--guidance is classifier-free guidance)",
+        f"the {name}'s network embeds no guidance scale (only Flux.1-dev's and FLUX.2-dev's "
+        "transformers do); leave it out (--guidance is classifier-free guidance)",
         param_hint="'--embedded-guidance'",
     )
 

@@ -29,6 +29,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_chroma_pipeline,
     tiny_controlnet_inpaint_pipeline,
     tiny_controlnet_pipeline,
+    tiny_flux2_klein_pipeline,
     tiny_flux_control_pipeline,
     tiny_flux_controlnet_pipeline,
     tiny_flux_fill_pipeline,
@@ -45,6 +46,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_sd3_pipeline,
     tiny_sdxl_pipeline,
     tiny_text_to_image_pipeline,
+    tiny_z_image_pipeline,
 )
 
 pytestmark = [
@@ -112,6 +114,25 @@ NO_QWEN = pytest.mark.skipif(
     not QWEN,
     reason=f"QwenImagePipeline with Qwen2.5-VL needs diffusers 0.35 and transformers 4.49 "
     f"(these are {diffusers.__version__} and {transformers.__version__})",
+)
+# ZImagePipeline and Flux2KleinPipeline with a tiny Qwen3 text encoder and Qwen2 tokenizer:
+# diffusers 0.36 (Z-Image) and 0.37 (Klein), transformers 4.51 (Qwen3) and newer.
+QWEN3 = hasattr(transformers, "Qwen3Model")
+Z_IMAGE = QWEN3 and hasattr(diffusers, "ZImagePipeline")
+if Z_IMAGE:
+    BUILDERS["zimage"] = lambda folder: tiny_z_image_pipeline(text_encoder=True)
+NO_Z_IMAGE = pytest.mark.skipif(
+    not Z_IMAGE,
+    reason=f"ZImagePipeline with Qwen3 needs diffusers 0.36 and transformers 4.51 (these are "
+    f"{diffusers.__version__} and {transformers.__version__})",
+)
+KLEIN = QWEN3 and hasattr(diffusers, "Flux2KleinPipeline")
+if KLEIN:
+    BUILDERS["klein"] = lambda folder: tiny_flux2_klein_pipeline(text_encoder=True)
+NO_KLEIN = pytest.mark.skipif(
+    not KLEIN,
+    reason=f"Flux2KleinPipeline with Qwen3 needs diffusers 0.37 and transformers 4.51 (these "
+    f"are {diffusers.__version__} and {transformers.__version__})",
 )
 
 
@@ -209,6 +230,8 @@ def pixels(path):
         pytest.param("kontext", marks=NO_KONTEXT),
         pytest.param("chroma", marks=NO_CHROMA),
         pytest.param("qwen", marks=NO_QWEN),
+        pytest.param("zimage", marks=NO_Z_IMAGE),
+        pytest.param("klein", marks=NO_KLEIN),
     ],
 )
 def test_the_written_pngs_are_edit_images_pil_output(name, pipelines, tmp_path):
@@ -299,13 +322,44 @@ def test_qwen_image_takes_the_guidance_as_true_cfg(pipelines, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
 
 
+@pytest.mark.parametrize(
+    "name,default,other",
+    [
+        pytest.param("zimage", 5.0, 0.0, marks=NO_Z_IMAGE),
+        pytest.param("klein", 4.0, 1.0, marks=NO_KLEIN),
+    ],
+)
+def test_z_image_and_klein_take_the_guidance_as_cfg(name, default, other, pipelines, tmp_path):
+    """ZImagePipeline's CFG (5 by default, c + g (c - u), off at 0) and Flux2KleinPipeline's
+    true CFG (4 by default, off at 1), with the negative prompt "" by default, as edit_image's
+    defaults; --guidance and --negative reach edit_image, all prompts through the Qwen3 text
+    encoder; the round trip is exact either way."""
+    image = photo(tmp_path / "photo.png")
+    run(edit(pipelines[name], image, tmp_path / "default.png"))
+    expected = expected_edit(pipelines[name], image, guidance_scale=default, negative_prompt="")
+    assert np.array_equal(pixels(tmp_path / "default.png"), np.asarray(expected.images[0]))
+    assert expected.inversion.ode.cond.get("negative_cond") is not None
+    more = ["--guidance", "2", "--negative", "a fox"]
+    result = run(edit(pipelines[name], image, tmp_path / "e.png", *more))
+    assert "latent error 0.000e+00" in result.stdout
+    expected = expected_edit(pipelines[name], image, guidance_scale=2.0, negative_prompt="a fox")
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
+    run(edit(pipelines[name], image, tmp_path / "none.png", "--guidance", str(other)))
+    expected = expected_edit(pipelines[name], image, guidance_scale=other)
+    assert "negative_cond" not in expected.inversion.ode.cond
+    assert np.array_equal(pixels(tmp_path / "none.png"), np.asarray(expected.images[0]))
+
+
 def test_the_help_names_chroma_qwen_image_and_their_defaults():
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
-    assert "Flux, Flux Kontext, Chroma or Qwen-Image" in text  # --pipeline
-    assert "16 for SD3, Flux, Chroma and Qwen-Image" in text  # --image
-    assert "true CFG for Chroma and Qwen-Image" in text  # --guidance
-    assert "1 for Flux and Qwen-Image, 5 for Chroma" in text  # --guidance
-    assert "euler for SD3, Flux, Chroma and Qwen-Image" in text  # --solver
+    assert "Flux, Flux Kontext, Chroma, Qwen-Image" in text  # --pipeline
+    assert "Z-Image (ZImagePipeline and its img2img one) or FLUX.2-klein" in text  # --pipeline
+    assert "16 for SD3, Flux, Chroma, Qwen-Image, Z-Image and Flux.2" in text  # --image
+    assert "1: none, but 0 for Z-Image" in text  # --guidance
+    assert "true CFG for Chroma, Qwen-Image and FLUX.2-klein" in text  # --guidance
+    assert "1 for Flux and Qwen-Image, 5 for Chroma and Z-Image, 4 for FLUX.2-klein" in text
+    assert "euler for SD3, Flux, Chroma, Qwen-Image, Z-Image and Flux.2" in text  # --solver
 
 
 def test_size_resizes_the_photo_first(pipelines, tmp_path):
@@ -1513,12 +1567,13 @@ def test_what_qwen_image_takes_not_is_refused_before_the_pipeline_loads(
     fails_in_one_line(args, tmp_path, *words, status=2)
 
 
-def test_the_embedded_guidance_of_a_flux_transformer_without_it_is_refused(tmp_path):
-    """A Flux transformer with guidance_embeds False (Flux.1-schnell's) is known once it
-    loads: refused then, in one line, before any network runs."""
+def test_the_embedded_guidance_of_a_flux_transformer_without_it_is_refused(tmp_path, monkeypatch):
+    """A Flux transformer with guidance_embeds False (Flux.1-schnell's) is known from its
+    config.json: refused in one line before the pipeline loads."""
     folder = tmp_path / "schnell"
     (tmp_path / "words").mkdir()
     tiny_flux_pipeline(tmp_path / "words", guidance_embeds=False).save_pretrained(folder)
+    no_pipeline_loads(monkeypatch)
     args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png")
     fails_in_one_line(
         args + ["--embedded-guidance", "3"],
@@ -1527,6 +1582,43 @@ def test_the_embedded_guidance_of_a_flux_transformer_without_it_is_refused(tmp_p
         "the FluxPipeline's network embeds no guidance scale",
         status=2,
     )
+
+
+@pytest.mark.parametrize(
+    "name,pipeline,family",
+    [
+        pytest.param("zimage", "ZImagePipeline", "Z-Image", marks=NO_Z_IMAGE),
+        pytest.param("klein", "Flux2KleinPipeline", "Flux.2", marks=NO_KLEIN),
+    ],
+)
+@pytest.mark.parametrize(
+    "more,words",
+    [
+        (["--embedded-guidance", "3"], ["'--embedded-guidance'", "{pipeline}'s network"]),
+        (["--mask", "m.png"], ["'--mask'", "a {pipeline} takes no mask", "{family}'s transformer"]),
+        (["--control-image", "c.png"], ["'--control-image'", "a {pipeline} has no controlnet"]),
+        (
+            ["--ip-adapter", "c.png", "--ip-adapter-image", "c.png"],
+            ["'--ip-adapter'", "a {pipeline} takes no IP-Adapter"],
+        ),
+    ],
+    ids=["embedded-guidance", "mask", "control-image", "ip-adapter"],
+)
+def test_what_z_image_and_klein_take_not_is_refused_before_the_pipeline_loads(
+    name, pipeline, family, more, words, pipelines, tmp_path, monkeypatch
+):
+    """Known from model_index.json (and, for Klein's transformer, whose class FLUX.2-dev's
+    shares, from its config.json's guidance_embeds false), each in one line before the
+    pipeline (a 6B or 4B transformer and a Qwen3 text encoder) loads: an embedded guidance
+    scale, a mask and a control image without a controlnet (their transformers take the
+    latents alone), and an IP-Adapter."""
+    monkeypatch.chdir(tmp_path)
+    no_pipeline_loads(monkeypatch)
+    mask_file(tmp_path / "m.png")
+    photo(tmp_path / "c.png")
+    args = edit(pipelines[name], photo(tmp_path / "p.png"), tmp_path / "e.png", *more)
+    words = [w.format(pipeline=pipeline, family=family) for w in words]
+    fails_in_one_line(args, tmp_path, *words, status=2)
 
 
 def loaded_class(folder):

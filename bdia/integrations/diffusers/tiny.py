@@ -17,11 +17,12 @@ Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
 encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
 ``QwenImageEditPlusPipeline`` and ``QwenImageControlNetPipeline`` with a
 ``QwenImageControlNetModel``, without their text encoder), Z-Image's
-``ZImageTransformer2DModel`` and ``ZImagePipeline`` (without its Qwen3 text encoder), with a
-``ZImageControlNetModel`` its ``ZImageControlNetPipeline`` and
-``ZImageControlNetInpaintPipeline``, and
-Flux.2's ``Flux2Transformer2DModel``, ``Flux2Pipeline`` and ``Flux2KleinPipeline`` (with an
-``AutoencoderKLFlux2``, without their text encoders), a few thousand weights each: for
+``ZImageTransformer2DModel`` and ``ZImagePipeline``, with a ``ZImageControlNetModel`` its
+``ZImageControlNetPipeline`` and ``ZImageControlNetInpaintPipeline``, and Flux.2's
+``Flux2Transformer2DModel``, ``Flux2Pipeline`` and ``Flux2KleinPipeline`` (with an
+``AutoencoderKLFlux2``; FLUX.2-dev's without its Mistral text encoder, Z-Image's and
+Klein's with or without a Qwen3 one and a Qwen2 tokenizer made locally), a few thousand
+weights each: for
 tests and for checking plumbing and exactness, which do not depend on the weights. A random
 network is no denoiser, so what they sample is not an image of anything.
 """
@@ -51,6 +52,7 @@ __all__ = [
     "tiny_flux2_pipeline",
     "tiny_flux2_klein_pipeline",
     "tiny_qwen_text_encoder",
+    "tiny_qwen3_text_encoder",
     "tiny_tokenizer",
     "tiny_text_to_image_pipeline",
     "tiny_sdxl_pipeline",
@@ -382,14 +384,24 @@ def tiny_flux2_pipeline(scheduler: Any = None, *, guidance_embeds: bool = True) 
     return pipe
 
 
-def tiny_flux2_klein_pipeline(scheduler: Any = None, *, is_distilled: bool = False) -> Any:
+def tiny_flux2_klein_pipeline(
+    scheduler: Any = None, *, is_distilled: bool = False, text_encoder: bool = False
+) -> Any:
     """A ``Flux2KleinPipeline`` of ``tiny_flux2_pipeline``'s parts with a transformer without
     guidance embedding (FLUX.2-klein's kind), without its Qwen3 text encoder and tokenizer:
     give it ``prompt_embeds`` (and ``negative_prompt_embeds`` for its true CFG, which it runs
-    for ``guidance_scale > 1`` unless ``is_distilled``). Float32; the progress bar is off.
-    Needs diffusers 0.37 or newer, which has the pipeline."""
+    for ``guidance_scale > 1`` unless ``is_distilled``). With ``text_encoder``,
+    ``tiny_qwen3_text_encoder(num_layers=28, causal_lm=True)``'s tokenizer and
+    ``Qwen3ForCausalLM`` (seed 0), which its ``encode_prompt`` embeds text prompts with, the
+    hidden states of layers 9, 18 and 27 side by side, and a transformer that takes them
+    (``joint_attention_dim=48``, the same seed; needs transformers 4.51 or newer). Float32;
+    the progress bar is off. Needs diffusers 0.37 or newer, which has the pipeline."""
     pipeline = _flux2_class("Flux2KleinPipeline", "0.37")
     parts = tiny_flux2_pipeline(scheduler, guidance_embeds=False).components
+    if text_encoder:
+        tokenizer, encoder = tiny_qwen3_text_encoder(num_layers=28, causal_lm=True)
+        transformer = tiny_flux2_transformer(guidance_embeds=False, joint_attention_dim=48)
+        parts.update(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer)
     pipe = pipeline(**parts, is_distilled=is_distilled)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -854,6 +866,23 @@ _QWEN_SPECIAL_TOKENS = (
 )
 
 
+#: Qwen3's thinking block's tokens, added tokens of its tokenizer (not special ones).
+_QWEN3_THINKING = ("<think>", "</think>")
+
+#: A chat template for Qwen3's turns as Qwen3's own renders the one user message that
+#: ZImagePipeline and Flux2KleinPipeline give it: ``<|im_start|>user\nTEXT<|im_end|>\n``, the
+#: assistant's turn opened (``add_generation_prompt``), and with ``enable_thinking`` False
+#: (Klein's) its thinking block left empty.
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+)
+
+
 def _qwen_templates() -> list[str]:
     """The prompt templates of diffusers' Qwen-Image pipelines (QwenImagePipeline's and,
     where diffusers has it, QwenImageEditPipeline's), read from bare instances."""
@@ -872,15 +901,17 @@ def _qwen_templates() -> list[str]:
     return templates
 
 
-def _tiny_qwen_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
+def _tiny_qwen_tokenizer(words: Sequence[str] = TINY_WORDS, *, chat: bool = False) -> Any:
     """A fast Qwen2 byte-level BPE tokenizer (``Qwen2TokenizerFast``; transformers 5's
     ``Qwen2Tokenizer``) whose vocabulary is the 256 byte symbols, every piece of Qwen-Image's
     prompt templates (as Qwen2's pre-tokenizer splits them) and each of ``words`` (alone or
     after a space) whole, and ``_QWEN_SPECIAL_TOKENS``: a template's text before the prompt is
     one token a piece, as many as with Qwen2.5-VL's own tokenizer (QwenImagePipeline's 34,
     QwenImageEditPipeline's 64 up to the image), and any other text is spelled in the pieces'
-    prefixes and bytes. Its vocab.json and merges.txt are written to a temporary folder,
-    which it reads whole."""
+    prefixes and bytes. With ``chat``, Qwen3's too: ``_QWEN3_CHAT_TEMPLATE`` as its chat
+    template, the pieces of its turns (with and without the empty thinking block) whole, and
+    ``<think>`` and ``</think>`` added tokens, as Qwen3's tokenizer has them. Its vocab.json
+    and merges.txt are written to a temporary folder, which it reads whole."""
     import re
     import tempfile
 
@@ -903,8 +934,11 @@ def _tiny_qwen_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
         # The pieces as Qwen2's pre-tokenizer splits the text (byte-level symbols, a space
         # joined to the word after it), the special tokens taken out first.
         split = tokenizer().backend_tokenizer.pre_tokenizer.pre_tokenize_str
-        special = "|".join(map(re.escape, _QWEN_SPECIAL_TOKENS))
+        thinking = _QWEN3_THINKING if chat else ()
+        special = "|".join(map(re.escape, _QWEN_SPECIAL_TOKENS + thinking))
         texts = [*_qwen_templates(), " ".join(words), " " + " ".join(words)]
+        if chat:
+            texts += _qwen3_chats(tokenizer())
         pieces = [p for text in texts for part in re.split(special, text) for p, _ in split(part)]
         for piece in pieces:
             # Merged left to right: the piece's prefixes are the tokens on the way.
@@ -921,7 +955,24 @@ def _tiny_qwen_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
                 merges.append(f"{parts[0]} {parts[1]}")
                 made = tokenizer()
     made.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS)})
+    if chat:
+        made.add_tokens(list(thinking))
+        made.chat_template = _QWEN3_CHAT_TEMPLATE
     return made
+
+
+def _qwen3_chats(tokenizer: Any) -> list[str]:
+    """The text of one empty user turn and the assistant's opened after it, as
+    ``_QWEN3_CHAT_TEMPLATE`` renders it with ``tokenizer`` for ZImagePipeline (thinking on)
+    and Flux2KleinPipeline (off, its empty thinking block)."""
+    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    turn = [{"role": "user", "content": ""}]
+    return [
+        tokenizer.apply_chat_template(
+            turn, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
+        for thinking in (True, False)
+    ]
 
 
 def tiny_qwen_text_encoder(*, seed: int = 0) -> tuple[Any, Any]:
@@ -980,6 +1031,55 @@ def tiny_qwen_text_encoder(*, seed: int = 0) -> tuple[Any, Any]:
     config = transformers.Qwen2_5_VLConfig(**flat)
     torch.manual_seed(seed)
     return tokenizer, transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen3_text_encoder(
+    *, num_layers: int = 2, causal_lm: bool = False, seed: int = 0
+) -> tuple[Any, Any]:
+    """Z-Image's and FLUX.2-klein's text encoder and tokenizer in miniature, nothing
+    downloaded: a ``(tokenizer, text_encoder)`` pair for ``ZImagePipeline``'s and
+    ``Flux2KleinPipeline``'s ``encode_prompt``.
+
+    The tokenizer is ``tiny_qwen_text_encoder``'s fast Qwen2 byte-level BPE one with Qwen3's
+    chat turns besides: a chat template that renders a user's prompt as Qwen3's does
+    (``<|im_start|>user\\nPROMPT<|im_end|>\\n<|im_start|>assistant\\n``, then for
+    ``enable_thinking=False`` an empty ``<think>\\n\\n</think>\\n\\n``), each of its pieces
+    one token, and ``TINY_WORDS`` whole. The text encoder is Qwen3 (``Qwen3Model``, as
+    Z-Image's model_index.json loads it, or with ``causal_lm`` ``Qwen3ForCausalLM``, as
+    Klein's) of ``num_layers`` decoder layers of width 16 (2 query heads of 8, 1 key-value
+    head), weights drawn with ``torch.manual_seed(seed)``, float32, in eval mode: its hidden
+    states are ``(batch, tokens, 16)``. ZImagePipeline takes the second to last
+    (``hidden_states[-2]``: the last layer's input, unnormalised; the default 2 layers make it
+    the first layer's output), of the width of ``tiny_z_image_transformer``'s
+    ``cap_feat_dim``; Flux2KleinPipeline stacks those of layers 9, 18 and 27 into ``(batch,
+    tokens, 48)``, which needs 27 layers or more (28 keeps them all unnormalised, as in Qwen3-4B's
+    36). Needs transformers 4.51 or newer, which have Qwen3."""
+    import transformers
+
+    if not hasattr(transformers, "Qwen3Model"):
+        raise ImportError(
+            f"Qwen3Model is in transformers 4.51 and newer; this is {transformers.__version__}"
+        )
+    tokenizer = _tiny_qwen_tokenizer(chat=True)
+    token = tokenizer.convert_tokens_to_ids
+    config = transformers.Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        # ZImagePipeline and Flux2KleinPipeline pad every prompt to 512 tokens.
+        max_position_embeddings=1024,
+        tie_word_embeddings=causal_lm,
+        bos_token_id=token("<|endoftext|>"),
+        eos_token_id=token("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = transformers.Qwen3ForCausalLM if causal_lm else transformers.Qwen3Model
+    torch.manual_seed(seed)
+    return tokenizer, model(config).eval()
 
 
 def tiny_qwen_image_pipeline(scheduler: Any = None, *, text_encoder: bool = False) -> Any:
@@ -1120,10 +1220,15 @@ def tiny_z_image_transformer(
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
-def tiny_z_image_pipeline(scheduler: Any = None, *, cls: Any = None) -> Any:
+def tiny_z_image_pipeline(
+    scheduler: Any = None, *, cls: Any = None, text_encoder: bool = False
+) -> Any:
     """A float32 ``ZImagePipeline`` of tiny random parts on 16 x 16 RGB images, without its
     Qwen3 text encoder or tokenizer: give it ``prompt_embeds`` (a list of per-sample
-    embeddings of shape ``(L_i, 16)``, and ``negative_prompt_embeds`` alike for CFG).
+    embeddings of shape ``(L_i, 16)``, and ``negative_prompt_embeds`` alike for CFG). With
+    ``text_encoder``, ``tiny_qwen3_text_encoder()``'s tokenizer and two-layer ``Qwen3Model``
+    (seed 0), which its ``encode_prompt`` embeds text prompts with (needs transformers 4.51
+    or newer).
     ``tiny_z_image_transformer()`` on latents of shape ``(batch, 4, 8, 8)`` and the
     ``AutoencoderKL`` of ``tiny_flux_pipeline`` (Flux's ``scaling_factor`` and
     ``shift_factor``, which Z-Image's VAE has). ``scheduler`` defaults to
@@ -1133,11 +1238,12 @@ def tiny_z_image_pipeline(scheduler: Any = None, *, cls: Any = None) -> Any:
     pipeline = cls if cls is not None else _qwen_image_class("ZImagePipeline", "0.36")
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER)
+    tokenizer, encoder = tiny_qwen3_text_encoder() if text_encoder else (None, None)
     pipe = pipeline(
         scheduler=scheduler,
         vae=_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=None,
-        tokenizer=None,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
         transformer=tiny_z_image_transformer(),
     )
     pipe.set_progress_bar_config(disable=True)
