@@ -22,9 +22,8 @@ encoder and a Qwen2 tokenizer made locally), and ``QwenImageEditPipeline``,
 ``Flux2Transformer2DModel``, ``Flux2Pipeline`` and ``Flux2KleinPipeline`` (with an
 ``AutoencoderKLFlux2``; FLUX.2-dev's without its Mistral text encoder, Z-Image's and
 Klein's with or without a Qwen3 one and a Qwen2 tokenizer made locally), a few thousand
-weights each: for
-tests and for checking plumbing and exactness, which do not depend on the weights. A random
-network is no denoiser, so what they sample is not an image of anything.
+weights each: for tests and for checking plumbing and exactness, which do not depend on the
+weights. A random network is no denoiser, so what they sample is not an image of anything.
 """
 
 from __future__ import annotations
