@@ -1199,8 +1199,9 @@ def tiny_z_image_transformer(
     of width 32 (2 heads of 16) on latents of 4 channels in patches of 2 x 2, called on a
     list of per-sample latents of shape ``(4, 1, h, w)`` and a list of per-sample prompt
     embeddings of shape ``(L_i, 16)`` (``cap_feats``), as ``ZImagePipeline`` calls it.
-    Weights drawn with ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides``
-    add to or replace fields of its config. Needs diffusers 0.36 or newer."""
+    Weights drawn with ``torch.manual_seed(seed)``, its pad tokens zero (as diffusers 0.39
+    and newer make them), in eval mode and ``dtype``; ``overrides`` add to or replace fields
+    of its config. Needs diffusers 0.36 or newer."""
     cls = _qwen_image_class("ZImageTransformer2DModel", "0.36")
     torch.manual_seed(seed)
     config: dict[str, Any] = dict(
@@ -1216,6 +1217,13 @@ def tiny_z_image_transformer(
     )
     config.update(overrides)
     net = cls(**config)
+    with torch.no_grad():
+        # diffusers 0.36 to 0.38 leave the pad tokens uninitialised (torch.empty), 0.39 on
+        # zero them: zeros here make the model the same, and finite, on every release.
+        for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+            token = getattr(net, name, None)
+            if token is not None:
+                token.zero_()
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
 
 
