@@ -159,7 +159,9 @@ def test_z_image_gets_encode_prompts_embeddings(z_image, cfg):
         source, target = (encode(list(p), "cpu", False)[0] for p in (SOURCE, TARGET))
         negative = encode(list(NEGATIVE), "cpu", False)[0]
     assert [len(e) for e in source] == [13, 10]
-    assert len(calls) == 3 * N_STEPS - 1
+    # Three calls a step but the first, on the installed ZImagePipeline's grid (one step
+    # fewer in diffusers 0.36 to 0.38).
+    assert len(calls) == 3 * (len(out.inversion.ts) - 1) - 1
     for call, wanted in ((calls[0], source), (calls[-1], target)):
         wanted = wanted + negative if cfg else wanted
         assert len(call) == len(wanted)

@@ -37,6 +37,7 @@ from bdia.integrations.diffusers import (  # noqa: E402
     diffusers_grid,
     from_diffusers,
 )
+from bdia.integrations.diffusers._z_image import _z_image_grid_inputs  # noqa: E402
 from bdia.integrations.diffusers.tiny import (  # noqa: E402
     Z_IMAGE_SCHEDULER,
     tiny_z_image_pipeline,
@@ -65,10 +66,25 @@ def _sigmas(steps=N_STEPS):
     return torch.linspace(1.0, 1 / steps, steps).tolist()
 
 
+# Whether the installed ZImagePipeline passes its sigmas (diffusers 0.39 on) or sets the
+# scheduler's sigma_min to 0 and runs its own spacing to 0, then a step from 0 to 0 (0.36
+# to 0.38), which the grid leaves out: one step fewer than the pipeline's calls.
+PIPELINE_SIGMAS = (
+    _z_image_grid_inputs(diffusers.FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER), 1)[1]
+    is not None
+)
+OLD_PIPELINES = (
+    f"diffusers {diffusers.__version__}'s Z-Image pipelines set the scheduler's sigma_min to 0, "
+    "which BDIAScheduler refuses (0.39 and newer pass their sigmas)"
+)
+
+
 def _grid(scheduler, steps=N_STEPS):
-    """diffusers_grid with ZImagePipeline's sigmas (its mu is ignored by a scheduler that
-    does not shift dynamically, as Z-Image's does not)."""
-    return diffusers_grid(scheduler, steps, sigmas=_sigmas(steps))
+    """diffusers_grid of the installed ZImagePipeline's run: with its sigmas (its mu is
+    ignored by a scheduler that does not shift dynamically, as Z-Image's does not), or in
+    diffusers 0.36 to 0.38 the scheduler's own spacing to sigma_min = 0."""
+    sched, sigmas = _z_image_grid_inputs(scheduler, steps)
+    return diffusers_grid(sched, steps, sigmas=sigmas)
 
 
 def _noise(dtype):
@@ -140,17 +156,27 @@ def test_z_image_pipeline_gives_bdia_euler_latents(name):
     seen = _Batches(pipe.transformer)
     latents = _pipeline_latents(pipe, noise, cond)
     ts = _grid(pipe.scheduler)
-    assert ts.tolist() == [float(s) for s in pipe.scheduler.sigmas]
+    made = [float(s) for s in pipe.scheduler.sigmas]
+    assert ts.tolist() == (made if PIPELINE_SIGMAS else made[:-1])
     assert float(ts[0]) == 1.0 and float(ts[-1]) == 0
-    cfg = {"no-cfg": 0, "truncated": 5}.get(name, N_STEPS)  # steps with CFG's doubled batch
+    # Steps with CFG's doubled batch (the older grid passes the bound a step sooner).
+    cfg = {"no-cfg": 0, "truncated": 5 if PIPELINE_SIGMAS else 4}.get(name, N_STEPS)
     assert seen.sizes == [2 * BATCH] * cfg + [BATCH] * (N_STEPS - cfg)
 
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     assert isinstance(ode.schedule, bdia.RectifiedFlow) and ode.prediction == "flow"
     with torch.no_grad():
         ours = bdia.sample(ode, bdia.get_solver("euler"), noise, ts, progress=False)
-    assert seen.sizes[N_STEPS:] == seen.sizes[:N_STEPS]  # the pipeline's calls
+    assert seen.sizes[N_STEPS:] == seen.sizes[: len(ts) - 1]  # the pipeline's calls
     assert torch.equal(ours, latents)
+
+
+def test_the_tiny_transformers_pad_tokens_are_zero():
+    """tiny_z_image_transformer's pad tokens are zero on every release (diffusers 0.36 to
+    0.38 leave them torch.empty, uninitialised memory that made runs differ, even NaN)."""
+    net = tiny_z_image_transformer(dtype=torch.float64)
+    for name in ("x_pad_token", "cap_pad_token"):
+        assert torch.equal(getattr(net, name), torch.zeros(1, 32, dtype=torch.float64))
 
 
 def test_the_cfg_options_change_the_run():
@@ -183,15 +209,16 @@ def test_the_transformer_sees_the_pipelines_arguments(dtype):
     noise = _noise(torch.float32)
     with torch.no_grad():
         bdia.sample(ode, bdia.get_solver("euler"), noise, _grid(scheduler), progress=False)
-    scheduler.set_timesteps(sigmas=_sigmas())
-    assert len(seen) == N_STEPS
+    scheduler, sigmas = _z_image_grid_inputs(scheduler, N_STEPS)
+    scheduler.set_timesteps(N_STEPS, sigmas=sigmas)
+    assert len(seen) == len(_grid(scheduler)) - 1
     prompts = cond["cap_feats"] + cond["negative_cond"]["cap_feats"]
     first, tau, caps = seen[0]
     assert [x.shape for x in first] == [(4, 1, 8, 8)] * 2 * BATCH
     assert all(x.dtype == dtype for x in first)
     assert torch.equal(first[0], noise[0].unsqueeze(1).to(dtype))
     assert torch.equal(first[BATCH + 1], noise[1].unsqueeze(1).to(dtype))
-    for k, t in enumerate(scheduler.timesteps):
+    for k, t in enumerate(scheduler.timesteps[: len(seen)]):
         _, tau, caps = seen[k]
         assert torch.equal(tau, ((1000 - t.expand(BATCH)) / 1000).repeat(2))
         assert tau.dtype == torch.float32
@@ -235,6 +262,24 @@ def _invert(pipe, pair, cond):
     return inverse
 
 
+def test_bdia_scheduler_refuses_the_sigma_min_of_older_z_image_pipelines():
+    """The Z-Image pipelines of diffusers 0.36 to 0.38 set their scheduler's sigma_min to 0
+    and run its own spacing to 0: BDIAScheduler refuses that in one line naming 0.39, before
+    any step (there, ZImagePipeline's own call fails so); it reads the inner scheduler's."""
+    pipe = tiny_z_image_pipeline()
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
+    assert (
+        pipe.scheduler.sigma_min
+        == diffusers.FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER).sigma_min
+    )
+    with pytest.raises(ValueError, match=r"sigma_min to 0.0.*diffusers 0.39 or newer"):
+        pipe.scheduler.sigma_min = 0.0
+    if not PIPELINE_SIGMAS:
+        with pytest.raises(ValueError, match=r"diffusers 0.39 or newer"):
+            _pipeline_latents(pipe, _noise(torch.float32), _cond(torch.float32, OPTIONS["cfg"]))
+
+
+@pytest.mark.skipif(not PIPELINE_SIGMAS, reason=OLD_PIPELINES)
 def test_bdia_scheduler_in_z_image_pipeline_is_bdia_sample_and_inverts():
     """ZImagePipeline (CFG 3) with BDIAScheduler.from_config(its config, gamma=0.96) gives
     the latents and the final pair (low words included) of bdia.sample with bdia(euler,
@@ -273,6 +318,7 @@ def _img2img_start(pipe, image, k):
     return sigma * noise + (1.0 - sigma) * torch.cat([z] * BATCH)
 
 
+@pytest.mark.skipif(not PIPELINE_SIGMAS, reason=OLD_PIPELINES)
 def test_bdia_scheduler_in_z_image_img2img_pipeline_is_bdia_sample_and_inverts():
     """ZImageImg2ImgPipeline (CFG 3) with strength 0.6 runs the last 5 of 8 timesteps
     (set_begin_index(3)) from the image's VAE latents, shifted and scaled, noised by

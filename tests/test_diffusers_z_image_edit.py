@@ -26,6 +26,7 @@ if not hasattr(diffusers, "ZImagePipeline"):
 
 import bdia  # noqa: E402
 from bdia.integrations.diffusers import diffusers_grid, edit_image, from_diffusers  # noqa: E402
+from bdia.integrations.diffusers._z_image import _z_image_grid_inputs  # noqa: E402
 from bdia.integrations.diffusers.tiny import (  # noqa: E402
     tiny_qwen_image_pipeline,
     tiny_z_image_pipeline,
@@ -90,9 +91,11 @@ def _edit(pipe, name="cfg", dtype=torch.float64, **options):
 
 
 def _grid(scheduler):
-    """ZImagePipeline's grid: its sigmas torch.linspace(1, 1 / n, n) shifted by the
-    scheduler, and the final 0."""
-    return diffusers_grid(scheduler, N_STEPS, sigmas=torch.linspace(1.0, 1 / N_STEPS, N_STEPS))
+    """The installed ZImagePipeline's grid: its sigmas torch.linspace(1, 1 / n, n) shifted
+    by the scheduler, and the final 0 (in diffusers 0.36 to 0.38 the scheduler's own
+    spacing to sigma_min = 0)."""
+    sched, sigmas = _z_image_grid_inputs(scheduler, N_STEPS)
+    return diffusers_grid(sched, N_STEPS, sigmas=sigmas)
 
 
 @pytest.mark.parametrize("name", list(GUIDANCE))

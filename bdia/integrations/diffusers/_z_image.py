@@ -21,6 +21,7 @@ latents fixed over the run, and pass its residuals to the transformer as
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,23 @@ _Z_IMAGE_HOW = (
     "a list of one 2-D tensor (L_i, cap_feat_dim) per sample, as ZImagePipeline.encode_prompt "
     "returns its prompt_embeds (each prompt's tokens, its padding dropped)"
 )
+
+
+def _z_image_grid_inputs(scheduler: Any, steps: int) -> tuple[Any, list[float] | None]:
+    """The scheduler and sigmas from which ``diffusers_grid`` makes the grid of ``steps``
+    steps that the installed ZImagePipeline (and its img2img, inpainting and ControlNet
+    pipelines) runs: ``scheduler`` and its sigmas ``torch.linspace(1, 1 / n, n)`` in float32,
+    as a list, where the pipeline passes them (diffusers 0.39 on); else a copy of
+    ``scheduler`` with ``sigma_min = 0`` and no sigmas, as the pipeline sets it and takes the
+    scheduler's own spacing (0.36 to 0.38), whose last step, from 0 to 0, the grid leaves
+    out."""
+    from diffusers.pipelines.z_image import pipeline_z_image
+
+    if hasattr(pipeline_z_image, "get_default_z_image_sigmas"):
+        return scheduler, torch.linspace(1.0, 1 / steps, steps).tolist()
+    fresh = copy.deepcopy(scheduler)
+    fresh.sigma_min = 0.0
+    return fresh, None
 
 
 def _check_cap_feats(value: Any, width: Any, where: str) -> None:

@@ -97,7 +97,10 @@ transformer the pipeline's image embeddings) and:
    first step evaluates the transformer at timestep 0, which the pipelines never do (with
    dynamic shifting, the grid follows the pipeline's ``mu`` for the image's size); Flux's
    grid is made from FluxPipeline's sigmas ``np.linspace(1, 1/n, n)`` and ends the same way,
-   Z-Image's from ZImagePipeline's ``torch.linspace(1, 1/n, n)`` likewise;
+   Z-Image's from ZImagePipeline's ``torch.linspace(1, 1/n, n)`` likewise (in diffusers
+   0.36 to 0.38, where the pipeline sets the scheduler's ``sigma_min`` to 0 and takes its
+   own spacing, from that: ``n - 1`` steps to 0, the pipeline's last step, from 0 to 0,
+   left out);
    an EDM-preconditioned scheduler's (Playground v2.5's ``EDMDPMSolverMultistepScheduler``
    or ``EDMEulerScheduler``, no table either) ends at its last positive sigma,
    ``sigma_min``, without the final step to 0, where its denoiser cannot be evaluated;
@@ -190,7 +193,7 @@ from ._pipeline_parts import (
     _vae_factor,
 )
 from ._scheduler_config import _SIGMA_SLACK, _class_names, _is_chroma
-from ._z_image import _Z_IMAGE_HOW, _check_cap_feats
+from ._z_image import _Z_IMAGE_HOW, _check_cap_feats, _z_image_grid_inputs
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
 
@@ -1054,7 +1057,10 @@ def edit_image(
             FluxPipeline's, ``np.linspace(1, 1 / n, n)`` shifted by the scheduler, and the
             final 0 likewise (for Flux.2 so too, shifted by its pipelines' ``mu``); for
             Z-Image ZImagePipeline's, ``torch.linspace(1, 1 / n, n).tolist()`` (float32
-            values) shifted by the scheduler, and the final 0.
+            values) shifted by the scheduler, and the final 0; in diffusers 0.36 to 0.38,
+            whose ZImagePipeline sets the scheduler's ``sigma_min`` to 0 and takes its own
+            spacing, that spacing to 0 (``n - 1`` steps: the pipeline's last, from 0 to 0,
+            moves nothing).
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
             conditional model alone. Every other value needs ``negative_prompt``. By default
             7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
@@ -1836,10 +1842,11 @@ def edit_image(
     if flux or qwen or flux2:  # FluxPipeline's (QwenImagePipeline's) own sigmas, shifted
         steps = check_steps(num_inference_steps, "num_inference_steps")
         sigmas = np.linspace(1.0, 1 / steps, steps)
-    if zimage:  # ZImagePipeline's: torch's float32 linspace, as a list
+    grid_scheduler = scheduler
+    if zimage:  # the installed ZImagePipeline's: its own sigmas, or the scheduler's to 0
         steps = check_steps(num_inference_steps, "num_inference_steps")
-        sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
-    ts = _grid(scheduler, num_inference_steps, probe, mu, sigmas)
+        grid_scheduler, sigmas = _z_image_grid_inputs(scheduler, steps)
+    ts = _grid(grid_scheduler, num_inference_steps, probe, mu, sigmas)
 
     # ---- the work
     embed_dtype = probe.model_dtype

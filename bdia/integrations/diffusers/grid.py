@@ -153,6 +153,11 @@ def _flow_grid(sched: Any, num_inference_steps: int | None, mu: Any, sigmas: Any
         # FlowMatchHeunDiscreteScheduler lists each sigma between the first and the final 0
         # twice, the end of one Heun step and the start of the next: one grid point each.
         made = made[:1] + made[1:-1:2] + made[-1:]
+    if len(made) > 2 and made[-1] == made[-2] == 0.0:
+        # A scheduler whose sigma_min a pipeline set to 0 (ZImagePipeline in diffusers 0.36
+        # to 0.38) ends its own spacing at 0 before the final 0: a last step of no length,
+        # which moves nothing, and which the grid leaves out.
+        made.pop()
     ok = all(0.0 <= s <= 1.0 for s in made) and all(a > b for a, b in zip(made, made[1:]))
     if not ok or made[-1] != 0.0:
         shown = ", ".join(f"{s:.6g}" for s in made[:4]) + (", ..." if len(made) > 4 else "")
@@ -313,7 +318,9 @@ def diffusers_grid(
       shifted as diffusers shifts them. ``FlowMatchHeunDiscreteScheduler``'s distinct
       ``sigmas`` (it lists each but the first and the final 0 twice), which are
       ``FlowMatchEulerDiscreteScheduler``'s of the same ``shift``: its Heun steps go between
-      them and its last, an Euler step, to 0.
+      them and its last, an Euler step, to 0. A scheduler whose ``sigma_min`` is 0 (which
+      ``ZImagePipeline`` sets in diffusers 0.36 to 0.38) ends its spacing at 0 before the
+      final 0: that last step has no length and the grid leaves it out.
     - With ``denoising_end`` and/or ``denoising_start``: the part of that grid which
       ``StableDiffusionXLPipeline(denoising_end=f)`` (the base of SDXL's ensemble of expert
       denoisers) and ``StableDiffusionXLImg2ImgPipeline(denoising_start=f)`` (the refiner, on

@@ -505,6 +505,25 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             raise AttributeError("sigmas")  # DDIM keeps none (ConfigMixin words the message)
         return self._inner.sigmas
 
+    @property
+    def sigma_min(self) -> float:
+        """Flow matching only: the inner FlowMatchEulerDiscreteScheduler's smallest sigma,
+        where its own spacing ends. Setting it is refused: ZImagePipeline and its kin in
+        diffusers 0.36 to 0.38 set it to 0 and run the scheduler's own spacing to 0, with a
+        last step of no length, which this scheduler does not follow."""
+        self._sync()
+        if not self._flow:
+            raise AttributeError("sigma_min")
+        return float(self._inner.sigma_min)
+
+    @sigma_min.setter
+    def sigma_min(self, value: Any) -> None:
+        raise ValueError(
+            f"the pipeline set the scheduler's sigma_min to {value!r}, as the Z-Image pipelines "
+            f"of diffusers 0.36 to 0.38 (here {diffusers.__version__}) do; {type(self).__name__} "
+            "does not follow their spacing: use diffusers 0.39 or newer for Z-Image"
+        )
+
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The unet's input: ``sample`` itself for VP and flow-matching states; in EDM mode
         ``c_in x``, as the EDM schedulers' ``scale_model_input`` (and the adapter) make it.
