@@ -108,6 +108,7 @@ def _cap_feats(transformer, run):
 
 
 @NO_Z_IMAGE
+@NO_KLEIN
 def test_the_tiny_tokenizer_renders_qwen3s_chat_turns(z_image, klein):
     """The chat template renders a prompt as Qwen3's does for the two pipelines (Klein's
     with its empty thinking block), a token a piece and a token a tiny word; every id is one
