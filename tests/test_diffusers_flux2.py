@@ -15,6 +15,8 @@ inversion in float64.
 
 from __future__ import annotations
 
+import inspect
+
 import diffusers
 import numpy as np
 import pytest
@@ -46,6 +48,17 @@ pytestmark = [
 needs_klein = pytest.mark.skipif(
     not hasattr(diffusers, "Flux2KleinPipeline"),
     reason="Flux2KleinPipeline is in diffusers 0.37 and newer",
+)
+
+# diffusers 0.36's Flux2Transformer2DModel always embeds a guidance scale (FLUX.2-dev's kind).
+KLEIN_TRANSFORMER = (
+    "guidance_embeds"
+    in inspect.signature(getattr(diffusers, "Flux2Transformer2DModel", object).__init__).parameters
+)
+needs_klein_transformer = pytest.mark.skipif(
+    not KLEIN_TRANSFORMER,
+    reason="Flux2Transformer2DModel's guidance_embeds (FLUX.2-klein's kind, without guidance "
+    "embedding) is in diffusers 0.37 and newer",
 )
 
 N_STEPS = 6
@@ -247,7 +260,13 @@ def test_reference_image_and_negative_prompt_change_the_run():
     assert not torch.equal(sample(guidance_scale=1.5), full)
 
 
-@pytest.mark.parametrize("klein", [False, True], ids=["dev-reference", "klein-cfg-reference"])
+@pytest.mark.parametrize(
+    "klein",
+    [
+        pytest.param(False, id="dev-reference"),
+        pytest.param(True, id="klein-cfg-reference", marks=needs_klein_transformer),
+    ],
+)
 def test_bdia_euler_inverts_the_flux2_ode_to_float64_rounding(klein):
     """bdia(euler, 0.96) on the Flux.2 ODE with a reference image (float64 transformer, state,
     embeddings and image latents; FLUX.2-dev's guidance embedding, or Klein's true CFG), from
@@ -331,10 +350,11 @@ def test_flux2_conditioning_it_cannot_take_is_refused_before_any_call():
     (Flux.2 has none), missing embeddings, txt_ids or img_ids, ids of Flux.1's 3 axes,
     embeddings of another length than their txt_ids, guidance for a transformer without a
     guidance embedding (Klein's) and none for one with it (dev's), and a controlnet, Fill
-    mask or Depth control image, which no Flux.2 pipeline gives."""
+    mask or Depth control image, which no Flux.2 pipeline gives (Klein's case where this
+    diffusers has its kind of transformer, 0.37 on)."""
     dev = tiny_flux2_transformer()
-    klein = tiny_flux2_transformer(guidance_embeds=False)
-    counters = [Counter(dev), Counter(klein)]
+    klein = tiny_flux2_transformer(guidance_embeds=False) if KLEIN_TRANSFORMER else None
+    counters = [Counter(t) for t in (dev, klein) if t is not None]
     embeds = _embeds(1, 5)
     base = dict(
         encoder_hidden_states=embeds,
@@ -358,10 +378,34 @@ def test_flux2_conditioning_it_cannot_take_is_refused_before_any_call():
     ]
     with untouched(embeds):
         for transformer, cond, field in cases:
+            if transformer is None:
+                continue
             with pytest.raises(ValueError) as exc_info:
                 from_diffusers(transformer, _scheduler(), **cond)
             _one_line_error(exc_info, field)
-    assert [c.calls for c in counters] == [0, 0]
+    assert [c.calls for c in counters] == [0] * len(counters)
+
+
+@pytest.mark.skipif(KLEIN_TRANSFORMER, reason="this diffusers has FLUX.2-klein's transformer")
+def test_a_klein_transformer_is_refused_where_diffusers_has_none():
+    """diffusers 0.36's Flux2Transformer2DModel takes no guidance_embeds (it always embeds a
+    guidance scale): tiny_flux2_transformer(guidance_embeds=False) is refused in one line
+    naming the release that has FLUX.2-klein's kind, and a dev transformer's config, which
+    lacks the key, is read as embedding guidance, so that the pipeline's guidance is taken
+    and its absence refused."""
+    with pytest.raises(ImportError, match=r"FLUX\.2-klein's kind\) is in diffusers 0\.37"):
+        tiny_flux2_transformer(guidance_embeds=False)
+    dev = tiny_flux2_transformer()
+    assert "guidance_embeds" not in dev.config
+    cond = dict(
+        encoder_hidden_states=_embeds(1, 5),
+        txt_ids=torch.zeros(5, 4),
+        img_ids=torch.zeros(TOKENS, 4),
+    )
+    from_diffusers(dev, _scheduler(), guidance=EMBEDDED, **cond)
+    with pytest.raises(ValueError) as exc_info:
+        from_diffusers(dev, _scheduler(), **cond)
+    _one_line_error(exc_info, "guidance_embeds = True (FLUX.2-dev's")
 
 
 def test_flux2_states_that_are_not_the_pipelines_are_refused_before_the_call():

@@ -336,6 +336,7 @@ def _check_flux_cond(
         "a timestep-distilled model such as Flux.1-schnell",
         "Flux.1-dev",
         "FluxPipeline's guidance_scale (3.5 by default)",
+        bool(transformer.config.get("guidance_embeds", False)),
     )
 
 
@@ -346,13 +347,13 @@ def _embedded_guidance(
     without: str,
     embedding: str,
     scale: str,
+    embedded: bool,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Copies of ``cond`` and ``negative_cond`` in which a ``guidance`` number is a tensor;
-    refuses, in one line, guidance for a transformer that embeds none (``without`` names
-    such a model) and its absence for one that does (``embedding`` names it, ``scale`` the
-    pipeline's value)."""
+    refuses, in one line, guidance for a transformer that embeds none (``embedded`` false;
+    ``without`` names such a model) and its absence for one that does (``embedding`` names
+    it, ``scale`` the pipeline's value)."""
     name = type(transformer).__name__
-    embedded = bool(transformer.config.get("guidance_embeds", False))
     positive = dict(cond)
     negative = None if negative_cond is None else dict(negative_cond)
     branches: list[tuple[str, dict[str, Any] | None]] = [
@@ -375,6 +376,13 @@ def _embedded_guidance(
             f"give guidance=g, {scale}, as a number or a tensor of shape (batch,) or (1,)"
         )
     return positive, negative
+
+
+def _flux2_embeds_guidance(config: Mapping[str, Any]) -> bool:
+    """Whether a Flux.2 transformer of ``config`` embeds a guidance scale. A config without
+    ``guidance_embeds`` is diffusers 0.36's, whose Flux2Transformer2DModel has no such option
+    and always embeds one (FLUX.2-dev's kind); 0.37 added it, True by default."""
+    return bool(config.get("guidance_embeds", True))
 
 
 def _check_flux2_cond(
@@ -417,6 +425,7 @@ def _check_flux2_cond(
         "FLUX.2-klein's, which Flux2KleinPipeline calls with guidance=None",
         "FLUX.2-dev's",
         "Flux2Pipeline's guidance_scale (4 by default)",
+        _flux2_embeds_guidance(config),
     )
 
 

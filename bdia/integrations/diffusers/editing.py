@@ -144,7 +144,12 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from ._conditioning import _hid_dim_type, _ip_adapters, _qwen_needs_lengths
+from ._conditioning import (
+    _flux2_embeds_guidance,
+    _hid_dim_type,
+    _ip_adapters,
+    _qwen_needs_lengths,
+)
 from ._edit_conditions import (
     _QWEN_EDIT_INPAINT,
     _TIME_IDS,
@@ -1504,7 +1509,9 @@ def edit_image(
     # QwenImagePipeline: its true_cfg_scale (4) acts only with a negative prompt, None by
     # default. FLUX.2-dev embeds its guidance too; Flux2KleinPipeline's guidance_scale is
     # true CFG (4), unless its config says is_distilled.
-    guidance_embeds = (flux or flux2) and bool(unet_config.get("guidance_embeds", False))
+    guidance_embeds = (flux and bool(unet_config.get("guidance_embeds", False))) or (
+        flux2 and _flux2_embeds_guidance(unet_config)
+    )
     klein = flux2 and not guidance_embeds
     if guidance_scale is None:
         distilled = isinstance(getattr(pipe, "config", None), Mapping) and bool(

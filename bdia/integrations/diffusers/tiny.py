@@ -337,8 +337,16 @@ def tiny_flux2_transformer(
         timestep_guidance_channels=16,
         mlp_ratio=2.0,
         axes_dims_rope=(2, 2, 2, 2),
-        guidance_embeds=guidance_embeds,
     )
+    # diffusers 0.36's Flux2Transformer2DModel has no guidance_embeds: it always embeds one
+    # (FLUX.2-dev's kind), and FLUX.2-klein's kind came with 0.37.
+    if "guidance_embeds" in inspect.signature(cls.__init__).parameters:
+        config["guidance_embeds"] = guidance_embeds
+    elif not guidance_embeds:
+        raise ImportError(
+            "a Flux2Transformer2DModel without guidance embedding (FLUX.2-klein's kind) is in "
+            f"diffusers 0.37 and newer; this is {diffusers.__version__}"
+        )
     config.update(overrides)
     net = cls(**config)
     return (net if dtype == torch.float32 else net.to(dtype)).eval()
