@@ -187,6 +187,10 @@ def _invert(pipe, pair, cond, control, scale):
     inverse.set_timesteps(sigmas=np.linspace(1.0, 1 / N_STEPS, N_STEPS), mu=_mu())
     shapes = [(1, 4, 4)] * BATCH  # the ControlNet pipeline's img_shapes
 
+    def lengths(branch):
+        # The text lengths, where this diffusers' pipeline passes them (0.35, 0.36).
+        return {k: branch[k] for k in ("txt_seq_lens",) if k in branch}
+
     def call(x, timestep, branch, residuals):
         return pipe.transformer(
             hidden_states=x,
@@ -194,6 +198,7 @@ def _invert(pipe, pair, cond, control, scale):
             encoder_hidden_states=branch["encoder_hidden_states"],
             encoder_hidden_states_mask=branch["encoder_hidden_states_mask"],
             img_shapes=shapes,
+            **lengths(branch),
             controlnet_block_samples=residuals,
             attention_kwargs={},
             return_dict=False,
@@ -210,6 +215,7 @@ def _invert(pipe, pair, cond, control, scale):
             encoder_hidden_states=cond["encoder_hidden_states"],
             encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
             img_shapes=shapes,
+            **lengths(cond),
             return_dict=False,
         )
         c = call(x, timestep, cond, residuals)
