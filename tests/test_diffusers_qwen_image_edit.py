@@ -412,9 +412,9 @@ def test_the_edit_inpainting_pipelines_reference_is_its_own_encoding(own_size, m
     differ from QwenImageEditPipeline's (z - latents_mean) / latents_std in the last bits.
     With a float32 state, the latents edit_image inverts are the reference's, bit for bit,
     as the pipeline's start is the same encoding."""
+    pipe = _edit_inpaint(dict(_img2img_parts(), processor=None))
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint
 
-    pipe = _edit_inpaint(dict(_img2img_parts(), processor=None))
     result = _edit(pipe, own_size, False, torch.float32)
     monkeypatch.setattr(
         pipeline_qwenimage_edit_inpaint,
