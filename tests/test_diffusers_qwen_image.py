@@ -30,6 +30,7 @@ from conftest import (
     assert_flow_run_is_bdia_sample,
     flow_img2img_runs,
     flow_round_trip_error,
+    untouched,
 )
 from test_diffusers_editing import _records
 
@@ -486,6 +487,32 @@ def test_a_transformer_that_needs_txt_seq_lens_needs_them_in_each_branch():
     with torch.no_grad():
         ode.evaluate(1.0, _noise(torch.float32))
     assert net.lengths == [[5, 3], [7, 5]]
+
+
+@pytest.mark.parametrize(
+    "lengths, negative, field",
+    [
+        ([3, 3], [7, 5], "txt_seq_lens is [3, 3], whose longest is not the 5 tokens"),
+        ([5, 3], [5, 5], "negative_cond['txt_seq_lens'] is [5, 5], whose longest is not the 7"),
+        ([5.0, 3.0], [7, 5], "give a list of ints"),
+    ],
+    ids=["padded-batch", "negative", "floats"],
+)
+def test_text_lengths_whose_longest_is_not_the_embeddings_are_refused(lengths, negative, field):
+    """diffusers 0.35's and 0.36's transformer gives the text max(txt_seq_lens) rotary
+    positions, one per token of the embeddings, or fails part way through its call (their
+    encode_prompt pads to the longest prompt alone): lengths whose longest is not the
+    embeddings' token count, in either branch, or that are not ints, are refused in one line
+    before any call, the caller's tensors untouched."""
+    net = _with_lengths()
+    calls = Counter(net)
+    cond = _without_lengths(_cond(torch.float32, true_cfg=True))
+    cond["negative_cond"]["txt_seq_lens"] = negative
+    with untouched(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"]):
+        with pytest.raises(ValueError) as exc_info:
+            from_diffusers(net, _scheduler(), **cond, txt_seq_lens=lengths)
+    _one_line_error(exc_info, field)
+    assert calls.calls == 0 and net.lengths == []
 
 
 # ------------------------------------------------------------------------ edit_image

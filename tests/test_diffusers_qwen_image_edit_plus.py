@@ -37,10 +37,12 @@ from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_er
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_diffusers_qwen_image import (  # noqa: E402
+    LENGTHS,
     N_STEPS,
     TRUE_CFG,
     _grid,
     _invert,
+    _lengths,
     _one_line_error,
     _pipeline_latents,
     _prompt,
@@ -99,9 +101,12 @@ def _noise(dtype):
 
 def _one(prompt):
     """The padded second prompt of test_diffusers_qwen_image's pair: its mask holds zeros, so
-    that the pipeline's encode_prompt keeps it (it drops an all-ones mask)."""
+    that the pipeline's encode_prompt keeps it (it drops an all-ones mask). Where the
+    transformer takes the text lengths (diffusers 0.36), the first, unpadded: that release's
+    encode_prompt keeps every mask and pads to the longest prompt alone, whose length its
+    rotary embedding takes as the text's."""
     embeds, mask = prompt
-    return embeds[1:], mask[1:]
+    return (embeds[:1], mask[:1]) if LENGTHS else (embeds[1:], mask[1:])
 
 
 def _img_shapes(count):
@@ -131,13 +136,16 @@ def _cond(dtype, image_latents, count, *, true_cfg=False):
         encoder_hidden_states_mask=mask,
         img_shapes=_img_shapes(count),
         image_latents=image_latents,
+        **_lengths(mask),
     )
     if true_cfg:
         negative, negative_mask = _one(_prompt(dtype, 2, 7))
         cond.update(
             guidance_scale=TRUE_CFG,
             negative_cond=dict(
-                encoder_hidden_states=negative, encoder_hidden_states_mask=negative_mask
+                encoder_hidden_states=negative,
+                encoder_hidden_states_mask=negative_mask,
+                **_lengths(negative_mask),
             ),
         )
     return cond
@@ -218,7 +226,9 @@ def test_bdia_euler_inverts_the_edit_plus_ode_to_float64_rounding(true_cfg, zero
     """bdia(euler, 0.96) on the Edit Plus ODE (float64 transformer and state, two reference
     images, Qwen-Image's shifted grid), from the noise at t = 1 to 0 and back, returns the
     noise to 1e-12 relative (measured: 0, with the CFG rescaling and zero_cond_t too)."""
-    transformer = tiny_qwen_image_transformer(dtype=torch.float64, zero_cond_t=zero_cond_t)
+    # zero_cond_t only where set: diffusers 0.36's transformer has no such argument.
+    kind = dict(zero_cond_t=True) if zero_cond_t else {}
+    transformer = tiny_qwen_image_transformer(dtype=torch.float64, **kind)
     g = torch.Generator().manual_seed(5)
     image_latents = torch.randn(1, 64, 16, generator=g).double()
     cond = _cond(torch.float64, image_latents, 2, true_cfg=true_cfg)

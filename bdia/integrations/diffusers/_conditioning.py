@@ -530,6 +530,23 @@ def _qwen_needs_lengths(transformer: Any, params: Mapping[str, Any]) -> bool:
     return not hasattr(module, "compute_text_seq_len_from_mask")
 
 
+def _check_longest_prompt(txt_seq_lens: Any, tokens: int, where: str, name: str) -> None:
+    """Refuse text lengths whose longest is not the embeddings' ``tokens``, for a transformer
+    that needs them (diffusers 0.35's and 0.36's): its rotary embedding gives the text
+    ``max(txt_seq_lens)`` positions, which must be one per token (their encode_prompt pads
+    the prompts to the longest alone), or its call fails part way."""
+    label = f"{where}['txt_seq_lens']" if where else "txt_seq_lens"
+    ok = isinstance(txt_seq_lens, (list, tuple)) and len(txt_seq_lens) > 0
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) for n in txt_seq_lens)
+    if not ok or max(txt_seq_lens) != tokens:
+        raise ValueError(
+            f"{label} is {txt_seq_lens!r}, whose longest is not the {tokens} tokens of the "
+            f"embeddings: this diffusers' {name} gives the text max(txt_seq_lens) rotary "
+            "positions; give a list of ints, the mask's sums, and trim the padding after the "
+            "longest prompt, as its encode_prompt does"
+        )
+
+
 _QWEN_IMAGE_HOW = (
     "[[(1, H // 16, W // 16)]] for an H x W image, as QwenImagePipeline makes it (latents of "
     "H // 8 x W // 8 in patches of 2 x 2: vae_scale_factor 8)"
@@ -686,6 +703,8 @@ def _check_qwen_image_cond(
                 f"{where + '[' if where else ''}txt_seq_lens{']' if where else ''} = "
                 "the prompt's mask.sum(dim=1).tolist(), as its QwenImagePipeline does"
             )
+        if lengths:
+            _check_longest_prompt(branch["txt_seq_lens"], embeds.shape[1], where, name)
     if "img_shapes" not in cond:
         raise ValueError(f"{name} needs cond key 'img_shapes', {_QWEN_IMAGE_HOW}")
     _check_img_shapes(cond["img_shapes"])

@@ -1466,7 +1466,8 @@ def from_diffusers(
             joint_attention_dim)``, a mask that is not ``(batch or 1, L)``, ``img_shapes``
             that are not a list of lists of ``(frame, height, width)``, a key the installed
             diffusers' transformer does not take (``txt_seq_lens`` from 0.39 on; missing
-            where it needs it, as 0.35's and 0.36's does), ``guidance`` or
+            where it needs it, as 0.35's and 0.36's does, or whose longest is not ``L``),
+            ``guidance`` or
             ``controlnet_block_samples``, a transformer with ``guidance_embeds``, and
             ``mask``, ``masked_image_latents`` or ``control_latents`` (a ``controlnet`` as
             below);
