@@ -3401,8 +3401,7 @@ def edit_command(
     scale = 1.0 if ip_adapter_scale is None else ip_adapter_scale
     if ip_adapter is not None:
         _load_ip_adapter(pipe, name, family, ip_adapter, encoder, scale, dtype)
-    network = getattr(getattr(pipe, "transformer", None), "config", None) or {}
-    if embedded_guidance is not None and not network.get("guidance_embeds", False):
+    if embedded_guidance is not None and not _embeds_guidance(getattr(pipe, "transformer", None)):
         raise _no_embedded_guidance(name)
     controls_given = _control_images(pipe, controls, name)
     result = _edit(
@@ -3465,6 +3464,18 @@ _NO_GUIDANCE_EMBEDDING = (
     "QwenImageTransformer2DModel",
     "ZImageTransformer2DModel",
 )
+
+
+def _embeds_guidance(transformer: Any) -> bool:
+    """Whether a loaded ``transformer`` embeds a guidance scale (Flux.1-dev's, FLUX.2-dev's):
+    its config's ``guidance_embeds``; for a Flux.2 transformer a config without the key is
+    diffusers 0.36's, which always embeds one."""
+    config = getattr(transformer, "config", None) or {}
+    if type(transformer).__name__ == "Flux2Transformer2DModel":
+        from .integrations.diffusers._conditioning import _flux2_embeds_guidance
+
+        return _flux2_embeds_guidance(config)
+    return bool(config.get("guidance_embeds", False))
 
 
 def _never_embeds_guidance(index: dict[str, Any], folder: Path) -> bool:

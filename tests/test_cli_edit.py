@@ -1658,3 +1658,21 @@ def test_a_failure_after_a_network_ran_is_no_refusal(pipelines, tmp_path, monkey
     monkeypatch.setattr(editing, "_decode", broken)
     args = edit(pipelines["sd3"], photo(tmp_path / "p.png"), tmp_path / "e.png", "--no-progress")
     fails_in_one_line(args, tmp_path, "ValueError: the decoder broke", "--debug", status=1)
+
+
+def test_a_flux2_config_without_guidance_embeds_is_read_as_embedding_one():
+    """diffusers 0.36's Flux2Transformer2DModel has no guidance_embeds option and always
+    embeds a guidance scale: a loaded Flux.2 transformer whose config lacks the key takes
+    --embedded-guidance (FLUX.2-dev's kind), one whose config says False does not (Klein's),
+    and any other transformer embeds one only where its config says so."""
+    from bdia.cli import _embeds_guidance
+
+    def transformer(name, config):
+        return type(name, (), {"config": config})()
+
+    assert _embeds_guidance(transformer("Flux2Transformer2DModel", {}))
+    assert _embeds_guidance(transformer("Flux2Transformer2DModel", {"guidance_embeds": True}))
+    assert not _embeds_guidance(transformer("Flux2Transformer2DModel", {"guidance_embeds": False}))
+    assert not _embeds_guidance(transformer("FluxTransformer2DModel", {}))
+    assert _embeds_guidance(transformer("FluxTransformer2DModel", {"guidance_embeds": True}))
+    assert not _embeds_guidance(None)
