@@ -114,8 +114,8 @@ def test_gpu_check_smoke(tmp_path):
     rows = {r["row"]: r for r in _table(out, "row")}
     eager = ["fp32", "tf32", "bf16", "fp16"]
     compiled = ["bf16 +compile", "fp16 +compile"]
-    extra = [n for n in rows if n.endswith(("reduce-overhead", "+channels_last"))]
-    assert list(rows) == eager + compiled + extra and len(extra) == 2
+    extra = ["bf16 +compile reduce-overhead", "bf16 +compile +channels_last"]
+    assert list(rows) == eager + compiled + extra
     for name, row in rows.items():
         assert row["NFE"] == "5", row  # heun on karras_grid(3), library and reference alike
         for column in ("images/s", "reference images/s", "ratio", "ratio (median)"):
@@ -155,7 +155,7 @@ def test_gpu_check_smoke_skips_what_does_not_fit_and_still_reports():
     out = _run("benchmarks/gpu_check.py", "--smoke", "--budget", "0")
     assert _gpu_md() == before  # no --out in a smoke run: no file written
     rows = _table(out, "row")
-    # With no compiled row measured, the extra rows take bf16.
+    # The extra rows are bf16's, the precision the speed target names.
     assert [r["row"] for r in rows] == [
         "fp32",
         "tf32",
@@ -472,3 +472,47 @@ def test_render_reports_tflops_and_shares_of_the_peaks():
     unknown = {r["row"]: r for r in _table(g.render({}, rows, None, [], 42.0, "Other"), "row")}
     assert unknown["bf16 +compile"]["% of dense peak"] == "n/a"
     assert unknown["bf16 +compile"]["% of practical"] == "n/a"
+
+
+# ------------------------------------------------------------------------- unet_profile
+
+
+@pytest.mark.slow
+def test_unet_profile_smoke(tmp_path):
+    page = DOCS / "unet_profile.md"
+    before = page.read_bytes() if page.exists() else None
+    report = tmp_path / "profile.md"
+    out = _run("benchmarks/unet_profile.py", "--smoke", "--out", str(report))
+    assert (page.read_bytes() if page.exists() else None) == before
+    assert report.read_text() == out
+    rows = [(r["resampling"], r["mode"]) for r in _table(out, "resampling")]
+    assert rows == [
+        ("grouped", "eager"),
+        ("blockwise", "eager"),
+        ("grouped", "compiled"),
+        ("blockwise", "compiled"),
+    ]
+    for row in _table(out, "resampling"):
+        assert float(row["median s"]) > 0 and row["evaluations"] == "2"
+    kernels = _table(out, "kernel")
+    assert kernels and all(float(k["ms"]) > 0 for k in kernels)
+    shares = [float(k["share"].rstrip("%")) for k in kernels]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 100.5
+
+
+def test_unet_profile_grouped_form_is_edms_and_is_put_back():
+    # The "grouped" rows run the network with EDM's convolutions, and only inside the block.
+    profile = benchmark_module("unet_profile")
+    from bdia.models import networks
+
+    blockwise = networks._upsample, networks._downsample
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    f = torch.full((1, 1, 2, 2), 0.25)
+    with profile.resampling("grouped"):
+        assert (networks._upsample, networks._downsample) != blockwise
+        grouped = networks._downsample(x, f, 0)
+    assert (networks._upsample, networks._downsample) == blockwise
+    expected = torch.nn.functional.conv2d(x, f.tile(3, 1, 1, 1), groups=3, stride=2)
+    assert torch.equal(grouped, expected)
+    with profile.resampling("blockwise"):
+        assert (networks._upsample, networks._downsample) == blockwise

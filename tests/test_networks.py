@@ -11,6 +11,7 @@ from conftest import dtypes_made
 from torch import nn
 
 import bdia
+from bdia.models import networks
 from bdia.models.networks import (
     EDMPrecond,
     FourierEmbedding,
@@ -504,6 +505,14 @@ def record_calls(monkeypatch) -> dict[str, list[tuple[torch.dtype, torch.dtype |
             return _original(x, *args, **kwargs)
 
         monkeypatch.setattr(functional, name, recorder)
+    for name in ("_upsample", "_downsample"):  # (x, filter, padding)
+        original = getattr(networks, name)
+
+        def resampler(x, f, pad, _name=name, _original=original):
+            calls.setdefault(_name, []).append((x.dtype, f.dtype))
+            return _original(x, f, pad)
+
+        monkeypatch.setattr(networks, name, resampler)
     return calls
 
 
@@ -524,11 +533,13 @@ def test_compute_dtype_runs_the_unet_in_half_precision(monkeypatch, dtype):
     with torch.no_grad():
         d = net(x, sigma, class_labels=labels)
     assert d.dtype == torch.float32 and d.shape == x.shape
-    # Every convolution (the FIR resampling ones included) and every normalisation sees the
-    # compute dtype, in its input and in its weights: nothing upcasts the activations.
+    # Every convolution, every FIR resampling (blockwise for the tiny network's 2x2 filter)
+    # and every normalisation sees the compute dtype, in its input and in its weights or
+    # filter: nothing upcasts the activations.
     assert len(calls["conv2d"]) >= weight_conv > 0
-    assert len(calls["conv_transpose2d"]) > 0 and len(calls["group_norm"]) > 0
-    for name in ("conv2d", "conv_transpose2d", "group_norm"):
+    assert len(calls["_upsample"]) > 0 and len(calls["_downsample"]) > 0
+    assert "conv_transpose2d" not in calls and len(calls["group_norm"]) > 0
+    for name in ("conv2d", "_upsample", "_downsample", "group_norm"):
         assert set(calls[name]) == {(dtype, dtype)}, name
     assert block_out and set(block_out) == {dtype}
     # The embedding path (mapping layers and each block's affine layer) stays float32.
@@ -805,3 +816,87 @@ def test_compile_network_compiles_the_inner_network_only():
     model = SongUNet(16, 3, 3, **SMALL)
     assert compile_network(model, backend="eager") is model
     assert model._compiled_call_impl is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling: DDPM++'s 2x2 filter blockwise, equal to EDM's grouped convolutions
+
+
+def _grouped_up(x, f, pad):
+    c = x.shape[1]
+    return nn.functional.conv_transpose2d(x, f.tile(c, 1, 1, 1), groups=c, stride=2, padding=pad)
+
+
+def _grouped_down(x, f, pad):
+    c = x.shape[1]
+    return nn.functional.conv2d(x, f.tile(c, 1, 1, 1), groups=c, stride=2, padding=pad)
+
+
+def _fir(taps, dtype):
+    t = torch.tensor(taps, dtype=torch.float64)
+    return (torch.outer(t, t) / t.sum() ** 2)[None, None].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("taps", [[1, 1], [1, 3]])
+def test_blockwise_upsampling_equals_the_grouped_transposed_convolution_bit_for_bit(dtype, taps):
+    # One product per output pixel, x[i, j] f[a, b] at (2i + a, 2j + b): no sum to reorder.
+    # An asymmetric filter checks that neither form flips it.
+    x = torch.randn(3, 5, 6, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    f = 4 * _fir(taps, dtype)
+    up = networks._upsample(x, f, 0)
+    assert up.shape == (3, 5, 12, 14) and up.dtype == dtype
+    assert torch.equal(up, _grouped_up(x, f, 0))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"),
+    # float64 and DDPM++'s [1, 1] in any dtype: four products by 1/4 (exact) summed, where
+    # the convolution sums the same four in another order: 0 in float64, and the rounding of
+    # a four-term sum elsewhere (half an ulp per addition, so 2 ulps of the output at most:
+    # 2.4e-7 for float32, 1.6e-2 for bfloat16, 2e-3 for float16, relative to |x| <= 4).
+    [
+        (torch.float64, 0.0),
+        (torch.float32, 2.4e-7),
+        (torch.bfloat16, 1.6e-2),
+        (torch.float16, 2e-3),
+    ],
+)
+@pytest.mark.parametrize("taps", [[1, 1], [1, 3]])
+def test_blockwise_downsampling_agrees_with_the_grouped_convolution(dtype, tol, taps):
+    x = torch.randn(3, 5, 8, 6, generator=torch.Generator().manual_seed(1)).clamp(-4, 4)
+    x = x.to(dtype)
+    f = _fir(taps, dtype)
+    down = networks._downsample(x, f, 0)
+    assert down.shape == (3, 5, 4, 3) and down.dtype == dtype
+    grouped = _grouped_down(x, f, 0)
+    error = (down.double() - grouped.double()).abs().max().item()
+    assert error <= 4 * tol
+    if dtype == torch.float64 and taps == [1, 1]:
+        assert torch.equal(down, grouped)
+
+
+def test_resampling_falls_back_to_the_grouped_convolution():
+    # NCSN++'s 4-tap filter (padding 1) and an odd-sized image take the convolution itself.
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(2))
+    f4 = _fir([1, 3, 3, 1], torch.float32)
+    assert torch.equal(networks._downsample(x, f4, 1), _grouped_down(x, f4, 1))
+    assert torch.equal(networks._upsample(x, 4 * f4, 1), _grouped_up(x, 4 * f4, 1))
+    f2 = _fir([1, 1], torch.float32)
+    assert torch.equal(networks._downsample(x, f2, 0), _grouped_down(x, f2, 0))  # 9 rows: odd
+
+
+def test_ddpmpp_network_with_blockwise_resampling_matches_the_grouped_form(monkeypatch):
+    # The whole DDPM++ network in float64: the blockwise form is EDM's arithmetic to float64
+    # rounding (the downsampling sums in another order). Measured 3.8e-12 relative, the
+    # rounding grown through the network's normalisations; 1e-10 allows for other CPUs'
+    # kernels, while a resampling with a wrong weight or position would move D by O(1).
+    net = tiny_net().double()
+    x, sigma, labels = tiny_inputs()
+    x, sigma = x.double(), sigma.double()
+    with torch.no_grad():
+        blockwise = net(x, sigma, class_labels=labels)
+        monkeypatch.setattr(networks, "_upsample", _grouped_up)
+        monkeypatch.setattr(networks, "_downsample", _grouped_down)
+        grouped = net(x, sigma, class_labels=labels)
+    assert (blockwise - grouped).norm() <= 1e-10 * grouped.norm()

@@ -87,6 +87,40 @@ class Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
+def _upsample(x: Tensor, f: Tensor, pad: int) -> Tensor:
+    """``(N, C, H, W)`` to ``(N, C, 2H, 2W)``: the transposed convolution of each channel at
+    stride 2 with the ``(1, 1, k, k)`` filter ``f``, in ``x``'s dtype.
+
+    A 2x2 filter (DDPM++'s ``[1, 1]``) tiles each pixel into a 2x2 block, ``x[i, j] f[a, b]``
+    at ``(2i + a, 2j + b)``: one product per output, so the blockwise form below equals the
+    grouped convolution bit for bit, and is an elementwise kernel that a compiled network fuses
+    with its neighbours instead of a depthwise convolution kernel of its own.
+    """
+    if f.shape[-1] == 2 and pad == 0:
+        n, c, h, w = x.shape
+        blocks = x[:, :, :, None, :, None] * f.reshape(2, 1, 2)
+        return blocks.reshape(n, c, 2 * h, 2 * w)
+    return F.conv_transpose2d(
+        x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=pad
+    )
+
+
+def _downsample(x: Tensor, f: Tensor, pad: int) -> Tensor:
+    """``(N, C, H, W)`` to ``(N, C, H // 2, W // 2)``: the convolution of each channel at
+    stride 2 with the ``(1, 1, k, k)`` filter ``f``, in ``x``'s dtype.
+
+    A 2x2 filter on an even-sized image is a weighted sum over disjoint 2x2 blocks, computed
+    as one (an elementwise product and a sum a compiled network fuses with its neighbours):
+    the same four products as the grouped convolution, summed in another order, so the two
+    agree to the rounding of that sum.
+    """
+    n, c, h, w = x.shape
+    if f.shape[-1] == 2 and pad == 0 and h % 2 == 0 and w % 2 == 0:
+        blocks = x.reshape(n, c, h // 2, 2, w // 2, 2) * f.reshape(2, 1, 2)
+        return blocks.sum(dim=(3, 5))
+    return F.conv2d(x, f.tile(c, 1, 1, 1), groups=c, stride=2, padding=pad)
+
+
 class Conv2d(nn.Module):
     """2-D convolution with optional 2x up- or downsampling by a separable FIR filter.
 
@@ -160,12 +194,10 @@ class Conv2d(nn.Module):
         else:
             if self.up:
                 assert f is not None
-                x = F.conv_transpose2d(
-                    x, (4 * f).tile(c_in, 1, 1, 1), groups=c_in, stride=2, padding=f_pad
-                )
+                x = _upsample(x, 4 * f, f_pad)
             if self.down:
                 assert f is not None
-                x = F.conv2d(x, f.tile(c_in, 1, 1, 1), groups=c_in, stride=2, padding=f_pad)
+                x = _downsample(x, f, f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
         if b is not None:
