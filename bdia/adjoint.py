@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._steps import check_finite, progress_bar
+from ._steps import FiniteCheck, progress_bar
 from ._warnings import warn_at_caller
 from .ode import ODE, wide_dtype
 from .solvers.base import Solver, SolverState, move_report
@@ -418,14 +418,17 @@ class _ReversibleSampling(torch.autograd.Function):
     def forward(ctx: Any, run: _Run, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ode, solver, ts = run.ode, run.solver, run.ts
         state = run.first
+        finite = FiniteCheck()
         for _ in progress_bar(range(state.k, len(ts) - 1), run.progress, f"sampling {solver.name}"):
-            new = solver.step(ode, ts, state)
-            check_finite(new.x, state.k, ts[state.k], ts[new.k])
+            with finite.guard():
+                new = solver.step(ode, ts, state)
+            finite(new.x, state.k, ts[state.k], ts[new.k], now=run.callback is not None)
             if run.callback is not None:
                 run.callback(move_report(state, new, ts))
             if run.on_state is not None:
                 run.on_state(new)
             state = new
+        finite.finish()
         found = state_tensors(state)
         run.paths = [path for path, _ in found]
         # An input handed back unchanged (the start, one step on) is returned as a copy.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._steps import check_finite, progress_bar
+from ._steps import FiniteCheck, progress_bar
 from ._warnings import warn_at_caller
 from .ode import DTYPE_NAMES, ODE
 from .pairs import (
@@ -523,14 +523,17 @@ def sample(
     with contextlib.nullcontext() if adjoint == "autograd" else torch.no_grad():
         state = solver.init(ode, grid, start, at=0)
         states = [start.earlier, start.later] if isinstance(start, StatePair) else [state.x]
+        finite = FiniteCheck()
         for _ in progress_bar(range(state.k, len(grid) - 1), progress, f"sampling {solver.name}"):
-            new = solver.step(ode, grid, state)
-            check_finite(new.x, state.k, grid[state.k], grid[new.k])
+            with finite.guard():
+                new = solver.step(ode, grid, state)
+            finite(new.x, state.k, grid[state.k], grid[new.k], now=callback is not None)
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
             if trajectory:
                 states.append(state.x)
+        finite.finish()
         # Made inside the loop's grad mode: under no_grad the start, which may require grad,
         # would otherwise give the result a graph that reaches nothing but the start.
         if trajectory:
@@ -639,12 +642,15 @@ def invert(
     watch = _ParasiticWatch()
     with torch.no_grad():
         state = solver.init(ode, grid, end, at=n)
+        finite = FiniteCheck()
         for _ in progress_bar(range(state.k, 0, -1), progress, f"inverting {solver.name}"):
-            new = solver.unstep(ode, grid, state)
-            check_finite(new.x, state.k, grid[state.k], grid[new.k])
+            with finite.guard():
+                new = solver.unstep(ode, grid, state)
+            finite(new.x, state.k, grid[state.k], grid[new.k], now=callback is not None)
             _report(callback, state, new, grid)
             watch.update(new)
             state = new
+        finite.finish()
         made = stamped(solver.pair(state, ode.fingerprint()), grid, 0, solver)
         pair = _unaliased(made, end)
     watch.warn(solver, "inverting", editing=True)

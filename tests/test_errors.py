@@ -556,6 +556,82 @@ def test_non_finite_plain_ode_names_step(x: torch.Tensor) -> None:
         sample(ODE(f), get_solver("euler"), x, ts, progress=False)
 
 
+def _blows_up_at(t_bad: float, seen: list[float], fail_on_nan: bool = False):
+    """f = -y, except 1/0 at t_bad; records every time it is evaluated at."""
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t))
+        if fail_on_nan and not bool(torch.isfinite(y).all()):
+            raise ValueError("this model refuses a NaN input")
+        return -y / 0.0 if abs(float(t) - t_bad) < 1e-12 else -y
+
+    return f
+
+
+TEN_STEPS = [i / 10 for i in range(11)]
+
+
+@pytest.mark.parametrize("adjoint", [None, "reversible"])
+def test_a_non_finite_step_stops_the_loop_one_step_later(x: torch.Tensor, adjoint) -> None:
+    # Each step's flag is read once the next step has been launched (a GPU never waits for
+    # it), so exactly one more step runs: step 4 made the NaN, step 5 evaluated once more.
+    seen: list[float] = []
+    solver = get_solver("euler") if adjoint is None else make_bdia("euler", 0.5)
+    ode = ODE(_blows_up_at(0.4, seen))
+    with untouched(x), pytest.raises(FloatingPointError, match=_step_message(4, 0.4)):
+        sample(ode, solver, x, TEN_STEPS, progress=False, adjoint=adjoint)
+    assert max(seen) == pytest.approx(0.5) and 0.6 not in seen
+
+
+def test_a_non_finite_step_in_an_inversion_stops_one_step_later(x: torch.Tensor) -> None:
+    seen: list[float] = []
+    end = sample(ODE(lambda t, y: -y), get_solver("euler"), x, TEN_STEPS, progress=False)
+    with untouched(end), pytest.raises(FloatingPointError, match=_step_message(6, 0.6)):
+        invert(ODE(_blows_up_at(0.6, seen)), get_solver("euler"), end, TEN_STEPS, progress=False)
+    # The inversion evaluates at each step's start: 1.0 down to 0.6 (the NaN), then 0.5.
+    assert min(seen) == pytest.approx(0.5) and 0.4 not in seen
+
+
+def test_a_callback_never_sees_a_non_finite_state(x: torch.Tensor) -> None:
+    # With a callback each flag is read before the callback is called, so the loop stops at
+    # the step that made the NaN, as it always did.
+    seen: list[float] = []
+    states: list[torch.Tensor] = []
+    ode = ODE(_blows_up_at(0.4, seen))
+    with pytest.raises(FloatingPointError, match=_step_message(4, 0.4)):
+        sample(
+            ode,
+            get_solver("euler"),
+            x,
+            TEN_STEPS,
+            progress=False,
+            callback=lambda d: states.append(d["x"]),
+        )
+    assert len(states) == 4 and all(bool(torch.isfinite(s).all()) for s in states)
+    assert max(seen) == pytest.approx(0.4)
+
+
+def test_a_step_failing_on_a_non_finite_state_reports_the_step_that_made_it(
+    x: torch.Tensor,
+) -> None:
+    # The step after the NaN fails in its own way (here the model refuses a NaN input): the
+    # unread flag's error comes first, with the model's as its cause.
+    seen: list[float] = []
+    ode = ODE(_blows_up_at(0.4, seen, fail_on_nan=True))
+    with pytest.raises(FloatingPointError, match=_step_message(4, 0.4)) as caught:
+        sample(ode, get_solver("euler"), x, TEN_STEPS, progress=False)
+    assert isinstance(caught.value.__cause__, ValueError)
+
+    # An error with every state finite is the step's own.
+    def refuses(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if float(t) > 0.25:
+            raise ValueError("refused at 0.3")
+        return -y
+
+    with pytest.raises(ValueError, match="refused at 0.3"):
+        sample(ODE(refuses), get_solver("euler"), x, TEN_STEPS, progress=False)
+
+
 # ---------------------------------------------------------------------- precision
 
 
