@@ -236,7 +236,12 @@ class ODE:
         self.nfe += 1
 
         def f(xi: Tensor) -> Tensor:
-            return self.f(torch.tensor(float(t), dtype=_time_dtype(xi.dtype), device=xi.device), xi)
+            # Rounded on the host (as before: a t past the dtype's range becomes inf), then
+            # filled on the device: torch.tensor(t, device=...) copies from the host, and on
+            # CUDA that copy waits for the stream, which empties the GPU's queue every call.
+            dtype = _time_dtype(xi.dtype)
+            rounded = float(torch.tensor(float(t), dtype=dtype))
+            return self.f(torch.full((), rounded, dtype=dtype, device=xi.device), xi)
 
         return Evaluation(t=float(t), x=x, derivative=self._call(f, x))
 

@@ -671,6 +671,20 @@ def test_half_precision_plain_ode_gets_its_time_in_float32(dtype: torch.dtype) -
     assert seen == [(torch.float32, dtype, float(torch.tensor(1000.3, dtype=torch.float32)))]
 
 
+def test_a_plain_odes_time_is_rounded_to_the_state_dtype_as_a_0d_tensor() -> None:
+    # The time is filled on the device (no copy from the host), rounded as torch.tensor
+    # rounds it: a time past float32's range reaches f as inf rather than raising.
+    seen: list[torch.Tensor] = []
+    ode = ODE(lambda t, y: (seen.append(t), -y)[1])
+    ode.evaluate(1e39, torch.zeros(2))
+    ode.evaluate(1 / 3, torch.zeros(2, dtype=torch.float64))
+    ode.evaluate(1 / 3, torch.zeros(2))
+    assert [t.shape for t in seen] == [()] * 3
+    assert [t.dtype for t in seen] == [torch.float32, torch.float64, torch.float32]
+    assert float(seen[0]) == math.inf and float(seen[1]) == 1 / 3
+    assert float(seen[2]) == float(torch.tensor(1 / 3, dtype=torch.float32)) != 1 / 3
+
+
 def test_half_network_with_float32_state(mixture: GaussianMixture, x: torch.Tensor) -> None:
     seen: list[torch.dtype] = []
 
