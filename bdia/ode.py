@@ -118,6 +118,20 @@ def _time_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def values_on(values: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as ``dtype`` on ``device``, rounded as ``values.to(device, dtype)`` rounds
+    them. Values on the host that are all equal (one time for the whole batch, as a sampler
+    gives) are filled on the device instead of copied: on CUDA a copy from the host waits
+    for the stream, which empties the GPU's queue of launched work at every model call."""
+    if values.device.type != "cpu" or values.numel() == 0:
+        return values.to(device, dtype)
+    flat = values.reshape(-1)
+    if not bool((flat == flat[0]).all()):
+        return values.to(device, dtype)
+    rounded = float(flat[:1].to(dtype))
+    return torch.full(values.shape, rounded, dtype=dtype, device=device)
+
+
 def wide_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype of a norm or noise level computed wider than a float32 state: float64, or
     float32 on a device without float64 (``mps``), where ``.double()`` would raise."""
@@ -236,12 +250,10 @@ class ODE:
         self.nfe += 1
 
         def f(xi: Tensor) -> Tensor:
-            # Rounded on the host (as before: a t past the dtype's range becomes inf), then
-            # filled on the device: torch.tensor(t, device=...) copies from the host, and on
-            # CUDA that copy waits for the stream, which empties the GPU's queue every call.
-            dtype = _time_dtype(xi.dtype)
-            rounded = float(torch.tensor(float(t), dtype=dtype))
-            return self.f(torch.full((), rounded, dtype=dtype, device=xi.device), xi)
+            # Rounded as torch.tensor rounds it (a t past the dtype's range becomes inf), but
+            # filled on the device: see values_on.
+            host = torch.tensor(float(t), dtype=_time_dtype(xi.dtype))
+            return self.f(values_on(host, host.dtype, xi.device), xi)
 
         return Evaluation(t=float(t), x=x, derivative=self._call(f, x))
 
@@ -498,9 +510,15 @@ class DiffusionODE(ODE):
         self.schedule.check_times(ts)
 
     def _noise_input(self, value: float, x: Tensor) -> Tensor:
-        """A ``(batch,)`` tensor of ``value`` for the network (float32 for half-precision ones)."""
+        """A ``(batch,)`` tensor of ``value`` for the network (float32 for half-precision
+        ones), on the state's device, or on the host for a network whose
+        ``reads_time_on_host`` is true: one that maps the time to its own timestep in Python
+        (bdia's diffusers adapter), where reading a device tensor back would make the host
+        wait for the device at every call."""
         dtype = _time_dtype(self.model_dtype or x.dtype)
-        return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+        host = getattr(self.f, "reads_time_on_host", False) is True
+        device = torch.device("cpu") if host else x.device
+        return torch.full((x.shape[0],), value, dtype=dtype, device=device)
 
     def evaluate(self, t: float, x: Tensor) -> Evaluation:
         """Evaluate the network once at ``(t, x)`` (counts one NFE).

@@ -905,3 +905,49 @@ def test_only_an_inversion_or_a_pair_is_told_how_to_edit(mixture: GaussianMixtur
         assert advice not in str(caught.message)
     (caught,) = recorded(lambda: invert(problem, solver, y0, grid.flip(0), progress=False))
     assert advice in str(caught.message)
+
+
+# ------------------------------------------------------------- time on the device or host
+
+
+class _RecordsTime(torch.nn.Module):
+    def __init__(self, on_host: bool | None) -> None:
+        super().__init__()
+        if on_host is not None:
+            self.reads_time_on_host = on_host
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(t)
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize(("on_host", "device"), [(None, "meta"), (False, "meta"), (True, "cpu")])
+def test_a_network_gets_its_noise_level_where_it_reads_it(on_host, device) -> None:
+    # The meta device stands in for a GPU: a network gets its (batch,) noise level on the
+    # state's device, unless it says it maps times on the host (bdia's diffusers adapter),
+    # where reading a device tensor back would wait for the device at every call.
+    net = _RecordsTime(on_host)
+    ode = DiffusionODE(net, EDM())
+    ode.evaluate(2.5, torch.empty(3, 2, device="meta"))
+    (t,) = net.seen
+    assert t.device.type == device and t.shape == (3,) and t.dtype == torch.float32
+    if device == "cpu":
+        assert t.tolist() == [2.5] * 3
+
+
+def test_values_on_rounds_as_a_copy_would() -> None:
+    from bdia.ode import values_on
+
+    # Equal values are filled (on the host too), others copied: either way rounded as
+    # .to(dtype) rounds them, a float64 third to float32 or bfloat16 included.
+    same = torch.full((4,), 1 / 3, dtype=torch.float64)
+    mixed = torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    huge = torch.full((2,), 1e39, dtype=torch.float64)  # inf in float32, as a copy gives
+    for values in (same, mixed, huge, torch.tensor([0.1], dtype=torch.float32), same[:0]):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            out = values_on(values, dtype, torch.device("cpu"))
+            assert torch.equal(out, values.to(dtype)) and out.dtype == dtype
+            moved = values_on(values, dtype, torch.device("meta"))
+            assert moved.device.type == "meta" and moved.shape == values.shape
+            assert moved.dtype == dtype

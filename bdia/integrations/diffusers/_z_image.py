@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...ode import values_on
+
 # ZImagePipeline's timestep: (1000 - t) / 1000 of the scheduler's t, whatever its
 # num_train_timesteps.
 _Z_IMAGE_TIMESTEP = 1000
@@ -186,11 +188,11 @@ def _per_sample(value: Sequence[Tensor], batch: int, where: str) -> list[Tensor]
 
 def _z_image_timestep(model: Any, x: Tensor, t: Tensor) -> Tensor:
     """ZImagePipeline's ``(1000 - t) / 1000`` of the scheduler's float32 ``t = sigma N``, one
-    per sample (in float64 for a float64 state)."""
+    per sample (in float64 for a float64 state), on the host."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
     tau = torch.tensor([model.timestep(v, t.dtype) for v in times], dtype=dtype)
-    return ((_Z_IMAGE_TIMESTEP - tau) / _Z_IMAGE_TIMESTEP).to(x.device)
+    return (_Z_IMAGE_TIMESTEP - tau) / _Z_IMAGE_TIMESTEP
 
 
 def z_image_velocity(
@@ -227,13 +229,14 @@ def z_image_velocity(
     guided = guidance_scale is not None and guidance_scale > 0
     if guided and truncation is not None:
         # ZImagePipeline drops CFG at the steps whose (1000 - t) / 1000 passes the bound.
-        past = {float(v) > float(truncation) for v in tau.cpu().tolist()}
+        past = {float(v) > float(truncation) for v in tau.tolist()}
         if len(past) > 1:
             raise ValueError(
                 "the batch's times lie on both sides of cfg_truncation; evaluate the batch at "
                 "one time"
             )
         guided = not past.pop()
+    tau = values_on(tau, tau.dtype, x.device)
     if guided:
         assert negative_cond is not None
         negative = _per_sample(negative_cond[_Z_IMAGE_PROMPTS], batch, "negative_cond['cap_feats']")

@@ -122,7 +122,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...ode import DTYPE_NAMES, DiffusionODE
+from ...ode import DTYPE_NAMES, DiffusionODE, values_on
 from ._conditioning import (
     _FLOW_RESERVED,
     _FLUX_IDS,
@@ -316,6 +316,10 @@ class DiffusersModel(torch.nn.Module):
     Depth or Canny transformer ``control_latents``; Flux Kontext's and Qwen-Image-Edit's
     reference image comes as ``image_latents``.
     """
+
+    # It maps each time to its scheduler's timestep in Python: DiffusionODE hands it the time
+    # on the host, so that reading it never waits for the device.
+    reads_time_on_host = True
 
     def __init__(
         self,
@@ -659,9 +663,9 @@ class DiffusersModel(torch.nn.Module):
             # (float64 with a float64 state), on the state's device as the pipeline's
             # timesteps are.
             x = x.to(torch.promote_types(x.dtype, torch.float32))
-            sigma = t.detach().reshape(view).to(x.device, x.dtype)
+            sigma = values_on(t.detach(), x.dtype, x.device).reshape(view)
             x_in = (x * self._c_in(sigma)).to(self.unet_dtype or x.dtype)
-            tau = self._c_noise(t.detach().reshape(-1).to(x.device, tau_dtype))
+            tau = self._c_noise(values_on(t.detach().reshape(-1), tau_dtype, x.device))
         else:
             times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
             tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
@@ -670,10 +674,10 @@ class DiffusersModel(torch.nn.Module):
                 # float32 t = sigma N, cast to the latents' dtype first:
                 # t.expand(batch).to(latents.dtype) / 1000.
                 tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
-            tau = tau.to(x.device)
+            tau = values_on(tau, tau.dtype, x.device)
             if self.space == "edm":
                 scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
-                scale = scale.to(x.device).view(view)
+                scale = values_on(scale, scale.dtype, x.device).view(view)
                 x_in = (x / scale).to(x.dtype)
             else:
                 x_in = x
