@@ -15,12 +15,11 @@ and the round trip exact in float64.
 from __future__ import annotations
 
 import diffusers
-import numpy as np
 import pytest
 import torch
+from _pipeline_runs import assert_bdia_run_inverts
 from conftest import (
     assert_flow_img2img_is_bdia_sample,
-    assert_flow_run_is_bdia_sample,
     flow_img2img_runs,
     flow_round_trip_error,
     untouched,
@@ -36,16 +35,19 @@ from test_diffusers_chroma import (
     _sigmas,
 )
 from test_diffusers_flux_ip_adapter import (
+    _edit,
     _embeds,
     _float64,
+    _prompt_and_zero_embeds,
     _with_images,
+    assert_image_prompt_refused,
     assert_ip_conditioning_refused,
     assert_one_image_prompt_for_both_calls,
 )
-from test_diffusers_ip_adapter import _edit_image, _image_prompt, _one_line_error, _refused, _rel
+from test_diffusers_ip_adapter import _edit_image, _image_prompt, _one_line_error, _rel
 
 import bdia
-from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, edit_image, from_diffusers
+from bdia.integrations.diffusers import BDIAScheduler, diffusers_grid, from_diffusers
 from bdia.integrations.diffusers.tiny import add_tiny_flux_ip_adapter, tiny_chroma_pipeline
 
 pytestmark = [
@@ -164,9 +166,7 @@ def test_the_ip_adapter_pipeline_with_an_image_gives_bdia_samples_latents():
         theirs = _pipeline_latents(
             pipe, _noise(torch.float32), PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=image
         )
-        embeds = pipe.prepare_ip_adapter_image_embeds(image, None, "cpu", 1)
-        zeros = [np.zeros((16, 16, 3), dtype=np.uint8)]
-        negative = pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
+    embeds, negative = _prompt_and_zero_embeds(pipe, image)
     assert torch.equal(_sample(pipe, _cond(pipe, embeds, negative)), theirs)
     assert negative[0].abs().max() > 0.1  # an all-zero image's embedding is not zeros
 
@@ -199,10 +199,7 @@ def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(tr
     latents = _run(pipe, embeds, negative, noise=noise)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **_cond(pipe, embeds, negative))
     ts = _grid(pipe)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(EULER, 0.9), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
 
 
 def test_bdia_scheduler_in_the_chroma_img2img_ip_adapter_pipeline_is_bdia_sample():
@@ -314,11 +311,6 @@ def test_one_image_prompt_for_both_calls_is_taken_and_the_callers_dicts_are_kept
 # --------------------------------------------------------------------------- editing
 
 
-def _edit(pipe, image, **kwargs):
-    kwargs.setdefault("ip_adapter_image", _image_prompt(0))
-    return edit_image(pipe, image, PROMPT, "a photo of a dog", num_inference_steps=8, **kwargs)
-
-
 @pytest.mark.parametrize("cfg", [None, 1.0], ids=["true-cfg-5", "no-cfg"])
 def test_edit_image_inverts_exactly_under_the_image_prompt(cfg):
     """edit_image on ChromaPipeline with an IP-Adapter and ip_adapter_image inverts and
@@ -331,11 +323,7 @@ def test_edit_image_inverts_exactly_under_the_image_prompt(cfg):
     image = _edit_image()
     result = _edit(pipe, image, guidance_scale=cfg)
     assert result.latent_error == 0.0
-    with torch.no_grad():
-        embeds = pipe.prepare_ip_adapter_image_embeds(_image_prompt(0), None, "cpu", 1)
-        zeros = pipe.prepare_ip_adapter_image_embeds(
-            [np.zeros((16, 16, 3), dtype=np.uint8)], None, "cpu", 1
-        )
+    embeds, zeros = _prompt_and_zero_embeds(pipe, _image_prompt(0))
     for ode in (result.inversion.ode, result.target):
         (images,) = ode.cond["joint_attention_kwargs"]["ip_adapter_image_embeds"]
         assert torch.equal(images, embeds[0])
@@ -393,10 +381,7 @@ def test_edit_image_takes_the_pipelines_image_embeddings():
     pipe = _pipe()
     image, prompt = _edit_image(1), _image_prompt(2)
     ours = _edit(pipe, image, ip_adapter_image=prompt, state_dtype=torch.float32)
-    with torch.no_grad():
-        (embeds,) = pipe.prepare_ip_adapter_image_embeds(prompt, None, "cpu", 1)
-        zeros = [np.zeros((16, 16, 3), dtype=np.uint8)]
-        (negative,) = pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
+    (embeds,), (negative,) = _prompt_and_zero_embeds(pipe, prompt)
     stacked = [torch.cat([negative, embeds])]
     with untouched(*stacked):
         again = _edit(
@@ -414,20 +399,5 @@ def test_edit_image_refuses_an_image_prompt_that_does_not_fit_before_any_network
     another count than the adapters, embeddings of the wrong kind or batch, an image without
     the image encoder, and an image prompt for a Chroma pipeline without an IP-Adapter: one
     line each, before any network runs."""
-    pipe = _pipe(adapters=2)
-    images = [_image_prompt(0), _image_prompt(1)]
-    embeds = [torch.zeros(2, 1, 8)] * 2  # [negative, positive] under the default true CFG
-    cases = [
-        ({}, "give ip_adapter_image"),
-        ({"ip_adapter_image": images[0]}, "1 image prompts for the transformer's 2 IP-Adapters"),
-        ({"ip_adapter_image": images, "ip_adapter_image_embeds": embeds}, "both given"),
-        ({"ip_adapter_image_embeds": embeds[:1]}, "a list of 2 tensor(s)"),
-        ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(2, 1, 5, 8)]}, "[1] must be"),
-        ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(3, 1, 8)]}, "[1] has batch 3"),
-    ]
-    for kwargs, fragment in cases:
-        assert fragment in _refused(pipe, **kwargs), kwargs
-    pipe.image_encoder = None
-    assert "image_encoder" in _refused(pipe, ip_adapter_image=images)
-    plain = tiny_chroma_pipeline()
-    assert "no IP-Adapter loaded" in _refused(plain, ip_adapter_image=images[0])
+    # Embeddings of batch 2, [negative, positive], under ChromaPipeline's default true CFG.
+    assert_image_prompt_refused(_pipe(adapters=2), tiny_chroma_pipeline(), batch=2)

@@ -21,7 +21,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from _pipeline_runs import assert_bdia_run_inverts
+from conftest import Counter, flow_round_trip_error, untouched
 
 import bdia
 from bdia.integrations.diffusers import (
@@ -334,12 +335,9 @@ def test_bdia_scheduler_in_flux2_pipelines_is_bdia_sample_and_inverts(klein):
     kwargs = _ode_kwargs(pipe, image, klein=klein)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **kwargs)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, _noise(), ts, gamma=0.9)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, _noise(), ts, gamma=0.9)
     inverse = _invert(pipe, pair, kwargs, klein)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
     assert torch.equal(inverse.pair.earlier, _noise())
-    assert torch.equal(back.earlier, _noise())
 
 
 # -------------------------------------------------------------------------- refusals

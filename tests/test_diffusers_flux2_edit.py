@@ -17,7 +17,11 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter, untouched
+from _pipeline_runs import (
+    assert_decodes_as_the_pipeline,
+    assert_edit_is_the_pipelines_run,
+    refused_edit,
+)
 
 import bdia
 from bdia.integrations.diffusers import diffusers_grid, edit_image, from_diffusers
@@ -174,35 +178,21 @@ def test_edit_is_a_hand_run_regenerate_under_the_target(klein):
     assert torch.equal(edited, out.edited_latents)
 
 
-def _pipeline_run(pipe, klein, noise, put=None, **options):
-    """The pipeline under the target prompt from the packed ``noise`` (given unpacked, as its
-    latents argument takes it), for BATCH 16 x 16 images; its packed latents at the last step
-    (Klein returns them unpacked and denormalised for output_type="latent") and its output.
-    With ``put``, the latents after each step are replaced by ``put``."""
-    seen = []
-
-    def keep(_pipe, _i, _t, kwargs):
-        seen.append(kwargs["latents"])
-        return {} if put is None else {"latents": put}
-
+def _target_args(pipe, klein, noise):
+    """The pipeline's arguments for the target prompt from the packed ``noise`` (given
+    unpacked, as its latents argument takes it), for BATCH 16 x 16 images with its guidance
+    4 (Klein's against the negative prompt)."""
     args = dict(
         prompt_embeds=_embeds(*TARGET),
         latents=pipe._unpack_latents_with_ids(noise, _ids(pipe)),
         num_images_per_prompt=BATCH,
-        num_inference_steps=N_STEPS,
         guidance_scale=GUIDANCE,
         height=16,
         width=16,
-        output_type="latent",
-        callback_on_step_end=keep,
     )
     if klein:
         args["negative_prompt_embeds"] = _embeds(*NEGATIVE)
-    args.update(options)
-    with torch.no_grad():
-        images = pipe(**args).images
-    assert len(seen) == N_STEPS
-    return seen[-1], images
+    return args
 
 
 @pytest.mark.parametrize("klein", KINDS)
@@ -213,8 +203,10 @@ def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(klein):
     base solver is the pipelines' Euler step on their own sigmas and mu."""
     pipe = _pipe(klein)
     out = _edit(pipe, klein, torch.float32)
-    theirs, _ = _pipeline_run(pipe, klein, out.inversion.noise.clone())
-    assert torch.equal(out.edited_latents, theirs)
+    # Klein returns its latents unpacked and denormalised for output_type="latent": the
+    # packed ones of its last step are compared.
+    target = _target_args(pipe, klein, out.inversion.noise.clone())
+    assert_edit_is_the_pipelines_run(pipe, out, N_STEPS, last_step=True, **target)
 
 
 @pytest.mark.parametrize("klein", KINDS)
@@ -231,9 +223,8 @@ def test_edit_image_encodes_and_decodes_as_the_flux2_pipelines(klein):
     with torch.no_grad():
         theirs = pipe._pack_latents(pipe._encode_vae_image(_image(), generator=None))
     assert torch.equal(out.latents, theirs)
-    noise = out.inversion.noise.clone()
-    _, decoded = _pipeline_run(pipe, klein, noise, out.edited_latents, output_type="pt")
-    assert torch.equal(decoded, out.images / 2 + 0.5)
+    target = _target_args(pipe, klein, out.inversion.noise.clone())
+    assert_decodes_as_the_pipeline(pipe, out, num_inference_steps=N_STEPS, **target)
     assert torch.equal(_edit(pipe, klein).latents, _by_hand(pipe, torch.float64))
 
 
@@ -270,17 +261,10 @@ def test_text_prompts_go_through_the_pipelines_encode_prompt(klein, monkeypatch)
 
 
 def _refused(pipe, source=None, **options):
-    """edit_image's one-line error, after checking that neither the transformer nor the VAE
-    ran and that the caller's tensors are untouched."""
-    counters = [Counter(pipe.transformer), Counter(pipe.vae.encoder), Counter(pipe.vae.decoder)]
-    image = options.pop("image", _image())
+    """refused_edit's one-line message for an edit from ``source`` (the source embeddings by
+    default) to the target's."""
     source = _embeds(*SOURCE) if source is None else source
-    with untouched(image), pytest.raises((ValueError, TypeError)) as exc_info:
-        edit_image(pipe, image, source, _embeds(*TARGET), num_inference_steps=2, **options)
-    assert [c.calls for c in counters] == [0, 0, 0]
-    message = str(exc_info.value)
-    assert "\n" not in message
-    return message
+    return refused_edit(pipe, options.pop("image", _image()), source, _embeds(*TARGET), **options)
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,14 @@ import inspect
 import diffusers
 import pytest
 import torch
+from _pipeline_runs import (
+    assert_bdia_run_inverts,
+    assert_refused_at_first_evaluation,
+    controlnet_euler_sample,
+    pipeline_controlnet_ode,
+)
 from conftest import (
     Counter,
-    assert_flow_run_is_bdia_sample,
     flow_img2img_runs,
     flow_round_trip_error,
     untouched,
@@ -115,19 +120,11 @@ def test_controlnet_pipeline_gives_bdia_samples_latents(tmp_path, kind):
     control = _pipeline_control_latents(pipe, control_image)
     if settings.get("control_guidance_start") is not None:
         settings = dict(settings, num_inference_steps=N_STEPS)
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        **settings,
-        **_pipeline_cond(pipe, true_cfg),
-    )
-    calls = Counter(pipe.controlnet)
-    with torch.no_grad():
-        ours = bdia.sample(ode, bdia.get_solver("euler"), noise, _grid(pipe.scheduler))
+    cond = _pipeline_cond(pipe, true_cfg)
+    ts = _grid(pipe.scheduler)
+    ours, calls = controlnet_euler_sample(pipe, control, noise, ts, **settings, **cond)
     assert torch.equal(ours, latents)
-    assert calls.calls == (5 if "control_guidance_start" in settings else N_STEPS)
+    assert calls[0] == (5 if "control_guidance_start" in settings else N_STEPS)
     other = dict(options, control_image=_control_image(seed=9))
     other["generator"] = torch.Generator().manual_seed(SEED)
     moved = _pipeline_latents(pipe, noise, PROMPT, **other)
@@ -171,20 +168,15 @@ def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts(tmp_pa
         generator=torch.Generator().manual_seed(SEED),
         **bounds,
     )
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=_pipeline_control_latents(pipe, control_image),
+    ode = pipeline_controlnet_ode(
+        pipe,
+        _pipeline_control_latents(pipe, control_image),
         num_inference_steps=N_STEPS,
         **bounds,
         **_pipeline_cond(pipe),
     )
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
 
 
 @pytest.mark.parametrize("strength, k, kept", [(0.6, 4, 2), (0.65, 3, 2)])
@@ -224,11 +216,9 @@ def test_img2img_controlnet_pipeline_is_the_odes_run_on_the_grids_tail(tmp_path,
     (euler_latents, euler_samples), (latents, samples) = runs
     start = samples[0]
     assert torch.equal(start, euler_samples[0]) and len(samples) == N_STEPS - k
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=_pipeline_control_latents(pipe, control_image),
+    ode = pipeline_controlnet_ode(
+        pipe,
+        _pipeline_control_latents(pipe, control_image),
         conditioning_scale=0.6,
         num_inference_steps=N_STEPS,
         strength=strength,
@@ -241,10 +231,7 @@ def test_img2img_controlnet_pipeline_is_the_odes_run_on_the_grids_tail(tmp_path,
         euler = bdia.sample(ode, bdia.get_solver("euler"), start, ts[k:], progress=False)
     assert torch.equal(euler, euler_latents)
     assert calls.calls == kept
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, start, ts, 0.9, start_index=k)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts[k:])
-    assert torch.equal(back.earlier, start)
+    assert_bdia_run_inverts(pipe, latents, ode, start, ts, 0.9, start_index=k)
 
 
 # -------------------------------------------------------------------------- refusals
@@ -336,22 +323,12 @@ def test_control_latents_of_another_size_are_refused_before_the_call():
     state's."""
     transformer = tiny_flux_transformer()
     net = tiny_flux_controlnet(transformer)
-    calls = [Counter(transformer), Counter(net)]
-    for given, field in (
-        (_stand_in()[:, :4], "packed with the latents' tokens"),
-        (_stand_in().repeat(3, 1, 1), "batch 3"),
-    ):
-        ode = from_diffusers(
-            transformer,
-            _dev_scheduler(),
-            controlnet=net,
-            controlnet_cond=given,
-            **_cond(torch.float32),
-        )
-        with pytest.raises(ValueError) as exc_info:
-            ode.evaluate(1.0, _noise(torch.float32))
-        _one_line_error(exc_info, field)
-    assert [c.calls for c in calls] == [0, 0]
+    cases = [
+        (dict(controlnet_cond=_stand_in()[:, :4]), "packed with the latents' tokens"),
+        (dict(controlnet_cond=_stand_in().repeat(3, 1, 1)), "batch 3"),
+    ]
+    noise, cond = _noise(torch.float32), _cond(torch.float32)
+    assert_refused_at_first_evaluation(transformer, net, _dev_scheduler(), noise, cond, cases)
 
 
 # ----------------------------------------------------------------------- edit_image

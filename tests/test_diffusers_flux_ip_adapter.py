@@ -16,7 +16,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from _pipeline_runs import assert_bdia_run_inverts
+from conftest import Counter, flow_round_trip_error, untouched
 from test_diffusers_flux import (
     BATCH,
     EMBEDDED,
@@ -148,9 +149,7 @@ def test_the_ip_adapter_pipeline_with_an_image_gives_bdia_samples_latents(tmp_pa
     options = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, ip_adapter_image=image)
     with torch.no_grad():
         guided = _pipeline_latents(pipe, _noise(torch.float32), PROMPT, **options)
-        embeds = pipe.prepare_ip_adapter_image_embeds(image, None, "cpu", 1)
-        zeros = [np.zeros((16, 16, 3), dtype=np.uint8)]
-        negative = pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
+    embeds, negative = _prompt_and_zero_embeds(pipe, image)
     for negative_embeds, latents in ((None, theirs), (negative, guided)):
         ode = from_diffusers(
             pipe.transformer, pipe.scheduler, **_cond(pipe, embeds, negative_embeds)
@@ -192,10 +191,7 @@ def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(tm
     latents = _run(pipe, embeds, negative, noise=noise)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **_cond(pipe, embeds, negative))
     ts = _grid(pipe)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(EULER, 0.9), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
 
 
 def test_the_adapters_scale_is_the_pipelines_and_enters_the_fingerprint(tmp_path):
@@ -345,6 +341,16 @@ def _edit(pipe, image, **kwargs):
     return edit_image(pipe, image, PROMPT, "a photo of a dog", num_inference_steps=8, **kwargs)
 
 
+def _prompt_and_zero_embeds(pipe, prompt):
+    """The pipeline's prepare_ip_adapter_image_embeds of the image prompt ``prompt`` and of
+    the all-zero image it embeds for the negative call under true CFG: two lists of one
+    tensor (1, 1, D) each."""
+    with torch.no_grad():
+        embeds = pipe.prepare_ip_adapter_image_embeds(prompt, None, "cpu", 1)
+        zeros = [np.zeros((16, 16, 3), dtype=np.uint8)]
+        return embeds, pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
+
+
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_edit_image_inverts_exactly_under_the_image_prompt(tmp_path, true_cfg):
     """edit_image on a Flux pipeline with an IP-Adapter and ip_adapter_image inverts and
@@ -358,11 +364,7 @@ def test_edit_image_inverts_exactly_under_the_image_prompt(tmp_path, true_cfg):
     settings = dict(guidance_scale=TRUE_CFG, negative_prompt=NEGATIVE) if true_cfg else {}
     result = _edit(pipe, image, **settings)
     assert result.latent_error == 0.0
-    with torch.no_grad():
-        embeds = pipe.prepare_ip_adapter_image_embeds(_image_prompt(0), None, "cpu", 1)
-        zeros = pipe.prepare_ip_adapter_image_embeds(
-            [np.zeros((16, 16, 3), dtype=np.uint8)], None, "cpu", 1
-        )
+    embeds, zeros = _prompt_and_zero_embeds(pipe, _image_prompt(0))
     for ode in (result.inversion.ode, result.target):
         (images,) = ode.cond["joint_attention_kwargs"]["ip_adapter_image_embeds"]
         assert torch.equal(images, embeds[0])
@@ -383,10 +385,7 @@ def test_edit_image_takes_the_pipelines_image_embeddings(tmp_path):
     image, prompt = _edit_image(1), _image_prompt(2)
     settings = dict(guidance_scale=TRUE_CFG, negative_prompt=NEGATIVE, state_dtype=torch.float32)
     ours = _edit(pipe, image, ip_adapter_image=prompt, **settings)
-    with torch.no_grad():
-        (embeds,) = pipe.prepare_ip_adapter_image_embeds(prompt, None, "cpu", 1)
-        zeros = [np.zeros((16, 16, 3), dtype=np.uint8)]
-        (negative,) = pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
+    (embeds,), (negative,) = _prompt_and_zero_embeds(pipe, prompt)
     stacked = [torch.cat([negative, embeds])]
     with untouched(*stacked):
         again = _edit(
@@ -401,19 +400,28 @@ def test_edit_image_refuses_an_image_prompt_that_does_not_fit_before_any_network
     the image encoder, and an image prompt for a Flux pipeline without an IP-Adapter: one
     line each, before any network runs."""
     pipe = tiny_flux_ip_adapter_pipeline(tmp_path, adapters=2)
+    assert_image_prompt_refused(pipe, tiny_flux_pipeline(tmp_path), batch=1)
+
+
+def assert_image_prompt_refused(pipe, plain, batch):
+    """edit_image on ``pipe`` (two IP-Adapters loaded) refuses, by _refused (one line, before
+    any network runs), no image prompt, both an image and embeddings, another count than the
+    adapters, embeddings of the wrong kind (4-D) or batch (3: neither 1 nor ``batch``, the
+    batch the pipeline's embeddings have: 2 under true CFG), and an image without the image
+    encoder; edit_image on ``plain``, of the same family without an IP-Adapter, refuses an
+    image prompt."""
     images = [_image_prompt(0), _image_prompt(1)]
-    embeds = [torch.zeros(1, 1, 8)] * 2
+    embeds = [torch.zeros(batch, 1, 8)] * 2
     cases = [
         ({}, "give ip_adapter_image"),
         ({"ip_adapter_image": images[0]}, "1 image prompts for the transformer's 2 IP-Adapters"),
         ({"ip_adapter_image": images, "ip_adapter_image_embeds": embeds}, "both given"),
         ({"ip_adapter_image_embeds": embeds[:1]}, "a list of 2 tensor(s)"),
-        ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(1, 1, 5, 8)]}, "[1] must be"),
+        ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(batch, 1, 5, 8)]}, "[1] must be"),
         ({"ip_adapter_image_embeds": [embeds[0], torch.zeros(3, 1, 8)]}, "[1] has batch 3"),
     ]
     for kwargs, fragment in cases:
         assert fragment in _refused(pipe, **kwargs), kwargs
     pipe.image_encoder = None
     assert "image_encoder" in _refused(pipe, ip_adapter_image=images)
-    plain = tiny_flux_pipeline(tmp_path)
     assert "no IP-Adapter loaded" in _refused(plain, ip_adapter_image=images[0])

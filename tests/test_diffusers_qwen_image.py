@@ -24,10 +24,15 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from _pipeline_runs import (
+    assert_bdia_run_inverts,
+    assert_decodes_as_the_pipeline,
+    assert_edit_is_the_pipelines_run,
+    refused_edit,
+)
 from conftest import (
     Counter,
     assert_flow_img2img_is_bdia_sample,
-    assert_flow_run_is_bdia_sample,
     flow_img2img_runs,
     flow_round_trip_error,
     untouched,
@@ -298,10 +303,7 @@ def test_bdia_scheduler_in_qwen_image_pipeline_is_bdia_sample_and_inverts():
     latents = _pipeline_latents(pipe, noise, cond)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.96)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.96), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.96)
     inverse = _invert(pipe, pair, cond)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
@@ -528,11 +530,29 @@ def _target():
     return embeds, torch.ones_like(mask)
 
 
+def _negative():
+    """The negative prompt of true CFG: 7 tokens, the second prompt padded after 5."""
+    return _prompt(torch.float32, 2, 7)
+
+
+def _target_args(target, negative=None):
+    """QwenImagePipeline's arguments for the (embeddings, mask) pair ``target`` and, with the
+    pair ``negative``, true CFG 4 against it (true_cfg_scale 1 without: no true CFG)."""
+    args = dict(prompt_embeds=target[0], prompt_embeds_mask=target[1], true_cfg_scale=1.0)
+    if negative is not None:
+        args.update(
+            true_cfg_scale=TRUE_CFG,
+            negative_prompt_embeds=negative[0],
+            negative_prompt_embeds_mask=negative[1],
+        )
+    return args
+
+
 def _edit(pipe, true_cfg, dtype=torch.float64, image=None, **options):
     """edit_image on ``pipe`` from source prompts of 5 tokens to targets of 6, with true CFG 4
     and negative prompts of 7 tokens where ``true_cfg``."""
     if true_cfg:
-        options.update(guidance_scale=TRUE_CFG, negative_prompt=_prompt(torch.float32, 2, 7))
+        options.update(guidance_scale=TRUE_CFG, negative_prompt=_negative())
     return edit_image(
         pipe,
         _image() if image is None else image,
@@ -605,7 +625,7 @@ def test_edit_is_a_hand_run_regenerate_under_the_target(true_cfg):
             **_lengths(mask),
         )
         if true_cfg:
-            negative, negative_mask = _prompt(torch.float32, 2, 7)
+            negative, negative_mask = _negative()
             cond.update(
                 guidance_scale=TRUE_CFG,
                 negative_cond=dict(
@@ -641,23 +661,8 @@ def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(true_cfg):
     being the pipeline's Euler step on its own sigmas."""
     pipe = tiny_qwen_image_pipeline()
     out = _edit(pipe, true_cfg, torch.float32)
-    target, target_mask = _target()
-    options = {}
-    if true_cfg:
-        negative, negative_mask = _prompt(torch.float32, 2, 7)
-        options = dict(negative_prompt_embeds=negative, negative_prompt_embeds_mask=negative_mask)
-    theirs = pipe(
-        prompt_embeds=target,
-        prompt_embeds_mask=target_mask,
-        true_cfg_scale=TRUE_CFG if true_cfg else 1.0,
-        latents=out.inversion.noise.clone(),
-        num_inference_steps=N_STEPS,
-        height=16,
-        width=16,
-        output_type="latent",
-        **options,
-    ).images
-    assert torch.equal(out.edited_latents, theirs)
+    target = _target_args(_target(), _negative() if true_cfg else None)
+    assert_edit_is_the_pipelines_run(pipe, out, N_STEPS, height=16, width=16, **target)
 
 
 def test_edit_image_encodes_and_decodes_as_the_qwen_image_pipelines(monkeypatch):
@@ -688,18 +693,9 @@ def test_edit_image_encodes_and_decodes_as_the_qwen_image_pipelines(monkeypatch)
     assert torch.equal(out.latents, theirs)
 
     embeds, mask = _prompt(torch.float32, 1, 5)
-    with torch.no_grad():
-        decoded = pipe(
-            prompt_embeds=embeds,
-            prompt_embeds_mask=mask,
-            num_inference_steps=2,
-            height=16,
-            width=16,
-            output_type="pt",
-            callback_on_step_end=lambda p, i, t, kwargs: {"latents": out.edited_latents},
-        ).images
-    # Its images are (x / 2 + 0.5).clamp(0, 1), edit_image's x.clamp(-1, 1): exact maps.
-    assert torch.equal(decoded, out.images / 2 + 0.5)
+    assert_decodes_as_the_pipeline(
+        pipe, out, prompt_embeds=embeds, prompt_embeds_mask=mask, height=16, width=16
+    )
 
     double = _edit(pipe, False, image=image)
     config = pipe.vae.config
@@ -756,7 +752,7 @@ def test_text_prompts_go_through_the_pipelines_encode_prompt(monkeypatch):
     pipe = tiny_qwen_image_pipeline()
     ref = _edit(pipe, True)
     pairs = {"a cat": _prompt(torch.float32, 1, 5), "a dog": _target()}
-    pairs[" "] = _prompt(torch.float32, 2, 7)
+    pairs[" "] = _negative()
     encode = pipe.encode_prompt
     seen = []
 
@@ -824,19 +820,10 @@ def test_edit_image_gives_no_lengths_to_a_transformer_that_counts_them_from_the_
 
 
 def _refused(pipe, source=None, **options):
-    """edit_image's one-line error, after checking that neither the transformer nor the
-    VAE ran."""
-    counters = [Counter(pipe.transformer), Counter(pipe.vae.encoder), Counter(pipe.vae.decoder)]
-    args = dict(num_inference_steps=2)
-    args.update(options)
+    """refused_edit's one-line message for an edit from ``source`` (the source prompt of 5
+    tokens by default) to the target."""
     source = _prompt(torch.float32, 1, 5) if source is None else source
-    image = args.pop("image", _image())
-    with pytest.raises((ValueError, TypeError)) as exc_info:
-        edit_image(pipe, image, source, _target(), **args)
-    assert [c.calls for c in counters] == [0, 0, 0]
-    message = str(exc_info.value)
-    assert "\n" not in message
-    return message
+    return refused_edit(pipe, options.pop("image", _image()), source, _target(), **options)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,12 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from _pipeline_runs import (
+    assert_bdia_run_inverts,
+    assert_refused_at_first_evaluation,
+    controlnet_euler_sample,
+    pipeline_controlnet_ode,
+)
 from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
 
 if not hasattr(diffusers, "QwenImageControlNetPipeline"):
@@ -140,19 +146,10 @@ def test_controlnet_pipeline_gives_bdia_samples_latents(kind):
     switched = "control_guidance_start" in settings
     if switched:
         settings = dict(settings, num_inference_steps=N_STEPS)
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        **settings,
-        **cond,
-    )
-    calls = [Counter(pipe.controlnet), Counter(pipe.transformer)]
-    with torch.no_grad():
-        ours = bdia.sample(ode, bdia.get_solver("euler"), noise, _grid(pipe.scheduler))
+    ts = _grid(pipe.scheduler)
+    ours, calls = controlnet_euler_sample(pipe, control, noise, ts, **settings, **cond)
     assert torch.equal(ours, latents)
-    assert [c.calls for c in calls] == [3 if switched else N_STEPS, N_STEPS * (1 + true_cfg)]
+    assert calls == [3 if switched else N_STEPS, N_STEPS * (1 + true_cfg)]
     moved, _ = _run(pipe, noise, cond, _control_image(seed=9), **_options(settings))
     assert float((moved - latents).abs().max() / latents.abs().max()) > 1e-3
 
@@ -240,34 +237,16 @@ def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts():
     noise = _noise(torch.float32)
     cond = _cond(torch.float32, true_cfg=True)
     latents, control = _run(pipe, noise, cond, _control_image(), controlnet_conditioning_scale=0.6)
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        conditioning_scale=0.6,
-        **cond,
-    )
+    ode = pipeline_controlnet_ode(pipe, control, conditioning_scale=0.6, **cond)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
     inverse = _invert(pipe, pair, cond, control, 0.6)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)
 
     bounds = dict(control_guidance_start=0.2, control_guidance_end=0.7)
     latents, _ = _run(pipe, noise, cond, _control_image(), **bounds)
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        num_inference_steps=N_STEPS,
-        **bounds,
-        **cond,
-    )
+    ode = pipeline_controlnet_ode(pipe, control, num_inference_steps=N_STEPS, **bounds, **cond)
     assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
 
 
@@ -290,15 +269,7 @@ def test_the_union_wrapper_is_its_controlnet_once_per_control_image():
     )
     latents, controls = _run(pipe, noise, cond, images, **_options(settings))
     assert len(controls) == 2 and controls[0].shape == (BATCH, TOKENS, 16)
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=controls,
-        num_inference_steps=N_STEPS,
-        **settings,
-        **cond,
-    )
+    ode = pipeline_controlnet_ode(pipe, controls, num_inference_steps=N_STEPS, **settings, **cond)
     net = Counter(pipe.controlnet.nets[0])
     with torch.no_grad():
         ours = bdia.sample(ode, bdia.get_solver("euler"), noise, _grid(pipe.scheduler))
@@ -394,24 +365,17 @@ def test_control_latents_of_another_size_are_refused_before_the_call():
     state's (for the union wrapper, named by their index)."""
     transformer = tiny_qwen_image_transformer()
     net = tiny_qwen_image_controlnet(transformer)
-    calls = [Counter(transformer), Counter(net)]
     multi = diffusers.QwenImageMultiControlNetModel([net])
-    for controlnet, given, field in (
-        (net, _stand_in()[:, :4], "as QwenImageControlNetPipeline makes them"),
-        (net, _stand_in().repeat(3, 1, 1), "batch 3"),
-        (multi, [_stand_in(), _stand_in()[:, :4]], "controlnet_cond[1] has shape"),
-    ):
-        ode = from_diffusers(
-            transformer,
-            _scheduler(),
-            controlnet=controlnet,
-            controlnet_cond=given,
-            **_cond(torch.float32),
-        )
-        with pytest.raises(ValueError) as exc_info:
-            ode.evaluate(1.0, _noise(torch.float32))
-        _one_line_error(exc_info, field)
-    assert [c.calls for c in calls] == [0, 0]
+    cases = [
+        (dict(controlnet_cond=_stand_in()[:, :4]), "as QwenImageControlNetPipeline makes them"),
+        (dict(controlnet_cond=_stand_in().repeat(3, 1, 1)), "batch 3"),
+        (
+            dict(controlnet=multi, controlnet_cond=[_stand_in(), _stand_in()[:, :4]]),
+            "controlnet_cond[1] has shape",
+        ),
+    ]
+    noise, cond = _noise(torch.float32), _cond(torch.float32)
+    assert_refused_at_first_evaluation(transformer, net, _scheduler(), noise, cond, cases)
 
 
 # ----------------------------------------------------------------------- edit_image

@@ -22,7 +22,8 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from _pipeline_runs import assert_bdia_run_inverts, controlnet_euler_sample, pipeline_controlnet_ode
+from conftest import Counter, flow_round_trip_error, untouched
 
 if not hasattr(diffusers, "QwenImageControlNetInpaintPipeline"):
     pytest.skip(
@@ -50,7 +51,6 @@ from test_diffusers_qwen_image_controlnet import (  # noqa: E402
 )
 from test_diffusers_sd3_controlnet_inpaint import _mask_image  # noqa: E402
 
-import bdia  # noqa: E402
 from bdia.integrations.diffusers import from_diffusers  # noqa: E402
 from bdia.integrations.diffusers.tiny import (  # noqa: E402
     tiny_qwen_image_controlnet,
@@ -127,19 +127,10 @@ def test_inpainting_controlnet_pipeline_gives_bdia_samples_latents(kind):
     switched = "control_guidance_start" in settings
     if switched:
         settings = dict(settings, num_inference_steps=N_STEPS)
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        **settings,
-        **cond,
-    )
-    calls = [Counter(pipe.controlnet), Counter(pipe.transformer)]
-    with torch.no_grad():
-        ours = bdia.sample(ode, bdia.get_solver("euler"), noise, _grid(pipe.scheduler))
+    ts = _grid(pipe.scheduler)
+    ours, calls = controlnet_euler_sample(pipe, control, noise, ts, **settings, **cond)
     assert torch.equal(ours, latents)
-    assert [c.calls for c in calls] == [3 if switched else N_STEPS, N_STEPS * (1 + true_cfg)]
+    assert calls == [3 if switched else N_STEPS, N_STEPS * (1 + true_cfg)]
     moved, _ = _run(pipe, noise, cond, image, _mask_image(top=0, left=8), **_options(settings))
     assert float((moved - latents).abs().max() / latents.abs().max()) > 1e-3
 
@@ -179,19 +170,9 @@ def test_bdia_scheduler_in_inpainting_controlnet_pipeline_is_bdia_sample_and_inv
     latents, control = _run(
         pipe, noise, cond, _control_image(), _mask_image(), controlnet_conditioning_scale=0.6
     )
-    ode = from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        conditioning_scale=0.6,
-        **cond,
-    )
+    ode = pipeline_controlnet_ode(pipe, control, conditioning_scale=0.6, **cond)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
     inverse = _invert(pipe, pair, cond, control, 0.6)
     assert torch.equal(inverse.pair.earlier, noise)
 

@@ -24,7 +24,8 @@ import torch
 if not hasattr(diffusers, "QwenImageEditPipeline"):
     pytest.skip("QwenImageEditPipeline is in diffusers 0.35 and newer", allow_module_level=True)
 
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error  # noqa: E402
+from _pipeline_runs import assert_bdia_run_inverts, assert_edit_is_the_pipelines_run  # noqa: E402
+from conftest import Counter, flow_round_trip_error  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_diffusers_qwen_image import (  # noqa: E402
@@ -37,12 +38,14 @@ from test_diffusers_qwen_image import (  # noqa: E402
     _grid,
     _img2img_parts,
     _invert,
+    _negative,
     _noise,
     _one_line_error,
     _pipeline_latents,
     _prompt,
     _scheduler,
     _target,
+    _target_args,
 )
 
 import bdia  # noqa: E402
@@ -193,10 +196,7 @@ def test_bdia_scheduler_in_edit_pipeline_is_bdia_sample_and_inverts(own_size):
     latents = _pipeline_latents(pipe, noise, cond, image=own_size)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.96)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.96), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.96)
     inverse = _invert(pipe, pair, cond, cond["image_latents"], EDIT_SHAPES)
     assert torch.equal(inverse.pair.earlier, noise)
 
@@ -262,7 +262,7 @@ def _edit(pipe, image, true_cfg, dtype=torch.float64):
     7 tokens where ``true_cfg``."""
     options = {}
     if true_cfg:
-        options = dict(guidance_scale=TRUE_CFG, negative_prompt=_prompt(torch.float32, 2, 7))
+        options = dict(guidance_scale=TRUE_CFG, negative_prompt=_negative())
     pixels = _pixels(pipe, image)
     return edit_image(
         pipe,
@@ -319,24 +319,10 @@ def test_the_edit_is_the_edit_pipelines_run_from_the_inverted_noise(own_size, tr
     guided), the edit's base solver being the pipeline's Euler step on its own sigmas."""
     pipe = tiny_qwen_image_edit_pipeline()
     out = _edit(pipe, own_size, true_cfg, torch.float32)
-    target, target_mask = _target()
-    options = {}
-    if true_cfg:
-        negative, negative_mask = _prompt(torch.float32, 2, 7)
-        options = dict(negative_prompt_embeds=negative, negative_prompt_embeds_mask=negative_mask)
-    theirs = pipe(
-        image=[own_size] * BATCH,
-        prompt_embeds=target,
-        prompt_embeds_mask=target_mask,
-        true_cfg_scale=TRUE_CFG if true_cfg else 1.0,
-        latents=out.inversion.noise.clone(),
-        num_inference_steps=N_STEPS,
-        height=16,
-        width=32,
-        output_type="latent",
-        **options,
-    ).images
-    assert torch.equal(out.edited_latents, theirs)
+    target = _target_args(_target(), _negative() if true_cfg else None)
+    assert_edit_is_the_pipelines_run(
+        pipe, out, N_STEPS, image=[own_size] * BATCH, height=16, width=32, **target
+    )
 
 
 def test_edit_image_refuses_text_prompts_for_the_edit_pipeline(own_size):

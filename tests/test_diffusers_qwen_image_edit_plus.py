@@ -33,7 +33,8 @@ import torch
 if not hasattr(diffusers, "QwenImageEditPlusPipeline"):
     pytest.skip("QwenImageEditPlusPipeline is in diffusers 0.36 and newer", allow_module_level=True)
 
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error  # noqa: E402
+from _pipeline_runs import assert_bdia_run_inverts, assert_edit_is_the_pipelines_run  # noqa: E402
+from conftest import Counter, flow_round_trip_error  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_diffusers_qwen_image import (  # noqa: E402
@@ -43,10 +44,12 @@ from test_diffusers_qwen_image import (  # noqa: E402
     _grid,
     _invert,
     _lengths,
+    _negative,
     _one_line_error,
     _pipeline_latents,
     _prompt,
     _scheduler,
+    _target_args,
 )
 from test_diffusers_qwen_image_edit import _kwargs_of_calls  # noqa: E402
 
@@ -254,10 +257,7 @@ def test_bdia_scheduler_in_edit_plus_pipeline_is_bdia_sample_and_inverts(own_siz
     latents = _pipeline_latents(pipe, noise, cond, image=images)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.96)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.96), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.96)
     inverse = _invert(pipe, pair, cond, cond["image_latents"], _img_shapes(2))
     assert torch.equal(inverse.pair.earlier, noise)
 
@@ -326,7 +326,7 @@ def _edit(pipe, image, references, true_cfg, dtype=torch.float64):
     where ``true_cfg``."""
     options = {}
     if true_cfg:
-        options = dict(guidance_scale=TRUE_CFG, negative_prompt=_one(_prompt(torch.float32, 2, 7)))
+        options = dict(guidance_scale=TRUE_CFG, negative_prompt=_one(_negative()))
     if references:
         options["reference_image"] = references
     pixels = pipe.image_processor.preprocess(image, image.height, image.width)
@@ -367,24 +367,11 @@ def test_edit_image_on_edit_plus_is_exact_and_the_pipelines_run(
         assert torch.equal(ode.cond["image_latents"], expected)
         assert ode.cond["img_shapes"] == shapes
     out = _edit(pipe, image, references, true_cfg, torch.float32)
-    target, target_mask = _one(_prompt(torch.float32, 3, 6))
-    options = {}
-    if true_cfg:
-        negative, negative_mask = _one(_prompt(torch.float32, 2, 7))
-        options = dict(negative_prompt_embeds=negative, negative_prompt_embeds_mask=negative_mask)
-    theirs = pipe(
-        image=[image, *references],
-        prompt_embeds=target,
-        prompt_embeds_mask=target_mask,
-        true_cfg_scale=TRUE_CFG if true_cfg else 1.0,
-        latents=out.inversion.noise.clone(),
-        num_inference_steps=N_STEPS,
-        height=16,
-        width=32,
-        output_type="latent",
-        **options,
-    ).images
-    assert torch.equal(out.edited_latents, theirs)
+    negative = _one(_negative()) if true_cfg else None
+    target = _target_args(_one(_prompt(torch.float32, 3, 6)), negative)
+    assert_edit_is_the_pipelines_run(
+        pipe, out, N_STEPS, image=[image, *references], height=16, width=32, **target
+    )
 
 
 def test_edit_image_refuses_bad_reference_images_before_any_network_runs(own_size):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
+from _pipeline_runs import assert_bdia_run_inverts
 from conftest import (
     assert_flow_img2img_is_bdia_sample,
-    assert_flow_run_is_bdia_sample,
     flow_img2img_runs,
     flow_round_trip_error,
 )
@@ -295,10 +295,7 @@ def test_bdia_scheduler_in_z_image_pipeline_is_bdia_sample_and_inverts():
     latents = _pipeline_latents(pipe, noise, cond)
     ode = from_diffusers(pipe.transformer, pipe.scheduler, **cond)
     ts = _grid(pipe.scheduler)
-    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.96)
-    with torch.no_grad():
-        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.96), pair, ts)
-    assert torch.equal(back.earlier, noise)
+    pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.96)
     inverse = _invert(pipe, pair, cond)
     assert len(inverse.timesteps) == N_STEPS - 1
     assert torch.equal(inverse.pair.earlier, noise)

@@ -19,7 +19,12 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-from conftest import Counter, assert_flow_run_is_bdia_sample, flow_round_trip_error, untouched
+from _pipeline_runs import (
+    assert_bdia_run_inverts,
+    assert_refused_at_first_evaluation,
+    pipeline_controlnet_ode,
+)
+from conftest import Counter, flow_round_trip_error, untouched
 
 if not hasattr(diffusers, "ZImageControlNetPipeline"):
     pytest.skip(
@@ -112,14 +117,7 @@ def _run(pipe, noise, cond, control_image, inpaint=False, mask_left=4):
 def _ode(pipe, control, cond):
     """from_diffusers on the pipeline's transformer, scheduler and controlnet, with its
     control input ``control`` at the scale SCALE and ``cond``'s prompts and CFG settings."""
-    return from_diffusers(
-        pipe.transformer,
-        pipe.scheduler,
-        controlnet=pipe.controlnet,
-        controlnet_cond=control,
-        conditioning_scale=SCALE,
-        **cond,
-    )
+    return pipeline_controlnet_ode(pipe, control, conditioning_scale=SCALE, **cond)
 
 
 def _one_line(info, fragment):
@@ -234,10 +232,7 @@ def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts():
         latents, control = _run(pipe, noise, cond, _image(4), inpaint)
         ode = _ode(pipe, control, cond)
         ts = _grid(pipe.scheduler)
-        pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
-        with torch.no_grad():
-            back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
-        assert torch.equal(back.earlier, noise)
+        pair = assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
         inverse = _invert(pipe, pair, cond, control)
         assert len(inverse.timesteps) == N_STEPS - 1
         assert torch.equal(inverse.pair.earlier, noise)
@@ -313,19 +308,9 @@ def test_control_latents_of_another_size_are_refused_before_the_call():
     latents of another size than the latents', or of a batch neither 1 nor the state's."""
     transformer = tiny_z_image_transformer()
     net = tiny_z_image_controlnet(transformer)
-    calls = [Counter(transformer), Counter(net)]
-    for given, fragment in (
-        (_stand_in()[..., :4], "at the latents' size"),
-        (_stand_in().repeat(3, 1, 1, 1, 1), "batch 3"),
-    ):
-        ode = from_diffusers(
-            transformer,
-            _scheduler(),
-            controlnet=net,
-            controlnet_cond=given,
-            **_cond(torch.float32, OPTIONS["cfg"]),
-        )
-        with pytest.raises(ValueError) as info:
-            ode.evaluate(1.0, _noise(torch.float32))
-        _one_line(info, fragment)
-    assert [c.calls for c in calls] == [0, 0]
+    cases = [
+        (dict(controlnet_cond=_stand_in()[..., :4]), "at the latents' size"),
+        (dict(controlnet_cond=_stand_in().repeat(3, 1, 1, 1, 1)), "batch 3"),
+    ]
+    noise, cond = _noise(torch.float32), _cond(torch.float32, OPTIONS["cfg"])
+    assert_refused_at_first_evaluation(transformer, net, _scheduler(), noise, cond, cases)

@@ -16,6 +16,11 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
+from _pipeline_runs import (
+    assert_decodes_as_the_pipeline,
+    assert_edit_is_the_pipelines_run,
+    refused_edit,
+)
 from conftest import Counter, untouched
 
 if not hasattr(diffusers, "ZImagePipeline"):
@@ -167,16 +172,9 @@ def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(name):
     options = dict(GUIDANCE[name])
     if options["guidance_scale"] > 0:
         options["negative_prompt_embeds"] = _negative()
-    theirs = pipe(
-        prompt_embeds=_target(),
-        latents=out.inversion.noise.clone(),
-        num_inference_steps=N_STEPS,
-        height=16,
-        width=16,
-        output_type="latent",
-        **options,
-    ).images
-    assert torch.equal(out.edited_latents, theirs)
+    assert_edit_is_the_pipelines_run(
+        pipe, out, N_STEPS, prompt_embeds=_target(), height=16, width=16, **options
+    )
 
 
 def test_edit_image_encodes_and_decodes_as_the_z_image_pipelines(monkeypatch):
@@ -202,18 +200,9 @@ def test_edit_image_encodes_and_decodes_as_the_z_image_pipelines(monkeypatch):
         )
     assert torch.equal(out.latents, theirs)
 
-    with torch.no_grad():
-        decoded = pipe(
-            prompt_embeds=_source(),
-            guidance_scale=0.0,
-            num_inference_steps=2,
-            height=16,
-            width=16,
-            output_type="pt",
-            callback_on_step_end=lambda p, i, t, kwargs: {"latents": out.edited_latents},
-        ).images
-    # Its images are (x / 2 + 0.5).clamp(0, 1), edit_image's x.clamp(-1, 1): exact maps.
-    assert torch.equal(decoded, out.images / 2 + 0.5)
+    assert_decodes_as_the_pipeline(
+        pipe, out, prompt_embeds=_source(), guidance_scale=0.0, height=16, width=16
+    )
 
 
 @pytest.mark.parametrize("name", ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline"])
@@ -293,18 +282,11 @@ def test_text_prompts_go_through_the_pipelines_encode_prompt(monkeypatch):
 
 
 def _refused(pipe, source=None, **options):
-    """edit_image's one-line error, after checking that neither the transformer nor the
-    VAE ran."""
-    counters = [Counter(pipe.transformer), Counter(pipe.vae.encoder), Counter(pipe.vae.decoder)]
-    args = dict(num_inference_steps=2, guidance_scale=0.0)
-    args.update(options)
-    image = args.pop("image", _image())
-    with pytest.raises((ValueError, TypeError)) as exc_info:
-        edit_image(pipe, image, _source() if source is None else source, _target(), **args)
-    assert [c.calls for c in counters] == [0, 0, 0]
-    message = str(exc_info.value)
-    assert "\n" not in message
-    return message
+    """refused_edit's one-line message for an edit from ``source`` (the source embeddings by
+    default) to the target, without guidance unless ``options`` give it."""
+    options.setdefault("guidance_scale", 0.0)
+    image = options.pop("image", _image())
+    return refused_edit(pipe, image, _source() if source is None else source, _target(), **options)
 
 
 @pytest.mark.parametrize(
