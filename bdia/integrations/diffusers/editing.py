@@ -130,7 +130,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -144,22 +144,12 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from ._conditioning import (
-    _flux2_embeds_guidance,
-    _hid_dim_type,
-    _ip_adapters,
-    _qwen_needs_lengths,
-)
+from ._conditioning import _flux2_embeds_guidance, _qwen_needs_lengths
 from ._edit_conditions import (
-    _QWEN_EDIT_INPAINT,
-    _TIME_IDS,
     _check_embeds_batch,
-    _check_image_prompt,
-    _check_sd3_image_prompt,
     _chroma_probe_cond,
     _control_kwargs,
     _control_probe_cond,
-    _fill_channels,
     _fill_kwargs,
     _flux_control_image,
     _flux_control_latents,
@@ -175,79 +165,47 @@ from ._edit_conditions import (
     _sd3_control_latents,
     _with_image_prompt,
 )
-from ._flow_controlnet import _qwen_inpainting, _sd3_inpainting
-from ._flux2_edit import (
-    _check_flux2_parts,
-    _embed_flux2,
-    _flux2_decode,
-    _flux2_encode,
-    _flux2_mu,
-    _flux2_probe_cond,
+from ._edit_network import (
+    _check_network,
+    _check_reference_image,
+    _Network,
+    _network,
+    _pipeline_class,
+    _z_image_options,
 )
+from ._edit_prompts import (
+    _check_base_time_ids,
+    _check_prompts,
+    _check_text_parts,
+    _embed,
+    _embed_pair,
+    _xl_cond,
+    _zero_negative,
+)
+from ._flow_controlnet import _qwen_inpainting, _sd3_inpainting
+from ._flux2_edit import _embed_flux2, _flux2_decode, _flux2_encode, _flux2_mu, _flux2_probe_cond
+from ._flux_edit import _embed_chroma, _embed_flux
 from ._pipeline_parts import (
     _FLUX_PACKING,
     _decode,
-    _decode_frame,
     _encode,
-    _encode_frame,
     _float32_vae,
-    _frame_stats,
-    _latent_channels,
-    _latent_stats,
     _part,
     _vae_factor,
 )
-from ._scheduler_config import _SIGMA_SLACK, _class_names, _is_chroma
-from ._z_image import _Z_IMAGE_HOW, _check_cap_feats, _z_image_grid_inputs
+from ._qwen_edit import _embed_qwen, _qwen_decode, _qwen_encode, _qwen_img_shapes
+from ._scheduler_config import _SIGMA_SLACK
+from ._z_image import _z_image_grid_inputs
+from ._z_image_edit import _embed_z_image, _z_image_decode, _z_image_encode
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
 
 __all__ = ["edit_image", "EditResult"]
 
 _OUTPUT_TYPES = ("pil", "pt")
-# SDXL's added conditioning; the time ids are the original size (H, W), the crop's top-left
-# corner (top, left) and the target size (H, W), each embedded in addition_time_embed_dim.
-_TEXT_TIME = "text_time"
-_TEXT = "text"
-# The transformers whose pipelines edit_image knows how to embed prompts for and call.
-_SD3 = "SD3Transformer2DModel"
-_FLUX = "FluxTransformer2DModel"
-_CHROMA = "ChromaTransformer2DModel"
-_QWEN = "QwenImageTransformer2DModel"
-_FLUX2 = "Flux2Transformer2DModel"
-_QWEN_MASK = "prompt_embeds_mask"
-_Z_IMAGE = "ZImageTransformer2DModel"
-# The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's and, without a mask, Klein's
-# inpainting one (it blends); Flux2KleinKVPipeline runs its reference tokens through a
-# key-value cache at timestep 0, another vector field.
-_FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
-# The Z-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
-# inpainting one (it blends); the ControlNet pipelines give the transformer a controlnet's
-# residuals and the Omni one condition images and SigLIP features.
-_Z_IMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
 # ZImagePipeline's default guidance_scale: its CFG c + g (c - u), on for g > 0, with the
 # negative prompt "" (Z-Image-Turbo runs with 0, no CFG).
 _Z_IMAGE_GUIDANCE = 5.0
-# ZImagePipeline's max_sequence_length, given to encode_prompt.
-_Z_IMAGE_TOKENS = 512
-# The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
-# inpainting and Edit inpainting ones (they blend), the Edit and Edit Plus ones (and Edit
-# inpainting), the image their own (first) reference, and the ControlNet and ControlNet
-# inpainting ones, the controlnet on a control image (and a mask); the Layered one gives
-# the transformer more than the latents, the prompt, reference images and one
-# controlnet's residuals.
-_QWEN_EDIT = "QwenImageEditPipeline"
-_QWEN_EDIT_PLUS = "QwenImageEditPlusPipeline"
-_QWEN_PIPELINES = (
-    "QwenImagePipeline",
-    "QwenImageImg2ImgPipeline",
-    "QwenImageInpaintPipeline",
-    _QWEN_EDIT,
-    _QWEN_EDIT_PLUS,
-    _QWEN_EDIT_INPAINT,
-    "QwenImageControlNetPipeline",
-    "QwenImageControlNetInpaintPipeline",
-)
 # StableDiffusion3Pipeline's mu of dynamic shifting: its scheduler config's fields, with the
 # pipeline's own defaults where the config lacks one (its max_shift, 1.16, is not the
 # scheduler's 1.15).
@@ -266,18 +224,6 @@ _FLUX_GUIDANCE = 3.5
 _FLUX2_GUIDANCE = 4.0
 # ChromaPipeline's default guidance_scale: true CFG, with the negative prompt "".
 _CHROMA_GUIDANCE = 5.0
-# ChromaPipeline's (and ChromaImg2ImgPipeline's) T5 tokens, max_sequence_length: given to
-# encode_prompt, whose default in ChromaInpaintPipeline is 256, so that the edit through
-# that pipeline's parts is the plain pipeline's.
-_CHROMA_TOKENS = 512
-# QwenImagePipeline's max_sequence_length (and its img2img, inpainting and Edit siblings'):
-# the prompt's tokens kept, given to encode_prompt, whose own default keeps 1024.
-_QWEN_TOKENS = 512
-# The static methods of FluxPipeline that make its state and positions.
-_FLUX_METHODS = ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids")
-# The pipelines that give their Flux transformer a reference image's tokens (the inpainting
-# one the image itself, where it has no image_reference, as the other's image=).
-_KONTEXT = ("FluxKontextPipeline", "FluxKontextInpaintPipeline")
 
 
 @dataclass(frozen=True)
@@ -320,118 +266,6 @@ class EditResult:
 
 
 # ------------------------------------------------------------------------ checks
-
-
-def _is_text(prompt: Any) -> bool:
-    return isinstance(prompt, str) or (
-        isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt)
-    )
-
-
-def _is_pair(prompt: Any) -> bool:
-    """Whether ``prompt`` is SDXL's, SD3's or Flux's embeddings: (prompt_embeds,
-    pooled_prompt_embeds); or Qwen-Image's, (prompt_embeds, prompt_embeds_mask)."""
-    return (
-        isinstance(prompt, (list, tuple))
-        and len(prompt) == 2
-        and all(isinstance(p, Tensor) for p in prompt)
-    )
-
-
-@dataclass(frozen=True)
-class _Takes:
-    """What the pipeline's network takes for a prompt, for ``_check_prompt``'s checks and words.
-
-    Attributes:
-        model: ``"unet"`` or ``"transformer"``.
-        pipeline: ``"SDXL"``, ``"SD3"`` or ``"Flux"``, whose prompt embeddings come as the
-            pair ``(prompt_embeds, pooled_prompt_embeds)``, or ``"Qwen-Image"``, as
-            ``(prompt_embeds, prompt_embeds_mask)`` (``second`` names the pair's second,
-            ``second_says`` says what it is); None for Stable Diffusion's one tensor.
-            ``article`` goes before its name.
-        cross_name: the model's config field of the embeddings' width, ``cross_dim`` its value.
-        pooled_dim: the pooled embeddings' width; ``pooled_says`` says so after "the model's".
-        outputs: which of ``encode_prompt``'s outputs the pair is.
-    """
-
-    model: str
-    pipeline: str | None
-    cross_name: str
-    cross_dim: int | None
-    pooled_dim: int | None = None
-    pooled_says: str = ""
-    outputs: str = "first and third"
-    article: str = "an"
-    second: str = "pooled_prompt_embeds"
-    second_says: str = "the pooled embeddings"
-
-
-def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
-    """A prompt is a string, a list of 1 or ``batch`` strings, or embeddings (1 or batch, L, D)
-    with D = ``takes.cross_dim``; for SDXL, SD3 and Flux the pair of those and the pooled
-    embeddings (1 or batch, ``takes.pooled_dim``); for Qwen-Image the pair of those and their
-    mask, of shape (the embeddings' batch, L)."""
-    if isinstance(prompt, str):
-        return
-    paired = takes.pipeline is not None
-    if paired and _is_pair(prompt):
-        embeds, pooled = prompt
-        _check_prompt(embeds, f"{name}[0]", batch, replace(takes, pipeline=None))
-        if takes.second == _QWEN_MASK:
-            # encode_prompt views the mask as the embeddings' (batch, L).
-            if pooled.shape != embeds.shape[:2]:
-                raise ValueError(
-                    f"{name}[1], the {_QWEN_MASK}, must have shape {tuple(embeds.shape[:2])}, "
-                    f"one entry per token of {name}[0] (1 valid, 0 padding), as "
-                    f"QwenImagePipeline's encode_prompt returns it; got {tuple(pooled.shape)}"
-                )
-            return
-        if pooled.ndim != 2 or pooled.shape[0] not in (1, batch):
-            raise ValueError(
-                f"{name}[1], the pooled embeddings, must have shape (1 or {batch}, dim), got "
-                f"{tuple(pooled.shape)}"
-            )
-        if takes.pooled_dim is not None and pooled.shape[1] != takes.pooled_dim:
-            raise ValueError(
-                f"{name}[1], the pooled embeddings, have dim {pooled.shape[1]}, but the "
-                f"{takes.model}'s {takes.pooled_says}"
-            )
-        return
-    tensor = f"the pair (prompt_embeds, {takes.second})" if paired else "a tensor"
-    if isinstance(prompt, (list, tuple)):
-        if not prompt or not all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"{name} must be a string, a non-empty list of strings or {tensor}")
-        if len(prompt) not in (1, batch):
-            raise ValueError(
-                f"{name} has {len(prompt)} prompts for {batch} images; give 1 (shared) or {batch}"
-            )
-        return
-    if paired:
-        what = type(prompt).__name__
-        if isinstance(prompt, Tensor):
-            what = (
-                f"one tensor: {takes.article} {takes.pipeline} {takes.model} also needs "
-                f"{takes.second_says}"
-            )
-        raise TypeError(
-            f"{name} must be a string, a list of strings or {tensor} as the {takes.pipeline} "
-            f"pipeline's encode_prompt returns them (its {takes.outputs} outputs), got {what}"
-        )
-    if not isinstance(prompt, Tensor):
-        raise TypeError(
-            f"{name} must be a string, a list of strings or prompt embeddings (a tensor of shape "
-            f"(batch, tokens, dim)), got {type(prompt).__name__}"
-        )
-    if prompt.ndim != 3 or prompt.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} as embeddings must have shape (1 or {batch}, tokens, dim), got "
-            f"{tuple(prompt.shape)}"
-        )
-    if takes.cross_dim is not None and prompt.shape[-1] != takes.cross_dim:
-        raise ValueError(
-            f"{name} embeddings have dim {prompt.shape[-1]}, but the {takes.model}'s "
-            f"{takes.cross_name} is {takes.cross_dim}"
-        )
 
 
 def _image_tensor(image: Any, channels: int) -> tuple[Tensor, str]:
@@ -507,41 +341,6 @@ def _reference_pixels(
             )
         references.append(pixels)
     return references
-
-
-def _network(pipe: Any) -> tuple[Any, str]:
-    """The pipeline's unet (then ``"unet"``), or its SD3, Flux, Flux.2, Qwen-Image or Z-Image
-    transformer (``"sd3"``, ``"flux"``, ``"flux2"``, ``"qwen"``, ``"zimage"``; Chroma's,
-    called as Flux's on the same packed latents, is ``"flux"`` too)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        return unet, "unet"
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise ValueError(
-            f"the pipeline has neither a unet nor a transformer ({type(pipe).__name__}.unet and "
-            ".transformer are missing or None); edit_image needs one to invert and regenerate "
-            "the latents"
-        )
-    names = [c.__name__ for c in type(transformer).__mro__]
-    if _SD3 in names:
-        return transformer, "sd3"
-    if _FLUX in names or _CHROMA in names:
-        return transformer, "flux"
-    if _QWEN in names:
-        return transformer, "qwen"
-    if _Z_IMAGE in names:
-        return transformer, "zimage"
-    if _FLUX2 in names:
-        return transformer, "flux2"
-    raise ValueError(
-        f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
-        f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
-        f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline), Qwen-Image's "
-        f"{_QWEN} (QwenImagePipeline), Flux.2's {_FLUX2} (Flux2Pipeline, "
-        f"Flux2KleinPipeline) and Z-Image's {_Z_IMAGE} (ZImagePipeline), and besides them "
-        "the unets of Stable Diffusion and SDXL"
-    )
 
 
 @dataclass(frozen=True)
@@ -681,186 +480,523 @@ def _check_number(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def _check_guidance(
+    pipe: Any,
+    net: _Network,
+    guidance_scale: float | None,
+    guidance: float | None,
+    negative_prompt: Any,
+) -> tuple[float, float | None, bool]:
+    """``guidance_scale`` (the family's pipeline's default where None) and the embedded
+    ``guidance`` (FLUX.1-dev's or FLUX.2-dev's default where None; None where the network
+    embeds none), checked, and whether classifier-free guidance is on (a negative prompt
+    given for it)."""
+    unet_config, chroma, model = net.config, net.chroma, net.model
+    flux, qwen, flux2 = net.kind == "flux", net.kind == "qwen", net.kind == "flux2"
+    zimage = net.kind == "zimage"
+    # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
+    # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none. So does
+    # QwenImagePipeline: its true_cfg_scale (4) acts only with a negative prompt, None by
+    # default. FLUX.2-dev embeds its guidance too; Flux2KleinPipeline's guidance_scale is
+    # true CFG (4), unless its config says is_distilled.
+    guidance_embeds = (flux and bool(unet_config.get("guidance_embeds", False))) or (
+        flux2 and _flux2_embeds_guidance(unet_config)
+    )
+    klein = flux2 and not guidance_embeds
+    if guidance_scale is None:
+        distilled = isinstance(getattr(pipe, "config", None), Mapping) and bool(
+            pipe.config.get("is_distilled", False)
+        )
+        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux or qwen or flux2 else 7.5
+        if klein and not distilled:
+            guidance_scale = _FLUX2_GUIDANCE
+        if zimage:
+            guidance_scale = _Z_IMAGE_GUIDANCE
+    _check_number(guidance_scale, "guidance_scale")
+    if zimage and guidance_scale < 0:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale}: ZImagePipeline's CFG, c + g (c - u), runs for "
+            "a scale above 0 and not at 0 (Z-Image-Turbo's); give 0 for no CFG"
+        )
+    if guidance is not None and not guidance_embeds:
+        if klein:
+            raise ValueError(
+                "the transformer has guidance_embeds = False (FLUX.2-klein's) and embeds no "
+                "guidance scale; leave guidance out (Flux2KleinPipeline's guidance_scale is "
+                f"true CFG, edit_image's guidance_scale, {_FLUX2_GUIDANCE:g} by default, with "
+                "negative_prompt)"
+            )
+        if chroma:
+            raise ValueError(
+                "Chroma's transformer embeds no guidance scale; ChromaPipeline's guidance_scale "
+                f"is true CFG, edit_image's guidance_scale ({_CHROMA_GUIDANCE:g} by default, with "
+                "negative_prompt): leave guidance out"
+            )
+        if flux:
+            raise ValueError(
+                "the transformer has guidance_embeds = False (a timestep-distilled model such "
+                "as Flux.1-schnell) and embeds no guidance scale; leave guidance out (true "
+                "classifier-free guidance is guidance_scale with negative_prompt)"
+            )
+        raise ValueError(
+            f"guidance is the guidance scale Flux.1-dev's transformer embeds; the {model} "
+            "embeds none: leave it out (classifier-free guidance is guidance_scale)"
+        )
+    if guidance_embeds:
+        guidance = (_FLUX2_GUIDANCE if flux2 else _FLUX_GUIDANCE) if guidance is None else guidance
+        _check_number(guidance, "guidance")
+    # ZImagePipeline's CFG is off at 0, the others' at 1.
+    unguided = 0 if zimage else 1
+    guided = guidance_scale != unguided
+    if guided and negative_prompt is None:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale} needs the unconditional branch: give "
+            "negative_prompt (a string, '' for the usual one, or its embeddings), or "
+            f"guidance_scale={unguided}"
+        )
+    return guidance_scale, guidance, guided
+
+
+def _check_options(
+    rule: str,
+    state_dtype: torch.dtype | str,
+    solver: Any,
+    gamma: float | None,
+    kind: str,
+    output_type: str | None,
+) -> tuple[torch.dtype, BidirectionalWrapper]:
+    """The edit rule and output type checked; the state dtype and the BDIA solver (by
+    default over DDIM for a unet, Euler for a flow transformer)."""
+    if rule not in EDIT_RULES:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
+    dtype = _state_dtype(state_dtype)
+    if dtype is None or dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {dtype}")
+    # Euler in flow matching: the same step as DDIM there, in the scheduler's own arithmetic.
+    wrapped = _solver(("ddim" if kind == "unet" else "euler") if solver is None else solver, gamma)
+    if output_type is not None and output_type not in _OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+    return dtype, wrapped
+
+
+def _check_image(pipe: Any, vae: Any, net: _Network, image: Any) -> tuple[Tensor, str, _Sizes]:
+    """The image as ``_image_tensor`` makes it, and its kind, refused where its size is not
+    one the network takes; and the sizes it takes."""
+    sizes = _image_sizes(pipe, vae, net.config, net.kind)
+    factor = sizes.factor
+    pixels, kind = _image_tensor(image, vae.config.get("in_channels", 3))
+    _, _, height, width = pixels.shape
+    if height % factor or width % factor:
+        raise ValueError(
+            f"the image is {width} x {height} (W x H), not a multiple of {sizes.what}; resize or "
+            f"crop it to, e.g., {width // factor * factor or factor} x "
+            f"{height // factor * factor or factor}"
+        )
+    if sizes.patches is not None and max(height, width) > sizes.patches * factor:
+        # The transformer would refuse it only after the VAE has run.
+        raise ValueError(
+            f"the image is {width} x {height} (W x H), more than the {sizes.patches} patches a "
+            f"side that the transformer embeds (pos_embed_max_size = {sizes.patches}); resize "
+            f"it to at most {sizes.patches * factor} a side"
+        )
+    return pixels, kind, sizes
+
+
+def _check_image_prompt_batch(
+    net: _Network, ip_adapter_image_embeds: Any, guided: bool, batch: int
+) -> None:
+    """An embedded image prompt's batch is 1 or the image's (both halves under guidance)."""
+    adapters, sd3_image = net.adapters, net.sd3_image
+    if adapters is not None and ip_adapter_image_embeds is not None:
+        _check_embeds_batch(ip_adapter_image_embeds, guided, batch)
+    elif sd3_image and isinstance(ip_adapter_image_embeds, Tensor):  # SD3's one tensor
+        _check_embeds_batch([ip_adapter_image_embeds], guided, batch)
+
+
+def _image_conditions(
+    pipe: Any,
+    net: _Network,
+    shape: torch.Size,
+    control_image: Any,
+    mask_image: Any,
+    control_settings: Mapping[str, Any],
+    num_inference_steps: int,
+    device: torch.device,
+) -> tuple[Any, dict[str, Any], Tensor | None, bool]:
+    """The conditions on images that both ODEs take, checked for an image batch of
+    ``shape``: the mask's (``_mask_condition``'s), the controlnet's arguments
+    (``_control_kwargs``'), the control image's pixels where its latents come once the VAE
+    may run (a Flux Depth or Canny transformer's, or a Flux, SD3 or Qwen-Image controlnet's,
+    whose ``controlnet_cond`` is taken out of the arguments), and whether the mask goes to
+    an inpainting controlnet (SD3's or Qwen-Image's)."""
+    unet_config, model, inpaint, chroma = net.config, net.model, net.inpaint, net.chroma
+    fill, flux_control, fill_channels = net.fill, net.flux_control, net.fill_channels
+    sd3, flux, qwen, flux2 = (net.kind == k for k in ("sd3", "flux", "qwen", "flux2"))
+    control_pixels = None
+    if flux_control:
+        if control_image is None:
+            raise ValueError(
+                f"the pipeline's transformer is a Depth or Canny one (in_channels = "
+                f"{unet_config.get('in_channels')}: the packed latents and a control image's); "
+                "give control_image, the depth map or edge image that guides it, as "
+                "FluxControlPipeline's control_image"
+            )
+        control_pixels = _flux_control_image(
+            pipe, control_image, shape, device, "FluxControlPipeline"
+        )
+    channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
+    if flux2:
+        channels += ", the packed latents alone"
+    elif not (flux or inpaint):
+        channels += ", the vae's latents alone"
+    if flux_control:
+        channels += f", the packed latents and a control image's (a Fill one takes {fill_channels})"
+    elif chroma:  # Chroma has no Fill transformer to point to
+        channels += ", the packed latents alone"
+    elif flux and not fill:
+        channels += f", the packed latents alone (a Fill transformer takes {fill_channels})"
+    if fill and mask_image is None:
+        raise ValueError(
+            f"the pipeline's transformer is a Fill one (in_channels = {fill_channels}: the "
+            "packed latents, the masked image's and the mask); give mask_image, white (1) "
+            "where the edit may repaint, as FluxFillPipeline's mask_image"
+        )
+    # SD3's and Qwen-Image's inpainting controlnets take the mask and the masked image in
+    # their control latents.
+    controlnet = getattr(pipe, "controlnet", None)
+    mask_control = (sd3 and _sd3_inpainting(controlnet)) or (qwen and _qwen_inpainting(controlnet))
+    if mask_control and mask_image is None:
+        field = "extra_condition_channels = 4" if qwen else "extra_conditioning_channels = 1"
+        raise ValueError(
+            f"the pipeline's controlnet takes a mask ({field}, the inpainting kind); give "
+            "mask_image, white (1) where the edit may "
+            "repaint (the pipeline's control_mask), and control_image, the image kept outside "
+            "it (as a rule the image itself)"
+        )
+    condition = _mask_condition(
+        pipe, mask_image, inpaint or fill or mask_control, channels, shape, mask_control
+    )
+    # A Flux Depth or Canny transformer's control image is no controlnet's.
+    control = _control_kwargs(
+        pipe,
+        model,
+        None if flux_control else control_image,
+        control_settings,
+        num_inference_steps,
+        shape,
+        device,
+        inpaint,
+    )
+    if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
+        control_pixels = control.pop("controlnet_cond")
+    return condition, control, control_pixels, mask_control
+
+
+def _probe_cond(
+    net: _Network,
+    guidance: float | None,
+    z_options: Mapping[str, Any],
+    control: Mapping[str, Any],
+    latent_size: tuple[int, int],
+    img_shapes: list[list[tuple[int, int, int]]],
+    lengths: bool,
+    references: list[Tensor],
+    image_given: bool,
+) -> dict[str, Any]:
+    """The network's arguments as ``from_diffusers`` checks them before any network runs:
+    stand-ins of the prompts', the image conditions' and the image prompt's."""
+    unet_config, chroma, xl, inpaint = net.config, net.chroma, net.xl, net.inpaint
+    latent = net.latent
+    fill, kontext, flux_control, qwen_edit = net.fill, net.kontext, net.flux_control, net.qwen_edit
+    adapters, sd3_image = net.adapters, net.sd3_image
+    sd3, flux, qwen, flux2 = (net.kind == k for k in ("sd3", "flux", "qwen", "flux2"))
+    zimage = net.kind == "zimage"
+    probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
+    if chroma:
+        probe_cond = _chroma_probe_cond(unet_config)
+    if flux2:
+        probe_cond = _flux2_probe_cond(unet_config, guidance)
+    if qwen:
+        probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
+    if zimage:  # a stand-in prompt of one token; the CFG options checked as given
+        dim = unet_config.get("cap_feat_dim")
+        probe_cond = {"cap_feats": [torch.zeros(1, dim if isinstance(dim, int) else 1)]}
+        probe_cond.update(z_options)
+    if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
+        config = control["controlnet"].config
+        # Qwen-Image's inpainting controlnet takes the packed mask too.
+        extra = config.get("extra_condition_channels", 0) if qwen else 0
+        probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"] + extra)
+        if sd3:  # latents of the controlnet's channels
+            channels = config.get("in_channels", 16) + config.get("extra_conditioning_channels", 0)
+            probe_cond["controlnet_cond"] = torch.zeros(1, channels, 1, 1)
+    elif control:
+        probe_cond = _control_probe_cond(xl)
+    if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
+        probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
+        probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
+    if fill or kontext or flux_control or qwen_edit:
+        layout = "fill" if fill else "control" if flux_control else "kontext"
+        probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
+    if references:  # the stand-in holds every reference's tokens
+        tokens = sum(f * h * w for f, h, w in img_shapes[0][1:])
+        probe_cond["image_latents"] = torch.zeros(1, tokens, unet_config["in_channels"])
+    if adapters is not None:  # stand-ins of the image prompt, one per adapter
+        probe_cond = _with_image_prompt(probe_cond, [torch.zeros(1, 1, 1)] * adapters, flux)
+    elif sd3_image and image_given:
+        probe_cond = _with_image_prompt(probe_cond, torch.zeros(1, 1, 1), True)
+    return probe_cond
+
+
+def _edit_grid(
+    scheduler: Any,
+    net: _Network,
+    num_inference_steps: int,
+    probe: DiffusionODE,
+    mu: float | None,
+    latent_size: tuple[int, int],
+    patch: int | None,
+) -> Tensor:
+    """The grid of the family's pipeline: its scheduler's, shifted by its ``mu`` for the
+    image's size where the scheduler shifts dynamically (and ``mu`` is not given), on the
+    pipeline's own sigmas where it sets them (Flux's, Qwen-Image's, Flux.2's, Z-Image's)."""
+    sd3, flux, qwen, flux2 = (net.kind == k for k in ("sd3", "flux", "qwen", "flux2"))
+    zimage = net.kind == "zimage"
+    rows, cols = (n // _FLUX_PACKING for n in latent_size)
+    if (
+        (sd3 or flux or qwen or zimage)
+        and mu is None
+        and scheduler.config.get("use_dynamic_shifting")
+    ):
+        # QwenImagePipeline's and ZImagePipeline's calculate_shift and defaults are
+        # FluxPipeline's.
+        fields = _SHIFT_FIELDS if sd3 else _FLUX_SHIFT_FIELDS
+        mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
+    if flux2 and mu is None and scheduler.config.get("use_dynamic_shifting"):
+        mu = _flux2_mu(rows * cols, check_steps(num_inference_steps, "num_inference_steps"))
+    sigmas: Any = None
+    if flux or qwen or flux2:  # FluxPipeline's (QwenImagePipeline's) own sigmas, shifted
+        steps = check_steps(num_inference_steps, "num_inference_steps")
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    grid_scheduler = scheduler
+    if zimage:  # the installed ZImagePipeline's: its own sigmas, or the scheduler's to 0
+        steps = check_steps(num_inference_steps, "num_inference_steps")
+        grid_scheduler, sigmas = _z_image_grid_inputs(scheduler, steps)
+    return _grid(grid_scheduler, num_inference_steps, probe, mu, sigmas)
+
+
 # ------------------------------------------------------------------- the parts
 
 
-def _embed(pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None) -> Tensor:
-    if isinstance(prompt, Tensor):
-        embeds = prompt.to(device)
-    else:
-        text = prompt if isinstance(prompt, str) else list(prompt)
-        embeds, _ = pipe.encode_prompt(text, device, 1, False)
-    return embeds if dtype is None else embeds.to(dtype)
-
-
-def _embed_pair(
-    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None, sd3: bool = False
-) -> tuple[Tensor, Tensor]:
-    """SDXL's or SD3's prompt embeddings (B, L, D) and pooled embeddings (B, P), in ``dtype``."""
-    if _is_pair(prompt):
-        embeds, pooled = (p.to(device) for p in prompt)
-    else:
-        text = prompt if isinstance(prompt, str) else list(prompt)
-        # The same text goes to every encoder (the pipeline's default without prompt_2 and,
-        # for SD3, prompt_3; SD3's pipeline puts zeros in T5's place without text_encoder_3).
-        others = {"prompt_2": None, "prompt_3": None} if sd3 else {}
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            text,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            **others,
-        )
-    return (embeds, pooled) if dtype is None else (embeds.to(dtype), pooled.to(dtype))
-
-
-def _embed_flux(
-    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
-) -> dict[str, Tensor]:
-    """Flux's transformer arguments of a prompt: ``encoder_hidden_states`` (B, L, D) and
-    ``pooled_projections`` (B, P) in ``dtype``, and ``txt_ids`` (L, 3) as FluxPipeline's
-    ``encode_prompt`` makes them (in the text encoder's dtype), for text or for a pair of
-    embeddings alike, as the pipeline calls it."""
-    if _is_pair(prompt):
-        embeds, pooled = (p.to(device) for p in prompt)
-        # prompt_2 by name: FluxPipeline's encode_prompt requires it before diffusers 0.35.
-        out = pipe.encode_prompt(
-            None, prompt_2=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device
-        )
-    else:
-        text = prompt if isinstance(prompt, str) else list(prompt)
-        # The same text to CLIP (pooled) and T5 (the embeddings), the pipeline's default
-        # without prompt_2, and its max_sequence_length.
-        out = pipe.encode_prompt(text, prompt_2=None, device=device, num_images_per_prompt=1)
-    embeds, pooled, text_ids = out
-    if dtype is not None:
-        embeds, pooled = embeds.to(dtype), pooled.to(dtype)
-    return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
-
-
-def _embed_chroma(
-    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None, tokens: int
-) -> dict[str, Tensor]:
-    """Chroma's transformer arguments of a text prompt, as ChromaPipeline makes them:
-    ``encoder_hidden_states`` (B, L, D) in ``dtype``, ``txt_ids`` (L, 3), and
-    ``attention_mask`` (B, L + ``tokens``): ``encode_prompt``'s mask (the prompt's tokens and
-    its first padding token) followed by ones for the ``tokens`` image tokens, by the
-    pipeline's ``_prepare_attention_mask`` in the embeddings' dtype as encoded; ``L`` is
-    ChromaPipeline's 512 T5 tokens, for every Chroma pipeline's parts."""
-    text = prompt if isinstance(prompt, str) else list(prompt)
-    embeds, text_ids, mask, *_ = pipe.encode_prompt(
-        text,
-        device=device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=False,
-        max_sequence_length=_CHROMA_TOKENS,
-    )
-    mask = pipe._prepare_attention_mask(mask.shape[0], tokens, embeds.dtype, mask)
-    if dtype is not None:
-        embeds = embeds.to(dtype)
-    return {"encoder_hidden_states": embeds, "txt_ids": text_ids, "attention_mask": mask}
-
-
-def _embed_qwen(
-    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None, lengths: bool
+def _embed_prompt(
+    pipe: Any,
+    prompt: Any,
+    net: _Network,
+    device: torch.device,
+    embed_dtype: torch.dtype | None,
+    time_ids: Tensor,
+    image_tokens: int,
+    lengths: bool,
 ) -> dict[str, Any]:
-    """Qwen-Image's transformer arguments of a prompt, text or the pair ``(prompt_embeds,
-    prompt_embeds_mask)`` alike, as QwenImagePipeline makes them with its ``encode_prompt``:
-    ``encoder_hidden_states`` (B, L, D) in ``dtype`` and ``encoder_hidden_states_mask`` (B,
-    L) as returned (None where every token is valid: ``encode_prompt`` drops an all-ones
-    mask), under the key even then, so that the negative call never inherits the
-    conditional one's. With ``lengths`` (diffusers 0.35's and 0.36's transformer) also
-    ``txt_seq_lens``, the mask's row sums as their pipeline passes them (every token where
-    the mask is None). A prompt keeps its first 512 tokens, as the pipeline's
-    ``max_sequence_length``."""
-    tokens = _QWEN_TOKENS
-    if _is_pair(prompt):
-        embeds, mask = (p.to(device) for p in prompt)
-        out = pipe.encode_prompt(
-            None,
-            device=device,
-            prompt_embeds=embeds,
-            prompt_embeds_mask=mask,
-            max_sequence_length=tokens,
-        )
-    else:
-        text = prompt if isinstance(prompt, str) else list(prompt)
-        out = pipe.encode_prompt(
-            text, device=device, num_images_per_prompt=1, max_sequence_length=tokens
-        )
-    embeds, mask = out
-    cond = {
-        "encoder_hidden_states": embeds if dtype is None else embeds.to(dtype),
-        "encoder_hidden_states_mask": mask,
-    }
-    if lengths:
-        rows, tokens = embeds.shape[:2]
-        cond["txt_seq_lens"] = [tokens] * rows if mask is None else mask.sum(dim=1).tolist()
-    return cond
+    """The unet (transformer) arguments of one branch of guidance: ``prompt`` embedded in
+    ``embed_dtype`` on ``device``, as the network's family takes it (SDXL's with the
+    ``time_ids``, Chroma's masked over its ``image_tokens``, Qwen-Image's with the text
+    lengths where ``lengths``)."""
+    sd3, flux, qwen, flux2 = (net.kind == k for k in ("sd3", "flux", "qwen", "flux2"))
+    if net.xl:
+        return _xl_cond(*_embed_pair(pipe, prompt, device, embed_dtype), time_ids)
+    if sd3:
+        embeds, pooled = _embed_pair(pipe, prompt, device, embed_dtype, sd3=True)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    if net.chroma:
+        return _embed_chroma(pipe, prompt, device, embed_dtype, image_tokens)
+    if flux:
+        return _embed_flux(pipe, prompt, device, embed_dtype)
+    if qwen:
+        return _embed_qwen(pipe, prompt, device, embed_dtype, lengths)
+    if net.kind == "zimage":
+        return _embed_z_image(pipe, prompt, device, embed_dtype)
+    if flux2:
+        return _embed_flux2(pipe, prompt, device, embed_dtype)
+    return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
 
-def _check_z_image_prompt(prompt: Any, name: str, batch: int, width: Any) -> None:
-    """A Z-Image prompt is a string, a list of 1 or ``batch`` strings, or a list of 1 or
-    ``batch`` embeddings ``(L_i, width)``, as ``ZImagePipeline.encode_prompt`` returns its
-    ``prompt_embeds``."""
-    if isinstance(prompt, str):
-        return
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise TypeError(
-            f"{name} must be a string, a non-empty list of strings or {_Z_IMAGE_HOW}, got "
-            f"{type(prompt).__name__}"
+def _image_prompt(
+    pipe: Any,
+    net: _Network,
+    ip_adapter_image: Any,
+    ip_adapter_image_embeds: Any,
+    guided: bool,
+    size: tuple[int, int],
+    device: torch.device,
+) -> tuple[Any, Any]:
+    """The image prompt's embeddings for the conditional and the unconditional branch, made
+    by the pipeline once (the batch expands them); (None, None) without one. ``size`` is
+    the image's (W, H), Flux's all-zero negative image's."""
+    adapters, sd3_image, flux = net.adapters, net.sd3_image, net.kind == "flux"
+    image_given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
+    width, height = size
+    image_prompt: tuple[Any, Any] = (None, None)
+    if adapters is not None:
+        # The pipeline's own embeddings of the image prompt, once (the batch expands
+        # them); under guidance each is [negative, positive], as the pipeline stacks them.
+        if flux:
+            made = _flux_image_prompt(
+                pipe, ip_adapter_image, ip_adapter_image_embeds, guided, (width, height), device
+            )
+        else:
+            made = pipe.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
+            )
+        halves = [e.chunk(2) for e in made] if guided else [(None, e) for e in made]
+        image_prompt = ([p for _, p in halves], [n for n, _ in halves])
+    elif sd3_image and image_given:
+        # StableDiffusion3Pipeline's one tensor, [negative, positive] under guidance.
+        one = pipe.prepare_ip_adapter_image_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
         )
-    if not _is_text(prompt):
-        _check_cap_feats(prompt, width, name)
-    if len(prompt) not in (1, batch):
-        raise ValueError(
-            f"{name} has {len(prompt)} prompts for {batch} images; give 1 (shared) or {batch}"
-        )
+        image_prompt = tuple(reversed(one.chunk(2))) if guided else (one, None)
+    return image_prompt
 
 
-def _embed_z_image(
-    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+def _guide(
+    cond: dict[str, Any],
+    negative_cond: dict[str, Any] | None,
+    image_prompt: tuple[Any, Any],
+    joint: bool,
+    guidance_scale: float | None,
+    time_ids: Tensor,
 ) -> dict[str, Any]:
-    """Z-Image's transformer argument of a prompt, ``cap_feats``: a list of one ``(L_i, D)``
-    embedding per prompt, in ``dtype``; text through the pipeline's ``encode_prompt`` (its
-    valid tokens of ``max_sequence_length`` 512, the pipeline's), embeddings as given, as
-    ``encode_prompt`` passes them on."""
-    if _is_text(prompt):
-        # A copy: encode_prompt writes the chat template over the list's strings.
-        text = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds, _ = pipe.encode_prompt(
-            text,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=_Z_IMAGE_TOKENS,
+    """One branch's arguments with the image prompt and, under guidance (a
+    ``guidance_scale``), the unconditional branch: ``negative_cond``, or SDXL's zeros where
+    it is None. ``joint``: the image prompt goes in ``joint_attention_kwargs``."""
+    guided = guidance_scale is not None
+    cond = _with_image_prompt(cond, image_prompt[0], joint)
+    if not guided:
+        return cond
+    negative = negative_cond
+    if negative is None:  # SDXL's zeros, of the prompt's token count
+        embeds = cond["encoder_hidden_states"]
+        pooled = cond["added_cond_kwargs"]["text_embeds"]
+        negative = _xl_cond(torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]), time_ids)
+    negative = _with_image_prompt(negative, image_prompt[1], joint)
+    return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
+
+
+def _call_kwargs(
+    pipe: Any,
+    vae: Any,
+    net: _Network,
+    source_cond: Mapping[str, Any],
+    pixels: Tensor,
+    *,
+    img_shapes: list[list[tuple[int, int, int]]],
+    z_options: Mapping[str, Any],
+    guidance: float | None,
+    condition: Any,
+    control: Mapping[str, Any],
+    control_pixels: Tensor | None,
+    mask_control: bool,
+    references: list[Tensor],
+    latent_size: tuple[int, int],
+    embed_dtype: torch.dtype | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The network's arguments common to both ODEs and both branches of guidance, as the
+    family's pipeline passes them: the latents' positions and the embedded guidance, and the
+    image conditions' latents (the mask's and masked image's, the control image's, the
+    reference image's), made of ``pixels`` (on ``device``) by the VAE."""
+    xl, fill, kontext, qwen_edit = net.xl, net.fill, net.kontext, net.qwen_edit
+    sd3, flux, qwen, flux2 = (net.kind == k for k in ("sd3", "flux", "qwen", "flux2"))
+    zimage = net.kind == "zimage"
+    batch = pixels.shape[0]
+    rows, cols = (n // _FLUX_PACKING for n in latent_size)
+    # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
+    # the latents' positions, in the embeddings' dtype, and the embedded guidance.
+    shared: dict[str, Any] = {"img_shapes": img_shapes} if qwen else {}
+    if zimage:
+        shared.update(z_options)
+    if flux:
+        ids_dtype = source_cond["encoder_hidden_states"].dtype
+        shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
+        if guidance is not None:
+            shared["guidance"] = guidance
+    if flux2:  # Flux2Pipeline's ids (B, tokens, 4) of the patchified latents' shape
+        shared["img_ids"] = pipe._prepare_latent_ids(torch.zeros(batch, 1, rows, cols))
+        shared["img_ids"] = shared["img_ids"].to(device)
+        if guidance is not None:
+            shared["guidance"] = guidance
+    if condition is not None and fill:
+        dtype = embed_dtype or torch.float32
+        shared.update(_fill_kwargs(pipe, vae, condition, pixels, dtype, device))
+    elif condition is not None and not mask_control:
+        # In the unet's dtype, as the pipelines make them (of the prompt embeddings').
+        shared.update(
+            _inpaint_kwargs(pipe, vae, condition, pixels, embed_dtype or torch.float32, xl, device)
         )
-    else:
-        embeds = list(prompt)
-    return {"cap_feats": [e.to(device) if dtype is None else e.to(device, dtype) for e in embeds]}
+    if control_pixels is not None:
+        # A Depth or Canny transformer's channels, or FluxControlNetPipeline's controlnet's.
+        name = "controlnet_cond" if control else "control_latents"
+        if sd3:
+            shared[name] = _sd3_control_latents(pipe, vae, control_pixels, condition)
+        elif qwen:
+            shared[name] = _qwen_control_latents(pipe, vae, control_pixels, condition)
+        else:
+            shared[name] = _flux_control_latents(pipe, vae, control_pixels)
+    if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
+        shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
+    if qwen_edit:  # so is it for QwenImageEditPipeline(image=...), as its prompts' dtype
+        embeds_dtype = source_cond["encoder_hidden_states"].dtype
+        shared["image_latents"] = _qwen_edit_reference(
+            pipe, pixels, embeds_dtype, device, references
+        )
+    return shared
 
 
-def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:
-    """The unet arguments of one SDXL branch."""
-    return {
-        "encoder_hidden_states": embeds,
-        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
-    }
+def _encode_latents(
+    pipe: Any,
+    vae: Any,
+    net: _Network,
+    pixels: Tensor,
+    state_dtype: torch.dtype,
+    latent_size: tuple[int, int],
+) -> Tensor:
+    """The image's latents, the state: encoded and (Flux's, Qwen-Image's, Flux.2's) packed
+    as the family's pipeline encodes an image, in ``state_dtype``."""
+    if net.kind == "qwen":
+        return _qwen_encode(pipe, vae, net, pixels, state_dtype, latent_size)
+    if net.kind == "zimage":
+        return _z_image_encode(vae, pixels, state_dtype)
+    if net.kind == "flux2":  # as Flux.2's pipelines encode their reference images
+        return _flux2_encode(pipe, pixels, state_dtype)
+    with _float32_vae(vae, net.xl, encoding=True):
+        latents = _encode(vae, pixels, state_dtype)
+    if net.kind == "flux":
+        latents = pipe._pack_latents(latents, *latents.shape)
+    return latents
 
 
-def _empty(prompt: Any) -> bool:
-    """Whether ``prompt`` is the empty text: ``""`` or a list of them."""
-    return _is_text(prompt) and all(
-        p == "" for p in ([prompt] if isinstance(prompt, str) else prompt)
-    )
-
-
-def _pooled_dim(unet_config: Mapping[str, Any]) -> int | None:
-    """The pooled width the SDXL unet's added embedding takes beside its six time ids."""
-    total = unet_config.get("projection_class_embeddings_input_dim")
-    per_id = unet_config.get("addition_time_embed_dim")
-    if not isinstance(total, int) or not isinstance(per_id, int):
-        return None
-    return total - _TIME_IDS * per_id
+def _decode_latents(
+    pipe: Any,
+    vae: Any,
+    net: _Network,
+    latents: Tensor,
+    img_ids: Tensor | None,
+    size: tuple[int, int],
+    vae_factor: int,
+) -> Tensor:
+    """``_encode_latents``' inverse: the image (B, 3, H, W) of ``size`` (H, W), decoded as the
+    family's pipeline decodes; ``img_ids`` Flux.2's ids of the packed latents."""
+    if net.kind == "flux2":
+        assert img_ids is not None  # _call_kwargs makes Flux.2's
+        return _flux2_decode(pipe, latents, img_ids)
+    if net.kind == "qwen":
+        return _qwen_decode(pipe, vae, latents, size, vae_factor)
+    if net.kind == "zimage":
+        return _z_image_decode(vae, latents)
+    if net.kind == "flux":
+        latents = pipe._unpack_latents(latents, *size, vae_factor)
+    return _decode(vae, latents)
 
 
 def _rms(a: Tensor, b: Tensor) -> float:
@@ -1332,395 +1468,31 @@ def edit_image(
     # ---- checks, all before any network runs
     vae = _part(pipe, "vae", "to encode and decode the image")
     unet, kind = _network(pipe)
-    sd3, flux, qwen, zimage = kind == "sd3", kind == "flux", kind == "qwen", kind == "zimage"
-    flux2 = kind == "flux2"
-    chroma = flux and _is_chroma(unet)
-    model = "unet" if kind == "unet" else "transformer"
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
-    qwen_edit = qwen_plus = False
-    if qwen:
-        # The most derived of the pipeline's Qwen-Image classes says what it does.
-        others = [n for n in _class_names(pipe) if n.startswith("QwenImage")]
-        if others and others[0] not in _QWEN_PIPELINES:
-            raise ValueError(
-                f"the pipeline is a {others[0]}, which gives the transformer more than the "
-                "latents, the prompt, reference images and one controlnet's residuals; of "
-                "Qwen-Image's pipelines "
-                f"edit_image maps {', '.join(_QWEN_PIPELINES)} (the inpainting ones "
-                "without a mask)"
-            )
-        qwen_edit = bool(others) and others[0] in (_QWEN_EDIT, _QWEN_EDIT_PLUS, _QWEN_EDIT_INPAINT)
-        qwen_plus = bool(others) and others[0] == _QWEN_EDIT_PLUS
-    if flux2:  # by the most derived of its Flux.2 classes, as Qwen-Image's
-        others = [n for n in _class_names(pipe) if n.startswith("Flux2")]
-        if others and others[0] not in _FLUX2_PIPELINES:
-            raise ValueError(
-                f"the pipeline is a {others[0]}, which gives the transformer more than the "
-                "latents and the prompt (reference tokens through a key-value cache); of "
-                f"Flux.2's pipelines edit_image maps {', '.join(_FLUX2_PIPELINES)} (the "
-                "inpainting one without a mask)"
-            )
-    if zimage:  # by the most derived of its Z-Image classes, as Qwen-Image's
-        others = [n for n in _class_names(pipe) if n.startswith("ZImage")]
-        if others and others[0] not in _Z_IMAGE_PIPELINES:
-            raise ValueError(
-                f"the pipeline is a {others[0]}, which gives the transformer more than the "
-                "latents and the prompts (a controlnet's residuals, or condition images and "
-                f"SigLIP features); of Z-Image's pipelines edit_image maps "
-                f"{', '.join(_Z_IMAGE_PIPELINES)} (the inpainting one without a mask)"
-            )
-    # ZImagePipeline's CFG options, passed through to from_diffusers.
-    z_options = {
-        name: value
-        for name, value in (
-            ("cfg_normalization", cfg_normalization),
-            ("cfg_truncation", cfg_truncation),
-        )
-        if value is not None
-    }
-    if z_options and not zimage:
-        raise ValueError(
-            f"{next(iter(z_options))} is ZImagePipeline's CFG option, but the pipeline's "
-            f"{'unet' if kind == 'unet' else 'transformer'} is no Z-Image one; leave it out"
-        )
-    if reference_image is not None and not qwen_plus:
-        raise ValueError(
-            f"reference_image was given, but the pipeline is a {type(pipe).__name__}; only "
-            f"{_QWEN_EDIT_PLUS} takes reference images beside the edited image (its image "
-            "list after the first); leave it out"
-        )
-    # Qwen-Image's video VAE has no scaling_factor: its latents_mean and latents_std
-    # normalise the latents, one per channel of z_dim. Flux.2's has none either: its
-    # batch-norm statistics normalise them.
-    scaled = ("scaling_factor", "latent_channels")
-    for name in ("z_dim",) if qwen else scaled[1:] if flux2 else scaled:
-        if getattr(vae.config, name, None) is None:
-            raise ValueError(f"the pipeline's vae has no config.{name}; it is not a latent VAE")
-    # Refuses bad statistics (Qwen-Image's missing ones too) before any network runs.
-    (_frame_stats if qwen else _latent_stats)(vae.config)
-    unet_config = getattr(unet, "config", None) or {}
-    addition = unet_config.get("addition_embed_type")
-    xl = addition == _TEXT_TIME
-    # A 'text' added embedding is the unet's own pooling of encoder_hidden_states: it needs
-    # no added_cond_kwargs, and the unet takes it as Stable Diffusion's. (SD3's transformer
-    # has neither field.)
-    if addition not in (None, _TEXT, _TEXT_TIME):
-        raise ValueError(
-            f"the unet has addition_embed_type = {addition!r}: it needs added conditioning "
-            f"(image embeddings or hints) that edit_image does not make (it takes {_TEXT!r}, "
-            f"from the prompt embeddings, and makes SDXL's, {_TEXT_TIME!r}); use "
-            "from_diffusers with the unet's arguments and bdia.Inversion directly"
-        )
-    # An IP-Adapter's image prompt goes to both ODEs; another image projection takes
-    # image_embeds that edit_image does not make, and diffusers' own error would come after
-    # the VAE has run.
-    adapters = _ip_adapters(unet) if kind in ("unet", "flux") else None
-    # SD3's one adapter takes one tensor, not a list; without an image prompt its
-    # processors attend to the text alone, as the pipeline runs then.
-    sd3_image = sd3 and getattr(unet, "image_proj", None) is not None
-    if sd3_image:
-        _check_sd3_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds)
-    else:
-        _check_image_prompt(
-            pipe,
-            _hid_dim_type(unet_config),
-            adapters,
-            ip_adapter_image,
-            ip_adapter_image_embeds,
-            model,
-            (3,) if flux else (3, 4),  # Flux's loader makes no IP-Adapter Plus resampler
-        )
+    pipeline = _pipeline_class(pipe, kind)
+    z_options = _z_image_options(kind, cfg_normalization, cfg_truncation)
+    _check_reference_image(pipe, pipeline, reference_image)
+    net = _check_network(pipe, vae, unet, kind, pipeline, ip_adapter_image, ip_adapter_image_embeds)
     image_given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
-    # An inpainting unet takes the mask and the masked image's latents beside the latents.
-    latent = _latent_channels(vae.config)
-    inpaint = kind == "unet" and unet_config.get("in_channels") == 2 * latent + 1
-    fill = kontext = flux_control = False
-    if flux:
-        for name in _FLUX_METHODS:
-            _part(pipe, name, "to pack the latents into the tokens a Flux transformer takes")
-        _part(pipe, "encode_prompt", "to make the prompts' text_ids, as FluxPipeline does")
-        if chroma:
-            _part(
-                pipe,
-                "_prepare_attention_mask",
-                "to extend the prompts' masks, as ChromaPipeline does",
-            )
-        # The packed latents: the VAE's channels in 2 x 2 patches.
-        packed = vae.config.latent_channels * _FLUX_PACKING**2
-        # A Fill transformer takes the masked image's packed latents and the packed mask too.
-        fill_channels = _fill_channels(pipe, vae)
-        fill = (unet_config.get("in_channels"), unet_config.get("out_channels")) == (
-            fill_channels,
-            packed,
-        )
-        # A Depth or Canny transformer takes a control image's packed latents too.
-        flux_control = (unet_config.get("in_channels"), unet_config.get("out_channels")) == (
-            2 * packed,
-            packed,
-        )
-        kontext = bool(set(_KONTEXT) & set(_class_names(pipe)))
-        if kontext:
-            _part(pipe, "prepare_latents", "to encode the reference image as the pipeline does")
-        if unet_config.get("in_channels") != packed and not (fill or flux_control):
-            raise ValueError(
-                f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
-                f"vae's latent_channels = {vae.config.latent_channels} packed in 2 x 2 patches "
-                f"make {packed}; edit_image needs a text-to-image Flux transformer of the vae's "
-                f"latents, a Fill one of {fill_channels} (the masked image's and the mask's "
-                f"besides) or a Depth or Canny one of {2 * packed} (a control image's besides)"
-            )
-    elif flux2:
-        _check_flux2_parts(pipe, vae)
-        if unet_config.get("in_channels") != latent * _FLUX_PACKING**2:
-            raise ValueError(
-                f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
-                f"vae's latent_channels = {latent} patchified in 2 x 2 patches make "
-                f"{latent * _FLUX_PACKING**2}; edit_image needs a Flux.2 transformer of the "
-                "vae's latents"
-            )
-    elif qwen:
-        _part(pipe, "encode_prompt", "to take the prompts as QwenImagePipeline does")
-        for name in _FLUX_METHODS[:2]:
-            _part(pipe, name, "to pack the latents into the tokens Qwen-Image's transformer takes")
-        if qwen_edit:
-            _part(pipe, "prepare_latents", "to encode the reference images as the pipeline does")
-        if unet_config.get("in_channels") != latent * _FLUX_PACKING**2:
-            raise ValueError(
-                f"the transformer takes in_channels = {unet_config.get('in_channels')} but the "
-                f"vae's z_dim = {latent} latent channels packed in 2 x 2 patches make "
-                f"{latent * _FLUX_PACKING**2}; edit_image needs a text-to-image Qwen-Image "
-                "transformer of the vae's latents"
-            )
-    elif unet_config.get("in_channels") != vae.config.latent_channels and not inpaint:
-        # SD3's inpainting transformer (2 x 16 + 1 channels, StableDiffusion3InpaintPipeline's
-        # other mode, which does not blend) is not mapped.
-        besides = (
-            f"or an inpainting unet of 2 x {latent} + 1 (not a depth unet)"
-            if model == "unet"
-            else "not an inpainting one (the mask's and the masked image's channels besides)"
-        )
-        raise ValueError(
-            f"the {model} takes in_channels = {unet_config.get('in_channels')} but the vae makes "
-            f"latent_channels = {vae.config.latent_channels}; edit_image needs a text-to-image "
-            f"{model} of the vae's latents, {besides}"
-        )
-    # Flux runs without classifier-free guidance by default (FluxPipeline's true_cfg_scale
-    # is 1): Flux.1-dev embeds its guidance instead, and schnell needs none. So does
-    # QwenImagePipeline: its true_cfg_scale (4) acts only with a negative prompt, None by
-    # default. FLUX.2-dev embeds its guidance too; Flux2KleinPipeline's guidance_scale is
-    # true CFG (4), unless its config says is_distilled.
-    guidance_embeds = (flux and bool(unet_config.get("guidance_embeds", False))) or (
-        flux2 and _flux2_embeds_guidance(unet_config)
+    guidance_scale, guidance, guided = _check_guidance(
+        pipe, net, guidance_scale, guidance, negative_prompt
     )
-    klein = flux2 and not guidance_embeds
-    if guidance_scale is None:
-        distilled = isinstance(getattr(pipe, "config", None), Mapping) and bool(
-            pipe.config.get("is_distilled", False)
-        )
-        guidance_scale = _CHROMA_GUIDANCE if chroma else 1.0 if flux or qwen or flux2 else 7.5
-        if klein and not distilled:
-            guidance_scale = _FLUX2_GUIDANCE
-        if zimage:
-            guidance_scale = _Z_IMAGE_GUIDANCE
-    _check_number(guidance_scale, "guidance_scale")
-    if zimage and guidance_scale < 0:
-        raise ValueError(
-            f"guidance_scale = {guidance_scale}: ZImagePipeline's CFG, c + g (c - u), runs for "
-            "a scale above 0 and not at 0 (Z-Image-Turbo's); give 0 for no CFG"
-        )
-    if guidance is not None and not guidance_embeds:
-        if klein:
-            raise ValueError(
-                "the transformer has guidance_embeds = False (FLUX.2-klein's) and embeds no "
-                "guidance scale; leave guidance out (Flux2KleinPipeline's guidance_scale is "
-                f"true CFG, edit_image's guidance_scale, {_FLUX2_GUIDANCE:g} by default, with "
-                "negative_prompt)"
-            )
-        if chroma:
-            raise ValueError(
-                "Chroma's transformer embeds no guidance scale; ChromaPipeline's guidance_scale "
-                f"is true CFG, edit_image's guidance_scale ({_CHROMA_GUIDANCE:g} by default, with "
-                "negative_prompt): leave guidance out"
-            )
-        if flux:
-            raise ValueError(
-                "the transformer has guidance_embeds = False (a timestep-distilled model such "
-                "as Flux.1-schnell) and embeds no guidance scale; leave guidance out (true "
-                "classifier-free guidance is guidance_scale with negative_prompt)"
-            )
-        raise ValueError(
-            f"guidance is the guidance scale Flux.1-dev's transformer embeds; the {model} "
-            "embeds none: leave it out (classifier-free guidance is guidance_scale)"
-        )
-    if guidance_embeds:
-        guidance = (_FLUX2_GUIDANCE if flux2 else _FLUX_GUIDANCE) if guidance is None else guidance
-        _check_number(guidance, "guidance")
-    # ZImagePipeline's CFG is off at 0, the others' at 1.
-    unguided = 0 if zimage else 1
-    guided = guidance_scale != unguided
-    if guided and negative_prompt is None:
-        raise ValueError(
-            f"guidance_scale = {guidance_scale} needs the unconditional branch: give "
-            "negative_prompt (a string, '' for the usual one, or its embeddings), or "
-            f"guidance_scale={unguided}"
-        )
-    if rule not in EDIT_RULES:
-        raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
-    dtype = _state_dtype(state_dtype)
-    if dtype is None or dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {dtype}")
-    state_dtype = dtype
-    # Euler in flow matching: the same step as DDIM there, in the scheduler's own arithmetic.
-    wrapped = _solver(("ddim" if kind == "unet" else "euler") if solver is None else solver, gamma)
-    if output_type is not None and output_type not in _OUTPUT_TYPES:
-        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-
-    sizes = _image_sizes(pipe, vae, unet_config, kind)
-    vae_factor, patch, factor = sizes.vae_factor, sizes.patch, sizes.factor
-    pixels, kind = _image_tensor(image, vae.config.get("in_channels", 3))
+    state_dtype, wrapped = _check_options(rule, state_dtype, solver, gamma, kind, output_type)
+    pixels, image_kind, sizes = _check_image(pipe, vae, net, image)
     batch, _, height, width = pixels.shape
-    if height % factor or width % factor:
-        raise ValueError(
-            f"the image is {width} x {height} (W x H), not a multiple of {sizes.what}; resize or "
-            f"crop it to, e.g., {width // factor * factor or factor} x "
-            f"{height // factor * factor or factor}"
-        )
-    if sizes.patches is not None and max(height, width) > sizes.patches * factor:
-        # The transformer would refuse it only after the VAE has run.
-        raise ValueError(
-            f"the image is {width} x {height} (W x H), more than the {sizes.patches} patches a "
-            f"side that the transformer embeds (pos_embed_max_size = {sizes.patches}); resize "
-            f"it to at most {sizes.patches * factor} a side"
-        )
     # QwenImageEditPlusPipeline's further references, after the edited image.
     references = _reference_pixels(reference_image, vae.config.get("in_channels", 3), sizes, batch)
     prompts: dict[str, Any] = {"source_prompt": source_prompt, "target_prompt": target_prompt}
-    # SDXL's unconditional branch for the empty prompt is zeros, where the pipeline's config
-    # says so (force_zeros_for_empty_prompt, True for SDXL base), as in its default.
-    pipe_config = getattr(pipe, "config", None)
-    zero_negative = (
-        xl
-        and isinstance(pipe_config, Mapping)
-        and bool(pipe_config.get("force_zeros_for_empty_prompt", False))
-        and _empty(negative_prompt)
-    )
-    if xl and isinstance(pipe_config, Mapping) and pipe_config.get("requires_aesthetics_score"):
-        # The img2img, inpainting and ControlNet inpainting pipelines then give the unet (and
-        # its controlnet) a refiner's time ids, with an aesthetic score in each branch.
-        raise ValueError(
-            f"the pipeline's config sets requires_aesthetics_score: {type(pipe).__name__} "
-            "gives its unet a refiner's time ids (original size, crop, aesthetic score), but "
-            "edit_image makes SDXL base's (original size, crop, target size); use "
-            "from_diffusers with the pipeline's time ids in each branch and bdia.Inversion "
-            "directly"
-        )
+    if net.xl:
+        _check_base_time_ids(pipe)
     if guided:
         prompts["negative_prompt"] = negative_prompt
-    # A unet with encoder_hid_dim_type "text_proj" projects encoder_hid_dim-wide embeddings
-    # to its cross-attention width itself (and a 'text' added embedding reads them as given).
-    cross_name = "cross_attention_dim"
-    if unet_config.get("encoder_hid_dim_type") == "text_proj":
-        cross_name = "encoder_hid_dim"
-    if sd3 or flux or qwen or flux2:
-        cross_name = "joint_attention_dim"
-    cross_dim = unet_config.get(cross_name)
-    takes = _Takes(model, None, cross_name, cross_dim if isinstance(cross_dim, int) else None)
-    pooled_dim = _pooled_dim(unet_config) if xl else None
-    if xl:
-        takes = replace(
-            takes,
-            pipeline="SDXL",
-            pooled_dim=pooled_dim,
-            pooled_says=f"added embedding takes {pooled_dim} (projection_class_embeddings_"
-            f"input_dim less {_TIME_IDS} x addition_time_embed_dim)",
-        )
-    elif sd3 or flux:
-        pooled = unet_config.get("pooled_projection_dim")
-        pooled = pooled if isinstance(pooled, int) else None
-        takes = replace(
-            takes,
-            pipeline="SD3" if sd3 else "Flux",
-            pooled_dim=pooled,
-            pooled_says=f"pooled_projection_dim is {pooled}",
-        )
-        if flux:  # (prompt_embeds, pooled_prompt_embeds, text_ids)
-            takes = replace(takes, outputs="first and second", article="a")
-    elif qwen:  # encode_prompt returns (prompt_embeds, prompt_embeds_mask)
-        takes = replace(
-            takes,
-            pipeline="Qwen-Image",
-            outputs="two",
-            article="a",
-            second=_QWEN_MASK,
-            second_says="the embeddings' mask (torch.ones where no token is padding)",
-        )
-    for name, prompt in prompts.items():
-        if zimage:
-            _check_z_image_prompt(prompt, name, batch, unet_config.get("cap_feat_dim"))
-            continue
-        if chroma and not _is_text(prompt):
-            raise TypeError(
-                f"{name} must be text for ChromaPipeline (a string or a list of strings): its "
-                "embeddings go with the attention mask its encode_prompt makes beside them, "
-                "which edit_image makes from the text; got "
-                f"{type(prompt).__name__}"
-            )
-        if flux2 and _is_pair(prompt):
-            raise TypeError(
-                f"{name} is a pair of tensors, as Flux.1's (prompt_embeds, "
-                "pooled_prompt_embeds); Flux.2 embeds the prompt with one text encoder and no "
-                "pooled embeddings: pass prompt_embeds alone, of shape (1 or batch, tokens, "
-                "joint_attention_dim), as Flux2Pipeline's encode_prompt returns it"
-            )
-        _check_prompt(prompt, name, batch, takes)
-    if adapters is not None and ip_adapter_image_embeds is not None:
-        _check_embeds_batch(ip_adapter_image_embeds, guided, batch)
-    elif sd3_image and isinstance(ip_adapter_image_embeds, Tensor):  # SD3's one tensor
-        _check_embeds_batch([ip_adapter_image_embeds], guided, batch)
-    embedded = [p for k, p in prompts.items() if not (k == "negative_prompt" and zero_negative)]
-    if any(_is_text(p) for p in embedded):
-        parts: tuple[str, ...] = ("tokenizer", "text_encoder")
-        if xl:
-            parts = ("tokenizer_2", "text_encoder_2")
-        elif chroma:  # T5 alone
-            parts = ("tokenizer", "text_encoder")
-        elif sd3 or flux:
-            # SD3: both CLIP encoders, T5 (text_encoder_3) only where the pipeline has it;
-            # Flux: CLIP (the pooled embeddings) and T5 (the embeddings).
-            parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-        why = "to embed text prompts (or pass prompt embeddings instead)"
-        if zimage:  # the tiny and the saved pipelines may come without Qwen3
-            text = ", ".join(k for k, p in prompts.items() if _is_text(p))
-            why = f"to embed the text of {text} (or pass {_Z_IMAGE_HOW} instead)"
-        if flux2:  # the tiny and the saved pipelines may come without Mistral or Qwen3
-            text = ", ".join(k for k, p in prompts.items() if _is_text(p))
-            why = f"to embed the text of {text} (or pass prompt embeddings instead)"
-        if qwen:  # the tiny and the saved pipelines may come without Qwen2.5-VL
-            text = ", ".join(k for k, p in prompts.items() if _is_text(p))
-            if qwen_edit:
-                raise ValueError(
-                    f"the text of {text} was given, but {others[0]} embeds text with the "
-                    "image through Qwen2.5-VL (its encode_prompt(prompt, image)), which "
-                    f"edit_image does not map; pass the pair (prompt_embeds, {_QWEN_MASK}) "
-                    "that encode_prompt returns for the image instead"
-                )
-            why = (
-                f"to embed the text of {text} (or pass the pair (prompt_embeds, "
-                f"{_QWEN_MASK}) instead)"
-            )
-        for name in (*parts, "encode_prompt"):
-            _part(pipe, name, why)
-        projection = getattr(getattr(pipe, "text_encoder_2", None), "config", None)
-        projection = getattr(projection, "projection_dim", None)
-        if xl and pooled_dim is not None and projection not in (None, pooled_dim):
-            raise ValueError(
-                f"the unet's added embedding takes pooled embeddings of dim {pooled_dim} beside "
-                f"{_TIME_IDS} time ids (projection_class_embeddings_input_dim = "
-                f"{unet_config['projection_class_embeddings_input_dim']}), but text_encoder_2 "
-                f"pools to projection_dim = {projection}; edit_image makes SDXL base's time ids "
-                "(original size, crop, target size), not a refiner's aesthetic score"
-            )
+    _check_prompts(prompts, batch, net)
+    _check_image_prompt_batch(net, ip_adapter_image_embeds, guided, batch)
+    zero_negative = _zero_negative(pipe, net, negative_prompt)
+    _check_text_parts(pipe, prompts, zero_negative, net)
 
+    # ---- the network's call, checked by from_diffusers on stand-ins, and the grid
     device = _device(pipe, unet)
     control_settings = dict(
         controlnet_conditioning_scale=controlnet_conditioning_scale,
@@ -1728,132 +1500,28 @@ def edit_image(
         control_guidance_start=control_guidance_start,
         control_guidance_end=control_guidance_end,
     )
-    control_pixels = None
-    if flux_control:
-        if control_image is None:
-            raise ValueError(
-                f"the pipeline's transformer is a Depth or Canny one (in_channels = "
-                f"{unet_config.get('in_channels')}: the packed latents and a control image's); "
-                "give control_image, the depth map or edge image that guides it, as "
-                "FluxControlPipeline's control_image"
-            )
-        control_pixels = _flux_control_image(
-            pipe, control_image, pixels.shape, device, "FluxControlPipeline"
-        )
-    channels = f"{model} takes in_channels = {unet_config.get('in_channels')}"
-    if flux2:
-        channels += ", the packed latents alone"
-    elif not (flux or inpaint):
-        channels += ", the vae's latents alone"
-    if flux_control:
-        channels += f", the packed latents and a control image's (a Fill one takes {fill_channels})"
-    elif chroma:  # Chroma has no Fill transformer to point to
-        channels += ", the packed latents alone"
-    elif flux and not fill:
-        channels += f", the packed latents alone (a Fill transformer takes {fill_channels})"
-    if fill and mask_image is None:
-        raise ValueError(
-            f"the pipeline's transformer is a Fill one (in_channels = {fill_channels}: the "
-            "packed latents, the masked image's and the mask); give mask_image, white (1) "
-            "where the edit may repaint, as FluxFillPipeline's mask_image"
-        )
-    # SD3's and Qwen-Image's inpainting controlnets take the mask and the masked image in
-    # their control latents.
-    net = getattr(pipe, "controlnet", None)
-    mask_control = (sd3 and _sd3_inpainting(net)) or (qwen and _qwen_inpainting(net))
-    if mask_control and mask_image is None:
-        field = "extra_condition_channels = 4" if qwen else "extra_conditioning_channels = 1"
-        raise ValueError(
-            f"the pipeline's controlnet takes a mask ({field}, the inpainting kind); give "
-            "mask_image, white (1) where the edit may "
-            "repaint (the pipeline's control_mask), and control_image, the image kept outside "
-            "it (as a rule the image itself)"
-        )
-    condition = _mask_condition(
-        pipe, mask_image, inpaint or fill or mask_control, channels, pixels.shape, mask_control
-    )
-    # A Flux Depth or Canny transformer's control image is no controlnet's.
-    control = _control_kwargs(
+    condition, control, control_pixels, mask_control = _image_conditions(
         pipe,
-        model,
-        None if flux_control else control_image,
+        net,
+        pixels.shape,
+        control_image,
+        mask_image,
         control_settings,
         num_inference_steps,
-        pixels.shape,
         device,
-        inpaint,
     )
-    # The unet and scheduler as from_diffusers sees them (it refuses what it cannot run), with
-    # the controlnet's settings (on stand-ins for the embeddings its pairing asks for).
-    probe_cond = _flux_probe_cond(unet_config, guidance) if flux else {}
-    if chroma:
-        probe_cond = _chroma_probe_cond(unet_config)
-    if flux2:
-        probe_cond = _flux2_probe_cond(unet_config, guidance)
-    latent_size = (height // vae_factor, width // vae_factor)
-    # QwenImagePipeline's img_shapes: one frame of the packed rows and columns, per image.
-    rows, cols = (n // _FLUX_PACKING for n in latent_size)
-    img_shapes = [[(1, rows, cols)]] * batch
-    if qwen_edit:  # QwenImageEditPipeline's: the latents' shape, then the reference image's
-        # (QwenImageEditPlusPipeline's: then each further reference's, in order).
-        packed = vae_factor * _FLUX_PACKING
-        shapes = [(1, rows, cols)] * 2
-        shapes += [(1, r.shape[2] // packed, r.shape[3] // packed) for r in references]
-        img_shapes = [shapes] * batch
+    latent_size = (height // sizes.vae_factor, width // sizes.vae_factor)
+    img_shapes = _qwen_img_shapes(net, latent_size, sizes.vae_factor, references, batch)
     # diffusers 0.35's and 0.36's Qwen-Image transformer needs the text lengths too (0.37's
     # and 0.38's take them deprecated, counting the text from the mask).
-    lengths = qwen and _qwen_needs_lengths(unet, inspect.signature(unet.forward).parameters)
-    if qwen:
-        probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
-    if zimage:  # a stand-in prompt of one token; the CFG options checked as given
-        dim = unet_config.get("cap_feat_dim")
-        probe_cond = {"cap_feats": [torch.zeros(1, dim if isinstance(dim, int) else 1)]}
-        probe_cond.update(z_options)
-    if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
-        control_pixels = control.pop("controlnet_cond")
-        config = control["controlnet"].config
-        # Qwen-Image's inpainting controlnet takes the packed mask too.
-        extra = config.get("extra_condition_channels", 0) if qwen else 0
-        probe_cond["controlnet_cond"] = torch.zeros(1, 1, unet_config["in_channels"] + extra)
-        if sd3:  # latents of the controlnet's channels
-            channels = config.get("in_channels", 16) + config.get("extra_conditioning_channels", 0)
-            probe_cond["controlnet_cond"] = torch.zeros(1, channels, 1, 1)
-    elif control:
-        probe_cond = _control_probe_cond(xl)
-    if inpaint:  # stand-ins of the latents' size, for from_diffusers' checks
-        probe_cond["mask"] = torch.zeros(1, 1, *latent_size)
-        probe_cond["masked_image_latents"] = torch.zeros(1, latent, *latent_size)
-    if fill or kontext or flux_control or qwen_edit:
-        layout = "fill" if fill else "control" if flux_control else "kontext"
-        probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
-    if references:  # the stand-in holds every reference's tokens
-        tokens = sum(f * h * w for f, h, w in img_shapes[0][1:])
-        probe_cond["image_latents"] = torch.zeros(1, tokens, unet_config["in_channels"])
-    if adapters is not None:  # stand-ins of the image prompt, one per adapter
-        probe_cond = _with_image_prompt(probe_cond, [torch.zeros(1, 1, 1)] * adapters, flux)
-    elif sd3_image and image_given:
-        probe_cond = _with_image_prompt(probe_cond, torch.zeros(1, 1, 1), True)
+    lengths = kind == "qwen" and _qwen_needs_lengths(
+        unet, inspect.signature(unet.forward).parameters
+    )
+    probe_cond = _probe_cond(
+        net, guidance, z_options, control, latent_size, img_shapes, lengths, references, image_given
+    )
     probe = from_diffusers(unet, scheduler, model_dtype=model_dtype, **probe_cond, **control)
-    if (
-        (sd3 or flux or qwen or zimage)
-        and mu is None
-        and scheduler.config.get("use_dynamic_shifting")
-    ):
-        # QwenImagePipeline's and ZImagePipeline's calculate_shift and defaults are
-        # FluxPipeline's.
-        fields = _SHIFT_FIELDS if sd3 else _FLUX_SHIFT_FIELDS
-        mu = _pipeline_mu(scheduler.config, latent_size, patch or 1, fields)
-    if flux2 and mu is None and scheduler.config.get("use_dynamic_shifting"):
-        mu = _flux2_mu(rows * cols, check_steps(num_inference_steps, "num_inference_steps"))
-    sigmas: Any = None
-    if flux or qwen or flux2:  # FluxPipeline's (QwenImagePipeline's) own sigmas, shifted
-        steps = check_steps(num_inference_steps, "num_inference_steps")
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-    grid_scheduler = scheduler
-    if zimage:  # the installed ZImagePipeline's: its own sigmas, or the scheduler's to 0
-        steps = check_steps(num_inference_steps, "num_inference_steps")
-        grid_scheduler, sigmas = _z_image_grid_inputs(scheduler, steps)
-    ts = _grid(grid_scheduler, num_inference_steps, probe, mu, sigmas)
+    ts = _edit_grid(scheduler, net, num_inference_steps, probe, mu, latent_size, sizes.patch)
 
     # ---- the work
     embed_dtype = probe.model_dtype
@@ -1863,140 +1531,54 @@ def edit_image(
         time_ids = torch.tensor(
             [[height, width, 0, 0, height, width]], dtype=embed_dtype or torch.float32
         ).to(device)
+        image_tokens = (latent_size[0] // _FLUX_PACKING) * (latent_size[1] // _FLUX_PACKING)
 
-        def branch(prompt: Any) -> dict[str, Any]:
-            """The unet (transformer) arguments of one branch of guidance."""
-            if xl:
-                return _xl_cond(*_embed_pair(pipe, prompt, device, embed_dtype), time_ids)
-            if sd3:
-                embeds, pooled = _embed_pair(pipe, prompt, device, embed_dtype, sd3=True)
-                return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-            if chroma:
-                tokens = (latent_size[0] // _FLUX_PACKING) * (latent_size[1] // _FLUX_PACKING)
-                return _embed_chroma(pipe, prompt, device, embed_dtype, tokens)
-            if flux:
-                return _embed_flux(pipe, prompt, device, embed_dtype)
-            if qwen:
-                return _embed_qwen(pipe, prompt, device, embed_dtype, lengths)
-            if zimage:
-                return _embed_z_image(pipe, prompt, device, embed_dtype)
-            if flux2:
-                return _embed_flux2(pipe, prompt, device, embed_dtype)
-            return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
-
-        source_cond, target_cond = branch(source_prompt), branch(target_prompt)
-        negative_cond = branch(negative_prompt) if guided and not zero_negative else None
-        image_prompt: tuple[Any, Any] = (None, None)
-        if adapters is not None:
-            # The pipeline's own embeddings of the image prompt, once (the batch expands
-            # them); under guidance each is [negative, positive], as the pipeline stacks them.
-            if flux:
-                made = _flux_image_prompt(
-                    pipe, ip_adapter_image, ip_adapter_image_embeds, guided, (width, height), device
-                )
-            else:
-                made = pipe.prepare_ip_adapter_image_embeds(
-                    ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
-                )
-            halves = [e.chunk(2) for e in made] if guided else [(None, e) for e in made]
-            image_prompt = ([p for _, p in halves], [n for n, _ in halves])
-        elif sd3_image and image_given:
-            # StableDiffusion3Pipeline's one tensor, [negative, positive] under guidance.
-            one = pipe.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
+        def embed(prompt: Any) -> dict[str, Any]:
+            return _embed_prompt(
+                pipe, prompt, net, device, embed_dtype, time_ids, image_tokens, lengths
             )
-            image_prompt = tuple(reversed(one.chunk(2))) if guided else (one, None)
-        joint = flux or sd3
 
-        def guide(cond: dict[str, Any]) -> dict[str, Any]:
-            cond = _with_image_prompt(cond, image_prompt[0], joint)
-            if not guided:
-                return cond
-            negative = negative_cond
-            if negative is None:  # SDXL's zeros, of the prompt's token count
-                embeds = cond["encoder_hidden_states"]
-                pooled = cond["added_cond_kwargs"]["text_embeds"]
-                negative = _xl_cond(
-                    torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]), time_ids
-                )
-            negative = _with_image_prompt(negative, image_prompt[1], joint)
-            return {**cond, "guidance_scale": guidance_scale, "negative_cond": negative}
-
-        # Flux's arguments common to both branches of guidance, as FluxPipeline passes them:
-        # the latents' positions, in the embeddings' dtype, and the embedded guidance.
-        shared: dict[str, Any] = {"img_shapes": img_shapes} if qwen else {}
-        if zimage:
-            shared.update(z_options)
-        if flux:
-            ids_dtype = source_cond["encoder_hidden_states"].dtype
-            shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
-            if guidance_embeds:
-                shared["guidance"] = guidance
-        if flux2:  # Flux2Pipeline's ids (B, tokens, 4) of the patchified latents' shape
-            shared["img_ids"] = pipe._prepare_latent_ids(torch.zeros(batch, 1, rows, cols))
-            shared["img_ids"] = shared["img_ids"].to(device)
-            if guidance_embeds:
-                shared["guidance"] = guidance
-
+        source_cond, target_cond = embed(source_prompt), embed(target_prompt)
+        negative_cond = embed(negative_prompt) if guided and not zero_negative else None
+        image_prompt = _image_prompt(
+            pipe, net, ip_adapter_image, ip_adapter_image_embeds, guided, (width, height), device
+        )
         pixels = pixels.to(device)
-        if condition is not None and fill:
-            dtype = embed_dtype or torch.float32
-            shared.update(_fill_kwargs(pipe, vae, condition, pixels, dtype, device))
-        elif condition is not None and not mask_control:
-            # In the unet's dtype, as the pipelines make them (of the prompt embeddings').
-            shared.update(
-                _inpaint_kwargs(
-                    pipe, vae, condition, pixels, embed_dtype or torch.float32, xl, device
-                )
-            )
-        if control_pixels is not None:
-            # A Depth or Canny transformer's channels, or FluxControlNetPipeline's controlnet's.
-            name = "controlnet_cond" if control else "control_latents"
-            if sd3:
-                shared[name] = _sd3_control_latents(pipe, vae, control_pixels, condition)
-            elif qwen:
-                shared[name] = _qwen_control_latents(pipe, vae, control_pixels, condition)
-            else:
-                shared[name] = _flux_control_latents(pipe, vae, control_pixels)
-        if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
-            shared.update(_kontext_kwargs(pipe, pixels, shared["img_ids"], ids_dtype, device))
-        if qwen_edit:  # so is it for QwenImageEditPipeline(image=...), as its prompts' dtype
-            embeds_dtype = source_cond["encoder_hidden_states"].dtype
-            shared["image_latents"] = _qwen_edit_reference(
-                pipe, pixels, embeds_dtype, device, references
-            )
+        shared = _call_kwargs(
+            pipe,
+            vae,
+            net,
+            source_cond,
+            pixels,
+            img_shapes=img_shapes,
+            z_options=z_options,
+            guidance=guidance,
+            condition=condition,
+            control=control,
+            control_pixels=control_pixels,
+            mask_control=mask_control,
+            references=references,
+            latent_size=latent_size,
+            embed_dtype=embed_dtype,
+            device=device,
+        )
+        scale_given = guidance_scale if guided else None
+        joint = kind in ("flux", "sd3")
 
         def ode(cond: dict[str, Any]) -> DiffusionODE:
+            branches = _guide(cond, negative_cond, image_prompt, joint, scale_given, time_ids)
             return from_diffusers(
-                unet, scheduler, model_dtype=model_dtype, **guide(cond), **shared, **control
+                unet, scheduler, model_dtype=model_dtype, **branches, **shared, **control
             )
 
         source_ode, target_ode = ode(source_cond), ode(target_cond)
-
-        if qwen:  # the one frame's latents, (B, C, 1, h, w), packed as (B, C, h, w)
-            # QwenImageEditPipeline's own normalisation, its reference image's (the Edit
-            # inpainting pipeline's reference has QwenImageImg2ImgPipeline's, as its start).
-            divide = qwen_edit and others[0] != _QWEN_EDIT_INPAINT
-            latents = _encode_frame(vae, pixels, state_dtype, divide=divide)
-            latents = pipe._pack_latents(latents, batch, latent, *latent_size)
-        elif zimage:  # ZImageImg2ImgPipeline's shift and scale, in the VAE's dtype
-            latents = _encode(vae, pixels, vae.dtype).to(state_dtype)
-        elif flux2:  # as Flux.2's pipelines encode their reference images
-            latents = _flux2_encode(pipe, pixels, state_dtype)
-        else:
-            with _float32_vae(vae, xl, encoding=True):
-                latents = _encode(vae, pixels, state_dtype)
-        if flux:
-            latents = pipe._pack_latents(latents, *latents.shape)
+        latents = _encode_latents(pipe, vae, net, pixels, state_dtype, latent_size)
 
         def decode(latents: Tensor) -> Tensor:
-            if flux2:
-                return _flux2_decode(pipe, latents, shared["img_ids"])
-            if flux or qwen:
-                latents = pipe._unpack_latents(latents, height, width, vae_factor)
-            if zimage:  # ZImagePipeline unscales and shifts in the VAE's dtype
-                latents = latents.to(vae.dtype)
-            return _decode_frame(vae, latents) if qwen else _decode(vae, latents)
+            size = (height, width)
+            return _decode_latents(
+                pipe, vae, net, latents, shared.get("img_ids"), size, sizes.vae_factor
+            )
 
         inversion = Inversion.of(
             source_ode, wrapped, latents, ts, state_dtype=state_dtype, progress=progress
@@ -2004,14 +1586,14 @@ def edit_image(
         reconstructed = inversion.reconstruct(progress=progress)
         edited = inversion.regenerate(target_ode, rule=rule, progress=progress)
 
-        with _float32_vae(vae, xl):
+        with _float32_vae(vae, net.xl):
             decoded = decode(latents)
             reconstruction = decode(reconstructed)
             images = decode(edited)
 
     scale = float(latents.abs().max())
     latent_error = float((reconstructed - latents).abs().max()) / (scale or 1.0)
-    out = output_type or kind
+    out = output_type or image_kind
     return EditResult(
         images=_output(images, out),
         reconstruction=_output(reconstruction, out),
