@@ -4,11 +4,13 @@ with the unet's own counts, and that the settings walk is part of the fingerprin
 
 import importlib.util
 
+import pytest
 from conftest import run_child
 
 from bdia.integrations.diffusers.tiny import tiny_unet
 
 
+@pytest.mark.slow  # a benchmark script's smoke run, in another process
 def test_a_smoke_run_writes_a_row_per_unet_with_its_counts(tmp_path):
     out = tmp_path / "fingerprint.md"
     args = ["--smoke", "--repeats", "2", "--out", str(out)]

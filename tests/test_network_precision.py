@@ -289,6 +289,7 @@ NCSNPP = dict(
 )
 
 
+@pytest.mark.slow  # about 10 s each on an idle 2-core machine, 20 s busy
 @pytest.mark.parametrize("layout", ["ddpmpp", "ncsnpp"])
 def test_half_precision_on_a_larger_network(layout):
     with torch.random.fork_rng(devices=[]):
