@@ -168,6 +168,16 @@ def tiny_unet(
     return net.to(dtype).eval()
 
 
+def _built(
+    cls: Any, config: dict[str, Any], overrides: Mapping[str, Any], dtype: torch.dtype
+) -> torch.nn.Module:
+    """``cls(**config)`` with ``overrides`` added to or replacing its fields, in eval mode and
+    ``dtype`` (its weights drawn from torch's generator as it stands)."""
+    net = cls(**{**config, **overrides})
+    # diffusers warns of any cast with .to(dtype), needed or not.
+    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+
+
 def tiny_sd3_transformer(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
 ) -> torch.nn.Module:
@@ -190,10 +200,7 @@ def tiny_sd3_transformer(
         pooled_projection_dim=8,
         pos_embed_max_size=8,
     )
-    config.update(overrides)
-    net = diffusers.SD3Transformer2DModel(**config)
-    # diffusers warns of any cast with .to(dtype), needed or not.
-    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+    return _built(diffusers.SD3Transformer2DModel, config, overrides, dtype)
 
 
 # The blocks of the tiny Flux and Chroma transformers: one double-stream and one
@@ -230,9 +237,7 @@ def tiny_flux_transformer(
     config: dict[str, Any] = dict(
         _TINY_FLUX_BLOCKS, pooled_projection_dim=8, guidance_embeds=guidance_embeds
     )
-    config.update(overrides)
-    net = diffusers.FluxTransformer2DModel(**config)
-    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+    return _built(diffusers.FluxTransformer2DModel, config, overrides, dtype)
 
 
 def tiny_chroma_transformer(
@@ -258,15 +263,18 @@ def tiny_chroma_transformer(
         approximator_hidden_dim=16,
         approximator_layers=1,
     )
-    config.update(overrides)
-    net = diffusers.ChromaTransformer2DModel(**config)
-    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+    return _built(diffusers.ChromaTransformer2DModel, config, overrides, dtype)
 
 
-def _qwen_image_class(name: str, since: str = "0.35") -> Any:
-    """diffusers' ``name`` (a Qwen-Image or Z-Image class), or ImportError before diffusers
-    ``since``."""
-    return _flux2_class(name, since)
+def _recent_class(name: str, since: str) -> Any:
+    """diffusers' ``name``, a class of a recent release (Qwen-Image's, Z-Image's, Flux.2's),
+    or ImportError before diffusers ``since``."""
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ImportError(
+            f"{name} is in diffusers {since} and newer; this is {diffusers.__version__}"
+        )
+    return cls
 
 
 def tiny_qwen_image_transformer(
@@ -279,7 +287,7 @@ def tiny_qwen_image_transformer(
     of ``(batch, L)``). Weights drawn with ``torch.manual_seed(seed)``, in eval mode and
     ``dtype``; ``overrides`` add to or replace fields of its config. Needs diffusers 0.35 or
     newer."""
-    cls = _qwen_image_class("QwenImageTransformer2DModel")
+    cls = _recent_class("QwenImageTransformer2DModel", "0.35")
     torch.manual_seed(seed)
     config: dict[str, Any] = dict(
         patch_size=2,
@@ -291,20 +299,7 @@ def tiny_qwen_image_transformer(
         joint_attention_dim=16,
         axes_dims_rope=(2, 2, 4),
     )
-    config.update(overrides)
-    net = cls(**config)
-    return (net if dtype == torch.float32 else net.to(dtype)).eval()
-
-
-def _flux2_class(name: str, since: str = "0.36") -> Any:
-    """diffusers' ``name`` (a Flux.2 class, or another class of a recent release), or
-    ImportError before diffusers ``since``."""
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ImportError(
-            f"{name} is in diffusers {since} and newer; this is {diffusers.__version__}"
-        )
-    return cls
+    return _built(cls, config, overrides, dtype)
 
 
 def tiny_flux2_transformer(
@@ -324,7 +319,7 @@ def tiny_flux2_transformer(
     ``(batch,)``; without it, it is FLUX.2-klein's kind. Weights drawn with
     ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides`` add to or replace
     fields of its config. Needs diffusers 0.36 or newer."""
-    cls = _flux2_class("Flux2Transformer2DModel")
+    cls = _recent_class("Flux2Transformer2DModel", "0.36")
     torch.manual_seed(seed)
     config: dict[str, Any] = dict(
         patch_size=1,
@@ -347,9 +342,7 @@ def tiny_flux2_transformer(
             "a Flux2Transformer2DModel without guidance embedding (FLUX.2-klein's kind) is in "
             f"diffusers 0.37 and newer; this is {diffusers.__version__}"
         )
-    config.update(overrides)
-    net = cls(**config)
-    return (net if dtype == torch.float32 else net.to(dtype)).eval()
+    return _built(cls, config, overrides, dtype)
 
 
 def _tiny_flux2_vae() -> Any:
@@ -358,7 +351,7 @@ def _tiny_flux2_vae() -> Any:
     means in [-0.5, 0.5), variances in [0.5, 1.5)), so that the pipelines' normalisation of
     the latents is not the identity."""
     torch.manual_seed(1)
-    vae = _flux2_class("AutoencoderKLFlux2")(**_TINY_VAE_BLOCKS)
+    vae = _recent_class("AutoencoderKLFlux2", "0.36")(**_TINY_VAE_BLOCKS)
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.rand(16, generator=g) - 0.5)
@@ -377,7 +370,7 @@ def tiny_flux2_pipeline(scheduler: Any = None, *, guidance_embeds: bool = True) 
     ``FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)`` (the pipeline passes it its own
     mu, ``compute_empirical_mu``, whatever the config's shifts). The progress bar is off.
     Needs diffusers 0.36 or newer, which has the pipeline."""
-    pipeline = _flux2_class("Flux2Pipeline")
+    pipeline = _recent_class("Flux2Pipeline", "0.36")
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     pipe = pipeline(
@@ -403,7 +396,7 @@ def tiny_flux2_klein_pipeline(
     hidden states of layers 9, 18 and 27 side by side, and a transformer that takes them
     (``joint_attention_dim=48``, the same seed; needs transformers 4.51 or newer). Float32;
     the progress bar is off. Needs diffusers 0.37 or newer, which has the pipeline."""
-    pipeline = _flux2_class("Flux2KleinPipeline", "0.37")
+    pipeline = _recent_class("Flux2KleinPipeline", "0.37")
     parts = tiny_flux2_pipeline(scheduler, guidance_embeds=False).components
     if text_encoder:
         tokenizer, encoder = tiny_qwen3_text_encoder(num_layers=28, causal_lm=True)
@@ -1101,8 +1094,8 @@ def tiny_qwen_image_pipeline(scheduler: Any = None, *, text_encoder: bool = Fals
     that halves the image's size (``vae_scale_factor`` 2, seed 1). ``scheduler`` defaults to
     Qwen-Image's ``FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)``. The progress
     bar is off. Needs diffusers 0.35 or newer, which has the pipeline."""
-    pipeline = _qwen_image_class("QwenImagePipeline")
-    vae_class = _qwen_image_class("AutoencoderKLQwenImage")
+    pipeline = _recent_class("QwenImagePipeline", "0.35")
+    vae_class = _recent_class("AutoencoderKLQwenImage", "0.35")
     torch.manual_seed(1)
     vae = vae_class(
         base_dim=4,
@@ -1135,7 +1128,7 @@ def tiny_qwen_image_edit_pipeline(scheduler: Any = None) -> Any:
     after the packed latents' tokens, with both shapes in ``img_shapes``, and keeps the
     transformer's output for the latents' tokens. Float32; the progress bar is off. Needs
     diffusers 0.35 or newer, which has the pipeline."""
-    pipeline = _qwen_image_class("QwenImageEditPipeline")
+    pipeline = _recent_class("QwenImageEditPipeline", "0.35")
     parts = tiny_qwen_image_pipeline(scheduler).components
     pipe = pipeline(**parts, processor=None)
     pipe.set_progress_bar_config(disable=True)
@@ -1152,7 +1145,7 @@ def tiny_qwen_image_edit_plus_pipeline(scheduler: Any = None, *, zero_cond_t: bo
     same weights): it modulates the reference images' tokens with the embedding of timestep
     0. Float32; the progress bar is off. Needs diffusers 0.36 or newer, which has the
     pipeline (0.37 for ``zero_cond_t``)."""
-    pipeline = _qwen_image_class("QwenImageEditPlusPipeline", "0.36")
+    pipeline = _recent_class("QwenImageEditPlusPipeline", "0.36")
     parts = tiny_qwen_image_edit_pipeline(scheduler).components
     if zero_cond_t:
         parts["transformer"] = tiny_qwen_image_transformer(zero_cond_t=True)
@@ -1174,7 +1167,9 @@ def tiny_qwen_image_controlnet(
     residuals would be 0) included, so that the transformer's output depends on the control
     image. In eval mode and the transformer's dtype. Needs diffusers 0.36 or newer."""
     extra = {"extra_condition_channels": 4} if mask_channel else {}
-    net = _controlnet_of(_qwen_image_class("QwenImageControlNetModel"), transformer, seed, **extra)
+    net = _controlnet_of(
+        _recent_class("QwenImageControlNetModel", "0.35"), transformer, seed, **extra
+    )
     return _drawn(net, [*net.controlnet_blocks, net.controlnet_x_embedder], transformer)
 
 
@@ -1190,11 +1185,11 @@ def tiny_qwen_image_controlnet_pipeline(
     images; ``scheduler`` defaults to
     Qwen-Image's. Float32; the progress bar is off. Needs diffusers 0.36 or newer, which has
     the pipeline."""
-    pipeline = _qwen_image_class("QwenImageControlNetPipeline", "0.36")
+    pipeline = _recent_class("QwenImageControlNetPipeline", "0.36")
     parts = dict(tiny_qwen_image_pipeline(scheduler, text_encoder=text_encoder).components)
     controlnet = tiny_qwen_image_controlnet(parts["transformer"])
     if multi:
-        controlnet = _qwen_image_class("QwenImageMultiControlNetModel", "0.36")([controlnet])
+        controlnet = _recent_class("QwenImageMultiControlNetModel", "0.36")([controlnet])
     pipe = pipeline(**parts, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -1210,7 +1205,7 @@ def tiny_z_image_transformer(
     Weights drawn with ``torch.manual_seed(seed)``, its pad tokens zero (as diffusers 0.39
     and newer make them), in eval mode and ``dtype``; ``overrides`` add to or replace fields
     of its config. Needs diffusers 0.36 or newer."""
-    cls = _qwen_image_class("ZImageTransformer2DModel", "0.36")
+    cls = _recent_class("ZImageTransformer2DModel", "0.36")
     torch.manual_seed(seed)
     config: dict[str, Any] = dict(
         in_channels=4,
@@ -1250,7 +1245,7 @@ def tiny_z_image_pipeline(
     ``FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER)``; ``cls`` (a pipeline class of
     the same parts: ``ZImageImg2ImgPipeline``, ``ZImageInpaintPipeline``) defaults to
     ``ZImagePipeline``. The progress bar is off. Needs diffusers 0.36 or newer."""
-    pipeline = cls if cls is not None else _qwen_image_class("ZImagePipeline", "0.36")
+    pipeline = cls if cls is not None else _recent_class("ZImagePipeline", "0.36")
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER)
     tokenizer, encoder = tiny_qwen3_text_encoder() if text_encoder else (None, None)
@@ -1280,7 +1275,7 @@ def tiny_z_image_controlnet(
     the masked image's 4), its refiner block added to the transformer's noise refiner
     (``add_control_noise_refiner="control_noise_refiner"``, 2.0's). In eval mode and the
     transformer's dtype. Needs diffusers 0.37 or newer, which has the controlnet."""
-    cls = _qwen_image_class("ZImageControlNetModel", "0.37")
+    cls = _recent_class("ZImageControlNetModel", "0.37")
     extra: dict[str, Any] = dict(control_layers_places=[0], control_in_dim=4)
     if inpaint:
         extra.update(
@@ -1305,7 +1300,7 @@ def tiny_z_image_controlnet_pipeline(scheduler: Any = None, *, inpaint: bool = F
     Float32; the progress bar is off. Needs diffusers 0.37 or newer, which has the
     pipelines."""
     name = "ZImageControlNetInpaintPipeline" if inpaint else "ZImageControlNetPipeline"
-    pipeline = _qwen_image_class(name, "0.37")
+    pipeline = _recent_class(name, "0.37")
     parts = dict(tiny_z_image_pipeline(scheduler).components)
     controlnet = tiny_z_image_controlnet(parts["transformer"], inpaint=inpaint)
     pipe = pipeline(**parts, controlnet=controlnet)
@@ -1320,7 +1315,7 @@ def tiny_qwen_image_controlnet_inpaint_pipeline(scheduler: Any = None) -> Any:
     it ``prompt_embeds`` and ``prompt_embeds_mask``. 16 x 16 RGB images and masks;
     ``scheduler`` defaults to Qwen-Image's. Float32; the progress bar is off. Needs diffusers
     0.36 or newer, which has the pipeline."""
-    pipeline = _qwen_image_class("QwenImageControlNetInpaintPipeline", "0.36")
+    pipeline = _recent_class("QwenImageControlNetInpaintPipeline", "0.36")
     parts = dict(tiny_qwen_image_pipeline(scheduler).components)
     controlnet = tiny_qwen_image_controlnet(parts["transformer"], mask_channel=True)
     pipe = pipeline(**parts, controlnet=controlnet)
