@@ -23,6 +23,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark slow every case but the first of a test marked ``first_case_by_default``.
+
+    Such a test's cases (the pipeline families, dtypes or options of one check) each take
+    0.05 s or more on one idle core: the default run makes the check once, the slow pass for
+    the other cases (``.ci/run`` runs both). ``tryfirst`` so that the marks are there when
+    ``-m`` selects.
+    """
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        if item.get_closest_marker("first_case_by_default") is None:
+            continue
+        test = (item.nodeid.split("::")[0], getattr(item, "originalname", item.name))
+        if test in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(test)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> Iterator[None]:
     """Run the suite's small tensors on one intra-op thread, then restore the setting.

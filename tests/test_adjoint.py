@@ -145,6 +145,7 @@ def conv_all_above_zero():
     return ode, x, bdia.karras_grid(STEPS, sigma_max=20.0, final_zero=False), targets
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("solver_name", COUPLED)
 def test_coupled_solvers_gradients_equal_autograd_through_the_loop(solver_name):
@@ -402,6 +403,7 @@ def batch_norm_gradients(adjoint: str, solver):
     return grads, {name: b.clone() for name, b in net.named_buffers()}, calls
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("solver_name", ["bdia-heun-0.96", "edict-heun-0.8"])
 def test_running_statistics_are_those_of_the_forward_pass(solver_name):

@@ -428,6 +428,7 @@ def test_a_config_that_cannot_build_a_network_is_named_with_the_file(
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("source", ["safetensors", "pickle"])
 def test_a_config_asking_for_another_network_is_refused_before_anything_is_allocated(
     tmp_path, monkeypatch, persistence, source
@@ -466,6 +467,7 @@ def test_a_config_asking_for_another_network_is_refused_before_anything_is_alloc
     assert devices == ["meta", "cpu"]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("class_name", ["EDMPrecond", "VPPrecond", "VEPrecond"])
 def test_a_network_built_on_the_meta_device_is_the_real_one_without_memory(class_name):
     """The check before a real build is only as good as the probe: the same tensors by name,

@@ -220,6 +220,7 @@ def pixels(path):
 # ------------------------------------------------------------------------------ the edit
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name",
     [
@@ -322,6 +323,7 @@ def test_qwen_image_takes_the_guidance_as_true_cfg(pipelines, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "default.png"))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,default,other",
     [
@@ -373,6 +375,7 @@ def test_size_resizes_the_photo_first(pipelines, tmp_path):
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_grey_and_opaque_images_are_read_as_rgb(mode, pipelines, tmp_path):
     image = photo(tmp_path / "photo.png", mode=mode)
@@ -470,6 +473,7 @@ def conditioning(name, tmp_path, swapped=False):
     return options, {"control_image": [read(c, "RGB") for c in controls]}
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name",
     [
@@ -524,6 +528,7 @@ def test_the_mask_help_names_the_pipelines_that_take_one():
     assert "in_channels 9" in mask and "a 4-channel unet in them is refused" in mask
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", ["inpaint", "controlnet"])
 def test_size_resizes_the_mask_and_the_control_image_with_the_photo(name, pipelines, tmp_path):
     """--size WxH resizes the photo and its mask or control image alike (Lanczos; the mask
@@ -545,6 +550,7 @@ def test_size_resizes_the_mask_and_the_control_image_with_the_photo(name, pipeli
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,option,words",
     [
@@ -590,6 +596,7 @@ def test_a_mask_or_control_image_the_pipeline_takes_not_is_refused(
     fails_in_one_line(args, tmp_path, *words, status=2)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,given,words",
     [
@@ -684,6 +691,7 @@ def test_a_pipeline_without_its_mask_or_control_image_is_refused(
     assert "--control-image=" not in line and "a list" not in line
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,count,words",
     [
@@ -846,6 +854,7 @@ def ip_edit(pipe, image, prompt, **options):
     ).images[0]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,kind", [("sd", "sd"), ("sdxl", "sdxl"), ("sd", "sd-bin"), ("sd", "sd-plus")]
 )
@@ -1113,6 +1122,7 @@ def with_transformer_ip_adapter(folder, adapter, scale=1.0):
     return pipe
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,kind",
     [
@@ -1154,6 +1164,7 @@ def test_flux_and_sd3_image_prompts_reach_edit_image(
     assert not np.array_equal(pixels(tmp_path / "e.png"), np.asarray(plain))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", ["flux", "sd3"])
 def test_a_transformers_ip_adapter_scale_is_applied(
     name, pipelines, transformer_adapters, tmp_path
@@ -1216,6 +1227,7 @@ def save_whole_encoder(family, folder):
     return folder
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", ["sd", "flux", "sd3"])
 def test_a_whole_clip_or_siglip_model_is_taken_as_the_image_encoder(
     name, pipelines, adapters, transformer_adapters, tmp_path
@@ -1422,6 +1434,7 @@ def test_a_16_bit_image_is_refused(pipelines, tmp_path):
     fails_in_one_line(args, tmp_path, "'--image'", "16-bit or float", status=2)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "name,width,height,words",
     [

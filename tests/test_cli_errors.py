@@ -268,6 +268,7 @@ def _output_args(command, target, images, detector):
     return ["convert", source, target]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "command,name,option",
     [
@@ -544,6 +545,7 @@ def test_a_wrong_option_is_named_before_an_existing_grid(tmp_path):
     assert grid.read_text() == "the user's file"
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "args,target,error,hint",
     [

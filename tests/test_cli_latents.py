@@ -344,6 +344,7 @@ def write_png(path, array):
     return path
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "case,words",
     [
@@ -635,6 +636,9 @@ def test_each_image_is_listed_as_soon_as_it_is_made(pngs, tmp_path, monkeypatch)
         assert seen == [mine[:i] for i in range(len(mine))], rank
 
 
+# About 2 s: the single-process resume (test_an_interrupted_invert_resumes_where_it_stopped)
+# runs by default.
+@pytest.mark.slow
 def test_a_killed_torchrun_invert_resumes_from_every_ranks_listing(
     pngs, inverted, tmp_path, monkeypatch
 ):
@@ -732,6 +736,9 @@ def test_two_ranks_split_the_files_and_write_what_one_process_writes(pngs, inver
     assert result.stderr.count(f"{COUNT} images in {back_two} ({COUNT} reconstructed)") == 1
 
 
+# About 5 s (four commands on two devices, every torch call through the pretend device's
+# mode); the refusals on MPS run by default.
+@pytest.mark.slow
 def test_on_a_device_without_float64_the_commands_give_the_cpus_float32_results(
     pngs, tmp_path, monkeypatch
 ):

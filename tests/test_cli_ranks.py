@@ -51,6 +51,7 @@ def logged(monkeypatch, log, owner, name, event):
     monkeypatch.setattr(owner, name, call)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_grid_alone_is_rank_zeros_once_every_rank_has_left_the_group(rank, tmp_path, monkeypatch):
     """sample --grid without --outdir: rank 0 samples and writes the grid after leaving the
@@ -67,6 +68,7 @@ def test_a_grid_alone_is_rank_zeros_once_every_rank_has_left_the_group(rank, tmp
         assert log == ["leave"] and not grid.exists() and result.output == ""
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sample_outdir_is_checked_by_every_rank_before_rank_zero_changes_it(
     rank, tmp_path, monkeypatch
@@ -92,6 +94,7 @@ def test_sample_outdir_is_checked_by_every_rank_before_rank_zero_changes_it(
     assert log == ["check", "wait", *removed, *record, "wait", "sample", "leave"]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("rank", [0, 1])
 def test_the_held_out_table_is_rank_zeros_alone(rank, monkeypatch):
     """invert without --images: rank 0 inverts the digits and prints the table once every
@@ -117,6 +120,7 @@ NOT_SPLIT = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("command", sorted(NOT_SPLIT))
 def test_commands_that_do_not_split_their_work_leave_it_to_rank_zero(
     command, tmp_path, monkeypatch
@@ -138,6 +142,7 @@ def test_commands_that_do_not_split_their_work_leave_it_to_rank_zero(
     assert runs["one"][0] and (command == "solvers" or runs["one"][1])
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("command", ["sample", "fid-ref"])
 def test_a_refused_run_joins_no_group(command, tmp_path, monkeypatch):
     """A run refused after its options are read (sample: a folder made with other

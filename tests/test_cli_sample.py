@@ -62,6 +62,7 @@ def test_a_grid_of_one_class_per_column_is_sampled_on_its_own(tmp_path, monkeypa
     assert calls == [4, 4]  # the outdir's classes come from the seeds, the grid's from columns
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("seeds,line", [("0", "1 image in"), ("0-1", "2 images in")])
 def test_the_closing_line_counts_in_words(seeds, line, tmp_path):
     assert line in invoke("--seeds", seeds, "--outdir", tmp_path / "o").stderr
@@ -79,6 +80,7 @@ def test_overwrite_removes_only_images_named_as_bdia_names_them(tmp_path):
     assert not (out / "000000" / "000001.png").exists()  # seed 1, made with 2 steps
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("seeds,line", [("0", "(1 image)"), ("0-1", "(2 images)")])
 def test_the_grid_line_counts_in_words(seeds, line, tmp_path):
     assert line in invoke("--seeds", seeds, "--grid", tmp_path / "g.png").stderr
@@ -114,6 +116,7 @@ def test_a_grid_inside_the_outdir_is_refused_before_any_work(inside, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("own_grid", [True, False], ids=["sampled-grid", "tiled-grid"])
 def test_an_interrupted_run_with_a_grid_resumes_when_run_again(own_grid, tmp_path, monkeypatch):
     """The grid is written after every image of --outdir, so a run stopped midway leaves no

@@ -48,6 +48,7 @@ def threads_while(monkeypatch, module, name, args):
     return seen
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("threads,expected", [([], 1), (["--threads", "2"], 2)])
 def test_sample_runs_the_digits_on_one_thread_unless_told(
     threads, expected, two_threads, monkeypatch, tmp_path

@@ -131,6 +131,7 @@ def test_an_unusable_out_is_refused_before_computing(tmp_path, kind, monkeypatch
         assert list(blocker.iterdir()) == []
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("args,inside", [([], 1), (["--threads", "2"], 2)])
 def test_threads_apply_inside_the_command_and_are_restored(monkeypatch, args, inside):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two threads even on a one-CPU runner

@@ -104,6 +104,7 @@ STAGE_CASES = [
 ]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name,fractions", STAGE_CASES, ids=[f"{n}-{f}" for n, f in STAGE_CASES])
 def test_stage_fractions_give_the_order_the_solver_reports(name, fractions):
     solver = bdia.get_solver(name, **fractions)

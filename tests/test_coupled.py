@@ -92,6 +92,7 @@ def digit_problem():
     return ode, images
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("wrap", WRAPPERS, ids=["edict", "reversible"])
 def test_digits_round_trip_is_exact_in_both_state_dtypes(digit_problem, wrap, base):
@@ -365,6 +366,8 @@ def median_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 # 3.9e-4 with p = 1. Bounds: the slope within 0.15 of 1, and the error with the mixing less
 # than twice the error without it, where a floor left by the mixing (about 0.3 (1 - p) = 0.02,
 # the next test) would make it 15 to 50 times as large.
+# 3 to 4 s each; EDICT's order (test_convergence_order) runs by default.
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["euler", "heun"])
 def test_edict_is_first_order_from_pure_noise_on_the_flow_problem(base):
     *_, ref = flow_problem()
@@ -384,7 +387,9 @@ def test_edict_is_first_order_from_pure_noise_on_the_flow_problem(base):
 # the ratio of the p = 0.99 and p = 0.999 figures within 20% of 1 (it would be 10 for an
 # error of order (1 - p)^2 and 0.1 for one that did not depend on p), eight times the steps
 # shrinking the p = 0.999 figure by less than 1.5 (a first-order one would shrink 8 times),
-# and the p = 0.93 figure falling at a slope within 0.15 of 1 over 320 to 1280 steps.
+# and the p = 0.93 figure falling at a slope within 0.15 of 1 over 320 to 1280 steps. About
+# 4.5 s; EDICT's order (test_convergence_order) and exact round trips run by default.
+@pytest.mark.slow
 def test_edicts_mixing_error_is_of_order_one_minus_p_until_about_one_over_one_minus_p_steps():
     def mixing(p: float, steps: int) -> float:
         unmixed = flow_end(bdia.edict("euler", 1.0), steps)

@@ -75,6 +75,7 @@ def rel(a, b):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize(
@@ -129,6 +130,7 @@ def test_ddim_in_edm_space_is_euler_to_float64_rounding(unet, noise):
         assert rel(b[k] * vp.schedule.alpha(t), a[k]) < 1e-12, k
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "config",
     [
@@ -163,6 +165,7 @@ def test_euler_matches_euler_discrete_scheduler(unet, noise, config):
         assert rel(ours[k], ref[k]) < 1e-6, k
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_heun_matches_heun_discrete_scheduler(unet, noise, prediction_type):
     """'heun' in EDM space is HeunDiscreteScheduler to 1e-6 relative (measured: 4.9e-9 for
@@ -185,6 +188,7 @@ def test_heun_matches_heun_discrete_scheduler(unet, noise, prediction_type):
         assert rel(ours[k], ref[k]) < 1e-6, k
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
 def test_dpm_solver_pp_1_matches_dpm_solver_multistep(unet, noise, final_sigmas_type, spacing):
@@ -237,6 +241,7 @@ def unet32():
     return tiny_unet()
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
 @pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -263,6 +268,7 @@ def test_euler_is_edm_euler_scheduler_bit_for_bit(
     assert torch.equal(ours[-1], ref[-1])
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, prediction_type):
     """StableDiffusionXLPipeline with EDMEulerScheduler (a Playground v2.5-style pipeline)
@@ -308,6 +314,7 @@ def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, predict
     assert calls.calls == 2 * N_STEPS and float(ts[-1]) == 0.0
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_dpm_solver_pp_1_matches_edm_dpm_solver_multistep(
@@ -368,6 +375,7 @@ def _edm_guided(unet, prediction_type):
     return ode, diffusers_grid(scheduler, N_STEPS)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_bdia_euler_round_trip_under_edm_preconditioning_is_exact(
     cond_unet, noise, prediction_type

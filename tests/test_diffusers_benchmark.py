@@ -61,6 +61,7 @@ def test_the_script_writes_the_published_page_and_its_claims_hold(tmp_path):
     assert len(exact) == 3 and all(float(x) == 0.0 for x in exact)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("case", range(6))
 def test_the_flow_reference_is_the_pipelines_own_loop(tmp_path, case):
     """The hand-run FlowMatchEulerDiscreteScheduler loop the page compares bdia with ends

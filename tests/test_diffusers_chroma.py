@@ -197,6 +197,7 @@ def _one_line_error(exc_info, field):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_euler_is_the_chroma_loop_step_by_step(chroma, true_cfg):
     """bdia's euler on from_diffusers / diffusers_grid(mu=, sigmas=) is ChromaPipeline's loop
@@ -237,6 +238,7 @@ def test_the_attention_mask_changes_the_field(chroma):
     assert moved > 0.01
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_chroma_pipeline_gives_bdia_samples_latents(true_cfg):
     """ChromaPipeline itself (tiny parts, the prompt through its T5 encoder and its mask,
@@ -259,6 +261,7 @@ def test_chroma_pipeline_gives_bdia_samples_latents(true_cfg):
     assert torch.equal(ours, latents)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_bdia_euler_inverts_to_float64_rounding(true_cfg):
     """bdia(euler, 0.96) on the dynamically shifted grid, from the noise at t = 1 to 0 and
@@ -442,6 +445,7 @@ def _image(batch):
     return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("cfg", [None, 1.0], ids=["true-cfg-5", "no-cfg"])
 def test_edit_image_round_trip_is_exact(cfg):
     """edit_image on ChromaPipeline (bdia(euler, 0.96), float64 state): the grid is the
@@ -478,6 +482,7 @@ def _calls(module, run):
     return seen
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("cfg", [None, 1.0], ids=["true-cfg-5", "no-cfg"])
 def test_edit_image_gives_the_transformer_what_chroma_pipeline_gives_it(cfg):
     """ChromaPipeline.__call__ and edit_image (float32 state, the same prompt and guidance)

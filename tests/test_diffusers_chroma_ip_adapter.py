@@ -132,6 +132,7 @@ def test_a_chroma_transformer_loads_flux_ip_adapters():
     assert pipe.transformer.encoder_hid_proj.num_ip_adapters == 1
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("adapters", [1, 2], ids=["one", "two"])
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_chroma_ip_adapter_pipeline_gives_bdia_samples_latents(true_cfg, adapters):
@@ -171,6 +172,7 @@ def test_the_ip_adapter_pipeline_with_an_image_gives_bdia_samples_latents():
     assert negative[0].abs().max() > 0.1  # an all-zero image's embedding is not zeros
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_bdia_euler_inverts_exactly_under_the_image_prompt(true_cfg):
     """bdia(euler, 0.96) on the float64 transformer with its IP-Adapter, from the noise at
@@ -185,6 +187,7 @@ def test_bdia_euler_inverts_exactly_under_the_image_prompt(true_cfg):
     assert flow_round_trip_error(ode, _noise(torch.float64), _grid(pipe)) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(true_cfg):
     """ChromaPipeline with an IP-Adapter and BDIAScheduler (gamma 0.9) gives the latents and
@@ -311,6 +314,7 @@ def test_one_image_prompt_for_both_calls_is_taken_and_the_callers_dicts_are_kept
 # --------------------------------------------------------------------------- editing
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("cfg", [None, 1.0], ids=["true-cfg-5", "no-cfg"])
 def test_edit_image_inverts_exactly_under_the_image_prompt(cfg):
     """edit_image on ChromaPipeline with an IP-Adapter and ip_adapter_image inverts and

@@ -143,6 +143,7 @@ def _rel(a, b):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("controlnets, scale, guess, start, end", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_ddim_is_the_controlnet_pipeline_to_float64_rounding(
@@ -216,6 +217,7 @@ def _calls_kept(pipe, xl, controlnets, scale, guess, start, end):
     return kept
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("controlnets, scale, guess, start, end", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_the_model_is_the_pipelines_bit_for_bit_at_each_step(
@@ -241,6 +243,7 @@ def test_the_switch_follows_a_scheduler_that_calls_twice_at_one_time(tmp_path):
     assert _calls_kept(pipe, False, 1, 0.7, False, 0.2, 0.7) == 4
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("switched", [False, True], ids=["always", "switched"])
 def test_euler_is_the_sdxl_controlnet_pipeline_with_edm_euler_bit_for_bit(tmp_path, switched):
     """StableDiffusionXLControlNetPipeline with EDMEulerScheduler under guidance 7.5: bdia's
@@ -523,6 +526,7 @@ def test_a_control_image_of_the_wrong_batch_or_size_is_refused_before_any_call(p
 
 # The random unet and controlnets under guidance 7.5 drive BDIA's parasitic mode past the
 # warning's threshold at 10 steps; the round trip is exact all the same, which is the point.
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("controlnets", [1, 2], ids=["one", "multi"])
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
@@ -567,6 +571,7 @@ def _controlnet_kwargs(controlnet):
     return calls, controlnet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_edit_image_gives_the_controlnet_what_the_pipeline_gives_it(tmp_path, xl):
     """The pipeline's first step and edit_image's first model call give the controlnet the

@@ -99,6 +99,7 @@ def _one_line_error(exc_info, field):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("controlnets, scale, guess, start, end", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
@@ -130,6 +131,7 @@ def test_ddim_is_the_controlnet_img2img_pipeline_to_rounding(
     assert _rel(ours, theirs) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_bdia_scheduler_in_the_controlnet_img2img_pipeline_is_bdia_sample_and_inverts(tmp_path, xl):
     """BDIAScheduler (gamma 0.9) in the ControlNet img2img pipeline at strength 0.5,
@@ -245,6 +247,7 @@ def _edit(pipe, image, control, **kwargs):
 
 # The random unet and controlnet under guidance 7.5 drive BDIA's parasitic mode past the
 # warning's threshold at 10 steps; the round trip is exact all the same, which is the point.
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
@@ -270,6 +273,7 @@ def test_edit_image_inverts_exactly_under_the_control_image(tmp_path, xl, state_
     assert _rel(other.edited_latents, result.edited_latents) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_edit_image_calls_the_controlnet_and_unet_as_the_img2img_pipeline(tmp_path, xl):
     """In float32, for a PIL image and a PIL control image: the pipeline's first step (at

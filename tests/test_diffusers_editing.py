@@ -107,6 +107,7 @@ def _embeds(pipe, prompt):
 # ------------------------------------------------------------------- exactness
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "state_dtype, bound",
     # float64: the double-word state carries ~2^-106; the tiny pipeline gives exactly 0.
@@ -366,6 +367,7 @@ def test_bad_inputs_are_refused_in_one_line(fresh_pipe, image, kind, fragment):
     assert fragment in _refused(fresh_pipe, image, source, **kwargs)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("encoder_hid_dim", [None, 16])
 def test_a_unet_with_a_text_added_embedding_is_taken_as_stable_diffusions(
     tmp_path, image, encoder_hid_dim
@@ -441,6 +443,7 @@ def _added(pooled, time_ids):
 XL_TIME_IDS = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "state_dtype, bound",
     # As for Stable Diffusion above: float64 carries ~2^-106 and gives exactly 0 here; a
@@ -493,6 +496,7 @@ def _unet_kwargs(unet):
     return calls, unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "prompt, negative, zeros, size, guidance",
     [
@@ -608,6 +612,7 @@ def test_sdxl_added_conditioning_reaches_the_unet(xl_pipe, xl_result, change):
     assert rel(other, same) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("negative", ["zeros", ""])
 def test_sdxl_embeddings_as_prompts_give_the_same_edit(fresh_xl_pipe, image, xl_result, negative):
     """(prompt_embeds, pooled_prompt_embeds) pairs in place of text, and for the negative
@@ -667,6 +672,7 @@ def _conv_in_dtypes(vae):
     return seen
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_sdxl_half_vae_with_force_upcast_is_upcast_as_the_pipelines_upcast_it(
     tmp_path, image, half
@@ -717,6 +723,7 @@ def test_a_mixed_precision_vae_comes_back_with_each_dtype_it_had(tmp_path, image
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", ["sdxl without force_upcast", "stable diffusion"])
 def test_a_float16_vae_runs_in_float16_where_the_pipeline_runs_it_so(tmp_path, image, kind):
     """The float32 upcast is the SDXL pipeline's and only where the VAE's config says
@@ -757,6 +764,7 @@ def test_sdxl_float16_vae_is_float16_again_after_an_error(tmp_path, image):
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "make, ode_dtype",
     # A Playground-style pipeline (EDM-preconditioned scheduler): the ODE's model_dtype is
@@ -918,6 +926,7 @@ def test_vae_latent_statistics_round_trip_is_exact_in_latent_space(tmp_path, ima
     assert out.vae_error == pytest.approx(xl_result.vae_error, rel=1e-6)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("only", ["latents_mean", "latents_std"])
 def test_one_vae_latent_statistic_alone_is_ignored_as_diffusers_does(
     tmp_path, image, xl_result, only
@@ -949,6 +958,7 @@ def test_vae_latent_statistics_that_cannot_be_used_are_refused(tmp_path, image, 
 # --------------------------------------------------------------- Playground v2.5 (EDM)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "scheduler",
     [diffusers.EDMDPMSolverMultistepScheduler, diffusers.EDMEulerScheduler],
@@ -1025,6 +1035,7 @@ def _sd3_embeds(pipe, prompt):
     return embeds, pooled
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("steps", [STEPS, 28])
 @pytest.mark.parametrize(
     "state_dtype, bound",
@@ -1096,6 +1107,7 @@ def test_sd3_edit_is_a_hand_run_regenerate_under_the_target(sd3_pipe, image, sd3
     assert rel(sd3_result.edited_latents, sd3_result.reconstructed_latents) > 0.1
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "prompt, negative, size, guidance, config",
     [
@@ -1393,6 +1405,7 @@ def _flux_grid(scheduler, steps, tokens=16):
     return diffusers_grid(scheduler, steps, mu=mu, sigmas=np.linspace(1.0, 1 / steps, steps))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("steps", [STEPS, 28])
 @pytest.mark.parametrize("cfg", [None, 4.0], ids=["embedded", "true-cfg"])
 @pytest.mark.parametrize(
@@ -1487,6 +1500,7 @@ def _flux_pipeline_call(pipe, prompt, negative, cfg, guidance, size):
         )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "schnell, prompt, negative, cfg, guidance, size",
     [

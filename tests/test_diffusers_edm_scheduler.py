@@ -108,6 +108,7 @@ def _invert_guided(pipe, pair):
 # ------------------------------------------------------------------ pipeline parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("cls", EDM_CLASSES, ids=["dpm", "euler"])
 def test_bdia_scheduler_in_playground_pipeline_is_bdia_sample_and_inverts(
@@ -174,6 +175,7 @@ def test_bdia_scheduler_in_sdxl_img2img_pipeline_is_bdia_sample_and_inverts(tmp_
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.bfloat16, torch.float16], ids=["f64", "bf16", "f16"]
 )
@@ -226,6 +228,7 @@ def test_other_dtypes_are_bdia_sample_and_invert_exactly(dtype):
 # ------------------------------------------------------------ the pipeline's contract
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
 @pytest.mark.parametrize("cls", EDM_CLASSES, ids=["dpm", "euler"])
 def test_the_pipeline_sees_the_edm_schedulers_numbers(cls, final_sigmas_type):

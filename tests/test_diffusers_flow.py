@@ -335,6 +335,7 @@ def _invert_guided(pipe, pair, cond, mu=None):
     return inverse
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "config", [dict(shift=3.0), dict(use_dynamic_shifting=True)], ids=["sd3", "dynamic"]
 )

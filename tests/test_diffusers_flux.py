@@ -198,6 +198,7 @@ _KINDS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_KINDS))
 def test_euler_is_the_flux_loop_step_by_step(request, kind):
     """bdia's euler on from_diffusers / diffusers_grid(mu=, sigmas=) is FluxPipeline's loop
@@ -276,6 +277,7 @@ def test_the_transformer_sees_the_pipelines_arguments(dtype):
         assert kwargs["encoder_hidden_states"].shape == (BATCH, 5, 16)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_flux_pipeline_gives_bdia_samples_latents(tmp_path, true_cfg):
     """FluxPipeline itself (tiny parts, prompts through its CLIP and T5 encoders, guidance
@@ -299,6 +301,7 @@ def test_flux_pipeline_gives_bdia_samples_latents(tmp_path, true_cfg):
     assert torch.equal(ours, latents)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_bdia_euler_inverts_to_float64_rounding(true_cfg):
     """bdia(euler, 0.96) on Flux-dev's dynamically shifted grid, from the noise at t = 1
@@ -476,6 +479,7 @@ def _invert(pipe, pair, cond, extra=None, image=None):
     return inverse
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("embedded", [True, False], ids=["dev", "schnell"])
 def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, embedded):
     """FluxPipeline with BDIAScheduler.from_config(its config, gamma=0.9) gives the latents
@@ -507,6 +511,7 @@ def test_bdia_scheduler_in_flux_pipeline_is_bdia_sample_and_inverts(tmp_path, em
     assert torch.equal(back.earlier, noise)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("embedded", [True, False], ids=["dev", "schnell"])
 def test_bdia_scheduler_in_flux_img2img_pipeline_is_bdia_sample_and_inverts(tmp_path, embedded):
     """FluxImg2ImgPipeline with strength 0.6 runs the last 6 of 10 timesteps from the image

@@ -205,6 +205,7 @@ _KINDS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_KINDS))
 def test_pipeline_gives_bdia_samples_latents(kind):
     """Flux2Pipeline (guidance embedding 4) and Flux2KleinPipeline (true CFG 3, a negative
@@ -261,6 +262,7 @@ def test_reference_image_and_negative_prompt_change_the_run():
     assert not torch.equal(sample(guidance_scale=1.5), full)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "klein",
     [
@@ -318,6 +320,7 @@ def _invert(pipe, pair, kwargs, klein):
     return inverse
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("klein", [False, True], ids=["dev", "klein-cfg"])
 def test_bdia_scheduler_in_flux2_pipelines_is_bdia_sample_and_inverts(klein):
     """Flux2Pipeline (and Flux2KleinPipeline with true CFG) with a reference image and

@@ -97,6 +97,7 @@ def _ids(pipe):
     return pipe._prepare_latent_ids(torch.zeros(BATCH, 16, 4, 4))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("klein", KINDS)
 @pytest.mark.parametrize(
     "state_dtype, bound",
@@ -142,6 +143,7 @@ def _by_hand(pipe, dtype):
     return pipe._pack_latents((z - mean) / std)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("klein", KINDS)
 def test_edit_is_a_hand_run_regenerate_under_the_target(klein):
     """Every stage by hand (float64): the packed, normalised latents; from_diffusers with the
@@ -195,6 +197,7 @@ def _target_args(pipe, klein, noise):
     return args
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("klein", KINDS)
 def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(klein):
     """With a float32 state, edit_image's edited latents are bit for bit the packed latents
@@ -209,6 +212,7 @@ def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(klein):
     assert_edit_is_the_pipelines_run(pipe, out, N_STEPS, last_step=True, **target)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("klein", KINDS)
 def test_edit_image_encodes_and_decodes_as_the_flux2_pipelines(klein):
     """With a float32 state, edit_image's latents are bit for bit the pipeline's own encoding
@@ -228,6 +232,7 @@ def test_edit_image_encodes_and_decodes_as_the_flux2_pipelines(klein):
     assert torch.equal(_edit(pipe, klein).latents, _by_hand(pipe, torch.float64))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("klein", KINDS)
 def test_text_prompts_go_through_the_pipelines_encode_prompt(klein, monkeypatch):
     """Where the pipeline has a text encoder and tokenizer (stand-ins here: the encoder's

@@ -114,6 +114,7 @@ def _grid(scheduler):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_euler_is_the_control_loop_step_by_step(depth, true_cfg):
     """bdia's euler on from_diffusers(control_latents=) / diffusers_grid is

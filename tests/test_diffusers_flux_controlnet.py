@@ -93,6 +93,7 @@ _SETTINGS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_SETTINGS))
 def test_controlnet_pipeline_gives_bdia_samples_latents(tmp_path, kind):
     """FluxControlNetPipeline itself (tiny parts, a prompt through its encoders, a PIL control
@@ -179,6 +180,7 @@ def test_bdia_scheduler_in_controlnet_pipeline_is_bdia_sample_and_inverts(tmp_pa
     assert_bdia_run_inverts(pipe, latents, ode, noise, ts, gamma=0.9)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("strength, k, kept", [(0.6, 4, 2), (0.65, 3, 2)])
 def test_img2img_controlnet_pipeline_is_the_odes_run_on_the_grids_tail(tmp_path, strength, k, kept):
     """FluxControlNetImg2ImgPipeline on the tiny ControlNet pipeline's parts, a scale of 0.6
@@ -367,6 +369,8 @@ def test_edit_image_inverts_exactly_under_the_control_image(tmp_path):
     assert edit_is_exact_under_the_control_image(pipe, (2, TOKENS, 16)) > 1e-3
 
 
+# About 2.5 s; edit_image on the text-to-image Flux ControlNet pipeline runs by default.
+@pytest.mark.slow
 def test_edit_image_on_the_img2img_controlnet_pipeline_is_the_controlnet_pipelines(tmp_path):
     """FluxControlNetImg2ImgPipeline on the tiny ControlNet pipeline's parts (those its
     __init__ takes: no IP-Adapter's image_encoder and feature_extractor): edit_image inverts

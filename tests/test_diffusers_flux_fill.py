@@ -117,6 +117,7 @@ def _grid(scheduler):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_euler_is_the_fill_loop_step_by_step(fill, true_cfg):
     """bdia's euler on from_diffusers(mask=, masked_image_latents=) / diffusers_grid is

@@ -109,6 +109,7 @@ def _grid(pipe):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("adapters", [1, 2], ids=["one", "two"])
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_flux_ip_adapter_pipeline_gives_bdia_samples_latents(tmp_path, true_cfg, adapters):
@@ -160,6 +161,7 @@ def test_the_ip_adapter_pipeline_with_an_image_gives_bdia_samples_latents(tmp_pa
     assert negative[0].abs().max() > 0.1  # an all-zero image's embedding is not zeros
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_bdia_euler_inverts_exactly_under_the_image_prompt(tmp_path, true_cfg):
     """bdia(euler, 0.96) on the float64 pipeline's transformer with its IP-Adapter, from the
@@ -177,6 +179,7 @@ def test_bdia_euler_inverts_exactly_under_the_image_prompt(tmp_path, true_cfg):
     assert flow_round_trip_error(ode, _noise(torch.float64), _grid(pipe)) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(tmp_path, true_cfg):
     """FluxPipeline with an IP-Adapter and BDIAScheduler (gamma 0.9) gives the latents and
@@ -351,6 +354,7 @@ def _prompt_and_zero_embeds(pipe, prompt):
         return embeds, pipe.prepare_ip_adapter_image_embeds(zeros, None, "cpu", 1)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_edit_image_inverts_exactly_under_the_image_prompt(tmp_path, true_cfg):
     """edit_image on a Flux pipeline with an IP-Adapter and ip_adapter_image inverts and

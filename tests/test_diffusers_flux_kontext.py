@@ -118,6 +118,7 @@ def _kontext_run(pipe, noise, image, **options):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_euler_is_the_kontext_loop_step_by_step(dev, true_cfg):
     """bdia's euler on from_diffusers(image_latents=) / diffusers_grid is FluxKontextPipeline's
@@ -165,6 +166,7 @@ def test_bdia_euler_inverts_the_kontext_ode_to_float64_rounding():
     assert flow_round_trip_error(ode, _noise(torch.float64), _grid(_dev_scheduler())) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @needs_kontext
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_kontext_pipeline_gives_bdia_samples_latents(tmp_path, true_cfg):

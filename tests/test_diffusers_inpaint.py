@@ -127,6 +127,7 @@ def _one_line_error(exc_info, field):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_ddim_is_the_inpaint_pipeline_to_float64_rounding(tmp_path, xl):
     """bdia's 'ddim' on from_diffusers(unet, scheduler, mask=..., masked_image_latents=...)
@@ -146,6 +147,7 @@ def test_ddim_is_the_inpaint_pipeline_to_float64_rounding(tmp_path, xl):
     assert _rel(ours, theirs) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_the_model_is_the_pipelines_bit_for_bit_at_each_step(tmp_path, xl):
     """In float32, two images a prompt (the pipeline repeats the batch-1 mask and masked image
@@ -189,6 +191,7 @@ def test_euler_is_the_sdxl_inpaint_pipeline_with_edm_euler_bit_for_bit(tmp_path)
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_bdia_scheduler_in_the_inpaint_pipeline_is_bdia_sample_and_inverts(tmp_path, xl):
     """BDIAScheduler in the inpainting pipeline with a 9-channel unet (guidance 7.5) gives
@@ -515,6 +518,7 @@ def _control_image():
     return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("guess", [False, True], ids=["plain", "guess"])
 @pytest.mark.parametrize("kind", CONTROL_KINDS)
@@ -620,6 +624,7 @@ def _assert_same_added(kwargs, theirs, where):
         assert torch.equal(ours_, theirs_), (where, key)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("guess", [False, True], ids=["plain", "guess"])
 @pytest.mark.parametrize("kind", CONTROL_KINDS)
 def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path, kind, guess):
@@ -674,6 +679,7 @@ def test_the_controlnet_gets_the_latents_and_the_unet_all_nine_channels(tmp_path
         assert torch.equal(out, out2), i
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", CONTROL_KINDS)
 def test_bdia_scheduler_in_the_controlnet_inpaint_pipeline_is_bdia_sample_and_inverts(
     tmp_path, kind
@@ -714,6 +720,7 @@ def _edit(pipe, image, mask, **kwargs):
 
 # The random 9-channel unet under guidance 7.5 drives BDIA's parasitic mode past the warning's
 # threshold at 10 steps; the round trip is exact all the same, which is the point.
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_edit_image_inverts_exactly_under_the_mask(tmp_path, xl):
@@ -737,6 +744,7 @@ def test_edit_image_inverts_exactly_under_the_mask(tmp_path, xl):
     assert _rel(other.edited_latents, result.edited_latents) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_edit_image_conditions_as_the_pipeline_prepares_its_mask(tmp_path, xl, monkeypatch):
     """For a PIL image and a grayscale PIL mask with values between 0 and 255, the mask and
@@ -802,6 +810,7 @@ def test_the_unet_sees_the_image_only_outside_the_mask_and_the_edit_is_no_blend(
     assert float(moved) > 1e-3 * float(result.latents.abs().max())
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("unet_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_a_bfloat16_sdxl_vae_encodes_the_masked_image_as_the_pipeline(
     tmp_path, unet_dtype, monkeypatch
@@ -897,6 +906,7 @@ def _control_edit(pipe, image, mask, control, **kwargs):
     return _edit(pipe, image, mask, **kwargs)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", CONTROL_PIPELINES)
@@ -925,6 +935,7 @@ def test_edit_image_inverts_exactly_under_the_mask_and_control_image(tmp_path, k
     assert _rel(other.edited_latents, result.edited_latents) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", CONTROL_PIPELINES)
 def test_edit_image_calls_the_controlnet_and_unet_as_the_pipeline(tmp_path, kind, monkeypatch):
     """In float32, for a PIL image, a grayscale PIL mask and a PIL control image: the

@@ -128,6 +128,7 @@ def test_a_mask_for_a_blending_pipeline_is_refused_in_one_line_naming_it(tmp_pat
     assert all(c.calls == 0 for c in calls)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(BLENDING))
 def test_without_a_mask_the_edit_is_the_plain_pipelines_bit_for_bit(tmp_path, kind):
     """Without a mask, edit_image through a blending pipeline's parts is the edit of the same
@@ -167,6 +168,7 @@ def test_an_inpainting_sd3_transformer_is_refused_as_one(tmp_path):
     assert all(c.calls == 0 for c in calls)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", ["flux", "chroma"])
 def test_bdia_scheduler_in_flux_inpaint_pipeline_restarts_at_every_blended_step(tmp_path, kind):
     """BDIAScheduler dropped into FluxInpaintPipeline (ChromaInpaintPipeline, under its true

@@ -115,6 +115,7 @@ def _one_line_error(exc_info, field):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("adapters", [1, 2], ids=["one", "two"])
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_ddim_is_the_ip_adapter_pipeline_to_float64_rounding(tmp_path, xl, adapters):
@@ -136,6 +137,7 @@ def test_ddim_is_the_ip_adapter_pipeline_to_float64_rounding(tmp_path, xl, adapt
     assert _rel(ours, theirs) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_the_model_is_the_pipelines_bit_for_bit_at_each_step(tmp_path, xl):
     """In float32, two images a prompt (the pipeline repeats the image embeddings to batch 2,
@@ -177,6 +179,7 @@ def test_the_model_is_the_pipelines_bit_for_bit_at_each_step(tmp_path, xl):
     assert _rel(ours, theirs) < 5e-7
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(tmp_path, xl):
     """BDIAScheduler in the IP-Adapter pipeline (guidance 7.5) gives bdia.sample's latents
@@ -193,6 +196,7 @@ def test_bdia_scheduler_in_the_ip_adapter_pipeline_is_bdia_sample_and_inverts(tm
     assert _rel(back, noise.double()) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_ddim_is_the_ip_adapter_plus_pipeline_to_float64_rounding(tmp_path, xl):
     """An IP-Adapter Plus resamples the image encoder's hidden states: the pipeline's
@@ -214,6 +218,7 @@ def test_ddim_is_the_ip_adapter_plus_pipeline_to_float64_rounding(tmp_path, xl):
     assert _rel(ours, theirs) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_ddim_is_the_controlnet_pipeline_with_an_ip_adapter_to_float64_rounding(tmp_path, xl):
     """A ControlNet pipeline with an IP-Adapter loaded: the controlnet gets the unet's input,
@@ -396,6 +401,7 @@ def test_edit_image_inverts_exactly_under_an_ip_adapter_plus_image_prompt(tmp_pa
         assert negative.shape == (1, 1, 5, 8) and negative.abs().max() > 0.1
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_edit_image_inverts_exactly_under_the_image_prompt(tmp_path, xl):
@@ -419,6 +425,7 @@ def test_edit_image_inverts_exactly_under_the_image_prompt(tmp_path, xl):
     assert _rel(other.edited_latents, result.edited_latents) > 1e-2
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 def test_edit_image_gives_the_unet_the_pipelines_image_embeddings(tmp_path, xl):
     """The pipeline's first step with ip_adapter_image (a PIL image, through its

@@ -82,6 +82,7 @@ def _sample(ode, grid):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @needs_kontext
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_kontext_pipeline_with_an_ip_adapter_gives_bdia_samples_latents(tmp_path, true_cfg):
@@ -112,6 +113,7 @@ def test_kontext_pipeline_with_an_ip_adapter_gives_bdia_samples_latents(tmp_path
     assert _rel(other, theirs) > 1e-2
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["embedded", "true-cfg"])
 def test_flux_controlnet_pipeline_with_an_ip_adapter_gives_bdia_samples_latents(tmp_path, true_cfg):
     """FluxControlNetPipeline with an IP-Adapter (a PIL control image it prepares and encodes
@@ -233,6 +235,7 @@ _ALONE = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_ALONE))
 def test_edit_image_inverts_exactly_under_the_image_prompt(tmp_path, kind):
     """edit_image with ip_adapter_image on FluxKontextPipeline, FluxControlNetPipeline (with
@@ -293,6 +296,7 @@ _PLAIN = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(_PLAIN))
 def test_edit_image_on_the_img2img_and_inpainting_pipelines_is_the_plain_pipelines(tmp_path, name):
     """edit_image with ip_adapter_image on FluxImg2ImgPipeline, FluxInpaintPipeline and

@@ -146,6 +146,7 @@ def test_the_tiny_tokenizer_renders_qwen3s_chat_turns(z_image, klein):
     assert klein.transformer.config.joint_attention_dim == 3 * 16
 
 
+@pytest.mark.first_case_by_default
 @NO_Z_IMAGE
 @pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
 def test_z_image_gets_encode_prompts_embeddings(z_image, cfg):
@@ -170,6 +171,7 @@ def test_z_image_gets_encode_prompts_embeddings(z_image, cfg):
     assert out.latent_error == 0.0
 
 
+@pytest.mark.first_case_by_default
 @NO_Z_IMAGE
 @pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
 def test_the_z_image_edit_is_the_pipelines_text_run_from_the_inverted_noise(z_image, cfg):

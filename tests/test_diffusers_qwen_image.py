@@ -564,6 +564,7 @@ def _edit(pipe, true_cfg, dtype=torch.float64, image=None, **options):
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 @pytest.mark.parametrize(
     "state_dtype, bound",
@@ -605,6 +606,7 @@ def _by_hand(pipe, image, dtype):
     return diffusers.QwenImagePipeline._pack_latents((z - mean) * scale, BATCH, 4, 8, 8)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_edit_is_a_hand_run_regenerate_under_the_target(true_cfg):
     """Every stage by hand (float64, a VAE with latents_mean and latents_std other than 0
@@ -653,6 +655,7 @@ def test_edit_is_a_hand_run_regenerate_under_the_target(true_cfg):
     assert float((out.edited_latents - out.reconstructed_latents).abs().max()) > 0.1
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(true_cfg):
     """With a float32 state, edit_image's edited latents are bit for bit what
@@ -707,6 +710,7 @@ def test_edit_image_encodes_and_decodes_as_the_qwen_image_pipelines(monkeypatch)
     assert torch.equal(double.reconstruction, by_hand)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_edit_image_gives_the_transformer_what_qwen_image_pipeline_gives_it(true_cfg):
     """QwenImagePipeline.__call__ and edit_image (float32 state, the same embeddings) give
@@ -730,6 +734,7 @@ def test_edit_image_gives_the_transformer_what_qwen_image_pipeline_gives_it(true
     assert timesteps[0] == timesteps[1] | {0.0} and len(timesteps[1]) == N_STEPS
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", ["QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"])
 def test_the_img2img_and_inpainting_pipelines_edit_as_the_text_to_image_one(name):
     """QwenImageImg2ImgPipeline (its strength plays no part) and, without a mask,

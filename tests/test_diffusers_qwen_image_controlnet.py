@@ -126,6 +126,7 @@ def _options(settings):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_SETTINGS))
 def test_controlnet_pipeline_gives_bdia_samples_latents(kind):
     """QwenImageControlNetPipeline itself (tiny parts, prompt embeddings with a padded
@@ -425,6 +426,7 @@ def _target_cond():
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("switched", [False, True], ids=["on", "switched"])
 def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(switched, monkeypatch):
     """With a float32 state, edit_image's edited latents are bit for bit what

@@ -107,6 +107,7 @@ _SETTINGS = {
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_SETTINGS))
 def test_inpainting_controlnet_pipeline_gives_bdia_samples_latents(kind):
     """QwenImageControlNetInpaintPipeline itself (tiny parts, prompt embeddings with a padded
@@ -253,6 +254,7 @@ def test_edit_image_inverts_exactly_under_the_control_image_and_mask():
     assert float(moved / result.edited_latents.abs().max()) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("switched", [False, True], ids=["on", "switched"])
 def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(switched, monkeypatch):
     """With a float32 state, edit_image's edited latents are bit for bit what

@@ -124,6 +124,7 @@ def _kwargs_of_calls(transformer, run):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_edit_pipeline_gives_bdia_euler_latents(own_size, true_cfg):
     """QwenImageEditPipeline itself (tiny parts, prompt embeddings with a padded prompt, a 32
@@ -166,6 +167,7 @@ def test_edit_pipeline_gives_bdia_euler_latents(own_size, true_cfg):
     assert float((alone - latents).abs().max()) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_bdia_euler_inverts_the_edit_ode_to_float64_rounding(true_cfg):
     """bdia(euler, 0.96) on the Edit ODE (float64 transformer and state, Qwen-Image's shifted
@@ -276,6 +278,7 @@ def _edit(pipe, image, true_cfg, dtype=torch.float64):
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_edit_image_on_the_edit_pipeline_takes_the_image_as_its_reference(own_size, true_cfg):
     """edit_image on QwenImageEditPipeline (a VAE with latents_mean and latents_std other
@@ -311,6 +314,7 @@ def test_edit_image_on_the_edit_pipeline_takes_the_image_as_its_reference(own_si
     assert float((alone.edited_latents - result.edited_latents).abs().max()) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_the_edit_is_the_edit_pipelines_run_from_the_inverted_noise(own_size, true_cfg):
     """With a float32 state, edit_image's edited latents are bit for bit what
@@ -377,6 +381,7 @@ def test_a_mask_for_the_edit_inpainting_pipeline_is_refused_in_one_line(own_size
     assert [c.calls for c in counters] == [0, 0, 0]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_without_a_mask_the_edit_inpainting_pipeline_edits_as_the_edit_pipeline(own_size, true_cfg):
     """Without a mask, edit_image on QwenImageEditInpaintPipeline is the edit of

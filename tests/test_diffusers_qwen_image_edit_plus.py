@@ -157,6 +157,7 @@ def _cond(dtype, image_latents, count, *, true_cfg=False):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("zero_cond_t", ZERO_COND, ids=["plain-t", "zero-cond-t"])
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["no-cfg", "true-cfg"])
 @pytest.mark.parametrize("count", [1, 2], ids=["one-image", "two-images"])
@@ -223,6 +224,7 @@ def test_zero_cond_t_changes_the_velocity_and_the_images_order_matters():
     assert float((ordered - swapped).abs().max()) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("zero_cond_t", ZERO_COND, ids=["plain-t", "zero-cond-t"])
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["no-cfg", "true-cfg"])
 def test_bdia_euler_inverts_the_edit_plus_ode_to_float64_rounding(true_cfg, zero_cond_t):
@@ -242,6 +244,7 @@ def test_bdia_euler_inverts_the_edit_plus_ode_to_float64_rounding(true_cfg, zero
 # ------------------------------------------------------------------ BDIA scheduler
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("zero_cond_t", ZERO_COND, ids=["plain-t", "zero-cond-t"])
 def test_bdia_scheduler_in_edit_plus_pipeline_is_bdia_sample_and_inverts(own_size, zero_cond_t):
     """QwenImageEditPlusPipeline (two reference images, true CFG 4) with
@@ -342,6 +345,7 @@ def _edit(pipe, image, references, true_cfg, dtype=torch.float64):
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("zero_cond_t", ZERO_COND, ids=["plain-t", "zero-cond-t"])
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["no-cfg", "true-cfg"])
 @pytest.mark.parametrize("extra", [0, 1], ids=["own-image", "one-more"])

@@ -109,6 +109,7 @@ def test_the_tiny_tokenizer_tokenizes_the_template_as_qwen_does(pipe):
     assert hidden == pipe.transformer.config.joint_attention_dim == 16
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_the_transformer_gets_encode_prompts_embeddings_and_mask(pipe, true_cfg):
     """Text prompts of different lengths: the transformer gets exactly the embeddings and
@@ -134,6 +135,7 @@ def test_the_transformer_gets_encode_prompts_embeddings_and_mask(pipe, true_cfg)
     assert out.latent_error == 0.0
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true-cfg"])
 def test_the_edit_is_the_pipelines_text_run_from_the_inverted_noise(pipe, true_cfg):
     """The edited latents are bit for bit what QwenImagePipeline(prompt=TARGET,

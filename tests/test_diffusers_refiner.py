@@ -131,6 +131,7 @@ def _rel(a, b):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("fraction", [0.8, 0.55])
 def test_ddim_is_each_part_of_the_ensemble_to_float64_rounding(tmp_path, fraction):
     """bdia's 'ddim' on from_diffusers and diffusers_grid(..., denoising_end=f) is the base
@@ -181,6 +182,7 @@ SCHEDULERS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 @pytest.mark.parametrize("fraction", [0.8, 0.3])
 def test_the_parts_are_where_the_pipelines_call_the_unet(tmp_path, name, fraction):
@@ -215,6 +217,7 @@ def test_the_parts_are_where_the_pipelines_call_the_unet(tmp_path, name, fractio
 # --------------------------------------------------------------------------- refusals
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "scheduler",
     [
@@ -306,6 +309,7 @@ def _invert(pipe, pair, refiner):
     return inverse
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("fraction", [0.8, 0.55])
 def test_bdia_scheduler_runs_both_parts_and_inverts_across_them(tmp_path, fraction):
     """BDIAScheduler in the base (denoising_end=f) and in the refiner (denoising_start=f),

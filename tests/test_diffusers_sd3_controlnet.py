@@ -86,6 +86,7 @@ _SETTINGS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_SETTINGS))
 def test_controlnet_pipeline_gives_bdia_samples_latents(tmp_path, mean_draws, kind):
     """StableDiffusion3ControlNetPipeline itself (tiny parts, embeddings given, guidance 5, a

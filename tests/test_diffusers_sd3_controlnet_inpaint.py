@@ -88,6 +88,7 @@ _SETTINGS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", list(_SETTINGS))
 def test_inpainting_controlnet_pipeline_gives_bdia_samples_latents(tmp_path, kind):
     """StableDiffusion3ControlNetInpaintingPipeline itself (tiny parts, embeddings given,

@@ -140,6 +140,7 @@ class _Batches:
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_z_image_pipeline_gives_bdia_euler_latents(name):
     """ZImagePipeline itself (tiny parts, prompts of two lengths, with or without CFG 3,
@@ -226,6 +227,7 @@ def test_the_transformer_sees_the_pipelines_arguments(dtype):
         assert all(torch.equal(c, p.to(dtype)) for c, p in zip(caps, prompts))
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_bdia_euler_inverts_to_float64_rounding(name):
     """bdia(euler, 0.96) on Z-Image's shifted grid, from the noise at t = 1 to 0 and back,

@@ -136,6 +136,7 @@ _RUNS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(_RUNS))
 def test_controlnet_pipelines_give_bdia_samples_latents(name):
     """ZImageControlNetPipeline (and, the inpainting kind, ZImageControlNetInpaintPipeline
@@ -173,6 +174,7 @@ def test_controlnet_pipelines_give_bdia_samples_latents(name):
         assert float((other - latents).abs().max() / latents.abs().max()) > 1e-3
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("inpaint", [False, True], ids=["control", "inpaint"])
 def test_bdia_euler_inverts_the_controlnet_ode_to_float64_rounding(inpaint):
     """bdia(euler, 0.96) on the ControlNet ODE (float64 transformer, controlnet, control

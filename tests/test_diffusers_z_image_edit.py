@@ -103,6 +103,7 @@ def _grid(scheduler):
     return diffusers_grid(sched, N_STEPS, sigmas=sigmas)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(GUIDANCE))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_edit_image_round_trip_is_exact(name, dtype):
@@ -129,6 +130,7 @@ def test_edit_image_round_trip_is_exact(name, dtype):
     assert out.images.shape == (BATCH, 3, 16, 16)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(GUIDANCE))
 def test_edit_is_a_hand_run_regenerate_under_the_target(name):
     """Every stage by hand (float64): the VAE's mean, (z - shift_factor) * scaling_factor in
@@ -161,6 +163,7 @@ def test_edit_is_a_hand_run_regenerate_under_the_target(name):
     assert torch.equal(edited, out.edited_latents)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", list(GUIDANCE))
 def test_the_edit_is_the_pipelines_run_from_the_inverted_noise(name):
     """With a float32 state, edit_image's edited latents are bit for bit what ZImagePipeline
@@ -205,6 +208,7 @@ def test_edit_image_encodes_and_decodes_as_the_z_image_pipelines(monkeypatch):
     )
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("name", ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline"])
 def test_the_img2img_and_inpainting_pipelines_edit_as_the_text_to_image_one(name):
     """ZImageImg2ImgPipeline (its strength plays no part) and, without a mask,

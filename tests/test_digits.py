@@ -105,7 +105,7 @@ def test_sampling_is_deterministic_per_seed(net):
     assert (first[0] - first[1]).abs().max() > 0.1
 
 
-def test_twenty_training_iterations_lower_the_loss(split):
+def test_ten_training_iterations_lower_the_loss(split):
     training = _training_script()
 
     def held_out_loss(model):
@@ -116,10 +116,11 @@ def test_twenty_training_iterations_lower_the_loss(split):
             )
 
     before = held_out_loss(training.build_denoiser(seed=0))
-    trained, losses = training.train_denoiser(20, batch=64, seed=0, split=split)
+    trained, losses = training.train_denoiser(10, batch=64, seed=0, split=split)
     after = held_out_loss(trained)
-    assert len(losses) == 20 and all(np.isfinite(losses))
-    # The first steps from a fresh network take the loss from about 1.7 to about 1.2.
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    # Ten steps from a fresh network take the held-out loss from 1.63 to 1.24 (a ratio of
+    # 0.76 with seeds 0, 1 and 2; 0.72 after twenty steps, 0.85 after five).
     assert after < 0.9 * before
 
 
@@ -140,6 +141,7 @@ def test_conditional_samples_are_classified_as_their_label(net, classifier):
 
 
 # Heun's two evaluations per step double the time; it runs in the slow pass, euler in both.
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("base", ["euler", pytest.param("heun", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "state_dtype,tolerance",
@@ -169,6 +171,9 @@ def test_approximate_inversion_is_far_less_accurate_than_bdia(net, split):
     assert float((back.double() - images.double()).abs().max()) > 1e-3
 
 
+# About 2 s; regenerating under another label through bdia.Inversion
+# (tests/test_editing.py) runs by default.
+@pytest.mark.slow
 def test_edit_regenerates_under_another_label(net, classifier, split):
     picks = [int((split.held_out_labels == c).nonzero()[0]) for c in range(10)]
     images = split.held_out_images[picks]
@@ -264,7 +269,7 @@ def test_cli_sample_needs_an_output(tmp_path):
 
 
 def test_cli_invert_reports_exact_and_approximate_errors():
-    result = CliRunner().invoke(main, ["invert", "--network", "digits", "--count", "8"])
+    result = CliRunner().invoke(main, ["invert", "--network", "digits", "--count", "4"])
     assert result.exit_code == 0, result.output
     errors = {}
     for line in result.output.splitlines():

@@ -1193,6 +1193,7 @@ _SLOW_PAGES = {"docs/gradients.md", "docs/diffusers.md"}
 
 # Random-weight stand-ins are no denoisers: BDIA's parasitic mode grows under them, and the
 # tiny float16 VAE decodes such latents to Inf. Neither says anything about the page.
+@pytest.mark.first_case_by_default
 @pytest.mark.filterwarnings("ignore::bdia.ParasiticWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize(

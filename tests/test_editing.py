@@ -118,6 +118,7 @@ def test_edit_in_one_call_equals_the_inversion_object(net, held_out) -> None:
     assert torch.equal(edited, again)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("factory", [bdia.edict, bdia.reversible], ids=["edict", "reversible"])
 def test_coupled_solvers_invert_reconstruct_and_edit(factory, net, held_out) -> None:
     """EDICT and McCallum-Foster serve Inversion like BDIA: the CoupledPair is the pair, the

@@ -351,6 +351,7 @@ def test_images_of_another_size_or_mode_are_named_upfront(tmp_path):
     assert detector.calls == 0
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("workers", [0, 2])
 def test_checking_headers_in_several_processes_names_the_same_first_file(
     tmp_path, monkeypatch, workers
@@ -433,6 +434,7 @@ def _serial_statistics(detector, folder, batch, rank=0, world_size=1):
     return stats
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_workers_give_the_statistics_of_the_serial_loop_bit_for_bit(tmp_path, workers, rank):

@@ -191,6 +191,7 @@ def test_euler_in_flow_time_is_ddim():
     assert _max_error(e, d) < 1e-13
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(("name", "order"), [("heun", 2), ("midpoint", 2), ("rk4", 4)])
 def test_runge_kutta_solvers_keep_their_order_from_pure_noise(name, order):
     """From t = 1 to 0.05 (away from the end at t = 0, whose last step is measured below), the

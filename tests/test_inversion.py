@@ -163,6 +163,7 @@ def round_trip_property(kind: str, check, examples: int) -> None:
     holds()
 
 
+@pytest.mark.first_case_by_default
 @ROUND_TRIPS
 @pytest.mark.parametrize("kind", PROBLEMS)
 def test_round_trip(kind, check):
@@ -301,6 +302,7 @@ MUTANTS = {
 }
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_every_compensation_is_needed_for_the_exact_round_trip(monkeypatch, mutant):
     """Switch off one compensation of the double-word arithmetic BDIA uses: the stiff round

@@ -188,6 +188,7 @@ def test_float64_state_around_a_float32_model():
     assert rel(back.earlier, x) < 1e-12
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_x_runs_on_a_float32_state(dtype):
     # k-diffusion samples a half x as it is. A half state cannot carry the trajectory (and

@@ -218,6 +218,7 @@ HALF_TOLERANCE = {
 HALF = [torch.bfloat16, torch.float16]
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", ["random", "lively"])
 def test_half_precision_agrees_with_float32_at_every_sigma(kind, dtype):

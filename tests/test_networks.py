@@ -75,6 +75,7 @@ def cond_nets() -> dict[str, EDMPrecond]:
     return {kind: EDMPrecond(32, 3, label_dim=10, **cfg) for kind, cfg in CONFIGS.items()}
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", ["ddpmpp", "ncsnpp"])
 def test_state_dict_matches_reference(cond_nets, kind):
     net = cond_nets[kind]
@@ -89,6 +90,7 @@ def test_state_dict_matches_reference(cond_nets, kind):
         assert key in (params if kind_ == "p" else buffers), key
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "kind, cond, uncond", [("ddpmpp", 55_735_299, 55_733_891), ("ncsnpp", 56_400_643, 56_397_827)]
 )
@@ -108,6 +110,7 @@ def test_resample_filters(cond_nets):
     assert cond_nets["ncsnpp"].model.map_noise.freqs.shape == (128,)
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("kind", ["ddpmpp", "ncsnpp"])
 def test_full_size_forward(cond_nets, kind):
     net = cond_nets[kind].eval()

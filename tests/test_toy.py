@@ -132,6 +132,7 @@ def test_gaussian_denoiser_closed_form() -> None:
 # ------------------------------------------------------------ reference solutions
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("schedule", [EDM(), VPLinear()], ids=["edm", "vp"])
 def test_gaussian_closed_form_equals_dopri(schedule) -> None:
     mean, std = [0.3, -0.8, 1.2], 0.6
@@ -148,6 +149,7 @@ def test_gaussian_closed_form_equals_dopri(schedule) -> None:
         assert rel_err(b[i], a[i]) < 1e-9, f"ts[{i}]"
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("schedule", [EDM(), VPLinear()], ids=["edm", "vp"])
 def test_mixture_solution_matches_fine_rk4(mixture: GaussianMixture, schedule) -> None:
     ts = karras_grid(800, final_zero=False, schedule=schedule)

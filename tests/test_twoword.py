@@ -757,6 +757,7 @@ def test_the_unmutated_copy_passes_every_check(monkeypatch):
     assert list(failures(variant(monkeypatch))) == []
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("what, old, new", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_every_compensation_is_pinned_by_a_check(monkeypatch, what, old, new):
     failed = next(failures(variant(monkeypatch, old, new)), None)
@@ -798,6 +799,7 @@ def test_each_function_with_arithmetic_runs_through_compiler_disable(monkeypatch
     assert getattr(wrapped, "_torchdynamo_disable", False) is True
 
 
+@pytest.mark.first_case_by_default
 @pytest.mark.parametrize("cache", ["cold", "warm"])
 def test_torch_compile_leaves_the_arithmetic_out_of_its_graphs(monkeypatch, cache):
     """A compiled caller graph-breaks around the two-word update, which runs eagerly and
