@@ -274,6 +274,42 @@ def fake_mps(monkeypatch: Any) -> Iterator[Any]:
         yield mode
 
 
+# The calls that hand a tensor's values to Python: on a GPU each makes the host wait until the
+# device has done all the work queued before it.
+_READS_BACK = (
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.equal,
+)
+
+
+@contextmanager
+def device_reads() -> Iterator[list[str]]:
+    """Inside ``fake_mps``: yields a list that fills, as the block runs, with the name of each
+    call that reads a tensor on the pretend device back to Python (``bool``, ``float``,
+    ``item``, ``tolist``, ``cpu``, ``numpy``, ``torch.equal``)."""
+    from torch.overrides import TorchFunctionMode
+
+    reads: list[str] = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in _READS_BACK:
+                given = [a for a in args if isinstance(a, torch.Tensor)]
+                if any(t.device.type == "mps" for t in given):
+                    reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        yield reads
+
+
 # torchrun's worker: `bdia ARGS`, logging to LOG.RANK the name of each file it renames into
 # place, and LEFT_THE_GROUP when it leaves the process group. bdia writes every output so
 # (bdia._files.replace_atomic): the logs tell which rank wrote which file, how often, and

@@ -17,6 +17,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import device_reads, fake_mps
 from diffusers.utils.torch_utils import randn_tensor
 
 import bdia
@@ -552,6 +553,77 @@ def test_changed_latents_restart_the_recursion_with_a_warning(unet):
         )
     for k in range(3):
         assert torch.equal(states[4 + k], ref[k + 1])
+
+
+@pytest.mark.first_case_by_default
+@pytest.mark.parametrize(
+    ("config", "dtype"),
+    [
+        ({}, torch.float32),
+        ({"flow_matching": True}, torch.float32),
+        (diffusers.EDMEulerScheduler().config, torch.float32),
+        # scale_model_input then makes the unet's input from the float32 state itself.
+        (diffusers.EDMEulerScheduler().config, torch.float16),
+    ],
+    ids=["ddim", "flow", "edm", "edm-fp16"],
+)
+def test_a_pipelines_loop_reads_nothing_back_from_the_device(unet, config, dtype, monkeypatch):
+    """On a device (MPS, pretended on the CPU), a loop that steps as the pipelines do (each t
+    an entry of ``timesteps``, ``scale_model_input`` first, the returned latents fed back)
+    reads no tensor back to Python in any step, forward or back: the timestep's value is
+    known from where it sits in ``timesteps``, the latents are the state because they are
+    the copy handed out, and the replayed output's timestep is checked on the host. Each
+    such read would make the host wait for a GPU at every step. A timestep given as a tensor
+    of its own and latents equal to the state but another tensor are read and compared
+    instead, to the same numbers bit for bit."""
+    noise = _noise(5)
+
+    def run(fresh):
+        sched = BDIAScheduler.from_config(config, gamma=GAMMA)
+        inv = BDIAInverseScheduler.from_config(sched.config)
+        reads = []
+        with fake_mps(monkeypatch), torch.no_grad():
+            net = copy.deepcopy(unet).to("mps", dtype)
+            sched.set_timesteps(STEPS, device="mps")
+            inv.set_timesteps(STEPS, device="mps")
+            x = noise.to("mps", dtype)
+            for scheduler in (sched, inv):
+                if scheduler is inv:
+                    x = inv.begin(sched.final_pair, dtype=dtype)
+                for t in scheduler.timesteps:
+                    if fresh:
+                        t, x = torch.tensor(t.item(), device="mps"), x.clone()
+                    with device_reads() as seen:
+                        x_in = scheduler.scale_model_input(x, t)
+                    out = net(x_in, t).sample
+                    with device_reads() as stepping:
+                        x = scheduler.step(out, t, x).prev_sample
+                    reads.append(seen + stepping)
+            back = inv.pair.earlier.cpu()
+        return back, reads
+
+    back, reads = run(fresh=False)
+    # A float32 state on MPS (no float64 there), two words: the round trip is exact.
+    assert torch.equal(back, noise.to(dtype).float())
+    assert reads == [[]] * (2 * STEPS - 1)
+    again, reads = run(fresh=True)
+    assert torch.equal(again, back)
+    assert all("equal" in r for r in reads[1:]) and all("cpu" in r for r in reads), reads
+
+
+def test_a_timestep_is_read_when_timesteps_were_written_in_place(unet):
+    """An entry of ``timesteps`` written in place since ``set_timesteps`` is read as it now
+    is: here a timestep off the schedule, refused by name."""
+    sched = BDIAScheduler(gamma=GAMMA)
+    sched.set_timesteps(STEPS)
+    x = _noise(6)
+    with torch.no_grad():
+        t = sched.timesteps[0]
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+        sched.timesteps[1] += 1
+        t = sched.timesteps[1]
+        with pytest.raises(ValueError, match=f"timestep {int(t)} is not in this schedule"):
+            sched.step(unet(x, t).sample, t, x)
 
 
 def test_out_of_order_timestep_warns_and_a_late_start_does_not(unet):

@@ -657,6 +657,10 @@ class DiffusersModel(torch.nn.Module):
             x, t, controlnet_cond, conditioning_scale, control_range, batch
         )
         tau_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # A unet that reads its timestep in Python (the BDIA scheduler's replay, which checks
+        # it) gets it on the host, where reading it does not wait for the device.
+        on_host = getattr(self.unet, "reads_timestep_on_host", False) is True
+        tau_device = torch.device("cpu") if on_host else x.device
         view = (-1,) + (1,) * (x.ndim - 1)
         if self.sigma_data is not None:
             # The schedulers' precondition_inputs and precondition_noise, on the float32 sigma
@@ -665,7 +669,7 @@ class DiffusersModel(torch.nn.Module):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             sigma = values_on(t.detach(), x.dtype, x.device).reshape(view)
             x_in = (x * self._c_in(sigma)).to(self.unet_dtype or x.dtype)
-            tau = self._c_noise(values_on(t.detach().reshape(-1), tau_dtype, x.device))
+            tau = self._c_noise(values_on(t.detach().reshape(-1), tau_dtype, tau_device))
         else:
             times = [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
             tau = torch.tensor([self.timestep(v, t.dtype) for v in times], dtype=tau_dtype)
@@ -674,7 +678,7 @@ class DiffusersModel(torch.nn.Module):
                 # float32 t = sigma N, cast to the latents' dtype first:
                 # t.expand(batch).to(latents.dtype) / 1000.
                 tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
-            tau = values_on(tau, tau.dtype, x.device)
+            tau = values_on(tau, tau.dtype, tau_device)
             if self.space == "edm":
                 scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
                 scale = values_on(scale, scale.dtype, x.device).view(view)

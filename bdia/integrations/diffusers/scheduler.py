@@ -197,6 +197,39 @@ def _timestep_value(timestep: Any) -> float:
     return float(timestep)
 
 
+def _entries_read(timesteps: Any) -> tuple[Tensor, int, list[float]] | None:
+    """``timesteps`` (a 1-D tensor), its version counter and its values read once on the
+    host; None for anything else."""
+    if type(timesteps) is not Tensor or timesteps.ndim != 1 or timesteps.device.type == "meta":
+        return None
+    return timesteps, timesteps._version, [float(v) for v in timesteps.detach().cpu().tolist()]
+
+
+def _entry_value(timestep: Any, entries: tuple[Tensor, int, list[float]] | None) -> float | None:
+    """The value of ``timestep`` when it is one entry of the tensor ``entries`` read (a
+    pipeline's ``for t in scheduler.timesteps``, or of a slice of them), unchanged since;
+    else None.
+
+    Found from where the entry sits in the tensor's memory, so a step given such an entry
+    does not wait for the device to read it back.
+    """
+    if entries is None or type(timestep) is not Tensor or timestep.numel() != 1:
+        return None
+    tensor, version, values = entries
+    if (
+        tensor._version != version  # written in place since (a view's writes count too)
+        or timestep.dtype != tensor.dtype
+        or timestep.device != tensor.device
+        or timestep.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
+    ):
+        return None
+    offset, stride = timestep.storage_offset() - tensor.storage_offset(), tensor.stride(0)
+    if stride < 1 or offset % stride:
+        return None
+    index = offset // stride
+    return values[index] if 0 <= index < len(values) else None
+
+
 def _flow_source(config: Any) -> bool:
     """Whether ``config`` is a flow-matching scheduler's: ``shift`` and no beta field (SD3's
     and Flux's ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``)."""
@@ -286,8 +319,12 @@ class _Replay:
     """The "unet" of the scheduler's ODE: returns the output the pipeline passed to ``step``.
 
     ``from_diffusers`` wraps it, so the output goes through the adapter and
-    ``DiffusionODE.evaluate`` exactly as a real unet's does in ``bdia.sample``.
+    ``DiffusionODE.evaluate`` exactly as a real unet's does in ``bdia.sample``. It checks the
+    timestep it is called with against the one the output is for, in Python: the adapter
+    hands it the timestep on the host.
     """
+
+    reads_timestep_on_host = True
 
     def __init__(self) -> None:
         self.output: Tensor | None = None
@@ -330,6 +367,20 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     ]
     order = 1
     _state: SolverState | None  # the solver's state of a run, None before it (see _reset)
+    _timestep_entries: tuple[Tensor, int, list[float]] | None = None  # see _entry_value
+    # The last sample handed to the pipeline, its version counter then, and the state it is
+    # a copy of: given back unwritten, it is that state without comparing them on the device.
+    _handed_out: tuple[Tensor, int, SolverState | None] | None = None
+
+    @property
+    def timesteps(self) -> Tensor:
+        """The timesteps at which the pipeline calls its unet and ``step``, in order."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value: Tensor) -> None:
+        self._timesteps = value
+        self._timestep_entries = _entries_read(value)
 
     @classmethod
     def from_config(  # type: ignore[override]
@@ -554,7 +605,8 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             )
         k = self._index(timestep, "scale_model_input")
         x = self._wide_sample(sample, k)
-        sigma = torch.tensor(self._grid()[k], dtype=x.dtype, device=x.device)
+        # Filled on the device, not copied there: a copy from the host would wait for it.
+        sigma = torch.full((), self._grid()[k], dtype=x.dtype, device=x.device)
         return (x * self._model._c_in(sigma)).to(sample.dtype)
 
     def _wide_sample(self, sample: Tensor, k: int) -> Tensor:
@@ -578,7 +630,9 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         ):
             return sample.to(wide)
         whole = x.repeat(m, *(1,) * (x.ndim - 1))
-        return whole if bool(torch.equal(sample, whole.to(sample.dtype))) else sample.to(wide)
+        # Chosen on the device: reading the comparison back would make the host wait for it.
+        same = (sample == whole.to(sample.dtype)).all()
+        return torch.where(same, whole, sample.to(wide))
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha x0 + sigma noise`` at ``timesteps`` (DDIM's), for img2img-style pipelines;
@@ -775,7 +829,9 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 f"the scheduler's config changed after set_timesteps ({', '.join(changed)}); "
                 "call set_timesteps again so that the steps follow it"
             )
-        value = _timestep_value(timestep)
+        value = _entry_value(timestep, self._timestep_entries)
+        if value is None:
+            value = _timestep_value(timestep)
         if value in self._taus:
             return self._taus.index(value)
         shown = self._taus if len(self._taus) <= 12 else [*self._taus[:6], "...", *self._taus[-3:]]
@@ -823,17 +879,38 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         # down, as bdia.sample feeds a half unet through model_dtype.
         return torch.promote_types(sample.dtype, torch.float32)
 
-    @staticmethod
     def _output(
-        prev: Tensor, evaluation: Evaluation, dtype: torch.dtype, return_dict: bool
+        self, prev: Tensor, evaluation: Evaluation, dtype: torch.dtype, return_dict: bool
     ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
         # A copy: a pipeline that edits the returned latents in place must not edit the state.
-        prev_sample = prev.to(dtype, copy=True)
+        prev_sample = self._hand_out(prev.to(dtype, copy=True))
         assert evaluation.denoised is not None  # a DiffusionODE's evaluations have it
         x0 = evaluation.denoised.to(dtype)
         if not return_dict:
             return prev_sample, x0
         return BDIASchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _hand_out(self, sample: Tensor) -> Tensor:
+        """``sample``, a copy of the current state's x, recorded as handed to the pipeline."""
+        self._handed_out = (sample, sample._version, self._state)
+        return sample
+
+    def _is_state(self, sample: Tensor, state: SolverState) -> bool:
+        """Whether ``sample`` is ``state``'s x in ``sample``'s dtype, bit for bit.
+
+        The sample handed out for this state and given back unwritten is, without a look at
+        its values (on a GPU the host would wait for the device there at every step);
+        anything else is compared.
+        """
+        handed = self._handed_out
+        if handed is not None and handed[0] is sample:
+            if sample._version == handed[1] and handed[2] is state:
+                return True
+        return (
+            sample.shape == state.x.shape
+            and sample.device == state.x.device
+            and bool(torch.equal(sample, state.x.to(sample.dtype)))
+        )
 
     @staticmethod
     def _check_step_args(eta: Any) -> None:
@@ -1056,13 +1133,7 @@ class BDIAScheduler(_BDIASchedulerBase):
         if not isinstance(sample, Tensor):
             raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
         current = self._state
-        continues = (
-            current is not None
-            and k == self._k
-            and sample.shape == current.x.shape
-            and sample.device == current.x.device
-            and bool(torch.equal(sample, current.x.to(sample.dtype)))
-        )
+        continues = current is not None and k == self._k and self._is_state(sample, current)
         if not continues:
             self._restart(k, sample)
         state, grid = self._state, self._grid()
@@ -1190,7 +1261,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         self._feed_dtype = dtype or checked.earlier.dtype
         self.start_index = start
         self.timesteps = self.forward_timesteps[start + 1 : last].flip(0)
-        return self._state.x.to(self._feed_dtype, copy=True)
+        return self._hand_out(self._state.x.to(self._feed_dtype, copy=True))
 
     def _start_index(self, pair: StatePair, start_index: Any, end: int) -> int:
         """The grid index where the forward run began: ``start_index``, the pair's, or 0;
@@ -1285,11 +1356,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
             )
         if not isinstance(sample, Tensor):
             raise TypeError(f"sample must be a tensor, got {type(sample).__name__}")
-        if not (
-            sample.shape == state.x.shape
-            and sample.device == state.x.device
-            and bool(torch.equal(sample, state.x.to(sample.dtype)))
-        ):
+        if not self._is_state(sample, state):
             raise ValueError(
                 "sample is not the state that begin(pair) or the last step returned; the "
                 "inversion continues its own two-word state, so feed prev_sample back unchanged"
