@@ -3,6 +3,7 @@ the caller's tensors exactly as they were."""
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import warnings
@@ -13,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import untouched
+from conftest import device_reads, fake_mps, untouched
 
 import bdia
 from bdia import (
@@ -609,6 +610,63 @@ def test_a_callback_never_sees_a_non_finite_state(x: torch.Tensor) -> None:
         )
     assert len(states) == 4 and all(bool(torch.isfinite(s).all()) for s in states)
     assert max(seen) == pytest.approx(0.4)
+
+
+def _reads_of_a_round_trip(make: Callable, steps: int, monkeypatch) -> collections.Counter:
+    """The reads back to Python of a device's tensors (MPS, pretended on the CPU) in
+    ``bdia.sample`` and ``bdia.invert`` with bdia(euler, 0.96) over ``steps`` Karras steps
+    (the last, to sigma = 0, left out; in the ODE's schedule) of the ODE and start state
+    ``make()`` gives there."""
+    with fake_mps(monkeypatch), torch.no_grad():
+        ode, x = make()
+        ts = bdia.karras_grid(steps, schedule=getattr(ode, "schedule", bdia.EDM()))[:-1]
+        solver = make_bdia("euler", 0.96)
+        with device_reads() as reads:
+            pair = sample(ode, solver, x, ts, progress=False, return_pair=True)
+            invert(ode, solver, pair, ts, progress=False)
+    return collections.Counter(reads)
+
+
+def _edm_network_ode() -> tuple:
+    from bdia.models.networks import EDMPrecond
+
+    torch.manual_seed(0)
+    small = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    net = EDMPrecond(16, 3, label_dim=0, **small).eval().to("mps")
+    return DiffusionODE(net, bdia.EDM()), (80 * torch.randn(2, 3, 16, 16)).to("mps")
+
+
+def _diffusers_unet_ode() -> tuple:
+    from diffusers import DDIMScheduler
+
+    from bdia.integrations.diffusers import from_diffusers
+    from bdia.integrations.diffusers.tiny import tiny_unet
+
+    ode = from_diffusers(tiny_unet().to("mps"), DDIMScheduler(clip_sample=False))
+    return ode, torch.randn(2, 3, 8, 8).to("mps")
+
+
+@pytest.mark.first_case_by_default
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (ODE(lambda t, y: -y / (1 + t)), torch.randn(2, 3).to("mps")),
+        _edm_network_ode,
+        _diffusers_unet_ode,
+    ],
+    ids=["plain-ode", "edm-network", "diffusers-unet"],
+)
+def test_each_step_reads_back_from_the_device_only_its_finite_check(make, monkeypatch) -> None:
+    """Four more steps each way read back exactly eight more values, each the bool of a
+    state's finite check (read one step late, see bdia._steps.FiniteCheck): no model call
+    and no solver step reads a device tensor back, which on a GPU would make the host wait
+    for the device (the time reaches the network filled on the device, or on the host for a
+    diffusers model, which maps it in Python). What a run reads once (the start state's
+    checks, the parasitic warning's size) stays the same."""
+    few = _reads_of_a_round_trip(make, 5, monkeypatch)
+    more = _reads_of_a_round_trip(make, 9, monkeypatch)
+    assert more - few == collections.Counter({"__bool__": 8}), (few, more)
+    assert few - more == collections.Counter()
 
 
 def test_a_step_failing_on_a_non_finite_state_reports_the_step_that_made_it(
