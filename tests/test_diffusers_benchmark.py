@@ -93,3 +93,57 @@ def test_the_pipeline_comparison_sees_states_the_clamp_to_images_would_hide(monk
     assert parity.scheduler_round_trip()[0] == 0.0
     monkeypatch.setattr(bdia, "sample", off_by_half_outside_the_image_range)
     assert parity.scheduler_round_trip()[0] == pytest.approx(0.5, rel=1e-4)
+
+
+# ------------------------------------------------------------------- scheduler_speed
+
+
+@pytest.mark.slow
+def test_scheduler_speed_smoke_times_the_three_loops(tmp_path):
+    page = REPO / "docs" / "benchmarks" / "scheduler_speed.md"
+    before = page.read_bytes() if page.exists() else None
+    out = tmp_path / "speed.md"
+    proc = run_child(["benchmarks/scheduler_speed.py", "--smoke", "--out", str(out)], 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (page.read_bytes() if page.exists() else None) == before
+    assert out.read_text() == proc.stdout
+    (rows,) = _tables(proc.stdout)
+    assert [r[0] for r in rows] == [
+        "DDIMScheduler",
+        "BDIAScheduler (gamma 0.96)",
+        "unet alone (no step)",
+    ]
+    assert rows[0][4] == "1.000"
+    for _, runs, median, per_step, ratio in rows:
+        assert runs == "2" and float(median) > 0 and float(per_step) > 0 and float(ratio) > 0
+
+
+def test_scheduler_speed_smoke_needs_its_own_out(capsys):
+    speed = benchmark_module("scheduler_speed")
+    with pytest.raises(SystemExit) as exit_:
+        speed.main(["--smoke"])
+    assert exit_.value.code == 2
+    assert "--smoke needs --out: the default is docs/benchmarks/scheduler_speed.md" in (
+        capsys.readouterr().err
+    )
+
+
+def test_scheduler_speed_loops_step_as_the_pipeline_and_the_unet_alone_does_not():
+    """The BDIA loop is the scheduler's own run (its final pair ends at the latents it
+    returns), and the loop with no step leaves the noise as it was."""
+    speed = benchmark_module("scheduler_speed")
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from bdia.integrations.diffusers import BDIAScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**speed.TINY_UNET).eval()
+    noise = torch.randn(2, 4, 8, 8)
+    text = torch.randn(4, speed.TEXT_TOKENS, 8)
+    ddim = DDIMScheduler(**speed.SD15_SCHEDULE)
+    bdia_scheduler = BDIAScheduler.from_config(ddim.config, gamma=0.96)
+    with torch.no_grad():
+        assert torch.equal(speed.denoise(None, unet, ddim, noise, text, 4), noise)
+        x = speed.denoise(bdia_scheduler, unet, ddim, noise, text, 4)
+    assert bdia_scheduler.restarts == []
+    assert torch.equal(bdia_scheduler.final_pair.later.to(x.dtype), x)
