@@ -646,6 +646,24 @@ def _diffusers_unet_ode() -> tuple:
     return ode, torch.randn(2, 3, 8, 8).to("mps")
 
 
+def _z_image_guided_ode() -> tuple:
+    """Z-Image's transformer under CFG with ``cfg_normalization``, whose cap on the guided
+    prediction's norm is chosen per sample."""
+    from bdia.integrations.diffusers import from_diffusers
+    from bdia.integrations.diffusers.tiny import tiny_z_image_pipeline
+
+    pipe = tiny_z_image_pipeline()
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(*lengths: int) -> list[torch.Tensor]:
+        return [torch.randn(n, 16, generator=g).to("mps") for n in lengths]
+
+    cond = dict(guidance_scale=4.0, cfg_normalization=1.0, cap_feats=prompts(5, 3))
+    negative = dict(cap_feats=prompts(7, 2))
+    ode = from_diffusers(pipe.transformer.to("mps"), pipe.scheduler, **cond, negative_cond=negative)
+    return ode, torch.randn(2, 4, 4, 4).to("mps")
+
+
 @pytest.mark.first_case_by_default
 @pytest.mark.parametrize(
     "make",
@@ -653,8 +671,9 @@ def _diffusers_unet_ode() -> tuple:
         lambda: (ODE(lambda t, y: -y / (1 + t)), torch.randn(2, 3).to("mps")),
         _edm_network_ode,
         _diffusers_unet_ode,
+        _z_image_guided_ode,
     ],
-    ids=["plain-ode", "edm-network", "diffusers-unet"],
+    ids=["plain-ode", "edm-network", "diffusers-unet", "z-image-cfg-normalization"],
 )
 def test_each_step_reads_back_from_the_device_only_its_finite_check(make, monkeypatch) -> None:
     """Four more steps each way read back exactly eight more values, each the bool of a

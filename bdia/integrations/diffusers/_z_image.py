@@ -264,10 +264,10 @@ def z_image_velocity(
             if normalization and float(normalization) > 0.0:
                 # The guided prediction's norm capped at cfg_normalization times the
                 # conditional one's, over the whole sample, as the pipeline rescales it.
+                # Chosen on the device: reading the comparison would make the host wait.
                 limit = torch.linalg.vector_norm(pos) * float(normalization)
                 norm = torch.linalg.vector_norm(pred)
-                if norm > limit:
-                    pred = pred * (limit / norm)
+                pred = torch.where(norm > limit, pred * (limit / norm), pred)
             preds.append(pred)
         velocity = torch.stack(preds, dim=0)
     else:
