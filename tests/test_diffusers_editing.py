@@ -19,6 +19,8 @@ encoder, a ``FluxTransformer2DModel`` with a guidance embedding (Flux.1-dev) or 
 
 from __future__ import annotations
 
+import collections
+
 import diffusers
 import numpy as np
 import pytest
@@ -1787,3 +1789,53 @@ def test_guidance_and_flux_transformers_elsewhere_are_refused(fresh_sd3_pipe, fr
         assert "guidance is the guidance scale Flux.1-dev's transformer embeds" in message
     fresh_sd3_pipe.transformer = tiny_flux_transformer()
     assert "has no _pack_latents" in _refused(fresh_sd3_pipe, image)
+
+
+# ------------------------------------------------------------------ a device without float64
+
+
+def _image(seed=0):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _on_pretend_mps(pipe, monkeypatch):
+    """``pipe`` as if placed on MPS (pretended on the CPU by ``fake_mps``): edit_image puts
+    the image, the latents and the conditioning on its execution device."""
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("mps")))
+    return pipe
+
+
+@pytest.mark.first_case_by_default
+@pytest.mark.parametrize(
+    "build",
+    [tiny_text_to_image_pipeline, tiny_sdxl_pipeline, tiny_sd3_pipeline, tiny_flux_pipeline],
+    ids=["sd", "sdxl", "sd3", "flux"],
+)
+def test_on_a_device_without_float64_the_state_is_float32_and_steps_read_only_their_check(
+    build, tmp_path, monkeypatch
+):
+    """On MPS, which has no float64, edit_image's state is float32 by default, and no float64
+    tensor is made there (its errors too are formed in float32): the edit used to make its
+    state float64 and fail there. Each step of the three runs (invert, reconstruct,
+    regenerate) reads back from the device only its finite check, one step late: four more
+    steps read back twelve more values, each that bool. An explicit float64 state is refused
+    there before any work."""
+    from conftest import device_reads, fake_mps
+
+    pipe = _on_pretend_mps(build(tmp_path), monkeypatch)
+    reads = []
+    for steps in (4, 8):
+        with fake_mps(monkeypatch), device_reads() as seen:
+            result = edit_image(
+                pipe, _image(), SOURCE, TARGET, num_inference_steps=steps, output_type="pt"
+            )
+            assert result.edited_latents.device.type == "mps"  # the pretend device's tensor
+        assert result.latents.dtype == result.edited_latents.dtype == torch.float32
+        reads.append(collections.Counter(seen))
+    assert reads[1] - reads[0] == collections.Counter({"__bool__": 12}), reads
+    assert reads[0] - reads[1] == collections.Counter()
+    with fake_mps(monkeypatch), pytest.raises(ValueError, match="which has no torch.float64"):
+        edit_image(pipe, _image(), SOURCE, TARGET, state_dtype=torch.float64)

@@ -138,7 +138,7 @@ import torch
 from torch import Tensor
 
 from ...editing import EDIT_RULES, Inversion
-from ...ode import DiffusionODE
+from ...ode import DiffusionODE, wide_dtype
 from ...sampling import _state_dtype
 from ...schedules import check_steps
 from ...solvers.base import Solver
@@ -559,19 +559,27 @@ def _check_guidance(
 
 def _check_options(
     rule: str,
-    state_dtype: torch.dtype | str,
+    state_dtype: torch.dtype | str | None,
     solver: Any,
     gamma: float | None,
     kind: str,
     output_type: str | None,
+    device: torch.device,
 ) -> tuple[torch.dtype, BidirectionalWrapper]:
-    """The edit rule and output type checked; the state dtype and the BDIA solver (by
-    default over DDIM for a unet, Euler for a flow transformer)."""
+    """The edit rule and output type checked; the state dtype (by default float64, float32
+    on a device without float64) and the BDIA solver (by default over DDIM for a unet, Euler
+    for a flow transformer)."""
     if rule not in EDIT_RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
-    dtype = _state_dtype(state_dtype)
-    if dtype is None or dtype not in (torch.float32, torch.float64):
+    widest = wide_dtype(device)
+    dtype = _state_dtype(state_dtype) if state_dtype is not None else widest
+    if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {dtype}")
+    if dtype.itemsize > widest.itemsize:
+        raise ValueError(
+            f"state_dtype={dtype}: the pipeline runs on {device}, which has no {dtype}; use "
+            f"state_dtype={widest} (the default there) or run the pipeline on the CPU"
+        )
     # Euler in flow matching: the same step as DDIM there, in the scheduler's own arithmetic.
     wrapped = _solver(("ddim" if kind == "unet" else "euler") if solver is None else solver, gamma)
     if output_type is not None and output_type not in _OUTPUT_TYPES:
@@ -1000,7 +1008,8 @@ def _decode_latents(
 
 
 def _rms(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
+    wide = wide_dtype(a.device)  # float64, or float32 on a device without it
+    return float((a.to(wide) - b.to(wide)).pow(2).mean().sqrt())
 
 
 def _output(images: Tensor, output_type: str) -> Any:
@@ -1028,7 +1037,7 @@ def edit_image(
     solver: str | Solver | BidirectionalWrapper | None = None,
     gamma: float | None = None,
     rule: str = "base",
-    state_dtype: torch.dtype | str = torch.float64,
+    state_dtype: torch.dtype | str | None = None,
     model_dtype: torch.dtype | str | None = None,
     output_type: str | None = None,
     progress: bool | None = None,
@@ -1239,8 +1248,9 @@ def edit_image(
         rule: how to regenerate under the target (``bdia.EDIT_RULES``): ``"base"`` (the base
             solver from the inverted noise, the default) or ``"restart"``. See
             ``bdia.editing`` for why an edit does not continue the BDIA pair.
-        state_dtype: dtype of the ODE state, float64 (default) or float32; the unet runs in
-            ``model_dtype`` whatever it is.
+        state_dtype: dtype of the ODE state, float64 or float32; by default float64, and
+            float32 on a device without float64 (Apple's ``mps``), where float64 is refused.
+            The unet runs in ``model_dtype`` whatever it is.
         model_dtype: dtype the unet runs in; by default its parameters' (float16 weights run
             in float16 under a float32 or float64 state).
         output_type: ``"pil"`` (PIL images) or ``"pt"`` (tensors in [-1, 1]); by default the
@@ -1477,7 +1487,10 @@ def edit_image(
     guidance_scale, guidance, guided = _check_guidance(
         pipe, net, guidance_scale, guidance, negative_prompt
     )
-    state_dtype, wrapped = _check_options(rule, state_dtype, solver, gamma, kind, output_type)
+    device = _device(pipe, unet)
+    state_dtype, wrapped = _check_options(
+        rule, state_dtype, solver, gamma, kind, output_type, device
+    )
     pixels, image_kind, sizes = _check_image(pipe, vae, net, image)
     batch, _, height, width = pixels.shape
     # QwenImageEditPlusPipeline's further references, after the edited image.
@@ -1493,7 +1506,6 @@ def edit_image(
     _check_text_parts(pipe, prompts, zero_negative, net)
 
     # ---- the network's call, checked by from_diffusers on stand-ins, and the grid
-    device = _device(pipe, unet)
     control_settings = dict(
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         guess_mode=guess_mode,
