@@ -1678,7 +1678,7 @@ def test_a_flux2_config_without_guidance_embeds_is_read_as_embedding_one():
     embeds a guidance scale: a loaded Flux.2 transformer whose config lacks the key takes
     --embedded-guidance (FLUX.2-dev's kind), one whose config says False does not (Klein's),
     and any other transformer embeds one only where its config says so."""
-    from bdia.cli import _embeds_guidance
+    from bdia.cli._edit import _embeds_guidance
 
     def transformer(name, config):
         return type(name, (), {"config": config})()

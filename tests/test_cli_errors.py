@@ -187,12 +187,12 @@ def test_unknown_dtype_names_the_vocabulary(tmp_path):
 
 
 def test_an_unforeseen_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
-    import bdia.cli
+    import bdia.cli._sample
 
     def broken(*args, **kwargs):
         raise RuntimeError("something\nunexpected")
 
-    monkeypatch.setattr(bdia.cli, "_load_denoiser", broken)
+    monkeypatch.setattr(bdia.cli._sample, "_load_denoiser", broken)
     args = ["sample", "--network", "digits", "--grid", tmp_path / "g.png"]
     line = fails_in_one_line(args, tmp_path, "RuntimeError: something unexpected", "--debug")
     assert line.count("\n") == 0
@@ -232,7 +232,7 @@ def test_every_option_has_help():
 
 
 def test_one_dtype_vocabulary_across_commands():
-    from bdia.cli import DtypeType
+    from bdia.cli._common import DtypeType
 
     for name, param in _options():
         if "dtype" in param.name:
@@ -246,7 +246,7 @@ def test_solver_options_point_to_the_solver_list():
 
 
 def test_path_options_are_typed_as_paths():
-    from bdia.cli import OutputPathType
+    from bdia.cli._common import OutputPathType
 
     for name, param in _options():
         if param.opts[0] in ("--out", "--outdir", "--grid", "--images", "--ref", "--detector"):
@@ -482,7 +482,7 @@ def test_more_threads_than_cpus_are_refused(command, tmp_path, monkeypatch):
 
 
 def test_compare_refuses_a_budget_beyond_the_step_limit(tmp_path):
-    from bdia.cli import MAX_STEPS
+    from bdia.cli._common import MAX_STEPS
 
     args = ["compare", "--solvers", "euler", "--budgets", f"10,{10**11}"]
     fails_in_one_line(args, tmp_path, "'--budgets'", f"{MAX_STEPS:,}", status=2)

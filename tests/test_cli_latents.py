@@ -506,21 +506,21 @@ def assert_outputs_as_uninterrupted(out, full, names):
 
 
 def test_an_interrupted_invert_resumes_where_it_stopped(pngs, inverted, tmp_path, monkeypatch):
-    import bdia.cli
+    import bdia.cli._invert
 
     full, _ = inverted
     images = _copy_pngs(pngs, tmp_path / "pngs", NAMES[:3])
     out = tmp_path / "out"
     args = ["invert", "--images", images, "--class", SOURCE_CLASS, "--steps", STEPS]
     args += ["--outdir", out, "--no-progress"]
-    real_write_png = bdia.cli.write_png
+    real_write_png = bdia.cli._invert.write_png
 
     def interrupted(path, image):
         if len(list(out.glob("*.png"))) == 2:
             raise KeyboardInterrupt  # Ctrl-C with the third image's latents written
         real_write_png(path, image)
 
-    monkeypatch.setattr(bdia.cli, "write_png", interrupted)
+    monkeypatch.setattr(bdia.cli._invert, "write_png", interrupted)
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 130 and "Aborted." in result.stderr
     listed = json.loads((out / "bdia-invert.json").read_text())
@@ -528,7 +528,7 @@ def test_an_interrupted_invert_resumes_where_it_stopped(pngs, inverted, tmp_path
     assert "max abs error" not in listed  # not finished
     assert (out / f"{NAMES[2]}.safetensors").exists()  # written, but not listed
 
-    monkeypatch.setattr(bdia.cli, "write_png", real_write_png)
+    monkeypatch.setattr(bdia.cli._invert, "write_png", real_write_png)
     calls = _count_inversions(monkeypatch)
     result = invoke(*args)  # no --overwrite needed
     assert len(calls) == 1 and "2 already in" in result.stdout
@@ -578,10 +578,10 @@ def test_rank_one_of_two_writes_only_its_files_and_leaves_the_rest_to_rank_zero(
     rank 0's share and the summary are the torchrun test's (marked slow)."""
     import torch.distributed as dist
 
-    import bdia.cli
+    import bdia.cli._ranks
 
-    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (1, 2))
-    monkeypatch.setattr(bdia.cli, "_wait_for_ranks", lambda world, leave=False: None)
+    monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(bdia.cli._ranks, "wait_for_ranks", lambda world, leave=False: None)
 
     def gathered(parts, mine):
         parts[:] = [{}, mine]  # rank 0 made nothing
@@ -607,7 +607,8 @@ def test_each_image_is_listed_as_soon_as_it_is_made(pngs, tmp_path, monkeypatch)
     the next one is inverted, so a run killed midway, where no clean-up runs, keeps them.
     Before, the summary was written only when the run ended or raised: a killed run left
     every image of the run unlisted, and its rerun made them all again."""
-    import bdia.cli
+    import bdia.cli._invert
+    import bdia.cli._ranks
     from bdia.editing import Inversion
 
     real = Inversion.of
@@ -622,13 +623,13 @@ def test_each_image_is_listed_as_soon_as_it_is_made(pngs, tmp_path, monkeypatch)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(Inversion, "of", recorded)
-        monkeypatch.setattr(bdia.cli, "_distributed", lambda rank=rank: (rank, 2))
-        monkeypatch.setattr(bdia.cli, "_wait_for_ranks", lambda world, leave=False: None)
+        monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(bdia.cli._ranks, "wait_for_ranks", lambda world, leave=False: None)
 
         def stopped(parts, mine):
             raise KeyboardInterrupt  # the other rank's images are not this test's
 
-        monkeypatch.setattr(bdia.cli.torch.distributed, "all_gather_object", stopped)
+        monkeypatch.setattr(bdia.cli._invert.torch.distributed, "all_gather_object", stopped)
         args = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", 2]
         args += ["--outdir", out, "--no-progress"]
         assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 130
@@ -648,34 +649,35 @@ def test_a_killed_torchrun_invert_resumes_from_every_ranks_listing(
     listing merged into the summary and removed."""
     import torch.distributed as dist
 
-    import bdia.cli
+    import bdia.cli._invert
+    import bdia.cli._ranks
 
     full, _ = inverted
     out = tmp_path / "out"
     args = ["invert", "--images", pngs, "--class", SOURCE_CLASS, "--steps", STEPS]
     args += ["--outdir", out, "--no-progress"]
-    monkeypatch.setattr(bdia.cli, "_wait_for_ranks", lambda world, leave=False: None)
+    monkeypatch.setattr(bdia.cli._ranks, "wait_for_ranks", lambda world, leave=False: None)
 
     def killed(parts, mine):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dist, "all_gather_object", killed)
-    real_write_png = bdia.cli.write_png
+    real_write_png = bdia.cli._invert.write_png
 
     def stopped(path, image):
         if len(list(out.glob("*-reconstruction.png"))) == 2:
             raise KeyboardInterrupt  # rank 0's third image
         real_write_png(path, image)
 
-    monkeypatch.setattr(bdia.cli, "write_png", stopped)
-    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (0, 2))
+    monkeypatch.setattr(bdia.cli._invert, "write_png", stopped)
+    monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda: (0, 2))
     assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 130
-    monkeypatch.setattr(bdia.cli, "write_png", real_write_png)
-    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (1, 2))
+    monkeypatch.setattr(bdia.cli._invert, "write_png", real_write_png)
+    monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda: (1, 2))
     assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 130
     assert (out / ".bdia-invert.rank1.json").exists()
 
-    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (0, 1))
+    monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda: (0, 1))
     calls = _count_inversions(monkeypatch)
     result = invoke(*args)
     assert len(calls) == 1 and f"{COUNT - 1} already in" in result.stdout
@@ -770,7 +772,7 @@ def test_a_state_on_mps_is_float32_and_float64_is_refused_there(
 ):
     """MPS has no float64: the state dtype defaults to float32 there, and an explicit float64
     state or float64 latents are refused before any work (not by torch at the first cast)."""
-    from bdia.cli import _state_dtype
+    from bdia.cli._common import _state_dtype
 
     assert _state_dtype(None, "cpu") is torch.float64
     assert _state_dtype(None, "mps") is torch.float32

@@ -1,10 +1,10 @@
 """Every ``bdia`` command under torchrun: which rank works, writes and prints, and that every
 rank leaves the process group.
 
-The default pass runs one rank in this process with the group's calls (``_distributed``,
-``_wait_for_ranks``) stood in for; the test marked slow launches two gloo processes with
-torchrun. ``invert --images`` and ``sample --latents`` are tested in test_cli_latents.py,
-``fid-ref`` in test_fid_distributed.py.
+The default pass runs one rank in this process with the group's calls (``bdia.cli._ranks``'
+``rank_and_world`` and ``wait_for_ranks``) stood in for; the test marked slow launches two
+gloo processes with torchrun. ``invert --images`` and ``sample --latents`` are tested in
+test_cli_latents.py, ``fid-ref`` in test_fid_distributed.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import folder_bytes, torchrun_bdia
 
-import bdia.cli
+import bdia.cli._ranks
+import bdia.cli._sample
 from bdia import generate
 from bdia.cli import main
 from bdia.models.checkpoints import shipped_network_path
@@ -33,9 +34,11 @@ def as_rank(monkeypatch, rank, world=2):
     """Run the commands as rank ``rank`` of ``world``: returns the list that the group's
     calls are logged to, "wait" for a wait and "leave" for a wait that leaves the group."""
     log = []
-    monkeypatch.setattr(bdia.cli, "_distributed", lambda: (rank, world))
+    monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda: (rank, world))
     monkeypatch.setattr(
-        bdia.cli, "_wait_for_ranks", lambda w, leave=False: log.append("leave" if leave else "wait")
+        bdia.cli._ranks,
+        "wait_for_ranks",
+        lambda w, leave=False: log.append("leave" if leave else "wait"),
     )
     return log
 
@@ -80,7 +83,7 @@ def test_sample_outdir_is_checked_by_every_rank_before_rank_zero_changes_it(
     out = tmp_path / "out"
     invoke(*SAMPLE, "--seeds", "0-3", "--outdir", out, "--no-progress")
     log = as_rank(monkeypatch, rank)
-    logged(monkeypatch, log, bdia.cli, "_claim_outdir", "check")
+    logged(monkeypatch, log, bdia.cli._sample, "_claim_outdir", "check")
     logged(monkeypatch, log, generate, "write_run_record", "record")
     logged(monkeypatch, log, generate, "generate_images", "sample")
     unlink = Path.unlink
@@ -151,7 +154,7 @@ def test_a_refused_run_joins_no_group(command, tmp_path, monkeypatch):
     out = tmp_path / "out"
     invoke(*SAMPLE, "--seeds", "0", "--outdir", out, "--no-progress")
     joined = []
-    monkeypatch.setattr(bdia.cli, "_distributed", lambda: joined.append(True) or (0, 1))
+    monkeypatch.setattr(bdia.cli._ranks, "rank_and_world", lambda: joined.append(True) or (0, 1))
     if command == "sample":
         invoke(*SAMPLE[:-2], "--steps", "3", "--seeds", "0", "--outdir", out, status=1)
     else:

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bdia import generate
-from bdia.cli import SMALL_RESOLUTION, _set_threads, main
+from bdia.cli import main
+from bdia.cli._common import SMALL_RESOLUTION, _set_threads
 
 
 @pytest.fixture

@@ -144,7 +144,7 @@ def test_each_torchrun_process_selects_its_own_gpu_before_joining(monkeypatch):
     since no test may need a GPU."""
     import torch.distributed as dist
 
-    from bdia import cli
+    from bdia.cli import _ranks
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -155,5 +155,5 @@ def test_each_torchrun_process_selects_its_own_gpu_before_joining(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    assert cli._distributed() == (1, 2)
+    assert _ranks.rank_and_world() == (1, 2)
     assert calls == [("set", 1), ("init", "cpu:gloo,cuda:nccl")]

@@ -282,7 +282,7 @@ def test_dtype_sets_the_dtype_the_unet_convolutions_run_in(name, dtype, tmp_path
 def test_progress_is_a_bar_on_a_terminal_and_one_line_otherwise(monkeypatch):
     import io
 
-    from bdia import cli
+    from bdia.cli._common import _Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -290,7 +290,7 @@ def test_progress_is_a_bar_on_a_terminal_and_one_line_otherwise(monkeypatch):
 
     screen = Terminal()
     monkeypatch.setattr(sys, "stderr", screen)
-    with cli._Progress(4, "images", "img") as bar:
+    with _Progress(4, "images", "img") as bar:
         bar.update(1)
         bar.update(3)
     assert "100%" in screen.getvalue() and "4/4" in screen.getvalue()
@@ -298,13 +298,13 @@ def test_progress_is_a_bar_on_a_terminal_and_one_line_otherwise(monkeypatch):
 
     pipe = io.StringIO()
     monkeypatch.setattr(sys, "stderr", pipe)
-    with cli._Progress(4, "images", "img") as bar:
+    with _Progress(4, "images", "img") as bar:
         bar.update(4)
     assert pipe.getvalue().startswith("images: 4/4 img in ") and pipe.getvalue().count("\n") == 1
 
     quiet = Terminal()
     monkeypatch.setattr(sys, "stderr", quiet)
-    with cli._Progress(4, "images", "img", enabled=False) as bar:
+    with _Progress(4, "images", "img", enabled=False) as bar:
         bar.update(4)
     assert quiet.getvalue() == ""
 
