@@ -46,6 +46,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_sd3_pipeline,
     tiny_sdxl_pipeline,
     tiny_text_to_image_pipeline,
+    tiny_z_image_controlnet_pipeline,
     tiny_z_image_pipeline,
 )
 
@@ -125,6 +126,17 @@ NO_Z_IMAGE = pytest.mark.skipif(
     not Z_IMAGE,
     reason=f"ZImagePipeline with Qwen3 needs diffusers 0.36 and transformers 4.51 (these are "
     f"{diffusers.__version__} and {transformers.__version__})",
+)
+# ZImageControlNetPipeline and its inpainting sibling of those parts: diffusers 0.37 and newer.
+Z_IMAGE_CONTROLNET = Z_IMAGE and hasattr(diffusers, "ZImageControlNetPipeline")
+if Z_IMAGE_CONTROLNET:
+    for _name, _inpaint in (("zimage-controlnet", False), ("zimage-controlnet-inpaint", True)):
+        BUILDERS[_name] = lambda folder, inpaint=_inpaint: tiny_z_image_controlnet_pipeline(
+            inpaint=inpaint, text_encoder=True
+        )
+NO_Z_IMAGE_CONTROLNET = pytest.mark.skipif(
+    not Z_IMAGE_CONTROLNET,
+    reason="ZImageControlNetPipeline with Qwen3 needs diffusers 0.37 and transformers 4.51",
 )
 KLEIN = QWEN3 and hasattr(diffusers, "Flux2KleinPipeline")
 if KLEIN:
@@ -458,7 +470,8 @@ def conditioning(name, tmp_path, swapped=False):
     edit_image's mask_image and control_image from the same files; ``swapped``: another mask
     (moved), or the control images in the other order (two controlnets) or another one."""
     options, given = [], {}
-    if name in ("inpaint", "fill", "controlnet-inpaint", "sd3-controlnet-inpaint"):
+    masked = ("controlnet-inpaint", "sd3-controlnet-inpaint", "zimage-controlnet-inpaint")
+    if name in ("inpaint", "fill", *masked):
         mask = mask_file(tmp_path / "mask.png", left=6 if swapped else 2)
         options, given = ["--mask", mask], {"mask_image": read(mask, "L")}
     if name in ("inpaint", "fill"):
@@ -488,6 +501,8 @@ def conditioning(name, tmp_path, swapped=False):
         "sd3-controlnet",
         "sd3-controlnet-inpaint",
         pytest.param("qwen-controlnet", marks=NO_QWEN_CONTROLNET),
+        pytest.param("zimage-controlnet", marks=NO_Z_IMAGE_CONTROLNET),
+        pytest.param("zimage-controlnet-inpaint", marks=NO_Z_IMAGE_CONTROLNET),
     ],
 )
 def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_path):
@@ -511,8 +526,8 @@ def test_the_mask_and_the_control_images_reach_edit_image(name, pipelines, tmp_p
 
 def test_the_mask_help_names_the_pipelines_that_take_one():
     """--mask's help names the pipelines edit_image takes a mask for, as its docstring does:
-    the four inpainting pipelines of SD and SDXL with a 9-channel unet, Flux Fill, and SD3's
-    and Qwen-Image's ControlNet inpainting pipelines."""
+    the four inpainting pipelines of SD and SDXL with a 9-channel unet, Flux Fill, and SD3's,
+    Qwen-Image's and Z-Image's ControlNet inpainting pipelines."""
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
     mask = text[text.index("--mask FILE") : text.index("--control-image FILE")]
     for name in (
@@ -523,6 +538,7 @@ def test_the_mask_help_names_the_pipelines_that_take_one():
         "FluxFillPipeline",
         "StableDiffusion3ControlNetInpaintingPipeline",
         "QwenImageControlNetInpaintPipeline",
+        "ZImageControlNetInpaintPipeline",
     ):
         assert name in mask, name
     assert "in_channels 9" in mask and "a 4-channel unet in them is refused" in mask

@@ -308,7 +308,6 @@ def _refused(pipe, source=None, **options):
         ("truncation", "cfg_truncation must be a finite number"),
         ("guidance", "guidance is the guidance scale Flux.1-dev's transformer embeds"),
         ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, as ZImagePipe"),
-        ("controlnet", "the pipeline is a ZImageControlNetPipeline, which gives the transfor"),
         ("omni", "the pipeline is a ZImageOmniPipeline"),
         ("mask", "mask_image was given, but the pipeline's transformer takes in_channels = 4"),
         ("reference", "reference_image was given, but the pipeline is a ZImagePipeline"),
@@ -319,8 +318,9 @@ def test_edit_image_refuses_what_z_image_does_not_take(kind, fragment):
     prompt "" included) without a text encoder, prompts that are not ZImagePipeline's list
     of 2-D embeddings of cap_feat_dim or not 1 or one per image, a negative scale (no CFG in
     the pipeline: 0 says so), CFG without a negative prompt, a malformed cfg_truncation,
-    Flux's embedded guidance, a size the transformer's patches cannot take, the ControlNet
-    and Omni pipelines (by their class), a mask and reference images."""
+    Flux's embedded guidance, a size the transformer's patches cannot take, the Omni
+    pipeline (by its class; the ControlNet ones are test_diffusers_z_image_controlnet_edit's),
+    a mask and reference images."""
     pipe, source, options = tiny_z_image_pipeline(), None, {}
     if kind == "text":
         source = "a photo of a cat"
@@ -344,9 +344,8 @@ def test_edit_image_refuses_what_z_image_does_not_take(kind, fragment):
         options = dict(guidance=3.5)
     elif kind == "size":
         options = dict(image=_image()[..., :14])
-    elif kind in ("controlnet", "omni"):  # by the name: their transformer is the same class
-        name = "ZImageControlNetPipeline" if kind == "controlnet" else "ZImageOmniPipeline"
-        pipe = type(name, (diffusers.ZImagePipeline,), {})(**pipe.components)
+    elif kind == "omni":  # by the name: its transformer is the same class
+        pipe = type("ZImageOmniPipeline", (diffusers.ZImagePipeline,), {})(**pipe.components)
     elif kind == "mask":
         options = dict(mask_image=torch.ones(1, 1, 16, 16))
     else:

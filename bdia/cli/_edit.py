@@ -87,9 +87,10 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     "Qwen-Image (QwenImagePipeline and its img2img one), Z-Image (ZImagePipeline and its img2img "
     "one) or FLUX.2-klein (Flux2KleinPipeline); "
     "SD's and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
-    "ControlNet img2img pipelines, Flux Depth and Canny and Flux's and SD3's ControlNet "
-    "pipelines with --control-image, SD's and SDXL's ControlNet inpainting pipelines and "
-    "SD3's (its controlnet takes the mask) with both. Nothing is downloaded.",
+    "ControlNet img2img pipelines, Flux Depth and Canny and Flux's, SD3's, Qwen-Image's and "
+    "Z-Image's ControlNet pipelines with --control-image, SD's and SDXL's ControlNet "
+    "inpainting pipelines and SD3's, Qwen-Image's and Z-Image's (their controlnet takes the "
+    "mask) with both. Nothing is downloaded.",
 )
 @click.option(
     "--image",
@@ -109,7 +110,8 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     "with an inpainting unet (in_channels 9: the latents, the mask and the masked image's "
     "latents; a 4-channel unet in them is refused), FluxFillPipeline, "
     "StableDiffusion3ControlNetInpaintingPipeline (its control_mask, with --control-image) "
-    "and QwenImageControlNetInpaintPipeline (its mask_image, with --control-image): "
+    "QwenImageControlNetInpaintPipeline and ZImageControlNetInpaintPipeline (their "
+    "mask_image, with --control-image): "
     "the region the edit may repaint, white there and black elsewhere, as diffusers' "
     "mask_image (read as grey, binarised at 0.5); of the photo's size, resized with it by "
     "--size.",

@@ -27,6 +27,9 @@ from ._flow_controlnet import (
     _SD3_CONTROLNET,
     _SD3_INPAINT_PIPELINE,
     _SD3_PIPELINE,
+    _Z_CONTROLNET,
+    _Z_INPAINT_PIPELINE,
+    _Z_PIPELINE,
     _qwen_inpainting,
     _sd3_inpainting,
 )
@@ -76,13 +79,16 @@ _KONTEXT_INPAINT = "FluxKontextInpaintPipeline"
 # Qwen-Image-Edit's inpainting pipeline, which blends; its prepare_latents noises the image
 # for the blend and encodes its reference as QwenImageImg2ImgPipeline encodes its image.
 _QWEN_EDIT_INPAINT = "QwenImageEditInpaintPipeline"
-# The ControlNet pipelines' settings edit_image takes, by their names, and their defaults.
+# The ControlNet pipelines' settings edit_image takes, by their names, and their defaults
+# (a scale of None is the pipeline's default, _Z_IMAGE_SCALE for Z-Image's, else 1).
 _CONTROL_DEFAULTS = {
     "controlnet_conditioning_scale": 1.0,
     "guess_mode": False,
     "control_guidance_start": 0.0,
     "control_guidance_end": 1.0,
 }
+# ZImageControlNetPipeline's and ZImageControlNetInpaintPipeline's controlnet_conditioning_scale.
+_Z_IMAGE_SCALE = 0.75
 
 
 def _flux_probe_cond(config: Mapping[str, Any], guidance: float | None) -> dict[str, Any]:
@@ -285,6 +291,35 @@ def _sd3_control_latents(
     return (_mean(vae, control) - shift) * vae.config.scaling_factor
 
 
+def _z_image_control_latents(
+    pipe: Any, vae: Any, control: Tensor, condition: Tensor | None, pixels: Tensor
+) -> Tensor:
+    """``from_diffusers``' ``controlnet_cond`` of the prepared control image ``control`` (B,
+    3, H, W) for ZImageControlNetPipeline's controlnet, as the pipeline makes it: the VAE's
+    mode (its mean) of the image, ``(z - shift_factor) * scaling_factor`` in the VAE's
+    dtype, as one frame, then zeros up to the controlnet's ``control_in_dim``: (B,
+    control_in_dim, 1, h, w). For ZImageControlNetInpaintPipeline, with the mask
+    ``condition`` (1 or B, 1, H, W) in [0, 1] and the edited image ``pixels`` (B, 3, H, W)
+    in [-1, 1] (the pipeline's ``image``), as that pipeline makes it: those latents, then
+    ``1 - mask`` (binarised at 0.5 by its ``mask_processor``) sized to the latents
+    (nearest), then the latents of the image set to 0 where the mask is 1, each as one
+    frame: (B, 2 C + 1, 1, h, w)."""
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    latents = ((_mean(vae, control) - shift) * scale).unsqueeze(2)
+    batch = latents.shape[0]
+    if condition is None:
+        # The pipeline's zeros: after the latents' channels, where a controlnet takes more.
+        missing = pipe.controlnet.config["control_in_dim"] - pipe.transformer.config["in_channels"]
+        zeros = latents.new_zeros(batch, max(missing, 0), *latents.shape[2:])
+        return torch.cat([latents, zeros], dim=1)
+    height, width = control.shape[-2:]
+    mask = pipe.mask_processor.preprocess(condition, height=height, width=width)
+    mask = mask.to(control.device, control.dtype).expand(batch, -1, -1, -1)
+    masked = (_mean(vae, pixels.to(control.device, control.dtype) * (mask < 0.5)) - shift) * scale
+    kept = torch.nn.functional.interpolate(1 - mask, size=tuple(masked.shape[-2:]), mode="nearest")
+    return torch.cat([latents, kept.unsqueeze(2), masked.unsqueeze(2)], dim=1)
+
+
 def _flow_controlnet_kwargs(
     pipe: Any,
     control_image: Any,
@@ -294,12 +329,24 @@ def _flow_controlnet_kwargs(
     device: torch.device,
 ) -> dict[str, Any]:
     """``from_diffusers``' ControlNet arguments for FluxControlNetPipeline's,
-    StableDiffusion3ControlNetPipeline's, StableDiffusion3ControlNetInpaintingPipeline's or
-    QwenImageControlNetPipeline's controlnet, but with ``controlnet_cond`` the control image
+    StableDiffusion3ControlNetPipeline's, StableDiffusion3ControlNetInpaintingPipeline's,
+    QwenImageControlNetPipeline's (and its inpainting sibling's) or ZImageControlNetPipeline's
+    (and its inpainting sibling's) controlnet, but with ``controlnet_cond`` the control image
     as its ``prepare_image`` makes it (B, 3, H, W), which ``_flux_control_latents``,
-    ``_sd3_control_latents`` (with the mask, for the inpainting controlnet) or
-    ``_qwen_control_latents`` encodes once the VAE may run."""
-    inpainting = _sd3_inpainting(pipe.controlnet) or _qwen_inpainting(pipe.controlnet)
+    ``_sd3_control_latents`` (with the mask, for the inpainting controlnet),
+    ``_qwen_control_latents`` or ``_z_image_control_latents`` encodes once the VAE may run."""
+    names = _class_names(pipe.controlnet)
+    if _Z_CONTROLNET in names:
+        # Z-Image's control image guides (the image under the mask is the edited one).
+        maker = _Z_INPAINT_PIPELINE if _Z_INPAINT_PIPELINE in _class_names(pipe) else _Z_PIPELINE
+        inpainting = False
+    else:
+        inpainting = _sd3_inpainting(pipe.controlnet) or _qwen_inpainting(pipe.controlnet)
+        maker = "FluxControlNetPipeline" if _FLUX_CONTROLNET in names else _SD3_PIPELINE
+        if _QWEN_CONTROLNET in names:
+            maker = _QWEN_PIPELINE
+        if inpainting:
+            maker = _QWEN_INPAINT_PIPELINE if _QWEN_CONTROLNET in names else _SD3_INPAINT_PIPELINE
     if control_image is None:
         what = "the image that guides it, as the pipeline's control_image"
         if inpainting:
@@ -312,12 +359,6 @@ def _flow_controlnet_kwargs(
             f"control_image, {what}"
         )
     start, end = settings["control_guidance_start"], settings["control_guidance_end"]
-    names = _class_names(pipe.controlnet)
-    maker = "FluxControlNetPipeline" if _FLUX_CONTROLNET in names else _SD3_PIPELINE
-    if _QWEN_CONTROLNET in names:
-        maker = _QWEN_PIPELINE
-    if inpainting:
-        maker = _QWEN_INPAINT_PIPELINE if _QWEN_CONTROLNET in names else _SD3_INPAINT_PIPELINE
     return {
         "controlnet": pipe.controlnet,
         "controlnet_cond": _flux_control_image(pipe, control_image, shape, device, maker),
@@ -414,21 +455,27 @@ def _control_kwargs(
             )
         for name, default in _CONTROL_DEFAULTS.items():
             value = settings[name]
-            if not (type(value) in (int, float, bool) and value == default):
+            if not (value is None and name == "controlnet_conditioning_scale") and not (
+                type(value) in (int, float, bool) and value == default
+            ):
                 raise ValueError(
                     f"{name} is a ControlNet setting, but the pipeline has no controlnet; "
                     "leave it out"
                 )
         return {}
-    if {_FLUX_CONTROLNET, _SD3_CONTROLNET, _QWEN_CONTROLNET} & set(_class_names(controlnet)):
+    names = set(_class_names(controlnet))
+    if settings["controlnet_conditioning_scale"] is None:  # the pipeline's default
+        scale = _Z_IMAGE_SCALE if _Z_CONTROLNET in names else 1.0
+        settings = {**settings, "controlnet_conditioning_scale": scale}
+    if {_FLUX_CONTROLNET, _SD3_CONTROLNET, _QWEN_CONTROLNET, _Z_CONTROLNET} & names:
         return _flow_controlnet_kwargs(pipe, control_image, settings, steps, shape, device)
     if model != "unet":
         raise ValueError(
             f"the pipeline has a controlnet ({type(controlnet).__name__}) beside a transformer; "
             "edit_image maps the ControlNet pipelines of Stable Diffusion and SDXL (a "
             "ControlNetModel beside a unet), FluxControlNetPipeline's, "
-            "StableDiffusion3ControlNetPipeline's and QwenImageControlNetPipeline's (one "
-            "QwenImageControlNetModel), not this one"
+            "StableDiffusion3ControlNetPipeline's, QwenImageControlNetPipeline's (one "
+            "QwenImageControlNetModel) and ZImageControlNetPipeline's, not this one"
         )
     # The text-to-image ControlNet pipelines prepare the control image with prepare_image;
     # the img2img and inpainting ones, whose image= is the image to start from, take it as
@@ -549,8 +596,9 @@ def _mask_condition(
                 "StableDiffusionInpaintPipeline's, StableDiffusionXLInpaintPipeline's and "
                 "their ControlNet inpainting pipelines'), a Flux Fill transformer "
                 "(FluxFillPipeline's), SD3's inpainting controlnet (extra_conditioning_"
-                f"channels = 1, {_SD3_INPAINT_PIPELINE}'s) or Qwen-Image's (extra_condition_"
-                f"channels = 4, {_QWEN_INPAINT_PIPELINE}'s)"
+                f"channels = 1, {_SD3_INPAINT_PIPELINE}'s), Qwen-Image's (extra_condition_"
+                f"channels = 4, {_QWEN_INPAINT_PIPELINE}'s) or Z-Image's ({_Z_INPAINT_PIPELINE}'s "
+                "controlnet, which takes the image under it)"
             )
         return None
     if mask_image is None:

@@ -18,6 +18,7 @@ from ._edit_conditions import (
     _check_sd3_image_prompt,
     _fill_channels,
 )
+from ._flow_controlnet import _Z_INPAINT_PIPELINE, _Z_PIPELINE
 from ._flux2_edit import _check_flux2_parts
 from ._pipeline_parts import (
     _FLUX_PACKING,
@@ -43,10 +44,17 @@ _Z_IMAGE = "ZImageTransformer2DModel"
 # inpainting one (it blends); Flux2KleinKVPipeline runs its reference tokens through a
 # key-value cache at timestep 0, another vector field.
 _FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
-# The Z-Image pipelines edit_image maps: text-to-image, img2img and, without a mask, the
-# inpainting one (it blends); the ControlNet pipelines give the transformer a controlnet's
-# residuals and the Omni one condition images and SigLIP features.
-_Z_IMAGE_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
+# The Z-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
+# inpainting one (it blends), and the ControlNet and ControlNet inpainting ones, the
+# controlnet on a control image (and the image under a mask); the Omni one gives the
+# transformer condition images and SigLIP features.
+_Z_IMAGE_PIPELINES = (
+    "ZImagePipeline",
+    "ZImageImg2ImgPipeline",
+    "ZImageInpaintPipeline",
+    _Z_PIPELINE,
+    _Z_INPAINT_PIPELINE,
+)
 # The Qwen-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
 # inpainting and Edit inpainting ones (they blend), the Edit and Edit Plus ones (and Edit
 # inpainting), the image their own (first) reference, and the ControlNet and ControlNet
@@ -87,7 +95,7 @@ _MAPPED_PIPELINES = {
         "ZImage",
         "Z-Image",
         _Z_IMAGE_PIPELINES,
-        "latents and the prompts (a controlnet's residuals, or condition images and SigLIP "
+        "latents, the prompts and one controlnet's residuals (condition images and SigLIP "
         "features)",
         "the inpainting one",
     ),

@@ -164,6 +164,7 @@ from ._edit_conditions import (
     _qwen_probe_cond,
     _sd3_control_latents,
     _with_image_prompt,
+    _z_image_control_latents,
 )
 from ._edit_network import (
     _check_network,
@@ -182,7 +183,7 @@ from ._edit_prompts import (
     _xl_cond,
     _zero_negative,
 )
-from ._flow_controlnet import _qwen_inpainting, _sd3_inpainting
+from ._flow_controlnet import _Z_INPAINT_PIPELINE, _qwen_inpainting, _sd3_inpainting
 from ._flux2_edit import _embed_flux2, _flux2_decode, _flux2_encode, _flux2_mu, _flux2_probe_cond
 from ._flux_edit import _embed_chroma, _embed_flux
 from ._pipeline_parts import (
@@ -196,7 +197,12 @@ from ._pipeline_parts import (
 from ._qwen_edit import _embed_qwen, _qwen_decode, _qwen_encode, _qwen_img_shapes
 from ._scheduler_config import _SIGMA_SLACK
 from ._z_image import _z_image_grid_inputs
-from ._z_image_edit import _embed_z_image, _z_image_decode, _z_image_encode
+from ._z_image_edit import (
+    _check_z_image_inpainting,
+    _embed_z_image,
+    _z_image_decode,
+    _z_image_encode,
+)
 from .adapter import DiffusersModel, from_diffusers
 from .grid import diffusers_grid
 
@@ -634,12 +640,13 @@ def _image_conditions(
     """The conditions on images that both ODEs take, checked for an image batch of
     ``shape``: the mask's (``_mask_condition``'s), the controlnet's arguments
     (``_control_kwargs``'), the control image's pixels where its latents come once the VAE
-    may run (a Flux Depth or Canny transformer's, or a Flux, SD3 or Qwen-Image controlnet's,
-    whose ``controlnet_cond`` is taken out of the arguments), and whether the mask goes to
-    an inpainting controlnet (SD3's or Qwen-Image's)."""
+    may run (a Flux Depth or Canny transformer's, or a Flux, SD3, Qwen-Image or Z-Image
+    controlnet's, whose ``controlnet_cond`` is taken out of the arguments), and whether the
+    mask goes to an inpainting controlnet (SD3's, Qwen-Image's or Z-Image's)."""
     unet_config, model, inpaint, chroma = net.config, net.model, net.inpaint, net.chroma
     fill, flux_control, fill_channels = net.fill, net.flux_control, net.fill_channels
     sd3, flux, qwen, flux2 = (net.kind == k for k in ("sd3", "flux", "qwen", "flux2"))
+    zimage = net.kind == "zimage"
     control_pixels = None
     if flux_control:
         if control_image is None:
@@ -670,9 +677,12 @@ def _image_conditions(
             "where the edit may repaint, as FluxFillPipeline's mask_image"
         )
     # SD3's and Qwen-Image's inpainting controlnets take the mask and the masked image in
-    # their control latents.
+    # their control latents, and so does Z-Image's in its ControlNet inpainting pipeline.
     controlnet = getattr(pipe, "controlnet", None)
     mask_control = (sd3 and _sd3_inpainting(controlnet)) or (qwen and _qwen_inpainting(controlnet))
+    if zimage and net.pipeline == _Z_INPAINT_PIPELINE:  # not a controlnet of its own kind
+        _check_z_image_inpainting(controlnet, unet_config, mask_image)
+        mask_control = True
     if mask_control and mask_image is None:
         field = "extra_condition_channels = 4" if qwen else "extra_conditioning_channels = 1"
         raise ValueError(
@@ -695,7 +705,7 @@ def _image_conditions(
         device,
         inpaint,
     )
-    if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
+    if control and (flux or sd3 or qwen or zimage):  # the latents come once the VAE may run
         control_pixels = control.pop("controlnet_cond")
     return condition, control, control_pixels, mask_control
 
@@ -730,7 +740,10 @@ def _probe_cond(
         dim = unet_config.get("cap_feat_dim")
         probe_cond = {"cap_feats": [torch.zeros(1, dim if isinstance(dim, int) else 1)]}
         probe_cond.update(z_options)
-    if control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
+    if control and zimage:  # one frame of the controlnet's channels
+        channels = control["controlnet"].config.get("control_in_dim")
+        probe_cond["controlnet_cond"] = torch.zeros(1, channels, 1, 1, 1)
+    elif control and (flux or sd3 or qwen):  # the control latents come once the VAE may run
         config = control["controlnet"].config
         # Qwen-Image's inpainting controlnet takes the packed mask too.
         extra = config.get("extra_condition_channels", 0) if qwen else 0
@@ -949,6 +962,8 @@ def _call_kwargs(
             shared[name] = _sd3_control_latents(pipe, vae, control_pixels, condition)
         elif qwen:
             shared[name] = _qwen_control_latents(pipe, vae, control_pixels, condition)
+        elif zimage:
+            shared[name] = _z_image_control_latents(pipe, vae, control_pixels, condition, pixels)
         else:
             shared[name] = _flux_control_latents(pipe, vae, control_pixels)
     if kontext:  # the image is its own reference, as FluxKontextPipeline(image=...) edits
@@ -1043,7 +1058,7 @@ def edit_image(
     progress: bool | None = None,
     mu: float | None = None,
     control_image: Any = None,
-    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+    controlnet_conditioning_scale: float | Sequence[float] | None = None,
     guess_mode: bool = False,
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
@@ -1307,9 +1322,17 @@ def edit_image(
             ``QwenImageControlNetInpaintPipeline``, the image kept outside ``mask_image``,
             so, set to -1 under the mask first and the latents cast to the VAE's dtype, with
             ``1 - mask`` at the latents' size as the last channel before packing, as its
-            ``prepare_image_with_mask`` does; needed with it.
+            ``prepare_image_with_mask`` does; needed with it. For a
+            ``ZImageControlNetPipeline``, the image that guides its controlnet, prepared as
+            for Flux's and encoded as the pipeline encodes it (the VAE's mode, ``(z -
+            shift_factor) * scaling_factor`` in the VAE's dtype, as one frame, zeros after it
+            up to the controlnet's ``control_in_dim``); for a
+            ``ZImageControlNetInpaintPipeline`` the same, followed by ``1 - mask`` at the
+            latents' size and the latents of the image to edit set to 0 under ``mask_image``,
+            as that pipeline makes them from its ``image``; needed with them.
         controlnet_conditioning_scale: the controlnet's scale (one per controlnet, or one for
-            all), as the pipeline's.
+            all), as the pipeline's; by default the pipeline's own: 0.75 for Z-Image's
+            ControlNet pipelines, 1 for the others.
         guess_mode: the pipeline's guess mode.
         control_guidance_start: the fraction of the steps before which the controlnet is off
             (one per controlnet, or one for all), as the pipeline's; mapped by
@@ -1344,9 +1367,12 @@ def edit_image(
             ``QwenImageControlNetInpaintPipeline``, the pipeline's ``control_mask``:
             binarised by its ``mask_processor`` (a tensor taken as it is, as the pipeline
             takes it), it goes into the controlnet's control input with ``control_image``
-            (see there), not into the transformer's. Needed with an inpainting unet, a Fill
-            transformer or SD3's or Qwen-Image's inpainting controlnet, refused for any
-            other network: for an
+            (see there), not into the transformer's. For a
+            ``ZImageControlNetInpaintPipeline``, its ``mask_image``, binarised by its
+            ``mask_processor`` (a tensor too), which goes into the controlnet's control input
+            with the image to edit. Needed with an inpainting unet, a Fill transformer, SD3's
+            or Qwen-Image's inpainting controlnet or Z-Image's ControlNet inpainting
+            pipeline, refused for any other network: for an
             inpainting pipeline that blends (its network takes no mask), in a line that says
             so.
         ip_adapter_image: for a pipeline whose unet has IP-Adapters loaded

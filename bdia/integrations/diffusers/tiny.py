@@ -1290,18 +1290,21 @@ def tiny_z_image_controlnet(
     return cls.from_transformer(net, transformer)
 
 
-def tiny_z_image_controlnet_pipeline(scheduler: Any = None, *, inpaint: bool = False) -> Any:
+def tiny_z_image_controlnet_pipeline(
+    scheduler: Any = None, *, inpaint: bool = False, text_encoder: bool = False
+) -> Any:
     """A ``ZImageControlNetPipeline`` of ``tiny_z_image_pipeline``'s parts and
     ``tiny_z_image_controlnet`` of its transformer (seed 2); with ``inpaint``, a
     ``ZImageControlNetInpaintPipeline`` with ``tiny_z_image_controlnet(..., inpaint=True)``,
     which takes the control image's latents, the mask and the masked image's latents.
     Without a text encoder: give it ``prompt_embeds`` (and ``negative_prompt_embeds`` for
-    CFG). 16 x 16 RGB images, control images and masks; ``scheduler`` defaults to Z-Image's.
+    CFG); with ``text_encoder``, ``tiny_z_image_pipeline``'s Qwen3 one and its tokenizer.
+    16 x 16 RGB images, control images and masks; ``scheduler`` defaults to Z-Image's.
     Float32; the progress bar is off. Needs diffusers 0.37 or newer, which has the
     pipelines."""
     name = "ZImageControlNetInpaintPipeline" if inpaint else "ZImageControlNetPipeline"
     pipeline = _recent_class(name, "0.37")
-    parts = dict(tiny_z_image_pipeline(scheduler).components)
+    parts = dict(tiny_z_image_pipeline(scheduler, text_encoder=text_encoder).components)
     controlnet = tiny_z_image_controlnet(parts["transformer"], inpaint=inpaint)
     pipe = pipeline(**parts, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
