@@ -365,6 +365,27 @@ def test_z_image_and_klein_take_the_guidance_as_cfg(name, default, other, pipeli
     assert np.array_equal(pixels(tmp_path / "none.png"), np.asarray(expected.images[0]))
 
 
+@NO_KLEIN
+def test_reference_images_reach_edit_image_for_flux2(pipelines, tmp_path):
+    """--reference-image, once per reference, gives FLUX.2-klein's pipeline its image= list:
+    the PNG is edit_image's with reference_image the files read as RGB, in order (the photo
+    itself one of them), pixel for pixel; the round trip is exact; the references move the
+    edit. A pipeline of another family refuses it in one line before it loads."""
+    image = photo(tmp_path / "photo.png", width=64, height=64)
+    other = photo(tmp_path / "other.png", width=68, height=64, seed=3)
+    more = ["--reference-image", image, "--reference-image", other]
+    result = run(edit(pipelines["klein"], image, tmp_path / "e.png", *more))
+    assert "latent error 0.000e+00" in result.stdout
+    references = [read(image, "RGB"), read(other, "RGB")]
+    expected = expected_edit(pipelines["klein"], image, reference_image=references)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    run(edit(pipelines["klein"], image, tmp_path / "alone.png"))
+    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "alone.png"))
+    result = CliRunner().invoke(main, edit(pipelines["sd"], image, tmp_path / "x.png", *more))
+    assert result.exit_code == 2 and "'--reference-image'" in result.output
+    assert "takes no reference images" in result.output and not (tmp_path / "x.png").exists()
+
+
 def test_the_help_names_chroma_qwen_image_and_their_defaults():
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
     assert "Flux, Flux Kontext, Chroma, Qwen-Image" in text  # --pipeline

@@ -22,6 +22,7 @@ from _pipeline_runs import (
     assert_edit_is_the_pipelines_run,
     refused_edit,
 )
+from PIL import Image
 
 import bdia
 from bdia.integrations.diffusers import diffusers_grid, edit_image, from_diffusers
@@ -265,6 +266,39 @@ def test_text_prompts_go_through_the_pipelines_encode_prompt(klein, monkeypatch)
     assert torch.equal(text.inversion.noise, embedded.inversion.noise)
 
 
+def _reference(seed, width, height):
+    """A random RGB reference image of ``width`` x ``height`` pixels (PIL)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.first_case_by_default
+@pytest.mark.parametrize("klein", KINDS)
+def test_reference_images_condition_both_odes_as_the_pipelines_image_list(klein):
+    """reference_image is the pipelines' image= list: a 64 x 64 image (its 256 tokens) and
+    a 66 x 70 one, which the pipelines crop to 64 x 68, multiples of twice the tiny VAE's
+    factor 2 (272 tokens), encoded by their
+    prepare_image_latents after the latents' 16 tokens, their ids after the latents'. The
+    round trip is exact in float64 and float32 (latent_error 0: the references are fixed
+    over the run), and with a float32 state the edited latents are bit for bit the
+    pipeline's run from the inverted noise under the target prompt with image= the same
+    list. The references move the edit (relative difference above 1e-3)."""
+    pipe = _pipe(klein)
+    references = [_reference(1, 64, 64), _reference(2, 66, 70)]
+    out = _edit(pipe, klein, torch.float32, reference_image=references)
+    assert out.latent_error == 0.0
+    for ode in (out.inversion.ode, out.target):
+        assert ode.cond["image_latents"].shape == (BATCH, 256 + 272, 16)
+        assert ode.cond["img_ids"].shape == (BATCH, TOKENS + 256 + 272, 4)
+        assert torch.equal(ode.cond["img_ids"][:, :TOKENS], _ids(pipe))
+    target = _target_args(pipe, klein, out.inversion.noise.clone())
+    assert_edit_is_the_pipelines_run(pipe, out, N_STEPS, last_step=True, image=references, **target)
+    assert _edit(pipe, klein, reference_image=references).latent_error == 0.0
+    alone = _edit(pipe, klein, torch.float32)
+    moved = (out.edited_latents - alone.edited_latents).abs().max()
+    assert float(moved / alone.edited_latents.abs().max()) > 1e-3
+
+
 def _refused(pipe, source=None, **options):
     """refused_edit's one-line message for an edit from ``source`` (the source embeddings by
     default) to the target's."""
@@ -290,7 +324,8 @@ def _refused(pipe, source=None, **options):
         ("size", "not a multiple of 4, the vae's downsampling factor 2 times 2, Flux2Pipeline"),
         ("mask", "mask_image was given, but the pipeline's transformer takes in_channels = 16"),
         ("control", "control_image was given"),
-        ("reference", "reference_image was given, but the pipeline is a Flux2Pipeline"),
+        ("reference", "reference_image[0] is a Tensor; Flux2Pipeline's image= takes PIL images"),
+        ("small reference", "reference_image[0]: Image too small: 32×32"),
         ("no bn", "has no bn.running_mean and bn.running_var"),
         ("channels", "the transformer takes in_channels = 32 but the vae's latent_channels = 4"),
     ],
@@ -300,8 +335,9 @@ def test_edit_image_refuses_what_flux2_does_not_take(kind, fragment):
     without a text encoder (the Klein's default negative prompt "" included), Flux.1's pair
     of embeddings (Flux.2 has no pooled ones), embeddings of another width, an embedded
     guidance for Klein's transformer, a size the patchifying cannot take, a mask, a control
-    image, reference images, a VAE without batch-norm statistics and a transformer of other
-    channels."""
+    image, a reference image that is a tensor (the pipelines take PIL images there) or that
+    their image processor refuses (below 64 pixels a side), a VAE without batch-norm
+    statistics and a transformer of other channels."""
     pipe, source, options = tiny_flux2_pipeline(), None, {}
     if kind == "text":
         source = "a photo of a cat"
@@ -322,6 +358,8 @@ def test_edit_image_refuses_what_flux2_does_not_take(kind, fragment):
         options = dict(control_image=torch.zeros(1, 3, 16, 16))
     elif kind == "reference":
         options = dict(reference_image=_image())
+    elif kind == "small reference":
+        options = dict(reference_image=[_reference(0, 32, 32)])
     elif kind == "no bn":
         del pipe.vae.bn
     else:
@@ -332,7 +370,8 @@ def test_edit_image_refuses_what_flux2_does_not_take(kind, fragment):
 def test_klein_inpainting_edits_as_klein_without_a_mask_and_refuses_one():
     """Flux2KleinInpaintPipeline blends the re-noised image into the latents after each step
     (no ODE step): without a mask its edit is Flux2KleinPipeline's of the same parts, bit for
-    bit; a mask is refused in one line naming it, before any network runs."""
+    bit; a mask is refused in one line naming it, before any network runs, and so are
+    reference images (its image_reference is prepared otherwise than Klein's image=)."""
     if not hasattr(diffusers, "Flux2KleinInpaintPipeline"):
         pytest.skip(f"diffusers {diffusers.__version__} has no Flux2KleinInpaintPipeline")
     parts = tiny_flux2_klein_pipeline().components
@@ -347,6 +386,10 @@ def test_klein_inpainting_edits_as_klein_without_a_mask_and_refuses_one():
         mask_image=torch.ones(1, 1, 16, 16),
     )
     assert "Flux2KleinInpaintPipeline" in message and "blends" in message
+    message = _refused(
+        inpaint, negative_prompt=_embeds(*NEGATIVE), reference_image=[_reference(1, 64, 64)]
+    )
+    assert "Flux2KleinInpaintPipeline, whose image_reference is prepared otherwise" in message
 
 
 def test_the_klein_kv_pipeline_is_refused_by_its_class():

@@ -128,6 +128,15 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     "their order, for several.",
 )
 @click.option(
+    "--reference-image",
+    multiple=True,
+    type=InputPathType(exists=True, dir_okay=False, path_type=Path),
+    help="For Flux.2's pipelines (FLUX.2-klein): a reference image of the pipeline's image= "
+    "list, read as RGB (the photo itself may be one, as FLUX.2 edits with it); the pipeline "
+    "shrinks one above 1024 x 1024 pixels' area and crops its sides to multiples of 16 "
+    "(--size does not resize it); at least 64 pixels a side; once per reference, in order.",
+)
+@click.option(
     "--ip-adapter",
     default=None,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
@@ -258,6 +267,7 @@ def edit_command(
     image: Path,
     mask: Path | None,
     control_image: tuple[Path, ...],
+    reference_image: tuple[Path, ...],
     ip_adapter: Path | None,
     ip_adapter_image: Path | None,
     image_encoder: Path | None,
@@ -288,7 +298,8 @@ def edit_command(
     FLUX.2-klein; an
     inpainting one with --mask, a ControlNet one with --control-image, a ControlNet inpainting
     one with both; SD, SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter
-    and --ip-adapter-image) is loaded from a local folder;
+    and --ip-adapter-image; FLUX.2-klein with reference images, --reference-image) is loaded
+    from a local folder;
     bdia.integrations.diffusers.edit_image does the work. Prints the latent round trip's error
     (rounding only) and the VAE's.
     """
@@ -304,6 +315,7 @@ def edit_command(
         ("--image", image),
         ("--mask", mask),
         *(("--control-image", c) for c in control_image),
+        *(("--reference-image", r) for r in reference_image),
         ("--ip-adapter-image", ip_adapter_image),
     ]
     for option, path in outputs.items():
@@ -325,6 +337,7 @@ def edit_command(
         for c in control_image
     ]
     picture = _resized(photo, size)
+    references = [_read_image(r, "--reference-image") for r in reference_image]
     image_prompt, encoder, family = _ip_adapter_options(
         pipeline, ip_adapter, image_encoder, ip_adapter_image, ip_adapter_scale
     )
@@ -335,6 +348,12 @@ def edit_command(
         raise _no_embedded_guidance(index["_class_name"])
     _check_qwen_image(index)
     _check_latents_alone(index, mask, control_image)
+    if references and _transformer_class(index) != _FLUX2_TRANSFORMER:
+        raise click.BadParameter(
+            f"a {index['_class_name']} takes no reference images: Flux.2's pipelines do "
+            "(their image= list); leave it out",
+            param_hint="'--reference-image'",
+        )
     for option, path in outputs.items():
         # Before the pipeline loads, which can take minutes.
         _refuse_existing_file(path, option, overwrite)
@@ -370,6 +389,7 @@ def edit_command(
         target,
         mask_image=mask_image,
         control_image=controls_given,
+        reference_image=references or None,
         ip_adapter_image=image_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance,
@@ -412,6 +432,8 @@ def edit_command(
     click.echo(wrote, err=True)
 
 
+#: The transformer of Flux.2's pipelines, which take reference images (their image= list).
+_FLUX2_TRANSFORMER = "Flux2Transformer2DModel"
 #: The transformers that embed no guidance scale, whatever their config: SD3's, Chroma's,
 #: whose guidance is true CFG, Qwen-Image's, whose guidance-distilled kind (config
 #: guidance_embeds) edit_image refuses, and Z-Image's, which has no guidance embedding.
@@ -430,7 +452,7 @@ def _embeds_guidance(transformer: Any) -> bool:
     its config's ``guidance_embeds``; for a Flux.2 transformer a config without the key is
     diffusers 0.36's, which always embeds one."""
     config = getattr(transformer, "config", None) or {}
-    if type(transformer).__name__ == "Flux2Transformer2DModel":
+    if type(transformer).__name__ == _FLUX2_TRANSFORMER:
         from ..integrations.diffusers._conditioning import _flux2_embeds_guidance
 
         return _flux2_embeds_guidance(config)
@@ -472,7 +494,7 @@ def _check_qwen_image(index: dict[str, Any]) -> None:
 _LATENTS_ALONE = {
     "QwenImageTransformer2DModel": ("Qwen-Image", "packed latents", "QwenImageInpaintPipeline"),
     "ZImageTransformer2DModel": ("Z-Image", "latents", "ZImageInpaintPipeline"),
-    "Flux2Transformer2DModel": ("Flux.2", "packed latents", "Flux2KleinInpaintPipeline"),
+    _FLUX2_TRANSFORMER: ("Flux.2", "packed latents", "Flux2KleinInpaintPipeline"),
 }
 
 

@@ -43,7 +43,8 @@ _Z_IMAGE = "ZImageTransformer2DModel"
 # The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's and, without a mask, Klein's
 # inpainting one (it blends); Flux2KleinKVPipeline runs its reference tokens through a
 # key-value cache at timestep 0, another vector field.
-_FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+_FLUX2_INPAINT = "Flux2KleinInpaintPipeline"
+_FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", _FLUX2_INPAINT)
 # The Z-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
 # inpainting one (it blends), and the ControlNet and ControlNet inpainting ones, the
 # controlnet on a control image (and the image under a mask); the Omni one gives the
@@ -231,14 +232,23 @@ def _z_image_options(kind: str, cfg_normalization: Any, cfg_truncation: Any) -> 
     return z_options
 
 
-def _check_reference_image(pipe: Any, pipeline: str | None, reference_image: Any) -> None:
-    """Only QwenImageEditPlusPipeline takes further reference images."""
-    qwen_plus = pipeline == _QWEN_EDIT_PLUS
-    if reference_image is not None and not qwen_plus:
+def _check_reference_image(
+    pipe: Any, pipeline: str | None, kind: str, reference_image: Any
+) -> None:
+    """Only QwenImageEditPlusPipeline and Flux.2's text-to-image pipelines take reference
+    images (Flux2KleinInpaintPipeline prepares its image_reference otherwise)."""
+    if reference_image is not None and pipeline == _FLUX2_INPAINT:
+        raise ValueError(
+            f"reference_image was given, but the pipeline is a {_FLUX2_INPAINT}, whose "
+            "image_reference is prepared otherwise than Flux2KleinPipeline's image= list; edit "
+            "with a Flux2KleinPipeline of the same parts (pipe.components)"
+        )
+    takes = pipeline == _QWEN_EDIT_PLUS or kind == "flux2"
+    if reference_image is not None and not takes:
         raise ValueError(
             f"reference_image was given, but the pipeline is a {type(pipe).__name__}; only "
-            f"{_QWEN_EDIT_PLUS} takes reference images beside the edited image (its image "
-            "list after the first); leave it out"
+            f"{_QWEN_EDIT_PLUS} (beside the edited image: its image list after the first) and "
+            "Flux.2's pipelines (their image= list) take reference images; leave it out"
         )
 
 

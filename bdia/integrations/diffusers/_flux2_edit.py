@@ -1,8 +1,9 @@
 """What ``edit_image`` needs of Flux.2's pipelines (``Flux2Pipeline``, FLUX.2-dev's, and
 ``Flux2KleinPipeline``): the image's latents made as they make their reference images'
 (the VAE's mode patchified into 2 x 2 patches, normalised by the VAE's batch-norm
-statistics, packed into tokens), decoded by the inverse as they decode, the prompts'
-transformer arguments through their own ``encode_prompt``, and the shift of their sigmas."""
+statistics, packed into tokens), decoded by the inverse as they decode, the reference
+images of their ``image=`` list as they prepare them, the prompts' transformer arguments
+through their own ``encode_prompt``, and the shift of their sigmas."""
 
 from __future__ import annotations
 
@@ -77,6 +78,60 @@ def _flux2_decode(pipe: Any, latents: Tensor, ids: Tensor) -> Tensor:
     out = pipe.vae.decode(z.to(pipe.vae.dtype))
     image = out.sample if hasattr(out, "sample") else out[0]
     return image.float().clamp(-1.0, 1.0)
+
+
+# The largest reference image the pipelines take as it is, in pixels; they shrink larger
+# ones to this area.
+_FLUX2_REFERENCE_AREA = 1024 * 1024
+
+
+def _flux2_reference_pixels(pipe: Any, reference_image: Any) -> list[Tensor]:
+    """The reference images (``reference_image``: a PIL image or a list of them) as
+    Flux2Pipeline and Flux2KleinPipeline prepare their ``image=`` list, before any network
+    runs: each checked by their image processor's ``check_image_input`` (at least 64 pixels
+    a side, an aspect ratio of at most 8), shrunk to 1024 x 1024 pixels' area where larger,
+    its sides cut down to multiples of twice the VAE's factor and preprocessed (cropped to
+    them, mapped to [-1, 1]): one float32 tensor (1, 3, H', W') each; [] for None.
+    Refuses, in one line naming the entry, what is not a PIL image (the pipelines take no
+    tensors there) and what ``check_image_input`` refuses."""
+    from PIL import Image
+
+    if reference_image is None:
+        return []
+    items = reference_image if isinstance(reference_image, (list, tuple)) else [reference_image]
+    processor = _part(pipe, "image_processor", "to prepare the reference images as it does")
+    multiple = 2 * pipe.vae_scale_factor
+    references = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Image.Image):
+            raise TypeError(
+                f"reference_image[{i}] is a {type(item).__name__}; {type(pipe).__name__}'s "
+                "image= takes PIL images, which it resizes and crops: give PIL images"
+            )
+        try:
+            processor.check_image_input(item)
+        except ValueError as error:  # named as the argument, in one line
+            raise ValueError(f"reference_image[{i}]: {' '.join(str(error).split())}") from None
+        if item.width * item.height > _FLUX2_REFERENCE_AREA:
+            item = processor._resize_to_target_area(item, _FLUX2_REFERENCE_AREA)
+        width, height = (side // multiple * multiple for side in item.size)
+        references.append(
+            processor.preprocess(item, height=height, width=width, resize_mode="crop")
+        )
+    return references
+
+
+def _flux2_reference_kwargs(
+    pipe: Any, references: list[Tensor], latent_ids: Tensor, batch: int, device: torch.device
+) -> dict[str, Tensor]:
+    """``from_diffusers``' ``image_latents`` and ``img_ids`` of the prepared ``references``
+    for ``batch`` images whose latents have the ids ``latent_ids`` (B, tokens, 4), as the
+    pipelines make them: ``prepare_image_latents`` in the VAE's dtype (each reference's
+    packed tokens in turn, the VAE's mode), and the latents' ids followed by the references'."""
+    image_latents, image_ids = pipe.prepare_image_latents(
+        references, batch, None, device, pipe.vae.dtype
+    )
+    return {"image_latents": image_latents, "img_ids": torch.cat([latent_ids, image_ids], dim=1)}
 
 
 def _embed_flux2(

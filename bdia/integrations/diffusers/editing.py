@@ -184,7 +184,15 @@ from ._edit_prompts import (
     _zero_negative,
 )
 from ._flow_controlnet import _Z_INPAINT_PIPELINE, _qwen_inpainting, _sd3_inpainting
-from ._flux2_edit import _embed_flux2, _flux2_decode, _flux2_encode, _flux2_mu, _flux2_probe_cond
+from ._flux2_edit import (
+    _embed_flux2,
+    _flux2_decode,
+    _flux2_encode,
+    _flux2_mu,
+    _flux2_probe_cond,
+    _flux2_reference_kwargs,
+    _flux2_reference_pixels,
+)
 from ._flux_edit import _embed_chroma, _embed_flux
 from ._pipeline_parts import (
     _FLUX_PACKING,
@@ -759,7 +767,7 @@ def _probe_cond(
     if fill or kontext or flux_control or qwen_edit:
         layout = "fill" if fill else "control" if flux_control else "kontext"
         probe_cond.update(_flux_image_probe_cond(unet_config, latent_size, layout))
-    if references:  # the stand-in holds every reference's tokens
+    if references and qwen:  # the stand-in holds every reference's tokens
         tokens = sum(f * h * w for f, h, w in img_shapes[0][1:])
         probe_cond["image_latents"] = torch.zeros(1, tokens, unet_config["in_channels"])
     if adapters is not None:  # stand-ins of the image prompt, one per adapter
@@ -945,6 +953,10 @@ def _call_kwargs(
     if flux2:  # Flux2Pipeline's ids (B, tokens, 4) of the patchified latents' shape
         shared["img_ids"] = pipe._prepare_latent_ids(torch.zeros(batch, 1, rows, cols))
         shared["img_ids"] = shared["img_ids"].to(device)
+        if references:  # their tokens after the latents', their ids after the latents'
+            shared.update(
+                _flux2_reference_kwargs(pipe, references, shared["img_ids"], batch, device)
+            )
         if guidance is not None:
             shared["guidance"] = guidance
     if condition is not None and fill:
@@ -1009,10 +1021,11 @@ def _decode_latents(
     vae_factor: int,
 ) -> Tensor:
     """``_encode_latents``' inverse: the image (B, 3, H, W) of ``size`` (H, W), decoded as the
-    family's pipeline decodes; ``img_ids`` Flux.2's ids of the packed latents."""
+    family's pipeline decodes; ``img_ids`` Flux.2's ids of the packed latents (followed by
+    the reference images' where it has them)."""
     if net.kind == "flux2":
         assert img_ids is not None  # _call_kwargs makes Flux.2's
-        return _flux2_decode(pipe, latents, img_ids)
+        return _flux2_decode(pipe, latents, img_ids[:, : latents.shape[1]])
     if net.kind == "qwen":
         return _qwen_decode(pipe, vae, latents, size, vae_factor)
     if net.kind == "zimage":
@@ -1137,7 +1150,8 @@ def edit_image(
             / sqrt(running_var + batch_norm_eps)`` in the state dtype and packed, and
             decodes by the inverse as they decode; the grid's shift is their
             ``compute_empirical_mu(tokens, n)``. The image is not its own reference (their
-            ``image=`` is an optional list; ``reference_image`` is refused).
+            ``image=`` is an optional list): ``reference_image`` gives that list, the same
+            for both ODEs.
             A ``QwenImageControlNetPipeline`` (one ``QwenImageControlNetModel``, not the
             union wrapper) takes ``control_image``, a ``QwenImageControlNetInpaintPipeline``
             (its controlnet of the inpainting kind, ``extra_condition_channels`` 4) both
@@ -1415,14 +1429,20 @@ def edit_image(
             tensor ``(1 or batch, tokens, D)``, likewise stacked under guidance, as its
             pipeline's ``prepare_ip_adapter_image_embeds`` returns it. Not modified. Not
             with ``ip_adapter_image``.
-        reference_image: for a ``QwenImageEditPlusPipeline`` only, the reference images
+        reference_image: for a ``QwenImageEditPlusPipeline``, the reference images
             after the edited image (its first), as the pipeline's ``image`` list after its
             first entry: a PIL image in RGB mode or a tensor of shape ``(1 or batch, 3, H',
             W')`` in [-1, 1] (not modified), or a list of them, each of its own size, a
             multiple of the VAE's factor times 2. Each is encoded at its size, where the
             pipeline resizes its images to about 1024 x 1024 pixels (multiples of 32): give
             them at the size it computes (``calculate_dimensions(1024 * 1024, W' / H')``) to
-            edit as the pipeline runs. Both ODEs take them; refused for any other pipeline.
+            edit as the pipeline runs. For a ``Flux2Pipeline`` or ``Flux2KleinPipeline``, the
+            pipeline's ``image=`` list: PIL images (or one), prepared as it prepares them
+            (checked by its image processor, shrunk to 1024 x 1024 pixels' area where
+            larger, cropped to multiples of 16) and encoded by its
+            ``prepare_image_latents``, their tokens after the latents' (the image to edit
+            may be one of them, as FLUX.2 edits). Both ODEs take them; refused for any other
+            pipeline.
         cfg_normalization: for Z-Image only, ZImagePipeline's ``cfg_normalization``: where
             above 0 (``True`` is 1), each sample's guided prediction is scaled down to that
             many times its conditional prediction's norm where it exceeds it. None (the
@@ -1507,7 +1527,7 @@ def edit_image(
     scheduler = _part(pipe, "scheduler", "for its noise table and timesteps")
     pipeline = _pipeline_class(pipe, kind)
     z_options = _z_image_options(kind, cfg_normalization, cfg_truncation)
-    _check_reference_image(pipe, pipeline, reference_image)
+    _check_reference_image(pipe, pipeline, kind, reference_image)
     net = _check_network(pipe, vae, unet, kind, pipeline, ip_adapter_image, ip_adapter_image_embeds)
     image_given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
     guidance_scale, guidance, guided = _check_guidance(
@@ -1519,8 +1539,13 @@ def edit_image(
     )
     pixels, image_kind, sizes = _check_image(pipe, vae, net, image)
     batch, _, height, width = pixels.shape
-    # QwenImageEditPlusPipeline's further references, after the edited image.
-    references = _reference_pixels(reference_image, vae.config.get("in_channels", 3), sizes, batch)
+    # QwenImageEditPlusPipeline's further references, after the edited image; Flux.2's
+    # pipelines' image= list, prepared as they prepare it.
+    if kind == "flux2":
+        references = _flux2_reference_pixels(pipe, reference_image)
+    else:
+        channels = vae.config.get("in_channels", 3)
+        references = _reference_pixels(reference_image, channels, sizes, batch)
     prompts: dict[str, Any] = {"source_prompt": source_prompt, "target_prompt": target_prompt}
     if net.xl:
         _check_base_time_ids(pipe)
