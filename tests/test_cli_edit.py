@@ -29,6 +29,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_chroma_pipeline,
     tiny_controlnet_inpaint_pipeline,
     tiny_controlnet_pipeline,
+    tiny_flux2_klein_kv_pipeline,
     tiny_flux2_klein_pipeline,
     tiny_flux_control_pipeline,
     tiny_flux_controlnet_pipeline,
@@ -141,6 +142,10 @@ NO_Z_IMAGE_CONTROLNET = pytest.mark.skipif(
 KLEIN = QWEN3 and hasattr(diffusers, "Flux2KleinPipeline")
 if KLEIN:
     BUILDERS["klein"] = lambda folder: tiny_flux2_klein_pipeline(text_encoder=True)
+# Flux2KleinKVPipeline of those parts: diffusers 0.38 and newer.
+KLEIN_KV = KLEIN and hasattr(diffusers, "Flux2KleinKVPipeline")
+if KLEIN_KV:
+    BUILDERS["klein-kv"] = lambda folder: tiny_flux2_klein_kv_pipeline(text_encoder=True)
 NO_KLEIN = pytest.mark.skipif(
     not KLEIN,
     reason=f"Flux2KleinPipeline with Qwen3 needs diffusers 0.37 and transformers 4.51 (these "
@@ -365,21 +370,32 @@ def test_z_image_and_klein_take_the_guidance_as_cfg(name, default, other, pipeli
     assert np.array_equal(pixels(tmp_path / "none.png"), np.asarray(expected.images[0]))
 
 
-@NO_KLEIN
-def test_reference_images_reach_edit_image_for_flux2(pipelines, tmp_path):
-    """--reference-image, once per reference, gives FLUX.2-klein's pipeline its image= list:
-    the PNG is edit_image's with reference_image the files read as RGB, in order (the photo
-    itself one of them), pixel for pixel; the round trip is exact; the references move the
-    edit. A pipeline of another family refuses it in one line before it loads."""
+@pytest.mark.first_case_by_default
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("klein", marks=NO_KLEIN),
+        pytest.param(
+            "klein-kv",
+            marks=pytest.mark.skipif(not KLEIN_KV, reason="Flux2KleinKVPipeline needs 0.38"),
+        ),
+    ],
+)
+def test_reference_images_reach_edit_image_for_flux2(name, pipelines, tmp_path):
+    """--reference-image, once per reference, gives FLUX.2-klein's pipeline (and its
+    key-value-cache one) its image= list: the PNG is edit_image's with reference_image the
+    files read as RGB, in order (the photo itself one of them), pixel for pixel; the round
+    trip is exact; the references move the edit. A pipeline of another family refuses it in
+    one line before it loads."""
     image = photo(tmp_path / "photo.png", width=64, height=64)
     other = photo(tmp_path / "other.png", width=68, height=64, seed=3)
     more = ["--reference-image", image, "--reference-image", other]
-    result = run(edit(pipelines["klein"], image, tmp_path / "e.png", *more))
+    result = run(edit(pipelines[name], image, tmp_path / "e.png", *more))
     assert "latent error 0.000e+00" in result.stdout
     references = [read(image, "RGB"), read(other, "RGB")]
-    expected = expected_edit(pipelines["klein"], image, reference_image=references)
+    expected = expected_edit(pipelines[name], image, reference_image=references)
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
-    run(edit(pipelines["klein"], image, tmp_path / "alone.png"))
+    run(edit(pipelines[name], image, tmp_path / "alone.png"))
     assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "alone.png"))
     result = CliRunner().invoke(main, edit(pipelines["sd"], image, tmp_path / "x.png", *more))
     assert result.exit_code == 2 and "'--reference-image'" in result.output

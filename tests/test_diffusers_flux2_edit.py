@@ -390,15 +390,3 @@ def test_klein_inpainting_edits_as_klein_without_a_mask_and_refuses_one():
         inpaint, negative_prompt=_embeds(*NEGATIVE), reference_image=[_reference(1, 64, 64)]
     )
     assert "Flux2KleinInpaintPipeline, whose image_reference is prepared otherwise" in message
-
-
-def test_the_klein_kv_pipeline_is_refused_by_its_class():
-    """Flux2KleinKVPipeline runs the reference tokens through a key-value cache at timestep
-    0, attending to themselves: another vector field than Klein's, refused by its class in
-    one line before any network runs."""
-    if not hasattr(diffusers, "Flux2KleinKVPipeline"):
-        pytest.skip(f"diffusers {diffusers.__version__} has no Flux2KleinKVPipeline")
-    kv = diffusers.Flux2KleinKVPipeline(**tiny_flux2_klein_pipeline().components)
-    message = _refused(kv, negative_prompt=_embeds(*NEGATIVE))
-    assert "the pipeline is a Flux2KleinKVPipeline" in message
-    assert "key-value cache" in message

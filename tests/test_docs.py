@@ -394,6 +394,18 @@ pipe = tiny_text_to_image_pipeline("sd_parts")
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _FLUX_FOLDER,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _CHROMA_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _FLUX2_FOLDER,
+    # The key-value cache of Flux2KleinKVPipeline's references: the tiny pipeline, one
+    # reference of 64 x 64 pixels prepared as the pipeline prepares it, a prompt's embeddings.
+    ("docs/diffusers.md", "pipe.prepare_image_latents(references, batch"): """
+import torch
+from PIL import Image
+from bdia.integrations.diffusers.tiny import tiny_flux2_klein_kv_pipeline
+pipe = tiny_flux2_klein_kv_pipeline()
+batch, device, dtype = 1, "cpu", torch.float32
+references = [pipe.image_processor.preprocess(Image.new("RGB", (64, 64), (200, 120, 40)))]
+embeds, text_ids = pipe.encode_prompt(None, prompt_embeds=torch.randn(1, 5, 16))
+latent_ids = pipe._prepare_latent_ids(torch.zeros(1, 16, 4, 4))
+""",
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): (
         _FLUX_FOLDER
         + """
@@ -757,6 +769,12 @@ def _edit_round_trip(ns):
     assert ns["result"].latent_error < 1e-6
 
 
+def _kv_cache_made(ns):
+    # The pipeline's first call makes it: keys and values of the reference's 256 tokens.
+    cache = ns["cache"]
+    assert type(cache).__name__ == "Flux2KVCache" and cache.num_ref_tokens == 256
+
+
 def _inpaint_edited(ns):
     # "0.0: the round trip under the mask is exact", with the mask in both ODEs.
     result = ns["result"]
@@ -1046,6 +1064,7 @@ def _one_preview_per_step(ns):
 
 AFTER = {
     ("docs/diffusers.md", "inverse = BDIAInverseScheduler.from_config("): _pipeline_inverted,
+    ("docs/diffusers.md", "pipe.prepare_image_latents(references, batch"): _kv_cache_made,
     ("docs/diffusers.md", "result.reconstruction[0].save("): _edit_round_trip,
     ("docs/diffusers.md", '"/models/sd-controlnet-canny"'): _controlnet_inverted,
     ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): _inpaint_inverted,
@@ -1099,6 +1118,9 @@ _QWEN_IMAGE_NEEDS = (("diffusers", (0, 35)), ("transformers", (4, 49)))
 NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): (("diffusers", (0, 35)),),
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): (("diffusers", (0, 36)),),
+    ("docs/diffusers.md", "pipe.prepare_image_latents(references, batch"): (
+        ("diffusers", (0, 38)),
+    ),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,

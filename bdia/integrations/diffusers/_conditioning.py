@@ -418,6 +418,16 @@ def _check_flux2_cond(
             "(batch, channels, h, w) before packing"
         )
     _check_flux_tokens(cond, negative_cond, axes, batched=True)
+    for where, mapping in (("", cond), ("negative_cond", negative_cond or {})):
+        cached = mapping.get("kv_cache") is not None, mapping.get("kv_cache_mode") == "cached"
+        if ("kv_cache" in mapping or "kv_cache_mode" in mapping) and not all(cached):
+            raise ValueError(
+                f"{where or 'cond'} has kv_cache {'without' if cached[0] else 'or'} "
+                "kv_cache_mode='cached': Flux2KleinKVPipeline's reference images go to the "
+                "transformer as the key-value cache of its first call (kv_cache_mode="
+                "'extract', which returns it) and kv_cache_mode='cached' at every call; give "
+                "both, or neither"
+            )
     return _embedded_guidance(
         transformer,
         cond,

@@ -40,11 +40,12 @@ _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _FLUX2 = "Flux2Transformer2DModel"
 _Z_IMAGE = "ZImageTransformer2DModel"
-# The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's and, without a mask, Klein's
-# inpainting one (it blends); Flux2KleinKVPipeline runs its reference tokens through a
-# key-value cache at timestep 0, another vector field.
+# The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's, Klein's key-value-cache one
+# (its reference tokens' keys and values made once) and, without a mask, Klein's inpainting
+# one (it blends).
 _FLUX2_INPAINT = "Flux2KleinInpaintPipeline"
-_FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", _FLUX2_INPAINT)
+_FLUX2_KV = "Flux2KleinKVPipeline"
+_FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", _FLUX2_KV, _FLUX2_INPAINT)
 # The Z-Image pipelines edit_image maps: text-to-image, img2img, without a mask the
 # inpainting one (it blends), and the ControlNet and ControlNet inpainting ones, the
 # controlnet on a control image (and the image under a mask); the Omni one gives the
@@ -89,7 +90,7 @@ _MAPPED_PIPELINES = {
         "Flux2",
         "Flux.2",
         _FLUX2_PIPELINES,
-        "latents and the prompt (reference tokens through a key-value cache)",
+        "latents, the prompt and reference images",
         "the inpainting one",
     ),
     "zimage": (

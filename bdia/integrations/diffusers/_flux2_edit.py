@@ -7,6 +7,7 @@ through their own ``encode_prompt``, and the shift of their sigmas."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -132,6 +133,41 @@ def _flux2_reference_kwargs(
         references, batch, None, device, pipe.vae.dtype
     )
     return {"image_latents": image_latents, "img_ids": torch.cat([latent_ids, image_ids], dim=1)}
+
+
+def _flux2_kv_kwargs(
+    pipe: Any,
+    references: list[Tensor],
+    latent_ids: Tensor,
+    prompt: Mapping[str, Any],
+    batch: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``from_diffusers``' ``kv_cache`` and ``kv_cache_mode`` of the prepared ``references``
+    for Flux2KleinKVPipeline: the cache its first transformer call makes (``kv_cache_mode=
+    "extract"``) of the references' tokens (``prepare_image_latents``'), placed before the
+    latents' tokens of ``latent_ids`` (B, tokens, 4) with their ids before the latents',
+    under ``prompt``'s embeddings and ``txt_ids``. The references attend to themselves alone
+    and are modulated at timestep 0 whatever the step's, so the cache depends on them alone:
+    it is made once, on zero latents (the call's own output is not used), and every call of
+    both ODEs is the pipeline's cached one."""
+    image_latents, image_ids = pipe.prepare_image_latents(
+        references, batch, None, device, pipe.vae.dtype
+    )
+    transformer = pipe.transformer
+    zeros = image_latents.new_zeros(batch, latent_ids.shape[1], image_latents.shape[2])
+    _, cache = transformer(
+        hidden_states=torch.cat([image_latents, zeros], dim=1).to(transformer.dtype),
+        timestep=torch.zeros(batch, device=device),
+        guidance=None,
+        encoder_hidden_states=prompt["encoder_hidden_states"],
+        txt_ids=prompt["txt_ids"],
+        img_ids=torch.cat([image_ids, latent_ids], dim=1),
+        return_dict=False,
+        kv_cache_mode="extract",
+        num_ref_tokens=image_latents.shape[1],
+    )
+    return {"kv_cache": cache, "kv_cache_mode": "cached"}
 
 
 def _embed_flux2(

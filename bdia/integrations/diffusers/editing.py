@@ -167,6 +167,7 @@ from ._edit_conditions import (
     _z_image_control_latents,
 )
 from ._edit_network import (
+    _FLUX2_KV,
     _check_network,
     _check_reference_image,
     _Network,
@@ -188,6 +189,7 @@ from ._flux2_edit import (
     _embed_flux2,
     _flux2_decode,
     _flux2_encode,
+    _flux2_kv_kwargs,
     _flux2_mu,
     _flux2_probe_cond,
     _flux2_reference_kwargs,
@@ -526,7 +528,14 @@ def _check_guidance(
             guidance_scale = _FLUX2_GUIDANCE
         if zimage:
             guidance_scale = _Z_IMAGE_GUIDANCE
+        if net.pipeline == _FLUX2_KV:
+            guidance_scale = 1.0
     _check_number(guidance_scale, "guidance_scale")
+    if net.pipeline == _FLUX2_KV and guidance_scale != 1:
+        raise ValueError(
+            f"guidance_scale = {guidance_scale}: {_FLUX2_KV} runs no classifier-free guidance "
+            "(one transformer call a step, no negative prompt); leave it out"
+        )
     if zimage and guidance_scale < 0:
         raise ValueError(
             f"guidance_scale = {guidance_scale}: ZImagePipeline's CFG, c + g (c - u), runs for "
@@ -953,7 +962,10 @@ def _call_kwargs(
     if flux2:  # Flux2Pipeline's ids (B, tokens, 4) of the patchified latents' shape
         shared["img_ids"] = pipe._prepare_latent_ids(torch.zeros(batch, 1, rows, cols))
         shared["img_ids"] = shared["img_ids"].to(device)
-        if references:  # their tokens after the latents', their ids after the latents'
+        if references and net.pipeline == _FLUX2_KV:  # through the pipeline's cache
+            ids = shared["img_ids"]
+            shared.update(_flux2_kv_kwargs(pipe, references, ids, source_cond, batch, device))
+        elif references:  # their tokens after the latents', their ids after the latents'
             shared.update(
                 _flux2_reference_kwargs(pipe, references, shared["img_ids"], batch, device)
             )

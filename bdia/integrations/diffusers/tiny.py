@@ -63,6 +63,7 @@ __all__ = [
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
+    "tiny_flux2_klein_kv_pipeline",
     "tiny_qwen_image_pipeline",
     "tiny_qwen_image_edit_pipeline",
     "tiny_qwen_image_edit_plus_pipeline",
@@ -403,6 +404,19 @@ def tiny_flux2_klein_pipeline(
         transformer = tiny_flux2_transformer(guidance_embeds=False, joint_attention_dim=48)
         parts.update(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer)
     pipe = pipeline(**parts, is_distilled=is_distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux2_klein_kv_pipeline(scheduler: Any = None, *, text_encoder: bool = False) -> Any:
+    """A ``Flux2KleinKVPipeline`` of ``tiny_flux2_klein_pipeline``'s parts (its transformer's
+    attention processors replaced by the key-value-cache ones, as the pipeline does when it
+    is made), which runs no CFG and calls its transformer on its reference images' tokens
+    once, at its first step, caching their keys and values. Float32; the progress bar is
+    off. Needs diffusers 0.38 or newer, which has the pipeline."""
+    pipeline = _recent_class("Flux2KleinKVPipeline", "0.38")
+    parts = tiny_flux2_klein_pipeline(scheduler, text_encoder=text_encoder).components
+    pipe = pipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
