@@ -31,6 +31,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_controlnet_pipeline,
     tiny_flux2_klein_kv_pipeline,
     tiny_flux2_klein_pipeline,
+    tiny_flux2_pipeline,
     tiny_flux_control_pipeline,
     tiny_flux_controlnet_pipeline,
     tiny_flux_fill_pipeline,
@@ -142,6 +143,16 @@ NO_Z_IMAGE_CONTROLNET = pytest.mark.skipif(
 KLEIN = QWEN3 and hasattr(diffusers, "Flux2KleinPipeline")
 if KLEIN:
     BUILDERS["klein"] = lambda folder: tiny_flux2_klein_pipeline(text_encoder=True)
+# Flux2Pipeline (FLUX.2-dev) with a tiny Mistral 3 text encoder: diffusers 0.36 and
+# transformers 4.50 and newer.
+FLUX2_DEV = hasattr(diffusers, "Flux2Pipeline") and hasattr(
+    transformers, "Mistral3ForConditionalGeneration"
+)
+if FLUX2_DEV:
+    BUILDERS["flux2-dev"] = lambda folder: tiny_flux2_pipeline(text_encoder=True)
+NO_FLUX2_DEV = pytest.mark.skipif(
+    not FLUX2_DEV, reason="Flux2Pipeline with Mistral 3 needs diffusers 0.36, transformers 4.50"
+)
 # Flux2KleinKVPipeline of those parts: diffusers 0.38 and newer.
 KLEIN_KV = KLEIN and hasattr(diffusers, "Flux2KleinKVPipeline")
 if KLEIN_KV:
@@ -250,6 +261,7 @@ def pixels(path):
         pytest.param("qwen", marks=NO_QWEN),
         pytest.param("zimage", marks=NO_Z_IMAGE),
         pytest.param("klein", marks=NO_KLEIN),
+        pytest.param("flux2-dev", marks=NO_FLUX2_DEV),
     ],
 )
 def test_the_written_pngs_are_edit_images_pil_output(name, pipelines, tmp_path):
@@ -405,7 +417,8 @@ def test_reference_images_reach_edit_image_for_flux2(name, pipelines, tmp_path):
 def test_the_help_names_chroma_qwen_image_and_their_defaults():
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
     assert "Flux, Flux Kontext, Chroma, Qwen-Image" in text  # --pipeline
-    assert "Z-Image (ZImagePipeline and its img2img one) or FLUX.2-klein" in text  # --pipeline
+    assert "Z-Image (ZImagePipeline and its img2img one), FLUX.2-dev" in text  # --pipeline
+    assert "FLUX.2-klein (Flux2KleinPipeline, Flux2KleinKVPipeline)" in text
     assert "16 for SD3, Flux, Chroma, Qwen-Image, Z-Image and Flux.2" in text  # --image
     assert "1: none, but 0 for Z-Image" in text  # --guidance
     assert "true CFG for Chroma, Qwen-Image and FLUX.2-klein" in text  # --guidance

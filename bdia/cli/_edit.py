@@ -85,7 +85,8 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
     "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext, Chroma, "
     "Qwen-Image (QwenImagePipeline and its img2img one), Z-Image (ZImagePipeline and its img2img "
-    "one) or FLUX.2-klein (Flux2KleinPipeline); "
+    "one), FLUX.2-dev (Flux2Pipeline) or FLUX.2-klein (Flux2KleinPipeline, "
+    "Flux2KleinKVPipeline); "
     "SD's and SDXL's inpainting pipelines and Flux Fill with --mask, their ControlNet and "
     "ControlNet img2img pipelines, Flux Depth and Canny and Flux's, SD3's, Qwen-Image's and "
     "Z-Image's ControlNet pipelines with --control-image, SD's and SDXL's ControlNet "
@@ -131,7 +132,8 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     "--reference-image",
     multiple=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
-    help="For Flux.2's pipelines (FLUX.2-klein): a reference image of the pipeline's image= "
+    help="For Flux.2's pipelines (FLUX.2-dev, FLUX.2-klein): a reference image of the "
+    "pipeline's image= "
     "list, read as RGB (the photo itself may be one, as FLUX.2 edits with it); the pipeline "
     "shrinks one above 1024 x 1024 pixels' area and crops its sides to multiples of 16 "
     "(--size does not resize it); at least 64 pixels a side; once per reference, in order.",
@@ -295,10 +297,10 @@ def edit_command(
     regenerate it under --target.
 
     The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma, Qwen-Image, Z-Image,
-    FLUX.2-klein; an
+    FLUX.2-dev, FLUX.2-klein; an
     inpainting one with --mask, a ControlNet one with --control-image, a ControlNet inpainting
     one with both; SD, SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter
-    and --ip-adapter-image; FLUX.2-klein with reference images, --reference-image) is loaded
+    and --ip-adapter-image; FLUX.2 with reference images, --reference-image) is loaded
     from a local folder;
     bdia.integrations.diffusers.edit_image does the work. Prints the latent round trip's error
     (rounding only) and the VAE's.

@@ -63,6 +63,7 @@ __all__ = [
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
+    "tiny_mistral3_text_encoder",
     "tiny_flux2_klein_kv_pipeline",
     "tiny_qwen_image_pipeline",
     "tiny_qwen_image_edit_pipeline",
@@ -360,9 +361,15 @@ def _tiny_flux2_vae() -> Any:
     return vae.eval()
 
 
-def tiny_flux2_pipeline(scheduler: Any = None, *, guidance_embeds: bool = True) -> Any:
+def tiny_flux2_pipeline(
+    scheduler: Any = None, *, guidance_embeds: bool = True, text_encoder: bool = False
+) -> Any:
     """A float32 ``Flux2Pipeline`` of tiny random parts on RGB images, without its Mistral
-    text encoder and processor: give it ``prompt_embeds`` of width 16. ``tiny_flux2_transformer(
+    text encoder and processor: give it ``prompt_embeds`` of width 16. With ``text_encoder``,
+    ``tiny_mistral3_text_encoder()``'s tokenizer and ``Mistral3ForConditionalGeneration``,
+    which its ``encode_prompt`` embeds text prompts with (the hidden states of layers 10, 20
+    and 30 side by side), and a transformer that takes them (``joint_attention_dim=48``; needs
+    transformers 4.50 or newer). ``tiny_flux2_transformer(
     guidance_embeds=guidance_embeds)`` on the packed latents of shape ``(batch, 16, 16)`` for
     16 x 16 images (4 x 8 x 8 latents in patches of 2 x 2), and an ``AutoencoderKLFlux2`` of
     4 latent channels that halves the image's size, with drawn batch-norm statistics.
@@ -374,12 +381,18 @@ def tiny_flux2_pipeline(scheduler: Any = None, *, guidance_embeds: bool = True) 
     pipeline = _recent_class("Flux2Pipeline", "0.36")
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    tokenizer, encoder = None, None
+    width: dict[str, Any] = {}
+    if text_encoder:
+        tokenizer, encoder = tiny_mistral3_text_encoder()
+        width = {"joint_attention_dim": 48}
+    transformer = tiny_flux2_transformer(guidance_embeds=guidance_embeds, **width)
     pipe = pipeline(
         scheduler=scheduler,
         vae=_tiny_flux2_vae(),
-        text_encoder=None,
-        tokenizer=None,
-        transformer=tiny_flux2_transformer(guidance_embeds=guidance_embeds),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -1094,6 +1107,69 @@ def tiny_qwen3_text_encoder(
     model = transformers.Qwen3ForCausalLM if causal_lm else transformers.Qwen3Model
     torch.manual_seed(seed)
     return tokenizer, model(config).eval()
+
+
+# A Mistral chat template: the system message and the user's prompt, each part of a
+# message's content list as text, between Mistral's markers (written as text here).
+_MISTRAL3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' }}{% else %}{{ '[INST]' }}"
+    "{% endif %}"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
+    "{% if message['role'] == 'system' %}{{ '[/SYSTEM_PROMPT]' }}{% else %}{{ '[/INST]' }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+def tiny_mistral3_text_encoder(*, num_layers: int = 30, seed: int = 0) -> tuple[Any, Any]:
+    """FLUX.2-dev's text encoder and tokenizer in miniature, nothing downloaded: a
+    ``(tokenizer, text_encoder)`` pair for ``Flux2Pipeline``'s ``encode_prompt``.
+
+    The tokenizer is ``tiny_qwen_text_encoder``'s fast byte-level BPE one with a chat
+    template that renders the pipeline's messages, a system message and the user's prompt
+    whose contents are lists of text parts, between Mistral's markers (written as text);
+    FLUX.2-dev's processor (Pixtral's) does the same for text alone. The text encoder is a
+    ``Mistral3ForConditionalGeneration`` whose language model has ``num_layers`` decoder
+    layers of width 16 (2 query heads of 8, 1 key-value head) and whose Pixtral vision tower
+    (one layer) text prompts never reach; weights drawn with ``torch.manual_seed(seed)``,
+    float32, in eval mode. Flux2Pipeline stacks its hidden states 10, 20 and 30 into
+    ``(batch, 512, 48)``, which needs 30 layers or more. Needs transformers 4.50 or newer,
+    which have Mistral 3."""
+    import transformers
+
+    if not hasattr(transformers, "Mistral3ForConditionalGeneration"):
+        raise ImportError(
+            f"Mistral3ForConditionalGeneration is in transformers 4.50 and newer; this is "
+            f"{transformers.__version__}"
+        )
+    tokenizer = _tiny_qwen_tokenizer()
+    tokenizer.chat_template = _MISTRAL3_CHAT_TEMPLATE
+    text = transformers.MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        # Flux2Pipeline pads every prompt to 512 tokens.
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = transformers.PixtralVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
+    config = transformers.Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=0, spatial_merge_size=1
+    )
+    torch.manual_seed(seed)
+    return tokenizer, transformers.Mistral3ForConditionalGeneration(config).eval()
 
 
 def tiny_qwen_image_pipeline(scheduler: Any = None, *, text_encoder: bool = False) -> Any:
