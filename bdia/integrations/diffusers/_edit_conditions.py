@@ -455,9 +455,9 @@ def _control_kwargs(
             )
         for name, default in _CONTROL_DEFAULTS.items():
             value = settings[name]
-            if not (value is None and name == "controlnet_conditioning_scale") and not (
-                type(value) in (int, float, bool) and value == default
-            ):
+            # A scale of None stands for the pipeline's default.
+            unset = value is None and name == "controlnet_conditioning_scale"
+            if not unset and not (type(value) in (int, float, bool) and value == default):
                 raise ValueError(
                     f"{name} is a ControlNet setting, but the pipeline has no controlnet; "
                     "leave it out"

@@ -697,7 +697,7 @@ def _image_conditions(
     # their control latents, and so does Z-Image's in its ControlNet inpainting pipeline.
     controlnet = getattr(pipe, "controlnet", None)
     mask_control = (sd3 and _sd3_inpainting(controlnet)) or (qwen and _qwen_inpainting(controlnet))
-    if zimage and net.pipeline == _Z_INPAINT_PIPELINE:  # not a controlnet of its own kind
+    if zimage and net.pipeline == _Z_INPAINT_PIPELINE:  # by the pipeline, not the controlnet
         _check_z_image_inpainting(controlnet, unet_config, mask_image)
         mask_control = True
     if mask_control and mask_image is None:
@@ -1448,13 +1448,15 @@ def edit_image(
             multiple of the VAE's factor times 2. Each is encoded at its size, where the
             pipeline resizes its images to about 1024 x 1024 pixels (multiples of 32): give
             them at the size it computes (``calculate_dimensions(1024 * 1024, W' / H')``) to
-            edit as the pipeline runs. For a ``Flux2Pipeline`` or ``Flux2KleinPipeline``, the
-            pipeline's ``image=`` list: PIL images (or one), prepared as it prepares them
-            (checked by its image processor, shrunk to 1024 x 1024 pixels' area where
-            larger, cropped to multiples of 16) and encoded by its
-            ``prepare_image_latents``, their tokens after the latents' (the image to edit
-            may be one of them, as FLUX.2 edits). Both ODEs take them; refused for any other
-            pipeline.
+            edit as the pipeline runs. For a ``Flux2Pipeline``, ``Flux2KleinPipeline`` or
+            ``Flux2KleinKVPipeline``, the pipeline's ``image=`` list: PIL images (or one),
+            prepared as it prepares them (checked by its image processor, shrunk to 1024 x
+            1024 pixels' area where larger, cropped to multiples of 16) and encoded by its
+            ``prepare_image_latents``, their tokens after the latents' (for the
+            key-value-cache pipeline, their keys and values cached once, as its first step
+            caches them); the image to edit may be one of them, as FLUX.2 edits. Both ODEs
+            take them; refused for any other pipeline (Flux2KleinInpaintPipeline's
+            ``image_reference`` is prepared otherwise).
         cfg_normalization: for Z-Image only, ZImagePipeline's ``cfg_normalization``: where
             above 0 (``True`` is 1), each sample's guided prediction is scaled down to that
             many times its conditional prediction's norm where it exceeds it. None (the
