@@ -397,8 +397,7 @@ def test_reference_images_reach_edit_image_for_flux2(name, pipelines, tmp_path):
     """--reference-image, once per reference, gives FLUX.2-klein's pipeline (and its
     key-value-cache one) its image= list: the PNG is edit_image's with reference_image the
     files read as RGB, in order (the photo itself one of them), pixel for pixel; the round
-    trip is exact; the references move the edit. A pipeline of another family refuses it in
-    one line before it loads."""
+    trip is exact. A pipeline of another family refuses it in one line before it loads."""
     image = photo(tmp_path / "photo.png", width=64, height=64)
     other = photo(tmp_path / "other.png", width=68, height=64, seed=3)
     more = ["--reference-image", image, "--reference-image", other]
@@ -406,9 +405,8 @@ def test_reference_images_reach_edit_image_for_flux2(name, pipelines, tmp_path):
     assert "latent error 0.000e+00" in result.stdout
     references = [read(image, "RGB"), read(other, "RGB")]
     expected = expected_edit(pipelines[name], image, reference_image=references)
+    # edit_image's own tests show that the references move the edit.
     assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
-    run(edit(pipelines[name], image, tmp_path / "alone.png"))
-    assert not np.array_equal(pixels(tmp_path / "e.png"), pixels(tmp_path / "alone.png"))
     result = CliRunner().invoke(main, edit(pipelines["sd"], image, tmp_path / "x.png", *more))
     assert result.exit_code == 2 and "'--reference-image'" in result.output
     assert "takes no reference images" in result.output and not (tmp_path / "x.png").exists()
