@@ -295,6 +295,17 @@ def _finite_positive(ctx: Any, param: click.Parameter, value: float) -> float:
 # ------------------------------------------------------------------ shared options, helpers
 
 
+#: --gamma of the commands whose bdia run is inverted (invert, edit): a number in (0, 1] or
+#: obelm, 0.96 by default.
+_invertible_gamma_option = click.option(
+    "--gamma",
+    default="0.96",
+    show_default=True,
+    type=GammaType(invertible=True),
+    help="bdia's gamma: a number in (0, 1] or obelm.",
+)
+
+
 def _progress_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--no-progress",

@@ -21,13 +21,13 @@ from ._common import (
     MAX_STEPS,
     NETWORK_DTYPE,
     STATE_DTYPE,
-    GammaType,
     InputPathType,
     OutputPathType,
     _base_solver,
     _count,
     _default_device,
     _device_option,
+    _invertible_gamma_option,
     _one_line,
     _overwrite_option,
     _Progress,
@@ -226,13 +226,7 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     help="Base solver (`bdia solvers` lists them).  [default: ddim; euler for SD3, Flux, "
     "Chroma, Qwen-Image, Z-Image and Flux.2]",
 )
-@click.option(
-    "--gamma",
-    default="0.96",
-    show_default=True,
-    type=GammaType(invertible=True),
-    help="bdia's gamma: a number in (0, 1] or obelm.",
-)
+@_invertible_gamma_option
 @click.option(
     "--rule",
     type=click.Choice(["base", "restart"]),

@@ -20,7 +20,6 @@ from ._common import (
     _SOLVER_HELP,
     MAX_STEPS,
     STATE_DTYPE,
-    GammaType,
     InputPathType,
     OutputPathType,
     _check_class,
@@ -29,6 +28,7 @@ from ._common import (
     _files_of,
     _grid_options,
     _images,
+    _invertible_gamma_option,
     _karras,
     _load_denoiser,
     _network_given,
@@ -154,13 +154,7 @@ def _read_png(path: Path, device: str, dtype: torch.dtype) -> torch.Tensor:
     help="Replace the files of these images already in --outdir.",
 )
 @click.option("--solver", "solver_name", default="euler", show_default=True, help=_SOLVER_HELP)
-@click.option(
-    "--gamma",
-    default="0.96",
-    show_default=True,
-    type=GammaType(invertible=True),
-    help="bdia's gamma: a number in (0, 1] or obelm.",
-)
+@_invertible_gamma_option
 @click.option(
     "--steps",
     default=35,
