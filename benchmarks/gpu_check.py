@@ -18,6 +18,9 @@ Heun on ``karras_grid(18)`` (35 NFE) under ``EDM()``, float32 state:
   same network object and the same noise, timed alternately (best and median of the repeats);
   their time ratio; TFLOP/s from FLOPs counted with ``FlopCounterMode``; the share of the
   card's datasheet peak; peak memory; compile time and recompiles;
+* for a row whose library/reference ratio misses the target (every row in a smoke run), one
+  more run of each sampler through a clocked copy of the call, which splits the run into the
+  time before the first network call, inside the calls, between them and after the last;
 * bdia(heun, 0.96) against heun per network evaluation, on the fastest half-precision row;
 * the round trip of bdia(heun, 0.96) (``sample(..., return_pair=True)`` then ``invert``) with
   a bf16 network in float32 and float64 state: the relative error of the recovered noise.
@@ -261,6 +264,79 @@ def library_sample(ode: DiffusionODE, solver: Any, x: Tensor, ts: Tensor) -> tup
     return out, ode.nfe
 
 
+class ClockedNetwork(torch.nn.Module):
+    """``net`` with a mark before and after each call, to split a sampling run into the
+    network's part and the sampler's (`measure_split`). On CUDA a mark is an event recorded on
+    the current stream, which the host does not wait for, so the run keeps its pace; on the
+    CPU it is a clock reading."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.net = net
+        self.device = device
+        self.spans: list[tuple[Any, Any]] = []
+
+    def mark(self) -> Any:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        start = self.mark()
+        out = self.net(*args, **kwargs)
+        self.spans.append((start, self.mark()))
+        return out
+
+
+def seconds_between(start: Any, end: Any) -> float:
+    """Seconds between two marks of `ClockedNetwork.mark` (the device's time on CUDA)."""
+    if isinstance(start, float):
+        return end - start
+    return start.elapsed_time(end) / 1e3
+
+
+@dataclass
+class Split:
+    """One sampling run taken apart, in seconds: ``total`` from the run's first mark to its
+    last (on CUDA the device's time line, which starts idle: the run was synchronised before);
+    ``before``: until the first network call starts (the sampler's checks, with nothing for
+    the device to do); ``network``: inside the calls; ``after``: from the last call's end;
+    ``between``: the rest, the sampler's arithmetic between calls and any wait for the host."""
+
+    total: float
+    before: float
+    network: float
+    after: float
+    calls: int
+
+    @property
+    def between(self) -> float:
+        return self.total - self.before - self.network - self.after
+
+
+def measure_split(run: Callable[[ClockedNetwork], Any], clocked: ClockedNetwork) -> Split:
+    """Run ``run(clocked)`` once between two marks, the device synchronised before and after."""
+    device = clocked.device
+    clocked.spans = []
+    sync(device)
+    begin = clocked.mark()
+    run(clocked)
+    end = clocked.mark()
+    sync(device)
+    spans = clocked.spans
+    if not spans:
+        raise RuntimeError("the sampler made no network call")
+    return Split(
+        total=seconds_between(begin, end),
+        before=seconds_between(begin, spans[0][0]),
+        network=sum(seconds_between(a, b) for a, b in spans),
+        after=seconds_between(spans[-1][1], end),
+        calls=len(spans),
+    )
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     sync(device)
     t0 = time.perf_counter()
@@ -316,6 +392,7 @@ class Row:
     recompiles: int | None = None  # graphs compiled after it
     cudagraph_skips: int | None = None
     difference: float | None = None  # library's images against the reference's
+    split: dict[str, Split] | None = None  # "lib" and "ref": one clocked run of each
     note: str = ""
 
     @property
@@ -409,6 +486,7 @@ class Context:
     rates: dict[str, float] = field(default_factory=lambda: dict(PRIOR_RATE))
     compile_s: float = PRIOR_COMPILE_S
     kept: tuple[Row, torch.nn.Module, DiffusionODE, Tensor] | None = None
+    split_every_row: bool = False  # a smoke run splits every row, to exercise the code
 
     @property
     def nfe(self) -> int:
@@ -496,6 +574,17 @@ def measure_row(ctx: Context, config: Config, repeats: int, reserve: float = 0.0
         row.lib, row.ref = times["lib"], times["ref"]
         (out_lib, row.nfe_lib), (out_ref, row.nfe_ref) = last["lib"], last["ref"]
         row.difference = relative_difference(out_lib, out_ref)
+        # Where the library's extra time goes, for a row that misses the target: one more run
+        # of each, if both fit what is left (their best runs' time).
+        split_s = min(row.lib) + min(row.ref)
+        missed = ctx.split_every_row or row.ratio > TARGET_RATIO
+        if missed and split_s + STEP_OVERHEAD_S <= ctx.left() - reserve:
+            clocked = ClockedNetwork(net, device)
+            clocked_ode = make_ode(clocked, cond)
+            row.split = {
+                "lib": measure_split(lambda n: library_sample(clocked_ode, heun, x, ts), clocked),
+                "ref": measure_split(lambda n: edm_heun(n, x, ts.tolist(), cond), clocked),
+            }
         end = compile_counters()
         if config.compile is not None:
             row.recompiles = end["graphs"] - after_first["graphs"]
@@ -648,6 +737,37 @@ def targets(
     return out
 
 
+def render_splits(rows: Sequence[Row]) -> list[str]:
+    """The section on where the time of a row that missed the ratio target goes."""
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        f"For each row whose library/reference ratio is above {TARGET_RATIO} (every row in a "
+        "smoke run), one more run of each sampler with each network call between two marks "
+        "(CUDA events on the device's time line; clock readings on the CPU): milliseconds of "
+        "the run in all, before the first call starts (the sampler's checks, the device idle), "
+        "inside the calls, between them (the sampler's arithmetic, and any wait for the host "
+        "to launch work), and after the last call ends.",
+        "",
+    ]
+    split = [r for r in rows if r.split]
+    if not split:
+        return lines + ["No row split (none was measured above the target)."]
+    lines += [
+        "| row | sampler | total ms | before ms | network ms | between ms | after ms | calls |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in split:
+        assert r.split is not None
+        for which, label in (("lib", "library"), ("ref", "reference")):
+            t = r.split[which]
+            ms = [t.total, t.before, t.network, t.between, t.after]
+            cells = [r.config.name, label, *(f"{1e3 * v:.2f}" for v in ms), str(t.calls)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(
     facts: dict[str, str],
     rows: Sequence[Row],
@@ -755,6 +875,7 @@ def render(
         ]
         lines.append("| " + " | ".join(cells) + " |")
 
+    lines += render_splits(rows)
     lines += ["", f"## bdia(heun, {GAMMA}) against heun", ""]
     if overhead is not None and overhead.measured:
         recompiles = "n/a" if overhead.recompiles is None else str(overhead.recompiles)
@@ -973,6 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compiled = cudagraphs = {"backend": backend}
 
     ctx = Context(device, steps, args.repeats, trip_batch, args.budget)
+    ctx.split_every_row = smoke
     facts = {
         "device": card,
         "torch": torch.__version__,

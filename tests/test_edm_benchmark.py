@@ -8,6 +8,7 @@ import math
 import os
 import re
 import subprocess
+import time
 
 import pytest
 import torch
@@ -130,6 +131,18 @@ def test_gpu_check_smoke(tmp_path):
             assert row["recompiles"].startswith("0 "), row  # nothing compiled after the first call
         assert row["% of dense peak"] == "n/a" and row["peak GiB"] == "n/a"  # CPU
 
+    # A smoke run splits every row: each sampler's run into the parts around its 5 calls.
+    splits = _table(out, "row | sampler")
+    assert [(s["row"], s["sampler"]) for s in splits] == [
+        (name, sampler) for name in rows for sampler in ("library", "reference")
+    ]
+    for split in splits:
+        assert split["calls"] == "5", split
+        parts = [float(split[f"{part} ms"]) for part in ("before", "network", "between", "after")]
+        assert float(split["network ms"]) > 0 and min(parts) >= 0, split
+        # The parts tile the run; each printed to 0.01 ms.
+        assert sum(parts) == pytest.approx(float(split["total ms"]), abs=0.03), split
+
     (overhead,) = _table(out, "row | batch | NFE heun")
     assert (overhead["NFE heun"], overhead["NFE bdia"]) == ("5", "7")
     assert 0 < float(overhead["per-NFE ratio"]) < math.inf
@@ -168,6 +181,7 @@ def test_gpu_check_smoke_skips_what_does_not_fit_and_still_reports():
     ]
     assert all(r["note"].startswith("skipped:") for r in rows), rows
     assert "Not measured: no half-precision row measured." in out
+    assert "No row split (none was measured above the target)." in out
     assert [t["note"].startswith("skipped:") for t in _table(out, "state")] == [True, True]
     assert set(_targets(out).values()) == {"not measured"}
 
@@ -283,6 +297,36 @@ def test_gpu_check_sh_refuses_a_limit_that_is_not_whole_seconds(tmp_path):
     )
     assert proc.returncode == 2
     assert "GPU_CHECK_TOTAL_S must be whole seconds, got '7.5m'" in proc.stderr
+
+
+def test_a_split_run_puts_each_wait_in_its_part():
+    """measure_split on the CPU, with sleeps where a sampler's parts would be: 10 ms before the
+    first call, two calls of a network that takes 20 ms, 5 ms between them, 2 ms after. A
+    sleep lasts at least what it asks, so each part is at least its sleep; the parts tile
+    the run whatever the machine's load adds."""
+    g = _gpu_check()
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.020)
+            return x
+
+    def run(net):
+        time.sleep(0.010)
+        net(torch.zeros(1))
+        time.sleep(0.005)
+        net(torch.zeros(1))
+        time.sleep(0.002)
+
+    clocked = g.ClockedNetwork(Slow(), torch.device("cpu"))
+    split = g.measure_split(run, clocked)
+    assert split.calls == 2
+    assert split.before >= 0.010 and split.between >= 0.005 and split.after >= 0.002
+    assert split.network >= 0.040
+    parts = split.before + split.network + split.between + split.after
+    assert parts == pytest.approx(split.total, rel=1e-12)
+    with pytest.raises(RuntimeError, match="no network call"):
+        g.measure_split(lambda net: None, clocked)
 
 
 def test_a_failure_before_the_first_step_still_leaves_a_report(tmp_path, monkeypatch):

@@ -51,12 +51,13 @@ def test_a_requirement_without_a_lower_bound_is_refused(tmp_path):
 @pytest.mark.slow  # another process: its start costs seconds on busy cores
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_wheel_holds_the_shipped_weights_the_type_marker_and_the_command(tmp_path):
-    """What a user installs from the wheel runs offline and is typed: the digits networks,
-    ``py.typed`` (PEP 561, so that type checkers read the annotations) and the ``bdia``
-    command. Built from a copy of the sources, so that no build folder lands in the repo."""
+    """What a user installs from the wheel runs offline, is typed and says its license: the
+    digits networks, ``py.typed`` (PEP 561, so that type checkers read the annotations), the
+    ``bdia`` command, and the MIT license as an SPDX expression with its text (PEP 639). Built
+    from a copy of the sources, so that no build folder lands in the repo."""
     source = tmp_path / "src"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "bdia", source / "bdia", ignore=shutil.ignore_patterns("__pycache__"))
     built = run_child(
@@ -70,6 +71,8 @@ def test_the_wheel_holds_the_shipped_weights_the_type_marker_and_the_command(tmp
         names = set(archive.namelist())
         info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         entry_points = archive.read(info).decode()
+        metadata = archive.read(info.replace("entry_points.txt", "METADATA")).decode()
+        license_text = archive.read(info.replace("entry_points.txt", "licenses/LICENSE"))
     assert "bdia/py.typed" in names
     assert {
         "bdia/models/weights/digits.safetensors",
@@ -77,3 +80,5 @@ def test_the_wheel_holds_the_shipped_weights_the_type_marker_and_the_command(tmp
     } <= names
     assert re.search(r"^bdia = bdia\.cli:main$", entry_points, re.MULTILINE)
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+    assert re.search(r"^License-Expression: MIT$", metadata, re.MULTILINE)
+    assert license_text == (REPO / "LICENSE").read_bytes()
