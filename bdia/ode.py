@@ -228,9 +228,16 @@ class ODE:
                 raise ValueError(f"time ts[{i}] = {t!r} is not finite")
 
     def _call(self, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """Apply the precision policy around one model call."""
+        """Apply the precision policy around one model call; the model gets ``x`` in the
+        standard contiguous layout, whatever the state's."""
         dtype = self.model_dtype
         x_in = x if dtype is None or dtype == x.dtype else x.to(dtype)
+        # A network's output can depend on its input's memory layout, not only its values
+        # (CPU convolutions take other kernels for channels_last), and a state's layout can
+        # change along a run (an elementwise result takes its first operand's, and the
+        # forward and inverse steps order their operands differently). Exact inversion needs
+        # the same output for the same values, so every call gets one layout.
+        x_in = x_in.contiguous()
         out = fn(x_in, *args, **kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

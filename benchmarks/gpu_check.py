@@ -370,7 +370,9 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
 # ------------------------------------------------------------------------------ rows
 @dataclass(frozen=True)
 class Config:
-    """One row: the U-Net's precision, the batch, and the compile settings (None: eager)."""
+    """One row: the U-Net's precision, the batch, and the compile settings (None: eager).
+    ``channels_last``: the network's weights in that layout; both samplers hand it the
+    standard layout, as the library hands every model call (``bdia.ODE``)."""
 
     name: str
     precision: str
@@ -545,8 +547,6 @@ def measure_row(ctx: Context, config: Config, repeats: int, reserve: float = 0.0
         net = prepare_network(ctx.net0, config)
         ts, warm_ts = karras_grid(ctx.steps), karras_grid(ctx.warm_steps)
         x, sigma0, cond = network_inputs(net, config.batch, float(ts[0]), device, torch.float32)
-        if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         ode = make_ode(net, cond)
         heun = get_solver("heun")
         before = compile_counters()

@@ -137,6 +137,14 @@ if not pathlib.Path("flux").is_dir():
     tiny_flux_pipeline("flux").save_pretrained("flux")
 """
 
+# The tiny PixArt-Sigma pipeline in diffusers' layout ("pixart").
+_PIXART_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_pixart_pipeline
+if not pathlib.Path("pixart").is_dir():
+    tiny_pixart_pipeline().save_pretrained("pixart")
+"""
+
 # The tiny Chroma pipeline in diffusers' layout ("chroma").
 _CHROMA_FOLDER = """
 import pathlib
@@ -393,6 +401,7 @@ pipe = tiny_text_to_image_pipeline("sd_parts")
 """,
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _FLUX_FOLDER,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _CHROMA_FOLDER,
+    ("docs/diffusers.md", '"/models/PixArt-Sigma-XL-2-1024-MS"'): _PIXART_FOLDER,
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _FLUX2_FOLDER,
     # The key-value cache of Flux2KleinKVPipeline's references: the tiny pipeline, one
     # reference of 64 x 64 pixels prepared as the pipeline prepares it, a prompt's embeddings.
@@ -634,6 +643,13 @@ LOCAL = {
             'pipe.encode_prompt("a watercolour fox in the snow", device=device)',
             "pipe.encode_prompt(None, device=device, prompt_embeds=torch.randn(1, 5, 16))",
         ),
+    ],
+    ("docs/diffusers.md", '"/models/PixArt-Sigma-XL-2-1024-MS"'): [
+        ('"/models/PixArt-Sigma-XL-2-1024-MS"', '"pixart"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        # float16 runs on the CPU, but diffusers warns that it should not.
+        ("torch_dtype=torch.float16", "torch_dtype=torch.float32"),
+        ("height = width = 1024", "height = width = 16"),
     ],
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): [
         ('"/models/Chroma1-HD"', '"chroma"'),
@@ -932,6 +948,17 @@ def _flux_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _pixart_inverted(ns):
+    # "21 times, ending at t = 0", PixArtSigmaPipeline's guidance 4.5 with its negative
+    # prompt's own mask, and "back.earlier is noise, to rounding" (measured: 0).
+    ts, noise, ode = ns["ts"], ns["noise"], ns["ode"]
+    assert len(ts) == 21 and float(ts[-1]) == 0.0 and noise.shape == (1, 4, 8, 8)
+    assert ode.cond["guidance_scale"] == 4.5
+    assert ode.cond["negative_cond"]["encoder_attention_mask"].shape == (1, 300)
+    assert ode.cond["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _chroma_inverted(ns):
     # Chroma's packed latents (here (1, 16, 16)) under true CFG 5 with the negative prompt's
     # own mask, "(batch or 1, L + tokens)", and "back.earlier is noise, to rounding": the
@@ -1092,6 +1119,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _z_image_inverted,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
+    ("docs/diffusers.md", '"/models/PixArt-Sigma-XL-2-1024-MS"'): _pixart_inverted,
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _flux2_inverted,
     ("docs/diffusers.md", '"/path/to/FLUX.1-dev"'): _edit_round_trip,
     ("docs/diffusers.md", "# packed latents, as the pipeline's"): _flux_scheduler_inverted,

@@ -1,4 +1,5 @@
-"""Run diffusers UNets and schedulers' noise tables with bdia's solvers and BDIA.
+"""Run diffusers UNets, PixArt's and flow-matching transformers and their schedulers with
+bdia's solvers and BDIA.
 
 ``from_diffusers(unet, scheduler, **cond)`` returns a ``bdia.DiffusionODE`` and
 ``diffusers_grid(scheduler, num_inference_steps)`` the time grid of the timesteps diffusers

@@ -76,6 +76,10 @@ _FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS + _FLUX2_MODELS
 _QWEN_IMAGE_MODELS = ("QwenImageTransformer2DModel",)
 _Z_IMAGE_MODELS = ("ZImageTransformer2DModel",)
 _FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS
+# PixArt-alpha's and PixArt-Sigma's transformer, a noise-table model called as their pipelines
+# call it: the latents positionally, the timestep by keyword (its second positional argument
+# is encoder_hidden_states).
+_PIXART_MODELS = ("PixArtTransformer2DModel",)
 _SPACES = ("vp", "edm", "flow")
 # Relative slack on noise levels: diffusers stores its sigmas in float32 (rounding 6e-8), and
 # a sigma that close to a table value is that value.
@@ -325,6 +329,10 @@ def _is_qwen_image(model: Any) -> bool:
 
 def _is_z_image(model: Any) -> bool:
     return any(n in _Z_IMAGE_MODELS for n in _class_names(model))
+
+
+def _is_pixart(model: Any) -> bool:
+    return any(n in _PIXART_MODELS for n in _class_names(model))
 
 
 def _check_model_config(scheduler: Any, allowed: tuple[str, ...] = tuple(_PREDICTIONS)) -> str:

@@ -176,6 +176,7 @@ from ._scheduler_config import (
     _is_chroma,
     _is_flux,
     _is_flux2,
+    _is_pixart,
     _is_preconditioned,
     _is_qwen_image,
     _is_z_image,
@@ -251,9 +252,11 @@ class DiffusersModel(torch.nn.Module):
 
     Args:
         unet: ``unet(sample, timestep, **kwargs)`` returning a tensor, a tuple whose first
-            entry is the prediction, or an object with ``.sample`` (diffusers' UNets); in
-            ``"flow"`` space ``unet(hidden_states=x, timestep=tau, return_dict=False,
-            **kwargs)`` (SD3's transformer; Flux's with ``flux``).
+            entry is the prediction, or an object with ``.sample`` (diffusers' UNets); a
+            ``PixArtTransformer2DModel`` as ``unet(sample, timestep=tau, return_dict=False,
+            **kwargs)``, as PixArt's pipelines call it; in ``"flow"`` space
+            ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` (SD3's
+            transformer; Flux's with ``flux``).
         alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
             space and with ``sigma_data``, which have none.
         space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
@@ -373,6 +376,9 @@ class DiffusersModel(torch.nn.Module):
         self._flux2 = self.flux and _is_flux2(unet)
         self.qwen_image = bool(qwen_image)
         self.z_image = bool(z_image)
+        # PixArt's transformer takes its timestep by keyword: its second positional argument
+        # is encoder_hidden_states.
+        self._pixart = space != "flow" and _is_pixart(unet)
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -1071,6 +1077,9 @@ class DiffusersModel(torch.nn.Module):
             # By keyword, as StableDiffusion3Pipeline and FluxPipeline call it: the
             # transformer's second positional argument is encoder_hidden_states.
             result = self.unet(hidden_states=hidden, timestep=tau, return_dict=False, **kwargs)
+        elif self._pixart:
+            # As PixArtAlphaPipeline and PixArtSigmaPipeline call it.
+            result = self.unet(x, timestep=tau, return_dict=False, **kwargs)
         elif extra is not None:
             result = self.unet(torch.cat([x, extra.to(x.dtype)], dim=1), tau, **kwargs)
         else:
@@ -1114,6 +1123,33 @@ def _check_qwen_image_parts(**given: Any) -> None:
             )
 
 
+def _check_pixart_cond(
+    unet: Any, cond: dict[str, Any], extras: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``cond`` for PixArt's transformer: refuse the inputs of other pipelines, and give it
+    ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}`` where none are given and
+    it takes no micro-conditions, as PixArtSigmaPipeline passes them; refuse their absence
+    where it takes them (PixArt-alpha's 1024 models)."""
+    given = [k for k, v in extras.items() if v is not None]
+    if given:
+        raise ValueError(
+            f"{given[0]} was given for a PixArtTransformer2DModel, which PixArtAlphaPipeline "
+            "and PixArtSigmaPipeline call on the latents alone (no controlnet, inpainting or "
+            "reference inputs); leave it out"
+        )
+    if "added_cond_kwargs" in cond:
+        return cond
+    if getattr(unet, "use_additional_conditions", False):
+        raise ValueError(
+            "this PixArtTransformer2DModel takes micro-conditions (use_additional_conditions, "
+            "as PixArt-alpha's 1024 models): give added_cond_kwargs={'resolution': "
+            "tensor([[height, width]]), 'aspect_ratio': tensor([[height / width]])}, the "
+            "image's size in pixels, in the prompt embeddings' dtype, as PixArtAlphaPipeline "
+            "makes them"
+        )
+    return {**cond, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
 def from_diffusers(
     unet: Any,
     scheduler: Any,
@@ -1138,7 +1174,12 @@ def from_diffusers(
     or the flow-matching ODE of Stable Diffusion 3's, Flux's or Qwen-Image's transformer.
 
     Args:
-        unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, or any module called as
+        unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, PixArt's
+            ``PixArtTransformer2DModel`` (called as ``PixArtSigmaPipeline`` and
+            ``PixArtAlphaPipeline`` call it: the timestep by keyword, the learned variance's
+            half of its output dropped whatever the scheduler's ``variance_type``, and
+            ``added_cond_kwargs`` of ``None`` sizes unless given; a transformer with
+            micro-conditions needs them given), or any module called as
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
             with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``, a
             ``FluxTransformer2DModel``, a ``ChromaTransformer2DModel`` or a
@@ -1669,6 +1710,9 @@ def from_diffusers(
                 "call on the latents alone (no controlnet, Fill, Depth, Canny or Kontext inputs)"
             )
             raise ValueError(f"{given[0]} was given for a {how}; leave it out")
+    pixart = space != "flow" and _is_pixart(unet)
+    if pixart:
+        cond = _check_pixart_cond(unet, cond, extras)
     if chroma:
         _check_chroma_cond(unet, cond, negative_cond)
     # Chroma's first: Flux's keys in negative_cond alone are Chroma's to refuse.
@@ -1748,7 +1792,9 @@ def from_diffusers(
             and not qwen_image
         ):
             variance_type = sched.config.get("variance_type")
-            if c_out == 2 * c_in and variance_type in ("learned", "learned_range"):
+            # PixArt's pipelines keep the first half whatever the scheduler's variance_type
+            # (their schedulers have none).
+            if c_out == 2 * c_in and (pixart or variance_type in ("learned", "learned_range")):
                 learned_variance = True
             else:
                 raise ValueError(

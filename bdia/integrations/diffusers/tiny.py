@@ -8,8 +8,10 @@ or Playground v2.5's with an EDM-preconditioned scheduler) and SDXL's refiner
 img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 tokenizers made
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
 ``FluxKontextPipeline``, Chroma's ``ChromaTransformer2DModel`` and ``ChromaPipeline`` (T5
-alone), the ControlNet pipelines of Flux (``FluxControlNetModel``, ``FluxControlNetPipeline``)
-and SD3 (``SD3ControlNetModel``, ``StableDiffusion3ControlNetPipeline``, and with a mask
+alone), PixArt's ``PixArtTransformer2DModel``, ``PixArtSigmaPipeline`` and
+``PixArtAlphaPipeline`` (T5 alone, eps and its learned variance), the ControlNet pipelines
+of Flux (``FluxControlNetModel``, ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
+``StableDiffusion3ControlNetPipeline``, and with a mask
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
 Diffusion and SDXL and their ControlNet inpainting pipelines, Stable Diffusion's, SDXL's,
 Flux's or SD3's pipeline with an IP-Adapter loaded, and Qwen-Image's
@@ -39,6 +41,7 @@ import torch
 
 __all__ = [
     "SD_NOISE_TABLE",
+    "PIXART_NOISE_TABLE",
     "FLUX_DEV_SCHEDULER",
     "QWEN_IMAGE_SCHEDULER",
     "Z_IMAGE_SCHEDULER",
@@ -60,6 +63,8 @@ __all__ = [
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
     "tiny_chroma_pipeline",
+    "tiny_pixart_transformer",
+    "tiny_pixart_pipeline",
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
@@ -97,6 +102,9 @@ SD_NOISE_TABLE: dict[str, Any] = dict(
     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
 )
 
+#: PixArt-alpha's and PixArt-Sigma's noise table (linear betas), as scheduler keyword
+#: arguments.
+PIXART_NOISE_TABLE: dict[str, Any] = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 #: Flux.1-dev's FlowMatchEulerDiscreteScheduler config, as keyword arguments: shift 3 and
 #: resolution-dependent shifting from 0.5 (256 image tokens) to 1.15 (4096 tokens).
 FLUX_DEV_SCHEDULER: dict[str, Any] = dict(
@@ -266,6 +274,69 @@ def tiny_chroma_transformer(
         approximator_layers=1,
     )
     return _built(diffusers.ChromaTransformer2DModel, config, overrides, dtype)
+
+
+def tiny_pixart_transformer(
+    *,
+    micro_conditions: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A ``PixArtTransformer2DModel`` with two blocks of width 24 on 4 x 8 x 8 latents in
+    patches of 2 x 2, predicting eps and its learned variance (``out_channels`` 8, as
+    PixArt-alpha's and PixArt-Sigma's), with captions of width 16 (T5's
+    ``encoder_hidden_states`` of shape ``(batch, L, 16)``). ``micro_conditions``: the
+    resolution and aspect-ratio embeddings of PixArt-alpha's 1024 model
+    (``use_additional_conditions``, with ``sample_size`` 128 so that ``PixArtAlphaPipeline``
+    passes them), which then take ``added_cond_kwargs={"resolution": (batch, 2),
+    "aspect_ratio": (batch, 1)}``; otherwise ``sample_size`` 8. Weights drawn with
+    ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides`` add to or replace
+    fields of its config."""
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        num_attention_heads=2,
+        # A width divisible by 3: the micro-conditions take a third of it each for the
+        # height, the width and the aspect ratio.
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=24,
+        caption_channels=16,
+        sample_size=128 if micro_conditions else 8,
+        patch_size=2,
+        use_additional_conditions=micro_conditions,
+    )
+    return _built(diffusers.PixArtTransformer2DModel, config, overrides, dtype)
+
+
+def tiny_pixart_pipeline(scheduler: Any = None, *, alpha: bool = False) -> Any:
+    """A float32 ``PixArtSigmaPipeline`` (``alpha``: ``PixArtAlphaPipeline``, its transformer
+    with ``micro_conditions``) of tiny random parts on 16 x 16 RGB images:
+    ``tiny_flux_pipeline``'s T5 encoder and tokenizer (prompt embeddings of shape ``(batch,
+    L, 16)`` for ``max_sequence_length=L``), ``tiny_pixart_transformer`` and
+    ``tiny_text_to_image_pipeline``'s VAE. ``scheduler`` defaults to PixArt's
+    ``DPMSolverMultistepScheduler(**PIXART_NOISE_TABLE)``. Call it with
+    ``use_resolution_binning=False`` (it would resize a 16 x 16 request to its smallest
+    aspect-ratio bin, 256 x 256 and up) and ``clean_caption=False`` (its caption cleaning
+    needs beautifulsoup4 and ftfy). The progress bar is off."""
+    transformer = tiny_pixart_transformer(micro_conditions=alpha)
+    tokenizer = _tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = _tiny_t5_encoder(tokenizer)
+    if scheduler is None:
+        scheduler = diffusers.DPMSolverMultistepScheduler(**PIXART_NOISE_TABLE)
+    cls = diffusers.PixArtAlphaPipeline if alpha else diffusers.PixArtSigmaPipeline
+    pipe = cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_tiny_vae(),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _recent_class(name: str, since: str) -> Any:
