@@ -38,6 +38,7 @@ from bdia.integrations.diffusers.tiny import (
     tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
     tiny_inpaint_pipeline,
+    tiny_pixart_pipeline,
     tiny_playground_pipeline,
     tiny_qwen_image_controlnet_pipeline,
     tiny_qwen_image_edit_pipeline,
@@ -90,6 +91,8 @@ if KONTEXT:
 NO_KONTEXT = pytest.mark.skipif(
     not KONTEXT, reason="FluxKontextPipeline is in diffusers 0.35 and newer"
 )
+# PixArtSigmaPipeline: T5 alone, under its noise table (made in memory).
+BUILDERS["pixart"] = lambda folder: tiny_pixart_pipeline()
 # ChromaPipeline, T5 alone and true CFG (made in memory, without a CLIP tokenizer to write).
 CHROMA = hasattr(diffusers, "ChromaPipeline")
 if CHROMA:
@@ -256,6 +259,7 @@ def pixels(path):
         "sd3",
         "flux",
         "playground",
+        "pixart",
         pytest.param("kontext", marks=NO_KONTEXT),
         pytest.param("chroma", marks=NO_CHROMA),
         pytest.param("qwen", marks=NO_QWEN),
@@ -415,9 +419,11 @@ def test_reference_images_reach_edit_image_for_flux2(name, pipelines, tmp_path):
 def test_the_help_names_chroma_qwen_image_and_their_defaults():
     text = " ".join(CliRunner().invoke(main, ["edit", "--help"]).output.split())
     assert "Flux, Flux Kontext, Chroma, Qwen-Image" in text  # --pipeline
+    assert "Playground v2.5, PixArt-alpha and PixArt-Sigma, Stable Diffusion 3" in text
+    assert "[default: 7.5; 4.5 for PixArt, 1 for Flux" in text  # --guidance
     assert "Z-Image (ZImagePipeline and its img2img one), FLUX.2-dev" in text  # --pipeline
     assert "FLUX.2-klein (Flux2KleinPipeline, Flux2KleinKVPipeline)" in text
-    assert "16 for SD3, Flux, Chroma, Qwen-Image, Z-Image and Flux.2" in text  # --image
+    assert "(8 for SD, 16 for PixArt, SD3, Flux, Chroma," in text  # --image
     assert "1: none, but 0 for Z-Image" in text  # --guidance
     assert "true CFG for Chroma, Qwen-Image and FLUX.2-klein" in text  # --guidance
     assert "1 for Flux and Qwen-Image, 5 for Chroma and Z-Image, 4 for FLUX.2-klein" in text
@@ -1298,8 +1304,11 @@ def test_a_whole_clip_or_siglip_model_is_taken_as_the_image_encoder(
 ):
     """--image-encoder DIR of a whole CLIPModel (SD, Flux) or SiglipModel (SD3, with its
     processor), as the released encoders are: read for its vision model, the PNG is the one
-    with the vision-only encoder of the same weights, pixel for pixel (the adapter file alone
-    in its folder, so that no other encoder is at hand)."""
+    with the vision-only encoder of the same weights (the adapter file alone in its folder,
+    so that no other encoder is at hand), to one level of a pixel: the two encoders' weights
+    are equal bit for bit but read from other files, and their image embeddings came out up to
+    1.2e-7 apart on the CPU (measured, SD's), which can round a pixel to the next level. Any
+    other encoder (the text half, other weights) moves the picture far more."""
     given = adapters["sd"] if name == "sd" else transformer_adapters[name]
     (tmp_path / "weights").mkdir()
     adapter = shutil.copy(given, tmp_path / "weights" / given.name)
@@ -1308,7 +1317,9 @@ def test_a_whole_clip_or_siglip_model_is_taken_as_the_image_encoder(
     more = ["--ip-adapter", adapter, "--ip-adapter-image", prompt, "--image-encoder"]
     for out, encoder in (("whole.png", whole), ("vision.png", given.parent / "image_encoder")):
         run(edit(pipelines[name], image, tmp_path / out, *more, encoder))
-    assert np.array_equal(pixels(tmp_path / "whole.png"), pixels(tmp_path / "vision.png"))
+    whole_png, vision_png = (pixels(tmp_path / f).astype(int) for f in ("whole.png", "vision.png"))
+    assert np.abs(whole_png - vision_png).max() <= 1
+    assert (whole_png != vision_png).mean() < 0.05
     config = json.loads((whole / "config.json").read_text())
     assert config["model_type"] == ("siglip" if name == "sd3" else "clip")
 

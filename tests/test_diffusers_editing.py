@@ -1316,7 +1316,7 @@ def test_sd3_flow_match_heun_scheduler_edits_over_its_distinct_sigmas(tmp_path, 
     assert heun.latent_error == 0.0
 
 
-class PixArtTransformer2DModel(torch.nn.Module):
+class SanaTransformer2DModel(torch.nn.Module):
     """Stands in for diffusers' class of that name, a transformer edit_image does not know:
     it tells transformers apart by class, before calling any."""
 
@@ -1328,7 +1328,7 @@ class PixArtTransformer2DModel(torch.nn.Module):
     [
         ("ddim", "DDIMScheduler is a noise-table scheduler"),
         ("stochastic", "stochastic_sampling"),
-        ("pixart", "a PixArtTransformer2DModel"),
+        ("sana", "a SanaTransformer2DModel"),
         ("patch", "not a multiple of 4, the vae's downsampling factor 2 times the transformer's"),
         ("too large", "pos_embed_max_size = 8"),
         ("mu", "mu = 0.5 shifts the sigmas only with use_dynamic_shifting"),
@@ -1344,8 +1344,8 @@ def test_sd3_inputs_that_cannot_run_are_refused_in_one_line(fresh_sd3_pipe, imag
         pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False)
     elif kind == "stochastic":
         pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-    elif kind == "pixart":
-        pipe.transformer = PixArtTransformer2DModel()
+    elif kind == "sana":
+        pipe.transformer = SanaTransformer2DModel()
     elif kind == "patch":
         image = image[:, :, :14, :]
     elif kind == "too large":  # 36 / 2 / 2 = 9 patches a side, more than the 8 it embeds

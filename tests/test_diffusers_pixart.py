@@ -15,6 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 from bdia.integrations.diffusers import (  # noqa: E402
     BDIAScheduler,
     diffusers_grid,
+    edit_image,
     from_diffusers,
 )
 from bdia.integrations.diffusers.tiny import (  # noqa: E402
@@ -158,3 +159,92 @@ def test_pixart_with_a_flow_matching_scheduler_is_refused():
     transformer = tiny_pixart_transformer()
     with pytest.raises(ValueError, match=r"PixArtTransformer2DModel with FlowMatchEuler"):
         from_diffusers(transformer, diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+# ---------------------------------------------------------------------------- edit_image
+
+SOURCE, TARGET = "a photo of a cat", "a painting of a dog"
+
+
+def _image() -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+@pytest.mark.first_case_by_default
+@pytest.mark.parametrize("alpha", [False, True], ids=["sigma", "alpha"])
+def test_edit_image_is_a_hand_run_of_the_pixart_pipelines_parts(alpha):
+    """edit_image on PixArtSigmaPipeline (PixArtAlphaPipeline with micro-conditions): by
+    default guidance 4.5 with the negative prompt "", bdia(ddim, 0.96) and a float64 state,
+    as by hand: the VAE's mean scaled, the prompts through the pipeline's encode_prompt
+    with their masks, from_diffusers (the alpha transformer given the image's size),
+    diffusers_grid to t = 1/N, Inversion.of and regenerate under the target, bit for bit. The round
+    trip is exact (latent_error 0, measured 0), and the target changes the edit."""
+    pipe, image = tiny_pixart_pipeline(alpha=alpha), _image()
+    steps = 6
+    result = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=steps)
+    assert result.latent_error == 0.0
+
+    def cond(prompt):
+        with torch.no_grad():
+            embeds, mask, negative, negative_mask = pipe.encode_prompt(
+                prompt, do_classifier_free_guidance=True, clean_caption=False
+            )
+        out = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        if alpha:
+            out["added_cond_kwargs"] = MICRO
+        out["guidance_scale"] = 4.5
+        out["negative_cond"] = {
+            "encoder_hidden_states": negative,
+            "encoder_attention_mask": negative_mask,
+        }
+        return out
+
+    source = from_diffusers(pipe.transformer, pipe.scheduler, **cond(SOURCE))
+    target = from_diffusers(pipe.transformer, pipe.scheduler, **cond(TARGET))
+    # PixArt's scheduler ends at sigma 0, where edit_image ends at the table's smallest
+    # noise level, t = 1/N, instead (as for any noise-table pipeline).
+    ts = diffusers_grid(pipe.scheduler, steps)
+    assert float(ts[-1]) == 0.0 and float(result.inversion.ts[-1]) == 1 / 1000
+    ts = torch.cat([ts[:-1], result.inversion.ts[-1:]])
+    assert torch.equal(result.inversion.ts, ts)
+    with torch.no_grad():
+        latents = pipe.vae.encode(image).latent_dist.mean.double()
+    latents = latents * pipe.vae.config.scaling_factor
+    assert torch.equal(result.latents, latents)
+    solver = bdia.bdia(bdia.get_solver("ddim"), 0.96)
+    inversion = bdia.Inversion.of(source, solver, latents, ts, state_dtype=torch.float64)
+    assert torch.equal(inversion.noise, result.inversion.noise)
+    assert torch.equal(inversion.regenerate(target, rule="base"), result.edited_latents)
+    assert source.fingerprint() == result.inversion.ode.fingerprint()
+    assert target.fingerprint() == result.target.fingerprint()
+    change = (result.edited_latents - result.reconstructed_latents).abs().max()
+    assert change > 0.1 * result.latents.abs().max()
+
+
+def test_edit_image_takes_pixart_embeddings_with_their_mask():
+    """The pairs (prompt_embeds, prompt_attention_mask) that encode_prompt returns give the
+    text's edit bit for bit; embeddings without their mask, or a mask of another shape, are
+    refused in one line before any network runs."""
+    pipe, image = tiny_pixart_pipeline(), _image()
+    with torch.no_grad():
+        source = pipe.encode_prompt(SOURCE, do_classifier_free_guidance=False)[:2]
+        target = pipe.encode_prompt(TARGET, do_classifier_free_guidance=False)[:2]
+        negative = pipe.encode_prompt("", do_classifier_free_guidance=False)[:2]
+    text = edit_image(pipe, image, SOURCE, TARGET, num_inference_steps=3)
+    pairs = edit_image(pipe, image, source, target, num_inference_steps=3, negative_prompt=negative)
+    assert torch.equal(pairs.edited_latents, text.edited_latents)
+    calls = Counter(pipe.transformer)
+    with pytest.raises(TypeError, match=r"also needs the embeddings' mask"):
+        edit_image(pipe, image, source[0], target, negative_prompt=negative)
+    bad = (source[0], source[1][:, :5])
+    with pytest.raises(ValueError, match=r"the prompt_attention_mask, must have shape"):
+        edit_image(pipe, image, bad, target, negative_prompt=negative)
+    assert calls.calls == 0
+
+
+def test_edit_image_refuses_a_mask_for_pixart():
+    pipe, image = tiny_pixart_pipeline(), _image()
+    calls = Counter(pipe.transformer)
+    with pytest.raises(ValueError, match="mask_image"):
+        edit_image(pipe, image, SOURCE, TARGET, mask_image=torch.ones(1, 1, 16, 16))
+    assert calls.calls == 0

@@ -83,7 +83,8 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     type=InputPathType(path_type=Path),
     callback=_pipeline_folder,
     help="The local folder of a diffusers pipeline (save_pretrained's, with model_index.json): "
-    "Stable Diffusion, SDXL, Playground v2.5, Stable Diffusion 3, Flux, Flux Kontext, Chroma, "
+    "Stable Diffusion, SDXL, Playground v2.5, PixArt-alpha and PixArt-Sigma, Stable Diffusion 3, "
+    "Flux, Flux Kontext, Chroma, "
     "Qwen-Image (QwenImagePipeline and its img2img one), Z-Image (ZImagePipeline and its img2img "
     "one), FLUX.2-dev (Flux2Pipeline) or FLUX.2-klein (Flux2KleinPipeline, "
     "Flux2KleinKVPipeline); "
@@ -98,8 +99,8 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     required=True,
     type=InputPathType(exists=True, dir_okay=False, path_type=Path),
     help="The photo to edit (PNG, JPEG, WebP, ...: any image PIL reads), read as RGB; its "
-    "sides must be multiples of the pipeline's factor (8 for SD, 16 for SD3, Flux, Chroma, "
-    "Qwen-Image, Z-Image and Flux.2) "
+    "sides must be multiples of the pipeline's factor (8 for SD, 16 for PixArt, SD3, Flux, "
+    "Chroma, Qwen-Image, Z-Image and Flux.2) "
     "unless --size resizes it.",
 )
 @click.option(
@@ -208,8 +209,8 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     type=float,
     callback=_finite_if_given,
     help="Classifier-free guidance scale (1: none, but 0 for Z-Image; true CFG for Chroma, "
-    "Qwen-Image and FLUX.2-klein).  [default: 7.5; 1 for Flux and Qwen-Image, 5 for Chroma and "
-    "Z-Image, 4 for FLUX.2-klein]",
+    "Qwen-Image and FLUX.2-klein).  [default: 7.5; 4.5 for PixArt, 1 for Flux and Qwen-Image, 5 "
+    "for Chroma and Z-Image, 4 for FLUX.2-klein]",
 )
 @click.option(
     "--embedded-guidance",
@@ -290,8 +291,8 @@ def edit_command(
     """Edit a photo with a diffusers pipeline: invert it exactly under --source with bdia,
     regenerate it under --target.
 
-    The pipeline (Stable Diffusion, SDXL, SD3, Flux, Flux Kontext, Chroma, Qwen-Image, Z-Image,
-    FLUX.2-dev, FLUX.2-klein; an
+    The pipeline (Stable Diffusion, SDXL, PixArt, SD3, Flux, Flux Kontext, Chroma, Qwen-Image,
+    Z-Image, FLUX.2-dev, FLUX.2-klein; an
     inpainting one with --mask, a ControlNet one with --control-image, a ControlNet inpainting
     one with both; SD, SDXL, Flux and SD3 ones with an IP-Adapter's image prompt, --ip-adapter
     and --ip-adapter-image; FLUX.2 with reference images, --reference-image) is loaded

@@ -216,7 +216,8 @@ def _check_photo_size(
     if vae is None:
         raise click.BadParameter(
             f"a {name} without a vae: edit_image edits the latents of a latent-diffusion "
-            "pipeline (Stable Diffusion, SDXL, SD3, Flux, Chroma, Qwen-Image, Z-Image, Flux.2)",
+            "pipeline (Stable Diffusion, SDXL, PixArt, SD3, Flux, Chroma, Qwen-Image, Z-Image, "
+            "Flux.2)",
             param_hint="'--pipeline'",
         )
     sizes = _image_sizes(pipe, vae, getattr(net, "config", None) or {}, kind)

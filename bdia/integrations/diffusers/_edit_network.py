@@ -40,6 +40,7 @@ _CHROMA = "ChromaTransformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _FLUX2 = "Flux2Transformer2DModel"
 _Z_IMAGE = "ZImageTransformer2DModel"
+_PIXART = "PixArtTransformer2DModel"
 # The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's, Klein's key-value-cache one
 # (its reference tokens' keys and values made once) and, without a mask, Klein's inpainting
 # one (it blends).
@@ -115,8 +116,8 @@ class _Network:
 
     Attributes:
         unet: the unet or transformer; ``config`` its config (``{}`` where it has none).
-        kind: ``_network``'s family: ``"unet"``, ``"sd3"``, ``"flux"`` (Chroma's too),
-            ``"qwen"``, ``"zimage"`` or ``"flux2"``.
+        kind: ``_network``'s family: ``"unet"``, ``"pixart"``, ``"sd3"``, ``"flux"``
+            (Chroma's too), ``"qwen"``, ``"zimage"`` or ``"flux2"``.
         pipeline: the most derived of the pipeline's Qwen-Image classes (None for another
             family, or a pipeline of no such class), which says how it edits.
         xl: an SDXL unet (``addition_embed_type="text_time"``).
@@ -161,9 +162,9 @@ class _Network:
 
 
 def _network(pipe: Any) -> tuple[Any, str]:
-    """The pipeline's unet (then ``"unet"``), or its SD3, Flux, Flux.2, Qwen-Image or Z-Image
-    transformer (``"sd3"``, ``"flux"``, ``"flux2"``, ``"qwen"``, ``"zimage"``; Chroma's,
-    called as Flux's on the same packed latents, is ``"flux"`` too)."""
+    """The pipeline's unet (then ``"unet"``), or its PixArt, SD3, Flux, Flux.2, Qwen-Image or
+    Z-Image transformer (``"pixart"``, ``"sd3"``, ``"flux"``, ``"flux2"``, ``"qwen"``,
+    ``"zimage"``; Chroma's, called as Flux's on the same packed latents, is ``"flux"`` too)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return unet, "unet"
@@ -185,9 +186,12 @@ def _network(pipe: Any) -> tuple[Any, str]:
         return transformer, "zimage"
     if _FLUX2 in names:
         return transformer, "flux2"
+    if _PIXART in names:
+        return transformer, "pixart"
     raise ValueError(
         f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
-        f"edit_image takes Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
+        f"edit_image takes PixArt's {_PIXART} (PixArtSigmaPipeline, PixArtAlphaPipeline), "
+        f"Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
         f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline), Qwen-Image's "
         f"{_QWEN} (QwenImagePipeline), Flux.2's {_FLUX2} (Flux2Pipeline, "
         f"Flux2KleinPipeline) and Z-Image's {_Z_IMAGE} (ZImagePipeline), and besides them "

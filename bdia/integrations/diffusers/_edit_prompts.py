@@ -1,9 +1,9 @@
 """The prompts of ``edit_image``, as each pipeline takes them: their checks (text, or the
 embeddings and their companions its ``encode_prompt`` returns: SDXL's, SD3's and Flux's
-pooled embeddings, Qwen-Image's mask, Z-Image's list of embeddings of their own lengths),
-the text encoders that text needs, and the unet's and SD3's arguments of one branch of
-guidance, made by the pipeline's own ``encode_prompt`` (the other families' are their own
-modules')."""
+pooled embeddings, Qwen-Image's and PixArt's masks, Z-Image's list of embeddings of their
+own lengths), the text encoders that text needs, and the unet's, PixArt's and SD3's
+arguments of one branch of guidance, made by the pipeline's own ``encode_prompt`` (the other
+families' are their own modules')."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ._pipeline_parts import _part
 from ._z_image import _Z_IMAGE_HOW, _check_cap_feats
 
 _QWEN_MASK = "prompt_embeds_mask"
+_PIXART_MASK = "prompt_attention_mask"
 
 
 def _is_text(prompt: Any) -> bool:
@@ -77,13 +78,14 @@ def _check_prompt(prompt: Any, name: str, batch: int, takes: _Takes) -> None:
     if paired and _is_pair(prompt):
         embeds, pooled = prompt
         _check_prompt(embeds, f"{name}[0]", batch, replace(takes, pipeline=None))
-        if takes.second == _QWEN_MASK:
+        if takes.second in (_QWEN_MASK, _PIXART_MASK):
             # encode_prompt views the mask as the embeddings' (batch, L).
             if pooled.shape != embeds.shape[:2]:
                 raise ValueError(
-                    f"{name}[1], the {_QWEN_MASK}, must have shape {tuple(embeds.shape[:2])}, "
-                    f"one entry per token of {name}[0] (1 valid, 0 padding), as "
-                    f"QwenImagePipeline's encode_prompt returns it; got {tuple(pooled.shape)}"
+                    f"{name}[1], the {takes.second}, must have shape "
+                    f"{tuple(embeds.shape[:2])}, one entry per token of {name}[0] (1 valid, 0 "
+                    f"padding), as the {takes.pipeline} pipeline's encode_prompt returns it; "
+                    f"got {tuple(pooled.shape)}"
                 )
             return
         if pooled.ndim != 2 or pooled.shape[0] not in (1, batch):
@@ -195,6 +197,8 @@ def _prompt_takes(net: _Network) -> _Takes:
         cross_name = "encoder_hid_dim"
     if sd3 or flux or qwen or flux2:
         cross_name = "joint_attention_dim"
+    if net.kind == "pixart":  # T5's width, which the transformer projects to its own
+        cross_name = "caption_channels"
     cross_dim = unet_config.get(cross_name)
     takes = _Takes(model, None, cross_name, cross_dim if isinstance(cross_dim, int) else None)
     pooled_dim = _pooled_dim(unet_config) if xl else None
@@ -217,6 +221,15 @@ def _prompt_takes(net: _Network) -> _Takes:
         )
         if flux:  # (prompt_embeds, pooled_prompt_embeds, text_ids)
             takes = replace(takes, outputs="first and second", article="a")
+    elif net.kind == "pixart":  # encode_prompt returns (prompt_embeds, its mask, ...)
+        takes = replace(
+            takes,
+            pipeline="PixArt",
+            outputs="first and second",
+            article="a",
+            second=_PIXART_MASK,
+            second_says="the embeddings' mask (1 for the prompt's tokens, 0 for padding)",
+        )
     elif qwen:  # encode_prompt returns (prompt_embeds, prompt_embeds_mask)
         takes = replace(
             takes,
@@ -271,7 +284,7 @@ def _check_text_parts(
         parts: tuple[str, ...] = ("tokenizer", "text_encoder")
         if xl:
             parts = ("tokenizer_2", "text_encoder_2")
-        elif chroma:  # T5 alone
+        elif chroma or net.kind == "pixart":  # T5 alone
             parts = ("tokenizer", "text_encoder")
         elif sd3 or flux:
             # SD3: both CLIP encoders, T5 (text_encoder_3) only where the pipeline has it;
@@ -339,6 +352,24 @@ def _embed_pair(
             **others,
         )
     return (embeds, pooled) if dtype is None else (embeds.to(dtype), pooled.to(dtype))
+
+
+def _embed_pixart(
+    pipe: Any, prompt: Any, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """PixArt's transformer arguments of one branch: T5's embeddings (B, L, D) in ``dtype``
+    and their mask (B, L), of text through the pipeline's ``encode_prompt`` (its default
+    ``max_sequence_length``, no caption cleaning, which needs beautifulsoup4 and ftfy), or
+    the pair given."""
+    if _is_pair(prompt):
+        embeds, mask = (p.to(device) for p in prompt)
+    else:
+        text = prompt if isinstance(prompt, str) else list(prompt)
+        embeds, mask, _, _ = pipe.encode_prompt(
+            text, do_classifier_free_guidance=False, device=device, clean_caption=False
+        )
+    embeds = embeds if dtype is None else embeds.to(dtype)
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
 
 def _xl_cond(embeds: Tensor, pooled: Tensor, time_ids: Tensor) -> dict[str, Any]:

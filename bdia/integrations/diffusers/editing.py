@@ -181,6 +181,7 @@ from ._edit_prompts import (
     _check_text_parts,
     _embed,
     _embed_pair,
+    _embed_pixart,
     _xl_cond,
     _zero_negative,
 )
@@ -240,6 +241,9 @@ _FLUX_GUIDANCE = 3.5
 _FLUX2_GUIDANCE = 4.0
 # ChromaPipeline's default guidance_scale: true CFG, with the negative prompt "".
 _CHROMA_GUIDANCE = 5.0
+# PixArtSigmaPipeline's and PixArtAlphaPipeline's default guidance_scale, with the negative
+# prompt "".
+_PIXART_GUIDANCE = 4.5
 
 
 @dataclass(frozen=True)
@@ -386,10 +390,10 @@ def _image_sizes(pipe: Any, vae: Any, unet_config: Mapping[str, Any], kind: str)
     (``_network``'s) and config ``unet_config``."""
     vae_factor = _vae_factor(pipe, vae)
     factor, what = vae_factor, f"the vae's downsampling factor {vae_factor}"
-    patch = unet_config.get("patch_size") if kind == "sd3" else None
+    patch = unet_config.get("patch_size") if kind in ("sd3", "pixart") else None
     if not isinstance(patch, int):
         patch = None
-    else:  # SD3 takes its latents in patch x patch patches
+    else:  # SD3 and PixArt take their latents in patch x patch patches
         factor *= patch
         what = f"{factor}, {what} times the transformer's patch_size {patch}"
     if kind in ("flux", "qwen", "flux2"):
@@ -528,6 +532,8 @@ def _check_guidance(
             guidance_scale = _FLUX2_GUIDANCE
         if zimage:
             guidance_scale = _Z_IMAGE_GUIDANCE
+        if net.kind == "pixart":
+            guidance_scale = _PIXART_GUIDANCE
         if net.pipeline == _FLUX2_KV:
             guidance_scale = 1.0
     _check_number(guidance_scale, "guidance_scale")
@@ -590,8 +596,8 @@ def _check_options(
     device: torch.device,
 ) -> tuple[torch.dtype, BidirectionalWrapper]:
     """The edit rule and output type checked; the state dtype (by default float64, float32
-    on a device without float64) and the BDIA solver (by default over DDIM for a unet, Euler
-    for a flow transformer)."""
+    on a device without float64) and the BDIA solver (by default over DDIM for a unet or
+    PixArt's transformer, of noise tables, Euler for a flow transformer)."""
     if rule not in EDIT_RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
     widest = wide_dtype(device)
@@ -604,7 +610,8 @@ def _check_options(
             f"state_dtype={widest} (the default there) or run the pipeline on the CPU"
         )
     # Euler in flow matching: the same step as DDIM there, in the scheduler's own arithmetic.
-    wrapped = _solver(("ddim" if kind == "unet" else "euler") if solver is None else solver, gamma)
+    noise_table = kind in ("unet", "pixart")
+    wrapped = _solver(("ddim" if noise_table else "euler") if solver is None else solver, gamma)
     if output_type is not None and output_type not in _OUTPUT_TYPES:
         raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
     return dtype, wrapped
@@ -727,6 +734,25 @@ def _image_conditions(
     return condition, control, control_pixels, mask_control
 
 
+def _pixart_size_cond(
+    net: _Network,
+    size: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """PixArt-alpha's micro-conditions of an image of ``size`` (H, W) pixels, as
+    PixArtAlphaPipeline makes them for its transformers that take them
+    (``use_additional_conditions``): ``added_cond_kwargs`` of the resolution ``[[H, W]]``
+    and the aspect ratio ``[[H / W]]``; nothing for the others (``from_diffusers`` gives
+    them PixArtSigmaPipeline's sizes of None)."""
+    if not getattr(net.unet, "use_additional_conditions", False):
+        return {}
+    height, width = size
+    resolution = torch.tensor([[height, width]], dtype=dtype, device=device)
+    aspect_ratio = torch.tensor([[height / width]], dtype=dtype, device=device)
+    return {"added_cond_kwargs": {"resolution": resolution, "aspect_ratio": aspect_ratio}}
+
+
 def _probe_cond(
     net: _Network,
     guidance: float | None,
@@ -753,6 +779,8 @@ def _probe_cond(
         probe_cond = _flux2_probe_cond(unet_config, guidance)
     if qwen:
         probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
+    if net.kind == "pixart":  # a stand-in prompt of one token, and its sizes where it takes them
+        probe_cond = _pixart_size_cond(net, (1, 1), torch.float32)
     if zimage:  # a stand-in prompt of one token; the CFG options checked as given
         dim = unet_config.get("cap_feat_dim")
         probe_cond = {"cap_feats": [torch.zeros(1, dim if isinstance(dim, int) else 1)]}
@@ -856,6 +884,8 @@ def _embed_prompt(
         return _embed_z_image(pipe, prompt, device, embed_dtype)
     if flux2:
         return _embed_flux2(pipe, prompt, device, embed_dtype)
+    if net.kind == "pixart":
+        return _embed_pixart(pipe, prompt, device, embed_dtype)
     return {"encoder_hidden_states": _embed(pipe, prompt, device, embed_dtype)}
 
 
@@ -954,6 +984,9 @@ def _call_kwargs(
     shared: dict[str, Any] = {"img_shapes": img_shapes} if qwen else {}
     if zimage:
         shared.update(z_options)
+    if net.kind == "pixart":  # PixArt-alpha's image size, in the embeddings' dtype
+        dtype = source_cond["encoder_hidden_states"].dtype
+        shared.update(_pixart_size_cond(net, tuple(pixels.shape[-2:]), dtype, device))
     if flux:
         ids_dtype = source_cond["encoder_hidden_states"].dtype
         shared["img_ids"] = pipe._prepare_latent_image_ids(batch, rows, cols, device, ids_dtype)
@@ -1098,6 +1131,8 @@ def edit_image(
 
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``PixArtSigmaPipeline``, ``PixArtAlphaPipeline`` (T5's prompts with their
+            masks; PixArt-alpha's micro-conditions of the image's own size),
             ``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``ChromaPipeline`` (or Stable
             Diffusion's or SDXL's
             ControlNet pipeline or ControlNet img2img pipeline, with ``control_image``, or
@@ -1222,7 +1257,10 @@ def edit_image(
             pooled_prompt_embeds)``, the second of shape ``(1 or batch, projection_dim)``
             (``encode_prompt``'s first and third outputs). An SDXL unet gets
             ``added_cond_kwargs`` of the pooled embeddings and the time ids ``(H, W, 0, 0, H,
-            W)`` (original size, crop, target size: the pipeline's defaults). For SD3 the
+            W)`` (original size, crop, target size: the pipeline's defaults). For PixArt the
+            pair ``(prompt_embeds, prompt_attention_mask)`` of shapes ``(1 or batch, tokens,
+            caption_channels)`` and ``(1 or batch, tokens)``, ``encode_prompt``'s first and
+            second outputs. For SD3 the
             pair of shapes ``(1 or batch, tokens, joint_attention_dim)`` and ``(1 or batch,
             pooled_projection_dim)``, ``encode_prompt``'s first and third outputs; for Flux
             the same shapes, ``encode_prompt``'s first and second outputs (its third, the
