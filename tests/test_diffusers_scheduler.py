@@ -398,6 +398,52 @@ def test_img2img_run_inverts_back_to_its_start(tmp_path):
         inverse.step(latents, inverse.timesteps[-1], inverse.pair.earlier)
 
 
+def test_an_img2img_run_on_a_picture_inverts_with_bdia_invert_too(tmp_path):
+    """img2img of a PIL picture: its latents come channels_last from the VAE (the pixels are
+    permuted to channels first), and a unet's output can depend on its input's layout. The
+    scheduler hands the pipeline its states in the standard layout, as bdia's ODE hands every
+    call, so the pipeline's final pair inverts to the run's start bit for bit both through
+    the inverse scheduler's loop and through bdia.invert on from_diffusers' ODE. (Before,
+    the pipeline stepped on channels_last latents throughout and bdia.invert came back 5.8e-6
+    off.)"""
+    import numpy as np
+    from PIL import Image
+
+    parts = _tiny_stable_diffusion(tmp_path).components
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
+    samples = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        samples.append(sample.clone(memory_format=torch.preserve_format))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    prompt, guidance = "a fox", 7.5
+    _latents(pipe, prompt, guidance, image=Image.fromarray(pixels), strength=0.5)
+    assert not samples[0].is_contiguous()  # the picture's latents, noised
+    assert all(x.is_contiguous() for x in samples[1:])
+    inverse = _invert_guided(pipe, prompt, guidance, samples[0].dtype)
+    assert torch.equal(inverse.pair.earlier, samples[0])
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    negative = {"encoder_hidden_states": uncond}
+    ode = from_diffusers(
+        pipe.unet,
+        pipe.scheduler,
+        encoder_hidden_states=cond,
+        guidance_scale=guidance,
+        negative_cond=negative,
+    )
+    pair = pipe.scheduler.final_pair
+    ts = diffusers_grid(pipe.scheduler, STEPS)[pair.start_index :]
+    with torch.no_grad():
+        back = bdia.invert(ode, bdia.bdia("ddim", GAMMA), pair, ts, progress=False)
+    assert torch.equal(back.earlier, samples[0])
+
+
 def test_begin_takes_the_start_of_a_run_on_the_grid_tail(unet):
     """A bdia.sample pair made on grid[3:] carries no start: begin(pair, start_index=3)
     inverts it back to its start (measured 0), as bdia.invert on grid[3:] does. A start_index

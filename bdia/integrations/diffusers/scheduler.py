@@ -883,7 +883,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self, prev: Tensor, evaluation: Evaluation, dtype: torch.dtype, return_dict: bool
     ) -> BDIASchedulerOutput | tuple[Tensor, Tensor]:
         # A copy: a pipeline that edits the returned latents in place must not edit the state.
-        prev_sample = self._hand_out(prev.to(dtype, copy=True))
+        # In the standard layout, which bdia's ODEs hand every model call: the pipeline's unet
+        # then sees the same layout for the same values as an inversion by bdia.invert (an
+        # img2img pipeline's latents of a picture come channels_last from its VAE).
+        prev_sample = self._hand_out(
+            prev.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        )
         assert evaluation.denoised is not None  # a DiffusionODE's evaluations have it
         x0 = evaluation.denoised.to(dtype)
         if not return_dict:
@@ -1261,7 +1266,9 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         self._feed_dtype = dtype or checked.earlier.dtype
         self.start_index = start
         self.timesteps = self.forward_timesteps[start + 1 : last].flip(0)
-        return self._hand_out(self._state.x.to(self._feed_dtype, copy=True))
+        return self._hand_out(
+            self._state.x.to(self._feed_dtype, copy=True, memory_format=torch.contiguous_format)
+        )
 
     def _start_index(self, pair: StatePair, start_index: Any, end: int) -> int:
         """The grid index where the forward run began: ``start_index``, the pair's, or 0;
