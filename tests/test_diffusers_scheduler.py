@@ -399,16 +399,14 @@ def test_img2img_run_inverts_back_to_its_start(tmp_path):
 
 
 def test_an_img2img_run_on_a_picture_inverts_with_bdia_invert_too(tmp_path):
-    """img2img of a PIL picture: its latents come channels_last from the VAE (the pixels are
-    permuted to channels first), and a unet's output can depend on its input's layout. The
+    """img2img of a picture whose pixels were permuted to channels first (as diffusers reads
+    a PIL image): with diffusers 0.42 its latents come channels_last from the VAE, and a
+    unet's output can depend on its input's layout. The
     scheduler hands the pipeline its states in the standard layout, as bdia's ODE hands every
     call, so the pipeline's final pair inverts to the run's start bit for bit both through
     the inverse scheduler's loop and through bdia.invert on from_diffusers' ODE. (Before,
     the pipeline stepped on channels_last latents throughout and bdia.invert came back 5.8e-6
     off.)"""
-    import numpy as np
-    from PIL import Image
-
     parts = _tiny_stable_diffusion(tmp_path).components
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
@@ -421,10 +419,13 @@ def test_an_img2img_run_on_a_picture_inverts_with_bdia_invert_too(tmp_path):
         return step(model_output, timestep, sample, *args, **kwargs)
 
     pipe.scheduler.step = recording_step
-    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    # The picture as channels first, in [0, 1], as a PIL image's array permuted to it is.
+    pixels = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    picture = pixels.permute(0, 3, 1, 2)
     prompt, guidance = "a fox", 7.5
-    _latents(pipe, prompt, guidance, image=Image.fromarray(pixels), strength=0.5)
-    assert not samples[0].is_contiguous()  # the picture's latents, noised
+    _latents(pipe, prompt, guidance, image=picture, strength=0.5)
+    # The picture's latents, noised, are channels_last with diffusers 0.42 (contiguous with
+    # 0.34, where the layouts cannot differ); the scheduler's states never are.
     assert all(x.is_contiguous() for x in samples[1:])
     inverse = _invert_guided(pipe, prompt, guidance, samples[0].dtype)
     assert torch.equal(inverse.pair.earlier, samples[0])

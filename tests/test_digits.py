@@ -146,10 +146,11 @@ def test_conditional_samples_are_classified_as_their_label(net, classifier):
 @pytest.mark.parametrize(
     "state_dtype,tolerance",
     # Two-word states: measured 1.6e-13 (euler) and 2.4e-7 (heun: a float32 high word may round
-    # to the neighbouring value in one direction, see the theory page) in float32, and 1e-30
-    # in float64. Single-word states lose about 1e-2 and 1e-7 here, so 1e-6 and 1e-25 pin the
-    # two-word feature with margin.
-    [(torch.float32, 1e-6), (torch.float64, 1e-25)],
+    # to the neighbouring value in one direction, see the theory page) in float32 with torch
+    # 2.13, 1.2e-6 (heun) with torch 2.8 (.ci/lowest), and 1e-30 in float64. Single-word
+    # states lose about 1e-2 and 1e-7 here, so 1e-5 and 1e-25 pin the two-word feature with
+    # margin.
+    [(torch.float32, 1e-5), (torch.float64, 1e-25)],
 )
 def test_bdia_round_trips_held_out_digits(net, split, base, state_dtype, tolerance):
     images = split.held_out_images[:16]
