@@ -366,47 +366,9 @@ def test_timesteps_outside_the_noise_table_are_refused():
 # ------------------------------------------------------------------ the start of a run
 
 
-def test_img2img_run_inverts_back_to_its_start(tmp_path):
-    """img2img with strength 0.5 runs the last 5 of 10 timesteps. final_pair records where
-    the run began, the inverse stops there, and inverse.pair.earlier is the noised image
-    latents the run started from, exactly (measured 0). Before, the loop ran on over the
-    timesteps the run never took, to an error of 10 at timestep 800."""
-    parts = _tiny_stable_diffusion(tmp_path).components
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=GAMMA)
-    starts = []
-    step = pipe.scheduler.step
-
-    def recording_step(model_output, timestep, sample, *args, **kwargs):
-        if not starts:
-            starts.append(sample.clone())
-        return step(model_output, timestep, sample, *args, **kwargs)
-
-    pipe.scheduler.step = recording_step
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    prompt, guidance = "a fox", 7.5
-    latents = _latents(pipe, prompt, guidance, image=image, strength=0.5)
-    pair = pipe.scheduler.final_pair
-    assert pipe.scheduler.start_index == pair.start_index == STEPS // 2
-    assert torch.equal(pair.later, latents)
-    inverse = _invert_guided(pipe, prompt, guidance, latents.dtype)
-    assert inverse.start_index == STEPS // 2
-    assert len(inverse.timesteps) == STEPS // 2 - 1
-    assert torch.equal(inverse.pair.earlier, starts[0])
-    with pytest.raises(ValueError, match="the inversion is done"):
-        inverse.step(latents, inverse.timesteps[-1], inverse.pair.earlier)
-
-
-def test_an_img2img_run_on_a_picture_inverts_with_bdia_invert_too(tmp_path):
-    """img2img of a picture whose pixels were permuted to channels first (as diffusers reads
-    a PIL image): with diffusers 0.42 its latents come channels_last from the VAE, and a
-    unet's output can depend on its input's layout. The
-    scheduler hands the pipeline its states in the standard layout, as bdia's ODE hands every
-    call, so the pipeline's final pair inverts to the run's start bit for bit both through
-    the inverse scheduler's loop and through bdia.invert on from_diffusers' ODE. (Before,
-    the pipeline stepped on channels_last latents throughout and bdia.invert came back 5.8e-6
-    off.)"""
+def _recorded_img2img(tmp_path):
+    """The tiny StableDiffusionImg2ImgPipeline with BDIAScheduler(gamma=GAMMA), and the list
+    its steps fill with a copy of each sample they are given (in its own layout)."""
     parts = _tiny_stable_diffusion(tmp_path).components
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
@@ -419,6 +381,38 @@ def test_an_img2img_run_on_a_picture_inverts_with_bdia_invert_too(tmp_path):
         return step(model_output, timestep, sample, *args, **kwargs)
 
     pipe.scheduler.step = recording_step
+    return pipe, samples
+
+
+def test_img2img_run_inverts_back_to_its_start(tmp_path):
+    """img2img with strength 0.5 runs the last 5 of 10 timesteps. final_pair records where
+    the run began, the inverse stops there, and inverse.pair.earlier is the noised image
+    latents the run started from, exactly (measured 0). Before, the loop ran on over the
+    timesteps the run never took, to an error of 10 at timestep 800."""
+    pipe, samples = _recorded_img2img(tmp_path)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompt, guidance = "a fox", 7.5
+    latents = _latents(pipe, prompt, guidance, image=image, strength=0.5)
+    pair = pipe.scheduler.final_pair
+    assert pipe.scheduler.start_index == pair.start_index == STEPS // 2
+    assert torch.equal(pair.later, latents)
+    inverse = _invert_guided(pipe, prompt, guidance, latents.dtype)
+    assert inverse.start_index == STEPS // 2
+    assert len(inverse.timesteps) == STEPS // 2 - 1
+    assert torch.equal(inverse.pair.earlier, samples[0])
+    with pytest.raises(ValueError, match="the inversion is done"):
+        inverse.step(latents, inverse.timesteps[-1], inverse.pair.earlier)
+
+
+def test_an_img2img_run_on_a_picture_inverts_with_bdia_invert_too(tmp_path):
+    """img2img of a picture whose pixels were permuted to channels first (as diffusers reads a
+    PIL image): with diffusers 0.42 its latents come channels_last from the VAE, and a
+    unet's output can depend on its input's layout. The scheduler hands the pipeline its
+    states in the standard layout, as bdia's ODE hands every call, so the pipeline's final
+    pair inverts to the run's start bit for bit both through the inverse scheduler's loop
+    and through bdia.invert on from_diffusers' ODE. (Before, the pipeline stepped on
+    channels_last latents throughout and bdia.invert came back 5.8e-6 off.)"""
+    pipe, samples = _recorded_img2img(tmp_path)
     # The picture as channels first, in [0, 1], as a PIL image's array permuted to it is.
     pixels = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
     picture = pixels.permute(0, 3, 1, 2)

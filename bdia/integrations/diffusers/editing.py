@@ -596,8 +596,8 @@ def _check_options(
     device: torch.device,
 ) -> tuple[torch.dtype, BidirectionalWrapper]:
     """The edit rule and output type checked; the state dtype (by default float64, float32
-    on a device without float64) and the BDIA solver (by default over DDIM for a unet or
-    PixArt's transformer, of noise tables, Euler for a flow transformer)."""
+    on a device without float64) and the BDIA solver (by default over DDIM for the networks
+    of a noise table, a unet or PixArt's transformer, and Euler for a flow transformer)."""
     if rule not in EDIT_RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, EDIT_RULES))}, got {rule!r}")
     widest = wide_dtype(device)
@@ -779,7 +779,7 @@ def _probe_cond(
         probe_cond = _flux2_probe_cond(unet_config, guidance)
     if qwen:
         probe_cond = _qwen_probe_cond(unet_config, img_shapes, lengths)
-    if net.kind == "pixart":  # a stand-in prompt of one token, and its sizes where it takes them
+    if net.kind == "pixart":  # stand-in sizes, where it takes them (refused without)
         probe_cond = _pixart_size_cond(net, (1, 1), torch.float32)
     if zimage:  # a stand-in prompt of one token; the CFG options checked as given
         dim = unet_config.get("cap_feat_dim")
