@@ -105,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Wall time with {args.busy} busy-loop processes beside the command on "
             f"{os.cpu_count()} cores (1-minute load average at the end: {load:.2f}). "
-            "`bdia compare` runs its small tensors on one torch thread by default; the test "
-            "suite runs on one thread and starts its child processes with one.",
+            "`bdia compare` runs its small tensors on one torch thread by default"
+            + (
+                "."
+                if suite is None
+                else "; the test suite runs in a worker process per core (pytest-xdist's "
+                "`-n auto`, at most 4), each on one torch thread, and starts its child "
+                "processes with one."
+            ),
             "",
             *rows,
             "",

@@ -42,6 +42,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         seen.add(test)
 
 
+#: The most workers ``-n auto`` starts (see ``pytest_xdist_auto_num_workers``).
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """How many worker processes ``-n auto`` (pyproject's ``addopts``) starts: one per core
+    this process may run on, at most ``MAX_WORKERS``, and none on a single core, where the
+    tests run in this process. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` set: pytest-xdist's own
+    rule, which takes that number.
+
+    Each test runs on one torch thread, so a worker per core is what keeps every core at
+    work. The cap keeps memory in bounds on a machine of many cores: each worker imports
+    torch, diffusers and transformers and builds its own tiny pipelines, 1.5 GiB at its peak
+    (measured on the default run).
+    """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(usable or 1, MAX_WORKERS)
+    return workers if workers > 1 else 0
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> Iterator[None]:
     """Run the suite's small tensors on one intra-op thread, then restore the setting.

@@ -1,4 +1,5 @@
-"""The suite's own rule for tests marked ``first_case_by_default`` (see ``conftest.py``)."""
+"""The suite's own rules (see ``conftest.py``): the tests marked ``first_case_by_default``, and
+how many workers ``-n auto`` starts."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ def test_the_default_run_takes_a_marked_tests_first_case_and_the_slow_pass_the_o
     result.assert_outcomes(passed=len(expected))
     ran = [line.split("::")[1].split()[0] for line in result.outlines if " PASSED" in line]
     assert ran == expected
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 2), (3, 3), (64, 4)])
+def test_auto_starts_a_worker_per_usable_core_up_to_the_cap(monkeypatch, cores, workers):
+    """``-n auto`` (the default run's ``addopts``) takes every core this process may use, at
+    most ``MAX_WORKERS``, and on one core runs the tests in this process (0 workers)."""
+    import conftest
+
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    usable = set(range(cores))
+    monkeypatch.setattr(conftest.os, "sched_getaffinity", lambda pid: usable, raising=False)
+    assert conftest.MAX_WORKERS == 4
+    assert conftest.pytest_xdist_auto_num_workers(None) == workers
+
+
+def test_auto_leaves_an_explicit_worker_count_to_pytest_xdist(monkeypatch):
+    """``PYTEST_XDIST_AUTO_NUM_WORKERS`` is pytest-xdist's own setting for ``-n auto``: the
+    suite's rule then gives no answer (None), so that xdist's hook reads it."""
+    import conftest
+
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
+    assert conftest.pytest_xdist_auto_num_workers(None) is None
