@@ -54,8 +54,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
     Each test runs on one torch thread, so a worker per core is what keeps every core at
     work. The cap keeps memory in bounds on a machine of many cores: each worker imports
-    torch, diffusers and transformers and builds its own tiny pipelines, 1.5 GiB at its peak
-    (measured on the default run).
+    torch, diffusers and transformers and builds its own tiny pipelines (the largest Python
+    process of the default run peaked at 1.5 GiB).
     """
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
