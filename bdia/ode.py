@@ -563,7 +563,9 @@ class DiffusionODE(ODE):
         derivative = None
         if self.prediction == "denoised":
             sigma_bar = sigma / alpha
-            x_bar = x / alpha
+            # Dividing by 1 returns x bit for bit; under EDM's schedule alpha is 1 at every
+            # time, where the division would be one more pass over the state per evaluation.
+            x_bar = x if alpha == 1.0 else x / alpha
             denoised = self._call(self.f, x_bar, self._noise_input(sigma_bar, x), **self.cond)
             eps = (x_bar - denoised) / sigma_bar
         else:
@@ -590,7 +592,8 @@ class DiffusionODE(ODE):
                 derivative = alpha_dot * denoised + sigma_dot * eps
             else:
                 eps_coef = sigma_dot - alpha_dot * sigma / alpha
-                derivative = (
-                    eps_coef * eps if alpha_dot == 0.0 else (alpha_dot / alpha) * x + eps_coef * eps
-                )
+                if alpha_dot != 0.0:
+                    derivative = (alpha_dot / alpha) * x + eps_coef * eps
+                else:  # as above, EDM's (sigma(t) = t) multiplies by 1
+                    derivative = eps if eps_coef == 1.0 else eps_coef * eps
         return Evaluation(t=t, x=x, derivative=derivative, denoised=denoised, eps=eps)

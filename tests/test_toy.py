@@ -101,6 +101,22 @@ def test_mixture_denoiser_far_from_all_components(mixture: GaussianMixture) -> N
     assert rel_err(got, torch.from_numpy(ref)) < 1e-12  # as above
 
 
+def test_a_mixture_evaluated_in_two_dtypes_uses_each_ones_own_parameters() -> None:
+    # The mixture keeps its parameters cast per dtype: a float32 call between two float64
+    # ones must neither see float64 parameters nor leave float32 ones for the next call.
+    gm = GaussianMixture.random(3, 4, seed=8)
+    x_bar, sb = randn(16, 3, seed=9), torch.full((16,), 0.4, dtype=F64)
+    first = gm.denoiser(x_bar, sb)
+    low = gm.denoiser(x_bar.float(), sb.float())
+    again = gm.denoiser(x_bar, sb)
+    assert low.dtype == torch.float32
+    assert torch.equal(again, first)
+    ref = torch.from_numpy(reference_denoiser(gm, x_bar.numpy(), sb.numpy()))
+    assert rel_err(first, ref) < 1e-12  # as above
+    # float32 parameters and arithmetic: a few dozen roundings of 6e-8 each
+    assert 0 < rel_err(low.double(), ref) < 1e-5
+
+
 @pytest.mark.parametrize("sigma_bar", [0.01, 0.1, 0.5, 2.0, 10.0, 80.0])
 def test_mixture_eps_matches_denoiser(mixture: GaussianMixture, sigma_bar: float) -> None:
     x_bar = mixture.sample_data(32, torch.Generator().manual_seed(6)) + sigma_bar * randn(32, 3)

@@ -25,7 +25,9 @@ All states have shape ``(batch, dim)``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,6 +61,25 @@ def _scaled_start(times: list[float], schedule: Schedule) -> float:
     return alpha
 
 
+class _MixtureParams(NamedTuple):
+    """A mixture's parameters cast to one dtype and device, with the ones vectors that sum
+    over its component and feature axes."""
+
+    log_weights: Tensor  # (K,)
+    means: Tensor  # (K, dim)
+    stds: Tensor  # (K,)
+    variances: Tensor  # (K,), std_j^2
+    ones_dim: Tensor  # (dim,)
+    ones_components: Tensor  # (K, 1)
+
+
+# Beside each mixture rather than in it: an ODE's fingerprint reads a plain object's
+# attributes, and a cache filled by the first evaluation would change it.
+_CAST: weakref.WeakKeyDictionary[
+    GaussianMixture, dict[tuple[torch.device, torch.dtype], _MixtureParams]
+] = weakref.WeakKeyDictionary()
+
+
 class GaussianMixture:
     """Data distributed as ``sum_j w_j N(mean_j, std_j^2 I)`` in ``dim`` dimensions.
 
@@ -66,6 +87,9 @@ class GaussianMixture:
         weights: shape ``(K,)``, positive (normalised here).
         means: shape ``(K, dim)``.
         stds: shape ``(K,)``, positive.
+
+    The parameters are fixed once the mixture is made: its evaluations keep them cast to
+    each dtype and device they meet.
     """
 
     def __init__(
@@ -107,27 +131,44 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return (
-            self.weights.to(x.device, x.dtype),
-            self.means.to(x.device, x.dtype),
-            self.stds.to(x.device, x.dtype),
-        )
+    def _params(self, x: Tensor) -> _MixtureParams:
+        """The parameters in ``x``'s dtype on its device, made once per pair: the toy
+        benchmarks evaluate a mixture tens of thousands of times, where casting and
+        squaring them again would be a third of each evaluation's time."""
+        cast = _CAST.setdefault(self, {})
+        key = (x.device, x.dtype)
+        params = cast.get(key)
+        if params is None:
+            w = self.weights.to(x.device, x.dtype)
+            stds = self.stds.to(x.device, x.dtype)
+            params = _MixtureParams(
+                log_weights=torch.log(w),
+                means=self.means.to(x.device, x.dtype),
+                stds=stds,
+                variances=stds**2,
+                ones_dim=x.new_ones(self.dim),
+                ones_components=x.new_ones(len(w), 1),
+            )
+            cast[key] = params
+        return params
 
     # Every evaluation reduces over the tiny component (K) and feature (dim) axes. torch's
     # reduction kernels take tens of microseconds on such axes while a matrix product with a
     # ones vector sums the same terms in a few, and the toy benchmarks make tens of thousands
     # of evaluations; hence the products below instead of sum() and softmax().
 
-    def _responsibilities(self, diff: Tensor, var: Tensor, log_w: Tensor) -> Tensor:
+    def _responsibilities(self, p: _MixtureParams, diff: Tensor, var: Tensor) -> Tensor:
         """Posterior component probabilities, shape ``(batch, K)``.
 
         ``diff`` is ``x_bar - mean_j``, shape ``(batch, K, dim)``; ``var`` is ``(batch, K)``.
         """
-        sq = (diff * diff) @ diff.new_ones(self.dim)
-        logits = log_w[None] - 0.5 * sq / var - 0.5 * self.dim * torch.log(var)
+        sq = (diff * diff) @ p.ones_dim
+        # log w_j - dim/2 log var_j - sq_j / (2 var_j), in two fused calls rather than six
+        logits = torch.addcdiv(
+            torch.add(p.log_weights, torch.log(var), alpha=-0.5 * self.dim), sq, var, value=-0.5
+        )
         weights = torch.exp(logits - logits.amax(-1, keepdim=True))
-        return weights / (weights @ weights.new_ones(weights.shape[-1], 1))
+        return weights / (weights @ p.ones_components)
 
     def denoiser(self, x_bar: Tensor, sigma_bar: Tensor) -> Tensor:
         """The exact ``E[x_0 | x_0 + sigma_bar eps = x_bar]``.
@@ -139,24 +180,25 @@ class GaussianMixture:
         Returns:
             shape ``(batch, dim)``, ``x_bar``'s dtype.
         """
-        w, means, stds = self._params(x_bar)
-        var = stds[None] ** 2 + sigma_bar.to(x_bar.dtype)[:, None] ** 2  # (batch, K)
-        diff = x_bar[:, None, :] - means[None]  # (batch, K, dim)
-        r = self._responsibilities(diff, var, torch.log(w))
-        shrink = (stds[None] ** 2 / var)[..., None]  # (batch, K, 1)
-        per_component = means[None] + shrink * diff
-        return (r[:, None, :] @ per_component).squeeze(1)
+        p = self._params(x_bar)
+        sb = sigma_bar.to(x_bar.dtype).unsqueeze(1)
+        var = torch.addcmul(p.variances, sb, sb)  # (batch, K)
+        diff = x_bar.unsqueeze(1) - p.means  # (batch, K, dim)
+        r = self._responsibilities(p, diff, var)
+        shrink = (p.variances / var).unsqueeze(2)  # (batch, K, 1)
+        per_component = p.means + shrink * diff
+        return (r.unsqueeze(1) @ per_component).squeeze(1)
 
     def eps(self, x_bar: Tensor, sigma_bar: Tensor) -> Tensor:
         """``dx_bar / dsigma_bar = sum_j r_j (x_bar - mean_j) sigma_bar / (std_j^2 + sigma_bar^2)``.
 
         Equal to ``(x_bar - D) / sigma_bar`` and finite at sigma_bar = 0.
         """
-        w, means, stds = self._params(x_bar)
+        p = self._params(x_bar)
         sb = sigma_bar.to(x_bar.dtype)[:, None]
-        var = stds[None] ** 2 + sb**2
-        diff = x_bar[:, None, :] - means[None]
-        r = self._responsibilities(diff, var, torch.log(w))
+        var = torch.addcmul(p.variances, sb, sb)
+        diff = x_bar[:, None, :] - p.means
+        r = self._responsibilities(p, diff, var)
         return ((r * sb / var)[:, None, :] @ diff).squeeze(1)
 
     def ode(self, schedule: Schedule | None = None, **kwargs: object) -> DiffusionODE:
@@ -178,14 +220,14 @@ class GaussianMixture:
         Returns:
             shape ``(batch, dim)``, ``x``'s dtype.
         """
-        w, means, stds = self._params(x)
+        p = self._params(x)
         t = t.to(x.dtype)[:, None]  # (batch, 1)
         alpha = 1.0 - t
-        var = (alpha * stds[None]) ** 2 + t**2  # (batch, K)
-        diff = x[:, None, :] - alpha[..., None] * means[None]  # (batch, K, dim)
-        r = self._responsibilities(diff, var, torch.log(w))
-        gain = (t - alpha * stds[None] ** 2) / var  # (batch, K)
-        return ((r * gain)[:, None, :] @ diff).squeeze(1) - r @ means
+        var = (alpha * p.stds[None]) ** 2 + t**2  # (batch, K)
+        diff = x[:, None, :] - alpha[..., None] * p.means[None]  # (batch, K, dim)
+        r = self._responsibilities(p, diff, var)
+        gain = (t - alpha * p.variances[None]) / var  # (batch, K)
+        return ((r * gain)[:, None, :] @ diff).squeeze(1) - r @ p.means
 
     def flow_ode(self, **kwargs: object) -> DiffusionODE:
         """The flow-matching ODE ``dx/dt = flow_velocity(x, t)`` under ``RectifiedFlow``."""

@@ -92,10 +92,11 @@ class _Memory:
 def _relative_rms(part: Tensor, state: Tensor) -> Tensor:
     """rms(part) / rms(state) as a 0-dim float32 tensor (0 for a zero state), computed in
     float64 (float32 on a device without it)."""
+    # part and state have one shape, so the ratio of their 2-norms is that of their rms
     wide = wide_dtype(state.device)
-    num = part.to(wide).square().mean().sqrt()
-    den = state.to(wide).square().mean().sqrt()
-    return torch.where(den > 0, num / den, torch.zeros_like(num)).float()
+    num = torch.linalg.vector_norm(part, dtype=wide)
+    den = torch.linalg.vector_norm(state, dtype=wide)
+    return torch.where(den > 0, num / den, 0.0).float()
 
 
 def forward_update(
