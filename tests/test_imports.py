@@ -142,9 +142,12 @@ def test_the_package_has_no_import_cycle():
 
 
 @pytest.mark.slow  # another process: its start costs seconds on busy cores
-def test_import_bdia_leaves_optional_heavy_packages_alone():
-    heavy = ("diffusers", "matplotlib", "transformers")
-    code = f"import sys, bdia; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+@pytest.mark.parametrize("module", ["bdia", "bdia.cli"])
+def test_import_bdia_leaves_optional_heavy_packages_alone(module):
+    # scipy (through torchdiffeq, for the toy references and FID's matrix square root) costs
+    # half a second to import, which the command line would pay at every command
+    heavy = ("diffusers", "matplotlib", "scipy", "torchdiffeq", "transformers")
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     proc = run_child(["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout

@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint as _dopri
 
 from ..ode import ODE, DiffusionODE
 from ..schedules import EDM, RectifiedFlow, Schedule
@@ -44,6 +43,15 @@ __all__ = [
     "Logistic",
     "TimeDependentRiccati",
 ]
+
+
+def _dopri(*args: object, **kwargs: object) -> Tensor:
+    """torchdiffeq's ``odeint``, imported when a reference is first integrated: it imports
+    scipy.integrate (half a second), which every ``bdia`` command would pay otherwise, since
+    the command line loads this module for ``bdia compare``."""
+    from torchdiffeq import odeint
+
+    return odeint(*args, **kwargs)
 
 
 def _grid_floats(ts: Tensor | Sequence[float]) -> list[float]:
