@@ -117,6 +117,39 @@ def test_a_mixture_evaluated_in_two_dtypes_uses_each_ones_own_parameters() -> No
     assert 0 < rel_err(low.double(), ref) < 1e-5
 
 
+def test_a_mixture_first_evaluated_in_inference_mode_still_serves_autograd() -> None:
+    # bdia compare evaluates under torch.inference_mode(); the parameters it leaves cast must
+    # be plain tensors that a later recorded run can save for its backward pass.
+    gm, fresh = GaussianMixture.random(3, 4, seed=8), GaussianMixture.random(3, 4, seed=8)
+    x_bar, sb = randn(16, 3, seed=9), torch.full((16,), 0.4, dtype=F64)
+    with torch.inference_mode():
+        gm.denoiser(randn(16, 3, seed=10), sb)
+    grads = []
+    for mixture in (gm, fresh):
+        x = x_bar.clone().requires_grad_()
+        mixture.denoiser(x, sb).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_gradients_reach_mixture_parameters_that_require_them() -> None:
+    gm = GaussianMixture.random(3, 4, seed=8)
+    gm.stds.requires_grad_()
+    x_bar, sb = randn(16, 3, seed=9), torch.full((16,), 0.4, dtype=F64)
+    for _ in range(2):  # the second call squares the stds again, not in the first's graph
+        gm.denoiser(x_bar, sb).sum().backward()
+    h = 1e-6
+    with torch.no_grad():
+        shifted = [GaussianMixture(gm.weights, gm.means, gm.stds.clone()) for _ in range(2)]
+        shifted[0].stds[1] += h
+        shifted[1].stds[1] -= h
+        ends = [mixture.denoiser(x_bar, sb).sum() for mixture in shifted]
+        slope = float(ends[0] - ends[1]) / (2 * h)
+    # a central difference in float64 with h = 1e-6: truncation ~h^2 and rounding ~1e-16 / h,
+    # both far below 1e-7 of a slope of order 1; two calls accumulate twice the gradient
+    assert float(gm.stds.grad[1]) == pytest.approx(2 * slope, rel=1e-7)
+
+
 @pytest.mark.parametrize("sigma_bar", [0.01, 0.1, 0.5, 2.0, 10.0, 80.0])
 def test_mixture_eps_matches_denoiser(mixture: GaussianMixture, sigma_bar: float) -> None:
     x_bar = mixture.sample_data(32, torch.Generator().manual_seed(6)) + sigma_bar * randn(32, 3)

@@ -140,25 +140,35 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def _params(self, x: Tensor) -> _MixtureParams:
-        """The parameters in ``x``'s dtype on its device, made once per pair: the toy
-        benchmarks evaluate a mixture tens of thousands of times, where casting and
-        squaring them again would be a third of each evaluation's time."""
+        """The parameters in ``x``'s dtype on its device, made once for each dtype and
+        device: the toy benchmarks evaluate a mixture tens of thousands of times, where
+        casting and squaring them again would be a third of each evaluation's time.
+
+        Parameters that require grad are cast at every call, so that gradients reach them.
+        The kept ones are made outside inference mode: made in ``compare``'s
+        ``torch.inference_mode()``, they could not enter a later run that autograd records.
+        """
+        if any(p.requires_grad for p in (self.weights, self.means, self.stds)):
+            return self._cast_params(x)
         cast = _CAST.setdefault(self, {})
         key = (x.device, x.dtype)
         params = cast.get(key)
         if params is None:
-            w = self.weights.to(x.device, x.dtype)
-            stds = self.stds.to(x.device, x.dtype)
-            params = _MixtureParams(
-                log_weights=torch.log(w),
-                means=self.means.to(x.device, x.dtype),
-                stds=stds,
-                variances=stds**2,
-                ones_dim=x.new_ones(self.dim),
-                ones_components=x.new_ones(len(w), 1),
-            )
-            cast[key] = params
+            with torch.inference_mode(False):
+                params = cast[key] = self._cast_params(x)
         return params
+
+    def _cast_params(self, x: Tensor) -> _MixtureParams:
+        w = self.weights.to(x.device, x.dtype)
+        stds = self.stds.to(x.device, x.dtype)
+        return _MixtureParams(
+            log_weights=torch.log(w),
+            means=self.means.to(x.device, x.dtype),
+            stds=stds,
+            variances=stds**2,
+            ones_dim=torch.ones(self.dim, dtype=x.dtype, device=x.device),
+            ones_components=torch.ones(len(w), 1, dtype=x.dtype, device=x.device),
+        )
 
     # Every evaluation reduces over the tiny component (K) and feature (dim) axes. torch's
     # reduction kernels take tens of microseconds on such axes while a matrix product with a
