@@ -270,12 +270,43 @@ class ODE:
 _FINGERPRINT_ENTRIES = 16
 
 
-def _digest_tensor(h: Any, value: Tensor, sampled: bool) -> None:
-    flat = value.detach().reshape(-1)
+def _entry_bytes(value: Tensor, sampled: bool) -> list[Tensor]:
+    """The entries of ``value`` a digest reads (all, or the leading and trailing
+    ``_FINGERPRINT_ENTRIES`` where ``sampled``), as byte views on its device."""
+    flat = value.detach().reshape(-1)  # a view where it can be, with any stride (0 too)
     if sampled and flat.numel() > 2 * _FINGERPRINT_ENTRIES:
-        flat = torch.cat([flat[:_FINGERPRINT_ENTRIES], flat[-_FINGERPRINT_ENTRIES:]])
+        parts = [flat[:_FINGERPRINT_ENTRIES], flat[-_FINGERPRINT_ENTRIES:]]
+    else:
+        parts = [flat]
+    return [part.contiguous().view(torch.uint8) for part in parts]
+
+
+def _host_bytes(tensors: list[Tensor], sampled: bool) -> list[bytes]:
+    """Each tensor's digested entries as bytes, in order, with one copy to the host per
+    device: a network's hundreds of parameters copied one by one would each make the host
+    wait for a GPU."""
+    parts = [_entry_bytes(t, sampled) for t in tensors]
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for part in parts:
+        by_device.setdefault(part[0].device, []).extend(part)
+    host = {
+        device: memoryview(torch.cat(views).cpu().numpy().tobytes())
+        for device, views in by_device.items()
+    }
+    offsets = dict.fromkeys(host, 0)
+    out = []
+    for part in parts:
+        device, size = part[0].device, sum(view.numel() for view in part)
+        start = offsets[device]
+        out.append(bytes(host[device][start : start + size]))
+        offsets[device] = start + size
+    return out
+
+
+def _digest_tensor(h: Any, value: Tensor, sampled: bool) -> None:
     h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-    h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    (data,) = _host_bytes([value], sampled)
+    h.update(data)
 
 
 def _digest_function(h: Any, fn: types.FunctionType, depth: int, path: set[int]) -> None:
@@ -351,10 +382,16 @@ def _digest(h: Any, value: Any, depth: int = 0, path: set[int] | None = None) ->
     try:
         if isinstance(value, torch.nn.Module):
             h.update(f"M{type(value).__qualname__}".encode())
-            for kind, named in (("p", value.named_parameters()), ("b", value.named_buffers())):
-                for name, tensor in named:
-                    h.update(f"{kind}{name}".encode())
-                    _digest_tensor(h, tensor, sampled=True)
+            named = [
+                (f"{kind}{name}", tensor)
+                for kind, items in (("p", value.named_parameters()), ("b", value.named_buffers()))
+                for name, tensor in items
+            ]
+            entries = _host_bytes([tensor for _, tensor in named], sampled=True)
+            for (label, tensor), data in zip(named, entries, strict=True):
+                h.update(label.encode())
+                h.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+                h.update(data)
             _digest_module_state(h, value, depth, path)
         elif isinstance(value, ODE):
             # Its own digest, which leaves out what changes as it runs (the call counter).

@@ -355,6 +355,41 @@ def test_fingerprint_reads_what_a_module_reports_and_no_other_attribute() -> Non
     assert bdia.DiffusionODE(silent(0.5)).fingerprint() == plain
 
 
+def _mixed_module() -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))
+    with torch.no_grad():  # values of their own, not those of torch's initialisation
+        for p in net.parameters():
+            p.copy_(torch.linspace(-1.0, 1.0, p.numel()).reshape(p.shape))
+    net[2].half()  # parameters of two dtypes
+    net.register_buffer("mask", torch.arange(40) % 3 == 0)  # bool, over 32 entries: sampled
+    net.register_buffer("small", torch.tensor([1.5, -2.0]))  # under 32 entries: whole
+    net.register_buffer("broadcast", torch.ones(1).expand(40))  # a view of stride 0
+    return net
+
+
+def test_fingerprints_stored_with_latents_stay_what_they_were() -> None:
+    """A fingerprint is stored with saved latents and compared in later processes and
+    versions, so how a module's tensors are read must not change its digest. These two were
+    computed when each parameter was copied to the host on its own; they are now copied
+    together, one copy per device."""
+    net = _mixed_module()
+    assert bdia.ODE(lambda t, x: net(x)).fingerprint() == "978c744bd3ce454b"
+    assert bdia.DiffusionODE(net, bdia.EDM()).fingerprint() == "1df9193f226c7dda"
+
+
+def test_a_modules_tensors_are_read_back_in_order_each_its_own_bytes() -> None:
+    from bdia.ode import _host_bytes
+
+    tensors = list(_mixed_module().state_dict().values()) + [torch.zeros(0), torch.tensor(3)]
+    one_by_one = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.numel() > 32:
+            flat = torch.cat([flat[:16], flat[-16:]])
+        one_by_one.append(flat.contiguous().view(torch.uint8).numpy().tobytes())
+    assert _host_bytes(tensors, sampled=True) == one_by_one
+
+
 def test_fingerprint_follows_the_tensors_a_function_names(monkeypatch) -> None:
     before = bdia.DiffusionODE(scaled_by_global).fingerprint()
     monkeypatch.setattr(sys.modules[__name__], "MATRIX", 2.0 * MATRIX)
