@@ -219,10 +219,10 @@ def report(result: dict[str, Any], command: str) -> str:
         f"{_signed(beyond_checks(result))} (negative: fewer than the loop).",
         "",
         "A run that makes or continues a pair (`return_pair=True`, `invert`) also takes the "
-        "ODE's fingerprint: a `cat` of the first and last entries of each of the network's "
-        "parameters (counted above) and its copy to the host, which is no operation on the "
-        "CPU and not counted here, but on a GPU a copy per parameter that the host waits for "
-        "([fingerprint.md](fingerprint.md) times a fingerprint).",
+        "ODE's fingerprint: one `cat` of the first and last entries of all the network's "
+        "parameters and buffers (counted above), and its copy to the host, which is no "
+        "operation on the CPU and not counted here, but on a GPU one copy that the host "
+        "waits for ([fingerprint.md](fingerprint.md) times a fingerprint).",
         "",
         f"Written by `{command}`.",
         "",
