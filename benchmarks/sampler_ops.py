@@ -71,9 +71,10 @@ class OperationCount(TorchDispatchMode):
 
 
 class CountedNetwork(torch.nn.Module):
-    """``net``, whose calls the active ``OperationCount`` (``counter``) leaves out."""
+    """``net`` (a module or any callable), whose calls the active ``OperationCount``
+    (``counter``) leaves out."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: Callable[..., torch.Tensor]) -> None:
         super().__init__()
         self.net = net
         self.counter: OperationCount | None = None

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 import bdia
 from bdia.models import toy
@@ -114,49 +115,21 @@ def test_heun_on_edm_grid_is_edms_sampler_with_35_nfe():
     assert rel(out, ref) < 1e-13
 
 
-def _operations_besides(network, fn) -> collections.Counter:
-    """The torch operations ``fn()`` makes outside calls of ``network`` (views left out)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    views = {"view", "unsqueeze", "squeeze", "expand", "as_strided", "alias", "detach"}
-    made: collections.Counter = collections.Counter()
-    depth = 0
-
-    def counted(*args, **kwargs):
-        nonlocal depth
-        depth += 1
-        try:
-            return network(*args, **kwargs)
-        finally:
-            depth -= 1
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if depth == 0 and name not in views:
-                made[name] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fn(counted)
-    return made
-
-
 @pytest.mark.parametrize("sigma", [80.0, 0.5, 0.002])
 def test_an_evaluation_under_edm_makes_only_edms_own_operations(sigma):
     """EDM's sampler forms d = (x - D(x, sigma)) / sigma: besides the network, a (batch,)
     sigma tensor, a subtraction and a division. The library's evaluation under EDM() makes
     those and no more: alpha = 1 and sigma'(t) = 1 there, and dividing or multiplying the
     state by them would be a pass over it per evaluation (on a GPU, a kernel each)."""
+    ops = benchmark_module("sampler_ops")
     x = sigma * X
-
-    def evaluate(network):
-        return bdia.DiffusionODE(network, bdia.EDM()).evaluate(sigma, x).derivative
-
-    made = _operations_besides(MIXTURE.denoiser, evaluate)
+    network = ops.CountedNetwork(MIXTURE.denoiser)
+    ode = bdia.DiffusionODE(network, bdia.EDM())
+    made = ops.count(network, lambda: ode.evaluate(sigma, x))
     assert made == collections.Counter({"full": 1, "sub": 1, "div": 1}), made
     expected = (x - MIXTURE.denoiser(x, torch.full((16,), sigma, dtype=x.dtype))) / sigma
-    assert torch.equal(evaluate(MIXTURE.denoiser), expected)  # the same operations, the same bits
+    # the same operations, the same bits
+    assert torch.equal(ode.evaluate(sigma, x).derivative, expected)
 
 
 # ---------------------------------------------------------------- gamma = 0
