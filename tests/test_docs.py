@@ -285,6 +285,14 @@ if not pathlib.Path("qwen_image").is_dir():
     tiny_qwen_image_pipeline().save_pretrained("qwen_image")
 """
 
+# A tiny random Sana pipeline in diffusers' layout ("sana"): no text encoder or tokenizer.
+_SANA_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_sana_pipeline
+if not pathlib.Path("sana").is_dir():
+    tiny_sana_pipeline().save_pretrained("sana")
+"""
+
 # A tiny random Z-Image pipeline in diffusers' layout ("z_image"): no text encoder.
 _Z_IMAGE_FOLDER = """
 import pathlib
@@ -437,6 +445,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): _FLUX_KONTEXT_FOLDER,
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _Z_IMAGE_FOLDER,
+    ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _SANA_FOLDER,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
     # edit_image's Z-Image example: the tiny folder and a cat.png.
     ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): (
@@ -754,6 +763,22 @@ LOCAL = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): [
         ('"/models/FLUX.1-Kontext-dev"', '"flux_kontext"'),
     ],
+    ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): [
+        ('"/models/Sana_1600M_1024px_BF16_diffusers"', '"sana"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("height = width = 1024", "height = width = 32"),
+        (
+            "torch_dtype=torch.bfloat16)",
+            "text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16)",
+        ),
+        (
+            """pipe.encode_prompt(
+        "a watercolour fox in the snow", device=device,
+        complex_human_instruction=instruction.default)""",
+            "(torch.randn(1, 5, 16, dtype=torch.bfloat16), torch.tensor([[1, 1, 1, 0, 0]]),"
+            " torch.randn(1, 5, 16, dtype=torch.bfloat16), torch.ones(1, 5, dtype=torch.long))",
+        ),
+    ],
     ("docs/diffusers.md", '"/models/stable-diffusion-inpainting"'): [
         ('"/models/stable-diffusion-inpainting"', '"inpaint"'),
         ('"cuda"', '"cpu"'),
@@ -981,6 +1006,23 @@ def _z_image_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _sana_inverted(ns):
+    # "the flow-matching scheduler of the shift of Sana's DPM-Solver (3.0)", "21 times, from 1
+    # to 0", SanaPipeline's guidance 4.5 with the negative prompt's own mask, the instructions
+    # read from the signature, and "back.earlier is noise, to rounding": the float32 state's
+    # two words invert the bfloat16 transformer's steps exactly (measured: 0).
+    ts, noise, ode = ns["ts"], ns["noise"], ns["ode"]
+    assert ns["scheduler"].config.shift == 3.0
+    assert len(ts) == 21 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    assert noise.shape == (1, 4, 8, 8) and ode.model_dtype == torch.bfloat16
+    assert ode.cond["guidance_scale"] == 4.5
+    assert ode.cond["negative_cond"]["encoder_attention_mask"].shape == (1, 5)
+    default = ns["instruction"].default
+    assert isinstance(default, list) and all(isinstance(line, str) for line in default)
+    assert ns["image"].shape == (1, 3, 32, 32)
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _flux2_inverted(ns):
     # Flux.2's packed latents "(1, 4096, 128)" (here (1, 16, 16)) under FLUX.2-dev's embedded
     # guidance 4 in the bfloat16 transformer, and "back.earlier is noise, to rounding": the
@@ -1118,6 +1160,7 @@ AFTER = {
     ("docs/diffusers.md", "# and mu=..., as the run had it"): _sd3_scheduler_inverted,
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _z_image_inverted,
+    ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _sana_inverted,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
     ("docs/diffusers.md", '"/models/PixArt-Sigma-XL-2-1024-MS"'): _pixart_inverted,
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _flux2_inverted,
@@ -1143,6 +1186,8 @@ AFTER = {
 # block defines nothing that a later block of its page uses. Qwen-Image's pipelines import
 # transformers' Qwen2.5-VL text encoder, which transformers 4.49 and newer have.
 _QWEN_IMAGE_NEEDS = (("diffusers", (0, 35)), ("transformers", (4, 49)))
+# SanaPipeline imports transformers' Gemma 2, which 4.42 and newer have.
+_SANA_NEEDS = (("transformers", (4, 42)),)
 NEWER = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): (("diffusers", (0, 35)),),
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): (("diffusers", (0, 36)),),
@@ -1150,6 +1195,7 @@ NEWER = {
         ("diffusers", (0, 38)),
     ),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
+    ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _SANA_NEEDS,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _QWEN_IMAGE_NEEDS,

@@ -65,9 +65,10 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 # StableDiffusion3Pipeline calls it, Flux's as FluxPipeline does, Chroma's, Flux's
 # transformer without pooled embeddings or guidance embedding, as ChromaPipeline does (on
 # Flux's packed latents, ids and timestep, with an attention mask), Qwen-Image's as
-# QwenImagePipeline does, Z-Image's as ZImagePipeline does, and Flux.2's as Flux2Pipeline
+# QwenImagePipeline does, Z-Image's as ZImagePipeline does, Flux.2's as Flux2Pipeline
 # and Flux2KleinPipeline do (Flux's call on packed latents, with 4-axis ids and no pooled
-# embeddings).
+# embeddings), and Sana's as SanaPipeline does (SD3's call, the timestep times the config's
+# timestep_scale).
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _SD3_MODELS = ("SD3Transformer2DModel",)
 _CHROMA_MODELS = ("ChromaTransformer2DModel",)
@@ -75,7 +76,8 @@ _FLUX2_MODELS = ("Flux2Transformer2DModel",)
 _FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS + _FLUX2_MODELS
 _QWEN_IMAGE_MODELS = ("QwenImageTransformer2DModel",)
 _Z_IMAGE_MODELS = ("ZImageTransformer2DModel",)
-_FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS
+_SANA_MODELS = ("SanaTransformer2DModel",)
+_FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS + _SANA_MODELS
 # PixArt-alpha's and PixArt-Sigma's transformer, a noise-table model called as their pipelines
 # call it: the latents positionally, the timestep by keyword (its second positional argument
 # is encoder_hidden_states).
@@ -212,18 +214,29 @@ def _check_schedule_config(scheduler: Any, space: str) -> None:
             "unet at 0.25 log(sigma), which is EDM's convention; use space='edm'"
         )
     if cfg.get("use_flow_sigmas", False):
-        raise ValueError(
-            "use_flow_sigmas = True in the scheduler config is a flow-matching schedule that "
-            "calls the transformer at the integer part of sigma N, not at sigma N as the flow "
-            "ODE does, so no bdia run is the scheduler's; bdia's diffusers adapter does not "
-            "support it"
-        )
+        raise _flow_sigmas_refusal(type(scheduler).__name__, cfg)
     final = cfg.get("final_sigmas_type", "zero")
     if final not in ("zero", "sigma_min"):
         raise ValueError(
             f"final_sigmas_type = {final!r} in the scheduler config is unknown; use 'zero' or "
             "'sigma_min'"
         )
+
+
+def _flow_sigmas_refusal(name: str, cfg: Mapping[str, Any]) -> ValueError:
+    """The refusal of the ``use_flow_sigmas`` config ``cfg`` of the scheduler class ``name``
+    (Sana's DPM-Solver, Wan's UniPC), naming the flow-matching scheduler that bdia maps in its
+    place."""
+    shift = cfg.get("flow_shift", 1.0)
+    n = cfg.get("num_train_timesteps", 1000)
+    return ValueError(
+        f"use_flow_sigmas = True in the {name} config is a flow-matching "
+        "schedule that calls the transformer at the integer part of sigma N, not at sigma N "
+        "as the flow ODE does, so no bdia run is that scheduler's; give its transformer the "
+        f"flow-matching scheduler of the same shift instead: FlowMatchEulerDiscreteScheduler("
+        f"shift={shift!r}, num_train_timesteps={n!r}) (for the pipeline, "
+        "BDIAScheduler.from_config(that scheduler's config, gamma=...))"
+    )
 
 
 def _check_flow_config(scheduler: Any) -> None:
@@ -252,19 +265,23 @@ def _check_flow_config(scheduler: Any) -> None:
 
 def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
     """Refuse a network that does not go with the scheduler: a UNet (or another diffusers
-    model than SD3's, Flux's, Qwen-Image's or Z-Image's transformer) with a flow-matching
-    scheduler, one of those transformers with a noise table or an EDM-preconditioned
-    scheduler. A plain callable is taken as it is documented."""
+    model than SD3's, Flux's, Qwen-Image's, Z-Image's or Sana's transformer) with a
+    flow-matching scheduler, one of those transformers with a noise table (its
+    ``use_flow_sigmas`` config too) or an EDM-preconditioned scheduler. A plain callable is
+    taken as it is documented."""
     names = _class_names(model)
     name, scheduler_name = type(model).__name__, type(scheduler).__name__
     flow_model = any(n in _FLOW_MODELS for n in names)
     if space != "flow":
+        if flow_model and scheduler.config.get("use_flow_sigmas", False):
+            raise _flow_sigmas_refusal(scheduler_name, scheduler.config)
         if flow_model:
             kind = "an EDM-preconditioned" if _is_preconditioned(scheduler) else "a noise-table"
             raise ValueError(
                 f"{name} is a flow-matching model (it predicts the velocity eps - x0 at timestep "
                 f"sigma N), but {scheduler_name} is {kind} scheduler; give it the "
-                "FlowMatchEulerDiscreteScheduler it was trained with (the pipeline's scheduler)"
+                "FlowMatchEulerDiscreteScheduler it was trained with (the pipeline's scheduler; "
+                "for Sana's DPM-Solver of flow sigmas, one of its flow_shift)"
             )
         return
     if flow_model:
@@ -274,16 +291,17 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
             f"a {name} with {scheduler_name}: a UNet is a diffusion model of a noise table, "
             "not a flow-matching model; give it its own scheduler (DDIM, Euler, DPM-Solver, "
             "...), or use the flow-matching scheduler with SD3Transformer2DModel, "
-            "FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel or "
-            "ZImageTransformer2DModel"
+            "FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel, "
+            "ZImageTransformer2DModel or SanaTransformer2DModel"
         )
     if isinstance(model, diffusers.ModelMixin):
         raise ValueError(
             f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
             "SD3Transformer2DModel (Stable Diffusion 3 and 3.5), FluxTransformer2DModel "
             "(Flux.1), ChromaTransformer2DModel, Flux2Transformer2DModel (Flux.2), "
-            "QwenImageTransformer2DModel (Qwen-Image) and ZImageTransformer2DModel (Z-Image) "
-            "with a flow-matching scheduler, and does not know how this model is called"
+            "QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image) "
+            "and SanaTransformer2DModel (Sana) with a flow-matching scheduler, and does not "
+            "know how this model is called"
         )
 
 
@@ -329,6 +347,10 @@ def _is_qwen_image(model: Any) -> bool:
 
 def _is_z_image(model: Any) -> bool:
     return any(n in _Z_IMAGE_MODELS for n in _class_names(model))
+
+
+def _is_sana(model: Any) -> bool:
+    return any(n in _SANA_MODELS for n in _class_names(model))
 
 
 def _is_pixart(model: Any) -> bool:

@@ -179,6 +179,7 @@ from ._scheduler_config import (
     _is_pixart,
     _is_preconditioned,
     _is_qwen_image,
+    _is_sana,
     _is_z_image,
     _schedule,
     _scheduler,
@@ -256,7 +257,8 @@ class DiffusersModel(torch.nn.Module):
             ``PixArtTransformer2DModel`` as ``unet(sample, timestep=tau, return_dict=False,
             **kwargs)``, as PixArt's pipelines call it; in ``"flow"`` space
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` (SD3's
-            transformer; Flux's with ``flux``).
+            transformer; Sana's, at ``tau`` times its config's ``timestep_scale``, as
+            ``SanaPipeline`` calls it; Flux's with ``flux``).
         alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
             space and with ``sigma_data``, which have none.
         space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
@@ -379,6 +381,14 @@ class DiffusersModel(torch.nn.Module):
         # PixArt's transformer takes its timestep by keyword: its second positional argument
         # is encoder_hidden_states.
         self._pixart = space != "flow" and _is_pixart(unet)
+        # SanaPipeline multiplies the scheduler's timestep by the transformer's timestep_scale.
+        self._sana = space == "flow" and _is_sana(unet)
+        if self._sana and (flux or qwen_image or z_image or controlnet is not None):
+            raise ValueError(
+                "a SanaTransformer2DModel is called as SanaPipeline calls it: no flux, "
+                "qwen_image, z_image or controlnet"
+            )
+        self._timestep_scale = float(unet.config.get("timestep_scale", 1.0)) if self._sana else 1.0
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -684,6 +694,9 @@ class DiffusersModel(torch.nn.Module):
                 # float32 t = sigma N, cast to the latents' dtype first:
                 # t.expand(batch).to(latents.dtype) / 1000.
                 tau = tau.to(x.dtype) / _FLUX_TIMESTEP_DIVISOR
+            elif self._sana:
+                # SanaPipeline's t.expand(batch) * transformer.config.timestep_scale.
+                tau = tau * self._timestep_scale
             tau = values_on(tau, tau.dtype, tau_device)
             if self.space == "edm":
                 scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
@@ -1123,6 +1136,46 @@ def _check_qwen_image_parts(**given: Any) -> None:
             )
 
 
+# The keyword arguments SanaPipeline gives Sana's transformer beside the latents and timestep.
+_SANA_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "attention_kwargs")
+
+
+def _check_sana(unet: Any, cond: Mapping[str, Any], extras: Mapping[str, Any]) -> None:
+    """Refuse, in one line and before any call, what SanaPipeline does not give Sana's
+    transformer: other pipelines' inputs (a controlnet, inpainting or reference latents),
+    keys beside the prompt's embeddings, their mask and ``attention_kwargs``; and a
+    transformer that embeds a guidance scale (SANA-Sprint's, which SanaSprintPipeline samples
+    with a consistency model's scheduler, not an ODE)."""
+    given = [k for k, v in extras.items() if v is not None]
+    if given:
+        raise ValueError(
+            f"{given[0]} was given for a SanaTransformer2DModel, which SanaPipeline calls on "
+            "the latents alone (no controlnet, inpainting or reference inputs); leave it out"
+        )
+    config = getattr(unet, "config", None)
+    if isinstance(config, Mapping) and config.get("guidance_embeds", False):
+        raise ValueError(
+            "this SanaTransformer2DModel embeds a guidance scale (guidance_embeds = True, as "
+            "SANA-Sprint's), which SanaSprintPipeline samples with SCMScheduler, a consistency "
+            "model's few steps and no ODE; bdia maps Sana's text-to-image transformers "
+            "(guidance_embeds = False), called as SanaPipeline calls them"
+        )
+    # negative_cond's keys are cond's (_check_cond refuses others), so cond's are checked.
+    unknown = [k for k in cond if k not in _SANA_KEYS]
+    if unknown:
+        raise ValueError(
+            f"cond key {unknown[0]!r} is not an argument SanaPipeline gives "
+            "SanaTransformer2DModel; give encoder_hidden_states (the prompt embeddings, "
+            "(batch or 1, L, caption_channels)), encoder_attention_mask ((batch or 1, L), 1 "
+            "for the prompt's tokens) and attention_kwargs alone"
+        )
+    if "encoder_hidden_states" not in cond:
+        raise ValueError(
+            "a SanaTransformer2DModel needs the prompt: give encoder_hidden_states and "
+            "encoder_attention_mask, as SanaPipeline.encode_prompt returns them"
+        )
+
+
 def _check_pixart_cond(
     unet: Any, cond: dict[str, Any], extras: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -1171,7 +1224,8 @@ def from_diffusers(
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
-    or the flow-matching ODE of Stable Diffusion 3's, Flux's or Qwen-Image's transformer.
+    or the flow-matching ODE of Stable Diffusion 3's, Flux's, Qwen-Image's or Sana's
+    transformer.
 
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``, PixArt's
@@ -1182,9 +1236,12 @@ def from_diffusers(
             micro-conditions needs them given), or any module called as
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
             with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``, a
-            ``FluxTransformer2DModel``, a ``ChromaTransformer2DModel`` or a
-            ``QwenImageTransformer2DModel``
-            (``pipe.transformer``), or any module called as
+            ``FluxTransformer2DModel``, a ``ChromaTransformer2DModel``, a
+            ``QwenImageTransformer2DModel`` or a ``SanaTransformer2DModel`` (called as
+            ``SanaPipeline`` calls it: its timestep times the config's ``timestep_scale``, the
+            learned variance's half of its output dropped where ``out_channels`` is twice
+            ``in_channels``; cond ``encoder_hidden_states``, ``encoder_attention_mask`` and
+            ``attention_kwargs`` only) (``pipe.transformer``), or any module called as
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` that returns
             the velocity ``eps - x0``. With an EDM-preconditioned scheduler, the raw network
             ``F`` of the denoiser, called as ``StableDiffusionXLPipeline`` calls it with that
@@ -1507,8 +1564,14 @@ def from_diffusers(
             (unless twice as many with the scheduler's variance_type 'learned' or
             'learned_range'); guidance_scale without negative_cond; a scheduler of unknown
             class without ``space=``. With a flow-matching scheduler: invert_sigmas or
-            stochastic_sampling set; a UNet or another diffusers model than SD3's, Flux's or
-            Qwen-Image's transformer; a ``skip_layers`` key (skip-layer guidance). For
+            stochastic_sampling set; a UNet or another diffusers model than SD3's, Flux's,
+            Qwen-Image's, Z-Image's or Sana's transformer; a ``skip_layers`` key (skip-layer
+            guidance). For Sana: a noise-table scheduler (its ``use_flow_sigmas`` config
+            named, with the flow-matching scheduler to give instead); a transformer with
+            ``guidance_embeds`` (SANA-Sprint's); a key other than ``encoder_hidden_states``,
+            ``encoder_attention_mask`` and ``attention_kwargs``, or no
+            ``encoder_hidden_states``; a ``controlnet``, ``mask``,
+            ``masked_image_latents``, ``image_latents`` or ``control_latents``. For
             Qwen-Image: a missing ``encoder_hidden_states`` or ``img_shapes`` (under
             guidance, embeddings missing in ``negative_cond``, or its own mask where the
             conditional branch has one), embeddings that are not ``(batch or 1, L,
@@ -1717,6 +1780,9 @@ def from_diffusers(
         _check_chroma_cond(unet, cond, negative_cond)
     # Chroma's first: Flux's keys in negative_cond alone are Chroma's to refuse.
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
+    sana = space == "flow" and _is_sana(unet)
+    if sana:
+        _check_sana(unet, cond, extras)
     if qwen_image:
         _check_qwen_image_parts(
             mask=mask,
@@ -1727,7 +1793,7 @@ def from_diffusers(
         _check_qwen_image_cond(unet, cond, negative_cond, guided, image_latents)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    elif not flux and not qwen_image and not z_image:
+    elif not flux and not qwen_image and not z_image and not sana:
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
     if flux2:
         cond, negative_cond = _check_flux2_cond(unet, cond, negative_cond)
@@ -1792,9 +1858,10 @@ def from_diffusers(
             and not qwen_image
         ):
             variance_type = sched.config.get("variance_type")
-            # PixArt's pipelines keep the first half whatever the scheduler's variance_type
-            # (their schedulers have none).
-            if c_out == 2 * c_in and (pixart or variance_type in ("learned", "learned_range")):
+            # PixArt's and Sana's pipelines keep the first half whatever the scheduler's
+            # variance_type (their schedulers have none).
+            learned = pixart or sana or variance_type in ("learned", "learned_range")
+            if c_out == 2 * c_in and learned:
                 learned_variance = True
             else:
                 raise ValueError(

@@ -58,6 +58,7 @@ from ._scheduler_config import (
     _check_edm_config,
     _check_model_config,
     _check_schedule_config,
+    _flow_sigmas_refusal,
     _no_table,
     _table,
 )
@@ -394,6 +395,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         ``EDMDPMSolverMultistepScheduler``) sets ``edm_scheduler`` to its class's name, and
         ``kwargs`` may then set that class's fields too (``algorithm_type="dpmsolver++"``)."""
         own = inspect.signature(cls.__init__).parameters
+        if isinstance(config, Mapping) and config.get("use_flow_sigmas", False):
+            # Named before its prediction_type ("flow_prediction"), which DDIM mode would refuse.
+            name = config.get("_class_name")
+            raise _flow_sigmas_refusal(name if isinstance(name, str) else "scheduler", config)
         edm = _edm_source(config)
         if _flow_source(config) and kwargs.get("flow_matching", True):
             # Every field, defaults included: StableDiffusion3Pipeline reads some from the

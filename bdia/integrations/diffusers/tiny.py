@@ -9,7 +9,8 @@ img2img), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` with CLIP and T5 toke
 from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline`` and
 ``FluxKontextPipeline``, Chroma's ``ChromaTransformer2DModel`` and ``ChromaPipeline`` (T5
 alone), PixArt's ``PixArtTransformer2DModel``, ``PixArtSigmaPipeline`` and
-``PixArtAlphaPipeline`` (T5 alone, eps and its learned variance), the ControlNet pipelines
+``PixArtAlphaPipeline`` (T5 alone, eps and its learned variance), Sana's
+``SanaTransformer2DModel`` and ``SanaPipeline`` (without its text encoder), the ControlNet pipelines
 of Flux (``FluxControlNetModel``, ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
 ``StableDiffusion3ControlNetPipeline``, and with a mask
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
@@ -45,6 +46,7 @@ __all__ = [
     "FLUX_DEV_SCHEDULER",
     "QWEN_IMAGE_SCHEDULER",
     "Z_IMAGE_SCHEDULER",
+    "SANA_SCHEDULER",
     "tiny_unet",
     "tiny_sd3_transformer",
     "tiny_flux_transformer",
@@ -65,6 +67,8 @@ __all__ = [
     "tiny_chroma_pipeline",
     "tiny_pixart_transformer",
     "tiny_pixart_pipeline",
+    "tiny_sana_transformer",
+    "tiny_sana_pipeline",
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
@@ -128,6 +132,12 @@ QWEN_IMAGE_SCHEDULER: dict[str, Any] = dict(
     max_image_seq_len=8192,
     shift_terminal=0.02,
     time_shift_type="exponential",
+)
+
+#: Sana's DPMSolverMultistepScheduler config (Sana 1.0's 1024 px models), as keyword
+#: arguments: flow sigmas of shift 3, the transformer called at their integer timesteps.
+SANA_SCHEDULER: dict[str, Any] = dict(
+    use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
 )
 
 #: Z-Image-Turbo's FlowMatchEulerDiscreteScheduler config, as keyword arguments: shift 3, no
@@ -333,6 +343,72 @@ def tiny_pixart_pipeline(scheduler: Any = None, *, alpha: bool = False) -> Any:
         text_encoder=text_encoder,
         vae=_tiny_vae(),
         transformer=transformer,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sana_transformer(
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A ``SanaTransformer2DModel`` with one linear-attention block of width 8 on 4 x 8 x 8
+    latents (patches of 1 x 1), predicting the velocity (``out_channels`` 4; 8 gives it
+    Sana's learned-variance half, which its pipeline drops), with captions of width 16
+    (Gemma's ``encoder_hidden_states`` of shape ``(batch, L, 16)``, their mask
+    ``encoder_attention_mask`` of shape ``(batch, L)``). Weights drawn with
+    ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides`` add to or replace
+    fields of its config (``timestep_scale``, say)."""
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=16,
+        sample_size=8,
+        patch_size=1,
+    )
+    return _built(diffusers.SanaTransformer2DModel, config, overrides, dtype)
+
+
+def tiny_sana_pipeline(scheduler: Any = None, **overrides: Any) -> Any:
+    """A float32 ``SanaPipeline`` of tiny random parts on 32 x 32 RGB images (the smallest
+    size it takes: a multiple of 32), without a text encoder or tokenizer: give it
+    ``prompt_embeds`` and ``prompt_attention_mask`` of width 16 (and, under guidance,
+    ``negative_prompt_embeds`` with their mask, and ``negative_prompt=None``), and
+    ``use_resolution_binning=False``. ``tiny_sana_transformer(**overrides)`` on 4 x 8 x 8
+    latents and an ``AutoencoderDC`` of 4 latent channels that quarters the image's size
+    (``vae_scale_factor`` 4, seed 1). ``scheduler`` defaults to Sana's
+    ``DPMSolverMultistepScheduler(**SANA_SCHEDULER)``. The progress bar is off. diffusers
+    imports the pipeline with transformers' Gemma 2, in transformers 4.42 and newer."""
+    torch.manual_seed(1)
+    blocks = 3  # vae_scale_factor 2 ** (blocks - 1)
+    vae = diffusers.AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock",) * blocks,
+        decoder_block_types=("ResBlock",) * blocks,
+        encoder_block_out_channels=(8,) * blocks,
+        decoder_block_out_channels=(8,) * blocks,
+        encoder_layers_per_block=(1,) * blocks,
+        decoder_layers_per_block=(1,) * blocks,
+        encoder_qkv_multiscales=((),) * blocks,
+        decoder_qkv_multiscales=((),) * blocks,
+        decoder_norm_types="batch_norm",
+    ).eval()
+    if scheduler is None:
+        scheduler = diffusers.DPMSolverMultistepScheduler(**SANA_SCHEDULER)
+    pipe = diffusers.SanaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=tiny_sana_transformer(**overrides),
         scheduler=scheduler,
     )
     pipe.set_progress_bar_config(disable=True)
