@@ -1007,10 +1007,11 @@ def _z_image_inverted(ns):
 
 
 def _sana_inverted(ns):
-    # "the flow-matching scheduler of the shift of Sana's DPM-Solver (3.0)", "21 times, from 1
-    # to 0", SanaPipeline's guidance 4.5 with the negative prompt's own mask, the instructions
-    # read from the signature, and "back.earlier is noise, to rounding": the float32 state's
-    # two words invert the bfloat16 transformer's steps exactly (measured: 0).
+    # "the flow-matching scheduler of the shift of Sana's DPM-Solver" (the tiny one's, 3.0),
+    # "21 times, from 1 to 0", SanaPipeline's guidance 4.5 with the negative prompt's own
+    # mask, the instructions read from the signature, and "back.earlier is noise, to
+    # rounding": the float32 state's two words invert the bfloat16 transformer's steps
+    # exactly (measured: 0).
     ts, noise, ode = ns["ts"], ns["noise"], ns["ode"]
     assert ns["scheduler"].config.shift == 3.0
     assert len(ts) == 21 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0

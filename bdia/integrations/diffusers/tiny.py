@@ -134,8 +134,8 @@ QWEN_IMAGE_SCHEDULER: dict[str, Any] = dict(
     time_shift_type="exponential",
 )
 
-#: Sana's DPMSolverMultistepScheduler config (Sana 1.0's 1024 px models), as keyword
-#: arguments: flow sigmas of shift 3, the transformer called at their integer timesteps.
+#: A DPMSolverMultistepScheduler config of Sana's kind, as keyword arguments: flow sigmas of
+#: shift 3, the transformer called at their integer timesteps.
 SANA_SCHEDULER: dict[str, Any] = dict(
     use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
 )
