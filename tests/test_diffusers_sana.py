@@ -265,7 +265,10 @@ def test_a_noise_table_scheduler_is_refused_for_sanas_transformer():
 def test_sana_sprints_guidance_embedding_is_refused():
     embeds, _ = _prompt(0)
     net = tiny_sana_transformer(guidance_embeds=True)
-    with pytest.raises(ValueError, match="guidance_embeds = True, as SANA-Sprint's"):
+    with pytest.raises(
+        ValueError,
+        match=r"has guidance_embeds = True: it embeds a guidance scale \(as SANA-Sprint's\)",
+    ):
         from_diffusers(net, _flow_scheduler(), encoder_hidden_states=embeds)
 
 

@@ -293,6 +293,14 @@ if not pathlib.Path("sana").is_dir():
     tiny_sana_pipeline().save_pretrained("sana")
 """
 
+# A tiny random Wan pipeline in diffusers' layout ("wan"): no text encoder or tokenizer.
+_WAN_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_wan_pipeline
+if not pathlib.Path("wan").is_dir():
+    tiny_wan_pipeline().save_pretrained("wan")
+"""
+
 # A tiny random Z-Image pipeline in diffusers' layout ("z_image"): no text encoder.
 _Z_IMAGE_FOLDER = """
 import pathlib
@@ -446,6 +454,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_FOLDER,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _Z_IMAGE_FOLDER,
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _SANA_FOLDER,
+    ("docs/diffusers.md", '"/models/Wan2.1-T2V-1.3B-Diffusers"'): _WAN_FOLDER,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
     # edit_image's Z-Image example: the tiny folder and a cat.png.
     ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): (
@@ -763,6 +772,22 @@ LOCAL = {
     ("docs/diffusers.md", '"/models/FLUX.1-Kontext-dev"'): [
         ('"/models/FLUX.1-Kontext-dev"', '"flux_kontext"'),
     ],
+    ("docs/diffusers.md", '"/models/Wan2.1-T2V-1.3B-Diffusers"'): [
+        ('"/models/Wan2.1-T2V-1.3B-Diffusers"', '"wan"'),
+        ('device = "cuda"', 'device = "cpu"'),
+        ("height, width, frames = 480, 832, 81", "height, width, frames = 64, 64, 5"),
+        ("steps = 50", "steps = 4"),
+        (
+            "vae=vae, torch_dtype=torch.bfloat16)",
+            "vae=vae, text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16)",
+        ),
+        (
+            """pipe.encode_prompt(
+        "a fox running through the snow", device=device, max_sequence_length=512)""",
+            "(torch.randn(1, 7, 16, dtype=torch.bfloat16),"
+            " torch.randn(1, 7, 16, dtype=torch.bfloat16))",
+        ),
+    ],
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): [
         ('"/models/Sana_1600M_1024px_BF16_diffusers"', '"sana"'),
         ('device = "cuda"', 'device = "cpu"'),
@@ -1024,6 +1049,22 @@ def _sana_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _wan_inverted(ns):
+    # "the flow-matching scheduler of the shift of Wan's UniPC" (the tiny one's, 3.0), the
+    # video latents of the pipeline's factors, WanPipeline's guidance 5 with its own negative
+    # embeddings, a first frame saved, and "back.earlier is noise, to rounding": the float32
+    # state's two words invert the bfloat16 transformer's steps exactly (measured: 0).
+    ts, noise, ode, pipe = ns["ts"], ns["noise"], ns["ode"], ns["pipe"]
+    assert ns["scheduler"].config.shift == 3.0
+    assert len(ts) == 5 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    t_factor, s_factor = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    assert noise.shape == (1, 4, 4 // t_factor + 1, 64 // s_factor, 64 // s_factor)
+    assert ode.model_dtype == torch.bfloat16 and ode.cond["guidance_scale"] == 5.0
+    assert ode.cond["negative_cond"]["encoder_hidden_states"].shape == (1, 7, 16)
+    assert ns["video"].ndim == 5 and Path("fox_frame0.png").is_file()
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _flux2_inverted(ns):
     # Flux.2's packed latents "(1, 4096, 128)" (here (1, 16, 16)) under FLUX.2-dev's embedded
     # guidance 4 in the bfloat16 transformer, and "back.earlier is noise, to rounding": the
@@ -1162,6 +1203,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/FLUX.1-dev"'): _flux_inverted,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _z_image_inverted,
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _sana_inverted,
+    ("docs/diffusers.md", '"/models/Wan2.1-T2V-1.3B-Diffusers"'): _wan_inverted,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
     ("docs/diffusers.md", '"/models/PixArt-Sigma-XL-2-1024-MS"'): _pixart_inverted,
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _flux2_inverted,

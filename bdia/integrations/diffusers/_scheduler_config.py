@@ -67,8 +67,9 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 # Flux's packed latents, ids and timestep, with an attention mask), Qwen-Image's as
 # QwenImagePipeline does, Z-Image's as ZImagePipeline does, Flux.2's as Flux2Pipeline
 # and Flux2KleinPipeline do (Flux's call on packed latents, with 4-axis ids and no pooled
-# embeddings), and Sana's as SanaPipeline does (SD3's call, the timestep times the config's
-# timestep_scale).
+# embeddings), Sana's as SanaPipeline does (SD3's call, the timestep times the config's
+# timestep_scale), and Wan's as WanPipeline does (SD3's call on video latents, guidance in two
+# calls).
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _SD3_MODELS = ("SD3Transformer2DModel",)
 _CHROMA_MODELS = ("ChromaTransformer2DModel",)
@@ -77,7 +78,10 @@ _FLUX_MODELS = ("FluxTransformer2DModel",) + _CHROMA_MODELS + _FLUX2_MODELS
 _QWEN_IMAGE_MODELS = ("QwenImageTransformer2DModel",)
 _Z_IMAGE_MODELS = ("ZImageTransformer2DModel",)
 _SANA_MODELS = ("SanaTransformer2DModel",)
-_FLOW_MODELS = _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS + _SANA_MODELS
+_WAN_MODELS = ("WanTransformer3DModel",)
+_FLOW_MODELS = (
+    _SD3_MODELS + _FLUX_MODELS + _QWEN_IMAGE_MODELS + _Z_IMAGE_MODELS + _SANA_MODELS + _WAN_MODELS
+)
 # PixArt-alpha's and PixArt-Sigma's transformer, a noise-table model called as their pipelines
 # call it: the latents positionally, the timestep by keyword (its second positional argument
 # is encoder_hidden_states).
@@ -265,7 +269,7 @@ def _check_flow_config(scheduler: Any) -> None:
 
 def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
     """Refuse a network that does not go with the scheduler: a UNet (or another diffusers
-    model than SD3's, Flux's, Qwen-Image's, Z-Image's or Sana's transformer) with a
+    model than SD3's, Flux's, Qwen-Image's, Z-Image's, Sana's or Wan's transformer) with a
     flow-matching scheduler, one of those transformers with a noise table (its
     ``use_flow_sigmas`` config too) or an EDM-preconditioned scheduler. A plain callable is
     taken as it is documented."""
@@ -281,7 +285,7 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
                 f"{name} is a flow-matching model (it predicts the velocity eps - x0 at timestep "
                 f"sigma N), but {scheduler_name} is {kind} scheduler; give it the "
                 "FlowMatchEulerDiscreteScheduler it was trained with (the pipeline's scheduler; "
-                "for Sana's DPM-Solver of flow sigmas, one of its flow_shift)"
+                "for Sana's and Wan's schedulers of flow sigmas, one of their flow_shift)"
             )
         return
     if flow_model:
@@ -292,16 +296,16 @@ def _check_pairing(model: Any, scheduler: Any, space: str) -> None:
             "not a flow-matching model; give it its own scheduler (DDIM, Euler, DPM-Solver, "
             "...), or use the flow-matching scheduler with SD3Transformer2DModel, "
             "FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel, "
-            "ZImageTransformer2DModel or SanaTransformer2DModel"
+            "ZImageTransformer2DModel, SanaTransformer2DModel or WanTransformer3DModel"
         )
     if isinstance(model, diffusers.ModelMixin):
         raise ValueError(
             f"{name} with {scheduler_name}: bdia's diffusers adapter calls "
             "SD3Transformer2DModel (Stable Diffusion 3 and 3.5), FluxTransformer2DModel "
             "(Flux.1), ChromaTransformer2DModel, Flux2Transformer2DModel (Flux.2), "
-            "QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image) "
-            "and SanaTransformer2DModel (Sana) with a flow-matching scheduler, and does not "
-            "know how this model is called"
+            "QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image), "
+            "SanaTransformer2DModel (Sana) and WanTransformer3DModel (Wan) with a "
+            "flow-matching scheduler, and does not know how this model is called"
         )
 
 
@@ -351,6 +355,10 @@ def _is_z_image(model: Any) -> bool:
 
 def _is_sana(model: Any) -> bool:
     return any(n in _SANA_MODELS for n in _class_names(model))
+
+
+def _is_wan(model: Any) -> bool:
+    return any(n in _WAN_MODELS for n in _class_names(model))
 
 
 def _is_pixart(model: Any) -> bool:

@@ -116,8 +116,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from torch import Tensor
@@ -180,6 +182,7 @@ from ._scheduler_config import (
     _is_preconditioned,
     _is_qwen_image,
     _is_sana,
+    _is_wan,
     _is_z_image,
     _schedule,
     _scheduler,
@@ -258,7 +261,9 @@ class DiffusersModel(torch.nn.Module):
             **kwargs)``, as PixArt's pipelines call it; in ``"flow"`` space
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` (SD3's
             transformer; Sana's, at ``tau`` times its config's ``timestep_scale``, as
-            ``SanaPipeline`` calls it; Flux's with ``flux``).
+            ``SanaPipeline`` calls it; Wan's on video latents ``(batch, C, frames, h, w)``,
+            guidance in two calls, the conditional one first, as ``WanPipeline`` calls it;
+            Flux's with ``flux``).
         alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
             space and with ``sigma_data``, which have none.
         space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
@@ -389,6 +394,13 @@ class DiffusersModel(torch.nn.Module):
                 "qwen_image, z_image or controlnet"
             )
         self._timestep_scale = float(unet.config.get("timestep_scale", 1.0)) if self._sana else 1.0
+        # WanPipeline guides in two calls, the conditional one first.
+        self._wan = space == "flow" and _is_wan(unet)
+        if self._wan and (flux or qwen_image or z_image or controlnet is not None):
+            raise ValueError(
+                "a WanTransformer3DModel is called as WanPipeline calls it: no flux, "
+                "qwen_image, z_image or controlnet"
+            )
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -717,6 +729,12 @@ class DiffusersModel(torch.nn.Module):
                 c = self._call_unet(x_in, tau, {**positive, **residuals}, extra, image)
                 negative = {**_flux_kwargs(negative, batch, "negative_cond"), **residuals}
                 u = self._call_unet(x_in, tau, negative, extra, image)
+            elif self._wan:
+                # WanPipeline's guidance: two calls, the conditional first, the negative one
+                # with its own prompt embeddings.
+                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+                negative = _batched({**unet_kwargs, **negative_cond}, batch, "negative_cond")
+                u = self._call_unet(x_in, tau, negative)
             elif self.qwen_image:
                 # QwenImagePipeline's true CFG: two calls, the conditional first, the negative
                 # one with its own prompt and mask (the image shapes shared).
@@ -1136,44 +1154,79 @@ def _check_qwen_image_parts(**given: Any) -> None:
             )
 
 
-# The keyword arguments SanaPipeline gives Sana's transformer beside the latents and timestep.
-_SANA_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "attention_kwargs")
+@dataclass(frozen=True)
+class _PromptOnly:
+    """A transformer that its pipeline calls on the latents and the prompt alone: ``keys``
+    are the pipeline's keyword arguments beside the latents and timestep (``keys_hint`` says
+    what they hold, ``prompt_hint`` where they come from), and a config whose ``field`` is
+    set is a model the pipeline does not run as an ODE (``why``, ``kept`` the ones mapped)."""
+
+    model: str
+    pipeline: str
+    keys: tuple[str, ...]
+    keys_hint: str
+    prompt_hint: str
+    field: str
+    why: str
+    kept: str
 
 
-def _check_sana(unet: Any, cond: Mapping[str, Any], extras: Mapping[str, Any]) -> None:
-    """Refuse, in one line and before any call, what SanaPipeline does not give Sana's
+_SANA = _PromptOnly(
+    model="SanaTransformer2DModel",
+    pipeline="SanaPipeline",
+    keys=("encoder_hidden_states", "encoder_attention_mask", "attention_kwargs"),
+    keys_hint="encoder_hidden_states (the prompt embeddings, (batch or 1, L, caption_channels)), "
+    "encoder_attention_mask ((batch or 1, L), 1 for the prompt's tokens) and attention_kwargs",
+    prompt_hint="encoder_hidden_states and encoder_attention_mask, as "
+    "SanaPipeline.encode_prompt returns them",
+    field="guidance_embeds",
+    why="embeds a guidance scale (as SANA-Sprint's), which SanaSprintPipeline samples with "
+    "SCMScheduler, a consistency model's few steps and no ODE",
+    kept="Sana's text-to-image transformers",
+)
+_WAN = _PromptOnly(
+    model="WanTransformer3DModel",
+    pipeline="WanPipeline",
+    keys=("encoder_hidden_states", "attention_kwargs"),
+    keys_hint="encoder_hidden_states (the prompt's UMT5 embeddings, (batch or 1, L, text_dim)) "
+    "and attention_kwargs",
+    prompt_hint="encoder_hidden_states, as WanPipeline.encode_prompt returns them",
+    field="image_dim",
+    why="takes an image (as Wan's image-to-video models), which WanImageToVideoPipeline gives "
+    "it beside the latents",
+    kept="Wan's text-to-video transformers",
+)
+
+
+def _check_prompt_only(
+    unet: Any, cond: Mapping[str, Any], extras: Mapping[str, Any], kind: _PromptOnly
+) -> None:
+    """Refuse, in one line and before any call, what ``kind``'s pipeline does not give its
     transformer: other pipelines' inputs (a controlnet, inpainting or reference latents),
-    keys beside the prompt's embeddings, their mask and ``attention_kwargs``; and a
-    transformer that embeds a guidance scale (SANA-Sprint's, which SanaSprintPipeline samples
-    with a consistency model's scheduler, not an ODE)."""
+    keys beside its own, no prompt, and a transformer whose config sets ``kind.field``
+    (SANA-Sprint's guidance embedding, Wan's image-to-video ``image_dim``)."""
     given = [k for k, v in extras.items() if v is not None]
     if given:
         raise ValueError(
-            f"{given[0]} was given for a SanaTransformer2DModel, which SanaPipeline calls on "
-            "the latents alone (no controlnet, inpainting or reference inputs); leave it out"
+            f"{given[0]} was given for a {kind.model}, which {kind.pipeline} calls on the "
+            "latents alone (no controlnet, inpainting or reference inputs); leave it out"
         )
     config = getattr(unet, "config", None)
-    if isinstance(config, Mapping) and config.get("guidance_embeds", False):
+    value = config.get(kind.field) if isinstance(config, Mapping) else None
+    if value not in (None, False):
         raise ValueError(
-            "this SanaTransformer2DModel embeds a guidance scale (guidance_embeds = True, as "
-            "SANA-Sprint's), which SanaSprintPipeline samples with SCMScheduler, a consistency "
-            "model's few steps and no ODE; bdia maps Sana's text-to-image transformers "
-            "(guidance_embeds = False), called as SanaPipeline calls them"
+            f"this {kind.model} has {kind.field} = {value!r}: it {kind.why}; bdia maps "
+            f"{kind.kept} ({kind.field} unset), called as {kind.pipeline} calls them"
         )
     # negative_cond's keys are cond's (_check_cond refuses others), so cond's are checked.
-    unknown = [k for k in cond if k not in _SANA_KEYS]
+    unknown = [k for k in cond if k not in kind.keys]
     if unknown:
         raise ValueError(
-            f"cond key {unknown[0]!r} is not an argument SanaPipeline gives "
-            "SanaTransformer2DModel; give encoder_hidden_states (the prompt embeddings, "
-            "(batch or 1, L, caption_channels)), encoder_attention_mask ((batch or 1, L), 1 "
-            "for the prompt's tokens) and attention_kwargs alone"
+            f"cond key {unknown[0]!r} is not an argument {kind.pipeline} gives {kind.model}; "
+            f"give {kind.keys_hint} alone"
         )
     if "encoder_hidden_states" not in cond:
-        raise ValueError(
-            "a SanaTransformer2DModel needs the prompt: give encoder_hidden_states and "
-            "encoder_attention_mask, as SanaPipeline.encode_prompt returns them"
-        )
+        raise ValueError(f"a {kind.model} needs the prompt: give {kind.prompt_hint}")
 
 
 def _check_pixart_cond(
@@ -1224,7 +1277,7 @@ def from_diffusers(
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
-    or the flow-matching ODE of Stable Diffusion 3's, Flux's, Qwen-Image's or Sana's
+    or the flow-matching ODE of Stable Diffusion 3's, Flux's, Qwen-Image's, Sana's or Wan's
     transformer.
 
     Args:
@@ -1237,10 +1290,13 @@ def from_diffusers(
             ``unet(sample, timestep, **kwargs)`` that returns a tensor, a tuple or an object
             with ``.sample``; with a flow-matching scheduler, an ``SD3Transformer2DModel``, a
             ``FluxTransformer2DModel``, a ``ChromaTransformer2DModel``, a
-            ``QwenImageTransformer2DModel`` or a ``SanaTransformer2DModel`` (called as
+            ``QwenImageTransformer2DModel``, a ``SanaTransformer2DModel`` (called as
             ``SanaPipeline`` calls it: its timestep times the config's ``timestep_scale``, the
             learned variance's half of its output dropped where ``out_channels`` is twice
             ``in_channels``; cond ``encoder_hidden_states``, ``encoder_attention_mask`` and
+            ``attention_kwargs`` only) or a text-to-video ``WanTransformer3DModel`` (called
+            as ``WanPipeline`` calls it: on latents ``(batch, C, frames, h, w)``, guidance in
+            two calls, the conditional one first; cond ``encoder_hidden_states`` and
             ``attention_kwargs`` only) (``pipe.transformer``), or any module called as
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` that returns
             the velocity ``eps - x0``. With an EDM-preconditioned scheduler, the raw network
@@ -1260,10 +1316,11 @@ def from_diffusers(
             EDM-preconditioned ``"edm"``, flow-matching ``"flow"``). An unknown scheduler
             class needs it.
         model_dtype: dtype the unet runs in (the state is cast to it and the output back);
-            defaults to the unet's parameter dtype, so a float16 unet runs under a float32 or
-            float64 state. With an EDM-preconditioned scheduler the ODE's ``model_dtype`` is
-            this dtype promoted to float32 at least: the denoiser's preconditioning gets the
-            state in it, and the unet ``c_in x`` in this dtype.
+            defaults to the unet's parameter dtype (a diffusers model's ``dtype``, which
+            skips the modules it keeps in float32, as Wan's), so a float16 unet runs under a
+            float32 or float64 state. With an EDM-preconditioned scheduler the ODE's
+            ``model_dtype`` is this dtype promoted to float32 at least: the denoiser's
+            preconditioning gets the state in it, and the unet ``c_in x`` in this dtype.
         controlnet: a diffusers ``ControlNetModel`` of the unet (``pipe.controlnet`` of a
             ``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline``),
             a list of them or a ``MultiControlNetModel``; in eval mode and the unet's dtype.
@@ -1565,13 +1622,17 @@ def from_diffusers(
             'learned_range'); guidance_scale without negative_cond; a scheduler of unknown
             class without ``space=``. With a flow-matching scheduler: invert_sigmas or
             stochastic_sampling set; a UNet or another diffusers model than SD3's, Flux's,
-            Qwen-Image's, Z-Image's or Sana's transformer; a ``skip_layers`` key (skip-layer
+            Qwen-Image's, Z-Image's, Sana's or Wan's transformer; a ``skip_layers`` key (skip-layer
             guidance). For Sana: a noise-table scheduler (its ``use_flow_sigmas`` config
             named, with the flow-matching scheduler to give instead); a transformer with
             ``guidance_embeds`` (SANA-Sprint's); a key other than ``encoder_hidden_states``,
             ``encoder_attention_mask`` and ``attention_kwargs``, or no
             ``encoder_hidden_states``; a ``controlnet``, ``mask``,
-            ``masked_image_latents``, ``image_latents`` or ``control_latents``. For
+            ``masked_image_latents``, ``image_latents`` or ``control_latents``. For Wan: the
+            same with Wan's scheduler of flow sigmas; an image-to-video transformer
+            (``image_dim``); a key other than ``encoder_hidden_states`` and
+            ``attention_kwargs``, or no ``encoder_hidden_states``; other pipelines' inputs as
+            for Sana. For
             Qwen-Image: a missing ``encoder_hidden_states`` or ``img_shapes`` (under
             guidance, embeddings missing in ``negative_cond``, or its own mask where the
             conditional branch has one), embeddings that are not ``(batch or 1, L,
@@ -1782,7 +1843,10 @@ def from_diffusers(
     _check_cond(cond, negative_cond, _FLOW_RESERVED if space == "flow" else _RESERVED)
     sana = space == "flow" and _is_sana(unet)
     if sana:
-        _check_sana(unet, cond, extras)
+        _check_prompt_only(unet, cond, extras, _SANA)
+    wan = space == "flow" and _is_wan(unet)
+    if wan:
+        _check_prompt_only(unet, cond, extras, _WAN)
     if qwen_image:
         _check_qwen_image_parts(
             mask=mask,
@@ -1793,7 +1857,7 @@ def from_diffusers(
         _check_qwen_image_cond(unet, cond, negative_cond, guided, image_latents)
     if space != "flow":
         _check_ip_adapter(unet, cond, negative_cond, guidance_scale)
-    elif not flux and not qwen_image and not z_image and not sana:
+    elif not flux and not qwen_image and not z_image and not sana and not wan:
         _check_sd3_ip_adapter(unet, cond, negative_cond, guidance_scale)
     if flux2:
         cond, negative_cond = _check_flux2_cond(unet, cond, negative_cond)
@@ -1873,7 +1937,16 @@ def from_diffusers(
                 )
 
     if model_dtype is None and isinstance(unet, torch.nn.Module):
-        model_dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), None)
+        # A diffusers model's own dtype, as its pipelines read it (transformer.dtype): its
+        # first floating parameter outside the modules it keeps in float32 (Wan's
+        # scale_shift_table comes first and stays float32 in a bfloat16 transformer), or the
+        # compute dtype of its layerwise casting.
+        declared = getattr(unet, "dtype", None) if isinstance(unet, diffusers.ModelMixin) else None
+        model_dtype = (
+            declared
+            if isinstance(declared, torch.dtype)
+            else next((p.dtype for p in unet.parameters() if p.is_floating_point()), None)
+        )
     if isinstance(model_dtype, str):  # a name such as "float16"; DiffusionODE checks it
         model_dtype = DTYPE_NAMES.get(model_dtype.removeprefix("torch."), model_dtype)
     if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:

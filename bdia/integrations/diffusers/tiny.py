@@ -10,7 +10,8 @@ from a vocabulary written locally, ``FluxFillPipeline``, ``FluxControlPipeline``
 ``FluxKontextPipeline``, Chroma's ``ChromaTransformer2DModel`` and ``ChromaPipeline`` (T5
 alone), PixArt's ``PixArtTransformer2DModel``, ``PixArtSigmaPipeline`` and
 ``PixArtAlphaPipeline`` (T5 alone, eps and its learned variance), Sana's
-``SanaTransformer2DModel`` and ``SanaPipeline`` (without its text encoder), the ControlNet pipelines
+``SanaTransformer2DModel`` and ``SanaPipeline`` (without its text encoder), Wan's
+``WanTransformer3DModel`` and ``WanPipeline`` (without its text encoder), the ControlNet pipelines
 of Flux (``FluxControlNetModel``, ``FluxControlNetPipeline``) and SD3 (``SD3ControlNetModel``,
 ``StableDiffusion3ControlNetPipeline``, and with a mask
 channel ``StableDiffusion3ControlNetInpaintingPipeline``), the inpainting pipelines of Stable
@@ -47,6 +48,7 @@ __all__ = [
     "QWEN_IMAGE_SCHEDULER",
     "Z_IMAGE_SCHEDULER",
     "SANA_SCHEDULER",
+    "WAN_SCHEDULER",
     "tiny_unet",
     "tiny_sd3_transformer",
     "tiny_flux_transformer",
@@ -69,6 +71,8 @@ __all__ = [
     "tiny_pixart_pipeline",
     "tiny_sana_transformer",
     "tiny_sana_pipeline",
+    "tiny_wan_transformer",
+    "tiny_wan_pipeline",
     "tiny_flux_fill_pipeline",
     "tiny_flux_control_pipeline",
     "tiny_flux_kontext_pipeline",
@@ -137,6 +141,12 @@ QWEN_IMAGE_SCHEDULER: dict[str, Any] = dict(
 #: A DPMSolverMultistepScheduler config of Sana's kind, as keyword arguments: flow sigmas of
 #: shift 3, the transformer called at their integer timesteps.
 SANA_SCHEDULER: dict[str, Any] = dict(
+    use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+)
+
+#: A UniPCMultistepScheduler config of Wan's kind, as keyword arguments: flow sigmas of shift
+#: 3, the transformer called at their integer timesteps.
+WAN_SCHEDULER: dict[str, Any] = dict(
     use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
 )
 
@@ -409,6 +419,68 @@ def tiny_sana_pipeline(scheduler: Any = None, **overrides: Any) -> Any:
         text_encoder=None,
         vae=vae,
         transformer=tiny_sana_transformer(**overrides),
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_video_vae(cls: Any) -> torch.nn.Module:
+    """A video VAE of Wan's kind (``AutoencoderKLWan``, or Qwen-Image's
+    ``AutoencoderKLQwenImage`` made from it) of 4 latent channels that halves an image's size
+    and keeps its frames, its latents' statistics 0 and 1; weights drawn with seed 1, in eval
+    mode."""
+    torch.manual_seed(1)
+    return cls(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+
+
+def tiny_wan_transformer(
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A text-to-video ``WanTransformer3DModel`` with one block of width 16 on video latents
+    of shape ``(batch, 4, frames, h, w)`` (patches of 1 x 2 x 2), with prompt embeddings of
+    width 16 (UMT5's ``encoder_hidden_states`` of shape ``(batch, L, 16)``). Weights drawn
+    with ``torch.manual_seed(seed)``, in eval mode and ``dtype``; ``overrides`` add to or
+    replace fields of its config (``image_dim``, say, for an image-to-video one)."""
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
+    return _built(diffusers.WanTransformer3DModel, config, overrides, dtype)
+
+
+def tiny_wan_pipeline(scheduler: Any = None, **overrides: Any) -> Any:
+    """A float32 ``WanPipeline`` of tiny random parts, without a text encoder or tokenizer:
+    give it ``prompt_embeds`` of width 16 (and, under guidance, ``negative_prompt_embeds``)
+    and ``latents`` of shape ``(batch, 4, frames, h, w)``. ``tiny_wan_transformer(
+    **overrides)`` and an ``AutoencoderKLWan`` of 4 latent channels (seed 1).
+    ``scheduler`` defaults to Wan's ``UniPCMultistepScheduler(**WAN_SCHEDULER)``. The
+    progress bar is off."""
+    vae = _tiny_video_vae(diffusers.AutoencoderKLWan)
+    if scheduler is None:
+        scheduler = diffusers.UniPCMultistepScheduler(**WAN_SCHEDULER)
+    pipe = diffusers.WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=tiny_wan_transformer(**overrides),
         scheduler=scheduler,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -1333,16 +1405,7 @@ def tiny_qwen_image_pipeline(scheduler: Any = None, *, text_encoder: bool = Fals
     bar is off. Needs diffusers 0.35 or newer, which has the pipeline."""
     pipeline = _recent_class("QwenImagePipeline", "0.35")
     vae_class = _recent_class("AutoencoderKLQwenImage", "0.35")
-    torch.manual_seed(1)
-    vae = vae_class(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
+    vae = _tiny_video_vae(vae_class)
     if scheduler is None:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     tokenizer, encoder = tiny_qwen_text_encoder() if text_encoder else (None, None)
