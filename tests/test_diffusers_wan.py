@@ -1,9 +1,13 @@
 """Wan: a text-to-video ``WanTransformer3DModel`` under a flow-matching scheduler, called as
 ``WanPipeline`` calls it (SD3's call by keyword on video latents ``(batch, C, frames, h,
-w)``, guidance in two calls, the conditional one first), and Wan's own UniPC config of flow
-sigmas refused with the scheduler to give instead."""
+w)``, guidance in two calls, the conditional one first), Wan 2.2's two experts switched at
+the pipeline's boundary, and Wan's own UniPC config of flow sigmas refused with the scheduler
+to give instead. WanPipeline takes a second transformer in diffusers 0.35 and newer; the
+tests of its two-expert runs are skipped before."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -30,6 +34,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 STEPS = 6
 GUIDANCE = 5.0  # WanPipeline's default
+GUIDANCE_2 = 3.0  # the low-noise expert's, another, so that a swap of the two shows
+BOUNDARY = 0.6  # between the tiny grid's timesteps, so that both experts run
+
+needs_experts = pytest.mark.skipif(
+    "transformer_2" not in inspect.signature(diffusers.WanPipeline.__init__).parameters,
+    reason=f"diffusers {diffusers.__version__}'s WanPipeline takes no transformer_2 (0.35 and "
+    "newer do)",
+)
 SHIFT = WAN_SCHEDULER["flow_shift"]
 
 
@@ -55,7 +67,7 @@ def _cond(guidance: float) -> dict:
     return cond
 
 
-def _run(pipe, noise: torch.Tensor, guidance: float) -> torch.Tensor:
+def _run(pipe, noise: torch.Tensor, guidance: float, **options) -> torch.Tensor:
     """WanPipeline's latents from ``noise`` for ``_cond(guidance)``'s prompt."""
     cond = _cond(guidance)
     with torch.no_grad():
@@ -69,6 +81,7 @@ def _run(pipe, noise: torch.Tensor, guidance: float) -> torch.Tensor:
             guidance_scale=guidance,
             latents=noise,
             output_type="latent",
+            **options,
         ).frames
 
 
@@ -146,6 +159,123 @@ def test_bdia_scheduler_in_wan_pipeline_is_bdia_sample_and_inverts():
     assert torch.equal(back.earlier, noise)
 
 
+def _experts_ode(pipe, **extra):
+    return from_diffusers(
+        pipe.transformer,
+        pipe.scheduler,
+        transformer_2=pipe.transformer_2,
+        boundary_ratio=BOUNDARY,
+        guidance_scale_2=GUIDANCE_2,
+        **_cond(GUIDANCE),
+        **extra,
+    )
+
+
+@needs_experts
+def test_wan22_pipeline_with_two_experts_is_bdia_sample_euler():
+    """WanPipeline with a second transformer and boundary_ratio 0.6 (Wan 2.2's experts) and
+    FlowMatchEulerDiscreteScheduler(shift=3) gives the latents of bdia.sample with euler on
+    from_diffusers(transformer, ..., transformer_2=, boundary_ratio=, guidance_scale_2=),
+    bit for bit: the first transformer at the steps whose float32 timestep is at least
+    600 under guidance 5, the second below it under guidance 3, two calls each."""
+    pipe = tiny_wan_pipeline(_flow_scheduler(), boundary_ratio=BOUNDARY)
+    noise = _noise()
+    latents = _run(pipe, noise, GUIDANCE, guidance_scale_2=GUIDANCE_2)
+    high = int((pipe.scheduler.timesteps >= BOUNDARY * 1000).sum())
+    assert 0 < high < STEPS
+    ode = _experts_ode(pipe)
+    ts = diffusers_grid(pipe.scheduler, STEPS)
+    first, second = Counter(pipe.transformer), Counter(pipe.transformer_2)
+    with torch.no_grad():
+        out = bdia.sample(ode, bdia.get_solver("euler"), noise, ts, progress=False)
+    assert torch.equal(out, latents)
+    assert (first.calls, second.calls) == (2 * high, 2 * (STEPS - high))
+
+
+@needs_experts
+def test_bdia_scheduler_in_wan22_pipeline_is_bdia_sample_and_inverts():
+    """With the two experts, BDIAScheduler in WanPipeline gives bdia(euler, 0.9)'s latents
+    and final pair bit for bit, and bdia.invert returns the noise bit for bit; the second
+    expert's weights are part of the ODE's fingerprint, which a pair is checked against."""
+    pipe = tiny_wan_pipeline(_flow_scheduler(), boundary_ratio=BOUNDARY)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.9)
+    noise = _noise()
+    latents = _run(pipe, noise, GUIDANCE, guidance_scale_2=GUIDANCE_2)
+    ode = _experts_ode(pipe)
+    ts = diffusers_grid(pipe.scheduler, STEPS)
+    pair = assert_flow_run_is_bdia_sample(pipe, latents, ode, noise, ts, gamma=0.9)
+    with torch.no_grad():
+        back = bdia.invert(ode, bdia.bdia(bdia.get_solver("euler"), 0.9), pair, ts)
+    assert torch.equal(back.earlier, noise)
+    before = ode.fingerprint()
+    with torch.no_grad():
+        next(pipe.transformer_2.parameters()).add_(1.0)
+    assert _experts_ode(pipe).fingerprint() != before
+
+
+def test_the_experts_switch_at_the_float32_boundary():
+    """The first transformer runs where the float32 timestep sigma N is at least the float32
+    boundary_ratio N, the second below: at sigma 0.6 (timestep 600 in float32, the boundary)
+    the first, at the next float32 sigma below it the second."""
+    high, low = tiny_wan_transformer(), tiny_wan_transformer(seed=1)
+    ode = from_diffusers(
+        high, _flow_scheduler(), transformer_2=low, boundary_ratio=BOUNDARY, **_cond(1.0)
+    )
+    first, second = Counter(high), Counter(low)
+    below = torch.nextafter(torch.tensor(0.6), torch.tensor(0.0))
+    with torch.no_grad():
+        ode.f(_noise(), torch.tensor([0.6]), **ode.cond)
+        assert (first.calls, second.calls) == (1, 0)
+        ode.f(_noise(), below.reshape(1), **ode.cond)
+        assert (first.calls, second.calls) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(transformer_2="net"), "come together"),
+        (dict(boundary_ratio=0.5), "come together"),
+        (dict(guidance_scale_2=2.0), "guidance_scale_2 is the guidance"),
+        (
+            dict(transformer_2="net", boundary_ratio=1.5),
+            r"boundary_ratio must be a number in \(0, 1\)",
+        ),
+        (dict(transformer_2="bf16", boundary_ratio=0.5), "transformer_2 is in torch.bfloat16"),
+        (dict(transformer_2="sd3", boundary_ratio=0.5), "transformer_2 is a SD3Transformer2DModel"),
+    ],
+    ids=["no_ratio", "no_expert", "no_expert_guidance", "ratio", "dtype", "class"],
+)
+def test_a_second_expert_that_does_not_fit_is_refused(options, match):
+    from bdia.integrations.diffusers.tiny import tiny_sd3_transformer
+
+    made = {
+        "net": lambda: tiny_wan_transformer(seed=1),
+        "bf16": lambda: tiny_wan_transformer(seed=1, dtype=torch.bfloat16),
+        "sd3": tiny_sd3_transformer,
+    }
+    if "transformer_2" in options:
+        options = dict(options, transformer_2=made[options["transformer_2"]]())
+    net = tiny_wan_transformer()
+    calls = Counter(net)
+    with pytest.raises(ValueError, match=match) as info:
+        from_diffusers(net, _flow_scheduler(), encoder_hidden_states=_embeds(0), **options)
+    assert "\n" not in str(info.value)
+    assert calls.calls == 0
+
+
+def test_a_second_expert_beside_another_family_is_refused():
+    from bdia.integrations.diffusers.tiny import tiny_sana_transformer
+
+    with pytest.raises(ValueError, match="beside a WanTransformer3DModel"):
+        from_diffusers(
+            tiny_sana_transformer(),
+            _flow_scheduler(),
+            transformer_2=tiny_wan_transformer(),
+            boundary_ratio=0.5,
+            encoder_hidden_states=torch.zeros(1, 5, 16),
+        )
+
+
 def test_a_bfloat16_wan_transformer_runs_under_a_float64_state_and_inverts():
     """Wan's transformers ship in bfloat16: under a float64 state the ODE runs it in its own
     dtype, and bdia(euler, 0.96)'s round trip returns the video noise bit for bit."""
@@ -162,16 +292,21 @@ def test_a_bfloat16_wan_transformer_runs_under_a_float64_state_and_inverts():
     assert torch.equal(back.earlier, noise)
 
 
-def test_a_bfloat16_wan_transformer_as_loaded_runs_in_bfloat16(tmp_path):
-    """from_pretrained keeps some of Wan's modules in float32 (its _keep_in_fp32_modules),
-    and scale_shift_table, a float32 parameter, comes first: the ODE takes the model's own
+def test_a_bfloat16_wan_transformer_as_loaded_runs_in_bfloat16():
+    """from_pretrained(torch_dtype=torch.bfloat16) keeps the modules Wan names in
+    _keep_in_fp32_modules in float32 (made so here: loading so needs accelerate), and
+    scale_shift_table, a float32 parameter, comes first: the ODE takes the model's own
     dtype, bfloat16, as WanPipeline reads it (transformer.dtype), not the first parameter's,
     which would hand the bfloat16 patch embedding a float32 state."""
-    tiny_wan_transformer().save_pretrained(tmp_path)
-    net = diffusers.WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    net = tiny_wan_transformer(dtype=torch.bfloat16)
+    kept = net._keep_in_fp32_modules
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if any(part in name for part in kept):
+                param.data = param.data.float()
     first = next(net.parameters())
     assert first.dtype == torch.float32 and net.dtype == torch.bfloat16
-    ode = from_diffusers(net.eval(), _flow_scheduler(), **_cond(GUIDANCE))
+    ode = from_diffusers(net, _flow_scheduler(), **_cond(GUIDANCE))
     assert ode.model_dtype == torch.bfloat16
     with torch.no_grad():
         velocity = ode.f(_noise(torch.bfloat16), torch.tensor([0.5]), **ode.cond)

@@ -16,7 +16,8 @@ each keyed by the page and a piece of text that one of its blocks holds:
 An entry that matches no block fails, so a doc edit that moves a block cannot make this
 test run less than it did. ``AFTER`` checks, right after a block, what its comments and the
 page's prose claim of its result. ``NEWER`` names blocks that need a newer release of a
-package than the oldest supported one, skipped where an older one is installed.
+package than the oldest supported one, skipped where an older one is installed (or, for a
+package no extra installs, none).
 
 The ``bdia`` command lines of the pages' shell blocks (``torchrun -m bdia.cli`` ones
 included) are parsed against the command-line interface: option names, values and required
@@ -31,6 +32,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import importlib.util
 import inspect
 import io
 import math
@@ -301,6 +303,14 @@ if not pathlib.Path("wan").is_dir():
     tiny_wan_pipeline().save_pretrained("wan")
 """
 
+# A tiny random Wan 2.2 pipeline of two experts in diffusers' layout ("wan22"), boundary 0.875.
+_WAN22_FOLDER = """
+import pathlib
+from bdia.integrations.diffusers.tiny import tiny_wan_pipeline
+if not pathlib.Path("wan22").is_dir():
+    tiny_wan_pipeline(boundary_ratio=0.875).save_pretrained("wan22")
+"""
+
 # A tiny random Z-Image pipeline in diffusers' layout ("z_image"): no text encoder.
 _Z_IMAGE_FOLDER = """
 import pathlib
@@ -455,6 +465,7 @@ gamma, n, noise = 0.96, 10, torch.randn(1, 4, 8, 8)
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _Z_IMAGE_FOLDER,
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _SANA_FOLDER,
     ("docs/diffusers.md", '"/models/Wan2.1-T2V-1.3B-Diffusers"'): _WAN_FOLDER,
+    ("docs/diffusers.md", '"/models/Wan2.2-T2V-A14B-Diffusers"'): _WAN22_FOLDER,
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_EXAMPLE,
     # edit_image's Z-Image example: the tiny folder and a cat.png.
     ("docs/diffusers.md", '"/path/to/Z-Image-Turbo"'): (
@@ -788,6 +799,19 @@ LOCAL = {
             " torch.randn(1, 7, 16, dtype=torch.bfloat16))",
         ),
     ],
+    ("docs/diffusers.md", '"/models/Wan2.2-T2V-A14B-Diffusers"'): [
+        ('"/models/Wan2.2-T2V-A14B-Diffusers"', '"wan22"'),
+        (
+            "vae=vae, torch_dtype=torch.bfloat16)",
+            "vae=vae, text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16)",
+        ),
+        (
+            """pipe.encode_prompt(
+        "a fox running through the snow", device=device, max_sequence_length=512)""",
+            "(torch.randn(1, 7, 16, dtype=torch.bfloat16),"
+            " torch.randn(1, 7, 16, dtype=torch.bfloat16))",
+        ),
+    ],
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): [
         ('"/models/Sana_1600M_1024px_BF16_diffusers"', '"sana"'),
         ('device = "cuda"', 'device = "cpu"'),
@@ -1065,6 +1089,15 @@ def _wan_inverted(ns):
     assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
 
 
+def _wan22_inverted(ns):
+    # Wan 2.2's two experts switched at the pipeline's boundary_ratio (the tiny one's 0.875),
+    # guidance 4 and 3, and "back.earlier is noise, to rounding" (measured: 0).
+    ode, pipe, noise = ns["ode"], ns["pipe"], ns["noise"]
+    assert ode.f.unet_2 is pipe.transformer_2 and pipe.config.boundary_ratio == 0.875
+    assert ode.cond["guidance_scale"] == 4.0 and ode.cond["guidance_scale_2"] == 3.0
+    assert float((ns["back"].earlier - noise).abs().max()) <= 1e-6 * float(noise.abs().max())
+
+
 def _flux2_inverted(ns):
     # Flux.2's packed latents "(1, 4096, 128)" (here (1, 16, 16)) under FLUX.2-dev's embedded
     # guidance 4 in the bfloat16 transformer, and "back.earlier is noise, to rounding": the
@@ -1204,6 +1237,7 @@ AFTER = {
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): _z_image_inverted,
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _sana_inverted,
     ("docs/diffusers.md", '"/models/Wan2.1-T2V-1.3B-Diffusers"'): _wan_inverted,
+    ("docs/diffusers.md", '"/models/Wan2.2-T2V-A14B-Diffusers"'): _wan22_inverted,
     ("docs/diffusers.md", '"/models/Chroma1-HD"'): _chroma_inverted,
     ("docs/diffusers.md", '"/models/PixArt-Sigma-XL-2-1024-MS"'): _pixart_inverted,
     ("docs/diffusers.md", '"/models/FLUX.2-dev"'): _flux2_inverted,
@@ -1229,6 +1263,9 @@ AFTER = {
 # block defines nothing that a later block of its page uses. Qwen-Image's pipelines import
 # transformers' Qwen2.5-VL text encoder, which transformers 4.49 and newer have.
 _QWEN_IMAGE_NEEDS = (("diffusers", (0, 35)), ("transformers", (4, 49)))
+# Wan's pipelines load in bfloat16 with some modules kept in float32, which diffusers does
+# only with accelerate installed (peft brings it; no extra does).
+_ACCELERATE_NEEDS = (("accelerate", (0,)),)
 # SanaPipeline imports transformers' Gemma 2, which 4.42 and newer have.
 _SANA_NEEDS = (("transformers", (4, 42)),)
 NEWER = {
@@ -1239,6 +1276,12 @@ NEWER = {
     ),
     ("docs/diffusers.md", '"/models/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/models/Sana_1600M_1024px_BF16_diffusers"'): _SANA_NEEDS,
+    # WanPipeline takes a second transformer in diffusers 0.35 and newer.
+    ("docs/diffusers.md", '"/models/Wan2.2-T2V-A14B-Diffusers"'): (
+        ("diffusers", (0, 35)),
+        *_ACCELERATE_NEEDS,
+    ),
+    ("docs/diffusers.md", '"/models/Wan2.1-T2V-1.3B-Diffusers"'): _ACCELERATE_NEEDS,
     ("docs/diffusers.md", '"/models/Z-Image-Turbo"'): (("diffusers", (0, 36)),),
     ("docs/diffusers.md", "img2img = QwenImageImg2ImgPipeline("): _QWEN_IMAGE_NEEDS,
     ("docs/diffusers.md", '"/path/to/Qwen-Image"'): _QWEN_IMAGE_NEEDS,
@@ -1247,8 +1290,11 @@ NEWER = {
 
 
 def _older(needs: tuple[tuple[str, tuple[int, ...]], ...]) -> bool:
-    """Whether any package of ``needs``, pairs of a name and a release, is older here."""
+    """Whether any package of ``needs``, pairs of a name and a release, is older here, or
+    missing (a package no extra installs, which the block's page names)."""
     for package, release in needs:
+        if importlib.util.find_spec(package) is None:
+            return True
         version = importlib.import_module(package).__version__
         if tuple(int(part) for part in version.split(".")[: len(release)]) < release:
             return True

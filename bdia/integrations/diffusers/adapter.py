@@ -115,6 +115,7 @@ conditioning's checks and the ControlNet's have modules of their own in this pac
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -347,6 +348,8 @@ class DiffusersModel(torch.nn.Module):
         qwen_image: bool = False,
         z_image: bool = False,
         controlnet: Any = None,
+        unet_2: Any = None,
+        boundary_ratio: float | None = None,
     ) -> None:
         super().__init__()
         if space not in _SPACES:
@@ -401,6 +404,24 @@ class DiffusersModel(torch.nn.Module):
                 "a WanTransformer3DModel is called as WanPipeline calls it: no flux, "
                 "qwen_image, z_image or controlnet"
             )
+        # Wan 2.2's low-noise expert, called where the timestep falls below the boundary.
+        self.unet_2 = unet_2
+        if (unet_2 is None) != (boundary_ratio is None):
+            raise ValueError(
+                "unet_2 (Wan 2.2's low-noise transformer) and boundary_ratio come together: "
+                "give both, or neither"
+            )
+        if unet_2 is not None:
+            if not (self._wan and _is_wan(unet_2)):
+                raise ValueError(
+                    "unet_2 is Wan 2.2's second transformer, for a WanTransformer3DModel under "
+                    f"a flow-matching scheduler; got {type(unet_2).__name__} beside "
+                    f"{type(unet).__name__}"
+                )
+            ratio = boundary_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
+                raise ValueError(f"boundary_ratio must be a number in (0, 1), got {ratio!r}")
+        self._boundary_ratio = boundary_ratio
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -545,6 +566,7 @@ class DiffusersModel(torch.nn.Module):
         masked_image_latents: Tensor | None = None,
         image_latents: Tensor | None = None,
         control_latents: Tensor | None = None,
+        guidance_scale_2: float | None = None,
         **unet_kwargs: Any,
     ) -> Tensor:
         """One unet call (one batch of twice the size under guidance), after one controlnet
@@ -565,6 +587,9 @@ class DiffusersModel(torch.nn.Module):
                 predictions, from one call on the batch ``[unconditional, conditional]`` (for
                 Flux, two calls: the conditional one, then the unconditional one).
             negative_cond: the unconditional branch's unet keyword arguments.
+            guidance_scale_2: with ``unet_2`` (Wan 2.2's low-noise transformer), the guidance
+                scale where it is called (None: ``guidance_scale``); guidance is on in both
+                stages where ``guidance_scale`` turns it on, as in ``WanPipeline``.
             controlnet_cond: with a controlnet, the control image, shape ``(batch or 1, C, f h,
                 f w)`` for a state of ``(batch, channels, h, w)`` (``C`` the controlnet's
                 ``conditioning_channels``, ``f`` the factor of its conditioning embedding, 8
@@ -717,6 +742,14 @@ class DiffusersModel(torch.nn.Module):
             else:
                 x_in = x
 
+        net, g = self.unet, guidance_scale
+        if self.unet_2 is not None:
+            net, g = self._expert(times, guidance_scale, guidance_scale_2)
+        elif guidance_scale_2 is not None:
+            raise ValueError(
+                "guidance_scale_2 is the guidance of Wan 2.2's low-noise transformer; this "
+                "model has no unet_2: leave it out"
+            )
         if guidance_scale is not None and guidance_scale != 1 and negative_cond is not None:
             if self.flux:
                 # FluxPipeline's true classifier-free guidance: two calls, the conditional
@@ -732,9 +765,9 @@ class DiffusersModel(torch.nn.Module):
             elif self._wan:
                 # WanPipeline's guidance: two calls, the conditional first, the negative one
                 # with its own prompt embeddings.
-                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""))
+                c = self._call_unet(x_in, tau, _batched(unet_kwargs, batch, ""), net=net)
                 negative = _batched({**unet_kwargs, **negative_cond}, batch, "negative_cond")
-                u = self._call_unet(x_in, tau, negative)
+                u = self._call_unet(x_in, tau, negative, net=net)
             elif self.qwen_image:
                 # QwenImagePipeline's true CFG: two calls, the conditional first, the negative
                 # one with its own prompt and mask (the image shapes shared).
@@ -770,7 +803,8 @@ class DiffusersModel(torch.nn.Module):
             # least so that a half-precision unet's difference c - u is not rounded again.
             wide = torch.promote_types(c.dtype, torch.float32)
             uncond, cond = u.to(wide), c.to(wide)
-            out = uncond + guidance_scale * (cond - uncond)
+            assert g is not None  # guidance_scale, or unet_2's guidance_scale_2 where set
+            out = uncond + g * (cond - uncond)
             if self.qwen_image:
                 # QwenImagePipeline rescales the guided velocity of each token to the norm of
                 # the conditional one (over its channels), in this order of operations.
@@ -785,7 +819,7 @@ class DiffusersModel(torch.nn.Module):
             if control is not None:
                 images, scales = control
                 kwargs.update(self._residuals(x_in, tau, kwargs, images, scales, guess_mode))
-            out = self._call_unet(x_in, tau, kwargs, extra, image)
+            out = self._call_unet(x_in, tau, kwargs, extra, image, net=net)
         if self.sigma_data is not None:
             return self._denoised(x, out, sigma)
         if self.space == "edm" and self.prediction == "v":
@@ -1085,6 +1119,27 @@ class DiffusersModel(torch.nn.Module):
                 "give [entry] * batch, as QwenImageEditPlusPipeline makes it"
             )
 
+    def _expert(
+        self, times: Sequence[float], guidance_scale: float | None, guidance_scale_2: float | None
+    ) -> tuple[Any, float | None]:
+        """Wan 2.2's transformer and guidance scale at the ODE times ``times`` (one per
+        sample, read on the host): ``unet`` where the float32 timestep ``sigma N`` is at least
+        the float32 ``boundary_ratio N``, else ``unet_2`` with ``guidance_scale_2`` (None:
+        ``guidance_scale``), as WanPipeline compares its scheduler's float32 timestep with
+        ``boundary_ratio * num_train_timesteps``."""
+        assert self._boundary_ratio is not None  # set with unet_2
+        n = self.num_train_timesteps
+        boundary = np.float32(self._boundary_ratio * n)
+        high = {bool(np.float32(self.timestep(v)) >= boundary) for v in times}
+        if len(high) > 1:
+            raise ValueError(
+                "the batch's times lie on both sides of Wan 2.2's boundary, where the two "
+                "transformers meet; sample every state of a batch at the same time"
+            )
+        if high.pop():
+            return self.unet, guidance_scale
+        return self.unet_2, guidance_scale if guidance_scale_2 is None else guidance_scale_2
+
     def _call_unet(
         self,
         x: Tensor,
@@ -1092,8 +1147,10 @@ class DiffusersModel(torch.nn.Module):
         kwargs: Mapping[str, Any],
         extra: Tensor | None = None,
         image: Tensor | None = None,
+        net: Any = None,
     ) -> Tensor:
-        """The unet's prediction at ``x`` (with ``extra``, an inpainting unet's mask and
+        """The unet's (``net``'s, where given) prediction at ``x`` (with ``extra``, an
+        inpainting unet's mask and
         masked image, concatenated after ``x`` along the channels, dim 1, or a Flux Fill
         transformer's, or a Depth or Canny one's control image latents, dim 2; with
         ``image``, a reference image's tokens after ``x``'s, the output cut to ``x``'s), of
@@ -1107,7 +1164,8 @@ class DiffusersModel(torch.nn.Module):
                 hidden = torch.cat([hidden, image.to(x.dtype)], dim=1)
             # By keyword, as StableDiffusion3Pipeline and FluxPipeline call it: the
             # transformer's second positional argument is encoder_hidden_states.
-            result = self.unet(hidden_states=hidden, timestep=tau, return_dict=False, **kwargs)
+            unet = self.unet if net is None else net
+            result = unet(hidden_states=hidden, timestep=tau, return_dict=False, **kwargs)
         elif self._pixart:
             # As PixArtAlphaPipeline and PixArtSigmaPipeline call it.
             result = self.unet(x, timestep=tau, return_dict=False, **kwargs)
@@ -1152,6 +1210,58 @@ def _check_qwen_image_parts(**given: Any) -> None:
                 "QwenImagePipeline, QwenImageImg2ImgPipeline, QwenImageEditPipeline and "
                 "QwenImageControlNetPipeline do; leave it out"
             )
+
+
+def _check_experts(
+    unet: Any,
+    transformer_2: Any,
+    boundary_ratio: Any,
+    guidance_scale_2: Any,
+    space: str,
+) -> None:
+    """Refuse, in one line and before any call, Wan 2.2's second transformer where it does
+    not fit: without ``boundary_ratio`` (or this without it), beside another network than a
+    Wan transformer under a flow-matching scheduler, of another class or dtype than the
+    first, a ratio outside (0, 1), and ``guidance_scale_2`` without it or not a number."""
+    if guidance_scale_2 is not None and transformer_2 is None:
+        raise ValueError(
+            "guidance_scale_2 is the guidance of Wan 2.2's low-noise transformer; give it with "
+            "transformer_2=pipe.transformer_2 and boundary_ratio, or leave it out"
+        )
+    if transformer_2 is None and boundary_ratio is None:
+        return
+    if transformer_2 is None or boundary_ratio is None:
+        raise ValueError(
+            "transformer_2 (Wan 2.2's low-noise transformer) and boundary_ratio come together, "
+            "as WanPipeline holds them (pipe.transformer_2, pipe.config.boundary_ratio): give "
+            "both, or neither"
+        )
+    if not (space == "flow" and _is_wan(unet)):
+        raise ValueError(
+            "transformer_2 is Wan 2.2's low-noise transformer, beside a WanTransformer3DModel "
+            f"under a flow-matching scheduler; the network is a {type(unet).__name__}"
+        )
+    if type(transformer_2) is not type(unet):
+        raise ValueError(
+            f"transformer_2 is a {type(transformer_2).__name__}, but the first transformer a "
+            f"{type(unet).__name__}; WanPipeline's two experts are of one class"
+        )
+    first = getattr(unet, "dtype", None)
+    second = getattr(transformer_2, "dtype", None)
+    if first != second:
+        raise ValueError(
+            f"transformer_2 is in {second}, the first transformer in {first}; the ODE runs "
+            "both in one dtype: load them alike (WanPipeline.from_pretrained's torch_dtype)"
+        )
+    ok = isinstance(boundary_ratio, numbers.Real) and not isinstance(boundary_ratio, bool)
+    if not ok or not 0 < boundary_ratio < 1:
+        raise ValueError(
+            f"boundary_ratio must be a number in (0, 1), as pipe.config.boundary_ratio (0.875 "
+            f"for Wan2.2-T2V-A14B), got {boundary_ratio!r}"
+        )
+    bad = isinstance(guidance_scale_2, bool) or not isinstance(guidance_scale_2, numbers.Real)
+    if guidance_scale_2 is not None and (bad or not math.isfinite(guidance_scale_2)):
+        raise ValueError(f"guidance_scale_2 must be a finite number, got {guidance_scale_2!r}")
 
 
 @dataclass(frozen=True)
@@ -1274,6 +1384,8 @@ def from_diffusers(
     masked_image_latents: Tensor | None = None,
     image_latents: Tensor | None = None,
     control_latents: Tensor | None = None,
+    transformer_2: Any = None,
+    boundary_ratio: float | None = None,
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
@@ -1522,6 +1634,13 @@ def from_diffusers(
             ``model_dtype``. Every call then takes ``torch.cat([x, control_latents], dim=2)``
             for the packed latents ``x``, as the pipeline does. Needed with (and only with)
             such a transformer.
+        transformer_2: Wan 2.2's low-noise transformer (``pipe.transformer_2``), beside its
+            high-noise one as ``unet``: each evaluation calls ``unet`` where the float32
+            timestep ``sigma N`` is at least the float32 ``boundary_ratio N`` and
+            ``transformer_2`` below it, with the cond key ``guidance_scale_2`` as its
+            guidance scale (default ``guidance_scale``), as ``WanPipeline`` calls them.
+        boundary_ratio: with ``transformer_2``, the pipeline's ``pipe.config.boundary_ratio``
+            (0.875 for Wan2.2-T2V-A14B), in (0, 1).
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -1784,6 +1903,8 @@ def from_diffusers(
         table = _table(sched)
 
     guidance_scale = cond.pop("guidance_scale", None)
+    guidance_scale_2 = cond.pop("guidance_scale_2", None)
+    _check_experts(unet, transformer_2, boundary_ratio, guidance_scale_2, space)
     negative_cond = cond.pop("negative_cond", None)
     # The inputs of other pipelines than those of the transformers that take none.
     extras = dict(
@@ -2017,10 +2138,14 @@ def from_diffusers(
         qwen_image=qwen_image,
         z_image=z_image,
         controlnet=control_module,
+        unet_2=transformer_2,
+        boundary_ratio=boundary_ratio,
     )
     ode_cond = {**cond, **control_cond, **inpaint, **kontext, **z_options}
     if guidance_scale is not None:
         ode_cond["guidance_scale"] = guidance_scale
+    if guidance_scale_2 is not None:
+        ode_cond["guidance_scale_2"] = guidance_scale_2
     if negative_cond is not None:
         ode_cond["negative_cond"] = dict(negative_cond)
     return DiffusionODE(
