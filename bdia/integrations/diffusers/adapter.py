@@ -1256,8 +1256,8 @@ def _check_experts(
     ok = isinstance(boundary_ratio, numbers.Real) and not isinstance(boundary_ratio, bool)
     if not ok or not 0 < boundary_ratio < 1:
         raise ValueError(
-            f"boundary_ratio must be a number in (0, 1), as pipe.config.boundary_ratio (0.875 "
-            f"for Wan2.2-T2V-A14B), got {boundary_ratio!r}"
+            f"boundary_ratio must be a number in (0, 1), as a Wan 2.2 pipeline's "
+            f"pipe.config.boundary_ratio, got {boundary_ratio!r}"
         )
     bad = isinstance(guidance_scale_2, bool) or not isinstance(guidance_scale_2, numbers.Real)
     if guidance_scale_2 is not None and (bad or not math.isfinite(guidance_scale_2)):
@@ -1639,8 +1639,8 @@ def from_diffusers(
             timestep ``sigma N`` is at least the float32 ``boundary_ratio N`` and
             ``transformer_2`` below it, with the cond key ``guidance_scale_2`` as its
             guidance scale (default ``guidance_scale``), as ``WanPipeline`` calls them.
-        boundary_ratio: with ``transformer_2``, the pipeline's ``pipe.config.boundary_ratio``
-            (0.875 for Wan2.2-T2V-A14B), in (0, 1).
+        boundary_ratio: with ``transformer_2``, the pipeline's ``pipe.config.boundary_ratio``,
+            in (0, 1).
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
