@@ -1,5 +1,6 @@
-"""A diffusers UNet and a diffusers scheduler's noise table, or Stable Diffusion 3's or Flux's
-transformer and its flow-matching scheduler, as a ``bdia.DiffusionODE``.
+"""A diffusers UNet and a diffusers scheduler's noise table, or a flow-matching transformer
+(Stable Diffusion 3's, Flux's, Qwen-Image's, Z-Image's, Sana's, Wan's, ...) and its
+flow-matching scheduler, as a ``bdia.DiffusionODE``.
 
 diffusers keeps the noise schedule in its scheduler (``alphas_cumprod``, one value per
 training timestep ``tau = 0 .. N-1``) and calls the network as ``unet(sample, tau, **kwargs)``.
@@ -44,7 +45,15 @@ Schedulers keep their samples in one of three spaces, and so does the ODE built 
   per-sample latents ``(C, 1, h, w)`` of the image-shaped state, at ``timestep = (1000 -
   sigma N) / 1000``, with ``cap_feats``, a list of per-sample prompt embeddings of their own
   lengths; it predicts ``x0 - eps``, which is negated, and its CFG is the pipeline's (see
-  ``bdia.integrations.diffusers._z_image``).
+  ``bdia.integrations.diffusers._z_image``). ``SanaTransformer2DModel`` is called as SD3's
+  transformer is, with the prompt's ``encoder_attention_mask`` and its timestep times the
+  config's ``timestep_scale``, as ``SanaPipeline`` calls it, and Wan's text-to-video
+  ``WanTransformer3DModel`` so on video latents ``(batch, C, frames, h, w)``, its guidance
+  two calls with the conditional one first, as ``WanPipeline`` makes them, and Wan 2.2's
+  low-noise expert (``transformer_2``) below the pipeline's ``boundary_ratio``. Their
+  pipelines' own schedulers (DPM-Solver and UniPC with ``use_flow_sigmas``) call the
+  transformer at integer timesteps and are refused; the flow-matching scheduler of their
+  ``flow_shift`` takes their place.
 
 The EDM-preconditioned schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``:
 Playground v2.5's) have no table either. Their samples are ``x = x0 + sigma eps`` (``"edm"``
