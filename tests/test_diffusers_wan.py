@@ -39,8 +39,8 @@ BOUNDARY = 0.6  # between the tiny grid's timesteps, so that both experts run
 
 needs_experts = pytest.mark.skipif(
     "transformer_2" not in inspect.signature(diffusers.WanPipeline.__init__).parameters,
-    reason=f"diffusers {diffusers.__version__}'s WanPipeline takes no transformer_2 (0.35 and "
-    "newer do)",
+    reason=f"diffusers {diffusers.__version__}'s WanPipeline takes no transformer_2 or "
+    "expand_timesteps (0.35 and newer do)",
 )
 SHIFT = WAN_SCHEDULER["flow_shift"]
 
@@ -211,6 +211,49 @@ def test_bdia_scheduler_in_wan22_pipeline_is_bdia_sample_and_inverts():
     with torch.no_grad():
         next(pipe.transformer_2.parameters()).add_(1.0)
     assert _experts_ode(pipe).fingerprint() != before
+
+
+@needs_experts
+def test_wan22_ti2v_pipeline_with_expanded_timesteps_is_bdia_sample_euler():
+    """WanPipeline(expand_timesteps=True) (Wan 2.2 TI2V-5B's text-to-video) gives every
+    latent token of 2 x 2 patches its own copy of the timestep; from_diffusers with
+    expand_timesteps=True gives the transformer the same, and bdia.sample with euler is the
+    pipeline's run bit for bit. One timestep per sample moves the transformer's output in
+    its last bits, so without the flag the runs differ (a check that the flag is needed)."""
+    pipe = tiny_wan_pipeline(_flow_scheduler(), expand_timesteps=True)
+    assert pipe.config.expand_timesteps
+    noise = _noise()
+    latents = _run(pipe, noise, GUIDANCE)
+    ts = diffusers_grid(pipe.scheduler, STEPS)
+    outs = []
+    for expand in (True, False):
+        ode = from_diffusers(
+            pipe.transformer, pipe.scheduler, expand_timesteps=expand, **_cond(GUIDANCE)
+        )
+        with torch.no_grad():
+            outs.append(bdia.sample(ode, bdia.get_solver("euler"), noise, ts, progress=False))
+    assert torch.equal(outs[0], latents)
+    assert not torch.equal(outs[1], latents)
+
+
+def test_expanded_timesteps_are_wans_alone():
+    from bdia.integrations.diffusers.tiny import tiny_sd3_transformer
+
+    with pytest.raises(ValueError, match="expand_timesteps gives a Wan transformer"):
+        from_diffusers(
+            tiny_sd3_transformer(),
+            _flow_scheduler(),
+            expand_timesteps=True,
+            encoder_hidden_states=torch.zeros(1, 5, 16),
+            pooled_projections=torch.zeros(1, 8),
+        )
+    with pytest.raises(TypeError, match="expand_timesteps must be a bool"):
+        from_diffusers(
+            tiny_wan_transformer(),
+            _flow_scheduler(),
+            expand_timesteps="yes",
+            encoder_hidden_states=_embeds(0),
+        )
 
 
 def test_the_experts_switch_at_the_float32_boundary():

@@ -272,8 +272,9 @@ class DiffusersModel(torch.nn.Module):
             ``unet(hidden_states=x, timestep=tau, return_dict=False, **kwargs)`` (SD3's
             transformer; Sana's, at ``tau`` times its config's ``timestep_scale``, as
             ``SanaPipeline`` calls it; Wan's on video latents ``(batch, C, frames, h, w)``,
-            guidance in two calls, the conditional one first, as ``WanPipeline`` calls it;
-            Flux's with ``flux``).
+            guidance in two calls, the conditional one first, as ``WanPipeline`` calls it, and
+            with ``expand_timesteps`` one timestep per token of 2 x 2 patches; Flux's with
+            ``flux``).
         alphas_cumprod: the noise table, N values (float64 is kept as is); None in ``"flow"``
             space and with ``sigma_data``, which have none.
         space: ``"vp"`` (the ODE's time is ``t = (tau + 1) / N``), ``"edm"`` (its time is
@@ -359,6 +360,7 @@ class DiffusersModel(torch.nn.Module):
         controlnet: Any = None,
         unet_2: Any = None,
         boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
     ) -> None:
         super().__init__()
         if space not in _SPACES:
@@ -431,6 +433,14 @@ class DiffusersModel(torch.nn.Module):
             if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
                 raise ValueError(f"boundary_ratio must be a number in (0, 1), got {ratio!r}")
         self._boundary_ratio = boundary_ratio
+        # WanPipeline's expand_timesteps (Wan 2.2 TI2V-5B's): one timestep per token.
+        if expand_timesteps and not self._wan:
+            raise ValueError(
+                "expand_timesteps gives a Wan transformer one timestep per token, as "
+                "WanPipeline(expand_timesteps=True) does; this network is no "
+                "WanTransformer3DModel under a flow-matching scheduler"
+            )
+        self.expand_timesteps = bool(expand_timesteps)
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.unet_dtype = unet_dtype
         if sigma_data is not None:
@@ -743,6 +753,12 @@ class DiffusersModel(torch.nn.Module):
             elif self._sana:
                 # SanaPipeline's t.expand(batch) * transformer.config.timestep_scale.
                 tau = tau * self._timestep_scale
+            elif self.expand_timesteps:
+                # WanPipeline's (mask[0][0][:, ::2, ::2] * t).flatten(), a mask of ones, for
+                # every sample: the timestep of each token of 2 x 2 patches of the latents.
+                frames, h, w = x.shape[2:]
+                tokens = frames * ((h + 1) // 2) * ((w + 1) // 2)
+                tau = tau.view(-1, 1).expand(-1, tokens)
             tau = values_on(tau, tau.dtype, tau_device)
             if self.space == "edm":
                 scale = torch.tensor([math.sqrt(s * s + 1.0) for s in times], dtype=torch.float64)
@@ -1395,6 +1411,7 @@ def from_diffusers(
     control_latents: Tensor | None = None,
     transformer_2: Any = None,
     boundary_ratio: float | None = None,
+    expand_timesteps: bool = False,
     **cond: Any,
 ) -> DiffusionODE:
     """The probability-flow ODE of a diffusers UNet under a diffusers scheduler's noise table,
@@ -1650,6 +1667,11 @@ def from_diffusers(
             guidance scale (default ``guidance_scale``), as ``WanPipeline`` calls them.
         boundary_ratio: with ``transformer_2``, the pipeline's ``pipe.config.boundary_ratio``,
             in (0, 1).
+        expand_timesteps: a Wan transformer gets one timestep per latent token of 2 x 2
+            patches, shape ``(batch, frames * ceil(h / 2) * ceil(w / 2))``, as
+            ``WanPipeline`` gives it under its ``pipe.config.expand_timesteps`` (Wan 2.2
+            TI2V-5B's); its output then differs from that of one timestep per sample in
+            the last bits.
         **cond: keyword arguments of every unet call: ``encoder_hidden_states`` of shape
             ``(batch or 1, L, D)``, ``class_labels``, ``added_cond_kwargs``, ... (SD3:
             ``encoder_hidden_states`` and ``pooled_projections`` of shape ``(batch or 1, P)``).
@@ -1914,6 +1936,8 @@ def from_diffusers(
     guidance_scale = cond.pop("guidance_scale", None)
     guidance_scale_2 = cond.pop("guidance_scale_2", None)
     _check_experts(unet, transformer_2, boundary_ratio, guidance_scale_2, space)
+    if not isinstance(expand_timesteps, bool):
+        raise TypeError(f"expand_timesteps must be a bool, got {expand_timesteps!r}")
     negative_cond = cond.pop("negative_cond", None)
     # The inputs of other pipelines than those of the transformers that take none.
     extras = dict(
@@ -2149,6 +2173,7 @@ def from_diffusers(
         controlnet=control_module,
         unet_2=transformer_2,
         boundary_ratio=boundary_ratio,
+        expand_timesteps=expand_timesteps,
     )
     ode_cond = {**cond, **control_cond, **inpaint, **kontext, **z_options}
     if guidance_scale is not None:

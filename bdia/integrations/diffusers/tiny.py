@@ -467,26 +467,34 @@ def tiny_wan_transformer(
 
 
 def tiny_wan_pipeline(
-    scheduler: Any = None, *, boundary_ratio: float | None = None, **overrides: Any
+    scheduler: Any = None,
+    *,
+    boundary_ratio: float | None = None,
+    expand_timesteps: bool = False,
+    **overrides: Any,
 ) -> Any:
     """A float32 ``WanPipeline`` of tiny random parts, without a text encoder or tokenizer:
     give it ``prompt_embeds`` of width 16 (and, under guidance, ``negative_prompt_embeds``)
     and ``latents`` of shape ``(batch, 4, frames, h, w)``. ``tiny_wan_transformer(
     **overrides)`` and an ``AutoencoderKLWan`` of 4 latent channels (seed 1); with
     ``boundary_ratio``, Wan 2.2's two experts: a second transformer of seed 1 as
-    ``transformer_2``, called below that ratio of the timesteps (needs diffusers 0.35 or
-    newer). ``scheduler`` defaults to Wan's ``UniPCMultistepScheduler(**WAN_SCHEDULER)``.
+    ``transformer_2``, called below that ratio of the timesteps; with ``expand_timesteps``,
+    Wan 2.2 TI2V-5B's timestep per token (either needs diffusers 0.35 or newer).
+    ``scheduler`` defaults to Wan's ``UniPCMultistepScheduler(**WAN_SCHEDULER)``.
     The progress bar is off."""
     experts: dict[str, Any] = {}
-    if boundary_ratio is not None:
+    if boundary_ratio is not None or expand_timesteps:
         if "transformer_2" not in inspect.signature(diffusers.WanPipeline.__init__).parameters:
             raise ImportError(
-                f"WanPipeline takes transformer_2 in diffusers 0.35 and newer; this is "
-                f"{diffusers.__version__}"
+                f"WanPipeline takes transformer_2 and expand_timesteps in diffusers 0.35 and "
+                f"newer; this is {diffusers.__version__}"
             )
+    if boundary_ratio is not None:
         experts = dict(
             transformer_2=tiny_wan_transformer(seed=1, **overrides), boundary_ratio=boundary_ratio
         )
+    if expand_timesteps:
+        experts["expand_timesteps"] = True
     vae = _tiny_video_vae(diffusers.AutoencoderKLWan)
     if scheduler is None:
         scheduler = diffusers.UniPCMultistepScheduler(**WAN_SCHEDULER)
