@@ -328,14 +328,22 @@ class DiffusersModel(torch.nn.Module):
             ``ZImageControlNetModel``, as ``ZImageControlNetPipeline`` calls it, and in
             ``"flow"`` space without any of them an ``SD3ControlNetModel``, as
             ``StableDiffusion3ControlNetPipeline`` calls it.
+        unet_2: Wan 2.2's low-noise transformer, beside a Wan ``unet``: called where the
+            float32 timestep ``sigma N`` falls below the float32 ``boundary_ratio N``, under
+            ``forward``'s ``guidance_scale_2``.
+        boundary_ratio: with ``unet_2``, in (0, 1): the pipeline's ``boundary_ratio``.
+        expand_timesteps: a Wan ``unet`` gets its timestep as ``(batch, tokens)``, one copy
+            per latent token of 2 x 2 patches, as ``WanPipeline`` with ``expand_timesteps``
+            (Wan 2.2 TI2V-5B's) gives it.
 
     ``forward(x, t, guidance_scale=None, negative_cond=None, controlnet_cond=None,
     conditioning_scale=1.0, guess_mode=False, control_range=None, mask=None,
-    masked_image_latents=None, image_latents=None, control_latents=None, **unet_kwargs)``: see
-    there. An inpainting unet or a Flux Fill transformer (``in_channels`` of its config more
-    than the state's channels) takes ``mask`` and ``masked_image_latents`` there, a Flux
-    Depth or Canny transformer ``control_latents``; Flux Kontext's and Qwen-Image-Edit's
-    reference image comes as ``image_latents``.
+    masked_image_latents=None, image_latents=None, control_latents=None,
+    guidance_scale_2=None, **unet_kwargs)``: see there. An inpainting unet or a Flux Fill
+    transformer (``in_channels`` of its config more than the state's channels) takes ``mask``
+    and ``masked_image_latents`` there, a Flux Depth or Canny transformer
+    ``control_latents``; Flux Kontext's and Qwen-Image-Edit's reference image comes as
+    ``image_latents``.
     """
 
     # It maps each time to its scheduler's timestep in Python: DiffusionODE hands it the time
