@@ -1605,6 +1605,33 @@ def test_the_embedded_guidance_is_refused_where_nothing_embeds_it(
     )
 
 
+@pytest.mark.parametrize(
+    "pipeline,transformer",
+    [("SanaPipeline", "SanaTransformer2DModel"), ("WanPipeline", "WanTransformer3DModel")],
+    ids=["sana", "wan"],
+)
+def test_a_transformer_edit_image_does_not_take_is_refused_before_the_pipeline_loads(
+    pipeline, transformer, tmp_path, monkeypatch
+):
+    """Known from model_index.json: a pipeline whose transformer edit_image does not take
+    (Sana's, Wan's, whose ODEs from_diffusers makes) is refused in one line naming the class
+    and the families it takes, before the pipeline (billions of weights) loads; the folder
+    here holds model_index.json alone, which a load would fail on otherwise."""
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    index = {
+        "_class_name": pipeline,
+        "transformer": ["diffusers", transformer],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.chdir(tmp_path)
+    no_pipeline_loads(monkeypatch)
+    args = edit(folder, photo(tmp_path / "p.png"), tmp_path / "e.png")
+    words = ["'--pipeline'", f"a {pipeline}: the pipeline's transformer is a {transformer}"]
+    fails_in_one_line(args, tmp_path, *words, "nothing was loaded", status=2)
+
+
 @NO_QWEN
 @pytest.mark.parametrize(
     "more,words",

@@ -362,6 +362,7 @@ def edit_command(
                 f"bdia edit needs the diffusers library and transformers ({err}); install "
                 "them with pip install 'bdia[diffusers]'"
             ) from None
+    _check_edit_network(index)
     if not _ranks.rank_zero_alone():
         return
 
@@ -468,6 +469,26 @@ def _never_embeds_guidance(index: dict[str, Any], folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("guidance_embeds") is False
+
+
+def _check_edit_network(index: dict[str, Any]) -> None:
+    """Refuse, from model_index.json ``index`` and before the pipeline loads (minutes for a
+    transformer of billions of weights), a pipeline whose transformer edit_image does not
+    take (Sana's, Wan's, ...). A pipeline with a unet, or whose parts the index does not
+    name, is left to edit_image once it loads."""
+    unet = index.get("unet")
+    if isinstance(unet, list) and len(unet) == 2 and unet[1] is not None:
+        return
+    name = _transformer_class(index)
+    if name is None:
+        return
+    from ..integrations.diffusers._edit_network import _takes_transformer, _untaken_transformer
+
+    if not _takes_transformer(name):
+        raise click.BadParameter(
+            f"a {index['_class_name']}: {_untaken_transformer(name)}; nothing was loaded",
+            param_hint="'--pipeline'",
+        )
 
 
 def _check_qwen_image(index: dict[str, Any]) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
+
 from ._conditioning import _hid_dim_type, _ip_adapters
 from ._edit_conditions import (
     _QWEN_EDIT_INPAINT,
@@ -41,6 +43,8 @@ _QWEN = "QwenImageTransformer2DModel"
 _FLUX2 = "Flux2Transformer2DModel"
 _Z_IMAGE = "ZImageTransformer2DModel"
 _PIXART = "PixArtTransformer2DModel"
+# Every transformer class edit_image takes (a subclass of one too, by its MRO).
+_EDIT_TRANSFORMERS = (_SD3, _FLUX, _CHROMA, _QWEN, _Z_IMAGE, _FLUX2, _PIXART)
 # The Flux.2 pipelines edit_image maps: FLUX.2-dev's, Klein's, Klein's key-value-cache one
 # (its reference tokens' keys and values made once) and, without a mask, Klein's inpainting
 # one (it blends).
@@ -188,8 +192,13 @@ def _network(pipe: Any) -> tuple[Any, str]:
         return transformer, "flux2"
     if _PIXART in names:
         return transformer, "pixart"
-    raise ValueError(
-        f"the pipeline's transformer is a {type(transformer).__name__}; of transformers, "
+    raise ValueError(_untaken_transformer(type(transformer).__name__))
+
+
+def _untaken_transformer(name: str) -> str:
+    """Why edit_image does not take a pipeline whose transformer is of class ``name``."""
+    return (
+        f"the pipeline's transformer is a {name}; of transformers, "
         f"edit_image takes PixArt's {_PIXART} (PixArtSigmaPipeline, PixArtAlphaPipeline), "
         f"Stable Diffusion 3's {_SD3} (StableDiffusion3Pipeline), Flux's "
         f"{_FLUX} (FluxPipeline), Chroma's {_CHROMA} (ChromaPipeline), Qwen-Image's "
@@ -197,6 +206,18 @@ def _network(pipe: Any) -> tuple[Any, str]:
         f"Flux2KleinPipeline) and Z-Image's {_Z_IMAGE} (ZImagePipeline), and besides them "
         "the unets of Stable Diffusion and SDXL"
     )
+
+
+def _takes_transformer(name: str) -> bool:
+    """Whether edit_image takes a transformer of the diffusers class ``name`` (a subclass of
+    one it takes too); a name diffusers does not know is left to the load to judge."""
+    try:
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):  # diffusers' lazy import of the class's module
+        return True
+    if not isinstance(cls, type):
+        return True
+    return any(c.__name__ in _EDIT_TRANSFORMERS for c in cls.__mro__)
 
 
 def _pipeline_class(pipe: Any, kind: str) -> str | None:
