@@ -9,14 +9,20 @@ The loop is ``StableDiffusionPipeline``'s: the latents twice (classifier-free gu
 random-weight ``UNet2DConditionModel`` of Stable Diffusion 1.5's config (about 860M
 parameters) in float16, at 64 x 64 latents (512 x 512 images), with random text embeddings.
 The runs alternate between the schedulers and a loop with no step (the unet alone), each run
-synchronised; the page gives each one's median seconds, its milliseconds a step, and its
-ratio to DDIM's. A step that reads a tensor back from the device makes the host wait for
-the GPU, which then idles while the host queues the next unet call: the ratio shows it.
+synchronised; the page gives, for each batch size, each loop's median seconds, its
+milliseconds a step, the milliseconds a step the host took to queue it (the loop's return,
+before the closing synchronise), and its ratio to DDIM's. A step that reads a tensor back
+from the device makes the host wait for the GPU, which then idles while the host queues the
+next unet call: the ratio shows it. The whole time less the host's is the work still queued
+when the loop returned: about nothing where the host bounds the loop (the GPU waits for each
+launch, and a step's own host work, Python and launches, adds to the time), about one unet
+call where the GPU does (CUDA's launch queue then holds the host that far ahead).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -96,33 +102,41 @@ def denoise(
     return x
 
 
-def timed(run: Callable[[], Tensor], device: torch.device) -> float:
+def timed(run: Callable[[], Tensor], device: torch.device) -> tuple[float, float]:
+    """Seconds of one synchronised run of ``run``, and of the host's part: until ``run``
+    returned, its work queued (on the CPU, where nothing is queued, the two agree)."""
     sync(device)
     start = time.perf_counter()
     x = run()
+    queued = time.perf_counter() - start
     sync(device)
     seconds = time.perf_counter() - start
     if not bool(torch.isfinite(x).all()):
         raise SystemExit("a run ended with non-finite latents")
-    return seconds
+    return seconds, queued
 
 
-def page(rows: dict[str, list[float]], steps: int, setting: str, command: str) -> str:
-    ddim = statistics.median(rows["DDIMScheduler"])
+def table(rows: dict[str, list[tuple[float, float]]], steps: int) -> list[str]:
+    """One batch size's table: each loop's median whole and host seconds over its runs."""
+    ddim = statistics.median(whole for whole, _ in rows["DDIMScheduler"])
     lines = [
-        "# BDIAScheduler's speed in a pipeline's loop",
-        "",
-        setting,
-        "",
-        "| loop | runs | median (s) | ms / step | / DDIM |",
-        "|---|---:|---:|---:|---:|",
+        "| loop | runs | median (s) | ms / step | host ms / step | / DDIM |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, seconds in rows.items():
-        median = statistics.median(seconds)
+    for name, runs in rows.items():
+        median = statistics.median(whole for whole, _ in runs)
+        host = statistics.median(queued for _, queued in runs)
         lines.append(
-            f"| {name} | {len(seconds)} | {median:.4f} | {1000 * median / steps:.2f} | "
-            f"{median / ddim:.3f} |"
+            f"| {name} | {len(runs)} | {median:.4f} | {1000 * median / steps:.2f} | "
+            f"{1000 * host / steps:.2f} | {median / ddim:.3f} |"
         )
+    return lines
+
+
+def page(tables: dict[int, list[str]], setting: str, command: str) -> str:
+    lines = ["# BDIAScheduler's speed in a pipeline's loop", "", setting]
+    for batch, rows in tables.items():
+        lines += ["", f"## Batch {batch} ({2 * batch} through the unet)", "", *rows]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([*lines, "", f"Written by `{command}` on {stamp}.", ""])
 
@@ -131,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny unet, 4 steps")
     p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--batch", type=positive_int, default=4, help="images a run")
+    p.add_argument(
+        "--batch", type=positive_int, nargs="+", default=[4, 16], help="images a run, each size"
+    )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs of each loop")
     p.add_argument("--out", type=Path, default=None, help="markdown page to write")
     args = p.parse_args(argv)
@@ -147,36 +163,38 @@ def main(argv: list[str] | None = None) -> int:
     diffusers.utils.logging.set_verbosity_error()  # its note on casting a built unet
     with torch.device(device):
         unet = UNet2DConditionModel(**config).to(dtype).eval()
-    size = config["sample_size"]
-    noise = torch.randn(args.batch, 4, size, size, device=device, dtype=dtype)
-    width = config["cross_attention_dim"]
-    text = torch.randn(2 * args.batch, TEXT_TOKENS, width, device=device, dtype=dtype)
+    size, width = config["sample_size"], config["cross_attention_dim"]
     ddim = DDIMScheduler(**SD15_SCHEDULE)
     bdia_scheduler = BDIAScheduler.from_config(ddim.config, gamma=0.96)
-    loops: dict[str, Callable[[], Tensor]] = {
-        "DDIMScheduler": lambda: denoise(ddim, unet, ddim, noise, text, steps),
-        "BDIAScheduler (gamma 0.96)": lambda: denoise(
-            bdia_scheduler, unet, ddim, noise, text, steps
-        ),
-        "unet alone (no step)": lambda: denoise(None, unet, ddim, noise, text, steps),
-    }
     params = sum(w.numel() for w in unet.parameters())
     setting = (
         f"{card}, torch {torch.__version__}, diffusers {diffusers.__version__}; a random-weight "
         f"UNet2DConditionModel of {params:,} parameters in {str(dtype)[6:]}, latents "
-        f"{args.batch} x 4 x {size} x {size}, guidance {GUIDANCE} (the unet sees twice the "
-        f"batch), {steps} steps; each loop run once to warm up, then {repeats} times, "
-        "alternating."
+        f"4 x {size} x {size}, guidance {GUIDANCE} (the unet sees twice the batch), {steps} "
+        f"steps; each loop run once to warm up, then {repeats} times, alternating."
     )
-    rows: dict[str, list[float]] = {name: [] for name in loops}
     command = " ".join(["python benchmarks/scheduler_speed.py", *(argv or sys.argv[1:])])
-    with torch.no_grad():
-        for run in loops.values():
-            timed(run, device)
-        for _ in range(repeats):
-            for name, run in loops.items():
-                rows[name].append(timed(run, device))
-    text_page = page(rows, steps, setting, command)
+    tables: dict[int, list[str]] = {}
+    for batch in dict.fromkeys(args.batch):
+        noise = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+        text = torch.randn(2 * batch, TEXT_TOKENS, width, device=device, dtype=dtype)
+        loops = {
+            name: functools.partial(denoise, scheduler, unet, ddim, noise, text, steps)
+            for name, scheduler in (
+                ("DDIMScheduler", ddim),
+                ("BDIAScheduler (gamma 0.96)", bdia_scheduler),
+                ("unet alone (no step)", None),
+            )
+        }
+        rows: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
+        with torch.no_grad():
+            for run in loops.values():
+                timed(run, device)
+            for _ in range(repeats):
+                for name, run in loops.items():
+                    rows[name].append(timed(run, device))
+        tables[batch] = table(rows, steps)
+    text_page = page(tables, setting, command)
     print(text_page, end="")
     write_atomic(out, text_page)
     return 0

@@ -107,15 +107,21 @@ def test_scheduler_speed_smoke_times_the_three_loops(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (page.read_bytes() if page.exists() else None) == before
     assert out.read_text() == proc.stdout
-    (rows,) = _tables(proc.stdout)
-    assert [r[0] for r in rows] == [
-        "DDIMScheduler",
-        "BDIAScheduler (gamma 0.96)",
-        "unet alone (no step)",
-    ]
-    assert rows[0][4] == "1.000"
-    for _, runs, median, per_step, ratio in rows:
-        assert runs == "2" and float(median) > 0 and float(per_step) > 0 and float(ratio) > 0
+    tables = _tables(proc.stdout)
+    assert "## Batch 4 (8 through the unet)" in proc.stdout
+    assert "## Batch 16 (32 through the unet)" in proc.stdout
+    assert len(tables) == 2  # the default batch sizes, 4 and 16
+    for rows in tables:
+        assert [r[0] for r in rows] == [
+            "DDIMScheduler",
+            "BDIAScheduler (gamma 0.96)",
+            "unet alone (no step)",
+        ]
+        assert rows[0][5] == "1.000"
+        for _, runs, median, per_step, host, ratio in rows:
+            assert runs == "2" and float(median) > 0 and float(ratio) > 0
+            # The host's part of a run is part of it (on the CPU, nothing is queued: all).
+            assert 0 < float(host) <= float(per_step)
 
 
 def test_scheduler_speed_smoke_needs_its_own_out(capsys):
