@@ -1482,6 +1482,15 @@ def test_edit_images_own_refusals_are_one_line_with_the_options_names(pipelines,
     assert "num_inference_steps" not in line
 
 
+def test_a_guidance_below_1_is_refused_in_the_commands_words(pipelines, tmp_path):
+    """SD-Turbo's --guidance 0, which StableDiffusionPipeline runs as no guidance, would be
+    u + 0 (c - u), the unconditional branch alone: refused (status 2), naming --guidance."""
+    args = edit(pipelines["sd"], photo(tmp_path / "p.png"), tmp_path / "e.png", "--guidance", "0")
+    line = fails_in_one_line(args, tmp_path, "--guidance 0.0: StableDiffusionPipeline", status=2)
+    assert "give --guidance=1 for none" in line and "guidance_scale" not in line
+    assert not (tmp_path / "e.png").exists()
+
+
 def test_a_pipeline_without_its_text_encoder_is_refused_by_edit_image(pipelines, tmp_path):
     folder = tmp_path / "sd"
     shutil.copytree(pipelines["sd"], folder)

@@ -296,6 +296,23 @@ def test_guidance_without_negative_embeddings_is_refused(fresh_pipe, image):
     assert "negative_prompt" in message and "7.5" in message
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.5, -2.0])
+def test_a_guidance_scale_below_1_is_refused_before_any_network(fresh_pipe, image, scale):
+    """StableDiffusionPipeline runs no guidance at or below 1 (SD-Turbo's 0.0), where
+    u + g (c - u) would weigh the unconditional branch, at 0 alone: the edit would not see
+    its prompts, and be no run of the pipeline's."""
+    message = _refused(fresh_pipe, image, guidance_scale=scale)
+    assert f"guidance_scale = {scale}: StableDiffusionPipeline runs" in message
+    assert "give guidance_scale=1 for none" in message
+
+
+def test_a_guidance_scale_below_1_is_refused_for_transformers_too(fresh_sd3_pipe, image):
+    """The same rule for a transformer's pipeline (StableDiffusion3Pipeline's CFG is on for a
+    scale above 1)."""
+    message = _refused(fresh_sd3_pipe, image, guidance_scale=0.0)
+    assert "guidance_scale = 0.0: StableDiffusion3Pipeline runs" in message
+
+
 @pytest.mark.parametrize("projection", ["ip_image_proj", "image_proj", "text_image_proj"])
 def test_a_unet_that_needs_image_embeddings_is_refused_before_the_vae(
     fresh_pipe, image, projection

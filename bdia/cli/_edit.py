@@ -208,8 +208,9 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     default=None,
     type=float,
     callback=_finite_if_given,
-    help="Classifier-free guidance scale (1: none, but 0 for Z-Image; true CFG for Chroma, "
-    "Qwen-Image and FLUX.2-klein).  [default: 7.5; 4.5 for PixArt, 1 for Flux and Qwen-Image, 5 "
+    help="Classifier-free guidance scale (1: none, but 0 for Z-Image; below that refused, as "
+    "the pipelines run none there, SD-Turbo's 0 included; true CFG for Chroma, Qwen-Image and "
+    "FLUX.2-klein).  [default: 7.5; 4.5 for PixArt, 1 for Flux and Qwen-Image, 5 "
     "for Chroma and Z-Image, 4 for FLUX.2-klein]",
 )
 @click.option(

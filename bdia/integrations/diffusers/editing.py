@@ -576,6 +576,16 @@ def _check_guidance(
         _check_number(guidance, "guidance")
     # ZImagePipeline's CFG is off at 0, the others' at 1.
     unguided = 0 if zimage else 1
+    if guidance_scale < unguided:
+        # The pipelines run none below 1 (do_classifier_free_guidance is guidance_scale > 1),
+        # where u + g (c - u) would move towards the unconditional prediction: at SD-Turbo's
+        # 0.0 the prompts would not count at all.
+        raise ValueError(
+            f"guidance_scale = {guidance_scale}: {type(pipe).__name__} runs classifier-free "
+            "guidance for a scale above 1 and none at or below 1 (SD-Turbo's and SDXL-Turbo's "
+            "0.0 is a run without it), where u + g (c - u) would lean towards the "
+            "unconditional branch, which no pipeline runs; give guidance_scale=1 for none"
+        )
     guided = guidance_scale != unguided
     if guided and negative_prompt is None:
         raise ValueError(
@@ -1291,7 +1301,9 @@ def edit_image(
             spacing, that spacing to 0 (``n - 1`` steps: the pipeline's last, from 0 to 0,
             moves nothing).
         guidance_scale: ``g`` of classifier-free guidance, ``u + g (c - u)``; 1 is the
-            conditional model alone. Every other value needs ``negative_prompt``. By default
+            conditional model alone, and a value below 1, which the pipelines run as no
+            guidance (SD-Turbo's 0.0), is refused. Every other value needs
+            ``negative_prompt``. By default
             7.5, and 1 for Flux: its classifier-free guidance is FluxPipeline's
             ``true_cfg_scale`` (1 by default), two transformer calls a step; Flux.1-dev is
             guidance-distilled and embeds its guidance instead (``guidance``). For Chroma 5,
@@ -1524,7 +1536,8 @@ def edit_image(
             and SDXL's ``"text_time"``), or an SDXL one whose added embedding does not take
             six time ids beside the pooled embeddings (a refiner), or an SDXL pipeline whose
             config sets ``requires_aesthetics_score`` (a refiner's time ids); guidance
-            without a negative prompt; text prompts without the tokenizers and text
+            without a negative prompt, or a ``guidance_scale`` below 1 (the pipelines run
+            none there; below 0 for Z-Image); text prompts without the tokenizers and text
             encoders; prompts or embeddings of the wrong batch or dim, or SDXL, SD3 or Flux
             embeddings without the pooled ones, or Qwen-Image's without their mask or with
             a mask that is not of their (batch, tokens); for Qwen-Image a VAE config
