@@ -300,6 +300,13 @@ class VPDiscrete(_VariancePreserving):
     linear in t from there to the first knot at 1/N: ``t`` then lies in [0, 1] and a grid may
     end at the clean data (``t_min = 0``, ``sigma_bar_range()`` starts at 0). This is the end
     point of diffusers' ``set_alpha_to_one=True`` and ``final_sigmas_type="zero"``.
+
+    A table whose last value is 0 (a last beta of 1), diffusers' ``rescale_betas_zero_snr=True``
+    (zero terminal SNR, Lin et al. 2024), ends in pure noise: alpha = 0 at t = 1, where
+    ``sigma_bar`` and the log-SNR are infinite, as ``RectifiedFlow``'s end. log alpha cannot
+    be linear up to -inf, so between the last two knots alpha itself is linear in t, from the
+    last positive knot's to 0: its derivative stays finite at t = 1, which a Runge-Kutta
+    solver's first step from there needs. The knots' values are the table's either way.
     """
 
     def __init__(
@@ -312,18 +319,33 @@ class VPDiscrete(_VariancePreserving):
             raise ValueError("give exactly one of betas or alphas_cumprod")
         if betas is not None:
             b = np.asarray(torch.as_tensor(betas, dtype=torch.float64).cpu(), dtype=np.float64)
-            if b.ndim != 1 or b.size < 2 or not np.all((b > 0) & (b < 1)):
-                raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1)")
-            log_ac = np.cumsum(np.log1p(-b))
+            if b.ndim != 1 or b.size < 2 or not np.all((b[:-1] > 0) & (b[:-1] < 1)):
+                raise ValueError(
+                    "betas must be a 1-D array of at least 2 values in (0, 1), the last one "
+                    "in (0, 1] (1: zero terminal SNR)"
+                )
+            if not 0 < b[-1] <= 1:
+                raise ValueError(
+                    f"the last beta must lie in (0, 1] (1: zero terminal SNR), got {b[-1]:.6g}"
+                )
+            with np.errstate(divide="ignore"):  # log1p(-1) is -inf: the pure-noise end
+                log_ac = np.cumsum(np.log1p(-b))
         else:
             ac = np.asarray(
                 torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu(), dtype=np.float64
             )
-            if ac.ndim != 1 or ac.size < 2 or not np.all((ac > 0) & (ac < 1)):
+            if ac.ndim != 1 or ac.size < 2 or not np.all((ac[:-1] > 0) & (ac[:-1] < 1)):
                 raise ValueError(
-                    "alphas_cumprod must be a 1-D array of at least 2 values in (0, 1)"
+                    "alphas_cumprod must be a 1-D array of at least 2 values in (0, 1), the "
+                    "last one in [0, 1) (0: zero terminal SNR)"
                 )
-            log_ac = np.log(ac)
+            if not 0 <= ac[-1] < 1:
+                raise ValueError(
+                    f"the last of alphas_cumprod must lie in [0, 1) (0: zero terminal SNR), "
+                    f"got {ac[-1]:.6g}"
+                )
+            with np.errstate(divide="ignore"):  # log(0) is -inf: the pure-noise end
+                log_ac = np.log(ac)
         if not np.all(np.diff(log_ac) < 0):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         n = log_ac.size
@@ -336,25 +358,72 @@ class VPDiscrete(_VariancePreserving):
             self.knots_log_alpha = np.concatenate([[0.0], self.knots_log_alpha])
         self.t_min = float(self.knots_t[0])
         self.t_max = 1.0
+        if log_ac[-1] == -math.inf:
+            # Set only here: a schedule's fingerprint reads its attributes, and an ordinary
+            # table's stays what it was.
+            self.zero_snr_end = True
+            # Past the last positive knot, alpha(t) = last_alpha (1 - t) / last_span.
+            self._last_t = float(self.knots_t[-2])
+            self._last_alpha = math.exp(float(self.knots_log_alpha[-2]))
+            self._last_span = 1.0 - self._last_t
+
+    #: Whether alpha is 0 at t = 1 (the table's last value is 0).
+    zero_snr_end: bool = False
+
+    def _in_noise_end(self, t: float, knot: bool = False) -> bool:
+        """Whether ``t`` lies past the last positive knot of a zero-SNR table (or on it, with
+        ``knot``: a derivative at a knot is the next interval's, as at every other knot)."""
+        return self.zero_snr_end and (t > self._last_t or (knot and t == self._last_t))
+
+    def _end_alpha(self, t: float) -> float:
+        return self._last_alpha * (1.0 - t) / self._last_span
+
+    def _knots(self) -> tuple[np.ndarray, np.ndarray]:
+        """The knots log alpha is interpolated between: all, or all but a zero-SNR end."""
+        if self.zero_snr_end:
+            return self.knots_t[:-1], self.knots_log_alpha[:-1]
+        return self.knots_t, self.knots_log_alpha
 
     def log_alpha(self, t: float) -> float:
-        return float(np.interp(t, self.knots_t, self.knots_log_alpha))
+        if self._in_noise_end(t):
+            alpha = self._end_alpha(t)
+            return -math.inf if alpha <= 0.0 else math.log(alpha)
+        return float(np.interp(t, *self._knots()))
+
+    def alpha(self, t: float) -> float:
+        if self._in_noise_end(t):
+            return max(self._end_alpha(t), 0.0)
+        return super().alpha(t)
+
+    def alpha_dot(self, t: float) -> float:
+        if self._in_noise_end(t, knot=True):
+            # alpha (log alpha)' is 0 times -inf at t = 1; the line's slope is the derivative.
+            return -self._last_alpha / self._last_span
+        return super().alpha_dot(t)
 
     def log_alpha_dot(self, t: float) -> float:
-        i = int(
-            np.clip(np.searchsorted(self.knots_t, t, side="right") - 1, 0, self.knots_t.size - 2)
-        )
-        dt = self.knots_t[i + 1] - self.knots_t[i]
-        return float((self.knots_log_alpha[i + 1] - self.knots_log_alpha[i]) / dt)
+        if self._in_noise_end(t, knot=True):
+            alpha = self._end_alpha(t)
+            return -math.inf if alpha <= 0.0 else -self._last_alpha / self._last_span / alpha
+        knots_t, knots_log_alpha = self._knots()
+        i = int(np.clip(np.searchsorted(knots_t, t, side="right") - 1, 0, knots_t.size - 2))
+        dt = knots_t[i + 1] - knots_t[i]
+        return float((knots_log_alpha[i + 1] - knots_log_alpha[i]) / dt)
 
     def t_from_log_alpha(self, log_alpha: float) -> float:
+        knots_t, knots_log_alpha = self._knots()
+        if self.zero_snr_end and log_alpha < knots_log_alpha[-1]:
+            # alpha = last_alpha (1 - t) / last_span solved for t: 1 at alpha = 0.
+            alpha = math.exp(log_alpha)
+            return self._last_t + (1.0 - alpha / self._last_alpha) * self._last_span
         # np.interp needs increasing abscissae; log alpha decreases with t.
-        return float(np.interp(log_alpha, self.knots_log_alpha[::-1], self.knots_t[::-1]))
+        return float(np.interp(log_alpha, knots_log_alpha[::-1], knots_t[::-1]))
 
     def __repr__(self) -> str:
-        if self.clean_end:
-            return f"VPDiscrete(N={self.knots_t.size - 1}, clean_end=True)"
-        return f"VPDiscrete(N={self.knots_t.size})"
+        ends = (", clean_end=True" if self.clean_end else "") + (
+            ", zero_snr_end=True" if self.zero_snr_end else ""
+        )
+        return f"VPDiscrete(N={self.knots_t.size - self.clean_end}{ends})"
 
 
 class RectifiedFlow(Schedule):

@@ -108,6 +108,70 @@ def test_ddim_matches_diffusers_step_by_step(
     assert rel(ours[-1], ref[-1]) < 1e-12
 
 
+def _zero_snr_ddim(prediction_type="v_prediction", spacing="trailing"):
+    """DDIMScheduler with zero terminal SNR, as its models are sampled (Lin et al. 2024:
+    v-prediction, trailing timesteps, which start at the last, pure-noise one)."""
+    return f64(
+        diffusers.DDIMScheduler(
+            clip_sample=False,
+            set_alpha_to_one=False,
+            rescale_betas_zero_snr=True,
+            prediction_type=prediction_type,
+            timestep_spacing=spacing,
+        )
+    )
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_ddim_matches_diffusers_with_zero_terminal_snr(unet, noise, prediction_type, spacing):
+    """rescale_betas_zero_snr=True ends the table at alphas_cumprod = 0; with trailing
+    timesteps the run starts there, at pure noise, where the v or x0 prediction gives
+    x0 and eps (= x) without dividing by alpha. bdia's 'ddim' is DDIMScheduler state by
+    state to 1e-12 relative, as for other tables (measured: 5e-16). Leading timesteps start
+    below the end and, as above, end in diffusers' identity step, which bdia leaves out."""
+    scheduler = _zero_snr_ddim(prediction_type, spacing)
+    grid = diffusers_grid(scheduler, N_STEPS)
+    assert (float(grid[0]) == 1.0) == (spacing == "trailing")
+    ref = diffusers_states(unet, scheduler, noise, N_STEPS)
+    ours = bdia_states(unet, scheduler, "ddim", noise, N_STEPS)
+    identity_step = spacing == "leading"
+    assert len(ours) == len(ref) - identity_step
+    for k in range(len(ours)):
+        assert rel(ours[k], ref[k]) < 1e-12, k
+    assert rel(ours[-1], ref[-1]) < 1e-12
+
+
+def test_bdia_inverts_a_zero_terminal_snr_run_exactly(unet, noise):
+    """From pure noise and back: bdia(ddim, 0.96)'s round trip on the zero-SNR table returns
+    the noise bit for bit in float64, as on any other grid."""
+    scheduler = _zero_snr_ddim()
+    ode, grid = from_diffusers(unet, scheduler), diffusers_grid(scheduler, N_STEPS)
+    solver = bdia.bdia("ddim", 0.96)
+    with torch.no_grad():
+        pair = bdia.sample(ode, solver, noise, grid, return_pair=True)
+        back = bdia.invert(ode, solver, pair, grid)
+    assert torch.isfinite(pair.later).all()
+    assert torch.equal(back.earlier, noise)
+
+
+def test_a_zero_terminal_snr_table_is_refused_where_its_end_cannot_be_reached(unet):
+    """An epsilon model's data estimate divides by alpha = 0 at the table's end, and EDM
+    space would hold its infinite noise level: both are refused in one line, before any unet
+    call, naming the setting to change."""
+    calls = Counter(unet)
+    with pytest.raises(ValueError) as info:
+        from_diffusers(unet, _zero_snr_ddim("epsilon"))
+    _one_line_error(info, "prediction_type = 'epsilon'")
+    assert "v_prediction" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        from_diffusers(unet, _zero_snr_ddim(), space="edm")
+    _one_line_error(info, "use space='vp'")
+    with pytest.raises(ValueError, match="prediction_type = 'epsilon'"):
+        diffusers_grid(_zero_snr_ddim("epsilon"), N_STEPS)
+    assert calls.calls == 0
+
+
 def test_ddim_in_edm_space_is_euler_to_float64_rounding(unet, noise):
     """DDIM is Euler in (sigma_bar, x / alpha): the EDM-space ODE of the same scheduler, sampled
     with 'euler' on its grid, gives the VP states divided by alpha to 1e-12 (measured ~1e-15).

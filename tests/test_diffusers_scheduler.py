@@ -236,6 +236,44 @@ def test_other_predictions_match_bdia_sample(unet, prediction_type):
     assert torch.equal(x, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_zero_terminal_snr_config_runs_from_pure_noise_and_back(unet, dtype):
+    """rescale_betas_zero_snr=True with v-prediction and trailing timesteps, as zero-SNR
+    models run: the loop starts at the table's last timestep, pure noise, and is
+    bdia.sample's run of bdia(ddim, gamma) bit for bit; the inverse scheduler brings the
+    noise back bit for bit (float32 state and float16 latents alike: two words)."""
+    ddim = diffusers.DDIMScheduler(
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
+    sched = BDIAScheduler.from_config(ddim.config, gamma=GAMMA)
+    sched.set_timesteps(STEPS)
+    assert int(sched.timesteps[0]) == 999
+    noise = _noise(4)
+    x = noise.to(dtype)
+    net = copy.deepcopy(unet).to(dtype)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(net(x, t).sample, t, x).prev_sample
+        ref = bdia.sample(
+            from_diffusers(net, ddim),
+            bdia.bdia("ddim", GAMMA),
+            noise.to(dtype).float(),
+            diffusers_grid(ddim, STEPS),
+            return_pair=True,
+            progress=False,
+        )
+        assert torch.equal(sched.final_pair.later, ref.later)
+        inv = BDIAInverseScheduler.from_config(sched.config)
+        inv.set_timesteps(STEPS)
+        z = inv.begin(sched.final_pair, dtype=dtype)
+        for t in inv.timesteps:
+            z = inv.step(net(z, t).sample, t, z).prev_sample
+    assert torch.equal(inv.pair.earlier, noise.to(dtype).float())
+
+
 def _tiny_stable_diffusion(tmp_path):
     """A StableDiffusionPipeline of tiny random parts, with SD 1.5's scheduler config (a
     PNDMScheduler: leading spacing, steps_offset 1, set_alpha_to_one False)."""

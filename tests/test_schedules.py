@@ -464,3 +464,113 @@ def test_vp_discrete_clean_end_adds_alpha_one_at_t_zero():
     with pytest.raises(ValueError, match="domain"):
         plain.check_times([0.0])
     clean.check_times([0.0])
+
+
+def _zero_snr_alphas_cumprod(betas=VP_BETAS):
+    """Lin et al.'s rescaling to zero terminal SNR (diffusers' rescale_betas_zero_snr): sqrt
+    of alphas_cumprod shifted to end at 0 and scaled to keep its first value, in float64."""
+    root = np.sqrt(np.cumprod(1 - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
+def test_vp_discrete_with_a_zero_last_value_ends_in_pure_noise():
+    """A table ending at 0 (zero terminal SNR): the knots keep the table's values, alpha = 0
+    and sigma = 1 at t = 1 (log-SNR -inf, sigma_bar inf), and between the last two knots
+    alpha is the straight line to 0, with a finite derivative up to t = 1 and an exact
+    inverse. rel = 1e-12: float64 closed forms of a few operations each."""
+    ac = _zero_snr_alphas_cumprod()
+    assert ac[-1] == 0.0 and ac[-2] > 0
+    sched = bdia.VPDiscrete(alphas_cumprod=ac)
+    assert repr(sched) == "VPDiscrete(N=1000, zero_snr_end=True)" and sched.zero_snr_end
+    for k in (0, 1, 500, 998):
+        assert sched.alpha((k + 1) / 1000) ** 2 == pytest.approx(ac[k], rel=1e-12)
+    assert (sched.alpha(1.0), sched.sigma(1.0), sched.log_snr(1.0)) == (0.0, 1.0, -math.inf)
+    assert sched.sigma_bar_range()[1] == math.inf
+    last = math.sqrt(ac[-2])
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        t = 0.999 + frac * 1e-3
+        assert sched.alpha(t) == pytest.approx(last * (1 - frac), rel=1e-12, abs=1e-300)
+        assert sched.alpha_dot(t) == pytest.approx(-last / 1e-3, rel=1e-9)
+        assert math.isfinite(sched.sigma_dot(t))
+        if frac < 1.0:
+            assert sched.t_from_log_snr(sched.log_snr(t)) == pytest.approx(t, rel=1e-12)
+    assert sched.sigma_dot(1.0) == 0.0  # sigma^2 = 1 - alpha^2 is flat where alpha = 0
+    assert sched.t_from_log_snr(-math.inf) == 1.0
+    assert sched.t_from_sigma_bar(math.inf) == 1.0
+    # Continuous at the last positive knot; before it, the ordinary interpolation.
+    assert sched.alpha(0.999 + 1e-12) == pytest.approx(last, rel=1e-8)
+    knots_t, knots_log_alpha = np.arange(1, 1000) / 1000, 0.5 * np.log(ac[:-1])
+    for t in (0.0015, 0.5, 0.9985, 0.999):
+        assert sched.log_alpha(t) == float(np.interp(t, knots_t, knots_log_alpha))
+    for t in (0.0015, 0.5, 0.9985):  # a knot's derivative is its next interval's
+        i = int(t * 1000) - 1
+        slope = (knots_log_alpha[i + 1] - knots_log_alpha[i]) / (knots_t[i + 1] - knots_t[i])
+        assert sched.log_alpha_dot(t) == pytest.approx(slope, rel=1e-12)
+    assert sched.alpha_dot(0.999) == sched.alpha_dot(0.9995)  # the last interval's line
+    # The same schedule from betas whose last is 1 (1 - beta = alpha_n^2 / alpha_{n-1}^2).
+    betas = 1 - ac / np.concatenate([[1.0], ac[:-1]])
+    assert betas[-1] == 1.0
+    from_betas = bdia.VPDiscrete(betas=betas)
+    assert from_betas.zero_snr_end
+    for t in (0.0015, 0.5, 0.9995, 1.0):
+        assert from_betas.alpha(t) == pytest.approx(sched.alpha(t), rel=1e-12, abs=1e-300)
+
+
+def test_an_ordinary_vp_discrete_table_keeps_its_attributes():
+    """The zero-SNR end's attributes are set only for such a table: a schedule's fingerprint
+    (DiffusionODE.time_fingerprint) reads its attributes, and an ordinary table's must not
+    change with a feature it does not use."""
+    sched = bdia.VPDiscrete(betas=VP_BETAS)
+    assert set(vars(sched)) == {"clean_end", "knots_t", "knots_log_alpha", "t_min", "t_max"}
+    assert not sched.zero_snr_end
+
+
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        (np.array([0.9, 0.0, 0.5]), r"the last one in \[0, 1\)"),
+        (np.array([0.9, 0.5, 1.0]), r"must lie in \[0, 1\) .* got 1"),
+        (np.array([0.9, 0.5, -0.1]), r"must lie in \[0, 1\) .* got -0.1"),
+    ],
+    ids=["zero-inside", "one-last", "negative-last"],
+)
+def test_vp_discrete_takes_a_zero_only_as_its_last_value(table, words):
+    with pytest.raises(ValueError, match=words):
+        bdia.VPDiscrete(alphas_cumprod=table)
+
+
+@pytest.mark.parametrize("solver, order", [("heun", 2), ("rk4", 4), ("dpm_solver_3", 2)])
+def test_solvers_keep_their_order_from_the_zero_snr_end(solver, order):
+    """Gaussian data N(0, s^2) and an x0-prediction model of its exact denoiser keep
+    x / sqrt(alpha^2 s^2 + sigma^2) constant along the flow, so from pure noise at t = 1 the
+    exact state at t is sqrt(alpha^2 s^2 + sigma^2) x_start. Over the last interval of the
+    zero-SNR table (alpha a straight line to 0, the solution smooth) halving the step cuts
+    the error by 2^order: Runge-Kutta solvers at their full order (measured: heun 4.4 and
+    4.2, rk4 16.0 twice), exponential integrators at 2, the limit of a first step from
+    pure noise (docs/solvers.md; dpm_solver_3 4.00 twice); a test ratio of 0.9 times 2^order.
+    A wide s (1000) makes the state move by 2e-3 there. A derivative at the last positive
+    knot was once the interval before's, which left heun and rk4 at order 1. bdia over the
+    solver inverts exactly."""
+    s = 1000.0
+    sched = bdia.VPDiscrete(alphas_cumprod=_zero_snr_alphas_cumprod())
+
+    def x0(x, t):
+        alpha, sigma = sched.alpha(float(t[0])), sched.sigma(float(t[0]))
+        return alpha * s**2 * x / (alpha**2 * s**2 + sigma**2)
+
+    ode = bdia.DiffusionODE.from_x0(x0, sched)
+    start = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    end = 0.999  # the last positive knot
+    exact = math.sqrt(sched.alpha(end) ** 2 * s**2 + sched.sigma(end) ** 2) * start
+    errors = []
+    for steps in (2, 4, 8):
+        ts = torch.linspace(1.0, end, steps + 1, dtype=torch.float64)
+        out = bdia.sample(ode, bdia.get_solver(solver), start, ts)
+        errors.append(float((out - exact).abs().max() / exact.abs().max()))
+        wrapped = bdia.bdia(solver, 0.9)
+        pair = bdia.sample(ode, wrapped, start, ts, return_pair=True)
+        assert torch.equal(bdia.invert(ode, wrapped, pair, ts).earlier, start)
+    for coarse, fine in zip(errors, errors[1:]):
+        assert coarse / fine > 0.9 * 2**order, errors

@@ -409,8 +409,12 @@ def _no_table(scheduler: Any) -> ValueError:
     )
 
 
-def _table(scheduler: Any) -> np.ndarray:
-    """The scheduler's ``alphas_cumprod`` as a checked float64 array of N values."""
+def _table(scheduler: Any, space: str = "vp") -> np.ndarray:
+    """The scheduler's ``alphas_cumprod`` as a checked float64 array of N values.
+
+    A last value of 0 (``rescale_betas_zero_snr=True``: zero terminal SNR, pure noise at the
+    last timestep) is taken in VP space for a v- or x0-prediction model, whose estimates stay
+    finite there; ``VPDiscrete`` then ends at alpha = 0."""
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
         raise _no_table(scheduler)
@@ -421,17 +425,20 @@ def _table(scheduler: Any) -> np.ndarray:
             f"{tuple(table.shape)}"
         )
     # rescale_betas_zero_snr=True makes the last value 0 (infinite noise); Euler-type
-    # schedulers put 2^-24 there instead, above its neighbour, so the table turns.
+    # schedulers put 2^-24 there instead, which for some tables lies above its neighbour, so
+    # the table turns.
     zero_snr = (
-        " (rescale_betas_zero_snr=True sets the last value to 0, infinite noise, or in "
-        "Euler-type schedulers to 2^-24, out of order; set it False)"
+        " (rescale_betas_zero_snr=True, which Euler-type schedulers follow with 2^-24 in place "
+        "of the last value, here out of order; set it False)"
         if scheduler.config.get("rescale_betas_zero_snr", False)
         else ""
     )
-    if not np.all((table > 0) & (table < 1)):
+    if table[-1] == 0 and np.all((table[:-1] > 0) & (table[:-1] < 1)):
+        _check_zero_snr_end(scheduler, space)
+    elif not np.all((table > 0) & (table < 1)):
         raise ValueError(
-            f"the scheduler's alphas_cumprod must lie in (0, 1); it ranges over "
-            f"[{table.min():.6g}, {table.max():.6g}]{zero_snr}"
+            f"the scheduler's alphas_cumprod must lie in (0, 1), its last value in [0, 1) (0: "
+            f"zero terminal SNR); it ranges over [{table.min():.6g}, {table.max():.6g}]"
         )
     if not np.all(np.diff(table) < 0):
         k = int(np.argmax(np.diff(table) >= 0))
@@ -446,6 +453,27 @@ def _table(scheduler: Any) -> np.ndarray:
             f"{table.size} values"
         )
     return table
+
+
+def _check_zero_snr_end(scheduler: Any, space: str) -> None:
+    """Refuse a table ending at alpha = 0 where its end cannot be reached: in EDM space, whose
+    noise level x / alpha would be infinite, and for an epsilon-prediction model, whose data
+    estimate (x - sigma eps) / alpha divides by 0 there."""
+    name = type(scheduler).__name__
+    if space != "vp":
+        raise ValueError(
+            f"{name}'s alphas_cumprod ends at 0 (rescale_betas_zero_snr=True: zero terminal "
+            f"SNR), an infinite noise level that space = {space!r} (samples x / alpha) cannot "
+            "hold; use space='vp'"
+        )
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in ("v_prediction", "sample"):
+        raise ValueError(
+            f"{name}'s alphas_cumprod ends at 0 (rescale_betas_zero_snr=True: zero terminal "
+            f"SNR), pure noise, where a prediction_type = {prediction!r} model's data estimate "
+            "(x - sigma eps) / alpha divides by 0; zero terminal SNR goes with "
+            "prediction_type='v_prediction' (or 'sample'), as its models are trained"
+        )
 
 
 def _clean_end(scheduler: Any) -> bool:

@@ -463,8 +463,10 @@ class DiffusersModel(torch.nn.Module):
         else:
             table = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).numpy()
             self.num_train_timesteps = int(table.size)
-            # Noise levels of the integer timesteps, increasing with tau.
-            self._sigmas = np.sqrt((1.0 - table) / table)
+            # Noise levels of the integer timesteps, increasing with tau: EDM space reads them.
+            # A zero-SNR table's last one is infinite, which only VP space takes.
+            with np.errstate(divide="ignore"):
+                self._sigmas = np.sqrt((1.0 - table) / table)
             self._log_sigmas = np.log(self._sigmas)
         config = getattr(unet, "config", None)
         self.in_channels = config.get("in_channels") if isinstance(config, Mapping) else None
@@ -1939,7 +1941,7 @@ def from_diffusers(
     else:
         _check_schedule_config(sched, space)
         prediction = _check_model_config(sched)
-        table = _table(sched)
+        table = _table(sched, space)
 
     guidance_scale = cond.pop("guidance_scale", None)
     guidance_scale_2 = cond.pop("guidance_scale_2", None)

@@ -428,7 +428,7 @@ def _table_grid(
     if _is_preconditioned(sched):
         return _edm_grid(sched, num_inference_steps)
     _check_schedule_config(sched, space)
-    table = _table(sched)
+    table = _table(sched, space)
     n = table.size
     clean_end = _clean_end(sched) if space == "vp" else True
     fresh = copy.deepcopy(sched)

@@ -510,7 +510,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             # DDIMScheduler makes the noise table and the timesteps; the adapter reads them.
             fields = {k: cfg[k] for k in _DDIM_FIELDS}
             inner = DDIMScheduler(**fields, clip_sample=False, thresholding=False)
-            _table(inner)  # refuses a table that is not one (rescale_betas_zero_snr=True)
+            _table(inner)  # a zero-SNR table with an epsilon model is refused here, by name
             base = "ddim"
         self._ode: DiffusionODE = from_diffusers(self._replay, inner)
         model = self._ode.f
@@ -945,7 +945,9 @@ class BDIAScheduler(_BDIASchedulerBase):
     mean what they mean there: an internal DDIMScheduler makes the noise table and the
     timesteps, rebuilt from ``self.config`` when it changes (StableDiffusionPipeline rewrites
     ``steps_offset``); a step after a change needs ``set_timesteps`` again.
-    ``rescale_betas_zero_snr=True`` is refused (its last noise level is infinite).
+    ``rescale_betas_zero_snr=True`` (zero terminal SNR: pure noise at the last timestep)
+    needs ``prediction_type="v_prediction"`` (or ``"sample"``), as its models are trained;
+    with ``timestep_spacing="trailing"`` the run starts at that timestep.
     ``dynamic_thresholding_ratio``, ``clip_sample_range`` and ``sample_max_value`` are kept in
     the config and unused.
 
