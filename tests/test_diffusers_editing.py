@@ -138,6 +138,25 @@ def test_unet_round_trip_under_guidance_is_exact(pipe, image, state_dtype, bound
     assert out.reconstruction_error == pytest.approx(out.vae_error, rel=1e-6)
 
 
+def test_a_zero_terminal_snr_pipeline_inverts_to_pure_noise_exactly(tmp_path, image):
+    """A v-prediction pipeline whose DDIMScheduler rescales its table to zero terminal SNR,
+    with trailing timesteps: the inversion ends at t = 1, pure noise, and comes back to the
+    latents exactly (float64 state: rounding only, 1e-12 as above), under guidance."""
+    scheduler = diffusers.DDIMScheduler(
+        **SD_NOISE_TABLE,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
+    zero_snr = tiny_text_to_image_pipeline(tmp_path, scheduler)
+    out = edit_image(zero_snr, image, SOURCE, TARGET, num_inference_steps=10)
+    assert float(out.inversion.ts[0]) == 1.0 and out.inversion.ode.schedule.zero_snr_end
+    assert out.latent_error < 1e-12
+    assert torch.isfinite(out.edited_latents).all()
+
+
 def test_vae_error_is_reported_apart_and_is_decode_of_encode(pipe, image, result):
     vae, sf = pipe.vae, pipe.vae.config.scaling_factor
     with torch.no_grad():
