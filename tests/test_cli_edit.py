@@ -308,6 +308,22 @@ def test_the_options_reach_edit_image(pipelines, tmp_path):
     assert "bdia(euler, 0.5), 4 steps, float32 state" in result.stdout
 
 
+def test_the_guidance_rescale_reaches_edit_image(pipelines, tmp_path):
+    """--guidance-rescale is edit_image's guidance_rescale: the same edit, and another than
+    without it; without guidance it is refused in the command's words (status 2)."""
+    image = photo(tmp_path / "photo.png")
+    run(edit(pipelines["sd"], image, tmp_path / "e.png", "--guidance-rescale", "0.7"))
+    expected = expected_edit(pipelines["sd"], image, guidance_rescale=0.7)
+    plain = expected_edit(pipelines["sd"], image)
+    assert np.array_equal(pixels(tmp_path / "e.png"), np.asarray(expected.images[0]))
+    assert not torch.equal(expected.edited_latents, plain.edited_latents)
+    args = edit(pipelines["sd"], image, tmp_path / "f.png", "--guidance", "1")
+    line = fails_in_one_line(
+        args + ["--guidance-rescale", "0.7"], tmp_path, "--guidance-rescale 0.7 rescales", status=2
+    )
+    assert "guidance_rescale" not in line
+
+
 def test_flux_takes_the_embedded_guidance(pipelines, tmp_path):
     image = photo(tmp_path / "photo.png")
     run(edit(pipelines["flux"], image, tmp_path / "e.png", "--embedded-guidance", "2"))

@@ -36,6 +36,7 @@ from bdia.integrations.diffusers import (
 )
 from bdia.integrations.diffusers.tiny import (
     SD_NOISE_TABLE,
+    ZERO_SNR_DDIM,
     tiny_flux_pipeline,
     tiny_flux_transformer,
     tiny_playground_pipeline,
@@ -142,14 +143,7 @@ def test_a_zero_terminal_snr_pipeline_inverts_to_pure_noise_exactly(tmp_path, im
     """A v-prediction pipeline whose DDIMScheduler rescales its table to zero terminal SNR,
     with trailing timesteps: the inversion ends at t = 1, pure noise, and comes back to the
     latents exactly (float64 state: rounding only, 1e-12 as above), under guidance."""
-    scheduler = diffusers.DDIMScheduler(
-        **SD_NOISE_TABLE,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        rescale_betas_zero_snr=True,
-        prediction_type="v_prediction",
-        timestep_spacing="trailing",
-    )
+    scheduler = diffusers.DDIMScheduler(**ZERO_SNR_DDIM)
     zero_snr = tiny_text_to_image_pipeline(tmp_path, scheduler)
     out = edit_image(zero_snr, image, SOURCE, TARGET, num_inference_steps=10)
     assert float(out.inversion.ts[0]) == 1.0 and out.inversion.ode.schedule.zero_snr_end

@@ -59,6 +59,8 @@ _EDIT_OPTIONS = {
     "num_inference_steps": "--steps",
     "guidance_scale = ": "--guidance ",
     "guidance_scale": "--guidance",
+    "guidance_rescale = ": "--guidance-rescale ",
+    "guidance_rescale": "--guidance-rescale",
     "negative_prompt": "--negative",
     "state_dtype": "--state-dtype",
     # A pipeline's own parameter keeps its name: "as the pipeline's mask_image".
@@ -214,6 +216,14 @@ def _finite_if_given(ctx: Any, param: click.Parameter, value: float | None) -> f
     "for Chroma and Z-Image, 4 for FLUX.2-klein]",
 )
 @click.option(
+    "--guidance-rescale",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="The pipeline's guidance_rescale (StableDiffusionPipeline's and SDXL's, Lin et al. "
+    "2024: 0.7 for zero-terminal-SNR models): the guided prediction rescaled towards the "
+    "conditional one's standard deviation; only under guidance.  [default: 0, none]",
+)
+@click.option(
     "--embedded-guidance",
     default=None,
     type=float,
@@ -278,6 +288,7 @@ def edit_command(
     negative: str,
     steps: int,
     guidance: float | None,
+    guidance_rescale: float | None,
     embedded_guidance: float | None,
     solver_name: str | None,
     gamma: float | str,
@@ -392,6 +403,7 @@ def edit_command(
         ip_adapter_image=image_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        guidance_rescale=guidance_rescale,
         guidance=embedded_guidance,
         negative_prompt=negative,
         solver=solver_name,

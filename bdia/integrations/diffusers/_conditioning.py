@@ -169,6 +169,29 @@ def _check_guidance(guidance_scale: Any, negative_cond: Any) -> None:
         )
 
 
+def _check_rescale_value(guidance_rescale: Any) -> None:
+    """A ``guidance_rescale`` that is a number in [0, 1], or a one-line error."""
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, numbers.Real):
+        raise TypeError(f"guidance_rescale must be a number, got {guidance_rescale!r}")
+    if not 0 <= float(guidance_rescale) <= 1:
+        raise ValueError(
+            f"guidance_rescale = {guidance_rescale} lies outside [0, 1]: it mixes the guided "
+            "output with its rescaled copy (0: none, the pipelines' default; 0.7: Lin et al.'s)"
+        )
+
+
+def _rescaled_guidance(guided: Tensor, cond: Tensor, guidance_rescale: float) -> Tensor:
+    """The pipelines' ``rescale_noise_cfg``: ``guided`` rescaled to the per-sample standard
+    deviation of the conditional prediction ``cond``, mixed with itself by
+    ``guidance_rescale``, in the order of diffusers' operations (so that a float32 run is
+    the pipeline's bit for bit)."""
+    dims = list(range(1, guided.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    rescaled = guided * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
 def _check_timestep_cond(unet_config: Mapping[str, Any], cond: Mapping[str, Any]) -> None:
     """Refuse a UNet with ``time_cond_proj_dim`` (an LCM-distilled one) without its
     ``timestep_cond``: diffusers' UNet then leaves the guidance embedding out of its time

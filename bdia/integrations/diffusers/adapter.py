@@ -149,6 +149,7 @@ from ._conditioning import (
     _check_guidance,
     _check_ip_adapter,
     _check_qwen_image_cond,
+    _check_rescale_value,
     _check_sd3_ip_adapter,
     _check_timestep_cond,
     _fill_cond,
@@ -158,6 +159,7 @@ from ._conditioning import (
     _kontext_cond,
     _paired,
     _qwen_image_tokens,
+    _rescaled_guidance,
 )
 from ._controlnet import (
     _CONTROLNET_ADDED,
@@ -596,6 +598,7 @@ class DiffusersModel(torch.nn.Module):
         image_latents: Tensor | None = None,
         control_latents: Tensor | None = None,
         guidance_scale_2: float | None = None,
+        guidance_rescale: float | None = None,
         **unet_kwargs: Any,
     ) -> Tensor:
         """One unet call (one batch of twice the size under guidance), after one controlnet
@@ -619,6 +622,11 @@ class DiffusersModel(torch.nn.Module):
             guidance_scale_2: with ``unet_2`` (Wan 2.2's low-noise transformer), the guidance
                 scale where it is called (None: ``guidance_scale``); guidance is on in both
                 stages where ``guidance_scale`` turns it on, as in ``WanPipeline``.
+            guidance_rescale: ``phi`` of the pipelines' ``rescale_noise_cfg`` (Lin et al.
+                2024, 3.4; StableDiffusionPipeline's and the SDXL pipelines'
+                ``guidance_rescale``): the guided output ``o`` becomes
+                ``phi o std(c) / std(o) + (1 - phi) o``, the standard deviations over each
+                sample's entries. Only under guidance; None or 0: none.
             controlnet_cond: with a controlnet, the control image, shape ``(batch or 1, C, f h,
                 f w)`` for a state of ``(batch, channels, h, w)`` (``C`` the controlnet's
                 ``conditioning_channels``, ``f`` the factor of its conditioning embedding, 8
@@ -696,6 +704,7 @@ class DiffusersModel(torch.nn.Module):
             ``eps - x0`` in flow space. With ``sigma_data``, the denoiser ``c_skip x + c_out
             F`` of the unet's (guided) output ``F``, in ``x``'s dtype (float32 at least).
         """
+        self._check_guidance_rescale(guidance_rescale, guidance_scale, negative_cond)
         if self.z_image:
             return z_image_velocity(
                 self,
@@ -840,6 +849,8 @@ class DiffusersModel(torch.nn.Module):
             uncond, cond = u.to(wide), c.to(wide)
             assert g is not None  # guidance_scale, or unet_2's guidance_scale_2 where set
             out = uncond + g * (cond - uncond)
+            if guidance_rescale:
+                out = _rescaled_guidance(out, cond, guidance_rescale)
             if self.qwen_image:
                 # QwenImagePipeline rescales the guided velocity of each token to the norm of
                 # the conditional one (over its channels), in this order of operations.
@@ -862,6 +873,30 @@ class DiffusersModel(torch.nn.Module):
             wide = torch.promote_types(out.dtype, torch.float32)
             out = out.to(wide) * scale.to(wide)
         return out
+
+    def _check_guidance_rescale(
+        self, guidance_rescale: Any, guidance_scale: Any, negative_cond: Any
+    ) -> None:
+        """One-line errors for a ``guidance_rescale`` that cannot act: not a number in
+        [0, 1], without guidance, or for Qwen-Image's and Z-Image's transformers, whose
+        pipelines rescale their guidance by norms of their own."""
+        if guidance_rescale is None:
+            return
+        _check_rescale_value(guidance_rescale)
+        if guidance_rescale == 0:
+            return
+        if guidance_scale is None or guidance_scale == 1 or negative_cond is None:
+            raise ValueError(
+                f"guidance_rescale = {guidance_rescale} rescales classifier-free guidance; "
+                "give guidance_scale (other than 1) and negative_cond too, or leave it out"
+            )
+        if self.qwen_image or self.z_image:
+            name = "QwenImagePipeline" if self.qwen_image else "ZImagePipeline"
+            raise ValueError(
+                f"guidance_rescale is StableDiffusionPipeline's and the SDXL pipelines'; "
+                f"{name} rescales its guidance by norms of its own, which the adapter applies "
+                "as that pipeline does: leave it out"
+            )
 
     def _inpaint_channels(
         self, x: Tensor, mask: Tensor | None, masked_image_latents: Tensor | None, batch: int
@@ -1945,6 +1980,7 @@ def from_diffusers(
 
     guidance_scale = cond.pop("guidance_scale", None)
     guidance_scale_2 = cond.pop("guidance_scale_2", None)
+    guidance_rescale = cond.pop("guidance_rescale", None)
     _check_experts(unet, transformer_2, boundary_ratio, guidance_scale_2, space)
     if not isinstance(expand_timesteps, bool):
         raise TypeError(f"expand_timesteps must be a bool, got {expand_timesteps!r}")
@@ -2190,6 +2226,9 @@ def from_diffusers(
         ode_cond["guidance_scale"] = guidance_scale
     if guidance_scale_2 is not None:
         ode_cond["guidance_scale_2"] = guidance_scale_2
+    if guidance_rescale is not None:
+        model._check_guidance_rescale(guidance_rescale, guidance_scale, negative_cond)
+        ode_cond["guidance_rescale"] = guidance_rescale
     if negative_cond is not None:
         ode_cond["negative_cond"] = dict(negative_cond)
     return DiffusionODE(

@@ -144,7 +144,7 @@ from ...schedules import check_steps
 from ...solvers.base import Solver
 from ...solvers.bidirectional import BidirectionalWrapper
 from ...solvers.registry import bdia, get_solver
-from ._conditioning import _flux2_embeds_guidance, _qwen_needs_lengths
+from ._conditioning import _check_rescale_value, _flux2_embeds_guidance, _qwen_needs_lengths
 from ._edit_conditions import (
     _check_embeds_batch,
     _chroma_probe_cond,
@@ -594,6 +594,27 @@ def _check_guidance(
             f"guidance_scale={unguided}"
         )
     return guidance_scale, guidance, guided
+
+
+def _check_edit_rescale(net: _Network, guidance_rescale: Any, guided: bool) -> None:
+    """A ``guidance_rescale`` a number in [0, 1]; other than 0 only under guidance and for a
+    unet's pipelines (StableDiffusionPipeline's and the SDXL pipelines' parameter): the
+    other families' pipelines have none."""
+    if guidance_rescale is None:
+        return
+    _check_rescale_value(guidance_rescale)
+    if guidance_rescale == 0:
+        return
+    if not guided:
+        raise ValueError(
+            f"guidance_rescale = {guidance_rescale} rescales classifier-free guidance, which "
+            "is off: give a guidance_scale above 1 with negative_prompt, or leave it out"
+        )
+    if net.kind != "unet":
+        raise ValueError(
+            f"guidance_rescale is StableDiffusionPipeline's and the SDXL pipelines' parameter; "
+            f"the {type(net.unet).__name__}'s pipelines have none: leave it out"
+        )
 
 
 def _check_options(
@@ -1136,6 +1157,7 @@ def edit_image(
     reference_image: Any = None,
     cfg_normalization: float | None = None,
     cfg_truncation: float | None = None,
+    guidance_rescale: float | None = None,
 ) -> EditResult:
     """Invert ``image`` exactly under ``source_prompt`` and regenerate it under ``target_prompt``.
 
@@ -1515,6 +1537,11 @@ def edit_image(
             the times whose ``(1000 - t) / 1000`` is above it. None (the default) is the
             pipeline's 1: never. Both go to ``from_diffusers`` for both ODEs; refused for
             any other pipeline.
+        guidance_rescale: StableDiffusionPipeline's and the SDXL pipelines'
+            ``guidance_rescale`` (Lin et al. 2024, 3.4; 0.7 with zero-terminal-SNR models):
+            the guided prediction rescaled towards the conditional one's standard deviation,
+            in both ODEs. None or 0 (the pipelines' default): none. Only under guidance and
+            for a unet's pipelines; a number in [0, 1].
 
     Returns:
         An ``EditResult``: the edit and the reconstruction decoded, the inversion, the target
@@ -1598,6 +1625,7 @@ def edit_image(
     guidance_scale, guidance, guided = _check_guidance(
         pipe, net, guidance_scale, guidance, negative_prompt
     )
+    _check_edit_rescale(net, guidance_rescale, guided)
     device = _device(pipe, unet)
     state_dtype, wrapped = _check_options(
         rule, state_dtype, solver, gamma, kind, output_type, device
@@ -1695,6 +1723,8 @@ def edit_image(
 
         def ode(cond: dict[str, Any]) -> DiffusionODE:
             branches = _guide(cond, negative_cond, image_prompt, joint, scale_given, time_ids)
+            if guidance_rescale:
+                branches["guidance_rescale"] = guidance_rescale
             return from_diffusers(
                 unet, scheduler, model_dtype=model_dtype, **branches, **shared, **control
             )

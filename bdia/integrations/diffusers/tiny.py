@@ -103,11 +103,24 @@ __all__ = [
     "add_tiny_flux_ip_adapter",
     "add_tiny_sd3_ip_adapter",
     "TINY_WORDS",
+    "ZERO_SNR_DDIM",
 ]
 
 #: Stable Diffusion's noise table (SD 1.x and SDXL alike), as scheduler keyword arguments.
 SD_NOISE_TABLE: dict[str, Any] = dict(
     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
+
+#: A DDIMScheduler config of a zero-terminal-SNR v-prediction model of Stable Diffusion's
+#: table (Lin et al. 2024), as keyword arguments: the table rescaled to end at 0, sampled
+#: from that last timestep (trailing spacing).
+ZERO_SNR_DDIM: dict[str, Any] = dict(
+    **SD_NOISE_TABLE,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    rescale_betas_zero_snr=True,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
 )
 
 #: PixArt-alpha's and PixArt-Sigma's noise table (linear betas), as scheduler keyword
