@@ -156,3 +156,37 @@ def test_edit_image_refuses_a_guidance_rescale_without_guidance(tmp_path):
     image = torch.zeros(1, 3, 16, 16)
     with pytest.raises(ValueError, match="guidance_rescale = 0.7 rescales classifier-free"):
         edit_image(pipe, image, "a cat", "a dog", guidance_scale=1.0, guidance_rescale=RESCALE)
+
+
+def test_a_pipelines_run_with_guidance_rescale_inverts_with_the_docs_loop(tmp_path):
+    """StableDiffusionPipeline with BDIAScheduler and guidance_rescale: the docs' inverse loop,
+    which rescales as the pipeline does (rescale_noise_cfg), brings back the pipeline's noise
+    bit for bit (a float32 state with low words; docs/diffusers.md)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from bdia.integrations.diffusers import BDIAInverseScheduler, BDIAScheduler
+
+    pipe = _zero_snr_pipeline(tmp_path)
+    pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
+    cond, uncond = _prompts(pipe)
+    noise = _noise(torch.float32)
+    with torch.no_grad():
+        pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            guidance_scale=GUIDANCE,
+            guidance_rescale=RESCALE,
+            latents=noise.clone(),
+            num_inference_steps=STEPS,
+            output_type="latent",
+        )
+        embeds = torch.cat([uncond, cond])
+        inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
+        inverse.set_timesteps(STEPS)
+        x = inverse.begin(pipe.scheduler.final_pair, dtype=torch.float32)
+        for t in inverse.timesteps:
+            out = pipe.unet(torch.cat([x] * 2), t, encoder_hidden_states=embeds).sample
+            u, c = out.chunk(2)
+            guided = rescale_noise_cfg(u + GUIDANCE * (c - u), c, guidance_rescale=RESCALE)
+            x = inverse.step(guided, t, x).prev_sample
+    assert torch.equal(inverse.pair.earlier, noise)
