@@ -48,6 +48,21 @@ def _ode(pipe, rescale):
     )
 
 
+def _pipeline_latents(pipe, noise, rescale):
+    """The pipeline's run from ``noise`` under guidance with ``guidance_rescale=rescale``."""
+    cond, uncond = _prompts(pipe)
+    with torch.no_grad():
+        return pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            guidance_scale=GUIDANCE,
+            guidance_rescale=rescale,
+            latents=noise.clone(),
+            num_inference_steps=STEPS,
+            output_type="latent",
+        ).images
+
+
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -59,18 +74,9 @@ def test_ddim_is_the_pipeline_with_guidance_rescale(tmp_path, rescale):
     (float64 rounding of two ways of writing DDIM's step, as in the other parity tests;
     measured 1.8e-15 and 1.6e-15). Without the rescale the two differ by 7e-3 and 1e-2."""
     pipe = float64_pipeline(_zero_snr_pipeline(tmp_path))
-    cond, uncond = _prompts(pipe)
     noise = _noise()
+    theirs = _pipeline_latents(pipe, noise, rescale)
     with torch.no_grad():
-        theirs = pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            guidance_scale=GUIDANCE,
-            guidance_rescale=rescale,
-            latents=noise.clone(),
-            num_inference_steps=STEPS,
-            output_type="latent",
-        ).images
         ts = diffusers_grid(pipe.scheduler, STEPS)
         ours = bdia.sample(_ode(pipe, rescale), bdia.get_solver("ddim"), noise, ts)
         plain = bdia.sample(_ode(pipe, None), bdia.get_solver("ddim"), noise, ts)
@@ -168,18 +174,10 @@ def test_a_pipelines_run_with_guidance_rescale_inverts_with_the_docs_loop(tmp_pa
 
     pipe = _zero_snr_pipeline(tmp_path)
     pipe.scheduler = BDIAScheduler.from_config(pipe.scheduler.config, gamma=0.96)
-    cond, uncond = _prompts(pipe)
     noise = _noise(torch.float32)
+    _pipeline_latents(pipe, noise, RESCALE)
+    cond, uncond = _prompts(pipe)
     with torch.no_grad():
-        pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            guidance_scale=GUIDANCE,
-            guidance_rescale=RESCALE,
-            latents=noise.clone(),
-            num_inference_steps=STEPS,
-            output_type="latent",
-        )
         embeds = torch.cat([uncond, cond])
         inverse = BDIAInverseScheduler.from_config(pipe.scheduler.config)
         inverse.set_timesteps(STEPS)
