@@ -333,12 +333,15 @@ def test_euler_is_edm_euler_scheduler_bit_for_bit(
 
 
 @pytest.mark.first_case_by_default
+@pytest.mark.parametrize("rescale", [None, 0.7], ids=["plain", "rescaled"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, prediction_type):
+def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, prediction_type, rescale):
     """StableDiffusionXLPipeline with EDMEulerScheduler (a Playground v2.5-style pipeline)
     under classifier-free guidance 5: its latents (output_type='latent') are bdia's 'euler'
     on from_diffusers(pipe.unet, pipe.scheduler, SDXL's conditioning) and diffusers_grid,
-    bit for bit, from the pipeline's own start, noise * init_noise_sigma."""
+    bit for bit, from the pipeline's own start, noise * init_noise_sigma. With the pipeline's
+    guidance_rescale too: the raw outputs rescaled before the preconditioning, in diffusers'
+    order of operations."""
     pipe = tiny_playground_pipeline(
         tmp_path, diffusers.EDMEulerScheduler(prediction_type=prediction_type)
     )
@@ -352,6 +355,7 @@ def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, predict
             width=16,
             num_inference_steps=N_STEPS,
             guidance_scale=g,
+            guidance_rescale=rescale or 0.0,
             latents=noise,
             output_type="latent",
         ).images
@@ -369,6 +373,7 @@ def test_euler_is_the_sdxl_pipeline_with_edm_euler_bit_for_bit(tmp_path, predict
             "encoder_hidden_states": negative,
             "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": time_ids},
         },
+        guidance_rescale=rescale,
     )
     ts = diffusers_grid(pipe.scheduler, N_STEPS)
     start = noise * pipe.scheduler.init_noise_sigma
