@@ -128,8 +128,9 @@ def test_ddim_matches_diffusers_with_zero_terminal_snr(unet, noise, prediction_t
     """rescale_betas_zero_snr=True ends the table at alphas_cumprod = 0; with trailing
     timesteps the run starts there, at pure noise, where the v or x0 prediction gives
     x0 and eps (= x) without dividing by alpha. bdia's 'ddim' is DDIMScheduler state by
-    state to 1e-12 relative, as for other tables (measured: 5e-16). Leading timesteps start
-    below the end and, as above, end in diffusers' identity step, which bdia leaves out."""
+    state to 1e-12 relative, as for other tables (measured: 6e-16 for v, 2e-15 for x0).
+    Leading timesteps start below the end and, as above, end in diffusers' identity step,
+    which bdia leaves out."""
     scheduler = _zero_snr_ddim(prediction_type, spacing)
     grid = diffusers_grid(scheduler, N_STEPS)
     assert (float(grid[0]) == 1.0) == (spacing == "trailing")

@@ -424,12 +424,12 @@ def _table(scheduler: Any, space: str = "vp") -> np.ndarray:
             f"the scheduler's alphas_cumprod must be 1-D with at least 2 values, got shape "
             f"{tuple(table.shape)}"
         )
-    # rescale_betas_zero_snr=True makes the last value 0 (infinite noise); Euler-type
-    # schedulers put 2^-24 there instead, which for some tables lies above its neighbour, so
-    # the table turns.
+    # rescale_betas_zero_snr=True makes the last value 0 (infinite noise); Euler-type,
+    # DPM-Solver and UniPC schedulers put 2^-24 there instead, which for some tables lies
+    # above its neighbour, so the table turns.
     zero_snr = (
-        " (rescale_betas_zero_snr=True, which Euler-type schedulers follow with 2^-24 in place "
-        "of the last value, here out of order; set it False)"
+        " (rescale_betas_zero_snr=True, which this scheduler follows with 2^-24 in place of "
+        "the last value, here out of order; set it False)"
         if scheduler.config.get("rescale_betas_zero_snr", False)
         else ""
     )
